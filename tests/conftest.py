@@ -1,0 +1,63 @@
+"""Test setup: 8 fake CPU devices for sharding tests, and the shared data directory."""
+
+import os
+
+# Must happen before jax is imported anywhere in the test process.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+from prefjax import assets  # noqa: E402
+
+
+def _in_ci() -> bool:
+  return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_asset(fn, *args):
+  """Returns the asset path; in CI a missing asset FAILS, elsewhere it skips."""
+  try:
+    path = fn(*args)
+    if not pathlib.Path(path).exists():
+      raise assets.AssetNotFoundError(str(path))
+    return path
+  except assets.AssetNotFoundError as e:
+    if _in_ci():
+      pytest.fail(f"required asset missing in CI: {e}")
+    pytest.skip(f"asset missing: {e}")
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> pathlib.Path:
+  return require_asset(assets.data_dir)
+
+
+@pytest.fixture(scope="session")
+def hh_harmless_test_file() -> pathlib.Path:
+  return require_asset(assets.data_file, "hh_rlhf/harmless-base/test.jsonl.gz")
+
+
+@pytest.fixture(scope="session")
+def pandalm_file() -> pathlib.Path:
+  return require_asset(assets.data_file, "pandalm/testset-v1.json")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> pathlib.Path:
+  return require_asset(assets.minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> pathlib.Path:
+  return require_asset(assets.smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def gpt2_bpe_dir() -> pathlib.Path:
+  return require_asset(assets.gpt2_bpe_dir)
