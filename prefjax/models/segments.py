@@ -1,0 +1,70 @@
+"""Per-sequence reductions for padded and packed token batches.
+
+Padded rows hold one sequence each (``attention_mask`` 1 on real tokens).
+Packed rows hold several sequences: ``segment_ids`` numbers them 1..S within the
+row and 0 marks padding. Every reduction below returns ``[R, S + 1]`` for packed
+input, where column ``s`` belongs to segment ``s`` and column 0 (padding) is zero.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def last_token_index(attention_mask: jax.Array) -> jax.Array:
+  """Index of the last real token of each padded row ``[N, T] -> [N]``.
+
+  Works for right padding and left padding alike (it is the largest index
+  whose mask is set); rows with no real token give index 0.
+  """
+  t = attention_mask.shape[-1]
+  idx = jnp.arange(t, dtype=jnp.int32)
+  return jnp.max(jnp.where(attention_mask > 0, idx, 0), axis=-1)
+
+
+def segment_one_hot(segment_ids: jax.Array, num_segments: int) -> jax.Array:
+  """``[R, L] -> [R, L, S + 1]`` float32 one-hot of the segment id of every token."""
+  return jax.nn.one_hot(segment_ids, num_segments + 1, dtype=jnp.float32)
+
+
+def segment_sums(values: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+  """Sum of ``values [R, L]`` within each segment -> ``[R, S + 1]`` (column 0 zeroed)."""
+  sums = jnp.einsum("rl,rls->rs", values.astype(jnp.float32),
+                    segment_one_hot(segment_ids, num_segments))
+  return sums.at[:, 0].set(0.0)
+
+
+def segment_counts(segment_ids: jax.Array, num_segments: int) -> jax.Array:
+  """Number of tokens of each segment -> ``[R, S + 1]`` (column 0 zeroed)."""
+  return segment_sums(jnp.ones(segment_ids.shape, jnp.float32), segment_ids, num_segments)
+
+
+def segment_last_index(segment_ids: jax.Array, num_segments: int) -> jax.Array:
+  """Index of the last token of each segment -> ``[R, S + 1]`` int32 (absent segments give 0)."""
+  length = segment_ids.shape[-1]
+  idx = jnp.arange(length, dtype=jnp.int32)[None, :, None]
+  member = segment_one_hot(segment_ids, num_segments) > 0
+  last = jnp.max(jnp.where(member, idx, 0), axis=1)
+  return last.at[:, 0].set(0)
+
+
+def segment_first_index(segment_ids: jax.Array, num_segments: int) -> jax.Array:
+  """Index of the first token of each segment -> ``[R, S + 1]`` int32 (absent segments give 0)."""
+  length = segment_ids.shape[-1]
+  idx = jnp.arange(length, dtype=jnp.int32)[None, :, None]
+  member = segment_one_hot(segment_ids, num_segments) > 0
+  first = jnp.min(jnp.where(member, idx, length), axis=1)
+  first = jnp.where(first == length, 0, first)
+  return first.at[:, 0].set(0)
+
+
+def gather_rows(values: jax.Array, index: jax.Array) -> jax.Array:
+  """``values[b, index[b]]`` for ``values [R, K, ...]`` and ``index [R]``."""
+  return jnp.take_along_axis(
+      values, index.reshape(index.shape + (1,) * (values.ndim - 1)), axis=1)[:, 0]
+
+
+def gather_pairs(per_segment: jax.Array, index: jax.Array) -> jax.Array:
+  """Picks per-segment values for pairs: ``per_segment [R, S+1]``, ``index [B, 2]`` (row, segment) -> ``[B]``."""
+  return per_segment[index[:, 0], index[:, 1]]
