@@ -1,0 +1,168 @@
+"""Reward-model evaluation on held-out preference pairs.
+
+Everything here works on host NumPy arrays of per-pair rewards, so the same code
+scores a single RM, each ensemble member, or an aggregated ensemble objective.
+Metrics follow common practice: pairwise accuracy (ties count half, as in
+RewardBench), mean margin, Bradley–Terry log-loss, expected calibration error of
+σ(Δ) (Guo et al. 2017, "On Calibration of Modern Neural Networks",
+arXiv 1706.04599), accuracy by response-length bucket and the chosen-longer rate
+(length-bias slice; Singhal et al. 2023, arXiv 2310.03716).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def _log_sigmoid(x: np.ndarray) -> np.ndarray:
+  return -np.logaddexp(0.0, -x)
+
+
+def _check_pairs(r_chosen: np.ndarray, r_rejected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  r_chosen = np.asarray(r_chosen, np.float64)
+  r_rejected = np.asarray(r_rejected, np.float64)
+  if r_chosen.shape != r_rejected.shape or r_chosen.ndim != 1:
+    raise ValueError(f"expected two [B] reward arrays, got {r_chosen.shape} and {r_rejected.shape}")
+  if not (np.all(np.isfinite(r_chosen)) and np.all(np.isfinite(r_rejected))):
+    raise ValueError("non-finite rewards in evaluation")
+  return r_chosen, r_rejected
+
+
+def pair_accuracy(signed_margin: np.ndarray) -> np.ndarray:
+  """Per-pair correctness from margins oriented so positive = preferred side higher (0.5 on equality)."""
+  signed_margin = np.asarray(signed_margin, np.float64)
+  return np.where(signed_margin > 0, 1.0, np.where(signed_margin == 0, 0.5, 0.0))
+
+
+def expected_calibration_error(prob: np.ndarray, label: np.ndarray, num_bins: int = 10) -> float:
+  """ECE = Σ_b (n_b / n)·|mean(label)_b − mean(prob)_b| over equal-width probability bins."""
+  prob = np.asarray(prob, np.float64)
+  label = np.asarray(label, np.float64)
+  bins = np.clip((prob * num_bins).astype(int), 0, num_bins - 1)
+  ece = 0.0
+  for b in range(num_bins):
+    sel = bins == b
+    if sel.any():
+      ece += sel.mean() * abs(label[sel].mean() - prob[sel].mean())
+  return float(ece)
+
+
+def reliability_diagram(prob: np.ndarray, label: np.ndarray, num_bins: int = 10) -> dict[str, list]:
+  """Per-bin (confidence, observed frequency, count) for a reliability plot."""
+  prob = np.asarray(prob, np.float64)
+  label = np.asarray(label, np.float64)
+  bins = np.clip((prob * num_bins).astype(int), 0, num_bins - 1)
+  conf, freq, count = [], [], []
+  for b in range(num_bins):
+    sel = bins == b
+    count.append(int(sel.sum()))
+    conf.append(float(prob[sel].mean()) if sel.any() else float((b + 0.5) / num_bins))
+    freq.append(float(label[sel].mean()) if sel.any() else float("nan"))
+  return {"confidence": conf, "frequency": freq, "count": count,
+          "edges": list(np.linspace(0.0, 1.0, num_bins + 1))}
+
+
+def length_bucket_accuracy(correct: np.ndarray, chosen_len: np.ndarray, rejected_len: np.ndarray,
+                           edges: Sequence[int] = (64, 128, 256, 512)) -> dict[str, float]:
+  """Accuracy by mean response length (tokens) bucket, keyed like ``len<64``, ``64-128``, ``>=512``."""
+  mean_len = (np.asarray(chosen_len) + np.asarray(rejected_len)) / 2
+  bounds = [0, *edges, np.inf]
+  out = {}
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    sel = (mean_len >= lo) & (mean_len < hi)
+    if not sel.any():
+      continue
+    key = f"len<{hi}" if lo == 0 else (f"len>={lo}" if np.isinf(hi) else f"len{lo}-{hi}")
+    out[key] = float(np.mean(np.asarray(correct)[sel]))
+  return out
+
+
+@dataclasses.dataclass
+class PreferenceEval:
+  """Result of ``evaluate_preferences``; ``metrics`` is flat and JSON-ready."""
+  metrics: dict[str, float]
+  reliability: dict[str, list]
+
+
+def evaluate_preferences(r_chosen: np.ndarray, r_rejected: np.ndarray, *,
+                         outcome: np.ndarray | None = None,
+                         chosen_len: np.ndarray | None = None,
+                         rejected_len: np.ndarray | None = None,
+                         subsets: Sequence[str] | None = None,
+                         num_bins: int = 10) -> PreferenceEval:
+  """Scores per-pair rewards against labels.
+
+  Args:
+    r_chosen, r_rejected: [B] rewards of the two sides.
+    outcome: optional [B] labels (1 chosen preferred, 0 rejected preferred, 0.5 tie);
+      default all 1. Ties are excluded from accuracy/ECE and counted.
+    chosen_len, rejected_len: optional [B] response lengths for the length-bias slice.
+    subsets: optional [B] subset names for per-subset accuracy (RewardBench style).
+  """
+  r_chosen, r_rejected = _check_pairs(r_chosen, r_rejected)
+  margin = r_chosen - r_rejected
+  outcome = np.ones_like(margin) if outcome is None else np.asarray(outcome, np.float64)
+  decisive = outcome != 0.5
+  signed = np.where(outcome >= 0.5, margin, -margin)[decisive]
+  correct = pair_accuracy(signed)
+  prob = 1.0 / (1.0 + np.exp(-margin[decisive]))
+  label = (outcome[decisive] >= 0.5).astype(np.float64)
+  metrics = {
+      "accuracy": float(correct.mean()) if correct.size else float("nan"),
+      "mean_margin": float(signed.mean()) if signed.size else float("nan"),
+      "bt_log_loss": float(-_log_sigmoid(signed).mean()) if signed.size else float("nan"),
+      "ece": expected_calibration_error(prob, label, num_bins),
+      "num_pairs": float(margin.size),
+      "num_ties": float((~decisive).sum()),
+      "reward_mean": float(np.concatenate([r_chosen, r_rejected]).mean()),
+      "reward_std": float(np.concatenate([r_chosen, r_rejected]).std()),
+  }
+  if chosen_len is not None and rejected_len is not None:
+    c_len = np.asarray(chosen_len)[decisive]
+    r_len = np.asarray(rejected_len)[decisive]
+    preferred_len = np.where(label > 0, c_len, r_len)
+    other_len = np.where(label > 0, r_len, c_len)
+    metrics["chosen_longer_rate"] = float(np.mean(preferred_len > other_len))
+    metrics["length_baseline_accuracy"] = float(np.mean(pair_accuracy(preferred_len - other_len)))
+    for key, acc in length_bucket_accuracy(correct, c_len, r_len).items():
+      metrics[f"accuracy/{key}"] = acc
+  if subsets is not None:
+    names = np.asarray(subsets)[decisive]
+    for name in sorted(set(names.tolist())):
+      metrics[f"accuracy/subset/{name}"] = float(correct[names == name].mean())
+  return PreferenceEval(metrics, reliability_diagram(prob, label, num_bins))
+
+
+def ensemble_disagreement(member_margins: np.ndarray) -> Mapping[str, float]:
+  """Disagreement of K members on [B, K] margins: mean std of margins, and sign-disagreement rate."""
+  m = np.asarray(member_margins, np.float64)
+  if m.ndim != 2:
+    raise ValueError(f"member_margins must be [B, K], got {m.shape}")
+  signs = np.sign(m)
+  disagree = np.any(signs != signs[:, :1], axis=1)
+  return {"member_margin_std": float(m.std(axis=1).mean()),
+          "member_sign_disagreement": float(disagree.mean())}
+
+
+def plot_reliability(reliability: Mapping[str, list], path: str, title: str = "") -> None:
+  """Writes a reliability diagram PNG (matplotlib, Agg backend)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  conf = np.asarray(reliability["confidence"])
+  freq = np.asarray(reliability["frequency"], dtype=float)
+  count = np.asarray(reliability["count"])
+  fig, ax = plt.subplots(figsize=(4, 4))
+  ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+  ok = count > 0
+  ax.plot(conf[ok], freq[ok], "o-", label="reward model")
+  ax.set_xlabel("predicted P(chosen ≻ rejected) = σ(Δ)")
+  ax.set_ylabel("observed frequency")
+  ax.set_title(title or "reliability")
+  ax.legend(loc="upper left", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

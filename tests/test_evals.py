@@ -1,0 +1,63 @@
+"""Reward-model evaluation metrics against direct computations."""
+
+import numpy as np
+import pytest
+
+from prefjax import evals
+
+
+def test_accuracy_margin_logloss():
+  rc = np.array([2.0, 0.0, 1.0, -1.0])
+  rr = np.array([1.0, 1.0, 1.0, 0.5])
+  ev = evals.evaluate_preferences(rc, rr).metrics
+  # margins 1, -1, 0, -1.5 -> correct 1, 0, 0.5, 0
+  assert ev["accuracy"] == pytest.approx(1.5 / 4)
+  assert ev["mean_margin"] == pytest.approx((1 - 1 + 0 - 1.5) / 4)
+  expected_ll = np.mean([np.log1p(np.exp(-m)) for m in (1.0, -1.0, 0.0, -1.5)])
+  assert ev["bt_log_loss"] == pytest.approx(expected_ll, rel=1e-12)
+
+
+def test_outcomes_flip_and_ties_excluded():
+  rc = np.array([1.0, 1.0, 5.0])
+  rr = np.array([0.0, 0.0, 0.0])
+  ev = evals.evaluate_preferences(rc, rr, outcome=np.array([1.0, 0.0, 0.5])).metrics
+  assert ev["accuracy"] == pytest.approx(0.5)
+  assert ev["num_ties"] == 1
+
+
+def test_ece_matches_definition_and_perfect_calibration():
+  rng = np.random.default_rng(0)
+  prob = rng.uniform(size=20000)
+  label = (rng.uniform(size=prob.size) < prob).astype(float)
+  assert evals.expected_calibration_error(prob, label) < 0.02
+  # Always-confident wrong predictions: ECE = |0 - 0.95| in one bin.
+  assert evals.expected_calibration_error(np.full(10, 0.95), np.zeros(10)) == pytest.approx(0.95)
+  # Hand computation over two bins.
+  p = np.array([0.15, 0.15, 0.85, 0.85])
+  y = np.array([0.0, 1.0, 1.0, 1.0])
+  assert evals.expected_calibration_error(p, y) == pytest.approx(0.5 * 0.35 + 0.5 * 0.15)
+
+
+def test_length_slice_and_subsets():
+  rc = np.array([1.0, 1.0, -1.0, 1.0])
+  rr = np.zeros(4)
+  ev = evals.evaluate_preferences(
+      rc, rr, chosen_len=np.array([10, 300, 10, 600]), rejected_len=np.array([20, 200, 30, 700]),
+      subsets=["a", "a", "b", "b"]).metrics
+  assert ev["chosen_longer_rate"] == pytest.approx(0.25)
+  assert ev["length_baseline_accuracy"] == pytest.approx(0.25)
+  assert ev["accuracy/subset/a"] == 1.0 and ev["accuracy/subset/b"] == 0.5
+  assert ev["accuracy/len<64"] == pytest.approx(0.5)
+  assert ev["accuracy/len>=512"] == 1.0
+
+
+def test_disagreement_and_errors(tmp_path):
+  m = np.array([[1.0, 2.0], [1.0, -1.0]])
+  d = evals.ensemble_disagreement(m)
+  assert d["member_sign_disagreement"] == 0.5
+  assert d["member_margin_std"] == pytest.approx((0.5 + 1.0) / 2)
+  with pytest.raises(ValueError, match="non-finite"):
+    evals.evaluate_preferences(np.array([np.nan]), np.array([0.0]))
+  ev = evals.evaluate_preferences(np.array([1.0, -1.0]), np.zeros(2))
+  evals.plot_reliability(ev.reliability, str(tmp_path / "rel.png"))
+  assert (tmp_path / "rel.png").stat().st_size > 1000
