@@ -1,0 +1,96 @@
+"""A tiny text world with a programmatic gold reward, for CPU-sized experiments.
+
+Prompts and responses are short strings over a small alphabet, so a byte-level
+tokenizer and a tiny decoder learn them in seconds. The gold reward of a
+response is the mean per-character score under a fixed random score table, plus
+an optional bonus for echoing the prompt's first character; preference pairs are
+labelled by the gold reward, deterministically or through Bradley–Terry
+sampling (label noise), as in the synthetic setups of Gao et al. 2022
+("Scaling Laws for Reward Model Overoptimization", arXiv 2210.10760).
+
+A proxy with a planted, exploitable feature (``exploit_char``) is provided for
+overoptimization experiments: proxy = gold + exploit_weight · (fraction of the
+exploit character), while the gold reward penalises that character slightly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+
+ALPHABET = "abcdefghijklmnop"
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyWorld:
+  """Deterministic given ``seed``; all randomness in generation comes from explicit RNGs."""
+  seed: int = 0
+  alphabet: str = ALPHABET
+  prompt_length: tuple[int, int] = (3, 8)
+  response_length: tuple[int, int] = (4, 12)
+  echo_bonus: float = 0.5
+  exploit_char: str = "p"
+  exploit_weight: float = 2.0
+  exploit_gold_penalty: float = 0.5
+
+  @property
+  def char_scores(self) -> dict[str, float]:
+    rng = np.random.default_rng(self.seed)
+    scores = rng.normal(size=len(self.alphabet))
+    scores[self.alphabet.index(self.exploit_char)] = -self.exploit_gold_penalty
+    return dict(zip(self.alphabet, scores.tolist()))
+
+  def gold_reward(self, prompt: str, response: str) -> float:
+    if not response:
+      return -1.0
+    scores = self.char_scores
+    value = float(np.mean([scores.get(c, -1.0) for c in response]))
+    if prompt and response[0] == prompt[0]:
+      value += self.echo_bonus
+    return value
+
+  def proxy_reward(self, prompt: str, response: str) -> float:
+    """Gold plus a planted feature the gold does not value: frequency of ``exploit_char``."""
+    if not response:
+      return self.gold_reward(prompt, response)
+    frac = response.count(self.exploit_char) / len(response)
+    return self.gold_reward(prompt, response) + self.exploit_weight * frac
+
+  def _string(self, rng: np.random.Generator, bounds: tuple[int, int]) -> str:
+    n = int(rng.integers(bounds[0], bounds[1] + 1))
+    return "".join(rng.choice(list(self.alphabet), size=n))
+
+  def sample_prompt(self, rng: np.random.Generator) -> str:
+    return self._string(rng, self.prompt_length)
+
+  def sample_response(self, rng: np.random.Generator) -> str:
+    return self._string(rng, self.response_length)
+
+  def preference_pairs(self, num_pairs: int, *, seed: int, label_noise: str = "none",
+                       temperature: float = 1.0) -> Iterator[dict]:
+    """Yields ``{prompt, chosen, rejected, meta}`` rows labelled by the gold reward.
+
+    label_noise: "none" (deterministic gold labels) or "bt" (chosen drawn with
+    probability σ((r_a − r_b)/temperature)); ``meta`` records both gold rewards.
+    """
+    if label_noise not in ("none", "bt"):
+      raise ValueError(f"label_noise must be 'none' or 'bt', got {label_noise!r}")
+    rng = np.random.default_rng((self.seed, seed))
+    made = 0
+    while made < num_pairs:
+      prompt = self.sample_prompt(rng)
+      a, b = self.sample_response(rng), self.sample_response(rng)
+      ra, rb = self.gold_reward(prompt, a), self.gold_reward(prompt, b)
+      if a == b or ra == rb:
+        continue
+      if label_noise == "bt":
+        a_wins = rng.uniform() < 1.0 / (1.0 + np.exp(-(ra - rb) / temperature))
+      else:
+        a_wins = ra > rb
+      chosen, rejected = (a, b) if a_wins else (b, a)
+      yield {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+             "meta": {"gold_chosen": self.gold_reward(prompt, chosen),
+                      "gold_rejected": self.gold_reward(prompt, rejected)}}
+      made += 1
