@@ -1,0 +1,320 @@
+"""Causal decoder for the Llama/SmolLM2 and GPT-2 families (Flax NNX).
+
+One ``Decoder`` covers both families through ``DecoderConfig``: RMSNorm or
+LayerNorm, SwiGLU or GELU MLP, rotary or learned positions, grouped-query
+attention, tied or untied output embedding, optional biases.
+
+Parameter tree (``nnx.state(model)`` paths, kernels are ``[in, out]``)::
+
+  embed/embedding                           [V, D]
+  pos_embed/embedding                       [max_position_embeddings, D]  (position="learned")
+  layers/{i}/input_norm/scale               [D]      (+ /bias for norm="layer")
+  layers/{i}/attn/{q,k,v}_proj/kernel       [D, H*Dh] / [D, Hkv*Dh]  (+ /bias if attention_bias)
+  layers/{i}/attn/o_proj/kernel             [H*Dh, D]                (+ /bias for GPT-2)
+  layers/{i}/post_attn_norm/scale           [D]      (+ /bias)
+  layers/{i}/mlp/gate_proj/kernel           [D, F]   (mlp="swiglu" only)
+  layers/{i}/mlp/up_proj/kernel             [D, F]   (+ /bias if mlp_bias)
+  layers/{i}/mlp/down_proj/kernel           [F, D]   (+ /bias if mlp_bias)
+  final_norm/scale                          [D]      (+ /bias)
+  lm_head/kernel                            [D, V]   (tie_embeddings=False only)
+
+HF Llama maps one-to-one (``input_layernorm`` -> ``input_norm``,
+``post_attention_layernorm`` -> ``post_attn_norm``, ``model.norm`` ->
+``final_norm``, kernels transposed). GPT-2's fused ``c_attn`` splits into
+q/k/v, ``c_proj`` -> ``o_proj``, ``mlp.c_fc``/``mlp.c_proj`` ->
+``up_proj``/``down_proj``, ``ln_1``/``ln_2``/``ln_f`` -> the three norms, ``wte``
+-> ``embed``, ``wpe`` -> ``pos_embed`` (GPT-2 Conv1D weights are already
+``[in, out]``). Layers are an ``nnx.List`` of blocks (no scan) so that paths are
+readable and per-layer surgery is easy.
+
+Generation uses ``init_cache`` and ``extend``: the cache holds per-layer keys
+and values ``[B, S, Hkv, Dh]``, the segment id of every slot (1 real, 0 empty or
+padding) and the next slot to write; see ``KVCache``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from prefjax.models import layers
+
+Array = jax.Array
+DType = Any
+
+
+def default_compute_dtype() -> DType:
+  """float32 on CPU, bfloat16 on accelerators."""
+  return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Architecture of a causal decoder. ``head_dim`` defaults to hidden/heads."""
+
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  intermediate_size: int | None = None
+  max_position_embeddings: int = 2048
+  norm: str = "rms"
+  norm_eps: float = 1e-5
+  mlp: str = "swiglu"
+  position: str = "rope"
+  rope_theta: float = 10000.0
+  tie_embeddings: bool = False
+  attention_bias: bool = False
+  attention_out_bias: bool | None = None
+  mlp_bias: bool = False
+  bos_id: int | None = None
+  eos_id: int | None = None
+  pad_id: int | None = None
+
+  def __post_init__(self):
+    if self.num_kv_heads is None:
+      object.__setattr__(self, "num_kv_heads", self.num_heads)
+    if self.head_dim is None:
+      if self.hidden_size % self.num_heads:
+        raise ValueError(f"hidden_size={self.hidden_size} not divisible by "
+                         f"num_heads={self.num_heads}; set head_dim")
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    if self.intermediate_size is None:
+      object.__setattr__(self, "intermediate_size", 4 * self.hidden_size)
+    if self.attention_out_bias is None:
+      object.__setattr__(self, "attention_out_bias", self.attention_bias)
+    for field, allowed in (("norm", ("rms", "layer")), ("mlp", ("swiglu", "gelu")),
+                           ("position", ("rope", "learned"))):
+      if getattr(self, field) not in allowed:
+        raise ValueError(f"DecoderConfig.{field} must be one of {allowed}, "
+                         f"got {getattr(self, field)!r}")
+    if self.position == "rope" and self.head_dim % 2:
+      raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+
+  def replace(self, **overrides) -> "DecoderConfig":
+    return dataclasses.replace(self, **overrides)
+
+  @classmethod
+  def tiny_llama(cls, **overrides) -> "DecoderConfig":
+    """A small Llama-style config for tests (GQA, SwiGLU, RMSNorm, RoPE)."""
+    base = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                num_kv_heads=2, intermediate_size=64, max_position_embeddings=128,
+                norm="rms", norm_eps=1e-5, mlp="swiglu", position="rope",
+                rope_theta=10000.0, tie_embeddings=False)
+    return cls(**{**base, **overrides})
+
+  @classmethod
+  def tiny_gpt2(cls, **overrides) -> "DecoderConfig":
+    """A small GPT-2-style config (LayerNorm, GELU-tanh, learned positions, biases, tied)."""
+    base = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                intermediate_size=128, max_position_embeddings=128, norm="layer",
+                norm_eps=1e-5, mlp="gelu", position="learned", tie_embeddings=True,
+                attention_bias=True, attention_out_bias=True, mlp_bias=True)
+    return cls(**{**base, **overrides})
+
+  @classmethod
+  def smollm2_135m(cls, **overrides) -> "DecoderConfig":
+    """SmolLM2-135M (HuggingFaceTB/SmolLM2-135M config.json)."""
+    base = dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
+                num_kv_heads=3, head_dim=64, intermediate_size=1536,
+                max_position_embeddings=8192, norm="rms", norm_eps=1e-5,
+                mlp="swiglu", position="rope", rope_theta=100000.0,
+                tie_embeddings=True, bos_id=1, eos_id=2, pad_id=2)
+    return cls(**{**base, **overrides})
+
+
+# Megatron-style tensor parallelism: column-parallel q/k/v/gate/up, row-parallel
+# o/down; embeddings split over the vocabulary on `tensor`, hidden on `fsdp`.
+PARTITION_RULES: list[tuple[str, P]] = [
+    (r"(^|/)embed/embedding$", P("tensor", "fsdp")),
+    (r"pos_embed/embedding$", P(None, "fsdp")),
+    (r"attn/(q|k|v)_proj/kernel$", P("fsdp", "tensor")),
+    (r"attn/(q|k|v)_proj/bias$", P("tensor")),
+    (r"attn/o_proj/kernel$", P("tensor", "fsdp")),
+    (r"mlp/(gate|up)_proj/kernel$", P("fsdp", "tensor")),
+    (r"mlp/(gate|up)_proj/bias$", P("tensor")),
+    (r"mlp/down_proj/kernel$", P("tensor", "fsdp")),
+    (r"lm_head/kernel$", P("fsdp", "tensor")),
+    (r"norm/(scale|bias)$", P()),
+]
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys/values of every layer plus slot bookkeeping (a pytree).
+
+  keys, values: per layer ``[B, S, Hkv, Dh]``.
+  segments: ``[B, S]`` int32 segment id of each slot (1 real token, 0 padding or empty).
+  index: ``[]`` int32, the next slot to write (shared by the batch: prompts are left-padded).
+  """
+
+  keys: tuple[Array, ...]
+  values: tuple[Array, ...]
+  segments: Array
+  index: Array
+
+  @property
+  def max_length(self) -> int:
+    return self.segments.shape[1]
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+  def __init__(self, config: DecoderConfig, *, dtype: DType, param_dtype: DType,
+               rngs: nnx.Rngs):
+    norm = lambda: layers.Norm(config.hidden_size, kind=config.norm, eps=config.norm_eps,
+                               dtype=dtype, param_dtype=param_dtype)
+    dims = layers.AttentionDims(config.hidden_size, config.num_heads,
+                                config.num_kv_heads, config.head_dim)
+    self.input_norm = norm()
+    self.attn = layers.Attention(
+        dims, use_bias=config.attention_bias, out_bias=config.attention_out_bias,
+        rope_theta=config.rope_theta if config.position == "rope" else None,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.post_attn_norm = norm()
+    self.mlp = layers.MLP(config.hidden_size, config.intermediate_size, kind=config.mlp,
+                          use_bias=config.mlp_bias, dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, *, positions, segments, cache=None):
+    attn_out, new_cache = self.attn(self.input_norm(x), positions=positions,
+                                    segments=segments, cache=cache)
+    x = x + attn_out
+    return x + self.mlp(self.post_attn_norm(x)), new_cache
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+  """Position of every real token counted from the row's first real token."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def positions_from_segments(segment_ids: Array) -> Array:
+  """Position of every token within its packed segment (restarts at each segment start)."""
+  length = segment_ids.shape[-1]
+  idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
+  prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+  starts = jnp.where(segment_ids != prev, idx, 0)
+  return idx - jax.lax.cummax(starts, axis=1)
+
+
+class Decoder(nnx.Module):
+  """Causal language model. ``__call__`` returns float32 logits ``[N, T, V]``."""
+
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype: DType | None = None,
+               param_dtype: DType = jnp.float32):
+    self.config = config
+    self.dtype = default_compute_dtype() if dtype is None else dtype
+    d = config.hidden_size
+    self.embed = nnx.Embed(config.vocab_size, d, dtype=self.dtype,
+                           param_dtype=param_dtype, rngs=rngs)
+    if config.position == "learned":
+      self.pos_embed = nnx.Embed(config.max_position_embeddings, d, dtype=self.dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+    self.layers = nnx.List([Block(config, dtype=self.dtype, param_dtype=param_dtype,
+                                  rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = layers.Norm(d, kind=config.norm, eps=config.norm_eps,
+                                  dtype=self.dtype, param_dtype=param_dtype)
+    if not config.tie_embeddings:
+      self.lm_head = nnx.Linear(d, config.vocab_size, use_bias=False, dtype=self.dtype,
+                                param_dtype=param_dtype, rngs=rngs)
+
+  # -- full-sequence forward -------------------------------------------------
+
+  def hidden_states(self, tokens: Array, *, attention_mask: Array | None = None,
+                    segment_ids: Array | None = None,
+                    positions: Array | None = None) -> Array:
+    """Final-norm hidden states ``[N, T, D]`` for a padded or a packed batch.
+
+    Padded: ``attention_mask [N, T]`` (right or left padding); positions default
+    to the running count of real tokens. Packed: ``segment_ids [N, T]`` (0 =
+    padding); positions default to the offset within each segment.
+    """
+    if segment_ids is not None:
+      segments = segment_ids.astype(jnp.int32)
+      if positions is None:
+        positions = positions_from_segments(segments)
+    elif attention_mask is not None:
+      segments = attention_mask.astype(jnp.int32)
+      if positions is None:
+        positions = positions_from_mask(segments)
+    else:
+      segments = jnp.ones(tokens.shape, jnp.int32)
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
+                                     tokens.shape)
+    x = self._embed(tokens, positions)
+    for block in self.layers:
+      x, _ = block(x, positions=positions, segments=segments)
+    return self.final_norm(x)
+
+  def __call__(self, tokens: Array, *, attention_mask: Array | None = None,
+               segment_ids: Array | None = None, positions: Array | None = None) -> Array:
+    hidden = self.hidden_states(tokens, attention_mask=attention_mask,
+                                segment_ids=segment_ids, positions=positions)
+    return self.logits(hidden)
+
+  def logits(self, hidden: Array) -> Array:
+    """Output projection of hidden states, accumulated in float32."""
+    if self.config.tie_embeddings:
+      kernel = self.embed.embedding[...].T
+    else:
+      kernel = self.lm_head.kernel[...]
+    return jnp.einsum("ntd,dv->ntv", hidden, kernel.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def _embed(self, tokens: Array, positions: Array) -> Array:
+    x = self.embed(tokens.astype(jnp.int32))
+    if self.config.position == "learned":
+      x = x + self.pos_embed(positions)
+    return x
+
+  # -- incremental decoding --------------------------------------------------
+
+  def init_cache(self, batch: int, max_length: int, dtype: DType | None = None) -> KVCache:
+    """An empty cache of ``max_length`` slots for ``batch`` rows."""
+    c = self.config
+    shape = (batch, max_length, c.num_kv_heads, c.head_dim)
+    dtype = self.dtype if dtype is None else dtype
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
+    return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in zeros),
+                   segments=jnp.zeros((batch, max_length), jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
+
+  def extend(self, tokens: Array, cache: KVCache, *, attention_mask: Array | None = None,
+             positions: Array | None = None) -> tuple[Array, KVCache]:
+    """Runs ``tokens [B, T]`` at cache slots ``index .. index+T-1``.
+
+    ``attention_mask [B, T]`` marks which new tokens are real (left-padded
+    prompts, rows that finished generating); masked tokens are cached as
+    padding and never seen by real tokens. ``positions`` default to the number of
+    real tokens already cached plus the running count of real new tokens.
+    Returns float32 logits ``[B, T, V]`` and the updated cache.
+    """
+    b, t = tokens.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    segments = attention_mask.astype(jnp.int32)
+    if positions is None:
+      past = jnp.sum(cache.segments, axis=1, keepdims=True)
+      positions = past + positions_from_mask(segments)
+    kv_segments = jax.lax.dynamic_update_slice(cache.segments, segments, (0, cache.index))
+    x = self._embed(tokens, positions)
+    keys, values = [], []
+    for i, block in enumerate(self.layers):
+      layer_cache = (cache.keys[i], cache.values[i], kv_segments, cache.index)
+      x, (k, v) = block(x, positions=positions, segments=segments, cache=layer_cache)
+      keys.append(k)
+      values.append(v)
+    logits = self.logits(self.final_norm(x))
+    new_cache = KVCache(keys=tuple(keys), values=tuple(values), segments=kv_segments,
+                        index=cache.index + t)
+    return logits, new_cache

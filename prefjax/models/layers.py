@@ -1,0 +1,191 @@
+"""Building blocks of the decoder: norms, rotary embeddings, attention and MLPs.
+
+Everything here is Flax NNX. Parameter names follow Hugging Face's Llama/GPT-2
+modules so that checkpoint import is a renaming, not a re-layout:
+``Norm`` holds ``scale`` (and ``bias`` for LayerNorm); ``Attention`` holds
+``{q,k,v,o}_proj`` (``nnx.Linear``: ``kernel [in, out]``, optional ``bias``);
+``MLP`` holds ``gate_proj``/``up_proj``/``down_proj`` (SwiGLU) or
+``up_proj``/``down_proj`` (GELU, GPT-2's ``c_fc``/``c_proj``).
+
+Attention masks are built from two rules only: a key is visible to a query when
+its slot index is not after the query's slot index (causality) and both carry
+the same segment id. Padded batches use the attention mask as the segment id
+(1 = real, 0 = padding), packed batches their ``segment_ids``, and the KV cache
+stores the segment id of every cached slot. Padding queries therefore attend to
+padding keys only (never an empty row, so no NaN), and real tokens never see
+padding or another packed sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+DType = Any
+
+
+class Norm(nnx.Module):
+  """RMSNorm (Llama) or LayerNorm (GPT-2), always computed in float32.
+
+  RMSNorm: ``x / sqrt(mean(x^2) + eps) * scale``;
+  LayerNorm: ``(x - mean) / sqrt(var + eps) * scale + bias``.
+  The output is cast back to the compute dtype.
+  """
+
+  def __init__(self, features: int, *, kind: str, eps: float, dtype: DType,
+               param_dtype: DType):
+    if kind not in ("rms", "layer"):
+      raise ValueError(f"norm must be 'rms' or 'layer', got {kind!r}")
+    self.kind = kind
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+    if kind == "layer":
+      self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    if self.kind == "rms":
+      x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+      out = x32 * self.scale[...].astype(jnp.float32)
+    else:
+      mean = jnp.mean(x32, -1, keepdims=True)
+      var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+      x32 = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+      out = x32 * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return out.astype(self.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary position embedding, Hugging Face "rotate half" layout.
+
+  RoFormer: Enhanced Transformer with Rotary Position Embedding (arXiv:2104.09864).
+  ``x [N, T, H, D]``, ``positions [N, T]`` int; computed in float32.
+  """
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [N, T, D/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  first, second = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def attention_mask_from_segments(q_segments: Array, kv_segments: Array,
+                                 q_index: Array, kv_index: Array) -> Array:
+  """``[N, Tq, Tk]`` bool: causal in slot index and within the same segment."""
+  causal = kv_index[None, None, :] <= q_index[None, :, None]
+  same = q_segments[:, :, None] == kv_segments[:, None, :]
+  return causal & same
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionDims:
+  hidden_size: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+
+
+class Attention(nnx.Module):
+  """Multi-head causal self-attention with grouped-query heads (GQA).
+
+  GQA: Training Generalized Multi-Query Transformer Models from Multi-Head
+  Checkpoints (arXiv:2305.13245). Scores and softmax are float32.
+  """
+
+  def __init__(self, dims: AttentionDims, *, use_bias: bool, out_bias: bool,
+               rope_theta: float | None, dtype: DType, param_dtype: DType,
+               rngs: nnx.Rngs):
+    if dims.num_heads % dims.num_kv_heads:
+      raise ValueError(f"num_heads={dims.num_heads} is not a multiple of "
+                       f"num_kv_heads={dims.num_kv_heads}")
+    self.dims = dims
+    self.rope_theta = rope_theta
+    linear = lambda i, o, b: nnx.Linear(i, o, use_bias=b, dtype=dtype,
+                                        param_dtype=param_dtype, rngs=rngs)
+    d, h, kv, hd = dims.hidden_size, dims.num_heads, dims.num_kv_heads, dims.head_dim
+    self.q_proj = linear(d, h * hd, use_bias)
+    self.k_proj = linear(d, kv * hd, use_bias)
+    self.v_proj = linear(d, kv * hd, use_bias)
+    self.o_proj = linear(h * hd, d, out_bias)
+
+  def __call__(self, x: Array, *, positions: Array, segments: Array,
+               cache: tuple[Array, Array, Array, Array] | None = None,
+               ) -> tuple[Array, tuple[Array, Array] | None]:
+    """Self-attention over ``x [N, T, D]``.
+
+    Without a cache the keys are the T new tokens. With ``cache = (keys [N, S,
+    Hkv, Dh], values, kv_segments [N, S] (already updated), index [])`` the new
+    keys/values are written at slots ``index .. index+T-1`` and the queries see
+    every cached slot up to their own. Returns ``(out [N, T, D], (keys,
+    values))`` where the second item is None without a cache.
+    """
+    n, t, _ = x.shape
+    dims = self.dims
+    q = self.q_proj(x).reshape(n, t, dims.num_heads, dims.head_dim)
+    k = self.k_proj(x).reshape(n, t, dims.num_kv_heads, dims.head_dim)
+    v = self.v_proj(x).reshape(n, t, dims.num_kv_heads, dims.head_dim)
+    if self.rope_theta is not None:
+      q = rope(q, positions, self.rope_theta)
+      k = rope(k, positions, self.rope_theta)
+    if cache is None:
+      index = jnp.arange(t, dtype=jnp.int32)
+      mask = attention_mask_from_segments(segments, segments, index, index)
+      new_cache = None
+    else:
+      cache_k, cache_v, kv_segments, start = cache
+      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
+      q_index = start + jnp.arange(t, dtype=jnp.int32)
+      kv_index = jnp.arange(k.shape[1], dtype=jnp.int32)
+      mask = attention_mask_from_segments(segments, kv_segments, q_index, kv_index)
+      new_cache = (k, v)
+    out = _grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    return self.o_proj(out.reshape(n, t, dims.num_heads * dims.head_dim)), new_cache
+
+
+def _grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Softmax attention; ``q [N,T,H,D]``, ``k, v [N,S,Hkv,D]``, ``mask [N,T,S]``."""
+  n, t, h, d = q.shape
+  kv_heads = k.shape[2]
+  chex.assert_equal(k.shape[:2], (n, mask.shape[-1]))
+  q = q.reshape(n, t, kv_heads, h // kv_heads, d)
+  scores = jnp.einsum("ntkgd,nskd->nkgts", q, k,
+                      preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("nkgts,nskd->ntkgd", probs, v)
+  return out.reshape(n, t, h, d)
+
+
+class MLP(nnx.Module):
+  """SwiGLU ``down(silu(gate(x)) * up(x))`` or GELU ``down(gelu_tanh(up(x)))``.
+
+  SwiGLU: GLU Variants Improve Transformer (arXiv:2002.05202). GPT-2's
+  activation is the tanh approximation of GELU (HF "gelu_new").
+  """
+
+  def __init__(self, hidden_size: int, intermediate_size: int, *, kind: str,
+               use_bias: bool, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+    if kind not in ("swiglu", "gelu"):
+      raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {kind!r}")
+    self.kind = kind
+    linear = lambda i, o: nnx.Linear(i, o, use_bias=use_bias, dtype=dtype,
+                                     param_dtype=param_dtype, rngs=rngs)
+    if kind == "swiglu":
+      self.gate_proj = linear(hidden_size, intermediate_size)
+    self.up_proj = linear(hidden_size, intermediate_size)
+    self.down_proj = linear(intermediate_size, hidden_size)
+
+  def __call__(self, x: Array) -> Array:
+    if self.kind == "swiglu":
+      return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    return self.down_proj(jax.nn.gelu(self.up_proj(x), approximate=True))
