@@ -1,0 +1,72 @@
+"""Small helpers shared by the loss modules: dtype promotion and shape checks.
+
+Every loss computes in float32 (float64 when the caller passes float64 under
+``jax.enable_x64``) whatever the input dtype, so bfloat16 activations never
+lose precision inside a log-sigmoid.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+ArrayLike = Any  # jax.Array, np.ndarray or a Python number.
+
+
+def compute_dtype(x: ArrayLike) -> jnp.dtype:
+  """float32 for bf16/f16/f32/int inputs, float64 for float64 inputs."""
+  return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
+def as_float(x: ArrayLike) -> Array:
+  """``x`` as an array in the loss compute dtype (see ``compute_dtype``)."""
+  x = jnp.asarray(x)
+  return x.astype(compute_dtype(x))
+
+
+def broadcast_leading(value: ArrayLike, like: Array, name: str) -> Array:
+  """Broadcasts a scalar or per-example ``value`` against ``like``.
+
+  ``value`` may be a scalar, or shaped like the leading dimensions of ``like``
+  (e.g. a per-pair margin ``[B]`` against ensemble rewards ``[B, K]``); it is
+  padded with trailing singleton axes so that it broadcasts per example.
+
+  Raises:
+    ValueError: naming ``name`` when the shapes are incompatible.
+  """
+  value = as_float(value)
+  if value.ndim > like.ndim or value.shape != like.shape[:value.ndim]:
+    raise ValueError(
+        f"{name} has shape {value.shape}; expected a scalar or a shape that "
+        f"prefixes {like.shape}")
+  return value.reshape(value.shape + (1,) * (like.ndim - value.ndim))
+
+
+def check_same_shape(names: str, *arrays: Array) -> None:
+  """chex shape check with the tensor names in the error message."""
+  chex.assert_equal_shape(arrays, custom_message=f"shapes of {names} must match")
+
+
+def check_rank(name: str, x: Array, rank: int | set[int]) -> None:
+  chex.assert_rank(x, rank, custom_message=f"bad rank for {name}")
+
+
+def check_static_range(name: str, value: ArrayLike, low: float, high: float,
+                       *, closed_low: bool = True, closed_high: bool = True) -> None:
+  """Validates a hyperparameter when it is a concrete Python number.
+
+  Traced or array-valued hyperparameters (schedules, per-example values) are
+  left unchecked, since their values are unknown at trace time.
+  """
+  if not isinstance(value, numbers.Real):
+    return
+  ok_low = value >= low if closed_low else value > low
+  ok_high = value <= high if closed_high else value < high
+  if not (ok_low and ok_high):
+    lo, hi = ("[" if closed_low else "("), ("]" if closed_high else ")")
+    raise ValueError(f"{name}={value} is outside {lo}{low}, {high}{hi}")
