@@ -1,0 +1,294 @@
+"""BERT-family bidirectional encoder in Flax NNX (all-MiniLM-L6-v2 is one).
+
+Architecture (Devlin et al., "BERT: Pre-training of Deep Bidirectional
+Transformers for Language Understanding", arXiv:1810.04805): word + learned
+position + token-type embeddings, LayerNorm, then post-LN blocks
+
+  h = LN(x + Attn(x));  y = LN(h + W2 act(W1 h))
+
+with exact (erf) GELU by default, as in the original BERT and in Hugging Face
+``BertModel``. Attention is bidirectional over real tokens; for packed rows it
+stays within each segment (``segment_ids``), with ``positions`` restarting at
+every segment.
+
+Parameter tree (NNX state paths, used by ``PARTITION_RULES`` and the HF import):
+
+  embed/embedding            [V, D]      word embeddings
+  pos_embed/embedding        [P, D]      learned absolute positions
+  type_embed/embedding       [types, D]  token types (segment A/B)
+  embed_norm/{scale,bias}    [D]
+  layers/<i>/attn/{q,k,v,o}_proj/{kernel,bias}   kernel [D, D] (in, out)
+  layers/<i>/attn_norm/{scale,bias}
+  layers/<i>/mlp/up_proj/{kernel [D, F], bias}
+  layers/<i>/mlp/down_proj/{kernel [F, D], bias}
+  layers/<i>/mlp_norm/{scale,bias}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+Array = jax.Array
+
+# Regexes against "/"-joined NNX paths; first match wins, unmatched -> replicated.
+PARTITION_RULES: list[tuple[str, P]] = [
+    (r"(^|/)embed/embedding$", P("tensor", "fsdp")),
+    (r"(pos|type)_embed/embedding$", P(None, "fsdp")),
+    (r"attn/(q|k|v)_proj/kernel$", P("fsdp", "tensor")),
+    (r"attn/(q|k|v)_proj/bias$", P("tensor")),
+    (r"attn/o_proj/kernel$", P("tensor", "fsdp")),
+    (r"mlp/up_proj/kernel$", P("fsdp", "tensor")),
+    (r"mlp/up_proj/bias$", P("tensor")),
+    (r"mlp/down_proj/kernel$", P("tensor", "fsdp")),
+]
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def default_compute_dtype() -> jnp.dtype:
+  """float32 on CPU, bfloat16 on accelerators."""
+  return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Hyperparameters of a BERT-family encoder (names follow HF ``BertConfig``)."""
+
+  vocab_size: int = 30522
+  hidden_size: int = 384
+  num_layers: int = 6
+  num_heads: int = 12
+  intermediate_size: int = 1536
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu"
+  pad_token_id: int = 0
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                       f"num_heads={self.num_heads}")
+    if self.hidden_act not in _ACTIVATIONS:
+      raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; "
+                       f"known: {sorted(_ACTIVATIONS)}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @classmethod
+  def from_hf_dict(cls, hf: Mapping[str, Any]) -> "EncoderConfig":
+    """Builds the config from a Hugging Face BERT ``config.json`` dict."""
+    model_type = hf.get("model_type", "bert")
+    if model_type != "bert":
+      raise ValueError(f"EncoderConfig supports model_type 'bert', got {model_type!r}")
+    pos_type = hf.get("position_embedding_type", "absolute")
+    if pos_type != "absolute":
+      raise ValueError(f"unsupported position_embedding_type {pos_type!r} (only 'absolute')")
+    return cls(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 512),
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        hidden_act=hf.get("hidden_act", "gelu"),
+        pad_token_id=hf.get("pad_token_id", 0) or 0,
+    )
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` dict of this config (``BertModel``)."""
+    return {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "num_hidden_layers": self.num_layers,
+        "num_attention_heads": self.num_heads,
+        "intermediate_size": self.intermediate_size,
+        "max_position_embeddings": self.max_position_embeddings,
+        "type_vocab_size": self.type_vocab_size,
+        "layer_norm_eps": self.layer_norm_eps,
+        "hidden_act": self.hidden_act,
+        "pad_token_id": self.pad_token_id,
+        "position_embedding_type": "absolute",
+    }
+
+
+def attention_bias(attention_mask: Array | None, segment_ids: Array | None,
+                   shape: tuple[int, int]) -> Array:
+  """Boolean ``[N, 1, T, T]`` mask of allowed (query, key) pairs, bidirectional.
+
+  Padded input: every query sees every real key. Packed input: a query sees the
+  keys of its own segment only; padding (segment 0) sees nothing but is
+  harmless because its outputs are never read.
+  """
+  n, t = shape
+  allowed = jnp.ones((n, t, t), dtype=bool)
+  if attention_mask is not None:
+    allowed &= (attention_mask > 0)[:, None, :]
+  if segment_ids is not None:
+    allowed &= (segment_ids[:, :, None] == segment_ids[:, None, :])
+    allowed &= (segment_ids > 0)[:, None, :]
+  return allowed[:, None]
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, allowed: Array) -> Array:
+  """Softmax attention with a boolean mask; ``q,k,v [N, T, H, Dh]``, softmax in float32.
+
+  Fully masked query rows (padding) attend uniformly instead of producing NaN.
+  """
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("nqhd,nkhd->nhqk", q, k,
+                      preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("nhqk,nkhd->nqhd", probs, v)
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head bidirectional self-attention with biased projections."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    d = config.hidden_size
+    self.num_heads = config.num_heads
+    self.head_dim = config.head_dim
+    make = lambda: nnx.Linear(d, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj, self.k_proj, self.v_proj, self.o_proj = make(), make(), make(), make()
+
+  def __call__(self, x: Array, allowed: Array) -> Array:
+    n, t, _ = x.shape
+    split = lambda y: y.reshape(n, t, self.num_heads, self.head_dim)
+    out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
+                                split(self.v_proj(x)), allowed)
+    return self.o_proj(out.reshape(n, t, -1))
+
+
+class FeedForward(nnx.Module):
+  """Two-layer MLP ``down(act(up(x)))``."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.up_proj = nnx.Linear(config.hidden_size, config.intermediate_size, **kw)
+    self.down_proj = nnx.Linear(config.intermediate_size, config.hidden_size, **kw)
+    self.hidden_act = config.hidden_act
+
+  def __call__(self, x: Array) -> Array:
+    return self.down_proj(_ACTIVATIONS[self.hidden_act](self.up_proj(x)))
+
+
+def _layer_norm(config: EncoderConfig, rngs: nnx.Rngs, param_dtype) -> nnx.LayerNorm:
+  # Normalisation statistics always in float32 (two-pass variance, as PyTorch).
+  return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps,
+                       dtype=jnp.float32, param_dtype=param_dtype,
+                       use_fast_variance=False, rngs=rngs)
+
+
+class EncoderLayer(nnx.Module):
+  """Post-LN transformer block."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.attn = SelfAttention(config, **kw)
+    self.attn_norm = _layer_norm(config, rngs, param_dtype)
+    self.mlp = FeedForward(config, **kw)
+    self.mlp_norm = _layer_norm(config, rngs, param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, x: Array, allowed: Array) -> Array:
+    h = self.attn_norm(x + self.attn(x, allowed)).astype(self.dtype)
+    return self.mlp_norm(h + self.mlp(h)).astype(self.dtype)
+
+
+class Encoder(nnx.Module):
+  """BERT-family encoder trunk: ``hidden_states(tokens, ...) -> [N, T, D]``."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs, dtype=None,
+               param_dtype=jnp.float32):
+    self.config = config
+    self.dtype = dtype or default_compute_dtype()
+    d = config.hidden_size
+    init = nnx.initializers.normal(0.02)
+    emb = lambda n: nnx.Embed(n, d, dtype=self.dtype, param_dtype=param_dtype,
+                              embedding_init=init, rngs=rngs)
+    self.embed = emb(config.vocab_size)
+    self.pos_embed = emb(config.max_position_embeddings)
+    self.type_embed = emb(config.type_vocab_size)
+    self.embed_norm = _layer_norm(config, rngs, param_dtype)
+    self.layers = nnx.List([
+        EncoderLayer(config, rngs=rngs, dtype=self.dtype, param_dtype=param_dtype)
+        for _ in range(config.num_layers)])
+
+  def hidden_states(self, tokens: Array, *, attention_mask: Array | None = None,
+                    segment_ids: Array | None = None, positions: Array | None = None,
+                    token_type_ids: Array | None = None) -> Array:
+    """Final-layer hidden states ``[N, T, D]`` (compute dtype).
+
+    Args:
+      tokens: ``[N, T]`` int32 token ids.
+      attention_mask: ``[N, T]``, 1 on real tokens (padded batches).
+      segment_ids: ``[N, T]`` packed segment ids (0 = padding); attention stays
+        within a segment.
+      positions: ``[N, T]`` position ids; default ``0..T-1`` per row. Packed
+        batches must pass positions restarting at each segment.
+      token_type_ids: ``[N, T]`` BERT sentence A/B ids; default 0.
+    """
+    n, t = tokens.shape
+    if t > self.config.max_position_embeddings and positions is None:
+      raise ValueError(f"sequence length {t} exceeds max_position_embeddings="
+                       f"{self.config.max_position_embeddings}")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros((n, t), jnp.int32)
+    x = self.embed(tokens) + self.pos_embed(positions) + self.type_embed(token_type_ids)
+    x = self.embed_norm(x).astype(self.dtype)
+    allowed = attention_bias(attention_mask, segment_ids, (n, t))
+    for layer in self.layers:
+      x = layer(x, allowed)
+    return x
+
+  def __call__(self, tokens: Array, **kwargs) -> Array:
+    return self.hidden_states(tokens, **kwargs)
+
+
+def mean_pool(hidden: Array, mask: Array) -> Array:
+  """Masked mean over tokens: ``hidden [N, T, D]``, ``mask [N, T]`` -> ``[N, D]`` float32."""
+  m = mask.astype(jnp.float32)[..., None]
+  total = jnp.sum(hidden.astype(jnp.float32) * m, axis=1)
+  return total / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+  """``x / max(||x||, eps)`` along the last axis (as ``torch.nn.functional.normalize``)."""
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  return x / jnp.maximum(norm, eps)
+
+
+def sentence_embedding(encoder: Encoder, tokens: Array, attention_mask: Array, *,
+                       normalize: bool = True, token_type_ids: Array | None = None) -> Array:
+  """Sentence-transformers embedding: mean over real tokens, then L2-normalised; ``[N, D]``.
+
+  This is the pooling of all-MiniLM-L6-v2 (Reimers & Gurevych, "Sentence-BERT",
+  arXiv:1908.10084).
+  """
+  hidden = encoder.hidden_states(tokens, attention_mask=attention_mask,
+                                 token_type_ids=token_type_ids)
+  pooled = mean_pool(hidden, attention_mask)
+  return l2_normalize(pooled) if normalize else pooled

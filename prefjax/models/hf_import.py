@@ -1,0 +1,340 @@
+"""Load local Hugging Face checkpoints into prefjax models, and save decoders back.
+
+``from_pretrained(path)`` reads a directory with ``config.json`` plus
+``model.safetensors`` (or a sharded ``model.safetensors.index.json``) for
+model_type ``llama``, ``gpt2`` and ``bert``, or a ``.gguf`` file (Llama family,
+through ``prefjax.models.gguf_import.load_gguf``). Nothing is downloaded.
+
+Loading is strict: every prefjax parameter must be found with the right shape,
+and errors name the tensor, the file and both shapes. Checkpoint tensors that
+no parameter uses are logged (and returned by ``load_hf_checkpoint``) instead of
+being dropped silently.
+
+``save_pretrained(model, path)`` writes a ``Decoder`` (or an ``Encoder``) as a
+Hugging Face directory that ``transformers`` loads (``LlamaForCausalLM``,
+``GPT2LMHeadModel``, ``BertModel``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from prefjax.models import hf_mappings
+from prefjax.models.encoder import Encoder, EncoderConfig
+
+PathLike = str | os.PathLike
+SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "bert")
+_log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+  """A checkpoint cannot be mapped onto the requested prefjax model."""
+
+
+# -- reading safetensors --------------------------------------------------------
+
+
+class SafetensorsReader:
+  """Lazy name -> NumPy array access over one or several ``.safetensors`` files."""
+
+  def __init__(self, directory: PathLike):
+    self.directory = pathlib.Path(directory)
+    index = self.directory / "model.safetensors.index.json"
+    single = self.directory / "model.safetensors"
+    if index.exists():
+      weight_map = json.loads(index.read_text())["weight_map"]
+      self.files = {name: self.directory / f for name, f in weight_map.items()}
+      for f in sorted(set(self.files.values())):
+        if not f.exists():
+          raise FileNotFoundError(f"{index} lists shard {f.name}, which does not exist")
+    elif single.exists():
+      with safe_open(str(single), framework="numpy") as fh:
+        self.files = {name: single for name in fh.keys()}
+    else:
+      raise FileNotFoundError(
+          f"{self.directory} has neither model.safetensors nor "
+          "model.safetensors.index.json (PyTorch .bin checkpoints are not supported; "
+          "convert them with transformers' save_pretrained(safe_serialization=True))")
+
+  def names(self) -> set[str]:
+    return set(self.files)
+
+  def get(self, name: str) -> np.ndarray:
+    with safe_open(str(self.files[name]), framework="numpy") as fh:
+      return fh.get_tensor(name)
+
+
+# -- config translation ---------------------------------------------------------
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+  params = hf.get("rope_parameters") or {}
+  scaling = hf.get("rope_scaling") or {}
+  rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+  if rope_type not in (None, "default"):
+    raise CheckpointError(f"rope scaling type {rope_type!r} is not supported (only default RoPE)")
+  return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _decoder_config_from_hf(hf: dict[str, Any]):
+  from prefjax.models.decoder import DecoderConfig  # pylint: disable=g-import-not-at-top
+  model_type = hf["model_type"]
+  if model_type == "llama":
+    if hf.get("hidden_act", "silu") != "silu":
+      raise CheckpointError(f"llama hidden_act {hf['hidden_act']!r} unsupported (only 'silu')")
+    return DecoderConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"), intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        norm="rms", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
+        position="rope", rope_theta=_rope_theta(hf),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        bos_id=_first_id(hf.get("bos_token_id")), eos_id=_first_id(hf.get("eos_token_id")),
+        pad_id=_first_id(hf.get("pad_token_id")))
+  if model_type == "gpt2":
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+      raise CheckpointError(f"gpt2 activation_function {act!r} unsupported (only gelu_new)")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+      if hf.get(flag):
+        raise CheckpointError(f"gpt2 option {flag}=True is not supported")
+    if not hf.get("scale_attn_weights", True):
+      raise CheckpointError("gpt2 option scale_attn_weights=False is not supported")
+    d = hf["n_embd"]
+    return DecoderConfig(
+        vocab_size=hf["vocab_size"], hidden_size=d, num_layers=hf["n_layer"],
+        num_heads=hf["n_head"], intermediate_size=hf.get("n_inner") or 4 * d,
+        max_position_embeddings=hf.get("n_positions", 1024), norm="layer",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", position="learned",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)), attention_bias=True,
+        attention_out_bias=True, mlp_bias=True,
+        bos_id=_first_id(hf.get("bos_token_id")), eos_id=_first_id(hf.get("eos_token_id")),
+        pad_id=_first_id(hf.get("pad_token_id")))
+  raise CheckpointError(f"not a decoder model_type: {model_type!r}")
+
+
+def _first_id(value) -> int | None:
+  if isinstance(value, (list, tuple)):
+    return int(value[0]) if value else None
+  return None if value is None else int(value)
+
+
+def decoder_config_to_hf(config) -> dict[str, Any]:
+  """HF ``config.json`` for a ``DecoderConfig`` (Llama or GPT-2 family)."""
+  c = config
+  ids = {"bos_token_id": c.bos_id, "eos_token_id": c.eos_id, "pad_token_id": c.pad_id}
+  ids = {k: v for k, v in ids.items() if v is not None}
+  if _is_gpt2_like(c):
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "vocab_size": c.vocab_size, "n_embd": c.hidden_size, "n_layer": c.num_layers,
+            "n_head": c.num_heads, "n_inner": c.intermediate_size,
+            "n_positions": c.max_position_embeddings, "layer_norm_epsilon": c.norm_eps,
+            "activation_function": "gelu_new", "tie_word_embeddings": True,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **ids}
+  if c.norm != "rms" or c.mlp != "swiglu" or c.position != "rope":
+    raise CheckpointError(
+        f"DecoderConfig(norm={c.norm}, mlp={c.mlp}, position={c.position}) matches "
+        "neither the Llama nor the GPT-2 HF architecture")
+  if c.attention_out_bias != c.attention_bias:
+    raise CheckpointError("HF Llama ties o_proj bias to attention_bias; this config differs")
+  return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+          "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+          "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+          "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+          "intermediate_size": c.intermediate_size,
+          "max_position_embeddings": c.max_position_embeddings,
+          "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "hidden_act": "silu",
+          "tie_word_embeddings": c.tie_embeddings, "attention_bias": c.attention_bias,
+          "mlp_bias": c.mlp_bias, "attention_dropout": 0.0, **ids}
+
+
+def _is_gpt2_like(c) -> bool:
+  return (c.norm == "layer" and c.mlp == "gelu" and c.position == "learned"
+          and c.tie_embeddings and c.attention_bias and c.attention_out_bias
+          and c.mlp_bias and c.num_kv_heads == c.num_heads)
+
+
+def _decoder_mapping(config, hf_model_type: str, names: set[str]) -> hf_mappings.Mapping:
+  if hf_model_type == "gpt2":
+    prefix = "transformer." if "transformer.wte.weight" in names or not names else ""
+    return hf_mappings.gpt2_mapping(config.num_layers, prefix=prefix)
+  prefix = "model." if "model.embed_tokens.weight" in names or not names else ""
+  return hf_mappings.llama_mapping(
+      config.num_layers, tied=config.tie_embeddings, attention_bias=config.attention_bias,
+      mlp_bias=config.mlp_bias, prefix=prefix)
+
+
+# -- loading --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What a checkpoint load used: loaded parameter count and unused HF tensors."""
+
+  model_type: str
+  num_loaded: int
+  unused: list[str]
+
+
+def _param_paths(model: nnx.Module) -> dict[str, nnx.Variable]:
+  return {"/".join(str(p) for p in path): var for path, var in nnx.iter_graph(model)
+          if isinstance(var, nnx.Param)}
+
+
+def _fetch(reader: SafetensorsReader, name: str, used: set[str], where: str) -> np.ndarray:
+  for alias in hf_mappings.hf_aliases(name):
+    if alias in reader.files:
+      used.add(alias)
+      return reader.get(alias)
+  raise CheckpointError(f"{where}: tensor {name!r} is missing from the checkpoint")
+
+
+def fill_params(model: nnx.Module, mapping: hf_mappings.Mapping,
+                reader: SafetensorsReader, *, param_dtype=jnp.float32) -> list[str]:
+  """Writes checkpoint tensors into ``model``'s parameters; returns unused HF tensor names.
+
+  ``model`` may be abstract (built under ``nnx.eval_shape``): every parameter
+  is replaced. Raises ``CheckpointError`` for a parameter with no mapping, a
+  missing tensor or a shape mismatch, naming the tensor and both shapes.
+  """
+  where = str(reader.directory)
+  params = _param_paths(model)
+  unmapped = sorted(set(params) - set(mapping))
+  if unmapped:
+    raise CheckpointError(f"{where}: no checkpoint tensor is mapped to parameters {unmapped}")
+  used: set[str] = set()
+  for path, var in params.items():
+    hf_name, layout = mapping[path]
+    array = hf_mappings.to_prefjax(_fetch(reader, hf_name, used, where), layout)
+    expected = tuple(var.shape)
+    if tuple(array.shape) != expected:
+      raise CheckpointError(
+          f"{where}: tensor {hf_name!r} has shape {tuple(array.shape)} (after layout "
+          f"{layout!r}) but parameter {path!r} expects {expected}")
+    if not np.all(np.isfinite(array.astype(np.float32))):
+      raise CheckpointError(f"{where}: tensor {hf_name!r} contains NaN or inf")
+    var.value = jnp.asarray(array, dtype=param_dtype)
+  return sorted(n for n in reader.names() - used if not hf_mappings.is_ignored(n))
+
+
+def _abstract(build: Callable[[], nnx.Module]) -> nnx.Module:
+  return nnx.eval_shape(build)
+
+
+def load_hf_checkpoint(path: PathLike, *, dtype=None, param_dtype=jnp.float32,
+                       ) -> tuple[nnx.Module, LoadReport]:
+  """Loads a local HF directory into a ``Decoder`` or ``Encoder``; returns ``(model, report)``."""
+  directory = pathlib.Path(path)
+  config_file = directory / "config.json"
+  if not config_file.exists():
+    raise FileNotFoundError(f"{config_file} not found (expected a Hugging Face model directory)")
+  hf = json.loads(config_file.read_text())
+  model_type = hf.get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise CheckpointError(
+        f"{config_file}: model_type {model_type!r} is not supported; "
+        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+  reader = SafetensorsReader(directory)
+  names = reader.names()
+  if model_type == "bert":
+    config = EncoderConfig.from_hf_dict(hf)
+    prefix = "bert." if "bert.embeddings.word_embeddings.weight" in names else ""
+    mapping = hf_mappings.bert_mapping(config.num_layers, prefix)
+    model = _abstract(lambda: Encoder(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                      param_dtype=param_dtype))
+  else:
+    from prefjax.models.decoder import Decoder  # pylint: disable=g-import-not-at-top
+    config = _decoder_config_from_hf(hf)
+    mapping = _decoder_mapping(config, model_type, names)
+    model = _abstract(lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                      param_dtype=param_dtype))
+  unused = fill_params(model, mapping, reader, param_dtype=param_dtype)
+  if unused:
+    _log.warning("%s: %d checkpoint tensors are not used by prefjax's %s model: %s",
+                 directory, len(unused), model_type, unused[:20])
+  return model, LoadReport(model_type, len(_param_paths(model)), unused)
+
+
+def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
+                    param_dtype=jnp.float32, seed: int = 0) -> nnx.Module:
+  """Loads a local HF directory or a ``.gguf`` file, optionally with a head.
+
+  Args:
+    path: HF directory (config.json + safetensors) or a ``.gguf`` file.
+    head: None (plain trunk / LM), "reward", "reward_ensemble:K", "value" or
+      "multi:name1,name2" (see ``heads.attach_head``); heads are freshly
+      initialised from ``seed``.
+    dtype: compute dtype; default float32 on CPU, bfloat16 on accelerators.
+    param_dtype: parameter dtype (float32 default).
+    seed: seed of the new head's initialisation.
+  """
+  path = pathlib.Path(path)
+  if path.suffix == ".gguf":
+    from prefjax.models.gguf_import import load_gguf  # pylint: disable=g-import-not-at-top
+    trunk = load_gguf(path, dtype=dtype)
+  else:
+    trunk, _ = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype)
+  if head is None:
+    return trunk
+  from prefjax.models.heads import attach_head  # pylint: disable=g-import-not-at-top
+  return attach_head(trunk, head, rngs=nnx.Rngs(seed))
+
+
+# -- saving ---------------------------------------------------------------------
+
+
+def hf_state_dict(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """``(tensors, config_dict)`` of a ``Decoder`` or ``Encoder`` in Hugging Face layout."""
+  params = {p: np.asarray(jax.device_get(v.value)) for p, v in _param_paths(model).items()}
+  if isinstance(model, Encoder):
+    hf_config = model.config.to_hf_dict()
+    mapping = hf_mappings.bert_mapping(model.config.num_layers)
+  else:
+    hf_config = decoder_config_to_hf(model.config)
+    mapping = _decoder_mapping(model.config, hf_config["model_type"], set())
+  tensors: dict[str, np.ndarray] = {}
+  qkv_parts: dict[str, dict[int, np.ndarray]] = {}
+  for path, array in params.items():
+    if path not in mapping:
+      raise CheckpointError(f"parameter {path!r} has no Hugging Face equivalent")
+    hf_name, layout = mapping[path]
+    if layout.startswith("qkv:"):
+      qkv_parts.setdefault(hf_name, {})[int(layout[4:])] = array
+    else:
+      tensors[hf_name] = np.ascontiguousarray(hf_mappings.to_hf(array, layout))
+  for hf_name, parts in qkv_parts.items():
+    tensors[hf_name] = np.concatenate([parts[j] for j in range(3)], axis=-1)
+  return tensors, hf_config
+
+
+def save_pretrained(model: nnx.Module, path: PathLike) -> pathlib.Path:
+  """Writes ``model.safetensors`` + ``config.json`` that ``transformers`` and ``from_pretrained`` load.
+
+  Accepts a ``Decoder`` (Llama or GPT-2 family) or an ``Encoder`` (BERT), or a
+  head model wrapping one (only its trunk is written; heads have no HF
+  equivalent here).
+  """
+  trunk = getattr(model, "trunk", model)
+  directory = pathlib.Path(path)
+  directory.mkdir(parents=True, exist_ok=True)
+  tensors, hf_config = hf_state_dict(trunk)
+  hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype)
+  save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+  (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+  return directory
