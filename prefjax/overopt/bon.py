@@ -1,0 +1,250 @@
+"""Best-of-n from samples: the analytic KL, the unbiased estimator, bootstrap errors.
+
+Best-of-n (BoN) draws n responses from the reference policy π_ref and keeps
+the one the proxy reward scores highest. This module estimates, from N ≥ n
+samples per prompt that were already drawn and scored, the expected proxy and
+gold scores of BoN for every n ≤ N at once, as in Nakano et al. (WebGPT,
+arXiv:2112.09332) and Gao et al., "Scaling Laws for Reward Model
+Overoptimization", arXiv:2210.10760. Exact best-of-n over a finite candidate
+set with a known π_ref lives in ``prefjax.overopt.exact``.
+
+All numerics are float64 NumPy/SciPy: these are evaluation tools, and the
+binomial weights overflow any float32 computation for N in the thousands.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from scipy import special
+
+
+def bon_kl(n) -> np.ndarray:
+  """Analytic KL of best-of-n from the reference policy: ``log n − (n − 1)/n``.
+
+  This is the KL for a continuous (tie-free) reward distribution, used by
+  Stiennon et al., "Learning to summarize from human feedback",
+  arXiv:2009.01325 and Gao et al., arXiv:2210.10760. Beirami et al., "Theoretical
+  guarantees on the best-of-n alignment policy", arXiv:2401.01879, prove it is
+  an UPPER BOUND on the true KL, which is strictly smaller when the reference
+  distribution has atoms (finite candidate sets, repeated samples); use
+  ``prefjax.overopt.exact`` for the exact value there.
+
+  Args:
+    n: number of samples, scalar or array, n ≥ 1 (real n is accepted).
+
+  Returns:
+    float64 KL in nats, same shape as ``n``.
+  """
+  n = np.asarray(n, np.float64)
+  if np.any(~np.isfinite(n)) or np.any(n < 1):
+    raise ValueError(f"bon_kl: n must be finite and >= 1, got {n}")
+  return np.log(n) - (n - 1.0) / n
+
+
+def log_spaced_ns(n_max: int, num: int) -> np.ndarray:
+  """Distinct integers from 1 to ``n_max`` spaced (about) log-uniformly; at most ``num``."""
+  if n_max < 1 or num < 1:
+    raise ValueError(f"log_spaced_ns: need n_max >= 1 and num >= 1, got {n_max}, {num}")
+  grid = np.round(np.logspace(0.0, np.log10(n_max), num)).astype(np.int64)
+  return np.unique(np.clip(grid, 1, n_max))
+
+
+def unbiased_bon_weights(num_samples: int, ns) -> np.ndarray:
+  """Probability that the i-th smallest of N samples is the best of a random n-subset.
+
+  ``W[s, i − 1] = C(i − 1, n_s − 1) / C(N, n_s)`` for i ≥ n_s and 0 otherwise,
+  computed with ``gammaln`` in float64 (no overflow for any N). Each row sums
+  to one.
+
+  Args:
+    num_samples: N, the number of samples per prompt.
+    ns: ``[S]`` integers in [1, N].
+
+  Returns:
+    ``[S, N]`` float64 weights over samples sorted in ascending proxy order.
+  """
+  ns = _check_ns(ns, num_samples)
+  i = np.arange(1, num_samples + 1, dtype=np.float64)[None, :]
+  n = ns.astype(np.float64)[:, None]
+  big_n = float(num_samples)
+  log_total = special.gammaln(big_n + 1) - special.gammaln(n + 1) - special.gammaln(big_n - n + 1)
+  valid = i >= n
+  safe_i = np.where(valid, i, n)
+  log_w = (special.gammaln(safe_i) - special.gammaln(n) - special.gammaln(safe_i - n + 1)
+           - log_total)
+  return np.where(valid, np.exp(log_w), 0.0)
+
+
+def tie_averaged_scores(sorted_proxy: np.ndarray, sorted_scores: np.ndarray) -> np.ndarray:
+  """Replaces each score by the mean score of its group of tied proxy values.
+
+  When several samples of a random subset share the maximal proxy value, best-of-n
+  is taken to break the tie uniformly at random among them. By symmetry each tied
+  sample is then equally likely to be kept, so the expected score of the group
+  is its plain mean; the probability that the group holds the maximum is the sum
+  of the order-statistic weights of its positions. Inputs are ``[P, N]`` sorted by
+  proxy along the last axis.
+  """
+  p, n = sorted_proxy.shape
+  starts = np.ones((p, n), bool)
+  starts[:, 1:] = sorted_proxy[:, 1:] != sorted_proxy[:, :-1]
+  if starts.all():
+    return sorted_scores
+  group = np.cumsum(starts, axis=1) - 1 + n * np.arange(p)[:, None]
+  sums = np.bincount(group.ravel(), weights=sorted_scores.ravel(), minlength=p * n)
+  counts = np.bincount(group.ravel(), minlength=p * n)
+  return (sums / np.maximum(counts, 1))[group]
+
+
+class BonScores(NamedTuple):
+  """Per-prompt expected best-of-n scores, ``[P, S]`` float64 each."""
+  proxy: np.ndarray
+  gold: np.ndarray
+
+
+def unbiased_bon_scores(proxy, gold, ns=None) -> BonScores:
+  """Unbiased best-of-n estimates of the expected proxy and gold scores, per prompt.
+
+  For N samples of a prompt sorted by proxy (ascending), the i-th smallest is the
+  best of a uniformly random n-subset (drawn without replacement) with
+  probability C(i − 1, n − 1) / C(N, n), so
+  E[score of best-of-n] = Σ_i C(i − 1, n − 1) / C(N, n) · score_(i),
+  an unbiased estimate of best-of-n under the sampling distribution, for every
+  n ≤ N at once (Nakano et al., arXiv:2112.09332, Appendix; Gao et al.,
+  arXiv:2210.10760). Ties in the proxy are broken uniformly at random (see
+  ``tie_averaged_scores``).
+
+  Args:
+    proxy: ``[P, N]`` (or ``[N]``) proxy rewards of N samples per prompt.
+    gold: same shape, gold rewards of the same samples.
+    ns: ``[S]`` integers in [1, N] (default: every n from 1 to N).
+
+  Returns:
+    ``BonScores`` of shape ``[P, S]`` (``[S]`` for 1-D input).
+  """
+  proxy, gold, squeeze = _check_scores(proxy, gold)
+  num_samples = proxy.shape[1]
+  ns = np.arange(1, num_samples + 1) if ns is None else ns
+  weights = unbiased_bon_weights(num_samples, ns)
+  order = np.argsort(proxy, axis=1, kind="stable")
+  sorted_proxy = np.take_along_axis(proxy, order, axis=1)
+  sorted_gold = tie_averaged_scores(sorted_proxy, np.take_along_axis(gold, order, axis=1))
+  result = BonScores(sorted_proxy @ weights.T, sorted_gold @ weights.T)
+  return BonScores(*(x[0] for x in result)) if squeeze else result
+
+
+class Curve(NamedTuple):
+  """Scores and KL along an optimisation knob, averaged over prompts.
+
+  ``knob`` is n for best-of-n and β for the RL path. Means are over prompts;
+  ``*_se`` are bootstrap standard errors over prompts; ``per_prompt_*`` hold the
+  ``[P, S]`` values they came from (for seed/world averaging and custom errors).
+  """
+  knob: np.ndarray
+  kl: np.ndarray
+  proxy: np.ndarray
+  gold: np.ndarray
+  kl_se: np.ndarray
+  proxy_se: np.ndarray
+  gold_se: np.ndarray
+  per_prompt_kl: np.ndarray
+  per_prompt_proxy: np.ndarray
+  per_prompt_gold: np.ndarray
+
+
+def bootstrap_mean_se(per_prompt, num_bootstrap: int = 1000, seed: int = 0):
+  """Mean over prompts and its bootstrap standard error (prompts resampled with replacement).
+
+  Args:
+    per_prompt: ``[P, ...]`` values, one row per prompt.
+    num_bootstrap: number of bootstrap resamples B (≥ 2).
+    seed: NumPy seed of the resampling.
+
+  Returns:
+    ``(mean, se)``, each of shape ``[...]``, float64. With a single prompt the
+    standard error is NaN (it cannot be estimated), never a fake zero.
+  """
+  values = np.asarray(per_prompt, np.float64)
+  if values.ndim == 0 or values.shape[0] == 0:
+    raise ValueError(f"bootstrap_mean_se: need [P, ...] with P >= 1, got {values.shape}")
+  if num_bootstrap < 2:
+    raise ValueError(f"bootstrap_mean_se: num_bootstrap must be >= 2, got {num_bootstrap}")
+  p = values.shape[0]
+  flat = values.reshape(p, -1)
+  mean = flat.mean(axis=0)
+  if p == 1:
+    return mean.reshape(values.shape[1:]), np.full(values.shape[1:], np.nan)
+  rng = np.random.default_rng(seed)
+  # Multinomial counts instead of index arrays: memory B·P + B·S, not B·P·S.
+  counts = rng.multinomial(p, np.full(p, 1.0 / p), size=num_bootstrap).astype(np.float64)
+  resampled = counts @ flat / p
+  se = resampled.std(axis=0, ddof=1)
+  return mean.reshape(values.shape[1:]), se.reshape(values.shape[1:])
+
+
+def summarize(knob, per_prompt_kl, per_prompt_proxy, per_prompt_gold, *,
+              num_bootstrap: int = 1000, seed: int = 0) -> Curve:
+  """Builds a ``Curve`` from ``[P, S]`` per-prompt values (same resamples for all three)."""
+  stats = [bootstrap_mean_se(np.atleast_2d(x), num_bootstrap, seed)
+           for x in (per_prompt_kl, per_prompt_proxy, per_prompt_gold)]
+  (kl, kl_se), (proxy, proxy_se), (gold, gold_se) = stats
+  return Curve(np.asarray(knob), kl, proxy, gold, kl_se, proxy_se, gold_se,
+               np.atleast_2d(per_prompt_kl), np.atleast_2d(per_prompt_proxy),
+               np.atleast_2d(per_prompt_gold))
+
+
+def unbiased_best_of_n(proxy, gold, ns=None, *, num_bootstrap: int = 1000,
+                       seed: int = 0) -> Curve:
+  """Best-of-n curve from N samples per prompt: unbiased scores, ``bon_kl``, bootstrap SEs.
+
+  Args:
+    proxy: ``[P, N]`` proxy rewards of N reference-policy samples per prompt.
+    gold: ``[P, N]`` gold rewards of the same samples.
+    ns: ``[S]`` integers in [1, N] (default every n ≤ N).
+    num_bootstrap: bootstrap resamples over prompts for the standard errors.
+    seed: bootstrap seed.
+
+  Returns:
+    A ``Curve`` with ``knob = n`` and ``kl = bon_kl(n)`` (the analytic value; it
+    is identical for every prompt, so its SE is 0).
+  """
+  proxy, gold, _ = _check_scores(proxy, gold)
+  ns = np.arange(1, proxy.shape[1] + 1) if ns is None else _check_ns(ns, proxy.shape[1])
+  scores = unbiased_bon_scores(proxy, gold, ns)
+  kl = np.broadcast_to(bon_kl(ns), scores.proxy.shape)
+  return summarize(ns, kl, scores.proxy, scores.gold, num_bootstrap=num_bootstrap, seed=seed)
+
+
+def _check_ns(ns, num_samples: int) -> np.ndarray:
+  ns_arr = np.asarray(ns)
+  if ns_arr.ndim != 1 or ns_arr.size == 0:
+    raise ValueError(f"ns must be a non-empty 1-D array of integers, got shape {ns_arr.shape}")
+  if not np.all(np.equal(np.mod(ns_arr, 1), 0)):
+    raise ValueError(f"ns must hold integers, got {ns_arr}")
+  ns_arr = ns_arr.astype(np.int64)
+  if ns_arr.min() < 1 or ns_arr.max() > num_samples:
+    raise ValueError(f"ns must lie in [1, N={num_samples}] (an unbiased estimate of "
+                     f"best-of-n needs at least n samples), got min {ns_arr.min()}, "
+                     f"max {ns_arr.max()}")
+  return ns_arr
+
+
+def _check_scores(proxy, gold) -> tuple[np.ndarray, np.ndarray, bool]:
+  proxy = np.asarray(proxy, np.float64)
+  gold = np.asarray(gold, np.float64)
+  if proxy.shape != gold.shape:
+    raise ValueError(f"proxy shape {proxy.shape} does not match gold shape {gold.shape}")
+  squeeze = proxy.ndim == 1
+  if squeeze:
+    proxy, gold = proxy[None], gold[None]
+  if proxy.ndim != 2 or proxy.shape[1] == 0:
+    raise ValueError(f"scores must be [P, N] (or [N]) with N >= 1, got {proxy.shape}")
+  for name, x in (("proxy", proxy), ("gold", gold)):
+    bad = ~np.isfinite(x)
+    if bad.any():
+      prompt, sample = np.argwhere(bad)[0]
+      raise ValueError(f"{name} score is not finite at prompt {prompt}, sample {sample} "
+                       f"({int(bad.sum())} non-finite values)")
+  return proxy, gold, squeeze

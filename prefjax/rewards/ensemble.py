@@ -1,0 +1,94 @@
+"""``EnsembleReward``: K reward members, normalised per member, aggregated by an objective.
+
+Members are either K scalar ``RewardFn``s (e.g. proxies trained with different
+seeds) or one ``RewardFn`` with ``num_members == K`` (e.g. a ``ModelReward``
+around an ensemble head). Calling the ensemble returns the normalised member
+rewards ``[N, K]``; ``score`` returns the objective ``[N]`` (``mean``, ``wco``
+or ``uwo``, see ``prefjax.rewards.aggregate``), which is what best-of-n and RL
+optimise in the ensemble experiments of Coste et al., arXiv:2310.02743.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from prefjax.rewards import aggregate as aggregate_lib
+from prefjax.rewards import base
+from prefjax.rewards import normalize
+
+
+class EnsembleReward(base.RewardFn):
+  """An ensemble reward with a conservative aggregation objective.
+
+  Args:
+    members: K single-member ``RewardFn``s, or one ``RewardFn`` returning ``[N, K]``.
+    objective: ``"mean"``, ``"wco"`` or ``"uwo"``.
+    lam: the UWO variance penalty λ.
+    normalizer: optional per-member ``RewardNormalizer`` (statistics ``[K]``),
+      applied before aggregation; see ``fit_normalizer``.
+    name: identifier (default ``"<objective>(<member names>)"``).
+  """
+
+  def __init__(self, members: base.RewardFn | Sequence[base.RewardFn], *,
+               objective: str = "mean", lam: float = 0.0,
+               normalizer: normalize.RewardNormalizer | None = None, name: str | None = None):
+    if objective not in aggregate_lib.AGGREGATIONS:
+      raise ValueError(f"EnsembleReward: unknown objective {objective!r}; expected one of "
+                       f"{sorted(aggregate_lib.AGGREGATIONS)}")
+    if lam < 0:
+      raise ValueError(f"EnsembleReward: lam must be >= 0, got {lam}")
+    if isinstance(members, base.RewardFn):
+      self.members: tuple[base.RewardFn, ...] = (members,)
+      self.num_members = members.num_members
+    else:
+      self.members = tuple(members)
+      if not self.members:
+        raise ValueError("EnsembleReward: needs at least one member")
+      multi = [m.name for m in self.members if m.num_members != 1]
+      if multi:
+        raise ValueError(f"EnsembleReward: a list of members must hold scalar rewards; "
+                         f"{multi} have several members (pass one ensemble RewardFn instead)")
+      self.num_members = len(self.members)
+    if normalizer is not None and normalizer.mean.shape != (self.num_members,):
+      raise ValueError(f"EnsembleReward: normaliser statistics have shape "
+                       f"{normalizer.mean.shape}, expected ({self.num_members},)")
+    self.objective, self.lam, self.normalizer = objective, float(lam), normalizer
+    member_names = ",".join(m.name for m in self.members)
+    self.name = name or f"{objective}({member_names})"
+
+  def raw_members(self, tokens=None, attention_mask=None, *, texts=None) -> jax.Array:
+    """Un-normalised member rewards ``[N, K]``."""
+    if len(self.members) == 1:
+      rewards = self.members[0](tokens, attention_mask, texts=texts)
+      return rewards[:, None] if rewards.ndim == 1 else rewards
+    return jnp.stack([m(tokens, attention_mask, texts=texts) for m in self.members], axis=-1)
+
+  def __call__(self, tokens=None, attention_mask=None, *, texts=None) -> jax.Array:
+    rewards = self.raw_members(tokens, attention_mask, texts=texts)
+    if self.normalizer is not None:
+      rewards = self.normalizer(rewards)
+    return rewards if self.num_members > 1 else rewards[:, 0]
+
+  def score(self, tokens=None, attention_mask=None, *, texts=None) -> jax.Array:
+    """The aggregated objective ``[N]`` over normalised members."""
+    rewards = self(tokens, attention_mask, texts=texts)
+    if rewards.ndim == 1:
+      rewards = rewards[:, None]
+    return aggregate_lib.aggregate(rewards, self.objective, self.lam)
+
+  def fit_normalizer(self, tokens=None, attention_mask=None, *, texts=None,
+                     standardize: bool = False, weights=None) -> "EnsembleReward":
+    """A copy normalised per member on reference-policy samples (π_ref scores 0)."""
+    reference = self.raw_members(tokens, attention_mask, texts=texts)
+    normalizer = normalize.RewardNormalizer.fit(reference, standardize=standardize,
+                                                weights=weights)
+    return EnsembleReward(self.members, objective=self.objective, lam=self.lam,
+                          normalizer=normalizer, name=self.name)
+
+  def with_objective(self, objective: str, lam: float = 0.0) -> "EnsembleReward":
+    """The same members and normaliser under another objective."""
+    members = self.members[0] if len(self.members) == 1 else self.members
+    return EnsembleReward(members, objective=objective, lam=lam, normalizer=self.normalizer)
