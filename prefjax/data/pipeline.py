@@ -1,0 +1,534 @@
+"""Grain pipelines: tokenize, truncate, then pad into length buckets or pack into rows.
+
+Three pipelines share one engine:
+
+* ``preference_dataset``: pair batches. Padded: ``tokens [2B, T]`` (rows
+  0..B-1 prompt+chosen, rows B..2B-1 prompt+rejected), ``attention_mask``,
+  ``loss_mask`` (1 on response tokens), ``weight``, ``outcome``, ``pair_mask``,
+  ``example_index``; ``T`` is the bucket length. Packed: ``tokens``,
+  ``segment_ids``, ``positions``, ``loss_mask`` ``[R, L]`` plus
+  ``chosen_index`` / ``rejected_index`` ``[B, 2]`` (row, segment id),
+  ``pair_mask``, ``weight``, ``outcome``, ``example_index``.
+* ``sft_dataset``: prompt+response sequences with the loss on the response only
+  (padded ``tokens [B, T]`` or packed rows with ``sequence_index [B, 2]``).
+* ``prompt_dataset``: left-padded prompts for generation, ``prompt_tokens [B, P]``
+  and ``prompt_mask``.
+
+The examples form a ``grain.MapDataset`` (range over the source, host shard,
+per-epoch shuffle, repeat, tokenize); a batching iterator walks it by index. Its
+state (``get_state()``) is a small JSON-serialisable dict: the next index, the
+indices waiting in buckets / the packing window, the planned batches not yet
+returned, and the counters, so ``set_state`` resumes exactly where an
+uninterrupted run would be. Padding examples (to fill the last batch when
+``drop_remainder=False``) have weight 0 and mask 0, and hold one pad token with
+``attention_mask`` 1 so no attention row is empty.
+
+Truncation (pairs and SFT): (1) the prompt is cut from the LEFT to
+``max_prompt_length`` (a leading BOS is kept); (2) responses are cut from the
+right to ``max_length - len(prompt)``; (3) if a response would be cut to fewer
+than ``min_response_length`` tokens (>= 1, so never to zero) the example is
+dropped and counted as over-long (``counters["dropped_over_long"]``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import hashlib
+import json
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from prefjax.data import packing
+from prefjax.data import tokenize as tokenize_lib
+
+MODES = ("padded", "packed")
+_STATE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """Pipeline settings; ``batch_size`` counts pairs (SFT: sequences, prompts: prompts).
+
+  In packed mode ``batch_size`` is the fixed maximum pair count ``B`` of a
+  batch, ``pack_rows`` x ``pack_length`` the token grid ``[R, L]`` and
+  ``max_segments_per_row`` the static segment count consumers pass to
+  ``prefjax.models.segments`` reductions. ``max_prompt_length=None`` means
+  ``max_length // 2``; prompts are never longer than ``max_length - 1``.
+  """
+
+  seed: int = 0
+  batch_size: int = 8
+  max_length: int = 512
+  max_prompt_length: int | None = None
+  min_response_length: int = 1
+  mode: str = "padded"
+  bucket_boundaries: tuple[int, ...] = ()
+  pack_length: int | None = None
+  pack_rows: int = 8
+  max_segments_per_row: int = 16
+  pack_window: int | None = None
+  num_epochs: int | None = None
+  shuffle: bool = True
+  shard_index: int | None = None
+  shard_count: int | None = None
+  drop_remainder: bool = False
+  prompt_style: str = "raw"
+  add_bos: bool = True
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+    if self.prompt_style not in tokenize_lib.PROMPT_STYLES:
+      raise ValueError(f"prompt_style must be one of {tokenize_lib.PROMPT_STYLES}, "
+                       f"got {self.prompt_style!r}")
+    if self.batch_size < 1 or self.max_length < 2 or self.min_response_length < 1:
+      raise ValueError("need batch_size >= 1, max_length >= 2, min_response_length >= 1")
+    if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+      raise ValueError(f"max_prompt_length={self.max_prompt_length} must be in "
+                       f"[1, max_length={self.max_length})")
+    if any(b < 1 for b in self.bucket_boundaries):
+      raise ValueError(f"bucket boundaries must be positive: {self.bucket_boundaries}")
+    if self.num_epochs is not None and self.num_epochs < 1:
+      raise ValueError(f"num_epochs must be None or >= 1, got {self.num_epochs}")
+    if (self.shard_index is None) != (self.shard_count is None):
+      raise ValueError("set shard_index and shard_count together (or neither)")
+    if self.mode == "packed":
+      if self.row_length < self.max_length:
+        raise ValueError(f"pack_length={self.row_length} < max_length={self.max_length}")
+      if self.pack_rows * self.row_length < 2 * self.max_length:
+        raise ValueError("pack_rows * pack_length must hold two max_length sequences")
+      if self.max_segments_per_row < 1 or self.window <= self.batch_size:
+        raise ValueError("need max_segments_per_row >= 1 and pack_window > batch_size")
+
+  @classmethod
+  def from_mapping(cls, mapping: Mapping[str, Any]) -> PipelineConfig:
+    """From a dict or ``ml_collections.ConfigDict``; unknown keys are an error."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = dict(mapping.items())
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown PipelineConfig fields {unknown}; known: {sorted(known)}")
+    if "bucket_boundaries" in values:
+      values["bucket_boundaries"] = tuple(values["bucket_boundaries"])
+    return cls(**values)
+
+  @property
+  def prompt_limit(self) -> int:
+    """The prompt cap actually applied (``max_prompt_length`` or ``max_length // 2``)."""
+    return self.max_prompt_length or self.max_length // 2
+
+  @property
+  def row_length(self) -> int:
+    return self.pack_length or self.max_length
+
+  @property
+  def window(self) -> int:
+    return self.pack_window or 8 * self.batch_size
+
+  def buckets(self, longest: int) -> tuple[int, ...]:
+    """Sorted bucket lengths, the last one ``longest``."""
+    return tuple(sorted({b for b in self.bucket_boundaries if b < longest} | {longest}))
+
+  def shard(self) -> tuple[int, int]:
+    """(shard index, shard count): the config's, else ``jax.process_index/count``."""
+    if self.shard_count is not None:
+      if not 0 <= self.shard_index < self.shard_count:
+        raise ValueError(f"shard_index={self.shard_index} not in [0, {self.shard_count})")
+      return self.shard_index, self.shard_count
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.process_index(), jax.process_count()
+
+
+# --------------------------------------------------------------------------- examples
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One tokenized source row: a prompt and 0, 1 or 2 responses (pairs: chosen, rejected)."""
+
+  index: int
+  prompt: np.ndarray
+  responses: tuple[np.ndarray, ...] = ()
+  weight: float = 1.0
+  outcome: float = 1.0
+  truncated_prompt: bool = False
+  truncated_response: bool = False
+  dropped: str | None = None
+
+  @property
+  def lengths(self) -> tuple[int, ...]:
+    """Token count of each prompt+response sequence (the prompt alone if no responses)."""
+    if not self.responses:
+      return (len(self.prompt),)
+    return tuple(len(self.prompt) + len(r) for r in self.responses)
+
+
+def left_truncate(ids: list[int], limit: int, bos_id: int | None) -> list[int]:
+  """Keeps the last ``limit`` tokens, and a leading BOS if there was one."""
+  if len(ids) <= limit:
+    return ids
+  if bos_id is not None and ids and ids[0] == bos_id and limit > 1:
+    return [bos_id] + ids[len(ids) - limit + 1:]
+  return ids[len(ids) - limit:]
+
+
+def truncate(prompt: list[int], responses: Sequence[list[int]], config: PipelineConfig,
+             bos_id: int | None) -> tuple[list[int], list[list[int]], bool, bool, str | None]:
+  """Applies the truncation policy; returns (prompt, responses, cut prompt?, cut response?, drop reason)."""
+  cut_prompt = False
+  if len(prompt) > config.prompt_limit:
+    prompt, cut_prompt = left_truncate(prompt, config.prompt_limit, bos_id), True
+  if not prompt:
+    return prompt, list(responses), cut_prompt, False, "empty_prompt"
+  if any(not r for r in responses):
+    return prompt, list(responses), cut_prompt, False, "empty_response"
+  budget = config.max_length - len(prompt)
+  cut_response = any(len(r) > budget for r in responses)
+  if cut_response and budget < config.min_response_length:
+    return prompt, list(responses), cut_prompt, False, "over_long"
+  return prompt, [r[:budget] for r in responses], cut_prompt, cut_response, None
+
+
+def _field(row: Mapping[str, Any], key: str, index: int) -> str:
+  if key not in row:
+    raise KeyError(f"source row {index}: missing field {key!r} (fields: {sorted(row)})")
+  value = row[key]
+  if not isinstance(value, str):
+    raise TypeError(f"source row {index}: field {key!r} must be str, got {type(value).__name__}")
+  return value
+
+
+def _scalar(row: Mapping[str, Any], key: str, default: float, index: int,
+            lo: float, hi: float) -> float:
+  value = row.get(key)
+  if value is None:
+    return default
+  value = float(value)
+  if not (math.isfinite(value) and lo <= value <= hi):
+    raise ValueError(f"source row {index}: field {key!r}={value} not in [{lo}, {hi}]")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeFn:
+  """Source row -> ``Example``: formats, encodes (BOS on the prompt, EOS on responses), truncates."""
+
+  source: Any
+  tokenizer: tokenize_lib.Tokenizer
+  config: PipelineConfig
+  response_keys: tuple[str, ...]
+
+  def __call__(self, index: int) -> Example:
+    index = int(index)
+    row = self.source[index]
+    if row is None:
+      return Example(index, np.zeros(0, np.int32), dropped="missing_row")
+    if not isinstance(row, Mapping):
+      raise TypeError(f"source row {index}: expected a mapping, got {type(row).__name__}")
+    tok, cfg = self.tokenizer, self.config
+    prompt = tokenize_lib.encode_prompt(_field(row, "prompt", index), tok,
+                                        style=cfg.prompt_style, add_bos=cfg.add_bos)
+    responses = [tokenize_lib.encode_response(_field(row, key, index), tok, style=cfg.prompt_style)
+                 for key in self.response_keys]
+    if not self.response_keys:  # prompt-only: the prompt is capped, nothing else.
+      limit = cfg.prompt_limit
+      cut = len(prompt) > limit
+      prompt = left_truncate(prompt, limit, tok.bos_id)
+      return Example(index, np.asarray(prompt, np.int32), truncated_prompt=cut,
+                     dropped=None if prompt else "empty_prompt")
+    prompt, responses, cut_p, cut_r, dropped = truncate(prompt, responses, cfg, tok.bos_id)
+    return Example(
+        index=index, prompt=np.asarray(prompt, np.int32),
+        responses=tuple(np.asarray(r, np.int32) for r in responses),
+        weight=_scalar(row, "weight", 1.0, index, 0.0, math.inf),
+        outcome=_scalar(row, "outcome", 1.0, index, 0.0, 1.0),
+        truncated_prompt=cut_p, truncated_response=cut_r, dropped=dropped)
+
+
+def example_dataset(source: Any, fn: Callable[[int], Example],
+                    config: PipelineConfig) -> grain.MapDataset:
+  """Source indices -> host shard -> per-epoch shuffle -> repeat -> ``Example``s."""
+  n = len(source)
+  shard_index, shard_count = config.shard()
+  ds = grain.MapDataset.range(n)[shard_index::shard_count]
+  if len(ds) == 0:
+    raise ValueError(f"shard {shard_index}/{shard_count} of a {n}-row source is empty")
+  if config.shuffle:
+    ds = ds.shuffle(seed=config.seed)
+  ds = ds.repeat(config.num_epochs)
+  return ds.map(fn)
+
+
+# --------------------------------------------------------------------------- padded batches
+
+
+class BucketBatcher:
+  """Groups examples into length buckets; a bucket full of ``batch_size`` makes a batch."""
+
+  def __init__(self, buckets: Sequence[int], batch_size: int, drop_remainder: bool):
+    self.buckets = tuple(buckets)
+    self.batch_size = batch_size
+    self.drop_remainder = drop_remainder
+    self.pending: list[list[int]] = [[] for _ in self.buckets]
+
+  def bucket_of(self, length: int) -> int:
+    return bisect.bisect_left(self.buckets, length)
+
+  def add(self, position: int, example: Example) -> list[dict[str, Any]]:
+    k = self.bucket_of(max(example.lengths))
+    self.pending[k].append(position)
+    if len(self.pending[k]) < self.batch_size:
+      return []
+    items, self.pending[k] = self.pending[k], []
+    return [{"bucket": k, "items": items}]
+
+  def flush(self) -> tuple[list[dict[str, Any]], int]:
+    """Remaining partial batches (or none when dropping); returns (plans, dropped count)."""
+    plans = [{"bucket": k, "items": items} for k, items in enumerate(self.pending) if items]
+    self.pending = [[] for _ in self.buckets]
+    if self.drop_remainder:
+      return [], sum(len(p["items"]) for p in plans)
+    return plans, 0
+
+  def get_state(self) -> Any:
+    return [list(p) for p in self.pending]
+
+  def set_state(self, state: Any) -> None:
+    if len(state) != len(self.buckets):
+      raise ValueError(f"state has {len(state)} buckets, pipeline has {len(self.buckets)}")
+    self.pending = [[int(i) for i in p] for p in state]
+
+
+def _pad_rows(seqs: Sequence[tuple[np.ndarray, np.ndarray] | None], length: int, pad_id: int,
+              *, left: bool = False) -> dict[str, np.ndarray]:
+  """(prompt, response) per row -> tokens/attention_mask/loss_mask ``[N, length]``."""
+  n = len(seqs)
+  tokens = np.full((n, length), pad_id, np.int32)
+  attention = np.zeros((n, length), np.int32)
+  loss = np.zeros((n, length), np.int32)
+  for i, seq in enumerate(seqs):
+    if seq is None:  # padding example: a single attended pad token, no loss.
+      attention[i, -1 if left else 0] = 1
+      continue
+    prompt, response = seq
+    full = np.concatenate([prompt, response])
+    start = length - len(full) if left else 0
+    tokens[i, start:start + len(full)] = full
+    attention[i, start:start + len(full)] = 1
+    loss[i, start + len(prompt):start + len(full)] = 1
+  return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss}
+
+
+def _example_fields(examples: Sequence[Example | None]) -> dict[str, np.ndarray]:
+  real = [e is not None for e in examples]
+  return {
+      "weight": np.asarray([e.weight if e else 0.0 for e in examples], np.float32),
+      "outcome": np.asarray([e.outcome if e else 1.0 for e in examples], np.float32),
+      "mask": np.asarray(real, np.float32),
+      "example_index": np.asarray([e.index if e else -1 for e in examples], np.int32),
+  }
+
+
+def collate_padded(examples: Sequence[Example | None], length: int, pad_id: int,
+                   num_responses: int) -> dict[str, np.ndarray]:
+  """Right-padded rows, response-major: row ``i*B + b`` = prompt_b + responses_b[i]."""
+  rows = [(e.prompt, e.responses[i]) if e else None
+          for i in range(num_responses) for e in examples]
+  return {**_pad_rows(rows, length, pad_id), **_example_fields(examples)}
+
+
+def collate_prompts(examples: Sequence[Example | None], length: int,
+                    pad_id: int) -> dict[str, np.ndarray]:
+  """Left-padded prompts for generation: ``prompt_tokens`` / ``prompt_mask [B, P]``."""
+  empty = np.zeros(0, np.int32)
+  rows = _pad_rows([(e.prompt, empty) if e else None for e in examples], length, pad_id, left=True)
+  fields = _example_fields(examples)
+  return {"prompt_tokens": rows["tokens"], "prompt_mask": rows["attention_mask"],
+          "example_mask": fields["mask"], "example_index": fields["example_index"]}
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class BatchIterator(grain.DatasetIterator):
+  """Walks the example ``MapDataset`` by index and yields fixed-shape batches; checkpointable."""
+
+  def __init__(self, dataset: BatchDataset):
+    super().__init__()
+    self._ds = dataset
+    self._batcher = dataset.make_batcher()
+    self._next = 0
+    self._exhausted = False
+    self._ready: collections.deque[dict[str, Any]] = collections.deque()
+    self._cache: dict[int, Example] = {}
+    self._counters: collections.Counter[str] = collections.Counter()
+
+  @property
+  def counters(self) -> dict[str, int]:
+    """Examples read / truncated / dropped (by reason), batches, padding, token fill."""
+    return dict(self._counters)
+
+  def _read_one(self) -> None:
+    position = self._next
+    self._next += 1
+    example = self._ds.examples[position]
+    self._counters["examples_read"] += 1
+    self._counters["truncated_prompt"] += int(example.truncated_prompt)
+    self._counters["truncated_response"] += int(example.truncated_response)
+    if example.dropped is not None:
+      self._counters[f"dropped_{example.dropped}"] += 1
+      return
+    self._cache[position] = example
+    self._ready.extend(self._batcher.add(position, example))
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    while not self._ready:
+      if self._exhausted:
+        raise StopIteration
+      if self._next >= len(self._ds.examples):
+        plans, dropped = self._batcher.flush()
+        self._ready.extend(plans)
+        self._counters["dropped_remainder"] += dropped
+        self._exhausted = True
+        continue
+      self._read_one()
+    plan = self._ready.popleft()
+    positions = self._ds.plan_positions(plan)
+    examples = [self._cache.pop(p, None) or self._ds.examples[p] for p in positions]
+    batch = self._ds.collate(plan, examples)
+    self._counters["batches"] += 1
+    padding = int(np.sum(batch[self._ds.mask_key] == 0))
+    dummy_tokens = 0 if self._ds.packed else padding * max(self._ds.num_responses, 1)
+    self._counters["padding_examples"] += padding
+    self._counters["real_tokens"] += int(np.count_nonzero(batch[self._ds.real_key])) - dummy_tokens
+    self._counters["token_slots"] += int(batch[self._ds.real_key].size)
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {
+        "version": _STATE_VERSION,
+        "fingerprint": self._ds.fingerprint,
+        "next": self._next,
+        "exhausted": self._exhausted,
+        "ready": list(self._ready),
+        "batcher": self._batcher.get_state(),
+        "counters": dict(self._counters),
+    }
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if state.get("version") != _STATE_VERSION:
+      raise ValueError(f"iterator state version {state.get('version')} != {_STATE_VERSION}")
+    if state["fingerprint"] != self._ds.fingerprint:
+      raise ValueError("iterator state was saved by a different pipeline (config, tokenizer, "
+                       f"source size or shard differ): {state['fingerprint']} != "
+                       f"{self._ds.fingerprint}")
+    self._next = int(state["next"])
+    self._exhausted = bool(state["exhausted"])
+    self._ready = collections.deque(json.loads(json.dumps(state["ready"])))
+    self._batcher.set_state(state["batcher"])
+    self._counters = collections.Counter({k: int(v) for k, v in state["counters"].items()})
+    self._cache = {}
+
+  def __str__(self) -> str:
+    return f"BatchIterator({self._ds.kind}, {self._ds.config.mode})"
+
+
+class BatchDataset(grain.IterDataset):
+  """A ``grain.IterDataset`` of fixed-shape numpy batch dicts (see module docstring)."""
+
+  def __init__(self, source: Any, tokenizer: tokenize_lib.Tokenizer, config: PipelineConfig,
+               *, kind: str, response_keys: tuple[str, ...]):
+    self.kind = kind
+    self.config = config
+    self.tokenizer = tokenizer
+    self.num_responses = len(response_keys)
+    self.examples = example_dataset(
+        source, TokenizeFn(source, tokenizer, config, response_keys), config)
+    super().__init__(self.examples)
+    self.packed = config.mode == "packed" and kind != "prompt"
+    self.mask_key = {"pair": "pair_mask"}.get(kind, "example_mask")
+    self.real_key = "segment_ids" if self.packed else (
+        "prompt_mask" if kind == "prompt" else "attention_mask")
+    longest = config.prompt_limit if kind == "prompt" else config.max_length
+    self.bucket_lengths = config.buckets(longest)
+    desc = json.dumps({"config": dataclasses.asdict(config), "kind": kind,
+                       "keys": response_keys, "tokenizer": tokenizer.name, "rows": len(source),
+                       "shard": config.shard()}, sort_keys=True)
+    self.fingerprint = hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+  def make_batcher(self) -> BucketBatcher | packing.WindowPacker:
+    cfg = self.config
+    if self.packed:
+      return packing.WindowPacker(
+          rows=cfg.pack_rows, length=cfg.row_length, max_segments=cfg.max_segments_per_row,
+          max_groups=cfg.batch_size, window=cfg.window)
+    return BucketBatcher(self.bucket_lengths, cfg.batch_size, cfg.drop_remainder)
+
+  def plan_positions(self, plan: dict[str, Any]) -> list[int]:
+    return [item[0] for item in plan["items"]] if self.packed else list(plan["items"])
+
+  def collate(self, plan: dict[str, Any], examples: list[Example]) -> dict[str, np.ndarray]:
+    cfg, pad_id = self.config, self.tokenizer.pad_id
+    padded: list[Example | None] = list(examples) + [None] * (cfg.batch_size - len(examples))
+    if self.kind == "prompt":
+      return collate_prompts(padded, self.bucket_lengths[plan["bucket"]], pad_id)
+    if self.packed:
+      batch = packing.collate_packed(plan["items"], examples, rows=cfg.pack_rows,
+                                     length=cfg.row_length, max_groups=cfg.batch_size,
+                                     pad_id=pad_id)
+      fields = _example_fields(padded)
+    else:
+      batch = collate_padded(padded, self.bucket_lengths[plan["bucket"]], pad_id,
+                             self.num_responses)
+      fields = {}
+    batch.update(fields)
+    mask = batch.pop("mask")
+    if self.kind == "pair":
+      batch["pair_mask"] = mask
+      if self.packed:
+        index = batch.pop("index")
+        batch["chosen_index"], batch["rejected_index"] = index[:, 0], index[:, 1]
+    else:
+      batch["example_mask"] = mask
+      batch.pop("outcome")
+      if self.packed:
+        batch["sequence_index"] = batch.pop("index")[:, 0]
+    return batch
+
+  def batch_shapes(self) -> list[dict[str, tuple[int, ...]]]:
+    """Every distinct set of array shapes this dataset can yield (one jit compile each)."""
+    b = self.config.batch_size
+    if self.packed:
+      grid = (self.config.pack_rows, self.config.row_length)
+      return [{"tokens": grid, "index": (b, 2)}]
+    rows = b * max(self.num_responses, 1)
+    return [{"tokens": (rows, t)} for t in self.bucket_lengths]
+
+  def __iter__(self) -> BatchIterator:
+    return BatchIterator(self)
+
+  def __str__(self) -> str:
+    return f"BatchDataset({self.kind}, mode={self.config.mode})"
+
+
+def preference_dataset(source: Any, tokenizer: tokenize_lib.Tokenizer,
+                       config: PipelineConfig) -> BatchDataset:
+  """Pair batches from any random-access source of ``{prompt, chosen, rejected[, weight, outcome]}``."""
+  return BatchDataset(source, tokenizer, config, kind="pair", response_keys=("chosen", "rejected"))
+
+
+def sft_dataset(source: Any, tokenizer: tokenize_lib.Tokenizer, config: PipelineConfig, *,
+                response_key: str = "chosen") -> BatchDataset:
+  """Prompt+response sequences (loss on the response only); ``response_key`` names the field."""
+  return BatchDataset(source, tokenizer, config, kind="sft", response_keys=(response_key,))
+
+
+def prompt_dataset(source: Any, tokenizer: tokenize_lib.Tokenizer,
+                   config: PipelineConfig) -> BatchDataset:
+  """Left-padded prompts for generation, bucketed by prompt length (``mode`` is ignored)."""
+  return BatchDataset(source, tokenizer, config, kind="prompt", response_keys=())

@@ -1,0 +1,348 @@
+"""Tokenizers from local files, a byte tokenizer for tiny worlds, and HH chat formatting.
+
+Every tokenizer here follows one small protocol (``Tokenizer``): ``encode`` never
+adds special tokens unless asked, and never doubles a BOS/EOS that the text
+already produced. ``name`` is a fingerprint of the vocabulary, merges, special
+tokens and chat template, so caches of tokenized data can be keyed by it.
+
+Supported local formats (``load_tokenizer``): a Hugging Face tokenizer
+directory, a bare ``tokenizer.json``, a GPT-2 ``encoder.json`` + ``vocab.bpe``
+directory, a ``.gguf`` file with an embedded vocabulary, and ``"byte"``.
+Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+import re
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+PROMPT_STYLES = ("raw", "chat")
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+  """What the data pipelines need from a tokenizer."""
+
+  name: str
+  bos_id: int | None
+  eos_id: int | None
+  pad_id: int
+  vocab_size: int
+
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    ...
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ...
+
+
+def add_special_tokens(ids: list[int], *, bos_id: int | None, eos_id: int | None,
+                       add_bos: bool, add_eos: bool) -> list[int]:
+  """Prepends BOS / appends EOS when asked and not already there (never doubled)."""
+  ids = list(ids)
+  if add_bos:
+    if bos_id is None:
+      raise ValueError("add_bos=True but the tokenizer has no BOS token")
+    if not ids or ids[0] != bos_id:
+      ids.insert(0, bos_id)
+  if add_eos:
+    if eos_id is None:
+      raise ValueError("add_eos=True but the tokenizer has no EOS token")
+    if not ids or ids[-1] != eos_id:
+      ids.append(eos_id)
+  return ids
+
+
+def _fingerprint(*parts: str) -> str:
+  digest = hashlib.sha256()
+  for part in parts:
+    digest.update(part.encode("utf-8"))
+    digest.update(b"\0")
+  return digest.hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteTokenizer:
+  """UTF-8 bytes 0..255 followed by special tokens (``<pad>``, ``<bos>``, ``<eos>``, extras).
+
+  Round trips any string exactly. ``chat_template`` is None, so chat formatting
+  falls back to the HH transcript layout.
+  """
+
+  extra_specials: tuple[str, ...] = ()
+
+  @property
+  def specials(self) -> tuple[str, ...]:
+    return ("<pad>", "<bos>", "<eos>") + tuple(self.extra_specials)
+
+  @property
+  def pad_id(self) -> int:
+    return 256
+
+  @property
+  def bos_id(self) -> int:
+    return 257
+
+  @property
+  def eos_id(self) -> int:
+    return 258
+
+  @property
+  def vocab_size(self) -> int:
+    return 256 + len(self.specials)
+
+  @property
+  def name(self) -> str:
+    return "byte:" + _fingerprint(*self.specials)
+
+  chat_template = None
+
+  def token_id(self, token: str) -> int:
+    return 256 + self.specials.index(token)
+
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    ids = list(text.encode("utf-8"))
+    return add_special_tokens(ids, bos_id=self.bos_id, eos_id=self.eos_id,
+                              add_bos=add_bos, add_eos=add_eos)
+
+  def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+    out, raw = [], bytearray()
+    for i in ids:
+      i = int(i)
+      if not 0 <= i < self.vocab_size:
+        raise ValueError(f"token id {i} is outside the byte vocabulary [0, {self.vocab_size})")
+      if i < 256:
+        raw.append(i)
+        continue
+      out.append(raw.decode("utf-8", errors="replace"))
+      raw = bytearray()
+      if not skip_special_tokens:
+        out.append(self.specials[i - 256])
+    out.append(raw.decode("utf-8", errors="replace"))
+    return "".join(out)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+
+class HFTokenizer:
+  """A ``transformers`` tokenizer loaded from local files, with implicit specials off.
+
+  Encoding goes through the Rust ``tokenizers`` backend with
+  ``add_special_tokens=False`` and with padding/truncation disabled (some
+  ``tokenizer.json`` files, e.g. all-MiniLM-L6-v2's, enable padding to 128).
+  Encoder tokenizers without BOS/EOS (BERT) use ``[CLS]`` / ``[SEP]`` in their place.
+  """
+
+  def __init__(self, hf_tokenizer: Any, *, source: str = ""):
+    self.hf = hf_tokenizer
+    self._backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if self._backend is not None:
+      self._backend.no_padding()
+      self._backend.no_truncation()
+    tok = hf_tokenizer
+    self.bos_id = _first_id(tok, "bos_token_id", "cls_token_id")
+    self.eos_id = _first_id(tok, "eos_token_id", "sep_token_id")
+    pad = _first_id(tok, "pad_token_id")
+    self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+    self.vocab_size = len(tok)
+    self.chat_template = getattr(tok, "chat_template", None) or None
+    serial = self._backend.to_str() if self._backend is not None else repr(sorted(tok.get_vocab().items()))
+    kind = type(tok).__name__
+    label = pathlib.Path(source).name if source else kind
+    self.name = f"hf:{label}:" + _fingerprint(
+        kind, serial, str(self.chat_template), str((self.bos_id, self.eos_id, self.pad_id)))
+
+  def __repr__(self) -> str:
+    return f"HFTokenizer({self.name}, vocab_size={self.vocab_size})"
+
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    if not isinstance(text, str):
+      raise TypeError(f"encode expects str, got {type(text).__name__}")
+    if self._backend is not None:
+      ids = self._backend.encode(text, add_special_tokens=False).ids
+    else:
+      ids = self.hf.encode(text, add_special_tokens=False)
+    return add_special_tokens(ids, bos_id=self.bos_id, eos_id=self.eos_id,
+                              add_bos=add_bos, add_eos=add_eos)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Encodes many texts at once (parallel in the Rust backend); no specials added."""
+    if self._backend is None:
+      return [self.encode(t) for t in texts]
+    return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+    return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+  def apply_chat_template(self, messages: Sequence[dict[str, str]], *,
+                          add_generation_prompt: bool = True) -> str:
+    if self.chat_template is None:
+      raise ValueError(f"{self.name} has no chat template")
+    return self.hf.apply_chat_template(list(messages), tokenize=False,
+                                       add_generation_prompt=add_generation_prompt)
+
+
+def _first_id(tok: Any, *attrs: str) -> int | None:
+  for attr in attrs:
+    value = getattr(tok, attr, None)
+    if isinstance(value, int):
+      return value
+  return None
+
+
+def load_tokenizer(path: str | os.PathLike[str], *, gguf_file: str | None = None) -> Tokenizer:
+  """Loads a tokenizer from local files only.
+
+  Args:
+    path: ``"byte"`` for ``ByteTokenizer``; a ``.gguf`` file (vocabulary embedded
+      in the GGUF metadata); a bare ``tokenizer.json``; a directory with a
+      Hugging Face tokenizer (``tokenizer.json`` / ``tokenizer_config.json`` /
+      ``vocab.txt``); or a directory with GPT-2's ``encoder.json`` + ``vocab.bpe``.
+    gguf_file: name of a ``.gguf`` file inside the directory ``path``.
+
+  Returns:
+    A ``Tokenizer``.
+
+  Raises:
+    FileNotFoundError: ``path`` does not exist or holds no recognised tokenizer files.
+  """
+  if str(path) == "byte":
+    return ByteTokenizer()
+  path = pathlib.Path(path).expanduser()
+  if not path.exists():
+    raise FileNotFoundError(f"tokenizer path {path} does not exist")
+  if path.is_file() and path.suffix == ".gguf":
+    path, gguf_file = path.parent, path.name
+  if gguf_file is not None:
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+    if not (path / gguf_file).is_file():
+      raise FileNotFoundError(f"GGUF file {path / gguf_file} does not exist")
+    return HFTokenizer(AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file),
+                       source=str(path / gguf_file))
+  if path.is_file():
+    if path.name.endswith(".json"):
+      return _load_bare_tokenizer_json(path)
+    raise FileNotFoundError(f"{path} is neither a .gguf file nor a tokenizer.json")
+  names = {p.name for p in path.iterdir()}
+  if names & {"tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model"}:
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+    return HFTokenizer(AutoTokenizer.from_pretrained(str(path)), source=str(path))
+  if {"encoder.json", "vocab.bpe"} <= names:
+    from transformers import GPT2Tokenizer  # pylint: disable=g-import-not-at-top
+    hf = GPT2Tokenizer(vocab=str(path / "encoder.json"), merges=str(path / "vocab.bpe"))
+    return HFTokenizer(hf, source=str(path))
+  ggufs = sorted(n for n in names if n.endswith(".gguf"))
+  if len(ggufs) == 1:
+    return load_tokenizer(path / ggufs[0])
+  raise FileNotFoundError(
+      f"no tokenizer files in {path} (looked for tokenizer.json, tokenizer_config.json, "
+      f"vocab.txt, encoder.json+vocab.bpe, or a single .gguf; found {sorted(names)[:10]})")
+
+
+def _load_bare_tokenizer_json(path: pathlib.Path) -> HFTokenizer:
+  """A lone ``tokenizer.json``: specials come from its post-processor template and padding."""
+  import json  # pylint: disable=g-import-not-at-top
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+  spec = json.loads(path.read_text(encoding="utf-8"))
+  template = (spec.get("post_processor") or {}).get("single") or []
+  specials = [part["SpecialToken"]["id"] for part in template if "SpecialToken" in part]
+  is_sequence = ["Sequence" in part for part in template]
+  kwargs = {}
+  if specials and is_sequence:
+    first_seq = is_sequence.index(True)
+    before = [p["SpecialToken"]["id"] for p in template[:first_seq] if "SpecialToken" in p]
+    after = [p["SpecialToken"]["id"] for p in template[first_seq:] if "SpecialToken" in p]
+    if before:
+      kwargs["bos_token"] = before[0]
+    if after:
+      kwargs["eos_token"] = after[-1]
+  pad = (spec.get("padding") or {}).get("pad_token")
+  if pad:
+    kwargs["pad_token"] = pad
+  return HFTokenizer(PreTrainedTokenizerFast(tokenizer_file=str(path), **kwargs), source=str(path))
+
+
+# --------------------------------------------------------------------------- chat
+
+_TURN_RE = re.compile(r"\n\n(Human|Assistant):")
+_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def parse_hh_transcript(text: str) -> list[dict[str, str]]:
+  """Splits an HH-RLHF transcript ``"\\n\\nHuman: … \\n\\nAssistant: …"`` into messages.
+
+  Roles become ``user`` / ``assistant``; contents are stripped. A trailing empty
+  ``Assistant:`` turn (the generation slot of an HH prompt) is dropped. Text
+  without any turn marker becomes one user message; text before the first
+  marker becomes a system message.
+  """
+  if not isinstance(text, str):
+    raise TypeError(f"transcript must be str, got {type(text).__name__}")
+  matches = list(_TURN_RE.finditer(text))
+  if not matches:
+    return [{"role": "user", "content": text.strip()}]
+  messages = []
+  head = text[:matches[0].start()].strip()
+  if head:
+    messages.append({"role": "system", "content": head})
+  for m, nxt in zip(matches, matches[1:] + [None]):
+    end = nxt.start() if nxt is not None else len(text)
+    messages.append({"role": _ROLES[m.group(1)], "content": text[m.end():end].strip()})
+  if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+    messages.pop()
+  return messages
+
+
+def render_hh_transcript(messages: Sequence[dict[str, str]], *,
+                         add_generation_prompt: bool = True) -> str:
+  """Inverse of ``parse_hh_transcript`` for user/assistant turns (HH layout)."""
+  names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+  out = "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in messages)
+  return out + ("\n\nAssistant:" if add_generation_prompt else "")
+
+
+def format_prompt(prompt_text: str, tokenizer: Tokenizer, *, style: str = "raw") -> str:
+  """Prompt text to feed the tokenizer.
+
+  ``raw`` returns the text unchanged (HH transcripts already end in
+  ``"\\n\\nAssistant:"``). ``chat`` parses the transcript into messages and
+  applies the tokenizer's chat template with the generation prompt; a
+  tokenizer without a template gets the HH layout.
+  """
+  if style == "raw":
+    return prompt_text
+  if style != "chat":
+    raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
+  messages = parse_hh_transcript(prompt_text)
+  if getattr(tokenizer, "chat_template", None):
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)  # type: ignore[attr-defined]
+  return render_hh_transcript(messages, add_generation_prompt=True)
+
+
+def format_response(response_text: str, *, style: str = "raw") -> str:
+  """Response text for a prompt formatted with ``style`` (chat responses are stripped)."""
+  if style == "raw":
+    return response_text
+  if style != "chat":
+    raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
+  return response_text.strip()
+
+
+def encode_prompt(prompt_text: str, tokenizer: Tokenizer, *, style: str = "raw",
+                  add_bos: bool = True) -> list[int]:
+  """Formats and encodes a prompt; BOS is added once when the tokenizer has one."""
+  text = format_prompt(prompt_text, tokenizer, style=style)
+  return tokenizer.encode(text, add_bos=add_bos and tokenizer.bos_id is not None)
+
+
+def encode_response(response_text: str, tokenizer: Tokenizer, *, style: str = "raw") -> list[int]:
+  """Formats and encodes a response with EOS appended exactly once."""
+  return tokenizer.encode(format_response(response_text, style=style), add_eos=True)
