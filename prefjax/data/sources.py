@@ -1,0 +1,244 @@
+"""`load_preferences`: one call from a dataset name to a random-access source of pairs.
+
+Names:
+  ``hh_rlhf/<config>``  HH-RLHF tranche (harmless-base, helpful-base, helpful-online,
+                        helpful-rejection-sampled); splits: the official files + resplit_*
+  ``pandalm``           PandaLM human test set; splits: test + resplit_*
+  ``jsonl:PATH``        your own JSONL file (see `tfds_builders.preference_jsonl`);
+                        splits: train + resplit_*
+  ``synthetic:NAME``    written by `write_synthetic_dataset` (NAME, or a folder path);
+                        splits: train + resplit_*
+
+The first load builds the TFDS dataset (ArrayRecord) into ``data_dir`` (default
+``$PREFJAX_CACHE_DIR`` or ``~/.cache/prefjax/tfds``); later loads reuse it. A
+build is redone when the raw files' content changes (user files are keyed by
+their hash; for HH-RLHF and PandaLM the recorded input hashes are checked).
+
+Bad rows never vanish: each build records, per split, rows read / built /
+skipped, with file:line and reason for every skip (`BuildSummary`). With
+``on_bad_row="error"`` (default) a split with any bad row raises `BadRowError`
+listing them; with ``"skip"`` the source is returned, the skips are logged and
+stay listed in ``source.summary``.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import types
+from typing import Any, Sequence
+
+import tensorflow_datasets as tfds
+
+from prefjax import assets
+from prefjax.data.tfds_builders import base
+from prefjax.data.tfds_builders import hh_rlhf
+from prefjax.data.tfds_builders import pandalm
+from prefjax.data.tfds_builders import preference_jsonl
+from prefjax.data.tfds_builders import rows as rows_lib
+from prefjax.data.tfds_builders import synthetic
+
+CACHE_DIR_ENV = "PREFJAX_CACHE_DIR"
+ON_BAD_ROW_MODES = ("error", "skip")
+_MAX_LISTED = 20
+_log = logging.getLogger(__name__)
+
+
+class BadRowError(ValueError):
+  """A split has rows that could not be built; the message lists file:line and reason."""
+
+  def __init__(self, dataset: str, summary: base.BuildSummary):
+    self.dataset = dataset
+    self.summary = summary
+    self.problems = list(summary.skipped)
+    listed = "\n".join(f"  {p}" for p in self.problems[:_MAX_LISTED])
+    more = len(self.problems) - _MAX_LISTED
+    if more > 0:
+      listed += f"\n  ... and {more} more"
+    super().__init__(
+        f"{dataset} split {summary.split!r}: {len(self.problems)} bad row(s) of "
+        f"{summary.rows_read} read {summary.skipped_by_reason}:\n{listed}\n"
+        "Fix the input, or pass on_bad_row='skip' to drop these rows (they stay listed "
+        "in source.summary).")
+
+
+def default_cache_dir() -> pathlib.Path:
+  """TFDS build/cache directory: ``$PREFJAX_CACHE_DIR`` or ``~/.cache/prefjax/tfds``."""
+  return pathlib.Path(os.environ.get(CACHE_DIR_ENV) or "~/.cache/prefjax/tfds").expanduser()
+
+
+class PreferenceSource(collections.abc.Sequence):
+  """Random-access preference pairs (``len`` + ``__getitem__``), grain-compatible.
+
+  Each item is a dict: ``id`` (raw file:line), ``prompt``, ``chosen``,
+  ``rejected`` (str), ``outcome``, ``weight`` (float) and ``meta`` (dict).
+
+  Attributes:
+    name: the dataset name given to `load_preferences`.
+    split: the split (TFDS slicing like "train[:10%]" allowed).
+    summary: `BuildSummary` of the split's build (rows read/built/skipped, notes).
+    fingerprint: stable sha256 of the split's content; keys downstream caches.
+    metadata: dataset-level facts (e.g. ``label_noise`` of a synthetic dataset).
+    cache_hit: False when this call built the dataset.
+    path: the directory holding the built ArrayRecord shards.
+  """
+
+  def __init__(self, data_source: Sequence[dict[str, Any]], *, name: str, split: str,
+               summary: base.BuildSummary, fingerprint: str, metadata: dict[str, Any],
+               cache_hit: bool, path: str):
+    self._data = data_source
+    self.name = name
+    self.split = split
+    self.summary = summary
+    self.fingerprint = fingerprint
+    self.metadata = metadata
+    self.cache_hit = cache_hit
+    self.path = path
+
+  def __len__(self) -> int:
+    return len(self._data)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.__getitems__(range(*index.indices(len(self))))
+    if index < 0:
+      index += len(self)
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} out of range for {len(self)} pairs")
+    return _decode(self._data[index])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    indices = [int(i) for i in indices]
+    if hasattr(self._data, "__getitems__"):
+      return [_decode(x) for x in self._data.__getitems__(indices)]
+    return [self[i] for i in indices]
+
+  def __repr__(self) -> str:
+    return (f"PreferenceSource({self.name!r}, split={self.split!r}, len={len(self)}, "
+            f"fingerprint={self.fingerprint[:12]}, skipped={len(self.summary.skipped)})")
+
+
+def _decode(example: dict[str, Any]) -> dict[str, Any]:
+  out = {k: _text(example[k]) for k in base.TEXT_FIELDS}
+  out["outcome"] = float(example["outcome"])
+  out["weight"] = float(example["weight"])
+  out["meta"] = json.loads(_text(example["meta"]))
+  return out
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _builder_for(name: str, data_dir: str, manual_dir: str | os.PathLike[str] | None
+                 ) -> tuple[base.PreferenceBuilder, pathlib.Path | None]:
+  """(builder, manual dir or None) for a dataset name."""
+  if name.startswith("jsonl:"):
+    config = preference_jsonl.config_for_file(name[len("jsonl:"):])
+    return preference_jsonl.PreferenceJsonl(config=config, data_dir=data_dir), None
+  if name.startswith("synthetic:"):
+    ref = name[len("synthetic:"):]
+    is_path = os.sep in ref or "/" in ref
+    folder = pathlib.Path(ref) if is_path else synthetic.synthetic_root(manual_dir) / ref
+    config = synthetic.config_for_folder(folder)
+    return synthetic.SyntheticPreferences(config=config, data_dir=data_dir), None
+  if name == "pandalm":
+    manual = _manual_dir(manual_dir, "pandalm")
+    return pandalm.Pandalm(data_dir=data_dir), manual
+  if name.startswith("hh_rlhf/") and name.split("/", 1)[1] in hh_rlhf.CONFIG_NAMES:
+    manual = _manual_dir(manual_dir, "hh_rlhf")
+    return hh_rlhf.HhRlhf(config=name.split("/", 1)[1], data_dir=data_dir), manual
+  known = [f"hh_rlhf/{c}" for c in hh_rlhf.CONFIG_NAMES] + [
+      "pandalm", "jsonl:PATH", "synthetic:NAME"]
+  raise ValueError(f"unknown preference dataset {name!r}; known: {known}")
+
+
+def _manual_dir(override: str | os.PathLike[str] | None, subdir: str) -> pathlib.Path:
+  manual = pathlib.Path(override) if override else assets.data_dir() / subdir
+  if not manual.is_dir():
+    raise assets.AssetNotFoundError(
+        f"raw data folder {manual} not found; set {assets.DATA_DIR_ENV} (or pass "
+        f"manual_dir=). {base.THIRD_PARTY_NOTE}")
+  return manual
+
+
+def _current_inputs(builder: base.PreferenceBuilder, manual: pathlib.Path | None
+                    ) -> dict[str, str]:
+  """{file name: sha256} of the raw files a build would read now."""
+  splits = builder._official_splits(types.SimpleNamespace(manual_dir=manual))  # pylint: disable=protected-access
+  files = [p for paths in splits.values() for p in paths]
+  return {p.name: rows_lib.file_sha256(p) for p in files}
+
+
+def _recorded_inputs(builder: base.PreferenceBuilder) -> dict[str, str]:
+  recorded = builder.info.metadata.get(base.INPUT_FILES_KEY, {}) if builder.info.metadata else {}
+  return {pathlib.Path(p).name: sha for p, sha in recorded.items()}
+
+
+def _prepare(builder: base.PreferenceBuilder, manual: pathlib.Path | None) -> None:
+  config = tfds.download.DownloadConfig(manual_dir=str(manual)) if manual else None
+  builder.download_and_prepare(file_format="array_record", download_config=config)
+
+
+def load_preferences(name: str, split: str, *,
+                     data_dir: str | os.PathLike[str] | None = None,
+                     on_bad_row: str = "error",
+                     manual_dir: str | os.PathLike[str] | None = None) -> PreferenceSource:
+  """Builds (once, cached) and opens a preference dataset split.
+
+  Args:
+    name: ``hh_rlhf/<config>``, ``pandalm``, ``jsonl:PATH`` or ``synthetic:NAME``.
+    split: a split name, e.g. "test", "train", "resplit_train"; TFDS slicing allowed.
+    data_dir: TFDS build/cache directory (default `default_cache_dir()`); never the
+      read-only raw data folder.
+    on_bad_row: "error" raises `BadRowError` when the split has bad rows; "skip"
+      drops them, logs them and lists them in ``source.summary``.
+    manual_dir: the raw files' folder (HH-RLHF: holds ``{config}/{split}.jsonl.gz``;
+      PandaLM: holds ``testset-v1.json``; synthetic: the root holding NAME/).
+      Default: ``prefjax.assets.data_dir()/{hh_rlhf,pandalm}`` and `synthetic_root()`.
+
+  Returns:
+    A `PreferenceSource`.
+  """
+  if on_bad_row not in ON_BAD_ROW_MODES:
+    raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW_MODES}, got {on_bad_row!r}")
+  cache = str(pathlib.Path(data_dir or default_cache_dir()).expanduser().resolve())
+  builder, manual = _builder_for(name, cache, manual_dir)
+  cache_hit = builder.is_prepared()
+  if cache_hit and manual is not None and _recorded_inputs(builder) != _current_inputs(
+      builder, manual):
+    _log.warning("%s: raw files changed since %s was built; rebuilding", name, builder.data_dir)
+    shutil.rmtree(builder.data_dir)
+    builder, manual = _builder_for(name, cache, manual_dir)
+    cache_hit = False
+  if not cache_hit:
+    _prepare(builder, manual)
+  return _open_split(builder, name, split, on_bad_row, cache_hit)
+
+
+def _open_split(builder: base.PreferenceBuilder, name: str, split: str, on_bad_row: str,
+                cache_hit: bool) -> PreferenceSource:
+  base_split = split.split("[", 1)[0]
+  if base_split not in builder.info.splits:
+    raise ValueError(f"{name} has no split {base_split!r}; available: "
+                     f"{sorted(builder.info.splits)}")
+  metadata = builder.info.metadata
+  summary = base.BuildSummary.from_json(metadata[base.BUILD_SUMMARY_KEY][base_split])
+  if summary.skipped:
+    if on_bad_row == "error":
+      raise BadRowError(name, summary)
+    _log.warning("%s: skipped bad rows: %s; first: %s", name, summary, summary.skipped[0])
+  if summary.notes:
+    _log.info("%s: %d notes on built rows; first: %s", name, len(summary.notes), summary.notes[0])
+  fingerprint = metadata[base.FINGERPRINT_KEY][base_split]
+  if split != base_split:
+    fingerprint = hashlib.sha256(f"{fingerprint}{split}".encode()).hexdigest()
+  return PreferenceSource(
+      builder.as_data_source(split), name=name, split=split, summary=summary,
+      fingerprint=fingerprint, metadata=dict(metadata.get(base.DATASET_META_KEY, {})),
+      cache_hit=cache_hit, path=str(builder.data_dir))

@@ -1,0 +1,271 @@
+"""Reading and validating raw preference rows, shared by every builder.
+
+A raw row becomes a `PreferenceRow` or a `RowProblem` naming the file, the line
+(or JSON-array item) and the reason. Builders never drop a row silently: every
+row read is either built, routed to another split, or recorded as a problem.
+
+Problem reasons (the ``reason`` field, stable strings usable in filters):
+
+- ``malformed_json``: the line is not valid JSON (or holds NaN/Infinity).
+- ``not_an_object``: the line is valid JSON but not an object.
+- ``missing_field`` / ``wrong_type``: a required field is absent or not text.
+- ``empty_response``: chosen or rejected response is empty or whitespace only
+  (user and synthetic data; HH-RLHF and PandaLM keep such pairs, because an
+  empty answer is what their annotators judged, and list them as notes).
+- ``identical_responses``: chosen == rejected, so the pair carries no preference.
+- ``no_shared_prompt``: two transcripts share no "\\n\\nAssistant:" prefix, so the
+  prompts disagree and the pair is not a comparison of two responses.
+- ``bad_value``: weight/outcome/meta/votes out of range or of the wrong type.
+- ``non_utf8``: the line's bytes are not valid UTF-8.
+- ``truncated_gzip``: the compressed stream ends early (file cut short); the
+  partial row and anything after it are lost, counted as one skipped row.
+- ``corrupt_gzip``: the bytes are not a gzip stream or fail its checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import math
+import os
+import pathlib
+import zlib
+from typing import Any, Iterator, Mapping
+
+ASSISTANT_TAG = "\n\nAssistant:"
+HUMAN_TAG = "\n\nHuman:"
+
+# Deterministic re-split by prompt hash: (name, upper bound of the hash fraction).
+RESPLIT_BUCKETS: tuple[tuple[str, float], ...] = (
+    ("train", 0.8), ("validation", 0.9), ("test", 1.0))
+RESPLIT_PREFIX = "resplit_"
+
+
+@dataclasses.dataclass(frozen=True)
+class RowProblem:
+  """A raw row that could not be turned into a preference pair."""
+  file: str
+  line: int  # 1-based line number (or item number for JSON arrays)
+  reason: str
+  detail: str
+  unit: str = "line"
+
+  def location(self) -> str:
+    if self.unit == "line":
+      return f"{self.file}:{self.line}"
+    return f"{self.file} {self.unit} {self.line}"
+
+  def __str__(self) -> str:
+    return f"{self.location()}: {self.reason}: {self.detail}"
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+class RowError(ValueError):
+  """Raised by the row parsers; the reader turns it into a `RowProblem`."""
+
+  def __init__(self, reason: str, detail: str):
+    super().__init__(f"{reason}: {detail}")
+    self.reason = reason
+    self.detail = detail
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceRow:
+  """One validated preference pair (text, before tokenization)."""
+  prompt: str
+  chosen: str
+  rejected: str
+  outcome: float = 1.0  # 1 = chosen preferred, 0 = rejected preferred, 0.5 = tie
+  weight: float = 1.0
+  meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # (reason, detail) facts about a row that was built anyway; listed in the build summary.
+  notes: tuple[tuple[str, str], ...] = ()
+
+
+def split_transcript(chosen: str, rejected: str) -> tuple[str, str, str]:
+  """Splits two dialogue transcripts into (prompt, chosen response, rejected response).
+
+  The prompt is everything up to and including the last "\\n\\nAssistant:" that
+  both transcripts share, so earlier turns stay in the prompt. The responses are
+  the remainders and keep their leading space (" Sure, ..."): prompt + response
+  reproduces each transcript exactly, and BPE tokenizers see the space the way
+  they saw it in pretraining.
+
+  Raises:
+    RowError: ``identical_responses`` or ``no_shared_prompt``.
+  """
+  if chosen == rejected:
+    raise RowError("identical_responses", "chosen and rejected transcripts are identical")
+  common = os.path.commonprefix([chosen, rejected])
+  cut = common.rfind(ASSISTANT_TAG)
+  if cut < 0:
+    raise RowError(
+        "no_shared_prompt",
+        f"chosen and rejected share no {ASSISTANT_TAG!r} prefix (they diverge at "
+        f"character {len(common)}), so their prompts disagree")
+  end = cut + len(ASSISTANT_TAG)
+  return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _text_field(obj: Mapping[str, Any], field: str) -> str:
+  if field not in obj:
+    raise RowError("missing_field", f"missing field {field!r} (fields present: {sorted(obj)})")
+  value = obj[field]
+  if not isinstance(value, str):
+    raise RowError("wrong_type", f"field {field!r} must be a string, got {type(value).__name__}")
+  return value
+
+
+def _number_field(obj: Mapping[str, Any], field: str, default: float,
+                  low: float, high: float) -> float:
+  value = obj.get(field, default)
+  if value is None:
+    return default
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise RowError("bad_value", f"field {field!r} must be a number, got {value!r}")
+  if not (math.isfinite(value) and low <= value <= high):
+    raise RowError("bad_value", f"field {field!r} = {value!r} is outside [{low}, {high}]")
+  return float(value)
+
+
+def check_responses(chosen: str, rejected: str, *, allow_empty: bool = False) -> list[str]:
+  """Rejects pairs that carry no usable preference signal.
+
+  Returns the names of the empty responses, which can only be non-empty when
+  ``allow_empty`` (curated human data where "the model said nothing" is what
+  the annotators judged).
+  """
+  if chosen == rejected:
+    raise RowError("identical_responses", "chosen and rejected responses are identical")
+  empty = [name for name, text in (("chosen", chosen), ("rejected", rejected))
+           if not text.strip()]
+  if empty and not allow_empty:
+    raise RowError("empty_response", f"{' and '.join(empty)} response is empty")
+  return empty
+
+
+def note_empty(meta: dict[str, Any], empty: list[str]) -> tuple[tuple[str, str], ...]:
+  """Flags kept empty responses in ``meta['empty_response']`` and as a summary note."""
+  if not empty:
+    return ()
+  meta["empty_response"] = empty
+  return (("empty_response_kept", f"{' and '.join(empty)} response is empty"),)
+
+
+def parse_preference_object(obj: Any, *, layout: str = "auto",
+                            allow_empty: bool = False) -> PreferenceRow:
+  """Validates one raw JSON row.
+
+  Two layouts: ``"prompt"`` = {"prompt", "chosen", "rejected"} with responses
+  only; ``"transcripts"`` = {"chosen", "rejected"} full dialogue transcripts
+  split like HH-RLHF by `split_transcript`; ``"auto"`` picks "prompt" when the
+  row has a prompt field. Optional: ``weight`` (>= 0,
+  default 1), ``outcome`` in [0, 1] (default 1 = chosen preferred; 0.5 = tie),
+  ``meta`` (an object). Any other key is kept in ``meta`` under its own name.
+  """
+  if not isinstance(obj, dict):
+    raise RowError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+  if layout not in ("auto", "prompt", "transcripts"):
+    raise ValueError(f"unknown layout {layout!r}")
+  if layout == "prompt" or (layout == "auto" and "prompt" in obj):
+    prompt = _text_field(obj, "prompt")
+    chosen = _text_field(obj, "chosen")
+    rejected = _text_field(obj, "rejected")
+  else:
+    prompt, chosen, rejected = split_transcript(
+        _text_field(obj, "chosen"), _text_field(obj, "rejected"))
+  empty = check_responses(chosen, rejected, allow_empty=allow_empty)
+  weight = _number_field(obj, "weight", 1.0, 0.0, math.inf)
+  outcome = _number_field(obj, "outcome", 1.0, 0.0, 1.0)
+  meta = obj.get("meta") or {}
+  if not isinstance(meta, dict):
+    raise RowError("bad_value", f"field 'meta' must be an object, got {type(meta).__name__}")
+  known = {"prompt", "chosen", "rejected", "weight", "outcome", "meta"}
+  extra = {k: v for k, v in obj.items() if k not in known and k not in meta}
+  meta = {**meta, **extra}
+  notes = note_empty(meta, empty)
+  if any(tag in text for tag in (HUMAN_TAG, ASSISTANT_TAG) for text in (chosen, rejected)):
+    # The transcripts diverge before the last assistant turn: responses hold several turns.
+    meta["multi_turn_response"] = True
+    notes += (("multi_turn_response", "transcripts diverge before the last assistant turn"),)
+  return PreferenceRow(prompt, chosen, rejected, outcome, weight, meta, notes)
+
+
+def _reject_constant(name: str) -> Any:
+  raise ValueError(f"non-finite number {name} is not valid JSON")
+
+
+def iter_json_lines(path: pathlib.Path) -> Iterator[tuple[int, Any | RowProblem]]:
+  """Yields (line number, parsed JSON value or `RowProblem`) for a (gzipped) JSONL file.
+
+  Blank lines are not rows and are passed over. Decoding happens per line, so a
+  bad byte sequence costs one row, not the file.
+  """
+  file = str(path)
+  opener = gzip.open if path.name.endswith(".gz") else open
+  line_no = 0
+  try:
+    with opener(path, "rb") as f:
+      for line_no, raw in enumerate(f, start=1):
+        if not raw.strip():
+          continue
+        yield line_no, _decode_json_line(raw, file, line_no)
+  except EOFError:
+    yield line_no + 1, RowProblem(
+        file, line_no + 1, "truncated_gzip",
+        f"compressed stream ends before its end marker after line {line_no}; "
+        "the file was cut short and any rows after that line are lost")
+  except (gzip.BadGzipFile, zlib.error) as e:
+    yield line_no + 1, RowProblem(
+        file, line_no + 1, "corrupt_gzip", f"gzip stream unreadable after line {line_no}: {e}")
+
+
+def _decode_json_line(raw: bytes, file: str, line_no: int) -> Any | RowProblem:
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return RowProblem(file, line_no, "non_utf8",
+                      f"invalid UTF-8 byte {raw[e.start:e.start + 1]!r} at byte {e.start} of the line")
+  try:
+    return json.loads(text, parse_constant=_reject_constant)
+  except ValueError as e:
+    return RowProblem(file, line_no, "malformed_json", str(e))
+
+
+def resplit_name(prompt: str) -> str:
+  """Deterministic 80/10/10 bucket of a prompt: 'train', 'validation' or 'test'.
+
+  The bucket is the first 8 bytes of sha256(UTF-8 prompt) read as a fraction of
+  2**64, so rows sharing a prompt always land together (splits are disjoint by
+  prompt) and the assignment never depends on file order or on other rows.
+  """
+  digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+  fraction = int.from_bytes(digest[:8], "big") / 2.0**64
+  for name, upper in RESPLIT_BUCKETS:
+    if fraction < upper:
+      return name
+  return RESPLIT_BUCKETS[-1][0]
+
+
+def file_sha256(path: os.PathLike[str] | str) -> str:
+  """Hex sha256 of a file's bytes."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def to_jsonable(value: Any) -> Any:
+  """Converts numpy scalars/arrays (e.g. gold rewards in meta) into JSON values."""
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  if isinstance(value, dict):
+    return {str(k): to_jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_jsonable(v) for v in value]
+  return value
