@@ -224,10 +224,10 @@ def load_preferences(name: str, split: str, *,
 def _open_split(builder: base.PreferenceBuilder, name: str, split: str, on_bad_row: str,
                 cache_hit: bool) -> PreferenceSource:
   base_split = split.split("[", 1)[0]
-  if base_split not in builder.info.splits:
-    raise ValueError(f"{name} has no split {base_split!r}; available: "
-                     f"{sorted(builder.info.splits)}")
   metadata = builder.info.metadata
+  if base_split not in metadata[base.BUILD_SUMMARY_KEY]:
+    raise ValueError(f"{name} has no split {base_split!r}; available: "
+                     f"{sorted(metadata[base.BUILD_SUMMARY_KEY])}")
   summary = base.BuildSummary.from_json(metadata[base.BUILD_SUMMARY_KEY][base_split])
   if summary.skipped:
     if on_bad_row == "error":
@@ -238,7 +238,9 @@ def _open_split(builder: base.PreferenceBuilder, name: str, split: str, on_bad_r
   fingerprint = metadata[base.FINGERPRINT_KEY][base_split]
   if split != base_split:
     fingerprint = hashlib.sha256(f"{fingerprint}{split}".encode()).hexdigest()
+  # TFDS cannot store an empty split (e.g. a resplit of a tiny file): its summary exists.
+  data = builder.as_data_source(split) if base_split in builder.info.splits else []
   return PreferenceSource(
-      builder.as_data_source(split), name=name, split=split, summary=summary,
+      data, name=name, split=split, summary=summary,
       fingerprint=fingerprint, metadata=dict(metadata.get(base.DATASET_META_KEY, {})),
       cache_hit=cache_hit, path=str(builder.data_dir))

@@ -162,7 +162,22 @@ class PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     for bucket, _ in rows_lib.RESPLIT_BUCKETS:
       name = rows_lib.RESPLIT_PREFIX + bucket
       generators[name] = self._generate_examples(name, files, bucket)
+    nonempty = self._nonempty_splits(official)
+    for name in [n for n in generators if n not in nonempty]:
+      # TFDS cannot write an empty split: run it here so that its summary is recorded.
+      for _ in generators.pop(name):
+        raise AssertionError(f"split {name!r} was expected to be empty")
     return generators
+
+  def _nonempty_splits(self, official: dict[str, list[pathlib.Path]]) -> set[str]:
+    """Names of the splits (official and resplit_*) that will hold at least one row."""
+    nonempty = set()
+    for name, paths in official.items():
+      for path in paths:
+        for _, row in self._read_rows(path):
+          if isinstance(row, rows_lib.PreferenceRow):
+            nonempty.update((name, rows_lib.RESPLIT_PREFIX + rows_lib.resplit_name(row.prompt)))
+    return nonempty
 
   def _generate_examples(self, split: str, paths: list[pathlib.Path], bucket: str | None):
     """Yields (key, example); records the split's summary and fingerprint at the end.
