@@ -2,7 +2,8 @@
 
 Every objective maps member rewards ``[..., K]`` (members on the LAST axis) to
 one conservative scalar reward ``[...]``. All are pure ``jax.numpy`` functions,
-safe under ``jit``, ``vmap`` and ``grad``.
+safe under ``jit``, ``vmap`` and ``grad`` (each is jitted, so eager calls
+compile once per shape instead of dispatching op by op).
 
 * ``mean``: r̄ = (1/K) Σ_k r_k.
 * ``wco`` (worst-case optimisation): min_k r_k.
@@ -23,18 +24,21 @@ import jax
 import jax.numpy as jnp
 
 
+@jax.jit
 def ensemble_mean(rewards: jax.Array, lam: float = 0.0) -> jax.Array:
   """Mean over members: ``[..., K] -> [...]`` (``lam`` is ignored)."""
   del lam
   return jnp.mean(rewards, axis=-1)
 
 
+@jax.jit
 def worst_case(rewards: jax.Array, lam: float = 0.0) -> jax.Array:
   """WCO, minimum over members: ``[..., K] -> [...]`` (``lam`` is ignored)."""
   del lam
   return jnp.min(rewards, axis=-1)
 
 
+@jax.jit
 def uncertainty_weighted(rewards: jax.Array, lam: float = 0.0) -> jax.Array:
   """UWO, mean − λ·population variance over members: ``[..., K] -> [...]``."""
   mean = jnp.mean(rewards, axis=-1)
@@ -72,4 +76,4 @@ def aggregate(rewards: jax.Array, method: str = "mean", lam: float = 0.0) -> jax
   if rewards.shape[-1] == 0:
     raise ValueError(f"aggregate: rewards has zero members (shape {rewards.shape})")
   rewards = rewards.astype(jnp.promote_types(rewards.dtype, jnp.float32))
-  return AGGREGATIONS[method](rewards, lam)
+  return AGGREGATIONS[method](rewards, jnp.asarray(lam, rewards.dtype))

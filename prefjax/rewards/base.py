@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefjax.rewards import aggregate as aggregate_lib
+from prefjax.rewards.aggregate import AGGREGATIONS
+from prefjax.rewards.aggregate import aggregate
 from prefjax.rewards import normalize
 
 Texts = Sequence[str]
@@ -50,7 +51,7 @@ class RewardFn(abc.ABC):
             texts: Texts | None = None) -> jax.Array:
     """Scalar reward ``[N]`` to optimise (multi-member rewards are averaged)."""
     rewards = self(tokens, attention_mask, texts=texts)
-    return rewards if self.num_members == 1 else aggregate_lib.aggregate(rewards, "mean")
+    return rewards if self.num_members == 1 else aggregate(rewards, "mean")
 
 
 def check_rewards(rewards, *, num_rows: int, num_members: int, name: str) -> jax.Array:

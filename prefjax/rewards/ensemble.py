@@ -15,7 +15,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from prefjax.rewards import aggregate as aggregate_lib
+from prefjax.rewards.aggregate import AGGREGATIONS
+from prefjax.rewards.aggregate import aggregate
 from prefjax.rewards import base
 from prefjax.rewards import normalize
 
@@ -35,9 +36,9 @@ class EnsembleReward(base.RewardFn):
   def __init__(self, members: base.RewardFn | Sequence[base.RewardFn], *,
                objective: str = "mean", lam: float = 0.0,
                normalizer: normalize.RewardNormalizer | None = None, name: str | None = None):
-    if objective not in aggregate_lib.AGGREGATIONS:
+    if objective not in AGGREGATIONS:
       raise ValueError(f"EnsembleReward: unknown objective {objective!r}; expected one of "
-                       f"{sorted(aggregate_lib.AGGREGATIONS)}")
+                       f"{sorted(AGGREGATIONS)}")
     if lam < 0:
       raise ValueError(f"EnsembleReward: lam must be >= 0, got {lam}")
     if isinstance(members, base.RewardFn):
@@ -77,7 +78,7 @@ class EnsembleReward(base.RewardFn):
     rewards = self(tokens, attention_mask, texts=texts)
     if rewards.ndim == 1:
       rewards = rewards[:, None]
-    return aggregate_lib.aggregate(rewards, self.objective, self.lam)
+    return aggregate(rewards, self.objective, self.lam)
 
   def fit_normalizer(self, tokens=None, attention_mask=None, *, texts=None,
                      standardize: bool = False, weights=None) -> "EnsembleReward":
