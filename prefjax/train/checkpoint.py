@@ -1,0 +1,132 @@
+"""Orbax checkpointing of the train state, data-iterator position and config.
+
+One ``orbax.checkpoint.CheckpointManager`` under ``<workdir>/checkpoints``
+keeps the last ``keep_last`` checkpoints plus the ``keep_best`` best ones by an
+eval metric (orbax preservation policies ``LatestN`` + ``BestN``). Every
+checkpoint holds three items:
+
+* ``state``: the :class:`~prefjax.train.state.TrainState` pytree (params,
+  optimizer state, step, RNG key as raw key data, skip counters);
+* ``data``: the train iterator's ``get_state()`` as JSON;
+* ``config``: the experiment config as JSON.
+
+Saves are asynchronous where orbax supports it; :meth:`Checkpointer.wait`
+blocks until they are durable.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from absl import logging
+
+from prefjax.train import state as state_lib
+
+PyTree = Any
+
+
+def _is_key(x: Any) -> bool:
+  return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def to_savable(tree: PyTree) -> PyTree:
+  """Replaces typed PRNG keys by their raw ``uint32`` key data."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def from_savable(tree: PyTree, template: PyTree) -> PyTree:
+  """Inverse of :func:`to_savable`, using ``template`` to know which leaves were keys."""
+  def restore(t, x):
+    return jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x
+  return jax.tree.map(restore, template, tree)
+
+
+def _abstract(tree: PyTree) -> PyTree:
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)
+
+
+class Checkpointer:
+  """Saves/restores train state + iterator state + config with orbax."""
+
+  def __init__(self, directory: str | os.PathLike[str], *, keep_last: int = 3,
+               best_metric: str | None = None, best_mode: str = "min", keep_best: int = 1,
+               async_save: bool = True):
+    if best_mode not in ("min", "max"):
+      raise ValueError(f"best_mode={best_mode!r}; expected 'min' or 'max'")
+    if keep_last < 1:
+      raise ValueError(f"keep_last={keep_last} must be >= 1 (resuming needs the latest)")
+    policies = [ocp.checkpoint_managers.LatestN(n=keep_last)]
+    if best_metric is not None:
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min",
+          n=keep_best, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save, create=True)
+    self.directory = os.fspath(directory)
+    self.best_metric = best_metric
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "data", "config"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, state: state_lib.TrainState, *, data_state: Any = None,
+           config: Mapping[str, Any] | None = None,
+           metrics: Mapping[str, float] | None = None) -> bool:
+    """Saves at ``state.step``; returns False if that step is already saved."""
+    step = int(jax.device_get(state.step))
+    if step in self._manager.all_steps():
+      return False
+    if metrics is not None and self.best_metric is not None and self.best_metric not in metrics:
+      raise KeyError(f"best_metric {self.best_metric!r} missing from eval metrics "
+                     f"{sorted(metrics)}")
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(to_savable(state)),
+        data=ocp.args.JsonSave({"iterator_state": data_state}),
+        config=ocp.args.JsonSave(dict(config or {})))
+    saved = self._manager.save(step, args=args, force=True,
+                               metrics=dict(metrics) if metrics is not None else None)
+    logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  def restore(self, template: state_lib.TrainState,
+              step: int | None = None) -> tuple[state_lib.TrainState, Any, dict[str, Any]]:
+    """Restores ``(state, iterator_state, config)`` at ``step`` (default: latest).
+
+    ``template`` is a state with the target structure, dtypes and shardings
+    (e.g. the freshly initialised one).
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    args = ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(to_savable(template))),
+        data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
+    try:
+      restored = self._manager.restore(step, args=args)
+    except (ValueError, KeyError) as e:
+      raise ValueError(
+          f"checkpoint {self.directory}/{step} does not match the model/optimizer being "
+          f"trained (changed architecture or optimizer?): {e}") from e
+    state = from_savable(restored["state"], template)
+    return state, restored["data"]["iterator_state"], restored["config"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def reached_preemption(self, step: int) -> bool:
+    """True at a multi-host preemption sync point (JAX distributed only)."""
+    return self._manager.reached_preemption(step)
+
+  def close(self) -> None:
+    self._manager.close()

@@ -1,0 +1,436 @@
+"""The training loop: resume-or-init, jitted steps, eval, checkpoints, metrics.
+
+A rerun with the same ``workdir`` resumes from the latest checkpoint: the
+step, the RNG key, the optimizer state and the train iterator's position all
+continue, so an interrupted run ends bit-identical to an uninterrupted one.
+
+Usage (an experiment binary)::
+
+  result = train_loop(
+      workdir=FLAGS.workdir, config=config, model=model, loss_fn=loss_fn,
+      optimizer=config.optimizer, loop=config.loop, train_iter=train_iter,
+      eval_fn=eval_fn, eval_data=lambda: make_eval_iter(config),
+      tokens_in_batch=lambda b: int(b["attention_mask"].sum()),
+      mesh=mesh, partition_rules=decoder.PARTITION_RULES)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from prefjax.train import checkpoint as checkpoint_lib
+from prefjax.train import metrics as metrics_lib
+from prefjax.train import schedules
+from prefjax.train import sharding as sharding_lib
+from prefjax.train import state as state_lib
+from prefjax.train import step as step_lib
+from prefjax.train import summary as summary_lib
+
+Hook = Callable[[int, state_lib.TrainState, Mapping[str, jax.Array]], None]
+Optimizer = (schedules.OptimizerConfig | Mapping[str, Any] | optax.GradientTransformation
+             | tuple[optax.GradientTransformation, optax.Schedule])
+
+
+class NonFiniteError(FloatingPointError):
+  """Too many consecutive non-finite losses/gradients: training aborted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """Loop hyperparameters (``0`` disables an ``*_every`` except at the end).
+
+  Attributes:
+    num_steps: total train steps (batches), counted across resumes.
+    log_every: write train metrics every this many steps.
+    eval_every: run ``eval_fn`` every this many steps (and at the end).
+    checkpoint_every: save every this many steps (and at the end).
+    keep_checkpoints: keep the last N checkpoints.
+    best_metric: eval metric name (without ``eval/``) whose best checkpoints are
+      also kept; eval steps then always save.
+    best_mode: ``min`` or ``max`` for ``best_metric``.
+    keep_best: number of best checkpoints kept.
+    accum_steps: microbatches per optimizer update.
+    presplit_microbatches: batches already carry a leading microbatch axis.
+    max_consecutive_nonfinite: abort after this many consecutive skipped steps.
+    async_checkpointing: orbax async saves.
+    seed: seed of the train-state RNG key.
+    on_config_mismatch: ``warn`` or ``error`` when resuming with another config.
+    tensorboard: write TensorBoard event files.
+  """
+  num_steps: int
+  log_every: int = 10
+  eval_every: int = 0
+  checkpoint_every: int = 0
+  keep_checkpoints: int = 3
+  best_metric: str | None = None
+  best_mode: str = "min"
+  keep_best: int = 1
+  accum_steps: int = 1
+  presplit_microbatches: bool = False
+  max_consecutive_nonfinite: int = 10
+  async_checkpointing: bool = True
+  seed: int = 0
+  on_config_mismatch: str = "warn"
+  tensorboard: bool = True
+
+  @classmethod
+  def from_mapping(cls, cfg: Mapping[str, Any] | "LoopConfig") -> "LoopConfig":
+    if isinstance(cfg, cls):
+      return cfg
+    data = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+      raise ValueError(f"loop config: unknown field(s) {unknown}; known: {sorted(known)}")
+    return cls(**data)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What :func:`train_loop` returns.
+
+  Attributes:
+    state: final train state.
+    model: the model rebuilt from the final params (the model passed in had
+      its arrays donated to the train step and must not be used).
+    summary: contents of ``summary.json`` (empty when ``preempted``).
+    preempted: stopped early by SIGTERM/SIGINT after saving a checkpoint.
+  """
+  state: state_lib.TrainState
+  model: nnx.Module
+  summary: dict[str, Any]
+  preempted: bool = False
+
+
+def _every(step: int, n: int) -> bool:
+  return n > 0 and step % n == 0
+
+
+def _make_tx(optimizer: Optimizer) -> tuple[optax.GradientTransformation, optax.Schedule | None]:
+  if isinstance(optimizer, optax.GradientTransformation):
+    return optimizer, None
+  if isinstance(optimizer, tuple) and len(optimizer) == 2:
+    return optimizer
+  return schedules.make_optimizer(optimizer)
+
+
+class _StopFlag:
+  """SIGTERM / first SIGINT set a flag checked between steps (graceful save + exit)."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # Second Ctrl-C: stop now.
+    logging.warning("received signal %d: saving a checkpoint and stopping", signum)
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+class _Eval:
+  """Runs the jitted eval step over a fresh pass of the eval data."""
+
+  def __init__(self, graphdef, eval_fn, eval_data, put):
+    self._step = step_lib.make_eval_step(graphdef, eval_fn)
+    self._data, self._put = eval_data, put
+
+  def __call__(self, state: state_lib.TrainState) -> dict[str, float]:
+    data = self._data() if callable(self._data) else self._data
+    totals: dict[str, float] = {}
+    weight_sum, batches = 0.0, 0
+    for batch in data:
+      metrics = metrics_lib.to_python(self._step(state.params, state.extra, self._put(batch)))
+      weight = metrics.pop("num_examples", 1.0)
+      for name, value in metrics.items():
+        totals[name] = totals.get(name, 0.0) + weight * value
+      weight_sum += weight
+      batches += 1
+    if not batches:
+      raise ValueError("eval_data yielded no batches")
+    result = {name: total / weight_sum for name, total in totals.items()}
+    result["num_examples" if weight_sum != batches else "num_batches"] = weight_sum
+    return result
+
+
+class _Trainer:
+  """State of one :func:`train_loop` call (see there for the arguments)."""
+
+  def __init__(self, *, workdir, model, loss_fn, optimizer, loop, train_iter, config,
+               eval_fn, eval_data, tokens_in_batch, mesh, partition_rules, hooks):
+    self.workdir, self.loop = str(workdir), LoopConfig.from_mapping(loop)
+    self.train_iter, self.tokens_in_batch, self.hooks = train_iter, tokens_in_batch, hooks
+    self.mesh = mesh
+    self.config = summary_lib.config_to_dict(config)
+    tx, schedule = _make_tx(optimizer)
+    self.graphdef, state = state_lib.create_train_state(model, tx, self.loop.seed)
+    state_sh = batch_sh = None
+    if mesh is not None:
+      state_sh = sharding_lib.state_shardings(state, mesh, partition_rules or ())
+      state = jax.device_put(state, state_sh)
+      batch_sh = lambda b: sharding_lib.batch_shardings(  # noqa: E731
+          b, mesh, presplit=self.loop.presplit_microbatches)
+    self.state, self._batch_sh = state, batch_sh
+    micro_sh = None
+    if mesh is not None and self.loop.accum_steps > 1:
+      micro_sh = lambda mb: sharding_lib.batch_shardings(mb, mesh)  # noqa: E731
+    self.step_fn = step_lib.make_train_step(
+        self.graphdef, loss_fn, tx, schedule=schedule, accum_steps=self.loop.accum_steps,
+        presplit=self.loop.presplit_microbatches, micro_sharding=micro_sh)
+    self._jitted: dict[Any, Any] = {}
+    self._state_sh = state_sh
+    self.evaluate = _Eval(self.graphdef, eval_fn, eval_data, self._put) if eval_fn else None
+    self.checkpointer = checkpoint_lib.Checkpointer(
+        f"{self.workdir}/checkpoints", keep_last=self.loop.keep_checkpoints,
+        best_metric=self.loop.best_metric, best_mode=self.loop.best_mode,
+        keep_best=self.loop.keep_best, async_save=self.loop.async_checkpointing)
+    self.last_eval: dict[str, float] | None = None
+    self.last_eval_step = -1
+
+  # -- data ------------------------------------------------------------------
+  def _put(self, batch):
+    batch = jax.tree.map(np.asarray, batch)
+    if self.mesh is None:
+      return jax.device_put(batch)
+    return jax.device_put(batch, sharding_lib.batch_shardings(batch, self.mesh))
+
+  def _put_train(self, batch):
+    batch = jax.tree.map(np.asarray, batch)
+    if self._batch_sh is None:
+      return jax.device_put(batch)
+    return jax.device_put(batch, self._batch_sh(batch))
+
+  def _iterator_state(self):
+    get_state = getattr(self.train_iter, "get_state", None)
+    return get_state() if get_state else None
+
+  def _restore_iterator(self, iterator_state, step: int) -> None:
+    set_state = getattr(self.train_iter, "set_state", None)
+    if set_state is not None and iterator_state is not None:
+      set_state(iterator_state)
+      return
+    logging.warning("train iterator has no get_state/set_state: skipping %d batches to "
+                    "reach the checkpointed position", step)
+    for _ in range(step):
+      next(self.train_iter)
+
+  # -- resume ----------------------------------------------------------------
+  def restore_or_init(self) -> int:
+    summary_lib.write_or_check_config(self.workdir, self.config,
+                                      on_mismatch=self.loop.on_config_mismatch)
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      logging.info("fresh start in %s (%d params)", self.workdir,
+                   state_lib.count_params(self.state.params))
+      return 0
+    self.state, iterator_state, _ = self.checkpointer.restore(self.state, latest)
+    if self._state_sh is not None:
+      self.state = jax.device_put(self.state, self._state_sh)
+    self._restore_iterator(iterator_state, latest)
+    logging.info("resumed %s at step %d", self.workdir, latest)
+    return latest
+
+  # -- steps -----------------------------------------------------------------
+  def _train_step(self, batch):
+    key = jax.tree.structure(batch)
+    if key not in self._jitted:
+      batch_sh = self._batch_sh(batch) if self._batch_sh else None
+      self._jitted[key] = step_lib.jit_train_step(
+          self.step_fn, state_shardings=self._state_sh, batch_shardings=batch_sh)
+    self.state, metrics = self._jitted[key](self.state, batch)
+    return metrics
+
+  def _finish_step(self, step: int, metrics, eval_metrics=None) -> None:
+    """Host-side bookkeeping of a completed step (runs one step behind dispatch)."""
+    host = metrics_lib.to_python(metrics)
+    if not host["update_applied"]:
+      logging.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s): update "
+                      "skipped (%d skipped in total)", step, host["loss"], host["grad_norm"],
+                      host["skipped_steps"])
+    if host["consecutive_skipped"] >= self.loop.max_consecutive_nonfinite:
+      self.writer.log(step, host)
+      raise NonFiniteError(
+          f"{host['consecutive_skipped']} consecutive non-finite steps (up to step {step}); "
+          f"params are from the last finite update. Last checkpoint: "
+          f"{self.checkpointer.latest_step()}")
+    if _every(step, self.loop.log_every) or eval_metrics is not None:
+      train = host if _every(step, self.loop.log_every) else None
+      self.writer.log(step, train, eval_metrics)
+
+  def _save(self, eval_metrics=None) -> None:
+    metrics = eval_metrics if self.loop.best_metric else None
+    self.checkpointer.save(self.state, data_state=self._iterator_state(),
+                           config=self.config, metrics=metrics)
+
+  def _buffers_alive(self) -> bool:
+    return not any(getattr(x, "is_deleted", lambda: False)()
+                   for x in jax.tree.leaves(self.state))
+
+  def run(self) -> TrainResult:
+    start_step = self.restore_or_init()
+    if start_step >= self.loop.num_steps and os.path.exists(
+        os.path.join(self.workdir, summary_lib.SUMMARY_FILE)):
+      logging.info("%s already finished at step %d", self.workdir, start_step)
+      self.checkpointer.close()
+      return TrainResult(self.state, self._model(), summary_lib.read_summary(self.workdir))
+    self.writer = metrics_lib.MetricWriter(self.workdir, resume_step=start_step,
+                                           total_steps=self.loop.num_steps,
+                                           tensorboard=self.loop.tensorboard)
+    step, pending, consistent = start_step, None, True
+    with _StopFlag() as stop:
+      try:
+        while step < self.loop.num_steps and stop.signum is None:
+          consistent = False
+          try:
+            batch = next(self.train_iter)
+          except StopIteration:
+            logging.warning("train iterator exhausted after %d steps", step)
+            consistent = True
+            break
+          if self.tokens_in_batch is not None:
+            self.writer.add_tokens(float(self.tokens_in_batch(batch)))
+          metrics = self._train_step(self._put_train(batch))
+          step, consistent = step + 1, True
+          if pending is not None:
+            self._finish_step(*pending)
+          pending = (step, metrics)
+          for hook in self.hooks:
+            hook(step, self.state, metrics)
+          is_eval = self.evaluate is not None and _every(step, self.loop.eval_every)
+          if is_eval or _every(step, self.loop.checkpoint_every) or stop.signum is not None:
+            eval_metrics = self._run_eval(step) if is_eval else None
+            self._finish_step(*pending, eval_metrics)
+            pending = None
+            if is_eval and self.loop.best_metric or _every(step, self.loop.checkpoint_every):
+              self._save(eval_metrics)
+        if pending is not None:
+          self._finish_step(*pending)
+          pending = None
+      except KeyboardInterrupt:
+        if consistent and self._buffers_alive():
+          logging.warning("interrupted at step %d: saving a checkpoint", step)
+          self._save()
+          self.checkpointer.wait()
+        self._close()
+        raise
+      except Exception:
+        self._close()  # Lets in-flight async saves finish before the error propagates.
+        raise
+      finally:
+        self.writer.flush()
+    if stop.signum is not None and step < self.loop.num_steps:
+      return self._stop_preempted(step)
+    return self._finish(step)
+
+  def _close(self) -> None:
+    self.checkpointer.close()
+    self.writer.close()
+
+  def _run_eval(self, step: int) -> dict[str, float]:
+    start = time.time()
+    result = self.evaluate(self.state)
+    self.last_eval, self.last_eval_step = result, step
+    logging.info("eval at step %d took %.1fs", step, time.time() - start)
+    return result
+
+  def _stop_preempted(self, step: int) -> TrainResult:
+    self._save()
+    self.checkpointer.wait()
+    self.checkpointer.close()
+    self.writer.close()
+    logging.warning("stopped at step %d after a signal; rerun with the same workdir to resume",
+                    step)
+    return TrainResult(self.state, self._model(), {}, preempted=True)
+
+  def _finish(self, step: int) -> TrainResult:
+    if self.evaluate is not None and self.last_eval_step != step:
+      self.writer.log(step, None, self._run_eval(step))
+    self._save(self.last_eval if self.last_eval_step == step else None)
+    self.checkpointer.wait()
+    self.checkpointer.close()
+    summary = {
+        "final_step": step,
+        "final_eval": self.last_eval,
+        "params_sha256": state_lib.params_sha256(self.state.params),
+        "num_params": state_lib.count_params(self.state.params),
+        "skipped_steps": int(jax.device_get(self.state.skipped_steps)),
+        "wall_time": self.writer.wall_time,
+    }
+    summary_lib.write_summary(self.workdir, summary)
+    self.writer.close()
+    logging.info("finished at step %d: %s", step, summary)
+    return TrainResult(self.state, self._model(), summary)
+
+  def _model(self) -> nnx.Module:
+    return state_lib.merge_model(self.graphdef, self.state.params, self.state.extra)
+
+
+def train_loop(
+    *,
+    workdir: str,
+    model: nnx.Module,
+    loss_fn: step_lib.LossFn,
+    optimizer: Optimizer,
+    loop: LoopConfig | Mapping[str, Any],
+    train_iter: Iterator[Any],
+    config: Any = None,
+    eval_fn: step_lib.EvalFn | None = None,
+    eval_data: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
+    tokens_in_batch: Callable[[Any], float] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    partition_rules: Sequence[tuple[str, jax.sharding.PartitionSpec]] | None = None,
+    hooks: Sequence[Hook] = (),
+) -> TrainResult:
+  """Trains ``model`` with ``loss_fn`` until ``loop.num_steps``, resuming from ``workdir``.
+
+  Args:
+    workdir: output directory (config.json, metrics.jsonl, tensorboard/,
+      checkpoints/, summary.json); rerunning with it resumes.
+    model: the NNX model; its arrays are donated to the train step.
+    loss_fn: ``(model, batch, rng) -> (scalar_loss, {name: scalar})``.
+    optimizer: an :class:`~prefjax.train.schedules.OptimizerConfig` (or mapping),
+      an optax transformation, or ``(tx, schedule)``.
+    loop: :class:`LoopConfig` or mapping.
+    train_iter: iterator of host batches (pytrees of arrays); grain iterators'
+      ``get_state``/``set_state`` are checkpointed.
+    config: the experiment config written to ``config.json`` and checkpoints.
+    eval_fn: ``(model, batch) -> {name: scalar}``; averaged over batches,
+      weighted by an optional ``num_examples`` entry.
+    eval_data: an iterable re-iterated at each eval, or a callable returning one.
+    tokens_in_batch: host batch -> token count, for ``tokens_per_sec``.
+    mesh: a ``("data", "fsdp", "tensor")`` mesh; None = default device.
+    partition_rules: the model's ``PARTITION_RULES``.
+    hooks: ``(step, state, metrics)`` callbacks after each dispatched step.
+
+  Returns:
+    A :class:`TrainResult`.
+  """
+  if (eval_fn is None) != (eval_data is None):
+    raise ValueError("eval_fn and eval_data must be given together")
+  trainer = _Trainer(workdir=workdir, model=model, loss_fn=loss_fn, optimizer=optimizer,
+                     loop=loop, train_iter=train_iter, config=config, eval_fn=eval_fn,
+                     eval_data=eval_data, tokens_in_batch=tokens_in_batch, mesh=mesh,
+                     partition_rules=partition_rules, hooks=hooks)
+  return trainer.run()

@@ -1,0 +1,170 @@
+"""Metric writers: ``metrics.jsonl``, TensorBoard (tensorboardX) and absl logs.
+
+``metrics.jsonl`` holds one JSON object per logged step: ``step``, ``time``
+(Unix seconds), ``wall_time`` (seconds since the run first started, carried
+across resumes) and every metric. Train metrics are plain names, eval metrics
+are prefixed ``eval/``. On resume from step ``k`` the writer first drops every
+line with ``step > k`` (those steps are recomputed), so a resumed run never
+duplicates steps. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
+  """Device scalars -> Python floats (ints stay ints); NaN/inf kept as floats."""
+  out = {}
+  for name, value in jax.device_get(dict(metrics)).items():
+    arr = np.asarray(value)
+    if arr.shape != ():
+      raise ValueError(f"metric {name!r} must be a scalar; got shape {arr.shape}")
+    out[name] = int(arr) if np.issubdtype(arr.dtype, np.integer) else float(arr)
+  return out
+
+
+def _json_value(v: Any) -> Any:
+  # JSON has no NaN/inf; write them as strings so every line stays standard JSON.
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)
+  return v
+
+
+def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+  """Parses ``metrics.jsonl``; raises with the line number on a corrupt line."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path) as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not a JSON object: {e}") from e
+  return records
+
+
+class MetricWriter:
+  """Writes metrics to JSONL + TensorBoard and logs throughput lines."""
+
+  def __init__(self, workdir: str | os.PathLike[str], *, resume_step: int = 0,
+               total_steps: int | None = None, tensorboard: bool = True):
+    self.workdir = os.fspath(workdir)
+    self.total_steps = total_steps
+    self._is_writer = jax.process_index() == 0
+    self._path = os.path.join(self.workdir, METRICS_FILE)
+    self._wall_offset = 0.0
+    self._start = time.time()
+    self._last_time, self._last_step, self._tokens = self._start, resume_step, 0.0
+    self._tb = None
+    if not self._is_writer:
+      return
+    os.makedirs(self.workdir, exist_ok=True)
+    self._truncate_after(resume_step)
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(self.workdir, TENSORBOARD_DIR),
+                               purge_step=resume_step + 1 if resume_step else None)
+
+  def _truncate_after(self, step: int) -> None:
+    """Keeps only lines with ``step <= step``; continues wall time from them."""
+    kept = [r for r in read_metrics(self.workdir) if r.get("step", 0) <= step]
+    if kept:
+      self._wall_offset = max(float(r.get("wall_time", 0.0)) for r in kept)
+    tmp = self._path + ".tmp"
+    with open(tmp, "w") as f:
+      for r in kept:
+        f.write(json.dumps(r) + "\n")
+    os.replace(tmp, self._path)
+
+  @property
+  def wall_time(self) -> float:
+    """Seconds of training so far, summed over resumed runs."""
+    return self._wall_offset + time.time() - self._start
+
+  def add_tokens(self, n: float) -> None:
+    self._tokens += n
+
+  def write(self, step: int, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Appends one record for ``step`` (JSONL + TensorBoard); returns it."""
+    values = to_python(values)
+    record = {"step": int(step), "time": time.time(), "wall_time": self.wall_time, **values}
+    if self._is_writer:
+      with open(self._path, "a") as f:
+        f.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
+      if self._tb is not None:
+        for name, value in values.items():
+          self._tb.add_scalar(name, value, step)
+    return record
+
+  def log(self, step: int, train: Mapping[str, Any] | None = None,
+          eval_metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Writes ONE record for ``step`` with train and/or ``eval/``-prefixed metrics.
+
+    Train records also get ``steps_per_sec`` and, when tokens were counted with
+    :meth:`add_tokens`, ``tokens_per_sec`` since the previous train record.
+    """
+    values: dict[str, Any] = {}
+    if train is not None:
+      values.update(to_python(train))
+      values.update(self._rates(step))
+      self._log_line(step, values)
+    if eval_metrics is not None:
+      evals = to_python(eval_metrics)
+      values.update({"eval/" + k: v for k, v in evals.items()})
+      logging.info("eval at step %d: %s", step, _fmt(evals))
+    return self.write(step, values)
+
+  def _rates(self, step: int) -> dict[str, float]:
+    now = time.time()
+    elapsed = max(now - self._last_time, 1e-9)
+    rates = {"steps_per_sec": (step - self._last_step) / elapsed}
+    if self._tokens:
+      rates["tokens_per_sec"] = self._tokens / elapsed
+    self._last_time, self._last_step, self._tokens = now, step, 0.0
+    return rates
+
+  def _log_line(self, step: int, values: Mapping[str, float]) -> None:
+    rate = values["steps_per_sec"]
+    eta = ""
+    if self.total_steps and rate > 0:
+      eta = f", ETA {_format_seconds((self.total_steps - step) / rate)}"
+    tokens = f", {values['tokens_per_sec']:.4g} tokens/s" if "tokens_per_sec" in values else ""
+    shown = {k: v for k, v in values.items() if k not in ("steps_per_sec", "tokens_per_sec")}
+    logging.info("step %d/%s: %s (%.3g steps/s%s%s)", step, self.total_steps or "?",
+                 _fmt(shown), rate, tokens, eta)
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def _fmt(values: Mapping[str, float]) -> str:
+  return ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -1,0 +1,116 @@
+"""Learning-rate schedules and optimizers built from a config.
+
+A schedule is ``warmup`` (linear from 0 to the peak learning rate over
+``warmup_steps``) followed by one of ``constant``, ``linear`` or ``cosine``
+decay to ``peak * end_lr_fraction`` at ``total_steps``. The optimizer is
+``adamw``, ``adam`` or ``sgd`` (with optional momentum), wrapped with global
+norm clipping when ``grad_clip_norm > 0``.
+
+Configs may be :class:`OptimizerConfig` instances, ``ml_collections``
+``ConfigDict`` objects or plain mappings with the same field names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import optax
+
+SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Optimizer and learning-rate schedule hyperparameters.
+
+  Attributes:
+    name: one of ``adamw``, ``adam``, ``sgd``.
+    learning_rate: peak learning rate (reached at the end of warmup).
+    schedule: decay after warmup: ``constant``, ``linear`` or ``cosine``.
+    warmup_steps: linear warmup length in optimizer updates (0 = none).
+    total_steps: update count at which decay reaches its end value; required
+      for ``linear`` and ``cosine``.
+    end_lr_fraction: final learning rate as a fraction of the peak.
+    weight_decay: decoupled weight decay (``adamw``; ignored otherwise unless
+      ``sgd`` where it is added as L2 decay on the update).
+    b1, b2, eps: Adam moments and epsilon.
+    momentum: SGD momentum (0 = plain SGD).
+    nesterov: SGD Nesterov momentum.
+    grad_clip_norm: clip gradients to this global norm (0 = no clipping).
+  """
+  name: str = "adamw"
+  learning_rate: float = 1e-3
+  schedule: str = "constant"
+  warmup_steps: int = 0
+  total_steps: int | None = None
+  end_lr_fraction: float = 0.0
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  momentum: float = 0.0
+  nesterov: bool = False
+  grad_clip_norm: float = 0.0
+
+  @classmethod
+  def from_mapping(cls, cfg: Mapping[str, Any] | "OptimizerConfig") -> "OptimizerConfig":
+    """Builds a config from a mapping (e.g. a ``ConfigDict``); unknown keys are errors."""
+    if isinstance(cfg, cls):
+      return cfg
+    data = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+      raise ValueError(f"optimizer config: unknown field(s) {unknown}; known: {sorted(known)}")
+    return cls(**data)
+
+
+def make_schedule(cfg: OptimizerConfig | Mapping[str, Any]) -> optax.Schedule:
+  """Returns ``step -> learning rate``: linear warmup then constant/linear/cosine decay."""
+  cfg = OptimizerConfig.from_mapping(cfg)
+  if cfg.schedule not in SCHEDULES:
+    raise ValueError(f"optimizer.schedule={cfg.schedule!r}; expected one of {SCHEDULES}")
+  if cfg.warmup_steps < 0:
+    raise ValueError(f"optimizer.warmup_steps={cfg.warmup_steps} must be >= 0")
+  peak, end = cfg.learning_rate, cfg.learning_rate * cfg.end_lr_fraction
+  if cfg.schedule == "constant":
+    decay = optax.constant_schedule(peak)
+  else:
+    if cfg.total_steps is None or cfg.total_steps <= cfg.warmup_steps:
+      raise ValueError(
+          f"optimizer.schedule={cfg.schedule!r} needs total_steps > warmup_steps "
+          f"(got total_steps={cfg.total_steps}, warmup_steps={cfg.warmup_steps})")
+    decay_steps = cfg.total_steps - cfg.warmup_steps
+    if cfg.schedule == "linear":
+      decay = optax.linear_schedule(peak, end, decay_steps)
+    else:
+      decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.end_lr_fraction)
+  if cfg.warmup_steps == 0:
+    return decay
+  warmup = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
+  return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+def make_optimizer(
+    cfg: OptimizerConfig | Mapping[str, Any],
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns ``(tx, schedule)`` for the config; ``schedule`` feeds the lr metric."""
+  cfg = OptimizerConfig.from_mapping(cfg)
+  schedule = make_schedule(cfg)
+  if cfg.name == "adamw":
+    tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+  elif cfg.name == "adam":
+    tx = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  elif cfg.name == "sgd":
+    tx = optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
+    if cfg.weight_decay:
+      tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
+  else:
+    raise ValueError(f"optimizer.name={cfg.name!r}; expected one of {OPTIMIZERS}")
+  if cfg.grad_clip_norm < 0:
+    raise ValueError(f"optimizer.grad_clip_norm={cfg.grad_clip_norm} must be >= 0")
+  if cfg.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+  return tx, schedule

@@ -1,0 +1,128 @@
+"""Train state: split NNX model parameters, optimizer state, step and RNG.
+
+The model is split once into a static ``graphdef`` (kept by the caller) and
+pure-dict pytrees of its ``nnx.Param`` variables (``params``) and of everything
+else (``extra``: RNG stream counters, batch statistics). Pure dicts keep the
+state a plain pytree: it jits with shardings, donates, and round-trips through
+orbax without Flax-specific handlers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training, as one pytree.
+
+  Attributes:
+    step: number of train steps taken (including skipped non-finite steps);
+      equals the number of batches consumed from the train iterator.
+    params: pure dict of the model's ``nnx.Param`` values.
+    extra: pure dict of the model's other variables (RNG counters, ...).
+    opt_state: optax state for ``params``.
+    rng: base PRNG key; step ``s`` uses ``fold_in(rng, s)``.
+    skipped_steps: total steps whose update was skipped (non-finite).
+    consecutive_skipped: skipped steps since the last applied update.
+  """
+  step: jax.Array
+  params: PyTree
+  extra: PyTree
+  opt_state: optax.OptState
+  rng: jax.Array
+  skipped_steps: jax.Array
+  consecutive_skipped: jax.Array
+
+  @property
+  def applied_steps(self) -> jax.Array:
+    """Number of optimizer updates actually applied."""
+    return self.step - self.skipped_steps
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, PyTree, PyTree]:
+  """Returns ``(graphdef, params, extra)`` with params/extra as pure dicts."""
+  graphdef, params, extra = nnx.split(model, nnx.Param, ...)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(extra)
+
+
+def merge_model(graphdef: nnx.GraphDef, params: PyTree, extra: PyTree) -> nnx.Module:
+  """Inverse of :func:`split_model`."""
+  return nnx.merge(graphdef, params, extra)
+
+
+def create_train_state(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    rng: jax.Array | int,
+) -> tuple[nnx.GraphDef, TrainState]:
+  """Splits ``model`` and initialises the optimizer; returns ``(graphdef, state)``."""
+  graphdef, params, extra = split_model(model)
+  if isinstance(rng, int):
+    rng = jax.random.key(rng)
+  elif not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)
+  zero = jnp.zeros((), jnp.int32)
+  state = TrainState(step=zero, params=params, extra=extra, opt_state=tx.init(params),
+                     rng=rng, skipped_steps=zero, consecutive_skipped=zero)
+  return graphdef, unalias(state)
+
+
+def unalias(tree: PyTree) -> PyTree:
+  """Copies leaves that share a buffer with an earlier leaf (donation needs distinct buffers)."""
+  seen: set[int] = set()
+  def fresh(x):
+    if not isinstance(x, jax.Array):
+      return x
+    if id(x) in seen:
+      return jnp.array(x, copy=True)
+    seen.add(id(x))
+    return x
+  return jax.tree.map(fresh, tree)
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+  """``"/"``-joined pytree key path, e.g. ``layers/3/attn/q_proj/kernel``."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _host_array(x: jax.Array) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.ascontiguousarray(np.asarray(x))
+
+
+def params_sha256(params: PyTree) -> str:
+  """SHA-256 over the leaves' raw bytes, leaves taken in sorted path order.
+
+  The digest depends only on the values (and their dtype width), not on how
+  the arrays are sharded, so sharded and single-device runs can be compared.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  digest = hashlib.sha256()
+  for _, leaf in sorted(leaves, key=lambda kv: path_str(kv[0])):
+    digest.update(_host_array(leaf).tobytes())
+  return digest.hexdigest()
+
+
+def count_params(params: PyTree) -> int:
+  return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params)))

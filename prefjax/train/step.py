@@ -1,0 +1,188 @@
+"""The jitted train step: gradient accumulation, NaN guard, metrics.
+
+:func:`make_train_step` turns a user ``loss_fn(model, batch, rng) -> (loss,
+metrics)`` into ``step(state, batch) -> (state, metrics)``. The batch is split
+into ``accum_steps`` microbatches scanned with ``lax.scan``; gradients, losses
+and metrics are averaged over microbatches, so for a loss that is a mean over
+equally sized microbatches the update equals one step on the whole batch.
+
+Microbatches are taken with a stride (microbatch ``j`` holds rows ``j, j+A,
+j+2A, ...``). For a batch sharded over ``("data", "fsdp")`` this keeps every
+microbatch spread over all devices, and for padded pair batches (rows
+``0..B-1`` chosen, ``B..2B-1`` rejected) it keeps chosen/rejected rows of a
+pair together with the chosen-then-rejected layout whenever ``B % A == 0``.
+Packed pair batches index rows (``chosen_index``) and cannot be split by rows:
+pipelines must then yield batches that already carry the microbatch axis
+(``presplit=True``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from prefjax.train import state as state_lib
+
+Batch = Mapping[str, Any]
+Metrics = dict[str, jax.Array]
+LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, Metrics]]
+EvalFn = Callable[[nnx.Module, Batch], Metrics]
+TrainStep = Callable[[state_lib.TrainState, Batch], tuple[state_lib.TrainState, Metrics]]
+
+DATA_AXES = ("data", "fsdp")
+
+
+def split_microbatches(batch: Batch, accum_steps: int) -> Batch:
+  """Reshapes every leaf ``[N, ...]`` to ``[accum_steps, N // accum_steps, ...]`` (strided)."""
+  def split(path, x):
+    n = x.shape[0] if x.ndim else None
+    if n is None or n % accum_steps:
+      raise ValueError(
+          f"batch field {state_lib.path_str(path)!r} with shape {x.shape}: leading "
+          f"dimension must be divisible by accum_steps={accum_steps}")
+    x = x.reshape((n // accum_steps, accum_steps) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree_util.tree_map_with_path(split, batch)
+
+
+def _check_loss_output(out: Any) -> tuple[jax.Array, Metrics]:
+  if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
+    raise TypeError("loss_fn must return (scalar_loss, metrics_dict); got "
+                    f"{type(out).__name__}")
+  loss, metrics = out
+  if jnp.shape(loss) != ():
+    raise ValueError(f"loss_fn must return a scalar loss; got shape {jnp.shape(loss)} "
+                     "(reduce per-example losses with a (weighted) mean)")
+  for name, value in metrics.items():
+    if jnp.shape(value) != ():
+      raise ValueError(f"loss_fn metric {name!r} must be a scalar; got shape {jnp.shape(value)}")
+  return jnp.asarray(loss, jnp.float32), {k: jnp.asarray(v, jnp.float32)
+                                          for k, v in metrics.items()}
+
+
+def _grads_one(graphdef, loss_fn, params, extra, batch, rng):
+  """Loss, metrics, new extra state and gradients for one microbatch."""
+  def inner(p):
+    model = state_lib.merge_model(graphdef, p, extra)
+    loss, metrics = _check_loss_output(loss_fn(model, batch, rng))
+    new_extra = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
+    return loss, (metrics, new_extra)
+  (loss, (metrics, new_extra)), grads = jax.value_and_grad(inner, has_aux=True)(params)
+  return loss, metrics, new_extra, grads
+
+
+def _accumulate(graphdef, loss_fn, params, extra, micro, rng, accum_steps, micro_sharding):
+  """Mean loss/metrics/grads over the microbatch axis via ``lax.scan``."""
+  def body(carry, xs):
+    grad_sum, extra = carry
+    mb, i = xs
+    if micro_sharding is not None:
+      mb = jax.lax.with_sharding_constraint(mb, micro_sharding(mb))
+    loss, metrics, extra, grads = _grads_one(graphdef, loss_fn, params, extra, mb,
+                                             jax.random.fold_in(rng, i))
+    grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
+    return (grad_sum, extra), (loss, metrics)
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  (grad_sum, extra), (losses, metrics) = jax.lax.scan(
+      body, (zeros, extra), (micro, jnp.arange(accum_steps)))
+  grads = jax.tree.map(lambda g, p: (g / accum_steps).astype(p.dtype), grad_sum, params)
+  metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+  return jnp.mean(losses), metrics, extra, grads
+
+
+def _select(pred: jax.Array, new: Any, old: Any) -> Any:
+  return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    schedule: optax.Schedule | None = None,
+    accum_steps: int = 1,
+    presplit: bool = False,
+    micro_sharding: Callable[[Batch], Any] | None = None,
+) -> TrainStep:
+  """Builds the (unjitted) train step; see :func:`jit_train_step`.
+
+  Args:
+    graphdef: static model structure from :func:`state_lib.create_train_state`.
+    loss_fn: ``(model, batch, rng) -> (scalar_loss, {name: scalar})``; the loss
+      should be a mean over examples so accumulation matches a big batch.
+    tx: optax transformation.
+    schedule: learning-rate schedule for the ``learning_rate`` metric.
+    accum_steps: number of microbatches per optimizer update.
+    presplit: the batch already has a leading microbatch axis of size
+      ``accum_steps``.
+    micro_sharding: optional ``microbatch -> shardings`` constraint applied
+      inside the scan (keeps microbatches spread over the data axes).
+
+  Returns:
+    ``step(state, batch) -> (state, metrics)``. Metrics: the user metrics,
+    ``loss``, ``grad_norm`` (before clipping), ``learning_rate`` (of this
+    update), ``update_applied`` (0 when skipped), ``skipped_steps`` and
+    ``consecutive_skipped``. A non-finite loss or gradient skips the update
+    (params, optimizer and extra state unchanged) and is counted.
+  """
+  if accum_steps < 1:
+    raise ValueError(f"accum_steps={accum_steps} must be >= 1")
+
+  def train_step(state: state_lib.TrainState, batch: Batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if accum_steps == 1 and not presplit:
+      loss, metrics, extra, grads = _grads_one(graphdef, loss_fn, state.params, state.extra,
+                                               batch, rng)
+    else:
+      micro = batch if presplit else split_microbatches(batch, accum_steps)
+      loss, metrics, extra, grads = _accumulate(graphdef, loss_fn, state.params, state.extra,
+                                                micro, rng, accum_steps, micro_sharding)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    skipped = state.skipped_steps + (~finite).astype(jnp.int32)
+    consecutive = jnp.where(finite, 0, state.consecutive_skipped + 1)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=_select(finite, params, state.params),
+        opt_state=_select(finite, opt_state, state.opt_state),
+        extra=_select(finite, extra, state.extra),
+        skipped_steps=skipped, consecutive_skipped=consecutive)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                   update_applied=finite.astype(jnp.float32),
+                   skipped_steps=skipped, consecutive_skipped=consecutive)
+    if schedule is not None:
+      metrics["learning_rate"] = jnp.asarray(schedule(state.applied_steps), jnp.float32)
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(
+    train_step: TrainStep,
+    *,
+    state_shardings: Any = None,
+    batch_shardings: Any = None,
+    donate: bool = True,
+) -> TrainStep:
+  """``jax.jit`` with state donation and, when given, in/out shardings."""
+  kwargs = {}
+  if state_shardings is not None:
+    kwargs = dict(in_shardings=(state_shardings, batch_shardings),
+                  out_shardings=(state_shardings, None))
+  return jax.jit(train_step, donate_argnums=(0,) if donate else (), **kwargs)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, eval_fn: EvalFn) -> Callable[..., Metrics]:
+  """Jitted ``(params, extra, batch) -> metrics`` for ``eval_fn(model, batch)``."""
+  def eval_step(params, extra, batch):
+    metrics = eval_fn(state_lib.merge_model(graphdef, params, extra), batch)
+    if not isinstance(metrics, Mapping):
+      raise TypeError(f"eval_fn must return a metrics dict; got {type(metrics).__name__}")
+    return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+  return jax.jit(eval_step)

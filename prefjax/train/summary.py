@@ -1,0 +1,98 @@
+"""``config.json`` (with a diff check on resume) and ``summary.json`` of a workdir."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+from absl import logging
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+
+
+class ConfigMismatchError(ValueError):
+  """The workdir was created with a different config (raised in strict mode)."""
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+  """``ConfigDict``/dataclass/mapping -> JSON-compatible dict (unknown leaves -> str)."""
+  if config is None:
+    return {}
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+    config = dataclasses.asdict(config)
+  if not isinstance(config, Mapping):
+    raise TypeError(f"config must be a mapping, dataclass or ConfigDict; got {type(config)}")
+  return json.loads(json.dumps(dict(config), default=_json_default, sort_keys=True))
+
+
+def _json_default(obj: Any) -> Any:
+  if hasattr(obj, "to_dict"):
+    return obj.to_dict()
+  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    return dataclasses.asdict(obj)
+  if isinstance(obj, (tuple, set, frozenset)):
+    return list(obj)
+  return str(obj)
+
+
+def _dump(obj: Any) -> str:
+  return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(_dump(obj) + "\n")
+  os.replace(tmp, path)
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+  """Unified diff of the two configs as sorted, indented JSON ('' if equal)."""
+  lines = difflib.unified_diff(_dump(old).splitlines(), _dump(new).splitlines(),
+                               "workdir/config.json", "this run", lineterm="")
+  return "\n".join(lines)
+
+
+def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn") -> dict:
+  """Writes ``config.json`` on a fresh workdir; on a rerun compares and reports a diff.
+
+  On mismatch with ``on_mismatch="warn"`` the diff is logged as a warning, the
+  original ``config.json`` is kept and the new config is written beside it as
+  ``config.rerun.json``; with ``"error"`` a :class:`ConfigMismatchError` is raised.
+  """
+  if on_mismatch not in ("warn", "error"):
+    raise ValueError(f"on_mismatch={on_mismatch!r}; expected 'warn' or 'error'")
+  new = config_to_dict(config)
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    _write_json(path, new)
+    return new
+  with open(path) as f:
+    old = json.load(f)
+  diff = config_diff(old, new)
+  if diff:
+    message = f"config differs from the one {workdir} was started with:\n{diff}"
+    if on_mismatch == "error":
+      raise ConfigMismatchError(message)
+    logging.warning("%s\n(keeping %s; this run's config is in config.rerun.json)",
+                    message, path)
+    _write_json(os.path.join(workdir, "config.rerun.json"), new)
+  return new
+
+
+def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
+  _write_json(os.path.join(workdir, SUMMARY_FILE), dict(summary))
+
+
+def read_summary(workdir: str) -> dict[str, Any]:
+  with open(os.path.join(workdir, SUMMARY_FILE)) as f:
+    return json.load(f)

@@ -1,0 +1,280 @@
+"""Tests of prefjax.train: schedules, the jitted step, accumulation, NaN guard, loop, sharding."""
+
+import json
+import logging as py_logging
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from prefjax import train
+from prefjax.train import checkpoint as checkpoint_lib
+from prefjax.train import step as step_lib
+
+IN, HIDDEN = 4, 16
+
+
+class MLP(nnx.Module):
+  """Two-layer regression MLP."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(IN, HIDDEN, rngs=rngs)
+    self.out = nnx.Linear(HIDDEN, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jnp.tanh(self.hidden(x)))[:, 0]
+
+
+PARTITION_RULES = [(r"hidden/kernel", P("fsdp", "tensor")), (r"out/kernel", P("tensor", None))]
+
+
+def mse_loss(model, batch, rng):
+  del rng
+  err = model(batch["x"]) - batch["y"]
+  return jnp.mean(err**2), {"mae": jnp.mean(jnp.abs(err))}
+
+
+def eval_fn(model, batch):
+  return {"mse": jnp.mean((model(batch["x"]) - batch["y"])**2), "num_examples": batch["y"].size}
+
+
+def make_batches(n_batches, batch_size, seed=0):
+  rng = np.random.default_rng(seed)
+  w = np.array([1.0, -2.0, 0.5, 3.0], np.float32)
+  out = []
+  for _ in range(n_batches):
+    x = rng.normal(size=(batch_size, IN)).astype(np.float32)
+    out.append({"x": x, "y": np.sin(x @ w / 2).astype(np.float32)})
+  return out
+
+
+# --- schedules / optimizers -------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_schedule_matches_formula(schedule):
+  cfg = train.OptimizerConfig(learning_rate=0.1, schedule=schedule, warmup_steps=10,
+                              total_steps=110, end_lr_fraction=0.1)
+  fn = train.make_schedule(cfg)
+  for step in [0, 5, 10, 35, 60, 109, 110, 200]:
+    if step < 10:
+      expected = 0.1 * step / 10
+    elif schedule == "constant":
+      expected = 0.1
+    else:
+      frac = min((step - 10) / 100, 1.0)
+      if schedule == "linear":
+        expected = 0.1 + (0.01 - 0.1) * frac
+      else:
+        expected = 0.01 + 0.5 * (0.1 - 0.01) * (1 + math.cos(math.pi * frac))
+    np.testing.assert_allclose(float(fn(step)), expected, rtol=1e-5, atol=1e-8)
+
+
+def test_optimizer_config_errors():
+  with pytest.raises(ValueError, match="unknown field.*lr"):
+    train.make_optimizer({"name": "adamw", "lr": 1e-3})
+  with pytest.raises(ValueError, match="optimizer.name='lion'"):
+    train.make_optimizer({"name": "lion"})
+  with pytest.raises(ValueError, match="needs total_steps"):
+    train.make_schedule({"schedule": "cosine", "warmup_steps": 5})
+
+
+def test_grad_clipping_and_weight_decay_follow_optax_reference():
+  params = {"w": jnp.array([3.0, 4.0])}
+  grads = {"w": jnp.array([30.0, 40.0])}  # norm 50 -> clipped to norm 1
+  tx, _ = train.make_optimizer({"name": "sgd", "learning_rate": 0.5, "grad_clip_norm": 1.0,
+                                "weight_decay": 0.1})
+  updates, _ = tx.update(grads, tx.init(params), params)
+  expected = -0.5 * (np.array([0.6, 0.8]) + 0.1 * np.array([3.0, 4.0]))
+  np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=1e-6)
+
+
+# --- train step --------------------------------------------------------------------------------
+
+def _one_step(accum_steps, batch, presplit=False):
+  graphdef, state = train.create_train_state(MLP(nnx.Rngs(0)), optax.adamw(1e-2), 0)
+  fn = train.make_train_step(graphdef, mse_loss, optax.adamw(1e-2),
+                             accum_steps=accum_steps, presplit=presplit)
+  state, metrics = jax.jit(fn)(state, batch)
+  return state, metrics
+
+
+def test_gradient_accumulation_equals_big_batch():
+  batch = make_batches(1, 32)[0]
+  big, m_big = _one_step(1, batch)
+  acc, m_acc = _one_step(4, batch)
+  micro = [{k: v[i::4] for k, v in batch.items()} for i in range(4)]
+  presplit = jax.tree.map(lambda *xs: np.stack(xs), *micro)
+  pre, _ = _one_step(4, presplit, presplit=True)
+  for other in (acc, pre):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
+                 big.params, other.params)
+  np.testing.assert_allclose(m_big["loss"], m_acc["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m_big["grad_norm"], m_acc["grad_norm"], rtol=1e-5)
+  # The step really moved the params (so equality above is not trivial).
+  _, init = train.create_train_state(MLP(nnx.Rngs(0)), optax.adamw(1e-2), 0)
+  assert np.abs(big.params["out"]["kernel"] - init.params["out"]["kernel"]).max() > 1e-3
+
+
+def test_split_microbatches_is_strided_and_checks_divisibility():
+  batch = {"tokens": np.arange(12).reshape(6, 2)}
+  micro = step_lib.split_microbatches(batch, 3)
+  np.testing.assert_array_equal(micro["tokens"][1], [[2, 3], [8, 9]])
+  with pytest.raises(ValueError, match="'tokens'.*divisible by accum_steps=4"):
+    step_lib.split_microbatches(batch, 4)
+
+
+def test_nonscalar_loss_is_a_clear_error():
+  graphdef, state = train.create_train_state(MLP(nnx.Rngs(0)), optax.sgd(0.1), 0)
+  per_example = lambda m, b, r: (m(b["x"]) - b["y"], {})  # noqa: E731
+  fn = train.make_train_step(graphdef, per_example, optax.sgd(0.1))
+  with pytest.raises(ValueError, match=r"scalar loss; got shape \(8,\)"):
+    fn(state, make_batches(1, 8)[0])
+
+
+def test_nan_batch_is_skipped_and_counted():
+  tx = optax.adam(1e-2)
+  graphdef, state = train.create_train_state(MLP(nnx.Rngs(0)), tx, 0)
+  fn = jax.jit(train.make_train_step(graphdef, mse_loss, tx))
+  good, bad = make_batches(2, 8)
+  bad = dict(bad, x=bad["x"].copy())
+  bad["x"][3, 1] = np.nan
+  state, m1 = fn(state, good)
+  before = jax.tree.map(np.array, state.params)
+  opt_before = jax.tree.map(np.array, state.opt_state)
+  state, m2 = fn(state, bad)
+  assert float(m2["update_applied"]) == 0.0 and int(m2["skipped_steps"]) == 1
+  assert int(state.step) == 2 and int(state.consecutive_skipped) == 1
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, state.params))
+  jax.tree.map(np.testing.assert_array_equal, opt_before, state.opt_state)
+  state, m3 = fn(state, good)
+  assert float(m3["update_applied"]) == 1.0 and int(state.consecutive_skipped) == 0
+  assert int(state.skipped_steps) == 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+def test_train_loop_learns_and_writes_outputs(tmp_path):
+  batches = make_batches(80, 16)
+  evals = make_batches(2, 32, seed=1)
+  opt = train.OptimizerConfig(name="adamw", learning_rate=3e-2, schedule="cosine",
+                              warmup_steps=5, total_steps=80, grad_clip_norm=10.0)
+  loop = train.LoopConfig(num_steps=80, log_every=5, eval_every=40, checkpoint_every=40)
+  result = train.train_loop(
+      workdir=str(tmp_path), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss, optimizer=opt,
+      loop=loop, train_iter=iter(batches), config={"opt": opt, "loop": loop},
+      eval_fn=eval_fn, eval_data=evals, tokens_in_batch=lambda b: b["x"].size)
+  records = train.read_metrics(tmp_path)
+  steps = [r["step"] for r in records]
+  assert steps == sorted(set(steps)) and steps[0] == 5 and steps[-1] == 80
+  train_records = [r for r in records if "loss" in r]
+  assert train_records[-1]["loss"] < 0.1 * train_records[0]["loss"]
+  for r in train_records:
+    np.testing.assert_allclose(r["learning_rate"], float(train.make_schedule(opt)(r["step"] - 1)),
+                               rtol=1e-5)
+    assert r["tokens_per_sec"] > 0 and r["steps_per_sec"] > 0 and r["grad_norm"] > 0
+  evals_logged = [r for r in records if "eval/mse" in r]
+  assert [r["step"] for r in evals_logged] == [40, 80]
+  assert evals_logged[1]["eval/mse"] < evals_logged[0]["eval/mse"]
+  assert evals_logged[1]["eval/num_examples"] == 64
+  # Eval mean is the per-example mean over both eval batches.
+  model = result.model
+  expected = np.mean([(np.asarray(model(b["x"])) - b["y"])**2 for b in evals])
+  np.testing.assert_allclose(evals_logged[1]["eval/mse"], expected, rtol=1e-5)
+
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["loop"]["num_steps"] == 80
+  summary = train.read_summary(str(tmp_path))
+  assert summary["final_step"] == 80 and summary["final_eval"]["mse"] == evals_logged[1]["eval/mse"]
+  _, template = train.create_train_state(MLP(nnx.Rngs(1)), train.make_optimizer(opt)[0], 0)
+  ckpt = train.Checkpointer(tmp_path / "checkpoints")
+  restored, _, saved_config = ckpt.restore(template)
+  ckpt.close()
+  assert int(restored.step) == 80 and saved_config["loop"]["eval_every"] == 40
+  assert train.params_sha256(restored.params) == summary["params_sha256"]
+  assert train.params_sha256(template.params) != summary["params_sha256"]
+
+
+def test_consecutive_nonfinite_steps_abort(tmp_path):
+  batches = make_batches(10, 8)
+  for b in batches[3:]:
+    b["y"] = np.full_like(b["y"], np.inf)
+  loop = train.LoopConfig(num_steps=10, log_every=1, max_consecutive_nonfinite=3,
+                          tensorboard=False)
+  with pytest.raises(train.NonFiniteError, match="3 consecutive non-finite steps"):
+    train.train_loop(workdir=str(tmp_path), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
+                     optimizer={"name": "sgd", "learning_rate": 0.1}, loop=loop,
+                     train_iter=iter(batches))
+  records = train.read_metrics(tmp_path)
+  assert [r["skipped_steps"] for r in records] == [0, 0, 0, 1, 2, 3]
+  assert records[3]["loss"] == "inf"  # JSON has no inf: written as a string.
+
+
+def test_config_mismatch_warns_with_diff_or_raises(tmp_path, caplog):
+  train.write_or_check_config(str(tmp_path), {"lr": 0.1, "seed": 0})
+  with caplog.at_level(py_logging.WARNING):
+    train.write_or_check_config(str(tmp_path), {"lr": 0.2, "seed": 0})
+  assert '-  "lr": 0.1' in caplog.text and '+  "lr": 0.2' in caplog.text
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["lr"] == 0.1
+  with pytest.raises(train.ConfigMismatchError, match=r'\+  "seed": 1'):
+    train.write_or_check_config(str(tmp_path), {"lr": 0.1, "seed": 1}, on_mismatch="error")
+
+
+def test_sharded_steps_equal_single_device(tmp_path):
+  assert jax.device_count() >= 8
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  batches = make_batches(3, 16)
+  loop = train.LoopConfig(num_steps=3, log_every=1, accum_steps=2, tensorboard=False,
+                          async_checkpointing=False)
+  opt = {"name": "adamw", "learning_rate": 1e-2, "weight_decay": 0.01, "grad_clip_norm": 1.0}
+  single = train.train_loop(workdir=str(tmp_path / "single"), model=MLP(nnx.Rngs(0)),
+                            loss_fn=mse_loss, optimizer=opt, loop=loop, train_iter=iter(batches))
+  with jax.set_mesh(mesh):
+    sharded = train.train_loop(workdir=str(tmp_path / "sharded"), model=MLP(nnx.Rngs(0)),
+                               loss_fn=mse_loss, optimizer=opt, loop=loop,
+                               train_iter=iter(batches), mesh=mesh,
+                               partition_rules=PARTITION_RULES)
+  kernel = sharded.state.params["hidden"]["kernel"]
+  assert kernel.sharding.spec == P("fsdp", "tensor")
+  assert len({str(s.index) for s in kernel.addressable_shards}) == 4
+  mu = sharded.state.opt_state[1][0].mu["hidden"]["kernel"]  # clip, then adamw's moments
+  assert mu.sharding.spec == P("fsdp", "tensor")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
+               single.state.params, sharded.state.params)
+  a = train.read_metrics(tmp_path / "single")
+  b = train.read_metrics(tmp_path / "sharded")
+  np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
+
+
+def test_checkpoint_restore_rejects_other_model(tmp_path):
+  tx = optax.sgd(0.1)
+  _, state = train.create_train_state(MLP(nnx.Rngs(0)), tx, 0)
+  ckpt = train.Checkpointer(tmp_path, async_save=False)
+  ckpt.save(state, data_state={"next_index": 0})
+
+  class Wider(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(IN, HIDDEN + 1, rngs=rngs)
+      self.out = nnx.Linear(HIDDEN + 1, 1, rngs=rngs)
+
+  _, other = train.create_train_state(Wider(nnx.Rngs(0)), tx, 0)
+  with pytest.raises(ValueError, match="does not match the model"):
+    ckpt.restore(other)
+  ckpt.close()
+
+
+def test_key_data_roundtrip():
+  tree = {"k": jax.random.key(3), "x": jnp.ones(2)}
+  saved = checkpoint_lib.to_savable(tree)
+  assert saved["k"].dtype == jnp.uint32
+  back = checkpoint_lib.from_savable(saved, tree)
+  np.testing.assert_array_equal(jax.random.key_data(back["k"]), jax.random.key_data(tree["k"]))
