@@ -232,7 +232,9 @@ def _decode_json_line(raw: bytes, file: str, line_no: int) -> Any | RowProblem:
                       f"invalid UTF-8 byte {raw[e.start:e.start + 1]!r} at byte {e.start} of the line")
   try:
     return json.loads(text, parse_constant=_reject_constant)
-  except ValueError as e:
+  except json.JSONDecodeError as e:
+    return RowProblem(file, line_no, "malformed_json", f"{e.msg} at column {e.pos + 1}")
+  except ValueError as e:  # NaN / Infinity
     return RowProblem(file, line_no, "malformed_json", str(e))
 
 

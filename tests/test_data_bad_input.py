@@ -1,0 +1,234 @@
+"""Bad input: every case in both modes, "error" (raise, naming file:line) and "skip".
+
+Each case is a small file written to tmp_path with one good row around one bad
+row; the expected line and reason are written here by hand.
+"""
+
+import gzip
+import json
+import zlib
+
+import pytest
+
+from prefjax import data as pdata
+
+GOOD = {"prompt": "Q", "chosen": " yes", "rejected": " no"}
+HH_GOOD = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: bye"}
+
+
+def _line(obj) -> bytes:
+  return json.dumps(obj).encode("utf-8")
+
+
+# name -> (bad line bytes, reason); the bad row is line 2 of 3.
+BAD_LINES = {
+    "malformed_json": (b'{"prompt": "Q", "chosen": " yes", ', "malformed_json"),
+    "trailing_garbage": (_line(GOOD) + b" x", "malformed_json"),
+    "nan_weight": (b'{"prompt": "Q", "chosen": " a", "rejected": " b", "weight": NaN}',
+                   "malformed_json"),
+    "not_an_object": (b'["Q", " yes", " no"]', "not_an_object"),
+    "missing_field": (_line({"prompt": "Q", "chosen": " yes"}), "missing_field"),
+    "wrong_type": (_line({"prompt": "Q", "chosen": 3, "rejected": " no"}), "wrong_type"),
+    "empty_response": (_line({"prompt": "Q", "chosen": " yes", "rejected": " \n"}),
+                       "empty_response"),
+    "identical_responses": (_line({"prompt": "Q", "chosen": " same", "rejected": " same"}),
+                            "identical_responses"),
+    "identical_transcripts": (_line({"chosen": HH_GOOD["chosen"], "rejected": HH_GOOD["chosen"]}),
+                              "identical_responses"),
+    "prompts_disagree": (_line({"chosen": "\n\nHuman: A\n\nAssistant: x",
+                                "rejected": "\n\nHuman: B\n\nAssistant: y"}), "no_shared_prompt"),
+    "outcome_out_of_range": (_line({**GOOD, "outcome": 2}), "bad_value"),
+    "negative_weight": (_line({**GOOD, "weight": -1}), "bad_value"),
+    "non_utf8": (b'{"prompt": "Q", "chosen": " caf\xe9", "rejected": " no"}', "non_utf8"),
+}
+
+
+def _write_case(tmp_path, bad: bytes, *, gz: bool = False):
+  lines = [_line(GOOD), bad, _line({**GOOD, "prompt": "Q3"})]
+  payload = b"\n".join(lines) + b"\n"
+  path = tmp_path / ("case.jsonl.gz" if gz else "case.jsonl")
+  path.write_bytes(gzip.compress(payload) if gz else payload)
+  return path
+
+
+def _load(path, cache, mode, split="train"):
+  return pdata.load_preferences(f"jsonl:{path}", split, data_dir=cache, on_bad_row=mode)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_bad_line_error_mode_names_file_line_and_reason(tmp_path, case):
+  bad, reason = BAD_LINES[case]
+  path = _write_case(tmp_path, bad)
+  with pytest.raises(pdata.BadRowError) as info:
+    _load(path, tmp_path / "cache", "error")
+  message = str(info.value)
+  assert f"{path}:2: {reason}:" in message
+  assert "1 bad row(s) of 3 read" in message
+  assert [(p.line, p.reason) for p in info.value.problems] == [(2, reason)]
+
+
+def test_malformed_json_detail_gives_the_column(tmp_path):
+  path = _write_case(tmp_path, b'{"prompt": "Q", "chosen" " yes"}')
+  with pytest.raises(pdata.BadRowError, match=rf"{path}:2: malformed_json: Expecting ':' "
+                     "delimiter at column 26"):
+    _load(path, tmp_path / "cache", "error")
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_bad_line_skip_mode_counts_and_keeps_the_rest(tmp_path, case):
+  bad, reason = BAD_LINES[case]
+  path = _write_case(tmp_path, bad)
+  source = _load(path, tmp_path / "cache", "skip")
+  assert [row["id"] for row in source] == ["case.jsonl:1", "case.jsonl:3"]
+  summary = source.summary
+  assert (summary.rows_read, summary.rows_built) == (3, 2)
+  assert summary.skipped_by_reason == {reason: 1}
+  assert summary.skipped[0].location() == f"{path}:2"
+
+
+def test_both_modes_share_one_build(tmp_path):
+  path = _write_case(tmp_path, BAD_LINES["malformed_json"][0])
+  with pytest.raises(pdata.BadRowError):
+    _load(path, tmp_path / "cache", "error")
+  assert _load(path, tmp_path / "cache", "skip").cache_hit
+
+
+def _truncated_gzip(tmp_path, rows: int = 400):
+  payload = b"".join(_line({**GOOD, "prompt": f"Q{i} " + "x" * 40}) + b"\n" for i in range(rows))
+  compressed = gzip.compress(payload)
+  cut = compressed[:len(compressed) // 2]
+  path = tmp_path / "cut.jsonl.gz"
+  path.write_bytes(cut)
+  complete_lines = zlib.decompressobj(31).decompress(cut).count(b"\n")
+  assert 0 < complete_lines < rows
+  return path, complete_lines
+
+
+def test_truncated_gzip_error_mode(tmp_path):
+  path, complete = _truncated_gzip(tmp_path)
+  with pytest.raises(pdata.BadRowError, match=rf"{path}:{complete + 1}: truncated_gzip: "
+                     rf"compressed stream ends .* after line {complete}"):
+    _load(path, tmp_path / "cache", "error")
+
+
+def test_truncated_gzip_skip_mode_keeps_every_complete_line(tmp_path):
+  path, complete = _truncated_gzip(tmp_path)
+  source = _load(path, tmp_path / "cache", "skip")
+  assert len(source) == complete
+  assert source[complete - 1]["id"] == f"cut.jsonl.gz:{complete}"
+  assert source.summary.skipped_by_reason == {"truncated_gzip": 1}
+  assert source.summary.rows_read == complete + 1
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_non_utf8_inside_gzip(tmp_path, mode):
+  path = _write_case(tmp_path, BAD_LINES["non_utf8"][0], gz=True)
+  if mode == "error":
+    with pytest.raises(pdata.BadRowError, match=rf"case.jsonl.gz:2: non_utf8: invalid UTF-8 "
+                       r"byte b'\\xe9'"):
+      _load(path, tmp_path / "cache", mode)
+  else:
+    assert len(_load(path, tmp_path / "cache", mode)) == 2
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_file_with_only_bad_rows(tmp_path, mode):
+  path = tmp_path / "all_bad.jsonl"
+  path.write_bytes(b"not json\n" + _line({"prompt": "Q", "chosen": " a", "rejected": " a"}) + b"\n")
+  if mode == "error":
+    with pytest.raises(pdata.BadRowError, match="2 bad row"):
+      _load(path, tmp_path / "cache", mode)
+  else:
+    source = _load(path, tmp_path / "cache", mode)
+    assert len(source) == 0
+    assert source.summary.skipped_by_reason == {"malformed_json": 1, "identical_responses": 1}
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_resplit_lists_unassignable_bad_rows_in_every_part(tmp_path, mode):
+  path = _write_case(tmp_path, BAD_LINES["malformed_json"][0])
+  cache = tmp_path / "cache"
+  for part in ("resplit_train", "resplit_validation", "resplit_test"):
+    if mode == "error":
+      with pytest.raises(pdata.BadRowError, match=f"(?s){part}.*case.jsonl:2: malformed_json"):
+        _load(path, cache, mode, part)
+    else:
+      summary = _load(path, cache, mode, part).summary
+      assert summary.skipped_by_reason == {"malformed_json": 1}
+      assert summary.rows_built + summary.rows_other_splits + 1 == summary.rows_read == 3
+
+
+def _hh_manual_dir(tmp_path, bad_row):
+  folder = tmp_path / "raw" / "harmless-base"
+  folder.mkdir(parents=True)
+  rows = [_line(HH_GOOD), _line(bad_row), _line({**HH_GOOD, "rejected": HH_GOOD["chosen"] + "!"})]
+  (folder / "test.jsonl.gz").write_bytes(gzip.compress(b"\n".join(rows) + b"\n"))
+  return folder.parent
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_hh_builder_reports_disagreeing_prompts(tmp_path, mode):
+  manual = _hh_manual_dir(tmp_path, {"chosen": "\n\nHuman: A\n\nAssistant: x",
+                                     "rejected": "\n\nHuman: B\n\nAssistant: y"})
+  kwargs = dict(data_dir=tmp_path / "cache", manual_dir=manual, on_bad_row=mode)
+  if mode == "error":
+    with pytest.raises(pdata.BadRowError, match=r"harmless-base/test.jsonl.gz:2: no_shared_prompt"):
+      pdata.load_preferences("hh_rlhf/harmless-base", "test", **kwargs)
+  else:
+    source = pdata.load_preferences("hh_rlhf/harmless-base", "test", **kwargs)
+    assert [r["id"] for r in source] == ["test.jsonl.gz:1", "test.jsonl.gz:3"]
+    assert source.summary.skipped_by_reason == {"no_shared_prompt": 1}
+
+
+def test_hh_raw_file_change_triggers_rebuild(tmp_path):
+  manual = _hh_manual_dir(tmp_path, {**HH_GOOD, "rejected": HH_GOOD["chosen"] + " there"})
+  kwargs = dict(data_dir=tmp_path / "cache", manual_dir=manual)
+  first = pdata.load_preferences("hh_rlhf/harmless-base", "test", **kwargs)
+  raw = manual / "harmless-base" / "test.jsonl.gz"
+  raw.write_bytes(gzip.compress(_line(HH_GOOD) + b"\n"))
+  second = pdata.load_preferences("hh_rlhf/harmless-base", "test", **kwargs)
+  assert (len(first), len(second), second.cache_hit) == (3, 1, False)
+
+
+def _pandalm_dir(tmp_path, items_json: str):
+  folder = tmp_path / "pandalm"
+  folder.mkdir()
+  (folder / "testset-v1.json").write_text(items_json, encoding="utf-8")
+  return folder
+
+
+def _panda_item(idx, votes=(1, 1, 2), **overrides):
+  item = {"idx": idx, "instruction": "Say hi", "input": "", "response1": "hi",
+          "response2": "hello", "annotator1": votes[0], "annotator2": votes[1],
+          "annotator3": votes[2]}
+  return {**item, **overrides}
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_pandalm_bad_vote_and_missing_response(tmp_path, mode):
+  items = [_panda_item(0), _panda_item(1, votes=(1, 3, 2)), _panda_item(2, response2=None),
+           _panda_item(3, votes=(0, 1, 2))]
+  manual = _pandalm_dir(tmp_path, json.dumps(items))
+  kwargs = dict(data_dir=tmp_path / "cache", manual_dir=manual, on_bad_row=mode)
+  if mode == "error":
+    with pytest.raises(pdata.BadRowError, match=r"testset-v1.json item 2: bad_value: votes"):
+      pdata.load_preferences("pandalm", "test", **kwargs)
+  else:
+    source = pdata.load_preferences("pandalm", "test", **kwargs)
+    assert [r["meta"]["idx"] for r in source] == [0, 3]
+    assert [r["outcome"] for r in source] == [1.0, 0.5]  # 1-1-1 split is a tie
+    assert source.summary.skipped_by_reason == {"bad_value": 1, "missing_field": 1}
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_pandalm_unparsable_file_names_line_and_column(tmp_path, mode):
+  manual = _pandalm_dir(tmp_path, "[\n" + json.dumps(_panda_item(0)) + ",\n{oops}\n]")
+  with pytest.raises(ValueError, match=r"testset-v1.json:3:2: malformed JSON"):
+    pdata.load_preferences("pandalm", "test", data_dir=tmp_path / "cache", manual_dir=manual,
+                           on_bad_row=mode)
+
+
+def test_missing_raw_folder_says_how_to_get_it(tmp_path):
+  with pytest.raises(FileNotFoundError, match="third_party/README.md"):
+    pdata.load_preferences("pandalm", "test", data_dir=tmp_path / "cache",
+                           manual_dir=tmp_path / "nowhere")
