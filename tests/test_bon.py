@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from prefjax import overopt
+from prefjax.overopt import bon as bon_lib
 
 
 def _within_se(estimate, samples, expected, num_se=3.0):
@@ -91,6 +92,20 @@ def test_unbiased_curve_properties_and_vectorisation():
   np.testing.assert_allclose(scores.proxy[:, -1], proxy.max(axis=1), rtol=1e-12)
   single = overopt.unbiased_bon_scores(proxy[3], gold[3], [1, 7, 40])
   np.testing.assert_allclose(single.gold, scores.gold[3, [0, 6, 39]], rtol=1e-12)
+
+
+def test_unbiased_every_n_in_chunks(monkeypatch):
+  rng = np.random.default_rng(13)
+  proxy = rng.normal(size=(2, 300))
+  whole = overopt.unbiased_bon_scores(proxy, -proxy)
+  monkeypatch.setattr(bon_lib, "_WEIGHT_CHUNK_ELEMENTS", 7 * 300)   # 43 chunks of 7 n
+  scores = overopt.unbiased_bon_scores(proxy, -proxy)
+  np.testing.assert_allclose(scores.proxy, whole.proxy, rtol=1e-12)
+  assert scores.proxy.shape == (2, 300)
+  np.testing.assert_allclose(scores.proxy[:, [0, -1]],
+                             np.stack([proxy.mean(1), proxy.max(1)], 1), rtol=1e-10)
+  assert np.all(np.diff(scores.proxy, axis=1) >= -1e-12)
+  np.testing.assert_allclose(scores.gold, -scores.proxy, rtol=1e-12)
 
 
 def test_unbiased_weights_no_overflow_at_large_n():

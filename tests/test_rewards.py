@@ -231,6 +231,10 @@ def test_ensemble_from_one_ensemble_model():
   members = member_model(texts=TEXTS)
   np.testing.assert_allclose(ensemble(texts=TEXTS), members, rtol=1e-6)
   np.testing.assert_allclose(ensemble.score(texts=TEXTS), np.min(members, -1), rtol=1e-6)
+  from_model = rewards.EnsembleReward.from_model(model, 4, objective="uwo", lam=1.0,
+                                                 encode=_encode)
+  np.testing.assert_allclose(from_model.score(texts=TEXTS),
+                             np.mean(members, -1) - np.var(members, -1), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="must hold scalar rewards"):
     rewards.EnsembleReward([member_model, member_model])
   with pytest.raises(ValueError, match="expected \\(4,\\)"):

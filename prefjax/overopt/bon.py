@@ -19,6 +19,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import special
 
+_WEIGHT_CHUNK_ELEMENTS = 1 << 22
+
 
 def bon_kl(n) -> np.ndarray:
   """Analytic KL of best-of-n from the reference policy: ``log n − (n − 1)/n``.
@@ -127,11 +129,19 @@ def unbiased_bon_scores(proxy, gold, ns=None) -> BonScores:
   proxy, gold, squeeze = _check_scores(proxy, gold)
   num_samples = proxy.shape[1]
   ns = np.arange(1, num_samples + 1) if ns is None else ns
-  weights = unbiased_bon_weights(num_samples, ns)
+  ns = _check_ns(ns, num_samples)
   order = np.argsort(proxy, axis=1, kind="stable")
   sorted_proxy = np.take_along_axis(proxy, order, axis=1)
   sorted_gold = tie_averaged_scores(sorted_proxy, np.take_along_axis(gold, order, axis=1))
-  result = BonScores(sorted_proxy @ weights.T, sorted_gold @ weights.T)
+  # The weight matrix is [S, N]; build it in row chunks so that every n ≤ N of a
+  # large N (S = N = 10⁴ would be 800 MB) stays within a few tens of MB.
+  chunk = max(1, _WEIGHT_CHUNK_ELEMENTS // num_samples)
+  proxy_out, gold_out = [], []
+  for start in range(0, len(ns), chunk):
+    weights = unbiased_bon_weights(num_samples, ns[start:start + chunk])
+    proxy_out.append(sorted_proxy @ weights.T)
+    gold_out.append(sorted_gold @ weights.T)
+  result = BonScores(np.concatenate(proxy_out, axis=1), np.concatenate(gold_out, axis=1))
   return BonScores(*(x[0] for x in result)) if squeeze else result
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from prefjax.rewards.aggregate import AGGREGATIONS
 from prefjax.rewards.aggregate import aggregate
 from prefjax.rewards import base
+from prefjax.rewards import model as model_lib
 from prefjax.rewards import normalize
 
 
@@ -59,6 +60,18 @@ class EnsembleReward(base.RewardFn):
     self.objective, self.lam, self.normalizer = objective, float(lam), normalizer
     member_names = ",".join(m.name for m in self.members)
     self.name = name or f"{objective}({member_names})"
+
+  @classmethod
+  def from_model(cls, model, num_members: int, *, objective: str = "mean", lam: float = 0.0,
+                 normalizer: normalize.RewardNormalizer | None = None, name: str | None = None,
+                 **model_kwargs) -> "EnsembleReward":
+    """An ensemble around one model returning ``[N, K]`` (e.g. a K-member ensemble head).
+
+    ``model_kwargs`` go to ``ModelReward`` (``batch_size``, ``encode``, ``jit``).
+    """
+    member = model_lib.ModelReward(model, name=name or "ensemble_model",
+                                   num_members=num_members, **model_kwargs)
+    return cls(member, objective=objective, lam=lam, normalizer=normalizer, name=name)
 
   def raw_members(self, tokens=None, attention_mask=None, *, texts=None) -> jax.Array:
     """Un-normalised member rewards ``[N, K]``."""
