@@ -6,6 +6,7 @@ row; the expected line and reason are written here by hand.
 
 import gzip
 import json
+import logging
 import zlib
 
 import pytest
@@ -86,11 +87,20 @@ def test_bad_line_skip_mode_counts_and_keeps_the_rest(tmp_path, case):
   assert summary.skipped[0].location() == f"{path}:2"
 
 
-def test_both_modes_share_one_build(tmp_path):
+def test_both_modes_share_one_build_and_skips_are_logged(tmp_path, caplog):
   path = _write_case(tmp_path, BAD_LINES["malformed_json"][0])
   with pytest.raises(pdata.BadRowError):
     _load(path, tmp_path / "cache", "error")
-  assert _load(path, tmp_path / "cache", "skip").cache_hit
+  with caplog.at_level(logging.WARNING, logger="prefjax.data.sources"):
+    assert _load(path, tmp_path / "cache", "skip").cache_hit
+  assert f"{path}:2: malformed_json" in caplog.text
+
+
+def test_utf8_bom_and_crlf_are_accepted(tmp_path):
+  path = tmp_path / "windows.jsonl"
+  path.write_bytes(b"\xef\xbb\xbf" + _line(GOOD) + b"\r\n" + _line({**GOOD, "prompt": "R"}) + b"\r\n")
+  source = _load(path, tmp_path / "cache", "error")
+  assert [r["prompt"] for r in source] == ["Q", "R"]
 
 
 def _truncated_gzip(tmp_path, rows: int = 400):

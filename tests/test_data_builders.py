@@ -159,6 +159,15 @@ def test_source_random_access_and_pickle(hh_splits):
   assert clone[7] == source[7] and clone.fingerprint == source.fingerprint
 
 
+def test_source_feeds_grain(hh_splits):
+  import grain  # pylint: disable=g-import-not-at-top
+  source = hh_splits["resplit_validation"]
+  dataset = grain.MapDataset.source(source).shuffle(seed=3)
+  order = [dataset[i]["id"] for i in range(len(dataset))]
+  assert sorted(order) == sorted(row["id"] for row in source)
+  assert order != [row["id"] for row in source]
+
+
 @pytest.fixture(scope="session")
 def pandalm_raw(pandalm_file):
   return json.loads(pandalm_file.read_text(encoding="utf-8"))

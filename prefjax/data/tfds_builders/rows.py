@@ -24,6 +24,7 @@ Problem reasons (the ``reason`` field, stable strings usable in filters):
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import gzip
 import hashlib
@@ -211,6 +212,8 @@ def iter_json_lines(path: pathlib.Path) -> Iterator[tuple[int, Any | RowProblem]
   try:
     with opener(path, "rb") as f:
       for line_no, raw in enumerate(f, start=1):
+        if line_no == 1:
+          raw = raw.removeprefix(codecs.BOM_UTF8)  # editors on Windows write one
         if not raw.strip():
           continue
         yield line_no, _decode_json_line(raw, file, line_no)
