@@ -231,8 +231,9 @@ def test_ensemble_from_one_ensemble_model():
   members = member_model(texts=TEXTS)
   np.testing.assert_allclose(ensemble(texts=TEXTS), members, rtol=1e-6)
   np.testing.assert_allclose(ensemble.score(texts=TEXTS), np.min(members, -1), rtol=1e-6)
-  from_model = rewards.EnsembleReward.from_model(model, 4, objective="uwo", lam=1.0,
-                                                 encode=_encode)
+  from_model = rewards.EnsembleReward.from_model(model, objective="uwo", lam=1.0,
+                                                 encode=_encode)     # K read from the model
+  assert from_model.num_members == 4
   np.testing.assert_allclose(from_model.score(texts=TEXTS),
                              np.mean(members, -1) - np.var(members, -1), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="must hold scalar rewards"):

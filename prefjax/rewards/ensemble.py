@@ -62,10 +62,12 @@ class EnsembleReward(base.RewardFn):
     self.name = name or f"{objective}({member_names})"
 
   @classmethod
-  def from_model(cls, model, num_members: int, *, objective: str = "mean", lam: float = 0.0,
+  def from_model(cls, model, num_members: int | None = None, *, objective: str = "mean", lam: float = 0.0,
                  normalizer: normalize.RewardNormalizer | None = None, name: str | None = None,
                  **model_kwargs) -> "EnsembleReward":
     """An ensemble around one model returning ``[N, K]`` (e.g. a K-member ensemble head).
+
+    ``num_members`` defaults to the model's ``num_members`` attribute.
 
     ``model_kwargs`` go to ``ModelReward`` (``batch_size``, ``encode``, ``jit``).
     """

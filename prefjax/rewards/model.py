@@ -34,15 +34,18 @@ class ModelReward(base.RewardFn):
   Args:
     model: the reward model (an NNX module or any callable).
     name: identifier for logs and errors.
-    num_members: K when the model is an ensemble head returning ``[N, K]``.
+    num_members: K when the model is an ensemble head returning ``[N, K]``;
+      default: the model's own ``num_members`` attribute if it has one, else 1.
     batch_size: if set, score in chunks of this many rows (one compilation).
     encode: ``texts -> (tokens, attention_mask)`` to accept texts.
     jit: compile the call (disable for models that are not traceable).
   """
 
   def __init__(self, model: Callable[..., Any], *, name: str = "reward_model",
-               num_members: int = 1, batch_size: int | None = None,
+               num_members: int | None = None, batch_size: int | None = None,
                encode: base.Encoder | None = None, jit: bool = True):
+    if num_members is None:
+      num_members = int(getattr(model, "num_members", 1))
     if num_members < 1:
       raise ValueError(f"ModelReward: num_members must be >= 1, got {num_members}")
     if batch_size is not None and batch_size < 1:
