@@ -1,1 +1,47 @@
+"""Meshes, regex partition rules and multi-host initialisation.
 
+Typical use::
+
+  mesh = parallel.mesh_from_config(config.mesh)            # axes data/fsdp/tensor
+  with jax.set_mesh(mesh):
+    model = build_model(...)
+    param_shardings = parallel.shard_model(model, mesh, decoder.PARTITION_RULES)
+  batch = parallel.shard_batch(batch, mesh)                # leading dim over data+fsdp
+"""
+
+from prefjax.parallel.distributed import (
+    ProcessInfo,
+    define_flags,
+    detect_cluster,
+    initialize_distributed,
+    process_info,
+)
+from prefjax.parallel.mesh import (
+    BATCH_AXES,
+    ENSEMBLE_AXIS,
+    MESH_AXES,
+    axis_size,
+    make_mesh,
+    mesh_from_config,
+    resolve_shape,
+)
+from prefjax.parallel.rules import (
+    Rules,
+    batch_sharding,
+    describe_shardings,
+    jit_sharded,
+    match_partition_specs,
+    named_shardings,
+    path_str,
+    shard_batch,
+    shard_model,
+    shard_tree,
+)
+
+__all__ = [
+    "BATCH_AXES", "ENSEMBLE_AXIS", "MESH_AXES", "ProcessInfo", "Rules", "axis_size",
+    "batch_sharding", "define_flags", "describe_shardings", "detect_cluster",
+    "initialize_distributed", "jit_sharded", "make_mesh", "match_partition_specs",
+    "mesh_from_config", "named_shardings", "path_str", "process_info", "resolve_shape",
+    "shard_batch", "shard_model", "shard_tree",
+]
