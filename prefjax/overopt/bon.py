@@ -17,12 +17,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import special
 
 _WEIGHT_CHUNK_ELEMENTS = 1 << 22
 
 
-def bon_kl(n) -> np.ndarray:
+def bon_kl(n: ArrayLike) -> np.ndarray:
   """Analytic KL of best-of-n from the reference policy: ``log n − (n − 1)/n``.
 
   This is the KL for a continuous (tie-free) reward distribution, used by
@@ -53,7 +54,7 @@ def log_spaced_ns(n_max: int, num: int) -> np.ndarray:
   return np.unique(np.clip(grid, 1, n_max))
 
 
-def unbiased_bon_weights(num_samples: int, ns) -> np.ndarray:
+def unbiased_bon_weights(num_samples: int, ns: ArrayLike) -> np.ndarray:
   """Probability that the i-th smallest of N samples is the best of a random n-subset.
 
   ``W[s, i − 1] = C(i − 1, n_s − 1) / C(N, n_s)`` for i ≥ n_s and 0 otherwise,
@@ -106,7 +107,8 @@ class BonScores(NamedTuple):
   gold: np.ndarray
 
 
-def unbiased_bon_scores(proxy, gold, ns=None) -> BonScores:
+def unbiased_bon_scores(proxy: ArrayLike, gold: ArrayLike,
+                        ns: ArrayLike | None = None) -> BonScores:
   """Unbiased best-of-n estimates of the expected proxy and gold scores, per prompt.
 
   For N samples of a prompt sorted by proxy (ascending), the i-th smallest is the
@@ -164,7 +166,8 @@ class Curve(NamedTuple):
   per_prompt_gold: np.ndarray
 
 
-def bootstrap_mean_se(per_prompt, num_bootstrap: int = 1000, seed: int = 0):
+def bootstrap_mean_se(per_prompt: ArrayLike, num_bootstrap: int = 1000,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Mean over prompts and its bootstrap standard error (prompts resampled with replacement).
 
   Args:
@@ -194,7 +197,8 @@ def bootstrap_mean_se(per_prompt, num_bootstrap: int = 1000, seed: int = 0):
   return mean.reshape(values.shape[1:]), se.reshape(values.shape[1:])
 
 
-def summarize(knob, per_prompt_kl, per_prompt_proxy, per_prompt_gold, *,
+def summarize(knob: ArrayLike, per_prompt_kl: ArrayLike, per_prompt_proxy: ArrayLike,
+              per_prompt_gold: ArrayLike, *,
               num_bootstrap: int = 1000, seed: int = 0) -> Curve:
   """Builds a ``Curve`` from ``[P, S]`` per-prompt values (same resamples for all three)."""
   stats = [bootstrap_mean_se(np.atleast_2d(x), num_bootstrap, seed)
@@ -205,7 +209,8 @@ def summarize(knob, per_prompt_kl, per_prompt_proxy, per_prompt_gold, *,
                np.atleast_2d(per_prompt_gold))
 
 
-def unbiased_best_of_n(proxy, gold, ns=None, *, num_bootstrap: int = 1000,
+def unbiased_best_of_n(proxy: ArrayLike, gold: ArrayLike, ns: ArrayLike | None = None, *,
+                       num_bootstrap: int = 1000,
                        seed: int = 0) -> Curve:
   """Best-of-n curve from N samples per prompt: unbiased scores, ``bon_kl``, bootstrap SEs.
 
@@ -227,7 +232,7 @@ def unbiased_best_of_n(proxy, gold, ns=None, *, num_bootstrap: int = 1000,
   return summarize(ns, kl, scores.proxy, scores.gold, num_bootstrap=num_bootstrap, seed=seed)
 
 
-def _check_ns(ns, num_samples: int) -> np.ndarray:
+def _check_ns(ns: ArrayLike, num_samples: int) -> np.ndarray:
   ns_arr = np.asarray(ns)
   if ns_arr.ndim != 1 or ns_arr.size == 0:
     raise ValueError(f"ns must be a non-empty 1-D array of integers, got shape {ns_arr.shape}")
@@ -241,7 +246,7 @@ def _check_ns(ns, num_samples: int) -> np.ndarray:
   return ns_arr
 
 
-def _check_scores(proxy, gold) -> tuple[np.ndarray, np.ndarray, bool]:
+def _check_scores(proxy: ArrayLike, gold: ArrayLike) -> tuple[np.ndarray, np.ndarray, bool]:
   proxy = np.asarray(proxy, np.float64)
   gold = np.asarray(gold, np.float64)
   if proxy.shape != gold.shape:

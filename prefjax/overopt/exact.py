@@ -36,6 +36,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import special
 
 from prefjax.overopt import bon
@@ -49,7 +50,7 @@ class ExactScores(NamedTuple):
   mass: np.ndarray    # total probability of the computed distribution (≈ 1; a check)
 
 
-def log1mexp(x: np.ndarray) -> np.ndarray:
+def log1mexp(x: ArrayLike) -> np.ndarray:
   """log(1 − exp(x)) for x ≤ 0, accurate at both ends (Mächler 2012); −inf at x = 0."""
   x = np.asarray(x, np.float64)
   with np.errstate(divide="ignore"):
@@ -75,7 +76,7 @@ def _normalized_log_ref(ref_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]
   return log_p - np.log(total), q / total
 
 
-def _tie_groups(ref_logits, proxy, gold) -> _Groups:
+def _tie_groups(ref_logits: np.ndarray, proxy: np.ndarray, gold: np.ndarray) -> _Groups:
   num_prompts, m = proxy.shape
   _, q = _normalized_log_ref(ref_logits)
   order = np.argsort(proxy, axis=1, kind="stable")
@@ -87,7 +88,7 @@ def _tie_groups(ref_logits, proxy, gold) -> _Groups:
   group_of = np.cumsum(starts, axis=1) - 1
   flat = (group_of + m * np.arange(num_prompts)[:, None]).ravel()
 
-  def group_sum(values):
+  def group_sum(values: np.ndarray) -> np.ndarray:
     return np.bincount(flat, weights=values.ravel(), minlength=num_prompts * m).reshape(
         num_prompts, m)
 
@@ -118,7 +119,7 @@ def _group_log_probs(groups: _Groups, n: float) -> np.ndarray:
 
 
 def _expectations(log_p: np.ndarray, log_q: np.ndarray, proxy: np.ndarray,
-                  gold: np.ndarray):
+                  gold: np.ndarray) -> tuple[np.ndarray, ...]:
   """Expected proxy/gold, KL and mass of a distribution given in log space over atoms."""
   p = np.exp(log_p)
   positive = p > 0
@@ -127,7 +128,8 @@ def _expectations(log_p: np.ndarray, log_q: np.ndarray, proxy: np.ndarray,
   return (np.sum(p * proxy, axis=-1), np.sum(p * gold, axis=-1), kl, np.sum(p, axis=-1))
 
 
-def exact_bon_scores(ref_logits, proxy, gold, ns) -> ExactScores:
+def exact_bon_scores(ref_logits: ArrayLike, proxy: ArrayLike, gold: ArrayLike,
+                     ns: ArrayLike) -> ExactScores:
   """Exact best-of-n expected proxy and gold scores, KL and mass, for every n in ``ns``.
 
   Args:
@@ -150,7 +152,7 @@ def exact_bon_scores(ref_logits, proxy, gold, ns) -> ExactScores:
   return ExactScores(*(x[0] for x in result)) if squeeze else result
 
 
-def exact_bon_log_probs(ref_logits, proxy, ns) -> np.ndarray:
+def exact_bon_log_probs(ref_logits: ArrayLike, proxy: ArrayLike, ns: ArrayLike) -> np.ndarray:
   """The exact best-of-n distribution over candidates, ``[P, S, M]`` float64 log-probs.
 
   Candidates keep their input order; see the module docstring for ties.
@@ -171,7 +173,7 @@ def exact_bon_log_probs(ref_logits, proxy, ns) -> np.ndarray:
   return result[0] if squeeze else result
 
 
-def rl_path_log_probs(ref_logits, proxy, betas) -> np.ndarray:
+def rl_path_log_probs(ref_logits: ArrayLike, proxy: ArrayLike, betas: ArrayLike) -> np.ndarray:
   """log π_β = log π_ref + β·r − log Z(β) over candidates, ``[P, S, M]`` float64."""
   ref_logits, proxy, _, squeeze = _check_world(ref_logits, proxy, proxy)
   betas = _check_knob(betas, "betas")
@@ -181,7 +183,8 @@ def rl_path_log_probs(ref_logits, proxy, betas) -> np.ndarray:
   return result[0] if squeeze else result
 
 
-def rl_path_scores(ref_logits, proxy, gold, betas) -> ExactScores:
+def rl_path_scores(ref_logits: ArrayLike, proxy: ArrayLike, gold: ArrayLike,
+                   betas: ArrayLike) -> ExactScores:
   """Expected proxy/gold and exact KL of π_β ∝ π_ref·exp(β·r_proxy) for every β.
 
   Args:
@@ -208,7 +211,8 @@ def rl_path_scores(ref_logits, proxy, gold, betas) -> ExactScores:
   return ExactScores(*(x[0] for x in result)) if squeeze else result
 
 
-def exact_best_of_n(ref_logits, proxy, gold, ns, *, num_bootstrap: int = 1000,
+def exact_best_of_n(ref_logits: ArrayLike, proxy: ArrayLike, gold: ArrayLike, ns: ArrayLike, *,
+                    num_bootstrap: int = 1000,
                     seed: int = 0) -> bon.Curve:
   """Exact best-of-n curve over prompts with exact KL and bootstrap SEs over prompts."""
   scores = exact_bon_scores(np.atleast_2d(ref_logits), np.atleast_2d(proxy),
@@ -217,7 +221,8 @@ def exact_best_of_n(ref_logits, proxy, gold, ns, *, num_bootstrap: int = 1000,
                        num_bootstrap=num_bootstrap, seed=seed)
 
 
-def rl_path(ref_logits, proxy, gold, betas, *, num_bootstrap: int = 1000,
+def rl_path(ref_logits: ArrayLike, proxy: ArrayLike, gold: ArrayLike, betas: ArrayLike, *,
+            num_bootstrap: int = 1000,
             seed: int = 0) -> bon.Curve:
   """Closed-form RL-path curve (knob β) over prompts with bootstrap SEs over prompts."""
   scores = rl_path_scores(np.atleast_2d(ref_logits), np.atleast_2d(proxy),
@@ -226,7 +231,7 @@ def rl_path(ref_logits, proxy, gold, betas, *, num_bootstrap: int = 1000,
                        num_bootstrap=num_bootstrap, seed=seed)
 
 
-def _check_knob(values, name: str, minimum: float | None = None) -> np.ndarray:
+def _check_knob(values: ArrayLike, name: str, minimum: float | None = None) -> np.ndarray:
   values = np.asarray(values, np.float64)
   if values.ndim != 1 or values.size == 0:
     raise ValueError(f"{name} must be a non-empty 1-D array, got shape {values.shape}")
@@ -236,7 +241,8 @@ def _check_knob(values, name: str, minimum: float | None = None) -> np.ndarray:
   return values
 
 
-def _check_world(ref_logits, proxy, gold):
+def _check_world(ref_logits: ArrayLike, proxy: ArrayLike,
+                 gold: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
   ref_logits = np.asarray(ref_logits, np.float64)
   proxy = np.asarray(proxy, np.float64)
   gold = np.asarray(gold, np.float64)

@@ -26,6 +26,7 @@ from prefjax.rewards.aggregate import aggregate
 from prefjax.rewards import normalize
 
 Texts = Sequence[str]
+MaybeArray = jax.Array | np.ndarray | None
 Encoder = Callable[[Texts], tuple[np.ndarray, np.ndarray]]
 Decoder = Callable[[np.ndarray, np.ndarray], list[str]]
 
@@ -41,20 +42,19 @@ class RewardFn(abc.ABC):
   num_members: int
 
   @abc.abstractmethod
-  def __call__(self, tokens: jax.Array | np.ndarray | None = None,
-               attention_mask: jax.Array | np.ndarray | None = None, *,
+  def __call__(self, tokens: MaybeArray = None, attention_mask: MaybeArray = None, *,
                texts: Texts | None = None) -> jax.Array:
     """Rewards of N sequences: ``[N]`` if ``num_members == 1`` else ``[N, K]``."""
 
-  def score(self, tokens: jax.Array | np.ndarray | None = None,
-            attention_mask: jax.Array | np.ndarray | None = None, *,
+  def score(self, tokens: MaybeArray = None, attention_mask: MaybeArray = None, *,
             texts: Texts | None = None) -> jax.Array:
     """Scalar reward ``[N]`` to optimise (multi-member rewards are averaged)."""
     rewards = self(tokens, attention_mask, texts=texts)
     return rewards if self.num_members == 1 else aggregate(rewards, "mean")
 
 
-def check_rewards(rewards, *, num_rows: int, num_members: int, name: str) -> jax.Array:
+def check_rewards(rewards: jax.Array | np.ndarray, *, num_rows: int, num_members: int,
+                  name: str) -> jax.Array:
   """Validates a reward output on the host: shape ``[N]``/``[N, K]`` and finite values.
 
   Raises:
@@ -75,7 +75,8 @@ def check_rewards(rewards, *, num_rows: int, num_members: int, name: str) -> jax
   return rewards.astype(jnp.float32)
 
 
-def resolve_tokens(tokens, attention_mask, texts, encode: Encoder | None,
+def resolve_tokens(tokens: MaybeArray, attention_mask: MaybeArray, texts: Texts | None,
+                   encode: Encoder | None,
                    name: str) -> tuple[jax.Array, jax.Array]:
   """Returns int32 ``(tokens, attention_mask)``, encoding ``texts`` when tokens are absent."""
   if tokens is None:
@@ -98,7 +99,8 @@ def resolve_tokens(tokens, attention_mask, texts, encode: Encoder | None,
   return tokens.astype(jnp.int32), attention_mask.astype(jnp.int32)
 
 
-def resolve_texts(tokens, attention_mask, texts, decode: Decoder | None, name: str) -> list[str]:
+def resolve_texts(tokens: MaybeArray, attention_mask: MaybeArray, texts: Texts | None,
+                  decode: Decoder | None, name: str) -> list[str]:
   """Returns the texts, decoding ``tokens`` when texts are absent."""
   if texts is not None:
     if isinstance(texts, str):
@@ -136,7 +138,8 @@ class ProgrammaticReward(RewardFn):
     self._decode, self._encode = decode, encode
     self._fn = jax.jit(fn) if (jit and inputs == "tokens") else fn
 
-  def __call__(self, tokens=None, attention_mask=None, *, texts=None) -> jax.Array:
+  def __call__(self, tokens: MaybeArray = None, attention_mask: MaybeArray = None, *,
+               texts: Texts | None = None) -> jax.Array:
     if self.inputs == "texts":
       texts = resolve_texts(tokens, attention_mask, texts, self._decode, self.name)
       rewards = np.asarray(self._fn(texts), np.float32)
@@ -162,12 +165,14 @@ class NormalizedReward(RewardFn):
     self.num_members = base.num_members
 
   @classmethod
-  def fit(cls, base: RewardFn, tokens=None, attention_mask=None, *, texts=None,
-          standardize: bool = False, weights=None) -> "NormalizedReward":
+  def fit(cls, base: RewardFn, tokens: MaybeArray = None,
+          attention_mask: MaybeArray = None, *, texts: Texts | None = None,
+          standardize: bool = False, weights: MaybeArray = None) -> "NormalizedReward":
     """Fits the normaliser on reference-policy samples (tokens or texts) of ``base``."""
     reference = base(tokens, attention_mask, texts=texts)
     return cls(base, normalize.RewardNormalizer.fit(reference, standardize=standardize,
                                                     weights=weights))
 
-  def __call__(self, tokens=None, attention_mask=None, *, texts=None) -> jax.Array:
+  def __call__(self, tokens: MaybeArray = None, attention_mask: MaybeArray = None, *,
+               texts: Texts | None = None) -> jax.Array:
     return self.normalizer(self.base(tokens, attention_mask, texts=texts))

@@ -10,7 +10,7 @@ optimise in the ensemble experiments of Coste et al., arXiv:2310.02743.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from prefjax.rewards.aggregate import AGGREGATIONS
 from prefjax.rewards.aggregate import aggregate
 from prefjax.rewards import base
+from prefjax.rewards.base import MaybeArray
+from prefjax.rewards.base import Texts
 from prefjax.rewards import model as model_lib
 from prefjax.rewards import normalize
 
@@ -62,7 +64,8 @@ class EnsembleReward(base.RewardFn):
     self.name = name or f"{objective}({member_names})"
 
   @classmethod
-  def from_model(cls, model, num_members: int | None = None, *, objective: str = "mean", lam: float = 0.0,
+  def from_model(cls, model: Callable[..., Any], num_members: int | None = None, *,
+                 objective: str = "mean", lam: float = 0.0,
                  normalizer: normalize.RewardNormalizer | None = None, name: str | None = None,
                  **model_kwargs) -> "EnsembleReward":
     """An ensemble around one model returning ``[N, K]`` (e.g. a K-member ensemble head).
@@ -75,28 +78,32 @@ class EnsembleReward(base.RewardFn):
                                    num_members=num_members, **model_kwargs)
     return cls(member, objective=objective, lam=lam, normalizer=normalizer, name=name)
 
-  def raw_members(self, tokens=None, attention_mask=None, *, texts=None) -> jax.Array:
+  def raw_members(self, tokens: MaybeArray = None, attention_mask: MaybeArray = None, *,
+                  texts: Texts | None = None) -> jax.Array:
     """Un-normalised member rewards ``[N, K]``."""
     if len(self.members) == 1:
       rewards = self.members[0](tokens, attention_mask, texts=texts)
       return rewards[:, None] if rewards.ndim == 1 else rewards
     return jnp.stack([m(tokens, attention_mask, texts=texts) for m in self.members], axis=-1)
 
-  def __call__(self, tokens=None, attention_mask=None, *, texts=None) -> jax.Array:
+  def __call__(self, tokens: MaybeArray = None, attention_mask: MaybeArray = None, *,
+               texts: Texts | None = None) -> jax.Array:
     rewards = self.raw_members(tokens, attention_mask, texts=texts)
     if self.normalizer is not None:
       rewards = self.normalizer(rewards)
     return rewards if self.num_members > 1 else rewards[:, 0]
 
-  def score(self, tokens=None, attention_mask=None, *, texts=None) -> jax.Array:
+  def score(self, tokens: MaybeArray = None, attention_mask: MaybeArray = None, *,
+            texts: Texts | None = None) -> jax.Array:
     """The aggregated objective ``[N]`` over normalised members."""
     rewards = self(tokens, attention_mask, texts=texts)
     if rewards.ndim == 1:
       rewards = rewards[:, None]
     return aggregate(rewards, self.objective, self.lam)
 
-  def fit_normalizer(self, tokens=None, attention_mask=None, *, texts=None,
-                     standardize: bool = False, weights=None) -> "EnsembleReward":
+  def fit_normalizer(self, tokens: MaybeArray = None, attention_mask: MaybeArray = None,
+                     *, texts: Texts | None = None, standardize: bool = False,
+                     weights: MaybeArray = None) -> "EnsembleReward":
     """A copy normalised per member on reference-policy samples (π_ref scores 0)."""
     reference = self.raw_members(tokens, attention_mask, texts=texts)
     normalizer = normalize.RewardNormalizer.fit(reference, standardize=standardize,

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from prefjax.rewards import base
+from prefjax.rewards.base import MaybeArray
+from prefjax.rewards.base import Texts
 
 
 def _apply_module(model: nnx.Module, tokens: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -59,7 +61,8 @@ class ModelReward(base.RewardFn):
     else:
       self._apply = jax.jit(lambda t, m: model(t, attention_mask=m))
 
-  def __call__(self, tokens=None, attention_mask=None, *, texts=None) -> jax.Array:
+  def __call__(self, tokens: MaybeArray = None, attention_mask: MaybeArray = None, *,
+               texts: Texts | None = None) -> jax.Array:
     tokens, attention_mask = base.resolve_tokens(tokens, attention_mask, texts, self._encode,
                                                  self.name)
     n = tokens.shape[0]
