@@ -290,14 +290,16 @@ class Decoder(nnx.Module):
                    index=jnp.zeros((), jnp.int32))
 
   def extend(self, tokens: Array, cache: KVCache, *, attention_mask: Array | None = None,
-             positions: Array | None = None) -> tuple[Array, KVCache]:
+             positions: Array | None = None,
+             last_only: bool = False) -> tuple[Array, KVCache]:
     """Runs ``tokens [B, T]`` at cache slots ``index .. index+T-1``.
 
     ``attention_mask [B, T]`` marks which new tokens are real (left-padded
     prompts, rows that finished generating); masked tokens are cached as
     padding and never seen by real tokens. ``positions`` default to the number of
     real tokens already cached plus the running count of real new tokens.
-    Returns float32 logits ``[B, T, V]`` and the updated cache.
+    Returns float32 logits ``[B, T, V]`` (``[B, 1, V]`` of the last token when
+    ``last_only``, e.g. for a prefill) and the updated cache.
     """
     b, t = tokens.shape
     if attention_mask is None:
@@ -314,6 +316,8 @@ class Decoder(nnx.Module):
       x, (k, v) = block(x, positions=positions, segments=segments, cache=layer_cache)
       keys.append(k)
       values.append(v)
+    if last_only:
+      x = x[:, -1:]
     logits = self.logits(self.final_norm(x))
     new_cache = KVCache(keys=tuple(keys), values=tuple(values), segments=kv_segments,
                         index=cache.index + t)

@@ -1,0 +1,232 @@
+"""Batched autoregressive sampling with a KV cache, and sequence log-probabilities.
+
+``generate`` runs one jit-compiled program per (model structure, shapes,
+sampling flags): a prefill of the left-padded prompts, then a ``lax.while_loop``
+that decodes one token per step and stops as soon as every row has emitted
+EOS. The model is passed through ``nnx.split`` so the jitted function sees its
+graph definition (static, hashable) and its parameters (traced); repeated calls
+with the same shapes reuse the compiled program.
+
+Log-probabilities returned by ``generate`` are, by default, those of the
+UNDERLYING model: ``log_softmax(logits)[token]`` at temperature 1 without
+top-k/top-p filtering, which is what KL penalties and importance ratios
+against the policy need. ``tempered_logps=True`` returns the log-probabilities
+of the distribution actually sampled from (tempered and filtered) instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from prefjax.models import segments as seg
+
+Array = jax.Array
+
+# Number of times the generation program was traced, keyed by function name
+# (tests use it to check that repeated calls with equal shapes do not retrace).
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+class Generation(NamedTuple):
+  """Generated continuations, right-padded.
+
+  tokens: ``[B, N]`` int32; after a row's EOS every token is ``pad_id``.
+  logps: ``[B, N]`` float32 log-prob of each generated token (0 where mask is 0).
+  mask: ``[B, N]`` int32, 1 for generated tokens including the EOS itself.
+  """
+
+  tokens: Array
+  logps: Array
+  mask: Array
+
+
+def top_k_filter(logits: Array, k: int) -> Array:
+  """Keeps the ``k`` largest logits of the last axis, sets the rest to -inf (ties kept)."""
+  kth = jax.lax.top_k(logits, k)[0][..., -1:]
+  return jnp.where(logits >= kth, logits, -jnp.inf)
+
+
+def top_p_filter(logits: Array, p: float | Array) -> Array:
+  """Nucleus filter: keeps the smallest set of top tokens whose probability mass is >= p.
+
+  The Curious Case of Neural Text Degeneration (arXiv:1904.09751). A token is
+  kept when the mass of the tokens ranked strictly above it is < p, so the
+  most likely token always survives.
+  """
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  order = jnp.argsort(-probs, axis=-1)
+  sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
+  mass_above = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+  keep_sorted = mass_above < p
+  keep = jnp.zeros_like(keep_sorted).at[
+      tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(keep_sorted)
+  return jnp.where(keep, logits, -jnp.inf)
+
+
+def _pick(logits: Array, tokens: Array) -> Array:
+  """``log_softmax(logits)[..., tokens]`` without materialising the log-softmax."""
+  logits = logits.astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _sample_step(logits: Array, rng: Array, temperature: Array, top_p: Array, *,
+                 greedy: bool, top_k: int | None, use_top_p: bool,
+                 tempered_logps: bool) -> tuple[Array, Array]:
+  """Draws one token per row from ``logits [B, V]``; returns (tokens, logps)."""
+  if greedy:
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return tokens, (jnp.zeros(tokens.shape, jnp.float32) if tempered_logps
+                    else _pick(logits, tokens))
+  scaled = logits / temperature
+  if top_k is not None:
+    scaled = top_k_filter(scaled, top_k)
+  if use_top_p:
+    scaled = top_p_filter(scaled, top_p)
+  tokens = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+  return tokens, _pick(scaled if tempered_logps else logits, tokens)
+
+
+class _LoopState(NamedTuple):
+  step: Array
+  cache: object
+  logits: Array
+  tokens: Array
+  logps: Array
+  mask: Array
+  done: Array
+  rng: Array
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "graphdef", "max_new_tokens", "greedy", "top_k", "use_top_p", "eos_id", "pad_id",
+    "tempered_logps"))
+def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, rng, temperature, top_p, *,
+                  max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, tempered_logps):
+  TRACE_COUNTS["generate"] += 1
+  model = nnx.merge(graphdef, state)
+  batch, prompt_len = prompt_tokens.shape
+  cache = model.init_cache(batch, prompt_len + max_new_tokens)
+  logits, cache = model.extend(prompt_tokens, cache, attention_mask=prompt_mask,
+                               last_only=True)
+  sample = functools.partial(_sample_step, greedy=greedy, top_k=top_k,
+                             use_top_p=use_top_p, tempered_logps=tempered_logps)
+
+  def body(s: _LoopState) -> _LoopState:
+    rng, step_rng = jax.random.split(s.rng)
+    tokens, logps = sample(s.logits, step_rng, temperature, top_p)
+    live = ~s.done
+    tokens = jnp.where(live, tokens, pad_id)
+    done = s.done | (live & (tokens == eos_id)) if eos_id is not None else s.done
+    logits, cache = model.extend(tokens[:, None], s.cache,
+                                 attention_mask=live[:, None].astype(jnp.int32))
+    return _LoopState(
+        step=s.step + 1, cache=cache, logits=logits[:, -1],
+        tokens=s.tokens.at[:, s.step].set(tokens),
+        logps=s.logps.at[:, s.step].set(jnp.where(live, logps, 0.0)),
+        mask=s.mask.at[:, s.step].set(live.astype(jnp.int32)),
+        done=done, rng=rng)
+
+  def cond(s: _LoopState) -> Array:
+    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+  init = _LoopState(
+      step=jnp.zeros((), jnp.int32), cache=cache, logits=logits[:, -1],
+      tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+      logps=jnp.zeros((batch, max_new_tokens), jnp.float32),
+      mask=jnp.zeros((batch, max_new_tokens), jnp.int32),
+      done=jnp.zeros((batch,), bool), rng=rng)
+  final = jax.lax.while_loop(cond, body, init)
+  return Generation(final.tokens, final.logps, final.mask)
+
+
+def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *, rng: Array,
+             max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, eos_id: int | None = None, pad_id: int = 0,
+             tempered_logps: bool = False) -> Generation:
+  """Samples ``max_new_tokens`` continuations of LEFT-padded prompts.
+
+  Args:
+    model: a ``Decoder`` (anything with ``init_cache`` and ``extend``).
+    prompt_tokens: ``[B, P]`` int32, left-padded.
+    prompt_mask: ``[B, P]``, 1 on real prompt tokens.
+    rng: PRNG key (unused when ``temperature == 0``).
+    max_new_tokens: number of decoding steps at most.
+    temperature: softmax temperature; 0 means greedy (argmax).
+    top_k: keep only the k most likely tokens before sampling.
+    top_p: nucleus sampling mass.
+    eos_id: generation of a row stops after it emits this token.
+    pad_id: token written after EOS (with mask 0).
+    tempered_logps: return log-probs of the tempered/filtered sampling
+      distribution instead of the model's own (see module docstring).
+
+  Returns:
+    ``Generation(tokens [B, N], logps [B, N], mask [B, N])`` with N = max_new_tokens.
+  """
+  chex.assert_rank([prompt_tokens, prompt_mask], 2)
+  chex.assert_equal_shape([prompt_tokens, prompt_mask])
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if top_k is not None and top_k < 1:
+    raise ValueError(f"top_k must be >= 1, got {top_k}")
+  if top_p is not None and not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  graphdef, state = nnx.split(model)
+  return _generate_jit(
+      graphdef, state, jnp.asarray(prompt_tokens, jnp.int32),
+      jnp.asarray(prompt_mask, jnp.int32), rng,
+      jnp.float32(temperature if temperature > 0 else 1.0),
+      jnp.float32(1.0 if top_p is None else top_p),
+      max_new_tokens=int(max_new_tokens), greedy=temperature == 0, top_k=top_k,
+      use_top_p=top_p is not None, eos_id=eos_id, pad_id=int(pad_id),
+      tempered_logps=tempered_logps)
+
+
+def token_logps(logits: Array, tokens: Array) -> Array:
+  """``out[n, t] = log p(tokens[n, t] | tokens[n, <t])`` from next-token ``logits [N, T, V]``.
+
+  The prediction for token t comes from the logits at t-1; position 0 gets 0.
+  """
+  chex.assert_rank(logits, 3)
+  chex.assert_equal_shape_prefix([logits, tokens], 2)
+  shifted = _pick(logits[:, :-1], tokens[:, 1:].astype(jnp.int32))
+  return jnp.pad(shifted, ((0, 0), (1, 0)))
+
+
+def token_entropy(logits: Array) -> Array:
+  """Entropy ``-sum_v p_v log p_v`` of the next-token distribution, ``[..., V] -> [...]``."""
+  logits = logits.astype(jnp.float32)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+
+
+def sequence_logps(model: nnx.Module, tokens: Array, loss_mask: Array, *,
+                   attention_mask: Array | None = None, segment_ids: Array | None = None,
+                   positions: Array | None = None,
+                   num_segments: int | None = None) -> tuple[Array, Array]:
+  """Summed and per-token log-probs of the tokens selected by ``loss_mask``.
+
+  ``per_token[n, t] = log p(tokens[n, t] | tokens[n, <t]) * loss_mask[n, t]``;
+  position 0 and, in packed rows, the first token of every segment get 0 (their
+  context would cross a segment boundary). ``summed`` is ``[N]`` for a padded
+  batch and ``[R, S + 1]`` per segment for a packed one (``segment_ids`` and
+  ``num_segments`` given; column 0 is padding).
+  """
+  chex.assert_equal_shape([tokens, loss_mask])
+  logits = model(tokens, attention_mask=attention_mask, segment_ids=segment_ids,
+                 positions=positions)
+  per_token = token_logps(logits, tokens) * loss_mask.astype(jnp.float32)
+  if segment_ids is None:
+    return jnp.sum(per_token, axis=-1), per_token
+  if num_segments is None:
+    raise ValueError("sequence_logps: num_segments is required with segment_ids")
+  prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+  per_token = jnp.where(segment_ids == prev, per_token, 0.0)
+  return seg.segment_sums(per_token, segment_ids, num_segments), per_token

@@ -1,0 +1,298 @@
+"""Decoder vs a float64 NumPy reference; padded, packed and cached paths; sharding rules."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from prefjax.models import decoder as dec
+
+CONFIGS = {
+    "llama": dec.DecoderConfig.tiny_llama(),
+    "gpt2": dec.DecoderConfig.tiny_gpt2(),
+    "llama_tied_bias": dec.DecoderConfig.tiny_llama(tie_embeddings=True, attention_bias=True,
+                                                    num_kv_heads=1, rope_theta=500.0),
+}
+
+
+def random_decoder(config: dec.DecoderConfig, seed: int = 0,
+                   dtype=jnp.float32) -> dec.Decoder:
+  """A decoder whose every parameter (norm scales and biases too) is random.
+
+  Filled from NumPy on top of ``nnx.eval_shape``: no JAX init program to compile.
+  """
+  rng = np.random.default_rng(seed)
+  graphdef, state = nnx.split(nnx.eval_shape(
+      lambda: dec.Decoder(config, rngs=nnx.Rngs(0), dtype=dtype)))
+  flat = nnx.to_flat_state(state)
+  for key, var in flat:
+    shape, name = var.shape, str(key[-1])
+    if name == "scale":
+      value = 1.0 + 0.3 * rng.standard_normal(shape)
+    elif name == "bias":
+      value = 0.3 * rng.standard_normal(shape)
+    elif name == "embedding":
+      value = rng.standard_normal(shape)
+    else:
+      value = rng.standard_normal(shape) / np.sqrt(shape[0])
+    var.set_value(jnp.asarray(value, jnp.float32))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+@functools.cache
+def make_model(name: str) -> dec.Decoder:
+  """Cached tiny random model: tests must not modify it."""
+  return random_decoder(CONFIGS[name])
+
+
+@jax.jit
+def forward(model, tokens, attention_mask=None, segment_ids=None, positions=None):
+  return model(tokens, attention_mask=attention_mask, segment_ids=segment_ids,
+               positions=positions)
+
+
+@jax.jit
+def extend(model, tokens, cache, attention_mask):
+  return model.extend(tokens, cache, attention_mask=attention_mask)
+
+
+def reference(name, tokens):
+  model = make_model(name)
+  return np_forward(flat_params(model), model.config, np.asarray(tokens))
+
+
+def flat_params(model: dec.Decoder) -> dict[str, np.ndarray]:
+  return {"/".join(map(str, k)): np.asarray(v[...], np.float64)
+          for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+# --- float64 NumPy reference ------------------------------------------------
+
+def np_norm(x, p, prefix, cfg):
+  if cfg.norm == "rms":
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * p[f"{prefix}/scale"]
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + cfg.norm_eps) * p[f"{prefix}/scale"] + p[f"{prefix}/bias"]
+
+
+def np_linear(x, p, prefix):
+  y = x @ p[f"{prefix}/kernel"]
+  return y + p[f"{prefix}/bias"] if f"{prefix}/bias" in p else y
+
+
+def np_rope(x, theta):
+  """x [T, H, D]; HF rotate-half RoPE at positions 0..T-1."""
+  t, _, d = x.shape
+  inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+  ang = np.arange(t)[:, None] * inv[None]
+  cos = np.cos(np.concatenate([ang, ang], -1))[:, None]
+  sin = np.sin(np.concatenate([ang, ang], -1))[:, None]
+  rot = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1)
+  return x * cos + rot * sin
+
+
+def np_forward(p, cfg, tokens):
+  """Logits of ONE unpadded sequence ``tokens [T]`` in float64."""
+  t = len(tokens)
+  h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  x = p["embed/embedding"][tokens]
+  if cfg.position == "learned":
+    x = x + p["pos_embed/embedding"][:t]
+  causal = np.tril(np.ones((t, t), bool))
+  for i in range(cfg.num_layers):
+    pre = f"layers/{i}"
+    y = np_norm(x, p, f"{pre}/input_norm", cfg)
+    q = np_linear(y, p, f"{pre}/attn/q_proj").reshape(t, h, hd)
+    k = np_linear(y, p, f"{pre}/attn/k_proj").reshape(t, kv, hd)
+    v = np_linear(y, p, f"{pre}/attn/v_proj").reshape(t, kv, hd)
+    if cfg.position == "rope":
+      q, k = np_rope(q, cfg.rope_theta), np_rope(k, cfg.rope_theta)
+    k, v = np.repeat(k, h // kv, axis=1), np.repeat(v, h // kv, axis=1)
+    s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd)
+    s = np.where(causal[None], s, -np.inf)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    o = np.einsum("hts,shd->thd", a, v).reshape(t, h * hd)
+    x = x + np_linear(o, p, f"{pre}/attn/o_proj")
+    y = np_norm(x, p, f"{pre}/post_attn_norm", cfg)
+    if cfg.mlp == "swiglu":
+      g = np_linear(y, p, f"{pre}/mlp/gate_proj")
+      m = g / (1 + np.exp(-g)) * np_linear(y, p, f"{pre}/mlp/up_proj")
+    else:
+      u = np_linear(y, p, f"{pre}/mlp/up_proj")
+      m = 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))
+    x = x + np_linear(m, p, f"{pre}/mlp/down_proj")
+  x = np_norm(x, p, "final_norm", cfg)
+  if cfg.tie_embeddings:
+    return x @ p["embed/embedding"].T
+  return x @ p["lm_head/kernel"]
+
+
+# --- tests ------------------------------------------------------------------
+
+SEQS = [[5, 9, 1, 33, 2], [7, 7, 40, 12, 3, 60, 11], [21, 4, 8]]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_matches_float64_numpy_reference(name):
+  model = make_model(name)
+  params = flat_params(model)
+  tokens = np.array(SEQS[1], np.int32)
+  got = np.asarray(forward(model, jnp.asarray(tokens)[None]))[0]
+  want = np_forward(params, model.config, tokens)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_parameter_paths_and_shapes():
+  params = flat_params(make_model("llama"))
+  cfg = CONFIGS["llama"]
+  assert params["layers/1/attn/k_proj/kernel"].shape == (cfg.hidden_size,
+                                                         cfg.num_kv_heads * cfg.head_dim)
+  assert params["layers/0/mlp/gate_proj/kernel"].shape == (cfg.hidden_size,
+                                                           cfg.intermediate_size)
+  assert params["lm_head/kernel"].shape == (cfg.hidden_size, cfg.vocab_size)
+  assert "pos_embed/embedding" not in params
+  gpt2 = flat_params(make_model("gpt2"))
+  assert "lm_head/kernel" not in gpt2 and "layers/0/mlp/gate_proj/kernel" not in gpt2
+  assert gpt2["layers/0/input_norm/bias"].shape == (32,)
+
+
+def pad(seqs, side, length=9, pad_id=0):
+  tokens = np.full((len(seqs), length), pad_id, np.int32)
+  mask = np.zeros((len(seqs), length), np.int32)
+  for i, s in enumerate(seqs):
+    sl = slice(0, len(s)) if side == "right" else slice(length - len(s), length)
+    tokens[i, sl], mask[i, sl] = s, 1
+  return tokens, mask
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_rows_equal_unpadded_sequences(name, side):
+  model = make_model(name)
+  tokens, mask = pad(SEQS, side, pad_id=63)
+  logits = np.asarray(forward(model, jnp.asarray(tokens), jnp.asarray(mask)))
+  assert np.isfinite(logits).all()
+  for i, s in enumerate(SEQS):
+    np.testing.assert_allclose(logits[i][mask[i] == 1], reference(name, s),
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("explicit_positions", [True, False])
+def test_packed_rows_equal_unpadded_sequences(name, explicit_positions):
+  model = make_model(name)
+  length = 12
+  rows = [[SEQS[0], SEQS[2]], [SEQS[1], [9, 9]]]
+  tokens = np.zeros((2, length), np.int32)
+  segment_ids = np.zeros((2, length), np.int32)
+  positions = np.zeros((2, length), np.int32)
+  for r, row in enumerate(rows):
+    start = 0
+    for sid, s in enumerate(row, 1):
+      tokens[r, start:start + len(s)] = s
+      segment_ids[r, start:start + len(s)] = sid
+      positions[r, start:start + len(s)] = np.arange(len(s))
+      start += len(s)
+  logits = np.asarray(forward(
+      model, jnp.asarray(tokens), segment_ids=jnp.asarray(segment_ids),
+      positions=jnp.asarray(positions) if explicit_positions else None))
+  assert np.isfinite(logits).all()
+  for r, row in enumerate(rows):
+    for sid, s in enumerate(row, 1):
+      np.testing.assert_allclose(logits[r][segment_ids[r] == sid], reference(name, s),
+                                 atol=1e-4, rtol=1e-4)
+
+
+def test_positions_from_segments():
+  seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 2, 2, 2, 2, 2, 2, 0]])
+  want = [[0, 1, 2, 0, 1, 0, 0, 1], [0, 0, 1, 2, 3, 4, 5, 0]]
+  np.testing.assert_array_equal(dec.positions_from_segments(seg), want)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_cache_extend_matches_full_forward(name):
+  """Left-padded prefill, then single tokens (one row masked), equals a full forward."""
+  model = make_model(name)
+  tokens, mask = pad(SEQS, "left", length=7, pad_id=63)
+  cont = np.array([[3, 4, 5], [6, 7, 8], [9, 10, 11]], np.int32)
+  cont_mask = np.array([[1, 1, 1], [1, 1, 1], [1, 0, 0]], np.int32)  # row 2 "finished"
+  cache = model.init_cache(3, 10)
+  logits, cache = extend(model, jnp.asarray(tokens), cache, jnp.asarray(mask))
+  step_logits = []
+  for j in range(3):
+    lg, cache = extend(model, jnp.asarray(cont[:, j:j + 1]), cache,
+                       jnp.asarray(cont_mask[:, j:j + 1]))
+    step_logits.append(np.asarray(lg[:, 0]))
+  assert int(cache.index) == 10
+  full_tokens = np.concatenate([tokens, cont], 1)
+  full_mask = np.concatenate([mask, cont_mask], 1)
+  full = np.asarray(forward(model, jnp.asarray(full_tokens), jnp.asarray(full_mask)))
+  np.testing.assert_allclose(np.asarray(logits)[mask == 1], full[:, :7][mask == 1],
+                             atol=2e-5, rtol=1e-5)
+  for j in range(3):
+    live = cont_mask[:, j] == 1
+    np.testing.assert_allclose(step_logits[j][live], full[live, 7 + j], atol=2e-5, rtol=1e-5)
+
+
+def test_partition_rules_shard_and_match_unsharded():
+  model = make_model("llama")
+  params = flat_params(model)
+  specs = {}
+  for path in params:
+    specs[path] = next((spec for rx, spec in dec.PARTITION_RULES if re.search(rx, path)), P())
+  assert specs["embed/embedding"] == P("tensor", "fsdp")
+  assert specs["layers/0/attn/q_proj/kernel"] == P("fsdp", "tensor")
+  assert specs["layers/1/attn/o_proj/kernel"] == P("tensor", "fsdp")
+  assert specs["layers/1/mlp/down_proj/kernel"] == P("tensor", "fsdp")
+  assert specs["layers/0/input_norm/scale"] == P()
+
+  tokens, mask = pad(SEQS, "right")
+  want = np.asarray(forward(model, jnp.asarray(tokens), jnp.asarray(mask)))
+  mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  graphdef, state = nnx.split(nnx.clone(model))
+  flat = nnx.to_flat_state(state)
+  for key, var in flat:
+    spec = specs["/".join(map(str, key))]
+    var.set_value(jax.device_put(var[...], NamedSharding(mesh, spec)))
+  sharded = nnx.merge(graphdef, nnx.from_flat_state(flat))
+  q = sharded.layers[0].attn.q_proj.kernel[...]
+  assert len(q.sharding.device_set) == 8 and q.sharding.spec == P("fsdp", "tensor")
+  got = forward(sharded, jnp.asarray(tokens), jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
+
+
+def test_bfloat16_compute_returns_float32_logits_close_to_float32():
+  model = make_model("llama")
+  bf16 = random_decoder(CONFIGS["llama"], dtype=jnp.bfloat16)
+  tokens = jnp.asarray([SEQS[1]], jnp.int32)
+  got = forward(bf16, tokens)
+  assert got.dtype == jnp.float32
+  want = np.asarray(forward(model, tokens))
+  err = np.abs(np.asarray(got) - want).max() / np.abs(want).max()
+  assert 0 < err < 0.05
+
+
+def test_default_dtype_is_float32_on_cpu():
+  abstract = nnx.eval_shape(lambda: dec.Decoder(CONFIGS["gpt2"], rngs=nnx.Rngs(0)))
+  assert abstract.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(norm="batch"), "norm"),
+    (dict(mlp="relu"), "mlp"),
+    (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
+    (dict(position="alibi"), "position"),
+])
+def test_bad_config_raises(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    nnx.eval_shape(lambda: dec.Decoder(dec.DecoderConfig.tiny_llama(**overrides),
+                                       rngs=nnx.Rngs(0)))
