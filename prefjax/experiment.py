@@ -1,0 +1,175 @@
+"""Builds the pieces of an experiment binary from its ml_collections config.
+
+Every binary in ``experiments/`` goes through these functions, so the config
+schema is the same everywhere:
+
+  config.tokenizer.path   "byte" | "asset:smollm2" | "asset:minilm" | "asset:gpt2" | a local path
+  config.model            arch ("decoder" | "encoder"), preset (a ``DecoderConfig`` /
+                          ``EncoderConfig`` constructor, random init), overrides (dict of
+                          config fields; vocab_size None = tokenizer's), path (HF dir,
+                          .gguf, "asset:smollm2", "asset:minilm": pretrained), head,
+                          ensemble ("heads" | "deep"), pooling, dtype
+  config.data             name (``load_preferences`` name or "tiny_world"), train_split,
+                          eval_split, on_bad_row, tiny_world (seed, num_pairs, label_noise,
+                          temperature), and ``pipeline`` fields (``PipelineConfig``)
+  config.mesh.shape       over ("data", "fsdp", "tensor"), -1 = remaining devices
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from flax import nnx
+
+from prefjax import assets
+from prefjax.data import pipeline as pipeline_lib
+from prefjax.data import sources
+from prefjax.data import tiny_world as tiny_world_lib
+from prefjax.data import tokenize as tokenize_lib
+from prefjax.models import decoder as decoder_lib
+from prefjax.models import encoder as encoder_lib
+from prefjax.models import heads as heads_lib
+from prefjax.models import hf_import
+
+_ASSETS = {
+    "smollm2": assets.smollm2_gguf,
+    "minilm": assets.minilm_dir,
+    "gpt2": assets.gpt2_bpe_dir,
+}
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+  if cfg is None:
+    return {}
+  return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+
+
+def resolve_path(path: str) -> str:
+  """``asset:NAME`` -> the installed asset's path; anything else unchanged."""
+  if isinstance(path, str) and path.startswith("asset:"):
+    name = path.split(":", 1)[1]
+    if name not in _ASSETS:
+      raise ValueError(f"unknown asset {name!r}; known: {sorted(_ASSETS)}")
+    return str(_ASSETS[name]())
+  return path
+
+
+def make_tokenizer(cfg: Any) -> tokenize_lib.Tokenizer:
+  """Tokenizer from ``config.tokenizer`` (``path``: see module docstring)."""
+  return tokenize_lib.load_tokenizer(resolve_path(_plain(cfg).get("path", "byte")))
+
+
+def _dtype(name: str | None):
+  return None if name in (None, "", "auto") else jnp.dtype(name)
+
+
+def _random_trunk(cfg: dict[str, Any], vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:
+  arch, preset = cfg.get("arch", "decoder"), cfg.get("preset", "tiny_llama")
+  overrides = {k: v for k, v in _plain(cfg.get("overrides")).items() if v is not None}
+  overrides.setdefault("vocab_size", vocab_size)
+  if arch == "decoder":
+    config_cls, model_cls = decoder_lib.DecoderConfig, decoder_lib.Decoder
+  elif arch == "encoder":
+    config_cls, model_cls = encoder_lib.EncoderConfig, encoder_lib.Encoder
+  else:
+    raise ValueError(f"model.arch must be 'decoder' or 'encoder', got {arch!r}")
+  if not hasattr(config_cls, preset):
+    raise ValueError(f"model.preset {preset!r} is not a {config_cls.__name__} constructor")
+  model_config = getattr(config_cls, preset)(**overrides)
+  return model_cls(model_config, rngs=rngs, dtype=_dtype(cfg.get("dtype")))
+
+
+def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
+  """A model (trunk + optional head) from ``config.model``.
+
+  ``ensemble="deep"`` with head ``reward_ensemble:K`` builds K complete models
+  (``DeepEnsemble``) from seeds ``seed, seed+1, ...``; otherwise K heads share a trunk.
+  """
+  cfg = _plain(cfg)
+  head, pooling = cfg.get("head"), cfg.get("pooling")
+  kind, members = heads_lib.parse_head(head)
+
+  def build(rngs: nnx.Rngs, member_head: str | None) -> nnx.Module:
+    if cfg.get("path"):
+      trunk = hf_import.from_pretrained(resolve_path(cfg["path"]), dtype=_dtype(cfg.get("dtype")))
+    else:
+      trunk = _random_trunk(cfg, vocab_size, rngs)
+    return heads_lib.attach_head(trunk, member_head, rngs=rngs, pooling=pooling)
+
+  if kind == "reward_ensemble" and cfg.get("ensemble", "heads") == "deep":
+    if cfg.get("path"):
+      raise ValueError("a deep ensemble of pretrained trunks is not supported; "
+                       "use ensemble='heads' with a pretrained path")
+    seeds = [seed + k for k in range(members)]
+    return heads_lib.DeepEnsemble(lambda rngs: build(rngs, "reward"), seeds)
+  return build(nnx.Rngs(seed), head)
+
+
+def partition_rules(model: nnx.Module) -> list:
+  """Partition rules of the model's trunk (decoder or encoder), ensemble-aware."""
+  if isinstance(model, heads_lib.DeepEnsemble):
+    return heads_lib.ensemble_partition_rules(partition_rules(model.member(0)))
+  trunk = getattr(model, "trunk", model)
+  if isinstance(trunk, encoder_lib.Encoder):
+    return list(encoder_lib.PARTITION_RULES)
+  return list(decoder_lib.PARTITION_RULES)
+
+
+def tiny_world_dataset_name(tw: Mapping[str, Any]) -> str:
+  return (f"tiny_world-w{tw.get('world_seed', 0)}-s{tw.get('seed', 0)}-n{tw['num_pairs']}"
+          f"-{tw.get('label_noise', 'none')}-t{tw.get('temperature', 1.0)}")
+
+
+def ensure_tiny_world(tw: Mapping[str, Any]) -> str:
+  """Writes the tiny-world dataset described by ``tw`` once; returns its ``synthetic:`` name.
+
+  The recorded label-noise rate is the measured fraction of pairs whose label
+  disagrees with the gold reward (0 for deterministic labels).
+  """
+  from prefjax.data.tfds_builders import synthetic  # pylint: disable=g-import-not-at-top
+  name = tiny_world_dataset_name(tw)
+  if not (synthetic.synthetic_root() / name / synthetic.METADATA_FILE).exists():
+    world = tiny_world_lib.TinyWorld(seed=tw.get("world_seed", 0))
+    rows = list(world.preference_pairs(
+        tw["num_pairs"], seed=tw.get("seed", 0), label_noise=tw.get("label_noise", "none"),
+        temperature=tw.get("temperature", 1.0)))
+    flipped = sum(r["meta"]["gold_chosen"] < r["meta"]["gold_rejected"] for r in rows)
+    synthetic.write_synthetic_dataset(
+        name, rows, label_noise=flipped / len(rows),
+        gold_name=f"tiny_world(seed={world.seed})", meta=dict(tw))
+  return f"synthetic:{name}"
+
+
+def load_split(data_cfg: Any, split: str) -> sources.PreferenceSource:
+  """``load_preferences`` for ``config.data`` (the tiny world is written on first use)."""
+  cfg = _plain(data_cfg)
+  name = cfg["name"]
+  if name == "tiny_world":
+    name = ensure_tiny_world(_plain(cfg.get("tiny_world")))
+  source = sources.load_preferences(name, split, on_bad_row=cfg.get("on_bad_row", "error"),
+                                    data_dir=cfg.get("cache_dir"))
+  logging.info("data %s[%s]: %d pairs (%s)", name, split, len(source), source.summary)
+  return source
+
+
+def pipeline_config(data_cfg: Any, **overrides) -> pipeline_lib.PipelineConfig:
+  fields = {**_plain(_plain(data_cfg).get("pipeline")), **overrides}
+  return pipeline_lib.PipelineConfig.from_mapping(fields)
+
+
+def make_mesh(mesh_cfg: Any) -> jax.sharding.Mesh:
+  from prefjax import parallel  # pylint: disable=g-import-not-at-top
+  return parallel.mesh_from_config(mesh_cfg)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(f"{path}.tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
+  tmp.replace(path)
