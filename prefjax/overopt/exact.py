@@ -94,14 +94,15 @@ def _tie_groups(ref_logits: np.ndarray, proxy: np.ndarray, gold: np.ndarray) -> 
 
   q_group = group_sum(q_sorted)
   members = group_sum(np.ones_like(q_sorted))
-  proxy_group = group_sum(proxy_sorted) / np.maximum(members, 1)
+  proxy_group = group_sum(np.where(starts, proxy_sorted, 0.0))    # exact tied value
   gold_mass = group_sum(q_sorted * gold_sorted)
   with np.errstate(divide="ignore", invalid="ignore"):
     gold_group = np.where(q_group > 0, gold_mass / q_group,
                           group_sum(gold_sorted) / np.maximum(members, 1))
     head = np.cumsum(q_group, axis=1)
-    tail_after = np.cumsum(q_group[:, ::-1], axis=1)[:, ::-1] - q_group
-    tail_after = np.maximum(tail_after, 0.0)
+    # Mass strictly above each group, summed from the top (no cancellation).
+    tail = np.cumsum(q_group[:, ::-1], axis=1)[:, ::-1]
+    tail_after = np.concatenate([tail[:, 1:], np.zeros((num_prompts, 1))], axis=1)
     use_head = head < 0.5
     log_f = np.where(use_head, np.log(head), np.log1p(-tail_after))
     f = np.where(use_head, head, 1.0 - tail_after)
