@@ -108,6 +108,28 @@ def test_hh_empty_and_multi_turn_responses_are_flagged(hh_splits, hh_raw):
   assert "multi_turn_response" not in rows["test.jsonl.gz:1453"]["meta"]
 
 
+H, A = "\n\nHuman:", "\n\nAssistant:"
+
+
+@pytest.mark.parametrize("chosen, rejected, expected", [
+    (f"{H} hi{A} yo", f"{H} hi{A} yo there", (f"{H} hi{A}", " yo", " yo there")),
+    (f"{H} a{A} b{H} c{A} d", f"{H} a{A} b{H} c{A} e",
+     (f"{H} a{A} b{H} c{A}", " d", " e")),
+    (f"{H} a{A} b{H} c{A} d", f"{H} a{A} x{H} c{A} d",
+     (f"{H} a{A}", f" b{H} c{A} d", f" x{H} c{A} d")),
+    (f"{H} a{A}", f"{H} a{A} b", (f"{H} a{A}", "", " b")),
+    (f"{H} a{A}x", f"{H} a{A[:-1]}x", (None, "no_shared_prompt", None)),
+    (f"{H} a{A} b", f"{H} a{A} b", (None, "identical_responses", None)),
+])
+def test_split_transcript(chosen, rejected, expected):
+  if expected[0] is None:
+    with pytest.raises(pdata.tfds_builders.rows.RowError) as info:
+      pdata.split_transcript(chosen, rejected)
+    assert info.value.reason == expected[1]
+  else:
+    assert pdata.split_transcript(chosen, rejected) == expected
+
+
 def _independent_bucket(prompt):
   fraction = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") / 2**64
   return "train" if fraction < 0.8 else "validation" if fraction < 0.9 else "test"
