@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefjax.rewards.aggregate import AGGREGATIONS
-from prefjax.rewards.aggregate import aggregate
 from prefjax.rewards import normalize
+from prefjax.rewards.aggregate import aggregate
 
 Texts = Sequence[str]
 MaybeArray = jax.Array | np.ndarray | None

@@ -15,13 +15,13 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from prefjax.rewards.aggregate import AGGREGATIONS
-from prefjax.rewards.aggregate import aggregate
 from prefjax.rewards import base
-from prefjax.rewards.base import MaybeArray
-from prefjax.rewards.base import Texts
 from prefjax.rewards import model as model_lib
 from prefjax.rewards import normalize
+from prefjax.rewards.aggregate import AGGREGATIONS
+from prefjax.rewards.aggregate import aggregate
+from prefjax.rewards.base import MaybeArray
+from prefjax.rewards.base import Texts
 
 
 class EnsembleReward(base.RewardFn):
