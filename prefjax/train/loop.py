@@ -331,6 +331,8 @@ class _Trainer:
       except KeyboardInterrupt:
         if consistent and self._buffers_alive():
           logging.warning("interrupted at step %d: saving a checkpoint", step)
+          if pending is not None:
+            self._finish_step(*pending)
           self._save()
           self.checkpointer.wait()
         self._close()

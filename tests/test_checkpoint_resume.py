@@ -1,0 +1,145 @@
+"""Kill-and-resume: interrupted runs rerun with the same workdir end bit-identical."""
+
+import os
+import signal
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from prefjax import train
+
+IN, HIDDEN, STEPS = 4, 16, 12
+
+
+class DropoutMLP(nnx.Module):
+  """MLP with dropout: its RNG stream counter lives in the non-param ``extra`` state."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(IN, HIDDEN, rngs=rngs)
+    self.drop = nnx.Dropout(0.2, rngs=rngs)
+    self.out = nnx.Linear(HIDDEN, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.drop(jnp.tanh(self.hidden(x))))[:, 0]
+
+
+def loss_fn(model, batch, rng):
+  # The step RNG weights examples, so a wrong RNG on resume changes the params.
+  weight = jax.random.uniform(rng, batch["y"].shape, minval=0.5, maxval=1.5)
+  loss = jnp.mean(weight * (model(batch["x"]) - batch["y"])**2)
+  return loss, {}
+
+
+def eval_fn(model, batch):
+  model.eval()
+  mse = jnp.mean((model(batch["x"]) - batch["y"])**2)
+  return {"mse": mse, "neg_mse": -mse}
+
+
+def make_iter():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(40, IN)).astype(np.float32)
+  y = np.sin(x.sum(-1)).astype(np.float32)
+  examples = [{"x": x[i], "y": y[i]} for i in range(40)]
+  return iter(grain.MapDataset.source(examples).shuffle(seed=3).repeat().batch(8))
+
+
+EVAL_DATA = [{"x": np.ones((4, IN), np.float32), "y": np.zeros(4, np.float32)}]
+LOOP = train.LoopConfig(num_steps=STEPS, log_every=1, eval_every=4, checkpoint_every=2,
+                        keep_checkpoints=2, best_metric="neg_mse", best_mode="min",
+                        accum_steps=2, tensorboard=False)
+OPT = {"name": "adamw", "learning_rate": 3e-2, "schedule": "linear", "total_steps": STEPS,
+       "warmup_steps": 2, "weight_decay": 0.01}
+
+
+def run(workdir, hooks=(), train_iter=None):
+  train_iter = make_iter() if train_iter is None else train_iter
+  result = train.train_loop(workdir=str(workdir), model=DropoutMLP(nnx.Rngs(0)),
+                            loss_fn=loss_fn, optimizer=OPT, loop=LOOP, train_iter=train_iter,
+                            config={"opt": OPT, "loop": LOOP}, eval_fn=eval_fn,
+                            eval_data=EVAL_DATA, hooks=hooks)
+  return result, train_iter
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  result, train_iter = run(workdir)
+  return workdir, result, train_iter.get_state()
+
+
+def _stop_at(step_to_stop, action):
+  def hook(step, state, metrics):
+    del state, metrics
+    if step == step_to_stop:
+      action()
+  return hook
+
+
+def _raise(exc):
+  def action():
+    raise exc
+  return action
+
+
+def assert_same_run(workdir, reference, train_iter):
+  ref_dir, ref_result, ref_iter_state = reference
+  summary = train.read_summary(str(workdir))
+  assert summary["final_step"] == STEPS
+  assert summary["params_sha256"] == ref_result.summary["params_sha256"]
+  assert train_iter.get_state() == ref_iter_state
+  ref_records = train.read_metrics(ref_dir)
+  records = train.read_metrics(workdir)
+  assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+  np.testing.assert_array_equal([r["loss"] for r in records], [r["loss"] for r in ref_records])
+  np.testing.assert_array_equal([r.get("eval/mse", -1) for r in records],
+                                [r.get("eval/mse", -1) for r in ref_records])
+
+
+def test_reference_run_keeps_last_and_best_checkpoints(reference):
+  workdir, result, _ = reference
+  evals = [r for r in train.read_metrics(workdir) if "eval/neg_mse" in r]
+  assert [r["step"] for r in evals] == [4, 8, 12]
+  best = min(evals, key=lambda r: r["eval/neg_mse"])["step"]
+  assert best in (4, 8)  # So keeping it is visible beside the latest two.
+  ckpt = train.Checkpointer(workdir / "checkpoints")
+  assert sorted(ckpt.all_steps()) == [best, 10, 12]
+  ckpt.close()
+  losses = [r["loss"] for r in train.read_metrics(workdir)]
+  assert losses[-1] < losses[0]
+  assert result.summary["skipped_steps"] == 0
+
+
+def _latest_checkpoint(workdir):
+  ckpt = train.Checkpointer(workdir / "checkpoints")
+  latest = ckpt.latest_step()
+  ckpt.close()
+  return latest
+
+
+def test_sigterm_crash_and_ctrl_c_then_rerun_is_bit_identical(tmp_path, reference):
+  # 1. SIGTERM after step 3 (not a checkpoint step): graceful save at 3 and return.
+  result, _ = run(tmp_path, hooks=[_stop_at(3, lambda: os.kill(os.getpid(), signal.SIGTERM))])
+  assert result.preempted and int(result.state.step) == 3
+  assert _latest_checkpoint(tmp_path) == 3
+  assert not os.path.exists(tmp_path / "summary.json")
+  # 2. Resume at 3, crash after step 7: nothing saved after the step-6 checkpoint.
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    run(tmp_path, hooks=[_stop_at(7, _raise(RuntimeError("simulated crash")))])
+  assert _latest_checkpoint(tmp_path) == 6
+  assert max(r["step"] for r in train.read_metrics(tmp_path)) >= 6
+  # 3. Resume at 6, Ctrl-C (KeyboardInterrupt) after step 9: saved at 9, re-raised.
+  with pytest.raises(KeyboardInterrupt):
+    run(tmp_path, hooks=[_stop_at(9, _raise(KeyboardInterrupt()))])
+  assert _latest_checkpoint(tmp_path) == 9
+  # 4. Resume at 9 and finish: identical params, metrics and data position.
+  result, train_iter = run(tmp_path)
+  assert not result.preempted
+  assert_same_run(tmp_path, reference, train_iter)
+  # 5. A rerun of a finished workdir trains nothing and reports the same summary.
+  again, _ = run(tmp_path)
+  assert again.summary == result.summary
