@@ -4,6 +4,7 @@ import decimal
 import itertools
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -136,6 +137,16 @@ def test_unbiased_rejects_bad_input():
     overopt.unbiased_bon_scores(np.zeros((2, 4)), np.array([[0.0] * 4, [0, 0, np.nan, 0]]))
   with pytest.raises(ValueError, match=r"\[1, N=4\]"):
     overopt.unbiased_bon_scores(np.zeros(4), np.zeros(4), [5])
+
+
+def test_select_best_of_n_breaks_ties_uniformly():
+  rewards = np.tile(np.array([1.0, 3.0, 3.0, 0.0, 3.0], np.float32), (6000, 1))
+  picked = np.asarray(jax.jit(overopt.select_best_of_n)(rewards, jax.random.key(0)))
+  counts = np.bincount(picked, minlength=5)
+  assert counts[0] == counts[3] == 0
+  expected, se = 2000.0, np.sqrt(6000 * (1 / 3) * (2 / 3))
+  assert np.all(np.abs(counts[[1, 2, 4]] - expected) <= 3 * se)
+  np.testing.assert_array_equal(overopt.select_best_of_n(rewards[:2]), [1, 1])
 
 
 # ----------------------------------------------------------------------------- exact

@@ -4,6 +4,7 @@
 * ``unbiased_best_of_n`` / ``unbiased_bon_scores``: every n ≤ N from N samples.
 * ``exact_best_of_n`` / ``exact_bon_scores``: exact BoN on finite candidate sets
   with exact KL; ``rl_path`` / ``rl_path_scores``: π_β ∝ π_ref·exp(β·r).
+* ``select_best_of_n``: jit-safe selection with uniform random tie-breaking.
 * ``Curve`` and ``bootstrap_mean_se``: prompt-averaged curves with bootstrap SEs.
 """
 
@@ -12,6 +13,7 @@ from prefjax.overopt.bon import Curve
 from prefjax.overopt.bon import bon_kl
 from prefjax.overopt.bon import bootstrap_mean_se
 from prefjax.overopt.bon import log_spaced_ns
+from prefjax.overopt.bon import select_best_of_n
 from prefjax.overopt.bon import summarize
 from prefjax.overopt.bon import tie_averaged_scores
 from prefjax.overopt.bon import unbiased_best_of_n
@@ -29,6 +31,6 @@ from prefjax.overopt.exact import rl_path_scores
 __all__ = [
     "BonScores", "Curve", "ExactScores", "bon_kl", "bootstrap_mean_se", "exact_best_of_n",
     "exact_bon_log_probs", "exact_bon_scores", "log1mexp", "log_spaced_ns", "rl_path",
-    "rl_path_log_probs", "rl_path_scores", "summarize", "tie_averaged_scores",
+    "rl_path_log_probs", "rl_path_scores", "select_best_of_n", "summarize", "tie_averaged_scores",
     "unbiased_best_of_n", "unbiased_bon_scores", "unbiased_bon_weights",
 ]

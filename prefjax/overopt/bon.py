@@ -8,14 +8,18 @@ arXiv:2112.09332) and Gao et al., "Scaling Laws for Reward Model
 Overoptimization", arXiv:2210.10760. Exact best-of-n over a finite candidate
 set with a known π_ref lives in ``prefjax.overopt.exact``.
 
-All numerics are float64 NumPy/SciPy: these are evaluation tools, and the
+The estimators are float64 NumPy/SciPy: they are evaluation tools, and the
 binomial weights overflow any float32 computation for N in the thousands.
+``select_best_of_n`` is the jit-safe selection step used when actually
+generating with best-of-n.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy import special
@@ -44,6 +48,22 @@ def bon_kl(n: ArrayLike) -> np.ndarray:
   if np.any(~np.isfinite(n)) or np.any(n < 1):
     raise ValueError(f"bon_kl: n must be finite and >= 1, got {n}")
   return np.log(n) - (n - 1.0) / n
+
+
+def select_best_of_n(rewards: jax.Array, key: jax.Array | None = None) -> jax.Array:
+  """Index of the highest-reward candidate per prompt, ``[..., n] -> [...]`` int32.
+
+  With ``key``, ties are broken uniformly at random, the convention under which
+  ``unbiased_bon_scores`` and ``exact_bon_scores`` are exact; without it the
+  first maximum wins. Pure and jit-safe; the rewards must be finite (a NaN would
+  be selected), which ``prefjax.rewards`` guarantees.
+  """
+  rewards = jnp.asarray(rewards)
+  if key is None:
+    return jnp.argmax(rewards, axis=-1).astype(jnp.int32)
+  is_max = rewards == jnp.max(rewards, axis=-1, keepdims=True)
+  noise = jax.random.uniform(key, rewards.shape)
+  return jnp.argmax(jnp.where(is_max, noise, -1.0), axis=-1).astype(jnp.int32)
 
 
 def log_spaced_ns(n_max: int, num: int) -> np.ndarray:
