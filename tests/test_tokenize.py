@@ -1,0 +1,185 @@
+"""Tests for prefjax.data.tokenize: local tokenizers, special-token policy, chat formatting."""
+
+import pathlib
+
+import pytest
+
+from prefjax.data import tokenize
+
+TEXTS = [
+    "Hello world! How are you doing today?",
+    "\n\nHuman: what is 2+2?\n\nAssistant: It is 4.",
+    "café, naïve — 東京 🙂",
+]
+HH_PROMPT = ("\n\nHuman: what are some pranks with a pen i can do?\n\nAssistant: Are you "
+             "looking for practical joke ideas?\n\nHuman: yep\n\nAssistant:")
+
+
+# ---------------------------------------------------------------------------- byte tokenizer
+
+
+@pytest.mark.parametrize("text", TEXTS + ["", " leading space", "a\x00b"])
+def test_byte_round_trip(text):
+  tok = tokenize.ByteTokenizer()
+  ids = tok.encode(text)
+  assert ids == list(text.encode("utf-8"))
+  assert tok.decode(ids) == text
+  assert tok.decode(tok.encode(text, add_bos=True, add_eos=True)) == text
+
+
+def test_byte_vocab_and_specials():
+  tok = tokenize.ByteTokenizer(extra_specials=("<sep>",))
+  assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (256, 257, 258, 260)
+  assert tok.token_id("<sep>") == 259
+  assert tok.decode([104, 257, 105, 259], skip_special_tokens=False) == "h<bos>i<sep>"
+  assert tok.name != tokenize.ByteTokenizer().name
+  with pytest.raises(ValueError, match="outside the byte vocabulary"):
+    tok.decode([260])
+  assert tokenize.load_tokenizer("byte") == tokenize.ByteTokenizer()
+
+
+@pytest.mark.parametrize("ids,add_bos,add_eos,expected", [
+    ([5, 6], True, True, [1, 5, 6, 2]),
+    ([1, 5, 6, 2], True, True, [1, 5, 6, 2]),  # already present: never doubled
+    ([1, 5], False, True, [1, 5, 2]),
+    ([], True, True, [1, 2]),
+    ([5, 2], False, False, [5, 2]),
+])
+def test_add_special_tokens(ids, add_bos, add_eos, expected):
+  assert tokenize.add_special_tokens(ids, bos_id=1, eos_id=2, add_bos=add_bos,
+                                     add_eos=add_eos) == expected
+
+
+def test_add_special_tokens_missing_bos_is_an_error():
+  with pytest.raises(ValueError, match="no BOS"):
+    tokenize.add_special_tokens([3], bos_id=None, eos_id=2, add_bos=True, add_eos=False)
+
+
+# ---------------------------------------------------------------------------- HF tokenizers
+
+_CACHE = {}
+
+
+def _load(path):
+  key = str(path)
+  if key not in _CACHE:
+    _CACHE[key] = tokenize.load_tokenizer(path)
+  return _CACHE[key]
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm2_gguf):
+  return _load(smollm2_gguf)
+
+
+def test_gguf_matches_transformers(smollm, smollm2_gguf):
+  from transformers import AutoTokenizer
+  direct = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+  assert (smollm.bos_id, smollm.eos_id, smollm.vocab_size) == (1, 2, 49152)
+  for text in TEXTS + [HH_PROMPT]:
+    assert smollm.encode(text) == direct.encode(text, add_special_tokens=False)
+    assert smollm.decode(smollm.encode(text)) == text
+
+
+def test_hf_dir_matches_transformers(minilm_dir):
+  from transformers import AutoTokenizer
+  tok = _load(minilm_dir)
+  direct = AutoTokenizer.from_pretrained(str(minilm_dir))
+  long_text = " ".join(["preference"] * 150) + " " + TEXTS[0]
+  for text in TEXTS + [long_text]:
+    # transformers pads/truncates this tokenizer.json to 128 when asked for tensors; ids must not.
+    expected = direct(text, add_special_tokens=False, padding=False, truncation=False)["input_ids"]
+    assert tok.encode(text) == expected
+  ids = tok.encode(long_text, add_bos=True, add_eos=True)
+  assert len(ids) > 150 and tok.pad_id not in ids  # padding/truncation to 128 turned off
+  assert (ids[0], ids[-1]) == (101, 102)  # [CLS] ... [SEP] stand in for BOS/EOS
+  assert tok.decode(tok.encode(TEXTS[0])) == TEXTS[0].lower()
+
+
+def test_bare_tokenizer_json_equals_hf_dir(minilm_dir):
+  bare = _load(pathlib.Path(minilm_dir) / "tokenizer.json")
+  full = _load(minilm_dir)
+  assert (bare.bos_id, bare.eos_id, bare.pad_id) == (full.bos_id, full.eos_id, full.pad_id)
+  for text in TEXTS:
+    assert bare.encode(text, add_bos=True, add_eos=True) == full.encode(
+        text, add_bos=True, add_eos=True)
+
+
+def test_gpt2_bpe_dir(gpt2_bpe_dir):
+  tok = _load(gpt2_bpe_dir)
+  assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (50256, 50256, 50257)
+  assert tok.encode("Hello world") == [15496, 995]  # GPT-2's published ids
+  assert tok.encode("\n\nHuman: hi") == [198, 198, 20490, 25, 23105]
+  for text in TEXTS + [HH_PROMPT]:
+    assert tok.decode(tok.encode(text)) == text
+  assert tok.encode("hi", add_eos=True) == [5303, 50256]
+  assert tok.encode("hi<|endoftext|>", add_eos=True) == [5303, 50256]
+
+
+@pytest.mark.parametrize("marker", ["bos", "eos"])
+def test_no_double_special_tokens_from_text(smollm, marker):
+  # The text itself already produces the special token: add_bos/add_eos must not repeat it.
+  if marker == "bos":
+    ids = smollm.encode("<|im_start|>user\nhi", add_bos=True)
+    assert ids[0] == smollm.bos_id and ids[1] != smollm.bos_id
+    assert ids.count(smollm.bos_id) == 1
+  else:
+    ids = smollm.encode("bye<|im_end|>", add_eos=True)
+    assert ids[-1] == smollm.eos_id and ids[-2] != smollm.eos_id
+    assert ids.count(smollm.eos_id) == 1
+
+
+def test_tokenizer_names_are_distinct_fingerprints(smollm, minilm_dir, gpt2_bpe_dir):
+  names = {smollm.name, _load(minilm_dir).name, _load(gpt2_bpe_dir).name,
+           tokenize.ByteTokenizer().name}
+  assert len(names) == 4
+  assert _load(minilm_dir).name == tokenize.load_tokenizer(minilm_dir).name  # stable
+
+
+def test_load_tokenizer_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    tokenize.load_tokenizer(tmp_path / "missing")
+  (tmp_path / "notes.txt").write_text("x")
+  with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+    tokenize.load_tokenizer(tmp_path)
+
+
+# ---------------------------------------------------------------------------- chat formatting
+
+
+def test_parse_hh_transcript():
+  messages = tokenize.parse_hh_transcript(HH_PROMPT)
+  assert messages == [
+      {"role": "user", "content": "what are some pranks with a pen i can do?"},
+      {"role": "assistant", "content": "Are you looking for practical joke ideas?"},
+      {"role": "user", "content": "yep"},
+  ]
+  assert tokenize.render_hh_transcript(messages) == HH_PROMPT
+  assert tokenize.parse_hh_transcript("just a question") == [
+      {"role": "user", "content": "just a question"}]
+  assert tokenize.parse_hh_transcript("Be brief.\n\nHuman: hi\n\nAssistant:")[0] == {
+      "role": "system", "content": "Be brief."}
+
+
+def test_chat_prompt_uses_template_with_generation_prompt(smollm):
+  text = tokenize.format_prompt(HH_PROMPT, smollm, style="chat")
+  assert text.startswith("<|im_start|>system\n")
+  assert "<|im_start|>user\nyep<|im_end|>\n" in text
+  assert text.endswith("<|im_start|>assistant\n")
+  ids = tokenize.encode_prompt(HH_PROMPT, smollm, style="chat")
+  assert ids[0] == smollm.bos_id and ids[1] != smollm.bos_id  # the template's BOS, once
+  assert ids == smollm.encode(text)
+  response = tokenize.encode_response(" Sure, here is one.", smollm, style="chat")
+  assert response == smollm.encode("Sure, here is one.") + [smollm.eos_id]
+  already = tokenize.encode_response("Sure.<|im_end|>", smollm, style="chat")
+  assert already.count(smollm.eos_id) == 1 and already[-1] == smollm.eos_id
+
+
+def test_raw_and_fallback_chat_formatting():
+  tok = tokenize.ByteTokenizer()
+  assert tokenize.format_prompt(HH_PROMPT, tok, style="raw") == HH_PROMPT
+  assert tokenize.format_prompt(HH_PROMPT, tok, style="chat") == HH_PROMPT  # no template
+  assert tokenize.encode_prompt("ab", tok) == [tok.bos_id, 97, 98]
+  assert tokenize.encode_response(" ok", tok) == [32, 111, 107, tok.eos_id]
+  with pytest.raises(ValueError, match="prompt style"):
+    tokenize.format_prompt("x", tok, style="fancy")
