@@ -129,11 +129,13 @@ class PooledHeadModel(nnx.Module):
     return pool_packed(hidden, segment_ids, num_segments, self.pooling)
 
   def outputs(self, tokens: Array, **kwargs) -> Array:
-    """Head outputs ``[N, K]`` or ``[R, S + 1, K]`` (packed column 0 zero)."""
+    """Head outputs ``[N, K]`` or ``[R, S + 1, K]`` (packed: padding column and absent segments 0)."""
     out = self.head(self.features(tokens, **kwargs))
-    if kwargs.get("segment_ids") is not None:
-      out = out.at[:, 0].set(0.0)
-    return out
+    segment_ids = kwargs.get("segment_ids")
+    if segment_ids is None:
+      return out
+    present = seg.segment_counts(segment_ids, kwargs["num_segments"]) > 0
+    return jnp.where(present[..., None], out, 0.0)
 
 
 class RewardModel(PooledHeadModel):

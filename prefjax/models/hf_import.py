@@ -229,7 +229,7 @@ def fill_params(model: nnx.Module, mapping: hf_mappings.Mapping,
           f"{layout!r}) but parameter {path!r} expects {expected}")
     if not np.all(np.isfinite(array.astype(np.float32))):
       raise CheckpointError(f"{where}: tensor {hf_name!r} contains NaN or inf")
-    var.value = jnp.asarray(array, dtype=param_dtype)
+    var.set_value(jnp.asarray(array, dtype=param_dtype))
   return sorted(n for n in reader.names() - used if not hf_mappings.is_ignored(n))
 
 
@@ -301,7 +301,7 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
 
 def hf_state_dict(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """``(tensors, config_dict)`` of a ``Decoder`` or ``Encoder`` in Hugging Face layout."""
-  params = {p: np.asarray(jax.device_get(v.value)) for p, v in _param_paths(model).items()}
+  params = {p: np.asarray(jax.device_get(v.get_value())) for p, v in _param_paths(model).items()}
   if isinstance(model, Encoder):
     hf_config = model.config.to_hf_dict()
     mapping = hf_mappings.bert_mapping(model.config.num_layers)

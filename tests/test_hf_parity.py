@@ -1,0 +1,303 @@
+"""Parity of HF checkpoint import/export against Hugging Face PyTorch models (CPU, float32).
+
+Tiny random Llama (GQA; tied and untied), GPT-2 and BERT models are created with
+``transformers``, saved to a temporary directory, loaded with
+``prefjax.models.from_pretrained`` and compared on the same tokens: padded
+(right and left), unpadded and packed. Then prefjax's ``save_pretrained`` is
+checked both ways (round trip and loading in PyTorch), and the loader's errors.
+"""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from prefjax import models
+from prefjax.models import decoder, encoder, hf_import
+
+ATOL = 1e-4
+VOCAB = 61
+
+
+def _llama_config(tied: bool) -> transformers.LlamaConfig:
+  return transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+      rms_norm_eps=1e-5, rope_theta=500.0, tie_word_embeddings=tied,
+      attn_implementation="eager")
+
+
+def _gpt2_config() -> transformers.GPT2Config:
+  return transformers.GPT2Config(
+      vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+      attn_implementation="eager")
+
+
+def _bert_config() -> transformers.BertConfig:
+  return transformers.BertConfig(
+      vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=64, max_position_embeddings=64, attn_implementation="eager")
+
+
+_HF_BUILDERS = {
+    "llama_untied": lambda: transformers.LlamaForCausalLM(_llama_config(tied=False)),
+    "llama_tied": lambda: transformers.LlamaForCausalLM(_llama_config(tied=True)),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(_gpt2_config()),
+    "bert": lambda: transformers.BertModel(_bert_config()),
+}
+
+
+def _randomize_norms(module: torch.nn.Module, seed: int) -> None:
+  """HF initialises norms to (1, 0); perturb them so a swapped norm would be caught."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      if "norm" in name.lower() or ".ln_" in name or name.startswith("ln_f"):
+        p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def load_pair(tmp_path_factory):
+  """``load_pair(name) -> (torch model, prefjax model, checkpoint dir)``, built once per name."""
+  cache = {}
+
+  def load(name: str):
+    if name not in cache:
+      torch.manual_seed(0)
+      hf_model = _HF_BUILDERS[name]().eval()
+      _randomize_norms(hf_model, seed=1)
+      path = tmp_path_factory.mktemp(name)
+      hf_model.save_pretrained(path)
+      cache[name] = hf_model, models.from_pretrained(path, dtype=jnp.float32), path
+    return cache[name]
+
+  return load
+
+
+ALL = sorted(_HF_BUILDERS)
+DECODERS = [n for n in ALL if n != "bert"]
+
+
+def _tokens(n: int, t: int, seed: int) -> np.ndarray:
+  return np.random.RandomState(seed).randint(1, VOCAB, (n, t)).astype(np.int32)
+
+
+def _torch_out(hf_model, tokens, mask, position_ids=None) -> np.ndarray:
+  kwargs = {"input_ids": torch.tensor(tokens, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long)}
+  if position_ids is not None:
+    kwargs["position_ids"] = torch.tensor(position_ids, dtype=torch.long)
+  with torch.no_grad():
+    out = hf_model(**kwargs)
+  return (out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits).numpy()
+
+
+def _ours_out(model, tokens, **kwargs) -> np.ndarray:
+  if isinstance(model, encoder.Encoder):
+    return np.asarray(model.hidden_states(tokens, **kwargs))
+  return np.asarray(model(tokens, **kwargs))
+
+
+def _assert_close_on(mask, ours, ref):
+  real = mask.astype(bool)
+  np.testing.assert_allclose(ours[real], ref[real], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_loaded_model_type(load_pair, name):
+  _, ours, _ = load_pair(name)
+  expected = encoder.Encoder if name == "bert" else decoder.Decoder
+  assert isinstance(ours, expected)
+  if name.startswith("llama"):
+    assert ours.config.num_kv_heads == 2 and ours.config.rope_theta == 500.0
+    assert ours.config.tie_embeddings == (name == "llama_tied")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unpadded_and_right_padded_match_torch(load_pair, name):
+  hf_model, ours, _ = load_pair(name)
+  tokens = _tokens(3, 9, seed=2)
+  full = np.ones_like(tokens)
+  _assert_close_on(full, _ours_out(ours, tokens), _torch_out(hf_model, tokens, full))
+  mask = full.copy()
+  mask[1, 6:] = 0
+  mask[2, 3:] = 0
+  _assert_close_on(mask, _ours_out(ours, tokens, attention_mask=mask),
+                   _torch_out(hf_model, tokens, mask))
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_left_padded_decoder_matches_torch(load_pair, name):
+  hf_model, ours, _ = load_pair(name)
+  tokens = _tokens(2, 8, seed=3)
+  mask = np.ones_like(tokens)
+  mask[0, :3] = 0
+  positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+  _assert_close_on(mask, _ours_out(ours, tokens, attention_mask=mask),
+                   _torch_out(hf_model, tokens, mask, positions))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_packed_equals_per_sequence_torch(load_pair, name):
+  hf_model, ours, _ = load_pair(name)
+  lengths = ((5, 3), (7,))
+  seqs = [[_tokens(1, n, seed=10 + 3 * r + j)[0] for j, n in enumerate(row)]
+          for r, row in enumerate(lengths)]
+  width = 10
+  tokens = np.zeros((2, width), np.int32)
+  seg_ids = np.zeros_like(tokens)
+  positions = np.zeros_like(tokens)
+  for r, row in enumerate(seqs):
+    start = 0
+    for s, seq in enumerate(row):
+      tokens[r, start:start + len(seq)] = seq
+      seg_ids[r, start:start + len(seq)] = s + 1
+      positions[r, start:start + len(seq)] = np.arange(len(seq))
+      start += len(seq)
+  packed = _ours_out(ours, tokens, segment_ids=seg_ids, positions=positions)
+  for r, row in enumerate(seqs):
+    start = 0
+    for seq in row:
+      ref = _torch_out(hf_model, seq[None], np.ones((1, len(seq)), np.int64))[0]
+      np.testing.assert_allclose(packed[r, start:start + len(seq)], ref, atol=ATOL, rtol=0)
+      start += len(seq)
+
+
+def test_sharded_index_checkpoint_loads(load_pair, tmp_path):
+  hf_model, ours, _ = load_pair("llama_untied")
+  hf_model.save_pretrained(tmp_path, max_shard_size="20KB")
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+  resharded = models.from_pretrained(tmp_path, dtype=jnp.float32)
+  for (p, a), (_, b) in zip(nnx.state(ours, nnx.Param).flat_state(),
+                            nnx.state(resharded, nnx.Param).flat_state()):
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa", "llama_tied", "gpt2"])
+def test_save_pretrained_round_trip_and_torch_load(kind, tmp_path):
+  cfg = {"llama_gqa": decoder.DecoderConfig.tiny_llama(vocab_size=VOCAB),
+         "llama_tied": decoder.DecoderConfig.tiny_llama(vocab_size=VOCAB, tie_embeddings=True),
+         "gpt2": decoder.DecoderConfig.tiny_gpt2(vocab_size=VOCAB)}[kind]
+  ours = decoder.Decoder(cfg, rngs=nnx.Rngs(4), dtype=jnp.float32)
+  models.save_pretrained(ours, tmp_path)
+  back = models.from_pretrained(tmp_path, dtype=jnp.float32)
+  assert back.config == cfg
+  before = dict(nnx.state(ours, nnx.Param).flat_state())
+  after = dict(nnx.state(back, nnx.Param).flat_state())
+  assert before.keys() == after.keys()
+  for p in before:
+    np.testing.assert_array_equal(np.asarray(before[p].get_value()), np.asarray(after[p].get_value()),
+                                  err_msg=str(p))
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path, attn_implementation="eager").eval()
+  tokens = _tokens(2, 7, seed=5)
+  mask = np.ones_like(tokens)
+  mask[1, 5:] = 0
+  _assert_close_on(mask, _ours_out(ours, tokens, attention_mask=mask),
+                   _torch_out(hf_model, tokens, mask))
+
+
+def test_encoder_save_pretrained_loads_in_torch(tmp_path):
+  cfg = encoder.EncoderConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+                              intermediate_size=64, max_position_embeddings=32)
+  ours = encoder.Encoder(cfg, rngs=nnx.Rngs(6), dtype=jnp.float32)
+  models.save_pretrained(ours, tmp_path)
+  hf_model = transformers.BertModel.from_pretrained(
+      tmp_path, add_pooling_layer=False, attn_implementation="eager").eval()
+  tokens = _tokens(2, 6, seed=7)
+  mask = np.ones_like(tokens)
+  mask[0, 4:] = 0
+  _assert_close_on(mask, _ours_out(ours, tokens, attention_mask=mask),
+                   _torch_out(hf_model, tokens, mask))
+
+
+# -- errors ---------------------------------------------------------------------
+
+
+def _tiny_bert_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+  cfg = encoder.EncoderConfig(vocab_size=VOCAB, hidden_size=8, num_layers=1, num_heads=2,
+                              intermediate_size=16, max_position_embeddings=16)
+  models.save_pretrained(encoder.Encoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32), tmp_path)
+  return tmp_path
+
+
+def _edit_tensors(path: pathlib.Path, edit) -> None:
+  tensors = load_file(str(path / "model.safetensors"))
+  edit(tensors)
+  save_file(tensors, str(path / "model.safetensors"))
+
+
+def test_unsupported_model_type_is_named(tmp_path):
+  path = _tiny_bert_dir(tmp_path)
+  config = json.loads((path / "config.json").read_text())
+  config["model_type"] = "mamba"
+  (path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(hf_import.CheckpointError, match=r"model_type 'mamba' is not supported"):
+    models.from_pretrained(path)
+
+
+def test_missing_tensor_is_named(tmp_path):
+  path = _tiny_bert_dir(tmp_path)
+  _edit_tensors(path, lambda t: t.pop("encoder.layer.0.attention.self.key.weight"))
+  with pytest.raises(hf_import.CheckpointError,
+                     match=r"'encoder\.layer\.0\.attention\.self\.key\.weight' is missing"):
+    models.from_pretrained(path)
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(tmp_path):
+  path = _tiny_bert_dir(tmp_path)
+  _edit_tensors(path, lambda t: t.update(
+      {"encoder.layer.0.intermediate.dense.weight": np.zeros((17, 8), np.float32)}))
+  with pytest.raises(hf_import.CheckpointError) as info:
+    models.from_pretrained(path)
+  msg = str(info.value)
+  assert "'encoder.layer.0.intermediate.dense.weight'" in msg
+  assert "(8, 17)" in msg and "(8, 16)" in msg and "layers/0/mlp/up_proj/kernel" in msg
+
+
+def test_nan_tensor_is_rejected(tmp_path):
+  path = _tiny_bert_dir(tmp_path)
+  def poison(t):
+    t["embeddings.LayerNorm.bias"] = np.full((8,), np.nan, np.float32)
+  _edit_tensors(path, poison)
+  with pytest.raises(hf_import.CheckpointError, match=r"'embeddings\.LayerNorm\.bias'.*NaN"):
+    models.from_pretrained(path)
+
+
+def test_unused_tensors_are_reported(tmp_path):
+  path = _tiny_bert_dir(tmp_path)
+  _edit_tensors(path, lambda t: t.update({"classifier.weight": np.ones((2, 8), np.float32),
+                                          "embeddings.position_ids": np.arange(16)[None]}))
+  _, report = hf_import.load_hf_checkpoint(path, dtype=jnp.float32)
+  assert report.unused == ["classifier.weight"]  # the position_ids buffer is known, not unused
+  assert report.model_type == "bert"
+
+
+def test_bert_prefix_and_old_layernorm_names(tmp_path):
+  path = _tiny_bert_dir(tmp_path)
+  plain = models.from_pretrained(path, dtype=jnp.float32)
+  def rename(t):
+    for name in list(t):
+      new = "bert." + name.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+          "LayerNorm.bias", "LayerNorm.beta")
+      t[new] = t.pop(name)
+  _edit_tensors(path, rename)
+  prefixed = models.from_pretrained(path, dtype=jnp.float32)
+  tokens = _tokens(1, 5, seed=8)
+  np.testing.assert_array_equal(_ours_out(plain, tokens), _ours_out(prefixed, tokens))
+
+
+def test_missing_directory_files_are_clear(tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    models.from_pretrained(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+  with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    hf_import.SafetensorsReader(tmp_path)
