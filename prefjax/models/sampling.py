@@ -106,10 +106,11 @@ class _LoopState(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "graphdef", "max_new_tokens", "greedy", "top_k", "use_top_p", "eos_id", "pad_id",
-    "tempered_logps"))
-def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, rng, temperature, top_p, *,
-                  max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, tempered_logps):
+    "graphdef", "max_new_tokens", "greedy", "top_k", "use_top_p", "tempered_logps"))
+def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, rng, temperature, top_p,
+                  eos_id, pad_id, *, max_new_tokens, greedy, top_k, use_top_p,
+                  tempered_logps):
+  """The whole generation program; ``eos_id`` < 0 means no EOS."""
   TRACE_COUNTS["generate"] += 1
   model = nnx.merge(graphdef, state)
   batch, prompt_len = prompt_tokens.shape
@@ -124,7 +125,7 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, rng, temperature,
     tokens, logps = sample(s.logits, step_rng, temperature, top_p)
     live = ~s.done
     tokens = jnp.where(live, tokens, pad_id)
-    done = s.done | (live & (tokens == eos_id)) if eos_id is not None else s.done
+    done = s.done | (live & (tokens == eos_id))
     logits, cache = model.extend(tokens[:, None], s.cache,
                                  attention_mask=live[:, None].astype(jnp.int32))
     return _LoopState(
@@ -139,7 +140,7 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, rng, temperature,
 
   init = _LoopState(
       step=jnp.zeros((), jnp.int32), cache=cache, logits=logits[:, -1],
-      tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+      tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),  # traced fill value
       logps=jnp.zeros((batch, max_new_tokens), jnp.float32),
       mask=jnp.zeros((batch, max_new_tokens), jnp.int32),
       done=jnp.zeros((batch,), bool), rng=rng)
@@ -178,15 +179,17 @@ def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *, rng
     raise ValueError(f"top_k must be >= 1, got {top_k}")
   if top_p is not None and not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if eos_id is not None and eos_id < 0:
+    raise ValueError(f"eos_id must be a token id >= 0, got {eos_id}")
   graphdef, state = nnx.split(model)
   return _generate_jit(
       graphdef, state, jnp.asarray(prompt_tokens, jnp.int32),
       jnp.asarray(prompt_mask, jnp.int32), rng,
       jnp.float32(temperature if temperature > 0 else 1.0),
       jnp.float32(1.0 if top_p is None else top_p),
+      jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id),
       max_new_tokens=int(max_new_tokens), greedy=temperature == 0, top_k=top_k,
-      use_top_p=top_p is not None, eos_id=eos_id, pad_id=int(pad_id),
-      tempered_logps=tempered_logps)
+      use_top_p=top_p is not None, tempered_logps=tempered_logps)
 
 
 def token_logps(logits: Array, tokens: Array) -> Array:

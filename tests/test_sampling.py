@@ -1,0 +1,261 @@
+"""KV-cache generation vs no-cache decoding, filters, log-probs, sharding, compile count."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from prefjax.models import decoder as dec
+from prefjax.models import sampling
+
+CONFIG = dec.DecoderConfig.tiny_llama(vocab_size=48, num_layers=2)
+PROMPTS = [[5, 9, 1, 33, 2], [7, 7, 40, 12, 3, 6, 11], [21, 4], [8, 30, 17]]
+PAD = 0
+NEW = 6
+
+
+@functools.cache
+def model() -> dec.Decoder:
+  """Tiny Llama with random weights filled from NumPy (no JAX init program to compile)."""
+  rng = np.random.default_rng(0)
+  graphdef, state = nnx.split(nnx.eval_shape(
+      lambda: dec.Decoder(CONFIG, rngs=nnx.Rngs(0), dtype=jnp.float32)))
+  flat = nnx.to_flat_state(state)
+  for key, var in flat:
+    if str(key[-1]) == "scale":
+      value = 1.0 + 0.3 * rng.standard_normal(var.shape)
+    elif str(key[-1]) == "embedding":
+      value = rng.standard_normal(var.shape)
+    else:
+      value = rng.standard_normal(var.shape) / np.sqrt(var.shape[0])
+    var.set_value(jnp.asarray(value, jnp.float32))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+@jax.jit
+def forward(m, tokens, attention_mask):
+  return m(tokens, attention_mask=attention_mask)
+
+
+sequence_logps = jax.jit(sampling.sequence_logps, static_argnames="num_segments")
+
+
+def left_pad(prompts, length=7):
+  tokens = np.full((len(prompts), length), PAD, np.int32)
+  mask = np.zeros((len(prompts), length), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, length - len(p):], mask[i, length - len(p):] = p, 1
+  return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+def greedy_without_cache(prompts, steps, eos_id=None):
+  """Reference: re-run the full forward each step on a right-padded buffer, take argmax."""
+  length = max(map(len, prompts)) + steps
+  buf = np.full((len(prompts), length), PAD, np.int32)
+  lens = np.array([len(p) for p in prompts])
+  for i, p in enumerate(prompts):
+    buf[i, :len(p)] = p
+  out = np.full((len(prompts), steps), PAD, np.int32)
+  logps = np.zeros((len(prompts), steps), np.float32)
+  mask = np.zeros((len(prompts), steps), np.int32)
+  done = np.zeros(len(prompts), bool)
+  for step in range(steps):
+    attn = (np.arange(length)[None] < lens[:, None]).astype(np.int32)
+    logits = np.asarray(forward(model(), jnp.asarray(buf), jnp.asarray(attn)), np.float64)
+    last = logits[np.arange(len(prompts)), lens - 1]
+    for i in np.flatnonzero(~done):
+      tok = int(np.argmax(last[i]))
+      out[i, step], mask[i, step] = tok, 1
+      logps[i, step] = last[i, tok] - np.log(np.exp(last[i] - last[i].max()).sum()) - last[i].max()
+      buf[i, lens[i]] = tok
+      lens[i] += 1
+      done[i] = eos_id is not None and tok == eos_id
+  return out, logps, mask
+
+
+def run(prompts=PROMPTS, **kw):
+  tokens, mask = left_pad(prompts)
+  kw = {"rng": jax.random.key(0), "max_new_tokens": NEW, "pad_id": PAD, **kw}
+  return jax.tree.map(np.asarray, sampling.generate(model(), tokens, mask, **kw))
+
+
+def test_greedy_cached_generation_equals_uncached_argmax():
+  gen = run(temperature=0.0)
+  want_tokens, want_logps, want_mask = greedy_without_cache(PROMPTS, NEW)
+  np.testing.assert_array_equal(gen.tokens, want_tokens)
+  np.testing.assert_array_equal(gen.mask, want_mask)
+  np.testing.assert_allclose(gen.logps, want_logps, atol=1e-4)
+  assert len({tuple(r) for r in gen.tokens}) > 1  # rows really differ
+
+
+def test_eos_stops_rows_and_pads_after_it():
+  free = run(temperature=0.0)
+  eos = int(free.tokens[0, 2])
+  assert eos not in free.tokens[0, :2]
+  gen = run(temperature=0.0, eos_id=eos)
+  want_tokens, want_logps, want_mask = greedy_without_cache(PROMPTS, NEW, eos_id=eos)
+  np.testing.assert_array_equal(gen.tokens, want_tokens)
+  np.testing.assert_array_equal(gen.mask, want_mask)
+  np.testing.assert_allclose(gen.logps, want_logps, atol=1e-4)
+  np.testing.assert_array_equal(gen.mask[0], [1, 1, 1, 0, 0, 0])  # EOS itself kept
+  np.testing.assert_array_equal(gen.tokens[0, 3:], PAD)
+  assert (gen.logps[0, 3:] == 0).all()
+
+
+def test_all_rows_finish_at_their_first_token():
+  first = run(temperature=0.0).tokens[0, 0]
+  gen = run([PROMPTS[0]] * 4, temperature=0.0, eos_id=int(first))
+  np.testing.assert_array_equal(gen.mask, [[1, 0, 0, 0, 0, 0]] * 4)
+  np.testing.assert_array_equal(gen.tokens[:, 0], first)
+  np.testing.assert_array_equal(gen.tokens[:, 1:], PAD)
+
+
+def test_top_k_one_equals_greedy():
+  greedy = run(temperature=0.0)
+  topk = run(temperature=1.0, top_k=1, rng=jax.random.key(7))
+  np.testing.assert_array_equal(topk.tokens, greedy.tokens)
+  np.testing.assert_allclose(topk.logps, greedy.logps, atol=1e-6)
+
+
+def concat_for_scoring(gen):
+  prompt, prompt_mask = left_pad(PROMPTS)
+  tokens = jnp.concatenate([prompt, jnp.asarray(gen.tokens)], 1)
+  attn = jnp.concatenate([prompt_mask, jnp.asarray(gen.mask)], 1)
+  loss_mask = jnp.concatenate([jnp.zeros_like(prompt_mask), jnp.asarray(gen.mask)], 1)
+  return tokens, attn, loss_mask
+
+
+def test_sampled_logps_equal_sequence_logps():
+  gen = run(temperature=1.3, top_p=0.95, rng=jax.random.key(3))
+  tokens, attn, loss_mask = concat_for_scoring(gen)
+  summed, per_token = sequence_logps(model(), tokens, loss_mask, attention_mask=attn)
+  np.testing.assert_allclose(np.asarray(per_token)[:, -NEW:], gen.logps, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(summed), gen.logps.sum(1), atol=1e-4)
+  assert (np.asarray(per_token)[:, :-NEW] == 0).all()
+
+
+def test_tempered_logps_are_of_the_sampling_distribution():
+  temperature = 0.6
+  gen = run(temperature=temperature, rng=jax.random.key(4), tempered_logps=True)
+  tokens, attn, _ = concat_for_scoring(gen)
+  logits = np.asarray(forward(model(), tokens, attn), np.float64)[:, -NEW - 1:-1] / temperature
+  logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  want = np.take_along_axis(logits, gen.tokens[..., None], -1)[..., 0] - logz
+  np.testing.assert_allclose(gen.logps, want * gen.mask, atol=1e-5)
+
+
+HAND = np.log(np.array([0.05, 0.5, 0.1, 0.2, 0.15]))
+
+
+@pytest.mark.parametrize("p, kept", [
+    (0.3, {1}), (0.6, {1, 3}), (0.75, {1, 3, 4}), (0.9, {1, 2, 3, 4}), (1.0, {0, 1, 2, 3, 4}),
+])
+def test_top_p_keeps_smallest_nucleus(p, kept):
+  perm = np.array([3, 0, 4, 1, 2])
+  logits = jnp.asarray(np.stack([HAND, HAND[perm]]), jnp.float32)
+  out = np.asarray(sampling.top_p_filter(logits, p))
+  assert {i for i in range(5) if np.isfinite(out[0, i])} == kept
+  assert {int(perm[i]) for i in range(5) if np.isfinite(out[1, i])} == kept
+  np.testing.assert_array_equal(out[np.isfinite(out)], np.asarray(logits)[np.isfinite(out)])
+
+
+def test_top_k_filter():
+  out = np.asarray(sampling.top_k_filter(jnp.asarray([[3.0, 1.0, 4.0, 1.5, 5.0]]), 2))
+  np.testing.assert_array_equal(np.isfinite(out), [[False, False, True, False, True]])
+
+
+def test_sampling_frequencies_follow_tempered_filtered_distribution():
+  logits = jnp.asarray(HAND, jnp.float32)[None]
+  draw = jax.jit(jax.vmap(lambda k: sampling._sample_step(
+      logits, k, jnp.float32(2.0), jnp.float32(1.0), greedy=False, top_k=3,
+      use_top_p=False, tempered_logps=False)[0][0]))
+  counts = np.bincount(np.asarray(draw(jax.random.split(jax.random.key(0), 20000))),
+                       minlength=5) / 20000
+  want = np.where(np.isin(np.arange(5), [1, 3, 4]), np.exp(HAND / 2.0), 0.0)
+  np.testing.assert_allclose(counts, want / want.sum(), atol=0.015)
+
+
+def test_sharded_generation_equals_unsharded():
+  prompts = PROMPTS * 2  # batch 8, one row per device
+  kw = dict(temperature=1.3, top_p=0.95, rng=jax.random.key(5))
+  want = run(prompts, **kw)
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  tokens, mask = left_pad(prompts)
+  rows = NamedSharding(mesh, P("data"))
+  graphdef, state = nnx.split(model())
+  replicated = nnx.merge(graphdef, jax.device_put(state, NamedSharding(mesh, P())))
+  gen = sampling.generate(replicated, jax.device_put(tokens, rows), jax.device_put(mask, rows),
+                          max_new_tokens=NEW, pad_id=PAD, **kw)
+  assert len(gen.tokens.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(gen.tokens), want.tokens)
+  np.testing.assert_array_equal(np.asarray(gen.mask), want.mask)
+  np.testing.assert_allclose(np.asarray(gen.logps), want.logps, atol=1e-5)
+
+
+def test_one_compile_for_repeated_calls_with_same_shapes():
+  run(temperature=0.9, top_p=0.8)
+  before = sampling.TRACE_COUNTS["generate"]
+  size = sampling._generate_jit._cache_size()
+  prompts = [p[::-1] for p in PROMPTS]
+  for i, (temp, top_p) in enumerate([(0.5, 0.3), (1.7, 0.99), (1.0, 0.5)]):
+    run(prompts, temperature=temp, top_p=top_p, rng=jax.random.key(i))
+  assert sampling.TRACE_COUNTS["generate"] == before
+  assert sampling._generate_jit._cache_size() == size
+
+
+def test_packed_sequence_logps_equal_padded():
+  seqs = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]
+  responses = [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1], [0, 1, 1]]
+  tokens, attn = left_pad(seqs)
+  padded_tokens = np.zeros((3, 7), np.int32)
+  padded_attn = np.zeros((3, 7), np.int32)
+  padded_loss = np.zeros((3, 7), np.int32)
+  for i, (s, r) in enumerate(zip(seqs, responses)):
+    padded_tokens[i, :len(s)], padded_attn[i, :len(s)], padded_loss[i, :len(s)] = s, 1, r
+  want, want_tok = sequence_logps(model(), jnp.asarray(padded_tokens),
+                                           jnp.asarray(padded_loss),
+                                           attention_mask=jnp.asarray(padded_attn))
+  logits = np.asarray(forward(model(), jnp.asarray(padded_tokens), jnp.asarray(padded_attn)),
+                      np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  ref = np.take_along_axis(logp[:, :-1], padded_tokens[:, 1:, None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(want_tok)[:, 1:], ref * padded_loss[:, 1:], atol=1e-5)
+  # Pack sequences 0 and 2 in row 0, sequence 1 in row 1.
+  rows = [[0, 2], [1]]
+  packed = np.zeros((2, 10), np.int32)
+  seg = np.zeros((2, 10), np.int32)
+  loss = np.zeros((2, 10), np.int32)
+  for r, members in enumerate(rows):
+    start = 0
+    for sid, i in enumerate(members, 1):
+      n = len(seqs[i])
+      packed[r, start:start + n], seg[r, start:start + n] = seqs[i], sid
+      loss[r, start:start + n] = responses[i]
+      start += n
+  summed, _ = sequence_logps(model(), jnp.asarray(packed), jnp.asarray(loss),
+                                      segment_ids=jnp.asarray(seg), num_segments=2)
+  summed = np.asarray(summed)
+  np.testing.assert_allclose([summed[0, 1], summed[1, 1], summed[0, 2]], np.asarray(want),
+                             atol=1e-4)
+  assert summed[:, 0].tolist() == [0.0, 0.0] and summed[1, 2] == 0.0
+
+
+def test_token_entropy():
+  logits = np.random.default_rng(0).normal(size=(2, 3, 7))
+  p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  np.testing.assert_allclose(sampling.token_entropy(jnp.asarray(logits, jnp.float32)),
+                             -(p * np.log(p)).sum(-1), atol=1e-5)
+  uniform = sampling.token_entropy(jnp.zeros((5,)))
+  np.testing.assert_allclose(uniform, np.log(5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
+    (dict(top_k=0), "top_k"), (dict(eos_id=-3), "eos_id")])
+def test_bad_arguments_raise(kw, message):
+  with pytest.raises(ValueError, match=message):
+    run(**kw)
