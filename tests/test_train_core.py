@@ -96,24 +96,37 @@ def test_grad_clipping_and_weight_decay_follow_optax_reference():
 
 # --- train step --------------------------------------------------------------------------------
 
-def _one_step(accum_steps, batch, presplit=False):
-  graphdef, state = train.create_train_state(MLP(nnx.Rngs(0)), optax.adamw(1e-2), 0)
-  fn = train.make_train_step(graphdef, mse_loss, optax.adamw(1e-2),
-                             accum_steps=accum_steps, presplit=presplit)
-  state, metrics = jax.jit(fn)(state, batch)
-  return state, metrics
+def weighted_mse_loss(model, batch, rng):
+  """Weighted mean (weights 0 = padding); ``loss_weight`` makes accumulation exact."""
+  del rng
+  w = batch["w"]
+  loss = jnp.sum(w * (model(batch["x"]) - batch["y"])**2) / jnp.sum(w)
+  return loss, {"loss_weight": jnp.sum(w)}
 
 
-def test_gradient_accumulation_equals_big_batch():
+def _one_step(loss, accum_steps, batch, presplit=False):
+  tx = optax.adamw(1e-2)
+  graphdef, state = train.create_train_state(MLP(nnx.Rngs(0)), tx, 0)
+  fn = train.make_train_step(graphdef, loss, tx, accum_steps=accum_steps, presplit=presplit)
+  return jax.jit(fn)(state, batch)
+
+
+@pytest.mark.parametrize("loss", [mse_loss, weighted_mse_loss], ids=["mean", "weighted"])
+def test_gradient_accumulation_equals_big_batch(loss):
   batch = make_batches(1, 32)[0]
-  big, m_big = _one_step(1, batch)
-  acc, m_acc = _one_step(4, batch)
+  # Uneven real-example counts per microbatch (rows j, j+4, ...): 8, 6, 2, 1.
+  batch["w"] = np.ones(32, np.float32)
+  batch["w"][[5, 9, 6, 10, 14, 18, 22, 26, 7, 11, 15, 19, 23, 27, 31]] = 0.0
+  big, m_big = _one_step(loss, 1, batch)
   micro = [{k: v[i::4] for k, v in batch.items()} for i in range(4)]
   presplit = jax.tree.map(lambda *xs: np.stack(xs), *micro)
-  pre, _ = _one_step(4, presplit, presplit=True)
-  for other in (acc, pre):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
-                 big.params, other.params)
+  np.testing.assert_array_equal(presplit["w"].sum(1), [8, 6, 2, 1])
+  if loss is mse_loss:
+    acc, m_acc = _one_step(loss, 4, batch)
+  else:  # Presplit batches take the same accumulation path.
+    acc, m_acc = _one_step(loss, 4, presplit, presplit=True)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
+               big.params, acc.params)
   np.testing.assert_allclose(m_big["loss"], m_acc["loss"], rtol=1e-6)
   np.testing.assert_allclose(m_big["grad_norm"], m_acc["grad_norm"], rtol=1e-5)
   # The step really moved the params (so equality above is not trivial).

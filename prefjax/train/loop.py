@@ -186,13 +186,11 @@ class _Trainer:
     self.config = summary_lib.config_to_dict(config)
     tx, schedule = _make_tx(optimizer)
     self.graphdef, state = state_lib.create_train_state(model, tx, self.loop.seed)
-    state_sh = batch_sh = None
+    state_sh = None
     if mesh is not None:
       state_sh = sharding_lib.state_shardings(state, mesh, partition_rules or ())
       state = jax.device_put(state, state_sh)
-      batch_sh = lambda b: sharding_lib.batch_shardings(  # noqa: E731
-          b, mesh, presplit=self.loop.presplit_microbatches)
-    self.state, self._batch_sh = state, batch_sh
+    self.state = state
     micro_sh = None
     if mesh is not None and self.loop.accum_steps > 1:
       micro_sh = lambda mb: sharding_lib.batch_shardings(mb, mesh)  # noqa: E731
@@ -211,16 +209,16 @@ class _Trainer:
 
   # -- data ------------------------------------------------------------------
   def _put(self, batch):
-    batch = jax.tree.map(np.asarray, batch)
-    if self.mesh is None:
-      return jax.device_put(batch)
-    return jax.device_put(batch, sharding_lib.batch_shardings(batch, self.mesh))
+    """Eval batches: sharded when the batch divides the data axes, else replicated."""
+    try:
+      return sharding_lib.put_batch(batch, self.mesh)
+    except ValueError:
+      if jax.process_count() > 1:
+        raise
+      return jax.device_put(jax.tree.map(np.asarray, batch))
 
   def _put_train(self, batch):
-    batch = jax.tree.map(np.asarray, batch)
-    if self._batch_sh is None:
-      return jax.device_put(batch)
-    return jax.device_put(batch, self._batch_sh(batch))
+    return sharding_lib.put_batch(batch, self.mesh, presplit=self.loop.presplit_microbatches)
 
   def _iterator_state(self):
     get_state = getattr(self.train_iter, "get_state", None)
@@ -254,11 +252,13 @@ class _Trainer:
 
   # -- steps -----------------------------------------------------------------
   def _train_step(self, batch):
-    key = jax.tree.structure(batch)
+    leaves, treedef = jax.tree.flatten(batch)
+    batch_sh = tuple(x.sharding for x in leaves) if self.mesh is not None else None
+    key = (treedef, batch_sh)
     if key not in self._jitted:
-      batch_sh = self._batch_sh(batch) if self._batch_sh else None
       self._jitted[key] = step_lib.jit_train_step(
-          self.step_fn, state_shardings=self._state_sh, batch_shardings=batch_sh)
+          self.step_fn, state_shardings=self._state_sh,
+          batch_shardings=jax.tree.unflatten(treedef, batch_sh) if batch_sh else None)
     self.state, metrics = self._jitted[key](self.state, batch)
     return metrics
 

@@ -10,43 +10,24 @@ replicated. Batches are split over ``("data", "fsdp")`` along the example axis
 
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from prefjax import parallel
 from prefjax.train import state as state_lib
 
 DATA_AXES = ("data", "fsdp")
 Rules = Sequence[tuple[str, P]]
 
 
-def _param_shardings(mesh: jax.sharding.Mesh, rules: Rules, params: Any) -> Any:
-  try:
-    from prefjax import parallel  # pylint: disable=g-import-not-at-top
-    named_shardings = parallel.named_shardings
-  except (ImportError, AttributeError):
-    named_shardings = _local_named_shardings
-  return named_shardings(mesh, rules, params)
-
-
-def _local_named_shardings(mesh, rules, tree):
-  """Stand-in for ``prefjax.parallel.named_shardings`` (first ``re.search`` match wins)."""
-  def spec(path, _):
-    name = state_lib.path_str(path)
-    for pattern, pspec in rules:
-      if re.search(pattern, name):
-        return NamedSharding(mesh, pspec)
-    return NamedSharding(mesh, P())
-  return jax.tree_util.tree_map_with_path(spec, tree)
-
-
 def state_shardings(state: state_lib.TrainState, mesh: jax.sharding.Mesh,
                     rules: Rules) -> state_lib.TrainState:
   """A ``TrainState``-shaped tree of ``NamedSharding`` for ``state``."""
   replicated = NamedSharding(mesh, P())
-  param_sh = _param_shardings(mesh, rules, state.params)
+  param_sh = parallel.named_shardings(mesh, rules, state.params)
   by_path = {}
   for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(state.params)[0],
                                     jax.tree.leaves(param_sh)):
@@ -69,6 +50,24 @@ def state_shardings(state: state_lib.TrainState, mesh: jax.sharding.Mesh,
 
 def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
   return int(mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
+
+
+def put_batch(batch: Any, mesh: jax.sharding.Mesh | None, *, presplit: bool = False) -> Any:
+  """Host batch -> device arrays, the example axis split over ``("data", "fsdp")``.
+
+  Without a mesh the batch goes to the default device. With one, non-presplit
+  batches use ``prefjax.parallel.shard_batch`` (multi-process aware; clear
+  error when the leading dim does not divide the data-parallel size).
+  """
+  batch = jax.tree.map(np.asarray, batch)
+  if mesh is None:
+    return jax.device_put(batch)
+  if not presplit:
+    return parallel.shard_batch(batch, mesh)
+  shardings = batch_shardings(batch, mesh, presplit=True)
+  if jax.process_count() > 1:
+    return jax.tree.map(jax.make_array_from_process_local_data, shardings, batch)
+  return jax.device_put(batch, shardings)
 
 
 def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, *, presplit: bool = False) -> Any:

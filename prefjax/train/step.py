@@ -6,6 +6,12 @@ into ``accum_steps`` microbatches scanned with ``lax.scan``; gradients, losses
 and metrics are averaged over microbatches, so for a loss that is a mean over
 equally sized microbatches the update equals one step on the whole batch.
 
+Losses normalised per microbatch by a data-dependent count (tokens, non-padding
+pairs) can report that count as the metric ``loss_weight``: microbatches are
+then combined with weights ``w_j / sum(w)`` instead of ``1 / A``, which makes a
+weighted/token mean over the whole batch exact under accumulation (a plain
+average of per-microbatch token means would over-weight short microbatches).
+
 Microbatches are taken with a stride (microbatch ``j`` holds rows ``j, j+A,
 j+2A, ...``). For a batch sharded over ``("data", "fsdp")`` this keeps every
 microbatch spread over all devices, and for padded pair batches (rows
@@ -33,7 +39,7 @@ LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, Metrics]]
 EvalFn = Callable[[nnx.Module, Batch], Metrics]
 TrainStep = Callable[[state_lib.TrainState, Batch], tuple[state_lib.TrainState, Metrics]]
 
-DATA_AXES = ("data", "fsdp")
+LOSS_WEIGHT = "loss_weight"
 
 
 def split_microbatches(batch: Batch, accum_steps: int) -> Batch:
@@ -76,22 +82,27 @@ def _grads_one(graphdef, loss_fn, params, extra, batch, rng):
 
 
 def _accumulate(graphdef, loss_fn, params, extra, micro, rng, accum_steps, micro_sharding):
-  """Mean loss/metrics/grads over the microbatch axis via ``lax.scan``."""
+  """Loss/metrics/grads over the microbatch axis via ``lax.scan``, combined by ``loss_weight``."""
   def body(carry, xs):
-    grad_sum, extra = carry
+    grad_sum, weight_sum, extra = carry
     mb, i = xs
     if micro_sharding is not None:
       mb = jax.lax.with_sharding_constraint(mb, micro_sharding(mb))
     loss, metrics, extra, grads = _grads_one(graphdef, loss_fn, params, extra, mb,
                                              jax.random.fold_in(rng, i))
-    grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
-    return (grad_sum, extra), (loss, metrics)
+    weight = metrics.get(LOSS_WEIGHT, jnp.ones((), jnp.float32))
+    grad_sum = jax.tree.map(lambda s, g: s + weight * g.astype(jnp.float32), grad_sum, grads)
+    return (grad_sum, weight_sum + weight, extra), (loss, metrics, weight)
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  (grad_sum, extra), (losses, metrics) = jax.lax.scan(
-      body, (zeros, extra), (micro, jnp.arange(accum_steps)))
-  grads = jax.tree.map(lambda g, p: (g / accum_steps).astype(p.dtype), grad_sum, params)
-  metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
-  return jnp.mean(losses), metrics, extra, grads
+  init = (zeros, jnp.zeros((), jnp.float32), extra)
+  (grad_sum, weight_sum, extra), (losses, metrics, weights) = jax.lax.scan(
+      body, init, (micro, jnp.arange(accum_steps)))
+  # All-zero weights (only padding) give a zero gradient rather than 0/0.
+  denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
+  grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, params)
+  mean = lambda m: jnp.sum(weights * m, axis=0) / denom  # noqa: E731
+  metrics = {k: (jnp.sum(v) if k == LOSS_WEIGHT else mean(v)) for k, v in metrics.items()}
+  return mean(losses), metrics, extra, grads
 
 
 def _select(pred: jax.Array, new: Any, old: Any) -> Any:
@@ -113,7 +124,9 @@ def make_train_step(
   Args:
     graphdef: static model structure from :func:`state_lib.create_train_state`.
     loss_fn: ``(model, batch, rng) -> (scalar_loss, {name: scalar})``; the loss
-      should be a mean over examples so accumulation matches a big batch.
+      should be a mean over examples so accumulation matches a big batch. A
+      ``loss_weight`` metric (e.g. the microbatch's token count) weights the
+      microbatches (see the module docstring).
     tx: optax transformation.
     schedule: learning-rate schedule for the ``learning_rate`` metric.
     accum_steps: number of microbatches per optimizer update.
