@@ -12,9 +12,6 @@ import pytest
 from prefjax.losses import policy
 from tests import numerics
 
-RNG = np.random.default_rng(0)
-
-
 def _mask(lengths, t, *, left=False):
   idx = np.arange(t)[None, :]
   lengths = np.asarray(lengths)[:, None]
@@ -49,11 +46,12 @@ def _ppo_reference(logp, old_logp, adv, mask, eps_low, eps_high, dual_clip=None)
 
 
 def _ppo_inputs():
+  rng = np.random.default_rng(1)
   b, t = 4, 7
-  old_logp = RNG.normal(-2.0, 0.5, (b, t))
+  old_logp = rng.normal(-2.0, 0.5, (b, t))
   # log-ratios spread over [-0.6, 0.6] hit both clipped branches for eps=0.2.
-  logp = old_logp + RNG.uniform(-0.6, 0.6, (b, t))
-  adv = RNG.normal(0.0, 1.0, (b, t))
+  logp = old_logp + rng.uniform(-0.6, 0.6, (b, t))
+  adv = rng.normal(0.0, 1.0, (b, t))
   mask = _mask([7, 5, 3, 6], t)
   return logp, old_logp, adv, mask
 
@@ -127,10 +125,11 @@ def test_ppo_accepts_per_sequence_advantages():
 
 @pytest.mark.parametrize("clip_eps", [0.2, None])
 def test_value_loss_matches_formula_and_gradient(clip_eps):
+  rng = np.random.default_rng(2)
   b, t = 3, 5
-  old = RNG.normal(size=(b, t))
-  values = old + RNG.uniform(-0.5, 0.5, (b, t))
-  returns = RNG.normal(size=(b, t))
+  old = rng.normal(size=(b, t))
+  values = old + rng.uniform(-0.5, 0.5, (b, t))
+  returns = rng.normal(size=(b, t))
   mask = _mask([5, 2, 4], t)
   out = policy.value_loss(values, old, returns, mask, clip_eps=clip_eps)
   un = (values - returns) ** 2
@@ -174,15 +173,16 @@ def _gae_reference(rewards, values, mask, gamma, lam, last_value):
 @pytest.mark.parametrize("layout", ["right", "left", "holes"])
 @pytest.mark.parametrize("bootstrap", [False, True])
 def test_gae_matches_python_loop(layout, bootstrap):
+  rng = np.random.default_rng(3)
   b, t, gamma, lam = 4, 9, 0.97, 0.9
-  rewards = RNG.normal(size=(b, t))
-  values = RNG.normal(size=(b, t))
+  rewards = rng.normal(size=(b, t))
+  values = rng.normal(size=(b, t))
   if layout == "holes":
-    mask = (RNG.uniform(size=(b, t)) < 0.6).astype(np.float32)
+    mask = (rng.uniform(size=(b, t)) < 0.6).astype(np.float32)
     mask[:, 0] = 1.0
   else:
     mask = _mask([9, 6, 1, 4], t, left=layout == "left")
-  last_value = RNG.normal(size=(b,)) if bootstrap else None
+  last_value = rng.normal(size=(b,)) if bootstrap else None
   adv, ret = jax.jit(functools.partial(policy.gae, gamma=gamma, lam=lam))(
       rewards, values, mask, last_value=last_value)
   ref_adv, ref_ret = _gae_reference(rewards, values, mask, gamma, lam, last_value)
@@ -209,7 +209,8 @@ def test_gae_lambda_one_gives_discounted_returns_and_ignores_padding():
 
 
 def test_rloo_matches_explicit_leave_one_out():
-  rewards = RNG.normal(size=(5, 4))
+  rng = np.random.default_rng(4)
+  rewards = rng.normal(size=(5, 4))
   out = jax.jit(policy.rloo_advantages)(rewards)
   ref = np.array([[r[i] - np.mean(np.delete(r, i)) for i in range(len(r))] for r in rewards])
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
@@ -217,7 +218,8 @@ def test_rloo_matches_explicit_leave_one_out():
 
 
 def test_rloo_with_group_mask():
-  rewards = RNG.normal(size=(3, 4))
+  rng = np.random.default_rng(5)
+  rewards = rng.normal(size=(3, 4))
   mask = np.array([[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 1, 0]], np.float32)
   out = np.asarray(policy.rloo_advantages(rewards, mask))
   for p in range(3):
@@ -234,7 +236,8 @@ def test_rloo_with_group_mask():
 
 @pytest.mark.parametrize("scale_by_std", [True, False])
 def test_group_normalized_advantages(scale_by_std):
-  rewards = RNG.normal(size=(4, 6))
+  rng = np.random.default_rng(6)
+  rewards = rng.normal(size=(4, 6))
   out = policy.group_normalized_advantages(rewards, scale_by_std=scale_by_std)
   ref = rewards - rewards.mean(1, keepdims=True)
   if scale_by_std:
@@ -243,10 +246,11 @@ def test_group_normalized_advantages(scale_by_std):
 
 
 def test_policy_gradient_loss_value_and_gradient():
+  rng = np.random.default_rng(7)
   b, t = 3, 6
-  logp = RNG.normal(-1.5, 0.5, (b, t))
+  logp = rng.normal(-1.5, 0.5, (b, t))
   mask = _mask([6, 3, 4], t)
-  rewards = RNG.normal(size=(b,))
+  rewards = rng.normal(size=(b,))
   adv = policy.reinforce_advantages(rewards, rewards.mean())
   np.testing.assert_allclose(adv, rewards - rewards.mean(), rtol=1e-6)
   loss = policy.policy_gradient_loss(logp, adv, mask)
@@ -307,8 +311,9 @@ def test_kl_estimate_rejects_unknown_kind():
 
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
 def test_kl_estimate_gradients(kind):
-  logp = RNG.normal(-1.0, 0.3, (2, 4))
-  ref_logp = RNG.normal(-1.0, 0.3, (2, 4))
+  rng = np.random.default_rng(8)
+  logp = rng.normal(-1.0, 0.3, (2, 4))
+  ref_logp = rng.normal(-1.0, 0.3, (2, 4))
   mask = _mask([4, 2], 4)
   fn = jax.jit(lambda lp, rl: policy.sequence_kl(lp, rl, mask, kind))
   numerics.check_grad(fn, [logp, ref_logp], 0)
@@ -316,8 +321,9 @@ def test_kl_estimate_gradients(kind):
 
 
 def test_exact_kl_matches_numpy_and_gradient():
-  lp = RNG.normal(size=(2, 3, 5))
-  lq = RNG.normal(size=(2, 3, 5))
+  rng = np.random.default_rng(9)
+  lp = rng.normal(size=(2, 3, 5))
+  lq = rng.normal(size=(2, 3, 5))
   mask = _mask([3, 1], 3)
   p = np.exp(lp) / np.exp(lp).sum(-1, keepdims=True)
   q = np.exp(lq) / np.exp(lq).sum(-1, keepdims=True)
@@ -326,10 +332,23 @@ def test_exact_kl_matches_numpy_and_gradient():
   numerics.check_grad(jax.jit(lambda a: policy.exact_kl(a, lq, mask)), [lp], 0)
 
 
+def test_entropy_from_logits():
+  rng = np.random.default_rng(10)
+  logits = rng.normal(size=(2, 3, 5)) * 2
+  mask = _mask([3, 1], 3)
+  p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  ref = -(p * np.log(p)).sum(-1) * mask
+  out = policy.entropy_from_logits(logits, mask)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-7)
+  uniform = policy.entropy_from_logits(np.zeros((1, 1, 5)), np.ones((1, 1)))
+  np.testing.assert_allclose(uniform, [[np.log(5.0)]], rtol=1e-6)
+
+
 def test_kl_penalized_rewards():
+  rng = np.random.default_rng(11)
   b, t = 2, 5
-  logp = RNG.normal(-1, 0.3, (b, t))
-  ref_logp = RNG.normal(-1, 0.3, (b, t))
+  logp = rng.normal(-1, 0.3, (b, t))
+  ref_logp = rng.normal(-1, 0.3, (b, t))
   mask = np.array([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], np.float32)  # prompt, response, pad
   scores = np.array([2.0, -1.0])
   rewards, kl = policy.kl_penalized_rewards(scores, logp, ref_logp, mask, kl_coef=0.1)
@@ -346,22 +365,24 @@ def test_kl_penalized_rewards():
 
 
 def test_whiten_uses_only_masked_entries():
-  x = RNG.normal(3.0, 2.0, (3, 6))
+  rng = np.random.default_rng(12)
+  x = rng.normal(3.0, 2.0, (3, 6))
   mask = _mask([6, 2, 4], 6)
   out = np.asarray(policy.whiten(x, mask))
   sel = x[mask > 0]
   np.testing.assert_allclose(out[mask > 0], (sel - sel.mean()) / np.sqrt(sel.var() + 1e-8),
-                             rtol=1e-5)
+                             rtol=1e-5, atol=1e-5)
   assert np.all(out[mask == 0] == 0.0)
   garbage = np.where(mask > 0, x, np.nan)
   np.testing.assert_array_equal(policy.whiten(garbage, mask), out)
   kept = np.asarray(policy.whiten(x, mask, shift_mean=False))
-  np.testing.assert_allclose(kept[mask > 0], out[mask > 0] + sel.mean(), rtol=1e-5)
+  np.testing.assert_allclose(kept[mask > 0], out[mask > 0] + sel.mean(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["token_mean", "sequence_mean", "sequence_sum_norm"])
 def test_aggregate_loss(mode):
-  loss = RNG.normal(size=(3, 5))
+  rng = np.random.default_rng(13)
+  loss = rng.normal(size=(3, 5))
   mask = _mask([5, 1, 3], 5)
   ref = {"token_mean": (loss * mask).sum() / mask.sum(),
          "sequence_mean": ((loss * mask).sum(1) / mask.sum(1)).mean(),

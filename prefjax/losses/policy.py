@@ -485,6 +485,23 @@ def exact_kl(logits_p: Array, logits_q: Array, mask: Array) -> Array:
   return jnp.where(mask > 0, kl, 0.0)
 
 
+def entropy_from_logits(logits: Array, mask: Array) -> Array:
+  """Per-position entropy H = −Σ_v p_v log p_v of softmax(logits) (PPO entropy bonus).
+
+  Args:
+    logits: ``[..., V]``.
+    mask: ``[...]``.
+
+  Returns:
+    ``[...]`` at least float32, 0 where masked.
+  """
+  (logits,) = _f32(logits)
+  chex.assert_shape(mask, logits.shape[:-1])
+  (logits,) = _zero_masked(jnp.asarray(mask)[..., None], logits)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return jnp.where(jnp.asarray(mask) > 0, -jnp.sum(jnp.exp(logp) * logp, axis=-1), 0.0)
+
+
 def kl_penalized_rewards(scores: Array, logp: Array, ref_logp: Array, mask: Array, *,
                          kl_coef: float, kind: KLKind = "k1") -> tuple[Array, Array]:
   """Per-token RLHF rewards: r_t = −β·kl_t, plus the sequence score on its last response token.
