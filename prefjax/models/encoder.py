@@ -27,6 +27,7 @@ Parameter tree (NNX state paths, used by ``PARTITION_RULES`` and the HF import):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -269,9 +270,10 @@ class Encoder(nnx.Module):
 
 
 def mean_pool(hidden: Array, mask: Array) -> Array:
-  """Masked mean over tokens: ``hidden [N, T, D]``, ``mask [N, T]`` -> ``[N, D]`` float32."""
-  m = mask.astype(jnp.float32)[..., None]
-  total = jnp.sum(hidden.astype(jnp.float32) * m, axis=1)
+  """Masked mean over tokens: ``hidden [N, T, D]``, ``mask [N, T]`` -> ``[N, D]`` (>= float32)."""
+  dtype = jnp.promote_types(hidden.dtype, jnp.float32)
+  m = mask.astype(dtype)[..., None]
+  total = jnp.sum(hidden.astype(dtype) * m, axis=1)
   return total / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
 
 
@@ -281,6 +283,7 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
   return x / jnp.maximum(norm, eps)
 
 
+@functools.partial(nnx.jit, static_argnames=("normalize",))
 def sentence_embedding(encoder: Encoder, tokens: Array, attention_mask: Array, *,
                        normalize: bool = True, token_type_ids: Array | None = None) -> Array:
   """Sentence-transformers embedding: mean over real tokens, then L2-normalised; ``[N, D]``.
