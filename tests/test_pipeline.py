@@ -201,6 +201,10 @@ def test_batches_hold_exact_tokens_masks_and_fields(mode):
     assert (batch["weight"][~real] == 0).all() and (batch["example_index"][~real] == -1).all()
   assert seen == collections.Counter(range(len(SOURCE))), "every pair exactly once"
   assert it.counters["batches"] == len(batches)
+  real_tokens = sum(len(p) * 2 + len(c) + len(r) for p, c, r in (
+      encoded(row, cfg) for row in SOURCE))
+  assert it.counters["real_tokens"] == real_tokens
+  assert it.counters["token_slots"] == sum(b["tokens"].size for b in batches)
 
 
 def test_padded_shapes_are_bucketed():
@@ -257,7 +261,8 @@ def test_multi_epoch_reshuffles_and_covers_each_epoch(mode):
 @pytest.mark.parametrize("mode", ["padded", "packed"])
 def test_deterministic_given_seed(mode):
   a, _ = run(pipeline.preference_dataset(SOURCE, TOK, config(mode=mode)))
-  b, _ = run(pipeline.preference_dataset(SOURCE, TOK, config(mode=mode)))
+  # read_ahead only changes how many rows are tokenized together, never the batches.
+  b, _ = run(pipeline.preference_dataset(SOURCE, TOK, config(mode=mode, read_ahead=1)))
   c, _ = run(pipeline.preference_dataset(SOURCE, TOK, config(mode=mode, seed=4)))
   assert len(a) == len(b)
   for x, y in zip(a, b):

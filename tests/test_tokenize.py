@@ -112,6 +112,7 @@ def test_gpt2_bpe_dir(gpt2_bpe_dir):
   assert tok.encode("\n\nHuman: hi") == [198, 198, 20490, 25, 23105]
   for text in TEXTS + [HH_PROMPT]:
     assert tok.decode(tok.encode(text)) == text
+  assert tok.encode_batch(TEXTS + [HH_PROMPT]) == [tok.encode(t) for t in TEXTS + [HH_PROMPT]]
   assert tok.encode("hi", add_eos=True) == [5303, 50256]
   assert tok.encode("hi<|endoftext|>", add_eos=True) == [5303, 50256]
 

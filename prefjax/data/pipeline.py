@@ -32,7 +32,6 @@ dropped and counted as over-long (``counters["dropped_over_long"]``).
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import hashlib
@@ -44,6 +43,7 @@ import grain
 import numpy as np
 
 from prefjax.data import packing
+from prefjax.data import padding
 from prefjax.data import tokenize as tokenize_lib
 
 MODES = ("padded", "packed")
@@ -59,6 +59,8 @@ class PipelineConfig:
   ``max_segments_per_row`` the static segment count consumers pass to
   ``prefjax.models.segments`` reductions. ``max_prompt_length=None`` means
   ``max_length // 2``; prompts are never longer than ``max_length - 1``.
+  ``read_ahead`` examples are tokenized together (one ``encode_batch`` call,
+  parallel in the Rust backend); it changes speed, never the batches.
   """
 
   seed: int = 0
@@ -79,6 +81,7 @@ class PipelineConfig:
   drop_remainder: bool = False
   prompt_style: str = "raw"
   add_bos: bool = True
+  read_ahead: int = 64
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -224,24 +227,48 @@ class TokenizeFn:
   response_keys: tuple[str, ...]
 
   def __call__(self, index: int) -> Example:
-    index = int(index)
-    row = self.source[index]
-    if row is None:
-      return Example(index, np.zeros(0, np.int32), dropped="missing_row")
-    if not isinstance(row, Mapping):
-      raise TypeError(f"source row {index}: expected a mapping, got {type(row).__name__}")
-    tok, cfg = self.tokenizer, self.config
-    prompt = tokenize_lib.encode_prompt(_field(row, "prompt", index), tok,
-                                        style=cfg.prompt_style, add_bos=cfg.add_bos)
-    responses = [tokenize_lib.encode_response(_field(row, key, index), tok, style=cfg.prompt_style)
-                 for key in self.response_keys]
+    return self.many([index])[0]
+
+  def many(self, indices: Sequence[int]) -> list[Example]:
+    """Tokenizes several rows with one ``encode_batch`` call when the tokenizer has it."""
+    indices = [int(i) for i in indices]
+    getitems = getattr(self.source, "__getitems__", None)
+    rows = list(getitems(indices)) if getitems else [self.source[i] for i in indices]
+    tok, style = self.tokenizer, self.config.prompt_style
+    texts = []
+    for index, row in zip(indices, rows):
+      if row is None:
+        continue
+      if not isinstance(row, Mapping):
+        raise TypeError(f"source row {index}: expected a mapping, got {type(row).__name__}")
+      texts.append(tokenize_lib.format_prompt(_field(row, "prompt", index), tok, style=style))
+      texts.extend(tokenize_lib.format_response(_field(row, key, index), style=style)
+                   for key in self.response_keys)
+    encode_batch = getattr(tok, "encode_batch", None)
+    encoded = iter(encode_batch(texts) if encode_batch else [tok.encode(t) for t in texts])
+    add_bos = self.config.add_bos and tok.bos_id is not None
+    out = []
+    for index, row in zip(indices, rows):
+      if row is None:
+        out.append(Example(index, np.zeros(0, np.int32), dropped="missing_row"))
+        continue
+      prompt = tokenize_lib.add_special_tokens(next(encoded), bos_id=tok.bos_id, eos_id=tok.eos_id,
+                                               add_bos=add_bos, add_eos=False)
+      responses = [tokenize_lib.add_special_tokens(next(encoded), bos_id=tok.bos_id,
+                                                   eos_id=tok.eos_id, add_bos=False, add_eos=True)
+                   for _ in self.response_keys]
+      out.append(self._example(index, row, prompt, responses))
+    return out
+
+  def _example(self, index: int, row: Mapping[str, Any], prompt: list[int],
+               responses: list[list[int]]) -> Example:
+    cfg, bos_id = self.config, self.tokenizer.bos_id
     if not self.response_keys:  # prompt-only: the prompt is capped, nothing else.
-      limit = cfg.prompt_limit
-      cut = len(prompt) > limit
-      prompt = left_truncate(prompt, limit, tok.bos_id)
+      cut = len(prompt) > cfg.prompt_limit
+      prompt = left_truncate(prompt, cfg.prompt_limit, bos_id)
       return Example(index, np.asarray(prompt, np.int32), truncated_prompt=cut,
                      dropped=None if prompt else "empty_prompt")
-    prompt, responses, cut_p, cut_r, dropped = truncate(prompt, responses, cfg, tok.bos_id)
+    prompt, responses, cut_p, cut_r, dropped = truncate(prompt, responses, cfg, bos_id)
     return Example(
         index=index, prompt=np.asarray(prompt, np.int32),
         responses=tuple(np.asarray(r, np.int32) for r in responses),
@@ -250,106 +277,15 @@ class TokenizeFn:
         truncated_prompt=cut_p, truncated_response=cut_r, dropped=dropped)
 
 
-def example_dataset(source: Any, fn: Callable[[int], Example],
-                    config: PipelineConfig) -> grain.MapDataset:
-  """Source indices -> host shard -> per-epoch shuffle -> repeat -> ``Example``s."""
-  n = len(source)
+def index_dataset(num_rows: int, config: PipelineConfig) -> grain.MapDataset:
+  """Source row indices: host shard -> per-epoch shuffle -> repeat ``num_epochs``."""
   shard_index, shard_count = config.shard()
-  ds = grain.MapDataset.range(n)[shard_index::shard_count]
+  ds = grain.MapDataset.range(num_rows)[shard_index::shard_count]
   if len(ds) == 0:
-    raise ValueError(f"shard {shard_index}/{shard_count} of a {n}-row source is empty")
+    raise ValueError(f"shard {shard_index}/{shard_count} of a {num_rows}-row source is empty")
   if config.shuffle:
     ds = ds.shuffle(seed=config.seed)
-  ds = ds.repeat(config.num_epochs)
-  return ds.map(fn)
-
-
-# --------------------------------------------------------------------------- padded batches
-
-
-class BucketBatcher:
-  """Groups examples into length buckets; a bucket full of ``batch_size`` makes a batch."""
-
-  def __init__(self, buckets: Sequence[int], batch_size: int, drop_remainder: bool):
-    self.buckets = tuple(buckets)
-    self.batch_size = batch_size
-    self.drop_remainder = drop_remainder
-    self.pending: list[list[int]] = [[] for _ in self.buckets]
-
-  def bucket_of(self, length: int) -> int:
-    return bisect.bisect_left(self.buckets, length)
-
-  def add(self, position: int, example: Example) -> list[dict[str, Any]]:
-    k = self.bucket_of(max(example.lengths))
-    self.pending[k].append(position)
-    if len(self.pending[k]) < self.batch_size:
-      return []
-    items, self.pending[k] = self.pending[k], []
-    return [{"bucket": k, "items": items}]
-
-  def flush(self) -> tuple[list[dict[str, Any]], int]:
-    """Remaining partial batches (or none when dropping); returns (plans, dropped count)."""
-    plans = [{"bucket": k, "items": items} for k, items in enumerate(self.pending) if items]
-    self.pending = [[] for _ in self.buckets]
-    if self.drop_remainder:
-      return [], sum(len(p["items"]) for p in plans)
-    return plans, 0
-
-  def get_state(self) -> Any:
-    return [list(p) for p in self.pending]
-
-  def set_state(self, state: Any) -> None:
-    if len(state) != len(self.buckets):
-      raise ValueError(f"state has {len(state)} buckets, pipeline has {len(self.buckets)}")
-    self.pending = [[int(i) for i in p] for p in state]
-
-
-def _pad_rows(seqs: Sequence[tuple[np.ndarray, np.ndarray] | None], length: int, pad_id: int,
-              *, left: bool = False) -> dict[str, np.ndarray]:
-  """(prompt, response) per row -> tokens/attention_mask/loss_mask ``[N, length]``."""
-  n = len(seqs)
-  tokens = np.full((n, length), pad_id, np.int32)
-  attention = np.zeros((n, length), np.int32)
-  loss = np.zeros((n, length), np.int32)
-  for i, seq in enumerate(seqs):
-    if seq is None:  # padding example: a single attended pad token, no loss.
-      attention[i, -1 if left else 0] = 1
-      continue
-    prompt, response = seq
-    full = np.concatenate([prompt, response])
-    start = length - len(full) if left else 0
-    tokens[i, start:start + len(full)] = full
-    attention[i, start:start + len(full)] = 1
-    loss[i, start + len(prompt):start + len(full)] = 1
-  return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss}
-
-
-def _example_fields(examples: Sequence[Example | None]) -> dict[str, np.ndarray]:
-  real = [e is not None for e in examples]
-  return {
-      "weight": np.asarray([e.weight if e else 0.0 for e in examples], np.float32),
-      "outcome": np.asarray([e.outcome if e else 1.0 for e in examples], np.float32),
-      "mask": np.asarray(real, np.float32),
-      "example_index": np.asarray([e.index if e else -1 for e in examples], np.int32),
-  }
-
-
-def collate_padded(examples: Sequence[Example | None], length: int, pad_id: int,
-                   num_responses: int) -> dict[str, np.ndarray]:
-  """Right-padded rows, response-major: row ``i*B + b`` = prompt_b + responses_b[i]."""
-  rows = [(e.prompt, e.responses[i]) if e else None
-          for i in range(num_responses) for e in examples]
-  return {**_pad_rows(rows, length, pad_id), **_example_fields(examples)}
-
-
-def collate_prompts(examples: Sequence[Example | None], length: int,
-                    pad_id: int) -> dict[str, np.ndarray]:
-  """Left-padded prompts for generation: ``prompt_tokens`` / ``prompt_mask [B, P]``."""
-  empty = np.zeros(0, np.int32)
-  rows = _pad_rows([(e.prompt, empty) if e else None for e in examples], length, pad_id, left=True)
-  fields = _example_fields(examples)
-  return {"prompt_tokens": rows["tokens"], "prompt_mask": rows["attention_mask"],
-          "example_mask": fields["mask"], "example_index": fields["example_index"]}
+  return ds.repeat(config.num_epochs)
 
 
 # --------------------------------------------------------------------------- engine
@@ -367,16 +303,26 @@ class BatchIterator(grain.DatasetIterator):
     self._ready: collections.deque[dict[str, Any]] = collections.deque()
     self._cache: dict[int, Example] = {}
     self._counters: collections.Counter[str] = collections.Counter()
+    self._ahead: dict[int, Example] = {}
 
   @property
   def counters(self) -> dict[str, int]:
     """Examples read / truncated / dropped (by reason), batches, padding, token fill."""
     return dict(self._counters)
 
+  def _fetch(self, position: int) -> Example:
+    """The example at ``position``; the next ``read_ahead`` are tokenized in one batch."""
+    if position not in self._ahead:
+      end = min(position + max(self._ds.config.read_ahead, 1), len(self._ds.indices))
+      positions = range(position, end)
+      examples = self._ds.tokenize_fn.many([self._ds.indices[p] for p in positions])
+      self._ahead = dict(zip(positions, examples))
+    return self._ahead.pop(position)
+
   def _read_one(self) -> None:
     position = self._next
     self._next += 1
-    example = self._ds.examples[position]
+    example = self._fetch(position)
     self._counters["examples_read"] += 1
     self._counters["truncated_prompt"] += int(example.truncated_prompt)
     self._counters["truncated_response"] += int(example.truncated_response)
@@ -390,7 +336,7 @@ class BatchIterator(grain.DatasetIterator):
     while not self._ready:
       if self._exhausted:
         raise StopIteration
-      if self._next >= len(self._ds.examples):
+      if self._next >= len(self._ds.indices):
         plans, dropped = self._batcher.flush()
         self._ready.extend(plans)
         self._counters["dropped_remainder"] += dropped
@@ -399,12 +345,14 @@ class BatchIterator(grain.DatasetIterator):
       self._read_one()
     plan = self._ready.popleft()
     positions = self._ds.plan_positions(plan)
-    examples = [self._cache.pop(p, None) or self._ds.examples[p] for p in positions]
+    missing = [p for p in positions if p not in self._cache]  # only after set_state
+    fetched = dict(zip(missing, self._ds.tokenize_fn.many([self._ds.indices[p] for p in missing])))
+    examples = [self._cache.pop(p) if p in self._cache else fetched[p] for p in positions]
     batch = self._ds.collate(plan, examples)
     self._counters["batches"] += 1
-    padding = int(np.sum(batch[self._ds.mask_key] == 0))
-    dummy_tokens = 0 if self._ds.packed else padding * max(self._ds.num_responses, 1)
-    self._counters["padding_examples"] += padding
+    num_padding = int(np.sum(batch[self._ds.mask_key] == 0))
+    dummy_tokens = 0 if self._ds.packed else num_padding * max(self._ds.num_responses, 1)
+    self._counters["padding_examples"] += num_padding
     self._counters["real_tokens"] += int(np.count_nonzero(batch[self._ds.real_key])) - dummy_tokens
     self._counters["token_slots"] += int(batch[self._ds.real_key].size)
     return batch
@@ -433,6 +381,7 @@ class BatchIterator(grain.DatasetIterator):
     self._batcher.set_state(state["batcher"])
     self._counters = collections.Counter({k: int(v) for k, v in state["counters"].items()})
     self._cache = {}
+    self._ahead = {}
 
   def __str__(self) -> str:
     return f"BatchIterator({self._ds.kind}, {self._ds.config.mode})"
@@ -447,8 +396,9 @@ class BatchDataset(grain.IterDataset):
     self.config = config
     self.tokenizer = tokenizer
     self.num_responses = len(response_keys)
-    self.examples = example_dataset(
-        source, TokenizeFn(source, tokenizer, config, response_keys), config)
+    self.tokenize_fn = TokenizeFn(source, tokenizer, config, response_keys)
+    self.indices = index_dataset(len(source), config)
+    self.examples = self.indices.map(self.tokenize_fn)
     super().__init__(self.examples)
     self.packed = config.mode == "packed" and kind != "prompt"
     self.mask_key = {"pair": "pair_mask"}.get(kind, "example_mask")
@@ -461,13 +411,13 @@ class BatchDataset(grain.IterDataset):
                        "shard": config.shard()}, sort_keys=True)
     self.fingerprint = hashlib.sha256(desc.encode()).hexdigest()[:16]
 
-  def make_batcher(self) -> BucketBatcher | packing.WindowPacker:
+  def make_batcher(self) -> padding.BucketBatcher | packing.WindowPacker:
     cfg = self.config
     if self.packed:
       return packing.WindowPacker(
           rows=cfg.pack_rows, length=cfg.row_length, max_segments=cfg.max_segments_per_row,
           max_groups=cfg.batch_size, window=cfg.window)
-    return BucketBatcher(self.bucket_lengths, cfg.batch_size, cfg.drop_remainder)
+    return padding.BucketBatcher(self.bucket_lengths, cfg.batch_size, cfg.drop_remainder)
 
   def plan_positions(self, plan: dict[str, Any]) -> list[int]:
     return [item[0] for item in plan["items"]] if self.packed else list(plan["items"])
@@ -476,14 +426,14 @@ class BatchDataset(grain.IterDataset):
     cfg, pad_id = self.config, self.tokenizer.pad_id
     padded: list[Example | None] = list(examples) + [None] * (cfg.batch_size - len(examples))
     if self.kind == "prompt":
-      return collate_prompts(padded, self.bucket_lengths[plan["bucket"]], pad_id)
+      return padding.collate_prompts(padded, self.bucket_lengths[plan["bucket"]], pad_id)
     if self.packed:
       batch = packing.collate_packed(plan["items"], examples, rows=cfg.pack_rows,
                                      length=cfg.row_length, max_groups=cfg.batch_size,
                                      pad_id=pad_id)
-      fields = _example_fields(padded)
+      fields = padding.example_fields(padded)
     else:
-      batch = collate_padded(padded, self.bucket_lengths[plan["bucket"]], pad_id,
+      batch = padding.collate_padded(padded, self.bucket_lengths[plan["bucket"]], pad_id,
                              self.num_responses)
       fields = {}
     batch.update(fields)
