@@ -98,6 +98,8 @@ def assert_same_run(workdir, reference, train_iter):
   np.testing.assert_array_equal([r["loss"] for r in records], [r["loss"] for r in ref_records])
   np.testing.assert_array_equal([r.get("eval/mse", -1) for r in records],
                                 [r.get("eval/mse", -1) for r in ref_records])
+  # Best-checkpoint retention survives resumes (orbax metrics persisted on disk).
+  assert _all_checkpoints(workdir) == _all_checkpoints(ref_dir)
 
 
 def test_reference_run_keeps_last_and_best_checkpoints(reference):
@@ -112,6 +114,13 @@ def test_reference_run_keeps_last_and_best_checkpoints(reference):
   losses = [r["loss"] for r in train.read_metrics(workdir)]
   assert losses[-1] < losses[0]
   assert result.summary["skipped_steps"] == 0
+
+
+def _all_checkpoints(workdir):
+  ckpt = train.Checkpointer(workdir / "checkpoints")
+  steps = sorted(ckpt.all_steps())
+  ckpt.close()
+  return steps
 
 
 def _latest_checkpoint(workdir):
@@ -143,3 +152,17 @@ def test_sigterm_crash_and_ctrl_c_then_rerun_is_bit_identical(tmp_path, referenc
   # 5. A rerun of a finished workdir trains nothing and reports the same summary.
   again, _ = run(tmp_path)
   assert again.summary == result.summary
+
+
+def test_load_params_latest_and_best(reference):
+  workdir, result, _ = reference
+  model = train.load_params(workdir, DropoutMLP(nnx.Rngs(7)))
+  assert train.params_sha256(train.split_model(model)[1]) == result.summary["params_sha256"]
+  evals = [r for r in train.read_metrics(workdir) if "eval/neg_mse" in r]
+  best = min(evals, key=lambda r: r["eval/neg_mse"])
+  best_model = train.load_params(workdir, DropoutMLP(nnx.Rngs(7)), step="best",
+                                 best_metric="neg_mse", best_mode="min")
+  best_model.eval()
+  x, y = EVAL_DATA[0]["x"], EVAL_DATA[0]["y"]
+  np.testing.assert_allclose(float(jnp.mean((best_model(x) - y)**2)), best["eval/mse"],
+                             rtol=1e-6)

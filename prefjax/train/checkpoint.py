@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import nnx
 
 from prefjax.train import state as state_lib
 
@@ -43,6 +44,36 @@ def from_savable(tree: PyTree, template: PyTree) -> PyTree:
   def restore(t, x):
     return jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x
   return jax.tree.map(restore, template, tree)
+
+
+def load_params(workdir: str | os.PathLike[str], model: nnx.Module, *,
+                step: int | str | None = None, best_metric: str | None = None,
+                best_mode: str = "min") -> nnx.Module:
+  """Loads the params saved by ``train_loop`` in ``workdir`` into ``model`` (in place).
+
+  Args:
+    workdir: a ``train_loop`` workdir (checkpoints under ``checkpoints/``).
+    model: a model of the same architecture; its arrays' shardings are kept.
+    step: an int, ``None``/``"latest"``, or ``"best"`` (needs ``best_metric``).
+    best_metric, best_mode: how ``"best"`` is ranked (the run's eval metric).
+
+  Returns:
+    ``model``, with the restored parameters.
+  """
+  ckpt = Checkpointer(os.path.join(os.fspath(workdir), "checkpoints"), best_metric=best_metric,
+                      best_mode=best_mode)
+  try:
+    if step == "best":
+      step = ckpt.best_step()
+      if step is None:
+        raise ValueError(f"no checkpoint in {workdir} has eval metric {best_metric!r}")
+    elif step == "latest":
+      step = None
+    _, params, _ = state_lib.split_model(model)
+    nnx.update(model, ckpt.restore_params(params, step))
+  finally:
+    ckpt.close()
+  return model
 
 
 def _abstract(tree: PyTree) -> PyTree:
@@ -66,11 +97,15 @@ class Checkpointer:
       policies.append(ocp.checkpoint_managers.BestN(
           get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min",
           n=keep_best, keep_checkpoints_without_metrics=False))
+    # best_fn is also set so that orbax persists each checkpoint's metrics: a
+    # resumed run then still knows which earlier checkpoints were best.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
         enable_async_checkpointing=async_save, create=True)
     self.directory = os.fspath(directory)
     self.best_metric = best_metric
+    self._best_mode = best_mode
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data", "config"))
 
@@ -120,6 +155,42 @@ class Checkpointer:
           f"trained (changed architecture or optimizer?): {e}") from e
     state = from_savable(restored["state"], template)
     return state, restored["data"]["iterator_state"], restored["config"]
+
+  def best_step(self) -> int | None:
+    """Step of the best kept checkpoint by ``best_metric`` (None without metrics)."""
+    if self.best_metric is None:
+      raise ValueError("best_step needs a Checkpointer created with best_metric")
+    scored = []
+    for step in self.all_steps():
+      metrics = self._manager.metrics(step)
+      if metrics and self.best_metric in metrics:
+        scored.append((metrics[self.best_metric], step))
+    if not scored:
+      return None
+    return (min(scored) if self._best_mode == "min" else max(scored))[1]
+
+  def restore_params(self, params: PyTree, step: int | None = None) -> PyTree:
+    """Restores only the parameters (no optimizer state needed), e.g. for evaluation.
+
+    Args:
+      params: pytree of arrays or ``jax.ShapeDtypeStruct`` giving structure,
+        dtypes and (optionally) shardings of the saved ``params``.
+      step: checkpoint step (default: latest).
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    item = {"params": _abstract(params)}
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(global_shape=x.shape, dtype=x.dtype,
+                                       sharding=x.sharding or default), item)
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+    try:
+      return self._manager.restore(step, args=args)["state"]["params"]
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"params in {self.directory}/{step} do not match the model: {e}") from e
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
