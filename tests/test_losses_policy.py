@@ -98,7 +98,8 @@ def test_ppo_gradient_matches_finite_differences_and_vanishes_when_clipped():
   logp = old_logp + log_r
   fn = jax.jit(lambda lp: policy.ppo_clip_loss(lp, old_logp, adv, mask).per_sequence)
   numerics.check_grad(fn, [logp], 0)
-  grad = jax.grad(lambda lp: policy.ppo_clip_loss(lp, old_logp, adv, mask).per_token.sum())(
+  old32, adv32 = old_logp.astype(np.float32), adv.astype(np.float32)
+  grad = jax.grad(lambda lp: policy.ppo_clip_loss(lp, old32, adv32, mask).per_token.sum())(
       jnp.asarray(logp, jnp.float32))
   r = np.exp(log_r)
   cut = ((r > 1.2) & (adv > 0)) | ((r < 0.8) & (adv < 0))
