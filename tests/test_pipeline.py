@@ -488,3 +488,41 @@ def test_packed_sequence_logps_equal_padded(model):
   ref_arr, got_arr = np.array([ref[i] for i in sorted(ref)]), np.array([got[i] for i in sorted(ref)])
   assert np.abs(ref_arr).min() > 1.0  # real sums of many token log-probs
   np.testing.assert_allclose(got_arr, ref_arr, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- real data
+
+
+def test_hh_harmless_through_load_preferences(hh_harmless_test_file, gpt2_bpe_dir, tmp_path):
+  from prefjax.data import sources
+  source = sources.load_preferences(
+      "hh_rlhf/harmless-base", "test[:200]", data_dir=tmp_path,
+      manual_dir=hh_harmless_test_file.parent.parent)
+  tok = tokenize.load_tokenizer(gpt2_bpe_dir)
+  cfg = pipeline.PipelineConfig(
+      mode="packed", batch_size=24, max_length=384, max_prompt_length=256, pack_rows=8,
+      pack_length=512, max_segments_per_row=16, num_epochs=1, shard_index=0, shard_count=1)
+  batches, it = run(pipeline.preference_dataset(source, tok, cfg))
+  pairs = {}
+  for b in batches:
+    pairs.update(packed_sequences(b))
+  assert sorted(pairs) == list(range(len(source))) == list(range(200))
+  exact = 0
+  for i, (prompt, chosen, rejected) in pairs.items():
+    row = source[i]
+    assert prompt[0] == tok.bos_id and prompt.count(tok.bos_id) == 1
+    if len(prompt) < 256 and chosen[-1] == tok.eos_id and rejected[-1] == tok.eos_id:
+      assert tok.decode(prompt[1:]) == row["prompt"]
+      assert tok.decode(chosen[:-1]) == row["chosen"]
+      assert tok.decode(rejected[:-1]) == row["rejected"]
+      exact += 1
+    else:  # cut at token boundaries: a suffix of the prompt, prefixes of the responses
+      tail = tok.decode(prompt[1:])
+      assert "\ufffd" in tail or row["prompt"].endswith(tail)
+      for ids, text in ((chosen, row["chosen"]), (rejected, row["rejected"])):
+        body = tok.decode(ids[:-1] if ids[-1] == tok.eos_id else ids)
+        assert "\ufffd" in body or text.startswith(body)
+  c = it.counters
+  assert exact >= 150 and exact + c["truncated_prompt"] + c["truncated_response"] >= 200
+  assert c["truncated_prompt"] == sum(len(p) == 256 for p, _, _ in pairs.values())
+  assert c["real_tokens"] / c["token_slots"] > 0.8
