@@ -110,6 +110,7 @@ def test_reference_run_keeps_last_and_best_checkpoints(reference):
   assert best in (4, 8)  # So keeping it is visible beside the latest two.
   ckpt = train.Checkpointer(workdir / "checkpoints")
   assert sorted(ckpt.all_steps()) == [best, 10, 12]
+  assert result.summary["best_checkpoint_step"] == best
   ckpt.close()
   losses = [r["loss"] for r in train.read_metrics(workdir)]
   assert losses[-1] < losses[0]

@@ -102,8 +102,9 @@ class TrainResult:
 
   Attributes:
     state: final train state.
-    model: the model rebuilt from the final params (the model passed in had
-      its arrays donated to the train step and must not be used).
+    model: the model passed in, updated in place with the final params and
+      state (during training its arrays are donated to the train step; after
+      an exception it must not be used).
     summary: contents of ``summary.json`` (empty when ``preempted``).
     preempted: stopped early by SIGTERM/SIGINT after saving a checkpoint.
   """
@@ -185,6 +186,7 @@ class _Trainer:
     self.mesh = mesh
     self.config = summary_lib.config_to_dict(config)
     tx, schedule = _make_tx(optimizer)
+    self.user_model = model
     self.graphdef, state = state_lib.create_train_state(model, tx, self.loop.seed)
     state_sh = None
     if mesh is not None:
@@ -319,6 +321,8 @@ class _Trainer:
           for hook in self.hooks:
             hook(step, self.state, metrics)
           is_eval = self.evaluate is not None and _every(step, self.loop.eval_every)
+          if jax.process_count() > 1 and self.checkpointer.reached_preemption(step):
+            stop.signum = stop.signum or int(signal.SIGTERM)  # Multi-host preemption notice.
           if is_eval or _every(step, self.loop.checkpoint_every) or stop.signum is not None:
             eval_metrics = self._run_eval(step) if is_eval else None
             self._finish_step(*pending, eval_metrics)
@@ -371,7 +375,6 @@ class _Trainer:
       self.writer.log(step, None, self._run_eval(step))
     self._save(self.last_eval if self.last_eval_step == step else None)
     self.checkpointer.wait()
-    self.checkpointer.close()
     summary = {
         "final_step": step,
         "final_eval": self.last_eval,
@@ -379,14 +382,20 @@ class _Trainer:
         "num_params": state_lib.count_params(self.state.params),
         "skipped_steps": int(jax.device_get(self.state.skipped_steps)),
         "wall_time": self.writer.wall_time,
+        "best_checkpoint_step": (self.checkpointer.best_step()
+                                 if self.loop.best_metric else None),
     }
+    self.checkpointer.close()
     summary_lib.write_summary(self.workdir, summary)
     self.writer.close()
     logging.info("finished at step %d: %s", step, summary)
     return TrainResult(self.state, self._model(), summary)
 
   def _model(self) -> nnx.Module:
-    return state_lib.merge_model(self.graphdef, self.state.params, self.state.extra)
+    """The caller's model, updated in place with the trained values (its own arrays
+    were donated to the train step)."""
+    nnx.update(self.user_model, self.state.params, self.state.extra)
+    return self.user_model
 
 
 def train_loop(
@@ -410,7 +419,8 @@ def train_loop(
   Args:
     workdir: output directory (config.json, metrics.jsonl, tensorboard/,
       checkpoints/, summary.json); rerunning with it resumes.
-    model: the NNX model; its arrays are donated to the train step.
+    model: the NNX model; its arrays are donated to the train step, and it
+      holds the final values when the loop returns.
     loss_fn: ``(model, batch, rng) -> (scalar_loss, {name: scalar})``.
     optimizer: an :class:`~prefjax.train.schedules.OptimizerConfig` (or mapping),
       an optax transformation, or ``(tx, schedule)``.
