@@ -40,7 +40,8 @@ def _ppo_reference(logp, old_logp, adv, mask, eps_low, eps_high, dual_clip=None)
       if dual_clip is not None and a < 0:
         objective = max(objective, dual_clip * a)
       loss[i, j] = -objective
-      cut[i, j] = (r > 1 + eps_high and a > 0) or (r < 1 - eps_low and a < 0)
+      cut[i, j] = ((r > 1 + eps_high and a > 0) or (r < 1 - eps_low and a < 0)
+                   or (dual_clip is not None and a < 0 and r > dual_clip))
   count = np.maximum(mask.sum(1), 1)
   return loss, loss.sum(1) / count, cut.sum(1) / count
 
@@ -85,6 +86,11 @@ def test_ppo_dual_clip_bounds_negative_advantage_loss():
   dual = policy.ppo_clip_loss(logp, old_logp, adv, mask, dual_clip=3.0)
   np.testing.assert_allclose(plain.per_token, [[5.0, -1.2, 0.8]], rtol=1e-6)
   np.testing.assert_allclose(dual.per_token, [[3.0, -1.2, 0.8]], rtol=1e-6)
+  np.testing.assert_allclose(plain.clip_fraction, [2 / 3], rtol=1e-6)
+  np.testing.assert_allclose(dual.clip_fraction, [1.0], rtol=1e-6)
+  g = jax.grad(lambda lp: policy.ppo_clip_loss(lp, old_logp, adv, mask).per_token.sum())(
+      jnp.asarray(logp, jnp.float32))
+  np.testing.assert_allclose(g, [[5.0, 0.0, 0.0]], rtol=1e-6)  # only the unclipped −rA
   with pytest.raises(ValueError, match="dual_clip"):
     policy.ppo_clip_loss(logp, old_logp, adv, mask, dual_clip=0.5)
 

@@ -264,6 +264,21 @@ def test_bad_rules_raise_clearly(caplog):
     parallel.match_partition_specs([("members", P("ensemble"))], tree, mesh=mesh, strict=True)
 
 
+def test_describe_shardings_accepts_specs_shardings_and_prng_keys():
+  mesh = parallel.make_mesh((2, 2, 2), parallel.MESH_AXES)
+  tree = {"key": jax.random.key(0), "spec": P("fsdp"),
+          "named": NamedSharding(mesh, P(None, "tensor")),
+          "w": jax.device_put(np.zeros((4, 6), np.float32), NamedSharding(mesh, P("data")))}
+  lines = parallel.describe_shardings(tree).splitlines()
+  assert lines == [
+      "key  () key<fry>  unsharded",
+      "named  P(None, 'tensor')",
+      "spec  P('fsdp',)",
+      "w  (4, 6) float32  shard (2, 6)  P('data',)",
+      "total: 25 elements, 56 B per device",  # 8 B key + 2*6*4 B shard
+  ]
+
+
 # --------------------------------------------------------------------------
 # Meshes.
 # --------------------------------------------------------------------------

@@ -37,9 +37,11 @@ def _f32(*xs: Array) -> tuple[Array, ...]:
 
 
 def _zero_masked(mask: Array, *xs: Array) -> tuple[Array, ...]:
-  """Replaces masked entries by 0 BEFORE any arithmetic, so that NaN/inf padding can
-  reach neither the outputs nor (through the zero cotangents of a later ``where``) the
-  gradients."""
+  """Zeroes masked entries before any arithmetic on them.
+
+  A ``where`` applied only at the end would still let NaN/inf padding poison
+  the gradient (0 · inf = NaN in the backward pass); zeroing first does not.
+  """
   return tuple(jnp.where(mask > 0, x, 0) for x in xs)
 
 
@@ -56,7 +58,7 @@ def _at_least_f32(x: Array) -> Array:
 
 
 def masked_sum(x: Array, mask: Array, axis: int | tuple[int, ...] | None = -1) -> Array:
-  """Σ mask·x along ``axis`` (float32); masked entries never leak NaN/inf."""
+  """Σ mask·x along ``axis`` (at least float32); masked entries never leak NaN/inf."""
   x, mask = _f32(x, mask)
   chex.assert_equal_shape([x, mask])
   (x,) = _zero_masked(mask, x)
@@ -72,6 +74,8 @@ def masked_mean(x: Array, mask: Array, axis: int | tuple[int, ...] | None = -1) 
 def masked_var(x: Array, mask: Array, *, unbiased: bool = False) -> Array:
   """Variance of the masked entries of ``x`` (all axes); Bessel-corrected if ``unbiased``."""
   x, mask = _f32(x, mask)
+  chex.assert_equal_shape([x, mask])
+  (x,) = _zero_masked(mask, x)
   mean = masked_mean(x, mask, axis=None)
   count = jnp.sum(mask)
   sq = masked_sum(jnp.square(x - mean), mask, axis=None)
@@ -159,7 +163,7 @@ class PPOLoss(NamedTuple):
     ratio: ``[B, T]`` importance ratio π/π_old (1 where masked).
     clip_fraction: ``[B]`` fraction of response tokens whose gradient the
       clip removed (ratio outside the trust region in the direction the
-      advantage pushes it).
+      advantage pushes it, or beyond the dual clip).
     approx_kl: ``[B]`` masked mean of the k3 estimate of KL(π_old ‖ π).
   """
   per_token: Array
@@ -214,6 +218,8 @@ def ppo_clip_loss(logp: Array, old_logp: Array, advantages: Array, mask: Array, 
   per_token = jnp.where(mask > 0, per_token, 0.0)
 
   cut = ((ratio > 1.0 + eps_high) & (adv > 0)) | ((ratio < 1.0 - eps_low) & (adv < 0))
+  if dual_clip is not None:
+    cut = cut | ((ratio > dual_clip) & (adv < 0))
   approx_kl = jnp.expm1(log_ratio) - log_ratio  # k3 of KL(π_old‖π), samples from π_old.
   return PPOLoss(
       per_token=per_token,

@@ -240,11 +240,11 @@ def describe_shardings(tree: PyTree) -> str:
     dtype = getattr(leaf, "dtype", None)
     parts = [path_str(path) or "<root>"]
     if shape is not None and dtype is not None:
-      parts.append(f"{tuple(shape)} {np.dtype(dtype).name}")
+      parts.append(f"{tuple(shape)} {dtype}")  # str(): also typed PRNG keys (key<fry>)
       total_elems += math.prod(shape)
       sharding = getattr(leaf, "sharding", None)
       shard_shape = tuple(sharding.shard_shape(tuple(shape))) if sharding is not None else shape
-      per_device_bytes += math.prod(shard_shape) * np.dtype(dtype).itemsize
+      per_device_bytes += math.prod(shard_shape) * getattr(dtype, "itemsize", 0)
       if tuple(shard_shape) != tuple(shape):
         parts.append(f"shard {tuple(shard_shape)}")
     parts.append(str(spec) if spec is not None else "unsharded")
