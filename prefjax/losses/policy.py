@@ -231,7 +231,13 @@ def ppo_clip_loss(logp: Array, old_logp: Array, advantages: Array, mask: Array, 
 
 
 class ValueLoss(NamedTuple):
-  """Output of :func:`value_loss`: ``per_token [B, T]``, ``per_sequence [B]``, ``clip_fraction [B]``."""
+  """Output of :func:`value_loss`.
+
+  Attributes:
+    per_token: ``[B, T]`` loss, 0 where masked.
+    per_sequence: ``[B]`` masked mean over each sequence.
+    clip_fraction: ``[B]`` fraction of tokens where the clipped branch was taken.
+  """
   per_token: Array
   per_sequence: Array
   clip_fraction: Array

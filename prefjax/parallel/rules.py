@@ -143,7 +143,7 @@ def _is_spec(x: Any) -> bool:
 
 
 def named_shardings(mesh: Mesh, rules: Rules, tree: PyTree, *, strict: bool = False) -> PyTree:
-  """``NamedSharding(mesh, spec)`` for every array leaf of ``tree`` (see ``match_partition_specs``)."""
+  """``NamedSharding(mesh, spec)`` for every array leaf (specs from ``match_partition_specs``)."""
   specs = match_partition_specs(rules, tree, mesh=mesh, strict=strict)
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
 
