@@ -174,6 +174,8 @@ def test_counters_of_truncated_and_over_long_pairs():
     ({"prompt": "a", "chosen": "b"}, "row 1: missing field 'rejected'"),
     ({"prompt": "a", "chosen": "b", "rejected": "c", "outcome": 2.0}, "row 1: field 'outcome'"),
     ({"prompt": "a", "chosen": "b", "rejected": "c", "weight": float("nan")}, "row 1: field 'weight'"),
+    ({"prompt": "a", "chosen": "b", "rejected": "c", "weight": "heavy"}, "row 1: field 'weight'"),
+    ("not a dict", "row 1: expected a mapping"),
 ])
 def test_bad_rows_name_row_and_field(bad, match):
   rows = [SOURCE[0], bad]
@@ -225,6 +227,8 @@ def test_packed_shapes_are_fixed_and_dense():
   batches, it = run(pipeline.preference_dataset(SOURCE, TOK, cfg))
   assert {b["tokens"].shape for b in batches} == {(4, 64)}
   assert {b["chosen_index"].shape for b in batches} == {(4, 2)}
+  shapes = pipeline.preference_dataset(SOURCE, TOK, cfg).batch_shapes()
+  assert shapes == [{"tokens": (4, 64), "chosen_index": (4, 2)}]
   for b in batches:
     assert (b["segment_ids"].max(-1) <= cfg.max_segments_per_row).all()
     for row in b["segment_ids"]:  # segments numbered 1..S left to right, padding at the end
@@ -294,6 +298,17 @@ def test_resume_from_json_state_matches_uninterrupted_run(mode):
         np.testing.assert_array_equal(x[k], y[k])
     assert resumed.counters == full_it.counters
   assert saw_ready and saw_pending  # the states exercised carry planned and buffered pairs
+
+
+def test_composes_with_grain_transformations():
+  ds = pipeline.preference_dataset(SOURCE, TOK, config()).map(lambda b: b["example_index"].tolist())
+  it = iter(ds)
+  head = [next(it) for _ in range(3)]
+  state = json.loads(json.dumps(it.get_state()))
+  rest = list(it)
+  resumed = iter(ds)
+  resumed.set_state(state)
+  assert list(resumed) == rest and len(head + rest) == len(run(ds)[0])
 
 
 def test_state_from_another_pipeline_is_rejected():

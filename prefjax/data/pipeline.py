@@ -15,7 +15,9 @@ Three pipelines share one engine:
   and ``prompt_mask``.
 
 The examples form a ``grain.MapDataset`` (range over the source, host shard,
-per-epoch shuffle, repeat, tokenize); a batching iterator walks it by index. Its
+per-epoch shuffle, repeat, tokenize); a batching iterator walks it by index,
+grouping examples into length buckets (``padding.py``) or packing them with a
+windowed first-fit packer (``packing.py``). Its
 state (``get_state()``) is a small JSON-serialisable dict: the next index, the
 indices waiting in buckets / the packing window, the planned batches not yet
 returned, and the counters, so ``set_state`` resumes exactly where an
@@ -96,6 +98,8 @@ class PipelineConfig:
                        f"[1, max_length={self.max_length})")
     if any(b < 1 for b in self.bucket_boundaries):
       raise ValueError(f"bucket boundaries must be positive: {self.bucket_boundaries}")
+    if self.read_ahead < 1:
+      raise ValueError(f"read_ahead must be >= 1, got {self.read_ahead}")
     if self.num_epochs is not None and self.num_epochs < 1:
       raise ValueError(f"num_epochs must be None or >= 1, got {self.num_epochs}")
     if (self.shard_index is None) != (self.shard_count is None):
@@ -103,8 +107,10 @@ class PipelineConfig:
     if self.mode == "packed":
       if self.row_length < self.max_length:
         raise ValueError(f"pack_length={self.row_length} < max_length={self.max_length}")
-      if self.pack_rows * self.row_length < 2 * self.max_length:
-        raise ValueError("pack_rows * pack_length must hold two max_length sequences")
+      if self.pack_rows < 2 and (self.row_length < 2 * self.max_length
+                                 or self.max_segments_per_row < 2):
+        raise ValueError("one packed row must hold a pair of max_length sequences: use "
+                         "pack_rows >= 2, or pack_length >= 2 * max_length and 2+ segments")
       if self.max_segments_per_row < 1 or self.window <= self.batch_size:
         raise ValueError("need max_segments_per_row >= 1 and pack_window > batch_size")
 
@@ -211,7 +217,10 @@ def _scalar(row: Mapping[str, Any], key: str, default: float, index: int,
   value = row.get(key)
   if value is None:
     return default
-  value = float(value)
+  try:
+    value = float(value)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"source row {index}: field {key!r}={value!r} is not a number") from e
   if not (math.isfinite(value) and lo <= value <= hi):
     raise ValueError(f"source row {index}: field {key!r}={value} not in [{lo}, {hi}]")
   return value
@@ -406,8 +415,10 @@ class BatchDataset(grain.IterDataset):
         "prompt_mask" if kind == "prompt" else "attention_mask")
     longest = config.prompt_limit if kind == "prompt" else config.max_length
     self.bucket_lengths = config.buckets(longest)
-    desc = json.dumps({"config": dataclasses.asdict(config), "kind": kind,
-                       "keys": response_keys, "tokenizer": tokenizer.name, "rows": len(source),
+    batch_config = {k: v for k, v in dataclasses.asdict(config).items() if k != "read_ahead"}
+    desc = json.dumps({"config": batch_config, "kind": kind, "keys": response_keys,
+                       "tokenizer": tokenizer.name, "rows": len(source),
+                       "source": str(getattr(source, "fingerprint", "")),
                        "shard": config.shard()}, sort_keys=True)
     self.fingerprint = hashlib.sha256(desc.encode()).hexdigest()[:16]
 
@@ -431,33 +442,31 @@ class BatchDataset(grain.IterDataset):
       batch = packing.collate_packed(plan["items"], examples, rows=cfg.pack_rows,
                                      length=cfg.row_length, max_groups=cfg.batch_size,
                                      pad_id=pad_id)
-      fields = padding.example_fields(padded)
+      batch.update(padding.example_fields(padded))
     else:
       batch = padding.collate_padded(padded, self.bucket_lengths[plan["bucket"]], pad_id,
-                             self.num_responses)
-      fields = {}
-    batch.update(fields)
-    mask = batch.pop("mask")
+                                     self.num_responses)
+    mask, index = batch.pop("mask"), batch.pop("index", None)
     if self.kind == "pair":
       batch["pair_mask"] = mask
-      if self.packed:
-        index = batch.pop("index")
+      if index is not None:
         batch["chosen_index"], batch["rejected_index"] = index[:, 0], index[:, 1]
     else:
       batch["example_mask"] = mask
-      batch.pop("outcome")
-      if self.packed:
-        batch["sequence_index"] = batch.pop("index")[:, 0]
+      del batch["outcome"]
+      if index is not None:
+        batch["sequence_index"] = index[:, 0]
     return batch
 
   def batch_shapes(self) -> list[dict[str, tuple[int, ...]]]:
-    """Every distinct set of array shapes this dataset can yield (one jit compile each)."""
+    """Every distinct set of token-array shapes this dataset yields (one jit compile each)."""
     b = self.config.batch_size
     if self.packed:
-      grid = (self.config.pack_rows, self.config.row_length)
-      return [{"tokens": grid, "index": (b, 2)}]
-    rows = b * max(self.num_responses, 1)
-    return [{"tokens": (rows, t)} for t in self.bucket_lengths]
+      index_key = "chosen_index" if self.kind == "pair" else "sequence_index"
+      return [{"tokens": (self.config.pack_rows, self.config.row_length), index_key: (b, 2)}]
+    if self.kind == "prompt":
+      return [{"prompt_tokens": (b, t)} for t in self.bucket_lengths]
+    return [{"tokens": (b * self.num_responses, t)} for t in self.bucket_lengths]
 
   def __iter__(self) -> BatchIterator:
     return BatchIterator(self)
@@ -480,5 +489,9 @@ def sft_dataset(source: Any, tokenizer: tokenize_lib.Tokenizer, config: Pipeline
 
 def prompt_dataset(source: Any, tokenizer: tokenize_lib.Tokenizer,
                    config: PipelineConfig) -> BatchDataset:
-  """Left-padded prompts for generation, bucketed by prompt length (``mode`` is ignored)."""
+  """Left-padded prompts for generation, bucketed by prompt length (``mode`` is ignored).
+
+  ``example_index`` gives each prompt's row in ``source``, e.g. to fetch its text
+  for a reward model with another tokenizer.
+  """
   return BatchDataset(source, tokenizer, config, kind="prompt", response_keys=())
