@@ -201,6 +201,19 @@ def test_nnx_module_sharded_by_shard_model_matches_unsharded():
       f"total: {8 * 16 + 2 * (16 * 16 + 16) + 16 * 4} elements, {per_device} B per device")
 
 
+def test_init_sharded_builds_the_same_model_in_its_sharded_layout():
+  mesh = parallel.make_mesh((1, 4, 2), parallel.MESH_AXES)
+  model, shardings = parallel.init_sharded(lambda: _MLP(nnx.Rngs(0)), mesh, NNX_RULES,
+                                           strict=True)
+  reference = _MLP(nnx.Rngs(0))
+  for name, want in _flat(nnx.state(reference)).items():
+    np.testing.assert_array_equal(_flat(nnx.state(model))[name], want, err_msg=name)
+  assert model.up.kernel[...].sharding.spec == P("fsdp", "tensor")
+  assert model.up.kernel[...].addressable_shards[0].data.shape == (D_HID // 4, D_HID // 2)
+  assert model.head.kernel[...].sharding.spec == P("fsdp")
+  assert _flat(shardings)["down/kernel"].spec == P("tensor", "fsdp")
+
+
 # --------------------------------------------------------------------------
 # Rule matching.
 # --------------------------------------------------------------------------

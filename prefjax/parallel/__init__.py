@@ -7,6 +7,9 @@ Typical use::
     model = build_model(...)
     param_shardings = parallel.shard_model(model, mesh, decoder.PARTITION_RULES)
   batch = parallel.shard_batch(batch, mesh)                # leading dim over data+fsdp
+
+For models too large for one device, ``init_sharded(model_fn, mesh, rules)``
+creates the parameters directly in their sharded layout.
 """
 
 from prefjax.parallel.distributed import (
@@ -29,6 +32,7 @@ from prefjax.parallel.rules import (
     Rules,
     batch_sharding,
     describe_shardings,
+    init_sharded,
     jit_sharded,
     match_partition_specs,
     named_shardings,
@@ -41,7 +45,7 @@ from prefjax.parallel.rules import (
 __all__ = [
     "BATCH_AXES", "ENSEMBLE_AXIS", "MESH_AXES", "ProcessInfo", "Rules", "axis_size",
     "batch_sharding", "define_flags", "describe_shardings", "detect_cluster",
-    "initialize_distributed", "jit_sharded", "make_mesh", "match_partition_specs",
+    "init_sharded", "initialize_distributed", "jit_sharded", "make_mesh", "match_partition_specs",
     "mesh_from_config", "named_shardings", "path_str", "process_info", "resolve_shape",
     "shard_batch", "shard_model", "shard_tree",
 ]

@@ -166,6 +166,30 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules, *, strict: bool = F
   return shardings
 
 
+def init_sharded(model_fn: Callable[[], nnx.Module], mesh: Mesh, rules: Rules, *,
+                 strict: bool = False) -> tuple[nnx.Module, PyTree]:
+  """Builds an NNX module directly in its sharded layout (no full copy on one device).
+
+  ``model_fn`` (no arguments, creating its own ``nnx.Rngs``) is first traced
+  abstractly (``nnx.eval_shape``) to get parameter paths and shapes, then run
+  under ``jax.jit`` with the rule-derived ``out_shardings``, so every device
+  only ever materialises its own shards. Same values as ``model_fn()`` followed
+  by :func:`shard_model`.
+
+  Returns:
+    ``(model, state_shardings)``.
+  """
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(model_fn))
+  shardings = named_shardings(mesh, rules, abstract_state, strict=strict)
+
+  def init_state():
+    return nnx.state(model_fn())
+
+  with jax.set_mesh(mesh):
+    state = jax.jit(init_state, out_shardings=shardings)()
+  return nnx.merge(graphdef, state), shardings
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading dim over the batch axes ``("data", "fsdp")`` present in ``mesh``; rest replicated."""
   if ndim == 0:
