@@ -167,3 +167,22 @@ def test_load_params_latest_and_best(reference):
   x, y = EVAL_DATA[0]["x"], EVAL_DATA[0]["y"]
   np.testing.assert_allclose(float(jnp.mean((best_model(x) - y)**2)), best["eval/mse"],
                              rtol=1e-6)
+
+
+def test_metric_writer_truncates_on_resume_and_merges_same_step(tmp_path):
+  writer = train.MetricWriter(tmp_path, tensorboard=False)
+  for step in (1, 2, 3):
+    writer.log(step, {"loss": float(step)})
+  writer.close()
+  # Resume from a checkpoint at step 2: step 3 will be recomputed, so it is dropped.
+  writer = train.MetricWriter(tmp_path, resume_step=2, tensorboard=False)
+  assert [r["step"] for r in train.read_metrics(tmp_path)] == [1, 2]
+  writer.log(2, None, {"acc": 0.5})  # Same step as the last line: merged into it.
+  writer.log(3, {"loss": 30.0})
+  writer.log(3, None, {"acc": 0.75})
+  writer.close()
+  records = train.read_metrics(tmp_path)
+  assert [r["step"] for r in records] == [1, 2, 3]
+  assert records[1]["loss"] == 2.0 and records[1]["eval/acc"] == 0.5
+  assert records[2]["loss"] == 30.0 and records[2]["eval/acc"] == 0.75
+  assert records[2]["wall_time"] >= records[0]["wall_time"]

@@ -277,9 +277,9 @@ class _Trainer:
           f"{host['consecutive_skipped']} consecutive non-finite steps (up to step {step}); "
           f"params are from the last finite update. Last checkpoint: "
           f"{self.checkpointer.latest_step()}")
-    if _every(step, self.loop.log_every) or eval_metrics is not None:
-      train = host if _every(step, self.loop.log_every) else None
-      self.writer.log(step, train, eval_metrics)
+    log_train = _every(step, self.loop.log_every) or step == self.loop.num_steps
+    if log_train or eval_metrics is not None:
+      self.writer.log(step, host if log_train else None, eval_metrics)
 
   def _save(self, eval_metrics=None) -> None:
     metrics = eval_metrics if self.loop.best_metric else None
@@ -320,7 +320,8 @@ class _Trainer:
           pending = (step, metrics)
           for hook in self.hooks:
             hook(step, self.state, metrics)
-          is_eval = self.evaluate is not None and _every(step, self.loop.eval_every)
+          last = step == self.loop.num_steps
+          is_eval = self.evaluate is not None and (_every(step, self.loop.eval_every) or last)
           if jax.process_count() > 1 and self.checkpointer.reached_preemption(step):
             stop.signum = stop.signum or int(signal.SIGTERM)  # Multi-host preemption notice.
           if is_eval or _every(step, self.loop.checkpoint_every) or stop.signum is not None:

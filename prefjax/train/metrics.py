@@ -5,7 +5,9 @@
 across resumes) and every metric. Train metrics are plain names, eval metrics
 are prefixed ``eval/``. On resume from step ``k`` the writer first drops every
 line with ``step > k`` (those steps are recomputed), so a resumed run never
-duplicates steps. Only process 0 writes.
+duplicates steps, and a second write for the step of the last line (say, the
+final eval after the final train metrics) merges into that line: one line per
+step. Only process 0 writes.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class MetricWriter:
     self._start = time.time()
     self._last_time, self._last_step, self._tokens = self._start, resume_step, 0.0
     self._tb = None
+    self._last_record: dict[str, Any] | None = None
+    self._last_offset = 0
     if not self._is_writer:
       return
     os.makedirs(self.workdir, exist_ok=True)
@@ -89,8 +93,10 @@ class MetricWriter:
     tmp = self._path + ".tmp"
     with open(tmp, "w") as f:
       for r in kept:
+        self._last_offset = f.tell()
         f.write(json.dumps(r) + "\n")
     os.replace(tmp, self._path)
+    self._last_record = kept[-1] if kept else None
 
   @property
   def wall_time(self) -> float:
@@ -101,15 +107,26 @@ class MetricWriter:
     self._tokens += n
 
   def write(self, step: int, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Appends one record for ``step`` (JSONL + TensorBoard); returns it."""
+    """Appends one record for ``step`` (JSONL + TensorBoard); returns it.
+
+    Writing the step of the last line again merges into that line, so the file
+    holds at most one record per step.
+    """
     values = to_python(values)
     record = {"step": int(step), "time": time.time(), "wall_time": self.wall_time, **values}
-    if self._is_writer:
-      with open(self._path, "a") as f:
-        f.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
-      if self._tb is not None:
-        for name, value in values.items():
-          self._tb.add_scalar(name, value, step)
+    if not self._is_writer:
+      return record
+    with open(self._path, "r+" if os.path.exists(self._path) else "w") as f:
+      if self._last_record is not None and self._last_record["step"] == record["step"]:
+        record = {**self._last_record, **record}
+        f.truncate(self._last_offset)
+      f.seek(0, os.SEEK_END)
+      self._last_offset = f.tell()
+      f.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
+    self._last_record = record
+    if self._tb is not None:
+      for name, value in values.items():
+        self._tb.add_scalar(name, value, step)
     return record
 
   def log(self, step: int, train: Mapping[str, Any] | None = None,
