@@ -1,0 +1,49 @@
+r"""MiniLM (all-MiniLM-L6-v2) reward model on HH-RLHF harmless-base (the offline test file).
+
+Command:
+  python -m experiments.train_rm --config=configs/rm/hh_minilm.py --workdir=/tmp/rm_hh_minilm
+
+Data: the 2,312 harmless-base test pairs re-split 80/10/10 by prompt hash;
+trains on ``resplit_train`` and evaluates on ``resplit_validation``.
+
+Expected (this 2-core CPU, shared): TBD.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """``arg``: None (default), ``quick`` (a few steps, smoke test) or ``cls`` (CLS pooling)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.tokenizer = dict(path="asset:minilm")
+  config.model = dict(arch="encoder", preset="", path="asset:minilm", head="reward",
+                      ensemble="heads", pooling="mean", dtype="float32", overrides={})
+  config.data = dict(
+      name="hh_rlhf/harmless-base", train_split="resplit_train",
+      eval_split="resplit_validation", on_bad_row="error", cache_dir="", objective="",
+      objective_field="objective",
+      pipeline=dict(seed=0, batch_size=16, max_length=128, max_prompt_length=64,
+                    mode="padded", bucket_boundaries=(64,), add_bos=True))
+  config.loss = dict(name="bt", margin=0.0, label_smoothing=0.0, center_coef=0.0, nu=1.0,
+                     bootstrap=False, first_member=0)
+  config.optimizer = dict(name="adamw", learning_rate=5e-5, schedule="cosine",
+                          warmup_steps=20, total_steps=200, weight_decay=0.01,
+                          grad_clip_norm=1.0)
+  config.loop = dict(num_steps=200, log_every=10, eval_every=100, checkpoint_every=50,
+                     seed=0, async_checkpointing=False)
+  config.eval = dict(batch_size=32, num_bins=10, subset_field="subset")
+  config.mesh = dict(shape=(-1, 1, 1), ensemble=1)
+  if arg == "quick":
+    config.loop.num_steps = 4
+    config.optimizer.total_steps = 4
+    config.optimizer.warmup_steps = 1
+    config.loop.eval_every = 0
+    config.loop.checkpoint_every = 0
+  elif arg == "cls":
+    config.model.pooling = "cls"
+  elif arg not in (None, ""):
+    raise ValueError(f"unknown variant {arg!r}; known: quick, cls")
+  return config

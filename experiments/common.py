@@ -1,0 +1,61 @@
+"""absl boilerplate shared by the experiment binaries.
+
+Every binary is ``python -m experiments.NAME --config=configs/.../x.py[:arg]
+--workdir=DIR [--config.key=value ...]``. A binary defines ``run(config,
+workdir)`` (what the tests call in-process) and ends with::
+
+  if __name__ == "__main__":
+    common.define_flags()
+    app.run(common.main_for(run))
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Callable
+
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines ``--config`` (an ml_collections config file) and ``--workdir``."""
+  if "config" not in FLAGS:
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file, optionally with an argument: configs/x.py:quick.",
+        lock_config=True)
+  if "workdir" not in FLAGS:
+    flags.DEFINE_string("workdir", None, "Output directory; rerunning with it resumes.")
+
+
+def prepare_workdir(workdir: str | os.PathLike[str]) -> str:
+  """Creates ``workdir`` and mirrors absl logs into ``workdir/logs``."""
+  path = pathlib.Path(workdir).expanduser().resolve()
+  path.mkdir(parents=True, exist_ok=True)
+  log_dir = path / "logs"
+  log_dir.mkdir(exist_ok=True)
+  logging.get_absl_handler().use_absl_log_file("log", str(log_dir))
+  logging.set_verbosity(logging.INFO)
+  logging.set_stderrthreshold(logging.INFO)
+  return str(path)
+
+
+def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
+  """An absl ``main`` that validates the flags and calls ``run(config, workdir)``."""
+
+  def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise ValueError(f"unexpected positional arguments: {argv[1:]}")
+    if FLAGS.config is None:
+      raise ValueError("--config is required, e.g. --config=configs/rm/tiny.py")
+    if not FLAGS.workdir:
+      raise ValueError("--workdir is required (rerunning with it resumes)")
+    workdir = prepare_workdir(FLAGS.workdir)
+    logging.info("config:\n%s", FLAGS.config)
+    run(FLAGS.config, workdir)
+
+  return main
