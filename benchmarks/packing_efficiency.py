@@ -9,7 +9,7 @@ them with the GPT-2 BPE tokenizer and runs one epoch of the packed pipeline at
 each sequence length, next to two padded baselines (one bucket of the full
 length; power-of-two buckets). Efficiency counts every slot of every emitted
 batch, including the partly filled last ones. Target: packed > 90% at 1024.
-Runtime: about 30 s on a 2-core CPU.
+Runtime: 30-60 s on a 2-core CPU (tokenization dominates).
 """
 
 from __future__ import annotations

@@ -242,6 +242,21 @@ def test_packed_shapes_are_fixed_and_dense():
   assert c["token_slots"] < padded_slots  # packing wastes fewer slots than bucketed padding
 
 
+@pytest.mark.parametrize("mode,compiles", [("padded", 3), ("packed", 1)])
+def test_jit_compiles_once_per_bucket(mode, compiles):
+  traces = []
+
+  @jax.jit
+  def step(batch):
+    traces.append(batch["tokens"].shape)
+    return (batch["tokens"] * batch["loss_mask"]).sum()
+
+  batches, _ = run(pipeline.preference_dataset(SOURCE, TOK, config(mode=mode, num_epochs=2)))
+  for batch in batches:
+    step(batch)
+  assert len(traces) == compiles < len(batches)
+
+
 def test_drop_remainder_counts_dropped_pairs():
   batches, it = run(pipeline.preference_dataset(SOURCE, TOK, config(drop_remainder=True)))
   assert all(b["pair_mask"].all() for b in batches)
