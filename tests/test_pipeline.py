@@ -326,6 +326,23 @@ def test_composes_with_grain_transformations():
   assert list(resumed) == rest and len(head + rest) == len(run(ds)[0])
 
 
+def test_background_prefetch_keeps_exact_state():
+  import grain
+  ds = grain.experimental.ThreadPrefetchIterDataset(
+      pipeline.preference_dataset(SOURCE, TOK, config(mode="packed")), prefetch_buffer_size=3)
+  full, full_it = run(ds)
+  it = iter(ds)
+  head = [next(it) for _ in range(4)]
+  state = json.loads(json.dumps(it.get_state()))
+  resumed = iter(ds)
+  resumed.set_state(state)
+  tail = list(resumed)
+  assert [b["example_index"].tolist() for b in head + tail] == [
+      b["example_index"].tolist() for b in full]
+  for i in (full_it, it, resumed):
+    i.close()
+
+
 def test_state_from_another_pipeline_is_rejected():
   _, it = run(pipeline.preference_dataset(SOURCE, TOK, config()), limit=1)
   other = iter(pipeline.preference_dataset(SOURCE, TOK, config(seed=9)))

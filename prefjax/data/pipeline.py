@@ -21,7 +21,9 @@ windowed first-fit packer (``packing.py``). Its
 state (``get_state()``) is a small JSON-serialisable dict: the next index, the
 indices waiting in buckets / the packing window, the planned batches not yet
 returned, and the counters, so ``set_state`` resumes exactly where an
-uninterrupted run would be. Padding examples (to fill the last batch when
+uninterrupted run would be; wrapping the dataset in
+``grain.experimental.ThreadPrefetchIterDataset`` moves batching to a background
+thread and keeps that guarantee. Padding examples (to fill the last batch when
 ``drop_remainder=False``) have weight 0 and mask 0, and hold one pad token with
 ``attention_mask`` 1 so no attention row is empty.
 
