@@ -281,7 +281,7 @@ def test_output_is_float32_per_example(name, dtype):
   out = DIRECT_LOSSES[name](to_pairs(d, dtype), beta=BETA)
   assert out.shape == (B,) and out.dtype == jnp.float32
   if dtype == jnp.bfloat16:  # Computed in float32 from the rounded inputs.
-    rounded = {k: np.asarray(jnp.asarray(v, jnp.bfloat16), np.float64) for k, v in d.items()}
+    rounded = {k: np.asarray(jnp.asarray(v, jnp.bfloat16)).astype(np.float64) for k, v in d.items()}
     np.testing.assert_allclose(out, REFS[name](rounded, BETA), rtol=1e-4, atol=1e-4)
 
 

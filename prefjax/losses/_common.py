@@ -18,15 +18,14 @@ Array = jax.Array
 ArrayLike = Any  # jax.Array, np.ndarray or a Python number.
 
 
-def compute_dtype(x: ArrayLike) -> jnp.dtype:
-  """float32 for bf16/f16/f32/int inputs, float64 for float64 inputs."""
-  return jnp.promote_types(jnp.result_type(x), jnp.float32)
-
-
 def as_float(x: ArrayLike) -> Array:
-  """``x`` as an array in the loss compute dtype (see ``compute_dtype``)."""
+  """``x`` in the loss compute dtype: float32, or float64 for float64 under x64.
+
+  bf16/f16/int inputs are promoted to float32; NumPy float64 inputs without
+  x64 are canonicalised to float32 by ``jnp.asarray`` first (no warning).
+  """
   x = jnp.asarray(x)
-  return x.astype(compute_dtype(x))
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def broadcast_leading(value: ArrayLike, like: Array, name: str) -> Array:

@@ -91,7 +91,14 @@ def bradley_terry_ties(r_a: ArrayLike, r_b: ArrayLike, outcome: ArrayLike, *,
   r_a, r_b = _pair(r_a, r_b, "r_a, r_b")
   check_static_range("nu", nu, 0.0, float("inf"))
   outcome = broadcast_leading(outcome, r_a, "outcome")
-  log_nu = jnp.log(as_float(nu)).astype(r_a.dtype)
+  return _davidson_nll(r_a, r_b, outcome, as_float(nu))
+
+
+# The numerics are jitted (after the static checks above) so that eager calls,
+# e.g. in evaluation notebooks, compile one program instead of every primitive.
+@jax.jit
+def _davidson_nll(r_a: Array, r_b: Array, outcome: Array, nu: Array) -> Array:
+  log_nu = jnp.log(nu).astype(r_a.dtype)
   log_tie = log_nu + 0.5 * (r_a + r_b)
   log_z = jax.nn.logsumexp(jnp.stack(jnp.broadcast_arrays(r_a, r_b, log_tie)), axis=0)
   win_a, tie, win_b = _outcome_weights(outcome)
@@ -124,7 +131,11 @@ def plackett_luce(rewards: ArrayLike, mask: ArrayLike | None = None) -> Array:
     mask = jnp.ones(rewards.shape, bool)
   mask = jnp.asarray(mask)
   check_same_shape("rewards, mask", rewards, mask)
-  mask = mask > 0
+  return _plackett_luce_nll(rewards, mask > 0)
+
+
+@jax.jit
+def _plackett_luce_nll(rewards: Array, mask: Array) -> Array:
   k = rewards.shape[-1]
   # tail[b, i, j]: entry j takes part in the denominator of position i.
   later = jnp.arange(k)[None, :] >= jnp.arange(k)[:, None]
