@@ -389,11 +389,11 @@ def test_whiten_uses_only_masked_entries():
 @pytest.mark.parametrize("mode", ["token_mean", "sequence_mean", "sequence_sum_norm"])
 def test_aggregate_loss(mode):
   rng = np.random.default_rng(13)
-  loss = rng.normal(size=(3, 5))
-  mask = _mask([5, 1, 3], 5)
+  loss = rng.normal(size=(4, 5))
+  mask = _mask([5, 1, 3, 0], 5)  # the last row is batch filler without tokens
   ref = {"token_mean": (loss * mask).sum() / mask.sum(),
-         "sequence_mean": ((loss * mask).sum(1) / mask.sum(1)).mean(),
-         "sequence_sum_norm": (loss * mask).sum() / 15.0}[mode]
+         "sequence_mean": ((loss * mask).sum(1)[:3] / mask.sum(1)[:3]).mean(),
+         "sequence_sum_norm": (loss * mask).sum() / 20.0}[mode]
   np.testing.assert_allclose(policy.aggregate_loss(loss, mask, mode), ref, rtol=1e-5)
 
 

@@ -118,8 +118,9 @@ def aggregate_loss(per_token: Array, mask: Array, mode: AggregateMode = "token_m
   Modes:
     * ``token_mean``: Σ_bt m·ℓ / Σ_bt m — every response token weighs the same
       (DAPO, arXiv 2503.14476).
-    * ``sequence_mean``: mean_b (Σ_t m·ℓ / Σ_t m) — every sequence weighs the
-      same (original PPO-for-LMs / GRPO, arXiv 2402.03300).
+    * ``sequence_mean``: mean_b (Σ_t m·ℓ / Σ_t m) over rows with at least one
+      response token — every sequence weighs the same (original PPO-for-LMs /
+      GRPO, arXiv 2402.03300); all-padding rows (batch filler) are ignored.
     * ``sequence_sum_norm``: Σ_bt m·ℓ / (B · max_tokens) with a constant
       ``max_tokens`` (default T), free of length bias (Dr. GRPO, "Understanding
       R1-Zero-Like Training: A Critical Perspective", arXiv 2503.20783).
@@ -130,7 +131,9 @@ def aggregate_loss(per_token: Array, mask: Array, mode: AggregateMode = "token_m
   if mode == "token_mean":
     return masked_sum(per_token, mask, axis=None) / jnp.maximum(jnp.sum(mask), 1.0)
   if mode == "sequence_mean":
-    return jnp.mean(masked_mean(per_token, mask))
+    has_tokens = (jnp.sum(mask, axis=1) > 0).astype(per_token.dtype)
+    return jnp.sum(masked_mean(per_token, mask) * has_tokens) / jnp.maximum(
+        jnp.sum(has_tokens), 1.0)
   if mode == "sequence_sum_norm":
     norm = per_token.shape[1] if max_tokens is None else max_tokens
     return masked_sum(per_token, mask, axis=None) / (per_token.shape[0] * norm)
