@@ -397,6 +397,11 @@ def test_initialize_on_detected_cluster_and_bad_settings(fake_initialize):
                                   flag_values=flags.FlagValues())
   assert fake_initialize == [dict(coordinator_address=None, num_processes=None,
                                   process_id=None, local_device_ids=None)]
+  parallel.initialize_distributed(
+      env={"JAX_COORDINATOR_ADDRESS": "w0:99", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
+      flag_values=flags.FlagValues())
+  assert fake_initialize[-1] == dict(coordinator_address="w0:99", num_processes=2,
+                                     process_id=1, local_device_ids=None)
   with pytest.raises(ValueError, match="coordinator address"):
     parallel.initialize_distributed(num_processes=2, env={}, flag_values=flags.FlagValues())
   with pytest.raises(ValueError, match=r"process_id=5 is outside \[0, 2\)"):
@@ -416,3 +421,9 @@ def test_initialize_on_detected_cluster_and_bad_settings(fake_initialize):
 ])
 def test_detect_cluster(env, expected):
   assert parallel.detect_cluster(env) == expected
+
+
+def test_second_initialization_is_skipped(fake_initialize, monkeypatch):
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+  info = parallel.initialize_distributed("h:1", 2, 0, env={}, flag_values=flags.FlagValues())
+  assert fake_initialize == [] and info.process_count == 1

@@ -110,7 +110,8 @@ def initialize_distributed(coordinator_address: str | None = None,
   """Initialises ``jax.distributed`` when configured or on a detected cluster.
 
   Explicit arguments win over the (parsed) absl flags, which win over the
-  environment. Safe to call twice: a second call only reports.
+  environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+  ``JAX_PROCESS_ID``. Safe to call twice: a second call only reports.
 
   Returns:
     :func:`process_info` after initialisation.
@@ -119,11 +120,17 @@ def initialize_distributed(coordinator_address: str | None = None,
     ValueError: ``num_processes``/``process_id`` given without a coordinator
       address outside a detected cluster, or a process id out of range.
   """
-  coordinator_address = coordinator_address or _flag_value(flag_values, "coordinator_address")
+  env = os.environ if env is None else env
+  coordinator_address = (coordinator_address or _flag_value(flag_values, "coordinator_address")
+                         or env.get("JAX_COORDINATOR_ADDRESS") or None)
   if num_processes is None:
     num_processes = _flag_value(flag_values, "num_processes")
+  if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+    num_processes = int(env["JAX_NUM_PROCESSES"])
   if process_id is None:
     process_id = _flag_value(flag_values, "process_id")
+  if process_id is None and env.get("JAX_PROCESS_ID"):
+    process_id = int(env["JAX_PROCESS_ID"])
   cluster = detect_cluster(env)
 
   if jax.distributed.is_initialized():
