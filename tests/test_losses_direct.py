@@ -49,7 +49,8 @@ def _per_token(d):
 def ref_dpo(d, beta, label_smoothing=0.0):
   c, r = _ratios(d)
   p_chosen_wins = np_sigmoid(beta * (c - r))
-  return -(1 - label_smoothing) * np.log(p_chosen_wins) - label_smoothing * np.log(1 - p_chosen_wins)
+  return (-(1 - label_smoothing) * np.log(p_chosen_wins)
+          - label_smoothing * np.log(1 - p_chosen_wins))
 
 
 def ref_robust(d, beta, label_smoothing=0.0):
@@ -348,6 +349,18 @@ def test_apo_down_pushes_chosen_likelihood_down():
   assert np.all(grads.policy_rejected > 0)   # ... and lowers log π(rejected).
 
 
+def test_hinge_is_flat_beyond_the_margin():
+  # β·h from 0 to 3: decreasing until the margin β·h = 1, then exactly 0 with zero gradient.
+  x = sweep(np.linspace(-1.0, 5.0, 40), side="chosen")
+  loss = np.asarray(direct.hinge(x, beta=BETA))
+  beyond = BETA * (np.asarray(x.policy_chosen) + 1.0) >= 1.0 - 1e-6  # relu'(0) = 0.
+  assert_non_increasing(loss)
+  np.testing.assert_array_equal(loss[beyond], 0.0)
+  g = jax.grad(lambda x: direct.hinge(x, beta=BETA).sum())(x)
+  np.testing.assert_array_equal(np.asarray(g.policy_chosen)[beyond], 0.0)
+  assert np.all(np.asarray(g.policy_chosen)[~beyond] < 0)
+
+
 def grad_at(name, x_row, **hparams):
   with jax.enable_x64(True):
     x = PairLogps(*(jnp.full(B, v, jnp.float64) for v in x_row))
@@ -485,7 +498,8 @@ def test_out_of_range_hyperparameters_raise(name, hparams):
 def ref_kto(policy, ref, desirable, kl_ref, beta, w_d=1.0, w_u=1.0):
   z0 = max(kl_ref, 0.0)
   rho = policy - ref
-  value = np.where(desirable, w_d * np_sigmoid(beta * (rho - z0)), w_u * np_sigmoid(beta * (z0 - rho)))
+  value = np.where(desirable, w_d * np_sigmoid(beta * (rho - z0)),
+                   w_u * np_sigmoid(beta * (z0 - rho)))
   return np.where(desirable, w_d, w_u) - value
 
 

@@ -29,6 +29,9 @@ import jax.numpy as jnp
 
 from prefjax.losses._common import Array, ArrayLike, as_float, check_rank
 from prefjax.losses._common import check_same_shape, check_static_range
+# KTO has its own signature (unpaired data) and module; re-exported here.
+from prefjax.losses.unpaired import UNPAIRED_LOSSES  # noqa: F401
+from prefjax.losses.unpaired import kto  # noqa: F401
 
 
 class PairLogps(NamedTuple):
@@ -77,7 +80,7 @@ def _checked(x: PairLogps) -> PairLogps:
   fields = [as_float(v) for v in x]
   dtype = jnp.result_type(*fields)
   fields = [v.astype(dtype) for v in fields]
-  check_rank(f"PairLogps.policy_chosen", fields[0], 1)
+  check_rank("PairLogps.policy_chosen", fields[0], 1)
   check_same_shape(f"PairLogps fields ({_FIELDS})", *fields)
   return PairLogps(*fields)
 
@@ -478,7 +481,3 @@ def orpo(x: PairLogps, *, beta: ArrayLike) -> Array:
   mean_c = _token_mean(x.policy_chosen, x.chosen_tokens)
   mean_r = _token_mean(x.policy_rejected, x.rejected_tokens)
   return -beta * jax.nn.log_sigmoid(_log_odds(mean_c) - _log_odds(mean_r))
-
-
-# KTO lives in its own module (unpaired data, its own signature); re-exported here.
-from prefjax.losses.unpaired import UNPAIRED_LOSSES, kto  # noqa: E402,F401  pylint: disable=g-import-not-at-top
