@@ -291,3 +291,38 @@ def test_key_data_roundtrip():
   assert saved["k"].dtype == jnp.uint32
   back = checkpoint_lib.from_savable(saved, tree)
   np.testing.assert_array_equal(jax.random.key_data(back["k"]), jax.random.key_data(tree["k"]))
+
+
+class PolicyWithReference(nnx.Module):
+  """A trained policy beside a frozen copy (as a DPO reference model)."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.policy = MLP(rngs)
+    self.reference = MLP(rngs)
+
+
+def test_trainable_filter_freezes_reference_model():
+  tx = optax.sgd(0.1)
+  trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("reference")))
+  graphdef, state = train.create_train_state(PolicyWithReference(nnx.Rngs(0)), tx, 0,
+                                             trainable=trainable)
+  assert set(state.params) == {"policy"} and set(state.extra) == {"reference"}
+  ref_before = jax.tree.map(np.array, state.extra["reference"])
+  policy_before = jax.tree.map(np.array, state.params["policy"])
+
+  def margin_loss(model, batch, rng):
+    del rng
+    margin = model.policy(batch["x"]) - model.reference(batch["x"]) - batch["y"]
+    return jnp.mean(margin**2), {}
+
+  fn = jax.jit(train.make_train_step(graphdef, margin_loss, tx, trainable=trainable))
+  state, _ = fn(state, make_batches(1, 8)[0])
+  jax.tree.map(np.testing.assert_array_equal, ref_before, state.extra["reference"])
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), policy_before, state.params["policy"])
+  assert min(jax.tree.leaves(moved)) > 0
+  # The frozen weights are sharded by the same partition rules as the trained ones.
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  shardings = train.state_shardings(state, mesh, PARTITION_RULES)
+  assert shardings.extra["reference"]["hidden"]["kernel"].spec == P("fsdp", "tensor")
+  assert shardings.params["policy"]["hidden"]["kernel"].spec == P("fsdp", "tensor")

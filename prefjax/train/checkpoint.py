@@ -48,7 +48,8 @@ def from_savable(tree: PyTree, template: PyTree) -> PyTree:
 
 def load_params(workdir: str | os.PathLike[str], model: nnx.Module, *,
                 step: int | str | None = None, best_metric: str | None = None,
-                best_mode: str = "min") -> nnx.Module:
+                best_mode: str = "min",
+                trainable: nnx.filterlib.Filter = nnx.Param) -> nnx.Module:
   """Loads the params saved by ``train_loop`` in ``workdir`` into ``model`` (in place).
 
   Args:
@@ -56,6 +57,7 @@ def load_params(workdir: str | os.PathLike[str], model: nnx.Module, *,
     model: a model of the same architecture; its arrays' shardings are kept.
     step: an int, ``None``/``"latest"``, or ``"best"`` (needs ``best_metric``).
     best_metric, best_mode: how ``"best"`` is ranked (the run's eval metric).
+    trainable: the filter the run trained with (only those variables load).
 
   Returns:
     ``model``, with the restored parameters.
@@ -69,7 +71,7 @@ def load_params(workdir: str | os.PathLike[str], model: nnx.Module, *,
         raise ValueError(f"no checkpoint in {workdir} has eval metric {best_metric!r}")
     elif step == "latest":
       step = None
-    _, params, _ = state_lib.split_model(model)
+    _, params, _ = state_lib.split_model(model, trainable)
     nnx.update(model, ckpt.restore_params(params, step))
   finally:
     ckpt.close()

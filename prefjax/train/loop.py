@@ -180,14 +180,15 @@ class _Trainer:
   """State of one :func:`train_loop` call (see there for the arguments)."""
 
   def __init__(self, *, workdir, model, loss_fn, optimizer, loop, train_iter, config,
-               eval_fn, eval_data, tokens_in_batch, mesh, partition_rules, hooks):
+               eval_fn, eval_data, tokens_in_batch, mesh, partition_rules, hooks, trainable):
     self.workdir, self.loop = str(workdir), LoopConfig.from_mapping(loop)
     self.train_iter, self.tokens_in_batch, self.hooks = train_iter, tokens_in_batch, hooks
     self.mesh = mesh
     self.config = summary_lib.config_to_dict(config)
     tx, schedule = _make_tx(optimizer)
     self.user_model = model
-    self.graphdef, state = state_lib.create_train_state(model, tx, self.loop.seed)
+    self.graphdef, state = state_lib.create_train_state(model, tx, self.loop.seed,
+                                                        trainable=trainable)
     state_sh = None
     if mesh is not None:
       state_sh = sharding_lib.state_shardings(state, mesh, partition_rules or ())
@@ -198,7 +199,8 @@ class _Trainer:
       micro_sh = lambda mb: sharding_lib.batch_shardings(mb, mesh)  # noqa: E731
     self.step_fn = step_lib.make_train_step(
         self.graphdef, loss_fn, tx, schedule=schedule, accum_steps=self.loop.accum_steps,
-        presplit=self.loop.presplit_microbatches, micro_sharding=micro_sh)
+        presplit=self.loop.presplit_microbatches, micro_sharding=micro_sh,
+        trainable=trainable)
     self._jitted: dict[Any, Any] = {}
     self._state_sh = state_sh
     self.evaluate = _Eval(self.graphdef, eval_fn, eval_data, self._put) if eval_fn else None
@@ -414,6 +416,7 @@ def train_loop(
     mesh: jax.sharding.Mesh | None = None,
     partition_rules: Sequence[tuple[str, jax.sharding.PartitionSpec]] | None = None,
     hooks: Sequence[Hook] = (),
+    trainable: nnx.filterlib.Filter = nnx.Param,
 ) -> TrainResult:
   """Trains ``model`` with ``loss_fn`` until ``loop.num_steps``, resuming from ``workdir``.
 
@@ -436,6 +439,9 @@ def train_loop(
     mesh: a ``("data", "fsdp", "tensor")`` mesh; None = default device.
     partition_rules: the model's ``PARTITION_RULES``.
     hooks: ``(step, state, metrics)`` callbacks after each dispatched step.
+    trainable: NNX filter of the variables to train (default every
+      ``nnx.Param``); the rest, e.g. a frozen reference model inside ``model``,
+      is carried in ``state.extra``, sharded by the same rules.
 
   Returns:
     A :class:`TrainResult`.
@@ -445,5 +451,5 @@ def train_loop(
   trainer = _Trainer(workdir=workdir, model=model, loss_fn=loss_fn, optimizer=optimizer,
                      loop=loop, train_iter=train_iter, config=config, eval_fn=eval_fn,
                      eval_data=eval_data, tokens_in_batch=tokens_in_batch, mesh=mesh,
-                     partition_rules=partition_rules, hooks=hooks)
+                     partition_rules=partition_rules, hooks=hooks, trainable=trainable)
   return trainer.run()

@@ -3,8 +3,8 @@
 Parameters follow the model's regex partition rules (via ``prefjax.parallel``);
 optimizer-state leaves that mirror a parameter (Adam moments, momentum) get
 that parameter's sharding, found by matching the end of their pytree path and
-their shape; everything else (counters, RNG key, non-parameter model state) is
-replicated. Batches are split over ``("data", "fsdp")`` along the example axis
+their shape. Non-trained model variables (frozen reference weights) follow the
+same rules; everything else (counters, RNG keys) is replicated. Batches are split over ``("data", "fsdp")`` along the example axis
 (axis 1 for batches that carry a leading microbatch axis).
 """
 
@@ -43,7 +43,7 @@ def state_shardings(state: state_lib.TrainState, mesh: jax.sharding.Mesh,
 
   return state.replace(
       step=replicated, params=param_sh,
-      extra=jax.tree.map(lambda _: replicated, state.extra),
+      extra=parallel.named_shardings(mesh, rules, state.extra),
       opt_state=jax.tree_util.tree_map_with_path(opt_sharding, state.opt_state),
       rng=replicated, skipped_steps=replicated, consecutive_skipped=replicated)
 

@@ -29,8 +29,9 @@ class TrainState:
   Attributes:
     step: number of train steps taken (including skipped non-finite steps);
       equals the number of batches consumed from the train iterator.
-    params: pure dict of the model's ``nnx.Param`` values.
-    extra: pure dict of the model's other variables (RNG counters, ...).
+    params: pure dict of the trained variables (by default every ``nnx.Param``).
+    extra: pure dict of the model's other variables (RNG counters, frozen
+      weights, ...); updated by the forward pass but never by gradients.
     opt_state: optax state for ``params``.
     rng: base PRNG key; step ``s`` uses ``fold_in(rng, s)``.
     skipped_steps: total steps whose update was skipped (non-finite).
@@ -50,9 +51,16 @@ class TrainState:
     return self.step - self.skipped_steps
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, PyTree, PyTree]:
-  """Returns ``(graphdef, params, extra)`` with params/extra as pure dicts."""
-  graphdef, params, extra = nnx.split(model, nnx.Param, ...)
+def split_model(model: nnx.Module, trainable: nnx.filterlib.Filter = nnx.Param,
+                ) -> tuple[nnx.GraphDef, PyTree, PyTree]:
+  """Returns ``(graphdef, params, extra)`` with params/extra as pure dicts.
+
+  ``trainable`` is an NNX filter selecting the variables that get gradients
+  (default every ``nnx.Param``); e.g. ``nnx.All(nnx.Param,
+  nnx.Not(nnx.PathContains("reference")))`` keeps a frozen DPO reference model
+  inside the same module, in ``extra``.
+  """
+  graphdef, params, extra = nnx.split(model, trainable, ...)
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(extra)
 
 
@@ -65,9 +73,14 @@ def create_train_state(
     model: nnx.Module,
     tx: optax.GradientTransformation,
     rng: jax.Array | int,
+    *,
+    trainable: nnx.filterlib.Filter = nnx.Param,
 ) -> tuple[nnx.GraphDef, TrainState]:
-  """Splits ``model`` and initialises the optimizer; returns ``(graphdef, state)``."""
-  graphdef, params, extra = split_model(model)
+  """Splits ``model`` and initialises the optimizer; returns ``(graphdef, state)``.
+
+  ``trainable`` selects the trained variables (see :func:`split_model`).
+  """
+  graphdef, params, extra = split_model(model, trainable)
   if isinstance(rng, int):
     rng = jax.random.key(rng)
   elif not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):

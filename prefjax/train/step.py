@@ -70,25 +70,26 @@ def _check_loss_output(out: Any) -> tuple[jax.Array, Metrics]:
                                           for k, v in metrics.items()}
 
 
-def _grads_one(graphdef, loss_fn, params, extra, batch, rng):
+def _grads_one(graphdef, loss_fn, trainable, params, extra, batch, rng):
   """Loss, metrics, new extra state and gradients for one microbatch."""
   def inner(p):
     model = state_lib.merge_model(graphdef, p, extra)
     loss, metrics = _check_loss_output(loss_fn(model, batch, rng))
-    new_extra = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
+    new_extra = nnx.to_pure_dict(nnx.split(model, trainable, ...)[2])
     return loss, (metrics, new_extra)
   (loss, (metrics, new_extra)), grads = jax.value_and_grad(inner, has_aux=True)(params)
   return loss, metrics, new_extra, grads
 
 
-def _accumulate(graphdef, loss_fn, params, extra, micro, rng, accum_steps, micro_sharding):
+def _accumulate(graphdef, loss_fn, trainable, params, extra, micro, rng, accum_steps,
+                micro_sharding):
   """Loss/metrics/grads over the microbatch axis via ``lax.scan``, combined by ``loss_weight``."""
   def body(carry, xs):
     grad_sum, weight_sum, extra = carry
     mb, i = xs
     if micro_sharding is not None:
       mb = jax.lax.with_sharding_constraint(mb, micro_sharding(mb))
-    loss, metrics, extra, grads = _grads_one(graphdef, loss_fn, params, extra, mb,
+    loss, metrics, extra, grads = _grads_one(graphdef, loss_fn, trainable, params, extra, mb,
                                              jax.random.fold_in(rng, i))
     weight = metrics.get(LOSS_WEIGHT, jnp.ones((), jnp.float32))
     grad_sum = jax.tree.map(lambda s, g: s + weight * g.astype(jnp.float32), grad_sum, grads)
@@ -118,6 +119,7 @@ def make_train_step(
     accum_steps: int = 1,
     presplit: bool = False,
     micro_sharding: Callable[[Batch], Any] | None = None,
+    trainable: nnx.filterlib.Filter = nnx.Param,
 ) -> TrainStep:
   """Builds the (unjitted) train step; see :func:`jit_train_step`.
 
@@ -134,6 +136,7 @@ def make_train_step(
       ``accum_steps``.
     micro_sharding: optional ``microbatch -> shardings`` constraint applied
       inside the scan (keeps microbatches spread over the data axes).
+    trainable: the NNX filter the state was created with.
 
   Returns:
     ``step(state, batch) -> (state, metrics)``. Metrics: the user metrics,
@@ -148,12 +151,13 @@ def make_train_step(
   def train_step(state: state_lib.TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
     if accum_steps == 1 and not presplit:
-      loss, metrics, extra, grads = _grads_one(graphdef, loss_fn, state.params, state.extra,
-                                               batch, rng)
+      loss, metrics, extra, grads = _grads_one(graphdef, loss_fn, trainable, state.params,
+                                               state.extra, batch, rng)
     else:
       micro = batch if presplit else split_microbatches(batch, accum_steps)
-      loss, metrics, extra, grads = _accumulate(graphdef, loss_fn, state.params, state.extra,
-                                                micro, rng, accum_steps, micro_sharding)
+      loss, metrics, extra, grads = _accumulate(graphdef, loss_fn, trainable, state.params,
+                                                state.extra, micro, rng, accum_steps,
+                                                micro_sharding)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
