@@ -198,7 +198,7 @@ def hinge(x: PairLogps, *, beta: ArrayLike) -> Array:
   L = relu(1 − β·h)   (margin δ = 1/β in SLiC's notation).
 
   "SLiC-HF: Sequence Likelihood Calibration with Human Feedback"
-  (arXiv 2305.10425), Eq. 2 calibration term; as a DPO-family loss with the
+  (arXiv 2305.10425), rank-calibration hinge; as a DPO-family loss with the
   reference log-ratio as in the DPO paper's baselines.
 
   Args:
@@ -274,7 +274,7 @@ def bco_pair(x: PairLogps, *, beta: ArrayLike, delta: ArrayLike = 0.0) -> Array:
   L = −logσ(βρ_c − δ) − logσ(−(βρ_r − δ)).
 
   "Binary Classifier Optimization for Large Language Model Alignment"
-  (arXiv 2404.04656), Eq. 9 with the reward shift δ. The paper sets δ to a
+  (arXiv 2404.04656), with the reward shift δ. The paper sets δ to a
   running mean of the implicit rewards; that state belongs to the trainer,
   which passes it in (no gradient flows through δ). δ = 0 by default.
 
@@ -425,9 +425,10 @@ def simpo(x: PairLogps, *, beta: ArrayLike, gamma: ArrayLike | None = None,
   L = −(1−ε)·logσ(z) − ε·logσ(−z),  z = β·(π_c/n_c − π_r/n_r) − γ.
 
   "SimPO: Simple Preference Optimization with a Reference-Free Reward"
-  (arXiv 2405.14734), Eq. 6 (ε = 0). The reference fields of ``x`` are
-  ignored. The authors tune the ratio γ/β (their released configs use
-  0.3–0.8); by default γ = 0.5·β, or pass ``gamma`` to set it directly.
+  (arXiv 2405.14734), its objective for ε = 0. The reference fields of
+  ``x`` are ignored. The authors tune the ratio γ/β rather than γ (their
+  released configs range from about 0.1 to 0.8, 0.5 being the most common);
+  by default γ = 0.5·β, or pass ``gamma`` to set it directly.
 
   Args:
     x: ``PairLogps`` with ``[B]`` fields (only policy fields and counts used).
@@ -466,8 +467,10 @@ def orpo(x: PairLogps, *, beta: ArrayLike) -> Array:
   L = −λ·logσ(log odds(p̄_c) − log odds(p̄_r)),  p̄ = exp(π/n),  λ = β.
 
   "ORPO: Monolithic Preference Optimization without Reference Model"
-  (arXiv 2403.07691), Eq. 7; the paper's λ is passed as ``beta`` (they use
-  λ = 0.1), as in TRL's ORPOConfig. The reference fields are ignored.
+  (arXiv 2403.07691), the odds-ratio loss L_OR weighted by λ. The paper's λ
+  is passed as ``beta`` (they use λ = 0.1), as in TRL's ORPOConfig, so that a
+  β sweep is meaningful for every registry entry. The reference fields are
+  ignored.
   Token-averaged log-probs are clamped to ≤ −1e-6 (p̄ = 1 has infinite odds).
 
   Args:

@@ -22,7 +22,7 @@ def kto(policy_logps: ArrayLike, ref_logps: ArrayLike, is_desirable: ArrayLike,
   ρ = policy_logps − ref_logps, z₀ = stop_gradient(max(kl_ref, 0)).
 
   "KTO: Model Alignment as Prospect Theoretic Optimization" (arXiv 2402.01306),
-  Eq. 8 written as λ_y − v(x, y). The reference point z₀ is the batch KL
+  the KTO loss written as λ_y − v(x, y). The reference point z₀ is the batch KL
   estimate (e.g. the mean log-ratio on mismatched prompt/response pairs),
   computed by the caller and passed in; it is clamped at 0 and no gradient
   flows through it.
