@@ -110,7 +110,7 @@ def test_reference_run_keeps_last_and_best_checkpoints(reference):
   assert [r["step"] for r in evals] == [4, 8, 12]
   best = min(evals, key=lambda r: r["eval/neg_mse"])["step"]
   assert best in (4, 8)  # So keeping it is visible beside the latest two.
-  ckpt = train.Checkpointer(workdir / "checkpoints")
+  ckpt = train.Checkpointer(workdir / "checkpoints", read_only=True)
   assert sorted(ckpt.all_steps()) == [best, 10, 12]
   assert result.summary["best_checkpoint_step"] == best
   ckpt.close()
@@ -120,7 +120,7 @@ def test_reference_run_keeps_last_and_best_checkpoints(reference):
 
 
 def _all_checkpoints(workdir):
-  ckpt = train.Checkpointer(workdir / "checkpoints")
+  ckpt = train.Checkpointer(workdir / "checkpoints", read_only=True)
   steps = sorted(ckpt.all_steps())
   ckpt.close()
   return steps
@@ -137,7 +137,7 @@ t.run({workdir!r}, hooks=[t._stop_at(7, lambda: os.kill(os.getpid(), signal.SIGK
 
 
 def _latest_checkpoint(workdir):
-  ckpt = train.Checkpointer(workdir / "checkpoints")
+  ckpt = train.Checkpointer(workdir / "checkpoints", read_only=True)
   latest = ckpt.latest_step()
   ckpt.close()
   return latest
@@ -173,6 +173,8 @@ def test_sigterm_sigkill_and_ctrl_c_then_rerun_is_bit_identical(tmp_path, refere
 
 def test_load_params_latest_and_best(reference):
   workdir, result, _ = reference
+  with pytest.raises(FileNotFoundError, match="no checkpoints directory"):
+    train.load_params(workdir / "missing", DropoutMLP(nnx.Rngs(7)))
   model = train.load_params(workdir, DropoutMLP(nnx.Rngs(7)))
   assert train.params_sha256(train.split_model(model)[1]) == result.summary["params_sha256"]
   evals = [r for r in train.read_metrics(workdir) if "eval/neg_mse" in r]

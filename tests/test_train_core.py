@@ -207,7 +207,7 @@ def test_train_loop_learns_and_writes_outputs(tmp_path):
   summary = train.read_summary(str(tmp_path))
   assert summary["final_step"] == 80 and summary["final_eval"]["mse"] == evals_logged[1]["eval/mse"]
   _, template = train.create_train_state(MLP(nnx.Rngs(1)), train.make_optimizer(opt)[0], 0)
-  ckpt = train.Checkpointer(tmp_path / "checkpoints")
+  ckpt = train.Checkpointer(tmp_path / "checkpoints", read_only=True)
   restored, _, saved_config = ckpt.restore(template)
   ckpt.close()
   assert int(restored.step) == 80 and saved_config["loop"]["eval_every"] == 40

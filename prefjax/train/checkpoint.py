@@ -62,8 +62,10 @@ def load_params(workdir: str | os.PathLike[str], model: nnx.Module, *,
   Returns:
     ``model``, with the restored parameters.
   """
-  ckpt = Checkpointer(os.path.join(os.fspath(workdir), "checkpoints"), best_metric=best_metric,
-                      best_mode=best_mode)
+  directory = os.path.join(os.fspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints directory in {workdir}")
+  ckpt = Checkpointer(directory, best_metric=best_metric, best_mode=best_mode, read_only=True)
   try:
     if step == "best":
       step = ckpt.best_step()
@@ -89,7 +91,7 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike[str], *, keep_last: int = 3,
                best_metric: str | None = None, best_mode: str = "min", keep_best: int = 1,
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
     if best_mode not in ("min", "max"):
       raise ValueError(f"best_mode={best_mode!r}; expected 'min' or 'max'")
     if keep_last < 1:
@@ -104,7 +106,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
     self.directory = os.fspath(directory)
     self.best_metric = best_metric
     self._best_mode = best_mode
