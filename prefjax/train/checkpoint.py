@@ -7,7 +7,7 @@ checkpoint holds three items:
 
 * ``state``: the :class:`~prefjax.train.state.TrainState` pytree (params,
   optimizer state, step, RNG key as raw key data, skip counters);
-* ``data``: the train iterator's ``get_state()`` as JSON;
+* ``data``: every process's train-iterator ``get_state()`` as JSON;
 * ``config``: the experiment config as JSON.
 
 Saves are asynchronous where orbax supports it; :meth:`Checkpointer.wait`
@@ -16,11 +16,13 @@ blocks until they are durable.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
@@ -80,6 +82,21 @@ def load_params(workdir: str | os.PathLike[str], model: nnx.Module, *,
   return model
 
 
+def _gather_json(value: Any) -> list[Any]:
+  """Every process's JSON-serialisable ``value``, in process order (orbax's
+  JSON items are written by the primary process only, but each host's data
+  iterator is at its own position of its own shard)."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([encoded.size], np.int32))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:encoded.size] = encoded
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(gathered[i, :int(n)].tobytes()) for i, n in enumerate(lengths.ravel())]
+
+
 def _abstract(tree: PyTree) -> PyTree:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
@@ -131,7 +148,7 @@ class Checkpointer:
                      f"{sorted(metrics)}")
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(to_savable(state)),
-        data=ocp.args.JsonSave({"iterator_state": data_state}),
+        data=ocp.args.JsonSave({"per_process": _gather_json(data_state)}),
         config=ocp.args.JsonSave(dict(config or {})))
     saved = self._manager.save(step, args=args, force=True,
                                metrics=dict(metrics) if metrics is not None else None)
@@ -158,7 +175,11 @@ class Checkpointer:
           f"checkpoint {self.directory}/{step} does not match the model/optimizer being "
           f"trained (changed architecture or optimizer?): {e}") from e
     state = from_savable(restored["state"], template)
-    return state, restored["data"]["iterator_state"], restored["config"]
+    per_process = restored["data"]["per_process"]
+    if len(per_process) != jax.process_count():
+      raise ValueError(f"checkpoint {self.directory}/{step} holds data-iterator states of "
+                       f"{len(per_process)} processes; this run has {jax.process_count()}")
+    return state, per_process[jax.process_index()], restored["config"]
 
   def best_step(self) -> int | None:
     """Step of the best kept checkpoint by ``best_metric`` (None without metrics)."""
