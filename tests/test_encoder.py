@@ -190,6 +190,14 @@ def test_bfloat16_compute_stays_close(model):
   np.testing.assert_allclose(np.asarray(out, np.float32)[real], ref[real], atol=0.1)
 
 
+def test_config_presets():
+  assert encoder.EncoderConfig.tiny(num_layers=1).num_layers == 1
+  minilm = encoder.EncoderConfig.minilm_l6()
+  assert (minilm.hidden_size, minilm.num_layers, minilm.num_heads, minilm.vocab_size) == (
+      384, 6, 12, 30522)
+  assert CFG.replace(num_layers=3).num_layers == 3
+
+
 def test_config_from_and_to_hf_dict():
   hf = CFG.to_hf_dict()
   assert encoder.EncoderConfig.from_hf_dict(hf) == CFG

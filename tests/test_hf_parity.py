@@ -9,6 +9,7 @@ checked both ways (round trip and loading in PyTorch), and the loader's errors.
 
 import json
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -99,10 +100,17 @@ def _torch_out(hf_model, tokens, mask, position_ids=None) -> np.ndarray:
   return (out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits).numpy()
 
 
-def _ours_out(model, tokens, **kwargs) -> np.ndarray:
+@nnx.jit
+def _forward(model, tokens, attention_mask, segment_ids, positions):
+  kwargs = dict(attention_mask=attention_mask, segment_ids=segment_ids, positions=positions)
   if isinstance(model, encoder.Encoder):
-    return np.asarray(model.hidden_states(tokens, **kwargs))
-  return np.asarray(model(tokens, **kwargs))
+    return model.hidden_states(tokens, **kwargs)
+  return model(tokens, **kwargs)
+
+
+def _ours_out(model, tokens, *, attention_mask=None, segment_ids=None,
+              positions=None) -> np.ndarray:
+  return np.asarray(_forward(model, tokens, attention_mask, segment_ids, positions))
 
 
 def _assert_close_on(mask, ours, ref):
@@ -125,7 +133,8 @@ def test_unpadded_and_right_padded_match_torch(load_pair, name):
   hf_model, ours, _ = load_pair(name)
   tokens = _tokens(3, 9, seed=2)
   full = np.ones_like(tokens)
-  _assert_close_on(full, _ours_out(ours, tokens), _torch_out(hf_model, tokens, full))
+  _assert_close_on(full, _ours_out(ours, tokens, attention_mask=full),
+                   _torch_out(hf_model, tokens, full))
   mask = full.copy()
   mask[1, 6:] = 0
   mask[2, 3:] = 0
@@ -136,9 +145,10 @@ def test_unpadded_and_right_padded_match_torch(load_pair, name):
 @pytest.mark.parametrize("name", DECODERS)
 def test_left_padded_decoder_matches_torch(load_pair, name):
   hf_model, ours, _ = load_pair(name)
-  tokens = _tokens(2, 8, seed=3)
+  tokens = _tokens(3, 9, seed=3)
   mask = np.ones_like(tokens)
   mask[0, :3] = 0
+  mask[2, :6] = 0
   positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
   _assert_close_on(mask, _ours_out(ours, tokens, attention_mask=mask),
                    _torch_out(hf_model, tokens, mask, positions))
@@ -181,38 +191,46 @@ def test_sharded_index_checkpoint_loads(load_pair, tmp_path):
     np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
 
 
-@pytest.mark.parametrize("kind", ["llama_gqa", "llama_tied", "gpt2"])
-def test_save_pretrained_round_trip_and_torch_load(kind, tmp_path):
-  cfg = {"llama_gqa": decoder.DecoderConfig.tiny_llama(vocab_size=VOCAB),
-         "llama_tied": decoder.DecoderConfig.tiny_llama(vocab_size=VOCAB, tie_embeddings=True),
-         "gpt2": decoder.DecoderConfig.tiny_gpt2(vocab_size=VOCAB)}[kind]
-  ours = decoder.Decoder(cfg, rngs=nnx.Rngs(4), dtype=jnp.float32)
+@pytest.mark.parametrize("name", DECODERS)
+def test_save_pretrained_round_trip_and_torch_load(load_pair, name, tmp_path):
+  _, ours, _ = load_pair(name)
   models.save_pretrained(ours, tmp_path)
   back = models.from_pretrained(tmp_path, dtype=jnp.float32)
-  assert back.config == cfg
+  assert back.config == ours.config
   before = dict(nnx.state(ours, nnx.Param).flat_state())
   after = dict(nnx.state(back, nnx.Param).flat_state())
   assert before.keys() == after.keys()
   for p in before:
-    np.testing.assert_array_equal(np.asarray(before[p].get_value()), np.asarray(after[p].get_value()),
-                                  err_msg=str(p))
+    np.testing.assert_array_equal(np.asarray(before[p].get_value()),
+                                  np.asarray(after[p].get_value()), err_msg=str(p))
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(
       tmp_path, attn_implementation="eager").eval()
-  tokens = _tokens(2, 7, seed=5)
+  tokens = _tokens(3, 9, seed=2)
   mask = np.ones_like(tokens)
   mask[1, 5:] = 0
   _assert_close_on(mask, _ours_out(ours, tokens, attention_mask=mask),
                    _torch_out(hf_model, tokens, mask))
 
 
-def test_encoder_save_pretrained_loads_in_torch(tmp_path):
-  cfg = encoder.EncoderConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
-                              intermediate_size=64, max_position_embeddings=32)
-  ours = encoder.Encoder(cfg, rngs=nnx.Rngs(6), dtype=jnp.float32)
+def test_native_decoder_configs_save_as_hf(tmp_path):
+  """Configs built in prefjax (not read from HF) map onto HF architectures and back."""
+  for i, cfg in enumerate([decoder.DecoderConfig.tiny_llama(vocab_size=VOCAB),
+                           decoder.DecoderConfig.tiny_gpt2(vocab_size=VOCAB),
+                           decoder.DecoderConfig.smollm2_135m()]):
+    hf = hf_import.decoder_config_to_hf(cfg)
+    assert hf_import._decoder_config_from_hf(hf) == cfg, hf
+    hf_cfg = transformers.AutoConfig.for_model(**hf)
+    assert hf_cfg.model_type == hf["model_type"]
+  with pytest.raises(hf_import.CheckpointError, match="neither the Llama nor the GPT-2"):
+    hf_import.decoder_config_to_hf(decoder.DecoderConfig.tiny_llama(norm="layer"))
+
+
+def test_encoder_save_pretrained_loads_in_torch(load_pair, tmp_path):
+  _, ours, _ = load_pair("bert")
   models.save_pretrained(ours, tmp_path)
   hf_model = transformers.BertModel.from_pretrained(
       tmp_path, add_pooling_layer=False, attn_implementation="eager").eval()
-  tokens = _tokens(2, 6, seed=7)
+  tokens = _tokens(3, 9, seed=2)
   mask = np.ones_like(tokens)
   mask[0, 4:] = 0
   _assert_close_on(mask, _ours_out(ours, tokens, attention_mask=mask),
@@ -222,10 +240,12 @@ def test_encoder_save_pretrained_loads_in_torch(tmp_path):
 # -- errors ---------------------------------------------------------------------
 
 
-def _tiny_bert_dir(tmp_path: pathlib.Path) -> pathlib.Path:
-  cfg = encoder.EncoderConfig(vocab_size=VOCAB, hidden_size=8, num_layers=1, num_heads=2,
-                              intermediate_size=16, max_position_embeddings=16)
-  models.save_pretrained(encoder.Encoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32), tmp_path)
+@pytest.fixture
+def bert_dir(load_pair, tmp_path) -> pathlib.Path:
+  """A private copy of the tiny HF BERT checkpoint, free to corrupt."""
+  _, _, source = load_pair("bert")
+  for f in source.iterdir():
+    shutil.copy(f, tmp_path / f.name)
   return tmp_path
 
 
@@ -235,8 +255,8 @@ def _edit_tensors(path: pathlib.Path, edit) -> None:
   save_file(tensors, str(path / "model.safetensors"))
 
 
-def test_unsupported_model_type_is_named(tmp_path):
-  path = _tiny_bert_dir(tmp_path)
+def test_unsupported_model_type_is_named(bert_dir):
+  path = bert_dir
   config = json.loads((path / "config.json").read_text())
   config["model_type"] = "mamba"
   (path / "config.json").write_text(json.dumps(config))
@@ -244,45 +264,46 @@ def test_unsupported_model_type_is_named(tmp_path):
     models.from_pretrained(path)
 
 
-def test_missing_tensor_is_named(tmp_path):
-  path = _tiny_bert_dir(tmp_path)
+def test_missing_tensor_is_named(bert_dir):
+  path = bert_dir
   _edit_tensors(path, lambda t: t.pop("encoder.layer.0.attention.self.key.weight"))
   with pytest.raises(hf_import.CheckpointError,
                      match=r"'encoder\.layer\.0\.attention\.self\.key\.weight' is missing"):
     models.from_pretrained(path)
 
 
-def test_wrong_shape_names_tensor_and_both_shapes(tmp_path):
-  path = _tiny_bert_dir(tmp_path)
+def test_wrong_shape_names_tensor_and_both_shapes(bert_dir):
+  path = bert_dir
   _edit_tensors(path, lambda t: t.update(
-      {"encoder.layer.0.intermediate.dense.weight": np.zeros((17, 8), np.float32)}))
+      {"encoder.layer.0.intermediate.dense.weight": np.zeros((17, 32), np.float32)}))
   with pytest.raises(hf_import.CheckpointError) as info:
     models.from_pretrained(path)
   msg = str(info.value)
   assert "'encoder.layer.0.intermediate.dense.weight'" in msg
-  assert "(8, 17)" in msg and "(8, 16)" in msg and "layers/0/mlp/up_proj/kernel" in msg
+  assert "(32, 17)" in msg and "(32, 64)" in msg and "layers/0/mlp/up_proj/kernel" in msg
 
 
-def test_nan_tensor_is_rejected(tmp_path):
-  path = _tiny_bert_dir(tmp_path)
+def test_nan_tensor_is_rejected(bert_dir):
+  path = bert_dir
   def poison(t):
-    t["embeddings.LayerNorm.bias"] = np.full((8,), np.nan, np.float32)
+    t["embeddings.LayerNorm.bias"] = np.full((32,), np.nan, np.float32)
   _edit_tensors(path, poison)
   with pytest.raises(hf_import.CheckpointError, match=r"'embeddings\.LayerNorm\.bias'.*NaN"):
     models.from_pretrained(path)
 
 
-def test_unused_tensors_are_reported(tmp_path):
-  path = _tiny_bert_dir(tmp_path)
-  _edit_tensors(path, lambda t: t.update({"classifier.weight": np.ones((2, 8), np.float32),
-                                          "embeddings.position_ids": np.arange(16)[None]}))
+def test_unused_tensors_are_reported(bert_dir):
+  path = bert_dir
+  _edit_tensors(path, lambda t: t.update({"classifier.weight": np.ones((2, 32), np.float32),
+                                          "embeddings.position_ids": np.arange(64)[None]}))
   _, report = hf_import.load_hf_checkpoint(path, dtype=jnp.float32)
-  assert report.unused == ["classifier.weight"]  # the position_ids buffer is known, not unused
+  # HF's pooler and our extra classifier are unused; the position_ids buffer is known.
+  assert report.unused == ["classifier.weight", "pooler.dense.bias", "pooler.dense.weight"]
   assert report.model_type == "bert"
 
 
-def test_bert_prefix_and_old_layernorm_names(tmp_path):
-  path = _tiny_bert_dir(tmp_path)
+def test_bert_prefix_and_old_layernorm_names(bert_dir):
+  path = bert_dir
   plain = models.from_pretrained(path, dtype=jnp.float32)
   def rename(t):
     for name in list(t):
@@ -291,7 +312,7 @@ def test_bert_prefix_and_old_layernorm_names(tmp_path):
       t[new] = t.pop(name)
   _edit_tensors(path, rename)
   prefixed = models.from_pretrained(path, dtype=jnp.float32)
-  tokens = _tokens(1, 5, seed=8)
+  tokens = _tokens(3, 9, seed=8)
   np.testing.assert_array_equal(_ours_out(plain, tokens), _ours_out(prefixed, tokens))
 
 

@@ -87,6 +87,21 @@ class EncoderConfig:
       raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; "
                        f"known: {sorted(_ACTIVATIONS)}")
 
+  def replace(self, **overrides) -> "EncoderConfig":
+    return dataclasses.replace(self, **overrides)
+
+  @classmethod
+  def tiny(cls, **overrides) -> "EncoderConfig":
+    """A small BERT for tests and CPU experiments."""
+    base = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                intermediate_size=64, max_position_embeddings=128)
+    return cls(**{**base, **overrides})
+
+  @classmethod
+  def minilm_l6(cls, **overrides) -> "EncoderConfig":
+    """all-MiniLM-L6-v2 (sentence-transformers; 6 layers, 384 hidden, 12 heads)."""
+    return cls(**overrides)
+
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
