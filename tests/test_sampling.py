@@ -255,7 +255,7 @@ def test_token_entropy():
 
 @pytest.mark.parametrize("kw, message", [
     (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
-    (dict(top_k=0), "top_k"), (dict(eos_id=-3), "eos_id")])
+    (dict(top_k=0), "top_k"), (dict(top_k=49), "vocabulary"), (dict(eos_id=-3), "eos_id")])
 def test_bad_arguments_raise(kw, message):
   with pytest.raises(ValueError, match=message):
     run(**kw)

@@ -236,7 +236,9 @@ class Decoder(nnx.Module):
 
     Padded: ``attention_mask [N, T]`` (right or left padding); positions default
     to the running count of real tokens. Packed: ``segment_ids [N, T]`` (0 =
-    padding); positions default to the offset within each segment.
+    padding; takes precedence over ``attention_mask``); positions default to the
+    offset within each segment. Outputs at padding positions are finite but
+    meaningless.
     """
     if segment_ids is not None:
       segments = segment_ids.astype(jnp.int32)
@@ -299,7 +301,10 @@ class Decoder(nnx.Module):
     padding and never seen by real tokens. ``positions`` default to the number of
     real tokens already cached plus the running count of real new tokens.
     Returns float32 logits ``[B, T, V]`` (``[B, 1, V]`` of the last token when
-    ``last_only``, e.g. for a prefill) and the updated cache.
+    ``last_only``, e.g. for a prefill) and the updated cache. The caller sizes
+    the cache: ``index + T`` must not exceed ``max_length`` (the slot index is
+    traced, so an overflow cannot be detected here and the write would be
+    clamped by ``dynamic_update_slice``).
     """
     b, t = tokens.shape
     if attention_mask is None:

@@ -179,6 +179,9 @@ def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *, rng
     raise ValueError(f"top_k must be >= 1, got {top_k}")
   if top_p is not None and not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+  if top_k is not None and vocab is not None and top_k > vocab:
+    raise ValueError(f"top_k={top_k} exceeds the vocabulary size {vocab}")
   if eos_id is not None and eos_id < 0:
     raise ValueError(f"eos_id must be a token id >= 0, got {eos_id}")
   graphdef, state = nnx.split(model)
