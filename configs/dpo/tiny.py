@@ -1,0 +1,55 @@
+r"""DPO-family losses on the tiny text world with a tiny random decoder (byte tokens).
+
+Command:
+  python -m experiments.train_dpo --config=configs/dpo/tiny.py --workdir=/tmp/dpo_tiny \
+      [--config.loss=ipo] [--config.ref.mode=cached] [--config.model.path=/tmp/sft_tiny/hf]
+
+Any ``prefjax.losses.DIRECT_LOSSES`` name or ``kto`` works for ``--config.loss``;
+hyperparameters go in ``--config.loss_kwargs=label_smoothing=0.1`` and
+``--config.beta``. The reference is the initial policy (the random init, or
+the SFT export given as ``model.path``, see configs/sft/tiny.py).
+
+Expected (this 2-core CPU): TBD.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """``arg``: None (default) or ``quick`` (fewer steps, for tests)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.tokenizer = dict(path="byte")
+  config.model = dict(
+      arch="decoder", preset="tiny_llama", path="", dtype="",
+      overrides=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                     intermediate_size=64, max_position_embeddings=64))
+  config.data = dict(
+      name="tiny_world", train_split="resplit_train", eval_split="resplit_validation",
+      on_bad_row="error", cache_dir="",
+      tiny_world=dict(world_seed=0, seed=0, num_pairs=2000, label_noise="none",
+                      temperature=1.0),
+      pipeline=dict(seed=0, batch_size=16, max_length=32, mode="padded",
+                    max_segments_per_row=16))
+  config.loss = "dpo"
+  config.beta = 0.1
+  config.loss_kwargs = ""
+  config.nll_alpha = config_dict.placeholder(float)
+  config.ref = dict(mode="auto", path="", cache_dir="")
+  config.optimizer = dict(name="adamw", learning_rate=3e-3, schedule="constant",
+                          warmup_steps=0, weight_decay=0.0, grad_clip_norm=1.0)
+  config.loop = dict(num_steps=300, log_every=20, eval_every=100, checkpoint_every=100,
+                     seed=0, async_checkpointing=False)
+  config.eval = dict(batch_size=64, kl_max_new_tokens=16, kl_temperature=1.0,
+                     exact_kl="auto")
+  config.mesh = dict(shape=(-1, 1, 1))
+  if arg == "quick":
+    config.loop.num_steps = 40
+    config.loop.eval_every = 0
+    config.loop.checkpoint_every = 0
+  elif arg not in (None, ""):
+    raise ValueError(f"unknown variant {arg!r}; known: quick")
+  return config

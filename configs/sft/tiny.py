@@ -1,0 +1,48 @@
+r"""SFT of a tiny random decoder on the tiny text world's chosen responses (byte tokens).
+
+Command:
+  python -m experiments.train_sft --config=configs/sft/tiny.py --workdir=/tmp/sft_tiny
+
+With ``export_hf=True`` (default here) the policy is also written to
+``/tmp/sft_tiny/hf``; start DPO from it with
+  python -m experiments.train_dpo --config=configs/dpo/tiny.py --workdir=/tmp/dpo_tiny \
+      --config.model.path=/tmp/sft_tiny/hf
+
+Expected (this 2-core CPU): TBD.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """``arg``: None (default) or ``quick`` (fewer steps, for tests)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.tokenizer = dict(path="byte")
+  config.model = dict(
+      arch="decoder", preset="tiny_llama", path="", dtype="",
+      overrides=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                     intermediate_size=64, max_position_embeddings=64))
+  config.data = dict(
+      name="tiny_world", train_split="resplit_train", eval_split="resplit_validation",
+      on_bad_row="error", cache_dir="", response_key="chosen",
+      tiny_world=dict(world_seed=0, seed=0, num_pairs=2000, label_noise="none",
+                      temperature=1.0),
+      pipeline=dict(seed=0, batch_size=32, max_length=32, mode="padded"))
+  config.optimizer = dict(name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=10,
+                          total_steps=300, weight_decay=0.0, grad_clip_norm=1.0)
+  config.loop = dict(num_steps=300, log_every=20, eval_every=100, checkpoint_every=100,
+                     seed=0, async_checkpointing=False)
+  config.eval = dict(batch_size=64)
+  config.mesh = dict(shape=(-1, 1, 1))
+  config.export_hf = True
+  if arg == "quick":
+    config.loop.num_steps = 40
+    config.optimizer.total_steps = 40
+    config.loop.eval_every = 20
+    config.loop.checkpoint_every = 0
+  elif arg not in (None, ""):
+    raise ValueError(f"unknown variant {arg!r}; known: quick")
+  return config

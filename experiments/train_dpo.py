@@ -1,0 +1,207 @@
+r"""Direct alignment of a causal LM on preference pairs: the DPO family and KTO.
+
+  python -m experiments.train_dpo --config=configs/dpo/tiny.py --workdir=/tmp/dpo_tiny \
+      [--config.loss=ipo --config.beta=0.1 --config.loss_kwargs=label_smoothing=0.1 ...]
+
+Rerunning with the same workdir resumes (params, optimizer, RNG and the data
+iterator position are checkpointed by ``prefjax.train``).
+
+``config.loss`` is any ``prefjax.losses.DIRECT_LOSSES`` name or ``kto`` (pairs
+become unpaired examples: chosen desirable, rejected undesirable; see
+``prefjax.direct.objective``); ``config.loss_kwargs`` holds its extra
+hyperparameters (a dict, or ``"name=value,..."`` on the command line) and
+``config.nll_alpha`` the weight of the chosen-NLL term (RPO; ORPO defaults to 1).
+
+Reference (``config.ref``): ``mode`` = ``online`` (a frozen copy scores every
+batch), ``cached`` (scored once per example and stored under ``ref.cache_dir``,
+keyed by weights/data/tokenizer/pipeline fingerprints; the model is not built
+when the cache exists), ``none`` (reference-free), or ``auto`` (``none`` for
+SimPO/ORPO, else ``online``). The reference weights are ``ref.path`` (a local HF
+directory, a .gguf, ``asset:NAME``) or, when empty, the policy's initial weights
+(``model.path``, or the random init from ``seed``). To start from an SFT run,
+export it (``train_sft`` with ``export_hf=True``) and set ``model.path`` to
+``<sft_workdir>/hf``: policy and reference then both start there.
+
+Logged metrics (TRL names): ``loss``, ``rewards/{chosen,rejected,margins,accuracies}``,
+``logps/{chosen,rejected}``, ``nll`` when α > 0, ``kto/kl_ref``. At eval (on
+``data.eval_split``): the same on held-out pairs (``eval/rewards/accuracies`` is
+the implicit-reward accuracy) and, when a reference model is loaded (online
+mode), ``eval/kl/{k1,k3}`` (and ``kl/exact`` for small vocabularies) of the
+policy to the reference on responses it samples for the held-out prompts.
+``reference.json`` records the reference mode and cache key/hit per split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from absl import app
+from absl import logging
+from flax import nnx
+
+from experiments import common
+from prefjax import experiment
+from prefjax import parallel
+from prefjax import train
+from prefjax.data import pipeline as pipeline_lib
+from prefjax.direct import evaluation
+from prefjax.direct import objective as objective_lib
+from prefjax.direct import ref_cache
+
+# Vocabularies up to this size also get the exact full-vocabulary KL at eval.
+EXACT_KL_MAX_VOCAB = 4096
+
+
+def make_mesh(config: Any) -> jax.sharding.Mesh | None:
+  """``config.mesh`` -> a mesh; an empty ``mesh.shape`` means the default device, no mesh."""
+  mesh_cfg = config.get("mesh")
+  if not mesh_cfg or not mesh_cfg.get("shape"):
+    return None
+  return experiment.make_mesh(mesh_cfg)
+
+
+def mesh_context(mesh: jax.sharding.Mesh | None):
+  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def model_description(model: nnx.Module) -> dict[str, Any]:
+  """Architecture + compute dtype of a model (part of the reference-cache key)."""
+  trunk = getattr(model, "trunk", model)
+  return {"config": dataclasses.asdict(trunk.config), "dtype": str(getattr(trunk, "dtype", ""))}
+
+
+def tokens_in_batch(batch: Any) -> float:
+  key = "segment_ids" if "segment_ids" in batch else "attention_mask"
+  return float(np.count_nonzero(batch[key]))
+
+
+class References:
+  """Builds the reference model lazily and the per-split reference-field providers."""
+
+  def __init__(self, config: Any, objective: objective_lib.Objective, tokenizer: Any,
+               mesh: jax.sharding.Mesh | None, policy: nnx.Module):
+    self.config, self.objective, self.tokenizer, self.mesh = config, objective, tokenizer, mesh
+    self._policy = policy  # Read before training only (its arrays are donated later).
+    self._model_desc = model_description(policy)
+    self._model: nnx.Module | None = None
+    self._scorer: ref_cache.ReferenceScorer | None = None
+    self.info: dict[str, Any] = {"mode": objective.ref_mode, "path": self.weights_path}
+
+  @property
+  def weights_path(self) -> str:
+    return self.config.ref.get("path") or self.config.model.get("path") or ""
+
+  @property
+  def model(self) -> nnx.Module | None:
+    return self._model
+
+  def build_model(self) -> nnx.Module:
+    if self._model is None:
+      model_cfg = self.config.model.to_dict()
+      if self.config.ref.get("path"):
+        model_cfg["path"] = self.config.ref.path
+      with mesh_context(self.mesh):
+        model = experiment.make_model(model_cfg, vocab_size=self.tokenizer.vocab_size,
+                                      seed=self.config.seed)
+        if self.mesh is not None:
+          parallel.shard_model(model, self.mesh, experiment.partition_rules(model))
+      self._model = model
+      self._scorer = ref_cache.ReferenceScorer(model, self.objective, self.mesh)
+      logging.info("reference model built from %s", self.weights_path or
+                   f"the policy's random init (seed {self.config.seed})")
+    return self._model
+
+  def weights_fingerprint(self) -> str:
+    path = self.weights_path
+    if path:
+      return "files:" + ref_cache.file_sha256(experiment.resolve_path(path))
+    return "params:" + train.params_sha256(nnx.to_pure_dict(nnx.state(self._policy, nnx.Param)))
+
+  def provider(self, name: str, source: Any, pcfg: pipeline_lib.PipelineConfig
+               ) -> Callable[[Any], dict[str, np.ndarray]] | None:
+    """The batch -> reference fields function for one split (None when reference-free)."""
+    mode = self.objective.ref_mode
+    if mode == "none":
+      return None
+    if mode == "online":
+      self.build_model()
+      return self._scorer
+    parts = ref_cache.key_parts(
+        ref_weights=self.weights_fingerprint(), source=source, tokenizer=self.tokenizer,
+        pipeline=pcfg, model_config=self._model_desc, objective=self.objective, mesh=self.mesh)
+
+    def build() -> ref_cache.ReferenceTable:
+      self.build_model()
+      batches = iter(pipeline_lib.preference_dataset(source, self.tokenizer,
+                                                     ref_cache.cache_pipeline(pcfg)))
+      return ref_cache.compute_table(self._scorer, batches, len(source))
+
+    table, info = ref_cache.load_or_build(parts, len(source), build,
+                                          cache_dir=self.config.ref.get("cache_dir") or None)
+    self.info[name] = info
+    return ref_cache.table_provider(table)
+
+
+def kl_config(config: Any, tokenizer: Any) -> evaluation.KLEvalConfig | None:
+  eval_cfg = config.eval
+  if not eval_cfg.get("kl_max_new_tokens"):
+    return None
+  exact = eval_cfg.get("exact_kl", "auto")
+  if exact == "auto":
+    exact = tokenizer.vocab_size <= EXACT_KL_MAX_VOCAB
+  return evaluation.KLEvalConfig(
+      max_new_tokens=int(eval_cfg.kl_max_new_tokens),
+      temperature=float(eval_cfg.get("kl_temperature", 1.0)), exact=bool(exact),
+      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=int(config.seed))
+
+
+def run(config: Any, workdir: str) -> train.TrainResult:
+  """Trains the policy; returns the train core's ``TrainResult``."""
+  os.makedirs(workdir, exist_ok=True)
+  objective = objective_lib.Objective.from_config(config)
+  tokenizer = experiment.make_tokenizer(config.tokenizer)
+  mesh = make_mesh(config)
+  train_source = experiment.load_split(config.data, config.data.train_split)
+  eval_source = experiment.load_split(config.data, config.data.eval_split)
+  pcfg = experiment.pipeline_config(config.data)
+  eval_pcfg = experiment.pipeline_config(
+      config.data, mode="padded", shuffle=False, num_epochs=1, drop_remainder=False,
+      batch_size=int(config.eval.batch_size))
+  logging.info("objective: %s", objective)
+
+  with mesh_context(mesh):
+    policy = experiment.make_model(config.model, vocab_size=tokenizer.vocab_size,
+                                   seed=config.seed)
+  refs = References(config, objective, tokenizer, mesh, policy)
+  train_ds = pipeline_lib.preference_dataset(train_source, tokenizer, pcfg)
+  eval_ds = pipeline_lib.preference_dataset(eval_source, tokenizer, eval_pcfg)
+  train_iter = ref_cache.ReferenceIterator(iter(train_ds), refs.provider("train", train_source,
+                                                                         pcfg))
+  eval_provider = refs.provider("eval", eval_source, eval_pcfg)
+  kl = kl_config(config, tokenizer)
+  if kl is not None and refs.model is None:
+    logging.info("eval KL to the reference skipped: no reference model is loaded in "
+                 "ref.mode=%s", objective.ref_mode)
+  eval_fn = evaluation.make_eval_fn(objective, reference=refs.model, kl=kl)
+  experiment.write_json(os.path.join(workdir, "reference.json"), refs.info)
+
+  with mesh_context(mesh):
+    result = train.train_loop(
+        workdir=workdir, config=config, model=policy,
+        loss_fn=objective_lib.make_loss_fn(objective), optimizer=config.optimizer,
+        loop=config.loop, train_iter=train_iter, eval_fn=eval_fn,
+        eval_data=lambda: ref_cache.ReferenceIterator(iter(eval_ds), eval_provider),
+        tokens_in_batch=tokens_in_batch, mesh=mesh,
+        partition_rules=experiment.partition_rules(policy))
+  experiment.write_json(os.path.join(workdir, "data_counters.json"), train_iter.counters)
+  return result
+
+
+if __name__ == "__main__":
+  common.define_flags()
+  app.run(common.main_for(run))

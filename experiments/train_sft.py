@@ -1,0 +1,120 @@
+r"""Supervised fine-tuning of a causal LM on prompt+response pairs (loss on the response only).
+
+  python -m experiments.train_sft --config=configs/sft/tiny.py --workdir=/tmp/sft_tiny \
+      [--config.export_hf=True ...]
+
+Rerunning with the same workdir resumes (params, optimizer, RNG and the data
+iterator position are checkpointed by ``prefjax.train``).
+
+Data: ``pipeline.sft_dataset`` over ``data.train_split`` of a preference
+dataset, using the ``data.response_key`` response of each row (``chosen`` by
+default: the usual way to make a DPO reference policy). Padded or packed rows.
+
+Loss: token-mean negative log-likelihood of the response tokens,
+Σ_t −log p(y_t | y_<t, x) · m_t / Σ_t m_t over the batch (prompt tokens and
+padding have m = 0); the token count is passed to the core as ``loss_weight``
+so gradient accumulation gives the exact token mean of the whole batch.
+
+Eval (``data.eval_split``): held-out response ``nll`` (token mean over the
+whole split) and ``perplexity`` = exp(nll) in ``summary.json``. The final policy
+is the core's orbax checkpoint; ``export_hf=True`` also writes a Hugging Face
+directory ``<workdir>/hf`` (``config.json`` + ``model.safetensors``) that
+``prefjax.models.from_pretrained`` and ``transformers`` load — point
+``train_dpo``'s ``model.path`` at it to start DPO from this policy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import app
+from absl import logging
+from flax import nnx
+
+from experiments import common
+from experiments import train_dpo
+from prefjax import experiment
+from prefjax import train
+from prefjax.data import pipeline as pipeline_lib
+from prefjax.models import hf_import
+from prefjax.models import sampling
+from prefjax.train import summary as summary_lib
+
+HF_EXPORT_DIR = "hf"
+
+
+def response_nll(model: nnx.Module, batch: Any) -> tuple[jax.Array, jax.Array]:
+  """(summed response NLL, response token count) of a padded or packed SFT batch."""
+  tokens, mask = batch["tokens"], batch["loss_mask"].astype(jnp.float32)
+  segment_ids = batch.get("segment_ids")
+  logits = model(tokens, attention_mask=None if segment_ids is not None else
+                 batch["attention_mask"], segment_ids=segment_ids,
+                 positions=batch.get("positions"))
+  if segment_ids is not None:
+    # A segment's first token has no in-segment context: it is never a target.
+    prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+    mask = mask * (segment_ids == prev)
+  per_token = sampling.token_logps(logits, tokens) * mask
+  return -jnp.sum(per_token), jnp.sum(mask)
+
+
+def loss_fn(model: nnx.Module, batch: Any, rng: jax.Array):
+  """Token-mean response NLL; ``loss_weight`` = response tokens (exact under accumulation)."""
+  del rng
+  total, count = response_nll(model, batch)
+  loss = total / jnp.maximum(count, 1.0)
+  return loss, {"nll": loss, "loss_weight": count}
+
+
+def eval_fn(model: nnx.Module, batch: Any):
+  """Per-batch token-mean NLL weighted by the batch's token count (-> split token mean)."""
+  total, count = response_nll(model, batch)
+  return {"nll": total / jnp.maximum(count, 1.0), "num_examples": count}
+
+
+def _add_perplexity(workdir: str, result: train.TrainResult) -> None:
+  final_eval = result.summary.get("final_eval") or {}
+  if "nll" in final_eval:
+    result.summary["final_perplexity"] = math.exp(final_eval["nll"])
+    summary_lib.write_summary(workdir, result.summary)
+
+
+def run(config: Any, workdir: str) -> train.TrainResult:
+  """Trains the policy; returns the train core's ``TrainResult``."""
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer = experiment.make_tokenizer(config.tokenizer)
+  mesh = train_dpo.make_mesh(config)
+  response_key = config.data.get("response_key", "chosen")
+  train_source = experiment.load_split(config.data, config.data.train_split)
+  eval_source = experiment.load_split(config.data, config.data.eval_split)
+  pcfg = experiment.pipeline_config(config.data)
+  eval_pcfg = experiment.pipeline_config(config.data, shuffle=False, num_epochs=1,
+                                         drop_remainder=False,
+                                         batch_size=int(config.eval.batch_size))
+  train_ds = pipeline_lib.sft_dataset(train_source, tokenizer, pcfg, response_key=response_key)
+  eval_ds = pipeline_lib.sft_dataset(eval_source, tokenizer, eval_pcfg,
+                                     response_key=response_key)
+  with train_dpo.mesh_context(mesh):
+    model = experiment.make_model(config.model, vocab_size=tokenizer.vocab_size,
+                                  seed=config.seed)
+    rules = experiment.partition_rules(model)
+    result = train.train_loop(
+        workdir=workdir, config=config, model=model, loss_fn=loss_fn,
+        optimizer=config.optimizer, loop=config.loop, train_iter=iter(train_ds),
+        eval_fn=eval_fn, eval_data=lambda: iter(eval_ds),
+        tokens_in_batch=train_dpo.tokens_in_batch, mesh=mesh, partition_rules=rules)
+  if not result.preempted:
+    _add_perplexity(workdir, result)
+    if config.get("export_hf") and jax.process_index() == 0:
+      path = hf_import.save_pretrained(result.model, os.path.join(workdir, HF_EXPORT_DIR))
+      logging.info("exported the policy to %s", path)
+  return result
+
+
+if __name__ == "__main__":
+  common.define_flags()
+  app.run(common.main_for(run))

@@ -1,0 +1,349 @@
+"""The direct-alignment training objective: a ``loss_fn`` for ``prefjax.train`` built from a config.
+
+One forward of the policy scores the chosen and the rejected responses of a
+pair batch together (padded ``[2B, T]`` rows, or packed rows with per-segment
+sums gathered by ``chosen_index`` / ``rejected_index``). The reference
+log-probabilities are NOT computed here: they arrive in the batch as
+``ref_chosen`` / ``ref_rejected`` ``[B]`` (and ``ref_kl`` ``[2B]`` for KTO),
+filled either by the frozen reference model on the fly or from the on-disk
+cache (``prefjax.direct.ref_cache``), so the loss is the same jitted program in
+both modes and cached values give bit-identical losses.
+
+Reduction: per pair ``w_i = weight_i · pair_mask_i`` and
+``L = Σ_i w_i ℓ_i / Σ_i w_i``; ``loss_weight = Σ_i w_i`` tells the train core
+how to combine microbatches exactly.
+
+Ties (``outcome`` < 1): losses whose ``label_smoothing`` is a soft label
+(``SOFT_LABEL_LOSSES``) get a per-pair ε_i = 1 − [(1−ε)·o_i + ε·(1−o_i)]; for
+the other losses, which have no notion of a soft preference, pairs with
+``outcome`` ≠ 1 are dropped (weight 0, counted in ``pairs/dropped_ties``).
+
+Optional NLL term (RPO, "Iterative Reasoning Preference Optimization",
+arXiv 2404.19733): ``+ α · NLL(chosen)`` with NLL the token-averaged negative
+log-likelihood of each chosen response (pair-weighted mean). ORPO
+(arXiv 2403.07691) needs it and gets α = 1 unless set.
+
+KTO ("KTO: Model Alignment as Prospect Theoretic Optimization",
+arXiv 2402.01306) runs on pairs split into unpaired examples: chosen =
+desirable, rejected = undesirable. Its reference point z₀ is the batch mean of
+policy-minus-reference log-ratios on MISMATCHED prompt/response pairs (row k's
+prompt with row k+1's response over the 2B rows, as TRL builds its KL
+dataset), with no gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from prefjax.losses import direct as direct_losses
+from prefjax.losses import unpaired
+from prefjax.models import sampling
+from prefjax.models import segments as seg
+
+Array = jax.Array
+Batch = Mapping[str, Any]
+
+LAYOUTS = ("padded", "packed")
+REF_MODES = ("online", "cached", "none")
+
+# Losses whose implicit reward is token-averaged (their own margin is on h_n / mean log-probs).
+LENGTH_NORMALIZED = frozenset({"ipo", "sigmoid_norm", "simpo", "orpo"})
+# Losses that ignore the reference log-probs: the reference model is never needed.
+REFERENCE_FREE = frozenset({"simpo", "orpo"})
+# Losses whose ``label_smoothing`` is a soft preference label (ties become ε = 0.5). Not
+# ``robust``: its ε is an assumed flip rate (ε = 0.5 divides by zero).
+SOFT_LABEL_LOSSES = frozenset({"dpo", "sigmoid_norm", "simpo", "exo_pair"})
+# Default weight α of the chosen-NLL term per loss (others: 0).
+DEFAULT_NLL_ALPHA = {"orpo": 1.0}
+REF_FIELDS = ("ref_chosen", "ref_rejected")
+KL_FIELD = "ref_kl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What the trainer optimises.
+
+  Attributes:
+    loss: a ``DIRECT_LOSSES`` name, or ``"kto"``.
+    beta: β of the loss (λ for ORPO).
+    loss_kwargs: extra hyperparameters of the loss (e.g. ``label_smoothing``,
+      ``gamma``; for KTO ``desirable_weight`` / ``undesirable_weight``).
+    nll_alpha: weight of the chosen-NLL term; None = ``DEFAULT_NLL_ALPHA``.
+    ref_mode: ``online`` (frozen model), ``cached`` (precomputed on disk) or
+      ``none`` (reference log-probs are zero); ``auto`` resolves to ``none``
+      for reference-free losses and ``online`` otherwise.
+    layout: ``padded`` or ``packed`` batches.
+    num_segments: static segment count per packed row (``max_segments_per_row``).
+  """
+  loss: str = "dpo"
+  beta: float = 0.1
+  loss_kwargs: tuple[tuple[str, Any], ...] = ()
+  nll_alpha: float | None = None
+  ref_mode: str = "auto"
+  layout: str = "padded"
+  num_segments: int | None = None
+
+  def __post_init__(self):
+    if self.loss != "kto":
+      direct_losses.get_direct_loss(self.loss)  # Clear error listing the registry.
+    kwargs = dict(self.loss_kwargs.items() if isinstance(self.loss_kwargs, Mapping)
+                  else self.loss_kwargs)
+    object.__setattr__(self, "loss_kwargs", tuple(sorted(kwargs.items())))
+    _check_kwargs(self.loss, kwargs)
+    mode = self.ref_mode
+    if mode == "auto":
+      mode = "none" if self.loss in REFERENCE_FREE else "online"
+      object.__setattr__(self, "ref_mode", mode)
+    if mode not in REF_MODES:
+      raise ValueError(f"ref_mode must be 'auto' or one of {REF_MODES}, got {mode!r}")
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+    if self.layout == "packed" and not self.num_segments:
+      raise ValueError("packed layout needs num_segments (pipeline max_segments_per_row)")
+    if self.loss == "kto":
+      if self.layout != "padded":
+        raise ValueError("kto builds mismatched prompt/response rows: use the padded layout")
+      if mode != "online":
+        raise ValueError(f"kto needs ref_mode='online' (got {mode!r}): its reference point "
+                         "scores mismatched pairs that depend on the batch, so they cannot "
+                         "be cached per example")
+
+  @classmethod
+  def from_config(cls, config: Any) -> Objective:
+    """From a binary's config: ``loss``, ``beta``, ``loss_kwargs``, ``nll_alpha``, ``ref.mode``, ``data.pipeline``."""
+    pipeline = config.data.pipeline
+    ref = config.get("ref") or {}
+    kwargs = parse_kwargs(config.get("loss_kwargs"))
+    return cls(loss=config.loss, beta=float(config.beta), loss_kwargs=tuple(kwargs.items()),
+               nll_alpha=config.get("nll_alpha"), ref_mode=ref.get("mode", "auto"),
+               layout=pipeline.get("mode", "padded"),
+               num_segments=pipeline.get("max_segments_per_row", 16))
+
+  @property
+  def kwargs(self) -> dict[str, Any]:
+    return dict(self.loss_kwargs)
+
+  @property
+  def alpha(self) -> float:
+    return DEFAULT_NLL_ALPHA.get(self.loss, 0.0) if self.nll_alpha is None else self.nll_alpha
+
+  @property
+  def needs_reference(self) -> bool:
+    return self.ref_mode != "none"
+
+  @property
+  def length_normalized(self) -> bool:
+    return self.loss in LENGTH_NORMALIZED
+
+
+def parse_kwargs(value: Any) -> dict[str, Any]:
+  """Loss hyperparameters from a mapping or a ``"name=value,name=value"`` string (CLI-friendly)."""
+  if not value:
+    return {}
+  if hasattr(value, "to_dict"):
+    return value.to_dict()
+  if isinstance(value, Mapping):
+    return dict(value)
+  out = {}
+  for item in str(value).split(","):
+    name, sep, text = item.partition("=")
+    if not sep or not name.strip():
+      raise ValueError(f"loss_kwargs {value!r}: expected 'name=value[,name=value]'")
+    try:
+      out[name.strip()] = json.loads(text)
+    except json.JSONDecodeError:
+      out[name.strip()] = text.strip()
+  return out
+
+
+def _loss_parameters(name: str) -> set[str]:
+  fn = unpaired.kto if name == "kto" else direct_losses.get_direct_loss(name)
+  return {p.name for p in inspect.signature(fn).parameters.values()
+          if p.kind == inspect.Parameter.KEYWORD_ONLY}
+
+
+def _check_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
+  allowed = _loss_parameters(name) - {"beta", "kl_ref"}
+  unknown = sorted(set(kwargs) - allowed)
+  if unknown:
+    raise ValueError(f"loss_kwargs {unknown} are not hyperparameters of {name!r}; "
+                     f"it accepts {sorted(allowed)}")
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+class SequenceScores(NamedTuple):
+  """Summed response log-probs and response token counts of B pairs, each ``[B]``."""
+  chosen: Array
+  rejected: Array
+  chosen_tokens: Array
+  rejected_tokens: Array
+
+
+def score_pairs(model: nnx.Module, batch: Batch, *, num_segments: int | None = None
+                ) -> SequenceScores:
+  """One forward over chosen and rejected sequences of a pair batch (padded or packed)."""
+  loss_mask = batch["loss_mask"]
+  if "segment_ids" in batch:
+    summed, _ = sampling.sequence_logps(
+        model, batch["tokens"], loss_mask, segment_ids=batch["segment_ids"],
+        positions=batch.get("positions"), num_segments=num_segments)
+    counts = seg.segment_sums(loss_mask.astype(jnp.float32), batch["segment_ids"], num_segments)
+    pick = lambda v, key: seg.gather_pairs(v, batch[key])  # noqa: E731
+    return SequenceScores(pick(summed, "chosen_index"), pick(summed, "rejected_index"),
+                          pick(counts, "chosen_index"), pick(counts, "rejected_index"))
+  summed, _ = sampling.sequence_logps(model, batch["tokens"], loss_mask,
+                                      attention_mask=batch["attention_mask"])
+  counts = jnp.sum(loss_mask.astype(jnp.float32), axis=-1)
+  b = summed.shape[0] // 2
+  return SequenceScores(summed[:b], summed[b:], counts[:b], counts[b:])
+
+
+def mismatched_rows(batch: Batch) -> dict[str, Array]:
+  """Padded rows pairing row k's prompt with row (k+1) mod 2B's response (KTO's KL set).
+
+  Rows are right-padded ``prompt + response``; the response is cut to the row
+  length when the new combination is longer. Returns ``tokens``,
+  ``attention_mask``, ``loss_mask`` ``[2B, T]`` and ``valid [2B]`` (both source
+  pairs real).
+  """
+  tokens, attn, loss = batch["tokens"], batch["attention_mask"], batch["loss_mask"]
+  n, length = tokens.shape
+  if n < 4:
+    raise ValueError("kto's mismatched KL rows need at least 2 pairs per batch")
+  resp_len = jnp.sum(loss, axis=-1).astype(jnp.int32)
+  prompt_len = jnp.sum(attn, axis=-1).astype(jnp.int32) - resp_len
+  nxt = (jnp.arange(n) + 1) % n
+  t = jnp.arange(length)[None, :]
+  p_k = prompt_len[:, None]
+  src = jnp.clip(t - p_k + prompt_len[nxt][:, None], 0, length - 1)
+  in_response = (t >= p_k) & (t < p_k + resp_len[nxt][:, None])
+  # Outside prompt and response the row keeps its old (unattended) tokens.
+  new_tokens = jnp.where(in_response, jnp.take_along_axis(tokens[nxt], src, axis=1), tokens)
+  pair_mask = batch["pair_mask"]
+  real = jnp.concatenate([pair_mask, pair_mask]) > 0
+  return {"tokens": new_tokens.astype(jnp.int32),
+          "attention_mask": ((t < p_k) | in_response).astype(jnp.int32),
+          "loss_mask": in_response.astype(jnp.int32),
+          "valid": (real & real[nxt]).astype(jnp.float32)}
+
+
+def reference_fields(model: nnx.Module, batch: Batch, *, num_segments: int | None,
+                     with_kl: bool) -> dict[str, Array]:
+  """The reference log-probs a batch needs: ``ref_chosen``/``ref_rejected`` [B] (+ ``ref_kl`` [2B])."""
+  scores = score_pairs(model, batch, num_segments=num_segments)
+  out = {"ref_chosen": scores.chosen, "ref_rejected": scores.rejected}
+  if with_kl:
+    rows = mismatched_rows(batch)
+    out[KL_FIELD] = sampling.sequence_logps(model, rows["tokens"], rows["loss_mask"],
+                                            attention_mask=rows["attention_mask"])[0]
+  return out
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def weighted_mean(values: Array, weights: Array) -> Array:
+  total = jnp.sum(weights)
+  return jnp.sum(values * weights) / jnp.where(total > 0, total, 1.0)
+
+
+def _tie_handling(objective: Objective, batch: Batch) -> tuple[dict[str, Any], Array, Array]:
+  """(per-pair hyperparameters, pair weights, dropped-tie count) for the batch's outcomes."""
+  outcome = jnp.asarray(batch["outcome"], jnp.float32)
+  weights = jnp.asarray(batch["weight"], jnp.float32) * batch["pair_mask"].astype(jnp.float32)
+  kwargs = objective.kwargs
+  if objective.loss in SOFT_LABEL_LOSSES:
+    default = inspect.signature(direct_losses.get_direct_loss(objective.loss)).parameters[
+        "label_smoothing"].default
+    eps = jnp.asarray(kwargs.get("label_smoothing", default), jnp.float32)
+    # = 1 − [(1−ε)·o + ε·(1−o)], written so that o = 1 gives exactly ε.
+    kwargs["label_smoothing"] = eps + (1.0 - 2.0 * eps) * (1.0 - outcome)
+    return kwargs, weights, jnp.zeros((), jnp.float32)
+  tie = (outcome != 1.0) & (weights > 0)
+  return kwargs, jnp.where(tie, 0.0, weights), jnp.sum(tie.astype(jnp.float32))
+
+
+def pair_logps(objective: Objective, scores: SequenceScores, batch: Batch) -> direct_losses.PairLogps:
+  if objective.needs_reference:
+    ref_c = jax.lax.stop_gradient(jnp.asarray(batch["ref_chosen"], jnp.float32))
+    ref_r = jax.lax.stop_gradient(jnp.asarray(batch["ref_rejected"], jnp.float32))
+  else:
+    ref_c = ref_r = jnp.zeros_like(scores.chosen)
+  return direct_losses.PairLogps(scores.chosen, scores.rejected, ref_c, ref_r,
+                                 scores.chosen_tokens, scores.rejected_tokens)
+
+
+def implicit_rewards(objective: Objective, x: direct_losses.PairLogps) -> tuple[Array, Array]:
+  """β·log-ratio of chosen and rejected; token-averaged for length-normalised losses."""
+  rc, rr = direct_losses.implicit_rewards(x, objective.beta)
+  if objective.length_normalized:
+    rc = rc / jnp.maximum(x.chosen_tokens, 1.0)
+    rr = rr / jnp.maximum(x.rejected_tokens, 1.0)
+  return rc, rr
+
+
+def pair_metrics(objective: Objective, x: direct_losses.PairLogps,
+                 weights: Array) -> dict[str, Array]:
+  """TRL-named metrics (pair-weighted means)."""
+  rc, rr = implicit_rewards(objective, x)
+  mean = lambda v: weighted_mean(v, weights)  # noqa: E731
+  return {
+      "rewards/chosen": mean(rc), "rewards/rejected": mean(rr),
+      "rewards/margins": mean(rc - rr),
+      "rewards/accuracies": mean((rc > rr).astype(jnp.float32)),
+      "logps/chosen": mean(x.policy_chosen), "logps/rejected": mean(x.policy_rejected),
+  }
+
+
+def _kto_losses(objective: Objective, model: nnx.Module, x: direct_losses.PairLogps,
+                batch: Batch, weights: Array) -> tuple[Array, Array, dict[str, Array]]:
+  """Per-example KTO losses over the 2B unpaired examples, their weights, metrics."""
+  rows = mismatched_rows(batch)
+  policy_kl = sampling.sequence_logps(model, rows["tokens"], rows["loss_mask"],
+                                      attention_mask=rows["attention_mask"])[0]
+  kl_ratio = jax.lax.stop_gradient(policy_kl - jnp.asarray(batch[KL_FIELD], jnp.float32))
+  kl_ref = weighted_mean(kl_ratio, rows["valid"])
+  b = x.policy_chosen.shape[0]
+  losses = unpaired.kto(
+      jnp.concatenate([x.policy_chosen, x.policy_rejected]),
+      jnp.concatenate([x.ref_chosen, x.ref_rejected]),
+      jnp.arange(2 * b) < b, kl_ref, beta=objective.beta, **objective.kwargs)
+  return losses, jnp.concatenate([weights, weights]), {"kto/kl_ref": kl_ref}
+
+
+def make_loss_fn(objective: Objective) -> Callable[[nnx.Module, Batch, Array],
+                                                   tuple[Array, dict[str, Array]]]:
+  """``loss_fn(model, batch, rng) -> (loss, metrics)`` for ``prefjax.train.train_loop``."""
+
+  def loss_fn(model: nnx.Module, batch: Batch, rng: Array):
+    del rng
+    scores = score_pairs(model, batch, num_segments=objective.num_segments)
+    x = pair_logps(objective, scores, batch)
+    kwargs, weights, dropped = _tie_handling(objective, batch)
+    metrics: dict[str, Array] = {}
+    if objective.loss == "kto":
+      losses, example_weights, metrics = _kto_losses(objective, model, x, batch, weights)
+      main = weighted_mean(losses, example_weights)
+    else:
+      losses = direct_losses.get_direct_loss(objective.loss)(x, beta=objective.beta, **kwargs)
+      main = weighted_mean(losses, weights)
+    loss = main
+    if objective.alpha:
+      nll = weighted_mean(-x.policy_chosen / jnp.maximum(x.chosen_tokens, 1.0), weights)
+      loss = loss + objective.alpha * nll
+      metrics.update({"nll": nll, "preference_loss": main})
+    metrics.update(pair_metrics(objective, x, weights))
+    metrics["pairs/dropped_ties"] = dropped
+    metrics["loss_weight"] = jnp.sum(weights)
+    return loss, metrics
+
+  return loss_fn

@@ -1,0 +1,266 @@
+"""Reference log-probabilities for direct alignment: on the fly, cached on disk, or none.
+
+Every mode fills the same batch fields, ``ref_chosen`` / ``ref_rejected``
+``[B]`` (and ``ref_kl [2B]`` for KTO), before the batch reaches the train step,
+so the jitted loss is one program whatever the mode:
+
+* ``online``: a frozen reference model scores each batch with
+  :class:`ReferenceScorer` (its own jitted program, no gradient);
+* ``cached``: :func:`load_or_build` runs that SAME scorer once over the
+  dataset (same batch shapes and dtype) and stores one value per example on
+  disk; batches then look their values up by ``example_index``, in any order or
+  epoch. The reference model is not even built when the cache exists.
+  The per-row computation of a fixed-shape jitted program does not depend on
+  the other rows, so cached values are bit-identical to on-the-fly ones for
+  padded batches (buckets are chosen per example). Packed rows mix sequences,
+  so there cached and on-the-fly values agree to float rounding only;
+* ``none``: reference-free losses (SimPO, ORPO) read no reference fields.
+
+The cache key is a SHA-256 over everything the values depend on: the reference
+weights (params SHA-256 or checkpoint-file SHA-256), the dataset content
+(``source.fingerprint``), split and size, the tokenizer fingerprint, the
+truncation/batching settings, the model config and dtype, the backend and the
+mesh shape. Changing any of them gives a new key, so a stale cache is never
+read. Files: ``<cache_dir>/<key>.npz`` (``chosen``, ``rejected``, ``computed``
+per source row) and ``<key>.json`` (the key's description).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import pathlib
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from prefjax.data import pipeline as pipeline_lib
+from prefjax.data import sources
+from prefjax.direct import objective as objective_lib
+from prefjax.train import sharding as sharding_lib
+
+FORMAT_VERSION = 1
+# Pipeline settings that change which tokens a row holds or the batch shapes.
+_KEY_PIPELINE_FIELDS = ("batch_size", "max_length", "max_prompt_length", "min_response_length",
+                        "mode", "bucket_boundaries", "pack_length", "pack_rows",
+                        "max_segments_per_row", "pack_window", "prompt_style", "add_bos")
+_SCORED_FIELDS = ("tokens", "attention_mask", "loss_mask", "segment_ids", "positions",
+                  "chosen_index", "rejected_index", "pair_mask")
+
+
+def default_cache_dir() -> pathlib.Path:
+  """``<PREFJAX_CACHE_DIR or ~/.cache/prefjax/tfds>/ref_logps``."""
+  return sources.default_cache_dir() / "ref_logps"
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_segments", "with_kl"))
+def _score(graphdef, state, batch, *, num_segments, with_kl):
+  model = nnx.merge(graphdef, state)
+  return objective_lib.reference_fields(model, batch, num_segments=num_segments,
+                                        with_kl=with_kl)
+
+
+class ReferenceScorer:
+  """Jitted reference log-probs of host pair batches -> numpy ``{ref_chosen, ref_rejected[, ref_kl]}``."""
+
+  def __init__(self, model: nnx.Module, objective: objective_lib.Objective,
+               mesh: jax.sharding.Mesh | None = None):
+    self.graphdef, self.state = nnx.split(model)
+    self.num_segments = objective.num_segments if objective.layout == "packed" else None
+    self.with_kl = objective.loss == "kto"
+    self.mesh = mesh
+
+  def _put(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    batch = {k: np.asarray(v) for k, v in batch.items() if k in _SCORED_FIELDS}
+    try:
+      return sharding_lib.put_batch(batch, self.mesh)
+    except ValueError:  # Not divisible by the data axes (e.g. a small eval batch).
+      return jax.device_put(batch)
+
+  def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    out = _score(self.graphdef, self.state, self._put(batch),
+                 num_segments=self.num_segments, with_kl=self.with_kl)
+    return {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- cache
+
+
+@dataclasses.dataclass
+class ReferenceTable:
+  """Per-source-row reference log-probs (``computed`` marks rows the pipeline kept)."""
+  chosen: np.ndarray
+  rejected: np.ndarray
+  computed: np.ndarray
+
+  @classmethod
+  def empty(cls, num_rows: int) -> ReferenceTable:
+    return cls(np.zeros(num_rows, np.float32), np.zeros(num_rows, np.float32),
+               np.zeros(num_rows, bool))
+
+  def fill(self, example_index: np.ndarray, values: Mapping[str, np.ndarray]) -> None:
+    real = example_index >= 0
+    idx = example_index[real]
+    self.chosen[idx] = values["ref_chosen"][real]
+    self.rejected[idx] = values["ref_rejected"][real]
+    self.computed[idx] = True
+
+  def lookup(self, example_index: np.ndarray) -> dict[str, np.ndarray]:
+    """Values for a batch's ``example_index`` (-1 = padding pair -> 0)."""
+    example_index = np.asarray(example_index)
+    real = example_index >= 0
+    n = len(self.chosen)
+    if np.any(example_index >= n):
+      raise KeyError(f"reference cache of {n} rows has no row {int(example_index.max())}: "
+                     "it was built for other data")
+    idx = np.where(real, example_index, 0)
+    missing = real & ~self.computed[idx]
+    if np.any(missing):
+      raise KeyError(f"reference cache has no values for source rows "
+                     f"{example_index[missing][:20].tolist()}: the cache was built for "
+                     "other data or pipeline settings")
+    zero = np.float32(0.0)
+    return {"ref_chosen": np.where(real, self.chosen[idx], zero).astype(np.float32),
+            "ref_rejected": np.where(real, self.rejected[idx], zero).astype(np.float32)}
+
+
+def cache_key(parts: Mapping[str, Any]) -> str:
+  """SHA-256 of the canonical JSON of ``parts``."""
+  text = json.dumps(parts, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+  """SHA-256 over a file's bytes, or over every file of a directory (sorted relative paths)."""
+  path = pathlib.Path(path)
+  files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+  if not files:
+    raise FileNotFoundError(f"no reference weights at {path}")
+  digest = hashlib.sha256()
+  for f in files:
+    digest.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
+    with open(f, "rb") as fh:
+      for chunk in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(chunk)
+  return digest.hexdigest()
+
+
+def key_parts(*, ref_weights: str, source: Any, tokenizer: Any,
+              pipeline: pipeline_lib.PipelineConfig, model_config: Mapping[str, Any],
+              objective: objective_lib.Objective,
+              mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
+  """Everything cached reference log-probs depend on (see the module docstring)."""
+  settings = dataclasses.asdict(pipeline)
+  return {
+      "format": FORMAT_VERSION,
+      "ref_weights_sha256": ref_weights,
+      "dataset": {"name": getattr(source, "name", None), "split": getattr(source, "split", None),
+                  "fingerprint": source.fingerprint, "rows": len(source)},
+      "tokenizer": tokenizer.name,
+      "pipeline": {k: settings[k] for k in _KEY_PIPELINE_FIELDS},
+      "model": dict(model_config),
+      "layout": objective.layout,
+      "backend": jax.default_backend(),
+      "jax": jax.__version__,
+      "mesh": dict(mesh.shape) if mesh is not None else None,
+  }
+
+
+def cache_pipeline(config: pipeline_lib.PipelineConfig) -> pipeline_lib.PipelineConfig:
+  """One ordered pass over every row, with the training batch shapes."""
+  return dataclasses.replace(config, shuffle=False, num_epochs=1, drop_remainder=False,
+                             shard_index=0, shard_count=1)
+
+
+def compute_table(scorer: Callable[[Mapping[str, Any]], Mapping[str, np.ndarray]],
+                  batches: Iterator[Mapping[str, Any]], num_rows: int) -> ReferenceTable:
+  table = ReferenceTable.empty(num_rows)
+  for batch in batches:
+    table.fill(np.asarray(batch["example_index"]), scorer(batch))
+  return table
+
+
+def _atomic_write(path: pathlib.Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+  with open(tmp, mode) as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+def load_or_build(parts: Mapping[str, Any], num_rows: int,
+                  build: Callable[[], ReferenceTable],
+                  cache_dir: str | os.PathLike[str] | None = None
+                  ) -> tuple[ReferenceTable, dict[str, Any]]:
+  """The cached table for ``parts``, built with ``build()`` and saved on a miss.
+
+  Returns ``(table, info)`` with ``info = {key, path, hit, seconds}``.
+  """
+  directory = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
+  key = cache_key(parts)
+  path = directory / f"{key}.npz"
+  start = time.time()
+  if path.exists():
+    with np.load(path) as data:
+      table = ReferenceTable(data["chosen"], data["rejected"], data["computed"])
+    if len(table.chosen) != num_rows:
+      raise ValueError(f"reference cache {path} has {len(table.chosen)} rows, the data "
+                       f"{num_rows}: the file is corrupt (same key, other content)")
+    logging.info("reference log-probs: cache hit %s (%d rows)", path, int(table.computed.sum()))
+    return table, {"key": key, "path": str(path), "hit": True, "seconds": time.time() - start}
+  logging.info("reference log-probs: cache miss, scoring %d rows -> %s", num_rows, path)
+  table = build()
+  if jax.process_index() == 0:
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda f: np.savez(f, chosen=table.chosen, rejected=table.rejected,
+                                           computed=table.computed))
+    _atomic_write(directory / f"{key}.json",
+                  lambda f: f.write(json.dumps(parts, indent=2, sort_keys=True, default=str)),
+                  mode="w")
+  seconds = time.time() - start
+  logging.info("reference log-probs: %d rows scored in %.1fs", int(table.computed.sum()), seconds)
+  return table, {"key": key, "path": str(path), "hit": False, "seconds": seconds}
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class ReferenceIterator:
+  """Adds reference fields to every batch of ``inner``; checkpointable like ``inner``."""
+
+  def __init__(self, inner: Iterator[dict[str, Any]],
+               provide: Callable[[Mapping[str, Any]], Mapping[str, np.ndarray]] | None):
+    self._inner = inner
+    self._provide = provide
+
+  def __iter__(self) -> ReferenceIterator:
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    batch = dict(next(self._inner))
+    if self._provide is not None:
+      batch.update(self._provide(batch))
+    return batch
+
+  def get_state(self) -> Any:
+    return self._inner.get_state()
+
+  def set_state(self, state: Any) -> None:
+    self._inner.set_state(state)
+
+  @property
+  def counters(self) -> dict[str, int]:
+    return dict(getattr(self._inner, "counters", {}))
+
+
+def table_provider(table: ReferenceTable) -> Callable[[Mapping[str, Any]], dict[str, np.ndarray]]:
+  return lambda batch: table.lookup(batch["example_index"])

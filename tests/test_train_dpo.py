@@ -1,0 +1,300 @@
+"""experiments/train_dpo.py end to end on the tiny world, plus the objective's pieces.
+
+Also holds the helpers the SFT and reference-cache tests share (tmp data dirs,
+test-sized configs, metrics readers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.dpo import tiny as dpo_tiny
+from configs.sft import tiny as sft_tiny
+from experiments import train_dpo
+from prefjax.direct import evaluation
+from prefjax.direct import objective as objective_lib
+from prefjax.losses import DIRECT_LOSSES
+from prefjax.models import decoder
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------- shared helpers
+
+
+def isolated_env(tmp_path_factory) -> tuple[pathlib.Path, pytest.MonkeyPatch]:
+  """Points the dataset/reference caches at a fresh tmp dir and enables jax's compile cache.
+
+  Runs of the same program (resume, cached vs online, a loss used by several
+  tests) then compile once per session instead of once per run.
+  """
+  root = tmp_path_factory.mktemp("prefjax_env")
+  patch = pytest.MonkeyPatch()
+  patch.setenv("PREFJAX_CACHE_DIR", str(root / "cache"))
+  patch.setenv("PREFJAX_SYNTHETIC_DIR", str(root / "synthetic"))
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  return root, patch
+
+
+def dpo_config(loss: str = "dpo", *, steps: int = 30, **loop):
+  """The tiny DPO config, test sized: 1 layer, no mesh, no KL sampling, eval at the end."""
+  config = dpo_tiny.get_config("quick")
+  config.loss = loss
+  config.model.overrides.num_layers = 1
+  config.mesh.shape = ()
+  config.eval.kl_max_new_tokens = 0
+  config.loop.num_steps = steps
+  config.loop.tensorboard = False
+  config.loop.log_every = 1
+  for key, value in loop.items():
+    config.loop[key] = value
+  return config
+
+
+def sft_config(*, steps: int = 30):
+  """The tiny SFT config, test sized (1 layer, no mesh, eval every 10 steps)."""
+  config = sft_tiny.get_config("quick")
+  config.model.overrides.num_layers = 1
+  config.mesh.shape = ()
+  config.loop.num_steps = steps
+  config.optimizer.total_steps = steps
+  config.loop.eval_every = 10
+  config.loop.tensorboard = False
+  config.loop.log_every = 1
+  return config
+
+
+def read_metrics(workdir) -> list[dict]:
+  with open(pathlib.Path(workdir) / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+def train_losses(workdir) -> list[float]:
+  return [r["loss"] for r in read_metrics(workdir) if "loss" in r]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def env(tmp_path_factory):
+  root, patch = isolated_env(tmp_path_factory)
+  yield root
+  patch.undo()
+
+
+# ---------------------------------------------------------------------------- every loss
+
+# Held-out pairs: ~211; chance is 0.5 (its std is ~0.035 here), so 0.62 leaves > 3 sigma.
+ACCURACY_THRESHOLD = 0.62
+ALL_LOSSES = sorted(DIRECT_LOSSES) + ["kto"]
+
+
+@pytest.mark.parametrize("loss", ALL_LOSSES)
+def test_every_loss_raises_heldout_implicit_reward_accuracy(loss, tmp_path):
+  result = train_dpo.run(dpo_config(loss), str(tmp_path))
+  final = result.summary["final_eval"]
+  assert final["num_examples"] > 150
+  assert final["rewards/accuracies"] > ACCURACY_THRESHOLD, final
+  records = read_metrics(tmp_path)
+  assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+  for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+               "logps/chosen", "logps/rejected"):
+    assert name in records[0], name
+  if loss == "orpo":
+    assert "nll" in records[0]  # ORPO's NLL term is on by default.
+  if loss == "kto":
+    assert "kto/kl_ref" in records[0]
+  reference = json.loads((tmp_path / "reference.json").read_text())
+  assert reference["mode"] == ("none" if loss in objective_lib.REFERENCE_FREE else "online")
+
+
+# ---------------------------------------------------------------------------- eval KL
+
+
+def test_eval_reports_kl_to_reference_on_sampled_responses(tmp_path):
+  config = dpo_config("dpo")
+  config.eval.kl_max_new_tokens = 12
+  result = train_dpo.run(config, str(tmp_path))
+  final = result.summary["final_eval"]
+  # k1 and the exact per-position KL estimate the same sequence KL; k3 >= 0 per token.
+  assert final["kl/exact"] > 0.05
+  assert final["kl/k3"] > 0
+  np.testing.assert_allclose(final["kl/k1"], final["kl/exact"], rtol=0.25)
+  assert 0 < final["kl/response_tokens"] <= 12
+
+
+def _tiny_models(seed_policy: int, seed_ref: int):
+  config = decoder.DecoderConfig.tiny_llama(vocab_size=11, num_layers=1)
+  return (decoder.Decoder(config, rngs=nnx.Rngs(seed_policy)),
+          decoder.Decoder(config, rngs=nnx.Rngs(seed_ref)))
+
+
+def test_kl_to_reference_is_zero_for_the_reference_itself_and_matches_numpy():
+  policy, ref = _tiny_models(0, 1)
+  prompt = jnp.asarray([[0, 3, 4, 5], [0, 0, 6, 7]], jnp.int32)
+  mask = (prompt > 0).astype(jnp.int32)
+  cfg = evaluation.KLEvalConfig(max_new_tokens=5, exact=True, eos_id=None, pad_id=0)
+  rng = jax.random.key(0)
+  same = evaluation.kl_to_reference(policy, policy, prompt, mask, rng, cfg)
+  for name in ("kl/k1", "kl/k3", "kl/exact"):
+    np.testing.assert_array_equal(same[name], 0.0)
+  out = evaluation.kl_to_reference(policy, ref, prompt, mask, rng, cfg)
+  # Rebuild the sampled sequences and score them in float64 NumPy.
+  gen = evaluation.sampling.generate(policy, prompt, mask, rng=rng, max_new_tokens=5,
+                                     eos_id=None, pad_id=0)
+  tokens = jnp.concatenate([prompt, gen.tokens], 1)
+  attention = jnp.concatenate([mask, gen.mask], 1)
+  lp = np.asarray(jax.nn.log_softmax(policy(tokens, attention_mask=attention)), np.float64)
+  lq = np.asarray(jax.nn.log_softmax(ref(tokens, attention_mask=attention)), np.float64)
+  t = np.asarray(tokens)
+  k1 = np.zeros(2)
+  exact = np.zeros(2)
+  for b in range(2):
+    for pos in range(4, 9):  # generated tokens sit at 4..8, predicted from 3..7
+      prev = pos - 1
+      k1[b] += lp[b, prev, t[b, pos]] - lq[b, prev, t[b, pos]]
+      exact[b] += np.sum(np.exp(lp[b, prev]) * (lp[b, prev] - lq[b, prev]))
+  np.testing.assert_allclose(out["kl/k1"], k1, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out["kl/exact"], exact, rtol=1e-4, atol=1e-5)
+
+
+def test_left_padded_prompts_extracts_the_prompt_of_each_pair():
+  tokens = np.array([[1, 2, 3, 9, 9, 0], [1, 4, 8, 8, 8, 0], [1, 2, 3, 7, 0, 0],
+                     [1, 4, 6, 0, 0, 0]], np.int32)
+  attention = (tokens > 0).astype(np.int32)
+  loss = np.array([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 0, 0],
+                   [0, 0, 1, 0, 0, 0]], np.int32)
+  batch = {"tokens": tokens, "attention_mask": attention, "loss_mask": loss,
+           "pair_mask": np.ones(2, np.float32)}
+  prompt, mask = evaluation.left_padded_prompts(batch)
+  np.testing.assert_array_equal(np.asarray(prompt)[mask > 0], [1, 2, 3, 1, 4])
+  np.testing.assert_array_equal(mask, [[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
+
+
+# ---------------------------------------------------------------------------- KTO pieces
+
+
+def test_mismatched_rows_pair_each_prompt_with_the_next_rows_response():
+  # 2 pairs -> 4 rows: (prompt, response) = (p0, c0), (p1, c1), (p0, r0), (p1, r1).
+  rows = [([1, 2], [3, 4, 5]), ([1, 6, 7], [8]), ([1, 2], [9]), ([1, 6, 7], [10, 11])]
+  length = 5  # row 3 = p1 + c0 is cut to 5 tokens
+  tokens = np.zeros((4, length), np.int32)
+  attention = np.zeros_like(tokens)
+  loss = np.zeros_like(tokens)
+  for i, (p, r) in enumerate(rows):
+    tokens[i, :len(p) + len(r)] = p + r
+    attention[i, :len(p) + len(r)] = 1
+    loss[i, len(p):len(p) + len(r)] = 1
+  batch = {"tokens": tokens, "attention_mask": attention, "loss_mask": loss,
+           "pair_mask": np.array([1.0, 1.0], np.float32)}
+  out = objective_lib.mismatched_rows(batch)
+  for k in range(4):
+    p, _ = rows[k]
+    _, r = rows[(k + 1) % 4]
+    expect = (p + r)[:length]
+    n = len(expect)
+    np.testing.assert_array_equal(np.asarray(out["tokens"])[k, :n], expect)
+    np.testing.assert_array_equal(out["attention_mask"][k], [1] * n + [0] * (length - n))
+    np.testing.assert_array_equal(out["loss_mask"][k, :len(p)], 0)
+    np.testing.assert_array_equal(out["loss_mask"][k, len(p):n], 1)
+  np.testing.assert_array_equal(out["valid"], [1.0, 1.0, 1.0, 1.0])
+  # Pair 1 padding: rows 1, 3 are invalid and so are rows 0, 2 (their response comes from 1, 3).
+  batch["pair_mask"] = np.array([1.0, 0.0], np.float32)
+  np.testing.assert_array_equal(objective_lib.mismatched_rows(batch)["valid"], [0.0] * 4)
+
+
+def test_soft_labels_for_ties_and_rpo_term_match_numpy():
+  objective = objective_lib.Objective(loss="dpo", beta=0.5, ref_mode="online",
+                                      loss_kwargs=(("label_smoothing", 0.1),), nll_alpha=0.3)
+  scores = objective_lib.SequenceScores(
+      chosen=jnp.array([-3.0, -5.0, -2.0]), rejected=jnp.array([-4.0, -4.5, -7.0]),
+      chosen_tokens=jnp.array([3.0, 5.0, 2.0]), rejected_tokens=jnp.array([4.0, 3.0, 7.0]))
+  batch = {"ref_chosen": np.array([-3.5, -4.0, -2.5], np.float32),
+           "ref_rejected": np.array([-4.2, -4.0, -6.0], np.float32),
+           "weight": np.array([1.0, 2.0, 1.0], np.float32),
+           "outcome": np.array([1.0, 0.5, 1.0], np.float32),
+           "pair_mask": np.array([1.0, 1.0, 0.0], np.float32)}
+  x = objective_lib.pair_logps(objective, scores, batch)
+  kwargs, weights, dropped = objective_lib._tie_handling(objective, batch)  # pylint: disable=protected-access
+  losses = DIRECT_LOSSES["dpo"](x, beta=0.5, **kwargs)
+  h = ((np.array([-3.0, -5.0]) - [-3.5, -4.0]) - (np.array([-4.0, -4.5]) - [-4.2, -4.0]))
+  eps = np.array([0.1, 0.5])
+  z = 0.5 * h
+  expect = -(1 - eps) * np.log(1 / (1 + np.exp(-z))) - eps * np.log(1 / (1 + np.exp(z)))
+  np.testing.assert_allclose(losses[:2], expect, rtol=1e-5)
+  np.testing.assert_allclose(weights, [1.0, 2.0, 0.0])
+  assert float(dropped) == 0.0
+  nll = (3.0 / 3.0 * 1.0 + 5.0 / 5.0 * 2.0) / 3.0
+  total = float(np.sum(expect * [1.0, 2.0]) / 3.0) + 0.3 * nll
+  np.testing.assert_allclose(
+      float(objective_lib.weighted_mean(losses, weights)
+            + 0.3 * objective_lib.weighted_mean(-x.policy_chosen / x.chosen_tokens, weights)),
+      total, rtol=1e-5)
+
+
+def test_objective_rejects_bad_settings():
+  with pytest.raises(KeyError, match="unknown direct loss"):
+    objective_lib.Objective(loss="nope")
+  with pytest.raises(ValueError, match="not hyperparameters of 'ipo'"):
+    objective_lib.Objective(loss="ipo", loss_kwargs=(("label_smoothing", 0.1),))
+  with pytest.raises(ValueError, match="kto needs ref_mode='online'"):
+    objective_lib.Objective(loss="kto", ref_mode="cached")
+  assert objective_lib.Objective(loss="simpo").ref_mode == "none"
+  assert objective_lib.Objective(loss="orpo").alpha == 1.0
+  assert objective_lib.parse_kwargs("label_smoothing=0.1,tau=2") == {"label_smoothing": 0.1,
+                                                                      "tau": 2}
+
+
+# ---------------------------------------------------------------------------- resume, mesh, CLI
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
+  full = train_dpo.run(dpo_config(steps=6, checkpoint_every=3), str(tmp_path / "full"))
+  part = tmp_path / "part"
+  first = train_dpo.run(dpo_config(steps=3, checkpoint_every=3), str(part))
+  assert first.summary["final_step"] == 3
+  resumed = train_dpo.run(dpo_config(steps=6, checkpoint_every=3), str(part))
+  assert resumed.summary["final_step"] == 6
+  assert resumed.summary["params_sha256"] == full.summary["params_sha256"]
+  assert train_losses(part) == train_losses(tmp_path / "full")
+
+
+def test_mesh_2x2x2_matches_single_device(tmp_path):
+  assert jax.device_count() >= 8
+  single = train_dpo.run(dpo_config(steps=4), str(tmp_path / "single"))
+  config = dpo_config(steps=4)
+  config.mesh.shape = (2, 2, 2)
+  sharded = train_dpo.run(config, str(tmp_path / "sharded"))
+  leaves = jax.tree.leaves(sharded.state.params)
+  assert any(len({str(s.index) for s in x.addressable_shards}) > 1 for x in leaves)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
+               single.state.params, sharded.state.params)
+  np.testing.assert_allclose(train_losses(tmp_path / "sharded"),
+                             train_losses(tmp_path / "single"), rtol=1e-5)
+
+
+def test_cli_smoke(tmp_path, env):
+  workdir = tmp_path / "cli"
+  cmd = [sys.executable, "-m", "experiments.train_dpo", "--config=configs/dpo/tiny.py:quick",
+         f"--workdir={workdir}", "--config.loop.num_steps=2", "--config.mesh.shape=()",
+         "--config.model.overrides.num_layers=1", "--config.eval.kl_max_new_tokens=0",
+         "--config.loss=ipo", "--config.loop.tensorboard=False"]
+  environ = dict(os.environ, JAX_PLATFORMS="cpu",
+                 JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  proc = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["final_step"] == 2
+  assert json.loads((workdir / "config.json").read_text())["loss"] == "ipo"
