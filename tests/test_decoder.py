@@ -296,3 +296,24 @@ def test_bad_config_raises(overrides, message):
   with pytest.raises(ValueError, match=message):
     nnx.eval_shape(lambda: dec.Decoder(dec.DecoderConfig.tiny_llama(**overrides),
                                        rngs=nnx.Rngs(0)))
+
+
+def test_remat_gives_the_same_gradients():
+  model = make_model("gpt2")
+  tokens = jnp.asarray([SEQS[1]], jnp.int32)
+  weights = jax.random.normal(jax.random.key(0), (1, 7, CONFIGS["gpt2"].vocab_size))
+
+  @jax.jit
+  def grads(m):
+    graphdef, state = nnx.split(m)
+    return jax.grad(lambda s: jnp.sum(weights * nnx.merge(graphdef, s)(tokens)))(state)
+
+  remat = nnx.clone(model)
+  remat.remat = True
+  jaxpr = lambda m: str(jax.make_jaxpr(lambda s: nnx.merge(nnx.graphdef(m), s)(tokens))(
+      nnx.state(m)))
+  assert "remat" in jaxpr(remat) and "remat" not in jaxpr(model)
+  plain, checkpointed = grads(model), grads(remat)
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(checkpointed)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+  assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(plain)) > 0

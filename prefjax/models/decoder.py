@@ -206,12 +206,26 @@ def positions_from_segments(segment_ids: Array) -> Array:
   return idx - jax.lax.cummax(starts, axis=1)
 
 
+def _block_forward(block: Block, x: Array, positions: Array, segments: Array) -> Array:
+  return block(x, positions=positions, segments=segments)[0]
+
+
+# Rematerialised block: activations inside a block are recomputed in the backward pass.
+_remat_block_forward = nnx.remat(_block_forward)
+
+
 class Decoder(nnx.Module):
-  """Causal language model. ``__call__`` returns float32 logits ``[N, T, V]``."""
+  """Causal language model. ``__call__`` returns float32 logits ``[N, T, V]``.
+
+  ``remat=True`` recomputes each block's activations in the backward pass
+  (gradient checkpointing; saves memory when training long sequences). It is a
+  plain attribute, so a loaded model can be switched with ``model.remat = True``.
+  """
 
   def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype: DType | None = None,
-               param_dtype: DType = jnp.float32):
+               param_dtype: DType = jnp.float32, remat: bool = False):
     self.config = config
+    self.remat = remat
     self.dtype = default_compute_dtype() if dtype is None else dtype
     d = config.hidden_size
     self.embed = nnx.Embed(config.vocab_size, d, dtype=self.dtype,
@@ -254,8 +268,9 @@ class Decoder(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
                                      tokens.shape)
     x = self._embed(tokens, positions)
+    forward = _remat_block_forward if self.remat else _block_forward
     for block in self.layers:
-      x, _ = block(x, positions=positions, segments=segments)
+      x = forward(block, x, positions, segments)
     return self.final_norm(x)
 
   def __call__(self, tokens: Array, *, attention_mask: Array | None = None,
