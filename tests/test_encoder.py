@@ -21,7 +21,7 @@ CFG = encoder.EncoderConfig(vocab_size=50, hidden_size=16, num_layers=2, num_hea
 
 @pytest.fixture(scope="module")
 def model():
-  m = encoder.Encoder(CFG, rngs=nnx.Rngs(0), dtype=jnp.float32)
+  m = nnx.jit(lambda: encoder.Encoder(CFG, rngs=nnx.Rngs(0), dtype=jnp.float32))()
   # Non-trivial norms and biases, so that a swapped or skipped one is caught.
   rng = np.random.RandomState(1)
   for path, var in nnx.iter_graph(m):
@@ -180,8 +180,8 @@ def test_pooling_helper_gradients():
 
 def test_bfloat16_compute_stays_close(model):
   graphdef, state = nnx.split(model)
-  bf16 = encoder.Encoder(CFG, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
-  nnx.update(bf16, state)
+  bf16 = nnx.eval_shape(lambda: encoder.Encoder(CFG, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+  nnx.update(bf16, state)  # float32 parameters, bfloat16 compute
   tokens, mask, _ = _batch()
   out = _hidden(bf16, tokens, mask, None, None, None)
   assert out.dtype == jnp.bfloat16

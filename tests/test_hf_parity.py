@@ -322,3 +322,57 @@ def test_missing_directory_files_are_clear(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
     hf_import.SafetensorsReader(tmp_path)
+
+
+# -- HF reward models (sequence classification) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_reward_dir(tmp_path_factory):
+  config = _llama_config(tied=False)
+  config.pad_token_id = 0
+  config.num_labels = 1
+  torch.manual_seed(2)
+  hf_model = transformers.LlamaForSequenceClassification(config).eval()
+  path = tmp_path_factory.mktemp("llama_rm")
+  hf_model.save_pretrained(path)
+  return hf_model, path
+
+
+def test_sequence_classification_reward_matches_torch(llama_reward_dir):
+  hf_model, path = llama_reward_dir
+  rm = models.from_pretrained(path, head="reward", dtype=jnp.float32)
+  assert isinstance(rm, models.RewardModel) and rm.pooling == "last"
+  tokens = _tokens(3, 9, seed=9)  # ids >= 1: 0 is the pad id HF uses to find the last token
+  mask = np.ones_like(tokens)
+  mask[1, 6:] = 0
+  mask[2, 2:] = 0
+  tokens = tokens * mask
+  ours = np.asarray(nnx.jit(lambda m, t, k: m(t, attention_mask=k))(rm, tokens, mask))
+  with torch.no_grad():
+    ref = hf_model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                   attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
+  np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+  assert np.abs(ref).min() > 1e-3  # a zero head would not pass by accident
+
+
+def test_sequence_classification_head_shape_mismatch_is_named(llama_reward_dir):
+  _, path = llama_reward_dir
+  with pytest.raises(hf_import.CheckpointError, match=r"'score\.weight' has shape \(1, 32\)"):
+    models.from_pretrained(path, head="reward_ensemble:3")
+  with pytest.raises(ValueError, match="unknown head spec 'rm'"):
+    models.from_pretrained(path, head="rm")
+
+
+def test_gguf_path_dispatches_to_load_gguf(monkeypatch, tmp_path):
+  from prefjax.models import gguf_import  # pylint: disable=g-import-not-at-top
+  calls = []
+  trunk = nnx.eval_shape(lambda: decoder.Decoder(
+      decoder.DecoderConfig.tiny_llama(vocab_size=VOCAB), rngs=nnx.Rngs(0)))
+  def fake_load(path, *, dtype=None, param_dtype=jnp.float32):
+    calls.append((pathlib.Path(path).name, dtype))
+    return trunk
+  monkeypatch.setattr(gguf_import, "load_gguf", fake_load)
+  model = models.from_pretrained(tmp_path / "m.gguf", head="value", dtype=jnp.bfloat16)
+  assert calls == [("m.gguf", jnp.bfloat16)]
+  assert isinstance(model, models.ValueModel) and model.trunk is trunk

@@ -72,7 +72,9 @@ def test_minilm_reward_head_uses_mean_pooled_features(minilm_dir, batch):
   rm = models.from_pretrained(minilm_dir, head="reward", dtype=jnp.float32, seed=3)
   assert isinstance(rm, heads.RewardModel) and rm.pooling == "mean"
   tokens, mask = batch
-  rewards = np.asarray(nnx.jit(lambda m, t, k: m(t, attention_mask=k))(rm, tokens, mask))
-  pooled = np.asarray(encoder.sentence_embedding(rm.trunk, tokens, mask, normalize=False))
+  both = nnx.jit(lambda m, t, k: (m(t, attention_mask=k),
+                                  m.trunk.hidden_states(t, attention_mask=k)))
+  rewards, hidden = (np.asarray(x, np.float64) for x in both(rm, tokens, mask))
+  pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
   w, b = np.asarray(rm.head.kernel[...]), np.asarray(rm.head.bias[...])
   np.testing.assert_allclose(rewards, pooled @ w[:, 0] + b[0], atol=1e-5)

@@ -129,6 +129,12 @@ def _decoder_config_from_hf(hf: dict[str, Any]):
   raise CheckpointError(f"not a decoder model_type: {model_type!r}")
 
 
+def _is_sequence_classifier(hf: dict[str, Any], names: set[str]) -> bool:
+  archs = hf.get("architectures") or []
+  return ("score.weight" in names and "lm_head.weight" not in names
+          and any(a.endswith("ForSequenceClassification") for a in archs))
+
+
 def _first_id(value) -> int | None:
   if isinstance(value, (list, tuple)):
     return int(value[0]) if value else None
@@ -261,6 +267,12 @@ def load_hf_checkpoint(path: PathLike, *, dtype=None, param_dtype=jnp.float32,
   else:
     from prefjax.models.decoder import Decoder  # pylint: disable=g-import-not-at-top
     config = _decoder_config_from_hf(hf)
+    if _is_sequence_classifier(hf, names) and not config.tie_embeddings:
+      # A reward-model checkpoint has a `score` head instead of `lm_head`; the trunk's
+      # LM logits are then the (unused) tied embedding projection.
+      _log.info("%s: sequence-classification checkpoint without lm_head; tying the "
+                "decoder's output embedding", directory)
+      config = config.replace(tie_embeddings=True)
     mapping = _decoder_mapping(config, model_type, names)
     model = _abstract(lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dtype,
                                       param_dtype=param_dtype))
@@ -284,16 +296,42 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
     param_dtype: parameter dtype (float32 default).
     seed: seed of the new head's initialisation.
   """
+  from prefjax.models import heads  # pylint: disable=g-import-not-at-top
+  heads.parse_head(head)  # fail on a bad spec before reading any weights
   path = pathlib.Path(path)
   if path.suffix == ".gguf":
     from prefjax.models.gguf_import import load_gguf  # pylint: disable=g-import-not-at-top
-    trunk = load_gguf(path, dtype=dtype)
-  else:
-    trunk, _ = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype)
-  if head is None:
-    return trunk
-  from prefjax.models.heads import attach_head  # pylint: disable=g-import-not-at-top
-  return attach_head(trunk, head, rngs=nnx.Rngs(seed))
+    trunk = load_gguf(path, dtype=dtype, param_dtype=param_dtype)
+    return heads.attach_head(trunk, head, rngs=nnx.Rngs(seed))
+  trunk, report = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype)
+  model = heads.attach_head(trunk, head, rngs=nnx.Rngs(seed))
+  if "score.weight" in report.unused and isinstance(model, heads.PooledHeadModel):
+    load_score_head(model, SafetensorsReader(path))
+  return model
+
+
+def load_score_head(model, reader: SafetensorsReader) -> None:
+  """Copies a HF ``*ForSequenceClassification`` ``score`` layer into a reward head.
+
+  HF decoder reward models (``LlamaForSequenceClassification``,
+  ``GPT2ForSequenceClassification``) score the last non-padding token with
+  ``score.weight [num_labels, D]`` (no bias), exactly what a "last"-pooled
+  ``RewardModel`` (num_labels 1) or ``MultiHeadEnsemble`` / multi-objective head
+  (num_labels K) computes.
+  """
+  weight = reader.get("score.weight")
+  kernel = model.head.kernel
+  if weight.T.shape != tuple(kernel.shape):
+    raise CheckpointError(
+        f"{reader.directory}: tensor 'score.weight' has shape {weight.shape} but the "
+        f"requested head needs {tuple(kernel.shape[::-1])} ([num_labels, hidden])")
+  if model.pooling != "last":
+    raise CheckpointError(f"{reader.directory}: 'score.weight' is a last-token head; "
+                          f"pooling={model.pooling!r} would not reproduce it")
+  kernel[...] = jnp.asarray(weight.T, kernel.dtype)
+  bias = reader.get("score.bias") if "score.bias" in reader.files else np.zeros(weight.shape[0])
+  model.head.bias[...] = jnp.asarray(bias, model.head.bias.dtype)
+  _log.info("%s: loaded reward head from 'score.weight' %s", reader.directory, weight.shape)
 
 
 # -- saving ---------------------------------------------------------------------
