@@ -140,6 +140,9 @@ def test_split_microbatches_is_strided_and_checks_divisibility():
   np.testing.assert_array_equal(micro["tokens"][1], [[2, 3], [8, 9]])
   with pytest.raises(ValueError, match="'tokens'.*divisible by accum_steps=4"):
     step_lib.split_microbatches(batch, 4)
+  packed = dict(batch, chosen_index=np.zeros((3, 2), np.int32))
+  with pytest.raises(ValueError, match="chosen_index.*presplit"):
+    step_lib.split_microbatches(packed, 3)
 
 
 def test_nonscalar_loss_is_a_clear_error():

@@ -42,8 +42,18 @@ TrainStep = Callable[[state_lib.TrainState, Batch], tuple[state_lib.TrainState, 
 LOSS_WEIGHT = "loss_weight"
 
 
+# Packed-batch fields holding row indices into the whole batch: splitting rows breaks them.
+ROW_INDEX_FIELDS = ("chosen_index", "rejected_index", "sequence_index")
+
+
 def split_microbatches(batch: Batch, accum_steps: int) -> Batch:
   """Reshapes every leaf ``[N, ...]`` to ``[accum_steps, N // accum_steps, ...]`` (strided)."""
+  index_fields = [k for k in ROW_INDEX_FIELDS if isinstance(batch, Mapping) and k in batch]
+  if index_fields:
+    raise ValueError(
+        f"batch fields {index_fields} index rows of the whole packed batch, so it cannot be "
+        f"split into {accum_steps} microbatches by rows; have the pipeline yield presplit "
+        "batches [accum_steps, ...] and set presplit_microbatches=True")
   def split(path, x):
     n = x.shape[0] if x.ndim else None
     if n is None or n % accum_steps:
