@@ -116,6 +116,7 @@ def test_packed_segments_equal_separate_sequences(model):
   np.testing.assert_allclose(packed[0, :5], separate[0, :5], atol=1e-5)
   np.testing.assert_allclose(packed[0, 5:8], separate[1, :3], atol=1e-5)
   assert np.all(np.isfinite(packed))  # padding rows (segment 0) stay finite
+  np.testing.assert_array_equal(np.asarray(encoder.positions_in_segments(seg))[seg > 0], pos[seg > 0])
 
 
 def test_token_types_change_the_output(model):

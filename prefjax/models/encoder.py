@@ -147,6 +147,15 @@ class EncoderConfig:
     }
 
 
+def positions_in_segments(segment_ids: Array) -> Array:
+  """Offset of every token within its packed segment (restarts where the id changes)."""
+  length = segment_ids.shape[-1]
+  idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
+  prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+  starts = jnp.where(segment_ids != prev, idx, 0)
+  return idx - jax.lax.cummax(starts, axis=1)
+
+
 def attention_bias(attention_mask: Array | None, segment_ids: Array | None,
                    shape: tuple[int, int]) -> Array:
   """Boolean ``[N, 1, T, T]`` mask of allowed (query, key) pairs, bidirectional.
@@ -261,15 +270,17 @@ class Encoder(nnx.Module):
       attention_mask: ``[N, T]``, 1 on real tokens (padded batches).
       segment_ids: ``[N, T]`` packed segment ids (0 = padding); attention stays
         within a segment.
-      positions: ``[N, T]`` position ids; default ``0..T-1`` per row. Packed
-        batches must pass positions restarting at each segment.
+      positions: ``[N, T]`` position ids; default ``0..T-1`` per row, or the
+        offset within each segment for packed input.
       token_type_ids: ``[N, T]`` BERT sentence A/B ids; default 0.
     """
     n, t = tokens.shape
     if t > self.config.max_position_embeddings and positions is None:
       raise ValueError(f"sequence length {t} exceeds max_position_embeddings="
                        f"{self.config.max_position_embeddings}")
-    if positions is None:
+    if positions is None and segment_ids is not None:
+      positions = positions_in_segments(segment_ids)
+    elif positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
     if token_type_ids is None:
       token_type_ids = jnp.zeros((n, t), jnp.int32)
