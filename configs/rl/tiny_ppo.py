@@ -1,0 +1,49 @@
+r"""PPO on the tiny world: proxy = gold + a planted exploitable character.
+
+COMMAND:
+  python -m experiments.train_rl --config=configs/rl/tiny_ppo.py --workdir=/tmp/rl_tiny_ppo
+
+EXPECTED: (filled in below after measuring)
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Shared by tiny_ppo and tiny_rloo."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.tokenizer = dict(path="byte")
+  c.model = dict(arch="decoder", preset="tiny_llama", path="", head="", dtype="float32",
+                 overrides=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                intermediate_size=128, max_position_embeddings=64))
+  # A world whose proxy optimum is the exploit character: proxy("ppp…") = 3 − 1 = 2
+  # beats every honest string (best: 1.30 + 0.5 echo bonus), while gold("ppp…") = −1.
+  c.world = dict(seed=0, exploit_char="p", exploit_weight=3.0, exploit_gold_penalty=1.0,
+                 echo_bonus=0.5)
+  c.prompts = dict(source="tiny_world", num_eval=64, eval_seed=1, max_length=10, style="raw")
+  c.warm_start = dict(steps=150, batch_size=64, learning_rate=3e-3)
+  c.proxy = dict(kind="tiny_world_proxy")
+  c.gold = dict(kind="tiny_world_gold")
+  c.sampling = dict(max_new_tokens=14, temperature=1.0, top_k=None, top_p=None)
+  c.rl = dict(
+      algorithm="ppo", num_steps=30, prompts_per_step=64, group_size=1, epochs=2,
+      num_minibatches=2, clip_eps=0.2, vf_coef=0.1, vf_clip_eps=0.2, entropy_coef=0.0,
+      gamma=1.0, lam=0.95, whiten_advantages=True, kl_coef=0.02, kl_estimator="k1",
+      adaptive_kl=dict(enabled=False, target=4.0, horizon=10000.0), value_trunk="separate")
+  c.optimizer = dict(name="adam", learning_rate=1e-3, grad_clip_norm=1.0)
+  c.eval_every = 3
+  c.checkpoint_every = 10
+  c.exact_kl_max_vocab = 4096
+  c.log_train_gold = True
+  return c
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  c = base_config()
+  if arg == "quick":
+    c.rl.num_steps = 8
+    c.eval_every = 4
+  elif arg not in (None, ""):
+    raise ValueError(f"unknown config argument {arg!r}; expected none or 'quick'")
+  return c

@@ -1,0 +1,162 @@
+r"""Best-of-n against a proxy reward, scored by the gold reward: the BoN overoptimization curve.
+
+  python -m experiments.best_of_n --config=configs/bon/tiny.py --workdir=/tmp/bon
+
+Samples N responses per held-out prompt from the policy (KV-cache ``generate``;
+the policy IS the reference of best-of-n), scores every sample with the proxy
+(a reward model, an ensemble under its mean/wco/uwo objective, or a
+programmatic proxy such as the tiny world's planted one) and with the gold
+reward, and normalises both so that the reference policy scores 0 (the mean
+over all its samples is subtracted). For every n in a log-spaced grid up to N
+it reports the unbiased best-of-n estimate of the proxy and gold scores
+(Nakano et al., arXiv:2112.09332; Gao et al., arXiv:2210.10760) with bootstrap
+standard errors over prompts, against KL_bon(n) = log n − (n−1)/n (an upper
+bound on the true KL, Beirami et al., arXiv:2401.01879).
+
+Outputs in the workdir: ``samples.npz`` (raw scores; a rerun reuses them),
+``bon_curves.json``, ``report.json``, ``report.md`` and ``figures/bon.png``
+(gold and proxy vs √KL).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app
+from absl import logging
+
+from experiments import common
+from prefjax import experiment
+from prefjax import overopt
+from prefjax.rewards import normalize
+from prefjax.rl import rewards as rewards_lib
+from prefjax.rl import rollout as rollout_lib
+from prefjax.rl import setup
+from prefjax.train import summary as summary_lib
+
+SAMPLES_FILE = "samples.npz"
+
+
+def sample_and_score(config: Any) -> dict[str, np.ndarray]:
+  """``proxy``/``gold`` ``[P, N]`` raw scores of N reference samples per eval prompt."""
+  tokenizer = experiment.make_tokenizer(config.tokenizer)
+  world = setup.make_world(config)
+  proxy = rewards_lib.make_reward(config.proxy, world=world, seed=int(config.seed))
+  gold = rewards_lib.make_reward(config.gold, world=world, seed=int(config.seed))
+  policy = setup.make_policy(config, tokenizer)
+  setup.maybe_warm_start(policy, config, tokenizer, world)
+  _, prompts = setup.make_prompts(config, tokenizer, world)
+  num_prompts, n = len(prompts.texts), int(config.bon.num_samples)
+  chunk = int(config.bon.prompts_per_batch)
+  key = jax.random.key(int(config.seed))
+  proxy_scores, gold_scores, lengths = [], [], []
+  for start in range(0, num_prompts, chunk):
+    idx = np.resize(np.arange(start, min(start + chunk, num_prompts)), chunk)  # fixed shape
+    part = rollout_lib.Prompts([prompts.texts[i] for i in idx], prompts.tokens[idx],
+                               prompts.mask[idx]).repeat(n)
+    rollout = rollout_lib.sample(policy, part, jax.random.fold_in(key, start),
+                                 tokenizer=tokenizer, **config.sampling.to_dict())
+    real = min(chunk, num_prompts - start) * n
+    proxy_scores.append(proxy(rollout.prompts[:real], rollout.responses[:real]))
+    gold_scores.append(gold(rollout.prompts[:real], rollout.responses[:real]))
+    lengths.append(rollout.lengths[:real])
+    logging.info("best_of_n: scored %d/%d prompts", min(start + chunk, num_prompts),
+                 num_prompts)
+  shape = (num_prompts, n)
+  return {"proxy": np.concatenate(proxy_scores).reshape(shape),
+          "gold": np.concatenate(gold_scores).reshape(shape),
+          "lengths": np.concatenate(lengths).reshape(shape)}
+
+
+def curves(samples: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
+  """Reference-normalised best-of-n curves with bootstrap SEs (JSON-ready)."""
+  norms = {name: normalize.RewardNormalizer.fit(samples[name].reshape(-1))
+           for name in ("proxy", "gold")}
+  proxy = np.asarray(norms["proxy"](samples["proxy"]), np.float64)
+  gold = np.asarray(norms["gold"](samples["gold"]), np.float64)
+  n_max = proxy.shape[1]
+  ns = overopt.log_spaced_ns(n_max, int(config.bon.num_points))
+  curve = overopt.unbiased_best_of_n(proxy, gold, ns,
+                                     num_bootstrap=int(config.bon.num_bootstrap),
+                                     seed=int(config.seed))
+  return {
+      "n": curve.knob.tolist(), "kl": curve.kl.tolist(),
+      "sqrt_kl": np.sqrt(curve.kl).tolist(),
+      "proxy": curve.proxy.tolist(), "proxy_se": curve.proxy_se.tolist(),
+      "gold": curve.gold.tolist(), "gold_se": curve.gold_se.tolist(),
+      "kl_note": "analytic log n - (n-1)/n, an upper bound on the true KL",
+      "reference_mean": {k: float(np.asarray(v.mean)) for k, v in norms.items()},
+      "num_prompts": int(proxy.shape[0]), "num_samples": int(n_max),
+      "proxy_name": config.proxy.kind, "gold_name": config.gold.kind,
+      "mean_response_length": float(samples["lengths"].mean()),
+  }
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  x = np.asarray(result["sqrt_kl"])
+  for name, color in (("proxy", "tab:orange"), ("gold", "tab:blue")):
+    y, se = np.asarray(result[name]), np.asarray(result[f"{name}_se"])
+    ax.plot(x, y, "o-", color=color, label=name, markersize=3)
+    ax.fill_between(x, y - se, y + se, color=color, alpha=0.25)
+  ax.axhline(0.0, color="gray", lw=0.5)
+  ax.set_xlabel("√KL (nats½), KL = log n − (n−1)/n")
+  ax.set_ylabel("score − reference mean")
+  ax.set_title(f"best-of-n, N={result['num_samples']}, {result['num_prompts']} prompts")
+  ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def report_markdown(result: dict[str, Any]) -> str:
+  lines = [
+      "# Best-of-n overoptimization", "",
+      f"proxy `{result['proxy_name']}`, gold `{result['gold_name']}`; "
+      f"{result['num_prompts']} prompts × {result['num_samples']} reference samples; "
+      "scores are minus the reference mean; ± one bootstrap SE over prompts. "
+      "KL is the analytic best-of-n bound log n − (n−1)/n.", "",
+      "| n | KL | √KL | proxy | gold |", "|---:|---:|---:|---:|---:|"]
+  for i, n in enumerate(result["n"]):
+    lines.append(f"| {n} | {result['kl'][i]:.3f} | {result['sqrt_kl'][i]:.3f} | "
+                 f"{result['proxy'][i]:+.3f} ± {result['proxy_se'][i]:.3f} | "
+                 f"{result['gold'][i]:+.3f} ± {result['gold_se'][i]:.3f} |")
+  peak = int(np.argmax(result["gold"]))
+  lines += ["", f"Gold peaks at n = {result['n'][peak]} ({result['gold'][peak]:+.3f}); "
+            f"at n = {result['n'][-1]} the proxy is {result['proxy'][-1]:+.3f} and the gold "
+            f"{result['gold'][-1]:+.3f}.", "", "![best-of-n](figures/bon.png)", ""]
+  return "\n".join(lines)
+
+
+def run(config: Any, workdir: str) -> dict[str, Any]:
+  """Samples (or reuses ``samples.npz``), writes curves, report and figure; returns the curves."""
+  os.makedirs(workdir, exist_ok=True)
+  summary_lib.write_or_check_config(workdir, config)
+  path = os.path.join(workdir, SAMPLES_FILE)
+  if os.path.exists(path):
+    with np.load(path) as f:
+      samples = {k: f[k] for k in f.files}
+    logging.info("best_of_n: reusing %s", path)
+  else:
+    samples = sample_and_score(config)
+    np.savez(path + ".tmp.npz", **samples)
+    os.replace(path + ".tmp.npz", path)
+  result = curves(samples, config)
+  experiment.write_json(os.path.join(workdir, "bon_curves.json"), result)
+  experiment.write_json(os.path.join(workdir, "report.json"), result)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(report_markdown(result))
+  plot(result, os.path.join(workdir, "figures", "bon.png"))
+  return result
+
+
+if __name__ == "__main__":
+  common.define_flags()
+  app.run(common.main_for(run))

@@ -1,0 +1,190 @@
+r"""PPO and RLOO against a proxy (or ensemble) reward, with gold-vs-proxy evaluation.
+
+  python -m experiments.train_rl --config=configs/rl/tiny_ppo.py --workdir=/tmp/rl
+
+Each step samples responses to fresh training prompts from the policy (KV-cache
+``generate``), scores them with the PROXY reward, penalises the KL to the frozen
+reference (per token inside the reward for PPO, per sequence for RLOO; k1/k2/k3
+estimator ``rl.kl_estimator``; fixed or adaptive coefficient, Ziegler et al.
+2019), and updates the policy (PPO: GAE + clipped surrogate + value loss over
+minibatch epochs; RLOO: leave-one-out baseline over ``rl.group_size`` samples
+per prompt). Every ``eval_every`` steps the SAME held-out prompts are sampled
+once and scored with the proxy AND the gold reward, with the KL (estimators and,
+for small vocabularies, the exact full-vocabulary KL along the sample), entropy
+and response length: the overoptimization curve, in ``metrics.jsonl``
+(``eval/*``) and TensorBoard. A rerun with the same workdir resumes from the
+last checkpoint (policy, value model, optimizer, frozen reference and KL
+coefficient are all checkpointed; all randomness is a function of the step).
+
+Outputs: config.json, metrics.jsonl, tensorboard/, checkpoints/, summary.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import logging
+
+from experiments import common
+from prefjax import experiment
+from prefjax import train
+from prefjax.rl import algorithms
+from prefjax.rl import evaluation
+from prefjax.rl import kl_control
+from prefjax.rl import rewards as rewards_lib
+from prefjax.rl import rollout as rollout_lib
+from prefjax.rl import setup
+from prefjax.train import summary as summary_lib
+
+_EVAL_STREAM = 2**31 - 1  # fold_in index of the fixed eval key (train steps use 0..)
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+  return summary_lib.config_to_dict(config)
+
+
+@functools.lru_cache(maxsize=None)
+def _optimizer(optimizer_json: str):
+  """One optax object per optimizer config, so jitted updates are reused across runs."""
+  return train.make_optimizer(json.loads(optimizer_json))[0]
+
+
+class _Run:
+  """Everything one RL run needs, built from the config."""
+
+  def __init__(self, config: Any, workdir: str):
+    self.config, self.workdir = config, workdir
+    rl = config.rl
+    self.hp = algorithms.HParams.from_config(rl)
+    self.group_size = int(rl.group_size) if self.hp.algorithm == "rloo" else 1
+    if self.hp.algorithm == "rloo" and self.group_size < 2:
+      raise ValueError(f"RLOO needs rl.group_size >= 2 samples per prompt, got {self.group_size}")
+    self.tokenizer = experiment.make_tokenizer(config.tokenizer)
+    self.world = setup.make_world(config)
+    self.proxy = rewards_lib.make_reward(config.proxy, world=self.world, seed=int(config.seed))
+    self.gold = rewards_lib.make_reward(config.gold, world=self.world, seed=int(config.seed))
+    self.train_prompts, self.eval_prompts = setup.make_prompts(config, self.tokenizer,
+                                                               self.world)
+    self.sampling = dict(config.sampling.to_dict())
+    self.key = jax.random.key(int(config.seed))
+    self.tx = _optimizer(json.dumps(config.optimizer.to_dict(), sort_keys=True))
+    self.ckpt = train.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   keep_last=int(config.get("keep_checkpoints", 2)))
+    self.kl_ctl = kl_control.make_kl_controller(rl)
+
+  def init_state(self) -> int:
+    """Fresh (warm-started) or restored state; returns the step to continue from."""
+    policy = setup.make_policy(self.config, self.tokenizer)
+    latest = self.ckpt.latest_step()
+    if latest is None:
+      setup.maybe_warm_start(policy, self.config, self.tokenizer, self.world)
+    bundle = rollout_lib.build_bundle(
+        policy, with_value=self.hp.algorithm == "ppo",
+        value_trunk=self.config.rl.get("value_trunk", "separate"), seed=int(self.config.seed))
+    self.graphdef, self.state = train.create_train_state(
+        bundle, self.tx, int(self.config.seed), trainable=rollout_lib.TRAINABLE)
+    if latest is None:
+      return 0
+    self.state, data_state, _ = self.ckpt.restore(self.state)
+    self.kl_ctl.value = float(data_state["kl_coef"])
+    logging.info("resuming RL from step %d (kl_coef %.4g)", latest, self.kl_ctl.value)
+    return latest
+
+  def policy(self):
+    return train.merge_model(self.graphdef, self.state.params, self.state.extra).policy
+
+  def evaluate(self) -> dict[str, float]:
+    return evaluation.evaluate(
+        self.graphdef, self.state.params, self.state.extra, self.eval_prompts,
+        jax.random.fold_in(self.key, _EVAL_STREAM), tokenizer=self.tokenizer,
+        proxy=self.proxy, gold=self.gold, sampling_cfg=self.sampling,
+        kl_estimator=self.hp.kl_estimator,
+        exact_kl_max_vocab=int(self.config.get("exact_kl_max_vocab", 4096)),
+        exploit_char=self.world.exploit_char if self.world else None)
+
+  def step(self, step: int) -> dict[str, float]:
+    """One RL iteration: sample, score with the proxy, update; returns train metrics."""
+    key = jax.random.fold_in(self.key, step)
+    prompts = self.train_prompts(step, int(self.config.rl.prompts_per_step))
+    prompts = prompts.repeat(self.group_size)
+    rollout = rollout_lib.sample(self.policy(), prompts, jax.random.fold_in(key, 0),
+                                 tokenizer=self.tokenizer, **self.sampling)
+    scores = self.proxy(rollout.prompts, rollout.responses)
+    kl_coef = self.kl_ctl.value
+    batch = algorithms.prepare(
+        self.graphdef, self.state.params, self.state.extra, rollout.tokens,
+        rollout.attention_mask, rollout.loss_mask, jnp.asarray(scores, jnp.float32),
+        jnp.float32(kl_coef), hp=self.hp, group_size=self.group_size)
+    self.state, metrics = algorithms.minibatch_epochs(
+        self.graphdef, self.state, batch, jax.random.fold_in(key, 1), tx=self.tx, hp=self.hp,
+        epochs=int(self.config.rl.epochs), num_minibatches=int(self.config.rl.num_minibatches))
+    self.state = self.state.replace(step=jnp.asarray(step + 1, jnp.int32))
+    sequence_kl = float(np.mean(np.asarray(batch["kl"]).sum(axis=1)))
+    self.kl_ctl.update(sequence_kl, len(rollout.responses))
+    metrics.update(proxy_score=float(np.mean(scores)), kl=sequence_kl, kl_coef=kl_coef,
+                   response_length=float(np.mean(rollout.lengths)))
+    if self.config.get("log_train_gold", False):
+      metrics["gold_score"] = float(np.mean(self.gold(rollout.prompts, rollout.responses)))
+    return metrics
+
+  def save(self) -> None:
+    self.ckpt.save(self.state, data_state={"kl_coef": self.kl_ctl.value},
+                   config=_config_dict(self.config))
+
+
+def run(config: Any, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the RL run of ``config`` in ``workdir``; returns the summary."""
+  os.makedirs(workdir, exist_ok=True)
+  summary_lib.write_or_check_config(workdir, config)
+  r = _Run(config, workdir)
+  start = r.init_state()
+  total = int(config.rl.num_steps)
+  eval_every = int(config.eval_every)
+  writer = train.MetricWriter(workdir, resume_step=start, total_steps=total)
+  try:
+    if start == 0:
+      writer.log(0, eval_metrics=r.evaluate())
+      r.save()
+    for step in range(start, total):
+      metrics = r.step(step)
+      done = step + 1
+      evals = r.evaluate() if done % eval_every == 0 or done == total else None
+      writer.log(done, train=metrics, eval_metrics=evals)
+      if done % int(config.checkpoint_every) == 0 or done == total:
+        r.save()
+    r.ckpt.wait()
+  finally:
+    writer.close()
+    r.ckpt.close()
+  return _write_summary(workdir, total)
+
+
+def _write_summary(workdir: str, total: int) -> dict[str, Any]:
+  evals = [{k[5:]: v for k, v in rec.items() if k.startswith("eval/")} | {"step": rec["step"]}
+           for rec in train.read_metrics(workdir) if "eval/gold" in rec]
+  if not evals:
+    raise RuntimeError(f"no eval records in {workdir}/metrics.jsonl")
+  peak = max(evals, key=lambda e: e["gold"])
+  summary = {
+      "steps": total, "initial": evals[0], "final": evals[-1], "peak_gold": peak,
+      "gold_gain_at_peak": peak["gold"] - evals[0]["gold"],
+      "gold_drop_after_peak": peak["gold"] - evals[-1]["gold"],
+      "proxy_gain": evals[-1]["proxy"] - evals[0]["proxy"],
+  }
+  summary_lib.write_summary(workdir, summary)
+  logging.info("RL done: proxy %+.3f, gold peak %+.3f at step %d, final gold drop %.3f",
+               summary["proxy_gain"], summary["gold_gain_at_peak"], peak["step"],
+               summary["gold_drop_after_peak"])
+  return summary
+
+
+if __name__ == "__main__":
+  common.define_flags()
+  app.run(common.main_for(run))

@@ -1,0 +1,178 @@
+"""PPO and RLOO: advantages from a scored rollout, the loss, and the minibatch update.
+
+PPO ("Proximal Policy Optimization Algorithms", Schulman et al. 2017,
+arXiv:1707.06347, as applied to LMs by Ziegler et al. 2019, arXiv:1909.08593):
+per-token reward r_t = −β·kl_t plus the sequence score on the last response
+token (``kl_penalized_rewards``), GAE advantages (whitened) and returns from a
+value model, clipped surrogate + clipped value loss over minibatch epochs.
+
+RLOO ("Back to Basics: Revisiting REINFORCE Style Optimization for Learning
+from Human Feedback in LLMs", Ahmadian et al. 2024, arXiv:2402.14740): k
+samples per prompt, sequence reward R = score − β·Σ_t kl_t, leave-one-out
+baseline A_i = R_i − mean_{j≠i} R_j, the same A on every token of the
+sequence; the loss is the (clipped, for epochs > 1) score-function surrogate
+summed over a sequence's tokens and averaged over sequences, so one on-policy
+epoch is exactly the REINFORCE estimator −A·∇log π(y|x).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from prefjax.losses import policy as policy_losses
+from prefjax.rl import rollout as rollout_lib
+from prefjax.train import state as state_lib
+
+Array = jax.Array
+ALGORITHMS = ("ppo", "rloo")
+
+
+class HParams(NamedTuple):
+  """Static loss hyperparameters (hashable: part of the jit cache key)."""
+  algorithm: str
+  clip_eps: float = 0.2
+  vf_coef: float = 0.1
+  vf_clip_eps: float | None = 0.2
+  entropy_coef: float = 0.0
+  gamma: float = 1.0
+  lam: float = 0.95
+  kl_estimator: str = "k1"
+  whiten_advantages: bool = True
+
+  @classmethod
+  def from_config(cls, cfg: Mapping[str, Any]) -> "HParams":
+    algorithm = cfg["algorithm"]
+    if algorithm not in ALGORITHMS:
+      raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if cfg["kl_estimator"] not in ("k1", "k2", "k3"):
+      raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {cfg['kl_estimator']!r}")
+    fields = {k: cfg[k] for k in cls._fields if k in cfg}
+    if fields.get("vf_clip_eps") is not None and fields["vf_clip_eps"] <= 0:
+      fields["vf_clip_eps"] = None
+    return cls(**fields)
+
+
+def ppo_targets(scores: Array, stats: rollout_lib.TokenStats, loss_mask: Array, *,
+                kl_coef: Array, hp: HParams) -> dict[str, Array]:
+  """Per-token KL-shaped rewards -> GAE advantages and value targets."""
+  rewards, kl = policy_losses.kl_penalized_rewards(
+      scores, stats.logp, stats.ref_logp, loss_mask, kl_coef=kl_coef, kind=hp.kl_estimator)
+  advantages, returns = policy_losses.gae(rewards, stats.values, loss_mask, gamma=hp.gamma,
+                                          lam=hp.lam)
+  if hp.whiten_advantages:
+    advantages = policy_losses.whiten(advantages, loss_mask)
+  return {"advantages": advantages, "returns": returns, "kl": kl}
+
+
+def rloo_targets(scores: Array, stats: rollout_lib.TokenStats, loss_mask: Array, *,
+                 kl_coef: Array, group_size: int, hp: HParams) -> dict[str, Array]:
+  """Sequence rewards with the KL penalty -> leave-one-out advantages per sequence."""
+  kl = policy_losses.kl_estimate(stats.logp, stats.ref_logp, loss_mask, hp.kl_estimator)
+  rewards = scores - kl_coef * jnp.sum(kl, axis=-1)
+  advantages = policy_losses.rloo_advantages(rewards.reshape(-1, group_size)).reshape(-1)
+  if hp.whiten_advantages:
+    advantages = advantages / (jnp.std(advantages) + 1e-8)
+  zeros = jnp.zeros_like(stats.logp)
+  return {"advantages": jnp.broadcast_to(advantages[:, None], zeros.shape) * loss_mask,
+          "returns": zeros, "kl": jax.lax.stop_gradient(kl)}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "hp", "group_size"))
+def prepare(graphdef, params, extra, tokens, attention_mask, loss_mask, scores, kl_coef, *,
+            hp: HParams, group_size: int) -> dict[str, Array]:
+  """Behaviour-policy statistics and advantages of a scored rollout (one jit program)."""
+  bundle = state_lib.merge_model(graphdef, params, extra)
+  stats = rollout_lib.token_stats(bundle, tokens, attention_mask, loss_mask)
+  loss_mask = loss_mask.astype(jnp.float32)
+  if hp.algorithm == "ppo":
+    targets = ppo_targets(scores, stats, loss_mask, kl_coef=kl_coef, hp=hp)
+  else:
+    targets = rloo_targets(scores, stats, loss_mask, kl_coef=kl_coef, group_size=group_size,
+                           hp=hp)
+  return {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask,
+          "old_logp": stats.logp, "old_values": stats.values, **targets}
+
+
+def loss_fn(bundle: rollout_lib.PolicyBundle, batch: Mapping[str, Array],
+            hp: HParams) -> tuple[Array, dict[str, Array]]:
+  """PPO (token-mean surrogate + value loss) or RLOO (sequence-sum surrogate)."""
+  mask = batch["loss_mask"]
+  stats = rollout_lib.token_stats(bundle, batch["tokens"], batch["attention_mask"], mask,
+                                  full_vocab=hp.entropy_coef > 0)
+  ppo = policy_losses.ppo_clip_loss(stats.logp, batch["old_logp"], batch["advantages"], mask,
+                                    clip_eps=hp.clip_eps)
+  metrics = {"clip_fraction": policy_losses.aggregate_loss(
+                 jnp.broadcast_to(ppo.clip_fraction[:, None], mask.shape), mask),
+             "approx_kl": jnp.mean(ppo.approx_kl)}
+  if hp.algorithm == "ppo":
+    pg_loss = policy_losses.aggregate_loss(ppo.per_token, mask, "token_mean")
+    vloss = policy_losses.value_loss(stats.values, batch["old_values"], batch["returns"], mask,
+                                     clip_eps=hp.vf_clip_eps)
+    value_loss = policy_losses.aggregate_loss(vloss.per_token, mask, "token_mean")
+    metrics["value_loss"] = value_loss
+    metrics["value_clip_fraction"] = jnp.mean(vloss.clip_fraction)
+  else:
+    pg_loss = jnp.mean(jnp.sum(ppo.per_token, axis=-1))
+    value_loss = jnp.zeros(())
+  loss = pg_loss + hp.vf_coef * value_loss
+  if hp.entropy_coef > 0:
+    entropy = policy_losses.aggregate_loss(stats.entropy, mask, "token_mean")
+    loss = loss - hp.entropy_coef * entropy
+    metrics["entropy"] = entropy
+  metrics["policy_loss"] = pg_loss
+  metrics["loss"] = loss
+  return loss, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "hp"), donate_argnums=(1,))
+def update(graphdef, state: state_lib.TrainState, batch: Mapping[str, Array], *, tx,
+           hp: HParams) -> tuple[state_lib.TrainState, dict[str, Array]]:
+  """One optimizer step on a minibatch; a non-finite loss/gradient leaves the state as is."""
+
+  def objective(params):
+    bundle = state_lib.merge_model(graphdef, params, state.extra)
+    return loss_fn(bundle, batch, hp)
+
+  (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # A non-finite step is not applied (the caller raises after it).
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  metrics["grad_norm"] = grad_norm
+  metrics["nonfinite"] = (~finite).astype(jnp.float32)
+  return state.replace(params=keep(params, state.params),
+                       opt_state=keep(opt_state, state.opt_state)), metrics
+
+
+def minibatch_epochs(graphdef, state: state_lib.TrainState, batch: Mapping[str, Array],
+                     rng: Array, *, tx, hp: HParams, epochs: int,
+                     num_minibatches: int) -> tuple[state_lib.TrainState, dict[str, float]]:
+  """``epochs`` passes over ``batch`` in ``num_minibatches`` shuffled minibatches."""
+  size = batch["tokens"].shape[0]
+  if size % num_minibatches:
+    raise ValueError(f"rollout batch of {size} sequences is not divisible into "
+                     f"{num_minibatches} minibatches")
+  mb = size // num_minibatches
+  history = []
+  for epoch in range(epochs):
+    order = jax.random.permutation(jax.random.fold_in(rng, epoch), size)
+    for i in range(num_minibatches):
+      idx = order[i * mb:(i + 1) * mb]
+      minibatch = jax.tree.map(lambda x, idx=idx: x[idx], batch)
+      state, metrics = update(graphdef, state, minibatch, tx=tx, hp=hp)
+      history.append(metrics)
+  stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
+  if stacked["nonfinite"].any():
+    raise FloatingPointError(
+        f"non-finite loss or gradient in {int(stacked['nonfinite'].sum())} of {len(history)} "
+        "minibatch updates of this RL step (those updates were not applied); lower the "
+        "learning rate or check the rewards")
+  stacked.pop("nonfinite")
+  return state, {k: float(v.mean()) for k, v in stacked.items()}

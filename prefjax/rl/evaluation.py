@@ -1,0 +1,82 @@
+"""Held-out evaluation of a policy: proxy, gold, KL (estimators and exact), entropy, length.
+
+Every metric is computed on the SAME samples: one response per held-out
+prompt drawn with a fixed key, so successive evals differ only through the
+policy. KL(π‖π_ref) of a sequence is reported three ways:
+
+* ``kl`` — the configured estimator (k1, k2 or k3; J. Schulman, "Approximating
+  KL Divergence", 2020) summed over the response tokens, plus ``kl_k1/k2/k3``;
+* ``kl_exact`` — Σ_t KL(π(·|y<t) ‖ π_ref(·|y<t)) over the full vocabulary along
+  the sampled sequence (only when the vocabulary is small). Its expectation is
+  the sequence KL, as for k1 and k3, so the two agree within their standard
+  errors; ``kl_diff_se`` is the standard error of their per-sample difference.
+
+Standard errors (``*_se``) are over the held-out samples.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prefjax.losses import policy as policy_losses
+from prefjax.rl import rewards as rewards_lib
+from prefjax.rl import rollout as rollout_lib
+from prefjax.train import state as state_lib
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "full_vocab"))
+def _sequence_stats(graphdef, params, extra, tokens, attention_mask, loss_mask, *,
+                    full_vocab: bool) -> dict[str, jax.Array]:
+  bundle = state_lib.merge_model(graphdef, params, extra)
+  stats = rollout_lib.token_stats(bundle, tokens, attention_mask, loss_mask,
+                                  full_vocab=full_vocab)
+  out = {f"kl_{k}": policy_losses.sequence_kl(stats.logp, stats.ref_logp, loss_mask, k)
+         for k in ("k1", "k2", "k3")}
+  out["logp"] = jnp.sum(stats.logp, axis=-1)
+  if full_vocab:
+    out["kl_exact"] = jnp.sum(stats.exact_kl, axis=-1)
+    out["entropy"] = jnp.sum(stats.entropy, axis=-1)
+  return out
+
+
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+  x = np.asarray(x, np.float64)
+  return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def evaluate(graphdef, params, extra, prompts: rollout_lib.Prompts, rng: jax.Array, *,
+             tokenizer: Any, proxy: rewards_lib.PairReward, gold: rewards_lib.PairReward,
+             sampling_cfg: dict[str, Any], kl_estimator: str, exact_kl_max_vocab: int,
+             exploit_char: str | None = None) -> dict[str, float]:
+  """Samples the held-out prompts once and returns every eval metric (floats)."""
+  bundle = state_lib.merge_model(graphdef, params, extra)
+  rollout = rollout_lib.sample(bundle.policy, prompts, rng, tokenizer=tokenizer, **sampling_cfg)
+  full_vocab = tokenizer.vocab_size <= exact_kl_max_vocab
+  seq = jax.device_get(_sequence_stats(graphdef, params, extra, rollout.tokens,
+                                       rollout.attention_mask, rollout.loss_mask,
+                                       full_vocab=full_vocab))
+  per_sample = {"proxy": proxy(rollout.prompts, rollout.responses),
+                "gold": gold(rollout.prompts, rollout.responses),
+                "kl": seq[f"kl_{kl_estimator}"],
+                "response_length": rollout.lengths,
+                **{k: v for k, v in seq.items() if k.startswith("kl_")}}
+  lengths = np.maximum(rollout.lengths, 1)
+  if full_vocab:
+    per_sample["entropy"] = seq["entropy"] / lengths
+    per_sample["sequence_entropy"] = seq["entropy"]
+  else:  # Monte Carlo entropy of the sequence: −log π(y|x).
+    per_sample["sequence_entropy"] = -seq["logp"]
+  if exploit_char:
+    per_sample["exploit_fraction"] = np.array(
+        [r.count(exploit_char) / max(len(r), 1) for r in rollout.responses])
+  metrics = {}
+  for name, values in per_sample.items():
+    metrics[name], metrics[f"{name}_se"] = _mean_se(values)
+  if full_vocab:
+    _, metrics["kl_diff_se"] = _mean_se(per_sample["kl"] - per_sample["kl_exact"])
+  return metrics

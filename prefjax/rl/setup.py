@@ -1,0 +1,106 @@
+"""Builds a policy, its prompts and its warm start from a best-of-n / RL config.
+
+Config fields used (see ``configs/bon/*.py`` and ``configs/rl/*.py``):
+
+  seed, tokenizer.path, model (``prefjax.experiment.make_model`` schema, no head)
+  world        TinyWorld fields (``None`` when the run is not on the tiny world)
+  prompts      source ("tiny_world" | "dataset"), num_eval, eval_seed,
+               max_length, style (dataset prompts: "raw" | "chat"),
+               split / eval_split (dataset: ``config.data`` splits)
+  warm_start   steps, batch_size, learning_rate (tiny world only; 0 steps = none)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+from flax import nnx
+
+from prefjax import experiment
+from prefjax.data import tiny_world as tiny_world_lib
+from prefjax.data import tokenize as tokenize_lib
+from prefjax.rl import rewards as rewards_lib
+from prefjax.rl import rollout as rollout_lib
+from prefjax.rl import warm_start as warm_start_lib
+
+PromptSampler = Callable[[int, int], rollout_lib.Prompts]  # (step, count) -> prompts
+
+
+def make_world(config: Any) -> tiny_world_lib.TinyWorld | None:
+  world = config.get("world")
+  return None if world is None else rewards_lib.world_from_config(world)
+
+
+def make_policy(config: Any, tokenizer: Any) -> nnx.Module:
+  """The (random or pretrained) decoder policy of ``config.model``."""
+  model_cfg = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+  if model_cfg.get("head"):
+    raise ValueError(f"config.model.head must be empty for a policy, got {model_cfg['head']!r}")
+  model_cfg["head"] = None
+  return experiment.make_model(model_cfg, vocab_size=tokenizer.vocab_size,
+                               seed=int(config.seed))
+
+
+def _encode(texts: list[str], tokenizer: Any, cfg: Any) -> rollout_lib.Prompts:
+  ids = [tokenize_lib.encode_prompt(t, tokenizer, style=cfg.get("style", "raw")) for t in texts]
+  return rollout_lib.encode_prompts(texts, ids, pad_id=tokenizer.pad_id,
+                                    max_length=int(cfg.max_length))
+
+
+def _tiny_prompts(world: tiny_world_lib.TinyWorld, rng: np.random.Generator,
+                  count: int) -> list[str]:
+  return [world.sample_prompt(rng) for _ in range(count)]
+
+
+def make_prompts(config: Any, tokenizer: Any, world: tiny_world_lib.TinyWorld | None,
+                 ) -> tuple[PromptSampler, rollout_lib.Prompts]:
+  """``(train_sampler, eval_prompts)``; train prompts are a pure function of the step."""
+  cfg = config.prompts
+  seed = int(config.seed)
+  if cfg.source == "tiny_world":
+    if world is None:
+      raise ValueError("prompts.source='tiny_world' needs config.world")
+    eval_texts = _tiny_prompts(world, np.random.default_rng((seed, int(cfg.eval_seed), 1)),
+                               int(cfg.num_eval))
+
+    def train(step: int, count: int) -> rollout_lib.Prompts:
+      rng = np.random.default_rng((seed, int(cfg.eval_seed), 0, step))
+      return _encode(_tiny_prompts(world, rng, count), tokenizer, cfg)
+  elif cfg.source == "dataset":
+    train_texts = [row["prompt"] for row in experiment.load_split(config.data, cfg.split)]
+    eval_source = experiment.load_split(config.data, cfg.eval_split)
+    eval_texts = [eval_source[i]["prompt"] for i in range(min(int(cfg.num_eval),
+                                                               len(eval_source)))]
+    if not train_texts:
+      raise ValueError(f"no training prompts in {config.data.name}[{cfg.split}]")
+
+    def train(step: int, count: int) -> rollout_lib.Prompts:
+      order = np.random.default_rng((seed, step)).permutation(len(train_texts))[:count]
+      return _encode([train_texts[i] for i in np.resize(order, count)], tokenizer, cfg)
+  else:
+    raise ValueError(f"prompts.source must be 'tiny_world' or 'dataset', got {cfg.source!r}")
+  return train, _encode(eval_texts, tokenizer, cfg)
+
+
+def maybe_warm_start(policy: nnx.Module, config: Any, tokenizer: Any,
+                     world: tiny_world_lib.TinyWorld | None) -> list[float]:
+  """Tiny-world SFT warm start (responses uniform over the alphabet, EOS-terminated)."""
+  cfg = config.get("warm_start")
+  if not cfg or int(cfg.steps) <= 0:
+    return []
+  if world is None:
+    raise ValueError("warm_start is only defined on the tiny world (config.world)")
+  style = config.prompts.get("style", "raw")
+
+  def examples(rng: np.random.Generator, count: int):
+    out = []
+    for _ in range(count):
+      prompt = tokenize_lib.encode_prompt(world.sample_prompt(rng), tokenizer, style=style)
+      out.append((prompt, tokenize_lib.encode_response(world.sample_response(rng), tokenizer)))
+    return out
+
+  return warm_start_lib.warm_start(policy, examples, steps=int(cfg.steps),
+                                   batch_size=int(cfg.batch_size),
+                                   learning_rate=float(cfg.learning_rate),
+                                   pad_id=tokenizer.pad_id, seed=int(config.seed))

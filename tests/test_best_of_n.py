@@ -1,0 +1,67 @@
+"""best_of_n binary: unbiased curves on the tiny world, normalisation, outputs, reuse."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from configs.bon import tiny
+from experiments import best_of_n
+from prefjax import overopt
+
+
+@pytest.fixture(scope="module")
+def bon_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("bon")
+  config = tiny.get_config("quick")
+  return workdir, config, best_of_n.run(config, str(workdir))
+
+
+def test_proxy_curve_non_decreasing_and_reference_at_zero(bon_run):
+  _, config, result = bon_run
+  proxy, proxy_se = np.array(result["proxy"]), np.array(result["proxy_se"])
+  gold, gold_se = np.array(result["gold"]), np.array(result["gold_se"])
+  assert result["n"][0] == 1 and result["n"][-1] == config.bon.num_samples
+  assert np.all(np.diff(proxy) >= -1e-12), proxy
+  # n = 1 is the reference policy itself, normalised to score 0.
+  assert abs(proxy[0]) <= 2 * proxy_se[0] + 1e-9 and abs(gold[0]) <= 2 * gold_se[0] + 1e-9
+  assert np.all(proxy_se > 0) and np.all(gold_se > 0)
+  assert proxy[-1] > 5 * proxy_se[-1]  # best-of-64 clearly beats the reference
+  np.testing.assert_allclose(result["kl"], overopt.bon_kl(np.array(result["n"])))
+  np.testing.assert_allclose(np.square(result["sqrt_kl"]), result["kl"])
+
+
+def test_outputs_written(bon_run):
+  workdir, _, result = bon_run
+  curves = json.loads((workdir / "bon_curves.json").read_text())
+  assert curves["n"] == result["n"] and curves["gold"] == pytest.approx(result["gold"])
+  report = (workdir / "report.md").read_text()
+  assert "| n | KL |" in report and report.count("\n| ") >= len(result["n"]) + 1
+  assert (workdir / "figures" / "bon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert (workdir / "config.json").exists() and (workdir / "samples.npz").exists()
+
+
+def test_rerun_reuses_samples(bon_run):
+  workdir, config, result = bon_run
+  assert best_of_n.run(config, str(workdir)) == result
+
+
+def test_curves_against_hand_computed_best_of_n():
+  # Two prompts, three samples each; best-of-3 keeps the proxy argmax.
+  proxy = np.array([[0.0, 2.0, 1.0], [3.0, 1.0, 2.0]])
+  gold = np.array([[1.0, -1.0, 0.5], [0.0, 2.0, 1.0]])
+  samples = {"proxy": proxy, "gold": gold, "lengths": np.ones_like(proxy)}
+  config = tiny.get_config("quick")
+  config.bon.num_points = 3
+  result = best_of_n.curves(samples, config)
+  assert result["n"] == [1, 2, 3]
+  # Reference means subtracted: proxy 1.5, gold 0.583...
+  gold_mean = gold.mean()
+  assert result["proxy"][0] == pytest.approx(0.0, abs=1e-12)
+  assert result["gold"][0] == pytest.approx(0.0, abs=1e-12)
+  # n = 2: the best of each 2-subset; prompt 0 subsets {0,1}->1, {0,2}->2, {1,2}->1.
+  best2_gold = [np.mean([-1.0, 0.5, -1.0]), np.mean([0.0, 0.0, 1.0])]
+  assert result["gold"][1] == pytest.approx(np.mean(best2_gold) - gold_mean)
+  assert result["proxy"][2] == pytest.approx(np.mean([2.0, 3.0]) - proxy.mean())
+  assert result["gold"][2] == pytest.approx(np.mean([-1.0, 0.0]) - gold_mean)

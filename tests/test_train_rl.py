@@ -1,0 +1,198 @@
+"""PPO / RLOO binary on the tiny world: overoptimization, KL logging, resume, CLI.
+
+The tiny world's proxy = gold + 3·(fraction of the exploit character "p"),
+while the gold reward gives "p" −1. Optimising the proxy first raises the gold
+score (honest high-score characters are learned) and then lowers it as "p"
+takes over. Thresholds below are loose versions of the measured curves
+(documented in configs/rl/tiny_*.py): gold rises by > 0.1 at its peak (several
+standard errors, SE ≈ 0.04), falls by > 0.5 after the peak, and the proxy
+gains > 1.5.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.rl import tiny_ppo
+from configs.rl import tiny_rloo
+from experiments import train_rl
+from prefjax import train
+from prefjax.rl import algorithms
+from prefjax.rl import kl_control
+from prefjax.rl import rollout as rollout_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _evals(workdir):
+  return [{k[5:]: v for k, v in r.items() if k.startswith("eval/")} | {"step": r["step"]}
+          for r in train.read_metrics(workdir) if "eval/gold" in r]
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("ppo"))
+  return workdir, train_rl.run(tiny_ppo.get_config(), workdir)
+
+
+@pytest.fixture(scope="module")
+def rloo_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("rloo"))
+  return workdir, train_rl.run(tiny_rloo.get_config(), workdir)
+
+
+@pytest.mark.parametrize("run_fixture", ["ppo_run", "rloo_run"])
+def test_proxy_rises_and_gold_rises_then_falls(run_fixture, request):
+  workdir, summary = request.getfixturevalue(run_fixture)
+  evals = _evals(workdir)
+  gold = np.array([e["gold"] for e in evals])
+  peak = int(np.argmax(gold))
+  assert 0 < peak < len(gold) - 1, gold
+  assert gold[peak] - gold[0] > 0.1, gold
+  assert gold[peak] - gold[-1] > 0.5, gold
+  assert evals[-1]["proxy"] - evals[0]["proxy"] > 1.5
+  # The exploit explains the divergence: the policy ends up emitting mostly "p".
+  assert evals[-1]["exploit_fraction"] > 0.5 > evals[0]["exploit_fraction"]
+  assert summary["gold_gain_at_peak"] == pytest.approx(gold[peak] - gold[0])
+  for name in ("proxy", "gold", "kl", "kl_exact", "entropy", "response_length"):
+    assert all(np.isfinite(e[name]) for e in evals), name
+
+
+@pytest.mark.parametrize("run_fixture", ["ppo_run", "rloo_run"])
+def test_kl_estimator_agrees_with_exact_kl(run_fixture, request):
+  workdir, _ = request.getfixturevalue(run_fixture)
+  evals = _evals(workdir)
+  assert evals[0]["kl"] == 0.0 and evals[0]["kl_exact"] == pytest.approx(0.0, abs=1e-5)
+  moved = [e for e in evals if e["kl_exact"] > 1.0]
+  assert moved, [e["kl_exact"] for e in evals]
+  for e in moved:
+    # k1 and k3 are unbiased for the sequence KL; exact is its Rao–Blackwellised form.
+    for est in ("kl_k1", "kl_k3"):
+      assert abs(e[est] - e["kl_exact"]) < 5 * e["kl_diff_se"] + 5 * e[f"{est}_se"], (est, e)
+
+
+def test_train_metrics_are_logged(ppo_run):
+  workdir, _ = ppo_run
+  records = train.read_metrics(workdir)
+  steps = [r["step"] for r in records]
+  assert steps == list(range(len(steps)))
+  last = records[-1]
+  for name in ("proxy_score", "gold_score", "kl", "kl_coef", "policy_loss", "value_loss",
+               "clip_fraction", "approx_kl", "grad_norm", "response_length"):
+    assert np.isfinite(last[name]), name
+  assert (pathlib.Path(workdir) / "tensorboard").is_dir()
+
+
+def test_resume_reproduces_uninterrupted_run(rloo_run, tmp_path):
+  workdir, _ = rloo_run
+  resumed = tmp_path / "resumed"
+  shutil.copytree(workdir, resumed)
+  ckpts = resumed / "checkpoints"
+  steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  assert steps[-1] == 30 and 20 in steps, steps
+  shutil.rmtree(ckpts / "30")  # as if the run had been killed after step 20's checkpoint
+  train_rl.run(tiny_rloo.get_config(), str(resumed))
+  original, again = _evals(workdir), _evals(str(resumed))
+  assert [e["step"] for e in again] == [e["step"] for e in original]
+  for a, b in zip(original[-3:], again[-3:]):
+    for name in ("proxy", "gold", "kl", "kl_exact"):
+      assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-5), (name, a["step"])
+
+
+def test_adaptive_kl_controller_matches_ziegler_update():
+  ctl = kl_control.AdaptiveKLController(value=0.1, target=6.0, horizon=10000.0)
+  # e = clip(12/6 − 1, −0.2, 0.2) = 0.2; β ← 0.1·(1 + 0.2·64/10000).
+  assert ctl.update(12.0, 64) == pytest.approx(0.1 * (1 + 0.2 * 64 / 1e4))
+  before = ctl.value
+  # e = 5.4/6 − 1 = −0.1.
+  assert ctl.update(5.4, 100) == pytest.approx(before * (1 - 0.1 * 100 / 1e4))
+  assert kl_control.FixedKLController(0.3).update(100.0, 8) == 0.3
+  with pytest.raises(ValueError, match="not finite"):
+    ctl.update(float("nan"), 8)
+
+
+def _tiny_bundle(with_value):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from prefjax.models import decoder  # pylint: disable=g-import-not-at-top
+  policy = decoder.Decoder(decoder.DecoderConfig.tiny_llama(vocab_size=11),
+                           rngs=nnx.Rngs(0), dtype=jnp.float32)
+  bundle = rollout_lib.build_bundle(policy, with_value=with_value, seed=1)
+  # Perturb the policy so that it differs from its frozen reference.
+  leaves = nnx.state(bundle.policy, nnx.Param)
+  nnx.update(bundle.policy, jax.tree.map(lambda x: x * 1.3, leaves))
+  return bundle
+
+
+def _rows(seed, shape=(8, 7)):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, 11, shape).astype(np.int32)
+  attention = np.ones(shape, np.int32)
+  attention[0, :2] = 0  # a left-padded prompt
+  loss_mask = np.zeros(shape, np.int32)
+  loss_mask[:, 3:] = 1
+  loss_mask[1, 6:] = 0  # a short response
+  attention[1, 6:] = 0
+  return tokens, attention, loss_mask
+
+
+def test_token_stats_against_numpy_reference():
+  bundle = _tiny_bundle(with_value=True)
+  tokens, attention, loss_mask = _rows(0)
+  stats = rollout_lib.token_stats(bundle, tokens, attention, loss_mask, full_vocab=True)
+  logits = np.asarray(bundle.policy(tokens, attention_mask=attention), np.float64)
+  ref = np.asarray(bundle.reference(tokens, attention_mask=attention), np.float64)
+  values = np.asarray(bundle.value(tokens, attention_mask=attention), np.float64)
+  lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  lq = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+  for b, t in zip(*np.nonzero(loss_mask)):
+    tok = tokens[b, t]
+    assert stats.logp[b, t] == pytest.approx(lp[b, t - 1, tok], abs=1e-5)
+    assert stats.ref_logp[b, t] == pytest.approx(lq[b, t - 1, tok], abs=1e-5)
+    assert stats.values[b, t] == pytest.approx(values[b, t - 1], abs=1e-5)
+    p = np.exp(lp[b, t - 1])
+    assert stats.exact_kl[b, t] == pytest.approx(np.sum(p * (lp[b, t - 1] - lq[b, t - 1])),
+                                                 abs=1e-5)
+    assert stats.entropy[b, t] == pytest.approx(-np.sum(p * lp[b, t - 1]), abs=1e-5)
+  off = loss_mask == 0
+  for field in stats:
+    assert np.all(np.asarray(field)[off] == 0.0)
+
+
+def test_rloo_prepare_leave_one_out_with_sequence_kl():
+  bundle = _tiny_bundle(with_value=False)
+  tokens, attention, loss_mask = _rows(1)
+  from prefjax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  graphdef, params, extra = state_lib.split_model(bundle, rollout_lib.TRAINABLE)
+  scores = np.linspace(-1.0, 2.0, 8).astype(np.float32)
+  hp = algorithms.HParams(algorithm="rloo", kl_estimator="k3", whiten_advantages=False)
+  beta = 0.25
+  batch = algorithms.prepare(graphdef, params, extra, tokens, attention, loss_mask, scores,
+                             jnp.float32(beta), hp=hp, group_size=4)
+  stats = rollout_lib.token_stats(bundle, tokens, attention, loss_mask)
+  log_r = np.asarray(stats.ref_logp, np.float64) - np.asarray(stats.logp, np.float64)
+  k3 = ((np.exp(log_r) - 1) - log_r) * loss_mask
+  rewards = (scores - beta * k3.sum(1)).reshape(2, 4)
+  loo = rewards - (rewards.sum(1, keepdims=True) - rewards) / 3
+  adv = np.asarray(batch["advantages"])
+  np.testing.assert_allclose(adv, loo.reshape(-1)[:, None] * loss_mask, atol=1e-5)
+
+
+def test_cli_smoke(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  cmd = [sys.executable, "-m", "experiments.train_rl", "--config=configs/rl/tiny_rloo.py:quick",
+         f"--workdir={tmp_path}", "--config.rl.num_steps=2", "--config.eval_every=2",
+         "--config.warm_start.steps=3", "--config.prompts.num_eval=8",
+         "--config.rl.prompts_per_step=4"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["steps"] == 2 and summary["final"]["step"] == 2
+  assert json.loads((tmp_path / "config.json").read_text())["rl"]["algorithm"] == "rloo"
