@@ -405,6 +405,17 @@ def partition_rules(model: nnx.Module, mesh: jax.sharding.Mesh) -> list:
   return experiment.partition_rules(model)
 
 
+def make_mesh(mesh_cfg: Any) -> jax.sharding.Mesh:
+  """``config.mesh`` -> mesh; ``mesh.num_devices`` > 0 uses only the first that many devices."""
+  from prefjax import parallel  # pylint: disable=g-import-not-at-top
+  num_devices = int(mesh_cfg.get("num_devices", 0) or 0)
+  if num_devices <= 0:
+    return experiment.make_mesh(mesh_cfg)
+  if num_devices > jax.device_count():
+    raise ValueError(f"mesh.num_devices={num_devices} but only {jax.device_count()} devices")
+  return parallel.mesh_from_config(mesh_cfg, devices=jax.devices()[:num_devices])
+
+
 def reward_columns(model: nnx.Module) -> tuple[int, tuple[str, ...]]:
   """(number of reward outputs, objective names or ())."""
   if isinstance(model, heads_lib.MultiObjectiveRewardModel):
@@ -427,7 +438,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     ``{"summary": summary.json contents, "eval": final eval metrics}``.
   """
   tokenizer = experiment.make_tokenizer(config.tokenizer)
-  mesh = experiment.make_mesh(config.mesh)
+  mesh = make_mesh(config.mesh)
   train_source = experiment.load_split(config.data, config.data.train_split)
   eval_source = experiment.load_split(config.data, config.data.eval_split)
   pcfg = experiment.pipeline_config(config.data)
@@ -451,17 +462,19 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                            num_segments=num_segments)
     deep = isinstance(model, heads_lib.DeepEnsemble)
     real_key = "segment_ids" if num_segments else "attention_mask"
+    evaluate = config.eval.get("enabled", True)
     result = train.train_loop(
         workdir=workdir, config=config, model=model, loss_fn=loss_fn,
         optimizer=make_optimizer(config.optimizer, deep), loop=config.loop,
-        train_iter=train_iter, eval_fn=evaluator.passthrough, eval_data=evaluator.eval_data,
+        train_iter=train_iter, eval_fn=evaluator.passthrough if evaluate else None,
+        eval_data=evaluator.eval_data if evaluate else None,
         tokens_in_batch=lambda b: float(np.count_nonzero(b[real_key])),
         mesh=mesh, partition_rules=partition_rules(model, mesh),
-        hooks=[evaluator.record_state])
+        hooks=[evaluator.record_state] if evaluate else [])
     final_step = result.summary.get("final_step", int(jax.device_get(result.state.step)))
-    if evaluator.last is None or evaluator.last[0] != final_step:
+    if evaluate and (evaluator.last is None or evaluator.last[0] != final_step):
       evaluator.evaluate(result.state.params, result.state.extra, final_step)
-  return {"summary": result.summary, "eval": evaluator.last[1],
+  return {"summary": result.summary, "eval": evaluator.last[1] if evaluator.last else None,
           "preempted": result.preempted}
 
 

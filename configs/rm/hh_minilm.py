@@ -25,17 +25,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="hh_rlhf/harmless-base", train_split="resplit_train",
       eval_split="resplit_validation", on_bad_row="error", cache_dir="", objective="",
       objective_field="objective",
-      pipeline=dict(seed=0, batch_size=16, max_length=128, max_prompt_length=64,
-                    mode="padded", bucket_boundaries=(64,), add_bos=True))
+      pipeline=dict(seed=0, batch_size=16, max_length=80, max_prompt_length=32,
+                    mode="padded", bucket_boundaries=(48,), add_bos=True))
   config.loss = dict(name="bt", margin=0.0, label_smoothing=0.0, center_coef=0.0, nu=1.0,
                      bootstrap=False, first_member=0)
   config.optimizer = dict(name="adamw", learning_rate=5e-5, schedule="cosine",
-                          warmup_steps=20, total_steps=200, weight_decay=0.01,
+                          warmup_steps=15, total_steps=150, weight_decay=0.01,
                           grad_clip_norm=1.0)
-  config.loop = dict(num_steps=200, log_every=10, eval_every=100, checkpoint_every=50,
+  config.loop = dict(num_steps=150, log_every=10, eval_every=75, checkpoint_every=25,
                      seed=0, async_checkpointing=False)
-  config.eval = dict(batch_size=32, num_bins=10, subset_field="subset")
-  config.mesh = dict(shape=(-1, 1, 1), ensemble=1)
+  config.eval = dict(enabled=True, batch_size=32, num_bins=10, subset_field="subset")
+  config.mesh = dict(shape=(-1, 1, 1), ensemble=1, num_devices=0)
   if arg == "quick":
     config.loop.num_steps = 4
     config.optimizer.total_steps = 4

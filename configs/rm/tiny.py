@@ -34,8 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           total_steps=300, weight_decay=0.0, grad_clip_norm=1.0)
   config.loop = dict(num_steps=300, log_every=20, eval_every=100, checkpoint_every=100,
                      seed=0, async_checkpointing=False)
-  config.eval = dict(batch_size=64, num_bins=10, subset_field="subset")
-  config.mesh = dict(shape=(-1, 1, 1), ensemble=1)
+  config.eval = dict(enabled=True, batch_size=64, num_bins=10, subset_field="subset")
+  config.mesh = dict(shape=(-1, 1, 1), ensemble=1, num_devices=0)
   if arg == "quick":
     config.loop.num_steps = 60
     config.optimizer.total_steps = 60
