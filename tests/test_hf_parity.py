@@ -375,3 +375,12 @@ def test_gguf_path_dispatches_to_load_gguf(monkeypatch, tmp_path):
   model = models.from_pretrained(tmp_path / "m.gguf", head="value", dtype=jnp.bfloat16)
   assert calls == [("m.gguf", jnp.bfloat16)]
   assert isinstance(model, models.ValueModel) and model.trunk is trunk
+
+
+def test_from_pretrained_attaches_requested_head(bert_dir):
+  model = models.from_pretrained(bert_dir, head="multi:helpful,harmless", pooling="cls", seed=1)
+  assert isinstance(model, models.MultiObjectiveRewardModel)
+  assert model.pooling == "cls" and model.names == ("helpful", "harmless")
+  assert isinstance(model.trunk, encoder.Encoder)
+  with pytest.raises(ValueError, match="pooling='last' is for causal decoders"):
+    models.from_pretrained(bert_dir, head="reward", pooling="last")

@@ -284,7 +284,8 @@ def load_hf_checkpoint(path: PathLike, *, dtype=None, param_dtype=jnp.float32,
 
 
 def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
-                    param_dtype=jnp.float32, seed: int = 0) -> nnx.Module:
+                    param_dtype=jnp.float32, seed: int = 0,
+                    pooling: str | None = None) -> nnx.Module:
   """Loads a local HF directory or a ``.gguf`` file, optionally with a head.
 
   Args:
@@ -295,6 +296,11 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
     dtype: compute dtype; default float32 on CPU, bfloat16 on accelerators.
     param_dtype: parameter dtype (float32 default).
     seed: seed of the new head's initialisation.
+    pooling: reward-head pooling ("last", "mean", "cls"); default "last" for
+      decoders, "mean" for encoders.
+
+  A decoder ``*ForSequenceClassification`` checkpoint (an HF reward model)
+  loaded with a reward head gets its ``score`` weights instead of a fresh head.
   """
   from prefjax.models import heads  # pylint: disable=g-import-not-at-top
   heads.parse_head(head)  # fail on a bad spec before reading any weights
@@ -302,9 +308,9 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
   if path.suffix == ".gguf":
     from prefjax.models.gguf_import import load_gguf  # pylint: disable=g-import-not-at-top
     trunk = load_gguf(path, dtype=dtype, param_dtype=param_dtype)
-    return heads.attach_head(trunk, head, rngs=nnx.Rngs(seed))
+    return heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
   trunk, report = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype)
-  model = heads.attach_head(trunk, head, rngs=nnx.Rngs(seed))
+  model = heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
   if "score.weight" in report.unused and isinstance(model, heads.PooledHeadModel):
     load_score_head(model, SafetensorsReader(path))
   return model
@@ -369,6 +375,9 @@ def save_pretrained(model: nnx.Module, path: PathLike) -> pathlib.Path:
   equivalent here).
   """
   trunk = getattr(model, "trunk", model)
+  if trunk is not model:
+    _log.warning("save_pretrained: writing only the trunk of %s; its head is not saved "
+                 "(use prefjax.train checkpoints for full models)", type(model).__name__)
   directory = pathlib.Path(path)
   directory.mkdir(parents=True, exist_ok=True)
   tensors, hf_config = hf_state_dict(trunk)
