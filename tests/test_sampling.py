@@ -163,6 +163,20 @@ def test_top_p_keeps_smallest_nucleus(p, kept):
   np.testing.assert_array_equal(out[np.isfinite(out)], np.asarray(logits)[np.isfinite(out)])
 
 
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.99])
+def test_top_p_matches_sorting_reference_on_random_logits(p):
+  logits = np.random.default_rng(1).normal(scale=3.0, size=(6, 300)).astype(np.float32)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  kept = np.asarray(jnp.isfinite(sampling.top_p_filter(jnp.asarray(logits), p)))
+  for row, row_kept in zip(probs, kept):
+    order = np.argsort(-row)
+    mass_above = np.cumsum(row[order]) - row[order]
+    want = np.zeros(row.shape, bool)
+    want[order[mass_above < p]] = True
+    np.testing.assert_array_equal(row_kept, want)
+
+
 def test_top_k_filter():
   out = np.asarray(sampling.top_k_filter(jnp.asarray([[3.0, 1.0, 4.0, 1.5, 5.0]]), 2))
   np.testing.assert_array_equal(np.isfinite(out), [[False, False, True, False, True]])

@@ -53,21 +53,32 @@ def top_k_filter(logits: Array, k: int) -> Array:
   return jnp.where(logits >= kth, logits, -jnp.inf)
 
 
-def top_p_filter(logits: Array, p: float | Array) -> Array:
+def top_p_filter(logits: Array, p: float | Array, *, iterations: int = 40) -> Array:
   """Nucleus filter: keeps the smallest set of top tokens whose probability mass is >= p.
 
   The Curious Case of Neural Text Degeneration (arXiv:1904.09751). A token is
   kept when the mass of the tokens ranked strictly above it is < p, so the
-  most likely token always survives.
+  most likely token always survives; ties with the last kept token are kept.
+
+  Implemented without sorting the vocabulary (slow on CPU, and this runs every
+  decoding step): bisection finds the largest probability threshold t with
+  mass(probs >= t) >= p, then keeps probs >= t. The bisection keeps ``lo``
+  feasible, so at most tokens within 2**-iterations below the exact threshold
+  are kept in addition.
   """
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  order = jnp.argsort(-probs, axis=-1)
-  sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
-  mass_above = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-  keep_sorted = mass_above < p
-  keep = jnp.zeros_like(keep_sorted).at[
-      tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(keep_sorted)
-  return jnp.where(keep, logits, -jnp.inf)
+  mass_at_least = lambda t: jnp.sum(jnp.where(probs >= t, probs, 0.0), axis=-1, keepdims=True)
+
+  def bisect(_, bounds):
+    lo, hi = bounds
+    mid = 0.5 * (lo + hi)
+    feasible = mass_at_least(mid) >= p
+    return jnp.where(feasible, mid, lo), jnp.where(feasible, hi, mid)
+
+  lo = jnp.zeros(probs.shape[:-1] + (1,), jnp.float32)
+  hi = jnp.max(probs, axis=-1, keepdims=True) * (1 + 1e-6) + 1e-30
+  lo, _ = jax.lax.fori_loop(0, iterations, bisect, (lo, hi))
+  return jnp.where(probs >= lo, logits, -jnp.inf)
 
 
 def _pick(logits: Array, tokens: Array) -> Array:
