@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +22,22 @@ from prefjax import train
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _private_tmp():
+  # Not pytest's numbered basetemp: concurrent pytest sessions on a shared machine prune it.
+  return tempfile.TemporaryDirectory(prefix="test_train_rm_")
+
+
+@pytest.fixture
+def tmp_path():
+  with _private_tmp() as d:
+    yield pathlib.Path(d)
+
+
 @pytest.fixture(scope="module")
-def data_env(tmp_path_factory):
+def data_env():
   """Tiny-world datasets and TFDS builds go to a per-module temporary directory."""
-  root = tmp_path_factory.mktemp("rm_data")
-  with pytest.MonkeyPatch.context() as mp:
+  with _private_tmp() as d, pytest.MonkeyPatch.context() as mp:
+    root = pathlib.Path(d)
     mp.setenv("PREFJAX_CACHE_DIR", str(root / "cache"))
     mp.setenv("PREFJAX_SYNTHETIC_DIR", str(root / "synthetic"))
     yield root
@@ -231,11 +243,11 @@ def _packed(config):
 
 
 @pytest.fixture(scope="module")
-def packed_run(data_env, tmp_path_factory):
+def packed_run(data_env):
   """An uninterrupted 6-step packed-batch run on one device: (config, workdir, result)."""
-  workdir = tmp_path_factory.mktemp("packed_straight")
-  config = _packed(small_config(6))
-  return config, workdir, train_rm.run(config, str(workdir))
+  with _private_tmp() as d:
+    config = _packed(small_config(6))
+    yield config, pathlib.Path(d), train_rm.run(config, d)
 
 
 def test_resume_gives_the_uninterrupted_result(packed_run, tmp_path):
