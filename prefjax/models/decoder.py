@@ -185,7 +185,10 @@ class Block(nnx.Module):
                           use_bias=config.mlp_bias, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, *, positions, segments, cache=None):
+  def __call__(self, x: Array, *, positions: Array, segments: Array,
+               cache: tuple[Array, Array, Array, Array] | None = None,
+               ) -> tuple[Array, tuple[Array, Array] | None]:
+    """``x [N, T, D]`` -> (output, updated (keys, values) or None); see ``Attention``."""
     attn_out, new_cache = self.attn(self.input_norm(x), positions=positions,
                                     segments=segments, cache=cache)
     x = x + attn_out
