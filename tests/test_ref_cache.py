@@ -56,14 +56,15 @@ def test_cached_reference_is_bit_identical_to_online_and_rebuilt_for_new_data(
   assert len(built) == 1
   assert again.summary["params_sha256"] == online.summary["params_sha256"]
 
-  # Another dataset (a different tiny-world sample) gets a new key and is scored afresh.
+  # Another dataset (half of the rows) gets a new key and is scored afresh.
   config = _cached_config(cache_dir, steps=2)
-  config.data.tiny_world.seed = 1
+  config.data.train_split = "resplit_train[:50%]"
   train_dpo.run(config, str(tmp_path / "other_data"))
   info_other = json.loads((tmp_path / "other_data" / "reference.json").read_text())
   assert not info_other["train"]["hit"]
   assert info_other["train"]["key"] != info["train"]["key"]
-  assert len(list(cache_dir.glob("*.npz"))) == 4  # (2 datasets) x (train, eval)
+  assert info_other["eval"]["hit"]  # The eval split did not change.
+  assert len(list(cache_dir.glob("*.npz"))) == 3  # 2 train datasets + 1 eval
 
 
 class _Source:
@@ -130,8 +131,9 @@ def test_packed_pair_scores_equal_padded_scores():
                                    max_segments_per_row=4)
   padded = next(iter(pipeline_lib.preference_dataset(ROWS, tok, base)))
   packed = next(iter(pipeline_lib.preference_dataset(ROWS, tok, packed_cfg)))
-  a = objective_lib.score_pairs(model, padded)
-  b = objective_lib.score_pairs(model, packed, num_segments=4)
+  score = nnx.jit(objective_lib.score_pairs, static_argnames="num_segments")
+  a = score(model, padded)
+  b = score(model, packed, num_segments=4)
   order = np.argsort(padded["example_index"])
   other = np.argsort(packed["example_index"])
   for x, y in zip(a, b):

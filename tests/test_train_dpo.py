@@ -6,6 +6,7 @@ test-sized configs, metrics readers).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -146,22 +147,28 @@ def _tiny_models(seed_policy: int, seed_ref: int):
 
 def test_kl_to_reference_is_zero_for_the_reference_itself_and_matches_numpy():
   policy, ref = _tiny_models(0, 1)
+  policy_copy, _ = _tiny_models(0, 1)
   prompt = jnp.asarray([[0, 3, 4, 5], [0, 0, 6, 7]], jnp.int32)
   mask = (prompt > 0).astype(jnp.int32)
   cfg = evaluation.KLEvalConfig(max_new_tokens=5, exact=True, eos_id=None, pad_id=0)
   rng = jax.random.key(0)
-  same = evaluation.kl_to_reference(policy, policy, prompt, mask, rng, cfg)
+  kl_fn = nnx.jit(functools.partial(evaluation.kl_to_reference, cfg=cfg))
+  same = kl_fn(policy, policy_copy, prompt, mask, rng)
   for name in ("kl/k1", "kl/k3", "kl/exact"):
     np.testing.assert_array_equal(same[name], 0.0)
-  out = evaluation.kl_to_reference(policy, ref, prompt, mask, rng, cfg)
-  # Rebuild the sampled sequences and score them in float64 NumPy.
+  out = kl_fn(policy, ref, prompt, mask, rng)
+
+  @nnx.jit
+  def log_softmax(model, tokens, attention):
+    return jax.nn.log_softmax(model(tokens, attention_mask=attention))
+
   gen = evaluation.sampling.generate(policy, prompt, mask, rng=rng, max_new_tokens=5,
                                      eos_id=None, pad_id=0)
   tokens = jnp.concatenate([prompt, gen.tokens], 1)
   attention = jnp.concatenate([mask, gen.mask], 1)
-  lp = np.asarray(jax.nn.log_softmax(policy(tokens, attention_mask=attention)), np.float64)
-  lq = np.asarray(jax.nn.log_softmax(ref(tokens, attention_mask=attention)), np.float64)
-  t = np.asarray(tokens)
+  lp, lq = log_softmax(policy, tokens, attention), log_softmax(ref, tokens, attention)
+  # The same samples (same key), scored in float64 NumPy.
+  t, lp, lq = np.asarray(tokens), np.asarray(lp, np.float64), np.asarray(lq, np.float64)
   k1 = np.zeros(2)
   exact = np.zeros(2)
   for b in range(2):
@@ -171,6 +178,7 @@ def test_kl_to_reference_is_zero_for_the_reference_itself_and_matches_numpy():
       exact[b] += np.sum(np.exp(lp[b, prev]) * (lp[b, prev] - lq[b, prev]))
   np.testing.assert_allclose(out["kl/k1"], k1, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out["kl/exact"], exact, rtol=1e-4, atol=1e-5)
+  assert np.all(exact > 0) and np.all(np.asarray(out["kl/k3"]) > 0)
 
 
 def test_left_padded_prompts_extracts_the_prompt_of_each_pair():

@@ -58,8 +58,10 @@ def test_loss_is_token_mean_response_nll_vs_numpy():
   model = _model(tok.vocab_size)
   config = pipeline_lib.PipelineConfig(batch_size=4, max_length=16, shuffle=False, num_epochs=1)
   batch = next(iter(pipeline_lib.sft_dataset(ROWS, tok, config)))
-  loss, metrics = train_sft.loss_fn(model, batch, jax.random.key(0))
-  logits = np.asarray(model(batch["tokens"], attention_mask=batch["attention_mask"]), np.float64)
+  loss, metrics = nnx.jit(train_sft.loss_fn)(model, batch, jax.random.key(0))
+  logits = nnx.jit(lambda m, t, a: m(t, attention_mask=a))(
+      model, batch["tokens"], batch["attention_mask"])
+  logits = np.asarray(logits, np.float64)
   logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
                                 keepdims=True)) - logits.max(-1, keepdims=True)
   total, count = 0.0, 0
@@ -82,7 +84,8 @@ def test_packed_loss_equals_padded_loss():
                                    max_segments_per_row=4)
   padded = next(iter(pipeline_lib.sft_dataset(ROWS, tok, base)))
   packed = next(iter(pipeline_lib.sft_dataset(ROWS, tok, packed_cfg)))
-  a, ma = train_sft.loss_fn(model, padded, jax.random.key(0))
-  b, mb = train_sft.loss_fn(model, packed, jax.random.key(0))
+  loss_fn = nnx.jit(train_sft.loss_fn)
+  a, ma = loss_fn(model, padded, jax.random.key(0))
+  b, mb = loss_fn(model, packed, jax.random.key(0))
   assert float(ma["loss_weight"]) == float(mb["loss_weight"]) == 3 + 2 + 4 + 2 + 4
   np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
