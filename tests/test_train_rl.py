@@ -15,11 +15,13 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs.rl import tiny_ppo
 from configs.rl import tiny_rloo
@@ -27,7 +29,9 @@ from experiments import train_rl
 from prefjax import train
 from prefjax.rl import algorithms
 from prefjax.rl import kl_control
+from prefjax.models import decoder
 from prefjax.rl import rollout as rollout_lib
+from prefjax.train import state as state_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,14 +42,23 @@ def _evals(workdir):
 
 
 @pytest.fixture(scope="module")
-def ppo_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("ppo"))
+def scratch():
+  # Not tmp_path_factory: concurrent pytest sessions of the same user prune each
+  # other's base temp directories (pytest keeps the 3 newest), which would delete
+  # these module-long workdirs mid-module.
+  with tempfile.TemporaryDirectory(prefix="prefjax_rl_") as d:
+    yield pathlib.Path(d)
+
+
+@pytest.fixture(scope="module")
+def ppo_run(scratch):
+  workdir = str(scratch / "ppo")
   return workdir, train_rl.run(tiny_ppo.get_config(), workdir)
 
 
 @pytest.fixture(scope="module")
-def rloo_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("rloo"))
+def rloo_run(scratch):
+  workdir = str(scratch / "rloo")
   return workdir, train_rl.run(tiny_rloo.get_config(), workdir)
 
 
@@ -73,10 +86,16 @@ def test_kl_estimator_agrees_with_exact_kl(run_fixture, request):
   assert evals[0]["kl"] == 0.0 and evals[0]["kl_exact"] == pytest.approx(0.0, abs=1e-5)
   moved = [e for e in evals if e["kl_exact"] > 1.0]
   assert moved, [e["kl_exact"] for e in evals]
+  # k1 and k3 are unbiased for the sequence KL and kl_exact is its Rao–Blackwellised
+  # form, so they agree within a few standard errors of their per-sample difference.
+  # k1's difference is well behaved everywhere; k3's has a heavy right tail
+  # (tokens that π_ref likes but a collapsed π rarely samples), so it is checked at
+  # the first eval point that moved, before the policy collapses.
   for e in moved:
-    # k1 and k3 are unbiased for the sequence KL; exact is its Rao–Blackwellised form.
-    for est in ("kl_k1", "kl_k3"):
-      assert abs(e[est] - e["kl_exact"]) < 5 * e["kl_diff_se"] + 5 * e[f"{est}_se"], (est, e)
+    assert abs(e["kl_k1"] - e["kl_exact"]) < 4 * e["kl_k1_diff_se"], e
+  first = moved[0]
+  for est in ("kl", "kl_k3"):  # "kl" is the run's configured estimator
+    assert abs(first[est] - first["kl_exact"]) < 4 * first[f"{est}_diff_se"], (est, first)
 
 
 def test_train_metrics_are_logged(ppo_run):
@@ -91,9 +110,9 @@ def test_train_metrics_are_logged(ppo_run):
   assert (pathlib.Path(workdir) / "tensorboard").is_dir()
 
 
-def test_resume_reproduces_uninterrupted_run(rloo_run, tmp_path):
+def test_resume_reproduces_uninterrupted_run(rloo_run, scratch):
   workdir, _ = rloo_run
-  resumed = tmp_path / "resumed"
+  resumed = scratch / "resumed"
   shutil.copytree(workdir, resumed)
   ckpts = resumed / "checkpoints"
   steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
@@ -120,8 +139,6 @@ def test_adaptive_kl_controller_matches_ziegler_update():
 
 
 def _tiny_bundle(with_value):
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from prefjax.models import decoder  # pylint: disable=g-import-not-at-top
   policy = decoder.Decoder(decoder.DecoderConfig.tiny_llama(vocab_size=11),
                            rngs=nnx.Rngs(0), dtype=jnp.float32)
   bundle = rollout_lib.build_bundle(policy, with_value=with_value, seed=1)
@@ -146,10 +163,16 @@ def _rows(seed, shape=(8, 7)):
 def test_token_stats_against_numpy_reference():
   bundle = _tiny_bundle(with_value=True)
   tokens, attention, loss_mask = _rows(0)
-  stats = rollout_lib.token_stats(bundle, tokens, attention, loss_mask, full_vocab=True)
-  logits = np.asarray(bundle.policy(tokens, attention_mask=attention), np.float64)
-  ref = np.asarray(bundle.reference(tokens, attention_mask=attention), np.float64)
-  values = np.asarray(bundle.value(tokens, attention_mask=attention), np.float64)
+
+  @nnx.jit
+  def forward(bundle):
+    stats = rollout_lib.token_stats(bundle, tokens, attention, loss_mask, full_vocab=True)
+    return (stats, bundle.policy(tokens, attention_mask=attention),
+            bundle.reference(tokens, attention_mask=attention),
+            bundle.value(tokens, attention_mask=attention))
+
+  stats, logits, ref, values = jax.device_get(forward(bundle))
+  logits, ref, values = (np.asarray(x, np.float64) for x in (logits, ref, values))
   lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   lq = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
   for b, t in zip(*np.nonzero(loss_mask)):
@@ -169,7 +192,6 @@ def test_token_stats_against_numpy_reference():
 def test_rloo_prepare_leave_one_out_with_sequence_kl():
   bundle = _tiny_bundle(with_value=False)
   tokens, attention, loss_mask = _rows(1)
-  from prefjax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   graphdef, params, extra = state_lib.split_model(bundle, rollout_lib.TRAINABLE)
   scores = np.linspace(-1.0, 2.0, 8).astype(np.float32)
   hp = algorithms.HParams(algorithm="rloo", kl_estimator="k3", whiten_advantages=False)
@@ -185,11 +207,12 @@ def test_rloo_prepare_leave_one_out_with_sequence_kl():
   np.testing.assert_allclose(adv, loo.reshape(-1)[:, None] * loss_mask, atol=1e-5)
 
 
-def test_cli_smoke(tmp_path):
+def test_cli_smoke(scratch):
+  tmp_path = scratch / "cli"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   cmd = [sys.executable, "-m", "experiments.train_rl", "--config=configs/rl/tiny_rloo.py:quick",
          f"--workdir={tmp_path}", "--config.rl.num_steps=2", "--config.eval_every=2",
-         "--config.warm_start.steps=3", "--config.prompts.num_eval=8",
+         "--config.warm_start.steps=0", "--config.prompts.num_eval=8",
          "--config.rl.prompts_per_step=4"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -27,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.gold = dict(kind="tiny_world_gold")
   c.sampling = dict(max_new_tokens=14, temperature=1.0, top_k=None, top_p=None)
   c.rl = dict(
-      algorithm="ppo", num_steps=30, prompts_per_step=64, group_size=1, epochs=2,
+      algorithm="ppo", num_steps=18, prompts_per_step=64, group_size=1, epochs=2,
       num_minibatches=2, clip_eps=0.2, vf_coef=0.1, vf_clip_eps=0.2, entropy_coef=0.0,
       gamma=1.0, lam=0.95, whiten_advantages=True, kl_coef=0.02, kl_estimator="k1",
       adaptive_kl=dict(enabled=False, target=4.0, horizon=10000.0), value_trunk="separate")

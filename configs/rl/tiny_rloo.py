@@ -20,6 +20,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.rl.epochs = 1
   c.rl.num_minibatches = 1
   c.rl.kl_estimator = "k3"
+  c.rl.num_steps = 30
   if arg == "quick":
     c.rl.num_steps = 8
     c.eval_every = 4

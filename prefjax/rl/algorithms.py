@@ -139,7 +139,7 @@ def update(graphdef, state: state_lib.TrainState, batch: Mapping[str, Array], *,
     return loss_fn(bundle, batch, hp)
 
   (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

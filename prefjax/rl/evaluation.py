@@ -9,7 +9,8 @@ policy. KL(π‖π_ref) of a sequence is reported three ways:
 * ``kl_exact`` — Σ_t KL(π(·|y<t) ‖ π_ref(·|y<t)) over the full vocabulary along
   the sampled sequence (only when the vocabulary is small). Its expectation is
   the sequence KL, as for k1 and k3, so the two agree within their standard
-  errors; ``kl_diff_se`` is the standard error of their per-sample difference.
+  errors; ``kl_diff_se`` (``kl_k*_diff_se``) is the standard error of the
+  per-sample difference between the estimator and ``kl_exact``.
 
 Standard errors (``*_se``) are over the held-out samples.
 """
@@ -78,5 +79,6 @@ def evaluate(graphdef, params, extra, prompts: rollout_lib.Prompts, rng: jax.Arr
   for name, values in per_sample.items():
     metrics[name], metrics[f"{name}_se"] = _mean_se(values)
   if full_vocab:
-    _, metrics["kl_diff_se"] = _mean_se(per_sample["kl"] - per_sample["kl_exact"])
+    for name in ("kl", "kl_k1", "kl_k2", "kl_k3"):
+      _, metrics[f"{name}_diff_se"] = _mean_se(per_sample[name] - per_sample["kl_exact"])
   return metrics
