@@ -1,4 +1,4 @@
-"""Reference log-prob cache: bit-identical to on-the-fly scoring, keyed so stale values are never read."""
+"""Reference log-prob cache: bit-identical to on-the-fly scoring; stale values are never read."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""experiments/train_sft.py: response-only token-mean NLL, held-out NLL falls, HF export round trip."""
+"""experiments/train_sft.py: response-only token-mean NLL, held-out NLL falls, HF export."""
 
 from __future__ import annotations
 

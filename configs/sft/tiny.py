@@ -8,7 +8,10 @@ With ``export_hf=True`` (default here) the policy is also written to
   python -m experiments.train_dpo --config=configs/dpo/tiny.py --workdir=/tmp/dpo_tiny \
       --config.model.path=/tmp/sft_tiny/hf
 
-Expected (this 2-core CPU): TBD.
+Expected (measured on this shared 2-core CPU): about 35 s wall (20 s in the train
+loop, 300 steps of 32 sequences); held-out response NLL 2.76 / 2.74 / 2.74
+nats per token at steps 100 / 200 / 300 (perplexity 15.5; the random init scores
+about log(259) = 5.6). ``:quick`` (40 steps) reaches about 3.7.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Held-out evaluation of a direct-alignment policy: implicit-reward accuracy and KL to the reference.
+"""Held-out evaluation of a direct-alignment policy: reward accuracy and KL to the reference.
 
 ``make_eval_fn`` returns an ``eval_fn(model, batch)`` for the train core (run
 jitted over the held-out pair batches, averaged weighted by ``num_examples``):
@@ -55,7 +55,7 @@ class KLEvalConfig:
 
 
 def left_padded_prompts(batch: Mapping[str, Array]) -> tuple[Array, Array]:
-  """Prompts of the B pairs of a right-padded pair batch, left-padded: ``[B, T]`` tokens and mask."""
+  """Left-padded prompts ``[B, T]`` (tokens, mask) of the B pairs of a right-padded pair batch."""
   b = batch["pair_mask"].shape[0]
   tokens, attn, loss = batch["tokens"][:b], batch["attention_mask"][:b], batch["loss_mask"][:b]
   length = tokens.shape[1]
@@ -70,7 +70,7 @@ def left_padded_prompts(batch: Mapping[str, Array]) -> tuple[Array, Array]:
 
 def kl_to_reference(policy: nnx.Module, reference: nnx.Module, prompt_tokens: Array,
                     prompt_mask: Array, rng: Array, cfg: KLEvalConfig) -> dict[str, Array]:
-  """Per-prompt KL estimates ``[B]`` of the policy to the reference on responses sampled from the policy."""
+  """Per-prompt KL estimates ``[B]`` of the policy to the reference on its own samples."""
   gen = sampling.generate(policy, prompt_tokens, prompt_mask, rng=rng,
                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                           eos_id=cfg.eos_id, pad_id=cfg.pad_id)

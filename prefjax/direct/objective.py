@@ -62,7 +62,6 @@ REFERENCE_FREE = frozenset({"simpo", "orpo"})
 SOFT_LABEL_LOSSES = frozenset({"dpo", "sigmoid_norm", "simpo", "exo_pair"})
 # Default weight α of the chosen-NLL term per loss (others: 0).
 DEFAULT_NLL_ALPHA = {"orpo": 1.0}
-REF_FIELDS = ("ref_chosen", "ref_rejected")
 KL_FIELD = "ref_kl"
 
 
@@ -117,7 +116,7 @@ class Objective:
 
   @classmethod
   def from_config(cls, config: Any) -> Objective:
-    """From a binary's config: ``loss``, ``beta``, ``loss_kwargs``, ``nll_alpha``, ``ref.mode``, ``data.pipeline``."""
+    """From a binary's config: loss, beta, loss_kwargs, nll_alpha, ref.mode, data.pipeline."""
     pipeline = config.data.pipeline
     ref = config.get("ref") or {}
     kwargs = parse_kwargs(config.get("loss_kwargs"))
@@ -238,7 +237,7 @@ def mismatched_rows(batch: Batch) -> dict[str, Array]:
 
 def reference_fields(model: nnx.Module, batch: Batch, *, num_segments: int | None,
                      with_kl: bool) -> dict[str, Array]:
-  """The reference log-probs a batch needs: ``ref_chosen``/``ref_rejected`` [B] (+ ``ref_kl`` [2B])."""
+  """Reference log-probs of a batch: ``ref_chosen``/``ref_rejected`` [B] (+ ``ref_kl`` [2B])."""
   scores = score_pairs(model, batch, num_segments=num_segments)
   out = {"ref_chosen": scores.chosen, "ref_rejected": scores.rejected}
   if with_kl:
@@ -272,7 +271,9 @@ def _tie_handling(objective: Objective, batch: Batch) -> tuple[dict[str, Any], A
   return kwargs, jnp.where(tie, 0.0, weights), jnp.sum(tie.astype(jnp.float32))
 
 
-def pair_logps(objective: Objective, scores: SequenceScores, batch: Batch) -> direct_losses.PairLogps:
+def pair_logps(objective: Objective, scores: SequenceScores,
+               batch: Batch) -> direct_losses.PairLogps:
+  """Policy scores + the batch's reference fields (zeros when reference-free; no gradient)."""
   if objective.needs_reference:
     ref_c = jax.lax.stop_gradient(jnp.asarray(batch["ref_chosen"], jnp.float32))
     ref_r = jax.lax.stop_gradient(jnp.asarray(batch["ref_rejected"], jnp.float32))

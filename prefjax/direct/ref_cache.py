@@ -71,7 +71,7 @@ def _score(graphdef, state, batch, *, num_segments, with_kl):
 
 
 class ReferenceScorer:
-  """Jitted reference log-probs of host pair batches -> numpy ``{ref_chosen, ref_rejected[, ref_kl]}``."""
+  """Jitted reference log-probs of host pair batches -> numpy ``ref_chosen``, ``ref_rejected``."""
 
   def __init__(self, model: nnx.Module, objective: objective_lib.Objective,
                mesh: jax.sharding.Mesh | None = None):
