@@ -16,10 +16,11 @@ policy; ``ref.mode=cached`` scores it once per pair and then never loads it.
 Expected: ``:quick`` on this shared 2-core CPU took 5 min wall (2 min CPU): 1.5 min
 to load the GGUF, build HH and compile, then 2 steps at batch 2 (loss 0.6931 ->
 0.6936, as expected at lr 5e-7) and the eval with sampling (2.5 min, mostly
-compiling generation). The default run is GPU work: a step is 32 rows of up to
-512 tokens through 135M parameters plus the reference forward, about 3 TFLOP;
-at the ~85 GFLOP/s a CPU train step reaches here that is ~40 s a step, about
-2.5 hours for 200 steps (not run on CPU). Its result has not been measured.
+compiling generation). The default run is GPU work: a step is 32 rows (16 pairs)
+of ~300 tokens (512 at most) through 135M parameters, ~1.1 GFLOP per token for
+the policy's forward+backward and the reference's forward, so 10-18 TFLOP; at
+the ~85 GFLOP/s a CPU train step reaches here that is 2-3.5 min a step, 7-11
+hours for 200 steps (not run on CPU). Its result has not been measured.
 """
 
 from __future__ import annotations
