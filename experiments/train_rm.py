@@ -66,6 +66,8 @@ from prefjax.models import segments as seg
 from prefjax.train import sharding as sharding_lib
 
 LOSSES = ("bt", "ties", "plackett_luce")
+LOSS_FIELDS = {"name", "margin", "label_smoothing", "center_coef", "nu", "bootstrap",
+               "first_member"}
 Batch = Mapping[str, Any]
 
 
@@ -128,6 +130,10 @@ def make_loss_fn(loss_cfg: Mapping[str, Any], *, num_columns: int, objectives: S
   ``num_columns`` is the number of reward outputs (1, K members or O objectives).
   """
   loss_cfg = dict(loss_cfg)
+  unknown = sorted(set(loss_cfg) - LOSS_FIELDS)
+  if unknown or loss_cfg.get("name") not in LOSSES:
+    raise ValueError(f"loss config: name must be one of {LOSSES} (got {loss_cfg.get('name')!r}); "
+                     f"unknown fields {unknown}; known: {sorted(LOSS_FIELDS)}")
   bootstrap = bool(loss_cfg.get("bootstrap")) and not objectives
   first_member = int(loss_cfg.get("first_member", 0))
 

@@ -33,6 +33,23 @@ def tmp_path():
     yield pathlib.Path(d)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache():
+  """The same train step recurs across runs here (members, resumes, meshes): compile it once."""
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+  options = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0,
+             "jax_persistent_cache_min_entry_size_bytes": 0}
+  saved = {name: getattr(jax.config, name) for name in options}
+  with _private_tmp() as d:
+    for name, value in {**options, "jax_compilation_cache_dir": d}.items():
+      jax.config.update(name, value)
+    cc.reset_cache()
+    yield
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    cc.reset_cache()
+
+
 @pytest.fixture(scope="module")
 def data_env():
   """Tiny-world datasets and TFDS builds go to a per-module temporary directory."""
@@ -116,6 +133,14 @@ def test_loss_fn_matches_float64_reference(name):
   expected = np.sum(batch["weight"] * batch["pair_mask"] * ref) / batch["pair_mask"].sum()
   np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
   assert float(metrics["num_pairs"]) == b - 1
+
+
+def test_bad_loss_config_is_rejected_with_the_field_names():
+  with pytest.raises(ValueError, match=r"name must be one of .*'hinge'"):
+    train_rm.make_loss_fn(dict(name="hinge"), num_columns=1, objectives=(), num_segments=None)
+  with pytest.raises(ValueError, match=r"unknown fields \['marginn'\]"):
+    train_rm.make_loss_fn(dict(name="bt", marginn=1.0), num_columns=1, objectives=(),
+                          num_segments=None)
 
 
 def test_padded_pairs_contribute_nothing_even_if_non_finite():
@@ -214,6 +239,14 @@ def test_deep_ensemble_members_equal_separately_trained_models(data_env, tmp_pat
   assert "member_sign_disagreement" in out["eval"]
   records = [r for r in train.read_metrics(tmp_path / "ensemble") if "loss" in r]
   assert [r["step"] for r in records] == list(range(1, steps + 1))
+  # Members sharded over an `ensemble` mesh axis (x data parallelism) train identically.
+  config.mesh.update(shape=(2, 1, 1), ensemble=k, num_devices=2 * k)
+  config.eval.enabled = False
+  train_rm.run(config, str(tmp_path / "sharded"))
+  sharded = [r for r in train.read_metrics(tmp_path / "sharded") if "loss" in r]
+  for m in range(k):
+    np.testing.assert_allclose([r[f"member_loss/{m}"] for r in sharded],
+                               [r[f"member_loss/{m}"] for r in records], atol=1e-5)
   for m in range(k):
     single = small_config(steps)
     single.seed = m

@@ -6,7 +6,17 @@ Command:
 Data: the 2,312 harmless-base test pairs re-split 80/10/10 by prompt hash;
 trains on ``resplit_train`` and evaluates on ``resplit_validation``.
 
-Expected (this 2-core CPU, shared): TBD.
+Sequences are short for CPU: prompts cut from the left to 32 tokens (the end of the
+last human turn), prompt+response to 80 tokens (the start of the response: refusal
+or compliance carries most of the harmlessness signal).
+
+Expected (this 2-core CPU, measured 2026-11-27): 150 steps of 16 pairs (1.3 epochs of
+1,819 pairs) took 32 min wall while the two cores were shared (load average ~15;
+about 10 s/step then). Validation (238 pairs): accuracy 0.634 (0.651 at step 75;
+standard error ±0.031), BT log-loss 0.606, ECE 0.077 (both pair orders), length-only
+baseline 0.424 (the chosen response is the longer one in only 35% of pairs, so
+"shorter wins" would score about 0.58-0.65 on this split: compare against both).
+Before training (4 steps): accuracy 0.54, BT log-loss 0.691.
 """
 
 from __future__ import annotations

@@ -3,7 +3,13 @@ r"""Tiny reward model: a random 2-layer decoder on the tiny text world (byte tok
 Command:
   python -m experiments.train_rm --config=configs/rm/tiny.py --workdir=/tmp/rm_tiny
 
-Expected (this 2-core CPU): TBD.
+Quick variant (60 steps): ``--config=configs/rm/tiny.py:quick``.
+
+Expected (this 2-core CPU, measured 2026-11-27): 300 steps of 32 pairs in 23 s of CPU
+time; 1 min 58 s wall measured while the two cores were shared (load average ~15).
+Validation (211 ``resplit_validation`` pairs of 2,000): accuracy 0.867, BT log-loss
+0.339, ECE 0.046 (both pair orders; 0.164 chosen-first), length-only baseline
+0.49 (chosen longer in 43% of pairs), params_sha256 2a3483a1... (deterministic).
 """
 
 from __future__ import annotations
