@@ -90,7 +90,8 @@ def curves(samples: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
       "kl_note": "analytic log n - (n-1)/n, an upper bound on the true KL",
       "reference_mean": means,
       "num_prompts": int(proxy.shape[0]), "num_samples": int(n_max),
-      "proxy_name": config.proxy.kind, "gold_name": config.gold.kind,
+      "proxy_name": config.proxy.get("name") or config.proxy.kind,
+      "gold_name": config.gold.get("name") or config.gold.kind,
       "mean_response_length": float(samples["lengths"].mean()),
   }
 

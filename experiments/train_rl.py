@@ -83,8 +83,10 @@ class _Run:
     """Fresh (warm-started) or restored state; returns the step to continue from."""
     policy = setup.make_policy(self.config, self.tokenizer)
     latest = self.ckpt.latest_step()
+    self.warm_started = False
     if latest is None:
-      setup.maybe_warm_start(policy, self.config, self.tokenizer, self.world)
+      self.warm_started = bool(setup.maybe_warm_start(policy, self.config, self.tokenizer,
+                                                      self.world))
     bundle = rollout_lib.build_bundle(
         policy, with_value=self.hp.algorithm == "ppo",
         value_trunk=self.config.rl.get("value_trunk", "separate"), seed=int(self.config.seed))
@@ -151,7 +153,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   try:
     if start == 0:
       writer.log(0, eval_metrics=r.evaluate())
-      r.save()
+      if r.warm_started:  # a resumed run must not redo (or re-randomise) the warm start
+        r.save()
     for step in range(start, total):
       metrics = r.step(step)
       done = step + 1

@@ -126,6 +126,23 @@ def test_resume_reproduces_uninterrupted_run(rloo_run, scratch):
       assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-5), (name, a["step"])
 
 
+def test_adaptive_kl_run_logs_controller_trajectory(ppo_run, scratch):
+  del ppo_run  # shares its compiled programs
+  config = tiny_ppo.get_config("quick")
+  config.rl.num_steps = 4
+  config.warm_start.steps = 20
+  config.rl.adaptive_kl = dict(enabled=True, target=0.5, horizon=200.0)
+  workdir = scratch / "adaptive"
+  train_rl.run(config, str(workdir))
+  records = [r for r in train.read_metrics(workdir) if "kl_coef" in r]
+  assert [r["step"] for r in records] == [1, 2, 3, 4]
+  assert records[0]["kl_coef"] == pytest.approx(0.02)
+  for prev, cur in zip(records, records[1:]):
+    error = np.clip(prev["kl"] / 0.5 - 1.0, -0.2, 0.2)
+    assert cur["kl_coef"] == pytest.approx(prev["kl_coef"] * (1 + error * 64 / 200.0), rel=1e-6)
+  assert records[-1]["kl_coef"] != records[0]["kl_coef"]
+
+
 def test_adaptive_kl_controller_matches_ziegler_update():
   ctl = kl_control.AdaptiveKLController(value=0.1, target=6.0, horizon=10000.0)
   # e = clip(12/6 − 1, −0.2, 0.2) = 0.2; β ← 0.1·(1 + 0.2·64/10000).

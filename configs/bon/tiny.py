@@ -3,7 +3,15 @@ r"""Best-of-n on the tiny world: proxy = gold + a planted exploitable character.
 COMMAND:
   python -m experiments.best_of_n --config=configs/bon/tiny.py --workdir=/tmp/bon_tiny
 
-EXPECTED: (filled in below after measuring)
+The reference policy is the warm-started tiny decoder of configs/rl/tiny_ppo.py;
+N samples per held-out prompt are scored by the planted proxy and the gold.
+
+EXPECTED (measured on this shared 2-core CPU, seed 0), `:quick` (16 prompts x
+N=64, about 30-50 s wall): proxy rises monotonically to +1.18 ± 0.08 at n=64
+(KL bound 3.2 nats); gold rises too, to +0.64 ± 0.17: best-of-64 is too weak an
+optimiser to reach the exploit regime that PPO/RLOO reach at KL > 5 nats (the
+honest high-score characters still dominate the proxy's top samples).
+Default (64 prompts x N=256): a few minutes; not measured.
 """
 
 import ml_collections

@@ -3,7 +3,19 @@ r"""PPO on the tiny world: proxy = gold + a planted exploitable character.
 COMMAND:
   python -m experiments.train_rl --config=configs/rl/tiny_ppo.py --workdir=/tmp/rl_tiny_ppo
 
-EXPECTED: (filled in below after measuring)
+Policy: a random 2-layer byte-level decoder (hidden 64), first warm-started for
+150 supervised steps on uniform random tiny-world responses (so it emits the
+16-letter alphabet, the exploit character "p" included, and EOS), then frozen
+as the reference. PPO: 64 prompts per step, 2 epochs x 2 minibatches, GAE
+(γ=1, λ=0.95), per-token k1 KL penalty β=0.02, separate value model initialised
+from the reference. Eval every 3 steps on the same 64 held-out prompts.
+
+EXPECTED (measured on this shared 2-core CPU, seed 0): about 40-70 s wall
+including compilation (depends on machine load). Held-out gold rises from
+-0.18 to about +0.29 (SE 0.07) at step 6, then falls to about -0.98 by step 18
+as the exploit character takes over (exploit fraction 0.04 -> 0.95); proxy
+-0.05 -> about +1.87. k1 KL and the exact KL agree within their SEs.
+`:quick` = 8 steps (smoke test).
 """
 
 import ml_collections

@@ -3,7 +3,15 @@ r"""RLOO on the tiny world: proxy = gold + a planted exploitable character.
 COMMAND:
   python -m experiments.train_rl --config=configs/rl/tiny_rloo.py --workdir=/tmp/rl_tiny_rloo
 
-EXPECTED: (filled in below after measuring)
+Same world, policy, warm start and eval as configs/rl/tiny_ppo.py; RLOO with
+16 prompts x 4 samples per step, one on-policy epoch, sequence-level k3 KL
+penalty β=0.02, leave-one-out baseline (advantages scaled by their batch std).
+
+EXPECTED (measured on this shared 2-core CPU, seed 0): about 30-60 s wall
+including compilation. Held-out gold rises from -0.18 to about +0.32 (SE 0.05)
+at step 12, then falls to about -0.86 at step 30 (exploit fraction 0.04 ->
+0.94); proxy -0.05 -> about +1.95; sequence KL about 14 nats at the end.
+`:quick` = 8 steps (smoke test).
 """
 
 import ml_collections

@@ -103,7 +103,8 @@ def loss_fn(bundle: rollout_lib.PolicyBundle, batch: Mapping[str, Array],
   """PPO (token-mean surrogate + value loss) or RLOO (sequence-sum surrogate)."""
   mask = batch["loss_mask"]
   stats = rollout_lib.token_stats(bundle, batch["tokens"], batch["attention_mask"], mask,
-                                  full_vocab=hp.entropy_coef > 0)
+                                  full_vocab=hp.entropy_coef > 0,
+                                  with_reference=False)
   ppo = policy_losses.ppo_clip_loss(stats.logp, batch["old_logp"], batch["advantages"], mask,
                                     clip_eps=hp.clip_eps)
   metrics = {"clip_fraction": policy_losses.aggregate_loss(

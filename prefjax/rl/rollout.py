@@ -138,14 +138,20 @@ class TokenStats(NamedTuple):
 
 
 def token_stats(bundle: PolicyBundle, tokens: Array, attention_mask: Array, loss_mask: Array,
-                *, full_vocab: bool = False) -> TokenStats:
-  """Policy/reference log-probs, values and optional exact KL/entropy (traceable)."""
+                *, full_vocab: bool = False, with_reference: bool = True) -> TokenStats:
+  """Policy/reference log-probs, values and optional exact KL/entropy (traceable).
+
+  ``with_reference=False`` skips the reference forward (``ref_logp`` and
+  ``exact_kl`` are zeros), e.g. inside the policy update.
+  """
   mask = loss_mask.astype(jnp.float32)
-  logits = bundle.policy(tokens, attention_mask=attention_mask)
-  ref_logits = jax.lax.stop_gradient(bundle.reference(tokens, attention_mask=attention_mask))
-  logp = sampling.token_logps(logits, tokens) * mask
-  ref_logp = sampling.token_logps(ref_logits, tokens) * mask
   zeros = jnp.zeros_like(mask)
+  logits = bundle.policy(tokens, attention_mask=attention_mask)
+  logp = sampling.token_logps(logits, tokens) * mask
+  ref_logp = zeros
+  if with_reference:
+    ref_logits = jax.lax.stop_gradient(bundle.reference(tokens, attention_mask=attention_mask))
+    ref_logp = sampling.token_logps(ref_logits, tokens) * mask
   values = zeros
   if bundle.value is not None:
     full = bundle.value(tokens, attention_mask=attention_mask)
@@ -154,7 +160,9 @@ def token_stats(bundle: PolicyBundle, tokens: Array, attention_mask: Array, loss
   if full_vocab:
     # The distribution of token t is predicted at t−1.
     prev = jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))
-    exact = jnp.pad(policy_losses.exact_kl(logits, ref_logits, prev)[:, :-1], ((0, 0), (1, 0)))
+    if with_reference:
+      exact = jnp.pad(policy_losses.exact_kl(logits, ref_logits, prev)[:, :-1],
+                      ((0, 0), (1, 0)))
     entropy = jnp.pad(policy_losses.entropy_from_logits(logits, prev)[:, :-1],
                       ((0, 0), (1, 0)))
   return TokenStats(logp, ref_logp, values, exact, entropy)
