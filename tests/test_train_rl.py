@@ -26,9 +26,11 @@ from flax import nnx
 from configs.rl import tiny_ppo
 from configs.rl import tiny_rloo
 from experiments import train_rl
+from prefjax import rewards as reward_fns
 from prefjax import train
 from prefjax.rl import algorithms
 from prefjax.rl import kl_control
+from prefjax.rl import rewards
 from prefjax.models import decoder
 from prefjax.rl import rollout as rollout_lib
 from prefjax.train import state as state_lib
@@ -236,3 +238,39 @@ def test_cli_smoke(scratch):
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["steps"] == 2 and summary["final"]["step"] == 2
   assert json.loads((tmp_path / "config.json").read_text())["rl"]["algorithm"] == "rloo"
+
+
+@pytest.mark.parametrize("value_trunk,extra_trunk", [("separate", True), ("shared", False)])
+def test_value_trunk_sharing(value_trunk, extra_trunk):
+  policy = decoder.Decoder(decoder.DecoderConfig.tiny_llama(vocab_size=11), rngs=nnx.Rngs(0),
+                           dtype=jnp.float32)
+  bundle = rollout_lib.build_bundle(policy, with_value=True, value_trunk=value_trunk)
+  assert (bundle.value.trunk is bundle.policy) is (not extra_trunk)
+  _, params, extra = state_lib.split_model(bundle, rollout_lib.TRAINABLE)
+  assert "reference" in extra and "reference" not in params  # frozen, but checkpointed
+  assert ("trunk" in params["value"]) is extra_trunk  # a shared trunk is stored once
+  with pytest.raises(ValueError, match="value_trunk"):
+    rollout_lib.build_bundle(policy, with_value=True, value_trunk="tied")
+
+
+def test_bad_inputs_raise_named_errors():
+  world = rewards.world_from_config(dict(seed=0, exploit_weight=3.0))
+  proxy = rewards.tiny_world_reward(world, "proxy")
+  np.testing.assert_allclose(proxy(["abc"], ["ppg"]),
+                             [world.proxy_reward("abc", "ppg")], rtol=1e-6)
+  with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+    proxy(["a", "b"], ["c"])
+  with pytest.raises(ValueError, match="separator"):
+    proxy.fn(texts=["no separator here"])
+  with pytest.raises(ValueError, match="unknown field"):
+    rewards.world_from_config(dict(exploit_wieght=3.0))
+  with pytest.raises(ValueError, match=r"prompt 1 \('x'\) has no tokens"):
+    rollout_lib.encode_prompts(["a", "x"], [[1], []], pad_id=0, max_length=4)
+  nan_reward = rewards.PairReward(
+      reward_fns.ProgrammaticReward(lambda texts: [float("nan")] * len(texts),
+                                    inputs="texts", name="broken"),
+      lambda p, r: p + r)
+  with pytest.raises(ValueError, match="'broken' is not finite for row 0"):
+    nan_reward(["a"], ["b"])
+  with pytest.raises(ValueError, match="kl_estimator"):
+    algorithms.HParams.from_config(dict(algorithm="ppo", kl_estimator="k4"))
