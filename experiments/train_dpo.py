@@ -151,9 +151,10 @@ def kl_config(config: Any, tokenizer: Any) -> evaluation.KLEvalConfig | None:
   eval_cfg = config.eval
   if not eval_cfg.get("kl_max_new_tokens"):
     return None
-  exact = eval_cfg.get("exact_kl", "auto")
-  if exact == "auto":
-    exact = tokenizer.vocab_size <= EXACT_KL_MAX_VOCAB
+  exact = str(eval_cfg.get("exact_kl", "auto")).lower()
+  if exact not in ("auto", "true", "false"):
+    raise ValueError(f"eval.exact_kl must be auto, true or false; got {exact!r}")
+  exact = tokenizer.vocab_size <= EXACT_KL_MAX_VOCAB if exact == "auto" else exact == "true"
   return evaluation.KLEvalConfig(
       max_new_tokens=int(eval_cfg.kl_max_new_tokens),
       temperature=float(eval_cfg.get("kl_temperature", 1.0)), exact=bool(exact),
