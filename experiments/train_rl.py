@@ -16,6 +16,14 @@ and response length: the overoptimization curve, in ``metrics.jsonl``
 last checkpoint (policy, value model, optimizer, frozen reference and KL
 coefficient are all checkpointed; all randomness is a function of the step).
 
+PPO's value model (``rl.value_trunk``): ``"separate"`` (default) is a copy of
+the reference trunk with a scalar head, trained only by the value loss;
+``"shared"`` puts the value head on the policy's own trunk (cheaper; the value
+loss then also shapes the policy's features). The gold reward is never seen by
+the optimiser: it is only evaluated (and logged on training samples when
+``log_train_gold``). Not yet supported: ``config.mesh`` sharding (runs on one
+device).
+
 Outputs: config.json, metrics.jsonl, tensorboard/, checkpoints/, summary.json.
 """
 

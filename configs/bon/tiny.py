@@ -6,12 +6,14 @@ COMMAND:
 The reference policy is the warm-started tiny decoder of configs/rl/tiny_ppo.py;
 N samples per held-out prompt are scored by the planted proxy and the gold.
 
-EXPECTED (measured on this shared 2-core CPU, seed 0), `:quick` (16 prompts x
-N=64, about 30-50 s wall): proxy rises monotonically to +1.18 ± 0.08 at n=64
-(KL bound 3.2 nats); gold rises too, to +0.64 ± 0.17: best-of-64 is too weak an
-optimiser to reach the exploit regime that PPO/RLOO reach at KL > 5 nats (the
-honest high-score characters still dominate the proxy's top samples).
-Default (64 prompts x N=256): a few minutes; not measured.
+EXPECTED (measured on this shared 2-core CPU, seed 0):
+  default (64 prompts x N=256, about 30 s wall when the machine is quiet): the
+  proxy rises monotonically to +1.45 ± 0.05 at n=256 (KL bound 4.5 nats); the
+  gold rises to +0.54 ± 0.05 at n=93 and then turns down (+0.48 ± 0.10 at
+  n=256): the start of overoptimization, much milder than PPO/RLOO's collapse
+  at KL > 5 nats, because best-of-n only reweights reference samples.
+  `:quick` (16 prompts x N=64, 30-50 s): proxy +1.18 ± 0.08 and gold
+  +0.64 ± 0.17 at n=64, both still rising.
 """
 
 import ml_collections
