@@ -11,6 +11,7 @@ workdir)`` (what the tests call in-process) and ends with::
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import pathlib
 from typing import Any, Callable
@@ -32,13 +33,25 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Output directory; rerunning with it resumes.")
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops INFO lines of chatty libraries (orbax logs every checkpoint step in detail)."""
+
+  NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}")
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or not any(
+        part in record.pathname for part in self.NOISY)
+
+
 def prepare_workdir(workdir: str | os.PathLike[str]) -> str:
   """Creates ``workdir`` and mirrors absl logs into ``workdir/logs``."""
   path = pathlib.Path(workdir).expanduser().resolve()
   path.mkdir(parents=True, exist_ok=True)
   log_dir = path / "logs"
   log_dir.mkdir(exist_ok=True)
-  logging.get_absl_handler().use_absl_log_file("log", str(log_dir))
+  handler = logging.get_absl_handler()
+  handler.use_absl_log_file("log", str(log_dir))
+  handler.addFilter(_QuietLibraries())
   logging.set_verbosity(logging.INFO)
   logging.set_stderrthreshold(logging.INFO)
   return str(path)

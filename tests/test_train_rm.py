@@ -70,6 +70,7 @@ def small_config(steps: int, *, base=tiny, num_pairs: int = 600, batch_size: int
   config.data.tiny_world.num_pairs = num_pairs
   config.data.pipeline.batch_size = batch_size
   config.data.pipeline.bucket_boundaries = ()
+  config.model.overrides.num_layers = 1  # Halves compile time, still learns the tiny world.
   config.mesh.update(shape=(1, 1, 1), num_devices=1)
   return config
 
@@ -213,7 +214,7 @@ def test_tiny_rm_learns_and_writes_outputs(data_env, tmp_path):
   config = small_config(40, num_pairs=1000, batch_size=32)
   out = train_rm.run(config, str(tmp_path))
   ev = out["eval"]
-  # Measured 0.81 (112 validation pairs); chance is 0.5, the length-only baseline 0.47.
+  # Measured 0.875 (112 validation pairs); chance is 0.5, the length-only baseline 0.47.
   assert ev["accuracy"] > 0.7, ev
   assert abs(ev["length_baseline_accuracy"] - 0.5) < 0.15
   assert 0.0 <= ev["ece"] < 0.2 and "chosen_longer_rate" in ev
@@ -239,8 +240,8 @@ def test_deep_ensemble_members_equal_separately_trained_models(data_env, tmp_pat
   assert "member_sign_disagreement" in out["eval"]
   records = [r for r in train.read_metrics(tmp_path / "ensemble") if "loss" in r]
   assert [r["step"] for r in records] == list(range(1, steps + 1))
-  # Members sharded over an `ensemble` mesh axis (x data parallelism) train identically.
-  config.mesh.update(shape=(2, 1, 1), ensemble=k, num_devices=2 * k)
+  # Members sharded over an `ensemble` mesh axis train identically.
+  config.mesh.update(shape=(1, 1, 1), ensemble=k, num_devices=k)
   config.eval.enabled = False
   train_rm.run(config, str(tmp_path / "sharded"))
   sharded = [r for r in train.read_metrics(tmp_path / "sharded") if "loss" in r]
@@ -310,13 +311,14 @@ def test_mesh_2x2x2_matches_single_device(packed_run, tmp_path):
 def test_cli_smoke(data_env, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   cmd = [sys.executable, "-m", "experiments.train_rm", "--config=configs/rm/tiny.py:quick",
-         f"--workdir={tmp_path}", "--config.loop.num_steps=2",
+         f"--workdir={tmp_path}", "--config.loop.num_steps=3", "--config.optimizer.warmup_steps=0",
          "--config.data.tiny_world.num_pairs=600", "--config.data.pipeline.batch_size=8"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
-  assert summary["final_step"] == 2
-  assert json.loads((tmp_path / "config.json").read_text())["loop"]["num_steps"] == 2
+  assert summary["final_step"] == 3
+  written = json.loads((tmp_path / "config.json").read_text())
+  assert written["loop"]["num_steps"] == written["optimizer"]["total_steps"] == 3
 
 
 def test_multi_objective_run_reports_each_objective(data_env, tmp_path):

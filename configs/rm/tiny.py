@@ -21,6 +21,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None (default) or ``quick`` (fewer steps, for tests)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # One value: overriding --config.loop.num_steps also moves the end of the LR schedule.
+  num_steps = ml_collections.FieldReference(300)
   config.tokenizer = dict(path="byte")
   config.model = dict(
       arch="decoder", preset="tiny_llama", path="", head="reward", ensemble="heads",
@@ -37,14 +39,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss = dict(name="bt", margin=0.0, label_smoothing=0.0, center_coef=0.0, nu=1.0,
                      bootstrap=False, first_member=0)
   config.optimizer = dict(name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=10,
-                          total_steps=300, weight_decay=0.0, grad_clip_norm=1.0)
-  config.loop = dict(num_steps=300, log_every=20, eval_every=100, checkpoint_every=100,
+                          total_steps=num_steps, weight_decay=0.0, grad_clip_norm=1.0)
+  config.loop = dict(num_steps=num_steps, log_every=20, eval_every=100, checkpoint_every=100,
                      seed=0, async_checkpointing=False)
   config.eval = dict(enabled=True, batch_size=64, num_bins=10, subset_field="subset")
   config.mesh = dict(shape=(-1, 1, 1), ensemble=1, num_devices=0)
   if arg == "quick":
     config.loop.num_steps = 60
-    config.optimizer.total_steps = 60
     config.loop.eval_every = 0
     config.loop.checkpoint_every = 0
   elif arg not in (None, ""):
