@@ -24,7 +24,8 @@ the optimiser: it is only evaluated (and logged on training samples when
 ``log_train_gold``). Not yet supported: ``config.mesh`` sharding (runs on one
 device).
 
-Outputs: config.json, metrics.jsonl, tensorboard/, checkpoints/, summary.json.
+Outputs: config.json, metrics.jsonl, tensorboard/, checkpoints/, summary.json,
+figures/rl.png (held-out gold and proxy vs √KL).
 """
 
 from __future__ import annotations
@@ -190,10 +191,34 @@ def _write_summary(workdir: str, total: int) -> dict[str, Any]:
       "proxy_gain": evals[-1]["proxy"] - evals[0]["proxy"],
   }
   summary_lib.write_summary(workdir, summary)
+  _plot(evals, os.path.join(workdir, "figures", "rl.png"))
   logging.info("RL done: proxy %+.3f, gold peak %+.3f at step %d, final gold drop %.3f",
                summary["proxy_gain"], summary["gold_gain_at_peak"], peak["step"],
                summary["gold_drop_after_peak"])
   return summary
+
+
+def _plot(evals: list[dict[str, Any]], path: str) -> None:
+  """Held-out gold and proxy (minus their step-0 values) vs √KL, as in Gao et al. 2022."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  kl_name = "kl_exact" if "kl_exact" in evals[0] else "kl"
+  x = np.sqrt(np.maximum([e[kl_name] for e in evals], 0.0))
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for name, color in (("proxy", "tab:orange"), ("gold", "tab:blue")):
+    y = np.array([e[name] for e in evals]) - evals[0][name]
+    se = np.array([e[f"{name}_se"] for e in evals])
+    ax.errorbar(x, y, yerr=se, fmt="o-", color=color, label=name, markersize=3, capsize=2)
+  ax.axhline(0.0, color="gray", lw=0.5)
+  ax.set_xlabel(f"√KL ({kl_name}, nats½) on held-out samples")
+  ax.set_ylabel("score − initial score")
+  ax.set_title(f"RL: held-out proxy and gold over {evals[-1]['step']} steps")
+  ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 if __name__ == "__main__":

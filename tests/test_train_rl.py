@@ -110,6 +110,8 @@ def test_train_metrics_are_logged(ppo_run):
                "clip_fraction", "approx_kl", "grad_norm", "response_length"):
     assert np.isfinite(last[name]), name
   assert (pathlib.Path(workdir) / "tensorboard").is_dir()
+  png = pathlib.Path(workdir) / "figures" / "rl.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_reproduces_uninterrupted_run(rloo_run, scratch):

@@ -23,6 +23,7 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from absl import logging
 
 from prefjax.data import tiny_world as tiny_world_lib
 from prefjax import rewards as rewards_lib
@@ -112,6 +113,9 @@ def model_reward(spec: Any, *, seed: int = 0) -> PairReward:
   model = experiment.make_model(spec.model, vocab_size=tokenizer.vocab_size, seed=seed)
   if spec.get("checkpoint"):
     train.load_params(spec.checkpoint, model)
+  else:
+    logging.warning("reward %r has no checkpoint: its reward head is RANDOM (smoke tests "
+                    "only); set checkpoint to a train_rm workdir", spec.get("name"))
   encode = text_encoder(tokenizer, int(spec.get("max_length", 512)))
   name = spec.get("name") or "reward_model"
   batch_size = spec.get("batch_size") or None
