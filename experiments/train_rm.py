@@ -21,8 +21,9 @@ models (parameters stacked, one jitted step, optionally sharded over an
 ``ensemble`` mesh axis via ``mesh.ensemble=K``); ``"heads"`` trains K heads on
 one trunk. The loss is Σ_k mean-loss_k, so members' gradients are
 independent. Members see the same batches in the same order; they differ by
-init seed (``seed + k``) and, with ``loss.bootstrap`` (default for K > 1), by
-Poisson(1) bootstrap weights per pair drawn from ``fold_in(step_rng, k)``
+init seed (``seed + k``) and, with ``loss.bootstrap`` (on in
+``configs/rm/ensemble_tiny.py``), by Poisson(1) bootstrap weights per pair drawn
+from ``fold_in(step_rng, k)``
 (online bagging; Oza & Russell 2001). A single RM with ``loss.bootstrap=True``
 and ``loss.first_member=k`` draws exactly member k's weights, so a member can
 be reproduced alone. Global-norm gradient clipping is applied per member for
@@ -178,7 +179,7 @@ def objective_table(source: Any, objectives: Sequence[str], data_cfg: Mapping[st
   unlabelled = 0
   for i in range(len(source)):
     row = source[i]
-    labels = fixed if fixed else row.get("meta", {}).get(field)
+    labels = fixed if fixed else (row.get("meta") or {}).get(field)
     if labels is None:
       unlabelled += 1
       continue
@@ -257,6 +258,7 @@ class Evaluator:
     self._forward = jax.jit(lambda params, extra, batch: pair_rewards(
         train.merge_model(graphdef, params, extra), batch, None))
     self._state, self._step = None, None
+    self._subset_cache: list[str] | None = None
     self.last: tuple[int, dict[str, float]] | None = None
 
   def record_state(self, step: int, state: Any, metrics: Any) -> None:
@@ -287,10 +289,13 @@ class Evaluator:
     return {k: np.concatenate(v) for k, v in parts.items() if v}
 
   def _subsets(self, index: np.ndarray) -> list[str] | None:
+    """``meta[eval.subset_field]`` of every eval pair, when every pair has one."""
     if not self._subset_field:
       return None
-    values = [self._source[int(i)].get("meta", {}).get(self._subset_field) for i in index]
-    return None if any(v is None for v in values) else [str(v) for v in values]
+    if self._subset_cache is None:
+      values = [(self._source[int(i)].get("meta") or {}).get(self._subset_field) for i in index]
+      self._subset_cache = [] if any(v is None for v in values) else [str(v) for v in values]
+    return self._subset_cache or None
 
   def _metrics(self, d: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, list]]:
     common_args = dict(outcome=d["outcome"], chosen_len=d["c_len"], rejected_len=d["r_len"],

@@ -36,7 +36,8 @@ def tmp_path():
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache():
   """The same train step recurs across runs here (members, resumes, meshes): compile it once."""
-  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache as cc
   options = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0,
              "jax_persistent_cache_min_entry_size_bytes": 0}
   saved = {name: getattr(jax.config, name) for name in options}
@@ -327,6 +328,7 @@ def test_multi_objective_run_reports_each_objective(data_env, tmp_path):
   rows = list(tiny_world.TinyWorld(seed=0).preference_pairs(300, seed=1))
   for i, row in enumerate(rows):
     row["meta"]["objective"] = ["helpful", "harmless", ["helpful", "harmless"]][i % 3]
+    row["meta"]["subset"] = ["even", "odd"][i % 2]
   synthetic.write_synthetic_dataset("rm_multi", rows, label_noise=0.0, gold_name="tiny_world",
                                     meta={})
   config = small_config(3)
@@ -339,3 +341,4 @@ def test_multi_objective_run_reports_each_objective(data_env, tmp_path):
   for name in ("helpful", "harmless"):
     assert 0.0 <= out["eval"][f"objective/{name}/accuracy"] <= 1.0
   assert out["eval"]["unlabelled_pairs"] == 0
+  assert {"accuracy/subset/even", "accuracy/subset/odd"} <= set(out["eval"])

@@ -1,0 +1,29 @@
+r"""MiniLM reward model with Davidson ties on PandaLM's human test set (ties as outcome 0.5).
+
+Command:
+  python -m experiments.train_rm --config=configs/rm/pandalm_ties.py --workdir=/tmp/rm_pandalm
+
+Data: the 999 PandaLM pairs (three annotators each; majority outcome 1, 0 or 0.5 for
+a tie) re-split 80/10/10 by prompt hash. Loss: ``bradley_terry_ties`` with ν = 1
+(Davidson 1970), which models P(tie) instead of dropping ties. Accuracy is over
+decisive pairs; ties are counted (``num_ties``).
+
+Expected (this 2-core CPU): TBD.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.rm import hh_minilm
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """``arg``: None or ``quick``, as in ``configs/rm/hh_minilm.py``; ``bt`` drops the tie model."""
+  config = hh_minilm.get_config(None if arg == "bt" else arg)
+  config.data.name = "pandalm"
+  config.data.pipeline.update(max_length=128, max_prompt_length=48, bucket_boundaries=(64,))
+  config.loss.name = "bt" if arg == "bt" else "ties"
+  config.loop.num_steps = 4 if arg == "quick" else 100
+  config.loop.eval_every = 0 if arg == "quick" else 50
+  return config
