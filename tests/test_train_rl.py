@@ -6,7 +6,9 @@ score (honest high-score characters are learned) and then lowers it as "p"
 takes over. Thresholds below are loose versions of the measured curves
 (documented in configs/rl/tiny_*.py): gold rises by > 0.1 at its peak (several
 standard errors, SE ≈ 0.04), falls by > 0.5 after the peak, and the proxy
-gains > 1.5.
+gains > 1.5. Measured (seed 0 / 1 / 2): PPO gold gain at peak 0.47 / 0.32 / 0.29,
+drop after it 1.28 / 1.04 / 1.12, proxy gain 1.92 / 2.04 / 1.95; RLOO 0.50 /
+0.22 / 0.33, 1.19 / 0.95 / 0.92, 1.99 / 2.13 / 1.91.
 """
 
 import json
