@@ -8,7 +8,12 @@ a tie) re-split 80/10/10 by prompt hash. Loss: ``bradley_terry_ties`` with ν = 
 (Davidson 1970), which models P(tie) instead of dropping ties. Accuracy is over
 decisive pairs; ties are counted (``num_ties``).
 
-Expected (this 2-core CPU): TBD.
+Expected (this 2-core CPU, measured 2026-11-27): 100 steps of 16 pairs (761 train
+pairs, 2.1 epochs), 7 min wall (machine partly shared). Validation (111 pairs, 2 of
+them ties): accuracy 0.716 (0.743 at step 50), BT log-loss 0.641, ECE 0.131 (both
+pair orders). The length-only baseline is 0.734 (the chosen response is longer in
+69% of pairs): on PandaLM this small RM does not beat "longer wins", so read its
+accuracy against that baseline, not against chance.
 """
 
 from __future__ import annotations
