@@ -1,0 +1,131 @@
+r"""The end-to-end demo behind `make demo`: tiny-world overoptimization on CPU.
+
+COMMAND:
+  python -m experiments.demo --workdir=workdirs/demo
+
+Until the full overoptimization study (issue F) lands, this is the best end-to-end
+path that exists, and it says so in its report. Three stages, each a real binary
+run in its own sub-workdir (so a rerun resumes / reuses finished stages):
+
+  1. ``train_rm``   configs/rm/tiny.py     a reward model learned from gold-labelled pairs
+  2. ``best_of_n``  configs/bon/tiny.py    best-of-n against a proxy = gold + planted exploit
+  3. ``train_rl``   configs/rl/tiny_rloo.py RLOO with a KL penalty against the same proxy,
+                                           gold and proxy scored on the same samples
+
+It writes ``report.md`` / ``report.json`` and copies the figures into
+``WORKDIR/figures``. Expected runtime on a quiet 2-core CPU: a few minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from configs.bon import tiny as bon_config
+from configs.rl import tiny_rloo as rloo_config
+from configs.rm import tiny as rm_config
+from experiments import best_of_n
+from experiments import common
+from experiments import train_rl
+from experiments import train_rm
+
+_QUICK = flags.DEFINE_bool("quick", False, "Use the :quick variant of every stage.")
+
+
+def _stage(name: str, fn: Callable[[Any, str], Any], config: Any, workdir: str) -> Any:
+  stage_dir = os.path.join(workdir, name)
+  logging.info("demo stage %s -> %s", name, stage_dir)
+  start = time.time()
+  result = fn(config, stage_dir)
+  logging.info("demo stage %s done in %.1f s", name, time.time() - start)
+  return result
+
+
+def _copy_figures(workdir: str) -> list[str]:
+  out = os.path.join(workdir, "figures")
+  os.makedirs(out, exist_ok=True)
+  copied = []
+  for stage in ("rm", "bon", "rl"):
+    fig_dir = os.path.join(workdir, stage, "figures")
+    if not os.path.isdir(fig_dir):
+      continue
+    for fname in sorted(os.listdir(fig_dir)):
+      if fname.endswith(".png"):
+        shutil.copy(os.path.join(fig_dir, fname), os.path.join(out, f"{stage}_{fname}"))
+        copied.append(f"figures/{stage}_{fname}")
+  return copied
+
+
+def _rl_sentence(rl: dict[str, Any]) -> str:
+  peak, final = rl["peak_gold"], rl["final"]
+  text = (f"proxy gain {rl['proxy_gain']:+.3f}; gold rises by {rl['gold_gain_at_peak']:+.3f} to "
+          f"its peak at step {peak['step']} (KL {peak.get('kl', float('nan')):.2f} nats)")
+  drop, se = rl["gold_drop_after_peak"], final.get("gold_se", float("nan"))
+  if drop > 2 * se:
+    return (text + f", then falls by {drop:.3f} (> 2 SE = {2 * se:.3f}) by step {final['step']} "
+            f"(KL {final.get('kl', float('nan')):.2f} nats): the proxy keeps rising while the "
+            "gold peaks and falls.")
+  return text + (f"; by step {final['step']} it has not fallen by more than 2 SE "
+                 "(run longer, or use the full config, to see the decline).")
+
+
+def report(rm: dict[str, Any], bon: dict[str, Any], rl: dict[str, Any],
+           figures: list[str]) -> str:
+  ev = rm.get("eval") or {}
+  peak = max(range(len(bon["gold"])), key=lambda i: bon["gold"][i])
+  lines = [
+      "# prefjax demo: tiny-world reward overoptimization", "",
+      "This is the end-to-end demo that exists before the full overoptimization study "
+      "(Gao et al. 2022 / Coste et al. 2023 reproduction, issue F). Everything runs on CPU "
+      "with a tiny byte-level decoder on a synthetic text world whose gold reward is a "
+      "program; the proxy adds a planted feature that the gold penalises.", "",
+      "## 1. Reward model (configs/rm/tiny.py)", "",
+      f"validation accuracy {ev.get('accuracy', float('nan')):.3f}, "
+      f"BT log-loss {ev.get('bt_log_loss', float('nan')):.3f}, "
+      f"ECE {ev.get('ece', float('nan')):.3f}, "
+      f"length-only baseline {ev.get('length_baseline_accuracy', float('nan')):.3f}", "",
+      "## 2. Best-of-n against the planted proxy (configs/bon/tiny.py)", "",
+      f"n = 1 … {bon['n'][-1]}: proxy {bon['proxy'][0]:+.3f} → {bon['proxy'][-1]:+.3f}; gold "
+      f"peaks at n = {bon['n'][peak]} ({bon['gold'][peak]:+.3f} ± {bon['gold_se'][peak]:.3f}) "
+      f"and is {bon['gold'][-1]:+.3f} ± {bon['gold_se'][-1]:.3f} at n = {bon['n'][-1]}.", "",
+      "## 3. RLOO with a KL penalty against the planted proxy (configs/rl/tiny_rloo.py)", "",
+      _rl_sentence(rl), "",
+  ]
+  lines += [f"![{f}]({f})" for f in figures]
+  return "\n".join(lines) + "\n"
+
+
+def run(workdir: str, quick: bool = False) -> dict[str, Any]:
+  arg = "quick" if quick else None
+  rm = _stage("rm", train_rm.run, rm_config.get_config(arg), workdir)
+  bon = _stage("bon", best_of_n.run, bon_config.get_config(arg), workdir)
+  rl = _stage("rl", train_rl.run, rloo_config.get_config(arg), workdir)
+  figures = _copy_figures(workdir)
+  text = report(rm, bon, rl, figures)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(text)
+  summary = {"rm_eval": rm.get("eval"), "bon": {k: bon[k] for k in ("n", "proxy", "gold", "gold_se")},
+             "rl": rl}
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump(summary, f, indent=2, default=float)
+  print(text)
+  return summary
+
+
+def main(argv):
+  del argv
+  workdir = common.prepare_workdir(flags.FLAGS.workdir)
+  run(workdir, quick=_QUICK.value)
+
+
+if __name__ == "__main__":
+  if "workdir" not in flags.FLAGS:
+    flags.DEFINE_string("workdir", "workdirs/demo", "Output directory; a rerun resumes.")
+  app.run(main)
