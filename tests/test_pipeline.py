@@ -371,7 +371,7 @@ def test_default_shard_is_jax_process():
 def test_config_validation_and_from_mapping():
   cfg = pipeline.PipelineConfig.from_mapping({"batch_size": 2, "bucket_boundaries": [8]})
   assert cfg.bucket_boundaries == (8,) and cfg.prompt_limit == 256
-  with pytest.raises(ValueError, match="unknown PipelineConfig fields"):
+  with pytest.raises(ValueError, match=r"PipelineConfig: unknown field\(s\)"):
     pipeline.PipelineConfig.from_mapping({"batchsize": 2})
   with pytest.raises(ValueError, match="max_prompt_length"):
     pipeline.PipelineConfig(max_length=8, max_prompt_length=8)

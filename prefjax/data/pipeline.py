@@ -46,6 +46,7 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
+from prefjax import configlib
 from prefjax.data import packing
 from prefjax.data import padding
 from prefjax.data import tokenize as tokenize_lib
@@ -119,14 +120,7 @@ class PipelineConfig:
   @classmethod
   def from_mapping(cls, mapping: Mapping[str, Any]) -> PipelineConfig:
     """From a dict or ``ml_collections.ConfigDict``; unknown keys are an error."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    values = dict(mapping.items())
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"unknown PipelineConfig fields {unknown}; known: {sorted(known)}")
-    if "bucket_boundaries" in values:
-      values["bucket_boundaries"] = tuple(values["bucket_boundaries"])
-    return cls(**values)
+    return configlib.dataclass_from_mapping(cls, mapping, bucket_boundaries=tuple)
 
   @property
   def prompt_limit(self) -> int:

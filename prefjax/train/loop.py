@@ -29,6 +29,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from prefjax import configlib
 from prefjax.train import checkpoint as checkpoint_lib
 from prefjax.train import metrics as metrics_lib
 from prefjax.train import schedules
@@ -86,14 +87,7 @@ class LoopConfig:
 
   @classmethod
   def from_mapping(cls, cfg: Mapping[str, Any] | "LoopConfig") -> "LoopConfig":
-    if isinstance(cfg, cls):
-      return cfg
-    data = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-      raise ValueError(f"loop config: unknown field(s) {unknown}; known: {sorted(known)}")
-    return cls(**data)
+    return configlib.dataclass_from_mapping(cls, cfg)
 
 
 @dataclasses.dataclass

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 import optax
 
+from prefjax import configlib
+
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -57,14 +59,7 @@ class OptimizerConfig:
   @classmethod
   def from_mapping(cls, cfg: Mapping[str, Any] | "OptimizerConfig") -> "OptimizerConfig":
     """Builds a config from a mapping (e.g. a ``ConfigDict``); unknown keys are errors."""
-    if isinstance(cfg, cls):
-      return cfg
-    data = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-      raise ValueError(f"optimizer config: unknown field(s) {unknown}; known: {sorted(known)}")
-    return cls(**data)
+    return configlib.dataclass_from_mapping(cls, cfg)
 
 
 def make_schedule(cfg: OptimizerConfig | Mapping[str, Any]) -> optax.Schedule:
