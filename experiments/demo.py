@@ -63,14 +63,19 @@ def _copy_figures(workdir: str) -> list[str]:
   return copied
 
 
+def _kl(record: dict[str, Any]) -> float:
+  """Exact KL (tiny vocabularies) when logged, else the configured estimator."""
+  return record.get("kl_exact", record.get("kl", float("nan")))
+
+
 def _rl_sentence(rl: dict[str, Any]) -> str:
   peak, final = rl["peak_gold"], rl["final"]
   text = (f"proxy gain {rl['proxy_gain']:+.3f}; gold rises by {rl['gold_gain_at_peak']:+.3f} to "
-          f"its peak at step {peak['step']} (KL {peak.get('kl', float('nan')):.2f} nats)")
+          f"its peak at step {peak['step']} (KL {_kl(peak):.2f} nats)")
   drop, se = rl["gold_drop_after_peak"], final.get("gold_se", float("nan"))
   if drop > 2 * se:
     return (text + f", then falls by {drop:.3f} (> 2 SE = {2 * se:.3f}) by step {final['step']} "
-            f"(KL {final.get('kl', float('nan')):.2f} nats): the proxy keeps rising while the "
+            f"(KL {_kl(final):.2f} nats): the proxy keeps rising while the "
             "gold peaks and falls.")
   return text + (f"; by step {final['step']} it has not fallen by more than 2 SE "
                  "(run longer, or use the full config, to see the decline).")
