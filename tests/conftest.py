@@ -10,6 +10,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pathlib  # noqa: E402
+import tempfile  # noqa: E402
+
+# Built datasets and synthetic worlds go to a private per-process cache, so the suite
+# never reads state left in ~/.cache by earlier runs (and xdist workers never race).
+_CACHE_ROOT = pathlib.Path(tempfile.mkdtemp(prefix="prefjax-test-cache-"))
+os.environ.setdefault("PREFJAX_CACHE_DIR", str(_CACHE_ROOT / "tfds"))
+os.environ.setdefault("PREFJAX_SYNTHETIC_DIR", str(_CACHE_ROOT / "synthetic"))
 
 import pytest  # noqa: E402
 
