@@ -27,7 +27,9 @@ demo: install
 	$(PY) -m experiments.demo --workdir=$(WORKDIR)
 
 bench: install
-	$(PY) -m benchmarks.run_all
+	mkdir -p benchmarks/out
+	$(PY) -m benchmarks.packing_efficiency --out=benchmarks/out/packing.json
+	$(PY) -m benchmarks.model_throughput --model=smollm2 --out=benchmarks/out/throughput_cpu.json
 
 clean:
 	rm -rf $(VENV) workdirs
