@@ -54,7 +54,6 @@ import optax
 from absl import app
 from absl import logging
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from experiments import common
 from prefjax import experiment
@@ -408,25 +407,6 @@ def make_optimizer(opt_cfg: Any, deep_ensemble: bool):
   return optax.chain(clip_per_member(cfg.grad_clip_norm), tx), schedule
 
 
-def partition_rules(model: nnx.Module, mesh: jax.sharding.Mesh) -> list:
-  """The model's rules; a deep ensemble's member axis is replicated without an ``ensemble`` axis."""
-  if isinstance(model, heads_lib.DeepEnsemble) and "ensemble" not in mesh.shape:
-    member_rules = experiment.partition_rules(model.member(0))
-    return [(pattern, P(None, *spec)) for pattern, spec in member_rules]
-  return experiment.partition_rules(model)
-
-
-def make_mesh(mesh_cfg: Any) -> jax.sharding.Mesh:
-  """``config.mesh`` -> mesh; ``mesh.num_devices`` > 0 uses only the first that many devices."""
-  from prefjax import parallel  # pylint: disable=g-import-not-at-top
-  num_devices = int(mesh_cfg.get("num_devices", 0) or 0)
-  if num_devices <= 0:
-    return experiment.make_mesh(mesh_cfg)
-  if num_devices > jax.device_count():
-    raise ValueError(f"mesh.num_devices={num_devices} but only {jax.device_count()} devices")
-  return parallel.mesh_from_config(mesh_cfg, devices=jax.devices()[:num_devices])
-
-
 def reward_columns(model: nnx.Module) -> tuple[int, tuple[str, ...]]:
   """(number of reward outputs, objective names or ())."""
   if isinstance(model, heads_lib.MultiObjectiveRewardModel):
@@ -449,7 +429,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     ``{"summary": summary.json contents, "eval": final eval metrics}``.
   """
   tokenizer = experiment.make_tokenizer(config.tokenizer)
-  mesh = make_mesh(config.mesh)
+  mesh = experiment.make_mesh(config.mesh)
   train_source = experiment.load_split(config.data, config.data.train_split)
   eval_source = experiment.load_split(config.data, config.data.eval_split)
   pcfg = experiment.pipeline_config(config.data)
@@ -480,7 +460,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         train_iter=train_iter, eval_fn=evaluator.passthrough if evaluate else None,
         eval_data=evaluator.eval_data if evaluate else None,
         tokens_in_batch=lambda b: float(np.count_nonzero(b[real_key])),
-        mesh=mesh, partition_rules=partition_rules(model, mesh),
+        mesh=mesh, partition_rules=experiment.partition_rules(model, mesh),
         hooks=[evaluator.record_state] if evaluate else [])
     final_step = result.summary.get("final_step", int(jax.device_get(result.state.step)))
     if evaluate and (evaluator.last is None or evaluator.last[0] != final_step):

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from prefjax import assets
 from prefjax.data import pipeline as pipeline_lib
@@ -111,10 +112,17 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
   return build(nnx.Rngs(seed), head)
 
 
-def partition_rules(model: nnx.Module) -> list:
-  """Partition rules of the model's trunk (decoder or encoder), ensemble-aware."""
+def partition_rules(model: nnx.Module, mesh: jax.sharding.Mesh | None = None) -> list:
+  """Partition rules of the model's trunk (decoder or encoder), ensemble-aware.
+
+  A ``DeepEnsemble``'s member axis goes over the mesh's ``ensemble`` axis, or is
+  replicated when ``mesh`` is given and has none.
+  """
   if isinstance(model, heads_lib.DeepEnsemble):
-    return heads_lib.ensemble_partition_rules(partition_rules(model.member(0)))
+    member_rules = partition_rules(model.member(0))
+    if mesh is not None and "ensemble" not in mesh.shape:
+      return [(pattern, P(None, *spec)) for pattern, spec in member_rules]
+    return heads_lib.ensemble_partition_rules(member_rules)
   trunk = getattr(model, "trunk", model)
   if isinstance(trunk, encoder_lib.Encoder):
     return list(encoder_lib.PARTITION_RULES)
@@ -164,8 +172,14 @@ def pipeline_config(data_cfg: Any, **overrides) -> pipeline_lib.PipelineConfig:
 
 
 def make_mesh(mesh_cfg: Any) -> jax.sharding.Mesh:
+  """``config.mesh`` -> mesh; ``mesh.num_devices`` > 0 uses only the first that many devices."""
   from prefjax import parallel  # pylint: disable=g-import-not-at-top
-  return parallel.mesh_from_config(mesh_cfg)
+  num_devices = int(_plain(mesh_cfg).get("num_devices", 0) or 0)
+  if num_devices <= 0:
+    return parallel.mesh_from_config(mesh_cfg)
+  if num_devices > jax.device_count():
+    raise ValueError(f"mesh.num_devices={num_devices} but only {jax.device_count()} devices")
+  return parallel.mesh_from_config(mesh_cfg, devices=jax.devices()[:num_devices])
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
