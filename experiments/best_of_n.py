@@ -150,8 +150,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     np.savez(path + ".tmp.npz", **samples)
     os.replace(path + ".tmp.npz", path)
   result = curves(samples, config)
-  experiment.write_json(os.path.join(workdir, "bon_curves.json"), result)
-  experiment.write_json(os.path.join(workdir, "report.json"), result)
+  summary_lib.write_json(os.path.join(workdir, "bon_curves.json"), result)
+  summary_lib.write_json(os.path.join(workdir, "report.json"), result)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(report_markdown(result))
   plot(result, os.path.join(workdir, "figures", "bon.png"))

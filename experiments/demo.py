@@ -18,7 +18,6 @@ It writes ``report.md`` / ``report.json`` and copies the figures into
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -35,6 +34,7 @@ from experiments import best_of_n
 from experiments import common
 from experiments import train_rl
 from experiments import train_rm
+from prefjax.train import summary as summary_lib
 
 _QUICK = flags.DEFINE_bool("quick", False, "Use the :quick variant of every stage.")
 
@@ -118,8 +118,7 @@ def run(workdir: str, quick: bool = False) -> dict[str, Any]:
     f.write(text)
   summary = {"rm_eval": rm.get("eval"), "bon": {k: bon[k] for k in ("n", "proxy", "gold", "gold_se")},
              "rl": rl}
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(summary, f, indent=2, default=float)
+  summary_lib.write_json(os.path.join(workdir, "report.json"), summary)
   print(text)
   return summary
 

@@ -52,6 +52,7 @@ from prefjax.data import pipeline as pipeline_lib
 from prefjax.direct import evaluation
 from prefjax.direct import objective as objective_lib
 from prefjax.direct import ref_cache
+from prefjax.train import summary as summary_lib
 
 # Vocabularies up to this size also get the exact full-vocabulary KL at eval.
 EXACT_KL_MAX_VOCAB = 4096
@@ -189,7 +190,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
     logging.info("eval KL to the reference skipped: no reference model is loaded in "
                  "ref.mode=%s", objective.ref_mode)
   eval_fn = evaluation.make_eval_fn(objective, reference=refs.model, kl=kl)
-  experiment.write_json(os.path.join(workdir, "reference.json"), refs.info)
+  summary_lib.write_json(os.path.join(workdir, "reference.json"), refs.info)
 
   with mesh_context(mesh):
     result = train.train_loop(
@@ -199,7 +200,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
         eval_data=lambda: ref_cache.ReferenceIterator(iter(eval_ds), eval_provider),
         tokens_in_batch=tokens_in_batch, mesh=mesh,
         partition_rules=experiment.partition_rules(policy))
-  experiment.write_json(os.path.join(workdir, "data_counters.json"), train_iter.counters)
+  summary_lib.write_json(os.path.join(workdir, "data_counters.json"), train_iter.counters)
   return result
 
 

@@ -64,6 +64,7 @@ from prefjax.losses import preference as pref_losses
 from prefjax.models import heads as heads_lib
 from prefjax.models import segments as seg
 from prefjax.train import sharding as sharding_lib
+from prefjax.train import summary as summary_lib
 
 LOSSES = ("bt", "ties", "plackett_luce")
 LOSS_FIELDS = {"name", "margin", "label_smoothing", "center_coef", "nu", "bootstrap",
@@ -360,7 +361,7 @@ class Evaluator:
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(figure), exist_ok=True)
       evals.plot_reliability(reliability, figure, title=f"reward model, step {step}")
-      experiment.write_json(os.path.join(self._workdir, f"eval_{step}.json"),
+      summary_lib.write_json(os.path.join(self._workdir, f"eval_{step}.json"),
                             {"step": step, "metrics": metrics, "reliability": reliability,
                              "figure": os.path.relpath(figure, self._workdir)})
     logging.info("eval at step %d (%.1fs): accuracy=%.4f ece=%.4f length-only=%s", step,

@@ -17,9 +17,6 @@ schema is the same everywhere:
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
 from typing import Any, Mapping
 
 import jax
@@ -180,10 +177,3 @@ def make_mesh(mesh_cfg: Any) -> jax.sharding.Mesh:
   if num_devices > jax.device_count():
     raise ValueError(f"mesh.num_devices={num_devices} but only {jax.device_count()} devices")
   return parallel.mesh_from_config(mesh_cfg, devices=jax.devices()[:num_devices])
-
-
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(f"{path}.tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
-  tmp.replace(path)

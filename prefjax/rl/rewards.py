@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from absl import logging
 
+from prefjax import configlib
 from prefjax.data import tiny_world as tiny_world_lib
 from prefjax import rewards as rewards_lib
 
@@ -53,15 +54,8 @@ class PairReward:
 
 def world_from_config(cfg: Any) -> tiny_world_lib.TinyWorld:
   """A ``TinyWorld`` from a mapping of its dataclass fields (tuples may come as lists)."""
-  fields = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
-  for key in ("prompt_length", "response_length"):
-    if key in fields:
-      fields[key] = tuple(fields[key])
-  known = {f.name for f in dataclasses.fields(tiny_world_lib.TinyWorld)}
-  unknown = sorted(set(fields) - known)
-  if unknown:
-    raise ValueError(f"tiny world config: unknown field(s) {unknown}; known: {sorted(known)}")
-  return tiny_world_lib.TinyWorld(**fields)
+  return configlib.dataclass_from_mapping(tiny_world_lib.TinyWorld, cfg or {},
+                                         prompt_length=tuple, response_length=tuple)
 
 
 def _split_tiny(text: str) -> tuple[str, str]:

@@ -42,13 +42,23 @@ def _json_default(obj: Any) -> Any:
   return str(obj)
 
 
+def _plain_json(obj: Any) -> Any:
+  """NumPy/JAX scalars and arrays as Python numbers and lists; anything else as ``str``."""
+  if hasattr(obj, "tolist"):
+    return obj.tolist()
+  return str(obj)
+
+
 def _dump(obj: Any) -> str:
-  return json.dumps(obj, indent=2, sort_keys=True, default=str)
+  return json.dumps(obj, indent=2, sort_keys=True, default=_plain_json)
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+  """Atomically writes ``obj`` as indented JSON (process 0 only; parent folders created)."""
   if jax.process_index() != 0:
     return
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write(_dump(obj) + "\n")
@@ -74,7 +84,7 @@ def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn
   new = config_to_dict(config)
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    _write_json(path, new)
+    write_json(path, new)
     return new
   with open(path) as f:
     old = json.load(f)
@@ -85,12 +95,12 @@ def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn
       raise ConfigMismatchError(message)
     logging.warning("%s\n(keeping %s; this run's config is in config.rerun.json)",
                     message, path)
-    _write_json(os.path.join(workdir, "config.rerun.json"), new)
+    write_json(os.path.join(workdir, "config.rerun.json"), new)
   return new
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
-  _write_json(os.path.join(workdir, SUMMARY_FILE), dict(summary))
+  write_json(os.path.join(workdir, SUMMARY_FILE), dict(summary))
 
 
 def read_summary(workdir: str) -> dict[str, Any]:
