@@ -1,4 +1,4 @@
-"""Reference log-prob cache: bit-identical to on-the-fly scoring; stale values are never read."""
+"""Reference log-prob cache: equal to on-the-fly scoring up to round-off; stale values are never read."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from prefjax.data import tokenize
 from prefjax.direct import objective as objective_lib
 from prefjax.direct import ref_cache
 from prefjax.models import decoder
+from tests import comparisons
 from tests import test_train_dpo as helpers
 
 
@@ -40,9 +41,19 @@ def test_cached_reference_is_bit_identical_to_online_and_rebuilt_for_new_data(
   cached = train_dpo.run(_cached_config(cache_dir), str(tmp_path / "cached"))
   info = json.loads((tmp_path / "cached" / "reference.json").read_text())
   assert info["mode"] == "cached" and not info["train"]["hit"] and not info["eval"]["hit"]
-  assert helpers.train_losses(tmp_path / "cached") == helpers.train_losses(tmp_path / "online")
-  assert cached.summary["params_sha256"] == online.summary["params_sha256"]
-  assert cached.summary["final_eval"] == online.summary["final_eval"]
+  # Cached log-probs come from another program (other batch shapes, no fusion with the
+  # policy forward), so they may differ from live ones by round-off; compare what is
+  # well-conditioned, and demand bit-identity only between runs that read the same cache.
+  records = [[r for r in helpers.read_metrics(tmp_path / d) if "loss" in r]
+             for d in ("online", "cached")]
+  comparisons.assert_same_first_step(*records)
+  comparisons.assert_losses_close(helpers.train_losses(tmp_path / "cached"),
+                                  helpers.train_losses(tmp_path / "online"))
+  comparisons.assert_params_close_after_adam(
+      online.state.params, cached.state.params,
+      learning_rate=_cached_config(cache_dir).optimizer["learning_rate"], steps=8)
+  for name, value in online.summary["final_eval"].items():
+    assert cached.summary["final_eval"][name] == pytest.approx(value, rel=1e-3, abs=1e-4), name
 
   # A second run reads the cache and never builds the reference model (only the policy).
   built = []
@@ -54,7 +65,7 @@ def test_cached_reference_is_bit_identical_to_online_and_rebuilt_for_new_data(
   assert info_again["train"]["hit"] and info_again["eval"]["hit"]
   assert info_again["train"]["key"] == info["train"]["key"]
   assert len(built) == 1
-  assert again.summary["params_sha256"] == online.summary["params_sha256"]
+  assert again.summary["params_sha256"] == cached.summary["params_sha256"]
 
   # Another dataset (half of the rows) gets a new key and is scored afresh.
   config = _cached_config(cache_dir, steps=2)

@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from prefjax import train
 from prefjax.train import checkpoint as checkpoint_lib
 from prefjax.train import step as step_lib
+from tests import comparisons
 
 IN, HIDDEN = 4, 16
 
@@ -105,7 +106,9 @@ def weighted_mse_loss(model, batch, rng):
 
 
 def _one_step(loss, accum_steps, batch, presplit=False):
-  tx = optax.adamw(1e-2)
+  # SGD: the update is linear in the gradient, so comparing parameters compares gradients.
+  # (A first Adam step is ≈ lr·sign(g): ill-conditioned wherever a gradient is near zero.)
+  tx = optax.sgd(1e-1)
   graphdef, state = train.create_train_state(MLP(nnx.Rngs(0)), tx, 0)
   fn = train.make_train_step(graphdef, loss, tx, accum_steps=accum_steps, presplit=presplit)
   return jax.jit(fn)(state, batch)
@@ -130,7 +133,7 @@ def test_gradient_accumulation_equals_big_batch(loss):
   np.testing.assert_allclose(m_big["loss"], m_acc["loss"], rtol=1e-6)
   np.testing.assert_allclose(m_big["grad_norm"], m_acc["grad_norm"], rtol=1e-5)
   # The step really moved the params (so equality above is not trivial).
-  _, init = train.create_train_state(MLP(nnx.Rngs(0)), optax.adamw(1e-2), 0)
+  _, init = train.create_train_state(MLP(nnx.Rngs(0)), optax.sgd(1e-1), 0)
   assert np.abs(big.params["out"]["kernel"] - init.params["out"]["kernel"]).max() > 1e-3
 
 
@@ -264,11 +267,12 @@ def test_sharded_steps_equal_single_device(tmp_path):
   assert len({str(s.index) for s in kernel.addressable_shards}) == 4
   mu = sharded.state.opt_state[1][0].mu["hidden"]["kernel"]  # clip, then adamw's moments
   assert mu.sharding.spec == P("fsdp", "tensor")
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
-               single.state.params, sharded.state.params)
-  a = train.read_metrics(tmp_path / "single")
-  b = train.read_metrics(tmp_path / "sharded")
-  np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
+  a = [r for r in train.read_metrics(tmp_path / "single") if "loss" in r]
+  b = [r for r in train.read_metrics(tmp_path / "sharded") if "loss" in r]
+  comparisons.assert_same_first_step(a, b)
+  comparisons.assert_losses_close([r["loss"] for r in a], [r["loss"] for r in b])
+  comparisons.assert_params_close_after_adam(single.state.params, sharded.state.params,
+                                             learning_rate=opt["learning_rate"], steps=3)
 
 
 def test_checkpoint_restore_rejects_other_model(tmp_path):

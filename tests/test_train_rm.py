@@ -18,6 +18,7 @@ from configs.rm import ensemble_tiny
 from configs.rm import tiny
 from experiments import train_rm
 from prefjax import train
+from tests import comparisons
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -302,11 +303,17 @@ def test_mesh_2x2x2_matches_single_device(packed_run, tmp_path):
   sharded_config = config.copy_and_resolve_references()
   sharded_config.mesh.update(shape=(2, 2, 2), num_devices=8)
   sharded = train_rm.run(sharded_config, str(tmp_path))
-  np.testing.assert_allclose(train_losses(tmp_path), train_losses(single_dir), atol=1e-5)
+  records = [[r for r in train.read_metrics(d) if "loss" in r] for d in (single_dir, tmp_path)]
+  comparisons.assert_same_first_step(*records)
+  comparisons.assert_losses_close(train_losses(tmp_path), train_losses(single_dir))
   # Not reward_mean: BT losses ignore a shared reward offset, so the head bias gets only
   # round-off gradients, which Adam amplifies differently on different meshes.
-  for name in ("accuracy", "mean_margin", "bt_log_loss", "ece", "length_baseline_accuracy"):
-    assert sharded["eval"][name] == pytest.approx(single["eval"][name], abs=1e-5), name
+  for name in ("mean_margin", "bt_log_loss", "ece"):
+    assert sharded["eval"][name] == pytest.approx(single["eval"][name], rel=1e-3, abs=1e-4), name
+  # Accuracy counts signs: a pair whose margin is within round-off of 0 may flip.
+  one_pair = 1.0 / single["eval"]["num_pairs"]
+  assert abs(sharded["eval"]["accuracy"] - single["eval"]["accuracy"]) <= one_pair + 1e-9
+  assert sharded["eval"]["length_baseline_accuracy"] == single["eval"]["length_baseline_accuracy"]
 
 
 def test_cli_smoke(data_env, tmp_path):
