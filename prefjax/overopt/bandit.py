@@ -1,0 +1,523 @@
+"""The bandit world of the overoptimization study: candidates, gold, learned proxies.
+
+Each of P prompts has M candidate responses, each a feature vector φ ∈ R^d.
+The reference policy is a softmax over a prompt's candidates,
+π_ref(m | p) ∝ exp(s_ref(φ_pm)/T), and the gold reward is a larger fixed random
+"teacher" network, standardised so that E_{p ~ U, m ~ π_ref}[gold] = 0 and
+Var = 1. Proxy reward models (small GELU MLPs) are trained with the project's
+reward-model loss and train step on pairs drawn from π_ref and labelled by gold,
+then scored on every candidate, so best-of-n and the KL-regularised RL path are
+computed EXACTLY over the finite candidate sets (``prefjax.overopt.exact``),
+as in Gao, Schulman, Hilton, "Scaling Laws for Reward Model Overoptimization",
+arXiv:2210.10760, at bandit scale.
+
+What makes the gold curve decline (``RESEARCH_NOTES.md``): heavy-tailed
+features. With Student-t(3) coordinates the proxy's error grows off
+distribution, where best-of-n and RL push; Gaussian features give a monotone
+gold curve.
+
+World generation is float64 NumPy (host, deterministic per seed); proxy
+training is float32 JAX, all K members of a size in ONE jitted program (their
+parameters stacked on a leading K axis, each member on its own pair sample and
+own initialisation). The learned-policy RL variant lives in
+``prefjax.overopt.policy_net`` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from scipy import special
+
+from prefjax.losses import preference
+from prefjax.overopt.policy_net import PolicyConfig  # noqa: F401  (re-exported)
+from prefjax.overopt.policy_net import PolicyMLP  # noqa: F401
+from prefjax.overopt.policy_net import kl_regularized_loss  # noqa: F401
+from prefjax.overopt.policy_net import policy_log_probs  # noqa: F401
+from prefjax.overopt.policy_net import train_policy  # noqa: F401
+from prefjax.train import schedules
+from prefjax.train import state as state_lib
+from prefjax.train import step as step_lib
+
+# Entropy tags that keep the world's random streams independent of each other.
+_FEATURES, _OFFSETS, _REF_NET, _GOLD_NET, _TRAIN_PAIRS, _HELDOUT_PAIRS, _BATCHES = range(7)
+_ROW_CHUNK = 1 << 16   # candidates per float64 MLP chunk (≈130 MB at width 256)
+
+
+# ----------------------------------------------------------------------------- world
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+  """A bandit world; defaults are the world of ``RESEARCH_NOTES.md`` (seed 0).
+
+  Attributes:
+    num_prompts: P prompts.
+    num_candidates: M candidate responses per prompt.
+    feature_dim: d features per candidate.
+    tail_df: Student-t degrees of freedom of every feature coordinate, rescaled
+      to variance 1 (needs > 2); ``math.inf`` gives Gaussian features.
+    prompt_offset_sd: per-prompt offset N(0, sd²·I) added to all its candidates.
+    ref_hidden: width of s_ref, a random tanh MLP d → ref_hidden → 1,
+      standardised over all P·M candidates.
+    ref_temperature: T in π_ref ∝ exp(s_ref/T).
+    gold_hidden: width of the gold teacher, a tanh MLP d → h → h → 1.
+    gold_weight_scale: teacher (and s_ref) weights ~ N(0, scale²/fan_in).
+    gold_bias_sd: teacher (and s_ref) biases ~ N(0, sd²).
+    seed: world seed; every array is a deterministic function of the config.
+  """
+  num_prompts: int = 64
+  num_candidates: int = 8192
+  feature_dim: int = 32
+  tail_df: float = 3.0
+  prompt_offset_sd: float = 0.5
+  ref_hidden: int = 32
+  ref_temperature: float = 1.0
+  gold_hidden: int = 256
+  gold_weight_scale: float = 1.5
+  gold_bias_sd: float = 0.1
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("num_prompts", "feature_dim", "ref_hidden", "gold_hidden"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"WorldConfig.{name}={getattr(self, name)} must be >= 1")
+    if self.num_candidates < 2:
+      raise ValueError(f"WorldConfig.num_candidates={self.num_candidates} must be >= 2")
+    if not self.tail_df > 2:
+      raise ValueError(f"WorldConfig.tail_df={self.tail_df} must be > 2 (finite variance); "
+                       "use math.inf for Gaussian features")
+    if not (self.prompt_offset_sd >= 0 and self.gold_bias_sd >= 0):
+      raise ValueError("WorldConfig.prompt_offset_sd and gold_bias_sd must be >= 0")
+    if not (self.ref_temperature > 0 and self.gold_weight_scale > 0):
+      raise ValueError("WorldConfig.ref_temperature and gold_weight_scale must be > 0")
+
+
+class World(NamedTuple):
+  """A generated bandit world.
+
+  Attributes:
+    features: ``[P, M, d]`` float32 candidate features (what proxies see).
+    ref_logits: ``[P, M]`` float64 log π_ref, normalised per prompt.
+    gold: ``[P, M]`` float64 gold reward, mean 0 / variance 1 under π_ref
+      (pooled over prompts, uniform over prompts).
+    config: the ``WorldConfig`` it was generated from.
+  """
+  features: np.ndarray
+  ref_logits: np.ndarray
+  gold: np.ndarray
+  config: WorldConfig
+
+
+def _rng(*entropy: int) -> np.random.Generator:
+  return np.random.default_rng(np.random.SeedSequence([int(e) for e in entropy]))
+
+
+def _random_tanh_mlp(rng: np.random.Generator, sizes: Sequence[int], weight_scale: float,
+                     bias_sd: float) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Layers (W ~ N(0, scale²/fan_in), b ~ N(0, bias_sd²)) of a d → ... → 1 tanh MLP."""
+  return [(rng.normal(0.0, weight_scale / math.sqrt(n_in), (n_in, n_out)),
+           rng.normal(0.0, bias_sd, n_out)) for n_in, n_out in zip(sizes[:-1], sizes[1:])]
+
+
+def _apply_tanh_mlp(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
+  """float64 forward of a tanh MLP on ``[..., d]`` rows, chunked; returns ``[...]``."""
+  flat = x.reshape(-1, x.shape[-1])
+  out = np.empty(flat.shape[0], np.float64)
+  for start in range(0, flat.shape[0], _ROW_CHUNK):
+    h = flat[start:start + _ROW_CHUNK].astype(np.float64)
+    for w, b in layers[:-1]:
+      h = np.tanh(h @ w + b)
+    w, b = layers[-1]
+    out[start:start + _ROW_CHUNK] = (h @ w + b)[:, 0]
+  return out.reshape(x.shape[:-1])
+
+
+def _features(config: WorldConfig) -> np.ndarray:
+  """φ = t(df)·√((df−2)/df) per coordinate (variance 1) + per-prompt N(0, sd²I) offset."""
+  shape = (config.num_prompts, config.num_candidates, config.feature_dim)
+  rng = _rng(config.seed, _FEATURES)
+  if math.isinf(config.tail_df):
+    x = rng.standard_normal(shape)
+  else:
+    x = rng.standard_t(config.tail_df, shape) * math.sqrt((config.tail_df - 2) / config.tail_df)
+  offsets = _rng(config.seed, _OFFSETS).normal(
+      0.0, config.prompt_offset_sd, (config.num_prompts, 1, config.feature_dim))
+  return (x + offsets).astype(np.float32)
+
+
+def make_world(config: WorldConfig = WorldConfig()) -> World:
+  """Generates the world: features, log π_ref and standardised gold (float64 NumPy).
+
+  s_ref is standardised over all P·M candidates (uniform), then
+  log π_ref = log_softmax(s_ref/T) per prompt; gold is standardised under
+  π_ref with :func:`standardize`. Both networks read the float32 features, so
+  a proxy sees exactly the inputs gold was computed from.
+  """
+  features = _features(config)
+  d = config.feature_dim
+  ref_net = _random_tanh_mlp(_rng(config.seed, _REF_NET), [d, config.ref_hidden, 1],
+                             config.gold_weight_scale, config.gold_bias_sd)
+  s_ref = _apply_tanh_mlp(ref_net, features)
+  s_ref = (s_ref - s_ref.mean()) / s_ref.std()
+  logits = s_ref / config.ref_temperature
+  ref_logits = logits - special.logsumexp(logits, axis=1, keepdims=True)
+  gold_net = _random_tanh_mlp(_rng(config.seed, _GOLD_NET),
+                              [d, config.gold_hidden, config.gold_hidden, 1],
+                              config.gold_weight_scale, config.gold_bias_sd)
+  gold = standardize(ref_logits, _apply_tanh_mlp(gold_net, features))
+  return World(features, ref_logits, gold, config)
+
+
+def standardize(ref_logits: np.ndarray, scores: np.ndarray) -> np.ndarray:
+  """Affine map to mean 0 / variance 1 pooled over prompts (uniform) × π_ref, float64.
+
+  μ = (1/P) Σ_p Σ_m π_ref(m|p)·s_pm,  σ² = (1/P) Σ_p Σ_m π_ref(m|p)·(s_pm − μ)²,
+  returns (s − μ)/σ.
+
+  Args:
+    ref_logits: ``[P, M]`` π_ref logits or log-probs (normalised here in float64).
+    scores: ``[P, M]``, or ``[K, P, M]`` (each of the K members standardised on its own).
+
+  Returns:
+    float64 array of the shape of ``scores``.
+  """
+  ref_logits = np.asarray(ref_logits, np.float64)
+  scores = np.asarray(scores, np.float64)
+  if ref_logits.ndim != 2 or scores.shape[-2:] != ref_logits.shape or scores.ndim > 3:
+    raise ValueError(f"standardize: scores {scores.shape} must be [P, M] or [K, P, M] with "
+                     f"[P, M] = ref_logits.shape {ref_logits.shape}")
+  if not np.isfinite(scores).all():
+    raise ValueError("standardize: scores must be finite")
+  weights = np.exp(ref_logits - special.logsumexp(ref_logits, axis=1, keepdims=True))
+  weights /= weights.sum(axis=1, keepdims=True) * ref_logits.shape[0]
+  mean = np.sum(weights * scores, axis=(-2, -1), keepdims=True)
+  var = np.sum(weights * np.square(scores - mean), axis=(-2, -1), keepdims=True)
+  if np.any(var <= 0):
+    raise ValueError("standardize: scores are constant under pi_ref (variance 0)")
+  return (scores - mean) / np.sqrt(var)
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+class Pairs(NamedTuple):
+  """Gold-labelled comparisons; ``[N]`` int32 each (candidate indices within the prompt)."""
+  prompt: np.ndarray
+  chosen: np.ndarray
+  rejected: np.ndarray
+
+
+def _sample_ref(world: World, rng: np.random.Generator, prompt: np.ndarray) -> np.ndarray:
+  """One candidate per row from π_ref(· | prompt) by inverse CDF, ``[N]``."""
+  num_prompts, m = world.ref_logits.shape
+  cdf = np.cumsum(np.exp(world.ref_logits), axis=1)
+  cdf /= cdf[:, -1:]
+  cdf[:, -1] = 1.0
+  offset_cdf = (cdf + np.arange(num_prompts)[:, None]).ravel()   # increasing over prompts
+  flat = np.searchsorted(offset_cdf, prompt + rng.random(prompt.shape), side="right")
+  return np.minimum(flat - prompt * m, m - 1)
+
+
+def _sample_pairs(world: World, num_pairs: int, label_noise: float,
+                  rng: np.random.Generator) -> Pairs:
+  if num_pairs < 1:
+    raise ValueError(f"num_pairs={num_pairs} must be >= 1")
+  if not 0.0 <= label_noise < 0.5:
+    raise ValueError(f"label_noise={label_noise} must be in [0, 0.5)")
+  prompt = rng.integers(0, world.ref_logits.shape[0], num_pairs)
+  a = _sample_ref(world, rng, prompt)
+  b = _sample_ref(world, rng, prompt)
+  for _ in range(1000):          # a pair of one candidate with itself carries no label
+    same = a == b
+    if not same.any():
+      break
+    b[same] = _sample_ref(world, rng, prompt[same])
+  else:
+    raise ValueError("pi_ref is too concentrated to draw pairs of distinct candidates")
+  a_wins = world.gold[prompt, a] > world.gold[prompt, b]
+  flip = rng.random(num_pairs) < label_noise
+  a_chosen = a_wins ^ flip
+  return Pairs(prompt.astype(np.int32), np.where(a_chosen, a, b).astype(np.int32),
+               np.where(a_chosen, b, a).astype(np.int32))
+
+
+def sample_pairs(world: World, num_pairs: int, *, label_noise: float = 0.0,
+                 seed: int = 0) -> Pairs:
+  """N pairs: prompt ~ U(P), two DISTINCT candidates ~ π_ref × π_ref, labelled by gold.
+
+  chosen = the candidate with the higher gold (deterministic labels), then the
+  label is flipped with probability ``label_noise`` ∈ [0, 0.5). A draw of the
+  same candidate twice is redrawn (it carries no preference), so the pair law
+  is π_ref × π_ref conditioned on distinct candidates. Deterministic per
+  (world seed, ``seed``); held-out pairs use a separate stream.
+  """
+  return _sample_pairs(world, num_pairs, label_noise,
+                       _rng(world.config.seed, _TRAIN_PAIRS, seed))
+
+
+def heldout_pairs(world: World, num_pairs: int) -> Pairs:
+  """Noise-free gold-labelled pairs from a stream no training seed uses."""
+  return _sample_pairs(world, num_pairs, 0.0, _rng(world.config.seed, _HELDOUT_PAIRS))
+
+
+def pair_accuracy(scores: np.ndarray, pairs: Pairs) -> np.ndarray:
+  """Fraction of pairs where score(chosen) > score(rejected) (ties count ½).
+
+  ``scores`` ``[P, M]`` → scalar, or ``[K, P, M]`` → ``[K]``.
+  """
+  chosen = scores[..., pairs.prompt, pairs.chosen]
+  rejected = scores[..., pairs.prompt, pairs.rejected]
+  return np.mean((chosen > rejected) + 0.5 * (chosen == rejected), axis=-1)
+
+
+# ----------------------------------------------------------------------------- proxies
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyConfig:
+  """A proxy reward model and how it is trained.
+
+  Attributes:
+    width: hidden width w of the GELU MLP d → w (× depth) → 1.
+    depth: number of hidden layers.
+    num_pairs: N training pairs per member (each member its own sample).
+    steps: optimizer updates; batches are epochs of shuffled pairs.
+    batch_size: pairs per update (≤ num_pairs).
+    learning_rate: AdamW peak learning rate, cosine-decayed to 0 at ``steps``.
+    weight_decay: AdamW decoupled weight decay.
+    label_noise: probability a gold label is flipped, in [0, 0.5).
+    loss: name of a reward-model loss in ``prefjax.losses.preference``
+      (``fn(r_chosen, r_rejected) -> [B, K]``).
+    warmup_steps: linear warmup before the cosine decay.
+    eval_pairs: held-out noise-free pairs for ``gold_accuracy``.
+  """
+  width: int
+  depth: int = 2
+  num_pairs: int = 10_000
+  steps: int = 2_000
+  batch_size: int = 256
+  learning_rate: float = 3e-3
+  weight_decay: float = 1e-4
+  label_noise: float = 0.0
+  loss: str = "bradley_terry"
+  warmup_steps: int = 0
+  eval_pairs: int = 10_000
+
+  def __post_init__(self):
+    for name in ("width", "depth", "num_pairs", "steps", "batch_size", "eval_pairs"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"ProxyConfig.{name}={getattr(self, name)} must be >= 1")
+    if self.batch_size > self.num_pairs:
+      raise ValueError(f"ProxyConfig.batch_size={self.batch_size} exceeds "
+                       f"num_pairs={self.num_pairs}")
+    if not 0 <= self.warmup_steps < self.steps:
+      raise ValueError(f"ProxyConfig.warmup_steps={self.warmup_steps} must be in [0, steps)")
+    if not (self.learning_rate > 0 and self.weight_decay >= 0):
+      raise ValueError("ProxyConfig.learning_rate must be > 0 and weight_decay >= 0")
+    if not 0.0 <= self.label_noise < 0.5:
+      raise ValueError(f"ProxyConfig.label_noise={self.label_noise} must be in [0, 0.5)")
+    preference_loss(self.loss)   # unknown names fail here, not after world generation
+
+
+def preference_loss(name: str) -> Callable[..., jax.Array]:
+  """The per-pair reward-model loss ``fn(r_chosen, r_rejected) -> per-pair loss``.
+
+  Names come from ``preference.PREFERENCE_LOSSES``; ``"bradley_terry"`` is
+  ``preference.bradley_terry`` (registered as ``"bt"``).
+  """
+  registry = dict(getattr(preference, "PREFERENCE_LOSSES", {}))
+  registry.setdefault("bradley_terry", preference.bradley_terry)
+  if name not in registry:
+    raise ValueError(f"ProxyConfig.loss={name!r}; registered: {sorted(registry)}")
+  entry = registry[name]
+  return getattr(entry, "fn", entry)
+
+
+class StackedMLP(nnx.Module):
+  """K independent GELU MLPs d → w (× depth) → 1, parameters stacked on a leading K axis.
+
+  Member k is initialised from ``jax.random.key(seeds[k])`` alone (LeCun-normal
+  kernels, zero biases), so a member is the same network whether it is trained
+  with others or alone.
+  """
+
+  def __init__(self, in_dim: int, width: int, depth: int, seeds: Sequence[int]):
+    if width < 1 or depth < 1 or not seeds:
+      raise ValueError(f"StackedMLP: need width >= 1, depth >= 1 and >= 1 seed; got "
+                       f"width={width}, depth={depth}, seeds={seeds}")
+    sizes = [in_dim] + [width] * depth + [1]
+    init = jax.nn.initializers.lecun_normal()
+    self.kernels = nnx.List([
+        nnx.Param(jnp.stack([init(jax.random.fold_in(jax.random.key(s), i), (n_in, n_out))
+                             for s in seeds]))
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))])
+    self.biases = nnx.List([nnx.Param(jnp.zeros((len(seeds), n_out))) for n_out in sizes[1:]])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Rewards: ``x`` ``[K, B, d]`` (member k on its own rows) → ``[K, B]``."""
+    return self._forward(x, "kbi,kio->kbo")
+
+  def score(self, x: jax.Array) -> jax.Array:
+    """Every member on shared rows: ``x`` ``[B, d]`` → ``[K, B]``."""
+    return self._forward(x, "bi,kio->kbo")
+
+  def _forward(self, x: jax.Array, first: str) -> jax.Array:
+    h = x
+    for i, (w, b) in enumerate(zip(self.kernels, self.biases)):
+      h = jnp.einsum(first if i == 0 else "kbi,kio->kbo", h, w[...]) + b[...][:, None, :]
+      if i < len(self.kernels) - 1:
+        h = jax.nn.gelu(h)
+    return h[..., 0]
+
+
+class Proxies(NamedTuple):
+  """K trained proxies of one size.
+
+  Attributes:
+    scores: ``[K, P, M]`` float64, each member standardised under π_ref.
+    seeds: the member seeds (init, pair sample and batch order).
+    train_loss: ``[K]`` mean training loss over the final epoch of updates.
+    train_accuracy: ``[K]`` accuracy on its own (possibly noisy) training pairs.
+    gold_accuracy: ``[K]`` accuracy vs gold on fresh held-out π_ref pairs.
+    wall_s: wall time of :func:`train_proxies` (compile, train, score).
+  """
+  scores: np.ndarray
+  seeds: tuple[int, ...]
+  train_loss: np.ndarray
+  train_accuracy: np.ndarray
+  gold_accuracy: np.ndarray
+  wall_s: float
+
+
+def proxy_loss_fn(loss: str) -> step_lib.LossFn:
+  """``loss_fn(model, batch, rng)`` for ``make_train_step``.
+
+  batch: ``chosen``, ``rejected`` ``[K, B, d]`` features (member k's pairs in
+  row k). Loss = Σ_k mean_b ℓ(r_k(chosen), r_k(rejected)): the sum makes each
+  member's gradient exactly its own mean-loss gradient. Metrics ``loss_k``.
+  """
+  fn = preference_loss(loss)
+
+  def loss_fn(model: StackedMLP, batch, rng):
+    del rng
+    r_chosen, r_rejected = model(batch["chosen"]), model(batch["rejected"])
+    member = jnp.mean(fn(r_chosen.T, r_rejected.T), axis=0)           # [K]
+    return jnp.sum(member), {f"loss_{k}": member[k] for k in range(member.shape[0])}
+  return loss_fn
+
+
+def _batch_indices(pairs: Sequence[Pairs], seeds: Sequence[int], world_seed: int, steps: int,
+                   batch_size: int, num_candidates: int) -> tuple[np.ndarray, np.ndarray]:
+  """Flat candidate indices ``[steps, K, B]`` of chosen/rejected: shuffled epochs per member."""
+  chosen, rejected = [], []
+  for p, seed in zip(pairs, seeds):
+    n = p.prompt.shape[0]
+    per_epoch = n // batch_size
+    rng = _rng(world_seed, _BATCHES, seed)
+    epochs = -(-steps // per_epoch)
+    order = np.concatenate([rng.permutation(n)[:per_epoch * batch_size] for _ in range(epochs)])
+    order = order[:steps * batch_size].reshape(steps, batch_size)
+    base = p.prompt.astype(np.int64) * num_candidates
+    chosen.append((base + p.chosen)[order])
+    rejected.append((base + p.rejected)[order])
+  return (np.stack(chosen, 1).astype(np.int32), np.stack(rejected, 1).astype(np.int32))
+
+
+def make_proxy_trainer(config: ProxyConfig, num_members: int, feature_dim: int,
+                       seeds: Sequence[int]):
+  """``(graphdef, state, run_chunk, schedule)`` for K stacked proxies.
+
+  ``run_chunk(state, features [P·M, d], chosen [T, K, B], rejected [T, K, B])``
+  runs T updates of ``prefjax.train.step.make_train_step`` in one jitted
+  ``lax.scan`` and returns ``(state, member_losses [T, K])``.
+  """
+  model = StackedMLP(feature_dim, config.width, config.depth, seeds)
+  tx, schedule = schedules.make_optimizer(schedules.OptimizerConfig(
+      name="adamw", learning_rate=config.learning_rate, schedule="cosine",
+      warmup_steps=config.warmup_steps, total_steps=config.steps,
+      weight_decay=config.weight_decay))
+  graphdef, state = state_lib.create_train_state(model, tx, int(seeds[0]))
+  train_step = step_lib.make_train_step(graphdef, proxy_loss_fn(config.loss), tx,
+                                        schedule=schedule)
+
+  def run_chunk(state, features, chosen, rejected):
+    def body(state, idx):
+      batch = {"chosen": features[idx[0]], "rejected": features[idx[1]]}
+      state, metrics = train_step(state, batch)
+      return state, jnp.stack([metrics[f"loss_{k}"] for k in range(num_members)])
+    return jax.lax.scan(body, state, (chosen, rejected))
+
+  return graphdef, state, jax.jit(run_chunk, donate_argnums=(0,)), schedule
+
+
+def score_candidates(graphdef: nnx.GraphDef, params, features: np.ndarray) -> np.ndarray:
+  """Raw member scores of every candidate, ``features [P, M, d]`` → ``[K, P, M]`` float32.
+
+  One jitted ``lax.map`` over prompts (each step scores one prompt's M rows).
+  """
+  @jax.jit
+  def run(params, x):
+    model = nnx.merge(graphdef, params)
+    return jax.lax.map(model.score, x)          # [P, K, M]
+  return np.asarray(run(params, jnp.asarray(features))).transpose(1, 0, 2)
+
+
+def train_proxies(world: World, config: ProxyConfig, seeds: Sequence[int], *,
+                  log_every: int = 0) -> Proxies:
+  """Trains K = len(seeds) proxies together (one jitted program) and scores every candidate.
+
+  Member k trains on ``sample_pairs(world, N, label_noise, seed=seeds[k])``
+  with its own init and batch order, through ``make_train_step`` with the
+  registered loss ``config.loss`` and AdamW + cosine decay. Its scores on all
+  P·M candidates are standardised under π_ref (:func:`standardize`).
+
+  Args:
+    world: the bandit world.
+    config: proxy architecture and training.
+    seeds: distinct member seeds.
+    log_every: log one line (step, mean loss, steps/s) every this many steps (0: silent).
+  """
+  seeds = tuple(int(s) for s in seeds)
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"train_proxies: need distinct member seeds, got {seeds}")
+  if log_every < 0:
+    raise ValueError(f"log_every={log_every} must be >= 0")
+  start = time.perf_counter()
+  p, m, d = world.features.shape
+  pairs = [sample_pairs(world, config.num_pairs, label_noise=config.label_noise, seed=s)
+           for s in seeds]
+  chosen, rejected = _batch_indices(pairs, seeds, world.config.seed, config.steps,
+                                    config.batch_size, m)
+  graphdef, state, run_chunk, _ = make_proxy_trainer(config, len(seeds), d, seeds)
+  features = jnp.asarray(world.features.reshape(p * m, d))
+  chunk = log_every or config.steps
+  losses, last = [], time.perf_counter()
+  for begin in range(0, config.steps, chunk):
+    end = min(begin + chunk, config.steps)
+    state, loss = run_chunk(state, features, chosen[begin:end], rejected[begin:end])
+    losses.append(np.asarray(loss))
+    if log_every:
+      now = time.perf_counter()
+      logging.info("proxies w=%d K=%d step %d/%d loss %.4f (%.0f steps/s)", config.width,
+                   len(seeds), end, config.steps, losses[-1][-1].mean(),
+                   (end - begin) / (now - last))
+      last = now
+  losses = np.concatenate(losses)
+  per_epoch = config.num_pairs // config.batch_size
+  raw = score_candidates(graphdef, state.params, world.features)
+  scores = standardize(world.ref_logits, raw)
+  heldout = heldout_pairs(world, config.eval_pairs)
+  train_acc = np.array([pair_accuracy(scores[k], pairs[k]) for k in range(len(seeds))])
+  return Proxies(scores=scores, seeds=seeds,
+                 train_loss=losses[-min(per_epoch, config.steps):].mean(axis=0),
+                 train_accuracy=train_acc, gold_accuracy=pair_accuracy(scores, heldout),
+                 wall_s=time.perf_counter() - start)
