@@ -1,0 +1,442 @@
+"""Direct alignment (DPO / IPO / SLiC) in the bandit world: β sweeps and their criteria.
+
+A policy log π_θ = log_softmax(log π_ref + f_θ(φ)) (``prefjax.overopt.policy_net``)
+is trained on gold-labelled pairs drawn from π_ref with a loss from the
+project's registry ``prefjax.losses.direct.DIRECT_LOSSES``. A candidate is one
+"token", so every ``PairLogps`` token count is 1 and length-normalised losses
+(IPO) see the plain log-ratios. Every ``eval_every`` steps the sweep records,
+exactly over the candidates (float64):
+
+  KL(π‖π_ref) = Σ_m π(m)·(log π(m) − log π_ref(m)),     d = √KL,
+  gold        = Σ_m π(m)·g(m) − Σ_m π_ref(m)·g(m),
+  h           = mean over training pairs of (log π/π_ref)(chosen) − (log π/π_ref)(rejected),
+
+h being the log-ratio margin (the implicit-reward margin is β·h). Papers:
+
+* Rafailov, Chittepu, Park, et al. 2024, "Scaling Laws for Reward Model
+  Overoptimization in Direct Alignment Algorithms", arXiv:2406.02900 (D1, D2:
+  gold vs KL across β is a hump fitted by d(α − β·log d); at small β gold peaks
+  early in training while KL keeps growing).
+* Azar, Rowland, Piot, et al. 2023, "A General Theoretical Paradigm to
+  Understand Learning from Human Preferences", arXiv:2310.12036 (D3: with
+  deterministic preferences DPO's margin is unbounded; IPO regresses it onto
+  1/(2β)).
+* Rafailov, Sharma, Mitchell, et al. 2023, "Direct Preference Optimization",
+  arXiv:2305.18290 (P1: DPO's reward–KL frontier against the KL-regularised
+  RL optimum, here the exact path π ∝ π_ref·exp(r_proxy/λ) of a proxy trained
+  on the same pairs, ``prefjax.overopt.exact.rl_path_scores``).
+
+The criteria are pure functions of ``DaaSweep`` results returning
+``{"pass", "value", "threshold", "detail"}`` (JSON-ready); their thresholds are
+fixed here from the papers' claims, not tuned per run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import special
+
+from prefjax.losses import direct
+from prefjax.overopt import bandit
+from prefjax.overopt import bon
+from prefjax.overopt import exact
+from prefjax.overopt import fits
+from prefjax.overopt import policy_net
+
+LOSSES = ("dpo", "ipo", "hinge")      # hinge is SLiC
+
+
+class DaaSweep(NamedTuple):
+  """Training trajectories of one direct-alignment loss at K values of β.
+
+  ``[K, T]`` arrays are indexed by β and evaluation step; the final point of β_k
+  is ``[k, -1]``. ``per_prompt_*`` keep the ``[K, T, P]`` values (for bootstrap
+  errors over prompts); ``kl``/``gold`` are their means over prompts.
+  """
+  loss: str
+  betas: np.ndarray            # [K]
+  steps: np.ndarray            # [T] evaluation steps, 0 … total steps
+  kl: np.ndarray               # [K, T] exact KL(π‖π_ref), nats, mean over prompts
+  gold: np.ndarray             # [K, T] E_π[gold] − E_ref[gold], mean over prompts
+  margin: np.ndarray           # [K, T] mean log-ratio margin h on the training pairs
+  per_prompt_kl: np.ndarray    # [K, T, P]
+  per_prompt_gold: np.ndarray  # [K, T, P]
+  wall_s: np.ndarray           # [K] seconds to train and evaluate each β
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def pair_logps(log_pi: jax.Array, ref_log_probs: jax.Array, prompt: jax.Array,
+               chosen: jax.Array, rejected: jax.Array) -> direct.PairLogps:
+  """Gathers a batch of pairs from ``[P, M]`` policy and reference log-probs.
+
+  Args:
+    log_pi: ``[P, M]`` log π_θ.
+    ref_log_probs: ``[P, M]`` log π_ref.
+    prompt, chosen, rejected: ``[B]`` integer indices (a ``bandit.Pairs``).
+
+  Returns:
+    ``PairLogps`` with ``[B]`` fields and token counts 1.
+  """
+  if log_pi.ndim != 2 or log_pi.shape != ref_log_probs.shape:
+    raise ValueError(f"log_pi {log_pi.shape} and ref_log_probs {ref_log_probs.shape} must be "
+                     "equal [P, M] shapes")
+  ones = jnp.ones(jnp.shape(prompt), log_pi.dtype)
+  return direct.PairLogps(log_pi[prompt, chosen], log_pi[prompt, rejected],
+                          ref_log_probs[prompt, chosen], ref_log_probs[prompt, rejected],
+                          ones, ones)
+
+
+def daa_loss_fn(loss_name: str, beta: float, pairs: bandit.Pairs | None = None,
+                **hparams: Any) -> policy_net.PolicyLoss:
+  """``loss_fn(log_pi [P, M], batch) -> scalar`` for ``policy_net.train_policy``.
+
+  The mean over pairs of ``DIRECT_LOSSES[loss_name](PairLogps, beta=β, **hparams)``.
+  With ``pairs`` the whole set is every step's batch (full-batch training);
+  without, the batch must carry ``prompt``, ``chosen``, ``rejected`` ``[B]``.
+  The reference log-probs come from the batch's ``ref_log_probs``.
+  """
+  fn = direct.get_direct_loss(loss_name)
+  if not beta > 0:
+    raise ValueError(f"daa_loss_fn: beta={beta} must be > 0")
+  fixed = None if pairs is None else tuple(np.asarray(x, np.int32) for x in pairs)
+
+  def loss_fn(log_pi, batch):
+    prompt, chosen, rejected = fixed or (batch["prompt"], batch["chosen"], batch["rejected"])
+    x = pair_logps(log_pi, batch[policy_net.REF_LOG_PROBS], prompt, chosen, rejected)
+    return jnp.mean(fn(x, beta=beta, **hparams))
+  return loss_fn
+
+
+def stationary_margin(loss_name: str, *, fraction: float = 0.1, h_max: float = 20.0,
+                      **hparams: Any) -> float:
+  """The margin h at which a loss stops pushing: |∂L/∂h| ≤ ``fraction``·|∂L/∂h|(h = 0), β = 1.
+
+  DPO, IPO and SLiC are functions of β·h (up to a constant factor), so their
+  stationary margin at β is this value / β: 1 for SLiC (its gradient vanishes
+  at β·h = 1), 0.45 for IPO (target 1/(2β)), log 19 ≈ 2.94 for DPO (whose
+  gradient σ(−β·h)·β only decays; it is never exactly zero). Read from the
+  registered loss itself, on a grid of h in [0, h_max].
+  """
+  fn = direct.get_direct_loss(loss_name)
+  h = jnp.linspace(0.0, h_max, 4_001)
+
+  def loss(h):
+    zeros = jnp.zeros_like(h)
+    return jnp.sum(fn(direct.PairLogps(h, zeros, zeros, zeros, zeros + 1, zeros + 1),
+                      beta=1.0, **hparams))
+  grad = np.abs(np.asarray(jax.grad(loss)(h)))
+  below = np.flatnonzero(grad <= fraction * grad[0])
+  if grad[0] == 0 or below.size == 0:
+    raise ValueError(f"stationary_margin: {loss_name!r} has no decaying gradient in h")
+  return float(h[below[0]])
+
+
+def theory_betas(world: bandit.World, loss_name: str, *, kl_range=(0.1, 8.0),
+                 num: int = 6, **hparams: Any) -> np.ndarray:
+  """β grid whose predicted KL spans ``kl_range`` (nats), log-spaced, descending β.
+
+  Prediction: the loss drives the training-pair margin to h* = c/β
+  (:func:`stationary_margin`); the policy that does so with least change is
+  the exponential tilt towards gold, π_t ∝ π_ref·exp(t·g), whose margin on a
+  pair is t·|g_c − g_r|. So t = c/(β·E|Δg|) with E|Δg| over π_ref × π_ref pairs
+  of the world, and KL(π_t‖π_ref) is exact (``exact.rl_path_scores``). The grid
+  targets KL values log-spaced over ``kl_range`` and inverts KL(t) numerically.
+  A learned policy only approximates the tilt, so the realised KL is measured.
+  The default top of the range, 8 nats, stays below the default world's ceiling
+  (KL of the gold argmax, ≈ 9.4 nats at M = 8,192).
+  """
+  c = stationary_margin(loss_name, **hparams)
+  gap = _mean_abs_gold_gap(world)
+  ts = np.geomspace(1e-3, 1e2, 80)
+  kl = exact.rl_path_scores(world.ref_logits, world.gold, world.gold, ts).kl.mean(axis=0)
+  targets = np.geomspace(kl_range[0], kl_range[1], num)
+  if targets.max() > kl.max():
+    raise ValueError(f"theory_betas: the world's KL saturates at {kl.max():.2f} nats < "
+                     f"{targets.max():g}")
+  t = np.exp(np.interp(np.log(targets), np.log(np.maximum(kl, 1e-300)), np.log(ts)))
+  return c / (t * gap)
+
+
+def _mean_abs_gold_gap(world: bandit.World) -> float:
+  """E|g_a − g_b| for a, b ~ π_ref i.i.d. (per prompt, averaged): 2·Σ Δg_k·F_k(1 − F_k)."""
+  order = np.argsort(world.gold, axis=1)
+  g = np.take_along_axis(world.gold, order, axis=1)
+  q = np.exp(np.take_along_axis(world.ref_logits, order, axis=1))
+  f = np.cumsum(q / q.sum(axis=1, keepdims=True), axis=1)[:, :-1]
+  return float(np.mean(2.0 * np.sum(np.diff(g, axis=1) * f * (1.0 - f), axis=1)))
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def evaluate_policy(log_pi: np.ndarray, world: bandit.World,
+                    pairs: bandit.Pairs) -> dict[str, np.ndarray]:
+  """Exact per-prompt KL and gold gain, and the mean training-pair margin h (float64)."""
+  log_pi = np.asarray(log_pi, np.float64)
+  log_pi = log_pi - special.logsumexp(log_pi, axis=-1, keepdims=True)
+  log_ref = world.ref_logits - special.logsumexp(world.ref_logits, axis=-1, keepdims=True)
+  pi, ref = np.exp(log_pi), np.exp(log_ref)
+  ratio = log_pi - log_ref
+  margin = ratio[pairs.prompt, pairs.chosen] - ratio[pairs.prompt, pairs.rejected]
+  return {"kl": np.maximum(np.sum(pi * ratio, axis=-1), 0.0),
+          "gold": np.sum((pi - ref) * world.gold, axis=-1),
+          "margin": float(margin.mean())}
+
+
+def daa_sweep(world: bandit.World, loss_name: str, betas: Sequence[float], *,
+              num_pairs: int = 10_000, steps: int = 500, eval_every: int = 25, seed: int = 0,
+              policy: policy_net.PolicyConfig | None = None, batch_size: int | None = None,
+              pairs: bandit.Pairs | None = None, log_every: int = 0,
+              **hparams: Any) -> DaaSweep:
+  """Trains one policy per β with ``loss_name`` on gold-labelled π_ref pairs.
+
+  Args:
+    world: the bandit world.
+    loss_name: a key of ``DIRECT_LOSSES`` ("dpo", "ipo", "hinge", ...).
+    betas: ``[K]`` values of β > 0.
+    num_pairs: N pairs, ``bandit.sample_pairs(world, N, seed=seed)`` (deterministic
+      labels; the same pairs a proxy with member seed ``seed`` is trained on).
+    steps: Adam updates per β (overrides ``policy.steps``).
+    eval_every: evaluation period in steps (> 0).
+    seed: pair sample and policy initialisation seed.
+    policy: MLP size and learning rate (default ``PolicyConfig()``).
+    batch_size: pairs per update, epochs of shuffled pairs; None: every pair
+      every step (full-batch Adam, the default; the forward pass over all P·M
+      candidates dominates the cost either way).
+    pairs: use these pairs instead of sampling.
+    log_every: progress log period in steps (0: silent).
+    **hparams: extra loss hyperparameters.
+
+  Returns:
+    A ``DaaSweep``.
+  """
+  betas = np.asarray(betas, np.float64)
+  if betas.ndim != 1 or betas.size == 0 or not (np.isfinite(betas).all() and (betas > 0).all()):
+    raise ValueError(f"daa_sweep: betas must be a non-empty 1-D array of finite values > 0, "
+                     f"got {betas}")
+  if eval_every < 1 or steps < 1:
+    raise ValueError(f"daa_sweep: steps={steps} and eval_every={eval_every} must be >= 1")
+  direct.get_direct_loss(loss_name)                   # unknown names fail before training
+  pairs = bandit.sample_pairs(world, num_pairs, seed=seed) if pairs is None else pairs
+  base = policy or policy_net.PolicyConfig(seed=seed)
+  config = policy_net.PolicyConfig(base.hidden, steps, base.learning_rate, base.seed)
+  batches = None if batch_size is None else _minibatches(pairs, batch_size, steps, seed)
+  records, wall = [], []
+  for beta in betas:
+    start = time.perf_counter()
+    per_eval: list[dict] = []
+
+    def eval_fn(step, log_pi):
+      per_eval.append(evaluate_policy(log_pi, world, pairs))
+      return {"margin": per_eval[-1]["margin"]}
+    loss_fn = daa_loss_fn(loss_name, float(beta), pairs if batches is None else None, **hparams)
+    _, history = policy_net.train_policy(world, loss_fn, config, eval_fn=eval_fn,
+                                         eval_every=eval_every, batches=batches,
+                                         log_every=log_every)
+    records.append((np.array([r["step"] for r in history]), per_eval))
+    wall.append(time.perf_counter() - start)
+  eval_steps = records[0][0]
+  stack = lambda key: np.array([[e[key] for e in per_eval] for _, per_eval in records])
+  per_prompt_kl, per_prompt_gold = stack("kl"), stack("gold")
+  return DaaSweep(loss_name, betas, eval_steps, per_prompt_kl.mean(-1), per_prompt_gold.mean(-1),
+                  stack("margin"), per_prompt_kl, per_prompt_gold, np.array(wall))
+
+
+def _minibatches(pairs: bandit.Pairs, batch_size: int, steps: int, seed: int) -> dict:
+  n = len(pairs.prompt)
+  if not 1 <= batch_size <= n:
+    raise ValueError(f"batch_size={batch_size} must be in [1, num_pairs={n}]")
+  rng = np.random.default_rng(seed)
+  per_epoch = n // batch_size
+  order = np.concatenate([rng.permutation(n)[:per_epoch * batch_size]
+                          for _ in range(-(-steps // per_epoch))])[:steps * batch_size]
+  order = order.reshape(steps, batch_size)
+  return {k: np.asarray(v, np.int32)[order] for k, v in pairs._asdict().items()}
+
+
+# ----------------------------------------------------------------------------- criteria
+
+
+def _result(passed: bool, value: Any, threshold: Any, detail: str) -> dict[str, Any]:
+  return {"pass": bool(passed), "value": value, "threshold": threshold, "detail": detail}
+
+
+def final_curve(sweep: DaaSweep) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(d, gold, per_prompt_kl [P, K+1], per_prompt_gold [P, K+1]) of the final points across β,
+  sorted by d, with the reference policy (d = 0, gold = 0) prepended."""
+  kl = sweep.per_prompt_kl[:, -1]                       # [K, P]
+  gold = sweep.per_prompt_gold[:, -1]
+  order = np.argsort(kl.mean(axis=1))
+  zeros = np.zeros((1, kl.shape[1]))
+  per_kl = np.concatenate([zeros, kl[order]]).T
+  per_gold = np.concatenate([zeros, gold[order]]).T
+  return np.sqrt(per_kl.mean(axis=0)), per_gold.mean(axis=0), per_kl, per_gold
+
+
+def criterion_d1(sweep: DaaSweep, *, num_bootstrap: int = 1000, seed: int = 0) -> dict:
+  """D1 for one loss: final gold vs d across β has an interior maximum, and the RL form
+  d(α − β·log d) fits better (lower RMSE) than the quadratic α·KL − β·KL².
+
+  Interior: the argmax over the points (reference d = 0 included) is neither the
+  reference nor the largest-d point. Fits use the same points (bootstrap CIs
+  over prompts).
+  """
+  d, gold, per_kl, per_gold = final_curve(sweep)
+  peak = int(np.argmax(gold))
+  kw = dict(per_prompt_gold=per_gold, per_prompt_kl=per_kl, num_bootstrap=num_bootstrap,
+            seed=seed)
+  rl = fits.fit_rl(d, gold, **kw)
+  quad = fits.fit_quadratic_kl(d * d, gold, **kw)
+  interior = 0 < peak < len(d) - 1
+  value = {"peak_d": float(d[peak]), "peak_gold": float(gold[peak]),
+           "gold_at_max_d": float(gold[-1]), "max_d": float(d[-1]),
+           "rmse_rl": rl.rmse, "rmse_quadratic_kl": quad.rmse, "rl_alpha": rl.alpha,
+           "rl_beta": rl.beta, "rl_beta_ci": list(rl.beta_ci), "rl_r2": rl.r2}
+  detail = (f"{sweep.loss}: gold peaks at d={d[peak]:.2f} ({'interior' if interior else 'edge'},"
+            f" max d {d[-1]:.2f}); RMSE RL {rl.rmse:.4f} vs quadratic {quad.rmse:.4f}")
+  return _result(interior and rl.rmse < quad.rmse, value,
+                 "interior argmax and rmse_rl < rmse_quadratic_kl", detail)
+
+
+def criterion_d2(sweep: DaaSweep, *, num_se: float = 2.0, kl_tolerance: float = 0.01,
+                 num_bootstrap: int = 1000, seed: int = 0) -> dict:
+  """D2: at the smallest β, gold peaks before the end of training while KL keeps rising.
+
+  Pass: the gold argmax over evaluation steps is not the last one, the final gold
+  is ≥ ``num_se`` bootstrap SEs (over prompts, of the per-prompt drop) below the
+  peak (the G1 rule), and KL after the peak never falls by more than
+  ``kl_tolerance``·KL_final between evaluations and ends above its value at the peak.
+  """
+  k = int(np.argmin(sweep.betas))
+  gold, kl = sweep.gold[k], sweep.kl[k]
+  peak = int(np.argmax(gold))
+  drop, drop_se = bon.bootstrap_mean_se(
+      sweep.per_prompt_gold[k, peak] - sweep.per_prompt_gold[k, -1], num_bootstrap, seed)
+  drop, drop_se = float(drop), float(drop_se)
+  after = np.diff(kl[peak:])
+  rising = bool(kl[-1] > kl[peak] and (after >= -kl_tolerance * kl[-1]).all())
+  declined = peak < len(gold) - 1 and drop >= num_se * drop_se
+  value = {"beta": float(sweep.betas[k]), "peak_step": int(sweep.steps[peak]),
+           "final_step": int(sweep.steps[-1]), "gold_peak": float(gold[peak]),
+           "gold_final": float(gold[-1]), "drop": drop, "drop_se": drop_se,
+           "kl_at_peak": float(kl[peak]), "kl_final": float(kl[-1])}
+  detail = (f"{sweep.loss} β={sweep.betas[k]:.3g}: gold peak {gold[peak]:.3f} at step "
+            f"{sweep.steps[peak]} (KL {kl[peak]:.2f}), final {gold[-1]:.3f} (KL {kl[-1]:.2f});"
+            f" drop {drop:.3f} = {drop / drop_se if drop_se > 0 else np.inf:.1f} SE")
+  return _result(declined and rising, value,
+                 f"peak before the end, drop >= {num_se:g} SE, KL rising after the peak", detail)
+
+
+def criterion_d3(dpo: DaaSweep, ipo: DaaSweep, *, growth: float = 0.05,
+                 tolerance: float = 0.2) -> dict:
+  """D3 (Azar et al. 2023): DPO's margin keeps growing, IPO's settles near 1/(2β).
+
+  At every β of each sweep: DPO's mean training-pair margin h grows over the
+  second half of training, h(T) ≥ (1 + ``growth``)·h(T/2) and h(T) > h(3T/4)
+  (unbounded growth: under gradient descent on a separable logistic loss h grows
+  like log t, ≥ 10% from T/2 to T for T ≤ 1000); IPO's h is within ``tolerance``
+  of 1/(2β) at every evaluation in the second half of training.
+  """
+  def at(sweep, fraction):
+    return int(np.searchsorted(sweep.steps, fraction * sweep.steps[-1]))
+  dpo_ok, ipo_ok, value = [], [], {"dpo": [], "ipo": []}
+  for k, beta in enumerate(dpo.betas):
+    h = dpo.margin[k]
+    half, three_q = h[at(dpo, 0.5)], h[at(dpo, 0.75)]
+    ok = bool(h[-1] >= (1 + growth) * half and h[-1] > three_q)
+    dpo_ok.append(ok)
+    value["dpo"].append({"beta": float(beta), "h_half": float(half), "h_final": float(h[-1]),
+                         "growth": float(h[-1] / half - 1) if half else float("nan")})
+  for k, beta in enumerate(ipo.betas):
+    target = 1.0 / (2.0 * beta)
+    tail = ipo.margin[k, at(ipo, 0.5):]
+    error = np.abs(tail / target - 1.0)
+    ipo_ok.append(bool((error <= tolerance).all()))
+    value["ipo"].append({"beta": float(beta), "target": target, "h_final": float(tail[-1]),
+                         "max_rel_error_2nd_half": float(error.max())})
+  detail = (f"DPO growing at {sum(dpo_ok)}/{len(dpo_ok)} β, IPO within {tolerance:.0%} of "
+            f"1/(2β) at {sum(ipo_ok)}/{len(ipo_ok)} β")
+  return _result(all(dpo_ok) and all(ipo_ok), value,
+                 {"dpo_growth_2nd_half": growth, "ipo_rel_error": tolerance}, detail)
+
+
+def ppo_reference(world: bandit.World, proxy: np.ndarray,
+                  rl_betas: Sequence[float] = tuple(np.logspace(-2, 2, 41))) -> exact.ExactScores:
+  """The "PPO" reference: the exact KL-regularised path π ∝ π_ref·exp(β·proxy), ``[P, S]``.
+
+  Gold is shifted so that π_ref scores 0 (as in :func:`evaluate_policy`).
+  """
+  proxy = np.asarray(proxy, np.float64)
+  if proxy.shape != world.gold.shape:
+    raise ValueError(f"ppo_reference: proxy {proxy.shape} must be [P, M] = {world.gold.shape}")
+  scores = exact.rl_path_scores(world.ref_logits, proxy, world.gold, np.asarray(rl_betas))
+  ref_gold = np.sum(np.exp(world.ref_logits) * world.gold, axis=-1)
+  return scores._replace(gold=scores.gold - ref_gold[:, None])
+
+
+def criterion_p1(sweep: DaaSweep, ppo: exact.ExactScores, *,
+                 kl_edges: Sequence[float] = tuple(2.0 ** np.arange(-4, 7)),
+                 final_only: bool = False, num_bootstrap: int = 1000, seed: int = 0) -> dict:
+  """P1 (Rafailov et al. 2023, Fig. 2): DPO's reward–KL frontier is not below PPO's.
+
+  DPO points are every evaluation after step 0 of every β (``final_only``: the
+  final points); PPO points are the columns of ``ppo`` (per-prompt ``[P, S]``).
+  Points are binned by their prompt-mean KL on ``kl_edges`` (nats). In each bin
+  holding points of both, each prompt's gold is averaged over the method's
+  points, and the per-prompt difference DPO − PPO is bootstrapped over prompts:
+  pass when mean ≥ −1 SE in every such bin (and there is at least one).
+  """
+  steps = slice(-1, None) if final_only else slice(1, None)
+  dpo_kl = sweep.per_prompt_kl[:, steps].reshape(-1, sweep.per_prompt_kl.shape[-1])
+  dpo_gold = sweep.per_prompt_gold[:, steps].reshape(dpo_kl.shape)      # [N, P]
+  ppo_kl, ppo_gold = np.asarray(ppo.kl).T, np.asarray(ppo.gold).T         # [S, P]
+  if ppo_kl.shape[1] != dpo_kl.shape[1]:
+    raise ValueError(f"criterion_p1: PPO has {ppo_kl.shape[1]} prompts, DPO "
+                     f"{dpo_kl.shape[1]}")
+  edges = np.asarray(kl_edges, np.float64)
+  dpo_bin = np.digitize(dpo_kl.mean(axis=1), edges)
+  ppo_bin = np.digitize(ppo_kl.mean(axis=1), edges)
+  bins = []
+  for b in range(1, len(edges)):
+    in_dpo, in_ppo = dpo_bin == b, ppo_bin == b
+    if not (in_dpo.any() and in_ppo.any()):
+      continue
+    diff = dpo_gold[in_dpo].mean(axis=0) - ppo_gold[in_ppo].mean(axis=0)   # [P]
+    mean, se = bon.bootstrap_mean_se(diff, num_bootstrap, seed)
+    bins.append({"kl_low": float(edges[b - 1]), "kl_high": float(edges[b]),
+                 "dpo_gold": float(dpo_gold[in_dpo].mean()),
+                 "ppo_gold": float(ppo_gold[in_ppo].mean()), "diff": float(mean),
+                 "se": float(se), "pass": bool(mean >= -se),
+                 "num_dpo": int(in_dpo.sum()), "num_ppo": int(in_ppo.sum())})
+  failed = [f"[{b['kl_low']:g}, {b['kl_high']:g})" for b in bins if not b["pass"]]
+  detail = (f"{len(bins)} shared KL bins; DPO below PPO by > 1 SE in "
+            f"{', '.join(failed) if failed else 'none'}" if bins else "no shared KL bin")
+  return _result(bool(bins) and not failed, bins, "DPO - PPO >= -1 SE in every shared bin",
+                 detail)
+
+
+def criteria(sweeps: Mapping[str, DaaSweep], ppo: exact.ExactScores | None = None, *,
+             num_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict]:
+  """D1 (all losses present), D2 (each loss), D3 (needs dpo and ipo), P1 (needs dpo, ppo)."""
+  out = {}
+  d1 = {name: criterion_d1(s, num_bootstrap=num_bootstrap, seed=seed)
+        for name, s in sweeps.items()}
+  out["D1"] = _result(all(r["pass"] for r in d1.values()), d1,
+                      "every loss: interior argmax and rmse_rl < rmse_quadratic_kl",
+                      "; ".join(r["detail"] for r in d1.values()))
+  d2 = {name: criterion_d2(s, num_bootstrap=num_bootstrap, seed=seed)
+        for name, s in sweeps.items()}
+  out["D2"] = _result(all(r["pass"] for r in d2.values()), d2, "every loss at its smallest β",
+                      "; ".join(r["detail"] for r in d2.values()))
+  if "dpo" in sweeps and "ipo" in sweeps:
+    out["D3"] = criterion_d3(sweeps["dpo"], sweeps["ipo"])
+  if "dpo" in sweeps and ppo is not None:
+    out["P1"] = criterion_p1(sweeps["dpo"], ppo, num_bootstrap=num_bootstrap, seed=seed)
+  return out

@@ -1,0 +1,214 @@
+"""Tests for prefjax.overopt.direct_study: DPO/IPO/SLiC in the bandit world and D1–D3, P1."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prefjax.overopt import bandit
+from prefjax.overopt import direct_study as ds
+from prefjax.overopt import exact
+from prefjax.overopt import policy_net
+
+TINY = bandit.WorldConfig(num_prompts=8, num_candidates=256, feature_dim=8, gold_hidden=32)
+
+
+@pytest.fixture(scope="module")
+def world():
+  return bandit.make_world(TINY)
+
+
+@pytest.fixture(scope="module")
+def sweeps(world):
+  # One small sweep per loss, shared by the tests below (≈ 4 s per β on 2 cores).
+  kw = dict(num_pairs=400, steps=300, eval_every=50, seed=0)
+  return {"dpo": ds.daa_sweep(world, "dpo", [0.5, 2.0], **kw),
+          "ipo": ds.daa_sweep(world, "ipo", [0.5, 2.0], **kw)}
+
+
+def _log_softmax(x):
+  return x - np.log(np.sum(np.exp(x - x.max(-1, keepdims=True)), -1, keepdims=True)) - x.max(
+      -1, keepdims=True)
+
+
+def test_dpo_loss_from_log_pi_matches_float64_numpy(world):
+  rng = np.random.default_rng(0)
+  log_pi = _log_softmax(world.ref_logits + rng.normal(0, 2.0, world.ref_logits.shape))
+  pairs = bandit.sample_pairs(world, 64, seed=3)
+  beta = 0.7
+  loss = ds.daa_loss_fn("dpo", beta, pairs)(jnp.asarray(log_pi, jnp.float32),
+                                           {policy_net.REF_LOG_PROBS: jnp.asarray(
+                                               world.ref_logits, jnp.float32)})
+  ratio = log_pi - world.ref_logits
+  h = ratio[pairs.prompt, pairs.chosen] - ratio[pairs.prompt, pairs.rejected]
+  reference = np.mean(np.logaddexp(0.0, -beta * h))          # −log σ(βh) in float64
+  np.testing.assert_allclose(float(loss), reference, rtol=2e-5)
+  # The batch form (no fixed pairs) gathers the same pairs from the batch.
+  batch = {"prompt": pairs.prompt, "chosen": pairs.chosen, "rejected": pairs.rejected,
+           policy_net.REF_LOG_PROBS: jnp.asarray(world.ref_logits, jnp.float32)}
+  np.testing.assert_allclose(float(ds.daa_loss_fn("dpo", beta)(jnp.asarray(log_pi), batch)),
+                             reference, rtol=2e-5)
+
+
+def test_pair_logps_shapes_and_token_counts():
+  log_pi = jnp.log(jnp.full((2, 4), 0.25))
+  x = ds.pair_logps(log_pi, log_pi, jnp.array([0, 1]), jnp.array([1, 2]), jnp.array([3, 0]))
+  assert all(v.shape == (2,) for v in x)
+  np.testing.assert_array_equal(x.chosen_tokens, 1.0)
+  with pytest.raises(ValueError, match="equal"):
+    ds.pair_logps(log_pi, log_pi[:1], jnp.array([0]), jnp.array([1]), jnp.array([2]))
+
+
+def test_stationary_margins():
+  assert ds.stationary_margin("hinge") == pytest.approx(1.0, abs=1e-2)
+  assert ds.stationary_margin("ipo") == pytest.approx(0.45, abs=1e-2)
+  assert ds.stationary_margin("dpo") == pytest.approx(np.log(19.0), abs=1e-2)
+
+
+def test_theory_betas_hit_their_kl_on_the_tilt(world):
+  betas = ds.theory_betas(world, "ipo", kl_range=(0.1, 3.0), num=4)
+  assert np.all(np.diff(betas) < 0)
+  # The tilt with margin c/β has exactly the targeted KL.
+  c, gap = ds.stationary_margin("ipo"), ds._mean_abs_gold_gap(world)
+  kl = exact.rl_path_scores(world.ref_logits, world.gold, world.gold, c / (betas * gap)).kl
+  np.testing.assert_allclose(kl.mean(0), np.geomspace(0.1, 3.0, 4), rtol=0.02)
+
+
+def test_sweep_shapes_and_reference_start(sweeps):
+  s = sweeps["dpo"]
+  assert s.kl.shape == s.gold.shape == s.margin.shape == (2, 7)
+  assert s.per_prompt_kl.shape == (2, 7, TINY.num_prompts)
+  np.testing.assert_array_equal(s.steps, [0, 50, 100, 150, 200, 250, 300])
+  # Zero-initialised output layer: π = π_ref up to float32 log-softmax round-off.
+  np.testing.assert_allclose(s.kl[:, 0], 0.0, atol=1e-6)
+  np.testing.assert_allclose(s.gold[:, 0], 0.0, atol=1e-6)
+  np.testing.assert_allclose(s.margin[:, 0], 0.0, atol=1e-5)
+  assert (s.gold[:, -1] > 0).all()                              # learning from gold labels helps
+
+
+def test_ipo_margin_approaches_target(sweeps):
+  s = sweeps["ipo"]
+  target = 1.0 / (2.0 * s.betas)
+  np.testing.assert_allclose(s.margin[:, -1], target, rtol=0.15)
+  # Closer at the end than half-way (converging, not overshooting away).
+  assert (np.abs(s.margin[:, -1] - target) <= np.abs(s.margin[:, 3] - target) + 1e-6).all()
+
+
+def test_dpo_margin_keeps_growing(sweeps):
+  s = sweeps["dpo"]
+  assert (np.diff(s.margin[:, 1:], axis=1) > 0).all()
+  assert (s.margin[:, -1] > 2.0 / s.betas).all()     # well past where IPO would stop
+  result = ds.criterion_d3(s, sweeps["ipo"])
+  assert result["pass"], result["detail"]
+
+
+def test_minibatch_sweep_runs(world):
+  s = ds.daa_sweep(world, "hinge", [1.0], num_pairs=200, steps=40, eval_every=20,
+                   batch_size=64)
+  assert s.margin.shape == (1, 3) and s.margin[0, -1] > 0
+
+
+def test_bad_arguments(world):
+  with pytest.raises(ValueError, match="betas"):
+    ds.daa_sweep(world, "dpo", [0.0], num_pairs=10, steps=1)
+  with pytest.raises(KeyError, match="registered"):
+    ds.daa_sweep(world, "no_such_loss", [1.0], num_pairs=10, steps=1)
+
+
+# ----------------------------------------------------------------------------- criteria
+
+
+def _synthetic(betas, steps, kl, gold, margin, num_prompts=16, noise=0.01, seed=0, loss="dpo"):
+  """A DaaSweep with per-prompt values = curve + small noise ([K, T] inputs)."""
+  rng = np.random.default_rng(seed)
+  kl, gold = np.asarray(kl, float), np.asarray(gold, float)
+  per_kl = np.maximum(kl[..., None] * (1 + rng.normal(0, noise, kl.shape + (num_prompts,))), 0)
+  per_gold = gold[..., None] + rng.normal(0, noise, gold.shape + (num_prompts,))
+  return ds.DaaSweep(loss, np.asarray(betas, float), np.asarray(steps), per_kl.mean(-1),
+                     per_gold.mean(-1), np.asarray(margin, float), per_kl, per_gold,
+                     np.zeros(len(betas)))
+
+
+def _final_sweep(gold_of_d, loss="dpo"):
+  betas = np.geomspace(2.0, 0.1, 6)
+  d = np.linspace(0.4, 3.0, 6)
+  steps = np.array([0, 100])
+  kl = np.stack([np.zeros(6), d**2], 1)
+  gold = np.stack([np.zeros(6), gold_of_d(d)], 1)
+  return _synthetic(betas, steps, kl, gold, np.zeros((6, 2)), loss=loss)
+
+
+def test_d1_pass_and_fail():
+  hump = _final_sweep(lambda d: d * (1.0 - 0.6 * np.log(d)))       # RL-shaped, peak inside
+  result = ds.criterion_d1(hump, num_bootstrap=200)
+  assert result["pass"], result["detail"]
+  assert result["value"]["rmse_rl"] < result["value"]["rmse_quadratic_kl"]
+  rising = _final_sweep(lambda d: 0.5 * d)                          # monotone: no interior max
+  assert not ds.criterion_d1(rising, num_bootstrap=200)["pass"]
+  quad = _final_sweep(lambda d: 0.8 * d**2 - 0.12 * d**4)           # hump, but quadratic in KL
+  result = ds.criterion_d1(quad, num_bootstrap=200)
+  assert not result["pass"] and result["value"]["rmse_rl"] > result["value"]["rmse_quadratic_kl"]
+
+
+def _trajectory(gold_curve, kl_curve):
+  steps = np.arange(0, 501, 50)
+  t = steps / 500.0
+  return _synthetic([0.1, 1.0], steps, np.stack([kl_curve(t), kl_curve(t)]),
+                    np.stack([gold_curve(t), gold_curve(t)]), np.zeros((2, len(steps))))
+
+
+def test_d2_pass_and_fail():
+  overopt = _trajectory(lambda t: 4 * t * (1 - t) + 0.2 * t, lambda t: 8 * t)
+  assert ds.criterion_d2(overopt, num_bootstrap=200)["pass"]
+  monotone = _trajectory(lambda t: np.sqrt(t), lambda t: 8 * t)
+  assert not ds.criterion_d2(monotone, num_bootstrap=200)["pass"]
+  kl_stalls = _trajectory(lambda t: 4 * t * (1 - t) + 0.2 * t, lambda t: 8 * np.minimum(t, 0.5)
+                          - 2 * np.maximum(t - 0.5, 0))
+  assert not ds.criterion_d2(kl_stalls, num_bootstrap=200)["pass"]
+
+
+def test_d3_pass_and_fail():
+  steps = np.arange(0, 501, 50)
+  betas = np.array([0.5, 2.0])
+  t = steps[None] / 500.0
+  target = (1 / (2 * betas))[:, None]
+  ipo_ok = _synthetic(betas, steps, np.zeros((2, 11)), np.zeros((2, 11)),
+                      target * (1 - np.exp(-20 * t)), loss="ipo")
+  dpo_ok = _synthetic(betas, steps, np.zeros((2, 11)), np.zeros((2, 11)),
+                      np.log1p(50 * t) / betas[:, None])
+  assert ds.criterion_d3(dpo_ok, ipo_ok)["pass"]
+  dpo_flat = dpo_ok._replace(margin=target * (1 - np.exp(-20 * t)))   # DPO saturating
+  assert not ds.criterion_d3(dpo_flat, ipo_ok)["pass"]
+  ipo_off = ipo_ok._replace(margin=0.5 * target * (1 - np.exp(-20 * t)))
+  result = ds.criterion_d3(dpo_ok, ipo_off)
+  assert not result["pass"] and "IPO within 20% of 1/(2β) at 0/2" in result["detail"]
+
+
+def test_p1_pass_and_fail(world):
+  # PPO: the exact path of a noisy proxy; DPO points: the exact gold-tilt path (better).
+  rng = np.random.default_rng(0)
+  proxy = world.gold + rng.normal(0, 1.5, world.gold.shape)
+  ppo = ds.ppo_reference(world, proxy, np.geomspace(0.05, 5, 30))
+  tilt = ds.ppo_reference(world, world.gold, np.geomspace(0.05, 5, 12))
+  per_kl = tilt.kl.T[:, None, :]                                   # [K=12, T=1, P]
+  per_gold = tilt.gold.T[:, None, :]
+  zeros = np.zeros_like(per_kl)
+  dpo = ds.DaaSweep("dpo", np.geomspace(5, 0.05, 12), np.array([0, 100]),
+                    np.concatenate([zeros, per_kl], 1).mean(-1),
+                    np.concatenate([zeros, per_gold], 1).mean(-1), np.zeros((12, 2)),
+                    np.concatenate([zeros, per_kl], 1), np.concatenate([zeros, per_gold], 1),
+                    np.zeros(12))
+  good = ds.criterion_p1(dpo, ppo, num_bootstrap=200)
+  assert good["pass"], good["detail"]
+  assert len(good["value"]) >= 2
+  bad = ds.criterion_p1(dpo._replace(per_prompt_gold=dpo.per_prompt_gold - 0.5), ppo,
+                        num_bootstrap=200)
+  assert not bad["pass"]
+  far = ds.criterion_p1(dpo, ppo, kl_edges=[100.0, 200.0], num_bootstrap=200)
+  assert not far["pass"] and far["detail"] == "no shared KL bin"
+
+
+def test_ppo_reference_starts_at_zero(world):
+  ppo = ds.ppo_reference(world, world.gold, [0.0, 1.0])
+  np.testing.assert_allclose(ppo.gold[:, 0], 0.0, atol=1e-12)
+  np.testing.assert_allclose(ppo.kl[:, 0], 0.0, atol=1e-12)
+  assert (ppo.gold[:, 1] > 0).all()
