@@ -26,6 +26,7 @@ own initialisation). The learned-policy RL variant lives in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -40,6 +41,7 @@ from scipy import special
 from prefjax.losses import preference
 from prefjax.overopt.policy_net import PolicyConfig  # noqa: F401  (re-exported)
 from prefjax.overopt.policy_net import PolicyMLP  # noqa: F401
+from prefjax.overopt.policy_net import StackedMLP
 from prefjax.overopt.policy_net import kl_regularized_loss  # noqa: F401
 from prefjax.overopt.policy_net import policy_log_probs  # noqa: F401
 from prefjax.overopt.policy_net import train_policy  # noqa: F401
@@ -236,10 +238,11 @@ def _sample_pairs(world: World, num_pairs: int, label_noise: float,
   prompt = rng.integers(0, world.ref_logits.shape[0], num_pairs)
   a = _sample_ref(world, rng, prompt)
   b = _sample_ref(world, rng, prompt)
-  for _ in range(1000):          # a pair of one candidate with itself carries no label
+  for _ in range(1000):          # rejection: a pair of one candidate with itself has no label
     same = a == b
     if not same.any():
       break
+    a[same] = _sample_ref(world, rng, prompt[same])
     b[same] = _sample_ref(world, rng, prompt[same])
   else:
     raise ValueError("pi_ref is too concentrated to draw pairs of distinct candidates")
@@ -255,9 +258,9 @@ def sample_pairs(world: World, num_pairs: int, *, label_noise: float = 0.0,
   """N pairs: prompt ~ U(P), two DISTINCT candidates ~ π_ref × π_ref, labelled by gold.
 
   chosen = the candidate with the higher gold (deterministic labels), then the
-  label is flipped with probability ``label_noise`` ∈ [0, 0.5). A draw of the
-  same candidate twice is redrawn (it carries no preference), so the pair law
-  is π_ref × π_ref conditioned on distinct candidates. Deterministic per
+  label is flipped with probability ``label_noise`` ∈ [0, 0.5). A pair that
+  drew one candidate twice carries no preference and is redrawn whole
+  (rejection sampling), so the pair law is π_ref × π_ref conditioned on a ≠ b. Deterministic per
   (world seed, ``seed``); held-out pairs use a separate stream.
   """
   return _sample_pairs(world, num_pairs, label_noise,
@@ -342,43 +345,6 @@ def preference_loss(name: str) -> Callable[..., jax.Array]:
   return getattr(entry, "fn", entry)
 
 
-class StackedMLP(nnx.Module):
-  """K independent GELU MLPs d → w (× depth) → 1, parameters stacked on a leading K axis.
-
-  Member k is initialised from ``jax.random.key(seeds[k])`` alone (LeCun-normal
-  kernels, zero biases), so a member is the same network whether it is trained
-  with others or alone.
-  """
-
-  def __init__(self, in_dim: int, width: int, depth: int, seeds: Sequence[int]):
-    if width < 1 or depth < 1 or not seeds:
-      raise ValueError(f"StackedMLP: need width >= 1, depth >= 1 and >= 1 seed; got "
-                       f"width={width}, depth={depth}, seeds={seeds}")
-    sizes = [in_dim] + [width] * depth + [1]
-    init = jax.nn.initializers.lecun_normal()
-    self.kernels = nnx.List([
-        nnx.Param(jnp.stack([init(jax.random.fold_in(jax.random.key(s), i), (n_in, n_out))
-                             for s in seeds]))
-        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))])
-    self.biases = nnx.List([nnx.Param(jnp.zeros((len(seeds), n_out))) for n_out in sizes[1:]])
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Rewards: ``x`` ``[K, B, d]`` (member k on its own rows) → ``[K, B]``."""
-    return self._forward(x, "kbi,kio->kbo")
-
-  def score(self, x: jax.Array) -> jax.Array:
-    """Every member on shared rows: ``x`` ``[B, d]`` → ``[K, B]``."""
-    return self._forward(x, "bi,kio->kbo")
-
-  def _forward(self, x: jax.Array, first: str) -> jax.Array:
-    h = x
-    for i, (w, b) in enumerate(zip(self.kernels, self.biases)):
-      h = jnp.einsum(first if i == 0 else "kbi,kio->kbo", h, w[...]) + b[...][:, None, :]
-      if i < len(self.kernels) - 1:
-        h = jax.nn.gelu(h)
-    return h[..., 0]
-
-
 class Proxies(NamedTuple):
   """K trained proxies of one size.
 
@@ -432,21 +398,24 @@ def _batch_indices(pairs: Sequence[Pairs], seeds: Sequence[int], world_seed: int
   return (np.stack(chosen, 1).astype(np.int32), np.stack(rejected, 1).astype(np.int32))
 
 
-def make_proxy_trainer(config: ProxyConfig, num_members: int, feature_dim: int,
-                       seeds: Sequence[int]):
-  """``(graphdef, state, run_chunk, schedule)`` for K stacked proxies.
-
-  ``run_chunk(state, features [P·M, d], chosen [T, K, B], rejected [T, K, B])``
-  runs T updates of ``prefjax.train.step.make_train_step`` in one jitted
-  ``lax.scan`` and returns ``(state, member_losses [T, K])``.
-  """
-  model = StackedMLP(feature_dim, config.width, config.depth, seeds)
-  tx, schedule = schedules.make_optimizer(schedules.OptimizerConfig(
+def _optimizer(config: ProxyConfig):
+  return schedules.make_optimizer(schedules.OptimizerConfig(
       name="adamw", learning_rate=config.learning_rate, schedule="cosine",
       warmup_steps=config.warmup_steps, total_steps=config.steps,
       weight_decay=config.weight_decay))
-  graphdef, state = state_lib.create_train_state(model, tx, int(seeds[0]))
-  train_step = step_lib.make_train_step(graphdef, proxy_loss_fn(config.loss), tx,
+
+
+def _program_key(config: ProxyConfig) -> ProxyConfig:
+  """The config with the data-only fields reset: configs with one key share a program."""
+  return dataclasses.replace(config, num_pairs=config.batch_size, label_noise=0.0,
+                             eval_pairs=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _run_chunk(graphdef: nnx.GraphDef, key: ProxyConfig, num_members: int):
+  """The jitted ``lax.scan`` of train steps for one architecture/optimizer (cached)."""
+  tx, schedule = _optimizer(key)
+  train_step = step_lib.make_train_step(graphdef, proxy_loss_fn(key.loss), tx,
                                         schedule=schedule)
 
   def run_chunk(state, features, chosen, rejected):
@@ -456,7 +425,31 @@ def make_proxy_trainer(config: ProxyConfig, num_members: int, feature_dim: int,
       return state, jnp.stack([metrics[f"loss_{k}"] for k in range(num_members)])
     return jax.lax.scan(body, state, (chosen, rejected))
 
-  return graphdef, state, jax.jit(run_chunk, donate_argnums=(0,)), schedule
+  return jax.jit(run_chunk, donate_argnums=(0,))
+
+
+def make_proxy_trainer(config: ProxyConfig, feature_dim: int, seeds: Sequence[int]):
+  """``(graphdef, state, run_chunk)`` for K = len(seeds) stacked proxies.
+
+  ``run_chunk(state, features [P·M, d], chosen [T, K, B], rejected [T, K, B])``
+  (flat candidate indices) runs T updates of
+  ``prefjax.train.step.make_train_step`` (AdamW, cosine decay) in one jitted
+  ``lax.scan`` and returns ``(state, member_losses [T, K])``. Programs are
+  cached per architecture/optimizer, so seeds, worlds, data sizes and label
+  noise reuse one compilation.
+  """
+  model = StackedMLP(feature_dim, config.width, config.depth, seeds)
+  tx, _ = _optimizer(config)
+  graphdef, state = state_lib.create_train_state(model, tx, int(seeds[0]))
+  return graphdef, state, _run_chunk(graphdef, _program_key(config), len(seeds))
+
+
+@functools.lru_cache(maxsize=64)
+def _score_program(graphdef: nnx.GraphDef):
+  def run(params, x):
+    model = nnx.merge(graphdef, params)
+    return jax.lax.map(model.score, x)          # [P, K, M]
+  return jax.jit(run)
 
 
 def score_candidates(graphdef: nnx.GraphDef, params, features: np.ndarray) -> np.ndarray:
@@ -464,11 +457,7 @@ def score_candidates(graphdef: nnx.GraphDef, params, features: np.ndarray) -> np
 
   One jitted ``lax.map`` over prompts (each step scores one prompt's M rows).
   """
-  @jax.jit
-  def run(params, x):
-    model = nnx.merge(graphdef, params)
-    return jax.lax.map(model.score, x)          # [P, K, M]
-  return np.asarray(run(params, jnp.asarray(features))).transpose(1, 0, 2)
+  return np.asarray(_score_program(graphdef)(params, jnp.asarray(features))).transpose(1, 0, 2)
 
 
 def train_proxies(world: World, config: ProxyConfig, seeds: Sequence[int], *,
@@ -497,7 +486,7 @@ def train_proxies(world: World, config: ProxyConfig, seeds: Sequence[int], *,
            for s in seeds]
   chosen, rejected = _batch_indices(pairs, seeds, world.config.seed, config.steps,
                                     config.batch_size, m)
-  graphdef, state, run_chunk, _ = make_proxy_trainer(config, len(seeds), d, seeds)
+  graphdef, state, run_chunk = make_proxy_trainer(config, d, seeds)
   features = jnp.asarray(world.features.reshape(p * m, d))
   chunk = log_every or config.steps
   losses, last = [], time.perf_counter()

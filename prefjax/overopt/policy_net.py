@@ -1,4 +1,7 @@
-"""Learned-policy variant of the bandit world's RL: an MLP policy over each prompt's candidates.
+"""Networks of the bandit world: stacked proxy MLPs and the learned RL/DPO policy.
+
+Proxies: ``StackedMLP`` holds K independent GELU MLPs with parameters stacked
+on a leading K axis, so K members train in one program (``bandit.train_proxies``).
 
 The policy is a softmax over a prompt's M candidates,
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +76,43 @@ class PolicyMLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.out(jax.nn.gelu(self.hidden(x)))[..., 0]
+
+
+class StackedMLP(nnx.Module):
+  """K independent GELU MLPs d → w (× depth) → 1, parameters stacked on a leading K axis.
+
+  Member k is initialised from ``jax.random.key(seeds[k])`` alone (LeCun-normal
+  kernels, zero biases), so a member is the same network whether it is trained
+  with others or alone.
+  """
+
+  def __init__(self, in_dim: int, width: int, depth: int, seeds: Sequence[int]):
+    if width < 1 or depth < 1 or not seeds:
+      raise ValueError(f"StackedMLP: need width >= 1, depth >= 1 and >= 1 seed; got "
+                       f"width={width}, depth={depth}, seeds={seeds}")
+    sizes = [in_dim] + [width] * depth + [1]
+    init = jax.nn.initializers.lecun_normal()
+    self.kernels = nnx.List([
+        nnx.Param(jnp.stack([init(jax.random.fold_in(jax.random.key(s), i), (n_in, n_out))
+                             for s in seeds]))
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))])
+    self.biases = nnx.List([nnx.Param(jnp.zeros((len(seeds), n_out))) for n_out in sizes[1:]])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Rewards: ``x`` ``[K, B, d]`` (member k on its own rows) → ``[K, B]``."""
+    return self._forward(x, "kbi,kio->kbo")
+
+  def score(self, x: jax.Array) -> jax.Array:
+    """Every member on shared rows: ``x`` ``[B, d]`` → ``[K, B]``."""
+    return self._forward(x, "bi,kio->kbo")
+
+  def _forward(self, x: jax.Array, first: str) -> jax.Array:
+    h = x
+    for i, (w, b) in enumerate(zip(self.kernels, self.biases)):
+      h = jnp.einsum(first if i == 0 else "kbi,kio->kbo", h, w[...]) + b[...][:, None, :]
+      if i < len(self.kernels) - 1:
+        h = jax.nn.gelu(h)
+    return h[..., 0]
 
 
 def policy_log_probs(model: PolicyMLP, features: jax.Array, ref_logits: jax.Array) -> jax.Array:
@@ -218,15 +258,16 @@ def train_policy(world: "World", loss_fn: PolicyLoss, config: PolicyConfig = Pol
     return log_pi
 
   log_pi = evaluate(0)
-  last = time.perf_counter()
+  last, last_step = time.perf_counter(), 0
   for begin, end in zip(boundaries[:-1], boundaries[1:]):
     xs = None if data is None else jax.tree.map(lambda x: x[begin:end], data)
     state, losses = run_chunk(state, fixed, xs, end - begin)
     if log_every and (end % log_every == 0 or end == config.steps):
+      loss = float(losses[-1])          # blocks until the chunk has run
       now = time.perf_counter()
-      logging.info("policy step %d/%d loss %.4f (%.0f steps/s)", end, config.steps,
-                   float(losses[-1]), (end - begin) / (now - last))
-      last = now
+      logging.info("policy step %d/%d loss %.4f (%.1f steps/s)", end, config.steps, loss,
+                   (end - last_step) / (now - last))
+      last, last_step = now, end
     if (eval_every and end % eval_every == 0) or end == config.steps:
       log_pi = evaluate(end)
   return log_pi, records
