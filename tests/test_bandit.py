@@ -182,6 +182,19 @@ def test_proxies_learn_gold_and_more_steps_or_pairs_help(world):
                                                                     trained.gold_accuracy)
 
 
+def test_tail_residuals_match_a_direct_computation(world):
+  rng = np.random.default_rng(0)
+  scores = world.gold + rng.normal(size=(2, 8, 256)) * [[[0.5]], [[2.0]]]
+  out = bandit.tail_residuals(world, scores, edges=(3.0,))
+  np.testing.assert_allclose(out.mass.sum(), 1.0, rtol=1e-12)
+  far = np.abs(world.features).max(-1) >= 3.0
+  w = np.exp(world.ref_logits) * far
+  expected = np.sqrt(np.sum(w * (scores[1] - world.gold) ** 2) / w.sum())
+  np.testing.assert_allclose(out.residual_sd[1, 1], expected, rtol=1e-12)
+  np.testing.assert_allclose(out.mass[1], w.sum() / 8, rtol=1e-12)
+  assert out.residual_sd.shape == (2, 2) and 0.3 < out.residual_sd[0, 0] < 0.7
+
+
 def _member_batch(world, seed, size=64):
   pairs = bandit.sample_pairs(world, size, seed=seed)
   return world.features[pairs.prompt, pairs.chosen], world.features[pairs.prompt, pairs.rejected]

@@ -30,7 +30,7 @@ import functools
 import logging
 import math
 import time
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,13 +38,15 @@ import numpy as np
 from flax import nnx
 from scipy import special
 
-from prefjax.losses import preference
 from prefjax.overopt.policy_net import PolicyConfig  # noqa: F401  (re-exported)
-from prefjax.overopt.policy_net import PolicyMLP  # noqa: F401
+from prefjax.overopt.policy_net import PolicyMLP  # noqa: F401  (re-exported)
 from prefjax.overopt.policy_net import StackedMLP
-from prefjax.overopt.policy_net import kl_regularized_loss  # noqa: F401
-from prefjax.overopt.policy_net import policy_log_probs  # noqa: F401
-from prefjax.overopt.policy_net import train_policy  # noqa: F401
+from prefjax.overopt.policy_net import kl_regularized_loss  # noqa: F401  (re-exported)
+from prefjax.overopt.policy_net import policy_log_probs  # noqa: F401  (re-exported)
+from prefjax.overopt.policy_net import preference_loss
+from prefjax.overopt.policy_net import proxy_loss_fn
+from prefjax.overopt.policy_net import score_candidates
+from prefjax.overopt.policy_net import train_policy  # noqa: F401  (re-exported)
 from prefjax.train import schedules
 from prefjax.train import state as state_lib
 from prefjax.train import step as step_lib
@@ -282,6 +284,38 @@ def pair_accuracy(scores: np.ndarray, pairs: Pairs) -> np.ndarray:
   return np.mean((chosen > rejected) + 0.5 * (chosen == rejected), axis=-1)
 
 
+class TailResiduals(NamedTuple):
+  """Proxy error by how far out a candidate is: bins of t = max_j |φ_j|.
+
+  Attributes:
+    edges: ``[B + 1]`` bin edges of t (first 0, last inf).
+    mass: ``[B]`` π_ref mass per bin (prompt-averaged).
+    residual_sd: ``[..., B]`` √E_{π_ref}[(proxy − gold)² | bin] (leading K axis kept).
+  """
+  edges: np.ndarray
+  mass: np.ndarray
+  residual_sd: np.ndarray
+
+
+def tail_residuals(world: World, scores: np.ndarray,
+                   edges: Sequence[float] = (3.0, 5.0, 8.0)) -> TailResiduals:
+  """RMS of proxy − gold under π_ref within bins of max_j |φ_j| (``scores`` ``[..., P, M]``).
+
+  The mechanism of the decline (``RESEARCH_NOTES.md``): with heavy-tailed
+  features the error grows where max|φ| is large, where optimisation pushes.
+  """
+  edges = np.concatenate([[0.0], np.asarray(edges, np.float64), [np.inf]])
+  t = np.abs(world.features).max(axis=-1)
+  weights = np.exp(world.ref_logits) / world.ref_logits.shape[0]
+  square = np.square(np.asarray(scores, np.float64) - world.gold)
+  mass, sd = [], []
+  for lo, hi in zip(edges[:-1], edges[1:]):
+    w = weights * ((t >= lo) & (t < hi))
+    mass.append(w.sum())
+    sd.append(np.sqrt(np.sum(w * square, axis=(-2, -1)) / max(w.sum(), 1e-300)))
+  return TailResiduals(edges, np.array(mass), np.stack(sd, axis=-1))
+
+
 # ----------------------------------------------------------------------------- proxies
 
 
@@ -331,20 +365,6 @@ class ProxyConfig:
     preference_loss(self.loss)   # unknown names fail here, not after world generation
 
 
-def preference_loss(name: str) -> Callable[..., jax.Array]:
-  """The per-pair reward-model loss ``fn(r_chosen, r_rejected) -> per-pair loss``.
-
-  Names come from ``preference.PREFERENCE_LOSSES``; ``"bradley_terry"`` is
-  ``preference.bradley_terry`` (registered as ``"bt"``).
-  """
-  registry = dict(getattr(preference, "PREFERENCE_LOSSES", {}))
-  registry.setdefault("bradley_terry", preference.bradley_terry)
-  if name not in registry:
-    raise ValueError(f"ProxyConfig.loss={name!r}; registered: {sorted(registry)}")
-  entry = registry[name]
-  return getattr(entry, "fn", entry)
-
-
 class Proxies(NamedTuple):
   """K trained proxies of one size.
 
@@ -362,23 +382,6 @@ class Proxies(NamedTuple):
   train_accuracy: np.ndarray
   gold_accuracy: np.ndarray
   wall_s: float
-
-
-def proxy_loss_fn(loss: str) -> step_lib.LossFn:
-  """``loss_fn(model, batch, rng)`` for ``make_train_step``.
-
-  batch: ``chosen``, ``rejected`` ``[K, B, d]`` features (member k's pairs in
-  row k). Loss = Σ_k mean_b ℓ(r_k(chosen), r_k(rejected)): the sum makes each
-  member's gradient exactly its own mean-loss gradient. Metrics ``loss_k``.
-  """
-  fn = preference_loss(loss)
-
-  def loss_fn(model: StackedMLP, batch, rng):
-    del rng
-    r_chosen, r_rejected = model(batch["chosen"]), model(batch["rejected"])
-    member = jnp.mean(fn(r_chosen.T, r_rejected.T), axis=0)           # [K]
-    return jnp.sum(member), {f"loss_{k}": member[k] for k in range(member.shape[0])}
-  return loss_fn
 
 
 def _batch_indices(pairs: Sequence[Pairs], seeds: Sequence[int], world_seed: int, steps: int,
@@ -442,22 +445,6 @@ def make_proxy_trainer(config: ProxyConfig, feature_dim: int, seeds: Sequence[in
   tx, _ = _optimizer(config)
   graphdef, state = state_lib.create_train_state(model, tx, int(seeds[0]))
   return graphdef, state, _run_chunk(graphdef, _program_key(config), len(seeds))
-
-
-@functools.lru_cache(maxsize=64)
-def _score_program(graphdef: nnx.GraphDef):
-  def run(params, x):
-    model = nnx.merge(graphdef, params)
-    return jax.lax.map(model.score, x)          # [P, K, M]
-  return jax.jit(run)
-
-
-def score_candidates(graphdef: nnx.GraphDef, params, features: np.ndarray) -> np.ndarray:
-  """Raw member scores of every candidate, ``features [P, M, d]`` → ``[K, P, M]`` float32.
-
-  One jitted ``lax.map`` over prompts (each step scores one prompt's M rows).
-  """
-  return np.asarray(_score_program(graphdef)(params, jnp.asarray(features))).transpose(1, 0, 2)
 
 
 def train_proxies(world: World, config: ProxyConfig, seeds: Sequence[int], *,

@@ -1,7 +1,9 @@
 """Networks of the bandit world: stacked proxy MLPs and the learned RL/DPO policy.
 
 Proxies: ``StackedMLP`` holds K independent GELU MLPs with parameters stacked
-on a leading K axis, so K members train in one program (``bandit.train_proxies``).
+on a leading K axis, so K members train in one program (``bandit.train_proxies``
+with :func:`proxy_loss_fn`) and score every candidate in one
+(:func:`score_candidates`).
 
 The policy is a softmax over a prompt's M candidates,
 
@@ -23,6 +25,7 @@ can represent r/λ up to a per-prompt constant reaches it, which the tests check
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -33,6 +36,7 @@ import numpy as np
 from flax import nnx
 from scipy import special
 
+from prefjax.losses import preference
 from prefjax.train import schedules
 from prefjax.train import state as state_lib
 from prefjax.train import step as step_lib
@@ -113,6 +117,53 @@ class StackedMLP(nnx.Module):
       if i < len(self.kernels) - 1:
         h = jax.nn.gelu(h)
     return h[..., 0]
+
+
+def preference_loss(name: str) -> Callable[..., jax.Array]:
+  """The per-pair reward-model loss ``fn(r_chosen, r_rejected) -> per-pair loss``.
+
+  Names come from ``preference.PREFERENCE_LOSSES``; ``"bradley_terry"`` is
+  ``preference.bradley_terry`` (registered as ``"bt"``).
+  """
+  registry = dict(getattr(preference, "PREFERENCE_LOSSES", {}))
+  registry.setdefault("bradley_terry", preference.bradley_terry)
+  if name not in registry:
+    raise ValueError(f"ProxyConfig.loss={name!r}; registered: {sorted(registry)}")
+  entry = registry[name]
+  return getattr(entry, "fn", entry)
+
+
+def proxy_loss_fn(loss: str) -> step_lib.LossFn:
+  """``loss_fn(model, batch, rng)`` for ``make_train_step``.
+
+  batch: ``chosen``, ``rejected`` ``[K, B, d]`` features (member k's pairs in
+  row k). Loss = Σ_k mean_b ℓ(r_k(chosen), r_k(rejected)): the sum makes each
+  member's gradient exactly its own mean-loss gradient. Metrics ``loss_k``.
+  """
+  fn = preference_loss(loss)
+
+  def loss_fn(model: StackedMLP, batch, rng):
+    del rng
+    r_chosen, r_rejected = model(batch["chosen"]), model(batch["rejected"])
+    member = jnp.mean(fn(r_chosen.T, r_rejected.T), axis=0)           # [K]
+    return jnp.sum(member), {f"loss_{k}": member[k] for k in range(member.shape[0])}
+  return loss_fn
+
+
+@functools.lru_cache(maxsize=64)
+def _score_program(graphdef: nnx.GraphDef):
+  def run(params, x):
+    model = nnx.merge(graphdef, params)
+    return jax.lax.map(model.score, x)          # [P, K, M]
+  return jax.jit(run)
+
+
+def score_candidates(graphdef: nnx.GraphDef, params, features: np.ndarray) -> np.ndarray:
+  """Raw member scores of every candidate, ``features [P, M, d]`` → ``[K, P, M]`` float32.
+
+  One jitted ``lax.map`` over prompts (each step scores one prompt's M rows).
+  """
+  return np.asarray(_score_program(graphdef)(params, jnp.asarray(features))).transpose(1, 0, 2)
 
 
 def policy_log_probs(model: PolicyMLP, features: jax.Array, ref_logits: jax.Array) -> jax.Array:
