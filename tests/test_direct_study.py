@@ -20,7 +20,7 @@ def world():
 @pytest.fixture(scope="module")
 def sweeps(world):
   # One small sweep per loss, shared by the tests below (≈ 4 s per β on 2 cores).
-  kw = dict(num_pairs=400, steps=300, eval_every=50, seed=0)
+  kw = dict(num_pairs=400, steps=300, eval_every=50, seed=0, batch_size=None)
   return {"dpo": ds.daa_sweep(world, "dpo", [0.5, 2.0], **kw),
           "ipo": ds.daa_sweep(world, "ipo", [0.5, 2.0], **kw)}
 
@@ -101,10 +101,23 @@ def test_dpo_margin_keeps_growing(sweeps):
   assert result["pass"], result["detail"]
 
 
-def test_minibatch_sweep_runs(world):
-  s = ds.daa_sweep(world, "hinge", [1.0], num_pairs=200, steps=40, eval_every=20,
-                   batch_size=64)
-  assert s.margin.shape == (1, 3) and s.margin[0, -1] > 0
+def test_pair_trainer_matches_full_trainer(world):
+  # log Z_p cancels in h: f_θ on the pair candidates gives the train_policy trajectory.
+  # Minibatches, so the full trainer's per-step batches path is covered too.
+  kw = dict(num_pairs=300, steps=20, eval_every=10, batch_size=64)
+  fast = ds.daa_sweep(world, "dpo", [0.3], trainer="pairs", **kw)
+  full = ds.daa_sweep(world, "dpo", [0.3], trainer="full", **kw)
+  for field in ("kl", "gold", "margin"):
+    np.testing.assert_allclose(getattr(fast, field), getattr(full, field), rtol=1e-4, atol=1e-6)
+  assert fast.kl[0, -1] > 0.1
+
+
+def test_shift_invariance_check():
+  assert all(ds.shift_invariant(name) for name in ds.LOSSES)
+  assert not ds.shift_invariant("orpo")         # reads absolute log-probs
+  with pytest.raises(ValueError, match="trainer='full'"):
+    ds.daa_sweep(bandit.make_world(TINY), "orpo", [1.0], num_pairs=10, steps=1,
+                 trainer="pairs")
 
 
 def test_bad_arguments(world):
@@ -144,6 +157,9 @@ def test_d1_pass_and_fail():
   assert result["value"]["rmse_rl"] < result["value"]["rmse_quadratic_kl"]
   rising = _final_sweep(lambda d: 0.5 * d)                          # monotone: no interior max
   assert not ds.criterion_d1(rising, num_bootstrap=200)["pass"]
+  plateau = _final_sweep(lambda d: np.minimum(d, 2.0) - 0.002 * (d > 2.9))   # drop << 2 SE
+  result = ds.criterion_d1(plateau, num_bootstrap=200)
+  assert not result["pass"] and "no interior maximum" in result["detail"]
   quad = _final_sweep(lambda d: 0.8 * d**2 - 0.12 * d**4)           # hump, but quadratic in KL
   result = ds.criterion_d1(quad, num_bootstrap=200)
   assert not result["pass"] and result["value"]["rmse_rl"] > result["value"]["rmse_quadratic_kl"]
