@@ -312,5 +312,13 @@ def test_train_policy_feeds_per_step_batches_to_the_loss(world):
   assert [r["step"] for r in records] == [0, steps]
   assert records[-1]["kl"] > 0.05
   assert records[-1]["pair_accuracy"] > 0.75          # chance 0.5 (log-ratio 0 at step 0 ties)
+  # The same data as a host function returning Pairs gives the same policy.
+  by_step = lambda s: bandit.Pairs(*(batches[k][s] for k in ("prompt", "chosen", "rejected")))
+  again, _ = bandit.train_policy(world, dpo_loss, bandit.PolicyConfig(steps=steps),
+                                 batches=by_step)
+  np.testing.assert_allclose(again, log_pi, atol=1e-5)
   with pytest.raises(ValueError, match="leading"):
     bandit.train_policy(world, dpo_loss, bandit.PolicyConfig(steps=10), batches=batches)
+  with pytest.raises(ValueError, match="reserved"):
+    bandit.train_policy(world, dpo_loss, bandit.PolicyConfig(steps=steps),
+                        batches=dict(batches, features=batches["prompt"]))

@@ -224,13 +224,24 @@ def exact_kl(log_pi: np.ndarray, ref_logits: np.ndarray) -> np.ndarray:
   return np.maximum(np.sum(np.exp(log_pi) * (log_pi - log_ref), axis=-1), 0.0)
 
 
-def _stack_batches(batches: Any, steps: int) -> Any:
-  """Per-step batches as one pytree with a leading ``[steps]`` axis (or None)."""
+def _as_mapping(batch: Any) -> Mapping[str, Any]:
+  batch = batch._asdict() if hasattr(batch, "_asdict") else batch   # e.g. bandit.Pairs
+  if not isinstance(batch, Mapping):
+    raise TypeError(f"a policy batch must be a mapping of arrays; got {type(batch).__name__}")
+  clash = {"features", REF_LOG_PROBS} & set(batch)
+  if clash:
+    raise ValueError(f"batch keys {sorted(clash)} are reserved by train_policy")
+  return dict(batch)
+
+
+def _stack_batches(batches: Any, steps: int) -> Mapping[str, Any] | None:
+  """Per-step batches as one mapping with a leading ``[steps]`` axis (or None)."""
   if batches is None:
     return None
   if callable(batches):
-    items = [batches(s) for s in range(steps)]
+    items = [_as_mapping(batches(s)) for s in range(steps)]
     return jax.tree.map(lambda *xs: np.stack(xs), *items)
+  batches = _as_mapping(batches)
   for leaf in jax.tree.leaves(batches):
     if np.shape(leaf)[:1] != (steps,):
       raise ValueError(f"batches leaves must have a leading [steps={steps}] axis; got "
@@ -253,8 +264,8 @@ def train_policy(world: "World", loss_fn: PolicyLoss, config: PolicyConfig = Pol
     eval_fn: ``eval_fn(step, log_pi)`` with float64 NumPy ``[P, M]`` log-probs
       → dict of numbers; called at step 0, every ``eval_every`` steps and at the end.
     eval_every: evaluation period in steps (0: only at 0 and at the end).
-    batches: optional per-step data: a pytree with a leading ``[steps]`` axis,
-      or a host function ``step -> pytree`` (fixed shapes).
+    batches: optional per-step data: a mapping (or NamedTuple) of arrays with a
+      leading ``[steps]`` axis, or a host function ``step -> mapping`` (fixed shapes).
     log_every: log step, loss and steps/s this often (0: silent).
 
   Returns:
@@ -264,7 +275,7 @@ def train_policy(world: "World", loss_fn: PolicyLoss, config: PolicyConfig = Pol
   """
   if eval_every < 0 or log_every < 0:
     raise ValueError(f"eval_every={eval_every} and log_every={log_every} must be >= 0")
-  p, m, d = world.features.shape
+  d = world.features.shape[-1]
   ref_log_probs = world.ref_logits - special.logsumexp(world.ref_logits, axis=-1, keepdims=True)
   model = PolicyMLP(d, config.hidden, rngs=nnx.Rngs(config.seed))
   tx, schedule = schedules.make_optimizer(schedules.OptimizerConfig(
