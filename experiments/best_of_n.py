@@ -14,8 +14,8 @@ standard errors over prompts, against KL_bon(n) = log n − (n−1)/n (an upper
 bound on the true KL, Beirami et al., arXiv:2401.01879).
 
 Outputs in the workdir: ``samples.npz`` (raw scores; a rerun reuses them),
-``bon_curves.json``, ``report.json``, ``report.md`` and ``figures/bon.png``
-(gold and proxy vs √KL).
+``report.json`` (the curves), ``report.md`` and ``figures/bon.png`` (gold and
+proxy vs √KL).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from absl import logging
 from experiments import common
 from prefjax import experiment
 from prefjax import overopt
+from prefjax.evals import plots
 from prefjax.rl import rewards as rewards_lib
 from prefjax.rl import rollout as rollout_lib
 from prefjax.rl import setup
@@ -97,24 +98,11 @@ def curves(samples: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5.5, 4))
-  x = np.asarray(result["sqrt_kl"])
-  for name, color in (("proxy", "tab:orange"), ("gold", "tab:blue")):
-    y, se = np.asarray(result[name]), np.asarray(result[f"{name}_se"])
-    ax.plot(x, y, "o-", color=color, label=name, markersize=3)
-    ax.fill_between(x, y - se, y + se, color=color, alpha=0.25)
-  ax.axhline(0.0, color="gray", lw=0.5)
-  ax.set_xlabel("√KL (nats½), KL = log n − (n−1)/n")
-  ax.set_ylabel("score − reference mean")
-  ax.set_title(f"best-of-n, N={result['num_samples']}, {result['num_prompts']} prompts")
-  ax.legend()
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plots.plot_scores_vs_sqrt_kl(
+      result["sqrt_kl"], {name: (result[name], result[f"{name}_se"])
+                          for name in ("proxy", "gold")}, path,
+      xlabel="√KL (nats½), KL = log n − (n−1)/n", ylabel="score − reference mean",
+      title=f"best-of-n, N={result['num_samples']}, {result['num_prompts']} prompts")
 
 
 def report_markdown(result: dict[str, Any]) -> str:
@@ -150,7 +138,6 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     np.savez(path + ".tmp.npz", **samples)
     os.replace(path + ".tmp.npz", path)
   result = curves(samples, config)
-  summary_lib.write_json(os.path.join(workdir, "bon_curves.json"), result)
   summary_lib.write_json(os.path.join(workdir, "report.json"), result)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(report_markdown(result))

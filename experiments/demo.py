@@ -3,7 +3,7 @@ r"""The end-to-end demo behind `make demo`: tiny-world overoptimization on CPU.
 COMMAND:
   python -m experiments.demo --workdir=workdirs/demo
 
-Until the full overoptimization study (issue F) lands, this is the best end-to-end
+Until the full overoptimization study lands, this is the best end-to-end
 path that exists, and it says so in its report. Three stages, each a real binary
 run in its own sub-workdir (so a rerun resumes / reuses finished stages):
 
@@ -88,7 +88,7 @@ def report(rm: dict[str, Any], bon: dict[str, Any], rl: dict[str, Any],
   lines = [
       "# prefjax demo: tiny-world reward overoptimization", "",
       "This is the end-to-end demo that exists before the full overoptimization study "
-      "(Gao et al. 2022 / Coste et al. 2023 reproduction, issue F). Everything runs on CPU "
+      "(a Gao et al. 2022 / Coste et al. 2023 reproduction). Everything runs on CPU "
       "with a tiny byte-level decoder on a synthetic text world whose gold reward is a "
       "program; the proxy adds a planted feature that the gold penalises.", "",
       "## 1. Reward model (configs/rm/tiny.py)", "",

@@ -33,7 +33,6 @@ policy to the reference on responses it samples for the held-out prompts.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from typing import Any, Callable
@@ -58,27 +57,10 @@ from prefjax.train import summary as summary_lib
 EXACT_KL_MAX_VOCAB = 4096
 
 
-def make_mesh(config: Any) -> jax.sharding.Mesh | None:
-  """``config.mesh`` -> a mesh; an empty ``mesh.shape`` means the default device, no mesh."""
-  mesh_cfg = config.get("mesh")
-  if not mesh_cfg or not mesh_cfg.get("shape"):
-    return None
-  return experiment.make_mesh(mesh_cfg)
-
-
-def mesh_context(mesh: jax.sharding.Mesh | None):
-  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-
-
 def model_description(model: nnx.Module) -> dict[str, Any]:
   """Architecture + compute dtype of a model (part of the reference-cache key)."""
   trunk = getattr(model, "trunk", model)
   return {"config": dataclasses.asdict(trunk.config), "dtype": str(getattr(trunk, "dtype", ""))}
-
-
-def tokens_in_batch(batch: Any) -> float:
-  key = "segment_ids" if "segment_ids" in batch else "attention_mask"
-  return float(np.count_nonzero(batch[key]))
 
 
 class References:
@@ -106,7 +88,7 @@ class References:
       model_cfg = self.config.model.to_dict()
       if self.config.ref.get("path"):
         model_cfg["path"] = self.config.ref.path
-      with mesh_context(self.mesh):
+      with experiment.mesh_context(self.mesh):
         model = experiment.make_model(model_cfg, vocab_size=self.tokenizer.vocab_size,
                                       seed=self.config.seed)
         if self.mesh is not None:
@@ -167,7 +149,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   os.makedirs(workdir, exist_ok=True)
   objective = objective_lib.Objective.from_config(config)
   tokenizer = experiment.make_tokenizer(config.tokenizer)
-  mesh = make_mesh(config)
+  mesh = experiment.make_optional_mesh(config)
   train_source = experiment.load_split(config.data, config.data.train_split)
   eval_source = experiment.load_split(config.data, config.data.eval_split)
   pcfg = experiment.pipeline_config(config.data)
@@ -176,7 +158,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
       batch_size=int(config.eval.batch_size))
   logging.info("objective: %s", objective)
 
-  with mesh_context(mesh):
+  with experiment.mesh_context(mesh):
     policy = experiment.make_model(config.model, vocab_size=tokenizer.vocab_size,
                                    seed=config.seed)
   refs = References(config, objective, tokenizer, mesh, policy)
@@ -192,13 +174,13 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   eval_fn = evaluation.make_eval_fn(objective, reference=refs.model, kl=kl)
   summary_lib.write_json(os.path.join(workdir, "reference.json"), refs.info)
 
-  with mesh_context(mesh):
+  with experiment.mesh_context(mesh):
     result = train.train_loop(
         workdir=workdir, config=config, model=policy,
         loss_fn=objective_lib.make_loss_fn(objective), optimizer=config.optimizer,
         loop=config.loop, train_iter=train_iter, eval_fn=eval_fn,
         eval_data=lambda: ref_cache.ReferenceIterator(iter(eval_ds), eval_provider),
-        tokens_in_batch=tokens_in_batch, mesh=mesh,
+        tokens_in_batch=experiment.tokens_in_batch, mesh=mesh,
         partition_rules=experiment.partition_rules(policy))
   summary_lib.write_json(os.path.join(workdir, "data_counters.json"), train_iter.counters)
   return result

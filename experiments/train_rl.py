@@ -44,6 +44,7 @@ from absl import logging
 from experiments import common
 from prefjax import experiment
 from prefjax import train
+from prefjax.evals import plots
 from prefjax.rl import algorithms
 from prefjax.rl import evaluation
 from prefjax.rl import kl_control
@@ -200,25 +201,13 @@ def _write_summary(workdir: str, total: int) -> dict[str, Any]:
 
 def _plot(evals: list[dict[str, Any]], path: str) -> None:
   """Held-out gold and proxy (minus their step-0 values) vs √KL, as in Gao et al. 2022."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   kl_name = "kl_exact" if "kl_exact" in evals[0] else "kl"
-  x = np.sqrt(np.maximum([e[kl_name] for e in evals], 0.0))
-  fig, ax = plt.subplots(figsize=(5.5, 4))
-  for name, color in (("proxy", "tab:orange"), ("gold", "tab:blue")):
-    y = np.array([e[name] for e in evals]) - evals[0][name]
-    se = np.array([e[f"{name}_se"] for e in evals])
-    ax.errorbar(x, y, yerr=se, fmt="o-", color=color, label=name, markersize=3, capsize=2)
-  ax.axhline(0.0, color="gray", lw=0.5)
-  ax.set_xlabel(f"√KL ({kl_name}, nats½) on held-out samples")
-  ax.set_ylabel("score − initial score")
-  ax.set_title(f"RL: held-out proxy and gold over {evals[-1]['step']} steps")
-  ax.legend()
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  scores = {name: ([e[name] - evals[0][name] for e in evals], [e[f"{name}_se"] for e in evals])
+            for name in ("proxy", "gold")}
+  plots.plot_scores_vs_sqrt_kl(
+      np.sqrt(np.maximum([e[kl_name] for e in evals], 0.0)), scores, path,
+      xlabel=f"√KL ({kl_name}, nats½) on held-out samples", ylabel="score − initial score",
+      title=f"RL: held-out proxy and gold over {evals[-1]['step']} steps")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from absl import logging
 from flax import nnx
 
 from experiments import common
-from experiments import train_dpo
 from prefjax import experiment
 from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
@@ -87,7 +86,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   """Trains the policy; returns the train core's ``TrainResult``."""
   os.makedirs(workdir, exist_ok=True)
   tokenizer = experiment.make_tokenizer(config.tokenizer)
-  mesh = train_dpo.make_mesh(config)
+  mesh = experiment.make_optional_mesh(config)
   response_key = config.data.get("response_key", "chosen")
   train_source = experiment.load_split(config.data, config.data.train_split)
   eval_source = experiment.load_split(config.data, config.data.eval_split)
@@ -98,7 +97,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   train_ds = pipeline_lib.sft_dataset(train_source, tokenizer, pcfg, response_key=response_key)
   eval_ds = pipeline_lib.sft_dataset(eval_source, tokenizer, eval_pcfg,
                                      response_key=response_key)
-  with train_dpo.mesh_context(mesh):
+  with experiment.mesh_context(mesh):
     model = experiment.make_model(config.model, vocab_size=tokenizer.vocab_size,
                                   seed=config.seed)
     rules = experiment.partition_rules(model)
@@ -106,7 +105,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
         workdir=workdir, config=config, model=model, loss_fn=loss_fn,
         optimizer=config.optimizer, loop=config.loop, train_iter=iter(train_ds),
         eval_fn=eval_fn, eval_data=lambda: iter(eval_ds),
-        tokens_in_batch=train_dpo.tokens_in_batch, mesh=mesh, partition_rules=rules)
+        tokens_in_batch=experiment.tokens_in_batch, mesh=mesh, partition_rules=rules)
   if not result.preempted:
     _add_perplexity(workdir, result)
     if config.get("export_hf") and jax.process_index() == 0:

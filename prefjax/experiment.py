@@ -17,15 +17,18 @@ schema is the same everywhere:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from prefjax import assets
+from prefjax import parallel
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import sources
 from prefjax.data import tiny_world as tiny_world_lib
@@ -170,10 +173,28 @@ def pipeline_config(data_cfg: Any, **overrides) -> pipeline_lib.PipelineConfig:
 
 def make_mesh(mesh_cfg: Any) -> jax.sharding.Mesh:
   """``config.mesh`` -> mesh; ``mesh.num_devices`` > 0 uses only the first that many devices."""
-  from prefjax import parallel  # pylint: disable=g-import-not-at-top
   num_devices = int(_plain(mesh_cfg).get("num_devices", 0) or 0)
   if num_devices <= 0:
     return parallel.mesh_from_config(mesh_cfg)
   if num_devices > jax.device_count():
     raise ValueError(f"mesh.num_devices={num_devices} but only {jax.device_count()} devices")
   return parallel.mesh_from_config(mesh_cfg, devices=jax.devices()[:num_devices])
+
+
+def make_optional_mesh(config: Any) -> jax.sharding.Mesh | None:
+  """``config.mesh`` -> a mesh; no ``mesh`` or an empty ``mesh.shape`` means no mesh."""
+  mesh_cfg = config.get("mesh")
+  if not mesh_cfg or not mesh_cfg.get("shape"):
+    return None
+  return make_mesh(mesh_cfg)
+
+
+def mesh_context(mesh: jax.sharding.Mesh | None):
+  """``jax.set_mesh(mesh)``, or a no-op context without a mesh."""
+  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def tokens_in_batch(batch: Mapping[str, Any]) -> float:
+  """Real tokens of a host batch, padded (``attention_mask``) or packed (``segment_ids``)."""
+  key = "segment_ids" if "segment_ids" in batch else "attention_mask"
+  return float(np.count_nonzero(batch[key]))

@@ -37,7 +37,7 @@ def test_proxy_curve_non_decreasing_and_reference_at_zero(bon_run):
 
 def test_outputs_written(bon_run):
   workdir, _, result = bon_run
-  curves = json.loads((workdir / "bon_curves.json").read_text())
+  curves = json.loads((workdir / "report.json").read_text())
   assert curves["n"] == result["n"] and curves["gold"] == pytest.approx(result["gold"])
   report = (workdir / "report.md").read_text()
   assert "| n | KL |" in report and report.count("\n| ") >= len(result["n"]) + 1

@@ -3,6 +3,9 @@
 Every registry entry is checked against an independent float64 NumPy
 re-derivation of its paper formula, against finite-difference gradients, under
 jit/vmap/grad, for dtypes, at extreme margins, and by sign/shape properties.
+The tests run over whatever is registered: a newly registered loss needs one
+float64 reference here, ``ref_<name>(d, beta, **hparams)``, and
+``test_every_registered_loss_has_a_float64_reference`` fails until it exists.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import pytest
 
 from prefjax.losses import direct
+from prefjax.losses import registry
 from prefjax.losses import unpaired
 from prefjax.losses.direct import DIRECT_LOSSES
 from prefjax.losses.direct import PairLogps
@@ -23,8 +27,10 @@ from tests import numerics
 B = 5
 BETA = 0.5
 
+# The losses DESIGN.md promises; every registered loss is tested (PAIRED below).
 REQUIRED = ("dpo", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
             "apo_zero", "apo_down", "sigmoid_norm", "discopop", "simpo", "orpo")
+PAIRED = sorted(DIRECT_LOSSES)
 
 
 # ----------------------------------------------------------------- float64 NumPy references.
@@ -132,10 +138,17 @@ def ref_orpo(d, beta):
   return -beta * np.log(np_sigmoid(np.log(odds_ratio)))
 
 
-REFS = {name: globals()[f"ref_{name}"] for name in REQUIRED}
+def reference(name):
+  """The float64 reference ``ref_<name>`` of a registered loss (fails when it is missing)."""
+  ref = globals().get(f"ref_{name}")
+  assert ref is not None, (
+      f"loss {name!r} is registered but has no float64 reference: add ref_{name}(d, beta, "
+      f"**hparams) to tests/test_losses_direct.py")
+  return ref
+
 
 # (name, hyperparameters) pairs: every loss at its defaults plus non-default settings.
-CASES = [(name, {}) for name in REQUIRED] + [
+CASES = [(name, {}) for name in PAIRED] + [
     ("dpo", {"label_smoothing": 0.1}),
     ("robust", {"label_smoothing": 0.2}),
     ("exo_pair", {"label_smoothing": 0.05}),
@@ -182,9 +195,29 @@ def stack(d):
 
 def test_registry_holds_every_design_loss():
   assert set(REQUIRED) <= set(DIRECT_LOSSES)
+  assert set(unpaired.UNPAIRED_LOSSES) == {"kto"}
 
 
-@pytest.mark.parametrize("name", REQUIRED)
+@pytest.mark.parametrize("name", sorted(registry.DIRECT_LOSS_SPECS))
+def test_every_registered_loss_has_a_float64_reference(name):
+  reference(name)
+
+
+def test_specs_declare_the_facts_trainers_read():
+  spec = registry.direct_loss_spec
+  assert {n for n in PAIRED if spec(n).reference_free} == {"simpo", "orpo"}
+  assert {n for n in PAIRED if spec(n).length_normalized} == {"ipo", "sigmoid_norm", "simpo",
+                                                             "orpo"}
+  # Not robust: its ε is a flip rate (ε = ½ divides by zero).
+  assert {n for n in PAIRED if spec(n).soft_label} == {"dpo", "sigmoid_norm", "simpo",
+                                                      "exo_pair"}
+  assert spec("orpo").nll_alpha == 1.0 and spec("dpo").nll_alpha == 0.0
+  assert spec("kto").unpaired and not spec("dpo").unpaired
+  assert spec("simpo").hyperparameters == {"gamma": None, "gamma_beta_ratio": 0.5,
+                                           "label_smoothing": 0.0}
+
+
+@pytest.mark.parametrize("name", PAIRED)
 def test_every_entry_runs_with_beta_only(name):
   out = DIRECT_LOSSES[name](to_pairs(random_pairs()), beta=0.1)
   assert out.shape == (B,) and out.dtype == jnp.float32
@@ -192,17 +225,28 @@ def test_every_entry_runs_with_beta_only(name):
 
 
 def test_register_direct_loss_adds_and_rejects_duplicates():
-  @direct.register_direct_loss("_test_double_dpo")
+  @direct.register_direct_loss("_test_double_dpo", length_normalized=True, nll_alpha=0.5)
   def double_dpo(x, *, beta, scale=2.0):
     return scale * direct.dpo(x, beta=beta)
   try:
     x = to_pairs(random_pairs())
     got = direct.get_direct_loss("_test_double_dpo")(x, beta=BETA)
     np.testing.assert_allclose(got, 2.0 * direct.dpo(x, beta=BETA), rtol=1e-6)
+    spec = registry.direct_loss_spec("_test_double_dpo")
+    assert (spec.length_normalized, spec.reference_free, spec.nll_alpha) == (True, False, 0.5)
+    assert spec.hyperparameters == {"scale": 2.0}
     with pytest.raises(ValueError, match="already registered"):
       direct.register_direct_loss("_test_double_dpo")(double_dpo)
   finally:
-    DIRECT_LOSSES.pop("_test_double_dpo")
+    registry.unregister_direct_loss("_test_double_dpo")
+  assert "_test_double_dpo" not in DIRECT_LOSSES
+  assert "_test_double_dpo" not in registry.DIRECT_LOSS_SPECS
+
+
+def test_soft_label_loss_needs_label_smoothing():
+  with pytest.raises(ValueError, match="soft_label=True needs"):
+    direct.register_direct_loss("_test_no_eps", soft_label=True)(direct.hinge)
+  assert "_test_no_eps" not in registry.DIRECT_LOSS_SPECS
 
 
 def test_get_direct_loss_unknown_name_lists_registered():
@@ -215,7 +259,7 @@ def test_get_direct_loss_unknown_name_lists_registered():
 @pytest.mark.parametrize("name,hparams", CASES, ids=CASE_IDS)
 def test_matches_numpy_reference(name, hparams):
   d = random_pairs(seed=1)
-  expected = REFS[name](d, BETA, **hparams)
+  expected = reference(name)(d, BETA, **hparams)
   with jax.enable_x64(True):
     got64 = DIRECT_LOSSES[name](to_pairs(d, jnp.float64), beta=BETA, **hparams)
     assert got64.dtype == jnp.float64
@@ -254,7 +298,7 @@ def jit_vmap_grad_results():
   @jax.jit
   def values_and_grads(xs):
     out = {}
-    for name in REQUIRED:
+    for name in PAIRED:
       fn = jax.vmap(functools.partial(DIRECT_LOSSES[name], beta=BETA))
       out[name] = fn(xs), jax.grad(lambda xs: fn(xs).sum())(xs)
     return out
@@ -262,7 +306,7 @@ def jit_vmap_grad_results():
   return values_and_grads(stacked)
 
 
-@pytest.mark.parametrize("name", REQUIRED)
+@pytest.mark.parametrize("name", PAIRED)
 def test_jit_vmap_grad(name, jit_vmap_grad_results):
   fn = functools.partial(DIRECT_LOSSES[name], beta=BETA)
   batches = JIT_BATCHES
@@ -276,14 +320,14 @@ def test_jit_vmap_grad(name, jit_vmap_grad_results):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("name", REQUIRED)
+@pytest.mark.parametrize("name", PAIRED)
 def test_output_is_float32_per_example(name, dtype):
   d = random_pairs(seed=7)
   out = DIRECT_LOSSES[name](to_pairs(d, dtype), beta=BETA)
   assert out.shape == (B,) and out.dtype == jnp.float32
   if dtype == jnp.bfloat16:  # Computed in float32 from the rounded inputs.
     rounded = {k: np.asarray(jnp.asarray(v, jnp.bfloat16)).astype(np.float64) for k, v in d.items()}
-    np.testing.assert_allclose(out, REFS[name](rounded, BETA), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out, reference(name)(rounded, BETA), rtol=1e-4, atol=1e-4)
 
 
 def extreme_pairs(margin: float) -> PairLogps:
@@ -297,7 +341,7 @@ def extreme_pairs(margin: float) -> PairLogps:
 
 
 @pytest.mark.parametrize("margin", [1e4, -1e4])
-@pytest.mark.parametrize("name", REQUIRED)
+@pytest.mark.parametrize("name", PAIRED)
 def test_finite_at_extreme_margins(name, margin):
   fn = functools.partial(DIRECT_LOSSES[name], beta=1.0)
   x = extreme_pairs(margin)
@@ -327,7 +371,7 @@ def assert_non_increasing(losses, min_total_drop=1e-3):
   assert losses[0] - losses[-1] > min_total_drop, np.round(losses, 5)
 
 
-@pytest.mark.parametrize("name", [n for n in REQUIRED if n != "apo_down"])
+@pytest.mark.parametrize("name", [n for n in PAIRED if n != "apo_down"])
 def test_loss_decreases_as_chosen_logprob_rises(name):
   # ρ_c from −20 to −1: below every regression target (ipo, sppo_hard, nca_pair)
   # and outside DiscoPOP's non-monotone window around βh = 0.
@@ -335,7 +379,7 @@ def test_loss_decreases_as_chosen_logprob_rises(name):
   assert_non_increasing(DIRECT_LOSSES[name](x, beta=BETA))
 
 
-@pytest.mark.parametrize("name", REQUIRED)
+@pytest.mark.parametrize("name", PAIRED)
 def test_loss_decreases_as_rejected_logprob_falls(name):
   # ρ_r from 19 down to 1, policy_rejected stays ≤ 0 for ORPO.
   x = sweep(np.linspace(-2.0, -20.0, 40), side="rejected")
@@ -495,7 +539,8 @@ def test_out_of_range_hyperparameters_raise(name, hparams):
 
 # ----------------------------------------------------------------------------------- KTO.
 
-def ref_kto(policy, ref, desirable, kl_ref, beta, w_d=1.0, w_u=1.0):
+def ref_kto(policy, ref, desirable, kl_ref, beta, desirable_weight=1.0, undesirable_weight=1.0):
+  w_d, w_u = desirable_weight, undesirable_weight
   z0 = max(kl_ref, 0.0)
   rho = policy - ref
   value = np.where(desirable, w_d * np_sigmoid(beta * (rho - z0)),
@@ -508,18 +553,22 @@ KTO_ARGS = dict(policy=np.array([-3.0, -8.0, -1.5, -20.0, -6.0]),
                 desirable=np.array([True, False, True, False, False]))
 
 
-@pytest.mark.parametrize("kl_ref,w_d,w_u", [(0.7, 1.0, 1.0), (-0.4, 1.0, 1.0), (0.2, 1.33, 0.8)])
-def test_kto_matches_numpy_reference(kl_ref, w_d, w_u):
-  a = KTO_ARGS
-  expected = ref_kto(a["policy"], a["ref"], a["desirable"], kl_ref, BETA, w_d, w_u)
+UNPAIRED_CASES = [(name, kl_ref, {}) for name in sorted(unpaired.UNPAIRED_LOSSES)
+                  for kl_ref in (0.7, -0.4)] + [
+                      ("kto", 0.2, {"desirable_weight": 1.33, "undesirable_weight": 0.8})]
+
+
+@pytest.mark.parametrize("name,kl_ref,hparams", UNPAIRED_CASES)
+def test_unpaired_matches_numpy_reference(name, kl_ref, hparams):
+  a, fn = KTO_ARGS, unpaired.UNPAIRED_LOSSES[name]
+  expected = reference(name)(a["policy"], a["ref"], a["desirable"], kl_ref, BETA, **hparams)
   with jax.enable_x64(True):
-    got = unpaired.kto(jnp.asarray(a["policy"]), jnp.asarray(a["ref"]), a["desirable"], kl_ref,
-                       beta=BETA, desirable_weight=w_d, undesirable_weight=w_u)
+    got = fn(jnp.asarray(a["policy"]), jnp.asarray(a["ref"]), a["desirable"], kl_ref,
+             beta=BETA, **hparams)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6)
   for dtype in (jnp.float32, jnp.bfloat16):
-    got = unpaired.kto(jnp.asarray(a["policy"], dtype), jnp.asarray(a["ref"], dtype),
-                       a["desirable"].astype(np.float32), kl_ref, beta=BETA,
-                       desirable_weight=w_d, undesirable_weight=w_u)
+    got = fn(jnp.asarray(a["policy"], dtype), jnp.asarray(a["ref"], dtype),
+             a["desirable"].astype(np.float32), kl_ref, beta=BETA, **hparams)
     assert got.shape == (5,) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, expected, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5)
 

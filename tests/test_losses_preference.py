@@ -127,7 +127,76 @@ CASES = {
     "preference_probability": Case(preference.preference_probability, ref_preference_probability,
                                    (_rewards(13, B), _rewards(14, B)), (B,)),
 }
+
+
+# ----------------------------------------------- PREFERENCE_LOSSES: what a config selects.
+# Every registered loss gets the generic checks below at its defaults and with the
+# hyperparameters in REGISTRY_HPARAMS, on [B] and [B, K] rewards with decisive and tied
+# outcomes. A new entry needs a float64 reference ``ref_pair_<name>`` here.
+
+def _soft_label(outcome, label_smoothing, ndim):
+  o = np.asarray(outcome, np.float64)
+  o = o.reshape(o.shape + (1,) * (ndim - o.ndim))
+  return (1 - label_smoothing) * o + label_smoothing * (1 - o)
+
+
+def ref_pair_bt(rc, rr, outcome=1.0, margin=0.0, label_smoothing=0.0):
+  p_label = _soft_label(outcome, label_smoothing, rc.ndim)
+  p_model = np_sigmoid(rc - rr - np.asarray(margin).reshape(-1, *([1] * (rc.ndim - 1))))
+  return -p_label * np.log(p_model) - (1 - p_label) * np.log(1 - p_model)
+
+
+def ref_pair_ties(rc, rr, outcome=1.0, nu=1.0):
+  return ref_bradley_terry_ties(rc, rr, outcome, nu)
+
+
+def ref_pair_plackett_luce(rc, rr, outcome=1.0):
+  first = _soft_label(outcome, 0.0, rc.ndim) >= 0.5  # A tie ranks the chosen side first.
+  best, other = np.where(first, rc, rr), np.where(first, rr, rc)
+  return -np.log(np.exp(best) / (np.exp(best) + np.exp(other)))
+
+
+def pair_reference(name):
+  """The float64 reference ``ref_pair_<name>`` of a registered loss (fails when missing)."""
+  ref = globals().get(f"ref_pair_{name}")
+  assert ref is not None, (
+      f"preference loss {name!r} is registered but has no float64 reference: add "
+      f"ref_pair_{name}(r_chosen, r_rejected, outcome, **hparams) to "
+      "tests/test_losses_preference.py")
+  return ref
+
+
+REGISTRY_HPARAMS = {"bt": dict(margin=MARGIN, label_smoothing=0.1), "ties": dict(nu=0.7)}
+
+
+def _registry_case(name, hparams, shape, seed):
+  fn = preference.PREFERENCE_LOSSES[name]
+  return Case(lambda rc, rr: fn(rc, rr, outcome=OUTCOME, **hparams),
+              lambda rc, rr: pair_reference(name)(rc, rr, OUTCOME, **hparams),
+              (_rewards(seed, shape), _rewards(seed + 1, shape)), shape)
+
+
+for _i, _name in enumerate(sorted(preference.PREFERENCE_LOSSES)):
+  CASES[f"registry/{_name}"] = _registry_case(_name, {}, (B,), 20 + 4 * _i)
+  CASES[f"registry/{_name}_ensemble"] = _registry_case(
+      _name, REGISTRY_HPARAMS.get(_name, {}), (B, K), 22 + 4 * _i)
 NAMES = list(CASES)
+
+
+@pytest.mark.parametrize("name", sorted(preference.PREFERENCE_LOSSES))
+def test_every_registered_loss_has_a_float64_reference(name):
+  pair_reference(name)
+
+
+def test_registry_runs_every_entry_with_rewards_only_and_rejects_duplicates():
+  rc, rr = _rewards(40, B), _rewards(41, B)
+  for name, fn in preference.PREFERENCE_LOSSES.items():  # outcome = 1: the chosen side won.
+    np.testing.assert_allclose(fn(rc, rr), pair_reference(name)(rc, rr), rtol=1e-5)
+  with pytest.raises(ValueError, match="already registered"):
+    preference.register_preference_loss("bt")(preference.bt)
+  with pytest.raises(KeyError, match="unknown preference loss 'btt'.*'bt'"):
+    preference.get_preference_loss("btt")
+  assert preference.preference_loss_hyperparameters("ties") == {"nu": 1.0}
 
 
 # ------------------------------------------------------------------------ generic checks.

@@ -95,6 +95,21 @@ def test_grad_clipping_and_weight_decay_follow_optax_reference():
   np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=1e-6)
 
 
+def test_per_member_clipping_clips_each_member_on_its_own():
+  # Two members stacked on the leading axis: norms 50 (over both leaves) and 0.5.
+  grads = {"w": jnp.array([[30.0, 0.0], [0.3, 0.0]]), "b": jnp.array([40.0, 0.4])}
+  params = jax.tree.map(jnp.zeros_like, grads)
+  tx, _ = train.make_optimizer({"name": "sgd", "learning_rate": 1.0, "grad_clip_norm": 1.0},
+                               clip_per_member=True)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], [[-0.6, 0.0], [-0.3, 0.0]], rtol=1e-6)
+  np.testing.assert_allclose(updates["b"], [-0.8, -0.4], rtol=1e-6)
+  # A global clip would have shrunk the small member too.
+  tx, _ = train.make_optimizer({"name": "sgd", "learning_rate": 1.0, "grad_clip_norm": 1.0})
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert abs(float(updates["b"][1])) < 0.01
+
+
 # --- train step --------------------------------------------------------------------------------
 
 def weighted_mse_loss(model, batch, rng):

@@ -25,6 +25,7 @@ from experiments import train_dpo
 from prefjax.direct import evaluation
 from prefjax.direct import objective as objective_lib
 from prefjax.losses import DIRECT_LOSSES
+from prefjax.losses import registry
 from prefjax.models import decoder
 from tests import comparisons
 
@@ -98,7 +99,7 @@ def env(tmp_path_factory):
 
 # Held-out pairs: ~211; chance is 0.5 (its std is ~0.035 here), so 0.62 leaves > 3 sigma.
 ACCURACY_THRESHOLD = 0.62
-ALL_LOSSES = sorted(DIRECT_LOSSES) + ["kto"]
+ALL_LOSSES = sorted(registry.DIRECT_LOSS_SPECS)
 # APO-down pushes the chosen likelihood DOWN (by design) and widens the margin slowly at
 # β = 0.1: 0.60 held-out accuracy after 30 steps, 0.72 at β = 0.3 (measured).
 BETA = {"apo_down": 0.3}
@@ -125,12 +126,45 @@ def test_every_loss_raises_heldout_implicit_reward_accuracy(loss, tmp_path):
   for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                "logps/chosen", "logps/rejected"):
     assert name in records[0], name
-  if loss == "orpo":
-    assert "nll" in records[0]  # ORPO's NLL term is on by default.
-  if loss == "kto":
-    assert "kto/kl_ref" in records[0]
+  spec = registry.direct_loss_spec(loss)
+  assert ("nll" in records[0]) == (spec.nll_alpha > 0)  # ORPO's NLL term is on by default.
+  assert (f"{loss}/kl_ref" in records[0]) == spec.unpaired
   reference = json.loads((tmp_path / "reference.json").read_text())
-  assert reference["mode"] == ("none" if loss in objective_lib.REFERENCE_FREE else "online")
+  assert reference["mode"] == ("none" if spec.reference_free else "online")
+
+
+@pytest.fixture
+def throwaway_loss():
+  """A reference-free, length-normalised loss with an NLL term, registered for one test."""
+  name = "_test_mean_logp_margin"
+
+  @registry.register_direct_loss(name, reference_free=True, length_normalized=True,
+                                 nll_alpha=0.5)
+  def mean_logp_margin(x, *, beta, margin=0.0):
+    """−logσ(β·(π_c/n_c − π_r/n_r) − margin)."""
+    mean_c = x.policy_chosen / jnp.maximum(x.chosen_tokens, 1.0)
+    mean_r = x.policy_rejected / jnp.maximum(x.rejected_tokens, 1.0)
+    return -jax.nn.log_sigmoid(beta * (mean_c - mean_r) - margin)
+
+  del mean_logp_margin
+  yield name
+  registry.unregister_direct_loss(name)
+
+
+def test_registered_flags_reach_the_trainer(throwaway_loss, tmp_path):
+  config = dpo_config(throwaway_loss)
+  config.beta, config.loss_kwargs = 2.0, "margin=0.5"
+  assert objective_lib.Objective.from_config(config).kwargs == {"margin": 0.5}
+  result = train_dpo.run(config, str(tmp_path))
+  reference = json.loads((tmp_path / "reference.json").read_text())
+  assert reference["mode"] == "none"  # reference_free: no reference model is built.
+  first = read_metrics(tmp_path)[0]
+  # nll_alpha = 0.5 is the default weight of the chosen-NLL term.
+  assert first["loss"] == pytest.approx(first["preference_loss"] + 0.5 * first["nll"], rel=1e-5)
+  # length_normalized: implicit rewards are β·π/n (responses have 3+ tokens), not β·π.
+  ratio = first["rewards/chosen"] / (config.beta * first["logps/chosen"])
+  assert 0.0 < ratio < 0.34, ratio
+  assert result.summary["final_eval"]["rewards/accuracies"] > ACCURACY_THRESHOLD
 
 
 # ---------------------------------------------------------------------------- eval KL

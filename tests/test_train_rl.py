@@ -278,3 +278,7 @@ def test_bad_inputs_raise_named_errors():
     nan_reward(["a"], ["b"])
   with pytest.raises(ValueError, match="kl_estimator"):
     algorithms.HParams.from_config(dict(algorithm="ppo", kl_estimator="k4"))
+  with pytest.raises(ValueError, match=r"unknown fields \['clip_epsilon'\]"):
+    algorithms.HParams.from_config(dict(algorithm="ppo", kl_estimator="k1", clip_epsilon=0.1))
+  for config in (tiny_ppo.get_config(), tiny_rloo.get_config()):  # Every key is known.
+    assert algorithms.HParams.from_config(config.rl).algorithm == config.rl.algorithm

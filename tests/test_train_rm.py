@@ -1,4 +1,4 @@
-"""Tests for the reward-model trainer ``experiments/train_rm.py`` and its configs."""
+"""Tests for the reward-model trainer (``prefjax.rm``, ``experiments/train_rm.py``) and configs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ import pytest
 from configs.rm import ensemble_tiny
 from configs.rm import tiny
 from experiments import train_rm
+from prefjax import rm
 from prefjax import train
+from prefjax.rm import labels
 from tests import comparisons
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -115,7 +117,7 @@ def test_loss_fn_matches_float64_reference(name):
     batch["outcome"] = np.where(batch["outcome"] == 0.5, 1.0, batch["outcome"]).astype(np.float32)
   r_c, r_r = rng.normal(size=b).astype(np.float32), rng.normal(size=b).astype(np.float32)
   cfg = dict(name=name, margin=0.3, label_smoothing=0.1, center_coef=0.01, nu=0.7)
-  loss_fn = train_rm.make_loss_fn(cfg, num_columns=1, objectives=(), num_segments=None)
+  loss_fn = rm.make_loss_fn(cfg, num_columns=1, objectives=(), num_segments=None)
   loss, metrics = loss_fn(_fake_model(r_c, r_r), batch, jax.random.key(0))
 
   c, r = r_c.astype(np.float64), r_r.astype(np.float64)
@@ -139,11 +141,13 @@ def test_loss_fn_matches_float64_reference(name):
 
 
 def test_bad_loss_config_is_rejected_with_the_field_names():
-  with pytest.raises(ValueError, match=r"name must be one of .*'hinge'"):
-    train_rm.make_loss_fn(dict(name="hinge"), num_columns=1, objectives=(), num_segments=None)
+  with pytest.raises(KeyError, match=r"unknown preference loss 'hinge'; registered: .*'bt'"):
+    rm.make_loss_fn(dict(name="hinge"), num_columns=1, objectives=(), num_segments=None)
   with pytest.raises(ValueError, match=r"unknown fields \['marginn'\]"):
-    train_rm.make_loss_fn(dict(name="bt", marginn=1.0), num_columns=1, objectives=(),
-                          num_segments=None)
+    rm.make_loss_fn(dict(name="bt", marginn=1.0), num_columns=1, objectives=(),
+                    num_segments=None)
+  # Another registered loss's hyperparameter is accepted (configs switch ``name``), unused.
+  assert rm.RewardLoss.from_config(dict(name="bt", nu=0.3)).hparams == ()
 
 
 def test_padded_pairs_contribute_nothing_even_if_non_finite():
@@ -151,8 +155,7 @@ def test_padded_pairs_contribute_nothing_even_if_non_finite():
   batch = _pair_batch(4, rng, padded_pairs=2)
   r_c = np.array([1.0, -0.5, np.nan, np.inf], np.float32)
   r_r = np.array([0.2, 0.1, 3.0, 0.0], np.float32)
-  loss_fn = train_rm.make_loss_fn(dict(name="bt"), num_columns=1, objectives=(),
-                                  num_segments=None)
+  loss_fn = rm.make_loss_fn(dict(name="bt"), num_columns=1, objectives=(), num_segments=None)
   batch["outcome"] = np.ones(4, np.float32)
   loss, _ = loss_fn(_fake_model(r_c, r_r), batch, jax.random.key(0))
   ref = -(batch["weight"][:2] * _log_sigmoid(r_c[:2] - r_r[:2])).sum() / 2
@@ -166,8 +169,8 @@ def test_ensemble_loss_is_sum_of_member_means_with_bootstrap_weights():
   batch["outcome"] = np.ones(b, np.float32)
   r_c, r_r = rng.normal(size=(b, k)).astype(np.float32), rng.normal(size=(b, k)).astype(np.float32)
   key = jax.random.key(5)
-  loss_fn = train_rm.make_loss_fn(dict(name="bt", bootstrap=True), num_columns=k,
-                                  objectives=(), num_segments=None)
+  loss_fn = rm.make_loss_fn(dict(name="bt", bootstrap=True), num_columns=k,
+                            objectives=(), num_segments=None)
   loss, metrics = loss_fn(_fake_model(r_c, r_r), batch, key)
   real = batch["pair_mask"].sum()
   member = []
@@ -177,8 +180,8 @@ def test_ensemble_loss_is_sum_of_member_means_with_bootstrap_weights():
     member.append(np.sum(batch["weight"] * batch["pair_mask"] * boot * per_pair) / real)
     np.testing.assert_allclose(float(metrics[f"member_loss/{m}"]), member[-1], rtol=1e-5)
     # A single model told it is member m draws member m's weights.
-    single = train_rm.make_loss_fn(dict(name="bt", bootstrap=True, first_member=m),
-                                   num_columns=1, objectives=(), num_segments=None)
+    single = rm.make_loss_fn(dict(name="bt", bootstrap=True, first_member=m),
+                             num_columns=1, objectives=(), num_segments=None)
     alone, _ = single(_fake_model(r_c[:, m], r_r[:, m]), batch, key)
     np.testing.assert_allclose(float(alone), member[-1], rtol=1e-5)
   np.testing.assert_allclose(float(loss), sum(member), rtol=1e-5)
@@ -187,16 +190,16 @@ def test_ensemble_loss_is_sum_of_member_means_with_bootstrap_weights():
 def test_multi_objective_loss_uses_only_labelled_pairs():
   rows = [{"id": f"r{i}", "meta": {"objective": lab}}
           for i, lab in enumerate(["helpful", "harmless", ["helpful", "harmless"], None])]
-  table = train_rm.objective_table(rows, ("helpful", "harmless"), {})
+  table = labels.objective_table(rows, ("helpful", "harmless"), {})
   np.testing.assert_array_equal(table, [[1, 0], [0, 1], [1, 1], [0, 0]])
   rng = np.random.default_rng(3)
   batch = _pair_batch(4, rng, padded_pairs=0)
   batch["outcome"] = np.ones(4, np.float32)
   batch["example_index"] = np.arange(4, dtype=np.int32)
-  batch = train_rm.add_objective_mask(batch, table)
+  batch = labels.add_objective_mask(batch, table)
   r_c, r_r = rng.normal(size=(4, 2)).astype(np.float32), rng.normal(size=(4, 2)).astype(np.float32)
-  loss_fn = train_rm.make_loss_fn(dict(name="bt"), num_columns=2,
-                                  objectives=("helpful", "harmless"), num_segments=None)
+  loss_fn = rm.make_loss_fn(dict(name="bt"), num_columns=2,
+                            objectives=("helpful", "harmless"), num_segments=None)
   loss, metrics = loss_fn(_fake_model(r_c, r_r), batch, jax.random.key(0))
   expected = []
   for o, name in enumerate(("helpful", "harmless")):
@@ -206,7 +209,7 @@ def test_multi_objective_loss_uses_only_labelled_pairs():
     np.testing.assert_allclose(float(metrics[f"objective_loss/{name}"]), expected[-1], rtol=1e-5)
   np.testing.assert_allclose(float(loss), sum(expected), rtol=1e-5)
   with pytest.raises(ValueError, match=r"row r0: meta\['objective'\]='helpful' is not one of"):
-    train_rm.objective_table(rows, ("harmless",), {})
+    labels.objective_table(rows, ("harmless",), {})
 
 
 # ----------------------------------------------------------------------------- training

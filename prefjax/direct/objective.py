@@ -13,28 +13,30 @@ Reduction: per pair ``w_i = weight_i · pair_mask_i`` and
 ``L = Σ_i w_i ℓ_i / Σ_i w_i``; ``loss_weight = Σ_i w_i`` tells the train core
 how to combine microbatches exactly.
 
-Ties (``outcome`` < 1): losses whose ``label_smoothing`` is a soft label
-(``SOFT_LABEL_LOSSES``) get a per-pair ε_i = 1 − [(1−ε)·o_i + ε·(1−o_i)]; for
-the other losses, which have no notion of a soft preference, pairs with
-``outcome`` ≠ 1 are dropped (weight 0, counted in ``pairs/dropped_ties``).
+What the objective must know about a loss comes from its registry spec
+(``prefjax.losses.registry.DirectLossSpec``), never from its name:
+
+Ties (``outcome`` < 1): ``soft_label`` losses get a per-pair
+ε_i = 1 − [(1−ε)·o_i + ε·(1−o_i)]; for the other losses, which have no notion
+of a soft preference, pairs with ``outcome`` ≠ 1 are dropped (weight 0, counted
+in ``pairs/dropped_ties``).
 
 Optional NLL term (RPO, "Iterative Reasoning Preference Optimization",
 arXiv 2404.19733): ``+ α · NLL(chosen)`` with NLL the token-averaged negative
-log-likelihood of each chosen response (pair-weighted mean). ORPO
-(arXiv 2403.07691) needs it and gets α = 1 unless set.
+log-likelihood of each chosen response (pair-weighted mean); α defaults to the
+spec's ``nll_alpha`` (ORPO, arXiv 2403.07691, registers 1).
 
-KTO ("KTO: Model Alignment as Prospect Theoretic Optimization",
-arXiv 2402.01306) runs on pairs split into unpaired examples: chosen =
-desirable, rejected = undesirable. Its reference point z₀ is the batch mean of
-policy-minus-reference log-ratios on MISMATCHED prompt/response pairs (row k's
-prompt with row k+1's response over the 2B rows, as TRL builds its KL
-dataset), with no gradient.
+``unpaired`` losses (KTO, "KTO: Model Alignment as Prospect Theoretic
+Optimization", arXiv 2402.01306) run on pairs split into unpaired examples:
+chosen = desirable, rejected = undesirable. Their reference point z₀ is the
+batch mean of policy-minus-reference log-ratios on MISMATCHED prompt/response
+pairs (row k's prompt with row k+1's response over the 2B rows, as TRL builds
+its KL dataset), with no gradient.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -43,7 +45,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prefjax.losses import direct as direct_losses
-from prefjax.losses import unpaired
+from prefjax.losses import registry
+from prefjax.losses._common import soft_label_smoothing
 from prefjax.models import sampling
 from prefjax.models import segments as seg
 
@@ -53,15 +56,6 @@ Batch = Mapping[str, Any]
 LAYOUTS = ("padded", "packed")
 REF_MODES = ("online", "cached", "none")
 
-# Losses whose implicit reward is token-averaged (their own margin is on h_n / mean log-probs).
-LENGTH_NORMALIZED = frozenset({"ipo", "sigmoid_norm", "simpo", "orpo"})
-# Losses that ignore the reference log-probs: the reference model is never needed.
-REFERENCE_FREE = frozenset({"simpo", "orpo"})
-# Losses whose ``label_smoothing`` is a soft preference label (ties become ε = 0.5). Not
-# ``robust``: its ε is an assumed flip rate (ε = 0.5 divides by zero).
-SOFT_LABEL_LOSSES = frozenset({"dpo", "sigmoid_norm", "simpo", "exo_pair"})
-# Default weight α of the chosen-NLL term per loss (others: 0).
-DEFAULT_NLL_ALPHA = {"orpo": 1.0}
 KL_FIELD = "ref_kl"
 
 
@@ -70,14 +64,14 @@ class Objective:
   """What the trainer optimises.
 
   Attributes:
-    loss: a ``DIRECT_LOSSES`` name, or ``"kto"``.
+    loss: a registered direct or unpaired loss (``DIRECT_LOSS_SPECS``).
     beta: β of the loss (λ for ORPO).
     loss_kwargs: extra hyperparameters of the loss (e.g. ``label_smoothing``,
       ``gamma``; for KTO ``desirable_weight`` / ``undesirable_weight``).
-    nll_alpha: weight of the chosen-NLL term; None = ``DEFAULT_NLL_ALPHA``.
+    nll_alpha: weight of the chosen-NLL term; None = the spec's ``nll_alpha``.
     ref_mode: ``online`` (frozen model), ``cached`` (precomputed on disk) or
       ``none`` (reference log-probs are zero); ``auto`` resolves to ``none``
-      for reference-free losses and ``online`` otherwise.
+      for ``reference_free`` losses and ``online`` otherwise.
     layout: ``padded`` or ``packed`` batches.
     num_segments: static segment count per packed row (``max_segments_per_row``).
   """
@@ -90,15 +84,14 @@ class Objective:
   num_segments: int | None = None
 
   def __post_init__(self):
-    if self.loss != "kto":
-      direct_losses.get_direct_loss(self.loss)  # Clear error listing the registry.
+    spec = self.spec  # Clear error listing the registry.
     kwargs = dict(self.loss_kwargs.items() if isinstance(self.loss_kwargs, Mapping)
                   else self.loss_kwargs)
     object.__setattr__(self, "loss_kwargs", tuple(sorted(kwargs.items())))
-    _check_kwargs(self.loss, kwargs)
+    _check_kwargs(spec, kwargs)
     mode = self.ref_mode
     if mode == "auto":
-      mode = "none" if self.loss in REFERENCE_FREE else "online"
+      mode = "none" if spec.reference_free else "online"
       object.__setattr__(self, "ref_mode", mode)
     if mode not in REF_MODES:
       raise ValueError(f"ref_mode must be 'auto' or one of {REF_MODES}, got {mode!r}")
@@ -106,13 +99,14 @@ class Objective:
       raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
     if self.layout == "packed" and not self.num_segments:
       raise ValueError("packed layout needs num_segments (pipeline max_segments_per_row)")
-    if self.loss == "kto":
+    if spec.unpaired:
       if self.layout != "padded":
-        raise ValueError("kto builds mismatched prompt/response rows: use the padded layout")
+        raise ValueError(f"{self.loss} builds mismatched prompt/response rows: use the "
+                         "padded layout")
       if mode != "online":
-        raise ValueError(f"kto needs ref_mode='online' (got {mode!r}): its reference point "
-                         "scores mismatched pairs that depend on the batch, so they cannot "
-                         "be cached per example")
+        raise ValueError(f"{self.loss} needs ref_mode='online' (got {mode!r}): its reference "
+                         "point scores mismatched pairs that depend on the batch, so they "
+                         "cannot be cached per example")
 
   @classmethod
   def from_config(cls, config: Any) -> Objective:
@@ -126,20 +120,21 @@ class Objective:
                num_segments=pipeline.get("max_segments_per_row", 16))
 
   @property
+  def spec(self) -> registry.DirectLossSpec:
+    """The registered facts of ``loss``."""
+    return registry.direct_loss_spec(self.loss)
+
+  @property
   def kwargs(self) -> dict[str, Any]:
     return dict(self.loss_kwargs)
 
   @property
   def alpha(self) -> float:
-    return DEFAULT_NLL_ALPHA.get(self.loss, 0.0) if self.nll_alpha is None else self.nll_alpha
+    return self.spec.nll_alpha if self.nll_alpha is None else self.nll_alpha
 
   @property
   def needs_reference(self) -> bool:
     return self.ref_mode != "none"
-
-  @property
-  def length_normalized(self) -> bool:
-    return self.loss in LENGTH_NORMALIZED
 
 
 def parse_kwargs(value: Any) -> dict[str, Any]:
@@ -162,17 +157,11 @@ def parse_kwargs(value: Any) -> dict[str, Any]:
   return out
 
 
-def _loss_parameters(name: str) -> set[str]:
-  fn = unpaired.kto if name == "kto" else direct_losses.get_direct_loss(name)
-  return {p.name for p in inspect.signature(fn).parameters.values()
-          if p.kind == inspect.Parameter.KEYWORD_ONLY}
-
-
-def _check_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
-  allowed = _loss_parameters(name) - {"beta", "kl_ref"}
+def _check_kwargs(spec: registry.DirectLossSpec, kwargs: Mapping[str, Any]) -> None:
+  allowed = set(spec.hyperparameters)
   unknown = sorted(set(kwargs) - allowed)
   if unknown:
-    raise ValueError(f"loss_kwargs {unknown} are not hyperparameters of {name!r}; "
+    raise ValueError(f"loss_kwargs {unknown} are not hyperparameters of {spec.name!r}; "
                      f"it accepts {sorted(allowed)}")
 
 
@@ -259,13 +248,10 @@ def _tie_handling(objective: Objective, batch: Batch) -> tuple[dict[str, Any], A
   """(per-pair hyperparameters, pair weights, dropped-tie count) for the batch's outcomes."""
   outcome = jnp.asarray(batch["outcome"], jnp.float32)
   weights = jnp.asarray(batch["weight"], jnp.float32) * batch["pair_mask"].astype(jnp.float32)
-  kwargs = objective.kwargs
-  if objective.loss in SOFT_LABEL_LOSSES:
-    default = inspect.signature(direct_losses.get_direct_loss(objective.loss)).parameters[
-        "label_smoothing"].default
-    eps = jnp.asarray(kwargs.get("label_smoothing", default), jnp.float32)
-    # = 1 − [(1−ε)·o + ε·(1−o)], written so that o = 1 gives exactly ε.
-    kwargs["label_smoothing"] = eps + (1.0 - 2.0 * eps) * (1.0 - outcome)
+  kwargs, spec = objective.kwargs, objective.spec
+  if spec.soft_label:
+    eps = kwargs.get("label_smoothing", spec.hyperparameters["label_smoothing"])
+    kwargs["label_smoothing"] = soft_label_smoothing(eps, outcome)
     return kwargs, weights, jnp.zeros((), jnp.float32)
   tie = (outcome != 1.0) & (weights > 0)
   return kwargs, jnp.where(tie, 0.0, weights), jnp.sum(tie.astype(jnp.float32))
@@ -286,7 +272,7 @@ def pair_logps(objective: Objective, scores: SequenceScores,
 def implicit_rewards(objective: Objective, x: direct_losses.PairLogps) -> tuple[Array, Array]:
   """β·log-ratio of chosen and rejected; token-averaged for length-normalised losses."""
   rc, rr = direct_losses.implicit_rewards(x, objective.beta)
-  if objective.length_normalized:
+  if objective.spec.length_normalized:
     rc = rc / jnp.maximum(x.chosen_tokens, 1.0)
     rr = rr / jnp.maximum(x.rejected_tokens, 1.0)
   return rc, rr
@@ -305,20 +291,20 @@ def pair_metrics(objective: Objective, x: direct_losses.PairLogps,
   }
 
 
-def _kto_losses(objective: Objective, model: nnx.Module, x: direct_losses.PairLogps,
-                batch: Batch, weights: Array) -> tuple[Array, Array, dict[str, Array]]:
-  """Per-example KTO losses over the 2B unpaired examples, their weights, metrics."""
+def _unpaired_losses(objective: Objective, model: nnx.Module, x: direct_losses.PairLogps,
+                     batch: Batch, weights: Array) -> tuple[Array, Array, dict[str, Array]]:
+  """Per-example losses over the 2B unpaired examples (KTO), their weights, metrics."""
   rows = mismatched_rows(batch)
   policy_kl = sampling.sequence_logps(model, rows["tokens"], rows["loss_mask"],
                                       attention_mask=rows["attention_mask"])[0]
   kl_ratio = jax.lax.stop_gradient(policy_kl - jnp.asarray(batch[KL_FIELD], jnp.float32))
   kl_ref = weighted_mean(kl_ratio, rows["valid"])
   b = x.policy_chosen.shape[0]
-  losses = unpaired.kto(
+  losses = objective.spec.fn(
       jnp.concatenate([x.policy_chosen, x.policy_rejected]),
       jnp.concatenate([x.ref_chosen, x.ref_rejected]),
       jnp.arange(2 * b) < b, kl_ref, beta=objective.beta, **objective.kwargs)
-  return losses, jnp.concatenate([weights, weights]), {"kto/kl_ref": kl_ref}
+  return losses, jnp.concatenate([weights, weights]), {f"{objective.loss}/kl_ref": kl_ref}
 
 
 def make_loss_fn(objective: Objective) -> Callable[[nnx.Module, Batch, Array],
@@ -331,11 +317,11 @@ def make_loss_fn(objective: Objective) -> Callable[[nnx.Module, Batch, Array],
     x = pair_logps(objective, scores, batch)
     kwargs, weights, dropped = _tie_handling(objective, batch)
     metrics: dict[str, Array] = {}
-    if objective.loss == "kto":
-      losses, example_weights, metrics = _kto_losses(objective, model, x, batch, weights)
+    if objective.spec.unpaired:
+      losses, example_weights, metrics = _unpaired_losses(objective, model, x, batch, weights)
       main = weighted_mean(losses, example_weights)
     else:
-      losses = direct_losses.get_direct_loss(objective.loss)(x, beta=objective.beta, **kwargs)
+      losses = objective.spec.fn(x, beta=objective.beta, **kwargs)
       main = weighted_mean(losses, weights)
     loss = main
     if objective.alpha:

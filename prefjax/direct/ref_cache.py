@@ -77,7 +77,7 @@ class ReferenceScorer:
                mesh: jax.sharding.Mesh | None = None):
     self.graphdef, self.state = nnx.split(model)
     self.num_segments = objective.num_segments if objective.layout == "packed" else None
-    self.with_kl = objective.loss == "kto"
+    self.with_kl = objective.spec.unpaired  # Mismatched rows for the reference point.
     self.mesh = mesh
 
   def _put(self, batch: Mapping[str, Any]) -> dict[str, Any]:

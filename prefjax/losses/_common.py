@@ -69,3 +69,18 @@ def check_static_range(name: str, value: ArrayLike, low: float, high: float,
   if not (ok_low and ok_high):
     lo, hi = ("[" if closed_low else "("), ("]" if closed_high else ")")
     raise ValueError(f"{name}={value} is outside {lo}{low}, {high}{hi}")
+
+
+def smoothed_logistic(z: Array, label_smoothing: ArrayLike) -> Array:
+  """−(1−ε)·logσ(z) − ε·logσ(−z): the logistic loss with labels flipped at rate ε."""
+  eps = as_float(label_smoothing)
+  return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
+
+
+def soft_label_smoothing(label_smoothing: ArrayLike, outcome: ArrayLike) -> Array:
+  """Per-pair ε of a soft preference: 1 − [(1−ε)·o + ε·(1−o)] for outcome o ∈ [0, 1].
+
+  Written as ε + (1−2ε)(1−o) so that o = 1 gives exactly ε; a tie (o = ½) gives ½.
+  """
+  eps = as_float(label_smoothing)
+  return eps + (1.0 - 2.0 * eps) * (1.0 - as_float(outcome))

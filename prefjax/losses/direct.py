@@ -5,9 +5,13 @@ Every pairwise loss takes a ``PairLogps`` and keyword hyperparameters,
 that a config string selects it. Every extra hyperparameter has a default.
 A fork adds a loss with::
 
-  @register_direct_loss("my_loss")
+  @register_direct_loss("my_loss", reference_free=True, length_normalized=True)
   def my_loss(x: PairLogps, *, beta: float, alpha: float = 1.0) -> jax.Array:
     ...
+
+declaring there what a trainer must know about it (reference-free, length-
+normalised, soft labels, unpaired, default NLL weight; see
+``prefjax.losses.registry.DirectLossSpec``).
 
 Notation used in the docstrings (all per pair, shape ``[B]``):
   ρ_c = policy_chosen − ref_chosen,  ρ_r = policy_rejected − ref_rejected,
@@ -22,15 +26,23 @@ arrays (scalars or ``[B]``), e.g. a schedule or per-pair soft labels.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, TypeVar
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from prefjax.losses._common import Array, ArrayLike, as_float, check_rank
 from prefjax.losses._common import check_same_shape, check_static_range
+from prefjax.losses._common import smoothed_logistic
+from prefjax.losses.registry import DIRECT_LOSS_SPECS  # noqa: F401
+from prefjax.losses.registry import DIRECT_LOSSES
+from prefjax.losses.registry import DirectLossSpec  # noqa: F401
+from prefjax.losses.registry import UNPAIRED_LOSSES  # noqa: F401
+from prefjax.losses.registry import direct_loss_spec  # noqa: F401
+from prefjax.losses.registry import lookup
+from prefjax.losses.registry import register_direct_loss
+from prefjax.losses.registry import unregister_direct_loss  # noqa: F401
 # KTO has its own signature (unpaired data) and module; re-exported here.
-from prefjax.losses.unpaired import UNPAIRED_LOSSES  # noqa: F401
 from prefjax.losses.unpaired import kto  # noqa: F401
 
 
@@ -45,29 +57,11 @@ class PairLogps(NamedTuple):
 
 
 DirectLoss = Callable[..., Array]
-_F = TypeVar("_F", bound=DirectLoss)
-
-DIRECT_LOSSES: dict[str, DirectLoss] = {}
-
-
-def register_direct_loss(name: str) -> Callable[[_F], _F]:
-  """Decorator adding ``fn(x: PairLogps, *, beta, **hparams) -> [B]`` to the registry."""
-  def decorator(fn: _F) -> _F:
-    if name in DIRECT_LOSSES:
-      raise ValueError(f"direct loss {name!r} is already registered "
-                       f"({DIRECT_LOSSES[name].__module__}.{DIRECT_LOSSES[name].__name__})")
-    DIRECT_LOSSES[name] = fn
-    return fn
-  return decorator
 
 
 def get_direct_loss(name: str) -> DirectLoss:
-  """The registered loss called ``name``; a clear error lists the known names."""
-  try:
-    return DIRECT_LOSSES[name]
-  except KeyError:
-    raise KeyError(f"unknown direct loss {name!r}; registered: "
-                   f"{sorted(DIRECT_LOSSES)}") from None
+  """The registered pairwise loss called ``name``; a clear error lists the known names."""
+  return lookup(DIRECT_LOSSES, name, "direct")
 
 
 _FIELDS = ", ".join(PairLogps._fields)
@@ -100,12 +94,6 @@ def _mean_log_ratios(x: PairLogps) -> tuple[Array, Array]:
   return _token_mean(rho_c, x.chosen_tokens), _token_mean(rho_r, x.rejected_tokens)
 
 
-def _smoothed_logistic(z: Array, label_smoothing: ArrayLike) -> Array:
-  """−(1−ε)·logσ(z) − ε·logσ(−z)."""
-  eps = as_float(label_smoothing)
-  return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
-
-
 def implicit_rewards(x: PairLogps, beta: ArrayLike) -> tuple[Array, Array]:
   """DPO implicit rewards (β·ρ_c, β·ρ_r), each ``[B]``.
 
@@ -117,7 +105,7 @@ def implicit_rewards(x: PairLogps, beta: ArrayLike) -> tuple[Array, Array]:
   return beta * rho_c, beta * rho_r
 
 
-@register_direct_loss("dpo")
+@register_direct_loss("dpo", soft_label=True)
 def dpo(x: PairLogps, *, beta: ArrayLike, label_smoothing: ArrayLike = 0.0) -> Array:
   """DPO, and conservative DPO (cDPO) for ε > 0.
 
@@ -139,7 +127,7 @@ def dpo(x: PairLogps, *, beta: ArrayLike, label_smoothing: ArrayLike = 0.0) -> A
   x = _checked(x)
   check_static_range("label_smoothing", label_smoothing, 0.0, 1.0)
   rho_c, rho_r = _log_ratios(x)
-  return _smoothed_logistic(beta * (rho_c - rho_r), label_smoothing)
+  return smoothed_logistic(beta * (rho_c - rho_r), label_smoothing)
 
 
 @register_direct_loss("robust")
@@ -167,7 +155,7 @@ def robust(x: PairLogps, *, beta: ArrayLike, label_smoothing: ArrayLike = 0.0) -
   return (-(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * eps)
 
 
-@register_direct_loss("ipo")
+@register_direct_loss("ipo", length_normalized=True)
 def ipo(x: PairLogps, *, beta: ArrayLike) -> Array:
   """IPO: squared regression of the token-averaged log-ratio gap onto 1/(2β).
 
@@ -213,7 +201,7 @@ def hinge(x: PairLogps, *, beta: ArrayLike) -> Array:
   return jax.nn.relu(1.0 - beta * (rho_c - rho_r))
 
 
-@register_direct_loss("exo_pair")
+@register_direct_loss("exo_pair", soft_label=True)
 def exo_pair(x: PairLogps, *, beta: ArrayLike, label_smoothing: ArrayLike = 1e-3) -> Array:
   """EXO (pairwise): reverse KL from the model's pair distribution to the labels.
 
@@ -362,7 +350,7 @@ def apo_down(x: PairLogps, *, beta: ArrayLike) -> Array:
   return jax.nn.sigmoid(beta * rho_c) + jax.nn.sigmoid(-beta * (rho_c - rho_r))
 
 
-@register_direct_loss("sigmoid_norm")
+@register_direct_loss("sigmoid_norm", length_normalized=True, soft_label=True)
 def sigmoid_norm(x: PairLogps, *, beta: ArrayLike, label_smoothing: ArrayLike = 0.0) -> Array:
   """Length-normalised DPO: DPO on token-averaged log-ratios.
 
@@ -384,7 +372,7 @@ def sigmoid_norm(x: PairLogps, *, beta: ArrayLike, label_smoothing: ArrayLike = 
   x = _checked(x)
   check_static_range("label_smoothing", label_smoothing, 0.0, 1.0)
   mean_c, mean_r = _mean_log_ratios(x)
-  return _smoothed_logistic(beta * (mean_c - mean_r), label_smoothing)
+  return smoothed_logistic(beta * (mean_c - mean_r), label_smoothing)
 
 
 @register_direct_loss("discopop")
@@ -417,7 +405,8 @@ def discopop(x: PairLogps, *, beta: ArrayLike, tau: ArrayLike = 0.05) -> Array:
   return jax.nn.sigmoid(-z / tau) * logistic + exponential
 
 
-@register_direct_loss("simpo")
+@register_direct_loss("simpo", reference_free=True, length_normalized=True,
+                      soft_label=True)
 def simpo(x: PairLogps, *, beta: ArrayLike, gamma: ArrayLike | None = None,
           gamma_beta_ratio: ArrayLike = 0.5, label_smoothing: ArrayLike = 0.0) -> Array:
   """SimPO: reference-free, length-normalised DPO with a target reward margin γ.
@@ -446,7 +435,7 @@ def simpo(x: PairLogps, *, beta: ArrayLike, gamma: ArrayLike | None = None,
     gamma = gamma_beta_ratio * beta
   mean_c = _token_mean(x.policy_chosen, x.chosen_tokens)
   mean_r = _token_mean(x.policy_rejected, x.rejected_tokens)
-  return _smoothed_logistic(beta * (mean_c - mean_r) - gamma, label_smoothing)
+  return smoothed_logistic(beta * (mean_c - mean_r) - gamma, label_smoothing)
 
 
 # Largest token-averaged log-prob fed to log(1 − p): p = 1 would make the odds infinite.
@@ -460,7 +449,8 @@ def _log_odds(mean_logp: Array) -> Array:
   return a - log1m_exp
 
 
-@register_direct_loss("orpo")
+@register_direct_loss("orpo", reference_free=True, length_normalized=True,
+                      nll_alpha=1.0)
 def orpo(x: PairLogps, *, beta: ArrayLike) -> Array:
   """ORPO odds-ratio term (the trainer adds the chosen NLL term).
 

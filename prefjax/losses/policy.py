@@ -26,6 +26,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from prefjax.losses._common import as_float
+
 Array = jax.Array
 KLKind = Literal["k1", "k2", "k3"]
 AggregateMode = Literal["token_mean", "sequence_mean", "sequence_sum_norm"]
@@ -33,7 +35,7 @@ AggregateMode = Literal["token_mean", "sequence_mean", "sequence_sum_norm"]
 
 def _f32(*xs: Array) -> tuple[Array, ...]:
   """Casts to at least float32 (bf16/f16/int -> f32; f64 stays f64 under x64)."""
-  return tuple(_at_least_f32(x) for x in xs)
+  return tuple(as_float(x) for x in xs)
 
 
 def _zero_masked(mask: Array, *xs: Array) -> tuple[Array, ...]:
@@ -43,13 +45,6 @@ def _zero_masked(mask: Array, *xs: Array) -> tuple[Array, ...]:
   the gradient (0 · inf = NaN in the backward pass); zeroing first does not.
   """
   return tuple(jnp.where(mask > 0, x, 0) for x in xs)
-
-
-def _at_least_f32(x: Array) -> Array:
-  x = jnp.asarray(x)
-  if x.dtype in (jnp.float32, jnp.float64):
-    return x
-  return x.astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -67,7 +62,7 @@ def masked_sum(x: Array, mask: Array, axis: int | tuple[int, ...] | None = -1) -
 
 def masked_mean(x: Array, mask: Array, axis: int | tuple[int, ...] | None = -1) -> Array:
   """Σ mask·x / Σ mask along ``axis``; ``[B, T] -> [B]`` by default. Empty rows give 0."""
-  count = jnp.sum(_at_least_f32(mask), axis=axis)
+  count = jnp.sum(as_float(mask), axis=axis)
   return masked_sum(x, mask, axis) / jnp.maximum(count, 1.0)
 
 
@@ -143,7 +138,7 @@ def aggregate_loss(per_token: Array, mask: Array, mode: AggregateMode = "token_m
 
 def _broadcast_to_tokens(x: Array, like: Array, name: str) -> Array:
   """Per-sequence ``[B]`` values broadcast to ``[B, T]``; ``[B, T]`` passes through."""
-  x = _at_least_f32(x)
+  x = as_float(x)
   if x.ndim == 1:
     if x.shape[0] != like.shape[0]:
       raise ValueError(f"{name} has shape {x.shape}; expected [{like.shape[0]}] or {like.shape}")
@@ -321,7 +316,7 @@ def gae(rewards: Array, values: Array, mask: Array, *, gamma: float, lam: float,
   if last_value is None:
     next_value = jnp.zeros((batch,), rewards.dtype)
   else:
-    next_value = jax.lax.stop_gradient(_at_least_f32(last_value)).astype(rewards.dtype)
+    next_value = jax.lax.stop_gradient(as_float(last_value)).astype(rewards.dtype)
     chex.assert_shape(next_value, (batch,))
 
   def step(carry, xs):
@@ -358,13 +353,13 @@ def rloo_advantages(rewards: Array, mask: Array | None = None) -> Array:
     ``[P, k]`` float32 advantages (constant); 0 for absent samples and for
     groups with fewer than two samples (which have no leave-one-out baseline).
   """
-  rewards = jax.lax.stop_gradient(_at_least_f32(rewards))
+  rewards = jax.lax.stop_gradient(as_float(rewards))
   chex.assert_rank(rewards, 2)
   if mask is None:
     if rewards.shape[1] < 2:
       raise ValueError(f"RLOO needs at least 2 samples per prompt, got rewards {rewards.shape}")
     mask = jnp.ones_like(rewards)
-  mask = _at_least_f32(mask)
+  mask = as_float(mask)
   chex.assert_equal_shape([rewards, mask])
   count = jnp.sum(mask, axis=1, keepdims=True)
   total = masked_sum(rewards, mask, axis=1)[:, None]
@@ -389,9 +384,9 @@ def group_normalized_advantages(rewards: Array, mask: Array | None = None, *,
   Returns:
     ``[P, k]`` float32 (constant), 0 for absent samples.
   """
-  rewards = jax.lax.stop_gradient(_at_least_f32(rewards))
+  rewards = jax.lax.stop_gradient(as_float(rewards))
   chex.assert_rank(rewards, 2)
-  mask = jnp.ones_like(rewards) if mask is None else _at_least_f32(mask)
+  mask = jnp.ones_like(rewards) if mask is None else as_float(mask)
   chex.assert_equal_shape([rewards, mask])
   mean = masked_mean(rewards, mask, axis=1)[:, None]
   adv = rewards - mean

@@ -4,15 +4,49 @@ All functions are pure, jit/vmap/grad-safe and return the per-example loss;
 callers reduce (mean, weighted mean, ...). Rewards are ``[B]`` or ``[B, K]``
 (K ensemble members, one loss per member). Losses are computed in float32
 (float64 for float64 inputs) and stay finite for reward gaps up to ~1e4.
+
+``PREFERENCE_LOSSES`` maps the name a reward-model config selects
+(``config.loss.name``) to a loss on pairs with one signature,
+``fn(r_chosen, r_rejected, *, outcome=1.0, **hparams)`` -> the shape of
+``r_chosen``, where ``outcome`` (scalar or ``[B]``) is 1 when the chosen side
+won, 0 when it lost and 0.5 for a tie. Every hyperparameter has a default. A
+fork adds one with ``@register_preference_loss("name")``.
 """
 
 from __future__ import annotations
+
+from typing import Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
 
 from prefjax.losses._common import Array, ArrayLike, as_float, broadcast_leading
 from prefjax.losses._common import check_rank, check_same_shape, check_static_range
+from prefjax.losses._common import smoothed_logistic, soft_label_smoothing
+from prefjax.losses.registry import add_to_registry, keyword_hyperparameters, lookup
+
+PreferenceLoss = Callable[..., Array]
+_F = TypeVar("_F", bound=PreferenceLoss)
+
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {}
+
+
+def register_preference_loss(name: str) -> Callable[[_F], _F]:
+  """Decorator adding ``fn(r_chosen, r_rejected, *, outcome=1.0, **hparams)`` to the registry."""
+  def decorator(fn: _F) -> _F:
+    add_to_registry(PREFERENCE_LOSSES, name, fn, "preference")
+    return fn
+  return decorator
+
+
+def get_preference_loss(name: str) -> PreferenceLoss:
+  """The registered reward-model loss ``name``; a clear error lists the known names."""
+  return lookup(PREFERENCE_LOSSES, name, "preference")
+
+
+def preference_loss_hyperparameters(name: str) -> dict[str, object]:
+  """The keyword hyperparameters of the registered loss ``name`` -> their defaults."""
+  return keyword_hyperparameters(get_preference_loss(name), exclude=("outcome",))
 
 
 def _pair(r_chosen: ArrayLike, r_rejected: ArrayLike, names: str) -> tuple[Array, Array]:
@@ -49,8 +83,7 @@ def bradley_terry(r_chosen: ArrayLike, r_rejected: ArrayLike, *,
   check_static_range("label_smoothing", label_smoothing, 0.0, 1.0)
   margin = broadcast_leading(margin, r_chosen, "margin")
   eps = broadcast_leading(label_smoothing, r_chosen, "label_smoothing")
-  z = r_chosen - r_rejected - margin
-  return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
+  return smoothed_logistic(r_chosen - r_rejected - margin, eps)
 
 
 def _outcome_weights(outcome: Array) -> tuple[Array, Array, Array]:
@@ -184,3 +217,77 @@ def preference_probability(r_a: ArrayLike, r_b: ArrayLike) -> Array:
   """
   r_a, r_b = _pair(r_a, r_b, "r_a, r_b")
   return jax.nn.sigmoid(r_a - r_b)
+
+
+# ------------------------------------------------------------------- registered pair losses
+
+
+@register_preference_loss("bt")
+def bt(r_chosen: ArrayLike, r_rejected: ArrayLike, *, outcome: ArrayLike = 1.0,
+       margin: ArrayLike = 0.0, label_smoothing: ArrayLike = 0.0) -> Array:
+  """Bradley–Terry with the outcome as a soft label.
+
+  L = ``bradley_terry``(r_c, r_r, margin=m, label_smoothing=ε_o),
+  ε_o = 1 − [(1−ε)·o + ε·(1−o)]  (o = 1: the usual ε; o = ½: a tie pulls Δ − m to 0).
+
+  See ``bradley_terry`` for the papers.
+
+  Args:
+    r_chosen: ``[B]`` or ``[B, K]`` rewards.
+    r_rejected: same shape.
+    outcome: scalar or ``[B]`` in [0, 1].
+    margin: scalar or ``[B]`` margin m.
+    label_smoothing: ε in [0, 1].
+
+  Returns:
+    Per-example loss, shape of ``r_chosen``.
+  """
+  check_static_range("label_smoothing", label_smoothing, 0.0, 1.0)
+  return bradley_terry(r_chosen, r_rejected, margin=margin,
+                       label_smoothing=soft_label_smoothing(label_smoothing, outcome))
+
+
+@register_preference_loss("ties")
+def ties(r_chosen: ArrayLike, r_rejected: ArrayLike, *, outcome: ArrayLike = 1.0,
+         nu: ArrayLike = 1.0) -> Array:
+  """Davidson ties: ``bradley_terry_ties``(r_c, r_r, outcome, nu=ν), ν = 1 by default.
+
+  Davidson (1970), JASA 65(329); see ``bradley_terry_ties``.
+
+  Args:
+    r_chosen: ``[B]`` or ``[B, K]`` rewards.
+    r_rejected: same shape.
+    outcome: scalar or ``[B]``: 1, 0.5 (tie) or 0.
+    nu: tie propensity ν ≥ 0.
+
+  Returns:
+    Per-example loss, shape of ``r_chosen``.
+  """
+  return bradley_terry_ties(r_chosen, r_rejected, outcome, nu=nu)
+
+
+@register_preference_loss("plackett_luce")
+def plackett_luce_pair(r_chosen: ArrayLike, r_rejected: ArrayLike, *,
+                       outcome: ArrayLike = 1.0) -> Array:
+  """Plackett–Luce on the two-item ranking [preferred, other], preferred = outcome ≥ ½.
+
+  L = ``plackett_luce``([r_preferred, r_other]) per ensemble member (K = 2 is
+  Bradley–Terry; it is here so that the K-wise code path is trained and tested).
+
+  Plackett (1975), Applied Statistics 24(2); see ``plackett_luce``.
+
+  Args:
+    r_chosen: ``[B]`` or ``[B, K]`` rewards.
+    r_rejected: same shape.
+    outcome: scalar or ``[B]``; ties count as a win of the chosen side.
+
+  Returns:
+    Per-example loss, shape of ``r_chosen``.
+  """
+  r_chosen, r_rejected = _pair(r_chosen, r_rejected, "r_chosen, r_rejected")
+  first = broadcast_leading(outcome, r_chosen, "outcome") >= 0.5
+  ranked = jnp.stack([jnp.where(first, r_chosen, r_rejected),
+                      jnp.where(first, r_rejected, r_chosen)], axis=1)
+  if ranked.ndim == 3:  # [B, 2, K]: one ranking loss per member.
+    return jax.vmap(plackett_luce, in_axes=2, out_axes=1)(ranked)
+  return plackett_luce(ranked)

@@ -1,7 +1,8 @@
 """Unpaired direct alignment: KTO on single responses labelled desirable or not.
 
 Kept apart from ``direct`` because its signature differs (no pairs); it is
-registered in ``UNPAIRED_LOSSES`` and re-exported from ``prefjax.losses.direct``.
+registered with ``unpaired=True`` (so it lands in ``UNPAIRED_LOSSES``) and
+re-exported from ``prefjax.losses.direct``.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import jax.numpy as jnp
 
 from prefjax.losses._common import Array, ArrayLike, as_float, broadcast_leading
 from prefjax.losses._common import check_rank, check_same_shape
+from prefjax.losses.registry import UNPAIRED_LOSSES  # noqa: F401
+from prefjax.losses.registry import register_direct_loss
 
 
+@register_direct_loss("kto", unpaired=True)
 def kto(policy_logps: ArrayLike, ref_logps: ArrayLike, is_desirable: ArrayLike,
         kl_ref: ArrayLike, *, beta: ArrayLike, desirable_weight: ArrayLike = 1.0,
         undesirable_weight: ArrayLike = 1.0) -> Array:
@@ -51,5 +55,3 @@ def kto(policy_logps: ArrayLike, ref_logps: ArrayLike, is_desirable: ArrayLike,
   undesirable_loss = as_float(undesirable_weight) * jax.nn.sigmoid(-beta * (z0 - log_ratio))
   return jnp.where(is_desirable.astype(bool), desirable_loss, undesirable_loss)
 
-
-UNPAIRED_LOSSES = {"kto": kto}

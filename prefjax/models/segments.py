@@ -59,12 +59,6 @@ def segment_first_index(segment_ids: jax.Array, num_segments: int) -> jax.Array:
   return first.at[:, 0].set(0)
 
 
-def gather_rows(values: jax.Array, index: jax.Array) -> jax.Array:
-  """``values[b, index[b]]`` for ``values [R, K, ...]`` and ``index [R]``."""
-  return jnp.take_along_axis(
-      values, index.reshape(index.shape + (1,) * (values.ndim - 1)), axis=1)[:, 0]
-
-
 def gather_pairs(per_segment: jax.Array, index: jax.Array) -> jax.Array:
   """Picks per-segment values for pairs: ``per_segment [R, S+1]``, ``index [B, 2]`` (row, segment) -> ``[B]``."""
   return per_segment[index[:, 0], index[:, 1]]

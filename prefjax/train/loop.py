@@ -4,12 +4,19 @@ A rerun with the same ``workdir`` resumes from the latest checkpoint: the
 step, the RNG key, the optimizer state and the train iterator's position all
 continue, so an interrupted run ends bit-identical to an uninterrupted one.
 
+Evaluation, every ``loop.eval_every`` steps and at the end, is big_vision
+style: each evaluator is ``fn(step, model) -> {name: float}``, called with the
+current model; it may run its own jitted programs, sample, or write files.
+Their metrics are logged as ``eval/<name>``. ``eval_fn`` + ``eval_data`` is a
+shortcut for the common case of a jitted per-batch metric averaged over a pass
+of eval batches.
+
 Usage (an experiment binary)::
 
   result = train_loop(
       workdir=FLAGS.workdir, config=config, model=model, loss_fn=loss_fn,
       optimizer=config.optimizer, loop=config.loop, train_iter=train_iter,
-      eval_fn=eval_fn, eval_data=lambda: make_eval_iter(config),
+      evaluators=[my_evaluator],
       tokens_in_batch=lambda b: int(b["attention_mask"].sum()),
       mesh=mesh, partition_rules=decoder.PARTITION_RULES)
 """
@@ -39,6 +46,7 @@ from prefjax.train import step as step_lib
 from prefjax.train import summary as summary_lib
 
 Hook = Callable[[int, state_lib.TrainState, Mapping[str, jax.Array]], None]
+Evaluator = Callable[[int, nnx.Module], Mapping[str, Any]]
 Optimizer = (schedules.OptimizerConfig | Mapping[str, Any] | optax.GradientTransformation
              | tuple[optax.GradientTransformation, optax.Schedule])
 
@@ -174,7 +182,8 @@ class _Trainer:
   """State of one :func:`train_loop` call (see there for the arguments)."""
 
   def __init__(self, *, workdir, model, loss_fn, optimizer, loop, train_iter, config,
-               eval_fn, eval_data, tokens_in_batch, mesh, partition_rules, hooks, trainable):
+               eval_fn, eval_data, evaluators, tokens_in_batch, mesh, partition_rules, hooks,
+               trainable):
     self.workdir, self.loop = str(workdir), LoopConfig.from_mapping(loop)
     self.train_iter, self.tokens_in_batch, self.hooks = train_iter, tokens_in_batch, hooks
     self.mesh = mesh
@@ -198,6 +207,8 @@ class _Trainer:
     self._jitted: dict[Any, Any] = {}
     self._state_sh = state_sh
     self.evaluate = _Eval(self.graphdef, eval_fn, eval_data, self._put) if eval_fn else None
+    self.evaluators = list(evaluators)
+    self.has_eval = self.evaluate is not None or bool(self.evaluators)
     self.checkpointer = checkpoint_lib.Checkpointer(
         f"{self.workdir}/checkpoints", keep_last=self.loop.keep_checkpoints,
         best_metric=self.loop.best_metric, best_mode=self.loop.best_mode,
@@ -317,7 +328,7 @@ class _Trainer:
           for hook in self.hooks:
             hook(step, self.state, metrics)
           last = step == self.loop.num_steps
-          is_eval = self.evaluate is not None and (_every(step, self.loop.eval_every) or last)
+          is_eval = self.has_eval and (_every(step, self.loop.eval_every) or last)
           if jax.process_count() > 1 and self.checkpointer.reached_preemption(step):
             stop.signum = stop.signum or int(signal.SIGTERM)  # Multi-host preemption notice.
           if is_eval or _every(step, self.loop.checkpoint_every) or stop.signum is not None:
@@ -353,7 +364,11 @@ class _Trainer:
 
   def _run_eval(self, step: int) -> dict[str, float]:
     start = time.time()
-    result = self.evaluate(self.state)
+    result = self.evaluate(self.state) if self.evaluate is not None else {}
+    if self.evaluators:
+      model = state_lib.merge_model(self.graphdef, self.state.params, self.state.extra)
+      for evaluator in self.evaluators:
+        result.update(metrics_lib.to_python(dict(evaluator(step, model))))
     self.last_eval, self.last_eval_step = result, step
     logging.info("eval at step %d took %.1fs", step, time.time() - start)
     return result
@@ -368,7 +383,7 @@ class _Trainer:
     return TrainResult(self.state, self._model(), {}, preempted=True)
 
   def _finish(self, step: int) -> TrainResult:
-    if self.evaluate is not None and self.last_eval_step != step:
+    if self.has_eval and self.last_eval_step != step:
       self.writer.log(step, None, self._run_eval(step))
     self._save(self.last_eval if self.last_eval_step == step else None)
     self.checkpointer.wait()
@@ -406,6 +421,7 @@ def train_loop(
     config: Any = None,
     eval_fn: step_lib.EvalFn | None = None,
     eval_data: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
+    evaluators: Sequence[Evaluator] = (),
     tokens_in_batch: Callable[[Any], float] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     partition_rules: Sequence[tuple[str, jax.sharding.PartitionSpec]] | None = None,
@@ -429,6 +445,9 @@ def train_loop(
     eval_fn: ``(model, batch) -> {name: scalar}``; averaged over batches,
       weighted by an optional ``num_examples`` entry.
     eval_data: an iterable re-iterated at each eval, or a callable returning one.
+    evaluators: ``fn(step, model) -> {name: float}``, run after ``eval_fn`` at
+      every eval; ``model`` holds the current parameters (do not keep it: its
+      arrays are donated to the next train step).
     tokens_in_batch: host batch -> token count, for ``tokens_per_sec``.
     mesh: a ``("data", "fsdp", "tensor")`` mesh; None = default device.
     partition_rules: the model's ``PARTITION_RULES``.
@@ -444,6 +463,7 @@ def train_loop(
     raise ValueError("eval_fn and eval_data must be given together")
   trainer = _Trainer(workdir=workdir, model=model, loss_fn=loss_fn, optimizer=optimizer,
                      loop=loop, train_iter=train_iter, config=config, eval_fn=eval_fn,
-                     eval_data=eval_data, tokens_in_batch=tokens_in_batch, mesh=mesh,
+                     eval_data=eval_data, evaluators=evaluators,
+                     tokens_in_batch=tokens_in_batch, mesh=mesh,
                      partition_rules=partition_rules, hooks=hooks, trainable=trainable)
   return trainer.run()

@@ -4,7 +4,8 @@ A schedule is ``warmup`` (linear from 0 to the peak learning rate over
 ``warmup_steps``) followed by one of ``constant``, ``linear`` or ``cosine``
 decay to ``peak * end_lr_fraction`` at ``total_steps``. The optimizer is
 ``adamw``, ``adam`` or ``sgd`` (with optional momentum), wrapped with global
-norm clipping when ``grad_clip_norm > 0``.
+norm clipping when ``grad_clip_norm > 0`` (per ensemble member, by
+:func:`clip_by_global_norm_per_member`, for stacked deep ensembles).
 
 Configs may be :class:`OptimizerConfig` instances, ``ml_collections``
 ``ConfigDict`` objects or plain mappings with the same field names.
@@ -15,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from prefjax import configlib
@@ -88,10 +91,32 @@ def make_schedule(cfg: OptimizerConfig | Mapping[str, Any]) -> optax.Schedule:
   return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 
+def clip_by_global_norm_per_member(max_norm: float) -> optax.GradientTransformation:
+  """Clips each ensemble member's gradient to global norm ``max_norm``.
+
+  Every leaf carries the members on its leading axis (a vmapped deep
+  ensemble); member k's norm is taken over slice k of all leaves, so one
+  member's large gradient never shrinks another's update.
+  """
+  def clip(updates, params=None):
+    del params
+    sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
+             for g in jax.tree.leaves(updates))
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(jnp.sqrt(sq), 1e-12))
+    return jax.tree.map(
+        lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), updates)
+
+  return optax.stateless(clip)
+
+
 def make_optimizer(
-    cfg: OptimizerConfig | Mapping[str, Any],
+    cfg: OptimizerConfig | Mapping[str, Any], *, clip_per_member: bool = False,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns ``(tx, schedule)`` for the config; ``schedule`` feeds the lr metric."""
+  """Returns ``(tx, schedule)`` for the config; ``schedule`` feeds the lr metric.
+
+  ``clip_per_member``: the parameters are a stacked ensemble (leading member
+  axis); ``grad_clip_norm`` then clips each member on its own.
+  """
   cfg = OptimizerConfig.from_mapping(cfg)
   schedule = make_schedule(cfg)
   if cfg.name == "adamw":
@@ -107,5 +132,6 @@ def make_optimizer(
   if cfg.grad_clip_norm < 0:
     raise ValueError(f"optimizer.grad_clip_norm={cfg.grad_clip_norm} must be >= 0")
   if cfg.grad_clip_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+    clip = clip_by_global_norm_per_member if clip_per_member else optax.clip_by_global_norm
+    tx = optax.chain(clip(cfg.grad_clip_norm), tx)
   return tx, schedule

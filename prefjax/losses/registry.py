@@ -1,0 +1,114 @@
+"""Loss registries: the name a config selects -> the function, and what a trainer must know.
+
+A direct-alignment loss declares its facts where it is registered::
+
+  @register_direct_loss("my_loss", reference_free=True, length_normalized=True)
+  def my_loss(x: PairLogps, *, beta, gamma=0.0) -> jax.Array: ...
+
+and trainers read them from its ``DirectLossSpec`` (``direct_loss_spec(name)``);
+no code outside this module compares loss names. Paired losses land in
+``DIRECT_LOSSES`` (``fn(x, *, beta, **hparams)``), unpaired ones (KTO) in
+``UNPAIRED_LOSSES`` (``fn(policy_logps, ref_logps, is_desirable, kl_ref, *, beta,
+**hparams)``); ``DIRECT_LOSS_SPECS`` holds the spec of every entry of both.
+Reward-model losses register the same way in ``preference.PREFERENCE_LOSSES``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, TypeVar
+
+LossFn = Callable[..., Any]
+_F = TypeVar("_F", bound=LossFn)
+
+DIRECT_LOSSES: dict[str, LossFn] = {}
+UNPAIRED_LOSSES: dict[str, LossFn] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectLossSpec:
+  """A registered direct-alignment loss and the facts a trainer needs about it.
+
+  Attributes:
+    name: the registry key (``config.loss``).
+    fn: the loss function.
+    reference_free: ignores the reference log-probs, so no reference model is
+      loaded (``ref.mode=auto`` resolves to ``none``).
+    length_normalized: its margin is on token-averaged log-probs, so implicit
+      rewards are reported per token.
+    soft_label: its ``label_smoothing`` is a soft preference label ε: a pair
+      with outcome o trains with ε_o = ε + (1−2ε)(1−o) (a tie gets ½); pairs
+      with outcome ≠ 1 are dropped for the other losses.
+    unpaired: takes unpaired examples (chosen = desirable, rejected =
+      undesirable) and a batch reference point ``kl_ref`` (KTO's signature).
+    nll_alpha: default weight α of the chosen-NLL term the trainer adds.
+  """
+  name: str
+  fn: LossFn
+  reference_free: bool = False
+  length_normalized: bool = False
+  soft_label: bool = False
+  unpaired: bool = False
+  nll_alpha: float = 0.0
+
+  @property
+  def hyperparameters(self) -> dict[str, Any]:
+    """Keyword hyperparameters besides ``beta`` -> their defaults."""
+    return keyword_hyperparameters(self.fn, exclude=("beta",))
+
+
+def keyword_hyperparameters(fn: LossFn, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+  """The keyword-only parameters of ``fn`` (minus ``exclude``) -> their defaults."""
+  return {p.name: p.default for p in inspect.signature(fn).parameters.values()
+          if p.kind == inspect.Parameter.KEYWORD_ONLY and p.name not in exclude}
+
+
+DIRECT_LOSS_SPECS: dict[str, DirectLossSpec] = {}
+
+
+def add_to_registry(table: dict[str, Any], name: str, entry: Any, kind: str) -> None:
+  """``table[name] = entry``; a second registration of ``name`` is an error."""
+  if name in table:
+    old = getattr(table[name], "fn", table[name])
+    raise ValueError(f"{kind} loss {name!r} is already registered "
+                     f"({old.__module__}.{old.__name__})")
+  table[name] = entry
+
+
+def lookup(table: dict[str, Any], name: str, kind: str) -> Any:
+  """``table[name]``, or a KeyError listing the registered names."""
+  try:
+    return table[name]
+  except KeyError:
+    raise KeyError(f"unknown {kind} loss {name!r}; registered: {sorted(table)}") from None
+
+
+def register_direct_loss(name: str, *, reference_free: bool = False,
+                         length_normalized: bool = False, soft_label: bool = False,
+                         unpaired: bool = False, nll_alpha: float = 0.0
+                         ) -> Callable[[_F], _F]:
+  """Decorator registering a direct-alignment loss with its facts (see ``DirectLossSpec``)."""
+  def decorator(fn: _F) -> _F:
+    spec = DirectLossSpec(name, fn, reference_free=reference_free,
+                          length_normalized=length_normalized, soft_label=soft_label,
+                          unpaired=unpaired, nll_alpha=float(nll_alpha))
+    if soft_label and "label_smoothing" not in spec.hyperparameters:
+      raise ValueError(f"direct loss {name!r}: soft_label=True needs a keyword "
+                       "hyperparameter label_smoothing")
+    add_to_registry(DIRECT_LOSS_SPECS, name, spec, "direct")
+    (UNPAIRED_LOSSES if unpaired else DIRECT_LOSSES)[name] = fn
+    return fn
+  return decorator
+
+
+def unregister_direct_loss(name: str) -> None:
+  """Removes a registered loss (tests, notebook re-registration)."""
+  lookup(DIRECT_LOSS_SPECS, name, "direct")
+  spec = DIRECT_LOSS_SPECS.pop(name)
+  (UNPAIRED_LOSSES if spec.unpaired else DIRECT_LOSSES).pop(name)
+
+
+def direct_loss_spec(name: str) -> DirectLossSpec:
+  """The spec of the direct or unpaired loss ``name``; a clear error lists the known names."""
+  return lookup(DIRECT_LOSS_SPECS, name, "direct")

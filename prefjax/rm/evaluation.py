@@ -1,0 +1,188 @@
+"""Full-pass reward-model evaluation, an evaluator ``fn(step, model) -> metrics`` for ``train_loop``.
+
+Each call scores the whole eval split (padded pairs, fixed order) and returns
+the metrics of ``prefjax.evals.preference.evaluate_preferences`` (accuracy,
+BT log-loss, ECE, length-only baseline, length slices, subsets), with the ECE
+and reliability bins computed over both orders of each pair; ensembles add
+per-member metrics and disagreement, multi-objective models per-objective
+metrics. It also writes ``eval_<step>.json`` (metrics + reliability bins) and
+``figures/reliability_<step>.png`` into the workdir.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from prefjax.data import pipeline as pipeline_lib
+from prefjax.evals import preference as evals
+from prefjax.rm import labels
+from prefjax.rm import objective as objective_lib
+from prefjax.train import sharding as sharding_lib
+from prefjax.train import summary as summary_lib
+
+Rewards = dict[str, np.ndarray]
+
+
+def eval_batches(source: Any, tokenizer: Any, pcfg: pipeline_lib.PipelineConfig,
+                 table: np.ndarray | None) -> tuple[list[dict[str, np.ndarray]], dict[str, int]]:
+  """The whole eval split as batches (``pcfg``: padded, one epoch, no shuffle), and the
+  pipeline's nonzero ``dropped_*`` counters."""
+  iterator = iter(pipeline_lib.preference_dataset(source, tokenizer, pcfg))
+  batches = list(iterator)
+  if table is not None:
+    batches = [labels.add_objective_mask(b, table) for b in batches]
+  dropped = {k: v for k, v in iterator.counters.items() if k.startswith("dropped_") and v}
+  if dropped:
+    logging.warning("eval split: pairs dropped by the pipeline: %s", dropped)
+  return batches, dropped
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _forward(graphdef, state, batch):
+  return objective_lib.pair_rewards(nnx.merge(graphdef, state), batch, None)
+
+
+def symmetric_calibration(metrics: dict[str, float], r_c: np.ndarray, r_r: np.ndarray,
+                          outcome: np.ndarray, num_bins: int) -> tuple[dict[str, float], dict]:
+  """ECE and reliability bins of P(a ≻ b) over both orders (a, b) and (b, a) of each pair.
+
+  With the chosen side always first every label is 1, and the ECE of σ(Δ)
+  would reward overconfidence; scoring both orders balances the labels.
+  The one-sided value stays as ``ece_chosen_first``.
+  """
+  decisive = outcome != 0.5
+  prob = 1.0 / (1.0 + np.exp(-(r_c - r_r)[decisive]))
+  label = (outcome[decisive] > 0.5).astype(np.float64)
+  probs, labels_ = np.concatenate([prob, 1 - prob]), np.concatenate([label, 1 - label])
+  metrics = dict(metrics, ece_chosen_first=metrics["ece"],
+                 ece=evals.expected_calibration_error(probs, labels_, num_bins))
+  return metrics, evals.reliability_diagram(probs, labels_, num_bins)
+
+
+class RewardModelEvaluator:
+  """``evaluator(step, model) -> metrics`` over the whole eval split (see the module doc).
+
+  Attributes:
+    last: ``(step, metrics)`` of the latest call, or None.
+  """
+
+  def __init__(self, *, batches: list[dict[str, np.ndarray]], dropped: dict[str, int],
+               source: Any, mesh: jax.sharding.Mesh | None, workdir: str, num_bins: int,
+               subset_field: str | None, objectives: Sequence[str], num_columns: int):
+    self._batches, self._dropped, self._source = batches, dropped, source
+    self._mesh, self._workdir = mesh, workdir
+    self._objectives, self._num_columns = tuple(objectives), num_columns
+    self._num_bins, self._subset_field = num_bins, subset_field
+    self._subset_cache: list[str] | None = None
+    self.last: tuple[int, dict[str, float]] | None = None
+
+  def __call__(self, step: int, model: nnx.Module) -> dict[str, float]:
+    start = time.time()
+    metrics, reliability = self._metrics(self._collect(model))
+    metrics.update({f"pipeline/{k}": float(v) for k, v in self._dropped.items()})
+    self._write(step, metrics, reliability)
+    logging.info("eval at step %d (%.1fs): accuracy=%.4f ece=%.4f length-only=%s", step,
+                 time.time() - start, metrics["accuracy"], metrics["ece"],
+                 metrics.get("length_baseline_accuracy"))
+    self.last = (step, metrics)
+    return metrics
+
+  def _put(self, batch):
+    if self._mesh is None:
+      return jax.device_put(batch)
+    return jax.device_put(batch, sharding_lib.batch_shardings(batch, self._mesh))
+
+  def _collect(self, model: nnx.Module) -> Rewards:
+    """Rewards ``[N, C]``, outcomes, response lengths, indices of the N real eval pairs."""
+    graphdef, state = nnx.split(model)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in (
+        "r_c", "r_r", "outcome", "c_len", "r_len", "index", "objective_mask")}
+    for batch in self._batches:
+      r_c, r_r = jax.device_get(_forward(graphdef, state, self._put(batch)))
+      real = batch["pair_mask"] > 0
+      b = real.shape[0]
+      response_len = batch["loss_mask"].sum(axis=1)
+      parts["r_c"].append(np.asarray(r_c).reshape(b, -1)[real])
+      parts["r_r"].append(np.asarray(r_r).reshape(b, -1)[real])
+      parts["outcome"].append(batch["outcome"][real])
+      parts["c_len"].append(response_len[:b][real])
+      parts["r_len"].append(response_len[b:][real])
+      parts["index"].append(batch["example_index"][real])
+      if "objective_mask" in batch:
+        parts["objective_mask"].append(batch["objective_mask"][real])
+    return {k: np.concatenate(v) for k, v in parts.items() if v}
+
+  def _subsets(self, index: np.ndarray) -> list[str] | None:
+    """``meta[eval.subset_field]`` of every eval pair, when every pair has one."""
+    if not self._subset_field:
+      return None
+    if self._subset_cache is None:
+      values = [(self._source[int(i)].get("meta") or {}).get(self._subset_field) for i in index]
+      self._subset_cache = [] if any(v is None for v in values) else [str(v) for v in values]
+    return self._subset_cache or None
+
+  def _metrics(self, d: Rewards) -> tuple[dict[str, float], dict]:
+    if self._objectives:
+      return self._objective_metrics(d)
+    r_c, r_r = d["r_c"].mean(axis=1), d["r_r"].mean(axis=1)
+    main = evals.evaluate_preferences(
+        r_c, r_r, subsets=self._subsets(d["index"]), outcome=d["outcome"],
+        chosen_len=d["c_len"], rejected_len=d["r_len"], num_bins=self._num_bins)
+    metrics, reliability = symmetric_calibration(main.metrics, r_c, r_r, d["outcome"],
+                                                 self._num_bins)
+    if self._num_columns > 1:
+      metrics.update(self._member_metrics(d))
+    return metrics, reliability
+
+  def _member_metrics(self, d: Rewards) -> dict[str, float]:
+    metrics = {}
+    for k in range(self._num_columns):
+      res = evals.evaluate_preferences(d["r_c"][:, k], d["r_r"][:, k], outcome=d["outcome"],
+                                       chosen_len=d["c_len"], rejected_len=d["r_len"],
+                                       num_bins=self._num_bins)
+      metrics.update({f"member/{k}/{m}": res.metrics[m] for m in ("accuracy", "bt_log_loss")})
+    signed = np.where(d["outcome"][:, None] >= 0.5, 1.0, -1.0) * (d["r_c"] - d["r_r"])
+    metrics.update(evals.ensemble_disagreement(signed))
+    return metrics
+
+  def _objective_metrics(self, d: Rewards) -> tuple[dict[str, float], dict]:
+    """Each labelled pair scored by (the first of) its objectives' heads, plus per objective."""
+    labelled = d["objective_mask"].sum(axis=1) > 0
+    column = np.argmax(d["objective_mask"], axis=1)
+    r_c = np.take_along_axis(d["r_c"], column[:, None], axis=1)[:, 0][labelled]
+    r_r = np.take_along_axis(d["r_r"], column[:, None], axis=1)[:, 0][labelled]
+    subsets = self._subsets(d["index"])
+    if subsets is not None:
+      subsets = [s for s, keep in zip(subsets, labelled) if keep]
+    main = evals.evaluate_preferences(
+        r_c, r_r, outcome=d["outcome"][labelled], chosen_len=d["c_len"][labelled],
+        rejected_len=d["r_len"][labelled], num_bins=self._num_bins, subsets=subsets)
+    metrics, reliability = symmetric_calibration(main.metrics, r_c, r_r,
+                                                 d["outcome"][labelled], self._num_bins)
+    metrics["unlabelled_pairs"] = float((~labelled).sum())
+    for k, name in enumerate(self._objectives):
+      on = d["objective_mask"][:, k] > 0
+      if on.any():
+        res = evals.evaluate_preferences(d["r_c"][on, k], d["r_r"][on, k],
+                                         outcome=d["outcome"][on], num_bins=self._num_bins)
+        metrics.update({f"objective/{name}/{m}": res.metrics[m]
+                        for m in ("accuracy", "mean_margin", "bt_log_loss")})
+    return metrics, reliability
+
+  def _write(self, step: int, metrics: dict[str, float], reliability: dict) -> None:
+    if jax.process_index() != 0:
+      return
+    figure = os.path.join(self._workdir, "figures", f"reliability_{step}.png")
+    os.makedirs(os.path.dirname(figure), exist_ok=True)
+    evals.plot_reliability(reliability, figure, title=f"reward model, step {step}")
+    summary_lib.write_json(os.path.join(self._workdir, f"eval_{step}.json"),
+                           {"step": step, "metrics": metrics, "reliability": reliability,
+                            "figure": os.path.relpath(figure, self._workdir)})

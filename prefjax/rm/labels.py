@@ -1,0 +1,63 @@
+"""Objective labels of preference pairs for multi-objective reward models (``multi:a,b``).
+
+Each source row is labelled with one or more of the model's named objectives
+by ``meta[data.objective_field]`` (a name or a list of names), or
+``data.objective`` for every row. Batches then carry ``objective_mask [B, O]``,
+looked up by ``example_index``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+from absl import logging
+
+
+def objective_table(source: Any, objectives: Sequence[str], data_cfg: Mapping[str, Any]
+                    ) -> np.ndarray:
+  """``[len(source), O]`` 0/1: which objectives each source row is labelled with."""
+  fixed, field = data_cfg.get("objective"), data_cfg.get("objective_field") or "objective"
+  table = np.zeros((len(source), len(objectives)), np.float32)
+  unlabelled = 0
+  for i in range(len(source)):
+    row = source[i]
+    labels = fixed if fixed else (row.get("meta") or {}).get(field)
+    if labels is None:
+      unlabelled += 1
+      continue
+    for label in [labels] if isinstance(labels, str) else labels:
+      if label not in objectives:
+        raise ValueError(f"row {row.get('id', i)}: meta[{field!r}]={label!r} is not one of "
+                         f"the model's objectives {list(objectives)}")
+      table[i, objectives.index(label)] = 1.0
+  if unlabelled:
+    logging.warning("%d of %d pairs have no objective label (meta[%r]); they contribute "
+                    "no loss", unlabelled, len(source), field)
+  return table
+
+
+def add_objective_mask(batch: dict[str, np.ndarray], table: np.ndarray) -> dict[str, np.ndarray]:
+  """``batch`` plus ``objective_mask [B, O]`` (zeros for padding pairs)."""
+  index = batch["example_index"]
+  mask = np.where((index >= 0)[:, None], table[np.maximum(index, 0)], 0.0)
+  return {**batch, "objective_mask": mask.astype(np.float32)}
+
+
+class ObjectiveMaskIterator:
+  """Adds ``objective_mask`` to every batch of ``iterator``; checkpointable like it."""
+
+  def __init__(self, iterator: Iterator[dict[str, np.ndarray]], table: np.ndarray):
+    self._it, self._table = iterator, table
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return add_objective_mask(next(self._it), self._table)
+
+  def get_state(self) -> Any:
+    return self._it.get_state()
+
+  def set_state(self, state: Any) -> None:
+    self._it.set_state(state)

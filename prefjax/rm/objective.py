@@ -1,0 +1,158 @@
+"""The reward-model training objective: a ``loss_fn`` for ``prefjax.train`` built from a config.
+
+The loss (``config.loss.name``) is any ``prefjax.losses.PREFERENCE_LOSSES``
+entry, called per pair as ``fn(r_chosen, r_rejected, outcome=o, **hparams)``
+on ``[B, C]`` rewards (C reward columns: 1, K ensemble members or O named
+objectives). Per column the reduction is Σ_i w_i·ℓ_i / (number of real pairs),
+w_i = ``weight`` (padded pairs have ``pair_mask`` 0 and weigh 0), and the total
+loss is the sum over columns, so ensemble members' gradients are independent.
+``center_coef`` > 0 adds the reward-centering penalty (r_c + r_r)².
+
+Ensembles: with ``bootstrap`` each member k weighs each pair by a Poisson(1)
+draw from ``fold_in(step_rng, first_member + k)`` (online bagging; Oza &
+Russell 2001), so a single RM with ``first_member=k`` reproduces member k.
+
+Multi-objective heads (``multi:helpful,harmless``): objective o's loss uses the
+pairs labelled with o (``objective_mask`` [B, O], see ``prefjax.rm.labels``),
+normalised by their count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from prefjax.losses import preference as pref_losses
+from prefjax.models import heads as heads_lib
+from prefjax.models import segments as seg
+
+Array = jax.Array
+Batch = Mapping[str, Any]
+# Fields of ``config.loss`` read by the objective itself; the rest are loss hyperparameters.
+OBJECTIVE_FIELDS = ("name", "center_coef", "bootstrap", "first_member")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardLoss:
+  """What the reward model optimises (``config.loss``).
+
+  Attributes:
+    name: a ``PREFERENCE_LOSSES`` name.
+    hparams: its hyperparameters, as sorted (name, value) pairs.
+    center_coef: weight of the reward-centering penalty.
+    bootstrap: Poisson(1) online-bagging weights per ensemble member.
+    first_member: index of the first member this model trains (bootstrap draws).
+  """
+  name: str = "bt"
+  hparams: tuple[tuple[str, Any], ...] = ()
+  center_coef: float = 0.0
+  bootstrap: bool = False
+  first_member: int = 0
+
+  @classmethod
+  def from_config(cls, loss_cfg: Mapping[str, Any]) -> RewardLoss:
+    """From ``config.loss``. Hyperparameters of other registered losses are accepted and
+    ignored (one config can switch ``name``); any other key is an error."""
+    cfg = dict(loss_cfg)
+    name = cfg.get("name", "bt")
+    own = pref_losses.preference_loss_hyperparameters(name)  # Lists the registry if unknown.
+    known = set(OBJECTIVE_FIELDS).union(
+        *(pref_losses.preference_loss_hyperparameters(n) for n in pref_losses.PREFERENCE_LOSSES))
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+      raise ValueError(f"config.loss: unknown fields {unknown}; known: {sorted(known)}")
+    return cls(name=name, hparams=tuple(sorted((k, cfg[k]) for k in own if k in cfg)),
+               center_coef=float(cfg.get("center_coef", 0.0)),
+               bootstrap=bool(cfg.get("bootstrap", False)),
+               first_member=int(cfg.get("first_member", 0)))
+
+  def per_pair(self, r_chosen: Array, r_rejected: Array, outcome: Array) -> Array:
+    """Unreduced loss, shape of the rewards (``[B]`` or ``[B, C]``)."""
+    fn = pref_losses.get_preference_loss(self.name)
+    loss = fn(r_chosen, r_rejected, outcome=outcome, **dict(self.hparams))
+    if self.center_coef:
+      loss = loss + self.center_coef * pref_losses.center_penalty(r_chosen, r_rejected)
+    return loss
+
+
+def pair_rewards(model: nnx.Module, batch: Batch, num_segments: int | None
+                 ) -> tuple[Array, Array]:
+  """Rewards of the chosen and rejected side of every pair: ``[B]`` or ``[B, C]``."""
+  if "segment_ids" in batch:
+    out = model(batch["tokens"], segment_ids=batch["segment_ids"],
+                positions=batch["positions"], num_segments=num_segments)
+    return (seg.gather_pairs(out, batch["chosen_index"]),
+            seg.gather_pairs(out, batch["rejected_index"]))
+  out = model(batch["tokens"], attention_mask=batch["attention_mask"])
+  num_pairs = batch["pair_mask"].shape[0]
+  return out[:num_pairs], out[num_pairs:]
+
+
+def bootstrap_weights(rng: Array, num_pairs: int, first_member: int,
+                      num_members: int) -> Array:
+  """Poisson(1) online-bagging weights ``[B, K]``; member k uses ``fold_in(rng, k)``."""
+  draws = [jax.random.poisson(jax.random.fold_in(rng, first_member + k), 1.0, (num_pairs,))
+           for k in range(num_members)]
+  return jnp.stack(draws, axis=1).astype(jnp.float32)
+
+
+def _pair_metrics(r_c: Array, r_r: Array, batch: Batch, column_mask: Array) -> dict[str, Array]:
+  """Train accuracy and mean signed margin over decisive (non-tie) pairs."""
+  margin = r_c - r_r
+  decisive = column_mask * (batch["outcome"] != 0.5)[:, None]
+  signed = jnp.where(batch["outcome"][:, None] > 0.5, margin, -margin)
+  count = jnp.maximum(jnp.sum(decisive), 1.0)
+  return {"accuracy": jnp.sum(decisive * (signed > 0)) / count,
+          "mean_margin": jnp.sum(decisive * signed) / count,
+          "num_pairs": jnp.sum(batch["pair_mask"])}
+
+
+def make_loss_fn(loss: RewardLoss | Mapping[str, Any], *, num_columns: int,
+                 objectives: Sequence[str], num_segments: int | None
+                 ) -> Callable[[nnx.Module, Batch, Array], tuple[Array, dict[str, Array]]]:
+  """``(model, batch, rng) -> (loss, metrics)`` for the train core.
+
+  ``num_columns`` is the number of reward outputs (1, K members or O objectives).
+  """
+  if not isinstance(loss, RewardLoss):
+    loss = RewardLoss.from_config(loss)
+  bootstrap = loss.bootstrap and not objectives
+
+  def loss_fn(model, batch, rng):
+    r_c, r_r = pair_rewards(model, batch, num_segments)
+    r_c2 = r_c.reshape(r_c.shape[0], -1)
+    r_r2 = r_r.reshape(r_r.shape[0], -1)
+    losses = loss.per_pair(r_c2, r_r2, batch["outcome"])
+    column_mask = jnp.broadcast_to(batch["pair_mask"][:, None], losses.shape)
+    if objectives:
+      column_mask = column_mask * batch["objective_mask"]
+    weights = batch["weight"][:, None] * column_mask
+    if bootstrap:
+      weights = weights * bootstrap_weights(rng, losses.shape[0], loss.first_member,
+                                            num_columns)
+    count = jnp.maximum(jnp.sum(column_mask, axis=0), 1.0)
+    column_loss = jnp.sum(jnp.where(weights > 0, weights * losses, 0.0), axis=0) / count
+    metrics = _pair_metrics(r_c2, r_r2, batch, column_mask)
+    if num_columns > 1:
+      names = objectives or [str(k) for k in range(num_columns)]
+      prefix = "objective_loss/" if objectives else "member_loss/"
+      metrics.update({prefix + n: column_loss[k] for k, n in enumerate(names)})
+    return jnp.sum(column_loss), metrics
+
+  return loss_fn
+
+
+def reward_columns(model: nnx.Module) -> tuple[int, tuple[str, ...]]:
+  """(number of reward outputs, objective names or ())."""
+  if isinstance(model, heads_lib.MultiObjectiveRewardModel):
+    return len(model.names), tuple(model.names)
+  if isinstance(model, (heads_lib.MultiHeadEnsemble, heads_lib.DeepEnsemble)):
+    return model.num_members, ()
+  if isinstance(model, heads_lib.RewardModel):
+    return 1, ()
+  raise ValueError(f"model.head must be 'reward', 'reward_ensemble:K' or 'multi:...'; "
+                   f"got a {type(model).__name__}")
