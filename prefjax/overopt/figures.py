@@ -1,0 +1,166 @@
+"""Figures of the overoptimization study (matplotlib, Agg backend, PNG).
+
+Every figure plots seed-averaged means with ±1 bootstrap-SE bands over prompts,
+gold solid and proxy dashed, x = √KL(π ‖ π_ref) in nats^½ as in Gao et al.
+(2022, arXiv:2210.10760). Rewards are in gold / proxy standard deviations under
+π_ref, shifted so that π_ref scores 0.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from prefjax.overopt import bon  # noqa: E402
+from prefjax.overopt import curves as curves_lib  # noqa: E402
+from prefjax.overopt import fits  # noqa: E402
+
+REWARD_UNITS = "reward (SD under π_ref, π_ref = 0)"
+SQRT_KL = "√KL(π ‖ π_ref)  [nats^½]"
+
+
+def _band(ax, x, mean, se, color, style="-", label=None):
+  (line,) = ax.plot(x, mean, style, color=color, label=label, lw=1.6)
+  ax.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.18, lw=0)
+
+
+def _curve(ax, curve: bon.Curve, color, label, *, field="gold", style="-"):
+  _band(ax, np.sqrt(curve.kl), getattr(curve, field), getattr(curve, f"{field}_se"), color,
+        style, label)
+
+
+def _fit_line(ax, fit: fits.Fit, d_max: float, color):
+  d = np.linspace(0.0, d_max, 200)
+  ax.plot(d, fits.predict(fit, d), ":", color=color, lw=1.2)
+
+
+def _colors(n: int):
+  return plt.cm.viridis(np.linspace(0.0, 0.9, n))
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def gold_and_proxy(settings: Sequence[curves_lib.SettingCurves], path: str, *,
+                   title: str) -> str:
+  """Gao et al. Fig. 1: gold (with fits) and proxy vs √KL, BoN and RL, one line per setting."""
+  with_rl = settings[0].rl is not None
+  fig, axes = plt.subplots(2 if with_rl else 1, 2, figsize=(11, 8.5 if with_rl else 4.5),
+                           squeeze=False)
+  for row, method in enumerate(["bon", "rl"][:2 if with_rl else 1]):
+    name = "best-of-n" if method == "bon" else "RL (KL-regularised path)"
+    for s, color in zip(settings, _colors(len(settings))):
+      curve = getattr(s, method)
+      _curve(axes[row, 0], curve, color, s.label)
+      _fit_line(axes[row, 0], getattr(s, f"fit_{method}"), float(np.sqrt(curve.kl.max())), color)
+      _curve(axes[row, 1], curve, color, s.label, field="proxy", style="--")
+    axes[row, 0].set_title(f"{name}: gold (solid), fit (dotted)")
+    axes[row, 1].set_title(f"{name}: proxy")
+    for ax in axes[row]:
+      ax.set_xlabel(SQRT_KL)
+      ax.set_ylabel(REWARD_UNITS)
+      ax.axhline(0.0, color="grey", lw=0.6)
+      ax.grid(alpha=0.3)
+    axes[row, 0].legend(fontsize=8, title="proxy")
+  fig.suptitle(title)
+  return _save(fig, path)
+
+
+def fit_coefficients(sizes: Sequence[float], settings: Sequence[curves_lib.SettingCurves],
+                     path: str, *, xlabel: str, title: str) -> str:
+  """Gao et al. Fig. 3: α and β (95% bootstrap CIs) of the BoN (and RL) fits vs size."""
+  methods = ["bon"] + (["rl"] if settings[0].fit_rl is not None else [])
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for method, marker in zip(methods, ("o", "s")):
+    fitted = [getattr(s, f"fit_{method}") for s in settings]
+    for ax, coef in zip(axes, ("alpha", "beta")):
+      value = np.array([getattr(f, coef) for f in fitted])
+      ci = np.array([getattr(f, f"{coef}_ci") for f in fitted])
+      err = np.abs(ci.T - value)
+      ax.errorbar(sizes, value, yerr=np.nan_to_num(err), marker=marker, capsize=3,
+                  label=f"{'best-of-n' if method == 'bon' else 'RL'} {coef}")
+  for ax, coef in zip(axes, ("α (gain per √nat)", "β (overoptimization)")):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(coef)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(title)
+  return _save(fig, path)
+
+
+def ensembles(by_noise: dict[float, dict[str, curves_lib.SettingCurves]], path: str) -> str:
+  """Coste et al.: single proxy vs mean / WCO / UWO, BoN and RL, one row per noise level."""
+  noises = sorted(by_noise)
+  fig, axes = plt.subplots(len(noises), 2, figsize=(11, 4.2 * len(noises)), squeeze=False)
+  colors = {"single": "black", "mean": "tab:blue", "wco": "tab:red", "uwo": "tab:green"}
+  for row, noise in enumerate(noises):
+    for col, method in enumerate(("bon", "rl")):
+      ax = axes[row, col]
+      for name, s in by_noise[noise].items():
+        _curve(ax, getattr(s, method), colors[name], name)
+      ax.set_title(f"{'best-of-n' if method == 'bon' else 'RL path'}, "
+                   f"{noise:.0%} label noise: gold")
+      ax.set_xlabel(SQRT_KL)
+      ax.set_ylabel(REWARD_UNITS)
+      ax.axhline(0.0, color="grey", lw=0.6)
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=8, title="objective")
+  return _save(fig, path)
+
+
+def disagreement(growth: dict[str, np.ndarray], ns: np.ndarray, path: str, *,
+                 title: str) -> str:
+  """Member disagreement E_π[std_k r_k] − its π_ref value under BoN of each objective."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, g in growth.items():
+    mean, se = bon.bootstrap_mean_se(g)
+    _band(ax, ns, mean, se, None, label=name)
+  ax.set_xscale("log")
+  ax.set_xlabel("n (best-of-n)")
+  ax.set_ylabel("Δ member std under π  [proxy SD]")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, title="optimised objective")
+  return _save(fig, path)
+
+
+def estimator_check(check: dict, path: str) -> str:
+  """G0: exact best-of-n gold vs the unbiased estimator and Monte Carlo."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for key, style in (("exact_gold", "k-"), ("unbiased_gold", "o--"), ("mc_gold", "s:")):
+    ax.plot(check["ns"], check[key], style, label=key.replace("_gold", ""))
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("n (best-of-n)")
+  ax.set_ylabel("gold (SD under π_ref), raw")
+  ax.set_title("Best-of-n estimators agree (smallest proxy, seed 0)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def learned_policy(rows: Sequence[dict], path: str) -> str:
+  """Learned softmax-MLP policy vs the closed-form KL-regularised optimum at the same λ."""
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, key in zip(axes, ("kl", "gold")):
+    lams = [r["lam"] for r in rows]
+    ax.plot(lams, [r[f"closed_form_{key}"] for r in rows], "k-o", label="closed form")
+    ax.plot(lams, [r[f"learned_{key}"] for r in rows], "r--s", label="learned MLP policy")
+    ax.set_xscale("log")
+    ax.set_xlabel("KL penalty λ")
+    ax.set_ylabel("KL [nats]" if key == "kl" else REWARD_UNITS)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle("RL with a learned policy vs the exact KL-regularised optimum")
+  return _save(fig, path)

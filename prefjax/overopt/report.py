@@ -1,0 +1,172 @@
+"""Criteria, figures and the written report of the overoptimization study.
+
+``bandit_criteria`` turns a ``study.BanditResults`` into figures under
+``workdir/figures`` and a list of ``criteria.Criterion``; ``write_report``
+writes ``report.json`` (one entry per criterion plus the run's facts) and
+``report.md`` (figures embedded, one paragraph per result: what the paper
+expects, what this run saw).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from prefjax.overopt import criteria as C
+from prefjax.overopt import figures
+from prefjax.overopt import study as study_lib
+from prefjax.train import summary as summary_lib
+
+EXPECTED = {
+    "G0": "Estimator sanity: the proxy under best-of-n cannot fall as n grows; the unbiased "
+          "estimator and brute-force Monte Carlo agree with exact best-of-n; the exact KL of "
+          "best-of-n is below the analytic log n − (n−1)/n (Beirami et al. 2024).",
+    "G1": "Gao et al. 2022, Fig. 1: for small proxies, gold under best-of-n peaks at an interior n "
+          "and then falls while the proxy keeps rising.",
+    "G2": "Gao et al. 2022, Eq. 1: gold under best-of-n follows d(α − βd), d = √KL.",
+    "G3": "Gao et al. 2022, Fig. 3: larger proxies overoptimise less (β falls with size) and "
+          "reach a higher gold peak.",
+    "G5": "Gao et al. 2022, §3.4: more proxy training data gives higher gold at a fixed n.",
+    "R1": "Along the RL path π_β ∝ π_ref·exp(β·r_proxy), KL and the proxy rise monotonically.",
+    "R2": "Gao et al. 2022, Fig. 1b: gold under RL peaks then falls for small proxies.",
+    "R3": "Gao et al. 2022, Eq. 2: gold under RL follows d(α − β log d) with β > 0.",
+    "R4": "Gao et al. 2022, §3.2: RL uses more KL than best-of-n to reach its gold peak.",
+    "C1": "Coste et al. 2023: with 25% label noise, WCO and UWO ensembles remove the best-of-n "
+          "decline and beat a single proxy at large n.",
+    "C2": "Coste et al. 2023: under RL the ensembles' gold drop after the peak is smaller than "
+          "a single proxy's.",
+    "C3": "Coste et al. 2023: optimising the ensemble mean drives the policy where members "
+          "disagree; UWO's variance penalty holds disagreement down.",
+}
+
+
+def bandit_criteria(results: study_lib.BanditResults, fig_dir: str, *, smallest: int = 2,
+                    n_fixed: int = 1000) -> tuple[list[C.Criterion], dict[str, str]]:
+  """Draws the bandit-world figures and evaluates G0–G5, R1–R4, C1–C3."""
+  path = lambda name: os.path.join(fig_dir, name)
+  figs = {
+      "gao_fig1": figures.gold_and_proxy(results.sizes, path("gao_fig1_sizes.png"),
+                                         title="Gold and proxy vs √KL by proxy width "
+                                               "(bandit world, seed-averaged ±1 SE)"),
+      "gao_fig3_size": figures.fit_coefficients(results.widths, results.sizes,
+                                                path("gao_fig3_size.png"),
+                                                xlabel="proxy width (hidden units)",
+                                                title="Fit coefficients vs proxy size"),
+      "data_curves": figures.gold_and_proxy(results.data, path("data_size_curves.png"),
+                                            title="Best-of-n by proxy training pairs"),
+      "gao_fig3_data": figures.fit_coefficients(results.data_sizes, results.data,
+                                                path("gao_fig3_data.png"),
+                                                xlabel="proxy training pairs",
+                                                title="Best-of-n fit coefficients vs data size"),
+      "coste": figures.ensembles(results.ensembles, path("coste_ensembles.png")),
+      "estimators": figures.estimator_check(results.estimator_checks[0],
+                                            path("estimator_check.png")),
+  }
+  noisy = max(results.disagreement)
+  figs["disagreement"] = figures.disagreement(
+      results.disagreement[noisy], _disagreement_ns(results.ns), path("disagreement.png"),
+      title=f"Member disagreement under best-of-n ({noisy:.0%} label noise)")
+  if results.learned_policy:
+    figs["learned_policy"] = figures.learned_policy(results.learned_policy,
+                                                    path("learned_policy.png"))
+  rel = {k: os.path.join("figures", os.path.basename(v)) for k, v in figs.items()}
+  small = results.sizes[:smallest]
+  noisy_ens = results.ensembles[noisy]
+  ens = {k: v for k, v in noisy_ens.items() if k != "single"}
+  out = [
+      C.g0(results.sizes, results.estimator_checks, rel["estimators"]),
+      C.g1(small, rel["gao_fig1"]),
+      C.g2(results.sizes, rel["gao_fig1"]),
+      C.g3(results.widths, results.sizes, rel["gao_fig3_size"]),
+      C.g5(results.data_sizes, results.data, n_fixed, rel["data_curves"]),
+      C.r1(results.sizes, rel["gao_fig1"]),
+      C.r2(small, rel["gao_fig1"]),
+      C.r3(results.sizes, rel["gao_fig3_size"]),
+      C.r4(results.sizes, rel["gao_fig1"]),
+      C.c1(noisy_ens["single"], ens, rel["coste"]),
+      C.c2(noisy_ens["single"], ens, rel["coste"]),
+      C.c3(results.disagreement[noisy], rel["disagreement"]),
+  ]
+  return out, rel
+
+
+def _disagreement_ns(ns: np.ndarray) -> np.ndarray:
+  return ns[np.linspace(0, len(ns) - 1, 9).round().astype(int)]
+
+
+def _fit_table(settings, name: str) -> list[str]:
+  lines = [f"| {name} | α_bon | β_bon | R²_bon | α_RL | β_RL | R²_RL | peak gold (BoN) | "
+           "peak n |", "|---|---|---|---|---|---|---|---|---|"]
+  for s in settings:
+    rl = s.fit_rl
+    rl_cols = (f"{rl.alpha:.3f} | {rl.beta:.3f} | {rl.r2:.3f}" if rl is not None
+               else "– | – | –")
+    peak = int(np.argmax(s.bon.gold))
+    lines.append(f"| {s.label} | {s.fit_bon.alpha:.3f} | {s.fit_bon.beta:.3f} | "
+                 f"{s.fit_bon.r2:.3f} | {rl_cols} | {s.bon.gold[peak]:.3f} ± "
+                 f"{s.bon.gold_se[peak]:.3f} | {s.bon.knob[peak]:.0f} |")
+  return lines
+
+
+def _proxy_table(stats: Sequence[dict]) -> list[str]:
+  lines = ["| world | setting | gold accuracy (held-out π_ref pairs) | train accuracy | "
+           "train loss |", "|---|---|---|---|---|"]
+  for r in stats:
+    lines.append(f"| {r['world']} | {r['setting']} | {np.mean(r['gold_accuracy']):.3f} "
+                 f"(min {np.min(r['gold_accuracy']):.3f}) | {np.mean(r['train_accuracy']):.3f} "
+                 f"| {np.mean(r['train_loss']):.3f} |")
+  return lines
+
+
+def _per_world_table(per_world: dict) -> list[str]:
+  lines = ["| world | setting | BoN peak n | BoN drop (SE units) | β_bon | R² |",
+           "|---|---|---|---|---|---|"]
+  for world, rows in per_world.items():
+    for label, r in rows.items():
+      lines.append(f"| {world} | {label} | {r['bon_peak_n']:.0f} | {r['bon_drop']:.3f} "
+                   f"({r['bon_drop_z']:.1f}) | {r['beta_bon']:.3f} | {r['r2_bon']:.3f} |")
+  return lines
+
+
+def criteria_table(found: Sequence[C.Criterion]) -> str:
+  lines = ["| criterion | world | result | measured |", "|---|---|---|---|"]
+  for c in found:
+    lines.append(f"| {c.name} | {c.world} | {'PASS' if c.passed else 'FAIL'} | "
+                 f"{c.detail.replace('|', chr(92) + '|')} |")
+  return "\n".join(lines)
+
+
+def write_report(workdir: str, found: Sequence[C.Criterion], results: study_lib.BanditResults,
+                 figs: dict[str, str], facts: dict[str, Any],
+                 extra_sections: Sequence[str] = ()) -> dict[str, Any]:
+  """Writes ``report.json`` and ``report.md``; returns the JSON object."""
+  report = {"criteria": {c.name: C.Criterion.as_json(c) for c in found}, **facts,
+            "fits": {s.label: {"bon": s.fit_bon._asdict(),
+                               "rl": None if s.fit_rl is None else s.fit_rl._asdict()}
+                     for s in list(results.sizes) + list(results.data)},
+            "proxies": list(results.proxy_stats), "per_world": results.per_world,
+            "estimator_checks": results.estimator_checks,
+            "learned_policy": results.learned_policy, "figures": figs}
+  summary_lib.write_json(os.path.join(workdir, "report.json"), report)
+  md = [f"# Reward-model overoptimization: reproduction report", "",
+        f"Command: `{facts.get('command', '')}`  ",
+        f"World seeds: {facts.get('world_seeds')}; wall time {facts.get('wall_s', 0):.0f} s.",
+        "", facts.get("world_note", ""), "", "## Criteria", "", criteria_table(found), ""]
+  for c in found:
+    md += [f"### {c.name} — {'PASS' if c.passed else 'FAIL'} ({c.world} world)", "",
+           f"*Expected.* {EXPECTED.get(c.name, '')}", "", f"*Seen.* {c.detail}.", ""]
+    if c.figure:
+      md += [f"![{c.name}]({c.figure})", ""]
+  md += ["## Fits by proxy size", ""] + _fit_table(results.sizes, "width") + [""]
+  md += ["## Fits by proxy training pairs", ""] + _fit_table(results.data, "setting") + [""]
+  md += ["## Proxies", ""] + _proxy_table(results.proxy_stats) + [""]
+  md += ["## Each world on its own", ""] + _per_world_table(results.per_world) + [""]
+  if results.learned_policy:
+    md += ["## RL with a learned policy", "", f"![learned policy]({figs['learned_policy']})", ""]
+  md += list(extra_sections)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write("\n".join(md) + "\n")
+  return report

@@ -1,0 +1,270 @@
+"""The bandit-world overoptimization study: proxies of several sizes, data sizes and noise
+levels, best-of-n and the RL path, ensembles, scored against gold.
+
+``run_bandit_study(config, workdir)`` runs, for every world seed:
+
+1. the world (``bandit.make_world``);
+2. proxies trained through the project's Bradley–Terry loss and train step
+   (``bandit.train_proxies``) for each width of the size sweep, each pair count
+   of the data sweep, and each label-noise level of the ensemble study, K seeds
+   each; scores are cached in ``workdir/proxies`` so a rerun skips them;
+3. exact best-of-n and closed-form RL-path curves per seed, averaged over
+   seeds (``curves.setting_curves``), ensembles (mean / WCO / UWO) and the
+   disagreement under each objective, the estimator check;
+4. optionally the learned-policy RL variant against the closed form.
+
+Worlds are pooled by concatenating their prompts (each world's prompts are
+i.i.d. draws of the same generator), so pooled curves average over worlds and
+the bootstrap over prompts covers them all. Returns everything the criteria,
+figures and report need as a ``BanditResults``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+from absl import logging
+
+from prefjax.overopt import bandit
+from prefjax.overopt import bon
+from prefjax.overopt import criteria
+from prefjax.overopt import curves as curves_lib
+from prefjax.overopt import exact
+from prefjax.overopt import policy_net
+
+
+class BanditResults(NamedTuple):
+  sizes: list[curves_lib.SettingCurves]        # one per width, pooled over worlds
+  widths: list[int]
+  data: list[curves_lib.SettingCurves]         # one per pair count
+  data_sizes: list[int]
+  ensembles: dict[float, dict[str, curves_lib.SettingCurves]]  # noise -> single/mean/wco/uwo
+  disagreement: dict[float, dict[str, np.ndarray]]             # noise -> objective -> [P, S]
+  estimator_checks: list[dict]
+  proxy_stats: list[dict]                      # per world and setting: accuracies, wall time
+  learned_policy: list[dict]
+  per_world: dict[int, dict[str, Any]]         # world seed -> that world's own key numbers
+  ns: np.ndarray
+  betas: np.ndarray
+
+
+class Progress:
+  """One log line per finished unit of a stage, with elapsed time and ETA."""
+
+  def __init__(self, stage: str, total: int):
+    self.stage, self.total, self.done, self.start = stage, total, 0, time.time()
+
+  def step(self, what: str) -> None:
+    self.done += 1
+    elapsed = time.time() - self.start
+    eta = elapsed / self.done * (self.total - self.done)
+    logging.info("[%s %d/%d] %s  (%.0f s elapsed, ETA %.0f s)", self.stage, self.done,
+                 self.total, what, elapsed, eta)
+
+
+def world_config(config: Any, seed: int) -> bandit.WorldConfig:
+  return bandit.WorldConfig(**{**dict(config.world), "seed": int(seed)})
+
+
+def proxy_config(config: Any, **overrides: Any) -> bandit.ProxyConfig:
+  return bandit.ProxyConfig(**{**dict(config.proxy), **overrides})
+
+
+def _cached_proxies(workdir: str, name: str, world: bandit.World, cfg: bandit.ProxyConfig,
+                    seeds: Sequence[int]) -> tuple[np.ndarray, dict]:
+  """Trains K proxies or reads them from ``workdir/proxies/NAME.npz`` (keyed by config)."""
+  key = repr((dataclasses.astuple(world.config), dataclasses.astuple(cfg), tuple(seeds)))
+  # Named by what was trained, so two stages asking for the same proxies share them.
+  digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+  path = os.path.join(workdir, "proxies", f"{name}_{digest}.npz")
+  if os.path.exists(path):
+    with np.load(path, allow_pickle=False) as cached:
+      if str(cached["key"]) == key:
+        return cached["scores"], {k: cached[k].tolist() for k in
+                                  ("gold_accuracy", "train_accuracy", "train_loss")}
+  proxies = bandit.train_proxies(world, cfg, seeds)
+  stats = {"gold_accuracy": proxies.gold_accuracy.tolist(),
+           "train_accuracy": proxies.train_accuracy.tolist(),
+           "train_loss": proxies.train_loss.tolist(), "wall_s": proxies.wall_s}
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.savez(path + ".tmp.npz", scores=proxies.scores, key=key,
+           **{k: np.asarray(v) for k, v in stats.items() if k != "wall_s"})
+  os.replace(path + ".tmp.npz", path)
+  return proxies.scores, stats
+
+
+def pool(settings: Sequence[curves_lib.SettingCurves], *,
+         num_bootstrap: int) -> curves_lib.SettingCurves:
+  """Pools one setting's curves over worlds by concatenating prompts, then refits."""
+  if len(settings) == 1:
+    return settings[0]
+  def cat(curves):
+    return bon.summarize(curves[0].knob, *(np.concatenate([getattr(c, f) for c in curves])
+                                           for f in ("per_prompt_kl", "per_prompt_proxy",
+                                                     "per_prompt_gold")),
+                         num_bootstrap=num_bootstrap)
+  bon_curve = cat([s.bon for s in settings])
+  rl_curve = None if settings[0].rl is None else cat([s.rl for s in settings])
+  seeds = [cat([s.bon_seeds[k] for s in settings]) for k in range(len(settings[0].bon_seeds))]
+  fit = lambda form, c: curves_lib._fit(form, c, num_bootstrap)
+  return curves_lib.SettingCurves(settings[0].label, bon_curve, rl_curve, seeds,
+                                  fit("bon", bon_curve),
+                                  None if rl_curve is None else fit("rl", rl_curve))
+
+
+class _World:
+  """Runs every stage of one world and keeps its per-setting curves."""
+
+  def __init__(self, config: Any, workdir: str, seed: int, ns, betas, progress: Progress):
+    self.config, self.workdir, self.seed = config, workdir, seed
+    self.ns, self.betas, self.progress = ns, betas, progress
+    self.boot = int(config.num_bootstrap)
+    self.seeds = list(range(int(config.seeds)))
+    start = time.time()
+    self.world = bandit.make_world(world_config(config, seed))
+    logging.info("world %d: %d prompts x %d candidates, built in %.1f s", seed,
+                 self.world.gold.shape[0], self.world.gold.shape[1], time.time() - start)
+    self.stats: list[dict] = []
+    self.scores: dict[str, np.ndarray] = {}
+
+  def proxies(self, label: str, **overrides) -> np.ndarray:
+    cfg = proxy_config(self.config, **overrides)
+    scores, stats = _cached_proxies(self.workdir, f"world{self.seed}_w{cfg.width}",
+                                    self.world, cfg, self.seeds)
+    self.stats.append({"world": self.seed, "setting": label, **overrides, **stats})
+    self.scores[label] = scores
+    acc = np.mean(stats["gold_accuracy"])
+    self.progress.step(f"world {self.seed} {label}: gold accuracy {acc:.3f}")
+    return scores
+
+  def setting(self, label: str, with_rl: bool, **overrides) -> curves_lib.SettingCurves:
+    scores = self.proxies(label, **overrides)
+    return curves_lib.setting_curves(label, self.world, scores, self.ns,
+                                     self.betas if with_rl else None, num_bootstrap=self.boot)
+
+  def ensembles(self, noise: float) -> tuple[dict, dict]:
+    cfg = self.config.ensembles
+    label = f"w{cfg.width}_noise{noise:g}"
+    members = self.proxies(label, width=int(cfg.width), label_noise=float(noise))
+    single = curves_lib.setting_curves(f"single (w={cfg.width})", self.world, members, self.ns,
+                                       self.betas, num_bootstrap=self.boot)
+    out, growth = {"single": single}, {}
+    disagreement_ns = self.ns[np.linspace(0, len(self.ns) - 1, 9).round().astype(int)]
+    for method in ("mean", "wco", "uwo"):
+      lam = float(cfg.uwo_lambda) if method == "uwo" else 0.0
+      objective = curves_lib.aggregate_members(self.world, members, method, lam)
+      out[method] = curves_lib.setting_curves(method, self.world, objective[None], self.ns,
+                                              self.betas, num_bootstrap=self.boot)
+      growth[method] = curves_lib.disagreement_growth(self.world, members, objective,
+                                                      disagreement_ns)
+    return out, growth
+
+
+def _grids(config: Any) -> tuple[np.ndarray, np.ndarray]:
+  ns = bon.log_spaced_ns(int(config.bon.n_max), int(config.bon.num_ns))
+  betas = np.logspace(np.log10(config.rl.beta_min), np.log10(config.rl.beta_max),
+                      int(config.rl.num_betas))
+  return ns, betas
+
+
+def _num_units(config: Any) -> int:
+  per_world = (len(config.sizes.widths) + len(config.data.num_pairs)
+               + len(config.ensembles.label_noise))
+  return per_world * len(config.world_seeds)
+
+
+def run_bandit_study(config: Any, workdir: str,
+                     learned_policy: Callable[..., list[dict]] | None = None) -> BanditResults:
+  """Runs the bandit-world study of ``config`` (see ``configs/reproduce/quick.py``)."""
+  ns, betas = _grids(config)
+  progress = Progress("bandit proxies", _num_units(config))
+  widths = [int(w) for w in config.sizes.widths]
+  data_sizes = [int(n) for n in config.data.num_pairs]
+  noises = [float(x) for x in config.ensembles.label_noise]
+  sizes, data, ens, growth = [], [], {x: [] for x in noises}, {x: [] for x in noises}
+  checks, stats, policy_rows, per_world = [], [], [], {}
+  for seed in config.world_seeds:
+    w = _World(config, workdir, int(seed), ns, betas, progress)
+    sizes.append([w.setting(f"w{width}", True, width=width,
+                            num_pairs=int(config.sizes.num_pairs)) for width in widths])
+    data.append([w.setting(f"w{config.data.width}_n{n}", False, width=int(config.data.width),
+                           num_pairs=n) for n in data_sizes])
+    for noise in noises:
+      tic = time.time()
+      curves, g = w.ensembles(noise)
+      logging.info("world %d: ensembles at %.0f%% noise in %.1f s", seed, 100 * noise,
+                   time.time() - tic)
+      ens[noise].append(curves)
+      growth[noise].append(g)
+    smallest_scores = w.scores[f"w{widths[0]}"]
+    tic = time.time()
+    checks.append(criteria.estimator_check(
+        w.world, smallest_scores[0], config.estimator.ns,
+        num_samples=int(config.estimator.num_samples),
+        mc_repeats=int(config.estimator.mc_repeats), seed=int(seed)))
+    logging.info("world %d: estimator check in %.1f s", seed, time.time() - tic)
+    if learned_policy is not None:
+      tic = time.time()
+      policy_rows += learned_policy(w.world, smallest_scores[0], world_seed=int(seed))
+      logging.info("world %d: learned-policy RL in %.1f s", seed, time.time() - tic)
+    stats += w.stats
+    per_world[int(seed)] = _world_summary(sizes[-1])
+  boot = int(config.num_bootstrap)
+  pooled = lambda per_world_settings: [pool(list(s), num_bootstrap=boot)
+                                       for s in zip(*per_world_settings)]
+  ensembles = {x: {k: pool([e[k] for e in ens[x]], num_bootstrap=boot) for k in ens[x][0]}
+               for x in noises}
+  disagreement = {x: {k: np.concatenate([g[k] for g in growth[x]]) for k in growth[x][0]}
+                  for x in noises}
+  return BanditResults(pooled(sizes), widths, pooled(data), data_sizes, ensembles,
+                       disagreement, checks, stats, policy_rows, per_world, ns, betas)
+
+
+def _world_summary(sizes: Sequence[curves_lib.SettingCurves]) -> dict[str, Any]:
+  """The key numbers of one world, so the report can show the spread across worlds."""
+  out = {}
+  for s in sizes:
+    drop, se, peak = curves_lib.decline(s.bon)
+    out[s.label] = {"bon_peak_n": float(s.bon.knob[peak]), "bon_drop": drop,
+                    "bon_drop_z": drop / max(se, 1e-12), "beta_bon": s.fit_bon.beta,
+                    "peak_gold_bon": float(np.max(s.bon.gold)), "r2_bon": s.fit_bon.r2}
+  return out
+
+
+def learned_policy_rows(world: bandit.World, proxy: np.ndarray, lams: Sequence[float],
+                        policy: Any, *, world_seed: int, num_prompts: int = 0) -> list[dict]:
+  """RL with a learned MLP policy vs the closed-form optimum π_ref·exp(r/λ), per λ.
+
+  The policy (``policy_net.train_policy``) minimises −E_π[r_proxy] + λ·KL exactly
+  over the candidates; the closed form is ``exact.rl_path_scores`` at β = 1/λ.
+  ``num_prompts`` > 0 uses only the first prompts (each step scores all M
+  candidates of every prompt, so this bounds the cost).
+  """
+  if num_prompts:
+    world = world._replace(features=world.features[:num_prompts],
+                           ref_logits=world.ref_logits[:num_prompts],
+                           gold=world.gold[:num_prompts])
+    proxy = proxy[:num_prompts]
+  rows = []
+  ref_gold = curves_lib.reference_scores(world, world.gold)
+  for lam in lams:
+    cfg = policy_net.PolicyConfig(**dict(policy))
+    log_pi, _ = policy_net.train_policy(world, policy_net.kl_regularized_loss(proxy, lam), cfg)
+    pi = np.exp(log_pi)
+    closed = exact.rl_path_scores(world.ref_logits, proxy, world.gold, [1.0 / lam])
+    rows.append({"world": world_seed, "lam": float(lam),
+                 "learned_kl": float(policy_net.exact_kl(log_pi, world.ref_logits).mean()),
+                 "closed_form_kl": float(closed.kl.mean()),
+                 "learned_proxy": float(np.sum(pi * proxy, -1).mean()),
+                 "closed_form_proxy": float(closed.proxy.mean()),
+                 "learned_gold": float((np.sum(pi * world.gold, -1) - ref_gold).mean()),
+                 "closed_form_gold": float((closed.gold[:, 0] - ref_gold).mean())})
+    logging.info("learned policy λ=%g: KL %.2f (closed form %.2f), gold %.3f (closed form %.3f)",
+                 lam, rows[-1]["learned_kl"], rows[-1]["closed_form_kl"],
+                 rows[-1]["learned_gold"], rows[-1]["closed_form_gold"])
+  return rows

@@ -1,0 +1,95 @@
+"""The overoptimization study end to end at smoke-test size, and its criteria on known curves."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs.reproduce import quick
+from experiments import reproduce
+from prefjax.overopt import bon
+from prefjax.overopt import criteria
+from prefjax.overopt import curves as curves_lib
+from prefjax.overopt import fits
+
+CRITERIA = ("G0", "G1", "G2", "G3", "G5", "R1", "R2", "R3", "R4", "C1", "C2", "C3")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("reproduce"))
+  return workdir, reproduce.run(quick.get_config("tiny"), workdir)
+
+
+def test_report_schema_figures_and_g0(tiny_run):
+  workdir, report = tiny_run
+  with open(os.path.join(workdir, "report.json")) as f:
+    on_disk = json.load(f)
+  assert set(CRITERIA) <= set(on_disk["criteria"])
+  for name, entry in on_disk["criteria"].items():
+    assert {"pass", "value", "threshold", "figure", "world"} <= set(entry), name
+    assert isinstance(entry["pass"], bool)
+    assert os.path.getsize(os.path.join(workdir, entry["figure"])) > 5_000, name
+  assert on_disk["world_seeds"] == [0] and on_disk["wall_s"] > 0
+  assert "experiments.reproduce" in on_disk["command"]
+  # G0 must hold at any size: exact best-of-n, the unbiased estimator and Monte Carlo agree.
+  assert on_disk["criteria"]["G0"]["pass"], on_disk["criteria"]["G0"]
+  markdown = open(os.path.join(workdir, "report.md")).read()
+  for name in CRITERIA:
+    assert f"### {name} — " in markdown
+  assert markdown.count("![") >= len(CRITERIA)
+  assert report["criteria"].keys() == on_disk["criteria"].keys()
+
+
+def test_rerun_reuses_trained_proxies(tiny_run, monkeypatch):
+  workdir, report = tiny_run
+  from prefjax.overopt import bandit
+  monkeypatch.setattr(bandit, "train_proxies",
+                      lambda *a, **k: pytest.fail("proxies retrained on rerun"))
+  again = reproduce.run(quick.get_config("tiny"), workdir)
+  for name in CRITERIA:
+    assert again["criteria"][name]["value"] == report["criteria"][name]["value"], name
+
+
+def _curve(d: np.ndarray, gold: np.ndarray, *, noise: float = 0.01, prompts: int = 32,
+           seed: int = 0) -> bon.Curve:
+  rng = np.random.default_rng(seed)
+  per_prompt = gold[None] + noise * rng.standard_normal((prompts, len(d)))
+  per_kl = np.broadcast_to(d**2, per_prompt.shape)
+  proxy = np.broadcast_to(2.0 * d, per_prompt.shape)  # keeps rising, like a proxy under BoN
+  return bon.summarize(np.arange(len(d)), per_kl, proxy, per_prompt, num_bootstrap=200)
+
+
+def _setting(label: str, alpha: float, beta: float) -> curves_lib.SettingCurves:
+  d = np.linspace(0.0, 3.0, 25)
+  curve = _curve(d, d * (alpha - beta * d))
+  fit = fits.fit_bon(np.sqrt(curve.kl), curve.gold, per_prompt_gold=curve.per_prompt_gold,
+                     num_bootstrap=50)
+  return curves_lib.SettingCurves(label, curve, curve, [curve], fit,
+                                  fits.fit_rl(np.sqrt(curve.kl), curve.gold, num_bootstrap=50))
+
+
+def test_size_criteria_on_known_curves():
+  # Larger "proxies" overoptimise less: β falls and the peak rises with size.
+  good = [_setting(f"w{w}", 1.0, b) for w, b in ((4, 0.5), (8, 0.4), (16, 0.3), (32, 0.2))]
+  assert criteria.g3([4, 8, 16, 32], good, "").passed
+  assert not criteria.g3([4, 8, 16, 32], good[::-1], "").passed
+  assert criteria.g2(good, "").passed
+  declining = criteria.g1(good[:2], "")
+  assert declining.passed, declining.detail          # peak at d = 1, then falls to d = 3
+  flat = [_setting("w4", 1.0, 0.01)]                  # peak beyond the last point
+  assert not criteria.g1(flat, "").passed
+
+
+def test_ensemble_criteria_on_known_curves():
+  single = _setting("single", 1.0, 0.5)
+  better = {k: _setting(k, 1.0, 0.05) for k in ("mean", "wco", "uwo")}
+  assert criteria.c1(single, better, "").passed
+  assert not criteria.c1(single, {k: single for k in better}, "").passed
+  growth = {"mean": np.full((16, 3), 0.5), "uwo": np.full((16, 3), 0.1)}
+  growth["mean"] += np.random.default_rng(0).normal(0, 0.01, (16, 3))
+  assert criteria.c3(growth, "").passed
+  assert not criteria.c3({"mean": growth["uwo"], "uwo": growth["mean"]}, "").passed
