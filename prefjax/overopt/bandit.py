@@ -21,6 +21,16 @@ training is float32 JAX, all K members of a size in ONE jitted program (their
 parameters stacked on a leading K axis, each member on its own pair sample and
 own initialisation). The learned-policy RL variant lives in
 ``prefjax.overopt.policy_net`` and is re-exported here.
+
+API: ``WorldConfig``/``make_world``/``World``, ``standardize``,
+``sample_pairs``/``heldout_pairs``/``Pairs``/``pair_accuracy``,
+``ProxyConfig``/``train_proxies``/``Proxies``, ``tail_residuals``; and from
+``policy_net``: ``PolicyConfig``, ``policy_log_probs``, ``train_policy``,
+``kl_regularized_loss``.
+
+Measured here (2 CPU cores, quiet): ``make_world(WorldConfig())`` ≈ 4 s;
+``train_proxies`` with K = 5, N = 10k, 2,000 steps ≈ 3 s (w ≤ 32), 6 s
+(w = 64), 10 s (w = 128), compilation and scoring included.
 """
 
 from __future__ import annotations
