@@ -83,6 +83,20 @@ def test_sweep_shapes_and_reference_start(sweeps):
   np.testing.assert_allclose(s.gold[:, 0], 0.0, atol=1e-6)
   np.testing.assert_allclose(s.margin[:, 0], 0.0, atol=1e-5)
   assert (s.gold[:, -1] > 0).all()                              # learning from gold labels helps
+  # At π_ref the ratios are float32 round-off: chance accuracy.
+  np.testing.assert_allclose(s.heldout_accuracy[:, 0], 0.5, atol=0.1)
+  assert (s.heldout_accuracy[:, -1] > 0.6).all()
+
+
+def test_average_sweeps(sweeps):
+  s = sweeps["dpo"]
+  shifted = s._replace(per_prompt_gold=s.per_prompt_gold + 1.0, margin=s.margin + 2.0)
+  mean = ds.average_sweeps([s, shifted])
+  np.testing.assert_allclose(mean.gold, s.gold + 0.5)
+  np.testing.assert_allclose(mean.margin, s.margin + 1.0)
+  np.testing.assert_allclose(mean.kl, s.kl)
+  with pytest.raises(ValueError, match="differ"):
+    ds.average_sweeps([s, s._replace(betas=s.betas * 2)])
 
 
 def test_ipo_margin_approaches_target(sweeps):

@@ -71,6 +71,7 @@ class DaaSweep(NamedTuple):
   per_prompt_kl: np.ndarray    # [K, T, P]
   per_prompt_gold: np.ndarray  # [K, T, P]
   wall_s: np.ndarray           # [K] seconds to train and evaluate each β
+  heldout_accuracy: np.ndarray | None = None   # [K, T] implicit reward vs gold, held-out pairs
 
 
 # ----------------------------------------------------------------------------- losses
@@ -175,18 +176,21 @@ def _mean_abs_gold_gap(world: bandit.World) -> float:
 # ----------------------------------------------------------------------------- sweep
 
 
-def evaluate_policy(log_pi: np.ndarray, world: bandit.World,
-                    pairs: bandit.Pairs) -> dict[str, np.ndarray]:
-  """Exact per-prompt KL and gold gain, and the mean training-pair margin h (float64)."""
+def evaluate_policy(log_pi: np.ndarray, world: bandit.World, pairs: bandit.Pairs,
+                    heldout: bandit.Pairs | None = None) -> dict[str, Any]:
+  """Exact per-prompt KL and gold gain, the mean training-pair margin h (float64), and
+  with ``heldout`` the gold accuracy of the implicit reward log π/π_ref on those pairs."""
   log_pi = np.asarray(log_pi, np.float64)
   log_pi = log_pi - special.logsumexp(log_pi, axis=-1, keepdims=True)
   log_ref = world.ref_logits - special.logsumexp(world.ref_logits, axis=-1, keepdims=True)
   pi, ref = np.exp(log_pi), np.exp(log_ref)
   ratio = log_pi - log_ref
   margin = ratio[pairs.prompt, pairs.chosen] - ratio[pairs.prompt, pairs.rejected]
-  return {"kl": np.maximum(np.sum(pi * ratio, axis=-1), 0.0),
-          "gold": np.sum((pi - ref) * world.gold, axis=-1),
-          "margin": float(margin.mean())}
+  out = {"kl": np.maximum(np.sum(pi * ratio, axis=-1), 0.0),
+         "gold": np.sum((pi - ref) * world.gold, axis=-1), "margin": float(margin.mean())}
+  if heldout is not None:
+    out["accuracy"] = float(bandit.pair_accuracy(ratio, heldout))
+  return out
 
 
 def shift_invariant(loss_name: str, **hparams: Any) -> bool:
@@ -328,13 +332,14 @@ def daa_sweep(world: bandit.World, loss_name: str, betas: Sequence[float], *,
   config = policy_net.PolicyConfig(base.hidden, steps, base.learning_rate, base.seed)
   batches = None if batch_size is None else _minibatches(pairs, batch_size, steps, seed)
   run = None if trainer == "full" else _pair_trainer(world, pairs, loss_name, config, hparams)
+  heldout = bandit.heldout_pairs(world, 10_000)
   records, wall = [], []
   for beta in betas:
     start = time.perf_counter()
     per_eval: list[dict] = []
 
     def eval_fn(step, log_pi):
-      per_eval.append(evaluate_policy(log_pi, world, pairs))
+      per_eval.append(evaluate_policy(log_pi, world, pairs, heldout))
       return {"margin": per_eval[-1]["margin"]}
     if run is None:
       loss_fn = daa_loss_fn(loss_name, float(beta), pairs if batches is None else None,
@@ -351,7 +356,25 @@ def daa_sweep(world: bandit.World, loss_name: str, betas: Sequence[float], *,
   stack = lambda key: np.array([[e[key] for e in per_eval] for _, per_eval in records])
   per_prompt_kl, per_prompt_gold = stack("kl"), stack("gold")
   return DaaSweep(loss_name, betas, eval_steps, per_prompt_kl.mean(-1), per_prompt_gold.mean(-1),
-                  stack("margin"), per_prompt_kl, per_prompt_gold, np.array(wall))
+                  stack("margin"), per_prompt_kl, per_prompt_gold, np.array(wall),
+                  stack("accuracy"))
+
+
+def average_sweeps(sweeps: Sequence[DaaSweep]) -> DaaSweep:
+  """Seed average of sweeps of one loss on one world (same β grid and steps): per-prompt
+  KL and gold, margins and accuracies are averaged over seeds; prompts stay the
+  bootstrap unit."""
+  first = sweeps[0]
+  for s in sweeps[1:]:
+    if not (np.array_equal(s.betas, first.betas) and np.array_equal(s.steps, first.steps)
+            and s.per_prompt_kl.shape == first.per_prompt_kl.shape):
+      raise ValueError("average_sweeps: sweeps differ in betas, steps or world shape")
+  mean = lambda field: (None if getattr(first, field) is None else
+                        np.mean([getattr(s, field) for s in sweeps], axis=0))
+  per_kl, per_gold = mean("per_prompt_kl"), mean("per_prompt_gold")
+  return DaaSweep(first.loss, first.betas, first.steps, per_kl.mean(-1), per_gold.mean(-1),
+                  mean("margin"), per_kl, per_gold, np.sum([s.wall_s for s in sweeps], axis=0),
+                  mean("heldout_accuracy"))
 
 
 def _flat_batches(batches: dict, num_candidates: int) -> dict:
