@@ -27,15 +27,6 @@ from prefjax.overopt import study
 from prefjax.train import summary as summary_lib
 
 
-def _learned_policy(config: Any):
-  cfg = config.bandit.learned_policy
-  if not cfg.enabled:
-    return None
-  return lambda world, proxy, world_seed: study.learned_policy_rows(
-      world, proxy, cfg.lams, cfg.policy, world_seed=world_seed,
-      num_prompts=int(cfg.num_prompts))
-
-
 def _world_note(config: Any) -> str:
   seeds = list(config.bandit.world_seeds)
   if len(seeds) == 1:
@@ -51,8 +42,7 @@ def _world_note(config: Any) -> str:
 def run(config: Any, workdir: str) -> dict[str, Any]:
   start = time.time()
   summary_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  results = study.run_bandit_study(config.bandit, workdir,
-                                   learned_policy=_learned_policy(config))
+  results = study.run_bandit_study(config.bandit, workdir)
   found, figs = report_lib.bandit_criteria(
       results, os.path.join(workdir, "figures"), smallest=int(config.bandit.smallest),
       n_fixed=int(config.bandit.data.n_fixed))

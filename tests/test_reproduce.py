@@ -8,20 +8,22 @@ import os
 import numpy as np
 import pytest
 
-from configs.reproduce import quick
+from configs.reproduce import full
 from experiments import reproduce
 from prefjax.overopt import bon
 from prefjax.overopt import criteria
 from prefjax.overopt import curves as curves_lib
 from prefjax.overopt import fits
 
-CRITERIA = ("G0", "G1", "G2", "G3", "G5", "R1", "R2", "R3", "R4", "C1", "C2", "C3")
+CRITERIA = ("G0", "G1", "G2", "G3", "G5", "R1", "R2", "R3", "R4", "C1", "C2", "C3",
+            "D1", "D2", "D3", "P1")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("reproduce"))
-  return workdir, reproduce.run(quick.get_config("tiny"), workdir)
+  # Two pooled worlds and the direct-alignment sweeps: every stage of the study, tiny.
+  return workdir, reproduce.run(full.get_config("tiny"), workdir)
 
 
 def test_report_schema_figures_and_g0(tiny_run):
@@ -33,7 +35,8 @@ def test_report_schema_figures_and_g0(tiny_run):
     assert {"pass", "value", "threshold", "figure", "world"} <= set(entry), name
     assert isinstance(entry["pass"], bool)
     assert os.path.getsize(os.path.join(workdir, entry["figure"])) > 5_000, name
-  assert on_disk["world_seeds"] == [0] and on_disk["wall_s"] > 0
+  assert on_disk["world_seeds"] == [0, 1] and on_disk["wall_s"] > 0
+  assert set(on_disk["per_world"]) == {"0", "1"}
   assert "experiments.reproduce" in on_disk["command"]
   # G0 must hold at any size: exact best-of-n, the unbiased estimator and Monte Carlo agree.
   assert on_disk["criteria"]["G0"]["pass"], on_disk["criteria"]["G0"]
@@ -49,8 +52,8 @@ def test_rerun_reuses_trained_proxies(tiny_run, monkeypatch):
   from prefjax.overopt import bandit
   monkeypatch.setattr(bandit, "train_proxies",
                       lambda *a, **k: pytest.fail("proxies retrained on rerun"))
-  again = reproduce.run(quick.get_config("tiny"), workdir)
-  for name in CRITERIA:
+  again = reproduce.run(full.get_config("tiny"), workdir)
+  for name in CRITERIA:  # Same proxies and seeds: the same numbers, bit for bit.
     assert again["criteria"][name]["value"] == report["criteria"][name]["value"], name
 
 

@@ -4,9 +4,9 @@ Command:
   python -m experiments.reproduce --config=configs/reproduce/full.py --workdir=workdirs/full
 
 Everything in ``configs/reproduce/quick.py`` (same world generator, proxy widths,
-data sizes, ensembles, best-of-n and RL grids), on world seeds 0, 1 and 2, pooled:
+data sizes, ensembles, best-of-n and RL grids), on world seeds 0–4, pooled:
 each world's prompts are concatenated so that curves average over worlds and the
-bootstrap runs over all 192 prompts; the report also lists each world on its own.
+bootstrap runs over all 320 prompts; the report also lists each world on its own.
 Adds the direct-alignment study in the bandit world (DPO / IPO / SLiC across β on
 gold-labelled pairs, D1–D3, and the DPO-vs-RL frontier P1).
 
@@ -23,6 +23,6 @@ from configs.reproduce import quick
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None, or ``tiny`` (smoke-test sizes, as ``quick.py:tiny`` with 2 worlds)."""
   config = quick.get_config(arg)
-  config.bandit.world_seeds = (0, 1) if arg == "tiny" else (0, 1, 2)
-  config.direct = dict(enabled=True)
+  config.bandit.world_seeds = (0, 1) if arg == "tiny" else (0, 1, 2, 3, 4)
+  config.bandit.direct.enabled = True
   return config

@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 
 from prefjax.overopt import bon  # noqa: E402
 from prefjax.overopt import curves as curves_lib  # noqa: E402
+from prefjax.overopt import direct_study  # noqa: E402
 from prefjax.overopt import fits  # noqa: E402
 
 REWARD_UNITS = "reward (SD under π_ref, π_ref = 0)"
@@ -163,4 +164,71 @@ def learned_policy(rows: Sequence[dict], path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.suptitle("RL with a learned policy vs the exact KL-regularised optimum")
+  return _save(fig, path)
+
+
+def direct_sweeps(sweeps: dict, path: str) -> str:
+  """Rafailov et al. 2024: per loss, gold vs √KL over training (one line per β) and the
+  final points across β with the d(α − β log d) and quadratic-in-KL fits."""
+  fig, axes = plt.subplots(2, len(sweeps), figsize=(5 * len(sweeps), 8.5), squeeze=False)
+  for col, (name, sweep) in enumerate(sweeps.items()):
+    ax = axes[0, col]
+    for k, color in zip(range(len(sweep.betas)), _colors(len(sweep.betas))):
+      ax.plot(np.sqrt(sweep.kl[k]), sweep.gold[k], "-", color=color, lw=1.2,
+              label=f"β={sweep.betas[k]:.3g}")
+      ax.plot(np.sqrt(sweep.kl[k, -1]), sweep.gold[k, -1], "o", color=color, ms=4)
+    ax.set_title(f"{name}: training trajectories (● = end)")
+    ax = axes[1, col]
+    d, gold, per_kl, per_gold = direct_study.final_curve(sweep)
+    _, se = bon.bootstrap_mean_se(per_gold)
+    ax.errorbar(d, gold, yerr=se, fmt="ko", capsize=3, label="final points ±1 SE")
+    grid = np.linspace(0.0, d.max() * 1.05, 200)
+    rl = fits.fit_rl(d, gold, num_bootstrap=0)
+    quad = fits.fit_quadratic_kl(d * d, gold, num_bootstrap=0)
+    ax.plot(grid, fits.predict(rl, grid), "-", color="tab:red",
+            label=f"d(α − β log d), RMSE {rl.rmse:.3f}")
+    ax.plot(grid, fits.predict(quad, grid), "--", color="tab:blue",
+            label=f"α·KL − β·KL², RMSE {quad.rmse:.3f}")
+    ax.set_title(f"{name}: gold vs √KL across β")
+    for ax in axes[:, col]:
+      ax.set_xlabel(SQRT_KL)
+      ax.set_ylabel("gold (SD under π_ref, π_ref = 0)")
+      ax.axhline(0.0, color="grey", lw=0.6)
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def margins(dpo, ipo, path: str) -> str:
+  """Azar et al. 2023: mean log-ratio margin h on the training pairs over training."""
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, sweep, name in ((axes[0], dpo, "DPO"), (axes[1], ipo, "IPO")):
+    for k, color in zip(range(len(sweep.betas)), _colors(len(sweep.betas))):
+      ax.plot(sweep.steps, sweep.margin[k], "-", color=color, label=f"β={sweep.betas[k]:.3g}")
+      if name == "IPO":
+        ax.axhline(1.0 / (2.0 * sweep.betas[k]), color=color, ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean margin h = Δ log π/π_ref  [nats]")
+    ax.set_title(f"{name} on deterministic preferences" + (" (dotted: 1/(2β))"
+                                                         if name == "IPO" else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def frontier(dpo, ppo, path: str) -> str:
+  """Rafailov et al. 2023, Fig. 2: gold vs KL, DPO (every evaluation) vs the RL optimum."""
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  ax.plot(np.asarray(ppo.kl).mean(0), np.asarray(ppo.gold).mean(0), "k-",
+          label="KL-regularised RL optimum (proxy)")
+  for k, color in zip(range(len(dpo.betas)), _colors(len(dpo.betas))):
+    ax.plot(dpo.kl[k, 1:], dpo.gold[k, 1:], ".", color=color, ms=4,
+            label=f"DPO β={dpo.betas[k]:.3g}")
+  ax.set_xscale("log")
+  ax.set_xlabel("KL(π ‖ π_ref)  [nats]")
+  ax.set_ylabel("gold (SD under π_ref, π_ref = 0)")
+  ax.set_title("Reward–KL frontier: DPO vs RL against a learned proxy")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
   return _save(fig, path)

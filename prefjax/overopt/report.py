@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from prefjax.overopt import criteria as C
+from prefjax.overopt import direct_study
 from prefjax.overopt import figures
 from prefjax.overopt import study as study_lib
 from prefjax.train import summary as summary_lib
@@ -40,6 +41,13 @@ EXPECTED = {
           "a single proxy's.",
     "C3": "Coste et al. 2023: optimising the ensemble mean drives the policy where members "
           "disagree; UWO's variance penalty holds disagreement down.",
+    "D1": "Rafailov et al. 2024: for DPO, IPO and SLiC, gold vs d = √KL across β is a hump "
+          "(interior maximum) that d(α − β log d) fits better than a quadratic in KL.",
+    "D2": "Rafailov et al. 2024: at small β gold peaks early in training while KL keeps rising.",
+    "D3": "Azar et al. 2023: on deterministic preferences DPO's log-ratio margin grows without "
+          "bound while IPO's settles at its target 1/(2β).",
+    "P1": "Rafailov et al. 2023, Fig. 2: DPO's reward–KL frontier is at least as good as RL's "
+          "(here the exact KL-regularised optimum against a proxy trained on the same pairs).",
 }
 
 
@@ -90,7 +98,30 @@ def bandit_criteria(results: study_lib.BanditResults, fig_dir: str, *, smallest:
       C.c2(noisy_ens["single"], ens, rel["coste"]),
       C.c3(results.disagreement[noisy], rel["disagreement"]),
   ]
+  if results.direct is not None:
+    direct_found, direct_figs = direct_criteria(results.direct, fig_dir)
+    out += direct_found
+    rel.update(direct_figs)
   return out, rel
+
+
+def direct_criteria(direct: dict, fig_dir: str) -> tuple[list[C.Criterion], dict[str, str]]:
+  """D1–D3 and P1 from the DPO-family sweeps (``study.direct_study_results``)."""
+  sweeps = direct["sweeps"]
+  figs = {"direct": figures.direct_sweeps(sweeps, os.path.join(fig_dir, "daa_gold_vs_kl.png"))}
+  if "dpo" in sweeps and "ipo" in sweeps:
+    figs["margins"] = figures.margins(sweeps["dpo"], sweeps["ipo"],
+                                      os.path.join(fig_dir, "daa_margins.png"))
+  if "dpo" in sweeps:
+    figs["frontier"] = figures.frontier(sweeps["dpo"], direct["ppo"],
+                                        os.path.join(fig_dir, "dpo_vs_rl_frontier.png"))
+  rel = {k: os.path.join("figures", os.path.basename(v)) for k, v in figs.items()}
+  figure_of = {"D1": "direct", "D2": "direct", "D3": "margins", "P1": "frontier"}
+  found = []
+  for name, r in direct_study.criteria(sweeps, direct["ppo"]).items():
+    found.append(C.Criterion(name, r["pass"], r["value"], r["threshold"], r["detail"],
+                             rel.get(figure_of[name], ""), world="bandit (first world)"))
+  return found, rel
 
 
 def _disagreement_ns(ns: np.ndarray) -> np.ndarray:

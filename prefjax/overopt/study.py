@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 import os
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 from absl import logging
@@ -34,6 +34,7 @@ from prefjax.overopt import bandit
 from prefjax.overopt import bon
 from prefjax.overopt import criteria
 from prefjax.overopt import curves as curves_lib
+from prefjax.overopt import direct_study
 from prefjax.overopt import exact
 from prefjax.overopt import policy_net
 
@@ -48,6 +49,7 @@ class BanditResults(NamedTuple):
   estimator_checks: list[dict]
   proxy_stats: list[dict]                      # per world and setting: accuracies, wall time
   learned_policy: list[dict]
+  direct: dict[str, Any] | None                # DPO-family sweeps and the RL reference
   per_world: dict[int, dict[str, Any]]         # world seed -> that world's own key numbers
   ns: np.ndarray
   betas: np.ndarray
@@ -165,7 +167,8 @@ class _World:
     return out, growth
 
 
-def _grids(config: Any) -> tuple[np.ndarray, np.ndarray]:
+def grids(config: Any) -> tuple[np.ndarray, np.ndarray]:
+  """The best-of-n ns and RL-path βs of a study config."""
   ns = bon.log_spaced_ns(int(config.bon.n_max), int(config.bon.num_ns))
   betas = np.logspace(np.log10(config.rl.beta_min), np.log10(config.rl.beta_max),
                       int(config.rl.num_betas))
@@ -178,16 +181,19 @@ def _num_units(config: Any) -> int:
   return per_world * len(config.world_seeds)
 
 
-def run_bandit_study(config: Any, workdir: str,
-                     learned_policy: Callable[..., list[dict]] | None = None) -> BanditResults:
-  """Runs the bandit-world study of ``config`` (see ``configs/reproduce/quick.py``)."""
-  ns, betas = _grids(config)
+def run_bandit_study(config: Any, workdir: str) -> BanditResults:
+  """Runs the bandit-world study of ``config`` (see ``configs/reproduce/quick.py``).
+
+  The learned-policy RL check and the direct-alignment sweeps (when enabled) run
+  on the first world only: they check a mechanism, not a world-dependent effect.
+  """
+  ns, betas = grids(config)
   progress = Progress("bandit proxies", _num_units(config))
   widths = [int(w) for w in config.sizes.widths]
   data_sizes = [int(n) for n in config.data.num_pairs]
   noises = [float(x) for x in config.ensembles.label_noise]
   sizes, data, ens, growth = [], [], {x: [] for x in noises}, {x: [] for x in noises}
-  checks, stats, policy_rows, per_world = [], [], [], {}
+  checks, stats, policy_rows, per_world, direct = [], [], [], {}, None
   for seed in config.world_seeds:
     w = _World(config, workdir, int(seed), ns, betas, progress)
     sizes.append([w.setting(f"w{width}", True, width=width,
@@ -208,10 +214,8 @@ def run_bandit_study(config: Any, workdir: str,
         num_samples=int(config.estimator.num_samples),
         mc_repeats=int(config.estimator.mc_repeats), seed=int(seed)))
     logging.info("world %d: estimator check in %.1f s", seed, time.time() - tic)
-    if learned_policy is not None:
-      tic = time.time()
-      policy_rows += learned_policy(w.world, smallest_scores[0], world_seed=int(seed))
-      logging.info("world %d: learned-policy RL in %.1f s", seed, time.time() - tic)
+    if seed == config.world_seeds[0]:
+      policy_rows, direct = _first_world_extras(config, w, smallest_scores[0], betas)
     stats += w.stats
     per_world[int(seed)] = _world_summary(sizes[-1])
   boot = int(config.num_bootstrap)
@@ -222,7 +226,26 @@ def run_bandit_study(config: Any, workdir: str,
   disagreement = {x: {k: np.concatenate([g[k] for g in growth[x]]) for k in growth[x][0]}
                   for x in noises}
   return BanditResults(pooled(sizes), widths, pooled(data), data_sizes, ensembles,
-                       disagreement, checks, stats, policy_rows, per_world, ns, betas)
+                       disagreement, checks, stats, policy_rows, direct, per_world, ns, betas)
+
+
+def _first_world_extras(config: Any, w: "_World", proxy: np.ndarray,
+                        betas: np.ndarray) -> tuple[list[dict], dict | None]:
+  rows, direct = [], None
+  cfg = config.learned_policy
+  if cfg.enabled:
+    tic = time.time()
+    rows = learned_policy_rows(w.world, proxy, cfg.lams, cfg.policy, world_seed=w.seed,
+                               num_prompts=int(cfg.num_prompts))
+    logging.info("world %d: learned-policy RL in %.1f s", w.seed, time.time() - tic)
+  if config.direct.enabled:
+    width = int(config.direct.proxy_width)
+    label = f"w{width}"
+    scores = w.scores.get(label)
+    if scores is None:
+      scores = w.proxies(label, width=width, num_pairs=int(config.direct.num_pairs))
+    direct = direct_study_results(w.world, scores[0], config.direct, betas)
+  return rows, direct
 
 
 def _world_summary(sizes: Sequence[curves_lib.SettingCurves]) -> dict[str, Any]:
@@ -268,3 +291,23 @@ def learned_policy_rows(world: bandit.World, proxy: np.ndarray, lams: Sequence[f
                  lam, rows[-1]["learned_kl"], rows[-1]["closed_form_kl"],
                  rows[-1]["learned_gold"], rows[-1]["closed_form_gold"])
   return rows
+
+
+def direct_study_results(world: bandit.World, proxy: np.ndarray, config: Any,
+                         rl_betas: np.ndarray) -> dict[str, Any]:
+  """DPO / IPO / SLiC β sweeps on gold-labelled pairs, and the RL reference for P1.
+
+  Each loss gets the β grid ``direct_study.theory_betas`` predicts to span
+  ``config.kl_range`` nats; ``proxy`` ``[P, M]`` (trained on the same pairs as the
+  sweeps: member seed 0, ``config.num_pairs``) defines the RL optimum of P1.
+  """
+  sweeps = {}
+  for loss in config.losses:
+    tic = time.time()
+    betas = direct_study.theory_betas(world, loss, kl_range=tuple(config.kl_range),
+                                      num=int(config.num_betas))
+    sweeps[loss] = direct_study.daa_sweep(world, loss, betas, num_pairs=int(config.num_pairs),
+                                          steps=int(config.steps),
+                                          eval_every=int(config.eval_every), seed=0)
+    logging.info("direct study %s: %d β in %.1f s", loss, len(betas), time.time() - tic)
+  return {"sweeps": sweeps, "ppo": direct_study.ppo_reference(world, proxy, rl_betas)}
