@@ -233,6 +233,13 @@ def test_p1_pass_and_fail(world):
   bad = ds.criterion_p1(dpo._replace(per_prompt_gold=dpo.per_prompt_gold - 0.5), ppo,
                         num_bootstrap=200)
   assert not bad["pass"]
+  matched = ds.criterion_p1(dpo, ppo, match="interpolate", num_bootstrap=200)
+  assert matched["pass"] and len(matched["value"]) >= 2, matched["detail"]
+  # Against itself at matched KL the difference is only interpolation error.
+  self_match = ds.criterion_p1(dpo, tilt, match="interpolate", num_bootstrap=200)
+  assert all(abs(b["diff"]) < 0.05 for b in self_match["value"])
+  assert not ds.criterion_p1(dpo._replace(per_prompt_gold=dpo.per_prompt_gold - 0.5), ppo,
+                             match="interpolate", num_bootstrap=200)["pass"]
   far = ds.criterion_p1(dpo, ppo, kl_edges=[100.0, 200.0], num_bootstrap=200)
   assert not far["pass"] and far["detail"] == "no shared KL bin"
 
