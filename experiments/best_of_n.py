@@ -4,7 +4,7 @@ r"""Best-of-n against a proxy reward, scored by the gold reward: the BoN overopt
 
 Samples N responses per held-out prompt from the policy (KV-cache ``generate``;
 the policy IS the reference of best-of-n), scores every sample with the proxy
-(a reward model, an ensemble under its mean/wco/uwo objective, or a
+(a reward model, an ensemble under its mean/wco/uwo aggregation, or a
 programmatic proxy such as the tiny world's planted one) and with the gold
 reward, and normalises both so that the reference policy scores 0 (the mean
 over all its samples is subtracted). For every n in a log-spaced grid up to N
@@ -32,7 +32,7 @@ from experiments import common
 from prefjax import experiment
 from prefjax import overopt
 from prefjax.evals import plots
-from prefjax.rl import rewards as rewards_lib
+from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
 from prefjax.rl import setup
 from prefjax.train import summary as summary_lib
@@ -44,8 +44,8 @@ def sample_and_score(config: Any) -> dict[str, np.ndarray]:
   """``proxy``/``gold`` ``[P, N]`` raw scores of N reference samples per eval prompt."""
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   world = setup.make_world(config)
-  proxy = rewards_lib.make_reward(config.proxy, world=world, seed=int(config.seed))
-  gold = rewards_lib.make_reward(config.gold, world=world, seed=int(config.seed))
+  proxy = rl_rewards.make_reward(config.proxy, world=world, seed=int(config.seed))
+  gold = rl_rewards.make_reward(config.gold, world=world, seed=int(config.seed))
   policy = setup.make_policy(config, tokenizer)
   setup.maybe_warm_start(policy, config, tokenizer, world)
   _, prompts = setup.make_prompts(config, tokenizer, world)

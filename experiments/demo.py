@@ -65,7 +65,7 @@ def _copy_figures(workdir: str) -> list[str]:
 
 def _kl(record: dict[str, Any]) -> float:
   """Exact KL (tiny vocabularies) when logged, else the configured estimator."""
-  return record.get("kl_exact", record.get("kl", float("nan")))
+  return record.get("kl/exact", record.get("kl", float("nan")))
 
 
 def _rl_sentence(rl: dict[str, Any]) -> str:

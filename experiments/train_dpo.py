@@ -44,6 +44,7 @@ from absl import logging
 from flax import nnx
 
 from experiments import common
+from prefjax import configlib
 from prefjax import experiment
 from prefjax import parallel
 from prefjax import train
@@ -52,10 +53,6 @@ from prefjax.direct import evaluation
 from prefjax.direct import objective as objective_lib
 from prefjax.direct import ref_cache
 from prefjax.train import summary as summary_lib
-
-# Vocabularies up to this size also get the exact full-vocabulary KL at eval.
-EXACT_KL_MAX_VOCAB = 4096
-
 
 def model_description(model: nnx.Module) -> dict[str, Any]:
   """Architecture + compute dtype of a model (part of the reference-cache key)."""
@@ -130,6 +127,11 @@ class References:
     return ref_cache.table_provider(table)
 
 
+EVAL_FIELDS = ("batch_size", "kl_max_new_tokens", "kl_temperature", "exact_kl",
+               "exact_kl_max_vocab")
+REF_FIELDS = ("mode", "path", "cache_dir")
+
+
 def kl_config(config: Any, tokenizer: Any) -> evaluation.KLEvalConfig | None:
   eval_cfg = config.eval
   if not eval_cfg.get("kl_max_new_tokens"):
@@ -137,7 +139,8 @@ def kl_config(config: Any, tokenizer: Any) -> evaluation.KLEvalConfig | None:
   exact = str(eval_cfg.get("exact_kl", "auto")).lower()
   if exact not in ("auto", "true", "false"):
     raise ValueError(f"eval.exact_kl must be auto, true or false; got {exact!r}")
-  exact = tokenizer.vocab_size <= EXACT_KL_MAX_VOCAB if exact == "auto" else exact == "true"
+  max_vocab = int(eval_cfg.get("exact_kl_max_vocab", experiment.EXACT_KL_MAX_VOCAB))
+  exact = tokenizer.vocab_size <= max_vocab if exact == "auto" else exact == "true"
   return evaluation.KLEvalConfig(
       max_new_tokens=int(eval_cfg.kl_max_new_tokens),
       temperature=float(eval_cfg.get("kl_temperature", 1.0)), exact=bool(exact),
@@ -147,6 +150,8 @@ def kl_config(config: Any, tokenizer: Any) -> evaluation.KLEvalConfig | None:
 def run(config: Any, workdir: str) -> train.TrainResult:
   """Trains the policy; returns the train core's ``TrainResult``."""
   os.makedirs(workdir, exist_ok=True)
+  configlib.check_fields("config.eval", config.eval, EVAL_FIELDS)
+  configlib.check_fields("config.ref", config.get("ref"), REF_FIELDS)
   objective = objective_lib.Objective.from_config(config)
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   mesh = experiment.make_optional_mesh(config)

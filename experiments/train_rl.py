@@ -8,7 +8,7 @@ reference (per token inside the reward for PPO, per sequence for RLOO; k1/k2/k3
 estimator ``rl.kl_estimator``; fixed or adaptive coefficient, Ziegler et al.
 2019), and updates the policy (PPO: GAE + clipped surrogate + value loss over
 minibatch epochs; RLOO: leave-one-out baseline over ``rl.group_size`` samples
-per prompt). Every ``eval_every`` steps the SAME held-out prompts are sampled
+per prompt). Every ``loop.eval_every`` steps the SAME held-out prompts are sampled
 once and scored with the proxy AND the gold reward, with the KL (estimators and,
 for small vocabularies, the exact full-vocabulary KL along the sample), entropy
 and response length: the overoptimization curve, in ``metrics.jsonl``
@@ -42,13 +42,14 @@ from absl import app
 from absl import logging
 
 from experiments import common
+from prefjax import configlib
 from prefjax import experiment
 from prefjax import train
 from prefjax.evals import plots
 from prefjax.rl import algorithms
 from prefjax.rl import evaluation
 from prefjax.rl import kl_control
-from prefjax.rl import rewards as rewards_lib
+from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
 from prefjax.rl import setup
 from prefjax.train import summary as summary_lib
@@ -78,15 +79,16 @@ class _Run:
       raise ValueError(f"RLOO needs rl.group_size >= 2 samples per prompt, got {self.group_size}")
     self.tokenizer = experiment.make_tokenizer(config.tokenizer)
     self.world = setup.make_world(config)
-    self.proxy = rewards_lib.make_reward(config.proxy, world=self.world, seed=int(config.seed))
-    self.gold = rewards_lib.make_reward(config.gold, world=self.world, seed=int(config.seed))
+    self.proxy = rl_rewards.make_reward(config.proxy, world=self.world, seed=int(config.seed))
+    self.gold = rl_rewards.make_reward(config.gold, world=self.world, seed=int(config.seed))
     self.train_prompts, self.eval_prompts = setup.make_prompts(config, self.tokenizer,
                                                                self.world)
     self.sampling = dict(config.sampling.to_dict())
     self.key = jax.random.key(int(config.seed))
     self.tx = _optimizer(json.dumps(config.optimizer.to_dict(), sort_keys=True))
+    self.loop = train.LoopConfig.from_mapping(config.loop)
     self.ckpt = train.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   keep_last=int(config.get("keep_checkpoints", 2)))
+                                   keep_last=self.loop.keep_checkpoints)
     self.kl_ctl = kl_control.make_kl_controller(rl)
 
   def init_state(self) -> int:
@@ -118,7 +120,8 @@ class _Run:
         jax.random.fold_in(self.key, _EVAL_STREAM), tokenizer=self.tokenizer,
         proxy=self.proxy, gold=self.gold, sampling_cfg=self.sampling,
         kl_estimator=self.hp.kl_estimator,
-        exact_kl_max_vocab=int(self.config.get("exact_kl_max_vocab", 4096)),
+        exact_kl_max_vocab=int(self.config.eval.get("exact_kl_max_vocab",
+                                                    experiment.EXACT_KL_MAX_VOCAB)),
         exploit_char=self.world.exploit_char if self.world else None)
 
   def step(self, step: int) -> dict[str, float]:
@@ -154,11 +157,11 @@ class _Run:
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the RL run of ``config`` in ``workdir``; returns the summary."""
   os.makedirs(workdir, exist_ok=True)
+  configlib.check_fields("config.eval", config.eval, ("exact_kl_max_vocab",))
   summary_lib.write_or_check_config(workdir, config)
   r = _Run(config, workdir)
   start = r.init_state()
-  total = int(config.rl.num_steps)
-  eval_every = int(config.eval_every)
+  total, loop = r.loop.num_steps, r.loop
   writer = train.MetricWriter(workdir, resume_step=start, total_steps=total)
   try:
     if start == 0:
@@ -168,15 +171,19 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     for step in range(start, total):
       metrics = r.step(step)
       done = step + 1
-      evals = r.evaluate() if done % eval_every == 0 or done == total else None
+      evals = r.evaluate() if _every(done, loop.eval_every) or done == total else None
       writer.log(done, train=metrics, eval_metrics=evals)
-      if done % int(config.checkpoint_every) == 0 or done == total:
+      if _every(done, loop.checkpoint_every) or done == total:
         r.save()
     r.ckpt.wait()
   finally:
     writer.close()
     r.ckpt.close()
   return _write_summary(workdir, total)
+
+
+def _every(step: int, n: int) -> bool:
+  return n > 0 and step % n == 0
 
 
 def _write_summary(workdir: str, total: int) -> dict[str, Any]:
@@ -201,7 +208,7 @@ def _write_summary(workdir: str, total: int) -> dict[str, Any]:
 
 def _plot(evals: list[dict[str, Any]], path: str) -> None:
   """Held-out gold and proxy (minus their step-0 values) vs √KL, as in Gao et al. 2022."""
-  kl_name = "kl_exact" if "kl_exact" in evals[0] else "kl"
+  kl_name = "kl/exact" if "kl/exact" in evals[0] else "kl"
   scores = {name: ([e[name] - evals[0][name] for e in evals], [e[f"{name}_se"] for e in evals])
             for name in ("proxy", "gold")}
   plots.plot_scores_vs_sqrt_kl(

@@ -54,12 +54,15 @@ from absl import app
 from flax import nnx
 
 from experiments import common
+from prefjax import configlib
 from prefjax import experiment
 from prefjax import rm
 from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.models import heads as heads_lib
 from prefjax.rm import labels
+
+EVAL_FIELDS = ("enabled", "batch_size", "num_bins", "subset_field")
 
 
 def make_evaluator(config: Any, model: nnx.Module, source: Any, tokenizer: Any,
@@ -83,6 +86,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   Returns:
     ``{"summary": summary.json contents, "eval": final eval metrics, "preempted": bool}``.
   """
+  configlib.check_fields("config.eval", config.eval, EVAL_FIELDS)
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   mesh = experiment.make_mesh(config.mesh)
   train_source = experiment.load_split(config.data, config.data.train_split)

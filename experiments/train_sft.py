@@ -36,6 +36,7 @@ from absl import logging
 from flax import nnx
 
 from experiments import common
+from prefjax import configlib
 from prefjax import experiment
 from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
@@ -85,6 +86,7 @@ def _add_perplexity(workdir: str, result: train.TrainResult) -> None:
 def run(config: Any, workdir: str) -> train.TrainResult:
   """Trains the policy; returns the train core's ``TrainResult``."""
   os.makedirs(workdir, exist_ok=True)
+  configlib.check_fields("config.eval", config.eval, ("batch_size",))
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   mesh = experiment.make_optional_mesh(config)
   response_key = config.data.get("response_key", "chosen")

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
 
 T = TypeVar("T")
+
+
+def check_fields(section: str, cfg: Mapping[str, Any] | None, known: Iterable[str]) -> None:
+  """Rejects the keys of a config section (e.g. ``config.eval``) that are not in ``known``."""
+  known = set(known)
+  unknown = sorted(set(cfg or {}) - known)
+  if unknown:
+    raise ValueError(f"{section}: unknown field(s) {unknown}; known: {sorted(known)}")
 
 
 def dataclass_from_mapping(cls: type[T], cfg: Mapping[str, Any] | T, **converters) -> T:
@@ -16,10 +24,7 @@ def dataclass_from_mapping(cls: type[T], cfg: Mapping[str, Any] | T, **converter
   if isinstance(cfg, cls):
     return cfg
   data = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(data) - known)
-  if unknown:
-    raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(known)}")
+  check_fields(cls.__name__, data, (f.name for f in dataclasses.fields(cls)))
   for name, convert in converters.items():
     if name in data:
       data[name] = convert(data[name])

@@ -32,6 +32,7 @@ from prefjax import parallel
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import sources
 from prefjax.data import tiny_world as tiny_world_lib
+from prefjax.data.tfds_builders import synthetic
 from prefjax.data import tokenize as tokenize_lib
 from prefjax.models import decoder as decoder_lib
 from prefjax.models import encoder as encoder_lib
@@ -140,7 +141,6 @@ def ensure_tiny_world(tw: Mapping[str, Any]) -> str:
   The recorded label-noise rate is the measured fraction of pairs whose label
   disagrees with the gold reward (0 for deterministic labels).
   """
-  from prefjax.data.tfds_builders import synthetic  # pylint: disable=g-import-not-at-top
   name = tiny_world_dataset_name(tw)
   if not (synthetic.synthetic_root() / name / synthetic.METADATA_FILE).exists():
     world = tiny_world_lib.TinyWorld(seed=tw.get("world_seed", 0))
@@ -179,6 +179,11 @@ def make_mesh(mesh_cfg: Any) -> jax.sharding.Mesh:
   if num_devices > jax.device_count():
     raise ValueError(f"mesh.num_devices={num_devices} but only {jax.device_count()} devices")
   return parallel.mesh_from_config(mesh_cfg, devices=jax.devices()[:num_devices])
+
+
+# Largest vocabulary for which evals compute the exact full-vocabulary KL along samples
+# (memory O(B·T·V)); ``config.eval.exact_kl_max_vocab`` overrides it.
+EXACT_KL_MAX_VOCAB = 4096
 
 
 def make_optional_mesh(config: Any) -> jax.sharding.Mesh | None:

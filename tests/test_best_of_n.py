@@ -70,13 +70,13 @@ def test_curves_against_hand_computed_best_of_n():
   assert result["gold"][2] == pytest.approx(np.mean([-1.0, 0.0]) - gold_mean)
 
 
-def test_ensemble_proxy_scores_pairs_with_its_objective():
+def test_ensemble_proxy_scores_pairs_with_its_aggregation():
   import ml_collections  # pylint: disable=g-import-not-at-top
   from prefjax.data import tokenize  # pylint: disable=g-import-not-at-top
   from prefjax.rl import rewards  # pylint: disable=g-import-not-at-top
   spec = ml_collections.ConfigDict(dict(
       kind="model", tokenizer=dict(path="byte"), checkpoint="", max_length=32,
-      objective="wco", lam=0.5,
+      aggregation="wco", lam=0.5,
       model=dict(arch="decoder", preset="tiny_llama", head="reward_ensemble:3",
                  dtype="float32", overrides=dict(max_position_embeddings=64))))
   reward = rewards.make_reward(spec, seed=3)
@@ -86,6 +86,6 @@ def test_ensemble_proxy_scores_pairs_with_its_objective():
   members = np.asarray(reward.fn.members[0].model(tokens, attention_mask=mask), np.float64)
   assert members.shape == (2, 3)
   np.testing.assert_allclose(reward(prompts, responses), members.min(1), rtol=1e-5, atol=1e-6)
-  uwo = rewards.PairReward(reward.fn.with_objective("uwo", 0.5), reward.join)
+  uwo = rewards.PairReward(reward.fn.with_aggregation("uwo", 0.5), reward.join)
   np.testing.assert_allclose(uwo(prompts, responses), members.mean(1) - 0.5 * members.var(1),
                              rtol=1e-5, atol=1e-6)

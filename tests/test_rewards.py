@@ -1,4 +1,4 @@
-"""Tests for prefjax.rewards: aggregation objectives, normalisation, RewardFn implementations."""
+"""Tests for prefjax.rewards: aggregations, normalisation, RewardFn implementations."""
 
 from flax import nnx
 import jax
@@ -210,7 +210,7 @@ def _members():
 
 
 def test_ensemble_from_members_normalised_then_aggregated():
-  ensemble = rewards.EnsembleReward(_members(), objective="uwo", lam=0.5)
+  ensemble = rewards.EnsembleReward(_members(), aggregation="uwo", lam=0.5)
   raw = np.array([[len(t), t.count("e"), 10.0 - len(set(t))] for t in TEXTS])
   np.testing.assert_allclose(ensemble(texts=TEXTS), raw, rtol=1e-6)
   assert ensemble.num_members == 3 and ensemble.name == "uwo(m0,m1,m2)"
@@ -220,18 +220,18 @@ def test_ensemble_from_members_normalised_then_aggregated():
   np.testing.assert_allclose(np.mean(normalised(texts=TEXTS), 0), 0.0, atol=1e-6)
   np.testing.assert_allclose(normalised.score(texts=TEXTS),
                              z.mean(1) - 0.5 * z.var(1), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(normalised.with_objective("wco").score(texts=TEXTS),
+  np.testing.assert_allclose(normalised.with_aggregation("wco").score(texts=TEXTS),
                              z.min(1), rtol=1e-5, atol=1e-6)
 
 
 def test_ensemble_from_one_ensemble_model():
   model = _TinyEnsembleRM(4, nnx.Rngs(1))
   member_model = rewards.ModelReward(model, num_members=4, encode=_encode)
-  ensemble = rewards.EnsembleReward(member_model, objective="wco")
+  ensemble = rewards.EnsembleReward(member_model, aggregation="wco")
   members = member_model(texts=TEXTS)
   np.testing.assert_allclose(ensemble(texts=TEXTS), members, rtol=1e-6)
   np.testing.assert_allclose(ensemble.score(texts=TEXTS), np.min(members, -1), rtol=1e-6)
-  from_model = rewards.EnsembleReward.from_model(model, objective="uwo", lam=1.0,
+  from_model = rewards.EnsembleReward.from_model(model, aggregation="uwo", lam=1.0,
                                                  encode=_encode)     # K read from the model
   assert from_model.num_members == 4
   np.testing.assert_allclose(from_model.score(texts=TEXTS),

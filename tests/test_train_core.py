@@ -1,5 +1,6 @@
 """Tests of prefjax.train: schedules, the jitted step, accumulation, NaN guard, loop, sharding."""
 
+import functools
 import json
 import logging as py_logging
 import math
@@ -234,6 +235,37 @@ def test_train_loop_learns_and_writes_outputs(tmp_path):
   assert int(restored.step) == 80 and saved_config["loop"]["eval_every"] == 40
   assert train.params_sha256(restored.params) == summary["params_sha256"]
   assert train.params_sha256(template.params) != summary["params_sha256"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(graphdef, state, x):
+  return nnx.merge(graphdef, state)(x)
+
+
+def test_evaluators_get_the_current_model_at_every_eval(tmp_path):
+  """An evaluator ``fn(step, model) -> metrics`` (README "Adding an evaluator")."""
+  evals, seen = make_batches(2, 32, seed=1), []
+
+  def mse_evaluator(step, model):
+    graphdef, state = nnx.split(model)
+    preds = [np.asarray(_predict(graphdef, state, b["x"])) for b in evals]
+    seen.append((step, train.params_sha256(nnx.to_pure_dict(nnx.state(model, nnx.Param)))))
+    return {"mse_by_evaluator": np.mean([(p - b["y"])**2 for p, b in zip(preds, evals)])}
+
+  loop = train.LoopConfig(num_steps=6, log_every=1, eval_every=3, tensorboard=False)
+  result = train.train_loop(
+      workdir=str(tmp_path), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
+      optimizer={"name": "sgd", "learning_rate": 0.1}, loop=loop,
+      train_iter=iter(make_batches(6, 16)), eval_fn=eval_fn, eval_data=evals,
+      evaluators=[mse_evaluator])
+  logged = [r for r in train.read_metrics(tmp_path) if "eval/mse_by_evaluator" in r]
+  assert [r["step"] for r in logged] == [s for s, _ in seen] == [3, 6]
+  assert seen[0][1] != seen[1][1]  # The model of step 3, then that of step 6.
+  assert seen[1][1] == result.summary["params_sha256"]
+  # The evaluator and the jitted eval_fn path agree; both reach summary.json.
+  final = result.summary["final_eval"]
+  np.testing.assert_allclose(final["mse_by_evaluator"], final["mse"], rtol=1e-5)
+  assert logged[-1]["eval/mse_by_evaluator"] == final["mse_by_evaluator"]
 
 
 def test_consecutive_nonfinite_steps_abort(tmp_path):

@@ -143,7 +143,7 @@ def test_loss_fn_matches_float64_reference(name):
 def test_bad_loss_config_is_rejected_with_the_field_names():
   with pytest.raises(KeyError, match=r"unknown preference loss 'hinge'; registered: .*'bt'"):
     rm.make_loss_fn(dict(name="hinge"), num_columns=1, objectives=(), num_segments=None)
-  with pytest.raises(ValueError, match=r"unknown fields \['marginn'\]"):
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['marginn'\]"):
     rm.make_loss_fn(dict(name="bt", marginn=1.0), num_columns=1, objectives=(),
                     num_segments=None)
   # Another registered loss's hyperparameter is accepted (configs switch ``name``), unused.

@@ -11,6 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs.rl import tiny_rloo
+from configs.rm import tiny as rm_tiny
+from experiments import train_dpo
+from experiments import train_rl
+from experiments import train_rm
 from experiments import train_sft
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import tokenize
@@ -89,3 +94,15 @@ def test_packed_loss_equals_padded_loss():
   b, mb = loss_fn(model, packed, jax.random.key(0))
   assert float(ma["loss_weight"]) == float(mb["loss_weight"]) == 3 + 2 + 4 + 2 + 4
   np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+
+
+@pytest.mark.parametrize("binary", ["sft", "dpo", "rm", "rl"])
+def test_unknown_section_keys_are_rejected_before_any_work(binary, tmp_path):
+  config, run = {"sft": (helpers.sft_config(), train_sft.run),
+                 "dpo": (helpers.dpo_config(), train_dpo.run),
+                 "rm": (rm_tiny.get_config("quick"), train_rm.run),
+                 "rl": (tiny_rloo.get_config("quick"), train_rl.run)}[binary]
+  config.eval.batchsize = 8  # A typo of batch_size (exact_kl_max_vocab for RL).
+  with pytest.raises(ValueError, match=r"config.eval: unknown field\(s\) \['batchsize'\]"):
+    run(config, str(tmp_path))
+  assert not (tmp_path / "metrics.jsonl").exists()

@@ -3,8 +3,8 @@ r"""Best-of-n of SmolLM2-135M-Instruct on HH-RLHF harmless prompts, MiniLM proxy
 COMMAND (GPU; the reward models come from experiments.train_rm, see configs/rl/smollm2_rloo.py):
   python -m experiments.best_of_n --config=configs/bon/smollm2.py --workdir=/tmp/bon_smollm2 \
       --config.proxy.checkpoint=/tmp/rm_proxy --config.gold.checkpoint=/tmp/rm_gold
-  Ensemble proxy (K=4 heads, worst-case objective):
-      --config.proxy.model.head=reward_ensemble:4 --config.proxy.objective=wco
+  Ensemble proxy (K=4 heads, worst-case aggregation):
+      --config.proxy.model.head=reward_ensemble:4 --config.proxy.aggregation=wco
   (CPU smoke test: configs/bon/smollm2.py:quick.)
 
 64 held-out prompts x N=256 samples of up to 64 tokens from the reference,
@@ -23,8 +23,7 @@ from configs.rl import smollm2_rloo
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   c = smollm2_rloo.get_config()
-  del c.rl, c.optimizer, c.eval_every, c.checkpoint_every, c.keep_checkpoints
-  del c.exact_kl_max_vocab, c.log_train_gold
+  del c.rl, c.optimizer, c.loop, c.eval, c.log_train_gold
   c.bon = dict(num_samples=256, prompts_per_batch=1, num_points=12, num_bootstrap=1000)
   if arg == "quick":
     c.prompts.num_eval = 2

@@ -23,8 +23,7 @@ from configs.rl import tiny_ppo
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   c = tiny_ppo.base_config()
-  del c.rl, c.optimizer, c.eval_every, c.checkpoint_every, c.exact_kl_max_vocab
-  del c.log_train_gold
+  del c.rl, c.optimizer, c.loop, c.eval, c.log_train_gold
   c.prompts.num_eval = 64
   c.bon = dict(num_samples=256, prompts_per_batch=4, num_points=12, num_bootstrap=1000)
   if arg == "quick":

@@ -45,30 +45,28 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                       ensemble="heads", pooling="mean", dtype="float32", overrides={})
   c.proxy = dict(kind="model", name="proxy_minilm", tokenizer=dict(path="asset:minilm"),
                  model=dict(reward_model), checkpoint="", max_length=256, batch_size=32,
-                 objective="mean", lam=0.0)
+                 aggregation="mean", lam=0.0)
   c.gold = dict(kind="model", name="gold_minilm", tokenizer=dict(path="asset:minilm"),
                 model=dict(reward_model, pooling="cls"), checkpoint="", max_length=256,
-                batch_size=32, objective="mean", lam=0.0)
+                batch_size=32, aggregation="mean", lam=0.0)
   c.sampling = dict(max_new_tokens=64, temperature=1.0, top_k=None, top_p=None)
   c.rl = dict(
-      algorithm="rloo", num_steps=200, prompts_per_step=8, group_size=4, epochs=1,
+      algorithm="rloo", prompts_per_step=8, group_size=4, epochs=1,
       num_minibatches=1, clip_eps=0.2, vf_coef=0.0, vf_clip_eps=0.2, entropy_coef=0.0,
       gamma=1.0, lam=0.95, whiten_advantages=True, kl_coef=0.05, kl_estimator="k1",
       adaptive_kl=dict(enabled=False, target=6.0, horizon=10000.0), value_trunk="separate")
   c.optimizer = dict(name="adamw", learning_rate=1e-6, weight_decay=0.0, grad_clip_norm=1.0)
-  c.eval_every = 20
-  c.checkpoint_every = 20
-  c.keep_checkpoints = 2
-  c.exact_kl_max_vocab = 4096
+  c.loop = dict(num_steps=200, eval_every=20, checkpoint_every=20, keep_checkpoints=2)
+  c.eval = dict(exact_kl_max_vocab=4096)
   c.log_train_gold = False
   if arg == "quick":
-    c.rl.num_steps = 1
+    c.loop.num_steps = 1
     c.rl.prompts_per_step = 1
     c.rl.group_size = 2
     c.prompts.num_eval = 2
     c.prompts.max_length = 64
     c.sampling.max_new_tokens = 4
-    c.eval_every = 1
+    c.loop.eval_every = 1
   elif arg not in (None, ""):
     raise ValueError(f"unknown config argument {arg!r}; expected none or 'quick'")
   return c

@@ -39,14 +39,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.gold = dict(kind="tiny_world_gold")
   c.sampling = dict(max_new_tokens=14, temperature=1.0, top_k=None, top_p=None)
   c.rl = dict(
-      algorithm="ppo", num_steps=18, prompts_per_step=64, group_size=1, epochs=2,
+      algorithm="ppo", prompts_per_step=64, group_size=1, epochs=2,
       num_minibatches=2, clip_eps=0.2, vf_coef=0.1, vf_clip_eps=0.2, entropy_coef=0.0,
       gamma=1.0, lam=0.95, whiten_advantages=True, kl_coef=0.02, kl_estimator="k1",
       adaptive_kl=dict(enabled=False, target=4.0, horizon=10000.0), value_trunk="separate")
   c.optimizer = dict(name="adam", learning_rate=1e-3, grad_clip_norm=1.0)
-  c.eval_every = 3
-  c.checkpoint_every = 10
-  c.exact_kl_max_vocab = 4096
+  c.loop = dict(num_steps=18, eval_every=3, checkpoint_every=10, keep_checkpoints=2)
+  c.eval = dict(exact_kl_max_vocab=4096)
   c.log_train_gold = True
   return c
 
@@ -54,8 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
 def get_config(arg=None) -> ml_collections.ConfigDict:
   c = base_config()
   if arg == "quick":
-    c.rl.num_steps = 8
-    c.eval_every = 4
+    c.loop.num_steps = 8
+    c.loop.eval_every = 4
   elif arg not in (None, ""):
     raise ValueError(f"unknown config argument {arg!r}; expected none or 'quick'")
   return c

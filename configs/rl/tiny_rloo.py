@@ -28,10 +28,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.rl.epochs = 1
   c.rl.num_minibatches = 1
   c.rl.kl_estimator = "k3"
-  c.rl.num_steps = 30
+  c.loop.num_steps = 30
   if arg == "quick":
-    c.rl.num_steps = 8
-    c.eval_every = 4
+    c.loop.num_steps = 8
+    c.loop.eval_every = 4
   elif arg not in (None, ""):
     raise ValueError(f"unknown config argument {arg!r}; expected none or 'quick'")
   return c

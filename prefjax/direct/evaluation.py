@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prefjax.direct import objective as objective_lib
+from prefjax.evals import kl as kl_lib
 from prefjax.losses import policy as policy_losses
 from prefjax.models import sampling
 
@@ -81,15 +82,13 @@ def kl_to_reference(policy: nnx.Module, reference: nnx.Module, prompt_tokens: Ar
   logits_q = reference(tokens, attention_mask=attention)
   logp = sampling.token_logps(logits_p, tokens)
   ref_logp = sampling.token_logps(logits_q, tokens)
-  out = {
-      "kl/k1": policy_losses.sequence_kl(logp, ref_logp, response, "k1"),
-      "kl/k3": policy_losses.sequence_kl(logp, ref_logp, response, "k3"),
-      "kl/response_tokens": jnp.sum(gen.mask, axis=-1).astype(jnp.float32),
-  }
+  exact = None
   if cfg.exact:
     # The distribution of token t comes from the logits at t - 1.
-    per_position = policy_losses.exact_kl(logits_p[:, :-1], logits_q[:, :-1], response[:, 1:])
-    out["kl/exact"] = jnp.sum(per_position, axis=-1)
+    exact = policy_losses.exact_kl(logits_p[:, :-1], logits_q[:, :-1], response[:, 1:])
+  out = kl_lib.sequence_kl_estimates(logp, ref_logp, response, kinds=("k1", "k3"),
+                                     exact_per_position=exact)
+  out["kl/response_tokens"] = jnp.sum(gen.mask, axis=-1).astype(jnp.float32)
   return out
 
 

@@ -31,8 +31,11 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from prefjax.models import heads
 from prefjax.models import hf_mappings
+from prefjax.models.decoder import Decoder, DecoderConfig
 from prefjax.models.encoder import Encoder, EncoderConfig
+from prefjax.models.gguf_import import load_gguf
 
 PathLike = str | os.PathLike
 SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "bert")
@@ -89,7 +92,6 @@ def _rope_theta(hf: dict[str, Any]) -> float:
 
 
 def _decoder_config_from_hf(hf: dict[str, Any]):
-  from prefjax.models.decoder import DecoderConfig  # pylint: disable=g-import-not-at-top
   model_type = hf["model_type"]
   if model_type == "llama":
     if hf.get("hidden_act", "silu") != "silu":
@@ -265,7 +267,6 @@ def load_hf_checkpoint(path: PathLike, *, dtype=None, param_dtype=jnp.float32,
     model = _abstract(lambda: Encoder(config, rngs=nnx.Rngs(0), dtype=dtype,
                                       param_dtype=param_dtype))
   else:
-    from prefjax.models.decoder import Decoder  # pylint: disable=g-import-not-at-top
     config = _decoder_config_from_hf(hf)
     if _is_sequence_classifier(hf, names) and not config.tie_embeddings:
       # A reward-model checkpoint has a `score` head instead of `lm_head`; the trunk's
@@ -302,11 +303,9 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
   A decoder ``*ForSequenceClassification`` checkpoint (an HF reward model)
   loaded with a reward head gets its ``score`` weights instead of a fresh head.
   """
-  from prefjax.models import heads  # pylint: disable=g-import-not-at-top
   heads.parse_head(head)  # fail on a bad spec before reading any weights
   path = pathlib.Path(path)
   if path.suffix == ".gguf":
-    from prefjax.models.gguf_import import load_gguf  # pylint: disable=g-import-not-at-top
     trunk = load_gguf(path, dtype=dtype, param_dtype=param_dtype)
     return heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
   trunk, report = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype)

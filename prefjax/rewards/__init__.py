@@ -2,7 +2,7 @@
 
 * ``RewardFn``: tokens and/or texts -> ``[N]`` (or ``[N, K]`` for ensembles).
 * ``ProgrammaticReward`` (gold functions), ``ModelReward`` (reward models),
-  ``EnsembleReward`` (K members + objective), ``NormalizedReward``.
+  ``EnsembleReward`` (K members + aggregation), ``NormalizedReward``.
 * ``aggregate(rewards[..., K], method, lam)`` with ``mean``, ``wco``, ``uwo``.
 * ``RewardNormalizer``: shift (and scale) so the reference policy scores 0.
 """

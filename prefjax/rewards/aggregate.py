@@ -1,6 +1,6 @@
-"""Ensemble aggregation objectives for K-member reward ensembles.
+"""Aggregations of K-member reward ensembles into one reward.
 
-Every objective maps member rewards ``[..., K]`` (members on the LAST axis) to
+Every aggregation maps member rewards ``[..., K]`` (members on the LAST axis) to
 one conservative scalar reward ``[...]``. All are pure ``jax.numpy`` functions,
 safe under ``jit``, ``vmap`` and ``grad`` (each is jitted, so eager calls
 compile once per shape instead of dispatching op by op).
@@ -54,7 +54,7 @@ AGGREGATIONS: dict[str, Callable[..., jax.Array]] = {
 
 
 def aggregate(rewards: jax.Array, method: str = "mean", lam: float = 0.0) -> jax.Array:
-  """Aggregates member rewards ``[..., K]`` into ``[...]`` with an ensemble objective.
+  """Aggregates member rewards ``[..., K]`` into ``[...]`` (one of ``AGGREGATIONS``).
 
   Args:
     rewards: member rewards, members on the last axis (K ≥ 1).

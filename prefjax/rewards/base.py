@@ -4,7 +4,7 @@ A ``RewardFn`` scores a batch of N sequences given as tokens (``tokens [N, T]``
 int32 with ``attention_mask [N, T]``, 1 = real token) and/or as decoded texts.
 Calling it returns float32 rewards of shape ``[N]`` when ``num_members == 1``
 and ``[N, K]`` when it has K > 1 members (an ensemble); ``score`` always
-returns ``[N]`` (the ensemble objective, or the member mean for plain
+returns ``[N]`` (the ensemble aggregate, or the member mean for plain
 multi-member rewards), which is what optimisers (best-of-n, RL) maximise.
 
 Every implementation validates what it returns: a wrong shape or a non-finite

@@ -1,9 +1,9 @@
-"""``EnsembleReward``: K reward members, normalised per member, aggregated by an objective.
+"""``EnsembleReward``: K reward members, normalised per member, aggregated (mean, wco or uwo).
 
 Members are either K scalar ``RewardFn``s (e.g. proxies trained with different
 seeds) or one ``RewardFn`` with ``num_members == K`` (e.g. a ``ModelReward``
 around an ensemble head). Calling the ensemble returns the normalised member
-rewards ``[N, K]``; ``score`` returns the objective ``[N]`` (``mean``, ``wco``
+rewards ``[N, K]``; ``score`` returns the aggregate ``[N]`` (``mean``, ``wco``
 or ``uwo``, see ``prefjax.rewards.aggregate``), which is what best-of-n and RL
 optimise in the ensemble experiments of Coste et al., arXiv:2310.02743.
 """
@@ -25,22 +25,22 @@ from prefjax.rewards.base import Texts
 
 
 class EnsembleReward(base.RewardFn):
-  """An ensemble reward with a conservative aggregation objective.
+  """An ensemble reward with a (conservative) aggregation of its members.
 
   Args:
     members: K single-member ``RewardFn``s, or one ``RewardFn`` returning ``[N, K]``.
-    objective: ``"mean"``, ``"wco"`` or ``"uwo"``.
+    aggregation: ``"mean"``, ``"wco"`` or ``"uwo"``.
     lam: the UWO variance penalty λ.
     normalizer: optional per-member ``RewardNormalizer`` (statistics ``[K]``),
       applied before aggregation; see ``fit_normalizer``.
-    name: identifier (default ``"<objective>(<member names>)"``).
+    name: identifier (default ``"<aggregation>(<member names>)"``).
   """
 
   def __init__(self, members: base.RewardFn | Sequence[base.RewardFn], *,
-               objective: str = "mean", lam: float = 0.0,
+               aggregation: str = "mean", lam: float = 0.0,
                normalizer: normalize.RewardNormalizer | None = None, name: str | None = None):
-    if objective not in AGGREGATIONS:
-      raise ValueError(f"EnsembleReward: unknown objective {objective!r}; expected one of "
+    if aggregation not in AGGREGATIONS:
+      raise ValueError(f"EnsembleReward: unknown aggregation {aggregation!r}; expected one of "
                        f"{sorted(AGGREGATIONS)}")
     if lam < 0:
       raise ValueError(f"EnsembleReward: lam must be >= 0, got {lam}")
@@ -59,13 +59,13 @@ class EnsembleReward(base.RewardFn):
     if normalizer is not None and normalizer.mean.shape != (self.num_members,):
       raise ValueError(f"EnsembleReward: normaliser statistics have shape "
                        f"{normalizer.mean.shape}, expected ({self.num_members},)")
-    self.objective, self.lam, self.normalizer = objective, float(lam), normalizer
+    self.aggregation, self.lam, self.normalizer = aggregation, float(lam), normalizer
     member_names = ",".join(m.name for m in self.members)
-    self.name = name or f"{objective}({member_names})"
+    self.name = name or f"{aggregation}({member_names})"
 
   @classmethod
   def from_model(cls, model: Callable[..., Any], num_members: int | None = None, *,
-                 objective: str = "mean", lam: float = 0.0,
+                 aggregation: str = "mean", lam: float = 0.0,
                  normalizer: normalize.RewardNormalizer | None = None, name: str | None = None,
                  **model_kwargs) -> "EnsembleReward":
     """An ensemble around one model returning ``[N, K]`` (e.g. a K-member ensemble head).
@@ -76,7 +76,7 @@ class EnsembleReward(base.RewardFn):
     """
     member = model_lib.ModelReward(model, name=name or "ensemble_model",
                                    num_members=num_members, **model_kwargs)
-    return cls(member, objective=objective, lam=lam, normalizer=normalizer, name=name)
+    return cls(member, aggregation=aggregation, lam=lam, normalizer=normalizer, name=name)
 
   def raw_members(self, tokens: MaybeArray = None, attention_mask: MaybeArray = None, *,
                   texts: Texts | None = None) -> jax.Array:
@@ -95,11 +95,11 @@ class EnsembleReward(base.RewardFn):
 
   def score(self, tokens: MaybeArray = None, attention_mask: MaybeArray = None, *,
             texts: Texts | None = None) -> jax.Array:
-    """The aggregated objective ``[N]`` over normalised members."""
+    """The aggregate ``[N]`` over normalised members."""
     rewards = self(tokens, attention_mask, texts=texts)
     if rewards.ndim == 1:
       rewards = rewards[:, None]
-    return aggregate(rewards, self.objective, self.lam)
+    return aggregate(rewards, self.aggregation, self.lam)
 
   def fit_normalizer(self, tokens: MaybeArray = None, attention_mask: MaybeArray = None,
                      *, texts: Texts | None = None, standardize: bool = False,
@@ -108,10 +108,10 @@ class EnsembleReward(base.RewardFn):
     reference = self.raw_members(tokens, attention_mask, texts=texts)
     normalizer = normalize.RewardNormalizer.fit(reference, standardize=standardize,
                                                 weights=weights)
-    return EnsembleReward(self.members, objective=self.objective, lam=self.lam,
+    return EnsembleReward(self.members, aggregation=self.aggregation, lam=self.lam,
                           normalizer=normalizer, name=self.name)
 
-  def with_objective(self, objective: str, lam: float = 0.0) -> "EnsembleReward":
-    """The same members and normaliser under another objective."""
+  def with_aggregation(self, aggregation: str, lam: float = 0.0) -> "EnsembleReward":
+    """The same members and normaliser under another aggregation."""
     members = self.members[0] if len(self.members) == 1 else self.members
-    return EnsembleReward(members, objective=objective, lam=lam, normalizer=self.normalizer)
+    return EnsembleReward(members, aggregation=aggregation, lam=lam, normalizer=self.normalizer)

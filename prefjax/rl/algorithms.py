@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from prefjax import configlib
 from prefjax.losses import policy as policy_losses
 from prefjax.rl import rollout as rollout_lib
 from prefjax.train import state as state_lib
@@ -31,8 +32,8 @@ from prefjax.train import state as state_lib
 Array = jax.Array
 ALGORITHMS = ("ppo", "rloo")
 # Keys of ``config.rl`` read by the RL run itself rather than by ``HParams``.
-RUN_FIELDS = ("num_steps", "prompts_per_step", "group_size", "epochs", "num_minibatches",
-              "kl_coef", "adaptive_kl", "value_trunk")
+RUN_FIELDS = ("prompts_per_step", "group_size", "epochs", "num_minibatches", "kl_coef",
+              "adaptive_kl", "value_trunk")
 
 
 class HParams(NamedTuple):
@@ -50,10 +51,7 @@ class HParams(NamedTuple):
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any]) -> "HParams":
     """From ``config.rl``; a key that is neither a field nor in ``RUN_FIELDS`` is an error."""
-    unknown = sorted(set(cfg) - set(cls._fields) - set(RUN_FIELDS))
-    if unknown:
-      raise ValueError(f"config.rl: unknown fields {unknown}; known: "
-                       f"{sorted(cls._fields + RUN_FIELDS)}")
+    configlib.check_fields("config.rl", cfg, cls._fields + RUN_FIELDS)
     algorithm = cfg["algorithm"]
     if algorithm not in ALGORITHMS:
       raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")

@@ -5,12 +5,13 @@ prompt drawn with a fixed key, so successive evals differ only through the
 policy. KL(π‖π_ref) of a sequence is reported three ways:
 
 * ``kl`` — the configured estimator (k1, k2 or k3; J. Schulman, "Approximating
-  KL Divergence", 2020) summed over the response tokens, plus ``kl_k1/k2/k3``;
-* ``kl_exact`` — Σ_t KL(π(·|y<t) ‖ π_ref(·|y<t)) over the full vocabulary along
+  KL Divergence", 2020) summed over the response tokens, plus ``kl/k1``,
+  ``kl/k2``, ``kl/k3`` (``prefjax.evals.kl``, the naming of every evaluator);
+* ``kl/exact`` — Σ_t KL(π(·|y<t) ‖ π_ref(·|y<t)) over the full vocabulary along
   the sampled sequence (only when the vocabulary is small). Its expectation is
   the sequence KL, as for k1 and k3, so the two agree within their standard
-  errors; ``kl_diff_se`` (``kl_k*_diff_se``) is the standard error of the
-  per-sample difference between the estimator and ``kl_exact``.
+  errors; ``kl_diff_se`` (``kl/k*_diff_se``) is the standard error of the
+  per-sample difference between the estimator and ``kl/exact``.
 
 Standard errors (``*_se``) are over the held-out samples.
 """
@@ -24,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefjax.losses import policy as policy_losses
-from prefjax.rl import rewards as rewards_lib
+from prefjax.evals import kl as kl_lib
+from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
 from prefjax.train import state as state_lib
 
@@ -36,11 +37,11 @@ def _sequence_stats(graphdef, params, extra, tokens, attention_mask, loss_mask, 
   bundle = state_lib.merge_model(graphdef, params, extra)
   stats = rollout_lib.token_stats(bundle, tokens, attention_mask, loss_mask,
                                   full_vocab=full_vocab)
-  out = {f"kl_{k}": policy_losses.sequence_kl(stats.logp, stats.ref_logp, loss_mask, k)
-         for k in ("k1", "k2", "k3")}
+  out = kl_lib.sequence_kl_estimates(stats.logp, stats.ref_logp, loss_mask,
+                                     kinds=("k1", "k2", "k3"),
+                                     exact_per_position=stats.exact_kl if full_vocab else None)
   out["logp"] = jnp.sum(stats.logp, axis=-1)
   if full_vocab:
-    out["kl_exact"] = jnp.sum(stats.exact_kl, axis=-1)
     out["entropy"] = jnp.sum(stats.entropy, axis=-1)
   return out
 
@@ -51,7 +52,7 @@ def _mean_se(x: np.ndarray) -> tuple[float, float]:
 
 
 def evaluate(graphdef, params, extra, prompts: rollout_lib.Prompts, rng: jax.Array, *,
-             tokenizer: Any, proxy: rewards_lib.PairReward, gold: rewards_lib.PairReward,
+             tokenizer: Any, proxy: rl_rewards.PairReward, gold: rl_rewards.PairReward,
              sampling_cfg: dict[str, Any], kl_estimator: str, exact_kl_max_vocab: int,
              exploit_char: str | None = None) -> dict[str, float]:
   """Samples the held-out prompts once and returns every eval metric (floats)."""
@@ -63,9 +64,9 @@ def evaluate(graphdef, params, extra, prompts: rollout_lib.Prompts, rng: jax.Arr
                                        full_vocab=full_vocab))
   per_sample = {"proxy": proxy(rollout.prompts, rollout.responses),
                 "gold": gold(rollout.prompts, rollout.responses),
-                "kl": seq[f"kl_{kl_estimator}"],
+                "kl": seq[f"kl/{kl_estimator}"],
                 "response_length": rollout.lengths,
-                **{k: v for k, v in seq.items() if k.startswith("kl_")}}
+                **{k: v for k, v in seq.items() if k.startswith("kl/")}}
   lengths = np.maximum(rollout.lengths, 1)
   if full_vocab:
     per_sample["entropy"] = seq["entropy"] / lengths
@@ -79,6 +80,6 @@ def evaluate(graphdef, params, extra, prompts: rollout_lib.Prompts, rng: jax.Arr
   for name, values in per_sample.items():
     metrics[name], metrics[f"{name}_se"] = _mean_se(values)
   if full_vocab:
-    for name in ("kl", "kl_k1", "kl_k2", "kl_k3"):
-      _, metrics[f"{name}_diff_se"] = _mean_se(per_sample[name] - per_sample["kl_exact"])
+    for name in ("kl", "kl/k1", "kl/k2", "kl/k3"):
+      _, metrics[f"{name}_diff_se"] = _mean_se(per_sample[name] - per_sample["kl/exact"])
   return metrics

@@ -3,8 +3,8 @@
 The optimisers in ``prefjax.rl`` and ``experiments/`` hold prompts and sampled
 responses as texts (the policy's tokenizer need not be the reward model's).
 A ``PairReward`` joins each (prompt, response) into the text its underlying
-``prefjax.rewards.RewardFn`` expects and returns the scalar objective
-(``RewardFn.score``: the ensemble objective for ensembles) as float64 NumPy.
+``prefjax.rewards.RewardFn`` expects and returns the scalar reward
+(``RewardFn.score``: the ensemble aggregate for ensembles) as float64 NumPy.
 
 Reward specs (``config.proxy`` / ``config.gold``), by ``kind``:
   * ``tiny_world_gold`` / ``tiny_world_proxy``: ``TinyWorld.gold_reward`` and
@@ -13,7 +13,7 @@ Reward specs (``config.proxy`` / ``config.gold``), by ``kind``:
     ``spec.model`` (``head="reward"`` or ``"reward_ensemble:K"``), tokenizer
     ``spec.tokenizer``, parameters from a ``train_rm`` workdir
     ``spec.checkpoint`` (latest step) when given; K-member heads are scored
-    with the ensemble objective ``spec.objective`` (mean | wco | uwo, λ =
+    with the ensemble aggregation ``spec.aggregation`` (mean | wco | uwo, λ =
     ``spec.lam``).
 """
 
@@ -26,8 +26,10 @@ import numpy as np
 from absl import logging
 
 from prefjax import configlib
+from prefjax import experiment
+from prefjax import rewards as reward_fns
+from prefjax import train
 from prefjax.data import tiny_world as tiny_world_lib
-from prefjax import rewards as rewards_lib
 
 # Joins a tiny-world prompt and response into one text (not in any tiny alphabet).
 TINY_WORLD_SEPARATOR = "\t"
@@ -37,7 +39,7 @@ Join = Callable[[str, str], str]
 @dataclasses.dataclass
 class PairReward:
   """Scores (prompt, response) pairs with a ``RewardFn`` over joined texts."""
-  fn: rewards_lib.RewardFn
+  fn: reward_fns.RewardFn
   join: Join
 
   @property
@@ -75,7 +77,7 @@ def tiny_world_reward(world: tiny_world_lib.TinyWorld, which: str) -> PairReward
     return np.array([score(*_split_tiny(t)) for t in texts], np.float32)
 
   fn.__name__ = f"tiny_world_{which}"
-  reward = rewards_lib.ProgrammaticReward(fn, inputs="texts", name=f"tiny_world_{which}")
+  reward = reward_fns.ProgrammaticReward(fn, inputs="texts", name=f"tiny_world_{which}")
   return PairReward(reward, lambda p, r: f"{p}{TINY_WORLD_SEPARATOR}{r}")
 
 
@@ -101,8 +103,6 @@ def text_encoder(tokenizer: Any, max_length: int) -> Callable[[Sequence[str]], t
 
 def model_reward(spec: Any, *, seed: int = 0) -> PairReward:
   """A reward-model ``PairReward`` from a ``kind="model"`` spec (see module docstring)."""
-  from prefjax import experiment  # pylint: disable=g-import-not-at-top
-  from prefjax import train  # pylint: disable=g-import-not-at-top
   tokenizer = experiment.make_tokenizer(spec.tokenizer)
   model = experiment.make_model(spec.model, vocab_size=tokenizer.vocab_size, seed=seed)
   if spec.get("checkpoint"):
@@ -115,11 +115,11 @@ def model_reward(spec: Any, *, seed: int = 0) -> PairReward:
   batch_size = spec.get("batch_size") or None
   members = int(getattr(model, "num_members", 1))
   if members > 1:
-    fn = rewards_lib.EnsembleReward.from_model(
-        model, objective=spec.get("objective", "mean"), lam=float(spec.get("lam", 0.0)),
+    fn = reward_fns.EnsembleReward.from_model(
+        model, aggregation=spec.get("aggregation", "mean"), lam=float(spec.get("lam", 0.0)),
         name=name, batch_size=batch_size, encode=encode)
   else:
-    fn = rewards_lib.ModelReward(model, name=name, batch_size=batch_size, encode=encode)
+    fn = reward_fns.ModelReward(model, name=name, batch_size=batch_size, encode=encode)
   return PairReward(fn, lambda p, r: p + r)
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 from prefjax import experiment
 from prefjax.data import tiny_world as tiny_world_lib
 from prefjax.data import tokenize as tokenize_lib
-from prefjax.rl import rewards as rewards_lib
+from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
 from prefjax.rl import warm_start as warm_start_lib
 
@@ -29,7 +29,7 @@ PromptSampler = Callable[[int, int], rollout_lib.Prompts]  # (step, count) -> pr
 
 def make_world(config: Any) -> tiny_world_lib.TinyWorld | None:
   world = config.get("world")
-  return None if world is None else rewards_lib.world_from_config(world)
+  return None if world is None else rl_rewards.world_from_config(world)
 
 
 def make_policy(config: Any, tokenizer: Any) -> nnx.Module:

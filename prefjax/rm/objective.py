@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from prefjax import configlib
 from prefjax.losses import preference as pref_losses
 from prefjax.models import heads as heads_lib
 from prefjax.models import segments as seg
@@ -62,9 +63,7 @@ class RewardLoss:
     own = pref_losses.preference_loss_hyperparameters(name)  # Lists the registry if unknown.
     known = set(OBJECTIVE_FIELDS).union(
         *(pref_losses.preference_loss_hyperparameters(n) for n in pref_losses.PREFERENCE_LOSSES))
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-      raise ValueError(f"config.loss: unknown fields {unknown}; known: {sorted(known)}")
+    configlib.check_fields("config.loss", cfg, known)
     return cls(name=name, hparams=tuple(sorted((k, cfg[k]) for k in own if k in cfg)),
                center_coef=float(cfg.get("center_coef", 0.0)),
                bootstrap=bool(cfg.get("bootstrap", False)),
