@@ -16,7 +16,7 @@ from prefjax.overopt import curves as curves_lib
 from prefjax.overopt import fits
 
 CRITERIA = ("G0", "G1", "G2", "G3", "G5", "R1", "R2", "R3", "R4", "C1", "C2", "C3",
-            "D1", "D2", "D3", "P1")
+            "D1", "D2", "D3", "P1", "P1_kl_matched")
 
 
 @pytest.fixture(scope="module")

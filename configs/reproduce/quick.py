@@ -54,7 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # DPO / IPO / SLiC in the bandit world (first world only); full.py turns it on.
   bandit.direct = dict(enabled=False, losses=("dpo", "ipo", "hinge"), num_betas=6,
                        kl_range=(0.1, 8.0), num_pairs=10_000, steps=500, eval_every=25,
-                       proxy_width=32)
+                       proxy_width=32,
+                       d3=dict(num_pairs=2_000, steps=600, eval_every=25))  # full batch
   if arg == "tiny":
     bandit.world_seeds = (0,)
     bandit.world.update(num_prompts=8, num_candidates=256)
@@ -70,7 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     bandit.learned_policy.lams = (1.0,)
     bandit.learned_policy.policy.steps = 20
     bandit.direct.update(num_betas=3, kl_range=(0.1, 2.0), num_pairs=500, steps=40,
-                         eval_every=10, proxy_width=16)
+                         eval_every=10, proxy_width=16,
+                         d3=dict(num_pairs=200, steps=40, eval_every=10))
   elif arg is not None:
     raise ValueError(f"unknown variant {arg!r}; use none or 'tiny'")
   return config

@@ -585,9 +585,14 @@ def criterion_p1(sweep: DaaSweep, ppo: exact.ExactScores, *,
 
 
 def criteria(sweeps: Mapping[str, DaaSweep], ppo: exact.ExactScores | None = None, *,
-             num_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict]:
+             d3_sweeps: Mapping[str, DaaSweep] | None = None, num_bootstrap: int = 1000,
+             seed: int = 0) -> dict[str, dict]:
   """D1 (all losses present), D2 (each loss), D3 (needs dpo and ipo), P1 (needs dpo, ppo;
-  also ``P1_kl_matched``, the same test at matched KL, see :func:`criterion_p1`)."""
+  also ``P1_kl_matched``, the same test at matched KL, see :func:`criterion_p1`).
+
+  ``d3_sweeps`` (full-batch sweeps trained to convergence, see :func:`criterion_d3`)
+  are used for D3 when given; otherwise ``sweeps``.
+  """
   out = {}
   d1 = {name: criterion_d1(s, num_bootstrap=num_bootstrap, seed=seed)
         for name, s in sweeps.items()}
@@ -598,8 +603,9 @@ def criteria(sweeps: Mapping[str, DaaSweep], ppo: exact.ExactScores | None = Non
         for name, s in sweeps.items()}
   out["D2"] = _result(all(r["pass"] for r in d2.values()), d2, "every loss at its smallest β",
                       "; ".join(r["detail"] for r in d2.values()))
-  if "dpo" in sweeps and "ipo" in sweeps:
-    out["D3"] = criterion_d3(sweeps["dpo"], sweeps["ipo"])
+  d3 = sweeps if d3_sweeps is None else d3_sweeps
+  if "dpo" in d3 and "ipo" in d3:
+    out["D3"] = criterion_d3(d3["dpo"], d3["ipo"])
   if "dpo" in sweeps and ppo is not None:
     out["P1"] = criterion_p1(sweeps["dpo"], ppo, num_bootstrap=num_bootstrap, seed=seed)
     out["P1_kl_matched"] = criterion_p1(sweeps["dpo"], ppo, match="interpolate",

@@ -48,6 +48,8 @@ EXPECTED = {
           "bound while IPO's settles at its target 1/(2β).",
     "P1": "Rafailov et al. 2023, Fig. 2: DPO's reward–KL frontier is at least as good as RL's "
           "(here the exact KL-regularised optimum against a proxy trained on the same pairs).",
+    "P1_kl_matched": "P1 compared at matched KL (the exact RL path interpolated to each DPO "
+                     "point's KL) instead of in KL bins.",
 }
 
 
@@ -109,16 +111,16 @@ def direct_criteria(direct: dict, fig_dir: str) -> tuple[list[C.Criterion], dict
   """D1–D3 and P1 from the DPO-family sweeps (``study.direct_study_results``)."""
   sweeps = direct["sweeps"]
   figs = {"direct": figures.direct_sweeps(sweeps, os.path.join(fig_dir, "daa_gold_vs_kl.png"))}
-  if "dpo" in sweeps and "ipo" in sweeps:
-    figs["margins"] = figures.margins(sweeps["dpo"], sweeps["ipo"],
-                                      os.path.join(fig_dir, "daa_margins.png"))
+  d3 = direct["d3_sweeps"]
+  figs["margins"] = figures.margins(d3["dpo"], d3["ipo"], os.path.join(fig_dir, "daa_margins.png"))
   if "dpo" in sweeps:
     figs["frontier"] = figures.frontier(sweeps["dpo"], direct["ppo"],
                                         os.path.join(fig_dir, "dpo_vs_rl_frontier.png"))
   rel = {k: os.path.join("figures", os.path.basename(v)) for k, v in figs.items()}
-  figure_of = {"D1": "direct", "D2": "direct", "D3": "margins", "P1": "frontier"}
+  figure_of = {"D1": "direct", "D2": "direct", "D3": "margins", "P1": "frontier",
+               "P1_kl_matched": "frontier"}
   found = []
-  for name, r in direct_study.criteria(sweeps, direct["ppo"]).items():
+  for name, r in direct_study.criteria(sweeps, direct["ppo"], d3_sweeps=d3).items():
     found.append(C.Criterion(name, r["pass"], r["value"], r["threshold"], r["detail"],
                              rel.get(figure_of[name], ""), world="bandit (first world)"))
   return found, rel

@@ -310,4 +310,17 @@ def direct_study_results(world: bandit.World, proxy: np.ndarray, config: Any,
                                           steps=int(config.steps),
                                           eval_every=int(config.eval_every), seed=0)
     logging.info("direct study %s: %d β in %.1f s", loss, len(betas), time.time() - tic)
-  return {"sweeps": sweeps, "ppo": direct_study.ppo_reference(world, proxy, rl_betas)}
+  # D3 is a claim about each loss's optimum on fixed data: full-batch, trained to convergence.
+  d3 = {}
+  for loss in ("dpo", "ipo"):
+    tic = time.time()
+    cfg = config.d3
+    betas = direct_study.theory_betas(world, loss, kl_range=tuple(config.kl_range),
+                                      num=int(config.num_betas))
+    d3[loss] = direct_study.daa_sweep(world, loss, betas, num_pairs=int(cfg.num_pairs),
+                                      steps=int(cfg.steps), eval_every=int(cfg.eval_every),
+                                      seed=0, batch_size=None)
+    logging.info("direct study %s, full batch (D3): %d β in %.1f s", loss, len(betas),
+                 time.time() - tic)
+  return {"sweeps": sweeps, "d3_sweeps": d3,
+          "ppo": direct_study.ppo_reference(world, proxy, rl_betas)}
