@@ -1,16 +1,17 @@
 r"""Direct alignment of a causal LM on preference pairs: the DPO family and KTO.
 
   python -m experiments.train_dpo --config=configs/dpo/tiny.py --workdir=/tmp/dpo_tiny \
-      [--config.loss=ipo --config.beta=0.1 --config.loss_kwargs=label_smoothing=0.1 ...]
+      [--config.loss.name=ipo --config.loss.beta=0.1 --config.loss.kwargs=label_smoothing=0.1]
 
 Rerunning with the same workdir resumes (params, optimizer, RNG and the data
 iterator position are checkpointed by ``prefjax.train``).
 
-``config.loss`` is any ``prefjax.losses.DIRECT_LOSSES`` name or ``kto`` (pairs
-become unpaired examples: chosen desirable, rejected undesirable; see
-``prefjax.direct.objective``); ``config.loss_kwargs`` holds its extra
-hyperparameters (a dict, or ``"name=value,..."`` on the command line) and
-``config.nll_alpha`` the weight of the chosen-NLL term (RPO; ORPO defaults to 1).
+``config.loss.name`` is any registered direct loss (``DIRECT_LOSS_SPECS``; for
+``kto`` pairs become unpaired examples: chosen desirable, rejected undesirable;
+see ``prefjax.direct.objective``), ``config.loss.beta`` its β,
+``config.loss.kwargs`` its extra hyperparameters (a dict, or ``"name=value,..."``
+on the command line) and ``config.loss.nll_alpha`` the weight of the chosen-NLL
+term (RPO; None = the loss's registered default, 1 for ORPO).
 
 Reference (``config.ref``): ``mode`` = ``online`` (a frozen copy scores every
 batch), ``cached`` (scored once per example and stored under ``ref.cache_dir``,

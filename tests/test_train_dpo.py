@@ -54,7 +54,7 @@ def isolated_env(tmp_path_factory) -> tuple[pathlib.Path, pytest.MonkeyPatch]:
 def dpo_config(loss: str = "dpo", *, steps: int = 30, **loop):
   """The tiny DPO config, test sized: 1 layer, no mesh, no KL sampling, eval at the end."""
   config = dpo_tiny.get_config("quick")
-  config.loss = loss
+  config.loss.name = loss
   config.model.overrides.num_layers = 1
   config.mesh.shape = ()
   config.eval.kl_max_new_tokens = 0
@@ -108,7 +108,7 @@ BETA = {"apo_down": 0.3}
 @pytest.mark.parametrize("loss", ALL_LOSSES)
 def test_every_loss_raises_heldout_implicit_reward_accuracy(loss, tmp_path):
   config = dpo_config(loss)
-  config.beta = BETA.get(loss, config.beta)
+  config.loss.beta = BETA.get(loss, config.loss.beta)
   if loss == "dpo":  # Also sample from the policy at eval and estimate the KL to the reference.
     config.eval.kl_max_new_tokens = 12
   result = train_dpo.run(config, str(tmp_path))
@@ -153,7 +153,7 @@ def throwaway_loss():
 
 def test_registered_flags_reach_the_trainer(throwaway_loss, tmp_path):
   config = dpo_config(throwaway_loss)
-  config.beta, config.loss_kwargs = 2.0, "margin=0.5"
+  config.loss.beta, config.loss.kwargs = 2.0, "margin=0.5"
   assert objective_lib.Objective.from_config(config).kwargs == {"margin": 0.5}
   result = train_dpo.run(config, str(tmp_path))
   reference = json.loads((tmp_path / "reference.json").read_text())
@@ -162,7 +162,7 @@ def test_registered_flags_reach_the_trainer(throwaway_loss, tmp_path):
   # nll_alpha = 0.5 is the default weight of the chosen-NLL term.
   assert first["loss"] == pytest.approx(first["preference_loss"] + 0.5 * first["nll"], rel=1e-5)
   # length_normalized: implicit rewards are β·π/n (responses have 3+ tokens), not β·π.
-  ratio = first["rewards/chosen"] / (config.beta * first["logps/chosen"])
+  ratio = first["rewards/chosen"] / (config.loss.beta * first["logps/chosen"])
   assert 0.0 < ratio < 0.34, ratio
   assert result.summary["final_eval"]["rewards/accuracies"] > ACCURACY_THRESHOLD
 
@@ -298,6 +298,10 @@ def test_objective_rejects_bad_settings():
   assert objective_lib.Objective(loss="orpo").alpha == 1.0
   assert objective_lib.parse_kwargs("label_smoothing=0.1,tau=2") == {"label_smoothing": 0.1,
                                                                       "tau": 2}
+  config = dpo_config("ipo")
+  config.loss.betta = 0.3
+  with pytest.raises(ValueError, match=r"config.loss: unknown field\(s\) \['betta'\]"):
+    objective_lib.Objective.from_config(config)
 
 
 # ---------------------------------------------------------------------------- resume, mesh, CLI
@@ -336,7 +340,7 @@ def test_cli_smoke(tmp_path, env):
   cmd = [sys.executable, "-m", "experiments.train_dpo", "--config=configs/dpo/tiny.py:quick",
          f"--workdir={workdir}", "--config.loop.num_steps=2", "--config.mesh.shape=()",
          "--config.model.overrides.num_layers=1", "--config.eval.kl_max_new_tokens=0",
-         "--config.loss=ipo", "--config.loop.tensorboard=False"]
+         "--config.loss.name=ipo", "--config.loop.tensorboard=False"]
   environ = dict(os.environ, JAX_PLATFORMS="cpu",
                  JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -345,4 +349,4 @@ def test_cli_smoke(tmp_path, env):
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["final_step"] == 2
-  assert json.loads((workdir / "config.json").read_text())["loss"] == "ipo"
+  assert json.loads((workdir / "config.json").read_text())["loss"]["name"] == "ipo"

@@ -2,7 +2,7 @@ r"""DPO of SmolLM2-135M-Instruct on HH-RLHF harmless-base (chat prompts), for GP
 
 Command:
   python -m experiments.train_dpo --config=configs/dpo/smollm2_hh.py --workdir=/tmp/dpo_smollm2 \
-      [--config.loss=ipo] [--config.ref.mode=cached]
+      [--config.loss.name=ipo] [--config.ref.mode=cached]
   (CPU smoke test: configs/dpo/smollm2_hh.py:quick, 2 steps at batch 2.)
 
 Model and tokenizer: the offline SmolLM2-135M-Instruct GGUF (Q4_1, dequantized
@@ -40,10 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eval_split="resplit_validation[:64]", on_bad_row="error", cache_dir="",
       pipeline=dict(seed=0, batch_size=16, max_length=512, max_prompt_length=256,
                     mode="padded", bucket_boundaries=(128, 256), prompt_style="chat"))
-  config.loss = "dpo"
-  config.beta = 0.1
-  config.loss_kwargs = ""
-  config.nll_alpha = config_dict.placeholder(float)
+  config.loss = dict(name="dpo", beta=0.1, kwargs="", nll_alpha=config_dict.placeholder(float))
   config.ref = dict(mode="auto", path="", cache_dir="")
   config.optimizer = dict(name="adamw", learning_rate=5e-7, schedule="cosine",
                           warmup_steps=20, total_steps=200, weight_decay=0.0,

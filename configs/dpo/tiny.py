@@ -2,11 +2,11 @@ r"""DPO-family losses on the tiny text world with a tiny random decoder (byte to
 
 Command:
   python -m experiments.train_dpo --config=configs/dpo/tiny.py --workdir=/tmp/dpo_tiny \
-      [--config.loss=ipo] [--config.ref.mode=cached] [--config.model.path=/tmp/sft_tiny/hf]
+      [--config.loss.name=ipo] [--config.ref.mode=cached] [--config.model.path=/tmp/sft_tiny/hf]
 
-Any ``prefjax.losses.DIRECT_LOSSES`` name or ``kto`` works for ``--config.loss``;
-hyperparameters go in ``--config.loss_kwargs=label_smoothing=0.1`` and
-``--config.beta``. The reference is the initial policy (the random init, or
+Any registered direct loss (``prefjax.losses.DIRECT_LOSS_SPECS``, KTO included) works
+for ``--config.loss.name``; hyperparameters go in
+``--config.loss.kwargs=label_smoothing=0.1`` and ``--config.loss.beta``. The reference is the initial policy (the random init, or
 the SFT export given as ``model.path``, see configs/sft/tiny.py).
 
 Expected (measured on this shared 2-core CPU): about 1.5 min wall for the 300
@@ -42,10 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       temperature=1.0),
       pipeline=dict(seed=0, batch_size=16, max_length=32, mode="padded",
                     max_segments_per_row=16))
-  config.loss = "dpo"
-  config.beta = 0.1
-  config.loss_kwargs = ""
-  config.nll_alpha = config_dict.placeholder(float)
+  config.loss = dict(name="dpo", beta=0.1, kwargs="", nll_alpha=config_dict.placeholder(float))
   config.ref = dict(mode="auto", path="", cache_dir="")
   config.optimizer = dict(name="adamw", learning_rate=3e-3, schedule="constant",
                           warmup_steps=0, weight_decay=0.0, grad_clip_norm=1.0)

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from prefjax import configlib
 from prefjax.losses import direct as direct_losses
 from prefjax.losses import registry
 from prefjax.losses._common import soft_label_smoothing
@@ -57,6 +58,9 @@ LAYOUTS = ("padded", "packed")
 REF_MODES = ("online", "cached", "none")
 
 KL_FIELD = "ref_kl"
+# ``config.loss``: a registered loss name, β, its extra hyperparameters (a mapping or a
+# "name=value,..." string) and the chosen-NLL weight (None: the registered default).
+LOSS_FIELDS = ("name", "beta", "kwargs", "nll_alpha")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,12 +114,14 @@ class Objective:
 
   @classmethod
   def from_config(cls, config: Any) -> Objective:
-    """From a binary's config: loss, beta, loss_kwargs, nll_alpha, ref.mode, data.pipeline."""
-    pipeline = config.data.pipeline
+    """From a binary's config: ``loss.{name, beta, kwargs, nll_alpha}``, ``ref.mode`` and
+    ``data.pipeline``; other ``config.loss`` keys are errors."""
+    loss, pipeline = config.loss, config.data.pipeline
+    configlib.check_fields("config.loss", loss, LOSS_FIELDS)
     ref = config.get("ref") or {}
-    kwargs = parse_kwargs(config.get("loss_kwargs"))
-    return cls(loss=config.loss, beta=float(config.beta), loss_kwargs=tuple(kwargs.items()),
-               nll_alpha=config.get("nll_alpha"), ref_mode=ref.get("mode", "auto"),
+    kwargs = parse_kwargs(loss.get("kwargs"))
+    return cls(loss=loss.name, beta=float(loss.beta), loss_kwargs=tuple(kwargs.items()),
+               nll_alpha=loss.get("nll_alpha"), ref_mode=ref.get("mode", "auto"),
                layout=pipeline.get("mode", "padded"),
                num_segments=pipeline.get("max_segments_per_row", 16))
 

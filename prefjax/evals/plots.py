@@ -22,7 +22,7 @@ COLORS = {"proxy": "tab:orange", "gold": "tab:blue"}
 def plot_scores_vs_sqrt_kl(sqrt_kl: Sequence[float],
                            scores: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                            path: str, *, xlabel: str, ylabel: str, title: str) -> None:
-  """Writes a PNG of each score (mean ± one standard error, a shaded band) against √KL.
+  """Writes a PNG of each score (mean ± one standard error) against √KL, in step order.
 
   Args:
     sqrt_kl: x values, ``[P]``.
@@ -34,9 +34,9 @@ def plot_scores_vs_sqrt_kl(sqrt_kl: Sequence[float],
   fig, ax = plt.subplots(figsize=(5.5, 4))
   for name, (mean, se) in scores.items():
     y, se = np.asarray(mean, np.float64), np.asarray(se, np.float64)
-    color = COLORS.get(name)
-    ax.plot(x, y, "o-", color=color, label=name, markersize=3)
-    ax.fill_between(x, y - se, y + se, color=color, alpha=0.25)
+    # Error bars, not bands: an RL run's KL need not grow monotonically with the step.
+    ax.errorbar(x, y, yerr=se, fmt="o-", color=COLORS.get(name), label=name, markersize=3,
+                capsize=2)
   ax.axhline(0.0, color="gray", lw=0.5)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)

@@ -31,11 +31,11 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from prefjax.models import gguf_import
 from prefjax.models import heads
 from prefjax.models import hf_mappings
 from prefjax.models.decoder import Decoder, DecoderConfig
 from prefjax.models.encoder import Encoder, EncoderConfig
-from prefjax.models.gguf_import import load_gguf
 
 PathLike = str | os.PathLike
 SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "bert")
@@ -306,7 +306,7 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
   heads.parse_head(head)  # fail on a bad spec before reading any weights
   path = pathlib.Path(path)
   if path.suffix == ".gguf":
-    trunk = load_gguf(path, dtype=dtype, param_dtype=param_dtype)
+    trunk = gguf_import.load_gguf(path, dtype=dtype, param_dtype=param_dtype)
     return heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
   trunk, report = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype)
   model = heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
