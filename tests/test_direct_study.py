@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from prefjax.overopt import bandit
+from prefjax.overopt import direct_criteria as dc
 from prefjax.overopt import direct_study as ds
 from prefjax.overopt import exact
 from prefjax.overopt import policy_net
@@ -111,7 +112,7 @@ def test_dpo_margin_keeps_growing(sweeps):
   s = sweeps["dpo"]
   assert (np.diff(s.margin[:, 1:], axis=1) > 0).all()
   assert (s.margin[:, -1] > 2.0 / s.betas).all()     # well past where IPO would stop
-  result = ds.criterion_d3(s, sweeps["ipo"])
+  result = dc.criterion_d3(s, sweeps["ipo"])
   assert result["pass"], result["detail"]
 
 
@@ -166,16 +167,16 @@ def _final_sweep(gold_of_d, loss="dpo"):
 
 def test_d1_pass_and_fail():
   hump = _final_sweep(lambda d: d * (1.0 - 0.6 * np.log(d)))       # RL-shaped, peak inside
-  result = ds.criterion_d1(hump, num_bootstrap=200)
+  result = dc.criterion_d1(hump, num_bootstrap=200)
   assert result["pass"], result["detail"]
   assert result["value"]["rmse_rl"] < result["value"]["rmse_quadratic_kl"]
   rising = _final_sweep(lambda d: 0.5 * d)                          # monotone: no interior max
-  assert not ds.criterion_d1(rising, num_bootstrap=200)["pass"]
+  assert not dc.criterion_d1(rising, num_bootstrap=200)["pass"]
   plateau = _final_sweep(lambda d: np.minimum(d, 2.0) - 0.002 * (d > 2.9))   # drop << 2 SE
-  result = ds.criterion_d1(plateau, num_bootstrap=200)
+  result = dc.criterion_d1(plateau, num_bootstrap=200)
   assert not result["pass"] and "no interior maximum" in result["detail"]
   quad = _final_sweep(lambda d: 0.8 * d**2 - 0.12 * d**4)           # hump, but quadratic in KL
-  result = ds.criterion_d1(quad, num_bootstrap=200)
+  result = dc.criterion_d1(quad, num_bootstrap=200)
   assert not result["pass"] and result["value"]["rmse_rl"] > result["value"]["rmse_quadratic_kl"]
 
 
@@ -188,12 +189,12 @@ def _trajectory(gold_curve, kl_curve):
 
 def test_d2_pass_and_fail():
   overopt = _trajectory(lambda t: 4 * t * (1 - t) + 0.2 * t, lambda t: 8 * t)
-  assert ds.criterion_d2(overopt, num_bootstrap=200)["pass"]
+  assert dc.criterion_d2(overopt, num_bootstrap=200)["pass"]
   monotone = _trajectory(lambda t: np.sqrt(t), lambda t: 8 * t)
-  assert not ds.criterion_d2(monotone, num_bootstrap=200)["pass"]
+  assert not dc.criterion_d2(monotone, num_bootstrap=200)["pass"]
   kl_stalls = _trajectory(lambda t: 4 * t * (1 - t) + 0.2 * t, lambda t: 8 * np.minimum(t, 0.5)
                           - 2 * np.maximum(t - 0.5, 0))
-  assert not ds.criterion_d2(kl_stalls, num_bootstrap=200)["pass"]
+  assert not dc.criterion_d2(kl_stalls, num_bootstrap=200)["pass"]
 
 
 def test_d3_pass_and_fail():
@@ -205,11 +206,11 @@ def test_d3_pass_and_fail():
                       target * (1 - np.exp(-20 * t)), loss="ipo")
   dpo_ok = _synthetic(betas, steps, np.zeros((2, 11)), np.zeros((2, 11)),
                       np.log1p(50 * t) / betas[:, None])
-  assert ds.criterion_d3(dpo_ok, ipo_ok)["pass"]
+  assert dc.criterion_d3(dpo_ok, ipo_ok)["pass"]
   dpo_flat = dpo_ok._replace(margin=target * (1 - np.exp(-20 * t)))   # DPO saturating
-  assert not ds.criterion_d3(dpo_flat, ipo_ok)["pass"]
+  assert not dc.criterion_d3(dpo_flat, ipo_ok)["pass"]
   ipo_off = ipo_ok._replace(margin=0.5 * target * (1 - np.exp(-20 * t)))
-  result = ds.criterion_d3(dpo_ok, ipo_off)
+  result = dc.criterion_d3(dpo_ok, ipo_off)
   assert not result["pass"] and "IPO within 20% of 1/(2β) at 0/2" in result["detail"]
 
 
@@ -217,8 +218,8 @@ def test_p1_pass_and_fail(world):
   # PPO: the exact path of a noisy proxy; DPO points: the exact gold-tilt path (better).
   rng = np.random.default_rng(0)
   proxy = world.gold + rng.normal(0, 1.5, world.gold.shape)
-  ppo = ds.ppo_reference(world, proxy, np.geomspace(0.05, 5, 30))
-  tilt = ds.ppo_reference(world, world.gold, np.geomspace(0.05, 5, 12))
+  ppo = dc.ppo_reference(world, proxy, np.geomspace(0.05, 5, 30))
+  tilt = dc.ppo_reference(world, world.gold, np.geomspace(0.05, 5, 12))
   per_kl = tilt.kl.T[:, None, :]                                   # [K=12, T=1, P]
   per_gold = tilt.gold.T[:, None, :]
   zeros = np.zeros_like(per_kl)
@@ -227,25 +228,25 @@ def test_p1_pass_and_fail(world):
                     np.concatenate([zeros, per_gold], 1).mean(-1), np.zeros((12, 2)),
                     np.concatenate([zeros, per_kl], 1), np.concatenate([zeros, per_gold], 1),
                     np.zeros(12))
-  good = ds.criterion_p1(dpo, ppo, num_bootstrap=200)
+  good = dc.criterion_p1(dpo, ppo, num_bootstrap=200)
   assert good["pass"], good["detail"]
   assert len(good["value"]) >= 2
-  bad = ds.criterion_p1(dpo._replace(per_prompt_gold=dpo.per_prompt_gold - 0.5), ppo,
+  bad = dc.criterion_p1(dpo._replace(per_prompt_gold=dpo.per_prompt_gold - 0.5), ppo,
                         num_bootstrap=200)
   assert not bad["pass"]
-  matched = ds.criterion_p1(dpo, ppo, match="interpolate", num_bootstrap=200)
+  matched = dc.criterion_p1(dpo, ppo, match="interpolate", num_bootstrap=200)
   assert matched["pass"] and len(matched["value"]) >= 2, matched["detail"]
   # Against itself at matched KL the difference is only interpolation error.
-  self_match = ds.criterion_p1(dpo, tilt, match="interpolate", num_bootstrap=200)
+  self_match = dc.criterion_p1(dpo, tilt, match="interpolate", num_bootstrap=200)
   assert all(abs(b["diff"]) < 0.05 for b in self_match["value"])
-  assert not ds.criterion_p1(dpo._replace(per_prompt_gold=dpo.per_prompt_gold - 0.5), ppo,
+  assert not dc.criterion_p1(dpo._replace(per_prompt_gold=dpo.per_prompt_gold - 0.5), ppo,
                              match="interpolate", num_bootstrap=200)["pass"]
-  far = ds.criterion_p1(dpo, ppo, kl_edges=[100.0, 200.0], num_bootstrap=200)
+  far = dc.criterion_p1(dpo, ppo, kl_edges=[100.0, 200.0], num_bootstrap=200)
   assert not far["pass"] and far["detail"] == "no shared KL bin"
 
 
 def test_ppo_reference_starts_at_zero(world):
-  ppo = ds.ppo_reference(world, world.gold, [0.0, 1.0])
+  ppo = dc.ppo_reference(world, world.gold, [0.0, 1.0])
   np.testing.assert_allclose(ppo.gold[:, 0], 0.0, atol=1e-12)
   np.testing.assert_allclose(ppo.kl[:, 0], 0.0, atol=1e-12)
   assert (ppo.gold[:, 1] > 0).all()

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from prefjax.overopt import bon  # noqa: E402
 from prefjax.overopt import curves as curves_lib  # noqa: E402
-from prefjax.overopt import direct_study  # noqa: E402
+from prefjax.overopt import direct_criteria  # noqa: E402
 from prefjax.overopt import fits  # noqa: E402
 
 REWARD_UNITS = "reward (SD under π_ref, π_ref = 0)"
@@ -179,7 +179,7 @@ def direct_sweeps(sweeps: dict, path: str) -> str:
       ax.plot(np.sqrt(sweep.kl[k, -1]), sweep.gold[k, -1], "o", color=color, ms=4)
     ax.set_title(f"{name}: training trajectories (● = end)")
     ax = axes[1, col]
-    d, gold, per_kl, per_gold = direct_study.final_curve(sweep)
+    d, gold, per_kl, per_gold = direct_criteria.final_curve(sweep)
     _, se = bon.bootstrap_mean_se(per_gold)
     ax.errorbar(d, gold, yerr=se, fmt="ko", capsize=3, label="final points ±1 SE")
     grid = np.linspace(0.0, d.max() * 1.05, 200)

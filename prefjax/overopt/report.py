@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from prefjax.overopt import criteria as C
-from prefjax.overopt import direct_study
+from prefjax.overopt import direct_criteria
 from prefjax.overopt import figures
 from prefjax.overopt import study as study_lib
 from prefjax.train import summary as summary_lib
@@ -101,13 +101,13 @@ def bandit_criteria(results: study_lib.BanditResults, fig_dir: str, *, smallest:
       C.c3(results.disagreement[noisy], rel["disagreement"]),
   ]
   if results.direct is not None:
-    direct_found, direct_figs = direct_criteria(results.direct, fig_dir)
+    direct_found, direct_figs = direct_stage_criteria(results.direct, fig_dir)
     out += direct_found
     rel.update(direct_figs)
   return out, rel
 
 
-def direct_criteria(direct: dict, fig_dir: str) -> tuple[list[C.Criterion], dict[str, str]]:
+def direct_stage_criteria(direct: dict, fig_dir: str) -> tuple[list[C.Criterion], dict[str, str]]:
   """D1–D3 and P1 from the DPO-family sweeps (``study.direct_study_results``)."""
   sweeps = direct["sweeps"]
   figs = {"direct": figures.direct_sweeps(sweeps, os.path.join(fig_dir, "daa_gold_vs_kl.png"))}
@@ -120,7 +120,7 @@ def direct_criteria(direct: dict, fig_dir: str) -> tuple[list[C.Criterion], dict
   figure_of = {"D1": "direct", "D2": "direct", "D3": "margins", "P1": "frontier",
                "P1_kl_matched": "frontier"}
   found = []
-  for name, r in direct_study.criteria(sweeps, direct["ppo"], d3_sweeps=d3).items():
+  for name, r in direct_criteria.criteria(sweeps, direct["ppo"], d3_sweeps=d3).items():
     found.append(C.Criterion(name, r["pass"], r["value"], r["threshold"], r["detail"],
                              rel.get(figure_of[name], ""), world="bandit (first world)"))
   return found, rel

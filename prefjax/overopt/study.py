@@ -34,6 +34,7 @@ from prefjax.overopt import bandit
 from prefjax.overopt import bon
 from prefjax.overopt import criteria
 from prefjax.overopt import curves as curves_lib
+from prefjax.overopt import direct_criteria
 from prefjax.overopt import direct_study
 from prefjax.overopt import exact
 from prefjax.overopt import policy_net
@@ -323,4 +324,4 @@ def direct_study_results(world: bandit.World, proxy: np.ndarray, config: Any,
     logging.info("direct study %s, full batch (D3): %d β in %.1f s", loss, len(betas),
                  time.time() - tic)
   return {"sweeps": sweeps, "d3_sweeps": d3,
-          "ppo": direct_study.ppo_reference(world, proxy, rl_betas)}
+          "ppo": direct_criteria.ppo_reference(world, proxy, rl_betas)}
