@@ -96,3 +96,13 @@ def test_ensemble_criteria_on_known_curves():
   growth["mean"] += np.random.default_rng(0).normal(0, 0.01, (16, 3))
   assert criteria.c3(growth, "").passed
   assert not criteria.c3({"mean": growth["uwo"], "uwo": growth["mean"]}, "").passed
+
+
+def test_estimator_criterion_is_bonferroni_corrected():
+  check = {"ns": [1, 2, 4], "z_unbiased_vs_exact": 2.9, "z_mc_vs_exact": 0.5,
+           "max_kl_minus_bound": 0.0}
+  ok = criteria.g0([], [check, check], "")
+  assert ok.passed and ok.value["comparisons"] == 12
+  assert ok.threshold["max_abs_z"] == pytest.approx(3.34, abs=0.01)  # Φ⁻¹(1 − 0.01/24)
+  assert not criteria.g0([], [dict(check, z_mc_vs_exact=3.5)], "").passed
+  assert not criteria.g0([], [dict(check, max_kl_minus_bound=1e-3)], "").passed
