@@ -41,6 +41,18 @@ def _fit_line(ax, fit: fits.Fit, d_max: float, color):
   ax.plot(d, fits.predict(fit, d), ":", color=color, lw=1.2)
 
 
+def _axes(ax, xlabel: str, ylabel: str, *, zero_line: bool = False, legend: bool = True,
+          title: str | None = None, fontsize: int = 8) -> None:
+  """Labels, grid and legend, the same on every panel."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if zero_line:
+    ax.axhline(0.0, color="grey", lw=0.6)
+  ax.grid(alpha=0.3)
+  if legend:
+    ax.legend(fontsize=fontsize, title=title)
+
+
 def _colors(n: int):
   return plt.cm.viridis(np.linspace(0.0, 0.9, n))
 
@@ -68,12 +80,8 @@ def gold_and_proxy(settings: Sequence[curves_lib.SettingCurves], path: str, *,
       _curve(axes[row, 1], curve, color, s.label, field="proxy", style="--")
     axes[row, 0].set_title(f"{name}: gold (solid), fit (dotted)")
     axes[row, 1].set_title(f"{name}: proxy")
-    for ax in axes[row]:
-      ax.set_xlabel(SQRT_KL)
-      ax.set_ylabel(REWARD_UNITS)
-      ax.axhline(0.0, color="grey", lw=0.6)
-      ax.grid(alpha=0.3)
-    axes[row, 0].legend(fontsize=8, title="proxy")
+    for col, ax in enumerate(axes[row]):
+      _axes(ax, SQRT_KL, REWARD_UNITS, zero_line=True, legend=col == 0, title="proxy")
   fig.suptitle(title)
   return _save(fig, path)
 
@@ -93,10 +101,7 @@ def fit_coefficients(sizes: Sequence[float], settings: Sequence[curves_lib.Setti
                   label=f"{'best-of-n' if method == 'bon' else 'RL'} {coef}")
   for ax, coef in zip(axes, ("α (gain per √nat)", "β (overoptimization)")):
     ax.set_xscale("log", base=2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(coef)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _axes(ax, xlabel, coef)
   fig.suptitle(title)
   return _save(fig, path)
 
@@ -113,11 +118,7 @@ def ensembles(by_noise: dict[float, dict[str, curves_lib.SettingCurves]], path: 
         _curve(ax, getattr(s, method), colors[name], name)
       ax.set_title(f"{'best-of-n' if method == 'bon' else 'RL path'}, "
                    f"{noise:.0%} label noise: gold")
-      ax.set_xlabel(SQRT_KL)
-      ax.set_ylabel(REWARD_UNITS)
-      ax.axhline(0.0, color="grey", lw=0.6)
-      ax.grid(alpha=0.3)
-      ax.legend(fontsize=8, title="objective")
+      _axes(ax, SQRT_KL, REWARD_UNITS, zero_line=True, title="objective")
   return _save(fig, path)
 
 
@@ -129,11 +130,8 @@ def disagreement(growth: dict[str, np.ndarray], ns: np.ndarray, path: str, *,
     mean, se = bon.bootstrap_mean_se(g)
     _band(ax, ns, mean, se, None, label=name)
   ax.set_xscale("log")
-  ax.set_xlabel("n (best-of-n)")
-  ax.set_ylabel("Δ member std under π  [proxy SD]")
   ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, title="optimised objective")
+  _axes(ax, "n (best-of-n)", "Δ member std under π  [proxy SD]", title="optimised objective")
   return _save(fig, path)
 
 
@@ -143,11 +141,8 @@ def estimator_check(check: dict, path: str) -> str:
   for key, style in (("exact_gold", "k-"), ("unbiased_gold", "o--"), ("mc_gold", "s:")):
     ax.plot(check["ns"], check[key], style, label=key.replace("_gold", ""))
   ax.set_xscale("log", base=2)
-  ax.set_xlabel("n (best-of-n)")
-  ax.set_ylabel("gold (SD under π_ref), raw")
   ax.set_title("Best-of-n estimators agree (smallest proxy, seed 0)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  _axes(ax, "n (best-of-n)", "gold (SD under π_ref), raw")
   return _save(fig, path)
 
 
@@ -159,10 +154,7 @@ def learned_policy(rows: Sequence[dict], path: str) -> str:
     ax.plot(lams, [r[f"closed_form_{key}"] for r in rows], "k-o", label="closed form")
     ax.plot(lams, [r[f"learned_{key}"] for r in rows], "r--s", label="learned MLP policy")
     ax.set_xscale("log")
-    ax.set_xlabel("KL penalty λ")
-    ax.set_ylabel("KL [nats]" if key == "kl" else REWARD_UNITS)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _axes(ax, "KL penalty λ", "KL [nats]" if key == "kl" else REWARD_UNITS)
   fig.suptitle("RL with a learned policy vs the exact KL-regularised optimum")
   return _save(fig, path)
 
@@ -191,11 +183,7 @@ def direct_sweeps(sweeps: dict, path: str) -> str:
             label=f"α·KL − β·KL², RMSE {quad.rmse:.3f}")
     ax.set_title(f"{name}: gold vs √KL across β")
     for ax in axes[:, col]:
-      ax.set_xlabel(SQRT_KL)
-      ax.set_ylabel("gold (SD under π_ref, π_ref = 0)")
-      ax.axhline(0.0, color="grey", lw=0.6)
-      ax.grid(alpha=0.3)
-      ax.legend(fontsize=7)
+      _axes(ax, SQRT_KL, REWARD_UNITS, zero_line=True, fontsize=7)
   return _save(fig, path)
 
 
@@ -204,16 +192,15 @@ def margins(dpo, ipo, path: str) -> str:
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, sweep, name in ((axes[0], dpo, "DPO"), (axes[1], ipo, "IPO")):
     for k, color in zip(range(len(sweep.betas)), _colors(len(sweep.betas))):
-      ax.plot(sweep.steps, sweep.margin[k], "-", color=color, label=f"β={sweep.betas[k]:.3g}")
+      # From the first evaluation after step 0, where h = 0 has no place on a log axis.
+      ax.plot(sweep.steps[1:], sweep.margin[k, 1:], "-", color=color,
+              label=f"β={sweep.betas[k]:.3g}")
       if name == "IPO":
         ax.axhline(1.0 / (2.0 * sweep.betas[k]), color=color, ls=":", lw=1)
     ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("mean margin h = Δ log π/π_ref  [nats]")
+    _axes(ax, "training step", "mean margin h = Δ log π/π_ref  [nats]", fontsize=7)
     ax.set_title(f"{name} on deterministic preferences" + (" (dotted: 1/(2β))"
                                                          if name == "IPO" else ""))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
   return _save(fig, path)
 
 
@@ -226,9 +213,6 @@ def frontier(dpo, ppo, path: str) -> str:
     ax.plot(dpo.kl[k, 1:], dpo.gold[k, 1:], ".", color=color, ms=4,
             label=f"DPO β={dpo.betas[k]:.3g}")
   ax.set_xscale("log")
-  ax.set_xlabel("KL(π ‖ π_ref)  [nats]")
-  ax.set_ylabel("gold (SD under π_ref, π_ref = 0)")
+  _axes(ax, "KL(π ‖ π_ref)  [nats]", REWARD_UNITS, fontsize=7)
   ax.set_title("Reward–KL frontier: DPO vs RL against a learned proxy")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
   return _save(fig, path)
