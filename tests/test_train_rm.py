@@ -18,6 +18,7 @@ from configs.rm import ensemble_tiny
 from configs.rm import tiny
 from experiments import train_rm
 from prefjax import rm
+from prefjax.losses import preference
 from prefjax import train
 from prefjax.rm import labels
 from tests import comparisons
@@ -148,6 +149,29 @@ def test_bad_loss_config_is_rejected_with_the_field_names():
                     num_segments=None)
   # Another registered loss's hyperparameter is accepted (configs switch ``name``), unused.
   assert rm.RewardLoss.from_config(dict(name="bt", nu=0.3)).hparams == ()
+
+
+def test_a_registered_preference_loss_is_selected_by_name_with_its_hyperparameters():
+  @preference.register_preference_loss("_test_hinge")
+  def hinge(r_chosen, r_rejected, *, outcome=1.0, gap=1.0):
+    outcome = jnp.asarray(outcome)  # [B] against [B, K] rewards: one outcome per pair.
+    outcome = outcome.reshape(outcome.shape + (1,) * (r_chosen.ndim - outcome.ndim))
+    return jax.nn.relu(gap - jnp.where(outcome >= 0.5, 1.0, -1.0) * (r_chosen - r_rejected))
+  try:
+    rng = np.random.default_rng(4)
+    batch = _pair_batch(5, rng)
+    r_c, r_r = rng.normal(size=5).astype(np.float32), rng.normal(size=5).astype(np.float32)
+    loss_fn = rm.make_loss_fn(dict(name="_test_hinge", gap=0.5, nu=2.0), num_columns=1,
+                              objectives=(), num_segments=None)
+    loss, _ = loss_fn(_fake_model(r_c, r_r), batch, jax.random.key(0))
+    sign = np.where(batch["outcome"] >= 0.5, 1.0, -1.0)
+    per_pair = np.maximum(0.0, 0.5 - sign * (r_c.astype(np.float64) - r_r))
+    expected = np.sum(batch["weight"] * batch["pair_mask"] * per_pair) / batch["pair_mask"].sum()
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  finally:
+    preference.PREFERENCE_LOSSES.pop("_test_hinge")
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['gap'\]"):
+    rm.RewardLoss.from_config(dict(name="bt", gap=0.5))
 
 
 def test_padded_pairs_contribute_nothing_even_if_non_finite():

@@ -9,8 +9,10 @@ callers reduce (mean, weighted mean, ...). Rewards are ``[B]`` or ``[B, K]``
 (``config.loss.name``) to a loss on pairs with one signature,
 ``fn(r_chosen, r_rejected, *, outcome=1.0, **hparams)`` -> the shape of
 ``r_chosen``, where ``outcome`` (scalar or ``[B]``) is 1 when the chosen side
-won, 0 when it lost and 0.5 for a tie. Every hyperparameter has a default. A
-fork adds one with ``@register_preference_loss("name")``.
+won, 0 when it lost and 0.5 for a tie; with ``[B, K]`` rewards a ``[B]``
+outcome applies to all K members (broadcast it over the trailing axis). Every
+hyperparameter has a default. A fork adds one with
+``@register_preference_loss("name")``.
 """
 
 from __future__ import annotations
