@@ -6,6 +6,12 @@
   with exact KL; ``rl_path`` / ``rl_path_scores``: π_β ∝ π_ref·exp(β·r).
 * ``select_best_of_n``: jit-safe selection with uniform random tie-breaking.
 * ``Curve`` and ``bootstrap_mean_se``: prompt-averaged curves with bootstrap SEs.
+
+The overoptimization study (``experiments/reproduce.py``) is built from the modules
+``fits`` (Gao et al. functional forms), ``bandit`` and ``policy_net`` (the bandit world,
+learned proxies and policies), ``curves``, ``criteria``, ``study`` (seed- and
+world-averaged curves and the G/R/C criteria), ``direct_study`` and ``direct_criteria``
+(DPO / IPO / SLiC), ``figures`` and ``report``; import them by module name.
 """
 
 from prefjax.overopt.bon import BonScores
