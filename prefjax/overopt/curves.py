@@ -37,6 +37,30 @@ class SettingCurves(NamedTuple):
   fit_rl: fits.Fit | None
 
 
+def _concatenate_prompts(curves: Sequence[bon.Curve], num_bootstrap: int) -> bon.Curve:
+  return bon.summarize(curves[0].knob, *(np.concatenate([getattr(c, f) for c in curves])
+                                         for f in ("per_prompt_kl", "per_prompt_proxy",
+                                                   "per_prompt_gold")),
+                       num_bootstrap=num_bootstrap)
+
+
+def pool_worlds(settings: Sequence[SettingCurves], *, num_bootstrap: int = 1000) -> SettingCurves:
+  """Pools one setting's curves over worlds by concatenating their prompts, then refits.
+
+  Each world's prompts are i.i.d. draws of the same generator, so the pooled curve is
+  the average over worlds and the bootstrap over prompts covers all of them.
+  """
+  if len(settings) == 1:
+    return settings[0]
+  cat = lambda curves: _concatenate_prompts(curves, num_bootstrap)
+  bon_curve = cat([s.bon for s in settings])
+  rl_curve = None if settings[0].rl is None else cat([s.rl for s in settings])
+  seeds = [cat([s.bon_seeds[k] for s in settings]) for k in range(len(settings[0].bon_seeds))]
+  return SettingCurves(settings[0].label, bon_curve, rl_curve, seeds,
+                       fit_curve("bon", bon_curve, num_bootstrap),
+                       None if rl_curve is None else fit_curve("rl", rl_curve, num_bootstrap))
+
+
 def average_curves(curves: Sequence[bon.Curve], *, num_bootstrap: int = 1000,
                    seed: int = 0) -> bon.Curve:
   """Averages per-prompt values over seeds, then bootstraps over prompts."""
@@ -59,7 +83,8 @@ def reference_scores(world: bandit.World, scores: np.ndarray) -> np.ndarray:
   return np.sum(np.exp(world.ref_logits) * scores, axis=-1)
 
 
-def _fit(form: str, curve: bon.Curve, num_bootstrap: int) -> fits.Fit:
+def fit_curve(form: str, curve: bon.Curve, num_bootstrap: int) -> fits.Fit:
+  """Gao et al.'s ``form`` ("bon" or "rl") fitted to a curve, CIs by prompt bootstrap."""
   fit = fits.fit_bon if form == "bon" else fits.fit_rl
   return fit(np.sqrt(curve.kl), curve.gold, per_prompt_gold=curve.per_prompt_gold,
              per_prompt_kl=curve.per_prompt_kl, num_bootstrap=num_bootstrap)
@@ -93,8 +118,8 @@ def setting_curves(label: str, world: bandit.World, proxies: np.ndarray, ns: np.
   rl_curve = None if betas is None else average_curves([r for _, r in per_seed],
                                                         num_bootstrap=num_bootstrap)
   return SettingCurves(label, bon_curve, rl_curve, bon_seeds,
-                       _fit("bon", bon_curve, num_bootstrap),
-                       None if rl_curve is None else _fit("rl", rl_curve, num_bootstrap))
+                       fit_curve("bon", bon_curve, num_bootstrap),
+                       None if rl_curve is None else fit_curve("rl", rl_curve, num_bootstrap))
 
 
 def aggregate_members(world: bandit.World, members: np.ndarray, method: str,

@@ -101,25 +101,6 @@ def _cached_proxies(workdir: str, name: str, world: bandit.World, cfg: bandit.Pr
   return proxies.scores, stats
 
 
-def pool(settings: Sequence[curves_lib.SettingCurves], *,
-         num_bootstrap: int) -> curves_lib.SettingCurves:
-  """Pools one setting's curves over worlds by concatenating prompts, then refits."""
-  if len(settings) == 1:
-    return settings[0]
-  def cat(curves):
-    return bon.summarize(curves[0].knob, *(np.concatenate([getattr(c, f) for c in curves])
-                                           for f in ("per_prompt_kl", "per_prompt_proxy",
-                                                     "per_prompt_gold")),
-                         num_bootstrap=num_bootstrap)
-  bon_curve = cat([s.bon for s in settings])
-  rl_curve = None if settings[0].rl is None else cat([s.rl for s in settings])
-  seeds = [cat([s.bon_seeds[k] for s in settings]) for k in range(len(settings[0].bon_seeds))]
-  fit = lambda form, c: curves_lib._fit(form, c, num_bootstrap)
-  return curves_lib.SettingCurves(settings[0].label, bon_curve, rl_curve, seeds,
-                                  fit("bon", bon_curve),
-                                  None if rl_curve is None else fit("rl", rl_curve))
-
-
 class _World:
   """Runs every stage of one world and keeps its per-setting curves."""
 
@@ -220,9 +201,10 @@ def run_bandit_study(config: Any, workdir: str) -> BanditResults:
     stats += w.stats
     per_world[int(seed)] = _world_summary(sizes[-1])
   boot = int(config.num_bootstrap)
-  pooled = lambda per_world_settings: [pool(list(s), num_bootstrap=boot)
+  pooled = lambda per_world_settings: [curves_lib.pool_worlds(list(s), num_bootstrap=boot)
                                        for s in zip(*per_world_settings)]
-  ensembles = {x: {k: pool([e[k] for e in ens[x]], num_bootstrap=boot) for k in ens[x][0]}
+  ensembles = {x: {k: curves_lib.pool_worlds([e[k] for e in ens[x]], num_bootstrap=boot)
+                   for k in ens[x][0]}
                for x in noises}
   disagreement = {x: {k: np.concatenate([g[k] for g in growth[x]]) for k in growth[x][0]}
                   for x in noises}
