@@ -17,7 +17,7 @@ UWO λ = 0.5); exact best-of-n (n = 1 … 20,000) and the closed-form RL path
 Why three pooled worlds: the best-of-n decline depends on the world drawn (the design
 notes saw 2-SE declines in 0/8 … 7/8 widths across world seeds). Seeds 0, 1, 2 are
 simply the first three, fixed before any result was seen. World 0 alone shows a weak
-decline (w4: 1.1 SE) and world 2 a strong one (4.4 SE); the report lists every world
+decline (w4: 1.2 SE) and world 2 a strong one (4.4 SE); the report lists every world
 on its own beside the pooled curves. `configs/reproduce/full.py` pools five.
 
 Expected runtime (2 cores, measured): 5 min 38 s for the study, 6 min 42 s for `make demo`
