@@ -174,6 +174,21 @@ def test_a_registered_preference_loss_is_selected_by_name_with_its_hyperparamete
     rm.RewardLoss.from_config(dict(name="bt", gap=0.5))
 
 
+def test_a_loss_that_broadcasts_the_outcome_wrongly_is_an_error():
+  @preference.register_preference_loss("_test_bad_broadcast")
+  def bad(r_chosen, r_rejected, *, outcome=1.0):
+    return -jax.nn.log_sigmoid((r_chosen - r_rejected) * jnp.asarray(outcome))
+  try:
+    loss = rm.RewardLoss(name="_test_bad_broadcast")
+    # One reward column [B, 1] times a [B] outcome broadcasts to [B, B] without a word.
+    with pytest.raises(ValueError, match=r"returned shape \(3, 3\) for rewards of shape "
+                                         r"\(3, 1\)"):
+      loss.per_pair(jnp.zeros((3, 1)), jnp.zeros((3, 1)), jnp.ones(3))
+    assert loss.per_pair(jnp.zeros(3), jnp.zeros(3), jnp.ones(3)).shape == (3,)
+  finally:
+    preference.PREFERENCE_LOSSES.pop("_test_bad_broadcast")
+
+
 def test_padded_pairs_contribute_nothing_even_if_non_finite():
   rng = np.random.default_rng(1)
   batch = _pair_batch(4, rng, padded_pairs=2)

@@ -73,6 +73,12 @@ class RewardLoss:
     """Unreduced loss, shape of the rewards (``[B]`` or ``[B, C]``)."""
     fn = pref_losses.get_preference_loss(self.name)
     loss = fn(r_chosen, r_rejected, outcome=outcome, **dict(self.hparams))
+    if jnp.shape(loss) != jnp.shape(r_chosen):
+      # A [B] outcome broadcast against [B, K] rewards the wrong way gives [B, B] silently.
+      raise ValueError(f"preference loss {self.name!r} returned shape {jnp.shape(loss)} for "
+                       f"rewards of shape {jnp.shape(r_chosen)}; a loss must return one value "
+                       "per reward (spread a [B] outcome over ensemble members with "
+                       "outcome[:, None])")
     if self.center_coef:
       loss = loss + self.center_coef * pref_losses.center_penalty(r_chosen, r_rejected)
     return loss
