@@ -14,6 +14,7 @@ import numpy as np
 
 from prefjax.overopt import bandit
 from prefjax.overopt import bon
+from prefjax.overopt import curves
 from prefjax.overopt import exact
 from prefjax.overopt import fits
 from prefjax.overopt.direct_study import DaaSweep
@@ -145,7 +146,7 @@ def ppo_reference(world: bandit.World, proxy: np.ndarray,
   if proxy.shape != world.gold.shape:
     raise ValueError(f"ppo_reference: proxy {proxy.shape} must be [P, M] = {world.gold.shape}")
   scores = exact.rl_path_scores(world.ref_logits, proxy, world.gold, np.asarray(rl_betas))
-  ref_gold = np.sum(np.exp(world.ref_logits) * world.gold, axis=-1)
+  ref_gold = curves.reference_scores(world, world.gold)
   return scores._replace(gold=scores.gold - ref_gold[:, None])
 
 
