@@ -9,7 +9,6 @@ expects, what this run saw).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
