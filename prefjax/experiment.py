@@ -8,7 +8,8 @@ schema is the same everywhere:
                           ``EncoderConfig`` constructor, random init), overrides (dict of
                           config fields; vocab_size None = tokenizer's), path (HF dir,
                           .gguf, "asset:smollm2", "asset:minilm": pretrained), head,
-                          ensemble ("heads" | "deep"), pooling, dtype
+                          ensemble ("heads" | "deep"), pooling, dtype, remat (decoder:
+                          recompute each block's activations in the backward pass)
   config.data             name (``load_preferences`` name or "tiny_world"), train_split,
                           eval_split, on_bad_row, tiny_world (seed, num_pairs, label_noise,
                           temperature), and ``pipeline`` fields (``PipelineConfig``)
@@ -102,6 +103,10 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
       trunk = hf_import.from_pretrained(resolve_path(cfg["path"]), dtype=_dtype(cfg.get("dtype")))
     else:
       trunk = _random_trunk(cfg, vocab_size, rngs)
+    if cfg.get("remat"):
+      if not hasattr(trunk, "remat"):
+        raise ValueError(f"model.remat=True: {type(trunk).__name__} has no rematerialisation")
+      trunk.remat = True
     return heads_lib.attach_head(trunk, member_head, rngs=rngs, pooling=pooling)
 
   if kind == "reward_ensemble" and cfg.get("ensemble", "heads") == "deep":

@@ -222,6 +222,30 @@ def test_padded_shapes_are_bucketed():
     assert longest <= t and not any(longest <= s < t for s in (24, 32))
 
 
+@pytest.mark.parametrize("multiple", [8, 16, None])
+def test_padded_batches_are_cut_to_their_longest_row(multiple):
+  """Rows end at the batch's longest sequence rounded up to ``pad_to_multiple`` (None: the bucket)."""
+  cfg = config(bucket_boundaries=(), pad_to_multiple=multiple)
+  ds = pipeline.preference_dataset(SOURCE, TOK, cfg)
+  batches, _ = run(ds)
+  allowed = [s["tokens"][1] for s in ds.batch_shapes()]
+  if multiple is None:
+    assert allowed == [48]
+  else:
+    assert allowed == sorted({min(m, 48) for m in range(multiple, 48 + multiple, multiple)})
+  for b in batches:
+    longest = int(b["attention_mask"].sum(-1).max())
+    t = b["tokens"].shape[1]
+    assert t in allowed and longest <= t
+    assert multiple is None or t == min(-(-longest // multiple) * multiple, 48)
+  assert len({b["tokens"].shape for b in batches}) >= (1 if multiple is None else 2)
+
+
+def test_padded_lengths_are_validated():
+  with pytest.raises(ValueError, match="pad_to_multiple"):
+    config(pad_to_multiple=0)
+
+
 def test_packed_shapes_are_fixed_and_dense():
   cfg = config(mode="packed")
   batches, it = run(pipeline.preference_dataset(SOURCE, TOK, cfg))

@@ -64,7 +64,10 @@ class PipelineConfig:
   ``max_segments_per_row`` the static segment count consumers pass to
   ``prefjax.models.segments`` reductions. ``max_prompt_length=None`` means
   ``max_length // 2``; prompts are never longer than ``max_length - 1``.
-  ``read_ahead`` examples are tokenized together (one ``encode_batch`` call,
+  Padded mode cuts each batch to its longest row rounded up to a multiple of
+  ``pad_to_multiple`` (never past the bucket length), which bounds the set of
+  compiled shapes to ``max_length / pad_to_multiple``; ``None`` pads every
+  batch to its bucket length. ``read_ahead`` examples are tokenized together (one ``encode_batch`` call,
   parallel in the Rust backend); it changes speed, never the batches.
   """
 
@@ -75,6 +78,7 @@ class PipelineConfig:
   min_response_length: int = 1
   mode: str = "padded"
   bucket_boundaries: tuple[int, ...] = ()
+  pad_to_multiple: int | None = 64
   pack_length: int | None = None
   pack_rows: int = 8
   max_segments_per_row: int = 16
@@ -99,6 +103,8 @@ class PipelineConfig:
     if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
       raise ValueError(f"max_prompt_length={self.max_prompt_length} must be in "
                        f"[1, max_length={self.max_length})")
+    if self.pad_to_multiple is not None and self.pad_to_multiple < 1:
+      raise ValueError(f"pad_to_multiple must be None or >= 1, got {self.pad_to_multiple}")
     if any(b < 1 for b in self.bucket_boundaries):
       raise ValueError(f"bucket boundaries must be positive: {self.bucket_boundaries}")
     if self.read_ahead < 1:
@@ -138,6 +144,17 @@ class PipelineConfig:
   def buckets(self, longest: int) -> tuple[int, ...]:
     """Sorted bucket lengths, the last one ``longest``."""
     return tuple(sorted({b for b in self.bucket_boundaries if b < longest} | {longest}))
+
+  def padded_lengths(self, bucket: int) -> tuple[int, ...]:
+    """Every row length a padded batch of this bucket can have."""
+    if self.pad_to_multiple is None:
+      return (bucket,)
+    step = self.pad_to_multiple
+    return tuple(sorted({min(m, bucket) for m in range(step, bucket + step, step)}))
+
+  def padded_length(self, bucket: int, longest_row: int) -> int:
+    """The row length of a padded batch whose longest sequence has ``longest_row`` tokens."""
+    return next(n for n in self.padded_lengths(bucket) if n >= longest_row)
 
   def shard(self) -> tuple[int, int]:
     """(shard index, shard count): the config's, else ``jax.process_index/count``."""
@@ -432,16 +449,18 @@ class BatchDataset(grain.IterDataset):
   def collate(self, plan: dict[str, Any], examples: list[Example]) -> dict[str, np.ndarray]:
     cfg, pad_id = self.config, self.tokenizer.pad_id
     padded: list[Example | None] = list(examples) + [None] * (cfg.batch_size - len(examples))
+    if self.kind == "prompt" or not self.packed:
+      length = cfg.padded_length(self.bucket_lengths[plan["bucket"]],
+                                 max(max(e.lengths) for e in examples))
     if self.kind == "prompt":
-      return padding.collate_prompts(padded, self.bucket_lengths[plan["bucket"]], pad_id)
+      return padding.collate_prompts(padded, length, pad_id)
     if self.packed:
       batch = packing.collate_packed(plan["items"], examples, rows=cfg.pack_rows,
                                      length=cfg.row_length, max_groups=cfg.batch_size,
                                      pad_id=pad_id)
       batch.update(padding.example_fields(padded))
     else:
-      batch = padding.collate_padded(padded, self.bucket_lengths[plan["bucket"]], pad_id,
-                                     self.num_responses)
+      batch = padding.collate_padded(padded, length, pad_id, self.num_responses)
     mask, index = batch.pop("mask"), batch.pop("index", None)
     if self.kind == "pair":
       batch["pair_mask"] = mask
@@ -460,9 +479,11 @@ class BatchDataset(grain.IterDataset):
     if self.packed:
       index_key = "chosen_index" if self.kind == "pair" else "sequence_index"
       return [{"tokens": (self.config.pack_rows, self.config.row_length), index_key: (b, 2)}]
+    lengths = sorted({t for bucket in self.bucket_lengths
+                      for t in self.config.padded_lengths(bucket)})
     if self.kind == "prompt":
-      return [{"prompt_tokens": (b, t)} for t in self.bucket_lengths]
-    return [{"tokens": (b * self.num_responses, t)} for t in self.bucket_lengths]
+      return [{"prompt_tokens": (b, t)} for t in lengths]
+    return [{"tokens": (b * self.num_responses, t)} for t in lengths]
 
   def __iter__(self) -> BatchIterator:
     return BatchIterator(self)

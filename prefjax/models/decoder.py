@@ -103,6 +103,19 @@ class DecoderConfig:
     return dataclasses.replace(self, **overrides)
 
   @classmethod
+  def llama(cls, **overrides) -> "DecoderConfig":
+    """Hugging Face ``LlamaConfig``'s defaults (Llama-2-7B sizes, RMSNorm eps 1e-6, untied).
+
+    The base for a custom-size Llama: override the sizes, e.g. from a config
+    ``model.preset="llama"`` with ``model.overrides=dict(hidden_size=512, ...)``.
+    """
+    base = dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+                num_kv_heads=32, intermediate_size=11008, max_position_embeddings=2048,
+                norm="rms", norm_eps=1e-6, mlp="swiglu", position="rope",
+                rope_theta=10000.0, tie_embeddings=False, bos_id=1, eos_id=2)
+    return cls(**{**base, **overrides})
+
+  @classmethod
   def tiny_llama(cls, **overrides) -> "DecoderConfig":
     """A small Llama-style config for tests (GQA, SwiGLU, RMSNorm, RoPE)."""
     base = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
@@ -282,8 +295,21 @@ class Decoder(nnx.Module):
                                 segment_ids=segment_ids, positions=positions)
     return self.logits(hidden)
 
+  def drop_output_head(self) -> None:
+    """Deletes the untied ``lm_head`` (a reward or value head replaces it).
+
+    The head is ``D x V`` parameters that a scalar head never reads but that the
+    optimizer would still update and checkpoints would still store. Tied
+    embeddings stay: they are the input embedding too.
+    """
+    if not self.config.tie_embeddings and hasattr(self, "lm_head"):
+      del self.lm_head
+
   def logits(self, hidden: Array) -> Array:
     """Output projection of hidden states, accumulated in float32."""
+    if not self.config.tie_embeddings and not hasattr(self, "lm_head"):
+      raise ValueError("this decoder has no output head: drop_output_head() removed it "
+                       "when a reward/value head was attached")
     if self.config.tie_embeddings:
       kernel = self.embed.embedding[...].T
     else:

@@ -199,10 +199,11 @@ class SelfAttention(nnx.Module):
 
   def __call__(self, x: Array, allowed: Array) -> Array:
     n, t, _ = x.shape
+    rows = x.reshape(n * t, -1)  # 2-D projections: much faster dots on XLA CPU
     split = lambda y: y.reshape(n, t, self.num_heads, self.head_dim)
-    out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
-                                split(self.v_proj(x)), allowed)
-    return self.o_proj(out.reshape(n, t, -1))
+    out = dot_product_attention(split(self.q_proj(rows)), split(self.k_proj(rows)),
+                                split(self.v_proj(rows)), allowed)
+    return self.o_proj(out.reshape(n * t, -1)).reshape(n, t, -1)
 
 
 class FeedForward(nnx.Module):
@@ -215,7 +216,9 @@ class FeedForward(nnx.Module):
     self.hidden_act = config.hidden_act
 
   def __call__(self, x: Array) -> Array:
-    return self.down_proj(_ACTIVATIONS[self.hidden_act](self.up_proj(x)))
+    rows = x.reshape(-1, x.shape[-1])
+    out = self.down_proj(_ACTIVATIONS[self.hidden_act](self.up_proj(rows)))
+    return out.reshape(x.shape[:-1] + (-1,))
 
 
 def _layer_norm(config: EncoderConfig, rngs: nnx.Rngs, param_dtype) -> nnx.LayerNorm:

@@ -281,10 +281,15 @@ def parse_head(head: str | None) -> tuple[str | None, Any]:
 
 def attach_head(trunk: nnx.Module, head: str | None, *, rngs: nnx.Rngs,
                 pooling: str | None = None) -> nnx.Module:
-  """Wraps ``trunk`` with the head named by ``head`` (see ``parse_head``)."""
+  """Wraps ``trunk`` with the head named by ``head`` (see ``parse_head``).
+
+  A decoder trunk loses its untied LM head (``Decoder.drop_output_head``).
+  """
   kind, arg = parse_head(head)
   if kind is None:
     return trunk
+  if hasattr(trunk, "drop_output_head"):  # scalar heads never read the LM head
+    trunk.drop_output_head()
   if kind == "reward":
     return RewardModel(trunk, pooling=pooling, rngs=rngs)
   if kind == "reward_ensemble":

@@ -1,0 +1,206 @@
+r"""Train-step benchmarks: prefjax against the same computation in PyTorch, on one machine.
+
+  python -m benchmarks.run                      # every case, 8 timed steps each
+  python -m benchmarks.run --quick              # 3 timed steps, prefjax RM/DPO cases only
+  python -m benchmarks.run --cases=rm_step_hh,torch_rm_step_hh --json=/tmp/bench.json
+
+Each case runs in its own subprocess (its own compile cache and peak RSS). A
+case takes the workload's first ``1 + steps`` batches (``benchmarks.workloads``),
+compiles every distinct shape among them beforehand (the compile time
+reported), runs the first batch as a warm-up and times the rest. Reported per
+case: median s/step, real (non-pad) tokens/s, padded-slot %, analytic FLOPs on
+computed slots (6·N·slots for the matmul parameters N plus causal attention,
+×3 for forward+backward) and MFU = those FLOP/s ÷ this machine's float32
+matmul ceiling (``jnp.dot`` 2048², median of 10, measured at start and end,
+the mean used), peak RSS, and the number of compiles during the timed steps
+(must be 0). ``rm_step_hh``, ``dpo_step_hh_cached`` and ``dpo_step_hh_live``
+use the project's default layout (padded to the batch's longest row rounded up
+to 64). ``torch_*`` cases need ``torch`` and ``transformers`` (the test extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+# name: (builder module function, layout, extra description)
+CASES: dict[str, dict[str, Any]] = {
+    "rm_step_hh": dict(kind="rm", layout="longest"),
+    "rm_step_hh_fixed512": dict(kind="rm", layout="fixed"),
+    "rm_step_hh_packed": dict(kind="rm", layout="packed"),
+    "dpo_step_hh_cached": dict(kind="dpo_cached", layout="longest"),
+    "dpo_step_hh_live": dict(kind="dpo_live", layout="longest"),
+    "rm_ensemble4_one_step": dict(kind="rm_ensemble4", layout="longest"),
+    "torch_rm_step_hh": dict(kind="torch_rm", layout="longest"),
+    "torch_dpo_step_hh_cached": dict(kind="torch_dpo_cached", layout="longest"),
+    "torch_dpo_step_hh_live": dict(kind="torch_dpo_live", layout="longest"),
+}
+QUICK = ("rm_step_hh", "dpo_step_hh_cached", "dpo_step_hh_live")
+
+
+def _builder(kind: str, num_segments: int | None) -> tuple[Callable, dict]:
+  from benchmarks import steps
+  return {
+      "rm": lambda: steps.prefjax_rm(num_segments),
+      "rm_ensemble4": lambda: steps.prefjax_rm_ensemble(4),
+      "dpo_cached": lambda: steps.prefjax_dpo("cached", num_segments),
+      "dpo_live": lambda: steps.prefjax_dpo("live", num_segments),
+      "torch_rm": steps.torch_rm,
+      "torch_dpo_cached": lambda: steps.torch_dpo("cached"),
+      "torch_dpo_live": lambda: steps.torch_dpo("live"),
+  }[kind]()
+
+
+def analytic_flops(batch: dict[str, np.ndarray], passes: float) -> float:
+  """Forward+backward FLOPs on the computed slots: 6·N·slots + causal attention, per model pass.
+
+  ``passes`` counts full forward+backward equivalents (a frozen reference
+  forward is 1/3 of one).
+  """
+  from benchmarks import workloads
+  c = workloads.rm_model_config()
+  matmul_params = c.num_layers * (4 * c.hidden_size ** 2 + 3 * c.hidden_size * c.intermediate_size)
+  rows, length = batch["tokens"].shape
+  slots = rows * length
+  attention = c.num_layers * 2 * 2 * c.hidden_size * length * length / 2 * rows  # QKᵀ, PV; causal
+  return passes * 3 * (2 * matmul_params * slots + attention)
+
+
+def _lm_head_flops(batch: dict[str, np.ndarray]) -> float:
+  from benchmarks import workloads
+  c = workloads.rm_model_config()
+  return 6 * c.hidden_size * c.vocab_size * batch["tokens"].size
+
+
+def run_case(name: str, steps: int) -> dict[str, Any]:
+  """Runs one case in this process; returns its row."""
+  import jax
+  from benchmarks import steps as steps_lib
+  from benchmarks import workloads
+  spec = CASES[name]
+  kind, layout = spec["kind"], spec["layout"]
+  batches = list(workloads.pair_batches(layout, steps + 1))
+  if "cached" in kind:
+    batches = [steps_lib.with_cached_reference(b) for b in batches]
+  num_segments = 16 if layout == "packed" else None
+  start = time.perf_counter()
+  step, info = _builder(kind, num_segments)
+  compiles = info.get("compiles")
+  if compiles is not None:  # compile every shape first: run one step per distinct shape
+    seen = set()
+    for b in batches:
+      if b["tokens"].shape not in seen:
+        seen.add(b["tokens"].shape)
+        step(b)
+  compile_s = time.perf_counter() - start
+  step(batches[0])
+  before = compiles() if compiles else 0
+  times = []
+  for b in batches[1:]:
+    t0 = time.perf_counter()
+    loss = step(b)
+    times.append(time.perf_counter() - t0)
+    if not np.isfinite(loss):
+      raise RuntimeError(f"{name}: non-finite loss {loss}")
+  real_key = "segment_ids" if layout == "packed" else "attention_mask"
+  timed = batches[1:]
+  real = sum(int(np.count_nonzero(b[real_key])) for b in timed) / len(timed)
+  slots = sum(b["tokens"].size for b in timed) / len(timed)
+  if kind.startswith("torch"):  # PyTorch computes rows cut to the exact longest row
+    slots = sum(b["tokens"].shape[0] * int(b["attention_mask"].sum(-1).max())
+                for b in timed) / len(timed)
+  passes = {"dpo_live": 4 / 3, "torch_dpo_live": 4 / 3, "rm_ensemble4": 4.0}.get(kind, 1.0)
+  flops = []
+  for b in timed:
+    if kind.startswith("torch"):
+      longest = int(b["attention_mask"].sum(-1).max())
+      b = {**b, "tokens": b["tokens"][:, :longest]}
+    extra = _lm_head_flops(b) * passes if "dpo" in kind else 0.0
+    flops.append(analytic_flops(b, passes) + extra)
+  s_per_step = statistics.median(times)
+  return {
+      "case": name, "framework": "torch" if kind.startswith("torch") else "prefjax",
+      "layout": layout, "steps": len(times), "params": info["params"],
+      "compile_s": round(compile_s, 2), "s_per_step": round(s_per_step, 3),
+      "step_times": [round(t, 3) for t in times],
+      "real_tokens_per_step": round(real, 1),
+      "real_tokens_per_s": round(real / s_per_step, 1),
+      "padded_slot_pct": round(100 * (1 - real / slots), 1),
+      "analytic_tflop_per_step": round(float(np.mean(flops)) / 1e12, 4),
+      "achieved_gflop_s": round(float(np.mean(flops)) / s_per_step / 1e9, 1),
+      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+      "compiles_during_timed_steps": (compiles() - before) if compiles else 0,
+      "jax_backend": jax.default_backend(),
+  }
+
+
+def _child(name: str, steps: int) -> dict[str, Any]:
+  cmd = [sys.executable, "-m", "benchmarks.run", "--child", name, "--steps", str(steps)]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode:
+    return {"case": name, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+  head = ("| case | s/step | real tok/s | padded % | compile s | GFLOP/s | MFU | peak RSS MB "
+          "| compiles in timed steps |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+  lines = [head]
+  for r in rows:
+    if "error" in r:
+      lines.append(f"| {r['case']} | error: {r['error'][0]} |||||||")
+      continue
+    lines.append(f"| {r['case']} | {r['s_per_step']:.2f} | {r['real_tokens_per_s']:.0f} | "
+                 f"{r['padded_slot_pct']:.0f} | {r['compile_s']:.0f} | {r['achieved_gflop_s']:.0f} | "
+                 f"{100 * r['mfu']:.0f}% | {r['peak_rss_mb']} | {r['compiles_during_timed_steps']} |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true", help="3 timed steps, prefjax RM/DPO only")
+  parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+  parser.add_argument("--steps", type=int, default=None, help="timed steps per case")
+  parser.add_argument("--json", default="", help="write the rows here")
+  parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  steps = args.steps or (3 if args.quick else 8)
+  if args.child:
+    print(json.dumps(run_case(args.child, steps)))
+    return
+  names = [c for c in args.cases.split(",") if c] or list(QUICK if args.quick else CASES)
+  unknown = sorted(set(names) - set(CASES))
+  if unknown:
+    parser.error(f"unknown cases {unknown}; known: {sorted(CASES)}")
+  from benchmarks import steps as steps_lib
+  ceiling_start = steps_lib.matmul_ceiling()
+  rows = []
+  for name in names:
+    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+    rows.append(_child(name, steps))
+  ceiling_end = steps_lib.matmul_ceiling()
+  ceiling = (ceiling_start + ceiling_end) / 2
+  for r in rows:
+    if "error" not in r:
+      r["mfu"] = round(r["achieved_gflop_s"] * 1e9 / ceiling, 3)
+      r["matmul_ceiling_gflop_s"] = round(ceiling / 1e9, 1)
+  print(f"f32 matmul ceiling: {ceiling_start / 1e9:.0f} GFLOP/s at start, "
+        f"{ceiling_end / 1e9:.0f} at end; load average {os.getloadavg()[0]:.2f}")
+  print(_table(rows))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

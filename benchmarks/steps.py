@@ -1,0 +1,196 @@
+"""Train steps of the benchmark cases: prefjax (the library's public step API) and PyTorch.
+
+Every builder returns ``(step, info)``: ``step(batch) -> loss`` runs one
+optimizer update and blocks until it is done; ``info`` holds the parameter
+count and, for jitted steps, a function counting compiled programs.
+
+The PyTorch side is the computation TRL's trainers run, written out with
+``transformers`` so that no TRL install is needed: ``LlamaForSequenceClassification``
+(SDPA attention, reward read at the last non-pad token) with AdamW and
+−log σ(r_c − r_r) for the RM; ``LlamaForCausalLM`` with the sigmoid DPO loss
+(β = 0.1) on summed response log-probs for DPO. Rows are the same token ids as
+prefjax's, cut to the batch's longest real row (TRL pads to the longest).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from benchmarks import workloads
+from prefjax.direct import objective as direct_objective
+from prefjax.models import decoder as dec
+from prefjax.models import heads
+from prefjax.rm import objective as rm_objective
+from prefjax.train import state as state_lib
+from prefjax.train import step as step_lib
+
+LEARNING_RATE = 1e-5
+DPO_BETA = 0.1
+
+
+class PolicyAndReference(nnx.Module):
+  """A policy and its frozen reference in one module, so one program runs both forwards."""
+
+  def __init__(self, policy: nnx.Module, reference: nnx.Module):
+    self.policy = policy
+    self.reference = reference
+
+
+def _jitted(model: nnx.Module, loss_fn, trainable=nnx.Param) -> tuple[Callable, dict]:
+  graphdef, state = state_lib.create_train_state(model, optax.adamw(LEARNING_RATE), 0,
+                                                 trainable=trainable)
+  jitted = step_lib.jit_train_step(step_lib.make_train_step(graphdef, loss_fn,
+                                                            optax.adamw(LEARNING_RATE),
+                                                            trainable=trainable))
+  holder = {"state": state}
+
+  def step(batch):
+    holder["state"], metrics = jitted(holder["state"], batch)
+    return float(jax.block_until_ready(metrics["loss"]))
+
+  params = state_lib.count_params(state.params)
+  return step, {"params": params, "compiles": jitted._cache_size}
+
+
+def _decoder(seed: int) -> dec.Decoder:
+  return dec.Decoder(workloads.rm_model_config(), rngs=nnx.Rngs(seed))
+
+
+def prefjax_rm(num_segments: int | None) -> tuple[Callable, dict]:
+  model = heads.attach_head(_decoder(0), "reward", rngs=nnx.Rngs(1))
+  loss_fn = rm_objective.make_loss_fn({"name": "bt"}, num_columns=1, objectives=(),
+                                      num_segments=num_segments)
+  return _jitted(model, loss_fn)
+
+
+def prefjax_rm_ensemble(members: int) -> tuple[Callable, dict]:
+  """``members`` complete RMs (``DeepEnsemble``) trained in one step."""
+  model = heads.DeepEnsemble(
+      lambda rngs: heads.attach_head(_decoder(0), "reward", rngs=rngs), list(range(members)))
+  loss_fn = rm_objective.make_loss_fn({"name": "bt"}, num_columns=members, objectives=(),
+                                      num_segments=None)
+  return _jitted(model, loss_fn)
+
+
+def prefjax_dpo(reference: str, num_segments: int | None) -> tuple[Callable, dict]:
+  """DPO; ``reference="cached"`` reads ``ref_chosen/ref_rejected`` from the batch,
+  ``"live"`` runs the frozen reference's forward inside the same jitted step."""
+  objective = direct_objective.Objective(
+      loss="dpo", beta=DPO_BETA, ref_mode="cached" if reference == "cached" else "online",
+      layout="packed" if num_segments else "padded", num_segments=num_segments)
+  policy_loss = direct_objective.make_loss_fn(objective)
+  if reference == "cached":
+    return _jitted(_decoder(0), policy_loss)
+
+  def loss_fn(model, batch, rng):
+    refs = direct_objective.reference_fields(model.reference, batch,
+                                             num_segments=num_segments, with_kl=False)
+    return policy_loss(model.policy, {**batch, **jax.lax.stop_gradient(refs)}, rng)
+
+  trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("reference")))
+  return _jitted(PolicyAndReference(_decoder(0), _decoder(0)), loss_fn, trainable)
+
+
+def with_cached_reference(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Adds stand-in reference log-probs (the step's cost does not depend on their values)."""
+  pairs = batch["pair_mask"].shape[0]
+  rng = np.random.default_rng(pairs)
+  return {**batch, "ref_chosen": rng.normal(-300, 30, pairs).astype(np.float32),
+          "ref_rejected": rng.normal(-300, 30, pairs).astype(np.float32)}
+
+
+# --------------------------------------------------------------------------- PyTorch
+
+
+def _torch_llama_config(num_labels: int | None) -> Any:
+  import transformers
+  c = workloads.rm_model_config()
+  kwargs = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                num_key_value_heads=c.num_kv_heads, intermediate_size=c.intermediate_size,
+                max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.norm_eps,
+                tie_word_embeddings=False, pad_token_id=c.pad_id, bos_token_id=c.bos_id,
+                eos_token_id=c.eos_id, attn_implementation="sdpa")
+  if num_labels:
+    kwargs["num_labels"] = num_labels
+  return transformers.LlamaConfig(**kwargs)
+
+
+def _torch_rows(batch: dict[str, np.ndarray]) -> tuple[Any, Any, Any]:
+  """Token ids, attention mask and loss mask cut to the longest real row (TRL's padding)."""
+  import torch
+  longest = int(batch["attention_mask"].sum(-1).max())
+  pick = lambda k: torch.from_numpy(np.ascontiguousarray(batch[k][:, :longest]).astype(np.int64))
+  return pick("tokens"), pick("attention_mask"), pick("loss_mask")
+
+
+def _torch_update(opt: Any, loss: Any) -> float:
+  opt.zero_grad(set_to_none=True)
+  loss.backward()
+  opt.step()
+  return float(loss)
+
+
+def torch_rm() -> tuple[Callable, dict]:
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  model = transformers.LlamaForSequenceClassification(_torch_llama_config(1))
+  opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+
+  def step(batch):
+    tokens, mask, _ = _torch_rows(batch)
+    rewards = model(input_ids=tokens, attention_mask=mask).logits[:, 0]
+    pairs = rewards.shape[0] // 2
+    loss = -torch.nn.functional.logsigmoid(rewards[:pairs] - rewards[pairs:]).mean()
+    return _torch_update(opt, loss)
+
+  return step, {"params": sum(p.numel() for p in model.parameters())}
+
+
+def torch_dpo(reference: str) -> tuple[Callable, dict]:
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  policy = transformers.LlamaForCausalLM(_torch_llama_config(None))
+  ref_model = transformers.LlamaForCausalLM(_torch_llama_config(None)).eval()
+  opt = torch.optim.AdamW(policy.parameters(), lr=LEARNING_RATE)
+
+  def logps(model, tokens, mask, loss_mask):
+    logits = model(input_ids=tokens, attention_mask=mask).logits[:, :-1]
+    per_token = torch.gather(logits.log_softmax(-1), 2, tokens[:, 1:, None])[..., 0]
+    return (per_token * loss_mask[:, 1:]).sum(-1)
+
+  def step(batch):
+    tokens, mask, loss_mask = _torch_rows(batch)
+    pairs = tokens.shape[0] // 2
+    if reference == "cached":
+      ref = torch.from_numpy(np.concatenate([batch["ref_chosen"], batch["ref_rejected"]]))
+    else:
+      with torch.no_grad():
+        ref = logps(ref_model, tokens, mask, loss_mask)
+    margin = logps(policy, tokens, mask, loss_mask) - ref
+    loss = -torch.nn.functional.logsigmoid(DPO_BETA * (margin[:pairs] - margin[pairs:])).mean()
+    return _torch_update(opt, loss)
+
+  return step, {"params": sum(p.numel() for p in policy.parameters())}
+
+
+def matmul_ceiling(size: int = 2048, repeats: int = 10) -> float:
+  """This machine's float32 matmul FLOP/s: median of ``repeats`` jitted ``size``² dots."""
+  import time
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  dot(a, a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    dot(a, a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * size ** 3 / float(np.median(times))

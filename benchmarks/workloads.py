@@ -1,0 +1,103 @@
+"""The benchmark workloads: HH-RLHF pairs, a word-level hash tokenizer, the 23.5M Llama RM.
+
+The workload is the one issue G measured PyTorch TRL on, so the two can be
+compared on the same machine: the official HH-RLHF harmless-base test file
+(pairs split at the last shared "\\n\\nAssistant:"), a word-level hash tokenizer
+of 8,192 ids, pairs whose prompt alone reaches ``max_length`` dropped, 8 pairs
+per step in file order, and a Llama-style model of 23.47M parameters (hidden
+512, 6 layers, 8 heads, MLP 1408, untied) with a scalar reward head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from prefjax.data import pipeline as pipeline_lib
+from prefjax.data import sources
+from prefjax.data import tokenize as tokenize_lib
+from prefjax.models import decoder as dec
+
+VOCAB = 8192
+MAX_LENGTH = 512
+PAIRS_PER_STEP = 8
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+@dataclasses.dataclass(frozen=True)
+class HashWordTokenizer:
+  """Words and punctuation marks hashed (CRC-32) into ``vocab_size - 3`` ids after 3 specials.
+
+  Not invertible (``decode`` returns placeholders); it exists so that a
+  benchmark has realistic sequence lengths without a trained vocabulary.
+  """
+
+  vocab_size: int = VOCAB
+  pad_id: int = 0
+  bos_id: int = 1
+  eos_id: int = 2
+  chat_template = None
+
+  @property
+  def name(self) -> str:
+    return f"hashword:{self.vocab_size}"
+
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    ids = [3 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in _WORD.findall(text)]
+    return tokenize_lib.add_special_tokens(ids, bos_id=self.bos_id, eos_id=self.eos_id,
+                                           add_bos=add_bos, add_eos=add_eos)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+  def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+    return " ".join(f"<{int(i)}>" for i in ids)
+
+
+def rm_model_config(**overrides: Any) -> dec.DecoderConfig:
+  """The 23.47M-parameter Llama of the comparison (``DecoderConfig.llama`` resized)."""
+  base = dict(vocab_size=VOCAB, hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=8,
+              intermediate_size=1408, pad_id=0, bos_id=1, eos_id=2)
+  return dec.DecoderConfig.llama(**{**base, **overrides})
+
+
+def hh_pairs(max_length: int = MAX_LENGTH) -> tuple[list[dict[str, Any]], HashWordTokenizer]:
+  """HH harmless-base test pairs in file order, without those whose prompt reaches ``max_length``."""
+  tokenizer = HashWordTokenizer()
+  source = sources.load_preferences("hh_rlhf/harmless-base", "test")
+  rows = [source[i] for i in range(len(source))]
+  keep = [r for r in rows if len(tokenizer.encode(r["prompt"], add_bos=True)) < max_length]
+  return keep, tokenizer
+
+
+def pipeline_config(mode: str, **overrides: Any) -> pipeline_lib.PipelineConfig:
+  """Batches of 8 pairs in file order; prompts kept whole (TRL truncates nothing but the tail).
+
+  ``mode``: ``longest`` (the project default: padded to the batch's longest row
+  rounded up to 64), ``fixed`` (every row padded to 512) or ``packed`` (rows of
+  1,024 tokens holding whole pairs).
+  """
+  base = dict(batch_size=PAIRS_PER_STEP, max_length=MAX_LENGTH,
+              max_prompt_length=MAX_LENGTH - 1, shuffle=False, num_epochs=1, seed=0,
+              shard_index=0, shard_count=1)
+  if mode == "fixed":
+    base.update(pad_to_multiple=None)
+  elif mode == "packed":
+    base.update(mode="packed", pack_length=2 * MAX_LENGTH, pack_rows=3,
+                max_segments_per_row=16, pack_window=8 * PAIRS_PER_STEP)
+  elif mode != "longest":
+    raise ValueError(f"mode must be 'longest', 'fixed' or 'packed', got {mode!r}")
+  return pipeline_lib.PipelineConfig(**{**base, **overrides})
+
+
+def pair_batches(mode: str, count: int, **overrides: Any) -> Iterator[dict[str, np.ndarray]]:
+  """The first ``count`` pair batches of the workload in layout ``mode``."""
+  rows, tokenizer = hh_pairs()
+  dataset = pipeline_lib.preference_dataset(rows, tokenizer, pipeline_config(mode, **overrides))
+  iterator = iter(dataset)
+  for _ in range(count):
+    yield next(iterator)
