@@ -11,7 +11,8 @@ schema is the same everywhere:
                           ensemble ("heads" | "deep"), pooling, dtype
   config.data             name (``load_preferences`` name or "tiny_world"), train_split,
                           eval_split, on_bad_row, tiny_world (seed, num_pairs, label_noise,
-                          temperature), and ``pipeline`` fields (``PipelineConfig``)
+                          temperature), and ``pipeline`` fields (``PipelineConfig``);
+                          ``data_section`` builds it with every field declared
   config.mesh.shape       over ("data", "fsdp", "tensor"), -1 = remaining devices
 """
 

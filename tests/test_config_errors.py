@@ -17,6 +17,9 @@ from configs.dpo import smollm2_hh
 from configs.dpo import tiny as dpo_tiny
 from configs.rm import hh_minilm
 from configs.rm import pandalm_ties
+from configs.rl import smollm2_rloo
+from configs.rl import tiny_ppo
+from configs.rl import tiny_rloo
 from configs.rm import tiny as rm_tiny
 from configs.sft import tiny as sft_tiny
 from prefjax import configlib
@@ -162,9 +165,21 @@ def test_shipped_configs_declare_every_documented_field(module):
     missing = [f.name for f in dataclasses.fields(cls)
                if f"config.{section}.{f.name}" not in keys]
     assert not missing, (section, missing)
-  for name in ("name", "train_split", "eval_split", "on_bad_row", "cache_dir",
-               "tiny_world.num_pairs"):
-    assert f"config.data.{name}" in keys, name
+  for name in ("data.name", "data.train_split", "data.eval_split", "data.on_bad_row",
+               "data.cache_dir", "data.tiny_world.num_pairs", "mesh.num_devices"):
+    assert f"config.{name}" in keys, name
+
+
+@pytest.mark.parametrize("module", [tiny_ppo, tiny_rloo, smollm2_rloo],
+                         ids=lambda m: m.__name__)
+def test_rl_configs_declare_the_loop_options_train_rl_honours(module):
+  config = module.get_config()
+  loop = train.LoopConfig.from_mapping(config.loop)
+  assert loop.on_config_mismatch == "warn" and loop.keep_checkpoints == 2
+  keys = {key for key, _ in configlib.flat_items(config)}
+  missing = [f.name for f in dataclasses.fields(train.OptimizerConfig)
+             if f"config.optimizer.{f.name}" not in keys]
+  assert not missing
 
 
 def test_check_key_path_messages():

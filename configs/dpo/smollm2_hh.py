@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                   eval_every=100, checkpoint_every=100, seed=0,
                                   async_checkpointing=True, tensorboard=True)
   config.eval = dict(batch_size=16, kl_max_new_tokens=64, kl_temperature=1.0, exact_kl="auto")
-  config.mesh = dict(shape=(-1, 1, 1))
+  config.mesh = dict(shape=(-1, 1, 1), num_devices=0)
   if arg == "quick":
     config.data.pipeline.batch_size = 2
     config.data.pipeline.max_length = 256

@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                   eval_every=100, checkpoint_every=100, seed=0,
                                   async_checkpointing=False, tensorboard=True)
   config.eval = dict(batch_size=64)
-  config.mesh = dict(shape=(-1, 1, 1))
+  config.mesh = dict(shape=(-1, 1, 1), num_devices=0)
   config.export_hf = True
   if arg == "quick":
     config.loop.num_steps = 40
