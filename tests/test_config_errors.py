@@ -28,6 +28,7 @@ from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import sources
 from prefjax.losses import preference
 from prefjax.losses import registry
+from prefjax.train import summary as summary_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BINARIES = {"train_rm": "configs/rm/tiny.py", "train_dpo": "configs/dpo/tiny.py"}
@@ -205,3 +206,36 @@ def test_section_declares_defaults_and_typed_placeholders():
     configlib.section(train.LoopConfig)
   with pytest.raises(configlib.ConfigError, match=r"did you mean log_every"):
     configlib.section(train.LoopConfig, num_steps=1, log_evry=5)
+
+
+def test_on_config_mismatch_error_set_from_the_command_line_stops_a_changed_rerun(tmp_path):
+  config = rm_tiny.get_config("quick")
+  config.loop.on_config_mismatch = "error"
+  config.data.tiny_world.num_pairs = 200
+  config.eval.enabled = False
+  started_with = summary_lib.config_to_dict(config)
+  started_with["seed"] = 1
+  started_with["loop"]["on_config_mismatch"] = "warn"  # The policy itself is not compared.
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  summary_lib.write_json(str(workdir / "config.json"), started_with)
+  code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py:quick",
+                           f"--workdir={workdir}", "--config.loop.on_config_mismatch=error",
+                           "--config.data.tiny_world.num_pairs=200", "--config.eval.enabled=False")
+  text = "\n".join(lines)
+  assert code == 1, text
+  assert "error: ConfigMismatchError: config differs" in text, text
+  assert '-  "seed": 1,' in text and '+  "seed": 0,' in text, text
+  assert "Traceback" not in text
+  assert not (workdir / "summary.json").exists()
+
+
+def test_setting_the_mismatch_policy_on_a_rerun_is_not_a_mismatch(tmp_path):
+  config = {"seed": 0, "loop": {"num_steps": 5, "on_config_mismatch": "warn"}}
+  summary_lib.write_or_check_config(str(tmp_path), config)
+  strict = {"seed": 0, "loop": {"num_steps": 5, "on_config_mismatch": "error"}}
+  assert summary_lib.write_or_check_config(str(tmp_path), strict, on_mismatch="error") == strict
+  longer = {"seed": 0, "loop": {"num_steps": 6, "on_config_mismatch": "error"}}
+  with pytest.raises(summary_lib.ConfigMismatchError, match=r'\+    "num_steps": 6'):
+    summary_lib.write_or_check_config(str(tmp_path), longer, on_mismatch="error")
+  assert not (tmp_path / "config.rerun.json").exists()
