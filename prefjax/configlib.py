@@ -48,7 +48,7 @@ def check_key_path(config: Mapping[str, Any], path: str, root: str = "config") -
   node, section = config, root
   for part in path.split("."):
     name = part.split("[", 1)[0]
-    if not isinstance(node, Mapping) and not isinstance(node, ml_collections.ConfigDict):
+    if not isinstance(node, (Mapping, ml_collections.ConfigDict)):
       raise ConfigError(f"{section} is a value ({type(node).__name__}), not a section: "
                         f"cannot set {root}.{path}")
     if name not in node:

@@ -26,6 +26,7 @@ from prefjax import configlib
 from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import sources
+from prefjax.losses import direct
 from prefjax.losses import preference
 from prefjax.losses import registry
 from prefjax.train import summary as summary_lib
@@ -239,3 +240,11 @@ def test_setting_the_mismatch_policy_on_a_rerun_is_not_a_mismatch(tmp_path):
   with pytest.raises(summary_lib.ConfigMismatchError, match=r'\+    "num_steps": 6'):
     summary_lib.write_or_check_config(str(tmp_path), longer, on_mismatch="error")
   assert not (tmp_path / "config.rerun.json").exists()
+
+
+def test_pairwise_loss_lookup_names_unpaired_losses_too():
+  with pytest.raises(KeyError, match=r"unknown direct loss 'nope'; registered: \[.*'dpo'.*\] "
+                                     r"\(pairwise\) and \['kto'\] \(unpaired"):
+    direct.get_direct_loss("nope")
+  with pytest.raises(KeyError, match=r"direct loss 'kto' is unpaired"):
+    direct.get_direct_loss("kto")
