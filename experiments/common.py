@@ -7,40 +7,117 @@ workdir)`` (what the tests call in-process) and ends with::
   if __name__ == "__main__":
     common.define_flags()
     app.run(common.main_for(run))
+
+Exit codes: 0 finished; 1 an error. Config mistakes (an unknown
+``--config.key``, a missing config file) stop before anything is written, with
+one line; errors of a run (a bad value, bad data, a missing file) end in a short
+message rather than a traceback, unless ``--verbose_errors`` (or
+``PREFJAX_VERBOSE_ERRORS=1``) is given. ``--config_help`` lists the config's
+fields with their values and exits 0.
 """
 
 from __future__ import annotations
 
+import functools
 import logging as std_logging
 import os
 import pathlib
+import re
+import sys
 from typing import Any, Callable
 
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+import tensorflow_datasets as tfds
+
+from prefjax import configlib
 
 FLAGS = flags.FLAGS
+VERBOSE_ERRORS_ENV = "PREFJAX_VERBOSE_ERRORS"
+# Errors a user can cause and fix (bad config values, data, paths): one short message.
+# Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError)
+
+
+class CheckedConfigFileParser(flags.ArgumentParser):
+  """Wraps the config-file parser of ml_collections: checks the file exists and every
+  ``--config.a.b`` override names a field.
+
+  ml_collections would fail on an unknown override with a chained traceback, and on a
+  missing file only when the config is first read (after the workdir exists); both
+  are one-line flag errors here.
+  """
+
+  def __init__(self, name: str, parser: flags.ArgumentParser):
+    self.name, self._parser = name, parser
+
+  def flag_type(self) -> str:
+    return self._parser.flag_type()
+
+  def parse(self, path):
+    filename = path.split(":", 1)[0]
+    if not os.path.isfile(filename):
+      raise configlib.ConfigError(f"config file {filename!r} not found (cwd {os.getcwd()})")
+    try:
+      config = self._parser.parse(path)
+    except (TypeError, ValueError) as e:  # get_config raised; ml_collections adds its trace.
+      raise configlib.ConfigError(
+          str(e) if verbose_errors() else str(e).strip().splitlines()[-1]) from e
+    for key in _override_keys(self.name):
+      configlib.check_key_path(config, key)
+    return config
+
+
+def _override_keys(name: str) -> list[str]:
+  """The ``a.b`` of every ``--NAME.a.b[=value]`` on the command line (as ml_collections)."""
+  argv = FLAGS.read_flags_from_files(sys.argv, force_gnu=False)
+  pattern = re.compile(rf"-{{1,2}}(no)?{name}\.")
+  return [arg.split("=", 1)[0].split(".", 1)[1] for arg in argv if pattern.match(arg)]
+
+
+def verbose_errors() -> bool:
+  """``--verbose_errors`` (anywhere on the command line) or ``$PREFJAX_VERBOSE_ERRORS``."""
+  if os.environ.get(VERBOSE_ERRORS_ENV, "") not in ("", "0"):
+    return True
+  if "verbose_errors" in FLAGS and FLAGS["verbose_errors"].present:
+    return bool(FLAGS.verbose_errors)
+  return any(re.fullmatch(r"--verbose_errors(=(1|true|True))?", arg) for arg in sys.argv)
 
 
 def define_flags() -> None:
-  """Defines ``--config`` (an ml_collections config file) and ``--workdir``."""
+  """Defines ``--config``, ``--workdir``, ``--config_help`` and ``--verbose_errors``.
+
+  They are key flags of the binary, so its ``--help`` lists them.
+  """
   if "config" not in FLAGS:
     config_flags.DEFINE_config_file(
-        "config", None, "Config file, optionally with an argument: configs/x.py:quick.",
+        "config", None, "Config file, optionally with an argument: configs/x.py:quick. "
+        "Override fields with --config.a.b=value; --config_help lists them.",
         lock_config=True)
+    FLAGS["config"].parser = CheckedConfigFileParser("config", FLAGS["config"].parser)
   if "workdir" not in FLAGS:
     flags.DEFINE_string("workdir", None, "Output directory; rerunning with it resumes.")
+  if "config_help" not in FLAGS:
+    flags.DEFINE_bool("config_help", False,
+                      "Print every field of --config with its value and exit.")
+  if "verbose_errors" not in FLAGS:
+    flags.DEFINE_bool("verbose_errors", False, "Show the full traceback of an error "
+                      f"(also ${VERBOSE_ERRORS_ENV}=1).")
+  for name in ("config", "workdir", "config_help", "verbose_errors"):
+    FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drops INFO lines of chatty libraries (orbax logs every checkpoint step in detail)."""
+  """Drops INFO lines of chatty libraries (orbax logs every checkpoint step in detail) and
+  TFDS warnings (it warns on every custom dataset config prefjax builds)."""
 
-  NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}")
+  NOISY = {f"{os.sep}orbax{os.sep}": std_logging.WARNING,
+           f"{os.sep}tensorflow_datasets{os.sep}": std_logging.ERROR}
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or not any(
-        part in record.pathname for part in self.NOISY)
+    return all(record.levelno >= level for part, level in self.NOISY.items()
+               if part in record.pathname)
 
 
 def prepare_workdir(workdir: str | os.PathLike[str]) -> str:
@@ -53,22 +130,60 @@ def prepare_workdir(workdir: str | os.PathLike[str]) -> str:
   handler.use_absl_log_file("log", str(log_dir))
   handler.addFilter(_QuietLibraries())
   logging.set_verbosity(logging.INFO)
-  logging.set_stderrthreshold(logging.INFO)
+  if not FLAGS["stderrthreshold"].present:  # Progress on the terminal unless asked otherwise.
+    logging.set_stderrthreshold(logging.INFO)
+  tfds.display_progress_bar(False)  # Dataset builds take seconds; bars garble logs.
   return str(path)
+
+
+def config_help(config: Any) -> str:
+  """Every field of ``config`` as ``config.a.b = value``, one a line."""
+  return "\n".join(f"{key} = {value!r}" for key, value in configlib.flat_items(config))
+
+
+def _error_message(error: BaseException) -> str:
+  text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+  return f"{type(error).__name__}: {text}"
+
+
+def report_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+  """Ends ``main`` on a user error with its message on stderr and exit code 1."""
+
+  @functools.wraps(main)
+  def wrapped(argv: list[str]) -> Any:
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      if verbose_errors():
+        raise
+      logging.flush()
+      sys.stderr.write(f"error: {_error_message(e)} [--verbose_errors shows the traceback]\n")
+      sys.exit(1)
+
+  return wrapped
+
+
+def _check_command_line(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise configlib.ConfigError(f"unexpected positional arguments: {argv[1:]}")
+  if FLAGS.config is None:
+    raise configlib.ConfigError("--config is required, e.g. --config=configs/rm/tiny.py")
+  if not FLAGS.workdir and not FLAGS.config_help:
+    raise configlib.ConfigError("--workdir is required (rerunning with it resumes)")
 
 
 def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
   """An absl ``main`` that validates the flags and calls ``run(config, workdir)``."""
 
   def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-      raise ValueError(f"unexpected positional arguments: {argv[1:]}")
-    if FLAGS.config is None:
-      raise ValueError("--config is required, e.g. --config=configs/rm/tiny.py")
-    if not FLAGS.workdir:
-      raise ValueError("--workdir is required (rerunning with it resumes)")
+    _check_command_line(argv)
+    if FLAGS.config_help:
+      print(config_help(FLAGS.config))
+      return
     workdir = prepare_workdir(FLAGS.workdir)
-    logging.info("config:\n%s", FLAGS.config)
+    logging.info("config %s, overrides %s (all fields: --config_help; saved in config.json)",
+                 config_flags.get_config_filename(FLAGS["config"]),
+                 config_flags.get_override_values(FLAGS["config"]))
     run(FLAGS.config, workdir)
 
-  return main
+  return report_errors(main)

@@ -158,7 +158,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the RL run of ``config`` in ``workdir``; returns the summary."""
   os.makedirs(workdir, exist_ok=True)
   configlib.check_fields("config.eval", config.eval, ("exact_kl_max_vocab",))
-  summary_lib.write_or_check_config(workdir, config)
+  summary_lib.write_or_check_config(
+      workdir, config,
+      on_mismatch=train.LoopConfig.from_mapping(config.loop).on_config_mismatch)
   r = _Run(config, workdir)
   start = r.init_state()
   total, loop = r.loop.num_steps, r.loop

@@ -87,6 +87,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     ``{"summary": summary.json contents, "eval": final eval metrics, "preempted": bool}``.
   """
   configlib.check_fields("config.eval", config.eval, EVAL_FIELDS)
+  loss = rm.RewardLoss.from_config(config.loss)  # A bad loss fails before data and model.
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   mesh = experiment.make_mesh(config.mesh)
   train_source = experiment.load_split(config.data, config.data.train_split)
@@ -110,7 +111,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     deep = isinstance(model, heads_lib.DeepEnsemble)
     result = train.train_loop(
         workdir=workdir, config=config, model=model,
-        loss_fn=rm.make_loss_fn(config.loss, num_columns=num_columns, objectives=objectives,
+        loss_fn=rm.make_loss_fn(loss, num_columns=num_columns, objectives=objectives,
                                 num_segments=num_segments),
         optimizer=train.make_optimizer(config.optimizer, clip_per_member=deep),
         loop=config.loop, train_iter=train_iter, evaluators=evaluators,

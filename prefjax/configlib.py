@@ -1,19 +1,103 @@
-"""Typed config dataclasses built from dicts or ``ml_collections.ConfigDict``s."""
+"""Typed config sections: unknown keys are errors that name the closest valid keys.
+
+Config files declare whole sections from the dataclass that reads them
+(``section(LoopConfig, num_steps=300)``), so every field a dataclass documents
+exists in the shipped config with its default and can be set on the command line.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import types
+import typing
 from typing import Any, Iterable, Mapping, TypeVar
 
+import ml_collections
+from ml_collections import config_dict
+
 T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+  """A config key or value that does not fit the schema."""
+
+
+def unknown_keys_message(section: str, unknown: Iterable[str], known: Iterable[str]) -> str:
+  """One line: the unknown keys of ``section``, the closest known ones, all known ones."""
+  unknown, known = sorted(unknown), sorted(known)
+  close = list(dict.fromkeys(m for key in unknown for m in difflib.get_close_matches(key, known)))
+  hint = f" (did you mean {', '.join(close)}?)" if close else ""
+  return f"{section}: unknown field(s) {unknown}{hint}; known: {known}"
 
 
 def check_fields(section: str, cfg: Mapping[str, Any] | None, known: Iterable[str]) -> None:
   """Rejects the keys of a config section (e.g. ``config.eval``) that are not in ``known``."""
   known = set(known)
-  unknown = sorted(set(cfg or {}) - known)
+  unknown = set(cfg or {}) - known
   if unknown:
-    raise ValueError(f"{section}: unknown field(s) {unknown}; known: {sorted(known)}")
+    raise ConfigError(unknown_keys_message(section, unknown, known))
+
+
+def check_key_path(config: Mapping[str, Any], path: str, root: str = "config") -> None:
+  """Raises ``ConfigError`` unless ``root.path`` (``a.b.c``) names a field of ``config``.
+
+  Used on ``--config.a.b=value`` overrides before ml_collections applies them, so a typo
+  is one line naming the section's fields instead of a traceback.
+  """
+  node, section = config, root
+  for part in path.split("."):
+    name = part.split("[", 1)[0]
+    if not isinstance(node, (Mapping, ml_collections.ConfigDict)):
+      raise ConfigError(f"{section} is a value ({type(node).__name__}), not a section: "
+                        f"cannot set {root}.{path}")
+    if name not in node:
+      raise ConfigError(unknown_keys_message(section, [name], node.keys()))
+    node, section = node[name], f"{section}.{name}"
+
+
+def _field_type(hint: Any) -> type:
+  """``int | None`` -> ``int``; other hints as they are (for typed placeholders)."""
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return _field_type(args[0]) if len(args) == 1 else object
+  return typing.get_origin(hint) or hint
+
+
+def section(cls: type, **values: Any) -> ml_collections.ConfigDict:
+  """A config section with every field of dataclass ``cls``: ``values``, else the default.
+
+  Fields whose default is None become typed placeholders (settable from the command
+  line); a field without a default must be given; a key ``cls`` lacks is a ``ConfigError``.
+  """
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  check_fields(cls.__name__, values, fields)
+  hints = typing.get_type_hints(cls)
+  out = {}
+  for name, field in fields.items():
+    if name in values:
+      out[name] = values[name]
+    elif field.default is not dataclasses.MISSING:
+      out[name] = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+      out[name] = field.default_factory()
+    else:
+      raise ConfigError(f"{cls.__name__}.{name} has no default: pass {name}=...")
+    if out[name] is None:
+      out[name] = config_dict.placeholder(_field_type(hints[name]))
+  return ml_collections.ConfigDict(out)
+
+
+def flat_items(config: Mapping[str, Any], prefix: str = "config") -> list[tuple[str, Any]]:
+  """``[("config.a.b", value), ...]`` for every leaf of a (nested) config, sorted."""
+  items = []
+  for key in sorted(config.keys()):
+    value, name = config[key], f"{prefix}.{key}"
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)) and len(value):
+      items.extend(flat_items(value, name))
+    else:
+      items.append((name, value))
+  return items
 
 
 def dataclass_from_mapping(cls: type[T], cfg: Mapping[str, Any] | T, **converters) -> T:

@@ -12,7 +12,8 @@ schema is the same everywhere:
                           recompute each block's activations in the backward pass)
   config.data             name (``load_preferences`` name or "tiny_world"), train_split,
                           eval_split, on_bad_row, tiny_world (seed, num_pairs, label_noise,
-                          temperature), and ``pipeline`` fields (``PipelineConfig``)
+                          temperature), and ``pipeline`` fields (``PipelineConfig``);
+                          ``data_section`` builds it with every field declared
   config.mesh.shape       over ("data", "fsdp", "tensor"), -1 = remaining devices
 """
 
@@ -23,12 +24,14 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from prefjax import assets
+from prefjax import configlib
 from prefjax import parallel
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import sources
@@ -157,6 +160,27 @@ def ensure_tiny_world(tw: Mapping[str, Any]) -> str:
         name, rows, label_noise=flipped / len(rows),
         gold_name=f"tiny_world(seed={world.seed})", meta=dict(tw))
   return f"synthetic:{name}"
+
+
+DATA_DEFAULTS = dict(name="tiny_world", train_split="resplit_train",
+                     eval_split="resplit_validation", on_bad_row="error", cache_dir="")
+TINY_WORLD_DEFAULTS = dict(world_seed=0, seed=0, num_pairs=2000, label_noise="none",
+                           temperature=1.0)
+
+
+def data_section(*, pipeline: Mapping[str, Any] | None = None,
+                 tiny_world: Mapping[str, Any] | None = None,
+                 **fields: Any) -> ml_collections.ConfigDict:
+  """``config.data`` declaring every field the binaries read, defaults filled in.
+
+  ``fields`` override ``DATA_DEFAULTS`` (a binary's own keys, e.g. ``objective``, are
+  added); ``pipeline`` holds ``PipelineConfig`` values, ``tiny_world`` the world's.
+  Shipped configs build their data section here, so every documented option can be
+  set from the command line (``--config.data.pipeline.max_prompt_length=64``).
+  """
+  return ml_collections.ConfigDict(dict(
+      DATA_DEFAULTS, **fields, tiny_world=dict(TINY_WORLD_DEFAULTS, **(tiny_world or {})),
+      pipeline=configlib.section(pipeline_lib.PipelineConfig, **(pipeline or {}))))
 
 
 def load_split(data_cfg: Any, split: str) -> sources.PreferenceSource:

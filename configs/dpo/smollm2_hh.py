@@ -28,6 +28,10 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from prefjax import configlib
+from prefjax import experiment
+from prefjax import train
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None (default) or ``quick`` (2 steps at batch 2: a CPU smoke test)."""
@@ -35,20 +39,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.tokenizer = dict(path="asset:smollm2")
   config.model = dict(arch="decoder", preset="", path="asset:smollm2", dtype="", overrides={})
-  config.data = dict(
-      name="hh_rlhf/harmless-base", train_split="resplit_train",
-      eval_split="resplit_validation[:64]", on_bad_row="error", cache_dir="",
+  config.data = experiment.data_section(
+      name="hh_rlhf/harmless-base", eval_split="resplit_validation[:64]",
       pipeline=dict(seed=0, batch_size=16, max_length=512, max_prompt_length=256,
                     mode="padded", bucket_boundaries=(128, 256), prompt_style="chat"))
   config.loss = dict(name="dpo", beta=0.1, kwargs="", nll_alpha=config_dict.placeholder(float))
   config.ref = dict(mode="auto", path="", cache_dir="")
-  config.optimizer = dict(name="adamw", learning_rate=5e-7, schedule="cosine",
-                          warmup_steps=20, total_steps=200, weight_decay=0.0,
-                          grad_clip_norm=10.0)
-  config.loop = dict(num_steps=200, log_every=10, eval_every=100, checkpoint_every=100,
-                     seed=0, async_checkpointing=True, tensorboard=True)
+  config.optimizer = configlib.section(
+      train.OptimizerConfig, name="adamw", learning_rate=5e-7, schedule="cosine", warmup_steps=20,
+      total_steps=200, weight_decay=0.0, grad_clip_norm=10.0)
+  config.loop = configlib.section(train.LoopConfig, num_steps=200, log_every=10,
+                                  eval_every=100, checkpoint_every=100, seed=0,
+                                  async_checkpointing=True, tensorboard=True)
   config.eval = dict(batch_size=16, kl_max_new_tokens=64, kl_temperature=1.0, exact_kl="auto")
-  config.mesh = dict(shape=(-1, 1, 1))
+  config.mesh = dict(shape=(-1, 1, 1), num_devices=0)
   if arg == "quick":
     config.data.pipeline.batch_size = 2
     config.data.pipeline.max_length = 256

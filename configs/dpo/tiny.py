@@ -25,6 +25,10 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from prefjax import configlib
+from prefjax import experiment
+from prefjax import train
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None (default) or ``quick`` (fewer steps, for tests)."""
@@ -35,22 +39,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       arch="decoder", preset="tiny_llama", path="", dtype="",
       overrides=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                      intermediate_size=64, max_position_embeddings=64))
-  config.data = dict(
-      name="tiny_world", train_split="resplit_train", eval_split="resplit_validation",
-      on_bad_row="error", cache_dir="",
-      tiny_world=dict(world_seed=0, seed=0, num_pairs=2000, label_noise="none",
-                      temperature=1.0),
+  config.data = experiment.data_section(
       pipeline=dict(seed=0, batch_size=16, max_length=32, mode="padded",
                     max_segments_per_row=16))
   config.loss = dict(name="dpo", beta=0.1, kwargs="", nll_alpha=config_dict.placeholder(float))
   config.ref = dict(mode="auto", path="", cache_dir="")
-  config.optimizer = dict(name="adamw", learning_rate=3e-3, schedule="constant",
-                          warmup_steps=0, weight_decay=0.0, grad_clip_norm=1.0)
-  config.loop = dict(num_steps=300, log_every=20, eval_every=100, checkpoint_every=100,
-                     seed=0, async_checkpointing=False, tensorboard=True)
+  config.optimizer = configlib.section(
+      train.OptimizerConfig, name="adamw", learning_rate=3e-3, schedule="constant", warmup_steps=0,
+      weight_decay=0.0, grad_clip_norm=1.0)
+  config.loop = configlib.section(train.LoopConfig, num_steps=300, log_every=20,
+                                  eval_every=100, checkpoint_every=100, seed=0,
+                                  async_checkpointing=False, tensorboard=True)
   config.eval = dict(batch_size=64, kl_max_new_tokens=16, kl_temperature=1.0,
                      exact_kl="auto")
-  config.mesh = dict(shape=(-1, 1, 1))
+  config.mesh = dict(shape=(-1, 1, 1), num_devices=0)
   if arg == "quick":
     config.loop.num_steps = 40
     config.loop.eval_every = 0

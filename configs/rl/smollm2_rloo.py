@@ -29,6 +29,9 @@ under a second on one H100. Numbers for the full run: not yet measured.
 
 import ml_collections
 
+from prefjax import configlib
+from prefjax import train
+
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -55,8 +58,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       num_minibatches=1, clip_eps=0.2, vf_coef=0.0, vf_clip_eps=0.2, entropy_coef=0.0,
       gamma=1.0, lam=0.95, whiten_advantages=True, kl_coef=0.05, kl_estimator="k1",
       adaptive_kl=dict(enabled=False, target=6.0, horizon=10000.0), value_trunk="separate")
-  c.optimizer = dict(name="adamw", learning_rate=1e-6, weight_decay=0.0, grad_clip_norm=1.0)
-  c.loop = dict(num_steps=200, eval_every=20, checkpoint_every=20, keep_checkpoints=2)
+  c.optimizer = configlib.section(train.OptimizerConfig, name="adamw", learning_rate=1e-6,
+                                 weight_decay=0.0, grad_clip_norm=1.0)
+  # The loop fields train_rl honours (it logs every step).
+  c.loop = dict(num_steps=200, eval_every=20, checkpoint_every=20, keep_checkpoints=2,
+                on_config_mismatch="warn")
   c.eval = dict(exact_kl_max_vocab=4096)
   c.log_train_gold = False
   if arg == "quick":

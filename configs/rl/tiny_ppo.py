@@ -20,6 +20,9 @@ as the exploit character takes over (exploit fraction 0.04 -> 0.95); proxy
 
 import ml_collections
 
+from prefjax import configlib
+from prefjax import train
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Shared by tiny_ppo and tiny_rloo."""
@@ -43,8 +46,11 @@ def base_config() -> ml_collections.ConfigDict:
       num_minibatches=2, clip_eps=0.2, vf_coef=0.1, vf_clip_eps=0.2, entropy_coef=0.0,
       gamma=1.0, lam=0.95, whiten_advantages=True, kl_coef=0.02, kl_estimator="k1",
       adaptive_kl=dict(enabled=False, target=4.0, horizon=10000.0), value_trunk="separate")
-  c.optimizer = dict(name="adam", learning_rate=1e-3, grad_clip_norm=1.0)
-  c.loop = dict(num_steps=18, eval_every=3, checkpoint_every=10, keep_checkpoints=2)
+  c.optimizer = configlib.section(train.OptimizerConfig, name="adam", learning_rate=1e-3,
+                                 grad_clip_norm=1.0)
+  # The loop fields train_rl honours (it logs every step).
+  c.loop = dict(num_steps=18, eval_every=3, checkpoint_every=10, keep_checkpoints=2,
+                on_config_mismatch="warn")
   c.eval = dict(exact_kl_max_vocab=4096)
   c.log_train_gold = True
   return c

@@ -23,6 +23,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from prefjax import configlib
+from prefjax import experiment
+from prefjax import train
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None (default), ``quick`` (a few steps, smoke test) or ``cls`` (CLS pooling)."""
@@ -33,19 +37,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.tokenizer = dict(path="asset:minilm")
   config.model = dict(arch="encoder", preset="", path="asset:minilm", head="reward",
                       ensemble="heads", pooling="mean", dtype="float32", overrides={})
-  config.data = dict(
-      name="hh_rlhf/harmless-base", train_split="resplit_train",
-      eval_split="resplit_validation", on_bad_row="error", cache_dir="", objective="",
-      objective_field="objective",
+  config.data = experiment.data_section(
+      name="hh_rlhf/harmless-base", objective="", objective_field="objective",
       pipeline=dict(seed=0, batch_size=16, max_length=80, max_prompt_length=32,
                     mode="padded", bucket_boundaries=(48,), add_bos=True))
   config.loss = dict(name="bt", margin=0.0, label_smoothing=0.0, center_coef=0.0, nu=1.0,
                      bootstrap=False, first_member=0)
-  config.optimizer = dict(name="adamw", learning_rate=5e-5, schedule="cosine",
-                          warmup_steps=15, total_steps=num_steps, weight_decay=0.01,
-                          grad_clip_norm=1.0)
-  config.loop = dict(num_steps=num_steps, log_every=10, eval_every=75, checkpoint_every=25,
-                     seed=0, async_checkpointing=False)
+  config.optimizer = configlib.section(
+      train.OptimizerConfig, name="adamw", learning_rate=5e-5, schedule="cosine", warmup_steps=15,
+      total_steps=num_steps, weight_decay=0.01, grad_clip_norm=1.0)
+  config.loop = configlib.section(train.LoopConfig, num_steps=num_steps, log_every=10,
+                                  eval_every=75, checkpoint_every=25, seed=0,
+                                  async_checkpointing=False)
   config.eval = dict(enabled=True, batch_size=32, num_bins=10, subset_field="subset")
   config.mesh = dict(shape=(-1, 1, 1), ensemble=1, num_devices=0)
   if arg == "quick":

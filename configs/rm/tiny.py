@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from prefjax import configlib
+from prefjax import experiment
+from prefjax import train
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None (default) or ``quick`` (fewer steps, for tests)."""
@@ -31,19 +35,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       pooling="last", dtype="float32",
       overrides=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                      intermediate_size=64, max_position_embeddings=64))
-  config.data = dict(
-      name="tiny_world", train_split="resplit_train", eval_split="resplit_validation",
-      on_bad_row="error", cache_dir="", objective="", objective_field="objective",
-      tiny_world=dict(world_seed=0, seed=0, num_pairs=2000, label_noise="none",
-                      temperature=1.0),
+  config.data = experiment.data_section(
+      objective="", objective_field="objective",
       pipeline=dict(seed=0, batch_size=32, max_length=32, mode="padded",
                     bucket_boundaries=(24,)))
   config.loss = dict(name="bt", margin=0.0, label_smoothing=0.0, center_coef=0.0, nu=1.0,
                      bootstrap=False, first_member=0)
-  config.optimizer = dict(name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=10,
-                          total_steps=num_steps, weight_decay=0.0, grad_clip_norm=1.0)
-  config.loop = dict(num_steps=num_steps, log_every=20, eval_every=100, checkpoint_every=100,
-                     seed=0, async_checkpointing=False)
+  config.optimizer = configlib.section(
+      train.OptimizerConfig, name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=10,
+      total_steps=num_steps, weight_decay=0.0, grad_clip_norm=1.0)
+  config.loop = configlib.section(train.LoopConfig, num_steps=num_steps, log_every=20,
+                                  eval_every=100, checkpoint_every=100, seed=0,
+                                  async_checkpointing=False)
   config.eval = dict(enabled=True, batch_size=64, num_bins=10, subset_field="subset")
   config.mesh = dict(shape=(-1, 1, 1), ensemble=1, num_devices=0)
   if arg == "quick":

@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from prefjax import configlib
+from prefjax import experiment
+from prefjax import train
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None (default) or ``quick`` (fewer steps, for tests)."""
@@ -28,18 +32,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       arch="decoder", preset="tiny_llama", path="", dtype="",
       overrides=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                      intermediate_size=64, max_position_embeddings=64))
-  config.data = dict(
-      name="tiny_world", train_split="resplit_train", eval_split="resplit_validation",
-      on_bad_row="error", cache_dir="", response_key="chosen",
-      tiny_world=dict(world_seed=0, seed=0, num_pairs=2000, label_noise="none",
-                      temperature=1.0),
+  config.data = experiment.data_section(
+      response_key="chosen",
       pipeline=dict(seed=0, batch_size=32, max_length=32, mode="padded"))
-  config.optimizer = dict(name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=10,
-                          total_steps=300, weight_decay=0.0, grad_clip_norm=1.0)
-  config.loop = dict(num_steps=300, log_every=20, eval_every=100, checkpoint_every=100,
-                     seed=0, async_checkpointing=False, tensorboard=True)
+  config.optimizer = configlib.section(
+      train.OptimizerConfig, name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=10,
+      total_steps=300, weight_decay=0.0, grad_clip_norm=1.0)
+  config.loop = configlib.section(train.LoopConfig, num_steps=300, log_every=20,
+                                  eval_every=100, checkpoint_every=100, seed=0,
+                                  async_checkpointing=False, tensorboard=True)
   config.eval = dict(batch_size=64)
-  config.mesh = dict(shape=(-1, 1, 1))
+  config.mesh = dict(shape=(-1, 1, 1), num_devices=0)
   config.export_hf = True
   if arg == "quick":
     config.loop.num_steps = 40

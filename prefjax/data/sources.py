@@ -63,8 +63,8 @@ class BadRowError(ValueError):
     super().__init__(
         f"{dataset} split {summary.split!r}: {len(self.problems)} bad row(s) of "
         f"{summary.rows_read} read {summary.skipped_by_reason}:\n{listed}\n"
-        "Fix the input, or pass on_bad_row='skip' to drop these rows (they stay listed "
-        "in source.summary).")
+        "Fix the input, or drop these rows with --config.data.on_bad_row=skip "
+        "(load_preferences(..., on_bad_row='skip')); they stay counted in source.summary.")
 
 
 def default_cache_dir() -> pathlib.Path:

@@ -37,9 +37,8 @@ from prefjax.losses._common import smoothed_logistic
 from prefjax.losses.registry import DIRECT_LOSS_SPECS  # noqa: F401
 from prefjax.losses.registry import DIRECT_LOSSES
 from prefjax.losses.registry import DirectLossSpec  # noqa: F401
-from prefjax.losses.registry import UNPAIRED_LOSSES  # noqa: F401
+from prefjax.losses.registry import UNPAIRED_LOSSES
 from prefjax.losses.registry import direct_loss_spec  # noqa: F401
-from prefjax.losses.registry import lookup
 from prefjax.losses.registry import register_direct_loss
 from prefjax.losses.registry import unregister_direct_loss  # noqa: F401
 # KTO has its own signature (unpaired data) and module; re-exported here.
@@ -60,8 +59,14 @@ DirectLoss = Callable[..., Array]
 
 
 def get_direct_loss(name: str) -> DirectLoss:
-  """The registered pairwise loss called ``name``; a clear error lists the known names."""
-  return lookup(DIRECT_LOSSES, name, "direct")
+  """The registered pairwise loss called ``name``; a clear error lists every registered loss."""
+  if name in UNPAIRED_LOSSES:
+    raise KeyError(f"direct loss {name!r} is unpaired (its own signature, see "
+                   f"prefjax.losses.unpaired); registered pairwise: {sorted(DIRECT_LOSSES)}")
+  if name not in DIRECT_LOSSES:
+    raise KeyError(f"unknown direct loss {name!r}; registered: {sorted(DIRECT_LOSSES)} "
+                   f"(pairwise) and {sorted(UNPAIRED_LOSSES)} (unpaired, own signature)")
+  return DIRECT_LOSSES[name]
 
 
 _FIELDS = ", ".join(PairLogps._fields)

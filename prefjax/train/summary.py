@@ -13,6 +13,9 @@ from absl import logging
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
+# How a rerun treats a changed config is not part of what is run: setting it on the
+# rerun (``--config.loop.on_config_mismatch=error``) must not itself be a mismatch.
+RERUN_POLICY_FIELDS = (("loop", "on_config_mismatch"),)
 
 
 class ConfigMismatchError(ValueError):
@@ -72,6 +75,14 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def _without_rerun_policy(config: Mapping[str, Any]) -> dict[str, Any]:
+  out = dict(config)
+  for section, name in RERUN_POLICY_FIELDS:
+    if isinstance(out.get(section), Mapping):
+      out[section] = {k: v for k, v in out[section].items() if k != name}
+  return out
+
+
 def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn") -> dict:
   """Writes ``config.json`` on a fresh workdir; on a rerun compares and reports a diff.
 
@@ -88,7 +99,7 @@ def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn
     return new
   with open(path) as f:
     old = json.load(f)
-  diff = config_diff(old, new)
+  diff = config_diff(_without_rerun_policy(old), _without_rerun_policy(new))
   if diff:
     message = f"config differs from the one {workdir} was started with:\n{diff}"
     if on_mismatch == "error":

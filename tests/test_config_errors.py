@@ -1,0 +1,250 @@
+"""Catalogue of command-line mistakes, run through the real binaries.
+
+Each mistake must end with exit code 1, a short message (at most 5 lines of output,
+no traceback) that says what to change, and no workdir where the config never loaded.
+Every case fails before a model is built, so each run costs about one import of jax.
+"""
+
+import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from configs.dpo import smollm2_hh
+from configs.dpo import tiny as dpo_tiny
+from configs.rm import hh_minilm
+from configs.rm import pandalm_ties
+from configs.rl import smollm2_rloo
+from configs.rl import tiny_ppo
+from configs.rl import tiny_rloo
+from configs.rm import tiny as rm_tiny
+from configs.sft import tiny as sft_tiny
+from prefjax import configlib
+from prefjax import train
+from prefjax.data import pipeline as pipeline_lib
+from prefjax.data import sources
+from prefjax.losses import direct
+from prefjax.losses import preference
+from prefjax.losses import registry
+from prefjax.train import summary as summary_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BINARIES = {"train_rm": "configs/rm/tiny.py", "train_dpo": "configs/dpo/tiny.py"}
+MAX_ERROR_LINES = 5
+
+
+def run_binary(binary: str, *args: str, env: dict | None = None) -> tuple[int, list[str]]:
+  """Runs ``python -m experiments.BINARY ARGS``; returns (exit code, stdout+stderr lines)."""
+  env = dict(os.environ if env is None else env, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env.pop("PREFJAX_VERBOSE_ERRORS", None)
+  proc = subprocess.run([sys.executable, "-m", f"experiments.{binary}", *args], cwd=REPO,
+                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True, timeout=300)
+  return proc.returncode, proc.stdout.splitlines()
+
+
+def assert_short_error(code: int, lines: list[str], *expected: str) -> str:
+  text = "\n".join(lines)
+  assert code == 1, text
+  assert len(lines) <= MAX_ERROR_LINES, text
+  assert "Traceback" not in text, text
+  for part in expected:
+    assert part in text, f"{part!r} not in:\n{text}"
+  return text
+
+
+@pytest.mark.parametrize("binary", sorted(BINARIES))
+def test_unknown_top_level_key_names_the_sections(binary, tmp_path):
+  code, lines = run_binary(binary, f"--config={BINARIES[binary]}",
+                           f"--workdir={tmp_path / 'w'}", "--config.not_a_key=1")
+  text = assert_short_error(code, lines, "config: unknown field(s) ['not_a_key']",
+                            "'loop'", "'data'", "'optimizer'")
+  assert "did you mean" not in text  # Nothing is close to not_a_key.
+  assert not (tmp_path / "w").exists()
+
+
+def test_unknown_nested_key_names_the_closest_and_the_sections_fields(tmp_path):
+  code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py",
+                           f"--workdir={tmp_path / 'w'}", "--config.loop.num_stepz=5")
+  assert_short_error(code, lines, "config.loop: unknown field(s) ['num_stepz']",
+                     "did you mean num_steps", "'on_config_mismatch'", "'keep_checkpoints'")
+  assert not (tmp_path / "w").exists()
+
+
+def test_missing_config_file_is_one_line_and_creates_no_workdir(tmp_path):
+  code, lines = run_binary("train_dpo", "--config=configs/dpo/no_such.py",
+                           f"--workdir={tmp_path / 'w'}")
+  assert_short_error(code, lines, "config file 'configs/dpo/no_such.py' not found")
+  assert not (tmp_path / "w").exists()
+
+
+def test_unknown_config_variant_is_the_config_files_own_message(tmp_path):
+  code, lines = run_binary("train_dpo", "--config=configs/dpo/tiny.py:bogus",
+                           f"--workdir={tmp_path / 'w'}")
+  assert_short_error(code, lines, "unknown variant 'bogus'; known: quick")
+  assert not (tmp_path / "w").exists()
+
+
+def test_missing_workdir_is_one_line():
+  code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py")
+  assert_short_error(code, lines, "--workdir is required")
+
+
+def test_help_lists_the_binary_flags():
+  code, lines = run_binary("train_dpo", "--help")
+  text = "\n".join(lines)
+  assert code == 1, text  # absl's --help exits 1.
+  for flag in ("--config:", "--workdir:", "--[no]config_help:", "--[no]verbose_errors:"):
+    assert flag in text, flag
+
+
+def test_config_help_lists_every_field_with_overrides_applied():
+  code, lines = run_binary("train_dpo", "--config=configs/dpo/tiny.py", "--config_help",
+                           "--config.loop.on_config_mismatch=error",
+                           "--config.data.pipeline.max_prompt_length=12")
+  assert code == 0, "\n".join(lines)
+  fields = dict(line.split(" = ", 1) for line in lines)
+  assert fields["config.loop.on_config_mismatch"] == "'error'"
+  assert fields["config.data.pipeline.max_prompt_length"] == "12"
+  assert fields["config.loop.best_metric"] == "None"
+  assert fields["config.data.on_bad_row"] == "'error'"
+  for cls, section in ((train.LoopConfig, "loop"), (train.OptimizerConfig, "optimizer"),
+                       (pipeline_lib.PipelineConfig, "data.pipeline")):
+    for field in dataclasses.fields(cls):
+      assert f"config.{section}.{field.name}" in fields, (section, field.name)
+
+
+def test_unknown_direct_loss_lists_every_registered_loss(tmp_path):
+  code, lines = run_binary("train_dpo", "--config=configs/dpo/tiny.py",
+                           f"--workdir={tmp_path / 'w'}", "--config.loss.name=nope")
+  text = assert_short_error(code, lines, "unknown direct loss 'nope'", "'kto'")
+  for name in registry.DIRECT_LOSS_SPECS:
+    assert f"'{name}'" in text, name
+
+
+def test_unknown_reward_loss_fails_before_data_and_lists_every_loss(tmp_path):
+  code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py",
+                           f"--workdir={tmp_path / 'w'}", "--config.loss.name=nope")
+  text = assert_short_error(code, lines, "unknown preference loss 'nope'")
+  for name in preference.PREFERENCE_LOSSES:
+    assert f"'{name}'" in text, name
+  assert "data " not in text  # No split was loaded.
+
+
+def test_verbose_errors_keeps_the_traceback(tmp_path):
+  code, lines = run_binary("train_dpo", "--config=configs/dpo/tiny.py",
+                           f"--workdir={tmp_path / 'w'}", "--config.loss.name=nope",
+                           "--verbose_errors")
+  text = "\n".join(lines)
+  assert code == 1, text
+  assert "Traceback" in text and "unknown direct loss 'nope'" in text
+
+
+def test_bad_row_error_names_the_row_and_the_skip_flag(tmp_path, monkeypatch):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                 '{"prompt": "a", "chosen": "b"}\n')
+  monkeypatch.setenv("PREFJAX_CACHE_DIR", str(tmp_path / "cache"))
+  # Built once here, so the run's output is the error (a first build prints TFDS banners).
+  assert len(sources.load_preferences(f"jsonl:{bad}", "train", on_bad_row="skip")) == 1
+  code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py",
+                           f"--workdir={tmp_path / 'w'}", f"--config.data.name=jsonl:{bad}",
+                           "--config.data.train_split=train")
+  assert_short_error(code, lines, "BadRowError", f"{bad}:2: missing_field",
+                     "--config.data.on_bad_row=skip")
+
+
+@pytest.mark.parametrize("module", [rm_tiny, hh_minilm, pandalm_ties, dpo_tiny, smollm2_hh,
+                                    sft_tiny], ids=lambda m: m.__name__)
+def test_shipped_configs_declare_every_documented_field(module):
+  config = module.get_config()
+  keys = {key for key, _ in configlib.flat_items(config)}
+  for cls, section in ((train.LoopConfig, "loop"), (train.OptimizerConfig, "optimizer"),
+                       (pipeline_lib.PipelineConfig, "data.pipeline")):
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f"config.{section}.{f.name}" not in keys]
+    assert not missing, (section, missing)
+  for name in ("data.name", "data.train_split", "data.eval_split", "data.on_bad_row",
+               "data.cache_dir", "data.tiny_world.num_pairs", "mesh.num_devices"):
+    assert f"config.{name}" in keys, name
+
+
+@pytest.mark.parametrize("module", [tiny_ppo, tiny_rloo, smollm2_rloo],
+                         ids=lambda m: m.__name__)
+def test_rl_configs_declare_the_loop_options_train_rl_honours(module):
+  config = module.get_config()
+  loop = train.LoopConfig.from_mapping(config.loop)
+  assert loop.on_config_mismatch == "warn" and loop.keep_checkpoints == 2
+  keys = {key for key, _ in configlib.flat_items(config)}
+  missing = [f.name for f in dataclasses.fields(train.OptimizerConfig)
+             if f"config.optimizer.{f.name}" not in keys]
+  assert not missing
+
+
+def test_check_key_path_messages():
+  config = rm_tiny.get_config()
+  configlib.check_key_path(config, "data.pipeline.max_prompt_length")
+  with pytest.raises(configlib.ConfigError,
+                     match=r"config.data.pipeline: unknown field\(s\) \['batch_sise'\] "
+                           r"\(did you mean batch_size\?\); known: \['add_bos'"):
+    configlib.check_key_path(config, "data.pipeline.batch_sise")
+  with pytest.raises(configlib.ConfigError, match=r"config.seed is a value \(int\), not a "
+                                                  r"section: cannot set config.seed.x"):
+    configlib.check_key_path(config, "seed.x")
+
+
+def test_section_declares_defaults_and_typed_placeholders():
+  loop = configlib.section(train.LoopConfig, num_steps=7)
+  assert loop.num_steps == 7 and loop.keep_checkpoints == 3 and loop.best_metric is None
+  loop.best_metric = "accuracy"  # A placeholder typed str accepts a string ...
+  with pytest.raises(TypeError):
+    loop.keep_checkpoints = "three"  # ... and typed fields reject other types.
+  assert train.LoopConfig.from_mapping(loop).best_metric == "accuracy"
+  with pytest.raises(configlib.ConfigError, match=r"LoopConfig.num_steps has no default"):
+    configlib.section(train.LoopConfig)
+  with pytest.raises(configlib.ConfigError, match=r"did you mean log_every"):
+    configlib.section(train.LoopConfig, num_steps=1, log_evry=5)
+
+
+def test_on_config_mismatch_error_set_from_the_command_line_stops_a_changed_rerun(tmp_path):
+  config = rm_tiny.get_config("quick")
+  config.loop.on_config_mismatch = "error"
+  config.data.tiny_world.num_pairs = 200
+  config.eval.enabled = False
+  started_with = summary_lib.config_to_dict(config)
+  started_with["seed"] = 1
+  started_with["loop"]["on_config_mismatch"] = "warn"  # The policy itself is not compared.
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  summary_lib.write_json(str(workdir / "config.json"), started_with)
+  code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py:quick",
+                           f"--workdir={workdir}", "--config.loop.on_config_mismatch=error",
+                           "--config.data.tiny_world.num_pairs=200", "--config.eval.enabled=False")
+  text = "\n".join(lines)
+  assert code == 1, text
+  assert "error: ConfigMismatchError: config differs" in text, text
+  assert '-  "seed": 1,' in text and '+  "seed": 0,' in text, text
+  assert "Traceback" not in text
+  assert not (workdir / "summary.json").exists()
+
+
+def test_setting_the_mismatch_policy_on_a_rerun_is_not_a_mismatch(tmp_path):
+  config = {"seed": 0, "loop": {"num_steps": 5, "on_config_mismatch": "warn"}}
+  summary_lib.write_or_check_config(str(tmp_path), config)
+  strict = {"seed": 0, "loop": {"num_steps": 5, "on_config_mismatch": "error"}}
+  assert summary_lib.write_or_check_config(str(tmp_path), strict, on_mismatch="error") == strict
+  longer = {"seed": 0, "loop": {"num_steps": 6, "on_config_mismatch": "error"}}
+  with pytest.raises(summary_lib.ConfigMismatchError, match=r'\+    "num_steps": 6'):
+    summary_lib.write_or_check_config(str(tmp_path), longer, on_mismatch="error")
+  assert not (tmp_path / "config.rerun.json").exists()
+
+
+def test_pairwise_loss_lookup_names_unpaired_losses_too():
+  with pytest.raises(KeyError, match=r"unknown direct loss 'nope'; registered: \[.*'dpo'.*\] "
+                                     r"\(pairwise\) and \['kto'\] \(unpaired"):
+    direct.get_direct_loss("nope")
+  with pytest.raises(KeyError, match=r"direct loss 'kto' is unpaired"):
+    direct.get_direct_loss("kto")
