@@ -40,6 +40,8 @@ BAD_LINES = {
                                 "rejected": "\n\nHuman: B\n\nAssistant: y"}), "no_shared_prompt"),
     "outcome_out_of_range": (_line({**GOOD, "outcome": 2}), "bad_value"),
     "negative_weight": (_line({**GOOD, "weight": -1}), "bad_value"),
+    "weight_overflows_float32": (_line({**GOOD, "weight": 1e39}), "bad_value"),
+    "weight_huge_integer": (_line({**GOOD, "weight": 10**400}), "bad_value"),
     "non_utf8": (b'{"prompt": "Q", "chosen": " caf\xe9", "rejected": " no"}', "non_utf8"),
 }
 

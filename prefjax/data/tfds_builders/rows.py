@@ -15,7 +15,8 @@ Problem reasons (the ``reason`` field, stable strings usable in filters):
 - ``identical_responses``: chosen == rejected, so the pair carries no preference.
 - ``no_shared_prompt``: two transcripts share no "\\n\\nAssistant:" prefix, so the
   prompts disagree and the pair is not a comparison of two responses.
-- ``bad_value``: weight/outcome/meta/votes out of range or of the wrong type.
+- ``bad_value``: weight/outcome/meta/votes out of range or of the wrong type, or a
+  number that is not finite in float32, the dtype it is stored in (``1e39``).
 - ``non_utf8``: the line's bytes are not valid UTF-8.
 - ``truncated_gzip``: the compressed stream ends early (file cut short); the
   partial row and anything after it are lost, counted as one skipped row.
@@ -32,8 +33,11 @@ import json
 import math
 import os
 import pathlib
+import reprlib
 import zlib
 from typing import Any, Iterator, Mapping
+
+import numpy as np
 
 ASSISTANT_TAG = "\n\nAssistant:"
 HUMAN_TAG = "\n\nHuman:"
@@ -135,13 +139,18 @@ def _text_field(obj: Mapping[str, Any], field: str) -> str:
 
 def _number_field(obj: Mapping[str, Any], field: str, default: float,
                   low: float, high: float) -> float:
+  """A number in [low, high] that stays finite in float32, the dtype it is stored in."""
   value = obj.get(field, default)
   if value is None:
     return default
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     raise RowError("bad_value", f"field {field!r} must be a number, got {value!r}")
-  if not (math.isfinite(value) and low <= value <= high):
-    raise RowError("bad_value", f"field {field!r} = {value!r} is outside [{low}, {high}]")
+  with np.errstate(over="ignore"):
+    stored = np.float32(value) if abs(value) < 1e300 else np.float32(np.inf)  # huge ints
+  if not (math.isfinite(stored) and low <= value <= high):
+    why = "overflows float32, the dtype it is stored in" if low <= value <= high else (
+        f"is outside [{low}, {high}]")
+    raise RowError("bad_value", f"field {field!r} = {reprlib.repr(value)} {why}")
   return float(value)
 
 
