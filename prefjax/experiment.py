@@ -178,7 +178,9 @@ def start_data_report(workdir: str, splits: Mapping[str, sources.PreferenceSourc
 
   Call it before building a model: a split with no usable row raises `EmptyDataError`.
   """
-  report = {name: report_lib.split_report(source, tokenizer, config, response_keys)
+  previous = read_data_report(workdir) or {}
+  report = {name: report_lib.split_report(source, tokenizer, config, response_keys,
+                                          previous=previous.get(name))
             for name, source in splits.items()}
   summary_lib.write_json(f"{workdir}/{report_lib.REPORT_FILE}", report)
   logging.info("%s (details: %s)", report_lib.one_line(report), report_lib.REPORT_FILE)

@@ -178,3 +178,18 @@ def test_rl_and_best_of_n_dataset_prompts_are_reported(tmp_path):
   assert got["longest_prompt"] == {"tokens": 31, "row": "prompts.jsonl:2"}
   assert (got["rows_read"], got["rows_used"], got["prompt_limit"]) == (3, 3, 16)
   assert eval_prompts.tokens.shape == (2, 16)
+
+
+def test_a_resumed_run_reuses_the_scan_unless_the_cuts_changed(tmp_path, monkeypatch):
+  path = _write(tmp_path / "r.jsonl", [json.dumps(r) for r in _rows(4)])
+  source, config = _load(path, tmp_path), pipeline.PipelineConfig(max_length=32)
+  first = report.split_report(source, BYTES, config, PAIR)
+  previous = {**first, "iterator": {"batches": 3}}
+  monkeypatch.setattr(report, "scan", lambda *a: pytest.fail("scanned again"))
+  assert report.split_report(source, BYTES, config, PAIR, previous=previous) == first
+  monkeypatch.undo()
+  longer = report.split_report(source, BYTES, pipeline.PipelineConfig(max_length=128), PAIR,
+                               previous=previous)
+  assert longer["scan_key"] != first["scan_key"] and longer["max_length"] == 128
+  assert first["truncated_prompts"]["count"] == 4 and first["truncated_responses"]["count"] == 4
+  assert longer["truncated_prompts"]["count"] == longer["truncated_responses"]["count"] == 0

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
+import json
 from typing import Any, Mapping, Sequence
 
 from prefjax.data import pipeline as pipeline_lib
@@ -109,12 +111,30 @@ def scan(source: Any, tokenizer: tokenize_lib.Tokenizer, config: pipeline_lib.Pi
   }
 
 
+def scan_key(source: Any, tokenizer: tokenize_lib.Tokenizer,
+             config: pipeline_lib.PipelineConfig, response_keys: Sequence[str]) -> str:
+  """What a scan's result depends on: the split's content, the tokenizer, the cuts."""
+  parts = [getattr(source, "fingerprint", ""), len(source), tokenizer.name, list(response_keys),
+           config.max_length, config.prompt_limit, config.min_response_length,
+           config.prompt_style, config.add_bos]
+  return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
 def split_report(source: Any, tokenizer: tokenize_lib.Tokenizer,
-                 config: pipeline_lib.PipelineConfig, response_keys: Sequence[str]
-                 ) -> dict[str, Any]:
-  """`build_counts` + `scan` of one split; `EmptyDataError` when no row is usable."""
+                 config: pipeline_lib.PipelineConfig, response_keys: Sequence[str],
+                 previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """`build_counts` + `scan` of one split; `EmptyDataError` when no row is usable.
+
+  A ``previous`` report of the same split with the same `scan_key` (a resumed run's)
+  is reused instead of tokenizing every row again.
+  """
   check_nonempty(source)
-  report = {**build_counts(source), **scan(source, tokenizer, config, response_keys)}
+  build, key = build_counts(source), scan_key(source, tokenizer, config, response_keys)
+  if previous and previous.get("scan_key") == key:
+    counts = {k: v for k, v in previous.items() if k not in build and k != "iterator"}
+  else:
+    counts = scan(source, tokenizer, config, response_keys)
+  report = {**build, **counts, "scan_key": key}
   if not report["rows_used"]:
     raise EmptyDataError(_no_rows_message(report))
   return report
