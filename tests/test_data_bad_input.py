@@ -43,6 +43,8 @@ BAD_LINES = {
     "weight_overflows_float32": (_line({**GOOD, "weight": 1e39}), "bad_value"),
     "weight_huge_integer": (_line({**GOOD, "weight": 10**400}), "bad_value"),
     "non_utf8": (b'{"prompt": "Q", "chosen": " caf\xe9", "rejected": " no"}', "non_utf8"),
+    "lone_surrogate_escape": (b'{"prompt": "Q\\ud800", "chosen": " a", "rejected": " b"}',
+                              "non_utf8"),
 }
 
 
@@ -244,3 +246,9 @@ def test_missing_raw_folder_says_how_to_get_it(tmp_path):
   with pytest.raises(FileNotFoundError, match="third_party/README.md"):
     pdata.load_preferences("pandalm", "test", data_dir=tmp_path / "cache",
                            manual_dir=tmp_path / "nowhere")
+
+
+def test_escaped_surrogate_pair_is_text_not_a_bad_row(tmp_path):
+  line = b'{"prompt": "Q \\ud83d\\ude00", "chosen": " a", "rejected": " b"}'
+  source = _load(_write_case(tmp_path, line), tmp_path / "cache", "error")
+  assert source[1]["prompt"] == "Q \U0001F600"

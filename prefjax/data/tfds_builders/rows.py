@@ -17,7 +17,8 @@ Problem reasons (the ``reason`` field, stable strings usable in filters):
   prompts disagree and the pair is not a comparison of two responses.
 - ``bad_value``: weight/outcome/meta/votes out of range or of the wrong type, or a
   number that is not finite in float32, the dtype it is stored in (``1e39``).
-- ``non_utf8``: the line's bytes are not valid UTF-8.
+- ``non_utf8``: the line's bytes are not valid UTF-8, or a ``\\ud800``-style escape
+  decodes to a lone surrogate (valid JSON, but not text that can be stored).
 - ``truncated_gzip``: the compressed stream ends early (file cut short); the
   partial row and anything after it are lost, counted as one skipped row.
 - ``corrupt_gzip``: the bytes are not a gzip stream or fail its checks.
@@ -33,6 +34,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import reprlib
 import zlib
 from typing import Any, Iterator, Mapping
@@ -217,6 +219,9 @@ def parse_preference_object(obj: Any, *, layout: str = "auto",
   return PreferenceRow(prompt, chosen, rejected, outcome, weight, meta, notes)
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # only then can a lone surrogate appear
+
+
 def _reject_constant(name: str) -> Any:
   raise ValueError(f"non-finite number {name} is not valid JSON")
 
@@ -255,11 +260,18 @@ def _decode_json_line(raw: bytes, file: str, line_no: int) -> Any | RowProblem:
     return RowProblem(file, line_no, "non_utf8",
                       f"invalid UTF-8 byte {raw[e.start:e.start + 1]!r} at byte {e.start} of the line")
   try:
-    return json.loads(text, parse_constant=_reject_constant)
+    value = json.loads(text, parse_constant=_reject_constant)
   except json.JSONDecodeError as e:
     return RowProblem(file, line_no, "malformed_json", f"{e.msg} at column {e.pos + 1}")
   except ValueError as e:  # NaN / Infinity
     return RowProblem(file, line_no, "malformed_json", str(e))
+  if _SURROGATE_ESCAPE.search(text):
+    try:
+      json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+      return RowProblem(file, line_no, "non_utf8",
+                        f"an escape decodes to the lone surrogate {e.object[e.start:e.end]!r}")
+  return value
 
 
 def resplit_name(prompt: str) -> str:
