@@ -219,9 +219,9 @@ def _panda_item(idx, votes=(1, 1, 2), **overrides):
 
 
 @pytest.mark.parametrize("mode", ["error", "skip"])
-def test_pandalm_bad_vote_and_missing_response(tmp_path, mode):
+def test_pandalm_bad_vote_missing_response_and_lone_surrogate(tmp_path, mode):
   items = [_panda_item(0), _panda_item(1, votes=(1, 3, 2)), _panda_item(2, response2=None),
-           _panda_item(3, votes=(0, 1, 2))]
+           _panda_item(3, votes=(0, 1, 2)), _panda_item(4, response2="\ud800")]
   manual = _pandalm_dir(tmp_path, json.dumps(items))
   kwargs = dict(data_dir=tmp_path / "cache", manual_dir=manual, on_bad_row=mode)
   if mode == "error":
@@ -231,7 +231,8 @@ def test_pandalm_bad_vote_and_missing_response(tmp_path, mode):
     source = pdata.load_preferences("pandalm", "test", **kwargs)
     assert [r["meta"]["idx"] for r in source] == [0, 3]
     assert [r["outcome"] for r in source] == [1.0, 0.5]  # 1-1-1 split is a tie
-    assert source.summary.skipped_by_reason == {"bad_value": 1, "missing_field": 1}
+    assert source.summary.skipped_by_reason == {"bad_value": 1, "missing_field": 1,
+                                                "non_utf8": 1}
 
 
 @pytest.mark.parametrize("mode", ["error", "skip"])

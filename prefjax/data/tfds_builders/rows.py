@@ -267,11 +267,19 @@ def _decode_json_line(raw: bytes, file: str, line_no: int) -> Any | RowProblem:
     return RowProblem(file, line_no, "malformed_json", str(e))
   if _SURROGATE_ESCAPE.search(text):
     try:
-      json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-      return RowProblem(file, line_no, "non_utf8",
-                        f"an escape decodes to the lone surrogate {e.object[e.start:e.end]!r}")
+      check_storable(value)
+    except RowError as e:
+      return RowProblem(file, line_no, e.reason, e.detail)
   return value
+
+
+def check_storable(value: Any) -> None:
+  """Raises ``non_utf8`` when a string in a parsed JSON value holds a lone surrogate."""
+  try:
+    json.dumps(value, ensure_ascii=False).encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise RowError("non_utf8", "an escape decodes to the lone surrogate "
+                   f"{e.object[e.start:e.end]!r}") from None
 
 
 def resplit_name(prompt: str) -> str:
