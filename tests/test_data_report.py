@@ -193,3 +193,11 @@ def test_a_resumed_run_reuses_the_scan_unless_the_cuts_changed(tmp_path, monkeyp
   assert longer["scan_key"] != first["scan_key"] and longer["max_length"] == 128
   assert first["truncated_prompts"]["count"] == 4 and first["truncated_responses"]["count"] == 4
   assert longer["truncated_prompts"]["count"] == longer["truncated_responses"]["count"] == 0
+
+
+def test_a_shard_without_rows_names_the_source(tmp_path):
+  path = _write(tmp_path / "one.jsonl", [json.dumps(_rows(1)[0])])
+  config = pipeline.PipelineConfig(max_length=32, shard_index=1, shard_count=2)
+  with pytest.raises(ValueError, match=rf"^jsonl:{path}\[train\] has 1 rows, so shard 1 of 2 "
+                     r"\(one per process\) is empty$"):
+    pipeline.preference_dataset(_load(path, tmp_path), BYTES, config)

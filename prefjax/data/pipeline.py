@@ -292,12 +292,14 @@ class TokenizeFn:
         untruncated=untruncated)
 
 
-def index_dataset(num_rows: int, config: PipelineConfig) -> grain.MapDataset:
+def index_dataset(num_rows: int, config: PipelineConfig, *, name: str = "source"
+                  ) -> grain.MapDataset:
   """Source row indices: host shard -> per-epoch shuffle -> repeat ``num_epochs``."""
   shard_index, shard_count = config.shard()
   ds = grain.MapDataset.range(num_rows)[shard_index::shard_count]
   if len(ds) == 0:
-    raise ValueError(f"shard {shard_index}/{shard_count} of a {num_rows}-row source is empty")
+    raise ValueError(f"{name} has {num_rows} rows, so shard {shard_index} of {shard_count} "
+                     "(one per process) is empty")
   if config.shuffle:
     ds = ds.shuffle(seed=config.seed)
   return ds.repeat(config.num_epochs)
@@ -412,7 +414,8 @@ class BatchDataset(grain.IterDataset):
     self.tokenizer = tokenizer
     self.num_responses = len(response_keys)
     self.tokenize_fn = TokenizeFn(source, tokenizer, config, response_keys)
-    self.indices = index_dataset(len(source), config)
+    name = f"{source.name}[{source.split}]" if hasattr(source, "split") else "the source"
+    self.indices = index_dataset(len(source), config, name=name)
     self.examples = self.indices.map(self.tokenize_fn)
     super().__init__(self.examples)
     self.packed = config.mode == "packed" and kind != "prompt"
