@@ -178,6 +178,8 @@ def test_rl_and_best_of_n_dataset_prompts_are_reported(tmp_path):
   assert got["longest_prompt"] == {"tokens": 31, "row": "prompts.jsonl:2"}
   assert (got["rows_read"], got["rows_used"], got["prompt_limit"]) == (3, 3, 16)
   assert eval_prompts.tokens.shape == (2, 16)
+  assert report.one_line({"train": got}).endswith(
+      "truncated 1 prompts (longest 31 tokens at prompts.jsonl:2, limit 16)")
 
 
 def test_a_resumed_run_reuses_the_scan_unless_the_cuts_changed(tmp_path, monkeypatch):

@@ -180,7 +180,9 @@ def _describe(r: Mapping[str, Any]) -> str:
   if r["rows_dropped"]:
     text += f" {({k: v['count'] for k, v in r['dropped_by_reason'].items()})}"
   prompt, response = r["longest_prompt"], r["longest_response"]
-  return (text + f"; truncated {r['truncated_prompts']['count']} prompts (longest "
-          f"{prompt['tokens']} tokens at {prompt['row']}, limit {r['prompt_limit']}) and "
-          f"{r['truncated_responses']['count']} responses (longest {response['tokens']} "
-          f"tokens at {response['row']}, max_length {r['max_length']})")
+  text += (f"; truncated {r['truncated_prompts']['count']} prompts (longest "
+           f"{prompt['tokens']} tokens at {prompt['row']}, limit {r['prompt_limit']})")
+  if response["tokens"]:  # prompt-only data (RL, best-of-n) has no responses
+    text += (f" and {r['truncated_responses']['count']} responses (longest "
+             f"{response['tokens']} tokens at {response['row']}, max_length {r['max_length']})")
+  return text
