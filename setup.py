@@ -27,7 +27,7 @@ EXTRAS_REQUIRE = {
     "cuda12": ["jax[cuda12]"],
     "tpu": ["jax[tpu]"],
     # torch + transformers only as a reference implementation for HF parity tests.
-    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers"],
+    "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "transformers"],
 }
 
 setuptools.setup(

@@ -40,15 +40,18 @@ from prefjax.train import summary as summary_lib
 SAMPLES_FILE = "samples.npz"
 
 
-def sample_and_score(config: Any) -> dict[str, np.ndarray]:
-  """``proxy``/``gold`` ``[P, N]`` raw scores of N reference samples per eval prompt."""
+def sample_and_score(config: Any, workdir: str | None = None) -> dict[str, np.ndarray]:
+  """``proxy``/``gold`` ``[P, N]`` raw scores of N reference samples per eval prompt.
+
+  Dataset prompts are reported in ``workdir/data_report.json`` when ``workdir`` is given.
+  """
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   world = setup.make_world(config)
+  _, prompts = setup.make_prompts(config, tokenizer, world, workdir=workdir)
   proxy = rl_rewards.make_reward(config.proxy, world=world, seed=int(config.seed))
   gold = rl_rewards.make_reward(config.gold, world=world, seed=int(config.seed))
   policy = setup.make_policy(config, tokenizer)
   setup.maybe_warm_start(policy, config, tokenizer, world)
-  _, prompts = setup.make_prompts(config, tokenizer, world)
   num_prompts, n = len(prompts.texts), int(config.bon.num_samples)
   chunk = int(config.bon.prompts_per_batch)
   key = jax.random.key(int(config.seed))
@@ -134,10 +137,13 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       samples = {k: f[k] for k in f.files}
     logging.info("best_of_n: reusing %s", path)
   else:
-    samples = sample_and_score(config)
+    samples = sample_and_score(config, workdir)
     np.savez(path + ".tmp.npz", **samples)
     os.replace(path + ".tmp.npz", path)
   result = curves(samples, config)
+  data = experiment.read_data_report(workdir)
+  if data is not None:
+    result["data"] = data
   summary_lib.write_json(os.path.join(workdir, "report.json"), result)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(report_markdown(result))

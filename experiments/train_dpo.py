@@ -162,6 +162,9 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   eval_pcfg = experiment.pipeline_config(
       config.data, mode="padded", shuffle=False, num_epochs=1, drop_remainder=False,
       batch_size=int(config.eval.batch_size))
+  data_report = experiment.start_data_report(
+      workdir, {"train": train_source, "eval": eval_source}, tokenizer, pcfg,
+      ("chosen", "rejected"))
   logging.info("objective: %s", objective)
 
   with experiment.mesh_context(mesh):
@@ -188,7 +191,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
         eval_data=lambda: ref_cache.ReferenceIterator(iter(eval_ds), eval_provider),
         tokens_in_batch=experiment.tokens_in_batch, mesh=mesh,
         partition_rules=experiment.partition_rules(policy))
-  summary_lib.write_json(os.path.join(workdir, "data_counters.json"), train_iter.counters)
+  experiment.finish_data_report(workdir, data_report, train_iter, result.summary)
   return result
 
 

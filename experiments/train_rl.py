@@ -79,10 +79,10 @@ class _Run:
       raise ValueError(f"RLOO needs rl.group_size >= 2 samples per prompt, got {self.group_size}")
     self.tokenizer = experiment.make_tokenizer(config.tokenizer)
     self.world = setup.make_world(config)
+    self.train_prompts, self.eval_prompts = setup.make_prompts(config, self.tokenizer,
+                                                               self.world, workdir=workdir)
     self.proxy = rl_rewards.make_reward(config.proxy, world=self.world, seed=int(config.seed))
     self.gold = rl_rewards.make_reward(config.gold, world=self.world, seed=int(config.seed))
-    self.train_prompts, self.eval_prompts = setup.make_prompts(config, self.tokenizer,
-                                                               self.world)
     self.sampling = dict(config.sampling.to_dict())
     self.key = jax.random.key(int(config.seed))
     self.tx = _optimizer(json.dumps(config.optimizer.to_dict(), sort_keys=True))
@@ -200,6 +200,9 @@ def _write_summary(workdir: str, total: int) -> dict[str, Any]:
       "gold_drop_after_peak": peak["gold"] - evals[-1]["gold"],
       "proxy_gain": evals[-1]["proxy"] - evals[0]["proxy"],
   }
+  data = experiment.read_data_report(workdir)
+  if data is not None:
+    summary["data"] = data
   summary_lib.write_summary(workdir, summary)
   _plot(evals, os.path.join(workdir, "figures", "rl.png"))
   logging.info("RL done: proxy %+.3f, gold peak %+.3f at step %d, final gold drop %.3f",

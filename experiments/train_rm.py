@@ -93,6 +93,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   train_source = experiment.load_split(config.data, config.data.train_split)
   eval_source = experiment.load_split(config.data, config.data.eval_split)
   pcfg = experiment.pipeline_config(config.data)
+  data_report = experiment.start_data_report(
+      workdir, {"train": train_source, "eval": eval_source}, tokenizer, pcfg,
+      ("chosen", "rejected"))
   num_segments = pcfg.max_segments_per_row if pcfg.mode == "packed" else None
   with jax.set_mesh(mesh):
     model = experiment.make_model(config.model, vocab_size=tokenizer.vocab_size,
@@ -121,6 +124,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     for evaluator in evaluators:  # A rerun of a finished run still reports its eval.
       if evaluator.last is None or evaluator.last[0] != final_step:
         evaluator(final_step, result.model)
+  experiment.finish_data_report(workdir, data_report, train_iter, result.summary)
   last = evaluators[0].last if evaluators else None
   return {"summary": result.summary, "eval": last[1] if last else None,
           "preempted": result.preempted}

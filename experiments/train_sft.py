@@ -96,6 +96,8 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   eval_pcfg = experiment.pipeline_config(config.data, shuffle=False, num_epochs=1,
                                          drop_remainder=False,
                                          batch_size=int(config.eval.batch_size))
+  data_report = experiment.start_data_report(
+      workdir, {"train": train_source, "eval": eval_source}, tokenizer, pcfg, (response_key,))
   train_ds = pipeline_lib.sft_dataset(train_source, tokenizer, pcfg, response_key=response_key)
   eval_ds = pipeline_lib.sft_dataset(eval_source, tokenizer, eval_pcfg,
                                      response_key=response_key)
@@ -103,11 +105,13 @@ def run(config: Any, workdir: str) -> train.TrainResult:
     model = experiment.make_model(config.model, vocab_size=tokenizer.vocab_size,
                                   seed=config.seed)
     rules = experiment.partition_rules(model)
+    train_iter = iter(train_ds)
     result = train.train_loop(
         workdir=workdir, config=config, model=model, loss_fn=loss_fn,
-        optimizer=config.optimizer, loop=config.loop, train_iter=iter(train_ds),
+        optimizer=config.optimizer, loop=config.loop, train_iter=train_iter,
         eval_fn=eval_fn, eval_data=lambda: iter(eval_ds),
         tokens_in_batch=experiment.tokens_in_batch, mesh=mesh, partition_rules=rules)
+  experiment.finish_data_report(workdir, data_report, train_iter, result.summary)
   if not result.preempted:
     _add_perplexity(workdir, result)
     if config.get("export_hf") and jax.process_index() == 0:

@@ -20,6 +20,8 @@ schema is the same everywhere:
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from typing import Any, Mapping
 
 import jax
@@ -34,6 +36,7 @@ from prefjax import assets
 from prefjax import configlib
 from prefjax import parallel
 from prefjax.data import pipeline as pipeline_lib
+from prefjax.data import report as report_lib
 from prefjax.data import sources
 from prefjax.data import tiny_world as tiny_world_lib
 from prefjax.data.tfds_builders import synthetic
@@ -42,6 +45,7 @@ from prefjax.models import decoder as decoder_lib
 from prefjax.models import encoder as encoder_lib
 from prefjax.models import heads as heads_lib
 from prefjax.models import hf_import
+from prefjax.train import summary as summary_lib
 
 _ASSETS = {
     "smollm2": assets.smollm2_gguf,
@@ -192,7 +196,46 @@ def load_split(data_cfg: Any, split: str) -> sources.PreferenceSource:
   source = sources.load_preferences(name, split, on_bad_row=cfg.get("on_bad_row", "error"),
                                     data_dir=cfg.get("cache_dir"))
   logging.info("data %s[%s]: %d pairs (%s)", name, split, len(source), source.summary)
+  report_lib.check_nonempty(source)
   return source
+
+
+def start_data_report(workdir: str, splits: Mapping[str, sources.PreferenceSource],
+                      tokenizer: tokenize_lib.Tokenizer, config: pipeline_lib.PipelineConfig,
+                      response_keys: tuple[str, ...]) -> dict[str, Any]:
+  """Scans each split (`prefjax.data.report`), writes ``data_report.json``, logs one line.
+
+  Call it before building a model: a split with no usable row raises `EmptyDataError`.
+  """
+  previous = read_data_report(workdir) or {}
+  report = {name: report_lib.split_report(source, tokenizer, config, response_keys,
+                                          previous=previous.get(name))
+            for name, source in splits.items()}
+  summary_lib.write_json(f"{workdir}/{report_lib.REPORT_FILE}", report)
+  logging.info("%s (details: %s)", report_lib.one_line(report), report_lib.REPORT_FILE)
+  return report
+
+
+def read_data_report(workdir: str) -> dict[str, Any] | None:
+  """``workdir/data_report.json``, or None when the run read no preference data."""
+  path = f"{workdir}/{report_lib.REPORT_FILE}"
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def finish_data_report(workdir: str, report: dict[str, Any], train_iter: Any,
+                       summary: dict[str, Any]) -> None:
+  """Adds the train iterator's counters (all epochs, resumes included) to the report and
+  rewrites ``data_report.json``; a finished run's ``summary.json`` gets it as ``data``."""
+  counters = getattr(train_iter, "counters", None)
+  if counters is not None:
+    report["train"]["iterator"] = dict(counters)
+  summary_lib.write_json(f"{workdir}/{report_lib.REPORT_FILE}", report)
+  if summary:
+    summary["data"] = report
+    summary_lib.write_summary(workdir, summary)
 
 
 def pipeline_config(data_cfg: Any, **overrides) -> pipeline_lib.PipelineConfig:

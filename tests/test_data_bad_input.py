@@ -40,7 +40,11 @@ BAD_LINES = {
                                 "rejected": "\n\nHuman: B\n\nAssistant: y"}), "no_shared_prompt"),
     "outcome_out_of_range": (_line({**GOOD, "outcome": 2}), "bad_value"),
     "negative_weight": (_line({**GOOD, "weight": -1}), "bad_value"),
+    "weight_overflows_float32": (_line({**GOOD, "weight": 1e39}), "bad_value"),
+    "weight_huge_integer": (_line({**GOOD, "weight": 10**400}), "bad_value"),
     "non_utf8": (b'{"prompt": "Q", "chosen": " caf\xe9", "rejected": " no"}', "non_utf8"),
+    "lone_surrogate_escape": (b'{"prompt": "Q\\ud800", "chosen": " a", "rejected": " b"}',
+                              "non_utf8"),
 }
 
 
@@ -215,9 +219,9 @@ def _panda_item(idx, votes=(1, 1, 2), **overrides):
 
 
 @pytest.mark.parametrize("mode", ["error", "skip"])
-def test_pandalm_bad_vote_and_missing_response(tmp_path, mode):
+def test_pandalm_bad_vote_missing_response_and_lone_surrogate(tmp_path, mode):
   items = [_panda_item(0), _panda_item(1, votes=(1, 3, 2)), _panda_item(2, response2=None),
-           _panda_item(3, votes=(0, 1, 2))]
+           _panda_item(3, votes=(0, 1, 2)), _panda_item(4, response2="\ud800")]
   manual = _pandalm_dir(tmp_path, json.dumps(items))
   kwargs = dict(data_dir=tmp_path / "cache", manual_dir=manual, on_bad_row=mode)
   if mode == "error":
@@ -227,7 +231,8 @@ def test_pandalm_bad_vote_and_missing_response(tmp_path, mode):
     source = pdata.load_preferences("pandalm", "test", **kwargs)
     assert [r["meta"]["idx"] for r in source] == [0, 3]
     assert [r["outcome"] for r in source] == [1.0, 0.5]  # 1-1-1 split is a tie
-    assert source.summary.skipped_by_reason == {"bad_value": 1, "missing_field": 1}
+    assert source.summary.skipped_by_reason == {"bad_value": 1, "missing_field": 1,
+                                                "non_utf8": 1}
 
 
 @pytest.mark.parametrize("mode", ["error", "skip"])
@@ -242,3 +247,9 @@ def test_missing_raw_folder_says_how_to_get_it(tmp_path):
   with pytest.raises(FileNotFoundError, match="third_party/README.md"):
     pdata.load_preferences("pandalm", "test", data_dir=tmp_path / "cache",
                            manual_dir=tmp_path / "nowhere")
+
+
+def test_escaped_surrogate_pair_is_text_not_a_bad_row(tmp_path):
+  line = b'{"prompt": "Q \\ud83d\\ude00", "chosen": " a", "rejected": " b"}'
+  source = _load(_write_case(tmp_path, line), tmp_path / "cache", "error")
+  assert source[1]["prompt"] == "Q \U0001F600"

@@ -316,6 +316,11 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
   assert resumed.summary["final_step"] == 6
   assert resumed.summary["params_sha256"] == full.summary["params_sha256"]
   assert train_losses(part) == train_losses(tmp_path / "full")
+  # The data report replaces data_counters.json; its iterator counters survive the resume.
+  reports = [json.loads((d / "data_report.json").read_text()) for d in (part, tmp_path / "full")]
+  assert reports[0] == reports[1] == resumed.summary["data"]
+  assert reports[0]["train"]["iterator"]["batches"] == 6
+  assert not (part / "data_counters.json").exists()
 
 
 def test_mesh_2x2x2_matches_single_device(tmp_path):

@@ -367,6 +367,14 @@ def test_cli_smoke(data_env, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["final_step"] == 3
+  data_lines = [line for line in proc.stderr.splitlines() if "] data: train " in line]
+  assert len(data_lines) == 1, proc.stderr[-3000:]
+  train_data = summary["data"]["train"]  # resplit_train: the rest is in sibling splits
+  assert train_data["rows_read"] == 600 == train_data["rows_built"] + train_data[
+      "rows_in_other_splits"]
+  assert (f"read 600, built {train_data['rows_built']} (+{train_data['rows_in_other_splits']} "
+          "in sibling splits), skipped 0") in data_lines[0]
+  assert " | eval " in data_lines[0]
   written = json.loads((tmp_path / "config.json").read_text())
   assert written["loop"]["num_steps"] == written["optimizer"]["total_steps"] == 3
 

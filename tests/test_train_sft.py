@@ -41,6 +41,8 @@ def test_heldout_nll_decreases_and_export_reloads(tmp_path):
   assert nll[2] < math.log(259) - 1.5, nll
   summary = json.loads((tmp_path / "summary.json").read_text())
   np.testing.assert_allclose(summary["final_perplexity"], math.exp(nll[2]), rtol=1e-12)
+  assert summary["data"] == json.loads((tmp_path / "data_report.json").read_text())
+  assert summary["data"]["train"]["iterator"]["batches"] == 30
   train = helpers.train_losses(tmp_path)
   assert np.mean(train[-5:]) < np.mean(train[:5]) - 1.0
 

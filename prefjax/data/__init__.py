@@ -12,6 +12,7 @@ _EXPORTS = {
     "PreferenceSource": "prefjax.data.sources",
     "BadRowError": "prefjax.data.sources",
     "default_cache_dir": "prefjax.data.sources",
+    "EmptyDataError": "prefjax.data.report",
     "BuildSummary": "prefjax.data.tfds_builders.base",
     "RowProblem": "prefjax.data.tfds_builders.rows",
     "PreferenceRow": "prefjax.data.tfds_builders.rows",
@@ -20,7 +21,7 @@ _EXPORTS = {
     "write_synthetic_dataset": "prefjax.data.tfds_builders.synthetic",
     "synthetic_root": "prefjax.data.tfds_builders.synthetic",
 }
-_SUBMODULES = ("sources", "tfds_builders", "tokenize", "pipeline", "tiny_world")
+_SUBMODULES = ("sources", "tfds_builders", "tokenize", "pipeline", "report", "tiny_world")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -181,6 +181,7 @@ class Example:
   truncated_prompt: bool = False
   truncated_response: bool = False
   dropped: str | None = None
+  untruncated: tuple[int, ...] = ()  # token counts of the prompt and each response before cuts
 
   @property
   def lengths(self) -> tuple[int, ...]:
@@ -216,12 +217,19 @@ def truncate(prompt: list[int], responses: Sequence[list[int]], config: Pipeline
   return prompt, [r[:budget] for r in responses], cut_prompt, cut_response, None
 
 
+def _row_name(row: Mapping[str, Any], index: int) -> str:
+  """``source row 3 (file.jsonl:4)``: the index, and the raw file:line when the row has an id."""
+  row_id = row.get("id")
+  return f"source row {index}" + (f" ({row_id})" if isinstance(row_id, str) and row_id else "")
+
+
 def _field(row: Mapping[str, Any], key: str, index: int) -> str:
   if key not in row:
-    raise KeyError(f"source row {index}: missing field {key!r} (fields: {sorted(row)})")
+    raise KeyError(f"{_row_name(row, index)}: missing field {key!r} (fields: {sorted(row)})")
   value = row[key]
   if not isinstance(value, str):
-    raise TypeError(f"source row {index}: field {key!r} must be str, got {type(value).__name__}")
+    raise TypeError(f"{_row_name(row, index)}: field {key!r} must be str, "
+                    f"got {type(value).__name__}")
   return value
 
 
@@ -233,9 +241,9 @@ def _scalar(row: Mapping[str, Any], key: str, default: float, index: int,
   try:
     value = float(value)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"source row {index}: field {key!r}={value!r} is not a number") from e
+    raise ValueError(f"{_row_name(row, index)}: field {key!r}={value!r} is not a number") from e
   if not (math.isfinite(value) and lo <= value <= hi):
-    raise ValueError(f"source row {index}: field {key!r}={value} not in [{lo}, {hi}]")
+    raise ValueError(f"{_row_name(row, index)}: field {key!r}={value} not in [{lo}, {hi}]")
   return value
 
 
@@ -285,26 +293,30 @@ class TokenizeFn:
   def _example(self, index: int, row: Mapping[str, Any], prompt: list[int],
                responses: list[list[int]]) -> Example:
     cfg, bos_id = self.config, self.tokenizer.bos_id
+    untruncated = (len(prompt), *map(len, responses))
     if not self.response_keys:  # prompt-only: the prompt is capped, nothing else.
       cut = len(prompt) > cfg.prompt_limit
       prompt = left_truncate(prompt, cfg.prompt_limit, bos_id)
       return Example(index, np.asarray(prompt, np.int32), truncated_prompt=cut,
-                     dropped=None if prompt else "empty_prompt")
+                     dropped=None if prompt else "empty_prompt", untruncated=untruncated)
     prompt, responses, cut_p, cut_r, dropped = truncate(prompt, responses, cfg, bos_id)
     return Example(
         index=index, prompt=np.asarray(prompt, np.int32),
         responses=tuple(np.asarray(r, np.int32) for r in responses),
         weight=_scalar(row, "weight", 1.0, index, 0.0, math.inf),
         outcome=_scalar(row, "outcome", 1.0, index, 0.0, 1.0),
-        truncated_prompt=cut_p, truncated_response=cut_r, dropped=dropped)
+        truncated_prompt=cut_p, truncated_response=cut_r, dropped=dropped,
+        untruncated=untruncated)
 
 
-def index_dataset(num_rows: int, config: PipelineConfig) -> grain.MapDataset:
+def index_dataset(num_rows: int, config: PipelineConfig, *, name: str = "source"
+                  ) -> grain.MapDataset:
   """Source row indices: host shard -> per-epoch shuffle -> repeat ``num_epochs``."""
   shard_index, shard_count = config.shard()
   ds = grain.MapDataset.range(num_rows)[shard_index::shard_count]
   if len(ds) == 0:
-    raise ValueError(f"shard {shard_index}/{shard_count} of a {num_rows}-row source is empty")
+    raise ValueError(f"{name} has {num_rows} rows, so shard {shard_index} of {shard_count} "
+                     "(one per process) is empty")
   if config.shuffle:
     ds = ds.shuffle(seed=config.seed)
   return ds.repeat(config.num_epochs)
@@ -419,7 +431,8 @@ class BatchDataset(grain.IterDataset):
     self.tokenizer = tokenizer
     self.num_responses = len(response_keys)
     self.tokenize_fn = TokenizeFn(source, tokenizer, config, response_keys)
-    self.indices = index_dataset(len(source), config)
+    name = f"{source.name}[{source.split}]" if hasattr(source, "split") else "the source"
+    self.indices = index_dataset(len(source), config, name=name)
     self.examples = self.indices.map(self.tokenize_fn)
     super().__init__(self.examples)
     self.packed = config.mode == "packed" and kind != "prompt"

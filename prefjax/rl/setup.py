@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from prefjax import experiment
+from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import tiny_world as tiny_world_lib
 from prefjax.data import tokenize as tokenize_lib
 from prefjax.rl import rewards as rl_rewards
@@ -53,9 +54,20 @@ def _tiny_prompts(world: tiny_world_lib.TinyWorld, rng: np.random.Generator,
   return [world.sample_prompt(rng) for _ in range(count)]
 
 
+def prompt_pipeline_config(cfg: Any) -> pipeline_lib.PipelineConfig:
+  """The pipeline settings whose prompt cut matches `_encode`'s (the last ``max_length``
+  tokens are kept), for the data report of dataset prompts."""
+  max_length = int(cfg.max_length)
+  return pipeline_lib.PipelineConfig(max_length=max_length + 1, max_prompt_length=max_length,
+                                     prompt_style=cfg.get("style", "raw"))
+
+
 def make_prompts(config: Any, tokenizer: Any, world: tiny_world_lib.TinyWorld | None,
-                 ) -> tuple[PromptSampler, rollout_lib.Prompts]:
-  """``(train_sampler, eval_prompts)``; train prompts are a pure function of the step."""
+                 *, workdir: str | None = None) -> tuple[PromptSampler, rollout_lib.Prompts]:
+  """``(train_sampler, eval_prompts)``; train prompts are a pure function of the step.
+
+  Dataset prompts are reported in ``workdir/data_report.json`` when ``workdir`` is given.
+  """
   cfg = config.prompts
   seed = int(config.seed)
   if cfg.source == "tiny_world":
@@ -68,8 +80,12 @@ def make_prompts(config: Any, tokenizer: Any, world: tiny_world_lib.TinyWorld | 
       rng = np.random.default_rng((seed, int(cfg.eval_seed), 0, step))
       return _encode(_tiny_prompts(world, rng, count), tokenizer, cfg)
   elif cfg.source == "dataset":
-    train_texts = [row["prompt"] for row in experiment.load_split(config.data, cfg.split)]
+    train_source = experiment.load_split(config.data, cfg.split)
     eval_source = experiment.load_split(config.data, cfg.eval_split)
+    if workdir is not None:
+      experiment.start_data_report(workdir, {"train": train_source, "eval": eval_source},
+                                   tokenizer, prompt_pipeline_config(cfg), ())
+    train_texts = [row["prompt"] for row in train_source]
     eval_texts = [eval_source[i]["prompt"] for i in range(min(int(cfg.num_eval),
                                                                len(eval_source)))]
     if not train_texts:

@@ -56,6 +56,10 @@ class ObjectiveMaskIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     return add_objective_mask(next(self._it), self._table)
 
+  @property
+  def counters(self) -> dict[str, int]:
+    return dict(getattr(self._it, "counters", {}))
+
   def get_state(self) -> Any:
     return self._it.get_state()
 

@@ -106,6 +106,7 @@ class Pandalm(base.PreferenceBuilder, skip_registration=True):
     items = _load_array(path)
     for number, item in enumerate(items, start=1):
       try:
+        rows_lib.check_storable(item)
         yield number, parse_item(item)
       except rows_lib.RowError as e:
         yield number, rows_lib.RowProblem(str(path), number, e.reason, e.detail, "item")

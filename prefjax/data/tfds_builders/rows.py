@@ -15,8 +15,10 @@ Problem reasons (the ``reason`` field, stable strings usable in filters):
 - ``identical_responses``: chosen == rejected, so the pair carries no preference.
 - ``no_shared_prompt``: two transcripts share no "\\n\\nAssistant:" prefix, so the
   prompts disagree and the pair is not a comparison of two responses.
-- ``bad_value``: weight/outcome/meta/votes out of range or of the wrong type.
-- ``non_utf8``: the line's bytes are not valid UTF-8.
+- ``bad_value``: weight/outcome/meta/votes out of range or of the wrong type, or a
+  number that is not finite in float32, the dtype it is stored in (``1e39``).
+- ``non_utf8``: the line's bytes are not valid UTF-8, or a ``\\ud800``-style escape
+  decodes to a lone surrogate (valid JSON, but not text that can be stored).
 - ``truncated_gzip``: the compressed stream ends early (file cut short); the
   partial row and anything after it are lost, counted as one skipped row.
 - ``corrupt_gzip``: the bytes are not a gzip stream or fail its checks.
@@ -32,8 +34,12 @@ import json
 import math
 import os
 import pathlib
+import re
+import reprlib
 import zlib
 from typing import Any, Iterator, Mapping
+
+import numpy as np
 
 ASSISTANT_TAG = "\n\nAssistant:"
 HUMAN_TAG = "\n\nHuman:"
@@ -135,13 +141,18 @@ def _text_field(obj: Mapping[str, Any], field: str) -> str:
 
 def _number_field(obj: Mapping[str, Any], field: str, default: float,
                   low: float, high: float) -> float:
+  """A number in [low, high] that stays finite in float32, the dtype it is stored in."""
   value = obj.get(field, default)
   if value is None:
     return default
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     raise RowError("bad_value", f"field {field!r} must be a number, got {value!r}")
-  if not (math.isfinite(value) and low <= value <= high):
-    raise RowError("bad_value", f"field {field!r} = {value!r} is outside [{low}, {high}]")
+  with np.errstate(over="ignore"):
+    stored = np.float32(value) if abs(value) < 1e300 else np.float32(np.inf)  # huge ints
+  if not (math.isfinite(stored) and low <= value <= high):
+    why = "overflows float32, the dtype it is stored in" if low <= value <= high else (
+        f"is outside [{low}, {high}]")
+    raise RowError("bad_value", f"field {field!r} = {reprlib.repr(value)} {why}")
   return float(value)
 
 
@@ -208,6 +219,9 @@ def parse_preference_object(obj: Any, *, layout: str = "auto",
   return PreferenceRow(prompt, chosen, rejected, outcome, weight, meta, notes)
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # only then can a lone surrogate appear
+
+
 def _reject_constant(name: str) -> Any:
   raise ValueError(f"non-finite number {name} is not valid JSON")
 
@@ -246,11 +260,26 @@ def _decode_json_line(raw: bytes, file: str, line_no: int) -> Any | RowProblem:
     return RowProblem(file, line_no, "non_utf8",
                       f"invalid UTF-8 byte {raw[e.start:e.start + 1]!r} at byte {e.start} of the line")
   try:
-    return json.loads(text, parse_constant=_reject_constant)
+    value = json.loads(text, parse_constant=_reject_constant)
   except json.JSONDecodeError as e:
     return RowProblem(file, line_no, "malformed_json", f"{e.msg} at column {e.pos + 1}")
   except ValueError as e:  # NaN / Infinity
     return RowProblem(file, line_no, "malformed_json", str(e))
+  if _SURROGATE_ESCAPE.search(text):
+    try:
+      check_storable(value)
+    except RowError as e:
+      return RowProblem(file, line_no, e.reason, e.detail)
+  return value
+
+
+def check_storable(value: Any) -> None:
+  """Raises ``non_utf8`` when a string in a parsed JSON value holds a lone surrogate."""
+  try:
+    json.dumps(value, ensure_ascii=False).encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise RowError("non_utf8", "an escape decodes to the lone surrogate "
+                   f"{e.object[e.start:e.end]!r}") from None
 
 
 def resplit_name(prompt: str) -> str:

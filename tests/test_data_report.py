@@ -1,0 +1,205 @@
+"""data_report.json: what a run did to its rows (read, built, skipped, dropped, truncated).
+
+Every case writes a small jsonl file to tmp_path; the expected counts are derived
+by hand from the file and the byte tokenizer (one token per UTF-8 byte, BOS on
+the prompt, EOS on each response).
+"""
+
+import json
+
+import pytest
+
+from configs.rm import tiny as rm_tiny
+from experiments import train_rm
+from prefjax import data as pdata
+from prefjax import experiment
+from prefjax.data import pipeline
+from prefjax.data import report
+from prefjax.data import tokenize
+
+BYTES = tokenize.load_tokenizer("byte")
+PAIR = ("chosen", "rejected")
+LONG_RESPONSE = " " + "y" * 199_999  # 200,000 characters
+
+
+def _rows(count: int) -> list[dict]:
+  """``count`` rows whose 40-byte prompts and responses all exceed the tiny limits (16 / 32)."""
+  return [{"prompt": f"Question {i:02d}: " + "q" * 27, "chosen": f" good answer {i:02d} " + "g" * 24,
+           "rejected": f" bad answer {i:02d} " + "b" * 25} for i in range(count)]
+
+
+def _write(path, lines) -> str:
+  path.write_text("".join(line + "\n" for line in lines))
+  return str(path)
+
+
+def _messy_file(tmp_path) -> str:
+  """50 good rows (row 7's chosen is 200,000 characters) + 2 bad rows at lines 4 and 11."""
+  good = [json.dumps(r) for r in _rows(50)]
+  good[6] = json.dumps({**_rows(50)[6], "chosen": LONG_RESPONSE})
+  lines = good[:3] + ['{"prompt": "Q", "chosen": " a", "rejected": " b", "weight": 1e39}']
+  lines += good[3:9] + ['{"prompt": "Q", "chosen"'] + good[9:]
+  return _write(tmp_path / "messy.jsonl", lines)
+
+
+def _load(path, tmp_path, split="train"):
+  return pdata.load_preferences(f"jsonl:{path}", split, data_dir=tmp_path / "cache",
+                                on_bad_row="skip")
+
+
+def test_report_counts_skips_truncations_and_the_200k_response(tmp_path):
+  path = _messy_file(tmp_path)
+  got = report.split_report(_load(path, tmp_path), BYTES,
+                            pipeline.PipelineConfig(max_length=32), PAIR)
+  assert (got["rows_read"], got["rows_built"], got["rows_skipped"]) == (52, 50, 2)
+  assert got["rows_read"] == got["rows_built"] + got["rows_in_other_splits"] + got["rows_skipped"]
+  assert got["skipped_by_reason"] == {"bad_value": 1, "malformed_json": 1}
+  assert got["skipped_examples"]["bad_value"] == [
+      f"{path}:4: bad_value: field 'weight' = 1e+39 overflows float32, the dtype it is stored in"]
+  assert got["skipped_examples"]["malformed_json"][0].startswith(f"{path}:11: malformed_json")
+  assert (got["rows_selected"], got["rows_used"], got["rows_dropped"]) == (50, 50, 0)
+  # Prompts: BOS + 40 bytes > 16 = max_length // 2; responses: 40 bytes + EOS > 32 - 16.
+  assert got["truncated_prompts"]["count"] == got["truncated_responses"]["count"] == 50
+  assert got["truncated_prompts"]["examples"] == [f"messy.jsonl:{n}" for n in (1, 2, 3, 5, 6)]
+  assert got["longest_response"] == {"tokens": 200_001, "row": "messy.jsonl:8"}
+  assert got["longest_prompt"] == {"tokens": 41, "row": "messy.jsonl:1"}  # BOS + 40 bytes
+  assert (got["prompt_limit"], got["max_length"]) == (16, 32)
+  line = report.one_line({"train": got})
+  assert "read 52, built 50, skipped 2" in line and "\n" not in line
+  assert "truncated 50 prompts (longest 41 tokens at messy.jsonl:1, limit 16)" in line
+  assert "50 responses (longest 200001 tokens at messy.jsonl:8, max_length 32)" in line
+
+
+def test_only_the_200k_response_is_truncated_among_short_rows(tmp_path):
+  rows = [{"prompt": "Q", "chosen": " yes", "rejected": " no"},
+          {"prompt": "Q2", "chosen": " a", "rejected": LONG_RESPONSE},
+          {"prompt": "Q3", "chosen": " a", "rejected": " bb"}]
+  path = _write(tmp_path / "short.jsonl", [json.dumps(r) for r in rows])
+  got = report.split_report(_load(path, tmp_path), BYTES,
+                            pipeline.PipelineConfig(max_length=32), PAIR)
+  assert got["truncated_prompts"] == {"count": 0, "examples": []}
+  assert got["truncated_responses"] == {"count": 1, "examples": ["short.jsonl:2"]}
+  assert got["longest_prompt"] == {"tokens": 3, "row": "short.jsonl:2"}  # BOS Q 2
+  assert got["longest_response"] == {"tokens": 200_001, "row": "short.jsonl:2"}
+  assert (got["rows_read"], got["rows_used"], got["rows_skipped"]) == (3, 3, 0)
+
+
+def test_rows_all_dropped_as_over_long_fail_naming_the_split(tmp_path):
+  path = _write(tmp_path / "long.jsonl", [json.dumps(r) for r in _rows(3)])
+  config = pipeline.PipelineConfig(max_length=32, min_response_length=20)  # budget 16 < 20
+  with pytest.raises(report.EmptyDataError) as info:
+    report.split_report(_load(path, tmp_path), BYTES, config, PAIR)
+  assert str(info.value) == (
+      f"jsonl:{path} split 'train' has no usable rows: read 3 from {path}; "
+      "dropped 3 in tokenization {'over_long': 3}")
+
+
+@pytest.mark.parametrize("content, detail", [
+    ("", "read 0 from {path}"),
+    ('{"prompt": "Q", "chosen": " a", "rejected": " a"}\n{"x": 1}\n',
+     "read 2 from {path}; skipped 2 {{'identical_responses': 1, 'missing_field': 1}} "
+     "(first: {path}:1: identical_responses: chosen and rejected responses are identical)"),
+])
+def test_empty_or_fully_skipped_source_fails_in_one_line(tmp_path, content, detail):
+  path = tmp_path / "empty.jsonl"
+  path.write_text(content)
+  data_cfg = {"name": f"jsonl:{path}", "on_bad_row": "skip", "cache_dir": str(tmp_path / "c")}
+  with pytest.raises(pdata.EmptyDataError) as info:
+    experiment.load_split(data_cfg, "train")
+  message = str(info.value)
+  assert message == (f"jsonl:{path} split 'train' has no usable rows: "
+                     + detail.format(path=path))
+  assert "\n" not in message
+
+
+def test_weight_overflowing_float32_is_a_bad_row_and_float32_max_is_not(tmp_path):
+  rows = [{"prompt": "Q", "chosen": " a", "rejected": " b", "weight": w}
+          for w in (3.4e38, 1e39, 1.0)]
+  path = _write(tmp_path / "w.jsonl", [json.dumps(r) for r in rows])
+  with pytest.raises(pdata.BadRowError, match=rf"{path}:2: bad_value: field 'weight' = 1e\+39"):
+    pdata.load_preferences(f"jsonl:{path}", "train", data_dir=tmp_path / "cache")
+  source = _load(path, tmp_path)
+  assert [row["weight"] for row in source] == [pytest.approx(3.4e38, rel=1e-6), 1.0]
+
+
+def _rm_config(path, tmp_path, steps=2):
+  config = rm_tiny.get_config("quick")
+  config.data.update(name=f"jsonl:{path}", train_split="train", eval_split="train",
+                     on_bad_row="skip", cache_dir=str(tmp_path / "cache"))
+  config.data.pipeline.update(batch_size=8, bucket_boundaries=())
+  config.model.overrides.num_layers = 1
+  config.mesh.update(shape=(1, 1, 1), num_devices=1)
+  config.loop.update(num_steps=steps, tensorboard=False)
+  config.optimizer.warmup_steps = 0
+  config.eval.enabled = False
+  return config
+
+
+def test_train_rm_writes_data_report_and_summary_carries_it(tmp_path, caplog):
+  path = _messy_file(tmp_path)
+  workdir = tmp_path / "rm"
+  with caplog.at_level("INFO"):
+    out = train_rm.run(_rm_config(path, tmp_path), str(workdir))
+  written = json.loads((workdir / "data_report.json").read_text())
+  assert set(written) == {"train", "eval"}
+  train = written["train"]
+  assert (train["rows_read"], train["rows_built"], train["rows_skipped"]) == (52, 50, 2)
+  assert train["truncated_responses"]["count"] == 50
+  assert train["longest_response"] == {"tokens": 200_001, "row": "messy.jsonl:8"}
+  # Two steps of 8 pairs: 16 examples read, each of them truncated.
+  assert train["iterator"]["examples_read"] == train["iterator"]["truncated_response"] == 16
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["data"] == written == out["summary"]["data"]
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: train")]
+  assert len(lines) == 1 and "skipped 2" in lines[0] and "longest 200001 tokens" in lines[0]
+
+
+def test_empty_training_file_fails_before_any_model_is_built(tmp_path, monkeypatch):
+  path = tmp_path / "nothing.jsonl"
+  path.write_text("\n")
+  monkeypatch.setattr(experiment, "make_model", lambda *a, **k: pytest.fail("model built"))
+  with pytest.raises(pdata.EmptyDataError, match=rf"^jsonl:{path} split 'train' has no usable"):
+    train_rm.run(_rm_config(path, tmp_path), str(tmp_path / "rm"))
+
+
+def test_rl_and_best_of_n_dataset_prompts_are_reported(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from prefjax.rl import setup  # pylint: disable=g-import-not-at-top
+  rows = [{"prompt": "p" * n, "chosen": " a", "rejected": " b"} for n in (5, 30, 12)]
+  path = _write(tmp_path / "prompts.jsonl", [json.dumps(r) for r in rows])
+  config = ml_collections.ConfigDict({
+      "seed": 0, "data": {"name": f"jsonl:{path}", "cache_dir": str(tmp_path / "cache")},
+      "prompts": {"source": "dataset", "split": "train", "eval_split": "train", "num_eval": 2,
+                  "max_length": 16, "style": "raw"}})
+  _, eval_prompts = setup.make_prompts(config, BYTES, None, workdir=str(tmp_path))
+  got = json.loads((tmp_path / "data_report.json").read_text())["train"]
+  # BOS + 30 bytes > 16: the one prompt the sampler cuts (it keeps the last 16 tokens).
+  assert got["truncated_prompts"] == {"count": 1, "examples": ["prompts.jsonl:2"]}
+  assert got["longest_prompt"] == {"tokens": 31, "row": "prompts.jsonl:2"}
+  assert (got["rows_read"], got["rows_used"], got["prompt_limit"]) == (3, 3, 16)
+  assert eval_prompts.tokens.shape == (2, 16)
+  assert report.one_line({"train": got}).endswith(
+      "truncated 1 prompts (longest 31 tokens at prompts.jsonl:2, limit 16)")
+
+
+def test_a_resumed_run_reuses_the_scan_unless_the_cuts_changed(tmp_path, monkeypatch):
+  path = _write(tmp_path / "r.jsonl", [json.dumps(r) for r in _rows(4)])
+  source, config = _load(path, tmp_path), pipeline.PipelineConfig(max_length=32)
+  first = report.split_report(source, BYTES, config, PAIR)
+  previous = {**first, "iterator": {"batches": 3}}
+  monkeypatch.setattr(report, "scan", lambda *a: pytest.fail("scanned again"))
+  assert report.split_report(source, BYTES, config, PAIR, previous=previous) == first
+  monkeypatch.undo()
+  longer = report.split_report(source, BYTES, pipeline.PipelineConfig(max_length=128), PAIR,
+                               previous=previous)
+  assert longer["scan_key"] != first["scan_key"] and longer["max_length"] == 128
+  assert first["truncated_prompts"]["count"] == 4 and first["truncated_responses"]["count"] == 4
+  assert longer["truncated_prompts"]["count"] == longer["truncated_responses"]["count"] == 0
+
+
+def test_a_shard_without_rows_names_the_source(tmp_path):
+  path = _write(tmp_path / "one.jsonl", [json.dumps(_rows(1)[0])])
+  config = pipeline.PipelineConfig(max_length=32, shard_index=1, shard_count=2)
+  with pytest.raises(ValueError, match=rf"^jsonl:{path}\[train\] has 1 rows, so shard 1 of 2 "
+                     r"\(one per process\) is empty$"):
+    pipeline.preference_dataset(_load(path, tmp_path), BYTES, config)
