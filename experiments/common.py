@@ -14,11 +14,15 @@ from __future__ import annotations
 import logging as std_logging
 import os
 import pathlib
+import sys
 from typing import Any, Callable
 
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from experiments import preemption
+from prefjax import train
 
 FLAGS = flags.FLAGS
 
@@ -58,7 +62,11 @@ def prepare_workdir(workdir: str | os.PathLike[str]) -> str:
 
 
 def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
-  """An absl ``main`` that validates the flags and calls ``run(config, workdir)``."""
+  """An absl ``main`` that validates the flags and calls ``run(config, workdir)``.
+
+  Exit codes: 0 finished, 1 error, ``preemption.PREEMPTED_EXIT_CODE`` when the
+  run stopped on SIGTERM after saving.
+  """
 
   def main(argv: list[str]) -> None:
     if len(argv) > 1:
@@ -67,8 +75,14 @@ def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
       raise ValueError("--config is required, e.g. --config=configs/rm/tiny.py")
     if not FLAGS.workdir:
       raise ValueError("--workdir is required (rerunning with it resumes)")
+    preemption.exit_on_sigterm()
     workdir = prepare_workdir(FLAGS.workdir)
     logging.info("config:\n%s", FLAGS.config)
-    run(FLAGS.config, workdir)
+    try:
+      result = run(FLAGS.config, workdir)
+    except train.NoIntactCheckpointError as e:
+      sys.exit(f"error: {e}")
+    if preemption.was_preempted(result):
+      sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
   return main

@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           warmup_steps=20, total_steps=200, weight_decay=0.0,
                           grad_clip_norm=10.0)
   config.loop = dict(num_steps=200, log_every=10, eval_every=100, checkpoint_every=100,
-                     seed=0, async_checkpointing=True, tensorboard=True)
+                     seed=0, async_checkpointing=True, tensorboard=True, allow_restart=False)
   config.eval = dict(batch_size=16, kl_max_new_tokens=64, kl_temperature=1.0, exact_kl="auto")
   config.mesh = dict(shape=(-1, 1, 1))
   if arg == "quick":

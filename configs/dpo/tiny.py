@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer = dict(name="adamw", learning_rate=3e-3, schedule="constant",
                           warmup_steps=0, weight_decay=0.0, grad_clip_norm=1.0)
   config.loop = dict(num_steps=300, log_every=20, eval_every=100, checkpoint_every=100,
-                     seed=0, async_checkpointing=False, tensorboard=True)
+                     seed=0, async_checkpointing=False, tensorboard=True, allow_restart=False)
   config.eval = dict(batch_size=64, kl_max_new_tokens=16, kl_temperature=1.0,
                      exact_kl="auto")
   config.mesh = dict(shape=(-1, 1, 1))

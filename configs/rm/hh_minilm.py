@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           warmup_steps=15, total_steps=num_steps, weight_decay=0.01,
                           grad_clip_norm=1.0)
   config.loop = dict(num_steps=num_steps, log_every=10, eval_every=75, checkpoint_every=25,
-                     seed=0, async_checkpointing=False)
+                     seed=0, async_checkpointing=False, allow_restart=False)
   config.eval = dict(enabled=True, batch_size=32, num_bins=10, subset_field="subset")
   config.mesh = dict(shape=(-1, 1, 1), ensemble=1, num_devices=0)
   if arg == "quick":

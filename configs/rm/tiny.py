@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer = dict(name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=10,
                           total_steps=num_steps, weight_decay=0.0, grad_clip_norm=1.0)
   config.loop = dict(num_steps=num_steps, log_every=20, eval_every=100, checkpoint_every=100,
-                     seed=0, async_checkpointing=False)
+                     seed=0, async_checkpointing=False, allow_restart=False)
   config.eval = dict(enabled=True, batch_size=64, num_bins=10, subset_field="subset")
   config.mesh = dict(shape=(-1, 1, 1), ensemble=1, num_devices=0)
   if arg == "quick":
