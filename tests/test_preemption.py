@@ -7,6 +7,7 @@ while it builds data and model, and while it trains.
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,6 +105,7 @@ def test_sigterm_while_training_saves_skips_eval_and_the_rerun_resumes(tmp_path,
   assert not list(workdir.glob("eval_*.json"))  # The final eval was skipped.
   records = [json.loads(line) for line in metrics.read_text().splitlines()]
   assert not any(k.startswith("eval/") for r in records for k in r)
+  assert_damaged_copy_stops_with_one_line(workdir, tmp_path / "damaged", env, saved)
   # The rerun resumes at the saved step, finishes two steps later and exits 0.
   proc = subprocess.run(command(workdir, saved + 2), cwd=REPO, env=env, text=True,
                         capture_output=True, timeout=TIMEOUT, check=False)
@@ -112,3 +114,17 @@ def test_sigterm_while_training_saves_skips_eval_and_the_rerun_resumes(tmp_path,
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["final_step"] == saved + 2
   assert (workdir / f"eval_{saved + 2}.json").exists()
+
+
+def assert_damaged_copy_stops_with_one_line(workdir, copy, env, saved):
+  shutil.copytree(workdir, copy)
+  os.remove(copy / "checkpoints" / str(saved) / "state" / "_METADATA")
+  proc = subprocess.run(command(copy, saved + 2), cwd=REPO, env=env, text=True,
+                        capture_output=True, timeout=TIMEOUT, check=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  assert f"checkpoint step {saved} in {copy}/checkpoints is damaged: state/_METADATA: missing" in (
+      proc.stderr)
+  last = proc.stderr.rstrip("\n").splitlines()[-1]
+  assert last.startswith(f"error: no intact checkpoint in {copy}/checkpoints"), last
+  assert last.endswith("rerun with --config.loop.allow_restart=True to start from scratch")
