@@ -106,7 +106,10 @@ class _Run:
         bundle, self.tx, int(self.config.seed), trainable=rollout_lib.TRAINABLE)
     if latest is None:
       return 0
-    self.state, data_state, _ = self.ckpt.restore(self.state)
+    restored = self.ckpt.restore_newest_intact(self.state, allow_restart=self.loop.allow_restart)
+    if restored is None:  # Every checkpoint was damaged and set aside: start afresh.
+      return self.init_state()
+    latest, self.state, data_state, _ = restored
     self.kl_ctl.value = float(data_state["kl_coef"])
     logging.info("resuming RL from step %d (kl_coef %.4g)", latest, self.kl_ctl.value)
     return latest

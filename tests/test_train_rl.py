@@ -123,8 +123,10 @@ def test_resume_reproduces_uninterrupted_run(rloo_run, scratch):
   ckpts = resumed / "checkpoints"
   steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
   assert steps[-1] == 30 and 20 in steps, steps
-  shutil.rmtree(ckpts / "30")  # as if the run had been killed after step 20's checkpoint
+  # A damaged last checkpoint: the rerun falls back to step 20 and sets 30 aside.
+  os.truncate(ckpts / "30" / "state" / "_METADATA", 10)
   train_rl.run(tiny_rloo.get_config(), str(resumed))
+  assert (resumed / "checkpoints.damaged" / "30").is_dir()
   original, again = _evals(workdir), _evals(str(resumed))
   assert [e["step"] for e in again] == [e["step"] for e in original]
   for a, b in zip(original[-3:], again[-3:]):

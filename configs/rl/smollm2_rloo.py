@@ -56,7 +56,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       gamma=1.0, lam=0.95, whiten_advantages=True, kl_coef=0.05, kl_estimator="k1",
       adaptive_kl=dict(enabled=False, target=6.0, horizon=10000.0), value_trunk="separate")
   c.optimizer = dict(name="adamw", learning_rate=1e-6, weight_decay=0.0, grad_clip_norm=1.0)
-  c.loop = dict(num_steps=200, eval_every=20, checkpoint_every=20, keep_checkpoints=2)
+  c.loop = dict(num_steps=200, eval_every=20, checkpoint_every=20, keep_checkpoints=2,
+                allow_restart=False)
   c.eval = dict(exact_kl_max_vocab=4096)
   c.log_train_gold = False
   if arg == "quick":

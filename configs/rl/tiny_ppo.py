@@ -44,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
       gamma=1.0, lam=0.95, whiten_advantages=True, kl_coef=0.02, kl_estimator="k1",
       adaptive_kl=dict(enabled=False, target=4.0, horizon=10000.0), value_trunk="separate")
   c.optimizer = dict(name="adam", learning_rate=1e-3, grad_clip_norm=1.0)
-  c.loop = dict(num_steps=18, eval_every=3, checkpoint_every=10, keep_checkpoints=2)
+  c.loop = dict(num_steps=18, eval_every=3, checkpoint_every=10, keep_checkpoints=2,
+                allow_restart=False)
   c.eval = dict(exact_kl_max_vocab=4096)
   c.log_train_gold = True
   return c

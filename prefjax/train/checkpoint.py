@@ -271,6 +271,9 @@ class Checkpointer:
           target, suffix = os.path.join(aside, f"{step}.{suffix}"), suffix + 1
         shutil.move(self._step_dir(step), target)
         logging.warning("moved damaged checkpoint step %d to %s", step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("prefjax_checkpoint_set_aside")
     self._manager.reload()
 
   def best_step(self) -> int | None:
