@@ -6,9 +6,9 @@
                          what existed was saved; rerun with the same
                          ``--workdir`` to resume.
 
-During training ``train_loop`` turns SIGTERM into "save a checkpoint and stop"
-(and skips the final eval). Before and after it there is nothing new to save,
-so :func:`exit_on_sigterm` makes SIGTERM end the process at once with
+During training ``train_loop`` (and ``train_rl``'s loop) turns SIGTERM into "save a
+checkpoint and stop" (and skips the final eval). Before and after training there
+is nothing new to save, so :func:`exit_on_sigterm` makes SIGTERM end the process at once with
 ``PREEMPTED_EXIT_CODE`` instead of Python's default death by signal (exit 143).
 This module imports nothing heavy: ``experiments/__init__.py`` installs the
 handler before a binary imports JAX.

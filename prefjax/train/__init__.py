@@ -14,6 +14,7 @@ from prefjax.train.checkpoint import NoIntactCheckpointError
 from prefjax.train.checkpoint import load_params
 from prefjax.train.loop import LoopConfig
 from prefjax.train.loop import NonFiniteError
+from prefjax.train.loop import StopOnSignal
 from prefjax.train.loop import TrainResult
 from prefjax.train.loop import train_loop
 from prefjax.train.metrics import MetricWriter
@@ -38,7 +39,7 @@ from prefjax.train.summary import write_or_check_config
 
 __all__ = [
     "Checkpointer", "ConfigMismatchError", "DamagedCheckpointError", "LoopConfig",
-    "MetricWriter", "NoIntactCheckpointError", "NonFiniteError",
+    "MetricWriter", "NoIntactCheckpointError", "NonFiniteError", "StopOnSignal",
     "OptimizerConfig", "TrainResult", "TrainState", "batch_shardings", "create_train_state",
     "jit_train_step", "load_params", "make_eval_step", "make_optimizer", "make_schedule", "make_train_step",
     "merge_model", "params_sha256", "read_metrics", "read_summary", "split_microbatches",

@@ -131,8 +131,9 @@ def _make_tx(optimizer: Optimizer) -> tuple[optax.GradientTransformation, optax.
   return schedules.make_optimizer(optimizer)
 
 
-class _StopFlag:
-  """SIGTERM / first SIGINT set a flag checked between steps (graceful save + exit)."""
+class StopOnSignal:
+  """SIGTERM / first SIGINT set ``signum``, checked between steps (graceful save + exit);
+  a second SIGINT raises KeyboardInterrupt. Handlers are restored on exit."""
 
   def __init__(self):
     self.signum: int | None = None
@@ -312,7 +313,7 @@ class _Trainer:
                                            total_steps=self.loop.num_steps,
                                            tensorboard=self.loop.tensorboard)
     step, pending, consistent = start_step, None, True
-    with _StopFlag() as stop:
+    with StopOnSignal() as stop:
       try:
         while step < self.loop.num_steps and stop.signum is None:
           consistent = False
