@@ -194,19 +194,36 @@ def test_no_intact_step_stops_with_one_line_and_allow_restart_starts_afresh(
   assert sorted(os.listdir(workdir / "checkpoints.damaged")) == ["2", "4"]
 
 
-def test_a_changed_model_is_still_a_mismatch_not_damage(saved, tmp_path):
+class Narrower(Net):
+  def __init__(self, rngs):
+    super().__init__(rngs)
+    self.hidden = nnx.Linear(4, 128, rngs=rngs)
+    self.out = nnx.Linear(128, 1, rngs=rngs)
+
+
+class OneMoreLayer(Net):
+  def __init__(self, rngs):
+    super().__init__(rngs)
+    self.extra = nnx.Linear(4, 4, rngs=rngs)
+
+
+@pytest.mark.parametrize("model_cls", [Narrower, OneMoreLayer])
+def test_a_changed_model_is_still_a_mismatch_not_damage(saved, tmp_path, model_cls):
   workdir = _copy(saved, tmp_path)
-
-  class Wider(Net):
-    def __init__(self, rngs):
-      super().__init__(rngs)
-      self.hidden = nnx.Linear(4, 128, rngs=rngs)
-      self.out = nnx.Linear(128, 1, rngs=rngs)
-
   loop = train.LoopConfig(num_steps=STEPS, checkpoint_every=2, async_checkpointing=False,
                           tensorboard=False)
-  with pytest.raises(ValueError, match="does not match the model/optimizer"):
-    train.train_loop(workdir=str(workdir), model=Wider(nnx.Rngs(0)), loss_fn=loss_fn,
+  with pytest.raises(ValueError, match="does not match the model/optimizer") as error:
+    train.train_loop(workdir=str(workdir), model=model_cls(nnx.Rngs(0)), loss_fn=loss_fn,
                      optimizer={"name": "sgd", "learning_rate": 1e-2}, loop=loop,
                      train_iter=iter([]))
+  assert not isinstance(error.value, train.DamagedCheckpointError)
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+
+
+def test_load_params_names_the_damaged_file(saved, tmp_path):
+  workdir = _copy(saved, tmp_path)
+  name = damage(workdir, SAVED, DATA_FILE, "truncate")
+  with pytest.raises(train.DamagedCheckpointError, match=f"step {SAVED} .* damaged: {name}: "):
+    train.load_params(workdir, Net(nnx.Rngs(1)))
+  model = train.load_params(workdir, Net(nnx.Rngs(1)), step=2)  # An intact step still loads.
+  assert not np.allclose(model.hidden.kernel[...], Net(nnx.Rngs(1)).hidden.kernel[...])

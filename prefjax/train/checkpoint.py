@@ -199,16 +199,9 @@ class Checkpointer:
     args = ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract(to_savable(template))),
         data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
-    try:
-      restored = self._manager.restore(step, args=args)
-    except Exception as e:  # pylint: disable=broad-except
-      if integrity.is_damage(e):
-        raise DamagedCheckpointError(self.directory, step, integrity.describe(e)) from e
-      if not isinstance(e, (ValueError, KeyError)):
-        raise
-      raise ValueError(
-          f"checkpoint {self.directory}/{step} does not match the model/optimizer being "
-          f"trained (changed architecture or optimizer?): {e}") from e
+    restored = self._restore_step(
+        step, args, "does not match the model/optimizer being trained (changed architecture "
+        "or optimizer?)")
     state = from_savable(restored["state"], template)
     per_process = restored["data"]["per_process"]
     if len(per_process) != jax.process_count():
@@ -236,9 +229,6 @@ class Checkpointer:
     damaged = []
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        problem = integrity.find_damage(self._step_dir(step))
-        if problem is not None:
-          raise DamagedCheckpointError(self.directory, step, problem)
         restored = self.restore(template, step)
       except DamagedCheckpointError as e:
         logging.warning("%s; trying the step before it", e)
@@ -307,10 +297,22 @@ class Checkpointer:
                                        sharding=x.sharding or default), item)
     args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
+    return self._restore_step(step, args, "params do not match the model")["state"]["params"]
+
+  def _restore_step(self, step: int, args: ocp.args.Composite, mismatch: str) -> Any:
+    """``manager.restore`` that tells damaged files (DamagedCheckpointError) from
+    a model that does not match the checkpoint (ValueError saying ``mismatch``)."""
+    problem = integrity.find_damage(self._step_dir(step))
+    if problem is not None:
+      raise DamagedCheckpointError(self.directory, step, problem)
     try:
-      return self._manager.restore(step, args=args)["state"]["params"]
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"params in {self.directory}/{step} do not match the model: {e}") from e
+      return self._manager.restore(step, args=args)
+    except Exception as e:  # pylint: disable=broad-except
+      if integrity.is_damage(e):
+        raise DamagedCheckpointError(self.directory, step, integrity.describe(e)) from e
+      if not isinstance(e, (ValueError, KeyError)):
+        raise
+      raise ValueError(f"checkpoint {self.directory}/{step}: {mismatch}: {e}") from e
 
   def wait(self) -> None:
     """Blocks until every save is durable, and records the saved files."""
