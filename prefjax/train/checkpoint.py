@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Mapping
 
 import jax
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
 
 from prefjax.train import integrity
@@ -179,7 +179,7 @@ class Checkpointer:
 
   def _write_manifests(self) -> None:
     """Records the files of every finished step that has no manifest yet."""
-    if self._read_only or jax.process_index() != 0:
+    if self._read_only or jax.process_index() != 0 or not integrity.is_local(self.directory):
       return
     for step in self.all_steps():
       step_dir = self._step_dir(step)
@@ -252,14 +252,13 @@ class Checkpointer:
   def _set_aside(self, steps: list[int]) -> None:
     """Moves damaged steps out of orbax's directory (kept for inspection)."""
     if jax.process_index() == 0:
-      aside = self.directory.rstrip(os.sep) + ".damaged"
-      os.makedirs(aside, exist_ok=True)
+      aside = epath.Path(self.directory.rstrip("/") + ".damaged")
+      aside.mkdir(parents=True, exist_ok=True)
       for step in steps:
-        target = os.path.join(aside, str(step))
-        suffix = 1
-        while os.path.exists(target):
-          target, suffix = os.path.join(aside, f"{step}.{suffix}"), suffix + 1
-        shutil.move(self._step_dir(step), target)
+        target, suffix = aside / str(step), 1
+        while target.exists():
+          target, suffix = aside / f"{step}.{suffix}", suffix + 1
+        epath.Path(self._step_dir(step)).rename(target)
         logging.warning("moved damaged checkpoint step %d to %s", step, target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

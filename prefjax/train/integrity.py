@@ -12,7 +12,7 @@ file and names it. Sizes, not hashes: reading a multi-GB step at every save is
 too slow, so a bit flip inside an array is caught only where TensorStore
 checks it. A step without a manifest (its run was killed before recording
 it) is checked for orbax's metadata files, and a failed restore is triaged by
-:func:`is_damage`.
+:func:`is_damage`. Remote directories (``gs://...``) get the triage only.
 """
 
 from __future__ import annotations
@@ -77,8 +77,16 @@ def _check_metadata(step_dir: str) -> str | None:
   return None
 
 
+def is_local(path: str) -> bool:
+  """Manifests and metadata checks need a local (or mounted) file system; on
+  ``gs://`` and the like only TensorStore's checks apply."""
+  return "://" not in path
+
+
 def find_damage(step_dir: str) -> str | None:
   """``"<file>: <what is wrong>"`` for the first damaged file of a step, else None."""
+  if not is_local(step_dir):
+    return None
   manifest = os.path.join(step_dir, MANIFEST)
   if not os.path.exists(manifest):
     return _check_metadata(step_dir)
