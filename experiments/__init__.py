@@ -1,0 +1,7 @@
+"""The experiment binaries (``python -m experiments.NAME``)."""
+
+import sys
+
+if sys.argv[:1] == ["-m"]:  # Python sets argv[0] to "-m" while it locates the binary.
+  from experiments import preemption
+  preemption.exit_on_sigterm()  # Before the binary imports JAX (seconds of start-up).

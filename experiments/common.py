@@ -31,7 +31,9 @@ from absl import logging
 from ml_collections import config_flags
 import tensorflow_datasets as tfds
 
+from experiments import preemption
 from prefjax import configlib
+from prefjax import train
 
 FLAGS = flags.FLAGS
 VERBOSE_ERRORS_ENV = "PREFJAX_VERBOSE_ERRORS"
@@ -173,17 +175,27 @@ def _check_command_line(argv: list[str]) -> None:
 
 
 def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
-  """An absl ``main`` that validates the flags and calls ``run(config, workdir)``."""
+  """An absl ``main`` that validates the flags and calls ``run(config, workdir)``.
+
+  Exit codes: 0 finished, 1 error, ``preemption.PREEMPTED_EXIT_CODE`` when the
+  run stopped on SIGTERM after saving.
+  """
 
   def main(argv: list[str]) -> None:
     _check_command_line(argv)
     if FLAGS.config_help:
       print(config_help(FLAGS.config))
       return
+    preemption.exit_on_sigterm()
     workdir = prepare_workdir(FLAGS.workdir)
     logging.info("config %s, overrides %s (all fields: --config_help; saved in config.json)",
                  config_flags.get_config_filename(FLAGS["config"]),
                  config_flags.get_override_values(FLAGS["config"]))
-    run(FLAGS.config, workdir)
+    try:
+      result = run(FLAGS.config, workdir)
+    except train.NoIntactCheckpointError as e:
+      sys.exit(f"error: {e}")
+    if preemption.was_preempted(result):
+      sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
   return report_errors(main)

@@ -32,6 +32,7 @@ from configs.rl import tiny_rloo as rloo_config
 from configs.rm import tiny as rm_config
 from experiments import best_of_n
 from experiments import common
+from experiments import preemption
 from experiments import train_rl
 from experiments import train_rm
 from prefjax.train import summary as summary_lib
@@ -44,6 +45,8 @@ def _stage(name: str, fn: Callable[[Any, str], Any], config: Any, workdir: str) 
   logging.info("demo stage %s -> %s", name, stage_dir)
   start = time.time()
   result = fn(config, stage_dir)
+  if preemption.was_preempted(result):  # Saved; the next stages need this one finished.
+    raise preemption.Preempted()
   logging.info("demo stage %s done in %.1f s", name, time.time() - start)
   return result
 

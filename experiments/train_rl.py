@@ -106,7 +106,10 @@ class _Run:
         bundle, self.tx, int(self.config.seed), trainable=rollout_lib.TRAINABLE)
     if latest is None:
       return 0
-    self.state, data_state, _ = self.ckpt.restore(self.state)
+    restored = self.ckpt.restore_newest_intact(self.state, allow_restart=self.loop.allow_restart)
+    if restored is None:  # Every checkpoint was damaged and set aside: start afresh.
+      return self.init_state()
+    latest, self.state, data_state, _ = restored
     self.kl_ctl.value = float(data_state["kl_coef"])
     logging.info("resuming RL from step %d (kl_coef %.4g)", latest, self.kl_ctl.value)
     return latest
@@ -155,7 +158,8 @@ class _Run:
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the RL run of ``config`` in ``workdir``; returns the summary."""
+  """Trains (or resumes) the RL run of ``config`` in ``workdir``; returns the summary
+  (``{"preempted": True, "step": n}`` when a signal stopped it after saving)."""
   os.makedirs(workdir, exist_ok=True)
   configlib.check_fields("config.eval", config.eval, ("exact_kl_max_vocab",))
   summary_lib.write_or_check_config(
@@ -165,22 +169,33 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   start = r.init_state()
   total, loop = r.loop.num_steps, r.loop
   writer = train.MetricWriter(workdir, resume_step=start, total_steps=total)
-  try:
-    if start == 0:
-      writer.log(0, eval_metrics=r.evaluate())
-      if r.warm_started:  # a resumed run must not redo (or re-randomise) the warm start
-        r.save()
-    for step in range(start, total):
-      metrics = r.step(step)
-      done = step + 1
-      evals = r.evaluate() if _every(done, loop.eval_every) or done == total else None
-      writer.log(done, train=metrics, eval_metrics=evals)
-      if _every(done, loop.checkpoint_every) or done == total:
-        r.save()
-    r.ckpt.wait()
-  finally:
-    writer.close()
-    r.ckpt.close()
+  done = start
+  with train.StopOnSignal() as stop:
+    try:
+      if start == 0:
+        writer.log(0, eval_metrics=r.evaluate())
+        if r.warm_started:  # a resumed run must not redo (or re-randomise) the warm start
+          r.save()
+      for step in range(start, total):
+        metrics = r.step(step)
+        done = step + 1
+        # Save at once (the eval waits for the rerun), unless this was the last step.
+        stopping = stop.signum is not None and done < total
+        evals = (r.evaluate() if not stopping and (_every(done, loop.eval_every) or done == total)
+                 else None)
+        writer.log(done, train=metrics, eval_metrics=evals)
+        if _every(done, loop.checkpoint_every) or done == total or stopping:
+          r.save()
+        if stopping:
+          break
+      r.ckpt.wait()
+    finally:
+      writer.close()
+      r.ckpt.close()
+  if done < total:
+    logging.warning("stopped at step %d after a signal; rerun with the same workdir to resume",
+                    done)
+    return {"preempted": True, "step": done}
   return _write_summary(workdir, total)
 
 

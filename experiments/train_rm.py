@@ -122,7 +122,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         mesh=mesh, partition_rules=experiment.partition_rules(model, mesh))
     final_step = result.summary.get("final_step", int(jax.device_get(result.state.step)))
     for evaluator in evaluators:  # A rerun of a finished run still reports its eval.
-      if evaluator.last is None or evaluator.last[0] != final_step:
+      if not result.preempted and (evaluator.last is None or evaluator.last[0] != final_step):
         evaluator(final_step, result.model)
   experiment.finish_data_report(workdir, data_report, train_iter, result.summary)
   last = evaluators[0].last if evaluators else None

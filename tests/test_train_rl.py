@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -123,8 +124,10 @@ def test_resume_reproduces_uninterrupted_run(rloo_run, scratch):
   ckpts = resumed / "checkpoints"
   steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
   assert steps[-1] == 30 and 20 in steps, steps
-  shutil.rmtree(ckpts / "30")  # as if the run had been killed after step 20's checkpoint
+  # A damaged last checkpoint: the rerun falls back to step 20 and sets 30 aside.
+  os.truncate(ckpts / "30" / "state" / "_METADATA", 10)
   train_rl.run(tiny_rloo.get_config(), str(resumed))
+  assert (resumed / "checkpoints.damaged" / "30").is_dir()
   original, again = _evals(workdir), _evals(str(resumed))
   assert [e["step"] for e in again] == [e["step"] for e in original]
   for a, b in zip(original[-3:], again[-3:]):
@@ -283,3 +286,24 @@ def test_bad_inputs_raise_named_errors():
     algorithms.HParams.from_config(dict(algorithm="ppo", kl_estimator="k1", clip_epsilon=0.1))
   for config in (tiny_ppo.get_config(), tiny_rloo.get_config()):  # Every key is known.
     assert algorithms.HParams.from_config(config.rl).algorithm == config.rl.algorithm
+
+
+def test_sigterm_saves_at_once_and_skips_that_steps_eval(scratch, monkeypatch):
+  config = tiny_rloo.get_config("quick")  # 8 steps, eval every 4.
+  workdir = scratch / "sigterm"
+  step = train_rl._Run.step  # pylint: disable=protected-access
+
+  def step_then_sigterm(self, i):
+    metrics = step(self, i)
+    if i == 3:  # Step 4 (an eval step) has just been trained.
+      os.kill(os.getpid(), signal.SIGTERM)
+    return metrics
+
+  monkeypatch.setattr(train_rl._Run, "step", step_then_sigterm)  # pylint: disable=protected-access
+  assert train_rl.run(config, str(workdir)) == {"preempted": True, "step": 4}
+  ckpt = train.Checkpointer(workdir / "checkpoints", read_only=True)
+  assert ckpt.latest_step() == 4
+  ckpt.close()
+  assert not (workdir / "summary.json").exists()
+  last = train.read_metrics(workdir)[-1]
+  assert last["step"] == 4 and "loss" in last and "eval/gold" not in last

@@ -62,7 +62,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                                  weight_decay=0.0, grad_clip_norm=1.0)
   # The loop fields train_rl honours (it logs every step).
   c.loop = dict(num_steps=200, eval_every=20, checkpoint_every=20, keep_checkpoints=2,
-                on_config_mismatch="warn")
+                on_config_mismatch="warn", allow_restart=False)
   c.eval = dict(exact_kl_max_vocab=4096)
   c.log_train_gold = False
   if arg == "quick":

@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
                                  grad_clip_norm=1.0)
   # The loop fields train_rl honours (it logs every step).
   c.loop = dict(num_steps=18, eval_every=3, checkpoint_every=10, keep_checkpoints=2,
-                on_config_mismatch="warn")
+                on_config_mismatch="warn", allow_restart=False)
   c.eval = dict(exact_kl_max_vocab=4096)
   c.log_train_gold = True
   return c

@@ -9,9 +9,12 @@ Typical use from an experiment binary::
 """
 
 from prefjax.train.checkpoint import Checkpointer
+from prefjax.train.checkpoint import DamagedCheckpointError
+from prefjax.train.checkpoint import NoIntactCheckpointError
 from prefjax.train.checkpoint import load_params
 from prefjax.train.loop import LoopConfig
 from prefjax.train.loop import NonFiniteError
+from prefjax.train.loop import StopOnSignal
 from prefjax.train.loop import TrainResult
 from prefjax.train.loop import train_loop
 from prefjax.train.metrics import MetricWriter
@@ -35,7 +38,8 @@ from prefjax.train.summary import read_summary
 from prefjax.train.summary import write_or_check_config
 
 __all__ = [
-    "Checkpointer", "ConfigMismatchError", "LoopConfig", "MetricWriter", "NonFiniteError",
+    "Checkpointer", "ConfigMismatchError", "DamagedCheckpointError", "LoopConfig",
+    "MetricWriter", "NoIntactCheckpointError", "NonFiniteError", "StopOnSignal",
     "OptimizerConfig", "TrainResult", "TrainState", "batch_shardings", "create_train_state",
     "jit_train_step", "load_params", "make_eval_step", "make_optimizer", "make_schedule", "make_train_step",
     "merge_model", "params_sha256", "read_metrics", "read_summary", "split_microbatches",

@@ -11,7 +11,10 @@ checkpoint holds three items:
 * ``config``: the experiment config as JSON.
 
 Saves are asynchronous where orbax supports it; :meth:`Checkpointer.wait`
-blocks until they are durable.
+blocks until they are durable. Once a step is final its files' sizes are
+recorded (:mod:`~prefjax.train.integrity`), and
+:meth:`Checkpointer.restore_newest_intact` skips, with a warning naming the
+step and the file, a step whose files no longer match.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
 
+from prefjax.train import integrity
 from prefjax.train import state as state_lib
 
 PyTree = Any
@@ -103,6 +108,18 @@ def _abstract(tree: PyTree) -> PyTree:
       tree)
 
 
+class DamagedCheckpointError(ValueError):
+  """A checkpoint step's files are missing or corrupt."""
+
+  def __init__(self, directory: str, step: int, problem: str):
+    super().__init__(f"checkpoint step {step} in {directory} is damaged: {problem}")
+    self.step, self.problem = step, problem
+
+
+class NoIntactCheckpointError(RuntimeError):
+  """Every checkpoint step of a run is damaged (one-line message for the user)."""
+
+
 class Checkpointer:
   """Saves/restores train state + iterator state + config with orbax."""
 
@@ -125,6 +142,7 @@ class Checkpointer:
         best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
         enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
     self.directory = os.fspath(directory)
+    self._read_only = read_only
     self.best_metric = best_metric
     self._best_mode = best_mode
     self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -143,6 +161,7 @@ class Checkpointer:
     step = int(jax.device_get(state.step))
     if step in self._manager.all_steps():
       return False
+    self.wait()  # Orbax waits for the previous save anyway; then its manifest is written.
     if metrics is not None and self.best_metric is not None and self.best_metric not in metrics:
       raise KeyError(f"best_metric {self.best_metric!r} missing from eval metrics "
                      f"{sorted(metrics)}")
@@ -154,6 +173,18 @@ class Checkpointer:
                                metrics=dict(metrics) if metrics is not None else None)
     logging.info("checkpoint: saving step %d to %s", step, self.directory)
     return saved
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _write_manifests(self) -> None:
+    """Records the files of every finished step that has no manifest yet."""
+    if self._read_only or jax.process_index() != 0 or not integrity.is_local(self.directory):
+      return
+    for step in self.all_steps():
+      step_dir = self._step_dir(step)
+      if os.path.isdir(step_dir) and not integrity.has_manifest(step_dir):
+        integrity.write_manifest(step_dir)
 
   def restore(self, template: state_lib.TrainState,
               step: int | None = None) -> tuple[state_lib.TrainState, Any, dict[str, Any]]:
@@ -168,18 +199,71 @@ class Checkpointer:
     args = ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract(to_savable(template))),
         data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
-    try:
-      restored = self._manager.restore(step, args=args)
-    except (ValueError, KeyError) as e:
-      raise ValueError(
-          f"checkpoint {self.directory}/{step} does not match the model/optimizer being "
-          f"trained (changed architecture or optimizer?): {e}") from e
+    restored = self._restore_step(
+        step, args, "does not match the model/optimizer being trained (changed architecture "
+        "or optimizer?)")
     state = from_savable(restored["state"], template)
     per_process = restored["data"]["per_process"]
     if len(per_process) != jax.process_count():
       raise ValueError(f"checkpoint {self.directory}/{step} holds data-iterator states of "
                        f"{len(per_process)} processes; this run has {jax.process_count()}")
     return state, per_process[jax.process_index()], restored["config"]
+
+  def restore_newest_intact(
+      self, template: state_lib.TrainState, *, allow_restart: bool = False,
+  ) -> tuple[int, state_lib.TrainState, Any, dict[str, Any]] | None:
+    """Restores ``(step, state, iterator_state, config)`` of the newest intact step.
+
+    A damaged step (a file missing or resized since it was saved, or a restore
+    failing on corrupt files) is skipped with a warning naming the step and the
+    file; once an older step restores, the damaged ones are moved to
+    ``<directory>.damaged/`` so that training can save those steps again.
+
+    Returns:
+      None when there is no checkpoint, or when every step is damaged and
+      ``allow_restart`` (the damaged steps are then moved aside: a fresh start).
+
+    Raises:
+      NoIntactCheckpointError: every step is damaged and not ``allow_restart``.
+    """
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        restored = self.restore(template, step)
+      except DamagedCheckpointError as e:
+        logging.warning("%s; trying the step before it", e)
+        damaged.append(step)
+        continue
+      if damaged:
+        logging.warning("resuming from step %d, the newest intact checkpoint", step)
+        self._set_aside(damaged)
+      return (step, *restored)
+    if damaged and not allow_restart:
+      raise NoIntactCheckpointError(
+          f"no intact checkpoint in {self.directory} (damaged steps: "
+          f"{', '.join(map(str, damaged))}, see the warnings above); rerun with "
+          "--config.loop.allow_restart=True to start from scratch")
+    if damaged:
+      logging.warning("no intact checkpoint in %s: starting from scratch "
+                      "(loop.allow_restart=True)", self.directory)
+      self._set_aside(damaged)
+    return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves damaged steps out of orbax's directory (kept for inspection)."""
+    if jax.process_index() == 0:
+      aside = epath.Path(self.directory.rstrip("/") + ".damaged")
+      aside.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        target, suffix = aside / str(step), 1
+        while target.exists():
+          target, suffix = aside / f"{step}.{suffix}", suffix + 1
+        epath.Path(self._step_dir(step)).rename(target)
+        logging.warning("moved damaged checkpoint step %d to %s", step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("prefjax_checkpoint_set_aside")
+    self._manager.reload()
 
   def best_step(self) -> int | None:
     """Step of the best kept checkpoint by ``best_metric`` (None without metrics)."""
@@ -212,13 +296,27 @@ class Checkpointer:
                                        sharding=x.sharding or default), item)
     args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
+    return self._restore_step(step, args, "params do not match the model")["state"]["params"]
+
+  def _restore_step(self, step: int, args: ocp.args.Composite, mismatch: str) -> Any:
+    """``manager.restore`` that tells damaged files (DamagedCheckpointError) from
+    a model that does not match the checkpoint (ValueError saying ``mismatch``)."""
+    problem = integrity.find_damage(self._step_dir(step))
+    if problem is not None:
+      raise DamagedCheckpointError(self.directory, step, problem)
     try:
-      return self._manager.restore(step, args=args)["state"]["params"]
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"params in {self.directory}/{step} do not match the model: {e}") from e
+      return self._manager.restore(step, args=args)
+    except Exception as e:  # pylint: disable=broad-except
+      if integrity.is_damage(e):
+        raise DamagedCheckpointError(self.directory, step, integrity.describe(e)) from e
+      if not isinstance(e, (ValueError, KeyError)):
+        raise
+      raise ValueError(f"checkpoint {self.directory}/{step}: {mismatch}: {e}") from e
 
   def wait(self) -> None:
+    """Blocks until every save is durable, and records the saved files."""
     self._manager.wait_until_finished()
+    self._write_manifests()
 
   def reached_preemption(self, step: int) -> bool:
     """True at a multi-host preemption sync point (JAX distributed only)."""
@@ -226,3 +324,4 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+    self._write_manifests()

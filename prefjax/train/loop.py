@@ -76,6 +76,8 @@ class LoopConfig:
     seed: seed of the train-state RNG key.
     on_config_mismatch: ``warn`` or ``error`` when resuming with another config.
     tensorboard: write TensorBoard event files.
+    allow_restart: when every checkpoint of the workdir is damaged, start from
+      scratch (they are moved to ``checkpoints.damaged/``) instead of stopping.
   """
   num_steps: int
   log_every: int = 10
@@ -92,6 +94,7 @@ class LoopConfig:
   seed: int = 0
   on_config_mismatch: str = "warn"
   tensorboard: bool = True
+  allow_restart: bool = False
 
   @classmethod
   def from_mapping(cls, cfg: Mapping[str, Any] | "LoopConfig") -> "LoopConfig":
@@ -128,8 +131,9 @@ def _make_tx(optimizer: Optimizer) -> tuple[optax.GradientTransformation, optax.
   return schedules.make_optimizer(optimizer)
 
 
-class _StopFlag:
-  """SIGTERM / first SIGINT set a flag checked between steps (graceful save + exit)."""
+class StopOnSignal:
+  """SIGTERM / first SIGINT set ``signum``, checked between steps (graceful save + exit);
+  a second SIGINT raises KeyboardInterrupt. Handlers are restored on exit."""
 
   def __init__(self):
     self.signum: int | None = None
@@ -247,12 +251,13 @@ class _Trainer:
   def restore_or_init(self) -> int:
     summary_lib.write_or_check_config(self.workdir, self.config,
                                       on_mismatch=self.loop.on_config_mismatch)
-    latest = self.checkpointer.latest_step()
-    if latest is None:
+    restored = self.checkpointer.restore_newest_intact(
+        self.state, allow_restart=self.loop.allow_restart)
+    if restored is None:
       logging.info("fresh start in %s (%d params)", self.workdir,
                    state_lib.count_params(self.state.params))
       return 0
-    self.state, iterator_state, _ = self.checkpointer.restore(self.state, latest)
+    latest, self.state, iterator_state, _ = restored
     if self._state_sh is not None:
       self.state = jax.device_put(self.state, self._state_sh)
     self._restore_iterator(iterator_state, latest)
@@ -308,7 +313,7 @@ class _Trainer:
                                            total_steps=self.loop.num_steps,
                                            tensorboard=self.loop.tensorboard)
     step, pending, consistent = start_step, None, True
-    with _StopFlag() as stop:
+    with StopOnSignal() as stop:
       try:
         while step < self.loop.num_steps and stop.signum is None:
           consistent = False
@@ -328,9 +333,11 @@ class _Trainer:
           for hook in self.hooks:
             hook(step, self.state, metrics)
           last = step == self.loop.num_steps
-          is_eval = self.has_eval and (_every(step, self.loop.eval_every) or last)
           if jax.process_count() > 1 and self.checkpointer.reached_preemption(step):
             stop.signum = stop.signum or int(signal.SIGTERM)  # Multi-host preemption notice.
+          # A stopping run saves at once: its eval waits for the rerun.
+          is_eval = (self.has_eval and stop.signum is None
+                     and (_every(step, self.loop.eval_every) or last))
           if is_eval or _every(step, self.loop.checkpoint_every) or stop.signum is not None:
             eval_metrics = self._run_eval(step) if is_eval else None
             self._finish_step(*pending, eval_metrics)
@@ -354,9 +361,10 @@ class _Trainer:
         raise
       finally:
         self.writer.flush()
-    if stop.signum is not None and step < self.loop.num_steps:
-      return self._stop_preempted(step)
-    return self._finish(step)
+      # Still under the flag: a signal now cannot cut the last save short.
+      if stop.signum is not None:
+        return self._stop_preempted(step)
+      return self._finish(step)
 
   def _close(self) -> None:
     self.checkpointer.close()

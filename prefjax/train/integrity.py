@@ -1,0 +1,121 @@
+"""Is a saved checkpoint step intact? File manifests and restore-error triage.
+
+Orbax writes a step into a temporary directory and renames it when complete, so
+a step that a crash cut short is never listed; TensorStore checks the OCDBT
+manifest and b-tree nodes it reads (``DATA_LOSS``, ``OUT_OF_RANGE``, ... errors).
+Neither notices a file that was truncated or deleted after the step was
+finalized until a restore trips over it, and then the error names an array,
+not a file. So once a step is final, :func:`write_manifest` records the size of
+every file in it (``prefjax_files.json``), and :func:`find_damage` compares the
+files with it before a restore: that catches truncation and deletion of any
+file and names it. Sizes, not hashes: reading a multi-GB step at every save is
+too slow, so a bit flip inside an array is caught only where TensorStore
+checks it. A step without a manifest (its run was killed before recording
+it) is checked for orbax's metadata files, and a failed restore is triaged by
+:func:`is_damage`. Remote directories (``gs://...``) get the triage only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+MANIFEST = "prefjax_files.json"
+# Metadata files orbax needs to restore a step of the Checkpointer's three items.
+_REQUIRED = ("state/_METADATA", "state/manifest.ocdbt", "data/metadata", "config/metadata")
+_JSON = ("state/_METADATA", "data/metadata", "config/metadata")
+# TensorStore status codes that mean "what is on disk is missing or corrupt" (a
+# model/checkpoint mismatch is an error without such a code).
+_TENSORSTORE_DAMAGE = re.compile(
+    r"^(DATA_LOSS|NOT_FOUND|OUT_OF_RANGE|FAILED_PRECONDITION|UNAVAILABLE|INTERNAL): ")
+
+
+def _files(step_dir: str) -> dict[str, int]:
+  sizes = {}
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      path = os.path.join(root, name)
+      sizes[os.path.relpath(path, step_dir)] = os.path.getsize(path)
+  sizes.pop(MANIFEST, None)
+  return sizes
+
+
+def has_manifest(step_dir: str) -> bool:
+  return os.path.exists(os.path.join(step_dir, MANIFEST))
+
+
+def write_manifest(step_dir: str) -> None:
+  """Records the size of every file of a finalized step (written atomically)."""
+  sizes = _files(step_dir)
+  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(sizes, f, indent=0, sort_keys=True)
+  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+
+def _compare(step_dir: str, saved: dict[str, int]) -> str | None:
+  found = _files(step_dir)
+  for name, size in sorted(saved.items()):
+    if name not in found:
+      return f"{name}: missing"
+    if found[name] != size:
+      return f"{name}: {found[name]} bytes, {size} when saved"
+  return None
+
+
+def _check_metadata(step_dir: str) -> str | None:
+  for name in _REQUIRED:
+    if not os.path.exists(os.path.join(step_dir, name)):
+      return f"{name}: missing"
+  for name in _JSON:
+    try:
+      with open(os.path.join(step_dir, name)) as f:
+        json.load(f)
+    except (OSError, ValueError) as e:
+      return f"{name}: unreadable ({e})"
+  return None
+
+
+def is_local(path: str) -> bool:
+  """Manifests and metadata checks need a local (or mounted) file system; on
+  ``gs://`` and the like only TensorStore's checks apply."""
+  return "://" not in path
+
+
+def find_damage(step_dir: str) -> str | None:
+  """``"<file>: <what is wrong>"`` for the first damaged file of a step, else None."""
+  if not is_local(step_dir):
+    return None
+  manifest = os.path.join(step_dir, MANIFEST)
+  if not os.path.exists(manifest):
+    return _check_metadata(step_dir)
+  try:
+    with open(manifest) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    return f"{MANIFEST}: unreadable ({e})"
+  return _compare(step_dir, saved)
+
+
+def _chain(exc: BaseException):
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    yield exc
+    exc = exc.__cause__ or exc.__context__
+
+
+def is_damage(exc: BaseException) -> bool:
+  """Whether a restore error means missing/corrupt files rather than a mismatch."""
+  return any(isinstance(e, (OSError, json.JSONDecodeError))
+             or _TENSORSTORE_DAMAGE.match(str(e)) for e in _chain(exc))
+
+
+def describe(exc: BaseException) -> str:
+  """The first line of the most specific error in ``exc``'s chain (the file or
+  array it names), without TensorStore's multi-line spec dump."""
+  for e in _chain(exc):
+    if isinstance(e, (OSError, json.JSONDecodeError)) or _TENSORSTORE_DAMAGE.match(str(e)):
+      return str(e).split(" [tensorstore_spec")[0].splitlines()[0]
+  return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -1,0 +1,229 @@
+"""Damaged checkpoints: the rerun names the step and the file and resumes from the
+newest intact step; with none intact it stops with one line (or, with
+``allow_restart``, starts from scratch and says so)."""
+
+import logging
+import os
+import shutil
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from prefjax import train
+from prefjax.train import integrity
+
+STEPS, SAVED = 6, 4  # The damaged run saved steps 2 and 4 of 6.
+DATA_FILE = "<largest file under state/ocdbt.process_0/d/>"
+
+
+class Net(nnx.Module):
+  """Big enough (a 4x256 kernel) that its arrays are stored in OCDBT data files,
+  not inlined in the b-tree."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(4, 256, rngs=rngs)
+    self.out = nnx.Linear(256, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jnp.tanh(self.hidden(x)))[:, 0]
+
+
+def loss_fn(model, batch, rng):
+  del rng
+  return jnp.mean((model(batch["x"]) - batch["y"])**2), {}
+
+
+def run(workdir, num_steps=STEPS, **loop):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(32, 4)).astype(np.float32)
+  examples = [{"x": x[i], "y": np.float32(np.sin(x[i].sum()))} for i in range(32)]
+  train_iter = iter(grain.MapDataset.source(examples).shuffle(seed=1).repeat().batch(8))
+  loop_config = train.LoopConfig(num_steps=num_steps, log_every=1, checkpoint_every=2,
+                                 keep_checkpoints=2, async_checkpointing=False,
+                                 tensorboard=False, **loop)
+  return train.train_loop(workdir=str(workdir), model=Net(nnx.Rngs(0)), loss_fn=loss_fn,
+                          optimizer={"name": "sgd", "learning_rate": 1e-2},
+                          loop=loop_config, train_iter=train_iter)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  return run(tmp_path_factory.mktemp("uninterrupted")).summary["params_sha256"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """A workdir whose run stopped after saving steps 2 and 4 (the config says 6
+  steps: what a preempted run leaves)."""
+  workdir = tmp_path_factory.mktemp("saved")
+  run(workdir, num_steps=SAVED)
+  os.remove(workdir / "summary.json")
+  return workdir
+
+
+def _copy(saved, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(saved, workdir)
+  return workdir
+
+
+def _resolve(step_dir, name):
+  if name != DATA_FILE:
+    return name
+  data_dir = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
+  largest = max(os.listdir(data_dir), key=lambda f: os.path.getsize(os.path.join(data_dir, f)))
+  return os.path.join("state", "ocdbt.process_0", "d", largest)
+
+
+def damage(workdir, step, name, how):
+  """Truncates (to half) or deletes ``name`` of a step; returns its relative path."""
+  step_dir = workdir / "checkpoints" / str(step)
+  name = _resolve(step_dir, name)
+  _damage_file(step_dir / name, how)
+  return name
+
+
+def _damage_file(path, how):
+  if how == "delete":
+    os.remove(path)
+  else:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+def _warnings(caplog):
+  return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def _assert_resumed_from_two(workdir, result, uninterrupted, caplog, name):
+  warned = [m for m in _warnings(caplog) if m.startswith(f"checkpoint step {SAVED} in ")]
+  assert len(warned) == 1 and name in warned[0] and "damaged" in warned[0], _warnings(caplog)
+  assert "resuming from step 2, the newest intact checkpoint" in _warnings(caplog)
+  assert result.summary["final_step"] == STEPS
+  # Resumed at 2 (steps 3 and 4 retrained), so the params equal an uninterrupted run's.
+  assert result.summary["params_sha256"] == uninterrupted
+  assert [r["step"] for r in train.read_metrics(workdir)] == list(range(1, STEPS + 1))
+  assert os.path.isdir(workdir / "checkpoints.damaged" / str(SAVED))
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+def test_every_file_of_a_step_is_checked(saved, tmp_path, how):
+  step_dir = saved / "checkpoints" / str(SAVED)
+  assert integrity.find_damage(str(step_dir)) is None
+  names = sorted(integrity._files(str(step_dir)))  # pylint: disable=protected-access
+  assert DATA_FILE not in names and _resolve(step_dir, DATA_FILE) in names
+  for name in names + [integrity.MANIFEST]:
+    copy = tmp_path / name.replace("/", "_")
+    shutil.copytree(step_dir, copy)
+    size = os.path.getsize(copy / name)
+    _damage_file(copy / name, how)
+    problem = integrity.find_damage(str(copy))
+    if name == integrity.MANIFEST and how == "delete":
+      assert problem is None  # As for a step whose run was killed before recording it.
+    elif name == integrity.MANIFEST:
+      assert problem.startswith(f"{name}: unreadable"), problem
+    else:
+      detail = "missing" if how == "delete" else f"{size // 2} bytes, {size} when saved"
+      assert problem == f"{name}: {detail}"
+
+
+# The three damages the issue reported: a TensorStore traceback, a wrong
+# diagnosis ("changed architecture?"), a bare FileNotFoundError.
+@pytest.mark.parametrize("name,how", [(DATA_FILE, "truncate"), ("state/_METADATA", "delete"),
+                                      ("config/metadata", "delete")],
+                         ids=["data_file-truncate", "_METADATA-delete", "config-delete"])
+def test_damaged_latest_step_falls_back_to_the_previous_one(saved, uninterrupted, tmp_path,
+                                                            caplog, name, how):
+  workdir = _copy(saved, tmp_path)
+  name = damage(workdir, SAVED, name, how)
+  with caplog.at_level(logging.WARNING):
+    result = run(workdir)
+  _assert_resumed_from_two(workdir, result, uninterrupted, caplog, name)
+  expected = "missing" if how == "delete" else "when saved"
+  assert expected in next(m for m in _warnings(caplog) if name in m)
+
+
+def test_damage_is_found_without_a_file_manifest(saved, uninterrupted, tmp_path, caplog):
+  # A run killed right after a save leaves that step without prefjax_files.json;
+  # then TensorStore's read errors are what find a damaged data file.
+  workdir = _copy(saved, tmp_path)
+  os.remove(workdir / "checkpoints" / str(SAVED) / integrity.MANIFEST)
+  damage(workdir, SAVED, DATA_FILE, "truncate")
+  with caplog.at_level(logging.WARNING):
+    result = run(workdir)
+  # TensorStore names the array and the step's state/ directory, not the data file.
+  _assert_resumed_from_two(workdir, result, uninterrupted, caplog,
+                           f"{workdir}/checkpoints/{SAVED}/state/")
+
+
+@pytest.mark.parametrize("name", ["state/_METADATA", "state/manifest.ocdbt", "data/metadata",
+                                  "config/metadata"])
+def test_orbax_metadata_is_checked_without_a_file_manifest(saved, tmp_path, name):
+  step_dir = tmp_path / "step"
+  shutil.copytree(saved / "checkpoints" / str(SAVED), step_dir)
+  os.remove(step_dir / integrity.MANIFEST)
+  assert integrity.find_damage(str(step_dir)) is None
+  truncated = tmp_path / "truncated"
+  shutil.copytree(step_dir, truncated)
+  _damage_file(truncated / name, "truncate")
+  if name != "state/manifest.ocdbt":  # Binary: TensorStore checks it when reading.
+    assert integrity.find_damage(str(truncated)).startswith(f"{name}: unreadable (")
+  _damage_file(step_dir / name, "delete")
+  assert integrity.find_damage(str(step_dir)) == f"{name}: missing"
+
+
+def test_no_intact_step_stops_with_one_line_and_allow_restart_starts_afresh(
+    saved, uninterrupted, tmp_path, caplog):
+  workdir = _copy(saved, tmp_path)
+  for step in (2, SAVED):
+    damage(workdir, step, DATA_FILE, "truncate")
+  with pytest.raises(train.NoIntactCheckpointError) as error:
+    run(workdir)
+  message = str(error.value)
+  assert "\n" not in message
+  assert "--config.loop.allow_restart=True" in message and "damaged steps: 4, 2" in message
+  # Stopping leaves the damaged steps where they were.
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  with caplog.at_level(logging.WARNING):
+    result = run(workdir, allow_restart=True)
+  assert any("starting from scratch (loop.allow_restart=True)" in m for m in _warnings(caplog))
+  assert result.summary["params_sha256"] == uninterrupted  # Trained from step 0.
+  assert sorted(os.listdir(workdir / "checkpoints.damaged")) == ["2", "4"]
+
+
+class Narrower(Net):
+  def __init__(self, rngs):
+    super().__init__(rngs)
+    self.hidden = nnx.Linear(4, 128, rngs=rngs)
+    self.out = nnx.Linear(128, 1, rngs=rngs)
+
+
+class OneMoreLayer(Net):
+  def __init__(self, rngs):
+    super().__init__(rngs)
+    self.extra = nnx.Linear(4, 4, rngs=rngs)
+
+
+@pytest.mark.parametrize("model_cls", [Narrower, OneMoreLayer])
+def test_a_changed_model_is_still_a_mismatch_not_damage(saved, tmp_path, model_cls):
+  workdir = _copy(saved, tmp_path)
+  loop = train.LoopConfig(num_steps=STEPS, checkpoint_every=2, async_checkpointing=False,
+                          tensorboard=False)
+  with pytest.raises(ValueError, match="does not match the model/optimizer") as error:
+    train.train_loop(workdir=str(workdir), model=model_cls(nnx.Rngs(0)), loss_fn=loss_fn,
+                     optimizer={"name": "sgd", "learning_rate": 1e-2}, loop=loop,
+                     train_iter=iter([]))
+  assert not isinstance(error.value, train.DamagedCheckpointError)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+
+
+def test_load_params_names_the_damaged_file(saved, tmp_path):
+  workdir = _copy(saved, tmp_path)
+  name = damage(workdir, SAVED, DATA_FILE, "truncate")
+  with pytest.raises(train.DamagedCheckpointError, match=f"step {SAVED} .* damaged: {name}: "):
+    train.load_params(workdir, Net(nnx.Rngs(1)))
+  model = train.load_params(workdir, Net(nnx.Rngs(1)), step=2)  # An intact step still loads.
+  assert not np.allclose(model.hidden.kernel[...], Net(nnx.Rngs(1)).hidden.kernel[...])
