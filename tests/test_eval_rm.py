@@ -9,6 +9,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -26,6 +27,18 @@ from tests import test_train_rm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_PAIRS = 600
+
+
+def _private_tmp():
+  # Not pytest's numbered basetemp: concurrent pytest sessions on a shared machine prune it.
+  # (Datasets go to conftest's private per-process cache.)
+  return tempfile.TemporaryDirectory(prefix="test_eval_rm_")
+
+
+@pytest.fixture
+def tmp_path():
+  with _private_tmp() as d:
+    yield pathlib.Path(d)
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -111,20 +124,21 @@ def test_scorer_specs_parse_and_reject_bad_ones():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs():
   """A trained RM, a 4-member deep ensemble and a DPO policy on the same tiny world."""
-  _, patch = test_train_dpo.isolated_env(tmp_path_factory)
-  root = tmp_path_factory.mktemp("runs")
+  with _private_tmp() as d:
+    yield train_runs(pathlib.Path(d))
+
+
+def train_runs(root: pathlib.Path) -> dict:
   rm_cfg = test_train_rm.small_config(30, num_pairs=NUM_PAIRS, batch_size=16)
   ens_cfg = test_train_rm.small_config(4, base=ensemble_tiny, num_pairs=NUM_PAIRS)
   dpo_cfg = test_train_dpo.dpo_config(steps=15)
   dpo_cfg.data.tiny_world.num_pairs = NUM_PAIRS
-  out = {"rm": train_rm.run(rm_cfg, str(root / "rm"))["eval"],
-         "ens": train_rm.run(ens_cfg, str(root / "ens"))["eval"],
-         "dpo": train_dpo.run(dpo_cfg, str(root / "dpo")).summary["final_eval"],
-         "root": root}
-  yield out
-  patch.undo()
+  return {"rm": train_rm.run(rm_cfg, str(root / "rm"))["eval"],
+          "ens": train_rm.run(ens_cfg, str(root / "ens"))["eval"],
+          "dpo": train_dpo.run(dpo_cfg, str(root / "dpo")).summary["final_eval"],
+          "root": root}
 
 
 def eval_config(scorers: str, datasets: str):
@@ -191,6 +205,22 @@ def test_outputs_can_be_redrawn_from_scores_jsonl(report):
   text = (workdir / "report.md").read_text()
   assert "| rm |" in text and "gold vs rm" in text and section["figures"][0] in text
   assert json.loads((workdir / "report.json").read_text())["scorers"][0] == "rm"
+
+
+def test_scoring_sharded_over_eight_devices_matches_one_device(runs, report, tmp_path):
+  root = runs["root"]
+  config = eval_config(f"rm:{root}/rm,dpo:{root}/dpo", f"run:{root}/rm")
+  config.mesh.update(shape=(8, 1, 1), num_devices=8)
+  eval_rm.run(config, str(tmp_path))
+
+  def rewards(workdir):
+    lines = [json.loads(l) for l in (workdir / "scores.jsonl").read_text().splitlines()]
+    return {n: np.array([l["scores"][n] for l in lines]) for n in ("rm", "dpo")}
+
+  sharded, single = rewards(tmp_path), rewards(report[1])
+  for name in ("rm", "dpo"):
+    scale = np.abs(single[name]).max()
+    np.testing.assert_allclose(sharded[name], single[name], atol=1e-5 * scale, err_msg=name)
 
 
 def test_compare_mode_puts_reports_side_by_side(runs, report, tmp_path):
