@@ -9,7 +9,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -28,17 +27,10 @@ from tests import test_train_rm
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_PAIRS = 600
 
-
-def _private_tmp():
-  # Not pytest's numbered basetemp: concurrent pytest sessions on a shared machine prune it.
-  # (Datasets go to conftest's private per-process cache.)
-  return tempfile.TemporaryDirectory(prefix="test_eval_rm_")
-
-
-@pytest.fixture
-def tmp_path():
-  with _private_tmp() as d:
-    yield pathlib.Path(d)
+# Private temp dirs, not pytest's numbered basetemp (concurrent sessions prune it); datasets
+# go to conftest's private per-process cache.
+_private_tmp = test_train_rm._private_tmp  # pylint: disable=protected-access
+tmp_path = test_train_rm.tmp_path
 
 
 # ----------------------------------------------------------------------------- formulas
