@@ -122,26 +122,24 @@ def read_run_config(workdir: str, what: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def texts_of(source: Any) -> list[dict[str, Any]]:
+def all_rows(source: Any) -> list[dict[str, Any]]:
   return source.__getitems__(range(len(source)))
 
 
 # --------------------------------------------------------------------------- text scorers
 
 
-def length_scorer(sign: float) -> Callable[[Any, str], Scored]:
-  def score(source, dataset):
-    del dataset
-    rows = texts_of(source)
-    r_c = np.array([sign * len(r["chosen"]) for r in rows], np.float64)
-    r_r = np.array([sign * len(r["rejected"]) for r in rows], np.float64)
-    return r_c, r_r
-  return score
+def length_rewards(source: Any, sign: float) -> tuple[np.ndarray, np.ndarray]:
+  """±(characters) of each side: the longer (sign 1) or the shorter (sign −1) response wins."""
+  rows = all_rows(source)
+  r_c = np.array([sign * len(r["chosen"]) for r in rows], np.float64)
+  r_r = np.array([sign * len(r["rejected"]) for r in rows], np.float64)
+  return r_c, r_r
 
 
 def gold_rewards(source: Any) -> tuple[np.ndarray, np.ndarray] | None:
   """``meta.gold_chosen`` / ``meta.gold_rejected`` of every row, or None when any lacks them."""
-  rows = texts_of(source)
+  rows = all_rows(source)
   metas = [r.get("meta") or {} for r in rows]
   if not all("gold_chosen" in m and "gold_rejected" in m for m in metas):
     return None
@@ -224,7 +222,7 @@ class ModelScorer:
   model_vocab: int | None
   mesh: jax.sharding.Mesh | None
   max_unk_fraction: float
-  column_names: Callable[[int], dict[str, Callable[[np.ndarray], np.ndarray]]]
+  output_columns: Callable[[int], dict[str, Callable[[np.ndarray], np.ndarray]]]
 
   def _put(self, batch):
     if self.mesh is None:
@@ -244,7 +242,8 @@ class ModelScorer:
       parts["r_r"].append(np.asarray(r_r, np.float64).reshape(b, -1)[real])
       parts["index"].append(batch["example_index"][real])
     r_c, r_r = np.concatenate(parts["r_c"]), np.concatenate(parts["r_r"])
-    columns = {name: (fn(r_c), fn(r_r)) for name, fn in self.column_names(r_c.shape[1]).items()}
+    outputs = self.output_columns(r_c.shape[1])
+    columns = {name: (fn(r_c), fn(r_r)) for name, fn in outputs.items()}
     dropped = {k: int(v) for k, v in iterator.counters.items() if k.startswith("dropped_") and v}
     return Scored(np.concatenate(parts["index"]), columns, True, dropped)
 
@@ -360,15 +359,15 @@ def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
 def make_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> Callable[[Any, str], Scored | None]:
   """``score(source, dataset) -> Scored`` (None: not available on that dataset, e.g. gold)."""
   if spec.kind in ("length", "shorter"):
-    fn = length_scorer(1.0 if spec.kind == "length" else -1.0)
-    return lambda source, dataset: _all_rows(spec.name, fn(source, dataset), False)
+    sign = 1.0 if spec.kind == "length" else -1.0
+    return lambda source, dataset: _every_row(spec.name, length_rewards(source, sign), False)
   if spec.kind == "gold":
     return lambda source, dataset: (None if (g := gold_rewards(source)) is None
-                                    else _all_rows(spec.name, g, True))
+                                    else _every_row(spec.name, g, True))
   build = {"rm": rm_scorer, "dpo": dpo_scorer, "hf": hf_scorer}[spec.kind]
   return build(spec, eval_cfg, mesh)
 
 
-def _all_rows(name: str, rewards: tuple[np.ndarray, np.ndarray], calibrated: bool) -> Scored:
+def _every_row(name: str, rewards: tuple[np.ndarray, np.ndarray], calibrated: bool) -> Scored:
   r_c, r_r = rewards
   return Scored(np.arange(r_c.size), {name: (r_c, r_r)}, calibrated)
