@@ -228,12 +228,12 @@ def test_compare_mode_puts_reports_side_by_side(runs, report, tmp_path):
   assert cells[0] == cells[1] and "[" in cells[0]
 
 
-def test_subsets_of_a_jsonl_benchmark(runs, tmp_path):
+def test_subsets_of_a_jsonl_benchmark(tmp_path):
   rows = [{"prompt": f"q{i}", "chosen": "good answer" * (1 + i % 3), "rejected": "bad",
            "meta": {"category": "chat" if i % 4 else "safety"}} for i in range(40)]
   path = tmp_path / "bench.jsonl"
   path.write_text("\n".join(json.dumps(r) for r in rows))
-  config = eval_config("length,shorter", f"jsonl:{path}@train")
+  config = eval_config("length,shorter", f"jsonl:{path}")  # Its one split, "train".
   config.subset_field = "category"
   section = eval_rm.run(config, str(tmp_path / "eval"))["datasets"][0]
   m = section["metrics"]["length"]
@@ -245,10 +245,10 @@ def test_subsets_of_a_jsonl_benchmark(runs, tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_a_workdir_without_a_checkpoint_is_named(runs, tmp_path):
+def test_a_workdir_without_a_checkpoint_is_named(tmp_path):
   bare = tmp_path / "no_ckpt"
   bare.mkdir()
-  shutil.copy(runs["root"] / "rm" / "config.json", bare / "config.json")
+  (bare / "config.json").write_text(json.dumps(test_train_rm.small_config(1).to_dict()))
   with pytest.raises(scorers_lib.EvalInputError,
                      match=f"scorer 'no_ckpt': {bare} has no checkpoint"):
     eval_rm.run(eval_config(f"rm:{bare}", "pandalm@test"), str(tmp_path / "e1"))
@@ -256,7 +256,7 @@ def test_a_workdir_without_a_checkpoint_is_named(runs, tmp_path):
     eval_rm.run(eval_config(f"rm:{tmp_path}", "pandalm@test"), str(tmp_path / "e2"))
 
 
-def test_a_tokenizer_that_cannot_read_the_data_is_named(runs, tmp_path, minilm_dir):
+def test_a_tokenizer_that_cannot_read_the_data_is_named(tmp_path, minilm_dir):
   path = tmp_path / "emoji.jsonl"
   path.write_text("\n".join(json.dumps({"prompt": "🙂🙃" * 5, "chosen": "🎉" * 8,
                                         "rejected": "🔥" * 8}) for _ in range(10)))

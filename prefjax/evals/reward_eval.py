@@ -1,10 +1,10 @@
 """Evaluates scorers (``prefjax.evals.scorers``) on preference datasets: the core of ``eval_rm``.
 
 A dataset spec is ``NAME[@SPLIT]`` for anything ``load_preferences`` opens
-(``hh_rlhf/harmless-base@resplit_test``, ``pandalm@test``, ``jsonl:PATH@train``;
-default split ``test``), or ``run:WORKDIR[@SPLIT]``: the data of a training run
-(its ``config.data``, e.g. the tiny world it generated; default split its
-``data.eval_split``).
+(``hh_rlhf/harmless-base@resplit_test``, ``pandalm@test``, ``jsonl:PATH``; default
+split ``test``, ``train`` for ``jsonl:``, whose file is one split), or
+``run:WORKDIR[@SPLIT]``: the data of a training run (its ``config.data``, e.g. the
+tiny world it generated; default split its ``data.eval_split``).
 
 Per dataset every scorer scores every pair; the metrics are computed on the
 pairs every scorer scored (a pipeline may drop over-long pairs; counted) whose
@@ -46,7 +46,7 @@ def load_dataset(spec: str, eval_cfg: Any) -> Dataset:
       split = split or data_cfg.eval_split
     else:
       data_cfg = {"name": name, "on_bad_row": eval_cfg.on_bad_row}
-      split = split or "test"
+      split = split or ("train" if name.startswith("jsonl:") else "test")
     source = experiment.load_split(data_cfg, split)
   except EvalInputError:
     raise
