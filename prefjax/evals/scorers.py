@@ -178,8 +178,10 @@ def check_tokenizer(tokenizer: Any, source: Any, model_vocab: int | None, *, sco
   rows = source.__getitems__(range(min(sample, len(source))))
   texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected")]
   what = f"scorer {scorer!r}: tokenizer {tokenizer.name} cannot read dataset {dataset!r}"
+  encode_batch = getattr(tokenizer, "encode_batch", None) or (
+      lambda batch: [tokenizer.encode(t) for t in batch])
   try:
-    ids = np.concatenate([np.asarray(t, np.int64) for t in tokenizer.encode_batch(texts)] +
+    ids = np.concatenate([np.asarray(t, np.int64) for t in encode_batch(texts)] +
                          [np.zeros(0, np.int64)])
   except Exception as e:  # pylint: disable=broad-except
     raise EvalInputError(f"{what}: {type(e).__name__}: {e}") from e
