@@ -46,7 +46,8 @@ def eval_batches(source: Any, tokenizer: Any, pcfg: pipeline_lib.PipelineConfig,
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
-def _forward(graphdef, state, batch):
+def jitted_pair_rewards(graphdef, state, batch):
+  """``pair_rewards`` of ``nnx.merge(graphdef, state)`` on a pair batch, jitted."""
   return objective_lib.pair_rewards(nnx.merge(graphdef, state), batch, None)
 
 
@@ -106,7 +107,7 @@ class RewardModelEvaluator:
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (
         "r_c", "r_r", "outcome", "c_len", "r_len", "index", "objective_mask")}
     for batch in self._batches:
-      r_c, r_r = jax.device_get(_forward(graphdef, state, self._put(batch)))
+      r_c, r_r = jax.device_get(jitted_pair_rewards(graphdef, state, self._put(batch)))
       real = batch["pair_mask"] > 0
       b = real.shape[0]
       response_len = batch["loss_mask"].sum(axis=1)

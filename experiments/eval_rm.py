@@ -1,0 +1,120 @@
+r"""Evaluates reward models (and DPO policies, HF reward models, baselines) on preference data.
+
+  python -m experiments.eval_rm --config=configs/eval/tiny.py --workdir=/tmp/eval_tiny \
+      --config.scorers=rm:/tmp/rm_tiny,ens=rm:/tmp/rm_ens@best,dpo:/tmp/dpo_tiny,length,gold \
+      --config.datasets=run:/tmp/rm_tiny,pandalm@test
+
+Scorers (``prefjax.evals.scorers``): ``rm:WORKDIR`` (a ``train_rm`` run rebuilt from
+its own ``config.json``; ensembles add members, ``wco`` and ``uwo``), ``dpo:WORKDIR``
+(implicit reward β·(log π − log π_ref)), ``hf:PATH`` (a local HF
+``*ForSequenceClassification`` dir), ``length``, ``shorter``, ``gold``. Datasets
+(``prefjax.evals.reward_eval``): ``NAME[@SPLIT]`` of ``load_preferences``, or
+``run:WORKDIR[@SPLIT]`` (a run's own data). With ``config.subset_field`` naming a
+``meta`` key (default ``subset``), a dataset whose every row has one gets per-subset
+accuracy and their category-weighted mean.
+
+Writes ``report.json``, ``report.md``, ``scores.jsonl`` and ``figures/`` (reliability
+and length-bin plots per dataset) into the workdir. Metrics carry bootstrap 95%
+intervals; every pair of scorers gets a paired-bootstrap difference with a p-value.
+
+``--config.compare=DIR1,DIR2,...`` instead puts those runs' ``report.json`` side by
+side in ``compare.md`` (accuracy [CI] per dataset and scorer).
+
+Bad input (a workdir without a checkpoint, a dataset that does not open, a tokenizer
+that cannot read the data) ends the run with one line naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+from absl import app
+from absl import logging
+
+from experiments import common
+from prefjax import experiment
+from prefjax.evals import reward_eval
+from prefjax.evals import reward_report
+from prefjax.evals import scorers as scorers_lib
+from prefjax.train import summary as summary_lib
+
+
+def compare(config: Any, workdir: str) -> str:
+  """Writes ``compare.md`` from the ``report.json`` of each ``config.compare`` run."""
+  reports = {}
+  for run in reward_eval.parse_list(config.compare):
+    path = os.path.join(run, "report.json")
+    if not os.path.isfile(path):
+      raise scorers_lib.EvalInputError(f"compare: {run} has no report.json")
+    with open(path, encoding="utf-8") as f:
+      reports[os.path.basename(os.path.normpath(run))] = json.load(f)
+  table = reward_report.compare_table(reports)
+  with open(os.path.join(workdir, "compare.md"), "w", encoding="utf-8") as f:
+    f.write(table + "\n")
+  print(table)
+  return table
+
+
+def run(config: Any, workdir: str) -> dict[str, Any]:
+  """Evaluates ``config.scorers`` on ``config.datasets``; returns the report."""
+  os.makedirs(workdir, exist_ok=True)
+  if config.get("compare"):
+    return {"compare": compare(config, workdir)}
+  start = time.time()
+  specs = scorers_lib.parse_specs(config.scorers)
+  datasets = [reward_eval.load_dataset(s, config)
+              for s in reward_eval.parse_list(config.datasets)]
+  if not datasets:
+    raise scorers_lib.EvalInputError("no datasets given (config.datasets)")
+  mesh = experiment.make_optional_mesh(config)
+  scorer_fns = {s.name: scorers_lib.make_scorer(s, config, mesh) for s in specs}
+  report = {"command": " ".join(sys.argv), "scorers": [s.name for s in specs],
+            "num_resamples": int(config.num_resamples), "datasets": []}
+  scores = []
+  for dataset in datasets:
+    section, arrays = reward_eval.evaluate_dataset(dataset, scorer_fns, config)
+    section["figures"] = write_figures(section, arrays, workdir, int(config.num_bins))
+    report["datasets"].append(section)
+    scores += reward_report.score_lines(dataset.label, arrays)
+  report["wall_seconds"] = time.time() - start
+  summary_lib.write_json(os.path.join(workdir, "report.json"), report)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+      f.write(reward_report.markdown(report))
+    with open(os.path.join(workdir, "scores.jsonl"), "w", encoding="utf-8") as f:
+      f.write("\n".join(scores) + "\n")
+  logging.info("eval_rm: %d datasets x %d scorers in %.1fs; report in %s", len(datasets),
+               len(specs), report["wall_seconds"], workdir)
+  return report
+
+
+def write_figures(section: dict[str, Any], arrays: dict[str, Any], workdir: str,
+                  num_bins: int) -> list[str]:
+  label, primary = section["dataset"], arrays["primary"]
+  calibrated = [n for n in primary if arrays["calibrated"][n]]
+  figures = []
+  if calibrated:
+    figures.append(reward_eval.figure_name("reliability", label))
+    reward_report.plot_reliability(arrays["signed"], calibrated,
+                                   os.path.join(workdir, figures[-1]),
+                                   f"{label}: both pair orders", num_bins)
+  figures.append(reward_eval.figure_name("length_bins", label))
+  reward_report.plot_length_bins(section, primary, os.path.join(workdir, figures[-1]))
+  return figures
+
+
+def main(argv: list[str]) -> None:
+  try:
+    common.main_for(run)(argv)
+  except scorers_lib.EvalInputError as e:
+    sys.exit(f"eval_rm: error: {e}")
+
+
+if __name__ == "__main__":
+  common.define_flags()
+  app.run(main)

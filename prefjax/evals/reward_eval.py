@@ -1,0 +1,187 @@
+"""Evaluates scorers (``prefjax.evals.scorers``) on preference datasets: the core of ``eval_rm``.
+
+A dataset spec is ``NAME[@SPLIT]`` for anything ``load_preferences`` opens
+(``hh_rlhf/harmless-base@resplit_test``, ``pandalm@test``, ``jsonl:PATH``; default
+split ``test``, ``train`` for ``jsonl:``, whose file is one split), or
+``run:WORKDIR[@SPLIT]``: the data of a training run (its ``config.data``, e.g. the
+tiny world it generated; default split its ``data.eval_split``).
+
+Per dataset every scorer scores every pair; the metrics are computed on the
+pairs every scorer scored (a pipeline may drop over-long pairs; counted) whose
+label is decisive (``outcome`` ≠ ½; ties are counted and left out), with one
+set of bootstrap resamples shared by all scorers (``prefjax.evals.stats``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from prefjax import experiment
+from prefjax.evals import scorers as scorers_lib
+from prefjax.evals import stats
+
+EvalInputError = scorers_lib.EvalInputError
+
+
+@dataclasses.dataclass
+class Dataset:
+  label: str
+  source: Any
+
+
+def load_dataset(spec: str, eval_cfg: Any) -> Dataset:
+  """Opens one dataset spec (see the module docstring); errors name the spec."""
+  spec = spec.strip()
+  name, _, split = spec.rpartition("@") if "@" in spec else (spec, "", "")
+  try:
+    if name.startswith("run:"):
+      run = scorers_lib.read_run_config(name[4:], f"dataset {spec!r}")
+      data_cfg = run.data
+      split = split or data_cfg.eval_split
+    else:
+      data_cfg = {"name": name, "on_bad_row": eval_cfg.on_bad_row}
+      split = split or ("train" if name.startswith("jsonl:") else "test")
+    source = experiment.load_split(data_cfg, split)
+  except EvalInputError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise EvalInputError(f"dataset {spec!r}: {type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0]}") from e
+  if len(source) == 0:
+    raise EvalInputError(f"dataset {spec!r}: split {split!r} has no pairs")
+  return Dataset(f"{short_name(name)}@{split}", source)
+
+
+def short_name(name: str) -> str:
+  """``run:/a/b/rm`` -> ``run:rm``, ``jsonl:/a/x.jsonl`` -> ``jsonl:x.jsonl`` (report labels)."""
+  kind, sep, path = name.partition(":")
+  if sep and kind in ("run", "jsonl"):
+    return f"{kind}:{os.path.basename(os.path.normpath(path))}"
+  return name
+
+
+def parse_list(value: Any) -> list[str]:
+  items = value.split(",") if isinstance(value, str) else list(value or ())
+  return [s.strip() for s in items if s.strip()]
+
+
+@dataclasses.dataclass
+class PairTable:
+  """The dataset side of the evaluated pairs: rows, labels, lengths, subsets."""
+  index: np.ndarray
+  ids: list[str]
+  outcome: np.ndarray
+  chosen_chars: np.ndarray
+  rejected_chars: np.ndarray
+  subsets: list[str] | None
+
+  @classmethod
+  def from_rows(cls, source: Any, index: np.ndarray, subset_field: str) -> PairTable:
+    rows = source.__getitems__(index.tolist())
+    subsets = [(r.get("meta") or {}).get(subset_field) for r in rows] if subset_field else []
+    return cls(index, [str(r.get("id", i)) for r, i in zip(rows, index)],
+               np.array([float(r.get("outcome", 1.0)) for r in rows]),
+               np.array([len(r["chosen"]) for r in rows], np.float64),
+               np.array([len(r["rejected"]) for r in rows], np.float64),
+               None if not subsets or any(s is None for s in subsets) else
+               [str(s) for s in subsets])
+
+  @property
+  def decisive(self) -> np.ndarray:
+    return self.outcome != 0.5
+
+  def relative_length_difference(self) -> np.ndarray:
+    d = self.decisive
+    prefer_chosen = self.outcome[d] > 0.5
+    c, r = self.chosen_chars[d], self.rejected_chars[d]
+    return stats.relative_length_difference(np.where(prefer_chosen, c, r),
+                                            np.where(prefer_chosen, r, c))
+
+
+def score_dataset(dataset: Dataset, scorer_fns: dict[str, Any]
+                  ) -> tuple[dict[str, scorers_lib.Scored], dict[str, str]]:
+  """Each scorer's rewards on the dataset, and why a scorer has none (e.g. no gold)."""
+  scored, missing = {}, {}
+  for name, fn in scorer_fns.items():
+    result = fn(dataset.source, dataset.label)
+    if result is None:
+      missing[name] = "not available for this dataset"
+      logging.info("scorer %s: not available on %s", name, dataset.label)
+    else:
+      scored[name] = result
+  if not scored:
+    raise EvalInputError(f"dataset {dataset.label!r}: no scorer could score it ({missing})")
+  return scored, missing
+
+
+def common_rewards(scored: dict[str, scorers_lib.Scored]
+                   ) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+  """Rows every scorer scored, each output column's rewards on them, and calibration flags."""
+  index = np.array(sorted(set.intersection(*(set(s.index.tolist()) for s in scored.values()))),
+                   np.int64)
+  columns, calibrated = {}, {}
+  for result in scored.values():
+    position = {int(i): k for k, i in enumerate(result.index)}
+    take = np.array([position[int(i)] for i in index], np.int64)
+    for name, (r_c, r_r) in result.columns.items():
+      columns[name] = (r_c[take], r_r[take])
+      calibrated[name] = result.calibrated
+  return index, columns, calibrated
+
+
+def is_primary(column: str) -> bool:
+  """Columns compared pairwise and plotted (ensemble members are reported, not compared)."""
+  return "/member" not in column
+
+
+def evaluate_dataset(dataset: Dataset, scorer_fns: dict[str, Any], eval_cfg: Any
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(report section as JSON, arrays for figures and scores.jsonl) of one dataset."""
+  scored, missing = score_dataset(dataset, scorer_fns)
+  index, columns, calibrated = common_rewards(scored)
+  if index.size == 0:
+    raise EvalInputError(f"dataset {dataset.label!r}: no pair was scored by every scorer")
+  table = PairTable.from_rows(dataset.source, index, eval_cfg.subset_field)
+  d = table.decisive
+  if not d.any():
+    raise EvalInputError(f"dataset {dataset.label!r}: every pair is a tie; nothing to score")
+  counts = stats.resample_counts(int(d.sum()), int(eval_cfg.num_resamples), int(eval_cfg.seed))
+  rel_diff = table.relative_length_difference()
+  subsets = None if table.subsets is None else list(np.asarray(table.subsets)[d])
+  signed, metrics = {}, {}
+  for name, (r_c, r_r) in columns.items():
+    signed[name] = stats.signed_margins(r_c, r_r, table.outcome)[d]
+    m = stats.scorer_metrics(signed[name], counts, rel_diff=rel_diff, subsets=subsets,
+                             calibrated=calibrated[name], num_bins=int(eval_cfg.num_bins))
+    both = np.concatenate([r_c, r_r])
+    m.update(reward_mean=float(both.mean()), reward_std=float(both.std()))
+    metrics[name] = m
+  primary = [n for n in columns if is_primary(n)]
+  comparisons = {f"{b} vs {a}": stats.paired_difference(signed[a], signed[b], counts)
+                 for a, b in itertools.combinations(primary, 2)}
+  section = {
+      "dataset": dataset.label, "rows": len(dataset.source), "pairs_scored": int(index.size),
+      "pairs_decisive": int(d.sum()), "ties_left_out": int((~d).sum()),
+      "preferred_longer_rate": float(np.mean(rel_diff > 0)),
+      "length_bin_counts": {label: int(mask.sum()) for label, mask in stats.length_bins(rel_diff)},
+      "source_summary": str(dataset.source.summary),
+      "dropped_by_pipeline": {n: s.dropped for n, s in scored.items() if s.dropped},
+      "not_scored": {n: len(dataset.source) - s.index.size for n, s in scored.items()
+                     if s.index.size < len(dataset.source)},
+      "unavailable": missing, "calibrated": calibrated,
+      "metrics": stats.to_json(metrics), "comparisons": stats.to_json(comparisons),
+  }
+  arrays = {"table": table, "columns": columns, "signed": signed, "primary": primary,
+            "calibrated": calibrated, "rel_diff": rel_diff}
+  return section, arrays
+
+
+def figure_name(kind: str, dataset: str) -> str:
+  safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset)
+  return os.path.join("figures", f"{kind}_{safe}.png")

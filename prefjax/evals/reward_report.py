@@ -1,0 +1,177 @@
+"""Outputs of ``eval_rm``: ``report.md``, figures, ``scores.jsonl``, and the compare table.
+
+``report.json`` holds the sections of ``prefjax.evals.reward_eval``; this module
+renders them. ``scores.jsonl`` has one line per evaluated pair and dataset,
+``{dataset, index, id, outcome, chosen_chars, rejected_chars, subset, scores:
+{column: [r_chosen, r_rejected]}}``, enough to redraw any figure without
+rescoring.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from prefjax.evals import preference  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _ci(e: Mapping[str, float] | None) -> str:
+  if not e or e.get("value") is None or not math.isfinite(e["value"]):
+    return "–"
+  return f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
+
+
+def scorer_table(section: Mapping[str, Any]) -> list[str]:
+  lines = ["| scorer | accuracy [95% CI] | length-controlled | BT log-loss | ECE | "
+           "mean margin | reward mean ± std |", "|---|---|---|---|---|---|---|"]
+  for name, m in section["metrics"].items():
+    lines.append(f"| {name} | {_ci(m['accuracy'])} | {_ci(m['length_controlled_accuracy'])} | "
+                 f"{_ci(m.get('bt_log_loss'))} | {_ci(m.get('ece'))} | "
+                 f"{_ci(m['mean_margin'])} | {m['reward_mean']:.3g} ± {m['reward_std']:.3g} |")
+  return lines
+
+
+def _keyed_table(section: Mapping[str, Any], key: str, title: str) -> list[str]:
+  names = [n for n, m in section["metrics"].items() if key in m]
+  labels = list(dict.fromkeys(label for n in names for label in section["metrics"][n][key]))
+  if not names or not labels:
+    return []
+  lines = [f"| {title} | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+  for n in names:
+    lines.append(f"| {n} | " + " | ".join(_ci(section["metrics"][n][key].get(label))
+                                          for label in labels) + " |")
+  return lines
+
+
+def comparison_table(section: Mapping[str, Any]) -> list[str]:
+  if not section["comparisons"]:
+    return []
+  lines = ["| B vs A | acc(B) − acc(A) [95% CI] | p (paired bootstrap) | agreement |",
+           "|---|---|---|---|"]
+  for pair, c in section["comparisons"].items():
+    lines.append(f"| {pair} | {_ci(c['difference'])} | {c['p_value']:.3g} | "
+                 f"{c['agreement']:.3f} |")
+  return lines
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+  """The whole ``report.md``."""
+  out = ["# Reward-model evaluation", "", f"Command: `{report['command']}`", "",
+         f"Scorers: {', '.join(report['scorers'])}. Bootstrap: {report['num_resamples']} "
+         "paired resamples of pairs; intervals are 95% percentile intervals. Accuracy counts "
+         "a zero margin as half; length-controlled accuracy = ½·acc(preferred longer) + "
+         "½·acc(preferred shorter) (lengths in characters; a pure length scorer gets 0.5).", ""]
+  for section in report["datasets"]:
+    out += [f"## {section['dataset']}", "",
+            f"{section['pairs_decisive']} decisive pairs scored by every scorer "
+            f"({section['rows']} rows; {section['ties_left_out']} ties left out; preferred "
+            f"response longer in {section['preferred_longer_rate']:.0%}).", ""]
+    for key, text in (("dropped_by_pipeline", "Dropped by a scorer's pipeline"),
+                      ("unavailable", "Not available")):
+      if section[key]:
+        out += [f"{text}: {json.dumps(section[key])}.", ""]
+    out += scorer_table(section) + [""]
+    bins = _keyed_table(section, "length_bins",
+                        "accuracy by (len_pref − len_other)/max_len")
+    subsets = _keyed_table(section, "subsets", "accuracy by subset")
+    if subsets:
+      means = ", ".join(f"{n} {_ci(m['subset_mean'])}" for n, m in section["metrics"].items()
+                        if "subset_mean" in m)
+      subsets += ["", f"Category-weighted mean (each subset counts once): {means}."]
+    for block in (bins, subsets, comparison_table(section)):
+      out += block + ([""] if block else [])
+    for figure in section.get("figures", []):
+      out += [f"![{figure}]({figure})", ""]
+  return "\n".join(out)
+
+
+def plot_reliability(signed: Mapping[str, np.ndarray], names: Sequence[str], path: str,
+                     title: str, num_bins: int) -> None:
+  """Reliability diagram of σ(margin) over both pair orders, one line per scorer."""
+  fig, ax = plt.subplots(figsize=(4.8, 4.5))
+  ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+  for name in names:
+    prob = 1.0 / (1.0 + np.exp(-signed[name]))
+    probs = np.concatenate([prob, 1 - prob])
+    labels = np.concatenate([np.ones_like(prob), np.zeros_like(prob)])
+    rel = preference.reliability_diagram(probs, labels, num_bins)
+    ok = np.asarray(rel["count"]) > 0
+    ax.plot(np.asarray(rel["confidence"])[ok], np.asarray(rel["frequency"])[ok], "o-",
+            markersize=3, label=name)
+  ax.set_xlabel("predicted P(a ≻ b) = σ(r_a − r_b)")
+  ax.set_ylabel("observed frequency")
+  ax.set_title(title, fontsize=9)
+  ax.legend(loc="upper left", fontsize=7)
+  _save(fig, path)
+
+
+def plot_length_bins(section: Mapping[str, Any], names: Sequence[str], path: str) -> None:
+  """Accuracy (95% CI) per length-difference bin, one series per scorer."""
+  labels = [b for b, n in section["length_bin_counts"].items() if n]
+  fig, ax = plt.subplots(figsize=(8, 4))
+  width = 0.8 / max(len(names), 1)
+  for k, name in enumerate(names):
+    bins = section["metrics"][name]["length_bins"]
+    x = np.array([i for i, b in enumerate(labels) if b in bins]) + (k - len(names) / 2) * width
+    e = [bins[b] for b in labels if b in bins]
+    y = np.array([v["value"] for v in e])
+    err = np.array([[v["value"] - v["low"] for v in e], [v["high"] - v["value"] for v in e]])
+    ax.bar(x, y, width, yerr=err, capsize=2, label=name, align="edge")
+  ax.axhline(0.5, color="gray", lw=0.5)
+  ax.set_xticks(np.arange(len(labels)))
+  ax.set_xticklabels([f"{b}\nn={section['length_bin_counts'][b]}" for b in labels], fontsize=7)
+  ax.set_xlabel("(len_preferred − len_other) / max length, characters")
+  ax.set_ylabel("accuracy")
+  ax.set_ylim(0, 1.05)
+  ax.set_title(f"{section['dataset']}: accuracy (95% CI) by length difference", fontsize=9)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def score_lines(dataset: str, arrays: Mapping[str, Any]) -> list[str]:
+  """``scores.jsonl`` lines of one dataset (see the module docstring)."""
+  table, columns = arrays["table"], arrays["columns"]
+  lines = []
+  for k, i in enumerate(table.index):
+    lines.append(json.dumps({
+        "dataset": dataset, "index": int(i), "id": table.ids[k],
+        "outcome": float(table.outcome[k]), "chosen_chars": int(table.chosen_chars[k]),
+        "rejected_chars": int(table.rejected_chars[k]),
+        "subset": table.subsets[k] if table.subsets else None,
+        "scores": {n: [float(c[k]), float(r[k])] for n, (c, r) in columns.items()}}))
+  return lines
+
+
+def compare_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
+  """One markdown table: rows (dataset, scorer), one column of accuracy [CI] per report."""
+  runs = list(reports)
+  keys: list[tuple[str, str]] = []
+  for report in reports.values():
+    for section in report["datasets"]:
+      keys += [(section["dataset"], n) for n in section["metrics"]
+               if (section["dataset"], n) not in keys]
+  header = "| dataset | scorer | " + " | ".join(runs) + " |"
+  lines = [header, "|---|---|" + "---|" * len(runs)]
+  for dataset, scorer in keys:
+    cells = []
+    for run in runs:
+      sections = {s["dataset"]: s for s in reports[run]["datasets"]}
+      m = sections.get(dataset, {}).get("metrics", {}).get(scorer)
+      cells.append(_ci(m["accuracy"]) if m else "–")
+    lines.append(f"| {dataset} | {scorer} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)

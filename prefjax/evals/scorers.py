@@ -1,0 +1,375 @@
+"""Scorers for ``experiments/eval_rm.py``: anything that gives each side of a pair a reward.
+
+A scorer spec is ``[NAME=]KIND[:ARG]``:
+
+  rm:WORKDIR[@latest|@best|@STEP]   a ``train_rm`` run (tokenizer, model and head rebuilt
+                                    from its ``config.json``); an ensemble yields its
+                                    members and the ``mean`` (NAME), ``wco`` and ``uwo``
+                                    aggregates (``prefjax.rewards.aggregate``)
+  dpo:WORKDIR[@...]                 a ``train_dpo`` policy, scored by its implicit reward
+                                    β·(log π − log π_ref) (the reference rebuilt as the run
+                                    built it; per token for length-normalised losses)
+  hf:PATH                           a local Hugging Face ``*ForSequenceClassification``
+                                    directory (``from_pretrained(head="reward")``)
+  length | shorter                  the longer (shorter) response wins; characters
+  gold                              the dataset's programmatic gold (``meta.gold_chosen`` /
+                                    ``meta.gold_rejected``, e.g. the tiny world)
+
+``score(source, dataset)`` returns per-pair rewards of the pairs it scored,
+keyed by source row. Model scorers run the pipeline the run itself evaluated
+with (padded, fixed order), batched and jitted, batches sharded over the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from flax import nnx
+
+from prefjax import experiment
+from prefjax import parallel
+from prefjax.data import pipeline as pipeline_lib
+from prefjax.direct import objective as direct_objective
+from prefjax.models import heads as heads_lib
+from prefjax.models import hf_import
+from prefjax.rewards import aggregate
+from prefjax.rm import evaluation as rm_evaluation
+from prefjax.rm import objective as rm_objective
+from prefjax.train import checkpoint
+from prefjax.train import sharding as sharding_lib
+from prefjax.train import summary as summary_lib
+
+KINDS = ("rm", "dpo", "hf", "length", "shorter", "gold")
+
+
+class EvalInputError(ValueError):
+  """Bad input to an evaluation (missing checkpoint, dataset, unreadable text); one line."""
+
+
+@dataclasses.dataclass
+class Scored:
+  """Rewards of the pairs one scorer scored on one dataset.
+
+  Attributes:
+    index: ``[N]`` source rows scored (pipeline drops are absent).
+    columns: output name -> (r_chosen ``[N]``, r_rejected ``[N]``); one per scorer, or
+      the members and aggregates of an ensemble.
+    calibrated: whether σ(margin) is meant as a probability (False for baselines).
+    dropped: the pipeline's nonzero ``dropped_*`` counters.
+  """
+  index: np.ndarray
+  columns: dict[str, tuple[np.ndarray, np.ndarray]]
+  calibrated: bool = True
+  dropped: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScorerSpec:
+  name: str
+  kind: str
+  path: str = ""
+  step: str = "latest"
+
+  @classmethod
+  def parse(cls, text: str) -> ScorerSpec:
+    text = text.strip()
+    name, sep, rest = text.partition("=")
+    if not sep:
+      name, rest = "", text
+    kind, _, arg = rest.partition(":")
+    if kind not in KINDS:
+      raise EvalInputError(f"scorer {text!r}: unknown kind {kind!r}; expected one of {KINDS}")
+    step = "latest"
+    if kind in ("rm", "dpo") and "@" in arg:
+      arg, step = arg.rsplit("@", 1)
+    if kind in ("rm", "dpo", "hf") and not arg:
+      raise EvalInputError(f"scorer {text!r}: {kind} needs a path ({kind}:PATH)")
+    default = os.path.basename(os.path.normpath(arg)) if arg else kind
+    return cls(name=name.strip() or default, kind=kind, path=arg, step=step)
+
+
+def parse_specs(value: str | Sequence[str]) -> list[ScorerSpec]:
+  """Specs from a comma-separated string or a list; names must be unique."""
+  items = value.split(",") if isinstance(value, str) else list(value)
+  specs = [ScorerSpec.parse(s) for s in items if s.strip()]
+  names = [s.name for s in specs]
+  if len(set(names)) != len(names):
+    raise EvalInputError(f"scorer names must be unique, got {names}; name them NAME=KIND:PATH")
+  if not specs:
+    raise EvalInputError("no scorers given (config.scorers)")
+  return specs
+
+
+def read_run_config(workdir: str, what: str) -> ml_collections.ConfigDict:
+  """The ``config.json`` of a training workdir, checking it has a checkpoint."""
+  path = os.path.join(workdir, summary_lib.CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise EvalInputError(f"{what}: {workdir} has no {summary_lib.CONFIG_FILE} "
+                         "(not a training workdir)")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+  if not steps:
+    raise EvalInputError(f"{what}: {workdir} has no checkpoint under checkpoints/")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def all_rows(source: Any) -> list[dict[str, Any]]:
+  return source.__getitems__(range(len(source)))
+
+
+# --------------------------------------------------------------------------- text scorers
+
+
+def length_rewards(source: Any, sign: float) -> tuple[np.ndarray, np.ndarray]:
+  """±(characters) of each side: the longer (sign 1) or the shorter (sign −1) response wins."""
+  rows = all_rows(source)
+  r_c = np.array([sign * len(r["chosen"]) for r in rows], np.float64)
+  r_r = np.array([sign * len(r["rejected"]) for r in rows], np.float64)
+  return r_c, r_r
+
+
+def gold_rewards(source: Any) -> tuple[np.ndarray, np.ndarray] | None:
+  """``meta.gold_chosen`` / ``meta.gold_rejected`` of every row, or None when any lacks them."""
+  rows = all_rows(source)
+  metas = [r.get("meta") or {} for r in rows]
+  if not all("gold_chosen" in m and "gold_rejected" in m for m in metas):
+    return None
+  return (np.array([m["gold_chosen"] for m in metas], np.float64),
+          np.array([m["gold_rejected"] for m in metas], np.float64))
+
+
+# --------------------------------------------------------------------------- model scorers
+
+
+def _model_vocab(model: nnx.Module) -> int | None:
+  if isinstance(model, heads_lib.DeepEnsemble):
+    model = model.member(0)
+  trunk = getattr(model, "trunk", model)
+  return getattr(getattr(trunk, "config", None), "vocab_size", None)
+
+
+def unknown_token_id(tokenizer: Any) -> int | None:
+  """The id of a tokenizer's unknown token (from the HF tokenizer or its Rust model)."""
+  hf = getattr(tokenizer, "hf", None)
+  unk = getattr(hf, "unk_token_id", None)
+  backend = getattr(hf, "backend_tokenizer", None)
+  if unk is None and backend is not None:
+    token = getattr(backend.model, "unk_token", None)
+    unk = backend.token_to_id(token) if token else None
+  return unk
+
+
+def check_tokenizer(tokenizer: Any, source: Any, model_vocab: int | None, *, scorer: str,
+                    dataset: str, max_unk_fraction: float, sample: int = 128) -> None:
+  """Raises ``EvalInputError`` when the tokenizer cannot read the dataset's text.
+
+  On up to ``sample`` rows: ids the model has no embedding for, or a share of the
+  tokenizer's unknown token above ``max_unk_fraction``.
+  """
+  rows = source.__getitems__(range(min(sample, len(source))))
+  texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected")]
+  what = f"scorer {scorer!r}: tokenizer {tokenizer.name} cannot read dataset {dataset!r}"
+  encode_batch = getattr(tokenizer, "encode_batch", None) or (
+      lambda batch: [tokenizer.encode(t) for t in batch])
+  try:
+    ids = np.concatenate([np.asarray(t, np.int64) for t in encode_batch(texts)] +
+                         [np.zeros(0, np.int64)])
+  except Exception as e:  # pylint: disable=broad-except
+    raise EvalInputError(f"{what}: {type(e).__name__}: {e}") from e
+  if model_vocab is not None and ids.size and ids.max() >= model_vocab:
+    raise EvalInputError(f"{what}: token id {int(ids.max())} >= the model's vocabulary "
+                         f"size {model_vocab}")
+  unk = unknown_token_id(tokenizer)
+  if unk is not None and ids.size:
+    fraction = float(np.mean(ids == unk))
+    if fraction > max_unk_fraction:
+      raise EvalInputError(f"{what}: {fraction:.0%} of the tokens of {len(rows)} rows are its "
+                           f"unknown token (limit {max_unk_fraction:.0%}, "
+                           "config.max_unk_fraction)")
+
+
+def _progress(batches: Iterator[dict[str, np.ndarray]], total: int, desc: str):
+  with tqdm.tqdm(total=total, desc=desc, unit="pair", dynamic_ncols=True) as bar:
+    for batch in batches:
+      yield batch
+      bar.update(int(batch["pair_mask"].sum()))
+
+
+@functools.partial(jax.jit, static_argnames=("policy_def", "ref_def", "objective"))
+def _implicit_rewards(policy_def, policy_state, ref_def, ref_state, batch, objective):
+  scores = direct_objective.score_pairs(nnx.merge(policy_def, policy_state), batch)
+  if ref_def is not None:
+    ref = direct_objective.score_pairs(nnx.merge(ref_def, ref_state), batch)
+    batch = {**batch, "ref_chosen": ref.chosen, "ref_rejected": ref.rejected}
+  x = direct_objective.pair_logps(objective, scores, batch)
+  return direct_objective.implicit_rewards(objective, x)
+
+
+@dataclasses.dataclass
+class ModelScorer:
+  """Scores padded pair batches with ``forward(batch) -> (r_c [B(,K)], r_r)``."""
+  name: str
+  tokenizer: Any
+  pcfg: pipeline_lib.PipelineConfig
+  forward: Callable[[dict[str, Any]], tuple[Any, Any]]
+  model_vocab: int | None
+  mesh: jax.sharding.Mesh | None
+  max_unk_fraction: float
+  output_columns: Callable[[int], dict[str, Callable[[np.ndarray], np.ndarray]]]
+
+  def _put(self, batch):
+    if self.mesh is None:
+      return jax.device_put(batch)
+    return jax.device_put(batch, sharding_lib.batch_shardings(batch, self.mesh))
+
+  def __call__(self, source: Any, dataset: str) -> Scored:
+    check_tokenizer(self.tokenizer, source, self.model_vocab, scorer=self.name, dataset=dataset,
+                    max_unk_fraction=self.max_unk_fraction)
+    iterator = iter(pipeline_lib.preference_dataset(source, self.tokenizer, self.pcfg))
+    parts: dict[str, list[np.ndarray]] = {"r_c": [], "r_r": [], "index": []}
+    for batch in _progress(iterator, len(source), f"{self.name} on {dataset}"):
+      real = batch["pair_mask"] > 0
+      r_c, r_r = jax.device_get(self.forward(self._put(batch)))
+      b = real.shape[0]
+      parts["r_c"].append(np.asarray(r_c, np.float64).reshape(b, -1)[real])
+      parts["r_r"].append(np.asarray(r_r, np.float64).reshape(b, -1)[real])
+      parts["index"].append(batch["example_index"][real])
+    r_c, r_r = np.concatenate(parts["r_c"]), np.concatenate(parts["r_r"])
+    outputs = self.output_columns(r_c.shape[1])
+    columns = {name: (fn(r_c), fn(r_r)) for name, fn in outputs.items()}
+    dropped = {k: int(v) for k, v in iterator.counters.items() if k.startswith("dropped_") and v}
+    return Scored(np.concatenate(parts["index"]), columns, True, dropped)
+
+
+def reward_columns(name: str, objectives: Sequence[str], uwo_lambda: float
+                   ) -> Callable[[int], dict[str, Callable[[np.ndarray], np.ndarray]]]:
+  """Output columns of a reward head with C columns: one, an ensemble, or objectives."""
+
+  def columns(c: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    if objectives:
+      return {f"{name}/{o}": (lambda r, k=k: r[:, k]) for k, o in enumerate(objectives)}
+    if c == 1:
+      return {name: lambda r: r[:, 0]}
+    out = {name: lambda r: np.asarray(aggregate(r, "mean"), np.float64),
+           f"{name}/wco": lambda r: np.asarray(aggregate(r, "wco"), np.float64),
+           f"{name}/uwo": lambda r: np.asarray(aggregate(r, "uwo", uwo_lambda),
+                                               np.float64)}
+    out.update({f"{name}/member{k}": (lambda r, k=k: r[:, k]) for k in range(c)})
+    return out
+
+  return columns
+
+
+def _build(model_cfg: Any, vocab_size: int, seed: int, mesh) -> nnx.Module:
+  with experiment.mesh_context(mesh):
+    model = experiment.make_model(model_cfg, vocab_size=vocab_size, seed=seed)
+    if mesh is not None:
+      parallel.shard_model(model, mesh, experiment.partition_rules(model, mesh))
+  return model
+
+
+def _reward_forward(model: nnx.Module) -> Callable[[dict[str, Any]], tuple[Any, Any]]:
+  graphdef, state = nnx.split(model)
+  return lambda batch: rm_evaluation.jitted_pair_rewards(graphdef, state, batch)
+
+
+def _restore(spec: ScorerSpec, run: Any, model: nnx.Module) -> None:
+  step: Any = spec.step
+  if step not in ("latest", "best"):
+    if not str(step).isdigit():
+      raise EvalInputError(f"scorer {spec.name!r}: checkpoint {step!r} is not latest, best "
+                           "or a step number")
+    step = int(step)
+  loop = run.get("loop") or {}
+  try:
+    checkpoint.load_params(spec.path, model, step=step, best_metric=loop.get("best_metric"),
+                           best_mode=loop.get("best_mode", "min"))
+  except (FileNotFoundError, ValueError) as e:
+    raise EvalInputError(f"scorer {spec.name!r}: cannot restore {spec.path}@{step}: "
+                         f"{str(e).splitlines()[0]}") from e
+
+
+def _run_pipeline(run: Any, eval_cfg: Any) -> pipeline_lib.PipelineConfig:
+  batch_size = int(eval_cfg.batch_size or run.eval.get("batch_size", 32))
+  overrides = {"mode": "padded", "shuffle": False, "num_epochs": 1, "drop_remainder": False,
+               "batch_size": batch_size, **dict(eval_cfg.get("pipeline") or {})}
+  return experiment.pipeline_config(run.data, **overrides)
+
+
+def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
+  run = read_run_config(spec.path, f"scorer {spec.name!r}")
+  tokenizer = experiment.make_tokenizer(run.tokenizer)
+  model = _build(run.model, tokenizer.vocab_size, int(run.seed), mesh)
+  _restore(spec, run, model)
+  _, objectives = rm_objective.reward_columns(model)
+  return ModelScorer(spec.name, tokenizer, _run_pipeline(run, eval_cfg), _reward_forward(model),
+                     _model_vocab(model), mesh,
+                     float(eval_cfg.max_unk_fraction),
+                     reward_columns(spec.name, objectives, float(eval_cfg.uwo_lambda)))
+
+
+def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
+  run = read_run_config(spec.path, f"scorer {spec.name!r}")
+  objective = direct_objective.Objective.from_config(run)
+  tokenizer = experiment.make_tokenizer(run.tokenizer)
+  policy = _build(run.model, tokenizer.vocab_size, int(run.seed), mesh)
+  _restore(spec, run, policy)
+  policy_def, policy_state = nnx.split(policy)
+  ref_def = ref_state = None
+  if objective.needs_reference:  # As train_dpo builds it: ref.path, else the policy's init.
+    ref_cfg = run.model.to_dict()
+    if (run.get("ref") or {}).get("path"):
+      ref_cfg["path"] = run.ref.path
+    ref_def, ref_state = nnx.split(_build(ref_cfg, tokenizer.vocab_size, int(run.seed), mesh))
+
+  def forward(batch):
+    return _implicit_rewards(policy_def, policy_state, ref_def, ref_state, batch, objective)
+
+  return ModelScorer(spec.name, tokenizer, _run_pipeline(run, eval_cfg), forward,
+                     _model_vocab(policy), mesh, float(eval_cfg.max_unk_fraction),
+                     reward_columns(spec.name, (), 0.0))
+
+
+def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
+  path = experiment.resolve_path(spec.path)
+  if not os.path.exists(path):
+    raise EvalInputError(f"scorer {spec.name!r}: {path} does not exist")
+  tokenizer = experiment.make_tokenizer({"path": eval_cfg.hf_tokenizer or path})
+  model_cfg = {"path": spec.path, "head": "reward", "pooling": eval_cfg.hf_pooling or None,
+               "dtype": "float32"}
+  try:
+    model = _build(model_cfg, tokenizer.vocab_size, 0, mesh)
+  except (hf_import.CheckpointError, FileNotFoundError) as e:
+    raise EvalInputError(f"scorer {spec.name!r}: {str(e).splitlines()[0]}") from e
+  pcfg = pipeline_lib.PipelineConfig.from_mapping(
+      {"batch_size": int(eval_cfg.batch_size or 32), "shuffle": False, "num_epochs": 1,
+       **dict(eval_cfg.get("pipeline") or {})})
+  return ModelScorer(spec.name, tokenizer, pcfg, _reward_forward(model),
+                     _model_vocab(model), mesh, float(eval_cfg.max_unk_fraction),
+                     reward_columns(spec.name, (), 0.0))
+
+
+def make_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> Callable[[Any, str], Scored | None]:
+  """``score(source, dataset) -> Scored`` (None: not available on that dataset, e.g. gold)."""
+  if spec.kind in ("length", "shorter"):
+    sign = 1.0 if spec.kind == "length" else -1.0
+    return lambda source, dataset: _every_row(spec.name, length_rewards(source, sign), False)
+  if spec.kind == "gold":
+    return lambda source, dataset: (None if (g := gold_rewards(source)) is None
+                                    else _every_row(spec.name, g, True))
+  build = {"rm": rm_scorer, "dpo": dpo_scorer, "hf": hf_scorer}[spec.kind]
+  return build(spec, eval_cfg, mesh)
+
+
+def _every_row(name: str, rewards: tuple[np.ndarray, np.ndarray], calibrated: bool) -> Scored:
+  r_c, r_r = rewards
+  return Scored(np.arange(r_c.size), {name: (r_c, r_r)}, calibrated)

@@ -1,0 +1,205 @@
+"""Preference metrics with bootstrap confidence intervals, paired across scorers.
+
+Every statistic here is a weighted mean over the N decisive pairs of a dataset,
+so one bootstrap draw is a row of multinomial counts ``W [R, N]`` (how often
+each pair is in resample r; ``np.random.Generator.multinomial``), and a
+statistic's R resampled values are one matrix product. Drawing ``W`` once per
+dataset and reusing it for every scorer makes the intervals paired: the
+difference between two scorers is resampled on the same pairs (Efron &
+Tibshirani 1993, ch. 16; the "paired bootstrap" of Koehn 2004 for MT metrics).
+
+Conventions:
+* ``signed`` margins are oriented so that > 0 means the preferred side scored
+  higher; a zero margin counts half (RewardBench's convention for ties).
+* ECE is over both orders (a, b) and (b, a) of each pair, as in
+  ``prefjax.rm.evaluation.symmetric_calibration``; equal-width bins.
+* The percentile interval is [2.5%, 97.5%] of the resampled values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from prefjax.evals import preference
+
+# Relative length difference (len_preferred − len_other) / max(len_preferred, len_other).
+LENGTH_BIN_EDGES = (-1.0, -0.5, -0.1, 0.1, 0.5, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  """A point estimate with its bootstrap 95% interval."""
+  value: float
+  low: float
+  high: float
+
+  def as_dict(self) -> dict[str, float]:
+    return {"value": self.value, "low": self.low, "high": self.high}
+
+  def __str__(self) -> str:
+    return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+def resample_counts(num_items: int, num_resamples: int, seed: int) -> np.ndarray:
+  """Bootstrap counts ``[R, N]`` (float32): row r says how often each item is in resample r."""
+  if num_items < 1:
+    raise ValueError("bootstrap needs at least one pair")
+  rng = np.random.default_rng(seed)
+  counts = rng.multinomial(num_items, np.full(num_items, 1.0 / num_items), size=num_resamples)
+  return counts.astype(np.float32)
+
+
+def weighted_estimate(values: np.ndarray, counts: np.ndarray,
+                      select: np.ndarray | None = None) -> Estimate:
+  """Mean of ``values [N]`` (over ``select`` if given) and its percentile interval."""
+  values = np.asarray(values, np.float64)
+  select = np.ones(values.size, bool) if select is None else select
+  if not select.any():
+    return Estimate(float("nan"), float("nan"), float("nan"))
+  resampled = _stratum_means(values, counts, select)
+  low, high = np.nanpercentile(resampled, [2.5, 97.5])
+  return Estimate(float(values[select].mean()), float(low), float(high))
+
+
+def signed_margins(r_chosen: np.ndarray, r_rejected: np.ndarray,
+                   outcome: np.ndarray) -> np.ndarray:
+  """``r_chosen − r_rejected``, negated where the rejected side was preferred (outcome < ½)."""
+  margin = np.asarray(r_chosen, np.float64) - np.asarray(r_rejected, np.float64)
+  return np.where(np.asarray(outcome) >= 0.5, margin, -margin)
+
+
+def two_sided_ece(signed: np.ndarray, counts: np.ndarray | None = None,
+                  num_bins: int = 10) -> np.ndarray:
+  """ECE of σ(margin) over both orders of each pair, for each row of ``counts`` ``[R, N]``.
+
+  Σ_b (n_b/n)·|mean(label)_b − mean(prob)_b| = Σ_b |Σ_{i∈b}(label_i − prob_i)| / n, so the
+  per-bin sums of a resample are one product ``counts @ G`` with ``G [N, bins]``.
+  """
+  prob = 1.0 / (1.0 + np.exp(-np.asarray(signed, np.float64)))
+  gaps = np.zeros((prob.size, num_bins))
+  rows = np.arange(prob.size)
+  for p, label in ((prob, 1.0), (1.0 - prob, 0.0)):
+    bins = np.clip((p * num_bins).astype(int), 0, num_bins - 1)
+    np.add.at(gaps, (rows, bins), label - p)
+  if counts is None:
+    counts = np.ones((1, prob.size))
+  return np.abs(counts @ gaps).sum(axis=1) / (2.0 * counts.sum(axis=1))
+
+
+def ece_estimate(signed: np.ndarray, counts: np.ndarray, num_bins: int) -> Estimate:
+  low, high = np.percentile(two_sided_ece(signed, counts, num_bins), [2.5, 97.5])
+  return Estimate(float(two_sided_ece(signed, None, num_bins)[0]), float(low), float(high))
+
+
+def relative_length_difference(preferred_len: np.ndarray, other_len: np.ndarray) -> np.ndarray:
+  preferred_len = np.asarray(preferred_len, np.float64)
+  other_len = np.asarray(other_len, np.float64)
+  longest = np.maximum(np.maximum(preferred_len, other_len), 1.0)
+  return (preferred_len - other_len) / longest
+
+
+def length_bins(rel_diff: np.ndarray) -> list[tuple[str, np.ndarray]]:
+  """(label, mask) of each ``LENGTH_BIN_EDGES`` bin of the relative length difference."""
+  edges = LENGTH_BIN_EDGES
+  out = []
+  for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+    upper = rel_diff <= hi if k == len(edges) - 2 else rel_diff < hi
+    out.append((f"[{lo:+.1f},{hi:+.1f}{']' if k == len(edges) - 2 else ')'}",
+                (rel_diff >= lo) & upper))
+  return out
+
+
+def _stratum_means(values: np.ndarray, counts: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  totals = counts[:, mask].sum(axis=1)
+  return (counts[:, mask] @ values[mask]) / np.where(totals > 0, totals, np.nan)
+
+
+def length_controlled_estimate(correct: np.ndarray, rel_diff: np.ndarray,
+                               counts: np.ndarray) -> Estimate:
+  """LC accuracy = ½·acc(preferred longer) + ½·acc(preferred shorter); equal lengths left out.
+
+  A scorer that only measures length gets exactly 0.5 whatever the dataset's
+  length bias. NaN when either stratum is empty.
+  """
+  longer, shorter = rel_diff > 0, rel_diff < 0
+  if not longer.any() or not shorter.any():
+    return Estimate(float("nan"), float("nan"), float("nan"))
+  value = 0.5 * (correct[longer].mean() + correct[shorter].mean())
+  resampled = 0.5 * (_stratum_means(correct, counts, longer) +
+                     _stratum_means(correct, counts, shorter))
+  low, high = np.nanpercentile(resampled, [2.5, 97.5])
+  return Estimate(float(value), float(low), float(high))
+
+
+def scorer_metrics(signed: np.ndarray, counts: np.ndarray, *, rel_diff: np.ndarray,
+                   subsets: Sequence[str] | None, calibrated: bool,
+                   num_bins: int = 10) -> dict[str, object]:
+  """All metrics of one scorer on one dataset's decisive pairs (``signed [N]``)."""
+  correct = preference.pair_accuracy(signed)
+  out: dict[str, object] = {"accuracy": weighted_estimate(correct, counts),
+                            "mean_margin": weighted_estimate(signed, counts)}
+  if calibrated:
+    out["bt_log_loss"] = weighted_estimate(np.logaddexp(0.0, -signed), counts)
+    out["ece"] = ece_estimate(signed, counts, num_bins)
+  out["length_controlled_accuracy"] = length_controlled_estimate(correct, rel_diff, counts)
+  out["length_bins"] = {label: weighted_estimate(correct, counts, mask)
+                        for label, mask in length_bins(rel_diff) if mask.any()}
+  if subsets is not None:
+    out["subsets"], out["subset_mean"] = subset_accuracies(correct, counts, subsets)
+  return out
+
+
+def subset_accuracies(correct: np.ndarray, counts: np.ndarray, subsets: Sequence[str]
+                      ) -> tuple[dict[str, Estimate], Estimate]:
+  """Accuracy per subset, and their unweighted mean (each category counts once, as in
+  RewardBench's section scores)."""
+  names = np.asarray(subsets)
+  per_subset, resampled = {}, []
+  for name in sorted(set(names.tolist())):
+    mask = names == name
+    per_subset[name] = weighted_estimate(correct, counts, mask)
+    resampled.append(_stratum_means(correct, counts, mask))
+  mean_resampled = np.nanmean(np.stack(resampled), axis=0)
+  low, high = np.nanpercentile(mean_resampled, [2.5, 97.5])
+  value = float(np.mean([e.value for e in per_subset.values()]))
+  return per_subset, Estimate(value, float(low), float(high))
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedDifference:
+  """Accuracy of B minus accuracy of A on the same pairs, with a bootstrap p-value."""
+  difference: Estimate
+  p_value: float
+  agreement: float
+
+
+def paired_difference(signed_a: np.ndarray, signed_b: np.ndarray,
+                      counts: np.ndarray) -> PairedDifference:
+  """acc(B) − acc(A) with its paired interval; two-sided p = 2·min(P*(Δ ≤ 0), P*(Δ ≥ 0)).
+
+  The p-value is floored at 1/R (R resamples): the bootstrap cannot resolve less.
+  ``agreement``: fraction of pairs where both prefer the same side (a zero margin
+  agrees only with a zero margin).
+  """
+  delta = preference.pair_accuracy(signed_b) - preference.pair_accuracy(signed_a)
+  estimate = weighted_estimate(delta, counts)
+  resampled = (counts @ delta) / counts.sum(axis=1)
+  tail = min(np.mean(resampled <= 0), np.mean(resampled >= 0))
+  p_value = float(min(1.0, max(2.0 * tail, 1.0 / resampled.size)))
+  agreement = float(np.mean(np.sign(signed_a) == np.sign(signed_b)))
+  return PairedDifference(estimate, p_value, agreement)
+
+
+def to_json(value: object) -> object:
+  """Estimates and nested dicts of them as plain JSON."""
+  if isinstance(value, Estimate):
+    return value.as_dict()
+  if isinstance(value, PairedDifference):
+    return {"difference": value.difference.as_dict(), "p_value": value.p_value,
+            "agreement": value.agreement}
+  if isinstance(value, Mapping):
+    return {k: to_json(v) for k, v in value.items()}
+  return value

@@ -1,0 +1,279 @@
+"""``experiments/eval_rm.py``: metric formulas, tiny-world runs scored end to end, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs.eval import tiny as eval_tiny
+from configs.rm import ensemble_tiny
+from experiments import eval_rm
+from experiments import train_dpo
+from experiments import train_rm
+from prefjax.evals import preference
+from prefjax.evals import scorers as scorers_lib
+from prefjax.evals import stats
+from tests import test_train_dpo
+from tests import test_train_rm
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NUM_PAIRS = 600
+
+# Private temp dirs, not pytest's numbered basetemp (concurrent sessions prune it); datasets
+# go to conftest's private per-process cache.
+_private_tmp = test_train_rm._private_tmp  # pylint: disable=protected-access
+tmp_path = test_train_rm.tmp_path
+
+
+# ----------------------------------------------------------------------------- formulas
+
+
+def test_accuracy_counts_a_zero_margin_as_half():
+  signed = np.array([1.0, -1.0, 0.0, 2.0])
+  counts = stats.resample_counts(4, 200, 0)
+  assert stats.scorer_metrics(signed, counts, rel_diff=np.ones(4), subsets=None,
+                              calibrated=False)["accuracy"].value == 0.625
+
+
+def test_two_sided_ece_matches_a_hand_computed_value_and_the_train_rm_formula():
+  # σ(log 3) = 0.75: order (a, b) has p 0.75 and label 1, order (b, a) p 0.25 and label 0;
+  # they fall in different bins, each off by 0.25, so ECE = ½·0.25 + ½·0.25.
+  assert stats.two_sided_ece(np.array([math.log(3.0)]))[0] == pytest.approx(0.25)
+  assert stats.two_sided_ece(np.array([0.0]))[0] == pytest.approx(0.0)
+  signed = np.random.default_rng(0).normal(0.5, 2.0, 300)
+  prob = 1 / (1 + np.exp(-signed))
+  expected = preference.expected_calibration_error(
+      np.concatenate([prob, 1 - prob]), np.concatenate([np.ones(300), np.zeros(300)]), 10)
+  assert stats.two_sided_ece(signed)[0] == pytest.approx(expected, abs=1e-12)
+  # Resampled with counts, it is the ECE of the resampled pairs.
+  counts = stats.resample_counts(300, 3, 1)
+  take = np.repeat(np.arange(300), counts[1].astype(int))
+  assert stats.two_sided_ece(signed, counts)[1] == pytest.approx(
+      stats.two_sided_ece(signed[take])[0], abs=1e-6)
+
+
+def test_bootstrap_interval_has_the_binomial_width():
+  correct = (np.arange(400) % 4 != 0).astype(float)  # accuracy 0.75
+  e = stats.weighted_estimate(correct, stats.resample_counts(400, 2000, 0))
+  assert e.value == 0.75 and e.low < 0.75 < e.high
+  normal_width = 2 * 1.96 * math.sqrt(0.75 * 0.25 / 400)
+  assert e.high - e.low == pytest.approx(normal_width, rel=0.2)
+
+
+def test_paired_bootstrap_sign_and_p_value():
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=200)
+  b = np.where(np.arange(200) < 40, np.abs(a), a)  # B fixes A's errors on the first 40 pairs.
+  counts = stats.resample_counts(200, 1000, 0)
+  gain = float(np.sum(a[:40] < 0)) / 200
+  better = stats.paired_difference(a, b, counts)
+  assert better.difference.value == pytest.approx(gain)
+  assert better.difference.low > 0 and better.p_value == pytest.approx(1 / 1000)
+  worse = stats.paired_difference(b, a, counts)
+  assert worse.difference.value == pytest.approx(-gain) and worse.difference.high < 0
+  same = stats.paired_difference(a, a, counts)
+  assert same.difference.value == 0 and same.p_value == 1.0 and same.agreement == 1.0
+  assert better.agreement == pytest.approx(1 - gain)
+
+
+def test_length_controlled_accuracy_and_category_weighted_mean():
+  rel_diff = np.array([0.5, 0.5, 0.5, -0.5, -0.5, 0.0])
+  counts = stats.resample_counts(6, 500, 0)
+  # A length detector: right when the preferred side is longer, wrong when shorter.
+  length = stats.length_controlled_estimate(np.array([1, 1, 1, 0, 0, 0.5]), rel_diff, counts)
+  assert (length.value, length.low, length.high) == (0.5, 0.5, 0.5)
+  mixed = stats.length_controlled_estimate(np.array([1, 0, 0, 1, 1, 0.0]), rel_diff, counts)
+  assert mixed.value == pytest.approx(0.5 * (1 / 3) + 0.5 * 1.0)
+  assert 0.5 <= mixed.low <= mixed.value <= mixed.high <= 1.0
+  correct = np.array([1, 1, 1, 0, 0, 0.0])
+  per_subset, mean = stats.subset_accuracies(
+      correct, stats.resample_counts(6, 100, 0), ["a", "a", "b", "b", "b", "b"])
+  assert per_subset["a"].value == 1.0 and per_subset["b"].value == 0.25
+  assert mean.value == 0.625  # Each subset counts once (the pooled accuracy is 0.5).
+
+
+def test_scorer_specs_parse_and_reject_bad_ones():
+  specs = scorers_lib.parse_specs("rm:/w/rm_a, b=rm:/w/ens@best, dpo:/w/d@200, length, gold")
+  assert [(s.name, s.kind, s.path, s.step) for s in specs] == [
+      ("rm_a", "rm", "/w/rm_a", "latest"), ("b", "rm", "/w/ens", "best"),
+      ("d", "dpo", "/w/d", "200"), ("length", "length", "", "latest"),
+      ("gold", "gold", "", "latest")]
+  with pytest.raises(scorers_lib.EvalInputError, match="unknown kind 'rmm'"):
+    scorers_lib.parse_specs("rmm:/x")
+  with pytest.raises(scorers_lib.EvalInputError, match="names must be unique"):
+    scorers_lib.parse_specs("rm:/a/x,rm:/b/x")
+
+
+# ----------------------------------------------------------------------------- tiny runs
+
+
+@pytest.fixture(scope="module")
+def runs():
+  """A trained RM, a 4-member deep ensemble and a DPO policy on the same tiny world."""
+  with _private_tmp() as d:
+    yield train_runs(pathlib.Path(d))
+
+
+def train_runs(root: pathlib.Path) -> dict:
+  rm_cfg = test_train_rm.small_config(30, num_pairs=NUM_PAIRS, batch_size=16)
+  ens_cfg = test_train_rm.small_config(4, base=ensemble_tiny, num_pairs=NUM_PAIRS)
+  dpo_cfg = test_train_dpo.dpo_config(steps=15)
+  dpo_cfg.data.tiny_world.num_pairs = NUM_PAIRS
+  return {"rm": train_rm.run(rm_cfg, str(root / "rm"))["eval"],
+          "ens": train_rm.run(ens_cfg, str(root / "ens"))["eval"],
+          "dpo": train_dpo.run(dpo_cfg, str(root / "dpo")).summary["final_eval"],
+          "root": root}
+
+
+def eval_config(scorers: str, datasets: str):
+  config = eval_tiny.get_config()
+  config.scorers, config.datasets = scorers, datasets
+  config.num_resamples = 300
+  config.mesh.update(shape=(1, 1, 1), num_devices=1)  # As the training runs evaluated.
+  return config
+
+
+@pytest.fixture(scope="module")
+def report(runs):
+  root = runs["root"]
+  config = eval_config(f"rm:{root}/rm,ens=rm:{root}/ens,dpo:{root}/dpo,length,shorter,gold",
+                       f"run:{root}/rm")
+  workdir = root / "eval"
+  return eval_rm.run(config, str(workdir)), workdir
+
+
+def test_rm_ensemble_and_dpo_match_their_trainers_own_eval(runs, report):
+  section = report[0]["datasets"][0]
+  m = section["metrics"]
+  assert section["pairs_decisive"] == runs["rm"]["num_pairs"]
+  assert m["rm"]["accuracy"]["value"] == pytest.approx(runs["rm"]["accuracy"], abs=1e-9)
+  assert m["ens"]["accuracy"]["value"] == pytest.approx(runs["ens"]["accuracy"], abs=1e-9)
+  for k in range(4):
+    assert m[f"ens/member{k}"]["accuracy"]["value"] == pytest.approx(
+        runs["ens"][f"member/{k}/accuracy"], abs=1e-9)
+  assert {"ens/wco", "ens/uwo"} <= set(m)
+  assert m["dpo"]["accuracy"]["value"] == pytest.approx(
+      runs["dpo"]["rewards/accuracies"], abs=1e-6)
+  # Same bins, summed in another order (Σ|Σ gaps|/n instead of Σ (n_b/n)·|mean gap|).
+  assert m["rm"]["ece"]["value"] == pytest.approx(runs["rm"]["ece"], abs=1e-7)
+  assert m["rm"]["bt_log_loss"]["value"] == pytest.approx(runs["rm"]["bt_log_loss"], rel=1e-6)
+
+
+def test_baselines_gold_and_comparisons(report):
+  section = report[0]["datasets"][0]
+  m = section["metrics"]
+  # Equal lengths count half for both, so the two length baselines sum to exactly 1.
+  assert m["length"]["accuracy"]["value"] + m["shorter"]["accuracy"]["value"] == pytest.approx(1)
+  assert m["length"]["length_controlled_accuracy"]["value"] == pytest.approx(0.5)
+  assert "ece" not in m["length"]  # A character count is not a log-odds.
+  assert m["gold"]["accuracy"]["value"] > 0.99  # Noise-free labels come from the gold reward.
+  for name, metrics in m.items():
+    acc = metrics["accuracy"]
+    assert acc["low"] <= acc["value"] <= acc["high"], name
+  cmp = section["comparisons"]["gold vs rm"]
+  assert cmp["difference"]["value"] > 0 and 0 < cmp["p_value"] <= 1
+  assert "ens/member0 vs rm" not in section["comparisons"]
+
+
+def test_outputs_can_be_redrawn_from_scores_jsonl(report):
+  result, workdir = report
+  lines = [json.loads(l) for l in (workdir / "scores.jsonl").read_text().splitlines()]
+  section = result["datasets"][0]
+  assert len(lines) == section["pairs_scored"]
+  r_c, r_r = np.array([l["scores"]["rm"] for l in lines]).T
+  signed = np.where(np.array([l["outcome"] for l in lines]) >= 0.5, r_c - r_r, r_r - r_c)
+  assert np.mean(preference.pair_accuracy(signed)) == pytest.approx(
+      section["metrics"]["rm"]["accuracy"]["value"])
+  for figure in section["figures"]:
+    assert (workdir / figure).stat().st_size > 5000, figure
+  text = (workdir / "report.md").read_text()
+  assert "| rm |" in text and "gold vs rm" in text and section["figures"][0] in text
+  assert json.loads((workdir / "report.json").read_text())["scorers"][0] == "rm"
+
+
+def test_scoring_sharded_over_eight_devices_matches_one_device(runs, report, tmp_path):
+  root = runs["root"]
+  config = eval_config(f"rm:{root}/rm,dpo:{root}/dpo", f"run:{root}/rm")
+  config.mesh.update(shape=(8, 1, 1), num_devices=8)
+  eval_rm.run(config, str(tmp_path))
+
+  def rewards(workdir):
+    lines = [json.loads(l) for l in (workdir / "scores.jsonl").read_text().splitlines()]
+    return {n: np.array([l["scores"][n] for l in lines]) for n in ("rm", "dpo")}
+
+  sharded, single = rewards(tmp_path), rewards(report[1])
+  for name in ("rm", "dpo"):
+    scale = np.abs(single[name]).max()
+    np.testing.assert_allclose(sharded[name], single[name], atol=1e-5 * scale, err_msg=name)
+
+
+def test_compare_mode_puts_reports_side_by_side(runs, report, tmp_path):
+  _, workdir = report
+  other = tmp_path / "other"
+  shutil.copytree(workdir, other)
+  config = eval_tiny.get_config()
+  config.compare = f"{workdir},{other}"
+  table = eval_rm.run(config, str(tmp_path / "cmp"))["compare"]
+  assert table.splitlines()[0] == "| dataset | scorer | eval | other |"
+  rm_row = next(l for l in table.splitlines() if "| rm |" in l)
+  cells = rm_row.split("|")[3:5]
+  assert cells[0] == cells[1] and "[" in cells[0]
+
+
+def test_subsets_of_a_jsonl_benchmark(tmp_path):
+  rows = [{"prompt": f"q{i}", "chosen": "good answer" * (1 + i % 3), "rejected": "bad",
+           "meta": {"category": "chat" if i % 4 else "safety"}} for i in range(40)]
+  path = tmp_path / "bench.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows))
+  config = eval_config("length,shorter", f"jsonl:{path}")  # Its one split, "train".
+  config.subset_field = "category"
+  section = eval_rm.run(config, str(tmp_path / "eval"))["datasets"][0]
+  m = section["metrics"]["length"]
+  assert set(m["subsets"]) == {"chat", "safety"}
+  assert m["accuracy"]["value"] == 1.0 and m["subset_mean"]["value"] == 1.0
+  assert section["metrics"]["shorter"]["subset_mean"]["value"] == 0.0
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_a_workdir_without_a_checkpoint_is_named(tmp_path):
+  bare = tmp_path / "no_ckpt"
+  bare.mkdir()
+  (bare / "config.json").write_text(json.dumps(test_train_rm.small_config(1).to_dict()))
+  with pytest.raises(scorers_lib.EvalInputError,
+                     match=f"scorer 'no_ckpt': {bare} has no checkpoint"):
+    eval_rm.run(eval_config(f"rm:{bare}", "pandalm@test"), str(tmp_path / "e1"))
+  with pytest.raises(scorers_lib.EvalInputError, match="has no config.json"):
+    eval_rm.run(eval_config(f"rm:{tmp_path}", "pandalm@test"), str(tmp_path / "e2"))
+
+
+def test_a_tokenizer_that_cannot_read_the_data_is_named(tmp_path, minilm_dir):
+  path = tmp_path / "emoji.jsonl"
+  path.write_text("\n".join(json.dumps({"prompt": "🙂🙃" * 5, "chosen": "🎉" * 8,
+                                        "rejected": "🔥" * 8}) for _ in range(10)))
+  with pytest.raises(scorers_lib.EvalInputError,
+                     match=r"scorer 'minilm': tokenizer hf:.* cannot read dataset "
+                           r"'jsonl:.*emoji.jsonl@train': 100% of the tokens"):
+    eval_rm.run(eval_config(f"minilm=hf:{minilm_dir}", f"jsonl:{path}@train"),
+                str(tmp_path / "eval"))
+
+
+def test_a_missing_dataset_is_one_line_on_the_command_line(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.eval_rm", "--config=configs/eval/tiny.py",
+         f"--workdir={tmp_path}", "--config.scorers=length",
+         f"--config.datasets=jsonl:{tmp_path}/missing.jsonl@train"]
+  proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"eval_rm: error: dataset 'jsonl:{tmp_path}/missing.jsonl@train': ")
+  assert "Traceback" not in proc.stderr
