@@ -41,6 +41,7 @@ demo-tiny-world: install-base
 
 bench: install
 	mkdir -p benchmarks/out
+	$(PY) -m benchmarks.run --json=benchmarks/out/steps.json
 	$(PY) -m benchmarks.packing_efficiency --out=benchmarks/out/packing.json
 	$(PY) -m benchmarks.model_throughput --model=smollm2 --out=benchmarks/out/throughput_cpu.json
 	$(PY) -m benchmarks.rm_scoring_throughput --out=benchmarks/out/rm_scoring_cpu.json
