@@ -108,12 +108,7 @@ def write_figures(section: dict[str, Any], arrays: dict[str, Any], workdir: str,
   return figures
 
 
-def main(argv: list[str]) -> None:
-  try:
-    common.main_for(run)(argv)
-  except scorers_lib.EvalInputError as e:
-    sys.exit(f"eval_rm: error: {e}")
-
+main = common.main_for(run)  # bad input (EvalInputError) ends in one line, exit code 1
 
 if __name__ == "__main__":
   common.define_flags()

@@ -70,8 +70,8 @@ def test_gradient_matches_autodiff_of_masked_reference(t, h, kv, block):
 
   with jax.enable_x64(True):
     args = tuple(jnp.asarray(x) for x in (q, k, v))
-    got = jax.grad(blocked, argnums=(0, 1, 2))(*args)
-    want = jax.grad(masked, argnums=(0, 1, 2))(*args)
+    got = jax.jit(jax.grad(blocked, argnums=(0, 1, 2)))(*args)
+    want = jax.jit(jax.grad(masked, argnums=(0, 1, 2)))(*args)
     for name, g, w in zip("qkv", got, want):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-9, atol=1e-11,
                                  err_msg=f"d{name}")
@@ -81,10 +81,10 @@ def test_gradient_matches_finite_differences():
   q, k, v, segments = _inputs(3, 2, 12, 2, 1, 4)
   cotangent = np.random.default_rng(4).normal(size=q.shape)
   with jax.enable_x64(True):
-    f = lambda q, k, v: jnp.sum(attention.causal_attention(
-        q, k, v, jnp.asarray(segments), block_size=4) * cotangent)
+    f = jax.jit(lambda q, k, v: jnp.sum(attention.causal_attention(
+        q, k, v, jnp.asarray(segments), block_size=4) * cotangent))
     args = [jnp.asarray(x) for x in (q, k, v)]
-    grads = jax.grad(f, argnums=(0, 1, 2))(*args)
+    grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(*args)
     rng = np.random.default_rng(5)
     for i, g in enumerate(grads):
       direction = rng.normal(size=args[i].shape)
@@ -111,8 +111,8 @@ def test_bfloat16_inputs_give_bfloat16_output_close_to_float32():
   as_bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
   got = attention.causal_attention(*as_bf16, segments, block_size=16)
   assert got.dtype == jnp.bfloat16
-  grads = jax.grad(lambda q: jnp.sum(attention.causal_attention(
-      q, as_bf16[1], as_bf16[2], segments, block_size=16).astype(jnp.float32)))(as_bf16[0])
+  grads = jax.jit(jax.grad(lambda q: jnp.sum(attention.causal_attention(
+      q, as_bf16[1], as_bf16[2], segments, block_size=16).astype(jnp.float32))))(as_bf16[0])
   assert grads.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grads)))
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=0.05)
 

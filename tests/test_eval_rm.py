@@ -275,5 +275,5 @@ def test_a_missing_dataset_is_one_line_on_the_command_line(tmp_path):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"eval_rm: error: dataset 'jsonl:{tmp_path}/missing.jsonl@train': ")
+  assert last.startswith(f"error: EvalInputError: dataset 'jsonl:{tmp_path}/missing.jsonl@train': ")
   assert "Traceback" not in proc.stderr

@@ -314,8 +314,9 @@ class Decoder(nnx.Module):
       kernel = self.embed.embedding[...].T
     else:
       kernel = self.lm_head.kernel[...]
-    return jnp.einsum("ntd,dv->ntv", hidden, kernel.astype(hidden.dtype),
-                      preferred_element_type=jnp.float32)
+    rows = hidden.reshape(-1, hidden.shape[-1])  # a 2-D dot: much faster on XLA CPU
+    logits = jnp.dot(rows, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return logits.reshape(hidden.shape[:-1] + (-1,))
 
   def _embed(self, tokens: Array, positions: Array) -> Array:
     x = self.embed(tokens.astype(jnp.int32))

@@ -213,8 +213,9 @@ def token_logps(logits: Array, tokens: Array) -> Array:
   """
   chex.assert_rank(logits, 3)
   chex.assert_equal_shape_prefix([logits, tokens], 2)
-  shifted = _pick(logits[:, :-1], tokens[:, 1:].astype(jnp.int32))
-  return jnp.pad(shifted, ((0, 0), (1, 0)))
+  # Shift the [N, T] token ids, not the [N, T, V] logits (slicing those copies them).
+  following = jnp.pad(tokens[:, 1:].astype(jnp.int32), ((0, 0), (0, 1)))
+  return jnp.pad(_pick(logits, following)[:, :-1], ((0, 0), (1, 0)))
 
 
 def token_entropy(logits: Array) -> Array:
