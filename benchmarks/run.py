@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  from prefjax import xla_cpu
+  xla_cpu.apply_cpu_defaults()  # the binaries' CPU defaults; PREFJAX_XLA_CPU_DEFAULTS=0: XLA's own
   steps = args.steps or (3 if args.quick else 8)
   if args.child:
     print(json.dumps(run_case(args.child, steps)))

@@ -4,6 +4,9 @@ import os
 
 # Must happen before jax is imported anywhere in the test process.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from prefjax import xla_cpu  # noqa: E402  (imports nothing of JAX)
+
+xla_cpu.apply_cpu_defaults()  # the binaries' CPU settings, so in-process runs match them
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
