@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import Any
 
 # os.EX_TEMPFAIL: "a temporary failure; the user is invited to retry".
@@ -32,11 +33,19 @@ class Preempted(SystemExit):
 
 
 def _exit_now(signum: int, frame: Any) -> None:
+  # os._exit, not SystemExit: unwinding and finalising the interpreter while JAX's
+  # native modules are half-imported or their threads are starting can segfault
+  # (seen: exit -11 instead of 75). There is nothing to save here.
   del frame
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
   os.write(2, f"received signal {signum} outside training: nothing new to save; exiting "
               f"with code {PREEMPTED_EXIT_CODE} (rerun with the same --workdir to resume)\n"
            .encode())
-  raise Preempted()
+  os._exit(PREEMPTED_EXIT_CODE)
 
 
 def exit_on_sigterm() -> None:
