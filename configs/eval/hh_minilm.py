@@ -13,7 +13,13 @@ Expected (this 2-core CPU, measured 2026-12-01 with ``--config.scorers=length,sh
     length-only 0.457 [0.398, 0.520], shorter-wins 0.543 [0.480, 0.602];
   pandalm@test, 894 decisive pairs (105 ties left out; preferred longer in 67%):
     length-only 0.674 [0.641, 0.704], shorter-wins 0.326 [0.296, 0.359].
-The trained MiniLM RM is not measured yet (its training takes ≈ 32 min on this CPU).
+The trained MiniLM RM (measured 2026-12-01: 150 training steps in 9.6 min wall while the
+suite ran beside it; this evaluation 104 s):
+  harmless-base@resplit_test: 0.655 [0.596, 0.714], length-controlled 0.643, ECE 0.042;
+    minus shorter-wins 0.112 [0.045, 0.177], p = 0.001;
+  pandalm@test: 0.388 [0.359, 0.421], length-controlled 0.457, ECE 0.173. Below chance: the
+    harmlessness RM prefers short answers (refusals), agreeing with shorter-wins on 71% of
+    pairs, while PandaLM's preferred answer is the longer one in 67%.
 Scoring throughput of a MiniLM RM at these lengths: benchmarks/RESULTS.md.
 """
 
