@@ -60,25 +60,25 @@ def _builder(kind: str, num_segments: int | None) -> tuple[Callable, dict]:
   }[kind]()
 
 
-def analytic_flops(batch: dict[str, np.ndarray], passes: float) -> float:
-  """Forward+backward FLOPs on the computed slots: 6·N·slots + causal attention, per model pass.
+def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float) -> float:
+  """Forward+backward FLOPs of ``rows x length`` computed slots: 6·N·slots + causal attention.
 
-  ``passes`` counts full forward+backward equivalents (a frozen reference
-  forward is 1/3 of one).
+  ``passes`` counts full forward+backward equivalents (a frozen reference forward
+  is 1/3 of one); the LM head counts only where the loss reads logits (DPO).
   """
+  from benchmarks import model_throughput
   from benchmarks import workloads
   c = workloads.rm_model_config()
-  matmul_params = c.num_layers * (4 * c.hidden_size ** 2 + 3 * c.hidden_size * c.intermediate_size)
+  per_token = model_throughput.flops_per_token(c, length)
+  if not lm_head:
+    per_token -= 2 * c.hidden_size * c.vocab_size
+  return passes * 3 * per_token * rows * length
+
+
+def computed_shape(batch: dict[str, np.ndarray], torch: bool) -> tuple[int, int]:
+  """(rows, length) a step computes: PyTorch cuts rows to the exact longest real row."""
   rows, length = batch["tokens"].shape
-  slots = rows * length
-  attention = c.num_layers * 2 * 2 * c.hidden_size * length * length / 2 * rows  # QKᵀ, PV; causal
-  return passes * 3 * (2 * matmul_params * slots + attention)
-
-
-def _lm_head_flops(batch: dict[str, np.ndarray]) -> float:
-  from benchmarks import workloads
-  c = workloads.rm_model_config()
-  return 6 * c.hidden_size * c.vocab_size * batch["tokens"].size
+  return rows, int(batch["attention_mask"].sum(-1).max()) if torch else length
 
 
 def run_case(name: str, steps: int) -> dict[str, Any]:
@@ -114,21 +114,14 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
   real_key = "segment_ids" if layout == "packed" else "attention_mask"
   timed = batches[1:]
   real = sum(int(np.count_nonzero(b[real_key])) for b in timed) / len(timed)
-  slots = sum(b["tokens"].size for b in timed) / len(timed)
-  if kind.startswith("torch"):  # PyTorch computes rows cut to the exact longest row
-    slots = sum(b["tokens"].shape[0] * int(b["attention_mask"].sum(-1).max())
-                for b in timed) / len(timed)
+  torch = kind.startswith("torch")
+  shapes = [computed_shape(b, torch) for b in timed]
+  slots = sum(r * t for r, t in shapes) / len(shapes)
   passes = {"dpo_live": 4 / 3, "torch_dpo_live": 4 / 3, "rm_ensemble4": 4.0}.get(kind, 1.0)
-  flops = []
-  for b in timed:
-    if kind.startswith("torch"):
-      longest = int(b["attention_mask"].sum(-1).max())
-      b = {**b, "tokens": b["tokens"][:, :longest]}
-    extra = _lm_head_flops(b) * passes if "dpo" in kind else 0.0
-    flops.append(analytic_flops(b, passes) + extra)
+  flops = [analytic_flops(r, t, lm_head="dpo" in kind, passes=passes) for r, t in shapes]
   s_per_step = statistics.median(times)
   return {
-      "case": name, "framework": "torch" if kind.startswith("torch") else "prefjax",
+      "case": name, "framework": "torch" if torch else "prefjax",
       "layout": layout, "steps": len(times), "params": info["params"],
       "compile_s": round(compile_s, 2), "s_per_step": round(s_per_step, 3),
       "step_times": [round(t, 3) for t in times],

@@ -43,10 +43,9 @@ class PolicyAndReference(nnx.Module):
 
 
 def _jitted(model: nnx.Module, loss_fn, trainable=nnx.Param) -> tuple[Callable, dict]:
-  graphdef, state = state_lib.create_train_state(model, optax.adamw(LEARNING_RATE), 0,
-                                                 trainable=trainable)
-  jitted = step_lib.jit_train_step(step_lib.make_train_step(graphdef, loss_fn,
-                                                            optax.adamw(LEARNING_RATE),
+  tx = optax.adamw(LEARNING_RATE)
+  graphdef, state = state_lib.create_train_state(model, tx, 0, trainable=trainable)
+  jitted = step_lib.jit_train_step(step_lib.make_train_step(graphdef, loss_fn, tx,
                                                             trainable=trainable))
   holder = {"state": state}
 

@@ -67,8 +67,9 @@ class PipelineConfig:
   Padded mode cuts each batch to its longest row rounded up to a multiple of
   ``pad_to_multiple`` (never past the bucket length), which bounds the set of
   compiled shapes to ``max_length / pad_to_multiple``; ``None`` pads every
-  batch to its bucket length. ``read_ahead`` examples are tokenized together (one ``encode_batch`` call,
-  parallel in the Rust backend); it changes speed, never the batches.
+  batch to its bucket length. ``read_ahead`` examples are tokenized together
+  (one ``encode_batch`` call, parallel in the Rust backend); it changes speed,
+  never the batches.
   """
 
   seed: int = 0
@@ -462,7 +463,7 @@ class BatchDataset(grain.IterDataset):
   def collate(self, plan: dict[str, Any], examples: list[Example]) -> dict[str, np.ndarray]:
     cfg, pad_id = self.config, self.tokenizer.pad_id
     padded: list[Example | None] = list(examples) + [None] * (cfg.batch_size - len(examples))
-    if self.kind == "prompt" or not self.packed:
+    if not self.packed:  # prompt batches are never packed
       length = cfg.padded_length(self.bucket_lengths[plan["bucket"]],
                                  max(max(e.lengths) for e in examples))
     if self.kind == "prompt":

@@ -307,13 +307,13 @@ class Decoder(nnx.Module):
 
   def logits(self, hidden: Array) -> Array:
     """Output projection of hidden states, accumulated in float32."""
-    if not self.config.tie_embeddings and not hasattr(self, "lm_head"):
-      raise ValueError("this decoder has no output head: drop_output_head() removed it "
-                       "when a reward/value head was attached")
     if self.config.tie_embeddings:
       kernel = self.embed.embedding[...].T
-    else:
+    elif hasattr(self, "lm_head"):
       kernel = self.lm_head.kernel[...]
+    else:
+      raise ValueError("this decoder has no output head: drop_output_head() removed it "
+                       "when a reward/value head was attached")
     rows = hidden.reshape(-1, hidden.shape[-1])  # a 2-D dot: much faster on XLA CPU
     logits = jnp.dot(rows, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
     return logits.reshape(hidden.shape[:-1] + (-1,))
