@@ -22,8 +22,10 @@ from typing import Any
 from absl import app
 
 from experiments import common
+from experiments import text_study
 from prefjax.overopt import report as report_lib
 from prefjax.overopt import study
+from prefjax.overopt import text_report
 from prefjax.train import summary as summary_lib
 
 
@@ -39,6 +41,23 @@ def _world_note(config: Any) -> str:
           "shows the spread.")
 
 
+# Criteria the text world carries; with it, the bandit world's versions are kept as "-bandit".
+TEXT_CARRIES = ("D1", "D2", "P1", "P1_kl_matched")
+
+
+def _with_text_world(config: Any, workdir: str, found: list) -> tuple[list, dict, list]:
+  results = text_study.run_text_study(config.text, os.path.join(workdir, "text"),
+                                      study.Progress)
+  text_found, figs, curves = text_report.text_criteria(
+      results, config.text, os.path.join(workdir, "figures"),
+      num_bootstrap=int(config.bandit.num_bootstrap))
+  for c in found:
+    if c.name in TEXT_CARRIES:
+      c.name = f"{c.name}-bandit"
+  section = text_report.report_section(results, curves, figs)
+  return found + text_found, figs, section
+
+
 def run(config: Any, workdir: str) -> dict[str, Any]:
   start = time.time()
   summary_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
@@ -49,7 +68,15 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   facts = {"command": " ".join(["python -m experiments.reproduce"] + sys.argv[1:]),
            "world_seeds": list(config.bandit.world_seeds), "wall_s": time.time() - start,
            "world_note": _world_note(config)}
-  out = report_lib.write_report(workdir, found, results, figs, facts)
+  extra = []
+  if config.get("text") and config.text.enabled:
+    facts["text_world"] = {"seed": int(config.text.world.seed),
+                           "pairs_seed": int(config.text.pairs.seed),
+                           "eval_seed": int(config.text.eval.seed)}
+    found, text_figs, extra = _with_text_world(config, workdir, found)
+    figs.update(text_figs)
+  facts["wall_s"] = time.time() - start
+  out = report_lib.write_report(workdir, found, results, figs, facts, extra_sections=extra)
   table = report_lib.criteria_table(found)
   print(table)
   print("figures:\n  " + "\n  ".join(os.path.join(workdir, f) for f in figs.values()))

@@ -36,6 +36,12 @@ def test_ece_matches_definition_and_perfect_calibration():
   p = np.array([0.15, 0.15, 0.85, 0.85])
   y = np.array([0.0, 1.0, 1.0, 1.0])
   assert evals.expected_calibration_error(p, y) == pytest.approx(0.5 * 0.35 + 0.5 * 0.15)
+  # Integer weights (bootstrap counts) equal the ECE of the sample with rows repeated.
+  counts = np.array([[2, 0, 1, 3], [1, 1, 1, 1]])
+  by_row = evals.expected_calibration_error(p, y, weights=counts)
+  assert by_row[0] == pytest.approx(
+      evals.expected_calibration_error(np.repeat(p, counts[0]), np.repeat(y, counts[0])), abs=1e-12)
+  assert by_row[1] == pytest.approx(evals.expected_calibration_error(p, y), abs=1e-12)
 
 
 def test_length_slice_and_subsets():
@@ -59,5 +65,5 @@ def test_disagreement_and_errors(tmp_path):
   with pytest.raises(ValueError, match="non-finite"):
     evals.evaluate_preferences(np.array([np.nan]), np.array([0.0]))
   ev = evals.evaluate_preferences(np.array([1.0, -1.0]), np.zeros(2))
-  evals.plot_reliability(ev.reliability, str(tmp_path / "rel.png"))
+  evals.plot_reliability({"rm": ev.reliability}, str(tmp_path / "rel.png"))
   assert (tmp_path / "rel.png").stat().st_size > 1000

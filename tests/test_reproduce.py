@@ -16,7 +16,10 @@ from prefjax.overopt import curves as curves_lib
 from prefjax.overopt import fits
 
 CRITERIA = ("G0", "G1", "G2", "G3", "G5", "R1", "R2", "R3", "R4", "C1", "C2", "C3",
-            "D1", "D2", "D3", "P1", "P1_kl_matched")
+            "D1", "D2", "D3", "P1", "P1_kl_matched",
+            # The text world carries D1, D2 and P1; the bandit world's are kept beside them.
+            "D1-bandit", "D2-bandit", "P1-bandit", "P1_kl_matched-bandit",
+            "G1-text", "G2-text", "G3-text", "R2-text", "R4-text")
 
 
 @pytest.fixture(scope="module")

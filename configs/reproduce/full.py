@@ -29,4 +29,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = quick.get_config(arg)
   config.bandit.world_seeds = (0, 1) if arg == "tiny" else (0, 1, 2, 3, 4)
   config.bandit.direct.enabled = True
+  config.text = quick.text_config(enabled=True, tiny=arg == "tiny")
   return config

@@ -32,6 +32,35 @@ from __future__ import annotations
 import ml_collections
 
 
+def text_config(*, enabled: bool, tiny: bool = False) -> ml_collections.ConfigDict:
+  """The text world (``experiments/text_study.py``); ``tiny`` = smoke-test sizes."""
+  text = ml_collections.ConfigDict()
+  text.enabled = enabled
+  # Gold = mean character score + echo bonus − 20·Σ_c max(0, f_c − 0.25)²: repeating one
+  # character past a quarter of the response is bad, which π_ref's samples rarely show.
+  text.world = dict(seed=0, echo_bonus=0.5, exploit_weight=0.0, exploit_gold_penalty=0.5,
+                    repeat_threshold=0.25, repeat_penalty=20.0)
+  text.policy = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                     intermediate_size=128, max_position_embeddings=64)
+  text.sft = dict(num_pairs=4000, data_seed=0, steps=300)
+  text.pairs = dict(num_pairs=8000, seed=0)
+  text.proxy = dict(widths=(8, 16, 32, 64), num_layers=2, steps=600, batch_size=64, seed=0)
+  text.bon = dict(num_prompts=128, num_samples=256, num_points=12)
+  text.rl = dict(widths=(8, 64), algorithm="rloo", kl_coef=0.02, steps=40, eval_every=4)
+  text.dpo = dict(losses=("dpo", "ipo", "hinge"), betas=(0.03, 0.1, 0.3, 1.0), steps=400,
+                  eval_every=50, learning_rate=1e-3)
+  text.eval = dict(num_prompts=128, samples_per_prompt=4, seed=1)
+  if tiny:
+    text.sft.update(num_pairs=300, steps=20)
+    text.pairs.num_pairs = 300
+    text.proxy.update(widths=(8, 16), steps=20)
+    text.bon.update(num_prompts=8, num_samples=16, num_points=5)
+    text.rl.update(widths=(8,), steps=4, eval_every=2)
+    text.dpo.update(losses=("dpo",), betas=(0.1, 1.0), steps=6, eval_every=3)
+    text.eval.update(num_prompts=8, samples_per_prompt=2)
+  return text
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None (the `make demo` study) or ``tiny`` (smoke-test sizes)."""
   config = ml_collections.ConfigDict()
@@ -59,7 +88,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                        kl_range=(0.1, 8.0), num_pairs=10_000, steps=500, eval_every=25,
                        proxy_width=32,
                        d3=dict(num_pairs=2_000, steps=600, eval_every=25))  # full batch
+  config.text = text_config(enabled=False)
   if arg == "tiny":
+    config.text = text_config(enabled=False, tiny=True)
     bandit.world_seeds = (0,)
     bandit.world.update(num_prompts=8, num_candidates=256)
     bandit.proxy.update(steps=50, eval_pairs=500, batch_size=64)

@@ -8,6 +8,14 @@ labelled by the gold reward, deterministically or through Bradley–Terry
 sampling (label noise), as in the synthetic setups of Gao et al. 2022
 ("Scaling Laws for Reward Model Overoptimization", arXiv 2210.10760).
 
+``repeat_penalty`` adds a term that only matters off the typical distribution:
+gold −= repeat_penalty · Σ_c max(0, f_c − repeat_threshold)², f_c the fraction of
+character c in the response. Under near-uniform policies few responses repeat a
+character much, so a reward model learned from such samples sees "more of the
+best characters is better" and little of the saturation; optimising it hard
+finds repetitive responses the gold dislikes (the text world of
+``prefjax.overopt.text_study``).
+
 A proxy with a planted, exploitable feature (``exploit_char``) is provided for
 overoptimization experiments: proxy = gold + exploit_weight · (fraction of the
 exploit character), while the gold reward penalises that character slightly.
@@ -34,6 +42,8 @@ class TinyWorld:
   exploit_char: str = "p"
   exploit_weight: float = 2.0
   exploit_gold_penalty: float = 0.5
+  repeat_threshold: float = 1.0
+  repeat_penalty: float = 0.0
 
   @property
   def char_scores(self) -> dict[str, float]:
@@ -49,6 +59,10 @@ class TinyWorld:
     value = float(np.mean([scores.get(c, -1.0) for c in response]))
     if prompt and response[0] == prompt[0]:
       value += self.echo_bonus
+    if self.repeat_penalty:
+      counts = np.unique(list(response), return_counts=True)[1] / len(response)
+      value -= self.repeat_penalty * float(
+          np.sum(np.maximum(counts - self.repeat_threshold, 0.0) ** 2))
     return value
 
   def proxy_reward(self, prompt: str, response: str) -> float:

@@ -37,17 +37,23 @@ def pair_accuracy(signed_margin: np.ndarray) -> np.ndarray:
   return np.where(signed_margin > 0, 1.0, np.where(signed_margin == 0, 0.5, 0.0))
 
 
-def expected_calibration_error(prob: np.ndarray, label: np.ndarray, num_bins: int = 10) -> float:
-  """ECE = Σ_b (n_b / n)·|mean(label)_b − mean(prob)_b| over equal-width probability bins."""
+def expected_calibration_error(prob: np.ndarray, label: np.ndarray, num_bins: int = 10,
+                               weights: np.ndarray | None = None):
+  """ECE = Σ_b (n_b / n)·|mean(label)_b − mean(prob)_b| over equal-width probability bins.
+
+  Written as Σ_b |Σ_{i∈b} (label_i − prob_i)| / n, so ``weights`` ``[R, N]`` (e.g.
+  bootstrap resample counts) give R weighted ECEs in one product; the result is then
+  an ``[R]`` array, otherwise a float.
+  """
   prob = np.asarray(prob, np.float64)
   label = np.asarray(label, np.float64)
   bins = np.clip((prob * num_bins).astype(int), 0, num_bins - 1)
-  ece = 0.0
-  for b in range(num_bins):
-    sel = bins == b
-    if sel.any():
-      ece += sel.mean() * abs(label[sel].mean() - prob[sel].mean())
-  return float(ece)
+  gaps = np.zeros((prob.size, num_bins))
+  np.add.at(gaps, (np.arange(prob.size), bins), label - prob)
+  if weights is None:
+    return float(np.abs(gaps.sum(axis=0)).sum() / prob.size)
+  weights = np.asarray(weights, np.float64)
+  return np.abs(weights @ gaps).sum(axis=1) / weights.sum(axis=1)
 
 
 def reliability_diagram(prob: np.ndarray, label: np.ndarray, num_bins: int = 10) -> dict[str, list]:
@@ -147,22 +153,23 @@ def ensemble_disagreement(member_margins: np.ndarray) -> Mapping[str, float]:
           "member_sign_disagreement": float(disagree.mean())}
 
 
-def plot_reliability(reliability: Mapping[str, list], path: str, title: str = "") -> None:
-  """Writes a reliability diagram PNG (matplotlib, Agg backend)."""
-  import matplotlib
+def plot_reliability(curves: Mapping[str, Mapping[str, list]], path: str, title: str = "", *,
+                     xlabel: str = "predicted P(chosen ≻ rejected) = σ(Δ)") -> None:
+  """Writes a reliability diagram PNG: one line per ``{label: reliability_diagram(...)}``."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  conf = np.asarray(reliability["confidence"])
-  freq = np.asarray(reliability["frequency"], dtype=float)
-  count = np.asarray(reliability["count"])
-  fig, ax = plt.subplots(figsize=(4, 4))
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(4.8, 4.5))
   ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-  ok = count > 0
-  ax.plot(conf[ok], freq[ok], "o-", label="reward model")
-  ax.set_xlabel("predicted P(chosen ≻ rejected) = σ(Δ)")
+  for name, reliability in curves.items():
+    ok = np.asarray(reliability["count"]) > 0
+    ax.plot(np.asarray(reliability["confidence"])[ok],
+            np.asarray(reliability["frequency"], dtype=float)[ok], "o-", markersize=3,
+            label=name)
+  ax.set_xlabel(xlabel)
   ax.set_ylabel("observed frequency")
-  ax.set_title(title or "reliability")
-  ax.legend(loc="upper left", fontsize=8)
+  ax.set_title(title or "reliability", fontsize=9)
+  ax.legend(loc="upper left", fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -96,21 +96,13 @@ def markdown(report: Mapping[str, Any]) -> str:
 def plot_reliability(signed: Mapping[str, np.ndarray], names: Sequence[str], path: str,
                      title: str, num_bins: int) -> None:
   """Reliability diagram of σ(margin) over both pair orders, one line per scorer."""
-  fig, ax = plt.subplots(figsize=(4.8, 4.5))
-  ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+  curves = {}
   for name in names:
     prob = 1.0 / (1.0 + np.exp(-signed[name]))
-    probs = np.concatenate([prob, 1 - prob])
-    labels = np.concatenate([np.ones_like(prob), np.zeros_like(prob)])
-    rel = preference.reliability_diagram(probs, labels, num_bins)
-    ok = np.asarray(rel["count"]) > 0
-    ax.plot(np.asarray(rel["confidence"])[ok], np.asarray(rel["frequency"])[ok], "o-",
-            markersize=3, label=name)
-  ax.set_xlabel("predicted P(a ≻ b) = σ(r_a − r_b)")
-  ax.set_ylabel("observed frequency")
-  ax.set_title(title, fontsize=9)
-  ax.legend(loc="upper left", fontsize=7)
-  _save(fig, path)
+    curves[name] = preference.reliability_diagram(
+        np.concatenate([prob, 1 - prob]),
+        np.concatenate([np.ones_like(prob), np.zeros_like(prob)]), num_bins)
+  preference.plot_reliability(curves, path, title, xlabel="predicted P(a ≻ b) = σ(r_a − r_b)")
 
 
 def plot_length_bins(section: Mapping[str, Any], names: Sequence[str], path: str) -> None:

@@ -73,20 +73,16 @@ def signed_margins(r_chosen: np.ndarray, r_rejected: np.ndarray,
 
 def two_sided_ece(signed: np.ndarray, counts: np.ndarray | None = None,
                   num_bins: int = 10) -> np.ndarray:
-  """ECE of σ(margin) over both orders of each pair, for each row of ``counts`` ``[R, N]``.
-
-  Σ_b (n_b/n)·|mean(label)_b − mean(prob)_b| = Σ_b |Σ_{i∈b}(label_i − prob_i)| / n, so the
-  per-bin sums of a resample are one product ``counts @ G`` with ``G [N, bins]``.
-  """
+  """ECE of σ(margin) over both orders of each pair, for each row of ``counts`` ``[R, N]``
+  (bootstrap resample counts; None = the sample itself, R = 1)."""
   prob = 1.0 / (1.0 + np.exp(-np.asarray(signed, np.float64)))
-  gaps = np.zeros((prob.size, num_bins))
-  rows = np.arange(prob.size)
-  for p, label in ((prob, 1.0), (1.0 - prob, 0.0)):
-    bins = np.clip((p * num_bins).astype(int), 0, num_bins - 1)
-    np.add.at(gaps, (rows, bins), label - p)
   if counts is None:
     counts = np.ones((1, prob.size))
-  return np.abs(counts @ gaps).sum(axis=1) / (2.0 * counts.sum(axis=1))
+  counts = np.asarray(counts, np.float64)
+  return preference.expected_calibration_error(
+      np.concatenate([prob, 1.0 - prob]),
+      np.concatenate([np.ones_like(prob), np.zeros_like(prob)]), num_bins,
+      weights=np.concatenate([counts, counts], axis=1))
 
 
 def ece_estimate(signed: np.ndarray, counts: np.ndarray, num_bins: int) -> Estimate:

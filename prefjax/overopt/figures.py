@@ -66,13 +66,13 @@ def _save(fig, path: str) -> str:
 
 
 def gold_and_proxy(settings: Sequence[curves_lib.SettingCurves], path: str, *,
-                   title: str) -> str:
+                   title: str, rl_name: str = "RL (KL-regularised path)") -> str:
   """Gao et al. Fig. 1: gold (with fits) and proxy vs √KL, BoN and RL, one line per setting."""
   with_rl = settings[0].rl is not None
   fig, axes = plt.subplots(2 if with_rl else 1, 2, figsize=(11, 8.5 if with_rl else 4.5),
                            squeeze=False)
   for row, method in enumerate(["bon", "rl"][:2 if with_rl else 1]):
-    name = "best-of-n" if method == "bon" else "RL (KL-regularised path)"
+    name = "best-of-n" if method == "bon" else rl_name
     for s, color in zip(settings, _colors(len(settings))):
       curve = getattr(s, method)
       _curve(axes[row, 0], curve, color, s.label)
@@ -204,11 +204,11 @@ def margins(dpo, ipo, path: str) -> str:
   return _save(fig, path)
 
 
-def frontier(dpo, ppo, path: str) -> str:
-  """Rafailov et al. 2023, Fig. 2: gold vs KL, DPO (every evaluation) vs the RL optimum."""
+def frontier(dpo, ppo, path: str, *, rl_label: str = "KL-regularised RL optimum (proxy)",
+             rl_style: str = "k-") -> str:
+  """Rafailov et al. 2023, Fig. 2: gold vs KL, DPO (every evaluation) vs RL."""
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
-  ax.plot(np.asarray(ppo.kl).mean(0), np.asarray(ppo.gold).mean(0), "k-",
-          label="KL-regularised RL optimum (proxy)")
+  ax.plot(np.asarray(ppo.kl).mean(0), np.asarray(ppo.gold).mean(0), rl_style, label=rl_label)
   for k, color in zip(range(len(dpo.betas)), _colors(len(dpo.betas))):
     ax.plot(dpo.kl[k, 1:], dpo.gold[k, 1:], ".", color=color, ms=4,
             label=f"DPO β={dpo.betas[k]:.3g}")

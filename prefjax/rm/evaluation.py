@@ -183,7 +183,8 @@ class RewardModelEvaluator:
       return
     figure = os.path.join(self._workdir, "figures", f"reliability_{step}.png")
     os.makedirs(os.path.dirname(figure), exist_ok=True)
-    evals.plot_reliability(reliability, figure, title=f"reward model, step {step}")
+    evals.plot_reliability({"reward model": reliability}, figure,
+                           title=f"reward model, step {step}")
     summary_lib.write_json(os.path.join(self._workdir, f"eval_{step}.json"),
                            {"step": step, "metrics": metrics, "reliability": reliability,
                             "figure": os.path.relpath(figure, self._workdir)})

@@ -1,0 +1,356 @@
+"""The text world of the overoptimization study, run through the project's binaries.
+
+``run_text_study(config.text, workdir)`` runs, each stage in its own folder under
+``workdir`` (a finished stage writes ``done.json``; a rerun skips it):
+
+1. ``sft``: ``train_sft`` on the chosen responses of gold-labelled world pairs;
+   its HF export is the reference policy π_ref of everything below.
+2. ``pairs``: two π_ref samples for each of N fresh prompts, labelled by the gold
+   reward (deterministically) and written as a ``synthetic:`` dataset: the
+   proxies' training data and the DPO family's.
+3. ``proxies/w{W}``: ``train_rm`` of a byte-level decoder reward model of hidden
+   width W on those pairs (the proxy sizes of Gao et al.).
+4. ``bon/w{W}``: ``best_of_n`` of π_ref against proxy W, scored by the gold.
+5. ``rl/w{W}``: ``train_rl`` (RLOO, sequence-level KL penalty) against proxy W.
+6. ``dpo/{loss}_b{β}``: ``train_dpo`` on the gold-labelled pairs at each β.
+7. Every RL and DPO checkpoint is sampled on the same held-out prompts with the
+   same key (``prefjax.overopt.text_world``): gold, proxy and exact KL per prompt.
+
+Gold and proxies are standardised under π_ref (mean 0, SD 1 over its samples).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from configs.bon import tiny as bon_config
+from configs.dpo import tiny as dpo_config
+from configs.rl import tiny_rloo as rl_config
+from configs.rm import tiny as rm_config
+from configs.sft import tiny as sft_config
+from experiments import best_of_n
+from experiments import train_dpo
+from experiments import train_rl
+from experiments import train_rm
+from experiments import train_sft
+from prefjax import experiment
+from prefjax.data import tokenize as tokenize_lib
+from prefjax.data.tfds_builders import synthetic
+from prefjax.overopt import text_world
+from prefjax.rl import rewards as rl_rewards
+from prefjax.rl import rollout as rollout_lib
+from prefjax.rl import setup
+from prefjax.train import summary as summary_lib
+
+DONE_FILE = "done.json"
+
+
+def _plain(cfg: Any) -> Any:
+  return cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
+
+
+def _digest(*parts: Any) -> str:
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _stage(path: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+  """Runs ``fn`` unless ``path/done.json`` exists; returns what it recorded."""
+  done = os.path.join(path, DONE_FILE)
+  if os.path.exists(done):
+    with open(done) as f:
+      return json.load(f)
+  os.makedirs(path, exist_ok=True)
+  start = time.time()
+  info = dict(fn() or {}, wall_s=None)
+  info["wall_s"] = time.time() - start
+  summary_lib.write_json(done, info)
+  return info
+
+
+class TextWorld:
+  """The study's world, reference policy and rewards, built from ``config.text``."""
+
+  def __init__(self, cfg: Any, workdir: str):
+    self.cfg, self.workdir = cfg, workdir
+    self.world_fields = dict(_plain(cfg.world))
+    self.world = rl_rewards.world_from_config(self.world_fields)
+    self.tokenizer = experiment.make_tokenizer({"path": "byte"})
+    self.sft_dir = os.path.join(workdir, "sft")
+    self.gold = rl_rewards.make_reward({"kind": "tiny_world_gold"}, world=self.world)
+
+  # ------------------------------------------------------------------ model specs
+  def policy_model(self, path: str = "") -> dict[str, Any]:
+    return dict(arch="decoder", preset="tiny_llama", path=path, dtype="float32",
+                overrides=dict(_plain(self.cfg.policy)))
+
+  def reference_path(self) -> str:
+    return os.path.join(self.sft_dir, train_sft.HF_EXPORT_DIR)
+
+  def proxy_model(self, width: int) -> dict[str, Any]:
+    heads = max(1, min(4, width // 4))
+    return dict(arch="decoder", preset="tiny_llama", path="", head="reward",
+                ensemble="heads", pooling="last", dtype="float32",
+                overrides=dict(hidden_size=width, num_layers=int(self.cfg.proxy.num_layers),
+                               num_heads=heads, num_kv_heads=heads, intermediate_size=2 * width,
+                               max_position_embeddings=64))
+
+  def proxy_reward_spec(self, width: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(kind="model", name=f"proxy_w{width}", model=self.proxy_model(width),
+                tokenizer={"path": "byte"}, max_length=32, batch_size=512,
+                checkpoint=os.path.join(self.workdir, "proxies", f"w{width}")))
+
+  def make_policy(self, path: str = ""):
+    return experiment.make_model(self.policy_model(path), vocab_size=self.tokenizer.vocab_size,
+                                 seed=0)
+
+  def eval_prompts(self) -> rollout_lib.Prompts:
+    cfg = self.cfg.eval
+    rng = np.random.default_rng((int(cfg.seed), 7))
+    texts = [self.world.sample_prompt(rng) for _ in range(int(cfg.num_prompts))]
+    return self.encode_prompts(texts)
+
+  def encode_prompts(self, texts: list[str]) -> rollout_lib.Prompts:
+    """As ``train_sft``'s pipeline and ``train_rl`` encode them (BOS + raw prompt)."""
+    ids = [tokenize_lib.encode_prompt(t, self.tokenizer, style="raw") for t in texts]
+    return rollout_lib.encode_prompts(texts, ids, pad_id=self.tokenizer.pad_id, max_length=10)
+
+  # ------------------------------------------------------------------ datasets
+  def world_pairs_dataset(self) -> str:
+    """Gold-labelled uniform world pairs (the SFT data: their chosen responses)."""
+    num, seed = int(self.cfg.sft.num_pairs), int(self.cfg.sft.data_seed)
+    name = f"textworld-sft-{_digest(self.world_fields, num, seed)}"
+    if not (synthetic.synthetic_root() / name / synthetic.METADATA_FILE).exists():
+      rows = list(self.world.preference_pairs(num, seed=seed))
+      synthetic.write_synthetic_dataset(name, rows, label_noise=0.0, gold_name="text_world",
+                                        meta=dict(world=self.world_fields, seed=seed))
+    return f"synthetic:{name}"
+
+  def policy_pairs(self) -> dict[str, Any]:
+    """Two π_ref samples per prompt, gold-labelled; pairs with an empty response, two
+    identical responses or equal gold are counted and dropped. Written as a ``synthetic:`` dataset; returns its name and counts."""
+    cfg = self.cfg.pairs
+    policy = self.make_policy(self.reference_path())
+    rng = np.random.default_rng((int(cfg.seed), 11))
+    num_prompts = int(cfg.num_pairs)
+    texts = [self.world.sample_prompt(rng) for _ in range(num_prompts)]
+    prompts = self.encode_prompts(texts)
+    rows, skipped = [], {"empty": 0, "identical": 0, "gold_tie": 0}
+    chunk = 1024
+    for start in range(0, num_prompts, chunk):
+      part = rollout_lib.Prompts(prompts.texts[start:start + chunk],
+                                 prompts.tokens[start:start + chunk],
+                                 prompts.mask[start:start + chunk]).repeat(2)
+      out = rollout_lib.sample(policy, part, jax.random.key(int(cfg.seed) * 7919 + start),
+                               tokenizer=self.tokenizer, max_new_tokens=14)
+      gold = self.gold(out.prompts, out.responses)
+      for i in range(0, len(out.responses), 2):
+        a, b, ga, gb = out.responses[i], out.responses[i + 1], gold[i], gold[i + 1]
+        if not a or not b:
+          skipped["empty"] += 1
+        elif a == b:
+          skipped["identical"] += 1
+        elif ga == gb:
+          skipped["gold_tie"] += 1
+        else:
+          (c, gc), (r, gr) = sorted([(a, ga), (b, gb)], key=lambda x: -x[1])
+          rows.append({"prompt": out.prompts[i], "chosen": c, "rejected": r,
+                       "meta": {"gold_chosen": gc, "gold_rejected": gr}})
+      logging.info("text world pairs: %d/%d prompts sampled", min(start + chunk, num_prompts),
+                   num_prompts)
+    name = f"textworld-pairs-{_digest(rows)}"
+    synthetic.write_synthetic_dataset(name, rows, label_noise=0.0, gold_name="text_world",
+                                      meta=dict(world=self.world_fields, policy="sft",
+                                                skipped=skipped))
+    logging.info("text world pairs: %d pairs, skipped %s", len(rows), skipped)
+    return {"dataset": f"synthetic:{name}", "num_pairs": len(rows), "skipped": skipped}
+
+  # ------------------------------------------------------------------ binary configs
+  def sft_config(self):
+    c = sft_config.get_config()
+    c.model.update(self.policy_model())
+    c.data.name = self.world_pairs_dataset()
+    c.data.pipeline.max_length = 32
+    c.loop.num_steps = c.optimizer.total_steps = int(self.cfg.sft.steps)
+    c.loop.eval_every = c.loop.checkpoint_every = int(self.cfg.sft.steps)
+    return c
+
+  def rm_config(self, width: int, dataset: str):
+    c = rm_config.get_config()
+    c.model.update(self.proxy_model(width))
+    c.data.name = dataset
+    c.data.pipeline.batch_size = int(self.cfg.proxy.batch_size)
+    c.loop.num_steps = int(self.cfg.proxy.steps)
+    c.loop.eval_every = c.loop.checkpoint_every = int(self.cfg.proxy.steps)
+    c.seed = c.loop.seed = int(self.cfg.proxy.seed)
+    return c
+
+  def _policy_side(self, c) -> None:
+    c.model.update(self.policy_model(self.reference_path()))
+    c.world.update(self.world_fields)
+    c.warm_start.steps = 0
+
+  def bon_config(self, width: int):
+    c = bon_config.get_config()
+    self._policy_side(c)
+    c.proxy = self.proxy_reward_spec(width)
+    c.prompts.num_eval = int(self.cfg.bon.num_prompts)
+    c.bon.num_samples = int(self.cfg.bon.num_samples)
+    c.bon.num_points = int(self.cfg.bon.num_points)
+    c.bon.prompts_per_batch = max(1, 4096 // int(self.cfg.bon.num_samples))
+    return c
+
+  def rl_config(self, width: int):
+    cfg = self.cfg.rl
+    c = rl_config.get_config()
+    self._policy_side(c)
+    c.proxy = self.proxy_reward_spec(width)
+    c.rl.algorithm = str(cfg.algorithm)
+    c.rl.kl_coef = float(cfg.kl_coef)
+    c.loop.num_steps = int(cfg.steps)
+    c.loop.eval_every = int(cfg.steps)       # its own eval once; checkpoints are evaluated here
+    c.loop.checkpoint_every = int(cfg.eval_every)
+    c.loop.keep_checkpoints = 10_000
+    c.prompts.num_eval = 16
+    c.log_train_gold = False
+    return c
+
+  def dpo_config(self, loss: str, beta: float, dataset: str):
+    cfg = self.cfg.dpo
+    c = dpo_config.get_config()
+    c.model.update(self.policy_model(self.reference_path()))
+    c.data.name = dataset
+    c.loss.name, c.loss.beta = loss, float(beta)
+    c.ref.mode = "cached"
+    c.ref.cache_dir = os.path.join(self.workdir, "dpo", "ref_cache")
+    c.loop.num_steps = int(cfg.steps)
+    c.loop.eval_every = 0
+    c.loop.checkpoint_every = int(cfg.eval_every)
+    c.loop.keep_checkpoints = 10_000
+    c.optimizer.learning_rate = float(cfg.learning_rate)
+    return c
+
+  # ------------------------------------------------------------------ evaluation
+  def evaluator(self, proxies: dict[str, rl_rewards.PairReward]):
+    prompts, cfg = self.eval_prompts(), self.cfg.eval
+    reference = self.make_policy(self.reference_path())
+    rewards = {"gold": self.gold, **proxies}
+
+    def evaluate(policy) -> dict[str, np.ndarray]:
+      return text_world.evaluate_policy(
+          policy, reference, prompts, jax.random.key(int(cfg.seed)), tokenizer=self.tokenizer,
+          rewards=rewards, max_new_tokens=14,
+          samples_per_prompt=int(cfg.samples_per_prompt))
+    return evaluate, reference
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def _load_samples(bon_dir: str) -> dict[str, np.ndarray]:
+  with np.load(os.path.join(bon_dir, best_of_n.SAMPLES_FILE)) as f:
+    return {k: f[k] for k in f.files}
+
+
+def _trajectory(run_dir: str, cache: str, make_model, evaluate, reference, *,
+                trainable=None, policy_of=lambda model: model) -> text_world.Trajectory:
+  """Evaluates a run's checkpoints once; the arrays are cached in ``cache`` (.npz)."""
+  if os.path.exists(cache):
+    with np.load(cache) as f:
+      return text_world.Trajectory(f["steps"], {k[3:]: f[k] for k in f.files
+                                                if k.startswith("pp_")})
+  load = text_world.policy_loader(make_model, run_dir, trainable=trainable)
+  traj = text_world.checkpoint_trajectory(run_dir, lambda step: policy_of(load(step)),
+                                          reference, evaluate)
+  np.savez(cache + ".tmp.npz", steps=traj.steps,
+           **{f"pp_{k}": v for k, v in traj.per_prompt.items()})
+  os.replace(cache + ".tmp.npz", cache)
+  return traj
+
+
+def _rl_policy(tw: TextWorld, config):
+  """The RL bundle (policy + frozen reference [+ value]) whose checkpoint holds the policy."""
+  def make():
+    policy = tw.make_policy(tw.reference_path())
+    bundle = rollout_lib.build_bundle(policy, with_value=config.rl.algorithm == "ppo",
+                                      value_trunk=config.rl.value_trunk, seed=0)
+    return bundle
+  return make
+
+
+def run_text_study(cfg: Any, workdir: str, progress_cls) -> dict[str, Any]:
+  """Runs every stage (skipping finished ones) and returns the raw results:
+  ``scales``, ``bon`` (width -> samples), ``rl`` (width -> Trajectory), ``dpo``
+  ((loss, β) -> Trajectory), ``proxy_stats`` and ``pairs``."""
+  tw = TextWorld(cfg, workdir)
+  widths = [int(w) for w in cfg.proxy.widths]
+  rl_widths = [int(w) for w in cfg.rl.widths]
+  dpo_runs = [(str(loss), float(b)) for loss in cfg.dpo.losses for b in cfg.dpo.betas]
+  progress = progress_cls("text world", 2 + 2 * len(widths) + 2 * len(rl_widths)
+                          + 2 * len(dpo_runs))
+  info = _stage(tw.sft_dir, lambda: _run_binary(train_sft.run, tw.sft_config(), tw.sft_dir))
+  progress.step(f"SFT reference policy ({info['wall_s']:.0f} s)")
+  pairs = _stage(os.path.join(workdir, "pairs"), tw.policy_pairs)
+  progress.step(f"{pairs['num_pairs']} gold-labelled π_ref pairs")
+  proxy_stats = []
+  for w in widths:
+    path = os.path.join(workdir, "proxies", f"w{w}")
+    info = _stage(path, lambda: _run_binary(train_rm.run, tw.rm_config(w, pairs["dataset"]),
+                                            path))
+    proxy_stats.append(dict(width=w, **info))
+    progress.step(f"proxy width {w}: held-out accuracy {info.get('accuracy', float('nan')):.3f}")
+  bon = {}
+  for w in widths:
+    path = os.path.join(workdir, "bon", f"w{w}")
+    _stage(path, lambda: _run_binary(best_of_n.run, tw.bon_config(w), path))
+    bon[w] = _load_samples(path)
+    progress.step(f"best-of-n against proxy width {w}")
+  gold_scale = text_world.GoldScale.fit(bon[widths[0]]["gold"])
+  scales = {"gold": gold_scale}
+  scales.update({f"proxy_w{w}": text_world.GoldScale.fit(bon[w]["proxy"]) for w in widths})
+  proxies = {f"proxy_w{w}": rl_rewards.make_reward(tw.proxy_reward_spec(w))
+             for w in sorted(set(rl_widths) | {max(widths)})}
+  evaluate, reference = tw.evaluator(proxies)
+  rl = {}
+  for w in rl_widths:
+    path = os.path.join(workdir, "rl", f"w{w}")
+    config = tw.rl_config(w)
+    _stage(path, lambda: _run_binary(train_rl.run, config, path))
+    progress.step(f"RL ({cfg.rl.algorithm}) against proxy width {w}")
+    traj = _trajectory(path, os.path.join(path, "trajectory.npz"), _rl_policy(tw, config),
+                       evaluate, reference, trainable=rollout_lib.TRAINABLE,
+                       policy_of=lambda bundle: bundle.policy)
+    rl[w] = text_world.standardized(traj, scales)
+    progress.step(f"RL width {w}: {len(traj.steps)} checkpoints evaluated")
+  dpo = {}
+  for loss, beta in dpo_runs:
+    path = os.path.join(workdir, "dpo", f"{loss}_b{beta:g}")
+    _stage(path, lambda: _run_binary(train_dpo.run, tw.dpo_config(loss, beta, pairs["dataset"]),
+                                     path))
+    progress.step(f"{loss} β={beta:g}")
+    traj = _trajectory(path, os.path.join(path, "trajectory.npz"),
+                       lambda: tw.make_policy(tw.reference_path()), evaluate, reference)
+    dpo[(loss, beta)] = text_world.standardized(traj, scales)
+    progress.step(f"{loss} β={beta:g}: {len(traj.steps)} checkpoints evaluated")
+  return {"scales": scales, "bon": bon, "rl": rl, "dpo": dpo, "proxy_stats": proxy_stats,
+          "pairs": pairs, "widths": widths, "world": tw.world_fields}
+
+
+def _run_binary(run: Callable[[Any, str], Any], config: Any, workdir: str) -> dict[str, Any]:
+  """Runs a binary's ``run(config, workdir)`` in-process; returns its held-out accuracy
+  when it reports one (``train_rm``)."""
+  logging.info("text world: %s -> %s", run.__module__, workdir)
+  out = run(config, workdir)
+  metrics = out.get("eval") if isinstance(out, dict) else None
+  for name, value in (metrics or {}).items():
+    if name.endswith("accuracy"):
+      return {"accuracy": float(value)}
+  return {}

@@ -1,0 +1,170 @@
+"""Curves, criteria and figures of the text world (``experiments/text_study.py``).
+
+The text world carries the direct-alignment results (D1, D2: DPO / IPO / SLiC
+trained by ``train_dpo`` on gold-labelled pairs of π_ref samples; P1: DPO vs RL
+trained by ``train_rl`` against a learned proxy) and repeats Gao et al.'s
+best-of-n and RL results with transformer proxies trained by ``train_rm``
+(criteria suffixed ``-text``). Every number is in gold standard deviations under
+π_ref, with π_ref at 0; standard errors bootstrap over the held-out prompts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from prefjax.overopt import bon
+from prefjax.overopt import criteria as C
+from prefjax.overopt import curves as curves_lib
+from prefjax.overopt import direct_criteria
+from prefjax.overopt import direct_study
+from prefjax.overopt import exact
+from prefjax.overopt import figures
+from prefjax.overopt import text_world
+
+WORLD = "text"
+
+
+def bon_curve(samples: Mapping[str, np.ndarray], scales: Mapping[str, text_world.GoldScale],
+              proxy_name: str, num_points: int, num_bootstrap: int) -> bon.Curve:
+  """Unbiased best-of-n estimate over the ``[P, N]`` π_ref samples of ``best_of_n``
+  (KL = log n − (n−1)/n), in standardised units."""
+  proxy = scales[proxy_name](samples["proxy"])
+  gold = scales["gold"](samples["gold"])
+  ns = bon.log_spaced_ns(proxy.shape[1], num_points)
+  return bon.unbiased_best_of_n(proxy - proxy.mean(), gold - gold.mean(), ns,
+                                num_bootstrap=num_bootstrap)
+
+
+def trajectory_curve(traj: text_world.Trajectory, proxy_name: str,
+                     num_bootstrap: int) -> bon.Curve:
+  """A training run's checkpoints as a curve (knob = step)."""
+  pp = traj.per_prompt
+  return bon.summarize(traj.steps, pp["kl"].T, pp[proxy_name].T, pp["gold"].T,
+                       num_bootstrap=num_bootstrap)
+
+
+def setting(label: str, bon_c: bon.Curve, rl_c: bon.Curve | None,
+            num_bootstrap: int) -> curves_lib.SettingCurves:
+  return curves_lib.SettingCurves(
+      label, bon_c, rl_c, [bon_c], curves_lib.fit_curve("bon", bon_c, num_bootstrap),
+      None if rl_c is None else curves_lib.fit_curve("rl", rl_c, num_bootstrap))
+
+
+def daa_sweep(loss: str, runs: Mapping[float, text_world.Trajectory]) -> direct_study.DaaSweep:
+  """The runs of one loss across β as a ``DaaSweep`` (no margins: D3 lives in the bandit)."""
+  betas = np.array(sorted(runs))
+  trajs = [runs[b] for b in betas]
+  kl = text_world.sweep_arrays(trajs, "kl")
+  gold = text_world.sweep_arrays(trajs, "gold")
+  return direct_study.DaaSweep(
+      loss=loss, betas=betas, steps=trajs[0].steps, kl=kl.mean(-1), gold=gold.mean(-1),
+      margin=np.full(kl.shape[:2], np.nan), per_prompt_kl=kl, per_prompt_gold=gold,
+      wall_s=np.zeros(len(betas)))
+
+
+def as_scores(traj: text_world.Trajectory, proxy_name: str) -> exact.ExactScores:
+  """A trajectory as ``[P, T]`` per-prompt scores (the RL side of P1)."""
+  pp = traj.per_prompt
+  return exact.ExactScores(pp[proxy_name].T, pp["gold"].T, pp["kl"].T,
+                           np.ones_like(pp["kl"].T))
+
+
+def _renamed(c: C.Criterion, name: str) -> C.Criterion:
+  c.name, c.world = name, WORLD
+  return c
+
+
+def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
+                  num_bootstrap: int = 1000) -> tuple[list[C.Criterion], dict[str, str],
+                                                       dict[str, Any]]:
+  """Figures and criteria of the text world; also returns the curves for the report."""
+  scales, widths = results["scales"], list(results["widths"])
+  points = int(cfg.bon.num_points)
+  bon_settings = [setting(f"w{w}", bon_curve(results["bon"][w], scales, f"proxy_w{w}", points,
+                                             num_bootstrap), None, num_bootstrap)
+                  for w in widths]
+  rl_settings = [setting(f"w{w}", bon_settings[widths.index(w)].bon,
+                         trajectory_curve(traj, f"proxy_w{w}", num_bootstrap), num_bootstrap)
+                 for w, traj in sorted(results["rl"].items())]
+  path = lambda name: os.path.join(fig_dir, name)
+  algo = str(cfg.rl.algorithm).upper()
+  figs = {
+      "text_bon": figures.gold_and_proxy(
+          bon_settings, path("text_bon_sizes.png"),
+          title="Text world: best-of-n of the SFT policy by proxy width (±1 SE)"),
+      "text_fits": figures.fit_coefficients(widths, bon_settings, path("text_fit_sizes.png"),
+                                            xlabel="proxy width (hidden units)",
+                                            title="Text world: best-of-n fit vs proxy size"),
+      "text_rl": figures.gold_and_proxy(
+          rl_settings, path("text_rl.png"), rl_name=f"{algo} along training",
+          title=f"Text world: best-of-n and {algo} (train_rl) against the same proxies"),
+  }
+  sweeps = {}
+  for (loss, beta), traj in results["dpo"].items():
+    sweeps.setdefault(loss, {})[beta] = traj
+  sweeps = {loss: daa_sweep(loss, runs) for loss, runs in sweeps.items()}
+  figs["text_direct"] = figures.direct_sweeps(sweeps, path("text_daa_gold_vs_kl.png"))
+  ppo_width = max(results["rl"])
+  ppo = as_scores(results["rl"][ppo_width], f"proxy_w{ppo_width}")
+  if "dpo" in sweeps:
+    figs["text_frontier"] = figures.frontier(
+        sweeps["dpo"], ppo, path("text_dpo_vs_rl_frontier.png"),
+        rl_label=f"{algo} against proxy w{ppo_width} (checkpoints)", rl_style="k.-")
+  rel = {k: os.path.join("figures", os.path.basename(v)) for k, v in figs.items()}
+  smallest = bon_settings[:min(2, len(bon_settings))]
+  found = [
+      _renamed(C.g1(smallest, rel["text_bon"]), "G1-text"),
+      _renamed(C.g2(bon_settings, rel["text_bon"]), "G2-text"),
+      _renamed(C.g3(widths, bon_settings, rel["text_fits"]), "G3-text"),
+      _renamed(C.r2(rl_settings[:1], rel["text_rl"]), "R2-text"),
+      _renamed(C.r4(rl_settings, rel["text_rl"]), "R4-text"),
+  ]
+  d1 = {n: direct_criteria.criterion_d1(s, num_bootstrap=num_bootstrap)
+        for n, s in sweeps.items()}
+  d2 = {n: direct_criteria.criterion_d2(s, num_bootstrap=num_bootstrap)
+        for n, s in sweeps.items()}
+  found.append(C.Criterion("D1", all(r["pass"] for r in d1.values()), d1,
+                           "every loss: interior argmax and rmse_rl < rmse_quadratic_kl",
+                           "; ".join(r["detail"] for r in d1.values()), rel["text_direct"],
+                           world=WORLD))
+  found.append(C.Criterion("D2", all(r["pass"] for r in d2.values()), d2,
+                           "every loss at its smallest β",
+                           "; ".join(r["detail"] for r in d2.values()), rel["text_direct"],
+                           world=WORLD))
+  if "dpo" in sweeps:
+    for name, match in (("P1", "bin"), ("P1_kl_matched", "interpolate")):
+      r = direct_criteria.criterion_p1(sweeps["dpo"], ppo, match=match,
+                                       num_bootstrap=num_bootstrap)
+      found.append(C.Criterion(name, r["pass"], r["value"], r["threshold"], r["detail"],
+                               rel["text_frontier"], world=WORLD))
+  curves = {"bon": bon_settings, "rl": rl_settings, "sweeps": sweeps}
+  return found, rel, curves
+
+
+def report_section(results: Mapping[str, Any], curves: Mapping[str, Any],
+                   figs: Mapping[str, str]) -> list[str]:
+  """Markdown of the text world: what was run, proxies, fits, figures."""
+  pairs = results["pairs"]
+  md = ["## The text world", "",
+        "A byte-level decoder SFT'd by `train_sft` on the tiny text world is π_ref. Gold: "
+        "mean character score + echo bonus − a penalty on any character past "
+        f"{results['world']['repeat_threshold']:.0%} of the response "
+        f"(×{results['world']['repeat_penalty']:g}, squared). Proxies: decoder reward "
+        f"models trained by `train_rm` on {pairs['num_pairs']} gold-labelled pairs of π_ref "
+        f"samples (dropped: {pairs['skipped']}). Best-of-n by `best_of_n`, RL by "
+        "`train_rl`, the DPO family by `train_dpo` on the same pairs; every RL and DPO "
+        "checkpoint sampled on the same held-out prompts with the same key.", "",
+        "| proxy width | held-out pair accuracy | BoN α | BoN β | R² | training s |",
+        "|---:|---:|---:|---:|---:|---:|"]
+  for stats, s in zip(results["proxy_stats"], curves["bon"]):
+    md.append(f"| {stats['width']} | {stats.get('accuracy', float('nan')):.3f} | "
+              f"{s.fit_bon.alpha:.3f} | {s.fit_bon.beta:.3f} | {s.fit_bon.r2:.3f} | "
+              f"{stats.get('wall_s', 0):.0f} |")
+  md.append("")
+  for key in ("text_bon", "text_rl", "text_direct", "text_frontier"):
+    if key in figs:
+      md += [f"![{key}]({figs[key]})", ""]
+  return md

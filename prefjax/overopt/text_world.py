@@ -1,0 +1,155 @@
+"""The text world of the overoptimization study: evaluating trained policies on it.
+
+The text world is the tiny text world (``prefjax.data.tiny_world``) with a gold
+reward that saturates: ``repeat_penalty`` makes responses that repeat one
+character past ``repeat_threshold`` of their length worse, although every
+character's own score is unchanged. A byte-level decoder SFT'd on the world is
+the reference policy π_ref; proxies are decoder reward models trained by
+``train_rm`` on gold-labelled pairs of π_ref samples; policies are optimised
+against them (best-of-n, RLOO/PPO) or on the pairs directly (DPO / IPO / SLiC).
+``experiments/text_study.py`` runs those binaries; this module holds what
+turns their outputs into curves:
+
+* :func:`evaluate_policy` samples the SAME held-out prompts from a policy with a
+  fixed key (common random numbers across checkpoints and methods) and returns
+  per-prompt gold, proxy scores and the exact sequence KL to the reference,
+  Σ_t KL(π(·|y<t) ‖ π_ref(·|y<t)) along each sample (full vocabulary: bytes);
+* :class:`GoldScale` standardises gold (and proxies) under π_ref: mean 0 and
+  standard deviation 1 over reference samples, as in the bandit world;
+* :func:`checkpoint_trajectory` evaluates every checkpoint of a run, giving the
+  ``[T, P]`` arrays the RL and DPO criteria bootstrap over prompts.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from prefjax import train
+from prefjax.rl import rewards as rl_rewards
+from prefjax.rl import rollout as rollout_lib
+from prefjax.train import checkpoint as checkpoint_lib
+
+
+class GoldScale(NamedTuple):
+  """Affine standardisation of one reward under π_ref: (raw − mean) / sd."""
+  mean: float
+  sd: float
+
+  @classmethod
+  def fit(cls, reference_scores: np.ndarray) -> "GoldScale":
+    scores = np.asarray(reference_scores, np.float64).ravel()
+    sd = float(scores.std())
+    if not np.isfinite(sd) or sd <= 0:
+      raise ValueError(f"reference scores have standard deviation {sd}: cannot standardise")
+    return cls(float(scores.mean()), sd)
+
+  def __call__(self, raw: np.ndarray) -> np.ndarray:
+    return (np.asarray(raw, np.float64) - self.mean) / self.sd
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _sequence_kl(graphdef, state, tokens, attention_mask, loss_mask) -> jax.Array:
+  bundle = nnx.merge(graphdef, state)
+  stats = rollout_lib.token_stats(bundle, tokens, attention_mask, loss_mask, full_vocab=True)
+  return jnp.sum(stats.exact_kl, axis=-1)
+
+
+def evaluate_policy(policy: nnx.Module, reference: nnx.Module, prompts: rollout_lib.Prompts,
+                    key: jax.Array, *, tokenizer: Any,
+                    rewards: Mapping[str, rl_rewards.PairReward], max_new_tokens: int,
+                    samples_per_prompt: int, temperature: float = 1.0) -> dict[str, np.ndarray]:
+  """Per-prompt means ``[P]`` of every reward in ``rewards`` and of the exact sequence KL.
+
+  ``samples_per_prompt`` responses per prompt are drawn with ``key`` (pass the
+  same key to every policy compared). Also returns ``response_length``.
+  """
+  if samples_per_prompt < 1:
+    raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+  rollout = rollout_lib.sample(policy, prompts.repeat(samples_per_prompt), key,
+                               tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                               temperature=temperature)
+  graphdef, state = nnx.split(rollout_lib.PolicyBundle(policy, reference, None))
+  kl = np.asarray(_sequence_kl(graphdef, state, rollout.tokens, rollout.attention_mask,
+                               rollout.loss_mask), np.float64)
+  per_sample = {"kl": np.maximum(kl, 0.0), "response_length": rollout.lengths}
+  for name, reward in rewards.items():
+    per_sample[name] = reward(rollout.prompts, rollout.responses)
+  shape = (len(prompts.texts), samples_per_prompt)
+  return {name: np.asarray(v, np.float64).reshape(shape).mean(axis=1)
+          for name, v in per_sample.items()}
+
+
+class Trajectory(NamedTuple):
+  """A run's checkpoints evaluated on the held-out prompts: ``[T, P]`` per reward."""
+  steps: np.ndarray                   # [T], 0 = the reference policy
+  per_prompt: dict[str, np.ndarray]   # name -> [T, P]
+
+  def mean(self, name: str) -> np.ndarray:
+    return self.per_prompt[name].mean(axis=1)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints directory in {workdir}")
+  ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
+  try:
+    return ckpt.all_steps()
+  finally:
+    ckpt.close()
+
+
+def checkpoint_trajectory(workdir: str, load: Callable[[int], nnx.Module],
+                          reference: nnx.Module, evaluate: Callable[..., dict[str, np.ndarray]],
+                          *, include_reference: bool = True) -> Trajectory:
+  """Evaluates the reference (step 0) and the policy ``load(step)`` of every checkpoint."""
+  steps = checkpoint_steps(workdir)
+  rows, evaluated = [], []
+  if include_reference:
+    rows.append(evaluate(reference))
+    evaluated.append(0)
+  for step in steps:
+    rows.append(evaluate(load(step)))
+    evaluated.append(step)
+    logging.info("evaluated %s step %d: KL %.2f, gold %.3f", os.path.basename(workdir), step,
+                 rows[-1]["kl"].mean(), rows[-1].get("gold", np.zeros(1)).mean())
+  names = rows[0].keys()
+  return Trajectory(np.asarray(evaluated), {n: np.stack([r[n] for r in rows]) for n in names})
+
+
+def policy_loader(make_policy: Callable[[], nnx.Module], workdir: str, *,
+                  trainable: Any = None) -> Callable[[int], nnx.Module]:
+  """``step -> policy`` with the parameters a ``train_loop`` run saved at that step."""
+  def load(step: int) -> nnx.Module:
+    model = make_policy()
+    kwargs = {} if trainable is None else {"trainable": trainable}
+    return train.load_params(workdir, model, step=int(step), **kwargs)
+  return load
+
+
+def standardized(traj: Trajectory, scales: Mapping[str, GoldScale]) -> Trajectory:
+  """Rewards in reference-SD units, shifted so the reference policy (step 0) scores 0
+  on each prompt's own samples (the common-random-number baseline)."""
+  out = dict(traj.per_prompt)
+  for name, scale in scales.items():
+    if name not in out:
+      continue
+    values = scale(traj.per_prompt[name])
+    out[name] = values - values[:1] if traj.steps[0] == 0 else values
+  return Trajectory(traj.steps, out)
+
+
+def sweep_arrays(trajectories: Sequence[Trajectory], field: str) -> np.ndarray:
+  """``[K, T, P]`` from K trajectories evaluated at the same steps."""
+  steps = [tuple(t.steps) for t in trajectories]
+  if len(set(steps)) != 1:
+    raise ValueError(f"trajectories were evaluated at different steps: {steps}")
+  return np.stack([t.per_prompt[field] for t in trajectories])

@@ -1,0 +1,71 @@
+"""The text world's gold and its policy evaluation (common random numbers, exact KL)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from prefjax import experiment
+from prefjax.data import tiny_world
+from prefjax.models import decoder
+from prefjax.overopt import text_world
+from prefjax.rl import rewards as rl_rewards
+from prefjax.rl import rollout as rollout_lib
+
+
+def test_repeat_penalty_against_hand_computation():
+  world = tiny_world.TinyWorld(seed=0, repeat_threshold=0.25, repeat_penalty=20.0, echo_bonus=0.0)
+  plain = tiny_world.TinyWorld(seed=0, echo_bonus=0.0)
+  scores = world.char_scores
+  # "aaab": f_a = 0.75, f_b = 0.25 -> penalty 20 * 0.5² = 5; b sits exactly at the threshold.
+  expected = (3 * scores["a"] + scores["b"]) / 4 - 20.0 * 0.5**2
+  assert world.gold_reward("x", "aaab") == pytest.approx(expected, abs=1e-12)
+  # No character past a quarter: no penalty, the plain world's value.
+  assert world.gold_reward("x", "abcd") == pytest.approx(plain.gold_reward("x", "abcd"), abs=1e-12)
+
+
+def test_gold_scale_and_standardized_trajectory():
+  raw = np.array([1.0, 2.0, 3.0, 6.0])
+  scale = text_world.GoldScale.fit(raw)
+  np.testing.assert_allclose(scale(raw), (raw - 3.0) / np.sqrt(3.5), rtol=1e-12)
+  with pytest.raises(ValueError, match="standard deviation"):
+    text_world.GoldScale.fit(np.ones(3))
+  traj = text_world.Trajectory(np.array([0, 5]), {"gold": np.array([[1.0, 2.0], [4.0, 2.0]]),
+                                                  "kl": np.array([[0.0, 0.0], [1.0, 2.0]])})
+  out = text_world.standardized(traj, {"gold": scale, "absent": scale})
+  # Each prompt's reference score is subtracted: step 0 is exactly 0, step 5 the paired change.
+  np.testing.assert_allclose(out.per_prompt["gold"], [[0, 0], [3 / np.sqrt(3.5), 0]], atol=1e-12)
+  np.testing.assert_array_equal(out.per_prompt["kl"], traj.per_prompt["kl"])
+  with pytest.raises(ValueError, match="different steps"):
+    text_world.sweep_arrays([traj, traj._replace(steps=np.array([0, 6]))], "gold")
+
+
+def _policy(seed: int) -> nnx.Module:
+  cfg = decoder.DecoderConfig.tiny_llama(vocab_size=259)
+  return decoder.Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def test_evaluate_policy_common_random_numbers_and_exact_kl():
+  tokenizer = experiment.make_tokenizer({"path": "byte"})
+  world = tiny_world.TinyWorld(seed=0)
+  gold = rl_rewards.tiny_world_reward(world, "gold")
+  texts = ["abc", "hello", "p"]
+  prompts = rollout_lib.encode_prompts(texts, [tokenizer.encode(t) for t in texts],
+                                       pad_id=tokenizer.pad_id, max_length=8)
+  policy, other = _policy(0), _policy(1)
+  kwargs = dict(tokenizer=tokenizer, rewards={"gold": gold}, max_new_tokens=6,
+                samples_per_prompt=2)
+  key = jax.random.key(3)
+  same = text_world.evaluate_policy(policy, policy, prompts, key, **kwargs)
+  assert same["kl"].shape == (3,) and np.abs(same["kl"]).max() < 1e-5   # π = π_ref
+  again = text_world.evaluate_policy(policy, other, prompts, key, **kwargs)
+  np.testing.assert_array_equal(again["gold"], same["gold"])    # same key, same samples
+  assert (again["kl"] > 0.01).all()
+  # The gold reported is the world's gold of the sampled responses, averaged per prompt.
+  rollout = rollout_lib.sample(policy, prompts.repeat(2), key, tokenizer=tokenizer,
+                               max_new_tokens=6)
+  by_hand = np.array([world.gold_reward(p, r) for p, r in zip(rollout.prompts,
+                                                             rollout.responses)])
+  np.testing.assert_allclose(same["gold"], by_hand.reshape(3, 2).mean(1), rtol=1e-6)  # float32 path
