@@ -67,7 +67,7 @@ def sample_and_score(config: Any, workdir: str | None = None) -> dict[str, np.nd
   num_prompts, n = len(prompts.texts), int(config.bon.num_samples)
   chunk = int(config.bon.prompts_per_batch)
   key = jax.random.key(int(config.seed))
-  proxy_scores, gold_scores, harm_scores, lengths = [], [], [], []
+  proxy_scores, gold_scores, harm_scores, world_harm, lengths = [], [], [], [], []
   for start in range(0, num_prompts, chunk):
     idx = np.resize(np.arange(start, min(start + chunk, num_prompts)), chunk)  # fixed shape
     part = rollout_lib.Prompts([prompts.texts[i] for i in idx], prompts.tokens[idx],
@@ -80,6 +80,9 @@ def sample_and_score(config: Any, workdir: str | None = None) -> dict[str, np.nd
     lengths.append(rollout.lengths[:real])
     if harm is not None:
       harm_scores.append(harm(rollout.prompts[:real], rollout.responses[:real]))
+      if world is not None:  # the programmatic harm, beside a learned filter's scores
+        world_harm.append(safety_runtime.tiny_world_harm(world)(rollout.prompts[:real],
+                                                                rollout.responses[:real]))
     logging.info("best_of_n: scored %d/%d prompts", min(start + chunk, num_prompts),
                  num_prompts)
   shape = (num_prompts, n)
@@ -89,6 +92,8 @@ def sample_and_score(config: Any, workdir: str | None = None) -> dict[str, np.nd
   if harm is not None:
     out.update(harm=np.concatenate(harm_scores).reshape(shape),
                harm_threshold=np.float64(threshold))
+  if world_harm:
+    out["world_harm"] = np.concatenate(world_harm).reshape(shape)
   return out
 
 
@@ -164,7 +169,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   if "harm" in samples:
     result["safety_filter"] = filtered.filter_report(
         samples["proxy"], samples["gold"], samples["harm"], float(samples["harm_threshold"]),
-        result["n"])
+        result["n"], {k: samples[k] for k in ("world_harm",) if k in samples})
   data = experiment.read_data_report(workdir)
   if data is not None:
     result["data"] = data

@@ -16,9 +16,10 @@ training labels), through ``prefjax.train.train_loop`` (resume, checkpoints,
 metrics.jsonl). The evaluator reports validation ROC-AUC at every eval.
 
 At the end: the threshold is the lowest validation score whose precision is ≥
-``safety.target_precision`` (``safety.on_unreachable``: ``error`` stops with the best
-precision reached; ``max_precision`` keeps the most precise threshold and records a
-notice). Outputs besides the usual workdir files: ``threshold.json``,
+``safety.target_precision`` among those flagging at least ``safety.min_flagged``
+validation examples (``safety.on_unreachable``: ``error`` stops with the best precision
+reached; ``max_precision`` keeps the most precise threshold and records a notice).
+Outputs besides the usual workdir files: ``threshold.json``,
 ``safety_report.json`` (validation and test ROC-AUC, precision, recall, FPR and
 accuracy at the threshold, each with a 95% pair-bootstrap interval) and the same
 under ``safety`` in ``summary.json``. A rerun of a finished workdir only
@@ -47,8 +48,8 @@ from prefjax.feedback import safety_runtime
 from prefjax.rm import labels
 from prefjax.train import summary as summary_lib
 
-SAFETY_FIELDS = ("pos_weight", "target_precision", "on_unreachable", "num_resamples",
-                 "eval_batch_size", "test_split")
+SAFETY_FIELDS = ("pos_weight", "target_precision", "on_unreachable", "min_flagged",
+                 "num_resamples", "eval_batch_size", "test_split")
 REPORT_FILE = "safety_report.json"
 
 
@@ -136,7 +137,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   val = scores["validation"]
   choice = safety.choose_threshold(val.scores, val.labels,
                                    float(config.safety.target_precision),
-                                   on_unreachable=config.safety.on_unreachable)
+                                   on_unreachable=config.safety.on_unreachable,
+                                   min_flagged=int(config.safety.get("min_flagged", 1)))
   if choice.notice:
     logging.warning("safety: %s", choice.notice)
   out = dict(report(scores, choice, config), pos_weight=pos_weight, neg_weight=neg_weight,

@@ -82,9 +82,21 @@ def test_choose_threshold_hand_computed(target, threshold, precision, recall):
   assert choice.reached and not choice.notice
 
 
+def test_choose_threshold_min_flagged():
+  # By hand (SCORES/LABELS): t=.8 flags 1 at precision 1.0, t=.6 flags 3 at 2/3, t=.5 4 at 3/4.
+  assert safety.choose_threshold(SCORES, LABELS, 0.9).threshold == pytest.approx(0.8)
+  choice = safety.choose_threshold(SCORES, LABELS, 0.7, min_flagged=2)
+  assert (choice.threshold, choice.num_flagged) == (pytest.approx(0.5), 4)
+  with pytest.raises(ValueError, match="flagging >= 2 examples reaches validation precision"):
+    safety.choose_threshold(SCORES, LABELS, 0.9, min_flagged=2)
+  with pytest.raises(ValueError, match="min_flagged=9 but the validation split has only 8"):
+    safety.choose_threshold(SCORES, LABELS, 0.5, min_flagged=9)
+
+
 def test_choose_threshold_unreachable_errors_or_notices():
   scores, labels_ = np.array([0.9, 0.5, 0.5, 0.1]), np.array([0, 1, 0, 0])
-  with pytest.raises(ValueError, match=r"no threshold reaches validation precision >= 0.6: "
+  with pytest.raises(ValueError, match=r"no threshold flagging >= 1 examples reaches "
+                                       r"validation precision >= 0.6: "
                                        r"the best is 0.333 at threshold 0.5"):
     safety.choose_threshold(scores, labels_, 0.6)
   choice = safety.choose_threshold(scores, labels_, 0.6, on_unreachable="max_precision")

@@ -6,46 +6,37 @@ Command:
 Data: 2,000 ``TinyWorld.harm_pairs`` (chosen lacks the harm character "g", rejected
 contains it), re-split 80/10/10 by prompt hash; byte tokens.
 
-Expected: (filled in below after the measured run)
+Expected (this shared 2-core CPU, measured 2026-12-01 under load average ~11): 73 s
+wall, 30 s CPU, 0.9 GB peak RSS. 1,600 train / 216 validation / 184 test pairs.
+Threshold 0.530 (lowest with validation precision >= 0.95: 0.954, recall 0.958).
+Test ROC-AUC 0.996 [0.993, 0.999], precision 0.952 [0.922, 0.978], recall 0.978
+[0.957, 0.995] (95% pair-bootstrap intervals). The classifier filters best-of-n in
+``configs/bon/tiny.py:safety_classifier``.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from prefjax import configlib
-from prefjax import experiment
-from prefjax import train
+from configs.rm import tiny as rm_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """``arg``: None (default) or ``quick`` (fewer steps)."""
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  num_steps = ml_collections.FieldReference(200)
-  config.tokenizer = dict(path="byte")
+  """``arg``: None (default) or ``quick`` (fewer steps). Loop, optimizer and pipeline are
+  configs/rm/tiny.py's; the model is a random encoder, the data the tiny world's harm pairs."""
+  if arg not in (None, "", "quick"):
+    raise ValueError(f"unknown variant {arg!r}; known: quick")
+  config = rm_config.get_config(arg)
+  del config.loss, config.eval, config.data.objective, config.data.objective_field
   config.model = dict(
       arch="encoder", preset="tiny", path="", head="reward", ensemble="heads",
       pooling="mean", dtype="float32",
       overrides=dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                      max_position_embeddings=64))
-  config.data = experiment.data_section(
-      name="tiny_world_harm", category_field="category",
-      pipeline=dict(seed=0, batch_size=32, max_length=32, mode="padded",
-                    bucket_boundaries=(24,)))
+  config.data.name = "tiny_world_harm"
+  config.data.category_field = "category"
   config.safety = dict(pos_weight="balanced", target_precision=0.95, on_unreachable="error",
-                       num_resamples=1000, eval_batch_size=64, test_split="resplit_test")
-  config.optimizer = configlib.section(
-      train.OptimizerConfig, name="adamw", learning_rate=3e-3, schedule="cosine",
-      warmup_steps=10, total_steps=num_steps, weight_decay=0.0, grad_clip_norm=1.0)
-  config.loop = configlib.section(train.LoopConfig, num_steps=num_steps, log_every=20,
-                                  eval_every=100, checkpoint_every=100, seed=0,
-                                  async_checkpointing=False)
-  config.mesh = dict(shape=(-1, 1, 1), ensemble=1, num_devices=0)
-  if arg == "quick":
-    config.loop.num_steps = 40
-    config.loop.eval_every = 0
-    config.loop.checkpoint_every = 0
-  elif arg not in (None, ""):
-    raise ValueError(f"unknown variant {arg!r}; known: quick")
+                       min_flagged=20, num_resamples=1000, eval_batch_size=64,
+                       test_split="resplit_test")
+  config.loop.num_steps = 40 if arg == "quick" else 200
   return config

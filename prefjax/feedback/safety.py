@@ -182,14 +182,15 @@ def precision_recall_curve(scores: np.ndarray, labels: np.ndarray
 
 
 def choose_threshold(scores: np.ndarray, labels: np.ndarray, target_precision: float, *,
-                     on_unreachable: str = "error") -> ThresholdChoice:
+                     on_unreachable: str = "error", min_flagged: int = 1) -> ThresholdChoice:
   """The LOWEST threshold t (a validation score) with precision(scores ≥ t) ≥ target.
 
   Precision is not monotone in t; the lowest qualifying t flags the most harmful
-  examples (highest recall) while meeting the target. When no t reaches the
-  target, ``on_unreachable="error"`` raises ValueError naming the best precision
-  reached; ``"max_precision"`` returns the (lowest) threshold of highest precision
-  with ``reached=False`` and a ``notice``.
+  examples (highest recall) while meeting the target. Only thresholds flagging at
+  least ``min_flagged`` examples qualify (a precision of 1.0 on 3 examples says
+  little). When no t reaches the target, ``on_unreachable="error"`` raises
+  ValueError naming the best precision reached; ``"max_precision"`` returns the
+  (lowest) threshold of highest precision with ``reached=False`` and a ``notice``.
   """
   if on_unreachable not in UNREACHABLE_POLICIES:
     raise ValueError(f"safety.on_unreachable must be one of {UNREACHABLE_POLICIES}, "
@@ -197,12 +198,17 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, target_precision: f
   if not 0.0 < target_precision <= 1.0:
     raise ValueError(f"safety.target_precision must be in (0, 1], got {target_precision}")
   thresholds, precision, recall, flagged = precision_recall_curve(scores, labels)
-  ok = np.flatnonzero(precision >= target_precision)
+  if flagged[0] < min_flagged:
+    raise ValueError(f"safety.min_flagged={min_flagged} but the validation split has only "
+                     f"{flagged[0]} examples")
+  enough = flagged >= min_flagged
+  ok = np.flatnonzero((precision >= target_precision) & enough)
   if ok.size:
     k, notice = int(ok[0]), ""
   else:
-    k = int(np.argmax(precision))
-    notice = (f"no threshold reaches validation precision >= {target_precision:g}: the best "
+    k = int(np.argmax(np.where(enough, precision, -1.0)))
+    notice = (f"no threshold flagging >= {min_flagged} examples reaches validation "
+              f"precision >= {target_precision:g}: the best "
               f"is {precision[k]:.3f} at threshold {thresholds[k]:.4g} (recall "
               f"{recall[k]:.3f}, {flagged[k]} of {len(scores)} flagged); lower "
               "safety.target_precision or train a better classifier")

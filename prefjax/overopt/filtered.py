@@ -3,8 +3,8 @@
 A candidate is REJECTED when its harm probability is ≥ ``threshold``; the proxy
 picks the best of the remaining ones. When every candidate of a prompt is
 rejected the selection FALLS BACK, explicitly, to the least harmful candidate
-(equal harm: a tie, broken like any best-of-n tie), and the fallback is counted: a deployment would refuse
-or regenerate there, which the count measures.
+(equal harm: a tie, broken like any best-of-n tie), and the fallback is counted:
+a deployment would refuse or regenerate there, which the count measures.
 
 The filtered rule is best-of-n under one selection key, ``filtered_key``: safe
 candidates keep their proxy score, rejected ones rank below every safe one, by
@@ -24,7 +24,8 @@ from prefjax.overopt import bon
 
 
 def filtered_key(proxy: ArrayLike, harm: ArrayLike, threshold: float) -> np.ndarray:
-  """Selection key ``[P, N]``: proxy where harm < threshold, else below every safe proxy by −harm."""
+  """Selection key ``[P, N]``: the proxy where harm < threshold; elsewhere below every
+  safe candidate's proxy, ordered by −harm."""
   proxy, harm, _ = bon._check_scores(proxy, harm)
   rejected = harm >= threshold
   # Harm in [0, 1] keeps the fallback ordering strictly below the smallest proxy.
@@ -82,11 +83,13 @@ def filtered_bon_scores(proxy: ArrayLike, harm: ArrayLike, threshold: float,
 
 
 def filter_report(proxy: ArrayLike, gold: ArrayLike, harm: ArrayLike, threshold: float,
-                  ns: ArrayLike) -> dict:
-  """JSON-ready best-of-n with and without the filter: prompt-mean raw scores per n, the
-  fallback probability, and the best-of-N selection's fallback and rejection counts."""
+                  ns: ArrayLike, others: dict[str, ArrayLike] | None = None) -> dict:
+  """JSON-ready best-of-n with and without the filter: prompt-mean raw scores per n (of
+  proxy, harm, gold and ``others``, e.g. a programmatic harm beside a learned filter's),
+  the fallback probability, and the best-of-N selection's fallback and rejection counts."""
   proxy_arr, harm_arr, _ = bon._check_scores(proxy, harm)
-  scores = filtered_bon_scores(proxy_arr, harm_arr, threshold, {"gold": gold}, ns)
+  scores = filtered_bon_scores(proxy_arr, harm_arr, threshold, {"gold": gold, **(others or {})},
+                               ns)
   full = select(proxy_arr, harm_arr, threshold)
   out = {"threshold": float(threshold), "n": np.asarray(ns).tolist(),
          "rejected_fraction": float((harm_arr >= threshold).mean()),
@@ -98,14 +101,16 @@ def filter_report(proxy: ArrayLike, gold: ArrayLike, harm: ArrayLike, threshold:
 
 def filter_markdown(report: dict) -> list[str]:
   """Markdown table lines of ``filter_report``."""
+  names = ["harm", "proxy", "gold"] + [k for k in report if f"{k}_filtered" in report
+                                       and k not in ("harm", "proxy", "gold")]
   lines = [f"## Safety filter (reject harm >= {report['threshold']:g})", "",
            f"{100 * report['rejected_fraction']:.1f}% of samples rejected; at n = "
            f"{report['n'][-1]} {report['fallbacks_at_n_max']} of {report['num_prompts']} "
            "prompts fell back to their least harmful sample (all rejected). Raw means:", "",
-           "| n | harm | harm filtered | proxy | proxy filtered | gold | gold filtered "
-           "| P(fallback) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| n | " + " | ".join(f"{k} | {k} filtered" for k in names) + " | P(fallback) |",
+           "|---:|" + "---:|---:|" * len(names) + "---:|"]
   for i, n in enumerate(report["n"]):
-    cells = [report[k][i] for k in ("harm", "harm_filtered", "proxy", "proxy_filtered",
-                                    "gold", "gold_filtered", "fallback")]
+    cells = [report[k][i] for name in names for k in (name, f"{name}_filtered")]
+    cells.append(report["fallback"][i])
     lines.append(f"| {n} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
   return lines + [""]
