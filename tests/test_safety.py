@@ -3,6 +3,7 @@ and the filtered best-of-n (``prefjax.overopt.filtered``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import tempfile
@@ -170,6 +171,7 @@ def trained():
     config.loop.num_steps = 25
     config.optimizer.warmup_steps = 2
     config.loop.tensorboard = False
+    config.mesh.num_devices = 1  # one device: 8 fake CPU devices would run 8 replicas
     # One padded length (24) and 32-row batches everywhere: each jitted program compiles once.
     config.data.pipeline.batch_size = 16
     config.safety.eval_batch_size = 16
@@ -196,8 +198,9 @@ def test_runtime_classifier_matches_pair_scores_and_labels_pairs(trained):
   assert clf.threshold == json.loads((workdir / "threshold.json").read_text())["threshold"]
   source = safety_runtime.load_split(config.data, "resplit_test")
   rows = [source[i] for i in range(16)]
+  pcfg = dataclasses.replace(clf.pipeline, batch_size=clf.pipeline.batch_size // 2)
   pairs = safety.score_pair_batches(clf.model, list(pipeline_lib.preference_dataset(
-      rows, clf.tokenizer, clf.pipeline)))
+      rows, clf.tokenizer, pcfg)))
   prompts = [r["prompt"] for r in rows]
   p_rej = clf.probabilities(prompts, [r["rejected"] for r in rows])
   p_cho = clf.probabilities(prompts, [r["chosen"] for r in rows])

@@ -66,8 +66,10 @@ class SafetyClassifier:
   def __init__(self, model: Any, tokenizer: Any, pipeline: pipeline_lib.PipelineConfig,
                threshold: float):
     self.model, self.tokenizer, self.threshold = model, tokenizer, float(threshold)
+    # As many sequences per batch as a pair batch holds: the same compiled shapes.
     self.pipeline = dataclasses.replace(pipeline, shuffle=False, num_epochs=1,
-                                        drop_remainder=False, mode="padded")
+                                        drop_remainder=False, mode="padded",
+                                        batch_size=2 * pipeline.batch_size)
 
   @classmethod
   def from_workdir(cls, workdir: str, *, threshold: float | None = None) -> "SafetyClassifier":
