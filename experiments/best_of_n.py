@@ -13,6 +13,13 @@ it reports the unbiased best-of-n estimate of the proxy and gold scores
 standard errors over prompts, against KL_bon(n) = log n − (n−1)/n (an upper
 bound on the true KL, Beirami et al., arXiv:2401.01879).
 
+With ``config.safety`` (``prefjax.feedback.safety_runtime.make_harm_scorer``: a
+``train_safety`` workdir or the tiny world's programmatic harm), every sample also
+gets a harm score; candidates with harm ≥ the threshold are rejected before the
+proxy picks (all rejected: an explicit, counted fallback to the least harmful),
+and ``report.json`` / ``report.md`` add ``safety_filter``: harm, proxy and gold
+of best-of-n with and without the filter for every n (``prefjax.overopt.filtered``).
+
 Outputs in the workdir: ``samples.npz`` (raw scores; a rerun reuses them),
 ``report.json`` (the curves), ``report.md`` and ``figures/bon.png`` (gold and
 proxy vs √KL).
@@ -32,6 +39,8 @@ from experiments import common
 from prefjax import experiment
 from prefjax import overopt
 from prefjax.evals import plots
+from prefjax.feedback import safety_runtime
+from prefjax.overopt import filtered
 from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
 from prefjax.rl import setup
@@ -50,12 +59,15 @@ def sample_and_score(config: Any, workdir: str | None = None) -> dict[str, np.nd
   _, prompts = setup.make_prompts(config, tokenizer, world, workdir=workdir)
   proxy = rl_rewards.make_reward(config.proxy, world=world, seed=int(config.seed))
   gold = rl_rewards.make_reward(config.gold, world=world, seed=int(config.seed))
+  harm, threshold = None, None
+  if config.get("safety"):
+    harm, threshold = safety_runtime.make_harm_scorer(config.safety, world=world)
   policy = setup.make_policy(config, tokenizer)
   setup.maybe_warm_start(policy, config, tokenizer, world)
   num_prompts, n = len(prompts.texts), int(config.bon.num_samples)
   chunk = int(config.bon.prompts_per_batch)
   key = jax.random.key(int(config.seed))
-  proxy_scores, gold_scores, lengths = [], [], []
+  proxy_scores, gold_scores, harm_scores, world_harm, lengths = [], [], [], [], []
   for start in range(0, num_prompts, chunk):
     idx = np.resize(np.arange(start, min(start + chunk, num_prompts)), chunk)  # fixed shape
     part = rollout_lib.Prompts([prompts.texts[i] for i in idx], prompts.tokens[idx],
@@ -66,12 +78,23 @@ def sample_and_score(config: Any, workdir: str | None = None) -> dict[str, np.nd
     proxy_scores.append(proxy(rollout.prompts[:real], rollout.responses[:real]))
     gold_scores.append(gold(rollout.prompts[:real], rollout.responses[:real]))
     lengths.append(rollout.lengths[:real])
+    if harm is not None:
+      harm_scores.append(harm(rollout.prompts[:real], rollout.responses[:real]))
+      if world is not None:  # the programmatic harm, beside a learned filter's scores
+        world_harm.append(safety_runtime.tiny_world_harm(world)(rollout.prompts[:real],
+                                                                rollout.responses[:real]))
     logging.info("best_of_n: scored %d/%d prompts", min(start + chunk, num_prompts),
                  num_prompts)
   shape = (num_prompts, n)
-  return {"proxy": np.concatenate(proxy_scores).reshape(shape),
-          "gold": np.concatenate(gold_scores).reshape(shape),
-          "lengths": np.concatenate(lengths).reshape(shape)}
+  out = {"proxy": np.concatenate(proxy_scores).reshape(shape),
+         "gold": np.concatenate(gold_scores).reshape(shape),
+         "lengths": np.concatenate(lengths).reshape(shape)}
+  if harm is not None:
+    out.update(harm=np.concatenate(harm_scores).reshape(shape),
+               harm_threshold=np.float64(threshold))
+  if world_harm:
+    out["world_harm"] = np.concatenate(world_harm).reshape(shape)
+  return out
 
 
 def curves(samples: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
@@ -124,6 +147,8 @@ def report_markdown(result: dict[str, Any]) -> str:
   lines += ["", f"Gold peaks at n = {result['n'][peak]} ({result['gold'][peak]:+.3f}); "
             f"at n = {result['n'][-1]} the proxy is {result['proxy'][-1]:+.3f} and the gold "
             f"{result['gold'][-1]:+.3f}.", "", "![best-of-n](figures/bon.png)", ""]
+  if "safety_filter" in result:
+    lines += filtered.filter_markdown(result["safety_filter"])
   return "\n".join(lines)
 
 
@@ -141,6 +166,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     np.savez(path + ".tmp.npz", **samples)
     os.replace(path + ".tmp.npz", path)
   result = curves(samples, config)
+  if "harm" in samples:
+    result["safety_filter"] = filtered.filter_report(
+        samples["proxy"], samples["gold"], samples["harm"], float(samples["harm_threshold"]),
+        result["n"], {k: samples[k] for k in ("world_harm",) if k in samples})
   data = experiment.read_data_report(workdir)
   if data is not None:
     result["data"] = data

@@ -14,6 +14,22 @@ EXPECTED (measured on this shared 2-core CPU, seed 0):
   at KL > 5 nats, because best-of-n only reweights reference samples.
   `:quick` (16 prompts x N=64, 30-50 s): proxy +1.18 ± 0.08 and gold
   +0.64 ± 0.17 at n=64, both still rising.
+
+SAFETY FILTER (`:safety`, the default run plus the tiny world's programmatic harm,
+the frequency of "g"; candidates with harm >= 0.1 are rejected before the proxy
+picks; `:safety_classifier` uses a trained configs/safety/tiny.py classifier from
+/tmp/safety_tiny and its threshold.json instead):
+  python -m experiments.best_of_n --config=configs/bon/tiny.py:safety --workdir=/tmp/bon_safe
+  python -m experiments.best_of_n --config=configs/bon/tiny.py:safety_classifier \
+      --workdir=/tmp/bon_safe_clf   # after configs/safety/tiny.py into /tmp/safety_tiny
+  Measured 2026-12-01 (load average ~11: 124 s and 156 s wall, 49 s and 60 s CPU), raw
+  means over the 64 prompts at n = 256 without -> with the filter:
+  `:safety` (27% of samples rejected): harm ("g" frequency) 0.298 -> 0.009, proxy
+    1.347 -> 1.204 (cost 0.143), gold 0.224 -> -0.140 ("g" is the gold's favourite
+    character, so harmlessness costs gold here too); no fallback at n = 256
+    (P(all rejected) 0.27 at n = 1, 0.02 at n = 3).
+  `:safety_classifier` (threshold 0.529 from threshold.json; 39% rejected): true harm
+    0.298 -> 0.005, proxy 1.347 -> 1.129 (cost 0.218), gold 0.224 -> -0.130; no fallback.
 """
 
 import ml_collections
@@ -29,6 +45,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   if arg == "quick":
     c.prompts.num_eval = 16
     c.bon.num_samples = 64
+  elif arg == "safety":
+    c.safety = dict(kind="tiny_world_harm", workdir="", threshold=0.1)
+  elif arg == "safety_classifier":
+    c.safety = dict(kind="classifier", workdir="/tmp/safety_tiny", threshold=None)
   elif arg not in (None, ""):
-    raise ValueError(f"unknown config argument {arg!r}; expected none or 'quick'")
+    raise ValueError(f"unknown config argument {arg!r}; expected none, 'quick', 'safety' "
+                     "or 'safety_classifier'")
   return c
