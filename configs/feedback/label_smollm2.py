@@ -9,17 +9,32 @@ tiny text world, byte tokens; seconds; what the tests run), ``:tiny_gold`` (the 
 world's gold reward as a programmatic judge, temperature 0.5, planted position bias
 +1 logit).
 
-Data: the first 200 pairs of harmless-base ``resplit_train`` (A = the human-chosen
-response, B = the rejected one); one principle of configs/constitutions/harmlessness.txt
-sampled per pair; both orders asked. Judge text: SmolLM2's chat template (its default
-system prompt) around the template below, prompt cut to its last 600 characters,
-responses to 400; at most 384 tokens (64-token buckets, batches of 8).
+Data: the first 100 pairs of harmless-base ``resplit_train`` (A = the human-chosen
+response, B = the rejected one; 200 would take about 20 min on this loaded CPU); one
+principle of configs/constitutions/harmlessness.txt sampled per pair; both orders asked.
+Judge text: SmolLM2's chat template (its default system prompt) around JUDGE_TEMPLATE,
+the conversation cut to its last 400 characters and responses to their first 300, then
+shortened further until the text fits 256 tokens (86 of the 200 questions were); 64-token
+buckets, batches of 8.
 
-CPU cost: 400 judge forwards of ≤ 384 tokens ≈ 0.27 GFLOP/token: about 30 TFLOP.
+CPU cost: 200 judge forwards of ≤ 256 tokens (mean 224) at ≈ 0.27 GFLOP/token: about
+12 TFLOP.
 
-Expected (measured 2026-12-01 on this shared 2-core CPU, load from other jobs): see
-README "Preference data from AI feedback" for the numbers of the last run:
-  MEASURED_HH
+Measured 2026-12-01 (this shared 2-core CPU, load average 7-12 from other jobs, so the
+time is noisy): 11.5 min wall (680 s in the run, ~3 s per question). Agreement with the
+human label [bootstrap 95% CI], 100 pairs: A shown first 1.000 [1.000, 1.000], A shown
+second 0.000 [0.000, 0.000], order-averaged 0.440 [0.350, 0.540] (chance). Position bias
+P(first wins) − ½: 0.448 [0.443, 0.452] before averaging (SmolLM2-135M answers "A" with
+P ≈ 0.95 whatever the order; every decision flips with the order), 0 after (by
+construction). Mean probability on the two option tokens: 0.186. The averaged labels
+stay within [0.446, 0.516]: the 135M judge carries almost no signal here.
+MEASURED_PANDALM
+``:tiny_gold`` (0.3 s of judging): 64 tiny-world pairs; with the planted +1-logit bias,
+agreement with the gold labels is 1.000 (A first), 0.328 (A second) and 1.000 averaged;
+position bias 0.201 before, 0 after; order-flip rate 0.672. With
+``--config.judge.position_bias=0`` every label equals σ(|Δ gold| / 0.5) (tests/test_feedback.py).
+``:tiny`` (random decoder; 18 s wall): agreement 0.875 / 0.203 / 0.516 (chance), bias 0.127.
+
 """
 
 from __future__ import annotations
@@ -56,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    max_prompt_chars=400, max_response_chars=300)
   c.eval = dict(num_resamples=1000, seed=0)
   if arg == "pandalm":
-    c.data.name, c.data.split, c.data.max_pairs = "pandalm", "test[:60]", 60
+    c.data.name, c.data.split, c.data.max_pairs = "pandalm", "resplit_test[:60]", 60
     c.constitution = ("configs/constitutions/helpfulness.txt,configs/constitutions/honesty.txt,"
                       "configs/constitutions/style.txt")
   elif arg in ("tiny", "tiny_gold"):

@@ -102,10 +102,11 @@ class LMJudge:
     prompt_chars = self.max_prompt_chars or len(q.prompt)
     response_chars = self.max_response_chars or max(len(q.first), len(q.second))
     ids = self._render_ids(q, prompt_chars, response_chars)
+    if len(ids) > self.max_length:
+      self.counters["shortened_to_fit"] += 1
     for _ in range(8):
       if len(ids) <= self.max_length:
         break
-      self.counters["shortened_to_fit"] += 1 if _ == 0 else 0
       scale = 0.9 * self.max_length / len(ids)
       prompt_chars = max(1, int(prompt_chars * scale))
       response_chars = max(1, int(response_chars * scale))
