@@ -28,7 +28,13 @@ P(first wins) − ½: 0.448 [0.443, 0.452] before averaging (SmolLM2-135M answer
 P ≈ 0.95 whatever the order; every decision flips with the order), 0 after (by
 construction). Mean probability on the two option tokens: 0.186. The averaged labels
 stay within [0.446, 0.516]: the 135M judge carries almost no signal here.
-MEASURED_PANDALM
+``:pandalm`` (the first 60 pairs of PandaLM ``resplit_test``, a prompt-hash sample; the
+file's first items are all unanimous; 13 principles of three files; 5.3 min wall): 51
+decisive pairs, 9 ties left out. Agreement with annotator 1 / 2 / 3: 0.431 [0.304, 0.563],
+0.471 [0.333, 0.600], 0.468 [0.320, 0.609], beside inter-annotator agreement 1-2 0.961
+[0.900, 1.000], 1-3 0.936 [0.864, 1.000], 2-3 0.979 [0.935, 1.000] (whole test set:
+0.941, 0.956, 0.946). Majority label: A first 0.529, A second 0.471, averaged 0.471
+[0.333, 0.600]; position bias 0.450 [0.443, 0.455] -> 0; option mass 0.356.
 ``:tiny_gold`` (0.3 s of judging): 64 tiny-world pairs; with the planted +1-logit bias,
 agreement with the gold labels is 1.000 (A first), 0.328 (A second) and 1.000 averaged;
 position bias 0.201 before, 0 after; order-flip rate 0.672. With

@@ -15,8 +15,13 @@ CPU cost: 3 stages x 8 prompts x 48 tokens of KV-cached decoding (≈ 0.27 GFLOP
 plus prefills of ≤ 384 tokens: about 3 TFLOP, minutes here; generation is latency-bound
 on CPU.
 
-Expected (measured 2026-12-01, this shared 2-core CPU):
-  MEASURED_CRITIQUE
+Measured 2026-12-01 (this shared 2-core CPU, load average 7-12; noisy): 9.3 min wall
+(546 s in the loop: ~3 min per stage, ~20 s per text, compilation included); 8 prompts ->
+8 pairs, none skipped. The texts are what a 135M model writes: the critiques are vague
+("could be more polished") and revisions often drift (one repeats the conversation's
+"Human:" turn), so these pairs show the plumbing; whether revisions are better needs a
+judge or a larger model (e.g. --config.model.path / --config.tokenizer.path).
+``:tiny`` (random decoder): 6 prompts -> pairs of byte noise in seconds (tests/test_feedback.py).
 """
 
 from __future__ import annotations
