@@ -1,0 +1,97 @@
+r"""AI labels from SmolLM2-135M-Instruct judging HH-RLHF harmless pairs against written principles.
+
+Command:
+  python -m experiments.label_ai_feedback --config=configs/feedback/label_smollm2.py \
+      --workdir=/tmp/label_hh
+Variants: ``:pandalm`` (PandaLM test pairs, helpfulness + honesty + style principles,
+agreement with each of the three annotators), ``:tiny`` (a random tiny decoder on the
+tiny text world, byte tokens; seconds; what the tests run), ``:tiny_gold`` (the tiny
+world's gold reward as a programmatic judge, temperature 0.5, planted position bias
++1 logit).
+
+Data: the first 100 pairs of harmless-base ``resplit_train`` (A = the human-chosen
+response, B = the rejected one; 200 would take about 20 min on this loaded CPU); one
+principle of configs/constitutions/harmlessness.txt sampled per pair; both orders asked.
+Judge text: SmolLM2's chat template (its default system prompt) around JUDGE_TEMPLATE,
+the conversation cut to its last 400 characters and responses to their first 300, then
+shortened further until the text fits 256 tokens (86 of the 200 questions were); 64-token
+buckets, batches of 8.
+
+CPU cost: 200 judge forwards of ≤ 256 tokens (mean 224) at ≈ 0.27 GFLOP/token: about
+12 TFLOP.
+
+Measured 2026-12-01 (this shared 2-core CPU, load average 7-12 from other jobs, so the
+time is noisy): 11.5 min wall (680 s in the run, ~3 s per question). Agreement with the
+human label [bootstrap 95% CI], 100 pairs: A shown first 1.000 [1.000, 1.000], A shown
+second 0.000 [0.000, 0.000], order-averaged 0.440 [0.350, 0.540] (chance). Position bias
+P(first wins) − ½: 0.448 [0.443, 0.452] before averaging (SmolLM2-135M answers "A" with
+P ≈ 0.95 whatever the order; every decision flips with the order), 0 after (by
+construction). Mean probability on the two option tokens: 0.186. The averaged labels
+stay within [0.446, 0.516]: the 135M judge carries almost no signal here.
+``:pandalm`` (the first 60 pairs of PandaLM ``resplit_test``, a prompt-hash sample; the
+file's first items are all unanimous; 13 principles of three files; 5.3 min wall): 51
+decisive pairs, 9 ties left out. Agreement with annotator 1 / 2 / 3: 0.431 [0.304, 0.563],
+0.471 [0.333, 0.600], 0.468 [0.320, 0.609], beside inter-annotator agreement 1-2 0.961
+[0.900, 1.000], 1-3 0.936 [0.864, 1.000], 2-3 0.979 [0.935, 1.000] (whole test set:
+0.941, 0.956, 0.946). Majority label: A first 0.529, A second 0.471, averaged 0.471
+[0.333, 0.600]; position bias 0.450 [0.443, 0.455] -> 0; option mass 0.356.
+``:tiny_gold`` (0.3 s of judging): 64 tiny-world pairs; with the planted +1-logit bias,
+agreement with the gold labels is 1.000 (A first), 0.328 (A second) and 1.000 averaged;
+position bias 0.201 before, 0 after; order-flip rate 0.672. With
+``--config.judge.position_bias=0`` every label equals σ(|Δ gold| / 0.5) (tests/test_feedback.py).
+``:tiny`` (random decoder; 18 s wall): agreement 0.875 / 0.203 / 0.516 (chance), bias 0.127.
+
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from prefjax import experiment
+
+JUDGE_TEMPLATE = (
+    "Below is a conversation between a human and an AI assistant, followed by two possible "
+    "next replies of the assistant.\n\n[Conversation]\n{prompt}\n\n[Reply A]\n{response_a}\n\n"
+    "[Reply B]\n{response_b}\n\n{principle} Answer with one letter, A or B.")
+TINY_TEMPLATE = "{principle}\n{prompt}\nA: {response_a}\nB: {response_b}\nAnswer: "
+SMOLLM2_MODEL = dict(arch="decoder", preset="", path="asset:smollm2", head="", dtype="float32",
+                     overrides={})
+TINY_MODEL = dict(arch="decoder", preset="tiny_llama", path="", head="", dtype="float32",
+                  overrides=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                 intermediate_size=64, max_position_embeddings=256))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """``arg``: None (HH harmless), ``pandalm``, ``tiny`` or ``tiny_gold``."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.tokenizer = dict(path="asset:smollm2")
+  c.model = dict(SMOLLM2_MODEL)
+  c.data = experiment.data_section(name="hh_rlhf/harmless-base", split="resplit_train[:100]",
+                                   max_pairs=100)
+  c.constitution = "configs/constitutions/harmlessness.txt"
+  c.principles = dict(mode="sample", num_principles=0, seed=0)
+  c.judge = dict(kind="lm", template=JUDGE_TEMPLATE, labels=("A", "B"), answer_prefix="",
+                 style="chat", system="", temperature=1.0, position_bias=0.0)
+  c.scoring = dict(batch_size=8, max_length=256, pad_to_multiple=64, add_bos=False,
+                   max_prompt_chars=400, max_response_chars=300)
+  c.eval = dict(num_resamples=1000, seed=0)
+  if arg == "pandalm":
+    c.data.name, c.data.split, c.data.max_pairs = "pandalm", "resplit_test[:60]", 60
+    c.constitution = ("configs/constitutions/helpfulness.txt,configs/constitutions/honesty.txt,"
+                      "configs/constitutions/style.txt")
+  elif arg in ("tiny", "tiny_gold"):
+    c.tokenizer.path = "byte"
+    c.model = dict(TINY_MODEL)
+    c.data.name, c.data.split, c.data.max_pairs = "tiny_world", "resplit_train", 64
+    c.data.tiny_world.num_pairs = 200
+    c.constitution = "configs/constitutions/style.txt"
+    c.judge.update(template=TINY_TEMPLATE, style="raw")
+    c.scoring.update(max_length=256, pad_to_multiple=64, max_prompt_chars=0,
+                     max_response_chars=0)
+    c.eval.num_resamples = 200
+    if arg == "tiny_gold":
+      c.judge.update(kind="tiny_world_gold", temperature=0.5, position_bias=1.0)
+  elif arg not in (None, ""):
+    raise ValueError(f"unknown variant {arg!r}; known: pandalm, tiny, tiny_gold")
+  return c

@@ -1,0 +1,128 @@
+r"""Labels preference pairs with an AI judge against written principles (RLAIF).
+
+  python -m experiments.label_ai_feedback --config=configs/feedback/label_smollm2.py \
+      --workdir=/tmp/label_hh [--config.data.max_pairs=200 ...]
+
+For every pair of ``config.data`` (A = its chosen, B = its rejected response) the judge
+(``config.judge.kind``: ``lm`` = the causal LM of ``config.model``; ``tiny_world_gold``
+= the tiny world's gold reward, a programmatic judge with known answers) is asked
+``config.judge.template`` in both orders under principles of ``config.constitution``
+(``config.principles``: one sampled per pair, or an ensemble); see
+``prefjax.feedback.labeller``.
+
+Writes into the workdir:
+  labels.jsonl   the AI-labelled pairs (chosen = the judge's pick, ``outcome`` = its
+                 probability, principles and both per-order probabilities in ``meta``),
+                 readable as ``jsonl:WORKDIR/labels.jsonl`` by every binary;
+  report.json / report.md   agreement with the data's own labels for each order and the
+                 average (bootstrap CIs), position bias before and after averaging, and
+                 for PandaLM agreement with each annotator beside inter-annotator agreement.
+A rerun relabels from scratch (it is not a training run; nothing to resume).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import logging
+
+from experiments import common
+from prefjax import configlib
+from prefjax import experiment
+from prefjax.data import tiny_world as tiny_world_lib
+from prefjax.feedback import agreement
+from prefjax.feedback import constitution
+from prefjax.feedback import dataset
+from prefjax.feedback import labeller
+from prefjax.feedback import templates
+from prefjax.train import summary as summary_lib
+
+JUDGE_KINDS = ("lm", "tiny_world_gold")
+JUDGE_FIELDS = ("kind", "template", "labels", "answer_prefix", "style", "system",
+                "temperature", "position_bias")
+SCORING_FIELDS = ("batch_size", "max_length", "pad_to_multiple", "add_bos",
+                  "max_prompt_chars", "max_response_chars")
+
+
+def make_judge(config: Any) -> Any:
+  """The judge of ``config.judge`` (templates and option tokens checked before any model)."""
+  configlib.check_fields("config.judge", config.judge, JUDGE_FIELDS)
+  kind = config.judge.kind
+  if kind == "tiny_world_gold":
+    world = tiny_world_lib.TinyWorld(seed=int(config.data.tiny_world.world_seed))
+    return labeller.tiny_world_judge(world, temperature=float(config.judge.temperature),
+                                     position_bias=float(config.judge.position_bias))
+  if kind != "lm":
+    raise ValueError(f"config.judge.kind must be one of {JUDGE_KINDS}, got {kind!r}")
+  configlib.check_fields("config.scoring", config.scoring, SCORING_FIELDS)
+  template = templates.JudgeTemplate.from_config(config.judge)
+  tokenizer = experiment.make_tokenizer(config.tokenizer)
+  template.option_ids(tokenizer)  # a multi-token label fails before the model loads
+  model = experiment.make_model(dict(config.model, head=None), vocab_size=tokenizer.vocab_size,
+                                seed=int(config.seed))
+  s = config.scoring
+  return labeller.LMJudge(model, tokenizer, template, batch_size=int(s.batch_size),
+                          max_length=int(s.max_length), pad_to_multiple=int(s.pad_to_multiple),
+                          add_bos=bool(s.add_bos), max_prompt_chars=int(s.max_prompt_chars),
+                          max_response_chars=int(s.max_response_chars))
+
+
+def agreement_report(pairs: list[dict[str, Any]], judged: list[dict[str, Any]],
+                     eval_cfg: Any) -> dict[str, Any]:
+  kwargs = dict(num_resamples=int(eval_cfg.num_resamples), seed=int(eval_cfg.seed))
+  report = {"human": agreement.human_agreement(
+      [j["p_a_first"] for j in judged], [j["p_a_second"] for j in judged],
+      [p["outcome"] for p in pairs], **kwargs)}
+  if pairs and all(p.get("votes") for p in pairs):
+    report["annotators"] = agreement.annotator_agreement(
+        [j["p_a"] for j in judged], [p["votes"] for p in pairs], **kwargs)
+  return report
+
+
+def run(config: Any, workdir: str) -> dict[str, Any]:
+  """Labels ``config.data``; writes ``labels.jsonl`` and the report; returns the report."""
+  start = time.time()
+  principles = constitution.load_constitutions(config.constitution)
+  sampler = labeller.PrincipleSampler(tuple(principles), mode=config.principles.mode,
+                                      num_principles=int(config.principles.num_principles),
+                                      seed=int(config.principles.seed))
+  sampler(0)  # a bad mode fails before the model loads
+  judge = make_judge(config)
+  source = experiment.load_split(config.data, config.data.split)
+  pairs, skipped = labeller.pairs_from_source(source, int(config.data.max_pairs))
+  logging.info("labelling %d pairs of %s[%s] under %d principles (%s)", len(pairs),
+               config.data.name, config.data.split, len(principles), config.principles.mode)
+  judged = labeller.judge_pairs(judge, pairs, sampler)
+  name = dataset.write_preferences(os.path.join(workdir, "labels.jsonl"),
+                                   labeller.preference_rows(pairs, judged))
+  written = dataset.read_back(name, cache_dir=config.data.get("cache_dir"))
+  report = {"command": " ".join(sys.argv), "dataset": name, "rows_written": len(written),
+            "source": f"{config.data.name}[{config.data.split}]", "num_pairs": len(pairs),
+            "num_principles": len(principles), "judge": config.judge.kind,
+            "counters": dict(judge.counters, skipped_empty_response=skipped),
+            "mean_option_mass": sum(j["option_mass"] for j in judged) / max(len(judged), 1),
+            **agreement_report(pairs, judged, config.eval)}
+  report["wall_seconds"] = time.time() - start
+  summary_lib.write_json(os.path.join(workdir, "report.json"), report)
+  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+    f.write(f"# AI labels of {report['source']}\n\n{len(pairs)} pairs, judge "
+            f"{report['judge']}, mean option mass {report['mean_option_mass']:.3f}\n\n")
+    for section in ("human", "annotators"):
+      if section in report:
+        f.write(f"## {section}\n\n{agreement.markdown(report[section])}\n")
+  h = report["human"]
+  logging.info("label_ai_feedback: %d pairs in %.1fs; agreement A-first %.3f, A-second %.3f, "
+               "average %.3f; position bias %.3f -> %.3f; wrote %s", len(pairs),
+               report["wall_seconds"], h["agreement_a_first"]["value"],
+               h["agreement_a_second"]["value"], h["agreement_average"]["value"],
+               h["position_bias_before"]["value"], h["position_bias_after"]["value"], name)
+  return report
+
+
+if __name__ == "__main__":
+  common.define_flags()
+  app.run(common.main_for(run))

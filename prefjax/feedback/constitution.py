@@ -1,0 +1,61 @@
+"""Constitutions: plain-text files of principles, one per line, and how a pair gets its principles.
+
+A constitution file (``configs/constitutions/harmlessness.txt``) holds one principle per
+line, phrased as the question the judge answers ("Which response is less likely to ...?").
+Blank lines and lines starting with ``#`` are skipped. A file with no principle, or a
+missing file, is an error naming the file.
+
+Each pair is judged under either one principle drawn at random (``mode="sample"``, as
+in Constitutional AI, Bai et al. 2022, arXiv 2212.08073) or under ``num_principles``
+principles whose probabilities are averaged (``mode="ensemble"``; 0 = all of them).
+The draw is a pure function of (seed, pair index), so a rerun labels identically.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Sequence
+
+import numpy as np
+
+PRINCIPLE_MODES = ("sample", "ensemble")
+
+
+def load_constitution(path: str | os.PathLike[str]) -> list[str]:
+  """The principles of one constitution file (see the module docstring)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"constitution file {path} not found; give a text file with one "
+                            "principle per line (see configs/constitutions/)")
+  lines = path.read_text(encoding="utf-8").splitlines()
+  principles = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+  if not principles:
+    raise ValueError(f"constitution file {path} has no principle; write one principle per line")
+  return principles
+
+
+def load_constitutions(paths: str | Sequence[str]) -> list[str]:
+  """Principles of several files (comma-separated string or a list), in order, deduplicated."""
+  if isinstance(paths, str):
+    paths = [p.strip() for p in paths.split(",") if p.strip()]
+  if not paths:
+    raise ValueError("no constitution file given (config.constitution)")
+  out: list[str] = []
+  for path in paths:
+    out += [p for p in load_constitution(path) if p not in out]
+  return out
+
+
+def principles_for_pair(principles: Sequence[str], index: int, *, mode: str, seed: int,
+                        num_principles: int = 0) -> list[str]:
+  """The principles pair ``index`` is judged under (one for ``sample``, k for ``ensemble``)."""
+  if mode not in PRINCIPLE_MODES:
+    raise ValueError(f"principle mode must be one of {PRINCIPLE_MODES}, got {mode!r}")
+  rng = np.random.default_rng((seed, index))
+  if mode == "sample":
+    return [principles[int(rng.integers(len(principles)))]]
+  k = len(principles) if num_principles <= 0 else min(num_principles, len(principles))
+  if k == len(principles):
+    return list(principles)
+  return [principles[i] for i in sorted(rng.choice(len(principles), size=k, replace=False))]

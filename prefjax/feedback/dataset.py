@@ -1,0 +1,30 @@
+"""Writing AI-labelled pairs as a JSONL preference file that ``load_preferences`` reads back.
+
+Rows are ``{prompt, chosen, rejected, outcome, meta}`` (the ``jsonl:PATH`` layout of
+``prefjax.data.tfds_builders.preference_jsonl``); the file is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+from prefjax.data import sources
+
+
+def write_preferences(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> str:
+  """Writes ``rows`` to ``path``; returns the dataset name ``jsonl:PATH``."""
+  path = os.path.abspath(os.fspath(path))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
+  return f"jsonl:{path}"
+
+
+def read_back(name: str, *, cache_dir: str | None = None) -> sources.PreferenceSource:
+  """Opens a written file through ``load_preferences`` (every row must be valid)."""
+  return sources.load_preferences(name, "train", data_dir=cache_dir or None)

@@ -1,0 +1,248 @@
+"""The AI labeller: P(response A preferred) from a causal LM answering a multiple-choice question.
+
+For a pair (prompt, A, B) and a principle, the judge (any ``from_pretrained`` decoder)
+reads ``JudgeTemplate.render(...)`` and we take the log-probabilities of the two
+option tokens at the answer position, renormalised over the two:
+
+  P(first slot wins) = exp(ℓ_1) / (exp(ℓ_1) + exp(ℓ_2)),  ℓ_k = log p(label_k | judge text).
+
+Position bias control: each pair is asked in both orders, (A, B) and (B, A), so
+P(A) = ½·[P_AB(first) + (1 − P_BA(first))] (Zheng et al. 2023, "Judging LLM-as-a-judge",
+arXiv 2306.05685, on position bias). With several principles (``ensemble``) the
+per-principle probabilities are averaged before the two orders are.
+
+Scoring is batched and jitted: queries are sorted by token length, cut into batches
+of ``batch_size`` rows (the last one padded with filler rows), each right-padded to a
+multiple of ``pad_to_multiple`` ≤ ``max_length``; so at most
+``max_length / pad_to_multiple`` programs are compiled. Only the answer position's
+hidden state goes through the LM head (no ``[B, T, V]`` logits).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+
+from prefjax.data import tiny_world as tiny_world_lib
+from prefjax.feedback import constitution
+from prefjax.feedback import templates as templates_lib
+
+# Times the scoring program was traced (tests check the number of compiled shapes).
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+  """One multiple-choice question: which of ``first`` / ``second`` is better under ``principle``."""
+  principle: str
+  prompt: str
+  first: str
+  second: str
+
+
+def option_probability(logp_first: np.ndarray, logp_second: np.ndarray) -> np.ndarray:
+  """P(first) = exp(ℓ_1) / (exp(ℓ_1) + exp(ℓ_2)), in float64 (stable for any log-probs)."""
+  a, b = np.asarray(logp_first, np.float64), np.asarray(logp_second, np.float64)
+  return np.exp(a - np.logaddexp(a, b))
+
+
+def truncate(text: str, max_chars: int, *, keep: str) -> str:
+  """At most ``max_chars`` characters, keeping the ``start`` or the ``end`` (0 = no limit)."""
+  if max_chars <= 0 or len(text) <= max_chars:
+    return text
+  return "..." + text[-max_chars:] if keep == "end" else text[:max_chars] + "..."
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _option_logps(graphdef, state, tokens, mask, last, option_ids):
+  """log p(option | text) ``[B, 2]`` at position ``last`` of each right-padded row."""
+  TRACE_COUNTS["option_logps"] += 1
+  model = nnx.merge(graphdef, state)
+  hidden = model.hidden_states(tokens, attention_mask=mask)
+  answer = hidden[jnp.arange(tokens.shape[0]), last]
+  logps = jax.nn.log_softmax(model.logits(answer[:, None, :])[:, 0].astype(jnp.float32), axis=-1)
+  return logps[:, option_ids]
+
+
+class LMJudge:
+  """A causal LM as judge: ``option_logps(queries) -> [N, 2]`` log-probs of the two labels."""
+
+  def __init__(self, model: nnx.Module, tokenizer: Any, template: templates_lib.JudgeTemplate,
+               *, batch_size: int = 8, max_length: int = 512, pad_to_multiple: int = 64,
+               add_bos: bool = False, max_prompt_chars: int = 0, max_response_chars: int = 0):
+    self.model, self.tokenizer, self.template = model, tokenizer, template
+    self.option_ids = np.asarray(template.option_ids(tokenizer), np.int32)
+    self.batch_size, self.max_length = int(batch_size), int(max_length)
+    self.pad_to_multiple = int(pad_to_multiple)
+    self.add_bos = add_bos and tokenizer.bos_id is not None
+    self.max_prompt_chars, self.max_response_chars = max_prompt_chars, max_response_chars
+    self.counters: collections.Counter[str] = collections.Counter()
+
+  def _render_ids(self, q: Query, prompt_chars: int, response_chars: int) -> list[int]:
+    cut = functools.partial(truncate, max_chars=response_chars, keep="start")
+    text = self.template.render(
+        self.tokenizer, principle=q.principle,
+        prompt=truncate(templates_lib.conversation(q.prompt), prompt_chars, keep="end"),
+        first=cut(q.first), second=cut(q.second))
+    return self.tokenizer.encode(text, add_bos=self.add_bos)
+
+  def encode(self, q: Query) -> list[int]:
+    """Token ids of the judge text, at most ``max_length``: the prompt (kept from its end) and
+    the responses (kept from their start) are shortened until it fits, so both options stay
+    visible; only a template alone over the limit loses its middle."""
+    prompt_chars = self.max_prompt_chars or len(q.prompt)
+    response_chars = self.max_response_chars or max(len(q.first), len(q.second))
+    ids = self._render_ids(q, prompt_chars, response_chars)
+    if len(ids) > self.max_length:
+      self.counters["shortened_to_fit"] += 1
+    for _ in range(8):
+      if len(ids) <= self.max_length:
+        break
+      scale = 0.9 * self.max_length / len(ids)
+      prompt_chars = max(1, int(prompt_chars * scale))
+      response_chars = max(1, int(response_chars * scale))
+      ids = self._render_ids(q, prompt_chars, response_chars)
+    if len(ids) > self.max_length:
+      self.counters["cut_to_max_length"] += 1
+      head = self.max_length // 4
+      ids = ids[:head] + ids[len(ids) - (self.max_length - head):]
+    return ids
+
+  def _padded_length(self, n: int) -> int:
+    return min(self.max_length, math.ceil(n / self.pad_to_multiple) * self.pad_to_multiple)
+
+  def option_logps(self, queries: Sequence[Query], *, desc: str = "judge") -> np.ndarray:
+    encoded = [self.encode(q) for q in queries]
+    order = np.argsort([len(ids) for ids in encoded], kind="stable")
+    out = np.zeros((len(queries), 2), np.float64)
+    graphdef, state = nnx.split(self.model)
+    pad = self.tokenizer.pad_id
+    with tqdm.tqdm(total=len(queries), desc=desc, unit="query", dynamic_ncols=True) as bar:
+      for start in range(0, len(order), self.batch_size):
+        rows = order[start:start + self.batch_size]
+        length = self._padded_length(max(len(encoded[i]) for i in rows))
+        tokens = np.full((self.batch_size, length), pad, np.int32)
+        mask = np.zeros((self.batch_size, length), np.int32)
+        last = np.zeros((self.batch_size,), np.int32)
+        for r, i in enumerate(rows):
+          ids = encoded[i]
+          tokens[r, :len(ids)], mask[r, :len(ids)], last[r] = ids, 1, len(ids) - 1
+        mask[len(rows):, 0] = 1  # filler rows attend to one token
+        logps = _option_logps(graphdef, state, tokens, mask, last, self.option_ids)
+        out[rows] = np.asarray(jax.device_get(logps), np.float64)[:len(rows)]
+        bar.update(len(rows))
+    return out
+
+
+class FunctionJudge:
+  """A programmatic judge: ``fn(query) -> (ℓ_first, ℓ_second)``; known answers for tests."""
+
+  def __init__(self, fn: Callable[[Query], tuple[float, float]]):
+    self.fn = fn
+    self.counters: collections.Counter[str] = collections.Counter()
+
+  def option_logps(self, queries: Sequence[Query], *, desc: str = "judge") -> np.ndarray:
+    del desc
+    return np.asarray([self.fn(q) for q in queries], np.float64).reshape(len(queries), 2)
+
+
+def tiny_world_judge(world: tiny_world_lib.TinyWorld, *, temperature: float = 1.0,
+                     position_bias: float = 0.0) -> FunctionJudge:
+  """The tiny world's gold reward as judge: P(first) = σ((r_1 − r_2)/T + bias)."""
+
+  def fn(q: Query) -> tuple[float, float]:
+    z = (world.gold_reward(q.prompt, q.first) - world.gold_reward(q.prompt, q.second)) / temperature
+    z += position_bias
+    return float(-np.logaddexp(0.0, -z)), float(-np.logaddexp(0.0, z))
+
+  return FunctionJudge(fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrincipleSampler:
+  """Which principles each pair is judged under (``config.principles``)."""
+  principles: tuple[str, ...]
+  mode: str = "sample"
+  num_principles: int = 0
+  seed: int = 0
+
+  def __call__(self, index: int) -> list[str]:
+    return constitution.principles_for_pair(self.principles, index, mode=self.mode,
+                                            seed=self.seed, num_principles=self.num_principles)
+
+
+def judge_pairs(judge: Any, pairs: Sequence[Mapping[str, Any]], sampler: PrincipleSampler
+                ) -> list[dict[str, Any]]:
+  """Asks every pair ``{prompt, a, b}`` in both orders under its principles.
+
+  Returns per pair ``{principles, p_a_first, p_a_second, p_a, option_mass}``:
+  P(A wins) with A shown first, with A shown second (= 1 − P(first) of the swapped
+  question), their mean, and the mean probability the judge put on the two labels.
+  """
+  queries, spans = [], []
+  for i, pair in enumerate(pairs):
+    principles = sampler(i)
+    spans.append((len(queries), principles))
+    for principle in principles:
+      queries.append(Query(principle, pair["prompt"], pair["a"], pair["b"]))
+      queries.append(Query(principle, pair["prompt"], pair["b"], pair["a"]))
+  logps = judge.option_logps(queries, desc=f"judging {len(pairs)} pairs x 2 orders")
+  p_first = option_probability(logps[:, 0], logps[:, 1])
+  mass = np.exp(np.logaddexp(logps[:, 0], logps[:, 1]))
+  out = []
+  for start, principles in spans:
+    k = len(principles)
+    ab = p_first[start:start + 2 * k:2]
+    ba = p_first[start + 1:start + 2 * k:2]
+    p_a_first, p_a_second = float(np.mean(ab)), float(np.mean(1.0 - ba))
+    out.append({"principles": principles, "p_a_first": p_a_first, "p_a_second": p_a_second,
+                "p_a": 0.5 * (p_a_first + p_a_second),
+                "option_mass": float(np.mean(mass[start:start + 2 * k]))})
+  return out
+
+
+def preference_rows(pairs: Sequence[Mapping[str, Any]], judged: Sequence[Mapping[str, Any]]
+                    ) -> list[dict[str, Any]]:
+  """Rows for ``load_preferences("jsonl:...")``: chosen = the response the judge prefers,
+  ``outcome`` = P(chosen preferred) ∈ [½, 1]; ``meta`` keeps the principles, both
+  per-order probabilities of the input's A, whether chosen is A, and the source label."""
+  rows = []
+  for pair, j in zip(pairs, judged):
+    a_wins = j["p_a"] >= 0.5
+    meta = {"principles": j["principles"], "p_a_first": j["p_a_first"],
+            "p_a_second": j["p_a_second"], "p_a": j["p_a"], "option_mass": j["option_mass"],
+            "chosen_is_a": bool(a_wins), "source_id": pair.get("id"),
+            "source_outcome": pair.get("outcome")}
+    if pair.get("votes") is not None:
+      meta["votes"] = pair["votes"]
+    rows.append({"prompt": pair["prompt"],
+                 "chosen": pair["a"] if a_wins else pair["b"],
+                 "rejected": pair["b"] if a_wins else pair["a"],
+                 "outcome": max(j["p_a"], 1.0 - j["p_a"]), "meta": meta})
+  return rows
+
+
+def pairs_from_source(source: Sequence[Mapping[str, Any]], max_pairs: int = 0
+                      ) -> tuple[list[dict[str, Any]], int]:
+  """(``{id, prompt, a, b, outcome, votes}`` pairs with A = chosen, B = rejected, number of
+  pairs skipped because a response is empty: a JSONL preference file cannot hold them)."""
+  n = len(source) if max_pairs <= 0 else min(max_pairs, len(source))
+  out, skipped = [], 0
+  for i in range(n):
+    row = source[i]
+    if not row["chosen"].strip() or not row["rejected"].strip():
+      skipped += 1
+      continue
+    out.append({"id": row.get("id", str(i)), "prompt": row["prompt"], "a": row["chosen"],
+                "b": row["rejected"], "outcome": float(row.get("outcome", 1.0)),
+                "votes": (row.get("meta") or {}).get("votes")})
+  return out, skipped

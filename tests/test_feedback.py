@@ -1,0 +1,237 @@
+"""AI feedback: the labeller (float64 references), known-answer recovery on the tiny world,
+soft labels through the RM and DPO losses, the self-critique loop, and bad input."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs.feedback import label_smollm2
+from configs.feedback import self_critique_smollm2
+from experiments import label_ai_feedback
+from experiments import self_critique
+from prefjax import rm
+from prefjax.data import sources
+from prefjax.data import tiny_world as tiny_world_lib
+from prefjax.data import tokenize
+from prefjax.feedback import agreement
+from prefjax.feedback import constitution
+from prefjax.feedback import labeller
+from prefjax.feedback import templates
+from prefjax.losses import direct
+from prefjax.losses._common import soft_label_smoothing
+from prefjax.models import decoder as decoder_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_TEMPLATE = templates.JudgeTemplate(label_smollm2.TINY_TEMPLATE, style="raw")
+
+
+def _sigmoid64(z):
+  return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+  """A random tiny decoder; parameters drawn on the host (eager init compiles every op)."""
+  config = decoder_lib.DecoderConfig.tiny_llama(
+      vocab_size=tokenize.ByteTokenizer().vocab_size, hidden_size=32, num_layers=2, num_heads=4,
+      num_kv_heads=2, intermediate_size=64, max_position_embeddings=256)
+  graphdef, state = nnx.split(nnx.eval_shape(
+      lambda: decoder_lib.Decoder(config, rngs=nnx.Rngs(0), dtype=jnp.float32)))
+  rng = np.random.default_rng(3)
+  return nnx.merge(graphdef, jax.tree.map(
+      lambda s: np.asarray(rng.normal(0.0, 0.5, s.shape), s.dtype), state))
+
+
+def test_lm_judge_matches_a_float64_reference_and_compiles_one_program_per_bucket(tiny_lm):
+  tok = tokenize.ByteTokenizer()
+  judge = labeller.LMJudge(tiny_lm, tok, TINY_TEMPLATE, batch_size=4, max_length=64,
+                           pad_to_multiple=32)
+  # 4 texts of <= 32 tokens (one batch, bucket 32) and 6 longer ones (two batches, bucket 64).
+  queries = ([labeller.Query("Better?", "ab", "c" * j, "d") for j in (1, 2, 3)]
+             + [labeller.Query("Better?", "a", "c", "dd")]
+             + [labeller.Query("Better?", "ab" * k, "c" * (k % 5 + 1), "dd") for k in range(5, 11)])
+  before = labeller.TRACE_COUNTS["option_logps"]
+  logps = judge.option_logps(queries)
+  traced = labeller.TRACE_COUNTS["option_logps"] - before
+  lengths = {judge._padded_length(len(judge.encode(q))) for q in queries}  # pylint: disable=protected-access
+  assert traced == len(lengths) == 2
+  judge.option_logps(queries)
+  assert labeller.TRACE_COUNTS["option_logps"] - before == traced  # same shapes: no retrace
+  # Reference: full-vocabulary logits of one right-padded batch, normalised in float64.
+  encoded = [judge.encode(q) for q in queries]
+  tokens = np.zeros((len(queries), 64), np.int32)
+  mask = np.zeros_like(tokens)
+  for i, ids in enumerate(encoded):
+    tokens[i, :len(ids)], mask[i, :len(ids)] = ids, 1
+  logits = np.asarray(jax.jit(lambda t, m: tiny_lm(t, attention_mask=m))(tokens, mask), np.float64)
+  for i, ids in enumerate(encoded):
+    row = logits[i, len(ids) - 1]
+    ref = row - row.max() - np.log(np.sum(np.exp(row - row.max())))
+    np.testing.assert_allclose(logps[i], [ref[ord("A")], ref[ord("B")]], atol=2e-5)
+    p_ref = np.exp(ref[ord("A")]) / (np.exp(ref[ord("A")]) + np.exp(ref[ord("B")]))
+    np.testing.assert_allclose(labeller.option_probability(logps[i, 0], logps[i, 1]), p_ref,
+                               atol=2e-5)
+  assert np.ptp(labeller.option_probability(logps[:, 0], logps[:, 1])) > 0.01  # not constant
+  # Renormalisation is exact at extreme log-probs (no overflow, no 0/0).
+  np.testing.assert_allclose(labeller.option_probability(-1e4, -1e4 - 3.0), _sigmoid64(3.0),
+                             rtol=1e-12)
+
+
+def test_order_averaging_and_principle_ensemble_match_a_float64_reference():
+  z = {("p1", "x", "y"): 1.3, ("p1", "y", "x"): 0.4, ("p2", "x", "y"): -0.2,
+       ("p2", "y", "x"): 2.0}
+  judge = labeller.FunctionJudge(
+      lambda q: (-np.logaddexp(0, -z[q.principle, q.first, q.second]),
+                 -np.logaddexp(0, z[q.principle, q.first, q.second])))
+  sampler = labeller.PrincipleSampler(("p1", "p2"), mode="ensemble")
+  [out] = labeller.judge_pairs(judge, [{"prompt": "q", "a": "x", "b": "y"}], sampler)
+  first = (_sigmoid64(1.3) + _sigmoid64(-0.2)) / 2
+  second = ((1 - _sigmoid64(0.4)) + (1 - _sigmoid64(2.0))) / 2
+  assert out["principles"] == ["p1", "p2"]
+  np.testing.assert_allclose([out["p_a_first"], out["p_a_second"], out["p_a"]],
+                             [first, second, (first + second) / 2], rtol=1e-12)
+  report = agreement.human_agreement([first], [second], [1.0], num_resamples=10)
+  np.testing.assert_allclose(report["position_bias_before"]["value"],
+                             (first + 1 - second) / 2 - 0.5, rtol=1e-12)
+  assert report["position_bias_after"]["value"] == 0.0
+  assert report["agreement_a_first"]["value"] == 1.0 and report["agreement_a_second"]["value"] == 0.0
+
+
+def test_annotator_agreement_by_hand():
+  votes = [[1, 1, 2], [2, 2, 0], [1, 0, 1], [2, 1, 1]]
+  report = agreement.annotator_agreement([0.8, 0.3, 0.4, 0.5], votes, num_resamples=10)
+  assert report["labeller_vs_annotator1"]["value"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+  assert report["labeller_vs_annotator3"]["num_pairs"] == 3
+  assert report["annotator1_vs_annotator2"]["value"] == pytest.approx(2 / 3)
+  assert report["annotator2_vs_annotator3"]["value"] == pytest.approx(1 / 2)
+
+
+def _tiny_gold_config(**judge):
+  config = label_smollm2.get_config("tiny_gold")
+  config.constitution = str(REPO / "configs/constitutions/style.txt")
+  config.judge.update(judge)
+  return config
+
+
+def test_tiny_world_gold_judge_labels_are_recovered_through_the_pipeline(tmp_path):
+  # No position bias: every written label is exactly σ(|Δgold| / T), read back from JSONL.
+  report = label_ai_feedback.run(_tiny_gold_config(position_bias=0.0), str(tmp_path / "clean"))
+  rows = sources.load_preferences(report["dataset"], "train")
+  world = tiny_world_lib.TinyWorld()
+  assert len(rows) == report["num_pairs"] == 64
+  for row in rows:
+    gap = world.gold_reward(row["prompt"], row["chosen"]) - world.gold_reward(row["prompt"],
+                                                                               row["rejected"])
+    assert gap >= 0
+    assert row["outcome"] == pytest.approx(_sigmoid64(gap / 0.5), abs=1e-6)  # float32 storage
+    assert row["meta"]["p_a_first"] == pytest.approx(row["meta"]["p_a_second"], abs=1e-12)
+    assert len(row["meta"]["principles"]) == 1
+  assert report["human"]["agreement_average"]["value"] == 1.0
+  # A planted +1-logit first-slot bias: each single order errs, the average does not.
+  biased = label_ai_feedback.run(_tiny_gold_config(position_bias=1.0), str(tmp_path / "biased"))
+  h = biased["human"]
+  assert h["agreement_average"]["value"] == 1.0
+  assert h["agreement_a_second"]["value"] < 0.6 and h["position_bias_before"]["value"] > 0.1
+  assert h["position_bias_after"]["value"] == 0.0
+  assert (tmp_path / "biased" / "report.md").read_text().count("agreement_") == 3
+
+
+def _char_features(prompt, response, alphabet=tiny_world_lib.ALPHABET):
+  counts = np.asarray([response.count(c) for c in alphabet], np.float64) / len(response)
+  return np.append(counts, float(response[0] == prompt[0]))
+
+
+@jax.jit
+def _fit_linear_rm(fc, fr, outcome):
+  """A linear reward on character frequencies, trained with the RM objective's BT loss."""
+  loss, opt = rm.RewardLoss(name="bt"), optax.adam(0.1)
+
+  def step(carry, _):
+    w, state = carry
+    grads = jax.grad(lambda w: jnp.mean(loss.per_pair(
+        (fc @ w)[:, None], (fr @ w)[:, None], outcome)))(w)
+    updates, state = opt.update(grads, state)
+    return (optax.apply_updates(w, updates), state), None
+
+  w0 = jnp.zeros(fc.shape[1], jnp.float32)
+  w = jax.lax.scan(step, (w0, opt.init(w0)), None, length=300)[0][0]
+  return jax.nn.sigmoid(fc @ w - fr @ w)
+
+
+def test_rm_trained_on_soft_ai_labels_recovers_them_and_hard_labels_do_not(tmp_path):
+  world = tiny_world_lib.TinyWorld()
+  pairs = [{"prompt": r["prompt"], "a": r["chosen"], "b": r["rejected"], "outcome": 1.0}
+           for r in world.preference_pairs(200, seed=5)]
+  judge = labeller.tiny_world_judge(world, temperature=0.5)
+  judged = labeller.judge_pairs(judge, pairs, labeller.PrincipleSampler(("p",)))
+  rows = labeller.preference_rows(pairs, judged)
+  truth = np.asarray([r["outcome"] for r in rows])
+  fc, fr = ([_char_features(r["prompt"], r[k]) for r in rows] for k in ("chosen", "rejected"))
+  fc, fr = np.asarray(fc, np.float32), np.asarray(fr, np.float32)
+  soft = np.asarray(_fit_linear_rm(fc, fr, truth.astype(np.float32)), np.float64)
+  hard = np.asarray(_fit_linear_rm(fc, fr, np.ones(len(rows), np.float32)), np.float64)
+  assert np.mean(np.abs(soft - truth)) < 0.02  # the soft-target BT optimum is σ(Δ/T)
+  assert np.mean(np.abs(hard - truth)) > 0.1   # hard labels push P towards 1
+  # Soft-label DPO (registry flag): the per-pair optimum of β·h is logit(p).
+  soft_losses = [n for n, s in direct.DIRECT_LOSS_SPECS.items() if s.soft_label]
+  assert "dpo" in soft_losses
+  p = jnp.asarray(truth[:8], jnp.float32)
+  h = jnp.log(p / (1 - p)) / 0.1
+  zeros = jnp.zeros_like(h)
+
+  def dpo_loss(h):
+    x = direct.PairLogps(h, zeros, zeros, zeros, zeros + 1, zeros + 1)
+    return jnp.sum(direct.DIRECT_LOSSES["dpo"](
+        x, beta=0.1, label_smoothing=soft_label_smoothing(0.0, p)))
+
+  np.testing.assert_allclose(jax.jit(jax.grad(dpo_loss))(h), 0.0, atol=1e-5)
+
+
+def test_self_critique_tiny_writes_revised_over_initial_pairs(tmp_path, tiny_lm, monkeypatch):
+  monkeypatch.setattr(self_critique.experiment, "make_model", lambda *a, **k: tiny_lm)
+  config = self_critique_smollm2.get_config("tiny")
+  config.constitution = str(REPO / "configs/constitutions/style.txt")
+  report = self_critique.run(config, str(tmp_path))
+  counters = report["counters"]
+  assert counters["prompts"] == 6
+  assert counters["pairs"] + counters.get("skipped_empty", 0) + counters.get(
+      "skipped_unchanged", 0) == 6
+  rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+  assert len(rows) == report["rows_written"] == counters["pairs"] > 0
+  principles = constitution.load_constitution(config.constitution)
+  for row in rows:
+    assert row["outcome"] == 1.0 and row["meta"]["principle"] in principles
+    assert isinstance(row["meta"]["critique"], str) and row["chosen"] != row["rejected"]
+
+
+def test_bad_input_is_one_line_naming_what_to_fix(tmp_path):
+  def one_line(exc_info, *words):
+    message = str(exc_info.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+  with pytest.raises(FileNotFoundError) as e:
+    constitution.load_constitution(tmp_path / "missing.txt")
+  one_line(e, "missing.txt", "one principle per line")
+  empty = tmp_path / "empty.txt"
+  empty.write_text("# only a comment\n\n   \n")
+  with pytest.raises(ValueError) as e:
+    constitution.load_constitution(empty)
+  one_line(e, "empty.txt", "no principle")
+  with pytest.raises(ValueError) as e:
+    templates.JudgeTemplate.from_config({"template": "{principle} {prompt} {response_a}"})
+  one_line(e, "config.judge.template", "{response_b}")
+  with pytest.raises(ValueError) as e:
+    templates.JudgeTemplate("{response_a} {response_b}", labels=("Yes", "No")).option_ids(
+        tokenize.ByteTokenizer())
+  one_line(e, "'Yes'", "3 tokens", "config.judge.labels")
+  config = label_smollm2.get_config("tiny")
+  config.judge.labels = ("first", "second")
+  with pytest.raises(ValueError) as e:  # the binary fails before building any model
+    label_ai_feedback.make_judge(config)
+  one_line(e, "'first'", "config.judge.labels")
