@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from prefjax.parallel.rules import ROW_INDEX_FIELDS  # Packed fields indexing batch rows.
 from prefjax.train import state as state_lib
 
 Batch = Mapping[str, Any]
@@ -42,8 +43,6 @@ TrainStep = Callable[[state_lib.TrainState, Batch], tuple[state_lib.TrainState, 
 LOSS_WEIGHT = "loss_weight"
 
 
-# Packed-batch fields holding row indices into the whole batch: splitting rows breaks them.
-ROW_INDEX_FIELDS = ("chosen_index", "rejected_index", "sequence_index")
 
 
 def split_microbatches(batch: Batch, accum_steps: int) -> Batch:
