@@ -312,21 +312,22 @@ def test_sigterm_saves_at_once_and_skips_that_steps_eval(scratch, monkeypatch):
 
 
 def _one_step_config(mesh_shape):
-  """PPO with one update per step (so the step's loss is at the initial parameters)."""
+  """PPO with one update per step (so the step's loss is at the initial parameters); the
+  tiny config's batch shapes, so the one-device run reuses ppo_run's compiled sampling."""
   config = tiny_ppo.get_config("quick")
   config.loop.num_steps = 1
   config.loop.eval_every = 1
   config.warm_start.steps = 0
   config.rl.epochs = config.rl.num_minibatches = 1
-  config.rl.prompts_per_step = config.prompts.num_eval = 16
   config.mesh.shape = mesh_shape
   return config
 
 
-def test_mesh_2x2x2_matches_single_device(scratch):
+def test_mesh_2x2x2_matches_single_device(ppo_run, scratch):
   """Rollout rewards, KL, loss and gradient norm at the SAME parameters (step 1's update
   and the evals before it), sharded over 8 devices vs one: reduction orders differ,
   so relative 1e-5, not bit-identity."""
+  del ppo_run  # shares its compiled programs
   records = {}
   for name, shape in (("single", ()), ("mesh", (2, 2, 2))):
     workdir = scratch / f"mesh_{name}"
