@@ -33,6 +33,7 @@ import tensorflow_datasets as tfds
 
 from experiments import preemption
 from prefjax import configlib
+from prefjax import parallel
 from prefjax import train
 
 FLAGS = flags.FLAGS
@@ -106,7 +107,9 @@ def define_flags() -> None:
   if "verbose_errors" not in FLAGS:
     flags.DEFINE_bool("verbose_errors", False, "Show the full traceback of an error "
                       f"(also ${VERBOSE_ERRORS_ENV}=1).")
-  for name in ("config", "workdir", "config_help", "verbose_errors"):
+  parallel.distributed.define_flags(FLAGS)  # --coordinator_address, --num_processes, ...
+  for name in ("config", "workdir", "config_help", "verbose_errors", "coordinator_address",
+               "num_processes", "process_id"):
     FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
 
@@ -187,6 +190,8 @@ def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
       print(config_help(FLAGS.config))
       return
     preemption.exit_on_sigterm()
+    # Multi-host: joins the job when a coordinator is given or a cluster is detected.
+    parallel.initialize_distributed()
     workdir = prepare_workdir(FLAGS.workdir)
     logging.info("config %s, overrides %s (all fields: --config_help; saved in config.json)",
                  config_flags.get_config_filename(FLAGS["config"]),

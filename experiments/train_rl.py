@@ -15,14 +15,18 @@ and response length: the overoptimization curve, in ``metrics.jsonl``
 (``eval/*``) and TensorBoard. A rerun with the same workdir resumes from the
 last checkpoint (policy, value model, optimizer, frozen reference and KL
 coefficient are all checkpointed; all randomness is a function of the step).
+Training runs through ``prefjax.train.train_loop`` like every trainer: one loop
+step is one RL iteration, its batch a ``prefjax.rl.trainer.RolloutIterator``
+rollout sampled with the current parameters, its minibatch epochs successive
+updates inside the jitted step; ``config.mesh`` shards the policy, reference and
+value model and the rollout rows as in ``train_dpo``.
 
 PPO's value model (``rl.value_trunk``): ``"separate"`` (default) is a copy of
 the reference trunk with a scalar head, trained only by the value loss;
 ``"shared"`` puts the value head on the policy's own trunk (cheaper; the value
 loss then also shapes the policy's features). The gold reward is never seen by
 the optimiser: it is only evaluated (and logged on training samples when
-``log_train_gold``). Not yet supported: ``config.mesh`` sharding (runs on one
-device).
+``log_train_gold``).
 
 Outputs: config.json, metrics.jsonl, tensorboard/, checkpoints/, summary.json,
 figures/rl.png (held-out gold and proxy vs √KL).
@@ -36,7 +40,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import logging
@@ -52,166 +55,102 @@ from prefjax.rl import kl_control
 from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
 from prefjax.rl import setup
+from prefjax.rl import trainer
+from prefjax.train import loop as loop_lib
+from prefjax.train import state as state_lib
 from prefjax.train import summary as summary_lib
 
 _EVAL_STREAM = 2**31 - 1  # fold_in index of the fixed eval key (train steps use 0..)
 
 
-def _config_dict(config: Any) -> dict[str, Any]:
-  return summary_lib.config_to_dict(config)
-
-
 @functools.lru_cache(maxsize=None)
 def _optimizer(optimizer_json: str):
-  """One optax object per optimizer config, so jitted updates are reused across runs."""
-  return train.make_optimizer(json.loads(optimizer_json))[0]
+  """One ``(tx, schedule)`` per optimizer config, so the loop reuses its compiled step."""
+  return train.make_optimizer(json.loads(optimizer_json))
 
 
-class _Run:
-  """Everything one RL run needs, built from the config."""
+def _warm_start(config: Any, workdir: str, policy, tokenizer, world) -> loop_lib.StartHook:
+  """Warm-starts a fresh run's policy; a rerun restores it, so it skips this (seconds of
+  training). The returned start hook stops a rerun that finds no intact checkpoint after
+  all (damaged ones are set aside): its next rerun warm-starts."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  resuming = os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+  if not resuming:
+    setup.maybe_warm_start(policy, config, tokenizer, world)
 
-  def __init__(self, config: Any, workdir: str):
-    self.config, self.workdir = config, workdir
-    rl = config.rl
-    self.hp = algorithms.HParams.from_config(rl)
-    self.group_size = int(rl.group_size) if self.hp.algorithm == "rloo" else 1
-    if self.hp.algorithm == "rloo" and self.group_size < 2:
-      raise ValueError(f"RLOO needs rl.group_size >= 2 samples per prompt, got {self.group_size}")
-    self.tokenizer = experiment.make_tokenizer(config.tokenizer)
-    self.world = setup.make_world(config)
-    self.train_prompts, self.eval_prompts = setup.make_prompts(config, self.tokenizer,
-                                                               self.world, workdir=workdir)
-    self.proxy = rl_rewards.make_reward(config.proxy, world=self.world, seed=int(config.seed))
-    self.gold = rl_rewards.make_reward(config.gold, world=self.world, seed=int(config.seed))
-    self.sampling = dict(config.sampling.to_dict())
-    self.key = jax.random.key(int(config.seed))
-    self.tx = _optimizer(json.dumps(config.optimizer.to_dict(), sort_keys=True))
-    self.loop = train.LoopConfig.from_mapping(config.loop)
-    self.ckpt = train.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   keep_last=self.loop.keep_checkpoints)
-    self.kl_ctl = kl_control.make_kl_controller(rl)
-
-  def init_state(self) -> int:
-    """Fresh (warm-started) or restored state; returns the step to continue from."""
-    policy = setup.make_policy(self.config, self.tokenizer)
-    latest = self.ckpt.latest_step()
-    self.warm_started = False
-    if latest is None:
-      self.warm_started = bool(setup.maybe_warm_start(policy, self.config, self.tokenizer,
-                                                      self.world))
-    bundle = rollout_lib.build_bundle(
-        policy, with_value=self.hp.algorithm == "ppo",
-        value_trunk=self.config.rl.get("value_trunk", "separate"), seed=int(self.config.seed))
-    self.graphdef, self.state = train.create_train_state(
-        bundle, self.tx, int(self.config.seed), trainable=rollout_lib.TRAINABLE)
-    if latest is None:
-      return 0
-    restored = self.ckpt.restore_newest_intact(self.state, allow_restart=self.loop.allow_restart)
-    if restored is None:  # Every checkpoint was damaged and set aside: start afresh.
-      return self.init_state()
-    latest, self.state, data_state, _ = restored
-    self.kl_ctl.value = float(data_state["kl_coef"])
-    logging.info("resuming RL from step %d (kl_coef %.4g)", latest, self.kl_ctl.value)
-    return latest
-
-  def policy(self):
-    return train.merge_model(self.graphdef, self.state.params, self.state.extra).policy
-
-  def evaluate(self) -> dict[str, float]:
-    return evaluation.evaluate(
-        self.graphdef, self.state.params, self.state.extra, self.eval_prompts,
-        jax.random.fold_in(self.key, _EVAL_STREAM), tokenizer=self.tokenizer,
-        proxy=self.proxy, gold=self.gold, sampling_cfg=self.sampling,
-        kl_estimator=self.hp.kl_estimator,
-        exact_kl_max_vocab=int(self.config.eval.get("exact_kl_max_vocab",
-                                                    experiment.EXACT_KL_MAX_VOCAB)),
-        exploit_char=self.world.exploit_char if self.world else None)
-
-  def step(self, step: int) -> dict[str, float]:
-    """One RL iteration: sample, score with the proxy, update; returns train metrics."""
-    key = jax.random.fold_in(self.key, step)
-    prompts = self.train_prompts(step, int(self.config.rl.prompts_per_step))
-    prompts = prompts.repeat(self.group_size)
-    rollout = rollout_lib.sample(self.policy(), prompts, jax.random.fold_in(key, 0),
-                                 tokenizer=self.tokenizer, **self.sampling)
-    scores = self.proxy(rollout.prompts, rollout.responses)
-    kl_coef = self.kl_ctl.value
-    batch = algorithms.prepare(
-        self.graphdef, self.state.params, self.state.extra, rollout.tokens,
-        rollout.attention_mask, rollout.loss_mask, jnp.asarray(scores, jnp.float32),
-        jnp.float32(kl_coef), hp=self.hp, group_size=self.group_size)
-    self.state, metrics = algorithms.minibatch_epochs(
-        self.graphdef, self.state, batch, jax.random.fold_in(key, 1), tx=self.tx, hp=self.hp,
-        epochs=int(self.config.rl.epochs), num_minibatches=int(self.config.rl.num_minibatches))
-    self.state = self.state.replace(step=jnp.asarray(step + 1, jnp.int32))
-    sequence_kl = float(np.mean(np.asarray(batch["kl"]).sum(axis=1)))
-    self.kl_ctl.update(sequence_kl, len(rollout.responses))
-    metrics.update(proxy_score=float(np.mean(scores)), kl=sequence_kl, kl_coef=kl_coef,
-                   response_length=float(np.mean(rollout.lengths)))
-    if self.config.get("log_train_gold", False):
-      metrics["gold_score"] = float(np.mean(self.gold(rollout.prompts, rollout.responses)))
-    return metrics
-
-  def save(self) -> None:
-    self.ckpt.save(self.state, data_state={"kl_coef": self.kl_ctl.value},
-                   config=_config_dict(self.config))
+  def check(step: int, state) -> None:
+    del state
+    if resuming and step == 0 and config.get("warm_start") and config.warm_start.steps > 0:
+      raise RuntimeError(f"no intact checkpoint in {workdir} to resume from and the warm "
+                         "start was skipped; rerun to start afresh")
+  return check
 
 
-def run(config: Any, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the RL run of ``config`` in ``workdir``; returns the summary
-  (``{"preempted": True, "step": n}`` when a signal stopped it after saving)."""
+def _group_size(config: Any, hp: algorithms.HParams) -> int:
+  if hp.algorithm != "rloo":
+    return 1
+  group_size = int(config.rl.group_size)
+  if group_size < 2:
+    raise ValueError(f"RLOO needs rl.group_size >= 2 samples per prompt, got {group_size}")
+  return group_size
+
+
+def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
+  """Trains (or resumes) the RL run of ``config`` in ``workdir``; returns the summary, or
+  the loop's ``TrainResult`` (``preempted``) when a signal stopped it after saving."""
   os.makedirs(workdir, exist_ok=True)
   configlib.check_fields("config.eval", config.eval, ("exact_kl_max_vocab",))
-  summary_lib.write_or_check_config(
-      workdir, config,
-      on_mismatch=train.LoopConfig.from_mapping(config.loop).on_config_mismatch)
-  r = _Run(config, workdir)
-  start = r.init_state()
-  total, loop = r.loop.num_steps, r.loop
-  writer = train.MetricWriter(workdir, resume_step=start, total_steps=total)
-  done = start
-  with train.StopOnSignal() as stop:
-    try:
-      if start == 0:
-        writer.log(0, eval_metrics=r.evaluate())
-        if r.warm_started:  # a resumed run must not redo (or re-randomise) the warm start
-          r.save()
-      for step in range(start, total):
-        metrics = r.step(step)
-        done = step + 1
-        # Save at once (the eval waits for the rerun), unless this was the last step.
-        stopping = stop.signum is not None and done < total
-        evals = (r.evaluate() if not stopping and (_every(done, loop.eval_every) or done == total)
-                 else None)
-        writer.log(done, train=metrics, eval_metrics=evals)
-        if _every(done, loop.checkpoint_every) or done == total or stopping:
-          r.save()
-        if stopping:
-          break
-      r.ckpt.wait()
-    finally:
-      writer.close()
-      r.ckpt.close()
-  if done < total:
-    logging.warning("stopped at step %d after a signal; rerun with the same workdir to resume",
-                    done)
-    return {"preempted": True, "step": done}
-  return _write_summary(workdir, total)
+  hp = algorithms.HParams.from_config(config.rl)
+  group_size = _group_size(config, hp)
+  mesh = experiment.make_optional_mesh(config)
+  tokenizer = experiment.make_tokenizer(config.tokenizer)
+  world = setup.make_world(config)
+  train_prompts, eval_prompts = setup.make_prompts(config, tokenizer, world, workdir=workdir)
+  seed = int(config.seed)
+  proxy = rl_rewards.make_reward(config.proxy, world=world, seed=seed)
+  gold = rl_rewards.make_reward(config.gold, world=world, seed=seed)
+  with experiment.mesh_context(mesh):
+    policy = setup.make_policy(config, tokenizer)
+    check_warm_start = _warm_start(config, workdir, policy, tokenizer, world)
+    bundle = rollout_lib.build_bundle(policy, with_value=hp.algorithm == "ppo",
+                                      value_trunk=config.rl.get("value_trunk", "separate"),
+                                      seed=seed)
+  key = jax.random.key(seed)
+  rollouts = trainer.RolloutIterator(
+      state_lib.split_model(bundle, rollout_lib.TRAINABLE)[0], prompts=train_prompts,
+      proxy=proxy, gold=gold if config.get("log_train_gold", False) else None,
+      tokenizer=tokenizer, sampling=config.sampling.to_dict(), hp=hp,
+      kl_ctl=kl_control.make_kl_controller(config.rl), key=key,
+      prompts_per_step=int(config.rl.prompts_per_step), group_size=group_size,
+      epochs=int(config.rl.epochs), num_minibatches=int(config.rl.num_minibatches))
+  evaluator = evaluation.make_evaluator(
+      eval_prompts, jax.random.fold_in(key, _EVAL_STREAM), tokenizer=tokenizer, proxy=proxy,
+      gold=gold, sampling_cfg=config.sampling.to_dict(), kl_estimator=hp.kl_estimator,
+      exact_kl_max_vocab=int(config.eval.get("exact_kl_max_vocab",
+                                             experiment.EXACT_KL_MAX_VOCAB)),
+      exploit_char=world.exploit_char if world else None)
+  with experiment.mesh_context(mesh):
+    result = train.train_loop(
+        workdir=workdir, config=config, model=bundle, loss_fn=trainer.make_loss_fn(hp),
+        optimizer=_optimizer(json.dumps(config.optimizer.to_dict(), sort_keys=True)),
+        loop=config.loop, train_iter=rollouts, evaluators=[evaluator],
+        mesh=mesh, partition_rules=experiment.partition_rules(policy),
+        hooks=[rollouts.observe], start_hooks=[check_warm_start, rollouts.observe],
+        trainable=rollout_lib.TRAINABLE, sequential_updates=rollouts.updates_per_step)
+  if result.preempted:
+    return result
+  return _write_summary(workdir, result.summary, int(config.loop.num_steps))
 
 
-def _every(step: int, n: int) -> bool:
-  return n > 0 and step % n == 0
-
-
-def _write_summary(workdir: str, total: int) -> dict[str, Any]:
+def _write_summary(workdir: str, loop_summary: dict[str, Any], total: int) -> dict[str, Any]:
   evals = [{k[5:]: v for k, v in rec.items() if k.startswith("eval/")} | {"step": rec["step"]}
            for rec in train.read_metrics(workdir) if "eval/gold" in rec]
   if not evals:
     raise RuntimeError(f"no eval records in {workdir}/metrics.jsonl")
   peak = max(evals, key=lambda e: e["gold"])
   summary = {
-      "steps": total, "initial": evals[0], "final": evals[-1], "peak_gold": peak,
-      "gold_gain_at_peak": peak["gold"] - evals[0]["gold"],
+      **loop_summary, "steps": total, "initial": evals[0], "final": evals[-1],
+      "peak_gold": peak, "gold_gain_at_peak": peak["gold"] - evals[0]["gold"],
       "gold_drop_after_peak": peak["gold"] - evals[-1]["gold"],
       "proxy_gain": evals[-1]["proxy"] - evals[0]["proxy"],
   }

@@ -34,6 +34,7 @@ from prefjax import train
 from prefjax.rl import algorithms
 from prefjax.rl import kl_control
 from prefjax.rl import rewards
+from prefjax.rl import trainer
 from prefjax.models import decoder
 from prefjax.rl import rollout as rollout_lib
 from prefjax.train import state as state_lib
@@ -291,19 +292,52 @@ def test_bad_inputs_raise_named_errors():
 def test_sigterm_saves_at_once_and_skips_that_steps_eval(scratch, monkeypatch):
   config = tiny_rloo.get_config("quick")  # 8 steps, eval every 4.
   workdir = scratch / "sigterm"
-  step = train_rl._Run.step  # pylint: disable=protected-access
+  next_rollout = trainer.RolloutIterator.__next__
 
-  def step_then_sigterm(self, i):
-    metrics = step(self, i)
-    if i == 3:  # Step 4 (an eval step) has just been trained.
+  def sigterm_during_fourth_rollout(self):
+    batch = next_rollout(self)
+    if self.step == 4:  # The loop trains step 4 (an eval step), then sees the signal.
       os.kill(os.getpid(), signal.SIGTERM)
-    return metrics
+    return batch
 
-  monkeypatch.setattr(train_rl._Run, "step", step_then_sigterm)  # pylint: disable=protected-access
-  assert train_rl.run(config, str(workdir)) == {"preempted": True, "step": 4}
+  monkeypatch.setattr(trainer.RolloutIterator, "__next__", sigterm_during_fourth_rollout)
+  result = train_rl.run(config, str(workdir))
+  assert result.preempted and int(result.state.step) == 4
   ckpt = train.Checkpointer(workdir / "checkpoints", read_only=True)
   assert ckpt.latest_step() == 4
   ckpt.close()
   assert not (workdir / "summary.json").exists()
   last = train.read_metrics(workdir)[-1]
   assert last["step"] == 4 and "loss" in last and "eval/gold" not in last
+
+
+def _one_step_config(mesh_shape):
+  """PPO with one update per step (so the step's loss is at the initial parameters); the
+  tiny config's batch shapes, so the one-device run reuses ppo_run's compiled sampling."""
+  config = tiny_ppo.get_config("quick")
+  config.loop.num_steps = 1
+  config.loop.eval_every = 1
+  config.warm_start.steps = 0
+  config.rl.epochs = config.rl.num_minibatches = 1
+  config.mesh.shape = mesh_shape
+  return config
+
+
+def test_mesh_2x2x2_matches_single_device(ppo_run, scratch):
+  """Rollout rewards, KL, loss and gradient norm at the SAME parameters (step 1's update
+  and the evals before it), sharded over 8 devices vs one: reduction orders differ,
+  so relative 1e-5, not bit-identity."""
+  del ppo_run  # shares its compiled programs
+  records = {}
+  for name, shape in (("single", ()), ("mesh", (2, 2, 2))):
+    workdir = scratch / f"mesh_{name}"
+    train_rl.run(_one_step_config(shape), str(workdir))
+    records[name] = train.read_metrics(workdir)
+  single, mesh = records["single"], records["mesh"]
+  assert [r["step"] for r in mesh] == [r["step"] for r in single] == [0, 1]
+  for name in ("proxy_score", "gold_score", "response_length", "kl", "loss", "policy_loss",
+               "value_loss", "grad_norm"):
+    assert mesh[1][name] == pytest.approx(single[1][name], rel=1e-5, abs=1e-6), name
+  for name in ("eval/proxy", "eval/gold", "eval/kl/exact", "eval/entropy"):
+    assert mesh[0][name] == pytest.approx(single[0][name], rel=1e-5, abs=1e-6), name
+  assert single[1]["grad_norm"] > 0.01 and single[1]["value_loss"] > 0.01

@@ -48,10 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
       adaptive_kl=dict(enabled=False, target=4.0, horizon=10000.0), value_trunk="separate")
   c.optimizer = configlib.section(train.OptimizerConfig, name="adam", learning_rate=1e-3,
                                  grad_clip_norm=1.0)
-  # The loop fields train_rl honours (it logs every step).
-  c.loop = dict(num_steps=18, eval_every=3, checkpoint_every=10, keep_checkpoints=2,
-                on_config_mismatch="warn", allow_restart=False)
+  # eval_at_start: the step-0 eval is the curves' origin (summary "initial").
+  c.loop = configlib.section(train.LoopConfig, num_steps=18, log_every=1, eval_every=3,
+                             checkpoint_every=10, keep_checkpoints=2, eval_at_start=True)
   c.eval = dict(exact_kl_max_vocab=4096)
+  c.mesh = dict(shape=(), num_devices=0)  # () = one device; e.g. (-1, 1, 1) data-parallel
   c.log_train_gold = True
   return c
 

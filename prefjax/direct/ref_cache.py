@@ -41,6 +41,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from prefjax import parallel
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import sources
 from prefjax.direct import objective as objective_lib
@@ -90,7 +91,7 @@ class ReferenceScorer:
   def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out = _score(self.graphdef, self.state, self._put(batch),
                  num_segments=self.num_segments, with_kl=self.with_kl)
-    return {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
+    return {k: parallel.local_rows(v) for k, v in out.items()}
 
 
 # --------------------------------------------------------------------------- cache

@@ -198,18 +198,53 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P(axes if axes else None, *([None] * (ndim - 1))))
 
 
+# Per-example fields of pair/sequence batches; row fields [n*B, ...] are response-major.
+EXAMPLE_MASK_FIELDS = ("pair_mask", "example_mask")
+# Packed-batch fields holding row indices into one process's batch.
+ROW_INDEX_FIELDS = ("chosen_index", "rejected_index", "sequence_index")
+
+
+def _examples_per_process(batch: PyTree) -> int | None:
+  if isinstance(batch, dict):
+    for key in EXAMPLE_MASK_FIELDS:
+      if key in batch:
+        return int(np.shape(batch[key])[0])
+  return None
+
+
+def _put_response_major(x: np.ndarray, responses: int, mesh: Mesh) -> jax.Array:
+  """Local ``[n*B, ...]`` rows (response i of example b at ``i*B + b``) -> the global
+  ``[n*P*B, ...]`` array in the same response-major layout over all processes."""
+  local = x.reshape(responses, -1, *x.shape[1:])
+  axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+  split = NamedSharding(mesh, P(None, axes, *([None] * (x.ndim - 1))))
+  global_ = jax.make_array_from_process_local_data(split, local)
+  merge = jax.jit(lambda a: a.reshape(-1, *a.shape[2:]),
+                  out_shardings=batch_sharding(mesh, x.ndim))
+  return merge(global_)
+
+
 def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
   """Shards every array of ``batch`` along its leading dim over ``("data", "fsdp")``.
 
   Single process: ``jax.device_put``. Multiple processes: each process passes
   its LOCAL slice and the global batch is their concatenation
-  (``jax.make_array_from_process_local_data``).
+  (``jax.make_array_from_process_local_data``), except for the row fields of
+  pair batches (``[n*B, ...]`` for ``B`` = len(``pair_mask``/``example_mask``),
+  response-major: the n responses of example b at rows ``b, B+b, ...``), whose
+  global array keeps that layout over all ``P*B`` examples (chosen rows first,
+  then rejected), as the losses expect.
 
   Raises:
     ValueError: a leading dim not divisible by the batch-axis size (names the key).
   """
   batch_size = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
   multi_process = jax.process_count() > 1
+  examples = _examples_per_process(batch) if multi_process else None
+  if multi_process and isinstance(batch, dict) and set(batch) & set(ROW_INDEX_FIELDS):
+    raise ValueError(f"packed batches ({sorted(set(batch) & set(ROW_INDEX_FIELDS))} index rows "
+                     "of one process's batch) cannot be joined across processes; use "
+                     "--config.data.pipeline.mode=padded in multi-process runs")
 
   def put(path, x):
     x = x if isinstance(x, jax.Array) else np.asarray(x)
@@ -219,10 +254,24 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
       raise ValueError(f"batch field '{path_str(path)}' has leading dim {x.shape[0]}{local}, "
                        f"not divisible by the {batch_size} devices of mesh axes {BATCH_AXES}")
     if multi_process:
+      responses = x.shape[0] // examples if examples and x.ndim else 1
+      if responses > 1 and x.shape[0] == responses * examples:
+        return _put_response_major(np.asarray(x), responses, mesh)
       return jax.make_array_from_process_local_data(sharding, np.asarray(x))
     return jax.device_put(x, sharding)
 
   return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """Inverse of :func:`shard_batch` for per-example outputs ``[P*B, ...]``: this process's
+  own ``B`` rows as NumPy (all rows on a single process)."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  shards = {}
+  for shard in x.addressable_shards:  # Replicas (e.g. over "tensor") hold the same rows.
+    shards.setdefault(shard.index[0].start or 0, shard.data)
+  return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
 
 
 def jit_sharded(fn: Callable[..., Any], in_shardings: Any, out_shardings: Any,

@@ -1,4 +1,4 @@
-"""PPO and RLOO: advantages from a scored rollout, the loss, and the minibatch update.
+"""PPO and RLOO: advantages from a scored rollout and the loss (the update is ``train_loop``'s).
 
 PPO ("Proximal Policy Optimization Algorithms", Schulman et al. 2017,
 arXiv:1707.06347, as applied to LMs by Ziegler et al. 2019, arXiv:1909.08593):
@@ -22,7 +22,6 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from prefjax import configlib
 from prefjax.losses import policy as policy_losses
@@ -134,52 +133,3 @@ def loss_fn(bundle: rollout_lib.PolicyBundle, batch: Mapping[str, Array],
   metrics["policy_loss"] = pg_loss
   metrics["loss"] = loss
   return loss, metrics
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "hp"), donate_argnums=(1,))
-def update(graphdef, state: state_lib.TrainState, batch: Mapping[str, Array], *, tx,
-           hp: HParams) -> tuple[state_lib.TrainState, dict[str, Array]]:
-  """One optimizer step on a minibatch; a non-finite loss/gradient leaves the state as is."""
-
-  def objective(params):
-    bundle = state_lib.merge_model(graphdef, params, state.extra)
-    return loss_fn(bundle, batch, hp)
-
-  (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  # A non-finite step is not applied (the caller raises after it).
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-  metrics["grad_norm"] = grad_norm
-  metrics["nonfinite"] = (~finite).astype(jnp.float32)
-  return state.replace(params=keep(params, state.params),
-                       opt_state=keep(opt_state, state.opt_state)), metrics
-
-
-def minibatch_epochs(graphdef, state: state_lib.TrainState, batch: Mapping[str, Array],
-                     rng: Array, *, tx, hp: HParams, epochs: int,
-                     num_minibatches: int) -> tuple[state_lib.TrainState, dict[str, float]]:
-  """``epochs`` passes over ``batch`` in ``num_minibatches`` shuffled minibatches."""
-  size = batch["tokens"].shape[0]
-  if size % num_minibatches:
-    raise ValueError(f"rollout batch of {size} sequences is not divisible into "
-                     f"{num_minibatches} minibatches")
-  mb = size // num_minibatches
-  history = []
-  for epoch in range(epochs):
-    order = jax.random.permutation(jax.random.fold_in(rng, epoch), size)
-    for i in range(num_minibatches):
-      idx = order[i * mb:(i + 1) * mb]
-      minibatch = jax.tree.map(lambda x, idx=idx: x[idx], batch)
-      state, metrics = update(graphdef, state, minibatch, tx=tx, hp=hp)
-      history.append(metrics)
-  stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
-  if stacked["nonfinite"].any():
-    raise FloatingPointError(
-        f"non-finite loss or gradient in {int(stacked['nonfinite'].sum())} of {len(history)} "
-        "minibatch updates of this RL step (those updates were not applied); lower the "
-        "learning rate or check the rewards")
-  stacked.pop("nonfinite")
-  return state, {k: float(v.mean()) for k, v in stacked.items()}

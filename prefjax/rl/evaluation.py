@@ -83,3 +83,14 @@ def evaluate(graphdef, params, extra, prompts: rollout_lib.Prompts, rng: jax.Arr
     for name in ("kl", "kl/k1", "kl/k2", "kl/k3"):
       _, metrics[f"{name}_diff_se"] = _mean_se(per_sample[name] - per_sample["kl/exact"])
   return metrics
+
+
+def make_evaluator(prompts: rollout_lib.Prompts, rng: jax.Array, **kwargs: Any):
+  """``train_loop`` evaluator ``fn(step, bundle) -> metrics`` of :func:`evaluate`."""
+
+  def evaluator(step: int, bundle: rollout_lib.PolicyBundle) -> dict[str, float]:
+    del step
+    graphdef, params, extra = state_lib.split_model(bundle, rollout_lib.TRAINABLE)
+    return evaluate(graphdef, params, extra, prompts, rng, **kwargs)
+
+  return evaluator

@@ -23,6 +23,7 @@ Usage (an experiment binary)::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import signal
@@ -46,9 +47,25 @@ from prefjax.train import step as step_lib
 from prefjax.train import summary as summary_lib
 
 Hook = Callable[[int, state_lib.TrainState, Mapping[str, jax.Array]], None]
+StartHook = Callable[[int, state_lib.TrainState], None]
 Evaluator = Callable[[int, nnx.Module], Mapping[str, Any]]
 Optimizer = (schedules.OptimizerConfig | Mapping[str, Any] | optax.GradientTransformation
              | tuple[optax.GradientTransformation, optax.Schedule])
+
+
+# Jitted train steps shared by loop calls with the same model structure, loss function and
+# optimizer objects (and shardings): a binary run twice in one process (tests, sweeps)
+# compiles its step once. Keys hold only hashable, identity-compared objects.
+_STEP_CACHE: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+_STEP_CACHE_SIZE = 8
+
+
+def _hashable(key: Any) -> Any:
+  try:
+    hash(key)
+  except TypeError:
+    return None
+  return key
 
 
 class NonFiniteError(FloatingPointError):
@@ -78,6 +95,7 @@ class LoopConfig:
     tensorboard: write TensorBoard event files.
     allow_restart: when every checkpoint of the workdir is damaged, start from
       scratch (they are moved to ``checkpoints.damaged/``) instead of stopping.
+    eval_at_start: a fresh run also evaluates (and logs) at step 0.
   """
   num_steps: int
   log_every: int = 10
@@ -95,6 +113,7 @@ class LoopConfig:
   on_config_mismatch: str = "warn"
   tensorboard: bool = True
   allow_restart: bool = False
+  eval_at_start: bool = False
 
   @classmethod
   def from_mapping(cls, cfg: Mapping[str, Any] | "LoopConfig") -> "LoopConfig":
@@ -187,9 +206,11 @@ class _Trainer:
 
   def __init__(self, *, workdir, model, loss_fn, optimizer, loop, train_iter, config,
                eval_fn, eval_data, evaluators, tokens_in_batch, mesh, partition_rules, hooks,
-               trainable):
+               trainable, sequential_updates=0, start_hooks=()):
     self.workdir, self.loop = str(workdir), LoopConfig.from_mapping(loop)
     self.train_iter, self.tokens_in_batch, self.hooks = train_iter, tokens_in_batch, hooks
+    self.start_hooks, self.presplit = start_hooks, (self.loop.presplit_microbatches
+                                                     or sequential_updates > 0)
     self.mesh = mesh
     self.config = summary_lib.config_to_dict(config)
     tx, schedule = _make_tx(optimizer)
@@ -207,9 +228,12 @@ class _Trainer:
     self.step_fn = step_lib.make_train_step(
         self.graphdef, loss_fn, tx, schedule=schedule, accum_steps=self.loop.accum_steps,
         presplit=self.loop.presplit_microbatches, micro_sharding=micro_sh,
-        trainable=trainable)
-    self._jitted: dict[Any, Any] = {}
+        trainable=trainable, sequential_updates=sequential_updates)
     self._state_sh = state_sh
+    self._step_key = object() if micro_sh is not None else _hashable((
+        self.graphdef, loss_fn, tx, schedule, self.loop.accum_steps,
+        self.loop.presplit_microbatches, trainable, sequential_updates,
+        None if state_sh is None else tuple(jax.tree.flatten(state_sh)[0]))) or object()
     self.evaluate = _Eval(self.graphdef, eval_fn, eval_data, self._put) if eval_fn else None
     self.evaluators = list(evaluators)
     self.has_eval = self.evaluate is not None or bool(self.evaluators)
@@ -231,7 +255,7 @@ class _Trainer:
       return jax.device_put(jax.tree.map(np.asarray, batch))
 
   def _put_train(self, batch):
-    return sharding_lib.put_batch(batch, self.mesh, presplit=self.loop.presplit_microbatches)
+    return sharding_lib.put_batch(batch, self.mesh, presplit=self.presplit)
 
   def _iterator_state(self):
     get_state = getattr(self.train_iter, "get_state", None)
@@ -268,12 +292,15 @@ class _Trainer:
   def _train_step(self, batch):
     leaves, treedef = jax.tree.flatten(batch)
     batch_sh = tuple(x.sharding for x in leaves) if self.mesh is not None else None
-    key = (treedef, batch_sh)
-    if key not in self._jitted:
-      self._jitted[key] = step_lib.jit_train_step(
+    key = (self._step_key, treedef, batch_sh)
+    if key not in _STEP_CACHE:
+      _STEP_CACHE[key] = step_lib.jit_train_step(
           self.step_fn, state_shardings=self._state_sh,
           batch_shardings=jax.tree.unflatten(treedef, batch_sh) if batch_sh else None)
-    self.state, metrics = self._jitted[key](self.state, batch)
+      while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+        _STEP_CACHE.popitem(last=False)
+    _STEP_CACHE.move_to_end(key)
+    self.state, metrics = _STEP_CACHE[key](self.state, batch)
     return metrics
 
   def _finish_step(self, step: int, metrics, eval_metrics=None) -> None:
@@ -313,8 +340,12 @@ class _Trainer:
                                            total_steps=self.loop.num_steps,
                                            tensorboard=self.loop.tensorboard)
     step, pending, consistent = start_step, None, True
+    for hook in self.start_hooks:
+      hook(start_step, self.state)
     with StopOnSignal() as stop:
       try:
+        if start_step == 0 and self.loop.eval_at_start and self.has_eval:
+          self.writer.log(0, None, self._run_eval(0))
         while step < self.loop.num_steps and stop.signum is None:
           consistent = False
           try:
@@ -435,6 +466,8 @@ def train_loop(
     partition_rules: Sequence[tuple[str, jax.sharding.PartitionSpec]] | None = None,
     hooks: Sequence[Hook] = (),
     trainable: nnx.filterlib.Filter = nnx.Param,
+    sequential_updates: int = 0,
+    start_hooks: Sequence[StartHook] = (),
 ) -> TrainResult:
   """Trains ``model`` with ``loss_fn`` until ``loop.num_steps``, resuming from ``workdir``.
 
@@ -463,6 +496,12 @@ def train_loop(
     trainable: NNX filter of the variables to train (default every
       ``nnx.Param``); the rest, e.g. a frozen reference model inside ``model``,
       is carried in ``state.extra``, sharded by the same rules.
+    sequential_updates: > 0 when each batch holds that many minibatches
+      (leading axis) applied as successive updates within one step (PPO
+      epochs; see ``prefjax.train.step.make_train_step``).
+    start_hooks: ``(start_step, state)`` callbacks once the state is
+      initialised or restored, before the first step (e.g. an on-policy
+      iterator that samples with the current parameters).
 
   Returns:
     A :class:`TrainResult`.
@@ -473,5 +512,6 @@ def train_loop(
                      loop=loop, train_iter=train_iter, config=config, eval_fn=eval_fn,
                      eval_data=eval_data, evaluators=evaluators,
                      tokens_in_batch=tokens_in_batch, mesh=mesh,
-                     partition_rules=partition_rules, hooks=hooks, trainable=trainable)
+                     partition_rules=partition_rules, hooks=hooks, trainable=trainable,
+                     sequential_updates=sequential_updates, start_hooks=start_hooks)
   return trainer.run()

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from prefjax.parallel.rules import ROW_INDEX_FIELDS  # Packed fields indexing batch rows.
 from prefjax.train import state as state_lib
 
 Batch = Mapping[str, Any]
@@ -42,8 +43,6 @@ TrainStep = Callable[[state_lib.TrainState, Batch], tuple[state_lib.TrainState, 
 LOSS_WEIGHT = "loss_weight"
 
 
-# Packed-batch fields holding row indices into the whole batch: splitting rows breaks them.
-ROW_INDEX_FIELDS = ("chosen_index", "rejected_index", "sequence_index")
 
 
 def split_microbatches(batch: Batch, accum_steps: int) -> Batch:
@@ -116,6 +115,26 @@ def _accumulate(graphdef, loss_fn, trainable, params, extra, micro, rng, accum_s
   return mean(losses), metrics, extra, grads
 
 
+def _sequential(graphdef, loss_fn, trainable, tx, params, opt_state, extra, minibatches, rng,
+                num_updates):
+  """One optimizer update per slice of the leading axis, in order (``lax.scan``)."""
+  def body(carry, xs):
+    params, opt_state, extra, finite = carry
+    mb, i = xs
+    loss, metrics, extra, grads = _grads_one(graphdef, loss_fn, trainable, params, extra, mb,
+                                             jax.random.fold_in(rng, i))
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    finite = finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    return (params, opt_state, extra, finite), (loss, metrics, grad_norm)
+  init = (params, opt_state, extra, jnp.ones((), bool))
+  (params, opt_state, extra, finite), (losses, metrics, norms) = jax.lax.scan(
+      body, init, (minibatches, jnp.arange(num_updates)))
+  metrics = {k: jnp.mean(v) for k, v in metrics.items()}
+  return jnp.mean(losses), metrics, jnp.mean(norms), finite, params, opt_state, extra
+
+
 def _select(pred: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
@@ -130,6 +149,7 @@ def make_train_step(
     presplit: bool = False,
     micro_sharding: Callable[[Batch], Any] | None = None,
     trainable: nnx.filterlib.Filter = nnx.Param,
+    sequential_updates: int = 0,
 ) -> TrainStep:
   """Builds the (unjitted) train step; see :func:`jit_train_step`.
 
@@ -147,6 +167,11 @@ def make_train_step(
     micro_sharding: optional ``microbatch -> shardings`` constraint applied
       inside the scan (keeps microbatches spread over the data axes).
     trainable: the NNX filter the state was created with.
+    sequential_updates: when > 0, every batch leaf carries a leading axis of
+      this many minibatches, applied as successive optimizer updates within
+      the step (PPO-style epochs over one rollout); the step is skipped as a
+      whole when any of them is non-finite, and metrics (``grad_norm``
+      included) are their means. Excludes ``accum_steps`` > 1.
 
   Returns:
     ``step(state, batch) -> (state, metrics)``. Metrics: the user metrics,
@@ -157,9 +182,13 @@ def make_train_step(
   """
   if accum_steps < 1:
     raise ValueError(f"accum_steps={accum_steps} must be >= 1")
+  if sequential_updates and (accum_steps > 1 or presplit):
+    raise ValueError("sequential_updates excludes gradient accumulation (accum_steps > 1)")
 
   def train_step(state: state_lib.TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
+    if sequential_updates:
+      return _sequential_step(state, batch, rng)
     if accum_steps == 1 and not presplit:
       loss, metrics, extra, grads = _grads_one(graphdef, loss_fn, trainable, state.params,
                                                state.extra, batch, rng)
@@ -172,6 +201,17 @@ def make_train_step(
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    return _finish(state, loss, metrics, grad_norm, finite, params, opt_state, extra,
+                   state.applied_steps)
+
+  def _sequential_step(state, batch, rng):
+    loss, metrics, grad_norm, finite, params, opt_state, extra = _sequential(
+        graphdef, loss_fn, trainable, tx, state.params, state.opt_state, state.extra, batch,
+        rng, sequential_updates)
+    return _finish(state, loss, metrics, grad_norm, finite, params, opt_state, extra,
+                   state.applied_steps * sequential_updates)
+
+  def _finish(state, loss, metrics, grad_norm, finite, params, opt_state, extra, updates_done):
     skipped = state.skipped_steps + (~finite).astype(jnp.int32)
     consecutive = jnp.where(finite, 0, state.consecutive_skipped + 1)
     new_state = state.replace(
@@ -184,7 +224,7 @@ def make_train_step(
                    update_applied=finite.astype(jnp.float32),
                    skipped_steps=skipped, consecutive_skipped=consecutive)
     if schedule is not None:
-      metrics["learning_rate"] = jnp.asarray(schedule(state.applied_steps), jnp.float32)
+      metrics["learning_rate"] = jnp.asarray(schedule(updates_done), jnp.float32)
     return new_state, metrics
 
   return train_step
