@@ -8,13 +8,18 @@ data sizes, ensembles, best-of-n and RL grids), on world seeds 0–4, pooled:
 each world's prompts are concatenated so that curves average over worlds and the
 bootstrap runs over all 320 prompts; the report also lists each world on its own.
 Adds the direct-alignment study in the bandit world (DPO / IPO / SLiC across β on
-gold-labelled pairs, D1–D3, and the DPO-vs-RL frontier P1).
+gold-labelled pairs, D1–D3, and the DPO-vs-RL frontier P1; kept as ``D1-bandit`` …)
+and the text world (``quick.text_config``; ``experiments/text_study.py``), which runs
+``train_sft``, ``train_rm`` (proxy widths 8–64), ``best_of_n``, ``train_rl`` (RLOO) and
+``train_dpo`` (DPO / IPO / SLiC × 4 β, 400 steps) and carries D1, D2 and P1.
 
-Expected runtime (2 cores, quiet): 12 min 11 s measured, peak RSS 1.9 GB.
-Expected result (measured 2026-12-01): G0–G5, R1, R3, R4, C1–C3 and D3 pass; R2 fails
-(width 4's RL drop 1.3 SE), D1 fails (DPO/IPO gold across β levels off near the
-world's KL ceiling, no 2-SE drop), D2 fails for IPO and SLiC (holds for DPO), P1 fails
-(DPO below the exact RL optimum in 7 of 8 KL bins). See the README.
+Expected runtime: bandit part 12 min 11 s (2 cores, quiet); text world ≈ 35 min measured
+stage by stage on this CPU shared with other jobs (load ≈ 10), not yet as one run.
+Expected result (measured 2026-12-01): bandit G0–G5, R1, R3, R4, C1–C3 and D3 pass, R2
+fails (width 4's RL drop 1.3 SE). Text world: P1, G2-text, R2-text, R4-text pass; D1 fails
+(IPO's d(α − β log d) fit, RMSE 0.93 vs 0.19 quadratic; DPO and SLiC hold), D2 fails
+(SLiC's drop 0.8 SE; DPO 6.4 SE and IPO hold), G1-text and G3-text fail (best-of-256 never
+reaches the repetitive tail). See the README, "Reproducing the papers".
 """
 
 from __future__ import annotations

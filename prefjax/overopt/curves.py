@@ -11,7 +11,7 @@ per-seed declines vary a lot; plot seed averages and report the spread).
 Ensembles (Coste et al. 2023, "Reward Model Ensembles Help Mitigate
 Overoptimization", arXiv:2310.02743) aggregate the K members with
 ``prefjax.rewards.aggregate`` (mean, WCO, UWO) and standardise the aggregate
-under π_ref again, so an RL path's β means the same thing for every objective.
+under π_ref again, so an RL path's β means the same thing for every aggregation.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from prefjax.rewards import aggregate
 
 
 class SettingCurves(NamedTuple):
-  """Seed-averaged curves of one proxy setting (or one ensemble objective)."""
+  """Seed-averaged curves of one proxy setting (or one ensemble aggregation)."""
   label: str
   bon: bon.Curve                 # knob n
   rl: bon.Curve | None           # knob β (None when the RL path was not run)
@@ -124,21 +124,21 @@ def setting_curves(label: str, world: bandit.World, proxies: np.ndarray, ns: np.
 
 def aggregate_members(world: bandit.World, members: np.ndarray, method: str,
                       lam: float = 0.0) -> np.ndarray:
-  """An ensemble objective over members ``[K, P, M]`` → ``[P, M]``, standardised under π_ref."""
+  """An ensemble aggregation over members ``[K, P, M]`` → ``[P, M]``, standardised under π_ref."""
   stacked = np.moveaxis(np.asarray(members, np.float32), 0, -1)
   combined = np.asarray(aggregate(stacked, method, lam), np.float64)
   return bandit.standardize(world.ref_logits, combined)
 
 
-def disagreement_growth(world: bandit.World, members: np.ndarray, objective: np.ndarray,
+def disagreement_growth(world: bandit.World, members: np.ndarray, aggregate: np.ndarray,
                         ns: np.ndarray) -> np.ndarray:
-  """E_π[std over members] under best-of-n of ``objective``, minus its π_ref value: ``[P, S]``.
+  """E_π[std over members] under best-of-n of ``aggregate``, minus its π_ref value: ``[P, S]``.
 
   The member spread std_k r_k(i) of each candidate is averaged under the exact
   best-of-n distribution for each n in ``ns`` (Coste et al.'s disagreement).
   """
   spread = np.std(np.asarray(members, np.float64), axis=0)
-  log_pi = exact.exact_bon_log_probs(world.ref_logits, objective, ns)
+  log_pi = exact.exact_bon_log_probs(world.ref_logits, aggregate, ns)
   under_policy = np.einsum("psm,pm->ps", np.exp(log_pi), spread)
   return under_policy - reference_scores(world, spread)[:, None]
 

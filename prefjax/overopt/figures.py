@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from prefjax.overopt import bon  # noqa: E402
@@ -118,20 +119,20 @@ def ensembles(by_noise: dict[float, dict[str, curves_lib.SettingCurves]], path: 
         _curve(ax, getattr(s, method), colors[name], name)
       ax.set_title(f"{'best-of-n' if method == 'bon' else 'RL path'}, "
                    f"{noise:.0%} label noise: gold")
-      _axes(ax, SQRT_KL, REWARD_UNITS, zero_line=True, title="objective")
+      _axes(ax, SQRT_KL, REWARD_UNITS, zero_line=True, title="aggregation")
   return _save(fig, path)
 
 
 def disagreement(growth: dict[str, np.ndarray], ns: np.ndarray, path: str, *,
                  title: str) -> str:
-  """Member disagreement E_π[std_k r_k] − its π_ref value under BoN of each objective."""
+  """Member disagreement E_π[std_k r_k] − its π_ref value under BoN of each aggregation."""
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, g in growth.items():
     mean, se = bon.bootstrap_mean_se(g)
     _band(ax, ns, mean, se, None, label=name)
   ax.set_xscale("log")
   ax.set_title(title)
-  _axes(ax, "n (best-of-n)", "Δ member std under π  [proxy SD]", title="optimised objective")
+  _axes(ax, "n (best-of-n)", "Δ member std under π  [proxy SD]", title="optimised aggregation")
   return _save(fig, path)
 
 
@@ -213,6 +214,8 @@ def frontier(dpo, ppo, path: str, *, rl_label: str = "KL-regularised RL optimum 
     ax.plot(dpo.kl[k, 1:], dpo.gold[k, 1:], ".", color=color, ms=4,
             label=f"DPO β={dpo.betas[k]:.3g}")
   ax.set_xscale("log")
+  ax.xaxis.set_major_formatter(ticker.ScalarFormatter())  # 1, 10, 100 rather than 10^k
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())     # unlabelled minor ticks
   _axes(ax, "KL(π ‖ π_ref)  [nats]", REWARD_UNITS, fontsize=7)
   ax.set_title("Reward–KL frontier: DPO vs RL against a learned proxy")
   return _save(fig, path)

@@ -10,7 +10,7 @@ levels, best-of-n and the RL path, ensembles, scored against gold.
    each; scores are cached in ``workdir/proxies`` so a rerun skips them;
 3. exact best-of-n and closed-form RL-path curves per seed, averaged over
    seeds (``curves.setting_curves``), ensembles (mean / WCO / UWO) and the
-   disagreement under each objective, the estimator check;
+   disagreement under each aggregation, the estimator check;
 4. optionally the learned-policy RL variant against the closed form.
 
 Worlds are pooled by concatenating their prompts (each world's prompts are
@@ -46,7 +46,7 @@ class BanditResults(NamedTuple):
   data: list[curves_lib.SettingCurves]         # one per pair count
   data_sizes: list[int]
   ensembles: dict[float, dict[str, curves_lib.SettingCurves]]  # noise -> single/mean/wco/uwo
-  disagreement: dict[float, dict[str, np.ndarray]]             # noise -> objective -> [P, S]
+  disagreement: dict[float, dict[str, np.ndarray]]             # noise -> aggregation -> [P, S]
   estimator_checks: list[dict]
   proxy_stats: list[dict]                      # per world and setting: accuracies, wall time
   learned_policy: list[dict]
@@ -141,10 +141,10 @@ class _World:
     disagreement_ns = self.ns[np.linspace(0, len(self.ns) - 1, 9).round().astype(int)]
     for method in ("mean", "wco", "uwo"):
       lam = float(cfg.uwo_lambda) if method == "uwo" else 0.0
-      objective = curves_lib.aggregate_members(self.world, members, method, lam)
-      out[method] = curves_lib.setting_curves(method, self.world, objective[None], self.ns,
+      aggregate = curves_lib.aggregate_members(self.world, members, method, lam)
+      out[method] = curves_lib.setting_curves(method, self.world, aggregate[None], self.ns,
                                               self.betas, num_bootstrap=self.boot)
-      growth[method] = curves_lib.disagreement_growth(self.world, members, objective,
+      growth[method] = curves_lib.disagreement_growth(self.world, members, aggregate,
                                                       disagreement_ns)
     return out, growth
 
