@@ -108,8 +108,11 @@ def run_generation(name: str, batch: int, greedy: bool, repeats: int, *,
       sink.append(time.perf_counter() - t0)
   s = statistics.median(times)
   new_tokens = batch * NEW_TOKENS
-  context = PROMPT_LENGTH + NEW_TOKENS / 2  # mean attended length of a decode step
-  flops = new_tokens * model_throughput.flops_per_token(model.config, context) / 2
+  # Prefill of the prompts, then decode steps attending to 128 slots on average
+  # (flops_per_token counts a causal half of its context).
+  per_token = lambda context: model_throughput.flops_per_token(model.config, context)
+  flops = (batch * PROMPT_LENGTH * per_token(PROMPT_LENGTH)
+           + new_tokens * per_token(2 * (PROMPT_LENGTH + NEW_TOKENS / 2)))
   row = {
       "case": f"generate_{name}_b{batch}_{'greedy' if greedy else 'sample'}",
       "framework": "prefjax", "params": int(sum(x.size for x in jax.tree.leaves(
