@@ -16,6 +16,15 @@ the mean used), peak RSS, and the number of compiles during the timed steps
 (must be 0). ``rm_step_hh``, ``dpo_step_hh_cached`` and ``dpo_step_hh_live``
 use the project's default layout (padded to the batch's longest row rounded up
 to 64). ``torch_*`` cases need ``torch`` and ``transformers`` (the test extra).
+
+Also: ``rm_step_hh_minilm`` (the encoder RM of ``configs/rm/hh_minilm.py`` at its
+HH lengths), ``ref_precompute_hh`` (the DPO reference pass of ``ref_cache``;
+``pairs_per_s``), and ``generate_{25m,smollm2}_b{1,16,64}_{greedy,sample}``:
+KV-cache generation, 64-token prompts, exactly 128 new tokens, timed against
+Hugging Face ``generate`` on the same weights in the same process
+(``benchmarks.generation``; at most 3 repeats each, median; ``vs_hf`` is the
+tokens/s ratio). ``--cases=generate`` selects every case whose name contains
+``generate``.
 """
 
 from __future__ import annotations
@@ -43,8 +52,15 @@ CASES: dict[str, dict[str, Any]] = {
     "torch_rm_step_hh": dict(kind="torch_rm", layout="longest"),
     "torch_dpo_step_hh_cached": dict(kind="torch_dpo_cached", layout="longest"),
     "torch_dpo_step_hh_live": dict(kind="torch_dpo_live", layout="longest"),
+    "rm_step_hh_minilm": dict(kind="rm_minilm", layout="minilm"),
+    "ref_precompute_hh": dict(kind="ref_precompute", layout="longest"),
 }
+# KV-cache generation, prefjax and Hugging Face back to back (benchmarks.generation).
+CASES.update({f"generate_{m}_b{b}_{mode}": dict(kind="generate", model=m, batch=b,
+                                                greedy=mode == "greedy")
+              for m in ("25m", "smollm2") for b in (1, 16, 64) for mode in ("greedy", "sample")})
 QUICK = ("rm_step_hh", "dpo_step_hh_cached", "dpo_step_hh_live")
+GENERATION_REPEATS = 3  # at most, per framework: an HF call at batch 64 takes ~10-100 s here
 
 
 def _builder(kind: str, num_segments: int | None) -> tuple[Callable, dict]:
@@ -57,6 +73,8 @@ def _builder(kind: str, num_segments: int | None) -> tuple[Callable, dict]:
       "torch_rm": steps.torch_rm,
       "torch_dpo_cached": lambda: steps.torch_dpo("cached"),
       "torch_dpo_live": lambda: steps.torch_dpo("live"),
+      "rm_minilm": steps.prefjax_minilm_rm,
+      "ref_precompute": steps.prefjax_ref_precompute,
   }[kind]()
 
 
@@ -87,8 +105,14 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
   from benchmarks import steps as steps_lib
   from benchmarks import workloads
   spec = CASES[name]
+  if spec["kind"] == "generate":
+    from benchmarks import generation
+    row = generation.run_generation(spec["model"], spec["batch"], spec["greedy"],
+                                    min(steps, GENERATION_REPEATS))
+    return {**row, "peak_rss_mb": _peak_rss_mb(), "jax_backend": jax.default_backend()}
   kind, layout = spec["kind"], spec["layout"]
-  batches = list(workloads.pair_batches(layout, steps + 1))
+  batches = list(workloads.minilm_batches(steps + 1) if layout == "minilm"
+                 else workloads.pair_batches(layout, steps + 1))
   if "cached" in kind:
     batches = [steps_lib.with_cached_reference(b) for b in batches]
   num_segments = 16 if layout == "packed" else None
@@ -117,8 +141,13 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
   torch = kind.startswith("torch")
   shapes = [computed_shape(b, torch) for b in timed]
   slots = sum(r * t for r, t in shapes) / len(shapes)
-  passes = {"dpo_live": 4 / 3, "torch_dpo_live": 4 / 3, "rm_ensemble4": 4.0}.get(kind, 1.0)
-  flops = [analytic_flops(r, t, lm_head="dpo" in kind, passes=passes) for r, t in shapes]
+  passes = {"dpo_live": 4 / 3, "torch_dpo_live": 4 / 3, "rm_ensemble4": 4.0,
+            "ref_precompute": 1 / 3}.get(kind, 1.0)
+  if "flops_per_token" in info:
+    flops = [passes * 3 * info["flops_per_token"](t) * r * t for r, t in shapes]
+  else:
+    flops = [analytic_flops(r, t, lm_head="dpo" in kind or kind == "ref_precompute",
+                            passes=passes) for r, t in shapes]
   s_per_step = statistics.median(times)
   return {
       "case": name, "framework": "torch" if torch else "prefjax",
@@ -130,10 +159,15 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
       "padded_slot_pct": round(100 * (1 - real / slots), 1),
       "analytic_tflop_per_step": round(float(np.mean(flops)) / 1e12, 4),
       "achieved_gflop_s": round(float(np.mean(flops)) / s_per_step / 1e9, 1),
-      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+      "pairs_per_s": round(float(np.mean([b["pair_mask"].sum() for b in timed])) / s_per_step, 2),
+      "peak_rss_mb": _peak_rss_mb(),
       "compiles_during_timed_steps": (compiles() - before) if compiles else 0,
       "jax_backend": jax.default_backend(),
   }
+
+
+def _peak_rss_mb() -> int:
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def _child(name: str, steps: int) -> dict[str, Any]:
@@ -149,12 +183,22 @@ def _table(rows: list[dict[str, Any]]) -> str:
           "| compiles in timed steps |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
   lines = [head]
   for r in rows:
+    if "hf_tokens_per_s" in r:
+      continue
     if "error" in r:
       lines.append(f"| {r['case']} | error: {r['error'][0]} |||||||")
       continue
     lines.append(f"| {r['case']} | {r['s_per_step']:.2f} | {r['real_tokens_per_s']:.0f} | "
                  f"{r['padded_slot_pct']:.0f} | {r['compile_s']:.0f} | {r['achieved_gflop_s']:.0f} | "
                  f"{100 * r['mfu']:.0f}% | {r['peak_rss_mb']} | {r['compiles_during_timed_steps']} |")
+  generation = [r for r in rows if "hf_tokens_per_s" in r]
+  if generation:
+    lines += ["", "| case | prefjax tok/s | HF tok/s | vs HF | prefjax s/call | HF s/call | "
+              "compile s | greedy agreement | peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['case']} | {r['real_tokens_per_s']:.0f} | {r['hf_tokens_per_s']:.0f} | "
+              f"{r['vs_hf']:.2f}× | {r['s_per_step']:.2f} | {r['hf_s_per_call']:.2f} | "
+              f"{r['compile_s']:.0f} | {r.get('greedy_token_agreement', '')} | {r['peak_rss_mb']} |"
+              for r in generation]
   return "\n".join(lines)
 
 
@@ -173,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
   if args.child:
     print(json.dumps(run_case(args.child, steps)))
     return
-  names = [c for c in args.cases.split(",") if c] or list(QUICK if args.quick else CASES)
+  names = [n for c in args.cases.split(",") if c
+           for n in ([c] if c in CASES else [n for n in CASES if c in n] or [c])]
+  names = names or list(QUICK if args.quick else CASES)
   unknown = sorted(set(names) - set(CASES))
   if unknown:
     parser.error(f"unknown cases {unknown}; known: {sorted(CASES)}")

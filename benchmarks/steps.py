@@ -96,6 +96,34 @@ def prefjax_dpo(reference: str, num_segments: int | None) -> tuple[Callable, dic
   return _jitted(PolicyAndReference(_decoder(0), _decoder(0)), loss_fn, trainable)
 
 
+def prefjax_minilm_rm() -> tuple[Callable, dict]:
+  """The encoder RM of ``configs/rm/hh_minilm.py``: MiniLM trunk, mean pooling, reward head."""
+  from configs.rm import hh_minilm
+  from prefjax import experiment
+  config = hh_minilm.get_config()
+  model = experiment.make_model(config.model, vocab_size=0, seed=config.seed)
+  loss_fn = rm_objective.make_loss_fn({"name": "bt"}, num_columns=1, objectives=(),
+                                      num_segments=None)
+  step, info = _jitted(model, loss_fn)
+  c = model.trunk.config
+  matmul = c.num_layers * (4 * c.hidden_size ** 2 + 2 * c.hidden_size * c.intermediate_size)
+  # Forward FLOPs per token: 2·matmul params + bidirectional attention over the row.
+  info["flops_per_token"] = lambda length: 2 * matmul + 4 * c.num_layers * c.hidden_size * length
+  return step, info
+
+
+def prefjax_ref_precompute() -> tuple[Callable, dict]:
+  """``ref_cache.ReferenceScorer`` of the workload decoder (the DPO reference pass)."""
+  from prefjax.direct import ref_cache
+  scorer = ref_cache.ReferenceScorer(_decoder(0), direct_objective.Objective(
+      loss="dpo", beta=DPO_BETA, ref_mode="cached"))
+
+  def step(batch):
+    return float(np.sum(scorer(batch)["ref_chosen"]))
+  return step, {"params": state_lib.count_params(nnx.state(_decoder(0), nnx.Param)),
+                "compiles": ref_cache._score._cache_size}
+
+
 def with_cached_reference(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Adds stand-in reference log-probs (the step's cost does not depend on their values)."""
   pairs = batch["pair_mask"].shape[0]

@@ -101,3 +101,23 @@ def pair_batches(mode: str, count: int, **overrides: Any) -> Iterator[dict[str, 
   iterator = iter(dataset)
   for _ in range(count):
     yield next(iterator)
+
+
+def minilm_batches(count: int) -> Iterator[dict[str, np.ndarray]]:
+  """The first ``count`` batches of ``configs/rm/hh_minilm.py``'s pipeline over the test file.
+
+  MiniLM's tokenizer, 16 pairs a batch, prompt 32 tokens, prompt+response 80,
+  buckets 48/80, in file order (the config trains on a resplit of this file).
+  """
+  from configs.rm import hh_minilm
+  from prefjax import experiment
+  config = hh_minilm.get_config()
+  source = sources.load_preferences("hh_rlhf/harmless-base", "test")
+  rows = [source[i] for i in range(len(source))]
+  pipeline = experiment.pipeline_config(config.data, shuffle=False, num_epochs=1,
+                                        shard_index=0, shard_count=1)
+  dataset = pipeline_lib.preference_dataset(rows, experiment.make_tokenizer(config.tokenizer),
+                                            pipeline)
+  iterator = iter(dataset)
+  for _ in range(count):
+    yield next(iterator)

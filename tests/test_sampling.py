@@ -193,6 +193,28 @@ def test_sampling_frequencies_follow_tempered_filtered_distribution():
   np.testing.assert_allclose(counts, want / want.sum(), atol=0.015)
 
 
+def test_categorical_frequencies_across_blocks_with_excluded_tokens():
+  """V = 21 in blocks of 4 (the last block padded): excluded tokens never drawn, masses kept."""
+  probs = np.zeros(21)
+  probs[[0, 3, 4, 11, 20]] = [0.1, 0.25, 0.15, 0.3, 0.2]
+  logits = jnp.asarray(np.log(np.where(probs > 0, probs, 1.0)) + np.where(probs > 0, 0, -np.inf),
+                       jnp.float32)[None]
+  draw = jax.jit(jax.vmap(lambda k: sampling.categorical(k, logits, block=4)[0]))
+  counts = np.bincount(np.asarray(draw(jax.random.split(jax.random.key(3), 20000))),
+                       minlength=21) / 20000
+  np.testing.assert_array_equal(counts[probs == 0], 0.0)
+  np.testing.assert_allclose(counts, probs, atol=0.015)
+
+
+def test_categorical_one_hot_rows_return_their_token():
+  """Block starts and ends, and the last (padded) block: u near 1 must not fall past the token."""
+  index = np.array([0, 3, 4, 20])
+  logits = jnp.full((4, 21), -jnp.inf).at[np.arange(4), index].set(0.0)
+  keys = jax.random.split(jax.random.key(1), 300)
+  draws = jax.jit(jax.vmap(lambda k: sampling.categorical(k, logits, block=4)))(keys)
+  np.testing.assert_array_equal(np.asarray(draws), np.broadcast_to(index, (300, 4)))
+
+
 def test_sharded_generation_equals_unsharded():
   prompts = PROMPTS * 2  # batch 8, one row per device
   kw = dict(temperature=1.3, top_p=0.95, rng=jax.random.key(5))

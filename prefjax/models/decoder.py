@@ -28,7 +28,7 @@ q/k/v, ``c_proj`` -> ``o_proj``, ``mlp.c_fc``/``mlp.c_proj`` ->
 readable and per-layer surgery is easy.
 
 Generation uses ``init_cache`` and ``extend``: the cache holds per-layer keys
-and values ``[B, S, Hkv, Dh]``, the segment id of every slot (1 real, 0 empty or
+and values ``[B, Hkv, S, Dh]`` (heads first: see ``layers.cached_attention``), the segment id of every slot (1 real, 0 empty or
 padding) and the next slot to write; see ``KVCache``.
 """
 
@@ -164,7 +164,7 @@ PARTITION_RULES: list[tuple[str, P]] = [
 class KVCache:
   """Keys/values of every layer plus slot bookkeeping (a pytree).
 
-  keys, values: per layer ``[B, S, Hkv, Dh]``.
+  keys, values: per layer ``[B, Hkv, S, Dh]``.
   segments: ``[B, S]`` int32 segment id of each slot (1 real token, 0 padding or empty).
   index: ``[]`` int32, the next slot to write (shared by the batch: prompts are left-padded).
   """
@@ -329,7 +329,7 @@ class Decoder(nnx.Module):
   def init_cache(self, batch: int, max_length: int, dtype: DType | None = None) -> KVCache:
     """An empty cache of ``max_length`` slots for ``batch`` rows."""
     c = self.config
-    shape = (batch, max_length, c.num_kv_heads, c.head_dim)
+    shape = (batch, c.num_kv_heads, max_length, c.head_dim)
     dtype = self.dtype if dtype is None else dtype
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
     return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in zeros),

@@ -15,7 +15,7 @@ stores the segment id of every cached slot. Padding queries therefore attend to
 padding keys only (never an empty row, so no NaN), and real tokens never see
 padding or another packed sequence. Without a cache, attention runs block-causal
 with a recomputing backward (``prefjax.models.attention``); with a cache, it
-applies the mask explicitly (``masked_attention``).
+applies the mask explicitly over the heads-first cache (``cached_attention``).
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ class Attention(nnx.Module):
                ) -> tuple[Array, tuple[Array, Array] | None]:
     """Self-attention over ``x [N, T, D]``.
 
-    Without a cache the keys are the T new tokens. With ``cache = (keys [N, S,
-    Hkv, Dh], values, kv_segments [N, S] (already updated), index [])`` the new
+    Without a cache the keys are the T new tokens. With ``cache = (keys [N,
+    Hkv, S, Dh], values, kv_segments [N, S] (already updated), index [])`` the new
     keys/values are written at slots ``index .. index+T-1`` and the queries see
     every cached slot up to their own. Returns ``(out [N, T, D], (keys,
     values))`` where the second item is None without a cache.
@@ -146,12 +146,13 @@ class Attention(nnx.Module):
       new_cache = None
     else:
       cache_k, cache_v, kv_segments, start = cache
-      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
-      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
+      heads_first = lambda x, like: x.transpose(0, 2, 1, 3).astype(like.dtype)
+      k = jax.lax.dynamic_update_slice(cache_k, heads_first(k, cache_k), (0, 0, start, 0))
+      v = jax.lax.dynamic_update_slice(cache_v, heads_first(v, cache_v), (0, 0, start, 0))
       q_index = start + jnp.arange(t, dtype=jnp.int32)
-      kv_index = jnp.arange(k.shape[1], dtype=jnp.int32)
+      kv_index = jnp.arange(k.shape[2], dtype=jnp.int32)
       mask = attention_mask_from_segments(segments, kv_segments, q_index, kv_index)
-      out = masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+      out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
       new_cache = (k, v)
     out = self.o_proj(out.reshape(n * t, dims.num_heads * dims.head_dim))
     return out.reshape(n, t, -1), new_cache
@@ -160,19 +161,30 @@ class Attention(nnx.Module):
 def masked_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   """Softmax attention under an explicit ``mask [N, T, S]``; ``q [N,T,H,D]``, ``k, v [N,S,Hkv,D]``.
 
-  Used with the KV cache (queries against cache slots), and as the reference
-  the block-causal ``attention.causal_attention`` is tested against.
+  The reference the block-causal ``attention.causal_attention`` is tested against.
+  """
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)
+  return cached_attention(q, heads_first(k), heads_first(v), mask)
+
+
+def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """``masked_attention`` with heads-first keys and values ``[N, Hkv, S, D]`` (the KV cache layout).
+
+  Heads before slots make both products plain batched matmuls over (row, kv
+  head) with no transpose of the cache. With slots before heads, the decode
+  step's ``[1, D] x [D, S]`` products ran ~30x slower on XLA CPU (2026-12-01,
+  batch 64, 8 heads, 192 slots: 100 ms against 3.3 ms per layer).
   """
   n, t, h, d = q.shape
-  kv_heads = k.shape[2]
-  chex.assert_equal(k.shape[:2], (n, mask.shape[-1]))
-  q = q.reshape(n, t, kv_heads, h // kv_heads, d)
-  scores = jnp.einsum("ntkgd,nskd->nkgts", q, k,
+  kv_heads = k.shape[1]
+  chex.assert_equal((k.shape[0], k.shape[2]), (n, mask.shape[-1]))
+  q = q.reshape(n, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)  # [N, K, G, T, D]
+  scores = jnp.einsum("nkgtd,nksd->nkgts", q, k,
                       preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("nkgts,nskd->ntkgd", probs, v)
-  return out.reshape(n, t, h, d)
+  out = jnp.einsum("nkgts,nksd->nkgtd", probs, v)
+  return out.transpose(0, 3, 1, 2, 4).reshape(n, t, h, d)
 
 
 class MLP(nnx.Module):

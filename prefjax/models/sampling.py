@@ -81,6 +81,33 @@ def top_p_filter(logits: Array, p: float | Array, *, iterations: int = 40) -> Ar
   return jnp.where(probs >= lo, logits, -jnp.inf)
 
 
+def categorical(rng: Array, logits: Array, *, block: int = 128) -> Array:
+  """One draw per row from ``softmax(logits [B, V])`` (``-inf`` = excluded) by inverse CDF.
+
+  One uniform per row instead of ``jax.random.categorical``'s V Gumbel draws,
+  whose threefry bits dominated a CPU sampling step (2026-12-01, 64 x 8,192
+  logits: 59 ms against 2 ms for argmax). The CDF is two-level: masses of
+  ``block``-wide vocabulary blocks pick the block, the cumulative sum inside
+  it picks the token. A draw that float rounding pushes past the end falls back
+  to the last token of positive probability, so excluded tokens never come out.
+  """
+  b, v = logits.shape
+  nb = -(-v // block)
+  logits = jnp.pad(logits.astype(jnp.float32), ((0, 0), (0, nb * block - v)),
+                   constant_values=-jnp.inf)
+  p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)).reshape(b, nb, block)
+  within = jnp.cumsum(p, axis=-1)                      # [B, nb, block]
+  cum = jnp.cumsum(within[..., -1], axis=-1)           # [B, nb]
+  u = jax.random.uniform(rng, (b, 1), jnp.float32) * cum[:, -1:]
+  last = lambda positive: positive.shape[-1] - 1 - jnp.argmax(positive[..., ::-1], axis=-1)
+  j = jnp.minimum(jnp.sum(cum <= u, axis=-1), last(within[..., -1] > 0))
+  rows = jnp.arange(b)
+  in_block = within[rows, j]                            # [B, block]
+  rest = u[:, 0] - (cum[rows, j] - in_block[:, -1])
+  i = jnp.minimum(jnp.sum(in_block <= rest[:, None], axis=-1), last(p[rows, j] > 0))
+  return (j * block + i).astype(jnp.int32)
+
+
 def _pick(logits: Array, tokens: Array) -> Array:
   """``log_softmax(logits)[..., tokens]`` without materialising the log-softmax."""
   logits = logits.astype(jnp.float32)
@@ -101,7 +128,7 @@ def _sample_step(logits: Array, rng: Array, temperature: Array, top_p: Array, *,
     scaled = top_k_filter(scaled, top_k)
   if use_top_p:
     scaled = top_p_filter(scaled, top_p)
-  tokens = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+  tokens = categorical(rng, scaled)
   return tokens, _pick(scaled if tempered_logps else logits, tokens)
 
 
