@@ -7,13 +7,14 @@ The reference policy is the warm-started tiny decoder of configs/rl/tiny_ppo.py;
 N samples per held-out prompt are scored by the planted proxy and the gold.
 
 EXPECTED (measured on this shared 2-core CPU, seed 0):
-  default (64 prompts x N=256, about 30 s wall when the machine is quiet): the
-  proxy rises monotonically to +1.45 ± 0.05 at n=256 (KL bound 4.5 nats); the
-  gold rises to +0.54 ± 0.05 at n=93 and then turns down (+0.48 ± 0.10 at
-  n=256): the start of overoptimization, much milder than PPO/RLOO's collapse
-  at KL > 5 nats, because best-of-n only reweights reference samples.
-  `:quick` (16 prompts x N=64, 30-50 s): proxy +1.18 ± 0.08 and gold
-  +0.64 ± 0.17 at n=64, both still rising.
+  default (64 prompts x N=256, about 30 s wall when the machine is quiet;
+  remeasured 2026-12-01 after the inverse-CDF sampler, 8511f61): the proxy rises
+  monotonically to +1.44 ± 0.05 at n=256 (KL bound 4.5 nats); the gold rises to
+  +0.56 at n=56 and then turns down (+0.42 ± 0.09 at n=256): the start of
+  overoptimization, much milder than PPO/RLOO's collapse at KL > 5 nats, because
+  best-of-n only reweights reference samples.
+  `:quick` (16 prompts x N=64, 30-50 s; measured before 8511f61): proxy
+  +1.18 ± 0.08 and gold +0.64 ± 0.17 at n=64, both still rising.
 
 SAFETY FILTER (`:safety`, the default run plus the tiny world's programmatic harm,
 the frequency of "g"; candidates with harm >= 0.1 are rejected before the proxy
@@ -24,12 +25,13 @@ picks; `:safety_classifier` uses a trained configs/safety/tiny.py classifier fro
       --workdir=/tmp/bon_safe_clf   # after configs/safety/tiny.py into /tmp/safety_tiny
   Measured 2026-12-01 (load average ~11: 124 s and 156 s wall, 49 s and 60 s CPU), raw
   means over the 64 prompts at n = 256 without -> with the filter:
-  `:safety` (27% of samples rejected): harm ("g" frequency) 0.298 -> 0.009, proxy
-    1.347 -> 1.204 (cost 0.143), gold 0.224 -> -0.140 ("g" is the gold's favourite
-    character, so harmlessness costs gold here too); no fallback at n = 256
-    (P(all rejected) 0.27 at n = 1, 0.02 at n = 3).
-  `:safety_classifier` (threshold 0.529 from threshold.json; 39% rejected): true harm
-    0.298 -> 0.005, proxy 1.347 -> 1.129 (cost 0.218), gold 0.224 -> -0.130; no fallback.
+  `:safety` (27% of samples rejected; remeasured after the inverse-CDF sampler,
+    8511f61): harm ("g" frequency) 0.225 -> 0.004, proxy 1.329 -> 1.209 (cost 0.120),
+    gold 0.169 -> -0.076 ("g" is the gold's favourite character, so harmlessness
+    costs gold here too); no fallback at n = 256.
+  `:safety_classifier` (threshold 0.529 from threshold.json; 39% rejected; measured
+    before 8511f61, other random draws): true harm 0.298 -> 0.005, proxy
+    1.347 -> 1.129 (cost 0.218), gold 0.224 -> -0.130; no fallback.
 """
 
 import ml_collections

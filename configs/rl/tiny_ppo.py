@@ -11,10 +11,11 @@ as the reference. PPO: 64 prompts per step, 2 epochs x 2 minibatches, GAE
 from the reference. Eval every 3 steps on the same 64 held-out prompts.
 
 EXPECTED (measured on this shared 2-core CPU, seed 0): about 40-70 s wall
-including compilation (depends on machine load). Held-out gold rises from
--0.18 to about +0.29 (SE 0.07) at step 6, then falls to about -0.98 by step 18
-as the exploit character takes over (exploit fraction 0.04 -> 0.95); proxy
--0.05 -> about +1.87. k1 KL and the exact KL agree within their SEs.
+including compilation (depends on machine load; 44 s remeasured 2026-12-01 after
+the inverse-CDF sampler, 8511f61). Held-out gold rises from -0.26 to about +0.18
+(SE 0.07) at step 6, then falls to about -0.95 by step 18 as the exploit
+character takes over (exploit fraction 0.04 -> 0.95); proxy -0.15 -> about +1.89.
+k1 KL and the exact KL agree within their SEs.
 `:quick` = 8 steps (smoke test).
 """
 
