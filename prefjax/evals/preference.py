@@ -12,6 +12,7 @@ arXiv 1706.04599), accuracy by response-length bucket and the chosen-longer rate
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -159,6 +160,7 @@ def plot_reliability(curves: Mapping[str, Mapping[str, list]], path: str, title:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig, ax = plt.subplots(figsize=(4.8, 4.5))
   ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
   for name, reliability in curves.items():
