@@ -71,3 +71,16 @@ def smollm2_gguf() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def gpt2_bpe_dir() -> pathlib.Path:
   return require_asset(assets.gpt2_bpe_dir)
+
+
+# The slowest test files (measured in CI, `make test` prints the 25 slowest tests). With
+# `--dist loadfile` a file runs on one worker; starting the longest ones first keeps the
+# two workers' finishing times close (longest-processing-time-first scheduling).
+_SLOW_FIRST = ("test_reproduce.py", "test_distributed.py", "test_train_rl.py",
+               "test_eval_rm.py", "test_train_rm.py", "test_train_dpo.py", "test_preemption.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -58,8 +58,8 @@ def text_config(*, enabled: bool, tiny: bool = False) -> ml_collections.ConfigDi
     text.pairs.num_pairs = 300
     text.proxy.update(widths=(8, 16), steps=20)
     text.bon.update(num_prompts=8, num_samples=16, num_points=5)
-    text.rl.update(widths=(8,), steps=4, eval_every=2)
-    text.dpo.update(losses=("dpo",), betas=(0.1, 1.0), steps=6, eval_every=3)
+    text.rl.update(widths=(8,), steps=2, eval_every=1)
+    text.dpo.update(losses=("dpo",), betas=(0.1, 1.0), steps=4, eval_every=2)
     text.eval.update(num_prompts=8, samples_per_prompt=2)
   return text
 
