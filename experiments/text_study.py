@@ -21,10 +21,7 @@ Gold and proxies are standardised under π_ref (mean 0, SD 1 over its samples).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import time
 from typing import Any, Callable
 
 import jax
@@ -48,32 +45,9 @@ from prefjax.data.tfds_builders import synthetic
 from prefjax.overopt import text_world
 from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
-from prefjax.rl import setup
-from prefjax.train import summary as summary_lib
-
-DONE_FILE = "done.json"
-
 
 def _plain(cfg: Any) -> Any:
   return cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
-
-
-def _digest(*parts: Any) -> str:
-  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _stage(path: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-  """Runs ``fn`` unless ``path/done.json`` exists; returns what it recorded."""
-  done = os.path.join(path, DONE_FILE)
-  if os.path.exists(done):
-    with open(done) as f:
-      return json.load(f)
-  os.makedirs(path, exist_ok=True)
-  start = time.time()
-  info = dict(fn() or {}, wall_s=None)
-  info["wall_s"] = time.time() - start
-  summary_lib.write_json(done, info)
-  return info
 
 
 class TextWorld:
@@ -127,7 +101,7 @@ class TextWorld:
   def world_pairs_dataset(self) -> str:
     """Gold-labelled uniform world pairs (the SFT data: their chosen responses)."""
     num, seed = int(self.cfg.sft.num_pairs), int(self.cfg.sft.data_seed)
-    name = f"textworld-sft-{_digest(self.world_fields, num, seed)}"
+    name = f"textworld-sft-{text_world.digest(self.world_fields, num, seed)}"
     if not (synthetic.synthetic_root() / name / synthetic.METADATA_FILE).exists():
       rows = list(self.world.preference_pairs(num, seed=seed))
       synthetic.write_synthetic_dataset(name, rows, label_noise=0.0, gold_name="text_world",
@@ -140,33 +114,11 @@ class TextWorld:
     cfg = self.cfg.pairs
     policy = self.make_policy(self.reference_path())
     rng = np.random.default_rng((int(cfg.seed), 11))
-    num_prompts = int(cfg.num_pairs)
-    texts = [self.world.sample_prompt(rng) for _ in range(num_prompts)]
-    prompts = self.encode_prompts(texts)
-    rows, skipped = [], {"empty": 0, "identical": 0, "gold_tie": 0}
-    chunk = 1024
-    for start in range(0, num_prompts, chunk):
-      part = rollout_lib.Prompts(prompts.texts[start:start + chunk],
-                                 prompts.tokens[start:start + chunk],
-                                 prompts.mask[start:start + chunk]).repeat(2)
-      out = rollout_lib.sample(policy, part, jax.random.key(int(cfg.seed) * 7919 + start),
-                               tokenizer=self.tokenizer, max_new_tokens=14)
-      gold = self.gold(out.prompts, out.responses)
-      for i in range(0, len(out.responses), 2):
-        a, b, ga, gb = out.responses[i], out.responses[i + 1], gold[i], gold[i + 1]
-        if not a or not b:
-          skipped["empty"] += 1
-        elif a == b:
-          skipped["identical"] += 1
-        elif ga == gb:
-          skipped["gold_tie"] += 1
-        else:
-          (c, gc), (r, gr) = sorted([(a, ga), (b, gb)], key=lambda x: -x[1])
-          rows.append({"prompt": out.prompts[i], "chosen": c, "rejected": r,
-                       "meta": {"gold_chosen": gc, "gold_rejected": gr}})
-      logging.info("text world pairs: %d/%d prompts sampled", min(start + chunk, num_prompts),
-                   num_prompts)
-    name = f"textworld-pairs-{_digest(rows)}"
+    prompts = self.encode_prompts([self.world.sample_prompt(rng)
+                                   for _ in range(int(cfg.num_pairs))])
+    rows, skipped = text_world.sample_gold_pairs(policy, prompts, self.gold, self.tokenizer,
+                                                 seed=int(cfg.seed), max_new_tokens=14)
+    name = f"textworld-pairs-{text_world.digest(rows)}"
     synthetic.write_synthetic_dataset(name, rows, label_noise=0.0, gold_name="text_world",
                                       meta=dict(world=self.world_fields, policy="sft",
                                                 skipped=skipped))
@@ -260,29 +212,19 @@ def _load_samples(bon_dir: str) -> dict[str, np.ndarray]:
     return {k: f[k] for k in f.files}
 
 
-def _trajectory(run_dir: str, cache: str, make_model, evaluate, reference, *,
-                trainable=None, policy_of=lambda model: model) -> text_world.Trajectory:
-  """Evaluates a run's checkpoints once; the arrays are cached in ``cache`` (.npz)."""
-  if os.path.exists(cache):
-    with np.load(cache) as f:
-      return text_world.Trajectory(f["steps"], {k[3:]: f[k] for k in f.files
-                                                if k.startswith("pp_")})
+def _trajectory(run_dir: str, make_model, evaluate, reference, *, trainable=None,
+                policy_of=lambda model: model) -> text_world.Trajectory:
   load = text_world.policy_loader(make_model, run_dir, trainable=trainable)
-  traj = text_world.checkpoint_trajectory(run_dir, lambda step: policy_of(load(step)),
-                                          reference, evaluate)
-  np.savez(cache + ".tmp.npz", steps=traj.steps,
-           **{f"pp_{k}": v for k, v in traj.per_prompt.items()})
-  os.replace(cache + ".tmp.npz", cache)
-  return traj
+  return text_world.cached_trajectory(run_dir, lambda step: policy_of(load(step)), reference,
+                                      evaluate)
 
 
 def _rl_policy(tw: TextWorld, config):
   """The RL bundle (policy + frozen reference [+ value]) whose checkpoint holds the policy."""
   def make():
     policy = tw.make_policy(tw.reference_path())
-    bundle = rollout_lib.build_bundle(policy, with_value=config.rl.algorithm == "ppo",
-                                      value_trunk=config.rl.value_trunk, seed=0)
-    return bundle
+    return rollout_lib.build_bundle(policy, with_value=config.rl.algorithm == "ppo",
+                                    value_trunk=config.rl.value_trunk, seed=0)
   return make
 
 
@@ -296,21 +238,21 @@ def run_text_study(cfg: Any, workdir: str, progress_cls) -> dict[str, Any]:
   dpo_runs = [(str(loss), float(b)) for loss in cfg.dpo.losses for b in cfg.dpo.betas]
   progress = progress_cls("text world", 2 + 2 * len(widths) + 2 * len(rl_widths)
                           + 2 * len(dpo_runs))
-  info = _stage(tw.sft_dir, lambda: _run_binary(train_sft.run, tw.sft_config(), tw.sft_dir))
+  info = text_world.run_stage(tw.sft_dir, lambda: _run_binary(train_sft.run, tw.sft_config(), tw.sft_dir))
   progress.step(f"SFT reference policy ({info['wall_s']:.0f} s)")
-  pairs = _stage(os.path.join(workdir, "pairs"), tw.policy_pairs)
+  pairs = text_world.run_stage(os.path.join(workdir, "pairs"), tw.policy_pairs)
   progress.step(f"{pairs['num_pairs']} gold-labelled π_ref pairs")
   proxy_stats = []
   for w in widths:
     path = os.path.join(workdir, "proxies", f"w{w}")
-    info = _stage(path, lambda: _run_binary(train_rm.run, tw.rm_config(w, pairs["dataset"]),
+    info = text_world.run_stage(path, lambda: _run_binary(train_rm.run, tw.rm_config(w, pairs["dataset"]),
                                             path))
     proxy_stats.append(dict(width=w, **info))
     progress.step(f"proxy width {w}: held-out accuracy {info.get('accuracy', float('nan')):.3f}")
   bon = {}
   for w in widths:
     path = os.path.join(workdir, "bon", f"w{w}")
-    _stage(path, lambda: _run_binary(best_of_n.run, tw.bon_config(w), path))
+    text_world.run_stage(path, lambda: _run_binary(best_of_n.run, tw.bon_config(w), path))
     bon[w] = _load_samples(path)
     progress.step(f"best-of-n against proxy width {w}")
   gold_scale = text_world.GoldScale.fit(bon[widths[0]]["gold"])
@@ -323,9 +265,9 @@ def run_text_study(cfg: Any, workdir: str, progress_cls) -> dict[str, Any]:
   for w in rl_widths:
     path = os.path.join(workdir, "rl", f"w{w}")
     config = tw.rl_config(w)
-    _stage(path, lambda: _run_binary(train_rl.run, config, path))
+    text_world.run_stage(path, lambda: _run_binary(train_rl.run, config, path))
     progress.step(f"RL ({cfg.rl.algorithm}) against proxy width {w}")
-    traj = _trajectory(path, os.path.join(path, "trajectory.npz"), _rl_policy(tw, config),
+    traj = _trajectory(path, _rl_policy(tw, config),
                        evaluate, reference, trainable=rollout_lib.TRAINABLE,
                        policy_of=lambda bundle: bundle.policy)
     rl[w] = text_world.standardized(traj, scales)
@@ -333,11 +275,11 @@ def run_text_study(cfg: Any, workdir: str, progress_cls) -> dict[str, Any]:
   dpo = {}
   for loss, beta in dpo_runs:
     path = os.path.join(workdir, "dpo", f"{loss}_b{beta:g}")
-    _stage(path, lambda: _run_binary(train_dpo.run, tw.dpo_config(loss, beta, pairs["dataset"]),
+    text_world.run_stage(path, lambda: _run_binary(train_dpo.run, tw.dpo_config(loss, beta, pairs["dataset"]),
                                      path))
     progress.step(f"{loss} β={beta:g}")
-    traj = _trajectory(path, os.path.join(path, "trajectory.npz"),
-                       lambda: tw.make_policy(tw.reference_path()), evaluate, reference)
+    traj = _trajectory(path, lambda: tw.make_policy(tw.reference_path()), evaluate,
+                       reference)
     dpo[(loss, beta)] = text_world.standardized(traj, scales)
     progress.step(f"{loss} β={beta:g}: {len(traj.steps)} checkpoints evaluated")
   return {"scales": scales, "bon": bon, "rl": rl, "dpo": dpo, "proxy_stats": proxy_stats,

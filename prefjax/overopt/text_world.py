@@ -23,7 +23,10 @@ turns their outputs into curves:
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+import time
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -36,6 +39,64 @@ from prefjax import train
 from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
 from prefjax.train import checkpoint as checkpoint_lib
+from prefjax.train import summary as summary_lib
+
+DONE_FILE = "done.json"
+TRAJECTORY_FILE = "trajectory.npz"
+
+
+def digest(*parts: Any) -> str:
+  """A short content hash (names of datasets written by the study)."""
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_stage(path: str, fn: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
+  """Runs ``fn`` unless ``path/done.json`` exists; returns what it recorded (+ ``wall_s``)."""
+  done = os.path.join(path, DONE_FILE)
+  if os.path.exists(done):
+    with open(done) as f:
+      return json.load(f)
+  os.makedirs(path, exist_ok=True)
+  start = time.time()
+  info = dict(fn() or {})
+  info["wall_s"] = time.time() - start
+  summary_lib.write_json(done, info)
+  return info
+
+
+def sample_gold_pairs(policy: nnx.Module, prompts: rollout_lib.Prompts,
+                      gold: rl_rewards.PairReward, tokenizer: Any, *, seed: int,
+                      max_new_tokens: int, chunk: int = 1024
+                      ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+  """Two policy samples per prompt, labelled by ``gold`` (deterministically).
+
+  Returns preference rows and the counts of dropped pairs: an empty response, two
+  identical responses, or equal gold.
+  """
+  rows, skipped = [], {"empty": 0, "identical": 0, "gold_tie": 0}
+  num_prompts = len(prompts.texts)
+  for start in range(0, num_prompts, chunk):
+    part = rollout_lib.Prompts(prompts.texts[start:start + chunk],
+                               prompts.tokens[start:start + chunk],
+                               prompts.mask[start:start + chunk]).repeat(2)
+    out = rollout_lib.sample(policy, part, jax.random.key(seed * 7919 + start),
+                             tokenizer=tokenizer, max_new_tokens=max_new_tokens)
+    scores = gold(out.prompts, out.responses)
+    for i in range(0, len(out.responses), 2):
+      a, b, ga, gb = out.responses[i], out.responses[i + 1], scores[i], scores[i + 1]
+      if not a or not b:
+        skipped["empty"] += 1
+      elif a == b:
+        skipped["identical"] += 1
+      elif ga == gb:
+        skipped["gold_tie"] += 1
+      else:
+        (c, gc), (r, gr) = sorted([(a, ga), (b, gb)], key=lambda x: -x[1])
+        rows.append({"prompt": out.prompts[i], "chosen": c, "rejected": r,
+                     "meta": {"gold_chosen": gc, "gold_rejected": gr}})
+    logging.info("text world pairs: %d/%d prompts sampled", min(start + chunk, num_prompts),
+                 num_prompts)
+  return rows, skipped
 
 
 class GoldScale(NamedTuple):
@@ -123,6 +184,20 @@ def checkpoint_trajectory(workdir: str, load: Callable[[int], nnx.Module],
                  rows[-1]["kl"].mean(), rows[-1].get("gold", np.zeros(1)).mean())
   names = rows[0].keys()
   return Trajectory(np.asarray(evaluated), {n: np.stack([r[n] for r in rows]) for n in names})
+
+
+def cached_trajectory(run_dir: str, load: Callable[[int], nnx.Module], reference: nnx.Module,
+                      evaluate: Callable[..., dict[str, np.ndarray]]) -> Trajectory:
+  """:func:`checkpoint_trajectory`, computed once: cached in ``run_dir/trajectory.npz``."""
+  cache = os.path.join(run_dir, TRAJECTORY_FILE)
+  if os.path.exists(cache):
+    with np.load(cache) as f:
+      return Trajectory(f["steps"], {k[3:]: f[k] for k in f.files if k.startswith("pp_")})
+  traj = checkpoint_trajectory(run_dir, load, reference, evaluate)
+  np.savez(cache + ".tmp.npz", steps=traj.steps,
+           **{f"pp_{k}": v for k, v in traj.per_prompt.items()})
+  os.replace(cache + ".tmp.npz", cache)
+  return traj
 
 
 def policy_loader(make_policy: Callable[[], nnx.Module], workdir: str, *,
