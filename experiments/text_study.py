@@ -168,7 +168,8 @@ class TextWorld:
     c.rl.algorithm = str(cfg.algorithm)
     c.rl.kl_coef = float(cfg.kl_coef)
     c.loop.num_steps = int(cfg.steps)
-    c.loop.eval_every = int(cfg.steps)       # its own eval once; checkpoints are evaluated here
+    # Its own held-out eval only once, at the end: every checkpoint is evaluated here.
+    c.loop.eval_every, c.loop.eval_at_start = int(cfg.steps), False
     c.loop.checkpoint_every = int(cfg.eval_every)
     c.loop.keep_checkpoints = 10_000
     c.prompts.num_eval = 16
@@ -185,6 +186,7 @@ class TextWorld:
     c.ref.cache_dir = os.path.join(self.workdir, "dpo", "ref_cache")
     c.loop.num_steps = int(cfg.steps)
     c.loop.eval_every = 0
+    c.eval.kl_max_new_tokens = 0  # no sampled KL eval: every checkpoint is evaluated here
     c.loop.checkpoint_every = int(cfg.eval_every)
     c.loop.keep_checkpoints = 10_000
     c.optimizer.learning_rate = float(cfg.learning_rate)

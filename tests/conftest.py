@@ -21,6 +21,14 @@ _CACHE_ROOT = pathlib.Path(tempfile.mkdtemp(prefix="prefjax-test-cache-"))
 os.environ.setdefault("PREFJAX_CACHE_DIR", str(_CACHE_ROOT / "tfds"))
 os.environ.setdefault("PREFJAX_SYNTHETIC_DIR", str(_CACHE_ROOT / "synthetic"))
 
+# One XLA compilation cache for the session, its xdist workers and the binaries tests
+# launch (they inherit the environment): the same program recurs across runs (resumes,
+# reruns, one-device references, repeated configs) and compiles once. Set the variable
+# to "" to compile everything afresh.
+if os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE_ROOT / "xla")):
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import pytest  # noqa: E402
 
 from prefjax import assets  # noqa: E402

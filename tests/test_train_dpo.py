@@ -35,19 +35,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def isolated_env(tmp_path_factory) -> tuple[pathlib.Path, pytest.MonkeyPatch]:
-  """Points the dataset/reference caches at a fresh tmp dir and enables jax's compile cache.
-
-  Runs of the same program (resume, cached vs online, a loss used by several
-  tests) then compile once per session instead of once per run.
-  """
+  """Points the dataset/reference caches at a fresh tmp dir (XLA's compilation cache is
+  the session's, see conftest.py: runs of the same program compile once)."""
   root = tmp_path_factory.mktemp("prefjax_env")
   patch = pytest.MonkeyPatch()
   patch.setenv("PREFJAX_CACHE_DIR", str(root / "cache"))
   patch.setenv("PREFJAX_SYNTHETIC_DIR", str(root / "synthetic"))
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   return root, patch
 
 
@@ -346,10 +339,7 @@ def test_cli_smoke(tmp_path, env):
          f"--workdir={workdir}", "--config.loop.num_steps=2", "--config.mesh.shape=()",
          "--config.model.overrides.num_layers=1", "--config.eval.kl_max_new_tokens=0",
          "--config.loss.name=ipo", "--config.loop.tensorboard=False"]
-  environ = dict(os.environ, JAX_PLATFORMS="cpu",
-                 JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
-                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  environ = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads((workdir / "summary.json").read_text())
