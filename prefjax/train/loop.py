@@ -467,6 +467,7 @@ def train_loop(
   """
   trainer = _Trainer(workdir=workdir, model=model, loss_fn=loss_fn, optimizer=optimizer,
                      loop=loop, train_iter=train_iter, config=config, evaluators=evaluators,
-                     tokens_in_batch=tokens_in_batch, mesh=mesh, partition_rules=partition_rules, hooks=hooks, trainable=trainable,
+                     tokens_in_batch=tokens_in_batch, mesh=mesh,
+                     partition_rules=partition_rules, hooks=hooks, trainable=trainable,
                      sequential_updates=sequential_updates, start_hooks=start_hooks)
   return trainer.run()
