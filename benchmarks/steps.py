@@ -23,10 +23,10 @@ import optax
 from flax import nnx
 
 from benchmarks import workloads
-from prefjax.direct import objective as direct_objective
+from prefjax.direct import loss as direct_loss_lib
 from prefjax.models import decoder as dec
 from prefjax.models import heads
-from prefjax.rm import objective as rm_objective
+from prefjax.rm import loss as rm_loss_lib
 from prefjax.train import state as state_lib
 from prefjax.train import step as step_lib
 
@@ -63,7 +63,7 @@ def _decoder(seed: int) -> dec.Decoder:
 
 def prefjax_rm(num_segments: int | None) -> tuple[Callable, dict]:
   model = heads.attach_head(_decoder(0), "reward", rngs=nnx.Rngs(1))
-  loss_fn = rm_objective.make_loss_fn({"name": "bt"}, num_columns=1, objectives=(),
+  loss_fn = rm_loss_lib.make_loss_fn({"name": "bt"}, num_columns=1, objectives=(),
                                       num_segments=num_segments)
   return _jitted(model, loss_fn)
 
@@ -72,7 +72,7 @@ def prefjax_rm_ensemble(members: int) -> tuple[Callable, dict]:
   """``members`` complete RMs (``DeepEnsemble``) trained in one step."""
   model = heads.DeepEnsemble(
       lambda rngs: heads.attach_head(_decoder(0), "reward", rngs=rngs), list(range(members)))
-  loss_fn = rm_objective.make_loss_fn({"name": "bt"}, num_columns=members, objectives=(),
+  loss_fn = rm_loss_lib.make_loss_fn({"name": "bt"}, num_columns=members, objectives=(),
                                       num_segments=None)
   return _jitted(model, loss_fn)
 
@@ -80,15 +80,15 @@ def prefjax_rm_ensemble(members: int) -> tuple[Callable, dict]:
 def prefjax_dpo(reference: str, num_segments: int | None) -> tuple[Callable, dict]:
   """DPO; ``reference="cached"`` reads ``ref_chosen/ref_rejected`` from the batch,
   ``"live"`` runs the frozen reference's forward inside the same jitted step."""
-  objective = direct_objective.Objective(
-      loss="dpo", beta=DPO_BETA, ref_mode="cached" if reference == "cached" else "online",
+  direct_loss = direct_loss_lib.DirectLoss(
+      name="dpo", beta=DPO_BETA, ref_mode="cached" if reference == "cached" else "online",
       layout="packed" if num_segments else "padded", num_segments=num_segments)
-  policy_loss = direct_objective.make_loss_fn(objective)
+  policy_loss = direct_loss_lib.make_loss_fn(direct_loss)
   if reference == "cached":
     return _jitted(_decoder(0), policy_loss)
 
   def loss_fn(model, batch, rng):
-    refs = direct_objective.reference_fields(model.reference, batch,
+    refs = direct_loss_lib.reference_fields(model.reference, batch,
                                              num_segments=num_segments, with_kl=False)
     return policy_loss(model.policy, {**batch, **jax.lax.stop_gradient(refs)}, rng)
 
@@ -102,7 +102,7 @@ def prefjax_minilm_rm() -> tuple[Callable, dict]:
   from prefjax import experiment
   config = hh_minilm.get_config()
   model = experiment.make_model(config.model, vocab_size=0, seed=config.seed)
-  loss_fn = rm_objective.make_loss_fn({"name": "bt"}, num_columns=1, objectives=(),
+  loss_fn = rm_loss_lib.make_loss_fn({"name": "bt"}, num_columns=1, objectives=(),
                                       num_segments=None)
   step, info = _jitted(model, loss_fn)
   c = model.trunk.config
@@ -115,8 +115,8 @@ def prefjax_minilm_rm() -> tuple[Callable, dict]:
 def prefjax_ref_precompute() -> tuple[Callable, dict]:
   """``ref_cache.ReferenceScorer`` of the workload decoder (the DPO reference pass)."""
   from prefjax.direct import ref_cache
-  scorer = ref_cache.ReferenceScorer(_decoder(0), direct_objective.Objective(
-      loss="dpo", beta=DPO_BETA, ref_mode="cached"))
+  scorer = ref_cache.ReferenceScorer(_decoder(0), direct_loss_lib.DirectLoss(
+      name="dpo", beta=DPO_BETA, ref_mode="cached"))
 
   def step(batch):
     return float(np.sum(scorer(batch)["ref_chosen"]))

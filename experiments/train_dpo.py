@@ -8,7 +8,7 @@ iterator position are checkpointed by ``prefjax.train``).
 
 ``config.loss.name`` is any registered direct loss (``DIRECT_LOSS_SPECS``; for
 ``kto`` pairs become unpaired examples: chosen desirable, rejected undesirable;
-see ``prefjax.direct.objective``), ``config.loss.beta`` its β,
+see ``prefjax.direct.loss``), ``config.loss.beta`` its β,
 ``config.loss.kwargs`` its extra hyperparameters (a dict, or ``"name=value,..."``
 on the command line) and ``config.loss.nll_alpha`` the weight of the chosen-NLL
 term (RPO; None = the loss's registered default, 1 for ORPO).
@@ -51,7 +51,7 @@ from prefjax import parallel
 from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.direct import evaluation
-from prefjax.direct import objective as objective_lib
+from prefjax.direct import loss as loss_lib
 from prefjax.direct import ref_cache
 from prefjax.train import summary as summary_lib
 
@@ -64,14 +64,14 @@ def model_description(model: nnx.Module) -> dict[str, Any]:
 class References:
   """Builds the reference model lazily and the per-split reference-field providers."""
 
-  def __init__(self, config: Any, objective: objective_lib.Objective, tokenizer: Any,
+  def __init__(self, config: Any, loss: loss_lib.DirectLoss, tokenizer: Any,
                mesh: jax.sharding.Mesh | None, policy: nnx.Module):
-    self.config, self.objective, self.tokenizer, self.mesh = config, objective, tokenizer, mesh
+    self.config, self.loss, self.tokenizer, self.mesh = config, loss, tokenizer, mesh
     self._policy = policy  # Read before training only (its arrays are donated later).
     self._model_desc = model_description(policy)
     self._model: nnx.Module | None = None
     self._scorer: ref_cache.ReferenceScorer | None = None
-    self.info: dict[str, Any] = {"mode": objective.ref_mode, "path": self.weights_path}
+    self.info: dict[str, Any] = {"mode": loss.ref_mode, "path": self.weights_path}
 
   @property
   def weights_path(self) -> str:
@@ -92,7 +92,7 @@ class References:
         if self.mesh is not None:
           parallel.shard_model(model, self.mesh, experiment.partition_rules(model))
       self._model = model
-      self._scorer = ref_cache.ReferenceScorer(model, self.objective, self.mesh)
+      self._scorer = ref_cache.ReferenceScorer(model, self.loss, self.mesh)
       logging.info("reference model built from %s", self.weights_path or
                    f"the policy's random init (seed {self.config.seed})")
     return self._model
@@ -106,7 +106,7 @@ class References:
   def provider(self, name: str, source: Any, pcfg: pipeline_lib.PipelineConfig
                ) -> Callable[[Any], dict[str, np.ndarray]] | None:
     """The batch -> reference fields function for one split (None when reference-free)."""
-    mode = self.objective.ref_mode
+    mode = self.loss.ref_mode
     if mode == "none":
       return None
     if mode == "online":
@@ -114,7 +114,7 @@ class References:
       return self._scorer
     parts = ref_cache.key_parts(
         ref_weights=self.weights_fingerprint(), source=source, tokenizer=self.tokenizer,
-        pipeline=pcfg, model_config=self._model_desc, objective=self.objective, mesh=self.mesh)
+        pipeline=pcfg, model_config=self._model_desc, loss=self.loss, mesh=self.mesh)
 
     def build() -> ref_cache.ReferenceTable:
       self.build_model()
@@ -153,7 +153,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   os.makedirs(workdir, exist_ok=True)
   configlib.check_fields("config.eval", config.eval, EVAL_FIELDS)
   configlib.check_fields("config.ref", config.get("ref"), REF_FIELDS)
-  objective = objective_lib.Objective.from_config(config)
+  loss = loss_lib.DirectLoss.from_config(config)
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   mesh = experiment.make_optional_mesh(config)
   train_source = experiment.load_split(config.data, config.data.train_split)
@@ -165,12 +165,12 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   data_report = experiment.start_data_report(
       workdir, {"train": train_source, "eval": eval_source}, tokenizer, pcfg,
       ("chosen", "rejected"))
-  logging.info("objective: %s", objective)
+  logging.info("loss: %s", loss)
 
   with experiment.mesh_context(mesh):
     policy = experiment.make_model(config.model, vocab_size=tokenizer.vocab_size,
                                    seed=config.seed)
-  refs = References(config, objective, tokenizer, mesh, policy)
+  refs = References(config, loss, tokenizer, mesh, policy)
   train_ds = pipeline_lib.preference_dataset(train_source, tokenizer, pcfg)
   eval_ds = pipeline_lib.preference_dataset(eval_source, tokenizer, eval_pcfg)
   train_iter = ref_cache.ReferenceIterator(iter(train_ds), refs.provider("train", train_source,
@@ -179,16 +179,17 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   kl = kl_config(config, tokenizer)
   if kl is not None and refs.model is None:
     logging.info("eval KL to the reference skipped: no reference model is loaded in "
-                 "ref.mode=%s", objective.ref_mode)
-  eval_fn = evaluation.make_eval_fn(objective, reference=refs.model, kl=kl)
+                 "ref.mode=%s", loss.ref_mode)
+  evaluator = evaluation.make_evaluator(
+      loss, lambda: ref_cache.ReferenceIterator(iter(eval_ds), eval_provider),
+      reference=refs.model, kl=kl, mesh=mesh)
   summary_lib.write_json(os.path.join(workdir, "reference.json"), refs.info)
 
   with experiment.mesh_context(mesh):
     result = train.train_loop(
         workdir=workdir, config=config, model=policy,
-        loss_fn=objective_lib.make_loss_fn(objective), optimizer=config.optimizer,
-        loop=config.loop, train_iter=train_iter, eval_fn=eval_fn,
-        eval_data=lambda: ref_cache.ReferenceIterator(iter(eval_ds), eval_provider),
+        loss_fn=loss_lib.make_loss_fn(loss), optimizer=config.optimizer,
+        loop=config.loop, train_iter=train_iter, evaluators=[evaluator],
         tokens_in_batch=experiment.tokens_in_batch, mesh=mesh,
         partition_rules=experiment.partition_rules(policy))
   experiment.finish_data_report(workdir, data_report, train_iter, result.summary)

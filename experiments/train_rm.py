@@ -7,7 +7,7 @@ Rerunning with the same workdir resumes (params, optimizer, RNG and the data
 iterator position are checkpointed by ``prefjax.train``).
 
 Losses (``config.loss.name``): any ``prefjax.losses.PREFERENCE_LOSSES`` entry,
-with its hyperparameters in ``config.loss`` (see ``prefjax.rm.objective``),
+with its hyperparameters in ``config.loss`` (see ``prefjax.rm.loss``),
 per pair, reduced as Σ_i w_i·ℓ_i / (number of real pairs), w_i = ``weight``
 (padded pairs have ``pair_mask`` 0 and weigh 0):
   bt             Bradley–Terry with ``margin``, ``label_smoothing`` ε and the

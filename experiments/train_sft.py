@@ -109,7 +109,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
     result = train.train_loop(
         workdir=workdir, config=config, model=model, loss_fn=loss_fn,
         optimizer=config.optimizer, loop=config.loop, train_iter=train_iter,
-        eval_fn=eval_fn, eval_data=lambda: iter(eval_ds),
+        evaluators=[train.BatchEvaluator(eval_fn, lambda: iter(eval_ds), mesh=mesh)],
         tokens_in_batch=experiment.tokens_in_batch, mesh=mesh, partition_rules=rules)
   experiment.finish_data_report(workdir, data_report, train_iter, result.summary)
   if not result.preempted:

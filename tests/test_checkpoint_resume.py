@@ -62,8 +62,8 @@ def run(workdir, hooks=(), train_iter=None):
   train_iter = make_iter() if train_iter is None else train_iter
   result = train.train_loop(workdir=str(workdir), model=DropoutMLP(nnx.Rngs(0)),
                             loss_fn=loss_fn, optimizer=OPT, loop=LOOP, train_iter=train_iter,
-                            config={"opt": OPT, "loop": LOOP}, eval_fn=eval_fn,
-                            eval_data=EVAL_DATA, hooks=hooks)
+                            config={"opt": OPT, "loop": LOOP},
+                            evaluators=[train.BatchEvaluator(eval_fn, EVAL_DATA)], hooks=hooks)
   return result, train_iter
 
 

@@ -149,7 +149,7 @@ def _char_features(prompt, response, alphabet=tiny_world_lib.ALPHABET):
 
 @jax.jit
 def _fit_linear_rm(fc, fr, outcome):
-  """A linear reward on character frequencies, trained with the RM objective's BT loss."""
+  """A linear reward on character frequencies, trained with RewardLoss's BT loss."""
   loss, opt = rm.RewardLoss(name="bt"), optax.adam(0.1)
 
   def step(carry, _):

@@ -13,7 +13,7 @@ from experiments import train_dpo
 from prefjax import experiment
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import tokenize
-from prefjax.direct import objective as objective_lib
+from prefjax.direct import loss as loss_lib
 from prefjax.direct import ref_cache
 from prefjax.models import decoder
 from tests import comparisons
@@ -89,7 +89,7 @@ class _Source:
 def _key(**changes):
   base = dict(ref_weights="params:abc", source=_Source("f0"),
               tokenizer=tokenize.ByteTokenizer(), pipeline=pipeline_lib.PipelineConfig(),
-              model_config={"hidden_size": 32}, objective=objective_lib.Objective(),
+              model_config={"hidden_size": 32}, loss=loss_lib.DirectLoss(),
               mesh=None)
   base.update(changes)
   return ref_cache.cache_key(ref_cache.key_parts(**base))
@@ -142,7 +142,7 @@ def test_packed_pair_scores_equal_padded_scores():
                                    max_segments_per_row=4)
   padded = next(iter(pipeline_lib.preference_dataset(ROWS, tok, base)))
   packed = next(iter(pipeline_lib.preference_dataset(ROWS, tok, packed_cfg)))
-  score = nnx.jit(objective_lib.score_pairs, static_argnames="num_segments")
+  score = nnx.jit(loss_lib.score_pairs, static_argnames="num_segments")
   a = score(model, padded)
   b = score(model, packed, num_segments=4)
   order = np.argsort(padded["example_index"])

@@ -204,7 +204,7 @@ def test_train_loop_learns_and_writes_outputs(tmp_path):
   result = train.train_loop(
       workdir=str(tmp_path), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss, optimizer=opt,
       loop=loop, train_iter=iter(batches), config={"opt": opt, "loop": loop},
-      eval_fn=eval_fn, eval_data=evals, tokens_in_batch=lambda b: b["x"].size)
+      evaluators=[train.BatchEvaluator(eval_fn, evals)], tokens_in_batch=lambda b: b["x"].size)
   records = train.read_metrics(tmp_path)
   steps = [r["step"] for r in records]
   assert steps == sorted(set(steps)) and steps[0] == 5 and steps[-1] == 80
@@ -256,13 +256,13 @@ def test_evaluators_get_the_current_model_at_every_eval(tmp_path):
   result = train.train_loop(
       workdir=str(tmp_path), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
       optimizer={"name": "sgd", "learning_rate": 0.1}, loop=loop,
-      train_iter=iter(make_batches(6, 16)), eval_fn=eval_fn, eval_data=evals,
-      evaluators=[mse_evaluator])
+      train_iter=iter(make_batches(6, 16)),
+      evaluators=[train.BatchEvaluator(eval_fn, evals), mse_evaluator])
   logged = [r for r in train.read_metrics(tmp_path) if "eval/mse_by_evaluator" in r]
   assert [r["step"] for r in logged] == [s for s, _ in seen] == [3, 6]
   assert seen[0][1] != seen[1][1]  # The model of step 3, then that of step 6.
   assert seen[1][1] == result.summary["params_sha256"]
-  # The evaluator and the jitted eval_fn path agree; both reach summary.json.
+  # The hand evaluator and BatchEvaluator's jitted eval_fn agree; both reach summary.json.
   final = result.summary["final_eval"]
   np.testing.assert_allclose(final["mse_by_evaluator"], final["mse"], rtol=1e-5)
   assert logged[-1]["eval/mse_by_evaluator"] == final["mse_by_evaluator"]

@@ -1,4 +1,4 @@
-"""experiments/train_dpo.py end to end on the tiny world, plus the objective's pieces.
+"""experiments/train_dpo.py end to end on the tiny world, plus the training loss's pieces.
 
 Also holds the helpers the SFT and reference-cache tests share (tmp data dirs,
 test-sized configs, metrics readers).
@@ -23,7 +23,7 @@ from configs.dpo import tiny as dpo_tiny
 from configs.sft import tiny as sft_tiny
 from experiments import train_dpo
 from prefjax.direct import evaluation
-from prefjax.direct import objective as objective_lib
+from prefjax.direct import loss as loss_lib
 from prefjax.losses import DIRECT_LOSSES
 from prefjax.losses import registry
 from prefjax.models import decoder
@@ -147,7 +147,7 @@ def throwaway_loss():
 def test_registered_flags_reach_the_trainer(throwaway_loss, tmp_path):
   config = dpo_config(throwaway_loss)
   config.loss.beta, config.loss.kwargs = 2.0, "margin=0.5"
-  assert objective_lib.Objective.from_config(config).kwargs == {"margin": 0.5}
+  assert loss_lib.DirectLoss.from_config(config).kwargs == {"margin": 0.5}
   result = train_dpo.run(config, str(tmp_path))
   reference = json.loads((tmp_path / "reference.json").read_text())
   assert reference["mode"] == "none"  # reference_free: no reference model is built.
@@ -234,7 +234,7 @@ def test_mismatched_rows_pair_each_prompt_with_the_next_rows_response():
     loss[i, len(p):len(p) + len(r)] = 1
   batch = {"tokens": tokens, "attention_mask": attention, "loss_mask": loss,
            "pair_mask": np.array([1.0, 1.0], np.float32)}
-  out = objective_lib.mismatched_rows(batch)
+  out = loss_lib.mismatched_rows(batch)
   for k in range(4):
     p, _ = rows[k]
     _, r = rows[(k + 1) % 4]
@@ -247,13 +247,13 @@ def test_mismatched_rows_pair_each_prompt_with_the_next_rows_response():
   np.testing.assert_array_equal(out["valid"], [1.0, 1.0, 1.0, 1.0])
   # Pair 1 padding: rows 1, 3 are invalid and so are rows 0, 2 (their response comes from 1, 3).
   batch["pair_mask"] = np.array([1.0, 0.0], np.float32)
-  np.testing.assert_array_equal(objective_lib.mismatched_rows(batch)["valid"], [0.0] * 4)
+  np.testing.assert_array_equal(loss_lib.mismatched_rows(batch)["valid"], [0.0] * 4)
 
 
 def test_soft_labels_for_ties_and_rpo_term_match_numpy():
-  objective = objective_lib.Objective(loss="dpo", beta=0.5, ref_mode="online",
-                                      loss_kwargs=(("label_smoothing", 0.1),), nll_alpha=0.3)
-  scores = objective_lib.SequenceScores(
+  loss = loss_lib.DirectLoss(name="dpo", beta=0.5, ref_mode="online",
+                             loss_kwargs=(("label_smoothing", 0.1),), nll_alpha=0.3)
+  scores = loss_lib.SequenceScores(
       chosen=jnp.array([-3.0, -5.0, -2.0]), rejected=jnp.array([-4.0, -4.5, -7.0]),
       chosen_tokens=jnp.array([3.0, 5.0, 2.0]), rejected_tokens=jnp.array([4.0, 3.0, 7.0]))
   batch = {"ref_chosen": np.array([-3.5, -4.0, -2.5], np.float32),
@@ -261,9 +261,9 @@ def test_soft_labels_for_ties_and_rpo_term_match_numpy():
            "weight": np.array([1.0, 2.0, 1.0], np.float32),
            "outcome": np.array([1.0, 0.5, 1.0], np.float32),
            "pair_mask": np.array([1.0, 1.0, 0.0], np.float32)}
-  x = objective_lib.pair_logps(objective, scores, batch)
-  tie_handling = objective_lib._tie_handling  # pylint: disable=protected-access
-  kwargs, weights, dropped = tie_handling(objective, batch)
+  x = loss_lib.pair_logps(loss, scores, batch)
+  tie_handling = loss_lib._tie_handling  # pylint: disable=protected-access
+  kwargs, weights, dropped = tie_handling(loss, batch)
   losses = DIRECT_LOSSES["dpo"](x, beta=0.5, **kwargs)
   h = ((np.array([-3.0, -5.0]) - [-3.5, -4.0]) - (np.array([-4.0, -4.5]) - [-4.2, -4.0]))
   eps = np.array([0.1, 0.5])
@@ -275,26 +275,26 @@ def test_soft_labels_for_ties_and_rpo_term_match_numpy():
   nll = (3.0 / 3.0 * 1.0 + 5.0 / 5.0 * 2.0) / 3.0
   total = float(np.sum(expect * [1.0, 2.0]) / 3.0) + 0.3 * nll
   np.testing.assert_allclose(
-      float(objective_lib.weighted_mean(losses, weights)
-            + 0.3 * objective_lib.weighted_mean(-x.policy_chosen / x.chosen_tokens, weights)),
+      float(loss_lib.weighted_mean(losses, weights)
+            + 0.3 * loss_lib.weighted_mean(-x.policy_chosen / x.chosen_tokens, weights)),
       total, rtol=1e-5)
 
 
-def test_objective_rejects_bad_settings():
+def test_direct_loss_rejects_bad_settings():
   with pytest.raises(KeyError, match="unknown direct loss"):
-    objective_lib.Objective(loss="nope")
+    loss_lib.DirectLoss(name="nope")
   with pytest.raises(ValueError, match="not hyperparameters of 'ipo'"):
-    objective_lib.Objective(loss="ipo", loss_kwargs=(("label_smoothing", 0.1),))
+    loss_lib.DirectLoss(name="ipo", loss_kwargs=(("label_smoothing", 0.1),))
   with pytest.raises(ValueError, match="kto needs ref_mode='online'"):
-    objective_lib.Objective(loss="kto", ref_mode="cached")
-  assert objective_lib.Objective(loss="simpo").ref_mode == "none"
-  assert objective_lib.Objective(loss="orpo").alpha == 1.0
-  assert objective_lib.parse_kwargs("label_smoothing=0.1,tau=2") == {"label_smoothing": 0.1,
+    loss_lib.DirectLoss(name="kto", ref_mode="cached")
+  assert loss_lib.DirectLoss(name="simpo").ref_mode == "none"
+  assert loss_lib.DirectLoss(name="orpo").alpha == 1.0
+  assert loss_lib.parse_kwargs("label_smoothing=0.1,tau=2") == {"label_smoothing": 0.1,
                                                                       "tau": 2}
   config = dpo_config("ipo")
   config.loss.betta = 0.3
   with pytest.raises(ValueError, match=r"config.loss: unknown field\(s\) \['betta'\]"):
-    objective_lib.Objective.from_config(config)
+    loss_lib.DirectLoss.from_config(config)
 
 
 # ---------------------------------------------------------------------------- resume, mesh, CLI

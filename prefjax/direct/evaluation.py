@@ -1,9 +1,11 @@
 """Held-out evaluation of a direct-alignment policy: reward accuracy and KL to the reference.
 
-``make_eval_fn`` returns an ``eval_fn(model, batch)`` for the train core (run
-jitted over the held-out pair batches, averaged weighted by ``num_examples``):
+``make_evaluator`` returns an evaluator ``fn(step, model) -> metrics`` for
+``train_loop(..., evaluators=[...])``: a ``prefjax.train.BatchEvaluator`` running
+``make_eval_fn``'s per-batch ``eval_fn(model, batch)`` jitted over the held-out
+pair batches, averaged weighted by ``num_examples`` (the real pairs):
 
-* the objective's loss and TRL-named metrics (``rewards/accuracies`` is the
+* the training loss and TRL-named metrics (``rewards/accuracies`` is the
   implicit-reward accuracy on held-out pairs);
 * with a reference model, the KL of the policy to it on the held-out prompts:
   responses are SAMPLED from the policy (``prefjax.models.sampling.generate``),
@@ -21,16 +23,17 @@ make KL curves across checkpoints comparable).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from prefjax.direct import objective as objective_lib
+from prefjax.direct import loss as loss_lib
 from prefjax.evals import kl as kl_lib
 from prefjax.losses import policy as policy_losses
 from prefjax.models import sampling
+from prefjax.train import evaluators as evaluators_lib
 
 Array = jax.Array
 
@@ -92,14 +95,14 @@ def kl_to_reference(policy: nnx.Module, reference: nnx.Module, prompt_tokens: Ar
   return out
 
 
-def make_eval_fn(objective: objective_lib.Objective, *, reference: nnx.Module | None = None,
+def make_eval_fn(loss: loss_lib.DirectLoss, *, reference: nnx.Module | None = None,
                  kl: KLEvalConfig | None = None) -> Callable[[nnx.Module, Any], dict[str, Array]]:
-  """``eval_fn(model, batch)`` for the train core (see the module docstring).
+  """The per-batch ``eval_fn(model, batch)`` of :func:`make_evaluator` (see the module doc).
 
   The reference model (needed only for the KL) is closed over: its arrays are
   constants of the jitted eval step.
   """
-  loss_fn = objective_lib.make_loss_fn(objective)
+  loss_fn = loss_lib.make_loss_fn(loss)
 
   def eval_fn(model: nnx.Module, batch: Mapping[str, Array]) -> dict[str, Array]:
     loss, metrics = loss_fn(model, batch, jax.random.key(0))
@@ -110,8 +113,17 @@ def make_eval_fn(objective: objective_lib.Objective, *, reference: nnx.Module | 
       prompt, mask = left_padded_prompts(batch)
       rng = jax.random.fold_in(jax.random.key(kl.seed), batch["example_index"][0])
       for name, value in kl_to_reference(model, reference, prompt, mask, rng, kl).items():
-        out[name] = objective_lib.weighted_mean(value, weights)
+        out[name] = loss_lib.weighted_mean(value, weights)
     out["num_examples"] = jnp.sum(weights)
     return out
 
   return eval_fn
+
+
+def make_evaluator(loss: loss_lib.DirectLoss, data: Callable[[], Iterable[Any]], *,
+                   reference: nnx.Module | None = None, kl: KLEvalConfig | None = None,
+                   mesh: jax.sharding.Mesh | None = None) -> evaluators_lib.BatchEvaluator:
+  """Evaluator ``fn(step, model)`` over a fresh pass of ``data()`` (held-out pair batches
+  with their reference fields); ``mesh`` shards them as the training batches."""
+  return evaluators_lib.BatchEvaluator(make_eval_fn(loss, reference=reference, kl=kl), data,
+                                       mesh=mesh)

@@ -44,7 +44,7 @@ from flax import nnx
 from prefjax import parallel
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import sources
-from prefjax.direct import objective as objective_lib
+from prefjax.direct import loss as loss_lib
 from prefjax.train import sharding as sharding_lib
 
 FORMAT_VERSION = 1
@@ -67,18 +67,18 @@ def default_cache_dir() -> pathlib.Path:
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_segments", "with_kl"))
 def _score(graphdef, state, batch, *, num_segments, with_kl):
   model = nnx.merge(graphdef, state)
-  return objective_lib.reference_fields(model, batch, num_segments=num_segments,
+  return loss_lib.reference_fields(model, batch, num_segments=num_segments,
                                         with_kl=with_kl)
 
 
 class ReferenceScorer:
   """Jitted reference log-probs of host pair batches -> numpy ``ref_chosen``, ``ref_rejected``."""
 
-  def __init__(self, model: nnx.Module, objective: objective_lib.Objective,
+  def __init__(self, model: nnx.Module, loss: loss_lib.DirectLoss,
                mesh: jax.sharding.Mesh | None = None):
     self.graphdef, self.state = nnx.split(model)
-    self.num_segments = objective.num_segments if objective.layout == "packed" else None
-    self.with_kl = objective.spec.unpaired  # Mismatched rows for the reference point.
+    self.num_segments = loss.num_segments if loss.layout == "packed" else None
+    self.with_kl = loss.spec.unpaired  # Mismatched rows for the reference point.
     self.mesh = mesh
 
   def _put(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -158,7 +158,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 def key_parts(*, ref_weights: str, source: Any, tokenizer: Any,
               pipeline: pipeline_lib.PipelineConfig, model_config: Mapping[str, Any],
-              objective: objective_lib.Objective,
+              loss: loss_lib.DirectLoss,
               mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
   """Everything cached reference log-probs depend on (see the module docstring)."""
   settings = dataclasses.asdict(pipeline)
@@ -170,7 +170,7 @@ def key_parts(*, ref_weights: str, source: Any, tokenizer: Any,
       "tokenizer": tokenizer.name,
       "pipeline": {k: settings[k] for k in _KEY_PIPELINE_FIELDS},
       "model": dict(model_config),
-      "layout": objective.layout,
+      "layout": loss.layout,
       "backend": jax.default_backend(),
       "jax": jax.__version__,
       "mesh": dict(mesh.shape) if mesh is not None else None,

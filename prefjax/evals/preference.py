@@ -1,7 +1,7 @@
 """Reward-model evaluation on held-out preference pairs.
 
 Everything here works on host NumPy arrays of per-pair rewards, so the same code
-scores a single RM, each ensemble member, or an aggregated ensemble objective.
+scores a single RM, each ensemble member, or an aggregation of ensemble members.
 Metrics follow common practice: pairwise accuracy (ties count half, as in
 RewardBench), mean margin, Bradley–Terry log-loss, expected calibration error of
 σ(Δ) (Guo et al. 2017, "On Calibration of Modern Neural Networks",

@@ -37,12 +37,12 @@ from flax import nnx
 from prefjax import experiment
 from prefjax import parallel
 from prefjax.data import pipeline as pipeline_lib
-from prefjax.direct import objective as direct_objective
+from prefjax.direct import loss as direct_loss_lib
 from prefjax.models import heads as heads_lib
 from prefjax.models import hf_import
 from prefjax.rewards import aggregate
 from prefjax.rm import evaluation as rm_evaluation
-from prefjax.rm import objective as rm_objective
+from prefjax.rm import loss as rm_loss_lib
 from prefjax.train import checkpoint
 from prefjax.train import sharding as sharding_lib
 from prefjax.train import summary as summary_lib
@@ -204,14 +204,14 @@ def _progress(batches: Iterator[dict[str, np.ndarray]], total: int, desc: str):
       bar.update(int(batch["pair_mask"].sum()))
 
 
-@functools.partial(jax.jit, static_argnames=("policy_def", "ref_def", "objective"))
-def _implicit_rewards(policy_def, policy_state, ref_def, ref_state, batch, objective):
-  scores = direct_objective.score_pairs(nnx.merge(policy_def, policy_state), batch)
+@functools.partial(jax.jit, static_argnames=("policy_def", "ref_def", "loss"))
+def _implicit_rewards(policy_def, policy_state, ref_def, ref_state, batch, loss):
+  scores = direct_loss_lib.score_pairs(nnx.merge(policy_def, policy_state), batch)
   if ref_def is not None:
-    ref = direct_objective.score_pairs(nnx.merge(ref_def, ref_state), batch)
+    ref = direct_loss_lib.score_pairs(nnx.merge(ref_def, ref_state), batch)
     batch = {**batch, "ref_chosen": ref.chosen, "ref_rejected": ref.rejected}
-  x = direct_objective.pair_logps(objective, scores, batch)
-  return direct_objective.implicit_rewards(objective, x)
+  x = direct_loss_lib.pair_logps(loss, scores, batch)
+  return direct_loss_lib.implicit_rewards(loss, x)
 
 
 @dataclasses.dataclass
@@ -310,7 +310,7 @@ def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   tokenizer = experiment.make_tokenizer(run.tokenizer)
   model = _build(run.model, tokenizer.vocab_size, int(run.seed), mesh)
   _restore(spec, run, model)
-  _, objectives = rm_objective.reward_columns(model)
+  _, objectives = rm_loss_lib.reward_columns(model)
   return ModelScorer(spec.name, tokenizer, _run_pipeline(run, eval_cfg), _reward_forward(model),
                      _model_vocab(model), mesh,
                      float(eval_cfg.max_unk_fraction),
@@ -319,20 +319,20 @@ def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
 
 def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   run = read_run_config(spec.path, f"scorer {spec.name!r}")
-  objective = direct_objective.Objective.from_config(run)
+  loss = direct_loss_lib.DirectLoss.from_config(run)
   tokenizer = experiment.make_tokenizer(run.tokenizer)
   policy = _build(run.model, tokenizer.vocab_size, int(run.seed), mesh)
   _restore(spec, run, policy)
   policy_def, policy_state = nnx.split(policy)
   ref_def = ref_state = None
-  if objective.needs_reference:  # As train_dpo builds it: ref.path, else the policy's init.
+  if loss.needs_reference:  # As train_dpo builds it: ref.path, else the policy's init.
     ref_cfg = run.model.to_dict()
     if (run.get("ref") or {}).get("path"):
       ref_cfg["path"] = run.ref.path
     ref_def, ref_state = nnx.split(_build(ref_cfg, tokenizer.vocab_size, int(run.seed), mesh))
 
   def forward(batch):
-    return _implicit_rewards(policy_def, policy_state, ref_def, ref_state, batch, objective)
+    return _implicit_rewards(policy_def, policy_state, ref_def, ref_state, batch, loss)
 
   return ModelScorer(spec.name, tokenizer, _run_pipeline(run, eval_cfg), forward,
                      _model_vocab(policy), mesh, float(eval_cfg.max_unk_fraction),

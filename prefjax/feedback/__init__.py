@@ -3,7 +3,7 @@
 * An AI labeller judging pairs against written principles (``labeller``,
   ``constitution``, ``templates``), agreement metrics (``agreement``), the
   self-critique loop (``critique``) and the JSONL writer (``dataset``).
-* A safety (harm) classifier: objective, precision-targeted threshold and metrics
+* A safety (harm) classifier: loss, precision-targeted threshold and metrics
   with bootstrap CIs (``safety``); scoring texts, the best-of-n filter's scorer,
   a label source and a harmlessness objective (``safety_runtime``).
 """

@@ -1,4 +1,4 @@
-"""A safety (harm) classifier: objective, precision-targeted threshold, metrics with CIs.
+"""A safety (harm) classifier: loss, precision-targeted threshold, metrics with CIs.
 
 The classifier is an encoder (all-MiniLM-L6-v2 in ``configs/safety/hh_minilm.py``)
 with a harm head on the pooled features: head ``"reward"`` gives one harm logit

@@ -419,7 +419,7 @@ def simpo(x: PairLogps, *, beta: ArrayLike, gamma: ArrayLike | None = None,
   L = −(1−ε)·logσ(z) − ε·logσ(−z),  z = β·(π_c/n_c − π_r/n_r) − γ.
 
   "SimPO: Simple Preference Optimization with a Reference-Free Reward"
-  (arXiv 2405.14734), its objective for ε = 0. The reference fields of
+  (arXiv 2405.14734), its loss for ε = 0. The reference fields of
   ``x`` are ignored. The authors tune the ratio γ/β rather than γ (their
   released configs range from about 0.1 to 0.8, 0.5 being the most common);
   by default γ = 0.5·β, or pass ``gamma`` to set it directly.

@@ -13,7 +13,7 @@ with f_θ a small GELU MLP d → h → 1 shared over prompts, its output layer
 initialised to zero so that π_θ = π_ref at step 0. Training goes through
 ``prefjax.train.step.make_train_step`` with a generic ``loss_fn(log_pi, batch)``
 that sees the policy's full ``[P, M]`` log-probs, so the same trainer serves
-the KL-regularised RL objective (:func:`kl_regularized_loss`, computed exactly
+the KL-regularised RL loss (:func:`kl_regularized_loss`, computed exactly
 over the candidates) and pairwise losses (DPO/IPO/SLiC gather a pair's
 log-probs from ``log_pi``).
 
@@ -183,7 +183,7 @@ def policy_log_probs(model: PolicyMLP, features: jax.Array, ref_logits: jax.Arra
 
 def kl_regularized_loss(reward: np.ndarray, lam: float, *,
                         ref_logits: np.ndarray | None = None) -> PolicyLoss:
-  """The RL objective, exact over the candidates: L = mean_p [−E_π[r] + λ·KL(π‖π_ref)].
+  """The KL-regularised RL loss, exact over the candidates: L = mean_p [−E_π[r] + λ·KL(π‖π_ref)].
 
   E_π[r] = Σ_m π(m|p)·r_pm and KL = Σ_m π(m|p)·(log π − log π_ref), both summed
   over all M candidates (no sampling). Its minimiser is π_ref·exp(r/λ)/Z.

@@ -1,6 +1,6 @@
 """Reward-model training pieces used by ``experiments/train_rm.py`` (and evaluation binaries).
 
-``objective``: the loss_fn built from ``config.loss`` (any ``PREFERENCE_LOSSES``
+``loss``: the loss_fn built from ``config.loss`` (any ``PREFERENCE_LOSSES``
 entry; ensembles with bootstrap weights; multi-objective heads). ``labels``:
 objective labels of pairs for multi-objective models. ``evaluation``: the
 full-pass evaluator (accuracy, log-loss, two-sided ECE, length baseline,
@@ -9,10 +9,10 @@ reliability plots) for ``train_loop(..., evaluators=[...])``.
 
 from prefjax.rm.evaluation import RewardModelEvaluator
 from prefjax.rm.evaluation import eval_batches
-from prefjax.rm.objective import RewardLoss
-from prefjax.rm.objective import make_loss_fn
-from prefjax.rm.objective import pair_rewards
-from prefjax.rm.objective import reward_columns
+from prefjax.rm.loss import RewardLoss
+from prefjax.rm.loss import make_loss_fn
+from prefjax.rm.loss import pair_rewards
+from prefjax.rm.loss import reward_columns
 
 __all__ = ["RewardLoss", "RewardModelEvaluator", "eval_batches", "make_loss_fn",
            "pair_rewards", "reward_columns"]

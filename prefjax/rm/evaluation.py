@@ -24,7 +24,7 @@ from flax import nnx
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.evals import preference as evals
 from prefjax.rm import labels
-from prefjax.rm import objective as objective_lib
+from prefjax.rm import loss as loss_lib
 from prefjax.train import sharding as sharding_lib
 from prefjax.train import summary as summary_lib
 
@@ -48,7 +48,7 @@ def eval_batches(source: Any, tokenizer: Any, pcfg: pipeline_lib.PipelineConfig,
 @functools.partial(jax.jit, static_argnames="graphdef")
 def jitted_pair_rewards(graphdef, state, batch):
   """``pair_rewards`` of ``nnx.merge(graphdef, state)`` on a pair batch, jitted."""
-  return objective_lib.pair_rewards(nnx.merge(graphdef, state), batch, None)
+  return loss_lib.pair_rewards(nnx.merge(graphdef, state), batch, None)
 
 
 def symmetric_calibration(metrics: dict[str, float], r_c: np.ndarray, r_r: np.ndarray,

@@ -12,6 +12,7 @@ from prefjax.train.checkpoint import Checkpointer
 from prefjax.train.checkpoint import DamagedCheckpointError
 from prefjax.train.checkpoint import NoIntactCheckpointError
 from prefjax.train.checkpoint import load_params
+from prefjax.train.evaluators import BatchEvaluator
 from prefjax.train.loop import LoopConfig
 from prefjax.train.loop import NonFiniteError
 from prefjax.train.loop import StopOnSignal
@@ -38,7 +39,7 @@ from prefjax.train.summary import read_summary
 from prefjax.train.summary import write_or_check_config
 
 __all__ = [
-    "Checkpointer", "ConfigMismatchError", "DamagedCheckpointError", "LoopConfig",
+    "BatchEvaluator", "Checkpointer", "ConfigMismatchError", "DamagedCheckpointError", "LoopConfig",
     "MetricWriter", "NoIntactCheckpointError", "NonFiniteError", "StopOnSignal",
     "OptimizerConfig", "TrainResult", "TrainState", "batch_shardings", "create_train_state",
     "jit_train_step", "load_params", "make_eval_step", "make_optimizer", "make_schedule", "make_train_step",

@@ -7,9 +7,9 @@ continue, so an interrupted run ends bit-identical to an uninterrupted one.
 Evaluation, every ``loop.eval_every`` steps and at the end, is big_vision
 style: each evaluator is ``fn(step, model) -> {name: float}``, called with the
 current model; it may run its own jitted programs, sample, or write files.
-Their metrics are logged as ``eval/<name>``. ``eval_fn`` + ``eval_data`` is a
-shortcut for the common case of a jitted per-batch metric averaged over a pass
-of eval batches.
+Their metrics are logged as ``eval/<name>``. For the common case of a jitted
+per-batch metric averaged over a pass of eval batches, wrap it in
+``prefjax.train.BatchEvaluator(eval_fn, eval_batches, mesh=mesh)``.
 
 Usage (an experiment binary)::
 
@@ -29,10 +29,9 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
-import numpy as np
 import optax
 from absl import logging
 from flax import nnx
@@ -79,7 +78,7 @@ class LoopConfig:
   Attributes:
     num_steps: total train steps (batches), counted across resumes.
     log_every: write train metrics every this many steps.
-    eval_every: run ``eval_fn`` every this many steps (and at the end).
+    eval_every: run the evaluators every this many steps (and at the end).
     checkpoint_every: save every this many steps (and at the end).
     keep_checkpoints: keep the last N checkpoints.
     best_metric: eval metric name (without ``eval/``) whose best checkpoints are
@@ -176,36 +175,11 @@ class StopOnSignal:
       signal.signal(signum, handler)
 
 
-class _Eval:
-  """Runs the jitted eval step over a fresh pass of the eval data."""
-
-  def __init__(self, graphdef, eval_fn, eval_data, put):
-    self._step = step_lib.make_eval_step(graphdef, eval_fn)
-    self._data, self._put = eval_data, put
-
-  def __call__(self, state: state_lib.TrainState) -> dict[str, float]:
-    data = self._data() if callable(self._data) else self._data
-    totals: dict[str, float] = {}
-    weight_sum, batches = 0.0, 0
-    for batch in data:
-      metrics = metrics_lib.to_python(self._step(state.params, state.extra, self._put(batch)))
-      weight = metrics.pop("num_examples", 1.0)
-      for name, value in metrics.items():
-        totals[name] = totals.get(name, 0.0) + weight * value
-      weight_sum += weight
-      batches += 1
-    if not batches:
-      raise ValueError("eval_data yielded no batches")
-    result = {name: total / weight_sum for name, total in totals.items()}
-    result["num_examples" if weight_sum != batches else "num_batches"] = weight_sum
-    return result
-
-
 class _Trainer:
   """State of one :func:`train_loop` call (see there for the arguments)."""
 
   def __init__(self, *, workdir, model, loss_fn, optimizer, loop, train_iter, config,
-               eval_fn, eval_data, evaluators, tokens_in_batch, mesh, partition_rules, hooks,
+               evaluators, tokens_in_batch, mesh, partition_rules, hooks,
                trainable, sequential_updates=0, start_hooks=()):
     self.workdir, self.loop = str(workdir), LoopConfig.from_mapping(loop)
     self.train_iter, self.tokens_in_batch, self.hooks = train_iter, tokens_in_batch, hooks
@@ -234,9 +208,8 @@ class _Trainer:
         self.graphdef, loss_fn, tx, schedule, self.loop.accum_steps,
         self.loop.presplit_microbatches, trainable, sequential_updates,
         None if state_sh is None else tuple(jax.tree.flatten(state_sh)[0]))) or object()
-    self.evaluate = _Eval(self.graphdef, eval_fn, eval_data, self._put) if eval_fn else None
     self.evaluators = list(evaluators)
-    self.has_eval = self.evaluate is not None or bool(self.evaluators)
+    self.has_eval = bool(self.evaluators)
     self.checkpointer = checkpoint_lib.Checkpointer(
         f"{self.workdir}/checkpoints", keep_last=self.loop.keep_checkpoints,
         best_metric=self.loop.best_metric, best_mode=self.loop.best_mode,
@@ -245,15 +218,6 @@ class _Trainer:
     self.last_eval_step = -1
 
   # -- data ------------------------------------------------------------------
-  def _put(self, batch):
-    """Eval batches: sharded when the batch divides the data axes, else replicated."""
-    try:
-      return sharding_lib.put_batch(batch, self.mesh)
-    except ValueError:
-      if jax.process_count() > 1:
-        raise
-      return jax.device_put(jax.tree.map(np.asarray, batch))
-
   def _put_train(self, batch):
     return sharding_lib.put_batch(batch, self.mesh, presplit=self.presplit)
 
@@ -403,11 +367,10 @@ class _Trainer:
 
   def _run_eval(self, step: int) -> dict[str, float]:
     start = time.time()
-    result = self.evaluate(self.state) if self.evaluate is not None else {}
-    if self.evaluators:
-      model = state_lib.merge_model(self.graphdef, self.state.params, self.state.extra)
-      for evaluator in self.evaluators:
-        result.update(metrics_lib.to_python(dict(evaluator(step, model))))
+    result: dict[str, float] = {}
+    model = state_lib.merge_model(self.graphdef, self.state.params, self.state.extra)
+    for evaluator in self.evaluators:
+      result.update(metrics_lib.to_python(dict(evaluator(step, model))))
     self.last_eval, self.last_eval_step = result, step
     logging.info("eval at step %d took %.1fs", step, time.time() - start)
     return result
@@ -458,8 +421,6 @@ def train_loop(
     loop: LoopConfig | Mapping[str, Any],
     train_iter: Iterator[Any],
     config: Any = None,
-    eval_fn: step_lib.EvalFn | None = None,
-    eval_data: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
     evaluators: Sequence[Evaluator] = (),
     tokens_in_batch: Callable[[Any], float] | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -483,12 +444,10 @@ def train_loop(
     train_iter: iterator of host batches (pytrees of arrays); grain iterators'
       ``get_state``/``set_state`` are checkpointed.
     config: the experiment config written to ``config.json`` and checkpoints.
-    eval_fn: ``(model, batch) -> {name: scalar}``; averaged over batches,
-      weighted by an optional ``num_examples`` entry.
-    eval_data: an iterable re-iterated at each eval, or a callable returning one.
-    evaluators: ``fn(step, model) -> {name: float}``, run after ``eval_fn`` at
-      every eval; ``model`` holds the current parameters (do not keep it: its
-      arrays are donated to the next train step).
+    evaluators: ``fn(step, model) -> {name: float}``, run in order at every
+      eval; ``model`` holds the current parameters (do not keep it: its arrays
+      are donated to the next train step). ``BatchEvaluator`` averages a jitted
+      per-batch ``eval_fn(model, batch)`` over eval batches.
     tokens_in_batch: host batch -> token count, for ``tokens_per_sec``.
     mesh: a ``("data", "fsdp", "tensor")`` mesh; None = default device.
     partition_rules: the model's ``PARTITION_RULES``.
@@ -506,11 +465,8 @@ def train_loop(
   Returns:
     A :class:`TrainResult`.
   """
-  if (eval_fn is None) != (eval_data is None):
-    raise ValueError("eval_fn and eval_data must be given together")
   trainer = _Trainer(workdir=workdir, model=model, loss_fn=loss_fn, optimizer=optimizer,
-                     loop=loop, train_iter=train_iter, config=config, eval_fn=eval_fn,
-                     eval_data=eval_data, evaluators=evaluators,
+                     loop=loop, train_iter=train_iter, config=config, evaluators=evaluators,
                      tokens_in_batch=tokens_in_batch, mesh=mesh,
                      partition_rules=partition_rules, hooks=hooks, trainable=trainable,
                      sequential_updates=sequential_updates, start_hooks=start_hooks)

@@ -1,4 +1,4 @@
-"""The reward-model training objective: a ``loss_fn`` for ``prefjax.train`` built from a config.
+"""The reward-model training loss: a ``loss_fn`` for ``prefjax.train`` built from a config.
 
 The loss (``config.loss.name``) is any ``prefjax.losses.PREFERENCE_LOSSES``
 entry, called per pair as ``fn(r_chosen, r_rejected, outcome=o, **hparams)``
@@ -33,8 +33,8 @@ from prefjax.models import segments as seg
 
 Array = jax.Array
 Batch = Mapping[str, Any]
-# Fields of ``config.loss`` read by the objective itself; the rest are loss hyperparameters.
-OBJECTIVE_FIELDS = ("name", "center_coef", "bootstrap", "first_member")
+# Fields of ``config.loss`` read by ``RewardLoss`` itself; the rest are loss hyperparameters.
+OWN_FIELDS = ("name", "center_coef", "bootstrap", "first_member")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,7 @@ class RewardLoss:
     cfg = dict(loss_cfg)
     name = cfg.get("name", "bt")
     own = pref_losses.preference_loss_hyperparameters(name)  # Lists the registry if unknown.
-    known = set(OBJECTIVE_FIELDS).union(
+    known = set(OWN_FIELDS).union(
         *(pref_losses.preference_loss_hyperparameters(n) for n in pref_losses.PREFERENCE_LOSSES))
     configlib.check_fields("config.loss", cfg, known)
     return cls(name=name, hparams=tuple(sorted((k, cfg[k]) for k in own if k in cfg)),

@@ -1,4 +1,4 @@
-"""The direct-alignment training objective: a ``loss_fn`` for ``prefjax.train`` built from a config.
+"""The direct-alignment training loss: a ``loss_fn`` for ``prefjax.train`` built from a config.
 
 One forward of the policy scores the chosen and the rejected responses of a
 pair batch together (padded ``[2B, T]`` rows, or packed rows with per-segment
@@ -13,7 +13,7 @@ Reduction: per pair ``w_i = weight_i · pair_mask_i`` and
 ``L = Σ_i w_i ℓ_i / Σ_i w_i``; ``loss_weight = Σ_i w_i`` tells the train core
 how to combine microbatches exactly.
 
-What the objective must know about a loss comes from its registry spec
+What the trainer must know about a loss comes from its registry spec
 (``prefjax.losses.registry.DirectLossSpec``), never from its name:
 
 Ties (``outcome`` < 1): ``soft_label`` losses get a per-pair
@@ -64,11 +64,11 @@ LOSS_FIELDS = ("name", "beta", "kwargs", "nll_alpha")
 
 
 @dataclasses.dataclass(frozen=True)
-class Objective:
-  """What the trainer optimises.
+class DirectLoss:
+  """What the trainer optimises: a registered loss, its settings and the reference mode.
 
   Attributes:
-    loss: a registered direct or unpaired loss (``DIRECT_LOSS_SPECS``).
+    name: a registered direct or unpaired loss (``DIRECT_LOSS_SPECS``).
     beta: β of the loss (λ for ORPO).
     loss_kwargs: extra hyperparameters of the loss (e.g. ``label_smoothing``,
       ``gamma``; for KTO ``desirable_weight`` / ``undesirable_weight``).
@@ -79,7 +79,7 @@ class Objective:
     layout: ``padded`` or ``packed`` batches.
     num_segments: static segment count per packed row (``max_segments_per_row``).
   """
-  loss: str = "dpo"
+  name: str = "dpo"
   beta: float = 0.1
   loss_kwargs: tuple[tuple[str, Any], ...] = ()
   nll_alpha: float | None = None
@@ -105,30 +105,30 @@ class Objective:
       raise ValueError("packed layout needs num_segments (pipeline max_segments_per_row)")
     if spec.unpaired:
       if self.layout != "padded":
-        raise ValueError(f"{self.loss} builds mismatched prompt/response rows: use the "
+        raise ValueError(f"{self.name} builds mismatched prompt/response rows: use the "
                          "padded layout")
       if mode != "online":
-        raise ValueError(f"{self.loss} needs ref_mode='online' (got {mode!r}): its reference "
+        raise ValueError(f"{self.name} needs ref_mode='online' (got {mode!r}): its reference "
                          "point scores mismatched pairs that depend on the batch, so they "
                          "cannot be cached per example")
 
   @classmethod
-  def from_config(cls, config: Any) -> Objective:
+  def from_config(cls, config: Any) -> DirectLoss:
     """From a binary's config: ``loss.{name, beta, kwargs, nll_alpha}``, ``ref.mode`` and
     ``data.pipeline``; other ``config.loss`` keys are errors."""
     loss, pipeline = config.loss, config.data.pipeline
     configlib.check_fields("config.loss", loss, LOSS_FIELDS)
     ref = config.get("ref") or {}
     kwargs = parse_kwargs(loss.get("kwargs"))
-    return cls(loss=loss.name, beta=float(loss.beta), loss_kwargs=tuple(kwargs.items()),
+    return cls(name=loss.name, beta=float(loss.beta), loss_kwargs=tuple(kwargs.items()),
                nll_alpha=loss.get("nll_alpha"), ref_mode=ref.get("mode", "auto"),
                layout=pipeline.get("mode", "padded"),
                num_segments=pipeline.get("max_segments_per_row", 16))
 
   @property
   def spec(self) -> registry.DirectLossSpec:
-    """The registered facts of ``loss``."""
-    return registry.direct_loss_spec(self.loss)
+    """The registered facts of ``name``."""
+    return registry.direct_loss_spec(self.name)
 
   @property
   def kwargs(self) -> dict[str, Any]:
@@ -250,11 +250,11 @@ def weighted_mean(values: Array, weights: Array) -> Array:
   return jnp.sum(values * weights) / jnp.where(total > 0, total, 1.0)
 
 
-def _tie_handling(objective: Objective, batch: Batch) -> tuple[dict[str, Any], Array, Array]:
+def _tie_handling(loss: DirectLoss, batch: Batch) -> tuple[dict[str, Any], Array, Array]:
   """(per-pair hyperparameters, pair weights, dropped-tie count) for the batch's outcomes."""
   outcome = jnp.asarray(batch["outcome"], jnp.float32)
   weights = jnp.asarray(batch["weight"], jnp.float32) * batch["pair_mask"].astype(jnp.float32)
-  kwargs, spec = objective.kwargs, objective.spec
+  kwargs, spec = loss.kwargs, loss.spec
   if spec.soft_label:
     eps = kwargs.get("label_smoothing", spec.hyperparameters["label_smoothing"])
     kwargs["label_smoothing"] = soft_label_smoothing(eps, outcome)
@@ -263,10 +263,10 @@ def _tie_handling(objective: Objective, batch: Batch) -> tuple[dict[str, Any], A
   return kwargs, jnp.where(tie, 0.0, weights), jnp.sum(tie.astype(jnp.float32))
 
 
-def pair_logps(objective: Objective, scores: SequenceScores,
+def pair_logps(loss: DirectLoss, scores: SequenceScores,
                batch: Batch) -> direct_losses.PairLogps:
   """Policy scores + the batch's reference fields (zeros when reference-free; no gradient)."""
-  if objective.needs_reference:
+  if loss.needs_reference:
     ref_c = jax.lax.stop_gradient(jnp.asarray(batch["ref_chosen"], jnp.float32))
     ref_r = jax.lax.stop_gradient(jnp.asarray(batch["ref_rejected"], jnp.float32))
   else:
@@ -275,19 +275,19 @@ def pair_logps(objective: Objective, scores: SequenceScores,
                                  scores.chosen_tokens, scores.rejected_tokens)
 
 
-def implicit_rewards(objective: Objective, x: direct_losses.PairLogps) -> tuple[Array, Array]:
+def implicit_rewards(loss: DirectLoss, x: direct_losses.PairLogps) -> tuple[Array, Array]:
   """β·log-ratio of chosen and rejected; token-averaged for length-normalised losses."""
-  rc, rr = direct_losses.implicit_rewards(x, objective.beta)
-  if objective.spec.length_normalized:
+  rc, rr = direct_losses.implicit_rewards(x, loss.beta)
+  if loss.spec.length_normalized:
     rc = rc / jnp.maximum(x.chosen_tokens, 1.0)
     rr = rr / jnp.maximum(x.rejected_tokens, 1.0)
   return rc, rr
 
 
-def pair_metrics(objective: Objective, x: direct_losses.PairLogps,
+def pair_metrics(loss: DirectLoss, x: direct_losses.PairLogps,
                  weights: Array) -> dict[str, Array]:
   """TRL-named metrics (pair-weighted means)."""
-  rc, rr = implicit_rewards(objective, x)
+  rc, rr = implicit_rewards(loss, x)
   mean = lambda v: weighted_mean(v, weights)  # noqa: E731
   return {
       "rewards/chosen": mean(rc), "rewards/rejected": mean(rr),
@@ -297,7 +297,7 @@ def pair_metrics(objective: Objective, x: direct_losses.PairLogps,
   }
 
 
-def _unpaired_losses(objective: Objective, model: nnx.Module, x: direct_losses.PairLogps,
+def _unpaired_losses(loss: DirectLoss, model: nnx.Module, x: direct_losses.PairLogps,
                      batch: Batch, weights: Array) -> tuple[Array, Array, dict[str, Array]]:
   """Per-example losses over the 2B unpaired examples (KTO), their weights, metrics."""
   rows = mismatched_rows(batch)
@@ -306,37 +306,37 @@ def _unpaired_losses(objective: Objective, model: nnx.Module, x: direct_losses.P
   kl_ratio = jax.lax.stop_gradient(policy_kl - jnp.asarray(batch[KL_FIELD], jnp.float32))
   kl_ref = weighted_mean(kl_ratio, rows["valid"])
   b = x.policy_chosen.shape[0]
-  losses = objective.spec.fn(
+  losses = loss.spec.fn(
       jnp.concatenate([x.policy_chosen, x.policy_rejected]),
       jnp.concatenate([x.ref_chosen, x.ref_rejected]),
-      jnp.arange(2 * b) < b, kl_ref, beta=objective.beta, **objective.kwargs)
-  return losses, jnp.concatenate([weights, weights]), {f"{objective.loss}/kl_ref": kl_ref}
+      jnp.arange(2 * b) < b, kl_ref, beta=loss.beta, **loss.kwargs)
+  return losses, jnp.concatenate([weights, weights]), {f"{loss.name}/kl_ref": kl_ref}
 
 
-def make_loss_fn(objective: Objective) -> Callable[[nnx.Module, Batch, Array],
+def make_loss_fn(loss: DirectLoss) -> Callable[[nnx.Module, Batch, Array],
                                                    tuple[Array, dict[str, Array]]]:
   """``loss_fn(model, batch, rng) -> (loss, metrics)`` for ``prefjax.train.train_loop``."""
 
   def loss_fn(model: nnx.Module, batch: Batch, rng: Array):
     del rng
-    scores = score_pairs(model, batch, num_segments=objective.num_segments)
-    x = pair_logps(objective, scores, batch)
-    kwargs, weights, dropped = _tie_handling(objective, batch)
+    scores = score_pairs(model, batch, num_segments=loss.num_segments)
+    x = pair_logps(loss, scores, batch)
+    kwargs, weights, dropped = _tie_handling(loss, batch)
     metrics: dict[str, Array] = {}
-    if objective.spec.unpaired:
-      losses, example_weights, metrics = _unpaired_losses(objective, model, x, batch, weights)
+    if loss.spec.unpaired:
+      losses, example_weights, metrics = _unpaired_losses(loss, model, x, batch, weights)
       main = weighted_mean(losses, example_weights)
     else:
-      losses = objective.spec.fn(x, beta=objective.beta, **kwargs)
+      losses = loss.spec.fn(x, beta=loss.beta, **kwargs)
       main = weighted_mean(losses, weights)
-    loss = main
-    if objective.alpha:
+    total = main
+    if loss.alpha:
       nll = weighted_mean(-x.policy_chosen / jnp.maximum(x.chosen_tokens, 1.0), weights)
-      loss = loss + objective.alpha * nll
+      total = total + loss.alpha * nll
       metrics.update({"nll": nll, "preference_loss": main})
-    metrics.update(pair_metrics(objective, x, weights))
+    metrics.update(pair_metrics(loss, x, weights))
     metrics["pairs/dropped_ties"] = dropped
     metrics["loss_weight"] = jnp.sum(weights)
-    return loss, metrics
+    return total, metrics
 
   return loss_fn
