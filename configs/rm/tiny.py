@@ -9,9 +9,10 @@ Expected (this 2-core CPU, measured 2026-11-27): 300 steps of 32 pairs in 23 s o
 time; 1 min 58 s wall measured while the two cores were shared (load average ~15).
 Validation (211 ``resplit_validation`` pairs of 2,000): accuracy 0.867, BT log-loss
 0.339, ECE 0.046 (both pair orders; 0.164 chosen-first), length-only baseline
-0.49 (chosen longer in 43% of pairs), params_sha256 31aafa5c... (deterministic;
-remeasured 2026-12-01: the 2a3483a1... quoted before predates the num_steps-driven
-LR schedule).
+0.49 (chosen longer in 43% of pairs), params_sha256 b4da0809... (deterministic on one
+machine and commit; remeasured 2026-12-01 after the K renames, bit-identical to the code
+before them. Earlier quotes, 2a3483a1... and 31aafa5c..., predate the num_steps-driven LR
+schedule and later kernel changes (not bisected); the metrics above did not move).
 """
 
 from __future__ import annotations
