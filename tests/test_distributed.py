@@ -16,41 +16,44 @@ in the order the two processes place them on the devices (process p's j-th pair 
 batch k is row ``16k + 2j + p``; the reference puts it at position ``16k + 8p + j``),
 so each device holds the same rows in both runs.
 
-What is asserted, and why it holds on any x86-64 CPU:
+What is asserted, and why it holds on any x86-64 CPU. The collectives cannot
+differ: both runs compute the same rows on each device from the same
+initialisation, and with TWO participants every collective is exact whatever its
+algorithm (gloo over TCP in one run, XLA's in-process one in the other): a sum of
+two floats is commutative (a+b == b+a in IEEE arithmetic), max/min are exact,
+gathers and permutes only copy. (Hence 2 devices, not 4: a sum of 4 values is
+associated in an order that depends on the collective's algorithm, gloo's ring or
+XLA's in-process sum. The previous 4-device version of this test, whose reference
+also placed the rows differently, had 3,524 of 26,913 reward-model parameters
+differing after 4 Adam steps, by up to 1.1e-3 = 0.09·lr·steps.) But XLA does not
+promise the same per-device code for a client with 1 device (a worker) and one with
+more (the reference): ``train_dpo`` run here,
+in the test process's 8-device client, differs in the last bits from step 2 on
+(4,443 of 25,888 parameters after 4 steps, max 1.2e-7; the step-3 loss by 1.8e-7
+relative), while a reference process with exactly 2 devices matched the workers
+bit for bit (1 and 2 layers; not Eigen's threading: ``--xla_cpu_multi_thread_eigen
+=false`` changed nothing). ``train_rm`` matched bit for bit in every layout tried.
+So bit-identity is reported, not asserted. Asserted, for both binaries:
 
-* ``train_rm``: BIT-IDENTITY of every step's loss and gradient norm and of the final
-  parameters (``params_sha256``). Both runs execute the same SPMD program per
-  device (same mesh shape, shardings and XLA flags, compiled on the same machine)
-  on the same rows from the same initialisation, and a checkpoint restores bits
-  exactly. Only the transport of the collectives differs (gloo over TCP vs
-  in-process), and with TWO participants every collective is exact whatever its
-  algorithm: a sum of two floats is commutative (a+b == b+a in IEEE arithmetic),
-  max/min are exact, gathers and permutes only copy. Hence 2 devices, not 4: a
-  4-way sum is associated in an order that depends on the algorithm (gloo's ring,
-  XLA's in-process sum), the gradients differ in the last bit, and Adam turns that
-  into full-size updates where a gradient is near zero (measured with 2 devices per
-  process and 2 layers: 3,524 of 26,913 reward-model parameters differed after 4
-  steps, the largest by 1.1e-3 = 0.09·lr·steps).
-* ``train_dpo``: identical at step 1, but its parameters differ in the last bits
-  from step 2 on (measured: 4,443 of 25,888 after 4 steps, max 1.2e-7, L2 7.4e-7;
-  the step-3 loss by 1.8e-7 relative). The cause is not found: the reference
-  log-probs and the data are identical, the replicas agree, and the resume is exact;
-  it did not occur with 2 layers and the reference in a 2-device process of its own.
-  So only well-conditioned quantities are asserted: step 1 (same parameters, same
-  rows) to 1e-6 relative; each later step's loss within its first-order bound
-  ``1e-6·|L_k| + 2·‖∇L_k‖·‖θ_two − θ_one‖`` (Cauchy-Schwarz on the logged gradient
+* step 1 (the same parameters, the same rows): the loss to 1e-6 relative, the
+  gradient norm (a longer chain of roundings) to 1e-5;
+* each later step's loss within its first-order bound
+  ``1e-6·|L_k| + 2·‖∇L_k‖·‖θ_two − θ_one‖`` (Cauchy-Schwarz with the logged gradient
   norm of step k and the parameter difference before step k, read from a checkpoint
   of every step; the 1e-6 term covers rounding and the second-order term,
-  ~‖δ‖² ≈ 1e-13; measured margin 12x); and the final parameters within Adam's update
-  scale (``tests/comparisons.py``). A wrong resume, another batch or lost
-  parameters moves the loss by more than 1e-2 and parameters by ~lr.
+  ~‖δ‖² ≈ 1e-13; measured margin 12x for ``train_dpo``);
+* the final parameters within Adam's update scale (``tests/comparisons.py``).
 
-Cost: 131 s measured with the shared 2-core CPU at load average ~7 (the 4-device
-version took 199 s at a similar load): each worker imports JAX, joins the
-coordinator and compiles both trainers; the resumed ``train_dpo`` run takes its
-executables from a persistent compilation cache the crashed run filled, and the
-reference runs while the workers do. It is the only test that runs more than one JAX
-process, which is why it is worth more than the suite's usual per-test budget.
+A wrong resume, another batch or lost parameters moves the loss by more than 1e-2
+and parameters by ~lr.
+
+Cost: 130 s with the shared 2-core CPU at load average 7-10 (110 s of CPU; the
+4-device version took 199 s and 131 s of CPU at load 3-9): each worker imports JAX,
+joins the coordinator and compiles both trainers (1 layer); the resumed
+``train_dpo`` run takes its executables from a persistent compilation cache the
+crashed run filled, and the reference runs while the workers do. It is the only
+test that runs more than one JAX process, which is why it is worth more than the
+suite's usual per-test budget.
 """
 
 import json
@@ -87,8 +90,7 @@ def make_config(binary: str, *, pairs: int):
   config.model.overrides.num_layers = 1  # Less to compile; the collectives are the same.
   config.loop.num_steps = STEPS
   config.loop.log_every = 1
-  # train_dpo keeps every step's parameters, for its loss bounds; train_rm the last.
-  config.loop.checkpoint_every = 1 if binary == RESUMED else STEPS
+  config.loop.checkpoint_every = 1  # Every step's parameters, for the loss bounds.
   config.loop.keep_checkpoints = STEPS
   config.loop.eval_every = 0
   config.data.pipeline.batch_size = pairs
@@ -220,14 +222,9 @@ def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
     two_summary, one_summary = (json.loads((d / "summary.json").read_text())
                                 for d in (two_dir, one_dir))
     assert two_summary["final_step"] == one_summary["final_step"] == STEPS
-    if binary == "rm":  # Bit-identical: see the module docstring.
-      for step in range(1, STEPS + 1):
-        assert [two[step][k] for k in ("loss", "grad_norm")] == [
-            one[step][k] for k in ("loss", "grad_norm")], (step, two[step], one[step])
-      assert two_summary["params_sha256"] == one_summary["params_sha256"]
-      continue
-    for key in ("loss", "grad_norm"):  # Step 1: the same parameters and rows.
-      np.testing.assert_allclose(two[1][key], one[1][key], rtol=1e-6, err_msg=f"{binary} {key}")
+    # Step 1: the same parameters and rows.
+    np.testing.assert_allclose(two[1]["loss"], one[1]["loss"], rtol=1e-6, err_msg=binary)
+    np.testing.assert_allclose(two[1]["grad_norm"], one[1]["grad_norm"], rtol=1e-5, err_msg=binary)
     for step in range(2, STEPS + 1):
       delta = np.linalg.norm(_params(two_dir, step - 1) - _params(one_dir, step - 1))
       bound = 1e-6 * abs(one[step]["loss"]) + 2 * one[step]["grad_norm"] * delta
