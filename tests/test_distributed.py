@@ -77,6 +77,7 @@ from prefjax import parallel
 from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
 from tests import comparisons
+from tests import test_pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BINARIES = ("rm", "dpo")
@@ -95,6 +96,8 @@ def make_config(binary: str, *, pairs: int):
   config.loop.eval_every = 0
   config.data.pipeline.batch_size = pairs
   config.data.pipeline.shuffle = False
+  # What several processes do anyway (see the last test): the reference pads the same.
+  config.data.pipeline.update(bucket_boundaries=(), pad_to_multiple=None)
   config.mesh.shape = (-1, 1, 1)
   config.mesh.num_devices = NUM_PROCESSES
   if binary == "rm":
@@ -236,3 +239,17 @@ def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
   worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+
+
+def test_several_processes_pad_every_batch_to_the_same_shape(monkeypatch):
+  """Each process batches its own rows and the local batches join into one global array,
+  so every process must build the same shapes at every step: with several processes a
+  padded batch is always its full length (no buckets, no ``pad_to_multiple``)."""
+  cfg = test_pipeline.config(shuffle=False, pad_to_multiple=8)
+  def shapes():
+    ds = pipeline_lib.preference_dataset(test_pipeline.SOURCE, test_pipeline.TOK, cfg)
+    return {b["tokens"].shape for b in test_pipeline.run(ds)[0]}
+  assert len(shapes()) > 1  # one process: the length follows each batch's longest row
+  monkeypatch.setattr(pipeline_lib, "_process_count", lambda: 2)
+  assert shapes() == {(2 * cfg.batch_size, cfg.max_length)}
+

@@ -45,6 +45,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import grain
 import numpy as np
+from absl import logging
 
 from prefjax import configlib
 from prefjax.data import packing
@@ -157,6 +158,16 @@ class PipelineConfig:
     """The row length of a padded batch whose longest sequence has ``longest_row`` tokens."""
     return next(n for n in self.padded_lengths(bucket) if n >= longest_row)
 
+  def same_shapes_across_processes(self) -> PipelineConfig:
+    """This config with one bucket and every padded batch at its full length.
+
+    With several processes each batches its own rows and the local batches are
+    joined into one global array, so every process must build the same shapes at
+    every step; a length taken from a process's own longest row
+    (``pad_to_multiple``) or its own bucket would differ between them.
+    """
+    return dataclasses.replace(self, bucket_boundaries=(), pad_to_multiple=None)
+
   def shard(self) -> tuple[int, int]:
     """(shard index, shard count): the config's, else ``jax.process_index/count``."""
     if self.shard_count is not None:
@@ -165,6 +176,11 @@ class PipelineConfig:
       return self.shard_index, self.shard_count
     import jax  # pylint: disable=g-import-not-at-top
     return jax.process_index(), jax.process_count()
+
+
+def _process_count() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_count()
 
 
 # --------------------------------------------------------------------------- examples
@@ -427,6 +443,11 @@ class BatchDataset(grain.IterDataset):
 
   def __init__(self, source: Any, tokenizer: tokenize_lib.Tokenizer, config: PipelineConfig,
                *, kind: str, response_keys: tuple[str, ...]):
+    if _process_count() > 1 and (config.bucket_boundaries or config.pad_to_multiple):
+      logging.info("%d processes: %s batches padded to their full length (no buckets, no "
+                   "pad_to_multiple), so every process builds the same shapes",
+                   _process_count(), kind)
+      config = config.same_shapes_across_processes()
     self.kind = kind
     self.config = config
     self.tokenizer = tokenizer
