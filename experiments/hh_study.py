@@ -51,7 +51,7 @@ class HHWorld(text_study.TextWorld):
   def __init__(self, cfg: Any, workdir: str):  # pylint: disable=super-init-not-called
     self.cfg, self.workdir = cfg, workdir
     self.world_fields = {"kind": "hh", "data": str(cfg.data.name),
-                         "policy": _plain(cfg.policy.model).get("path") or "random"}
+                         "policy": _plain(cfg.policy.model).get("path") or "a random decoder"}
     self.world = None
     self.tokenizer = experiment.make_tokenizer(_plain(cfg.policy.tokenizer))
     self.max_new_tokens = int(cfg.sampling.max_new_tokens)
@@ -208,6 +208,7 @@ class HHWorld(text_study.TextWorld):
                        warmup_steps=min(20, int(cfg.steps) // 10))
     c.loop.update(num_steps=int(cfg.steps), eval_every=0, checkpoint_every=int(cfg.eval_every),
                   keep_checkpoints=10_000, async_checkpointing=False, tensorboard=False)
+    c.eval.kl_max_new_tokens = 0  # no sampled KL eval: every checkpoint is evaluated here
     return c
 
 

@@ -24,12 +24,13 @@ pairs; (5) every RL and DPO checkpoint sampled on the same 64 held-out HH prompt
 vocabulary; criteria G1–G3, R2, R4 (suffixed ``-hh``), D1, D2, P1.
 
 Expected runtime and cost.
-`:quick` (measured 2026-12-01 on this 2-core CPU shared with other jobs, load ≈ 8, so the
-process got ≈ 50% of the cores): 15 min 0 s wall (study 880 s), 7 min 28 s of CPU time, peak
-RSS 9.7 GB. Stage by stage: gold 106 s, pairs 104 s, proxies 25 + 24 s, best-of-n 87 + 61 s,
-RLOO 287 s (of which its own final eval 77 s), checkpoint evaluation 163 s: loading SmolLM2
-and compiling each binary dominate, not the arithmetic (2 RL steps, 40 pairs, 4 × 8
-best-of-n samples of 12 tokens). Its numbers mean nothing (6 gold steps: accuracy 0.584).
+`:quick` (measured 2026-12-01 on this 2-core CPU shared with other jobs, load ≈ 6–7):
+9 min 35 s wall (study 564 s), 6 min 54 s of CPU time, peak RSS 10.0 GB. Stage by stage:
+gold 62 s, pairs 60 s, proxies 23 + 25 s, best-of-n 53 + 46 s, RLOO 174 s (its own final
+eval included), checkpoint evaluation 93 s: loading SmolLM2 and compiling each binary
+dominate, not the arithmetic (2 RL steps, 40 pairs, 4 × 8 best-of-n samples of 12
+tokens). An earlier run at load ≈ 8 took 15 min 0 s. Its numbers mean nothing (6 gold
+steps: HH validation accuracy 0.584; proxies 0.375 / 0.500 on 8 held-out pairs).
 The default (not run; no GPU here), estimated from its token counts with SmolLM2 at
 ≈ 0.27 GFLOP per token forward (2 × 135M) and ×4 for a training token (forward, backward,
 the reference's forward):
