@@ -22,6 +22,7 @@ from typing import Any
 from absl import app
 
 from experiments import common
+from experiments import hh_study
 from experiments import text_study
 from prefjax.overopt import report as report_lib
 from prefjax.overopt import study
@@ -46,31 +47,42 @@ TEXT_CARRIES = ("D1", "D2", "P1", "P1_kl_matched")
 
 
 def _with_text_world(config: Any, workdir: str, found: list) -> tuple[list, dict, list]:
-  results = text_study.run_text_study(config.text, os.path.join(workdir, "text"),
-                                      study.Progress)
+  """The text world, or with ``config.text.kind == "hh"`` the SmolLM2 / HH world."""
+  hh = config.text.get("kind") == "hh"
+  world_cls, labels = ((hh_study.HHWorld, hh_study.REPORT_LABELS) if hh
+                       else (text_study.TextWorld, {}))
+  results = text_study.run_text_study(config.text, os.path.join(workdir, "hh" if hh else "text"),
+                                      study.Progress, world_cls=world_cls)
+  num_bootstrap = config.text.get("num_bootstrap") or config.bandit.num_bootstrap
   text_found, figs, curves = text_report.text_criteria(
       results, config.text, os.path.join(workdir, "figures"),
-      num_bootstrap=int(config.bandit.num_bootstrap))
+      num_bootstrap=int(num_bootstrap), **labels)
   for c in found:
     if c.name in TEXT_CARRIES:
       c.name = f"{c.name}-bandit"
-  section = text_report.report_section(results, curves, figs)
+  intro = hh_study.describe(results) if hh else None
+  section = text_report.report_section(results, curves, figs, intro=intro,
+                                       **({"heading": "## SmolLM2 on HH"} if hh else {}))
   return found + text_found, figs, section
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
+  """The bandit world (``config.bandit``; None = skipped), then the text world when
+  ``config.text.enabled``."""
   start = time.time()
   summary_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  results = study.run_bandit_study(config.bandit, workdir)
-  found, figs = report_lib.bandit_criteria(
-      results, os.path.join(workdir, "figures"), smallest=int(config.bandit.smallest),
-      n_fixed=int(config.bandit.data.n_fixed))
-  facts = {"command": " ".join(["python -m experiments.reproduce"] + sys.argv[1:]),
-           "world_seeds": list(config.bandit.world_seeds), "wall_s": time.time() - start,
-           "world_note": _world_note(config)}
+  facts = {"command": " ".join(["python -m experiments.reproduce"] + sys.argv[1:])}
+  found, figs, results = [], {}, None
+  if config.get("bandit") is not None:
+    results = study.run_bandit_study(config.bandit, workdir)
+    found, figs = report_lib.bandit_criteria(
+        results, os.path.join(workdir, "figures"), smallest=int(config.bandit.smallest),
+        n_fixed=int(config.bandit.data.n_fixed))
+    facts.update(world_seeds=list(config.bandit.world_seeds), wall_s=time.time() - start,
+                 world_note=_world_note(config))
   extra = []
   if config.get("text") and config.text.enabled:
-    facts["text_world"] = {"seed": int(config.text.world.seed),
+    facts["text_world"] = {"seed": (config.text.get("world") or {}).get("seed"),
                            "pairs_seed": int(config.text.pairs.seed),
                            "eval_seed": int(config.text.eval.seed)}
     found, text_figs, extra = _with_text_world(config, workdir, found)

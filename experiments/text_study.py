@@ -22,7 +22,7 @@ Gold and proxies are standardised under π_ref (mean 0, SD 1 over its samples).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -52,6 +52,7 @@ def _plain(cfg: Any) -> Any:
 
 class TextWorld:
   """The study's world, reference policy and rewards, built from ``config.text``."""
+  max_new_tokens = 14  # of every sampled response
 
   def __init__(self, cfg: Any, workdir: str):
     self.cfg, self.workdir = cfg, workdir
@@ -126,6 +127,10 @@ class TextWorld:
     return {"dataset": f"synthetic:{name}", "num_pairs": len(rows), "skipped": skipped}
 
   # ------------------------------------------------------------------ binary configs
+  def reference_stage(self):
+    """(folder, binary, config maker, label) of the stage before the pairs."""
+    return self.sft_dir, train_sft.run, self.sft_config, "SFT reference policy"
+
   def sft_config(self):
     c = sft_config.get_config()
     c.model.update(self.policy_model())
@@ -201,7 +206,7 @@ class TextWorld:
     def evaluate(policy) -> dict[str, np.ndarray]:
       return text_world.evaluate_policy(
           policy, reference, prompts, jax.random.key(int(cfg.seed)), tokenizer=self.tokenizer,
-          rewards=rewards, max_new_tokens=14,
+          rewards=rewards, max_new_tokens=self.max_new_tokens,
           samples_per_prompt=int(cfg.samples_per_prompt))
     return evaluate, reference
 
@@ -230,18 +235,19 @@ def _rl_policy(tw: TextWorld, config):
   return make
 
 
-def run_text_study(cfg: Any, workdir: str, progress_cls) -> dict[str, Any]:
+def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict[str, Any]:
   """Runs every stage (skipping finished ones) and returns the raw results:
   ``scales``, ``bon`` (width -> samples), ``rl`` (width -> Trajectory), ``dpo``
   ((loss, β) -> Trajectory), ``proxy_stats`` and ``pairs``."""
-  tw = TextWorld(cfg, workdir)
+  tw = (world_cls or TextWorld)(cfg, workdir)
   widths = [int(w) for w in cfg.proxy.widths]
   rl_widths = [int(w) for w in cfg.rl.widths]
   dpo_runs = [(str(loss), float(b)) for loss in cfg.dpo.losses for b in cfg.dpo.betas]
   progress = progress_cls("text world", 2 + 2 * len(widths) + 2 * len(rl_widths)
                           + 2 * len(dpo_runs))
-  info = text_world.run_stage(tw.sft_dir, lambda: _run_binary(train_sft.run, tw.sft_config(), tw.sft_dir))
-  progress.step(f"SFT reference policy ({info['wall_s']:.0f} s)")
+  path, binary, make_config, label = tw.reference_stage()
+  info = text_world.run_stage(path, lambda: _run_binary(binary, make_config(), path))
+  progress.step(f"{label} ({info['wall_s']:.0f} s)")
   pairs = text_world.run_stage(os.path.join(workdir, "pairs"), tw.policy_pairs)
   progress.step(f"{pairs['num_pairs']} gold-labelled π_ref pairs")
   proxy_stats = []
@@ -288,13 +294,4 @@ def run_text_study(cfg: Any, workdir: str, progress_cls) -> dict[str, Any]:
           "pairs": pairs, "widths": widths, "world": tw.world_fields}
 
 
-def _run_binary(run: Callable[[Any, str], Any], config: Any, workdir: str) -> dict[str, Any]:
-  """Runs a binary's ``run(config, workdir)`` in-process; returns its held-out accuracy
-  when it reports one (``train_rm``)."""
-  logging.info("text world: %s -> %s", run.__module__, workdir)
-  out = run(config, workdir)
-  metrics = out.get("eval") if isinstance(out, dict) else None
-  for name, value in (metrics or {}).items():
-    if name.endswith("accuracy"):
-      return {"accuracy": float(value)}
-  return {}
+_run_binary = text_world.run_binary

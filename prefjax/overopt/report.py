@@ -180,33 +180,45 @@ def criteria_table(found: Sequence[C.Criterion]) -> str:
   return "\n".join(lines)
 
 
-def write_report(workdir: str, found: Sequence[C.Criterion], results: study_lib.BanditResults,
-                 figs: dict[str, str], facts: dict[str, Any],
-                 extra_sections: Sequence[str] = ()) -> dict[str, Any]:
-  """Writes ``report.json`` and ``report.md``; returns the JSON object."""
+def _bandit_json(results: study_lib.BanditResults) -> dict[str, Any]:
+  return {"fits": {s.label: {"bon": s.fit_bon._asdict(),
+                             "rl": None if s.fit_rl is None else s.fit_rl._asdict()}
+                   for s in list(results.sizes) + list(results.data)},
+          "proxies": list(results.proxy_stats), "per_world": results.per_world,
+          "estimator_checks": results.estimator_checks,
+          "learned_policy": results.learned_policy}
+
+
+def _bandit_sections(results: study_lib.BanditResults, figs: dict[str, str]) -> list[str]:
+  md = ["## Fits by proxy size", ""] + _fit_table(results.sizes, "width") + [""]
+  md += ["## Fits by proxy training pairs", ""] + _fit_table(results.data, "setting") + [""]
+  md += ["## Proxies", ""] + _proxy_table(results.proxy_stats) + [""]
+  md += ["## Each world on its own", ""] + _per_world_table(results.per_world) + [""]
+  if results.learned_policy:
+    md += ["## RL with a learned policy", "", f"![learned policy]({figs['learned_policy']})", ""]
+  return md
+
+
+def write_report(workdir: str, found: Sequence[C.Criterion],
+                 results: study_lib.BanditResults | None, figs: dict[str, str],
+                 facts: dict[str, Any], extra_sections: Sequence[str] = ()) -> dict[str, Any]:
+  """Writes ``report.json`` and ``report.md``; returns the JSON object. ``results`` None:
+  no bandit world was run (only ``extra_sections`` follow the criteria)."""
   report = {"criteria": {c.name: C.Criterion.as_json(c) for c in found}, **facts,
-            "fits": {s.label: {"bon": s.fit_bon._asdict(),
-                               "rl": None if s.fit_rl is None else s.fit_rl._asdict()}
-                     for s in list(results.sizes) + list(results.data)},
-            "proxies": list(results.proxy_stats), "per_world": results.per_world,
-            "estimator_checks": results.estimator_checks,
-            "learned_policy": results.learned_policy, "figures": figs}
+            **({} if results is None else _bandit_json(results)), "figures": figs}
   summary_lib.write_json(os.path.join(workdir, "report.json"), report)
+  seeds = f"World seeds: {facts['world_seeds']}; " if "world_seeds" in facts else ""
   md = [f"# Reward-model overoptimization: reproduction report", "",
         f"Command: `{facts.get('command', '')}`  ",
-        f"World seeds: {facts.get('world_seeds')}; wall time {facts.get('wall_s', 0):.0f} s.",
+        f"{seeds}wall time {facts.get('wall_s', 0):.0f} s.",
         "", facts.get("world_note", ""), "", "## Criteria", "", criteria_table(found), ""]
   for c in found:
     md += [f"### {c.name} — {'PASS' if c.passed else 'FAIL'} ({c.world} world)", "",
            f"*Expected.* {expected(c.name)}", "", f"*Seen.* {c.detail}.", ""]
     if c.figure:
       md += [f"![{c.name}]({c.figure})", ""]
-  md += ["## Fits by proxy size", ""] + _fit_table(results.sizes, "width") + [""]
-  md += ["## Fits by proxy training pairs", ""] + _fit_table(results.data, "setting") + [""]
-  md += ["## Proxies", ""] + _proxy_table(results.proxy_stats) + [""]
-  md += ["## Each world on its own", ""] + _per_world_table(results.per_world) + [""]
-  if results.learned_policy:
-    md += ["## RL with a learned policy", "", f"![learned policy]({figs['learned_policy']})", ""]
+  if results is not None:
+    md += _bandit_sections(results, figs)
   md += list(extra_sections)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("\n".join(md) + "\n")

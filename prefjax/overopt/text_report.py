@@ -72,15 +72,18 @@ def as_scores(traj: text_world.Trajectory, proxy_name: str) -> exact.ExactScores
                            np.ones_like(pp["kl"].T))
 
 
-def _renamed(c: C.Criterion, name: str) -> C.Criterion:
-  c.name, c.world = name, WORLD
+def _renamed(c: C.Criterion, name: str, world: str = WORLD) -> C.Criterion:
+  c.name, c.world = name, world
   return c
 
 
 def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
-                  num_bootstrap: int = 1000) -> tuple[list[C.Criterion], dict[str, str],
-                                                       dict[str, Any]]:
-  """Figures and criteria of the text world; also returns the curves for the report."""
+                  num_bootstrap: int = 1000, world: str = WORLD, title: str = "Text world",
+                  policy: str = "the SFT policy") -> tuple[list[C.Criterion], dict[str, str],
+                                                          dict[str, Any]]:
+  """Figures and criteria of the text world (or another world run by
+  ``experiments/text_study.py``: ``world`` suffixes criteria and names figures, ``title``
+  and ``policy`` go in figure titles); also returns the curves for the report."""
   scales, widths = results["scales"], list(results["widths"])
   points = int(cfg.bon.num_points)
   bon_settings = [setting(f"w{w}", bon_curve(results["bon"][w], scales, f"proxy_w{w}", points,
@@ -89,24 +92,25 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
   rl_settings = [setting(f"w{w}", bon_settings[widths.index(w)].bon,
                          trajectory_curve(traj, f"proxy_w{w}", num_bootstrap), num_bootstrap)
                  for w, traj in sorted(results["rl"].items())]
-  path = lambda name: os.path.join(fig_dir, name)
+  path = lambda name: os.path.join(fig_dir, name.replace("text_", f"{world}_", 1))
   algo = str(cfg.rl.algorithm).upper()
   figs = {
       "text_bon": figures.gold_and_proxy(
           bon_settings, path("text_bon_sizes.png"),
-          title="Text world: best-of-n of the SFT policy by proxy width (±1 SE)"),
+          title=f"{title}: best-of-n of {policy} by proxy width (±1 SE)"),
       "text_fits": figures.fit_coefficients(widths, bon_settings, path("text_fit_sizes.png"),
                                             xlabel="proxy width (hidden units)",
-                                            title="Text world: best-of-n fit vs proxy size"),
+                                            title=f"{title}: best-of-n fit vs proxy size"),
       "text_rl": figures.gold_and_proxy(
           rl_settings, path("text_rl.png"), rl_name=f"{algo} along training",
-          title=f"Text world: best-of-n and {algo} (train_rl) against the same proxies"),
+          title=f"{title}: best-of-n and {algo} (train_rl) against the same proxies"),
   }
   sweeps = {}
   for (loss, beta), traj in results["dpo"].items():
     sweeps.setdefault(loss, {})[beta] = traj
   sweeps = {loss: daa_sweep(loss, runs) for loss, runs in sweeps.items()}
-  figs["text_direct"] = figures.direct_sweeps(sweeps, path("text_daa_gold_vs_kl.png"))
+  if sweeps:
+    figs["text_direct"] = figures.direct_sweeps(sweeps, path("text_daa_gold_vs_kl.png"))
   ppo_width = max(results["rl"])
   ppo = as_scores(results["rl"][ppo_width], f"proxy_w{ppo_width}")
   if "dpo" in sweeps:
@@ -116,12 +120,15 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
   rel = {k: os.path.join("figures", os.path.basename(v)) for k, v in figs.items()}
   smallest = bon_settings[:min(2, len(bon_settings))]
   found = [
-      _renamed(C.g1(smallest, rel["text_bon"]), "G1-text"),
-      _renamed(C.g2(bon_settings, rel["text_bon"]), "G2-text"),
-      _renamed(C.g3(widths, bon_settings, rel["text_fits"]), "G3-text"),
-      _renamed(C.r2(rl_settings[:1], rel["text_rl"]), "R2-text"),
-      _renamed(C.r4(rl_settings, rel["text_rl"]), "R4-text"),
+      _renamed(C.g1(smallest, rel["text_bon"]), f"G1-{world}", world),
+      _renamed(C.g2(bon_settings, rel["text_bon"]), f"G2-{world}", world),
+      _renamed(C.g3(widths, bon_settings, rel["text_fits"]), f"G3-{world}", world),
+      _renamed(C.r2(rl_settings[:1], rel["text_rl"]), f"R2-{world}", world),
+      _renamed(C.r4(rl_settings, rel["text_rl"]), f"R4-{world}", world),
   ]
+  curves = {"bon": bon_settings, "rl": rl_settings, "sweeps": sweeps}
+  if not sweeps:
+    return found, rel, curves
   d1 = {n: direct_criteria.criterion_d1(s, num_bootstrap=num_bootstrap)
         for n, s in sweeps.items()}
   d2 = {n: direct_criteria.criterion_d2(s, num_bootstrap=num_bootstrap)
@@ -129,34 +136,26 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
   found.append(C.Criterion("D1", all(r["pass"] for r in d1.values()), d1,
                            "every loss: interior argmax and rmse_rl < rmse_quadratic_kl",
                            "; ".join(r["detail"] for r in d1.values()), rel["text_direct"],
-                           world=WORLD))
+                           world=world))
   found.append(C.Criterion("D2", all(r["pass"] for r in d2.values()), d2,
                            "every loss at its smallest β",
                            "; ".join(r["detail"] for r in d2.values()), rel["text_direct"],
-                           world=WORLD))
+                           world=world))
   if "dpo" in sweeps:
     for name, match in (("P1", "bin"), ("P1_kl_matched", "interpolate")):
       r = direct_criteria.criterion_p1(sweeps["dpo"], ppo, match=match,
                                        num_bootstrap=num_bootstrap)
       found.append(C.Criterion(name, r["pass"], r["value"], r["threshold"], r["detail"],
-                               rel["text_frontier"], world=WORLD))
-  curves = {"bon": bon_settings, "rl": rl_settings, "sweeps": sweeps}
+                               rel["text_frontier"], world=world))
   return found, rel, curves
 
 
 def report_section(results: Mapping[str, Any], curves: Mapping[str, Any],
-                   figs: Mapping[str, str]) -> list[str]:
-  """Markdown of the text world: what was run, proxies, fits, figures."""
-  pairs = results["pairs"]
-  md = ["## The text world", "",
-        "A byte-level decoder SFT'd by `train_sft` on the tiny text world is π_ref. Gold: "
-        "mean character score + echo bonus − a penalty on any character past "
-        f"{results['world']['repeat_threshold']:.0%} of the response "
-        f"(×{results['world']['repeat_penalty']:g}, squared). Proxies: decoder reward "
-        f"models trained by `train_rm` on {pairs['num_pairs']} gold-labelled pairs of π_ref "
-        f"samples (dropped: {pairs['skipped']}). Best-of-n by `best_of_n`, RL by "
-        "`train_rl`, the DPO family by `train_dpo` on the same pairs; every RL and DPO "
-        "checkpoint sampled on the same held-out prompts with the same key.", "",
+                   figs: Mapping[str, str], *, heading: str = "## The text world",
+                   intro: str | None = None) -> list[str]:
+  """Markdown of the text world (or of ``heading`` described by ``intro``): what was run,
+  proxies, fits, figures."""
+  md = [heading, "", intro or _text_intro(results), "",
         "| proxy width | held-out pair accuracy | BoN α | BoN β | R² | training s |",
         "|---:|---:|---:|---:|---:|---:|"]
   for stats, s in zip(results["proxy_stats"], curves["bon"]):
@@ -168,3 +167,15 @@ def report_section(results: Mapping[str, Any], curves: Mapping[str, Any],
     if key in figs:
       md += [f"![{key}]({figs[key]})", ""]
   return md
+
+
+def _text_intro(results: Mapping[str, Any]) -> str:
+  pairs, world = results["pairs"], results["world"]
+  return ("A byte-level decoder SFT'd by `train_sft` on the tiny text world is π_ref. Gold: "
+          "mean character score + echo bonus − a penalty on any character past "
+          f"{world['repeat_threshold']:.0%} of the response "
+          f"(×{world['repeat_penalty']:g}, squared). Proxies: decoder reward "
+          f"models trained by `train_rm` on {pairs['num_pairs']} gold-labelled pairs of π_ref "
+          f"samples (dropped: {pairs['skipped']}). Best-of-n by `best_of_n`, RL by "
+          "`train_rl`, the DPO family by `train_dpo` on the same pairs; every RL and DPO "
+          "checkpoint sampled on the same held-out prompts with the same key.")

@@ -228,3 +228,15 @@ def sweep_arrays(trajectories: Sequence[Trajectory], field: str) -> np.ndarray:
   if len(set(steps)) != 1:
     raise ValueError(f"trajectories were evaluated at different steps: {steps}")
   return np.stack([t.per_prompt[field] for t in trajectories])
+
+
+def run_binary(run: Callable[[Any, str], Any], config: Any, workdir: str) -> dict[str, Any]:
+  """Runs a binary's ``run(config, workdir)`` in-process; returns its held-out accuracy
+  when it reports one (``train_rm``)."""
+  logging.info("overoptimization study: %s -> %s", run.__module__, workdir)
+  out = run(config, workdir)
+  metrics = out.get("eval") if isinstance(out, dict) else None
+  for name, value in (metrics or {}).items():
+    if name.endswith("accuracy"):
+      return {"accuracy": float(value)}
+  return {}
