@@ -167,9 +167,7 @@ class HHWorld(text_study.TextWorld):
 
   def bon_config(self, width: int):
     cfg = self.cfg.bon
-    c = bon_smollm2.get_config()
-    self._policy_side(c)
-    c.proxy = self.proxy_reward_spec(width)
+    c = self.against_proxy(bon_smollm2, width)
     c.prompts.num_eval = int(cfg.num_prompts)
     c.bon.update(num_samples=int(cfg.num_samples), num_points=int(cfg.num_points),
                  prompts_per_batch=int(cfg.prompts_per_batch), num_bootstrap=200)
@@ -177,17 +175,11 @@ class HHWorld(text_study.TextWorld):
 
   def rl_config(self, width: int):
     cfg = self.cfg.rl
-    c = rl_smollm2.get_config()
-    self._policy_side(c)
-    c.proxy = self.proxy_reward_spec(width)
+    c = self.against_proxy(rl_smollm2, width)
     c.rl.update(algorithm=str(cfg.algorithm), kl_coef=float(cfg.kl_coef),
                 prompts_per_step=int(cfg.prompts_per_step), group_size=int(cfg.group_size))
     c.optimizer.learning_rate = float(cfg.learning_rate)
-    c.loop.num_steps = int(cfg.steps)
-    c.loop.eval_every = int(cfg.steps)  # its own eval once; checkpoints are evaluated here
-    c.loop.eval_at_start = False
-    c.loop.checkpoint_every = int(cfg.eval_every)
-    c.loop.keep_checkpoints = 10_000
+    text_world.stage_loop(c.loop, steps=int(cfg.steps), checkpoint_every=int(cfg.eval_every))
     c.prompts.num_eval = 2
     return c
 
@@ -202,13 +194,11 @@ class HHWorld(text_study.TextWorld):
                            max_length=prompt_length + self.max_new_tokens + 2,
                            bucket_boundaries=())
     c.loss.name, c.loss.beta = loss, float(beta)
-    c.ref.mode = "cached"
-    c.ref.cache_dir = os.path.join(self.workdir, "dpo", "ref_cache")
+    text_world.cached_reference(c, self.workdir)
     c.optimizer.update(learning_rate=float(cfg.learning_rate), total_steps=int(cfg.steps),
                        warmup_steps=min(20, int(cfg.steps) // 10))
-    c.loop.update(num_steps=int(cfg.steps), eval_every=0, checkpoint_every=int(cfg.eval_every),
-                  keep_checkpoints=10_000, async_checkpointing=False, tensorboard=False)
-    c.eval.kl_max_new_tokens = 0  # no sampled KL eval: every checkpoint is evaluated here
+    text_world.stage_loop(c.loop, steps=int(cfg.steps), checkpoint_every=int(cfg.eval_every))
+    c.loop.update(async_checkpointing=False, tensorboard=False)
     return c
 
 

@@ -155,10 +155,15 @@ class TextWorld:
     c.world.update(self.world_fields)
     c.warm_start.steps = 0
 
-  def bon_config(self, width: int):
-    c = bon_config.get_config()
+  def against_proxy(self, base: Any, width: int) -> ml_collections.ConfigDict:
+    """``base``'s config (a ``best_of_n`` or ``train_rl`` one) for π_ref and proxy ``width``."""
+    c = base.get_config()
     self._policy_side(c)
     c.proxy = self.proxy_reward_spec(width)
+    return c
+
+  def bon_config(self, width: int):
+    c = self.against_proxy(bon_config, width)
     c.prompts.num_eval = int(self.cfg.bon.num_prompts)
     c.bon.num_samples = int(self.cfg.bon.num_samples)
     c.bon.num_points = int(self.cfg.bon.num_points)
@@ -167,16 +172,10 @@ class TextWorld:
 
   def rl_config(self, width: int):
     cfg = self.cfg.rl
-    c = rl_config.get_config()
-    self._policy_side(c)
-    c.proxy = self.proxy_reward_spec(width)
+    c = self.against_proxy(rl_config, width)
     c.rl.algorithm = str(cfg.algorithm)
     c.rl.kl_coef = float(cfg.kl_coef)
-    c.loop.num_steps = int(cfg.steps)
-    # Its own held-out eval only once, at the end: every checkpoint is evaluated here.
-    c.loop.eval_every, c.loop.eval_at_start = int(cfg.steps), False
-    c.loop.checkpoint_every = int(cfg.eval_every)
-    c.loop.keep_checkpoints = 10_000
+    text_world.stage_loop(c.loop, steps=int(cfg.steps), checkpoint_every=int(cfg.eval_every))
     c.prompts.num_eval = 16
     c.log_train_gold = False
     return c
@@ -187,13 +186,8 @@ class TextWorld:
     c.model.update(self.policy_model(self.reference_path()))
     c.data.name = dataset
     c.loss.name, c.loss.beta = loss, float(beta)
-    c.ref.mode = "cached"
-    c.ref.cache_dir = os.path.join(self.workdir, "dpo", "ref_cache")
-    c.loop.num_steps = int(cfg.steps)
-    c.loop.eval_every = 0
-    c.eval.kl_max_new_tokens = 0  # no sampled KL eval: every checkpoint is evaluated here
-    c.loop.checkpoint_every = int(cfg.eval_every)
-    c.loop.keep_checkpoints = 10_000
+    text_world.cached_reference(c, self.workdir)
+    text_world.stage_loop(c.loop, steps=int(cfg.steps), checkpoint_every=int(cfg.eval_every))
     c.optimizer.learning_rate = float(cfg.learning_rate)
     return c
 

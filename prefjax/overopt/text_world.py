@@ -230,6 +230,21 @@ def sweep_arrays(trajectories: Sequence[Trajectory], field: str) -> np.ndarray:
   return np.stack([t.per_prompt[field] for t in trajectories])
 
 
+def stage_loop(loop: Any, *, steps: int, checkpoint_every: int) -> None:
+  """A trainer stage's loop: ``steps`` steps with every ``checkpoint_every``-th checkpoint
+  kept (the study samples each one) and the binary's own eval only once, at the end."""
+  loop.update(num_steps=steps, eval_every=steps, eval_at_start=False,
+              checkpoint_every=checkpoint_every, keep_checkpoints=10_000)
+
+
+def cached_reference(config: Any, workdir: str) -> None:
+  """A ``train_dpo`` stage: reference log-probs cached once for every run of the study,
+  and no sampled KL eval (the study evaluates every checkpoint with the exact KL)."""
+  config.ref.mode = "cached"
+  config.ref.cache_dir = os.path.join(workdir, "dpo", "ref_cache")
+  config.eval.kl_max_new_tokens = 0
+
+
 def run_binary(run: Callable[[Any, str], Any], config: Any, workdir: str) -> dict[str, Any]:
   """Runs a binary's ``run(config, workdir)`` in-process; returns its held-out accuracy
   when it reports one (``train_rm``)."""
