@@ -6,7 +6,8 @@ Command:
 Variants: ``:tiny`` (a seconds-long smoke run for tests; its numbers mean nothing).
 
 The text world (``text_config`` below: transformers through the binaries) is off here
-because it takes ≈ 35 min; ``configs/reproduce/full.py`` runs it.
+because it takes ≈ 10 min on a quiet CPU, past the demo's budget with the bandit world;
+``configs/reproduce/full.py`` runs it.
 
 What it does: three bandit worlds (seeds 0, 1, 2; each 64 prompts × 8,192 candidates,
 Student-t(3) features, gold = a random 32→256→256→1 tanh teacher), pooled; proxies =
