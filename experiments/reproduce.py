@@ -14,6 +14,7 @@ hidden; the exit code is 0 either way (the report is the result).
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from experiments import text_study
 from prefjax.overopt import report as report_lib
 from prefjax.overopt import study
 from prefjax.overopt import text_report
+from prefjax.overopt import text_world
 from prefjax.train import summary as summary_lib
 
 
@@ -51,8 +53,18 @@ def _with_text_world(config: Any, workdir: str, found: list) -> tuple[list, dict
   hh = config.text.get("kind") == "hh"
   world_cls, labels = ((hh_study.HHWorld, hh_study.REPORT_LABELS) if hh
                        else (text_study.TextWorld, {}))
-  results = text_study.run_text_study(config.text, os.path.join(workdir, "hh" if hh else "text"),
-                                      study.Progress, world_cls=world_cls)
+  root = os.path.join(workdir, "hh" if hh else "text")
+  seeds = config.text.get("world_seeds")
+  if not seeds:  # one world, the seed in config.text.world
+    results = text_study.run_text_study(config.text, root, study.Progress, world_cls=world_cls)
+  else:  # several, pooled as the bandit world pools its worlds
+    runs = []
+    for seed in seeds:
+      cfg = copy.deepcopy(config.text)
+      cfg.world.seed = int(seed)
+      runs.append(text_study.run_text_study(cfg, os.path.join(root, f"seed{seed}"),
+                                            study.Progress, world_cls=world_cls))
+    results = text_world.pool_seeds(runs)
   num_bootstrap = config.text.get("num_bootstrap") or config.bandit.num_bootstrap
   text_found, figs, curves = text_report.text_criteria(
       results, config.text, os.path.join(workdir, "figures"),
@@ -82,7 +94,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                  world_note=_world_note(config))
   extra = []
   if config.get("text") and config.text.enabled:
-    facts["text_world"] = {"seed": (config.text.get("world") or {}).get("seed"),
+    facts["text_world"] = {"seed": (list(config.text.get("world_seeds") or ())
+                                    or (config.text.get("world") or {}).get("seed")),
                            "pairs_seed": int(config.text.pairs.seed),
                            "eval_seed": int(config.text.eval.seed)}
     found, text_figs, extra = _with_text_world(config, workdir, found)

@@ -69,3 +69,39 @@ def test_evaluate_policy_common_random_numbers_and_exact_kl():
   by_hand = np.array([world.gold_reward(p, r) for p, r in zip(rollout.prompts,
                                                              rollout.responses)])
   np.testing.assert_allclose(same["gold"], by_hand.reshape(3, 2).mean(1), rtol=1e-6)  # float32 path
+
+
+def _seed_run(seed: int, prompts: int) -> dict:
+  rng = np.random.default_rng(seed)
+  traj = lambda: text_world.Trajectory(np.array([0, 5]), {
+      k: rng.normal(size=(2, prompts)) for k in ("gold", "proxy_w8", "kl")})
+  return {"scales": {"gold": text_world.GoldScale(1.0 + seed, 2.0),
+                     "proxy_w8": text_world.GoldScale(-seed, 0.5)},
+          "bon": {8: {k: rng.normal(size=(prompts, 4)) for k in ("gold", "proxy", "lengths")}},
+          "rl": {8: traj()}, "dpo": {("dpo", 0.1): traj()},
+          "proxy_stats": [{"width": 8, "accuracy": 0.6 + 0.1 * seed, "wall_s": 10.0}],
+          "pairs": {"dataset": f"d{seed}", "num_pairs": 100 + seed,
+                    "skipped": {"empty": seed, "identical": 1}},
+          "widths": [8], "world": {"seed": seed}}
+
+
+def test_pool_seeds_concatenates_standardised_prompts():
+  runs = [_seed_run(0, 3), _seed_run(1, 5)]
+  pooled = text_world.pool_seeds(runs)
+  gold = np.concatenate([(r["bon"][8]["gold"] - r["scales"]["gold"].mean)
+                         / r["scales"]["gold"].sd for r in runs])
+  proxy = np.concatenate([(r["bon"][8]["proxy"] - r["scales"]["proxy_w8"].mean)
+                          / r["scales"]["proxy_w8"].sd for r in runs])
+  np.testing.assert_allclose(pooled["bon"][8]["gold"], gold)
+  np.testing.assert_allclose(pooled["bon"][8]["proxy"], proxy)
+  assert pooled["scales"]["gold"](np.array([2.5])) == 2.5  # already in SD units
+  for key, name in (("rl", 8), ("dpo", ("dpo", 0.1))):
+    traj = pooled[key][name]
+    assert traj.per_prompt["kl"].shape == (2, 8)
+    np.testing.assert_array_equal(traj.per_prompt["gold"][:, 3:],
+                                  runs[1][key][name].per_prompt["gold"])
+  assert pooled["proxy_stats"] == [{"width": 8, "accuracy": pytest.approx(0.65),
+                                    "wall_s": 10.0}]
+  assert pooled["pairs"]["num_pairs"] == 201
+  assert pooled["pairs"]["skipped"] == {"empty": 1, "identical": 2}
+  assert pooled["seeds"] == [0, 1] and text_world.pool_seeds(runs[:1]) == runs[0]

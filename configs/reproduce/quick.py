@@ -44,6 +44,9 @@ def text_config(*, enabled: bool, tiny: bool = False) -> ml_collections.ConfigDi
   # character past a quarter of the response is bad, which π_ref's samples rarely show.
   text.world = dict(seed=0, echo_bonus=0.5, exploit_weight=0.0, exploit_gold_penalty=0.5,
                     repeat_threshold=0.25, repeat_penalty=20.0)
+  # () = the one world of ``world.seed``; several seeds are run and pooled, as the bandit
+  # world pools its worlds (each in text/seed{s}).
+  text.world_seeds = ()
   text.policy = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                      intermediate_size=128, max_position_embeddings=64)
   text.sft = dict(num_pairs=4000, data_seed=0, steps=300)

@@ -230,6 +230,45 @@ def sweep_arrays(trajectories: Sequence[Trajectory], field: str) -> np.ndarray:
   return np.stack([t.per_prompt[field] for t in trajectories])
 
 
+def pool_seeds(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """Several world seeds' ``run_text_study`` results as one, as the bandit world pools
+  its worlds: every per-prompt array, each in its own π_ref's SD units, is concatenated
+  over seeds, so curves average over worlds and bootstraps run over all their prompts.
+
+  Best-of-n samples are standardised per seed (the pooled ``scales`` are then the
+  identity); trajectories must already be (``standardized``). Proxy accuracies and
+  training times are averaged, pair counts summed.
+  """
+  if len(runs) == 1:
+    return dict(runs[0])
+  first = runs[0]
+  unit = GoldScale(0.0, 1.0)
+  bon = {}
+  for w in first["bon"]:
+    scaled = [{**r["bon"][w], "gold": r["scales"]["gold"](r["bon"][w]["gold"]),
+               "proxy": r["scales"][f"proxy_w{w}"](r["bon"][w]["proxy"])} for r in runs]
+    bon[w] = {k: np.concatenate([x[k] for x in scaled]) for k in ("gold", "proxy", "lengths")}
+
+  def trajectories(key: str) -> dict[Any, Trajectory]:
+    out = {}
+    for name, traj in first[key].items():
+      parts = [r[key][name] for r in runs]
+      if len({tuple(p.steps) for p in parts}) != 1:
+        raise ValueError(f"{key} {name}: the seeds were evaluated at different steps")
+      out[name] = Trajectory(traj.steps, {f: np.concatenate([p.per_prompt[f] for p in parts],
+                                                            axis=1) for f in traj.per_prompt})
+    return out
+
+  stats = [{k: v if k == "width" else float(np.mean([r["proxy_stats"][i][k] for r in runs]))
+            for k, v in first_stats.items()} for i, first_stats in enumerate(first["proxy_stats"])]
+  pairs = {**first["pairs"], "num_pairs": sum(r["pairs"]["num_pairs"] for r in runs),
+           "skipped": {k: sum(r["pairs"]["skipped"][k] for r in runs)
+                       for k in first["pairs"]["skipped"]}}
+  return {**first, "scales": {name: unit for name in first["scales"]}, "bon": bon,
+          "rl": trajectories("rl"), "dpo": trajectories("dpo"), "proxy_stats": stats,
+          "pairs": pairs, "seeds": [r["world"]["seed"] for r in runs]}
+
+
 def stage_loop(loop: Any, *, steps: int, checkpoint_every: int) -> None:
   """A trainer stage's loop: ``steps`` steps with every ``checkpoint_every``-th checkpoint
   kept (the study samples each one) and the binary's own eval only once, at the end."""

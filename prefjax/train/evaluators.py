@@ -54,9 +54,10 @@ class BatchEvaluator:
     eval_step = self._steps[graphdef]
     data = self._data() if callable(self._data) else self._data
     totals: dict[str, float] = {}
-    weight_sum, batches = 0.0, 0
+    weight_sum, batches, weighted = 0.0, 0, False
     for batch in data:
       metrics = metrics_lib.to_python(eval_step(params, extra, self._put(batch)))
+      weighted = weighted or "num_examples" in metrics
       weight = metrics.pop("num_examples", 1.0)
       for name, value in metrics.items():
         totals[name] = totals.get(name, 0.0) + weight * value
@@ -65,5 +66,5 @@ class BatchEvaluator:
     if not batches:
       raise ValueError("the eval data yielded no batches")
     result = {name: total / weight_sum for name, total in totals.items()}
-    result["num_examples" if weight_sum != batches else "num_batches"] = weight_sum
+    result["num_examples" if weighted else "num_batches"] = weight_sum
     return result
