@@ -11,21 +11,23 @@ Adds the direct-alignment study in the bandit world (DPO / IPO / SLiC across β 
 gold-labelled pairs, D1–D3, and the DPO-vs-RL frontier P1; kept as ``D1-bandit`` …)
 and the text world (``quick.text_config``; ``experiments/text_study.py``), which runs
 ``train_sft``, ``train_rm`` (proxy widths 8–64), ``best_of_n``, ``train_rl`` (RLOO) and
-``train_dpo`` (DPO / IPO / SLiC × 4 β, 400 steps) and carries D1, D2 and P1.
+``train_dpo`` (DPO / IPO / SLiC × 4 β, 400 steps) and carries D1, D2 and P1; three text
+worlds (seeds 0, 1, 2) are run and pooled like the bandit worlds, because one world's
+verdicts moved with the sampler's random stream.
 
-Expected runtime (measured as one run, 2026-12-01 at 173df60): 31 min 57 s wall, 26 min of
-CPU, peak RSS 1.9 GB; the bandit part (21 min of it) ran while other jobs loaded the CPU
-(load 7-10; 12 min 11 s quiet), the text world's 38 stages took 10 min at load ≈ 1–2.
+Expected runtime (measured 2026-12-01 at b28e202 on this 2-core CPU, load ≈ 1–2): the
+bandit part 10 min; each text world ≈ 10 min (38 stages). The run that produced the
+numbers below took 28 min wall (39 min of CPU, peak RSS 1.9 GB) reusing text world 0's
+stages from an earlier run (173df60, the same text-study code; 10 min there): ≈ 38 min from scratch.
 Expected result (same run): bandit G0–G5, R1, R3, R4, C1–C3 and D3 pass, R2 fails (width
-4's RL drop 1.3 SE). Text world: G2-text, R4-text pass; D1 fails on IPO alone (the
-d(α − β log d) fit, RMSE 0.58 vs 0.23 quadratic: IPO at β = 0.03 runs to 161 nats and
-−6.8 SD; DPO and SLiC have interior maxima and the log form wins, RMSE 0.007 vs 0.052 and
-0.022 vs 0.069); D2 fails (DPO and SLiC peak and fall 3.2 and 4.9 SE, but KL dips after
-the peak; IPO falls from step 0); P1 fails (DPO below RLOO by > 1 SE in the 4–8 nat bin);
-R2-text fails (RLOO vs w8 falls to −0.05 SD and its last checkpoints climb back to +0.48);
-G1-text and G3-text fail (best-of-256 never reaches the repetitive tail). The text world
-is one seed: these verdicts moved with the sampler's random stream (before 8511f61 R2-text
-and P1 passed and SLiC's D2 drop was 0.8 SE), so read them as weak evidence.
+4's RL drop 1.3 SE). Text worlds 0–2 pooled: G2-text, R2-text (RLOO vs w8 falls 7.7 SE
+after its peak), R4-text and P1_kl_matched pass; D1 fails on IPO alone (the d(α − β log d)
+fit, RMSE 0.56 vs 0.19 quadratic: IPO at β = 0.03 runs to 148 nats and −5.3 SD; DPO and
+SLiC have interior maxima, 10.9 and 13.5 SE, and the log form wins, RMSE 0.023 vs 0.046
+and 0.020 vs 0.059); D2 fails (at β = 0.03 DPO's gold peaks at step 50 and falls 3.4 SE
+but KL dips after the peak; SLiC's last checkpoint is its best); P1 fails (DPO below
+RLOO by > 1 SE in the 4–8 and 8–16 nat bins); G1-text and G3-text fail (best-of-256
+never reaches the repetitive tail).
 See the README, "Reproducing the papers".
 """
 
