@@ -240,21 +240,20 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   progress = progress_cls("text world", 2 + 2 * len(widths) + 2 * len(rl_widths)
                           + 2 * len(dpo_runs))
   path, binary, make_config, label = tw.reference_stage()
-  info = text_world.run_stage(path, lambda: _run_binary(binary, make_config(), path))
+  info = text_world.binary_stage(path, binary, make_config)
   progress.step(f"{label} ({info['wall_s']:.0f} s)")
   pairs = text_world.run_stage(os.path.join(workdir, "pairs"), tw.policy_pairs)
   progress.step(f"{pairs['num_pairs']} gold-labelled π_ref pairs")
   proxy_stats = []
   for w in widths:
     path = os.path.join(workdir, "proxies", f"w{w}")
-    info = text_world.run_stage(path, lambda: _run_binary(train_rm.run, tw.rm_config(w, pairs["dataset"]),
-                                            path))
+    info = text_world.binary_stage(path, train_rm.run, lambda: tw.rm_config(w, pairs["dataset"]))
     proxy_stats.append(dict(width=w, **info))
     progress.step(f"proxy width {w}: held-out accuracy {info.get('accuracy', float('nan')):.3f}")
   bon = {}
   for w in widths:
     path = os.path.join(workdir, "bon", f"w{w}")
-    text_world.run_stage(path, lambda: _run_binary(best_of_n.run, tw.bon_config(w), path))
+    text_world.binary_stage(path, best_of_n.run, lambda: tw.bon_config(w))
     bon[w] = _load_samples(path)
     progress.step(f"best-of-n against proxy width {w}")
   gold_scale = text_world.GoldScale.fit(bon[widths[0]]["gold"])
@@ -267,7 +266,7 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   for w in rl_widths:
     path = os.path.join(workdir, "rl", f"w{w}")
     config = tw.rl_config(w)
-    text_world.run_stage(path, lambda: _run_binary(train_rl.run, config, path))
+    text_world.binary_stage(path, train_rl.run, lambda: config)
     progress.step(f"RL ({cfg.rl.algorithm}) against proxy width {w}")
     traj = _trajectory(path, _rl_policy(tw, config),
                        evaluate, reference, trainable=rollout_lib.TRAINABLE,
@@ -277,8 +276,8 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   dpo = {}
   for loss, beta in dpo_runs:
     path = os.path.join(workdir, "dpo", f"{loss}_b{beta:g}")
-    text_world.run_stage(path, lambda: _run_binary(train_dpo.run, tw.dpo_config(loss, beta, pairs["dataset"]),
-                                     path))
+    text_world.binary_stage(path, train_dpo.run,
+                            lambda: tw.dpo_config(loss, beta, pairs["dataset"]))
     progress.step(f"{loss} β={beta:g}")
     traj = _trajectory(path, lambda: tw.make_policy(tw.reference_path()), evaluate,
                        reference)
@@ -287,5 +286,3 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   return {"scales": scales, "bon": bon, "rl": rl, "dpo": dpo, "proxy_stats": proxy_stats,
           "pairs": pairs, "widths": widths, "world": tw.world_fields}
 
-
-_run_binary = text_world.run_binary

@@ -175,7 +175,7 @@ class PipelineConfig:
         raise ValueError(f"shard_index={self.shard_index} not in [0, {self.shard_count})")
       return self.shard_index, self.shard_count
     import jax  # pylint: disable=g-import-not-at-top
-    return jax.process_index(), jax.process_count()
+    return jax.process_index(), _process_count()
 
 
 def _process_count() -> int:
@@ -443,10 +443,11 @@ class BatchDataset(grain.IterDataset):
 
   def __init__(self, source: Any, tokenizer: tokenize_lib.Tokenizer, config: PipelineConfig,
                *, kind: str, response_keys: tuple[str, ...]):
-    if _process_count() > 1 and (config.bucket_boundaries or config.pad_to_multiple):
+    processes = _process_count()
+    if processes > 1 and (config.bucket_boundaries or config.pad_to_multiple):
       logging.info("%d processes: %s batches padded to their full length (no buckets, no "
                    "pad_to_multiple), so every process builds the same shapes",
-                   _process_count(), kind)
+                   processes, kind)
       config = config.same_shapes_across_processes()
     self.kind = kind
     self.config = config

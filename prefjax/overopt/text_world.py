@@ -224,10 +224,14 @@ def standardized(traj: Trajectory, scales: Mapping[str, GoldScale]) -> Trajector
 
 def sweep_arrays(trajectories: Sequence[Trajectory], field: str) -> np.ndarray:
   """``[K, T, P]`` from K trajectories evaluated at the same steps."""
+  _check_same_steps(trajectories)
+  return np.stack([t.per_prompt[field] for t in trajectories])
+
+
+def _check_same_steps(trajectories: Sequence[Trajectory]) -> None:
   steps = [tuple(t.steps) for t in trajectories]
   if len(set(steps)) != 1:
     raise ValueError(f"trajectories were evaluated at different steps: {steps}")
-  return np.stack([t.per_prompt[field] for t in trajectories])
 
 
 def pool_seeds(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -243,18 +247,17 @@ def pool_seeds(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return dict(runs[0])
   first = runs[0]
   unit = GoldScale(0.0, 1.0)
-  bon = {}
-  for w in first["bon"]:
-    scaled = [{**r["bon"][w], "gold": r["scales"]["gold"](r["bon"][w]["gold"]),
-               "proxy": r["scales"][f"proxy_w{w}"](r["bon"][w]["proxy"])} for r in runs]
-    bon[w] = {k: np.concatenate([x[k] for x in scaled]) for k in ("gold", "proxy", "lengths")}
+  bon = {w: {"gold": np.concatenate([r["scales"]["gold"](r["bon"][w]["gold"]) for r in runs]),
+             "proxy": np.concatenate([r["scales"][f"proxy_w{w}"](r["bon"][w]["proxy"])
+                                      for r in runs]),
+             "lengths": np.concatenate([r["bon"][w]["lengths"] for r in runs])}
+         for w in first["bon"]}
 
   def trajectories(key: str) -> dict[Any, Trajectory]:
     out = {}
     for name, traj in first[key].items():
       parts = [r[key][name] for r in runs]
-      if len({tuple(p.steps) for p in parts}) != 1:
-        raise ValueError(f"{key} {name}: the seeds were evaluated at different steps")
+      _check_same_steps(parts)
       out[name] = Trajectory(traj.steps, {f: np.concatenate([p.per_prompt[f] for p in parts],
                                                             axis=1) for f in traj.per_prompt})
     return out
@@ -284,9 +287,14 @@ def cached_reference(config: Any, workdir: str) -> None:
   config.eval.kl_max_new_tokens = 0
 
 
-def run_binary(run: Callable[[Any, str], Any], config: Any, workdir: str) -> dict[str, Any]:
-  """Runs a binary's ``run(config, workdir)`` in-process; returns its held-out accuracy
-  when it reports one (``train_rm``)."""
+def binary_stage(path: str, run: Callable[[Any, str], Any],
+                 make_config: Callable[[], Any]) -> dict[str, Any]:
+  """A binary's ``run(make_config(), path)`` in-process, as a ``run_stage`` (skipped once
+  finished); records its held-out accuracy when it reports one (``train_rm``)."""
+  return run_stage(path, lambda: _run_binary(run, make_config(), path))
+
+
+def _run_binary(run: Callable[[Any, str], Any], config: Any, workdir: str) -> dict[str, Any]:
   logging.info("overoptimization study: %s -> %s", run.__module__, workdir)
   out = run(config, workdir)
   metrics = out.get("eval") if isinstance(out, dict) else None
