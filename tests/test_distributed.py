@@ -175,14 +175,12 @@ def _free_port() -> int:
 
 
 def _launch_workers(root: pathlib.Path) -> list[subprocess.Popen]:
-  # The same XLA flags as this process (conftest's CPU settings), one device each.
+  # The same XLA flags as this process (conftest's CPU settings), one device each; the
+  # session's compilation cache (conftest) comes with the environment.
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                  os.environ.get("XLA_FLAGS", ""))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=1".strip(),
-             JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=1".strip())
   port = _free_port()
   return [subprocess.Popen(
       [sys.executable, __file__, "worker", str(process_id), str(port), str(root / "two")],
