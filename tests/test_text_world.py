@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -105,3 +108,24 @@ def test_pool_seeds_concatenates_standardised_prompts():
   assert pooled["pairs"]["num_pairs"] == 201
   assert pooled["pairs"]["skipped"] == {"empty": 1, "identical": 2}
   assert pooled["seeds"] == [0, 1] and text_world.pool_seeds(runs[:1]) == runs[0]
+
+
+def test_finished_stage_is_reused_for_its_config_and_refused_for_another(tmp_path):
+  workdir = str(tmp_path / "study")
+  config = ml_collections.ConfigDict(dict(
+      steps=4, ref=dict(cache_dir=os.path.join(workdir, "dpo", "ref_cache")), betas=(0.1, 1.0)))
+  key = text_world.config_key(config, workdir)
+  assert key["ref"]["cache_dir"] == "$WORKDIR/dpo/ref_cache" and key["betas"] == [0.1, 1.0]
+  moved = ml_collections.ConfigDict(config.to_dict())
+  moved.ref.cache_dir = os.path.join(str(tmp_path / "moved"), "dpo", "ref_cache")
+  assert text_world.config_key(moved, str(tmp_path / "moved")) == key
+
+  stage, calls = os.path.join(workdir, "dpo", "run"), []
+  first = text_world.run_stage(stage, lambda: calls.append(1) or {"accuracy": 0.5}, key=key)
+  again = text_world.run_stage(stage, lambda: calls.append(1), key=key)
+  assert calls == [1] and again == first and first["accuracy"] == 0.5
+
+  config.steps = 8
+  with pytest.raises(text_world.StaleStageError, match=r"steps: 4 -> 8"):
+    text_world.run_stage(stage, lambda: calls.append(1), key=text_world.config_key(config, workdir))
+  assert calls == [1]

@@ -58,9 +58,10 @@ def text_config(*, enabled: bool, tiny: bool = False) -> ml_collections.ConfigDi
                   eval_every=50, learning_rate=1e-3)
   text.eval = dict(num_prompts=128, samples_per_prompt=4, seed=1)
   if tiny:
+    text.policy.update(hidden_size=32, num_layers=1)
     text.sft.update(num_pairs=300, steps=20)
     text.pairs.num_pairs = 300
-    text.proxy.update(widths=(8, 16), steps=20)
+    text.proxy.update(widths=(8, 16), num_layers=1, steps=20)
     text.bon.update(num_prompts=8, num_samples=16, num_points=5)
     text.rl.update(widths=(8,), steps=2, eval_every=1)
     text.dpo.update(losses=("dpo",), betas=(0.1, 1.0), steps=4, eval_every=2)

@@ -50,18 +50,80 @@ def digest(*parts: Any) -> str:
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def run_stage(path: str, fn: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
-  """Runs ``fn`` unless ``path/done.json`` exists; returns what it recorded (+ ``wall_s``)."""
+class StaleStageError(ValueError):
+  """A finished stage's folder holds outputs of a different configuration."""
+
+
+def run_stage(path: str, fn: Callable[[], dict[str, Any] | None], *,
+              key: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Runs ``fn`` unless ``path/done.json`` exists; returns what it recorded (+ ``wall_s``).
+
+  ``key`` is what the stage's outputs depend on (its config, with paths made relative
+  to the study's workdir). It is recorded in ``done.json``; a finished stage whose key
+  differs raises :class:`StaleStageError` naming the fields that changed, since its
+  checkpoints would otherwise be resumed or reused under the new config.
+  """
   done = os.path.join(path, DONE_FILE)
+  key = None if key is None else json.loads(json.dumps(key, sort_keys=True, default=str))
   if os.path.exists(done):
     with open(done) as f:
-      return json.load(f)
+      info = json.load(f)
+    _check_stage_key(path, info.get("key"), key)
+    return info
   os.makedirs(path, exist_ok=True)
   start = time.time()
   info = dict(fn() or {})
   info["wall_s"] = time.time() - start
+  if key is not None:
+    info["key"] = key
   summary_lib.write_json(done, info)
   return info
+
+
+def _check_stage_key(path: str, recorded: Any, wanted: Any) -> None:
+  if wanted is None or recorded == wanted:
+    return
+  if recorded is None:
+    logging.warning("%s finished before stages recorded their config; reusing it unchecked",
+                    path)
+    return
+  old, new = _flatten(recorded), _flatten(wanted)
+  changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+  shown = "; ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+                    for k in changed[:6])
+  more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+  raise StaleStageError(
+      f"{path} holds a finished stage made with a different config ({shown}{more}); "
+      "delete that folder and the stages after it, or use a new workdir")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def config_key(config: Any, workdir: str) -> Any:
+  """``config`` as plain JSON, paths inside the study's ``workdir`` written relative to
+  ``$WORKDIR`` (so a moved workdir still matches)."""
+  roots = {os.path.normpath(workdir), os.path.abspath(workdir)}
+
+  def plain(x: Any) -> Any:
+    if hasattr(x, "to_dict"):
+      x = x.to_dict()
+    if isinstance(x, Mapping):
+      return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [plain(v) for v in x]
+    if isinstance(x, str):
+      for root in roots:
+        if x == root or x.startswith(root + os.sep):
+          return "$WORKDIR" + x[len(root):]
+    return x if x is None or isinstance(x, (bool, int, float)) else str(x)
+  return plain(config)
 
 
 def sample_gold_pairs(policy: nnx.Module, prompts: rollout_lib.Prompts,
@@ -70,8 +132,8 @@ def sample_gold_pairs(policy: nnx.Module, prompts: rollout_lib.Prompts,
                       ) -> tuple[list[dict[str, Any]], dict[str, int]]:
   """Two policy samples per prompt, labelled by ``gold`` (deterministically).
 
-  Returns preference rows and the counts of dropped pairs: an empty response, two
-  identical responses, or equal gold.
+  Returns preference rows and the counts of dropped pairs: an empty (or all-whitespace)
+  response, two identical responses, or equal gold.
   """
   rows, skipped = [], {"empty": 0, "identical": 0, "gold_tie": 0}
   num_prompts = len(prompts.texts)
@@ -84,7 +146,7 @@ def sample_gold_pairs(policy: nnx.Module, prompts: rollout_lib.Prompts,
     scores = gold(out.prompts, out.responses)
     for i in range(0, len(out.responses), 2):
       a, b, ga, gb = out.responses[i], out.responses[i + 1], scores[i], scores[i + 1]
-      if not a or not b:
+      if not a.strip() or not b.strip():  # as the preference-row check counts empty
         skipped["empty"] += 1
       elif a == b:
         skipped["identical"] += 1
@@ -187,14 +249,20 @@ def checkpoint_trajectory(workdir: str, load: Callable[[int], nnx.Module],
 
 
 def cached_trajectory(run_dir: str, load: Callable[[int], nnx.Module], reference: nnx.Module,
-                      evaluate: Callable[..., dict[str, np.ndarray]]) -> Trajectory:
-  """:func:`checkpoint_trajectory`, computed once: cached in ``run_dir/trajectory.npz``."""
+                      evaluate: Callable[..., dict[str, np.ndarray]], *,
+                      key: Any = None) -> Trajectory:
+  """:func:`checkpoint_trajectory`, computed once: cached in ``run_dir/trajectory.npz``
+  with ``key`` (what the evaluation depends on); a cache of another key is recomputed."""
   cache = os.path.join(run_dir, TRAJECTORY_FILE)
+  key_json = json.dumps(key, sort_keys=True, default=str)
   if os.path.exists(cache):
     with np.load(cache) as f:
-      return Trajectory(f["steps"], {k[3:]: f[k] for k in f.files if k.startswith("pp_")})
+      cached_key = str(f["key"]) if "key" in f.files else None
+      if cached_key in (None, key_json):
+        return Trajectory(f["steps"], {k[3:]: f[k] for k in f.files if k.startswith("pp_")})
+    logging.info("%s was evaluated with other settings: evaluating again", cache)
   traj = checkpoint_trajectory(run_dir, load, reference, evaluate)
-  np.savez(cache + ".tmp.npz", steps=traj.steps,
+  np.savez(cache + ".tmp.npz", steps=traj.steps, key=key_json,
            **{f"pp_{k}": v for k, v in traj.per_prompt.items()})
   os.replace(cache + ".tmp.npz", cache)
   return traj
@@ -288,10 +356,13 @@ def cached_reference(config: Any, workdir: str) -> None:
 
 
 def binary_stage(path: str, run: Callable[[Any, str], Any],
-                 make_config: Callable[[], Any]) -> dict[str, Any]:
-  """A binary's ``run(make_config(), path)`` in-process, as a ``run_stage`` (skipped once
-  finished); records its held-out accuracy when it reports one (``train_rm``)."""
-  return run_stage(path, lambda: _run_binary(run, make_config(), path))
+                 make_config: Callable[[], Any], *, workdir: str) -> dict[str, Any]:
+  """A binary's ``run(make_config(), path)`` in-process, as a ``run_stage`` keyed by that
+  config (skipped once finished); records its held-out accuracy when it reports one
+  (``train_rm``)."""
+  config = make_config()
+  return run_stage(path, lambda: _run_binary(run, config, path),
+                   key=config_key(config, workdir))
 
 
 def _run_binary(run: Callable[[Any, str], Any], config: Any, workdir: str) -> dict[str, Any]:
