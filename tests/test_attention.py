@@ -12,6 +12,10 @@ import pytest
 from prefjax.models import attention, layers
 
 
+# Jitted: run eagerly, every primitive of the block loop compiles on its own (10 s a call).
+_attention = jax.jit(attention.causal_attention, static_argnames=("block_size",))
+
+
 def _inputs(seed, n, t, h, kv, d, dtype=np.float64):
   rng = np.random.default_rng(seed)
   q = rng.normal(size=(n, t, h, d)).astype(dtype)
@@ -44,8 +48,8 @@ def _reference(q, k, v, segments):
 def test_forward_matches_float64_reference(t, h, kv, block):
   q, k, v, segments = _inputs(0, 3, t, h, kv, 8)
   with jax.enable_x64(True):
-    got = attention.causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                     jnp.asarray(segments), block_size=block)
+    got = _attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(segments),
+                     block_size=block)
     np.testing.assert_allclose(np.asarray(got), _reference(q, k, v, segments),
                                rtol=1e-10, atol=1e-12)
 
@@ -100,16 +104,16 @@ def test_float32_matches_masked_attention():
   q, k, v, segments = _inputs(6, 3, 96, 4, 2, 16, np.float32)
   index = np.arange(96)
   mask = layers.attention_mask_from_segments(segments, segments, index, index)
-  got = attention.causal_attention(q, k, v, segments, block_size=32)
+  got = _attention(q, k, v, segments, block_size=32)
   want = layers.masked_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_inputs_give_bfloat16_output_close_to_float32():
   q, k, v, segments = _inputs(7, 2, 40, 4, 4, 16, np.float32)
-  want = attention.causal_attention(q, k, v, segments, block_size=16)
+  want = _attention(q, k, v, segments, block_size=16)
   as_bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
-  got = attention.causal_attention(*as_bf16, segments, block_size=16)
+  got = _attention(*as_bf16, segments, block_size=16)
   assert got.dtype == jnp.bfloat16
   grads = jax.jit(jax.grad(lambda q: jnp.sum(attention.causal_attention(
       q, as_bf16[1], as_bf16[2], segments, block_size=16).astype(jnp.float32))))(as_bf16[0])
