@@ -238,6 +238,11 @@ def _rl_policy(tw: TextWorld, config):
   return make
 
 
+def _betas(dpo_cfg: Any, loss: str) -> tuple[float, ...]:
+  """``loss``'s β grid: ``loss_betas[loss]`` where given, else the shared ``betas``."""
+  return tuple(dpo_cfg.get("loss_betas", {}).get(loss, dpo_cfg.betas))
+
+
 def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict[str, Any]:
   """Runs every stage (skipping finished ones) and returns the raw results:
   ``scales``, ``bon`` (width -> samples), ``rl`` (width -> Trajectory), ``dpo``
@@ -245,7 +250,7 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   tw = (world_cls or TextWorld)(cfg, workdir)
   widths = [int(w) for w in cfg.proxy.widths]
   rl_widths = [int(w) for w in cfg.rl.widths]
-  dpo_runs = [(str(loss), float(b)) for loss in cfg.dpo.losses for b in cfg.dpo.betas]
+  dpo_runs = [(str(loss), float(b)) for loss in cfg.dpo.losses for b in _betas(cfg.dpo, loss)]
   progress = progress_cls("text world", 2 + 2 * len(widths) + 2 * len(rl_widths)
                           + 2 * len(dpo_runs))
   path, binary, make_config, label = tw.reference_stage()

@@ -54,8 +54,12 @@ def text_config(*, enabled: bool, tiny: bool = False) -> ml_collections.ConfigDi
   text.proxy = dict(widths=(8, 16, 32, 64), num_layers=2, steps=600, batch_size=64, seed=0)
   text.bon = dict(num_prompts=128, num_samples=256, num_points=12)
   text.rl = dict(widths=(8, 64), algorithm="rloo", kl_coef=0.02, steps=40, eval_every=4)
-  text.dpo = dict(losses=("dpo", "ipo", "hinge"), betas=(0.03, 0.1, 0.3, 1.0), steps=400,
-                  eval_every=50, learning_rate=1e-3)
+  # IPO's β sets a margin target 1/(2β) nats, not a logistic temperature: at DPO's β it
+  # moved 5–10× further (β = 0.03: 148 nats and −5.3 SD, DPO 13 nats), so its grid is
+  # shifted to span the same ≈ 1–20 nats (as the bandit world picks each loss's β by KL).
+  text.dpo = dict(losses=("dpo", "ipo", "hinge"), betas=(0.03, 0.1, 0.3, 1.0),
+                  loss_betas=dict(ipo=(0.3, 1.0, 3.0, 10.0)), steps=400, eval_every=50,
+                  learning_rate=1e-3)
   text.eval = dict(num_prompts=128, samples_per_prompt=4, seed=1)
   if tiny:
     text.policy.update(hidden_size=32, num_layers=1)
