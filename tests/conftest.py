@@ -34,20 +34,6 @@ import pytest  # noqa: E402
 from prefjax import assets  # noqa: E402
 
 
-# `make test` hands whole files to two xdist workers in collection order
-# (--dist loadfile --no-loadscope-reorder). xdist's default order, most tests first,
-# left these few-test files for last and one worker alone at the end (~40 s of 15 min);
-# they are the slowest (measured: --durations=0, 2026-12-01), so they go first.
-SLOWEST_FILES = ("test_reproduce.py", "test_train_dpo.py", "test_train_rl.py",
-                 "test_train_rm.py", "test_distributed.py", "test_eval_rm.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-  rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
-
-
 def _in_ci() -> bool:
   return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -95,11 +81,14 @@ def gpt2_bpe_dir() -> pathlib.Path:
   return require_asset(assets.gpt2_bpe_dir)
 
 
-# The slowest test files (measured in CI, `make test` prints the 25 slowest tests). With
-# `--dist loadfile` a file runs on one worker; starting the longest ones first keeps the
-# two workers' finishing times close (longest-processing-time-first scheduling).
-_SLOW_FIRST = ("test_reproduce.py", "test_distributed.py", "test_train_rl.py",
-               "test_eval_rm.py", "test_train_rm.py", "test_train_dpo.py", "test_preemption.py")
+# The slowest test files (measured: `--durations=0`, 2026-12-01). With `--dist loadfile`
+# a file runs on one worker; starting the longest ones first keeps the two workers'
+# finishing times close (longest-processing-time-first scheduling). xdist's own order,
+# most tests first, undid this and left these few-test files for last, one worker alone
+# at the end; the Makefile passes --no-loadscope-reorder so collection order holds.
+_SLOW_FIRST = ("test_reproduce.py", "test_train_dpo.py", "test_train_rl.py", "test_train_rm.py",
+               "test_distributed.py", "test_eval_rm.py", "test_config_errors.py",
+               "test_gguf_smollm2.py", "test_preemption.py")
 
 
 def pytest_collection_modifyitems(config, items):
