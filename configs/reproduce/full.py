@@ -16,19 +16,18 @@ worlds (seeds 0, 1, 2) are run and pooled like the bandit worlds, because one wo
 verdicts moved with the sampler's random stream.
 
 Expected runtime (measured 2026-12-01 at b28e202 on this 2-core CPU, load ≈ 1–2): the
-bandit part 10 min; each text world ≈ 10 min (38 stages). The run that produced the
-numbers below took 28 min wall (39 min of CPU, peak RSS 1.9 GB) reusing text world 0's
-stages from an earlier run (173df60, the same text-study code; 10 min there): ≈ 38 min from scratch.
-Expected result (same run): bandit G0–G5, R1, R3, R4, C1–C3 and D3 pass, R2 fails (width
-4's RL drop 1.3 SE). Text worlds 0–2 pooled: G2-text, R2-text (RLOO vs w8 falls 7.7 SE
-after its peak), R4-text and P1_kl_matched pass; D1 fails on IPO alone (the d(α − β log d)
-fit, RMSE 0.56 vs 0.19 quadratic: IPO at β = 0.03 runs to 148 nats and −5.3 SD; DPO and
-SLiC have interior maxima, 10.9 and 13.5 SE, and the log form wins, RMSE 0.023 vs 0.046
-and 0.020 vs 0.059); D2 fails (at β = 0.03 DPO's gold peaks at step 50 and falls 3.4 SE
-but KL dips after the peak; SLiC's last checkpoint is its best); P1 fails (DPO below
-RLOO by > 1 SE in the 4–8 and 8–16 nat bins); G1-text and G3-text fail (best-of-256
-never reaches the repetitive tail).
-See the README, "Reproducing the papers".
+bandit part 10 min; each text world ≈ 10 min (38 stages): ≈ 38 min from scratch (28 min
+reusing text world 0; peak RSS 1.9 GB). IPO's β grid was then shifted (0.3–10, see
+``quick.text_config``) and remeasured reusing every other stage (14 min wall, f198f74).
+Expected result: bandit G0–G5, R1, R3, R4, C1–C3 and D3 pass, R2 fails (width 4's RL drop
+1.3 SE). Text worlds 0–2 pooled: G2-text, R2-text (RLOO vs w8 falls 7.7 SE after its
+peak), R4-text and P1_kl_matched pass; D1 fails on IPO alone (interior maximum, 16.5 SE,
+but the quadratic in KL fits it better than d(α − β log d), RMSE 0.063 vs 0.099; DPO and
+SLiC: interior maxima, 10.9 and 13.5 SE, log form wins, RMSE 0.023 vs 0.046 and 0.020 vs
+0.059); D2 fails on DPO (gold peaks at step 50 and falls 3.4 SE but KL dips after the
+peak) and SLiC (last checkpoint best), IPO passes (falls 17 SE while KL rises 14.1 →
+17.3); P1 fails (DPO below RLOO by > 1 SE in the 4–8 and 8–16 nat bins); G1-text and
+G3-text fail (best-of-256 never reaches the repetitive tail).
 """
 
 from __future__ import annotations
