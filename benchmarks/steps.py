@@ -2,7 +2,9 @@
 
 Every builder returns ``(step, info)``: ``step(batch) -> loss`` runs one
 optimizer update and blocks until it is done; ``info`` holds the parameter
-count and, for jitted steps, a function counting compiled programs.
+count and, for jitted steps, a function counting compiled programs, the jitted
+``train_step(state, batch)`` and ``state()`` returning its current train state
+(``benchmarks.profile_step`` compiles and traces them).
 
 The PyTorch side is the computation TRL's trainers run, written out with
 ``transformers`` so that no TRL install is needed: ``LlamaForSequenceClassification``
@@ -54,7 +56,8 @@ def _jitted(model: nnx.Module, loss_fn, trainable=nnx.Param) -> tuple[Callable, 
     return float(jax.block_until_ready(metrics["loss"]))
 
   params = state_lib.count_params(state.params)
-  return step, {"params": params, "compiles": jitted._cache_size}
+  return step, {"params": params, "compiles": jitted._cache_size, "train_step": jitted,
+                "state": lambda: holder["state"]}
 
 
 def _decoder(seed: int) -> dec.Decoder:

@@ -1,0 +1,73 @@
+"""benchmarks.profile_step: HLO parsing, op groups and trace reading on a tiny reward-model step."""
+
+import collections
+import glob
+import time
+from unittest import mock
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import profile_step, steps, workloads
+
+N, T, D, F, HEADS = 4, 16, 32, 48, 2
+
+
+@pytest.fixture(scope="module")
+def compiled_step():
+  """The benchmark RM step (``steps.prefjax_rm``) of a one-layer decoder, compiled for 4 x 16."""
+  config = workloads.rm_model_config(hidden_size=D, num_layers=1, num_heads=HEADS,
+                                     num_kv_heads=HEADS, intermediate_size=F, vocab_size=64)
+  with mock.patch.object(workloads, "rm_model_config", lambda **_: config):
+    _, info = steps.prefjax_rm(None)
+  rng = np.random.default_rng(0)
+  mask = np.ones((N, T), np.int32)
+  mask[:, 12:] = 0
+  batch = dict(tokens=rng.integers(3, 64, (N, T)).astype(np.int32), attention_mask=mask,
+               loss_mask=mask, weight=np.ones(N // 2, np.float32),
+               outcome=np.ones(N // 2, np.float32), example_index=np.arange(N // 2),
+               pair_mask=np.ones(N // 2, bool))
+  state = info["state"]()
+  return info["train_step"].lower(state, batch).compile(), state, batch
+
+
+def test_dot_flops_are_grouped_into_forward_input_and_weight_gradients(compiled_step):
+  compiled, _, _ = compiled_step
+  hlo = profile_step.parse_hlo(compiled.as_text())
+  flops, count = collections.Counter(), collections.Counter()
+  for name in hlo["entry"]:
+    op = hlo["ops"][name]
+    group = profile_step.classify(hlo, op, (N, N * T))
+    flops[group] += sum(o.get("flops", 0) for o in profile_step._inner(hlo, op))
+    count[group] += 1
+  rows = N * T
+  kernels = 4 * D * D + 3 * D * F  # q, k, v, o and the SwiGLU MLP of the one layer
+  head = 2 * N * D  # the scalar reward head reads one pooled token per row
+  assert flops["matmul fwd"] == 2 * rows * kernels + head
+  # Layer 0 needs dX (the embedding gradient); the head's dX contracts over its one output,
+  # which XLA turns into a multiply.
+  assert flops["matmul dX"] == 2 * rows * kernels
+  assert flops["matmul dW"] == 2 * rows * kernels + head
+  score = 2 * N * HEADS * T * T * (D // HEADS)  # one query block: the full 16 x 16 square
+  assert flops["attention fwd"] == 2 * score  # q·kᵀ and p·v
+  # dV, dP, dQ, dK: in one program XLA merges the backward's recomputed q·kᵀ with the forward's.
+  assert flops["attention bwd"] == 4 * score
+  assert sum(flops.values()) == sum(flops[g] for g in profile_step.GROUPS[:5])
+  assert count["optimizer"] > 0 and count["embedding"] > 0 and count["elementwise/norm"] > 0
+
+
+def test_trace_times_every_dot_within_the_wall_time(compiled_step, tmp_path):
+  compiled, state, batch = compiled_step
+  hlo = profile_step.parse_hlo(compiled.as_text())
+  dots = {n for n in hlo["entry"] if hlo["ops"][n]["opcode"] == "dot"}
+  state, _ = compiled(state, batch)
+  with jax.profiler.trace(str(tmp_path)):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(state, batch))
+    wall = time.perf_counter() - start
+  xplane = glob.glob(f"{tmp_path}/**/*.xplane.pb", recursive=True)[0]
+  times, busy = profile_step.op_times(xplane, set(hlo["entry"]))
+  assert dots and dots <= set(times)
+  assert all(times[n] > 0 for n in dots)
+  assert 0 < busy <= sum(times.values()) + 1e-9 and busy <= wall
