@@ -1,4 +1,4 @@
-"""benchmarks.profile_step: HLO parsing, op groups and trace reading on a tiny reward-model step."""
+"""benchmarks.hlo_ops (behind profile_step): HLO parsing, op groups and trace times on a tiny RM step."""
 
 import collections
 import glob
@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import profile_step, steps, workloads
+from benchmarks import hlo_ops, steps, workloads
 
 N, T, D, F, HEADS = 4, 16, 32, 48, 2
 
@@ -34,12 +34,12 @@ def compiled_step():
 
 def test_dot_flops_are_grouped_into_forward_input_and_weight_gradients(compiled_step):
   compiled, _, _ = compiled_step
-  hlo = profile_step.parse_hlo(compiled.as_text())
+  hlo = hlo_ops.parse_hlo(compiled.as_text())
   flops, count = collections.Counter(), collections.Counter()
   for name in hlo["entry"]:
     op = hlo["ops"][name]
-    group = profile_step.classify(hlo, op, (N, N * T))
-    flops[group] += sum(o.get("flops", 0) for o in profile_step._inner(hlo, op))
+    group = hlo_ops.classify(hlo, op, (N, N * T))
+    flops[group] += sum(o.get("flops", 0) for o in hlo_ops.inner(hlo, op))
     count[group] += 1
   rows = N * T
   kernels = 4 * D * D + 3 * D * F  # q, k, v, o and the SwiGLU MLP of the one layer
@@ -53,13 +53,13 @@ def test_dot_flops_are_grouped_into_forward_input_and_weight_gradients(compiled_
   assert flops["attention fwd"] == 2 * score  # q·kᵀ and p·v
   # dV, dP, dQ, dK: in one program XLA merges the backward's recomputed q·kᵀ with the forward's.
   assert flops["attention bwd"] == 4 * score
-  assert sum(flops.values()) == sum(flops[g] for g in profile_step.GROUPS[:5])
+  assert sum(flops.values()) == sum(flops[g] for g in hlo_ops.GROUPS[:5])
   assert count["optimizer"] > 0 and count["embedding"] > 0 and count["elementwise/norm"] > 0
 
 
-def test_trace_times_every_dot_within_the_wall_time(compiled_step, tmp_path):
+def test_trace_splits_the_span_of_the_ops_among_them(compiled_step, tmp_path):
   compiled, state, batch = compiled_step
-  hlo = profile_step.parse_hlo(compiled.as_text())
+  hlo = hlo_ops.parse_hlo(compiled.as_text())
   dots = {n for n in hlo["entry"] if hlo["ops"][n]["opcode"] == "dot"}
   state, _ = compiled(state, batch)
   with jax.profiler.trace(str(tmp_path)):
@@ -67,7 +67,9 @@ def test_trace_times_every_dot_within_the_wall_time(compiled_step, tmp_path):
     jax.block_until_ready(compiled(state, batch))
     wall = time.perf_counter() - start
   xplane = glob.glob(f"{tmp_path}/**/*.xplane.pb", recursive=True)[0]
-  times, busy = profile_step.op_times(xplane, set(hlo["entry"]))
+  times, busy, span = hlo_ops.op_times(xplane, hlo)
   assert dots and dots <= set(times)
   assert all(times[n] > 0 for n in dots)
-  assert 0 < busy <= sum(times.values()) + 1e-9 and busy <= wall
+  # Every instant of the ops' span goes to exactly one op (gaps to the awaited async op).
+  assert sum(times.values()) == pytest.approx(span, rel=1e-6)
+  assert 0 < busy <= span <= wall
