@@ -1,6 +1,6 @@
 r"""Op-level time breakdown of one compiled benchmark train step on XLA CPU.
 
-  python -m benchmarks.profile_step --json=/tmp/prof.json   # rm_step_hh, batch 1 (16 x 320): ~1.5 min
+  python -m benchmarks.profile_step --torch --json=/tmp/prof.json  # rm_step_hh, batch 1: ~1.5 min
   python -m benchmarks.profile_step --case=dpo_step_hh_cached --batch=5
 
 Compiles the case's jitted step (``benchmarks.steps``) for one workload batch
@@ -12,9 +12,11 @@ matmuls (forward, input gradient dX, weight gradient dW = a backward dot
 contracting over the batch rows), elementwise/norm fusions, ops that only move
 data, the embedding gather/scatter, the optimizer (optax, grad norm, skip logic).
 Dot FLOPs come from HLO shapes, set against the f32 ``jnp.dot`` ceiling; other
-groups' operand+output bytes against a jitted ``x + 1``'s bandwidth. Durations
-are summed over the threads running XLA thunks (overlapping ops count twice);
-``busy`` is the union of op intervals.
+groups' operand+output bytes against a jitted ``x + 1``'s bandwidth. Every
+instant of the traced call's op span goes to one op (``hlo_ops.op_times``:
+overlaps are split, the gaps of asynchronous dots go to the awaited op); ``busy``
+is the part covered by op events. ``--torch`` adds ``torch_rm_step_hh`` on the
+same batch (``torch.profiler``, aten ops' self CPU time). Expect ~1.5 min.
 """
 
 from __future__ import annotations
@@ -96,6 +98,20 @@ def profile(case: str, batch_index: int, repeats: int, traced: int) -> dict[str,
               traced_wall_s=traced_wall, busy_s=busy, span_s=span, ops=ops)
 
 
+def torch_profile(batch_index: int, repeats: int) -> dict[str, Any]:
+  """``torch_rm_step_hh`` on the same batch: median s/step and its top aten ops' self CPU s."""
+  import torch
+  from benchmarks import steps, workloads
+  batch = list(workloads.pair_batches("longest", batch_index + 1))[batch_index]
+  step, _ = steps.torch_rm()
+  walls = [_timed(lambda: step(batch))[1] for _ in range(repeats + 1)][1:]
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    step(batch)
+  ops = sorted(((e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()),
+               key=lambda kv: -kv[1])
+  return {"s_per_step": statistics.median(walls), "top_ops": ops[:12]}
+
+
 def summarize(ops: list[dict], ceiling: float, bandwidth: float) -> list[dict[str, Any]]:
   """One row per group (and a total): seconds, share, GFLOP, rates and the time at ceiling."""
   total = sum(o["seconds"] for o in ops)
@@ -129,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--repeats", type=int, default=3, help="untraced timed calls")
   parser.add_argument("--traced", type=int, default=2, help="traced calls (op times averaged)")
   parser.add_argument("--top", type=int, default=15, help="slowest ops to list")
+  parser.add_argument("--torch", action="store_true",
+                      help="also profile torch_rm_step_hh on the same batch (torch.profiler)")
   parser.add_argument("--json", default="", help="write the result here")
   args = parser.parse_args(argv)
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
@@ -150,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{o['bytes'] / o['seconds'] / 1e9:.1f} GB/s"
     print(f"  {o['seconds'] * 1e3:7.1f} ms  {o['group']:16s} {o['name']:32s} {rate:>14s}  "
           f"{o['source']}")
+  if args.torch:
+    result["torch"] = torch_profile(args.batch, args.repeats)
+    print(f"\ntorch_rm_step_hh, same batch: {result['torch']['s_per_step']:.2f} s/step; top ops "
+          "(self CPU s): " + ", ".join(f"{k} {v:.3f}" for k, v in result["torch"]["top_ops"]))
   if args.json:
     with open(args.json, "w") as f:
       json.dump({**result, "groups": rows, "matmul_ceiling_gflop_s": ceiling / 1e9,
