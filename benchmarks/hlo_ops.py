@@ -170,8 +170,8 @@ def op_times(xplane: str, hlo: dict) -> tuple[dict[str, float], float, float]:
   """Wall-clock seconds per entry op of one traced call, the ops' busy time and their span.
 
   Every instant between the first and the last op event is split equally among
-  the ops whose events cover it. Dots and parallel loops run asynchronously on
-  XLA's thread pool, so their events end at the launch; an idle gap therefore
+  the ops whose events cover it. Dots (and, it seems, parallel loops) run
+  asynchronously on XLA's thread pool, so their events end at the launch; an idle gap therefore
   goes to the ops that the op starting after the gap was waiting for: its
   operands whose events ended last, within 1 ms of each other (or, when none,
   the events that ended last). Dots launched together share their gaps, so
