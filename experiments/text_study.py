@@ -209,9 +209,12 @@ class TextWorld:
           policy, reference, prompts, jax.random.key(int(cfg.seed)), tokenizer=self.tokenizer,
           rewards=rewards, max_new_tokens=self.max_new_tokens,
           samples_per_prompt=int(cfg.samples_per_prompt))
-    evaluate.key = dict(eval=_plain(cfg), rewards=sorted(rewards),
-                        max_new_tokens=self.max_new_tokens)
     return evaluate, reference
+
+  def evaluation_key(self, proxies: dict[str, Any]) -> dict[str, Any]:
+    """What :meth:`evaluator`'s numbers depend on besides the policy (checkpoint caches)."""
+    return dict(eval=_plain(self.cfg.eval), rewards=sorted(["gold", *proxies]),
+                max_new_tokens=self.max_new_tokens)
 
 
 # ---------------------------------------------------------------------------- stages
@@ -220,13 +223,6 @@ class TextWorld:
 def _load_samples(bon_dir: str) -> dict[str, np.ndarray]:
   with np.load(os.path.join(bon_dir, best_of_n.SAMPLES_FILE)) as f:
     return {k: f[k] for k in f.files}
-
-
-def _trajectory(run_dir: str, make_model, evaluate, reference, *, trainable=None,
-                policy_of=lambda model: model) -> text_world.Trajectory:
-  load = text_world.policy_loader(make_model, run_dir, trainable=trainable)
-  return text_world.cached_trajectory(run_dir, lambda step: policy_of(load(step)), reference,
-                                      evaluate, key=evaluate.key)
 
 
 def _rl_policy(tw: TextWorld, config):
@@ -238,11 +234,6 @@ def _rl_policy(tw: TextWorld, config):
   return make
 
 
-def _betas(dpo_cfg: Any, loss: str) -> tuple[float, ...]:
-  """``loss``'s β grid: ``loss_betas[loss]`` where given, else the shared ``betas``."""
-  return tuple(dpo_cfg.get("loss_betas", {}).get(loss, dpo_cfg.betas))
-
-
 def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict[str, Any]:
   """Runs every stage (skipping finished ones) and returns the raw results:
   ``scales``, ``bon`` (width -> samples), ``rl`` (width -> Trajectory), ``dpo``
@@ -250,7 +241,7 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   tw = (world_cls or TextWorld)(cfg, workdir)
   widths = [int(w) for w in cfg.proxy.widths]
   rl_widths = [int(w) for w in cfg.rl.widths]
-  dpo_runs = [(str(loss), float(b)) for loss in cfg.dpo.losses for b in _betas(cfg.dpo, loss)]
+  dpo_runs = [(str(loss), float(b)) for loss in cfg.dpo.losses for b in text_world.dpo_betas(cfg.dpo, loss)]
   progress = progress_cls("text world", 2 + 2 * len(widths) + 2 * len(rl_widths)
                           + 2 * len(dpo_runs))
   path, binary, make_config, label = tw.reference_stage()
@@ -278,15 +269,16 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   proxies = {f"proxy_w{w}": rl_rewards.make_reward(tw.proxy_reward_spec(w))
              for w in sorted(set(rl_widths) | {max(widths)})}
   evaluate, reference = tw.evaluator(proxies)
+  eval_key = tw.evaluation_key(proxies)
   rl = {}
   for w in rl_widths:
     path = os.path.join(workdir, "rl", f"w{w}")
     config = tw.rl_config(w)
     text_world.binary_stage(path, train_rl.run, lambda: config, workdir=workdir)
     progress.step(f"RL ({cfg.rl.algorithm}) against proxy width {w}")
-    traj = _trajectory(path, _rl_policy(tw, config),
-                       evaluate, reference, trainable=rollout_lib.TRAINABLE,
-                       policy_of=lambda bundle: bundle.policy)
+    traj = text_world.cached_trajectory(path, _rl_policy(tw, config), reference, evaluate,
+                                        key=eval_key, trainable=rollout_lib.TRAINABLE,
+                                        policy_of=lambda bundle: bundle.policy)
     rl[w] = text_world.standardized(traj, scales)
     progress.step(f"RL width {w}: {len(traj.steps)} checkpoints evaluated")
   dpo = {}
@@ -296,8 +288,8 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
                             lambda: tw.dpo_config(loss, beta, pairs["dataset"]),
                             workdir=workdir)
     progress.step(f"{loss} β={beta:g}")
-    traj = _trajectory(path, lambda: tw.make_policy(tw.reference_path()), evaluate,
-                       reference)
+    traj = text_world.cached_trajectory(path, lambda: tw.make_policy(tw.reference_path()),
+                                        reference, evaluate, key=eval_key)
     dpo[(loss, beta)] = text_world.standardized(traj, scales)
     progress.step(f"{loss} β={beta:g}: {len(traj.steps)} checkpoints evaluated")
   return {"scales": scales, "bon": bon, "rl": rl, "dpo": dpo, "proxy_stats": proxy_stats,

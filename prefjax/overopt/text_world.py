@@ -35,6 +35,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from prefjax import configlib
 from prefjax import train
 from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
@@ -87,7 +88,7 @@ def _check_stage_key(path: str, recorded: Any, wanted: Any) -> None:
     logging.warning("%s finished before stages recorded their config; reusing it unchecked",
                     path)
     return
-  old, new = _flatten(recorded), _flatten(wanted)
+  old, new = dict(configlib.flat_items(recorded)), dict(configlib.flat_items(wanted))
   changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
   shown = "; ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
                     for k in changed[:6])
@@ -97,33 +98,21 @@ def _check_stage_key(path: str, recorded: Any, wanted: Any) -> None:
       "delete that folder and the stages after it, or use a new workdir")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  out = {}
-  for k, v in tree.items():
-    out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-  return out
-
-
 def config_key(config: Any, workdir: str) -> Any:
-  """``config`` as plain JSON, paths inside the study's ``workdir`` written relative to
-  ``$WORKDIR`` (so a moved workdir still matches)."""
+  """``config`` as plain JSON (``summary.config_to_dict``), paths inside the study's
+  ``workdir`` written relative to ``$WORKDIR`` (so a moved workdir still matches)."""
   roots = {os.path.normpath(workdir), os.path.abspath(workdir)}
 
-  def plain(x: Any) -> Any:
-    if hasattr(x, "to_dict"):
-      x = x.to_dict()
-    if isinstance(x, Mapping):
-      return {str(k): plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-      return [plain(v) for v in x]
-    if isinstance(x, str):
-      for root in roots:
-        if x == root or x.startswith(root + os.sep):
-          return "$WORKDIR" + x[len(root):]
-    return x if x is None or isinstance(x, (bool, int, float)) else str(x)
-  return plain(config)
+  def relative(x: Any) -> Any:
+    if isinstance(x, dict):
+      return {k: relative(v) for k, v in x.items()}
+    if isinstance(x, list):
+      return [relative(v) for v in x]
+    for root in roots if isinstance(x, str) else ():
+      if x == root or x.startswith(root + os.sep):
+        return "$WORKDIR" + x[len(root):]
+    return x
+  return relative(summary_lib.config_to_dict(config))
 
 
 def sample_gold_pairs(policy: nnx.Module, prompts: rollout_lib.Prompts,
@@ -248,11 +237,16 @@ def checkpoint_trajectory(workdir: str, load: Callable[[int], nnx.Module],
   return Trajectory(np.asarray(evaluated), {n: np.stack([r[n] for r in rows]) for n in names})
 
 
-def cached_trajectory(run_dir: str, load: Callable[[int], nnx.Module], reference: nnx.Module,
-                      evaluate: Callable[..., dict[str, np.ndarray]], *,
-                      key: Any = None) -> Trajectory:
-  """:func:`checkpoint_trajectory`, computed once: cached in ``run_dir/trajectory.npz``
-  with ``key`` (what the evaluation depends on); a cache of another key is recomputed."""
+def cached_trajectory(run_dir: str, make_policy: Callable[[], nnx.Module],
+                      reference: nnx.Module, evaluate: Callable[..., dict[str, np.ndarray]],
+                      *, key: Any, trainable: Any = None,
+                      policy_of: Callable[[nnx.Module], nnx.Module] = lambda model: model
+                      ) -> Trajectory:
+  """:func:`checkpoint_trajectory` of every checkpoint a ``train_loop`` run saved in
+  ``run_dir`` (``policy_of`` the model ``make_policy`` builds, with that step's
+  parameters; see :func:`policy_loader`), computed once: cached in
+  ``run_dir/trajectory.npz`` with ``key`` (what the evaluation depends on); a cache of
+  another key is recomputed."""
   cache = os.path.join(run_dir, TRAJECTORY_FILE)
   key_json = json.dumps(key, sort_keys=True, default=str)
   if os.path.exists(cache):
@@ -261,7 +255,8 @@ def cached_trajectory(run_dir: str, load: Callable[[int], nnx.Module], reference
       if cached_key in (None, key_json):
         return Trajectory(f["steps"], {k[3:]: f[k] for k in f.files if k.startswith("pp_")})
     logging.info("%s was evaluated with other settings: evaluating again", cache)
-  traj = checkpoint_trajectory(run_dir, load, reference, evaluate)
+  load = policy_loader(make_policy, run_dir, trainable=trainable)
+  traj = checkpoint_trajectory(run_dir, lambda step: policy_of(load(step)), reference, evaluate)
   np.savez(cache + ".tmp.npz", steps=traj.steps, key=key_json,
            **{f"pp_{k}": v for k, v in traj.per_prompt.items()})
   os.replace(cache + ".tmp.npz", cache)
@@ -338,6 +333,12 @@ def pool_seeds(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   return {**first, "scales": {name: unit for name in first["scales"]}, "bon": bon,
           "rl": trajectories("rl"), "dpo": trajectories("dpo"), "proxy_stats": stats,
           "pairs": pairs, "seeds": [r["world"]["seed"] for r in runs]}
+
+
+def dpo_betas(dpo_cfg: Any, loss: str) -> tuple[float, ...]:
+  """``loss``'s β grid in a study's ``dpo`` section: ``loss_betas[loss]`` where given,
+  else the shared ``betas``."""
+  return tuple(dpo_cfg.get("loss_betas", {}).get(loss, dpo_cfg.betas))
 
 
 def stage_loop(loop: Any, *, steps: int, checkpoint_every: int) -> None:
