@@ -32,6 +32,7 @@ from ml_collections import config_flags
 import tensorflow_datasets as tfds
 
 from experiments import preemption
+from prefjax import compilation_cache
 from prefjax import configlib
 from prefjax import parallel
 from prefjax import train
@@ -193,6 +194,8 @@ def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
     # Multi-host: joins the job when a coordinator is given or a cluster is detected.
     parallel.initialize_distributed()
     workdir = prepare_workdir(FLAGS.workdir)
+    cache = compilation_cache.enable()
+    logging.info("compiled programs cached in %s (%s=0: off)", cache, compilation_cache.CACHE_ENV)
     logging.info("config %s, overrides %s (all fields: --config_help; saved in config.json)",
                  config_flags.get_config_filename(FLAGS["config"]),
                  config_flags.get_override_values(FLAGS["config"]))

@@ -341,7 +341,9 @@ def test_mesh_2x2x2_matches_single_device(packed_run, tmp_path):
 
 
 def test_cli_smoke(data_env, tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  cache = tmp_path / "jax_cache"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PREFJAX_COMPILATION_CACHE=str(cache))
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's own cache would win
   cmd = [sys.executable, "-m", "experiments.train_rm", "--config=configs/rm/tiny.py:quick",
          f"--workdir={tmp_path}", "--config.loop.num_steps=3", "--config.optimizer.warmup_steps=0",
          "--config.data.tiny_world.num_pairs=600", "--config.data.pipeline.batch_size=8"]
@@ -359,6 +361,8 @@ def test_cli_smoke(data_env, tmp_path):
   assert " | eval " in data_lines[0]
   written = json.loads((tmp_path / "config.json").read_text())
   assert written["loop"]["num_steps"] == written["optimizer"]["total_steps"] == 3
+  assert any(p.name.startswith("jit_train_step") for p in cache.iterdir()), sorted(
+      p.name for p in cache.iterdir())  # the persistent compilation cache got the step
 
 
 def test_multi_objective_run_reports_each_objective(data_env, tmp_path):
