@@ -211,10 +211,13 @@ class TextWorld:
           samples_per_prompt=int(cfg.samples_per_prompt))
     return evaluate, reference
 
-  def evaluation_key(self, proxies: dict[str, Any]) -> dict[str, Any]:
-    """What :meth:`evaluator`'s numbers depend on besides the policy (checkpoint caches)."""
+  def evaluation_key(self, proxy_widths: list[int]) -> dict[str, Any]:
+    """What :meth:`evaluator`'s numbers depend on besides the policy (checkpoint caches):
+    the settings, and each proxy's stage key, so retrained proxies are scored again."""
+    proxies = {f"proxy_w{w}": text_world.digest(text_world.recorded_key(
+        self.proxy_reward_spec(w).checkpoint)) for w in proxy_widths}
     return dict(eval=_plain(self.cfg.eval), rewards=sorted(["gold", *proxies]),
-                max_new_tokens=self.max_new_tokens)
+                max_new_tokens=self.max_new_tokens, proxies=proxies)
 
 
 # ---------------------------------------------------------------------------- stages
@@ -266,10 +269,10 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   gold_scale = text_world.GoldScale.fit(bon[widths[0]]["gold"])
   scales = {"gold": gold_scale}
   scales.update({f"proxy_w{w}": text_world.GoldScale.fit(bon[w]["proxy"]) for w in widths})
-  proxies = {f"proxy_w{w}": rl_rewards.make_reward(tw.proxy_reward_spec(w))
-             for w in sorted(set(rl_widths) | {max(widths)})}
+  scored = sorted(set(rl_widths) | {max(widths)})
+  proxies = {f"proxy_w{w}": rl_rewards.make_reward(tw.proxy_reward_spec(w)) for w in scored}
   evaluate, reference = tw.evaluator(proxies)
-  eval_key = tw.evaluation_key(proxies)
+  eval_key = tw.evaluation_key(scored)
   rl = {}
   for w in rl_widths:
     path = os.path.join(workdir, "rl", f"w{w}")

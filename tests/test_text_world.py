@@ -129,3 +129,34 @@ def test_finished_stage_is_reused_for_its_config_and_refused_for_another(tmp_pat
   with pytest.raises(text_world.StaleStageError, match=r"steps: 4 -> 8"):
     text_world.run_stage(stage, lambda: calls.append(1), key=text_world.config_key(config, workdir))
   assert calls == [1]
+
+
+def test_checkpoint_evaluations_are_cached_under_their_key(tmp_path, monkeypatch):
+  evaluated = []
+
+  def fake_trajectory(run_dir, policy_at, reference, evaluate):
+    evaluated.append(evaluate)
+    return text_world.Trajectory(np.array([0, 5]), {"gold": np.full((2, 3), evaluate)})
+
+  monkeypatch.setattr(text_world, "checkpoint_trajectory", fake_trajectory)
+  monkeypatch.setattr(text_world, "policy_loader", lambda *a, **k: None)
+  run_dir = str(tmp_path)
+  key = {"eval": {"num_prompts": 3}, "proxies": {"proxy_w8": text_world.digest({"steps": 4})}}
+
+  def cached(value, key):
+    return text_world.cached_trajectory(run_dir, None, None, value, key=key)
+
+  first = cached(1.0, key)
+  np.testing.assert_array_equal(cached(2.0, dict(key)).per_prompt["gold"], first.per_prompt["gold"])
+  assert evaluated == [1.0]
+  retrained = {**key, "proxies": {"proxy_w8": text_world.digest({"steps": 8})}}
+  assert cached(3.0, retrained).per_prompt["gold"][0, 0] == 3.0 and evaluated == [1.0, 3.0]
+  np.testing.assert_array_equal(cached(4.0, retrained).steps, [0, 5])
+  assert evaluated == [1.0, 3.0]
+
+
+def test_recorded_key_reads_a_finished_stage(tmp_path):
+  stage = str(tmp_path / "proxies" / "w8")
+  assert text_world.recorded_key(stage) is None
+  text_world.run_stage(stage, lambda: {"accuracy": 0.7}, key={"loop": {"num_steps": 4}})
+  assert text_world.recorded_key(stage) == {"loop": {"num_steps": 4}}

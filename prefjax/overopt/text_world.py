@@ -81,6 +81,15 @@ def run_stage(path: str, fn: Callable[[], dict[str, Any] | None], *,
   return info
 
 
+def recorded_key(path: str) -> Any:
+  """The config key a finished stage in ``path`` recorded (None: unfinished or unkeyed)."""
+  done = os.path.join(path, DONE_FILE)
+  if not os.path.exists(done):
+    return None
+  with open(done) as f:
+    return json.load(f).get("key")
+
+
 def _check_stage_key(path: str, recorded: Any, wanted: Any) -> None:
   if wanted is None or recorded == wanted:
     return
