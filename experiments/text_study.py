@@ -47,6 +47,7 @@ from prefjax.overopt import text_world
 from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
 
+
 def _plain(cfg: Any) -> Any:
   return cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
 
