@@ -194,8 +194,8 @@ def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
     # Multi-host: joins the job when a coordinator is given or a cluster is detected.
     parallel.initialize_distributed()
     workdir = prepare_workdir(FLAGS.workdir)
-    cache = compilation_cache.enable()
-    logging.info("compiled programs cached in %s (%s=0: off)", cache, compilation_cache.CACHE_ENV)
+    logging.info("compilation cache: %s (%s=0 turns it off)", compilation_cache.enable() or "off",
+                 compilation_cache.CACHE_ENV)
     logging.info("config %s, overrides %s (all fields: --config_help; saved in config.json)",
                  config_flags.get_config_filename(FLAGS["config"]),
                  config_flags.get_override_values(FLAGS["config"]))

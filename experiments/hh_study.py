@@ -30,6 +30,7 @@ from configs.rl import smollm2_rloo as rl_smollm2
 from configs.rm import hh_minilm as rm_hh
 from experiments import text_study
 from experiments import train_rm
+from prefjax import configlib
 from prefjax import experiment
 from prefjax.data.tfds_builders import synthetic
 from prefjax.overopt import text_world
@@ -41,19 +42,16 @@ from prefjax.rl import setup as rl_setup
 REPORT_LABELS = dict(world="hh", title="SmolLM2 on HH", policy="SmolLM2-135M-Instruct")
 
 
-def _plain(cfg: Any) -> dict[str, Any]:
-  return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-
-
 class HHWorld(text_study.TextWorld):
   """Policy, prompts, gold and proxies of the HH world, built from ``config.text``."""
 
   def __init__(self, cfg: Any, workdir: str):  # pylint: disable=super-init-not-called
     self.cfg, self.workdir = cfg, workdir
     self.world_fields = {"kind": "hh", "data": str(cfg.data.name),
-                         "policy": _plain(cfg.policy.model).get("path") or "a random decoder"}
+                         "policy": (configlib.plain(cfg.policy.model).get("path")
+                                    or "a random decoder")}
     self.world = None
-    self.tokenizer = experiment.make_tokenizer(_plain(cfg.policy.tokenizer))
+    self.tokenizer = experiment.make_tokenizer(configlib.plain(cfg.policy.tokenizer))
     self.max_new_tokens = int(cfg.sampling.max_new_tokens)
     self.sft_dir = self.gold_dir = os.path.join(workdir, "gold")
     self._gold = None
@@ -68,7 +66,7 @@ class HHWorld(text_study.TextWorld):
   # ------------------------------------------------------------------ model specs
   def policy_model(self, path: str = "") -> dict[str, Any]:
     del path  # never SFT'd: the configured model is π_ref
-    return _plain(self.cfg.policy.model)
+    return configlib.plain(self.cfg.policy.model)
 
   def reference_path(self) -> str:
     return str(self.cfg.policy.model.path)
@@ -84,7 +82,7 @@ class HHWorld(text_study.TextWorld):
   def _reward_spec(self, name: str, section: Any, model: dict[str, Any],
                    checkpoint: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        kind="model", name=name, model=model, tokenizer=_plain(section.tokenizer),
+        kind="model", name=name, model=model, tokenizer=configlib.plain(section.tokenizer),
         max_length=int(section.max_length), batch_size=64, checkpoint=checkpoint))
 
   def proxy_reward_spec(self, width: int) -> ml_collections.ConfigDict:
@@ -92,7 +90,8 @@ class HHWorld(text_study.TextWorld):
                              os.path.join(self.workdir, "proxies", f"w{width}"))
 
   def gold_reward_spec(self) -> ml_collections.ConfigDict:
-    return self._reward_spec("gold", self.cfg.gold, _plain(self.cfg.gold.model), self.gold_dir)
+    return self._reward_spec("gold", self.cfg.gold, configlib.plain(self.cfg.gold.model),
+                             self.gold_dir)
 
   # ------------------------------------------------------------------ prompts and pairs
   def _prompt_sources(self, num_eval: int, eval_split: str = "resplit_validation"):
@@ -136,7 +135,7 @@ class HHWorld(text_study.TextWorld):
 
   def _rm_config(self, section: Any, model: dict[str, Any], dataset: str, eval_split: str):
     c = rm_hh.get_config()
-    c.tokenizer.update(_plain(section.tokenizer))
+    c.tokenizer.update(configlib.plain(section.tokenizer))
     c.model.update(model)
     c.data.name = dataset
     c.data.eval_split = eval_split
@@ -150,14 +149,14 @@ class HHWorld(text_study.TextWorld):
     return c
 
   def gold_config(self):
-    return self._rm_config(self.cfg.gold, _plain(self.cfg.gold.model), str(self.cfg.data.name),
-                           "resplit_validation")
+    return self._rm_config(self.cfg.gold, configlib.plain(self.cfg.gold.model),
+                           str(self.cfg.data.name), "resplit_validation")
 
   def rm_config(self, width: int, dataset: str):
     return self._rm_config(self.cfg.proxy, self.proxy_model(width), dataset, "resplit_test")
 
   def _policy_side(self, c) -> None:
-    c.tokenizer.update(_plain(self.cfg.policy.tokenizer))
+    c.tokenizer.update(configlib.plain(self.cfg.policy.tokenizer))
     c.model.update(self.policy_model())
     c.data.name = str(self.cfg.data.name)
     c.prompts.max_length = int(self.cfg.policy.prompt_length)
@@ -186,7 +185,7 @@ class HHWorld(text_study.TextWorld):
   def dpo_config(self, loss: str, beta: float, dataset: str):
     cfg = self.cfg.dpo
     c = dpo_smollm2.get_config()
-    c.tokenizer.update(_plain(self.cfg.policy.tokenizer))
+    c.tokenizer.update(configlib.plain(self.cfg.policy.tokenizer))
     c.model.update(self.policy_model())
     c.data.name, c.data.eval_split = dataset, "resplit_test"  # see policy_pairs
     prompt_length = int(self.cfg.policy.prompt_length)

@@ -40,6 +40,7 @@ from experiments import train_dpo
 from experiments import train_rl
 from experiments import train_rm
 from experiments import train_sft
+from prefjax import configlib
 from prefjax import experiment
 from prefjax.data import tokenize as tokenize_lib
 from prefjax.data.tfds_builders import synthetic
@@ -48,17 +49,13 @@ from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
 
 
-def _plain(cfg: Any) -> Any:
-  return cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
-
-
 class TextWorld:
   """The study's world, reference policy and rewards, built from ``config.text``."""
   max_new_tokens = 14  # of every sampled response
 
   def __init__(self, cfg: Any, workdir: str):
     self.cfg, self.workdir = cfg, workdir
-    self.world_fields = dict(_plain(cfg.world))
+    self.world_fields = configlib.plain(cfg.world)
     self.world = rl_rewards.world_from_config(self.world_fields)
     self.tokenizer = experiment.make_tokenizer({"path": "byte"})
     self.sft_dir = os.path.join(workdir, "sft")
@@ -67,7 +64,7 @@ class TextWorld:
   # ------------------------------------------------------------------ model specs
   def policy_model(self, path: str = "") -> dict[str, Any]:
     return dict(arch="decoder", preset="tiny_llama", path=path, dtype="float32",
-                overrides=dict(_plain(self.cfg.policy)))
+                overrides=configlib.plain(self.cfg.policy))
 
   def reference_path(self) -> str:
     return os.path.join(self.sft_dir, train_sft.HF_EXPORT_DIR)
@@ -113,8 +110,8 @@ class TextWorld:
 
   def pairs_key(self) -> dict[str, Any]:
     """What :meth:`policy_pairs` depends on besides π_ref (whose stage is keyed itself)."""
-    return dict(world=self.world_fields, policy=_plain(self.cfg.policy),
-                pairs=_plain(self.cfg.pairs), max_new_tokens=self.max_new_tokens)
+    return dict(world=self.world_fields, policy=configlib.plain(self.cfg.policy),
+                pairs=configlib.plain(self.cfg.pairs), max_new_tokens=self.max_new_tokens)
 
   def policy_pairs(self) -> dict[str, Any]:
     """Two π_ref samples per prompt, gold-labelled; pairs with an empty response, two
@@ -217,7 +214,7 @@ class TextWorld:
     the settings, and each proxy's stage key, so retrained proxies are scored again."""
     proxies = {f"proxy_w{w}": text_world.digest(text_world.recorded_key(
         self.proxy_reward_spec(w).checkpoint)) for w in proxy_widths}
-    return dict(eval=_plain(self.cfg.eval), rewards=sorted(["gold", *proxies]),
+    return dict(eval=configlib.plain(self.cfg.eval), rewards=sorted(["gold", *proxies]),
                 max_new_tokens=self.max_new_tokens, proxies=proxies)
 
 
@@ -245,7 +242,7 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   tw = (world_cls or TextWorld)(cfg, workdir)
   widths = [int(w) for w in cfg.proxy.widths]
   rl_widths = [int(w) for w in cfg.rl.widths]
-  dpo_runs = [(str(loss), float(b)) for loss in cfg.dpo.losses for b in text_world.dpo_betas(cfg.dpo, loss)]
+  dpo_runs = text_world.dpo_runs(cfg.dpo)
   progress = progress_cls("text world", 2 + 2 * len(widths) + 2 * len(rl_widths)
                           + 2 * len(dpo_runs))
   path, binary, make_config, label = tw.reference_stage()

@@ -100,6 +100,13 @@ def flat_items(config: Mapping[str, Any], prefix: str = "config") -> list[tuple[
   return items
 
 
+def plain(cfg: Any) -> dict[str, Any]:
+  """A ``ConfigDict`` (or any mapping) as a plain ``dict``; ``None`` as ``{}``."""
+  if cfg is None:
+    return {}
+  return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+
+
 def dataclass_from_mapping(cls: type[T], cfg: Mapping[str, Any] | T, **converters) -> T:
   """``cls(**cfg)`` with unknown keys rejected by name; ``cfg`` may already be a ``cls``.
 
@@ -107,7 +114,7 @@ def dataclass_from_mapping(cls: type[T], cfg: Mapping[str, Any] | T, **converter
   """
   if isinstance(cfg, cls):
     return cfg
-  data = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  data = plain(cfg)
   check_fields(cls.__name__, data, (f.name for f in dataclasses.fields(cls)))
   for name, convert in converters.items():
     if name in data:

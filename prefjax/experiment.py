@@ -54,12 +54,6 @@ _ASSETS = {
 }
 
 
-def _plain(cfg: Any) -> dict[str, Any]:
-  if cfg is None:
-    return {}
-  return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-
-
 def resolve_path(path: str) -> str:
   """``asset:NAME`` -> the installed asset's path; anything else unchanged."""
   if isinstance(path, str) and path.startswith("asset:"):
@@ -72,7 +66,7 @@ def resolve_path(path: str) -> str:
 
 def make_tokenizer(cfg: Any) -> tokenize_lib.Tokenizer:
   """Tokenizer from ``config.tokenizer`` (``path``: see module docstring)."""
-  return tokenize_lib.load_tokenizer(resolve_path(_plain(cfg).get("path", "byte")))
+  return tokenize_lib.load_tokenizer(resolve_path(configlib.plain(cfg).get("path", "byte")))
 
 
 def _dtype(name: str | None):
@@ -81,7 +75,7 @@ def _dtype(name: str | None):
 
 def _random_trunk(cfg: dict[str, Any], vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:
   arch, preset = cfg.get("arch", "decoder"), cfg.get("preset", "tiny_llama")
-  overrides = {k: v for k, v in _plain(cfg.get("overrides")).items() if v is not None}
+  overrides = {k: v for k, v in configlib.plain(cfg.get("overrides")).items() if v is not None}
   overrides.setdefault("vocab_size", vocab_size)
   if arch == "decoder":
     config_cls, model_cls = decoder_lib.DecoderConfig, decoder_lib.Decoder
@@ -101,7 +95,7 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
   ``ensemble="deep"`` with head ``reward_ensemble:K`` builds K complete models
   (``DeepEnsemble``) from seeds ``seed, seed+1, ...``; otherwise K heads share a trunk.
   """
-  cfg = _plain(cfg)
+  cfg = configlib.plain(cfg)
   head, pooling = cfg.get("head"), cfg.get("pooling")
   kind, members = heads_lib.parse_head(head)
 
@@ -189,10 +183,10 @@ def data_section(*, pipeline: Mapping[str, Any] | None = None,
 
 def load_split(data_cfg: Any, split: str) -> sources.PreferenceSource:
   """``load_preferences`` for ``config.data`` (the tiny world is written on first use)."""
-  cfg = _plain(data_cfg)
+  cfg = configlib.plain(data_cfg)
   name = cfg["name"]
   if name == "tiny_world":
-    name = ensure_tiny_world(_plain(cfg.get("tiny_world")))
+    name = ensure_tiny_world(configlib.plain(cfg.get("tiny_world")))
   source = sources.load_preferences(name, split, on_bad_row=cfg.get("on_bad_row", "error"),
                                     data_dir=cfg.get("cache_dir"))
   logging.info("data %s[%s]: %d pairs (%s)", name, split, len(source), source.summary)
@@ -239,13 +233,13 @@ def finish_data_report(workdir: str, report: dict[str, Any], train_iter: Any,
 
 
 def pipeline_config(data_cfg: Any, **overrides) -> pipeline_lib.PipelineConfig:
-  fields = {**_plain(_plain(data_cfg).get("pipeline")), **overrides}
+  fields = {**configlib.plain(configlib.plain(data_cfg).get("pipeline")), **overrides}
   return pipeline_lib.PipelineConfig.from_mapping(fields)
 
 
 def make_mesh(mesh_cfg: Any) -> jax.sharding.Mesh:
   """``config.mesh`` -> mesh; ``mesh.num_devices`` > 0 uses only the first that many devices."""
-  num_devices = int(_plain(mesh_cfg).get("num_devices", 0) or 0)
+  num_devices = int(configlib.plain(mesh_cfg).get("num_devices", 0) or 0)
   if num_devices <= 0:
     return parallel.mesh_from_config(mesh_cfg)
   if num_devices > jax.device_count():

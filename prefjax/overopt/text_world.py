@@ -64,11 +64,9 @@ def run_stage(path: str, fn: Callable[[], dict[str, Any] | None], *,
   differs raises :class:`StaleStageError` naming the fields that changed, since its
   checkpoints would otherwise be resumed or reused under the new config.
   """
-  done = os.path.join(path, DONE_FILE)
   key = None if key is None else json.loads(json.dumps(key, sort_keys=True, default=str))
-  if os.path.exists(done):
-    with open(done) as f:
-      info = json.load(f)
+  info = _finished(path)
+  if info is not None:
     _check_stage_key(path, info.get("key"), key)
     return info
   os.makedirs(path, exist_ok=True)
@@ -77,17 +75,22 @@ def run_stage(path: str, fn: Callable[[], dict[str, Any] | None], *,
   info["wall_s"] = time.time() - start
   if key is not None:
     info["key"] = key
-  summary_lib.write_json(done, info)
+  summary_lib.write_json(os.path.join(path, DONE_FILE), info)
   return info
 
 
-def recorded_key(path: str) -> Any:
-  """The config key a finished stage in ``path`` recorded (None: unfinished or unkeyed)."""
+def _finished(path: str) -> dict[str, Any] | None:
+  """What a finished stage in ``path`` recorded in its ``done.json`` (None: unfinished)."""
   done = os.path.join(path, DONE_FILE)
   if not os.path.exists(done):
     return None
   with open(done) as f:
-    return json.load(f).get("key")
+    return json.load(f)
+
+
+def recorded_key(path: str) -> Any:
+  """The config key a finished stage in ``path`` recorded (None: unfinished or unkeyed)."""
+  return (_finished(path) or {}).get("key")
 
 
 def _check_stage_key(path: str, recorded: Any, wanted: Any) -> None:
@@ -344,10 +347,12 @@ def pool_seeds(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
           "pairs": pairs, "seeds": [r["world"]["seed"] for r in runs]}
 
 
-def dpo_betas(dpo_cfg: Any, loss: str) -> tuple[float, ...]:
-  """``loss``'s β grid in a study's ``dpo`` section: ``loss_betas[loss]`` where given,
-  else the shared ``betas``."""
-  return tuple(dpo_cfg.get("loss_betas", {}).get(loss, dpo_cfg.betas))
+def dpo_runs(dpo_cfg: Any) -> list[tuple[str, float]]:
+  """``(loss, β)`` of every run in a study's ``dpo`` section: each loss over
+  ``loss_betas[loss]`` where given, else over the shared ``betas``."""
+  grids = dpo_cfg.get("loss_betas", {})
+  return [(str(loss), float(b)) for loss in dpo_cfg.losses
+          for b in grids.get(loss, dpo_cfg.betas)]
 
 
 def stage_loop(loop: Any, *, steps: int, checkpoint_every: int) -> None:
