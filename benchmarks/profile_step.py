@@ -59,7 +59,7 @@ def profile(case: str, batch_index: int, repeats: int, traced: int) -> dict[str,
   batch = list(workloads.pair_batches(spec["layout"], batch_index + 1))[batch_index]
   if "cached" in spec["kind"]:
     batch = steps.with_cached_reference(batch)
-  _, info = run._builder(spec["kind"], 16 if spec["layout"] == "packed" else None)
+  _, info = run._builder(spec["kind"], run.NUM_SEGMENTS.get(spec["layout"]))
   if "train_step" not in info:
     raise SystemExit(f"case {case!r} has no jitted train step to profile")
   state = info["state"]()
@@ -91,9 +91,9 @@ def profile(case: str, batch_index: int, repeats: int, traced: int) -> dict[str,
     ops.append(dict(name=name, group=hlo_ops.classify(hlo, op, rows), seconds=totals[name],
                     flops=sum(o.get("flops", 0) for o in hlo_ops.inner(hlo, op)), bytes=moved,
                     source=hlo_ops.source(op)))
-  real = batch.get("segment_ids", batch["attention_mask"])
   return dict(case=case, batch=batch_index, shape=list(batch["tokens"].shape),
-              real_tokens=int(np.count_nonzero(real)), compile_s=round(compile_s, 1),
+              real_tokens=int(np.count_nonzero(run._real_slots(batch))),  # pylint: disable=protected-access
+              compile_s=round(compile_s, 1),
               wall_s=statistics.median(walls[1:]), walls=[round(w, 3) for w in walls[1:]],
               traced_wall_s=traced_wall, busy_s=busy, span_s=span, ops=ops)
 

@@ -15,7 +15,12 @@ matmul ceiling (``jnp.dot`` 2048², median of 10, measured at start and end,
 the mean used), peak RSS, and the number of compiles during the timed steps
 (must be 0). ``rm_step_hh``, ``dpo_step_hh_cached`` and ``dpo_step_hh_live``
 use the project's default layout (padded to the batch's longest row rounded up
-to 64). ``torch_*`` cases need ``torch`` and ``transformers`` (the test extra).
+to 64); ``rm_step_hh_packed`` packs whole pairs into 3 rows of 1,024, and the
+``*_shared`` cases pack each pair as one ``prompt | chosen | rejected`` sequence
+(``share_prompt``) into 2 rows of 1,024. Real tokens count each pair as two
+``prompt + response`` sequences in every layout (``pair_tokens``), so rows compare
+pairs per second; ``computed_tokens_per_s`` is what a step ran on. ``torch_*``
+cases need ``torch`` and ``transformers`` (the test extra).
 
 Also: ``rm_step_hh_minilm`` (the encoder RM of ``configs/rm/hh_minilm.py`` at its
 HH lengths), ``ref_precompute_hh`` (the DPO reference pass of ``ref_cache``;
@@ -46,8 +51,11 @@ CASES: dict[str, dict[str, Any]] = {
     "rm_step_hh": dict(kind="rm", layout="longest"),
     "rm_step_hh_fixed512": dict(kind="rm", layout="fixed"),
     "rm_step_hh_packed": dict(kind="rm", layout="packed"),
+    "rm_step_hh_shared": dict(kind="rm", layout="shared"),
     "dpo_step_hh_cached": dict(kind="dpo_cached", layout="longest"),
     "dpo_step_hh_live": dict(kind="dpo_live", layout="longest"),
+    "dpo_step_hh_cached_shared": dict(kind="dpo_cached", layout="shared"),
+    "dpo_step_hh_live_shared": dict(kind="dpo_live", layout="shared"),
     "rm_ensemble4_one_step": dict(kind="rm_ensemble4", layout="longest"),
     "torch_rm_step_hh": dict(kind="torch_rm", layout="longest"),
     "torch_dpo_step_hh_cached": dict(kind="torch_dpo_cached", layout="longest"),
@@ -59,6 +67,8 @@ CASES: dict[str, dict[str, Any]] = {
 CASES.update({f"generate_{m}_b{b}_{mode}": dict(kind="generate", model=m, batch=b,
                                                 greedy=mode == "greedy")
               for m in ("25m", "smollm2") for b in (1, 16, 64) for mode in ("greedy", "sample")})
+# Static segment count of the packed layouts (``workloads.pipeline_config``).
+NUM_SEGMENTS = {"packed": 16, "shared": 24}
 QUICK = ("rm_step_hh", "dpo_step_hh_cached", "dpo_step_hh_live")
 GENERATION_REPEATS = 3  # at most, per framework: an HF call at batch 64 takes ~10-100 s here
 
@@ -115,7 +125,7 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
                  else workloads.pair_batches(layout, steps + 1))
   if "cached" in kind:
     batches = [steps_lib.with_cached_reference(b) for b in batches]
-  num_segments = 16 if layout == "packed" else None
+  num_segments = NUM_SEGMENTS.get(layout)
   start = time.perf_counter()
   step, info = _builder(kind, num_segments)
   compiles = info.get("compiles")
@@ -135,9 +145,9 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
     times.append(time.perf_counter() - t0)
     if not np.isfinite(loss):
       raise RuntimeError(f"{name}: non-finite loss {loss}")
-  real_key = "segment_ids" if layout == "packed" else "attention_mask"
   timed = batches[1:]
-  real = sum(int(np.count_nonzero(b[real_key])) for b in timed) / len(timed)
+  computed = sum(int(np.count_nonzero(_real_slots(b))) for b in timed) / len(timed)
+  real = sum(pair_tokens(b) for b in timed) / len(timed)
   torch = kind.startswith("torch")
   shapes = [computed_shape(b, torch) for b in timed]
   slots = sum(r * t for r, t in shapes) / len(shapes)
@@ -156,7 +166,8 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
       "step_times": [round(t, 3) for t in times],
       "real_tokens_per_step": round(real, 1),
       "real_tokens_per_s": round(real / s_per_step, 1),
-      "padded_slot_pct": round(100 * (1 - real / slots), 1),
+      "computed_tokens_per_s": round(computed / s_per_step, 1),
+      "padded_slot_pct": round(100 * (1 - computed / slots), 1),
       "analytic_tflop_per_step": round(float(np.mean(flops)) / 1e12, 4),
       "achieved_gflop_s": round(float(np.mean(flops)) / s_per_step / 1e9, 1),
       "pairs_per_s": round(float(np.mean([b["pair_mask"].sum() for b in timed])) / s_per_step, 2),
@@ -164,6 +175,25 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
       "compiles_during_timed_steps": (compiles() - before) if compiles else 0,
       "jax_backend": jax.default_backend(),
   }
+
+
+def _real_slots(batch: dict[str, np.ndarray]) -> np.ndarray:
+  return batch["segment_ids" if "segment_ids" in batch else "attention_mask"] > 0
+
+
+def pair_tokens(batch: dict[str, np.ndarray]) -> int:
+  """Real tokens of the batch's pairs as two ``prompt + response`` sequences each.
+
+  This is what every layout and PyTorch compute for the same pairs, except the
+  shared-prompt layout, which computes each prompt once: its prompt tokens are
+  counted twice here, so ``real_tokens_per_s`` compares the same pairs across
+  layouts (``computed_tokens_per_s`` is what the step ran on).
+  """
+  real = _real_slots(batch)
+  if "prefix_ids" in batch:
+    prompts = real & (batch["segment_ids"] == batch["prefix_ids"])
+    return int(np.count_nonzero(real) + np.count_nonzero(prompts))
+  return int(np.count_nonzero(real))
 
 
 def _peak_rss_mb() -> int:

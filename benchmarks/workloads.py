@@ -78,8 +78,10 @@ def pipeline_config(mode: str, **overrides: Any) -> pipeline_lib.PipelineConfig:
   """Batches of 8 pairs in file order; prompts kept whole (TRL truncates nothing but the tail).
 
   ``mode``: ``longest`` (the project default: padded to the batch's longest row
-  rounded up to 64), ``fixed`` (every row padded to 512) or ``packed`` (rows of
-  1,024 tokens holding whole pairs).
+  rounded up to 64), ``fixed`` (every row padded to 512), ``packed`` (rows of
+  1,024 tokens holding whole pairs) or ``shared`` (packed, each pair one
+  ``prompt | chosen | rejected`` sequence: 2 rows of 1,024 hold what ``packed``
+  puts in 3).
   """
   base = dict(batch_size=PAIRS_PER_STEP, max_length=MAX_LENGTH,
               max_prompt_length=MAX_LENGTH - 1, shuffle=False, num_epochs=1, seed=0,
@@ -89,8 +91,11 @@ def pipeline_config(mode: str, **overrides: Any) -> pipeline_lib.PipelineConfig:
   elif mode == "packed":
     base.update(mode="packed", pack_length=2 * MAX_LENGTH, pack_rows=3,
                 max_segments_per_row=16, pack_window=8 * PAIRS_PER_STEP)
+  elif mode == "shared":
+    base.update(mode="packed", share_prompt=True, pack_length=2 * MAX_LENGTH, pack_rows=2,
+                max_segments_per_row=3 * PAIRS_PER_STEP, pack_window=8 * PAIRS_PER_STEP)
   elif mode != "longest":
-    raise ValueError(f"mode must be 'longest', 'fixed' or 'packed', got {mode!r}")
+    raise ValueError(f"mode must be 'longest', 'fixed', 'packed' or 'shared', got {mode!r}")
   return pipeline_lib.PipelineConfig(**{**base, **overrides})
 
 

@@ -13,7 +13,7 @@ from prefjax.models import attention, layers
 
 
 # Jitted: run eagerly, every primitive of the block loop compiles on its own (10 s a call).
-_attention = jax.jit(attention.causal_attention, static_argnames=("block_size",))
+_attention = jax.jit(attention.causal_attention, static_argnames=("block_size", "tiled"))
 
 
 def _inputs(seed, n, t, h, kv, d, dtype=np.float64):
@@ -44,26 +44,49 @@ def _reference(q, k, v, segments):
   return out
 
 
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("t,h,kv,block", [(37, 4, 4, 8), (64, 6, 2, 16), (24, 2, 1, 128)])
-def test_forward_matches_float64_reference(t, h, kv, block):
+def test_forward_matches_float64_reference(t, h, kv, block, tiled):
   q, k, v, segments = _inputs(0, 3, t, h, kv, 8)
   with jax.enable_x64(True):
     got = _attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(segments),
-                     block_size=block)
+                     block_size=block, tiled=tiled)
     np.testing.assert_allclose(np.asarray(got), _reference(q, k, v, segments),
                                rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("t,h,kv,block", [(37, 4, 4, 8), (64, 6, 2, 16)])
-def test_gradient_matches_autodiff_of_masked_reference(t, h, kv, block):
+def _short_segments(n, t, seed):
+  """Every row packed with runs of 2-9 tokens (ids 1, 2, ...) and a padding tail: most
+  tiles below the diagonal are invisible, so the tiled kernel skips them."""
+  rng = np.random.default_rng(seed)
+  segments = np.zeros((n, t), np.int32)
+  for row in range(n):
+    at, seg = 0, 0
+    while at < t - 6:
+      seg, length = seg + 1, int(rng.integers(2, 10))
+      segments[row, at:at + length] = seg
+      at += length
+  return segments
+
+
+@pytest.mark.parametrize("t,h,kv,block,layout,tiled", [
+    (37, 4, 4, 8, "mixed", False), (64, 6, 2, 16, "mixed", False),
+    (37, 4, 4, 8, "mixed", True), (64, 6, 2, 16, "mixed", True),
+    (64, 2, 1, 8, "short", True)])
+def test_gradient_matches_autodiff_of_masked_reference(t, h, kv, block, layout, tiled):
   """The hand-written backward against autodiff of the explicit-mask softmax, in float64."""
   q, k, v, segments = _inputs(1, 3, t, h, kv, 8)
+  if layout == "short":
+    segments = _short_segments(3, t, seed=1)
+    reach = attention._reach((jnp.asarray(segments), None), attention.query_blocks(t, block))
+    assert (np.asarray(reach)[2:] >= 2 * block - 9).all()  # tiles far below are skipped
   cotangent = np.random.default_rng(2).normal(size=q.shape)
   index = np.arange(t)
   mask = layers.attention_mask_from_segments(segments, segments, index, index)
 
   def blocked(q, k, v):
-    out = attention.causal_attention(q, k, v, jnp.asarray(segments), block_size=block)
+    out = attention.causal_attention(q, k, v, jnp.asarray(segments), block_size=block,
+                                     tiled=tiled)
     return jnp.sum(out * cotangent)
 
   def masked(q, k, v):  # softmax over the explicit mask, in the inputs' dtype throughout
@@ -74,6 +97,10 @@ def test_gradient_matches_autodiff_of_masked_reference(t, h, kv, block):
 
   with jax.enable_x64(True):
     args = tuple(jnp.asarray(x) for x in (q, k, v))
+    if layout == "short":
+      np.testing.assert_allclose(np.asarray(jax.jit(lambda *a: attention.causal_attention(
+          *a, jnp.asarray(segments), block_size=block, tiled=True))(*args)),
+          _reference(q, k, v, segments), rtol=1e-10, atol=1e-12)
     got = jax.jit(jax.grad(blocked, argnums=(0, 1, 2)))(*args)
     want = jax.jit(jax.grad(masked, argnums=(0, 1, 2)))(*args)
     for name, g, w in zip("qkv", got, want):

@@ -126,6 +126,22 @@ def test_every_loss_raises_heldout_implicit_reward_accuracy(loss, tmp_path):
   assert reference["mode"] == ("none" if spec.reference_free else "online")
 
 
+def test_shared_prompt_packed_batches_learn_with_a_cached_reference(tmp_path):
+  """``data.pipeline.share_prompt``: the reference log-probs are precomputed on the same
+  shared-prompt batches (``ref_cache``) and the policy learns as on padded batches."""
+  config = dpo_config()
+  config.ref.mode = "cached"
+  config.data.pipeline.update(mode="packed", share_prompt=True, pack_rows=2,
+                              pack_length=2 * config.data.pipeline.max_length,
+                              max_segments_per_row=3 * config.data.pipeline.batch_size)
+  result = train_dpo.run(config, str(tmp_path))
+  assert json.loads((tmp_path / "reference.json").read_text())["mode"] == "cached"
+  final = result.summary["final_eval"]
+  assert final["rewards/accuracies"] > ACCURACY_THRESHOLD, final
+  records = [r for r in read_metrics(tmp_path) if "loss" in r]
+  assert len(records) == 30 and all(np.isfinite(r["loss"]) for r in records)
+
+
 @pytest.fixture
 def throwaway_loss():
   """A reference-free, length-normalised loss with an NLL term, registered for one test."""

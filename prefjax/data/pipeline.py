@@ -68,7 +68,9 @@ class PipelineConfig:
   Padded mode cuts each batch to its longest row rounded up to a multiple of
   ``pad_to_multiple`` (never past the bucket length), which bounds the set of
   compiled shapes to ``max_length / pad_to_multiple``; ``None`` pads every
-  batch to its bucket length. ``read_ahead`` examples are tokenized together
+  batch to its bucket length. ``share_prompt`` (packed pair batches for causal
+  reward models) writes each pair as one ``prompt | chosen | rejected`` sequence
+  whose responses both attend to the one copy of the prompt (``packing.py``). ``read_ahead`` examples are tokenized together
   (one ``encode_batch`` call, parallel in the Rust backend); it changes speed,
   never the batches.
   """
@@ -85,6 +87,7 @@ class PipelineConfig:
   pack_rows: int = 8
   max_segments_per_row: int = 16
   pack_window: int | None = None
+  share_prompt: bool = False
   num_epochs: int | None = None
   shuffle: bool = True
   shard_index: int | None = None
@@ -115,10 +118,18 @@ class PipelineConfig:
       raise ValueError(f"num_epochs must be None or >= 1, got {self.num_epochs}")
     if (self.shard_index is None) != (self.shard_count is None):
       raise ValueError("set shard_index and shard_count together (or neither)")
+    if self.share_prompt:
+      if self.mode != "packed":
+        raise ValueError("share_prompt needs mode='packed'")
+      if self.row_length < 2 * self.max_length - 1 or self.max_segments_per_row < 3:
+        raise ValueError(
+            f"share_prompt: a row must hold a whole prompt | chosen | rejected sequence "
+            f"(up to 2 * max_length - 1 = {2 * self.max_length - 1} tokens, 3 segments); got "
+            f"pack_length={self.row_length}, max_segments_per_row={self.max_segments_per_row}")
     if self.mode == "packed":
       if self.row_length < self.max_length:
         raise ValueError(f"pack_length={self.row_length} < max_length={self.max_length}")
-      if self.pack_rows < 2 and (self.row_length < 2 * self.max_length
+      if not self.share_prompt and self.pack_rows < 2 and (self.row_length < 2 * self.max_length
                                  or self.max_segments_per_row < 2):
         raise ValueError("one packed row must hold a pair of max_length sequences: use "
                          "pack_rows >= 2, or pack_length >= 2 * max_length and 2+ segments")
@@ -206,6 +217,11 @@ class Example:
     if not self.responses:
       return (len(self.prompt),)
     return tuple(len(self.prompt) + len(r) for r in self.responses)
+
+  @property
+  def shared_length(self) -> int:
+    """Token count of ``prompt | response_0 | response_1 ...`` (the shared-prompt layout)."""
+    return len(self.prompt) + sum(len(r) for r in self.responses)
 
 
 def left_truncate(ids: list[int], limit: int, bos_id: int | None) -> list[int]:
@@ -459,6 +475,8 @@ class BatchDataset(grain.IterDataset):
     self.examples = self.indices.map(self.tokenize_fn)
     super().__init__(self.examples)
     self.packed = config.mode == "packed" and kind != "prompt"
+    if config.share_prompt and kind != "pair":
+      raise ValueError(f"share_prompt is for preference pairs, not {kind} batches")
     self.mask_key = {"pair": "pair_mask"}.get(kind, "example_mask")
     self.real_key = "segment_ids" if self.packed else (
         "prompt_mask" if kind == "prompt" else "attention_mask")
@@ -476,7 +494,7 @@ class BatchDataset(grain.IterDataset):
     if self.packed:
       return packing.WindowPacker(
           rows=cfg.pack_rows, length=cfg.row_length, max_segments=cfg.max_segments_per_row,
-          max_groups=cfg.batch_size, window=cfg.window)
+          max_groups=cfg.batch_size, window=cfg.window, shared_prompt=cfg.share_prompt)
     return padding.BucketBatcher(self.bucket_lengths, cfg.batch_size, cfg.drop_remainder)
 
   def plan_positions(self, plan: dict[str, Any]) -> list[int]:
@@ -493,7 +511,7 @@ class BatchDataset(grain.IterDataset):
     if self.packed:
       batch = packing.collate_packed(plan["items"], examples, rows=cfg.pack_rows,
                                      length=cfg.row_length, max_groups=cfg.batch_size,
-                                     pad_id=pad_id)
+                                     pad_id=pad_id, shared_prompt=cfg.share_prompt)
       batch.update(padding.example_fields(padded))
     else:
       batch = padding.collate_padded(padded, length, pad_id, self.num_responses)

@@ -189,7 +189,8 @@ def score_pairs(model: nnx.Module, batch: Batch, *, num_segments: int | None = N
   if "segment_ids" in batch:
     summed, _ = sampling.sequence_logps(
         model, batch["tokens"], loss_mask, segment_ids=batch["segment_ids"],
-        positions=batch.get("positions"), num_segments=num_segments)
+        positions=batch.get("positions"), num_segments=num_segments,
+        prefix_ids=batch.get("prefix_ids"))
     counts = seg.segment_sums(loss_mask.astype(jnp.float32), batch["segment_ids"], num_segments)
     pick = lambda v, key: seg.gather_pairs(v, batch[key])  # noqa: E731
     return SequenceScores(pick(summed, "chosen_index"), pick(summed, "rejected_index"),

@@ -2,8 +2,9 @@
 
 ``causal_attention`` is softmax attention under the two masking rules of
 ``prefjax.models.layers`` (a key is visible when it is not after the query and
-carries the same segment id), computed so that the work and the memory follow
-the causal triangle rather than the full ``T x T`` square:
+carries the same segment id; with ``prefixes``, also when it carries the
+query's prefix segment id: see ``causal_attention``), computed so that the work
+and the memory follow the causal triangle rather than the full ``T x T`` square:
 
 - **Block-causal forward.** Queries are split into ``num_blocks`` contiguous
   blocks; block ``i`` (queries ``[s_i, e_i)``) scores only keys ``[0, e_i)``,
@@ -56,17 +57,28 @@ def query_blocks(length: int, block_size: int = DEFAULT_BLOCK_SIZE,
   return tuple((s, min(s + width, length)) for s in range(0, length, width))
 
 
-def causal_attention(q: Array, k: Array, v: Array, segments: Array, *,
+def causal_attention(q: Array, k: Array, v: Array, segments: Array,
+                     prefixes: Array | None = None, *,
                      block_size: int = DEFAULT_BLOCK_SIZE,
-                     max_blocks: int = DEFAULT_MAX_BLOCKS) -> Array:
+                     max_blocks: int = DEFAULT_MAX_BLOCKS, tiled: bool = False) -> Array:
   """Causal, segment-masked softmax attention; ``q [N,T,H,D]``, ``k, v [N,T,Hkv,D]``.
 
   ``segments [N, T]`` int: tokens attend only to earlier-or-same slots with the
-  same id (padding rows use the attention mask as the id). Returns ``[N, T, H, D]``.
+  same id (padding rows use the attention mask as the id). ``prefixes [N, T]``
+  (optional) int: a token also attends to earlier slots whose segment id equals
+  its prefix id. A shared-prompt pair is three segments ``p`` (prompt), ``c``
+  (chosen response) and ``r`` (rejected response), all with prefix id ``p``: each
+  response sees the prompt and itself, never the other response. A token whose
+  prefix id is its own segment id follows the plain rule. ``tiled``: visit
+  (query block, key block) tiles and skip those no query can see (for packed rows
+  of many short sequences; same result). Returns ``[N, T, H, D]``.
   """
   n, t, h, d = q.shape
   chex.assert_shape([k, v], (n, t, None, d))
   chex.assert_shape(segments, (n, t))
+  if prefixes is not None:
+    chex.assert_shape(prefixes, (n, t))
+    prefixes = prefixes.astype(jnp.int32)
   group = h // k.shape[2]
   if group * k.shape[2] != h:
     raise ValueError(f"{h} query heads are not a multiple of {k.shape[2]} key heads")
@@ -74,15 +86,25 @@ def causal_attention(q: Array, k: Array, v: Array, segments: Array, *,
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
   to_bhtd = lambda x: x.transpose(0, 2, 1, 3)
   blocks = query_blocks(t, block_size, max_blocks)
-  out = _attention(to_bhtd(q), to_bhtd(k), to_bhtd(v), segments.astype(jnp.int32), blocks)
+  kernel = _tiled_attention if tiled else _attention
+  out = kernel(to_bhtd(q), to_bhtd(k), to_bhtd(v), (segments.astype(jnp.int32), prefixes),
+               blocks)
   return to_bhtd(out)
 
 
-def _visible(segments: Array, start: int, end: int) -> Array:
-  """``[N, 1, end-start, end]`` bool: causal and same-segment for queries ``[start, end)``."""
+def _visible(masks: tuple[Array, Array | None], start: int, end: int, key_start: int = 0,
+             key_end: int | None = None) -> Array:
+  """``[N, 1, end-start, key_end-key_start]`` bool: causal and same-segment (or
+  prefix-segment) for queries ``[start, end)`` and keys ``[key_start, key_end)``
+  (default ``[0, end)``)."""
+  segments, prefixes = masks
+  key_end = end if key_end is None else key_end
   q_index = np.arange(start, end)[:, None]
-  causal = np.arange(end)[None, :] <= q_index
-  same = segments[:, start:end, None] == segments[:, None, :end]
+  causal = np.arange(key_start, key_end)[None, :] <= q_index
+  keys = segments[:, None, key_start:key_end]
+  same = segments[:, start:end, None] == keys
+  if prefixes is not None:
+    same = same | (prefixes[:, start:end, None] == keys)
   return (same & causal)[:, None]
 
 
@@ -91,18 +113,21 @@ def _accumulation(x: Array) -> jnp.dtype:
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _scores(q: Array, k: Array, segments: Array, start: int, end: int) -> Array:
-  """Scaled, masked float32 scores of queries ``[start, end)`` against keys ``[0, end)``."""
+def _scores(q: Array, k: Array, masks, start: int, end: int, key_start: int = 0,
+            key_end: int | None = None) -> Array:
+  """Scaled, masked float32 scores of queries ``[start, end)`` against keys
+  ``[key_start, key_end)`` (default ``[0, end)``)."""
+  key_end = end if key_end is None else key_end
   scale = q.shape[-1] ** -0.5
-  s = jnp.einsum("nhtd,nhsd->nhts", q[:, :, start:end], k[:, :, :end],
+  s = jnp.einsum("nhtd,nhsd->nhts", q[:, :, start:end], k[:, :, key_start:key_end],
                  preferred_element_type=_accumulation(q)) * scale
-  return jnp.where(_visible(segments, start, end), s, _MASKED)
+  return jnp.where(_visible(masks, start, end, key_start, key_end), s, _MASKED)
 
 
-def _forward(q, k, v, segments, blocks):
+def _forward(q, k, v, masks, blocks):
   outs, lses = [], []
   for start, end in blocks:
-    s = _scores(q, k, segments, start, end)
+    s = _scores(q, k, masks, start, end)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     total = jnp.sum(p, axis=-1, keepdims=True)
@@ -114,17 +139,17 @@ def _forward(q, k, v, segments, blocks):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, segments, blocks):
-  return _forward(q, k, v, segments, blocks)[0]
+def _attention(q, k, v, masks, blocks):
+  return _forward(q, k, v, masks, blocks)[0]
 
 
-def _attention_fwd(q, k, v, segments, blocks):
-  out, lse = _forward(q, k, v, segments, blocks)
-  return out, (q, k, v, segments, out, lse)
+def _attention_fwd(q, k, v, masks, blocks):
+  out, lse = _forward(q, k, v, masks, blocks)
+  return out, (q, k, v, masks, out, lse)
 
 
 def _attention_bwd(blocks, residuals, d_out):
-  q, k, v, segments, out, lse = residuals
+  q, k, v, masks, out, lse = residuals
   scale = q.shape[-1] ** -0.5
   acc = _accumulation(q)
   f32 = functools.partial(jnp.einsum, preferred_element_type=acc)
@@ -133,7 +158,7 @@ def _attention_bwd(blocks, residuals, d_out):
   dk = jnp.zeros(k.shape, acc)
   dv = jnp.zeros(v.shape, acc)
   for start, end in blocks:
-    p = jnp.exp(_scores(q, k, segments, start, end) - lse[:, :, start:end])
+    p = jnp.exp(_scores(q, k, masks, start, end) - lse[:, :, start:end])
     do = d_out[:, :, start:end]
     dv = dv.at[:, :, :end].add(f32("nhts,nhtd->nhsd", p.astype(do.dtype), do))
     dp = f32("nhtd,nhsd->nhts", do, v[:, :, :end])
@@ -141,8 +166,106 @@ def _attention_bwd(blocks, residuals, d_out):
     dq_blocks.append(f32("nhts,nhsd->nhtd", ds, k[:, :, :end]))
     dk = dk.at[:, :, :end].add(f32("nhts,nhtd->nhsd", ds, q[:, :, start:end]))
   dq = jnp.concatenate(dq_blocks, axis=2)
-  d_segments = np.zeros(segments.shape, jax.dtypes.float0)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_segments
+  d_masks = jax.tree.map(lambda m: np.zeros(m.shape, jax.dtypes.float0), masks)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_masks
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ----------------------------------------------------------------------------------- tiled
+# Packed rows hold many short sequences, so most (query block, key block) tiles below
+# the diagonal hold no visible score at all. The tiled kernel visits tiles one by one
+# with an online softmax (Dao et al., Alg. 1) and skips, at run time (``lax.cond``), every
+# tile that no real query of its query block can see; the backward skips the same tiles.
+
+
+def _group_starts(masks: tuple[Array, Array | None]) -> Array:
+  """``[N, T]`` first slot of the run of tokens sharing each token's group (its prefix
+  id if given, else its segment id): no key before it is visible to the token."""
+  segments, prefixes = masks
+  group = segments if prefixes is None else prefixes
+  idx = jnp.broadcast_to(jnp.arange(group.shape[1], dtype=jnp.int32), group.shape)
+  prev = jnp.pad(group, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+  return jax.lax.cummax(jnp.where(group != prev, idx, 0), axis=1)
+
+
+def _reach(masks, blocks) -> Array:
+  """``[num_blocks]`` int32: the earliest key a real (segment > 0) query of each block
+  can see, over all rows; the row length when the block holds only padding."""
+  segments = masks[0]
+  lo = jnp.where(segments > 0, _group_starts(masks), segments.shape[1])
+  return jnp.stack([jnp.min(lo[:, s:e]) for s, e in blocks])
+
+
+def _maybe(needed: Array | None, fn, state):
+  """``fn(state)`` on the diagonal (``needed`` None), else only where ``needed``."""
+  return fn(state) if needed is None else jax.lax.cond(needed, fn, lambda x: x, state)
+
+
+def _tiled_forward(q, k, v, masks, blocks, reach):
+  acc = _accumulation(q)
+  outs, lses = [], []
+  for i, (qs, qe) in enumerate(blocks):
+    shape = q.shape[:2] + (qe - qs,)
+    state = (jnp.full(shape + (1,), _MASKED, acc), jnp.zeros(shape + (1,), acc),
+             jnp.zeros(shape + (q.shape[3],), acc))
+    for j, (ks, ke) in enumerate(blocks[:i + 1]):
+      def update(state, qs=qs, qe=qe, ks=ks, ke=ke):
+        m, total, o = state
+        s = _scores(q, k, masks, qs, qe, ks, ke)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+        # A row with nothing visible yet carries m = _MASKED and weights exp(0) = 1;
+        # the first visible score rescales that by exp(_MASKED - m) = 0.
+        shrink, p = jnp.exp(m - m_new), jnp.exp(s - m_new)
+        o = o * shrink + jnp.einsum("nhts,nhsd->nhtd", p.astype(v.dtype), v[:, :, ks:ke],
+                                    preferred_element_type=acc)
+        return m_new, total * shrink + jnp.sum(p, axis=-1, keepdims=True), o
+      state = _maybe(None if j == i else reach[i] < ke, update, state)
+    m, total, o = state
+    outs.append((o / total).astype(q.dtype))
+    lses.append(m + jnp.log(total))
+  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _tiled_attention(q, k, v, masks, blocks):
+  return _tiled_forward(q, k, v, masks, blocks, _reach(masks, blocks))[0]
+
+
+def _tiled_attention_fwd(q, k, v, masks, blocks):
+  reach = _reach(masks, blocks)
+  out, lse = _tiled_forward(q, k, v, masks, blocks, reach)
+  return out, (q, k, v, masks, reach, out, lse)
+
+
+def _tiled_attention_bwd(blocks, residuals, d_out):
+  q, k, v, masks, reach, out, lse = residuals
+  scale, acc = q.shape[-1] ** -0.5, _accumulation(q)
+  f32 = functools.partial(jnp.einsum, preferred_element_type=acc)
+  delta = jnp.sum(d_out.astype(acc) * out.astype(acc), -1, keepdims=True)
+  key_grads = [(jnp.zeros(k.shape[:2] + (e - s, k.shape[3]), acc),) * 2 for s, e in blocks]
+  dq_blocks = []
+  for i, (qs, qe) in enumerate(blocks):
+    dq = jnp.zeros(q.shape[:2] + (qe - qs, q.shape[3]), acc)
+    do, q_i = d_out[:, :, qs:qe], q[:, :, qs:qe]
+    for j, (ks, ke) in enumerate(blocks[:i + 1]):
+      def grad(state, qs=qs, qe=qe, ks=ks, ke=ke, do=do, q_i=q_i):
+        dq, dk, dv = state
+        p = jnp.exp(_scores(q, k, masks, qs, qe, ks, ke) - lse[:, :, qs:qe])
+        dv = dv + f32("nhts,nhtd->nhsd", p.astype(do.dtype), do)
+        dp = f32("nhtd,nhsd->nhts", do, v[:, :, ks:ke])
+        ds = (p * (dp - delta[:, :, qs:qe]) * scale).astype(q.dtype)
+        return dq + f32("nhts,nhsd->nhtd", ds, k[:, :, ks:ke]), dk + f32(
+            "nhts,nhtd->nhsd", ds, q_i), dv
+      dq, *key_grads[j] = _maybe(None if j == i else reach[i] < ke, grad,
+                                 (dq, *key_grads[j]))
+    dq_blocks.append(dq)
+  dk = jnp.concatenate([g[0] for g in key_grads], axis=2)
+  dv = jnp.concatenate([g[1] for g in key_grads], axis=2)
+  d_masks = jax.tree.map(lambda m: np.zeros(m.shape, jax.dtypes.float0), masks)
+  return (jnp.concatenate(dq_blocks, axis=2).astype(q.dtype), dk.astype(k.dtype),
+          dv.astype(v.dtype), d_masks)
+
+
+_tiled_attention.defvjp(_tiled_attention_fwd, _tiled_attention_bwd)

@@ -200,10 +200,12 @@ class Block(nnx.Module):
 
   def __call__(self, x: Array, *, positions: Array, segments: Array,
                cache: tuple[Array, Array, Array, Array] | None = None,
+               prefixes: Array | None = None, tiled: bool = False,
                ) -> tuple[Array, tuple[Array, Array] | None]:
     """``x [N, T, D]`` -> (output, updated (keys, values) or None); see ``Attention``."""
     attn_out, new_cache = self.attn(self.input_norm(x), positions=positions,
-                                    segments=segments, cache=cache)
+                                    segments=segments, cache=cache, prefixes=prefixes,
+                                    tiled=tiled)
     x = x + attn_out
     return x + self.mlp(self.post_attn_norm(x)), new_cache
 
@@ -222,12 +224,18 @@ def positions_from_segments(segment_ids: Array) -> Array:
   return idx - jax.lax.cummax(starts, axis=1)
 
 
-def _block_forward(block: Block, x: Array, positions: Array, segments: Array) -> Array:
-  return block(x, positions=positions, segments=segments)[0]
+def _block_forward_fn(tiled: bool):
+  def block_forward(block: Block, x: Array, positions: Array, segments: Array,
+                    prefixes: Array | None) -> Array:
+    return block(x, positions=positions, segments=segments, prefixes=prefixes, tiled=tiled)[0]
+  return block_forward
 
 
+# Packed rows use the tiled attention kernel on CPU: it skips tiles across sequences
+# with run-time conditionals, which are cheap on XLA CPU and not yet measured on GPU.
+_BLOCK_FORWARD = {tiled: _block_forward_fn(tiled) for tiled in (False, True)}
 # Rematerialised block: activations inside a block are recomputed in the backward pass.
-_remat_block_forward = nnx.remat(_block_forward)
+_REMAT_BLOCK_FORWARD = {tiled: nnx.remat(f) for tiled, f in _BLOCK_FORWARD.items()}
 
 
 class Decoder(nnx.Module):
@@ -261,15 +269,20 @@ class Decoder(nnx.Module):
 
   def hidden_states(self, tokens: Array, *, attention_mask: Array | None = None,
                     segment_ids: Array | None = None,
-                    positions: Array | None = None) -> Array:
+                    positions: Array | None = None,
+                    prefix_ids: Array | None = None) -> Array:
     """Final-norm hidden states ``[N, T, D]`` for a padded or a packed batch.
 
     Padded: ``attention_mask [N, T]`` (right or left padding); positions default
     to the running count of real tokens. Packed: ``segment_ids [N, T]`` (0 =
     padding; takes precedence over ``attention_mask``); positions default to the
-    offset within each segment. Outputs at padding positions are finite but
+    offset within each segment. Shared-prompt packed pairs add ``prefix_ids``
+    (the segment each token may also attend to, ``attention.causal_attention``)
+    and need explicit ``positions``. Outputs at padding positions are finite but
     meaningless.
     """
+    if prefix_ids is not None and (segment_ids is None or positions is None):
+      raise ValueError("prefix_ids (shared-prompt pairs) need segment_ids and positions")
     if segment_ids is not None:
       segments = segment_ids.astype(jnp.int32)
       if positions is None:
@@ -284,9 +297,10 @@ class Decoder(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
                                      tokens.shape)
     x = self._embed(tokens, positions)
-    forward = _remat_block_forward if self.remat else _block_forward
+    forward = (_REMAT_BLOCK_FORWARD if self.remat else _BLOCK_FORWARD)[
+        segment_ids is not None and jax.default_backend() == "cpu"]
     for block in self.layers:
-      x = forward(block, x, positions, segments)
+      x = forward(block, x, positions, segments, prefix_ids)
     return self.final_norm(x)
 
   def __call__(self, tokens: Array, *, attention_mask: Array | None = None,

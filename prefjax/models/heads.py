@@ -121,6 +121,9 @@ class PooledHeadModel(nnx.Module):
     if segment_ids is not None and num_segments is None:
       raise ValueError("packed input (segment_ids given) needs the static "
                        "num_segments=S, the maximum number of segments per row")
+    if trunk_kwargs.get("prefix_ids") is not None and isinstance(self.trunk, Encoder):
+      raise ValueError("shared-prompt pairs (data.pipeline.share_prompt) need a causal "
+                       "decoder trunk: an encoder's prompt tokens would attend to a response")
     hidden = self.trunk.hidden_states(tokens, attention_mask=attention_mask,
                                       segment_ids=segment_ids, positions=positions,
                                       **trunk_kwargs)

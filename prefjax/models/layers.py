@@ -123,8 +123,10 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Array, *, positions: Array, segments: Array,
                cache: tuple[Array, Array, Array, Array] | None = None,
+               prefixes: Array | None = None, tiled: bool = False,
                ) -> tuple[Array, tuple[Array, Array] | None]:
-    """Self-attention over ``x [N, T, D]``.
+    """Self-attention over ``x [N, T, D]``; ``prefixes`` and ``tiled``: see
+    ``attention.causal_attention``.
 
     Without a cache the keys are the T new tokens. With ``cache = (keys [N,
     Hkv, S, Dh], values, kv_segments [N, S] (already updated), index [])`` the new
@@ -142,8 +144,11 @@ class Attention(nnx.Module):
       q = rope(q, positions, self.rope_theta)
       k = rope(k, positions, self.rope_theta)
     if cache is None:
-      out = attention_lib.causal_attention(q, k, v, segments)
+      out = attention_lib.causal_attention(q, k, v, segments, prefixes, tiled=tiled)
       new_cache = None
+    elif prefixes is not None:
+      raise ValueError("prefix segments (shared-prompt pairs) are for full-sequence "
+                       "forwards, not KV-cache decoding")
     else:
       cache_k, cache_v, kv_segments, start = cache
       heads_first = lambda x, like: x.transpose(0, 2, 1, 3).astype(like.dtype)

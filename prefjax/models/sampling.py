@@ -254,17 +254,22 @@ def token_entropy(logits: Array) -> Array:
 
 def sequence_logps(model: nnx.Module, tokens: Array, loss_mask: Array, *,
                    attention_mask: Array | None = None, segment_ids: Array | None = None,
-                   positions: Array | None = None,
-                   num_segments: int | None = None) -> tuple[Array, Array]:
+                   positions: Array | None = None, num_segments: int | None = None,
+                   prefix_ids: Array | None = None) -> tuple[Array, Array]:
   """Summed and per-token log-probs of the tokens selected by ``loss_mask``.
 
   ``per_token[n, t] = log p(tokens[n, t] | tokens[n, <t]) * loss_mask[n, t]``;
   position 0 and, in packed rows, the first token of every segment get 0 (their
   context would cross a segment boundary). ``summed`` is ``[N]`` for a padded
   batch and ``[R, S + 1]`` per segment for a packed one (``segment_ids`` and
-  ``num_segments`` given; column 0 is padding).
+  ``num_segments`` given; column 0 is padding). Shared-prompt pairs
+  (``prefix_ids``, see ``prefjax.data.packing``): a response's first token is
+  predicted from its prompt's last token, wherever the response sits in the row.
   """
   chex.assert_equal_shape([tokens, loss_mask])
+  if prefix_ids is not None:
+    return _shared_prompt_logps(model, tokens, loss_mask, segment_ids, positions,
+                                num_segments, prefix_ids)
   logits = model(tokens, attention_mask=attention_mask, segment_ids=segment_ids,
                  positions=positions)
   per_token = token_logps(logits, tokens) * loss_mask.astype(jnp.float32)
@@ -275,3 +280,33 @@ def sequence_logps(model: nnx.Module, tokens: Array, loss_mask: Array, *,
   prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
   per_token = jnp.where(segment_ids == prev, per_token, 0.0)
   return seg.segment_sums(per_token, segment_ids, num_segments), per_token
+
+
+def _shared_prompt_logps(model, tokens, loss_mask, segment_ids, positions, num_segments,
+                         prefix_ids) -> tuple[Array, Array]:
+  """``sequence_logps`` of shared-prompt rows: every token is scored from the hidden
+  state of the slot before it in its own sequence (``predictor_index``)."""
+  if num_segments is None:
+    raise ValueError("sequence_logps: num_segments is required with segment_ids")
+  hidden = model.hidden_states(tokens, segment_ids=segment_ids, positions=positions,
+                               prefix_ids=prefix_ids)
+  source = predictor_index(segment_ids, prefix_ids, num_segments)
+  before = jnp.take_along_axis(hidden, source[..., None], axis=1)
+  per_token = _pick(model.logits(before), tokens.astype(jnp.int32))
+  # A segment's first token has no predictor inside its sequence unless it follows a prompt.
+  scored = (source >= 0) & (segment_ids > 0)
+  per_token = jnp.where(scored, per_token, 0.0) * loss_mask.astype(jnp.float32)
+  return seg.segment_sums(per_token, segment_ids, num_segments), per_token
+
+
+def predictor_index(segment_ids: Array, prefix_ids: Array, num_segments: int) -> Array:
+  """``[R, L]`` slot whose next-token logits predict each token: the slot before it in
+  the same segment; for a response's first token, its prompt's last slot; -1 for a
+  segment start that follows nothing (a prompt's first token, padding)."""
+  idx = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
+  prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+  prompt_last = jnp.take_along_axis(seg.segment_last_index(segment_ids, num_segments),
+                                    prefix_ids, axis=1)
+  starts_response = (segment_ids != prev) & (prefix_ids != segment_ids)
+  source = jnp.where(segment_ids == prev, idx - 1, jnp.where(starts_response, prompt_last, -1))
+  return jnp.maximum(source, -1)

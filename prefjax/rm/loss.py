@@ -88,8 +88,9 @@ def pair_rewards(model: nnx.Module, batch: Batch, num_segments: int | None
                  ) -> tuple[Array, Array]:
   """Rewards of the chosen and rejected side of every pair: ``[B]`` or ``[B, C]``."""
   if "segment_ids" in batch:
+    shared = {"prefix_ids": batch["prefix_ids"]} if "prefix_ids" in batch else {}
     out = model(batch["tokens"], segment_ids=batch["segment_ids"],
-                positions=batch["positions"], num_segments=num_segments)
+                positions=batch["positions"], num_segments=num_segments, **shared)
     return (seg.gather_pairs(out, batch["chosen_index"]),
             seg.gather_pairs(out, batch["rejected_index"]))
   out = model(batch["tokens"], attention_mask=batch["attention_mask"])
