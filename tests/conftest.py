@@ -4,6 +4,11 @@ import os
 
 # Must happen before jax is imported anywhere in the test process.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite is compile-bound (tiny models): XLA's backend optimisation level 0 compiles
+# faster (a pair of DPO-loss tests: 19.6 -> 16.5 s) and left run-bound tests unchanged
+# (SmolLM2 GGUF + bandit tests: 48.7 vs 49.8 s). Numbers only change within round-off.
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 from prefjax import xla_cpu  # noqa: E402  (imports nothing of JAX)
 
 xla_cpu.apply_cpu_defaults()  # the binaries' CPU settings, so in-process runs match them

@@ -181,7 +181,7 @@ def _rewards_and_grads(model, batch):
 
 
 def _decoder_rm():
-  cfg = decoder.DecoderConfig.tiny_llama(vocab_size=TOK.vocab_size, num_layers=2)
+  cfg = decoder.DecoderConfig.tiny_llama(vocab_size=TOK.vocab_size, num_layers=1)
   return heads.RewardModel(decoder.Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32),
                            rngs=nnx.Rngs(1))
 
@@ -223,7 +223,7 @@ def test_policy_logps_and_gradients_equal_the_padded_layout():
   """DPO's summed response log-probs: a response's first token is scored from its
   prompt's last slot even when the other response sits between them."""
   policy = decoder.Decoder(decoder.DecoderConfig.tiny_llama(vocab_size=TOK.vocab_size,
-                                                            num_layers=2),
+                                                            num_layers=1),
                            rngs=nnx.Rngs(0), dtype=jnp.float32)
   scores, grads = {}, {}
   for name, batches in (("padded", _batches(pad_to_multiple=None)), ("shared", _batches(**SHARED))):
