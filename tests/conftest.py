@@ -7,6 +7,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # The suite is compile-bound (tiny models): XLA's backend optimisation level 0 compiles
 # faster (a pair of DPO-loss tests: 19.6 -> 16.5 s) and left run-bound tests unchanged
 # (SmolLM2 GGUF + bandit tests: 48.7 vs 49.8 s). Numbers only change within round-off.
+# Tests that launch a binary on one device pass the same flag in the child's XLA_FLAGS.
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 from prefjax import xla_cpu  # noqa: E402  (imports nothing of JAX)

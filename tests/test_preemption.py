@@ -31,7 +31,8 @@ def command(workdir, num_steps):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   root = tmp_path_factory.mktemp("preemption_cache")
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS="--xla_backend_optimization_level=0",  # one device, as conftest compiles
               PREFJAX_CACHE_DIR=str(root / "cache"),
               PREFJAX_SYNTHETIC_DIR=str(root / "synthetic"))
 

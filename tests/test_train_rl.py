@@ -237,7 +237,8 @@ def test_rloo_prepare_leave_one_out_with_sequence_kl():
 
 def test_cli_smoke(scratch):
   tmp_path = scratch / "cli"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_backend_optimization_level=0")
   cmd = [sys.executable, "-m", "experiments.train_rl", "--config=configs/rl/tiny_rloo.py:quick",
          f"--workdir={tmp_path}", "--config.loop.num_steps=2", "--config.loop.eval_every=2",
          "--config.warm_start.steps=0", "--config.prompts.num_eval=8",

@@ -356,7 +356,8 @@ def test_mesh_2x2x2_matches_single_device(packed_run, tmp_path):
 
 def test_cli_smoke(data_env, tmp_path):
   cache = tmp_path / "jax_cache"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PREFJAX_COMPILATION_CACHE=str(cache))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
+             PREFJAX_COMPILATION_CACHE=str(cache))
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's own cache would win
   cmd = [sys.executable, "-m", "experiments.train_rm", "--config=configs/rm/tiny.py:quick",
          f"--workdir={tmp_path}", "--config.loop.num_steps=3", "--config.optimizer.warmup_steps=0",
