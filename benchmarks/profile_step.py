@@ -92,7 +92,7 @@ def profile(case: str, batch_index: int, repeats: int, traced: int) -> dict[str,
                     flops=sum(o.get("flops", 0) for o in hlo_ops.inner(hlo, op)), bytes=moved,
                     source=hlo_ops.source(op)))
   return dict(case=case, batch=batch_index, shape=list(batch["tokens"].shape),
-              real_tokens=int(np.count_nonzero(run._real_slots(batch))),  # pylint: disable=protected-access
+              real_tokens=int(np.count_nonzero(run.real_slots(batch))),
               compile_s=round(compile_s, 1),
               wall_s=statistics.median(walls[1:]), walls=[round(w, 3) for w in walls[1:]],
               traced_wall_s=traced_wall, busy_s=busy, span_s=span, ops=ops)

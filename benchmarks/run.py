@@ -146,7 +146,7 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
     if not np.isfinite(loss):
       raise RuntimeError(f"{name}: non-finite loss {loss}")
   timed = batches[1:]
-  computed = sum(int(np.count_nonzero(_real_slots(b))) for b in timed) / len(timed)
+  computed = sum(int(np.count_nonzero(real_slots(b))) for b in timed) / len(timed)
   real = sum(pair_tokens(b) for b in timed) / len(timed)
   torch = kind.startswith("torch")
   shapes = [computed_shape(b, torch) for b in timed]
@@ -177,7 +177,8 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
   }
 
 
-def _real_slots(batch: dict[str, np.ndarray]) -> np.ndarray:
+def real_slots(batch: dict[str, np.ndarray]) -> np.ndarray:
+  """Slots holding a real token (packed: segment id > 0; padded: the attention mask)."""
   return batch["segment_ids" if "segment_ids" in batch else "attention_mask"] > 0
 
 
@@ -189,7 +190,7 @@ def pair_tokens(batch: dict[str, np.ndarray]) -> int:
   counted twice here, so ``real_tokens_per_s`` compares the same pairs across
   layouts (``computed_tokens_per_s`` is what the step ran on).
   """
-  real = _real_slots(batch)
+  real = real_slots(batch)
   if "prefix_ids" in batch:
     prompts = real & (batch["segment_ids"] == batch["prefix_ids"])
     return int(np.count_nonzero(real) + np.count_nonzero(prompts))

@@ -68,9 +68,8 @@ def _shared_rows(t):
   """Row 0: two shared-prompt pairs + padding; row 1: plain segments (prefix = own id)."""
   segments = np.zeros((2, t), np.int32)
   prefixes = np.zeros((2, t), np.int32)
-  lengths = [(5, 3, 4, 1), (3, 2, 2, 4)]  # prompt, chosen, rejected of pair 1 and 2
   at, seg = 0, 0
-  for prompt, chosen, rejected in [lengths[0][:3], lengths[1][:3]]:
+  for prompt, chosen, rejected in ((5, 3, 4), (3, 2, 2)):  # token counts of two pairs
     first = seg + 1
     for n in (prompt, chosen, rejected):
       seg += 1

@@ -68,9 +68,10 @@ class PipelineConfig:
   Padded mode cuts each batch to its longest row rounded up to a multiple of
   ``pad_to_multiple`` (never past the bucket length), which bounds the set of
   compiled shapes to ``max_length / pad_to_multiple``; ``None`` pads every
-  batch to its bucket length. ``share_prompt`` (packed pair batches for causal
-  reward models) writes each pair as one ``prompt | chosen | rejected`` sequence
-  whose responses both attend to the one copy of the prompt (``packing.py``). ``read_ahead`` examples are tokenized together
+  batch to its bucket length. ``share_prompt`` (packed pair batches for decoder
+  reward models and policies) writes each pair as one ``prompt | chosen |
+  rejected`` sequence whose responses both attend to the one copy of the prompt
+  (``packing.py``). ``read_ahead`` examples are tokenized together
   (one ``encode_batch`` call, parallel in the Rust backend); it changes speed,
   never the batches.
   """
@@ -129,8 +130,9 @@ class PipelineConfig:
     if self.mode == "packed":
       if self.row_length < self.max_length:
         raise ValueError(f"pack_length={self.row_length} < max_length={self.max_length}")
-      if not self.share_prompt and self.pack_rows < 2 and (self.row_length < 2 * self.max_length
-                                 or self.max_segments_per_row < 2):
+      one_row_too_small = (self.row_length < 2 * self.max_length
+                           or self.max_segments_per_row < 2)
+      if not self.share_prompt and self.pack_rows < 2 and one_row_too_small:
         raise ValueError("one packed row must hold a pair of max_length sequences: use "
                          "pack_rows >= 2, or pack_length >= 2 * max_length and 2+ segments")
       if self.max_segments_per_row < 1 or self.window <= self.batch_size:

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prefjax.models import segments as seg
+
 Array = jax.Array
 
 DEFAULT_BLOCK_SIZE = 128
@@ -184,10 +186,7 @@ def _group_starts(masks: tuple[Array, Array | None]) -> Array:
   """``[N, T]`` first slot of the run of tokens sharing each token's group (its prefix
   id if given, else its segment id): no key before it is visible to the token."""
   segments, prefixes = masks
-  group = segments if prefixes is None else prefixes
-  idx = jnp.broadcast_to(jnp.arange(group.shape[1], dtype=jnp.int32), group.shape)
-  prev = jnp.pad(group, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
-  return jax.lax.cummax(jnp.where(group != prev, idx, 0), axis=1)
+  return seg.run_starts(segments if prefixes is None else prefixes)
 
 
 def _reach(masks, blocks) -> Array:

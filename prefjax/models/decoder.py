@@ -44,6 +44,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from prefjax.models import layers
+from prefjax.models import segments as seg
 
 Array = jax.Array
 DType = Any
@@ -217,11 +218,7 @@ def positions_from_mask(attention_mask: Array) -> Array:
 
 def positions_from_segments(segment_ids: Array) -> Array:
   """Position of every token within its packed segment (restarts at each segment start)."""
-  length = segment_ids.shape[-1]
-  idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
-  prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
-  starts = jnp.where(segment_ids != prev, idx, 0)
-  return idx - jax.lax.cummax(starts, axis=1)
+  return jnp.arange(segment_ids.shape[-1], dtype=jnp.int32) - seg.run_starts(segment_ids)
 
 
 def _block_forward_fn(tiled: bool):

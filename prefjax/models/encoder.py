@@ -35,6 +35,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from prefjax.models import segments as seg
+
 Array = jax.Array
 
 # Regexes against "/"-joined NNX paths; first match wins, unmatched -> replicated.
@@ -149,11 +151,7 @@ class EncoderConfig:
 
 def positions_in_segments(segment_ids: Array) -> Array:
   """Offset of every token within its packed segment (restarts where the id changes)."""
-  length = segment_ids.shape[-1]
-  idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
-  prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
-  starts = jnp.where(segment_ids != prev, idx, 0)
-  return idx - jax.lax.cummax(starts, axis=1)
+  return jnp.arange(segment_ids.shape[-1], dtype=jnp.int32) - seg.run_starts(segment_ids)
 
 
 def attention_bias(attention_mask: Array | None, segment_ids: Array | None,

@@ -267,6 +267,8 @@ def sequence_logps(model: nnx.Module, tokens: Array, loss_mask: Array, *,
   predicted from its prompt's last token, wherever the response sits in the row.
   """
   chex.assert_equal_shape([tokens, loss_mask])
+  if segment_ids is not None and num_segments is None:
+    raise ValueError("sequence_logps: num_segments is required with segment_ids")
   if prefix_ids is not None:
     return _shared_prompt_logps(model, tokens, loss_mask, segment_ids, positions,
                                 num_segments, prefix_ids)
@@ -275,8 +277,6 @@ def sequence_logps(model: nnx.Module, tokens: Array, loss_mask: Array, *,
   per_token = token_logps(logits, tokens) * loss_mask.astype(jnp.float32)
   if segment_ids is None:
     return jnp.sum(per_token, axis=-1), per_token
-  if num_segments is None:
-    raise ValueError("sequence_logps: num_segments is required with segment_ids")
   prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
   per_token = jnp.where(segment_ids == prev, per_token, 0.0)
   return seg.segment_sums(per_token, segment_ids, num_segments), per_token
@@ -286,8 +286,6 @@ def _shared_prompt_logps(model, tokens, loss_mask, segment_ids, positions, num_s
                          prefix_ids) -> tuple[Array, Array]:
   """``sequence_logps`` of shared-prompt rows: every token is scored from the hidden
   state of the slot before it in its own sequence (``predictor_index``)."""
-  if num_segments is None:
-    raise ValueError("sequence_logps: num_segments is required with segment_ids")
   hidden = model.hidden_states(tokens, segment_ids=segment_ids, positions=positions,
                                prefix_ids=prefix_ids)
   source = predictor_index(segment_ids, prefix_ids, num_segments)
@@ -304,9 +302,8 @@ def predictor_index(segment_ids: Array, prefix_ids: Array, num_segments: int) ->
   the same segment; for a response's first token, its prompt's last slot; -1 for a
   segment start that follows nothing (a prompt's first token, padding)."""
   idx = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
-  prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+  continues = seg.run_starts(segment_ids) < idx
   prompt_last = jnp.take_along_axis(seg.segment_last_index(segment_ids, num_segments),
                                     prefix_ids, axis=1)
-  starts_response = (segment_ids != prev) & (prefix_ids != segment_ids)
-  source = jnp.where(segment_ids == prev, idx - 1, jnp.where(starts_response, prompt_last, -1))
-  return jnp.maximum(source, -1)
+  return jnp.where(continues, idx - 1,
+                   jnp.where(prefix_ids != segment_ids, prompt_last, -1))

@@ -12,6 +12,14 @@ import jax
 import jax.numpy as jnp
 
 
+def run_starts(ids: jax.Array) -> jax.Array:
+  """``[N, T] -> [N, T]``: the first slot of the run of equal ids that holds each token
+  (a packed segment's start; a token continues its segment where this is below its index)."""
+  idx = jnp.broadcast_to(jnp.arange(ids.shape[-1], dtype=jnp.int32), ids.shape)
+  prev = jnp.pad(ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+  return jax.lax.cummax(jnp.where(ids != prev, idx, 0), axis=1)
+
+
 def last_token_index(attention_mask: jax.Array) -> jax.Array:
   """Index of the last real token of each padded row ``[N, T] -> [N]``.
 
