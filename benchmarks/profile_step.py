@@ -1,6 +1,6 @@
 r"""Op-level time breakdown of one compiled benchmark train step on XLA CPU.
 
-  python -m benchmarks.profile_step --torch --json=/tmp/prof.json  # rm_step_hh, batch 1: ~1.5 min
+  python -m benchmarks.profile_step --torch --json=/tmp/prof.json  # rm_step_hh_padded, batch 1: ~1.5 min
   python -m benchmarks.profile_step --case=dpo_step_hh_cached --batch=5
 
 Compiles the case's jitted step (``benchmarks.steps``) for one workload batch
@@ -16,7 +16,8 @@ groups' operand+output bytes against a jitted ``x + 1``'s bandwidth. Every
 instant of the traced call's op span goes to one op (``hlo_ops.op_times``:
 overlaps are split, the gaps of asynchronous dots go to the awaited op); ``busy``
 is the part covered by op events. ``--torch`` adds ``torch_rm_step_hh`` on the
-same batch (``torch.profiler``, aten ops' self CPU time). Expect ~1.5 min.
+padded batch of the same index, the same pairs for the ``*_padded`` cases
+(``torch.profiler``, aten ops' self CPU time). Expect ~1.5 min.
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def table(rows: list[dict[str, Any]], ceiling: float, bandwidth: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--case", default="rm_step_hh", help="a train-step case of benchmarks.run")
+  parser.add_argument("--case", default="rm_step_hh_padded",
+                      help="a train-step case of benchmarks.run (--torch: a padded one)")
   parser.add_argument("--batch", type=int, default=1, help="workload batch index")
   parser.add_argument("--repeats", type=int, default=3, help="untraced timed calls")
   parser.add_argument("--traced", type=int, default=2, help="traced calls (op times averaged)")

@@ -14,10 +14,12 @@ computed slots (6·N·slots for the matmul parameters N plus causal attention,
 matmul ceiling (``jnp.dot`` 2048², median of 10, measured at start and end,
 the mean used), peak RSS, and the number of compiles during the timed steps
 (must be 0). ``rm_step_hh``, ``dpo_step_hh_cached`` and ``dpo_step_hh_live``
-use the project's default layout (padded to the batch's longest row rounded up
-to 64); ``rm_step_hh_packed`` packs whole pairs into 3 rows of 1,024, and the
-``*_shared`` cases pack each pair as one ``prompt | chosen | rejected`` sequence
-(``share_prompt``) into 2 rows of 1,024. Real tokens count each pair as two
+use the project's fast layout for decoder pair training (``configs/dpo/smollm2_hh.py``'s
+default): each pair packed as one ``prompt | chosen | rejected`` sequence
+(``share_prompt``) into 2 rows of 1,024. The ``*_padded`` cases pad to the batch's
+longest row rounded up to 64 (``PipelineConfig``'s default mode, the layout the
+PyTorch cases run), ``rm_step_hh_packed`` packs whole pairs into 3 rows of 1,024 and
+``rm_step_hh_fixed512`` pads every row to 512. Real tokens count each pair as two
 ``prompt + response`` sequences in every layout (``pair_tokens``), so rows compare
 pairs per second; ``computed_tokens_per_s`` is what a step ran on. ``torch_*``
 cases need ``torch`` and ``transformers`` (the test extra).
@@ -48,14 +50,14 @@ import numpy as np
 
 # name: (builder module function, layout, extra description)
 CASES: dict[str, dict[str, Any]] = {
-    "rm_step_hh": dict(kind="rm", layout="longest"),
+    "rm_step_hh": dict(kind="rm", layout="shared"),
+    "rm_step_hh_padded": dict(kind="rm", layout="longest"),
     "rm_step_hh_fixed512": dict(kind="rm", layout="fixed"),
     "rm_step_hh_packed": dict(kind="rm", layout="packed"),
-    "rm_step_hh_shared": dict(kind="rm", layout="shared"),
-    "dpo_step_hh_cached": dict(kind="dpo_cached", layout="longest"),
-    "dpo_step_hh_live": dict(kind="dpo_live", layout="longest"),
-    "dpo_step_hh_cached_shared": dict(kind="dpo_cached", layout="shared"),
-    "dpo_step_hh_live_shared": dict(kind="dpo_live", layout="shared"),
+    "dpo_step_hh_cached": dict(kind="dpo_cached", layout="shared"),
+    "dpo_step_hh_live": dict(kind="dpo_live", layout="shared"),
+    "dpo_step_hh_cached_padded": dict(kind="dpo_cached", layout="longest"),
+    "dpo_step_hh_live_padded": dict(kind="dpo_live", layout="longest"),
     "rm_ensemble4_one_step": dict(kind="rm_ensemble4", layout="longest"),
     "torch_rm_step_hh": dict(kind="torch_rm", layout="longest"),
     "torch_dpo_step_hh_cached": dict(kind="torch_dpo_cached", layout="longest"),

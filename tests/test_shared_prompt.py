@@ -160,6 +160,19 @@ def test_bad_config_is_an_error(overrides, message):
     _config(**overrides)
 
 
+@pytest.mark.parametrize("variant", [None, "quick"])
+def test_long_sequence_dpo_config_defaults_to_shared_prompt_packing(variant):
+  from configs.dpo import smollm2_hh
+  from prefjax import experiment
+  config = smollm2_hh.get_config(variant)
+  cfg = experiment.pipeline_config(config.data)  # validates the rows against max_length
+  assert (cfg.mode, cfg.share_prompt) == ("packed", True)
+  assert direct_loss.DirectLoss.from_config(config).layout == "packed"
+  config.loss.name = "kto"
+  with pytest.raises(ValueError, match="share_prompt=False"):
+    direct_loss.DirectLoss.from_config(config)
+
+
 def test_sequence_batches_cannot_share_a_prompt():
   rows = [{"prompt": "a", "response": "b"}]
   with pytest.raises(ValueError, match="share_prompt is for preference pairs"):

@@ -29,6 +29,26 @@ def test_repeat_penalty_against_hand_computation():
   assert world.gold_reward("x", "abcd") == pytest.approx(plain.gold_reward("x", "abcd"), abs=1e-12)
 
 
+def test_teacher_gold_against_hand_computation():
+  world = tiny_world.TinyWorld(seed=3, gold="teacher", teacher_hidden=8, echo_bonus=0.5)
+  (w1, b1), (w2, b2), (w3, b3) = world.teacher_layers
+  assert w1.shape == (16, 8) and w2.shape == (8, 8) and w3.shape == (8, 1)
+  # "aab" + one byte outside the alphabet: f_a = 2/4, f_b = 1/4, every other f_c = 0.
+  f = np.zeros(16)
+  f[0], f[1] = 0.5, 0.25
+  hidden = np.tanh(np.tanh((8.0 * (f - 1 / 16)) @ w1 + b1) @ w2 + b2)
+  expected = float(hidden @ w3[:, 0] + b3[0])
+  assert world.gold_reward("x", "aab~") == pytest.approx(expected, abs=1e-12)
+  assert world.gold_reward("a", "aab~") == pytest.approx(expected + 0.5, abs=1e-12)
+  # The teacher is the world's: another seed draws another network, the same seed the same.
+  assert tiny_world.TinyWorld(seed=4, gold="teacher", teacher_hidden=8).gold_reward(
+      "x", "aab~") != pytest.approx(expected)
+  assert tiny_world.TinyWorld(seed=3, gold="teacher", teacher_hidden=8).gold_reward(
+      "x", "aab~") == expected
+  with pytest.raises(ValueError, match="gold must be one of"):
+    tiny_world.TinyWorld(gold="mlp")
+
+
 def test_gold_scale_and_standardized_trajectory():
   raw = np.array([1.0, 2.0, 3.0, 6.0])
   scale = text_world.GoldScale.fit(raw)

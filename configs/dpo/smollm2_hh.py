@@ -13,14 +13,22 @@ harmless-base test pairs re-split 80/10/10 by prompt hash; trains on
 on 64 sampled responses of up to 64 tokens). The reference is the initial
 policy; ``ref.mode=cached`` scores it once per pair and then never loads it.
 
-Expected: ``:quick`` on this shared 2-core CPU took 5 min wall (2 min CPU): 1.5 min
-to load the GGUF, build HH and compile, then 2 steps at batch 2 (loss 0.6931 ->
-0.6936, as expected at lr 5e-7) and the eval with sampling (2.5 min, mostly
-compiling generation). The default run is GPU work: a step is 32 rows (16 pairs)
-of ~300 tokens (512 at most) through 135M parameters, ~1.1 GFLOP per token for
-the policy's forward+backward and the reference's forward, so 10-18 TFLOP; at
-the ~85 GFLOP/s a CPU train step reaches here that is 2-3.5 min a step, 7-11
-hours for 200 steps (not run on CPU). Its result has not been measured.
+Layout (the fast path, as in ``benchmarks.run``'s ``dpo_step_hh_*`` cases): each
+pair is one ``prompt | chosen | rejected`` sequence whose prompt is computed once
+(``share_prompt``), packed into 5 rows of 1,024 tokens, up to 16 pairs a step. On
+``resplit_train``'s first 40 batches that is 15.6 pairs a step on average (12 at
+least) with 67% of the 5,120 slots real; the padded layout needs 32 rows of 411
+tokens on average (13,150 slots). ``--config.data.pipeline.mode=padded --config.data.pipeline.share_prompt=False``
+restores it (KTO needs it: its mismatched pairs are built from padded rows).
+
+Expected: ``:quick`` on this shared 2-core CPU took 6.5 min wall beside
+another 2-thread job (2026-12-02, 5.4 min CPU): 1.5 min to load the GGUF, build HH
+and compile, then 2 packed steps of 2 pairs (loss 0.6931 -> 0.6934, as expected at
+lr 5e-7) and the eval with sampling (mostly compiling generation). The default run is GPU work:
+≈ 1.1 GFLOP per token slot through 135M parameters (the policy's forward+backward
+and the reference's forward), ≈ 5.6 TFLOP a step; at the ~85 GFLOP/s a CPU train
+step reaches here that is ≈ 1.1 min a step, ≈ 4 hours for 200 steps (not run on
+CPU). Its result has not been measured.
 """
 
 from __future__ import annotations
@@ -42,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = experiment.data_section(
       name="hh_rlhf/harmless-base", eval_split="resplit_validation[:64]",
       pipeline=dict(seed=0, batch_size=16, max_length=512, max_prompt_length=256,
-                    mode="padded", bucket_boundaries=(128, 256), prompt_style="chat"))
+                    mode="packed", share_prompt=True, pack_length=1024, pack_rows=5,
+                    max_segments_per_row=24, bucket_boundaries=(), prompt_style="chat"))
   config.loss = dict(name="dpo", beta=0.1, kwargs="", nll_alpha=config_dict.placeholder(float))
   config.ref = dict(mode="auto", path="", cache_dir="")
   config.optimizer = configlib.section(
@@ -57,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.pipeline.batch_size = 2
     config.data.pipeline.max_length = 256
     config.data.pipeline.max_prompt_length = 128
-    config.data.pipeline.bucket_boundaries = ()
+    config.data.pipeline.update(pack_length=512, pack_rows=1)
     config.data.eval_split = "resplit_validation[:4]"
     config.eval.batch_size = 4
     config.eval.kl_max_new_tokens = 16

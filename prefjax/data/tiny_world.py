@@ -16,6 +16,14 @@ best characters is better" and little of the saturation; optimising it hard
 finds repetitive responses the gold dislikes (the text world of
 ``prefjax.overopt.text_study``).
 
+``gold="teacher"`` replaces the mean character score by a random network, as the
+bandit world's gold (``prefjax.overopt.bandit``): a tanh MLP |A| → H → H → 1 with
+weights N(0, teacher_scale²/fan_in) and biases N(0, 0.1²), drawn from ``seed``, of
+8·(f − 1/|A|), f the response's character frequencies (characters outside the
+alphabet count in the length only), plus the echo bonus. Short responses have the
+extreme frequency vectors, the heavy tail a proxy learned from typical samples
+extrapolates into.
+
 A proxy with a planted, exploitable feature (``exploit_char``) is provided for
 overoptimization experiments: proxy = gold + exploit_weight · (fraction of the
 exploit character), while the gold reward penalises that character slightly.
@@ -30,11 +38,13 @@ the character the seed-0 gold reward likes most, so harmful responses are also
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Iterator
 
 import numpy as np
 
 ALPHABET = "abcdefghijklmnop"
+GOLDS = ("char_mean", "teacher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +61,36 @@ class TinyWorld:
   repeat_threshold: float = 1.0
   repeat_penalty: float = 0.0
   harm_char: str = "g"
+  gold: str = "char_mean"
+  teacher_hidden: int = 256
+  teacher_scale: float = 1.5
+
+  def __post_init__(self):
+    if self.gold not in GOLDS:
+      raise ValueError(f"gold must be one of {GOLDS}, got {self.gold!r}")
+
+  @functools.cached_property
+  def teacher_layers(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """(weight, bias) of each layer of the ``teacher`` gold, drawn from ``seed``."""
+    rng = np.random.default_rng((self.seed, 23))
+    sizes = (len(self.alphabet), self.teacher_hidden, self.teacher_hidden, 1)
+    return tuple((rng.normal(0.0, self.teacher_scale / np.sqrt(fan_in), (fan_in, fan_out)),
+                  rng.normal(0.0, 0.1, fan_out))
+                 for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
+
+  def char_frequencies(self, response: str) -> np.ndarray:
+    """``[|A|]`` fraction of the response that is each alphabet character."""
+    index = [self.alphabet.index(c) for c in response if c in self.alphabet]
+    return np.bincount(index, minlength=len(self.alphabet)) / len(response)
+
+  def teacher_score(self, response: str) -> float:
+    """The teacher network's output on 8·(f − 1/|A|)."""
+    x = 8.0 * (self.char_frequencies(response) - 1.0 / len(self.alphabet))
+    for i, (weight, bias) in enumerate(self.teacher_layers):
+      x = x @ weight + bias
+      if i < len(self.teacher_layers) - 1:
+        x = np.tanh(x)
+    return float(x[0])
 
   @property
   def char_scores(self) -> dict[str, float]:
@@ -62,8 +102,11 @@ class TinyWorld:
   def gold_reward(self, prompt: str, response: str) -> float:
     if not response:
       return -1.0
-    scores = self.char_scores
-    value = float(np.mean([scores.get(c, -1.0) for c in response]))
+    if self.gold == "teacher":
+      value = self.teacher_score(response)
+    else:
+      scores = self.char_scores
+      value = float(np.mean([scores.get(c, -1.0) for c in response]))
     if prompt and response[0] == prompt[0]:
       value += self.echo_bonus
     if self.repeat_penalty:

@@ -106,7 +106,8 @@ class DirectLoss:
     if spec.unpaired:
       if self.layout != "padded":
         raise ValueError(f"{self.name} builds mismatched prompt/response rows: use the "
-                         "padded layout")
+                         "padded layout (--config.data.pipeline.mode=padded "
+                         "--config.data.pipeline.share_prompt=False)")
       if mode != "online":
         raise ValueError(f"{self.name} needs ref_mode='online' (got {mode!r}): its reference "
                          "point scores mismatched pairs that depend on the batch, so they "
