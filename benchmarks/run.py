@@ -90,19 +90,44 @@ def _builder(kind: str, num_segments: int | None) -> tuple[Callable, dict]:
   }[kind]()
 
 
-def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float) -> float:
-  """Forward+backward FLOPs of ``rows x length`` computed slots: 6·N·slots + causal attention.
+def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float,
+                   attention_pairs: float | None = None) -> float:
+  """Forward+backward FLOPs of ``rows x length`` computed slots: 6·N·slots + attention.
 
-  ``passes`` counts full forward+backward equivalents (a frozen reference forward
-  is 1/3 of one); the LM head counts only where the loss reads logits (DPO).
+  ``attention_pairs`` counts the (query, key) pairs attention must compute; by
+  default each row's causal triangle, ``rows·length²/2`` (padded rows: every slot is
+  computed). Packed rows pass ``visible_pairs`` instead: the kernel skips what
+  crosses segments, so counting the row's whole triangle would credit it with work
+  it does not do. ``passes`` counts full forward+backward equivalents (a frozen
+  reference forward is 1/3 of one); the LM head counts only where the loss reads
+  logits (DPO).
   """
   from benchmarks import model_throughput
   from benchmarks import workloads
   c = workloads.rm_model_config()
-  per_token = model_throughput.flops_per_token(c, length)
+  matmul = model_throughput.flops_per_token(c, 0)
   if not lm_head:
-    per_token -= 2 * c.hidden_size * c.vocab_size
-  return passes * 3 * per_token * rows * length
+    matmul -= 2 * c.hidden_size * c.vocab_size
+  if attention_pairs is None:
+    attention_pairs = rows * length * length / 2
+  attention = (model_throughput.flops_per_token(c, 2) - model_throughput.flops_per_token(c, 0))
+  return passes * 3 * (matmul * rows * length + attention * attention_pairs)
+
+
+def visible_pairs(batch: dict[str, np.ndarray]) -> float:
+  """(query, key) pairs a packed batch's attention must compute: each real token sees
+  the keys of its segment up to itself, plus its whole prompt segment (``prefix_ids``)."""
+  segments = batch["segment_ids"]
+  prefixes = batch.get("prefix_ids", segments)
+  total = 0.0
+  for seg_row, prefix_row in zip(segments, prefixes):
+    ids, lengths = np.unique(seg_row[seg_row > 0], return_counts=True)
+    size = dict(zip(ids.tolist(), lengths.tolist()))
+    total += sum(n * (n + 1) / 2 for n in lengths)
+    for seg, prefix in set(zip(seg_row.tolist(), prefix_row.tolist())):
+      if seg > 0 and prefix != seg:
+        total += size[seg] * size[prefix]
+  return total
 
 
 def computed_shape(batch: dict[str, np.ndarray], torch: bool) -> tuple[int, int]:
@@ -158,8 +183,9 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
   if "flops_per_token" in info:
     flops = [passes * 3 * info["flops_per_token"](t) * r * t for r, t in shapes]
   else:
+    pairs = [visible_pairs(b) if "segment_ids" in b and not torch else None for b in timed]
     flops = [analytic_flops(r, t, lm_head="dpo" in kind or kind == "ref_precompute",
-                            passes=passes) for r, t in shapes]
+                            passes=passes, attention_pairs=p) for (r, t), p in zip(shapes, pairs)]
   s_per_step = statistics.median(times)
   return {
       "case": name, "framework": "torch" if torch else "prefjax",

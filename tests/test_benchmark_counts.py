@@ -1,0 +1,37 @@
+"""benchmarks.run's token and FLOP counts, against hand counts on small layouts."""
+
+import numpy as np
+import pytest
+
+from benchmarks import model_throughput, run, workloads
+
+
+def _shared_row():
+  # Prompt (segment 1, 2 tokens), chosen (segment 2, 3 tokens), rejected (segment 3, 2
+  # tokens), one pad slot; both responses also see the prompt.
+  return {"segment_ids": np.array([[1, 1, 2, 2, 2, 3, 3, 0]]),
+          "prefix_ids": np.array([[1, 1, 1, 1, 1, 1, 1, 0]])}
+
+
+def test_visible_pairs_count_each_segment_triangle_and_the_shared_prompt():
+  # Triangles 3 + 6 + 3, plus 3·2 and 2·2 (query, prompt key) pairs.
+  assert run.visible_pairs(_shared_row()) == 22
+  assert run.visible_pairs({"segment_ids": np.array([[1, 1, 2, 2, 2, 0], [1, 0, 0, 0, 0, 0]])}) \
+      == 3 + 6 + 1
+
+
+def test_pair_tokens_count_the_shared_prompt_once_per_response():
+  assert run.pair_tokens(_shared_row()) == 7 + 2
+  assert run.pair_tokens({"attention_mask": np.array([[1, 1, 0], [1, 1, 1]])}) == 5
+
+
+def test_analytic_flops_split_matmuls_and_attention():
+  c = workloads.rm_model_config()
+  per_pair = 4 * c.num_layers * c.num_heads * c.head_dim
+  matmul = model_throughput.flops_per_token(c, 0) - 2 * c.hidden_size * c.vocab_size
+  # Padded rows: every slot's causal triangle.
+  assert run.analytic_flops(2, 64, lm_head=False, passes=1) == pytest.approx(
+      3 * (matmul * 128 + per_pair * 2 * 64 * 64 / 2))
+  # Packed rows: only the visible pairs; a frozen forward is a third of a pass.
+  assert run.analytic_flops(2, 64, lm_head=True, passes=1 / 3, attention_pairs=22) == \
+      pytest.approx(matmul * 128 + 2 * c.hidden_size * c.vocab_size * 128 + per_pair * 22)
