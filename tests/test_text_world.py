@@ -32,14 +32,19 @@ def test_repeat_penalty_against_hand_computation():
 def test_teacher_gold_against_hand_computation():
   world = tiny_world.TinyWorld(seed=3, gold="teacher", teacher_hidden=8, echo_bonus=0.5)
   (w1, b1), (w2, b2), (w3, b3) = world.teacher_layers
-  assert w1.shape == (16, 8) and w2.shape == (8, 8) and w3.shape == (8, 1)
-  # "aab" + one byte outside the alphabet: f_a = 2/4, f_b = 1/4, every other f_c = 0.
-  f = np.zeros(16)
+  assert w1.shape == (16 + 256, 8) and w2.shape == (8, 8) and w3.shape == (8, 1)
+  # "aab" + one byte outside the alphabet: f_a = 2/4, f_b = 1/4; of the 3 adjacent
+  # pairs, "aa" and "ab" count 1/3 each and "b~" nothing.
+  f, g = np.zeros(16), np.zeros(256)
   f[0], f[1] = 0.5, 0.25
-  hidden = np.tanh(np.tanh((8.0 * (f - 1 / 16)) @ w1 + b1) @ w2 + b2)
+  g[0 * 16 + 0] = g[0 * 16 + 1] = 1 / 3
+  x = np.concatenate([8.0 * (f - 1 / 16), 8.0 * (g - 1 / 256)])
+  hidden = np.tanh(np.tanh(x @ w1 + b1) @ w2 + b2)
   expected = float(hidden @ w3[:, 0] + b3[0])
   assert world.gold_reward("x", "aab~") == pytest.approx(expected, abs=1e-12)
   assert world.gold_reward("a", "aab~") == pytest.approx(expected + 0.5, abs=1e-12)
+  # Order matters: "aba~" has the same characters, other pairs.
+  assert world.gold_reward("x", "aba~") != pytest.approx(expected)
   # The teacher is the world's: another seed draws another network, the same seed the same.
   assert tiny_world.TinyWorld(seed=4, gold="teacher", teacher_hidden=8).gold_reward(
       "x", "aab~") != pytest.approx(expected)

@@ -17,12 +17,13 @@ finds repetitive responses the gold dislikes (the text world of
 ``prefjax.overopt.text_study``).
 
 ``gold="teacher"`` replaces the mean character score by a random network, as the
-bandit world's gold (``prefjax.overopt.bandit``): a tanh MLP |A| → H → H → 1 with
-weights N(0, teacher_scale²/fan_in) and biases N(0, 0.1²), drawn from ``seed``, of
-8·(f − 1/|A|), f the response's character frequencies (characters outside the
-alphabet count in the length only), plus the echo bonus. Short responses have the
-extreme frequency vectors, the heavy tail a proxy learned from typical samples
-extrapolates into.
+bandit world's gold (``prefjax.overopt.bandit``): a tanh MLP |A| + |A|² → H → H → 1
+with weights N(0, teacher_scale²/fan_in) and biases N(0, 0.1²), drawn from ``seed``,
+of 8·(f − 1/|A|) and 8·(g − 1/|A|²), f the response's character frequencies and g
+its frequencies of adjacent character pairs (pairs with a character outside the
+alphabet count in the length only), plus the echo bonus. The pairs make the gold
+depend on order, which a small reward model has too little capacity to read well.
+Short responses have the extreme frequency vectors.
 
 A proxy with a planted, exploitable feature (``exploit_char``) is provided for
 overoptimization experiments: proxy = gold + exploit_weight · (fraction of the
@@ -73,19 +74,24 @@ class TinyWorld:
   def teacher_layers(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """(weight, bias) of each layer of the ``teacher`` gold, drawn from ``seed``."""
     rng = np.random.default_rng((self.seed, 23))
-    sizes = (len(self.alphabet), self.teacher_hidden, self.teacher_hidden, 1)
+    size = len(self.alphabet)
+    sizes = (size + size * size, self.teacher_hidden, self.teacher_hidden, 1)
     return tuple((rng.normal(0.0, self.teacher_scale / np.sqrt(fan_in), (fan_in, fan_out)),
                   rng.normal(0.0, 0.1, fan_out))
                  for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
 
-  def char_frequencies(self, response: str) -> np.ndarray:
-    """``[|A|]`` fraction of the response that is each alphabet character."""
-    index = [self.alphabet.index(c) for c in response if c in self.alphabet]
-    return np.bincount(index, minlength=len(self.alphabet)) / len(response)
+  def teacher_features(self, response: str) -> np.ndarray:
+    """``[|A| + |A|²]``: 8·(f − 1/|A|) and 8·(g − 1/|A|²) (see the module docstring)."""
+    size = len(self.alphabet)
+    index = [self.alphabet.find(c) for c in response]
+    chars = np.bincount([i for i in index if i >= 0], minlength=size) / len(response)
+    pairs = np.bincount([a * size + b for a, b in zip(index[:-1], index[1:]) if a >= 0 and b >= 0],
+                        minlength=size * size) / max(len(response) - 1, 1)
+    return 8.0 * np.concatenate([chars - 1.0 / size, pairs - 1.0 / size**2])
 
   def teacher_score(self, response: str) -> float:
-    """The teacher network's output on 8·(f − 1/|A|)."""
-    x = 8.0 * (self.char_frequencies(response) - 1.0 / len(self.alphabet))
+    """The teacher network's output on :meth:`teacher_features`."""
+    x = self.teacher_features(response)
     for i, (weight, bias) in enumerate(self.teacher_layers):
       x = x @ weight + bias
       if i < len(self.teacher_layers) - 1:

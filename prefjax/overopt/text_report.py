@@ -169,12 +169,23 @@ def report_section(results: Mapping[str, Any], curves: Mapping[str, Any],
   return md
 
 
+def _gold_description(world: Mapping[str, Any]) -> str:
+  if world.get("gold") == "teacher":
+    return ("a random tanh teacher network (16 + 256 → "
+            f"{world.get('teacher_hidden', 256)} → {world.get('teacher_hidden', 256)} → 1, "
+            f"weight scale {world.get('teacher_scale', 1.5):g}) of the response's character and "
+            "adjacent-pair frequencies + echo bonus")
+  gold = "mean character score + echo bonus"
+  if world.get("repeat_penalty"):
+    gold += (f" − a penalty on any character past {world['repeat_threshold']:.0%} of the "
+             f"response (×{world['repeat_penalty']:g}, squared)")
+  return gold
+
+
 def _text_intro(results: Mapping[str, Any]) -> str:
   pairs, world = results["pairs"], results["world"]
   return ("A byte-level decoder SFT'd by `train_sft` on the tiny text world is π_ref. Gold: "
-          "mean character score + echo bonus − a penalty on any character past "
-          f"{world['repeat_threshold']:.0%} of the response "
-          f"(×{world['repeat_penalty']:g}, squared). Proxies: decoder reward "
+          f"{_gold_description(world)}. Proxies: decoder reward "
           f"models trained by `train_rm` on {pairs['num_pairs']} gold-labelled pairs of π_ref "
           f"samples (dropped: {pairs['skipped']}). Best-of-n by `best_of_n`, RL by "
           "`train_rl`, the DPO family by `train_dpo` on the same pairs; every RL and DPO "
