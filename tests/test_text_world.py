@@ -149,6 +149,9 @@ def test_finished_stage_is_reused_for_its_config_and_refused_for_another(tmp_pat
   first = text_world.run_stage(stage, lambda: calls.append(1) or {"accuracy": 0.5}, key=key)
   again = text_world.run_stage(stage, lambda: calls.append(1), key=key)
   assert calls == [1] and again == first and first["accuracy"] == 0.5
+  # What a stage returns is its result alone (pooled across worlds as numbers); the key
+  # stays in done.json.
+  assert sorted(first) == ["accuracy", "wall_s"] and text_world.recorded_key(stage) == key
 
   config.steps = 8
   with pytest.raises(text_world.StaleStageError, match=r"steps: 4 -> 8"):

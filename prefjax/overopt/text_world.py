@@ -60,22 +60,22 @@ def run_stage(path: str, fn: Callable[[], dict[str, Any] | None], *,
   """Runs ``fn`` unless ``path/done.json`` exists; returns what it recorded (+ ``wall_s``).
 
   ``key`` is what the stage's outputs depend on (its config, with paths made relative
-  to the study's workdir). It is recorded in ``done.json``; a finished stage whose key
-  differs raises :class:`StaleStageError` naming the fields that changed, since its
-  checkpoints would otherwise be resumed or reused under the new config.
+  to the study's workdir). It is recorded in ``done.json`` but not returned; a finished
+  stage whose key differs raises :class:`StaleStageError` naming the fields that
+  changed, since its checkpoints would otherwise be resumed or reused under the new
+  config.
   """
   key = None if key is None else json.loads(json.dumps(key, sort_keys=True, default=str))
   info = _finished(path)
   if info is not None:
-    _check_stage_key(path, info.get("key"), key)
+    _check_stage_key(path, info.pop("key", None), key)
     return info
   os.makedirs(path, exist_ok=True)
   start = time.time()
   info = dict(fn() or {})
   info["wall_s"] = time.time() - start
-  if key is not None:
-    info["key"] = key
-  summary_lib.write_json(os.path.join(path, DONE_FILE), info)
+  summary_lib.write_json(os.path.join(path, DONE_FILE),
+                         info if key is None else {**info, "key": key})
   return info
 
 
