@@ -40,14 +40,13 @@ def text_config(*, enabled: bool, tiny: bool = False) -> ml_collections.ConfigDi
   """The text world (``experiments/text_study.py``); ``tiny`` = smoke-test sizes."""
   text = ml_collections.ConfigDict()
   text.enabled = enabled
-  # Gold = a random tanh teacher network of the response's character and adjacent-pair
-  # frequencies + echo bonus (``TinyWorld(gold="teacher")``), the bandit world's design:
-  # reading pairs needs capacity, so proxy size matters. With the additive gold that came
-  # before (mean character score − a repeat penalty) every width was about equally good
-  # and G3-text failed; a teacher of character frequencies alone did the same in 2 of 3
-  # worlds (README, "Design probes").
+  # Gold = mean character score + echo bonus − 20·Σ_c max(0, f_c − 0.25)²: repeating one
+  # character past a quarter of the response is bad, which π_ref's samples rarely show.
+  # ``gold="teacher"`` (with ``repeat_penalty=0``) swaps in a random network of character
+  # and adjacent-pair frequencies; in its full run every gold curve kept rising (README).
   text.world = dict(seed=0, echo_bonus=0.5, exploit_weight=0.0, exploit_gold_penalty=0.5,
-                    gold="teacher", teacher_hidden=256, teacher_scale=1.5)
+                    repeat_threshold=0.25, repeat_penalty=20.0, gold="char_mean",
+                    teacher_hidden=256, teacher_scale=1.5)
   # () = the one world of ``world.seed``; several seeds are run and pooled, as the bandit
   # world pools its worlds (each in text/seed{s}).
   text.world_seeds = ()
