@@ -28,6 +28,12 @@ SLiC: interior maxima, 10.9 and 13.5 SE, log form wins, RMSE 0.023 vs 0.046 and 
 peak) and SLiC (last checkpoint best), IPO passes (falls 17 SE while KL rises 14.1 →
 17.3); P1 fails (DPO below RLOO by > 1 SE in the 4–8 and 8–16 nat bins); G1-text and
 G3-text fail (best-of-256 never reaches the repetitive tail).
+
+``--config.text.world.gold=teacher --config.text.world.repeat_penalty=0`` swaps the text
+gold for a random network of character and adjacent-pair frequencies: run once in full
+(2026-12-02, ≈ 10 min per text world), every gold curve kept rising and G2-text, R2-text,
+IPO's D2 and P1_kl_matched failed too (README, "Design probes"). Until that run, a
+from-scratch ``full.py`` crashed when pooling the text worlds (fixed in ``run_stage``).
 """
 
 from __future__ import annotations
