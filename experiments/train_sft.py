@@ -42,6 +42,7 @@ from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.models import hf_import
 from prefjax.models import sampling
+from prefjax.models import segments as seg
 from prefjax.train import summary as summary_lib
 
 HF_EXPORT_DIR = "hf"
@@ -56,8 +57,7 @@ def response_nll(model: nnx.Module, batch: Any) -> tuple[jax.Array, jax.Array]:
                  positions=batch.get("positions"))
   if segment_ids is not None:
     # A segment's first token has no in-segment context: it is never a target.
-    prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
-    mask = mask * (segment_ids == prev)
+    mask = mask * seg.continues_run(segment_ids)
   per_token = sampling.token_logps(logits, tokens) * mask
   return -jnp.sum(per_token), jnp.sum(mask)
 

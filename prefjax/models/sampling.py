@@ -277,8 +277,7 @@ def sequence_logps(model: nnx.Module, tokens: Array, loss_mask: Array, *,
   per_token = token_logps(logits, tokens) * loss_mask.astype(jnp.float32)
   if segment_ids is None:
     return jnp.sum(per_token, axis=-1), per_token
-  prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
-  per_token = jnp.where(segment_ids == prev, per_token, 0.0)
+  per_token = jnp.where(seg.continues_run(segment_ids), per_token, 0.0)
   return seg.segment_sums(per_token, segment_ids, num_segments), per_token
 
 
@@ -302,8 +301,7 @@ def predictor_index(segment_ids: Array, prefix_ids: Array, num_segments: int) ->
   the same segment; for a response's first token, its prompt's last slot; -1 for a
   segment start that follows nothing (a prompt's first token, padding)."""
   idx = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
-  continues = seg.run_starts(segment_ids) < idx
   prompt_last = jnp.take_along_axis(seg.segment_last_index(segment_ids, num_segments),
                                     prefix_ids, axis=1)
-  return jnp.where(continues, idx - 1,
+  return jnp.where(seg.continues_run(segment_ids), idx - 1,
                    jnp.where(prefix_ids != segment_ids, prompt_last, -1))

@@ -12,12 +12,18 @@ import jax
 import jax.numpy as jnp
 
 
+def continues_run(ids: jax.Array) -> jax.Array:
+  """``[N, T] -> [N, T]`` bool: the token has the id of the slot before it (False at the
+  first slot of each run, e.g. a packed segment's first token)."""
+  prev = jnp.pad(ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+  return ids == prev
+
+
 def run_starts(ids: jax.Array) -> jax.Array:
   """``[N, T] -> [N, T]``: the first slot of the run of equal ids that holds each token
-  (a packed segment's start; a token continues its segment where this is below its index)."""
+  (a packed segment's start)."""
   idx = jnp.broadcast_to(jnp.arange(ids.shape[-1], dtype=jnp.int32), ids.shape)
-  prev = jnp.pad(ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
-  return jax.lax.cummax(jnp.where(ids != prev, idx, 0), axis=1)
+  return jax.lax.cummax(jnp.where(continues_run(ids), 0, idx), axis=1)
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:

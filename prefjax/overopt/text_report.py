@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from prefjax.data import tiny_world
 from prefjax.overopt import bon
 from prefjax.overopt import criteria as C
 from prefjax.overopt import curves as curves_lib
@@ -171,7 +172,8 @@ def report_section(results: Mapping[str, Any], curves: Mapping[str, Any],
 
 def _gold_description(world: Mapping[str, Any]) -> str:
   if world.get("gold") == "teacher":
-    return ("a random tanh teacher network (16 + 256 → "
+    size = len(world.get("alphabet", tiny_world.ALPHABET))
+    return (f"a random tanh teacher network ({size} + {size * size} → "
             f"{world.get('teacher_hidden', 256)} → {world.get('teacher_hidden', 256)} → 1, "
             f"weight scale {world.get('teacher_scale', 1.5):g}) of the response's character and "
             "adjacent-pair frequencies + echo bonus")
