@@ -58,8 +58,12 @@ def flops_per_token(config: dec.DecoderConfig, context: int) -> float:
   attn = c.hidden_size * (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim
   mlp = (3 if c.mlp == "swiglu" else 2) * c.hidden_size * c.intermediate_size
   matmul_params = c.num_layers * (attn + mlp) + c.hidden_size * c.vocab_size
-  attention = c.num_layers * 2 * 2 * c.num_heads * c.head_dim * context / 2  # causal half
-  return 2 * matmul_params + attention
+  return 2 * matmul_params + attention_flops_per_pair(c) * context / 2  # causal half
+
+
+def attention_flops_per_pair(config: dec.DecoderConfig) -> float:
+  """Forward FLOPs of one (query, key) pair over all layers: scores and values."""
+  return config.num_layers * 2 * 2 * config.num_heads * config.head_dim
 
 
 def time_calls(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:

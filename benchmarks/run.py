@@ -110,7 +110,7 @@ def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float,
     matmul -= 2 * c.hidden_size * c.vocab_size
   if attention_pairs is None:
     attention_pairs = rows * length * length / 2
-  attention = (model_throughput.flops_per_token(c, 2) - model_throughput.flops_per_token(c, 0))
+  attention = model_throughput.attention_flops_per_pair(c)
   return passes * 3 * (matmul * rows * length + attention * attention_pairs)
 
 
