@@ -104,6 +104,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   out = report_lib.write_report(workdir, found, results, figs, facts, extra_sections=extra)
   table = report_lib.criteria_table(found)
   print(table)
+  print(report_lib.verdict_line(found))
   print("figures:\n  " + "\n  ".join(os.path.join(workdir, f) for f in figs.values()))
   print(f"report: {os.path.join(workdir, 'report.md')}  ({facts['wall_s']:.0f} s)")
   return out

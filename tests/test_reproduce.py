@@ -48,6 +48,30 @@ def test_report_schema_figures_and_g0(tiny_run):
     assert f"### {name} — " in markdown
   assert markdown.count("![") >= len(CRITERIA)
   assert report["criteria"].keys() == on_disk["criteria"].keys()
+  # One verdict per criterion, from the world that carries it (the text world carries D1).
+  assert on_disk["verdicts"]["D1"]["carried_by"] == "text"
+  assert on_disk["verdicts"]["D1"]["pass"] == on_disk["criteria"]["D1"]["pass"]
+  assert on_disk["verdicts"]["R2"]["by_world"] == {
+      "bandit": on_disk["criteria"]["R2"]["pass"], "text": on_disk["criteria"]["R2-text"]["pass"]}
+  assert "## Verdict by criterion" in markdown
+
+
+def test_verdicts_name_the_carrying_world():
+  from prefjax.overopt import report as report_lib
+  found = [criteria.Criterion("R2", False, 0, 0, ""),
+           criteria.Criterion("R2-text", True, 0, 0, "", world="text"),
+           criteria.Criterion("D1", True, 0, 0, "", world="text"),
+           criteria.Criterion("D1-bandit", False, 0, 0, "", world="bandit (first world)"),
+           criteria.Criterion("G1-hh", False, 0, 0, "", world="hh")]
+  v = report_lib.verdicts(found)
+  assert v["R2"] == {"carried_by": "bandit", "pass": False,
+                     "by_world": {"bandit": False, "text": True}}
+  assert v["D1"]["carried_by"] == "text" and v["D1"]["pass"]
+  assert v["G1"] == {"carried_by": "hh", "pass": False, "by_world": {"hh": False}}
+  line = report_lib.verdict_line(found)
+  assert line.startswith("1/3 criteria pass") and "failed: R2, G1" in line
+  table = report_lib.verdict_table(found)
+  assert "| R2 | bandit | FAIL | text: PASS |" in table
 
 
 def test_rerun_reuses_trained_proxies(tiny_run, monkeypatch):

@@ -180,6 +180,48 @@ def criteria_table(found: Sequence[C.Criterion]) -> str:
   return "\n".join(lines)
 
 
+def verdicts(found: Sequence[C.Criterion]) -> dict[str, dict[str, Any]]:
+  """Per criterion (``G1``, ``R2``, …): the world that carries it, its verdict there, and
+  the verdicts of the same test in the other worlds.
+
+  The carrier is the world of the unsuffixed entry (``R2``), or the only world that ran
+  the test; ``R2-text`` is the same test in the text world, and ``D1-bandit`` the bandit
+  world's version of a criterion the text world carries (``experiments/reproduce.py``,
+  ``TEXT_CARRIES``).
+  """
+  out: dict[str, dict[str, Any]] = {}
+  for c in found:
+    base = c.name.partition("-")[0]
+    entry = out.setdefault(base, {"carried_by": None, "pass": None, "by_world": {}})
+    entry["by_world"][c.world] = bool(c.passed)
+    if c.name == base:
+      entry["carried_by"], entry["pass"] = c.world, bool(c.passed)
+  for entry in out.values():  # measured in one world only (e.g. the HH study's "G1-hh")
+    if entry["carried_by"] is None and len(entry["by_world"]) == 1:
+      (entry["carried_by"], entry["pass"]), = entry["by_world"].items()
+  return out
+
+
+def verdict_table(found: Sequence[C.Criterion]) -> str:
+  lines = ["| criterion | carried by | verdict | the same test elsewhere |", "|---|---|---|---|"]
+  word = lambda ok: "PASS" if ok else "FAIL"
+  for base, v in verdicts(found).items():
+    others = ", ".join(f"{w}: {word(ok)}" for w, ok in v["by_world"].items()
+                       if w != v["carried_by"])
+    verdict = "–" if v["pass"] is None else word(v["pass"])
+    lines.append(f"| {base} | {v['carried_by'] or '–'} | {verdict} | {others or '–'} |")
+  return "\n".join(lines)
+
+
+def verdict_line(found: Sequence[C.Criterion]) -> str:
+  """One line for the end of a run: how many criteria pass in the world carrying them."""
+  v = verdicts(found)
+  carried = {k: e for k, e in v.items() if e["pass"] is not None}
+  failed = [k for k, e in carried.items() if not e["pass"]]
+  line = f"{len(carried) - len(failed)}/{len(carried)} criteria pass in the world carrying them"
+  return line + (f"; failed: {', '.join(failed)}" if failed else "")
+
+
 def _bandit_json(results: study_lib.BanditResults) -> dict[str, Any]:
   return {"fits": {s.label: {"bon": s.fit_bon._asdict(),
                              "rl": None if s.fit_rl is None else s.fit_rl._asdict()}
@@ -204,14 +246,16 @@ def write_report(workdir: str, found: Sequence[C.Criterion],
                  facts: dict[str, Any], extra_sections: Sequence[str] = ()) -> dict[str, Any]:
   """Writes ``report.json`` and ``report.md``; returns the JSON object. ``results`` None:
   no bandit world was run (only ``extra_sections`` follow the criteria)."""
-  report = {"criteria": {c.name: C.Criterion.as_json(c) for c in found}, **facts,
+  report = {"criteria": {c.name: C.Criterion.as_json(c) for c in found},
+            "verdicts": verdicts(found), **facts,
             **({} if results is None else _bandit_json(results)), "figures": figs}
   summary_lib.write_json(os.path.join(workdir, "report.json"), report)
   seeds = f"World seeds: {facts['world_seeds']}; " if "world_seeds" in facts else ""
   md = [f"# Reward-model overoptimization: reproduction report", "",
         f"Command: `{facts.get('command', '')}`  ",
         f"{seeds}wall time {facts.get('wall_s', 0):.0f} s.",
-        "", facts.get("world_note", ""), "", "## Criteria", "", criteria_table(found), ""]
+        "", facts.get("world_note", ""), "", "## Criteria", "", criteria_table(found), "",
+        "## Verdict by criterion", "", verdict_line(found) + ".", "", verdict_table(found), ""]
   for c in found:
     md += [f"### {c.name} — {'PASS' if c.passed else 'FAIL'} ({c.world} world)", "",
            f"*Expected.* {expected(c.name)}", "", f"*Seen.* {c.detail}.", ""]
