@@ -172,10 +172,10 @@ class HHWorld(text_study.TextWorld):
                  prompts_per_batch=int(cfg.prompts_per_batch), num_bootstrap=200)
     return c
 
-  def rl_config(self, width: int):
+  def rl_config(self, width: int, algorithm: str | None = None):
     cfg = self.cfg.rl
     c = self.against_proxy(rl_smollm2, width)
-    c.rl.update(algorithm=str(cfg.algorithm), kl_coef=float(cfg.kl_coef),
+    c.rl.update(algorithm=str(algorithm or cfg.algorithm), kl_coef=float(cfg.kl_coef),
                 prompts_per_step=int(cfg.prompts_per_step), group_size=int(cfg.group_size))
     c.optimizer.learning_rate = float(cfg.learning_rate)
     text_world.stage_loop(c.loop, steps=int(cfg.steps), checkpoint_every=int(cfg.eval_every))

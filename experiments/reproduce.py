@@ -44,9 +44,6 @@ def _world_note(config: Any) -> str:
           "shows the spread.")
 
 
-# Criteria the text world carries; with it, the bandit world's versions are kept as "-bandit".
-TEXT_CARRIES = ("D1", "D2", "P1", "P1_kl_matched")
-
 
 def _with_text_world(config: Any, workdir: str, found: list) -> tuple[list, dict, list]:
   """The text world, or with ``config.text.kind == "hh"`` the SmolLM2 / HH world."""
@@ -70,7 +67,7 @@ def _with_text_world(config: Any, workdir: str, found: list) -> tuple[list, dict
       results, config.text, os.path.join(workdir, "figures"),
       num_bootstrap=int(num_bootstrap), **labels)
   for c in found:
-    if c.name in TEXT_CARRIES:
+    if c.name in text_report.CARRIES:  # the text world carries it; keep the bandit's beside
       c.name = f"{c.name}-bandit"
   intro = hh_study.describe(results) if hh else None
   section = text_report.report_section(results, curves, figs, intro=intro,

@@ -12,7 +12,9 @@ stops if that config changed):
 3. ``proxies/w{W}``: ``train_rm`` of a byte-level decoder reward model of hidden
    width W on those pairs (the proxy sizes of Gao et al.).
 4. ``bon/w{W}``: ``best_of_n`` of π_ref against proxy W, scored by the gold.
-5. ``rl/w{W}``: ``train_rl`` (RLOO, sequence-level KL penalty) against proxy W.
+5. ``rl/w{W}``: ``train_rl`` (RLOO, sequence-level KL penalty) against proxy W; and
+   ``rl/{algo}_w{W}`` for each of ``rl.frontier_algorithms`` (e.g. PPO) against the
+   widest RL proxy: more references for DPO's reward–KL frontier (P1).
 6. ``dpo/{loss}_b{β}``: ``train_dpo`` on the gold-labelled pairs at each β.
 7. Every RL and DPO checkpoint is sampled on the same held-out prompts with the
    same key (``prefjax.overopt.text_world``): gold, proxy and exact KL per prompt.
@@ -32,6 +34,7 @@ from absl import logging
 
 from configs.bon import tiny as bon_config
 from configs.dpo import tiny as dpo_config
+from configs.rl import tiny_ppo as ppo_config
 from configs.rl import tiny_rloo as rl_config
 from configs.rm import tiny as rm_config
 from configs.sft import tiny as sft_config
@@ -175,10 +178,13 @@ class TextWorld:
     c.bon.prompts_per_batch = max(1, 4096 // int(self.cfg.bon.num_samples))
     return c
 
-  def rl_config(self, width: int):
+  def rl_config(self, width: int, algorithm: str | None = None):
+    """``train_rl``'s config against proxy ``width``: RLOO as ``configs/rl/tiny_rloo.py``
+    (16 prompts × 4 samples a step), PPO as ``tiny_ppo.py`` (64 prompts, value model)."""
     cfg = self.cfg.rl
-    c = self.against_proxy(rl_config, width)
-    c.rl.algorithm = str(cfg.algorithm)
+    algorithm = str(algorithm or cfg.algorithm)
+    c = self.against_proxy(ppo_config if algorithm == "ppo" else rl_config, width)
+    c.rl.algorithm = algorithm
     c.rl.kl_coef = float(cfg.kl_coef)
     text_world.stage_loop(c.loop, steps=int(cfg.steps), checkpoint_every=int(cfg.eval_every))
     c.prompts.num_eval = 16
@@ -243,8 +249,8 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   widths = [int(w) for w in cfg.proxy.widths]
   rl_widths = [int(w) for w in cfg.rl.widths]
   dpo_runs = text_world.dpo_runs(cfg.dpo)
-  progress = progress_cls("text world", 2 + 2 * len(widths) + 2 * len(rl_widths)
-                          + 2 * len(dpo_runs))
+  num_rl = len(rl_widths) + len(cfg.rl.get("frontier_algorithms", ()))
+  progress = progress_cls("text world", 2 + 2 * len(widths) + 2 * num_rl + 2 * len(dpo_runs))
   path, binary, make_config, label = tw.reference_stage()
   info = text_world.binary_stage(path, binary, make_config, workdir=workdir)
   progress.step(f"{label} ({info['wall_s']:.0f} s)")
@@ -271,17 +277,21 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   proxies = {f"proxy_w{w}": rl_rewards.make_reward(tw.proxy_reward_spec(w)) for w in scored}
   evaluate, reference = tw.evaluator(proxies)
   eval_key = tw.evaluation_key(scored)
-  rl = {}
-  for w in rl_widths:
-    path = os.path.join(workdir, "rl", f"w{w}")
-    config = tw.rl_config(w)
+  def rl_stage(name: str, width: int, algorithm: str | None = None) -> text_world.Trajectory:
+    path = os.path.join(workdir, "rl", name)
+    config = tw.rl_config(width, algorithm)
     text_world.binary_stage(path, train_rl.run, lambda: config, workdir=workdir)
-    progress.step(f"RL ({cfg.rl.algorithm}) against proxy width {w}")
+    progress.step(f"RL ({config.rl.algorithm}) against proxy width {width}")
     traj = text_world.cached_trajectory(path, _rl_policy(tw, config), reference, evaluate,
                                         key=eval_key, trainable=rollout_lib.TRAINABLE,
                                         policy_of=lambda bundle: bundle.policy)
-    rl[w] = text_world.standardized(traj, scales)
-    progress.step(f"RL width {w}: {len(traj.steps)} checkpoints evaluated")
+    progress.step(f"RL {name}: {len(traj.steps)} checkpoints evaluated")
+    return text_world.standardized(traj, scales)
+
+  rl = {w: rl_stage(f"w{w}", w) for w in rl_widths}
+  # More RL algorithms against the widest RL proxy: references for DPO's frontier (P1).
+  rl_frontier = {algo: rl_stage(f"{algo}_w{max(rl_widths)}", max(rl_widths), algo)
+                 for algo in cfg.rl.get("frontier_algorithms", ())}
   dpo = {}
   for loss, beta in dpo_runs:
     path = os.path.join(workdir, "dpo", f"{loss}_b{beta:g}")
@@ -293,6 +303,7 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
                                         reference, evaluate, key=eval_key)
     dpo[(loss, beta)] = text_world.standardized(traj, scales)
     progress.step(f"{loss} β={beta:g}: {len(traj.steps)} checkpoints evaluated")
-  return {"scales": scales, "bon": bon, "rl": rl, "dpo": dpo, "proxy_stats": proxy_stats,
+  return {"scales": scales, "bon": bon, "rl": rl, "rl_frontier": rl_frontier, "dpo": dpo,
+          "proxy_stats": proxy_stats,
           "pairs": pairs, "widths": widths, "world": tw.world_fields}
 

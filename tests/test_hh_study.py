@@ -110,7 +110,8 @@ def test_report_without_a_bandit_world(tmp_path):
                        world="hh")]
   report = report_lib.write_report(str(tmp_path), found, None, {}, {"command": "x", "wall_s": 3},
                                    extra_sections=["## SmolLM2 on HH", "", "text"])
-  assert set(report) == {"criteria", "command", "wall_s", "figures"}
+  assert set(report) == {"criteria", "verdicts", "command", "wall_s", "figures"}
+  assert report["verdicts"]["G2"] == {"carried_by": "hh", "pass": True, "by_world": {"hh": True}}
   markdown = (tmp_path / "report.md").read_text()
   assert "### G2-hh — PASS (hh world)" in markdown and "## SmolLM2 on HH" in markdown
   assert "## Fits by proxy size" not in markdown

@@ -16,10 +16,10 @@ from prefjax.overopt import curves as curves_lib
 from prefjax.overopt import fits
 
 CRITERIA = ("G0", "G1", "G2", "G3", "G5", "R1", "R2", "R3", "R4", "C1", "C2", "C3",
-            "D1", "D2", "D3", "P1", "P1_kl_matched",
-            # The text world carries D1, D2 and P1; the bandit world's are kept beside them.
-            "D1-bandit", "D2-bandit", "P1-bandit", "P1_kl_matched-bandit",
-            "G1-text", "G2-text", "G3-text", "R2-text", "R4-text")
+            "D1", "D2", "D3", "P1", "P1_kl_matched", "P1_ppo", "P1_kl_matched_ppo",
+            # The text world carries R2, D1, D2 and P1; the bandit world's are kept beside.
+            "R2-bandit", "D1-bandit", "D2-bandit", "P1-bandit", "P1_kl_matched-bandit",
+            "G1-text", "G2-text", "G3-text", "R4-text")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def test_report_schema_figures_and_g0(tiny_run):
     assert os.path.getsize(os.path.join(workdir, entry["figure"])) > 5_000, name
   assert on_disk["world_seeds"] == [0, 1] and on_disk["wall_s"] > 0
   assert set(on_disk["per_world"]) == {"0", "1"}
+  assert {"bon_drop_z", "rl_drop_z", "rl_peak_beta"} <= set(on_disk["per_world"]["0"]["w4"])
   assert "experiments.reproduce" in on_disk["command"]
   # G0 must hold at any size: exact best-of-n, the unbiased estimator and Monte Carlo agree.
   assert on_disk["criteria"]["G0"]["pass"], on_disk["criteria"]["G0"]
@@ -52,7 +53,8 @@ def test_report_schema_figures_and_g0(tiny_run):
   assert on_disk["verdicts"]["D1"]["carried_by"] == "text"
   assert on_disk["verdicts"]["D1"]["pass"] == on_disk["criteria"]["D1"]["pass"]
   assert on_disk["verdicts"]["R2"]["by_world"] == {
-      "bandit": on_disk["criteria"]["R2"]["pass"], "text": on_disk["criteria"]["R2-text"]["pass"]}
+      "bandit": on_disk["criteria"]["R2-bandit"]["pass"], "text": on_disk["criteria"]["R2"]["pass"]}
+  assert on_disk["verdicts"]["G1"]["carried_by"] == "bandit"
   assert "## Verdict by criterion" in markdown
 
 

@@ -9,7 +9,7 @@ gold solid and proxy dashed, x = √KL(π ‖ π_ref) in nats^½ as in Gao et al
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -206,10 +206,12 @@ def margins(dpo, ipo, path: str) -> str:
 
 
 def frontier(dpo, ppo, path: str, *, rl_label: str = "KL-regularised RL optimum (proxy)",
-             rl_style: str = "k-") -> str:
-  """Rafailov et al. 2023, Fig. 2: gold vs KL, DPO (every evaluation) vs RL."""
+             rl_style: str = "k-", others: Sequence[tuple[Any, str, str]] = ()) -> str:
+  """Rafailov et al. 2023, Fig. 2: gold vs KL, DPO (every evaluation) vs RL; ``others``:
+  more RL references as ``(scores, label, style)``."""
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
-  ax.plot(np.asarray(ppo.kl).mean(0), np.asarray(ppo.gold).mean(0), rl_style, label=rl_label)
+  for scores, label, style in ((ppo, rl_label, rl_style), *others):
+    ax.plot(np.asarray(scores.kl).mean(0), np.asarray(scores.gold).mean(0), style, label=label)
   for k, color in zip(range(len(dpo.betas)), _colors(len(dpo.betas))):
     ax.plot(dpo.kl[k, 1:], dpo.gold[k, 1:], ".", color=color, ms=4,
             label=f"DPO β={dpo.betas[k]:.3g}")

@@ -47,8 +47,12 @@ EXPECTED = {
           "bound while IPO's settles at its target 1/(2β).",
     "P1": "Rafailov et al. 2023, Fig. 2: DPO's reward–KL frontier is at least as good as RL's "
           "(here the exact KL-regularised optimum against a proxy trained on the same pairs).",
-    "P1_kl_matched": "P1 compared at matched KL (the exact RL path interpolated to each DPO "
+    "P1_kl_matched": "P1 compared at matched KL (the RL curve interpolated to each DPO "
                      "point's KL) instead of in KL bins.",
+    "P1_ppo": "P1 against PPO (the paper's RL algorithm: clipped policy gradient with a value "
+              "model) trained against the same proxy, instead of RLOO.",
+    "P1_kl_matched_ppo": "P1_ppo compared at matched KL (PPO's checkpoints interpolated to each "
+                         "DPO point's KL).",
 }
 
 
@@ -163,12 +167,14 @@ def _proxy_table(stats: Sequence[dict]) -> list[str]:
 
 
 def _per_world_table(per_world: dict) -> list[str]:
-  lines = ["| world | setting | BoN peak n | BoN drop (SE units) | β_bon | R² |",
-           "|---|---|---|---|---|---|"]
+  lines = ["| world | setting | BoN peak n | BoN drop (SE units) | β_bon | R² | RL peak β | "
+           "RL drop (SE units) |", "|---|---|---|---|---|---|---|---|"]
   for world, rows in per_world.items():
     for label, r in rows.items():
+      rl = (f"{r['rl_peak_beta']:.3g} | {r['rl_drop']:.3f} ({r['rl_drop_z']:.1f})"
+            if "rl_drop" in r else "– | –")
       lines.append(f"| {world} | {label} | {r['bon_peak_n']:.0f} | {r['bon_drop']:.3f} "
-                   f"({r['bon_drop_z']:.1f}) | {r['beta_bon']:.3f} | {r['r2_bon']:.3f} |")
+                   f"({r['bon_drop_z']:.1f}) | {r['beta_bon']:.3f} | {r['r2_bon']:.3f} | {rl} |")
   return lines
 
 
@@ -185,9 +191,8 @@ def verdicts(found: Sequence[C.Criterion]) -> dict[str, dict[str, Any]]:
   the verdicts of the same test in the other worlds.
 
   The carrier is the world of the unsuffixed entry (``R2``), or the only world that ran
-  the test; ``R2-text`` is the same test in the text world, and ``D1-bandit`` the bandit
-  world's version of a criterion the text world carries (``experiments/reproduce.py``,
-  ``TEXT_CARRIES``).
+  the test; ``G1-text`` is the same test in the text world, and ``D1-bandit`` the bandit
+  world's version of a criterion the text world carries (``text_report.CARRIES``).
   """
   out: dict[str, dict[str, Any]] = {}
   for c in found:

@@ -239,6 +239,10 @@ def _world_summary(sizes: Sequence[curves_lib.SettingCurves]) -> dict[str, Any]:
     out[s.label] = {"bon_peak_n": float(s.bon.knob[peak]), "bon_drop": drop,
                     "bon_drop_z": drop / max(se, 1e-12), "beta_bon": s.fit_bon.beta,
                     "peak_gold_bon": float(np.max(s.bon.gold)), "r2_bon": s.fit_bon.r2}
+    if s.rl is not None:
+      drop, se, peak = curves_lib.decline(s.rl)
+      out[s.label].update(rl_peak_beta=float(s.rl.knob[peak]), rl_drop=drop,
+                          rl_drop_z=drop / max(se, 1e-12))
   return out
 
 

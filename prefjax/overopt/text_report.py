@@ -73,8 +73,15 @@ def as_scores(traj: text_world.Trajectory, proxy_name: str) -> exact.ExactScores
                            np.ones_like(pp["kl"].T))
 
 
-def _renamed(c: C.Criterion, name: str, world: str = WORLD) -> C.Criterion:
-  c.name, c.world = name, world
+# Criteria the text world carries when it runs (the bandit world's are then "R2-bandit" …).
+# R2 is about a learned RL policy (Gao et al.'s PPO): the text world trains one with
+# train_rl, while the bandit world's exact path reaches each proxy's argmax within its
+# KL ceiling (README, "Reproducing the papers"). The others need train_dpo's policies.
+CARRIES = ("R2", "D1", "D2", "P1", "P1_kl_matched")
+
+
+def _renamed(c: C.Criterion, base: str, world: str = WORLD) -> C.Criterion:
+  c.name, c.world = (base if base in CARRIES else f"{base}-{world}"), world
   return c
 
 
@@ -114,18 +121,23 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
     figs["text_direct"] = figures.direct_sweeps(sweeps, path("text_daa_gold_vs_kl.png"))
   ppo_width = max(results["rl"])
   ppo = as_scores(results["rl"][ppo_width], f"proxy_w{ppo_width}")
+  # More RL references for P1 (rl.frontier_algorithms, e.g. PPO), against the same proxy.
+  others = {name.upper(): as_scores(traj, f"proxy_w{ppo_width}")
+            for name, traj in results.get("rl_frontier", {}).items()}
   if "dpo" in sweeps:
     figs["text_frontier"] = figures.frontier(
         sweeps["dpo"], ppo, path("text_dpo_vs_rl_frontier.png"),
-        rl_label=f"{algo} against proxy w{ppo_width} (checkpoints)", rl_style="k.-")
+        rl_label=f"{algo} against proxy w{ppo_width} (checkpoints)", rl_style="k.-",
+        others=[(scores, f"{name} against proxy w{ppo_width} (checkpoints)", style)
+                for (name, scores), style in zip(others.items(), ("bs--", "m^:", "cv-."))])
   rel = {k: os.path.join("figures", os.path.basename(v)) for k, v in figs.items()}
   smallest = bon_settings[:min(2, len(bon_settings))]
   found = [
-      _renamed(C.g1(smallest, rel["text_bon"]), f"G1-{world}", world),
-      _renamed(C.g2(bon_settings, rel["text_bon"]), f"G2-{world}", world),
-      _renamed(C.g3(widths, bon_settings, rel["text_fits"]), f"G3-{world}", world),
-      _renamed(C.r2(rl_settings[:1], rel["text_rl"]), f"R2-{world}", world),
-      _renamed(C.r4(rl_settings, rel["text_rl"]), f"R4-{world}", world),
+      _renamed(C.g1(smallest, rel["text_bon"]), "G1", world),
+      _renamed(C.g2(bon_settings, rel["text_bon"]), "G2", world),
+      _renamed(C.g3(widths, bon_settings, rel["text_fits"]), "G3", world),
+      _renamed(C.r2(rl_settings[:1], rel["text_rl"]), "R2", world),
+      _renamed(C.r4(rl_settings, rel["text_rl"]), "R4", world),
   ]
   curves = {"bon": bon_settings, "rl": rl_settings, "sweeps": sweeps}
   if not sweeps:
@@ -143,11 +155,13 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
                            "; ".join(r["detail"] for r in d2.values()), rel["text_direct"],
                            world=world))
   if "dpo" in sweeps:
-    for name, match in (("P1", "bin"), ("P1_kl_matched", "interpolate")):
-      r = direct_criteria.criterion_p1(sweeps["dpo"], ppo, match=match,
-                                       num_bootstrap=num_bootstrap)
-      found.append(C.Criterion(name, r["pass"], r["value"], r["threshold"], r["detail"],
-                               rel["text_frontier"], world=world))
+    references = {"": ppo, **{f"_{name.lower()}": scores for name, scores in others.items()}}
+    for suffix, reference in references.items():
+      for name, match in (("P1", "bin"), ("P1_kl_matched", "interpolate")):
+        r = direct_criteria.criterion_p1(sweeps["dpo"], reference, match=match,
+                                         num_bootstrap=num_bootstrap)
+        found.append(C.Criterion(name + suffix, r["pass"], r["value"], r["threshold"],
+                                 r["detail"], rel["text_frontier"], world=world))
   return found, rel, curves
 
 

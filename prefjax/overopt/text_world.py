@@ -330,7 +330,7 @@ def pool_seeds(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
   def trajectories(key: str) -> dict[Any, Trajectory]:
     out = {}
-    for name, traj in first[key].items():
+    for name, traj in first.get(key, {}).items():
       parts = [r[key][name] for r in runs]
       _check_same_steps(parts)
       out[name] = Trajectory(traj.steps, {f: np.concatenate([p.per_prompt[f] for p in parts],
@@ -343,7 +343,8 @@ def pool_seeds(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
            "skipped": {k: sum(r["pairs"]["skipped"][k] for r in runs)
                        for k in first["pairs"]["skipped"]}}
   return {**first, "scales": {name: unit for name in first["scales"]}, "bon": bon,
-          "rl": trajectories("rl"), "dpo": trajectories("dpo"), "proxy_stats": stats,
+          "rl": trajectories("rl"), "rl_frontier": trajectories("rl_frontier"),
+          "dpo": trajectories("dpo"), "proxy_stats": stats,
           "pairs": pairs, "seeds": [r["world"]["seed"] for r in runs]}
 
 
