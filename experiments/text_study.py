@@ -200,6 +200,7 @@ class TextWorld:
     text_world.cached_reference(c, self.workdir)
     text_world.stage_loop(c.loop, steps=int(cfg.steps), checkpoint_every=int(cfg.eval_every))
     c.optimizer.learning_rate = float(cfg.learning_rate)
+    c.data.pipeline.batch_size = int(cfg.get("batch_size", c.data.pipeline.batch_size))
     return c
 
   # ------------------------------------------------------------------ evaluation

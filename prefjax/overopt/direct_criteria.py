@@ -203,9 +203,9 @@ def criterion_p1(sweep: DaaSweep, ppo: exact.ExactScores, *,
                  "se": float(se), "pass": bool(mean >= -se),
                  "num_dpo": int(in_dpo.sum()), "num_ppo": int(in_ppo.sum())})
   failed = [f"[{b['kl_low']:g}, {b['kl_high']:g})" for b in bins if not b["pass"]]
-  detail = (f"{len(bins)} shared KL bins; DPO below PPO by > 1 SE in "
+  detail = (f"{len(bins)} shared KL bins; DPO below the RL reference by > 1 SE in "
             f"{', '.join(failed) if failed else 'none'}" if bins else "no shared KL bin")
-  return _result(bool(bins) and not failed, bins, "DPO - PPO >= -1 SE in every shared bin",
+  return _result(bool(bins) and not failed, bins, "DPO - RL >= -1 SE in every shared bin",
                  detail)
 
 

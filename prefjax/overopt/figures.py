@@ -211,7 +211,9 @@ def frontier(dpo, ppo, path: str, *, rl_label: str = "KL-regularised RL optimum 
   more RL references as ``(scores, label, style)``."""
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   for scores, label, style in ((ppo, rl_label, rl_style), *others):
-    ax.plot(np.asarray(scores.kl).mean(0), np.asarray(scores.gold).mean(0), style, label=label)
+    kl, gold = np.asarray(scores.kl).mean(0), np.asarray(scores.gold).mean(0)
+    shown = kl > 0  # π_ref itself (KL 0) has no place on the log axis; a line to it would
+    ax.plot(kl[shown], gold[shown], style, label=label)  # run flat off the left edge
   for k, color in zip(range(len(dpo.betas)), _colors(len(dpo.betas))):
     ax.plot(dpo.kl[k, 1:], dpo.gold[k, 1:], ".", color=color, ms=4,
             label=f"DPO β={dpo.betas[k]:.3g}")
