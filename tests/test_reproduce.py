@@ -135,3 +135,10 @@ def test_estimator_criterion_is_bonferroni_corrected():
   assert ok.threshold["max_abs_z"] == pytest.approx(3.34, abs=0.01)  # Φ⁻¹(1 − 0.01/24)
   assert not criteria.g0([], [dict(check, z_mc_vs_exact=3.5)], "").passed
   assert not criteria.g0([], [dict(check, max_kl_minus_bound=1e-3)], "").passed
+
+
+def test_p1_expectation_names_each_worlds_rl_reference():
+  from prefjax.overopt import report as report_lib
+  assert "RLOO" in report_lib.expected("P1", "text")
+  assert "exact KL-regularised optimum" in report_lib.expected("P1-bandit", "bandit (first world)")
+  assert "PPO" in report_lib.expected("P1_ppo", "text")

@@ -45,8 +45,7 @@ EXPECTED = {
     "D2": "Rafailov et al. 2024: at small β gold peaks early in training while KL keeps rising.",
     "D3": "Azar et al. 2023: on deterministic preferences DPO's log-ratio margin grows without "
           "bound while IPO's settles at its target 1/(2β).",
-    "P1": "Rafailov et al. 2023, Fig. 2: DPO's reward–KL frontier is at least as good as RL's "
-          "(here the exact KL-regularised optimum against a proxy trained on the same pairs).",
+    "P1": "Rafailov et al. 2023, Fig. 2: DPO's reward–KL frontier is at least as good as RL's.",
     "P1_kl_matched": "P1 compared at matched KL (the RL curve interpolated to each DPO "
                      "point's KL) instead of in KL bins.",
     "P1_ppo": "P1 against PPO (the paper's RL algorithm: clipped policy gradient with a value "
@@ -56,13 +55,23 @@ EXPECTED = {
 }
 
 
-def expected(name: str) -> str:
-  """What the paper expects for criterion ``name`` (``G1-text``: as G1, in the text world)."""
-  base, _, world = name.partition("-")
+# What P1's RL reference is, by the world that ran it.
+P1_REFERENCE = {
+    "bandit": "In the bandit world the reference is the exact KL-regularised optimum against "
+              "a proxy trained on the same pairs.",
+    "text": "In the text world the reference is the study's RL arm (RLOO) trained against the "
+            "widest RL proxy; every checkpoint is a point.",
+}
+
+
+def expected(name: str, world: str = "") -> str:
+  """What the paper expects for criterion ``name`` (``G1-text``: as G1, in the text world),
+  run in ``world`` (a ``Criterion.world``)."""
+  base = name.partition("-")[0]
   text = EXPECTED.get(name) or EXPECTED.get(base, "")
-  if world == "bandit" and base in ("P1", "P1_kl_matched"):
-    text = text.replace("here the exact", "in the bandit world the exact")
-  return text
+  if base in ("P1", "P1_kl_matched"):
+    text += " " + P1_REFERENCE.get(world.split()[0] if world else "", "")
+  return text.strip()
 
 
 def bandit_criteria(results: study_lib.BanditResults, fig_dir: str, *, smallest: int = 2,
@@ -263,7 +272,7 @@ def write_report(workdir: str, found: Sequence[C.Criterion],
         "## Verdict by criterion", "", verdict_line(found) + ".", "", verdict_table(found), ""]
   for c in found:
     md += [f"### {c.name} — {'PASS' if c.passed else 'FAIL'} ({c.world} world)", "",
-           f"*Expected.* {expected(c.name)}", "", f"*Seen.* {c.detail}.", ""]
+           f"*Expected.* {expected(c.name, c.world)}", "", f"*Seen.* {c.detail}.", ""]
     if c.figure:
       md += [f"![{c.name}]({c.figure})", ""]
   if results is not None:
