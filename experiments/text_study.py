@@ -24,6 +24,7 @@ Gold and proxies are standardised under π_ref (mean 0, SD 1 over its samples).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -46,7 +47,6 @@ from experiments import train_sft
 from prefjax import configlib
 from prefjax import experiment
 from prefjax.data import tokenize as tokenize_lib
-from prefjax.data.tfds_builders import synthetic
 from prefjax.overopt import text_world
 from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
@@ -73,12 +73,7 @@ class TextWorld:
     return os.path.join(self.sft_dir, train_sft.HF_EXPORT_DIR)
 
   def proxy_model(self, width: int) -> dict[str, Any]:
-    heads = max(1, min(4, width // 4))
-    return dict(arch="decoder", preset="tiny_llama", path="", head="reward",
-                ensemble="heads", pooling="last", dtype="float32",
-                overrides=dict(hidden_size=width, num_layers=int(self.cfg.proxy.num_layers),
-                               num_heads=heads, num_kv_heads=heads, intermediate_size=2 * width,
-                               max_position_embeddings=64))
+    return text_world.proxy_model(width, int(self.cfg.proxy.num_layers))
 
   def proxy_reward_spec(self, width: int) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(kind="model", name=f"proxy_w{width}", model=self.proxy_model(width),
@@ -104,12 +99,10 @@ class TextWorld:
   def world_pairs_dataset(self) -> str:
     """Gold-labelled uniform world pairs (the SFT data: their chosen responses)."""
     num, seed = int(self.cfg.sft.num_pairs), int(self.cfg.sft.data_seed)
-    name = f"textworld-sft-{text_world.digest(self.world_fields, num, seed)}"
-    if not (synthetic.synthetic_root() / name / synthetic.METADATA_FILE).exists():
-      rows = list(self.world.preference_pairs(num, seed=seed))
-      synthetic.write_synthetic_dataset(name, rows, label_noise=0.0, gold_name="text_world",
-                                        meta=dict(world=self.world_fields, seed=seed))
-    return f"synthetic:{name}"
+    return text_world.pairs_dataset(
+        f"textworld-sft-{text_world.digest(self.world_fields, num, seed)}",
+        lambda: self.world.preference_pairs(num, seed=seed),
+        dict(world=self.world_fields, seed=seed))
 
   def pairs_key(self) -> dict[str, Any]:
     """What :meth:`policy_pairs` depends on besides π_ref (whose stage is keyed itself)."""
@@ -127,12 +120,11 @@ class TextWorld:
     rows, skipped = text_world.sample_gold_pairs(policy, prompts, self.gold, self.tokenizer,
                                                  seed=int(cfg.seed),
                                                  max_new_tokens=self.max_new_tokens)
-    name = f"textworld-pairs-{text_world.digest(rows)}"
-    synthetic.write_synthetic_dataset(name, rows, label_noise=0.0, gold_name="text_world",
-                                      meta=dict(world=self.world_fields, policy="sft",
-                                                skipped=skipped))
+    dataset = text_world.pairs_dataset(f"textworld-pairs-{text_world.digest(rows)}", lambda: rows,
+                                       dict(world=self.world_fields, policy="sft",
+                                            skipped=skipped))
     logging.info("text world pairs: %d pairs, skipped %s", len(rows), skipped)
-    return {"dataset": f"synthetic:{name}", "num_pairs": len(rows), "skipped": skipped}
+    return {"dataset": dataset, "num_pairs": len(rows), "skipped": skipped}
 
   # ------------------------------------------------------------------ binary configs
   def reference_stage(self):
@@ -207,13 +199,11 @@ class TextWorld:
   def evaluator(self, proxies: dict[str, rl_rewards.PairReward]):
     prompts, cfg = self.eval_prompts(), self.cfg.eval
     reference = self.make_policy(self.reference_path())
-    rewards = {"gold": self.gold, **proxies}
-
-    def evaluate(policy) -> dict[str, np.ndarray]:
-      return text_world.evaluate_policy(
-          policy, reference, prompts, jax.random.key(int(cfg.seed)), tokenizer=self.tokenizer,
-          rewards=rewards, max_new_tokens=self.max_new_tokens,
-          samples_per_prompt=int(cfg.samples_per_prompt))
+    evaluate = functools.partial(  # evaluate(policy): every policy sees the same samples' key
+        text_world.evaluate_policy, reference=reference, prompts=prompts,
+        key=jax.random.key(int(cfg.seed)), tokenizer=self.tokenizer,
+        rewards={"gold": self.gold, **proxies}, max_new_tokens=self.max_new_tokens,
+        samples_per_prompt=int(cfg.samples_per_prompt))
     return evaluate, reference
 
   def evaluation_key(self, proxy_widths: list[int]) -> dict[str, Any]:
@@ -233,15 +223,6 @@ def _load_samples(bon_dir: str) -> dict[str, np.ndarray]:
     return {k: f[k] for k in f.files}
 
 
-def _rl_policy(tw: TextWorld, config):
-  """The RL bundle (policy + frozen reference [+ value]) whose checkpoint holds the policy."""
-  def make():
-    policy = tw.make_policy(tw.reference_path())
-    return rollout_lib.build_bundle(policy, with_value=config.rl.algorithm == "ppo",
-                                    value_trunk=config.rl.value_trunk, seed=0)
-  return make
-
-
 def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict[str, Any]:
   """Runs every stage (skipping finished ones) and returns the raw results:
   ``scales``, ``bon`` (width -> samples), ``rl`` (width -> Trajectory), ``dpo``
@@ -250,8 +231,9 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   widths = [int(w) for w in cfg.proxy.widths]
   rl_widths = [int(w) for w in cfg.rl.widths]
   dpo_runs = text_world.dpo_runs(cfg.dpo)
-  num_rl = len(rl_widths) + len(cfg.rl.get("frontier_algorithms", ()))
-  progress = progress_cls("text world", 2 + 2 * len(widths) + 2 * num_rl + 2 * len(dpo_runs))
+  frontier_algorithms = tuple(cfg.rl.get("frontier_algorithms", ()))
+  progress = progress_cls("text world", 2 + 2 * len(widths) + 2 * len(rl_widths)
+                          + 2 * len(frontier_algorithms) + 2 * len(dpo_runs))
   path, binary, make_config, label = tw.reference_stage()
   info = text_world.binary_stage(path, binary, make_config, workdir=workdir)
   progress.step(f"{label} ({info['wall_s']:.0f} s)")
@@ -278,13 +260,15 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   proxies = {f"proxy_w{w}": rl_rewards.make_reward(tw.proxy_reward_spec(w)) for w in scored}
   evaluate, reference = tw.evaluator(proxies)
   eval_key = tw.evaluation_key(scored)
+
   def rl_stage(name: str, width: int, algorithm: str | None = None) -> text_world.Trajectory:
     path = os.path.join(workdir, "rl", name)
     config = tw.rl_config(width, algorithm)
     text_world.binary_stage(path, train_rl.run, lambda: config, workdir=workdir)
     progress.step(f"RL ({config.rl.algorithm}) against proxy width {width}")
-    traj = text_world.cached_trajectory(path, _rl_policy(tw, config), reference, evaluate,
-                                        key=eval_key, trainable=rollout_lib.TRAINABLE,
+    bundle = text_world.rl_bundle_maker(lambda: tw.make_policy(tw.reference_path()), config.rl)
+    traj = text_world.cached_trajectory(path, bundle, reference, evaluate, key=eval_key,
+                                        trainable=rollout_lib.TRAINABLE,
                                         policy_of=lambda bundle: bundle.policy)
     progress.step(f"RL {name}: {len(traj.steps)} checkpoints evaluated")
     return text_world.standardized(traj, scales)
@@ -292,7 +276,7 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   rl = {w: rl_stage(f"w{w}", w) for w in rl_widths}
   # More RL algorithms against the widest RL proxy: references for DPO's frontier (P1).
   rl_frontier = {algo: rl_stage(f"{algo}_w{max(rl_widths)}", max(rl_widths), algo)
-                 for algo in cfg.rl.get("frontier_algorithms", ())}
+                 for algo in frontier_algorithms}
   dpo = {}
   for loss, beta in dpo_runs:
     path = os.path.join(workdir, "dpo", f"{loss}_b{beta:g}")

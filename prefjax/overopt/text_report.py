@@ -122,13 +122,13 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
   ppo_width = max(results["rl"])
   ppo = as_scores(results["rl"][ppo_width], f"proxy_w{ppo_width}")
   # More RL references for P1 (rl.frontier_algorithms, e.g. PPO), against the same proxy.
-  others = {name.upper(): as_scores(traj, f"proxy_w{ppo_width}")
+  others = {name: as_scores(traj, f"proxy_w{ppo_width}")
             for name, traj in results.get("rl_frontier", {}).items()}
   if "dpo" in sweeps:
     figs["text_frontier"] = figures.frontier(
         sweeps["dpo"], ppo, path("text_dpo_vs_rl_frontier.png"),
         rl_label=f"{algo} against proxy w{ppo_width} (checkpoints)", rl_style="k.-",
-        others=[(scores, f"{name} against proxy w{ppo_width} (checkpoints)", style)
+        others=[(scores, f"{name.upper()} against proxy w{ppo_width} (checkpoints)", style)
                 for (name, scores), style in zip(others.items(), ("bs--", "m^:", "cv-."))])
   rel = {k: os.path.join("figures", os.path.basename(v)) for k, v in figs.items()}
   smallest = bon_settings[:min(2, len(bon_settings))]
@@ -155,7 +155,7 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
                            "; ".join(r["detail"] for r in d2.values()), rel["text_direct"],
                            world=world))
   if "dpo" in sweeps:
-    references = {"": ppo, **{f"_{name.lower()}": scores for name, scores in others.items()}}
+    references = {"": ppo, **{f"_{name}": scores for name, scores in others.items()}}
     for suffix, reference in references.items():
       for name, match in (("P1", "bin"), ("P1_kl_matched", "interpolate")):
         r = direct_criteria.criterion_p1(sweeps["dpo"], reference, match=match,

@@ -37,6 +37,7 @@ from flax import nnx
 
 from prefjax import configlib
 from prefjax import train
+from prefjax.data.tfds_builders import synthetic
 from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
 from prefjax.train import checkpoint as checkpoint_lib
@@ -125,6 +126,26 @@ def config_key(config: Any, workdir: str) -> Any:
         return "$WORKDIR" + x[len(root):]
     return x
   return relative(summary_lib.config_to_dict(config))
+
+
+def pairs_dataset(name: str, rows: Callable[[], Sequence[Mapping[str, Any]]],
+                  meta: Mapping[str, Any]) -> str:
+  """``synthetic:NAME``, the gold-labelled ``rows()`` (no label noise) written as that
+  synthetic dataset unless it exists: name it by what determines the rows."""
+  if not (synthetic.synthetic_root() / name / synthetic.METADATA_FILE).exists():
+    synthetic.write_synthetic_dataset(name, list(rows()), label_noise=0.0,
+                                      gold_name="text_world", meta=dict(meta))
+  return f"synthetic:{name}"
+
+
+def proxy_model(width: int, num_layers: int) -> dict[str, Any]:
+  """A byte-level decoder reward model of hidden width ``width`` (the study's proxy sizes)."""
+  heads = max(1, min(4, width // 4))
+  return dict(arch="decoder", preset="tiny_llama", path="", head="reward", ensemble="heads",
+              pooling="last", dtype="float32",
+              overrides=dict(hidden_size=width, num_layers=num_layers, num_heads=heads,
+                             num_kv_heads=heads, intermediate_size=2 * width,
+                             max_position_embeddings=64))
 
 
 def sample_gold_pairs(policy: nnx.Module, prompts: rollout_lib.Prompts,
@@ -283,6 +304,13 @@ def policy_loader(make_policy: Callable[[], nnx.Module], workdir: str, *,
     kwargs = {} if trainable is None else {"trainable": trainable}
     return train.load_params(workdir, model, step=int(step), **kwargs)
   return load
+
+
+def rl_bundle_maker(make_policy: Callable[[], nnx.Module], rl_cfg: Any) -> Callable[[], Any]:
+  """Makes the bundle a ``train_rl`` checkpoint holds (policy + frozen reference [+ value],
+  from ``make_policy()``), to load the policy of each checkpoint."""
+  return lambda: rollout_lib.build_bundle(make_policy(), with_value=rl_cfg.algorithm == "ppo",
+                                          value_trunk=rl_cfg.value_trunk, seed=0)
 
 
 def standardized(traj: Trajectory, scales: Mapping[str, GoldScale]) -> Trajectory:
