@@ -44,6 +44,7 @@ REPORT_LABELS = dict(world="hh", title="SmolLM2 on HH", policy="SmolLM2-135M-Ins
 
 class HHWorld(text_study.TextWorld):
   """Policy, prompts, gold and proxies of the HH world, built from ``config.text``."""
+  progress_label = "HH world"
 
   def __init__(self, cfg: Any, workdir: str):  # pylint: disable=super-init-not-called
     self.cfg, self.workdir = cfg, workdir

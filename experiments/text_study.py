@@ -55,6 +55,7 @@ from prefjax.rl import rollout as rollout_lib
 class TextWorld:
   """The study's world, reference policy and rewards, built from ``config.text``."""
   max_new_tokens = 14  # of every sampled response
+  progress_label = "text world"
 
   def __init__(self, cfg: Any, workdir: str):
     self.cfg, self.workdir = cfg, workdir
@@ -232,7 +233,7 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   rl_widths = [int(w) for w in cfg.rl.widths]
   dpo_runs = text_world.dpo_runs(cfg.dpo)
   frontier_algorithms = tuple(cfg.rl.get("frontier_algorithms", ()))
-  progress = progress_cls("text world", 2 + 2 * len(widths) + 2 * len(rl_widths)
+  progress = progress_cls(tw.progress_label, 2 + 2 * len(widths) + 2 * len(rl_widths)
                           + 2 * len(frontier_algorithms) + 2 * len(dpo_runs))
   path, binary, make_config, label = tw.reference_stage()
   info = text_world.binary_stage(path, binary, make_config, workdir=workdir)

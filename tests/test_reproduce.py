@@ -16,7 +16,7 @@ from prefjax.overopt import curves as curves_lib
 from prefjax.overopt import fits
 
 CRITERIA = ("G0", "G1", "G2", "G3", "G5", "R1", "R2", "R3", "R4", "C1", "C2", "C3",
-            "D1", "D2", "D3", "P1", "P1_kl_matched", "P1_ppo", "P1_kl_matched_ppo",
+            "D1", "D2", "D3", "P1", "P1_kl_matched", "P1_rloo", "P1_kl_matched_rloo",
             # The text world carries R2, D1, D2 and P1; the bandit world's are kept beside.
             "R2-bandit", "D1-bandit", "D2-bandit", "P1-bandit", "P1_kl_matched-bandit",
             "G1-text", "G2-text", "G3-text", "R4-text")
@@ -64,16 +64,19 @@ def test_verdicts_name_the_carrying_world():
            criteria.Criterion("R2-text", True, 0, 0, "", world="text"),
            criteria.Criterion("D1", True, 0, 0, "", world="text"),
            criteria.Criterion("D1-bandit", False, 0, 0, "", world="bandit (first world)"),
-           criteria.Criterion("G1-hh", False, 0, 0, "", world="hh")]
+           criteria.Criterion("G1-hh", False, 0, 0, "", world="hh"),
+           criteria.Criterion("P1_rloo", False, 0, 0, "", world="text")]
   v = report_lib.verdicts(found)
   assert v["R2"] == {"carried_by": "bandit", "pass": False,
                      "by_world": {"bandit": False, "text": True}}
   assert v["D1"]["carried_by"] == "text" and v["D1"]["pass"]
   assert v["G1"] == {"carried_by": "hh", "pass": False, "by_world": {"hh": False}}
   line = report_lib.verdict_line(found)
-  assert line.startswith("1/3 criteria pass") and "failed: R2, G1" in line
+  assert line == ("1/3 criteria pass in the world carrying them (failed: R2, G1); "
+                  "extra tests: 0/1 pass (failed: P1_rloo)")
   table = report_lib.verdict_table(found)
   assert "| R2 | bandit | FAIL | text: PASS |" in table
+  assert "| P1_rloo (extra) | text | FAIL | – |" in table
 
 
 def test_rerun_reuses_trained_proxies(tiny_run, monkeypatch):
@@ -139,6 +142,12 @@ def test_estimator_criterion_is_bonferroni_corrected():
 
 def test_p1_expectation_names_each_worlds_rl_reference():
   from prefjax.overopt import report as report_lib
-  assert "RLOO" in report_lib.expected("P1", "text")
+  assert "PPO" in report_lib.expected("P1", "text")
   assert "exact KL-regularised optimum" in report_lib.expected("P1-bandit", "bandit (first world)")
-  assert "PPO" in report_lib.expected("P1_ppo", "text")
+  assert "RLOO" in report_lib.expected("P1_rloo", "text")
+
+
+def test_p1_compares_with_ppo_when_the_world_ran_it():
+  from prefjax.overopt import text_report
+  assert text_report.p1_reference(["rloo", "ppo"]) == "ppo"
+  assert text_report.p1_reference(["rloo"]) == "rloo"

@@ -16,23 +16,25 @@ carries R2, D1, D2 and P1 (the bandit world's are kept as ``R2-bandit`` …); th
 worlds (seeds 0, 1, 2) are run and pooled like the bandit worlds, because one world's
 verdicts moved with the sampler's random stream.
 
-Expected runtime (measured 2026-12-02 on this 2-core CPU, quiet): ≈ 20–25 min from
-scratch (bandit part ≈ 8 min; text worlds 2–5 min each, the first one longest while
-JAX's persistent compilation cache fills); ≈ 38 min was measured on 2026-12-01 at load
-≈ 1–2 with an older cache.
-Expected result: 17 of 19 criteria pass in the world carrying them. Bandit: G0–G5, R1,
-R3, R4, C1–C3 and D3 pass; R2-bandit fails (width 4's closed-form RL drop is 1.3 SE).
-Text worlds 0–2 pooled: R2 passes (RLOO vs w8 falls 7.7 SE after its peak), D1 and D2
-pass since the DPO family moved to learning rate 1e-4 and IPO's grid to β = 0.1–3 (README:
-the rule, fixed before the probe, and both changes' history); P1 and P1_kl_matched fail
-(DPO below RLOO in the 4–8 and 8–16 nat bins), P1_ppo and P1_kl_matched_ppo pass (DPO
-above PPO in every bin); G1-text and G3-text fail (best-of-256 never reaches the
-repetitive tail).
+Expected runtime (measured 2026-12-02 on this 2-core CPU, quiet): 24 min from scratch with
+JAX's compilation cache and the TFDS cache empty (bandit part 7 min; text worlds 7, 5 and
+5 min), 19 min with them warm; peak RSS 2.4 GB. ≈ 38 min was measured on 2026-12-01 at
+load ≈ 1–2.
+Expected result: `16/16 criteria pass in the world carrying them; extra tests: 1/3 pass
+(failed: P1_rloo, P1_kl_matched_rloo)`. Bandit: G0–G5, R1, R3, R4, C1–C3 and D3 pass;
+R2-bandit fails (width 4's closed-form RL drop is 1.3 SE). Text worlds 0–2 pooled: R2
+passes (RLOO vs w8 falls 7.7 SE after its peak), D1 and D2 pass since the DPO family moved
+to learning rate 1e-4 and IPO's grid to β = 0.1–3 (README: the rule, fixed before the
+probe, and both changes' history); P1 (against PPO, the paper's and the issue's reference)
+passes in every shared KL bin and at matched KL; against RLOO, a stronger baseline here,
+DPO falls short in the 4–8 and 8–16 nat bins (the extra tests P1_rloo and
+P1_kl_matched_rloo; until 2026-12-02 that comparison was P1 itself: README); G1-text and
+G3-text fail (best-of-256 never reaches the repetitive tail).
 
 ``--config.text.world.gold=teacher --config.text.world.repeat_penalty=0`` swaps the text
 gold for a random network of character and adjacent-pair frequencies: run once in full
 (2026-12-02, DPO at 1e-3), every gold curve kept rising and G2-text, R2, IPO's D2 and
-P1_kl_matched failed too (README, "Design probes").
+P1 at matched KL (then against RLOO) failed too (README, "Design probes").
 """
 
 from __future__ import annotations

@@ -57,8 +57,8 @@ def text_config(*, enabled: bool, tiny: bool = False) -> ml_collections.ConfigDi
   text.pairs = dict(num_pairs=8000, seed=0)
   text.proxy = dict(widths=(8, 16, 32, 64), num_layers=2, steps=600, batch_size=64, seed=0)
   text.bon = dict(num_prompts=128, num_samples=256, num_points=12)
-  # frontier_algorithms: more RL runs against the widest RL proxy, for DPO's frontier (P1):
-  # PPO is Rafailov et al. 2023's reference (P1_ppo), RLOO the study's own (P1).
+  # frontier_algorithms: more RL runs against the widest RL proxy, for DPO's frontier: PPO is
+  # Rafailov et al. 2023's reference (P1), RLOO the study's own (the extra test P1_rloo).
   text.rl = dict(widths=(8, 64), algorithm="rloo", kl_coef=0.02, steps=40, eval_every=4,
                  frontier_algorithms=("ppo",))
   # IPO's β sets a margin target 1/(2β) nats, not a logistic temperature: at DPO's β it

@@ -24,12 +24,12 @@ pairs; (5) every RL and DPO checkpoint sampled on the same 64 held-out HH prompt
 vocabulary; criteria G1–G3, R2, R4 (suffixed ``-hh``), D1, D2, P1.
 
 Expected runtime and cost.
-`:quick` (measured 2026-12-01 on this 2-core CPU shared with other jobs, load ≈ 6–7):
-9 min 35 s wall (study 564 s), 6 min 54 s of CPU time, peak RSS 10.0 GB. Stage by stage:
-gold 62 s, pairs 60 s, proxies 23 + 25 s, best-of-n 53 + 46 s, RLOO 174 s (its own final
-eval included), checkpoint evaluation 93 s: loading SmolLM2 and compiling each binary
-dominate, not the arithmetic (2 RL steps, 40 pairs, 4 × 8 best-of-n samples of 12
-tokens). An earlier run at load ≈ 8 took 15 min 0 s. Its numbers mean nothing (6 gold
+`:quick` (measured 2026-12-02 on this 2-core CPU, quiet, TFDS and compilation caches
+empty): 3 min 58 s wall (study 231 s), 5 min 21 s of CPU time. Stage by stage: gold 27 s,
+pairs 22 s, proxies 6 + 6 s, best-of-n 23 + 18 s, RLOO 90 s (its own final eval included),
+checkpoint evaluation 31 s: loading SmolLM2 and compiling each binary dominate, not the
+arithmetic (2 RL steps, 40 pairs, 4 × 8 best-of-n samples of 12 tokens). On 2026-12-01,
+shared with other jobs (load ≈ 6–7), it took 9 min 35 s, peak RSS 10.0 GB. Its numbers mean nothing (6 gold
 steps: HH validation accuracy 0.584; proxies 0.375 / 0.500 on 8 held-out pairs).
 The default (not run; no GPU here), estimated from its token counts with SmolLM2 at
 ≈ 0.27 GFLOP per token forward (2 × 135M) and ×4 for a training token (forward, backward,

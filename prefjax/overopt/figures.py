@@ -210,16 +210,20 @@ def frontier(dpo, ppo, path: str, *, rl_label: str = "KL-regularised RL optimum 
   """Rafailov et al. 2023, Fig. 2: gold vs KL, DPO (every evaluation) vs RL; ``others``:
   more RL references as ``(scores, label, style)``."""
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  se = lambda per_prompt: per_prompt.std(0, ddof=1) / np.sqrt(per_prompt.shape[0])  # [P, …]
   for scores, label, style in ((ppo, rl_label, rl_style), *others):
-    kl, gold = np.asarray(scores.kl).mean(0), np.asarray(scores.gold).mean(0)
-    shown = kl > 0  # π_ref itself (KL 0) has no place on the log axis; a line to it would
-    ax.plot(kl[shown], gold[shown], style, label=label)  # run flat off the left edge
+    kl, gold = np.asarray(scores.kl), np.asarray(scores.gold)
+    shown = kl.mean(0) > 0  # π_ref itself (KL 0) has no place on the log axis; a line to it
+    ax.errorbar(kl.mean(0)[shown], gold.mean(0)[shown], yerr=se(gold)[shown], fmt=style,
+                capsize=2, label=label)                      # would run flat off the left edge
+  dpo_se = se(np.moveaxis(np.asarray(dpo.per_prompt_gold), -1, 0))  # [β, steps]
   for k, color in zip(range(len(dpo.betas)), _colors(len(dpo.betas))):
-    ax.plot(dpo.kl[k, 1:], dpo.gold[k, 1:], ".", color=color, ms=4,
-            label=f"DPO β={dpo.betas[k]:.3g}")
+    ax.errorbar(dpo.kl[k, 1:], dpo.gold[k, 1:], yerr=dpo_se[k, 1:], fmt=".", color=color,
+                ms=4, elinewidth=0.6, label=f"DPO β={dpo.betas[k]:.3g}")
   ax.set_xscale("log")
   ax.xaxis.set_major_formatter(ticker.ScalarFormatter())  # 1, 10, 100 rather than 10^k
   ax.xaxis.set_minor_formatter(ticker.NullFormatter())     # unlabelled minor ticks
-  _axes(ax, "KL(π ‖ π_ref)  [nats]", REWARD_UNITS, fontsize=7)
-  ax.set_title("Reward–KL frontier: DPO vs RL against a learned proxy")
+  _axes(ax, "KL(π ‖ π_ref)  [nats]", "gold " + REWARD_UNITS, fontsize=7)
+  ax.set_title("Reward–KL frontier: DPO vs RL against a learned proxy (±1 SE over prompts)",
+               fontsize=10)
   return _save(fig, path)

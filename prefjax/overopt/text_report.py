@@ -80,6 +80,14 @@ def as_scores(traj: text_world.Trajectory, proxy_name: str) -> exact.ExactScores
 CARRIES = ("R2", "D1", "D2", "P1", "P1_kl_matched")
 
 
+def p1_reference(algorithms) -> str:
+  """The RL run P1 compares DPO with: PPO, Rafailov et al. 2023's algorithm and issue F's
+  definition, when the world ran it; otherwise its RL arm. The others get suffixed
+  criteria (``P1_rloo``)."""
+  names = list(algorithms)
+  return "ppo" if "ppo" in names else names[0]
+
+
 def _renamed(c: C.Criterion, base: str, world: str = WORLD) -> C.Criterion:
   c.name, c.world = (base if base in CARRIES else f"{base}-{world}"), world
   return c
@@ -155,8 +163,9 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
                            "; ".join(r["detail"] for r in d2.values()), rel["text_direct"],
                            world=world))
   if "dpo" in sweeps:
-    references = {"": ppo, **{f"_{name}": scores for name, scores in others.items()}}
-    for suffix, reference in references.items():
+    references = {str(cfg.rl.algorithm).lower(): ppo, **others}
+    for algo, reference in references.items():
+      suffix = "" if algo == p1_reference(references) else f"_{algo}"
       for name, match in (("P1", "bin"), ("P1_kl_matched", "interpolate")):
         r = direct_criteria.criterion_p1(sweeps["dpo"], reference, match=match,
                                          num_bootstrap=num_bootstrap)
