@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -261,6 +262,22 @@ def _table(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """The CPU's model name and widest vector ISA, e.g. ``AMD EPYC (2 cores, AVX-512)``:
+  ratios against PyTorch move with the CPU (its matmul library picks kernels by vendor)."""
+  info = {}
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+  except OSError:
+    return platform.processor() or platform.machine()
+  flags = info.get("flags", "").split()
+  isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+  return f"{info.get('model name', platform.machine())} ({os.cpu_count()} cores, {isa})"
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="3 timed steps, prefjax RM/DPO only")
@@ -290,10 +307,13 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(_child(name, steps))
   ceiling_end = steps_lib.matmul_ceiling()
   ceiling = (ceiling_start + ceiling_end) / 2
+  cpu = cpu_description()
   for r in rows:
+    r["cpu"] = cpu
     if "error" not in r:
       r["mfu"] = round(r["achieved_gflop_s"] * 1e9 / ceiling, 3)
       r["matmul_ceiling_gflop_s"] = round(ceiling / 1e9, 1)
+  print(f"CPU: {cpu}")
   print(f"f32 matmul ceiling: {ceiling_start / 1e9:.0f} GFLOP/s at start, "
         f"{ceiling_end / 1e9:.0f} at end; load average {os.getloadavg()[0]:.2f}")
   print(_table(rows))

@@ -35,3 +35,13 @@ def test_analytic_flops_split_matmuls_and_attention():
   # Packed rows: only the visible pairs; a frozen forward is a third of a pass.
   assert run.analytic_flops(2, 64, lm_head=True, passes=1 / 3, attention_pairs=22) == \
       pytest.approx(matmul * 128 + 2 * c.hidden_size * c.vocab_size * 128 + per_pair * 22)
+
+
+def test_cpu_description_names_the_model_and_vector_isa(tmp_path):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f\n\n"
+                     "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f\n")
+  assert run.cpu_description(str(cpuinfo)).startswith("AMD EPYC (")
+  assert run.cpu_description(str(cpuinfo)).endswith(" cores, AVX-512)")
+  cpuinfo.write_text("model name\t: Intel Xeon\nflags\t\t: fpu avx2\n")
+  assert run.cpu_description(str(cpuinfo)).endswith(", AVX2)")
