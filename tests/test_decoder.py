@@ -317,3 +317,16 @@ def test_remat_gives_the_same_gradients():
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(checkpointed)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
   assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(plain)) > 0
+
+
+@pytest.mark.parametrize("offset", [0, 5])  # the CPU conditional's predicate false, true
+def test_rope_from_materialized_tables_matches_float64_reference(offset):
+  from prefjax.models import layers
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 16, 3, 8)).astype(np.float32)
+  positions = np.tile(np.arange(16, dtype=np.int32) + offset, (2, 1))
+  got = jax.jit(lambda x, p: layers.rope(x, layers.materialized_rope_tables(p, 8, 100.0)))(
+      x, positions)
+  want = np.stack([np_rope(np.pad(row.astype(np.float64), ((offset, 0), (0, 0), (0, 0))),
+                           100.0)[offset:] for row in x])
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

@@ -127,16 +127,16 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
   sweeps = {loss: daa_sweep(loss, runs) for loss, runs in sweeps.items()}
   if sweeps:
     figs["text_direct"] = figures.direct_sweeps(sweeps, path("text_daa_gold_vs_kl.png"))
-  ppo_width = max(results["rl"])
-  ppo = as_scores(results["rl"][ppo_width], f"proxy_w{ppo_width}")
-  # More RL references for P1 (rl.frontier_algorithms, e.g. PPO), against the same proxy.
-  others = {name: as_scores(traj, f"proxy_w{ppo_width}")
+  rl_width = max(results["rl"])
+  rl_arm = as_scores(results["rl"][rl_width], f"proxy_w{rl_width}")
+  # More RL runs against the same proxy (rl.frontier_algorithms): PPO is P1's reference.
+  others = {name: as_scores(traj, f"proxy_w{rl_width}")
             for name, traj in results.get("rl_frontier", {}).items()}
   if "dpo" in sweeps:
     figs["text_frontier"] = figures.frontier(
-        sweeps["dpo"], ppo, path("text_dpo_vs_rl_frontier.png"),
-        rl_label=f"{algo} against proxy w{ppo_width} (checkpoints)", rl_style="k.-",
-        others=[(scores, f"{name.upper()} against proxy w{ppo_width} (checkpoints)", style)
+        sweeps["dpo"], rl_arm, path("text_dpo_vs_rl_frontier.png"),
+        rl_label=f"{algo} against proxy w{rl_width} (checkpoints)", rl_style="k.-",
+        others=[(scores, f"{name.upper()} against proxy w{rl_width} (checkpoints)", style)
                 for (name, scores), style in zip(others.items(), ("bs--", "m^:", "cv-."))])
   rel = {k: os.path.join("figures", os.path.basename(v)) for k, v in figs.items()}
   smallest = bon_settings[:min(2, len(bon_settings))]
@@ -163,7 +163,7 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
                            "; ".join(r["detail"] for r in d2.values()), rel["text_direct"],
                            world=world))
   if "dpo" in sweeps:
-    references = {str(cfg.rl.algorithm).lower(): ppo, **others}
+    references = {str(cfg.rl.algorithm).lower(): rl_arm, **others}
     for algo, reference in references.items():
       suffix = "" if algo == p1_reference(references) else f"_{algo}"
       for name, match in (("P1", "bin"), ("P1_kl_matched", "interpolate")):
