@@ -32,7 +32,6 @@ from experiments import text_study
 from experiments import train_rm
 from prefjax import configlib
 from prefjax import experiment
-from prefjax.data.tfds_builders import synthetic
 from prefjax.overopt import text_world
 from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
@@ -123,12 +122,11 @@ class HHWorld(text_study.TextWorld):
     rows, skipped = text_world.sample_gold_pairs(
         self.make_policy(), prompts, self.gold, self.tokenizer, seed=int(cfg.seed),
         max_new_tokens=self.max_new_tokens, chunk=int(cfg.chunk))
-    name = f"hh-policy-pairs-{text_world.digest(rows)}"
-    synthetic.write_synthetic_dataset(name, rows, label_noise=0.0, gold_name="gold_rm",
-                                      meta=dict(world=self.world_fields, gold=self.gold_dir,
-                                                skipped=skipped))
+    dataset = text_world.pairs_dataset(
+        f"hh-policy-pairs-{text_world.digest(rows)}", lambda: rows,
+        dict(world=self.world_fields, gold=self.gold_dir, skipped=skipped), gold_name="gold_rm")
     logging.info("HH world pairs: %d pairs, skipped %s", len(rows), skipped)
-    return {"dataset": f"synthetic:{name}", "num_pairs": len(rows), "skipped": skipped}
+    return {"dataset": dataset, "num_pairs": len(rows), "skipped": skipped}
 
   # ------------------------------------------------------------------ binary configs
   def reference_stage(self):

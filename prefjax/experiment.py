@@ -148,7 +148,7 @@ def ensure_tiny_world(tw: Mapping[str, Any]) -> str:
   disagrees with the gold reward (0 for deterministic labels).
   """
   name = tiny_world_dataset_name(tw)
-  if not (synthetic.synthetic_root() / name / synthetic.METADATA_FILE).exists():
+  if not synthetic.dataset_exists(name):
     world = tiny_world_lib.TinyWorld(seed=tw.get("world_seed", 0))
     rows = list(world.preference_pairs(
         tw["num_pairs"], seed=tw.get("seed", 0), label_noise=tw.get("label_noise", "none"),

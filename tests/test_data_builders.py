@@ -272,10 +272,13 @@ def test_synthetic_roundtrip_with_metadata(tmp_path, cache_dir):
   rows = [{"prompt": f"p{i}", "chosen": f" good {i}", "rejected": f" bad {i}",
            "meta": {"gold": np.float32([1.5, -0.25]), "flipped": bool(i == 1)}}
           for i in range(3)]
+  from prefjax.data.tfds_builders import synthetic
+  assert not synthetic.dataset_exists("tiny-world.v1", root=tmp_path)
   folder = pdata.write_synthetic_dataset(
       "tiny-world.v1", rows, label_noise=0.1, gold_name="tiny_gold",
       meta={"seed": np.int64(3)}, root=tmp_path)
   assert folder == tmp_path / "tiny-world.v1"
+  assert synthetic.dataset_exists("tiny-world.v1", root=tmp_path)
   source = pdata.load_preferences("synthetic:tiny-world.v1", "train", data_dir=cache_dir,
                                   manual_dir=tmp_path)
   assert source.metadata["label_noise"] == 0.1

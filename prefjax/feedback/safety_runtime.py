@@ -41,7 +41,7 @@ HarmScorer = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 def ensure_tiny_world_harm(tw: Mapping[str, Any]) -> str:
   """Writes the tiny-world harm pairs described by ``tw`` once; returns the ``synthetic:`` name."""
   name = "tiny_world_harm-" + experiment.tiny_world_dataset_name(tw).split("-", 1)[1]
-  if not (synthetic.synthetic_root() / name / synthetic.METADATA_FILE).exists():
+  if not synthetic.dataset_exists(name):
     world = tiny_world_lib.TinyWorld(seed=tw.get("world_seed", 0))
     rows = list(world.harm_pairs(tw["num_pairs"], seed=tw.get("seed", 0)))
     synthetic.write_synthetic_dataset(name, rows, label_noise=0.0,

@@ -164,8 +164,9 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
                            world=world))
   if "dpo" in sweeps:
     references = {str(cfg.rl.algorithm).lower(): rl_arm, **others}
+    p1_algo = p1_reference(references)
     for algo, reference in references.items():
-      suffix = "" if algo == p1_reference(references) else f"_{algo}"
+      suffix = "" if algo == p1_algo else f"_{algo}"
       for name, match in (("P1", "bin"), ("P1_kl_matched", "interpolate")):
         r = direct_criteria.criterion_p1(sweeps["dpo"], reference, match=match,
                                          num_bootstrap=num_bootstrap)

@@ -129,12 +129,12 @@ def config_key(config: Any, workdir: str) -> Any:
 
 
 def pairs_dataset(name: str, rows: Callable[[], Sequence[Mapping[str, Any]]],
-                  meta: Mapping[str, Any]) -> str:
-  """``synthetic:NAME``, the gold-labelled ``rows()`` (no label noise) written as that
-  synthetic dataset unless it exists: name it by what determines the rows."""
-  if not (synthetic.synthetic_root() / name / synthetic.METADATA_FILE).exists():
+                  meta: Mapping[str, Any], *, gold_name: str = "text_world") -> str:
+  """``synthetic:NAME``, the ``rows()`` labelled by ``gold_name`` (no label noise) written
+  as that synthetic dataset unless it exists: name it by what determines the rows."""
+  if not synthetic.dataset_exists(name):
     synthetic.write_synthetic_dataset(name, list(rows()), label_noise=0.0,
-                                      gold_name="text_world", meta=dict(meta))
+                                      gold_name=gold_name, meta=dict(meta))
   return f"synthetic:{name}"
 
 

@@ -44,6 +44,11 @@ def synthetic_root(root: str | os.PathLike[str] | None = None) -> pathlib.Path:
   return pathlib.Path(root).expanduser().resolve()
 
 
+def dataset_exists(name: str, root: str | os.PathLike[str] | None = None) -> bool:
+  """Whether ``synthetic:NAME`` has been written completely (its metadata is written last)."""
+  return (synthetic_root(root) / name / METADATA_FILE).exists()
+
+
 def write_synthetic_dataset(name: str, rows: Iterable[Mapping[str, Any]], *,
                             label_noise: float, gold_name: str,
                             meta: Mapping[str, Any] | None,
