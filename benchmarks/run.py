@@ -12,7 +12,8 @@ case: median s/step, real (non-pad) tokens/s, padded-slot %, analytic FLOPs on
 computed slots (6·N·slots for the matmul parameters N plus causal attention,
 ×3 for forward+backward) and MFU = those FLOP/s ÷ this machine's float32
 matmul ceiling (``jnp.dot`` 2048², median of 10, measured at start and end,
-the mean used), peak RSS, and the number of compiles during the timed steps
+the higher used: a low reading means something else had the cores, and dividing by
+it would inflate MFU), peak RSS, and the number of compiles during the timed steps
 (must be 0). ``rm_step_hh``, ``dpo_step_hh_cached`` and ``dpo_step_hh_live``
 use the project's fast layout for decoder pair training (``configs/dpo/smollm2_hh.py``'s
 default): each pair packed as one ``prompt | chosen | rejected`` sequence
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[bench] {name} ...", file=sys.stderr, flush=True)
     rows.append(_child(name, steps))
   ceiling_end = steps_lib.matmul_ceiling()
-  ceiling = (ceiling_start + ceiling_end) / 2
+  ceiling = max(ceiling_start, ceiling_end)
   cpu = cpu_description()
   for r in rows:
     r["cpu"] = cpu

@@ -57,8 +57,9 @@ def forward(model, tokens, attention_mask=None, segment_ids=None, positions=None
 
 
 @jax.jit
-def extend(model, tokens, cache, attention_mask):
-  return model.extend(tokens, cache, attention_mask=attention_mask)
+def extend(model, tokens, cache, attention_mask, output_kernel=None):
+  return model.extend(tokens, cache, attention_mask=attention_mask,
+                      output_kernel=output_kernel)
 
 
 def reference(name, tokens):
@@ -217,19 +218,24 @@ def test_positions_from_segments():
   np.testing.assert_array_equal(dec.positions_from_segments(seg), want)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_cache_extend_matches_full_forward(name):
-  """Left-padded prefill, then single tokens (one row masked), equals a full forward."""
+@pytest.mark.parametrize("name, grow", [("llama", False), ("gpt2", False), ("gpt2", True)])
+def test_cache_extend_matches_full_forward(name, grow):
+  """Left-padded prefill, then single tokens (one row masked), equals a full forward;
+  also when the cache grows between steps and the output kernel is passed in
+  (``sampling.generate``'s decoding loop)."""
   model = make_model(name)
   tokens, mask = pad(SEQS, "left", length=7, pad_id=63)
   cont = np.array([[3, 4, 5], [6, 7, 8], [9, 10, 11]], np.int32)
   cont_mask = np.array([[1, 1, 1], [1, 1, 1], [1, 0, 0]], np.int32)  # row 2 "finished"
-  cache = model.init_cache(3, 10)
+  cache = model.init_cache(3, 8 if grow else 10)
   logits, cache = extend(model, jnp.asarray(tokens), cache, jnp.asarray(mask))
+  kernel = jnp.asarray(np.asarray(model.output_kernel())) if grow else None
   step_logits = []
   for j in range(3):
+    if grow and j == 1:
+      cache = cache.grown(10)
     lg, cache = extend(model, jnp.asarray(cont[:, j:j + 1]), cache,
-                       jnp.asarray(cont_mask[:, j:j + 1]))
+                       jnp.asarray(cont_mask[:, j:j + 1]), kernel)
     step_logits.append(np.asarray(lg[:, 0]))
   assert int(cache.index) == 10
   full_tokens = np.concatenate([tokens, cont], 1)
@@ -330,3 +336,13 @@ def test_rope_from_materialized_tables_matches_float64_reference(offset):
   want = np.stack([np_rope(np.pad(row.astype(np.float64), ((offset, 0), (0, 0), (0, 0))),
                            100.0)[offset:] for row in x])
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_output_kernel_is_the_tied_embedding_or_the_head():
+  tied = make_model("gpt2")
+  np.testing.assert_array_equal(tied.output_kernel(), np.asarray(tied.embed.embedding[...]).T)
+  untied = random_decoder(CONFIGS["llama"])
+  np.testing.assert_array_equal(untied.output_kernel(), untied.lm_head.kernel[...])
+  untied.drop_output_head()
+  with pytest.raises(ValueError, match="no output head"):
+    untied.output_kernel()

@@ -83,8 +83,9 @@ def run(prompts=PROMPTS, **kw):
   return jax.tree.map(np.asarray, sampling.generate(model(), tokens, mask, **kw))
 
 
-def test_greedy_cached_generation_equals_uncached_argmax():
-  gen = run(temperature=0.0)
+@pytest.mark.parametrize("phases", [1, 3, NEW + 2])
+def test_greedy_cached_generation_equals_uncached_argmax(phases):
+  gen = run(temperature=0.0, cache_phases=phases)
   want_tokens, want_logps, want_mask = greedy_without_cache(PROMPTS, NEW)
   np.testing.assert_array_equal(gen.tokens, want_tokens)
   np.testing.assert_array_equal(gen.mask, want_mask)
@@ -92,11 +93,12 @@ def test_greedy_cached_generation_equals_uncached_argmax():
   assert len({tuple(r) for r in gen.tokens}) > 1  # rows really differ
 
 
-def test_eos_stops_rows_and_pads_after_it():
+@pytest.mark.parametrize("phases", [1, 2])
+def test_eos_stops_rows_and_pads_after_it(phases):
   free = run(temperature=0.0)
   eos = int(free.tokens[0, 2])
   assert eos not in free.tokens[0, :2]
-  gen = run(temperature=0.0, eos_id=eos)
+  gen = run(temperature=0.0, eos_id=eos, cache_phases=phases)
   want_tokens, want_logps, want_mask = greedy_without_cache(PROMPTS, NEW, eos_id=eos)
   np.testing.assert_array_equal(gen.tokens, want_tokens)
   np.testing.assert_array_equal(gen.mask, want_mask)
@@ -106,9 +108,10 @@ def test_eos_stops_rows_and_pads_after_it():
   assert (gen.logps[0, 3:] == 0).all()
 
 
-def test_all_rows_finish_at_their_first_token():
+@pytest.mark.parametrize("phases", [1, 3])
+def test_all_rows_finish_at_their_first_token(phases):
   first = run(temperature=0.0).tokens[0, 0]
-  gen = run([PROMPTS[0]] * 4, temperature=0.0, eos_id=int(first))
+  gen = run([PROMPTS[0]] * 4, temperature=0.0, eos_id=int(first), cache_phases=phases)
   np.testing.assert_array_equal(gen.mask, [[1, 0, 0, 0, 0, 0]] * 4)
   np.testing.assert_array_equal(gen.tokens[:, 0], first)
   np.testing.assert_array_equal(gen.tokens[:, 1:], PAD)
@@ -129,8 +132,9 @@ def concat_for_scoring(gen):
   return tokens, attn, loss_mask
 
 
-def test_sampled_logps_equal_sequence_logps():
-  gen = run(temperature=1.3, top_p=0.95, rng=jax.random.key(3))
+@pytest.mark.parametrize("phases", [1, 3])
+def test_sampled_logps_equal_sequence_logps(phases):
+  gen = run(temperature=1.3, top_p=0.95, rng=jax.random.key(3), cache_phases=phases)
   tokens, attn, loss_mask = concat_for_scoring(gen)
   summed, per_token = sequence_logps(model(), tokens, loss_mask, attention_mask=attn)
   np.testing.assert_allclose(np.asarray(per_token)[:, -NEW:], gen.logps, atol=1e-5)
@@ -175,6 +179,34 @@ def test_top_p_matches_sorting_reference_on_random_logits(p):
     want = np.zeros(row.shape, bool)
     want[order[mass_above < p]] = True
     np.testing.assert_array_equal(row_kept, want)
+
+
+def test_phases_sample_the_same_tokens_as_one_loop():
+  one = run(temperature=1.0, rng=jax.random.key(5), cache_phases=1)
+  three = run(temperature=1.0, rng=jax.random.key(5), cache_phases=3)
+  np.testing.assert_array_equal(three.tokens, one.tokens)
+  np.testing.assert_allclose(three.logps, one.logps, atol=1e-5)
+
+
+def test_phase_ends_and_default_phases():
+  assert sampling.phase_ends(127, 4) == (32, 64, 96, 127)
+  assert sampling.phase_ends(2, 4) == (1, 2)
+  assert sampling.phase_ends(0, 3) == (0,)
+  assert [sampling.default_cache_phases(n) for n in (1, 31, 32, 100, 128, 4096)] == [
+      1, 1, 1, 3, 4, 4]
+
+
+def test_grown_cache_keeps_slots_and_appends_empty_ones():
+  cache = model().init_cache(2, 3)
+  cache = cache.replace(keys=tuple(k + 1.0 for k in cache.keys),
+                        segments=jnp.ones_like(cache.segments), index=jnp.int32(3))
+  grown = cache.grown(5)
+  assert grown.max_length == 5 and int(grown.index) == 3
+  np.testing.assert_array_equal(grown.keys[0][:, :, :3], cache.keys[0])
+  assert (np.asarray(grown.keys[0][:, :, 3:]) == 0).all()
+  np.testing.assert_array_equal(grown.segments, [[1, 1, 1, 0, 0]] * 2)
+  with pytest.raises(ValueError, match="shrink"):
+    cache.grown(2)
 
 
 def test_top_k_filter():
@@ -291,7 +323,8 @@ def test_token_entropy():
 
 @pytest.mark.parametrize("kw, message", [
     (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
-    (dict(top_k=0), "top_k"), (dict(top_k=49), "vocabulary"), (dict(eos_id=-3), "eos_id")])
+    (dict(top_k=0), "top_k"), (dict(top_k=49), "vocabulary"), (dict(eos_id=-3), "eos_id"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(cache_phases=0), "cache_phases")])
 def test_bad_arguments_raise(kw, message):
   with pytest.raises(ValueError, match=message):
     run(**kw)

@@ -179,6 +179,19 @@ class KVCache:
   def max_length(self) -> int:
     return self.segments.shape[1]
 
+  def grown(self, max_length: int) -> "KVCache":
+    """This cache with ``max_length`` slots, the new ones empty (appended after the old).
+
+    Attention reads every slot of the cache, filled or not, so decoding in a
+    cache that grows in phases (``sampling.generate``) reads fewer bytes.
+    """
+    extra = max_length - self.max_length
+    if extra < 0:
+      raise ValueError(f"cannot shrink a cache of {self.max_length} slots to {max_length}")
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))
+    return KVCache(keys=tuple(map(pad, self.keys)), values=tuple(map(pad, self.values)),
+                   segments=jnp.pad(self.segments, ((0, 0), (0, extra))), index=self.index)
+
 
 class Block(nnx.Module):
   """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
@@ -316,15 +329,22 @@ class Decoder(nnx.Module):
     if not self.config.tie_embeddings and hasattr(self, "lm_head"):
       del self.lm_head
 
-  def logits(self, hidden: Array) -> Array:
-    """Output projection of hidden states, accumulated in float32."""
+  def output_kernel(self) -> Array:
+    """The ``[D, V]`` output projection: the embedding transposed when tied."""
     if self.config.tie_embeddings:
-      kernel = self.embed.embedding[...].T
-    elif hasattr(self, "lm_head"):
-      kernel = self.lm_head.kernel[...]
-    else:
-      raise ValueError("this decoder has no output head: drop_output_head() removed it "
-                       "when a reward/value head was attached")
+      return self.embed.embedding[...].T
+    if hasattr(self, "lm_head"):
+      return self.lm_head.kernel[...]
+    raise ValueError("this decoder has no output head: drop_output_head() removed it "
+                     "when a reward/value head was attached")
+
+  def logits(self, hidden: Array, kernel: Array | None = None) -> Array:
+    """Output projection of hidden states, accumulated in float32.
+
+    ``kernel``: ``output_kernel()`` computed once by a caller that projects many
+    times (the decoding loop), so that a tied embedding is transposed once.
+    """
+    kernel = self.output_kernel() if kernel is None else kernel
     rows = hidden.reshape(-1, hidden.shape[-1])  # a 2-D dot: much faster on XLA CPU
     logits = jnp.dot(rows, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
     return logits.reshape(hidden.shape[:-1] + (-1,))
@@ -348,8 +368,8 @@ class Decoder(nnx.Module):
                    index=jnp.zeros((), jnp.int32))
 
   def extend(self, tokens: Array, cache: KVCache, *, attention_mask: Array | None = None,
-             positions: Array | None = None,
-             last_only: bool = False) -> tuple[Array, KVCache]:
+             positions: Array | None = None, last_only: bool = False,
+             output_kernel: Array | None = None) -> tuple[Array, KVCache]:
     """Runs ``tokens [B, T]`` at cache slots ``index .. index+T-1``.
 
     ``attention_mask [B, T]`` marks which new tokens are real (left-padded
@@ -360,7 +380,7 @@ class Decoder(nnx.Module):
     ``last_only``, e.g. for a prefill) and the updated cache. The caller sizes
     the cache: ``index + T`` must not exceed ``max_length`` (the slot index is
     traced, so an overflow cannot be detected here and the write would be
-    clamped by ``dynamic_update_slice``).
+    clamped by ``dynamic_update_slice``). ``output_kernel``: see ``logits``.
     """
     b, t = tokens.shape
     if attention_mask is None:
@@ -379,7 +399,7 @@ class Decoder(nnx.Module):
       values.append(v)
     if last_only:
       x = x[:, -1:]
-    logits = self.logits(self.final_norm(x))
+    logits = self.logits(self.final_norm(x), output_kernel)
     new_cache = KVCache(keys=tuple(keys), values=tuple(values), segments=kv_segments,
                         index=cache.index + t)
     return logits, new_cache
