@@ -60,7 +60,7 @@ def profile(case: str, batch_index: int, repeats: int, traced: int) -> dict[str,
   batch = list(workloads.pair_batches(spec["layout"], batch_index + 1))[batch_index]
   if "cached" in spec["kind"]:
     batch = steps.with_cached_reference(batch)
-  _, info = run._builder(spec["kind"], run.NUM_SEGMENTS.get(spec["layout"]))
+  _, info = run._builder(spec["kind"], run.NUM_SEGMENTS.get(spec["layout"]), spec.get("decoder"))
   if "train_step" not in info:
     raise SystemExit(f"case {case!r} has no jitted train step to profile")
   state = info["state"]()

@@ -32,7 +32,10 @@ KV-cache generation, 64-token prompts, exactly 128 new tokens, timed against
 Hugging Face ``generate`` on the same weights in the same process
 (``benchmarks.generation``; at most 3 repeats each, median; ``vs_hf`` is the
 tokens/s ratio). ``--cases=generate`` selects every case whose name contains
-``generate``.
+``generate``. ``rm_step_hh_scan``, ``rm_step_hh_30layers`` and
+``rm_step_hh_30layers_scan`` set compile time against step time: the same RM
+with its blocks in one ``lax.scan`` (``Decoder.scan_layers``), and with 30 layers
+(SmolLM2's depth) unrolled or scanned.
 """
 
 from __future__ import annotations
@@ -65,6 +68,11 @@ CASES: dict[str, dict[str, Any]] = {
     "torch_dpo_step_hh_cached": dict(kind="torch_dpo_cached", layout="longest"),
     "torch_dpo_step_hh_live": dict(kind="torch_dpo_live", layout="longest"),
     "rm_step_hh_minilm": dict(kind="rm_minilm", layout="minilm"),
+    # Compile time against step time: the blocks unrolled (default) or one lax.scan.
+    "rm_step_hh_scan": dict(kind="rm", layout="shared", decoder=dict(scan_layers=True)),
+    "rm_step_hh_30layers": dict(kind="rm", layout="shared", decoder=dict(num_layers=30)),
+    "rm_step_hh_30layers_scan": dict(kind="rm", layout="shared",
+                                     decoder=dict(num_layers=30, scan_layers=True)),
     "ref_precompute_hh": dict(kind="ref_precompute", layout="longest"),
 }
 # KV-cache generation, prefjax and Hugging Face back to back (benchmarks.generation).
@@ -77,10 +85,11 @@ QUICK = ("rm_step_hh", "dpo_step_hh_cached", "dpo_step_hh_live")
 GENERATION_REPEATS = 3  # at most, per framework: an HF call at batch 64 takes ~10-100 s here
 
 
-def _builder(kind: str, num_segments: int | None) -> tuple[Callable, dict]:
+def _builder(kind: str, num_segments: int | None,
+             decoder: dict[str, Any] | None = None) -> tuple[Callable, dict]:
   from benchmarks import steps
   return {
-      "rm": lambda: steps.prefjax_rm(num_segments),
+      "rm": lambda: steps.prefjax_rm(num_segments, **(decoder or {})),
       "rm_ensemble4": lambda: steps.prefjax_rm_ensemble(4),
       "dpo_cached": lambda: steps.prefjax_dpo("cached", num_segments),
       "dpo_live": lambda: steps.prefjax_dpo("live", num_segments),
@@ -93,7 +102,7 @@ def _builder(kind: str, num_segments: int | None) -> tuple[Callable, dict]:
 
 
 def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float,
-                   attention_pairs: float | None = None) -> float:
+                   attention_pairs: float | None = None, num_layers: int | None = None) -> float:
   """Forward+backward FLOPs of ``rows x length`` computed slots: 6·N·slots + attention.
 
   ``attention_pairs`` counts the (query, key) pairs attention must compute; by
@@ -106,7 +115,7 @@ def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float,
   """
   from benchmarks import model_throughput
   from benchmarks import workloads
-  c = workloads.rm_model_config()
+  c = workloads.rm_model_config(**({"num_layers": num_layers} if num_layers else {}))
   matmul = model_throughput.flops_per_token(c, 0)
   if not lm_head:
     matmul -= 2 * c.hidden_size * c.vocab_size
@@ -156,7 +165,7 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
     batches = [steps_lib.with_cached_reference(b) for b in batches]
   num_segments = NUM_SEGMENTS.get(layout)
   start = time.perf_counter()
-  step, info = _builder(kind, num_segments)
+  step, info = _builder(kind, num_segments, spec.get("decoder"))
   compiles = info.get("compiles")
   if compiles is not None:  # compile every shape first: run one step per distinct shape
     seen = set()
@@ -186,8 +195,10 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
     flops = [passes * 3 * info["flops_per_token"](t) * r * t for r, t in shapes]
   else:
     pairs = [visible_pairs(b) if "segment_ids" in b and not torch else None for b in timed]
+    layers = spec.get("decoder", {}).get("num_layers")
     flops = [analytic_flops(r, t, lm_head="dpo" in kind or kind == "ref_precompute",
-                            passes=passes, attention_pairs=p) for (r, t), p in zip(shapes, pairs)]
+                            passes=passes, attention_pairs=p, num_layers=layers)
+             for (r, t), p in zip(shapes, pairs)]
   s_per_step = statistics.median(times)
   return {
       "case": name, "framework": "torch" if torch else "prefjax",

@@ -60,12 +60,15 @@ def _jitted(model: nnx.Module, loss_fn, trainable=nnx.Param) -> tuple[Callable, 
                 "state": lambda: holder["state"]}
 
 
-def _decoder(seed: int) -> dec.Decoder:
-  return dec.Decoder(workloads.rm_model_config(), rngs=nnx.Rngs(seed))
+def _decoder(seed: int, num_layers: int | None = None,
+             scan_layers: bool = False) -> dec.Decoder:
+  config = workloads.rm_model_config(**({"num_layers": num_layers} if num_layers else {}))
+  return dec.Decoder(config, rngs=nnx.Rngs(seed), scan_layers=scan_layers)
 
 
-def prefjax_rm(num_segments: int | None) -> tuple[Callable, dict]:
-  model = heads.attach_head(_decoder(0), "reward", rngs=nnx.Rngs(1))
+def prefjax_rm(num_segments: int | None, **decoder_options) -> tuple[Callable, dict]:
+  """The RM step; ``decoder_options`` (``num_layers``, ``scan_layers``) resize or scan the trunk."""
+  model = heads.attach_head(_decoder(0, **decoder_options), "reward", rngs=nnx.Rngs(1))
   loss_fn = rm_loss_lib.make_loss_fn({"name": "bt"}, num_columns=1, objectives=(),
                                       num_segments=num_segments)
   return _jitted(model, loss_fn)

@@ -9,7 +9,8 @@ schema is the same everywhere:
                           config fields; vocab_size None = tokenizer's), path (HF dir,
                           .gguf, "asset:smollm2", "asset:minilm": pretrained), head,
                           ensemble ("heads" | "deep"), pooling, dtype, remat (decoder:
-                          recompute each block's activations in the backward pass)
+                          recompute each block's activations in the backward pass),
+                          scan_layers (decoder: one scanned block, faster compiles)
   config.data             name (``load_preferences`` name or "tiny_world"), train_split,
                           eval_split, on_bad_row, tiny_world (seed, num_pairs, label_noise,
                           temperature), and ``pipeline`` fields (``PipelineConfig``);
@@ -104,10 +105,11 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
       trunk = hf_import.from_pretrained(resolve_path(cfg["path"]), dtype=_dtype(cfg.get("dtype")))
     else:
       trunk = _random_trunk(cfg, vocab_size, rngs)
-    if cfg.get("remat"):
-      if not hasattr(trunk, "remat"):
-        raise ValueError(f"model.remat=True: {type(trunk).__name__} has no rematerialisation")
-      trunk.remat = True
+    for flag in ("remat", "scan_layers"):
+      if cfg.get(flag):
+        if not hasattr(trunk, flag):
+          raise ValueError(f"model.{flag}=True: {type(trunk).__name__} has no {flag} option")
+        setattr(trunk, flag, True)
     return heads_lib.attach_head(trunk, member_head, rngs=rngs, pooling=pooling)
 
   if kind == "reward_ensemble" and cfg.get("ensemble", "heads") == "deep":

@@ -35,6 +35,9 @@ def test_analytic_flops_split_matmuls_and_attention():
   # Packed rows: only the visible pairs; a frozen forward is a third of a pass.
   assert run.analytic_flops(2, 64, lm_head=True, passes=1 / 3, attention_pairs=22) == \
       pytest.approx(matmul * 128 + 2 * c.hidden_size * c.vocab_size * 128 + per_pair * 22)
+  # 30 layers instead of 6: 5x the per-layer work, same embedding-free total otherwise.
+  assert run.analytic_flops(2, 64, lm_head=False, passes=1, num_layers=30) == pytest.approx(
+      5 * run.analytic_flops(2, 64, lm_head=False, passes=1))
 
 
 def test_cpu_description_names_the_model_and_vector_isa(tmp_path):

@@ -274,6 +274,9 @@ def test_partition_rules_shard_and_match_unsharded():
   assert len(q.sharding.device_set) == 8 and q.sharding.spec == P("fsdp", "tensor")
   got = forward(sharded, jnp.asarray(tokens), jnp.asarray(mask))
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
+  sharded.scan_layers = True  # the blocks' parameters stacked inside the program
+  got = forward(sharded, jnp.asarray(tokens), jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
 
 
 def test_bfloat16_compute_returns_float32_logits_close_to_float32():
@@ -304,23 +307,31 @@ def test_bad_config_raises(overrides, message):
                                        rngs=nnx.Rngs(0)))
 
 
-def test_remat_gives_the_same_gradients():
-  model = make_model("gpt2")
+@pytest.mark.parametrize("name, flags, packed", [
+    ("gpt2", ("remat",), False), ("gpt2", ("scan_layers",), False),
+    ("llama", ("scan_layers",), True), ("llama", ("remat", "scan_layers"), True)])
+def test_remat_and_scanned_layers_give_the_same_gradients(name, flags, packed):
+  model = make_model(name)
   tokens = jnp.asarray([SEQS[1]], jnp.int32)
-  weights = jax.random.normal(jax.random.key(0), (1, 7, CONFIGS["gpt2"].vocab_size))
+  kwargs = dict(segment_ids=jnp.asarray([[1, 1, 1, 2, 2, 2, 0]])) if packed else {}
+  weights = jax.random.normal(jax.random.key(0), (1, 7, CONFIGS[name].vocab_size))
 
   @jax.jit
   def grads(m):
     graphdef, state = nnx.split(m)
-    return jax.grad(lambda s: jnp.sum(weights * nnx.merge(graphdef, s)(tokens)))(state)
+    return jax.grad(lambda s: jnp.sum(weights * nnx.merge(graphdef, s)(tokens, **kwargs)))(
+        state)
 
-  remat = nnx.clone(model)
-  remat.remat = True
-  jaxpr = lambda m: str(jax.make_jaxpr(lambda s: nnx.merge(nnx.graphdef(m), s)(tokens))(
-      nnx.state(m)))
-  assert "remat" in jaxpr(remat) and "remat" not in jaxpr(model)
-  plain, checkpointed = grads(model), grads(remat)
-  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(checkpointed)):
+  changed = nnx.clone(model)
+  for flag in flags:
+    setattr(changed, flag, True)
+  jaxpr = lambda m: str(jax.make_jaxpr(lambda s: nnx.merge(nnx.graphdef(m), s)(
+      tokens, **kwargs))(nnx.state(m)))
+  marks = {"remat": "remat", "scan_layers": "scan["}
+  for flag in flags:
+    assert marks[flag] in jaxpr(changed) and marks[flag] not in jaxpr(model)
+  plain, other = grads(model), grads(changed)
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(other)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
   assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(plain)) > 0
 
@@ -346,3 +357,14 @@ def test_output_kernel_is_the_tied_embedding_or_the_head():
   untied.drop_output_head()
   with pytest.raises(ValueError, match="no output head"):
     untied.output_kernel()
+
+
+def test_model_config_flags_reach_the_decoder_and_fail_clearly_elsewhere():
+  from prefjax import experiment
+  cfg = dict(arch="decoder", preset="tiny_llama", overrides=dict(num_layers=2),
+             remat=True, scan_layers=True)
+  model = nnx.eval_shape(lambda: experiment.make_model(cfg, vocab_size=64, seed=0))
+  assert model.remat and model.scan_layers
+  with pytest.raises(ValueError, match="has no scan_layers option"):
+    nnx.eval_shape(lambda: experiment.make_model(
+        dict(arch="encoder", preset="tiny", scan_layers=True), vocab_size=64, seed=0))

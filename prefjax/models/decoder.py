@@ -24,8 +24,8 @@ HF Llama maps one-to-one (``input_layernorm`` -> ``input_norm``,
 q/k/v, ``c_proj`` -> ``o_proj``, ``mlp.c_fc``/``mlp.c_proj`` ->
 ``up_proj``/``down_proj``, ``ln_1``/``ln_2``/``ln_f`` -> the three norms, ``wte``
 -> ``embed``, ``wpe`` -> ``pos_embed`` (GPT-2 Conv1D weights are already
-``[in, out]``). Layers are an ``nnx.List`` of blocks (no scan) so that paths are
-readable and per-layer surgery is easy.
+``[in, out]``). Layers are an ``nnx.List`` of blocks so that paths are readable
+and per-layer surgery is easy; ``scan_layers`` scans them in the forward pass.
 
 Generation uses ``init_cache`` and ``extend``: the cache holds per-layer keys
 and values ``[B, Hkv, S, Dh]`` (heads first: see ``layers.cached_attention``), the segment id of every slot (1 real, 0 empty or
@@ -252,14 +252,19 @@ class Decoder(nnx.Module):
   """Causal language model. ``__call__`` returns float32 logits ``[N, T, V]``.
 
   ``remat=True`` recomputes each block's activations in the backward pass
-  (gradient checkpointing; saves memory when training long sequences). It is a
-  plain attribute, so a loaded model can be switched with ``model.remat = True``.
+  (gradient checkpointing; saves memory when training long sequences).
+  ``scan_layers=True`` runs the blocks as one ``lax.scan`` over their stacked
+  parameters, so a program compiles one block instead of ``num_layers`` (the
+  parameters stay one module per layer; the stack is built in the forward pass).
+  Both are plain attributes: a loaded model can be switched with ``model.remat = True``.
   """
 
   def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype: DType | None = None,
-               param_dtype: DType = jnp.float32, remat: bool = False):
+               param_dtype: DType = jnp.float32, remat: bool = False,
+               scan_layers: bool = False):
     self.config = config
     self.remat = remat
+    self.scan_layers = scan_layers
     self.dtype = default_compute_dtype() if dtype is None else dtype
     d = config.hidden_size
     self.embed = nnx.Embed(config.vocab_size, d, dtype=self.dtype,
@@ -309,8 +314,16 @@ class Decoder(nnx.Module):
     x = self._embed(tokens, positions)
     forward = (_REMAT_BLOCK_FORWARD if self.remat else _BLOCK_FORWARD)[
         segment_ids is not None and jax.default_backend() == "cpu"]
-    for block in self.layers:
-      x = forward(block, x, positions, segments, prefix_ids)
+    if self.scan_layers:
+      graphdef = nnx.graphdef(self.layers[0])
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in self.layers])
+
+      def body(x, state):
+        return forward(nnx.merge(graphdef, state), x, positions, segments, prefix_ids), None
+      x, _ = jax.lax.scan(body, x, stacked)
+    else:
+      for block in self.layers:
+        x = forward(block, x, positions, segments, prefix_ids)
     return self.final_norm(x)
 
   def __call__(self, tokens: Array, *, attention_mask: Array | None = None,
