@@ -20,7 +20,8 @@ KL estimators and the Monte Carlo sequence entropy, not the exact KL.
 
 EXPECTED: `:quick` (1 step, 1 prompt x 2 samples of 4 tokens, 2 eval prompts,
 random reward heads) runs end to end on this shared 2-core CPU in about 2 min 10 s
-wall (loading, compilation and a 2 GB checkpoint dominate). Full-run CPU cost,
+wall (loading, compilation and a 2 GB checkpoint dominate); 1 min 29 s with
+``model.scan_layers`` (2026-12-02, quiet). Full-run CPU cost,
 not measured: generation with the KV cache costs one 135M forward per token per batch, about
 0.27 GFLOP per token, so one RLOO step (8 prompts x 4 samples x 64 new tokens,
 plus policy/reference/reward forwards and a backward) is minutes on CPU and
