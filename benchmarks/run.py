@@ -115,7 +115,7 @@ def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float,
   """
   from benchmarks import model_throughput
   from benchmarks import workloads
-  c = workloads.rm_model_config(**({"num_layers": num_layers} if num_layers else {}))
+  c = workloads.rm_model_config(num_layers=num_layers)
   matmul = model_throughput.flops_per_token(c, 0)
   if not lm_head:
     matmul -= 2 * c.hidden_size * c.vocab_size

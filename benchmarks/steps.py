@@ -62,7 +62,7 @@ def _jitted(model: nnx.Module, loss_fn, trainable=nnx.Param) -> tuple[Callable, 
 
 def _decoder(seed: int, num_layers: int | None = None,
              scan_layers: bool = False) -> dec.Decoder:
-  config = workloads.rm_model_config(**({"num_layers": num_layers} if num_layers else {}))
+  config = workloads.rm_model_config(num_layers=num_layers)
   return dec.Decoder(config, rngs=nnx.Rngs(seed), scan_layers=scan_layers)
 
 

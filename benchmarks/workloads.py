@@ -59,9 +59,11 @@ class HashWordTokenizer:
 
 
 def rm_model_config(**overrides: Any) -> dec.DecoderConfig:
-  """The 23.47M-parameter Llama of the comparison (``DecoderConfig.llama`` resized)."""
+  """The 23.47M-parameter Llama of the comparison (``DecoderConfig.llama`` resized);
+  an override of None keeps the comparison's value."""
   base = dict(vocab_size=VOCAB, hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=8,
               intermediate_size=1408, pad_id=0, bos_id=1, eos_id=2)
+  overrides = {k: v for k, v in overrides.items() if v is not None}
   return dec.DecoderConfig.llama(**{**base, **overrides})
 
 

@@ -257,8 +257,6 @@ def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *, rng
   chex.assert_equal_shape([prompt_tokens, prompt_mask])
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if cache_phases is not None and cache_phases < 1:
-    raise ValueError(f"cache_phases must be >= 1, got {cache_phases}")
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if top_k is not None and top_k < 1:
