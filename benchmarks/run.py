@@ -4,7 +4,9 @@ r"""Train-step benchmarks: prefjax against the same computation in PyTorch, on o
   python -m benchmarks.run --quick              # 3 timed steps, prefjax RM/DPO cases only
   python -m benchmarks.run --cases=rm_step_hh,torch_rm_step_hh --json=/tmp/bench.json
 
-Each case runs in its own subprocess (its own compile cache and peak RSS). A
+Each case runs in its own subprocess (its own compile cache and peak RSS); prefjax's
+train-step cases run with the binaries' malloc setting (``prefjax/xla_cpu.py``), the
+others with the caller's environment, and each row's ``glibc_tunables`` says which. A
 case takes the workload's first ``1 + steps`` batches (``benchmarks.workloads``),
 compiles every distinct shape among them beforehand (the compile time
 reported), runs the first batch as a warm-up and times the rest. Reported per
@@ -244,10 +246,26 @@ def _peak_rss_mb() -> int:
 
 def _child(name: str, steps: int) -> dict[str, Any]:
   cmd = [sys.executable, "-m", "benchmarks.run", "--child", name, "--steps", str(steps)]
-  proc = subprocess.run(cmd, capture_output=True, text=True)
+  env = _child_environment(name)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if proc.returncode:
     return {"case": name, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return {**json.loads(proc.stdout.strip().splitlines()[-1]),
+          "glibc_tunables": env.get("GLIBC_TUNABLES", "")}
+
+
+def _child_environment(name: str) -> dict[str, str]:
+  """The binaries' malloc setting for prefjax's train steps (``xla_cpu.malloc_tunables``).
+
+  PyTorch's cases keep the plain environment (their steps ran 2–9% slower with it), and so
+  do the generation cases, where prefjax and Hugging Face alternate in one process.
+  """
+  from prefjax import xla_cpu
+  env = dict(os.environ)
+  tunables = xla_cpu.malloc_tunables(env)
+  if tunables and CASES[name]["kind"] != "generate" and not name.startswith("torch"):
+    env["GLIBC_TUNABLES"] = tunables
+  return env
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

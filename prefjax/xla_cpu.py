@@ -1,4 +1,4 @@
-"""XLA CPU settings the binaries, tests and benchmarks start with.
+"""CPU settings the binaries, tests and benchmarks start with: XLA flags and malloc.
 
 XLA's default CPU dot backend (XNNPACK with YNN fusions in the pinned jax)
 ran this project's train steps slower than the classic one: on the HH reward-model
@@ -7,14 +7,23 @@ the step from 105 to 143 GFLOP/s on a 2-core x86 machine (``benchmarks/RESULTS.m
 Flags are read once, when JAX starts its CPU backend, so this must run before
 the first JAX computation. It never overrides a flag already in ``XLA_FLAGS``;
 ``PREFJAX_XLA_CPU_DEFAULTS=0`` turns it off. Other backends ignore these flags.
+
+XLA allocates each step's temporaries afresh (838 MB for ``rm_step_hh``), so every
+step faults its pages in again. With glibc's ``glibc.malloc.hugetlb=1`` malloc asks
+for transparent huge pages on those blocks, which took that step from 1.16–1.29 to
+0.97–0.99 s/step in alternating runs (RESULTS.md). glibc reads ``GLIBC_TUNABLES``
+only at start-up, so :func:`restart_with_malloc_defaults` re-executes the process
+with it; ``PREFJAX_XLA_CPU_DEFAULTS=0`` turns that off as well.
 """
 
 from __future__ import annotations
 
 import os
-from typing import MutableMapping
+import sys
+from typing import MutableMapping, Sequence
 
 CPU_FLAGS = ("--xla_cpu_use_xnnpack=false", "--xla_cpu_experimental_ynn_fusion_type=")
+MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
 DISABLE_ENV = "PREFJAX_XLA_CPU_DEFAULTS"
 
 
@@ -29,3 +38,57 @@ def apply_cpu_defaults(environ: MutableMapping[str, str] = os.environ) -> str:
       flags = f"{flags} {flag}".strip()
   environ["XLA_FLAGS"] = flags
   return flags
+
+
+def malloc_tunables(environ: MutableMapping[str, str] = os.environ) -> str | None:
+  """``GLIBC_TUNABLES`` with ``MALLOC_TUNABLE`` added, or None if there is nothing to add.
+
+  None when the defaults are off, the C library is not glibc, or the user already
+  chose a ``glibc.malloc.hugetlb`` value.
+  """
+  if environ.get(DISABLE_ENV, "1") == "0" or not _is_glibc():
+    return None
+  current = environ.get("GLIBC_TUNABLES", "")
+  if "glibc.malloc.hugetlb=" in current:
+    return None
+  return f"{current}:{MALLOC_TUNABLE}" if current else MALLOC_TUNABLE
+
+
+def restart_with_malloc_defaults(package: str, orig_argv: Sequence[str] | None = None) -> None:
+  """Re-executes this process with :func:`malloc_tunables` if it is ``python -m package…``.
+
+  Call it before importing JAX (the restart then costs an interpreter start-up). It
+  does nothing in any other process (pytest, a notebook, a script importing the
+  package), so a library import never restarts its caller.
+  """
+  argv = list(sys.orig_argv if orig_argv is None else orig_argv)
+  module = module_run_by(argv)
+  if module != package and not module.startswith(package + "."):
+    return
+  tunables = malloc_tunables()
+  if tunables is None:
+    return
+  os.environ["GLIBC_TUNABLES"] = tunables
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execv(sys.executable, [sys.executable, *argv[1:]])
+
+
+def module_run_by(argv: Sequence[str]) -> str:
+  """The module of ``python [options] -m module …`` (``sys.orig_argv``); "" for anything else."""
+  args = iter(argv[1:])
+  for arg in args:
+    if arg == "-m":
+      return next(args, "")
+    if arg in ("-X", "-W"):  # options whose value is the next word
+      next(args, None)
+    elif arg == "-c" or not arg.startswith("-"):  # a command or a script: no -m
+      return ""
+  return ""
+
+
+def _is_glibc() -> bool:
+  try:
+    return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+  except (ValueError, OSError, AttributeError):
+    return False

@@ -48,3 +48,15 @@ def test_cpu_description_names_the_model_and_vector_isa(tmp_path):
   assert run.cpu_description(str(cpuinfo)).endswith(" cores, AVX-512)")
   cpuinfo.write_text("model name\t: Intel Xeon\nflags\t\t: fpu avx2\n")
   assert run.cpu_description(str(cpuinfo)).endswith(", AVX2)")
+
+
+def test_only_prefjax_train_steps_get_the_binaries_malloc_setting(monkeypatch):
+  from prefjax import xla_cpu
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")
+  monkeypatch.delenv(xla_cpu.DISABLE_ENV, raising=False)
+  expected = xla_cpu.malloc_tunables() or "glibc.malloc.arena_max=4"
+  assert run._child_environment("rm_step_hh")["GLIBC_TUNABLES"] == expected
+  for name in ("torch_rm_step_hh", "generate_25m_b1_greedy"):
+    assert run._child_environment(name)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4"
+  monkeypatch.setenv(xla_cpu.DISABLE_ENV, "0")
+  assert run._child_environment("rm_step_hh")["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4"

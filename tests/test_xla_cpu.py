@@ -26,3 +26,51 @@ def test_a_binary_starts_with_the_defaults_and_jax_accepts_them():
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        check=True).stdout.split("\n")
   assert out[0] == " ".join(xla_cpu.CPU_FLAGS) and out[1] == "3.0"
+
+
+def test_malloc_tunable_is_added_once_and_user_choices_win():
+  assert xla_cpu.malloc_tunables({}) == xla_cpu.MALLOC_TUNABLE
+  assert (xla_cpu.malloc_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+          == "glibc.malloc.arena_max=2:" + xla_cpu.MALLOC_TUNABLE)
+  assert xla_cpu.malloc_tunables({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
+  assert xla_cpu.malloc_tunables({xla_cpu.DISABLE_ENV: "0"}) is None
+
+
+def test_no_restart_outside_the_named_package(monkeypatch):
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.delenv(xla_cpu.DISABLE_ENV, raising=False)
+  exe = sys.executable
+  assert xla_cpu.module_run_by([exe, "-u", "-X", "dev", "-m", "experiments.a", "-m"]) == "experiments.a"
+  for argv in ([exe, "-m", "pytest", "tests"], [exe, "-m", "experimentsx.a"],
+               [exe, "script.py", "-m", "experiments.a"], [exe, "-c", "pass", "-m", "experiments.a"],
+               [exe, "-m"]):
+    xla_cpu.restart_with_malloc_defaults("experiments", orig_argv=argv)  # returns, no exec
+  assert "GLIBC_TUNABLES" not in os.environ
+
+
+def _run_module(tmp_path, **env_overrides):
+  """Runs ``python -m pkg.show`` from a package whose ``__init__`` restarts like experiments'."""
+  pkg = tmp_path / "pkg"
+  pkg.mkdir(exist_ok=True)
+  (pkg / "__init__.py").write_text(
+      "from prefjax import xla_cpu\nxla_cpu.restart_with_malloc_defaults('pkg')\n")
+  (pkg / "show.py").write_text(
+      "import os, sys\nprint(os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])\n")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo, **env_overrides)
+  env.pop("GLIBC_TUNABLES", None)
+  if xla_cpu.DISABLE_ENV not in env_overrides:
+    env.pop(xla_cpu.DISABLE_ENV, None)
+  proc = subprocess.Popen([sys.executable, "-m", "pkg.show", "--flag=1", "x"], cwd=tmp_path,
+                          env=env, stdout=subprocess.PIPE, text=True)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 0
+  pid, tunables, args = out.strip().split(" ", 2)
+  return int(pid) == proc.pid, tunables, args
+
+
+def test_a_binary_restarts_in_place_with_the_malloc_tunable(tmp_path):
+  same_pid, tunables, args = _run_module(tmp_path)
+  assert same_pid and args == "['--flag=1', 'x']"
+  assert tunables == (xla_cpu.MALLOC_TUNABLE if xla_cpu._is_glibc() else "None")
+  assert _run_module(tmp_path, **{xla_cpu.DISABLE_ENV: "0"})[1] == "None"
