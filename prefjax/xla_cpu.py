@@ -10,8 +10,9 @@ the first JAX computation. It never overrides a flag already in ``XLA_FLAGS``;
 
 XLA allocates each step's temporaries afresh (838 MB for ``rm_step_hh``), so every
 step faults its pages in again. With glibc's ``glibc.malloc.hugetlb=1`` malloc asks
-for transparent huge pages on those blocks, which took that step from 1.16–1.29 to
-0.97–0.99 s/step in alternating runs (RESULTS.md). glibc reads ``GLIBC_TUNABLES``
+for transparent huge pages on those blocks, which took that step's median from
+1.16–1.29 to 0.97–1.04 s (the mean over 30 steps 7% lower) in alternating runs
+(``benchmarks/RESULTS.md``). glibc reads ``GLIBC_TUNABLES``
 only at start-up, so :func:`restart_with_malloc_defaults` re-executes the process
 with it; ``PREFJAX_XLA_CPU_DEFAULTS=0`` turns that off as well.
 """
@@ -66,7 +67,7 @@ def restart_with_malloc_defaults(package: str, orig_argv: Sequence[str] | None =
   if module != package and not module.startswith(package + "."):
     return
   tunables = malloc_tunables()
-  if tunables is None:
+  if tunables is None or not sys.executable:  # an embedded interpreter cannot re-execute
     return
   os.environ["GLIBC_TUNABLES"] = tunables
   sys.stdout.flush()
