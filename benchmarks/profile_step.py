@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
   from prefjax import xla_cpu
   xla_cpu.apply_cpu_defaults()
-  xla_cpu.restart_with_malloc_defaults("benchmarks")  # as the binaries run (--torch too)
+  xla_cpu.restart_with_malloc_defaults({"benchmarks.profile_step"})  # as train_* run (--torch too)
   from benchmarks import steps
   ceiling, bandwidth = steps.matmul_ceiling(), copy_bandwidth()
   result = profile(args.case, args.batch, args.repeats, args.traced)

@@ -11,8 +11,9 @@ the first JAX computation. It never overrides a flag already in ``XLA_FLAGS``;
 XLA allocates each step's temporaries afresh (838 MB for ``rm_step_hh``), so every
 step faults its pages in again. With glibc's ``glibc.malloc.hugetlb=1`` malloc asks
 for transparent huge pages on those blocks, which took that step's median from
-1.16–1.29 to 0.97–1.04 s (the mean over 30 steps 7% lower) in alternating runs
-(``benchmarks/RESULTS.md``). glibc reads ``GLIBC_TUNABLES``
+1.16–1.29 to 0.97–1.04 s (the mean over 30 steps 7% lower) in alternating runs, and
+made generation 6–14% slower (``benchmarks/RESULTS.md``); so only the binaries that
+run train steps ask for it. glibc reads ``GLIBC_TUNABLES``
 only at start-up, so :func:`restart_with_malloc_defaults` re-executes the process
 with it; ``PREFJAX_XLA_CPU_DEFAULTS=0`` turns that off as well.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import MutableMapping, Sequence
+from typing import Collection, MutableMapping, Sequence
 
 CPU_FLAGS = ("--xla_cpu_use_xnnpack=false", "--xla_cpu_experimental_ynn_fusion_type=")
 MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
@@ -55,16 +56,17 @@ def malloc_tunables(environ: MutableMapping[str, str] = os.environ) -> str | Non
   return f"{current}:{MALLOC_TUNABLE}" if current else MALLOC_TUNABLE
 
 
-def restart_with_malloc_defaults(package: str, orig_argv: Sequence[str] | None = None) -> None:
-  """Re-executes this process with :func:`malloc_tunables` if it is ``python -m package…``.
+def restart_with_malloc_defaults(modules: Collection[str],
+                                 orig_argv: Sequence[str] | None = None) -> None:
+  """Re-executes this process with :func:`malloc_tunables` if it is ``python -m M`` for
+  one of ``modules``.
 
   Call it before importing JAX (the restart then costs an interpreter start-up). It
   does nothing in any other process (pytest, a notebook, a script importing the
   package), so a library import never restarts its caller.
   """
   argv = list(sys.orig_argv if orig_argv is None else orig_argv)
-  module = module_run_by(argv)
-  if module != package and not module.startswith(package + "."):
+  if module_run_by(argv) not in modules:
     return
   tunables = malloc_tunables()
   if tunables is None or not sys.executable:  # an embedded interpreter cannot re-execute

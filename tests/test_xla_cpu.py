@@ -41,10 +41,10 @@ def test_no_restart_outside_the_named_package(monkeypatch):
   monkeypatch.delenv(xla_cpu.DISABLE_ENV, raising=False)
   exe = sys.executable
   assert xla_cpu.module_run_by([exe, "-u", "-X", "dev", "-m", "experiments.a", "-m"]) == "experiments.a"
-  for argv in ([exe, "-m", "pytest", "tests"], [exe, "-m", "experimentsx.a"],
+  for argv in ([exe, "-m", "pytest", "tests"], [exe, "-m", "experiments.a.b"], [exe, "-m", "experiments.b"],
                [exe, "script.py", "-m", "experiments.a"], [exe, "-c", "pass", "-m", "experiments.a"],
                [exe, "-m"]):
-    xla_cpu.restart_with_malloc_defaults("experiments", orig_argv=argv)  # returns, no exec
+    xla_cpu.restart_with_malloc_defaults({"experiments.a"}, orig_argv=argv)  # returns, no exec
   assert "GLIBC_TUNABLES" not in os.environ
 
 
@@ -53,7 +53,7 @@ def _run_module(tmp_path, **env_overrides):
   pkg = tmp_path / "pkg"
   pkg.mkdir(exist_ok=True)
   (pkg / "__init__.py").write_text(
-      "from prefjax import xla_cpu\nxla_cpu.restart_with_malloc_defaults('pkg')\n")
+      "from prefjax import xla_cpu\nxla_cpu.restart_with_malloc_defaults({'pkg.show'})\n")
   (pkg / "show.py").write_text(
       "import os, sys\nprint(os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])\n")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
