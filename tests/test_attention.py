@@ -55,6 +55,18 @@ def test_forward_matches_float64_reference(t, h, kv, block, tiled):
                                rtol=1e-10, atol=1e-12)
 
 
+def test_default_blocks_match_the_reference_across_several_tiles():
+  # t = 600 spans three 256-token tiles (the tiled default) and five 128-token blocks.
+  q, k, v, segments = _inputs(1, 3, 600, 2, 2, 8)  # row 2: packed segments
+  with jax.enable_x64(True):
+    for tiled in (False, True):
+      got = _attention(*map(jnp.asarray, (q, k, v, segments)), tiled=tiled)
+      np.testing.assert_allclose(np.asarray(got), _reference(q, k, v, segments),
+                                 rtol=1e-10, atol=1e-12)
+  assert attention.query_blocks(600, attention.DEFAULT_TILE_SIZE) == (
+      (0, 256), (256, 512), (512, 600))
+
+
 def _short_segments(n, t, seed):
   """Every row packed with runs of 2-9 tokens (ids 1, 2, ...) and a padding tail: most
   tiles below the diagonal are invisible, so the tiled kernel skips them."""
