@@ -262,8 +262,8 @@ def _child_environment(name: str) -> dict[str, str]:
   """
   from prefjax import xla_cpu
   env = dict(os.environ)
-  tunables = xla_cpu.malloc_tunables(env)
-  if tunables and CASES[name]["kind"] != "generate" and not name.startswith("torch"):
+  tunables, kind = xla_cpu.malloc_tunables(env), CASES[name]["kind"]
+  if tunables and kind != "generate" and not kind.startswith("torch"):
     env["GLIBC_TUNABLES"] = tunables
   return env
 

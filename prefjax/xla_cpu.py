@@ -13,9 +13,9 @@ step faults its pages in again. With glibc's ``glibc.malloc.hugetlb=1`` malloc a
 for transparent huge pages on those blocks, which took that step's median from
 1.16–1.29 to 0.97–1.04 s (the mean over 30 steps 7% lower) in alternating runs, and
 made generation 6–14% slower (``benchmarks/RESULTS.md``); so only the binaries that
-run train steps ask for it. glibc reads ``GLIBC_TUNABLES``
-only at start-up, so :func:`restart_with_malloc_defaults` re-executes the process
-with it; ``PREFJAX_XLA_CPU_DEFAULTS=0`` turns that off as well.
+run train steps ask for it. glibc reads ``GLIBC_TUNABLES`` only at start-up, so
+:func:`restart_with_malloc_defaults` re-executes the process with it;
+``PREFJAX_XLA_CPU_DEFAULTS=0`` turns that off as well.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ DISABLE_ENV = "PREFJAX_XLA_CPU_DEFAULTS"
 def apply_cpu_defaults(environ: MutableMapping[str, str] = os.environ) -> str:
   """Appends each of ``CPU_FLAGS`` not already set to ``XLA_FLAGS``; returns the new value."""
   flags = environ.get("XLA_FLAGS", "")
-  if environ.get(DISABLE_ENV, "1") == "0":
+  if not _defaults_on(environ):
     return flags
   for flag in CPU_FLAGS:
     name = flag.split("=", 1)[0]
@@ -48,7 +48,7 @@ def malloc_tunables(environ: MutableMapping[str, str] = os.environ) -> str | Non
   None when the defaults are off, the C library is not glibc, or the user already
   chose a ``glibc.malloc.hugetlb`` value.
   """
-  if environ.get(DISABLE_ENV, "1") == "0" or not _is_glibc():
+  if not _defaults_on(environ) or not _is_glibc():
     return None
   current = environ.get("GLIBC_TUNABLES", "")
   if "glibc.malloc.hugetlb=" in current:
@@ -88,6 +88,10 @@ def module_run_by(argv: Sequence[str]) -> str:
     elif arg == "-c" or not arg.startswith("-"):  # a command or a script: no -m
       return ""
   return ""
+
+
+def _defaults_on(environ: MutableMapping[str, str]) -> bool:
+  return environ.get(DISABLE_ENV, "1") != "0"
 
 
 def _is_glibc() -> bool:

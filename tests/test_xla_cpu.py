@@ -36,14 +36,15 @@ def test_malloc_tunable_is_added_once_and_user_choices_win():
   assert xla_cpu.malloc_tunables({xla_cpu.DISABLE_ENV: "0"}) is None
 
 
-def test_no_restart_outside_the_named_package(monkeypatch):
+def test_no_restart_outside_the_named_modules(monkeypatch):
   monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
   monkeypatch.delenv(xla_cpu.DISABLE_ENV, raising=False)
   exe = sys.executable
-  assert xla_cpu.module_run_by([exe, "-u", "-X", "dev", "-m", "experiments.a", "-m"]) == "experiments.a"
-  for argv in ([exe, "-m", "pytest", "tests"], [exe, "-m", "experiments.a.b"], [exe, "-m", "experiments.b"],
-               [exe, "script.py", "-m", "experiments.a"], [exe, "-c", "pass", "-m", "experiments.a"],
-               [exe, "-m"]):
+  assert (xla_cpu.module_run_by([exe, "-u", "-X", "dev", "-m", "experiments.a", "-m"])
+          == "experiments.a")
+  for argv in ([exe, "-m", "pytest", "tests"], [exe, "-m", "experiments.a.b"],
+               [exe, "-m", "experiments.b"], [exe, "script.py", "-m", "experiments.a"],
+               [exe, "-c", "pass", "-m", "experiments.a"], [exe, "-m"]):
     xla_cpu.restart_with_malloc_defaults({"experiments.a"}, orig_argv=argv)  # returns, no exec
   assert "GLIBC_TUNABLES" not in os.environ
 
