@@ -81,6 +81,43 @@ def _short_segments(n, t, seed):
   return segments
 
 
+def _shared_prompt_rows(n, t, seed):
+  """Rows packed like the shared-prompt pair layout: groups of a prompt segment and one
+  or two response segments, all with the prompt's id as prefix id; padding between
+  groups now and then and at the tail."""
+  rng = np.random.default_rng(seed)
+  segments, prefixes = np.zeros((n, t), np.int32), np.zeros((n, t), np.int32)
+  for row in range(n):
+    at, sid = int(rng.integers(0, 3)), 0
+    while at < t:
+      prompt = sid + 1
+      for part in range(1 + int(rng.integers(1, 3))):
+        sid, length = sid + 1, int(rng.integers(1, 12))
+        segments[row, at:at + length], prefixes[row, at:at + length] = sid, prompt
+        at += length
+      at += int(rng.integers(0, 3)) * int(rng.random() < 0.3)  # a padding gap
+  return segments, prefixes
+
+
+@pytest.mark.parametrize("block", [1, 4, 16, 64])
+def test_reach_is_the_earliest_key_a_real_query_of_each_block_sees(block):
+  """``_reach`` decides which tiles the tiled kernel skips: against brute force over the
+  visibility rule, on shared-prompt rows and on plain packed rows."""
+  for seed in range(8):
+    segments, prefixes = _shared_prompt_rows(3, 100, seed)
+    for pre in (prefixes, None):
+      groups = segments if pre is None else pre
+      visible = np.tril(np.ones((100, 100), bool)) & (
+          (segments[:, :, None] == segments[:, None, :])
+          | (groups[:, :, None] == segments[:, None, :]))
+      earliest = np.where(segments > 0, visible.argmax(-1), 100)  # a query sees itself
+      blocks = attention.query_blocks(100, block, max_blocks=128)
+      want = [earliest[:, s:e].min() for s, e in blocks]
+      masks = (jnp.asarray(segments), None if pre is None else jnp.asarray(pre))
+      np.testing.assert_array_equal(jax.jit(attention._reach, static_argnums=1)(
+          masks, blocks), want, err_msg=f"seed {seed}, prefixes {pre is not None}")
+
+
 @pytest.mark.parametrize("t,h,kv,block,layout,tiled", [
     (37, 4, 4, 8, "mixed", False), (64, 6, 2, 16, "mixed", False),
     (37, 4, 4, 8, "mixed", True), (64, 6, 2, 16, "mixed", True),
