@@ -91,7 +91,7 @@ def _shared_prompt_rows(n, t, seed):
     at, sid = int(rng.integers(0, 3)), 0
     while at < t:
       prompt = sid + 1
-      for part in range(1 + int(rng.integers(1, 3))):
+      for _ in range(1 + int(rng.integers(1, 3))):
         sid, length = sid + 1, int(rng.integers(1, 12))
         segments[row, at:at + length], prefixes[row, at:at + length] = sid, prompt
         at += length
