@@ -1,12 +1,43 @@
 #!/usr/bin/env bash
-# One prepared GPU check (device machine; its own jax/flax, nothing installed from the network).
-# Usage on the device: OUT=/some/dir bash benchmarks/gpu_check.sh
-# Writes one JSON per benchmark into $OUT and prints each table.
+# The one prepared GPU check (issue G): nothing is installed from the network.
+#
+# On the device:  OUT=/some/dir bash benchmarks/gpu_check.sh   (carry .whl; limits add to 9 min)
+# Smoke run here: OUT=/tmp/gpu_check SMOKE=1 PY=.venv/bin/python bash benchmarks/gpu_check.sh
+#
+# .whl holds the wheels the device image lacks (grain, array_record, ml_collections,
+# portpicker for CPython 3.12; the download command is in README.md, "GPU check").
+# Steps, each with its own time limit, each writing JSON into $OUT:
+#   1. the target: a Llama-3.2-1B-sized RM train step in bf16 (benchmarks/scale_rm_step.py),
+#      blocks unrolled, then scanned (compile time against step time);
+#   2. the attention kernels' exactness tests on the GPU (f32 matmuls at full precision);
+#   3. decoder forward and KV-cache generation throughput (SmolLM2-135M shapes).
 set -u
+PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-run() { name=$1; shift; timeout 300 python3 -m benchmarks.model_throughput "$@" --repeats=3 --out="$OUT/$name.json" 2>&1 | grep -v Warning; }
-run bf16_b8_t256 --model=random:smollm2_135m --dtype=bfloat16 --batch=8 --length=256 --gen_batch=8 --new_tokens=64
-run bf16_b32_t1024 --model=random:smollm2_135m --dtype=bfloat16 --batch=32 --length=1024 --skip_generate
-run f32_b8_t256 --model=random:smollm2_135m --dtype=float32 --batch=8 --length=256 --skip_generate
+if [ -d .whl ] && [ -z "${SMOKE:-}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+mkdir -p "$OUT"
+if [ -n "${SMOKE:-}" ]; then
+  scale="--size=tiny --rows=2 --length=512 --max_pairs=6 --steps=2"
+  model="--model=random:tiny_llama --batch=2 --length=64 --gen_batch=2 --new_tokens=8"
+  tests="tests/test_attention.py::test_reach_is_the_earliest_key_a_real_query_of_each_block_sees"
+else
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  scale=""
+  model="--model=random:smollm2_135m --dtype=bfloat16 --batch=8 --length=256"
+  model="$model --gen_batch=8 --new_tokens=64"
+  tests="tests/test_attention.py"
+fi
+$PY -c "import jax, flax, optax, grain, ml_collections
+print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" || exit 1
+step() { echo "== $1"; shift; timeout "$@" 2>&1 | grep -v -i warning; }
+scale_step="$PY -m benchmarks.scale_rm_step $scale"
+step "1B RM step, unrolled" 210 $scale_step --json="$OUT/rm_step_1b.json"
+step "1B RM step, scanned" 120 $scale_step --scan_layers --json="$OUT/rm_step_1b_scan.json"
+step "attention tests" 120 env JAX_PLATFORMS= JAX_DEFAULT_MATMUL_PRECISION=highest \
+  $PY -m pytest -q -p no:cacheprovider "$tests"
+step "decoder throughput" 90 $PY -m benchmarks.model_throughput $model --repeats=3 \
+  --out="$OUT/throughput.json"

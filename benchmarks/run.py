@@ -104,7 +104,8 @@ def _builder(kind: str, num_segments: int | None,
 
 
 def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float,
-                   attention_pairs: float | None = None, num_layers: int | None = None) -> float:
+                   attention_pairs: float | None = None, num_layers: int | None = None,
+                   config: Any = None) -> float:
   """Forward+backward FLOPs of ``rows x length`` computed slots: 6·N·slots + attention.
 
   ``attention_pairs`` counts the (query, key) pairs attention must compute; by
@@ -113,11 +114,12 @@ def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float,
   crosses segments, so counting the row's whole triangle would credit it with work
   it does not do. ``passes`` counts full forward+backward equivalents (a frozen
   reference forward is 1/3 of one); the LM head counts only where the loss reads
-  logits (DPO).
+  logits (DPO). ``config``: another ``DecoderConfig`` than the workload's model
+  (``num_layers`` resizes the workload's).
   """
   from benchmarks import model_throughput
   from benchmarks import workloads
-  c = workloads.rm_model_config(num_layers=num_layers)
+  c = config or workloads.rm_model_config(num_layers=num_layers)
   matmul = model_throughput.flops_per_token(c, 0)
   if not lm_head:
     matmul -= 2 * c.hidden_size * c.vocab_size

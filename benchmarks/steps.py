@@ -25,7 +25,6 @@ import optax
 from flax import nnx
 
 from benchmarks import workloads
-from prefjax.direct import loss as direct_loss_lib
 from prefjax.models import decoder as dec
 from prefjax.models import heads
 from prefjax.rm import loss as rm_loss_lib
@@ -60,14 +59,17 @@ def _jitted(model: nnx.Module, loss_fn, trainable=nnx.Param) -> tuple[Callable, 
                 "state": lambda: holder["state"]}
 
 
-def _decoder(seed: int, num_layers: int | None = None,
-             scan_layers: bool = False) -> dec.Decoder:
-  config = workloads.rm_model_config(num_layers=num_layers)
-  return dec.Decoder(config, rngs=nnx.Rngs(seed), scan_layers=scan_layers)
+def _decoder(seed: int, num_layers: int | None = None, scan_layers: bool = False,
+             remat: bool = False, config: dec.DecoderConfig | None = None,
+             dtype: Any = None) -> dec.Decoder:
+  config = config or workloads.rm_model_config(num_layers=num_layers)
+  return dec.Decoder(config, rngs=nnx.Rngs(seed), scan_layers=scan_layers, remat=remat,
+                     dtype=dtype)
 
 
 def prefjax_rm(num_segments: int | None, **decoder_options) -> tuple[Callable, dict]:
-  """The RM step; ``decoder_options`` (``num_layers``, ``scan_layers``) resize or scan the trunk."""
+  """The RM step; ``decoder_options`` (``num_layers`` or a whole ``config``, ``scan_layers``,
+  ``remat``, compute ``dtype``) resize, scan or rematerialise the trunk."""
   model = heads.attach_head(_decoder(0, **decoder_options), "reward", rngs=nnx.Rngs(1))
   loss_fn = rm_loss_lib.make_loss_fn({"name": "bt"}, num_columns=1, objectives=(),
                                       num_segments=num_segments)
@@ -86,6 +88,8 @@ def prefjax_rm_ensemble(members: int) -> tuple[Callable, dict]:
 def prefjax_dpo(reference: str, num_segments: int | None) -> tuple[Callable, dict]:
   """DPO; ``reference="cached"`` reads ``ref_chosen/ref_rejected`` from the batch,
   ``"live"`` runs the frozen reference's forward inside the same jitted step."""
+  # Imported here: prefjax.direct pulls in TFDS, which the RM steps (and the GPU image) lack.
+  from prefjax.direct import loss as direct_loss_lib
   direct_loss = direct_loss_lib.DirectLoss(
       name="dpo", beta=DPO_BETA, ref_mode="cached" if reference == "cached" else "online",
       layout="packed" if num_segments else "padded", num_segments=num_segments)
@@ -120,6 +124,7 @@ def prefjax_minilm_rm() -> tuple[Callable, dict]:
 
 def prefjax_ref_precompute() -> tuple[Callable, dict]:
   """``ref_cache.ReferenceScorer`` of the workload decoder (the DPO reference pass)."""
+  from prefjax.direct import loss as direct_loss_lib
   from prefjax.direct import ref_cache
   scorer = ref_cache.ReferenceScorer(_decoder(0), direct_loss_lib.DirectLoss(
       name="dpo", beta=DPO_BETA, ref_mode="cached"))
@@ -215,10 +220,10 @@ def torch_dpo(reference: str) -> tuple[Callable, dict]:
   return step, {"params": sum(p.numel() for p in policy.parameters())}
 
 
-def matmul_ceiling(size: int = 2048, repeats: int = 10) -> float:
-  """This machine's float32 matmul FLOP/s: median of ``repeats`` jitted ``size``² dots."""
+def matmul_ceiling(size: int = 2048, repeats: int = 10, dtype: Any = jnp.float32) -> float:
+  """This machine's matmul FLOP/s: median of ``repeats`` jitted ``size``² dots in ``dtype``."""
   import time
-  a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), dtype)
   dot = jax.jit(jnp.dot)
   dot(a, a).block_until_ready()
   times = []

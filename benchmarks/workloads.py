@@ -18,7 +18,6 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from prefjax.data import pipeline as pipeline_lib
-from prefjax.data import sources
 from prefjax.data import tokenize as tokenize_lib
 from prefjax.models import decoder as dec
 
@@ -69,6 +68,7 @@ def rm_model_config(**overrides: Any) -> dec.DecoderConfig:
 
 def hh_pairs(max_length: int = MAX_LENGTH) -> tuple[list[dict[str, Any]], HashWordTokenizer]:
   """HH harmless-base test pairs in file order, without those whose prompt reaches ``max_length``."""
+  from prefjax.data import sources  # here: TFDS is needed for the HH file, not the tokenizer
   tokenizer = HashWordTokenizer()
   source = sources.load_preferences("hh_rlhf/harmless-base", "test")
   rows = [source[i] for i in range(len(source))]
@@ -118,6 +118,7 @@ def minilm_batches(count: int) -> Iterator[dict[str, np.ndarray]]:
   """
   from configs.rm import hh_minilm
   from prefjax import experiment
+  from prefjax.data import sources
   config = hh_minilm.get_config()
   source = sources.load_preferences("hh_rlhf/harmless-base", "test")
   rows = [source[i] for i in range(len(source))]
