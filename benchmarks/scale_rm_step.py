@@ -17,7 +17,8 @@ rejected`` sequence, the layout of ``rm_step_hh``) over synthetic pairs: prompts
 (``workloads.HashWordTokenizer``), packed into ``--rows`` x ``--length``; every step
 reads new pairs, all of one shape.
 
-Reported: compile s; median s/step over ``--steps`` timed steps after one warm-up;
+Reported: compile s (JAX's tracing, lowering and compiling, ``run.CompileClock``) and
+startup s (building and initialising the model too); median s/step over ``--steps`` timed steps after one warm-up;
 real tokens/s (each pair counted as two ``prompt + response`` sequences, as in
 ``benchmarks.run``); padded-slot %; analytic TFLOP per step (6·N·slots for the N
 matmul parameters outside the embedding, plus attention over the (query, key) pairs
@@ -130,11 +131,12 @@ def run(size: str, *, rows: int, length: int, max_pairs: int, steps: int,
   batches = pair_batches(steps + 1, rows=rows, length=length, vocab_size=config.vocab_size,
                          max_pairs=max_pairs)
   start = time.perf_counter()
-  _, info = steps_lib.prefjax_rm(3 * max_pairs, config=config, remat=remat,
-                                 scan_layers=scan_layers, dtype=compute)
-  state = info["state"]()
-  compiled = info["train_step"].lower(state, batches[0]).compile()
-  compile_s = time.perf_counter() - start
+  with run_lib.CompileClock() as clock:
+    _, info = steps_lib.prefjax_rm(3 * max_pairs, config=config, remat=remat,
+                                   scan_layers=scan_layers, dtype=compute)
+    state = info["state"]()
+    compiled = info["train_step"].lower(state, batches[0]).compile()
+  startup_s = time.perf_counter() - start
   times = time_steps(compiled, state, batches)
   timed = batches[1:]
   s_per_step = statistics.median(times)
@@ -154,7 +156,8 @@ def run(size: str, *, rows: int, length: int, max_pairs: int, steps: int,
       "device": device.device_kind,
       "backend": jax.default_backend(), "jax": jax.__version__, "dtype": compute.name,
       "params": info["params"], "rows": rows, "length": length, "remat": remat,
-      "scan_layers": scan_layers, "steps": len(times), "compile_s": round(compile_s, 1),
+      "scan_layers": scan_layers, "steps": len(times), "compile_s": round(clock.seconds, 1),
+      "startup_s": round(startup_s, 1),
       "s_per_step": round(s_per_step, 4), "step_times": [round(t, 4) for t in times],
       "pairs_per_step": float(np.mean([b["pair_mask"].sum() for b in timed])),
       "real_tokens_per_s": round(real / s_per_step, 1),

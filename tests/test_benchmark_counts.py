@@ -60,3 +60,23 @@ def test_only_prefjax_train_steps_get_the_binaries_malloc_setting(monkeypatch):
     assert run._child_environment(name)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4"
   monkeypatch.setenv(xla_cpu.DISABLE_ENV, "0")
   assert run._child_environment("rm_step_hh")["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4"
+
+
+def test_compile_clock_counts_compiles_once_and_only_inside_its_block():
+  import time
+  import jax
+  import jax.numpy as jnp
+
+  inner = jax.jit(lambda x: jnp.sin(x) * 2)
+  outer = jax.jit(lambda x: inner(x) + inner(x + 1))  # nested jits: one top-level program
+  x = jnp.arange(8.0)
+  start = time.perf_counter()
+  with run.CompileClock() as clock:
+    outer(x).block_until_ready()
+    compiled = clock.seconds
+    outer(x).block_until_ready()  # cached: nothing traced or compiled
+  wall = time.perf_counter() - start
+  assert 0 < compiled <= wall  # sequential phases of one program: never more than the wall time
+  assert clock.seconds == compiled
+  jax.jit(lambda x: jnp.cos(x) - 1)(x).block_until_ready()  # after the block: not counted
+  assert clock.seconds == compiled
