@@ -316,10 +316,11 @@ def _table(rows: list[dict[str, Any]]) -> str:
     if "error" in r:
       lines.append(f"| {r['case']} | error: {r['error'][0]} |||||||")
       continue
+    share = 100 * r["compile_share_100_steps"]
     lines.append(f"| {r['case']} | {r['s_per_step']:.2f} | {r['real_tokens_per_s']:.0f} | "
-                 f"{r['padded_slot_pct']:.0f} | {r['compile_s']:.1f} ({100 * r['compile_share_100_steps']:.1f}%) | "
-                 f"{r['achieved_gflop_s']:.0f} | "
-                 f"{100 * r['mfu']:.0f}% | {r['peak_rss_mb']} | {r['compiles_during_timed_steps']} |")
+                 f"{r['padded_slot_pct']:.0f} | {r['compile_s']:.1f} ({share:.1f}%) | "
+                 f"{r['achieved_gflop_s']:.0f} | {100 * r['mfu']:.0f}% | {r['peak_rss_mb']} | "
+                 f"{r['compiles_during_timed_steps']} |")
   generation = [r for r in rows if "hf_tokens_per_s" in r]
   if generation:
     lines += ["", "| case | prefjax tok/s | HF tok/s | vs HF | prefjax s/call | HF s/call | "
