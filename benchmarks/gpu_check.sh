@@ -5,7 +5,7 @@
 # Smoke run here: OUT=/tmp/gpu_check SMOKE=1 PY=.venv/bin/python bash benchmarks/gpu_check.sh
 #
 # .whl holds the wheels the device image lacks (grain, array_record, ml_collections,
-# portpicker for CPython 3.12; the download command is in README.md, "GPU check").
+# portpicker for CPython 3.12; the download command is in README.md, "Speed").
 # Steps, each with its own time limit, each writing JSON into $OUT:
 #   1. the target: a Llama-3.2-1B-sized RM train step in bf16 (benchmarks/scale_rm_step.py),
 #      blocks unrolled, then scanned (compile time against step time);

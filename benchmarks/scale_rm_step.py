@@ -101,13 +101,14 @@ def xla_flops(compiled: Any) -> float | None:
 
 
 def time_steps(compiled: Any, state: Any, batches: list[dict[str, np.ndarray]]) -> list[float]:
-  """Seconds of each step after the first (a warm-up), each until its loss is on the host."""
+  """Seconds of each step after the first (a warm-up), each until its update is done."""
   import jax
   times = []
   for i, batch in enumerate(batches):
     start = time.perf_counter()
     state, metrics = compiled(state, batch)
-    loss = float(jax.block_until_ready(metrics["loss"]))
+    state, loss = jax.block_until_ready((state, metrics["loss"]))
+    loss = float(loss)
     if i:
       times.append(time.perf_counter() - start)
     if not np.isfinite(loss):
