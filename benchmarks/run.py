@@ -220,8 +220,7 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
     if not np.isfinite(loss):
       raise RuntimeError(f"{name}: non-finite loss {loss}")
   timed = batches[1:]
-  computed = sum(int(np.count_nonzero(real_slots(b))) for b in timed) / len(timed)
-  real = sum(pair_tokens(b) for b in timed) / len(timed)
+  real, computed, pair_count = per_step_counts(timed)
   torch = kind.startswith("torch")
   shapes = [computed_shape(b, torch) for b in timed]
   slots = sum(r * t for r, t in shapes) / len(shapes)
@@ -250,11 +249,18 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
       "padded_slot_pct": round(100 * (1 - computed / slots), 1),
       "analytic_tflop_per_step": round(float(np.mean(flops)) / 1e12, 4),
       "achieved_gflop_s": round(float(np.mean(flops)) / s_per_step / 1e9, 1),
-      "pairs_per_s": round(float(np.mean([b["pair_mask"].sum() for b in timed])) / s_per_step, 2),
+      "pairs_per_s": round(pair_count / s_per_step, 2),
       "peak_rss_mb": _peak_rss_mb(),
       "compiles_during_timed_steps": (compiles() - before) if compiles else 0,
       "jax_backend": jax.default_backend(),
   }
+
+
+def per_step_counts(batches: list[dict[str, np.ndarray]]) -> tuple[float, float, float]:
+  """Means over ``batches`` of real tokens (``pair_tokens``), real slots computed, and pairs."""
+  return (float(np.mean([pair_tokens(b) for b in batches])),
+          float(np.mean([np.count_nonzero(real_slots(b)) for b in batches])),
+          float(np.mean([b["pair_mask"].sum() for b in batches])))
 
 
 def real_slots(batch: dict[str, np.ndarray]) -> np.ndarray:

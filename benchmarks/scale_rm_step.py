@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
 from typing import Any
@@ -87,10 +86,11 @@ def bf16_peak(device_kind: str) -> float | None:
 
 def peak_memory_mb(device: Any) -> int:
   """Peak bytes the device's allocator held (accelerators), else this process's peak RSS."""
+  from benchmarks import run as run_lib
   stats = device.memory_stats() if device.platform != "cpu" else None
   if stats and "peak_bytes_in_use" in stats:
     return round(stats["peak_bytes_in_use"] / 2 ** 20)
-  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+  return run_lib._peak_rss_mb()
 
 
 def xla_flops(compiled: Any) -> float | None:
@@ -144,8 +144,7 @@ def run(size: str, *, rows: int, length: int, max_pairs: int, steps: int,
   flops = float(np.mean([run_lib.analytic_flops(rows, length, lm_head=False, passes=1.0,
                                                 attention_pairs=run_lib.visible_pairs(b),
                                                 config=config) for b in timed]))
-  real = float(np.mean([run_lib.pair_tokens(b) for b in timed]))
-  computed = float(np.mean([np.count_nonzero(run_lib.real_slots(b)) for b in timed]))
+  real, computed, pairs = run_lib.per_step_counts(timed)
   on_accelerator = device.platform != "cpu"
   ceiling = steps_lib.matmul_ceiling(8192 if on_accelerator else 2048,
                                      dtype=compute if on_accelerator else jnp.float32)
@@ -160,7 +159,7 @@ def run(size: str, *, rows: int, length: int, max_pairs: int, steps: int,
       "scan_layers": scan_layers, "steps": len(times), "compile_s": round(clock.seconds, 1),
       "startup_s": round(startup_s, 1),
       "s_per_step": round(s_per_step, 4), "step_times": [round(t, 4) for t in times],
-      "pairs_per_step": float(np.mean([b["pair_mask"].sum() for b in timed])),
+      "pairs_per_step": pairs,
       "real_tokens_per_s": round(real / s_per_step, 1),
       "padded_slot_pct": round(100 * (1 - computed / (rows * length)), 1),
       "analytic_tflop_per_step": round(flops / 1e12, 5),
