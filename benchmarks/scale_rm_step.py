@@ -1,6 +1,6 @@
 r"""A reward-model train step at 1B scale: issue G's accelerator target (≥ 45% MFU in bf16).
 
-  python -m benchmarks.scale_rm_step --json=/tmp/scale.json        # on a GPU: ~2 min
+  python -m benchmarks.scale_rm_step --json=/tmp/scale.json        # on a GPU (not yet timed)
   python -m benchmarks.scale_rm_step --size=tiny --rows=2 --length=256 --steps=2   # CPU smoke run
 
 The model is a Llama of ``--size`` with a scalar reward head and random weights:

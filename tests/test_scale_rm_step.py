@@ -19,14 +19,14 @@ def test_tiny_run_reports_a_trained_step_of_packed_shared_prompt_batches(tmp_pat
   assert row["xla_tflop_per_step"] > 0 and row["analytic_tflop_per_step"] > 0
 
 
-def test_pair_batches_are_full_packed_rows_of_one_shape():
+def test_pair_batches_are_packed_shared_prompt_rows_of_one_shape():
   batches = scale_rm_step.pair_batches(3, rows=2, length=512, vocab_size=512, max_pairs=6)
   for b in batches:
     assert b["tokens"].shape == (2, 512) and b["chosen_index"].shape == (6, 2)
     assert b["tokens"].max() < 512
-    # Every pair is prompt | chosen | rejected in one row: the prompt is its own prefix.
     pairs = int(b["pair_mask"].sum())
     assert 1 <= pairs <= 6
+    # Shared prompts: pair tokens count each prompt twice, so they exceed the real slots.
     assert run.pair_tokens(b) > np.count_nonzero(b["segment_ids"])
   # New pairs every batch.
   assert not np.array_equal(batches[0]["tokens"], batches[1]["tokens"])
