@@ -5,17 +5,24 @@ rejected, RPO/ORPO NLL term, ties, TRL-named metrics). ``ref_cache``: reference
 log-probs on the fly, cached on disk keyed by a fingerprint, or none.
 ``evaluation``: the evaluator of held-out implicit-reward accuracy and KL to the
 reference.
+
+Names are imported on first use (``prefjax._lazy``), so importing one
+submodule does not pull in the others' dependencies.
 """
 
-from prefjax.direct.evaluation import KLEvalConfig
-from prefjax.direct.evaluation import make_eval_fn
-from prefjax.direct.evaluation import make_evaluator
-from prefjax.direct.loss import DirectLoss
-from prefjax.direct.loss import make_loss_fn
-from prefjax.direct.loss import score_pairs
-from prefjax.direct.ref_cache import ReferenceIterator
-from prefjax.direct.ref_cache import ReferenceScorer
-from prefjax.direct.ref_cache import ReferenceTable
+from prefjax import _lazy
 
-__all__ = ["DirectLoss", "KLEvalConfig", "ReferenceIterator", "ReferenceScorer",
-           "ReferenceTable", "make_eval_fn", "make_evaluator", "make_loss_fn", "score_pairs"]
+_EXPORTS = {
+    "KLEvalConfig": "evaluation",
+    "make_eval_fn": "evaluation",
+    "make_evaluator": "evaluation",
+    "DirectLoss": "loss",
+    "make_loss_fn": "loss",
+    "score_pairs": "loss",
+    "ReferenceIterator": "ref_cache",
+    "ReferenceScorer": "ref_cache",
+    "ReferenceTable": "ref_cache",
+}
+_SUBMODULES = ("evaluation", "loss", "ref_cache")
+
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, _EXPORTS, _SUBMODULES)

@@ -1,6 +1,6 @@
 """prefjax models: causal decoders, the BERT encoder, reward/value heads, checkpoint I/O.
 
-Public names are imported lazily (PEP 562), so ``import prefjax.models`` is cheap.
+Public names are imported lazily (PEP 562, ``prefjax._lazy``), so ``import prefjax.models`` is cheap.
 
   from_pretrained(path, *, head=None, dtype=None)   local HF dir or .gguf -> model
   save_pretrained(model, path)                      decoder/encoder -> HF dir
@@ -11,13 +11,10 @@ Public names are imported lazily (PEP 562), so ``import prefjax.models`` is chea
   generate, sequence_logps                          sampling and scoring
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from prefjax import _lazy
 
 # name -> the module (relative to this package) that defines it.
-_EXPORTS: dict[str, str] = {
+_EXPORTS = {
     "from_pretrained": "hf_import",
     "save_pretrained": "hf_import",
     "load_hf_checkpoint": "hf_import",
@@ -39,16 +36,7 @@ _EXPORTS: dict[str, str] = {
     "sequence_logps": "sampling",
 }
 
-__all__ = sorted(_EXPORTS)
+_SUBMODULES = ("attention", "decoder", "encoder", "gguf_import", "heads", "hf_import", "hf_mappings",
+               "layers", "sampling", "segments")
 
-
-def __getattr__(name: str) -> Any:
-  if name not in _EXPORTS:
-    raise AttributeError(f"module 'prefjax.models' has no attribute {name!r}")
-  value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-  globals()[name] = value
-  return value
-
-
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, _EXPORTS, _SUBMODULES)

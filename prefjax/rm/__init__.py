@@ -5,14 +5,21 @@ entry; ensembles with bootstrap weights; multi-objective heads). ``labels``:
 objective labels of pairs for multi-objective models. ``evaluation``: the
 full-pass evaluator (accuracy, log-loss, two-sided ECE, length baseline,
 reliability plots) for ``train_loop(..., evaluators=[...])``.
+
+Names are imported on first use (``prefjax._lazy``), so importing one
+submodule does not pull in the others' dependencies.
 """
 
-from prefjax.rm.evaluation import RewardModelEvaluator
-from prefjax.rm.evaluation import eval_batches
-from prefjax.rm.loss import RewardLoss
-from prefjax.rm.loss import make_loss_fn
-from prefjax.rm.loss import pair_rewards
-from prefjax.rm.loss import reward_columns
+from prefjax import _lazy
 
-__all__ = ["RewardLoss", "RewardModelEvaluator", "eval_batches", "make_loss_fn",
-           "pair_rewards", "reward_columns"]
+_EXPORTS = {
+    "RewardModelEvaluator": "evaluation",
+    "eval_batches": "evaluation",
+    "RewardLoss": "loss",
+    "make_loss_fn": "loss",
+    "pair_rewards": "loss",
+    "reward_columns": "loss",
+}
+_SUBMODULES = ("evaluation", "labels", "loss")
+
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, _EXPORTS, _SUBMODULES)

@@ -6,43 +6,47 @@ Typical use from an experiment binary::
   result = train.train_loop(workdir=..., model=model, loss_fn=loss_fn,
                             optimizer=config.optimizer, loop=config.loop,
                             train_iter=it, config=config)
+
+Names are imported on first use (``prefjax._lazy``), so importing one
+submodule does not pull in the others' dependencies.
 """
 
-from prefjax.train.checkpoint import Checkpointer
-from prefjax.train.checkpoint import DamagedCheckpointError
-from prefjax.train.checkpoint import NoIntactCheckpointError
-from prefjax.train.checkpoint import load_params
-from prefjax.train.evaluators import BatchEvaluator
-from prefjax.train.loop import LoopConfig
-from prefjax.train.loop import NonFiniteError
-from prefjax.train.loop import StopOnSignal
-from prefjax.train.loop import TrainResult
-from prefjax.train.loop import train_loop
-from prefjax.train.metrics import MetricWriter
-from prefjax.train.metrics import read_metrics
-from prefjax.train.schedules import OptimizerConfig
-from prefjax.train.schedules import make_optimizer
-from prefjax.train.schedules import make_schedule
-from prefjax.train.sharding import batch_shardings
-from prefjax.train.sharding import state_shardings
-from prefjax.train.state import TrainState
-from prefjax.train.state import create_train_state
-from prefjax.train.state import merge_model
-from prefjax.train.state import params_sha256
-from prefjax.train.state import split_model
-from prefjax.train.step import jit_train_step
-from prefjax.train.step import make_eval_step
-from prefjax.train.step import make_train_step
-from prefjax.train.step import split_microbatches
-from prefjax.train.summary import ConfigMismatchError
-from prefjax.train.summary import read_summary
-from prefjax.train.summary import write_or_check_config
+from prefjax import _lazy
 
-__all__ = [
-    "BatchEvaluator", "Checkpointer", "ConfigMismatchError", "DamagedCheckpointError", "LoopConfig",
-    "MetricWriter", "NoIntactCheckpointError", "NonFiniteError", "StopOnSignal",
-    "OptimizerConfig", "TrainResult", "TrainState", "batch_shardings", "create_train_state",
-    "jit_train_step", "load_params", "make_eval_step", "make_optimizer", "make_schedule", "make_train_step",
-    "merge_model", "params_sha256", "read_metrics", "read_summary", "split_microbatches",
-    "split_model", "state_shardings", "train_loop", "write_or_check_config",
-]
+_EXPORTS = {
+    "Checkpointer": "checkpoint",
+    "DamagedCheckpointError": "checkpoint",
+    "NoIntactCheckpointError": "checkpoint",
+    "load_params": "checkpoint",
+    "BatchEvaluator": "evaluators",
+    "LoopConfig": "loop",
+    "NonFiniteError": "loop",
+    "StopOnSignal": "loop",
+    "TrainResult": "loop",
+    "train_loop": "loop",
+    "MetricWriter": "metrics",
+    "read_metrics": "metrics",
+    "OptimizerConfig": "schedules",
+    "make_optimizer": "schedules",
+    "make_schedule": "schedules",
+    "batch_shardings": "sharding",
+    "state_shardings": "sharding",
+    "TrainState": "state",
+    "create_train_state": "state",
+    "merge_model": "state",
+    "params_sha256": "state",
+    "split_model": "state",
+    "jit_train_step": "step",
+    "make_eval_step": "step",
+    "make_train_step": "step",
+    "split_microbatches": "step",
+    "ConfigMismatchError": "summary",
+    "read_summary": "summary",
+    "write_or_check_config": "summary",
+}
+_SUBMODULES = (
+    "checkpoint", "evaluators", "integrity", "loop", "metrics", "schedules",
+    "sharding", "state", "step", "summary",
+)
+
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, _EXPORTS, _SUBMODULES)
