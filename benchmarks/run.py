@@ -108,7 +108,7 @@ def _builder(kind: str, num_segments: int | None,
 
 def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float,
                    attention_pairs: float | None = None, num_layers: int | None = None,
-                   config: Any = None) -> float:
+                   config: Any = None, pooled: tuple[float, float] | None = None) -> float:
   """Forward+backward FLOPs of ``rows x length`` computed slots: 6·N·slots + attention.
 
   ``attention_pairs`` counts the (query, key) pairs attention must compute; by
@@ -118,7 +118,10 @@ def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float,
   it does not do. ``passes`` counts full forward+backward equivalents (a frozen
   reference forward is 1/3 of one); the LM head counts only where the loss reads
   logits (DPO). ``config``: another ``DecoderConfig`` than the workload's model
-  (``num_layers`` resizes the workload's).
+  (``num_layers`` resizes the workload's). ``pooled = (slots, pairs)``
+  (``pooled_counts``): a reward model whose last block runs only at the pooled
+  slots (``Decoder.hidden_states(select=...)``); that block's query, output and MLP
+  products and its attention count for those slots and their pairs alone.
   """
   from benchmarks import model_throughput
   from benchmarks import workloads
@@ -129,7 +132,32 @@ def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float,
   if attention_pairs is None:
     attention_pairs = rows * length * length / 2
   attention = model_throughput.attention_flops_per_pair(c)
-  return passes * 3 * (matmul * rows * length + attention * attention_pairs)
+  total = matmul * rows * length + attention * attention_pairs
+  if pooled is not None:
+    slots, pairs = pooled
+    per_slot = 2 * c.hidden_size * (2 * c.num_heads * c.head_dim + (
+        3 if c.mlp == "swiglu" else 2) * c.intermediate_size)
+    total -= (per_slot * (rows * length - slots)
+              + attention / c.num_layers * (attention_pairs - pairs))
+  return passes * 3 * total
+
+
+def pooled_counts(batch: dict[str, np.ndarray]) -> tuple[float, float]:
+  """(slots, visible (query, key) pairs) of the tokens a "last"-pooled reward head
+  reads: each sequence's last real token (packed: each segment's)."""
+  if "segment_ids" not in batch:
+    lengths = batch["attention_mask"].sum(-1)
+    return float(len(lengths)), float(lengths.sum())
+  segments = batch["segment_ids"]
+  prefixes = batch.get("prefix_ids", segments)
+  slots = pairs = 0.0
+  for seg_row, prefix_row in zip(segments, prefixes):
+    for seg in np.unique(seg_row[seg_row > 0]):
+      last = np.flatnonzero(seg_row == seg)[-1]
+      keys = seg_row[:last + 1]
+      slots += 1
+      pairs += np.sum((keys == seg) | (keys == prefix_row[last]))
+  return slots, pairs
 
 
 def visible_pairs(batch: dict[str, np.ndarray]) -> float:
@@ -231,9 +259,10 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
   else:
     pairs = [visible_pairs(b) if "segment_ids" in b and not torch else None for b in timed]
     layers = spec.get("decoder", {}).get("num_layers")
+    pooled = [pooled_counts(b) if kind.startswith("rm") else None for b in timed]
     flops = [analytic_flops(r, t, lm_head="dpo" in kind or kind == "ref_precompute",
-                            passes=passes, attention_pairs=p, num_layers=layers)
-             for (r, t), p in zip(shapes, pairs)]
+                            passes=passes, attention_pairs=p, num_layers=layers, pooled=q)
+             for (r, t), p, q in zip(shapes, pairs, pooled)]
   s_per_step = statistics.median(times)
   return {
       "case": name, "framework": "torch" if torch else "prefjax",

@@ -143,7 +143,8 @@ def run(size: str, *, rows: int, length: int, max_pairs: int, steps: int,
   s_per_step = statistics.median(times)
   flops = float(np.mean([run_lib.analytic_flops(rows, length, lm_head=False, passes=1.0,
                                                 attention_pairs=run_lib.visible_pairs(b),
-                                                config=config) for b in timed]))
+                                                config=config, pooled=run_lib.pooled_counts(b))
+                            for b in timed]))
   real, computed, pairs = run_lib.per_step_counts(timed)
   on_accelerator = device.platform != "cpu"
   ceiling = steps_lib.matmul_ceiling(8192 if on_accelerator else 2048,

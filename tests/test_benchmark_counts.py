@@ -40,6 +40,27 @@ def test_analytic_flops_split_matmuls_and_attention():
       5 * run.analytic_flops(2, 64, lm_head=False, passes=1))
 
 
+def test_pooled_counts_read_each_sequences_last_token_and_what_it_sees():
+  # Packed shared row: the prompt's last token sees 2 keys, chosen's 2 + 3, rejected's 2 + 2.
+  assert run.pooled_counts(_shared_row()) == (3, 2 + 5 + 4)
+  # Padded rows: one slot per row, which sees the whole row.
+  assert run.pooled_counts({"attention_mask": np.array([[1, 1, 0], [1, 1, 1]])}) == (2, 5)
+
+
+def test_analytic_flops_of_a_last_block_at_the_pooled_slots():
+  c = workloads.rm_model_config()
+  full = run.analytic_flops(2, 64, lm_head=False, passes=1, attention_pairs=500)
+  # Pooling every slot and every pair is the full count.
+  assert run.analytic_flops(2, 64, lm_head=False, passes=1, attention_pairs=500,
+                            pooled=(128, 500)) == pytest.approx(full)
+  # Otherwise the last block's q, o and MLP products and its attention drop for the rest.
+  per_slot = 2 * c.hidden_size * (2 * c.num_heads * c.head_dim + 3 * c.intermediate_size)
+  per_pair_one_layer = 4 * c.num_heads * c.head_dim
+  assert run.analytic_flops(2, 64, lm_head=False, passes=1, attention_pairs=500,
+                            pooled=(3, 11)) == pytest.approx(
+      full - 3 * (per_slot * 125 + per_pair_one_layer * 489))
+
+
 def test_cpu_description_names_the_model_and_vector_isa(tmp_path):
   cpuinfo = tmp_path / "cpuinfo"
   cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f\n\n"

@@ -182,6 +182,36 @@ def _attention_bwd(blocks, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def attention_at(q: Array, k: Array, v: Array, select: Array, segments: Array,
+                 prefixes: Array | None = None) -> Array:
+  """``causal_attention``'s output at the query slots ``select [N, P]`` only.
+
+  ``q [N, P, H, D]`` are the queries of those slots; ``k, v [N, T, Hkv, D]`` every
+  slot's keys and values; ``segments``/``prefixes [N, T]`` as in ``causal_attention``.
+  A pooled reward head reads one slot per sequence, so the last block needs no
+  other query (``Decoder.hidden_states(select=...)``). Dense over the ``P x T``
+  scores, which are few. Returns ``[N, P, H, D]``.
+  """
+  n, p, h, d = q.shape
+  chex.assert_shape([k, v], (n, None, None, d))
+  chex.assert_shape(select, (n, p))
+  t, group = k.shape[1], h // k.shape[2]
+  chex.assert_shape(segments, (n, t))
+  q_segments = jnp.take_along_axis(segments, select, axis=1)
+  keys = segments[:, None, :]
+  visible = q_segments[:, :, None] == keys
+  if prefixes is not None:
+    visible |= jnp.take_along_axis(prefixes, select, axis=1)[:, :, None] == keys
+  visible &= jnp.arange(t)[None, None, :] <= select[:, :, None]
+  acc = _accumulation(q)
+  q = q.reshape(n, p, k.shape[2], group, d)
+  s = jnp.einsum("npkgd,ntkd->nkgpt", q, k, preferred_element_type=acc) * d ** -0.5
+  s = jnp.where(visible[:, None, None], s, _MASKED)
+  probs = jax.nn.softmax(s, axis=-1)
+  out = jnp.einsum("nkgpt,ntkd->npkgd", probs.astype(v.dtype), v, preferred_element_type=acc)
+  return out.reshape(n, p, h, d).astype(q.dtype)
+
+
 # ----------------------------------------------------------------------------------- tiled
 # Packed rows hold many short sequences, so most (query block, key block) tiles below
 # the diagonal hold no visible score at all. The tiled kernel visits tiles one by one

@@ -223,6 +223,15 @@ class Block(nnx.Module):
     x = x + attn_out
     return x + self.mlp(self.post_attn_norm(x)), new_cache
 
+  def at(self, x: Array, select: Array, *, positions: Array, segments: Array,
+         prefixes: Array | None = None) -> Array:
+    """The block's output at slots ``select [N, P]`` only: ``[N, P, D]`` (``__call__``'s
+    values there; every slot still supplies keys and values)."""
+    attn_out = self.attn.at(self.input_norm(x), select, positions=positions,
+                            segments=segments, prefixes=prefixes)
+    x = layers.take_slots(x, select) + attn_out
+    return x + self.mlp(self.post_attn_norm(x))
+
 
 def positions_from_mask(attention_mask: Array) -> Array:
   """Position of every real token counted from the row's first real token."""
@@ -285,7 +294,7 @@ class Decoder(nnx.Module):
   def hidden_states(self, tokens: Array, *, attention_mask: Array | None = None,
                     segment_ids: Array | None = None,
                     positions: Array | None = None,
-                    prefix_ids: Array | None = None) -> Array:
+                    prefix_ids: Array | None = None, select: Array | None = None) -> Array:
     """Final-norm hidden states ``[N, T, D]`` for a padded or a packed batch.
 
     Padded: ``attention_mask [N, T]`` (right or left padding); positions default
@@ -295,6 +304,11 @@ class Decoder(nnx.Module):
     (the segment each token may also attend to, ``attention.causal_attention``)
     and need explicit ``positions``. Outputs at padding positions are finite but
     meaningless.
+
+    ``select [N, P]`` int: return only the states at these slots, ``[N, P, D]``. The
+    last block then computes queries, attention output and MLP for those slots
+    alone (a pooled reward head reads one slot per sequence), the same values at a
+    fraction of that block's work.
     """
     if prefix_ids is not None and (segment_ids is None or positions is None):
       raise ValueError("prefix_ids (shared-prompt pairs) need segment_ids and positions")
@@ -314,16 +328,20 @@ class Decoder(nnx.Module):
     x = self._embed(tokens, positions)
     forward = (_REMAT_BLOCK_FORWARD if self.remat else _BLOCK_FORWARD)[
         segment_ids is not None and jax.default_backend() == "cpu"]
-    if self.scan_layers:
-      graphdef = nnx.graphdef(self.layers[0])
-      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in self.layers])
+    blocks = list(self.layers) if select is None else list(self.layers)[:-1]
+    if self.scan_layers and blocks:
+      graphdef = nnx.graphdef(blocks[0])
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
 
       def body(x, state):
         return forward(nnx.merge(graphdef, state), x, positions, segments, prefix_ids), None
       x, _ = jax.lax.scan(body, x, stacked)
     else:
-      for block in self.layers:
+      for block in blocks:
         x = forward(block, x, positions, segments, prefix_ids)
+    if select is not None:
+      x = self.layers[-1].at(x, select, positions=positions, segments=segments,
+                             prefixes=prefix_ids)
     return self.final_norm(x)
 
   def __call__(self, tokens: Array, *, attention_mask: Array | None = None,

@@ -40,6 +40,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from prefjax.models import segments as seg
+from prefjax.models.decoder import Decoder
 from prefjax.models.encoder import Encoder
 
 Array = jax.Array
@@ -70,16 +71,28 @@ def _gather_tokens(hidden: Array, index: Array) -> Array:
   return picked.reshape(index.shape + (d,))
 
 
+def pooled_slots(tokens: Array, attention_mask: Array | None, segment_ids: Array | None,
+                 num_segments: int | None, pooling: str) -> Array:
+  """The slot that "last" or "cls" pooling reads: ``[N]`` per padded row, ``[R, S + 1]``
+  per packed segment (column 0 and absent segments: slot 0)."""
+  if segment_ids is not None:
+    pick = seg.segment_last_index if pooling == "last" else seg.segment_first_index
+    return pick(segment_ids, num_segments)
+  if attention_mask is None:
+    attention_mask = jnp.ones(tokens.shape[:2], jnp.int32)
+  if pooling == "last":
+    return seg.last_token_index(attention_mask)
+  return jnp.argmax(attention_mask > 0, axis=-1).astype(jnp.int32)
+
+
 def pool_padded(hidden: Array, attention_mask: Array | None, pooling: str) -> Array:
   """One feature vector per padded row: ``[N, T, D] -> [N, D]`` float32."""
   n, t, _ = hidden.shape
   if attention_mask is None:
     attention_mask = jnp.ones((n, t), jnp.int32)
-  if pooling == "last":
-    return _gather_tokens(hidden, seg.last_token_index(attention_mask)).astype(jnp.float32)
-  if pooling == "cls":
-    first = jnp.argmax(attention_mask > 0, axis=-1).astype(jnp.int32)
-    return _gather_tokens(hidden, first).astype(jnp.float32)
+  if pooling != "mean":
+    index = pooled_slots(hidden, attention_mask, None, None, pooling)
+    return _gather_tokens(hidden, index).astype(jnp.float32)
   m = attention_mask.astype(jnp.float32)[..., None]
   total = jnp.sum(hidden.astype(jnp.float32) * m, axis=1)
   return total / jnp.maximum(jnp.sum(m, axis=1), 1.0)
@@ -87,10 +100,9 @@ def pool_padded(hidden: Array, attention_mask: Array | None, pooling: str) -> Ar
 
 def pool_packed(hidden: Array, segment_ids: Array, num_segments: int, pooling: str) -> Array:
   """One feature vector per packed segment: ``[R, L, D] -> [R, S + 1, D]`` (column 0 zero)."""
-  if pooling == "last":
-    feats = _gather_tokens(hidden, seg.segment_last_index(segment_ids, num_segments))
-  elif pooling == "cls":
-    feats = _gather_tokens(hidden, seg.segment_first_index(segment_ids, num_segments))
+  if pooling != "mean":
+    feats = _gather_tokens(hidden, pooled_slots(hidden, None, segment_ids, num_segments,
+                                                pooling))
   else:
     one_hot = seg.segment_one_hot(segment_ids, num_segments)
     sums = jnp.einsum("rld,rls->rsd", hidden.astype(jnp.float32), one_hot)
@@ -124,9 +136,15 @@ class PooledHeadModel(nnx.Module):
     if trunk_kwargs.get("prefix_ids") is not None and isinstance(self.trunk, Encoder):
       raise ValueError("shared-prompt pairs (data.pipeline.share_prompt) need a causal "
                        "decoder trunk: an encoder's prompt tokens would attend to a response")
-    hidden = self.trunk.hidden_states(tokens, attention_mask=attention_mask,
-                                      segment_ids=segment_ids, positions=positions,
-                                      **trunk_kwargs)
+    trunk_kwargs.update(attention_mask=attention_mask, segment_ids=segment_ids,
+                        positions=positions)
+    if self.pooling != "mean" and isinstance(self.trunk, Decoder):
+      index = pooled_slots(tokens, attention_mask, segment_ids, num_segments, self.pooling)
+      select = index.reshape(index.shape[0], -1)
+      feats = self.trunk.hidden_states(tokens, select=select, **trunk_kwargs)
+      feats = feats.reshape(index.shape + feats.shape[-1:]).astype(jnp.float32)
+      return feats if segment_ids is None else feats.at[:, 0].set(0.0)
+    hidden = self.trunk.hidden_states(tokens, **trunk_kwargs)
     if segment_ids is None:
       return pool_padded(hidden, attention_mask, self.pooling)
     return pool_packed(hidden, segment_ids, num_segments, self.pooling)

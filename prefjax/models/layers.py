@@ -159,10 +159,9 @@ class Attention(nnx.Module):
     """
     n, t, _ = x.shape
     dims = self.dims
-    rows = x.reshape(n * t, -1)  # 2-D projections: XLA CPU runs [N*T, D] dots much faster
-    q = self.q_proj(rows).reshape(n, t, dims.num_heads, dims.head_dim)
-    k = self.k_proj(rows).reshape(n, t, dims.num_kv_heads, dims.head_dim)
-    v = self.v_proj(rows).reshape(n, t, dims.num_kv_heads, dims.head_dim)
+    q = _heads(self.q_proj, x, dims.num_heads)
+    k = _heads(self.k_proj, x, dims.num_kv_heads)
+    v = _heads(self.v_proj, x, dims.num_kv_heads)
     if self.rope_theta is not None:
       tables = materialized_rope_tables(positions, dims.head_dim, self.rope_theta)
       q, k = rope(q, tables), rope(k, tables)
@@ -184,6 +183,37 @@ class Attention(nnx.Module):
       new_cache = (k, v)
     out = self.o_proj(out.reshape(n * t, dims.num_heads * dims.head_dim))
     return out.reshape(n, t, -1), new_cache
+
+  def at(self, x: Array, select: Array, *, positions: Array, segments: Array,
+         prefixes: Array | None = None) -> Array:
+    """The self-attention output at slots ``select [N, P]`` only: ``[N, P, D]``.
+
+    Keys and values come from all of ``x [N, T, D]``; queries only from the
+    selected slots (``attention.attention_at``).
+    """
+    dims = self.dims
+    k = _heads(self.k_proj, x, dims.num_kv_heads)
+    v = _heads(self.v_proj, x, dims.num_kv_heads)
+    q = _heads(self.q_proj, take_slots(x, select), dims.num_heads)
+    if self.rope_theta is not None:
+      tables = materialized_rope_tables(positions, dims.head_dim, self.rope_theta)
+      q, k = rope(q, tuple(take_slots(table, select) for table in tables)), rope(k, tables)
+    n, p = select.shape
+    out = attention_lib.attention_at(q, k, v, select, segments, prefixes)
+    return self.o_proj(out.reshape(n * p, -1)).reshape(n, p, -1)
+
+
+def take_slots(x: Array, select: Array) -> Array:
+  """``x [N, T, ...]`` at slots ``select [N, P]`` -> ``[N, P, ...]``."""
+  index = select.reshape(select.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+def _heads(linear: nnx.Linear, x: Array, num_heads: int) -> Array:
+  """``linear`` over ``x [N, T, D]`` as one 2-D dot (XLA CPU runs ``[N·T, D]`` dots much
+  faster than rank-3 ones), split into ``[N, T, num_heads, -1]``."""
+  n, t, _ = x.shape
+  return linear(x.reshape(n * t, -1)).reshape(n, t, num_heads, -1)
 
 
 def masked_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
