@@ -15,11 +15,13 @@ model's initialisation programs included); ``compile_share_100_steps`` sets it
 against a 100-step run, ``startup_s`` plus the remaining steps at the median. Reported per
 case: median s/step, real (non-pad) tokens/s, padded-slot %, analytic FLOPs on
 computed slots (6·N·slots for the matmul parameters N plus causal attention,
-×3 for forward+backward) and MFU = those FLOP/s ÷ this machine's float32
+×3 for forward+backward; a reward model's last block counts only its pooled slots,
+``pooled_counts``) and MFU = those FLOP/s ÷ this machine's float32
 matmul ceiling (``jnp.dot`` 2048², median of 10, measured at start and end,
 the higher used: a low reading means something else had the cores, and dividing by
 it would inflate MFU), peak RSS, and the number of compiles during the timed steps
-(must be 0). ``rm_step_hh``, ``dpo_step_hh_cached`` and ``dpo_step_hh_live``
+(must be 0). Rates (tokens/s, FLOP/s, MFU) are the timed steps' summed work over
+their summed time (``total_rate``). ``rm_step_hh``, ``dpo_step_hh_cached`` and ``dpo_step_hh_live``
 use the project's fast layout for decoder pair training (``configs/dpo/smollm2_hh.py``'s
 default): each pair packed as one ``prompt | chosen | rejected`` sequence
 (``share_prompt``) into 2 rows of 1,024. The ``*_padded`` cases pad to the batch's
@@ -251,7 +253,7 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
   real, computed, pair_count = per_step_counts(timed)
   torch = kind.startswith("torch")
   shapes = [computed_shape(b, torch) for b in timed]
-  slots = sum(r * t for r, t in shapes) / len(shapes)
+  slots = [r * t for r, t in shapes]
   passes = {"dpo_live": 4 / 3, "torch_dpo_live": 4 / 3, "rm_ensemble4": 4.0,
             "ref_precompute": 1 / 3}.get(kind, 1.0)
   if "flops_per_token" in info:
@@ -272,24 +274,35 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
           clock.seconds / (startup_s + (100 - len(seen)) * s_per_step), 4),
       "s_per_step": round(s_per_step, 3),
       "step_times": [round(t, 3) for t in times],
-      "real_tokens_per_step": round(real, 1),
-      "real_tokens_per_s": round(real / s_per_step, 1),
-      "computed_tokens_per_s": round(computed / s_per_step, 1),
-      "padded_slot_pct": round(100 * (1 - computed / slots), 1),
+      "real_tokens_per_step": round(float(np.mean(real)), 1),
+      "real_tokens_per_s": round(total_rate(real, times), 1),
+      "computed_tokens_per_s": round(total_rate(computed, times), 1),
+      "padded_slot_pct": round(100 * (1 - sum(computed) / sum(slots)), 1),
       "analytic_tflop_per_step": round(float(np.mean(flops)) / 1e12, 4),
-      "achieved_gflop_s": round(float(np.mean(flops)) / s_per_step / 1e9, 1),
-      "pairs_per_s": round(pair_count / s_per_step, 2),
+      "achieved_gflop_s": round(total_rate(flops, times) / 1e9, 1),
+      "pairs_per_s": round(total_rate(pair_count, times), 2),
       "peak_rss_mb": _peak_rss_mb(),
       "compiles_during_timed_steps": (compiles() - before) if compiles else 0,
       "jax_backend": jax.default_backend(),
   }
 
 
-def per_step_counts(batches: list[dict[str, np.ndarray]]) -> tuple[float, float, float]:
-  """Means over ``batches`` of real tokens (``pair_tokens``), real slots computed, and pairs."""
-  return (float(np.mean([pair_tokens(b) for b in batches])),
-          float(np.mean([np.count_nonzero(real_slots(b)) for b in batches])),
-          float(np.mean([b["pair_mask"].sum() for b in batches])))
+def per_step_counts(batches: list[dict[str, np.ndarray]]
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per batch: real tokens (``pair_tokens``), real slots computed, and pairs."""
+  return (np.array([pair_tokens(b) for b in batches], np.float64),
+          np.array([np.count_nonzero(real_slots(b)) for b in batches], np.float64),
+          np.array([b["pair_mask"].sum() for b in batches], np.float64))
+
+
+def total_rate(amounts, times) -> float:
+  """Amount (tokens, FLOPs) per second over the timed steps: summed amounts over summed times.
+
+  Batches padded to their longest row differ in size from step to step; the mean
+  amount over the median time would set a small batch's time against the average
+  batch's work. A slow step (another tenant on the VM) counts with its full time.
+  """
+  return float(np.sum(np.asarray(amounts, np.float64)) / np.sum(np.asarray(times, np.float64)))
 
 
 def real_slots(batch: dict[str, np.ndarray]) -> np.ndarray:

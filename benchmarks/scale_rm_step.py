@@ -141,16 +141,15 @@ def run(size: str, *, rows: int, length: int, max_pairs: int, steps: int,
   times = time_steps(compiled, state, batches)
   timed = batches[1:]
   s_per_step = statistics.median(times)
-  flops = float(np.mean([run_lib.analytic_flops(rows, length, lm_head=False, passes=1.0,
-                                                attention_pairs=run_lib.visible_pairs(b),
-                                                config=config, pooled=run_lib.pooled_counts(b))
-                            for b in timed]))
+  flops = [run_lib.analytic_flops(rows, length, lm_head=False, passes=1.0,
+                                  attention_pairs=run_lib.visible_pairs(b), config=config,
+                                  pooled=run_lib.pooled_counts(b)) for b in timed]
   real, computed, pairs = run_lib.per_step_counts(timed)
   on_accelerator = device.platform != "cpu"
   ceiling = steps_lib.matmul_ceiling(8192 if on_accelerator else 2048,
                                      dtype=compute if on_accelerator else jnp.float32)
   peak = bf16_peak(device.device_kind) if compute == jnp.bfloat16 else None
-  achieved = flops / s_per_step
+  achieved = run_lib.total_rate(flops, times)
   xla = xla_flops(compiled)
   return {
       "case": f"rm_step_scale_{size}" + (f"_{num_layers}layers" if num_layers else ""),
@@ -160,10 +159,10 @@ def run(size: str, *, rows: int, length: int, max_pairs: int, steps: int,
       "scan_layers": scan_layers, "steps": len(times), "compile_s": round(clock.seconds, 1),
       "startup_s": round(startup_s, 1),
       "s_per_step": round(s_per_step, 4), "step_times": [round(t, 4) for t in times],
-      "pairs_per_step": pairs,
-      "real_tokens_per_s": round(real / s_per_step, 1),
-      "padded_slot_pct": round(100 * (1 - computed / (rows * length)), 1),
-      "analytic_tflop_per_step": round(flops / 1e12, 5),
+      "pairs_per_step": float(np.mean(pairs)),
+      "real_tokens_per_s": round(run_lib.total_rate(real, times), 1),
+      "padded_slot_pct": round(100 * (1 - np.mean(computed) / (rows * length)), 1),
+      "analytic_tflop_per_step": round(float(np.mean(flops)) / 1e12, 5),
       "xla_tflop_per_step": round(xla / 1e12, 5) if xla else None,
       "achieved_tflop_s": round(achieved / 1e12, 4),
       "matmul_ceiling_tflop_s": round(ceiling / 1e12, 4),

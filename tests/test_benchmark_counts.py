@@ -61,6 +61,14 @@ def test_analytic_flops_of_a_last_block_at_the_pooled_slots():
       full - 3 * (per_slot * 125 + per_pair_one_layer * 489))
 
 
+def test_rates_are_total_work_over_total_time():
+  # Three batches at 100 tokens/s, one four times the size of the others: the mean work
+  # over the median time (200 / 1 s) would say 200 tokens/s.
+  assert run.total_rate([100, 100, 400], [1.0, 1.0, 4.0]) == pytest.approx(100.0)
+  # A step slowed down by other load counts with its whole time.
+  assert run.total_rate([100, 100, 100], [1.0, 1.0, 2.0]) == pytest.approx(75.0)
+
+
 def test_cpu_description_names_the_model_and_vector_isa(tmp_path):
   cpuinfo = tmp_path / "cpuinfo"
   cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f\n\n"
