@@ -1,6 +1,7 @@
 """prefjax models: causal decoders, the BERT encoder, reward/value heads, checkpoint I/O.
 
-Public names are imported lazily (PEP 562, ``prefjax._lazy``), so ``import prefjax.models`` is cheap.
+Public names are imported lazily (PEP 562, ``prefjax._lazy``), so ``import prefjax.models``
+is cheap.
 
   from_pretrained(path, *, head=None, dtype=None)   local HF dir or .gguf -> model
   save_pretrained(model, path)                      decoder/encoder -> HF dir
@@ -36,7 +37,7 @@ _EXPORTS = {
     "sequence_logps": "sampling",
 }
 
-_SUBMODULES = ("attention", "decoder", "encoder", "gguf_import", "heads", "hf_import", "hf_mappings",
-               "layers", "sampling", "segments")
+_SUBMODULES = ("attention", "decoder", "encoder", "gguf_import", "heads", "hf_import",
+               "hf_mappings", "layers", "sampling", "segments")
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, _EXPORTS, _SUBMODULES)

@@ -129,7 +129,12 @@ class PooledHeadModel(nnx.Module):
   def features(self, tokens: Array, *, attention_mask: Array | None = None,
                segment_ids: Array | None = None, positions: Array | None = None,
                num_segments: int | None = None, **trunk_kwargs) -> Array:
-    """Pooled float32 features: ``[N, D]`` (padded) or ``[R, S + 1, D]`` (packed)."""
+    """Pooled float32 features: ``[N, D]`` (padded) or ``[R, S + 1, D]`` (packed).
+
+    With a ``Decoder`` trunk and "last" or "cls" pooling, the trunk's last block runs
+    at the pooled slots only (``Decoder.hidden_states(select=...)``): the same values
+    for less work.
+    """
     if segment_ids is not None and num_segments is None:
       raise ValueError("packed input (segment_ids given) needs the static "
                        "num_segments=S, the maximum number of segments per row")
