@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import hlo_ops, steps, workloads
+from prefjax.models import heads
 
 N, T, D, F, HEADS = 4, 16, 32, 48, 2
 
@@ -19,7 +20,10 @@ def compiled_step():
   """The benchmark RM step (``steps.prefjax_rm``) of a one-layer decoder, compiled for 4 x 16."""
   config = workloads.rm_model_config(hidden_size=D, num_layers=1, num_heads=HEADS,
                                      num_kv_heads=HEADS, intermediate_size=F, vocab_size=64)
-  with mock.patch.object(workloads, "rm_model_config", lambda **_: config):
+  # Mean pooling sends every slot through the whole layer, so the counts below are a plain
+  # layer's; with "last" pooling the one (last) block would run at the pooled slots only.
+  with mock.patch.object(workloads, "rm_model_config", lambda **_: config), \
+      mock.patch.object(heads, "default_pooling", lambda trunk: "mean"):
     _, info = steps.prefjax_rm(None)
   rng = np.random.default_rng(0)
   mask = np.ones((N, T), np.int32)
@@ -43,7 +47,7 @@ def test_dot_flops_are_grouped_into_forward_input_and_weight_gradients(compiled_
     count[group] += 1
   rows = N * T
   kernels = 4 * D * D + 3 * D * F  # q, k, v, o and the SwiGLU MLP of the one layer
-  head = 2 * N * D  # the scalar reward head reads one pooled token per row
+  head = 2 * N * D  # the scalar reward head reads one pooled vector per row
   assert flops["matmul fwd"] == 2 * rows * kernels + head
   # Layer 0 needs dX (the embedding gradient); the head's dX contracts over its one output,
   # which XLA turns into a multiply.
