@@ -52,12 +52,19 @@ def build_model(spec: str, dtype: Any) -> dec.Decoder:
   return nnx.merge(graphdef, state)
 
 
+def block_matmul_params(config: dec.DecoderConfig) -> dict[str, int]:
+  """One block's matmul parameters: query + output projections, key + value projections, MLP."""
+  c = config
+  return {"query_output": 2 * c.hidden_size * c.num_heads * c.head_dim,
+          "key_value": 2 * c.hidden_size * c.num_kv_heads * c.head_dim,
+          "mlp": (3 if c.mlp == "swiglu" else 2) * c.hidden_size * c.intermediate_size}
+
+
 def flops_per_token(config: dec.DecoderConfig, context: int) -> float:
   """Forward FLOPs per token: 2 x matmul parameters (incl. LM head) + attention scores/values."""
   c = config
-  attn = c.hidden_size * (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-  mlp = (3 if c.mlp == "swiglu" else 2) * c.hidden_size * c.intermediate_size
-  matmul_params = c.num_layers * (attn + mlp) + c.hidden_size * c.vocab_size
+  block = sum(block_matmul_params(c).values())
+  matmul_params = c.num_layers * block + c.hidden_size * c.vocab_size
   return 2 * matmul_params + attention_flops_per_pair(c) * context / 2  # causal half
 
 

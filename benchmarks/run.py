@@ -137,8 +137,8 @@ def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float,
   total = matmul * rows * length + attention * attention_pairs
   if pooled is not None:
     slots, pairs = pooled
-    per_slot = 2 * c.hidden_size * (2 * c.num_heads * c.head_dim + (
-        3 if c.mlp == "swiglu" else 2) * c.intermediate_size)
+    block = model_throughput.block_matmul_params(c)
+    per_slot = 2 * (block["query_output"] + block["mlp"])
     total -= (per_slot * (rows * length - slots)
               + attention / c.num_layers * (attention_pairs - pairs))
   return passes * 3 * total

@@ -22,7 +22,8 @@ startup s (building and initialising the model too); median s/step over ``--step
 timed steps after one warm-up; real tokens/s (each pair counted as two ``prompt +
 response`` sequences, as in ``benchmarks.run``); padded-slot %; analytic TFLOP per step
 (6·N·slots for the N matmul parameters outside the embedding, plus attention over the
-(query, key) pairs the masks leave visible, forward + backward) beside XLA's cost
+(query, key) pairs the masks leave visible, forward + backward; the last block counted at
+the pooled slots it runs on, ``run.pooled_counts``) beside XLA's cost
 analysis of the compiled step; MFU against the card's dense bf16 peak (H100/H200 SXM 989
 TFLOP/s; none for other dtypes or unknown cards) and against a ``jnp.dot`` ceiling
 measured in the same run (8192² in the compute dtype on accelerators, 2048² on CPU);

@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 
 from benchmarks import workloads
+from prefjax.direct import loss as direct_loss_lib
 from prefjax.models import decoder as dec
 from prefjax.models import heads
 from prefjax.rm import loss as rm_loss_lib
@@ -88,8 +89,6 @@ def prefjax_rm_ensemble(members: int) -> tuple[Callable, dict]:
 def prefjax_dpo(reference: str, num_segments: int | None) -> tuple[Callable, dict]:
   """DPO; ``reference="cached"`` reads ``ref_chosen/ref_rejected`` from the batch,
   ``"live"`` runs the frozen reference's forward inside the same jitted step."""
-  # Imported here: prefjax.direct pulls in TFDS, which the RM steps (and the GPU image) lack.
-  from prefjax.direct import loss as direct_loss_lib
   direct_loss = direct_loss_lib.DirectLoss(
       name="dpo", beta=DPO_BETA, ref_mode="cached" if reference == "cached" else "online",
       layout="packed" if num_segments else "padded", num_segments=num_segments)
@@ -124,8 +123,7 @@ def prefjax_minilm_rm() -> tuple[Callable, dict]:
 
 def prefjax_ref_precompute() -> tuple[Callable, dict]:
   """``ref_cache.ReferenceScorer`` of the workload decoder (the DPO reference pass)."""
-  from prefjax.direct import loss as direct_loss_lib
-  from prefjax.direct import ref_cache
+  from prefjax.direct import ref_cache  # here: it reads data through TFDS
   scorer = ref_cache.ReferenceScorer(_decoder(0), direct_loss_lib.DirectLoss(
       name="dpo", beta=DPO_BETA, ref_mode="cached"))
 
