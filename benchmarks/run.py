@@ -42,7 +42,10 @@ tokens/s ratio). ``--cases=generate`` selects every case whose name contains
 ``generate``. ``rm_step_hh_scan``, ``rm_step_hh_30layers`` and
 ``rm_step_hh_30layers_scan`` set compile time against step time: the same RM
 with its blocks in one ``lax.scan`` (``Decoder.scan_layers``), and with 30 layers
-(SmolLM2's depth) unrolled or scanned.
+(SmolLM2's depth) unrolled or scanned. ``rm_ensemble4_one_step`` (padded) and
+``rm_ensemble4_one_step_shared`` train a 4-member ``DeepEnsemble`` in one step;
+``vs_4_sequential`` sets it against 4 steps of the one-model case on the same
+batches, when that case ran too (``ENSEMBLE_BASELINES``).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ CASES: dict[str, dict[str, Any]] = {
     "dpo_step_hh_cached_padded": dict(kind="dpo_cached", layout="longest"),
     "dpo_step_hh_live_padded": dict(kind="dpo_live", layout="longest"),
     "rm_ensemble4_one_step": dict(kind="rm_ensemble4", layout="longest"),
+    "rm_ensemble4_one_step_shared": dict(kind="rm_ensemble4", layout="shared"),
     "torch_rm_step_hh": dict(kind="torch_rm", layout="longest"),
     "torch_dpo_step_hh_cached": dict(kind="torch_dpo_cached", layout="longest"),
     "torch_dpo_step_hh_live": dict(kind="torch_dpo_live", layout="longest"),
@@ -89,6 +93,9 @@ CASES.update({f"generate_{m}_b{b}_{mode}": dict(kind="generate", model=m, batch=
 # Static segment count of the packed layouts (``workloads.pipeline_config``).
 NUM_SEGMENTS = {"packed": 16, "shared": 24}
 QUICK = ("rm_step_hh", "dpo_step_hh_cached", "dpo_step_hh_live")
+# Each deep-ensemble case and the one-model case on the same layout and batches.
+ENSEMBLE_BASELINES = {"rm_ensemble4_one_step": "rm_step_hh_padded",
+                      "rm_ensemble4_one_step_shared": "rm_step_hh"}
 GENERATION_REPEATS = 3  # at most, per framework: an HF call at batch 64 takes ~10-100 s here
 
 
@@ -97,7 +104,7 @@ def _builder(kind: str, num_segments: int | None,
   from benchmarks import steps
   return {
       "rm": lambda: steps.prefjax_rm(num_segments, **(decoder or {})),
-      "rm_ensemble4": lambda: steps.prefjax_rm_ensemble(4),
+      "rm_ensemble4": lambda: steps.prefjax_rm_ensemble(4, num_segments),
       "dpo_cached": lambda: steps.prefjax_dpo("cached", num_segments),
       "dpo_live": lambda: steps.prefjax_dpo("live", num_segments),
       "torch_rm": steps.torch_rm,
@@ -380,6 +387,17 @@ def _table(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def ensemble_speedups(rows: list[dict[str, Any]]) -> dict[str, float]:
+  """Per deep-ensemble case whose one-model case ran too: how much faster one step of the
+  4 members is than 4 steps of one model on the same batches (summed time over summed
+  time: 4 × the ensemble's real tokens/s over the one model's)."""
+  by_case = {r["case"]: r for r in rows if "error" not in r}
+  return {case: round(4 * by_case[case]["real_tokens_per_s"]
+                      / by_case[single]["real_tokens_per_s"], 3)
+          for case, single in ENSEMBLE_BASELINES.items()
+          if case in by_case and single in by_case}
+
+
 def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
   """The CPU's model name and widest vector ISA, e.g. ``AMD EPYC (2 cores, AVX-512)``:
   ratios against PyTorch move with the CPU (its matmul library picks kernels by vendor)."""
@@ -435,6 +453,9 @@ def main(argv: list[str] | None = None) -> None:
   print(f"f32 matmul ceiling: {ceiling_start / 1e9:.0f} GFLOP/s at start, "
         f"{ceiling_end / 1e9:.0f} at end; load average {os.getloadavg()[0]:.2f}")
   print(_table(rows))
+  for case, speedup in ensemble_speedups(rows).items():
+    next(r for r in rows if r["case"] == case)["vs_4_sequential"] = speedup
+    print(f"{case}: {speedup:.2f}× the speed of 4 steps of {ENSEMBLE_BASELINES[case]}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)

@@ -77,12 +77,14 @@ def prefjax_rm(num_segments: int | None, **decoder_options) -> tuple[Callable, d
   return _jitted(model, loss_fn)
 
 
-def prefjax_rm_ensemble(members: int) -> tuple[Callable, dict]:
-  """``members`` complete RMs (``DeepEnsemble``) trained in one step."""
+def prefjax_rm_ensemble(members: int, num_segments: int | None) -> tuple[Callable, dict]:
+  """``members`` complete RMs (``DeepEnsemble``, seeds 0, 1, ...) trained in one step."""
+  config = workloads.rm_model_config()
   model = heads.DeepEnsemble(
-      lambda rngs: heads.attach_head(_decoder(0), "reward", rngs=rngs), list(range(members)))
+      lambda rngs: heads.attach_head(dec.Decoder(config, rngs=rngs), "reward", rngs=rngs),
+      list(range(members)))
   loss_fn = rm_loss_lib.make_loss_fn({"name": "bt"}, num_columns=members, objectives=(),
-                                      num_segments=None)
+                                      num_segments=num_segments)
   return _jitted(model, loss_fn)
 
 

@@ -95,6 +95,8 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
 
   ``ensemble="deep"`` with head ``reward_ensemble:K`` builds K complete models
   (``DeepEnsemble``) from seeds ``seed, seed+1, ...``; otherwise K heads share a trunk.
+  ``ensemble_forward`` (``"auto"``, ``"vmap"``, ``"unrolled"``): how a deep ensemble's
+  members run in one step (``DeepEnsemble``).
   """
   cfg = configlib.plain(cfg)
   head, pooling = cfg.get("head"), cfg.get("pooling")
@@ -117,7 +119,11 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
       raise ValueError("a deep ensemble of pretrained trunks is not supported; "
                        "use ensemble='heads' with a pretrained path")
     seeds = [seed + k for k in range(members)]
-    return heads_lib.DeepEnsemble(lambda rngs: build(rngs, "reward"), seeds)
+    forward = cfg.get("ensemble_forward", "auto")
+    if forward not in heads_lib.DeepEnsemble.FORWARDS:
+      raise ValueError(f"model.ensemble_forward must be one of "
+                       f"{heads_lib.DeepEnsemble.FORWARDS}, got {forward!r}")
+    return heads_lib.DeepEnsemble(lambda rngs: build(rngs, "reward"), seeds, forward=forward)
   return build(nnx.Rngs(seed), head)
 
 

@@ -69,6 +69,17 @@ def test_rates_are_total_work_over_total_time():
   assert run.total_rate([100, 100, 100], [1.0, 1.0, 2.0]) == pytest.approx(75.0)
 
 
+def test_ensemble_speedup_is_four_steps_of_one_model_over_one_ensemble_step():
+  rows = [{"case": "rm_step_hh", "real_tokens_per_s": 2000.0},
+          {"case": "rm_ensemble4_one_step_shared", "real_tokens_per_s": 600.0},
+          {"case": "rm_ensemble4_one_step", "real_tokens_per_s": 250.0},
+          {"case": "rm_step_hh_padded", "error": ["failed"]}]
+  # 4 × 600 / 2000: one ensemble step does 4 models' work in 1/600 of the time per token.
+  assert run.ensemble_speedups(rows) == {"rm_ensemble4_one_step_shared": 1.2}
+  assert set(run.ENSEMBLE_BASELINES) <= set(run.CASES)
+  assert set(run.ENSEMBLE_BASELINES.values()) <= set(run.CASES)
+
+
 def test_cpu_description_names_the_model_and_vector_isa(tmp_path):
   cpuinfo = tmp_path / "cpuinfo"
   cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f\n\n"

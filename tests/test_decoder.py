@@ -368,3 +368,15 @@ def test_model_config_flags_reach_the_decoder_and_fail_clearly_elsewhere():
   with pytest.raises(ValueError, match="has no scan_layers option"):
     nnx.eval_shape(lambda: experiment.make_model(
         dict(arch="encoder", preset="tiny", scan_layers=True), vocab_size=64, seed=0))
+
+
+def test_config_sets_how_a_deep_ensemble_runs_its_members():
+  from prefjax import experiment
+  cfg = dict(arch="decoder", preset="tiny_llama", overrides=dict(num_layers=1),
+             head="reward_ensemble:2", ensemble="deep")
+  build = lambda **extra: nnx.eval_shape(
+      lambda: experiment.make_model({**cfg, **extra}, vocab_size=64, seed=0))
+  assert build().forward == "auto"
+  assert build(ensemble_forward="vmap").forward == "vmap"
+  with pytest.raises(ValueError, match="model.ensemble_forward must be one of"):
+    build(ensemble_forward="scan")

@@ -207,7 +207,8 @@ def _spec_for(path: str, rules) -> P:
   return P()
 
 
-def test_deep_ensemble_sharded_over_ensemble_axis_equals_unsharded(deep_ensemble):
+@pytest.mark.parametrize("forward", ["vmap", "unrolled"])
+def test_deep_ensemble_sharded_over_ensemble_axis_equals_unsharded(deep_ensemble, forward):
   mesh = jax.make_mesh((2, 2, 2), ("ensemble", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   rules = heads.ensemble_partition_rules(decoder.PARTITION_RULES + heads.PARTITION_RULES)
@@ -225,8 +226,12 @@ def test_deep_ensemble_sharded_over_ensemble_axis_equals_unsharded(deep_ensemble
   assert emb.sharding.spec == P("ensemble", "tensor", "fsdp")
   assert len(emb.addressable_shards) == 8 and emb.addressable_shards[0].data.shape == (1, 32, 16)
   tokens, mask = _padded_batch()
-  forward = jax.jit(lambda s, t, m: nnx.merge(graphdef, s)(t, attention_mask=m))
-  np.testing.assert_allclose(np.asarray(forward(sharded, tokens, mask)),
+  def call(state, tokens, mask):
+    model = nnx.merge(graphdef, state)
+    model.forward = forward
+    return model(tokens, attention_mask=mask)
+
+  np.testing.assert_allclose(np.asarray(jax.jit(call)(sharded, tokens, mask)),
                              np.asarray(_run(deep_ensemble, tokens, attention_mask=mask)), atol=ATOL)
 
 
@@ -305,3 +310,58 @@ def test_reward_head_gradient_reaches_trunk(dec):
   assert np.abs(np.asarray(grads.trunk.layers[0].attn.q_proj.kernel[...])).max() > 0
   np.testing.assert_allclose(  # d r / d bias = 1 per example
       float(grads.head.bias[...][0]), 3.0, atol=1e-6)
+
+
+def _ensemble_value_and_grad(ensemble, forward, tokens, kwargs, weights):
+  graphdef, state = nnx.split(ensemble)
+
+  def weighted_sum(state):
+    model = nnx.merge(graphdef, state)
+    model.forward = forward
+    return jnp.sum(model(tokens, **kwargs) * weights)
+
+  return jax.jit(jax.value_and_grad(weighted_sum))(state)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_deep_ensemble_unrolled_forward_equals_vmapped_in_outputs_and_gradients(
+    deep_ensemble, packed):
+  if packed:
+    tokens, seg_ids, positions = _pack([[np.arange(1, 4), np.arange(5, 9)],
+                                        [np.arange(9, 16)]], width=8)
+    kwargs = dict(segment_ids=seg_ids, positions=positions, num_segments=2)
+    shape = (2, 3, 2)
+  else:
+    tokens, mask = _padded_batch()
+    kwargs, shape = dict(attention_mask=mask), (3, 2)
+  weights = np.random.RandomState(3).normal(size=shape).astype(np.float32)
+  value, grads = _ensemble_value_and_grad(deep_ensemble, "vmap", tokens, kwargs, weights)
+  value_unrolled, grads_unrolled = _ensemble_value_and_grad(
+      deep_ensemble, "unrolled", tokens, kwargs, weights)
+  np.testing.assert_allclose(float(value_unrolled), float(value), rtol=1e-5)
+  flat, flat_unrolled = nnx.to_flat_state(grads), dict(nnx.to_flat_state(grads_unrolled))
+  assert len(flat) == len(flat_unrolled)
+  for path, grad in flat:
+    expected = np.asarray(grad.get_value())
+    if "lm_head" in path:  # kept by this test's trunk, unused by the reward head
+      assert not np.any(np.asarray(flat_unrolled[path].get_value())), path
+      continue
+    scale = np.max(np.abs(expected))
+    assert scale > 0, path
+    np.testing.assert_allclose(np.asarray(flat_unrolled[path].get_value()), expected,
+                               atol=1e-5 * scale, err_msg=str(path))
+
+
+def test_deep_ensemble_forward_choice(deep_ensemble):
+  cpu = jax.default_backend() == "cpu"
+  assert deep_ensemble.forward == "auto" and deep_ensemble.unrolled() == cpu
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  with jax.set_mesh(jax.make_mesh((2, 4), ("ensemble", "data"), axis_types=auto)):
+    assert not deep_ensemble.unrolled()  # members sharded: one vmapped program
+  with jax.set_mesh(jax.make_mesh((1, 8), ("ensemble", "data"), axis_types=auto)):
+    assert deep_ensemble.unrolled() == cpu
+  for forward in ("vmap", "unrolled"):
+    model = heads.DeepEnsemble(_build_reward_model, seeds=[1], forward=forward)
+    assert model.unrolled() == (forward == "unrolled")
+  with pytest.raises(ValueError, match="forward must be one of"):
+    heads.DeepEnsemble(_build_reward_model, seeds=[1], forward="scan")

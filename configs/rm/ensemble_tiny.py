@@ -36,5 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = tiny.get_config(arg)
   config.model.head = "reward_ensemble:4"
   config.model.ensemble = "deep"
+  # "auto": members one after another in the step on CPU, one vmapped program when a
+  # mesh shards them (--config.mesh.ensemble) or off CPU; "vmap" / "unrolled" force one.
+  config.model.ensemble_forward = "auto"
   config.loss.bootstrap = True
   return config

@@ -27,7 +27,9 @@ Feedback with Efficient Reward Model Ensemble", arXiv:2401.16635);
 ``DeepEnsemble`` holds K complete models whose parameters are stacked on a
 leading axis by ``nnx.vmap`` (Coste et al., "Reward Model Ensembles Help
 Mitigate Overoptimization", arXiv:2310.02743); shard that axis over a mesh
-axis ``ensemble`` with ``ensemble_partition_rules``.
+axis ``ensemble`` with ``ensemble_partition_rules``. Its members run as one
+vmapped program, or on CPU one after another in the same step
+(``DeepEnsemble(forward=...)``).
 """
 
 from __future__ import annotations
@@ -236,14 +238,26 @@ class DeepEnsemble(nnx.Module):
 
   ``build(rngs)`` constructs one member; member k is built from
   ``nnx.Rngs(seeds[k])``, so it equals ``build(nnx.Rngs(seeds[k]))`` built alone.
-  The forward pass vmaps the members and puts the member axis LAST: ``[N, K]``
-  for padded reward models, ``[R, S + 1, K]`` packed.
+  The forward pass returns the members' outputs with the member axis LAST:
+  ``[N, K]`` for padded reward models, ``[R, S + 1, K]`` packed.
+
+  ``forward``: ``"vmap"`` maps one member's program over the stacked axis (batched
+  matmuls; what a mesh with an ``ensemble`` axis shards); ``"unrolled"`` calls the
+  members one after another on slices of the stacked parameters, K independent
+  programs in one step that XLA's CPU runtime overlaps on its cores; ``"auto"``
+  (default) is ``"unrolled"`` on CPU unless the current mesh has an ``ensemble``
+  axis, else ``"vmap"``. Same outputs and gradients either way.
   """
 
-  def __init__(self, build: Callable[[nnx.Rngs], nnx.Module], seeds: Sequence[int]):
+  FORWARDS = ("auto", "vmap", "unrolled")
+
+  def __init__(self, build: Callable[[nnx.Rngs], nnx.Module], seeds: Sequence[int],
+               forward: str = "auto"):
     seeds = [int(s) for s in seeds]
     if not seeds:
       raise ValueError("DeepEnsemble needs at least one seed")
+    if forward not in self.FORWARDS:
+      raise ValueError(f"forward must be one of {self.FORWARDS}, got {forward!r}")
     keys = jnp.stack([jax.random.key(s) for s in seeds])
 
     @nnx.vmap(in_axes=0, out_axes=0)
@@ -252,16 +266,30 @@ class DeepEnsemble(nnx.Module):
 
     self.members = create(keys)
     self.num_members = len(seeds)
+    self.forward = forward
 
   def __call__(self, tokens: Array, **kwargs) -> Array:
     arrays = {k: v for k, v in kwargs.items() if v is not None and hasattr(v, "shape")}
     static = {k: v for k, v in kwargs.items() if k not in arrays}
+    if self.unrolled():
+      return jnp.stack([self.member(k)(tokens, **arrays, **static)
+                        for k in range(self.num_members)], axis=-1)
 
     @nnx.vmap(in_axes=(0, None, None), out_axes=-1)
     def forward(member, tokens, arrays):
       return member(tokens, **arrays, **static)
 
     return forward(self.members, tokens, arrays)
+
+  def unrolled(self) -> bool:
+    """Whether ``__call__`` runs the members one by one (see ``forward``)."""
+    if self.forward != "auto":
+      return self.forward == "unrolled"
+    if jax.tree.leaves(nnx.state(self.members, nnx.Not(nnx.Param))):
+      return False  # a slice's updates to such state would be lost; vmap carries them
+    mesh = jax.sharding.get_abstract_mesh()
+    sharded = not mesh.empty and dict(mesh.shape).get("ensemble", 1) > 1
+    return jax.default_backend() == "cpu" and not sharded
 
   def member(self, k: int) -> nnx.Module:
     """A standalone copy of member ``k`` (unstacked parameters)."""
