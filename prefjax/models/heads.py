@@ -246,7 +246,8 @@ class DeepEnsemble(nnx.Module):
   members one after another on slices of the stacked parameters, K independent
   programs in one step that XLA's CPU runtime overlaps on its cores; ``"auto"``
   (default) is ``"unrolled"`` on CPU unless the current mesh has an ``ensemble``
-  axis, else ``"vmap"``. Same outputs and gradients either way.
+  axis, else ``"vmap"``. The same outputs and gradients either way, up to float
+  rounding.
   """
 
   FORWARDS = ("auto", "vmap", "unrolled")
