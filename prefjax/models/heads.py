@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from prefjax.models import layers
 from prefjax.models import segments as seg
 from prefjax.models.decoder import Decoder
 from prefjax.models.encoder import Encoder
@@ -67,10 +68,8 @@ def _head_linear(in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Lin
 
 def _gather_tokens(hidden: Array, index: Array) -> Array:
   """``hidden [N, T, D]`` at ``index [N, ...]`` along T -> ``[N, ..., D]``."""
-  n, d = hidden.shape[0], hidden.shape[-1]
-  flat = index.reshape(n, -1)
-  picked = jnp.take_along_axis(hidden, flat[..., None], axis=1)
-  return picked.reshape(index.shape + (d,))
+  picked = layers.take_slots(hidden, index.reshape(index.shape[0], -1))
+  return picked.reshape(index.shape + hidden.shape[-1:])
 
 
 def pooled_slots(tokens: Array, attention_mask: Array | None, segment_ids: Array | None,
