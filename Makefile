@@ -45,6 +45,7 @@ bench: install
 	$(PY) -m benchmarks.packing_efficiency --out=benchmarks/out/packing.json
 	$(PY) -m benchmarks.model_throughput --model=smollm2 --out=benchmarks/out/throughput_cpu.json
 	$(PY) -m benchmarks.rm_scoring_throughput --out=benchmarks/out/rm_scoring_cpu.json
+	$(PY) -m benchmarks.ensemble_step --json=benchmarks/out/ensemble.json
 
 clean:
 	rm -rf $(VENV) workdirs

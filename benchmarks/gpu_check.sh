@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (issue G): nothing is installed from the network.
 #
-# On the device:  OUT=/some/dir bash benchmarks/gpu_check.sh   (carry .whl; limits add to 9 min)
+# On the device:  OUT=/some/dir bash benchmarks/gpu_check.sh   (carry .whl; limits add to 10 min)
 # Smoke run here: OUT=/tmp/gpu_check SMOKE=1 PY=.venv/bin/python bash benchmarks/gpu_check.sh
 #
 # .whl holds the wheels the device image lacks (grain, array_record, ml_collections,
@@ -10,7 +10,9 @@
 #   1. the target: a Llama-3.2-1B-sized RM train step in bf16 (benchmarks/scale_rm_step.py),
 #      blocks unrolled, then scanned (compile time against step time);
 #   2. the attention kernels' exactness tests on the GPU (f32 matmuls at full precision);
-#   3. decoder forward and KV-cache generation throughput (SmolLM2-135M shapes).
+#   3. decoder forward and KV-cache generation throughput (SmolLM2-135M shapes);
+#   4. a 4-member deep ensemble of the HH benchmark's RM in one step, vmapped and unrolled,
+#      against 4 one-model steps (benchmarks/ensemble_step.py; issue G's >= 1.5x).
 set -u
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -24,12 +26,15 @@ if [ -n "${SMOKE:-}" ]; then
   scale="--size=tiny --rows=2 --length=512 --max_pairs=6 --steps=2"
   model="--model=random:tiny_llama --batch=2 --length=64 --gen_batch=2 --new_tokens=8"
   tests="tests/test_attention.py::test_reach_is_the_earliest_key_a_real_query_of_each_block_sees"
+  ensemble="--hidden=64 --num_layers=1 --steps=1 --rounds=1 --length=256 --max_pairs=3"
+  ensemble="--data=synthetic $ensemble"
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   scale=""
   model="--model=random:smollm2_135m --dtype=bfloat16 --batch=8 --length=256"
   model="$model --gen_batch=8 --new_tokens=64"
   tests="tests/test_attention.py"
+  ensemble="--data=synthetic --hidden=512 --steps=4 --rounds=2"
 fi
 $PY -c "import jax, flax, optax, grain, ml_collections
 print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" || exit 1
@@ -41,3 +46,5 @@ step "attention tests" 120 env JAX_PLATFORMS= JAX_DEFAULT_MATMUL_PRECISION=highe
   $PY -m pytest -q -p no:cacheprovider "$tests"
 step "decoder throughput" 90 $PY -m benchmarks.model_throughput $model --repeats=3 \
   --out="$OUT/throughput.json"
+step "ensemble of 4 in one step" 60 $PY -m benchmarks.ensemble_step $ensemble \
+  --json="$OUT/ensemble.json"

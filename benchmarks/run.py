@@ -19,8 +19,10 @@ computed slots (6·N·slots for the matmul parameters N plus causal attention,
 ``pooled_counts``) and MFU = those FLOP/s ÷ this machine's float32
 matmul ceiling (``jnp.dot`` 2048², median of 10, measured at start and end,
 the higher used: a low reading means something else had the cores, and dividing by
-it would inflate MFU), peak RSS, and the number of compiles during the timed steps
-(must be 0). Rates (tokens/s, FLOP/s, MFU) are the timed steps' summed work over
+it would inflate MFU); ``mfu_adjacent`` sets the same FLOPs against the same dot probed
+right before the first timed step and after each one (``adjacent_mfu``), which follows a
+VM whose speed drifts during the run. Also peak RSS, and the number of compiles during
+the timed steps (must be 0). Rates (tokens/s, FLOP/s, MFU) are the timed steps' summed work over
 their summed time (``total_rate``). ``rm_step_hh``, ``dpo_step_hh_cached`` and ``dpo_step_hh_live``
 use the project's fast layout for decoder pair training (``configs/dpo/smollm2_hh.py``'s
 default): each pair packed as one ``prompt | chosen | rejected`` sequence
@@ -96,6 +98,8 @@ QUICK = ("rm_step_hh", "dpo_step_hh_cached", "dpo_step_hh_live")
 # Each deep-ensemble case and the one-model case on the same layout and batches.
 ENSEMBLE_BASELINES = {"rm_ensemble4_one_step": "rm_step_hh_padded",
                       "rm_ensemble4_one_step_shared": "rm_step_hh"}
+# Calls of the 2048² dot probed after each timed step (median): ≈ 0.15 s on this CPU.
+ADJACENT_PROBE_REPEATS = 3
 GENERATION_REPEATS = 3  # at most, per framework: an HF call at batch 64 takes ~10-100 s here
 
 
@@ -248,12 +252,15 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
           step(b)
   startup_s = time.perf_counter() - start
   step(batches[0])
+  probe = steps_lib.matmul_probe()
+  ceilings = [probe(ADJACENT_PROBE_REPEATS)]
   before = compiles() if compiles else 0
   times = []
   for b in batches[1:]:
     t0 = time.perf_counter()
     loss = step(b)
     times.append(time.perf_counter() - t0)
+    ceilings.append(probe(ADJACENT_PROBE_REPEATS))
     if not np.isfinite(loss):
       raise RuntimeError(f"{name}: non-finite loss {loss}")
   timed = batches[1:]
@@ -287,11 +294,26 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
       "padded_slot_pct": round(100 * (1 - sum(computed) / sum(slots)), 1),
       "analytic_tflop_per_step": round(float(np.mean(flops)) / 1e12, 4),
       "achieved_gflop_s": round(total_rate(flops, times) / 1e9, 1),
+      "mfu_adjacent": round(adjacent_mfu(flops, times, ceilings), 3),
+      "adjacent_ceilings_gflop_s": [round(c / 1e9, 1) for c in ceilings],
       "pairs_per_s": round(total_rate(pair_count, times), 2),
       "peak_rss_mb": _peak_rss_mb(),
       "compiles_during_timed_steps": (compiles() - before) if compiles else 0,
       "jax_backend": jax.default_backend(),
   }
+
+
+def adjacent_mfu(flops, times, ceilings) -> float:
+  """MFU against the ceiling probed around each step: ``Σ flops / Σ time·ceiling``, each
+  step's ceiling the mean of the probes just before and after it (``ceilings`` holds one
+  more probe than there are steps). A VM whose speed drifts slows a step and its probes
+  together, so this ratio drifts less than one against the run's start and end."""
+  if len(ceilings) != len(times) + 1 or len(flops) != len(times):
+    raise ValueError(f"need one probe more than steps: {len(ceilings)} probes, "
+                     f"{len(times)} times, {len(flops)} FLOP counts")
+  around = (np.asarray(ceilings[:-1], np.float64) + np.asarray(ceilings[1:], np.float64)) / 2
+  return float(np.sum(np.asarray(flops, np.float64))
+               / np.sum(np.asarray(times, np.float64) * around))
 
 
 def per_step_counts(batches: list[dict[str, np.ndarray]]
@@ -362,19 +384,20 @@ def _child_environment(name: str) -> dict[str, str]:
 
 def _table(rows: list[dict[str, Any]]) -> str:
   head = ("| case | s/step | real tok/s | padded % | compile s (of 100 steps) | GFLOP/s | MFU | "
-          "peak RSS MB "
-          "| compiles in timed steps |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "MFU (adjacent) | peak RSS MB "
+          "| compiles in timed steps |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   lines = [head]
   for r in rows:
     if "hf_tokens_per_s" in r:
       continue
     if "error" in r:
-      lines.append(f"| {r['case']} | error: {r['error'][0]} |||||||")
+      lines.append(f"| {r['case']} | error: {r['error'][0]} ||||||||")
       continue
     share = 100 * r["compile_share_100_steps"]
     lines.append(f"| {r['case']} | {r['s_per_step']:.2f} | {r['real_tokens_per_s']:.0f} | "
                  f"{r['padded_slot_pct']:.0f} | {r['compile_s']:.1f} ({share:.1f}%) | "
-                 f"{r['achieved_gflop_s']:.0f} | {100 * r['mfu']:.0f}% | {r['peak_rss_mb']} | "
+                 f"{r['achieved_gflop_s']:.0f} | {100 * r['mfu']:.0f}% | "
+                 f"{100 * r['mfu_adjacent']:.0f}% | {r['peak_rss_mb']} | "
                  f"{r['compiles_during_timed_steps']} |")
   generation = [r for r in rows if "hf_tokens_per_s" in r]
   if generation:

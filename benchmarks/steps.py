@@ -77,12 +77,17 @@ def prefjax_rm(num_segments: int | None, **decoder_options) -> tuple[Callable, d
   return _jitted(model, loss_fn)
 
 
-def prefjax_rm_ensemble(members: int, num_segments: int | None) -> tuple[Callable, dict]:
-  """``members`` complete RMs (``DeepEnsemble``, seeds 0, 1, ...) trained in one step."""
-  config = workloads.rm_model_config()
+def prefjax_rm_ensemble(members: int, num_segments: int | None, *,
+                        config: dec.DecoderConfig | None = None, forward: str = "auto",
+                        dtype: Any = None) -> tuple[Callable, dict]:
+  """``members`` complete RMs (``DeepEnsemble``, seeds 0, 1, ...) trained in one step;
+  ``config`` (default: the workload's), ``forward`` and compute ``dtype`` as in
+  ``DeepEnsemble`` and ``Decoder``."""
+  config = config or workloads.rm_model_config()
   model = heads.DeepEnsemble(
-      lambda rngs: heads.attach_head(dec.Decoder(config, rngs=rngs), "reward", rngs=rngs),
-      list(range(members)))
+      lambda rngs: heads.attach_head(dec.Decoder(config, rngs=rngs, dtype=dtype), "reward",
+                                     rngs=rngs),
+      list(range(members)), forward=forward)
   loss_fn = rm_loss_lib.make_loss_fn({"name": "bt"}, num_columns=members, objectives=(),
                                       num_segments=num_segments)
   return _jitted(model, loss_fn)
@@ -220,15 +225,25 @@ def torch_dpo(reference: str) -> tuple[Callable, dict]:
   return step, {"params": sum(p.numel() for p in policy.parameters())}
 
 
-def matmul_ceiling(size: int = 2048, repeats: int = 10, dtype: Any = jnp.float32) -> float:
-  """This machine's matmul FLOP/s: median of ``repeats`` jitted ``size``² dots in ``dtype``."""
+def matmul_probe(size: int = 2048, dtype: Any = jnp.float32) -> Callable[[int], float]:
+  """``probe(repeats)``: FLOP/s of a jitted ``size``² dot in ``dtype``, median of ``repeats``
+  calls on the same operands (compiled and warmed up here, once)."""
   import time
   a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), dtype)
   dot = jax.jit(jnp.dot)
   dot(a, a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    dot(a, a).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * size ** 3 / float(np.median(times))
+
+  def probe(repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      dot(a, a).block_until_ready()
+      times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / float(np.median(times))
+
+  return probe
+
+
+def matmul_ceiling(size: int = 2048, repeats: int = 10, dtype: Any = jnp.float32) -> float:
+  """This machine's matmul FLOP/s: median of ``repeats`` jitted ``size``² dots in ``dtype``."""
+  return matmul_probe(size, dtype)(repeats)

@@ -120,3 +120,17 @@ def test_compile_clock_counts_compiles_once_and_only_inside_its_block():
   assert clock.seconds == compiled
   jax.jit(lambda x: jnp.cos(x) - 1)(x).block_until_ready()  # after the block: not counted
   assert clock.seconds == compiled
+
+
+def test_adjacent_mfu_sets_each_step_against_the_probes_around_it():
+  # Two steps of 10 and 30 FLOPs taking 1 s and 2 s; probes 20, 40 (around step 1), 20.
+  # Step 1's ceiling is 30, step 2's 30: MFU = 40 / (1·30 + 2·30).
+  assert run.adjacent_mfu([10.0, 30.0], [1.0, 2.0], [20.0, 40.0, 20.0]) == pytest.approx(40 / 90)
+  # Half speed during step 2 (its time doubled, the probes after step 1 halved): the ratio
+  # stays nearer the steady 0.5 than one against the higher of the first and last probes.
+  steady = run.adjacent_mfu([10.0, 10.0], [1.0, 1.0], [20.0, 20.0, 20.0])
+  drifted = run.adjacent_mfu([10.0, 10.0], [1.0, 2.0], [20.0, 10.0, 10.0])
+  assert steady == pytest.approx(0.5)
+  assert drifted == pytest.approx(20 / (1 * 15 + 2 * 10)) and drifted > 20 / (3 * 20)
+  with pytest.raises(ValueError, match="one probe more"):
+    run.adjacent_mfu([1.0], [1.0], [1.0])
