@@ -11,8 +11,9 @@
 #      blocks unrolled, then scanned (compile time against step time);
 #   2. the attention kernels' exactness tests on the GPU (f32 matmuls at full precision);
 #   3. decoder forward and KV-cache generation throughput (SmolLM2-135M shapes);
-#   4. a 4-member deep ensemble of the HH benchmark's RM in one step, vmapped and unrolled,
-#      against 4 one-model steps (benchmarks/ensemble_step.py; issue G's >= 1.5x).
+#   4. a 4-member deep ensemble of the HH benchmark's 23.47M RM in one step, vmapped and
+#      unrolled, against 4 one-model steps, on synthetic pairs (benchmarks/ensemble_step.py;
+#      issue G's >= 1.5x).
 set -u
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -26,8 +27,8 @@ if [ -n "${SMOKE:-}" ]; then
   scale="--size=tiny --rows=2 --length=512 --max_pairs=6 --steps=2"
   model="--model=random:tiny_llama --batch=2 --length=64 --gen_batch=2 --new_tokens=8"
   tests="tests/test_attention.py::test_reach_is_the_earliest_key_a_real_query_of_each_block_sees"
-  ensemble="--hidden=64 --num_layers=1 --steps=1 --rounds=1 --length=256 --max_pairs=3"
-  ensemble="--data=synthetic $ensemble"
+  ensemble="--data=synthetic --hidden=64 --num_layers=1 --steps=1 --rounds=1 --length=256"
+  ensemble="$ensemble --max_pairs=3"
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   scale=""
