@@ -16,7 +16,12 @@ against a 100-step run, ``startup_s`` plus the remaining steps at the median. Re
 case: median s/step, real (non-pad) tokens/s, padded-slot %, analytic FLOPs on
 computed slots (6·N·slots for the matmul parameters N plus causal attention,
 ×3 for forward+backward; a reward model's last block counts only its pooled slots,
-``pooled_counts``) and MFU = those FLOP/s ÷ this machine's float32
+``pooled_counts``) beside XLA's cost analysis of the compiled step (``xla_tflop_per_step``;
+XLA counts a conditional as its costliest branch, so every attention tile of a packed
+row counts, skipped or not), the attention pairs per head and layer that count credits
+against those prefjax's kernel computes (``attention_pairs_counted``/``_computed``:
+whole tiles, masked pairs included; ``mfu_computed_pairs`` credits those instead, as the
+matmul count credits padded slots), and MFU = the analytic FLOP/s ÷ this machine's float32
 matmul ceiling (``jnp.dot`` 2048², median of 10, measured at start and end,
 the higher used: a low reading means something else had the cores, and dividing by
 it would inflate MFU); ``mfu_adjacent`` sets the same FLOPs against the same dot probed
@@ -53,6 +58,7 @@ batches, when that case ran too (``ENSEMBLE_BASELINES``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -189,6 +195,26 @@ def visible_pairs(batch: dict[str, np.ndarray]) -> float:
   return total
 
 
+def attention_pair_counts(batches: list[dict[str, np.ndarray]]
+                          ) -> tuple[list[float], list[float]]:
+  """Per batch, (query, key) pairs per head and layer of prefjax's decoder steps:
+  those ``analytic_flops`` credits (visible pairs; padded rows: each row's triangle) and
+  those the kernel computes (``attention.computed_pairs``: block-causal on padded rows,
+  tiles on packed ones, as ``Decoder`` runs them on CPU)."""
+  from prefjax.models import attention
+  counted, computed = [], []
+  for b in batches:
+    if "segment_ids" in b:
+      counted.append(visible_pairs(b))
+      computed.append(attention.computed_pairs(b["segment_ids"], b.get("prefix_ids"),
+                                               tiled=True))
+    else:
+      rows, length = b["tokens"].shape
+      counted.append(rows * length * length / 2)
+      computed.append(attention.computed_pairs(b["attention_mask"]))
+  return counted, [float(c) for c in computed]
+
+
 def computed_shape(batch: dict[str, np.ndarray], torch: bool) -> tuple[int, int]:
   """(rows, length) a step computes: PyTorch cuts rows to the exact longest real row."""
   rows, length = batch["tokens"].shape
@@ -268,18 +294,12 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
   torch = kind.startswith("torch")
   shapes = [computed_shape(b, torch) for b in timed]
   slots = [r * t for r, t in shapes]
-  passes = {"dpo_live": 4 / 3, "torch_dpo_live": 4 / 3, "rm_ensemble4": 4.0,
-            "ref_precompute": 1 / 3}.get(kind, 1.0)
-  if "flops_per_token" in info:
-    flops = [passes * 3 * info["flops_per_token"](t) * r * t for r, t in shapes]
-  else:
-    pairs = [visible_pairs(b) if "segment_ids" in b and not torch else None for b in timed]
-    layers = spec.get("decoder", {}).get("num_layers")
-    pooled = [pooled_counts(b) if kind.startswith("rm") else None for b in timed]
-    flops = [analytic_flops(r, t, lm_head="dpo" in kind or kind == "ref_precompute",
-                            passes=passes, attention_pairs=p, num_layers=layers, pooled=q)
-             for (r, t), p, q in zip(shapes, pairs, pooled)]
+  flops, flops_computed, pair_counts = step_flops(name, info, timed, shapes)
   s_per_step = statistics.median(times)
+  xla = (steps_lib.xla_flops_per_batch(info["train_step"], info["state"](), timed)
+         if "train_step" in info else [None])
+  mean = lambda values, scale=1.0: (None if values is None or None in values
+                                    else round(float(np.mean(values)) / scale, 4))
   return {
       "case": name, "framework": "torch" if torch else "prefjax",
       "layout": layout, "steps": len(times), "params": info["params"],
@@ -292,15 +312,48 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
       "real_tokens_per_s": round(total_rate(real, times), 1),
       "computed_tokens_per_s": round(total_rate(computed, times), 1),
       "padded_slot_pct": round(100 * (1 - sum(computed) / sum(slots)), 1),
-      "analytic_tflop_per_step": round(float(np.mean(flops)) / 1e12, 4),
+      "analytic_tflop_per_step": mean(flops, 1e12),
+      "analytic_tflop_per_step_computed_pairs": mean(flops_computed, 1e12),
+      "xla_tflop_per_step": mean(xla, 1e12),
+      "attention_pairs_counted": mean(pair_counts and pair_counts[0]),
+      "attention_pairs_computed": mean(pair_counts and pair_counts[1]),
       "achieved_gflop_s": round(total_rate(flops, times) / 1e9, 1),
+      "achieved_gflop_s_computed_pairs": (round(total_rate(flops_computed, times) / 1e9, 1)
+                                          if flops_computed else None),
       "mfu_adjacent": round(adjacent_mfu(flops, times, ceilings), 3),
+      "mfu_adjacent_computed_pairs": (round(adjacent_mfu(flops_computed, times, ceilings), 3)
+                                      if flops_computed else None),
       "adjacent_ceilings_gflop_s": [round(c / 1e9, 1) for c in ceilings],
       "pairs_per_s": round(total_rate(pair_count, times), 2),
       "peak_rss_mb": _peak_rss_mb(),
       "compiles_during_timed_steps": (compiles() - before) if compiles else 0,
       "jax_backend": jax.default_backend(),
   }
+
+
+def step_flops(name: str, info: dict[str, Any], timed: list[dict[str, np.ndarray]],
+               shapes: list[tuple[int, int]]) -> tuple[list, list | None, tuple | None]:
+  """Per timed batch: analytic FLOPs (``analytic_flops``); the same with attention
+  credited for the pairs the kernel computes rather than the visible ones (prefjax's
+  decoder steps; else None); and those two pair counts (``attention_pair_counts``)."""
+  spec = CASES[name]
+  kind, torch = spec["kind"], spec["kind"].startswith("torch")
+  passes = {"dpo_live": 4 / 3, "torch_dpo_live": 4 / 3, "rm_ensemble4": 4.0,
+            "ref_precompute": 1 / 3}.get(kind, 1.0)
+  if "flops_per_token" in info:
+    return [passes * 3 * info["flops_per_token"](t) * r * t for r, t in shapes], None, None
+  count = functools.partial(
+      analytic_flops, lm_head="dpo" in kind or kind == "ref_precompute", passes=passes,
+      num_layers=spec.get("decoder", {}).get("num_layers"))
+  pooled = [pooled_counts(b) if kind.startswith("rm") else None for b in timed]
+  pairs = [visible_pairs(b) if "segment_ids" in b and not torch else None for b in timed]
+  flops = [count(r, t, attention_pairs=p, pooled=q) for (r, t), p, q in zip(shapes, pairs, pooled)]
+  if torch:
+    return flops, None, None
+  counted, computed = attention_pair_counts(timed)
+  flops_computed = [count(r, t, attention_pairs=p, pooled=q)
+                    for (r, t), p, q in zip(shapes, computed, pooled)]
+  return flops, flops_computed, (counted, computed)
 
 
 def adjacent_mfu(flops, times, ceilings) -> float:
@@ -383,22 +436,24 @@ def _child_environment(name: str) -> dict[str, str]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-  head = ("| case | s/step | real tok/s | padded % | compile s (of 100 steps) | GFLOP/s | MFU | "
-          "MFU (adjacent) | peak RSS MB "
-          "| compiles in timed steps |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+  head = ("| case | s/step | real tok/s | padded % | compile s (of 100 steps) | TFLOP/step "
+          "analytic (XLA) | GFLOP/s | MFU (adjacent) | attention pairs computed ÷ counted | "
+          "MFU crediting them (adjacent) | peak RSS MB | compiles in timed steps |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   lines = [head]
   for r in rows:
     if "hf_tokens_per_s" in r:
       continue
     if "error" in r:
-      lines.append(f"| {r['case']} | error: {r['error'][0]} ||||||||")
+      lines.append(f"| {r['case']} | error: {r['error'][0]} ||||||||||")
       continue
     share = 100 * r["compile_share_100_steps"]
     lines.append(f"| {r['case']} | {r['s_per_step']:.2f} | {r['real_tokens_per_s']:.0f} | "
                  f"{r['padded_slot_pct']:.0f} | {r['compile_s']:.1f} ({share:.1f}%) | "
-                 f"{r['achieved_gflop_s']:.0f} | {100 * r['mfu']:.0f}% | "
-                 f"{100 * r['mfu_adjacent']:.0f}% | {r['peak_rss_mb']} | "
-                 f"{r['compiles_during_timed_steps']} |")
+                 f"{_flop_cell(r)} | {r['achieved_gflop_s']:.0f} | "
+                 f"{_mfu_cell(r.get('mfu'), r['mfu_adjacent'])} | {_pairs_cell(r)} | "
+                 f"{_mfu_cell(r.get('mfu_computed_pairs'), r.get('mfu_adjacent_computed_pairs'))}"
+                 f" | {r['peak_rss_mb']} | {r['compiles_during_timed_steps']} |")
   generation = [r for r in rows if "hf_tokens_per_s" in r]
   if generation:
     lines += ["", "| case | prefjax tok/s | HF tok/s | vs HF | prefjax s/call | HF s/call | "
@@ -408,6 +463,20 @@ def _table(rows: list[dict[str, Any]]) -> str:
               f"{r['compile_s']:.0f} | {r.get('greedy_token_agreement', '')} | {r['peak_rss_mb']} |"
               for r in generation]
   return "\n".join(lines)
+
+
+def _flop_cell(r: dict[str, Any]) -> str:
+  xla = r.get("xla_tflop_per_step")
+  return f"{r['analytic_tflop_per_step']:.3f}" + (f" ({xla:.3f})" if xla else "")
+
+
+def _mfu_cell(mfu: float | None, adjacent: float | None) -> str:
+  return "" if mfu is None else f"{100 * mfu:.0f}% ({100 * adjacent:.0f}%)"
+
+
+def _pairs_cell(r: dict[str, Any]) -> str:
+  counted, computed = r.get("attention_pairs_counted"), r.get("attention_pairs_computed")
+  return f"{computed / counted:.2f}×" if counted else ""
 
 
 def ensemble_speedups(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -471,6 +540,8 @@ def main(argv: list[str] | None = None) -> None:
     r["cpu"] = cpu
     if "error" not in r:
       r["mfu"] = round(r["achieved_gflop_s"] * 1e9 / ceiling, 3)
+      if r.get("achieved_gflop_s_computed_pairs"):
+        r["mfu_computed_pairs"] = round(r["achieved_gflop_s_computed_pairs"] * 1e9 / ceiling, 3)
       r["matmul_ceiling_gflop_s"] = round(ceiling / 1e9, 1)
   print(f"CPU: {cpu}")
   print(f"f32 matmul ceiling: {ceiling_start / 1e9:.0f} GFLOP/s at start, "

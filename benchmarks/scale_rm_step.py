@@ -94,13 +94,6 @@ def peak_memory_mb(device: Any) -> int:
   return run_lib._peak_rss_mb()
 
 
-def xla_flops(compiled: Any) -> float | None:
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  return float(analysis["flops"]) if analysis and "flops" in analysis else None
-
-
 def time_steps(compiled: Any, state: Any, batches: list[dict[str, np.ndarray]]) -> list[float]:
   """Seconds of each step after the first (a warm-up), each until its update is done."""
   import jax
@@ -151,7 +144,7 @@ def run(size: str, *, rows: int, length: int, max_pairs: int, steps: int,
                                      dtype=compute if on_accelerator else jnp.float32)
   peak = bf16_peak(device.device_kind) if compute == jnp.bfloat16 else None
   achieved = run_lib.total_rate(flops, times)
-  xla = xla_flops(compiled)
+  xla = steps_lib.xla_flops(compiled)
   return {
       "case": f"rm_step_scale_{size}" + (f"_{num_layers}layers" if num_layers else ""),
       "device": device.device_kind,

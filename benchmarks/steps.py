@@ -247,3 +247,29 @@ def matmul_probe(size: int = 2048, dtype: Any = jnp.float32) -> Callable[[int], 
 def matmul_ceiling(size: int = 2048, repeats: int = 10, dtype: Any = jnp.float32) -> float:
   """This machine's matmul FLOP/s: median of ``repeats`` jitted ``size``² dots in ``dtype``."""
   return matmul_probe(size, dtype)(repeats)
+
+
+def xla_flops(compiled: Any) -> float | None:
+  """FLOPs XLA's cost analysis counts for a compiled program (None if it has none).
+
+  A conditional counts as its costliest branch, so a step whose attention tiles are
+  run-time conditionals (``attention.causal_attention(tiled=True)``) counts every tile.
+  """
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def xla_flops_per_batch(train_step: Any, state: Any,
+                        batches: list[dict[str, np.ndarray]]) -> list[float | None]:
+  """``xla_flops`` of ``train_step``'s program for each batch's shapes: one lowering per
+  distinct shape, served from the jit's cache when that shape already ran."""
+  by_shape: dict[Any, float | None] = {}
+  out = []
+  for batch in batches:
+    key = tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
+    if key not in by_shape:
+      by_shape[key] = xla_flops(train_step.lower(state, batch).compile())
+    out.append(by_shape[key])
+  return out

@@ -118,6 +118,53 @@ def test_reach_is_the_earliest_key_a_real_query_of_each_block_sees(block):
           masks, blocks), want, err_msg=f"seed {seed}, prefixes {pre is not None}")
 
 
+def _two_sequences(t=1024, first=300):
+  segments = np.repeat([[1, 2]], [first, t - first], axis=1).astype(np.int32)
+  return segments.reshape(1, t)
+
+
+def test_computed_pairs_count_block_causal_blocks_and_visited_tiles():
+  # Block-causal: blocks [0,128), [128,256), [256,300) score keys up to their end.
+  assert attention.computed_pairs(np.ones((2, 300), np.int32)) == 2 * (
+      128 * 128 + 128 * 256 + 44 * 300)
+  # Tiled, 256-token tiles, sequences [0, 300) and [300, 1024): the 4 diagonal tiles,
+  # (1, 0) (queries 256-299 see keys 0-255), then (2, 1), (3, 1) and (3, 2), which
+  # reach back to key 300; (2, 0) and (3, 0) are skipped. A padding-only row adds its
+  # tiles to the count but cannot widen the shared conditionals.
+  segments = _two_sequences()
+  assert attention.computed_pairs(segments, tiled=True) == 8 * 256 ** 2
+  padded = np.concatenate([segments, np.zeros_like(segments)])
+  assert attention.computed_pairs(padded, tiled=True) == 2 * 8 * 256 ** 2
+  # Shared prompt [0, 200) with responses [200, 400) and [400, 600), then padding: both
+  # responses reach the prompt's first key, so block 2 needs tiles (2, 0) and (2, 1);
+  # the padding-only block 3 only its diagonal.
+  shared = np.repeat([[1, 2, 3, 0]], [200, 200, 200, 424], axis=1).astype(np.int32)
+  prefixes = np.where(shared > 0, 1, 0).astype(np.int32)
+  assert attention.computed_pairs(shared, prefixes, tiled=True) == 7 * 256 ** 2
+  assert attention.computed_pairs(shared, tiled=True) == 6 * 256 ** 2  # no prefix: no (2, 0)
+
+
+def test_tiled_kernel_does_not_read_the_tiles_it_skips():
+  """Values of keys [0, 256) are NaN: a computed tile would turn its masked weights'
+  0 × NaN into NaN. Query blocks 2 and 3 skip tile 0 (``computed_pairs``), so their
+  outputs and gradients stay finite and equal the reference's."""
+  q, k, v = np.random.default_rng(0).normal(size=(3, 1, 1024, 1, 8))
+  segments = _two_sequences()
+  poisoned = v.copy()
+  poisoned[:, :256] = np.nan
+  with jax.enable_x64(True):
+    tiled = lambda q, v: _attention(q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(segments),
+                                    tiled=True)
+    out = np.asarray(tiled(jnp.asarray(q), poisoned))
+    late_grad = lambda v: np.asarray(jax.grad(
+        lambda q: jnp.sum(tiled(q, v)[:, 512:] ** 2))(jnp.asarray(q)))[:, 512:]
+    grad, clean_grad = late_grad(poisoned), late_grad(v)
+  np.testing.assert_allclose(out[:, 512:], _reference(q, k, v, segments)[:, 512:],
+                             rtol=1e-10, atol=1e-12)
+  assert np.isnan(out[:, :256]).all()  # the first sequence reads its own NaN values
+  np.testing.assert_allclose(grad, clean_grad, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("t,h,kv,block,layout,tiled", [
     (37, 4, 4, 8, "mixed", False), (64, 6, 2, 16, "mixed", False),
     (37, 4, 4, 8, "mixed", True), (64, 6, 2, 16, "mixed", True),

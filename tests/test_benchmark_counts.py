@@ -134,3 +134,58 @@ def test_adjacent_mfu_sets_each_step_against_the_probes_around_it():
   assert drifted == pytest.approx(20 / (1 * 15 + 2 * 10)) and drifted > 20 / (3 * 20)
   with pytest.raises(ValueError, match="one probe more"):
     run.adjacent_mfu([1.0], [1.0], [1.0])
+
+
+def test_xla_flops_per_batch_lowers_each_shape_once_and_counts_a_conditionals_costlier_branch():
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import steps
+
+  traces = []
+
+  def step(state, batch):
+    traces.append(batch["x"].shape)
+    product = state @ batch["x"]  # 2·4·k·3 FLOPs for x [k, 3]
+    return jax.lax.cond(batch["x"][0, 0] > 0, lambda p: p @ jnp.ones((3, 5)),
+                        lambda p: jnp.zeros((4, 5)), product)
+
+  jitted, state = jax.jit(step), jnp.ones((4, 6))
+  batches = [{"x": np.ones((6, 3), np.float32)}, {"x": -np.ones((6, 3), np.float32)},
+             {"x": np.ones((2, 3), np.float32)}]
+  state2 = jnp.ones((4, 2))
+  got = steps.xla_flops_per_batch(jitted, state, batches[:2])
+  scalar_ops = 4  # the predicate's comparison and the like
+  # The dot branch counts whichever branch runs.
+  assert got == [pytest.approx(2 * 4 * 6 * 3 + 2 * 4 * 3 * 5, abs=scalar_ops)] * 2
+  assert traces == [(6, 3)]
+  assert steps.xla_flops_per_batch(jitted, state2, batches[2:]) == [
+      pytest.approx(2 * 4 * 2 * 3 + 2 * 4 * 3 * 5, abs=scalar_ops)]
+
+
+def test_attention_pair_counts_set_what_the_flops_credit_against_what_the_kernel_computes():
+  # Packed: 2 rows of 1,024, sequences [0, 300) and [300, 1,024): visible pairs are the two
+  # triangles; the tiled kernel computes 8 of its 10 256² tiles per row.
+  segments = np.repeat([[1, 2]], [300, 724], axis=1).repeat(2, axis=0)
+  counted, computed = run.attention_pair_counts([{"segment_ids": segments, "tokens": segments}])
+  assert counted == [2 * (300 * 301 / 2 + 724 * 725 / 2)]
+  assert computed == [2 * 8 * 256 ** 2]
+  # Padded rows: each row's whole triangle credited; 128-query blocks computed.
+  mask = np.ones((3, 256), np.int32)
+  counted, computed = run.attention_pair_counts([{"attention_mask": mask, "tokens": mask}])
+  assert counted == [3 * 256 * 256 / 2] and computed == [3 * (128 * 128 + 128 * 256)]
+
+
+def test_step_flops_credit_computed_attention_pairs_in_every_block_but_the_pooled_last():
+  c = workloads.rm_model_config()
+  segments = np.repeat([[1, 2, 3, 0]], [200, 200, 200, 424], axis=1)
+  batch = {"segment_ids": segments, "prefix_ids": np.where(segments > 0, 1, 0),
+           "tokens": segments}
+  flops, computed_flops, (counted, computed) = run.step_flops("rm_step_hh", {}, [batch],
+                                                              [(1, 1024)])
+  assert computed == [7 * 256 ** 2] and counted == [run.visible_pairs(batch)]
+  per_pair = model_throughput.attention_flops_per_pair(c)
+  # The last block runs at the pooled slots only (attention_at), credited the same both ways.
+  assert computed_flops[0] - flops[0] == pytest.approx(
+      3 * per_pair * (c.num_layers - 1) / c.num_layers * (computed[0] - counted[0]))
+  torch_flops, none, no_pairs = run.step_flops("torch_rm_step_hh", {}, [batch], [(1, 600)])
+  assert none is None and no_pairs is None and len(torch_flops) == 1

@@ -234,12 +234,46 @@ def _reach(masks, blocks) -> Array:
   return jnp.stack([jnp.min(lo[:, s:e]) for s, e in blocks])
 
 
+def _visits(masks, blocks) -> Array:
+  """``[num_blocks, num_blocks]`` bool: the (query block, key block) tiles the tiled
+  kernel computes. Every diagonal tile; a tile below it when a real query of its block,
+  in any row, can see one of its keys (one conditional covers all rows); none above."""
+  reach = _reach(masks, blocks)
+  ends = jnp.array([e for _, e in blocks])
+  below = jnp.asarray(np.tril(np.ones((len(blocks),) * 2, bool), -1))
+  return jnp.eye(len(blocks), dtype=bool) | (below & (reach[:, None] < ends[None, :]))
+
+
+def computed_pairs(segments: Array, prefixes: Array | None = None, *,
+                   tiled: bool = False, block_size: int | None = None,
+                   max_blocks: int = DEFAULT_MAX_BLOCKS) -> int:
+  """(query, key) score pairs ``causal_attention`` computes per head, summed over rows.
+
+  Block-causal (``tiled=False``): query block ``[s, e)`` scores keys ``[0, e)``. Tiled:
+  the pairs of every tile it visits (``_visits``), decided at run time from the masks.
+  Counts what the kernel does, masked pairs included, to set beside the visible pairs
+  a FLOP count credits (``benchmarks.run``). ``segments``/``prefixes [N, T]`` as in
+  ``causal_attention``; concrete arrays.
+  """
+  n, t = segments.shape
+  if block_size is None:
+    block_size = DEFAULT_TILE_SIZE if tiled else DEFAULT_BLOCK_SIZE
+  blocks = query_blocks(t, block_size, max_blocks)
+  widths = np.array([e - s for s, e in blocks])
+  if not tiled:
+    return int(n * sum(w * e for w, (_, e) in zip(widths, blocks)))
+  masks = (jnp.asarray(segments, jnp.int32),
+           None if prefixes is None else jnp.asarray(prefixes, jnp.int32))
+  visits = np.asarray(_visits(masks, blocks))
+  return int(n * np.sum(visits * np.outer(widths, widths)))
+
+
 def _maybe(needed: Array | None, fn, state):
   """``fn(state)`` on the diagonal (``needed`` None), else only where ``needed``."""
   return fn(state) if needed is None else jax.lax.cond(needed, fn, lambda x: x, state)
 
 
-def _tiled_forward(q, k, v, masks, blocks, reach):
+def _tiled_forward(q, k, v, masks, blocks, visits):
   acc = _accumulation(q)
   outs, lses = [], []
   for i, (qs, qe) in enumerate(blocks):
@@ -257,7 +291,7 @@ def _tiled_forward(q, k, v, masks, blocks, reach):
         o = o * shrink + jnp.einsum("nhts,nhsd->nhtd", p.astype(v.dtype), v[:, :, ks:ke],
                                     preferred_element_type=acc)
         return m_new, total * shrink + jnp.sum(p, axis=-1, keepdims=True), o
-      state = _maybe(None if j == i else reach[i] < ke, update, state)
+      state = _maybe(None if j == i else visits[i, j], update, state)
     m, total, o = state
     outs.append((o / total).astype(q.dtype))
     lses.append(m + jnp.log(total))
@@ -266,17 +300,17 @@ def _tiled_forward(q, k, v, masks, blocks, reach):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _tiled_attention(q, k, v, masks, blocks):
-  return _tiled_forward(q, k, v, masks, blocks, _reach(masks, blocks))[0]
+  return _tiled_forward(q, k, v, masks, blocks, _visits(masks, blocks))[0]
 
 
 def _tiled_attention_fwd(q, k, v, masks, blocks):
-  reach = _reach(masks, blocks)
-  out, lse = _tiled_forward(q, k, v, masks, blocks, reach)
-  return out, (q, k, v, masks, reach, out, lse)
+  visits = _visits(masks, blocks)
+  out, lse = _tiled_forward(q, k, v, masks, blocks, visits)
+  return out, (q, k, v, masks, visits, out, lse)
 
 
 def _tiled_attention_bwd(blocks, residuals, d_out):
-  q, k, v, masks, reach, out, lse = residuals
+  q, k, v, masks, visits, out, lse = residuals
   scale, acc = q.shape[-1] ** -0.5, _accumulation(q)
   f32 = functools.partial(jnp.einsum, preferred_element_type=acc)
   delta = jnp.sum(d_out.astype(acc) * out.astype(acc), -1, keepdims=True)
@@ -294,7 +328,7 @@ def _tiled_attention_bwd(blocks, residuals, d_out):
         ds = (p * (dp - delta[:, :, qs:qe]) * scale).astype(q.dtype)
         return dq + f32("nhts,nhsd->nhtd", ds, k[:, :, ks:ke]), dk + f32(
             "nhts,nhtd->nhsd", ds, q_i), dv
-      dq, *key_grads[j] = _maybe(None if j == i else reach[i] < ke, grad,
+      dq, *key_grads[j] = _maybe(None if j == i else visits[i, j], grad,
                                  (dq, *key_grads[j]))
     dq_blocks.append(dq)
   dk = jnp.concatenate([g[0] for g in key_grads], axis=2)
