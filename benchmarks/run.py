@@ -295,6 +295,7 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
   shapes = [computed_shape(b, torch) for b in timed]
   slots = [r * t for r, t in shapes]
   flops, flops_computed, pair_counts = step_flops(name, info, timed, shapes)
+  counted_pairs, computed_pairs = pair_counts or (None, None)
   s_per_step = statistics.median(times)
   xla = (steps_lib.xla_flops_per_batch(info["train_step"], info["state"](), timed)
          if "train_step" in info else [None])
@@ -315,8 +316,8 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
       "analytic_tflop_per_step": mean(flops, 1e12),
       "analytic_tflop_per_step_computed_pairs": mean(flops_computed, 1e12),
       "xla_tflop_per_step": mean(xla, 1e12),
-      "attention_pairs_counted": mean(pair_counts and pair_counts[0]),
-      "attention_pairs_computed": mean(pair_counts and pair_counts[1]),
+      "attention_pairs_counted": mean(counted_pairs),
+      "attention_pairs_computed": mean(computed_pairs),
       "achieved_gflop_s": round(total_rate(flops, times) / 1e9, 1),
       "achieved_gflop_s_computed_pairs": (round(total_rate(flops_computed, times) / 1e9, 1)
                                           if flops_computed else None),
