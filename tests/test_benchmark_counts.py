@@ -155,7 +155,7 @@ def test_xla_flops_per_batch_lowers_each_shape_once_and_counts_a_conditionals_co
   state2 = jnp.ones((4, 2))
   got = steps.xla_flops_per_batch(jitted, state, batches[:2])
   scalar_ops = 4  # the predicate's comparison and the like
-  # The dot branch counts whichever branch runs.
+  # The costlier (dot) branch counts, also for the batch whose predicate picks the other.
   assert got == [pytest.approx(2 * 4 * 6 * 3 + 2 * 4 * 3 * 5, abs=scalar_ops)] * 2
   assert traces == [(6, 3)]
   assert steps.xla_flops_per_batch(jitted, state2, batches[2:]) == [
