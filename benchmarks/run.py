@@ -347,13 +347,12 @@ def step_flops(name: str, info: dict[str, Any], timed: list[dict[str, np.ndarray
       analytic_flops, lm_head="dpo" in kind or kind == "ref_precompute", passes=passes,
       num_layers=spec.get("decoder", {}).get("num_layers"))
   pooled = [pooled_counts(b) if kind.startswith("rm") else None for b in timed]
-  pairs = [visible_pairs(b) if "segment_ids" in b and not torch else None for b in timed]
-  flops = [count(r, t, attention_pairs=p, pooled=q) for (r, t), p, q in zip(shapes, pairs, pooled)]
-  if torch:
-    return flops, None, None
+  if torch:  # rows cut to the longest: each row's triangle (analytic_flops' default)
+    return [count(r, t, pooled=q) for (r, t), q in zip(shapes, pooled)], None, None
   counted, computed = attention_pair_counts(timed)
-  flops_computed = [count(r, t, attention_pairs=p, pooled=q)
-                    for (r, t), p, q in zip(shapes, computed, pooled)]
+  flops, flops_computed = ([count(r, t, attention_pairs=p, pooled=q)
+                            for (r, t), p, q in zip(shapes, pairs, pooled)]
+                           for pairs in (counted, computed))
   return flops, flops_computed, (counted, computed)
 
 
