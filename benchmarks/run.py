@@ -149,7 +149,7 @@ def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float,
   if not lm_head:
     matmul -= 2 * c.hidden_size * c.vocab_size
   if attention_pairs is None:
-    attention_pairs = rows * length * length / 2
+    attention_pairs = row_triangle_pairs(rows, length)
   attention = model_throughput.attention_flops_per_pair(c)
   total = matmul * rows * length + attention * attention_pairs
   if pooled is not None:
@@ -177,6 +177,11 @@ def pooled_counts(batch: dict[str, np.ndarray]) -> tuple[float, float]:
       slots += 1
       pairs += np.sum((keys == seg) | (keys == prefix_row[last]))
   return slots, pairs
+
+
+def row_triangle_pairs(rows: int, length: int) -> float:
+  """(query, key) pairs credited to padded rows: each row's causal triangle, length²/2."""
+  return rows * length * length / 2
 
 
 def visible_pairs(batch: dict[str, np.ndarray]) -> float:
@@ -209,8 +214,7 @@ def attention_pair_counts(batches: list[dict[str, np.ndarray]]
       computed.append(attention.computed_pairs(b["segment_ids"], b.get("prefix_ids"),
                                                tiled=True))
     else:
-      rows, length = b["tokens"].shape
-      counted.append(rows * length * length / 2)
+      counted.append(row_triangle_pairs(*b["tokens"].shape))
       computed.append(attention.computed_pairs(b["attention_mask"]))
   return counted, [float(c) for c in computed]
 
