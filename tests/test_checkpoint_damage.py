@@ -4,6 +4,7 @@ newest intact step; with none intact it stops with one line (or, with
 
 import logging
 import os
+import re
 import shutil
 
 import grain
@@ -207,8 +208,12 @@ class OneMoreLayer(Net):
     self.extra = nnx.Linear(4, 4, rngs=rngs)
 
 
-@pytest.mark.parametrize("model_cls", [Narrower, OneMoreLayer])
-def test_a_changed_model_is_still_a_mismatch_not_damage(saved, tmp_path, model_cls):
+@pytest.mark.parametrize("model_cls, named", [
+    (Narrower, r"arrays differ in shape: params/hidden/bias: checkpoint \(256,\), model \(128,\); "
+               r"params/hidden/kernel: checkpoint \(4, 256\), model \(4, 128\)"),
+    (OneMoreLayer, r": 2 arrays are only in the model: params/extra/bias; params/extra/kernel$"),
+])
+def test_a_changed_model_is_still_a_mismatch_not_damage(saved, tmp_path, model_cls, named):
   workdir = _copy(saved, tmp_path)
   loop = train.LoopConfig(num_steps=STEPS, checkpoint_every=2, async_checkpointing=False,
                           tensorboard=False)
@@ -217,6 +222,7 @@ def test_a_changed_model_is_still_a_mismatch_not_damage(saved, tmp_path, model_c
                      optimizer={"name": "sgd", "learning_rate": 1e-2}, loop=loop,
                      train_iter=iter([]))
   assert not isinstance(error.value, train.DamagedCheckpointError)
+  assert re.search(named, str(error.value)), str(error.value)  # The arrays, from the metadata.
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
 
 

@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from prefjax import train
 from prefjax.train import checkpoint as checkpoint_lib
+from prefjax.train import state as state_lib
 from prefjax.train import step as step_lib
 from tests import comparisons
 
@@ -334,9 +335,39 @@ def test_checkpoint_restore_rejects_other_model(tmp_path):
       self.out = nnx.Linear(HIDDEN + 1, 1, rngs=rngs)
 
   _, other = train.create_train_state(Wider(nnx.Rngs(0)), tx, 0)
-  with pytest.raises(ValueError, match="does not match the model"):
+  with pytest.raises(ValueError, match="does not match the model") as error:
     ckpt.restore(other)
+  # Named from the checkpoint's metadata before any read: the parameters first.
+  assert (f"3 arrays differ in shape: params/hidden/bias: checkpoint ({HIDDEN},), model "
+          f"({HIDDEN + 1},); params/hidden/kernel: checkpoint ({IN}, {HIDDEN}), model "
+          f"({IN}, {HIDDEN + 1}); params/out/kernel") in str(error.value)
+  with pytest.raises(ValueError, match=r"params do not match the model: 3 arrays differ"):
+    ckpt.restore_params(state_lib.split_model(Wider(nnx.Rngs(0)), nnx.Param)[1])
   ckpt.close()
+
+
+def test_checkpoint_metadata_names_every_array_as_the_state_does(tmp_path):
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+  _, state = train.create_train_state(MLP(nnx.Rngs(0)), tx, 0)
+  ckpt = train.Checkpointer(tmp_path, async_save=False)
+  ckpt.save(state, data_state={"next_index": 0})
+  wanted = checkpoint_lib.array_shapes(checkpoint_lib.to_savable(state))
+  assert "opt_state/1/0/mu/hidden/kernel" in wanted and "params/out/bias" in wanted
+  assert ckpt.saved_shapes(0) == wanted  # Else a sound restore would be refused.
+  ckpt.close()
+
+
+def test_shape_mismatches_lists_each_kind_up_to_the_limit():
+  saved = {"params/a": (2,), "params/b": (3,), "opt/c": (1,), "params/old": (4,)}
+  wanted = {"params/a": (2,), "params/b": (5,), "opt/c": (2,), "params/new": (1,)}
+  assert checkpoint_lib.shape_mismatches(saved, saved) is None
+  assert checkpoint_lib.shape_mismatches(saved, wanted) == (
+      "2 arrays differ in shape: params/b: checkpoint (3,), model (5,); "
+      "opt/c: checkpoint (1,), model (2,). 1 arrays are only in the model: params/new. "
+      "1 arrays are only in the checkpoint: params/old")
+  assert checkpoint_lib.shape_mismatches(saved, wanted, partial=True, limit=1) == (
+      "2 arrays differ in shape: params/b: checkpoint (3,), model (5,); … 1 more. "
+      "1 arrays are only in the model: params/new")
 
 
 def test_key_data_roundtrip():

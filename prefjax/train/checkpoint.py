@@ -102,6 +102,48 @@ def _gather_json(value: Any) -> list[Any]:
   return [json.loads(gathered[i, :int(n)].tobytes()) for i, n in enumerate(lengths.ravel())]
 
 
+def _key_name(key: Any) -> str:
+  for attribute in ("key", "name", "idx"):  # DictKey/FlattenedIndexKey, GetAttrKey, SequenceKey
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def array_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  """``{"params/hidden/kernel": shape}`` for every array leaf of ``tree`` (or of a
+  checkpoint's metadata tree), named as orbax names the saved arrays."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(_key_name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def _params_first(name: str) -> tuple[bool, str]:
+  return not name.startswith("params/"), name
+
+
+def shape_mismatches(saved: Mapping[str, tuple[int, ...]],
+                     wanted: Mapping[str, tuple[int, ...]], *, partial: bool = False,
+                     limit: int = 6) -> str | None:
+  """What keeps ``wanted`` arrays from restoring out of ``saved`` ones, or None.
+
+  Names each array the model has and the checkpoint lacks, each the checkpoint has and
+  the model lacks (unless ``partial``: a subset restore), and each whose shape differs,
+  ``limit`` of each kind. Dtypes are not compared: a restore casts them.
+  """
+  missing = sorted(wanted.keys() - saved.keys(), key=_params_first)
+  extra = [] if partial else sorted(saved.keys() - wanted.keys(), key=_params_first)
+  changed = [f"{k}: checkpoint {saved[k]}, model {wanted[k]}"
+             for k in sorted(wanted.keys() & saved.keys(), key=_params_first)
+             if saved[k] != wanted[k]]
+  parts = []
+  for what, items in (("differ in shape", changed), ("are only in the model", missing),
+                      ("are only in the checkpoint", extra)):
+    if items:
+      more = f"; … {len(items) - limit} more" if len(items) > limit else ""
+      parts.append(f"{len(items)} arrays {what}: " + "; ".join(items[:limit]) + more)
+  return ". ".join(parts) or None
+
+
 def _abstract(tree: PyTree) -> PyTree:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
@@ -201,7 +243,7 @@ class Checkpointer:
         data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
     restored = self._restore_step(
         step, args, "does not match the model/optimizer being trained (changed architecture "
-        "or optimizer?)")
+        "or optimizer?)", wanted=array_shapes(to_savable(template)))
     state = from_savable(restored["state"], template)
     per_process = restored["data"]["per_process"]
     if len(per_process) != jax.process_count():
@@ -296,14 +338,26 @@ class Checkpointer:
                                        sharding=x.sharding or default), item)
     args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
-    return self._restore_step(step, args, "params do not match the model")["state"]["params"]
+    wanted = {f"params/{k}": v for k, v in array_shapes(params).items()}
+    return self._restore_step(step, args, "params do not match the model", wanted=wanted,
+                              partial=True)["state"]["params"]
 
-  def _restore_step(self, step: int, args: ocp.args.Composite, mismatch: str) -> Any:
+  def _restore_step(self, step: int, args: ocp.args.Composite, mismatch: str, *,
+                    wanted: Mapping[str, tuple[int, ...]], partial: bool = False) -> Any:
     """``manager.restore`` that tells damaged files (DamagedCheckpointError) from
-    a model that does not match the checkpoint (ValueError saying ``mismatch``)."""
+    a model that does not match the checkpoint (ValueError saying ``mismatch``).
+
+    ``wanted``: the state's array shapes (:func:`array_shapes`), compared with the
+    checkpoint's metadata before any array is read, so the error names the arrays
+    that differ and no read is left half done.
+    """
     problem = integrity.find_damage(self._step_dir(step))
     if problem is not None:
       raise DamagedCheckpointError(self.directory, step, problem)
+    saved = self.saved_shapes(step)
+    differences = None if saved is None else shape_mismatches(saved, wanted, partial=partial)
+    if differences:
+      raise ValueError(f"checkpoint {self.directory}/{step}: {mismatch}: {differences}")
     try:
       return self._manager.restore(step, args=args)
     except Exception as e:  # pylint: disable=broad-except
@@ -312,6 +366,16 @@ class Checkpointer:
       if not isinstance(e, (ValueError, KeyError)):
         raise
       raise ValueError(f"checkpoint {self.directory}/{step}: {mismatch}: {e}") from e
+
+  def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]] | None:
+    """The shapes of step's saved ``state`` arrays, or None if its metadata cannot be
+    read (the restore then reports what is wrong)."""
+    try:
+      metadata = ocp.PyTreeCheckpointHandler().metadata(
+          epath.Path(self._step_dir(step)) / "state")
+    except Exception:  # pylint: disable=broad-except
+      return None
+    return array_shapes(getattr(metadata, "tree", metadata))
 
   def wait(self) -> None:
     """Blocks until every save is durable, and records the saved files."""
