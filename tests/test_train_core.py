@@ -338,10 +338,11 @@ def test_checkpoint_restore_rejects_other_model(tmp_path):
   with pytest.raises(ValueError, match="does not match the model") as error:
     ckpt.restore(other)
   # Named from the checkpoint's metadata before any read: the parameters first.
-  assert (f"3 arrays differ in shape: params/hidden/bias: checkpoint ({HIDDEN},), model "
+  assert (f"arrays differing in shape (3): params/hidden/bias: checkpoint ({HIDDEN},), model "
           f"({HIDDEN + 1},); params/hidden/kernel: checkpoint ({IN}, {HIDDEN}), model "
           f"({IN}, {HIDDEN + 1}); params/out/kernel") in str(error.value)
-  with pytest.raises(ValueError, match=r"params do not match the model: 3 arrays differ"):
+  with pytest.raises(ValueError, match=r"params do not match the model: arrays differing in "
+                                       r"shape \(3\)"):
     ckpt.restore_params(state_lib.split_model(Wider(nnx.Rngs(0)), nnx.Param)[1])
   ckpt.close()
 
@@ -362,12 +363,12 @@ def test_shape_mismatches_lists_each_kind_up_to_the_limit():
   wanted = {"params/a": (2,), "params/b": (5,), "opt/c": (2,), "params/new": (1,)}
   assert checkpoint_lib.shape_mismatches(saved, saved) is None
   assert checkpoint_lib.shape_mismatches(saved, wanted) == (
-      "2 arrays differ in shape: params/b: checkpoint (3,), model (5,); "
-      "opt/c: checkpoint (1,), model (2,). 1 arrays are only in the model: params/new. "
-      "1 arrays are only in the checkpoint: params/old")
+      "arrays differing in shape (2): params/b: checkpoint (3,), model (5,); "
+      "opt/c: checkpoint (1,), model (2,). arrays only in the model (1): params/new. "
+      "arrays only in the checkpoint (1): params/old")
   assert checkpoint_lib.shape_mismatches(saved, wanted, partial=True, limit=1) == (
-      "2 arrays differ in shape: params/b: checkpoint (3,), model (5,); … 1 more. "
-      "1 arrays are only in the model: params/new")
+      "arrays differing in shape (2): params/b: checkpoint (3,), model (5,); … 1 more. "
+      "arrays only in the model (1): params/new")
 
 
 def test_key_data_roundtrip():

@@ -136,11 +136,11 @@ def shape_mismatches(saved: Mapping[str, tuple[int, ...]],
              for k in sorted(wanted.keys() & saved.keys(), key=_params_first)
              if saved[k] != wanted[k]]
   parts = []
-  for what, items in (("differ in shape", changed), ("are only in the model", missing),
-                      ("are only in the checkpoint", extra)):
+  for what, items in (("differing in shape", changed), ("only in the model", missing),
+                      ("only in the checkpoint", extra)):
     if items:
       more = f"; … {len(items) - limit} more" if len(items) > limit else ""
-      parts.append(f"{len(items)} arrays {what}: " + "; ".join(items[:limit]) + more)
+      parts.append(f"arrays {what} ({len(items)}): " + "; ".join(items[:limit]) + more)
   return ". ".join(parts) or None
 
 
@@ -370,11 +370,13 @@ class Checkpointer:
   def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]] | None:
     """The shapes of step's saved ``state`` arrays, or None if its metadata cannot be
     read (the restore then reports what is wrong)."""
+    handler = ocp.PyTreeCheckpointHandler()
     try:
-      metadata = ocp.PyTreeCheckpointHandler().metadata(
-          epath.Path(self._step_dir(step)) / "state")
+      metadata = handler.metadata(epath.Path(self._step_dir(step)) / "state")
     except Exception:  # pylint: disable=broad-except
       return None
+    finally:
+      handler.close()
     return array_shapes(getattr(metadata, "tree", metadata))
 
   def wait(self) -> None:
