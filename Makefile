@@ -35,7 +35,9 @@ test: install
 # avx512). Each numeric library is held to ISA: oneDNN (XLA's and torch's matmuls), XLA's own code,
 # torch's kernels and MKL, OpenBLAS (NumPy). The matmul kernels, and so the bits of every product,
 # change with the ISA (README, "Tests and CI"). Not part of `make test`: one more suite run.
+# CPUS=0 also pins the run to those cores (`taskset -c`): fewer threads split products differently.
 ISA ?= avx2
+CPUS ?=
 ISA_VALUES := sse4 avx avx2 avx512
 ONEDNN_ISA_sse4 := SSE41
 ONEDNN_ISA_avx := AVX
@@ -60,7 +62,7 @@ endif
 endif
 
 test-isa: install
-	ONEDNN_MAX_CPU_ISA=$(ONEDNN_ISA_$(ISA)) MKL_ENABLE_INSTRUCTIONS=$(XLA_ISA_$(ISA)) \
+	$(if $(CPUS),taskset -c $(CPUS)) env ONEDNN_MAX_CPU_ISA=$(ONEDNN_ISA_$(ISA)) MKL_ENABLE_INSTRUCTIONS=$(XLA_ISA_$(ISA)) \
 	  OPENBLAS_CORETYPE=$(OPENBLAS_CORE_$(ISA)) ATEN_CPU_CAPABILITY=$(ATEN_ISA_$(ISA)) \
 	  XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=$(XLA_ISA_$(ISA))" \
 	  JAX_PLATFORMS=cpu $(PY) -m pytest $(PYTEST_ARGS) $(TESTS)
