@@ -31,7 +31,7 @@ test: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
 	  $(PY) -m pytest $(PYTEST_ARGS) $(TESTS)
 
-# The suite as a CPU with an older vector ISA would run it: `make test-isa ISA=avx2` (or sse4, avx,
+# The suite as a CPU with another vector ISA would run it: `make test-isa ISA=avx2` (or sse4, avx,
 # avx512). Each numeric library is held to ISA: oneDNN (XLA's and torch's matmuls), XLA's own code,
 # torch's kernels and MKL, OpenBLAS (NumPy). The matmul kernels, and so the bits of every product,
 # change with the ISA (README, "Tests and CI"). Not part of `make test`: one more suite run.
@@ -62,8 +62,9 @@ endif
 endif
 
 test-isa: install
-	$(if $(CPUS),taskset -c $(CPUS)) env ONEDNN_MAX_CPU_ISA=$(ONEDNN_ISA_$(ISA)) MKL_ENABLE_INSTRUCTIONS=$(XLA_ISA_$(ISA)) \
-	  OPENBLAS_CORETYPE=$(OPENBLAS_CORE_$(ISA)) ATEN_CPU_CAPABILITY=$(ATEN_ISA_$(ISA)) \
+	$(if $(CPUS),taskset -c $(CPUS)) env ONEDNN_MAX_CPU_ISA=$(ONEDNN_ISA_$(ISA)) \
+	  MKL_ENABLE_INSTRUCTIONS=$(XLA_ISA_$(ISA)) OPENBLAS_CORETYPE=$(OPENBLAS_CORE_$(ISA)) \
+	  ATEN_CPU_CAPABILITY=$(ATEN_ISA_$(ISA)) \
 	  XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=$(XLA_ISA_$(ISA))" \
 	  JAX_PLATFORMS=cpu $(PY) -m pytest $(PYTEST_ARGS) $(TESTS)
 
