@@ -102,18 +102,11 @@ def _gather_json(value: Any) -> list[Any]:
   return [json.loads(gathered[i, :int(n)].tobytes()) for i, n in enumerate(lengths.ravel())]
 
 
-def _key_name(key: Any) -> str:
-  for attribute in ("key", "name", "idx"):  # DictKey/FlattenedIndexKey, GetAttrKey, SequenceKey
-    if hasattr(key, attribute):
-      return str(getattr(key, attribute))
-  return str(key)
-
-
 def array_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
   """``{"params/hidden/kernel": shape}`` for every array leaf of ``tree`` (or of a
   checkpoint's metadata tree), named as orbax names the saved arrays."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(_key_name(k) for k in path): tuple(leaf.shape)
+  return {state_lib.path_str(path): tuple(leaf.shape)
           for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
