@@ -2,6 +2,7 @@
 newest intact step; with none intact it stops with one line (or, with
 ``allow_restart``, starts from scratch and says so)."""
 
+import json
 import logging
 import os
 import re
@@ -80,7 +81,8 @@ def _resolve(step_dir, name):
 
 
 def damage(workdir, step, name, how):
-  """Truncates (to half) or deletes ``name`` of a step; returns its relative path."""
+  """Truncates (to half), deletes or flips a bit of ``name`` of a step; returns its
+  relative path."""
   step_dir = workdir / "checkpoints" / str(step)
   name = _resolve(step_dir, name)
   _damage_file(step_dir / name, how)
@@ -90,6 +92,12 @@ def damage(workdir, step, name, how):
 def _damage_file(path, how):
   if how == "delete":
     os.remove(path)
+  elif how == "flip":  # One bit in the middle: same size, different contents.
+    with open(path, "r+b") as f:
+      f.seek(os.path.getsize(path) // 2)
+      byte = f.read(1)[0]
+      f.seek(-1, os.SEEK_CUR)
+      f.write(bytes([byte ^ 0x10]))
   else:
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
@@ -110,7 +118,7 @@ def _assert_resumed_from_two(workdir, result, uninterrupted, caplog, name):
   assert os.path.isdir(workdir / "checkpoints.damaged" / str(SAVED))
 
 
-@pytest.mark.parametrize("how", ["truncate", "delete"])
+@pytest.mark.parametrize("how", ["truncate", "delete", "flip"])
 def test_every_file_of_a_step_is_checked(saved, tmp_path, how):
   step_dir = saved / "checkpoints" / str(SAVED)
   assert integrity.find_damage(str(step_dir)) is None
@@ -126,16 +134,40 @@ def test_every_file_of_a_step_is_checked(saved, tmp_path, how):
       assert problem is None  # As for a step whose run was killed before recording it.
     elif name == integrity.MANIFEST:
       assert problem.startswith(f"{name}: unreadable"), problem
+    elif how == "flip":
+      assert problem.startswith(f"{name}: contents changed since saved (sha256 "), problem
     else:
       detail = "missing" if how == "delete" else f"{size // 2} bytes, {size} when saved"
       assert problem == f"{name}: {detail}"
 
 
+def test_a_manifest_of_sizes_only_is_checked_for_sizes(saved, tmp_path):
+  """Manifests written before digests were recorded hold ``{file: size}``."""
+  step_dir = tmp_path / "step"
+  shutil.copytree(saved / "checkpoints" / str(SAVED), step_dir)
+  with open(step_dir / integrity.MANIFEST) as f:
+    entries = json.load(f)
+  assert all(set(e) == {"size", "sha256"} for e in entries.values())
+  with open(step_dir / integrity.MANIFEST, "w") as f:
+    json.dump({name: e["size"] for name, e in entries.items()}, f)
+  name = _resolve(step_dir, DATA_FILE)
+  _damage_file(step_dir / name, "flip")
+  assert integrity.find_damage(str(step_dir)) is None  # Sizes cannot see it.
+  _damage_file(step_dir / name, "truncate")
+  assert integrity.find_damage(str(step_dir)).startswith(f"{name}: ")
+  with open(step_dir / integrity.MANIFEST, "w") as f:
+    json.dump({name: {"size": 3}}, f)
+  assert integrity.find_damage(str(step_dir)).startswith(
+      f"{integrity.MANIFEST}: unreadable (entry {name!r} is {{'size': 3}}")
+
+
 # The three damages the issue reported: a TensorStore traceback, a wrong
-# diagnosis ("changed architecture?"), a bare FileNotFoundError.
+# diagnosis ("changed architecture?"), a bare FileNotFoundError; and a flipped bit,
+# which restored silently while manifests held sizes only.
 @pytest.mark.parametrize("name,how", [(DATA_FILE, "truncate"), ("state/_METADATA", "delete"),
-                                      ("config/metadata", "delete")],
-                         ids=["data_file-truncate", "_METADATA-delete", "config-delete"])
+                                      ("config/metadata", "delete"), (DATA_FILE, "flip")],
+                         ids=["data_file-truncate", "_METADATA-delete", "config-delete",
+                              "data_file-flip"])
 def test_damaged_latest_step_falls_back_to_the_previous_one(saved, uninterrupted, tmp_path,
                                                             caplog, name, how):
   workdir = _copy(saved, tmp_path)
@@ -143,7 +175,7 @@ def test_damaged_latest_step_falls_back_to_the_previous_one(saved, uninterrupted
   with caplog.at_level(logging.WARNING):
     result = run(workdir)
   _assert_resumed_from_two(workdir, result, uninterrupted, caplog, name)
-  expected = "missing" if how == "delete" else "when saved"
+  expected = {"delete": "missing", "truncate": "when saved", "flip": "contents changed"}[how]
   assert expected in next(m for m in _warnings(caplog) if name in m)
 
 

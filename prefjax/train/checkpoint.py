@@ -11,10 +11,10 @@ checkpoint holds three items:
 * ``config``: the experiment config as JSON.
 
 Saves are asynchronous where orbax supports it; :meth:`Checkpointer.wait`
-blocks until they are durable. Once a step is final its files' sizes are
-recorded (:mod:`~prefjax.train.integrity`), and
-:meth:`Checkpointer.restore_newest_intact` skips, with a warning naming the
-step and the file, a step whose files no longer match.
+blocks until they are durable. Once a step is final its files' sizes and
+SHA-256 digests are recorded (:mod:`~prefjax.train.integrity`), and every
+restore checks them first: :meth:`Checkpointer.restore_newest_intact` skips,
+with a warning naming the step and the file, a step whose files no longer match.
 """
 
 from __future__ import annotations
@@ -249,8 +249,8 @@ class Checkpointer:
   ) -> tuple[int, state_lib.TrainState, Any, dict[str, Any]] | None:
     """Restores ``(step, state, iterator_state, config)`` of the newest intact step.
 
-    A damaged step (a file missing or resized since it was saved, or a restore
-    failing on corrupt files) is skipped with a warning naming the step and the
+    A damaged step (a file missing, resized or changed since it was saved, or a
+    restore failing on corrupt files) is skipped with a warning naming the step and the
     file; once an older step restores, the damaged ones are moved to
     ``<directory>.damaged/`` so that training can save those steps again.
 
