@@ -31,6 +31,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
+from prefjax.parallel import rules
 from prefjax.train import integrity
 from prefjax.train import state as state_lib
 
@@ -106,7 +107,7 @@ def array_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
   """``{"params/hidden/kernel": shape}`` for every array leaf of ``tree`` (or of a
   checkpoint's metadata tree), named as orbax names the saved arrays."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {state_lib.path_str(path): tuple(leaf.shape)
+  return {rules.path_str(path): tuple(leaf.shape)
           for path, leaf in leaves if hasattr(leaf, "shape")}
 
 

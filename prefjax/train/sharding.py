@@ -31,10 +31,10 @@ def state_shardings(state: state_lib.TrainState, mesh: jax.sharding.Mesh,
   by_path = {}
   for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(state.params)[0],
                                     jax.tree.leaves(param_sh)):
-    by_path[tuple(state_lib.path_str(path).split("/"))] = (tuple(leaf.shape), sharding)
+    by_path[tuple(parallel.path_str(path).split("/"))] = (tuple(leaf.shape), sharding)
 
   def opt_sharding(path, leaf):
-    parts = tuple(state_lib.path_str(path).split("/"))
+    parts = tuple(parallel.path_str(path).split("/"))
     for start in range(len(parts)):
       match = by_path.get(parts[start:])
       if match is not None and match[0] == tuple(leaf.shape):

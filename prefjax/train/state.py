@@ -19,6 +19,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from prefjax.parallel import rules
+
 PyTree = Any
 
 
@@ -104,19 +106,6 @@ def unalias(tree: PyTree) -> PyTree:
   return jax.tree.map(fresh, tree)
 
 
-def path_str(path: tuple[Any, ...]) -> str:
-  """``"/"``-joined pytree key path, e.g. ``layers/3/attn/q_proj/kernel``."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
-
-
 def _host_array(x: jax.Array) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -132,7 +121,7 @@ def params_sha256(params: PyTree) -> str:
   """
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   digest = hashlib.sha256()
-  for _, leaf in sorted(leaves, key=lambda kv: path_str(kv[0])):
+  for _, leaf in sorted(leaves, key=lambda kv: rules.path_str(kv[0])):
     digest.update(_host_array(leaf).tobytes())
   return digest.hexdigest()
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from prefjax.parallel.rules import ROW_INDEX_FIELDS  # Packed fields indexing batch rows.
+from prefjax.parallel import rules
 from prefjax.train import state as state_lib
 
 Batch = Mapping[str, Any]
@@ -47,7 +47,7 @@ LOSS_WEIGHT = "loss_weight"
 
 def split_microbatches(batch: Batch, accum_steps: int) -> Batch:
   """Reshapes every leaf ``[N, ...]`` to ``[accum_steps, N // accum_steps, ...]`` (strided)."""
-  index_fields = [k for k in ROW_INDEX_FIELDS if isinstance(batch, Mapping) and k in batch]
+  index_fields = [k for k in rules.ROW_INDEX_FIELDS if isinstance(batch, Mapping) and k in batch]
   if index_fields:
     raise ValueError(
         f"batch fields {index_fields} index rows of the whole packed batch, so it cannot be "
@@ -57,7 +57,7 @@ def split_microbatches(batch: Batch, accum_steps: int) -> Batch:
     n = x.shape[0] if x.ndim else None
     if n is None or n % accum_steps:
       raise ValueError(
-          f"batch field {state_lib.path_str(path)!r} with shape {x.shape}: leading "
+          f"batch field {rules.path_str(path)!r} with shape {x.shape}: leading "
           f"dimension must be divisible by accum_steps={accum_steps}")
     x = x.reshape((n // accum_steps, accum_steps) + x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
