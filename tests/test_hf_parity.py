@@ -185,8 +185,8 @@ def test_sharded_index_checkpoint_loads(load_pair, tmp_path):
   assert (tmp_path / "model.safetensors.index.json").exists()
   assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
   resharded = models.from_pretrained(tmp_path, dtype=jnp.float32)
-  for (p, a), (_, b) in zip(nnx.state(ours, nnx.Param).flat_state(),
-                            nnx.state(resharded, nnx.Param).flat_state()):
+  for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(ours, nnx.Param)),
+                            nnx.to_flat_state(nnx.state(resharded, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
 
 
@@ -196,8 +196,8 @@ def test_save_pretrained_round_trip_and_torch_load(load_pair, name, tmp_path):
   models.save_pretrained(ours, tmp_path)
   back = models.from_pretrained(tmp_path, dtype=jnp.float32)
   assert back.config == ours.config
-  before = dict(nnx.state(ours, nnx.Param).flat_state())
-  after = dict(nnx.state(back, nnx.Param).flat_state())
+  before = dict(nnx.to_flat_state(nnx.state(ours, nnx.Param)))
+  after = dict(nnx.to_flat_state(nnx.state(back, nnx.Param)))
   assert before.keys() == after.keys()
   for p in before:
     np.testing.assert_array_equal(np.asarray(before[p].get_value()),
