@@ -84,6 +84,7 @@ bench: install
 	$(PY) -m benchmarks.model_throughput --model=smollm2 --out=benchmarks/out/throughput_cpu.json
 	$(PY) -m benchmarks.rm_scoring_throughput --out=benchmarks/out/rm_scoring_cpu.json
 	$(PY) -m benchmarks.ensemble_step --json=benchmarks/out/ensemble.json
+	$(PY) -m benchmarks.remat_policies --json=benchmarks/out/remat.json
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -28,8 +28,6 @@ how much faster one K-member step is than K one-model steps on the same batches.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 from typing import Any, Callable
@@ -151,6 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   args = parser.parse_args(argv)
   import jax
   import jax.numpy as jnp
+  from benchmarks import run as run_lib
   from prefjax.models import decoder as dec
   from prefjax.models import heads
   forwards = [f for f in args.forwards.split(",") if f]
@@ -176,13 +175,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                            num_layers=args.num_layers)
     for r in width_rows:
       r.update(device=device, backend=jax.default_backend(), dtype=dtype.name, data=args.data,
-               rows=num_rows, length=length, xla_flags=os.environ.get("XLA_FLAGS", ""),
-               glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
+               rows=num_rows, length=length, **run_lib.process_settings())
     print(table(width_rows), flush=True)
     rows += width_rows
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(rows, f, indent=1)
+  run_lib.write_json(args.json, rows)
   return rows
 
 

@@ -411,6 +411,19 @@ def pair_tokens(batch: dict[str, np.ndarray]) -> int:
   return int(np.count_nonzero(real))
 
 
+def process_settings() -> dict[str, str]:
+  """The XLA flags and glibc tunables this process runs with, for a result row."""
+  return {"xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+
+
+def write_json(path: str, rows: Any) -> None:
+  """Writes a script's result rows to ``path`` (nothing when it is empty)."""
+  if path:
+    with open(path, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
 def _peak_rss_mb() -> int:
   return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
@@ -554,9 +567,7 @@ def main(argv: list[str] | None = None) -> None:
   for case, speedup in ensemble_speedups(rows).items():
     next(r for r in rows if r["case"] == case)["vs_4_sequential"] = speedup
     print(f"{case}: {speedup:.2f}× the speed of 4 steps of {ENSEMBLE_BASELINES[case]}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(rows, f, indent=1)
+  write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ of another shape would fail rather than recompile.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from typing import Any
@@ -111,7 +110,7 @@ def time_steps(compiled: Any, state: Any, batches: list[dict[str, np.ndarray]]) 
 
 
 def run(size: str, *, rows: int, length: int, max_pairs: int, steps: int,
-        dtype: str | None, remat: bool, scan_layers: bool,
+        dtype: str | None, remat: bool | str, scan_layers: bool,
         num_layers: int | None = None) -> dict[str, Any]:
   """Builds, compiles and times the step; returns the result row."""
   import jax
@@ -184,6 +183,8 @@ def table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+  from benchmarks import run as run_lib
+  from prefjax.models import decoder as dec
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--size", default="llama32_1b", choices=sorted(SIZES))
   parser.add_argument("--num_layers", type=int, default=None, help="override the size's depth")
@@ -193,7 +194,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--steps", type=int, default=10, help="timed steps after one warm-up")
   parser.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"],
                       help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
-  parser.add_argument("--remat", action="store_true", help="recompute blocks in the backward")
+  parser.add_argument("--remat", nargs="?", const="full", default="none",
+                      choices=["none", *dec.REMAT_POLICIES],
+                      help="recompute blocks in the backward: what each keeps "
+                           "(decoder.REMAT_POLICIES); --remat alone is 'full'")
   parser.add_argument("--scan_layers", action="store_true", help="one lax.scan over the blocks")
   parser.add_argument("--json", default="", help="write the row here")
   args = parser.parse_args(argv)
@@ -201,9 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             steps=args.steps, dtype=args.dtype, remat=args.remat, scan_layers=args.scan_layers,
             num_layers=args.num_layers)
   print(table(row), flush=True)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(row, f, indent=1)
+  run_lib.write_json(args.json, row)
   return row
 
 

@@ -61,7 +61,7 @@ def _jitted(model: nnx.Module, loss_fn, trainable=nnx.Param) -> tuple[Callable, 
 
 
 def _decoder(seed: int, num_layers: int | None = None, scan_layers: bool = False,
-             remat: bool = False, config: dec.DecoderConfig | None = None,
+             remat: bool | str = False, config: dec.DecoderConfig | None = None,
              dtype: Any = None) -> dec.Decoder:
   config = config or workloads.rm_model_config(num_layers=num_layers)
   return dec.Decoder(config, rngs=nnx.Rngs(seed), scan_layers=scan_layers, remat=remat,

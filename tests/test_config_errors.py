@@ -104,10 +104,12 @@ def test_help_lists_the_binary_flags():
 def test_config_help_lists_every_field_with_overrides_applied():
   code, lines = run_binary("train_dpo", "--config=configs/dpo/tiny.py", "--config_help",
                            "--config.loop.on_config_mismatch=error",
-                           "--config.data.pipeline.max_prompt_length=12")
+                           "--config.data.pipeline.max_prompt_length=12",
+                           "--config.model.remat=attention")
   assert code == 0, "\n".join(lines)
   fields = dict(line.split(" = ", 1) for line in lines)
   assert fields["config.loop.on_config_mismatch"] == "'error'"
+  assert fields["config.model.remat"] == "'attention'"
   assert fields["config.data.pipeline.max_prompt_length"] == "12"
   assert fields["config.loop.best_metric"] == "None"
   assert fields["config.data.on_bad_row"] == "'error'"
@@ -168,7 +170,8 @@ def test_shipped_configs_declare_every_documented_field(module):
                if f"config.{section}.{f.name}" not in keys]
     assert not missing, (section, missing)
   for name in ("data.name", "data.train_split", "data.eval_split", "data.on_bad_row",
-               "data.cache_dir", "data.tiny_world.num_pairs", "mesh.num_devices"):
+               "data.cache_dir", "data.tiny_world.num_pairs", "mesh.num_devices",
+               "model.remat", "model.scan_layers"):
     assert f"config.{name}" in keys, name
 
 
@@ -179,6 +182,7 @@ def test_rl_configs_declare_the_loop_options_train_rl_honours(module):
   loop = train.LoopConfig.from_mapping(config.loop)
   assert loop.on_config_mismatch == "warn" and loop.keep_checkpoints == 2
   keys = {key for key, _ in configlib.flat_items(config)}
+  assert {"config.model.remat", "config.model.scan_layers"} <= keys
   missing = [f.name for f in dataclasses.fields(train.OptimizerConfig)
              if f"config.optimizer.{f.name}" not in keys]
   assert not missing

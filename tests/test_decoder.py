@@ -1,6 +1,7 @@
 """Decoder vs a float64 NumPy reference; padded, packed and cached paths; sharding rules."""
 
 import functools
+import logging
 import re
 
 import jax
@@ -307,10 +308,12 @@ def test_bad_config_raises(overrides, message):
                                        rngs=nnx.Rngs(0)))
 
 
-@pytest.mark.parametrize("name, flags, packed", [
-    ("gpt2", ("remat",), False), ("gpt2", ("scan_layers",), False),
-    ("llama", ("scan_layers",), True), ("llama", ("remat", "scan_layers"), True)])
-def test_remat_and_scanned_layers_give_the_same_gradients(name, flags, packed):
+@pytest.mark.parametrize("name, settings, packed", [
+    ("gpt2", dict(remat=True), False), ("gpt2", dict(scan_layers=True), False),
+    ("llama", dict(scan_layers=True), True), ("llama", dict(remat=True, scan_layers=True), True),
+    ("llama", dict(remat="dots"), False), ("llama", dict(remat="attention"), True),
+    ("llama", dict(remat="attention", scan_layers=True), False)])
+def test_remat_and_scanned_layers_give_the_same_gradients(name, settings, packed):
   model = make_model(name)
   tokens = jnp.asarray([SEQS[1]], jnp.int32)
   kwargs = dict(segment_ids=jnp.asarray([[1, 1, 1, 2, 2, 2, 0]])) if packed else {}
@@ -323,17 +326,49 @@ def test_remat_and_scanned_layers_give_the_same_gradients(name, flags, packed):
         state)
 
   changed = nnx.clone(model)
-  for flag in flags:
-    setattr(changed, flag, True)
+  for flag, value in settings.items():
+    setattr(changed, flag, value)
   jaxpr = lambda m: str(jax.make_jaxpr(lambda s: nnx.merge(nnx.graphdef(m), s)(
       tokens, **kwargs))(nnx.state(m)))
   marks = {"remat": "remat", "scan_layers": "scan["}
-  for flag in flags:
+  for flag in settings:
     assert marks[flag] in jaxpr(changed) and marks[flag] not in jaxpr(model)
   plain, other = grads(model), grads(changed)
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(other)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
   assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(plain)) > 0
+
+
+def _grad_of_sum(model, tokens):
+  graphdef, state = nnx.split(model)
+  return jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(tokens) ** 2))
+
+
+def test_remat_policies_keep_what_they_name():
+  """Scanned blocks (where XLA CPU recomputes one block at a time): each policy's step
+  needs less memory than keeping everything, in the order of what it keeps, and the
+  "attention" policy's backward does not rerun the attention kernel's forward."""
+  config = dec.DecoderConfig.tiny_llama(num_layers=4, vocab_size=64)
+  tokens = jnp.zeros((4, 256), jnp.int32)
+  temp, exps = {}, {}
+  for remat in ("none", "full", "attention", "dots"):
+    model = dec.Decoder(config, rngs=nnx.Rngs(0), remat=remat, scan_layers=True)
+    grad = _grad_of_sum(model, tokens)
+    state = nnx.state(model)
+    temp[remat] = jax.jit(grad).lower(state).compile().memory_analysis().temp_size_in_bytes
+    exps[remat] = str(jax.make_jaxpr(grad)(state)).count(" exp ")
+  assert temp["full"] <= temp["attention"] < temp["dots"] < temp["none"], temp
+  assert temp["full"] < 0.5 * temp["none"], temp
+  # The kernel's exps (one per query block in the scanned block's forward, one per block
+  # in its backward) and, when the forward is recomputed, the forward's again.
+  assert exps["none"] == exps["attention"] < exps["full"] == exps["dots"], exps
+
+
+def test_remat_names_a_policy():
+  with pytest.raises(ValueError, match=r"one of \['attention', 'dots', 'full'\]; got 'some'"):
+    dec.Decoder(dec.DecoderConfig.tiny_llama(), rngs=nnx.Rngs(0), remat="some")
+  assert [dec.remat_policy(r) for r in (False, "none", "False", True, "True", "full", "dots")
+          ] == [None, None, None, "full", "full", "full", "dots"]
 
 
 @pytest.mark.parametrize("offset", [0, 5])  # the CPU conditional's predicate false, true
@@ -365,9 +400,27 @@ def test_model_config_flags_reach_the_decoder_and_fail_clearly_elsewhere():
              remat=True, scan_layers=True)
   model = nnx.eval_shape(lambda: experiment.make_model(cfg, vocab_size=64, seed=0))
   assert model.remat and model.scan_layers
+  model = nnx.eval_shape(lambda: experiment.make_model(
+      {**cfg, "remat": "attention"}, vocab_size=64, seed=0))
+  assert model.remat == "attention"
+  with pytest.raises(ValueError, match="remat must be True, False, 'none' or one of"):
+    experiment.make_model({**cfg, "remat": "dot"}, vocab_size=64, seed=0)
   with pytest.raises(ValueError, match="has no scan_layers option"):
     nnx.eval_shape(lambda: experiment.make_model(
         dict(arch="encoder", preset="tiny", scan_layers=True), vocab_size=64, seed=0))
+
+
+def test_remat_of_unrolled_blocks_warns_on_cpu(caplog):
+  from prefjax import experiment
+  cfg = dict(arch="decoder", preset="tiny_llama", overrides=dict(num_layers=2), remat="full")
+  for scan_layers in (False, True):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      nnx.eval_shape(lambda: experiment.make_model({**cfg, "scan_layers": scan_layers},
+                                                   vocab_size=64, seed=0))
+    warned = [r.getMessage() for r in caplog.records if "without model.scan_layers" in
+              r.getMessage()]
+    assert len(warned) == (0 if scan_layers else 1), warned
 
 
 def test_config_sets_how_a_deep_ensemble_runs_its_members():

@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.tokenizer = dict(path="byte")
-  config.model = dict(
+  config.model = experiment.model_section(
       arch="decoder", preset="tiny_llama", path="", dtype="",
       overrides=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                      intermediate_size=64, max_position_embeddings=64))

@@ -31,6 +31,7 @@ under a second on one H100. Numbers for the full run: not yet measured.
 import ml_collections
 
 from prefjax import configlib
+from prefjax import experiment
 from prefjax import train
 
 
@@ -39,7 +40,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.tokenizer = dict(path="asset:smollm2")
   # scan_layers: the 30 blocks compile as one (rm_step_hh_30layers_scan in benchmarks.run).
-  c.model = dict(arch="decoder", preset="", path="asset:smollm2", head="", dtype="",
+  c.model = experiment.model_section(arch="decoder", preset="", path="asset:smollm2", head="", dtype="",
                  overrides={}, scan_layers=True)
   c.world = None
   c.data = dict(name="hh_rlhf/harmless-base", on_bad_row="error", cache_dir="")

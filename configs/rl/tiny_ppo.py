@@ -22,6 +22,7 @@ k1 KL and the exact KL agree within their SEs.
 import ml_collections
 
 from prefjax import configlib
+from prefjax import experiment
 from prefjax import train
 
 
@@ -30,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.tokenizer = dict(path="byte")
-  c.model = dict(arch="decoder", preset="tiny_llama", path="", head="", dtype="float32",
+  c.model = experiment.model_section(arch="decoder", preset="tiny_llama", path="", head="", dtype="float32",
                  overrides=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                 intermediate_size=128, max_position_embeddings=64))
   # A world whose proxy optimum is the exploit character: proxy("ppp…") = 3 − 1 = 2

@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # One value: overriding --config.loop.num_steps also moves the end of the LR schedule.
   num_steps = ml_collections.FieldReference(300)
   config.tokenizer = dict(path="byte")
-  config.model = dict(
+  config.model = experiment.model_section(
       arch="decoder", preset="tiny_llama", path="", head="reward", ensemble="heads",
       pooling="last", dtype="float32",
       overrides=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs.rm import tiny as rm_config
+from prefjax import experiment
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -28,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown variant {arg!r}; known: quick")
   config = rm_config.get_config(arg)
   del config.loss, config.eval, config.data.objective, config.data.objective_field
-  config.model = dict(
+  config.model = experiment.model_section(
       arch="encoder", preset="tiny", path="", head="reward", ensemble="heads",
       pooling="mean", dtype="float32",
       overrides=dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,

@@ -39,6 +39,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from prefjax.models import segments as seg
 
@@ -50,6 +51,9 @@ DEFAULT_BLOCK_SIZE = 128
 # took 1.5–5% less wall time (benchmarks/RESULTS.md).
 DEFAULT_TILE_SIZE = 256
 DEFAULT_MAX_BLOCKS = 8
+# The forward's residuals, named for remat policies (``jax.ad_checkpoint.checkpoint_name``):
+# a policy that saves both keeps the backward from rerunning the kernel's forward.
+SAVEABLE_NAMES = ("attention_out", "attention_lse")
 _MASKED = -1e30  # finite: a fully masked row cannot occur (a query always sees itself)
 
 
@@ -152,8 +156,13 @@ def _attention(q, k, v, masks, blocks):
   return _forward(q, k, v, masks, blocks)[0]
 
 
+def _named(out: Array, lse: Array) -> tuple[Array, Array]:
+  return tuple(checkpoint_name(x, name)
+               for x, name in zip((out, lse), SAVEABLE_NAMES))
+
+
 def _attention_fwd(q, k, v, masks, blocks):
-  out, lse = _forward(q, k, v, masks, blocks)
+  out, lse = _named(*_forward(q, k, v, masks, blocks))
   return out, (q, k, v, masks, out, lse)
 
 
@@ -305,7 +314,7 @@ def _tiled_attention(q, k, v, masks, blocks):
 
 def _tiled_attention_fwd(q, k, v, masks, blocks):
   visits = _visits(masks, blocks)
-  out, lse = _tiled_forward(q, k, v, masks, blocks, visits)
+  out, lse = _named(*_tiled_forward(q, k, v, masks, blocks, visits))
   return out, (q, k, v, masks, visits, out, lse)
 
 
