@@ -141,12 +141,29 @@ def test_every_file_of_a_step_is_checked(saved, tmp_path, how):
       assert problem == f"{name}: {detail}"
 
 
+def test_any_flipped_bit_of_the_manifest_is_damage_to_the_manifest(saved, tmp_path):
+  """The manifest carries its own digest, so a changed byte in it is not blamed on the
+  file whose entry it altered."""
+  step_dir = tmp_path / "step"
+  shutil.copytree(saved / "checkpoints" / str(SAVED), step_dir)
+  manifest = (step_dir / integrity.MANIFEST).read_bytes()
+  for position in range(len(manifest)):
+    for bit in (0x01, 0x10):
+      damaged = bytearray(manifest)
+      damaged[position] ^= bit
+      (step_dir / integrity.MANIFEST).write_bytes(bytes(damaged))
+      problem = integrity.find_damage(str(step_dir))
+      assert problem.startswith(f"{integrity.MANIFEST}: unreadable ("), (position, bit, problem)
+  (step_dir / integrity.MANIFEST).write_bytes(manifest)
+  assert integrity.find_damage(str(step_dir)) is None
+
+
 def test_a_manifest_of_sizes_only_is_checked_for_sizes(saved, tmp_path):
   """Manifests written before digests were recorded hold ``{file: size}``."""
   step_dir = tmp_path / "step"
   shutil.copytree(saved / "checkpoints" / str(SAVED), step_dir)
   with open(step_dir / integrity.MANIFEST) as f:
-    entries = json.load(f)
+    entries = json.load(f)["files"]
   assert all(set(e) == {"size", "sha256"} for e in entries.values())
   with open(step_dir / integrity.MANIFEST, "w") as f:
     json.dump({name: e["size"] for name, e in entries.items()}, f)

@@ -1,4 +1,4 @@
-"""benchmarks.remat_policies: each remat policy's memory and step time, blocks unrolled and scanned."""
+"""benchmarks.remat_policies: each remat policy's memory and step time, unrolled and scanned."""
 
 import json
 

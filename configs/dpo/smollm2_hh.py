@@ -48,8 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.tokenizer = dict(path="asset:smollm2")
   # scan_layers: the 30 blocks compile as one (rm_step_hh_30layers_scan in benchmarks.run).
-  config.model = experiment.model_section(arch="decoder", preset="", path="asset:smollm2", dtype="", overrides={},
-                      scan_layers=True)
+  config.model = experiment.model_section(arch="decoder", preset="", path="asset:smollm2",
+                                          dtype="", overrides={}, scan_layers=True)
   config.data = experiment.data_section(
       name="hh_rlhf/harmless-base", eval_split="resplit_validation[:64]",
       pipeline=dict(seed=0, batch_size=16, max_length=512, max_prompt_length=256,

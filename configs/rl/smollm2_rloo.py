@@ -40,8 +40,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.tokenizer = dict(path="asset:smollm2")
   # scan_layers: the 30 blocks compile as one (rm_step_hh_30layers_scan in benchmarks.run).
-  c.model = experiment.model_section(arch="decoder", preset="", path="asset:smollm2", head="", dtype="",
-                 overrides={}, scan_layers=True)
+  c.model = experiment.model_section(arch="decoder", preset="", path="asset:smollm2", head="",
+                                     dtype="", overrides={}, scan_layers=True)
   c.world = None
   c.data = dict(name="hh_rlhf/harmless-base", on_bad_row="error", cache_dir="")
   c.prompts = dict(source="dataset", split="resplit_train", eval_split="resplit_validation",

@@ -31,9 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.tokenizer = dict(path="byte")
-  c.model = experiment.model_section(arch="decoder", preset="tiny_llama", path="", head="", dtype="float32",
-                 overrides=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                intermediate_size=128, max_position_embeddings=64))
+  c.model = experiment.model_section(
+      arch="decoder", preset="tiny_llama", path="", head="", dtype="float32",
+      overrides=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                     intermediate_size=128, max_position_embeddings=64))
   # A world whose proxy optimum is the exploit character: proxy("ppp…") = 3 − 1 = 2
   # beats every honest string (best: 1.30 + 0.5 echo bonus), while gold("ppp…") = −1.
   c.world = dict(seed=0, exploit_char="p", exploit_weight=3.0, exploit_gold_penalty=1.0,

@@ -37,8 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # One value: overriding --config.loop.num_steps also moves the end of the LR schedule.
   num_steps = ml_collections.FieldReference(150)
   config.tokenizer = dict(path="asset:minilm")
-  config.model = experiment.model_section(arch="encoder", preset="", path="asset:minilm", head="reward",
-                      ensemble="heads", pooling="mean", dtype="float32", overrides={})
+  config.model = experiment.model_section(
+      arch="encoder", preset="", path="asset:minilm", head="reward", ensemble="heads",
+      pooling="mean", dtype="float32", overrides={})
   config.data = experiment.data_section(
       name="hh_rlhf/harmless-base", objective="", objective_field="objective",
       pipeline=dict(seed=0, batch_size=16, max_length=80, max_prompt_length=32,
