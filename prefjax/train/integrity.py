@@ -12,9 +12,9 @@ in it, and the digest of that record (``prefjax_files.json``), and
 :func:`find_damage` compares the files with it before a restore, sizes first:
 that catches truncation, deletion and changed bytes in any file, and names it.
 Hashing reads each file once (≈ 1.6 GB/s on a CPU with SHA extensions), at the
-save after the step's and at a restore. A
-step without a manifest (its run was killed before recording it) is checked for
-orbax's metadata files, and a failed restore is triaged by :func:`is_damage`.
+save after the step's and at a restore. A step without a manifest (its run was
+killed before recording it) is checked for orbax's metadata files, and a failed
+restore is triaged by :func:`is_damage`.
 Manifests of older runs hold sizes only and are checked for sizes. Remote
 directories (``gs://...``) get the triage only.
 """
