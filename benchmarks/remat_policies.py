@@ -25,7 +25,6 @@ and ``vs_none``: its s/step over the same layout's ``none`` (the recomputation's
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 from typing import Any, Callable
 
@@ -38,9 +37,7 @@ def hh_batches(pairs: int, count: int) -> tuple[list[dict], int]:
   from benchmarks import workloads
   if pairs < 1:
     raise ValueError(f"--pairs must be >= 1, got {pairs}")
-  batches = workloads.pair_batches("shared", count, batch_size=pairs,
-                                   pack_rows=math.ceil(pairs / 4),
-                                   max_segments_per_row=3 * pairs, pack_window=8 * pairs)
+  batches = workloads.pair_batches("shared", count, batch_size=pairs)
   return list(batches), 3 * pairs
 
 

@@ -11,6 +11,7 @@ per step in file order, and a Llama-style model of 23.47M parameters (hidden
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import zlib
 from typing import Any, Iterator, Sequence
@@ -83,8 +84,9 @@ def pipeline_config(mode: str, **overrides: Any) -> pipeline_lib.PipelineConfig:
   rounded up to 64), ``fixed`` (every row padded to 512), ``packed`` (rows of
   1,024 tokens holding whole pairs) or ``shared`` (packed, each pair one
   ``prompt | chosen | rejected`` sequence: 2 rows of 1,024 hold what ``packed``
-  puts in 3).
+  puts in 3; an overridden ``batch_size`` of pairs gets one row per 4 pairs).
   """
+  pairs = overrides.get("batch_size", PAIRS_PER_STEP)
   base = dict(batch_size=PAIRS_PER_STEP, max_length=MAX_LENGTH,
               max_prompt_length=MAX_LENGTH - 1, shuffle=False, num_epochs=1, seed=0,
               shard_index=0, shard_count=1)
@@ -94,8 +96,9 @@ def pipeline_config(mode: str, **overrides: Any) -> pipeline_lib.PipelineConfig:
     base.update(mode="packed", pack_length=2 * MAX_LENGTH, pack_rows=3,
                 max_segments_per_row=16, pack_window=8 * PAIRS_PER_STEP)
   elif mode == "shared":
-    base.update(mode="packed", share_prompt=True, pack_length=2 * MAX_LENGTH, pack_rows=2,
-                max_segments_per_row=3 * PAIRS_PER_STEP, pack_window=8 * PAIRS_PER_STEP)
+    base.update(mode="packed", share_prompt=True, pack_length=2 * MAX_LENGTH,
+                pack_rows=math.ceil(pairs / 4), max_segments_per_row=3 * pairs,
+                pack_window=8 * pairs)
   elif mode != "longest":
     raise ValueError(f"mode must be 'longest', 'fixed', 'packed' or 'shared', got {mode!r}")
   return pipeline_lib.PipelineConfig(**{**base, **overrides})

@@ -14,9 +14,8 @@ that catches truncation, deletion and changed bytes in any file, and names it.
 Hashing reads each file once (≈ 1.6 GB/s on a CPU with SHA extensions), at the
 save after the step's and at a restore. A step without a manifest (its run was
 killed before recording it) is checked for orbax's metadata files, and a failed
-restore is triaged by :func:`is_damage`.
-Manifests of older runs hold sizes only and are checked for sizes. Remote
-directories (``gs://...``) get the triage only.
+restore is triaged by :func:`is_damage`. Manifests of older runs hold sizes only
+and are checked for sizes. Remote directories (``gs://...``) get the triage only.
 """
 
 from __future__ import annotations
