@@ -57,7 +57,7 @@ def profile(case: str, batch_index: int, repeats: int, traced: int) -> dict[str,
   import jax
   from benchmarks import run, steps, workloads
   spec = run.CASES[case]
-  batch = list(workloads.pair_batches(spec["layout"], batch_index + 1))[batch_index]
+  batch = workloads.layout_batches(spec["layout"], batch_index + 1)[batch_index]
   if "cached" in spec["kind"]:
     batch = steps.with_cached_reference(batch)
   _, info = run._builder(spec["kind"], run.NUM_SEGMENTS.get(spec["layout"]), spec.get("decoder"))

@@ -5,7 +5,7 @@ r"""What each remat policy costs and saves, with the blocks unrolled and scanned
   python -m benchmarks.remat_policies --data=synthetic --rows=8 --length=2048 --max_pairs=32
 
 ``Decoder.remat`` chooses what a block keeps for the backward pass
-(``decoder.REMAT_POLICIES``: ``full`` keeps only its input, ``attention`` also the
+(``stack.REMAT_POLICIES``: ``full`` keeps only its input, ``attention`` also the
 attention kernel's output and log-sum-exp, ``dots`` also every projection's output);
 ``none`` keeps everything. For each policy and each ``--layouts`` entry (``unrolled``
 blocks, or ``scan``: ``Decoder.scan_layers``) this builds the RM step of the HH
@@ -95,10 +95,10 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-  from prefjax.models import decoder as dec
+  from prefjax.models import stack
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--policies", default=",".join(["none", *dec.REMAT_POLICIES]),
-                      help="comma-separated: none and decoder.REMAT_POLICIES names")
+  parser.add_argument("--policies", default=",".join(["none", *stack.REMAT_POLICIES]),
+                      help="comma-separated: none and stack.REMAT_POLICIES names")
   parser.add_argument("--layouts", default=",".join(LAYOUTS), help="unrolled, scan or both")
   parser.add_argument("--hidden", type=int, default=512, help="model width (head dim 64)")
   parser.add_argument("--num_layers", type=int, default=None, help="override the depth (6)")
@@ -113,10 +113,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   args = parser.parse_args(argv)
   policies = [p for p in args.policies.split(",") if p]
   layouts = [layout for layout in args.layouts.split(",") if layout]
-  unknown = sorted(set(policies) - {"none", *dec.REMAT_POLICIES}) + sorted(
+  unknown = sorted(set(policies) - {"none", *stack.REMAT_POLICIES}) + sorted(
       set(layouts) - set(LAYOUTS))
   if unknown or not policies or not layouts:
-    parser.error(f"--policies must be among none, {', '.join(dec.REMAT_POLICIES)} and "
+    parser.error(f"--policies must be among none, {', '.join(stack.REMAT_POLICIES)} and "
                  f"--layouts among {', '.join(LAYOUTS)}; got {unknown or 'none'}")
   import jax
   from benchmarks import ensemble_step

@@ -265,8 +265,7 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
                                     min(steps, GENERATION_REPEATS))
     return {**row, "peak_rss_mb": _peak_rss_mb(), "jax_backend": jax.default_backend()}
   kind, layout = spec["kind"], spec["layout"]
-  batches = list(workloads.minilm_batches(steps + 1) if layout == "minilm"
-                 else workloads.pair_batches(layout, steps + 1))
+  batches = workloads.layout_batches(layout, steps + 1)
   if "cached" in kind:
     batches = [steps_lib.with_cached_reference(b) for b in batches]
   num_segments = NUM_SEGMENTS.get(layout)

@@ -184,7 +184,7 @@ def table(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   from benchmarks import run as run_lib
-  from prefjax.models import decoder as dec
+  from prefjax.models import stack
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--size", default="llama32_1b", choices=sorted(SIZES))
   parser.add_argument("--num_layers", type=int, default=None, help="override the size's depth")
@@ -195,9 +195,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"],
                       help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
   parser.add_argument("--remat", nargs="?", const="full", default="none",
-                      choices=["none", *dec.REMAT_POLICIES],
+                      choices=["none", *stack.REMAT_POLICIES],
                       help="recompute blocks in the backward: what each keeps "
-                           "(decoder.REMAT_POLICIES); --remat alone is 'full'")
+                           "(stack.REMAT_POLICIES); --remat alone is 'full'")
   parser.add_argument("--scan_layers", action="store_true", help="one lax.scan over the blocks")
   parser.add_argument("--json", default="", help="write the row here")
   args = parser.parse_args(argv)

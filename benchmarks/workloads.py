@@ -113,6 +113,12 @@ def pair_batches(mode: str, count: int, **overrides: Any) -> Iterator[dict[str, 
     yield next(iterator)
 
 
+def layout_batches(layout: str, count: int) -> list[dict[str, np.ndarray]]:
+  """The first ``count`` batches of a ``benchmarks.run`` case's ``layout``: ``"minilm"``
+  (``minilm_batches``) or a ``pair_batches`` mode."""
+  return list(minilm_batches(count) if layout == "minilm" else pair_batches(layout, count))
+
+
 def minilm_batches(count: int) -> Iterator[dict[str, np.ndarray]]:
   """The first ``count`` batches of ``configs/rm/hh_minilm.py``'s pipeline over the test file.
 

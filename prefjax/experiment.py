@@ -8,10 +8,10 @@ schema is the same everywhere:
                           ``EncoderConfig`` constructor, random init), overrides (dict of
                           config fields; vocab_size None = tokenizer's), path (HF dir,
                           .gguf, "asset:smollm2", "asset:minilm": pretrained), head,
-                          ensemble ("heads" | "deep"), pooling, dtype, remat (decoder:
-                          recompute each block's activations in the backward pass;
-                          True/"full", "dots", "attention": ``decoder.REMAT_POLICIES``),
-                          scan_layers (decoder: one scanned block, faster compiles)
+                          ensemble ("heads" | "deep"), pooling, dtype, remat (decoder or
+                          encoder: recompute each block's activations in the backward pass;
+                          True/"full", "dots", "attention": ``stack.REMAT_POLICIES``),
+                          scan_layers (one scanned block, faster compiles)
   config.data             name (``load_preferences`` name or "tiny_world"), train_split,
                           eval_split, on_bad_row, tiny_world (seed, num_pairs, label_noise,
                           temperature), and ``pipeline`` fields (``PipelineConfig``);
@@ -47,6 +47,7 @@ from prefjax.models import decoder as decoder_lib
 from prefjax.models import encoder as encoder_lib
 from prefjax.models import heads as heads_lib
 from prefjax.models import hf_import
+from prefjax.models import stack
 from prefjax.train import summary as summary_lib
 
 _ASSETS = {
@@ -98,7 +99,7 @@ MODEL_SWITCHES = dict(remat="none", scan_layers=False)
 
 def model_section(**fields: Any) -> ml_collections.ConfigDict:
   """``config.model`` with ``MODEL_SWITCHES`` declared: ``remat`` ("none", or a
-  ``decoder.REMAT_POLICIES`` name) and ``scan_layers``; ``fields`` as in ``make_model``."""
+  ``stack.REMAT_POLICIES`` name) and ``scan_layers``; ``fields`` as in ``make_model``."""
   return ml_collections.ConfigDict(dict(MODEL_SWITCHES, **fields))
 
 
@@ -113,7 +114,7 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
   cfg = configlib.plain(cfg)
   head, pooling = cfg.get("head"), cfg.get("pooling")
   kind, members = heads_lib.parse_head(head)
-  switches = {"remat": decoder_lib.remat_policy(cfg.get("remat") or False),
+  switches = {"remat": stack.remat_policy(cfg.get("remat") or False),
               "scan_layers": bool(cfg.get("scan_layers"))}
   if switches["remat"] and not switches["scan_layers"] and jax.default_backend() == "cpu":
     logging.warning("model.remat=%r without model.scan_layers: XLA CPU schedules unrolled "

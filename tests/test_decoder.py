@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from prefjax.models import decoder as dec
+from prefjax.models import stack
 
 CONFIGS = {
     "llama": dec.DecoderConfig.tiny_llama(),
@@ -367,7 +368,7 @@ def test_remat_policies_keep_what_they_name():
 def test_remat_names_a_policy():
   with pytest.raises(ValueError, match=r"one of \['attention', 'dots', 'full'\]; got 'some'"):
     dec.Decoder(dec.DecoderConfig.tiny_llama(), rngs=nnx.Rngs(0), remat="some")
-  assert [dec.remat_policy(r) for r in (False, "none", "False", True, "True", "full", "dots")
+  assert [stack.remat_policy(r) for r in (False, "none", "False", True, "True", "full", "dots")
           ] == [None, None, None, "full", "full", "full", "dots"]
 
 
@@ -394,7 +395,7 @@ def test_output_kernel_is_the_tied_embedding_or_the_head():
     untied.output_kernel()
 
 
-def test_model_config_flags_reach_the_decoder_and_fail_clearly_elsewhere():
+def test_model_config_flags_reach_the_trunk():
   from prefjax import experiment
   cfg = dict(arch="decoder", preset="tiny_llama", overrides=dict(num_layers=2),
              remat=True, scan_layers=True)
@@ -405,9 +406,17 @@ def test_model_config_flags_reach_the_decoder_and_fail_clearly_elsewhere():
   assert model.remat == "attention"
   with pytest.raises(ValueError, match="remat must be True, False, 'none' or one of"):
     experiment.make_model({**cfg, "remat": "dot"}, vocab_size=64, seed=0)
-  with pytest.raises(ValueError, match="has no scan_layers option"):
-    nnx.eval_shape(lambda: experiment.make_model(
-        dict(arch="encoder", preset="tiny", scan_layers=True), vocab_size=64, seed=0))
+  encoder = nnx.eval_shape(lambda: experiment.make_model(
+      dict(arch="encoder", preset="tiny", remat="dots", scan_layers=True), vocab_size=64,
+      seed=0))
+  assert (encoder.remat, encoder.scan_layers) == ("dots", True)
+
+
+def test_a_trunk_without_a_switch_fails_clearly(monkeypatch):
+  from prefjax import experiment
+  monkeypatch.setattr(experiment, "_random_trunk", lambda *args: nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="model.scan_layers=True: Linear has no scan_layers option"):
+    experiment.make_model(dict(arch="decoder", scan_layers=True), vocab_size=64, seed=0)
 
 
 def test_remat_of_unrolled_blocks_warns_on_cpu(caplog):

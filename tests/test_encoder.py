@@ -215,3 +215,51 @@ def test_config_from_and_to_hf_dict():
 def test_too_long_input_is_rejected(model):
   with pytest.raises(ValueError, match="exceeds max_position_embeddings=24"):
     model.hidden_states(np.ones((1, 25), np.int32))
+
+
+@pytest.mark.parametrize("settings, packed", [
+    (dict(remat=True), False), (dict(scan_layers=True), True),
+    (dict(remat="attention", scan_layers=True), False), (dict(remat="dots"), True)])
+def test_remat_and_scanned_layers_give_the_same_gradients(model, settings, packed):
+  tokens, mask, type_ids = _batch()
+  kwargs = dict(attention_mask=mask, token_type_ids=type_ids)
+  if packed:
+    kwargs = dict(segment_ids=np.array([[1] * 4 + [2] * 5, [1] * 6 + [0] * 3, [1, 1] + [0] * 7]))
+  weights = jax.random.normal(jax.random.key(0), tokens.shape + (CFG.hidden_size,))
+
+  @jax.jit
+  def grads(m):
+    graphdef, state = nnx.split(m)
+    return jax.grad(lambda s: jnp.sum(
+        weights * nnx.merge(graphdef, s).hidden_states(tokens, **kwargs)))(state)
+
+  changed = nnx.clone(model)
+  for flag, value in settings.items():
+    setattr(changed, flag, value)
+  jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(nnx.graphdef(changed), s).hidden_states(
+      tokens, **kwargs))(nnx.state(changed)))
+  for flag, mark in {"remat": "remat", "scan_layers": "scan["}.items():
+    assert (mark in jaxpr) == (flag in settings)
+  plain, other = grads(model), grads(changed)
+  # Recomputation reorders float32 sums; the key bias's gradient is zero up to rounding
+  # (softmax ignores a shift shared by all keys), hence a tolerance from the largest leaf.
+  scale = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(plain))
+  assert scale > 0.1
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(other)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_scanned_remat_policies_need_less_memory_in_the_order_of_what_they_keep():
+  config = encoder.EncoderConfig.tiny(num_layers=4, hidden_size=64, intermediate_size=128,
+                                      max_position_embeddings=128)
+  tokens = jnp.ones((4, 128), jnp.int32)
+  temp = {}
+  for remat in ("none", "full", "attention", "dots"):
+    m = encoder.Encoder(config, rngs=nnx.Rngs(0), remat=remat, scan_layers=True)
+    graphdef, state = nnx.split(m)
+    grad = jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(tokens) ** 2))
+    temp[remat] = jax.jit(grad).lower(state).compile().memory_analysis().temp_size_in_bytes
+  assert temp["full"] <= temp["attention"] < temp["dots"] < temp["none"], temp
+  assert temp["full"] < 0.5 * temp["none"], temp
+  with pytest.raises(ValueError, match=r"one of \['attention', 'dots', 'full'\]; got 'half'"):
+    encoder.Encoder(config, rngs=nnx.Rngs(0), remat="half")

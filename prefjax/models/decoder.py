@@ -44,9 +44,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from prefjax.models import attention as attention_lib
 from prefjax.models import layers
 from prefjax.models import segments as seg
+from prefjax.models import stack
 
 Array = jax.Array
 DType = Any
@@ -245,42 +245,15 @@ def positions_from_segments(segment_ids: Array) -> Array:
   return jnp.arange(segment_ids.shape[-1], dtype=jnp.int32) - seg.run_starts(segment_ids)
 
 
-# What a rematerialised block keeps for the backward pass (``Decoder.remat``); the rest of
-# its activations are recomputed. None is jax.checkpoint's default: only the block's input.
-REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "attention": jax.checkpoint_policies.save_only_these_names(*attention_lib.SAVEABLE_NAMES),
-}
-
-
-def remat_policy(remat: bool | str) -> str | None:
-  """``Decoder.remat`` as a ``REMAT_POLICIES`` name, or None for no rematerialisation
-  (``False`` or ``"none"``; ``True`` is ``"full"``, and so are ``"True"``/``"False"``
-  from a command line)."""
-  if isinstance(remat, str) and remat.lower() in ("true", "false"):
-    remat = remat.lower() == "true"
-  if remat is False or remat == "none":
-    return None
-  if remat is True:
-    return "full"
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f"remat must be True, False, 'none' or one of {sorted(REMAT_POLICIES)}; "
-                     f"got {remat!r}")
-  return remat
-
-
 @functools.cache
-def _block_forward(tiled: bool, remat: str | None):
+def _block_forward(tiled: bool):
   """One block's forward; packed rows use the tiled attention kernel on CPU (it skips
   tiles across sequences with run-time conditionals, cheap on XLA CPU, not yet measured
   on GPU)."""
   def block_forward(block: Block, x: Array, positions: Array, segments: Array,
                     prefixes: Array | None) -> Array:
     return block(x, positions=positions, segments=segments, prefixes=prefixes, tiled=tiled)[0]
-  if remat is None:
-    return block_forward
-  return nnx.remat(block_forward, policy=REMAT_POLICIES[remat])
+  return block_forward
 
 
 class Decoder(nnx.Module):
@@ -291,7 +264,7 @@ class Decoder(nnx.Module):
   keeps only each block's input, ``"dots"`` also its projections' outputs (the
   norms, RoPE, attention and activations are recomputed), ``"attention"`` also the
   attention kernel's output and log-sum-exp (the projections and MLP are
-  recomputed, the attention is not); ``REMAT_POLICIES``. On XLA CPU it saves memory
+  recomputed, the attention is not); ``stack.REMAT_POLICIES``. On XLA CPU it saves memory
   only with ``scan_layers``: unrolled blocks' recomputation is scheduled early.
   ``scan_layers=True`` runs the blocks as one ``lax.scan`` over their stacked
   parameters, so a program compiles one block instead of ``num_layers`` (the
@@ -302,7 +275,7 @@ class Decoder(nnx.Module):
   def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype: DType | None = None,
                param_dtype: DType = jnp.float32, remat: bool | str = False,
                scan_layers: bool = False):
-    remat_policy(remat)
+    stack.remat_policy(remat)
     self.config = config
     self.remat = remat
     self.scan_layers = scan_layers
@@ -358,19 +331,10 @@ class Decoder(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
                                      tokens.shape)
     x = self._embed(tokens, positions)
-    forward = _block_forward(segment_ids is not None and jax.default_backend() == "cpu",
-                             remat_policy(self.remat))
+    forward = _block_forward(segment_ids is not None and jax.default_backend() == "cpu")
     blocks = list(self.layers) if select is None else list(self.layers)[:-1]
-    if self.scan_layers and blocks:
-      graphdef = nnx.graphdef(blocks[0])
-      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
-
-      def body(x, state):
-        return forward(nnx.merge(graphdef, state), x, positions, segments, prefix_ids), None
-      x, _ = jax.lax.scan(body, x, stacked)
-    else:
-      for block in blocks:
-        x = forward(block, x, positions, segments, prefix_ids)
+    x = stack.run_blocks(forward, blocks, x, positions, segments, prefix_ids,
+                         remat=self.remat, scan=self.scan_layers)
     if select is not None:
       x = self.layers[-1].at(x, select, positions=positions, segments=segments,
                              prefixes=prefix_ids)

@@ -35,7 +35,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from jax.ad_checkpoint import checkpoint_name
+
+from prefjax.models import attention as attention_lib
 from prefjax.models import segments as seg
+from prefjax.models import stack
 
 Array = jax.Array
 
@@ -182,7 +186,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, allowed: Array) -> Array
                       preferred_element_type=jnp.float32) * scale
   logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("nhqk,nkhd->nqhd", probs, v)
+  out = jnp.einsum("nhqk,nkhd->nqhd", probs, v)
+  return checkpoint_name(out, attention_lib.SAVEABLE_NAMES[0])  # remat="attention" keeps it
 
 
 class SelfAttention(nnx.Module):
@@ -242,12 +247,24 @@ class EncoderLayer(nnx.Module):
     return self.mlp_norm(h + self.mlp(h)).astype(self.dtype)
 
 
+def _layer_forward(layer: EncoderLayer, x: Array, allowed: Array) -> Array:
+  return layer(x, allowed)
+
+
 class Encoder(nnx.Module):
-  """BERT-family encoder trunk: ``hidden_states(tokens, ...) -> [N, T, D]``."""
+  """BERT-family encoder trunk: ``hidden_states(tokens, ...) -> [N, T, D]``.
+
+  ``remat`` and ``scan_layers`` as in ``decoder.Decoder`` (``stack.run_blocks``):
+  ``"attention"`` keeps each layer's attention output, whose softmax the backward
+  then recomputes from the recomputed queries and keys.
+  """
 
   def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs, dtype=None,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, remat: bool | str = False, scan_layers: bool = False):
+    stack.remat_policy(remat)
     self.config = config
+    self.remat = remat
+    self.scan_layers = scan_layers
     self.dtype = dtype or default_compute_dtype()
     d = config.hidden_size
     init = nnx.initializers.normal(0.02)
@@ -288,9 +305,8 @@ class Encoder(nnx.Module):
     x = self.embed(tokens) + self.pos_embed(positions) + self.type_embed(token_type_ids)
     x = self.embed_norm(x).astype(self.dtype)
     allowed = attention_bias(attention_mask, segment_ids, (n, t))
-    for layer in self.layers:
-      x = layer(x, allowed)
-    return x
+    return stack.run_blocks(_layer_forward, list(self.layers), x, allowed,
+                            remat=self.remat, scan=self.scan_layers)
 
   def __call__(self, tokens: Array, **kwargs) -> Array:
     return self.hidden_states(tokens, **kwargs)
