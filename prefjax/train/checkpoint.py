@@ -19,8 +19,11 @@ with a warning naming the step and the file, a step whose files no longer match.
 
 from __future__ import annotations
 
+import gc
+import inspect
 import json
 import os
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -142,6 +145,37 @@ def _abstract(tree: PyTree) -> PyTree:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       tree)
+
+
+def _is_orbax_coroutine(obj: Any) -> bool:
+  return inspect.iscoroutine(obj) and "orbax" in obj.cr_code.co_filename
+
+
+def _discard_abandoned_reads() -> int:
+  """Finalises, quietly, the array reads a failed restore left pending; returns how many.
+
+  When one array of a step fails to read, orbax abandons that step's other reads. Each
+  abandoned coroutine raises when it is garbage-collected, and Python prints that as an
+  "Exception ignored in: <coroutine ...>" traceback whenever collection happens to run,
+  long after the one warning that names the damaged step. They are collected here
+  instead, logged at debug level; any other unraisable exception goes to the usual hook.
+  """
+  discarded = 0
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    nonlocal discarded
+    if _is_orbax_coroutine(unraisable.object):
+      discarded += 1
+      logging.debug("abandoned checkpoint read discarded: %s", unraisable.exc_value)
+    else:
+      previous(unraisable)
+  sys.unraisablehook = hook
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = previous
+  return discarded
 
 
 class DamagedCheckpointError(ValueError):
@@ -269,11 +303,12 @@ class Checkpointer:
       except DamagedCheckpointError as e:
         logging.warning("%s; trying the step before it", e)
         damaged.append(step)
-        continue
-      if damaged:
-        logging.warning("resuming from step %d, the newest intact checkpoint", step)
-        self._set_aside(damaged)
-      return (step, *restored)
+      else:
+        if damaged:
+          logging.warning("resuming from step %d, the newest intact checkpoint", step)
+          self._set_aside(damaged)
+        return (step, *restored)
+      _discard_abandoned_reads()  # the error, and with it the failed restore, is gone now
     if damaged and not allow_restart:
       raise NoIntactCheckpointError(
           f"no intact checkpoint in {self.directory} (damaged steps: "
