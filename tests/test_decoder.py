@@ -250,6 +250,29 @@ def test_cache_extend_matches_full_forward(name, grow):
     np.testing.assert_allclose(step_logits[j][live], full[live, 7 + j], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_prefill_equals_extend_on_an_empty_cache(name):
+  """``prefill`` (the training kernel over the prompts) gives ``extend``'s logits and
+  cache, and decoding on from it equals a full forward."""
+  model = make_model(name)
+  tokens, mask = (jnp.asarray(x) for x in pad(SEQS, "left", length=7, pad_id=63))
+  prefill = jax.jit(lambda m, t, a: m.prefill(t, 9, attention_mask=a))
+  logits, cache = prefill(model, tokens, mask)
+  want_logits, want = extend(model, tokens, model.init_cache(3, 9), mask)
+  assert logits.shape == (3, 1, model.config.vocab_size) and int(cache.index) == 7
+  np.testing.assert_allclose(logits[:, 0], want_logits[:, -1], atol=2e-5, rtol=1e-5)
+  np.testing.assert_array_equal(cache.segments, want.segments)
+  real = np.asarray(want.segments, bool)[:, None, :, None]
+  for got, expected in zip(cache.keys + cache.values, want.keys + want.values):
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, expected, 0), atol=2e-5)
+  step, _ = extend(model, jnp.full((3, 1), 5, jnp.int32), cache, jnp.ones((3, 1), jnp.int32))
+  full = forward(model, jnp.concatenate([tokens, jnp.full((3, 1), 5, jnp.int32)], 1),
+                 jnp.concatenate([mask, jnp.ones((3, 1), jnp.int32)], 1))
+  np.testing.assert_allclose(step[:, 0], full[:, -1], atol=2e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="a cache of 6 slots cannot hold 7 prompt tokens"):
+    model.prefill(tokens, 6, attention_mask=mask)
+
+
 def test_partition_rules_shard_and_match_unsharded():
   model = make_model("llama")
   params = flat_params(model)

@@ -27,8 +27,10 @@ q/k/v, ``c_proj`` -> ``o_proj``, ``mlp.c_fc``/``mlp.c_proj`` ->
 ``[in, out]``). Layers are an ``nnx.List`` of blocks so that paths are readable
 and per-layer surgery is easy; ``scan_layers`` scans them in the forward pass.
 
-Generation uses ``init_cache`` and ``extend``: the cache holds per-layer keys
-and values ``[B, Hkv, S, Dh]`` (heads first: see ``layers.cached_attention``), the segment id of every slot (1 real, 0 empty or
+Generation uses ``prefill`` (the prompts, through the training kernel, into a new
+cache) and ``extend`` (more tokens into a cache; ``init_cache`` makes an empty one).
+The cache holds per-layer keys and values ``[B, Hkv, S, Dh]`` (heads first: see
+``layers.cached_attention``), the segment id of every slot (1 real, 0 empty or
 padding) and the next slot to write; see ``KVCache``.
 """
 
@@ -216,12 +218,12 @@ class Block(nnx.Module):
 
   def __call__(self, x: Array, *, positions: Array, segments: Array,
                cache: tuple[Array, Array, Array, Array] | None = None,
-               prefixes: Array | None = None, tiled: bool = False,
+               prefixes: Array | None = None, tiled: bool = False, keep_kv: bool = False,
                ) -> tuple[Array, tuple[Array, Array] | None]:
-    """``x [N, T, D]`` -> (output, updated (keys, values) or None); see ``Attention``."""
+    """``x [N, T, D]`` -> (output, (keys, values) or None); see ``Attention``."""
     attn_out, new_cache = self.attn(self.input_norm(x), positions=positions,
                                     segments=segments, cache=cache, prefixes=prefixes,
-                                    tiled=tiled)
+                                    tiled=tiled, keep_kv=keep_kv)
     x = x + attn_out
     return x + self.mlp(self.post_attn_norm(x)), new_cache
 
@@ -393,6 +395,39 @@ class Decoder(nnx.Module):
     return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in zeros),
                    segments=jnp.zeros((batch, max_length), jnp.int32),
                    index=jnp.zeros((), jnp.int32))
+
+  def prefill(self, tokens: Array, max_length: int, *, attention_mask: Array | None = None,
+              output_kernel: Array | None = None) -> tuple[Array, KVCache]:
+    """Starts decoding: runs the prompts ``tokens [B, T]`` into a new cache of
+    ``max_length >= T`` slots; returns the last token's float32 logits ``[B, 1, V]``
+    and the cache (``index = T``).
+
+    The same values as ``extend`` on an empty cache with ``last_only``, but the
+    prompts attend to each other through ``attention.causal_attention``, the kernel
+    of training and scoring (query blocks, no ``[B, H, T, max_length]`` score
+    tensor) instead of every cache slot. ``attention_mask [B, T]``: 1 on real
+    tokens of the LEFT-padded prompts.
+    """
+    b, t = tokens.shape
+    if t > max_length:
+      raise ValueError(f"a cache of {max_length} slots cannot hold {t} prompt tokens")
+    segments = (jnp.ones((b, t), jnp.int32) if attention_mask is None
+                else attention_mask.astype(jnp.int32))
+    positions = positions_from_mask(segments)
+    cache = self.init_cache(b, max_length)
+    x = self._embed(tokens, positions)
+    keys, values = [], []
+    for block, cache_k, cache_v in zip(self.layers, cache.keys, cache.values):
+      x, (k, v) = block(x, positions=positions, segments=segments, keep_kv=True)
+      write = lambda new, old: jax.lax.dynamic_update_slice(
+          old, new.transpose(0, 2, 1, 3).astype(old.dtype), (0, 0, 0, 0))
+      keys.append(write(k, cache_k))
+      values.append(write(v, cache_v))
+    logits = self.logits(self.final_norm(x[:, -1:]), output_kernel)
+    return logits, KVCache(keys=tuple(keys), values=tuple(values),
+                           segments=jax.lax.dynamic_update_slice(cache.segments, segments,
+                                                                 (0, 0)),
+                           index=jnp.asarray(t, jnp.int32))
 
   def extend(self, tokens: Array, cache: KVCache, *, attention_mask: Array | None = None,
              positions: Array | None = None, last_only: bool = False,

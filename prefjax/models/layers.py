@@ -146,7 +146,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Array, *, positions: Array, segments: Array,
                cache: tuple[Array, Array, Array, Array] | None = None,
-               prefixes: Array | None = None, tiled: bool = False,
+               prefixes: Array | None = None, tiled: bool = False, keep_kv: bool = False,
                ) -> tuple[Array, tuple[Array, Array] | None]:
     """Self-attention over ``x [N, T, D]``; ``prefixes`` and ``tiled``: see
     ``attention.causal_attention``.
@@ -155,7 +155,8 @@ class Attention(nnx.Module):
     Hkv, S, Dh], values, kv_segments [N, S] (already updated), index [])`` the new
     keys/values are written at slots ``index .. index+T-1`` and the queries see
     every cached slot up to their own. Returns ``(out [N, T, D], (keys,
-    values))`` where the second item is None without a cache.
+    values))``: the updated cache, or without one the new tokens' rotated keys and
+    values ``[N, T, Hkv, Dh]`` when ``keep_kv`` (a prefill), else None.
     """
     n, t, _ = x.shape
     dims = self.dims
@@ -167,7 +168,7 @@ class Attention(nnx.Module):
       q, k = rope(q, tables), rope(k, tables)
     if cache is None:
       out = attention_lib.causal_attention(q, k, v, segments, prefixes, tiled=tiled)
-      new_cache = None
+      new_cache = (k, v) if keep_kv else None
     elif prefixes is not None:
       raise ValueError("prefix segments (shared-prompt pairs) are for full-sequence "
                        "forwards, not KV-cache decoding")

@@ -1,9 +1,9 @@
 """Batched autoregressive sampling with a KV cache, and sequence log-probabilities.
 
 ``generate`` runs one jit-compiled program per (model structure, shapes,
-sampling flags): a prefill of the left-padded prompts, then a ``lax.while_loop``
-that decodes one token per step and stops as soon as every row has emitted
-EOS. The model is passed through ``nnx.split`` so the jitted function sees its
+sampling flags): a prefill of the left-padded prompts (``Decoder.prefill``),
+then a ``lax.while_loop`` that decodes one token per step and stops as soon as
+every row has emitted EOS. The model is passed through ``nnx.split`` so the jitted function sees its
 graph definition (static, hashable) and its parameters (traced); repeated calls
 with the same shapes reuse the compiled program.
 
@@ -184,9 +184,7 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, rng, temperature,
   model = nnx.merge(graphdef, state)
   batch, prompt_len = prompt_tokens.shape
   ends = phase_ends(max_new_tokens - 1, cache_phases)
-  cache = model.init_cache(batch, prompt_len + ends[0])
-  logits, cache = model.extend(prompt_tokens, cache, attention_mask=prompt_mask,
-                               last_only=True)
+  logits, cache = model.prefill(prompt_tokens, prompt_len + ends[0], attention_mask=prompt_mask)
   sample = functools.partial(_sample_step, greedy=greedy, top_k=top_k,
                              use_top_p=use_top_p, tempered_logps=tempered_logps)
 
