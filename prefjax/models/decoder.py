@@ -414,20 +414,17 @@ class Decoder(nnx.Module):
     segments = (jnp.ones((b, t), jnp.int32) if attention_mask is None
                 else attention_mask.astype(jnp.int32))
     positions = positions_from_mask(segments)
-    cache = self.init_cache(b, max_length)
     x = self._embed(tokens, positions)
+    heads_first = lambda y: y.transpose(0, 2, 1, 3).astype(self.dtype)  # as init_cache
     keys, values = [], []
-    for block, cache_k, cache_v in zip(self.layers, cache.keys, cache.values):
+    for block in self.layers:
       x, (k, v) = block(x, positions=positions, segments=segments, keep_kv=True)
-      write = lambda new, old: jax.lax.dynamic_update_slice(
-          old, new.transpose(0, 2, 1, 3).astype(old.dtype), (0, 0, 0, 0))
-      keys.append(write(k, cache_k))
-      values.append(write(v, cache_v))
+      keys.append(heads_first(k))
+      values.append(heads_first(v))
     logits = self.logits(self.final_norm(x[:, -1:]), output_kernel)
-    return logits, KVCache(keys=tuple(keys), values=tuple(values),
-                           segments=jax.lax.dynamic_update_slice(cache.segments, segments,
-                                                                 (0, 0)),
-                           index=jnp.asarray(t, jnp.int32))
+    full = KVCache(keys=tuple(keys), values=tuple(values), segments=segments,
+                   index=jnp.asarray(t, jnp.int32))
+    return logits, full.grown(max_length)
 
   def extend(self, tokens: Array, cache: KVCache, *, attention_mask: Array | None = None,
              positions: Array | None = None, last_only: bool = False,

@@ -33,9 +33,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
-
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from prefjax.models import attention as attention_lib
 from prefjax.models import segments as seg

@@ -3,9 +3,9 @@
 ``generate`` runs one jit-compiled program per (model structure, shapes,
 sampling flags): a prefill of the left-padded prompts (``Decoder.prefill``),
 then a ``lax.while_loop`` that decodes one token per step and stops as soon as
-every row has emitted EOS. The model is passed through ``nnx.split`` so the jitted function sees its
-graph definition (static, hashable) and its parameters (traced); repeated calls
-with the same shapes reuse the compiled program.
+every row has emitted EOS. The model is passed through ``nnx.split`` so the
+jitted function sees its graph definition (static, hashable) and its parameters
+(traced); repeated calls with the same shapes reuse the compiled program.
 
 Log-probabilities returned by ``generate`` are, by default, those of the
 UNDERLYING model: ``log_softmax(logits)[token]`` at temperature 1 without
