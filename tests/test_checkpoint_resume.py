@@ -1,5 +1,6 @@
 """Kill-and-resume: interrupted runs rerun with the same workdir end bit-identical."""
 
+import glob
 import os
 import signal
 import subprocess
@@ -204,3 +205,32 @@ def test_metric_writer_truncates_on_resume_and_merges_same_step(tmp_path):
   assert records[1]["loss"] == 2.0 and records[1]["eval/acc"] == 0.5
   assert records[2]["loss"] == 30.0 and records[2]["eval/acc"] == 0.75
   assert records[2]["wall_time"] >= records[0]["wall_time"]
+
+
+def _tensorboard_tags(logdir) -> set[str]:
+  """Scalar tags in the TFRecord event files under ``logdir``."""
+  from tensorboardX.proto import event_pb2
+  tags = set()
+  for path in glob.glob(os.path.join(logdir, "**", "events.*"), recursive=True):
+    with open(path, "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):  # each record: u64 length, u32 crc, payload, u32 crc
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      tags.update(value.tag for value in event.summary.value)
+      offset += 12 + length + 4
+  return tags
+
+
+def test_metric_writer_uses_tensorboards_names_in_both_sinks(tmp_path):
+  assert train.metrics.tensorboard_name("eval/acc (len<64)") == "eval/acc__len_64_"
+  writer = train.MetricWriter(tmp_path)
+  writer.log(1, {"loss": 1.0}, {"accuracy/subset/a b": 0.5, "accuracy/len64-128": 0.25})
+  writer.close()
+  names = set(train.read_metrics(tmp_path)[0]) - {"step", "time", "wall_time"}
+  assert names == {"loss", "steps_per_sec", "eval/accuracy/subset/a_b", "eval/accuracy/len64-128"}
+  assert _tensorboard_tags(tmp_path / train.metrics.TENSORBOARD_DIR) == names
+  writer = train.MetricWriter(tmp_path, resume_step=1, tensorboard=False)
+  with pytest.raises(ValueError, match="both named 'x_y'"):
+    writer.log(2, {"x y": 1.0, "x_y": 2.0})

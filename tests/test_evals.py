@@ -53,8 +53,8 @@ def test_length_slice_and_subsets():
   assert ev["chosen_longer_rate"] == pytest.approx(0.25)
   assert ev["length_baseline_accuracy"] == pytest.approx(0.25)
   assert ev["accuracy/subset/a"] == 1.0 and ev["accuracy/subset/b"] == 0.5
-  assert ev["accuracy/len<64"] == pytest.approx(0.5)
-  assert ev["accuracy/len>=512"] == 1.0
+  assert ev["accuracy/len_lt_64"] == pytest.approx(0.5)
+  assert ev["accuracy/len_ge_512"] == 1.0
 
 
 def test_disagreement_and_errors(tmp_path):

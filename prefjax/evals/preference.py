@@ -74,7 +74,8 @@ def reliability_diagram(prob: np.ndarray, label: np.ndarray, num_bins: int = 10)
 
 def length_bucket_accuracy(correct: np.ndarray, chosen_len: np.ndarray, rejected_len: np.ndarray,
                            edges: Sequence[int] = (64, 128, 256, 512)) -> dict[str, float]:
-  """Accuracy by mean response length (tokens) bucket, keyed like ``len<64``, ``64-128``, ``>=512``."""
+  """Accuracy by mean response length (tokens) bucket, keyed ``len_lt_64``, ``len64-128``, ...,
+  ``len_ge_512`` (names TensorBoard keeps as they are, like every metric name)."""
   mean_len = (np.asarray(chosen_len) + np.asarray(rejected_len)) / 2
   bounds = [0, *edges, np.inf]
   out = {}
@@ -82,7 +83,7 @@ def length_bucket_accuracy(correct: np.ndarray, chosen_len: np.ndarray, rejected
     sel = (mean_len >= lo) & (mean_len < hi)
     if not sel.any():
       continue
-    key = f"len<{hi}" if lo == 0 else (f"len>={lo}" if np.isinf(hi) else f"len{lo}-{hi}")
+    key = f"len_lt_{hi}" if lo == 0 else (f"len_ge_{lo}" if np.isinf(hi) else f"len{lo}-{hi}")
     out[key] = float(np.mean(np.asarray(correct)[sel]))
   return out
 

@@ -7,7 +7,8 @@ are prefixed ``eval/``. On resume from step ``k`` the writer first drops every
 line with ``step > k`` (those steps are recomputed), so a resumed run never
 duplicates steps, and a second write for the step of the last line (say, the
 final eval after the final train metrics) merges into that line: one line per
-step. Only process 0 writes.
+step. Only process 0 writes. Metric names are written as TensorBoard stores them
+(``tensorboard_name``), so both sinks use the same name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Mapping
 
@@ -24,6 +26,13 @@ from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+_NOT_IN_TENSORBOARD_NAMES = re.compile(r"[^-/\w.]")  # tensorboardX's rule for tags
+
+
+def tensorboard_name(name: str) -> str:
+  """``name`` as TensorBoard stores it: characters other than letters, digits and
+  ``_-/.`` become ``_``, leading slashes go."""
+  return _NOT_IN_TENSORBOARD_NAMES.sub("_", name).lstrip("/")
 
 
 def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -76,6 +85,7 @@ class MetricWriter:
     self._tb = None
     self._last_record: dict[str, Any] | None = None
     self._last_offset = 0
+    self._warned: set[str] = set()
     if not self._is_writer:
       return
     os.makedirs(self.workdir, exist_ok=True)
@@ -112,7 +122,7 @@ class MetricWriter:
     Writing the step of the last line again merges into that line, so the file
     holds at most one record per step.
     """
-    values = to_python(values)
+    values = self._renamed(to_python(values))
     record = {"step": int(step), "time": time.time(), "wall_time": self.wall_time, **values}
     if not self._is_writer:
       return record
@@ -128,6 +138,20 @@ class MetricWriter:
       for name, value in values.items():
         self._tb.add_scalar(name, value, step)
     return record
+
+  def _renamed(self, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` under their TensorBoard names; warns once per renamed metric."""
+    out = {}
+    for name, value in values.items():
+      legal = tensorboard_name(name)
+      if legal != name and name not in self._warned:
+        self._warned.add(name)
+        logging.warning("metric %r is written as %r (the name TensorBoard keeps)", name, legal)
+      if legal in out:
+        raise ValueError(f"metrics {name!r} and another one are both named {legal!r} "
+                         "in TensorBoard; rename one")
+      out[legal] = value
+    return out
 
   def log(self, step: int, train: Mapping[str, Any] | None = None,
           eval_metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
