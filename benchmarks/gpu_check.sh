@@ -8,7 +8,8 @@
 # portpicker for CPython 3.12; the download command is in README.md, "Speed").
 # Steps, each with its own time limit, each writing JSON into $OUT:
 #   1. the target: a Llama-3.2-1B-sized RM train step in bf16 (benchmarks/scale_rm_step.py),
-#      blocks unrolled, then scanned (compile time against step time);
+#      blocks unrolled, then scanned (compile time against step time), then scanned with
+#      remat="attention" (what recomputing all but the attention outputs costs per step);
 #   2. the attention kernels' exactness tests on the GPU (f32 matmuls at full precision);
 #   3. decoder forward and KV-cache generation throughput (SmolLM2-135M shapes);
 #   4. a 4-member deep ensemble of the HH benchmark's 23.47M RM in one step, vmapped and
@@ -41,11 +42,13 @@ $PY -c "import jax, flax, optax, grain, ml_collections
 print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" || exit 1
 step() { echo "== $1"; shift; timeout "$@" 2>&1 | grep -v -i warning; }
 scale_step="$PY -m benchmarks.scale_rm_step $scale"
-step "1B RM step, unrolled" 210 $scale_step --json="$OUT/rm_step_1b.json"
-step "1B RM step, scanned" 120 $scale_step --scan_layers --json="$OUT/rm_step_1b_scan.json"
-step "attention tests" 120 env JAX_PLATFORMS= JAX_DEFAULT_MATMUL_PRECISION=highest \
+step "1B RM step, unrolled" 180 $scale_step --json="$OUT/rm_step_1b.json"
+step "1B RM step, scanned" 110 $scale_step --scan_layers --json="$OUT/rm_step_1b_scan.json"
+step "1B RM step, scanned, remat=attention" 100 $scale_step --scan_layers --remat=attention \
+  --json="$OUT/rm_step_1b_scan_remat.json"
+step "attention tests" 90 env JAX_PLATFORMS= JAX_DEFAULT_MATMUL_PRECISION=highest \
   $PY -m pytest -q -p no:cacheprovider "$tests"
-step "decoder throughput" 90 $PY -m benchmarks.model_throughput $model --repeats=3 \
+step "decoder throughput" 70 $PY -m benchmarks.model_throughput $model --repeats=3 \
   --out="$OUT/throughput.json"
-step "ensemble of 4 in one step" 60 $PY -m benchmarks.ensemble_step $ensemble \
+step "ensemble of 4 in one step" 50 $PY -m benchmarks.ensemble_step $ensemble \
   --json="$OUT/ensemble.json"
