@@ -232,5 +232,5 @@ def test_metric_writer_uses_tensorboards_names_in_both_sinks(tmp_path):
   assert names == {"loss", "steps_per_sec", "eval/accuracy/subset/a_b", "eval/accuracy/len64-128"}
   assert _tensorboard_tags(tmp_path / train.metrics.TENSORBOARD_DIR) == names
   writer = train.MetricWriter(tmp_path, resume_step=1, tensorboard=False)
-  with pytest.raises(ValueError, match="both named 'x_y'"):
+  with pytest.raises(ValueError, match="'x y' and 'x_y' are both named 'x_y'"):
     writer.log(2, {"x y": 1.0, "x_y": 2.0})

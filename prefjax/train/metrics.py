@@ -141,16 +141,17 @@ class MetricWriter:
 
   def _renamed(self, values: dict[str, Any]) -> dict[str, Any]:
     """``values`` under their TensorBoard names; warns once per renamed metric."""
-    out = {}
+    out, origin = {}, {}
     for name, value in values.items():
       legal = tensorboard_name(name)
+      if legal in out:
+        raise ValueError(f"metrics {origin[legal]!r} and {name!r} are both named {legal!r} "
+                         "in TensorBoard; rename one")
       if legal != name and name not in self._warned:
         self._warned.add(name)
-        logging.warning("metric %r is written as %r (the name TensorBoard keeps)", name, legal)
-      if legal in out:
-        raise ValueError(f"metrics {name!r} and another one are both named {legal!r} "
-                         "in TensorBoard; rename one")
-      out[legal] = value
+        logging.warning("metric %r is written as %r (the name TensorBoard keeps; summary.json "
+                        "keeps the evaluator's name)", name, legal)
+      out[legal], origin[legal] = value, name
     return out
 
   def log(self, step: int, train: Mapping[str, Any] | None = None,
