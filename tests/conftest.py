@@ -18,12 +18,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import atexit  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-# Built datasets and synthetic worlds go to a private per-process cache, so the suite
-# never reads state left in ~/.cache by earlier runs (and xdist workers never race).
-_CACHE_ROOT = pathlib.Path(tempfile.mkdtemp(prefix="prefjax-test-cache-"))
+# Built datasets and synthetic worlds go to a private cache of this session, so the suite
+# never reads state left in ~/.cache by earlier runs. The process that creates it (the
+# xdist controller, or a plain pytest) removes it at exit; xdist workers and launched
+# binaries inherit it through the environment.
+_ROOT_ENV = "PREFJAX_TEST_CACHE_ROOT"
+if _ROOT_ENV not in os.environ:
+  os.environ[_ROOT_ENV] = tempfile.mkdtemp(prefix="prefjax-test-cache-")
+  atexit.register(shutil.rmtree, os.environ[_ROOT_ENV], ignore_errors=True)
+_CACHE_ROOT = pathlib.Path(os.environ[_ROOT_ENV])
 os.environ.setdefault("PREFJAX_CACHE_DIR", str(_CACHE_ROOT / "tfds"))
 os.environ.setdefault("PREFJAX_SYNTHETIC_DIR", str(_CACHE_ROOT / "synthetic"))
 
