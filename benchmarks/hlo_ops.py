@@ -166,6 +166,26 @@ def classify(hlo: dict, op: dict, rows: tuple[int, ...]) -> str:
   return "other"
 
 
+def _one_run(xplane: str, hlo: dict) -> list[tuple[int, int, str]]:
+  """``(start_ns, end_ns, op)`` of the events of ``hlo``'s entry ops in one call, sorted.
+
+  The call is the trace's run (XLA's ``run_id``) with the most such events, the latest
+  on a tie: events of an earlier call still running when the trace began, or of another
+  program whose op names collide (``fusion.3`` recurs across modules), are left out.
+  """
+  import jax
+  runs: dict[Any, list[tuple[int, int, str]]] = collections.defaultdict(list)
+  for plane in jax.profiler.ProfileData.from_file(xplane).planes:
+    for line in plane.lines:
+      for e in line.events:
+        if e.name in hlo["ops"]:
+          run = dict(e.stats).get("run_id")
+          runs[run].append((e.start_ns, e.start_ns + e.duration_ns, e.name))
+  if not runs:
+    raise ValueError(f"{xplane}: no events of the profiled program's ops")
+  return sorted(max(runs.values(), key=lambda events: (len(events), max(events))))
+
+
 def op_times(xplane: str, hlo: dict) -> tuple[dict[str, float], float, float]:
   """Wall-clock seconds per entry op of one traced call, the ops' busy time and their span.
 
@@ -177,10 +197,7 @@ def op_times(xplane: str, hlo: dict) -> tuple[dict[str, float], float, float]:
   the events that ended last). Dots launched together share their gaps, so
   per-op times of concurrent dots are approximate; read the group sums.
   """
-  import jax
-  events = sorted((e.start_ns, e.start_ns + e.duration_ns, e.name)
-                  for plane in jax.profiler.ProfileData.from_file(xplane).planes
-                  for line in plane.lines for e in line.events if e.name in hlo["ops"])
+  events = _one_run(xplane, hlo)
   ended: dict[str, float] = {}
 
   def waited_for(name: str, before: float) -> list[str]:
