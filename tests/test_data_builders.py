@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import pickle
-import time
 
 import numpy as np
 import pytest
@@ -161,11 +160,8 @@ def test_hh_second_build_gives_identical_splits(hh_splits, hh_manual_dir, tmp_pa
 
 def test_second_load_is_served_from_cache(hh_splits, cache_dir, hh_manual_dir):
   builds = base.build_count
-  start = time.perf_counter()
   again = pdata.load_preferences(HH, "test", data_dir=cache_dir, manual_dir=hh_manual_dir)
-  elapsed = time.perf_counter() - start
-  assert again.cache_hit and base.build_count == builds
-  assert elapsed < 1.0
+  assert again.cache_hit and base.build_count == builds  # nothing rebuilt (no timing: CI load)
   assert again.fingerprint == hh_splits["test"].fingerprint
   assert again[5] == hh_splits["test"][5]
 
