@@ -11,6 +11,14 @@ shared machine; each reports the median wall time of its repeats.
 Models: ``25m`` is the workload's 23.5M Llama (``benchmarks.workloads``, random
 weights, with its LM head); ``smollm2`` is the packaged SmolLM2-135M-Instruct
 GGUF, dequantized to f32.
+
+Each row also gives a roofline: the least time any implementation could take on
+this machine (``roofline_s``), where a decode step can go no faster than its
+matmul FLOPs at the ``jnp.dot`` ceiling or its bytes (every weight matrix and
+the keys and values of the context) at the best weight-streaming rate either
+framework reaches (``stream_bandwidth``). ``max_vs_hf`` = HF's time over that bound
+is the highest ratio over HF this machine allows: where it is under 2, issue G's
+2× cannot be met by any f32 implementation.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import model_throughput
+from benchmarks import steps
 from benchmarks import workloads
 from prefjax.models import decoder as dec
 from prefjax.models import hf_import
@@ -50,6 +59,59 @@ def build_models(name: str) -> tuple[dec.Decoder, Any]:
         tmp, torch_dtype="float32", attn_implementation="sdpa").eval()
   hf_model.generation_config.eos_token_id = None  # exactly NEW_TOKENS per row
   return model, hf_model
+
+
+def stream_bandwidth(megabytes: int = 256, repeats: int = 7) -> dict[str, float]:
+  """Bytes/s at which a matrix-vector product reads a ``megabytes`` f32 matrix, the
+  access pattern of a batch-1 decode step's weights: XLA's (``jnp.dot``) and, where
+  torch is installed, PyTorch's; median of ``repeats`` calls each."""
+  cols = 4096
+  rows = megabytes * 2 ** 20 // (4 * cols)
+  weights = jax.numpy.ones((rows, cols), jax.numpy.float32)
+  vector = jax.numpy.ones((1, rows), jax.numpy.float32)
+  gemv = jax.jit(jax.numpy.dot)
+  rates = {"xla": weights.nbytes / _median_s(lambda: gemv(vector, weights).block_until_ready(),
+                                             repeats)}
+  del weights
+  try:
+    import torch
+  except ImportError:
+    return rates
+  t_weights, t_vector = torch.ones(rows, cols), torch.ones(1, rows)
+  rates["torch"] = t_weights.numel() * 4 / _median_s(lambda: t_vector @ t_weights, repeats)
+  return rates
+
+
+def _median_s(fn, repeats: int) -> float:
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def roofline_s(config: dec.DecoderConfig, batch: int, prompt_length: int, new_tokens: int, *,
+               flop_s: float, byte_s: float, itemsize: int = 4) -> float:
+  """Least seconds a generation call can take: a prefill of the prompts at ``flop_s``, then
+  ``new_tokens - 1`` decode steps (the first new token comes from the prefill), each
+  bound by the slower of its FLOPs at ``flop_s`` and its bytes at ``byte_s``.
+
+  Step ``j`` attends ``prompt_length + j`` slots; it reads every weight matrix once
+  (the LM head included, the input embedding's ``batch`` rows not counted) and each
+  row's keys and values of every layer.
+  """
+  c = config
+  per_token = lambda context: model_throughput.flops_per_token(c, context)
+  weight_bytes = per_token(0) / 2 * itemsize
+  slot_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * itemsize
+  total = batch * prompt_length * per_token(prompt_length) / flop_s
+  for step in range(1, new_tokens):
+    context = prompt_length + step
+    flops = batch * per_token(2 * context)  # flops_per_token counts a causal half
+    total += max(flops / flop_s, (weight_bytes + batch * context * slot_bytes) / byte_s)
+  return total
 
 
 def prompts(batch: int, vocab: int) -> np.ndarray:
@@ -125,11 +187,18 @@ def run_generation(name: str, batch: int, greedy: bool, repeats: int, *,
       "achieved_gflop_s": round(flops / s / 1e9, 1),
       "compiles_during_timed_steps": sampling.TRACE_COUNTS["generate"] - after_first,
   }
+  rates = stream_bandwidth()
+  flop_s = steps.matmul_ceiling(repeats=5)
+  bound = roofline_s(model.config, batch, PROMPT_LENGTH, NEW_TOKENS, flop_s=flop_s,
+                     byte_s=max(rates.values()))
+  row.update(stream_gb_s={k: round(v / 1e9, 1) for k, v in rates.items()},
+             matmul_ceiling_gflop_s=round(flop_s / 1e9, 1), roofline_s=round(bound, 3),
+             of_roofline=round(bound / s, 3))
   if hf:
     hf_s = statistics.median(hf_times)
     row.update(hf_s_per_call=round(hf_s, 3), hf_step_times=[round(t, 3) for t in hf_times],
                hf_tokens_per_s=round(new_tokens / hf_s, 1),
-               vs_hf=round(hf_s / s, 2))
+               vs_hf=round(hf_s / s, 2), max_vs_hf=round(hf_s / bound, 2))
     if greedy:
       row["greedy_token_agreement"] = round(float(np.mean(first == hf_first)), 3)
   return row

@@ -473,11 +473,17 @@ def _table(rows: list[dict[str, Any]]) -> str:
   generation = [r for r in rows if "hf_tokens_per_s" in r]
   if generation:
     lines += ["", "| case | prefjax tok/s | HF tok/s | vs HF | prefjax s/call | HF s/call | "
-              "compile s | greedy agreement | peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "roofline s/call | max vs HF | compile s | greedy agreement | peak RSS MB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['case']} | {r['real_tokens_per_s']:.0f} | {r['hf_tokens_per_s']:.0f} | "
               f"{r['vs_hf']:.2f}× | {r['s_per_step']:.2f} | {r['hf_s_per_call']:.2f} | "
+              f"{r['roofline_s']:.2f} | {r['max_vs_hf']:.2f}× | "
               f"{r['compile_s']:.0f} | {r.get('greedy_token_agreement', '')} | {r['peak_rss_mb']} |"
               for r in generation]
+    rates = generation[-1]["stream_gb_s"]
+    lines.append("roofline: each decode step at the slower of its FLOPs at the jnp.dot "
+                 "ceiling and its weight + KV bytes at the best matrix-vector read rate ("
+                 + ", ".join(f"{k} {v:.0f} GB/s" for k, v in rates.items()) + ")")
   return "\n".join(lines)
 
 

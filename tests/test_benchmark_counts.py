@@ -189,3 +189,25 @@ def test_step_flops_credit_computed_attention_pairs_in_every_block_but_the_poole
       3 * per_pair * (c.num_layers - 1) / c.num_layers * (computed[0] - counted[0]))
   torch_flops, none, no_pairs = run.step_flops("torch_rm_step_hh", {}, [batch], [(1, 600)])
   assert none is None and no_pairs is None and len(torch_flops) == 1
+
+
+def test_generation_roofline_takes_the_slower_of_flops_and_bytes_per_decode_step():
+  from benchmarks import generation
+  from prefjax.models import decoder as dec
+  # 1 layer, hidden 4, 1 head of 4, SwiGLU 8, vocab 16: matmul params 32 (q, o) + 32 (k, v)
+  # + 96 (MLP) + 64 (LM head) = 224, so 448 FLOPs per token and 896 weight bytes;
+  # attention 16 FLOPs per (query, key) pair; keys + values 32 bytes per slot.
+  c = dec.DecoderConfig(vocab_size=16, hidden_size=4, num_layers=1, num_heads=1,
+                        intermediate_size=8)
+  bound = lambda byte_s: generation.roofline_s(c, 2, 3, 3, flop_s=1000.0, byte_s=byte_s)
+  prefill = 2 * 3 * (448 + 16 * 3 / 2) / 1000  # causal half of the 3-token prompt
+  # Memory-bound: step 1 reads 896 + 2 rows x 4 slots x 32 bytes, step 2 5 slots.
+  assert bound(100.0) == pytest.approx(prefill + (896 + 256) / 100 + (896 + 320) / 100)
+  # Compute-bound: each row's token attends 4, then 5 slots.
+  assert bound(1e12) == pytest.approx(prefill + 2 * (448 + 64) / 1000 + 2 * (448 + 80) / 1000)
+  # Grouped-query attention: 2 query heads of 2 share 1 key/value head, so the key and
+  # value projections hold 16 parameters and each slot caches 2 x 2 floats.
+  gqa = c.replace(num_heads=2, num_kv_heads=1, head_dim=2)
+  step_bytes = generation.roofline_s(gqa, 1, 3, 2, flop_s=1e12, byte_s=1.0) - \
+      generation.roofline_s(gqa, 1, 3, 1, flop_s=1e12, byte_s=1.0)
+  assert step_bytes == pytest.approx((32 + 16 + 96 + 64) * 4 + 4 * (2 * 1 * 2 * 4))
