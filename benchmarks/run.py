@@ -127,7 +127,8 @@ def _builder(kind: str, num_segments: int | None,
 
 def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float,
                    attention_pairs: float | None = None, num_layers: int | None = None,
-                   config: Any = None, pooled: tuple[float, float] | None = None) -> float:
+                   config: Any = None, pooled: tuple[float, float] | None = None,
+                   lm_head_slots: float | None = None) -> float:
   """Forward+backward FLOPs of ``rows x length`` computed slots: 6·N·slots + attention.
 
   ``attention_pairs`` counts the (query, key) pairs attention must compute; by
@@ -135,8 +136,9 @@ def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float,
   computed). Packed rows pass ``visible_pairs`` instead: the kernel skips what
   crosses segments, so counting the row's whole triangle would credit it with work
   it does not do. ``passes`` counts full forward+backward equivalents (a frozen
-  reference forward is 1/3 of one); the LM head counts only where the loss reads
-  logits (DPO). ``config``: another ``DecoderConfig`` than the workload's model
+  reference forward is 1/3 of one). With ``lm_head`` the output head counts at
+  ``lm_head_slots`` slots (default: all): a DPO step needs logits only at the tokens
+  its loss reads (``loss_mask``), whether or not a framework computes the rest. ``config``: another ``DecoderConfig`` than the workload's model
   (``num_layers`` resizes the workload's). ``pooled = (slots, pairs)``
   (``pooled_counts``): a reward model whose last block runs only at the pooled
   slots (``Decoder.hidden_states(select=...)``); that block's query, output and MLP
@@ -145,13 +147,13 @@ def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float,
   from benchmarks import model_throughput
   from benchmarks import workloads
   c = config or workloads.rm_model_config(num_layers=num_layers)
-  matmul = model_throughput.flops_per_token(c, 0)
-  if not lm_head:
-    matmul -= 2 * c.hidden_size * c.vocab_size
+  head = 2 * c.hidden_size * c.vocab_size
+  matmul = model_throughput.flops_per_token(c, 0) - head
+  head_slots = (rows * length if lm_head_slots is None else lm_head_slots) if lm_head else 0
   if attention_pairs is None:
     attention_pairs = row_triangle_pairs(rows, length)
   attention = model_throughput.attention_flops_per_pair(c)
-  total = matmul * rows * length + attention * attention_pairs
+  total = matmul * rows * length + head * head_slots + attention * attention_pairs
   if pooled is not None:
     slots, pairs = pooled
     block = model_throughput.block_matmul_params(c)
@@ -346,15 +348,17 @@ def step_flops(name: str, info: dict[str, Any], timed: list[dict[str, np.ndarray
             "ref_precompute": 1 / 3}.get(kind, 1.0)
   if "flops_per_token" in info:
     return [passes * 3 * info["flops_per_token"](t) * r * t for r, t in shapes], None, None
-  count = functools.partial(
-      analytic_flops, lm_head="dpo" in kind or kind == "ref_precompute", passes=passes,
-      num_layers=spec.get("decoder", {}).get("num_layers"))
+  reads_logits = "dpo" in kind or kind == "ref_precompute"
+  count = functools.partial(analytic_flops, lm_head=reads_logits, passes=passes,
+                            num_layers=spec.get("decoder", {}).get("num_layers"))
   pooled = [pooled_counts(b) if kind.startswith("rm") else None for b in timed]
+  heads = [float(np.count_nonzero(b["loss_mask"])) if reads_logits else None for b in timed]
   if torch:  # rows cut to the longest: each row's triangle (analytic_flops' default)
-    return [count(r, t, pooled=q) for (r, t), q in zip(shapes, pooled)], None, None
+    return [count(r, t, pooled=q, lm_head_slots=h)
+            for (r, t), q, h in zip(shapes, pooled, heads)], None, None
   counted, computed = attention_pair_counts(timed)
-  flops, flops_computed = ([count(r, t, attention_pairs=p, pooled=q)
-                            for (r, t), p, q in zip(shapes, pairs, pooled)]
+  flops, flops_computed = ([count(r, t, attention_pairs=p, pooled=q, lm_head_slots=h)
+                            for (r, t), p, q, h in zip(shapes, pairs, pooled, heads)]
                            for pairs in (counted, computed))
   return flops, flops_computed, (counted, computed)
 

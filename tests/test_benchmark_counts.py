@@ -35,6 +35,10 @@ def test_analytic_flops_split_matmuls_and_attention():
   # Packed rows: only the visible pairs; a frozen forward is a third of a pass.
   assert run.analytic_flops(2, 64, lm_head=True, passes=1 / 3, attention_pairs=22) == \
       pytest.approx(matmul * 128 + 2 * c.hidden_size * c.vocab_size * 128 + per_pair * 22)
+  # The LM head counted only at the slots the loss reads.
+  assert run.analytic_flops(2, 64, lm_head=True, passes=1, attention_pairs=22,
+                            lm_head_slots=40) == pytest.approx(
+      3 * (matmul * 128 + 2 * c.hidden_size * c.vocab_size * 40 + per_pair * 22))
   # 30 layers instead of 6: 5x the per-layer work, same embedding-free total otherwise.
   assert run.analytic_flops(2, 64, lm_head=False, passes=1, num_layers=30) == pytest.approx(
       5 * run.analytic_flops(2, 64, lm_head=False, passes=1))
@@ -189,6 +193,13 @@ def test_step_flops_credit_computed_attention_pairs_in_every_block_but_the_poole
       3 * per_pair * (c.num_layers - 1) / c.num_layers * (computed[0] - counted[0]))
   torch_flops, none, no_pairs = run.step_flops("torch_rm_step_hh", {}, [batch], [(1, 600)])
   assert none is None and no_pairs is None and len(torch_flops) == 1
+  # A DPO step's output head counts at the tokens its loss reads, in both frameworks.
+  dpo = [{**batch, "loss_mask": (segments > 1).astype(np.int32) * (np.arange(1024) < n)}
+         for n in (1024, 300)]
+  head = 3 * 2 * c.hidden_size * c.vocab_size
+  for case in ("dpo_step_hh_cached", "torch_dpo_step_hh_cached"):
+    flops = run.step_flops(case, {}, dpo, [(1, 1024)] * 2)[0]
+    assert flops[0] - flops[1] == pytest.approx(head * (400 - 100))
 
 
 def test_generation_roofline_takes_the_slower_of_flops_and_bytes_per_decode_step():

@@ -328,3 +328,40 @@ def test_token_entropy():
 def test_bad_arguments_raise(kw, message):
   with pytest.raises(ValueError, match=message):
     run(**kw)
+
+
+@pytest.mark.parametrize("capacity", [0, 2, 3, 8], ids=["every_slot", "overflow", "compact",
+                                                        "capacity_at_length"])
+def test_logps_at_scores_the_selected_slots_on_either_path(capacity):
+  """``logps_at`` against float64 numpy, values and gradients: the compact branch (every
+  row's scored slots fit in ``capacity``) and the every-slot branch give the same."""
+  rng = np.random.default_rng(3)
+  rows, length, width, vocab = 2, 8, 4, 6
+  hidden = rng.normal(size=(rows, length, width))
+  kernel = rng.normal(size=(width, vocab))
+  tokens = rng.integers(0, vocab, (rows, length))
+  source = np.array([[-1, 0, 1, 2, 3, 4, 5, 6], [-1, -1, 1, 0, 3, 4, 2, 6]])
+  scored = np.array([[0, 1, 0, 1, 0, 0, 1, 0], [0, 0, 1, 0, 0, 0, 0, 1]], bool)
+  weights = rng.normal(size=(rows, length))
+
+  def total(hidden, kernel):
+    out = sampling.logps_at(lambda h: h @ kernel, hidden, jnp.asarray(source),
+                            jnp.asarray(tokens), jnp.asarray(scored), capacity=capacity)
+    return jnp.sum(out * weights), out
+
+  (_, got), (d_hidden, d_kernel) = jax.jit(jax.value_and_grad(total, (0, 1), has_aux=True))(
+      jnp.asarray(hidden, jnp.float32), jnp.asarray(kernel, jnp.float32))
+  want = np.zeros((rows, length))
+  want_d_hidden, want_d_kernel = np.zeros_like(hidden), np.zeros_like(kernel)
+  for r, l in zip(*np.nonzero(scored)):
+    h = hidden[r, source[r, l]]
+    logits = h @ kernel
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    want[r, l] = np.log(probs[tokens[r, l]])
+    d_logits = weights[r, l] * (np.eye(vocab)[tokens[r, l]] - probs)
+    want_d_hidden[r, source[r, l]] += kernel @ d_logits
+    want_d_kernel += np.outer(h, d_logits)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(d_hidden, want_d_hidden, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(d_kernel, want_d_kernel, rtol=1e-5, atol=1e-5)

@@ -333,13 +333,48 @@ def _shared_prompt_logps(model, tokens, loss_mask, segment_ids, positions, num_s
   state of the slot before it in its own sequence (``predictor_index``)."""
   hidden = model.hidden_states(tokens, segment_ids=segment_ids, positions=positions,
                                prefix_ids=prefix_ids)
+  kernel = model.output_kernel()
   source = predictor_index(segment_ids, prefix_ids, num_segments)
-  before = jnp.take_along_axis(hidden, source[..., None], axis=1)
-  per_token = _pick(model.logits(before), tokens.astype(jnp.int32))
   # A segment's first token has no predictor inside its sequence unless it follows a prompt.
-  scored = (source >= 0) & (segment_ids > 0)
-  per_token = jnp.where(scored, per_token, 0.0) * loss_mask.astype(jnp.float32)
+  scored = (source >= 0) & (segment_ids > 0) & (loss_mask != 0)
+  per_token = logps_at(lambda h: model.logits(h, kernel), hidden, source, tokens, scored,
+                       capacity=-(-tokens.shape[1] // 2))
+  per_token = per_token * loss_mask.astype(jnp.float32)
   return seg.segment_sums(per_token, segment_ids, num_segments), per_token
+
+
+def logps_at(logits_fn, hidden: Array, source: Array, tokens: Array, scored: Array, *,
+             capacity: int) -> Array:
+  """``[R, L]``: ``log p(tokens[r, l])`` from ``logits_fn(hidden[r, source[r, l]])`` where
+  ``scored [R, L]``, else 0.
+
+  The output head and log-softmax are the costliest part of a policy's step after
+  the blocks (an ``[L, D] x [D, V]`` product forward and two backward, and passes over
+  ``[L, V]``), and a shared-prompt row scores only its responses' tokens (≈ 45% of an HH
+  row). When every row has at most ``capacity`` (static) scored slots, they run on
+  those slots alone, gathered to the front in order; otherwise on every slot. Both
+  branches give the same values (a ``lax.cond``: one runs).
+  """
+  rows, length = tokens.shape
+  tokens = tokens.astype(jnp.int32)
+
+  def at(slots: Array) -> Array:
+    before = jnp.take_along_axis(hidden, jnp.take_along_axis(source, slots, 1)[..., None], 1)
+    return _pick(logits_fn(before), jnp.take_along_axis(tokens, slots, 1))
+
+  def compact():
+    slots = jnp.argsort(~scored, axis=1, stable=True)[:, :capacity].astype(jnp.int32)
+    values = jnp.where(jnp.take_along_axis(scored, slots, 1), at(slots), 0.0)
+    return jnp.zeros((rows, length), jnp.float32).at[
+        jnp.arange(rows)[:, None], slots].set(values, unique_indices=True)
+
+  def every_slot():
+    return jnp.where(scored, at(jnp.broadcast_to(jnp.arange(length), (rows, length))), 0.0)
+
+  if capacity >= length:
+    return every_slot()
+  fits = jnp.all(jnp.sum(scored, axis=1) <= capacity)
+  return jax.lax.cond(fits, compact, every_slot)
 
 
 def predictor_index(segment_ids: Array, prefix_ids: Array, num_segments: int) -> Array:
