@@ -138,8 +138,9 @@ def analytic_flops(rows: int, length: int, *, lm_head: bool, passes: float,
   it does not do. ``passes`` counts full forward+backward equivalents (a frozen
   reference forward is 1/3 of one). With ``lm_head`` the output head counts at
   ``lm_head_slots`` slots (default: all): a DPO step needs logits only at the tokens
-  its loss reads (``loss_mask``), whether or not a framework computes the rest. ``config``: another ``DecoderConfig`` than the workload's model
-  (``num_layers`` resizes the workload's). ``pooled = (slots, pairs)``
+  its loss reads (``loss_mask``), whether or not a framework computes the rest.
+  ``config``: another ``DecoderConfig`` than the workload's model (``num_layers``
+  resizes the workload's). ``pooled = (slots, pairs)``
   (``pooled_counts``): a reward model whose last block runs only at the pooled
   slots (``Decoder.hidden_states(select=...)``); that block's query, output and MLP
   products and its attention count for those slots and their pairs alone.
