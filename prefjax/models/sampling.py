@@ -337,8 +337,12 @@ def _shared_prompt_logps(model, tokens, loss_mask, segment_ids, positions, num_s
   source = predictor_index(segment_ids, prefix_ids, num_segments)
   # A segment's first token has no predictor inside its sequence unless it follows a prompt.
   scored = (source >= 0) & (segment_ids > 0) & (loss_mask != 0)
+  # The half-row branch is measured on CPU only; elsewhere its lax.cond would add a host
+  # sync to every step (as for layers.materialized_rope_tables), so every slot runs.
+  length = tokens.shape[1]
+  capacity = -(-length // 2) if jax.default_backend() == "cpu" else length
   per_token = logps_at(lambda h: model.logits(h, kernel), hidden, source, tokens, scored,
-                       capacity=-(-tokens.shape[1] // 2))
+                       capacity=capacity)
   per_token = per_token * loss_mask.astype(jnp.float32)
   return seg.segment_sums(per_token, segment_ids, num_segments), per_token
 
