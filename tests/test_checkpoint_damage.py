@@ -2,6 +2,7 @@
 newest intact step; with none intact it stops with one line (or, with
 ``allow_restart``, starts from scratch and says so)."""
 
+import asyncio
 import gc
 import json
 import logging
@@ -9,6 +10,8 @@ import os
 import re
 import shutil
 import sys
+import traceback
+import types
 
 import grain
 import jax.numpy as jnp
@@ -241,6 +244,27 @@ def test_only_orbax_reads_are_discarded_quietly(monkeypatch):
   finally:
     gc.enable()
   assert [u.object.cr_code.co_filename for u in seen] == ["/elsewhere/other.py"]
+
+
+def test_a_read_completing_after_orbax_closed_its_loop_is_discarded_quietly(monkeypatch):
+  # An abandoned TensorStore read that completes later reports to orbax's closed event loop
+  # from TensorStore's thread; Python hands that to sys.unraisablehook with no object.
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  checkpoint._discard_abandoned_reads()  # pylint: disable=protected-access
+  loop = asyncio.new_event_loop()
+  loop.close()
+
+  def report(call):
+    try:
+      call()
+    except RuntimeError as e:
+      sys.unraisablehook(types.SimpleNamespace(exc_type=type(e), exc_value=e, err_msg=None,
+                                               exc_traceback=e.__traceback__, object=None))
+  report(lambda: loop.call_soon_threadsafe(print))  # a late read: discarded
+  report(lambda: loop.call_soon(print))  # anything else: the previous hook
+  assert [u.exc_value.args for u in seen] == [("Event loop is closed",)]
+  assert "call_soon_threadsafe" not in "".join(traceback.format_tb(seen[0].exc_traceback))
 
 
 @pytest.mark.parametrize("name", ["state/_METADATA", "state/manifest.ocdbt", "data/metadata",

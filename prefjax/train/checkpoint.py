@@ -24,6 +24,7 @@ import inspect
 import json
 import os
 import sys
+import traceback
 from typing import Any, Mapping
 
 import jax
@@ -151,31 +152,53 @@ def _is_orbax_coroutine(obj: Any) -> bool:
   return inspect.iscoroutine(obj) and "orbax" in obj.cr_code.co_filename
 
 
-def _discard_abandoned_reads() -> int:
-  """Finalises, quietly, the array reads a failed restore left pending; returns how many.
+def _is_abandoned_read(unraisable: Any) -> bool:
+  """An orbax read that a failed restore abandoned, reported as unraisable: its coroutine
+  finalised by the garbage collector, or its TensorStore future completing after orbax
+  closed the event loop it reports to (``call_soon_threadsafe`` raising in TensorStore's
+  thread, which has no Python object to name)."""
+  if _is_orbax_coroutine(unraisable.object):
+    return True
+  frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+  return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == "Event loop is closed"
+          and any(frame.name == "call_soon_threadsafe" for frame in frames))
 
-  When one array of a step fails to read, orbax abandons that step's other reads. Each
-  abandoned coroutine raises when it is garbage-collected, and Python prints that as an
-  "Exception ignored in: <coroutine ...>" traceback whenever collection happens to run,
-  long after the one warning that names the damaged step. They are collected here
-  instead, logged at debug level; any other unraisable exception goes to the usual hook.
-  """
-  discarded = 0
-  previous = sys.unraisablehook
 
-  def hook(unraisable):
-    nonlocal discarded
-    if _is_orbax_coroutine(unraisable.object):
-      discarded += 1
+class _QuietAbandonedReads:
+  """``sys.unraisablehook`` that logs abandoned reads at debug level and passes anything
+  else to the hook it replaced."""
+
+  def __init__(self, previous):
+    self.previous = previous
+    self.discarded = 0
+
+  def __call__(self, unraisable: Any) -> None:
+    if _is_abandoned_read(unraisable):
+      self.discarded += 1
       logging.debug("abandoned checkpoint read discarded: %s", unraisable.exc_value)
     else:
-      previous(unraisable)
-  sys.unraisablehook = hook
-  try:
-    gc.collect()
-  finally:
-    sys.unraisablehook = previous
-  return discarded
+      self.previous(unraisable)
+
+
+def _discard_abandoned_reads() -> int:
+  """Finalises, quietly, the array reads a failed restore left pending; returns how many
+  the garbage collection it runs found.
+
+  When one array of a step fails to read, orbax abandons that step's other reads. Each
+  abandoned coroutine raises when it is garbage-collected, and a read still running in
+  TensorStore raises when it completes after orbax closed its event loop. Python prints
+  each as an "Exception ignored in ..." traceback, long after the one warning that names
+  the damaged step. This installs a hook that logs them at debug level instead, and
+  leaves it installed, since the late completions come at no set time; any other
+  unraisable exception goes to the hook it replaced.
+  """
+  hook = sys.unraisablehook
+  if not isinstance(hook, _QuietAbandonedReads):
+    hook = sys.unraisablehook = _QuietAbandonedReads(hook)
+  before = hook.discarded
+  gc.collect()
+  return hook.discarded - before
 
 
 class DamagedCheckpointError(ValueError):
