@@ -70,26 +70,16 @@ def stream_bandwidth(megabytes: int = 256, repeats: int = 7) -> dict[str, float]
   weights = jax.numpy.ones((rows, cols), jax.numpy.float32)
   vector = jax.numpy.ones((1, rows), jax.numpy.float32)
   gemv = jax.jit(jax.numpy.dot)
-  rates = {"xla": weights.nbytes / _median_s(lambda: gemv(vector, weights).block_until_ready(),
-                                             repeats)}
+  median_s = lambda fn: statistics.median(model_throughput.time_calls(fn, repeats)[1])
+  rates = {"xla": weights.nbytes / median_s(lambda: gemv(vector, weights))}
   del weights
   try:
     import torch
   except ImportError:
     return rates
   t_weights, t_vector = torch.ones(rows, cols), torch.ones(1, rows)
-  rates["torch"] = t_weights.numel() * 4 / _median_s(lambda: t_vector @ t_weights, repeats)
+  rates["torch"] = t_weights.numel() * 4 / median_s(lambda: t_vector @ t_weights)
   return rates
-
-
-def _median_s(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def roofline_s(config: dec.DecoderConfig, batch: int, prompt_length: int, new_tokens: int, *,
