@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from prefjax import parallel
 from prefjax.models import decoder as dec
 from prefjax.models import sampling
 
@@ -259,6 +260,29 @@ def test_sharded_generation_equals_unsharded():
   gen = sampling.generate(replicated, jax.device_put(tokens, rows), jax.device_put(mask, rows),
                           max_new_tokens=NEW, pad_id=PAD, **kw)
   assert len(gen.tokens.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(gen.tokens), want.tokens)
+  np.testing.assert_array_equal(np.asarray(gen.mask), want.mask)
+  np.testing.assert_allclose(np.asarray(gen.logps), want.logps, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.3])
+def test_generation_on_a_data_fsdp_tensor_mesh_equals_unsharded(temperature):
+  """Parameters by ``decoder.PARTITION_RULES`` on a (2, 2, 2) mesh: the KV cache and the
+  vocabulary are split over ``tensor``, so the products and the sampling's reductions
+  combine partial results across devices."""
+  prompts = PROMPTS * 2
+  kw = dict(temperature=temperature, top_p=0.95 if temperature else None,
+            rng=jax.random.key(7))
+  want = run(prompts, **kw)
+  mesh = parallel.make_mesh((2, 2, 2), parallel.MESH_AXES)
+  sharded = nnx.clone(model())
+  parallel.shard_model(sharded, mesh, dec.PARTITION_RULES)
+  assert sharded.layers[0].attn.k_proj.kernel[...].sharding.spec == P("fsdp", "tensor")
+  tokens, mask = left_pad(prompts)
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  with jax.set_mesh(mesh):
+    gen = sampling.generate(sharded, jax.device_put(tokens, rows), jax.device_put(mask, rows),
+                            max_new_tokens=NEW, pad_id=PAD, **kw)
   np.testing.assert_array_equal(np.asarray(gen.tokens), want.tokens)
   np.testing.assert_array_equal(np.asarray(gen.mask), want.mask)
   np.testing.assert_allclose(np.asarray(gen.logps), want.logps, atol=1e-5)
