@@ -1,5 +1,6 @@
 """Block-causal attention with a recomputing backward against the explicit-mask reference."""
 
+import itertools
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -230,6 +231,28 @@ def test_float32_matches_masked_attention():
   got = _attention(q, k, v, segments, block_size=32)
   want = layers.masked_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_cached_attention_of_one_query_per_row_equals_float64_softmax(rows):
+  """A decoding step over a heads-first cache with empty slots, grouped-query heads; one row
+  takes the multiply-and-sum path on CPU, three the batched products."""
+  rng = np.random.default_rng(rows)
+  heads, kv_heads, slots, dim = 6, 2, 11, 8
+  q = rng.standard_normal((rows, 1, heads, dim))
+  k, v = (rng.standard_normal((rows, kv_heads, slots, dim)) for _ in range(2))
+  mask = rng.random((rows, 1, slots)) < 0.7
+  mask[:, :, 0] = True
+  got = layers.cached_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)),
+                                jnp.asarray(mask))
+  group = heads // kv_heads
+  want = np.zeros((rows, 1, heads, dim))
+  for n, h in itertools.product(range(rows), range(heads)):
+    scores = k[n, h // group] @ q[n, 0, h] / np.sqrt(dim)
+    scores = np.where(mask[n, 0], scores, -np.inf)
+    probs = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+    want[n, 0, h] = probs @ v[n, h // group]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_inputs_give_bfloat16_output_close_to_float32():

@@ -94,6 +94,16 @@ def test_greedy_cached_generation_equals_uncached_argmax(phases):
   assert len({tuple(r) for r in gen.tokens}) > 1  # rows really differ
 
 
+def test_one_prompt_greedy_generation_equals_uncached_argmax():
+  """Batch 1: each decoding step is one query (``layers.cached_attention``'s own path on CPU)."""
+  prompts = [PROMPTS[1]]
+  gen = run(prompts, temperature=0.0)
+  want_tokens, want_logps, want_mask = greedy_without_cache(prompts, NEW)
+  np.testing.assert_array_equal(gen.tokens, want_tokens)
+  np.testing.assert_array_equal(gen.mask, want_mask)
+  np.testing.assert_allclose(gen.logps, want_logps, atol=1e-4)
+
+
 @pytest.mark.parametrize("phases", [1, 2])
 def test_eos_stops_rows_and_pads_after_it(phases):
   free = run(temperature=0.0)

@@ -233,16 +233,29 @@ def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   head) with no transpose of the cache. With slots before heads, the decode
   step's ``[1, D] x [D, S]`` products ran ~30x slower on XLA CPU (2026-12-01,
   batch 64, 8 heads, 192 slots: 100 ms against 3.3 ms per layer).
+
+  One row and one new token (batch-1 decoding) multiply and sum instead, on CPU:
+  around those one-row products XLA CPU copied and transposed every layer's cache
+  at every step, ~14% of a batch-1 decoding call of the 25M decoder
+  (``benchmarks/RESULTS.md``).
   """
   n, t, h, d = q.shape
   kv_heads = k.shape[1]
   chex.assert_equal((k.shape[0], k.shape[2]), (n, mask.shape[-1]))
   q = q.reshape(n, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)  # [N, K, G, T, D]
-  scores = jnp.einsum("nkgtd,nksd->nkgts", q, k,
-                      preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  one_query = n * t == 1 and jax.default_backend() == "cpu"
+  slots = lambda x: x[:, :, None, None]  # [N, K, 1, 1, S, D] against [N, K, G, T, S, ...]
+  if one_query:
+    scores = jnp.sum(q[..., None, :].astype(jnp.float32) * slots(k).astype(jnp.float32), -1)
+  else:
+    scores = jnp.einsum("nkgtd,nksd->nkgts", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask[:, None, None], scores / jnp.sqrt(jnp.float32(d)),
+                     jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("nkgts,nksd->nkgtd", probs, v)
+  if one_query:
+    out = jnp.sum(probs[..., None] * slots(v), axis=-2)
+  else:
+    out = jnp.einsum("nkgts,nksd->nkgtd", probs, v)
   return out.transpose(0, 3, 1, 2, 4).reshape(n, t, h, d)
 
 
