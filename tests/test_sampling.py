@@ -84,13 +84,19 @@ def run(prompts=PROMPTS, **kw):
   return jax.tree.map(np.asarray, sampling.generate(model(), tokens, mask, **kw))
 
 
+def assert_same_generation(gen, want, *, atol):
+  """``gen`` (a ``Generation``) against ``want = (tokens, logps, mask)``: tokens and mask
+  equal, log-probs within ``atol``."""
+  want_tokens, want_logps, want_mask = want
+  np.testing.assert_array_equal(np.asarray(gen.tokens), want_tokens)
+  np.testing.assert_array_equal(np.asarray(gen.mask), want_mask)
+  np.testing.assert_allclose(np.asarray(gen.logps), want_logps, atol=atol)
+
+
 @pytest.mark.parametrize("phases", [1, 3, NEW + 2])
 def test_greedy_cached_generation_equals_uncached_argmax(phases):
   gen = run(temperature=0.0, cache_phases=phases)
-  want_tokens, want_logps, want_mask = greedy_without_cache(PROMPTS, NEW)
-  np.testing.assert_array_equal(gen.tokens, want_tokens)
-  np.testing.assert_array_equal(gen.mask, want_mask)
-  np.testing.assert_allclose(gen.logps, want_logps, atol=1e-4)
+  assert_same_generation(gen, greedy_without_cache(PROMPTS, NEW), atol=1e-4)
   assert len({tuple(r) for r in gen.tokens}) > 1  # rows really differ
 
 
@@ -98,10 +104,7 @@ def test_one_prompt_greedy_generation_equals_uncached_argmax():
   """Batch 1: each decoding step is one query (``layers.cached_attention``'s own path on CPU)."""
   prompts = [PROMPTS[1]]
   gen = run(prompts, temperature=0.0)
-  want_tokens, want_logps, want_mask = greedy_without_cache(prompts, NEW)
-  np.testing.assert_array_equal(gen.tokens, want_tokens)
-  np.testing.assert_array_equal(gen.mask, want_mask)
-  np.testing.assert_allclose(gen.logps, want_logps, atol=1e-4)
+  assert_same_generation(gen, greedy_without_cache(prompts, NEW), atol=1e-4)
 
 
 @pytest.mark.parametrize("phases", [1, 2])
@@ -110,10 +113,7 @@ def test_eos_stops_rows_and_pads_after_it(phases):
   eos = int(free.tokens[0, 2])
   assert eos not in free.tokens[0, :2]
   gen = run(temperature=0.0, eos_id=eos, cache_phases=phases)
-  want_tokens, want_logps, want_mask = greedy_without_cache(PROMPTS, NEW, eos_id=eos)
-  np.testing.assert_array_equal(gen.tokens, want_tokens)
-  np.testing.assert_array_equal(gen.mask, want_mask)
-  np.testing.assert_allclose(gen.logps, want_logps, atol=1e-4)
+  assert_same_generation(gen, greedy_without_cache(PROMPTS, NEW, eos_id=eos), atol=1e-4)
   np.testing.assert_array_equal(gen.mask[0], [1, 1, 1, 0, 0, 0])  # EOS itself kept
   np.testing.assert_array_equal(gen.tokens[0, 3:], PAD)
   assert (gen.logps[0, 3:] == 0).all()
@@ -270,9 +270,7 @@ def test_sharded_generation_equals_unsharded():
   gen = sampling.generate(replicated, jax.device_put(tokens, rows), jax.device_put(mask, rows),
                           max_new_tokens=NEW, pad_id=PAD, **kw)
   assert len(gen.tokens.sharding.device_set) == 8
-  np.testing.assert_array_equal(np.asarray(gen.tokens), want.tokens)
-  np.testing.assert_array_equal(np.asarray(gen.mask), want.mask)
-  np.testing.assert_allclose(np.asarray(gen.logps), want.logps, atol=1e-5)
+  assert_same_generation(gen, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.3])
@@ -293,9 +291,7 @@ def test_generation_on_a_data_fsdp_tensor_mesh_equals_unsharded(temperature):
   with jax.set_mesh(mesh):
     gen = sampling.generate(sharded, jax.device_put(tokens, rows), jax.device_put(mask, rows),
                             max_new_tokens=NEW, pad_id=PAD, **kw)
-  np.testing.assert_array_equal(np.asarray(gen.tokens), want.tokens)
-  np.testing.assert_array_equal(np.asarray(gen.mask), want.mask)
-  np.testing.assert_allclose(np.asarray(gen.logps), want.logps, atol=1e-5)
+  assert_same_generation(gen, want, atol=1e-5)
 
 
 def test_one_compile_for_repeated_calls_with_same_shapes():
