@@ -181,21 +181,28 @@ class _QuietAbandonedReads:
       self.previous(unraisable)
 
 
-def _discard_abandoned_reads() -> int:
-  """Finalises, quietly, the array reads a failed restore left pending; returns how many
-  the garbage collection it runs found.
+def _quiet_abandoned_reads() -> _QuietAbandonedReads:
+  """Installs ``_QuietAbandonedReads`` as ``sys.unraisablehook`` (once) and returns it.
 
   When one array of a step fails to read, orbax abandons that step's other reads. Each
   abandoned coroutine raises when it is garbage-collected, and a read still running in
   TensorStore raises when it completes after orbax closed its event loop. Python prints
   each as an "Exception ignored in ..." traceback, long after the one warning that names
-  the damaged step. This installs a hook that logs them at debug level instead, and
-  leaves it installed, since the late completions come at no set time; any other
-  unraisable exception goes to the hook it replaced.
+  the damaged step. The hook logs them at debug level instead. It is installed before a
+  restore, because a late completion can come as soon as the restore fails, and stays
+  installed, because they come at no set time; any other unraisable exception goes to
+  the hook it replaced.
   """
   hook = sys.unraisablehook
   if not isinstance(hook, _QuietAbandonedReads):
     hook = sys.unraisablehook = _QuietAbandonedReads(hook)
+  return hook
+
+
+def _discard_abandoned_reads() -> int:
+  """Finalises, quietly, the array reads a failed restore left pending; returns how many
+  the garbage collection it runs found."""
+  hook = _quiet_abandoned_reads()
   before = hook.discarded
   gc.collect()
   return hook.discarded - before
@@ -320,6 +327,7 @@ class Checkpointer:
       NoIntactCheckpointError: every step is damaged and not ``allow_restart``.
     """
     damaged = []
+    _quiet_abandoned_reads()
     for step in sorted(self.all_steps(), reverse=True):
       try:
         restored = self.restore(template, step)
