@@ -22,6 +22,9 @@ MOVES = {"parameter", "bitcast", "copy", "transpose", "slice", "concatenate", "r
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\((.*)$")
 _ARRAY = re.compile(r"([a-z]\w*)\[([\d,]*)\]")
+# Attributes naming the computations an op runs: a fusion's, a conditional's branches, a loop's.
+_CALLED = ("calls", "branch_computations", "true_computation", "false_computation", "body",
+           "condition")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
           "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 
@@ -73,8 +76,10 @@ def parse_hlo(text: str) -> dict[str, Any]:
   """``{"entry": [op names], "computations": {name: [ops]}, "ops": {name: op}}`` of HLO text.
 
   An op is a dict: name, type (its result type text), opcode, operands (names),
-  calls (called computation), op_name, frames (its Python stack, innermost
-  first) and, for dots, ``contract`` (contracted size) and ``flops``.
+  calls (the computations it runs: fused, branches, loop body), computation (the one
+  holding it), op_name, frames (its Python stack, innermost first) and, for dots,
+  ``contract`` (contracted size) and ``flops``. ``callers`` maps a called computation
+  to the op that runs it.
   """
   lines = text.splitlines()
   chains = _stack_frames(lines)
@@ -88,8 +93,9 @@ def parse_hlo(text: str) -> dict[str, Any]:
       frame = _attr(rest, "stack_frame_id")
       op = dict(name=name, type=type_text, opcode=opcode, op_name=_attr(rest, "op_name"),
                 operands=re.findall(r"%([\w.\-]+)", rest.split("), ", 1)[0]),
-                calls=_attr(rest, "calls").lstrip("%"),
-                frames=chains.get(int(frame), []) if frame else [])
+                calls=[c.strip().lstrip("%") for key in _CALLED
+                       for c in _attr(rest, key).split(",") if c.strip()],
+                computation=current, frames=chains.get(int(frame), []) if frame else [])
       if opcode == "dot":
         lhs = _dims(ops[op["operands"][0]]["type"])[0][1]
         contract = [int(d) for d in _attr(rest, "lhs_contracting_dims").split(",") if d]
@@ -104,17 +110,44 @@ def parse_hlo(text: str) -> dict[str, Any]:
     elif line.startswith("}"):
       current = None
   users: dict[str, list[str]] = collections.defaultdict(list)
-  for op in computations.get(entry, []):
+  for op in ops.values():
     for operand in op["operands"]:
       users[operand].append(op["name"])
   return {"entry": [o["name"] for o in computations.get(entry, [])],
-          "computations": computations, "ops": ops, "users": users}
+          "computations": computations, "ops": ops, "users": users,
+          "callers": {c: op["name"] for op in ops.values() for c in op["calls"]}}
 
 
 def inner(hlo: dict, op: dict) -> list[dict]:
-  """The op itself and every op of the computations it calls (recursively)."""
-  called = hlo["computations"].get(op["calls"], []) if op["calls"] else []
+  """The op itself and, for a fusion, every op it fuses (recursively). A conditional's
+  or loop's ops are not included: they run as ops of their own, with their own events."""
+  if runs_computations(op):
+    return [op]
+  called = [o for c in op["calls"] for o in hlo["computations"].get(c, [])]
   return [op] + [i for o in called for i in inner(hlo, o)]
+
+
+def runs_computations(op: dict) -> bool:
+  """A control-flow op (conditional, loop, call), whose called computations' ops run as
+  ops of their own."""
+  return bool(op["calls"]) and op["opcode"] != "fusion"
+
+
+def top_level(hlo: dict, name: str) -> str:
+  """The entry op that runs op ``name``: itself, or the conditional (loop, ...) whose
+  called computations hold it, however deep."""
+  while (computation := hlo["ops"][name]["computation"]) in hlo["callers"]:
+    name = hlo["callers"][computation]
+  return name
+
+
+def executed_flops(xplane: str, hlo: dict) -> dict[str, int]:
+  """Dot FLOPs per op in one traced call, counted from its events: the dots of a
+  conditional's branch count when the branch ran, a loop's at every trip."""
+  flops: dict[str, int] = collections.defaultdict(int)
+  for _, _, name in _one_run(xplane, hlo):
+    flops[name] += sum(o.get("flops", 0) for o in inner(hlo, hlo["ops"][name]))
+  return dict(flops)
 
 
 def source(op: dict) -> str:
@@ -167,7 +200,7 @@ def classify(hlo: dict, op: dict, rows: tuple[int, ...]) -> str:
 
 
 def _one_run(xplane: str, hlo: dict) -> list[tuple[int, int, str]]:
-  """``(start_ns, end_ns, op)`` of the events of ``hlo``'s entry ops in one call, sorted.
+  """``(start_ns, end_ns, op)`` of the events of ``hlo``'s ops in one call, sorted.
 
   The call is the trace's run (XLA's ``run_id``) with the most such events, the latest
   on a tie: events of an earlier call still running when the trace began, or of another
@@ -187,10 +220,12 @@ def _one_run(xplane: str, hlo: dict) -> list[tuple[int, int, str]]:
 
 
 def op_times(xplane: str, hlo: dict) -> tuple[dict[str, float], float, float]:
-  """Wall-clock seconds per entry op of one traced call, the ops' busy time and their span.
+  """Wall-clock seconds per op of one traced call (entry ops and the ops of the
+  conditionals' branches that ran), the ops' busy time and their span.
 
   Every instant between the first and the last op event is split equally among
-  the ops whose events cover it. Dots (and, it seems, parallel loops) run
+  the ops whose events cover it; a conditional's or loop's event counts only where
+  none of the ops it runs has one. Dots (and, it seems, parallel loops) run
   asynchronously on XLA's thread pool, so their events end at the launch; an idle gap therefore
   goes to the ops that the op starting after the gap was waiting for: its
   operands whose events ended last, within 1 ms of each other (or, when none,
@@ -218,8 +253,10 @@ def op_times(xplane: str, hlo: dict) -> tuple[dict[str, float], float, float]:
   while i < len(events) or active:
     nxt = min([e for e, _ in active] + ([events[i][0]] if i < len(events) else []))
     if active:
-      for _, name in active:
-        times[name] += (nxt - now) / 1e9 / len(active)
+      # A conditional's (loop's) event spans its branch's ops: they get the time.
+      running = [a for a in active if not runs_computations(hlo["ops"][a[1]])] or active
+      for _, name in running:
+        times[name] += (nxt - now) / 1e9 / len(running)
       busy += (nxt - now) / 1e9
     elif nxt > now and ended:
       awaited = waited_for(events[i][2], now)

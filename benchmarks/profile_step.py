@@ -14,8 +14,10 @@ data, the embedding gather/scatter, the optimizer (optax, grad norm, skip logic)
 Dot FLOPs come from HLO shapes, set against the f32 ``jnp.dot`` ceiling; other
 groups' operand+output bytes against a jitted ``x + 1``'s bandwidth. Every
 instant of the traced call's op span goes to one op (``hlo_ops.op_times``:
-overlaps are split, the gaps of asynchronous dots go to the awaited op); ``busy``
-is the part covered by op events. ``--torch`` adds ``torch_rm_step_hh`` on the
+overlaps are split, the gaps of asynchronous dots go to the awaited op). The ops
+of a conditional's branch that ran (the tiled attention's skippable tiles, the
+log-prob head, the NaN guard's update) are rows of their own, with the FLOPs they
+ran; ``busy`` is the part covered by op events. ``--torch`` adds ``torch_rm_step_hh`` on the
 padded batch of the same index, the same pairs for the ``*_padded`` cases
 (``torch.profiler``, aten ops' self CPU time). Expect ~1.5 min.
 """
@@ -71,6 +73,7 @@ def profile(case: str, batch_index: int, repeats: int, traced: int) -> dict[str,
     (state, _), seconds = _timed(lambda: compiled(state, batch))
     walls.append(seconds)
   totals: dict[str, float] = collections.defaultdict(float)
+  flops: dict[str, float] = collections.defaultdict(float)
   busy = traced_wall = span = 0.0
   options = jax.profiler.ProfileOptions()
   options.python_tracer_level = 0
@@ -78,20 +81,23 @@ def profile(case: str, batch_index: int, repeats: int, traced: int) -> dict[str,
     with tempfile.TemporaryDirectory() as log_dir:
       with jax.profiler.trace(log_dir, profiler_options=options):
         (state, _), seconds = _timed(lambda: compiled(state, batch))
-      times, op_busy, op_span = hlo_ops.op_times(
-          glob.glob(f"{log_dir}/**/*.xplane.pb", recursive=True)[0], hlo)
+      xplane = glob.glob(f"{log_dir}/**/*.xplane.pb", recursive=True)[0]
+      times, op_busy, op_span = hlo_ops.op_times(xplane, hlo)
+      for name, op_flops in hlo_ops.executed_flops(xplane, hlo).items():
+        flops[name] += op_flops / traced
     traced_wall, busy = traced_wall + seconds / traced, busy + op_busy / traced
     span += op_span / traced
     for name, op_seconds in times.items():
       totals[name] += op_seconds / traced
   rows = (batch["tokens"].shape[0], int(np.prod(batch["tokens"].shape)))
   ops = []
-  for name in (n for n in hlo["entry"] if n in totals):
+  for name in totals:  # entry ops, and the ops of conditionals' branches that ran
     op = hlo["ops"][name]
-    moved = sum(hlo_ops.nbytes(hlo["ops"][o]["type"]) for o in [name] + op["operands"])
+    moved = 0 if hlo_ops.runs_computations(op) else sum(  # a branch's ops count their own
+        hlo_ops.nbytes(hlo["ops"][o]["type"]) for o in [name] + op["operands"])
     ops.append(dict(name=name, group=hlo_ops.classify(hlo, op, rows), seconds=totals[name],
-                    flops=sum(o.get("flops", 0) for o in hlo_ops.inner(hlo, op)), bytes=moved,
-                    source=hlo_ops.source(op)))
+                    flops=flops[name], bytes=moved,
+                    source=hlo_ops.source(op), within=hlo_ops.top_level(hlo, name)))
   return dict(case=case, batch=batch_index, shape=list(batch["tokens"].shape),
               real_tokens=int(np.count_nonzero(run.real_slots(batch))),
               compile_s=round(compile_s, 1),
@@ -169,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
   for o in sorted(result["ops"], key=lambda o: -o["seconds"])[:args.top]:
     rate = f"{o['flops'] / o['seconds'] / 1e9:.0f} GFLOP/s" if o["flops"] else \
         f"{o['bytes'] / o['seconds'] / 1e9:.1f} GB/s"
-    print(f"  {o['seconds'] * 1e3:7.1f} ms  {o['group']:16s} {o['name']:32s} {rate:>14s}  "
+    name = o["name"] if o["within"] == o["name"] else f"{o['name']} in {o['within']}"
+    print(f"  {o['seconds'] * 1e3:7.1f} ms  {o['group']:16s} {name:32s} {rate:>14s}  "
           f"{o['source']}")
   if args.torch:
     result["torch"] = torch_profile(args.batch, args.repeats)

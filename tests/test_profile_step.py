@@ -6,11 +6,12 @@ import time
 from unittest import mock
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from benchmarks import hlo_ops, steps, workloads
-from prefjax.models import heads
+from prefjax.models import attention, heads
 
 N, T, D, F, HEADS = 4, 16, 32, 48, 2
 
@@ -79,3 +80,46 @@ def test_trace_splits_the_span_of_the_ops_among_them(compiled_step, tmp_path):
   # Every instant of the ops' span goes to exactly one op (gaps to the awaited async op).
   assert sum(times.values()) == pytest.approx(span, rel=1e-6)
   assert 0 < busy <= span <= wall
+
+
+def test_ops_of_attention_tiles_inside_conditionals_get_their_own_time_and_flops(tmp_path):
+  """The tiled kernel's below-diagonal tiles run inside conditionals: the ops of a tile
+  that ran get their own time and FLOPs, and a skipped tile's conditional runs none."""
+  n, t, h, dh, block = 1, 64, 2, 8, 16
+  # Four 16-token blocks: segment 2's queries in blocks 1 and 2 reach back to slot 8, so
+  # tiles (1,0), (2,0), (2,1) run; segment 3 (block 3) sees none of the earlier blocks.
+  segments = jnp.asarray([[1] * 8 + [2] * 40 + [3] * 16], jnp.int32)
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((n, t, h, dh)), jnp.float32) for _ in range(3))
+
+  def loss(q, k, v):
+    out = attention.causal_attention(q, k, v, segments, tiled=True, block_size=block)
+    return jnp.sum(jnp.sin(out))
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+  hlo = hlo_ops.parse_hlo(compiled.as_text())
+  conditionals = [o for o in hlo["entry"] if hlo["ops"][o]["opcode"] == "conditional"]
+  assert len(conditionals) == 2 * 6  # forward and backward of the 6 tiles below the diagonal
+  jax.block_until_ready(compiled(q, k, v))
+  with jax.profiler.trace(str(tmp_path)):
+    jax.block_until_ready(compiled(q, k, v))
+  xplane = glob.glob(f"{tmp_path}/**/*.xplane.pb", recursive=True)[0]
+  times, _, span = hlo_ops.op_times(xplane, hlo)
+  nested = set(times) - set(hlo["entry"])
+  assert nested and {hlo_ops.top_level(hlo, name) for name in nested} <= set(conditionals)
+  assert sum(times.values()) == pytest.approx(span, rel=1e-6)
+  executed = hlo_ops.executed_flops(xplane, hlo)
+  assert all(hlo_ops.classify(hlo, hlo["ops"][name], (n, n * t)).startswith("attention")
+             for name, flops in executed.items() if flops)
+  pairs = attention.computed_pairs(segments, tiled=True, block_size=block)
+  assert pairs == 7 * block * block
+  tile = 2 * h * dh * block * block  # FLOPs of one [block, dh] x [dh, block] product
+  # Tiles (3,0), (3,1), (3,2) are skipped: their forward and backward conditionals run nothing.
+  per_tile = collections.Counter()
+  for name, flops in executed.items():
+    per_tile[hlo_ops.top_level(hlo, name)] += flops
+  assert sorted(per_tile[c] for c in conditionals) == [0] * 6 + [2 * tile] * 3 + [5 * tile] * 3
+  # Forward q·kᵀ and p·v, backward q·kᵀ, dV, dP, dQ, dK over the computed pairs; XLA may
+  # reuse the forward's q·kᵀ in the unconditional diagonal tiles.
+  per_product = 2 * h * dh * pairs
+  assert 6 * per_product <= sum(executed.values()) <= 7 * per_product
