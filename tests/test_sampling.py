@@ -360,18 +360,24 @@ def test_bad_arguments_raise(kw, message):
     run(**kw)
 
 
-@pytest.mark.parametrize("capacity", [0, 2, 3, 8], ids=["every_slot", "overflow", "compact",
-                                                        "capacity_at_length"])
-def test_logps_at_scores_the_selected_slots_on_either_path(capacity):
-  """``logps_at`` against float64 numpy, values and gradients: the compact branch (every
-  row's scored slots fit in ``capacity``) and the every-slot branch give the same."""
+_SCORED = [[0, 1, 0, 1, 0, 0, 1, 0], [0, 0, 1, 0, 0, 0, 0, 1]]  # 3 and 2 scored slots
+_LOPSIDED = [[0, 1, 0, 1, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0, 0, 1]]  # 3 and 1: over 2 per row, within 2 x 2 in all
+
+
+@pytest.mark.parametrize("capacity, scored", [(0, _SCORED), (2, _SCORED), (3, _SCORED),
+                                              (8, _SCORED), (2, _LOPSIDED)],
+                         ids=["every_slot", "overflow", "compact", "capacity_at_length",
+                              "compact_pooled_over_rows"])
+def test_logps_at_scores_the_selected_slots_on_either_path(capacity, scored):
+  """``logps_at`` against float64 numpy, values and gradients: the compact branch (the
+  rows' scored slots fit in ``rows x capacity``) and the every-slot branch give the same."""
   rng = np.random.default_rng(3)
   rows, length, width, vocab = 2, 8, 4, 6
   hidden = rng.normal(size=(rows, length, width))
   kernel = rng.normal(size=(width, vocab))
   tokens = rng.integers(0, vocab, (rows, length))
   source = np.array([[-1, 0, 1, 2, 3, 4, 5, 6], [-1, -1, 1, 0, 3, 4, 2, 6]])
-  scored = np.array([[0, 1, 0, 1, 0, 0, 1, 0], [0, 0, 1, 0, 0, 0, 0, 1]], bool)
+  scored = np.array(scored, bool)
   weights = rng.normal(size=(rows, length))
 
   def total(hidden, kernel):
@@ -395,3 +401,26 @@ def test_logps_at_scores_the_selected_slots_on_either_path(capacity):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(d_hidden, want_d_hidden, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(d_kernel, want_d_kernel, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scored, capacity, slots_run", [
+    (_SCORED, 3, 2 * 3), (_SCORED, 2, 2 * 8), (_LOPSIDED, 2, 2 * 2), (_LOPSIDED, 1, 2 * 8)],
+    ids=["fits", "five_over_four", "one_row_over_pooled_fits", "four_over_two"])
+def test_logps_at_takes_the_compact_branch_when_the_scored_slots_fit_in_all(
+    scored, capacity, slots_run):
+  """Which branch runs: the head sees ``rows x capacity`` slots when the rows' scored slots
+  fit there in all (one row may hold more than ``capacity``), else every slot."""
+  rows, length, width = 2, 8, 4
+  ran = []
+
+  def logits_fn(h):
+    jax.debug.callback(ran.append, h.reshape(-1, width).shape[0])  # fires in the taken branch
+    return h @ jnp.ones((width, 3))
+
+  out = jax.jit(lambda: sampling.logps_at(
+      logits_fn, jnp.ones((rows, length, width)), jnp.zeros((rows, length), jnp.int32),
+      jnp.zeros((rows, length), jnp.int32), jnp.asarray(scored, bool), capacity=capacity))()
+  jax.block_until_ready(out)
+  jax.effects_barrier()
+  assert ran == [slots_run]
+  np.testing.assert_allclose(out, np.where(np.asarray(scored, bool), -np.log(3), 0), rtol=1e-6)

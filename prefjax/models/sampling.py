@@ -337,7 +337,7 @@ def _shared_prompt_logps(model, tokens, loss_mask, segment_ids, positions, num_s
   source = predictor_index(segment_ids, prefix_ids, num_segments)
   # A segment's first token has no predictor inside its sequence unless it follows a prompt.
   scored = (source >= 0) & (segment_ids > 0) & (loss_mask != 0)
-  # The half-row branch is measured on CPU only; elsewhere its lax.cond would add a host
+  # The half-the-slots branch is measured on CPU only; elsewhere its lax.cond would add a host
   # sync to every step (as for layers.materialized_rope_tables), so every slot runs.
   length = tokens.shape[1]
   capacity = -(-length // 2) if jax.default_backend() == "cpu" else length
@@ -355,30 +355,30 @@ def logps_at(logits_fn, hidden: Array, source: Array, tokens: Array, scored: Arr
   The output head and log-softmax are the costliest part of a policy's step after
   the blocks (an ``[L, D] x [D, V]`` product forward and two backward, and passes over
   ``[L, V]``), and a shared-prompt row scores only its responses' tokens (≈ 45% of an HH
-  row). When every row has at most ``capacity`` (static) scored slots, they run on
-  those slots alone, gathered to the front in order; otherwise on every slot. Both
-  branches give the same values (a ``lax.cond``: one runs).
+  row). When the rows hold at most ``R · capacity`` (static) scored slots in all, they
+  run on those slots alone, gathered to the front in order; otherwise on every slot.
+  Both branches give the same values (a ``lax.cond``: one runs). The slots are pooled
+  over the rows, so one long row does not send the batch to the every-slot branch
+  while another row is short.
   """
   rows, length = tokens.shape
   tokens = tokens.astype(jnp.int32)
 
-  def at(slots: Array) -> Array:
-    before = jnp.take_along_axis(hidden, jnp.take_along_axis(source, slots, 1)[..., None], 1)
-    return _pick(logits_fn(before), jnp.take_along_axis(tokens, slots, 1))
-
   def compact():
-    slots = jnp.argsort(~scored, axis=1, stable=True)[:, :capacity].astype(jnp.int32)
-    values = jnp.where(jnp.take_along_axis(scored, slots, 1), at(slots), 0.0)
-    return jnp.zeros((rows, length), jnp.float32).at[
-        jnp.arange(rows)[:, None], slots].set(values, unique_indices=True)
+    slots = jnp.argsort(~scored.reshape(-1), stable=True)[:rows * capacity].astype(jnp.int32)
+    r, l = slots // length, slots % length
+    values = jnp.where(scored[r, l], _pick(logits_fn(hidden[r, source[r, l]]), tokens[r, l]),
+                       0.0)
+    return jnp.zeros((rows * length,), jnp.float32).at[slots].set(
+        values, unique_indices=True).reshape(rows, length)
 
   def every_slot():
-    return jnp.where(scored, at(jnp.broadcast_to(jnp.arange(length), (rows, length))), 0.0)
+    before = jnp.take_along_axis(hidden, source[..., None], 1)
+    return jnp.where(scored, _pick(logits_fn(before), tokens), 0.0)
 
   if capacity >= length:
     return every_slot()
-  fits = jnp.all(jnp.sum(scored, axis=1) <= capacity)
-  return jax.lax.cond(fits, compact, every_slot)
+  return jax.lax.cond(jnp.sum(scored) <= rows * capacity, compact, every_slot)
 
 
 def predictor_index(segment_ids: Array, prefix_ids: Array, num_segments: int) -> Array:
