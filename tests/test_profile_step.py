@@ -123,3 +123,21 @@ def test_ops_of_attention_tiles_inside_conditionals_get_their_own_time_and_flops
   # reuse the forward's q·kᵀ in the unconditional diagonal tiles.
   per_product = 2 * h * dh * pairs
   assert 6 * per_product <= sum(executed.values()) <= 7 * per_product
+
+
+def test_a_loops_dots_count_at_every_trip(tmp_path):
+  """A ``while`` (``fori_loop``) body's dot runs as an op of its own at every trip."""
+  trips, size = 5, 64
+  x, w = jnp.ones((size, size)), jnp.full((size, size), 0.01)
+  loop = lambda x, w: jax.lax.fori_loop(0, trips, lambda i, c: jnp.tanh(c @ w), x)
+  compiled = jax.jit(loop).lower(x, w).compile()
+  hlo = hlo_ops.parse_hlo(compiled.as_text())
+  (loop_op,) = [o for o in hlo["entry"] if hlo_ops.runs_computations(hlo["ops"][o])]
+  assert hlo["ops"][loop_op]["opcode"] == "while" and len(hlo["ops"][loop_op]["calls"]) == 2
+  jax.block_until_ready(compiled(x, w))
+  with jax.profiler.trace(str(tmp_path)):
+    jax.block_until_ready(compiled(x, w))
+  xplane = glob.glob(f"{tmp_path}/**/*.xplane.pb", recursive=True)[0]
+  executed = hlo_ops.executed_flops(xplane, hlo)
+  assert sum(executed.values()) == trips * 2 * size ** 3
+  assert {hlo_ops.top_level(hlo, name) for name, f in executed.items() if f} == {loop_op}
