@@ -361,7 +361,8 @@ def test_bad_arguments_raise(kw, message):
 
 
 _SCORED = [[0, 1, 0, 1, 0, 0, 1, 0], [0, 0, 1, 0, 0, 0, 0, 1]]  # 3 and 2 scored slots
-_LOPSIDED = [[0, 1, 0, 1, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0, 0, 1]]  # 3 and 1: over 2 per row, within 2 x 2 in all
+# 3 and 1: one row over a capacity of 2, the two within 2 x 2 in all.
+_LOPSIDED = [[0, 1, 0, 1, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0, 0, 1]]
 
 
 @pytest.mark.parametrize("capacity, scored", [(0, _SCORED), (2, _SCORED), (3, _SCORED),
