@@ -280,3 +280,27 @@ def test_heads_that_do_not_group_are_an_error():
   k = jnp.zeros((1, 4, 2, 2))
   with pytest.raises(ValueError, match="3 query heads are not a multiple of 2"):
     attention.causal_attention(q, k, k, jnp.ones((1, 4), jnp.int32))
+
+
+def test_tiled_kernel_slices_its_tiles_before_the_conditionals():
+  """No op inside a skippable tile's branch handles a whole ``[N, H, T, D]`` input. The
+  kernel's inputs are transposed views that XLA CPU lays out ``[N, T, H, D]``; branches
+  that sliced them copied each whole array into their own layout at every visited tile."""
+  from benchmarks import hlo_ops
+  n, t, h, d, block = 2, 64, 2, 8, 16
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((n, t, h, d)), jnp.float32) for _ in range(3))
+  segments = jnp.asarray(np.tile([1] * 8 + [2] * 40 + [3] * 16, (n, 1)), jnp.int32)
+  loss = lambda q, k, v: jnp.sum(jnp.sin(attention.causal_attention(
+      q, k, v, segments, tiled=True, block_size=block)))
+  hlo = hlo_ops.parse_hlo(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v)
+                          .compile().as_text())
+  branches = {c for name in hlo["entry"] if hlo["ops"][name]["opcode"] == "conditional"
+              for c in hlo["ops"][name]["calls"]}
+  in_branches = [op for op in hlo["ops"].values() if op["computation"] in branches]
+  assert any(op["opcode"] == "dot" for op in in_branches)
+  whole = q.size * q.dtype.itemsize
+  too_big = [(op["name"], op["type"]) for op in in_branches
+             if op["opcode"] not in ("parameter", "get-tuple-element", "tuple")
+             and hlo_ops.nbytes(op["type"]) >= whole]
+  assert not too_big, too_big

@@ -131,9 +131,16 @@ def _scores(q: Array, k: Array, masks, start: int, end: int, key_start: int = 0,
   """Scaled, masked float32 scores of queries ``[start, end)`` against keys
   ``[key_start, key_end)`` (default ``[0, end)``)."""
   key_end = end if key_end is None else key_end
-  scale = q.shape[-1] ** -0.5
-  s = jnp.einsum("nhtd,nhsd->nhts", q[:, :, start:end], k[:, :, key_start:key_end],
-                 preferred_element_type=_accumulation(q)) * scale
+  return _tile_scores(q[:, :, start:end], k[:, :, key_start:key_end], masks, start, end,
+                      key_start, key_end)
+
+
+def _tile_scores(q_tile: Array, k_tile: Array, masks, start: int, end: int, key_start: int,
+                 key_end: int) -> Array:
+  """``_scores`` of queries ``q_tile`` (slots ``[start, end)``) against keys ``k_tile``
+  (slots ``[key_start, key_end)``), already sliced."""
+  s = jnp.einsum("nhtd,nhsd->nhts", q_tile, k_tile,
+                 preferred_element_type=_accumulation(q_tile)) * q_tile.shape[-1] ** -0.5
   return jnp.where(_visible(masks, start, end, key_start, key_end), s, _MASKED)
 
 
@@ -277,9 +284,18 @@ def computed_pairs(segments: Array, prefixes: Array | None = None, *,
   return int(n * np.sum(visits * np.outer(widths, widths)))
 
 
-def _maybe(needed: Array | None, fn, state):
-  """``fn(state)`` on the diagonal (``needed`` None), else only where ``needed``."""
-  return fn(state) if needed is None else jax.lax.cond(needed, fn, lambda x: x, state)
+def _maybe(needed: Array | None, fn, state, tiles):
+  """``fn(state, tiles)`` on the diagonal (``needed`` None), else only where ``needed``.
+
+  The tiles (slices of ``q, k, v``, ...) are cut before the conditional, not inside it:
+  the kernel's ``[N, H, T, D]`` inputs are transposed views that XLA CPU lays out
+  ``[N, T, H, D]``, and a branch that slices them first copied each whole array into
+  its own layout, three 4 MB copies per visited tile on ``rm_step_hh`` (3-5% of its
+  step; benchmarks/RESULTS.md).
+  """
+  if needed is None:
+    return fn(state, tiles)
+  return jax.lax.cond(needed, fn, lambda state, _: state, state, tiles)
 
 
 def _tiled_forward(q, k, v, masks, blocks, visits):
@@ -290,17 +306,18 @@ def _tiled_forward(q, k, v, masks, blocks, visits):
     state = (jnp.full(shape + (1,), _MASKED, acc), jnp.zeros(shape + (1,), acc),
              jnp.zeros(shape + (q.shape[3],), acc))
     for j, (ks, ke) in enumerate(blocks[:i + 1]):
-      def update(state, qs=qs, qe=qe, ks=ks, ke=ke):
-        m, total, o = state
-        s = _scores(q, k, masks, qs, qe, ks, ke)
+      def update(state, tiles, qs=qs, qe=qe, ks=ks, ke=ke):
+        (m, total, o), (q_i, k_j, v_j) = state, tiles
+        s = _tile_scores(q_i, k_j, masks, qs, qe, ks, ke)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
         # A row with nothing visible yet carries m = _MASKED and weights exp(0) = 1;
         # the first visible score rescales that by exp(_MASKED - m) = 0.
         shrink, p = jnp.exp(m - m_new), jnp.exp(s - m_new)
-        o = o * shrink + jnp.einsum("nhts,nhsd->nhtd", p.astype(v.dtype), v[:, :, ks:ke],
+        o = o * shrink + jnp.einsum("nhts,nhsd->nhtd", p.astype(v_j.dtype), v_j,
                                     preferred_element_type=acc)
         return m_new, total * shrink + jnp.sum(p, axis=-1, keepdims=True), o
-      state = _maybe(None if j == i else visits[i, j], update, state)
+      state = _maybe(None if j == i else visits[i, j], update, state,
+                     (q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke]))
     m, total, o = state
     outs.append((o / total).astype(q.dtype))
     lses.append(m + jnp.log(total))
@@ -327,18 +344,18 @@ def _tiled_attention_bwd(blocks, residuals, d_out):
   dq_blocks = []
   for i, (qs, qe) in enumerate(blocks):
     dq = jnp.zeros(q.shape[:2] + (qe - qs, q.shape[3]), acc)
-    do, q_i = d_out[:, :, qs:qe], q[:, :, qs:qe]
+    rows = (q[:, :, qs:qe], d_out[:, :, qs:qe], lse[:, :, qs:qe], delta[:, :, qs:qe])
     for j, (ks, ke) in enumerate(blocks[:i + 1]):
-      def grad(state, qs=qs, qe=qe, ks=ks, ke=ke, do=do, q_i=q_i):
-        dq, dk, dv = state
-        p = jnp.exp(_scores(q, k, masks, qs, qe, ks, ke) - lse[:, :, qs:qe])
+      def grad(state, tiles, qs=qs, qe=qe, ks=ks, ke=ke):
+        (dq, dk, dv), (q_i, do, lse_i, delta_i, k_j, v_j) = state, tiles
+        p = jnp.exp(_tile_scores(q_i, k_j, masks, qs, qe, ks, ke) - lse_i)
         dv = dv + f32("nhts,nhtd->nhsd", p.astype(do.dtype), do)
-        dp = f32("nhtd,nhsd->nhts", do, v[:, :, ks:ke])
-        ds = (p * (dp - delta[:, :, qs:qe]) * scale).astype(q.dtype)
-        return dq + f32("nhts,nhsd->nhtd", ds, k[:, :, ks:ke]), dk + f32(
+        dp = f32("nhtd,nhsd->nhts", do, v_j)
+        ds = (p * (dp - delta_i) * scale).astype(q_i.dtype)
+        return dq + f32("nhts,nhsd->nhtd", ds, k_j), dk + f32(
             "nhts,nhtd->nhsd", ds, q_i), dv
       dq, *key_grads[j] = _maybe(None if j == i else visits[i, j], grad,
-                                 (dq, *key_grads[j]))
+                                 (dq, *key_grads[j]), rows + (k[:, :, ks:ke], v[:, :, ks:ke]))
     dq_blocks.append(dq)
   dk = jnp.concatenate([g[0] for g in key_grads], axis=2)
   dv = jnp.concatenate([g[1] for g in key_grads], axis=2)
