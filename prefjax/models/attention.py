@@ -290,7 +290,7 @@ def _maybe(needed: Array | None, fn, state, tiles):
   The tiles (slices of ``q, k, v``, ...) are cut before the conditional, not inside it:
   the kernel's ``[N, H, T, D]`` inputs are transposed views that XLA CPU lays out
   ``[N, T, H, D]``, and a branch that slices them first copied each whole array into
-  its own layout, three 4 MB copies per visited tile on ``rm_step_hh`` (3-5% of its
+  its own layout, three 4 MB copies per visited tile on ``rm_step_hh`` (4-5% of its
   step; benchmarks/RESULTS.md).
   """
   if needed is None:
