@@ -1,8 +1,9 @@
 """Reading XLA CPU's artifacts: optimized HLO text (ops, FLOPs, Python stack frames) and traces.
 
 ``parse_hlo`` reads ``compiled.as_text()``; ``classify`` puts a top-level op into
-one of ``GROUPS`` from its own and its fused ops' stack frames; ``op_times``
-turns a ``jax.profiler`` trace of one call into wall-clock seconds per op.
+one of ``GROUPS`` from its own and its fused ops' stack frames; ``run_events``
+reads one call's op events from a ``jax.profiler`` trace, which ``op_times`` turns
+into wall-clock seconds per op and ``executed_flops`` into the FLOPs that ran.
 Used by ``benchmarks.profile_step``.
 """
 
@@ -141,11 +142,11 @@ def top_level(hlo: dict, name: str) -> str:
   return name
 
 
-def executed_flops(xplane: str, hlo: dict) -> dict[str, int]:
-  """Dot FLOPs per op in one traced call, counted from its events: the dots of a
+def executed_flops(events: list[tuple[int, int, str]], hlo: dict) -> dict[str, int]:
+  """Dot FLOPs per op in one traced call, counted from its ``run_events``: the dots of a
   conditional's branch count when the branch ran, a loop's at every trip."""
   flops: dict[str, int] = collections.defaultdict(int)
-  for _, _, name in _one_run(xplane, hlo):
+  for _, _, name in events:
     flops[name] += sum(o.get("flops", 0) for o in inner(hlo, hlo["ops"][name]))
   return dict(flops)
 
@@ -199,7 +200,7 @@ def classify(hlo: dict, op: dict, rows: tuple[int, ...]) -> str:
   return "other"
 
 
-def _one_run(xplane: str, hlo: dict) -> list[tuple[int, int, str]]:
+def run_events(xplane: str, hlo: dict) -> list[tuple[int, int, str]]:
   """``(start_ns, end_ns, op)`` of the events of ``hlo``'s ops in one call, sorted.
 
   The call is the trace's run (XLA's ``run_id``) with the most such events, the latest
@@ -219,7 +220,8 @@ def _one_run(xplane: str, hlo: dict) -> list[tuple[int, int, str]]:
   return sorted(max(runs.values(), key=lambda events: (len(events), max(events))))
 
 
-def op_times(xplane: str, hlo: dict) -> tuple[dict[str, float], float, float]:
+def op_times(events: list[tuple[int, int, str]],
+             hlo: dict) -> tuple[dict[str, float], float, float]:
   """Wall-clock seconds per op of one traced call (entry ops and the ops of the
   conditionals' branches that ran), the ops' busy time and their span.
 
@@ -232,7 +234,6 @@ def op_times(xplane: str, hlo: dict) -> tuple[dict[str, float], float, float]:
   the events that ended last). Dots launched together share their gaps, so
   per-op times of concurrent dots are approximate; read the group sums.
   """
-  events = _one_run(xplane, hlo)
   ended: dict[str, float] = {}
 
   def waited_for(name: str, before: float) -> list[str]:

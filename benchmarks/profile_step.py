@@ -81,9 +81,9 @@ def profile(case: str, batch_index: int, repeats: int, traced: int) -> dict[str,
     with tempfile.TemporaryDirectory() as log_dir:
       with jax.profiler.trace(log_dir, profiler_options=options):
         (state, _), seconds = _timed(lambda: compiled(state, batch))
-      xplane = glob.glob(f"{log_dir}/**/*.xplane.pb", recursive=True)[0]
-      times, op_busy, op_span = hlo_ops.op_times(xplane, hlo)
-      for name, op_flops in hlo_ops.executed_flops(xplane, hlo).items():
+      events = hlo_ops.run_events(glob.glob(f"{log_dir}/**/*.xplane.pb", recursive=True)[0], hlo)
+      times, op_busy, op_span = hlo_ops.op_times(events, hlo)
+      for name, op_flops in hlo_ops.executed_flops(events, hlo).items():
         flops[name] += op_flops / traced
     traced_wall, busy = traced_wall + seconds / traced, busy + op_busy / traced
     span += op_span / traced

@@ -73,13 +73,21 @@ def test_trace_splits_the_span_of_the_ops_among_them(compiled_step, tmp_path):
     start = time.perf_counter()
     jax.block_until_ready(compiled(state, batch))
     wall = time.perf_counter() - start
-  xplane = glob.glob(f"{tmp_path}/**/*.xplane.pb", recursive=True)[0]
-  times, busy, span = hlo_ops.op_times(xplane, hlo)
+  events = hlo_ops.run_events(glob.glob(f"{tmp_path}/**/*.xplane.pb", recursive=True)[0], hlo)
+  times, busy, span = hlo_ops.op_times(events, hlo)
   assert dots and dots <= set(times)
   assert all(times[n] > 0 for n in dots)
   # Every instant of the ops' span goes to exactly one op (gaps to the awaited async op).
   assert sum(times.values()) == pytest.approx(span, rel=1e-6)
   assert 0 < busy <= span <= wall
+
+
+def _events_of_one_call(compiled, hlo, args, tmp_path):
+  """``hlo_ops.run_events`` of one traced call of ``compiled``, after an untraced one."""
+  jax.block_until_ready(compiled(*args))
+  with jax.profiler.trace(str(tmp_path)):
+    jax.block_until_ready(compiled(*args))
+  return hlo_ops.run_events(glob.glob(f"{tmp_path}/**/*.xplane.pb", recursive=True)[0], hlo)
 
 
 def test_ops_of_attention_tiles_inside_conditionals_get_their_own_time_and_flops(tmp_path):
@@ -100,15 +108,12 @@ def test_ops_of_attention_tiles_inside_conditionals_get_their_own_time_and_flops
   hlo = hlo_ops.parse_hlo(compiled.as_text())
   conditionals = [o for o in hlo["entry"] if hlo["ops"][o]["opcode"] == "conditional"]
   assert len(conditionals) == 2 * 6  # forward and backward of the 6 tiles below the diagonal
-  jax.block_until_ready(compiled(q, k, v))
-  with jax.profiler.trace(str(tmp_path)):
-    jax.block_until_ready(compiled(q, k, v))
-  xplane = glob.glob(f"{tmp_path}/**/*.xplane.pb", recursive=True)[0]
-  times, _, span = hlo_ops.op_times(xplane, hlo)
+  events = _events_of_one_call(compiled, hlo, (q, k, v), tmp_path)
+  times, _, span = hlo_ops.op_times(events, hlo)
   nested = set(times) - set(hlo["entry"])
   assert nested and {hlo_ops.top_level(hlo, name) for name in nested} <= set(conditionals)
   assert sum(times.values()) == pytest.approx(span, rel=1e-6)
-  executed = hlo_ops.executed_flops(xplane, hlo)
+  executed = hlo_ops.executed_flops(events, hlo)
   assert all(hlo_ops.classify(hlo, hlo["ops"][name], (n, n * t)).startswith("attention")
              for name, flops in executed.items() if flops)
   pairs = attention.computed_pairs(segments, tiled=True, block_size=block)
@@ -134,10 +139,6 @@ def test_a_loops_dots_count_at_every_trip(tmp_path):
   hlo = hlo_ops.parse_hlo(compiled.as_text())
   (loop_op,) = [o for o in hlo["entry"] if hlo_ops.runs_computations(hlo["ops"][o])]
   assert hlo["ops"][loop_op]["opcode"] == "while" and len(hlo["ops"][loop_op]["calls"]) == 2
-  jax.block_until_ready(compiled(x, w))
-  with jax.profiler.trace(str(tmp_path)):
-    jax.block_until_ready(compiled(x, w))
-  xplane = glob.glob(f"{tmp_path}/**/*.xplane.pb", recursive=True)[0]
-  executed = hlo_ops.executed_flops(xplane, hlo)
+  executed = hlo_ops.executed_flops(_events_of_one_call(compiled, hlo, (x, w), tmp_path), hlo)
   assert sum(executed.values()) == trips * 2 * size ** 3
   assert {hlo_ops.top_level(hlo, name) for name, f in executed.items() if f} == {loop_op}
