@@ -34,7 +34,8 @@ default): each pair packed as one ``prompt | chosen | rejected`` sequence
 (``share_prompt``) into 2 rows of 1,024. The ``*_padded`` cases pad to the batch's
 longest row rounded up to 64 (``PipelineConfig``'s default mode, the layout the
 PyTorch cases run), ``rm_step_hh_packed`` packs whole pairs into 3 rows of 1,024 and
-``rm_step_hh_fixed512`` pads every row to 512. Real tokens count each pair as two
+``rm_step_hh_fixed512`` pads every row to 512; the ``*_trimmed`` cases are the fast
+layout with ``trim_rows`` (a batch whose pairs fit in one row is ``[1, 1024]``). Real tokens count each pair as two
 ``prompt + response`` sequences in every layout (``pair_tokens``), so rows compare
 pairs per second; ``computed_tokens_per_s`` is what a step ran on. ``torch_*``
 cases need ``torch`` and ``transformers`` (the test extra).
@@ -77,8 +78,11 @@ CASES: dict[str, dict[str, Any]] = {
     "rm_step_hh_padded": dict(kind="rm", layout="longest"),
     "rm_step_hh_fixed512": dict(kind="rm", layout="fixed"),
     "rm_step_hh_packed": dict(kind="rm", layout="packed"),
+    "rm_step_hh_trimmed": dict(kind="rm", layout="shared_trimmed"),
     "dpo_step_hh_cached": dict(kind="dpo_cached", layout="shared"),
     "dpo_step_hh_live": dict(kind="dpo_live", layout="shared"),
+    "dpo_step_hh_cached_trimmed": dict(kind="dpo_cached", layout="shared_trimmed"),
+    "dpo_step_hh_live_trimmed": dict(kind="dpo_live", layout="shared_trimmed"),
     "dpo_step_hh_cached_padded": dict(kind="dpo_cached", layout="longest"),
     "dpo_step_hh_live_padded": dict(kind="dpo_live", layout="longest"),
     "rm_ensemble4_one_step": dict(kind="rm_ensemble4", layout="longest"),
@@ -99,7 +103,7 @@ CASES.update({f"generate_{m}_b{b}_{mode}": dict(kind="generate", model=m, batch=
                                                 greedy=mode == "greedy")
               for m in ("25m", "smollm2") for b in (1, 16, 64) for mode in ("greedy", "sample")})
 # Static segment count of the packed layouts (``workloads.pipeline_config``).
-NUM_SEGMENTS = {"packed": 16, "shared": 24}
+NUM_SEGMENTS = {"packed": 16, "shared": 24, "shared_trimmed": 24}
 QUICK = ("rm_step_hh", "dpo_step_hh_cached", "dpo_step_hh_live")
 # Each deep-ensemble case and the one-model case on the same layout and batches.
 ENSEMBLE_BASELINES = {"rm_ensemble4_one_step": "rm_step_hh_padded",

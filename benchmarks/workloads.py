@@ -82,9 +82,10 @@ def pipeline_config(mode: str, **overrides: Any) -> pipeline_lib.PipelineConfig:
 
   ``mode``: ``longest`` (the project default: padded to the batch's longest row
   rounded up to 64), ``fixed`` (every row padded to 512), ``packed`` (rows of
-  1,024 tokens holding whole pairs) or ``shared`` (packed, each pair one
+  1,024 tokens holding whole pairs), ``shared`` (packed, each pair one
   ``prompt | chosen | rejected`` sequence: 2 rows of 1,024 hold what ``packed``
-  puts in 3; an overridden ``batch_size`` of pairs gets one row per 4 pairs).
+  puts in 3; an overridden ``batch_size`` of pairs gets one row per 4 pairs) or
+  ``shared_trimmed`` (``shared`` whose batches drop an empty row: ``trim_rows``).
   """
   pairs = overrides.get("batch_size", PAIRS_PER_STEP)
   base = dict(batch_size=PAIRS_PER_STEP, max_length=MAX_LENGTH,
@@ -95,12 +96,13 @@ def pipeline_config(mode: str, **overrides: Any) -> pipeline_lib.PipelineConfig:
   elif mode == "packed":
     base.update(mode="packed", pack_length=2 * MAX_LENGTH, pack_rows=3,
                 max_segments_per_row=16, pack_window=8 * PAIRS_PER_STEP)
-  elif mode == "shared":
+  elif mode in ("shared", "shared_trimmed"):
     base.update(mode="packed", share_prompt=True, pack_length=2 * MAX_LENGTH,
                 pack_rows=math.ceil(pairs / 4), max_segments_per_row=3 * pairs,
-                pack_window=8 * pairs)
+                pack_window=8 * pairs, trim_rows=mode == "shared_trimmed")
   elif mode != "longest":
-    raise ValueError(f"mode must be 'longest', 'fixed', 'packed' or 'shared', got {mode!r}")
+    raise ValueError(f"mode must be 'longest', 'fixed', 'packed', 'shared' or 'shared_trimmed', "
+                     f"got {mode!r}")
   return pipeline_lib.PipelineConfig(**{**base, **overrides})
 
 

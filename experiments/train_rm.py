@@ -101,7 +101,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     model = experiment.make_model(config.model, vocab_size=tokenizer.vocab_size,
                                   seed=int(config.seed))
     num_columns, objectives = rm.reward_columns(model)
-    train_iter = iter(pipeline_lib.preference_dataset(train_source, tokenizer, pcfg))
+    train_ds = pipeline_lib.preference_dataset(train_source, tokenizer, pcfg)
+    train.check_batch_shapes(train_ds, mesh)
+    train_iter = iter(train_ds)
     eval_table = None
     if objectives:
       train_iter = labels.ObjectiveMaskIterator(

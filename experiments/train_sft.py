@@ -99,6 +99,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   data_report = experiment.start_data_report(
       workdir, {"train": train_source, "eval": eval_source}, tokenizer, pcfg, (response_key,))
   train_ds = pipeline_lib.sft_dataset(train_source, tokenizer, pcfg, response_key=response_key)
+  train.check_batch_shapes(train_ds, mesh)
   eval_ds = pipeline_lib.sft_dataset(eval_source, tokenizer, eval_pcfg,
                                      response_key=response_key)
   with experiment.mesh_context(mesh):

@@ -263,10 +263,11 @@ def finish_data_report(workdir: str, report: dict[str, Any], train_iter: Any,
 
 def pipeline_config(data_cfg: Any, **overrides) -> pipeline_lib.PipelineConfig:
   """``data.pipeline`` with ``overrides``; a ``mode="padded"`` override (eval passes)
-  also turns ``share_prompt`` off, which only packed training batches use."""
+  also turns ``share_prompt`` and ``trim_rows`` off, which only packed training
+  batches use."""
   fields = {**configlib.plain(configlib.plain(data_cfg).get("pipeline")), **overrides}
   if overrides.get("mode") == "padded":
-    fields["share_prompt"] = False
+    fields.update(share_prompt=False, trim_rows=False)
   return pipeline_lib.PipelineConfig.from_mapping(fields)
 
 

@@ -311,11 +311,11 @@ def packed_run(data_env):
 
 
 def test_shared_prompt_batches_train(data_env, tmp_path):
-  """Wiring of ``data.pipeline.share_prompt``; its rewards and gradients are checked
-  against the padded layout in ``test_shared_prompt.py``."""
+  """Wiring of ``data.pipeline.share_prompt`` and ``trim_rows``; their rewards and
+  gradients are checked in ``test_shared_prompt.py`` and ``test_trim_rows.py``."""
   config = small_config(3)
-  config.data.pipeline.update(mode="packed", share_prompt=True, pack_rows=2, pack_length=64,
-                              max_segments_per_row=12, pack_window=32)
+  config.data.pipeline.update(mode="packed", share_prompt=True, pack_rows=4, pack_length=64,
+                              max_segments_per_row=12, pack_window=32, trim_rows=True)
   config.data.pipeline.max_length = 32
   out = train_rm.run(config, str(tmp_path / "rm"))
   records = [r for r in train.read_metrics(tmp_path / "rm") if "loss" in r]

@@ -71,7 +71,11 @@ class PipelineConfig:
   batch to its bucket length. ``share_prompt`` (packed pair batches for decoder
   reward models and policies) writes each pair as one ``prompt | chosen |
   rejected`` sequence whose responses both attend to the one copy of the prompt
-  (``packing.py``). ``read_ahead`` examples are tokenized together
+  (``packing.py``). ``trim_rows`` (packed): a batch whose sequences fit in fewer
+  rows drops its trailing empty rows, keeping the fewest multiple of
+  ``row_multiple`` that holds them (set it to the mesh's data-parallel size):
+  less compute on small batches, one compile per row count (``row_counts``).
+  ``read_ahead`` examples are tokenized together
   (one ``encode_batch`` call, parallel in the Rust backend); it changes speed,
   never the batches.
   """
@@ -89,6 +93,8 @@ class PipelineConfig:
   max_segments_per_row: int = 16
   pack_window: int | None = None
   share_prompt: bool = False
+  trim_rows: bool = False
+  row_multiple: int = 1
   num_epochs: int | None = None
   shuffle: bool = True
   shard_index: int | None = None
@@ -137,6 +143,10 @@ class PipelineConfig:
                          "pack_rows >= 2, or pack_length >= 2 * max_length and 2+ segments")
       if self.max_segments_per_row < 1 or self.window <= self.batch_size:
         raise ValueError("need max_segments_per_row >= 1 and pack_window > batch_size")
+    if self.trim_rows and (self.mode != "packed" or self.row_multiple < 1
+                           or self.pack_rows % self.row_multiple):
+      raise ValueError(f"trim_rows needs mode='packed' and pack_rows={self.pack_rows} a "
+                       f"multiple of row_multiple={self.row_multiple} >= 1 (mode={self.mode!r})")
 
   @classmethod
   def from_mapping(cls, mapping: Mapping[str, Any]) -> PipelineConfig:
@@ -156,6 +166,16 @@ class PipelineConfig:
   def window(self) -> int:
     return self.pack_window or 8 * self.batch_size
 
+  def row_counts(self) -> tuple[int, ...]:
+    """Every row count a packed batch can have (``trim_rows``), the last ``pack_rows``."""
+    if not self.trim_rows:
+      return (self.pack_rows,)
+    return tuple(range(self.row_multiple, self.pack_rows + 1, self.row_multiple))
+
+  def kept_rows(self, used: int) -> int:
+    """Rows a packed batch keeps when its sequences fill its first ``used`` rows."""
+    return next(n for n in self.row_counts() if n >= used)
+
   def buckets(self, longest: int) -> tuple[int, ...]:
     """Sorted bucket lengths, the last one ``longest``."""
     return tuple(sorted({b for b in self.bucket_boundaries if b < longest} | {longest}))
@@ -172,14 +192,16 @@ class PipelineConfig:
     return next(n for n in self.padded_lengths(bucket) if n >= longest_row)
 
   def same_shapes_across_processes(self) -> PipelineConfig:
-    """This config with one bucket and every padded batch at its full length.
+    """This config with one bucket, every padded batch at its full length and
+    every packed batch at ``pack_rows`` rows.
 
     With several processes each batches its own rows and the local batches are
     joined into one global array, so every process must build the same shapes at
     every step; a length taken from a process's own longest row
-    (``pad_to_multiple``) or its own bucket would differ between them.
+    (``pad_to_multiple``), its own bucket or its own used rows would differ.
     """
-    return dataclasses.replace(self, bucket_boundaries=(), pad_to_multiple=None)
+    return dataclasses.replace(self, bucket_boundaries=(), pad_to_multiple=None,
+                               trim_rows=False)
 
   def shard(self) -> tuple[int, int]:
     """(shard index, shard count): the config's, else ``jax.process_index/count``."""
@@ -462,9 +484,10 @@ class BatchDataset(grain.IterDataset):
   def __init__(self, source: Any, tokenizer: tokenize_lib.Tokenizer, config: PipelineConfig,
                *, kind: str, response_keys: tuple[str, ...]):
     processes = _process_count()
-    if processes > 1 and (config.bucket_boundaries or config.pad_to_multiple):
+    if processes > 1 and (config.bucket_boundaries or config.pad_to_multiple
+                          or config.trim_rows):
       logging.info("%d processes: %s batches padded to their full length (no buckets, no "
-                   "pad_to_multiple), so every process builds the same shapes",
+                   "pad_to_multiple, no trim_rows), so every process builds the same shapes",
                    processes, kind)
       config = config.same_shapes_across_processes()
     self.kind = kind
@@ -511,7 +534,8 @@ class BatchDataset(grain.IterDataset):
     if self.kind == "prompt":
       return padding.collate_prompts(padded, length, pad_id)
     if self.packed:
-      batch = packing.collate_packed(plan["items"], examples, rows=cfg.pack_rows,
+      used = 1 + max(max(item[1:]) for item in plan["items"])
+      batch = packing.collate_packed(plan["items"], examples, rows=cfg.kept_rows(used),
                                      length=cfg.row_length, max_groups=cfg.batch_size,
                                      pad_id=pad_id, shared_prompt=cfg.share_prompt)
       batch.update(padding.example_fields(padded))
@@ -534,7 +558,8 @@ class BatchDataset(grain.IterDataset):
     b = self.config.batch_size
     if self.packed:
       index_key = "chosen_index" if self.kind == "pair" else "sequence_index"
-      return [{"tokens": (self.config.pack_rows, self.config.row_length), index_key: (b, 2)}]
+      return [{"tokens": (rows, self.config.row_length), index_key: (b, 2)}
+              for rows in self.config.row_counts()]
     lengths = sorted({t for bucket in self.bucket_lengths
                       for t in self.config.padded_lengths(bucket)})
     if self.kind == "prompt":

@@ -51,8 +51,8 @@ FORMAT_VERSION = 1
 # Pipeline settings that change which tokens a row holds or the batch shapes.
 _KEY_PIPELINE_FIELDS = ("batch_size", "max_length", "max_prompt_length", "min_response_length",
                         "mode", "bucket_boundaries", "pack_length", "pack_rows",
-                        "max_segments_per_row", "pack_window", "share_prompt", "prompt_style",
-                        "add_bos")
+                        "max_segments_per_row", "pack_window", "share_prompt", "trim_rows",
+                        "row_multiple", "prompt_style", "add_bos")
 _SCORED_FIELDS = ("tokens", "attention_mask", "loss_mask", "segment_ids", "positions",
                   "prefix_ids", "chosen_index", "rejected_index", "pair_mask")
 

@@ -30,6 +30,7 @@ _EXPORTS = {
     "make_optimizer": "schedules",
     "make_schedule": "schedules",
     "batch_shardings": "sharding",
+    "check_batch_shapes": "sharding",
     "state_shardings": "sharding",
     "TrainState": "state",
     "create_train_state": "state",

@@ -52,6 +52,20 @@ def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
   return int(mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
 
 
+def check_batch_shapes(dataset: Any, mesh: jax.sharding.Mesh | None) -> None:
+  """Fails before training when a batch ``dataset`` can yield (``batch_shapes()``)
+  would not split over the mesh's data-parallel devices, as ``put_batch`` would
+  at the first such batch, which with bucketing or ``trim_rows`` can come late."""
+  size = 1 if mesh is None else data_parallel_size(mesh)
+  for shapes in dataset.batch_shapes():
+    for key, shape in shapes.items():
+      if shape[0] % size:
+        raise ValueError(
+            f"{dataset} can yield '{key}' of shape {shape}, whose leading dim does not "
+            f"divide over the {size} data-parallel devices of mesh {dict(mesh.shape)}: make "
+            f"data.pipeline's batch_size, pack_rows and row_multiple multiples of {size}")
+
+
 def put_batch(batch: Any, mesh: jax.sharding.Mesh | None, *, presplit: bool = False) -> Any:
   """Host batch -> device arrays, the example axis split over ``("data", "fsdp")``.
 
