@@ -35,10 +35,10 @@ default): each pair packed as one ``prompt | chosen | rejected`` sequence
 longest row rounded up to 64 (``PipelineConfig``'s default mode, the layout the
 PyTorch cases run), ``rm_step_hh_packed`` packs whole pairs into 3 rows of 1,024 and
 ``rm_step_hh_fixed512`` pads every row to 512; the ``*_trimmed`` cases are the fast
-layout with ``trim_rows`` (a batch whose pairs fit in one row is ``[1, 1024]``). Real tokens count each pair as two
-``prompt + response`` sequences in every layout (``pair_tokens``), so rows compare
-pairs per second; ``computed_tokens_per_s`` is what a step ran on. ``torch_*``
-cases need ``torch`` and ``transformers`` (the test extra).
+layout with ``trim_rows`` (a batch whose pairs fit in one row is ``[1, 1024]``). Real
+tokens count each pair as two ``prompt + response`` sequences in every layout
+(``pair_tokens``), so rows compare pairs per second; ``computed_tokens_per_s`` is what a
+step ran on. ``torch_*`` cases need ``torch`` and ``transformers`` (the test extra).
 
 Also: ``rm_step_hh_minilm`` (the encoder RM of ``configs/rm/hh_minilm.py`` at its
 HH lengths), ``ref_precompute_hh`` (the DPO reference pass of ``ref_cache``;
