@@ -20,9 +20,7 @@ from prefjax import experiment
 from prefjax import train
 from prefjax.data import pipeline
 from prefjax.data import tokenize
-from prefjax.models import decoder, heads
-from prefjax.rm import loss as rm_loss
-from tests.test_shared_prompt import _source
+from tests.test_shared_prompt import _decoder_rm, _rewards_and_grads, _source
 
 TOK = tokenize.ByteTokenizer()
 ROW_FIELDS = ("tokens", "segment_ids", "positions", "loss_mask", "prefix_ids")
@@ -111,22 +109,11 @@ def test_batch_shapes_are_checked_against_the_data_parallel_devices():
     train.check_batch_shapes(odd, mesh)
 
 
-@nnx.jit
-def _rewards_and_grads(model, batch):
-  def total(model):
-    r_c, r_r = rm_loss.pair_rewards(model, batch, 9)
-    return jnp.sum(batch["pair_mask"] * (r_c - 0.5 * r_r)), (r_c, r_r)
-  (_, rewards), grads = nnx.value_and_grad(total, has_aux=True)(model)
-  return rewards, grads
-
-
 def test_reward_model_gives_the_same_rewards_and_gradients_on_trimmed_rows():
-  cfg = decoder.DecoderConfig.tiny_llama(vocab_size=TOK.vocab_size, num_layers=1)
-  model = heads.RewardModel(decoder.Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32),
-                            rngs=nnx.Rngs(1))
+  model = _decoder_rm()
   results = {}
   for trim in (False, True):
-    for i, batch in enumerate(_batches("shared", trim_rows=trim)):
+    for batch in _batches("shared", trim_rows=trim):
       rewards, grads = _rewards_and_grads(model, {k: jnp.asarray(v) for k, v in batch.items()})
       flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(nnx.state(grads, nnx.Param))])
       results.setdefault(trim, []).append((np.asarray(rewards), flat, batch["tokens"].shape))
