@@ -109,6 +109,18 @@ def test_batch_shapes_are_checked_against_the_data_parallel_devices():
     train.check_batch_shapes(odd, mesh)
 
 
+def test_packed_batches_are_refused_before_training_in_multi_process_runs(monkeypatch):
+  packed = pipeline.preference_dataset(_source(), TOK, _config("shared", batch_size=4))
+  padded = pipeline.preference_dataset(_source(), TOK, dataclasses.replace(
+      _config("pairs", batch_size=4), mode="padded"))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+  train.check_batch_shapes(packed, mesh)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match=r"packed batches.*2 processes.*mode=padded"):
+    train.check_batch_shapes(packed, mesh)
+  train.check_batch_shapes(padded, mesh)
+
+
 def test_reward_model_gives_the_same_rewards_and_gradients_on_trimmed_rows():
   model = _decoder_rm()
   results = {}

@@ -15,11 +15,15 @@ policy; ``ref.mode=cached`` scores it once per pair and then never loads it.
 
 Layout (the fast path, as in ``benchmarks.run``'s ``dpo_step_hh_*`` cases): each
 pair is one ``prompt | chosen | rejected`` sequence whose prompt is computed once
-(``share_prompt``), packed into 5 rows of 1,024 tokens, up to 16 pairs a step. On
-``resplit_train``'s first 40 batches that is 15.6 pairs a step on average (12 at
-least) with 67% of the 5,120 slots real; the padded layout needs 32 rows of 411
-tokens on average (13,150 slots). ``--config.data.pipeline.mode=padded --config.data.pipeline.share_prompt=False``
-restores it (KTO needs it: its mismatched pairs are built from padded rows).
+(``share_prompt``), packed into 4 rows of 1,024 tokens, up to 16 pairs a step. On
+``resplit_train``'s first 40 batches that is 14.7 pairs a step on average (9 at
+least) with 81% of the 4,096 slots real (5 rows: 15.7 pairs, 67% real; 8 rows with
+``batch_size=24``: 23.7 pairs, 65%); the padded layout needs 32 rows of 411 tokens on
+average (13,150 slots). The 4 rows split over 1, 2 or 4 data-parallel devices; on 8,
+add ``--config.data.pipeline.pack_rows=8 --config.data.pipeline.batch_size=24`` (the
+binary stops before the first step when the rows do not split). Multi-process runs
+and KTO (whose mismatched pairs are built from padded rows) need the padded layout:
+``--config.data.pipeline.mode=padded --config.data.pipeline.share_prompt=False``.
 
 Expected: ``:quick`` on this shared 2-core CPU took 6.5 min wall beside
 another 2-thread job (2026-12-02, 5.4 min CPU): 1.5 min to load the GGUF, build HH
@@ -27,8 +31,8 @@ and compile, then 2 packed steps of 2 pairs (loss 0.6931 -> 0.6934, as expected 
 lr 5e-7) and the eval with sampling (mostly compiling generation). Quiet, with
 ``model.scan_layers`` (2026-12-02 17:37 UTC): 3.4 min, 52 s to the first step, eval 130 s. The default run is GPU work:
 ≈ 1.1 GFLOP per token slot through 135M parameters (the policy's forward+backward
-and the reference's forward), ≈ 5.6 TFLOP a step; at the ~85 GFLOP/s a CPU train
-step reaches here that is ≈ 1.1 min a step, ≈ 4 hours for 200 steps (not run on
+and the reference's forward), ≈ 4.5 TFLOP a step (4,096 slots); at the ~85 GFLOP/s a CPU train
+step reaches here that is ≈ 53 s a step, ≈ 3 hours for 200 steps (not run on
 CPU). Its result has not been measured.
 """
 
@@ -53,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = experiment.data_section(
       name="hh_rlhf/harmless-base", eval_split="resplit_validation[:64]",
       pipeline=dict(seed=0, batch_size=16, max_length=512, max_prompt_length=256,
-                    mode="packed", share_prompt=True, pack_length=1024, pack_rows=5,
+                    mode="packed", share_prompt=True, pack_length=1024, pack_rows=4,
                     max_segments_per_row=24, bucket_boundaries=(), prompt_style="chat"))
   config.loss = dict(name="dpo", beta=0.1, kwargs="", nll_alpha=config_dict.placeholder(float))
   config.ref = dict(mode="auto", path="", cache_dir="")
