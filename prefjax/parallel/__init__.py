@@ -31,6 +31,7 @@ from prefjax.parallel.mesh import (
 from prefjax.parallel.rules import (
     Rules,
     batch_sharding,
+    check_joinable_across_processes,
     describe_shardings,
     init_sharded,
     jit_sharded,
@@ -45,7 +46,7 @@ from prefjax.parallel.rules import (
 
 __all__ = [
     "BATCH_AXES", "ENSEMBLE_AXIS", "MESH_AXES", "ProcessInfo", "Rules", "axis_size",
-    "batch_sharding", "define_flags", "describe_shardings", "detect_cluster",
+    "batch_sharding", "check_joinable_across_processes", "define_flags", "describe_shardings", "detect_cluster",
     "init_sharded", "initialize_distributed", "jit_sharded", "local_rows", "make_mesh", "match_partition_specs",
     "mesh_from_config", "named_shardings", "path_str", "process_info", "resolve_shape",
     "shard_batch", "shard_model", "shard_tree",

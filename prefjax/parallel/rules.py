@@ -17,7 +17,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import numpy as np
@@ -204,6 +204,17 @@ EXAMPLE_MASK_FIELDS = ("pair_mask", "example_mask")
 ROW_INDEX_FIELDS = ("chosen_index", "rejected_index", "sequence_index")
 
 
+def check_joinable_across_processes(fields: Iterable[str]) -> None:
+  """Raises when a batch with these fields cannot be joined over this job's processes:
+  a packed batch's row indices point into one process's own rows."""
+  packed = sorted(set(fields) & set(ROW_INDEX_FIELDS))
+  if packed and jax.process_count() > 1:
+    raise ValueError(
+        f"packed batches ({packed} index rows of one process's batch) cannot be joined "
+        f"over {jax.process_count()} processes: use --config.data.pipeline.mode=padded "
+        "--config.data.pipeline.share_prompt=False")
+
+
 def _examples_per_process(batch: PyTree) -> int | None:
   if isinstance(batch, dict):
     for key in EXAMPLE_MASK_FIELDS:
@@ -241,10 +252,8 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
   batch_size = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
   multi_process = jax.process_count() > 1
   examples = _examples_per_process(batch) if multi_process else None
-  if multi_process and isinstance(batch, dict) and set(batch) & set(ROW_INDEX_FIELDS):
-    raise ValueError(f"packed batches ({sorted(set(batch) & set(ROW_INDEX_FIELDS))} index rows "
-                     "of one process's batch) cannot be joined across processes; use "
-                     "--config.data.pipeline.mode=padded in multi-process runs")
+  if isinstance(batch, dict):
+    check_joinable_across_processes(batch)
 
   def put(path, x):
     x = x if isinstance(x, jax.Array) else np.asarray(x)

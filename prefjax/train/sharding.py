@@ -17,7 +17,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from prefjax import parallel
-from prefjax.parallel.rules import ROW_INDEX_FIELDS
 from prefjax.train import state as state_lib
 
 DATA_AXES = ("data", "fsdp")
@@ -60,12 +59,7 @@ def check_batch_shapes(dataset: Any, mesh: jax.sharding.Mesh | None) -> None:
   bucketing or ``trim_rows`` can come late."""
   size = 1 if mesh is None else data_parallel_size(mesh)
   for shapes in dataset.batch_shapes():
-    packed = sorted(set(shapes) & set(ROW_INDEX_FIELDS))
-    if packed and jax.process_count() > 1:
-      raise ValueError(
-          f"{dataset} yields packed batches ({packed} index rows of one process's batch), "
-          f"which cannot be joined over {jax.process_count()} processes: use "
-          "--config.data.pipeline.mode=padded --config.data.pipeline.share_prompt=False")
+    parallel.check_joinable_across_processes(shapes)
     for key, shape in shapes.items():
       if shape[0] % size:
         raise ValueError(
