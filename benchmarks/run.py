@@ -53,7 +53,8 @@ with its blocks in one ``lax.scan`` (``Decoder.scan_layers``), and with 30 layer
 (SmolLM2's depth) unrolled or scanned. ``rm_ensemble4_one_step`` (padded) and
 ``rm_ensemble4_one_step_shared`` train a 4-member ``DeepEnsemble`` in one step;
 ``vs_4_sequential`` sets it against 4 steps of the one-model case on the same
-batches, when that case ran too (``ENSEMBLE_BASELINES``).
+batches, when that case ran too (``ENSEMBLE_BASELINES``); the two run minutes apart, so
+``benchmarks.ensemble_step`` (interleaved, one process) is the measurement to trust.
 """
 
 from __future__ import annotations
@@ -335,6 +336,7 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
       "mfu_adjacent_computed_pairs": (round(adjacent_mfu(flops_computed, times, ceilings), 3)
                                       if flops_computed else None),
       "adjacent_ceilings_gflop_s": [round(c / 1e9, 1) for c in ceilings],
+      "adjacent_ceiling_gflop_s": round(adjacent_ceiling(times, ceilings) / 1e9, 1),
       "pairs_per_s": round(total_rate(pair_count, times), 2),
       "peak_rss_mb": _peak_rss_mb(),
       "compiles_during_timed_steps": (compiles() - before) if compiles else 0,
@@ -369,16 +371,25 @@ def step_flops(name: str, info: dict[str, Any], timed: list[dict[str, np.ndarray
 
 
 def adjacent_mfu(flops, times, ceilings) -> float:
-  """MFU against the ceiling probed around each step: ``Σ flops / Σ time·ceiling``, each
-  step's ceiling the mean of the probes just before and after it (``ceilings`` holds one
-  more probe than there are steps). A VM whose speed drifts slows a step and its probes
-  together, so this ratio drifts less than one against the run's start and end."""
-  if len(ceilings) != len(times) + 1 or len(flops) != len(times):
+  """MFU against the ceiling probed around each step: ``Σ flops / Σ time·ceiling``.
+
+  A VM whose speed drifts slows a step and its probes together, so this ratio drifts
+  less than one against the run's start and end."""
+  if len(flops) != len(times):
+    raise ValueError(f"{len(times)} times, {len(flops)} FLOP counts")
+  return total_rate(flops, times) / adjacent_ceiling(times, ceilings)
+
+
+def adjacent_ceiling(times, ceilings) -> float:
+  """The ceiling around the timed steps, weighted by their time: ``Σ time·c / Σ time``,
+  each step's ``c`` the mean of the probes just before and after it (``ceilings`` holds
+  one more probe than there are steps)."""
+  if len(ceilings) != len(times) + 1:
     raise ValueError(f"need one probe more than steps: {len(ceilings)} probes, "
-                     f"{len(times)} times, {len(flops)} FLOP counts")
+                     f"{len(times)} times")
   around = (np.asarray(ceilings[:-1], np.float64) + np.asarray(ceilings[1:], np.float64)) / 2
-  return float(np.sum(np.asarray(flops, np.float64))
-               / np.sum(np.asarray(times, np.float64) * around))
+  times = np.asarray(times, np.float64)
+  return float(np.sum(times * around) / np.sum(times))
 
 
 def per_step_counts(batches: list[dict[str, np.ndarray]]
@@ -460,67 +471,6 @@ def _child_environment(name: str) -> dict[str, str]:
   return env
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-  head = ("| case | s/step | real tok/s | padded % | compile s (of 100 steps) | TFLOP/step "
-          "analytic (XLA) | GFLOP/s | MFU (adjacent) | attention pairs computed ÷ counted | "
-          "MFU crediting them (adjacent) | peak RSS MB | compiles in timed steps |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-  lines = [head]
-  for r in rows:
-    if "hf_tokens_per_s" in r:
-      continue
-    if "error" in r:
-      lines.append(f"| {r['case']} | error: {r['error'][0]} ||||||||||")
-      continue
-    share = 100 * r["compile_share_100_steps"]
-    lines.append(f"| {r['case']} | {r['s_per_step']:.2f} | {r['real_tokens_per_s']:.0f} | "
-                 f"{r['padded_slot_pct']:.0f} | {r['compile_s']:.1f} ({share:.1f}%) | "
-                 f"{_flop_cell(r)} | {r['achieved_gflop_s']:.0f} | "
-                 f"{_mfu_cell(r.get('mfu'), r['mfu_adjacent'])} | {_pairs_cell(r)} | "
-                 f"{_mfu_cell(r.get('mfu_computed_pairs'), r.get('mfu_adjacent_computed_pairs'))}"
-                 f" | {r['peak_rss_mb']} | {r['compiles_during_timed_steps']} |")
-  generation = [r for r in rows if "hf_tokens_per_s" in r]
-  if generation:
-    lines += ["", "| case | prefjax tok/s | HF tok/s | vs HF | prefjax s/call | HF s/call | "
-              "roofline s/call | max vs HF | compile s | greedy agreement | peak RSS MB |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['case']} | {r['real_tokens_per_s']:.0f} | {r['hf_tokens_per_s']:.0f} | "
-              f"{r['vs_hf']:.2f}× | {r['s_per_step']:.2f} | {r['hf_s_per_call']:.2f} | "
-              f"{r['roofline_s']:.2f} | {r['max_vs_hf']:.2f}× | "
-              f"{r['compile_s']:.0f} | {r.get('greedy_token_agreement', '')} | {r['peak_rss_mb']} |"
-              for r in generation]
-    rates = generation[-1]["stream_gb_s"]
-    lines.append("roofline: each decode step at the slower of its FLOPs at the jnp.dot "
-                 "ceiling and its weight + KV bytes at the best matrix-vector read rate ("
-                 + ", ".join(f"{k} {v:.0f} GB/s" for k, v in rates.items()) + ")")
-  return "\n".join(lines)
-
-
-def _flop_cell(r: dict[str, Any]) -> str:
-  xla = r.get("xla_tflop_per_step")
-  return f"{r['analytic_tflop_per_step']:.3f}" + (f" ({xla:.3f})" if xla else "")
-
-
-def _mfu_cell(mfu: float | None, adjacent: float | None) -> str:
-  return "" if mfu is None else f"{100 * mfu:.0f}% ({100 * adjacent:.0f}%)"
-
-
-def _pairs_cell(r: dict[str, Any]) -> str:
-  counted, computed = r.get("attention_pairs_counted"), r.get("attention_pairs_computed")
-  return f"{computed / counted:.2f}×" if counted else ""
-
-
-def ensemble_speedups(rows: list[dict[str, Any]]) -> dict[str, float]:
-  """Per deep-ensemble case whose one-model case ran too: how much faster one step of the
-  4 members is than 4 steps of one model on the same batches (summed time over summed
-  time: 4 × the ensemble's real tokens/s over the one model's)."""
-  by_case = {r["case"]: r for r in rows if "error" not in r}
-  return {case: round(4 * by_case[case]["real_tokens_per_s"]
-                      / by_case[single]["real_tokens_per_s"], 3)
-          for case, single in ENSEMBLE_BASELINES.items()
-          if case in by_case and single in by_case}
-
-
 def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
   """The CPU's model name and widest vector ISA, e.g. ``AMD EPYC (2 cores, AVX-512)``:
   ratios against PyTorch move with the CPU (its matmul library picks kernels by vendor)."""
@@ -558,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
   unknown = sorted(set(names) - set(CASES))
   if unknown:
     parser.error(f"unknown cases {unknown}; known: {sorted(CASES)}")
-  from benchmarks import steps as steps_lib
+  from benchmarks import report, steps as steps_lib
   ceiling_start = steps_lib.matmul_ceiling()
   rows = []
   for name in names:
@@ -577,10 +527,12 @@ def main(argv: list[str] | None = None) -> None:
   print(f"CPU: {cpu}")
   print(f"f32 matmul ceiling: {ceiling_start / 1e9:.0f} GFLOP/s at start, "
         f"{ceiling_end / 1e9:.0f} at end; load average {os.getloadavg()[0]:.2f}")
-  print(_table(rows))
-  for case, speedup in ensemble_speedups(rows).items():
-    next(r for r in rows if r["case"] == case)["vs_4_sequential"] = speedup
-    print(f"{case}: {speedup:.2f}× the speed of 4 steps of {ENSEMBLE_BASELINES[case]}")
+  print(report.table(rows))
+  for case, speedup in report.ensemble_speedups(rows, ENSEMBLE_BASELINES).items():
+    next(r for r in rows if r["case"] == case).update(speedup)
+    print(report.ensemble_line(case, speedup, ENSEMBLE_BASELINES[case]))
+  if warning := report.drift_warning(ceiling_start, ceiling_end):
+    print(warning)
   write_json(args.json, rows)
 
 

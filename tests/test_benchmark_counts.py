@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from benchmarks import model_throughput, run, workloads
+from benchmarks import model_throughput, report, run, workloads
 
 
 def _shared_row():
@@ -74,14 +74,30 @@ def test_rates_are_total_work_over_total_time():
 
 
 def test_ensemble_speedup_is_four_steps_of_one_model_over_one_ensemble_step():
-  rows = [{"case": "rm_step_hh", "real_tokens_per_s": 2000.0},
-          {"case": "rm_ensemble4_one_step_shared", "real_tokens_per_s": 600.0},
+  rows = [{"case": "rm_step_hh", "real_tokens_per_s": 2000.0, "adjacent_ceiling_gflop_s": 240.0},
+          {"case": "rm_ensemble4_one_step_shared", "real_tokens_per_s": 600.0,
+           "adjacent_ceiling_gflop_s": 320.0},
           {"case": "rm_ensemble4_one_step", "real_tokens_per_s": 250.0},
           {"case": "rm_step_hh_padded", "error": ["failed"]}]
   # 4 × 600 / 2000: one ensemble step does 4 models' work in 1/600 of the time per token.
-  assert run.ensemble_speedups(rows) == {"rm_ensemble4_one_step_shared": 1.2}
+  # The machine probed 320/240 faster around the ensemble: scaled back, 1.2 × 240 / 320.
+  speedups = report.ensemble_speedups(rows, run.ENSEMBLE_BASELINES)
+  assert speedups == {"rm_ensemble4_one_step_shared": {"vs_4_sequential": 1.2,
+                                                       "vs_4_sequential_adjacent": 0.9}}
+  assert "0.90× scaled" in report.ensemble_line("rm_ensemble4_one_step_shared",
+                                                speedups["rm_ensemble4_one_step_shared"], "x")
+  rows[0].pop("adjacent_ceiling_gflop_s")  # rows without probes: the raw ratio only
+  assert report.ensemble_speedups(rows, run.ENSEMBLE_BASELINES)[
+      "rm_ensemble4_one_step_shared"]["vs_4_sequential_adjacent"] is None
   assert set(run.ENSEMBLE_BASELINES) <= set(run.CASES)
   assert set(run.ENSEMBLE_BASELINES.values()) <= set(run.CASES)
+
+
+def test_drift_warning_only_when_the_ceiling_moved_past_the_limit():
+  assert report.drift_warning(300e9, 330e9) == ""
+  assert report.drift_warning(330e9, 300e9) == ""
+  assert "223 → 395 GFLOP/s" in report.drift_warning(223e9, 395e9)
+  assert report.drift_warning(395e9, 223e9).startswith("warning:")
 
 
 def test_cpu_description_names_the_model_and_vector_isa(tmp_path):
@@ -138,6 +154,8 @@ def test_adjacent_mfu_sets_each_step_against_the_probes_around_it():
   assert drifted == pytest.approx(20 / (1 * 15 + 2 * 10)) and drifted > 20 / (3 * 20)
   with pytest.raises(ValueError, match="one probe more"):
     run.adjacent_mfu([1.0], [1.0], [1.0])
+  # The step-weighted ceiling around those steps: (1·15 + 2·10) / 3.
+  assert run.adjacent_ceiling([1.0, 2.0], [20.0, 10.0, 10.0]) == pytest.approx(35 / 3)
 
 
 def test_xla_flops_per_batch_lowers_each_shape_once_and_counts_a_conditionals_costlier_branch():
