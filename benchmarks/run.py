@@ -465,7 +465,8 @@ def _child_environment(name: str) -> dict[str, str]:
   """
   from prefjax import xla_cpu
   env = dict(os.environ)
-  tunables, kind = xla_cpu.malloc_tunables(env), CASES[name]["kind"]
+  kind = CASES[name]["kind"]
+  tunables = xla_cpu.malloc_tunables(env, keep_freed=kind.startswith("dpo"))  # as train_dpo
   if tunables and kind != "generate" and not kind.startswith("torch"):
     env["GLIBC_TUNABLES"] = tunables
   return env

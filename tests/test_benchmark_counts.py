@@ -116,6 +116,8 @@ def test_only_prefjax_train_steps_get_the_binaries_malloc_setting(monkeypatch):
   monkeypatch.delenv(xla_cpu.DISABLE_ENV, raising=False)
   expected = xla_cpu.malloc_tunables() or "glibc.malloc.arena_max=4"
   assert run._child_environment("rm_step_hh")["GLIBC_TUNABLES"] == expected
+  kept = xla_cpu.malloc_tunables(keep_freed=True) or "glibc.malloc.arena_max=4"
+  assert run._child_environment("dpo_step_hh_live")["GLIBC_TUNABLES"] == kept  # as train_dpo
   for name in ("torch_rm_step_hh", "generate_25m_b1_greedy"):
     assert run._child_environment(name)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4"
   monkeypatch.setenv(xla_cpu.DISABLE_ENV, "0")

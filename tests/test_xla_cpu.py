@@ -28,12 +28,16 @@ def test_a_binary_starts_with_the_defaults_and_jax_accepts_them():
   assert out[0] == " ".join(xla_cpu.CPU_FLAGS) and out[1] == "3.0"
 
 
-def test_malloc_tunable_is_added_once_and_user_choices_win():
-  assert xla_cpu.malloc_tunables({}) == xla_cpu.MALLOC_TUNABLE
-  assert (xla_cpu.malloc_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
-          == "glibc.malloc.arena_max=2:" + xla_cpu.MALLOC_TUNABLE)
+def test_malloc_tunables_are_added_once_and_user_choices_win():
+  assert xla_cpu.malloc_tunables({}) == "glibc.malloc.hugetlb=1"
+  every = ":".join(xla_cpu.HUGE_PAGES + xla_cpu.KEPT_ARENA)
+  assert xla_cpu.malloc_tunables({}, keep_freed=True) == every
+  assert xla_cpu.malloc_tunables({"GLIBC_TUNABLES": every}, keep_freed=True) is None
   assert xla_cpu.malloc_tunables({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
-  assert xla_cpu.malloc_tunables({xla_cpu.DISABLE_ENV: "0"}) is None
+  mine = "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"
+  added = xla_cpu.malloc_tunables({"GLIBC_TUNABLES": mine}, keep_freed=True)
+  assert added == mine + ":glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
+  assert xla_cpu.malloc_tunables({xla_cpu.DISABLE_ENV: "0"}, keep_freed=True) is None
 
 
 def test_no_restart_outside_the_named_modules(monkeypatch):
@@ -49,12 +53,13 @@ def test_no_restart_outside_the_named_modules(monkeypatch):
   assert "GLIBC_TUNABLES" not in os.environ
 
 
-def _run_module(tmp_path, **env_overrides):
+def _run_module(tmp_path, keep_freed=False, **env_overrides):
   """Runs ``python -m pkg.show`` from a package whose ``__init__`` restarts like experiments'."""
   pkg = tmp_path / "pkg"
   pkg.mkdir(exist_ok=True)
   (pkg / "__init__.py").write_text(
-      "from prefjax import xla_cpu\nxla_cpu.restart_with_malloc_defaults({'pkg.show'})\n")
+      "from prefjax import xla_cpu\nxla_cpu.restart_with_malloc_defaults("
+      f"{{'pkg.show'}}, keep_freed={{'pkg.show'}} if {keep_freed} else ())\n")
   (pkg / "show.py").write_text(
       "import os, sys\nprint(os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])\n")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,5 +78,8 @@ def _run_module(tmp_path, **env_overrides):
 def test_a_binary_restarts_in_place_with_the_malloc_tunable(tmp_path):
   same_pid, tunables, args = _run_module(tmp_path)
   assert same_pid and args == "['--flag=1', 'x']"
-  assert tunables == (xla_cpu.MALLOC_TUNABLE if xla_cpu._is_glibc() else "None")
+  assert tunables == (":".join(xla_cpu.HUGE_PAGES) if xla_cpu._is_glibc() else "None")
+  kept = _run_module(tmp_path, keep_freed=True)[1]
+  assert kept == (":".join(xla_cpu.HUGE_PAGES + xla_cpu.KEPT_ARENA) if xla_cpu._is_glibc()
+                  else "None")
   assert _run_module(tmp_path, **{xla_cpu.DISABLE_ENV: "0"})[1] == "None"
