@@ -19,9 +19,9 @@ from glibc's per-thread arenas, which hand blocks this large to ``mmap`` (even w
 page reporting the host then takes those pages, and every other DPO step paid 1.7–1.9 s
 to fault them in again. One arena (``arena_max=1``, which grows by ``brk``) with
 ``mmap`` and trimming off reuses them: 0 page faults per step, the DPO steps 15–40%
-faster, peak RSS up to 0.7 GB higher. The RM step does not alternate, ran no faster so,
-and compiled up to 2x slower (XLA's compiler threads share the one arena), so only
-``train_dpo`` asks for it (``keep_freed``; ``benchmarks/RESULTS.md``).
+faster, peak RSS up to 0.7 GB higher. The RM step, which does not alternate, ran no
+faster with it and compiled up to 2x slower (XLA's compiler threads share the one
+arena), so only ``train_dpo`` asks for it (``keep_freed``; ``benchmarks/RESULTS.md``).
 glibc reads ``GLIBC_TUNABLES`` only at start-up, so :func:`restart_with_malloc_defaults`
 re-executes the process with it; ``PREFJAX_XLA_CPU_DEFAULTS=0`` turns that off as well.
 """
