@@ -160,7 +160,10 @@ def main(argv: list[str] | None = None) -> None:
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
   from prefjax import xla_cpu
   xla_cpu.apply_cpu_defaults()
-  xla_cpu.restart_with_malloc_defaults({"benchmarks.profile_step"})  # as train_* run (--torch too)
+  from benchmarks import run  # imports no JAX: safe before the restart
+  this = {"benchmarks.profile_step"}  # restarts as train_* run, DPO cases as train_dpo
+  xla_cpu.restart_with_malloc_defaults(this, keep_freed=this if run.keeps_freed_memory(args.case)
+                                       else ())
   from benchmarks import steps
   ceiling, bandwidth = steps.matmul_ceiling(), copy_bandwidth()
   result = profile(args.case, args.batch, args.repeats, args.traced)

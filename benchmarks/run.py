@@ -466,10 +466,16 @@ def _child_environment(name: str) -> dict[str, str]:
   from prefjax import xla_cpu
   env = dict(os.environ)
   kind = CASES[name]["kind"]
-  tunables = xla_cpu.malloc_tunables(env, keep_freed=kind.startswith("dpo"))  # as train_dpo
+  tunables = xla_cpu.malloc_tunables(env, keep_freed=keeps_freed_memory(name))
   if tunables and kind != "generate" and not kind.startswith("torch"):
     env["GLIBC_TUNABLES"] = tunables
   return env
+
+
+def keeps_freed_memory(name: str) -> bool:
+  """Whether case ``name`` runs with ``xla_cpu.KEPT_ARENA``, as ``train_dpo`` does: the DPO
+  steps (``experiments.KEPT_ARENA_BINARIES``)."""
+  return CASES.get(name, {}).get("kind", "").startswith("dpo")
 
 
 def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:

@@ -118,6 +118,9 @@ def test_only_prefjax_train_steps_get_the_binaries_malloc_setting(monkeypatch):
   assert run._child_environment("rm_step_hh")["GLIBC_TUNABLES"] == expected
   kept = xla_cpu.malloc_tunables(keep_freed=True) or "glibc.malloc.arena_max=4"
   assert run._child_environment("dpo_step_hh_live")["GLIBC_TUNABLES"] == kept  # as train_dpo
+  assert [n for n in run.CASES if run.keeps_freed_memory(n)] == [
+      n for n in run.CASES if n.startswith("dpo_step_hh")]
+  assert not run.keeps_freed_memory("no_such_case")
   for name in ("torch_rm_step_hh", "generate_25m_b1_greedy"):
     assert run._child_environment(name)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4"
   monkeypatch.setenv(xla_cpu.DISABLE_ENV, "0")
