@@ -13,4 +13,4 @@ TRAIN_STEP_SCRIPTS = frozenset(f"benchmarks.{name}" for name in (
 if sys.argv[:1] == ["-m"]:  # Python sets argv[0] to "-m" while it locates the script.
   if xla_cpu.module_run_by(sys.orig_argv) in TRAIN_STEP_SCRIPTS:
     xla_cpu.apply_cpu_defaults()  # Before the script imports JAX.
-    xla_cpu.restart_with_malloc_defaults(TRAIN_STEP_SCRIPTS)  # glibc reads tunables at start.
+    xla_cpu.apply_malloc_defaults(TRAIN_STEP_SCRIPTS)  # glibc reads tunables at start.

@@ -161,9 +161,8 @@ def main(argv: list[str] | None = None) -> None:
   from prefjax import xla_cpu
   xla_cpu.apply_cpu_defaults()
   from benchmarks import run  # imports no JAX: safe before the restart
-  this = {"benchmarks.profile_step"}  # restarts as train_* run, DPO cases as train_dpo
-  xla_cpu.restart_with_malloc_defaults(this, keep_freed=this if run.keeps_freed_memory(args.case)
-                                       else ())
+  if run.runs_as_train_binary(args.case):
+    xla_cpu.apply_malloc_defaults({"benchmarks.profile_step"})
   from benchmarks import steps
   ceiling, bandwidth = steps.matmul_ceiling(), copy_bandwidth()
   result = profile(args.case, args.batch, args.repeats, args.traced)

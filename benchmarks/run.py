@@ -341,6 +341,7 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
       "peak_rss_mb": _peak_rss_mb(),
       "compiles_during_timed_steps": (compiles() - before) if compiles else 0,
       "jax_backend": jax.default_backend(),
+      "cpu_async_dispatch": jax.config.read("jax_cpu_enable_async_dispatch"),
   }
 
 
@@ -458,24 +459,23 @@ def _child(name: str, steps: int) -> dict[str, Any]:
 
 
 def _child_environment(name: str) -> dict[str, str]:
-  """The binaries' malloc setting for prefjax's train steps (``xla_cpu.malloc_tunables``).
-
-  PyTorch's cases keep the plain environment (their steps ran 2–9% slower with it), and so
-  do the generation cases, where prefjax and Hugging Face alternate in one process.
-  """
+  """The train binaries' malloc setting (``xla_cpu.malloc_tunables``) for the cases that
+  :func:`runs_as_train_binary`; the plain environment for the others."""
   from prefjax import xla_cpu
   env = dict(os.environ)
-  kind = CASES[name]["kind"]
-  tunables = xla_cpu.malloc_tunables(env, keep_freed=keeps_freed_memory(name))
-  if tunables and kind != "generate" and not kind.startswith("torch"):
+  tunables = xla_cpu.malloc_tunables(env)
+  if tunables and runs_as_train_binary(name):
     env["GLIBC_TUNABLES"] = tunables
   return env
 
 
-def keeps_freed_memory(name: str) -> bool:
-  """Whether case ``name`` runs with ``xla_cpu.KEPT_ARENA``, as ``train_dpo`` does: the DPO
-  steps (``experiments.KEPT_ARENA_BINARIES``)."""
-  return CASES.get(name, {}).get("kind", "").startswith("dpo")
+def runs_as_train_binary(name: str) -> bool:
+  """Whether case ``name`` runs with the train binaries' malloc setting and keeps freed
+  memory (``xla_cpu.apply_malloc_defaults``): prefjax's train steps and reference scoring.
+  Not PyTorch's cases (their steps ran 2–9% slower with it), nor generation, where prefjax
+  and Hugging Face alternate in one process and huge pages slowed prefjax."""
+  kind = CASES.get(name, {}).get("kind", "generate")
+  return kind != "generate" and not kind.startswith("torch")
 
 
 def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -507,6 +507,8 @@ def main(argv: list[str] | None = None) -> None:
   xla_cpu.apply_cpu_defaults()  # the binaries' CPU defaults; PREFJAX_XLA_CPU_DEFAULTS=0: XLA's own
   steps = args.steps or (3 if args.quick else 8)
   if args.child:
+    if runs_as_train_binary(args.child):
+      xla_cpu.keep_freed_memory()
     print(json.dumps(run_case(args.child, steps)))
     return
   names = [n for c in args.cases.split(",") if c

@@ -8,22 +8,25 @@ Flags are read once, when JAX starts its CPU backend, so this must run before
 the first JAX computation. It never overrides a flag already in ``XLA_FLAGS``;
 ``PREFJAX_XLA_CPU_DEFAULTS=0`` turns it off. Other backends ignore these flags.
 
-XLA allocates each step's temporaries afresh (838 MB for ``rm_step_hh``), so every
-step faults its pages in again. With glibc's ``glibc.malloc.hugetlb=1`` malloc asks
-for transparent huge pages on those blocks, which took that step's median from
-1.16–1.29 to 0.97–1.04 s (the mean over 30 steps 7% lower) in alternating runs, and
-made generation 6–14% slower (``benchmarks/RESULTS.md``); so only the binaries that
-run train steps ask for it. The DPO binary also keeps the freed blocks: XLA's threads allocate
-from glibc's per-thread arenas, which hand blocks this large to ``mmap`` (even with
-``mmap_max=0``) and give them back with ``munmap`` after the step. On a VM with free
-page reporting the host then takes those pages, and every other DPO step paid 1.7–1.9 s
-to fault them in again. One arena (``arena_max=1``, which grows by ``brk``) with
-``mmap`` and trimming off reuses them: 0 page faults per step, the DPO steps 15–40%
-faster, peak RSS up to 0.7 GB higher. The RM step, which does not alternate, ran no
-faster with it and compiled up to 2x slower (XLA's compiler threads share the one
-arena), so only ``train_dpo`` asks for it (``keep_freed``; ``benchmarks/RESULTS.md``).
-glibc reads ``GLIBC_TUNABLES`` only at start-up, so :func:`restart_with_malloc_defaults`
-re-executes the process with it; ``PREFJAX_XLA_CPU_DEFAULTS=0`` turns that off as well.
+XLA allocates each step's temporaries afresh (838 MB for ``rm_step_hh``, 895 MB for the
+DPO steps). By default it runs each computation on a pool thread, whose glibc arena
+hands blocks this large to ``mmap`` (even with ``mmap_max=0``) and unmaps them after
+the step, so every step faults its pages in again; on a VM with free page reporting the
+host takes them back in between, and every other DPO step paid 1.7–1.9 s for that. So
+the binaries that run train steps start with ``MALLOC_TUNABLES``:
+
+- ``glibc.malloc.hugetlb=1``: transparent huge pages for malloc's blocks, which took
+  the RM step's median from 1.16–1.29 to 0.97–1.04 s in alternating runs;
+- and they keep the freed blocks. A computation run on the calling thread
+  (:func:`keep_freed_memory`) takes its temporaries from glibc's main arena, which grows
+  by ``brk`` and, with ``mmap`` and trimming off, keeps them: 0 page faults per step,
+  the HH train steps 16–35% faster, compiles no slower. One arena for every thread
+  (``arena_max=1``) also kept them, but slowed the steps and doubled compile times.
+
+Huge pages made generation 6–14% slower, so only the train-step binaries ask for them
+(numbers: ``benchmarks/RESULTS.md``). glibc reads ``GLIBC_TUNABLES`` only at start-up,
+so :func:`apply_malloc_defaults` re-executes the process with it;
+``PREFJAX_XLA_CPU_DEFAULTS=0`` turns all of this off as well.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ import sys
 from typing import Collection, MutableMapping, Sequence
 
 CPU_FLAGS = ("--xla_cpu_use_xnnpack=false", "--xla_cpu_experimental_ynn_fusion_type=")
-HUGE_PAGES = ("glibc.malloc.hugetlb=1",)
-KEPT_ARENA = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
-              "glibc.malloc.trim_threshold=4294967295")
+# Transparent huge pages for malloc's blocks; no mmap and no trimming, so freed blocks stay.
+MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1", "glibc.malloc.mmap_max=0",
+                   "glibc.malloc.trim_threshold=4294967295")
 DISABLE_ENV = "PREFJAX_XLA_CPU_DEFAULTS"
 
 
@@ -52,43 +55,56 @@ def apply_cpu_defaults(environ: MutableMapping[str, str] = os.environ) -> str:
   return flags
 
 
-def malloc_tunables(environ: MutableMapping[str, str] = os.environ,
-                    keep_freed: bool = False) -> str | None:
-  """``GLIBC_TUNABLES`` with each of ``HUGE_PAGES`` (and ``KEPT_ARENA`` if ``keep_freed``)
-  the user did not set added, or None if there is nothing to add (the defaults are off,
-  the C library is not glibc, or the user set every one of them)."""
+def malloc_tunables(environ: MutableMapping[str, str] = os.environ) -> str | None:
+  """``GLIBC_TUNABLES`` with each of ``MALLOC_TUNABLES`` the user did not set added, or
+  None if there is nothing to add (the defaults are off, the C library is not glibc, or
+  the user set every one of them)."""
   if not _defaults_on(environ) or not _is_glibc():
     return None
   current = environ.get("GLIBC_TUNABLES", "")
   chosen = {item.split("=", 1)[0] for item in current.split(":") if item}
-  wanted = HUGE_PAGES + (KEPT_ARENA if keep_freed else ())
-  added = [t for t in wanted if t.split("=", 1)[0] not in chosen]
+  added = [t for t in MALLOC_TUNABLES if t.split("=", 1)[0] not in chosen]
   if not added:
     return None
   return ":".join(([current] if current else []) + added)
 
 
-def restart_with_malloc_defaults(modules: Collection[str],
-                                 orig_argv: Sequence[str] | None = None,
-                                 keep_freed: Collection[str] = ()) -> None:
-  """Re-executes this process with :func:`malloc_tunables` if it is ``python -m M`` for
-  one of ``modules`` (with ``keep_freed=True`` if ``M`` is in ``keep_freed``).
+def apply_malloc_defaults(modules: Collection[str],
+                          orig_argv: Sequence[str] | None = None) -> None:
+  """If this process is ``python -m M`` for one of ``modules``: re-executes it with
+  :func:`malloc_tunables`, then (in the process that goes on) :func:`keep_freed_memory`.
 
-  Call it before importing JAX (the restart then costs an interpreter start-up). It
-  does nothing in any other process (pytest, a notebook, a script importing the
-  package), so a library import never restarts its caller.
+  Call it before importing JAX (the restart then costs an interpreter start-up; JAX is
+  imported after it). It does nothing in any other process (pytest, a notebook, a script
+  importing the package), so a library import never restarts its caller.
   """
   argv = list(sys.orig_argv if orig_argv is None else orig_argv)
-  module = module_run_by(argv)
-  if module not in modules:
+  if module_run_by(argv) not in modules:
     return
-  tunables = malloc_tunables(keep_freed=module in keep_freed)
-  if tunables is None or not sys.executable:  # an embedded interpreter cannot re-execute
-    return
-  os.environ["GLIBC_TUNABLES"] = tunables
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execv(sys.executable, [sys.executable, *argv[1:]])
+  tunables = malloc_tunables()
+  if tunables is not None and sys.executable:  # an embedded interpreter cannot re-execute
+    os.environ["GLIBC_TUNABLES"] = tunables
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *argv[1:]])
+  keep_freed_memory()
+
+
+def keep_freed_memory(environ: MutableMapping[str, str] = os.environ) -> bool:
+  """Runs each single-device CPU computation on the calling thread, where XLA's
+  temporaries come from glibc's main arena, which ``MALLOC_TUNABLES`` keep between steps.
+
+  Call it before the first JAX computation of a process started with ``MALLOC_TUNABLES``
+  (:func:`apply_malloc_defaults` does both). The Python thread then waits for each
+  computation, so a loop's host work between steps no longer overlaps them (about 3 ms a
+  step; README). Returns whether it changed anything: not with the defaults off or
+  outside glibc.
+  """
+  if not _defaults_on(environ) or not _is_glibc():
+    return False
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  return True
 
 
 def module_run_by(argv: Sequence[str]) -> str:

@@ -115,13 +115,15 @@ def test_only_prefjax_train_steps_get_the_binaries_malloc_setting(monkeypatch):
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")
   monkeypatch.delenv(xla_cpu.DISABLE_ENV, raising=False)
   expected = xla_cpu.malloc_tunables() or "glibc.malloc.arena_max=4"
-  assert run._child_environment("rm_step_hh")["GLIBC_TUNABLES"] == expected
-  kept = xla_cpu.malloc_tunables(keep_freed=True) or "glibc.malloc.arena_max=4"
-  assert run._child_environment("dpo_step_hh_live")["GLIBC_TUNABLES"] == kept  # as train_dpo
-  assert [n for n in run.CASES if run.keeps_freed_memory(n)] == [
-      n for n in run.CASES if n.startswith("dpo_step_hh")]
-  assert not run.keeps_freed_memory("no_such_case")
-  for name in ("torch_rm_step_hh", "generate_25m_b1_greedy"):
+  as_binary = ("rm_step_hh", "dpo_step_hh_live", "dpo_step_hh_cached", "rm_step_hh_minilm",
+               "ref_precompute_hh")
+  plain = ("torch_rm_step_hh", "torch_dpo_step_hh_live", "generate_25m_b1_greedy")
+  for name in as_binary:
+    assert run.runs_as_train_binary(name)
+    assert run._child_environment(name)["GLIBC_TUNABLES"] == expected
+  for name in plain + ("no_such_case",):
+    assert not run.runs_as_train_binary(name)
+  for name in plain:
     assert run._child_environment(name)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4"
   monkeypatch.setenv(xla_cpu.DISABLE_ENV, "0")
   assert run._child_environment("rm_step_hh")["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4"

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from prefjax import xla_cpu
 
 
@@ -29,15 +31,31 @@ def test_a_binary_starts_with_the_defaults_and_jax_accepts_them():
 
 
 def test_malloc_tunables_are_added_once_and_user_choices_win():
-  assert xla_cpu.malloc_tunables({}) == "glibc.malloc.hugetlb=1"
-  every = ":".join(xla_cpu.HUGE_PAGES + xla_cpu.KEPT_ARENA)
-  assert xla_cpu.malloc_tunables({}, keep_freed=True) == every
-  assert xla_cpu.malloc_tunables({"GLIBC_TUNABLES": every}, keep_freed=True) is None
-  assert xla_cpu.malloc_tunables({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
-  mine = "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"
-  added = xla_cpu.malloc_tunables({"GLIBC_TUNABLES": mine}, keep_freed=True)
-  assert added == mine + ":glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
-  assert xla_cpu.malloc_tunables({xla_cpu.DISABLE_ENV: "0"}, keep_freed=True) is None
+  every = ":".join(xla_cpu.MALLOC_TUNABLES)
+  assert xla_cpu.malloc_tunables({}) == every
+  assert every.startswith("glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:")
+  assert xla_cpu.malloc_tunables({"GLIBC_TUNABLES": every}) is None
+  mine = "glibc.malloc.mmap_max=5:glibc.malloc.hugetlb=0"
+  added = xla_cpu.malloc_tunables({"GLIBC_TUNABLES": mine})
+  assert added == mine + ":glibc.malloc.trim_threshold=4294967295"
+  assert xla_cpu.malloc_tunables({xla_cpu.DISABLE_ENV: "0"}) is None
+
+
+@pytest.mark.parametrize("defaults", ["1", "0"])
+def test_keeping_freed_memory_runs_computations_on_the_calling_thread(defaults):
+  """The call returns only once the result is ready (a 34-GFLOP program; dispatched to a
+  pool thread it returns at once), and ``PREFJAX_XLA_CPU_DEFAULTS=0`` leaves JAX's default."""
+  code = ("from prefjax import xla_cpu; changed = xla_cpu.keep_freed_memory(); "
+          "import jax, jax.numpy as jnp; f = jax.jit(lambda x: jnp.tanh(x @ x) @ x); "
+          "x = jnp.ones((2048, 2048)) / 2048; f(x).block_until_ready(); y = f(x); "
+          "print(changed, y.is_ready(), jax.config.read('jax_cpu_enable_async_dispatch'))")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **{xla_cpu.DISABLE_ENV: defaults})
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True).stdout.split()
+  if defaults == "0" or not xla_cpu._is_glibc():
+    assert out[0] == "False" and out[2] == "True"
+  else:
+    assert out == ["True", "True", "False"]
 
 
 def test_no_restart_outside_the_named_modules(monkeypatch):
@@ -49,19 +67,20 @@ def test_no_restart_outside_the_named_modules(monkeypatch):
   for argv in ([exe, "-m", "pytest", "tests"], [exe, "-m", "experiments.a.b"],
                [exe, "-m", "experiments.b"], [exe, "script.py", "-m", "experiments.a"],
                [exe, "-c", "pass", "-m", "experiments.a"], [exe, "-m"]):
-    xla_cpu.restart_with_malloc_defaults({"experiments.a"}, orig_argv=argv)  # returns, no exec
+    xla_cpu.apply_malloc_defaults({"experiments.a"}, orig_argv=argv)  # returns, no exec
   assert "GLIBC_TUNABLES" not in os.environ
 
 
-def _run_module(tmp_path, keep_freed=False, **env_overrides):
+def _run_module(tmp_path, **env_overrides):
   """Runs ``python -m pkg.show`` from a package whose ``__init__`` restarts like experiments'."""
   pkg = tmp_path / "pkg"
   pkg.mkdir(exist_ok=True)
   (pkg / "__init__.py").write_text(
-      "from prefjax import xla_cpu\nxla_cpu.restart_with_malloc_defaults("
-      f"{{'pkg.show'}}, keep_freed={{'pkg.show'}} if {keep_freed} else ())\n")
+      "from prefjax import xla_cpu\nxla_cpu.apply_malloc_defaults({'pkg.show'})\n")
   (pkg / "show.py").write_text(
-      "import os, sys\nprint(os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])\n")
+      "import os, sys\njax = sys.modules.get('jax')\n"  # imported only to keep freed memory
+      "inline = jax is not None and not jax.config.read('jax_cpu_enable_async_dispatch')\n"
+      "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), inline, sys.argv[1:])\n")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=repo, **env_overrides)
   env.pop("GLIBC_TUNABLES", None)
@@ -71,15 +90,13 @@ def _run_module(tmp_path, keep_freed=False, **env_overrides):
                           env=env, stdout=subprocess.PIPE, text=True)
   out, _ = proc.communicate(timeout=60)
   assert proc.returncode == 0
-  pid, tunables, args = out.strip().split(" ", 2)
-  return int(pid) == proc.pid, tunables, args
+  pid, tunables, inline, args = out.strip().split(" ", 3)
+  return int(pid) == proc.pid, tunables, inline == "True", args
 
 
-def test_a_binary_restarts_in_place_with_the_malloc_tunable(tmp_path):
-  same_pid, tunables, args = _run_module(tmp_path)
-  assert same_pid and args == "['--flag=1', 'x']"
-  assert tunables == (":".join(xla_cpu.HUGE_PAGES) if xla_cpu._is_glibc() else "None")
-  kept = _run_module(tmp_path, keep_freed=True)[1]
-  assert kept == (":".join(xla_cpu.HUGE_PAGES + xla_cpu.KEPT_ARENA) if xla_cpu._is_glibc()
-                  else "None")
-  assert _run_module(tmp_path, **{xla_cpu.DISABLE_ENV: "0"})[1] == "None"
+def test_a_binary_restarts_in_place_with_the_malloc_tunables(tmp_path):
+  glibc = xla_cpu._is_glibc()
+  same_pid, tunables, inline, args = _run_module(tmp_path)
+  assert same_pid and args == "['--flag=1', 'x']" and inline == glibc
+  assert tunables == (":".join(xla_cpu.MALLOC_TUNABLES) if glibc else "None")
+  assert _run_module(tmp_path, **{xla_cpu.DISABLE_ENV: "0"})[1:3] == ("None", False)
