@@ -50,6 +50,7 @@ from absl import logging
 from prefjax import configlib
 from prefjax.data import packing
 from prefjax.data import padding
+from prefjax.data import read_ahead
 from prefjax.data import tokenize as tokenize_lib
 
 MODES = ("padded", "packed")
@@ -75,9 +76,9 @@ class PipelineConfig:
   rows drops its trailing empty rows, keeping the fewest multiple of
   ``row_multiple`` that holds them (set it to the mesh's data-parallel size):
   less compute on small batches, one compile per row count (``row_counts``).
-  ``read_ahead`` examples are tokenized together
-  (one ``encode_batch`` call, parallel in the Rust backend); it changes speed,
-  never the batches.
+  ``read_ahead`` examples are tokenized together (one ``encode_batch`` call,
+  parallel in the Rust backend), the next block on a background thread
+  (``read_ahead.py``); it changes speed, never the batches.
   """
 
   seed: int = 0
@@ -395,6 +396,8 @@ class BatchIterator(grain.DatasetIterator):
     self._cache: dict[int, Example] = {}
     self._counters: collections.Counter[str] = collections.Counter()
     self._ahead: dict[int, Example] = {}
+    self._blocks = read_ahead.BlockReader(self._tokenize, len(dataset.indices),
+                                          dataset.config.read_ahead)
 
   @property
   def counters(self) -> dict[str, int]:
@@ -404,11 +407,11 @@ class BatchIterator(grain.DatasetIterator):
   def _fetch(self, position: int) -> Example:
     """The example at ``position``; the next ``read_ahead`` are tokenized in one batch."""
     if position not in self._ahead:
-      end = min(position + max(self._ds.config.read_ahead, 1), len(self._ds.indices))
-      positions = range(position, end)
-      examples = self._ds.tokenize_fn.many([self._ds.indices[p] for p in positions])
-      self._ahead = dict(zip(positions, examples))
+      self._ahead = self._blocks.block(position)
     return self._ahead.pop(position)
+
+  def _tokenize(self, positions: Sequence[int]) -> list[Example]:
+    return self._ds.tokenize_fn.many([self._ds.indices[p] for p in positions])
 
   def _read_one(self) -> None:
     position = self._next
@@ -437,7 +440,7 @@ class BatchIterator(grain.DatasetIterator):
     plan = self._ready.popleft()
     positions = self._ds.plan_positions(plan)
     missing = [p for p in positions if p not in self._cache]  # only after set_state
-    fetched = dict(zip(missing, self._ds.tokenize_fn.many([self._ds.indices[p] for p in missing])))
+    fetched = dict(zip(missing, self._tokenize(missing)))
     examples = [self._cache.pop(p) if p in self._cache else fetched[p] for p in positions]
     batch = self._ds.collate(plan, examples)
     self._counters["batches"] += 1
@@ -473,6 +476,7 @@ class BatchIterator(grain.DatasetIterator):
     self._counters = collections.Counter({k: int(v) for k, v in state["counters"].items()})
     self._cache = {}
     self._ahead = {}
+    self._blocks.reset()
 
   def __str__(self) -> str:
     return f"BatchIterator({self._ds.kind}, {self._ds.config.mode})"
