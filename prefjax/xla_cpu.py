@@ -20,8 +20,8 @@ the binaries that run train steps start with ``MALLOC_TUNABLES``:
 - and they keep the freed blocks. A computation run on the calling thread
   (:func:`keep_freed_memory`) takes its temporaries from glibc's main arena, which grows
   by ``brk`` and, with ``mmap`` and trimming off, keeps them: 0 page faults per step,
-  the HH train steps 16–35% faster, compiles no slower. One arena for every thread
-  (``arena_max=1``) also kept them, but slowed the steps and doubled compile times.
+  the HH train steps 16–35% faster. One arena for every thread (``arena_max=1``) also
+  kept them, but slowed the steps and doubled the DPO compile times.
 
 Huge pages made generation 6–14% slower, so only the train-step binaries ask for them
 (numbers: ``benchmarks/RESULTS.md``). glibc reads ``GLIBC_TUNABLES`` only at start-up,
