@@ -182,9 +182,9 @@ def _torch_update(opt: Any, loss: Any) -> float:
 
 def _torch_setup() -> None:
   """Seeds PyTorch and flushes denormals to zero, as XLA's CPU runtime does. Without it
-  PyTorch's step on the one batch padded to 448 tokens ran 6.5x longer than with it (31 s
-  against 4.7 s for cached-reference DPO, in both of two passes over the batches), and
-  that one step set the total-time ratios (``benchmarks/RESULTS.md``)."""
+  PyTorch's cached-reference DPO step on the one batch padded to 448 tokens ran 6.5x
+  longer (31 s against 4.7 s, in both of two passes over the batches), and that one step
+  set the total-time ratio (``benchmarks/RESULTS.md``)."""
   import torch
   torch.manual_seed(0)
   torch.set_flush_denormal(True)
