@@ -12,19 +12,10 @@ thread.
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 from typing import Any, Callable, Sequence
 
-_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
-_EXECUTOR_LOCK = threading.Lock()
-
-
-def _executor() -> concurrent.futures.ThreadPoolExecutor:
-  global _EXECUTOR
-  with _EXECUTOR_LOCK:
-    if _EXECUTOR is None:
-      _EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefjax-read")
-    return _EXECUTOR
+# One worker for every iterator; it starts its thread at the first submit.
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefjax-read")
 
 
 class BlockReader:
@@ -36,7 +27,7 @@ class BlockReader:
     self._pending: tuple[int, concurrent.futures.Future] | None = None
 
   def block(self, start: int) -> dict[int, Any]:
-    positions = range(start, min(start + self._size, self._length))
+    positions = self._positions(start)
     pending, self._pending = self._pending, None
     if pending is not None and pending[0] == start:
       examples = pending[1].result()
@@ -45,9 +36,12 @@ class BlockReader:
         pending[1].cancel()
       examples = self._read(positions)
     if positions.stop < self._length:
-      following = range(positions.stop, min(positions.stop + self._size, self._length))
-      self._pending = (positions.stop, _executor().submit(self._read, following))
+      following = self._positions(positions.stop)
+      self._pending = (positions.stop, _EXECUTOR.submit(self._read, following))
     return dict(zip(positions, examples))
+
+  def _positions(self, start: int) -> range:
+    return range(start, min(start + self._size, self._length))
 
   def reset(self) -> None:
     """Drops the block being read ahead (the iterator moved: ``set_state``)."""
