@@ -54,9 +54,7 @@ Array = jax.Array
 DType = Any
 
 
-def default_compute_dtype() -> DType:
-  """float32 on CPU, bfloat16 on accelerators."""
-  return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+default_compute_dtype = stack.default_compute_dtype
 
 
 @dataclasses.dataclass(frozen=True)

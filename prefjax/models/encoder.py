@@ -64,11 +64,6 @@ _ACTIVATIONS = {
 }
 
 
-def default_compute_dtype() -> jnp.dtype:
-  """float32 on CPU, bfloat16 on accelerators."""
-  return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-
-
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
   """Hyperparameters of a BERT-family encoder (names follow HF ``BertConfig``)."""
@@ -264,7 +259,7 @@ class Encoder(nnx.Module):
     self.config = config
     self.remat = remat
     self.scan_layers = scan_layers
-    self.dtype = dtype or default_compute_dtype()
+    self.dtype = dtype or stack.default_compute_dtype()
     d = config.hidden_size
     init = nnx.initializers.normal(0.02)
     emb = lambda n: nnx.Embed(n, d, dtype=self.dtype, param_dtype=param_dtype,

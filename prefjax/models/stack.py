@@ -12,6 +12,8 @@ them through ``run_blocks``:
 On XLA CPU, remat saves memory only in a scan: with unrolled blocks XLA schedules
 every block's recomputation early, so all of them are live at once (8% saved on
 the HH RM step against 74% scanned; benchmarks/RESULTS.md, "Remat policies").
+
+Both trunks also take their default compute dtype from here (``default_compute_dtype``).
 """
 
 from __future__ import annotations
@@ -20,11 +22,18 @@ import functools
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from prefjax.models import attention as attention_lib
 
 Array = jax.Array
+
+
+def default_compute_dtype() -> jnp.dtype:
+  """float32 on CPU (faster there than bfloat16), bfloat16 on accelerators."""
+  return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
 
 # What a rematerialised block keeps for the backward pass; the rest is recomputed.
 # None is jax.checkpoint's default: only the block's input.
