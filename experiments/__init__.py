@@ -5,7 +5,7 @@ import sys
 from prefjax import xla_cpu
 
 # Binaries whose time is train steps: huge pages for malloc and keeping freed blocks made
-# the HH train steps faster, huge pages made generation slower (prefjax/xla_cpu.py), so
+# the HH train steps faster; generation gained nothing or lost (prefjax/xla_cpu.py), so
 # only these restart with them.
 TRAIN_STEP_BINARIES = frozenset(
     f"experiments.{name}" for name in ("train_rm", "train_dpo", "train_sft", "train_safety"))

@@ -23,10 +23,12 @@ the binaries that run train steps start with ``MALLOC_TUNABLES``:
   the HH train steps 16–35% faster. One arena for every thread (``arena_max=1``) also
   kept them, but slowed the steps and doubled the DPO compile times.
 
-Huge pages made generation 6–14% slower, so only the train-step binaries ask for them
-(numbers: ``benchmarks/RESULTS.md``). glibc reads ``GLIBC_TUNABLES`` only at start-up,
-so :func:`apply_malloc_defaults` re-executes the process with it;
-``PREFJAX_XLA_CPU_DEFAULTS=0`` turns all of this off as well.
+Generation gained nothing from these settings: huge pages made it 6–14% slower on one
+CPU, and on another the tunables changed nothing alone and cost 20–24% beside PyTorch in one
+process. So only the train-step binaries ask for them (numbers: ``benchmarks/RESULTS.md``).
+glibc reads ``GLIBC_TUNABLES`` only at start-up, so :func:`apply_malloc_defaults`
+re-executes the process with it; ``PREFJAX_XLA_CPU_DEFAULTS=0`` turns all of this off as
+well.
 """
 
 from __future__ import annotations
