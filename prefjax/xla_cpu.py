@@ -61,7 +61,7 @@ def malloc_tunables(environ: MutableMapping[str, str] = os.environ) -> str | Non
   """``GLIBC_TUNABLES`` with each of ``MALLOC_TUNABLES`` the user did not set added, or
   None if there is nothing to add (the defaults are off, the C library is not glibc, or
   the user set every one of them)."""
-  if not _defaults_on(environ) or not _is_glibc():
+  if not _malloc_defaults_on(environ):
     return None
   current = environ.get("GLIBC_TUNABLES", "")
   chosen = {item.split("=", 1)[0] for item in current.split(":") if item}
@@ -102,7 +102,7 @@ def keep_freed_memory(environ: MutableMapping[str, str] = os.environ) -> bool:
   step; README). Returns whether it changed anything: not with the defaults off or
   outside glibc.
   """
-  if not _defaults_on(environ) or not _is_glibc():
+  if not _malloc_defaults_on(environ):
     return False
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_cpu_enable_async_dispatch", False)
@@ -124,6 +124,11 @@ def module_run_by(argv: Sequence[str]) -> str:
 
 def _defaults_on(environ: MutableMapping[str, str]) -> bool:
   return environ.get(DISABLE_ENV, "1") != "0"
+
+
+def _malloc_defaults_on(environ: MutableMapping[str, str]) -> bool:
+  """The malloc defaults apply: the project's defaults are on and the C library is glibc."""
+  return _defaults_on(environ) and _is_glibc()
 
 
 def _is_glibc() -> bool:
