@@ -25,8 +25,10 @@ decline (w4: 1.2 SE) and world 2 a strong one (4.4 SE); the report lists every w
 on its own beside the pooled curves. `configs/reproduce/full.py` pools five.
 
 Expected runtime (2 cores, measured): 3 min 41 s for the study and 4 min 16 s for `make demo`
-on a fresh clone including the install (2026-12-02, JAX's compilation cache warm), 5 min
-38 s and 6 min 42 s with a cold cache (2026-12-01); peak RSS 1.8 GB.
+on a fresh clone including the install (2026-12-02, AMD EPYC, JAX's compilation cache warm),
+5 min 38 s and 6 min 42 s with a cold cache (2026-12-01); on an Intel Xeon (2026-12-05, cache
+warm) 5 min 5 s–5 min 9 s for the study, 5 min 12 s for `make demo` without the install;
+peak RSS 1.8 GB.
 Expected result (measured 2026-12-01, again 2026-12-02): every G and C criterion and
 R1/R3/R4 pass; R2 fails (width 4's RL drop is 1.0 SE; `full.py` has the text world carry R2). G1: width 4 and 8 fall 4.1 and 4.8 SE after a
 peak at n ≈ 2,800; Spearman(width, β_bon) = −0.83; WCO/UWO +0.88/+0.93 gold at n_max.
