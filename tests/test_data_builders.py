@@ -8,8 +8,11 @@ import collections
 import gzip
 import hashlib
 import json
+import logging
 import os
 import pickle
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -262,6 +265,54 @@ def test_jsonl_changed_content_rebuilds(tmp_path, cache_dir):
   assert not changed.cache_hit
   assert len(changed) == 2 and changed[1]["prompt"] == "q"
   assert changed.fingerprint != first.fingerprint
+
+
+def test_hh_changed_raw_file_is_rebuilt(tmp_path, hh_raw, caplog):
+  """HH's raw files are not part of the dataset's name: their recorded hashes are."""
+  manual = tmp_path / "raw"
+  (manual / "harmless-base").mkdir(parents=True)
+
+  def write(rows):
+    with gzip.open(manual / "harmless-base" / "test.jsonl.gz", "wt", encoding="utf-8") as f:
+      f.writelines(json.dumps(row) + "\n" for row in rows)
+
+  write(hh_raw[:20])
+  first = pdata.load_preferences(HH, "test", data_dir=tmp_path / "cache", manual_dir=manual)
+  assert (first.cache_hit, first.summary.rows_read) == (False, 20)
+  write(hh_raw[:30])
+  with caplog.at_level(logging.WARNING, logger="prefjax.data.sources"):
+    changed = pdata.load_preferences(HH, "test", data_dir=tmp_path / "cache", manual_dir=manual)
+  assert (changed.cache_hit, changed.summary.rows_read) == (False, 30)
+  assert "raw files changed" in caplog.text
+  assert changed.fingerprint != first.fingerprint
+
+
+def test_a_load_waits_for_the_build_in_progress_and_reads_it(tmp_path, caplog):
+  """A second process must not build the same dataset version at the same time: TFDS's
+  rename of its temporary folder fails for one of them. Here the test holds the build
+  lock, as a process building the dataset would, while a thread loads it."""
+  from prefjax.data import sources
+  path = tmp_path / "pairs.jsonl"
+  path.write_text(json.dumps({"prompt": "p", "chosen": " yes", "rejected": " no"}) + "\n",
+                  encoding="utf-8")
+  name, cache = f"jsonl:{path}", str(tmp_path / "cache")
+  builder, manual = sources._builder_for(name, cache, None)
+  loaded = {}
+  waiter = threading.Thread(target=lambda: loaded.update(
+      source=pdata.load_preferences(name, "train", data_dir=cache)))
+  caplog.set_level(logging.INFO, logger="prefjax.data.sources")
+  with sources._build_lock(builder, name):
+    waiter.start()
+    deadline = time.monotonic() + 120
+    while "waiting for another process" not in caplog.text:
+      assert waiter.is_alive() and time.monotonic() < deadline, "the load did not wait"
+      time.sleep(0.05)
+    builds = base.build_count
+    sources._prepare(builder, manual)
+  waiter.join(timeout=120)
+  assert not waiter.is_alive()
+  assert base.build_count == builds + 1  # the test's build only
+  assert loaded["source"].cache_hit and loaded["source"][0]["chosen"] == " yes"
 
 
 def test_synthetic_roundtrip_with_metadata(tmp_path, cache_dir):

@@ -13,6 +13,8 @@ The first load builds the TFDS dataset (ArrayRecord) into ``data_dir`` (default
 ``$PREFJAX_CACHE_DIR`` or ``~/.cache/prefjax/tfds``); later loads reuse it. A
 build is redone when the raw files' content changes (user files are keyed by
 their hash; for HH-RLHF and PandaLM the recorded input hashes are checked).
+Processes that share ``data_dir`` build each dataset version once: a build holds
+a lock file beside it, and the others wait for it, then read what it built.
 
 Bad rows never vanish: each build records, per split, rows read / built /
 skipped, with file:line and reason for every skip (`BuildSummary`). With
@@ -24,6 +26,9 @@ stay listed in ``source.summary``.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -209,16 +214,49 @@ def load_preferences(name: str, split: str, *,
     raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW_MODES}, got {on_bad_row!r}")
   cache = str(pathlib.Path(data_dir or default_cache_dir()).expanduser().resolve())
   builder, manual = _builder_for(name, cache, manual_dir)
-  cache_hit = builder.is_prepared()
-  if cache_hit and manual is not None and _recorded_inputs(builder) != _current_inputs(
-      builder, manual):
-    _log.warning("%s: raw files changed since %s was built; rebuilding", name, builder.data_dir)
-    shutil.rmtree(builder.data_dir)
-    builder, manual = _builder_for(name, cache, manual_dir)
-    cache_hit = False
+  current_inputs = functools.cache(functools.partial(_current_inputs, builder, manual))
+  cache_hit = _up_to_date(builder, manual, current_inputs)
   if not cache_hit:
-    _prepare(builder, manual)
+    with _build_lock(builder, name):
+      # Another process may have built it while this one waited; a new builder reads that.
+      builder, manual = _builder_for(name, cache, manual_dir)
+      cache_hit = _up_to_date(builder, manual, current_inputs)
+      if not cache_hit:
+        if builder.is_prepared():
+          _log.warning("%s: raw files changed since %s was built; rebuilding", name,
+                       builder.data_dir)
+          shutil.rmtree(builder.data_dir)
+          builder, manual = _builder_for(name, cache, manual_dir)
+        _prepare(builder, manual)
   return _open_split(builder, name, split, on_bad_row, cache_hit)
+
+
+def _up_to_date(builder: base.PreferenceBuilder, manual: pathlib.Path | None,
+                current_inputs: collections.abc.Callable[[], dict[str, str]]) -> bool:
+  """Built, and (for raw files read from ``manual``) from the files there now."""
+  return builder.is_prepared() and (manual is None or
+                                    _recorded_inputs(builder) == current_inputs())
+
+
+@contextlib.contextmanager
+def _build_lock(builder: base.PreferenceBuilder, name: str):
+  """Holds an exclusive lock on a file beside ``builder.data_dir``.
+
+  Two processes building one dataset version at once (a sweep launched on a cold
+  cache) collide when TFDS renames its temporary folder to the version folder.
+  """
+  data_dir = pathlib.Path(builder.data_dir)
+  data_dir.parent.mkdir(parents=True, exist_ok=True)
+  with open(data_dir.parent / f".{data_dir.name}.lock", "a") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      _log.info("%s: waiting for another process building %s", name, data_dir)
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _open_split(builder: base.PreferenceBuilder, name: str, split: str, on_bad_row: str,
