@@ -25,7 +25,7 @@ decline (w4: 1.2 SE) and world 2 a strong one (4.4 SE); the report lists every w
 on its own beside the pooled curves. `configs/reproduce/full.py` pools five.
 
 Expected runtime (2 cores, measured): 3 min 41 s for the study and 4 min 16 s for `make demo`
-on a fresh clone including the install (2026-12-02, AMD EPYC, JAX's compilation cache warm),
+on a fresh clone including the install (2026-12-02, JAX's compilation cache warm),
 5 min 38 s and 6 min 42 s with a cold cache (2026-12-01); on an Intel Xeon (2026-12-05, cache
 warm) 5 min 5 s–5 min 9 s for the study, 5 min 12 s for `make demo` without the install;
 peak RSS 1.8 GB.
