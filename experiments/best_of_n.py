@@ -37,6 +37,7 @@ from absl import logging
 
 from experiments import common
 from prefjax import experiment
+from prefjax import files
 from prefjax import overopt
 from prefjax.evals import plots
 from prefjax.feedback import safety_runtime
@@ -163,8 +164,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     logging.info("best_of_n: reusing %s", path)
   else:
     samples = sample_and_score(config, workdir)
-    np.savez(path + ".tmp.npz", **samples)
-    os.replace(path + ".tmp.npz", path)
+    files.write_atomically(path, lambda f: np.savez(f, **samples))
   result = curves(samples, config)
   if "harm" in samples:
     result["safety_filter"] = filtered.filter_report(

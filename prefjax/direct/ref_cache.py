@@ -41,6 +41,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from prefjax import files
 from prefjax import parallel
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import sources
@@ -145,11 +146,11 @@ def cache_key(parts: Mapping[str, Any]) -> str:
 def file_sha256(path: str | os.PathLike[str]) -> str:
   """SHA-256 over a file's bytes, or over every file of a directory (sorted relative paths)."""
   path = pathlib.Path(path)
-  files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-  if not files:
+  paths = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+  if not paths:
     raise FileNotFoundError(f"no reference weights at {path}")
   digest = hashlib.sha256()
-  for f in files:
+  for f in paths:
     digest.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
     with open(f, "rb") as fh:
       for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -192,13 +193,6 @@ def compute_table(scorer: Callable[[Mapping[str, Any]], Mapping[str, np.ndarray]
   return table
 
 
-def _atomic_write(path: pathlib.Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-  with open(tmp, mode) as f:
-    write(f)
-  os.replace(tmp, path)
-
-
 def load_or_build(parts: Mapping[str, Any], num_rows: int,
                   build: Callable[[], ReferenceTable],
                   cache_dir: str | os.PathLike[str] | None = None
@@ -223,11 +217,12 @@ def load_or_build(parts: Mapping[str, Any], num_rows: int,
   table = build()
   if jax.process_index() == 0:
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: np.savez(f, chosen=table.chosen, rejected=table.rejected,
-                                           computed=table.computed))
-    _atomic_write(directory / f"{key}.json",
-                  lambda f: f.write(json.dumps(parts, indent=2, sort_keys=True, default=str)),
-                  mode="w")
+    files.write_atomically(path, lambda f: np.savez(f, chosen=table.chosen,
+                                                    rejected=table.rejected,
+                                                    computed=table.computed))
+    files.write_atomically(
+        directory / f"{key}.json",
+        lambda f: f.write(json.dumps(parts, indent=2, sort_keys=True, default=str)), mode="w")
   seconds = time.time() - start
   logging.info("reference log-probs: %d rows scored in %.1fs", int(table.computed.sum()), seconds)
   return table, {"key": key, "path": str(path), "hit": False, "seconds": seconds}

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
+from prefjax import files
 from prefjax.data import sources
 
 
@@ -17,11 +18,9 @@ def write_preferences(path: str | os.PathLike[str], rows: Sequence[Mapping[str, 
   """Writes ``rows`` to ``path``; returns the dataset name ``jsonl:PATH``."""
   path = os.path.abspath(os.fspath(path))
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+  files.write_atomically(
+      path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
+      mode="w")
   return f"jsonl:{path}"
 
 

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from absl import logging
 
+from prefjax import files
 from prefjax.overopt import bandit
 from prefjax.overopt import bon
 from prefjax.overopt import criteria
@@ -95,9 +96,9 @@ def _cached_proxies(workdir: str, name: str, world: bandit.World, cfg: bandit.Pr
            "train_accuracy": proxies.train_accuracy.tolist(),
            "train_loss": proxies.train_loss.tolist(), "wall_s": proxies.wall_s}
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  np.savez(path + ".tmp.npz", scores=proxies.scores, key=key,
-           **{k: np.asarray(v) for k, v in stats.items() if k != "wall_s"})
-  os.replace(path + ".tmp.npz", path)
+  files.write_atomically(path, lambda f: np.savez(
+      f, scores=proxies.scores, key=key,
+      **{k: np.asarray(v) for k, v in stats.items() if k != "wall_s"}))
   return proxies.scores, stats
 
 

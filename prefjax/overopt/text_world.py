@@ -36,6 +36,7 @@ from absl import logging
 from flax import nnx
 
 from prefjax import configlib
+from prefjax import files
 from prefjax import train
 from prefjax.data.tfds_builders import synthetic
 from prefjax.rl import rewards as rl_rewards
@@ -290,9 +291,8 @@ def cached_trajectory(run_dir: str, make_policy: Callable[[], nnx.Module],
     logging.info("%s was evaluated with other settings: evaluating again", cache)
   load = policy_loader(make_policy, run_dir, trainable=trainable)
   traj = checkpoint_trajectory(run_dir, lambda step: policy_of(load(step)), reference, evaluate)
-  np.savez(cache + ".tmp.npz", steps=traj.steps, key=key_json,
-           **{f"pp_{k}": v for k, v in traj.per_prompt.items()})
-  os.replace(cache + ".tmp.npz", cache)
+  files.write_atomically(cache, lambda f: np.savez(
+      f, steps=traj.steps, key=key_json, **{f"pp_{k}": v for k, v in traj.per_prompt.items()}))
   return traj
 
 

@@ -25,6 +25,8 @@ import json
 import os
 import re
 
+from prefjax import files
+
 MANIFEST = "prefjax_files.json"
 # Metadata files orbax needs to restore a step of the Checkpointer's three items.
 _REQUIRED = ("state/_METADATA", "state/manifest.ocdbt", "data/metadata", "config/metadata")
@@ -63,11 +65,9 @@ def write_manifest(step_dir: str) -> None:
   that record, so that damage to the manifest itself is told apart (written atomically)."""
   entries = {name: {"size": size, "sha256": _sha256(os.path.join(step_dir, name))}
              for name, size in _files(step_dir).items()}
-  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({"files": entries, "sha256": _entries_digest(entries)}, f, indent=0,
-              sort_keys=True)
-  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+  record = {"files": entries, "sha256": _entries_digest(entries)}
+  files.write_atomically(os.path.join(step_dir, MANIFEST),
+                         lambda f: json.dump(record, f, indent=0, sort_keys=True), mode="w")
 
 
 def _expected(saved: dict) -> dict[str, tuple[int, str | None]]:

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from prefjax import files
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 _NOT_IN_TENSORBOARD_NAMES = re.compile(r"[^-/\w.]")  # tensorboardX's rule for tags
@@ -100,12 +102,11 @@ class MetricWriter:
     kept = [r for r in read_metrics(self.workdir) if r.get("step", 0) <= step]
     if kept:
       self._wall_offset = max(float(r.get("wall_time", 0.0)) for r in kept)
-    tmp = self._path + ".tmp"
-    with open(tmp, "w") as f:
+    def fill(f):
       for r in kept:
         self._last_offset = f.tell()
         f.write(json.dumps(r) + "\n")
-    os.replace(tmp, self._path)
+    files.write_atomically(self._path, fill, mode="w")
     self._last_record = kept[-1] if kept else None
 
   @property

@@ -11,6 +11,8 @@ from typing import Any, Mapping
 import jax
 from absl import logging
 
+from prefjax import files
+
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 # How a rerun treats a changed config is not part of what is run: setting it on the
@@ -62,10 +64,7 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     return
   path = os.fspath(path)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(_dump(obj) + "\n")
-  os.replace(tmp, path)
+  files.write_atomically(path, lambda f: f.write(_dump(obj) + "\n"), mode="w")
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import tensorflow_datasets as tfds
 
+from prefjax import files
 from prefjax.data.tfds_builders import base
 from prefjax.data.tfds_builders import preference_jsonl
 from prefjax.data.tfds_builders import rows as rows_lib
@@ -87,9 +88,10 @@ def write_synthetic_dataset(name: str, rows: Iterable[Mapping[str, Any]], *,
               "format_version": FORMAT_VERSION}
   folder = synthetic_root(root) / name
   folder.mkdir(parents=True, exist_ok=True)
-  _atomic_write(folder / DATA_FILE, data)
-  _atomic_write(folder / METADATA_FILE,
-                json.dumps(metadata, indent=2, sort_keys=True).encode("utf-8"))
+  files.write_atomically(folder / DATA_FILE, lambda f: f.write(data))
+  files.write_atomically(folder / METADATA_FILE,
+                         lambda f: f.write(json.dumps(metadata, indent=2, sort_keys=True)),
+                         mode="w")
   return folder
 
 
@@ -101,12 +103,6 @@ def _canonical_row(index: int, row: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError(f"synthetic row {index}: {e.reason}: {e.detail}") from e
   return {"prompt": parsed.prompt, "chosen": parsed.chosen, "rejected": parsed.rejected,
           "outcome": parsed.outcome, "weight": parsed.weight, "meta": dict(parsed.meta)}
-
-
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_bytes(data)
-  os.replace(tmp, path)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,70 @@
+"""`prefjax.files.write_atomically`: whole files, also with concurrent writers."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from prefjax import files
+
+
+def test_replaces_the_file_and_leaves_no_temporary(tmp_path):
+  path = tmp_path / "table.npz"
+  path.write_bytes(b"old")
+  files.write_atomically(path, lambda f: np.savez(f, x=np.arange(3)))
+  with np.load(path) as saved:
+    np.testing.assert_array_equal(saved["x"], [0, 1, 2])
+  files.write_atomically(tmp_path / "note.txt", lambda f: f.write("naïve\n"), mode="w")
+  assert (tmp_path / "note.txt").read_bytes() == "naïve\n".encode("utf-8")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["note.txt", "table.npz"]
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path):
+  path = tmp_path / "summary.json"
+  path.write_text("{}", encoding="utf-8")
+
+  def fail(f):
+    f.write("{partial")
+    raise RuntimeError("interrupted")
+  with pytest.raises(RuntimeError, match="interrupted"):
+    files.write_atomically(path, fail, mode="w")
+  assert path.read_text(encoding="utf-8") == "{}"
+  assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_rejects_other_modes(tmp_path):
+  with pytest.raises(ValueError, match="mode"):
+    files.write_atomically(tmp_path / "x", lambda f: None, mode="a")
+
+
+def test_two_writers_of_one_path_each_leave_a_whole_file(tmp_path):
+  """The first writer pauses halfway while a second writes the same path and finishes.
+
+  With one temporary name for both, the second would truncate the first's file and
+  rename it away, and the first's rename would then fail."""
+  path = tmp_path / "cache.bin"
+  first_half_written, second_done = threading.Event(), threading.Event()
+  errors = []
+
+  def slow(f):
+    f.write(b"a" * 1000)
+    first_half_written.set()
+    second_done.wait(timeout=60)
+    f.write(b"a" * 1000)
+
+  def run(fill):
+    try:
+      files.write_atomically(path, fill)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  first = threading.Thread(target=run, args=(slow,))
+  first.start()
+  assert first_half_written.wait(timeout=60)
+  run(lambda f: f.write(b"b" * 500))
+  assert path.read_bytes() == b"b" * 500
+  second_done.set()
+  first.join(timeout=60)
+  assert not errors
+  assert path.read_bytes() == b"a" * 2000  # the last rename wins, whole
+  assert [p.name for p in tmp_path.iterdir()] == ["cache.bin"]
