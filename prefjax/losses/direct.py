@@ -191,8 +191,9 @@ def hinge(x: PairLogps, *, beta: ArrayLike) -> Array:
   L = relu(1 − β·h)   (margin δ = 1/β in SLiC's notation).
 
   "SLiC-HF: Sequence Likelihood Calibration with Human Feedback"
-  (arXiv 2305.10425), rank-calibration hinge; as a DPO-family loss with the
-  reference log-ratio as in the DPO paper's baselines.
+  (arXiv 2305.10425), rank-calibration hinge; with the reference log-ratio in
+  h, as in RSO ("Statistical Rejection Sampling Improves Preference
+  Optimization", arXiv 2309.06657), whose hinge this is.
 
   Args:
     x: ``PairLogps`` with ``[B]`` fields.
@@ -389,9 +390,10 @@ def discopop(x: PairLogps, *, beta: ArrayLike, tau: ArrayLike = 0.05) -> Array:
   "Discovering Preference Optimization Algorithms with and for Large Language
   Models" (arXiv 2406.08414), Eq. 5 (LRML), τ = 0.05 as in the paper. The
   exponential term is evaluated as exp(logσ(βh/τ) − βh) so that it stays
-  finite for large negative βh. The loss is non-convex and not monotone in h
-  on a small window just below βh = 0 (where the blend switches from the
-  logistic to the exponential branch); it decreases in h away from it.
+  finite for large negative βh. The loss is non-convex and not monotone in h:
+  around βh = 0, where the blend switches from the logistic to the
+  exponential branch, it rises with h (for τ = 0.05 on about
+  −0.12 < βh < 0.07); it decreases in h away from that window.
 
   Args:
     x: ``PairLogps`` with ``[B]`` fields.

@@ -4,8 +4,9 @@
 * ``AdaptiveKLController``: the proportional controller of Ziegler et al.,
   "Fine-Tuning Language Models from Human Preferences", arXiv:1909.08593
   (Section 2.2):  e_t = clip((KL_t − KL_target)/KL_target, −0.2, 0.2),
-  β_{t+1} = β_t·(1 + K_β·e_t), with K_β = n_t / horizon, n_t the number of
-  samples (sequences) in the step.
+  β_{t+1} = β_t·(1 + K_β·e_t). The paper fixes K_β = 0.1; this controller uses
+  K_β = n_t / horizon, n_t the number of samples (sequences) in the step, as
+  the paper's released code (openai/lm-human-preferences) and TRL do.
 
 Controllers are tiny host-side objects whose whole state is ``value`` (β), so
 a run saves it in its checkpoint and a resumed run continues bit-identically.

@@ -262,7 +262,7 @@ def _decode_json_line(raw: bytes, file: str, line_no: int) -> Any | RowProblem:
   try:
     value = json.loads(text, parse_constant=_reject_constant)
   except json.JSONDecodeError as e:
-    return RowProblem(file, line_no, "malformed_json", f"{e.msg} at column {e.pos + 1}")
+    return RowProblem(file, line_no, "malformed_json", f"{e.msg.removesuffix(' at')} at column {e.pos + 1}")
   except ValueError as e:  # NaN / Infinity
     return RowProblem(file, line_no, "malformed_json", str(e))
   if _SURROGATE_ESCAPE.search(text):
