@@ -20,13 +20,16 @@ proxy picks (all rejected: an explicit, counted fallback to the least harmful),
 and ``report.json`` / ``report.md`` add ``safety_filter``: harm, proxy and gold
 of best-of-n with and without the filter for every n (``prefjax.overopt.filtered``).
 
-Outputs in the workdir: ``samples.npz`` (raw scores; a rerun reuses them),
+Outputs in the workdir: ``samples.npz`` (raw scores; a rerun reuses them when
+every setting that shapes the samples is unchanged, and samples again otherwise),
 ``report.json`` (the curves), ``report.md`` and ``figures/bon.png`` (gold and
 proxy vs √KL).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any
 
@@ -48,6 +51,16 @@ from prefjax.rl import setup
 from prefjax.train import summary as summary_lib
 
 SAMPLES_FILE = "samples.npz"
+# Settings that only redraw the curves from the same samples.
+_CURVE_ONLY = ("num_points", "num_bootstrap")
+
+
+def samples_fingerprint(config: Any) -> str:
+  """SHA-256 of the config without the curve-only ``bon`` settings: samples drawn under
+  another fingerprint are not reused."""
+  cfg = summary_lib.config_to_dict(config)
+  cfg["bon"] = {k: v for k, v in cfg.get("bon", {}).items() if k not in _CURVE_ONLY}
+  return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
 def sample_and_score(config: Any, workdir: str | None = None) -> dict[str, np.ndarray]:
@@ -118,6 +131,7 @@ def curves(samples: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
       "kl_note": "analytic log n - (n-1)/n, an upper bound on the true KL",
       "reference_mean": means,
       "num_prompts": int(proxy.shape[0]), "num_samples": int(n_max),
+      "sampling": summary_lib.config_to_dict(config.sampling),
       "proxy_name": config.proxy.get("name") or config.proxy.kind,
       "gold_name": config.gold.get("name") or config.gold.kind,
       "mean_response_length": float(samples["lengths"].mean()),
@@ -138,7 +152,8 @@ def report_markdown(result: dict[str, Any]) -> str:
       f"proxy `{result['proxy_name']}`, gold `{result['gold_name']}`; "
       f"{result['num_prompts']} prompts × {result['num_samples']} reference samples; "
       "scores are minus the reference mean; ± one bootstrap SE over prompts. "
-      "KL is the analytic best-of-n bound log n − (n−1)/n.", "",
+      "KL is the analytic best-of-n bound log n − (n−1)/n. Sampling: "
+      + ", ".join(f"{k} {v}" for k, v in sorted(result["sampling"].items())) + ".", "",
       "| n | KL | √KL | proxy | gold |", "|---:|---:|---:|---:|---:|"]
   for i, n in enumerate(result["n"]):
     lines.append(f"| {n} | {result['kl'][i]:.3f} | {result['sqrt_kl'][i]:.3f} | "
@@ -156,15 +171,21 @@ def report_markdown(result: dict[str, Any]) -> str:
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Samples (or reuses ``samples.npz``), writes curves, report and figure; returns the curves."""
   os.makedirs(workdir, exist_ok=True)
-  summary_lib.write_or_check_config(workdir, config)
+  summary_lib.replace_config(workdir, config)
   path = os.path.join(workdir, SAMPLES_FILE)
+  fingerprint = samples_fingerprint(config)
+  samples = None
   if os.path.exists(path):
     with np.load(path) as f:
       samples = {k: f[k] for k in f.files}
-    logging.info("best_of_n: reusing %s", path)
-  else:
+    if str(samples.pop("config_sha256", "")) == fingerprint:
+      logging.info("best_of_n: reusing %s", path)
+    else:
+      logging.warning("best_of_n: %s was drawn under another config: sampling again", path)
+      samples = None
+  if samples is None:
     samples = sample_and_score(config, workdir)
-    files.write_atomically(path, lambda f: np.savez(f, **samples))
+    files.write_atomically(path, lambda f: np.savez(f, config_sha256=fingerprint, **samples))
   result = curves(samples, config)
   if "harm" in samples:
     result["safety_filter"] = filtered.filter_report(

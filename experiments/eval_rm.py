@@ -63,6 +63,7 @@ def compare(config: Any, workdir: str) -> str:
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Evaluates ``config.scorers`` on ``config.datasets``; returns the report."""
   os.makedirs(workdir, exist_ok=True)
+  summary_lib.replace_config(workdir, config)
   if config.get("compare"):
     return {"compare": compare(config, workdir)}
   start = time.time()
@@ -74,6 +75,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   mesh = experiment.make_optional_mesh(config)
   scorer_fns = {s.name: scorers_lib.make_scorer(s, config, mesh) for s in specs}
   report = {"command": " ".join(sys.argv), "scorers": [s.name for s in specs],
+            "checkpoints": {name: fn.checkpoint for name, fn in scorer_fns.items()
+                            if getattr(fn, "checkpoint", None)},
             "num_resamples": int(config.num_resamples), "datasets": []}
   scores = []
   for dataset in datasets:

@@ -86,6 +86,7 @@ def agreement_report(pairs: list[dict[str, Any]], judged: list[dict[str, Any]],
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Labels ``config.data``; writes ``labels.jsonl`` and the report; returns the report."""
   start = time.time()
+  summary_lib.replace_config(workdir, config)
   principles = constitution.load_constitutions(config.constitution)
   sampler = labeller.PrincipleSampler(tuple(principles), mode=config.principles.mode,
                                       num_principles=int(config.principles.num_principles),

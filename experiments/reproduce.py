@@ -79,7 +79,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   """The bandit world (``config.bandit``; None = skipped), then the text world when
   ``config.text.enabled``."""
   start = time.time()
-  summary_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  summary_lib.replace_config(workdir, config)
   facts = {"command": " ".join(["python -m experiments.reproduce"] + sys.argv[1:])}
   found, figs, results = [], {}, None
   if config.get("bandit") is not None:

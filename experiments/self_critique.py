@@ -36,6 +36,7 @@ from prefjax.train import summary as summary_lib
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Runs the loop over ``config.data``'s prompts; returns the report."""
   start = time.time()
+  summary_lib.replace_config(workdir, config)
   principles = constitution.load_constitutions(config.constitution)
   sampler = labeller.PrincipleSampler(tuple(principles), mode="sample",
                                       seed=int(config.principles.seed))

@@ -50,6 +50,28 @@ def test_rerun_reuses_samples(bon_run):
   assert best_of_n.run(config, str(workdir)) == result
 
 
+def test_samples_are_redrawn_when_a_setting_that_shapes_them_changes(bon_run, monkeypatch):
+  workdir, config, result = bon_run
+  with np.load(workdir / "samples.npz") as f:
+    saved = {k: f[k] for k in f.files if k != "config_sha256"}
+  draws = []
+  monkeypatch.setattr(best_of_n, "sample_and_score",
+                      lambda cfg, wd: draws.append(cfg.sampling.temperature) or dict(saved))
+  fewer_resamples = config.copy_and_resolve_references()
+  fewer_resamples.bon.num_bootstrap = 200  # only the curves' error bars change
+  assert best_of_n.run(fewer_resamples, str(workdir))["n"] == result["n"]
+  assert draws == []
+  cooler = config.copy_and_resolve_references()
+  cooler.sampling.temperature = 0.5
+  report = best_of_n.run(cooler, str(workdir))
+  assert draws == [0.5]
+  assert report["sampling"]["temperature"] == 0.5
+  assert "temperature 0.5" in (workdir / "report.md").read_text()
+  assert json.loads((workdir / "config.json").read_text())["sampling"]["temperature"] == 0.5
+  best_of_n.run(cooler, str(workdir))  # now the samples on disk are the cooler ones
+  assert draws == [0.5]
+
+
 def test_curves_against_hand_computed_best_of_n():
   # Two prompts, three samples each; best-of-3 keeps the proxy argmax.
   proxy = np.array([[0.0, 2.0, 1.0], [3.0, 1.0, 2.0]])

@@ -175,6 +175,18 @@ def test_shipped_configs_declare_every_documented_field(module):
     assert f"config.{name}" in keys, name
 
 
+@pytest.mark.parametrize("module", [rm_tiny, hh_minilm, pandalm_ties, dpo_tiny, smollm2_hh,
+                                    sft_tiny], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("variant", [None, "quick"])
+def test_a_decaying_schedule_ends_where_the_run_ends(module, variant):
+  """Setting loop.num_steps (as --config.loop.num_steps does) moves optimizer.total_steps."""
+  config = module.get_config(variant)
+  assert config.optimizer.schedule == "constant" or (
+      config.optimizer.total_steps == config.loop.num_steps)
+  config.loop.num_steps = 1234
+  assert config.optimizer.schedule == "constant" or config.optimizer.total_steps == 1234
+
+
 @pytest.mark.parametrize("module", [tiny_ppo, tiny_rloo, smollm2_rloo],
                          ids=lambda m: m.__name__)
 def test_rl_configs_declare_the_loop_options_train_rl_honours(module):
@@ -211,6 +223,21 @@ def test_section_declares_defaults_and_typed_placeholders():
     configlib.section(train.LoopConfig)
   with pytest.raises(configlib.ConfigError, match=r"did you mean log_every"):
     configlib.section(train.LoopConfig, num_steps=1, log_evry=5)
+
+
+def test_best_mode_follows_the_metric_name_unless_given():
+  assert train.best_mode_for("accuracy") == "max"
+  assert train.best_mode_for("eval/length_baseline_accuracy") == "max"
+  assert train.best_mode_for("bt_log_loss") == "min"
+  assert train.best_mode_for("neg_mse") == "max"
+  assert train.best_mode_for("accuracy", "min") == "min"  # given: kept
+  assert train.LoopConfig(num_steps=1, best_metric="win_rate").best_mode == "max"
+  assert train.LoopConfig(num_steps=1, best_metric="kl").best_mode == "min"
+  assert train.LoopConfig(num_steps=1).best_mode is None
+  with pytest.raises(configlib.ConfigError, match=r"best_metric='score': set loop.best_mode"):
+    train.LoopConfig(num_steps=1, best_metric="score")
+  with pytest.raises(configlib.ConfigError, match=r"best_mode='high'"):
+    train.LoopConfig(num_steps=1, best_metric="accuracy", best_mode="high")
 
 
 def test_on_config_mismatch_error_set_from_the_command_line_stops_a_changed_rerun(tmp_path):

@@ -167,6 +167,23 @@ def test_rm_ensemble_and_dpo_match_their_trainers_own_eval(runs, report):
   assert m["rm"]["bt_log_loss"]["value"] == pytest.approx(runs["rm"]["bt_log_loss"], rel=1e-6)
 
 
+def test_report_names_each_checkpoint_and_the_workdir_keeps_the_config(runs, report):
+  root, (result, workdir) = runs["root"], report
+  assert result["checkpoints"] == {
+      "rm": {"path": str(root / "rm"), "step": 30}, "ens": {"path": str(root / "ens"), "step": 4},
+      "dpo": {"path": str(root / "dpo"), "step": 15}}
+  assert "ens = `" + str(root / "ens") + "` step 4" in (workdir / "report.md").read_text()
+  assert json.loads((workdir / "config.json").read_text())["scorers"].startswith("rm:")
+
+
+def test_best_of_a_run_trained_without_best_metric_says_so(runs, tmp_path):
+  with pytest.raises(scorers_lib.EvalInputError,
+                     match=r"scorer 'rm': .* was trained without loop.best_metric, so no "
+                           r"checkpoint of it is ranked best; use @latest or @STEP"):
+    eval_rm.run(eval_config(f"rm:{runs['root']}/rm@best", f"run:{runs['root']}/rm"),
+                str(tmp_path / "e"))
+
+
 def test_baselines_gold_and_comparisons(report):
   section = report[0]["datasets"][0]
   m = section["metrics"]
@@ -265,6 +282,17 @@ def test_a_tokenizer_that_cannot_read_the_data_is_named(tmp_path, minilm_dir):
                            r"'jsonl:.*emoji.jsonl@train': 100% of the tokens"):
     eval_rm.run(eval_config(f"minilm=hf:{minilm_dir}", f"jsonl:{path}@train"),
                 str(tmp_path / "eval"))
+
+
+def test_bad_rows_of_a_dataset_are_listed_with_their_file_and_line(tmp_path, monkeypatch):
+  monkeypatch.setenv("PREFJAX_CACHE_DIR", str(tmp_path / "cache"))
+  path = tmp_path / "bench.jsonl"
+  good = json.dumps({"prompt": "Q", "chosen": " yes", "rejected": " no"})
+  path.write_text("\n".join([good, json.dumps({"prompt": "Q", "chosen": " yes"}), good]))
+  with pytest.raises(scorers_lib.EvalInputError,
+                     match=rf"(?s)dataset 'jsonl:{path}@train': .*1 bad row\(s\) of 3 read.*"
+                           rf"{path}:2: missing_field.*--config.on_bad_row=skip"):
+    eval_rm.run(eval_config("length", f"jsonl:{path}@train"), str(tmp_path / "eval"))
 
 
 def test_a_missing_dataset_is_one_line_on_the_command_line(tmp_path):

@@ -297,7 +297,8 @@ def test_best_of_n_binary_reports_the_filter(tmp_path):
   proxy = np.array([[3.0, 2.0, 1.0], [5.0, 4.0, 0.0]])
   harm = np.array([[0.9, 0.05, 0.0], [0.8, 0.6, 0.7]])
   np.savez(tmp_path / best_of_n.SAMPLES_FILE, proxy=proxy, gold=-proxy, harm=harm,
-           lengths=np.ones_like(proxy), harm_threshold=np.float64(0.1))
+           lengths=np.ones_like(proxy), harm_threshold=np.float64(0.1),
+           config_sha256=best_of_n.samples_fingerprint(config))  # drawn under this config
   report = best_of_n.run(config, str(tmp_path))["safety_filter"]
   assert report["n"] == [1, 2, 3] and report["fallbacks_at_n_max"] == 1
   assert report["rejected_fraction"] == pytest.approx(4 / 6)

@@ -83,8 +83,11 @@ def test_optimizer_config_errors():
     train.make_optimizer({"name": "adamw", "lr": 1e-3})
   with pytest.raises(ValueError, match="optimizer.name='lion'"):
     train.make_optimizer({"name": "lion"})
-  with pytest.raises(ValueError, match="needs total_steps"):
+  with pytest.raises(ValueError, match="needs total_steps.*tie total_steps to loop.num_steps"):
     train.make_schedule({"schedule": "cosine", "warmup_steps": 5})
+  for rate in (-1e-3, float("nan")):
+    with pytest.raises(ValueError, match="must be >= 0"):
+      train.make_optimizer({"name": "adamw", "learning_rate": rate})
 
 
 def test_grad_clipping_and_weight_decay_follow_optax_reference():
@@ -282,6 +285,41 @@ def test_consecutive_nonfinite_steps_abort(tmp_path):
   records = train.read_metrics(tmp_path)
   assert [r["skipped_steps"] for r in records] == [0, 0, 0, 1, 2, 3]
   assert records[3]["loss"] == "inf"  # JSON has no inf: written as a string.
+
+
+def test_a_rerun_after_an_attempt_that_saved_nothing_records_its_own_config(tmp_path):
+  """The first attempt dies before its first checkpoint; the fixed rerun starts fresh, so
+  config.json must describe the rerun (eval_rm rebuilds the model from it)."""
+  bad = make_batches(4, 8)
+  for b in bad:
+    b["y"] = np.full_like(b["y"], np.inf)
+  loop = train.LoopConfig(num_steps=4, log_every=1, max_consecutive_nonfinite=2,
+                          tensorboard=False)
+  kw = dict(workdir=str(tmp_path), loss_fn=mse_loss, loop=loop,
+            optimizer={"name": "sgd", "learning_rate": 0.1})
+  with pytest.raises(train.NonFiniteError):
+    train.train_loop(model=MLP(nnx.Rngs(0)), train_iter=iter(bad), config={"attempt": 1}, **kw)
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f) == {"attempt": 1}
+  train.train_loop(model=MLP(nnx.Rngs(0)), train_iter=iter(make_batches(4, 8)),
+                   config={"attempt": 2}, **kw)
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f) == {"attempt": 2}
+  assert not (tmp_path / "config.rerun.json").exists()
+  # Once a checkpoint exists, the run's config stays and a changed rerun goes beside it.
+  train.train_loop(model=MLP(nnx.Rngs(0)), train_iter=iter(make_batches(4, 8)),
+                   config={"attempt": 3}, **kw)
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f) == {"attempt": 2}
+  with open(tmp_path / "config.rerun.json") as f:
+    assert json.load(f) == {"attempt": 3}
+
+
+def test_a_strict_rerun_of_a_workdir_that_saved_nothing_says_how_to_start_over(tmp_path):
+  train.write_or_check_config(str(tmp_path), {"lr": 1e30})
+  with pytest.raises(train.ConfigMismatchError, match="no checkpoint was saved: delete"):
+    train.write_or_check_config(str(tmp_path), {"lr": 0.1}, on_mismatch="error",
+                                saved_nothing=True)
 
 
 def test_config_mismatch_warns_with_diff_or_raises(tmp_path, caplog):

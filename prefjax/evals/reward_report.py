@@ -69,6 +69,9 @@ def markdown(report: Mapping[str, Any]) -> str:
          "paired resamples of pairs; intervals are 95% percentile intervals. Accuracy counts "
          "a zero margin as half; length-controlled accuracy = ½·acc(preferred longer) + "
          "½·acc(preferred shorter) (lengths in characters; a pure length scorer gets 0.5).", ""]
+  if report.get("checkpoints"):
+    out += ["Checkpoints: " + "; ".join(f"{name} = `{c['path']}` step {c['step']}"
+                                        for name, c in report["checkpoints"].items()) + ".", ""]
   for section in report["datasets"]:
     out += [f"## {section['dataset']}", "",
             f"{section['pairs_decisive']} decisive pairs scored by every scorer "

@@ -44,6 +44,7 @@ from prefjax.rewards import aggregate
 from prefjax.rm import evaluation as rm_evaluation
 from prefjax.rm import loss as rm_loss_lib
 from prefjax.train import checkpoint
+from prefjax.train import loop as loop_lib
 from prefjax.train import sharding as sharding_lib
 from prefjax.train import summary as summary_lib
 
@@ -225,6 +226,7 @@ class ModelScorer:
   mesh: jax.sharding.Mesh | None
   max_unk_fraction: float
   output_columns: Callable[[int], dict[str, Callable[[np.ndarray], np.ndarray]]]
+  checkpoint: dict[str, Any] | None = None  # {"path", "step"} of a trained run
 
   def _put(self, batch):
     if self.mesh is None:
@@ -282,7 +284,8 @@ def _reward_forward(model: nnx.Module) -> Callable[[dict[str, Any]], tuple[Any, 
   return lambda batch: rm_evaluation.jitted_pair_rewards(graphdef, state, batch)
 
 
-def _restore(spec: ScorerSpec, run: Any, model: nnx.Module) -> None:
+def _restore(spec: ScorerSpec, run: Any, model: nnx.Module) -> dict[str, Any]:
+  """Loads the checkpoint ``spec`` names into ``model``; returns its ``{"path", "step"}``."""
   step: Any = spec.step
   if step not in ("latest", "best"):
     if not str(step).isdigit():
@@ -290,12 +293,21 @@ def _restore(spec: ScorerSpec, run: Any, model: nnx.Module) -> None:
                            "or a step number")
     step = int(step)
   loop = run.get("loop") or {}
+  best_metric = loop.get("best_metric")
+  if step == "best" and not best_metric:
+    raise EvalInputError(f"scorer {spec.name!r}: {spec.path} was trained without "
+                         "loop.best_metric, so no checkpoint of it is ranked best; use "
+                         "@latest or @STEP")
+  ranking = {"best_metric": best_metric,
+             "best_mode": loop_lib.best_mode_for(best_metric, loop.get("best_mode"))
+             if best_metric else "min"}
   try:
-    checkpoint.load_params(spec.path, model, step=step, best_metric=loop.get("best_metric"),
-                           best_mode=loop.get("best_mode", "min"))
+    step = checkpoint.saved_step(spec.path, step, **ranking)
+    checkpoint.load_params(spec.path, model, step=step, **ranking)
   except (FileNotFoundError, ValueError) as e:
     raise EvalInputError(f"scorer {spec.name!r}: cannot restore {spec.path}@{step}: "
                          f"{str(e).splitlines()[0]}") from e
+  return {"path": os.path.abspath(spec.path), "step": int(step)}
 
 
 def _run_pipeline(run: Any, eval_cfg: Any) -> pipeline_lib.PipelineConfig:
@@ -309,12 +321,12 @@ def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   run = read_run_config(spec.path, f"scorer {spec.name!r}")
   tokenizer = experiment.make_tokenizer(run.tokenizer)
   model = _build(run.model, tokenizer.vocab_size, int(run.seed), mesh)
-  _restore(spec, run, model)
+  saved = _restore(spec, run, model)
   _, objectives = rm_loss_lib.reward_columns(model)
   return ModelScorer(spec.name, tokenizer, _run_pipeline(run, eval_cfg), _reward_forward(model),
                      _model_vocab(model), mesh,
                      float(eval_cfg.max_unk_fraction),
-                     reward_columns(spec.name, objectives, float(eval_cfg.uwo_lambda)))
+                     reward_columns(spec.name, objectives, float(eval_cfg.uwo_lambda)), saved)
 
 
 def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
@@ -322,7 +334,7 @@ def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   loss = direct_loss_lib.DirectLoss.from_config(run)
   tokenizer = experiment.make_tokenizer(run.tokenizer)
   policy = _build(run.model, tokenizer.vocab_size, int(run.seed), mesh)
-  _restore(spec, run, policy)
+  saved = _restore(spec, run, policy)
   policy_def, policy_state = nnx.split(policy)
   ref_def = ref_state = None
   if loss.needs_reference:  # As train_dpo builds it: ref.path, else the policy's init.
@@ -336,7 +348,7 @@ def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
 
   return ModelScorer(spec.name, tokenizer, _run_pipeline(run, eval_cfg), forward,
                      _model_vocab(policy), mesh, float(eval_cfg.max_unk_fraction),
-                     reward_columns(spec.name, (), 0.0))
+                     reward_columns(spec.name, (), 0.0), saved)
 
 
 def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:

@@ -20,6 +20,7 @@ _EXPORTS = {
     "load_params": "checkpoint",
     "BatchEvaluator": "evaluators",
     "LoopConfig": "loop",
+    "best_mode_for": "loop",
     "NonFiniteError": "loop",
     "StopOnSignal": "loop",
     "TrainResult": "loop",

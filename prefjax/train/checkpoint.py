@@ -74,22 +74,44 @@ def load_params(workdir: str | os.PathLike[str], model: nnx.Module, *,
   Returns:
     ``model``, with the restored parameters.
   """
-  directory = os.path.join(os.fspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints directory in {workdir}")
-  ckpt = Checkpointer(directory, best_metric=best_metric, best_mode=best_mode, read_only=True)
+  ckpt = _read_only(workdir, best_metric, best_mode)
   try:
-    if step == "best":
-      step = ckpt.best_step()
-      if step is None:
-        raise ValueError(f"no checkpoint in {workdir} has eval metric {best_metric!r}")
-    elif step == "latest":
-      step = None
+    step = _resolve_step(ckpt, workdir, step, best_metric)
     _, params, _ = state_lib.split_model(model, trainable)
     nnx.update(model, ckpt.restore_params(params, step))
   finally:
     ckpt.close()
   return model
+
+
+def saved_step(workdir: str | os.PathLike[str], step: int | str | None = None, *,
+               best_metric: str | None = None, best_mode: str = "min") -> int:
+  """The step :func:`load_params` loads for these arguments."""
+  ckpt = _read_only(workdir, best_metric, best_mode)
+  try:
+    step = _resolve_step(ckpt, workdir, step, best_metric)
+    return ckpt.latest_step() if step is None else step
+  finally:
+    ckpt.close()
+
+
+def _read_only(workdir, best_metric: str | None, best_mode: str) -> "Checkpointer":
+  directory = os.path.join(os.fspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints directory in {workdir}")
+  return Checkpointer(directory, best_metric=best_metric, best_mode=best_mode, read_only=True)
+
+
+def _resolve_step(ckpt: "Checkpointer", workdir, step: int | str | None,
+                  best_metric: str | None) -> int | None:
+  """An int step, or None for the latest."""
+  if step == "best":
+    step = ckpt.best_step()
+    if step is None:
+      raise ValueError(f"no checkpoint in {workdir} has eval metric {best_metric!r}")
+  elif step == "latest":
+    step = None
+  return step
 
 
 def _gather_json(value: Any) -> list[Any]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import re
 import signal
 import threading
 import time
@@ -83,7 +84,8 @@ class LoopConfig:
     keep_checkpoints: keep the last N checkpoints.
     best_metric: eval metric name (without ``eval/``) whose best checkpoints are
       also kept; eval steps then always save.
-    best_mode: ``min`` or ``max`` for ``best_metric``.
+    best_mode: ``min`` or ``max`` for ``best_metric``; by default what its name
+      says (``best_mode_for``), an error when the name does not say.
     keep_best: number of best checkpoints kept.
     accum_steps: microbatches per optimizer update.
     presplit_microbatches: batches already carry a leading microbatch axis.
@@ -102,7 +104,7 @@ class LoopConfig:
   checkpoint_every: int = 0
   keep_checkpoints: int = 3
   best_metric: str | None = None
-  best_mode: str = "min"
+  best_mode: str | None = None
   keep_best: int = 1
   accum_steps: int = 1
   presplit_microbatches: bool = False
@@ -114,9 +116,40 @@ class LoopConfig:
   allow_restart: bool = False
   eval_at_start: bool = False
 
+  def __post_init__(self):
+    if self.best_metric is not None:
+      object.__setattr__(self, "best_mode", best_mode_for(self.best_metric, self.best_mode))
+
   @classmethod
   def from_mapping(cls, cfg: Mapping[str, Any] | "LoopConfig") -> "LoopConfig":
     return configlib.dataclass_from_mapping(cls, cfg)
+
+
+_HIGHER_IS_BETTER = frozenset({"accuracy", "acc", "auc", "auroc", "f1", "precision", "recall",
+                               "agreement", "spearman", "kendall", "pearson", "win", "winrate"})
+_LOWER_IS_BETTER = frozenset({"loss", "nll", "error", "err", "kl", "perplexity", "ppl", "ece",
+                              "brier", "mse", "mae", "rmse"})
+
+
+def best_mode_for(metric: str, mode: str | None = None) -> str:
+  """``mode`` if given, else the direction the name of eval metric ``metric`` implies:
+  ``max`` for accuracy-like words (accuracy, auc, f1, win, ...), ``min`` for loss-like
+  ones (loss, nll, error, kl, mse, ...), reversed by a ``neg`` word (``neg_mse``).
+
+  Raises ``ConfigError`` when ``mode`` is not min/max, or is None and the name
+  says neither or both.
+  """
+  if mode is not None:
+    if mode not in ("min", "max"):
+      raise configlib.ConfigError(f"loop.best_mode={mode!r}; expected 'min' or 'max'")
+    return mode
+  words = set(re.split(r"[^a-z0-9]+", metric.lower()))
+  higher, lower = bool(words & _HIGHER_IS_BETTER), bool(words & _LOWER_IS_BETTER)
+  if higher == lower:
+    raise configlib.ConfigError(
+        f"loop.best_metric={metric!r}: set loop.best_mode to 'min' or 'max' (the name does "
+        "not say whether lower or higher is better)")
+  return "max" if higher != ("neg" in words) else "min"
 
 
 @dataclasses.dataclass
@@ -212,7 +245,7 @@ class _Trainer:
     self.has_eval = bool(self.evaluators)
     self.checkpointer = checkpoint_lib.Checkpointer(
         f"{self.workdir}/checkpoints", keep_last=self.loop.keep_checkpoints,
-        best_metric=self.loop.best_metric, best_mode=self.loop.best_mode,
+        best_metric=self.loop.best_metric, best_mode=self.loop.best_mode or "min",
         keep_best=self.loop.keep_best, async_save=self.loop.async_checkpointing)
     self.last_eval: dict[str, float] | None = None
     self.last_eval_step = -1
@@ -238,7 +271,8 @@ class _Trainer:
   # -- resume ----------------------------------------------------------------
   def restore_or_init(self) -> int:
     summary_lib.write_or_check_config(self.workdir, self.config,
-                                      on_mismatch=self.loop.on_config_mismatch)
+                                      on_mismatch=self.loop.on_config_mismatch,
+                                      saved_nothing=not self.checkpointer.all_steps())
     restored = self.checkpointer.restore_newest_intact(
         self.state, allow_restart=self.loop.allow_restart)
     if restored is None:

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import json
 import os
+import pathlib
 from typing import Any, Mapping
 
 import jax
@@ -82,12 +83,16 @@ def _without_rerun_policy(config: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
-def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn") -> dict:
+def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn",
+                          saved_nothing: bool = False) -> dict:
   """Writes ``config.json`` on a fresh workdir; on a rerun compares and reports a diff.
 
   On mismatch with ``on_mismatch="warn"`` the diff is logged as a warning, the
   original ``config.json`` is kept and the new config is written beside it as
   ``config.rerun.json``; with ``"error"`` a :class:`ConfigMismatchError` is raised.
+  With ``"warn"``, a workdir whose earlier attempt ``saved_nothing`` (no
+  checkpoint) takes this run's config instead: ``config.json`` is replaced, the
+  diff logged.
   """
   if on_mismatch not in ("warn", "error"):
     raise ValueError(f"on_mismatch={on_mismatch!r}; expected 'warn' or 'error'")
@@ -99,13 +104,36 @@ def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn
   with open(path) as f:
     old = json.load(f)
   diff = config_diff(_without_rerun_policy(old), _without_rerun_policy(new))
-  if diff:
+  if diff and saved_nothing and on_mismatch == "warn":
+    logging.warning("replacing %s: the run started with it saved no checkpoint, and this "
+                    "run's config differs:\n%s", path, diff)
+    write_json(path, new)
+    if jax.process_index() == 0:
+      pathlib.Path(workdir, "config.rerun.json").unlink(missing_ok=True)
+  elif diff:
     message = f"config differs from the one {workdir} was started with:\n{diff}"
     if on_mismatch == "error":
+      if saved_nothing:
+        message += f"\n(no checkpoint was saved: delete {path} to start with this config)"
       raise ConfigMismatchError(message)
     logging.warning("%s\n(keeping %s; this run's config is in config.rerun.json)",
                     message, path)
     write_json(os.path.join(workdir, "config.rerun.json"), new)
+  return new
+
+
+def replace_config(workdir: str, config: Any) -> dict:
+  """Writes this run's ``config.json``, for binaries whose every run rewrites its outputs
+  (evaluations, reports): the diff from a config it replaces is logged as a warning."""
+  new = config_to_dict(config)
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      diff = config_diff(json.load(f), new)
+    if diff:
+      logging.warning("this run's outputs replace those of another config in %s:\n%s",
+                      workdir, diff)
+  write_json(path, new)
   return new
 
 
