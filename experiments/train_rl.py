@@ -159,7 +159,8 @@ def _write_summary(workdir: str, loop_summary: dict[str, Any], total: int) -> di
     summary["data"] = data
   summary_lib.write_summary(workdir, summary)
   _plot(evals, os.path.join(workdir, "figures", "rl.png"))
-  logging.info("RL done: proxy %+.3f, gold peak %+.3f at step %d, final gold drop %.3f",
+  logging.info("RL done, held-out changes from step 0: proxy %+.3f at the end; gold %+.3f "
+               "at its peak (step %d), then down %.3f by the end",
                summary["proxy_gain"], summary["gold_gain_at_peak"], peak["step"],
                summary["gold_drop_after_peak"])
   return summary

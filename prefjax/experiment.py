@@ -236,6 +236,8 @@ def start_data_report(workdir: str, splits: Mapping[str, sources.PreferenceSourc
             for name, source in splits.items()}
   summary_lib.write_json(f"{workdir}/{report_lib.REPORT_FILE}", report)
   logging.info("%s (details: %s)", report_lib.one_line(report), report_lib.REPORT_FILE)
+  for line in report_lib.mostly_truncated(report):
+    logging.warning("%s", line)
   return report
 
 

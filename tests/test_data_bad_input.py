@@ -79,6 +79,18 @@ def test_malformed_json_detail_gives_the_column(tmp_path):
     _load(path, tmp_path / "cache", "error")
 
 
+def test_a_control_character_inside_a_string_reads_once_at_its_column(tmp_path):
+  path = _write_case(tmp_path, b'{"prompt": "a\tb", "chosen": " yes", "rejected": " no"}')
+  with pytest.raises(pdata.BadRowError, match=rf"{path}:2: malformed_json: Invalid control "
+                     "character at column 14"):
+    _load(path, tmp_path / "cache", "error")
+
+
+def test_a_directory_given_as_a_jsonl_file_is_named_so(tmp_path):
+  with pytest.raises(FileNotFoundError, match=f"{tmp_path} is a directory, not a file"):
+    _load(tmp_path, tmp_path / "cache", "error")
+
+
 @pytest.mark.parametrize("case", sorted(BAD_LINES))
 def test_bad_line_skip_mode_counts_and_keeps_the_rest(tmp_path, case):
   bad, reason = BAD_LINES[case]

@@ -67,7 +67,8 @@ def test_report_counts_skips_truncations_and_the_200k_response(tmp_path):
   line = report.one_line({"train": got})
   assert "read 52, built 50, skipped 2" in line and "\n" not in line
   assert "truncated 50 prompts (longest 41 tokens at messy.jsonl:1, limit 16)" in line
-  assert "50 responses (longest 200001 tokens at messy.jsonl:8, max_length 32)" in line
+  assert ("50 responses (longest 200001 tokens at messy.jsonl:8; a prompt and its response "
+          "share max_length 32)") in line
 
 
 def test_only_the_200k_response_is_truncated_among_short_rows(tmp_path):
@@ -203,3 +204,13 @@ def test_a_shard_without_rows_names_the_source(tmp_path):
   with pytest.raises(ValueError, match=rf"^jsonl:{path}\[train\] has 1 rows, so shard 1 of 2 "
                      r"\(one per process\) is empty$"):
     pipeline.preference_dataset(_load(path, tmp_path), BYTES, config)
+
+
+def test_a_split_whose_responses_are_mostly_cut_is_named():
+  def split(used, cut, longest=40):
+    return {"rows_used": used, "truncated_responses": {"count": cut},
+            "longest_response": {"tokens": longest}, "max_length": 32}
+  lines = report.mostly_truncated({"train": split(60, 60), "eval": split(60, 30),
+                                       "prompts_only": split(60, 60, longest=0)})
+  assert lines == ["train: 60 of 60 responses are cut to fit max_length 32 (prompt + "
+                   "response); raise data.pipeline.max_length unless that is intended"]

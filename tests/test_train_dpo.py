@@ -301,6 +301,12 @@ def test_direct_loss_rejects_bad_settings():
     loss_lib.DirectLoss(name="nope")
   with pytest.raises(ValueError, match="not hyperparameters of 'ipo'"):
     loss_lib.DirectLoss(name="ipo", loss_kwargs=(("label_smoothing", 0.1),))
+  with pytest.raises(ValueError, match=r"label_smoothing='abc' for 'dpo': expected a number"):
+    loss_lib.DirectLoss(name="dpo", loss_kwargs=loss_lib.parse_kwargs("label_smoothing=abc"))
+  with pytest.raises(ValueError, match=r"label_smoothing=True for 'dpo': expected a number"):
+    loss_lib.DirectLoss(name="dpo", loss_kwargs={"label_smoothing": True})
+  assert loss_lib.DirectLoss(name="simpo", loss_kwargs={"gamma": None}).kwargs == {"gamma": None}
+  assert loss_lib.DirectLoss(name="dpo", loss_kwargs={"label_smoothing": jnp.float32(0.1)})
   with pytest.raises(ValueError, match="kto needs ref_mode='online'"):
     loss_lib.DirectLoss(name="kto", ref_mode="cached")
   assert loss_lib.DirectLoss(name="simpo").ref_mode == "none"

@@ -13,8 +13,10 @@ EXPECTED (measured on this shared 2-core CPU, seed 0):
   +0.56 at n=56 and then turns down (+0.42 ± 0.09 at n=256): the start of
   overoptimization, much milder than PPO/RLOO's collapse at KL > 5 nats, because
   best-of-n only reweights reference samples.
-  `:quick` (16 prompts x N=64, 30-50 s; measured before 8511f61): proxy
-  +1.18 ± 0.08 and gold +0.64 ± 0.17 at n=64, both still rising.
+  `:quick` (16 prompts x N=64; remeasured 2026-12-05 on the Intel Xeon, 8 s wall with
+  JAX's compilation cache warm): the proxy rises to +1.28 ± 0.10 at n=64; the gold peaks
+  at n=21 (+0.43 ± 0.07) and ends at +0.25 ± 0.16 (16 prompts: wide error bars). The
+  quote before 8511f61 (gold +0.64 at n=64, still rising) predates the inverse-CDF sampler.
 
 SAFETY FILTER (`:safety`, the default run plus the tiny world's programmatic harm,
 the frequency of "g"; candidates with harm >= 0.1 are rejected before the proxy

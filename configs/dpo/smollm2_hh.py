@@ -49,6 +49,8 @@ from prefjax import train
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None (default) or ``quick`` (2 steps at batch 2: a CPU smoke test)."""
   config = ml_collections.ConfigDict()
+  # One value: overriding --config.loop.num_steps also moves the end of the LR schedule.
+  num_steps = ml_collections.FieldReference(200)
   config.seed = 0
   config.tokenizer = dict(path="asset:smollm2")
   # scan_layers: the 30 blocks compile as one (rm_step_hh_30layers_scan in benchmarks.run).
@@ -63,8 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.ref = dict(mode="auto", path="", cache_dir="")
   config.optimizer = configlib.section(
       train.OptimizerConfig, name="adamw", learning_rate=5e-7, schedule="cosine", warmup_steps=20,
-      total_steps=200, weight_decay=0.0, grad_clip_norm=10.0)
-  config.loop = configlib.section(train.LoopConfig, num_steps=200, log_every=10,
+      total_steps=num_steps, weight_decay=0.0, grad_clip_norm=10.0)
+  config.loop = configlib.section(train.LoopConfig, num_steps=num_steps, log_every=10,
                                   eval_every=100, checkpoint_every=100, seed=0,
                                   async_checkpointing=True, tensorboard=True)
   config.eval = dict(batch_size=16, kl_max_new_tokens=64, kl_temperature=1.0, exact_kl="auto")
@@ -78,7 +80,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.batch_size = 4
     config.eval.kl_max_new_tokens = 16
     config.optimizer.warmup_steps = 0
-    config.optimizer.total_steps = 2
     config.loop.num_steps = 2
     config.loop.log_every = 1
     config.loop.eval_every = 0

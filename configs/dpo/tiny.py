@@ -17,7 +17,7 @@ Held-out implicit-reward accuracy (211 pairs; chance 0.5) and KL(π‖π_ref) in
   from configs/sft/tiny.py:   0.86 / 0.86, KL 8.5 / 8.4 (k3 7.6 / 8.2: k3 is
                               noisier at this KL; kl/exact is the low-variance estimate).
   (KL remeasured 2026-12-01 after the inverse-CDF sampler, 8511f61.)
-``:quick`` (40 steps, no checkpoints): accuracy 0.83. Every registered loss
+``:quick`` (40 steps, saved only at the end): accuracy 0.83. Every registered loss
 reaches > 0.62 after 30 steps of a 1-layer model (tests/test_train_dpo.py).
 """
 

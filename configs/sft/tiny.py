@@ -26,6 +26,8 @@ from prefjax import train
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None (default) or ``quick`` (fewer steps, for tests)."""
   config = ml_collections.ConfigDict()
+  # One value: overriding --config.loop.num_steps also moves the end of the LR schedule.
+  num_steps = ml_collections.FieldReference(300)
   config.seed = 0
   config.tokenizer = dict(path="byte")
   config.model = experiment.model_section(
@@ -37,8 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       pipeline=dict(seed=0, batch_size=32, max_length=32, mode="padded"))
   config.optimizer = configlib.section(
       train.OptimizerConfig, name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=10,
-      total_steps=300, weight_decay=0.0, grad_clip_norm=1.0)
-  config.loop = configlib.section(train.LoopConfig, num_steps=300, log_every=20,
+      total_steps=num_steps, weight_decay=0.0, grad_clip_norm=1.0)
+  config.loop = configlib.section(train.LoopConfig, num_steps=num_steps, log_every=20,
                                   eval_every=100, checkpoint_every=100, seed=0,
                                   async_checkpointing=False, tensorboard=True)
   config.eval = dict(batch_size=64)
@@ -46,7 +48,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.export_hf = True
   if arg == "quick":
     config.loop.num_steps = 40
-    config.optimizer.total_steps = 40
     config.loop.eval_every = 20
     config.loop.checkpoint_every = 0
   elif arg not in (None, ""):

@@ -111,8 +111,9 @@ class PipelineConfig:
     if self.prompt_style not in tokenize_lib.PROMPT_STYLES:
       raise ValueError(f"prompt_style must be one of {tokenize_lib.PROMPT_STYLES}, "
                        f"got {self.prompt_style!r}")
-    if self.batch_size < 1 or self.max_length < 2 or self.min_response_length < 1:
-      raise ValueError("need batch_size >= 1, max_length >= 2, min_response_length >= 1")
+    for name, least in (("batch_size", 1), ("max_length", 2), ("min_response_length", 1)):
+      if getattr(self, name) < least:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= {least}")
     if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
       raise ValueError(f"max_prompt_length={self.max_prompt_length} must be in "
                        f"[1, max_length={self.max_length})")

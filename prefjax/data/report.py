@@ -184,5 +184,18 @@ def _describe(r: Mapping[str, Any]) -> str:
            f"{prompt['tokens']} tokens at {prompt['row']}, limit {r['prompt_limit']})")
   if response["tokens"]:  # prompt-only data (RL, best-of-n) has no responses
     text += (f" and {r['truncated_responses']['count']} responses (longest "
-             f"{response['tokens']} tokens at {response['row']}, max_length {r['max_length']})")
+             f"{response['tokens']} tokens at {response['row']}; a prompt and its response "
+             f"share max_length {r['max_length']})")
   return text
+
+
+def mostly_truncated(reports: Mapping[str, Mapping[str, Any]]) -> list[str]:
+  """One line per split where more than half the used rows lose response tokens."""
+  lines = []
+  for name, r in reports.items():
+    cut = r["truncated_responses"]["count"]
+    if r["longest_response"]["tokens"] and r["rows_used"] and cut > r["rows_used"] / 2:
+      lines.append(f"{name}: {cut} of {r['rows_used']} responses are cut to fit "
+                   f"max_length {r['max_length']} (prompt + response); raise "
+                   "data.pipeline.max_length unless that is intended")
+  return lines

@@ -23,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from prefjax import experiment
+from prefjax.data import sources
 from prefjax.evals import scorers as scorers_lib
 from prefjax.evals import stats
 
@@ -50,6 +51,9 @@ def load_dataset(spec: str, eval_cfg: Any) -> Dataset:
     source = experiment.load_split(data_cfg, split)
   except EvalInputError:
     raise
+  except sources.BadRowError as e:  # every listed file:line, and eval_rm's own flag
+    raise EvalInputError(f"dataset {spec!r}: " + str(e).replace(
+        "--config.data.on_bad_row", "--config.on_bad_row")) from e
   except Exception as e:  # pylint: disable=broad-except
     raise EvalInputError(f"dataset {spec!r}: {type(e).__name__}: "
                          f"{(str(e).strip().splitlines() or [''])[0]}") from e

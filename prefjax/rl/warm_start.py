@@ -69,6 +69,7 @@ def warm_start(model: nnx.Module, sample_examples: Callable[[np.random.Generator
   opt_state = tx.init(params)
   rng = np.random.default_rng(seed)
   losses = []
+  logging.info("warm start: %d SFT steps of %d examples ...", steps, batch_size)
   for step in range(steps):
     batch = collate(sample_examples(rng, batch_size), pad_id)
     params, opt_state, loss = _step(graphdef, params, opt_state, batch, tx=tx)

@@ -72,6 +72,9 @@ def make_schedule(cfg: OptimizerConfig | Mapping[str, Any]) -> optax.Schedule:
     raise ValueError(f"optimizer.schedule={cfg.schedule!r}; expected one of {SCHEDULES}")
   if cfg.warmup_steps < 0:
     raise ValueError(f"optimizer.warmup_steps={cfg.warmup_steps} must be >= 0")
+  if not cfg.learning_rate >= 0:  # also NaN
+    raise ValueError(f"optimizer.learning_rate={cfg.learning_rate} must be >= 0 (a negative "
+                     "rate ascends the loss)")
   peak, end = cfg.learning_rate, cfg.learning_rate * cfg.end_lr_fraction
   if cfg.schedule == "constant":
     decay = optax.constant_schedule(peak)
@@ -79,7 +82,8 @@ def make_schedule(cfg: OptimizerConfig | Mapping[str, Any]) -> optax.Schedule:
     if cfg.total_steps is None or cfg.total_steps <= cfg.warmup_steps:
       raise ValueError(
           f"optimizer.schedule={cfg.schedule!r} needs total_steps > warmup_steps "
-          f"(got total_steps={cfg.total_steps}, warmup_steps={cfg.warmup_steps})")
+          f"(got total_steps={cfg.total_steps}, warmup_steps={cfg.warmup_steps}; the shipped "
+          "configs tie total_steps to loop.num_steps)")
     decay_steps = cfg.total_steps - cfg.warmup_steps
     if cfg.schedule == "linear":
       decay = optax.linear_schedule(peak, end, decay_steps)

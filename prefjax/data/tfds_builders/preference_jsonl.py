@@ -48,7 +48,8 @@ def config_for_file(path: str | pathlib.Path, *, layout: str = "auto") -> JsonlC
   """The builder config of ``path`` as it is now (hashes the file)."""
   path = pathlib.Path(path).expanduser().resolve()
   if not path.is_file():
-    raise FileNotFoundError(f"preference JSONL file {path} does not exist")
+    what = "is a directory, not a file" if path.is_dir() else "does not exist"
+    raise FileNotFoundError(f"preference JSONL file {path} {what}")
   sha = rows_lib.file_sha256(path)
   return JsonlConfig(name=content_config_name(path.name, sha), path=str(path), sha256=sha,
                      layout=layout, description=f"user preferences from {path}")
