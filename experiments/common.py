@@ -115,13 +115,18 @@ def define_flags() -> None:
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drops INFO lines of chatty libraries (orbax logs every checkpoint step in detail) and
-  TFDS warnings (it warns on every custom dataset config prefjax builds)."""
+  """Drops INFO lines of chatty libraries (orbax logs every checkpoint step in detail),
+  TFDS warnings (it warns on every custom dataset config prefjax builds) and orbax's
+  warning on every read-only open, which is how prefjax loads a run to evaluate it."""
 
   NOISY = {f"{os.sep}orbax{os.sep}": std_logging.WARNING,
            f"{os.sep}tensorflow_datasets{os.sep}": std_logging.ERROR}
+  EXPECTED = ("Given directory is read only",)
 
   def filter(self, record: std_logging.LogRecord) -> bool:
+    if f"{os.sep}orbax{os.sep}" in record.pathname and str(record.msg).startswith(
+        self.EXPECTED):
+      return False
     return all(record.levelno >= level for part, level in self.NOISY.items()
                if part in record.pathname)
 

@@ -73,7 +73,7 @@ def loss_fn(model: nnx.Module, batch: Any, rng: jax.Array):
 def eval_fn(model: nnx.Module, batch: Any):
   """Per-batch token-mean NLL weighted by the batch's token count (-> split token mean)."""
   total, count = response_nll(model, batch)
-  return {"nll": total / jnp.maximum(count, 1.0), "num_examples": count}
+  return {"nll": total / jnp.maximum(count, 1.0), "num_tokens": count}
 
 
 def _add_perplexity(workdir: str, result: train.TrainResult) -> None:

@@ -6,6 +6,7 @@ Every case fails before a model is built, so each run costs about one import of 
 """
 
 import dataclasses
+import logging
 import os
 import pathlib
 import subprocess
@@ -22,6 +23,7 @@ from configs.rl import tiny_ppo
 from configs.rl import tiny_rloo
 from configs.rm import tiny as rm_tiny
 from configs.sft import tiny as sft_tiny
+from experiments import common
 from prefjax import configlib
 from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
@@ -279,3 +281,14 @@ def test_pairwise_loss_lookup_names_unpaired_losses_too():
     direct.get_direct_loss("nope")
   with pytest.raises(KeyError, match=r"direct loss 'kto' is unpaired"):
     direct.get_direct_loss("kto")
+
+
+def test_binary_logs_drop_orbax_detail_and_its_read_only_notice_but_keep_its_warnings():
+  def record(path, level, msg):
+    return logging.LogRecord("absl", level, path, 1, msg, ("/w",), None)
+  quiet = common._QuietLibraries()
+  orbax = f"{os.sep}site-packages{os.sep}orbax{os.sep}checkpoint{os.sep}checkpoint_manager.py"
+  assert not quiet.filter(record(orbax, logging.INFO, "Saving checkpoint at step %s"))
+  assert not quiet.filter(record(orbax, logging.WARNING, "Given directory is read only=%s"))
+  assert quiet.filter(record(orbax, logging.WARNING, "Could not finalize %s"))
+  assert quiet.filter(record(f"{os.sep}prefjax{os.sep}train{os.sep}loop.py", logging.INFO, "x"))

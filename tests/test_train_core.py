@@ -450,3 +450,17 @@ def test_trainable_filter_freezes_reference_model():
   shardings = train.state_shardings(state, mesh, PARTITION_RULES)
   assert shardings.extra["reference"]["hidden"]["kernel"].spec == P("fsdp", "tensor")
   assert shardings.params["policy"]["hidden"]["kernel"].spec == P("fsdp", "tensor")
+
+
+def test_batch_evaluator_weights_by_tokens_when_asked():
+  model = MLP(nnx.Rngs(0))
+  data = [{"x": np.ones((2, IN), np.float32), "w": np.float32(1.0)},
+          {"x": np.zeros((2, IN), np.float32), "w": np.float32(3.0)}]
+  by_tokens = lambda m, b: {"v": jnp.mean(b["x"]), "num_tokens": b["w"]}
+  assert train.BatchEvaluator(by_tokens, data)(0, model) == {"v": pytest.approx(0.25),
+                                                             "num_tokens": 4.0}
+  unweighted = lambda m, b: {"v": jnp.mean(b["x"])}
+  assert train.BatchEvaluator(unweighted, data)(0, model) == {"v": 0.5, "num_batches": 2.0}
+  both = lambda m, b: {"v": jnp.mean(b["x"]), "num_tokens": b["w"], "num_examples": b["w"]}
+  with pytest.raises(ValueError, match="one weight per batch"):
+    train.BatchEvaluator(both, data)(0, model)

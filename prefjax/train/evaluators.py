@@ -2,10 +2,9 @@
 
 ``BatchEvaluator`` is the common case: a per-batch metric function
 ``eval_fn(model, batch) -> {name: scalar}``, jitted, run over a fresh pass of
-eval batches and averaged, weighted by an optional ``num_examples`` entry
-(e.g. the batch's real pairs or tokens, so the average is the split's mean).
-The result also holds ``num_examples`` (the total weight) or, without weights,
-``num_batches``.
+eval batches and averaged, weighted by an optional ``num_examples`` (e.g. the
+batch's real pairs) or ``num_tokens`` entry, so the average is the split's mean.
+The result also holds that entry's total or, without weights, ``num_batches``.
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ from prefjax.train import metrics as metrics_lib
 from prefjax.train import sharding as sharding_lib
 from prefjax.train import state as state_lib
 from prefjax.train import step as step_lib
+
+WEIGHT_KEYS = ("num_examples", "num_tokens")
 
 
 class BatchEvaluator:
@@ -54,11 +55,14 @@ class BatchEvaluator:
     eval_step = self._steps[graphdef]
     data = self._data() if callable(self._data) else self._data
     totals: dict[str, float] = {}
-    weight_sum, batches, weighted = 0.0, 0, False
+    weight_sum, batches, weight_key = 0.0, 0, "num_batches"
     for batch in data:
       metrics = metrics_lib.to_python(eval_step(params, extra, self._put(batch)))
-      weighted = weighted or "num_examples" in metrics
-      weight = metrics.pop("num_examples", 1.0)
+      keys = [k for k in WEIGHT_KEYS if k in metrics]
+      if len(keys) > 1:
+        raise ValueError(f"eval_fn returned both {keys}; one weight per batch")
+      weight_key = keys[0] if keys else weight_key
+      weight = metrics.pop(weight_key, 1.0)
       for name, value in metrics.items():
         totals[name] = totals.get(name, 0.0) + weight * value
       weight_sum += weight
@@ -66,5 +70,5 @@ class BatchEvaluator:
     if not batches:
       raise ValueError("the eval data yielded no batches")
     result = {name: total / weight_sum for name, total in totals.items()}
-    result["num_examples" if weighted else "num_batches"] = weight_sum
+    result[weight_key] = weight_sum
     return result
