@@ -174,8 +174,10 @@ class HHWorld(text_study.TextWorld):
   def rl_config(self, width: int, algorithm: str | None = None):
     cfg = self.cfg.rl
     c = self.against_proxy(rl_smollm2, width)
-    c.rl.update(algorithm=str(algorithm or cfg.algorithm), kl_coef=float(cfg.kl_coef),
-                prompts_per_step=int(cfg.prompts_per_step), group_size=int(cfg.group_size))
+    algorithm = str(algorithm or cfg.algorithm)
+    c.rl.update(algorithm=algorithm, kl_coef=float(cfg.kl_coef),
+                prompts_per_step=int(cfg.prompts_per_step),
+                group_size=int(cfg.group_size) if algorithm == "rloo" else 1)
     c.optimizer.learning_rate = float(cfg.learning_rate)
     text_world.stage_loop(c.loop, steps=int(cfg.steps), checkpoint_every=int(cfg.eval_every))
     c.prompts.num_eval = 2

@@ -87,12 +87,31 @@ def _warm_start(config: Any, workdir: str, policy, tokenizer, world) -> loop_lib
 
 
 def _group_size(config: Any, hp: algorithms.HParams) -> int:
-  if hp.algorithm != "rloo":
-    return 1
   group_size = int(config.rl.group_size)
+  if hp.algorithm != "rloo":
+    if group_size != 1:
+      raise ValueError(f"rl.group_size={group_size}: {hp.algorithm} samples one response per "
+                       "prompt (group_size is RLOO's); set it to 1")
+    return 1
   if group_size < 2:
     raise ValueError(f"RLOO needs rl.group_size >= 2 samples per prompt, got {group_size}")
   return group_size
+
+
+def check_sampling(config: Any) -> None:
+  """The policy gradient, its KL penalty and the eval KL all score the samples with the
+  policy's own log-probs, so they must be drawn from that distribution: temperature 1,
+  no top-k or top-p (another sampler would bias all three, silently)."""
+  s = config.sampling
+  if float(s.temperature) != 1.0 or s.get("top_k") is not None or s.get("top_p") is not None:
+    raise ValueError(
+        f"sampling.temperature={s.temperature}, top_k={s.get('top_k')}, "
+        f"top_p={s.get('top_p')}: train_rl samples from the policy itself (temperature 1, "
+        "no top_k/top_p), because the policy gradient and the KL score each sample with "
+        "the policy's own log-probs")
+  if float(config.rl.kl_coef) < 0:
+    raise ValueError(f"rl.kl_coef={config.rl.kl_coef} must be >= 0 (a negative coefficient "
+                     "rewards moving away from the reference)")
 
 
 def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
@@ -101,6 +120,7 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
   os.makedirs(workdir, exist_ok=True)
   configlib.check_fields("config.eval", config.eval, ("exact_kl_max_vocab",))
   hp = algorithms.HParams.from_config(config.rl)
+  check_sampling(config)
   group_size = _group_size(config, hp)
   mesh = experiment.make_optional_mesh(config)
   tokenizer = experiment.make_tokenizer(config.tokenizer)

@@ -290,6 +290,27 @@ def test_bad_inputs_raise_named_errors():
     assert algorithms.HParams.from_config(config.rl).algorithm == config.rl.algorithm
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("sampling.temperature", 0.5, r"sampling.temperature=0.5, top_k=None, top_p=None: "
+                                  r"train_rl samples from the policy itself"),
+    ("sampling.temperature", 0.0, "sampling.temperature=0.0"),
+    ("sampling.top_p", 0.9, "top_p=0.9"),
+    ("rl.kl_coef", -0.1, r"rl.kl_coef=-0.1 must be >= 0"),
+    ("rl.group_size", 4, r"rl.group_size=4: ppo samples one response per prompt")])
+def test_settings_that_would_bias_the_run_stop_it_before_the_warm_start(
+    tmp_path, field, value, message, monkeypatch):
+  """temperature 0.5 trained on tempered samples scored by the untempered policy (k1 KL 11.9
+  against an exact 4.9); temperature 0 trained on rounding noise; a negative KL coefficient
+  or an ignored group size went unnoticed."""
+  config = tiny_ppo.get_config("quick")
+  section, key = field.split(".")
+  config[section][key] = value
+  monkeypatch.setattr(train_rl.setup, "maybe_warm_start",
+                      lambda *a: pytest.fail("the check must come first"))
+  with pytest.raises(ValueError, match=message):
+    train_rl.run(config, str(tmp_path))
+
+
 def test_sigterm_saves_at_once_and_skips_that_steps_eval(scratch, monkeypatch):
   config = tiny_rloo.get_config("quick")  # 8 steps, eval every 4.
   workdir = scratch / "sigterm"

@@ -29,6 +29,7 @@ under a second on one H100. Numbers for the full run: not yet measured.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from prefjax import configlib
 from prefjax import experiment
@@ -55,7 +56,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.gold = dict(kind="model", name="gold_minilm", tokenizer=dict(path="asset:minilm"),
                 model=dict(reward_model, pooling="cls"), checkpoint="", max_length=256,
                 batch_size=32, aggregation="mean", lam=0.0)
-  c.sampling = dict(max_new_tokens=64, temperature=1.0, top_k=None, top_p=None)
+  c.sampling = dict(max_new_tokens=64, temperature=1.0, 
+                    top_k=config_dict.placeholder(int),
+                    top_p=config_dict.placeholder(float))  # settable for best_of_n
   c.rl = dict(
       algorithm="rloo", prompts_per_step=8, group_size=4, epochs=1,
       num_minibatches=1, clip_eps=0.2, vf_coef=0.0, vf_clip_eps=0.2, entropy_coef=0.0,

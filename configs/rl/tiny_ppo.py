@@ -20,6 +20,7 @@ k1 KL and the exact KL agree within their SEs.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from prefjax import configlib
 from prefjax import experiment
@@ -43,7 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.warm_start = dict(steps=150, batch_size=64, learning_rate=3e-3)
   c.proxy = dict(kind="tiny_world_proxy")
   c.gold = dict(kind="tiny_world_gold")
-  c.sampling = dict(max_new_tokens=14, temperature=1.0, top_k=None, top_p=None)
+  c.sampling = dict(max_new_tokens=14, temperature=1.0, 
+                    top_k=config_dict.placeholder(int),
+                    top_p=config_dict.placeholder(float))  # settable for best_of_n
   c.rl = dict(
       algorithm="ppo", prompts_per_step=64, group_size=1, epochs=2,
       num_minibatches=2, clip_eps=0.2, vf_coef=0.1, vf_clip_eps=0.2, entropy_coef=0.0,
