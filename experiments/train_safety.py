@@ -15,8 +15,9 @@ Loss: class-weighted BCE, w₊ = ``safety.pos_weight`` ("balanced": n₋/n₊ of
 training labels), through ``prefjax.train.train_loop`` (resume, checkpoints,
 metrics.jsonl). The evaluator reports validation ROC-AUC at every eval.
 
-At the end: the threshold is the lowest validation score whose precision is ≥
-``safety.target_precision`` among those flagging at least ``safety.min_flagged``
+At the end: the threshold is the validation score of most recall (the highest of equal
+recall) whose precision is ≥ ``safety.target_precision``, among those flagging at least
+``safety.min_flagged``
 validation examples (``safety.on_unreachable``: ``error`` stops with the best precision
 reached; ``max_precision`` keeps the most precise threshold and records a notice).
 Outputs besides the usual workdir files: ``threshold.json``,

@@ -72,9 +72,10 @@ LABELS = np.array([0, 1, 0, 0, 1, 1, 0, 1])
 
 @pytest.mark.parametrize("target,threshold,precision,recall", [
     # precision of "score >= t" by hand: t=.8: 1/1, .7: 1/2, .6: 2/3, .5: 3/4, .4: 3/5,
-    # .3: 3/6, .2: 4/7, .1: 4/8; the LOWEST t reaching the target wins.
-    (0.75, 0.5, 0.75, 0.75), (0.7, 0.5, 0.75, 0.75), (0.6, 0.4, 0.6, 0.75),
-    (0.5, 0.1, 0.5, 1.0), (0.9, 0.8, 1.0, 0.25), (1.0, 0.8, 1.0, 0.25)])
+    # .3: 3/6, .2: 4/7, .1: 4/8; recall .25, .25, .5, .75, .75, .75, 1, 1. The most recall
+    # reaching the target wins, and of equal recall the highest t (.5 over .4, .2 over .1).
+    (0.75, 0.5, 0.75, 0.75), (0.7, 0.5, 0.75, 0.75), (0.6, 0.5, 0.75, 0.75),
+    (0.5, 0.2, 4 / 7, 1.0), (0.9, 0.8, 1.0, 0.25), (1.0, 0.8, 1.0, 0.25)])
 def test_choose_threshold_hand_computed(target, threshold, precision, recall):
   choice = safety.choose_threshold(SCORES, LABELS, target)
   assert choice.threshold == pytest.approx(threshold)

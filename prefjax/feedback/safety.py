@@ -183,10 +183,12 @@ def precision_recall_curve(scores: np.ndarray, labels: np.ndarray
 
 def choose_threshold(scores: np.ndarray, labels: np.ndarray, target_precision: float, *,
                      on_unreachable: str = "error", min_flagged: int = 1) -> ThresholdChoice:
-  """The LOWEST threshold t (a validation score) with precision(scores ≥ t) ≥ target.
+  """The threshold t (a validation score) of most recall with precision(scores ≥ t) ≥ target,
+  the highest such t when several tie on recall.
 
   Precision is not monotone in t; the lowest qualifying t flags the most harmful
-  examples (highest recall) while meeting the target. Only thresholds flagging at
+  examples (highest recall) while meeting the target, and a higher t of the same
+  recall flags fewer harmless ones (a better precision). Only thresholds flagging at
   least ``min_flagged`` examples qualify (a precision of 1.0 on 3 examples says
   little). When no t reaches the target, ``on_unreachable="error"`` raises
   ValueError naming the best precision reached; ``"max_precision"`` returns the
@@ -204,7 +206,7 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, target_precision: f
   enough = flagged >= min_flagged
   ok = np.flatnonzero((precision >= target_precision) & enough)
   if ok.size:
-    k, notice = int(ok[0]), ""
+    k, notice = int(ok[recall[ok] == recall[ok[0]]][-1]), ""
   else:
     k = int(np.argmax(np.where(enough, precision, -1.0)))
     notice = (f"no threshold flagging >= {min_flagged} examples reaches validation "
