@@ -112,9 +112,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
     f.write(f"# AI labels of {report['source']}\n\n{len(pairs)} pairs, judge "
             f"{report['judge']}, mean option mass {report['mean_option_mass']:.3f}\n\n")
-    for section in ("human", "annotators"):
+    for section, heading in (("human", "Agreement with the data's own labels"),
+                             ("annotators", "Agreement with each annotator")):
       if section in report:
-        f.write(f"## {section}\n\n{agreement.markdown(report[section])}\n")
+        f.write(f"## {heading}\n\n{agreement.markdown(report[section])}\n")
   h = report["human"]
   logging.info("label_ai_feedback: %d pairs in %.1fs; agreement A-first %.3f, A-second %.3f, "
                "average %.3f; position bias %.3f -> %.3f; wrote %s", len(pairs),

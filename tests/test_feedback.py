@@ -139,7 +139,9 @@ def test_tiny_world_gold_judge_labels_are_recovered_through_the_pipeline(tmp_pat
   assert h["agreement_average"]["value"] == 1.0
   assert h["agreement_a_second"]["value"] < 0.6 and h["position_bias_before"]["value"] > 0.1
   assert h["position_bias_after"]["value"] == 0.0
-  assert (tmp_path / "biased" / "report.md").read_text().count("agreement_") == 3
+  report_md = (tmp_path / "biased" / "report.md").read_text()
+  assert report_md.count("agreement_") == 3
+  assert "## Agreement with the data's own labels" in report_md
 
 
 def _char_features(prompt, response, alphabet=tiny_world_lib.ALPHABET):
