@@ -98,12 +98,10 @@ def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn
     raise ValueError(f"on_mismatch={on_mismatch!r}; expected 'warn' or 'error'")
   new = config_to_dict(config)
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  diff = _diff_from_saved(path, new)
+  if diff is None:
     write_json(path, new)
     return new
-  with open(path) as f:
-    old = json.load(f)
-  diff = config_diff(_without_rerun_policy(old), _without_rerun_policy(new))
   if diff and saved_nothing and on_mismatch == "warn":
     logging.warning("replacing %s: the run started with it saved no checkpoint, and this "
                     "run's config differs:\n%s", path, diff)
@@ -127,14 +125,21 @@ def replace_config(workdir: str, config: Any) -> dict:
   (evaluations, reports): the diff from a config it replaces is logged as a warning."""
   new = config_to_dict(config)
   path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      diff = config_diff(json.load(f), new)
-    if diff:
-      logging.warning("this run's outputs replace those of another config in %s:\n%s",
-                      workdir, diff)
+  if diff := _diff_from_saved(path, new):
+    logging.warning("this run's outputs replace those of another config in %s:\n%s",
+                    workdir, diff)
   write_json(path, new)
   return new
+
+
+def _diff_from_saved(path: str, new: Mapping[str, Any]) -> str | None:
+  """``config_diff`` of the config saved at ``path`` against ``new`` (the rerun policy
+  left out); None when nothing is saved there."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    old = json.load(f)
+  return config_diff(_without_rerun_policy(old), _without_rerun_policy(new))
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
