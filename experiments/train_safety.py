@@ -92,6 +92,9 @@ def report(scores: dict[str, safety.PairScores], choice: safety.ThresholdChoice,
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the classifier of ``config`` in ``workdir``; returns its report."""
   configlib.check_fields("config.safety", config.safety, SAFETY_FIELDS)
+  safety.check_threshold_options(float(config.safety.target_precision),
+                                 config.safety.on_unreachable,
+                                 int(config.safety.get("min_flagged", 1)))
   if config.data.pipeline.mode != "padded":
     raise ValueError("train_safety needs data.pipeline.mode='padded'")
   tokenizer = experiment.make_tokenizer(config.tokenizer)

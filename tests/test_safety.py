@@ -163,6 +163,18 @@ def test_loss_fn_reduces_weighted_bce_over_real_entries_float64():
   assert float(metrics["accuracy"]) == pytest.approx(np.sum(weights * correct) / 12)
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("target_precision", 1.5, r"target_precision must be in \(0, 1\], got 1.5"),
+    ("on_unreachable", "ignore", "on_unreachable must be one of"),
+    ("min_flagged", 0, "min_flagged must be >= 1, got 0")])
+def test_train_safety_checks_threshold_options_before_writing(tmp_path, field, value, match):
+  config = tiny_config.get_config("quick")
+  config.safety[field] = value
+  with pytest.raises(ValueError, match=match):
+    train_safety.run(config, str(tmp_path))
+  assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def trained():
   """One short train_safety run on tiny-world harm pairs, shared by the tests below."""

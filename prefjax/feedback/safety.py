@@ -181,6 +181,18 @@ def precision_recall_curve(scores: np.ndarray, labels: np.ndarray
   return thresholds, flagged_pos / flagged, flagged_pos / labels.sum(), flagged.astype(int)
 
 
+def check_threshold_options(target_precision: float, on_unreachable: str,
+                            min_flagged: int) -> None:
+  """Raises ValueError for a threshold option no validation split can satisfy."""
+  if on_unreachable not in UNREACHABLE_POLICIES:
+    raise ValueError(f"safety.on_unreachable must be one of {UNREACHABLE_POLICIES}, "
+                     f"got {on_unreachable!r}")
+  if not 0.0 < target_precision <= 1.0:
+    raise ValueError(f"safety.target_precision must be in (0, 1], got {target_precision}")
+  if min_flagged < 1:
+    raise ValueError(f"safety.min_flagged must be >= 1, got {min_flagged}")
+
+
 def choose_threshold(scores: np.ndarray, labels: np.ndarray, target_precision: float, *,
                      on_unreachable: str = "error", min_flagged: int = 1) -> ThresholdChoice:
   """The threshold t (a validation score) of most recall with precision(scores ≥ t) ≥ target,
@@ -194,11 +206,7 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, target_precision: f
   ValueError naming the best precision reached; ``"max_precision"`` returns the
   (lowest) threshold of highest precision with ``reached=False`` and a ``notice``.
   """
-  if on_unreachable not in UNREACHABLE_POLICIES:
-    raise ValueError(f"safety.on_unreachable must be one of {UNREACHABLE_POLICIES}, "
-                     f"got {on_unreachable!r}")
-  if not 0.0 < target_precision <= 1.0:
-    raise ValueError(f"safety.target_precision must be in (0, 1], got {target_precision}")
+  check_threshold_options(target_precision, on_unreachable, min_flagged)
   thresholds, precision, recall, flagged = precision_recall_curve(scores, labels)
   if flagged[0] < min_flagged:
     raise ValueError(f"safety.min_flagged={min_flagged} but the validation split has only "
