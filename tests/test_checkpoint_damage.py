@@ -147,6 +147,19 @@ def test_every_file_of_a_step_is_checked(saved, tmp_path, how):
       assert problem == f"{name}: {detail}"
 
 
+def test_a_killed_manifest_write_is_neither_listed_nor_kept(saved, tmp_path):
+  step_dir = _copy(saved, tmp_path) / "checkpoints" / str(SAVED)
+  os.remove(step_dir / integrity.MANIFEST)
+  stale = step_dir / f".{integrity.MANIFEST}.tmp123-456"
+  stale.write_text('{"files": {')  # What a process killed mid-write leaves.
+  assert integrity.find_damage(str(step_dir)) is None
+  integrity.write_manifest(str(step_dir))
+  assert not stale.exists()
+  listed = json.loads((step_dir / integrity.MANIFEST).read_text())["files"]
+  assert listed and not any(name.startswith(".") for name in listed)
+  assert integrity.find_damage(str(step_dir)) is None
+
+
 def test_any_flipped_bit_of_the_manifest_is_damage_to_the_manifest(saved, tmp_path):
   """The manifest carries its own digest, so a changed byte in it is not blamed on the
   file whose entry it altered."""

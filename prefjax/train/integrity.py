@@ -37,13 +37,19 @@ _TENSORSTORE_DAMAGE = re.compile(
     r"^(DATA_LOSS|NOT_FOUND|OUT_OF_RANGE|FAILED_PRECONDITION|UNAVAILABLE|INTERNAL): ")
 
 
+def _manifest_temporaries(step_dir: str) -> list[str]:
+  """What a process killed while writing the manifest leaves (``files.write_atomically``)."""
+  return [name for name in os.listdir(step_dir) if name.startswith(f".{MANIFEST}.tmp")]
+
+
 def _files(step_dir: str) -> dict[str, int]:
   sizes = {}
   for root, _, names in os.walk(step_dir):
     for name in names:
       path = os.path.join(root, name)
       sizes[os.path.relpath(path, step_dir)] = os.path.getsize(path)
-  sizes.pop(MANIFEST, None)
+  for name in [MANIFEST, *_manifest_temporaries(step_dir)]:
+    sizes.pop(name, None)
   return sizes
 
 
@@ -62,7 +68,10 @@ def _entries_digest(entries: dict) -> str:
 
 def write_manifest(step_dir: str) -> None:
   """Records the size and SHA-256 of every file of a finalized step, and the digest of
-  that record, so that damage to the manifest itself is told apart (written atomically)."""
+  that record, so that damage to the manifest itself is told apart (written atomically;
+  the temporary of an earlier write that was killed is removed)."""
+  for name in _manifest_temporaries(step_dir):
+    os.remove(os.path.join(step_dir, name))
   entries = {name: {"size": size, "sha256": _sha256(os.path.join(step_dir, name))}
              for name, size in _files(step_dir).items()}
   record = {"files": entries, "sha256": _entries_digest(entries)}
