@@ -293,7 +293,8 @@ def test_ties_tend_to_bradley_terry_as_nu_vanishes(outcome):
   gaps = [np.max(np.abs(preference.bradley_terry_ties(ra, rb, outcome, nu=nu) - bt))
           for nu in (1e-1, 1e-3, 1e-5)]
   assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-5, gaps
-  np.testing.assert_allclose(preference.bradley_terry_ties(ra, rb, outcome, nu=0.0), bt, rtol=1e-5)
+  with pytest.raises(ValueError, match=r"nu=0.0 is outside \(0.0, inf\]"):
+    preference.bradley_terry_ties(ra, rb, outcome, nu=0.0)
 
 
 def test_ties_probabilities_sum_to_one_and_tie_likelihood_peaks_at_equal_rewards():

@@ -305,6 +305,17 @@ def test_direct_loss_rejects_bad_settings():
     loss_lib.DirectLoss(name="dpo", loss_kwargs=loss_lib.parse_kwargs("label_smoothing=abc"))
   with pytest.raises(ValueError, match=r"label_smoothing=True for 'dpo': expected a number"):
     loss_lib.DirectLoss(name="dpo", loss_kwargs={"label_smoothing": True})
+  # Ranges are checked with the configured numbers, although a soft-label loss trains
+  # with a per-pair ε (exo_pair with ε = 0 gave a NaN loss at every step).
+  for name, eps in [("exo_pair", 0.0), ("exo_pair", 1.0), ("dpo", 2.0), ("simpo", -1.0)]:
+    with pytest.raises(ValueError, match=rf"loss '{name}' with beta=0.1, loss_kwargs "
+                                         rf"\{{'label_smoothing': {eps}\}}: label_smoothing"):
+      loss_lib.DirectLoss(name=name, loss_kwargs={"label_smoothing": eps})
+  for beta in (-0.1, float("nan")):
+    with pytest.raises(ValueError, match=rf"beta={beta} for 'dpo': must be a number >= 0"):
+      loss_lib.DirectLoss(name="dpo", beta=beta)
+  with pytest.raises(ValueError, match=r"loss 'ipo' with beta=0, .*beta=0.0 is outside"):
+    loss_lib.DirectLoss(name="ipo", beta=0.0)
   assert loss_lib.DirectLoss(name="simpo", loss_kwargs={"gamma": None}).kwargs == {"gamma": None}
   assert loss_lib.DirectLoss(name="dpo", loss_kwargs={"label_smoothing": jnp.float32(0.1)})
   with pytest.raises(ValueError, match="kto needs ref_mode='online'"):

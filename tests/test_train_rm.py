@@ -129,6 +129,11 @@ def test_bad_loss_config_is_rejected_with_the_field_names():
   with pytest.raises(ValueError, match=r"unknown field\(s\) \['marginn'\]"):
     rm.make_loss_fn(dict(name="bt", marginn=1.0), num_columns=1, objectives=(),
                     num_segments=None)
+  with pytest.raises(ValueError, match=r"config.loss 'ties' with \{'nu': 0.0\}: nu=0.0 is "
+                                       r"outside \(0.0, inf\]"):
+    rm.RewardLoss.from_config(dict(name="ties", nu=0.0))
+  with pytest.raises(ValueError, match=r"label_smoothing=1.5 is outside \[0.0, 1.0\]"):
+    rm.RewardLoss.from_config(dict(name="bt", label_smoothing=1.5))
   # Another registered loss's hyperparameter is accepted (configs switch ``name``), unused.
   assert rm.RewardLoss.from_config(dict(name="bt", nu=0.3)).hparams == ()
 

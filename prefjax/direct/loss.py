@@ -95,6 +95,9 @@ class DirectLoss:
                   else self.loss_kwargs)
     object.__setattr__(self, "loss_kwargs", tuple(sorted(kwargs.items())))
     _check_kwargs(spec, kwargs)
+    if not float(self.beta) >= 0.0:
+      raise ValueError(f"beta={self.beta} for {spec.name!r}: must be a number >= 0")
+    _check_values(spec, float(self.beta), kwargs)
     mode = self.ref_mode
     if mode == "auto":
       mode = "none" if spec.reference_free else "online"
@@ -177,6 +180,23 @@ def _check_kwargs(spec: registry.DirectLossSpec, kwargs: Mapping[str, Any]) -> N
     if not _same_kind(value, default):
       raise ValueError(f"loss_kwargs {name}={value!r} for {spec.name!r}: expected "
                        f"{_kind(default)} (default {default!r})")
+
+
+def _check_values(spec: registry.DirectLossSpec, beta: float, kwargs: Mapping[str, Any]
+                  ) -> None:
+  """Runs the loss once on one made-up pair, so that its own range checks (β, ε, τ…)
+  see the configured numbers: in training a soft-label ε becomes a per-pair array,
+  which they cannot check (``exo_pair`` with ε = 0 gave a NaN loss at every step)."""
+  one = jnp.ones((1,), jnp.float32)
+  try:
+    if spec.unpaired:
+      spec.fn(-one, -one, one > 0, 0.0 * one[0], beta=beta, **kwargs)
+    else:
+      spec.fn(direct_losses.PairLogps(-one, -2 * one, -one, -one, one, one), beta=beta,
+              **kwargs)
+  except ValueError as e:
+    raise ValueError(f"loss {spec.name!r} with beta={beta:g}, loss_kwargs {dict(kwargs)}: "
+                     f"{e}") from e
 
 
 def _kind(default: Any) -> str:

@@ -117,14 +117,15 @@ def bradley_terry_ties(r_a: ArrayLike, r_b: ArrayLike, outcome: ArrayLike, *,
     r_b: same shape as ``r_a``.
     outcome: scalar or ``[B]``: 1 (a wins), 0 (b wins), 0.5 (tie); values in
       between interpolate linearly between neighbouring outcomes.
-    nu: tie propensity ν ≥ 0 (scalar, may be a learned array); ν = 0 is
-      plain Bradley–Terry (a tie then has probability 0).
+    nu: tie propensity ν > 0 (scalar, may be a learned array). ν = 0 would give
+      a tie probability 0 and an infinite loss on every tie: for no ties use
+      ``bradley_terry``, which this tends to as ν → 0.
 
   Returns:
     Per-example loss, shape of ``r_a``.
   """
   r_a, r_b = _pair(r_a, r_b, "r_a, r_b")
-  check_static_range("nu", nu, 0.0, float("inf"))
+  check_static_range("nu", nu, 0.0, float("inf"), closed_low=False)
   outcome = broadcast_leading(outcome, r_a, "outcome")
   return _davidson_nll(r_a, r_b, outcome, as_float(nu))
 

@@ -64,10 +64,15 @@ class RewardLoss:
     known = set(OWN_FIELDS).union(
         *(pref_losses.preference_loss_hyperparameters(n) for n in pref_losses.PREFERENCE_LOSSES))
     configlib.check_fields("config.loss", cfg, known)
-    return cls(name=name, hparams=tuple(sorted((k, cfg[k]) for k in own if k in cfg)),
+    loss = cls(name=name, hparams=tuple(sorted((k, cfg[k]) for k in own if k in cfg)),
                center_coef=float(cfg.get("center_coef", 0.0)),
                bootstrap=bool(cfg.get("bootstrap", False)),
                first_member=int(cfg.get("first_member", 0)))
+    try:  # The loss's own range checks (ε, ν…), now rather than at the first step.
+      loss.per_pair(jnp.zeros(1), jnp.zeros(1), jnp.full(1, 0.5))
+    except ValueError as e:
+      raise ValueError(f"config.loss {name!r} with {dict(loss.hparams)}: {e}") from e
+    return loss
 
   def per_pair(self, r_chosen: Array, r_rejected: Array, outcome: Array) -> Array:
     """Unreduced loss, shape of the rewards (``[B]`` or ``[B, C]``)."""
