@@ -55,7 +55,7 @@ def test_report_counts_skips_truncations_and_the_200k_response(tmp_path):
   assert got["rows_read"] == got["rows_built"] + got["rows_in_other_splits"] + got["rows_skipped"]
   assert got["skipped_by_reason"] == {"bad_value": 1, "malformed_json": 1}
   assert got["skipped_examples"]["bad_value"] == [
-      f"{path}:4: bad_value: field 'weight' = 1e+39 overflows float32, the dtype it is stored in"]
+      f"{path}:4: bad_value: field 'weight' = 1e+39 is outside [0.0, 1000000000000.0]"]
   assert got["skipped_examples"]["malformed_json"][0].startswith(f"{path}:11: malformed_json")
   assert (got["rows_selected"], got["rows_used"], got["rows_dropped"]) == (50, 50, 0)
   # Prompts: BOS + 40 bytes > 16 = max_length // 2; responses: 40 bytes + EOS > 32 - 16.
@@ -113,14 +113,15 @@ def test_empty_or_fully_skipped_source_fails_in_one_line(tmp_path, content, deta
   assert "\n" not in message
 
 
-def test_weight_overflowing_float32_is_a_bad_row_and_float32_max_is_not(tmp_path):
+def test_weights_whose_batch_sums_could_overflow_float32_are_bad_rows(tmp_path):
   rows = [{"prompt": "Q", "chosen": " a", "rejected": " b", "weight": w}
-          for w in (3.4e38, 1e39, 1.0)]
+          for w in (1e12, 3.4e38, 1e39, 1.0)]
   path = _write(tmp_path / "w.jsonl", [json.dumps(r) for r in rows])
-  with pytest.raises(pdata.BadRowError, match=rf"{path}:2: bad_value: field 'weight' = 1e\+39"):
+  with pytest.raises(pdata.BadRowError, match=rf"{path}:2: bad_value: field 'weight' = "
+                                              r"3.4e\+38 is outside \[0.0, 1000000000000.0\]"):
     pdata.load_preferences(f"jsonl:{path}", "train", data_dir=tmp_path / "cache")
   source = _load(path, tmp_path)
-  assert [row["weight"] for row in source] == [pytest.approx(3.4e38, rel=1e-6), 1.0]
+  assert [row["weight"] for row in source] == [pytest.approx(1e12, rel=1e-7), 1.0]
 
 
 def _rm_config(path, tmp_path, steps=2):

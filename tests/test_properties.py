@@ -70,7 +70,7 @@ def test_every_jsonl_line_is_a_valid_row_or_a_named_problem(tmp_path_factory, li
     if isinstance(row, rows_lib.RowProblem):
       assert row.reason in REASONS and row.file == str(path) and row.line == line
       continue
-    assert math.isfinite(np.float32(row.weight)) and row.weight >= 0.0
+    assert 0.0 <= row.weight <= rows_lib.MAX_WEIGHT
     assert 0.0 <= row.outcome <= 1.0 and row.chosen != row.rejected
     for text in (row.prompt, row.chosen, row.rejected):
       text.encode("utf-8")  # storable text: no lone surrogate survives

@@ -15,8 +15,9 @@ Problem reasons (the ``reason`` field, stable strings usable in filters):
 - ``identical_responses``: chosen == rejected, so the pair carries no preference.
 - ``no_shared_prompt``: two transcripts share no "\\n\\nAssistant:" prefix, so the
   prompts disagree and the pair is not a comparison of two responses.
-- ``bad_value``: weight/outcome/meta/votes out of range or of the wrong type, or a
-  number that is not finite in float32, the dtype it is stored in (``1e39``).
+- ``bad_value``: weight/outcome/meta/votes out of range (a weight above
+  ``MAX_WEIGHT``, 1e12) or of the wrong type, or a number that is not finite in
+  float32, the dtype it is stored in (``1e39``).
 - ``non_utf8``: the line's bytes are not valid UTF-8, or a ``\\ud800``-style escape
   decodes to a lone surrogate (valid JSON, but not text that can be stored).
 - ``truncated_gzip``: the compressed stream ends early (file cut short); the
@@ -48,6 +49,8 @@ HUMAN_TAG = "\n\nHuman:"
 RESPLIT_BUCKETS: tuple[tuple[str, float], ...] = (
     ("train", 0.8), ("validation", 0.9), ("test", 1.0))
 RESPLIT_PREFIX = "resplit_"
+# Above this a pair's weight × loss, summed over a batch in float32, can overflow.
+MAX_WEIGHT = 1e12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +206,7 @@ def parse_preference_object(obj: Any, *, layout: str = "auto",
     prompt, chosen, rejected = split_transcript(
         _text_field(obj, "chosen"), _text_field(obj, "rejected"))
   empty = check_responses(chosen, rejected, allow_empty=allow_empty)
-  weight = _number_field(obj, "weight", 1.0, 0.0, math.inf)
+  weight = _number_field(obj, "weight", 1.0, 0.0, MAX_WEIGHT)
   outcome = _number_field(obj, "outcome", 1.0, 0.0, 1.0)
   meta = obj.get("meta") or {}
   if not isinstance(meta, dict):
