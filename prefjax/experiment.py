@@ -123,22 +123,21 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
                     switches["remat"])
 
   def build(rngs: nnx.Rngs, member_head: str | None) -> nnx.Module:
-    if cfg.get("path"):
-      trunk = hf_import.from_pretrained(resolve_path(cfg["path"]), dtype=_dtype(cfg.get("dtype")))
-    else:
-      trunk = _random_trunk(cfg, vocab_size, rngs)
-    for flag, value in switches.items():
-      if value:
-        if not hasattr(trunk, flag):
-          raise ValueError(f"model.{flag}={cfg[flag]!r}: {type(trunk).__name__} has no "
-                           f"{flag} option")
-        setattr(trunk, flag, value)
-    return heads_lib.attach_head(trunk, member_head, rngs=rngs, pooling=pooling)
+    model = _random_trunk(cfg, vocab_size, rngs)
+    model = heads_lib.attach_head(model, member_head, rngs=rngs, pooling=pooling)
+    _set_switches(getattr(model, "trunk", model), switches, cfg)
+    return model
 
-  if kind == "reward_ensemble" and cfg.get("ensemble", "heads") == "deep":
-    if cfg.get("path"):
+  if cfg.get("path"):
+    if kind == "reward_ensemble" and cfg.get("ensemble", "heads") == "deep":
       raise ValueError("a deep ensemble of pretrained trunks is not supported; "
                        "use ensemble='heads' with a pretrained path")
+    # from_pretrained also loads a reward checkpoint's own head (HF ``score``).
+    model = hf_import.from_pretrained(resolve_path(cfg["path"]), head=head, seed=seed,
+                                      dtype=_dtype(cfg.get("dtype")), pooling=pooling)
+    _set_switches(getattr(model, "trunk", model), switches, cfg)
+    return model
+  if kind == "reward_ensemble" and cfg.get("ensemble", "heads") == "deep":
     seeds = [seed + k for k in range(members)]
     forward = cfg.get("ensemble_forward", "auto")
     if forward not in heads_lib.DeepEnsemble.FORWARDS:
@@ -146,6 +145,15 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
                        f"{heads_lib.DeepEnsemble.FORWARDS}, got {forward!r}")
     return heads_lib.DeepEnsemble(lambda rngs: build(rngs, "reward"), seeds, forward=forward)
   return build(nnx.Rngs(seed), head)
+
+
+def _set_switches(trunk: nnx.Module, switches: dict[str, Any], cfg: dict[str, Any]) -> None:
+  for flag, value in switches.items():
+    if value:
+      if not hasattr(trunk, flag):
+        raise ValueError(f"model.{flag}={cfg[flag]!r}: {type(trunk).__name__} has no "
+                         f"{flag} option")
+      setattr(trunk, flag, value)
 
 
 def partition_rules(model: nnx.Module, mesh: jax.sharding.Mesh | None = None) -> list:

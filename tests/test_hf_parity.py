@@ -19,7 +19,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from prefjax import models
+from prefjax import experiment, models
 from prefjax.models import decoder, encoder, hf_import
 
 ATOL = 1e-4
@@ -342,6 +342,19 @@ def test_sequence_classification_reward_matches_torch(llama_reward_dir):
   hf_model, path = llama_reward_dir
   rm = models.from_pretrained(path, head="reward", dtype=jnp.float32)
   assert isinstance(rm, models.RewardModel) and rm.pooling == "last"
+  _assert_rewards_match_torch(rm, hf_model)
+
+
+def test_binaries_build_a_reward_checkpoint_with_its_own_head(llama_reward_dir):
+  # train_rm's model.path and eval_rm's hf: scorer build through make_model, which
+  # used to attach a fresh head to the trunk.
+  hf_model, path = llama_reward_dir
+  rm = experiment.make_model({"path": str(path), "head": "reward", "dtype": "float32"},
+                             vocab_size=VOCAB, seed=0)
+  _assert_rewards_match_torch(rm, hf_model)
+
+
+def _assert_rewards_match_torch(rm, hf_model):
   tokens = _tokens(3, 9, seed=9)  # ids >= 1: 0 is the pad id HF uses to find the last token
   mask = np.ones_like(tokens)
   mask[1, 6:] = 0
