@@ -315,6 +315,51 @@ def test_bert_prefix_and_old_layernorm_names(bert_dir):
   np.testing.assert_array_equal(_ours_out(plain, tokens), _ours_out(prefixed, tokens))
 
 
+def _edit_config(path: pathlib.Path, edit) -> None:
+  config = json.loads((path / "config.json").read_text())
+  edit(config)
+  (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(num_hidden_layers=1),
+     r"config.json gives 1 layers but the checkpoint also has tensors of layer\(s\) \[1\]"),
+    (lambda c: c.pop("num_hidden_layers"), r"config.json: missing field 'num_hidden_layers'"),
+    (lambda c: c.update(vocab_size="61"),
+     r"config.json gives the model's vocab_size as '61'; a size must be a positive integer"),
+])
+def test_a_config_that_does_not_describe_the_checkpoint_is_named(bert_dir, edit, match):
+  _edit_config(bert_dir, edit)  # fewer layers used to load a truncated model with a warning
+  with pytest.raises(hf_import.CheckpointError, match=match):
+    models.from_pretrained(bert_dir)
+
+
+def test_unreadable_checkpoint_files_are_named(bert_dir):
+  (bert_dir / "config.json").write_text("{bad")
+  with pytest.raises(hf_import.CheckpointError, match=r"config.json: not valid JSON"):
+    models.from_pretrained(bert_dir)
+  weights = bert_dir / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+  with pytest.raises(hf_import.CheckpointError,
+                     match=r"model.safetensors: not a readable safetensors file"):
+    hf_import.SafetensorsReader(bert_dir)
+
+
+def test_an_index_naming_the_wrong_shard_is_named(load_pair, tmp_path):
+  _, _, source = load_pair("llama_untied")
+  shutil.copy(source / "config.json", tmp_path)
+  tensors = load_file(str(source / "model.safetensors"))
+  names = sorted(tensors)
+  save_file({n: tensors[n] for n in names[:3]}, str(tmp_path / "a.safetensors"))
+  save_file({n: tensors[n] for n in names[3:]}, str(tmp_path / "b.safetensors"))
+  weight_map = {n: "a.safetensors" for n in names}  # wrong for names[3:]
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  with pytest.raises(hf_import.CheckpointError,
+                     match=r"a.safetensors: cannot read tensor '([^']+)': File does not "
+                           r"contain tensor \1"):
+    models.from_pretrained(tmp_path)
+
+
 def test_missing_directory_files_are_clear(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
     models.from_pretrained(tmp_path)
@@ -354,17 +399,40 @@ def test_binaries_build_a_reward_checkpoint_with_its_own_head(llama_reward_dir):
   _assert_rewards_match_torch(rm, hf_model)
 
 
-def _assert_rewards_match_torch(rm, hf_model):
-  tokens = _tokens(3, 9, seed=9)  # ids >= 1: 0 is the pad id HF uses to find the last token
+def test_a_reward_checkpoint_whose_pad_is_eos_skips_the_trailing_eos_as_hf_does(tmp_path):
+  config = _llama_config(tied=False)
+  config.pad_token_id = config.eos_token_id = 5
+  config.num_labels = 1
+  torch.manual_seed(3)
+  hf_model = transformers.LlamaForSequenceClassification(config).eval()
+  hf_model.save_pretrained(tmp_path)
+  rm = models.from_pretrained(tmp_path, head="reward", dtype=jnp.float32)
+  tokens = np.where(_tokens(3, 9, seed=10) == 5, 6, _tokens(3, 9, seed=10))
+  tokens[:, -1] = tokens[1, 5] = tokens[2, 1] = 5  # each row's last real token is EOS,
+  # as the pipeline's responses end (rows 1 and 2 are padded after it)
+  _assert_rewards_match_torch(rm, hf_model, tokens=tokens, pad_id=5)
+  rm.last_skips_id = None  # scoring the EOS itself differs from HF
+  assert not np.allclose(_rewards(rm, tokens, np.ones_like(tokens)),
+                         _rewards(hf_model, tokens, np.ones_like(tokens)), atol=ATOL)
+
+
+def _rewards(model, tokens, mask):
+  if isinstance(model, torch.nn.Module):
+    with torch.no_grad():
+      return model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                   attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
+  return np.asarray(nnx.jit(lambda m, t, k: m(t, attention_mask=k))(model, tokens, mask))
+
+
+def _assert_rewards_match_torch(rm, hf_model, *, tokens=None, pad_id=0):
+  if tokens is None:  # ids >= 1: 0 is the pad id HF uses to find the last token
+    tokens = _tokens(3, 9, seed=9)
   mask = np.ones_like(tokens)
   mask[1, 6:] = 0
   mask[2, 2:] = 0
-  tokens = tokens * mask
-  ours = np.asarray(nnx.jit(lambda m, t, k: m(t, attention_mask=k))(rm, tokens, mask))
-  with torch.no_grad():
-    ref = hf_model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                   attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
-  np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+  tokens = np.where(mask > 0, tokens, pad_id)
+  ref = _rewards(hf_model, tokens, mask)
+  np.testing.assert_allclose(_rewards(rm, tokens, mask), ref, atol=ATOL, rtol=0)
   assert np.abs(ref).min() > 1e-3  # a zero head would not pass by accident
 
 

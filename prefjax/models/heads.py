@@ -73,9 +73,21 @@ def _gather_tokens(hidden: Array, index: Array) -> Array:
 
 
 def pooled_slots(tokens: Array, attention_mask: Array | None, segment_ids: Array | None,
-                 num_segments: int | None, pooling: str) -> Array:
+                 num_segments: int | None, pooling: str, *,
+                 last_skips_id: int | None = None) -> Array:
   """The slot that "last" or "cls" pooling reads: ``[N]`` per padded row, ``[R, S + 1]``
-  per packed segment (column 0 and absent segments: slot 0)."""
+  per packed segment (column 0 and absent segments: slot 0).
+
+  ``last_skips_id``: "last" pooling reads the last token whose id is not this one
+  (Hugging Face's sequence classifiers read the last token that is not their pad id,
+  which skips a trailing EOS when pad = EOS).
+  """
+  if pooling == "last" and last_skips_id is not None:
+    keep = tokens != last_skips_id
+    if segment_ids is not None:
+      segment_ids = jnp.where(keep, segment_ids, 0)
+    else:
+      attention_mask = keep if attention_mask is None else (attention_mask > 0) & keep
   if segment_ids is not None:
     pick = seg.segment_last_index if pooling == "last" else seg.segment_first_index
     return pick(segment_ids, num_segments)
@@ -125,6 +137,7 @@ class PooledHeadModel(nnx.Module):
                        "with an Encoder")
     self.trunk = trunk
     self.pooling = pooling
+    self.last_skips_id: int | None = None  # see ``pooled_slots``
     self.head = _head_linear(trunk.config.hidden_size, num_outputs, rngs)
 
   def features(self, tokens: Array, *, attention_mask: Array | None = None,
@@ -145,7 +158,8 @@ class PooledHeadModel(nnx.Module):
     trunk_kwargs.update(attention_mask=attention_mask, segment_ids=segment_ids,
                         positions=positions)
     if self.pooling != "mean" and isinstance(self.trunk, Decoder):
-      index = pooled_slots(tokens, attention_mask, segment_ids, num_segments, self.pooling)
+      index = pooled_slots(tokens, attention_mask, segment_ids, num_segments, self.pooling,
+                           last_skips_id=self.last_skips_id)
       select = index.reshape(index.shape[0], -1)
       feats = self.trunk.hidden_states(tokens, select=select, **trunk_kwargs)
       feats = feats.reshape(index.shape + feats.shape[-1:]).astype(jnp.float32)

@@ -22,13 +22,14 @@ import json
 import logging
 import os
 import pathlib
+import re
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from prefjax.models import gguf_import
@@ -40,6 +41,10 @@ from prefjax.models.encoder import Encoder, EncoderConfig
 PathLike = str | os.PathLike
 SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "bert")
 _log = logging.getLogger(__name__)
+
+
+# A decoder reward model's (``*ForSequenceClassification``) head, read by ``load_score_head``.
+SCORE_TENSORS = ("score.weight", "score.bias")
 
 
 class CheckpointError(ValueError):
@@ -57,13 +62,15 @@ class SafetensorsReader:
     index = self.directory / "model.safetensors.index.json"
     single = self.directory / "model.safetensors"
     if index.exists():
-      weight_map = json.loads(index.read_text())["weight_map"]
+      weight_map = _read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: no 'weight_map' object")
       self.files = {name: self.directory / f for name, f in weight_map.items()}
       for f in sorted(set(self.files.values())):
         if not f.exists():
           raise FileNotFoundError(f"{index} lists shard {f.name}, which does not exist")
     elif single.exists():
-      with safe_open(str(single), framework="numpy") as fh:
+      with _opened(single) as fh:
         self.files = {name: single for name in fh.keys()}
     else:
       raise FileNotFoundError(
@@ -75,8 +82,26 @@ class SafetensorsReader:
     return set(self.files)
 
   def get(self, name: str) -> np.ndarray:
-    with safe_open(str(self.files[name]), framework="numpy") as fh:
-      return fh.get_tensor(name)
+    path = self.files[name]
+    with _opened(path) as fh:
+      try:
+        return fh.get_tensor(name)
+      except SafetensorError as e:  # e.g. an index naming the wrong shard
+        raise CheckpointError(f"{path}: cannot read tensor {name!r}: {e}") from e
+
+
+def _opened(path: pathlib.Path):
+  try:
+    return safe_open(str(path), framework="numpy")
+  except SafetensorError as e:  # e.g. a file cut short: "incomplete metadata"
+    raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
+
+
+def _read_json(path: pathlib.Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path}: not valid JSON: {e}") from e
 
 
 # -- config translation ---------------------------------------------------------
@@ -252,22 +277,23 @@ def load_hf_checkpoint(path: PathLike, *, dtype=None, param_dtype=jnp.float32,
   config_file = directory / "config.json"
   if not config_file.exists():
     raise FileNotFoundError(f"{config_file} not found (expected a Hugging Face model directory)")
-  hf = json.loads(config_file.read_text())
+  hf = _read_json(config_file)
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{config_file}: expected a JSON object")
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise CheckpointError(
         f"{config_file}: model_type {model_type!r} is not supported; "
         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+  config = _trunk_config(hf, config_file)
   reader = SafetensorsReader(directory)
   names = reader.names()
   if model_type == "bert":
-    config = EncoderConfig.from_hf_dict(hf)
     prefix = "bert." if "bert.embeddings.word_embeddings.weight" in names else ""
     mapping = hf_mappings.bert_mapping(config.num_layers, prefix)
     model = _abstract(lambda: Encoder(config, rngs=nnx.Rngs(0), dtype=dtype,
                                       param_dtype=param_dtype))
   else:
-    config = _decoder_config_from_hf(hf)
     if _is_sequence_classifier(hf, names) and not config.tie_embeddings:
       # A reward-model checkpoint has a `score` head instead of `lm_head`; the trunk's
       # LM logits are then the (unused) tied embedding projection.
@@ -278,10 +304,39 @@ def load_hf_checkpoint(path: PathLike, *, dtype=None, param_dtype=jnp.float32,
     model = _abstract(lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dtype,
                                       param_dtype=param_dtype))
   unused = fill_params(model, mapping, reader, param_dtype=param_dtype)
-  if unused:
+  _check_layer_count(unused, config.num_layers, config_file)
+  unexplained = [n for n in unused if n not in SCORE_TENSORS]  # from_pretrained's concern
+  if unexplained:
     _log.warning("%s: %d checkpoint tensors are not used by prefjax's %s model: %s",
-                 directory, len(unused), model_type, unused[:20])
+                 directory, len(unexplained), model_type, unexplained[:20])
   return model, LoadReport(model_type, len(_param_paths(model)), unused)
+
+
+def _trunk_config(hf: dict[str, Any], config_file: pathlib.Path
+                  ) -> DecoderConfig | EncoderConfig:
+  try:
+    config = (EncoderConfig.from_hf_dict(hf) if hf["model_type"] == "bert"
+              else _decoder_config_from_hf(hf))
+  except KeyError as e:
+    raise CheckpointError(f"{config_file}: missing field {e.args[0]!r}") from e
+  for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise CheckpointError(f"{config_file} gives the model's {field} as {value!r}; a size "
+                            "must be a positive integer")
+  return config
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h)\.(\d+)\.")
+
+
+def _check_layer_count(unused: list[str], num_layers: int, config_file: pathlib.Path) -> None:
+  """A checkpoint with more layers than its config.json says would load truncated."""
+  extra = sorted({int(m.group(1)) for n in unused if (m := _LAYER_INDEX.search(n))})
+  extra = [i for i in extra if i >= num_layers]
+  if extra:
+    raise CheckpointError(f"{config_file} gives {num_layers} layers but the checkpoint also "
+                          f"has tensors of layer(s) {extra[:5]} (a config of another model?)")
 
 
 def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
@@ -310,8 +365,12 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
     return heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
   trunk, report = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype)
   model = heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
-  if "score.weight" in report.unused and isinstance(model, heads.PooledHeadModel):
-    load_score_head(model, SafetensorsReader(path))
+  if "score.weight" in report.unused:
+    if isinstance(model, heads.PooledHeadModel):
+      load_score_head(model, SafetensorsReader(path))
+    else:
+      _log.warning("%s: the checkpoint's reward head 'score.weight' is not used (head=%r; "
+                   "head='reward' scores with it)", path, head)
   return model
 
 
@@ -319,10 +378,11 @@ def load_score_head(model, reader: SafetensorsReader) -> None:
   """Copies a HF ``*ForSequenceClassification`` ``score`` layer into a reward head.
 
   HF decoder reward models (``LlamaForSequenceClassification``,
-  ``GPT2ForSequenceClassification``) score the last non-padding token with
-  ``score.weight [num_labels, D]`` (no bias), exactly what a "last"-pooled
-  ``RewardModel`` (num_labels 1) or ``MultiHeadEnsemble`` / multi-objective head
-  (num_labels K) computes.
+  ``GPT2ForSequenceClassification``) score the last token whose id is not the
+  config's ``pad_token_id`` with ``score.weight [num_labels, D]`` (no bias): a
+  "last"-pooled ``RewardModel`` (num_labels 1) or ``MultiHeadEnsemble`` /
+  multi-objective head (num_labels K) that skips that id (``last_skips_id``; this
+  matters when pad = EOS, as the pipeline ends every response with EOS).
   """
   weight = reader.get("score.weight")
   kernel = model.head.kernel
@@ -336,6 +396,7 @@ def load_score_head(model, reader: SafetensorsReader) -> None:
   kernel[...] = jnp.asarray(weight.T, kernel.dtype)
   bias = reader.get("score.bias") if "score.bias" in reader.files else np.zeros(weight.shape[0])
   model.head.bias[...] = jnp.asarray(bias, model.head.bias.dtype)
+  model.last_skips_id = model.trunk.config.pad_id
   _log.info("%s: loaded reward head from 'score.weight' %s", reader.directory, weight.shape)
 
 
