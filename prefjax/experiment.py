@@ -135,7 +135,9 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
     # from_pretrained also loads a reward checkpoint's own head (HF ``score``).
     model = hf_import.from_pretrained(resolve_path(cfg["path"]), head=head, seed=seed,
                                       dtype=_dtype(cfg.get("dtype")), pooling=pooling)
-    _set_switches(getattr(model, "trunk", model), switches, cfg)
+    trunk = getattr(model, "trunk", model)
+    _check_vocabulary(vocab_size, trunk.config.vocab_size, cfg["path"])
+    _set_switches(trunk, switches, cfg)
     return model
   if kind == "reward_ensemble" and cfg.get("ensemble", "heads") == "deep":
     seeds = [seed + k for k in range(members)]
@@ -145,6 +147,15 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
                        f"{heads_lib.DeepEnsemble.FORWARDS}, got {forward!r}")
     return heads_lib.DeepEnsemble(lambda rngs: build(rngs, "reward"), seeds, forward=forward)
   return build(nnx.Rngs(seed), head)
+
+
+def _check_vocabulary(tokenizer_vocab: int, model_vocab: int, path: str) -> None:
+  if tokenizer_vocab > model_vocab:
+    raise ValueError(f"the tokenizer has {tokenizer_vocab} ids but the model at {path} embeds "
+                     f"only {model_vocab}: use the model's own tokenizer (config.tokenizer)")
+  if tokenizer_vocab < model_vocab // 2:  # models pad their vocabulary, but not by half
+    logging.warning("the tokenizer has %d ids and the model at %s embeds %d: is it the "
+                    "model's own tokenizer?", tokenizer_vocab, path, model_vocab)
 
 
 def _set_switches(trunk: nnx.Module, switches: dict[str, Any], cfg: dict[str, Any]) -> None:

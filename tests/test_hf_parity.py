@@ -416,6 +416,16 @@ def test_a_reward_checkpoint_whose_pad_is_eos_skips_the_trailing_eos_as_hf_does(
                          _rewards(hf_model, tokens, np.ones_like(tokens)), atol=ATOL)
 
 
+def test_a_tokenizer_larger_than_the_pretrained_vocabulary_is_refused(llama_reward_dir, caplog):
+  _, path = llama_reward_dir
+  cfg = {"path": str(path), "head": "reward", "dtype": "float32"}
+  with pytest.raises(ValueError, match=rf"the tokenizer has 259 ids but the model at {path} "
+                                       rf"embeds only {VOCAB}"):
+    experiment.make_model(cfg, vocab_size=259, seed=0)  # the byte tokenizer
+  experiment.make_model(cfg, vocab_size=VOCAB // 2 - 1, seed=0)
+  assert any("is it the model's own tokenizer?" in r.getMessage() for r in caplog.records)
+
+
 def _rewards(model, tokens, mask):
   if isinstance(model, torch.nn.Module):
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Tests for prefjax.data.tokenize: local tokenizers, special-token policy, chat formatting."""
 
 import pathlib
+import shutil
 
 import pytest
 
@@ -143,6 +144,16 @@ def test_load_tokenizer_errors(tmp_path):
   (tmp_path / "notes.txt").write_text("x")
   with pytest.raises(FileNotFoundError, match="no tokenizer files"):
     tokenize.load_tokenizer(tmp_path)
+
+
+def test_a_tokenizer_config_without_a_vocabulary_is_refused(minilm_dir, tmp_path):
+  # transformers builds a 5-token tokenizer from it that reads all text as [UNK].
+  shutil.copy(pathlib.Path(minilm_dir) / "tokenizer_config.json", tmp_path)
+  with pytest.raises(FileNotFoundError, match=r"has tokenizer_config.json but no vocabulary "
+                                              r"file \(one of sentencepiece.bpe.model, "):
+    tokenize.load_tokenizer(tmp_path)
+  shutil.copy(pathlib.Path(minilm_dir) / "vocab.txt", tmp_path)
+  assert tokenize.load_tokenizer(tmp_path).vocab_size == _load(minilm_dir).vocab_size
 
 
 # ---------------------------------------------------------------------------- chat formatting
