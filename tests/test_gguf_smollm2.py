@@ -114,6 +114,21 @@ def test_bad_files_raise_naming_the_problem(tmp_path, kwargs, message):
     gguf_import.load_gguf(path)
 
 
+def test_damaged_files_raise_naming_the_file_and_tensor(tmp_path):
+  path = write_gguf(tmp_path / "tiny.gguf", random_model(TINY))
+  whole = path.read_bytes()
+  cut = tmp_path / "cut.gguf"
+  for size in (len(whole) - 100, 60):  # the last tensor loses 25 values; inside the metadata
+    cut.write_bytes(whole[:size])
+    with pytest.raises(gguf_import.GGUFImportError,
+                       match=rf"{cut}: not a readable GGUF file \(cut short\?\): "):
+      gguf_import.load_gguf(cut)
+  nan_path = write_gguf(tmp_path / "nan.gguf", random_model(TINY),
+                        extra=(("output_norm.weight", np.full(TINY.hidden_size, np.nan)),))
+  with pytest.raises(gguf_import.GGUFImportError, match="'output_norm.weight' contains NaN"):
+    gguf_import.load_gguf(nan_path)
+
+
 # --- the real SmolLM2-135M-Instruct (Q4_1) -------------------------------------
 
 @pytest.fixture(scope="module")

@@ -146,6 +146,14 @@ def test_load_tokenizer_errors(tmp_path):
     tokenize.load_tokenizer(tmp_path)
 
 
+def test_a_gguf_file_cut_short_is_named(smollm2_gguf, tmp_path):
+  cut = tmp_path / "cut.gguf"
+  with open(smollm2_gguf, "rb") as f:
+    cut.write_bytes(f.read(3000))  # inside the vocabulary's metadata
+  with pytest.raises(ValueError, match=rf"{cut}: no tokenizer could be read from this GGUF"):
+    tokenize.load_tokenizer(cut)
+
+
 def test_a_tokenizer_config_without_a_vocabulary_is_refused(minilm_dir, tmp_path):
   # transformers builds a 5-token tokenizer from it that reads all text as [UNK].
   shutil.copy(pathlib.Path(minilm_dir) / "tokenizer_config.json", tmp_path)

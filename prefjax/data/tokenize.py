@@ -18,6 +18,7 @@ import hashlib
 import os
 import pathlib
 import re
+import struct
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -229,8 +230,12 @@ def load_tokenizer(path: str | os.PathLike[str], *, gguf_file: str | None = None
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
     if not (path / gguf_file).is_file():
       raise FileNotFoundError(f"GGUF file {path / gguf_file} does not exist")
-    return HFTokenizer(AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file),
-                       source=str(path / gguf_file))
+    try:
+      hf = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
+    except (ValueError, IndexError, KeyError, struct.error) as e:  # e.g. a file cut short
+      raise ValueError(f"{path / gguf_file}: no tokenizer could be read from this GGUF file: "
+                       f"{type(e).__name__}: {e}") from e
+    return HFTokenizer(hf, source=str(path / gguf_file))
   if path.is_file():
     if path.name.endswith(".json"):
       return _load_bare_tokenizer_json(path)

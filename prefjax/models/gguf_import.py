@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from typing import Any
 
 import gguf
@@ -53,8 +54,16 @@ class GGUFImportError(ValueError):
 
 def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
   """All metadata key/values of a GGUF file as Python values (strings decoded)."""
-  reader = gguf.GGUFReader(os.fspath(path))
+  reader = _open(os.fspath(path))
   return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def _open(path: str) -> gguf.GGUFReader:
+  try:
+    return gguf.GGUFReader(path)
+  except (ValueError, IndexError, struct.error) as e:  # e.g. a file cut short
+    raise GGUFImportError(f"{path}: not a readable GGUF file (cut short?): "
+                          f"{type(e).__name__}: {e}") from e
 
 
 def _require(meta: dict[str, Any], key: str, path: str) -> Any:
@@ -134,7 +143,7 @@ def _target(name: str, path: str) -> tuple[str, bool]:
 def read_gguf(path: str | os.PathLike) -> tuple[DecoderConfig, dict[str, np.ndarray]]:
   """Dequantized float32 weights keyed by prefjax parameter path, plus the config."""
   path = os.fspath(path)
-  reader = gguf.GGUFReader(path)
+  reader = _open(path)
   meta = {name: field.contents() for name, field in reader.fields.items()}
   by_name = {t.name: t for t in reader.tensors}
   if "token_embd.weight" not in by_name:
@@ -149,6 +158,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[DecoderConfig, dict[str, np.ndar
     raw = np.array(tensor.data)
     weight = np.asarray(gguf.quants.dequantize(raw, tensor.tensor_type), np.float32)
     weight = weight.reshape(tuple(int(d) for d in reversed(tensor.shape)))
+    if not np.all(np.isfinite(weight)):
+      raise GGUFImportError(f"{path}: tensor '{name}' contains NaN or inf")
     if name.endswith("attn_q.weight"):
       weight = unpermute_rope_rows(weight, config.num_heads)
     elif name.endswith("attn_k.weight"):
