@@ -42,6 +42,8 @@ BAD_LINES = {
     "negative_weight": (_line({**GOOD, "weight": -1}), "bad_value"),
     "weight_overflows_float32": (_line({**GOOD, "weight": 1e39}), "bad_value"),
     "weight_huge_integer": (_line({**GOOD, "weight": 10**400}), "bad_value"),
+    "meta_not_an_object": (_line({**GOOD, "meta": []}), "bad_value"),
+    "meta_contradicted": (_line({**GOOD, "meta": {"subset": "x"}, "subset": "y"}), "bad_value"),
     "non_utf8": (b'{"prompt": "Q", "chosen": " caf\xe9", "rejected": " no"}', "non_utf8"),
     "lone_surrogate_escape": (b'{"prompt": "Q\\ud800", "chosen": " a", "rejected": " b"}',
                               "non_utf8"),
@@ -76,6 +78,15 @@ def test_malformed_json_detail_gives_the_column(tmp_path):
   path = _write_case(tmp_path, b'{"prompt": "Q", "chosen" " yes"}')
   with pytest.raises(pdata.BadRowError, match=rf"{path}:2: malformed_json: Expecting ':' "
                      "delimiter at column 26"):
+    _load(path, tmp_path / "cache", "error")
+
+
+def test_a_pretty_printed_json_array_is_named_so(tmp_path):
+  path = tmp_path / "array.jsonl"
+  path.write_text(json.dumps([GOOD, {**GOOD, "prompt": "Q2"}], indent=2))
+  with pytest.raises(pdata.BadRowError, match=rf"{path}:1: malformed_json: Expecting value at "
+                     r"column 3 \(the file looks like one JSON array: JSONL holds one object "
+                     r"per line\)"):
     _load(path, tmp_path / "cache", "error")
 
 

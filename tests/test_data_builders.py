@@ -287,6 +287,22 @@ def test_hh_changed_raw_file_is_rebuilt(tmp_path, hh_raw, caplog):
   assert changed.fingerprint != first.fingerprint
 
 
+def test_hh_split_files_not_in_the_released_form_are_named(tmp_path, hh_raw, caplog):
+  folder = tmp_path / "raw" / "harmless-base"
+  folder.mkdir(parents=True)
+  (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in hh_raw[:5]))
+  with pytest.raises(FileNotFoundError, match=r"no \{split\}.jsonl.gz files in .* \(found "
+                                              r"\['train.jsonl'\]\)"):
+    pdata.load_preferences(HH, "train", data_dir=tmp_path / "cache", manual_dir=folder.parent)
+  with gzip.open(folder / "test.jsonl.gz", "wt", encoding="utf-8") as f:
+    f.writelines(json.dumps(row) + "\n" for row in hh_raw[:5])
+  with caplog.at_level(logging.WARNING):
+    rows = pdata.load_preferences(HH, "test", data_dir=tmp_path / "cache",
+                                  manual_dir=folder.parent)
+  assert rows.summary.rows_read == 5
+  assert "not reading ['train.jsonl']: splits are read from {split}.jsonl.gz" in caplog.text
+
+
 def test_a_load_waits_for_the_build_in_progress_and_reads_it(tmp_path, caplog):
   """A second process must not build the same dataset version at the same time: TFDS's
   rename of its temporary folder fails for one of them. Here the test holds the build

@@ -26,6 +26,7 @@ import re
 from typing import Iterator
 
 import tensorflow_datasets as tfds
+from absl import logging
 
 from prefjax.data.tfds_builders import base
 from prefjax.data.tfds_builders import rows as rows_lib
@@ -59,10 +60,16 @@ class HhRlhf(base.PreferenceBuilder, skip_registration=True):
       match = _SPLIT_FILE.match(path.name)
       if match:
         splits[match.group(1)] = [path]
+    unread = sorted(p.name for p in folder.glob("*.jsonl*") if p.name.endswith(".jsonl")
+                    or not _SPLIT_FILE.match(p.name)) if folder.is_dir() else []
+    if unread:
+      logging.warning("HH-RLHF %s: not reading %s: splits are read from {split}.jsonl.gz "
+                      "files, as released (gzip them)", folder, unread)
     if not splits:
       raise FileNotFoundError(
           f"no {{split}}.jsonl.gz files in {folder} for HH-RLHF config "
-          f"{self.builder_config.name!r}. {base.THIRD_PARTY_NOTE}")
+          f"{self.builder_config.name!r}{f' (found {unread})' if unread else ''}. "
+          f"{base.THIRD_PARTY_NOTE}")
     return splits
 
   def _read_rows(self, path: pathlib.Path

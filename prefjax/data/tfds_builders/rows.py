@@ -198,7 +198,8 @@ def parse_preference_object(obj: Any, *, layout: str = "auto",
     raise RowError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
   if layout not in ("auto", "prompt", "transcripts"):
     raise ValueError(f"unknown layout {layout!r}")
-  if layout == "prompt" or (layout == "auto" and "prompt" in obj):
+  prompt_layout = layout == "prompt" or (layout == "auto" and "prompt" in obj)
+  if prompt_layout:
     prompt = _text_field(obj, "prompt")
     chosen = _text_field(obj, "chosen")
     rejected = _text_field(obj, "rejected")
@@ -208,18 +209,28 @@ def parse_preference_object(obj: Any, *, layout: str = "auto",
   empty = check_responses(chosen, rejected, allow_empty=allow_empty)
   weight = _number_field(obj, "weight", 1.0, 0.0, MAX_WEIGHT)
   outcome = _number_field(obj, "outcome", 1.0, 0.0, 1.0)
-  meta = obj.get("meta") or {}
-  if not isinstance(meta, dict):
-    raise RowError("bad_value", f"field 'meta' must be an object, got {type(meta).__name__}")
-  known = {"prompt", "chosen", "rejected", "weight", "outcome", "meta"}
-  extra = {k: v for k, v in obj.items() if k not in known and k not in meta}
-  meta = {**meta, **extra}
+  meta = _meta(obj)
   notes = note_empty(meta, empty)
   if any(tag in text for tag in (HUMAN_TAG, ASSISTANT_TAG) for text in (chosen, rejected)):
-    # The transcripts diverge before the last assistant turn: responses hold several turns.
     meta["multi_turn_response"] = True
-    notes += (("multi_turn_response", "transcripts diverge before the last assistant turn"),)
+    notes += (("multi_turn_response", "a response holds a Human/Assistant turn tag"
+               if prompt_layout else "transcripts diverge before the last assistant turn"),)
   return PreferenceRow(prompt, chosen, rejected, outcome, weight, meta, notes)
+
+
+def _meta(obj: Mapping[str, Any]) -> dict[str, Any]:
+  """``meta`` plus the row's unknown top-level keys, which must not contradict it."""
+  meta = obj.get("meta")
+  meta = {} if meta is None else meta
+  if not isinstance(meta, dict):
+    raise RowError("bad_value", f"field 'meta' must be an object, got {reprlib.repr(meta)}")
+  known = {"prompt", "chosen", "rejected", "weight", "outcome", "meta"}
+  extra = {k: v for k, v in obj.items() if k not in known}
+  for key in sorted(extra.keys() & meta.keys()):
+    if extra[key] != meta[key]:
+      raise RowError("bad_value", f"field {key!r} is {reprlib.repr(extra[key])} but meta's "
+                                  f"{key!r} is {reprlib.repr(meta[key])}")
+  return {**meta, **extra}
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # only then can a lone surrogate appear
@@ -265,7 +276,10 @@ def _decode_json_line(raw: bytes, file: str, line_no: int) -> Any | RowProblem:
   try:
     value = json.loads(text, parse_constant=_reject_constant)
   except json.JSONDecodeError as e:
-    return RowProblem(file, line_no, "malformed_json", f"{e.msg.removesuffix(' at')} at column {e.pos + 1}")
+    detail = f"{e.msg.removesuffix(' at')} at column {e.pos + 1}"
+    if line_no == 1 and text.lstrip().startswith("["):
+      detail += " (the file looks like one JSON array: JSONL holds one object per line)"
+    return RowProblem(file, line_no, "malformed_json", detail)
   except ValueError as e:  # NaN / Infinity
     return RowProblem(file, line_no, "malformed_json", str(e))
   if _SURROGATE_ESCAPE.search(text):
