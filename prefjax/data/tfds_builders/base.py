@@ -99,8 +99,13 @@ class BuildSummary:
 class PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base class: subclasses say where the raw files are and how to read a row."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: ArrayRecord, build summaries, prompt-hash resplit."}
+  # A new version rebuilds cached datasets: bump it when row checks change what is kept.
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release: ArrayRecord, build summaries, prompt-hash resplit.",
+      "1.1.0": "Bad rows: a weight above 1e12, a meta that is not an object, a top-level "
+               "key that contradicts meta's.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = THIRD_PARTY_NOTE
   DESCRIPTION = ""
   HOMEPAGE = ""
