@@ -9,13 +9,16 @@ its own ``config.json``; ensembles add members, ``wco`` and ``uwo``), ``dpo:WORK
 (implicit reward β·(log π − log π_ref)), ``hf:PATH`` (a local HF
 ``*ForSequenceClassification`` dir), ``length``, ``shorter``, ``gold``. Datasets
 (``prefjax.evals.reward_eval``): ``NAME[@SPLIT]`` of ``load_preferences``, or
-``run:WORKDIR[@SPLIT]`` (a run's own data). With ``config.subset_field`` naming a
-``meta`` key (default ``subset``), a dataset whose every row has one gets per-subset
-accuracy and their category-weighted mean.
+``run:WORKDIR[@SPLIT]`` (a run's own data; a warning when it changed since the run read
+it). With ``config.subset_field`` naming a ``meta`` key (default ``subset``), a dataset
+where rows have one gets per-subset accuracy and their category-weighted mean; rows
+without one are the ``(none)`` subset (a warning), left out of that mean.
 
 Writes ``report.json``, ``report.md``, ``scores.jsonl`` and ``figures/`` (reliability
-and length-bin plots per dataset) into the workdir. Metrics carry bootstrap 95%
-intervals; every pair of scorers gets a paired-bootstrap difference with a p-value.
+and length-bin plots per dataset) into the workdir. Each dataset's section counts its
+rows: read, skipped as bad by reason (``--config.on_bad_row=skip``), scored, ties left
+out. Metrics carry bootstrap 95% intervals; every pair of scorers gets a
+paired-bootstrap difference with a p-value.
 
 ``--config.compare=DIR1,DIR2,...`` instead puts those runs' ``report.json`` side by
 side in ``compare.md`` (accuracy [CI] per dataset and scorer).

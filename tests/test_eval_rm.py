@@ -21,6 +21,7 @@ from experiments import train_rm
 from prefjax.evals import preference
 from prefjax.evals import scorers as scorers_lib
 from prefjax.evals import stats
+from prefjax.rm import evaluation as rm_evaluation
 from tests import test_train_dpo
 from tests import test_train_rm
 
@@ -100,6 +101,12 @@ def test_length_controlled_accuracy_and_category_weighted_mean():
   assert mean.value == 0.625  # Each subset counts once (the pooled accuracy is 0.5).
 
 
+def test_rows_without_the_subset_field_form_the_none_subset():
+  metas = [{"subset": "chat"}, None, {"subset": 3}, {}]
+  assert rm_evaluation.subset_names(metas, "subset") == (["chat", "(none)", "3", "(none)"], 2)
+  assert rm_evaluation.subset_names([{}, None], "subset") == (None, 0)  # No subsets at all.
+
+
 def test_scorer_specs_parse_and_reject_bad_ones():
   specs = scorers_lib.parse_specs("rm:/w/rm_a, b=rm:/w/ens@best, dpo:/w/d@200, length, gold")
   assert [(s.name, s.kind, s.path, s.step) for s in specs] == [
@@ -148,6 +155,15 @@ def report(runs):
                        f"run:{root}/rm")
   workdir = root / "eval"
   return eval_rm.run(config, str(workdir)), workdir
+
+
+def test_a_run_dataset_is_checked_against_the_data_the_run_read(runs, report):
+  result, workdir = report
+  check = result["datasets"][0]["run_data"]
+  assert (check["status"], check["run"], check["split"]) == (
+      "same", str(runs["root"] / "rm"), "resplit_validation")
+  assert f"Data: the data the run {runs['root'] / 'rm'} read (" in (
+      workdir / "report.md").read_text()
 
 
 def test_rm_ensemble_and_dpo_match_their_trainers_own_eval(runs, report):
@@ -257,6 +273,97 @@ def test_subsets_of_a_jsonl_benchmark(tmp_path):
   assert set(m["subsets"]) == {"chat", "safety"}
   assert m["accuracy"]["value"] == 1.0 and m["subset_mean"]["value"] == 1.0
   assert section["metrics"]["shorter"]["subset_mean"]["value"] == 0.0
+
+
+def write_jsonl(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  return path
+
+
+def length_pair(i: int, chosen_longer: bool) -> dict:
+  long, short = " a long answer", " no"
+  return {"prompt": f"q{i}", "chosen": long if chosen_longer else short,
+          "rejected": short if chosen_longer else long}
+
+
+def train_on_jsonl(path: pathlib.Path, workdir: pathlib.Path) -> dict:
+  """A one-step tiny RM run whose train and eval split are the whole file."""
+  config = test_train_rm.small_config(1)
+  config.data.update(name=f"jsonl:{path}", train_split="train", eval_split="train")
+  return train_rm.run(config, str(workdir))
+
+
+def test_pairs_without_the_subset_field_are_the_none_subset_in_both_evals(tmp_path, caplog):
+  # length is right on subset a, right on half of b, wrong on the 4 rows without a subset.
+  rows = [dict(length_pair(i, True), meta={"subset": "a"}) for i in range(12)]
+  rows += [dict(length_pair(i, i % 2 == 0), meta={"subset": "b"}) for i in range(12, 24)]
+  rows += [length_pair(i, False) for i in range(24, 28)]
+  run = train_on_jsonl(write_jsonl(tmp_path / "bench.jsonl", rows), tmp_path / "rm")["eval"]
+  config = eval_config(f"rm:{tmp_path}/rm,length", f"run:{tmp_path}/rm")
+  section = eval_rm.run(config, str(tmp_path / "eval"))["datasets"][0]
+  length, rm = section["metrics"]["length"], section["metrics"]["rm"]
+  assert {k: v["value"] for k, v in length["subsets"].items()} == {
+      "a": 1.0, "b": 0.5, "(none)": 0.0}
+  assert length["subset_mean"]["value"] == 0.75  # (none) is no category: (1 + 0.5) / 2.
+  for name in ("a", "b", "(none)"):  # eval_rm and train_rm's evaluator agree.
+    assert rm["subsets"][name]["value"] == pytest.approx(run[f"accuracy/subset/{name}"],
+                                                         abs=1e-9)
+  assert section["pairs_without_subset"] == 4
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  said = "4 of 28 pairs have no meta.subset; they form the subset '(none)'"
+  assert f"eval split: {said}" in warnings
+  assert f"dataset run:rm@train: {said}" in warnings
+  assert ("**Warning:** 4 of 28 pairs have no meta.subset: they are the subset (none), left "
+          "out of the category-weighted mean.") in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_a_run_dataset_whose_file_changed_since_training_is_flagged(tmp_path, caplog):
+  rows = [length_pair(i, True) for i in range(40)]
+  path = write_jsonl(tmp_path / "data.jsonl", rows)
+  train_on_jsonl(path, tmp_path / "rm")
+  config = eval_config("length", f"run:{tmp_path}/rm")
+  before = eval_rm.run(config, str(tmp_path / "e1"))["datasets"][0]
+  assert before["run_data"]["status"] == "same"
+  assert before["metrics"]["length"]["accuracy"]["value"] == 1.0
+  swapped = [dict(r, chosen=r["rejected"], rejected=r["chosen"]) for r in rows[:10]]
+  write_jsonl(path, swapped + rows[10:])
+  after = eval_rm.run(config, str(tmp_path / "e2"))["datasets"][0]
+  assert after["metrics"]["length"]["accuracy"]["value"] == 0.75
+  check = after["run_data"]
+  assert (check["status"], check["files"]) == ("changed", [str(path)])
+  said = (f"NOT the data the run {tmp_path}/rm read: split 'train' of {path} changed since "
+          "then (its data_report.json scan_key differs; rows read when the run started 40, "
+          "now 40; built then 40, now 40), so these are not the run's own eval numbers")
+  assert check["message"] == said
+  assert f"dataset run:rm@train: {said}" in [r.getMessage() for r in caplog.records]
+  assert f"**Warning:** Data: {said}." in (tmp_path / "e2" / "report.md").read_text()
+  (tmp_path / "rm" / "data_report.json").unlink()  # As in a run older than data reports.
+  check = eval_rm.run(config, str(tmp_path / "e3"))["datasets"][0]["run_data"]
+  assert (check["status"], check["why"]) == (
+      "unchecked", f"{tmp_path}/rm has no data_report.json")
+
+
+def test_rows_skipped_as_bad_are_counted_in_both_reports(tmp_path):
+  good = [{"prompt": f"q{i}", "chosen": " yes" * (i + 1), "rejected": " no"} for i in range(11)]
+  good[0]["outcome"] = 0.5
+  bad = [json.dumps({"prompt": "Q", "chosen": " yes"})] * 5 + [
+      "{not json", json.dumps({"prompt": "Q", "chosen": "", "rejected": " x"})]
+  path = tmp_path / "bench.jsonl"
+  path.write_text("\n".join([json.dumps(r) for r in good] + bad))
+  config = eval_config("length", f"jsonl:{path}")
+  config.on_bad_row = "skip"
+  eval_rm.run(config, str(tmp_path / "eval"))
+  section = json.loads((tmp_path / "eval" / "report.json").read_text())["datasets"][0]
+  counts = section["source_counts"]
+  assert (counts["rows_read"], counts["rows_skipped"], counts["rows_built"]) == (18, 7, 11)
+  assert counts["skipped_by_reason"] == {"missing_field": 5, "malformed_json": 1,
+                                         "empty_response": 1}
+  assert (section["pairs_scored"], section["ties_left_out"], section["pairs_decisive"]) == (
+      11, 1, 10)
+  assert ("Rows: 18 read; 7 skipped as bad rows (--config.on_bad_row=skip: missing_field 5, "
+          f"malformed_json 1, empty_response 1; first at {path}:12); 11 built; 11 pairs "
+          "scored, 1 tie left out: 10 decisive pairs in the metrics (preferred response "
+          "longer in 100%).") in (tmp_path / "eval" / "report.md").read_text()
 
 
 # ----------------------------------------------------------------------------- bad input

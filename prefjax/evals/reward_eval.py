@@ -4,12 +4,18 @@ A dataset spec is ``NAME[@SPLIT]`` for anything ``load_preferences`` opens
 (``hh_rlhf/harmless-base@resplit_test``, ``pandalm@test``, ``jsonl:PATH``; default
 split ``test``, ``train`` for ``jsonl:``, whose file is one split), or
 ``run:WORKDIR[@SPLIT]``: the data of a training run (its ``config.data``, e.g. the
-tiny world it generated; default split its ``data.eval_split``).
+tiny world it generated; default split its ``data.eval_split``), checked against the
+``scan_key`` the run recorded in ``data_report.json`` (`check_run_data`): a split whose
+content changed since the run read it is a warning in the log and the report.
 
 Per dataset every scorer scores every pair; the metrics are computed on the
 pairs every scorer scored (a pipeline may drop over-long pairs; counted) whose
 label is decisive (``outcome`` ≠ ½; ties are counted and left out), with one
-set of bootstrap resamples shared by all scorers (``prefjax.evals.stats``).
+set of bootstrap resamples shared by all scorers (``prefjax.evals.stats``). The
+section counts every row: read, skipped as bad by reason, in sibling splits,
+scored, ties (``source_counts``, as in a training run's ``data_report.json``).
+Rows without ``meta[subset_field]`` in a dataset where others have it form the
+``(none)`` subset, left out of the category-weighted mean.
 """
 
 from __future__ import annotations
@@ -23,23 +29,32 @@ import numpy as np
 from absl import logging
 
 from prefjax import experiment
+from prefjax.data import report as report_lib
 from prefjax.data import sources
+from prefjax.evals import preference
 from prefjax.evals import scorers as scorers_lib
 from prefjax.evals import stats
+from prefjax.rm import evaluation as rm_evaluation
 
 EvalInputError = scorers_lib.EvalInputError
+
+
+# The responses train_rm and train_dpo scan (``start_data_report``), part of the scan_key.
+RUN_RESPONSE_KEYS = ("chosen", "rejected")
 
 
 @dataclasses.dataclass
 class Dataset:
   label: str
   source: Any
+  run_data: dict[str, Any] | None = None  # `check_run_data` of a ``run:`` dataset
 
 
 def load_dataset(spec: str, eval_cfg: Any) -> Dataset:
   """Opens one dataset spec (see the module docstring); errors name the spec."""
   spec = spec.strip()
   name, _, split = spec.rpartition("@") if "@" in spec else (spec, "", "")
+  run = None
   try:
     if name.startswith("run:"):
       run = scorers_lib.read_run_config(name[4:], f"dataset {spec!r}")
@@ -59,7 +74,59 @@ def load_dataset(spec: str, eval_cfg: Any) -> Dataset:
                          f"{(str(e).strip().splitlines() or [''])[0]}") from e
   if len(source) == 0:
     raise EvalInputError(f"dataset {spec!r}: split {split!r} has no pairs")
-  return Dataset(f"{short_name(name)}@{split}", source)
+  label = f"{short_name(name)}@{split}"
+  run_data = None if run is None else check_run_data(name[4:], run, source, label)
+  return Dataset(label, source, run_data)
+
+
+def check_run_data(workdir: str, run: Any, source: Any, label: str) -> dict[str, Any]:
+  """Whether ``source`` is the split the run read, by the ``scan_key`` of its
+  ``data_report.json`` (content fingerprint, length, the run's tokenizer and cuts).
+
+  Returns ``{"run", "split", "files", "status": same | changed | unchecked, "why",
+  "message"}``; logs ``message`` (it names the files) as a warning unless ``same``.
+  """
+  out = {"run": workdir, "split": source.split, "files": sorted(source.summary.input_files)}
+  data_report = experiment.read_data_report(workdir)
+  recorded = [r for r in (data_report or {}).values()
+              if r.get("split") == source.split and r.get("scan_key")]
+  if recorded:
+    out.update(_compare_scan(recorded[0], run, source))
+  elif data_report is None:
+    out.update(status="unchecked", why=f"{workdir} has no {report_lib.REPORT_FILE}")
+  else:
+    out.update(status="unchecked", why=f"its {report_lib.REPORT_FILE} records no scan of "
+                                       f"split {source.split!r}")
+  out["message"] = run_data_text(out)
+  if out["status"] != "same":
+    logging.warning("dataset %s: %s", label, out["message"])
+  return out
+
+
+def _compare_scan(then: dict[str, Any], run: Any, source: Any) -> dict[str, str]:
+  try:
+    key = report_lib.scan_key(source, experiment.make_tokenizer(run.tokenizer),
+                              experiment.pipeline_config(run.data), RUN_RESPONSE_KEYS)
+  except (OSError, ValueError, KeyError) as e:  # e.g. the run's tokenizer files moved
+    return {"status": "unchecked", "why": f"the run's tokenizer did not load: {e}"}
+  summary = source.summary
+  why = (f"rows read when the run started {then['rows_read']}, now {summary.rows_read}; "
+         f"built then {then['rows_built']}, now {summary.rows_built}")
+  if then.get("files") and then["files"] != sorted(summary.input_files):
+    why += f"; files then {', '.join(then['files'])}"
+  return {"status": "same" if key == then["scan_key"] else "changed", "why": why}
+
+
+def run_data_text(check: dict[str, Any]) -> str:
+  """One sentence on a `check_run_data` result, for the log and ``report.md``."""
+  files = ", ".join(check["files"]) or "no file"
+  if check["status"] == "same":
+    return f"the data the run {check['run']} read ({files}; its data_report.json scan_key)"
+  if check["status"] == "unchecked":
+    return f"not checked against the run {check['run']}: {check['why']}"
+  return (f"NOT the data the run {check['run']} read: split {check['split']!r} of {files} "
+          f"changed since then (its data_report.json scan_key differs; {check['why']}), "
+          "so these are not the run's own eval numbers")
 
 
 def short_name(name: str) -> str:
@@ -83,18 +150,20 @@ class PairTable:
   outcome: np.ndarray
   chosen_chars: np.ndarray
   rejected_chars: np.ndarray
-  subsets: list[str] | None
+  subsets: list[str] | None  # `rm_evaluation.subset_names`: None when no row has one
+  without_subset: int = 0  # rows in the ``(none)`` subset
 
   @classmethod
   def from_rows(cls, source: Any, index: np.ndarray, subset_field: str) -> PairTable:
     rows = source.__getitems__(index.tolist())
-    subsets = [(r.get("meta") or {}).get(subset_field) for r in rows] if subset_field else []
+    subsets, missing = None, 0
+    if subset_field:
+      subsets, missing = rm_evaluation.subset_names([r.get("meta") for r in rows], subset_field)
     return cls(index, [str(r.get("id", i)) for r, i in zip(rows, index)],
                np.array([float(r.get("outcome", 1.0)) for r in rows]),
                np.array([len(r["chosen"]) for r in rows], np.float64),
                np.array([len(r["rejected"]) for r in rows], np.float64),
-               None if not subsets or any(s is None for s in subsets) else
-               [str(s) for s in subsets])
+               subsets, missing)
 
   @property
   def decisive(self) -> np.ndarray:
@@ -152,6 +221,9 @@ def evaluate_dataset(dataset: Dataset, scorer_fns: dict[str, Any], eval_cfg: Any
   if index.size == 0:
     raise EvalInputError(f"dataset {dataset.label!r}: no pair was scored by every scorer")
   table = PairTable.from_rows(dataset.source, index, eval_cfg.subset_field)
+  if table.without_subset:
+    logging.warning("dataset %s: %s", dataset.label, rm_evaluation.missing_subset_text(
+        table.without_subset, index.size, eval_cfg.subset_field))
   d = table.decisive
   if not d.any():
     raise EvalInputError(f"dataset {dataset.label!r}: every pair is a tie; nothing to score")
@@ -163,6 +235,8 @@ def evaluate_dataset(dataset: Dataset, scorer_fns: dict[str, Any], eval_cfg: Any
     signed[name] = stats.signed_margins(r_c, r_r, table.outcome)[d]
     m = stats.scorer_metrics(signed[name], counts, rel_diff=rel_diff, subsets=subsets,
                              calibrated=calibrated[name], num_bins=int(eval_cfg.num_bins))
+    if subsets is not None and rm_evaluation.NO_SUBSET in subsets:
+      m["subset_mean"] = named_subset_mean(signed[name], counts, subsets)
     both = np.concatenate([r_c, r_r])
     m.update(reward_mean=float(both.mean()), reward_std=float(both.std()))
     metrics[name] = m
@@ -175,6 +249,9 @@ def evaluate_dataset(dataset: Dataset, scorer_fns: dict[str, Any], eval_cfg: Any
       "preferred_longer_rate": float(np.mean(rel_diff > 0)),
       "length_bin_counts": {label: int(mask.sum()) for label, mask in stats.length_bins(rel_diff)},
       "source_summary": str(dataset.source.summary),
+      "source_counts": report_lib.build_counts(dataset.source),
+      "subset_field": eval_cfg.subset_field, "pairs_without_subset": table.without_subset,
+      "run_data": dataset.run_data,
       "dropped_by_pipeline": {n: s.dropped for n, s in scored.items() if s.dropped},
       "not_scored": {n: len(dataset.source) - s.index.size for n, s in scored.items()
                      if s.index.size < len(dataset.source)},
@@ -184,6 +261,17 @@ def evaluate_dataset(dataset: Dataset, scorer_fns: dict[str, Any], eval_cfg: Any
   arrays = {"table": table, "columns": columns, "signed": signed, "primary": primary,
             "calibrated": calibrated, "rel_diff": rel_diff}
   return section, arrays
+
+
+def named_subset_mean(signed: np.ndarray, counts: np.ndarray, subsets: list[str]
+                      ) -> stats.Estimate:
+  """The category-weighted mean over the named subsets: ``(none)`` is no category."""
+  names = np.asarray(subsets)
+  named = names != rm_evaluation.NO_SUBSET
+  if not named.any():
+    return stats.Estimate(float("nan"), float("nan"), float("nan"))
+  correct = preference.pair_accuracy(signed)
+  return stats.subset_accuracies(correct[named], counts[:, named], names[named].tolist())[1]
 
 
 def figure_name(kind: str, dataset: str) -> str:

@@ -3,8 +3,8 @@
 ``report.json`` holds the sections of ``prefjax.evals.reward_eval``; this module
 renders them. ``scores.jsonl`` has one line per evaluated pair and dataset,
 ``{dataset, index, id, outcome, chosen_chars, rejected_chars, subset, scores:
-{column: [r_chosen, r_rejected]}}``, enough to redraw any figure without
-rescoring.
+{column: [r_chosen, r_rejected]}}`` (``subset`` is ``(none)`` for a row without one
+where others have one), enough to redraw any figure without rescoring.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from prefjax.evals import preference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from prefjax.rm import evaluation as rm_evaluation  # pylint: disable=wrong-import-position
 
 
 def _ci(e: Mapping[str, float] | None) -> str:
@@ -73,10 +74,10 @@ def markdown(report: Mapping[str, Any]) -> str:
     out += ["Checkpoints: " + "; ".join(f"{name} = `{c['path']}` step {c['step']}"
                                         for name, c in report["checkpoints"].items()) + ".", ""]
   for section in report["datasets"]:
-    out += [f"## {section['dataset']}", "",
-            f"{section['pairs_decisive']} decisive pairs scored by every scorer "
-            f"({section['rows']} rows; {section['ties_left_out']} ties left out; preferred "
-            f"response longer in {section['preferred_longer_rate']:.0%}).", ""]
+    out += [f"## {section['dataset']}", "", rows_line(section), ""]
+    if section.get("run_data"):
+      warn = "**Warning:** " if section["run_data"]["status"] != "same" else ""
+      out += [f"{warn}Data: {section['run_data']['message']}.", ""]
     for key, text in (("dropped_by_pipeline", "Dropped by a scorer's pipeline"),
                       ("unavailable", "Not available")):
       if section[key]:
@@ -89,11 +90,42 @@ def markdown(report: Mapping[str, Any]) -> str:
       means = ", ".join(f"{n} {_ci(m['subset_mean'])}" for n, m in section["metrics"].items()
                         if "subset_mean" in m)
       subsets += ["", f"Category-weighted mean (each subset counts once): {means}."]
+      if section.get("pairs_without_subset"):
+        subsets += ["", f"**Warning:** {section['pairs_without_subset']} of "
+                    f"{section['pairs_scored']} pairs have no meta.{section['subset_field']}: "
+                    f"they are the subset {rm_evaluation.NO_SUBSET}, left out of the "
+                    "category-weighted mean."]
     for block in (bins, subsets, comparison_table(section)):
       out += block + ([""] if block else [])
     for figure in section.get("figures", []):
       out += [f"![{figure}]({figure})", ""]
   return "\n".join(out)
+
+
+def rows_line(section: Mapping[str, Any]) -> str:
+  """Where every row went: read, skipped as bad (by reason), scored, ties, decisive."""
+  counts = section.get("source_counts") or {}
+  parts = []
+  if counts:
+    parts.append(f"{counts['rows_read']} read")
+    if counts["rows_skipped"]:
+      reasons = ", ".join(f"{k} {v}" for k, v in counts["skipped_by_reason"].items())
+      first = next(iter(counts["skipped_examples"].values()))[0].split(": ", 1)[0]
+      parts.append(f"{counts['rows_skipped']} skipped as bad rows (--config.on_bad_row=skip: "
+                   f"{reasons}; first at {first})")
+    if counts["rows_in_other_splits"]:
+      parts.append(f"{counts['rows_in_other_splits']} in sibling resplit_* splits")
+    parts.append(f"{counts['rows_built']} built")
+    if counts["rows_selected"] != counts["rows_built"]:
+      parts.append(f"{counts['rows_selected']} selected by the split's slice")
+  unscored = section["rows"] - section["pairs_scored"]
+  if unscored:
+    parts.append(f"{unscored} not scored by every scorer")
+  ties = section["ties_left_out"]
+  parts.append(f"{section['pairs_scored']} pairs scored, {ties} tie{'' if ties == 1 else 's'} "
+               f"left out: {section['pairs_decisive']} decisive pairs in the metrics")
+  return (f"Rows: {'; '.join(parts)} (preferred response longer in "
+          f"{section['preferred_longer_rate']:.0%}).")
 
 
 def plot_reliability(signed: Mapping[str, np.ndarray], names: Sequence[str], path: str,

@@ -30,6 +30,28 @@ from prefjax.train import summary as summary_lib
 
 Rewards = dict[str, np.ndarray]
 
+# The subset of the rows that lack ``meta[subset_field]`` when other rows have it.
+NO_SUBSET = "(none)"
+
+
+def subset_names(metas: Sequence[dict[str, Any] | None], field: str
+                 ) -> tuple[list[str] | None, int]:
+  """(each row's ``meta[field]`` as a subset name, how many rows are in `NO_SUBSET`).
+
+  The rows without the field are the `NO_SUBSET` subset, so that no row leaves the
+  table unseen; ``(None, 0)`` when no row has the field (the data has no subsets).
+  """
+  values = [(meta or {}).get(field) for meta in metas]
+  missing = sum(v is None for v in values)
+  if missing == len(values):
+    return None, 0
+  return [NO_SUBSET if v is None else str(v) for v in values], missing
+
+
+def missing_subset_text(missing: int, total: int, field: str) -> str:
+  return (f"{missing} of {total} pairs have no meta.{field}; they form the subset "
+          f"{NO_SUBSET!r}")
+
 
 def eval_batches(source: Any, tokenizer: Any, pcfg: pipeline_lib.PipelineConfig,
                  table: np.ndarray | None) -> tuple[list[dict[str, np.ndarray]], dict[str, int]]:
@@ -122,12 +144,16 @@ class RewardModelEvaluator:
     return {k: np.concatenate(v) for k, v in parts.items() if v}
 
   def _subsets(self, index: np.ndarray) -> list[str] | None:
-    """``meta[eval.subset_field]`` of every eval pair, when every pair has one."""
+    """``meta[eval.subset_field]`` of every eval pair (`subset_names`), or None."""
     if not self._subset_field:
       return None
     if self._subset_cache is None:
-      values = [(self._source[int(i)].get("meta") or {}).get(self._subset_field) for i in index]
-      self._subset_cache = [] if any(v is None for v in values) else [str(v) for v in values]
+      metas = [self._source[int(i)].get("meta") for i in index]
+      names, missing = subset_names(metas, self._subset_field)
+      if missing:
+        logging.warning("eval split: %s", missing_subset_text(missing, len(metas),
+                                                              self._subset_field))
+      self._subset_cache = names or []
     return self._subset_cache or None
 
   def _metrics(self, d: Rewards) -> tuple[dict[str, float], dict]:
