@@ -55,6 +55,28 @@ SAMPLES_FILE = "samples.npz"
 _CURVE_ONLY = ("num_points", "num_bootstrap")
 
 
+def check_config(config: Any) -> None:
+  """One-line errors, before any sampling, for settings best-of-n cannot measure."""
+  for field, low in (("num_samples", 2), ("prompts_per_batch", 1), ("num_points", 1),
+                     ("num_bootstrap", 2)):
+    if int(config.bon[field]) < low:
+      raise ValueError(f"bon.{field}={config.bon[field]} must be >= {low}")
+  s = config.sampling
+  if not float(s.temperature) > 0:
+    raise ValueError(f"sampling.temperature={s.temperature} draws the same response every "
+                     "time, and best-of-n needs distinct samples of the reference policy "
+                     "(temperature 1)")
+  if sampler_differs(config):
+    logging.warning("best_of_n: sampling.temperature=%s, top_k=%s, top_p=%s: the reference of "
+                    "KL_bon is this sampler, not the policy at temperature 1 (train_rl "
+                    "refuses such settings)", s.temperature, s.get("top_k"), s.get("top_p"))
+
+
+def sampler_differs(config: Any) -> bool:
+  s = config.sampling
+  return float(s.temperature) != 1.0 or s.get("top_k") is not None or s.get("top_p") is not None
+
+
 def samples_fingerprint(config: Any) -> str:
   """SHA-256 of the config without the curve-only ``bon`` settings: samples drawn under
   another fingerprint are not reused."""
@@ -128,7 +150,9 @@ def curves(samples: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
       "sqrt_kl": np.sqrt(curve.kl).tolist(),
       "proxy": curve.proxy.tolist(), "proxy_se": curve.proxy_se.tolist(),
       "gold": curve.gold.tolist(), "gold_se": curve.gold_se.tolist(),
-      "kl_note": "analytic log n - (n-1)/n, an upper bound on the true KL",
+      "kl_note": "analytic log n - (n-1)/n, an upper bound on the true KL"
+                 + (", against the sampler (temperature/top-k/top-p), not the policy"
+                    if sampler_differs(config) else ""),
       "reference_mean": means,
       "num_prompts": int(proxy.shape[0]), "num_samples": int(n_max),
       "sampling": summary_lib.config_to_dict(config.sampling),
@@ -152,7 +176,7 @@ def report_markdown(result: dict[str, Any]) -> str:
       f"proxy `{result['proxy_name']}`, gold `{result['gold_name']}`; "
       f"{result['num_prompts']} prompts × {result['num_samples']} reference samples; "
       "scores are minus the reference mean; ± one bootstrap SE over prompts. "
-      "KL is the analytic best-of-n bound log n − (n−1)/n. Sampling: "
+      f"KL is the {result['kl_note']}. Sampling: "
       + ", ".join(f"{k} {v}" for k, v in sorted(result["sampling"].items())) + ".", "",
       "| n | KL | √KL | proxy | gold |", "|---:|---:|---:|---:|---:|"]
   for i, n in enumerate(result["n"]):
@@ -170,8 +194,8 @@ def report_markdown(result: dict[str, Any]) -> str:
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Samples (or reuses ``samples.npz``), writes curves, report and figure; returns the curves."""
+  check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  summary_lib.replace_config(workdir, config)
   path = os.path.join(workdir, SAMPLES_FILE)
   fingerprint = samples_fingerprint(config)
   samples = None
@@ -198,6 +222,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(report_markdown(result))
   plot(result, os.path.join(workdir, "figures", "bon.png"))
+  # Last, so that a failed rerun leaves the previous config beside the previous report.
+  summary_lib.replace_config(workdir, config)
   return result
 
 

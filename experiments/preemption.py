@@ -43,8 +43,8 @@ def _exit_now(signum: int, frame: Any) -> None:
     except (OSError, ValueError):
       pass
   os.write(2, f"received signal {signum} outside training: nothing new to save; exiting "
-              f"with code {PREEMPTED_EXIT_CODE} (rerun with the same --workdir to resume)\n"
-           .encode())
+              f"with code {PREEMPTED_EXIT_CODE} (rerun with the same --workdir: it goes on "
+              "from what was saved)\n".encode())
   os._exit(PREEMPTED_EXIT_CODE)
 
 

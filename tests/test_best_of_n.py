@@ -66,10 +66,41 @@ def test_samples_are_redrawn_when_a_setting_that_shapes_them_changes(bon_run, mo
   report = best_of_n.run(cooler, str(workdir))
   assert draws == [0.5]
   assert report["sampling"]["temperature"] == 0.5
+  assert report["kl_note"].endswith("against the sampler (temperature/top-k/top-p), not the "
+                                    "policy")
   assert "temperature 0.5" in (workdir / "report.md").read_text()
   assert json.loads((workdir / "config.json").read_text())["sampling"]["temperature"] == 0.5
   best_of_n.run(cooler, str(workdir))  # now the samples on disk are the cooler ones
   assert draws == [0.5]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("sampling.temperature", 0.0, r"sampling.temperature=0.0 draws the same response every "
+                                  "time"),
+    ("bon.num_samples", 1, r"bon.num_samples=1 must be >= 2"),
+    ("bon.num_bootstrap", 1, r"bon.num_bootstrap=1 must be >= 2"),
+    ("bon.prompts_per_batch", 0, r"bon.prompts_per_batch=0 must be >= 1"),
+])
+def test_settings_best_of_n_cannot_measure_stop_before_sampling(tmp_path, field, value, match):
+  config = tiny.get_config("quick")
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError, match=match):
+    best_of_n.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_rerun_keeps_the_config_of_the_report_beside_it(bon_run, monkeypatch):
+  workdir, config, _ = bon_run
+  before = (workdir / "config.json").read_text()
+  changed = config.copy_and_resolve_references()
+  changed.seed = 99  # samples again, and sampling fails
+  def fail(cfg, wd):
+    raise OSError("disk full")
+  monkeypatch.setattr(best_of_n, "sample_and_score", fail)
+  with pytest.raises(OSError, match="disk full"):
+    best_of_n.run(changed, str(workdir))
+  assert (workdir / "config.json").read_text() == before
 
 
 def test_curves_against_hand_computed_best_of_n():
