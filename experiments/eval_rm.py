@@ -66,9 +66,15 @@ def compare(config: Any, workdir: str) -> str:
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Evaluates ``config.scorers`` on ``config.datasets``; returns the report."""
   os.makedirs(workdir, exist_ok=True)
+  out = ({"compare": compare(config, workdir)} if config.get("compare")
+         else evaluate(config, workdir))
+  # Last, so that a failed rerun leaves the previous config beside the previous report.
   summary_lib.replace_config(workdir, config)
-  if config.get("compare"):
-    return {"compare": compare(config, workdir)}
+  return out
+
+
+def evaluate(config: Any, workdir: str) -> dict[str, Any]:
+  """Writes the report of ``config.scorers`` on ``config.datasets``; returns it."""
   start = time.time()
   specs = scorers_lib.parse_specs(config.scorers)
   datasets = [reward_eval.load_dataset(s, config)

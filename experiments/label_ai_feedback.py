@@ -86,7 +86,6 @@ def agreement_report(pairs: list[dict[str, Any]], judged: list[dict[str, Any]],
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Labels ``config.data``; writes ``labels.jsonl`` and the report; returns the report."""
   start = time.time()
-  summary_lib.replace_config(workdir, config)
   principles = constitution.load_constitutions(config.constitution)
   sampler = labeller.PrincipleSampler(tuple(principles), mode=config.principles.mode,
                                       num_principles=int(config.principles.num_principles),
@@ -122,6 +121,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                report["wall_seconds"], h["agreement_a_first"]["value"],
                h["agreement_a_second"]["value"], h["agreement_average"]["value"],
                h["position_bias_before"]["value"], h["position_bias_after"]["value"], name)
+  # Last, so that a failed rerun leaves the previous config beside the previous report.
+  summary_lib.replace_config(workdir, config)
   return report
 
 

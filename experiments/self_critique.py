@@ -36,7 +36,6 @@ from prefjax.train import summary as summary_lib
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Runs the loop over ``config.data``'s prompts; returns the report."""
   start = time.time()
-  summary_lib.replace_config(workdir, config)
   principles = constitution.load_constitutions(config.constitution)
   sampler = labeller.PrincipleSampler(tuple(principles), mode="sample",
                                       seed=int(config.principles.seed))
@@ -59,6 +58,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   summary_lib.write_json(os.path.join(workdir, "report.json"), report)
   logging.info("self_critique: %d prompts -> %d pairs in %.1fs (%s); wrote %s", len(prompts),
                len(rows), report["wall_seconds"], counters, name)
+  # Last, so that a failed rerun leaves the previous config beside the previous report.
+  summary_lib.replace_config(workdir, config)
   return report
 
 
