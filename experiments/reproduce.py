@@ -10,12 +10,21 @@ embedded, one paragraph per result: what the paper expects, what this run saw),
 (trained proxy scores; a rerun with the same workdir reuses them). Ends by printing
 the criteria table and the figure paths. A failed criterion is reported, not
 hidden; the exit code is 0 either way (the report is the result).
+
+A rerun replaces the outputs together: the config's numbers are checked before any work
+(``study_config.check``), figures are drawn into ``.figures.partial`` and moved into
+``figures/`` only once the run has finished (figures the previous report named and this
+run did not draw are removed), then the report and last ``config.json`` are written. A
+run that fails leaves the previous run's config, report and figures as they were (the
+proxies it trained stay cached for the next run).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -27,6 +36,7 @@ from experiments import hh_study
 from experiments import text_study
 from prefjax.overopt import report as report_lib
 from prefjax.overopt import study
+from prefjax.overopt import study_config
 from prefjax.overopt import text_report
 from prefjax.overopt import text_world
 from prefjax.train import summary as summary_lib
@@ -45,7 +55,12 @@ def _world_note(config: Any) -> str:
 
 
 
-def _with_text_world(config: Any, workdir: str, found: list) -> tuple[list, dict, list]:
+FIGURES = "figures"
+STAGING = ".figures.partial"  # this run's figures until the run has finished
+
+
+def _with_text_world(config: Any, workdir: str, found: list,
+                     fig_dir: str) -> tuple[list, dict, list]:
   """The text world, or with ``config.text.kind == "hh"`` the SmolLM2 / HH world."""
   hh = config.text.get("kind") == "hh"
   world_cls, labels = ((hh_study.HHWorld, hh_study.REPORT_LABELS) if hh
@@ -64,8 +79,7 @@ def _with_text_world(config: Any, workdir: str, found: list) -> tuple[list, dict
     results = text_world.pool_seeds(runs)
   num_bootstrap = config.text.get("num_bootstrap") or config.bandit.num_bootstrap
   text_found, figs, curves = text_report.text_criteria(
-      results, config.text, os.path.join(workdir, "figures"),
-      num_bootstrap=int(num_bootstrap), **labels)
+      results, config.text, fig_dir, num_bootstrap=int(num_bootstrap), **labels)
   for c in found:
     if c.name in text_report.CARRIES:  # the text world carries it; keep the bandit's beside
       c.name = f"{c.name}-bandit"
@@ -79,13 +93,15 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   """The bandit world (``config.bandit``; None = skipped), then the text world when
   ``config.text.enabled``."""
   start = time.time()
-  summary_lib.replace_config(workdir, config)
+  study_config.check(config)
+  staging = os.path.join(workdir, STAGING)
+  shutil.rmtree(staging, ignore_errors=True)  # left by a run that failed
   facts = {"command": " ".join(["python -m experiments.reproduce"] + sys.argv[1:])}
   found, figs, results = [], {}, None
   if config.get("bandit") is not None:
     results = study.run_bandit_study(config.bandit, workdir)
     found, figs = report_lib.bandit_criteria(
-        results, os.path.join(workdir, "figures"), smallest=int(config.bandit.smallest),
+        results, staging, smallest=int(config.bandit.smallest),
         n_fixed=int(config.bandit.data.n_fixed))
     facts.update(world_seeds=list(config.bandit.world_seeds), wall_s=time.time() - start,
                  world_note=_world_note(config))
@@ -95,16 +111,47 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                                     or (config.text.get("world") or {}).get("seed")),
                            "pairs_seed": int(config.text.pairs.seed),
                            "eval_seed": int(config.text.eval.seed)}
-    found, text_figs, extra = _with_text_world(config, workdir, found)
+    found, text_figs, extra = _with_text_world(config, workdir, found, staging)
     figs.update(text_figs)
   facts["wall_s"] = time.time() - start
+  publish_figures(workdir, staging, figs)
   out = report_lib.write_report(workdir, found, results, figs, facts, extra_sections=extra)
+  summary_lib.replace_config(workdir, config)
   table = report_lib.criteria_table(found)
   print(table)
   print(report_lib.verdict_line(found))
   print("figures:\n  " + "\n  ".join(os.path.join(workdir, f) for f in figs.values()))
   print(f"report: {os.path.join(workdir, 'report.md')}  ({facts['wall_s']:.0f} s)")
   return out
+
+
+def publish_figures(workdir: str, staging: str, figs: dict[str, str]) -> None:
+  """Moves this run's figures from ``staging`` into ``workdir/figures`` and removes those
+  the previous report named (``report.json``'s ``figures``) that this run did not draw;
+  any other file there is left alone."""
+  fig_dir = os.path.join(workdir, FIGURES)
+  os.makedirs(fig_dir, exist_ok=True)
+  if os.path.isdir(staging):
+    for name in os.listdir(staging):
+      os.replace(os.path.join(staging, name), os.path.join(fig_dir, name))
+    shutil.rmtree(staging)
+  drawn = {os.path.basename(f) for f in figs.values()}
+  for name in _previous_figures(workdir) - drawn:
+    path = os.path.join(fig_dir, name)
+    if os.path.isfile(path):
+      os.remove(path)
+
+
+def _previous_figures(workdir: str) -> set[str]:
+  """Basenames of the figures the report in ``workdir`` names (none if unreadable)."""
+  try:
+    with open(os.path.join(workdir, "report.json")) as f:
+      named = dict(json.load(f).get("figures", {})).values()
+  except (OSError, ValueError, TypeError, AttributeError):
+    return set()
+  # Only names of files directly in figures/: the report could have been edited by hand.
+  return {os.path.basename(f) for f in named
+          if isinstance(f, str) and os.path.dirname(f) == FIGURES}
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs.reproduce import full
+from configs.reproduce import quick
 from experiments import reproduce
 from prefjax.overopt import bon
 from prefjax.overopt import criteria
@@ -151,3 +152,209 @@ def test_p1_compares_with_ppo_when_the_world_ran_it():
   from prefjax.overopt import text_report
   assert text_report.p1_reference(["rloo", "ppo"]) == "ppo"
   assert text_report.p1_reference(["rloo"]) == "rloo"
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def _with(config, **fields):
+  """``config`` with dotted fields replaced: ``_with(c, **{"bandit.smallest": 0})``."""
+  for path, value in fields.items():
+    *parents, last = path.split(".")
+    node = config
+    for key in parents:
+      node = node[key]
+    node[last] = value
+  return config
+
+
+@pytest.mark.parametrize("module,variants", [
+    ("quick", (None, "tiny")), ("full", (None, "tiny")),
+    ("smollm2_hh", (None, "quick", "tiny"))])
+def test_config_check_accepts_every_shipped_config_and_variant(module, variants):
+  import importlib
+  from prefjax.overopt import study_config
+  get_config = importlib.import_module(f"configs.reproduce.{module}").get_config
+  for variant in variants:
+    study_config.check(get_config(variant))
+    study_config.check(_with(get_config(variant), **{"text.enabled": True}))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("bandit.smallest", 0, r"bandit.smallest must be an integer in \[1, 3\]"),
+    ("bandit.smallest", -1, r"bandit.smallest must be an integer in \[1, 3\]"),
+    ("bandit.smallest", 10, r"bandit.smallest must be an integer in \[1, 3\]"),
+    ("bandit.data.n_fixed", -5, r"bandit.data.n_fixed must be an integer in \[1, 200\]"),
+    ("bandit.data.n_fixed", 201, r"bandit.data.n_fixed must be an integer in \[1, 200\]"),
+    ("bandit.world_seeds", (), r"bandit.world_seeds needs at least 1 value"),
+    ("bandit.sizes.widths", (), r"bandit.sizes.widths needs at least 1 value"),
+    ("bandit.sizes.widths", (16, 4), r"bandit.sizes.widths must be in increasing order"),
+    ("bandit.bon.num_ns", 0, r"bandit.bon.num_ns must be an integer >= 3"),
+    ("bandit.rl.beta_min", -1.0, r"bandit.rl.beta_min must be a finite number > 0"),
+    ("bandit.rl.beta_max", 0.001, r"bandit.rl.beta_max must be a finite number > 0.01"),
+    ("bandit.seeds", 0, r"bandit.seeds must be an integer >= 1"),
+    ("bandit.num_bootstrap", 1, r"bandit.num_bootstrap must be an integer >= 2"),
+    ("bandit.ensembles.uwo_lambda", -1.0, r"bandit.ensembles.uwo_lambda must be .* >= 0"),
+    ("bandit.ensembles.label_noise", (0.5,), r"bandit.ensembles.label_noise must hold .*"
+                                             r"in \[0.0, 0.5\)"),
+    ("bandit.data.num_pairs", (500,), r"bandit.data.num_pairs needs at least 2 values"),
+    ("bandit.estimator.ns", (1, 128), r"bandit.estimator.ns must hold integers in \[1, 64\]"),
+    ("bandit.world.num_prompts", 1, r"bandit.world.num_prompts must be >= 2"),
+    ("bandit.world.tail_df", 2.0, r"bandit.world.tail_df=2.0 must be > 2"),
+    ("bandit.proxy.batch_size", 300, r"bandit.proxy.batch_size=300 exceeds num_pairs=200 "
+                                     r"\(the proxies of bandit.data"),
+    ("bandit.learned_policy.policy.steps", 0, r"bandit.learned_policy.policy: .*steps=0"),
+    ("text.bon.num_points", 0, r"text.bon.num_points must be an integer >= 3"),
+    ("text.rl.widths", (32,), r"text.rl.widths must be among text.proxy.widths \(8, 16\)"),
+    ("text.dpo.eval_every", 5, r"text.dpo.eval_every must be an integer in \[1, 4\]"),
+])
+def test_config_check_names_the_field_and_its_range(field, value, message):
+  from configs.reproduce import quick
+  from prefjax.overopt import study_config
+  config = _with(quick.get_config("tiny"), **{"text.enabled": True, field: value})
+  with pytest.raises(ValueError, match=message):
+    study_config.check(config)
+
+
+def test_config_check_of_the_direct_stage():
+  from prefjax.overopt import study_config
+  config = _with(full.get_config("tiny"), **{"bandit.direct.kl_range": (2.0, 0.1)})
+  with pytest.raises(ValueError, match=r"bandit.direct.kl_range must be \(low, high\)"):
+    study_config.check(config)
+  config = _with(full.get_config("tiny"), **{"bandit.direct.d3.eval_every": 41})
+  with pytest.raises(ValueError, match=r"bandit.direct.d3.eval_every must be an integer in "
+                                       r"\[1, 40\]"):
+    study_config.check(config)
+
+
+def test_run_checks_the_config_before_writing_anything(tmp_path):
+  config = _with(quick.get_config("tiny"), **{"bandit.world_seeds": ()})
+  with pytest.raises(ValueError, match="bandit.world_seeds"):
+    reproduce.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+def test_failed_rerun_keeps_the_previous_config_and_report(tmp_path, monkeypatch):
+  from prefjax.overopt import study
+  for name, text in (("config.json", '{"old": 1}\n'), ("report.json", '{"figures": {}}\n'),
+                     ("report.md", "old\n")):
+    (tmp_path / name).write_text(text)
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("the study failed")
+
+  monkeypatch.setattr(study, "run_bandit_study", fail)
+  with pytest.raises(RuntimeError, match="the study failed"):
+    reproduce.run(quick.get_config("tiny"), str(tmp_path))
+  assert (tmp_path / "config.json").read_text() == '{"old": 1}\n'
+  assert (tmp_path / "report.md").read_text() == "old\n"
+
+
+def test_publish_figures_replaces_the_study_figures_and_keeps_the_users(tmp_path):
+  figures_dir, staging = tmp_path / "figures", tmp_path / ".figures.partial"
+  figures_dir.mkdir()
+  staging.mkdir()
+  for name in ("gao_fig1_sizes.png", "learned_policy.png", "my_notes.png"):
+    (figures_dir / name).write_text("old")
+  (staging / "gao_fig1_sizes.png").write_text("new")
+  (tmp_path / "report.json").write_text(json.dumps({"figures": {
+      "gao_fig1": "figures/gao_fig1_sizes.png", "learned_policy": "figures/learned_policy.png",
+      "elsewhere": "my_notes.png"}}))
+  reproduce.publish_figures(str(tmp_path), str(staging),
+                            {"gao_fig1": "figures/gao_fig1_sizes.png"})
+  assert sorted(os.listdir(figures_dir)) == ["gao_fig1_sizes.png", "my_notes.png"]
+  assert (figures_dir / "gao_fig1_sizes.png").read_text() == "new"
+  assert (figures_dir / "my_notes.png").read_text() == "old"
+  assert not staging.exists()
+
+
+# --------------------------------------------------------------------------- criteria details
+
+
+def test_smallest_settings_must_not_be_empty():
+  from prefjax.overopt import report as report_lib
+  from prefjax.overopt import study
+  with pytest.raises(ValueError, match="g1: need at least one setting"):
+    criteria.g1([], "")
+  with pytest.raises(ValueError, match="r2: need at least one setting"):
+    criteria.r2([], "")
+  sizes = [_setting(f"w{w}", 1.0, 0.3) for w in (4, 8, 16)]
+  results = study.BanditResults(sizes, [4, 8, 16], *([None] * 11))
+  for smallest in (0, -1, 4):  # checked before any figure is drawn
+    with pytest.raises(ValueError, match=rf"smallest={smallest} must be in \[1, 3\]"):
+      report_lib.bandit_criteria(results, "", smallest=smallest)
+
+
+def test_g5_rejects_an_n_outside_the_curves():
+  data = [_setting("n200", 1.0, 0.3), _setting("n500", 1.0, 0.2)]  # knobs 0 … 24
+  assert criteria.g5([200, 500], data, 12, "").passed  # the peak rises with data
+  with pytest.raises(ValueError, match=r"g5: n_fixed=-5 must lie in \[0, 24\]"):
+    criteria.g5([200, 500], data, -5, "")
+
+
+def test_g2_says_which_fits_have_no_overoptimization_term():
+  settings = [_setting("w4", 1.0, 0.5), _setting("w8", 1.0, -0.2)]
+  found = criteria.g2(settings, "")
+  beta = settings[1].fit_bon.beta
+  assert not found.passed and beta == pytest.approx(-0.2, abs=0.01)
+  assert found.detail.startswith(f"β ≤ 0 for w8 ({beta:+.3f})"), found.detail
+  assert "fits every size" not in found.detail
+
+
+def test_g3_needs_three_sizes():
+  settings = [_setting(f"w{w}", 1.0, b) for w, b in ((4, 0.5), (8, 0.4), (16, 0.3))]
+  assert criteria.g3([4, 8, 16], settings, "").passed
+  for n in (1, 2):
+    found = criteria.g3([4, 8, 16][:n], settings[:n], "")
+    assert not found.passed
+    assert found.detail == f"not evaluable: needs >= 3 sizes, got {n}"
+    assert found.value["evaluable"] is False and found.value["spearman_size_beta"] is None
+
+
+def test_c1_signs_the_gain_and_names_the_noise():
+  from prefjax.overopt import report as report_lib
+  single = _setting("single", 1.0, 0.05)
+  worse = {k: _setting(k, 1.0, 0.5) for k in ("mean", "wco", "uwo")}
+  found = criteria.c1(single, worse, "", label_noise=0.1)
+  gain = found.value["wco"]["gain_at_n_max"]
+  assert gain == pytest.approx(-4.05, abs=0.05)  # d = 3: 3·(1 − 0.5·3) − 3·(1 − 0.05·3)
+  assert found.detail.startswith(f"at 10% label noise: wco: decline ")
+  assert f", {gain:+.2f} gold over" in found.detail and "+-" not in found.detail
+  assert "10% in this run" in report_lib.expected("C1", "bandit", label_noise=0.1)
+  assert "25% label noise" not in report_lib.expected("C1", "bandit", label_noise=0.1)
+
+
+def test_fit_table_shows_beta_ci_and_fitted_peak():
+  from prefjax.overopt import report as report_lib
+  humped, rising = _setting("w4", 1.0, 0.5), _setting("w8", 1.0, -0.2)
+  table = report_lib._fit_table([humped, rising], "width")
+  assert "β_bon [95% CI]" in table[0] and "d*_bon" in table[0] and "d*_RL" in table[0]
+  assert all(row.count("|") == table[0].count("|") for row in table)
+  lo, hi = humped.fit_bon.beta_ci
+  assert f"{humped.fit_bon.beta:.3f} [{lo:.3f}, {hi:.3f}] | " in table[2]
+  assert humped.fit_bon.peak_d == pytest.approx(1.0, abs=0.02)  # α/(2β), inside d ≤ 3
+  assert f"| {humped.fit_bon.peak_d:.3g} |" in table[2]
+  assert "| none |" in table[3]  # β < 0: the fit never turns over
+  assert report_lib.peak_text(5.0, 2.0) == "5 (> data's max d 2.00)"
+
+
+def test_direct_criteria_say_no_drop_when_the_peak_is_last():
+  from prefjax.overopt import direct_criteria
+  assert direct_criteria.drop_text(0.0, 0.0) == "no drop"
+  assert direct_criteria.drop_text(0.2, 0.1, "to it") == "drop to it 0.200 = 2.0 SE"
+
+
+def test_cached_proxies_keep_their_training_wall_time(tmp_path, monkeypatch):
+  import types
+  from prefjax.overopt import bandit
+  from prefjax.overopt import study
+  trained = types.SimpleNamespace(scores=np.zeros((1, 2, 3)), gold_accuracy=np.array([0.6]),
+                                  train_accuracy=np.array([0.7]), train_loss=np.array([0.5]),
+                                  wall_s=12.5)
+  monkeypatch.setattr(bandit, "train_proxies", lambda *a: trained)
+  world = types.SimpleNamespace(config=bandit.WorldConfig(num_prompts=2))
+  cfg = bandit.ProxyConfig(width=4, num_pairs=8, batch_size=8)
+  _, fresh = study._cached_proxies(str(tmp_path), "w4", world, cfg, [0])
+  _, cached = study._cached_proxies(str(tmp_path), "w4", world, cfg, [0])
+  assert (fresh["wall_s"], fresh["cached"]) == (12.5, False)
+  assert (cached["wall_s"], cached["cached"]) == (12.5, True)

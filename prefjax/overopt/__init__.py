@@ -11,7 +11,8 @@ The overoptimization study (``experiments/reproduce.py``) is built from the modu
 ``fits`` (Gao et al. functional forms), ``bandit`` and ``policy_net`` (the bandit world,
 learned proxies and policies), ``curves``, ``criteria``, ``study`` (seed- and
 world-averaged curves and the G/R/C criteria), ``direct_study`` and ``direct_criteria``
-(DPO / IPO / SLiC), ``figures`` and ``report``; import them by module name.
+(DPO / IPO / SLiC), ``figures`` and ``report``, and ``study_config`` (checks a study
+config's numbers before any work); import them by module name.
 """
 
 from prefjax.overopt.bon import BonScores

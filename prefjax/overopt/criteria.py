@@ -116,7 +116,14 @@ def g0(settings: Sequence[curves_lib.SettingCurves], checks: Sequence[dict],
 # --------------------------------------------------------------------------- G: best-of-n
 
 
+def _need_settings(name: str, settings: Sequence[curves_lib.SettingCurves]) -> None:
+  """An empty list would make "every setting declines" hold vacuously."""
+  if not settings:
+    raise ValueError(f"{name}: need at least one setting, got none")
+
+
 def g1(smallest: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
+  _need_settings("g1", smallest)
   rows = []
   for s in smallest:
     drop, se, peak = curves_lib.decline(s.bon)
@@ -135,28 +142,60 @@ def g2(settings: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
            "r2": s.fit_bon.r2} for s in settings]
   passed = all(r["alpha"] > 0 and r["beta"] > 0 and r["r2"] >= 0.95 for r in rows)
   worst = min(r["r2"] for r in rows)
-  return Criterion("G2", passed, rows, {"alpha": "> 0", "beta": "> 0", "r2": 0.95},
-                   f"d(α − βd) fits every size, lowest R² {worst:.3f}", figure)
+  failures = []
+  for key, symbol in (("alpha", "α"), ("beta", "β")):
+    if bad := [r for r in rows if not r[key] > 0]:
+      failures.append(f"{symbol} ≤ 0 for " + ", ".join(f"{r['setting']} ({r[key]:+.3f})"
+                                                      for r in bad))
+  low = [r for r in rows if not r["r2"] >= 0.95]
+  if low:
+    failures.append("R² < 0.95 for " + ", ".join(f"{r['setting']} ({r['r2']:.3f})"
+                                                 for r in low))
+  detail = (f"d(α − βd) fits every size, lowest R² {worst:.3f}" if passed else
+            "; ".join(failures) + f" (lowest R² {worst:.3f})")
+  return Criterion("G2", passed, rows, {"alpha": "> 0", "beta": "> 0", "r2": 0.95}, detail,
+                   figure)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
   return float(stats.spearmanr(x, y).statistic)
 
 
+G3_MIN_SIZES = 3  # with two, a rank correlation is ±1 whatever the values
+
+
 def g3(sizes: Sequence[float], settings: Sequence[curves_lib.SettingCurves],
        figure: str) -> Criterion:
+  """Spearman of size vs β_bon and vs peak gold; with fewer than ``G3_MIN_SIZES`` sizes
+  (or constant values) not evaluable, which is reported as a failure, never a pass."""
+  threshold = {"spearman_size_beta": "<= -0.8", "spearman_size_peak_gold": ">= 0.8"}
+  if len(sizes) < G3_MIN_SIZES:
+    return Criterion("G3", False, {"spearman_size_beta": None,
+                                   "spearman_size_peak_gold": None, "evaluable": False},
+                     threshold, f"not evaluable: needs >= {G3_MIN_SIZES} sizes, got "
+                     f"{len(sizes)}", figure)
   rho_beta = spearman(sizes, [s.fit_bon.beta for s in settings])
   rho_peak = spearman(sizes, [float(np.max(s.bon.gold)) for s in settings])
   passed = rho_beta <= -0.8 and rho_peak >= 0.8
-  return Criterion("G3", passed, {"spearman_size_beta": rho_beta,
-                                  "spearman_size_peak_gold": rho_peak},
-                   {"spearman_size_beta": "<= -0.8", "spearman_size_peak_gold": ">= 0.8"},
-                   f"Spearman(size, β_bon) = {rho_beta:.2f}, Spearman(size, peak gold) = "
-                   f"{rho_peak:.2f}", figure)
+  evaluable = bool(np.isfinite(rho_beta) and np.isfinite(rho_peak))
+  detail = (f"Spearman(size, β_bon) = {rho_beta:.2f}, Spearman(size, peak gold) = "
+            f"{rho_peak:.2f}")
+  if not evaluable:
+    detail = f"not evaluable: {detail} (undefined when the values are all equal)"
+  return Criterion("G3", passed, {"spearman_size_beta": rho_beta if evaluable else None,
+                                  "spearman_size_peak_gold": rho_peak if evaluable else None,
+                                  "evaluable": evaluable}, threshold, detail, figure)
 
 
 def g5(data_sizes: Sequence[int], settings: Sequence[curves_lib.SettingCurves], n_fixed: int,
        figure: str) -> Criterion:
+  """Gold at the best-of-n n nearest ``n_fixed`` (which must lie in the curves' n range)."""
+  _need_settings("g5", settings)
+  lo, hi = min(float(s.bon.knob.min()) for s in settings), max(float(s.bon.knob.max())
+                                                              for s in settings)
+  if not lo <= n_fixed <= hi:
+    raise ValueError(f"g5: n_fixed={n_fixed} must lie in [{lo:.0f}, {hi:.0f}], the best-of-n "
+                     "ns of the curves")
   golds = []
   for s in settings:
     j = int(np.argmin(np.abs(s.bon.knob - n_fixed)))
@@ -179,6 +218,7 @@ def r1(settings: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
 
 
 def r2(smallest: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
+  _need_settings("r2", smallest)
   rows = []
   for s in smallest:
     drop, se, peak = curves_lib.decline(s.rl)
@@ -214,7 +254,7 @@ def r4(settings: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
 
 
 def c1(single: curves_lib.SettingCurves, ensembles: dict[str, curves_lib.SettingCurves],
-       figure: str) -> Criterion:
+       figure: str, *, label_noise: float | None = None) -> Criterion:
   rows = {}
   for name in ("wco", "uwo"):
     e = ensembles[name]
@@ -224,10 +264,12 @@ def c1(single: curves_lib.SettingCurves, ensembles: dict[str, curves_lib.Setting
     rows[name] = {"decline_z": drop / max(se, 1e-12), "gain_at_n_max": gain,
                   "gain_z": gain / max(gain_se, 1e-12)}
   passed = all(r["decline_z"] < 2.0 and r["gain_z"] >= 2.0 for r in rows.values())
+  noise = "" if label_noise is None else f"at {label_noise:.0%} label noise: "
   return Criterion("C1", passed, rows, {"decline_z": "< 2", "gain_z": ">= 2"},
-                   "; ".join(f"{k}: decline {r['decline_z']:.1f} SE, +{r['gain_at_n_max']:.2f} "
-                             f"gold over the single proxy at n_max ({r['gain_z']:.1f} SE)"
-                             for k, r in rows.items()), figure)
+                   noise + "; ".join(f"{k}: decline {r['decline_z']:.1f} SE, "
+                                     f"{r['gain_at_n_max']:+.2f} gold over the single proxy "
+                                     f"at n_max ({r['gain_z']:.1f} SE)"
+                                     for k, r in rows.items()), figure)
 
 
 def c2(single: curves_lib.SettingCurves, ensembles: dict[str, curves_lib.SettingCurves],

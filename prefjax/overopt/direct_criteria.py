@@ -37,6 +37,14 @@ def final_curve(sweep: DaaSweep) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
   return np.sqrt(per_kl.mean(axis=0)), per_gold.mean(axis=0), per_kl, per_gold
 
 
+def drop_text(drop: float, se: float, where: str = "") -> str:
+  """"drop 0.123 = 2.5 SE"; "no drop" when the peak is the last point (drop and SE 0)."""
+  if drop == 0 and se == 0:
+    return "no drop"
+  z = drop / se if se > 0 else float("inf")
+  return f"drop{' ' + where if where else ''} {drop:.3f} = {z:.1f} SE"
+
+
 def criterion_d1(sweep: DaaSweep, *, num_se: float = 2.0, num_bootstrap: int = 1000,
                  seed: int = 0) -> dict:
   """D1 for one loss: final gold vs d across β has an interior maximum, and the RL form
@@ -61,9 +69,9 @@ def criterion_d1(sweep: DaaSweep, *, num_se: float = 2.0, num_bootstrap: int = 1
            "drop_se": drop_se, "rmse_rl": rl.rmse, "rmse_quadratic_kl": quad.rmse,
            "rl_alpha": rl.alpha, "rl_beta": rl.beta, "rl_beta_ci": list(rl.beta_ci),
            "rl_r2": rl.r2}
-  z = drop / drop_se if drop_se > 0 else float("inf")
-  detail = (f"{sweep.loss}: gold peaks at d={d[peak]:.2f} (max d {d[-1]:.2f}, drop to it "
-            f"{drop:.3f} = {z:.1f} SE: {'interior' if interior else 'no interior maximum'});"
+  detail = (f"{sweep.loss}: gold peaks at d={d[peak]:.2f} (max d {d[-1]:.2f}, "
+            f"{drop_text(drop, drop_se, 'to it')}: "
+            f"{'interior' if interior else 'no interior maximum'});"
             f" RMSE RL {rl.rmse:.4f} vs quadratic {quad.rmse:.4f}")
   return _result(interior and rl.rmse < quad.rmse, value,
                  f"interior argmax with drop >= {num_se:g} SE, and rmse_rl < rmse_quadratic_kl",
@@ -94,7 +102,7 @@ def criterion_d2(sweep: DaaSweep, *, num_se: float = 2.0, kl_tolerance: float = 
            "kl_at_peak": float(kl[peak]), "kl_final": float(kl[-1])}
   detail = (f"{sweep.loss} β={sweep.betas[k]:.3g}: gold peak {gold[peak]:.3f} at step "
             f"{sweep.steps[peak]} (KL {kl[peak]:.2f}), final {gold[-1]:.3f} (KL {kl[-1]:.2f});"
-            f" drop {drop:.3f} = {drop / drop_se if drop_se > 0 else np.inf:.1f} SE")
+            f" {drop_text(drop, drop_se)}")
   return _result(declined and rising, value,
                  f"peak before the end, drop >= {num_se:g} SE, KL rising after the peak", detail)
 

@@ -103,7 +103,7 @@ def fit_coefficients(sizes: Sequence[float], settings: Sequence[curves_lib.Setti
   for ax, coef in zip(axes, ("α (gain per √nat)", "β (overoptimization)")):
     ax.set_xscale("log", base=2)
     _axes(ax, xlabel, coef)
-  fig.suptitle(title)
+  fig.suptitle(f"{title} (error bars: 95% bootstrap CIs over prompts)")
   return _save(fig, path)
 
 
@@ -142,7 +142,8 @@ def estimator_check(check: dict, path: str) -> str:
   for key, style in (("exact_gold", "k-"), ("unbiased_gold", "o--"), ("mc_gold", "s:")):
     ax.plot(check["ns"], check[key], style, label=key.replace("_gold", ""))
   ax.set_xscale("log", base=2)
-  ax.set_title("Best-of-n estimators agree (smallest proxy, seed 0)")
+  where = f", world {check['world']}" if "world" in check else ""
+  ax.set_title(f"Best-of-n estimators agree (smallest proxy, member seed 0{where})")
   _axes(ax, "n (best-of-n)", "gold (SD under π_ref), raw")
   return _save(fig, path)
 
@@ -221,7 +222,8 @@ def frontier(dpo, ppo, path: str, *, rl_label: str = "KL-regularised RL optimum 
     ax.errorbar(dpo.kl[k, 1:], dpo.gold[k, 1:], yerr=dpo_se[k, 1:], fmt=".", color=color,
                 ms=4, elinewidth=0.6, label=f"DPO β={dpo.betas[k]:.3g}")
   ax.set_xscale("log")
-  ax.xaxis.set_major_formatter(ticker.ScalarFormatter())  # 1, 10, 100 rather than 10^k
+  # 0.001, 1, 100 rather than 10^k (ScalarFormatter would print 0.001 as "0.00")
+  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
   ax.xaxis.set_minor_formatter(ticker.NullFormatter())     # unlabelled minor ticks
   _axes(ax, "KL(π ‖ π_ref)  [nats]", "gold " + REWARD_UNITS, fontsize=7)
   ax.set_title("Reward–KL frontier: DPO vs RL against a learned proxy (±1 SE over prompts)",

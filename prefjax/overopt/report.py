@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from prefjax import files
 from prefjax.overopt import criteria as C
 from prefjax.overopt import direct_criteria
 from prefjax.overopt import figures
@@ -34,8 +35,9 @@ EXPECTED = {
     "R2": "Gao et al. 2022, Fig. 1b: gold under RL peaks then falls for small proxies.",
     "R3": "Gao et al. 2022, Eq. 2: gold under RL follows d(α − β log d) with β > 0.",
     "R4": "Gao et al. 2022, §3.2: RL uses more KL than best-of-n to reach its gold peak.",
-    "C1": "Coste et al. 2023: with 25% label noise, WCO and UWO ensembles remove the best-of-n "
-          "decline and beat a single proxy at large n.",
+    "C1": "Coste et al. 2023: with label noise (25% in the paper; {label_noise} in this run), "
+          "WCO and UWO ensembles remove the best-of-n decline and beat a single proxy at "
+          "large n.",
     "C2": "Coste et al. 2023: under RL the ensembles' gold drop after the peak is smaller than "
           "a single proxy's.",
     "C3": "Coste et al. 2023: optimising the ensemble mean drives the policy where members "
@@ -65,11 +67,14 @@ P1_REFERENCE = {
 }
 
 
-def expected(name: str, world: str = "") -> str:
+def expected(name: str, world: str = "", *, label_noise: float | None = None) -> str:
   """What the paper expects for criterion ``name`` (``G1-text``: as G1, in the text world),
-  run in ``world`` (a ``Criterion.world``)."""
+  run in ``world`` (a ``Criterion.world``); ``label_noise``: the ensembles' noise level
+  that C1 was measured at (None: not known)."""
   base = name.partition("-")[0]
   text = EXPECTED.get(name) or EXPECTED.get(base, "")
+  noise = "not recorded" if label_noise is None else f"{label_noise:.0%}"
+  text = text.replace("{label_noise}", noise)
   if base in ("P1", "P1_kl_matched"):
     text += " " + P1_REFERENCE.get(world.split()[0] if world else "", "")
   return text.strip()
@@ -77,7 +82,11 @@ def expected(name: str, world: str = "") -> str:
 
 def bandit_criteria(results: study_lib.BanditResults, fig_dir: str, *, smallest: int = 2,
                     n_fixed: int = 1000) -> tuple[list[C.Criterion], dict[str, str]]:
-  """Draws the bandit-world figures and evaluates G0–G5, R1–R4, C1–C3."""
+  """Draws the bandit-world figures and evaluates G0–G5, R1–R4, C1–C3; G1 and R2 look at
+  the ``smallest`` widths (1 ≤ smallest ≤ number of widths), G5 at best-of-n n ≈ ``n_fixed``."""
+  if not 1 <= smallest <= len(results.sizes):
+    raise ValueError(f"smallest={smallest} must be in [1, {len(results.sizes)}] (the number "
+                     "of proxy widths)")
   path = lambda name: os.path.join(fig_dir, name)
   figs = {
       "gao_fig1": figures.gold_and_proxy(results.sizes, path("gao_fig1_sizes.png"),
@@ -118,7 +127,7 @@ def bandit_criteria(results: study_lib.BanditResults, fig_dir: str, *, smallest:
       C.r2(small, rel["gao_fig1"]),
       C.r3(results.sizes, rel["gao_fig3_size"]),
       C.r4(results.sizes, rel["gao_fig1"]),
-      C.c1(noisy_ens["single"], ens, rel["coste"]),
+      C.c1(noisy_ens["single"], ens, rel["coste"], label_noise=noisy),
       C.c2(noisy_ens["single"], ens, rel["coste"]),
       C.c3(results.disagreement[noisy], rel["disagreement"]),
   ]
@@ -153,17 +162,33 @@ def _disagreement_ns(ns: np.ndarray) -> np.ndarray:
 
 
 def _fit_table(settings, name: str) -> list[str]:
-  lines = [f"| {name} | α_bon | β_bon | R²_bon | α_RL | β_RL | R²_RL | peak gold (BoN) | "
-           "peak n |", "|---|---|---|---|---|---|---|---|---|"]
+  """α, β (95% CI), R² and the fitted peak d* of each setting's fits; a d* past the data's
+  largest d, or none at all (β ≤ 0), says the fit has no peak within the data."""
+  lines = [f"| {name} | α_bon | β_bon [95% CI] | R²_bon | d*_bon | α_RL | β_RL [95% CI] | "
+           "R²_RL | d*_RL | peak gold (BoN) | peak n |", "|---|---|---|---|---|---|---|---|---|"
+           "---|---|"]
   for s in settings:
     rl = s.fit_rl
-    rl_cols = (f"{rl.alpha:.3f} | {rl.beta:.3f} | {rl.r2:.3f}" if rl is not None
-               else "– | – | –")
+    rl_cols = _fit_cols(rl, s.rl) if rl is not None else "– | – | – | –"
     peak = int(np.argmax(s.bon.gold))
-    lines.append(f"| {s.label} | {s.fit_bon.alpha:.3f} | {s.fit_bon.beta:.3f} | "
-                 f"{s.fit_bon.r2:.3f} | {rl_cols} | {s.bon.gold[peak]:.3f} ± "
-                 f"{s.bon.gold_se[peak]:.3f} | {s.bon.knob[peak]:.0f} |")
+    lines.append(f"| {s.label} | {_fit_cols(s.fit_bon, s.bon)} | {rl_cols} | "
+                 f"{s.bon.gold[peak]:.3f} ± {s.bon.gold_se[peak]:.3f} | "
+                 f"{s.bon.knob[peak]:.0f} |")
   return lines
+
+
+def _fit_cols(fit, curve) -> str:
+  lo, hi = fit.beta_ci
+  ci = "[–]" if np.isnan(lo) else f"[{lo:.3f}, {hi:.3f}]"
+  return (f"{fit.alpha:.3f} | {fit.beta:.3f} {ci} | {fit.r2:.3f} | "
+          f"{peak_text(fit.peak_d, float(np.sqrt(np.max(curve.kl))))}")
+
+
+def peak_text(peak_d: float, d_max: float) -> str:
+  """The fitted peak d* for a table: "none" when unbounded, marked when past the data."""
+  if not np.isfinite(peak_d):
+    return "none"
+  return f"{peak_d:.3g}" + (f" (> data's max d {d_max:.2f})" if peak_d > d_max else "")
 
 
 def _proxy_table(stats: Sequence[dict]) -> list[str]:
@@ -281,14 +306,16 @@ def write_report(workdir: str, found: Sequence[C.Criterion],
         f"{seeds}wall time {facts.get('wall_s', 0):.0f} s.",
         "", facts.get("world_note", ""), "", "## Criteria", "", criteria_table(found), "",
         "## Verdict by criterion", "", verdict_line(found) + ".", "", verdict_table(found), ""]
+  noise = None if results is None else max(results.ensembles)  # C1's (``bandit_criteria``)
   for c in found:
     md += [f"### {c.name} — {'PASS' if c.passed else 'FAIL'} ({c.world} world)", "",
-           f"*Expected.* {expected(c.name, c.world)}", "", f"*Seen.* {c.detail}.", ""]
+           f"*Expected.* {expected(c.name, c.world, label_noise=noise)}", "",
+           f"*Seen.* {c.detail}.", ""]
     if c.figure:
       md += [f"![{c.name}]({c.figure})", ""]
   if results is not None:
     md += _bandit_sections(results, figs)
   md += list(extra_sections)
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write("\n".join(md) + "\n")
+  files.write_atomically(os.path.join(workdir, "report.md"),
+                         lambda f: f.write("\n".join(md) + "\n"), mode="w")
   return report

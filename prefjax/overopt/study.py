@@ -89,17 +89,19 @@ def _cached_proxies(workdir: str, name: str, world: bandit.World, cfg: bandit.Pr
   if os.path.exists(path):
     with np.load(path, allow_pickle=False) as cached:
       if str(cached["key"]) == key:
-        return cached["scores"], {k: cached[k].tolist() for k in
-                                  ("gold_accuracy", "train_accuracy", "train_loss")}
+        stats = {k: cached[k].tolist() for k in ("gold_accuracy", "train_accuracy",
+                                                   "train_loss")}
+        # wall_s: the training's wall time, None in caches written before it was stored.
+        wall_s = float(cached["wall_s"]) if "wall_s" in cached.files else None
+        return cached["scores"], {**stats, "wall_s": wall_s, "cached": True}
   proxies = bandit.train_proxies(world, cfg, seeds)
   stats = {"gold_accuracy": proxies.gold_accuracy.tolist(),
            "train_accuracy": proxies.train_accuracy.tolist(),
-           "train_loss": proxies.train_loss.tolist(), "wall_s": proxies.wall_s}
+           "train_loss": proxies.train_loss.tolist(), "wall_s": float(proxies.wall_s)}
   os.makedirs(os.path.dirname(path), exist_ok=True)
   files.write_atomically(path, lambda f: np.savez(
-      f, scores=proxies.scores, key=key,
-      **{k: np.asarray(v) for k, v in stats.items() if k != "wall_s"}))
-  return proxies.scores, stats
+      f, scores=proxies.scores, key=key, **{k: np.asarray(v) for k, v in stats.items()}))
+  return proxies.scores, {**stats, "cached": False}
 
 
 class _World:
@@ -192,10 +194,10 @@ def run_bandit_study(config: Any, workdir: str) -> BanditResults:
       growth[noise].append(g)
     smallest_scores = w.scores[f"w{widths[0]}"]
     tic = time.time()
-    checks.append(criteria.estimator_check(
+    checks.append({"world": int(seed), **criteria.estimator_check(
         w.world, smallest_scores[0], config.estimator.ns,
         num_samples=int(config.estimator.num_samples),
-        mc_repeats=int(config.estimator.mc_repeats), seed=int(seed)))
+        mc_repeats=int(config.estimator.mc_repeats), seed=int(seed))})
     logging.info("world %d: estimator check in %.1f s", seed, time.time() - tic)
     if seed == config.world_seeds[0]:
       policy_rows, direct = _first_world_extras(config, w, smallest_scores[0], betas)
