@@ -197,7 +197,8 @@ def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
       return
     preemption.exit_on_sigterm()
     # Multi-host: joins the job when a coordinator is given or a cluster is detected.
-    parallel.initialize_distributed()
+    with preemption.exit_on_sigterm_in_native_wait():  # it waits for the other processes
+      parallel.initialize_distributed()
     workdir = prepare_workdir(FLAGS.workdir)
     logging.info("compilation cache: %s (%s=0 turns it off)", compilation_cache.enable() or "off",
                  compilation_cache.CACHE_ENV)

@@ -16,10 +16,13 @@ handler before a binary imports JAX.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import sys
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 # os.EX_TEMPFAIL: "a temporary failure; the user is invited to retry".
 PREEMPTED_EXIT_CODE = 75
@@ -51,6 +54,41 @@ def _exit_now(signum: int, frame: Any) -> None:
 def exit_on_sigterm() -> None:
   """Makes SIGTERM exit with ``PREEMPTED_EXIT_CODE`` (main thread only)."""
   signal.signal(signal.SIGTERM, _exit_now)
+
+
+@contextlib.contextmanager
+def exit_on_sigterm_in_native_wait() -> Iterator[None]:
+  """SIGTERM exits with ``PREEMPTED_EXIT_CODE`` during a native call that waits without
+  returning to Python, where Python's handler would never run (e.g.
+  ``jax.distributed.initialize`` waiting for the other processes).
+
+  Whichever thread the signal reaches, Python's C-level handler writes its number to
+  the wakeup fd (``signal.set_wakeup_fd``); a thread of its own reads it and exits.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+  done = threading.Event()
+
+  def wait() -> None:
+    while not done.is_set():
+      ready, _, _ = select.select([read_fd], [], [], 0.2)
+      if ready and signal.SIGTERM in os.read(read_fd, 512):
+        _exit_now(signal.SIGTERM, None)
+
+  waiter = threading.Thread(target=wait, name="sigterm-in-native-wait", daemon=True)
+  waiter.start()
+  try:
+    yield
+  finally:
+    done.set()
+    waiter.join()
+    signal.set_wakeup_fd(previous)
+    os.close(read_fd)
+    os.close(write_fd)
 
 
 def was_preempted(result: Any) -> bool:

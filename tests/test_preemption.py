@@ -9,6 +9,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -89,6 +90,28 @@ def test_sigterm_during_imports_and_set_up_exits_with_the_preempted_code(tmp_pat
   assert code == preemption.PREEMPTED_EXIT_CODE, stderr[-3000:]
   assert "Traceback" not in stderr
   assert not (workdir / "summary.json").exists()
+
+
+def test_sigterm_while_waiting_for_the_other_processes_exits_with_the_preempted_code(
+    tmp_path, env):
+  # jax.distributed.initialize waits in native code, where Python's handler never runs:
+  # the process used to ignore SIGTERM until its partner came or JAX aborted (5 min).
+  workdir = tmp_path / "waiting"
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  proc = subprocess.Popen(command(workdir, 3) + [
+      f"--coordinator_address=localhost:{port}", "--num_processes=2", "--process_id=0"],
+      cwd=REPO, env=env, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  lines = []
+  wait_for(lambda: "jax.distributed.initialize(" in (lines.append(proc.stderr.readline())
+                                                      or "".join(lines)), proc, "the wait")
+  time.sleep(1.0)  # inside the native wait
+  start = time.time()
+  code, stderr = sigterm_and_wait(proc)
+  assert code == preemption.PREEMPTED_EXIT_CODE, "".join(lines) + stderr[-3000:]
+  assert time.time() - start < 10
+  assert "outside training: nothing new to save" in stderr
 
 
 def test_sigterm_while_training_saves_skips_eval_and_the_rerun_resumes(tmp_path, env):
