@@ -19,6 +19,7 @@ fields with their values and exits 0.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging as std_logging
 import os
 import pathlib
@@ -108,9 +109,13 @@ def define_flags() -> None:
   if "verbose_errors" not in FLAGS:
     flags.DEFINE_bool("verbose_errors", False, "Show the full traceback of an error "
                       f"(also ${VERBOSE_ERRORS_ENV}=1).")
+  if "imports" not in FLAGS:
+    flags.DEFINE_list("imports", [], "Python modules to import before the run, e.g. yours "
+                      "that register losses: --imports=my_pkg.losses (eval_rm of such a run "
+                      "needs them too).")
   parallel.distributed.define_flags(FLAGS)  # --coordinator_address, --num_processes, ...
-  for name in ("config", "workdir", "config_help", "verbose_errors", "coordinator_address",
-               "num_processes", "process_id"):
+  for name in ("config", "workdir", "config_help", "verbose_errors", "imports",
+               "coordinator_address", "num_processes", "process_id"):
     FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
 
@@ -181,6 +186,11 @@ def _check_command_line(argv: list[str]) -> None:
     raise configlib.ConfigError("--config is required, e.g. --config=configs/rm/tiny.py")
   if not FLAGS.workdir and not FLAGS.config_help:
     raise configlib.ConfigError("--workdir is required (rerunning with it resumes)")
+  for module in FLAGS.imports:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise configlib.ConfigError(f"--imports: cannot import {module!r}: {e}") from e
 
 
 def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:

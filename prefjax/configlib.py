@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from typing import Any, Iterable, Mapping, TypeVar
@@ -120,3 +121,23 @@ def dataclass_from_mapping(cls: type[T], cfg: Mapping[str, Any] | T, **converter
     if name in data:
       data[name] = convert(data[name])
   return cls(**data)
+
+
+def parse_kwargs(value: Any) -> dict[str, Any]:
+  """Loss hyperparameters from a mapping or a ``"name=value,name=value"`` string (CLI-friendly)."""
+  if not value:
+    return {}
+  if hasattr(value, "to_dict"):
+    return value.to_dict()
+  if isinstance(value, Mapping):
+    return dict(value)
+  out = {}
+  for item in str(value).split(","):
+    name, sep, text = item.partition("=")
+    if not sep or not name.strip():
+      raise ValueError(f"kwargs {value!r}: expected 'name=value[,name=value]'")
+    try:
+      out[name.strip()] = json.loads(text)
+    except json.JSONDecodeError:
+      out[name.strip()] = text.strip()
+  return out

@@ -95,6 +95,13 @@ def test_missing_workdir_is_one_line():
   assert_short_error(code, lines, "--workdir is required")
 
 
+def test_a_module_that_does_not_import_is_one_line(tmp_path):
+  code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py", f"--workdir={tmp_path}",
+                           "--imports=no_such_module_of_losses")
+  assert_short_error(code, lines, "--imports: cannot import 'no_such_module_of_losses': No "
+                                  "module named 'no_such_module_of_losses'")
+
+
 def test_help_lists_the_binary_flags():
   code, lines = run_binary("train_dpo", "--help")
   text = "\n".join(lines)

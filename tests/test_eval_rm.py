@@ -382,6 +382,18 @@ def test_a_workdir_without_a_checkpoint_is_named(tmp_path):
   assert not (tmp_path / "e1" / "config.json").exists()
 
 
+def test_a_dpo_run_of_a_loss_not_registered_here_says_how_to_register_it(tmp_path):
+  run = tmp_path / "custom_dpo"
+  (run / "checkpoints" / "30").mkdir(parents=True)
+  config = test_train_dpo.dpo_config().to_dict()
+  config["loss"]["name"] = "users_own_loss"  # registered by the run's --imports module
+  (run / "config.json").write_text(json.dumps(config))
+  with pytest.raises(scorers_lib.EvalInputError,
+                     match=r"scorer 'custom_dpo': unknown direct loss 'users_own_loss'.*; pass "
+                           r"--imports=MODULE that registers the run's loss"):
+    eval_rm.run(eval_config(f"dpo:{run}", "pandalm@test"), str(tmp_path / "eval"))
+
+
 def test_a_tokenizer_that_cannot_read_the_data_is_named(tmp_path, minilm_dir):
   path = tmp_path / "emoji.jsonl"
   path.write_text("\n".join(json.dumps({"prompt": "🙂🙃" * 5, "chosen": "🎉" * 8,

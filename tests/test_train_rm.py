@@ -123,7 +123,7 @@ def test_loss_fn_matches_float64_reference(name):
   assert float(metrics["num_pairs"]) == b - 1
 
 
-def test_bad_loss_config_is_rejected_with_the_field_names():
+def test_bad_loss_config_is_rejected_with_the_field_names(caplog):
   with pytest.raises(KeyError, match=r"unknown preference loss 'hinge'; registered: .*'bt'"):
     rm.make_loss_fn(dict(name="hinge"), num_columns=1, objectives=(), num_segments=None)
   with pytest.raises(ValueError, match=r"unknown field\(s\) \['marginn'\]"):
@@ -134,8 +134,14 @@ def test_bad_loss_config_is_rejected_with_the_field_names():
     rm.RewardLoss.from_config(dict(name="ties", nu=0.0))
   with pytest.raises(ValueError, match=r"label_smoothing=1.5 is outside \[0.0, 1.0\]"):
     rm.RewardLoss.from_config(dict(name="bt", label_smoothing=1.5))
-  # Another registered loss's hyperparameter is accepted (configs switch ``name``), unused.
+  # Another registered loss's hyperparameter is accepted (configs switch ``name``), unused:
+  # silently at its default, with a warning when set.
+  assert rm.RewardLoss.from_config(dict(name="bt", nu=1.0)).hparams == ()
+  assert not caplog.records
   assert rm.RewardLoss.from_config(dict(name="bt", nu=0.3)).hparams == ()
+  assert [r.getMessage() for r in caplog.records] == [
+      "config.loss.nu=0.3 is not a hyperparameter of 'bt': ignored (it takes "
+      "['label_smoothing', 'margin'])"]
 
 
 def test_a_registered_preference_loss_is_selected_by_name_with_its_hyperparameters():
@@ -151,6 +157,12 @@ def test_a_registered_preference_loss_is_selected_by_name_with_its_hyperparamete
     loss_fn = rm.make_loss_fn(dict(name="_test_hinge", gap=0.5, nu=2.0), num_columns=1,
                               objectives=(), num_segments=None)
     loss, _ = loss_fn(_fake_model(r_c, r_r), batch, jax.random.key(0))
+    # A hyperparameter no config declares, from the command line (--config.loss.kwargs=...).
+    assert rm.RewardLoss.from_config(dict(name="_test_hinge", kwargs="gap=0.5")).hparams == (
+        ("gap", 0.5),)
+    with pytest.raises(ValueError, match=r"config.loss.kwargs \['gapp'\] are not "
+                                         r"hyperparameters of '_test_hinge'; it takes \['gap'\]"):
+      rm.RewardLoss.from_config(dict(name="_test_hinge", kwargs="gapp=0.5"))
     sign = np.where(batch["outcome"] >= 0.5, 1.0, -1.0)
     per_pair = np.maximum(0.0, 0.5 - sign * (r_c.astype(np.float64) - r_r))
     expected = np.sum(batch["weight"] * batch["pair_mask"] * per_pair) / batch["pair_mask"].sum()
@@ -359,16 +371,34 @@ def test_mesh_2x2x2_matches_single_device(packed_run, tmp_path):
   assert sharded["eval"]["length_baseline_accuracy"] == single["eval"]["length_baseline_accuracy"]
 
 
+USER_LOSS_MODULE = """
+import jax
+from prefjax.losses import preference
+
+@preference.register_preference_loss("scaled_bt")
+def scaled_bt(r_chosen, r_rejected, *, outcome=1.0, scale=1.0):
+  with open("{log}", "w") as f:
+    f.write(str(scale))
+  return -jax.nn.log_sigmoid(scale * (r_chosen - r_rejected))
+"""
+
+
 def test_cli_smoke(data_env, tmp_path):
   cache = tmp_path / "jax_cache"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
              PREFJAX_COMPILATION_CACHE=str(cache))
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's own cache would win
+  # A loss of the user's own module, registered through --imports, its scale from kwargs.
+  (tmp_path / "user_losses.py").write_text(USER_LOSS_MODULE.format(log=tmp_path / "traced"))
+  env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
   cmd = [sys.executable, "-m", "experiments.train_rm", "--config=configs/rm/tiny.py:quick",
          f"--workdir={tmp_path}", "--config.loop.num_steps=3", "--config.optimizer.warmup_steps=0",
-         "--config.data.tiny_world.num_pairs=600", "--config.data.pipeline.batch_size=8"]
+         "--config.data.tiny_world.num_pairs=600", "--config.data.pipeline.batch_size=8",
+         "--imports=user_losses", "--config.loss.name=scaled_bt",
+         "--config.loss.kwargs=scale=2.5"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (tmp_path / "traced").read_text() == "2.5"
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["final_step"] == 3
   data_lines = [line for line in proc.stderr.splitlines() if "] data: train " in line]

@@ -44,8 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="hh_rlhf/harmless-base", objective="", objective_field="objective",
       pipeline=dict(seed=0, batch_size=16, max_length=80, max_prompt_length=32,
                     mode="padded", bucket_boundaries=(48,), add_bos=True))
-  config.loss = dict(name="bt", margin=0.0, label_smoothing=0.0, center_coef=0.0, nu=1.0,
-                     bootstrap=False, first_member=0)
+  config.loss = dict(name="bt", kwargs="", margin=0.0, label_smoothing=0.0, center_coef=0.0,
+                     nu=1.0, bootstrap=False, first_member=0)
   config.optimizer = configlib.section(
       train.OptimizerConfig, name="adamw", learning_rate=5e-5, schedule="cosine", warmup_steps=15,
       total_steps=num_steps, weight_decay=0.01, grad_clip_norm=1.0)

@@ -40,8 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       objective="", objective_field="objective",
       pipeline=dict(seed=0, batch_size=32, max_length=32, mode="padded",
                     bucket_boundaries=(24,)))
-  config.loss = dict(name="bt", margin=0.0, label_smoothing=0.0, center_coef=0.0, nu=1.0,
-                     bootstrap=False, first_member=0)
+  config.loss = dict(name="bt", kwargs="", margin=0.0, label_smoothing=0.0, center_coef=0.0,
+                     nu=1.0, bootstrap=False, first_member=0)
   config.optimizer = configlib.section(
       train.OptimizerConfig, name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=10,
       total_steps=num_steps, weight_decay=0.0, grad_clip_norm=1.0)

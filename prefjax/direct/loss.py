@@ -37,7 +37,6 @@ its KL dataset), with no gradient.
 from __future__ import annotations
 
 import dataclasses
-import json
 import numbers
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -63,6 +62,7 @@ KL_FIELD = "ref_kl"
 # ``config.loss``: a registered loss name, β, its extra hyperparameters (a mapping or a
 # "name=value,..." string) and the chosen-NLL weight (None: the registered default).
 LOSS_FIELDS = ("name", "beta", "kwargs", "nll_alpha")
+parse_kwargs = configlib.parse_kwargs  # ``config.loss.kwargs``: a mapping or "a=1,b=2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +125,7 @@ class DirectLoss:
     loss, pipeline = config.loss, config.data.pipeline
     configlib.check_fields("config.loss", loss, LOSS_FIELDS)
     ref = config.get("ref") or {}
-    kwargs = parse_kwargs(loss.get("kwargs"))
+    kwargs = configlib.parse_kwargs(loss.get("kwargs"))
     return cls(name=loss.name, beta=float(loss.beta), loss_kwargs=tuple(kwargs.items()),
                nll_alpha=loss.get("nll_alpha"), ref_mode=ref.get("mode", "auto"),
                layout=pipeline.get("mode", "padded"),
@@ -147,26 +147,6 @@ class DirectLoss:
   @property
   def needs_reference(self) -> bool:
     return self.ref_mode != "none"
-
-
-def parse_kwargs(value: Any) -> dict[str, Any]:
-  """Loss hyperparameters from a mapping or a ``"name=value,name=value"`` string (CLI-friendly)."""
-  if not value:
-    return {}
-  if hasattr(value, "to_dict"):
-    return value.to_dict()
-  if isinstance(value, Mapping):
-    return dict(value)
-  out = {}
-  for item in str(value).split(","):
-    name, sep, text = item.partition("=")
-    if not sep or not name.strip():
-      raise ValueError(f"loss_kwargs {value!r}: expected 'name=value[,name=value]'")
-    try:
-      out[name.strip()] = json.loads(text)
-    except json.JSONDecodeError:
-      out[name.strip()] = text.strip()
-  return out
 
 
 def _check_kwargs(spec: registry.DirectLossSpec, kwargs: Mapping[str, Any]) -> None:

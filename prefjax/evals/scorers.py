@@ -331,7 +331,11 @@ def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
 
 def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   run = read_run_config(spec.path, f"scorer {spec.name!r}")
-  loss = direct_loss_lib.DirectLoss.from_config(run)
+  try:
+    loss = direct_loss_lib.DirectLoss.from_config(run)
+  except KeyError as e:  # a loss the run registered from a module of its own
+    raise EvalInputError(f"scorer {spec.name!r}: {e.args[0]}; pass --imports=MODULE that "
+                         "registers the run's loss, as for its training") from e
   tokenizer = experiment.make_tokenizer(run.tokenizer)
   policy = _build(run.model, tokenizer.vocab_size, int(run.seed), mesh)
   saved = _restore(spec, run, policy)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 from prefjax import configlib
@@ -34,7 +35,7 @@ from prefjax.models import segments as seg
 Array = jax.Array
 Batch = Mapping[str, Any]
 # Fields of ``config.loss`` read by ``RewardLoss`` itself; the rest are loss hyperparameters.
-OWN_FIELDS = ("name", "center_coef", "bootstrap", "first_member")
+OWN_FIELDS = ("name", "center_coef", "bootstrap", "first_member", "kwargs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,15 +57,25 @@ class RewardLoss:
 
   @classmethod
   def from_config(cls, loss_cfg: Mapping[str, Any]) -> RewardLoss:
-    """From ``config.loss``. Hyperparameters of other registered losses are accepted and
-    ignored (one config can switch ``name``); any other key is an error."""
+    """From ``config.loss``. ``kwargs`` (a mapping or ``"a=1,b=2"``) gives hyperparameters
+    of the named loss by name, e.g. of a loss registered by your own module.
+    Hyperparameters of other registered losses are accepted and ignored, with a warning
+    when they differ from their defaults (one config can switch ``name``); any other key
+    is an error."""
     cfg = dict(loss_cfg)
     name = cfg.get("name", "bt")
     own = pref_losses.preference_loss_hyperparameters(name)  # Lists the registry if unknown.
-    known = set(OWN_FIELDS).union(
-        *(pref_losses.preference_loss_hyperparameters(n) for n in pref_losses.PREFERENCE_LOSSES))
-    configlib.check_fields("config.loss", cfg, known)
-    loss = cls(name=name, hparams=tuple(sorted((k, cfg[k]) for k in own if k in cfg)),
+    defaults = [pref_losses.preference_loss_hyperparameters(n)
+                for n in pref_losses.PREFERENCE_LOSSES]
+    configlib.check_fields("config.loss", cfg, set(OWN_FIELDS).union(*defaults))
+    _warn_ignored(cfg, name, own, defaults)
+    hparams = {k: cfg[k] for k in own if k in cfg}
+    kwargs = configlib.parse_kwargs(cfg.get("kwargs"))
+    if unknown := sorted(set(kwargs) - set(own)):
+      raise ValueError(f"config.loss.kwargs {unknown} are not hyperparameters of {name!r}; it "
+                       f"takes {sorted(own)}")
+    hparams.update(kwargs)
+    loss = cls(name=name, hparams=tuple(sorted(hparams.items())),
                center_coef=float(cfg.get("center_coef", 0.0)),
                bootstrap=bool(cfg.get("bootstrap", False)),
                first_member=int(cfg.get("first_member", 0)))
@@ -87,6 +98,17 @@ class RewardLoss:
     if self.center_coef:
       loss = loss + self.center_coef * pref_losses.center_penalty(r_chosen, r_rejected)
     return loss
+
+
+def _warn_ignored(cfg: Mapping[str, Any], name: str, own: Mapping[str, Any],
+                  defaults: list[dict[str, Any]]) -> None:
+  """Warns of a hyperparameter of another loss set away from its default: ``name`` ignores it."""
+  for key, value in sorted(cfg.items()):
+    if key in OWN_FIELDS or key in own:
+      continue
+    if all(value != d[key] for d in defaults if key in d):
+      logging.warning("config.loss.%s=%r is not a hyperparameter of %r: ignored (it takes %s)",
+                      key, value, name, sorted(own) or "none")
 
 
 def pair_rewards(model: nnx.Module, batch: Batch, num_segments: int | None
