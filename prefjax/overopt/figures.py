@@ -143,7 +143,7 @@ def estimator_check(check: dict, path: str) -> str:
     ax.plot(check["ns"], check[key], style, label=key.replace("_gold", ""))
   ax.set_xscale("log", base=2)
   where = f", world {check['world']}" if "world" in check else ""
-  ax.set_title(f"Best-of-n estimators agree (smallest proxy, member seed 0{where})")
+  ax.set_title(f"Best-of-n estimators agree\n(smallest proxy, member seed 0{where})")
   _axes(ax, "n (best-of-n)", "gold (SD under π_ref), raw")
   return _save(fig, path)
 
