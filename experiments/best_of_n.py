@@ -62,10 +62,10 @@ def check_config(config: Any) -> None:
     if int(config.bon[field]) < low:
       raise ValueError(f"bon.{field}={config.bon[field]} must be >= {low}")
   s = config.sampling
-  if not float(s.temperature) > 0:
-    raise ValueError(f"sampling.temperature={s.temperature} draws the same response every "
-                     "time, and best-of-n needs distinct samples of the reference policy "
-                     "(temperature 1)")
+  if not float(s.temperature) > 0 or s.get("top_k") == 1:
+    raise ValueError(f"sampling.temperature={s.temperature}, top_k={s.get('top_k')} draws the "
+                     "same response every time, and best-of-n needs distinct samples of the "
+                     "reference policy (temperature 1)")
   if sampler_differs(config):
     logging.warning("best_of_n: sampling.temperature=%s, top_k=%s, top_p=%s: the reference of "
                     "KL_bon is this sampler, not the policy at temperature 1 (train_rl "

@@ -111,8 +111,8 @@ def define_flags() -> None:
                       f"(also ${VERBOSE_ERRORS_ENV}=1).")
   if "imports" not in FLAGS:
     flags.DEFINE_list("imports", [], "Python modules to import before the run, e.g. yours "
-                      "that register losses: --imports=my_pkg.losses (eval_rm of such a run "
-                      "needs them too).")
+                      "that register losses: --imports=my_pkg.losses (eval_rm's dpo: scorer "
+                      "of such a run needs them too).")
   parallel.distributed.define_flags(FLAGS)  # --coordinator_address, --num_processes, ...
   for name in ("config", "workdir", "config_help", "verbose_errors", "imports",
                "coordinator_address", "num_processes", "process_id"):
@@ -186,6 +186,9 @@ def _check_command_line(argv: list[str]) -> None:
     raise configlib.ConfigError("--config is required, e.g. --config=configs/rm/tiny.py")
   if not FLAGS.workdir and not FLAGS.config_help:
     raise configlib.ConfigError("--workdir is required (rerunning with it resumes)")
+
+
+def _import_user_modules() -> None:
   for module in FLAGS.imports:
     try:
       importlib.import_module(module)
@@ -209,6 +212,7 @@ def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
     # Multi-host: joins the job when a coordinator is given or a cluster is detected.
     with preemption.exit_on_sigterm_in_native_wait():  # it waits for the other processes
       parallel.initialize_distributed()
+    _import_user_modules()  # after: a module that computes would start JAX's backend
     workdir = prepare_workdir(FLAGS.workdir)
     logging.info("compilation cache: %s (%s=0 turns it off)", compilation_cache.enable() or "off",
                  compilation_cache.CACHE_ENV)

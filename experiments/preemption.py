@@ -69,24 +69,29 @@ def exit_on_sigterm_in_native_wait() -> Iterator[None]:
     yield
     return
   read_fd, write_fd = os.pipe()
-  os.set_blocking(write_fd, False)
-  previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
   done = threading.Event()
 
   def wait() -> None:
     while not done.is_set():
-      ready, _, _ = select.select([read_fd], [], [], 0.2)
+      ready, _, _ = select.select([read_fd], [], [], 1.0)
       if ready and signal.SIGTERM in os.read(read_fd, 512):
         _exit_now(signal.SIGTERM, None)
 
+  previous = None
   waiter = threading.Thread(target=wait, name="sigterm-in-native-wait", daemon=True)
-  waiter.start()
   try:
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    waiter.start()
     yield
   finally:
     done.set()
-    waiter.join()
-    signal.set_wakeup_fd(previous)
+    if waiter.is_alive():
+      os.write(write_fd, b"\0")  # wakes it at once
+      waiter.join()
+    if previous is not None:
+      signal.set_wakeup_fd(previous)
     os.close(read_fd)
     os.close(write_fd)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import numbers
 import types
 import typing
 from typing import Any, Iterable, Mapping, TypeVar
@@ -141,3 +142,38 @@ def parse_kwargs(value: Any) -> dict[str, Any]:
     except json.JSONDecodeError:
       out[name.strip()] = text.strip()
   return out
+
+
+def check_kwargs(what: str, name: str, kwargs: Mapping[str, Any],
+                 defaults: Mapping[str, Any]) -> None:
+  """Raises ValueError for a hyperparameter ``name`` (a loss) does not take, or whose
+  value is not of its default's kind (``what``: how the error names the setting)."""
+  if unknown := sorted(set(kwargs) - set(defaults)):
+    raise ValueError(f"{what} {unknown} are not hyperparameters of {name!r}; it accepts "
+                     f"{sorted(defaults)}")
+  for key, value in kwargs.items():
+    if not _same_kind(value, defaults[key]):
+      raise ValueError(f"{what} {key}={value!r} for {name!r}: expected "
+                       f"{_kind(defaults[key])} (default {defaults[key]!r})")
+
+
+def _kind(default: Any) -> str:
+  if isinstance(default, bool):
+    return "true or false"
+  if default is None or isinstance(default, numbers.Real):
+    return "a number"
+  return f"a {type(default).__name__}"
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+  """Whether a hyperparameter's value fits its default: numbers (or None defaults) take
+  real numbers or numeric arrays, flags take bools, strings take strings."""
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if default is None and value is None:
+    return True
+  if default is None or isinstance(default, numbers.Real):
+    if getattr(value, "dtype", None) is not None and getattr(value, "shape", None) is not None:
+      return value.dtype.kind in "fiu"
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+  return not isinstance(default, str) or isinstance(value, str)

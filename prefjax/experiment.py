@@ -132,9 +132,10 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
     if kind == "reward_ensemble" and cfg.get("ensemble", "heads") == "deep":
       raise ValueError("a deep ensemble of pretrained trunks is not supported; "
                        "use ensemble='heads' with a pretrained path")
-    # from_pretrained also loads a reward checkpoint's own head (HF ``score``).
+    # A reward checkpoint's own head (HF ``score``) is loaded where the head can take it.
     model = hf_import.from_pretrained(resolve_path(cfg["path"]), head=head, seed=seed,
-                                      dtype=_dtype(cfg.get("dtype")), pooling=pooling)
+                                      dtype=_dtype(cfg.get("dtype")), pooling=pooling,
+                                      score_head="if_fits")
     trunk = getattr(model, "trunk", model)
     _check_vocabulary(vocab_size, trunk.config.vocab_size, cfg["path"])
     _set_switches(trunk, switches, cfg)

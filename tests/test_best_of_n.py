@@ -75,8 +75,9 @@ def test_samples_are_redrawn_when_a_setting_that_shapes_them_changes(bon_run, mo
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("sampling.temperature", 0.0, r"sampling.temperature=0.0 draws the same response every "
-                                  "time"),
+    ("sampling.temperature", 0.0, r"sampling.temperature=0.0, top_k=None draws the same "
+                                  "response every time"),
+    ("sampling.top_k", 1, r"sampling.temperature=1.0, top_k=1 draws the same response"),
     ("bon.num_samples", 1, r"bon.num_samples=1 must be >= 2"),
     ("bon.num_bootstrap", 1, r"bon.num_bootstrap=1 must be >= 2"),
     ("bon.prompts_per_batch", 0, r"bon.prompts_per_batch=0 must be >= 1"),

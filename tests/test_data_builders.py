@@ -300,7 +300,8 @@ def test_hh_split_files_not_in_the_released_form_are_named(tmp_path, hh_raw, cap
     rows = pdata.load_preferences(HH, "test", data_dir=tmp_path / "cache",
                                   manual_dir=folder.parent)
   assert rows.summary.rows_read == 5
-  assert "not reading ['train.jsonl']: splits are read from {split}.jsonl.gz" in caplog.text
+  assert "not reading ['train.jsonl']: splits are read from files named {split}.jsonl.gz" in (
+      caplog.text)
 
 
 def test_a_load_waits_for_the_build_in_progress_and_reads_it(tmp_path, caplog):

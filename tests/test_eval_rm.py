@@ -332,11 +332,20 @@ def test_a_run_dataset_whose_file_changed_since_training_is_flagged(tmp_path, ca
   check = after["run_data"]
   assert (check["status"], check["files"]) == ("changed", [str(path)])
   said = (f"NOT the data the run {tmp_path}/rm read: split 'train' of {path} changed since "
-          "then (its data_report.json scan_key differs; rows read when the run started 40, "
+          "then (by its data_report.json; rows read when the run started 40, "
           "now 40; built then 40, now 40), so these are not the run's own eval numbers")
   assert check["message"] == said
   assert f"dataset run:rm@train: {said}" in [r.getMessage() for r in caplog.records]
   assert f"**Warning:** Data: {said}." in (tmp_path / "e2" / "report.md").read_text()
+  report_path = tmp_path / "rm" / "data_report.json"  # As written before the fingerprint:
+  legacy = {k: {f: v for f, v in r.items() if f != "fingerprint"} if isinstance(r, dict) else r
+            for k, r in json.loads(report_path.read_text()).items()}
+  report_path.write_text(json.dumps(legacy))  # compared by its scan_key.
+  assert eval_rm.run(config, str(tmp_path / "e4"))["datasets"][0]["run_data"]["status"] == (
+      "changed")
+  write_jsonl(path, rows)
+  assert eval_rm.run(config, str(tmp_path / "e5"))["datasets"][0]["run_data"]["status"] == (
+      "same")
   (tmp_path / "rm" / "data_report.json").unlink()  # As in a run older than data reports.
   check = eval_rm.run(config, str(tmp_path / "e3"))["datasets"][0]["run_data"]
   assert (check["status"], check["why"]) == (
@@ -360,7 +369,7 @@ def test_rows_skipped_as_bad_are_counted_in_both_reports(tmp_path):
                                          "empty_response": 1}
   assert (section["pairs_scored"], section["ties_left_out"], section["pairs_decisive"]) == (
       11, 1, 10)
-  assert ("Rows: 18 read; 7 skipped as bad rows (--config.on_bad_row=skip: missing_field 5, "
+  assert ("Rows: 18 read; 7 skipped as bad rows (on_bad_row=skip: missing_field 5, "
           f"malformed_json 1, empty_response 1; first at {path}:12); 11 built; 11 pairs "
           "scored, 1 tie left out: 10 decisive pairs in the metrics (preferred response "
           "longer in 100%).") in (tmp_path / "eval" / "report.md").read_text()

@@ -446,10 +446,16 @@ def _assert_rewards_match_torch(rm, hf_model, *, tokens=None, pad_id=0):
   assert np.abs(ref).min() > 1e-3  # a zero head would not pass by accident
 
 
-def test_sequence_classification_head_shape_mismatch_is_named(llama_reward_dir):
+def test_sequence_classification_head_shape_mismatch_is_named(llama_reward_dir, caplog):
   _, path = llama_reward_dir
   with pytest.raises(hf_import.CheckpointError, match=r"'score\.weight' has shape \(1, 32\)"):
     models.from_pretrained(path, head="reward_ensemble:3")
+  # The binaries' make_model keeps fresh heads instead: an ensemble on the RM's trunk.
+  fresh = models.from_pretrained(path, head="reward_ensemble:3", seed=4, score_head="if_fits")
+  built = experiment.make_model({"path": str(path), "head": "reward_ensemble:3"},
+                                vocab_size=VOCAB, seed=4)
+  np.testing.assert_array_equal(built.head.kernel[...], fresh.head.kernel[...])
+  assert "the 'reward_ensemble:3' head keeps its fresh initialisation" in caplog.text
   with pytest.raises(ValueError, match="unknown head spec 'rm'"):
     models.from_pretrained(path, head="rm")
 

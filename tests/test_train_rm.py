@@ -161,8 +161,16 @@ def test_a_registered_preference_loss_is_selected_by_name_with_its_hyperparamete
     assert rm.RewardLoss.from_config(dict(name="_test_hinge", kwargs="gap=0.5")).hparams == (
         ("gap", 0.5),)
     with pytest.raises(ValueError, match=r"config.loss.kwargs \['gapp'\] are not "
-                                         r"hyperparameters of '_test_hinge'; it takes \['gap'\]"):
+                                         r"hyperparameters of '_test_hinge'; it accepts "
+                                         r"\['gap'\]"):
       rm.RewardLoss.from_config(dict(name="_test_hinge", kwargs="gapp=0.5"))
+    for kwargs in ("gap=abc", "gap=true"):  # 'true' parses as True: ε = 1 for a float field
+      with pytest.raises(ValueError, match=r"config.loss.kwargs gap=.* for '_test_hinge': "
+                                           r"expected a number \(default 1.0\)"):
+        rm.RewardLoss.from_config(dict(name="_test_hinge", kwargs=kwargs))
+    with pytest.raises(ValueError, match=r"config.loss.kwargs sets \['gap'\], which "
+                                         r"config.loss also sets"):
+      rm.RewardLoss.from_config(dict(name="_test_hinge", gap=1.0, kwargs="gap=0.5"))
     sign = np.where(batch["outcome"] >= 0.5, 1.0, -1.0)
     per_pair = np.maximum(0.0, 0.5 - sign * (r_c.astype(np.float64) - r_r))
     expected = np.sum(batch["weight"] * batch["pair_mask"] * per_pair) / batch["pair_mask"].sum()
@@ -377,8 +385,9 @@ from prefjax.losses import preference
 
 @preference.register_preference_loss("scaled_bt")
 def scaled_bt(r_chosen, r_rejected, *, outcome=1.0, scale=1.0):
-  with open("{log}", "w") as f:
-    f.write(str(scale))
+  if isinstance(r_chosen, jax.core.Tracer):  # in the train step, not the config-time check
+    with open("{log}", "w") as f:
+      f.write(str(scale))
   return -jax.nn.log_sigmoid(scale * (r_chosen - r_rejected))
 """
 

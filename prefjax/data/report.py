@@ -134,7 +134,8 @@ def split_report(source: Any, tokenizer: tokenize_lib.Tokenizer,
     counts = {k: v for k, v in previous.items() if k not in build and k != "iterator"}
   else:
     counts = scan(source, tokenizer, config, response_keys)
-  report = {**build, **counts, "scan_key": key}
+  report = {**build, **counts, "scan_key": key,
+            "fingerprint": getattr(source, "fingerprint", None)}  # the content alone
   if not report["rows_used"]:
     raise EmptyDataError(_no_rows_message(report))
   return report

@@ -199,10 +199,6 @@ def _first_id(tok: Any, *attrs: str) -> int | None:
   return None
 
 
-_VOCABULARY_FILES = frozenset({"tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json",
-                               "spiece.model", "sentencepiece.bpe.model"})
-
-
 def load_tokenizer(path: str | os.PathLike[str], *, gguf_file: str | None = None) -> Tokenizer:
   """Loads a tokenizer from local files only.
 
@@ -241,14 +237,15 @@ def load_tokenizer(path: str | os.PathLike[str], *, gguf_file: str | None = None
       return _load_bare_tokenizer_json(path)
     raise FileNotFoundError(f"{path} is neither a .gguf file nor a tokenizer.json")
   names = {p.name for p in path.iterdir()}
-  if "tokenizer_config.json" in names and not names & _VOCABULARY_FILES:
-    # transformers would build a tokenizer of the special tokens alone, reading all text as
-    # its unknown token.
-    raise FileNotFoundError(f"{path} has tokenizer_config.json but no vocabulary file (one "
-                            f"of {', '.join(sorted(_VOCABULARY_FILES))})")
   if names & {"tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model"}:
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-    return HFTokenizer(AutoTokenizer.from_pretrained(str(path)), source=str(path))
+    hf = AutoTokenizer.from_pretrained(str(path))
+    if len(hf) <= len(set(hf.all_special_ids)):
+      # e.g. tokenizer_config.json alone: all text would read as the unknown token.
+      raise FileNotFoundError(f"{path}: the tokenizer its files give has only its {len(hf)} "
+                              "special tokens (is a vocabulary file missing, e.g. "
+                              "tokenizer.json or vocab.txt?)")
+    return HFTokenizer(hf, source=str(path))
   if {"encoder.json", "vocab.bpe"} <= names:
     from transformers import GPT2Tokenizer  # pylint: disable=g-import-not-at-top
     hf = GPT2Tokenizer(vocab=str(path / "encoder.json"), merges=str(path / "vocab.bpe"))

@@ -37,12 +37,10 @@ its KL dataset), with no gradient.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from prefjax import configlib
@@ -150,16 +148,7 @@ class DirectLoss:
 
 
 def _check_kwargs(spec: registry.DirectLossSpec, kwargs: Mapping[str, Any]) -> None:
-  allowed = set(spec.hyperparameters)
-  unknown = sorted(set(kwargs) - allowed)
-  if unknown:
-    raise ValueError(f"loss_kwargs {unknown} are not hyperparameters of {spec.name!r}; "
-                     f"it accepts {sorted(allowed)}")
-  for name, value in kwargs.items():
-    default = spec.hyperparameters[name]
-    if not _same_kind(value, default):
-      raise ValueError(f"loss_kwargs {name}={value!r} for {spec.name!r}: expected "
-                       f"{_kind(default)} (default {default!r})")
+  configlib.check_kwargs("loss_kwargs", spec.name, kwargs, spec.hyperparameters)
 
 
 def _check_values(spec: registry.DirectLossSpec, beta: float, kwargs: Mapping[str, Any]
@@ -177,28 +166,6 @@ def _check_values(spec: registry.DirectLossSpec, beta: float, kwargs: Mapping[st
   except ValueError as e:
     raise ValueError(f"loss {spec.name!r} with beta={beta:g}, loss_kwargs {dict(kwargs)}: "
                      f"{e}") from e
-
-
-def _kind(default: Any) -> str:
-  if isinstance(default, bool):
-    return "true or false"
-  if default is None or isinstance(default, numbers.Real):
-    return "a number"
-  return f"a {type(default).__name__}"
-
-
-def _same_kind(value: Any, default: Any) -> bool:
-  """Whether a loss hyperparameter's value fits its default: numbers (or None defaults)
-  take real numbers or arrays, flags take bools, strings take strings."""
-  if isinstance(default, bool):
-    return isinstance(value, bool)
-  if default is None and value is None:
-    return True
-  if default is None or isinstance(default, numbers.Real):
-    if isinstance(value, (jax.Array, np.ndarray)):
-      return value.dtype.kind in "fiu"
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-  return not isinstance(default, str) or isinstance(value, str)
 
 
 # --------------------------------------------------------------------------- log-probs

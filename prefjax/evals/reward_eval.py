@@ -5,8 +5,9 @@ A dataset spec is ``NAME[@SPLIT]`` for anything ``load_preferences`` opens
 split ``test``, ``train`` for ``jsonl:``, whose file is one split), or
 ``run:WORKDIR[@SPLIT]``: the data of a training run (its ``config.data``, e.g. the
 tiny world it generated; default split its ``data.eval_split``), checked against the
-``scan_key`` the run recorded in ``data_report.json`` (`check_run_data`): a split whose
-content changed since the run read it is a warning in the log and the report.
+content fingerprint the run recorded in ``data_report.json`` (`check_run_data`): a
+split whose content changed since the run read it is a warning in the log and the
+report.
 
 Per dataset every scorer scores every pair; the metrics are computed on the
 pairs every scorer scored (a pipeline may drop over-long pairs; counted) whose
@@ -39,7 +40,8 @@ from prefjax.rm import evaluation as rm_evaluation
 EvalInputError = scorers_lib.EvalInputError
 
 
-# The responses train_rm and train_dpo scan (``start_data_report``), part of the scan_key.
+# The responses train_rm and train_dpo scan (``start_data_report``), part of the scan_key
+# of a data_report.json written before it recorded the content fingerprint.
 RUN_RESPONSE_KEYS = ("chosen", "rejected")
 
 
@@ -104,28 +106,35 @@ def check_run_data(workdir: str, run: Any, source: Any, label: str) -> dict[str,
 
 
 def _compare_scan(then: dict[str, Any], run: Any, source: Any) -> dict[str, str]:
-  try:
-    key = report_lib.scan_key(source, experiment.make_tokenizer(run.tokenizer),
-                              experiment.pipeline_config(run.data), RUN_RESPONSE_KEYS)
-  except (OSError, ValueError, KeyError) as e:  # e.g. the run's tokenizer files moved
-    return {"status": "unchecked", "why": f"the run's tokenizer did not load: {e}"}
+  """By the content fingerprint the report records; a report written before it was
+  recorded is compared by its scan_key (content, tokenizer, cuts, as train_rm and
+  train_dpo scan)."""
+  if then.get("fingerprint"):
+    same = then["fingerprint"] == getattr(source, "fingerprint", None)
+  else:
+    try:
+      same = then["scan_key"] == report_lib.scan_key(
+          source, experiment.make_tokenizer(run.tokenizer),
+          experiment.pipeline_config(run.data), RUN_RESPONSE_KEYS)
+    except (OSError, ValueError, KeyError) as e:  # e.g. the run's tokenizer files moved
+      return {"status": "unchecked", "why": f"the run's tokenizer did not load: {e}"}
   summary = source.summary
   why = (f"rows read when the run started {then['rows_read']}, now {summary.rows_read}; "
          f"built then {then['rows_built']}, now {summary.rows_built}")
   if then.get("files") and then["files"] != sorted(summary.input_files):
     why += f"; files then {', '.join(then['files'])}"
-  return {"status": "same" if key == then["scan_key"] else "changed", "why": why}
+  return {"status": "same" if same else "changed", "why": why}
 
 
 def run_data_text(check: dict[str, Any]) -> str:
   """One sentence on a `check_run_data` result, for the log and ``report.md``."""
   files = ", ".join(check["files"]) or "no file"
   if check["status"] == "same":
-    return f"the data the run {check['run']} read ({files}; its data_report.json scan_key)"
+    return f"the data the run {check['run']} read ({files}; by its data_report.json)"
   if check["status"] == "unchecked":
     return f"not checked against the run {check['run']}: {check['why']}"
   return (f"NOT the data the run {check['run']} read: split {check['split']!r} of {files} "
-          f"changed since then (its data_report.json scan_key differs; {check['why']}), "
+          f"changed since then (by its data_report.json; {check['why']}), "
           "so these are not the run's own eval numbers")
 
 

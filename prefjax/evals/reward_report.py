@@ -111,7 +111,7 @@ def rows_line(section: Mapping[str, Any]) -> str:
     if counts["rows_skipped"]:
       reasons = ", ".join(f"{k} {v}" for k, v in counts["skipped_by_reason"].items())
       first = next(iter(counts["skipped_examples"].values()))[0].split(": ", 1)[0]
-      parts.append(f"{counts['rows_skipped']} skipped as bad rows (--config.on_bad_row=skip: "
+      parts.append(f"{counts['rows_skipped']} skipped as bad rows (on_bad_row=skip: "
                    f"{reasons}; first at {first})")
     if counts["rows_in_other_splits"]:
       parts.append(f"{counts['rows_in_other_splits']} in sibling resplit_* splits")

@@ -339,9 +339,12 @@ def _check_layer_count(unused: list[str], num_layers: int, config_file: pathlib.
                           f"has tensors of layer(s) {extra[:5]} (a config of another model?)")
 
 
+SCORE_HEAD_MODES = ("require", "if_fits")
+
+
 def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
                     param_dtype=jnp.float32, seed: int = 0,
-                    pooling: str | None = None) -> nnx.Module:
+                    pooling: str | None = None, score_head: str = "require") -> nnx.Module:
   """Loads a local HF directory or a ``.gguf`` file, optionally with a head.
 
   Args:
@@ -354,23 +357,34 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
     seed: seed of the new head's initialisation.
     pooling: reward-head pooling ("last", "mean", "cls"); default "last" for
       decoders, "mean" for encoders.
-
-  A decoder ``*ForSequenceClassification`` checkpoint (an HF reward model)
-  loaded with a reward head gets its ``score`` weights instead of a fresh head.
+    score_head: what a decoder ``*ForSequenceClassification`` checkpoint (an HF
+      reward model) loaded with a reward head does with its ``score`` weights:
+      "require" loads them and raises ``CheckpointError`` when the head's shape
+      or pooling cannot take them; "if_fits" loads them when it can and otherwise
+      keeps the fresh head with a warning (a 4-member ensemble on the trunk of a
+      one-output reward model).
   """
   heads.parse_head(head)  # fail on a bad spec before reading any weights
+  if score_head not in SCORE_HEAD_MODES:
+    raise ValueError(f"score_head must be one of {SCORE_HEAD_MODES}, got {score_head!r}")
   path = pathlib.Path(path)
   if path.suffix == ".gguf":
     trunk = gguf_import.load_gguf(path, dtype=dtype, param_dtype=param_dtype)
     return heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
   trunk, report = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype)
   model = heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
-  if "score.weight" in report.unused:
-    if isinstance(model, heads.PooledHeadModel):
-      load_score_head(model, SafetensorsReader(path))
-    else:
-      _log.warning("%s: the checkpoint's reward head 'score.weight' is not used (head=%r; "
-                   "head='reward' scores with it)", path, head)
+  if "score.weight" not in report.unused:
+    return model
+  if not isinstance(model, heads.PooledHeadModel):
+    _log.warning("%s: the checkpoint's reward head 'score.weight' is not used (head=%r; "
+                 "head='reward' scores with it)", path, head)
+    return model
+  try:
+    load_score_head(model, SafetensorsReader(path))
+  except CheckpointError as e:
+    if score_head == "require":
+      raise
+    _log.warning("%s; the %r head keeps its fresh initialisation", e, head)
   return model
 
 

@@ -71,16 +71,17 @@ class RewardLoss:
     _warn_ignored(cfg, name, own, defaults)
     hparams = {k: cfg[k] for k in own if k in cfg}
     kwargs = configlib.parse_kwargs(cfg.get("kwargs"))
-    if unknown := sorted(set(kwargs) - set(own)):
-      raise ValueError(f"config.loss.kwargs {unknown} are not hyperparameters of {name!r}; it "
-                       f"takes {sorted(own)}")
+    configlib.check_kwargs("config.loss.kwargs", name, kwargs, own)
+    if twice := sorted(k for k in kwargs if k in cfg):
+      raise ValueError(f"config.loss.kwargs sets {twice}, which config.loss also sets: set each "
+                       "once")
     hparams.update(kwargs)
     loss = cls(name=name, hparams=tuple(sorted(hparams.items())),
                center_coef=float(cfg.get("center_coef", 0.0)),
                bootstrap=bool(cfg.get("bootstrap", False)),
                first_member=int(cfg.get("first_member", 0)))
     try:  # The loss's own range checks (ε, ν…), now rather than at the first step.
-      loss.per_pair(jnp.zeros(1), jnp.zeros(1), jnp.full(1, 0.5))
+      loss.per_pair(jnp.zeros(1), jnp.zeros(1), jnp.ones(1))
     except ValueError as e:
       raise ValueError(f"config.loss {name!r} with {dict(loss.hparams)}: {e}") from e
     return loss

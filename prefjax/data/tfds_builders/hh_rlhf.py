@@ -63,8 +63,8 @@ class HhRlhf(base.PreferenceBuilder, skip_registration=True):
     unread = sorted(p.name for p in folder.glob("*.jsonl*") if p.name.endswith(".jsonl")
                     or not _SPLIT_FILE.match(p.name)) if folder.is_dir() else []
     if unread:
-      logging.warning("HH-RLHF %s: not reading %s: splits are read from {split}.jsonl.gz "
-                      "files, as released (gzip them)", folder, unread)
+      logging.warning("HH-RLHF %s: not reading %s: splits are read from files named "
+                      "{split}.jsonl.gz (lower-case split name), as released", folder, unread)
     if not splits:
       raise FileNotFoundError(
           f"no {{split}}.jsonl.gz files in {folder} for HH-RLHF config "
