@@ -20,7 +20,10 @@ Measured 2026-12-01 (this shared 2-core CPU, load average 7-12; noisy): 9.3 min 
 8 pairs, none skipped. The texts are what a 135M model writes: the critiques are vague
 ("could be more polished") and revisions often drift (one repeats the conversation's
 "Human:" turn), so these pairs show the plumbing; whether revisions are better needs a
-judge or a larger model (e.g. --config.model.path / --config.tokenizer.path).
+judge or a larger model (e.g. --config.model.path / --config.tokenizer.path). That run
+used an earlier critique wording, which put the principle (written to compare two replies,
+"Which response ...?") to the one reply as if it were a critique request; the wording now
+says a reviewer comparing replies asks it.
 ``:tiny`` (random decoder): 6 prompts -> pairs of byte noise in seconds (tests/test_feedback.py).
 """
 
@@ -33,8 +36,9 @@ from prefjax import experiment
 
 CRITIQUE_TEMPLATE = (
     "Here is a conversation and the assistant's reply.\n\n[Conversation]\n{prompt}\n\n"
-    "[Reply]\n{response}\n\nCritique the reply. {principle} Point out concretely what is "
-    "wrong with the reply in this respect, in two or three sentences.")
+    "[Reply]\n{response}\n\nCritique the reply. A reviewer comparing replies to this "
+    "conversation asks: \"{principle}\" Point out concretely what in this reply would count "
+    "against it on that question, in two or three sentences.")
 REVISION_TEMPLATE = (
     "Here is a conversation, the assistant's reply and a critique of it.\n\n[Conversation]\n"
     "{prompt}\n\n[Reply]\n{response}\n\n[Critique]\n{critique}\n\nRewrite the reply so that "

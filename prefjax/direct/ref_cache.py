@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
+import tqdm
 from absl import logging
 from flax import nnx
 
@@ -187,9 +188,15 @@ def cache_pipeline(config: pipeline_lib.PipelineConfig) -> pipeline_lib.Pipeline
 
 def compute_table(scorer: Callable[[Mapping[str, Any]], Mapping[str, np.ndarray]],
                   batches: Iterator[Mapping[str, Any]], num_rows: int) -> ReferenceTable:
+  """The reference log-probs of every pair, with a progress bar (rate and ETA): a long
+  split at a big model's speed takes a while before the first train step."""
   table = ReferenceTable.empty(num_rows)
-  for batch in batches:
-    table.fill(np.asarray(batch["example_index"]), scorer(batch))
+  with tqdm.tqdm(total=num_rows, desc="reference log-probs", unit="pair",
+                 dynamic_ncols=True, disable=jax.process_index() != 0) as bar:
+    for batch in batches:
+      index = np.asarray(batch["example_index"])
+      table.fill(index, scorer(batch))
+      bar.update(int((index >= 0).sum()))
   return table
 
 
