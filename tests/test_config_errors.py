@@ -194,6 +194,9 @@ def test_a_decaying_schedule_ends_where_the_run_ends(module, variant):
       config.optimizer.total_steps == config.loop.num_steps)
   config.loop.num_steps = 1234
   assert config.optimizer.schedule == "constant" or config.optimizer.total_steps == 1234
+  # Setting total_steps itself leaves the run's length alone (a shared reference moved it).
+  config.optimizer.total_steps = 99
+  assert (config.loop.num_steps, config.optimizer.total_steps) == (1234, 99)
 
 
 @pytest.mark.parametrize("module", [tiny_ppo, tiny_rloo, smollm2_rloo],

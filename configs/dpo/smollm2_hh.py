@@ -54,7 +54,8 @@ from prefjax import train
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None (default) or ``quick`` (2 steps at batch 2: a CPU smoke test)."""
   config = ml_collections.ConfigDict()
-  # One value: overriding --config.loop.num_steps also moves the end of the LR schedule.
+  # total_steps follows --config.loop.num_steps (a derived reference: setting total_steps
+  # itself leaves num_steps alone).
   num_steps = ml_collections.FieldReference(200)
   config.seed = 0
   config.tokenizer = dict(path="asset:smollm2")
@@ -70,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.ref = dict(mode="auto", path="", cache_dir="")
   config.optimizer = configlib.section(
       train.OptimizerConfig, name="adamw", learning_rate=5e-7, schedule="cosine", warmup_steps=20,
-      total_steps=num_steps, weight_decay=0.0, grad_clip_norm=10.0)
+      total_steps=num_steps * 1, weight_decay=0.0, grad_clip_norm=10.0)
   config.loop = configlib.section(train.LoopConfig, num_steps=num_steps, log_every=10,
                                   eval_every=100, checkpoint_every=100, seed=0,
                                   async_checkpointing=True, tensorboard=True)

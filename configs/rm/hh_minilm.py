@@ -34,7 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None (default), ``quick`` (a few steps, smoke test) or ``cls`` (CLS pooling)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # One value: overriding --config.loop.num_steps also moves the end of the LR schedule.
+  # total_steps follows --config.loop.num_steps (a derived reference: setting total_steps
+  # itself leaves num_steps alone).
   num_steps = ml_collections.FieldReference(150)
   config.tokenizer = dict(path="asset:minilm")
   config.model = experiment.model_section(
@@ -48,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      nu=1.0, bootstrap=False, first_member=0)
   config.optimizer = configlib.section(
       train.OptimizerConfig, name="adamw", learning_rate=5e-5, schedule="cosine", warmup_steps=15,
-      total_steps=num_steps, weight_decay=0.01, grad_clip_norm=1.0)
+      total_steps=num_steps * 1, weight_decay=0.01, grad_clip_norm=1.0)
   config.loop = configlib.section(train.LoopConfig, num_steps=num_steps, log_every=10,
                                   eval_every=75, checkpoint_every=25, seed=0,
                                   async_checkpointing=False)

@@ -28,7 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None (default) or ``quick`` (fewer steps, for tests)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # One value: overriding --config.loop.num_steps also moves the end of the LR schedule.
+  # total_steps follows --config.loop.num_steps (a derived reference: setting total_steps
+  # itself leaves num_steps alone).
   num_steps = ml_collections.FieldReference(300)
   config.tokenizer = dict(path="byte")
   config.model = experiment.model_section(
@@ -44,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      nu=1.0, bootstrap=False, first_member=0)
   config.optimizer = configlib.section(
       train.OptimizerConfig, name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=10,
-      total_steps=num_steps, weight_decay=0.0, grad_clip_norm=1.0)
+      total_steps=num_steps * 1, weight_decay=0.0, grad_clip_norm=1.0)
   config.loop = configlib.section(train.LoopConfig, num_steps=num_steps, log_every=20,
                                   eval_every=100, checkpoint_every=100, seed=0,
                                   async_checkpointing=False)
