@@ -107,6 +107,11 @@ def test_batch_shapes_are_checked_against_the_data_parallel_devices():
                                                             batch_size=4))
   with pytest.raises(ValueError, match=r"'tokens' of shape \(1, 96\).*multiples of 2"):
     train.check_batch_shapes(odd, mesh)
+  # Padded: 3 pairs are 6 token rows, which split over 2 devices; the pairs do not.
+  three = pipeline.preference_dataset(_source(), TOK, dataclasses.replace(
+      _config("pairs", batch_size=3), mode="padded"))
+  with pytest.raises(ValueError, match=r"'pair_mask' of shape \(3,\).*multiples of 2"):
+    train.check_batch_shapes(three, mesh)
 
 
 def test_packed_batches_are_refused_before_training_in_multi_process_runs(monkeypatch):

@@ -17,11 +17,10 @@ Three pipelines share one engine:
 The examples form a ``grain.MapDataset`` (range over the source, host shard,
 per-epoch shuffle, repeat, tokenize); a batching iterator walks it by index,
 grouping examples into length buckets (``padding.py``) or packing them with a
-windowed first-fit packer (``packing.py``). Its
-state (``get_state()``) is a small JSON-serialisable dict: the next index, the
-indices waiting in buckets / the packing window, the planned batches not yet
-returned, and the counters, so ``set_state`` resumes exactly where an
-uninterrupted run would be; wrapping the dataset in
+windowed first-fit packer (``packing.py``). Its state (``get_state()``) is a small
+JSON-serialisable dict: the next index, the indices waiting in buckets / the packing
+window, the planned batches not yet returned, and the counters, so ``set_state``
+resumes exactly where an uninterrupted run would be; wrapping the dataset in
 ``grain.experimental.ThreadPrefetchIterDataset`` moves batching to a background
 thread and keeps that guarantee. Padding examples (to fill the last batch when
 ``drop_remainder=False``) have weight 0 and mask 0, and hold one pad token with
@@ -559,7 +558,8 @@ class BatchDataset(grain.IterDataset):
     return batch
 
   def batch_shapes(self) -> list[dict[str, tuple[int, ...]]]:
-    """Every distinct set of token-array shapes this dataset yields (one jit compile each)."""
+    """Every distinct set of shapes this dataset yields (one jit compile each): its token
+    arrays and, where the leading dim differs (B pairs of 2B rows), its per-pair ones."""
     b = self.config.batch_size
     if self.packed:
       index_key = "chosen_index" if self.kind == "pair" else "sequence_index"
@@ -569,7 +569,8 @@ class BatchDataset(grain.IterDataset):
                       for t in self.config.padded_lengths(bucket)})
     if self.kind == "prompt":
       return [{"prompt_tokens": (b, t)} for t in lengths]
-    return [{"tokens": (b * self.num_responses, t)} for t in lengths]
+    per_pair = {"pair_mask": (b,)} if self.kind == "pair" else {}
+    return [{"tokens": (b * self.num_responses, t), **per_pair} for t in lengths]
 
   def __iter__(self) -> BatchIterator:
     return BatchIterator(self)
