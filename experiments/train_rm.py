@@ -106,8 +106,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     train_iter = iter(train_ds)
     eval_table = None
     if objectives:
-      train_iter = labels.ObjectiveMaskIterator(
-          train_iter, labels.objective_table(train_source, objectives, config.data))
+      train_table = labels.objective_table(train_source, objectives, config.data)
+      labels.check_every_objective_labelled(train_table, objectives, config.data,
+                                            config.data.train_split)
+      train_iter = labels.ObjectiveMaskIterator(train_iter, train_table)
       eval_table = labels.objective_table(eval_source, objectives, config.data)
     evaluators = []
     if config.eval.get("enabled", True):

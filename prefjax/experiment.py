@@ -174,6 +174,11 @@ def partition_rules(model: nnx.Module, mesh: jax.sharding.Mesh | None = None) ->
   A ``DeepEnsemble``'s member axis goes over the mesh's ``ensemble`` axis, or is
   replicated when ``mesh`` is given and has none.
   """
+  if (not isinstance(model, heads_lib.DeepEnsemble) and mesh is not None
+      and mesh.shape.get("ensemble", 1) > 1):
+    logging.warning("mesh.ensemble=%d, but only a deep ensemble (model.ensemble='deep') "
+                    "splits over that axis: this model is replicated on it, each copy doing "
+                    "the same work", mesh.shape["ensemble"])
   if isinstance(model, heads_lib.DeepEnsemble):
     member_rules = partition_rules(model.member(0))
     if mesh is not None and "ensemble" not in mesh.shape:
@@ -296,7 +301,9 @@ def pipeline_config(data_cfg: Any, **overrides) -> pipeline_lib.PipelineConfig:
 def make_mesh(mesh_cfg: Any) -> jax.sharding.Mesh:
   """``config.mesh`` -> mesh; ``mesh.num_devices`` > 0 uses only the first that many devices."""
   num_devices = int(configlib.plain(mesh_cfg).get("num_devices", 0) or 0)
-  if num_devices <= 0:
+  if num_devices < 0:
+    raise ValueError(f"mesh.num_devices={num_devices}: 0 (every device) or a count")
+  if num_devices == 0:
     return parallel.mesh_from_config(mesh_cfg)
   if num_devices > jax.device_count():
     raise ValueError(f"mesh.num_devices={num_devices} but only {jax.device_count()} devices")

@@ -213,5 +213,5 @@ def test_a_split_whose_responses_are_mostly_cut_is_named():
             "longest_response": {"tokens": longest}, "max_length": 32}
   lines = report.mostly_truncated({"train": split(60, 60), "eval": split(60, 30),
                                        "prompts_only": split(60, 60, longest=0)})
-  assert lines == ["train: 60 of 60 responses are cut to fit max_length 32 (prompt + "
+  assert lines == ["train: 60 of 60 rows have a response cut to fit max_length 32 (prompt + "
                    "response); raise data.pipeline.max_length unless that is intended"]

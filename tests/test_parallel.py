@@ -16,6 +16,7 @@ from absl import flags
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from prefjax import experiment
 from prefjax import parallel
 from prefjax.parallel import distributed
 
@@ -323,6 +324,19 @@ def test_mesh_from_config(cfg, names, shape):
 def test_bad_mesh_shapes_raise(shape, message):
   with pytest.raises(ValueError, match=message):
     parallel.mesh_from_config({"shape": shape})
+
+
+def test_an_ensemble_axis_without_a_deep_ensemble_is_warned_about(caplog):
+  mesh = parallel.mesh_from_config({"shape": (-1, 1, 1), "ensemble": 4})
+  experiment.partition_rules(object(), mesh)  # a one-model (or heads-ensemble) RM
+  assert "mesh.ensemble=4, but only a deep ensemble" in caplog.text
+
+
+def test_negative_mesh_counts_raise():
+  with pytest.raises(ValueError, match=r"mesh.ensemble=-1: 0 or 1 \(no ensemble axis\)"):
+    parallel.mesh_from_config({"shape": (-1, 1, 1), "ensemble": -1})
+  with pytest.raises(ValueError, match=r"mesh.num_devices=-1: 0 \(every device\) or a count"):
+    experiment.make_mesh({"shape": (-1, 1, 1), "num_devices": -1})
 
 
 def test_make_mesh_validates_names():

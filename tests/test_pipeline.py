@@ -370,7 +370,7 @@ def test_background_prefetch_keeps_exact_state():
 def test_state_from_another_pipeline_is_rejected():
   _, it = run(pipeline.preference_dataset(SOURCE, TOK, config()), limit=1)
   other = iter(pipeline.preference_dataset(SOURCE, TOK, config(seed=9)))
-  with pytest.raises(ValueError, match="different pipeline"):
+  with pytest.raises(ValueError, match="saved by another pipeline: a data.pipeline field"):
     other.set_state(it.get_state())
 
 

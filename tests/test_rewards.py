@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from prefjax import rewards
+from prefjax.evals import scorers
 from tests import numerics
 
 # ----------------------------------------------------------------------------- aggregation
@@ -33,6 +34,10 @@ def test_aggregate_relations():
   np.testing.assert_allclose(rewards.aggregate(r, "uwo", 0.3),
                              np.mean(r, -1) - 0.3 * np.var(np.asarray(r, np.float64), -1),
                              rtol=1e-5)
+  with pytest.raises(ValueError, match=r"lam=-1.0 must be >= 0"):
+    rewards.aggregate(r, "uwo", -1.0)
+  with pytest.raises(scorers.EvalInputError, match=r"config.uwo_lambda=-1 must be >= 0"):
+    scorers.reward_columns("ens", (), -1)
 
 
 @pytest.mark.parametrize("method", ["mean", "wco", "uwo"])

@@ -256,6 +256,12 @@ def test_multi_objective_loss_uses_only_labelled_pairs():
   np.testing.assert_allclose(float(loss), sum(expected), rtol=1e-5)
   with pytest.raises(ValueError, match=r"row r0: meta\['objective'\]='helpful' is not one of"):
     labels.objective_table(rows, ("harmless",), {})
+  labels.check_every_objective_labelled(table, ("helpful", "harmless"), {}, "train")
+  # A head no pair labels would train on nothing (it ran as a no-op and exited 0).
+  with pytest.raises(ValueError, match=r"objective\(s\) \['harmless'\] of the model's "
+                                       r"\['helpful', 'harmless'\] label no pair of split "
+                                       r"'train' \(meta\['objective'\]"):
+    labels.check_every_objective_labelled(table[:1], ("helpful", "harmless"), {}, "train")
 
 
 # ----------------------------------------------------------------------------- training

@@ -11,8 +11,7 @@ Three pipelines share one engine:
   ``pair_mask``, ``weight``, ``outcome``, ``example_index``.
 * ``sft_dataset``: prompt+response sequences with the loss on the response only
   (padded ``tokens [B, T]`` or packed rows with ``sequence_index [B, 2]``).
-* ``prompt_dataset``: left-padded prompts for generation, ``prompt_tokens [B, P]``
-  and ``prompt_mask``.
+* ``prompt_dataset``: left-padded prompts, ``prompt_tokens [B, P]`` and ``prompt_mask``.
 
 The examples form a ``grain.MapDataset`` (range over the source, host shard,
 per-epoch shuffle, repeat, tokenize); a batching iterator walks it by index,
@@ -466,9 +465,10 @@ class BatchIterator(grain.DatasetIterator):
     if state.get("version") != _STATE_VERSION:
       raise ValueError(f"iterator state version {state.get('version')} != {_STATE_VERSION}")
     if state["fingerprint"] != self._ds.fingerprint:
-      raise ValueError("iterator state was saved by a different pipeline (config, tokenizer, "
-                       f"source size or shard differ): {state['fingerprint']} != "
-                       f"{self._ds.fingerprint}")
+      raise ValueError("iterator state was saved by another pipeline: a data.pipeline field "
+                       "(any, e.g. row_multiple), the tokenizer, the source size or the shard "
+                       "changed since (the config diff is logged above); restore them or use "
+                       f"a new workdir ({state['fingerprint']} != {self._ds.fingerprint})")
     self._next = int(state["next"])
     self._exhausted = bool(state["exhausted"])
     self._ready = collections.deque(json.loads(json.dumps(state["ready"])))
@@ -558,8 +558,7 @@ class BatchDataset(grain.IterDataset):
     return batch
 
   def batch_shapes(self) -> list[dict[str, tuple[int, ...]]]:
-    """Every distinct set of shapes this dataset yields (one jit compile each): its token
-    arrays and, where the leading dim differs (B pairs of 2B rows), its per-pair ones."""
+    """Every distinct set of shapes it yields (one compile each), per-pair ones included."""
     b = self.config.batch_size
     if self.packed:
       index_key = "chosen_index" if self.kind == "pair" else "sequence_index"

@@ -196,7 +196,7 @@ def mostly_truncated(reports: Mapping[str, Mapping[str, Any]]) -> list[str]:
   for name, r in reports.items():
     cut = r["truncated_responses"]["count"]
     if r["longest_response"]["tokens"] and r["rows_used"] and cut > r["rows_used"] / 2:
-      lines.append(f"{name}: {cut} of {r['rows_used']} responses are cut to fit "
+      lines.append(f"{name}: {cut} of {r['rows_used']} rows have a response cut to fit "
                    f"max_length {r['max_length']} (prompt + response); raise "
                    "data.pipeline.max_length unless that is intended")
   return lines

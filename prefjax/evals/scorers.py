@@ -32,6 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
+from absl import logging
 from flax import nnx
 
 from prefjax import experiment
@@ -255,6 +256,9 @@ class ModelScorer:
 def reward_columns(name: str, objectives: Sequence[str], uwo_lambda: float
                    ) -> Callable[[int], dict[str, Callable[[np.ndarray], np.ndarray]]]:
   """Output columns of a reward head with C columns: one, an ensemble, or objectives."""
+  if not uwo_lambda >= 0:
+    raise EvalInputError(f"config.uwo_lambda={uwo_lambda} must be >= 0 (UWO subtracts λ times "
+                         "the members' variance; a negative λ rewards their disagreement)")
 
   def columns(c: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     if objectives:
@@ -323,6 +327,11 @@ def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   model = _build(run.model, tokenizer.vocab_size, int(run.seed), mesh)
   saved = _restore(spec, run, model)
   _, objectives = rm_loss_lib.reward_columns(model)
+  if objectives:
+    field = (run.get("data") or {}).get("objective_field") or "objective"
+    logging.warning("scorer %r has one head per objective %s and eval_rm scores every pair "
+                    "with each; for each head on the pairs labelled with its objective add "
+                    "--config.subset_field=%s", spec.name, list(objectives), field)
   return ModelScorer(spec.name, tokenizer, _run_pipeline(run, eval_cfg), _reward_forward(model),
                      _model_vocab(model), mesh,
                      float(eval_cfg.max_unk_fraction),

@@ -122,6 +122,8 @@ def mesh_from_config(mesh_cfg: Any, *, devices: Sequence[jax.Device] | None = No
                          f"{MESH_AXES} or 4 with a leading '{ENSEMBLE_AXIS}', or set "
                          "mesh.axis_names")
   ensemble = _get(mesh_cfg, "ensemble")
+  if ensemble is not None and int(ensemble) < 0:
+    raise ValueError(f"mesh.ensemble={ensemble}: 0 or 1 (no ensemble axis) or its size")
   if ensemble is not None and int(ensemble) > 1:
     if ENSEMBLE_AXIS in names:
       raise ValueError("mesh config gives the ensemble axis twice (shape and 'ensemble')")

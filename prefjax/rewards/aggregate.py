@@ -18,6 +18,7 @@ minimum and the variance are dominated by the member with the largest offset.
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import jax
@@ -69,6 +70,9 @@ def aggregate(rewards: jax.Array, method: str = "mean", lam: float = 0.0) -> jax
   if method not in AGGREGATIONS:
     raise ValueError(f"unknown ensemble aggregation {method!r}; expected one of "
                      f"{sorted(AGGREGATIONS)}")
+  if isinstance(lam, numbers.Real) and not lam >= 0:
+    raise ValueError(f"the UWO penalty lam={lam} must be >= 0 (a negative one rewards the "
+                     "members' disagreement)")
   rewards = jnp.asarray(rewards)
   if rewards.ndim == 0:
     raise ValueError("aggregate: rewards must have a trailing member axis [..., K], "

@@ -37,6 +37,18 @@ def objective_table(source: Any, objectives: Sequence[str], data_cfg: Mapping[st
   return table
 
 
+def check_every_objective_labelled(table: np.ndarray, objectives: Sequence[str],
+                                   data_cfg: Mapping[str, Any], split: str) -> None:
+  """Raises ValueError when an objective has no labelled pair in ``split``: its head
+  would get no loss and never train."""
+  counts = table.sum(axis=0)
+  if missing := [o for o, n in zip(objectives, counts) if n == 0]:
+    field = data_cfg.get("objective_field") or "objective"
+    raise ValueError(f"objective(s) {missing} of the model's {list(objectives)} label no pair "
+                     f"of split {split!r} (meta[{field!r}], or data.objective for all pairs): "
+                     "their heads would not train")
+
+
 def add_objective_mask(batch: dict[str, np.ndarray], table: np.ndarray) -> dict[str, np.ndarray]:
   """``batch`` plus ``objective_mask [B, O]`` (zeros for padding pairs)."""
   index = batch["example_index"]
