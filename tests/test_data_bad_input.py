@@ -74,10 +74,15 @@ def test_bad_line_error_mode_names_file_line_and_reason(tmp_path, case):
   assert [(p.line, p.reason) for p in info.value.problems] == [(2, reason)]
 
 
-def test_malformed_json_detail_gives_the_column(tmp_path):
-  path = _write_case(tmp_path, b'{"prompt": "Q", "chosen" " yes"}')
-  with pytest.raises(pdata.BadRowError, match=rf"{path}:2: malformed_json: Expecting ':' "
-                     "delimiter at column 26"):
+@pytest.mark.parametrize("line,detail", [
+    (b'{"prompt": "Q", "chosen" " yes"}', "Expecting ':' delimiter at column 26"),
+    # A control character inside a string reads once, at its column.
+    (b'{"prompt": "a\tb", "chosen": " yes", "rejected": " no"}',
+     "Invalid control character at column 14"),
+])
+def test_malformed_json_detail_gives_the_column(tmp_path, line, detail):
+  path = _write_case(tmp_path, line)
+  with pytest.raises(pdata.BadRowError, match=rf"{path}:2: malformed_json: {detail}"):
     _load(path, tmp_path / "cache", "error")
 
 
@@ -87,13 +92,6 @@ def test_a_pretty_printed_json_array_is_named_so(tmp_path):
   with pytest.raises(pdata.BadRowError, match=rf"{path}:1: malformed_json: Expecting value at "
                      r"column 3 \(the file looks like one JSON array: JSONL holds one object "
                      r"per line\)"):
-    _load(path, tmp_path / "cache", "error")
-
-
-def test_a_control_character_inside_a_string_reads_once_at_its_column(tmp_path):
-  path = _write_case(tmp_path, b'{"prompt": "a\tb", "chosen": " yes", "rejected": " no"}')
-  with pytest.raises(pdata.BadRowError, match=rf"{path}:2: malformed_json: Invalid control "
-                     "character at column 14"):
     _load(path, tmp_path / "cache", "error")
 
 
