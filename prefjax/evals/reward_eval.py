@@ -82,8 +82,8 @@ def load_dataset(spec: str, eval_cfg: Any) -> Dataset:
 
 
 def check_run_data(workdir: str, run: Any, source: Any, label: str) -> dict[str, Any]:
-  """Whether ``source`` is the split the run read, by the ``scan_key`` of its
-  ``data_report.json`` (content fingerprint, length, the run's tokenizer and cuts).
+  """Whether ``source`` is the split the run read, by its ``data_report.json`` (the
+  content fingerprint; the ``scan_key`` in a report written before it was recorded).
 
   Returns ``{"run", "split", "files", "status": same | changed | unchecked, "why",
   "message"}``; logs ``message`` (it names the files) as a warning unless ``same``.

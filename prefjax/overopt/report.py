@@ -80,6 +80,11 @@ def expected(name: str, world: str = "", *, label_noise: float | None = None) ->
   return text.strip()
 
 
+def coste_noise(results: study_lib.BanditResults) -> float:
+  """The label noise that C1 and C3 (and their figures) are measured at: the highest."""
+  return max(results.ensembles)
+
+
 def bandit_criteria(results: study_lib.BanditResults, fig_dir: str, *, smallest: int = 2,
                     n_fixed: int = 1000) -> tuple[list[C.Criterion], dict[str, str]]:
   """Draws the bandit-world figures and evaluates G0–G5, R1–R4, C1–C3; G1 and R2 look at
@@ -106,7 +111,7 @@ def bandit_criteria(results: study_lib.BanditResults, fig_dir: str, *, smallest:
       "estimators": figures.estimator_check(results.estimator_checks[0],
                                             path("estimator_check.png")),
   }
-  noisy = max(results.disagreement)
+  noisy = coste_noise(results)
   figs["disagreement"] = figures.disagreement(
       results.disagreement[noisy], _disagreement_ns(results.ns), path("disagreement.png"),
       title=f"Member disagreement under best-of-n ({noisy:.0%} label noise)")
@@ -306,7 +311,7 @@ def write_report(workdir: str, found: Sequence[C.Criterion],
         f"{seeds}wall time {facts.get('wall_s', 0):.0f} s.",
         "", facts.get("world_note", ""), "", "## Criteria", "", criteria_table(found), "",
         "## Verdict by criterion", "", verdict_line(found) + ".", "", verdict_table(found), ""]
-  noise = None if results is None else max(results.ensembles)  # C1's (``bandit_criteria``)
+  noise = None if results is None else coste_noise(results)
   for c in found:
     md += [f"### {c.name} — {'PASS' if c.passed else 'FAIL'} ({c.world} world)", "",
            f"*Expected.* {expected(c.name, c.world, label_noise=noise)}", "",
