@@ -115,6 +115,24 @@ def test_ppo_gradient_matches_finite_differences_and_vanishes_when_clipped():
   np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_ppo_ratio_beyond_float32_exp_keeps_the_other_tokens_gradients():
+  # log ρ = 100 overflows exp in float32. With A > 0 or A = 0 the loss and its gradient
+  # at that token are finite (the clip or A = 0 decides them); with A < 0 the loss is
+  # +inf, which the train step's non-finite guard skips rather than training on.
+  old_logp = np.zeros((1, 4), np.float32)
+  logp = jnp.asarray([[100.0, 100.0, 0.1, -0.1]], jnp.float32)
+  adv = np.array([[1.0, 0.0, 2.0, -1.0]], np.float32)
+  mask = np.ones((1, 4), np.float32)
+  out = policy.ppo_clip_loss(logp, old_logp, adv, mask)
+  np.testing.assert_allclose(out.per_token[0, :2], [-1.2, 0.0], rtol=1e-6)
+  g = jax.grad(lambda lp: policy.ppo_clip_loss(lp, old_logp, adv, mask).per_token.sum())(logp)
+  r = np.exp([0.1, -0.1])
+  np.testing.assert_allclose(g, [[0.0, 0.0, -r[0] * 2.0, r[1] * 1.0]], rtol=1e-5)
+  worse = policy.ppo_clip_loss(logp, old_logp, np.array([[-1.0, 0.0, 2.0, -1.0]], np.float32),
+                               mask)
+  assert np.isposinf(worse.per_token[0, 0])
+
+
 def test_ppo_accepts_per_sequence_advantages():
   logp, old_logp, _, mask = _ppo_inputs()
   adv_seq = np.array([1.0, -0.5, 2.0, -1.0])

@@ -33,6 +33,9 @@ KLKind = Literal["k1", "k2", "k3"]
 AggregateMode = Literal["token_mean", "sequence_mean", "sequence_sum_norm"]
 
 
+_MAX_LOG_RATIO = 80.0  # exp(80) ≈ 5.5e34, finite in float32.
+
+
 def _f32(*xs: Array) -> tuple[Array, ...]:
   """Casts to at least float32 (bf16/f16/int -> f32; f64 stays f64 under x64)."""
   return tuple(as_float(x) for x in xs)
@@ -208,8 +211,12 @@ def ppo_clip_loss(logp: Array, old_logp: Array, advantages: Array, mask: Array, 
 
   log_ratio = logp - old_logp
   ratio = jnp.exp(log_ratio)
-  unclipped = -ratio * adv
-  clipped = -jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+  # exp overflows to inf above log ρ ≈ 88.7, and a zero gradient times inf is NaN. Where
+  # A ≥ 0 the loss is then decided by the clip (or by A = 0), whose gradient is 0 whether
+  # ρ is inf or merely large, so both branches may see a bounded ρ there.
+  safe_ratio = jnp.exp(jnp.where(adv >= 0, jnp.minimum(log_ratio, _MAX_LOG_RATIO), log_ratio))
+  unclipped = -safe_ratio * adv
+  clipped = -jnp.clip(safe_ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
   per_token = jnp.maximum(unclipped, clipped)
   if dual_clip is not None:
     per_token = jnp.where(adv < 0, jnp.minimum(per_token, -dual_clip * adv), per_token)
