@@ -168,9 +168,12 @@ def test_a_registered_preference_loss_is_selected_by_name_with_its_hyperparamete
       with pytest.raises(ValueError, match=r"config.loss.kwargs gap=.* for '_test_hinge': "
                                            r"expected a number \(default 1.0\)"):
         rm.RewardLoss.from_config(dict(name="_test_hinge", kwargs=kwargs))
-    with pytest.raises(ValueError, match=r"config.loss.kwargs sets \['gap'\], which "
-                                         r"config.loss also sets"):
-      rm.RewardLoss.from_config(dict(name="_test_hinge", gap=1.0, kwargs="gap=0.5"))
+    with pytest.raises(ValueError, match=r"config.loss.kwargs sets \['gap'\], and "
+                                         r"config.loss sets them too \(gap=2.0\)"):
+      rm.RewardLoss.from_config(dict(name="_test_hinge", gap=2.0, kwargs="gap=0.5"))
+    # A config field left at the loss's default is not a second setting.
+    assert rm.RewardLoss.from_config(dict(name="_test_hinge", gap=1.0, kwargs="gap=0.5")
+                                     ).hparams == (("gap", 0.5),)
     sign = np.where(batch["outcome"] >= 0.5, 1.0, -1.0)
     per_pair = np.maximum(0.0, 0.5 - sign * (r_c.astype(np.float64) - r_r))
     expected = np.sum(batch["weight"] * batch["pair_mask"] * per_pair) / batch["pair_mask"].sum()
@@ -179,6 +182,10 @@ def test_a_registered_preference_loss_is_selected_by_name_with_its_hyperparamete
     preference.PREFERENCE_LOSSES.pop("_test_hinge")
   with pytest.raises(ValueError, match=r"unknown field\(s\) \['gap'\]"):
     rm.RewardLoss.from_config(dict(name="bt", gap=0.5))
+  # The shipped configs carry margin=0.0 and label_smoothing=0.0: kwargs may still set them.
+  loss_cfg = dict(tiny.get_config().loss)
+  loss_cfg["kwargs"] = "margin=0.5"
+  assert dict(rm.RewardLoss.from_config(loss_cfg).hparams)["margin"] == 0.5
 
 
 def test_a_loss_that_broadcasts_the_outcome_wrongly_is_an_error():

@@ -72,9 +72,12 @@ class RewardLoss:
     hparams = {k: cfg[k] for k in own if k in cfg}
     kwargs = configlib.parse_kwargs(cfg.get("kwargs"))
     configlib.check_kwargs("config.loss.kwargs", name, kwargs, own)
-    if twice := sorted(k for k in kwargs if k in cfg):
-      raise ValueError(f"config.loss.kwargs sets {twice}, which config.loss also sets: set each "
-                       "once")
+    # config.loss carries every built-in hyperparameter at its default, so only a field
+    # moved off that default is a second setting.
+    if twice := {k: cfg[k] for k in kwargs if k in cfg and k in own and cfg[k] != own[k]}:
+      raise ValueError(f"config.loss.kwargs sets {sorted(twice)}, and config.loss sets them too "
+                       f"({', '.join(f'{k}={v!r}' for k, v in sorted(twice.items()))}): set "
+                       "each in one place")
     hparams.update(kwargs)
     loss = cls(name=name, hparams=tuple(sorted(hparams.items())),
                center_coef=float(cfg.get("center_coef", 0.0)),
