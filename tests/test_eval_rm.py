@@ -105,6 +105,8 @@ def test_rows_without_the_subset_field_form_the_none_subset():
   metas = [{"subset": "chat"}, None, {"subset": 3}, {}]
   assert rm_evaluation.subset_names(metas, "subset") == (["chat", "(none)", "3", "(none)"], 2)
   assert rm_evaluation.subset_names([{}, None], "subset") == (None, 0)  # No subsets at all.
+  with pytest.raises(ValueError, match=r"row 1 of the eval split has meta.subset = '\(none\)'"):
+    rm_evaluation.subset_names([{"subset": "a"}, {"subset": "(none)"}], "subset")
 
 
 def test_scorer_specs_parse_and_reject_bad_ones():

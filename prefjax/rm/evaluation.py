@@ -42,6 +42,9 @@ def subset_names(metas: Sequence[dict[str, Any] | None], field: str
   table unseen; ``(None, 0)`` when no row has the field (the data has no subsets).
   """
   values = [(meta or {}).get(field) for meta in metas]
+  if NO_SUBSET in values:
+    raise ValueError(f"row {values.index(NO_SUBSET)} of the eval split has meta.{field} = "
+                     f"{NO_SUBSET!r}, the name kept for rows without a subset: rename it")
   missing = sum(v is None for v in values)
   if missing == len(values):
     return None, 0
