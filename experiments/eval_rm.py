@@ -5,7 +5,8 @@ r"""Evaluates reward models (and DPO policies, HF reward models, baselines) on p
       --config.datasets=run:/tmp/rm_tiny,pandalm@test
 
 Scorers (``prefjax.evals.scorers``): ``rm:WORKDIR`` (a ``train_rm`` run rebuilt from
-its own ``config.json``; ensembles add members, ``wco`` and ``uwo``), ``dpo:WORKDIR``
+its own ``config.json``; ensembles add members, and ``wco`` and ``uwo`` over members
+standardized on each dataset's responses, ``config.ensemble_normalization``), ``dpo:WORKDIR``
 (implicit reward β·(log π − log π_ref)), ``hf:PATH`` (a local HF
 ``*ForSequenceClassification`` dir), ``length``, ``shorter``, ``gold``. Datasets
 (``prefjax.evals.reward_eval``): ``NAME[@SPLIT]`` of ``load_preferences``, or
@@ -76,6 +77,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 def evaluate(config: Any, workdir: str) -> dict[str, Any]:
   """Writes the report of ``config.scorers`` on ``config.datasets``; returns it."""
   start = time.time()
+  for field in ("num_resamples", "num_bins"):
+    if int(config[field]) < 1:
+      raise scorers_lib.EvalInputError(f"config.{field}={config[field]} must be >= 1")
   specs = scorers_lib.parse_specs(config.scorers)
   datasets = [reward_eval.load_dataset(s, config)
               for s in reward_eval.parse_list(config.datasets)]

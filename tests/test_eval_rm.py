@@ -99,6 +99,14 @@ def test_length_controlled_accuracy_and_category_weighted_mean():
       correct, stats.resample_counts(6, 100, 0), ["a", "a", "b", "b", "b", "b"])
   assert per_subset["a"].value == 1.0 and per_subset["b"].value == 0.25
   assert mean.value == 0.625  # Each subset counts once (the pooled accuracy is 0.5).
+  # A one-pair subset is missing from ~37% of pooled resamples; the mean of the other two
+  # (1.0) is not the category mean, so the interval resamples within each subset.
+  correct = np.r_[np.ones(200), 0.0]
+  _, mean = stats.subset_accuracies(correct, stats.resample_counts(201, 400, 0),
+                                    ["a"] * 100 + ["b"] * 100 + ["c"], seed=3)
+  assert (mean.value, mean.low, mean.high) == pytest.approx((2 / 3, 2 / 3, 2 / 3), abs=1e-12)
+  with pytest.raises(ValueError, match=r"num_resamples=0: the bootstrap needs at least one"):
+    stats.resample_counts(5, 0, 0)
 
 
 def test_rows_without_the_subset_field_form_the_none_subset():
@@ -107,6 +115,51 @@ def test_rows_without_the_subset_field_form_the_none_subset():
   assert rm_evaluation.subset_names([{}, None], "subset") == (None, 0)  # No subsets at all.
   with pytest.raises(ValueError, match=r"row 1 of the eval split has meta.subset = '\(none\)'"):
     rm_evaluation.subset_names([{"subset": "a"}, {"subset": "(none)"}], "subset")
+
+
+def test_wco_and_uwo_do_not_move_when_a_member_is_shifted_or_rescaled():
+  # BT training fixes neither a member's offset nor its scale; eval_rm's WCO and UWO take
+  # members standardized over the data's responses, so such a change leaves them equal.
+  rng = np.random.default_rng(5)
+  r_c, r_r = rng.normal(size=(50, 4)), rng.normal(size=(50, 4))
+  shift, scale = np.array([0.0, 3.0, -3.0, 1.5]), np.array([1.0, 2.0, 0.5, 1.0])
+  columns = scorers_lib.reward_columns("ens", (), 0.7)
+  plain, moved = columns(r_c, r_r), columns(r_c * scale + shift, r_r * scale + shift)
+  both = np.concatenate([r_c, r_r])
+  z_c, z_r = ((r - both.mean(0)) / both.std(0) for r in (r_c, r_r))
+  for side, z in ((0, z_c), (1, z_r)):
+    np.testing.assert_allclose(plain["ens/wco"][side], z.min(1), rtol=1e-12)
+    np.testing.assert_allclose(plain["ens/uwo"][side], z.mean(1) - 0.7 * z.var(1), rtol=1e-12)
+    for name in ("ens/wco", "ens/uwo"):
+      np.testing.assert_allclose(moved[name][side], plain[name][side], rtol=1e-9, atol=1e-12)
+  np.testing.assert_array_equal(plain["ens"][0], r_c.mean(1))  # the ensemble's own output
+  np.testing.assert_array_equal(moved["ens/member1"][1], r_r[:, 1] * 2.0 + 3.0)
+  centred = scorers_lib.reward_columns("ens", (), 0.7, "center")(r_c + shift, r_r + shift)
+  np.testing.assert_allclose(centred["ens/wco"][0], (r_c - both.mean(0)).min(1), rtol=1e-12)
+  raw = scorers_lib.reward_columns("ens", (), 0.7, "none")(r_c + shift, r_r + shift)
+  np.testing.assert_array_equal(raw["ens/wco"][0], (r_c + shift).min(1))
+  with pytest.raises(scorers_lib.EvalInputError, match=r"ensemble_normalization='zscore'"):
+    scorers_lib.reward_columns("ens", (), 0.7, "zscore")
+
+
+def test_a_scorer_giving_nan_rewards_is_an_error_not_wrong_answers(monkeypatch):
+  source = [None] * 3
+
+  class _Pipeline:
+    counters: dict = {}
+
+    def __iter__(self):
+      yield {"pair_mask": np.ones(3), "example_index": np.array([7, 8, 9])}
+
+  scorer = scorers_lib.ModelScorer(
+      "nanny", None, None, lambda batch: (np.array([1.0, np.nan, 0.0]), np.zeros(3)), None,
+      None, 0.2, scorers_lib.reward_columns("nanny", (), 0.0))
+  monkeypatch.setattr(scorers_lib, "check_tokenizer", lambda *a, **k: None)
+  monkeypatch.setattr(scorers_lib.pipeline_lib, "preference_dataset", lambda *a: _Pipeline())
+  with pytest.raises(scorers_lib.EvalInputError,
+                     match=r"scorer 'nanny' gave a non-finite reward on d to 1 of 3 pairs "
+                           r"\(first: row 8\)"):
+    scorer(source, "d")
 
 
 def test_scorer_specs_parse_and_reject_bad_ones():

@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.pipeline = {}                     # pipeline overrides, e.g. {"max_length": 512}
   config.max_unk_fraction = 0.2            # more unknown tokens than this is an error
   config.uwo_lambda = 1.0                  # UWO variance penalty for ensembles
+  config.ensemble_normalization = "standardize"  # members before WCO/UWO: or center, none
   config.on_bad_row = "error"              # or "skip" (counted in the report)
   config.hf_tokenizer = ""                 # hf: scorers: tokenizer path ("" = the model dir)
   config.hf_pooling = ""                   # hf: scorers: last | mean | cls ("" = default)

@@ -243,9 +243,10 @@ def evaluate_dataset(dataset: Dataset, scorer_fns: dict[str, Any], eval_cfg: Any
   for name, (r_c, r_r) in columns.items():
     signed[name] = stats.signed_margins(r_c, r_r, table.outcome)[d]
     m = stats.scorer_metrics(signed[name], counts, rel_diff=rel_diff, subsets=subsets,
-                             calibrated=calibrated[name], num_bins=int(eval_cfg.num_bins))
+                             calibrated=calibrated[name], num_bins=int(eval_cfg.num_bins),
+                             seed=int(eval_cfg.seed))
     if subsets is not None and rm_evaluation.NO_SUBSET in subsets:
-      m["subset_mean"] = named_subset_mean(signed[name], counts, subsets)
+      m["subset_mean"] = named_subset_mean(signed[name], counts, subsets, int(eval_cfg.seed))
     both = np.concatenate([r_c, r_r])
     m.update(reward_mean=float(both.mean()), reward_std=float(both.std()))
     metrics[name] = m
@@ -272,15 +273,16 @@ def evaluate_dataset(dataset: Dataset, scorer_fns: dict[str, Any], eval_cfg: Any
   return section, arrays
 
 
-def named_subset_mean(signed: np.ndarray, counts: np.ndarray, subsets: list[str]
-                      ) -> stats.Estimate:
+def named_subset_mean(signed: np.ndarray, counts: np.ndarray, subsets: list[str],
+                      seed: int = 0) -> stats.Estimate:
   """The category-weighted mean over the named subsets: ``(none)`` is no category."""
   names = np.asarray(subsets)
   named = names != rm_evaluation.NO_SUBSET
   if not named.any():
     return stats.Estimate(float("nan"), float("nan"), float("nan"))
   correct = preference.pair_accuracy(signed)
-  return stats.subset_accuracies(correct[named], counts[:, named], names[named].tolist())[1]
+  return stats.subset_accuracies(correct[named], counts[:, named], names[named].tolist(),
+                                 seed)[1]
 
 
 def figure_name(kind: str, dataset: str) -> str:

@@ -5,7 +5,8 @@ A scorer spec is ``[NAME=]KIND[:ARG]``:
   rm:WORKDIR[@latest|@best|@STEP]   a ``train_rm`` run (tokenizer, model and head rebuilt
                                     from its ``config.json``); an ensemble yields its
                                     members and the ``mean`` (NAME), ``wco`` and ``uwo``
-                                    aggregates (``prefjax.rewards.aggregate``)
+                                    aggregates (``prefjax.rewards.aggregate``) of its
+                                    members standardized over the data's responses
   dpo:WORKDIR[@...]                 a ``train_dpo`` policy, scored by its implicit reward
                                     β·(log π − log π_ref) (the reference rebuilt as the run
                                     built it; per token for length-normalised losses)
@@ -41,7 +42,6 @@ from prefjax.data import pipeline as pipeline_lib
 from prefjax.direct import loss as direct_loss_lib
 from prefjax.models import heads as heads_lib
 from prefjax.models import hf_import
-from prefjax.rewards import aggregate
 from prefjax.rm import evaluation as rm_evaluation
 from prefjax.rm import loss as rm_loss_lib
 from prefjax.train import checkpoint
@@ -226,7 +226,7 @@ class ModelScorer:
   model_vocab: int | None
   mesh: jax.sharding.Mesh | None
   max_unk_fraction: float
-  output_columns: Callable[[int], dict[str, Callable[[np.ndarray], np.ndarray]]]
+  output_columns: OutputColumns
   checkpoint: dict[str, Any] | None = None  # {"path", "step"} of a trained run
 
   def _put(self, batch):
@@ -247,32 +247,65 @@ class ModelScorer:
       parts["r_r"].append(np.asarray(r_r, np.float64).reshape(b, -1)[real])
       parts["index"].append(batch["example_index"][real])
     r_c, r_r = np.concatenate(parts["r_c"]), np.concatenate(parts["r_r"])
-    outputs = self.output_columns(r_c.shape[1])
-    columns = {name: (fn(r_c), fn(r_r)) for name, fn in outputs.items()}
+    index = np.concatenate(parts["index"])
+    if not (finite := np.isfinite(r_c).all(axis=1) & np.isfinite(r_r).all(axis=1)).all():
+      raise EvalInputError(f"scorer {self.name!r} gave a non-finite reward on {dataset} to "
+                           f"{int((~finite).sum())} of {finite.size} pairs (first: row "
+                           f"{int(index[np.argmin(finite)])}); a NaN would count as a wrong "
+                           "answer")
+    columns = self.output_columns(r_c, r_r)
     dropped = {k: int(v) for k, v in iterator.counters.items() if k.startswith("dropped_") and v}
-    return Scored(np.concatenate(parts["index"]), columns, True, dropped)
+    return Scored(index, columns, True, dropped)
 
 
-def reward_columns(name: str, objectives: Sequence[str], uwo_lambda: float
-                   ) -> Callable[[int], dict[str, Callable[[np.ndarray], np.ndarray]]]:
-  """Output columns of a reward head with C columns: one, an ensemble, or objectives."""
+OutputColumns = Callable[[np.ndarray, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]
+ENSEMBLE_NORMALIZATIONS = ("standardize", "center", "none")
+
+
+def reward_columns(name: str, objectives: Sequence[str], uwo_lambda: float,
+                   normalization: str = "standardize") -> OutputColumns:
+  """Output columns of a reward head with C columns: one, an ensemble, or objectives.
+
+  ``(r_c [N, C], r_r [N, C]) -> {column: (chosen [N], rejected [N])}``. An ensemble gives
+  its mean, each member, and the WCO and UWO aggregates (Coste et al. 2023). BT training
+  fixes neither a member's offset nor exactly its scale, and the minimum and the variance
+  across members depend on both, so WCO and UWO see members standardized over this
+  data's responses, both sides (``normalization="standardize"``, as Coste et al.'s code
+  normalises each RM over its eval responses; ``"center"`` only shifts; ``"none"``).
+  """
   if not uwo_lambda >= 0:
     raise EvalInputError(f"config.uwo_lambda={uwo_lambda} must be >= 0 (UWO subtracts λ times "
                          "the members' variance; a negative λ rewards their disagreement)")
+  if normalization not in ENSEMBLE_NORMALIZATIONS:
+    raise EvalInputError(f"config.ensemble_normalization={normalization!r}: expected one of "
+                         f"{list(ENSEMBLE_NORMALIZATIONS)}")
 
-  def columns(c: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+  def columns(r_c: np.ndarray, r_r: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     if objectives:
-      return {f"{name}/{o}": (lambda r, k=k: r[:, k]) for k, o in enumerate(objectives)}
-    if c == 1:
-      return {name: lambda r: r[:, 0]}
-    out = {name: lambda r: np.asarray(aggregate(r, "mean"), np.float64),
-           f"{name}/wco": lambda r: np.asarray(aggregate(r, "wco"), np.float64),
-           f"{name}/uwo": lambda r: np.asarray(aggregate(r, "uwo", uwo_lambda),
-                                               np.float64)}
-    out.update({f"{name}/member{k}": (lambda r, k=k: r[:, k]) for k in range(c)})
+      return {f"{name}/{o}": (r_c[:, k], r_r[:, k]) for k, o in enumerate(objectives)}
+    if r_c.shape[1] == 1:
+      return {name: (r_c[:, 0], r_r[:, 0])}
+    n_c, n_r = _normalized_members(r_c, r_r, normalization)
+    out = {name: (r_c.mean(axis=1), r_r.mean(axis=1)),
+           f"{name}/wco": (n_c.min(axis=1), n_r.min(axis=1))}
+    out[f"{name}/uwo"] = tuple(r.mean(axis=1) - uwo_lambda * r.var(axis=1) for r in (n_c, n_r))
+    out.update({f"{name}/member{k}": (r_c[:, k], r_r[:, k]) for k in range(r_c.shape[1])})
     return out
 
   return columns
+
+
+def _normalized_members(r_c: np.ndarray, r_r: np.ndarray, normalization: str
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  """Each member shifted (and scaled) by its statistics over both sides' responses."""
+  if normalization == "none":
+    return r_c, r_r
+  both = np.concatenate([r_c, r_r])
+  mean, scale = both.mean(axis=0), np.ones(both.shape[1])
+  if normalization == "standardize":
+    std = both.std(axis=0)
+    scale = np.where(std > 0, std, 1.0)  # A constant member is only centred.
+  return (r_c - mean) / scale, (r_r - mean) / scale
 
 
 def _build(model_cfg: Any, vocab_size: int, seed: int, mesh) -> nnx.Module:
@@ -335,7 +368,9 @@ def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   return ModelScorer(spec.name, tokenizer, _run_pipeline(run, eval_cfg), _reward_forward(model),
                      _model_vocab(model), mesh,
                      float(eval_cfg.max_unk_fraction),
-                     reward_columns(spec.name, objectives, float(eval_cfg.uwo_lambda)), saved)
+                     reward_columns(spec.name, objectives, float(eval_cfg.uwo_lambda),
+                                    str(eval_cfg.get("ensemble_normalization", "standardize"))),
+                     saved)
 
 
 def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:

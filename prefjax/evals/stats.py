@@ -43,10 +43,14 @@ class Estimate:
     return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
-def resample_counts(num_items: int, num_resamples: int, seed: int) -> np.ndarray:
+def resample_counts(num_items: int, num_resamples: int,
+                    seed: int | np.random.Generator) -> np.ndarray:
   """Bootstrap counts ``[R, N]`` (float32): row r says how often each item is in resample r."""
   if num_items < 1:
     raise ValueError("bootstrap needs at least one pair")
+  if num_resamples < 1:
+    raise ValueError(f"num_resamples={num_resamples}: the bootstrap needs at least one "
+                     "resample (1000 gives stable 95% intervals)")
   rng = np.random.default_rng(seed)
   counts = rng.multinomial(num_items, np.full(num_items, 1.0 / num_items), size=num_resamples)
   return counts.astype(np.float32)
@@ -132,7 +136,7 @@ def length_controlled_estimate(correct: np.ndarray, rel_diff: np.ndarray,
 
 def scorer_metrics(signed: np.ndarray, counts: np.ndarray, *, rel_diff: np.ndarray,
                    subsets: Sequence[str] | None, calibrated: bool,
-                   num_bins: int = 10) -> dict[str, object]:
+                   num_bins: int = 10, seed: int = 0) -> dict[str, object]:
   """All metrics of one scorer on one dataset's decisive pairs (``signed [N]``)."""
   correct = preference.pair_accuracy(signed)
   out: dict[str, object] = {"accuracy": weighted_estimate(correct, counts),
@@ -144,22 +148,29 @@ def scorer_metrics(signed: np.ndarray, counts: np.ndarray, *, rel_diff: np.ndarr
   out["length_bins"] = {label: weighted_estimate(correct, counts, mask)
                         for label, mask in length_bins(rel_diff) if mask.any()}
   if subsets is not None:
-    out["subsets"], out["subset_mean"] = subset_accuracies(correct, counts, subsets)
+    out["subsets"], out["subset_mean"] = subset_accuracies(correct, counts, subsets, seed)
   return out
 
 
-def subset_accuracies(correct: np.ndarray, counts: np.ndarray, subsets: Sequence[str]
-                      ) -> tuple[dict[str, Estimate], Estimate]:
+def subset_accuracies(correct: np.ndarray, counts: np.ndarray, subsets: Sequence[str],
+                      seed: int = 0) -> tuple[dict[str, Estimate], Estimate]:
   """Accuracy per subset, and their unweighted mean (each category counts once, as in
-  RewardBench's section scores)."""
+  RewardBench's section scores).
+
+  The mean's interval resamples within each subset (a stratified bootstrap, as many
+  resamples as ``counts`` has rows, drawn from ``seed``): resampling the pooled pairs
+  would leave a small subset out of some resamples, whose mean then averages fewer
+  categories and is another quantity.
+  """
   names = np.asarray(subsets)
+  rng = np.random.default_rng(seed)
   per_subset, resampled = {}, []
   for name in sorted(set(names.tolist())):
     mask = names == name
     per_subset[name] = weighted_estimate(correct, counts, mask)
-    resampled.append(_stratum_means(correct, counts, mask))
-  mean_resampled = np.nanmean(np.stack(resampled), axis=0)
-  low, high = np.nanpercentile(mean_resampled, [2.5, 97.5])
+    within = resample_counts(int(mask.sum()), counts.shape[0], rng)
+    resampled.append(within @ np.asarray(correct, np.float64)[mask] / mask.sum())
+  low, high = np.percentile(np.mean(resampled, axis=0), [2.5, 97.5])
   value = float(np.mean([e.value for e in per_subset.values()]))
   return per_subset, Estimate(value, float(low), float(high))
 
