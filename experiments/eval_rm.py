@@ -90,7 +90,10 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
   report = {"command": " ".join(sys.argv), "scorers": [s.name for s in specs],
             "checkpoints": {name: fn.checkpoint for name, fn in scorer_fns.items()
                             if getattr(fn, "checkpoint", None)},
-            "num_resamples": int(config.num_resamples), "datasets": []}
+            "num_resamples": int(config.num_resamples), "uwo_lambda": float(config.uwo_lambda),
+            "ensemble_normalization": str(config.get("ensemble_normalization",
+                                                     "standardize")),
+            "datasets": []}
   scores = []
   for dataset in datasets:
     section, arrays = reward_eval.evaluate_dataset(dataset, scorer_fns, config)

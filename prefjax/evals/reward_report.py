@@ -70,6 +70,13 @@ def markdown(report: Mapping[str, Any]) -> str:
          "paired resamples of pairs; intervals are 95% percentile intervals. Accuracy counts "
          "a zero margin as half; length-controlled accuracy = ½·acc(preferred longer) + "
          "½·acc(preferred shorter) (lengths in characters; a pure length scorer gets 0.5).", ""]
+  if any(name.endswith("/wco") for section in report["datasets"] for name in section["metrics"]):
+    how = {"standardize": "standardized (mean 0, SD 1)", "center": "centred (mean 0)",
+           "none": "raw"}[report.get("ensemble_normalization", "none")]
+    out += [f"Ensembles: `/wco` (minimum) and `/uwo` (mean − λ·variance, λ = "
+            f"{report.get('uwo_lambda', float('nan')):g}) take the members' rewards {how} over "
+            "each dataset's responses, both sides; the plain column is the members' raw mean.",
+            ""]
   if report.get("checkpoints"):
     out += ["Checkpoints: " + "; ".join(f"{name} = `{c['path']}` step {c['step']}"
                                         for name, c in report["checkpoints"].items()) + ".", ""]
