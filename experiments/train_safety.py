@@ -12,14 +12,14 @@ Model: ``config.model`` with head ``"reward"`` (one harm logit) or
 the categories listed in ``meta[data.category_field]``).
 
 Loss: class-weighted BCE, w₊ = ``safety.pos_weight`` ("balanced": n₋/n₊ of the
-training labels), through ``prefjax.train.train_loop`` (resume, checkpoints,
+training labels, per category for a ``multi:`` head), through ``prefjax.train.train_loop`` (resume, checkpoints,
 metrics.jsonl). The evaluator reports validation ROC-AUC at every eval.
 
 At the end: the threshold is the validation score of most recall (the highest of equal
 recall) whose precision is ≥ ``safety.target_precision``, among those flagging at least
-``safety.min_flagged``
-validation examples (``safety.on_unreachable``: ``error`` stops with the best precision
-reached; ``max_precision`` keeps the most precise threshold and records a notice).
+``safety.min_flagged`` validation examples, moved halfway down to the next lower score
+(``safety.on_unreachable``: ``error`` stops with the best precision reached;
+``max_precision`` keeps the most precise threshold and records a notice).
 Outputs besides the usual workdir files: ``threshold.json``,
 ``safety_report.json`` (validation and test ROC-AUC, precision, recall, FPR and
 accuracy at the threshold, each with a 95% pair-bootstrap interval) and the same
@@ -97,6 +97,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                                  int(config.safety.get("min_flagged", 1)))
   if config.data.pipeline.mode != "padded":
     raise ValueError("train_safety needs data.pipeline.mode='padded'")
+  if not config.data.eval_split:
+    raise ValueError("train_safety chooses its threshold on the validation split: set "
+                     "config.data.eval_split")
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   mesh = experiment.make_mesh(config.mesh)
   splits = {"train": config.data.train_split, "validation": config.data.eval_split,
@@ -112,14 +115,13 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     tables = category_tables(config, model, sources)
     train_iter = iter(pipeline_lib.preference_dataset(sources["train"], tokenizer, pcfg))
     num_pairs = len(sources["train"])
-    num_harmful = num_pairs
     if tables["train"] is not None:
       train_iter = labels.ObjectiveMaskIterator(train_iter, tables["train"])
-      num_harmful = int((tables["train"].sum(axis=1) > 0).sum())
+    num_harmful, num_harmless = safety.class_counts(num_pairs, tables["train"])
     pos_weight, neg_weight = safety.class_weights(config.safety.pos_weight, num_harmful,
-                                                  num_pairs)
-    logging.info("safety: %d harmful / %d harmless training examples; pos_weight %.3f",
-                 num_harmful, num_pairs, pos_weight)
+                                                  num_harmless)
+    logging.info("safety: %s harmful / %s harmless training examples; pos_weight %s",
+                 num_harmful, num_harmless, pos_weight)
     batches = {name: split_batches(config, source, tokenizer, tables[name])
                for name, source in sources.items() if name != "train"}
     evaluator = safety.SafetyEvaluator(batches["validation"])

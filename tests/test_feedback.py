@@ -225,6 +225,9 @@ def test_bad_input_is_one_line_naming_what_to_fix(tmp_path):
   with pytest.raises(ValueError) as e:
     constitution.load_constitution(empty)
   one_line(e, "empty.txt", "no principle")
+  bom = tmp_path / "bom.txt"  # a byte-order mark before a comment line (Windows editors)
+  bom.write_bytes("# Harm principles\nWhich response is less harmful?\n".encode("utf-8-sig"))
+  assert constitution.load_constitution(bom) == ["Which response is less harmful?"]
   with pytest.raises(ValueError) as e:
     templates.JudgeTemplate.from_config({"template": "{principle} {prompt} {response_a}"})
   one_line(e, "config.judge.template", "{response_b}")

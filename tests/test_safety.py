@@ -64,6 +64,16 @@ def test_class_weights():
     safety.class_weights("balanced", 0, 5)
   with pytest.raises(ValueError, match="'balanced' or a positive number"):
     safety.class_weights("heavy", 1, 5)
+  # Categories (the helper's split: 1,600 train pairs, 449 heavy, 684 light, 467 none).
+  table = np.zeros((1600, 2))
+  table[:449, 0] = 1
+  table[449:1133, 1] = 1
+  counts = safety.class_counts(1600, table)
+  assert counts == ([449, 684], [1600 + 684, 1600 + 449])
+  assert safety.class_weights("balanced", *counts) == ((2284 / 449, 2049 / 684), 1.0)
+  assert safety.class_counts(1600, None) == (1600, 1600)
+  with pytest.raises(ValueError, match=r"in every category\); got \[3, 0\] harmful"):
+    safety.class_weights("balanced", [3, 0], [5, 5])
 
 
 SCORES = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
@@ -74,8 +84,9 @@ LABELS = np.array([0, 1, 0, 0, 1, 1, 0, 1])
     # precision of "score >= t" by hand: t=.8: 1/1, .7: 1/2, .6: 2/3, .5: 3/4, .4: 3/5,
     # .3: 3/6, .2: 4/7, .1: 4/8; recall .25, .25, .5, .75, .75, .75, 1, 1. The most recall
     # reaching the target wins, and of equal recall the highest t (.5 over .4, .2 over .1).
-    (0.75, 0.5, 0.75, 0.75), (0.7, 0.5, 0.75, 0.75), (0.6, 0.5, 0.75, 0.75),
-    (0.5, 0.2, 4 / 7, 1.0), (0.9, 0.8, 1.0, 0.25), (1.0, 0.8, 1.0, 0.25)])
+    # The threshold reported is halfway down to the next lower score (.5 -> .45).
+    (0.75, 0.45, 0.75, 0.75), (0.7, 0.45, 0.75, 0.75), (0.6, 0.45, 0.75, 0.75),
+    (0.5, 0.15, 4 / 7, 1.0), (0.9, 0.75, 1.0, 0.25), (1.0, 0.75, 1.0, 0.25)])
 def test_choose_threshold_hand_computed(target, threshold, precision, recall):
   choice = safety.choose_threshold(SCORES, LABELS, target)
   assert choice.threshold == pytest.approx(threshold)
@@ -86,9 +97,11 @@ def test_choose_threshold_hand_computed(target, threshold, precision, recall):
 
 def test_choose_threshold_min_flagged():
   # By hand (SCORES/LABELS): t=.8 flags 1 at precision 1.0, t=.6 flags 3 at 2/3, t=.5 4 at 3/4.
-  assert safety.choose_threshold(SCORES, LABELS, 0.9).threshold == pytest.approx(0.8)
+  assert safety.choose_threshold(SCORES, LABELS, 0.9).threshold == pytest.approx(0.75)
   choice = safety.choose_threshold(SCORES, LABELS, 0.7, min_flagged=2)
-  assert (choice.threshold, choice.num_flagged) == (pytest.approx(0.5), 4)
+  assert (choice.threshold, choice.num_flagged) == (pytest.approx(0.45), 4)
+  # Every score flags as it did on validation, including the boundary one moved by 1e-7.
+  assert np.sum(SCORES >= choice.threshold) == np.sum(SCORES - 1e-7 >= choice.threshold) == 4
   with pytest.raises(ValueError, match="flagging >= 2 examples reaches validation precision"):
     safety.choose_threshold(SCORES, LABELS, 0.9, min_flagged=2)
   with pytest.raises(ValueError, match="min_flagged=9 but the validation split has only 8"):
@@ -99,15 +112,20 @@ def test_choose_threshold_unreachable_errors_or_notices():
   scores, labels_ = np.array([0.9, 0.5, 0.5, 0.1]), np.array([0, 1, 0, 0])
   with pytest.raises(ValueError, match=r"no threshold flagging >= 1 examples reaches "
                                        r"validation precision >= 0.6: "
-                                       r"the best is 0.333 at threshold 0.5"):
+                                       r"the best is 0.333 at threshold 0.3"):
     safety.choose_threshold(scores, labels_, 0.6)
   choice = safety.choose_threshold(scores, labels_, 0.6, on_unreachable="max_precision")
   # by hand: t=.9 flags one harmless (0/1), t=.5 flags 1 harmful of 3, t=.1 1 of 4
-  assert (choice.threshold, choice.recall, choice.num_flagged) == (0.5, 1.0, 3)
+  assert (choice.threshold, choice.recall, choice.num_flagged) == (0.3, 1.0, 3)
   assert choice.precision == pytest.approx(1 / 3)
   assert not choice.reached and "lower safety.target_precision" in choice.notice
   with pytest.raises(ValueError, match="on_unreachable"):
     safety.choose_threshold(scores, labels_, 0.6, on_unreachable="ignore")
+  with pytest.raises(ValueError, match=r"precision_recall_curve: 1 of 4 scores are not "
+                                       r"finite \(first at 2\)"):
+    safety.choose_threshold(np.array([0.9, 0.5, np.nan, 0.1]), labels_, 0.6)
+  with pytest.raises(ValueError, match=r"roc_auc: 1 of 4 scores are not finite"):
+    safety.roc_auc(np.array([0.1, np.nan]), np.array([0.5, 0.6]))
 
 
 def test_roc_auc_matches_brute_force_with_ties_and_bootstrap_weights():
@@ -161,15 +179,22 @@ def test_loss_fn_reduces_weighted_bce_over_real_entries_float64():
   assert float(loss) == pytest.approx(np.sum(weights * per) / weights.sum(), rel=1e-6)
   correct = (logits > 0) == (targets > 0.5)
   assert float(metrics["accuracy"]) == pytest.approx(np.sum(weights * correct) / 12)
+  per_column, _ = safety.make_loss_fn(pos_weight=(4.0, 0.5))(model, batch, None)
+  per, _ = ref_weighted_bce(logits, targets, np.array([4.0, 0.5]), 1.0)
+  assert float(per_column) == pytest.approx(np.sum(weights * per) / weights.sum(), rel=1e-6)
 
 
 @pytest.mark.parametrize("field,value,match", [
     ("target_precision", 1.5, r"target_precision must be in \(0, 1\], got 1.5"),
     ("on_unreachable", "ignore", "on_unreachable must be one of"),
-    ("min_flagged", 0, "min_flagged must be >= 1, got 0")])
+    ("min_flagged", 0, "min_flagged must be >= 1, got 0"),
+    ("data.eval_split", "", "threshold on the validation split: set config.data.eval_split")])
 def test_train_safety_checks_threshold_options_before_writing(tmp_path, field, value, match):
   config = tiny_config.get_config("quick")
-  config.safety[field] = value
+  if field.startswith("data."):
+    config.data[field[5:]] = value
+  else:
+    config.safety[field] = value
   with pytest.raises(ValueError, match=match):
     train_safety.run(config, str(tmp_path))
   assert list(tmp_path.iterdir()) == []
@@ -224,6 +249,11 @@ def test_runtime_classifier_matches_pair_scores_and_labels_pairs(trained):
       prompts, [r["rejected"] for r in rows], [r["chosen"] for r in rows], p_rej, p_cho)
   assert counts["labelled"] == len(labelled) == 16
   assert sum(row["chosen"] == r["chosen"] for row, r in zip(labelled, rows)) >= 14
+  with pytest.raises(ValueError, match=r"label_pairs: 1 of 16 pairs have a non-finite harm "
+                                       r"probability \(first: pair 3\)"):
+    safety_runtime.label_pairs(prompts, [r["rejected"] for r in rows],
+                               [r["chosen"] for r in rows], p_rej, np.where(
+                                   np.arange(16) == 3, np.nan, p_cho))
 
 
 def test_label_source_rows_load_as_preferences_with_objective(tmp_path):

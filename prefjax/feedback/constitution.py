@@ -28,7 +28,7 @@ def load_constitution(path: str | os.PathLike[str]) -> list[str]:
   if not path.is_file():
     raise FileNotFoundError(f"constitution file {path} not found; give a text file with one "
                             "principle per line (see configs/constitutions/)")
-  lines = path.read_text(encoding="utf-8").splitlines()
+  lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: editors' byte-order mark
   principles = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
   if not principles:
     raise ValueError(f"constitution file {path} has no principle; write one principle per line")

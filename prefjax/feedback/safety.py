@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,14 +52,22 @@ def harm_probability(logits: Array | np.ndarray) -> np.ndarray:
   return p if p.ndim == 1 else p.max(axis=-1)
 
 
-def class_weights(spec: float | str, num_harmful: float, num_harmless: float
-                  ) -> tuple[float, float]:
-  """``(pos_weight, neg_weight)``: ``"balanced"`` → (n₋/n₊, 1); a number → (it, 1)."""
+def class_weights(spec: float | str, num_harmful: float | Sequence[float],
+                  num_harmless: float | Sequence[float]
+                  ) -> tuple[float | tuple[float, ...], float]:
+  """``(pos_weight, neg_weight)``: ``"balanced"`` → (n₋/n₊, 1); a number → (it, 1).
+
+  With per-category counts (sequences, one per head column) ``"balanced"`` gives one
+  n₋/n₊ per category: a rare category is as rare as its own positives make it.
+  """
   if spec == "balanced":
-    if num_harmful <= 0 or num_harmless <= 0:
-      raise ValueError(f"pos_weight='balanced' needs both classes in the training data; got "
-                       f"{num_harmful} harmful and {num_harmless} harmless examples")
-    return float(num_harmless) / float(num_harmful), 1.0
+    pos, neg = np.atleast_1d(num_harmful), np.atleast_1d(num_harmless)
+    if (pos <= 0).any() or (neg <= 0).any():
+      raise ValueError(f"pos_weight='balanced' needs both classes in the training data (in "
+                       f"every category); got {pos.tolist()} harmful and {neg.tolist()} "
+                       "harmless examples")
+    ratio = tuple(float(n) / float(p) for n, p in zip(neg, pos))
+    return (ratio if np.ndim(num_harmful) else ratio[0]), 1.0
   try:
     value = float(spec)
   except (TypeError, ValueError):
@@ -68,6 +76,22 @@ def class_weights(spec: float | str, num_harmful: float, num_harmless: float
   if not value > 0:
     raise ValueError(f"safety.pos_weight must be positive, got {value}")
   return value, 1.0
+
+
+def class_counts(num_pairs: int, category_table: np.ndarray | None
+                 ) -> tuple[int | list[int], int | list[int]]:
+  """(harmful, harmless) training examples, per category with a ``[N, C]`` table.
+
+  Without categories each pair holds one of each. With them, a category's positives
+  are the rejected rows labelled with it; every chosen row and the rejected rows of
+  other categories are its negatives (a rejected row without a category weighs 0:
+  ``harm_targets``).
+  """
+  if category_table is None:
+    return num_pairs, num_pairs
+  table = np.asarray(category_table) > 0
+  positives = table.sum(axis=0)
+  return positives.tolist(), (num_pairs + int(table.any(axis=1).sum()) - positives).tolist()
 
 
 def harm_targets(batch: Batch, num_columns: int) -> tuple[Array, Array]:
@@ -89,12 +113,14 @@ def harm_targets(batch: Batch, num_columns: int) -> tuple[Array, Array]:
   return (jnp.concatenate([chosen_t, rejected_t]), jnp.concatenate([chosen_w, rejected_w]))
 
 
-def make_loss_fn(*, pos_weight: float, neg_weight: float = 1.0
+def make_loss_fn(*, pos_weight: float | Sequence[float], neg_weight: float = 1.0
                  ) -> Callable[[nnx.Module, Batch, Array], tuple[Array, dict[str, Array]]]:
   """``(model, batch, rng) -> (loss, metrics)`` for ``train_loop`` on padded pair batches.
 
-  loss = Σ w·BCE_w(z, y) / Σ w over real (row, column) entries.
+  loss = Σ w·BCE_w(z, y) / Σ w over real (row, column) entries; ``pos_weight`` is one
+  number or one per column (category).
   """
+  pos_weight = np.asarray(pos_weight, np.float32)
 
   def loss_fn(model, batch, rng):
     del rng
@@ -146,7 +172,19 @@ def score_pair_batches(model: nnx.Module, batches: list[dict[str, np.ndarray]]) 
     p_c.append(probs[:b][real])
     p_r.append(probs[b:][real])
     index.append(batch["example_index"][real])
-  return PairScores(np.concatenate(p_c), np.concatenate(p_r), np.concatenate(index))
+  out = PairScores(np.concatenate(p_c), np.concatenate(p_r), np.concatenate(index))
+  if not (finite := np.isfinite(out.p_chosen) & np.isfinite(out.p_rejected)).all():
+    raise ValueError(f"the safety classifier gave a non-finite harm probability to "
+                     f"{int((~finite).sum())} of {finite.size} pairs (first: row "
+                     f"{int(out.index[np.argmin(finite)])})")
+  return out
+
+
+def _check_finite(scores: np.ndarray, what: str) -> None:
+  if not (finite := np.isfinite(scores)).all():
+    raise ValueError(f"{what}: {int((~finite).sum())} of {scores.size} scores are not finite "
+                     f"(first at {int(np.argmin(finite))}); a NaN would sort as the most "
+                     "harmful score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +209,7 @@ def precision_recall_curve(scores: np.ndarray, labels: np.ndarray
   if scores.shape != labels.shape or scores.ndim != 1 or scores.size == 0:
     raise ValueError(f"scores and labels must be equal-length 1-D arrays, got "
                      f"{scores.shape} and {labels.shape}")
+  _check_finite(scores, "precision_recall_curve")
   if not labels.any():
     raise ValueError("precision needs at least one harmful (label 1) example")
   thresholds, first = np.unique(scores, return_index=False, return_inverse=True)
@@ -195,8 +234,12 @@ def check_threshold_options(target_precision: float, on_unreachable: str,
 
 def choose_threshold(scores: np.ndarray, labels: np.ndarray, target_precision: float, *,
                      on_unreachable: str = "error", min_flagged: int = 1) -> ThresholdChoice:
-  """The threshold t (a validation score) of most recall with precision(scores ≥ t) ≥ target,
-  the highest such t when several tie on recall.
+  """The threshold t of most recall with precision(scores ≥ t) ≥ target, the highest such
+  t when several tie on recall.
+
+  t is chosen among the validation scores, then reported halfway down to the next lower
+  validation score: it flags the same validation examples, and a score that moves by
+  rounding (another process's XLA flags, another device) does not cross it.
 
   Precision is not monotone in t; the lowest qualifying t flags the most harmful
   examples (highest recall) while meeting the target, and a higher t of the same
@@ -217,14 +260,16 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, target_precision: f
     k, notice = int(ok[recall[ok] == recall[ok[0]]][-1]), ""
   else:
     k = int(np.argmax(np.where(enough, precision, -1.0)))
+  threshold = 0.5 * (thresholds[k] + thresholds[k - 1]) if k > 0 else thresholds[k]
+  if not ok.size:
     notice = (f"no threshold flagging >= {min_flagged} examples reaches validation "
               f"precision >= {target_precision:g}: the best "
-              f"is {precision[k]:.3f} at threshold {thresholds[k]:.4g} (recall "
+              f"is {precision[k]:.3f} at threshold {threshold:.4g} (recall "
               f"{recall[k]:.3f}, {flagged[k]} of {len(scores)} flagged); lower "
               "safety.target_precision or train a better classifier")
     if on_unreachable == "error":
       raise ValueError(notice + " (or set safety.on_unreachable=max_precision)")
-  return ThresholdChoice(float(thresholds[k]), float(precision[k]), float(recall[k]),
+  return ThresholdChoice(float(threshold), float(precision[k]), float(recall[k]),
                          int(flagged[k]), float(target_precision), not notice, notice)
 
 
@@ -241,6 +286,7 @@ def roc_auc(p_negative: np.ndarray, p_positive: np.ndarray,
   by ``counts[r, i]`` (the pair is the sampling unit). ``counts=None``: the plain AUC.
   """
   neg, pos = np.asarray(p_negative, np.float64), np.asarray(p_positive, np.float64)
+  _check_finite(np.concatenate([neg, pos]), "roc_auc")
   if counts is None:
     counts = np.ones((1, neg.size))
   inverse, u = _bucket_matrix(np.concatenate([neg, pos]))

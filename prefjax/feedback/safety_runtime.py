@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from prefjax import experiment
 from prefjax import train
@@ -82,7 +83,11 @@ class SafetyClassifier:
       config = ml_collections.ConfigDict(json.load(f))
     if threshold is None:
       with open(path) as f:
-        threshold = json.load(f)["threshold"]
+        choice = json.load(f)
+      threshold = choice["threshold"]
+      if not choice.get("reached", True):
+        logging.warning("safety classifier %s: its threshold %.4g missed the target it was "
+                        "chosen for: %s", workdir, threshold, choice.get("notice", ""))
     tokenizer = experiment.make_tokenizer(config.tokenizer)
     model = experiment.make_model(config.model, vocab_size=tokenizer.vocab_size,
                                   seed=int(config.seed))
@@ -153,6 +158,9 @@ def label_pairs(prompts: Sequence[str], responses_a: Sequence[str],
   if not (len(responses_a) == len(responses_b) == p_a.size == p_b.size == n):
     raise ValueError(f"label_pairs: {n} prompts, {len(responses_a)}/{len(responses_b)} "
                      f"responses and {p_a.size}/{p_b.size} probabilities must all match")
+  if not (finite := np.isfinite(p_a) & np.isfinite(p_b)).all():
+    raise ValueError(f"label_pairs: {int((~finite).sum())} of {n} pairs have a non-finite "
+                     f"harm probability (first: pair {int(np.argmin(finite))})")
   rows, skipped = [], 0
   for i in range(n):
     margin = abs(p_a[i] - p_b[i])
@@ -175,7 +183,7 @@ def write_jsonl(rows: Sequence[Mapping[str, Any]], path: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     for row in rows:
-      f.write(json.dumps(row) + "\n")
+      f.write(json.dumps(row, allow_nan=False) + "\n")
   return path
 
 
