@@ -30,7 +30,9 @@ is 1.000 on 4 flagged responses (recall 0.017) and test precision 0.250 [0.000, 
 hence ``min_flagged=20`` here (it leaves the 0.7 threshold above unchanged: 52 flagged),
 with which target 0.9 stops in one line: "no threshold flagging >= 20 examples reaches
 validation precision >= 0.9: the best is 0.760 at threshold 0.6126 (recall 0.080, 25 of
-476 flagged); ...".
+476 flagged); ...". (Thresholds here are the validation scores themselves, as written
+before 2026-12-05; threshold.json now holds the point halfway down to the next lower
+validation score, which flags the same examples.)
 """
 
 from __future__ import annotations
