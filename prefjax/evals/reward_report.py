@@ -73,7 +73,7 @@ def markdown(report: Mapping[str, Any]) -> str:
   if any(name.endswith("/wco") for section in report["datasets"] for name in section["metrics"]):
     how = {"standardize": "standardized (mean 0, SD 1)", "center": "centred (mean 0)",
            "none": "raw"}[report.get("ensemble_normalization", "none")]
-    out += [f"Ensembles: `/wco` (minimum) and `/uwo` (mean − λ·variance, λ = "
+    out += [f"Ensembles: `/wco` (minimum) and `/uwo` (mean − λ·population variance, λ = "
             f"{report.get('uwo_lambda', float('nan')):g}) take the members' rewards {how} over "
             "each dataset's responses, both sides; the plain column is the members' raw mean.",
             ""]
