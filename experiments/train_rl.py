@@ -80,7 +80,11 @@ def _warm_start(config: Any, workdir: str, policy, tokenizer, world) -> loop_lib
 
   def check(step: int, state) -> None:
     del state
-    if resuming and step == 0 and config.get("warm_start") and config.warm_start.steps > 0:
+    # A step-0 checkpoint (a run of 0 steps) holds the warm-started policy; none at all
+    # means every checkpoint was set aside as damaged.
+    restored_zero = os.path.isdir(os.path.join(ckpt_dir, "0"))
+    if (resuming and step == 0 and not restored_zero and config.get("warm_start")
+        and config.warm_start.steps > 0):
       raise RuntimeError(f"no intact checkpoint in {workdir} to resume from and the warm "
                          "start was skipped; rerun to start afresh")
   return check
@@ -112,6 +116,13 @@ def check_sampling(config: Any) -> None:
   if float(config.rl.kl_coef) < 0:
     raise ValueError(f"rl.kl_coef={config.rl.kl_coef} must be >= 0 (a negative coefficient "
                      "rewards moving away from the reference)")
+  adaptive = config.rl.get("adaptive_kl") or {}
+  if adaptive.get("enabled", False) and not float(config.rl.kl_coef) > 0:
+    raise ValueError(f"rl.kl_coef={config.rl.kl_coef} with adaptive_kl: the controller scales "
+                     "the coefficient, so from 0 it never moves; start it above 0")
+  if int(config.rl.get("epochs", 1)) < 1:
+    raise ValueError(f"rl.epochs={config.rl.epochs} must be >= 1 (passes over each rollout "
+                     "batch)")
 
 
 def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
@@ -159,7 +170,8 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
         trainable=rollout_lib.TRAINABLE, sequential_updates=rollouts.updates_per_step)
   if result.preempted:
     return result
-  return _write_summary(workdir, result.summary, int(config.loop.num_steps))
+  return _write_summary(workdir, result.summary,
+                        int(result.summary.get("final_step", config.loop.num_steps)))
 
 
 def _write_summary(workdir: str, loop_summary: dict[str, Any], total: int) -> dict[str, Any]:

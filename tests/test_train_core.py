@@ -5,6 +5,7 @@ import json
 import logging as py_logging
 import math
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +167,15 @@ def test_split_microbatches_is_strided_and_checks_divisibility():
   packed = dict(batch, chosen_index=np.zeros((3, 2), np.int32))
   with pytest.raises(ValueError, match="chosen_index.*presplit"):
     step_lib.split_microbatches(packed, 3)
+  # Presplit [M, rows, ...] batches (RL minibatches) split their rows over the devices.
+  mesh = jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  put = train.sharding.put_batch({"tokens": np.zeros((2, 16, 3)), "step": np.zeros(2)}, mesh,
+                                 presplit=True)
+  assert put["tokens"].sharding.spec == P(None, ("data", "fsdp"))
+  with pytest.raises(ValueError, match=r"batch key \['tokens'\]: 12 rows per microbatch "
+                                       r"\(shape \(2, 12, 3\)\) are not divisible by the 8"):
+    train.sharding.put_batch({"tokens": np.zeros((2, 12, 3))}, mesh, presplit=True)
 
 
 def test_nonscalar_loss_is_a_clear_error():
@@ -270,6 +280,52 @@ def test_evaluators_get_the_current_model_at_every_eval(tmp_path):
   final = result.summary["final_eval"]
   np.testing.assert_allclose(final["mse_by_evaluator"], final["mse"], rtol=1e-5)
   assert logged[-1]["eval/mse_by_evaluator"] == final["mse_by_evaluator"]
+
+
+def _sigterm_at(step_to_stop):
+  def hook(step, state, metrics):
+    del state, metrics
+    if step == step_to_stop:
+      os.kill(os.getpid(), signal.SIGTERM)
+  return hook
+
+
+def test_a_preempted_eval_step_is_evaluated_by_the_rerun(tmp_path):
+  """SIGTERM right after step 3's update saves step 3 without its eval; the rerun runs that
+  eval before stepping on, so the curve equals an uninterrupted run's. A signal during
+  the eval at step 0 saves nothing: the rerun starts afresh."""
+  evals, batches = make_batches(2, 32, seed=1), make_batches(6, 16)
+  loop = train.LoopConfig(num_steps=6, log_every=1, eval_every=3, checkpoint_every=0,
+                          eval_at_start=True, tensorboard=False)
+
+  def run(workdir, hooks=(), evaluators=()):
+    return train.train_loop(
+        workdir=str(workdir), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
+        optimizer={"name": "sgd", "learning_rate": 0.1}, loop=loop, train_iter=iter(batches),
+        evaluators=[train.BatchEvaluator(eval_fn, evals), *evaluators], hooks=hooks)
+
+  def eval_curve(workdir):
+    return [(r["step"], r["eval/mse"]) for r in train.read_metrics(workdir) if "eval/mse" in r]
+
+  reference = run(tmp_path / "reference")
+  assert [s for s, _ in eval_curve(tmp_path / "reference")] == [0, 3, 6]
+  assert run(tmp_path / "stopped", hooks=[_sigterm_at(3)]).preempted
+  assert [s for s, _ in eval_curve(tmp_path / "stopped")] == [0]
+  resumed = run(tmp_path / "stopped")
+  (steps, mse), (ref_steps, ref_mse) = (zip(*eval_curve(tmp_path / d))
+                                        for d in ("stopped", "reference"))
+  assert steps == ref_steps and mse == pytest.approx(ref_mse, rel=1e-6)
+  assert resumed.summary["params_sha256"] == reference.summary["params_sha256"]
+
+  def sigterm_during_first_eval(step, model):
+    del model
+    if step == 0:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return {}
+
+  early = tmp_path / "early"
+  assert run(early, evaluators=[sigterm_during_first_eval]).preempted
+  assert not list((early / "checkpoints").glob("[0-9]*"))
 
 
 def test_consecutive_nonfinite_steps_abort(tmp_path):

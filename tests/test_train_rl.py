@@ -296,7 +296,11 @@ def test_bad_inputs_raise_named_errors():
     ("sampling.temperature", 0.0, "sampling.temperature=0.0"),
     ("sampling.top_p", 0.9, "top_p=0.9"),
     ("rl.kl_coef", -0.1, r"rl.kl_coef=-0.1 must be >= 0"),
-    ("rl.group_size", 4, r"rl.group_size=4: ppo samples one response per prompt")])
+    ("rl.group_size", 4, r"rl.group_size=4: ppo samples one response per prompt"),
+    ("rl.epochs", 0, r"rl.epochs=0 must be >= 1"),
+    ("rl.kl_coef", 0.0, r"rl.kl_coef=0.0 with adaptive_kl: the controller scales"),
+    ("rl.lam", 2.0, r"rl.lam=2.0 must be in \[0, 1\]"),
+    ("rl.gamma", -0.1, r"rl.gamma=-0.1 must be in \[0, 1\]")])
 def test_settings_that_would_bias_the_run_stop_it_before_the_warm_start(
     tmp_path, field, value, message, monkeypatch):
   """temperature 0.5 trained on tempered samples scored by the untempered policy (k1 KL 11.9
@@ -305,6 +309,8 @@ def test_settings_that_would_bias_the_run_stop_it_before_the_warm_start(
   config = tiny_ppo.get_config("quick")
   section, key = field.split(".")
   config[section][key] = value
+  if field == "rl.kl_coef" and value == 0.0:
+    config.rl.adaptive_kl.enabled = True
   monkeypatch.setattr(train_rl.setup, "maybe_warm_start",
                       lambda *a: pytest.fail("the check must come first"))
   with pytest.raises(ValueError, match=message):
@@ -331,6 +337,10 @@ def test_sigterm_saves_at_once_and_skips_that_steps_eval(scratch, monkeypatch):
   assert not (workdir / "summary.json").exists()
   last = train.read_metrics(workdir)[-1]
   assert last["step"] == 4 and "loss" in last and "eval/gold" not in last
+  # The rerun evaluates step 4 before stepping on: the curve keeps its point.
+  monkeypatch.undo()
+  summary = train_rl.run(config, str(workdir))
+  assert [e["step"] for e in _evals(workdir)] == [0, 4, 8] and summary["steps"] == 8
 
 
 def _one_step_config(mesh_shape):

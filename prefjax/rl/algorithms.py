@@ -57,6 +57,10 @@ class HParams(NamedTuple):
     if cfg["kl_estimator"] not in ("k1", "k2", "k3"):
       raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {cfg['kl_estimator']!r}")
     fields = {k: cfg[k] for k in cls._fields if k in cfg}
+    for name in ("gamma", "lam"):
+      if name in fields and not 0.0 <= float(fields[name]) <= 1.0:
+        raise ValueError(f"rl.{name}={fields[name]} must be in [0, 1] (GAE discount and "
+                         "trace decay)")
     if fields.get("vf_clip_eps") is not None and fields["vf_clip_eps"] <= 0:
       fields["vf_clip_eps"] = None
     return cls(**fields)

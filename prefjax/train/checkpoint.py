@@ -266,6 +266,7 @@ class Checkpointer:
     self.directory = os.fspath(directory)
     self._read_only = read_only
     self.best_metric = best_metric
+    self.restored_eval_owed = False  # set by restore()
     self._best_mode = best_mode
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data", "config"))
@@ -278,8 +279,12 @@ class Checkpointer:
 
   def save(self, state: state_lib.TrainState, *, data_state: Any = None,
            config: Mapping[str, Any] | None = None,
-           metrics: Mapping[str, float] | None = None) -> bool:
-    """Saves at ``state.step``; returns False if that step is already saved."""
+           metrics: Mapping[str, float] | None = None, eval_owed: bool = False) -> bool:
+    """Saves at ``state.step``; returns False if that step is already saved.
+
+    ``eval_owed``: the step's eval was skipped (a preempted run saves at once); the run
+    that restores it reads :attr:`restored_eval_owed` and evaluates before stepping on.
+    """
     step = int(jax.device_get(state.step))
     if step in self._manager.all_steps():
       return False
@@ -289,7 +294,8 @@ class Checkpointer:
                      f"{sorted(metrics)}")
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(to_savable(state)),
-        data=ocp.args.JsonSave({"per_process": _gather_json(data_state)}),
+        data=ocp.args.JsonSave({"per_process": _gather_json(data_state),
+                                "eval_owed": bool(eval_owed)}),
         config=ocp.args.JsonSave(dict(config or {})))
     saved = self._manager.save(step, args=args, force=True,
                                metrics=dict(metrics) if metrics is not None else None)
@@ -325,6 +331,7 @@ class Checkpointer:
         step, args, "does not match the model/optimizer being trained (changed architecture "
         "or optimizer?)", wanted=array_shapes(to_savable(template)))
     state = from_savable(restored["state"], template)
+    self.restored_eval_owed = bool(restored["data"].get("eval_owed", False))
     per_process = restored["data"]["per_process"]
     if len(per_process) != jax.process_count():
       raise ValueError(f"checkpoint {self.directory}/{step} holds data-iterator states of "

@@ -318,10 +318,13 @@ class _Trainer:
     if log_train or eval_metrics is not None:
       self.writer.log(step, host if log_train else None, eval_metrics)
 
-  def _save(self, eval_metrics=None) -> None:
+  def _save(self, eval_metrics=None, eval_owed: bool = False) -> None:
     metrics = eval_metrics if self.loop.best_metric else None
     self.checkpointer.save(self.state, data_state=self._iterator_state(),
-                           config=self.config, metrics=metrics)
+                           config=self.config, metrics=metrics, eval_owed=eval_owed)
+
+  def _is_eval_step(self, step: int) -> bool:
+    return self.has_eval and (_every(step, self.loop.eval_every) or step == self.loop.num_steps)
 
   def _buffers_alive(self) -> bool:
     return not any(getattr(x, "is_deleted", lambda: False)()
@@ -344,6 +347,9 @@ class _Trainer:
       try:
         if start_step == 0 and self.loop.eval_at_start and self.has_eval:
           self.writer.log(0, None, self._run_eval(0))
+        elif start_step > 0 and self.checkpointer.restored_eval_owed and self.has_eval:
+          # The preempted run saved this eval step without its eval: the curve keeps it.
+          self.writer.log(start_step, None, self._run_eval(start_step))
         while step < self.loop.num_steps and stop.signum is None:
           consistent = False
           try:
@@ -361,18 +367,16 @@ class _Trainer:
           pending = (step, metrics)
           for hook in self.hooks:
             hook(step, self.state, metrics)
-          last = step == self.loop.num_steps
           if jax.process_count() > 1 and self.checkpointer.reached_preemption(step):
             stop.signum = stop.signum or int(signal.SIGTERM)  # Multi-host preemption notice.
           # A stopping run saves at once: its eval waits for the rerun.
-          is_eval = (self.has_eval and stop.signum is None
-                     and (_every(step, self.loop.eval_every) or last))
+          is_eval = stop.signum is None and self._is_eval_step(step)
           if is_eval or _every(step, self.loop.checkpoint_every) or stop.signum is not None:
             eval_metrics = self._run_eval(step) if is_eval else None
             self._finish_step(*pending, eval_metrics)
             pending = None
             if is_eval and self.loop.best_metric or _every(step, self.loop.checkpoint_every):
-              self._save(eval_metrics)
+              self._save(eval_metrics, eval_owed=not is_eval and self._is_eval_step(step))
         if pending is not None:
           self._finish_step(*pending)
           pending = None
@@ -410,7 +414,9 @@ class _Trainer:
     return result
 
   def _stop_preempted(self, step: int) -> TrainResult:
-    self._save()
+    # Nothing is trained before step 1: the rerun starts afresh (and redoes any warm start).
+    if step > 0:
+      self._save(eval_owed=self._is_eval_step(step) and self.last_eval_step != step)
     self.checkpointer.wait()
     self.checkpointer.close()
     self.writer.close()

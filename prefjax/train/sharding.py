@@ -80,10 +80,21 @@ def put_batch(batch: Any, mesh: jax.sharding.Mesh | None, *, presplit: bool = Fa
     return jax.device_put(batch)
   if not presplit:
     return parallel.shard_batch(batch, mesh)
+  _check_presplit_rows(batch, data_parallel_size(mesh))
   shardings = batch_shardings(batch, mesh, presplit=True)
   if jax.process_count() > 1:
     return jax.tree.map(jax.make_array_from_process_local_data, shardings, batch)
   return jax.device_put(batch, shardings)
+
+
+def _check_presplit_rows(batch: Any, size: int) -> None:
+  """``[M, rows, ...]`` leaves must split their rows over the data-parallel devices (else
+  each device would hold every row: no error, no speed-up)."""
+  for path, x in jax.tree_util.tree_leaves_with_path(batch):
+    if x.ndim >= 2 and x.shape[1] % size:
+      raise ValueError(f"batch key {jax.tree_util.keystr(path)}: {x.shape[1]} rows per "
+                       f"microbatch (shape {x.shape}) are not divisible by the {size} "
+                       "data-parallel devices of the mesh; change the batch or mesh size")
 
 
 def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, *, presplit: bool = False) -> Any:
