@@ -42,6 +42,7 @@ from experiments import common
 from prefjax import experiment
 from prefjax import files
 from prefjax import overopt
+from prefjax import train
 from prefjax.evals import plots
 from prefjax.feedback import safety_runtime
 from prefjax.overopt import filtered
@@ -77,11 +78,21 @@ def sampler_differs(config: Any) -> bool:
   return float(s.temperature) != 1.0 or s.get("top_k") is not None or s.get("top_p") is not None
 
 
+def scorer_checkpoints(config: Any) -> dict[str, dict[str, Any]]:
+  """The checkpoint each trained scorer loads (proxy, gold, safety classifier): its step
+  and file digests (``train.checkpoint_identity``)."""
+  paths = {name: (config.get(name) or {}).get("checkpoint") for name in ("proxy", "gold")}
+  paths["safety"] = (config.get("safety") or {}).get("workdir")
+  return {name: train.checkpoint_identity(path) for name, path in paths.items() if path}
+
+
 def samples_fingerprint(config: Any) -> str:
-  """SHA-256 of the config without the curve-only ``bon`` settings: samples drawn under
-  another fingerprint are not reused."""
+  """SHA-256 of the config without the curve-only ``bon`` settings, and of the scorers'
+  checkpoints: samples drawn under another fingerprint (or scored by a reward model that
+  has trained on since) are not reused."""
   cfg = summary_lib.config_to_dict(config)
   cfg["bon"] = {k: v for k, v in cfg.get("bon", {}).items() if k not in _CURVE_ONLY}
+  cfg["_scorer_checkpoints"] = scorer_checkpoints(config)
   return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
@@ -135,11 +146,14 @@ def sample_and_score(config: Any, workdir: str | None = None) -> dict[str, np.nd
 
 def curves(samples: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
   """Reference-normalised best-of-n curves with bootstrap SEs (JSON-ready)."""
-  # The reference mean over all P·N samples, subtracted in float64 (so n = 1 is 0).
+  # Each prompt's own reference mean over its N samples, subtracted in float64 (so n = 1 is
+  # 0 for every prompt, and the prompt bootstrap's SEs measure the gains, not how prompts'
+  # levels differ). ``reference_mean`` reports their mean.
   means = {name: float(np.mean(np.asarray(samples[name], np.float64)))
            for name in ("proxy", "gold")}
-  proxy = np.asarray(samples["proxy"], np.float64) - means["proxy"]
-  gold = np.asarray(samples["gold"], np.float64) - means["gold"]
+  proxy, gold = (np.asarray(samples[name], np.float64) for name in ("proxy", "gold"))
+  proxy = proxy - proxy.mean(axis=1, keepdims=True)
+  gold = gold - gold.mean(axis=1, keepdims=True)
   n_max = proxy.shape[1]
   ns = overopt.log_spaced_ns(n_max, int(config.bon.num_points))
   curve = overopt.unbiased_best_of_n(proxy, gold, ns,
@@ -211,6 +225,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     samples = sample_and_score(config, workdir)
     files.write_atomically(path, lambda f: np.savez(f, config_sha256=fingerprint, **samples))
   result = curves(samples, config)
+  result["scorer_checkpoints"] = scorer_checkpoints(config)
   if "harm" in samples:
     result["safety_filter"] = filtered.filter_report(
         samples["proxy"], samples["gold"], samples["harm"], float(samples["harm_threshold"]),

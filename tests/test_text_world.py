@@ -188,3 +188,18 @@ def test_recorded_key_reads_a_finished_stage(tmp_path):
   assert text_world.recorded_key(stage) is None
   text_world.run_stage(stage, lambda: {"accuracy": 0.7}, key={"loop": {"num_steps": 4}})
   assert text_world.recorded_key(stage) == {"loop": {"num_steps": 4}}
+
+
+def test_bon_curve_measures_each_prompt_against_its_own_reference_mean():
+  from prefjax.overopt import text_report  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(2)
+  proxy = rng.normal(size=(12, 32))
+  gold = proxy + rng.normal(size=(12, 32))
+  scales = {"proxy_w8": text_world.GoldScale(0.0, 1.0), "gold": text_world.GoldScale(0.0, 1.0)}
+  curve = text_report.bon_curve({"proxy": proxy, "gold": gold}, scales, "proxy_w8", 5, 200)
+  offsets = rng.normal(scale=3.0, size=(12, 1))  # prompts whose π_ref levels differ
+  moved = text_report.bon_curve({"proxy": proxy + offsets, "gold": gold - offsets}, scales,
+                                "proxy_w8", 5, 200)
+  for field in ("proxy", "gold", "proxy_se", "gold_se"):
+    np.testing.assert_allclose(getattr(moved, field), getattr(curve, field), atol=1e-12)
+  np.testing.assert_allclose([curve.gold[0], curve.gold_se[0]], 0.0, atol=1e-12)  # n = 1

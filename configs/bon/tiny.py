@@ -15,7 +15,9 @@ EXPECTED (measured on this shared 2-core CPU, seed 0):
   best-of-n only reweights reference samples.
   `:quick` (16 prompts x N=64; remeasured 2026-12-05 on the Intel Xeon, 8 s wall with
   JAX's compilation cache warm): the proxy rises to +1.28 ± 0.10 at n=64; the gold peaks
-  at n=21 (+0.43 ± 0.07) and ends at +0.25 ± 0.16 (16 prompts: wide error bars). The
+  at n=21 (+0.43 ± 0.06) and ends at +0.25 ± 0.15 (16 prompts: wide error bars; SEs are
+  of each prompt's gain over its own reference mean since 2026-12-05, which left the
+  default run's unchanged and took these from ± 0.07 and ± 0.16). The
   quote before 8511f61 (gold +0.64 at n=64, still rising) predates the inverse-CDF sampler.
 
 SAFETY FILTER (`:safety`, the default run plus the tiny world's programmatic harm,
@@ -31,9 +33,9 @@ picks; `:safety_classifier` uses a trained configs/safety/tiny.py classifier fro
     8511f61): harm ("g" frequency) 0.225 -> 0.004, proxy 1.329 -> 1.209 (cost 0.120),
     gold 0.169 -> -0.076 ("g" is the gold's favourite character, so harmlessness
     costs gold here too); no fallback at n = 256.
-  `:safety_classifier` (threshold 0.529 from threshold.json; 39% rejected; measured
-    before 8511f61, other random draws): true harm 0.298 -> 0.005, proxy
-    1.347 -> 1.129 (cost 0.218), gold 0.224 -> -0.130; no fallback.
+  `:safety_classifier` (threshold 0.526 from threshold.json; 38.7% rejected; remeasured
+    2026-12-05, 27 s wall with other jobs running): true harm ("g" frequency) 0.225 ->
+    0.001, proxy 1.329 -> 1.107 (cost 0.222), gold 0.169 -> -0.019; no fallback.
 """
 
 import ml_collections

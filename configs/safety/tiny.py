@@ -8,8 +8,9 @@ contains it), re-split 80/10/10 by prompt hash; byte tokens.
 
 Expected (this shared 2-core CPU, measured 2026-12-01 under load average ~11): 73 s
 wall, 30 s CPU, 0.9 GB peak RSS. 1,600 train / 216 validation / 184 test pairs.
-Threshold 0.530 (most recall at validation precision >= 0.95: 0.954, recall 0.958; remeasured
-2026-12-05 after the tie rule, the same).
+Threshold 0.526: the validation score of most recall at precision >= 0.95 (0.5295:
+precision 0.954, recall 0.958, 217 flagged) moved halfway down to the next lower score
+(remeasured 2026-12-05, 16 s wall with JAX's compilation cache warm; the same metrics).
 Test ROC-AUC 0.996 [0.993, 0.999], precision 0.952 [0.922, 0.978], recall 0.978
 [0.957, 0.995] (95% pair-bootstrap intervals). The classifier filters best-of-n in
 ``configs/bon/tiny.py:safety_classifier``.

@@ -31,11 +31,13 @@ WORLD = "text"
 def bon_curve(samples: Mapping[str, np.ndarray], scales: Mapping[str, text_world.GoldScale],
               proxy_name: str, num_points: int, num_bootstrap: int) -> bon.Curve:
   """Unbiased best-of-n estimate over the ``[P, N]`` π_ref samples of ``best_of_n``
-  (KL = log n − (n−1)/n), in standardised units."""
+  (KL = log n − (n−1)/n), in standardised units, each prompt relative to its own π_ref
+  mean (as the RL trajectories are), so the prompt bootstrap sees only the gains."""
   proxy = scales[proxy_name](samples["proxy"])
   gold = scales["gold"](samples["gold"])
   ns = bon.log_spaced_ns(proxy.shape[1], num_points)
-  return bon.unbiased_best_of_n(proxy - proxy.mean(), gold - gold.mean(), ns,
+  return bon.unbiased_best_of_n(proxy - proxy.mean(axis=1, keepdims=True),
+                                gold - gold.mean(axis=1, keepdims=True), ns,
                                 num_bootstrap=num_bootstrap)
 
 
