@@ -40,7 +40,13 @@ else
 fi
 $PY -c "import jax, flax, optax, grain, ml_collections
 print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" || exit 1
-step() { echo "== $1"; shift; timeout "$@" 2>&1 | grep -v -i warning; }
+step() {  # "== name", then the command under timeout; a timeout or failure is said.
+  local name=$1 rc; shift; echo "== $name"
+  timeout "$@" 2>&1 | grep -v -i warning
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" = 124 ]; then echo "!! $name: timed out after $1 s"; elif [ "$rc" != 0 ]; then
+    echo "!! $name: exit $rc"; fi
+}
 scale_step="$PY -m benchmarks.scale_rm_step $scale"
 step "1B RM step, unrolled" 180 $scale_step --json="$OUT/rm_step_1b.json"
 step "1B RM step, scanned" 110 $scale_step --scan_layers --json="$OUT/rm_step_1b_scan.json"

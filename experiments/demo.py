@@ -1,11 +1,12 @@
-r"""The end-to-end demo behind `make demo`: tiny-world overoptimization on CPU.
+r"""The tiny-world control behind `make demo-tiny-world`: a planted exploit, on CPU.
 
 COMMAND:
-  python -m experiments.demo --workdir=workdirs/demo
+  python -m experiments.demo --workdir=workdirs/demo_tiny_world
 
-Until the full overoptimization study lands, this is the best end-to-end
-path that exists, and it says so in its report. Three stages, each a real binary
-run in its own sub-workdir (so a rerun resumes / reuses finished stages):
+`make demo` runs the overoptimization study (``experiments/reproduce.py``); this is the
+smaller end-to-end control beside it, where the proxy's flaw is known. Three stages,
+each a real binary run in its own sub-workdir (so a rerun resumes / reuses finished
+stages):
 
   1. ``train_rm``   configs/rm/tiny.py     a reward model learned from gold-labelled pairs
   2. ``best_of_n``  configs/bon/tiny.py    best-of-n against a proxy = gold + planted exploit
@@ -13,7 +14,8 @@ run in its own sub-workdir (so a rerun resumes / reuses finished stages):
                                            gold and proxy scored on the same samples
 
 It writes ``report.md`` / ``report.json`` and copies the figures into
-``WORKDIR/figures``. Expected runtime on a quiet 2-core CPU: a few minutes.
+``WORKDIR/figures``. Expected runtime: 2 min 53 s wall (60 s of CPU time) on the 2-core
+Intel Xeon on 2026-12-05 with other jobs running and JAX's compilation cache warm.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def report(rm: dict[str, Any], bon: dict[str, Any], rl: dict[str, Any],
   peak = max(range(len(bon["gold"])), key=lambda i: bon["gold"][i])
   lines = [
       "# prefjax demo: tiny-world reward overoptimization", "",
-      "This is the end-to-end demo that exists before the full overoptimization study "
+      "The tiny-world control beside the overoptimization study of `make demo` "
       "(a Gao et al. 2022 / Coste et al. 2023 reproduction). Everything runs on CPU "
       "with a tiny byte-level decoder on a synthetic text world whose gold reward is a "
       "program; the proxy adds a planted feature that the gold penalises.", "",

@@ -5,8 +5,8 @@ Command (GPU for the default; `:quick` is the CPU smoke run):
   python -m experiments.reproduce --config=configs/reproduce/smollm2_hh.py:quick \
       --workdir=workdirs/hh_quick
 
-Variants: ``:quick`` (CPU smoke run: every stage with the real assets at toy sizes; its
-numbers mean nothing) and ``:tiny`` (the test's: a random tiny Llama and tiny random
+Variants: ``:quick`` (CPU smoke run: every stage but DPO, so no D1/D2/P1, with the real
+assets at toy sizes; its numbers mean nothing) and ``:tiny`` (the test's: a random tiny Llama and tiny random
 encoders on byte tokens in place of SmolLM2 and MiniLM).
 
 What it runs (``experiments/hh_study.py``, through ``experiments/text_study.py``): no

@@ -11,7 +11,7 @@ EXPECTED (measured on this shared 2-core CPU, seed 0): about 30-60 s wall
 including compilation (remeasured 2026-12-01 after the inverse-CDF sampler,
 8511f61). Held-out gold rises from -0.26 to about +0.17 (SE 0.06) at step 12,
 then falls to about -0.95 at step 30 (exploit fraction 0.04 -> 0.95); proxy
--0.15 -> about +1.89; sequence KL about 12 nats at the end (exact; k3 10.5).
+-0.15 -> about +1.89; sequence KL about 12 nats at the end (exact; k3 9.5, remeasured 2026-12-05).
 `:quick` = 8 steps (smoke test).
 """
 
