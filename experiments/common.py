@@ -24,6 +24,7 @@ import logging as std_logging
 import os
 import pathlib
 import re
+import signal
 import sys
 from typing import Any, Callable
 
@@ -225,5 +226,8 @@ def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
       sys.exit(f"error: {e}")
     if preemption.was_preempted(result):
       sys.exit(preemption.PREEMPTED_EXIT_CODE)
+    # Finished and written: a SIGTERM during interpreter shutdown (which restores its
+    # default action, death by signal, exit 143) has nothing left to stop.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
   return report_errors(main)

@@ -192,8 +192,9 @@ def run(config: Any, workdir: str) -> train.TrainResult:
         loss_fn=loss_lib.make_loss_fn(loss), optimizer=config.optimizer,
         loop=config.loop, train_iter=train_iter, evaluators=[evaluator],
         tokens_in_batch=experiment.tokens_in_batch, mesh=mesh,
-        partition_rules=experiment.partition_rules(policy))
-  experiment.finish_data_report(workdir, data_report, train_iter, result.summary)
+        partition_rules=experiment.partition_rules(policy),
+        start_hooks=[data_report.write])
+  data_report.finish(train_iter, result.summary)
   return result
 
 

@@ -123,12 +123,13 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         optimizer=train.make_optimizer(config.optimizer, clip_per_member=deep),
         loop=config.loop, train_iter=train_iter, evaluators=evaluators,
         tokens_in_batch=experiment.tokens_in_batch,
-        mesh=mesh, partition_rules=experiment.partition_rules(model, mesh))
+        mesh=mesh, partition_rules=experiment.partition_rules(model, mesh),
+        start_hooks=[data_report.write])
     final_step = result.summary.get("final_step", int(jax.device_get(result.state.step)))
     for evaluator in evaluators:  # A rerun of a finished run still reports its eval.
       if not result.preempted and (evaluator.last is None or evaluator.last[0] != final_step):
         evaluator(final_step, result.model)
-  experiment.finish_data_report(workdir, data_report, train_iter, result.summary)
+  data_report.finish(train_iter, result.summary)
   last = evaluators[0].last if evaluators else None
   return {"summary": result.summary, "eval": last[1] if last else None,
           "preempted": result.preempted}

@@ -131,7 +131,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         optimizer=train.make_optimizer(config.optimizer), loop=config.loop,
         train_iter=train_iter, evaluators=[evaluator],
         tokens_in_batch=experiment.tokens_in_batch, mesh=mesh,
-        partition_rules=experiment.partition_rules(model, mesh))
+        partition_rules=experiment.partition_rules(model, mesh),
+        start_hooks=[data_report.write])
     if result.preempted:
       return {"summary": result.summary, "preempted": True}
     final_step = result.summary.get("final_step", int(jax.device_get(result.state.step)))
@@ -152,7 +153,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   summary_lib.write_json(os.path.join(workdir, safety_runtime.THRESHOLD_FILE),
                          {**choice.as_dict(), "step": final_step})
   summary_lib.write_json(os.path.join(workdir, REPORT_FILE), out)
-  experiment.finish_data_report(workdir, data_report, train_iter, result.summary)
+  data_report.finish(train_iter, result.summary)
   result.summary["safety"] = out
   summary_lib.write_summary(workdir, result.summary)
   return {"summary": result.summary, "report": out, "preempted": False}

@@ -111,8 +111,9 @@ def run(config: Any, workdir: str) -> train.TrainResult:
         workdir=workdir, config=config, model=model, loss_fn=loss_fn,
         optimizer=config.optimizer, loop=config.loop, train_iter=train_iter,
         evaluators=[train.BatchEvaluator(eval_fn, lambda: iter(eval_ds), mesh=mesh)],
-        tokens_in_batch=experiment.tokens_in_batch, mesh=mesh, partition_rules=rules)
-  experiment.finish_data_report(workdir, data_report, train_iter, result.summary)
+        tokens_in_batch=experiment.tokens_in_batch, mesh=mesh, partition_rules=rules,
+        start_hooks=[data_report.write])
+  data_report.finish(train_iter, result.summary)
   if not result.preempted:
     _add_perplexity(workdir, result)
     if config.get("export_hf") and jax.process_index() == 0:

@@ -22,6 +22,7 @@ schema is the same everywhere:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from typing import Any, Mapping
@@ -248,10 +249,41 @@ def load_split(data_cfg: Any, split: str) -> sources.PreferenceSource:
   return source
 
 
+@dataclasses.dataclass
+class DataReport:
+  """A run's ``data_report.json``: scanned before any model is built, written by
+  :meth:`write` as a ``train_loop`` start hook (once the workdir's config and checkpoint
+  are accepted, so a refused rerun leaves the run's record of its data alone), and
+  completed by :meth:`finish`."""
+  workdir: str
+  report: dict[str, Any]
+  written: bool = False
+
+  def write(self, step: int = 0, state: Any = None) -> None:
+    del step, state
+    summary_lib.write_json(f"{self.workdir}/{report_lib.REPORT_FILE}", self.report)
+    self.written = True
+
+  def finish(self, train_iter: Any, summary: dict[str, Any]) -> None:
+    """Adds the train iterator's counters (all epochs, resumes included) and rewrites the
+    report; a finished run's ``summary.json`` gets it as ``data``. A rerun of a finished
+    run (the loop never started) keeps the report and summary it finished with."""
+    if not self.written:
+      return
+    counters = getattr(train_iter, "counters", None)
+    if counters is not None:
+      self.report["train"]["iterator"] = dict(counters)
+    self.write()
+    if summary:
+      summary["data"] = self.report
+      summary_lib.write_summary(self.workdir, summary)
+
+
 def start_data_report(workdir: str, splits: Mapping[str, sources.PreferenceSource],
                       tokenizer: tokenize_lib.Tokenizer, config: pipeline_lib.PipelineConfig,
-                      response_keys: tuple[str, ...]) -> dict[str, Any]:
-  """Scans each split (`prefjax.data.report`), writes ``data_report.json``, logs one line.
+                      response_keys: tuple[str, ...]) -> DataReport:
+  """Scans each split (`prefjax.data.report`) and logs one line; pass the result's
+  ``write`` to ``train_loop(start_hooks=...)`` and call its ``finish`` at the end.
 
   Call it before building a model: a split with no usable row raises `EmptyDataError`.
   """
@@ -259,11 +291,10 @@ def start_data_report(workdir: str, splits: Mapping[str, sources.PreferenceSourc
   report = {name: report_lib.split_report(source, tokenizer, config, response_keys,
                                           previous=previous.get(name))
             for name, source in splits.items()}
-  summary_lib.write_json(f"{workdir}/{report_lib.REPORT_FILE}", report)
   logging.info("%s (details: %s)", report_lib.one_line(report), report_lib.REPORT_FILE)
   for line in report_lib.mostly_truncated(report):
     logging.warning("%s", line)
-  return report
+  return DataReport(workdir, report)
 
 
 def read_data_report(workdir: str) -> dict[str, Any] | None:
@@ -273,19 +304,6 @@ def read_data_report(workdir: str) -> dict[str, Any] | None:
     return None
   with open(path) as f:
     return json.load(f)
-
-
-def finish_data_report(workdir: str, report: dict[str, Any], train_iter: Any,
-                       summary: dict[str, Any]) -> None:
-  """Adds the train iterator's counters (all epochs, resumes included) to the report and
-  rewrites ``data_report.json``; a finished run's ``summary.json`` gets it as ``data``."""
-  counters = getattr(train_iter, "counters", None)
-  if counters is not None:
-    report["train"]["iterator"] = dict(counters)
-  summary_lib.write_json(f"{workdir}/{report_lib.REPORT_FILE}", report)
-  if summary:
-    summary["data"] = report
-    summary_lib.write_summary(workdir, summary)
 
 
 def pipeline_config(data_cfg: Any, **overrides) -> pipeline_lib.PipelineConfig:

@@ -1,11 +1,13 @@
-"""Files replaced whole (``write_atomically``)."""
+"""Files replaced whole (``write_atomically``); a workdir held by one run (``exclusive``)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pathlib
 import threading
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 
 def write_atomically(path: str | os.PathLike[str], fill: Callable[[IO[Any]], None],
@@ -28,3 +30,33 @@ def write_atomically(path: str | os.PathLike[str], fill: Callable[[IO[Any]], Non
   except BaseException:
     tmp.unlink(missing_ok=True)
     raise
+
+
+LOCK_FILE = ".lock"
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another run holds the workdir."""
+
+
+@contextlib.contextmanager
+def exclusive(workdir: str | os.PathLike[str]) -> Iterator[None]:
+  """Holds an advisory lock (``flock``) on ``workdir/.lock`` while the block runs.
+
+  A second run started on the same workdir (a requeued job while the first still runs)
+  stops at once with :class:`WorkdirBusyError`, instead of both saving checkpoints and
+  appending metrics into it. The kernel drops the lock when the process dies, however
+  it dies.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(os.fspath(workdir), LOCK_FILE)
+  with open(path, "a", encoding="utf-8") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise WorkdirBusyError(f"{workdir} is in use by another run (it holds {path}); let it "
+                             "finish or stop it, or use another --workdir") from None
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

@@ -154,6 +154,18 @@ def test_train_rm_writes_data_report_and_summary_carries_it(tmp_path, caplog):
   assert summary["data"] == written == out["summary"]["data"]
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: train")]
   assert len(lines) == 1 and "skipped 2" in lines[0] and "longest 200001 tokens" in lines[0]
+  # A refused rerun on other data leaves the run's record of its data alone (eval_rm's
+  # run: check compares against it): refused for its config, or for its data.
+  before = (workdir / "data_report.json").read_bytes()
+  other = _rm_config(_write(tmp_path / "other.jsonl", [json.dumps(r) for r in _rows(20)]),
+                     tmp_path)
+  other.loop.on_config_mismatch = "error"
+  with pytest.raises(ValueError, match="config differs"):
+    train_rm.run(other, str(workdir))
+  other.loop.on_config_mismatch = "warn"
+  with pytest.raises(ValueError, match="iterator state was saved by another pipeline"):
+    train_rm.run(other, str(workdir))
+  assert (workdir / "data_report.json").read_bytes() == before
 
 
 def test_empty_training_file_fails_before_any_model_is_built(tmp_path, monkeypatch):

@@ -238,6 +238,21 @@ def test_rm_ensemble_and_dpo_match_their_trainers_own_eval(runs, report):
   assert m["rm"]["bt_log_loss"]["value"] == pytest.approx(runs["rm"]["bt_log_loss"], rel=1e-6)
 
 
+def test_a_run_continued_under_another_config_is_scored_as_its_step_was_trained(runs,
+                                                                             tmp_path):
+  """A rerun that trained on with mean pooling: config.json still says last-token pooling,
+  and eval_rm rebuilt the scorer from it (0.872 against the run's own 0.754 in the
+  helper's check); it now rebuilds from the config saved with the checkpoint."""
+  moved = tmp_path / "rm"
+  shutil.copytree(runs["root"] / "rm", moved)
+  config = test_train_rm.small_config(34, num_pairs=NUM_PAIRS, batch_size=16)
+  config.model.pooling = "mean"
+  own = train_rm.run(config, str(moved))["eval"]
+  result = eval_rm.run(eval_config(f"rm:{moved}", f"run:{moved}"), str(tmp_path / "eval"))
+  accuracy = result["datasets"][0]["metrics"]["rm"]["accuracy"]["value"]
+  assert accuracy == pytest.approx(own["accuracy"], abs=1e-9)
+
+
 def test_report_names_each_checkpoint_and_the_workdir_keeps_the_config(runs, report):
   root, (result, workdir) = runs["root"], report
   assert result["checkpoints"] == {

@@ -328,6 +328,46 @@ def test_a_preempted_eval_step_is_evaluated_by_the_rerun(tmp_path):
   assert not list((early / "checkpoints").glob("[0-9]*"))
 
 
+def test_a_finished_run_extended_then_stopped_is_not_reported_as_its_old_finish(tmp_path):
+  """Finished at 4, extended to 8 and stopped at 6: a rerun with num_steps=4 used to say
+  "already finished" while holding the step-6 parameters (and labelled their eval step 4)."""
+  batches = make_batches(8, 16)
+
+  def run(num_steps, hooks=()):
+    loop = train.LoopConfig(num_steps=num_steps, log_every=1, tensorboard=False)
+    return train.train_loop(
+        workdir=str(tmp_path), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
+        optimizer={"name": "sgd", "learning_rate": 0.1}, loop=loop,
+        train_iter=iter(batches), hooks=hooks)
+
+  finished = run(4)
+  assert run(4).summary == finished.summary  # A plain rerun: already finished.
+  assert run(8, hooks=[_sigterm_at(6)]).preempted
+  with pytest.raises(ValueError, match=r"finished at step 4, then a longer run trained on to "
+                                       r"step 6 and stopped; loop.num_steps=4 is below that"):
+    run(4)
+  assert run(6).summary["final_step"] == 6  # num_steps at the stopped step finishes it
+
+
+def test_a_second_run_on_a_busy_workdir_stops_at_once(tmp_path):
+  """Two runs on one workdir (a requeued job beside the live one) interleaved checkpoints
+  and metrics.jsonl lines; the second now stops before touching anything."""
+  from prefjax import files  # pylint: disable=import-outside-toplevel
+
+  def run():
+    return train.train_loop(
+        workdir=str(tmp_path), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
+        optimizer={"name": "sgd", "learning_rate": 0.1},
+        loop=train.LoopConfig(num_steps=2, tensorboard=False),
+        train_iter=iter(make_batches(2, 8)))
+
+  with files.exclusive(tmp_path):  # the live run
+    with pytest.raises(files.WorkdirBusyError, match=r"is in use by another run"):
+      run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+  assert run().summary["final_step"] == 2  # once it is gone
+
+
 def test_consecutive_nonfinite_steps_abort(tmp_path):
   batches = make_batches(10, 8)
   for b in batches[3:]:
@@ -369,6 +409,16 @@ def test_a_rerun_after_an_attempt_that_saved_nothing_records_its_own_config(tmp_
     assert json.load(f) == {"attempt": 2}
   with open(tmp_path / "config.rerun.json") as f:
     assert json.load(f) == {"attempt": 3}
+  # A later rerun as the run started leaves no stale diff behind.
+  train.write_or_check_config(str(tmp_path), {"attempt": 2})
+  assert not (tmp_path / "config.rerun.json").exists()
+  # allow_restart, which the error message suggests, is a rerun policy: no difference.
+  policy = tmp_path / "policy"
+  policy.mkdir()
+  train.write_or_check_config(str(policy), {"loop": {"allow_restart": False, "lr": 1}})
+  train.write_or_check_config(str(policy), {"loop": {"allow_restart": True, "lr": 1}},
+                              on_mismatch="error")
+  assert not (policy / "config.rerun.json").exists()
 
 
 def test_a_strict_rerun_of_a_workdir_that_saved_nothing_says_how_to_start_over(tmp_path):

@@ -321,8 +321,8 @@ def _reward_forward(model: nnx.Module) -> Callable[[dict[str, Any]], tuple[Any, 
   return lambda batch: rm_evaluation.jitted_pair_rewards(graphdef, state, batch)
 
 
-def _restore(spec: ScorerSpec, run: Any, model: nnx.Module) -> dict[str, Any]:
-  """Loads the checkpoint ``spec`` names into ``model``; returns its ``{"path", "step"}``."""
+def _resolve_step(spec: ScorerSpec, run: Any) -> tuple[int, dict[str, Any]]:
+  """The step ``spec`` names (latest, best or a number) and how "best" is ranked."""
   step: Any = spec.step
   if step not in ("latest", "best"):
     if not str(step).isdigit():
@@ -339,7 +339,34 @@ def _restore(spec: ScorerSpec, run: Any, model: nnx.Module) -> dict[str, Any]:
              "best_mode": loop_lib.best_mode_for(best_metric, loop.get("best_mode"))
              if best_metric else "min"}
   try:
-    step = checkpoint.saved_step(spec.path, step, **ranking)
+    return int(checkpoint.saved_step(spec.path, step, **ranking)), ranking
+  except (FileNotFoundError, ValueError) as e:
+    raise EvalInputError(f"scorer {spec.name!r}: cannot restore {spec.path}@{step}: "
+                         f"{str(e).splitlines()[0]}") from e
+
+
+def _run_at(spec: ScorerSpec, run: Any, step: int) -> ml_collections.ConfigDict:
+  """The config checkpoint ``step`` was trained under (``config.json`` is the config the
+  run started with; a rerun may have trained on under a changed one)."""
+  try:
+    saved = checkpoint.saved_run_config(spec.path, step)
+  except (KeyError, FileNotFoundError, ValueError):  # unreadable: the restore will say why
+    return run
+  if not saved:
+    return run
+  changed = sorted(k for k in ("model", "tokenizer", "data", "loss", "ref")
+                   if saved.get(k) != run.to_dict().get(k))
+  if changed:
+    logging.warning("scorer %r: step %d of %s was trained under another config than its "
+                    "config.json (%s differ; a rerun changed them): rebuilt as that step "
+                    "was trained", spec.name, step, spec.path, ", ".join(changed))
+  return ml_collections.ConfigDict(saved)
+
+
+def _load(spec: ScorerSpec, model: nnx.Module, step: int, ranking: dict[str, Any]
+          ) -> dict[str, Any]:
+  """Loads checkpoint ``step`` into ``model``; returns its ``{"path", "step"}``."""
+  try:
     checkpoint.load_params(spec.path, model, step=step, **ranking)
   except (FileNotFoundError, ValueError) as e:
     raise EvalInputError(f"scorer {spec.name!r}: cannot restore {spec.path}@{step}: "
@@ -356,9 +383,11 @@ def _run_pipeline(run: Any, eval_cfg: Any) -> pipeline_lib.PipelineConfig:
 
 def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   run = read_run_config(spec.path, f"scorer {spec.name!r}")
+  step, ranking = _resolve_step(spec, run)
+  run = _run_at(spec, run, step)
   tokenizer = experiment.make_tokenizer(run.tokenizer)
   model = _build(run.model, tokenizer.vocab_size, int(run.seed), mesh)
-  saved = _restore(spec, run, model)
+  saved = _load(spec, model, step, ranking)
   _, objectives = rm_loss_lib.reward_columns(model)
   if objectives:
     field = (run.get("data") or {}).get("objective_field") or "objective"
@@ -375,6 +404,8 @@ def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
 
 def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   run = read_run_config(spec.path, f"scorer {spec.name!r}")
+  step, ranking = _resolve_step(spec, run)
+  run = _run_at(spec, run, step)
   try:
     loss = direct_loss_lib.DirectLoss.from_config(run)
   except KeyError as e:  # a loss the run registered from a module of its own
@@ -382,7 +413,7 @@ def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
                          "registers the run's loss, as for its training") from e
   tokenizer = experiment.make_tokenizer(run.tokenizer)
   policy = _build(run.model, tokenizer.vocab_size, int(run.seed), mesh)
-  saved = _restore(spec, run, policy)
+  saved = _load(spec, policy, step, ranking)
   policy_def, policy_state = nnx.split(policy)
   ref_def = ref_state = None
   if loss.needs_reference:  # As train_dpo builds it: ref.path, else the policy's init.

@@ -84,7 +84,7 @@ def make_prompts(config: Any, tokenizer: Any, world: tiny_world_lib.TinyWorld | 
     eval_source = experiment.load_split(config.data, cfg.eval_split)
     if workdir is not None:
       experiment.start_data_report(workdir, {"train": train_source, "eval": eval_source},
-                                   tokenizer, prompt_pipeline_config(cfg), ())
+                                   tokenizer, prompt_pipeline_config(cfg), ()).write()
     train_texts = [row["prompt"] for row in train_source]
     eval_texts = [eval_source[i]["prompt"] for i in range(min(int(cfg.num_eval),
                                                                len(eval_source)))]

@@ -17,6 +17,7 @@ _EXPORTS = {
     "Checkpointer": "checkpoint",
     "DamagedCheckpointError": "checkpoint",
     "NoIntactCheckpointError": "checkpoint",
+    "checkpoint_identity": "checkpoint",
     "load_params": "checkpoint",
     "BatchEvaluator": "evaluators",
     "LoopConfig": "loop",

@@ -20,6 +20,7 @@ with a warning naming the step and the file, a step whose files no longer match.
 from __future__ import annotations
 
 import gc
+import hashlib
 import inspect
 import json
 import os
@@ -91,6 +92,33 @@ def saved_step(workdir: str | os.PathLike[str], step: int | str | None = None, *
   try:
     step = _resolve_step(ckpt, workdir, step, best_metric)
     return ckpt.latest_step() if step is None else step
+  finally:
+    ckpt.close()
+
+
+def checkpoint_identity(workdir: str | os.PathLike[str]) -> dict[str, Any]:
+  """What :func:`load_params` would load from ``workdir`` by default: the latest step and
+  the SHA-256 of its file manifest (sizes and digests of every file), or ``{}`` without
+  checkpoints. Outputs computed from a run's weights key their reuse on it."""
+  try:
+    step = saved_step(workdir)
+  except (FileNotFoundError, ValueError):
+    return {}
+  if step is None:
+    return {}
+  manifest = os.path.join(os.fspath(workdir), "checkpoints", str(step), integrity.MANIFEST)
+  digest = None
+  if os.path.exists(manifest):
+    with open(manifest, "rb") as f:
+      digest = hashlib.sha256(f.read()).hexdigest()
+  return {"step": int(step), "manifest_sha256": digest}
+
+
+def saved_run_config(workdir: str | os.PathLike[str], step: int) -> dict[str, Any]:
+  """``Checkpointer.saved_config`` of ``workdir``'s checkpoint ``step``."""
+  ckpt = _read_only(workdir, None, "min")
+  try:
+    return ckpt.saved_config(step)
   finally:
     ckpt.close()
 
@@ -455,6 +483,12 @@ class Checkpointer:
       if not isinstance(e, (ValueError, KeyError)):
         raise
       raise ValueError(f"checkpoint {self.directory}/{step}: {mismatch}: {e}") from e
+
+  def saved_config(self, step: int) -> dict[str, Any]:
+    """The run config saved with ``step``: the one its weights were trained under (a
+    rerun that trained on under a changed config saves its own)."""
+    args = ocp.args.Composite(config=ocp.args.JsonRestore())
+    return dict(self._manager.restore(step, args=args)["config"] or {})
 
   def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]] | None:
     """The shapes of step's saved ``state`` arrays, or None if its metadata cannot be

@@ -24,6 +24,7 @@ Usage (an experiment binary)::
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import re
@@ -38,6 +39,7 @@ from absl import logging
 from flax import nnx
 
 from prefjax import configlib
+from prefjax import files
 from prefjax.train import checkpoint as checkpoint_lib
 from prefjax.train import metrics as metrics_lib
 from prefjax.train import schedules
@@ -334,9 +336,17 @@ class _Trainer:
     start_step = self.restore_or_init()
     if start_step >= self.loop.num_steps and os.path.exists(
         os.path.join(self.workdir, summary_lib.SUMMARY_FILE)):
-      logging.info("%s already finished at step %d", self.workdir, start_step)
-      self.checkpointer.close()
-      return TrainResult(self.state, self._model(), summary_lib.read_summary(self.workdir))
+      summary = summary_lib.read_summary(self.workdir)
+      if summary.get("final_step", start_step) == start_step:
+        logging.info("%s already finished at step %d", self.workdir, start_step)
+        self.checkpointer.close()
+        return TrainResult(self.state, self._model(), summary)
+      if start_step > self.loop.num_steps:  # (at num_steps the loop below just finishes)
+        self.checkpointer.close()
+        raise ValueError(
+            f"{self.workdir} finished at step {summary['final_step']}, then a longer run "
+            f"trained on to step {start_step} and stopped; loop.num_steps="
+            f"{self.loop.num_steps} is below that: rerun with that longer run's num_steps")
     self.writer = metrics_lib.MetricWriter(self.workdir, resume_step=start_step,
                                            total_steps=self.loop.num_steps,
                                            tensorboard=self.loop.tensorboard)
@@ -505,9 +515,12 @@ def train_loop(
   Returns:
     A :class:`TrainResult`.
   """
-  trainer = _Trainer(workdir=workdir, model=model, loss_fn=loss_fn, optimizer=optimizer,
-                     loop=loop, train_iter=train_iter, config=config, evaluators=evaluators,
-                     tokens_in_batch=tokens_in_batch, mesh=mesh,
-                     partition_rules=partition_rules, hooks=hooks, trainable=trainable,
-                     sequential_updates=sequential_updates, start_hooks=start_hooks)
-  return trainer.run()
+  # Process 0 writes the workdir's files, so it alone holds the workdir against other runs.
+  lock = files.exclusive(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    trainer = _Trainer(workdir=workdir, model=model, loss_fn=loss_fn, optimizer=optimizer,
+                       loop=loop, train_iter=train_iter, config=config, evaluators=evaluators,
+                       tokens_in_batch=tokens_in_batch, mesh=mesh,
+                       partition_rules=partition_rules, hooks=hooks, trainable=trainable,
+                       sequential_updates=sequential_updates, start_hooks=start_hooks)
+    return trainer.run()

@@ -18,7 +18,7 @@ CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 # How a rerun treats a changed config is not part of what is run: setting it on the
 # rerun (``--config.loop.on_config_mismatch=error``) must not itself be a mismatch.
-RERUN_POLICY_FIELDS = (("loop", "on_config_mismatch"),)
+RERUN_POLICY_FIELDS = (("loop", "on_config_mismatch"), ("loop", "allow_restart"))
 
 
 class ConfigMismatchError(ValueError):
@@ -102,6 +102,8 @@ def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn
   if diff is None:
     write_json(path, new)
     return new
+  if not diff and jax.process_index() == 0:  # A rerun as started: an older diff is stale.
+    pathlib.Path(workdir, "config.rerun.json").unlink(missing_ok=True)
   if diff and saved_nothing and on_mismatch == "warn":
     logging.warning("replacing %s: the run started with it saved no checkpoint, and this "
                     "run's config differs:\n%s", path, diff)
