@@ -83,7 +83,13 @@ def scorer_checkpoints(config: Any) -> dict[str, dict[str, Any]]:
   and file digests (``train.checkpoint_identity``)."""
   paths = {name: (config.get(name) or {}).get("checkpoint") for name in ("proxy", "gold")}
   paths["safety"] = (config.get("safety") or {}).get("workdir")
-  return {name: train.checkpoint_identity(path) for name, path in paths.items() if path}
+  out = {name: train.checkpoint_identity(path) for name, path in paths.items() if path}
+  if "safety" in out:  # a train_safety rerun re-chooses the threshold, weights unchanged
+    threshold = os.path.join(paths["safety"], safety_runtime.THRESHOLD_FILE)
+    if os.path.exists(threshold):
+      with open(threshold, "rb") as f:
+        out["safety"]["threshold_sha256"] = hashlib.sha256(f.read()).hexdigest()
+  return out
 
 
 def samples_fingerprint(config: Any) -> str:

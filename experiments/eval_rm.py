@@ -5,7 +5,7 @@ r"""Evaluates reward models (and DPO policies, HF reward models, baselines) on p
       --config.datasets=run:/tmp/rm_tiny,pandalm@test
 
 Scorers (``prefjax.evals.scorers``): ``rm:WORKDIR`` (a ``train_rm`` run rebuilt from
-its own ``config.json``; ensembles add members, and ``wco`` and ``uwo`` over members
+the config its checkpoint was saved with; ensembles add members, and ``wco`` and ``uwo`` over members
 standardized on each dataset's responses, ``config.ensemble_normalization``), ``dpo:WORKDIR``
 (implicit reward β·(log π − log π_ref)), ``hf:PATH`` (a local HF
 ``*ForSequenceClassification`` dir), ``length``, ``shorter``, ``gold``. Datasets

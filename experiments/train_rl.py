@@ -136,7 +136,9 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
   mesh = experiment.make_optional_mesh(config)
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   world = setup.make_world(config)
-  train_prompts, eval_prompts = setup.make_prompts(config, tokenizer, world, workdir=workdir)
+  report_hooks: list = []  # the dataset prompts' data_report.json, once the loop accepts
+  train_prompts, eval_prompts = setup.make_prompts(config, tokenizer, world, workdir=workdir,
+                                                   start_hooks=report_hooks)
   seed = int(config.seed)
   proxy = rl_rewards.make_reward(config.proxy, world=world, seed=seed)
   gold = rl_rewards.make_reward(config.gold, world=world, seed=seed)
@@ -166,7 +168,7 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
         optimizer=_optimizer(json.dumps(config.optimizer.to_dict(), sort_keys=True)),
         loop=config.loop, train_iter=rollouts, evaluators=[evaluator],
         mesh=mesh, partition_rules=experiment.partition_rules(policy),
-        hooks=[rollouts.observe], start_hooks=[check_warm_start, rollouts.observe],
+        hooks=[rollouts.observe], start_hooks=[*report_hooks, check_warm_start, rollouts.observe],
         trainable=rollout_lib.TRAINABLE, sequential_updates=rollouts.updates_per_step)
   if result.preempted:
     return result

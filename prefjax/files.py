@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import pathlib
 import threading
 from typing import IO, Any, Callable, Iterator
+
+from absl import logging
 
 
 def write_atomically(path: str | os.PathLike[str], fill: Callable[[IO[Any]], None],
@@ -33,6 +36,8 @@ def write_atomically(path: str | os.PathLike[str], fill: Callable[[IO[Any]], Non
 
 
 LOCK_FILE = ".lock"
+# flock unsupported (e.g. Lustre mounted noflock, some FUSE filesystems).
+_NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
 
 
 class WorkdirBusyError(RuntimeError):
@@ -56,6 +61,13 @@ def exclusive(workdir: str | os.PathLike[str]) -> Iterator[None]:
     except BlockingIOError:
       raise WorkdirBusyError(f"{workdir} is in use by another run (it holds {path}); let it "
                              "finish or stop it, or use another --workdir") from None
+    except OSError as e:
+      if e.errno not in _NO_FLOCK:
+        raise
+      logging.warning("%s: this filesystem has no flock (%s): running without the lock "
+                      "that stops a second run on the same workdir", workdir, e.strerror)
+      yield
+      return
     try:
       yield
     finally:

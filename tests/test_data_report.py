@@ -185,6 +185,9 @@ def test_rl_and_best_of_n_dataset_prompts_are_reported(tmp_path):
       "seed": 0, "data": {"name": f"jsonl:{path}", "cache_dir": str(tmp_path / "cache")},
       "prompts": {"source": "dataset", "split": "train", "eval_split": "train", "num_eval": 2,
                   "max_length": 16, "style": "raw"}})
+  hooks = []  # train_rl's: written once train_loop has accepted the workdir
+  setup.make_prompts(config, BYTES, None, workdir=str(tmp_path), start_hooks=hooks)
+  assert not (tmp_path / "data_report.json").exists() and len(hooks) == 1
   _, eval_prompts = setup.make_prompts(config, BYTES, None, workdir=str(tmp_path))
   got = json.loads((tmp_path / "data_report.json").read_text())["train"]
   # BOS + 30 bytes > 16: the one prompt the sampler cuts (it keeps the last 16 tokens).

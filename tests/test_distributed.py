@@ -73,6 +73,7 @@ from configs.rm import tiny as rm_tiny
 from experiments import train_dpo
 from experiments import train_rm
 from prefjax import experiment
+from prefjax import files
 from prefjax import parallel
 from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
@@ -142,6 +143,12 @@ def worker(process_id: int, port: int, root: str) -> None:
         pass
       train.Checkpointer.save = save
     _run(binary, config, workdir)
+  # The test holds this workdir's lock: both processes stop (process 1 is told by 0).
+  try:
+    _run("rm", make_config("rm", pairs=LOCAL_PAIRS), os.path.join(root, "busy"))
+    raise AssertionError("a busy workdir was trained in")
+  except files.WorkdirBusyError as e:
+    print(f"process {process_id}: busy: {e}")
 
 
 def device_order(num_rows: int) -> np.ndarray:
@@ -191,6 +198,8 @@ def _launch_workers(root: pathlib.Path) -> list[subprocess.Popen]:
 def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
   # Build the tiny-world dataset (once per session cache) before anyone reads it.
   experiment.load_split(make_config("rm", pairs=GLOBAL_PAIRS).data, "resplit_train")
+  busy = files.exclusive(tmp_path / "two" / "busy")  # another run's, for the workers
+  busy.__enter__()
   procs = _launch_workers(tmp_path)
   try:
     index_dataset = pipeline_lib.index_dataset
@@ -209,8 +218,10 @@ def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
   finally:
     for proc in procs:
       proc.kill()
-  for proc, out in zip(procs, outputs):
+    busy.__exit__(None, None, None)
+  for process_id, (proc, out) in enumerate(zip(procs, outputs)):
     assert proc.returncode == 0, out[out.rfind("Traceback"):][-4000:]
+    assert f"process {process_id}: busy: " in out
 
   for binary in BINARIES:
     two_dir, one_dir = tmp_path / "two" / binary, tmp_path / "one" / binary

@@ -128,9 +128,14 @@ def test_ppo_ratio_beyond_float32_exp_keeps_the_other_tokens_gradients():
   g = jax.grad(lambda lp: policy.ppo_clip_loss(lp, old_logp, adv, mask).per_token.sum())(logp)
   r = np.exp([0.1, -0.1])
   np.testing.assert_allclose(g, [[0.0, 0.0, -r[0] * 2.0, r[1] * 1.0]], rtol=1e-5)
-  worse = policy.ppo_clip_loss(logp, old_logp, np.array([[-1.0, 0.0, 2.0, -1.0]], np.float32),
-                               mask)
+  negative = np.array([[-1.0, 0.0, 2.0, -1.0]], np.float32)
+  worse = policy.ppo_clip_loss(logp, old_logp, negative, mask)
   assert np.isposinf(worse.per_token[0, 0])
+  # The dual clip bounds that loss at −c·A, so its gradient there is 0, not NaN.
+  dual = lambda lp: policy.ppo_clip_loss(lp, old_logp, negative, mask, dual_clip=3.0)
+  assert float(dual(logp).per_token[0, 0]) == 3.0
+  g = jax.grad(lambda lp: dual(lp).per_token.sum())(logp)
+  np.testing.assert_allclose(g, [[0.0, 0.0, -r[0] * 2.0, r[1] * 1.0]], rtol=1e-5)
 
 
 def test_ppo_accepts_per_sequence_advantages():

@@ -368,6 +368,21 @@ def test_a_second_run_on_a_busy_workdir_stops_at_once(tmp_path):
   assert run().summary["final_step"] == 2  # once it is gone
 
 
+def test_a_filesystem_without_flock_runs_without_the_lock(tmp_path, monkeypatch, caplog):
+  import errno  # pylint: disable=import-outside-toplevel
+  import fcntl  # pylint: disable=import-outside-toplevel
+  from prefjax import files  # pylint: disable=import-outside-toplevel
+
+  def no_flock(*args):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(fcntl, "flock", no_flock)
+  with caplog.at_level(py_logging.WARNING):
+    with files.exclusive(tmp_path):
+      pass
+  assert "this filesystem has no flock" in caplog.text
+
+
 def test_consecutive_nonfinite_steps_abort(tmp_path):
   batches = make_batches(10, 8)
   for b in batches[3:]:

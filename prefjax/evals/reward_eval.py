@@ -59,7 +59,7 @@ def load_dataset(spec: str, eval_cfg: Any) -> Dataset:
   run = None
   try:
     if name.startswith("run:"):
-      run = scorers_lib.read_run_config(name[4:], f"dataset {spec!r}")
+      run = scorers_lib.latest_run_config(name[4:], f"dataset {spec!r}")
       data_cfg = run.data
       split = split or data_cfg.eval_split
     else:
@@ -213,7 +213,8 @@ def common_rewards(scored: dict[str, scorers_lib.Scored]
     take = np.array([position[int(i)] for i in index], np.int64)
     for name, (r_c, r_r) in result.columns.items():
       columns[name] = (r_c[take], r_r[take])
-      calibrated[name] = result.calibrated
+      # WCO/UWO margins are of standardized members: no BT log-loss or ECE for them.
+      calibrated[name] = result.calibrated and not name.endswith(scorers_lib.AGGREGATES)
   return index, columns, calibrated
 
 

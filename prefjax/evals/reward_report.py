@@ -75,7 +75,8 @@ def markdown(report: Mapping[str, Any]) -> str:
            "none": "raw"}[report.get("ensemble_normalization", "none")]
     out += [f"Ensembles: `/wco` (minimum) and `/uwo` (mean − λ·population variance, λ = "
             f"{report.get('uwo_lambda', float('nan')):g}) take the members' rewards {how} over "
-            "each dataset's responses, both sides; the plain column is the members' raw mean.",
+            "each dataset's responses, both sides (so their margins are not log-odds: no "
+            "BT log-loss or ECE); the plain column is the members' raw mean.",
             ""]
   if report.get("checkpoints"):
     out += ["Checkpoints: " + "; ".join(f"{name} = `{c['path']}` step {c['step']}"

@@ -3,7 +3,8 @@
 A scorer spec is ``[NAME=]KIND[:ARG]``:
 
   rm:WORKDIR[@latest|@best|@STEP]   a ``train_rm`` run (tokenizer, model and head rebuilt
-                                    from its ``config.json``); an ensemble yields its
+                                    from the config its checkpoint was saved with);
+                                    an ensemble yields its
                                     members and the ``mean`` (NAME), ``wco`` and ``uwo``
                                     aggregates (``prefjax.rewards.aggregate``) of its
                                     members standardized over the data's responses
@@ -108,6 +109,17 @@ def parse_specs(value: str | Sequence[str]) -> list[ScorerSpec]:
   if not specs:
     raise EvalInputError("no scorers given (config.scorers)")
   return specs
+
+
+def latest_run_config(workdir: str, what: str) -> ml_collections.ConfigDict:
+  """The config the latest checkpoint of a training workdir was trained under (a rerun
+  that trained on under a changed config saved its own), else its ``config.json``."""
+  run = read_run_config(workdir, what)
+  try:
+    saved = checkpoint.saved_run_config(workdir)
+  except (KeyError, FileNotFoundError, ValueError):  # unreadable: config.json
+    return run
+  return ml_collections.ConfigDict(saved) if saved else run
 
 
 def read_run_config(workdir: str, what: str) -> ml_collections.ConfigDict:
@@ -260,6 +272,7 @@ class ModelScorer:
 
 OutputColumns = Callable[[np.ndarray, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]
 ENSEMBLE_NORMALIZATIONS = ("standardize", "center", "none")
+AGGREGATES = ("/wco", "/uwo")  # column suffixes of the conservative ensemble aggregates
 
 
 def reward_columns(name: str, objectives: Sequence[str], uwo_lambda: float,

@@ -81,6 +81,8 @@ class SafetyClassifier:
                               "finish the run or pass a threshold")
     with open(os.path.join(workdir, summary_lib.CONFIG_FILE)) as f:
       config = ml_collections.ConfigDict(json.load(f))
+    # As the latest checkpoint was trained (a rerun may have changed the config since).
+    config = ml_collections.ConfigDict(train.checkpoint.saved_run_config(workdir) or config)
     if threshold is None:
       with open(path) as f:
         choice = json.load(f)

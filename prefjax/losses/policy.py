@@ -212,9 +212,11 @@ def ppo_clip_loss(logp: Array, old_logp: Array, advantages: Array, mask: Array, 
   log_ratio = logp - old_logp
   ratio = jnp.exp(log_ratio)
   # exp overflows to inf above log ρ ≈ 88.7, and a zero gradient times inf is NaN. Where
-  # A ≥ 0 the loss is then decided by the clip (or by A = 0), whose gradient is 0 whether
-  # ρ is inf or merely large, so both branches may see a bounded ρ there.
-  safe_ratio = jnp.exp(jnp.where(adv >= 0, jnp.minimum(log_ratio, _MAX_LOG_RATIO), log_ratio))
+  # A ≥ 0 (or A < 0 under the dual clip) the loss is then decided by a clip or by A = 0,
+  # whose gradient is 0 whether ρ is inf or merely large, so the branches may see a
+  # bounded ρ there. A < 0 without the dual clip keeps its honest +inf loss.
+  bounded = (adv >= 0) if dual_clip is None else jnp.ones_like(adv, bool)
+  safe_ratio = jnp.exp(jnp.where(bounded, jnp.minimum(log_ratio, _MAX_LOG_RATIO), log_ratio))
   unclipped = -safe_ratio * adv
   clipped = -jnp.clip(safe_ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
   per_token = jnp.maximum(unclipped, clipped)

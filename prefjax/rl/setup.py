@@ -63,10 +63,13 @@ def prompt_pipeline_config(cfg: Any) -> pipeline_lib.PipelineConfig:
 
 
 def make_prompts(config: Any, tokenizer: Any, world: tiny_world_lib.TinyWorld | None,
-                 *, workdir: str | None = None) -> tuple[PromptSampler, rollout_lib.Prompts]:
+                 *, workdir: str | None = None, start_hooks: list | None = None
+                 ) -> tuple[PromptSampler, rollout_lib.Prompts]:
   """``(train_sampler, eval_prompts)``; train prompts are a pure function of the step.
 
-  Dataset prompts are reported in ``workdir/data_report.json`` when ``workdir`` is given.
+  Dataset prompts are reported in ``workdir/data_report.json`` when ``workdir`` is given:
+  at once, or, given ``start_hooks`` (a training run's), once ``train_loop`` has accepted
+  the workdir (``experiment.DataReport``).
   """
   cfg = config.prompts
   seed = int(config.seed)
@@ -83,8 +86,13 @@ def make_prompts(config: Any, tokenizer: Any, world: tiny_world_lib.TinyWorld | 
     train_source = experiment.load_split(config.data, cfg.split)
     eval_source = experiment.load_split(config.data, cfg.eval_split)
     if workdir is not None:
-      experiment.start_data_report(workdir, {"train": train_source, "eval": eval_source},
-                                   tokenizer, prompt_pipeline_config(cfg), ()).write()
+      report = experiment.start_data_report(
+          workdir, {"train": train_source, "eval": eval_source}, tokenizer,
+          prompt_pipeline_config(cfg), ())
+      if start_hooks is None:
+        report.write()
+      else:
+        start_hooks.append(report.write)
     train_texts = [row["prompt"] for row in train_source]
     eval_texts = [eval_source[i]["prompt"] for i in range(min(int(cfg.num_eval),
                                                                len(eval_source)))]

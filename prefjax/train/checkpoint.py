@@ -114,11 +114,14 @@ def checkpoint_identity(workdir: str | os.PathLike[str]) -> dict[str, Any]:
   return {"step": int(step), "manifest_sha256": digest}
 
 
-def saved_run_config(workdir: str | os.PathLike[str], step: int) -> dict[str, Any]:
-  """``Checkpointer.saved_config`` of ``workdir``'s checkpoint ``step``."""
+def saved_run_config(workdir: str | os.PathLike[str], step: int | None = None
+                     ) -> dict[str, Any]:
+  """``Checkpointer.saved_config`` of ``workdir``'s checkpoint ``step`` (default: the
+  latest; ``{}`` without one)."""
   ckpt = _read_only(workdir, None, "min")
   try:
-    return ckpt.saved_config(step)
+    step = ckpt.latest_step() if step is None else step
+    return {} if step is None else ckpt.saved_config(step)
   finally:
     ckpt.close()
 

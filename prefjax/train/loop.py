@@ -34,9 +34,11 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
+import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from prefjax import configlib
 from prefjax import files
@@ -395,7 +397,8 @@ class _Trainer:
           logging.warning("interrupted at step %d: saving a checkpoint", step)
           if pending is not None:
             self._finish_step(*pending)
-          self._save()
+          if step > 0:  # as _stop_preempted: nothing is trained before step 1
+            self._save(eval_owed=self._is_eval_step(step) and self.last_eval_step != step)
           self.checkpointer.wait()
         self._close()
         raise
@@ -462,6 +465,26 @@ class _Trainer:
     return self.user_model
 
 
+@contextlib.contextmanager
+def _hold_workdir(workdir: str) -> Iterator[None]:
+  """Process 0, which writes the workdir's files, holds its lock (``files.exclusive``);
+  every process learns whether it got it, so a busy workdir stops the whole job."""
+  with contextlib.ExitStack() as stack:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(files.exclusive(workdir))
+      except files.WorkdirBusyError as e:
+        error = e
+    busy = error is not None
+    if jax.process_count() > 1:
+      busy = bool(multihost_utils.broadcast_one_to_all(np.int32(busy)))
+    if busy:
+      raise error or files.WorkdirBusyError(f"{workdir} is in use by another run (process "
+                                            "0 found its lock held)")
+    yield
+
+
 def train_loop(
     *,
     workdir: str,
@@ -515,9 +538,7 @@ def train_loop(
   Returns:
     A :class:`TrainResult`.
   """
-  # Process 0 writes the workdir's files, so it alone holds the workdir against other runs.
-  lock = files.exclusive(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-  with lock:
+  with _hold_workdir(workdir):
     trainer = _Trainer(workdir=workdir, model=model, loss_fn=loss_fn, optimizer=optimizer,
                        loop=loop, train_iter=train_iter, config=config, evaluators=evaluators,
                        tokens_in_batch=tokens_in_batch, mesh=mesh,
