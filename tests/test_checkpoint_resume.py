@@ -205,6 +205,12 @@ def test_metric_writer_truncates_on_resume_and_merges_same_step(tmp_path):
   assert records[1]["loss"] == 2.0 and records[1]["eval/acc"] == 0.5
   assert records[2]["loss"] == 30.0 and records[2]["eval/acc"] == 0.75
   assert records[2]["wall_time"] >= records[0]["wall_time"]
+  # Lines two runs once interleaved in the workdir (before its lock): one per step, sorted.
+  path = tmp_path / train.metrics.METRICS_FILE
+  lines = path.read_text().splitlines()
+  path.write_text("\n".join([lines[0], lines[1], lines[0], lines[2], lines[1]]) + "\n")
+  train.MetricWriter(tmp_path, resume_step=3, tensorboard=False).close()
+  assert [r["step"] for r in train.read_metrics(tmp_path)] == [1, 2, 3]
 
 
 def _tensorboard_tags(logdir) -> set[str]:

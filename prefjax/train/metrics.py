@@ -98,8 +98,14 @@ class MetricWriter:
                                purge_step=resume_step + 1 if resume_step else None)
 
   def _truncate_after(self, step: int) -> None:
-    """Keeps only lines with ``step <= step``; continues wall time from them."""
-    kept = [r for r in read_metrics(self.workdir) if r.get("step", 0) <= step]
+    """Keeps only lines with ``step <= step``, one per step in step order (lines of the
+    same step, e.g. from two runs that once shared the workdir, merge; the later wins);
+    continues wall time from them."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in read_metrics(self.workdir):
+      if r.get("step", 0) <= step:
+        by_step[r.get("step", 0)] = {**by_step.get(r.get("step", 0), {}), **r}
+    kept = [by_step[s] for s in sorted(by_step)]
     if kept:
       self._wall_offset = max(float(r.get("wall_time", 0.0)) for r in kept)
     def fill(f):
