@@ -162,7 +162,7 @@ def test_counters_of_truncated_and_over_long_pairs():
   batches, it = run(pipeline.preference_dataset(rows, TOK, cfg))
   c = it.counters
   assert c["examples_read"] == 5
-  assert c["truncated_prompt"] == 3  # rows 1, 3, 4
+  assert c["truncated_prompt"] == 1  # row 1 (rows 3 and 4 are counted as dropped only)
   assert c["truncated_response"] == 1
   assert c["dropped_over_long"] == 2
   seen = set().union(*(padded_sequences(b) for b in batches))
@@ -175,6 +175,8 @@ def test_counters_of_truncated_and_over_long_pairs():
     ({"prompt": "a", "chosen": "b", "rejected": "c", "outcome": 2.0}, "row 1: field 'outcome'"),
     ({"prompt": "a", "chosen": "b", "rejected": "c", "weight": float("nan")}, "row 1: field 'weight'"),
     ({"prompt": "a", "chosen": "b", "rejected": "c", "weight": "heavy"}, "row 1: field 'weight'"),
+    ({"prompt": "a", "chosen": "b", "rejected": "c", "weight": 1e39},  # inf in float32
+     r"row 1: field 'weight'=1e\+39 not in \[0.0, 1000000000000.0\]"),
     ("not a dict", "row 1: expected a mapping"),
 ])
 def test_bad_rows_name_row_and_field(bad, match):
@@ -286,6 +288,8 @@ def test_drop_remainder_counts_dropped_pairs():
   assert all(b["pair_mask"].all() for b in batches)
   assert 4 * len(batches) + it.counters["dropped_remainder"] == len(SOURCE)
   assert it.counters["dropped_remainder"] > 0
+  with pytest.raises(ValueError, match="drop_remainder is for padded batches"):
+    config(mode="packed", drop_remainder=True)
 
 
 @pytest.mark.parametrize("mode", ["padded", "packed"])

@@ -50,6 +50,7 @@ from prefjax.data import packing
 from prefjax.data import padding
 from prefjax.data import read_ahead
 from prefjax.data import tokenize as tokenize_lib
+from prefjax.data.tfds_builders import rows as rows_lib
 
 MODES = ("padded", "packed")
 _STATE_VERSION = 1
@@ -143,6 +144,8 @@ class PipelineConfig:
                          "pack_rows >= 2, or pack_length >= 2 * max_length and 2+ segments")
       if self.max_segments_per_row < 1 or self.window <= self.batch_size:
         raise ValueError("need max_segments_per_row >= 1 and pack_window > batch_size")
+      if self.drop_remainder:  # a packed batch holds what fits, never a fixed pair count
+        raise ValueError("drop_remainder is for padded batches; packed mode keeps every pair")
     if self.trim_rows and (self.mode != "packed" or self.row_multiple < 1
                            or self.pack_rows % self.row_multiple):
       raise ValueError(f"trim_rows needs mode='packed' and pack_rows={self.pack_rows} a "
@@ -360,7 +363,7 @@ class TokenizeFn:
     return Example(
         index=index, prompt=np.asarray(prompt, np.int32),
         responses=tuple(np.asarray(r, np.int32) for r in responses),
-        weight=_scalar(row, "weight", 1.0, index, 0.0, math.inf),
+        weight=_scalar(row, "weight", 1.0, index, 0.0, rows_lib.MAX_WEIGHT),
         outcome=_scalar(row, "outcome", 1.0, index, 0.0, 1.0),
         truncated_prompt=cut_p, truncated_response=cut_r, dropped=dropped,
         untruncated=untruncated)
@@ -417,11 +420,11 @@ class BatchIterator(grain.DatasetIterator):
     self._next += 1
     example = self._fetch(position)
     self._counters["examples_read"] += 1
-    self._counters["truncated_prompt"] += int(example.truncated_prompt)
-    self._counters["truncated_response"] += int(example.truncated_response)
-    if example.dropped is not None:
+    if example.dropped is not None:  # counted as dropped only, as the data report does
       self._counters[f"dropped_{example.dropped}"] += 1
       return
+    self._counters["truncated_prompt"] += int(example.truncated_prompt)
+    self._counters["truncated_response"] += int(example.truncated_response)
     self._cache[position] = example
     self._ready.extend(self._batcher.add(position, example))
 
