@@ -167,7 +167,8 @@ class TextWorld:
     c = self.against_proxy(bon_config, width)
     c.prompts.num_eval = int(self.cfg.bon.num_prompts)
     c.bon.num_samples = int(self.cfg.bon.num_samples)
-    c.bon.num_points = int(self.cfg.bon.num_points)
+    # Not bon.num_points: a curve-only setting (text_report draws the study's curve from
+    # the samples), which in the stage key would force the samples to be drawn again.
     c.bon.prompts_per_batch = max(1, 4096 // int(self.cfg.bon.num_samples))
     return c
 

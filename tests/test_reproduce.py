@@ -206,6 +206,7 @@ def test_config_check_accepts_every_shipped_config_and_variant(module, variants)
     ("bandit.learned_policy.policy.steps", 0, r"bandit.learned_policy.policy: .*steps=0"),
     ("text.bon.num_points", 0, r"text.bon.num_points must be an integer >= 3"),
     ("text.rl.widths", (32,), r"text.rl.widths must be among text.proxy.widths \(8, 16\)"),
+    ("text.proxy.widths", (16, 8), r"text.proxy.widths must"),  # G1-text reads the first two
     ("text.dpo.eval_every", 5, r"text.dpo.eval_every must be an integer in \[1, 4\]"),
 ])
 def test_config_check_names_the_field_and_its_range(field, value, message):
@@ -299,6 +300,19 @@ def test_g2_says_which_fits_have_no_overoptimization_term():
   assert not found.passed and beta == pytest.approx(-0.2, abs=0.01)
   assert found.detail.startswith(f"β ≤ 0 for w8 ({beta:+.3f})"), found.detail
   assert "fits every size" not in found.detail
+
+
+def test_g3_passes_rank_correlations_of_exactly_0_8_and_r4_needs_a_best_of_n_peak():
+  # β ranks [4, 3, 1, 2] against sizes: ρ = −0.8 exactly; peak gold 1/(4β) gives +0.8
+  # (scipy returns 0.7999999999999999, which failed the >= 0.8 rule).
+  settings = [_setting(f"w{w}", 1.0, b) for w, b in ((8, 0.5), (16, 0.4), (32, 0.2), (64, 0.3))]
+  found = criteria.g3([8, 16, 32, 64], settings, "")
+  assert found.passed and found.value["spearman_size_peak_gold"] == 0.8, found.detail
+  peaked, later = _setting("a", 1.0, 0.5), _setting("b", 1.0, 0.25)  # gold peaks at d=1, d=2
+  assert criteria.r4([peaked._replace(rl=later.bon)], "").passed
+  flat = _setting("c", 1.0, 0.01)  # best-of-n still rising at its largest n
+  found = criteria.r4([flat._replace(rl=later.bon)], "")
+  assert not found.passed and "best-of-n not peaked by its largest n" in found.detail
 
 
 def test_g3_needs_three_sizes():

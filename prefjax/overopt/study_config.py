@@ -62,7 +62,8 @@ def check_text(cfg: Any, name: str = "text") -> None:
   _ints(f"{name}.world_seeds", cfg.get("world_seeds") or (), lo=0, min_len=0, distinct=True)
   if cfg.get("num_bootstrap"):
     _int(f"{name}.num_bootstrap", cfg.num_bootstrap, lo=2)
-  widths = _ints(f"{name}.proxy.widths", cfg.proxy.widths, lo=1, distinct=True)
+  # Increasing: G1-text takes the first two as the smallest proxies.
+  widths = _ints(f"{name}.proxy.widths", cfg.proxy.widths, lo=1, increasing=True)
   for key in ("num_layers", "steps", "batch_size"):
     _int(f"{name}.proxy.{key}", cfg.proxy[key], lo=1)
   _int(f"{name}.proxy.seed", cfg.proxy.seed, lo=0)
