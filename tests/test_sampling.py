@@ -192,6 +192,23 @@ def test_top_p_matches_sorting_reference_on_random_logits(p):
     np.testing.assert_array_equal(row_kept, want)
 
 
+def test_top_p_of_one_keeps_every_token_and_learned_positions_are_bounded():
+  # One token holds all but 1e-13 of the mass: float32's mass rounds to 1 and the
+  # bisection cut the other 99 (tokens below one ulp) although p = 1 keeps everything.
+  logits = jnp.asarray(np.r_[0.0, np.full(99, -30.0)][None], jnp.float32)
+  assert bool(jnp.isfinite(sampling.top_p_filter(logits, 1.0)).all())
+  gpt2 = dec.Decoder(dec.DecoderConfig.tiny_gpt2().replace(max_position_embeddings=8),
+                     rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"12 tokens exceeds this decoder's 8 learned positions"):
+    gpt2(jnp.ones((1, 12), jnp.int32))
+  prompts = jnp.ones((1, 6), jnp.int32)  # 6 + 8 new tokens, the last never fed back: 13
+  with pytest.raises(ValueError, match=r"13 tokens exceeds this decoder's 8 learned"):
+    sampling.generate(gpt2, prompts, jnp.ones_like(prompts), rng=jax.random.key(0),
+                      max_new_tokens=8)
+  assert sampling.generate(gpt2, prompts, jnp.ones_like(prompts), rng=jax.random.key(0),
+                           max_new_tokens=3).tokens.shape == (1, 3)
+
+
 def test_phases_sample_the_same_tokens_as_one_loop():
   one = run(temperature=1.0, rng=jax.random.key(5), cache_phases=1)
   three = run(temperature=1.0, rng=jax.random.key(5), cache_phases=3)

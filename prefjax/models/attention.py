@@ -81,7 +81,9 @@ def causal_attention(q: Array, k: Array, v: Array, segments: Array,
   response sees the prompt and itself, never the other response. A token whose
   prefix id is its own segment id follows the plain rule. ``tiled``: visit
   (query block, key block) tiles and skip those no query can see (for packed rows
-  of many short sequences; same result). ``block_size``: query block width (default
+  of many short sequences; same result when each segment id is ONE contiguous run
+  of slots, as the packer writes them: the skip reads where a run starts, so an id
+  reused after another segment would lose its earlier run). ``block_size``: query block width (default
   ``DEFAULT_BLOCK_SIZE``, or ``DEFAULT_TILE_SIZE`` when ``tiled``). Returns ``[N, T, H, D]``.
   """
   n, t, h, d = q.shape

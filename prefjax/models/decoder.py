@@ -304,7 +304,7 @@ class Decoder(nnx.Module):
 
     Padded: ``attention_mask [N, T]`` (right or left padding); positions default
     to the running count of real tokens. Packed: ``segment_ids [N, T]`` (0 =
-    padding; takes precedence over ``attention_mask``); positions default to the
+    padding; each id one contiguous run of slots; takes precedence over ``attention_mask``); positions default to the
     offset within each segment. Shared-prompt packed pairs add ``prefix_ids``
     (the segment each token may also attend to, ``attention.causal_attention``)
     and need explicit ``positions``. Outputs at padding positions are finite but
@@ -317,6 +317,8 @@ class Decoder(nnx.Module):
     """
     if prefix_ids is not None and (segment_ids is None or positions is None):
       raise ValueError("prefix_ids (shared-prompt pairs) need segment_ids and positions")
+    if segment_ids is None and positions is None:
+      self.check_positions(tokens.shape[1])
     if segment_ids is not None:
       segments = segment_ids.astype(jnp.int32)
       if positions is None:
@@ -375,6 +377,16 @@ class Decoder(nnx.Module):
     rows = hidden.reshape(-1, hidden.shape[-1])  # a 2-D dot: much faster on XLA CPU
     logits = jnp.dot(rows, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
     return logits.reshape(hidden.shape[:-1] + (-1,))
+
+  def check_positions(self, length: int) -> None:
+    """Learned position embeddings have ``max_position_embeddings`` rows; a longer
+    sequence would read past them (NaN that spreads through attention), so it is an
+    error, as in Hugging Face. RoPE has no such table."""
+    c = self.config
+    if c.position == "learned" and length > c.max_position_embeddings:
+      raise ValueError(f"a sequence of {length} tokens exceeds this decoder's "
+                       f"{c.max_position_embeddings} learned positions "
+                       "(max_position_embeddings)")
 
   def _embed(self, tokens: Array, positions: Array) -> Array:
     x = self.embed(tokens.astype(jnp.int32))

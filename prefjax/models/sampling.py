@@ -66,6 +66,8 @@ def top_p_filter(logits: Array, p: float | Array, *, iterations: int = 40) -> Ar
   feasible, so at most tokens within 2**-iterations below the exact threshold
   are kept in addition.
   """
+  if isinstance(p, (int, float)) and p >= 1.0:  # every token (float32 mass rounds to 1)
+    return logits
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   mass_at_least = lambda t: jnp.sum(jnp.where(probs >= t, probs, 0.0), axis=-1, keepdims=True)
 
@@ -266,6 +268,8 @@ def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *, rng
     raise ValueError(f"top_k={top_k} exceeds the vocabulary size {vocab}")
   if eos_id is not None and eos_id < 0:
     raise ValueError(f"eos_id must be a token id >= 0, got {eos_id}")
+  if hasattr(model, "check_positions"):  # the last token sampled is never fed back
+    model.check_positions(prompt_tokens.shape[1] + max_new_tokens - 1)
   graphdef, state = nnx.split(model)
   return _generate_jit(
       graphdef, state, jnp.asarray(prompt_tokens, jnp.int32),
@@ -274,7 +278,7 @@ def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *, rng
       jnp.float32(1.0 if top_p is None else top_p),
       jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id),
       max_new_tokens=int(max_new_tokens), greedy=temperature == 0, top_k=top_k,
-      use_top_p=top_p is not None, tempered_logps=tempered_logps,
+      use_top_p=top_p is not None and top_p < 1.0, tempered_logps=tempered_logps,
       cache_phases=int(default_cache_phases(max_new_tokens) if cache_phases is None
                        else cache_phases))
 
