@@ -31,7 +31,8 @@ probe, and both changes' history); P1 (against PPO, the paper's and the issue's 
 passes in every shared KL bin and at matched KL; against RLOO, a stronger baseline here,
 DPO falls short in the 4–8 and 8–16 nat bins (the extra tests P1_rloo and
 P1_kl_matched_rloo; until 2026-12-02 that comparison was P1 itself: README); G1-text and
-G3-text fail (best-of-256 never reaches the repetitive tail).
+G3-text fail (best-of-256 never reaches the repetitive tail), and so, since 2026-12-05, does
+R4-text (no best-of-n peak to compare RL's with).
 
 ``--config.text.world.gold=teacher --config.text.world.repeat_penalty=0`` swaps the text
 gold for a random network of character and adjacent-pair frequencies: run once in full
