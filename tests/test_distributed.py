@@ -103,7 +103,9 @@ def make_config(binary: str, *, pairs: int):
   config.mesh.num_devices = NUM_PROCESSES
   if binary == "rm":
     config.optimizer.warmup_steps = 1
-    config.eval.enabled = False
+    # The final eval: each process scores its own rows of the 211 validation pairs (34 a
+    # batch), and every process gathers all of them.
+    config.eval.batch_size = 34
   else:  # The final eval reuses the training batch shape and skips the exact KL.
     config.eval.batch_size = pairs
     config.eval.kl_max_new_tokens = 0
@@ -234,6 +236,10 @@ def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
     two_summary, one_summary = (json.loads((d / "summary.json").read_text())
                                 for d in (two_dir, one_dir))
     assert two_summary["final_step"] == one_summary["final_step"] == STEPS
+    if binary == "rm":  # every validation pair scored once, by one process or the other
+      two_eval, one_eval = two_summary["final_eval"], one_summary["final_eval"]
+      assert two_eval["num_pairs"] == one_eval["num_pairs"] == 211
+      assert abs(two_eval["accuracy"] - one_eval["accuracy"]) <= 2 / 211
     # Step 1: the same parameters and rows.
     np.testing.assert_allclose(two[1]["loss"], one[1]["loss"], rtol=1e-6, err_msg=binary)
     np.testing.assert_allclose(two[1]["grad_norm"], one[1]["grad_norm"], rtol=1e-5, err_msg=binary)

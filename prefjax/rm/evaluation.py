@@ -20,7 +20,9 @@ import jax
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from prefjax import parallel
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.evals import preference as evals
 from prefjax.rm import labels
@@ -124,26 +126,41 @@ class RewardModelEvaluator:
   def _put(self, batch):
     if self._mesh is None:
       return jax.device_put(batch)
+    if jax.process_count() > 1:  # each process holds its own rows of the global batch
+      return parallel.shard_batch(batch, self._mesh)
     return jax.device_put(batch, sharding_lib.batch_shardings(batch, self._mesh))
 
+  def _local_batches(self) -> list[dict[str, np.ndarray]]:
+    """This process's eval batches, padded with empty ones (``pair_mask`` 0) to the most
+    any process has: every process must join every global batch."""
+    batches = list(self._batches)
+    if jax.process_count() > 1:
+      most = int(np.max(multihost_utils.process_allgather(np.int32(len(batches)))))
+      empty = {**batches[0], "pair_mask": np.zeros_like(batches[0]["pair_mask"])}
+      batches += [empty] * (most - len(batches))
+    return batches
+
   def _collect(self, model: nnx.Module) -> Rewards:
-    """Rewards ``[N, C]``, outcomes, response lengths, indices of the N real eval pairs."""
+    """Rewards ``[N, C]``, outcomes, response lengths, indices of the N real eval pairs
+    (of every process's rows: the rewards and the host fields are gathered alike)."""
     graphdef, state = nnx.split(model)
+    gather = ((lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)))
+              if jax.process_count() > 1 else np.asarray)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (
         "r_c", "r_r", "outcome", "c_len", "r_len", "index", "objective_mask")}
-    for batch in self._batches:
-      r_c, r_r = jax.device_get(jitted_pair_rewards(graphdef, state, self._put(batch)))
-      real = batch["pair_mask"] > 0
-      b = real.shape[0]
+    for batch in self._local_batches():
+      r_c, r_r = (gather(x) for x in jitted_pair_rewards(graphdef, state, self._put(batch)))
+      b = batch["pair_mask"].shape[0]
       response_len = batch["loss_mask"].sum(axis=1)
-      parts["r_c"].append(np.asarray(r_c).reshape(b, -1)[real])
-      parts["r_r"].append(np.asarray(r_r).reshape(b, -1)[real])
-      parts["outcome"].append(batch["outcome"][real])
-      parts["c_len"].append(response_len[:b][real])
-      parts["r_len"].append(response_len[b:][real])
-      parts["index"].append(batch["example_index"][real])
+      real = gather(batch["pair_mask"]) > 0
+      parts["r_c"].append(r_c.reshape(real.shape[0], -1)[real])
+      parts["r_r"].append(r_r.reshape(real.shape[0], -1)[real])
+      parts["outcome"].append(gather(batch["outcome"])[real])
+      parts["c_len"].append(gather(response_len[:b])[real])
+      parts["r_len"].append(gather(response_len[b:])[real])
+      parts["index"].append(gather(batch["example_index"])[real])
       if "objective_mask" in batch:
-        parts["objective_mask"].append(batch["objective_mask"][real])
+        parts["objective_mask"].append(gather(batch["objective_mask"])[real])
     return {k: np.concatenate(v) for k, v in parts.items() if v}
 
   def _subsets(self, index: np.ndarray) -> list[str] | None:
