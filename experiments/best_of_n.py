@@ -92,13 +92,14 @@ def scorer_checkpoints(config: Any) -> dict[str, dict[str, Any]]:
   return out
 
 
-def samples_fingerprint(config: Any) -> str:
+def samples_fingerprint(config: Any, checkpoints: dict[str, Any] | None = None) -> str:
   """SHA-256 of the config without the curve-only ``bon`` settings, and of the scorers'
-  checkpoints: samples drawn under another fingerprint (or scored by a reward model that
-  has trained on since) are not reused."""
+  checkpoints (``scorer_checkpoints``, computed if not given): samples drawn under another
+  fingerprint (or scored by a reward model that has trained on since) are not reused."""
   cfg = summary_lib.config_to_dict(config)
   cfg["bon"] = {k: v for k, v in cfg.get("bon", {}).items() if k not in _CURVE_ONLY}
-  cfg["_scorer_checkpoints"] = scorer_checkpoints(config)
+  cfg["_scorer_checkpoints"] = (scorer_checkpoints(config) if checkpoints is None
+                                else checkpoints)
   return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
@@ -217,7 +218,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, SAMPLES_FILE)
-  fingerprint = samples_fingerprint(config)
+  checkpoints = scorer_checkpoints(config)
+  fingerprint = samples_fingerprint(config, checkpoints)
   samples = None
   if os.path.exists(path):
     with np.load(path) as f:
@@ -231,7 +233,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     samples = sample_and_score(config, workdir)
     files.write_atomically(path, lambda f: np.savez(f, config_sha256=fingerprint, **samples))
   result = curves(samples, config)
-  result["scorer_checkpoints"] = scorer_checkpoints(config)
+  result["scorer_checkpoints"] = checkpoints
   if "harm" in samples:
     result["safety_filter"] = filtered.filter_report(
         samples["proxy"], samples["gold"], samples["harm"], float(samples["harm_threshold"]),

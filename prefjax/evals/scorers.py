@@ -114,11 +114,8 @@ def parse_specs(value: str | Sequence[str]) -> list[ScorerSpec]:
 def latest_run_config(workdir: str, what: str) -> ml_collections.ConfigDict:
   """The config the latest checkpoint of a training workdir was trained under (a rerun
   that trained on under a changed config saved its own), else its ``config.json``."""
-  run = read_run_config(workdir, what)
-  try:
-    saved = checkpoint.saved_run_config(workdir)
-  except (KeyError, FileNotFoundError, ValueError):  # unreadable: config.json
-    return run
+  run = read_run_config(workdir, what)  # checks it is a training workdir
+  saved = checkpoint.saved_run_config(workdir)
   return ml_collections.ConfigDict(saved) if saved else run
 
 
@@ -361,11 +358,8 @@ def _resolve_step(spec: ScorerSpec, run: Any) -> tuple[int, dict[str, Any]]:
 def _run_at(spec: ScorerSpec, run: Any, step: int) -> ml_collections.ConfigDict:
   """The config checkpoint ``step`` was trained under (``config.json`` is the config the
   run started with; a rerun may have trained on under a changed one)."""
-  try:
-    saved = checkpoint.saved_run_config(spec.path, step)
-  except (KeyError, FileNotFoundError, ValueError):  # unreadable: the restore will say why
-    return run
-  if not saved:
+  saved = checkpoint.saved_run_config(spec.path, step)
+  if not saved:  # none, or unreadable: the restore will say why
     return run
   changed = sorted(k for k in ("model", "tokenizer", "data", "loss", "ref")
                    if saved.get(k) != run.to_dict().get(k))

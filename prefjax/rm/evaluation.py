@@ -22,7 +22,6 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from prefjax import parallel
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.evals import preference as evals
 from prefjax.rm import labels
@@ -124,10 +123,8 @@ class RewardModelEvaluator:
     return metrics
 
   def _put(self, batch):
-    if self._mesh is None:
-      return jax.device_put(batch)
-    if jax.process_count() > 1:  # each process holds its own rows of the global batch
-      return parallel.shard_batch(batch, self._mesh)
+    if self._mesh is None or jax.process_count() > 1:  # several: each its own rows
+      return sharding_lib.put_batch(batch, self._mesh)
     return jax.device_put(batch, sharding_lib.batch_shardings(batch, self._mesh))
 
   def _local_batches(self) -> list[dict[str, np.ndarray]]:

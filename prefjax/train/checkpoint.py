@@ -117,11 +117,17 @@ def checkpoint_identity(workdir: str | os.PathLike[str]) -> dict[str, Any]:
 def saved_run_config(workdir: str | os.PathLike[str], step: int | None = None
                      ) -> dict[str, Any]:
   """``Checkpointer.saved_config`` of ``workdir``'s checkpoint ``step`` (default: the
-  latest; ``{}`` without one)."""
-  ckpt = _read_only(workdir, None, "min")
+  latest); ``{}`` without one or when it cannot be read (callers then fall back on
+  ``config.json``, and the parameters' restore reports what is wrong)."""
+  try:
+    ckpt = _read_only(workdir, None, "min")
+  except FileNotFoundError:
+    return {}
   try:
     step = ckpt.latest_step() if step is None else step
     return {} if step is None else ckpt.saved_config(step)
+  except (KeyError, FileNotFoundError, ValueError):
+    return {}
   finally:
     ckpt.close()
 

@@ -397,8 +397,7 @@ class _Trainer:
           logging.warning("interrupted at step %d: saving a checkpoint", step)
           if pending is not None:
             self._finish_step(*pending)
-          if step > 0:  # as _stop_preempted: nothing is trained before step 1
-            self._save(eval_owed=self._is_eval_step(step) and self.last_eval_step != step)
+          self._save_stopped(step)
           self.checkpointer.wait()
         self._close()
         raise
@@ -426,10 +425,15 @@ class _Trainer:
     logging.info("eval at step %d took %.1fs", step, time.time() - start)
     return result
 
-  def _stop_preempted(self, step: int) -> TrainResult:
-    # Nothing is trained before step 1: the rerun starts afresh (and redoes any warm start).
+  def _save_stopped(self, step: int) -> None:
+    """A signal's or Ctrl-C's save: the step's eval, if it had one and it did not run,
+    is owed to the rerun. Nothing is trained before step 1, so nothing is saved there:
+    the rerun starts afresh (and redoes any warm start)."""
     if step > 0:
       self._save(eval_owed=self._is_eval_step(step) and self.last_eval_step != step)
+
+  def _stop_preempted(self, step: int) -> TrainResult:
+    self._save_stopped(step)
     self.checkpointer.wait()
     self.checkpointer.close()
     self.writer.close()

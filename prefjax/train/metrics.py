@@ -103,8 +103,9 @@ class MetricWriter:
     continues wall time from them."""
     by_step: dict[int, dict[str, Any]] = {}
     for r in read_metrics(self.workdir):
-      if r.get("step", 0) <= step:
-        by_step[r.get("step", 0)] = {**by_step.get(r.get("step", 0), {}), **r}
+      s = r.get("step", 0)
+      if s <= step:
+        by_step[s] = {**by_step.get(s, {}), **r}
     kept = [by_step[s] for s in sorted(by_step)]
     if kept:
       self._wall_offset = max(float(r.get("wall_time", 0.0)) for r in kept)
