@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from prefjax import train
 from prefjax.train import checkpoint as checkpoint_lib
+from prefjax.train import evaluators as evaluators_lib
 from prefjax.train import state as state_lib
 from prefjax.train import step as step_lib
 from tests import comparisons
@@ -328,6 +329,32 @@ def test_a_preempted_eval_step_is_evaluated_by_the_rerun(tmp_path):
   assert not list((early / "checkpoints").glob("[0-9]*"))
 
 
+def test_a_preempted_eval_step_is_ranked_for_best_by_the_rerun(tmp_path):
+  """With ``best_metric``, the step whose eval the rerun ran (saved without it) is saved
+  again with its metrics: ``@best`` finds it as in an uninterrupted run."""
+  batches = make_batches(6, 16)
+  loop = train.LoopConfig(num_steps=6, log_every=1, eval_every=3, checkpoint_every=0,
+                          best_metric="score", best_mode="min", keep_best=1,
+                          keep_checkpoints=1, tensorboard=False)
+  score_at = lambda step, model: {"score": 0.5 if step == 3 else 1.0}  # step 3 is best
+
+  def run(workdir, hooks=()):
+    return train.train_loop(
+        workdir=str(workdir), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
+        optimizer={"name": "sgd", "learning_rate": 0.1}, loop=loop, train_iter=iter(batches),
+        evaluators=[score_at], hooks=hooks)
+
+  best = lambda d: checkpoint_lib.saved_step(d, "best", best_metric="score")
+  reference = run(tmp_path / "reference")
+  assert best(tmp_path / "reference") == reference.summary["best_checkpoint_step"] == 3
+  assert run(tmp_path / "stopped", hooks=[_sigterm_at(3)]).preempted
+  resumed = run(tmp_path / "stopped")
+  assert best(tmp_path / "stopped") == resumed.summary["best_checkpoint_step"] == 3
+  model = checkpoint_lib.load_params(str(tmp_path / "stopped"), MLP(nnx.Rngs(1)), step=3)
+  want = checkpoint_lib.load_params(str(tmp_path / "reference"), MLP(nnx.Rngs(1)), step=3)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(model), nnx.state(want))
+
+
 def test_a_finished_run_extended_then_stopped_is_not_reported_as_its_old_finish(tmp_path):
   """Finished at 4, extended to 8 and stopped at 6: a rerun with num_steps=4 used to say
   "already finished" while holding the step-6 parameters (and labelled their eval step 4)."""
@@ -585,3 +612,28 @@ def test_batch_evaluator_weights_by_tokens_when_asked():
   both = lambda m, b: {"v": jnp.mean(b["x"]), "num_tokens": b["w"], "num_examples": b["w"]}
   with pytest.raises(ValueError, match="one weight per batch"):
     train.BatchEvaluator(both, data)(0, model)
+
+
+def test_batch_evaluator_pads_processes_with_empty_batches_of_weight_zero():
+  """Several processes: a process with fewer eval batches joins the last global steps
+  with empty ones (masks zeroed); they add weight 0 and no 0/0 metric."""
+  model = MLP(nnx.Rngs(0))
+  batch = lambda v, n: {"x": np.full((2, IN), v, np.float32),
+                        "pair_mask": np.asarray([1.0] * n + [0.0] * (2 - n), np.float32)}
+  data = [batch(1.0, 2), batch(3.0, 1)]
+  padded = evaluators_lib.padded_to(data, np.asarray([2, 4]))
+  assert len(padded) == 4 and all(p["pair_mask"].sum() == 0 for p in padded[2:])
+  np.testing.assert_array_equal(padded[2]["x"], data[0]["x"])
+  assert evaluators_lib.padded_to(data, np.asarray([2, 2])) == data
+
+  def masked_mean(m, b):
+    n = jnp.sum(b["pair_mask"])
+    return {"v": jnp.sum(b["x"][:, 0] * b["pair_mask"]) / n, "num_examples": n}  # 0/0: NaN
+  got = train.BatchEvaluator(masked_mean, padded)(0, model)
+  assert got == {"v": pytest.approx((1.0 + 1.0 + 3.0) / 3), "num_examples": 3.0}
+  with pytest.raises(ValueError, match="pair_mask"):
+    evaluators_lib.padded_to([{"x": data[0]["x"]}], np.asarray([1, 2]))
+  with pytest.raises(ValueError, match="no eval batches"):
+    evaluators_lib.padded_to([], np.asarray([0, 2]))
+  with pytest.raises(ValueError, match="no real examples"):
+    train.BatchEvaluator(masked_mean, padded[2:])(0, model)

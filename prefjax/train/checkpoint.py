@@ -493,6 +493,19 @@ class Checkpointer:
         raise
       raise ValueError(f"checkpoint {self.directory}/{step}: {mismatch}: {e}") from e
 
+  def resave_with_metrics(self, state: state_lib.TrainState, metrics: Mapping[str, float], *,
+                          data_state: Any = None) -> None:
+    """Saves ``state``'s step again, with the eval ``metrics`` that rank it for ``best``
+    (orbax records a step's metrics only when it is saved). For a step saved with its
+    eval owed: ``state`` and ``data_state`` are what was restored from it, and its saved
+    config is kept. A stop in between loses only this step (the rerun resumes earlier)."""
+    step = int(jax.device_get(state.step))
+    config = self.saved_config(step)
+    self.wait()
+    self._manager.delete(step)
+    self.save(state, data_state=data_state, config=config, metrics=metrics)
+    self.wait()
+
   def saved_config(self, step: int) -> dict[str, Any]:
     """The run config saved with ``step``: the one its weights were trained under (a
     rerun that trained on under a changed config saves its own)."""

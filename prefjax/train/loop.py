@@ -360,8 +360,13 @@ class _Trainer:
         if start_step == 0 and self.loop.eval_at_start and self.has_eval:
           self.writer.log(0, None, self._run_eval(0))
         elif start_step > 0 and self.checkpointer.restored_eval_owed and self.has_eval:
-          # The preempted run saved this eval step without its eval: the curve keeps it.
-          self.writer.log(start_step, None, self._run_eval(start_step))
+          # The preempted run saved this eval step without its eval: the curve keeps it,
+          # and so does the ranking for ``@best``.
+          eval_metrics = self._run_eval(start_step)
+          self.writer.log(start_step, None, eval_metrics)
+          if self.loop.best_metric:
+            self.checkpointer.resave_with_metrics(self.state, eval_metrics,
+                                                  data_state=self._iterator_state())
         while step < self.loop.num_steps and stop.signum is None:
           consistent = False
           try:
