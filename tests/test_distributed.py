@@ -106,8 +106,10 @@ def make_config(binary: str, *, pairs: int):
     # The final eval: each process scores its own rows of the 211 validation pairs (34 a
     # batch), and every process gathers all of them.
     config.eval.batch_size = 34
-  else:  # The final eval reuses the training batch shape and skips the exact KL.
-    config.eval.batch_size = pairs
+  else:  # The final eval skips the exact KL. 7 pairs a batch per process: process 0's
+    # 106 validation pairs make 16 batches, process 1's 105 make 15, so process 1
+    # joins the last global batch with an empty one.
+    config.eval.batch_size = 7 * pairs // LOCAL_PAIRS
     config.eval.kl_max_new_tokens = 0
     config.eval.exact_kl = "false"
   return config
@@ -236,10 +238,15 @@ def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
     two_summary, one_summary = (json.loads((d / "summary.json").read_text())
                                 for d in (two_dir, one_dir))
     assert two_summary["final_step"] == one_summary["final_step"] == STEPS
-    if binary == "rm":  # every validation pair scored once, by one process or the other
-      two_eval, one_eval = two_summary["final_eval"], one_summary["final_eval"]
+    # Every validation pair scored once, by one process or the other.
+    two_eval, one_eval = two_summary["final_eval"], one_summary["final_eval"]
+    if binary == "rm":
       assert two_eval["num_pairs"] == one_eval["num_pairs"] == 211
       assert abs(two_eval["accuracy"] - one_eval["accuracy"]) <= 2 / 211
+    else:
+      assert two_eval["num_examples"] == one_eval["num_examples"] == 211
+      accuracy = "rewards/accuracies"
+      assert abs(two_eval[accuracy] - one_eval[accuracy]) <= 2 / 211
     # Step 1: the same parameters and rows.
     np.testing.assert_allclose(two[1]["loss"], one[1]["loss"], rtol=1e-6, err_msg=binary)
     np.testing.assert_allclose(two[1]["grad_norm"], one[1]["grad_norm"], rtol=1e-5, err_msg=binary)

@@ -5,6 +5,11 @@
 eval batches and averaged, weighted by an optional ``num_examples`` (e.g. the
 batch's real pairs) or ``num_tokens`` entry, so the average is the split's mean.
 The result also holds that entry's total or, without weights, ``num_batches``.
+
+Under several processes each one iterates its own rows, and every process must
+join every global eval step: a process with fewer batches pads its list with
+empty ones (``pair_mask`` / ``loss_mask`` zero), which a weighted ``eval_fn``
+counts with weight 0.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from prefjax.train import metrics as metrics_lib
 from prefjax.train import sharding as sharding_lib
@@ -21,6 +27,27 @@ from prefjax.train import state as state_lib
 from prefjax.train import step as step_lib
 
 WEIGHT_KEYS = ("num_examples", "num_tokens")
+# Zeroed in the empty batches that even out the processes' batch counts.
+EMPTY_MASK_KEYS = ("pair_mask", "loss_mask")
+
+
+def empty_batch(batch: Any) -> dict[str, Any]:
+  """``batch`` with its real-example masks zeroed: a weighted ``eval_fn`` gives it weight 0."""
+  masks = [k for k in EMPTY_MASK_KEYS if k in batch]
+  if not masks:
+    raise ValueError("an eval batch needs one of %s to be padded with empty batches "
+                     "across processes; its keys are %s" % (EMPTY_MASK_KEYS, sorted(batch)))
+  return {**batch, **{k: np.zeros_like(np.asarray(batch[k])) for k in masks}}
+
+
+def padded_to(batches: list[Any], counts: Any) -> list[Any]:
+  """This process's ``batches`` padded with empty ones to the most in ``counts`` (every
+  process's batch count), so every process joins every global eval step."""
+  most = int(np.max(counts))
+  if len(batches) < most and not batches:
+    raise ValueError(f"process {jax.process_index()} has no eval batches while another "
+                     f"has {most}: give the eval split at least one batch per process")
+  return batches + [empty_batch(batches[0])] * (most - len(batches))
 
 
 class BatchEvaluator:
@@ -54,6 +81,11 @@ class BatchEvaluator:
       self._steps[graphdef] = step_lib.make_eval_step(graphdef, self._eval_fn)
     eval_step = self._steps[graphdef]
     data = self._data() if callable(self._data) else self._data
+    padded = False
+    if jax.process_count() > 1:
+      data = list(data)
+      counts = multihost_utils.process_allgather(np.int32(len(data)))
+      data, padded = padded_to(data, counts), bool(np.min(counts) < np.max(counts))
     totals: dict[str, float] = {}
     weight_sum, batches, weight_key = 0.0, 0, "num_batches"
     for batch in data:
@@ -63,12 +95,20 @@ class BatchEvaluator:
         raise ValueError(f"eval_fn returned both {keys}; one weight per batch")
       weight_key = keys[0] if keys else weight_key
       weight = metrics.pop(weight_key, 1.0)
+      batches += 1
+      if weight == 0:  # no real example (e.g. every process's part empty): 0/0 metrics
+        continue
       for name, value in metrics.items():
         totals[name] = totals.get(name, 0.0) + weight * value
       weight_sum += weight
-      batches += 1
     if not batches:
       raise ValueError("the eval data yielded no batches")
+    if padded and weight_key == "num_batches":
+      raise ValueError("the processes have different numbers of eval batches, so some "
+                       "were padded with empty ones: the eval_fn must weight its metrics "
+                       f"by one of {WEIGHT_KEYS} (it returned neither)")
+    if not weight_sum:
+      raise ValueError(f"the eval batches hold no real examples ({weight_key} 0)")
     result = {name: total / weight_sum for name, total in totals.items()}
     result[weight_key] = weight_sum
     return result
