@@ -182,7 +182,9 @@ def run(config: Any, workdir: str) -> train.TrainResult:
     logging.info("eval KL to the reference skipped: no reference model is loaded in "
                  "ref.mode=%s", loss.ref_mode)
   evaluator = evaluation.make_evaluator(
-      loss, lambda: ref_cache.ReferenceIterator(iter(eval_ds), eval_provider),
+      # Every process joins every eval batch's reference forward (online mode).
+      loss, lambda: ref_cache.ReferenceIterator(iter(train.JoinedByEveryProcess(eval_ds)),
+                                                eval_provider),
       reference=refs.model, kl=kl, mesh=mesh)
   summary_lib.write_json(os.path.join(workdir, "reference.json"), refs.info)
 

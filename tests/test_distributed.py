@@ -85,6 +85,7 @@ BINARIES = ("rm", "dpo")
 RESUMED = "dpo"  # crashed after step CRASH_AFTER and resumed
 NUM_PROCESSES, LOCAL_PAIRS, STEPS, CRASH_AFTER = 2, 8, 4, 2
 GLOBAL_PAIRS = NUM_PROCESSES * LOCAL_PAIRS
+DPO_EVAL_PAIRS = 209
 
 
 def make_config(binary: str, *, pairs: int):
@@ -106,10 +107,11 @@ def make_config(binary: str, *, pairs: int):
     # The final eval: each process scores its own rows of the 211 validation pairs (34 a
     # batch), and every process gathers all of them.
     config.eval.batch_size = 34
-  else:  # The final eval skips the exact KL. 7 pairs a batch per process: process 0's
-    # 106 validation pairs make 16 batches, process 1's 105 make 15, so process 1
-    # joins the last global batch with an empty one.
-    config.eval.batch_size = 7 * pairs // LOCAL_PAIRS
+  else:  # The final eval skips the exact KL. Of 209 validation pairs, process 0's 105
+    # make 14 batches of 8 and process 1's 104 make 13: process 1 joins the last global
+    # batch (and its reference forward) with an empty one.
+    config.data.eval_split = f"{config.data.eval_split}[:{DPO_EVAL_PAIRS}]"
+    config.eval.batch_size = pairs
     config.eval.kl_max_new_tokens = 0
     config.eval.exact_kl = "false"
   return config
@@ -244,9 +246,9 @@ def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
       assert two_eval["num_pairs"] == one_eval["num_pairs"] == 211
       assert abs(two_eval["accuracy"] - one_eval["accuracy"]) <= 2 / 211
     else:
-      assert two_eval["num_examples"] == one_eval["num_examples"] == 211
+      assert two_eval["num_examples"] == one_eval["num_examples"] == DPO_EVAL_PAIRS
       accuracy = "rewards/accuracies"
-      assert abs(two_eval[accuracy] - one_eval[accuracy]) <= 2 / 211
+      assert abs(two_eval[accuracy] - one_eval[accuracy]) <= 2 / DPO_EVAL_PAIRS
     # Step 1: the same parameters and rows.
     np.testing.assert_allclose(two[1]["loss"], one[1]["loss"], rtol=1e-6, err_msg=binary)
     np.testing.assert_allclose(two[1]["grad_norm"], one[1]["grad_norm"], rtol=1e-5, err_msg=binary)

@@ -26,6 +26,7 @@ from prefjax.data import pipeline as pipeline_lib
 from prefjax.evals import preference as evals
 from prefjax.rm import labels
 from prefjax.rm import loss as loss_lib
+from prefjax.train import evaluators as evaluators_lib
 from prefjax.train import sharding as sharding_lib
 from prefjax.train import summary as summary_lib
 
@@ -130,12 +131,7 @@ class RewardModelEvaluator:
   def _local_batches(self) -> list[dict[str, np.ndarray]]:
     """This process's eval batches, padded with empty ones (``pair_mask`` 0) to the most
     any process has: every process must join every global batch."""
-    batches = list(self._batches)
-    if jax.process_count() > 1:
-      most = int(np.max(multihost_utils.process_allgather(np.int32(len(batches)))))
-      empty = {**batches[0], "pair_mask": np.zeros_like(batches[0]["pair_mask"])}
-      batches += [empty] * (most - len(batches))
-    return batches
+    return list(evaluators_lib.JoinedByEveryProcess(self._batches))
 
   def _collect(self, model: nnx.Module) -> Rewards:
     """Rewards ``[N, C]``, outcomes, response lengths, indices of the N real eval pairs

@@ -20,6 +20,7 @@ _EXPORTS = {
     "checkpoint_identity": "checkpoint",
     "load_params": "checkpoint",
     "BatchEvaluator": "evaluators",
+    "JoinedByEveryProcess": "evaluators",
     "LoopConfig": "loop",
     "best_mode_for": "loop",
     "NonFiniteError": "loop",

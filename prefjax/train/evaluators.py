@@ -50,12 +50,34 @@ def padded_to(batches: list[Any], counts: Any) -> list[Any]:
   return batches + [empty_batch(batches[0])] * (most - len(batches))
 
 
+class JoinedByEveryProcess:
+  """Eval batches that every process iterates the same number of times: under several
+  processes, this process's ``batches`` padded with empty ones (:func:`padded_to`);
+  one process: ``batches`` as they are. Wrap the host batches before anything that
+  runs a global computation per batch (e.g. a reference model's log-probs)."""
+
+  def __init__(self, batches: Iterable[Any]):
+    self.padded = False
+    if jax.process_count() == 1:
+      self._batches = batches
+      return
+    local = list(batches)
+    counts = multihost_utils.process_allgather(np.int32(len(local)))
+    self._batches = padded_to(local, counts)
+    self.padded = bool(np.min(counts) < np.max(counts))
+
+  def __iter__(self):
+    return iter(self._batches)
+
+
 class BatchEvaluator:
   """``evaluator(step, model)`` averaging a jitted ``eval_fn`` over the eval batches.
 
   Args:
     eval_fn: ``(model, batch) -> {name: scalar}``, traced once per model structure.
-    data: an iterable re-iterated at each eval, or a callable returning a fresh one.
+    data: an iterable re-iterated at each eval, or a callable returning a fresh one
+      (a :class:`JoinedByEveryProcess` when each batch passes through a global
+      computation before the eval step).
     mesh: the training mesh; batches are sharded over its data axes when their
       size divides them, else replicated (None: the default device).
   """
@@ -81,11 +103,8 @@ class BatchEvaluator:
       self._steps[graphdef] = step_lib.make_eval_step(graphdef, self._eval_fn)
     eval_step = self._steps[graphdef]
     data = self._data() if callable(self._data) else self._data
-    padded = False
-    if jax.process_count() > 1:
-      data = list(data)
-      counts = multihost_utils.process_allgather(np.int32(len(data)))
-      data, padded = padded_to(data, counts), bool(np.min(counts) < np.max(counts))
+    if not isinstance(data, JoinedByEveryProcess):
+      data = JoinedByEveryProcess(data)
     totals: dict[str, float] = {}
     weight_sum, batches, weight_key = 0.0, 0, "num_batches"
     for batch in data:
@@ -103,7 +122,7 @@ class BatchEvaluator:
       weight_sum += weight
     if not batches:
       raise ValueError("the eval data yielded no batches")
-    if padded and weight_key == "num_batches":
+    if data.padded and weight_key == "num_batches":
       raise ValueError("the processes have different numbers of eval batches, so some "
                        "were padded with empty ones: the eval_fn must weight its metrics "
                        f"by one of {WEIGHT_KEYS} (it returned neither)")
