@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -186,6 +188,49 @@ def test_load_params_latest_and_best(reference):
   x, y = EVAL_DATA[0]["x"], EVAL_DATA[0]["y"]
   np.testing.assert_allclose(float(jnp.mean((best_model(x) - y)**2)), best["eval/mse"],
                              rtol=1e-6)
+
+
+class HiddenOnly(nnx.Module):
+  """DropoutMLP without its output layer: fewer parameters than the checkpoint holds."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(IN, HIDDEN, rngs=rngs)
+
+
+def test_load_params_refuses_what_the_model_lacks_and_ranks_as_the_metric_says(reference):
+  workdir, _, _ = reference
+  steps = _all_checkpoints(workdir)
+  with pytest.raises(FileNotFoundError,
+                     match=re.escape(f"has no checkpoint step 5; its steps: {steps}")):
+    train.load_params(workdir, DropoutMLP(nnx.Rngs(7)), step=5)
+  # Arrays of the run that the model lacks (a model built with fewer layers) used to be
+  # dropped without a word.
+  with pytest.raises(ValueError, match=r"arrays only in the checkpoint \(2\): "
+                                       r"params/out/bias; params/out/kernel"):
+    train.load_params(workdir, HiddenOnly(nnx.Rngs(7)))
+  # "best" ranks as the metric's name says unless best_mode is given (it used to be min).
+  kept = {r["step"]: r["eval/mse"] for r in train.read_metrics(workdir)
+          if "eval/mse" in r and r["step"] in steps}
+  lowest, highest = min(kept, key=kept.get), max(kept, key=kept.get)
+  assert lowest != highest
+  saved_step = train.checkpoint.saved_step
+  assert saved_step(workdir, "best", best_metric="mse") == lowest
+  assert saved_step(workdir, "best", best_metric="neg_mse") == lowest
+  assert saved_step(workdir, "best", best_metric="neg_mse", best_mode="min") == highest
+
+
+def test_best_step_ignores_a_nan_metric(tmp_path):
+  """NaN compared as neither better nor worse, so a NaN first in line won either way."""
+  model = DropoutMLP(nnx.Rngs(0))
+  for mode, values, best in (("max", [float("nan"), 0.2, 0.9], 3),
+                             ("min", [float("nan"), 0.9, 0.1], 3)):
+    ckpt = train.Checkpointer(tmp_path / mode, best_metric="acc", best_mode=mode,
+                              keep_last=3, async_save=False)
+    _, state = train.create_train_state(model, optax.sgd(0.1), 0)
+    for step, value in enumerate(values, start=1):
+      ckpt.save(state.replace(step=step), metrics={"acc": value})
+    assert ckpt.best_step() == best
+    ckpt.close()
 
 
 def test_metric_writer_truncates_on_resume_and_merges_same_step(tmp_path):

@@ -19,6 +19,7 @@ from prefjax import train
 from prefjax.train import checkpoint as checkpoint_lib
 from prefjax.train import evaluators as evaluators_lib
 from prefjax.train import state as state_lib
+from prefjax.train import summary as summary_lib
 from prefjax.train import step as step_lib
 from tests import comparisons
 
@@ -229,6 +230,9 @@ def test_train_loop_learns_and_writes_outputs(tmp_path):
     np.testing.assert_allclose(r["learning_rate"], float(train.make_schedule(opt)(r["step"] - 1)),
                                rtol=1e-5)
     assert r["tokens_per_sec"] > 0 and r["steps_per_sec"] > 0 and r["grad_norm"] > 0
+    # The tokens of exactly the steps the record's steps/s counts (the next batch's were
+    # counted in, one step ahead).
+    np.testing.assert_allclose(r["tokens_per_sec"] / r["steps_per_sec"], 16 * IN, rtol=1e-9)
   evals_logged = [r for r in records if "eval/mse" in r]
   assert [r["step"] for r in evals_logged] == [40, 80]
   assert evals_logged[1]["eval/mse"] < evals_logged[0]["eval/mse"]
@@ -344,7 +348,7 @@ def test_a_preempted_eval_step_is_ranked_for_best_by_the_rerun(tmp_path):
         optimizer={"name": "sgd", "learning_rate": 0.1}, loop=loop, train_iter=iter(batches),
         evaluators=[score_at], hooks=hooks)
 
-  best = lambda d: checkpoint_lib.saved_step(d, "best", best_metric="score")
+  best = lambda d: checkpoint_lib.saved_step(d, "best", best_metric="score", best_mode="min")
   reference = run(tmp_path / "reference")
   assert best(tmp_path / "reference") == reference.summary["best_checkpoint_step"] == 3
   assert run(tmp_path / "stopped", hooks=[_sigterm_at(3)]).preempted
@@ -552,9 +556,15 @@ def test_shape_mismatches_lists_each_kind_up_to_the_limit():
       "arrays differing in shape (2): params/b: checkpoint (3,), model (5,); "
       "opt/c: checkpoint (1,), model (2,). arrays only in the model (1): params/new. "
       "arrays only in the checkpoint (1): params/old")
-  assert checkpoint_lib.shape_mismatches(saved, wanted, partial=True, limit=1) == (
+  assert checkpoint_lib.shape_mismatches(saved, wanted, subtree="opt/", limit=1) == (
       "arrays differing in shape (2): params/b: checkpoint (3,), model (5,); … 1 more. "
       "arrays only in the model (1): params/new")
+  # A restore of the params alone: the optimizer's arrays are not extra, its params are.
+  params = {k: v for k, v in saved.items() if k.startswith("params/")}
+  assert checkpoint_lib.shape_mismatches(saved, params, subtree="params/") is None
+  del params["params/old"]  # e.g. a model built with fewer layers than the run's
+  assert checkpoint_lib.shape_mismatches(saved, params, subtree="params/") == (
+      "arrays only in the checkpoint (1): params/old")
 
 
 def test_key_data_roundtrip():
@@ -637,3 +647,51 @@ def test_batch_evaluator_pads_processes_with_empty_batches_of_weight_zero():
     evaluators_lib.padded_to([], np.asarray([0, 2]))
   with pytest.raises(ValueError, match="no real examples"):
     train.BatchEvaluator(masked_mean, padded[2:])(0, model)
+
+
+def test_tensorboard_holds_every_record_up_to_the_last_checkpoint(tmp_path):
+  """A run killed after a checkpoint resumes there and purges TensorBoard's later steps:
+  what came before must be on disk (tensorboardX flushes every 2 minutes)."""
+  seen = []
+
+  def read_events(step, state, metrics):
+    del state, metrics
+    if step == 3:  # dispatched after step 2's checkpoint, before step 3 is logged
+      files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+      seen.append(b"".join(f.read_bytes() for f in files))
+
+  loop = train.LoopConfig(num_steps=4, log_every=1, eval_every=0, checkpoint_every=2,
+                          tensorboard=True)
+  train.train_loop(workdir=str(tmp_path), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
+                   optimizer={"name": "sgd", "learning_rate": 0.1}, loop=loop,
+                   train_iter=iter(make_batches(4, 8)), hooks=[read_events])
+  assert len(seen) == 1 and b"grad_norm" in seen[0]
+
+
+def test_summary_json_stays_standard_json_with_non_finite_numbers(tmp_path):
+  summary_lib.write_summary(str(tmp_path), {"final_eval": {"nll": float("nan"), "ok": 1.5},
+                                          "final_perplexity": float("inf"),
+                                          "curve": [np.float32("-inf"), 2.0]})
+  text = (tmp_path / "summary.json").read_text()
+  parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+  assert parsed == {"final_eval": {"nll": "nan", "ok": 1.5}, "final_perplexity": "inf",
+                    "curve": ["-inf", 2.0]}
+
+
+def test_loss_fn_metrics_that_the_step_would_overwrite_or_cannot_log_are_errors():
+  model = MLP(nnx.Rngs(0))
+  graphdef, state = train.create_train_state(model, optax.sgd(0.1), 0)
+  batch = make_batches(1, 8)[0]
+
+  def with_metrics(metrics):
+    return lambda m, b, rng: (mse_loss(m, b, rng)[0], metrics)
+  cases = {"'grad_norm'\\] are names the train step writes": {"grad_norm": 7.0},
+           "metric 'nested' must be a scalar array or number; got dict": {"nested": {"a": 1}},
+           "metric 'label' must be a scalar array or number; got str": {"label": "hello"}}
+  for message, metrics in cases.items():
+    step_fn = train.make_train_step(graphdef, with_metrics(metrics), optax.sgd(0.1))
+    with pytest.raises((ValueError, TypeError), match=message):
+      step_fn(state, batch)
+  step_fn = train.make_train_step(graphdef, with_metrics({"flag": np.bool_(True)}),
+                                  optax.sgd(0.1))
+  assert float(step_fn(state, batch)[1]["flag"]) == 1.0

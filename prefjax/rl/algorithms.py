@@ -135,5 +135,4 @@ def loss_fn(bundle: rollout_lib.PolicyBundle, batch: Mapping[str, Array],
     loss = loss - hp.entropy_coef * entropy
     metrics["entropy"] = entropy
   metrics["policy_loss"] = pg_loss
-  metrics["loss"] = loss
-  return loss, metrics
+  return loss, metrics  # the train step logs ``loss`` itself

@@ -61,7 +61,7 @@ def from_savable(tree: PyTree, template: PyTree) -> PyTree:
 
 def load_params(workdir: str | os.PathLike[str], model: nnx.Module, *,
                 step: int | str | None = None, best_metric: str | None = None,
-                best_mode: str = "min",
+                best_mode: str | None = None,
                 trainable: nnx.filterlib.Filter = nnx.Param) -> nnx.Module:
   """Loads the params saved by ``train_loop`` in ``workdir`` into ``model`` (in place).
 
@@ -69,7 +69,8 @@ def load_params(workdir: str | os.PathLike[str], model: nnx.Module, *,
     workdir: a ``train_loop`` workdir (checkpoints under ``checkpoints/``).
     model: a model of the same architecture; its arrays' shardings are kept.
     step: an int, ``None``/``"latest"``, or ``"best"`` (needs ``best_metric``).
-    best_metric, best_mode: how ``"best"`` is ranked (the run's eval metric).
+    best_metric, best_mode: how ``"best"`` is ranked (the run's eval metric; ``min`` or
+      ``max``, by default what the metric's name says, as ``loop.best_mode``).
     trainable: the filter the run trained with (only those variables load).
 
   Returns:
@@ -86,7 +87,7 @@ def load_params(workdir: str | os.PathLike[str], model: nnx.Module, *,
 
 
 def saved_step(workdir: str | os.PathLike[str], step: int | str | None = None, *,
-               best_metric: str | None = None, best_mode: str = "min") -> int:
+               best_metric: str | None = None, best_mode: str | None = None) -> int:
   """The step :func:`load_params` loads for these arguments."""
   ckpt = _read_only(workdir, best_metric, best_mode)
   try:
@@ -132,11 +133,15 @@ def saved_run_config(workdir: str | os.PathLike[str], step: int | None = None
     ckpt.close()
 
 
-def _read_only(workdir, best_metric: str | None, best_mode: str) -> "Checkpointer":
+def _read_only(workdir, best_metric: str | None, best_mode: str | None) -> "Checkpointer":
   directory = os.path.join(os.fspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoints directory in {workdir}")
-  return Checkpointer(directory, best_metric=best_metric, best_mode=best_mode, read_only=True)
+  if best_metric is not None:
+    from prefjax.train import loop  # pylint: disable=import-outside-toplevel (loop imports us)
+    best_mode = loop.best_mode_for(best_metric, best_mode)
+  return Checkpointer(directory, best_metric=best_metric, best_mode=best_mode or "min",
+                      read_only=True)
 
 
 def _resolve_step(ckpt: "Checkpointer", workdir, step: int | str | None,
@@ -179,16 +184,18 @@ def _params_first(name: str) -> tuple[bool, str]:
 
 
 def shape_mismatches(saved: Mapping[str, tuple[int, ...]],
-                     wanted: Mapping[str, tuple[int, ...]], *, partial: bool = False,
+                     wanted: Mapping[str, tuple[int, ...]], *, subtree: str = "",
                      limit: int = 6) -> str | None:
   """What keeps ``wanted`` arrays from restoring out of ``saved`` ones, or None.
 
-  Names each array the model has and the checkpoint lacks, each the checkpoint has and
-  the model lacks (unless ``partial``: a subset restore), and each whose shape differs,
-  ``limit`` of each kind. Dtypes are not compared: a restore casts them.
+  Names each array the model has and the checkpoint lacks, each the checkpoint has
+  (under ``subtree``, for a restore of that part only) and the model lacks, and each
+  whose shape differs, ``limit`` of each kind. Dtypes are not compared: a restore
+  casts them.
   """
   missing = sorted(wanted.keys() - saved.keys(), key=_params_first)
-  extra = [] if partial else sorted(saved.keys() - wanted.keys(), key=_params_first)
+  extra = sorted((k for k in saved.keys() - wanted.keys() if k.startswith(subtree)),
+                 key=_params_first)
   changed = [f"{k}: checkpoint {saved[k]}, model {wanted[k]}"
              for k in sorted(wanted.keys() & saved.keys(), key=_params_first)
              if saved[k] != wanted[k]]
@@ -440,8 +447,9 @@ class Checkpointer:
     scored = []
     for step in self.all_steps():
       metrics = self._manager.metrics(step)
-      if metrics and self.best_metric in metrics:
-        scored.append((metrics[self.best_metric], step))
+      value = (metrics or {}).get(self.best_metric)
+      if value is not None and not np.isnan(value):  # NaN compares as neither better nor worse
+        scored.append((value, step))
     if not scored:
       return None
     return (min(scored) if self._best_mode == "min" else max(scored))[1]
@@ -466,22 +474,26 @@ class Checkpointer:
         item=item, restore_args=restore_args, partial_restore=True))
     wanted = {f"params/{k}": v for k, v in array_shapes(params).items()}
     return self._restore_step(step, args, "params do not match the model", wanted=wanted,
-                              partial=True)["state"]["params"]
+                              subtree="params/")["state"]["params"]
 
   def _restore_step(self, step: int, args: ocp.args.Composite, mismatch: str, *,
-                    wanted: Mapping[str, tuple[int, ...]], partial: bool = False) -> Any:
+                    wanted: Mapping[str, tuple[int, ...]], subtree: str = "") -> Any:
     """``manager.restore`` that tells damaged files (DamagedCheckpointError) from
     a model that does not match the checkpoint (ValueError saying ``mismatch``).
 
     ``wanted``: the state's array shapes (:func:`array_shapes`), compared with the
     checkpoint's metadata before any array is read, so the error names the arrays
-    that differ and no read is left half done.
+    that differ and no read is left half done. ``subtree``: the restore reads only the
+    saved arrays under that prefix (e.g. ``params/``, not the optimizer state).
     """
+    if step not in self.all_steps():
+      raise FileNotFoundError(f"{self.directory} has no checkpoint step {step}; its steps: "
+                              f"{self.all_steps() or 'none'}")
     problem = integrity.find_damage(self._step_dir(step))
     if problem is not None:
       raise DamagedCheckpointError(self.directory, step, problem)
     saved = self.saved_shapes(step)
-    differences = None if saved is None else shape_mismatches(saved, wanted, partial=partial)
+    differences = None if saved is None else shape_mismatches(saved, wanted, subtree=subtree)
     if differences:
       raise ValueError(f"checkpoint {self.directory}/{step}: {mismatch}: {differences}")
     try:

@@ -305,8 +305,10 @@ class _Trainer:
     self.state, metrics = _STEP_CACHE[key](self.state, batch)
     return metrics
 
-  def _finish_step(self, step: int, metrics, eval_metrics=None) -> None:
-    """Host-side bookkeeping of a completed step (runs one step behind dispatch)."""
+  def _finish_step(self, step: int, metrics, tokens: float, eval_metrics=None) -> None:
+    """Host-side bookkeeping of a completed step (runs one step behind dispatch);
+    ``tokens``: its batch's, counted in the ``tokens_per_sec`` of the record it ends."""
+    self.writer.add_tokens(tokens)
     host = metrics_lib.to_python(metrics)
     if not host["update_applied"]:
       logging.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s): update "
@@ -326,6 +328,9 @@ class _Trainer:
     metrics = eval_metrics if self.loop.best_metric else None
     self.checkpointer.save(self.state, data_state=self._iterator_state(),
                            config=self.config, metrics=metrics, eval_owed=eval_owed)
+    # A killed run resumes from this step: TensorBoard must hold what came before it
+    # (its writer flushes every 2 minutes; the lines after it are purged on resume).
+    self.writer.flush()
 
   def _is_eval_step(self, step: int) -> bool:
     return self.has_eval and (_every(step, self.loop.eval_every) or step == self.loop.num_steps)
@@ -375,13 +380,12 @@ class _Trainer:
             logging.warning("train iterator exhausted after %d steps", step)
             consistent = True
             break
-          if self.tokens_in_batch is not None:
-            self.writer.add_tokens(float(self.tokens_in_batch(batch)))
+          tokens = 0.0 if self.tokens_in_batch is None else float(self.tokens_in_batch(batch))
           metrics = self._train_step(self._put_train(batch))
           step, consistent = step + 1, True
           if pending is not None:
             self._finish_step(*pending)
-          pending = (step, metrics)
+          pending = (step, metrics, tokens)
           for hook in self.hooks:
             hook(step, self.state, metrics)
           if jax.process_count() > 1 and self.checkpointer.reached_preemption(step):

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -64,6 +65,11 @@ def split_microbatches(batch: Batch, accum_steps: int) -> Batch:
   return jax.tree_util.tree_map_with_path(split, batch)
 
 
+# Written by the train step next to a loss_fn's own metrics (which would be overwritten).
+RESERVED_METRICS = frozenset({"loss", "grad_norm", "update_applied", "skipped_steps",
+                              "consecutive_skipped", "learning_rate"})
+
+
 def _check_loss_output(out: Any) -> tuple[jax.Array, Metrics]:
   if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
     raise TypeError("loss_fn must return (scalar_loss, metrics_dict); got "
@@ -72,9 +78,16 @@ def _check_loss_output(out: Any) -> tuple[jax.Array, Metrics]:
   if jnp.shape(loss) != ():
     raise ValueError(f"loss_fn must return a scalar loss; got shape {jnp.shape(loss)} "
                      "(reduce per-example losses with a (weighted) mean)")
+  if taken := sorted(RESERVED_METRICS & set(metrics)):
+    raise ValueError(f"loss_fn metrics {taken} are names the train step writes itself; "
+                     "rename them")
   for name, value in metrics.items():
-    if jnp.shape(value) != ():
-      raise ValueError(f"loss_fn metric {name!r} must be a scalar; got shape {jnp.shape(value)}")
+    if not isinstance(value, (int, float, np.generic, np.ndarray, jax.Array)):
+      raise TypeError(f"loss_fn metric {name!r} must be a scalar array or number; got "
+                      f"{type(value).__name__}")
+    shape = jnp.shape(value)
+    if shape != ():
+      raise ValueError(f"loss_fn metric {name!r} must be a scalar; got shape {shape}")
   return jnp.asarray(loss, jnp.float32), {k: jnp.asarray(v, jnp.float32)
                                           for k, v in metrics.items()}
 

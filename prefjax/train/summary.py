@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import pathlib
 from typing import Any, Mapping
@@ -145,7 +146,21 @@ def _diff_from_saved(path: str, new: Mapping[str, Any]) -> str | None:
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
-  write_json(os.path.join(workdir, SUMMARY_FILE), dict(summary))
+  """``summary.json``, standard JSON: a NaN or infinite number is written as the string
+  ``"nan"``/``"inf"``, as in ``metrics.jsonl`` (bare ``NaN`` is not JSON)."""
+  write_json(os.path.join(workdir, SUMMARY_FILE), _finite_or_named(dict(summary)))
+
+
+def _finite_or_named(obj: Any) -> Any:
+  if isinstance(obj, Mapping):
+    return {k: _finite_or_named(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite_or_named(v) for v in obj]
+  if hasattr(obj, "tolist") and not isinstance(obj, (float, int)):
+    return _finite_or_named(obj.tolist())
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return str(obj)
+  return obj
 
 
 def read_summary(workdir: str) -> dict[str, Any]:
