@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import numbers
 import types
 import typing
@@ -155,6 +156,8 @@ def check_kwargs(what: str, name: str, kwargs: Mapping[str, Any],
     if not _same_kind(value, defaults[key]):
       raise ValueError(f"{what} {key}={value!r} for {name!r}: expected "
                        f"{_kind(defaults[key])} (default {defaults[key]!r})")
+    if isinstance(value, float) and math.isnan(value):  # passes every range check
+      raise ValueError(f"{what} {key}={value!r} for {name!r}: expected a number, not NaN")
 
 
 def _kind(default: Any) -> str:

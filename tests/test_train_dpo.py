@@ -305,6 +305,12 @@ def test_direct_loss_rejects_bad_settings():
     loss_lib.DirectLoss(name="dpo", loss_kwargs=loss_lib.parse_kwargs("label_smoothing=abc"))
   with pytest.raises(ValueError, match=r"label_smoothing=True for 'dpo': expected a number"):
     loss_lib.DirectLoss(name="dpo", loss_kwargs={"label_smoothing": True})
+  # NaN passes every range check (comparisons are false) and trained on to NonFiniteError.
+  with pytest.raises(ValueError, match=r"label_smoothing=nan for 'dpo': expected a number, "
+                                       r"not NaN"):
+    loss_lib.DirectLoss(name="dpo", loss_kwargs=loss_lib.parse_kwargs("label_smoothing=NaN"))
+  with pytest.raises(KeyError, match=r"--imports=MODULE"):
+    loss_lib.DirectLoss(name="rdpo_of_my_own")
   # Ranges are checked with the configured numbers, although a soft-label loss trains
   # with a per-pair ε (exo_pair with ε = 0 gave a NaN loss at every step).
   for name, eps in [("exo_pair", 0.0), ("exo_pair", 1.0), ("dpo", 2.0), ("simpo", -1.0)]:
@@ -378,3 +384,69 @@ def test_cli_smoke(tmp_path, env):
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["final_step"] == 2
   assert json.loads((workdir / "config.json").read_text())["loss"]["name"] == "ipo"
+
+
+def test_held_out_metrics_pool_over_the_pairs_the_loss_counts(monkeypatch):
+  """Ties the loss drops are not in a batch's metrics, so they must not weight it: two
+  batches, 4 decisive pairs (3 right) and 1 decisive pair (right) among 3 ties, give
+  4/5, not the pair-count-weighted (3/4 + 1) / 2."""
+  def fixed_scores(model, batch, num_segments=None):
+    del model, num_segments
+    ones = jnp.ones_like(batch["s_c"])
+    return loss_lib.SequenceScores(batch["s_c"], batch["s_r"], ones, ones)
+  monkeypatch.setattr(loss_lib, "score_pairs", fixed_scores)
+
+  def batch(s_c, outcome):
+    n = len(s_c)
+    return {"s_c": np.asarray(s_c, np.float32), "s_r": np.zeros(n, np.float32),
+            "ref_chosen": np.zeros(n, np.float32), "ref_rejected": np.zeros(n, np.float32),
+            "outcome": np.asarray(outcome, np.float32), "weight": np.ones(n, np.float32),
+            "pair_mask": np.ones(n, np.float32)}
+  batches = [batch([1.0, 1.0, 1.0, -1.0], [1.0] * 4),
+             batch([1.0, -1.0, -1.0, -1.0], [1.0, 0.5, 0.5, 0.5])]
+  loss = loss_lib.DirectLoss(name="ipo", beta=1.0, ref_mode="online")  # drops ties
+
+  class Nothing(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.zeros(1))
+  got = evaluation.make_evaluator(loss, lambda: iter(batches))(0, Nothing())
+  assert got["num_examples"] == 5.0
+  np.testing.assert_allclose(got["rewards/accuracies"], 4 / 5, rtol=1e-6)
+  assert "pairs/dropped_ties" not in got
+
+
+def test_a_registered_loss_of_the_wrong_shape_or_nan_at_padding(monkeypatch):
+  """``[B, 1]`` per-pair losses broadcast to ``[B, B]`` (a 16x loss at B = 16) and a scalar
+  ignored the pair weights, silently; a NaN at a padding pair made the loss NaN."""
+  def fixed_scores(model, batch, num_segments=None):
+    del model, num_segments
+    return loss_lib.SequenceScores(batch["s_c"], batch["s_r"], batch["n"], batch["n"])
+  monkeypatch.setattr(loss_lib, "score_pairs", fixed_scores)
+  batch = {"s_c": np.asarray([-1.0, -2.0, 0.0], np.float32),
+           "s_r": np.asarray([-2.0, -1.0, 0.0], np.float32),
+           "n": np.asarray([2.0, 4.0, 0.0], np.float32),  # the padding pair has no tokens
+           "ref_chosen": np.zeros(3, np.float32), "ref_rejected": np.zeros(3, np.float32),
+           "outcome": np.ones(3, np.float32), "weight": np.ones(3, np.float32),
+           "pair_mask": np.asarray([1.0, 1.0, 0.0], np.float32)}
+
+  def per_token_margin(x, *, beta):  # 0/0 at the padding pair
+    return -(x.policy_chosen / x.chosen_tokens - x.policy_rejected / x.rejected_tokens) * beta
+  shapes = {"_test_column": lambda x, *, beta: per_token_margin(x, beta=beta)[:, None],
+            "_test_scalar": lambda x, *, beta: jnp.mean(per_token_margin(x, beta=beta)),
+            "_test_per_token": per_token_margin}
+  try:
+    for name, fn in shapes.items():
+      registry.register_direct_loss(name)(fn)
+    for name in ("_test_column", "_test_scalar"):
+      loss_fn = loss_lib.make_loss_fn(loss_lib.DirectLoss(name=name, beta=1.0,
+                                                          ref_mode="online"))
+      with pytest.raises(ValueError, match=rf"direct loss '{name}' returned shape "
+                                           r"\(.*\); expected one value per example, \(3,\)"):
+        loss_fn(None, batch, jax.random.key(0))
+    loss_fn = loss_lib.make_loss_fn(loss_lib.DirectLoss(name="_test_per_token", beta=1.0,
+                                                        ref_mode="online"))
+    loss, _ = loss_fn(None, batch, jax.random.key(0))
+    np.testing.assert_allclose(float(loss), (-(-0.5 + 1.0) - (-0.5 + 0.25)) / 2, rtol=1e-6)
+  finally:
+    for name in shapes:
+      registry.unregister_direct_loss(name)

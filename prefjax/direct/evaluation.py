@@ -3,7 +3,9 @@
 ``make_evaluator`` returns an evaluator ``fn(step, model) -> metrics`` for
 ``train_loop(..., evaluators=[...])``: a ``prefjax.train.BatchEvaluator`` running
 ``make_eval_fn``'s per-batch ``eval_fn(model, batch)`` jitted over the held-out
-pair batches, averaged weighted by ``num_examples`` (the real pairs):
+pair batches, averaged weighted by ``num_examples``: the pairs the loss counts, by
+their weights (a tie's outcome drops a pair for losses without soft labels; so a
+batch's metrics, which are means over those pairs, pool into the split's means):
 
 * the training loss and TRL-named metrics (``rewards/accuracies`` is the
   implicit-reward accuracy on held-out pairs);
@@ -102,12 +104,14 @@ def make_eval_fn(loss: loss_lib.DirectLoss, *, reference: nnx.Module | None = No
   The reference model (needed only for the KL) is closed over: its arrays are
   constants of the jitted eval step.
   """
-  loss_fn = loss_lib.make_loss_fn(loss)
+  loss_fn, loss_cfg = loss_lib.make_loss_fn(loss), loss
 
   def eval_fn(model: nnx.Module, batch: Mapping[str, Array]) -> dict[str, Array]:
     loss, metrics = loss_fn(model, batch, jax.random.key(0))
-    weights = batch["pair_mask"].astype(jnp.float32)
-    out = {k: v for k, v in metrics.items() if k != "loss_weight"}
+    weights = loss_lib.counted_pair_weights(loss_cfg, batch)
+    # A per-batch count (the training logs' pairs/dropped_ties) has no meaning as a
+    # weighted mean over batches.
+    out = {k: v for k, v in metrics.items() if k not in ("loss_weight", "pairs/dropped_ties")}
     out["loss"] = loss
     if reference is not None and kl is not None:
       prompt, mask = left_padded_prompts(batch)

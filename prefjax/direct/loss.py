@@ -244,8 +244,19 @@ def reference_fields(model: nnx.Module, batch: Batch, *, num_segments: int | Non
 
 
 def weighted_mean(values: Array, weights: Array) -> Array:
+  """Σ w·v / Σ w over the entries of weight > 0 (a NaN at a padding pair stays out)."""
   total = jnp.sum(weights)
-  return jnp.sum(values * weights) / jnp.where(total > 0, total, 1.0)
+  kept = jnp.where(weights > 0, values, 0.0)
+  return jnp.sum(kept * weights) / jnp.where(total > 0, total, 1.0)
+
+
+def _per_example(loss: DirectLoss, losses: Array, weights: Array) -> Array:
+  """A loss must return one value per example: ``[B, 1]`` against ``[B]`` weights would
+  broadcast to ``[B, B]`` and average the wrong thing without a word."""
+  if jnp.shape(losses) != jnp.shape(weights):
+    raise ValueError(f"direct loss {loss.name!r} returned shape {jnp.shape(losses)}; "
+                     f"expected one value per example, {jnp.shape(weights)}")
+  return losses
 
 
 def _tie_handling(loss: DirectLoss, batch: Batch) -> tuple[dict[str, Any], Array, Array]:
@@ -259,6 +270,12 @@ def _tie_handling(loss: DirectLoss, batch: Batch) -> tuple[dict[str, Any], Array
     return kwargs, weights, jnp.zeros((), jnp.float32)
   tie = (outcome != 1.0) & (weights > 0)
   return kwargs, jnp.where(tie, 0.0, weights), jnp.sum(tie.astype(jnp.float32))
+
+
+def counted_pair_weights(loss: DirectLoss, batch: Batch) -> Array:
+  """``[B]`` weights of the pairs the loss and its metrics average over (0: padding, or
+  a tie the loss drops)."""
+  return _tie_handling(loss, batch)[1]
 
 
 def pair_logps(loss: DirectLoss, scores: SequenceScores,
@@ -323,10 +340,10 @@ def make_loss_fn(loss: DirectLoss) -> Callable[[nnx.Module, Batch, Array],
     metrics: dict[str, Array] = {}
     if loss.spec.unpaired:
       losses, example_weights, metrics = _unpaired_losses(loss, model, x, batch, weights)
-      main = weighted_mean(losses, example_weights)
+      main = weighted_mean(_per_example(loss, losses, example_weights), example_weights)
     else:
       losses = loss.spec.fn(x, beta=loss.beta, **kwargs)
-      main = weighted_mean(losses, weights)
+      main = weighted_mean(_per_example(loss, losses, weights), weights)
     total = main
     if loss.alpha:
       nll = weighted_mean(-x.policy_chosen / jnp.maximum(x.chosen_tokens, 1.0), weights)

@@ -81,7 +81,9 @@ def lookup(table: dict[str, Any], name: str, kind: str) -> Any:
   try:
     return table[name]
   except KeyError:
-    raise KeyError(f"unknown {kind} loss {name!r}; registered: {sorted(table)}") from None
+    raise KeyError(f"unknown {kind} loss {name!r}; registered: {sorted(table)} (a loss "
+                   "registered in your own module: pass --imports=MODULE to the binary)"
+                   ) from None
 
 
 def register_direct_loss(name: str, *, reference_free: bool = False,
