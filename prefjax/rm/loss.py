@@ -69,12 +69,17 @@ class RewardLoss:
                 for n in pref_losses.PREFERENCE_LOSSES]
     configlib.check_fields("config.loss", cfg, set(OWN_FIELDS).union(*defaults))
     _warn_ignored(cfg, name, own, defaults)
-    hparams = {k: cfg[k] for k in own if k in cfg}
+    # config.loss carries every built-in hyperparameter at its default: a loss of your
+    # own with a hyperparameter of the same name (``margin``) keeps its own default
+    # unless the field was moved off the built-in's.
+    carried = {k for k in own if k in cfg and cfg[k] != own[k] and any(
+        k in d and d[k] == cfg[k] for n, d in zip(pref_losses.PREFERENCE_LOSSES, defaults)
+        if n != name)}
+    hparams = {k: cfg[k] for k in own if k in cfg and k not in carried}
     kwargs = configlib.parse_kwargs(cfg.get("kwargs"))
     configlib.check_kwargs("config.loss.kwargs", name, kwargs, own)
-    # config.loss carries every built-in hyperparameter at its default, so only a field
-    # moved off that default is a second setting.
-    if twice := {k: cfg[k] for k in kwargs if k in cfg and k in own and cfg[k] != own[k]}:
+    # So only a field moved off those defaults is a second setting.
+    if twice := {k: hparams[k] for k in kwargs if k in hparams and hparams[k] != own[k]}:
       raise ValueError(f"config.loss.kwargs sets {sorted(twice)}, and config.loss sets them too "
                        f"({', '.join(f'{k}={v!r}' for k, v in sorted(twice.items()))}): set "
                        "each in one place")
