@@ -210,11 +210,19 @@ class TextWorld:
 
   def evaluation_key(self, proxy_widths: list[int]) -> dict[str, Any]:
     """What :meth:`evaluator`'s numbers depend on besides the policy (checkpoint caches):
-    the settings, and each proxy's stage key, so retrained proxies are scored again."""
-    proxies = {f"proxy_w{w}": text_world.digest(text_world.recorded_key(
-        self.proxy_reward_spec(w).checkpoint)) for w in proxy_widths}
+    the settings, and the runs of each proxy's stage and of the reference stage, so a
+    policy is scored again after either was retrained."""
+    proxies = {f"proxy_w{w}": self._stage_identity(self.proxy_reward_spec(w).checkpoint)
+               for w in proxy_widths}
     return dict(eval=configlib.plain(self.cfg.eval), rewards=sorted(["gold", *proxies]),
-                max_new_tokens=self.max_new_tokens, proxies=proxies)
+                max_new_tokens=self.max_new_tokens, proxies=proxies,
+                reference=self._stage_identity(self.reference_stage()[0]))
+
+  @staticmethod
+  def _stage_identity(path: str) -> str:
+    """The finished stage's run id; for a stage finished before stages recorded one, a
+    digest of its config key (what earlier caches were keyed by)."""
+    return text_world.stage_run(path) or text_world.digest(text_world.recorded_key(path))
 
 
 # ---------------------------------------------------------------------------- stages
@@ -236,23 +244,27 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   frontier_algorithms = tuple(cfg.rl.get("frontier_algorithms", ()))
   progress = progress_cls(tw.progress_label, 2 + 2 * len(widths) + 2 * len(rl_widths)
                           + 2 * len(frontier_algorithms) + 2 * len(dpo_runs))
-  path, binary, make_config, label = tw.reference_stage()
-  info = text_world.binary_stage(path, binary, make_config, workdir=workdir)
+  reference_dir, binary, make_config, label = tw.reference_stage()
+  info = text_world.binary_stage(reference_dir, binary, make_config, workdir=workdir)
   progress.step(f"{label} ({info['wall_s']:.0f} s)")
-  pairs = text_world.run_stage(os.path.join(workdir, "pairs"), tw.policy_pairs,
-                               key=text_world.config_key(tw.pairs_key(), workdir))
+  pairs_dir = os.path.join(workdir, "pairs")
+  pairs = text_world.run_stage(pairs_dir, tw.policy_pairs,
+                               key=text_world.config_key(tw.pairs_key(), workdir),
+                               upstream={"reference": reference_dir})
   progress.step(f"{pairs['num_pairs']} gold-labelled π_ref pairs")
+  proxy_dir = lambda w: os.path.join(workdir, "proxies", f"w{w}")
   proxy_stats = []
   for w in widths:
-    path = os.path.join(workdir, "proxies", f"w{w}")
-    info = text_world.binary_stage(path, train_rm.run, lambda: tw.rm_config(w, pairs["dataset"]),
-                                   workdir=workdir)
+    info = text_world.binary_stage(proxy_dir(w), train_rm.run,
+                                   lambda: tw.rm_config(w, pairs["dataset"]), workdir=workdir,
+                                   upstream={"pairs": pairs_dir})
     proxy_stats.append(dict(width=w, **info))
     progress.step(f"proxy width {w}: held-out accuracy {info.get('accuracy', float('nan')):.3f}")
   bon = {}
   for w in widths:
     path = os.path.join(workdir, "bon", f"w{w}")
-    text_world.binary_stage(path, best_of_n.run, lambda: tw.bon_config(w), workdir=workdir)
+    text_world.binary_stage(path, best_of_n.run, lambda: tw.bon_config(w), workdir=workdir,
+                            upstream={"reference": reference_dir, "proxy": proxy_dir(w)})
     bon[w] = _load_samples(path)
     progress.step(f"best-of-n against proxy width {w}")
   gold_scale = text_world.GoldScale.fit(bon[widths[0]]["gold"])
@@ -266,7 +278,8 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   def rl_stage(name: str, width: int, algorithm: str | None = None) -> text_world.Trajectory:
     path = os.path.join(workdir, "rl", name)
     config = tw.rl_config(width, algorithm)
-    text_world.binary_stage(path, train_rl.run, lambda: config, workdir=workdir)
+    text_world.binary_stage(path, train_rl.run, lambda: config, workdir=workdir,
+                            upstream={"reference": reference_dir, "proxy": proxy_dir(width)})
     progress.step(f"RL ({config.rl.algorithm}) against proxy width {width}")
     bundle = text_world.rl_bundle_maker(lambda: tw.make_policy(tw.reference_path()), config.rl)
     traj = text_world.cached_trajectory(path, bundle, reference, evaluate, key=eval_key,
@@ -284,7 +297,8 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
     path = os.path.join(workdir, "dpo", f"{loss}_b{beta:g}")
     text_world.binary_stage(path, train_dpo.run,
                             lambda: tw.dpo_config(loss, beta, pairs["dataset"]),
-                            workdir=workdir)
+                            workdir=workdir,
+                            upstream={"reference": reference_dir, "pairs": pairs_dir})
     progress.step(f"{loss} β={beta:g}")
     traj = text_world.cached_trajectory(path, lambda: tw.make_policy(tw.reference_path()),
                                         reference, evaluate, key=eval_key)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -203,3 +206,36 @@ def test_bon_curve_measures_each_prompt_against_its_own_reference_mean():
   for field in ("proxy", "gold", "proxy_se", "gold_se"):
     np.testing.assert_allclose(getattr(moved, field), getattr(curve, field), atol=1e-12)
   np.testing.assert_allclose([curve.gold[0], curve.gold_se[0]], 0.0, atol=1e-12)  # n = 1
+
+
+def test_a_stage_run_again_upstream_makes_the_stages_reading_it_stale(tmp_path):
+  proxy, bon = str(tmp_path / "proxies" / "w8"), str(tmp_path / "bon" / "w8")
+  key = {"loop": {"num_steps": 4}}
+  text_world.run_stage(proxy, lambda: {"accuracy": 0.7}, key=key)
+  first_run = text_world.stage_run(proxy)
+  assert first_run and "run" not in text_world.run_stage(proxy, lambda: None, key=key)
+  calls = []
+  text_world.run_stage(bon, lambda: calls.append(1), key={"n": 4}, upstream={"proxy": proxy})
+  text_world.run_stage(bon, lambda: calls.append(1), key={"n": 4}, upstream={"proxy": proxy})
+  assert calls == [1]
+  # The proxy trained again with the same config (its folder deleted): a new run id.
+  shutil.rmtree(proxy)
+  text_world.run_stage(proxy, lambda: {"accuracy": 0.6}, key=key)
+  assert text_world.stage_run(proxy) not in (None, first_run)
+  with pytest.raises(text_world.StaleStageError, match=r"upstream\.proxy"):
+    text_world.run_stage(bon, lambda: calls.append(1), key={"n": 4}, upstream={"proxy": proxy})
+  assert calls == [1]
+
+
+def test_a_stage_finished_before_upstream_runs_were_recorded_is_reused(tmp_path, caplog):
+  proxy, bon = str(tmp_path / "proxy"), str(tmp_path / "bon")
+  text_world.run_stage(proxy, lambda: None, key={"steps": 4})
+  os.makedirs(bon)
+  with open(os.path.join(bon, text_world.DONE_FILE), "w") as f:
+    json.dump({"wall_s": 1.0, "key": {"n": 4}}, f)  # as written before upstream keys
+  caplog.set_level(logging.WARNING)
+  assert text_world.run_stage(bon, lambda: 1 / 0, key={"n": 4},
+                              upstream={"proxy": proxy}) == {"wall_s": 1.0}
+  assert "without checking those" in caplog.text
+  with pytest.raises(text_world.StaleStageError, match=r"n: 4 -> 5"):
+    text_world.run_stage(bon, lambda: 1 / 0, key={"n": 5}, upstream={"proxy": proxy})

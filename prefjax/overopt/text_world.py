@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -58,26 +59,33 @@ class StaleStageError(ValueError):
 
 
 def run_stage(path: str, fn: Callable[[], dict[str, Any] | None], *,
-              key: Mapping[str, Any] | None = None) -> dict[str, Any]:
+              key: Mapping[str, Any] | None = None,
+              upstream: Mapping[str, str] | None = None) -> dict[str, Any]:
   """Runs ``fn`` unless ``path/done.json`` exists; returns what it recorded (+ ``wall_s``).
 
   ``key`` is what the stage's outputs depend on (its config, with paths made relative
-  to the study's workdir). It is recorded in ``done.json`` but not returned; a finished
-  stage whose key differs raises :class:`StaleStageError` naming the fields that
-  changed, since its checkpoints would otherwise be resumed or reused under the new
-  config.
+  to the study's workdir). ``upstream`` names the finished stages (name -> folder)
+  whose outputs it reads: their run ids (:func:`stage_run`, new each time a stage
+  runs) join the key, so a stage run again upstream makes this one stale too. The key
+  is recorded in ``done.json`` but not returned; a finished stage whose key differs
+  raises :class:`StaleStageError` naming the fields that changed, since its
+  checkpoints would otherwise be resumed or reused under the new config or inputs.
   """
+  if upstream:
+    key = {**(key or {}), "upstream": {name: stage_run(p) for name, p in upstream.items()}}
   key = None if key is None else json.loads(json.dumps(key, sort_keys=True, default=str))
   info = _finished(path)
   if info is not None:
     _check_stage_key(path, info.pop("key", None), key)
+    info.pop("run", None)
     return info
   os.makedirs(path, exist_ok=True)
   start = time.time()
   info = dict(fn() or {})
   info["wall_s"] = time.time() - start
+  record = {**info, "run": uuid.uuid4().hex}
   summary_lib.write_json(os.path.join(path, DONE_FILE),
-                         info if key is None else {**info, "key": key})
+                         record if key is None else {**record, "key": key})
   return info
 
 
@@ -95,6 +103,12 @@ def recorded_key(path: str) -> Any:
   return (_finished(path) or {}).get("key")
 
 
+def stage_run(path: str) -> str | None:
+  """The id of the run that finished the stage in ``path``: new each time it runs (None:
+  unfinished, or finished before stages recorded one)."""
+  return (_finished(path) or {}).get("run")
+
+
 def _check_stage_key(path: str, recorded: Any, wanted: Any) -> None:
   if wanted is None or recorded == wanted:
     return
@@ -102,6 +116,11 @@ def _check_stage_key(path: str, recorded: Any, wanted: Any) -> None:
     logging.warning("%s finished before stages recorded their config; reusing it unchecked",
                     path)
     return
+  if "upstream" not in recorded and isinstance(wanted, dict) and "upstream" in wanted:
+    if recorded == {k: v for k, v in wanted.items() if k != "upstream"}:
+      logging.warning("%s finished before stages recorded the stages they read; reusing it "
+                      "without checking those", path)
+      return
   old, new = dict(configlib.flat_items(recorded)), dict(configlib.flat_items(wanted))
   changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
   shown = "; ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
@@ -400,13 +419,14 @@ def cached_reference(config: Any, workdir: str) -> None:
 
 
 def binary_stage(path: str, run: Callable[[Any, str], Any],
-                 make_config: Callable[[], Any], *, workdir: str) -> dict[str, Any]:
+                 make_config: Callable[[], Any], *, workdir: str,
+                 upstream: Mapping[str, str] | None = None) -> dict[str, Any]:
   """A binary's ``run(make_config(), path)`` in-process, as a ``run_stage`` keyed by that
-  config (skipped once finished); records its held-out accuracy when it reports one
-  (``train_rm``)."""
+  config and its ``upstream`` stages (skipped once finished); records its held-out
+  accuracy when it reports one (``train_rm``)."""
   config = make_config()
   return run_stage(path, lambda: _run_binary(run, config, path),
-                   key=config_key(config, workdir))
+                   key=config_key(config, workdir), upstream=upstream)
 
 
 def _run_binary(run: Callable[[Any, str], Any], config: Any, workdir: str) -> dict[str, Any]:
