@@ -34,6 +34,7 @@ from absl import app
 from experiments import common
 from experiments import hh_study
 from experiments import text_study
+from prefjax import experiment
 from prefjax.overopt import report as report_lib
 from prefjax.overopt import study
 from prefjax.overopt import study_config
@@ -92,6 +93,7 @@ def _with_text_world(config: Any, workdir: str, found: list,
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """The bandit world (``config.bandit``; None = skipped), then the text world when
   ``config.text.enabled``."""
+  experiment.require_one_process('the overoptimization study')
   start = time.time()
   study_config.check(config)
   staging = os.path.join(workdir, STAGING)

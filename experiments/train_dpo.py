@@ -71,6 +71,7 @@ class References:
     self._model_desc = model_description(policy)
     self._model: nnx.Module | None = None
     self._scorer: ref_cache.ReferenceScorer | None = None
+    self._fingerprint: str | None = None
     self.info: dict[str, Any] = {"mode": loss.ref_mode, "path": self.weights_path}
 
   @property
@@ -98,10 +99,14 @@ class References:
     return self._model
 
   def weights_fingerprint(self) -> str:
-    path = self.weights_path
-    if path:
-      return "files:" + ref_cache.file_sha256(experiment.resolve_path(path))
-    return "params:" + train.params_sha256(nnx.to_pure_dict(nnx.state(self._policy, nnx.Param)))
+    """The reference's files' digest, or its parameters' (the policy's init) when it has
+    no files; computed once (before training: the policy's arrays are donated later)."""
+    if self._fingerprint is None:
+      path = self.weights_path
+      self._fingerprint = (
+          "files:" + ref_cache.file_sha256(experiment.resolve_path(path)) if path else
+          "params:" + train.params_sha256(nnx.to_pure_dict(nnx.state(self._policy, nnx.Param))))
+    return self._fingerprint
 
   def provider(self, name: str, source: Any, pcfg: pipeline_lib.PipelineConfig
                ) -> Callable[[Any], dict[str, np.ndarray]] | None:
@@ -186,7 +191,11 @@ def run(config: Any, workdir: str) -> train.TrainResult:
       loss, lambda: ref_cache.ReferenceIterator(iter(train.JoinedByEveryProcess(eval_ds)),
                                                 eval_provider),
       reference=refs.model, kl=kl, mesh=mesh)
-  summary_lib.write_json(os.path.join(workdir, "reference.json"), refs.info)
+  if loss.needs_reference:
+    refs.info["weights"] = refs.weights_fingerprint()
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):  # resuming: the same reference
+      ref_cache.check_same_reference(workdir, refs.info["weights"], what="train_dpo")
+  summary_lib.write_json(os.path.join(workdir, ref_cache.REFERENCE_FILE), refs.info)
 
   with experiment.mesh_context(mesh):
     result = train.train_loop(

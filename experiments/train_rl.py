@@ -128,6 +128,7 @@ def check_sampling(config: Any) -> None:
 def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
   """Trains (or resumes) the RL run of ``config`` in ``workdir``; returns the summary, or
   the loop's ``TrainResult`` (``preempted``) when a signal stopped it after saving."""
+  experiment.require_one_process('train_rl (its rollouts are scored on the host)')
   os.makedirs(workdir, exist_ok=True)
   configlib.check_fields("config.eval", config.eval, ("exact_kl_max_vocab",))
   hp = algorithms.HParams.from_config(config.rl)
@@ -193,8 +194,12 @@ def _write_summary(workdir: str, loop_summary: dict[str, Any], total: int) -> di
     summary["data"] = data
   summary_lib.write_summary(workdir, summary)
   _plot(evals, os.path.join(workdir, "figures", "rl.png"))
-  logging.info("RL done, held-out changes from step 0: proxy %+.3f at the end; gold %+.3f "
-               "at its peak (step %d), then down %.3f by the end",
+  if evals[0]["step"] != 0:
+    logging.warning("RL: no eval at step 0 (loop.eval_at_start=False): the gains below are "
+                    "from the first eval, at step %d, not from the starting policy",
+                    evals[0]["step"])
+  logging.info("RL done, held-out changes from step %d: proxy %+.3f at the end; gold %+.3f "
+               "at its peak (step %d), then down %.3f by the end", evals[0]["step"],
                summary["proxy_gain"], summary["gold_gain_at_peak"], peak["step"],
                summary["gold_drop_after_peak"])
   return summary

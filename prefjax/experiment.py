@@ -334,11 +334,22 @@ EXACT_KL_MAX_VOCAB = 4096
 
 
 def make_optional_mesh(config: Any) -> jax.sharding.Mesh | None:
-  """``config.mesh`` -> a mesh; no ``mesh`` or an empty ``mesh.shape`` means no mesh."""
+  """``config.mesh`` -> a mesh; no ``mesh`` or an empty ``mesh.shape`` means no mesh
+  (one process only: several would each train their own copy)."""
   mesh_cfg = config.get("mesh")
   if not mesh_cfg or not mesh_cfg.get("shape"):
+    require_one_process("a run without config.mesh.shape")
     return None
   return make_mesh(mesh_cfg)
+
+
+def require_one_process(what: str) -> None:
+  """Refuses a multi-process job for work that does not split over processes: each
+  process would redo all of it, or score its own rows and report them as the whole."""
+  if jax.process_count() > 1:
+    raise configlib.ConfigError(
+        f"{what} runs in one process; this job has {jax.process_count()} (README, "
+        "\"Multi-host launch\"): launch it as a single process")
 
 
 def mesh_context(mesh: jax.sharding.Mesh | None):

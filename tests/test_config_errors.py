@@ -302,3 +302,23 @@ def test_binary_logs_drop_orbax_detail_and_its_read_only_notice_but_keep_its_war
   assert not quiet.filter(record(orbax, logging.WARNING, "Given directory is read only=%s"))
   assert quiet.filter(record(orbax, logging.WARNING, "Could not finalize %s"))
   assert quiet.filter(record(f"{os.sep}prefjax{os.sep}train{os.sep}loop.py", logging.INFO, "x"))
+
+
+def test_work_that_does_not_split_over_processes_refuses_several(monkeypatch, tmp_path):
+  """Each process would redo it all or report its own rows as the whole (train_safety chose
+  its threshold from one process's scores; eval_rm stopped with an AssertionError)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from configs.eval import tiny as eval_tiny  # pylint: disable=import-outside-toplevel
+  from experiments import best_of_n, eval_rm, train_rl  # pylint: disable=import-outside-toplevel
+  from configs.bon import tiny as bon_tiny  # pylint: disable=import-outside-toplevel
+  from prefjax import experiment  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for run, config, what in [(eval_rm.run, eval_tiny.get_config(), "eval_rm"),
+                            (best_of_n.run, bon_tiny.get_config(), "best_of_n"),
+                            (train_rl.run, tiny_rloo.get_config(), "train_rl")]:
+    with pytest.raises(configlib.ConfigError, match=rf"{what}.* runs in one process; this "
+                                                    r"job has 2"):
+      run(config, str(tmp_path / what))
+  with pytest.raises(configlib.ConfigError, match=r"a run without config.mesh.shape runs in "
+                                                  r"one process"):
+    experiment.make_optional_mesh({"mesh": {"shape": ()}})

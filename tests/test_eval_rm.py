@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -459,6 +460,25 @@ def test_a_workdir_without_a_checkpoint_is_named(tmp_path):
     eval_rm.run(eval_config(f"rm:{tmp_path}", "pandalm@test"), str(tmp_path / "e2"))
   # A failed run writes no config.json: a previous one stays beside its report.
   assert not (tmp_path / "e1" / "config.json").exists()
+
+
+def test_a_dpo_run_whose_reference_changed_since_is_refused(runs, tmp_path):
+  """The dpo: scorer rebuilds the reference from the run's config: other weights there
+  (an SFT export overwritten since) gave another accuracy without a word."""
+  run = tmp_path / "dpo"
+  shutil.copytree(runs["root"] / "dpo", run)
+  recorded = json.loads((run / "reference.json").read_text())
+  assert recorded["weights"].startswith("params:")  # the policy's init, rebuilt from the seed
+  eval_rm.run(eval_config(f"dpo:{run}", "pandalm@test"), str(tmp_path / "same"))
+  (run / "reference.json").write_text(json.dumps({**recorded, "weights": "params:other"}))
+  with pytest.raises(scorers_lib.EvalInputError,
+                     match=r"scorer 'dpo': the reference weights changed since .* trained "
+                           r"against them \(recorded params:other"):
+    eval_rm.run(eval_config(f"dpo:{run}", "pandalm@test"), str(tmp_path / "changed"))
+  # train_dpo resuming in that workdir refuses too.
+  config = json.loads((run / "config.json").read_text())
+  with pytest.raises(ValueError, match=r"train_dpo: the reference weights changed"):
+    train_dpo.run(ml_collections.ConfigDict(config), str(run))
 
 
 def test_a_dpo_run_of_a_loss_not_registered_here_says_how_to_register_it(tmp_path):

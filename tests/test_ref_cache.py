@@ -151,3 +151,28 @@ def test_packed_pair_scores_equal_padded_scores():
     np.testing.assert_allclose(np.asarray(x)[order], np.asarray(y)[other], rtol=2e-5, atol=2e-5)
   np.testing.assert_array_equal(np.asarray(a.chosen_tokens)[order],
                                 [len(r["chosen"]) + 1 for r in ROWS])  # + EOS
+
+
+def test_processes_agree_on_a_cache_hit_and_wait_for_process_0s_write(tmp_path, monkeypatch):
+  """A file seen by one host and not another (per-host cache dirs, or a write landing while
+  they look) made one process train while the others scored: a hang."""
+  import jax  # pylint: disable=import-outside-toplevel
+  built, synced = [], []
+  table = ref_cache.ReferenceTable.empty(3)
+
+  def build():
+    built.append(1)
+    return table
+  parts = {"what": "test"}
+  ref_cache.load_or_build(parts, 3, build, cache_dir=tmp_path)  # one process: a miss
+  assert built == [1]
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(ref_cache.multihost_utils, "process_allgather",
+                      lambda x: np.asarray([x, 0]))  # the other process sees no file
+  monkeypatch.setattr(ref_cache.multihost_utils, "sync_global_devices", synced.append)
+  _, info = ref_cache.load_or_build(parts, 3, build, cache_dir=tmp_path)
+  assert built == [1, 1] and not info["hit"] and synced == ["prefjax_reference_cache_written"]
+  monkeypatch.setattr(ref_cache.multihost_utils, "process_allgather",
+                      lambda x: np.asarray([x, 1]))
+  assert ref_cache.load_or_build(parts, 3, build, cache_dir=tmp_path)[1]["hit"]
+  assert built == [1, 1]

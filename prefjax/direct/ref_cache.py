@@ -41,6 +41,7 @@ import numpy as np
 import tqdm
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from prefjax import files
 from prefjax import parallel
@@ -144,6 +145,38 @@ def cache_key(parts: Mapping[str, Any]) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
+REFERENCE_FILE = "reference.json"
+
+
+def _every_process(flag: bool) -> bool:
+  """Whether ``flag`` holds in every process (each sees its own filesystem: a cache file
+  may exist on one host and not on another, or appear while they look)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.min(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def recorded_reference_weights(workdir: str | os.PathLike[str]) -> str | None:
+  """The reference weights' fingerprint a ``train_dpo`` run recorded in its
+  ``reference.json`` (None: none recorded)."""
+  path = pathlib.Path(workdir) / REFERENCE_FILE
+  if not path.exists():
+    return None
+  with open(path) as f:
+    return json.load(f).get("weights")
+
+
+def check_same_reference(workdir: str | os.PathLike[str], weights: str, *, what: str) -> None:
+  """Raises when the run in ``workdir`` recorded other reference weights than ``weights``:
+  DPO's implicit reward is the policy's log-ratio to THEM, so a policy trained against
+  one reference and scored or trained on against another gives other numbers silently."""
+  recorded = recorded_reference_weights(workdir)
+  if recorded is not None and recorded != weights:
+    raise ValueError(f"{what}: the reference weights changed since {workdir} trained "
+                     f"against them (recorded {recorded[:24]}…, now {weights[:24]}…); "
+                     "restore them, or train in a new workdir")
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
   """SHA-256 over a file's bytes, or over every file of a directory (sorted relative paths)."""
   path = pathlib.Path(path)
@@ -212,7 +245,7 @@ def load_or_build(parts: Mapping[str, Any], num_rows: int,
   key = cache_key(parts)
   path = directory / f"{key}.npz"
   start = time.time()
-  if path.exists():
+  if _every_process(path.exists()):  # else some would train while the others score
     with np.load(path) as data:
       table = ReferenceTable(data["chosen"], data["rejected"], data["computed"])
     if len(table.chosen) != num_rows:
@@ -230,6 +263,8 @@ def load_or_build(parts: Mapping[str, Any], num_rows: int,
     files.write_atomically(
         directory / f"{key}.json",
         lambda f: f.write(json.dumps(parts, indent=2, sort_keys=True, default=str)), mode="w")
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("prefjax_reference_cache_written")
   seconds = time.time() - start
   logging.info("reference log-probs: %d rows scored in %.1fs", int(table.computed.sum()), seconds)
   return table, {"key": key, "path": str(path), "hit": False, "seconds": seconds}

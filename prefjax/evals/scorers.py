@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -41,6 +41,7 @@ from prefjax import experiment
 from prefjax import parallel
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.direct import loss as direct_loss_lib
+from prefjax.direct import ref_cache as direct_ref_cache
 from prefjax.models import heads as heads_lib
 from prefjax.models import hf_import
 from prefjax.rm import evaluation as rm_evaluation
@@ -48,6 +49,7 @@ from prefjax.rm import loss as rm_loss_lib
 from prefjax.train import checkpoint
 from prefjax.train import loop as loop_lib
 from prefjax.train import sharding as sharding_lib
+from prefjax.train import state as state_lib
 from prefjax.train import summary as summary_lib
 
 KINDS = ("rm", "dpo", "hf", "length", "shorter", "gold")
@@ -427,7 +429,9 @@ def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
     ref_cfg = run.model.to_dict()
     if (run.get("ref") or {}).get("path"):
       ref_cfg["path"] = run.ref.path
-    ref_def, ref_state = nnx.split(_build(ref_cfg, tokenizer.vocab_size, int(run.seed), mesh))
+    reference = _build(ref_cfg, tokenizer.vocab_size, int(run.seed), mesh)
+    _check_reference(spec, ref_cfg, reference)
+    ref_def, ref_state = nnx.split(reference)
 
   def forward(batch):
     return _implicit_rewards(policy_def, policy_state, ref_def, ref_state, batch, loss)
@@ -435,6 +439,22 @@ def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   return ModelScorer(spec.name, tokenizer, _run_pipeline(run, eval_cfg), forward,
                      _model_vocab(policy), mesh, float(eval_cfg.max_unk_fraction),
                      reward_columns(spec.name, (), 0.0), saved)
+
+
+def _check_reference(spec: ScorerSpec, ref_cfg: Mapping[str, Any], reference: nnx.Module
+                     ) -> None:
+  """The reference rebuilt for a ``dpo:`` scorer must be the one the run trained against
+  (``reference.json``; runs from before it was recorded are not checked)."""
+  if direct_ref_cache.recorded_reference_weights(spec.path) is None:
+    return
+  path = ref_cfg.get("path")
+  weights = ("files:" + direct_ref_cache.file_sha256(experiment.resolve_path(path)) if path
+             else "params:" + state_lib.params_sha256(
+                 nnx.to_pure_dict(nnx.state(reference, nnx.Param))))
+  try:
+    direct_ref_cache.check_same_reference(spec.path, weights, what=f"scorer {spec.name!r}")
+  except ValueError as e:
+    raise EvalInputError(str(e)) from e
 
 
 def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
