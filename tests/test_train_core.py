@@ -125,7 +125,8 @@ def weighted_mse_loss(model, batch, rng):
   del rng
   w = batch["w"]
   loss = jnp.sum(w * (model(batch["x"]) - batch["y"])**2) / jnp.sum(w)
-  return loss, {"loss_weight": jnp.sum(w)}
+  return loss, {"loss_weight": jnp.sum(w), "num_real": jnp.sum(w > 0),
+                "y_mean": jnp.sum(w * batch["y"]) / jnp.sum(w)}
 
 
 def _one_step(loss, accum_steps, batch, presplit=False):
@@ -155,6 +156,9 @@ def test_gradient_accumulation_equals_big_batch(loss):
                big.params, acc.params)
   np.testing.assert_allclose(m_big["loss"], m_acc["loss"], rtol=1e-6)
   np.testing.assert_allclose(m_big["grad_norm"], m_acc["grad_norm"], rtol=1e-5)
+  if loss is weighted_mse_loss:  # counts add up; means pool by loss_weight
+    assert float(m_acc["num_real"]) == float(m_big["num_real"]) == 17.0
+    np.testing.assert_allclose(m_acc["y_mean"], m_big["y_mean"], rtol=1e-6)
   # The step really moved the params (so equality above is not trivial).
   _, init = train.create_train_state(MLP(nnx.Rngs(0)), optax.sgd(1e-1), 0)
   assert np.abs(big.params["out"]["kernel"] - init.params["out"]["kernel"]).max() > 1e-3

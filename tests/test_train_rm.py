@@ -482,3 +482,23 @@ def test_multi_objective_run_reports_each_objective(data_env, tmp_path):
     assert 0.0 <= out["eval"][f"objective/{name}/accuracy"] <= 1.0
   assert out["eval"]["unlabelled_pairs"] == 0
   assert {"accuracy/subset/even", "accuracy/subset/odd"} <= set(out["eval"])
+
+
+def test_microbatches_pool_by_their_real_pairs_as_one_batch():
+  """Without ``loss_weight`` a microbatch of 1 real pair counted as much as one of 7 under
+  gradient accumulation."""
+  rng = np.random.default_rng(7)
+  batch = _pair_batch(12, rng, padded_pairs=3)
+  r_c, r_r = rng.normal(size=12).astype(np.float32), rng.normal(size=12).astype(np.float32)
+  loss_fn = rm.make_loss_fn(dict(name="bt"), num_columns=1, objectives=(), num_segments=None)
+  full, _ = loss_fn(_fake_model(r_c, r_r), batch, jax.random.key(0))
+  parts = []
+  for rows in (np.arange(0, 8), np.arange(8, 12)):  # 8 real pairs, then 1 real of 4
+    sub = {k: v[rows] for k, v in batch.items() if k in ("pair_mask", "weight", "outcome")}
+    sub.update(tokens=batch["tokens"][:2 * len(rows)],
+               attention_mask=batch["attention_mask"][:2 * len(rows)])
+    parts.append(loss_fn(_fake_model(r_c[rows], r_r[rows]), sub, jax.random.key(0)))
+  weights = np.asarray([float(m["loss_weight"]) for _, m in parts])
+  np.testing.assert_array_equal(weights, [8.0, 1.0])
+  pooled = sum(w * float(l) for w, (l, _) in zip(weights, parts)) / weights.sum()
+  np.testing.assert_allclose(pooled, float(full), rtol=1e-6)

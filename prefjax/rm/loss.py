@@ -179,6 +179,8 @@ def make_loss_fn(loss: RewardLoss | Mapping[str, Any], *, num_columns: int,
     count = jnp.maximum(jnp.sum(column_mask, axis=0), 1.0)
     column_loss = jnp.sum(jnp.where(weights > 0, weights * losses, 0.0), axis=0) / count
     metrics = _pair_metrics(r_c2, r_r2, batch, column_mask)
+    # Microbatches of gradient accumulation pool by their real pairs, as one batch would.
+    metrics["loss_weight"] = jnp.sum(batch["pair_mask"])
     if num_columns > 1:
       names = objectives or [str(k) for k in range(num_columns)]
       prefix = "objective_loss/" if objectives else "member_loss/"

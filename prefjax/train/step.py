@@ -103,6 +103,12 @@ def _grads_one(graphdef, loss_fn, trainable, params, extra, batch, rng):
   return loss, metrics, new_extra, grads
 
 
+def _is_count(name: str) -> bool:
+  """``loss_weight`` and ``num_*`` metrics are counts: summed over microbatches (the others
+  are means over them, weighted by ``loss_weight``)."""
+  return name == LOSS_WEIGHT or name.split("/")[-1].startswith("num_")
+
+
 def _accumulate(graphdef, loss_fn, trainable, params, extra, micro, rng, accum_steps,
                 micro_sharding):
   """Loss/metrics/grads over the microbatch axis via ``lax.scan``, combined by ``loss_weight``."""
@@ -124,7 +130,7 @@ def _accumulate(graphdef, loss_fn, trainable, params, extra, micro, rng, accum_s
   denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, params)
   mean = lambda m: jnp.sum(weights * m, axis=0) / denom  # noqa: E731
-  metrics = {k: (jnp.sum(v) if k == LOSS_WEIGHT else mean(v)) for k, v in metrics.items()}
+  metrics = {k: (jnp.sum(v, axis=0) if _is_count(k) else mean(v)) for k, v in metrics.items()}
   return mean(losses), metrics, extra, grads
 
 
