@@ -647,8 +647,9 @@ def test_batch_evaluator_pads_processes_with_empty_batches_of_weight_zero():
   assert got == {"v": pytest.approx((1.0 + 1.0 + 3.0) / 3), "num_examples": 3.0}
   with pytest.raises(ValueError, match="pair_mask"):
     evaluators_lib.padded_to([{"x": data[0]["x"]}], np.asarray([1, 2]))
-  with pytest.raises(ValueError, match="no eval batches"):
-    evaluators_lib.padded_to([], np.asarray([0, 2]))
+  for mine in ([], data):  # the process without batches and the others alike
+    with pytest.raises(ValueError, match=r"a process has no eval batches .*\[0, 2\]"):
+      evaluators_lib.padded_to(mine, np.asarray([0, 2]))
   with pytest.raises(ValueError, match="no real examples"):
     train.BatchEvaluator(masked_mean, padded[2:])(0, model)
 

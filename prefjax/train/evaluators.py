@@ -43,10 +43,11 @@ def empty_batch(batch: Any) -> dict[str, Any]:
 def padded_to(batches: list[Any], counts: Any) -> list[Any]:
   """This process's ``batches`` padded with empty ones to the most in ``counts`` (every
   process's batch count), so every process joins every global eval step."""
-  most = int(np.max(counts))
-  if len(batches) < most and not batches:
-    raise ValueError(f"process {jax.process_index()} has no eval batches while another "
-                     f"has {most}: give the eval split at least one batch per process")
+  most, fewest = int(np.max(counts)), int(np.min(counts))
+  if fewest == 0 < most:  # raised by every process alike: none is left waiting
+    raise ValueError(f"a process has no eval batches while another has {most} (batches per "
+                     f"process: {np.asarray(counts).tolist()}): give the eval split at "
+                     "least one batch per process")
   return batches + [empty_batch(batches[0])] * (most - len(batches))
 
 
