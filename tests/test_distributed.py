@@ -60,6 +60,7 @@ import json
 import os
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -187,7 +188,49 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch_workers(root: pathlib.Path) -> list[subprocess.Popen]:
+def agreeing_worker(process_id: int, port: int, root: str) -> None:
+  """A small ``train_loop`` per scenario where the processes' own views differ: SIGTERM
+  reaches process 1 at step 2 and process 0 at step 3; process 0 has 3 batches and
+  process 1 has 2. Each used to stop alone and leave the other waiting in a collective."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  parallel.initialize_distributed(f"localhost:{port}", NUM_PROCESSES, process_id)
+  mesh = parallel.make_mesh((-1, 1, 1), ("data", "fsdp", "tensor"))
+  rng = np.random.default_rng(process_id)
+
+  def loss_fn(model, batch, key):
+    del key
+    return jax.numpy.mean((model(batch["x"])[:, 0] - batch["y"]) ** 2), {}
+  scenarios = {"signal": (100, 2 + (process_id == 0)), "exhausted": (3 - process_id, None)}
+  with jax.set_mesh(mesh):
+    for name, (num_batches, signal_at) in scenarios.items():
+      batches = [{"x": rng.normal(size=(2, 4)).astype(np.float32),
+                  "y": rng.normal(size=2).astype(np.float32)} for _ in range(num_batches)]
+      hooks = [lambda step, *_, at=signal_at: step == at and os.kill(os.getpid(),
+                                                                     signal.SIGTERM)]
+      result = train.train_loop(
+          workdir=os.path.join(root, name), model=nnx.Linear(4, 1, rngs=nnx.Rngs(0)),
+          loss_fn=loss_fn, optimizer=optax.sgd(0.1), mesh=mesh, hooks=hooks,
+          loop={"num_steps": 5, "log_every": 1, "tensorboard": False},
+          train_iter=iter(batches))
+      print(f"process {process_id}: {name}: step {int(result.state.step)} "
+            f"preempted {result.preempted}", flush=True)
+
+
+def test_a_signal_or_the_end_of_one_process_data_stops_every_process_at_one_step(tmp_path):
+  procs = _launch_workers(tmp_path, mode="agreeing_worker")
+  try:
+    outputs = [proc.communicate(timeout=240)[0] for proc in procs]
+  finally:
+    for proc in procs:
+      proc.kill()
+  for process_id, (proc, out) in enumerate(zip(procs, outputs)):
+    assert proc.returncode == 0, out[-4000:]
+    assert f"process {process_id}: signal: step 2 preempted True" in out, out[-2000:]
+    assert f"process {process_id}: exhausted: step 2 preempted False" in out, out[-2000:]
+
+
+def _launch_workers(root: pathlib.Path, mode: str = "worker") -> list[subprocess.Popen]:
   # The same XLA flags as this process (conftest's CPU settings), one device each; the
   # session's compilation cache (conftest) comes with the environment.
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
@@ -196,7 +239,7 @@ def _launch_workers(root: pathlib.Path) -> list[subprocess.Popen]:
              XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=1".strip())
   port = _free_port()
   return [subprocess.Popen(
-      [sys.executable, __file__, "worker", str(process_id), str(port), str(root / "two")],
+      [sys.executable, __file__, mode, str(process_id), str(port), str(root / "two")],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for process_id in range(NUM_PROCESSES)]
 
@@ -261,8 +304,9 @@ def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
         learning_rate=make_config(binary, pairs=GLOBAL_PAIRS).optimizer.learning_rate)
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
-  worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+if __name__ == "__main__" and sys.argv[1:2] in (["worker"], ["agreeing_worker"]):
+  (worker if sys.argv[1] == "worker" else agreeing_worker)(
+      int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
 
 
 def test_several_processes_pad_every_batch_to_the_same_shape(monkeypatch):

@@ -135,6 +135,21 @@ _LOWER_IS_BETTER = frozenset({"loss", "nll", "error", "err", "kl", "perplexity",
                               "brier", "mse", "mae", "rmse"})
 
 
+def _agreed_signal(signum: int | None) -> int | None:
+  """The stop signal of this step: this process's, or under several processes the
+  highest any of them received (the same answer in all)."""
+  if jax.process_count() == 1:
+    return signum
+  highest = int(np.max(multihost_utils.process_allgather(np.int32(signum or 0))))
+  return highest or None
+
+
+def _in_any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def best_mode_for(metric: str, mode: str | None = None) -> str:
   """``mode`` if given, else the direction the name of eval metric ``metric`` implies:
   ``max`` for accuracy-like words (accuracy, auc, f1, win, ...), ``min`` for loss-like
@@ -372,11 +387,17 @@ class _Trainer:
           if self.loop.best_metric:
             self.checkpointer.resave_with_metrics(self.state, eval_metrics,
                                                   data_state=self._iterator_state())
-        while step < self.loop.num_steps and stop.signum is None:
+        # Every process must take the same steps: under several, a signal or the end of
+        # one process's data stops them all at the same step (else the others wait in
+        # the next step's collectives for good).
+        stopping = _agreed_signal(stop.signum)
+        while step < self.loop.num_steps and stopping is None:
           consistent = False
           try:
             batch = next(self.train_iter)
           except StopIteration:
+            batch = None
+          if _in_any_process(batch is None):
             logging.warning("train iterator exhausted after %d steps", step)
             consistent = True
             break
@@ -390,9 +411,10 @@ class _Trainer:
             hook(step, self.state, metrics)
           if jax.process_count() > 1 and self.checkpointer.reached_preemption(step):
             stop.signum = stop.signum or int(signal.SIGTERM)  # Multi-host preemption notice.
+          stopping = _agreed_signal(stop.signum)
           # A stopping run saves at once: its eval waits for the rerun.
-          is_eval = stop.signum is None and self._is_eval_step(step)
-          if is_eval or _every(step, self.loop.checkpoint_every) or stop.signum is not None:
+          is_eval = stopping is None and self._is_eval_step(step)
+          if is_eval or _every(step, self.loop.checkpoint_every) or stopping is not None:
             eval_metrics = self._run_eval(step) if is_eval else None
             self._finish_step(*pending, eval_metrics)
             pending = None
@@ -416,7 +438,7 @@ class _Trainer:
       finally:
         self.writer.flush()
       # Still under the flag: a signal now cannot cut the last save short.
-      if stop.signum is not None:
+      if stopping is not None:
         return self._stop_preempted(step)
       return self._finish(step)
 
