@@ -215,6 +215,20 @@ def test_damaged_latest_step_falls_back_to_the_previous_one(saved, uninterrupted
   assert expected in next(m for m in _warnings(caplog) if name in m)
 
 
+def test_damage_another_process_saw_sends_every_process_to_the_step_before(
+    saved, uninterrupted, tmp_path, caplog, monkeypatch):
+  """Under several processes the damage one process's reads found decides for all: one
+  process alone falling back restored another step than the others, or waited."""
+  workdir = _copy(saved, tmp_path)
+  views = iter([True])  # the other process's view of the latest step's check; then intact
+  monkeypatch.setattr(checkpoint.distributed, "in_any_process",
+                      lambda flag: flag or next(views, False))
+  with caplog.at_level(logging.WARNING):
+    result = run(workdir)
+  _assert_resumed_from_two(workdir, result, uninterrupted, caplog,
+                           "damaged as another process reads it")
+
+
 def test_damage_is_found_without_a_file_manifest(saved, uninterrupted, tmp_path, caplog,
                                                  monkeypatch):
   # A run killed right after a save leaves that step without prefjax_files.json;

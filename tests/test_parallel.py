@@ -441,3 +441,18 @@ def test_second_initialization_is_skipped(fake_initialize, monkeypatch):
   monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
   info = parallel.initialize_distributed("h:1", 2, 0, env={}, flag_values=flags.FlagValues())
   assert fake_initialize == [] and info.process_count == 1
+
+
+def test_process_agreement_takes_every_process_view(monkeypatch):
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  assert parallel.in_any_process(True) and not parallel.in_every_process(False)
+  others = {"value": 0}  # the other process's contribution to the all-gather
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.asarray([x, others["value"]]))
+  assert not parallel.in_any_process(False) and parallel.in_any_process(True)
+  others["value"] = 1
+  assert parallel.in_any_process(False)
+  assert not parallel.in_every_process(True)  # the other's "not flag" is 1: it lacks it
+  others["value"] = 15
+  assert parallel.highest_in_any_process(0) == 15 and parallel.highest_in_any_process(20) == 20

@@ -167,12 +167,12 @@ def test_processes_agree_on_a_cache_hit_and_wait_for_process_0s_write(tmp_path, 
   ref_cache.load_or_build(parts, 3, build, cache_dir=tmp_path)  # one process: a miss
   assert built == [1]
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(ref_cache.multihost_utils, "process_allgather",
-                      lambda x: np.asarray([x, 0]))  # the other process sees no file
+  other_sees_it = False  # the other process's view of the cache file
+  monkeypatch.setattr(ref_cache.parallel, "in_every_process",
+                      lambda flag: flag and other_sees_it)
   monkeypatch.setattr(ref_cache.multihost_utils, "sync_global_devices", synced.append)
   _, info = ref_cache.load_or_build(parts, 3, build, cache_dir=tmp_path)
   assert built == [1, 1] and not info["hit"] and synced == ["prefjax_reference_cache_written"]
-  monkeypatch.setattr(ref_cache.multihost_utils, "process_allgather",
-                      lambda x: np.asarray([x, 1]))
+  other_sees_it = True
   assert ref_cache.load_or_build(parts, 3, build, cache_dir=tmp_path)[1]["hit"]
   assert built == [1, 1]

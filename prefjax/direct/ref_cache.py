@@ -148,14 +148,6 @@ def cache_key(parts: Mapping[str, Any]) -> str:
 REFERENCE_FILE = "reference.json"
 
 
-def _every_process(flag: bool) -> bool:
-  """Whether ``flag`` holds in every process (each sees its own filesystem: a cache file
-  may exist on one host and not on another, or appear while they look)."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.min(multihost_utils.process_allgather(np.int32(flag))))
-
-
 def recorded_reference_weights(workdir: str | os.PathLike[str]) -> str | None:
   """The reference weights' fingerprint a ``train_dpo`` run recorded in its
   ``reference.json`` (None: none recorded)."""
@@ -245,7 +237,9 @@ def load_or_build(parts: Mapping[str, Any], num_rows: int,
   key = cache_key(parts)
   path = directory / f"{key}.npz"
   start = time.time()
-  if _every_process(path.exists()):  # else some would train while the others score
+  # Each process sees its own filesystem: a cache file may exist on one host and not on
+  # another, or appear while they look; else some would train while the others score.
+  if parallel.in_every_process(path.exists()):
     with np.load(path) as data:
       table = ReferenceTable(data["chosen"], data["rejected"], data["computed"])
     if len(table.chosen) != num_rows:

@@ -16,6 +16,9 @@ from prefjax.parallel.distributed import (
     ProcessInfo,
     define_flags,
     detect_cluster,
+    highest_in_any_process,
+    in_any_process,
+    in_every_process,
     initialize_distributed,
     process_info,
 )

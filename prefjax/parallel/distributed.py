@@ -20,7 +20,9 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
+import numpy as np
 from absl import flags, logging
+from jax.experimental import multihost_utils
 
 _FLAG_SPECS = (
     ("coordinator_address", None,
@@ -154,3 +156,24 @@ def initialize_distributed(coordinator_address: str | None = None,
   logging.info("process %d/%d with %d local devices (%d total, %s)", info.process_index,
                info.process_count, info.local_device_count, info.device_count, info.platform)
   return info
+
+
+def in_any_process(flag: bool) -> bool:
+  """Whether ``flag`` holds in at least one process: the same answer in every process, so
+  they take the same branch (one process alone skipping or stopping leaves the others
+  waiting in their next collective). One process: ``flag``."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def in_every_process(flag: bool) -> bool:
+  """Whether ``flag`` holds in every process (same answer everywhere)."""
+  return not in_any_process(not flag)
+
+
+def highest_in_any_process(value: int) -> int:
+  """The highest of each process's ``value`` (e.g. a received signal number, 0 for none)."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))

@@ -36,6 +36,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
+from prefjax.parallel import distributed
 from prefjax.parallel import rules
 from prefjax.train import integrity
 from prefjax.train import state as state_lib
@@ -403,9 +404,14 @@ class Checkpointer:
     _quiet_abandoned_reads()
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        restored = self.restore(template, step)
+        restored, damage = self.restore(template, step), None
       except DamagedCheckpointError as e:
-        logging.warning("%s; trying the step before it", e)
+        damage = e
+      # Every process falls back together: damage one process saw (its read failed)
+      # would otherwise leave it restoring an older step, or waiting, alone.
+      if distributed.in_any_process(damage is not None):
+        logging.warning("%s; trying the step before it",
+                        damage or f"checkpoint step {step} is damaged in another process")
         damaged.append(step)
       else:
         if damaged:
@@ -490,8 +496,9 @@ class Checkpointer:
       raise FileNotFoundError(f"{self.directory} has no checkpoint step {step}; its steps: "
                               f"{self.all_steps() or 'none'}")
     problem = integrity.find_damage(self._step_dir(step))
-    if problem is not None:
-      raise DamagedCheckpointError(self.directory, step, problem)
+    if distributed.in_any_process(problem is not None):  # before orbax's collective reads
+      raise DamagedCheckpointError(self.directory, step,
+                                   problem or "damaged as another process reads it")
     saved = self.saved_shapes(step)
     differences = None if saved is None else shape_mismatches(saved, wanted, subtree=subtree)
     if differences:

@@ -42,6 +42,7 @@ from jax.experimental import multihost_utils
 
 from prefjax import configlib
 from prefjax import files
+from prefjax import parallel
 from prefjax.train import checkpoint as checkpoint_lib
 from prefjax.train import metrics as metrics_lib
 from prefjax.train import schedules
@@ -138,16 +139,7 @@ _LOWER_IS_BETTER = frozenset({"loss", "nll", "error", "err", "kl", "perplexity",
 def _agreed_signal(signum: int | None) -> int | None:
   """The stop signal of this step: this process's, or under several processes the
   highest any of them received (the same answer in all)."""
-  if jax.process_count() == 1:
-    return signum
-  highest = int(np.max(multihost_utils.process_allgather(np.int32(signum or 0))))
-  return highest or None
-
-
-def _in_any_process(flag: bool) -> bool:
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+  return parallel.highest_in_any_process(signum or 0) or None
 
 
 def best_mode_for(metric: str, mode: str | None = None) -> str:
@@ -397,7 +389,7 @@ class _Trainer:
             batch = next(self.train_iter)
           except StopIteration:
             batch = None
-          if _in_any_process(batch is None):
+          if parallel.in_any_process(batch is None):
             logging.warning("train iterator exhausted after %d steps", step)
             consistent = True
             break
