@@ -17,9 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from prefjax import train
 from prefjax.train import checkpoint as checkpoint_lib
-from prefjax.train import evaluators as evaluators_lib
 from prefjax.train import state as state_lib
-from prefjax.train import summary as summary_lib
 from prefjax.train import step as step_lib
 from tests import comparisons
 
@@ -337,32 +335,6 @@ def test_a_preempted_eval_step_is_evaluated_by_the_rerun(tmp_path):
   assert not list((early / "checkpoints").glob("[0-9]*"))
 
 
-def test_a_preempted_eval_step_is_ranked_for_best_by_the_rerun(tmp_path):
-  """With ``best_metric``, the step whose eval the rerun ran (saved without it) is saved
-  again with its metrics: ``@best`` finds it as in an uninterrupted run."""
-  batches = make_batches(6, 16)
-  loop = train.LoopConfig(num_steps=6, log_every=1, eval_every=3, checkpoint_every=0,
-                          best_metric="score", best_mode="min", keep_best=1,
-                          keep_checkpoints=1, tensorboard=False)
-  score_at = lambda step, model: {"score": 0.5 if step == 3 else 1.0}  # step 3 is best
-
-  def run(workdir, hooks=()):
-    return train.train_loop(
-        workdir=str(workdir), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
-        optimizer={"name": "sgd", "learning_rate": 0.1}, loop=loop, train_iter=iter(batches),
-        evaluators=[score_at], hooks=hooks)
-
-  best = lambda d: checkpoint_lib.saved_step(d, "best", best_metric="score", best_mode="min")
-  reference = run(tmp_path / "reference")
-  assert best(tmp_path / "reference") == reference.summary["best_checkpoint_step"] == 3
-  assert run(tmp_path / "stopped", hooks=[_sigterm_at(3)]).preempted
-  resumed = run(tmp_path / "stopped")
-  assert best(tmp_path / "stopped") == resumed.summary["best_checkpoint_step"] == 3
-  model = checkpoint_lib.load_params(str(tmp_path / "stopped"), MLP(nnx.Rngs(1)), step=3)
-  want = checkpoint_lib.load_params(str(tmp_path / "reference"), MLP(nnx.Rngs(1)), step=3)
-  jax.tree.map(np.testing.assert_array_equal, nnx.state(model), nnx.state(want))
-
-
 def test_a_finished_run_extended_then_stopped_is_not_reported_as_its_old_finish(tmp_path):
   """Finished at 4, extended to 8 and stopped at 6: a rerun with num_steps=4 used to say
   "already finished" while holding the step-6 parameters (and labelled their eval step 4)."""
@@ -612,91 +584,3 @@ def test_trainable_filter_freezes_reference_model():
   shardings = train.state_shardings(state, mesh, PARTITION_RULES)
   assert shardings.extra["reference"]["hidden"]["kernel"].spec == P("fsdp", "tensor")
   assert shardings.params["policy"]["hidden"]["kernel"].spec == P("fsdp", "tensor")
-
-
-def test_batch_evaluator_weights_by_tokens_when_asked():
-  model = MLP(nnx.Rngs(0))
-  data = [{"x": np.ones((2, IN), np.float32), "w": np.float32(1.0)},
-          {"x": np.zeros((2, IN), np.float32), "w": np.float32(3.0)}]
-  by_tokens = lambda m, b: {"v": jnp.mean(b["x"]), "num_tokens": b["w"]}
-  assert train.BatchEvaluator(by_tokens, data)(0, model) == {"v": pytest.approx(0.25),
-                                                             "num_tokens": 4.0}
-  unweighted = lambda m, b: {"v": jnp.mean(b["x"])}
-  assert train.BatchEvaluator(unweighted, data)(0, model) == {"v": 0.5, "num_batches": 2.0}
-  both = lambda m, b: {"v": jnp.mean(b["x"]), "num_tokens": b["w"], "num_examples": b["w"]}
-  with pytest.raises(ValueError, match="one weight per batch"):
-    train.BatchEvaluator(both, data)(0, model)
-
-
-def test_batch_evaluator_pads_processes_with_empty_batches_of_weight_zero():
-  """Several processes: a process with fewer eval batches joins the last global steps
-  with empty ones (masks zeroed); they add weight 0 and no 0/0 metric."""
-  model = MLP(nnx.Rngs(0))
-  batch = lambda v, n: {"x": np.full((2, IN), v, np.float32),
-                        "pair_mask": np.asarray([1.0] * n + [0.0] * (2 - n), np.float32)}
-  data = [batch(1.0, 2), batch(3.0, 1)]
-  padded = evaluators_lib.padded_to(data, np.asarray([2, 4]))
-  assert len(padded) == 4 and all(p["pair_mask"].sum() == 0 for p in padded[2:])
-  np.testing.assert_array_equal(padded[2]["x"], data[0]["x"])
-  assert evaluators_lib.padded_to(data, np.asarray([2, 2])) == data
-
-  def masked_mean(m, b):
-    n = jnp.sum(b["pair_mask"])
-    return {"v": jnp.sum(b["x"][:, 0] * b["pair_mask"]) / n, "num_examples": n}  # 0/0: NaN
-  got = train.BatchEvaluator(masked_mean, padded)(0, model)
-  assert got == {"v": pytest.approx((1.0 + 1.0 + 3.0) / 3), "num_examples": 3.0}
-  with pytest.raises(ValueError, match="pair_mask"):
-    evaluators_lib.padded_to([{"x": data[0]["x"]}], np.asarray([1, 2]))
-  for mine in ([], data):  # the process without batches and the others alike
-    with pytest.raises(ValueError, match=r"a process has no eval batches .*\[0, 2\]"):
-      evaluators_lib.padded_to(mine, np.asarray([0, 2]))
-  with pytest.raises(ValueError, match="no real examples"):
-    train.BatchEvaluator(masked_mean, padded[2:])(0, model)
-
-
-def test_tensorboard_holds_every_record_up_to_the_last_checkpoint(tmp_path):
-  """A run killed after a checkpoint resumes there and purges TensorBoard's later steps:
-  what came before must be on disk (tensorboardX flushes every 2 minutes)."""
-  seen = []
-
-  def read_events(step, state, metrics):
-    del state, metrics
-    if step == 3:  # dispatched after step 2's checkpoint, before step 3 is logged
-      files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-      seen.append(b"".join(f.read_bytes() for f in files))
-
-  loop = train.LoopConfig(num_steps=4, log_every=1, eval_every=0, checkpoint_every=2,
-                          tensorboard=True)
-  train.train_loop(workdir=str(tmp_path), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
-                   optimizer={"name": "sgd", "learning_rate": 0.1}, loop=loop,
-                   train_iter=iter(make_batches(4, 8)), hooks=[read_events])
-  assert len(seen) == 1 and b"grad_norm" in seen[0]
-
-
-def test_summary_json_stays_standard_json_with_non_finite_numbers(tmp_path):
-  summary_lib.write_summary(str(tmp_path), {"final_eval": {"nll": float("nan"), "ok": 1.5},
-                                          "final_perplexity": float("inf"),
-                                          "curve": [np.float32("-inf"), 2.0]})
-  text = (tmp_path / "summary.json").read_text()
-  parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
-  assert parsed == {"final_eval": {"nll": "nan", "ok": 1.5}, "final_perplexity": "inf",
-                    "curve": ["-inf", 2.0]}
-
-
-def test_loss_fn_metrics_that_the_step_would_overwrite_or_cannot_log_are_errors():
-  model = MLP(nnx.Rngs(0))
-  graphdef, state = train.create_train_state(model, optax.sgd(0.1), 0)
-  batch = make_batches(1, 8)[0]
-
-  def with_metrics(metrics):
-    return lambda m, b, rng: (mse_loss(m, b, rng)[0], metrics)
-  cases = {"'grad_norm'\\] are names the train step writes": {"grad_norm": 7.0},
-           "metric 'nested' must be a scalar array or number; got dict": {"nested": {"a": 1}},
-           "metric 'label' must be a scalar array or number; got str": {"label": "hello"}}
-  for message, metrics in cases.items():
-    step_fn = train.make_train_step(graphdef, with_metrics(metrics), optax.sgd(0.1))
-    with pytest.raises((ValueError, TypeError), match=message):
-      step_fn(state, batch)
-  step_fn = train.make_train_step(graphdef, with_metrics({"flag": np.bool_(True)}),
-                                  optax.sgd(0.1))
-  assert float(step_fn(state, batch)[1]["flag"]) == 1.0
