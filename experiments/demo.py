@@ -37,6 +37,7 @@ from experiments import common
 from experiments import preemption
 from experiments import train_rl
 from experiments import train_rm
+from prefjax import experiment
 from prefjax.train import summary as summary_lib
 
 _QUICK = flags.DEFINE_bool("quick", False, "Use the :quick variant of every stage.")
@@ -113,6 +114,7 @@ def report(rm: dict[str, Any], bon: dict[str, Any], rl: dict[str, Any],
 
 
 def run(workdir: str, quick: bool = False) -> dict[str, Any]:
+  experiment.require_one_process("experiments.demo")
   arg = "quick" if quick else None
   rm = _stage("rm", train_rm.run, rm_config.get_config(arg), workdir)
   bon = _stage("bon", best_of_n.run, bon_config.get_config(arg), workdir)

@@ -221,7 +221,8 @@ class TextWorld:
   @staticmethod
   def _stage_identity(path: str) -> str:
     """The finished stage's run id; for a stage finished before stages recorded one, a
-    digest of its config key (what earlier caches were keyed by)."""
+    digest of its config key (caches made before the reference joined the key are
+    evaluated again once)."""
     return text_world.stage_run(path) or text_world.digest(text_world.recorded_key(path))
 
 

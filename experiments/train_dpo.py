@@ -103,9 +103,8 @@ class References:
     no files; computed once (before training: the policy's arrays are donated later)."""
     if self._fingerprint is None:
       path = self.weights_path
-      self._fingerprint = (
-          "files:" + ref_cache.file_sha256(experiment.resolve_path(path)) if path else
-          "params:" + train.params_sha256(nnx.to_pure_dict(nnx.state(self._policy, nnx.Param))))
+      self._fingerprint = ref_cache.weights_fingerprint(
+          experiment.resolve_path(path) if path else "", self._policy)
     return self._fingerprint
 
   def provider(self, name: str, source: Any, pcfg: pipeline_lib.PipelineConfig

@@ -79,7 +79,9 @@ def eval_fn(model: nnx.Module, batch: Any):
 def _add_perplexity(workdir: str, result: train.TrainResult) -> None:
   final_eval = result.summary.get("final_eval") or {}
   if "nll" in final_eval:
-    nll = final_eval["nll"]  # exp overflows past ~709 nats (a diverged run): inf
+    # A finished run's rerun reads summary.json, where a non-finite nll is "nan"/"inf";
+    # exp overflows past ~709 nats (a diverged run): inf.
+    nll = float(final_eval["nll"])
     result.summary["final_perplexity"] = math.inf if nll > 709.0 else math.exp(nll)
     summary_lib.write_summary(workdir, result.summary)
 

@@ -217,6 +217,10 @@ def test_load_params_refuses_what_the_model_lacks_and_ranks_as_the_metric_says(r
   assert saved_step(workdir, "best", best_metric="mse") == lowest
   assert saved_step(workdir, "best", best_metric="neg_mse") == lowest
   assert saved_step(workdir, "best", best_metric="neg_mse", best_mode="min") == highest
+  # A name that gives no direction needs best_mode for "best" only.
+  assert saved_step(workdir, steps[-1], best_metric="score") == steps[-1]
+  with pytest.raises(ValueError, match=r"best_metric='score': pass best_mode='min' or 'max'"):
+    saved_step(workdir, "best", best_metric="score")
 
 
 def test_best_step_ignores_a_nan_metric(tmp_path):

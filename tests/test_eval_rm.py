@@ -488,8 +488,8 @@ def test_a_dpo_run_of_a_loss_not_registered_here_says_how_to_register_it(tmp_pat
   config["loss"]["name"] = "users_own_loss"  # registered by the run's --imports module
   (run / "config.json").write_text(json.dumps(config))
   with pytest.raises(scorers_lib.EvalInputError,
-                     match=r"scorer 'custom_dpo': unknown direct loss 'users_own_loss'.*; pass "
-                           r"--imports=MODULE that registers the run's loss"):
+                     match=r"scorer 'custom_dpo': unknown direct loss 'users_own_loss'.*pass "
+                           r"--imports=MODULE to the binary\), as for its training"):
     eval_rm.run(eval_config(f"dpo:{run}", "pandalm@test"), str(tmp_path / "eval"))
 
 

@@ -412,7 +412,7 @@ def test_held_out_metrics_pool_over_the_pairs_the_loss_counts(monkeypatch):
   got = evaluation.make_evaluator(loss, lambda: iter(batches))(0, Nothing())
   assert got["num_examples"] == 5.0
   np.testing.assert_allclose(got["rewards/accuracies"], 4 / 5, rtol=1e-6)
-  assert "pairs/dropped_ties" not in got
+  assert "pairs/num_dropped_ties" not in got
 
 
 def test_a_registered_loss_of_the_wrong_shape_or_nan_at_padding(monkeypatch):
@@ -447,6 +447,10 @@ def test_a_registered_loss_of_the_wrong_shape_or_nan_at_padding(monkeypatch):
                                                         ref_mode="online"))
     loss, _ = loss_fn(None, batch, jax.random.key(0))
     np.testing.assert_allclose(float(loss), (-(-0.5 + 1.0) - (-0.5 + 0.25)) / 2, rtol=1e-6)
+    # Nor in its gradient (a mask on the loss alone gives 0 · NaN there).
+    grad = jax.grad(lambda s_c: loss_fn(None, {**batch, "s_c": s_c}, jax.random.key(0))[0])(
+        jnp.asarray(batch["s_c"]))
+    np.testing.assert_allclose(grad, [-1 / 2 / 2, -1 / 4 / 2, 0.0], rtol=1e-6)
   finally:
     for name in shapes:
       registry.unregister_direct_loss(name)

@@ -109,9 +109,10 @@ def make_eval_fn(loss: loss_lib.DirectLoss, *, reference: nnx.Module | None = No
   def eval_fn(model: nnx.Module, batch: Mapping[str, Array]) -> dict[str, Array]:
     loss, metrics = loss_fn(model, batch, jax.random.key(0))
     weights = loss_lib.counted_pair_weights(loss_cfg, batch)
-    # A per-batch count (the training logs' pairs/dropped_ties) has no meaning as a
+    # A per-batch count (the training logs' pairs/num_dropped_ties) has no meaning as a
     # weighted mean over batches.
-    out = {k: v for k, v in metrics.items() if k not in ("loss_weight", "pairs/dropped_ties")}
+    out = {k: v for k, v in metrics.items()
+           if k not in ("loss_weight", "pairs/num_dropped_ties")}
     out["loss"] = loss
     if reference is not None and kl is not None:
       prompt, mask = left_padded_prompts(batch)

@@ -19,7 +19,7 @@ What the trainer must know about a loss comes from its registry spec
 Ties (``outcome`` < 1): ``soft_label`` losses get a per-pair
 ε_i = 1 − [(1−ε)·o_i + ε·(1−o_i)]; for the other losses, which have no notion
 of a soft preference, pairs with ``outcome`` ≠ 1 are dropped (weight 0, counted
-in ``pairs/dropped_ties``).
+in ``pairs/num_dropped_ties``).
 
 Optional NLL term (RPO, "Iterative Reasoning Preference Optimization",
 arXiv 2404.19733): ``+ α · NLL(chosen)`` with NLL the token-averaged negative
@@ -250,6 +250,16 @@ def weighted_mean(values: Array, weights: Array) -> Array:
   return jnp.sum(kept * weights) / jnp.where(total > 0, total, 1.0)
 
 
+def _finite_where_unweighted(x: direct_losses.PairLogps, weights: Array
+                             ) -> direct_losses.PairLogps:
+  """``x`` with ordinary values (log-probs −1, one token) at the pairs of weight 0: a
+  padding pair's 0/0 stays out of the loss, and out of its gradient, which a mask on
+  the loss alone does not keep out (0 · NaN)."""
+  safe = direct_losses.PairLogps(*([-1.0] * 4 + [1.0] * 2))
+  return direct_losses.PairLogps(*(jnp.where(weights > 0, v, jnp.asarray(d, v.dtype))
+                                   for v, d in zip(x, safe)))
+
+
 def _per_example(loss: DirectLoss, losses: Array, weights: Array) -> Array:
   """A loss must return one value per example: ``[B, 1]`` against ``[B]`` weights would
   broadcast to ``[B, B]`` and average the wrong thing without a word."""
@@ -335,8 +345,8 @@ def make_loss_fn(loss: DirectLoss) -> Callable[[nnx.Module, Batch, Array],
   def loss_fn(model: nnx.Module, batch: Batch, rng: Array):
     del rng
     scores = score_pairs(model, batch, num_segments=loss.num_segments)
-    x = pair_logps(loss, scores, batch)
     kwargs, weights, dropped = _tie_handling(loss, batch)
+    x = _finite_where_unweighted(pair_logps(loss, scores, batch), weights)
     metrics: dict[str, Array] = {}
     if loss.spec.unpaired:
       losses, example_weights, metrics = _unpaired_losses(loss, model, x, batch, weights)
@@ -350,7 +360,7 @@ def make_loss_fn(loss: DirectLoss) -> Callable[[nnx.Module, Batch, Array],
       total = total + loss.alpha * nll
       metrics.update({"nll": nll, "preference_loss": main})
     metrics.update(pair_metrics(loss, x, weights))
-    metrics["pairs/dropped_ties"] = dropped
+    metrics["pairs/num_dropped_ties"] = dropped
     metrics["loss_weight"] = jnp.sum(weights)
     return total, metrics
 

@@ -49,6 +49,7 @@ from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import sources
 from prefjax.direct import loss as loss_lib
 from prefjax.train import sharding as sharding_lib
+from prefjax.train import state as state_lib
 
 FORMAT_VERSION = 1
 # Pipeline settings that change which tokens a row holds or the batch shapes.
@@ -167,6 +168,15 @@ def check_same_reference(workdir: str | os.PathLike[str], weights: str, *, what:
     raise ValueError(f"{what}: the reference weights changed since {workdir} trained "
                      f"against them (recorded {recorded[:24]}…, now {weights[:24]}…); "
                      "restore them, or train in a new workdir")
+
+
+def weights_fingerprint(path: str, model: nnx.Module) -> str:
+  """The reference weights' identity: ``files:`` + their files' digest, or when the
+  reference has no files (the policy's initialisation) ``params:`` + ``model``'s."""
+  if path:
+    return "files:" + file_sha256(path)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return "params:" + state_lib.params_sha256(params)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -49,7 +49,6 @@ from prefjax.rm import loss as rm_loss_lib
 from prefjax.train import checkpoint
 from prefjax.train import loop as loop_lib
 from prefjax.train import sharding as sharding_lib
-from prefjax.train import state as state_lib
 from prefjax.train import summary as summary_lib
 
 KINDS = ("rm", "dpo", "hf", "length", "shorter", "gold")
@@ -418,8 +417,7 @@ def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   try:
     loss = direct_loss_lib.DirectLoss.from_config(run)
   except KeyError as e:  # a loss the run registered from a module of its own
-    raise EvalInputError(f"scorer {spec.name!r}: {e.args[0]}; pass --imports=MODULE that "
-                         "registers the run's loss, as for its training") from e
+    raise EvalInputError(f"scorer {spec.name!r}: {e.args[0]}, as for its training") from e
   tokenizer = experiment.make_tokenizer(run.tokenizer)
   policy = _build(run.model, tokenizer.vocab_size, int(run.seed), mesh)
   saved = _load(spec, policy, step, ranking)
@@ -448,9 +446,8 @@ def _check_reference(spec: ScorerSpec, ref_cfg: Mapping[str, Any], reference: nn
   if direct_ref_cache.recorded_reference_weights(spec.path) is None:
     return
   path = ref_cfg.get("path")
-  weights = ("files:" + direct_ref_cache.file_sha256(experiment.resolve_path(path)) if path
-             else "params:" + state_lib.params_sha256(
-                 nnx.to_pure_dict(nnx.state(reference, nnx.Param))))
+  weights = direct_ref_cache.weights_fingerprint(
+      experiment.resolve_path(path) if path else "", reference)
   try:
     direct_ref_cache.check_same_reference(spec.path, weights, what=f"scorer {spec.name!r}")
   except ValueError as e:

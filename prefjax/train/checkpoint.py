@@ -36,6 +36,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
+from prefjax import configlib
 from prefjax.parallel import distributed
 from prefjax.parallel import rules
 from prefjax.train import integrity
@@ -77,7 +78,7 @@ def load_params(workdir: str | os.PathLike[str], model: nnx.Module, *,
   Returns:
     ``model``, with the restored parameters.
   """
-  ckpt = _read_only(workdir, best_metric, best_mode)
+  ckpt = _read_only(workdir, best_metric, best_mode, step)
   try:
     step = _resolve_step(ckpt, workdir, step, best_metric)
     _, params, _ = state_lib.split_model(model, trainable)
@@ -90,7 +91,7 @@ def load_params(workdir: str | os.PathLike[str], model: nnx.Module, *,
 def saved_step(workdir: str | os.PathLike[str], step: int | str | None = None, *,
                best_metric: str | None = None, best_mode: str | None = None) -> int:
   """The step :func:`load_params` loads for these arguments."""
-  ckpt = _read_only(workdir, best_metric, best_mode)
+  ckpt = _read_only(workdir, best_metric, best_mode, step)
   try:
     step = _resolve_step(ckpt, workdir, step, best_metric)
     return ckpt.latest_step() if step is None else step
@@ -122,7 +123,7 @@ def saved_run_config(workdir: str | os.PathLike[str], step: int | None = None
   latest); ``{}`` without one or when it cannot be read (callers then fall back on
   ``config.json``, and the parameters' restore reports what is wrong)."""
   try:
-    ckpt = _read_only(workdir, None, "min")
+    ckpt = _read_only(workdir, None, "min", None)
   except FileNotFoundError:
     return {}
   try:
@@ -134,13 +135,18 @@ def saved_run_config(workdir: str | os.PathLike[str], step: int | None = None
     ckpt.close()
 
 
-def _read_only(workdir, best_metric: str | None, best_mode: str | None) -> "Checkpointer":
+def _read_only(workdir, best_metric: str | None, best_mode: str | None,
+               step: int | str | None) -> "Checkpointer":
   directory = os.path.join(os.fspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoints directory in {workdir}")
-  if best_metric is not None:
+  if step == "best" and best_metric is not None and best_mode is None:
     from prefjax.train import loop  # pylint: disable=import-outside-toplevel (loop imports us)
-    best_mode = loop.best_mode_for(best_metric, best_mode)
+    try:
+      best_mode = loop.best_mode_for(best_metric)
+    except configlib.ConfigError:
+      raise ValueError(f"best_metric={best_metric!r}: pass best_mode='min' or 'max' (the "
+                       "name does not say whether lower or higher is better)") from None
   return Checkpointer(directory, best_metric=best_metric, best_mode=best_mode or "min",
                       read_only=True)
 
