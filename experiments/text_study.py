@@ -209,21 +209,10 @@ class TextWorld:
     return evaluate, reference
 
   def evaluation_key(self, proxy_widths: list[int]) -> dict[str, Any]:
-    """What :meth:`evaluator`'s numbers depend on besides the policy (checkpoint caches):
-    the settings, and the runs of each proxy's stage and of the reference stage, so a
-    policy is scored again after either was retrained."""
-    proxies = {f"proxy_w{w}": self._stage_identity(self.proxy_reward_spec(w).checkpoint)
-               for w in proxy_widths}
-    return dict(eval=configlib.plain(self.cfg.eval), rewards=sorted(["gold", *proxies]),
-                max_new_tokens=self.max_new_tokens, proxies=proxies,
-                reference=self._stage_identity(self.reference_stage()[0]))
-
-  @staticmethod
-  def _stage_identity(path: str) -> str:
-    """The finished stage's run id; for a stage finished before stages recorded one, a
-    digest of its config key (caches made before the reference joined the key are
-    evaluated again once)."""
-    return text_world.stage_run(path) or text_world.digest(text_world.recorded_key(path))
+    """``text_world.evaluation_key`` of this world's evaluator and stages."""
+    return text_world.evaluation_key(
+        self.cfg.eval, self.max_new_tokens, reference=self.reference_stage()[0],
+        proxies={f"proxy_w{w}": self.proxy_reward_spec(w).checkpoint for w in proxy_widths})
 
 
 # ---------------------------------------------------------------------------- stages
@@ -268,9 +257,7 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
                             upstream={"reference": reference_dir, "proxy": proxy_dir(w)})
     bon[w] = _load_samples(path)
     progress.step(f"best-of-n against proxy width {w}")
-  gold_scale = text_world.GoldScale.fit(bon[widths[0]]["gold"])
-  scales = {"gold": gold_scale}
-  scales.update({f"proxy_w{w}": text_world.GoldScale.fit(bon[w]["proxy"]) for w in widths})
+  scales = text_world.reference_scales(bon)
   scored = sorted(set(rl_widths) | {max(widths)})
   proxies = {f"proxy_w{w}": rl_rewards.make_reward(tw.proxy_reward_spec(w)) for w in scored}
   evaluate, reference = tw.evaluator(proxies)

@@ -239,3 +239,37 @@ def test_a_stage_finished_before_upstream_runs_were_recorded_is_reused(tmp_path,
   assert "without checking those" in caplog.text
   with pytest.raises(text_world.StaleStageError, match=r"n: 4 -> 5"):
     text_world.run_stage(bon, lambda: 1 / 0, key={"n": 5}, upstream={"proxy": proxy})
+
+
+def test_evaluation_key_follows_the_runs_of_the_proxies_and_the_reference(tmp_path):
+  proxy, reference = str(tmp_path / "proxies" / "w8"), str(tmp_path / "sft")
+  for path in (proxy, reference):
+    text_world.run_stage(path, lambda: None, key={"steps": 4})
+  eval_cfg = ml_collections.ConfigDict({"num_prompts": 3})
+  key = lambda: text_world.evaluation_key(eval_cfg, 16, proxies={"proxy_w8": proxy},
+                                          reference=reference)
+  first = key()
+  assert first == {"eval": {"num_prompts": 3}, "rewards": ["gold", "proxy_w8"],
+                   "max_new_tokens": 16, "reference": text_world.stage_run(reference),
+                   "proxies": {"proxy_w8": text_world.stage_run(proxy)}}
+  for path in (proxy, reference):  # retrained with the same config: another key
+    before = key()
+    shutil.rmtree(path)
+    text_world.run_stage(path, lambda: None, key={"steps": 4})
+    assert key() != before
+  # A stage finished before run ids were recorded: its config key's digest.
+  with open(os.path.join(proxy, text_world.DONE_FILE), "w") as f:
+    json.dump({"wall_s": 1.0, "key": {"steps": 4}}, f)
+  assert text_world.stage_identity(proxy) == text_world.digest({"steps": 4})
+
+
+def test_reference_scales_standardise_gold_and_each_proxy_under_the_reference():
+  rng = np.random.default_rng(3)
+  samples = {w: {"gold": rng.normal(2.0, 3.0, (4, 8)), "proxy": rng.normal(w, 0.5, (4, 8))}
+             for w in (4, 8)}
+  scales = text_world.reference_scales(samples)
+  assert sorted(scales) == ["gold", "proxy_w4", "proxy_w8"]
+  assert scales["gold"] == (samples[4]["gold"].mean(), samples[4]["gold"].std())
+  for w in (4, 8):
+    standard = scales[f"proxy_w{w}"](samples[w]["proxy"])
+    np.testing.assert_allclose([standard.mean(), standard.std()], [0.0, 1.0], atol=1e-12)

@@ -109,6 +109,23 @@ def stage_run(path: str) -> str | None:
   return (_finished(path) or {}).get("run")
 
 
+def stage_identity(path: str) -> str:
+  """The run id of the stage finished in ``path``; for a stage finished before stages
+  recorded one, a digest of its config key."""
+  return stage_run(path) or digest(recorded_key(path))
+
+
+def evaluation_key(eval_cfg: Any, max_new_tokens: int, *, proxies: Mapping[str, str],
+                   reference: str) -> dict[str, Any]:
+  """What checkpoint evaluations (:func:`cached_trajectory`) depend on besides the
+  policy: the settings, and the runs of the proxies' stages (reward name -> folder) and
+  of the reference stage, so a policy is scored again after either was retrained
+  (caches keyed before the reference joined the key are evaluated again once)."""
+  runs = {name: stage_identity(path) for name, path in proxies.items()}
+  return dict(eval=configlib.plain(eval_cfg), rewards=sorted(["gold", *runs]),
+              max_new_tokens=max_new_tokens, proxies=runs, reference=stage_identity(reference))
+
+
 def _check_stage_key(path: str, recorded: Any, wanted: Any) -> None:
   if wanted is None or recorded == wanted:
     return
@@ -218,6 +235,15 @@ class GoldScale(NamedTuple):
 
   def __call__(self, raw: np.ndarray) -> np.ndarray:
     return (np.asarray(raw, np.float64) - self.mean) / self.sd
+
+
+def reference_scales(samples: Mapping[int, Mapping[str, np.ndarray]]) -> dict[str, GoldScale]:
+  """Gold's and each proxy's standardisation under π_ref, from best-of-n's π_ref samples
+  (width -> ``{"gold", "proxy"}`` scores): gold from the first width's, ``proxy_w{W}``
+  from width W's."""
+  scales = {"gold": GoldScale.fit(next(iter(samples.values()))["gold"])}
+  scales.update({f"proxy_w{w}": GoldScale.fit(s["proxy"]) for w, s in samples.items()})
+  return scales
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
