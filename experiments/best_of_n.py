@@ -215,7 +215,7 @@ def report_markdown(result: dict[str, Any]) -> str:
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Samples (or reuses ``samples.npz``), writes curves, report and figure; returns the curves."""
-  experiment.require_one_process('best_of_n')
+  experiment.require_one_process("best_of_n")
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, SAMPLES_FILE)

@@ -66,7 +66,7 @@ def compare(config: Any, workdir: str) -> str:
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Evaluates ``config.scorers`` on ``config.datasets``; returns the report."""
-  experiment.require_one_process('eval_rm')
+  experiment.require_one_process("eval_rm")
   os.makedirs(workdir, exist_ok=True)
   out = ({"compare": compare(config, workdir)} if config.get("compare")
          else evaluate(config, workdir))

@@ -85,7 +85,7 @@ def agreement_report(pairs: list[dict[str, Any]], judged: list[dict[str, Any]],
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Labels ``config.data``; writes ``labels.jsonl`` and the report; returns the report."""
-  experiment.require_one_process('label_ai_feedback')
+  experiment.require_one_process("label_ai_feedback")
   start = time.time()
   principles = constitution.load_constitutions(config.constitution)
   sampler = labeller.PrincipleSampler(tuple(principles), mode=config.principles.mode,

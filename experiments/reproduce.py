@@ -93,7 +93,7 @@ def _with_text_world(config: Any, workdir: str, found: list,
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """The bandit world (``config.bandit``; None = skipped), then the text world when
   ``config.text.enabled``."""
-  experiment.require_one_process('the overoptimization study')
+  experiment.require_one_process("the overoptimization study")
   start = time.time()
   study_config.check(config)
   staging = os.path.join(workdir, STAGING)

@@ -35,7 +35,7 @@ from prefjax.train import summary as summary_lib
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Runs the loop over ``config.data``'s prompts; returns the report."""
-  experiment.require_one_process('self_critique')
+  experiment.require_one_process("self_critique")
   start = time.time()
   principles = constitution.load_constitutions(config.constitution)
   sampler = labeller.PrincipleSampler(tuple(principles), mode="sample",

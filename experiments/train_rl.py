@@ -128,7 +128,7 @@ def check_sampling(config: Any) -> None:
 def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
   """Trains (or resumes) the RL run of ``config`` in ``workdir``; returns the summary, or
   the loop's ``TrainResult`` (``preempted``) when a signal stopped it after saving."""
-  experiment.require_one_process('train_rl (its rollouts are scored on the host)')
+  experiment.require_one_process("train_rl (its rollouts are scored on the host)")
   os.makedirs(workdir, exist_ok=True)
   configlib.check_fields("config.eval", config.eval, ("exact_kl_max_vocab",))
   hp = algorithms.HParams.from_config(config.rl)

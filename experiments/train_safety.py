@@ -91,7 +91,8 @@ def report(scores: dict[str, safety.PairScores], choice: safety.ThresholdChoice,
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the classifier of ``config`` in ``workdir``; returns its report."""
-  experiment.require_one_process('train_safety (its threshold and report are chosen from the scores of one process)')
+  experiment.require_one_process("train_safety (its threshold and report are chosen from "
+                                 "the scores of one process)")
   configlib.check_fields("config.safety", config.safety, SAFETY_FIELDS)
   safety.check_threshold_options(float(config.safety.target_precision),
                                  config.safety.on_unreachable,

@@ -446,13 +446,15 @@ def test_second_initialization_is_skipped(fake_initialize, monkeypatch):
 def test_process_agreement_takes_every_process_view(monkeypatch):
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   assert parallel.in_any_process(True) and not parallel.in_every_process(False)
-  others = {"value": 0}  # the other process's contribution to the all-gather
+  assert parallel.every_process(7).tolist() == [7]
+  others = {"value": 0}  # the other process's value in the all-gather
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(multihost_utils, "process_allgather",
                       lambda x: np.asarray([x, others["value"]]))
+  assert parallel.every_process(3).tolist() == [3, 0]
   assert not parallel.in_any_process(False) and parallel.in_any_process(True)
+  assert not parallel.in_every_process(True)  # the other process lacks it
   others["value"] = 1
-  assert parallel.in_any_process(False)
-  assert not parallel.in_every_process(True)  # the other's "not flag" is 1: it lacks it
+  assert parallel.in_any_process(False) and parallel.in_every_process(True)
   others["value"] = 15
   assert parallel.highest_in_any_process(0) == 15 and parallel.highest_in_any_process(20) == 20

@@ -104,21 +104,21 @@ def make_eval_fn(loss: loss_lib.DirectLoss, *, reference: nnx.Module | None = No
   The reference model (needed only for the KL) is closed over: its arrays are
   constants of the jitted eval step.
   """
-  loss_fn, loss_cfg = loss_lib.make_loss_fn(loss), loss
+  loss_fn = loss_lib.make_loss_fn(loss)
 
   def eval_fn(model: nnx.Module, batch: Mapping[str, Array]) -> dict[str, Array]:
-    loss, metrics = loss_fn(model, batch, jax.random.key(0))
-    weights = loss_lib.counted_pair_weights(loss_cfg, batch)
+    value, metrics = loss_fn(model, batch, jax.random.key(0))
+    weights = loss_lib.counted_pair_weights(loss, batch)
     # A per-batch count (the training logs' pairs/num_dropped_ties) has no meaning as a
     # weighted mean over batches.
     out = {k: v for k, v in metrics.items()
            if k not in ("loss_weight", "pairs/num_dropped_ties")}
-    out["loss"] = loss
+    out["loss"] = value
     if reference is not None and kl is not None:
       prompt, mask = left_padded_prompts(batch)
       rng = jax.random.fold_in(jax.random.key(kl.seed), batch["example_index"][0])
-      for name, value in kl_to_reference(model, reference, prompt, mask, rng, kl).items():
-        out[name] = loss_lib.weighted_mean(value, weights)
+      for name, estimate in kl_to_reference(model, reference, prompt, mask, rng, kl).items():
+        out[name] = loss_lib.weighted_mean(estimate, weights)
     out["num_examples"] = jnp.sum(weights)
     return out
 

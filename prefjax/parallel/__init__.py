@@ -16,6 +16,7 @@ from prefjax.parallel.distributed import (
     ProcessInfo,
     define_flags,
     detect_cluster,
+    every_process,
     highest_in_any_process,
     in_any_process,
     in_every_process,

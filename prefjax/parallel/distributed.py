@@ -158,22 +158,26 @@ def initialize_distributed(coordinator_address: str | None = None,
   return info
 
 
+def every_process(value: int) -> np.ndarray:
+  """Each process's ``value`` (an int), in process order: the same array in every process
+  (a collective every process must enter). One process: ``[value]``."""
+  if jax.process_count() == 1:
+    return np.asarray([int(value)])
+  return np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)
+
+
 def in_any_process(flag: bool) -> bool:
   """Whether ``flag`` holds in at least one process: the same answer in every process, so
   they take the same branch (one process alone skipping or stopping leaves the others
   waiting in their next collective). One process: ``flag``."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
+  return bool(every_process(bool(flag)).max())
 
 
 def in_every_process(flag: bool) -> bool:
   """Whether ``flag`` holds in every process (same answer everywhere)."""
-  return not in_any_process(not flag)
+  return bool(every_process(bool(flag)).min())
 
 
 def highest_in_any_process(value: int) -> int:
   """The highest of each process's ``value`` (e.g. a received signal number, 0 for none)."""
-  if jax.process_count() == 1:
-    return int(value)
-  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+  return int(every_process(value).max())

@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
+from prefjax import parallel
 from prefjax.train import metrics as metrics_lib
 from prefjax.train import sharding as sharding_lib
 from prefjax.train import state as state_lib
@@ -63,7 +63,7 @@ class JoinedByEveryProcess:
       self._batches = batches
       return
     local = list(batches)
-    counts = multihost_utils.process_allgather(np.int32(len(local)))
+    counts = parallel.every_process(len(local))
     self._batches = padded_to(local, counts)
     self.padded = bool(np.min(counts) < np.max(counts))
 

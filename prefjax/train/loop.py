@@ -34,11 +34,9 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
-import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from prefjax import configlib
 from prefjax import files
@@ -503,10 +501,7 @@ def _hold_workdir(workdir: str) -> Iterator[None]:
         stack.enter_context(files.exclusive(workdir))
       except files.WorkdirBusyError as e:
         error = e
-    busy = error is not None
-    if jax.process_count() > 1:
-      busy = bool(multihost_utils.broadcast_one_to_all(np.int32(busy)))
-    if busy:
+    if parallel.in_any_process(error is not None):  # only process 0 can be refused
       raise error or files.WorkdirBusyError(f"{workdir} is in use by another run (process "
                                             "0 found its lock held)")
     yield

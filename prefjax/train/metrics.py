@@ -14,7 +14,6 @@ step. Only process 0 writes. Metric names are written as TensorBoard stores them
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
@@ -25,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from prefjax import files
+from prefjax.train import summary as summary_lib
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -46,13 +46,6 @@ def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
       raise ValueError(f"metric {name!r} must be a scalar; got shape {arr.shape}")
     out[name] = int(arr) if np.issubdtype(arr.dtype, np.integer) else float(arr)
   return out
-
-
-def _json_value(v: Any) -> Any:
-  # JSON has no NaN/inf; write them as strings so every line stays standard JSON.
-  if isinstance(v, float) and not math.isfinite(v):
-    return str(v)
-  return v
 
 
 def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -140,7 +133,7 @@ class MetricWriter:
         f.truncate(self._last_offset)
       f.seek(0, os.SEEK_END)
       self._last_offset = f.tell()
-      f.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
+      f.write(json.dumps(summary_lib.standard_json(record)) + "\n")
     self._last_record = record
     if self._tb is not None:
       for name, value in values.items():

@@ -148,16 +148,18 @@ def _diff_from_saved(path: str, new: Mapping[str, Any]) -> str | None:
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
   """``summary.json``, standard JSON: a NaN or infinite number is written as the string
   ``"nan"``/``"inf"``, as in ``metrics.jsonl`` (bare ``NaN`` is not JSON)."""
-  write_json(os.path.join(workdir, SUMMARY_FILE), _finite_or_named(dict(summary)))
+  write_json(os.path.join(workdir, SUMMARY_FILE), standard_json(dict(summary)))
 
 
-def _finite_or_named(obj: Any) -> Any:
+def standard_json(obj: Any) -> Any:
+  """``obj`` (mappings, sequences, NumPy/JAX values) as plain JSON values, with a NaN or
+  infinite number as the string ``"nan"``/``"inf"``/``"-inf"``: JSON has no such numbers."""
   if isinstance(obj, Mapping):
-    return {k: _finite_or_named(v) for k, v in obj.items()}
+    return {k: standard_json(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
-    return [_finite_or_named(v) for v in obj]
+    return [standard_json(v) for v in obj]
   if hasattr(obj, "tolist") and not isinstance(obj, (float, int)):
-    return _finite_or_named(obj.tolist())
+    return standard_json(obj.tolist())
   if isinstance(obj, float) and not math.isfinite(obj):
     return str(obj)
   return obj
