@@ -36,7 +36,7 @@ from benchmarks import model_throughput
 from benchmarks import steps
 from benchmarks import workloads
 from prefjax.models import decoder as dec
-from prefjax.models import hf_import
+from prefjax.models import hf_export
 from prefjax.models import sampling
 
 PROMPT_LENGTH = 64
@@ -54,7 +54,7 @@ def build_models(name: str) -> tuple[dec.Decoder, Any]:
   else:
     raise ValueError(f"generation model must be '25m' or 'smollm2', got {name!r}")
   with tempfile.TemporaryDirectory() as tmp:
-    hf_import.save_pretrained(model, tmp)
+    hf_export.save_pretrained(model, tmp)
     hf_model = transformers.LlamaForCausalLM.from_pretrained(
         tmp, torch_dtype="float32", attn_implementation="sdpa").eval()
   hf_model.generation_config.eos_token_id = None  # exactly NEW_TOKENS per row

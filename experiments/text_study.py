@@ -71,7 +71,7 @@ class TextWorld:
                 overrides=configlib.plain(self.cfg.policy))
 
   def reference_path(self) -> str:
-    return os.path.join(self.sft_dir, train_sft.HF_EXPORT_DIR)
+    return os.path.join(self.sft_dir, experiment.HF_EXPORT_DIR)
 
   def proxy_model(self, width: int) -> dict[str, Any]:
     return text_world.proxy_model(width, int(self.cfg.proxy.num_layers))

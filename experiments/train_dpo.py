@@ -30,6 +30,9 @@ the implicit-reward accuracy) and, when a reference model is loaded (online
 mode), ``eval/kl/{k1,k3}`` (and ``kl/exact`` for small vocabularies) of the
 policy to the reference on responses it samples for the held-out prompts.
 ``reference.json`` records the reference mode and cache key/hit per split.
+``export_hf=True`` writes the trained policy to ``<workdir>/hf`` as a Hugging Face
+``*ForCausalLM`` directory (``prefjax.models.hf_export``), which ``best_of_n``,
+``train_rl`` and another ``train_dpo`` load through ``model.path``.
 """
 
 from __future__ import annotations
@@ -205,6 +208,8 @@ def run(config: Any, workdir: str) -> train.TrainResult:
         partition_rules=experiment.partition_rules(policy),
         start_hooks=[data_report.write])
   data_report.finish(train_iter, result.summary)
+  if not result.preempted:
+    experiment.export_hf(config, workdir, result.model, tokenizer, what="policy")
   return result
 
 

@@ -42,6 +42,11 @@ Evaluation (every ``loop.eval_every`` steps and at the end) is the evaluator
 ``eval_<step>.json`` (metrics + reliability bins) and
 ``figures/reliability_<step>.png``; its metrics go to ``metrics.jsonl``
 (``eval/...``).
+
+``export_hf=True`` also writes the trained model to ``<workdir>/hf`` as a Hugging
+Face ``*ForSequenceClassification`` directory (a deep ensemble: ``hf/member_<k>/``)
+that ``transformers``, TRL and ``eval_rm``'s ``hf:`` scorer load
+(``prefjax.models.hf_export``).
 """
 
 from __future__ import annotations
@@ -130,6 +135,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       if not result.preempted and (evaluator.last is None or evaluator.last[0] != final_step):
         evaluator(final_step, result.model)
   data_report.finish(train_iter, result.summary)
+  if not result.preempted:
+    experiment.export_hf(config, workdir, result.model, tokenizer, what="reward model")
   last = evaluators[0].last if evaluators else None
   return {"summary": result.summary, "eval": last[1] if last else None,
           "preempted": result.preempted}

@@ -32,7 +32,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from absl import app
-from absl import logging
 from flax import nnx
 
 from experiments import common
@@ -40,12 +39,10 @@ from prefjax import configlib
 from prefjax import experiment
 from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
-from prefjax.models import hf_import
 from prefjax.models import sampling
 from prefjax.models import segments as seg
 from prefjax.train import summary as summary_lib
 
-HF_EXPORT_DIR = "hf"
 
 
 def response_nll(model: nnx.Module, batch: Any) -> tuple[jax.Array, jax.Array]:
@@ -119,9 +116,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   data_report.finish(train_iter, result.summary)
   if not result.preempted:
     _add_perplexity(workdir, result)
-    if config.get("export_hf") and jax.process_index() == 0:
-      path = hf_import.save_pretrained(result.model, os.path.join(workdir, HF_EXPORT_DIR))
-      logging.info("exported the policy to %s", path)
+    experiment.export_hf(config, workdir, result.model, tokenizer, what="policy")
   return result
 
 

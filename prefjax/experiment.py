@@ -47,6 +47,7 @@ from prefjax.data import tokenize as tokenize_lib
 from prefjax.models import decoder as decoder_lib
 from prefjax.models import encoder as encoder_lib
 from prefjax.models import heads as heads_lib
+from prefjax.models import hf_export
 from prefjax.models import hf_import
 from prefjax.models import stack
 from prefjax.train import summary as summary_lib
@@ -355,6 +356,34 @@ def require_one_process(what: str) -> None:
 def mesh_context(mesh: jax.sharding.Mesh | None):
   """``jax.set_mesh(mesh)``, or a no-op context without a mesh."""
   return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+HF_EXPORT_DIR = "hf"
+
+
+def export_hf(config: Any, workdir: str, model: nnx.Module, tokenizer: Any, *,
+              what: str) -> str | None:
+  """``config.export_hf``: writes ``model`` to ``<workdir>/hf`` as a Hugging Face directory.
+
+  A reward model is written as ``*ForSequenceClassification``, a deep ensemble as one
+  such directory per member, a policy as ``*ForCausalLM`` (``prefjax.models.hf_export``),
+  with the tokenizer's special ids and files. Every process gathers its parameter
+  shards; process 0 writes. Returns the directory (None when not exporting here).
+  """
+  if not config.get("export_hf"):
+    return None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, jax.tree.map(
+        lambda x: (multihost_utils.process_allgather(x, tiled=True)
+                   if isinstance(x, jax.Array) and not x.is_fully_addressable else x), state))
+  if jax.process_index() != 0:
+    return None
+  path = hf_export.save_pretrained(model, os.path.join(workdir, HF_EXPORT_DIR),
+                                   tokenizer=tokenizer)
+  logging.info("exported the %s to %s (Hugging Face format)", what, path)
+  return str(path)
 
 
 def tokens_in_batch(batch: Mapping[str, Any]) -> float:

@@ -22,11 +22,13 @@ from flax import nnx
 from configs.dpo import tiny as dpo_tiny
 from configs.sft import tiny as sft_tiny
 from experiments import train_dpo
+from prefjax import experiment
 from prefjax.direct import evaluation
 from prefjax.direct import loss as loss_lib
 from prefjax.losses import DIRECT_LOSSES
 from prefjax.losses import registry
 from prefjax.models import decoder
+from prefjax.models import hf_import
 from tests import comparisons
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -360,9 +362,13 @@ def test_mesh_2x2x2_matches_single_device(tmp_path):
   single = train_dpo.run(dpo_config(steps=4), str(tmp_path / "single"))
   config = dpo_config(steps=4)
   config.mesh.shape = (2, 2, 2)
+  config.export_hf = True
   sharded = train_dpo.run(config, str(tmp_path / "sharded"))
   leaves = jax.tree.leaves(sharded.state.params)
   assert any(len({str(s.index) for s in x.addressable_shards}) > 1 for x in leaves)
+  exported = hf_import.from_pretrained(tmp_path / "sharded" / experiment.HF_EXPORT_DIR)
+  tokens = np.array([[257, 97, 98, 99, 258]], np.int32)
+  np.testing.assert_allclose(exported(tokens), sharded.model(tokens), rtol=1e-5, atol=1e-5)
   records = [[r for r in read_metrics(tmp_path / d) if "loss" in r] for d in ("single", "sharded")]
   comparisons.assert_same_first_step(*records)
   comparisons.assert_losses_close(train_losses(tmp_path / "sharded"),

@@ -17,6 +17,8 @@ import pytest
 from configs.rm import ensemble_tiny
 from configs.rm import tiny
 from experiments import train_rm
+from prefjax import experiment
+from prefjax import models
 from prefjax import rm
 from prefjax.losses import preference
 from prefjax import train
@@ -318,6 +320,37 @@ def test_tiny_rm_learns_and_writes_outputs(data_env, tmp_path):
   logged = [r for r in train.read_metrics(tmp_path) if "eval/accuracy" in r]
   assert logged[-1]["step"] == 40
   assert logged[-1]["eval/accuracy"] == pytest.approx(ev["accuracy"], abs=1e-6)
+
+
+def test_export_hf_writes_a_reward_model_transformers_scores_as_trained(data_env, tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = small_config(3)
+  config.eval.enabled = False
+  config.export_hf = True
+  train_rm.run(config, str(tmp_path))
+  trained = experiment.make_model(config.model, vocab_size=259, seed=7)
+  train.load_params(tmp_path, trained)
+  hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(
+      tmp_path / experiment.HF_EXPORT_DIR).eval()
+  assert hf_model.config.pad_token_id == 256  # the byte tokenizer's, not the preset's
+  tokens = np.random.RandomState(0).randint(0, 256, (3, 12)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  mask[1, 7:], mask[2, 4:] = 0, 0
+  tokens[0, -1], tokens[1, 6], tokens[2, 3] = 258, 258, 258  # responses end with EOS
+  tokens = np.where(mask > 0, tokens, 256)
+  with torch.no_grad():
+    ref = hf_model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                   attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
+  # transformers' score layer has no bias: its rewards are the model's less the head bias,
+  # which Adam moves off zero although the Bradley-Terry gradient for it is zero in exact
+  # arithmetic (normalised float noise).
+  bias = float(trained.head.bias[0])
+  np.testing.assert_allclose(np.asarray(trained(tokens, attention_mask=mask)) - bias, ref,
+                             atol=1e-4)
+  exported = models.from_pretrained(tmp_path / experiment.HF_EXPORT_DIR, head="reward")
+  np.testing.assert_allclose(exported(tokens, attention_mask=mask),
+                             trained(tokens, attention_mask=mask), atol=1e-5)
 
 
 def test_deep_ensemble_members_equal_separately_trained_models(data_env, tmp_path):

@@ -17,6 +17,7 @@ from experiments import train_dpo
 from experiments import train_rl
 from experiments import train_rm
 from experiments import train_sft
+from prefjax import experiment
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import tokenize
 from prefjax.models import decoder
@@ -46,7 +47,7 @@ def test_heldout_nll_decreases_and_export_reloads(tmp_path):
   train = helpers.train_losses(tmp_path)
   assert np.mean(train[-5:]) < np.mean(train[:5]) - 1.0
 
-  reloaded = hf_import.from_pretrained(tmp_path / train_sft.HF_EXPORT_DIR)
+  reloaded = hf_import.from_pretrained(tmp_path / experiment.HF_EXPORT_DIR)
   tokens = np.array([[257, 97, 98, 99, 100, 258]], np.int32)
   np.testing.assert_allclose(reloaded(tokens), result.model(tokens), rtol=1e-5, atol=1e-5)
 

@@ -77,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                   async_checkpointing=True, tensorboard=True)
   config.eval = dict(batch_size=16, kl_max_new_tokens=64, kl_temperature=1.0, exact_kl="auto")
   config.mesh = dict(shape=(-1, 1, 1), num_devices=0)
+  config.export_hf = False  # True: also write <workdir>/hf, a Hugging Face model directory
   if arg == "quick":
     config.data.pipeline.batch_size = 2
     config.data.pipeline.max_length = 256

@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval = dict(batch_size=64, kl_max_new_tokens=16, kl_temperature=1.0,
                      exact_kl="auto")
   config.mesh = dict(shape=(-1, 1, 1), num_devices=0)
+  config.export_hf = False  # True: also write <workdir>/hf, a Hugging Face model directory
   if arg == "quick":
     config.loop.num_steps = 40
     config.loop.eval_every = 0

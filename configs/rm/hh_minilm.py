@@ -55,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                   async_checkpointing=False)
   config.eval = dict(enabled=True, batch_size=32, num_bins=10, subset_field="subset")
   config.mesh = dict(shape=(-1, 1, 1), ensemble=1, num_devices=0)
+  config.export_hf = False  # True: also write <workdir>/hf, a Hugging Face model directory
   if arg == "quick":
     config.loop.num_steps = 4
     config.optimizer.warmup_steps = 1

@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                   async_checkpointing=False)
   config.eval = dict(enabled=True, batch_size=64, num_bins=10, subset_field="subset")
   config.mesh = dict(shape=(-1, 1, 1), ensemble=1, num_devices=0)
+  config.export_hf = False  # True: also write <workdir>/hf, a Hugging Face model directory
   if arg == "quick":
     config.loop.num_steps = 60
     config.loop.eval_every = 0

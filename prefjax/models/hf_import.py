@@ -1,4 +1,4 @@
-"""Load local Hugging Face checkpoints into prefjax models, and save decoders back.
+"""Load local Hugging Face checkpoints into prefjax models.
 
 ``from_pretrained(path)`` reads a directory with ``config.json`` plus
 ``model.safetensors`` (or a sharded ``model.safetensors.index.json``) for
@@ -10,9 +10,7 @@ and errors name the tensor, the file and both shapes. Checkpoint tensors that
 no parameter uses are logged (and returned by ``load_hf_checkpoint``) instead of
 being dropped silently.
 
-``save_pretrained(model, path)`` writes a ``Decoder`` (or an ``Encoder``) as a
-Hugging Face directory that ``transformers`` loads (``LlamaForCausalLM``,
-``GPT2LMHeadModel``, ``BertModel``).
+Saving is ``prefjax.models.hf_export.save_pretrained``.
 """
 
 from __future__ import annotations
@@ -25,12 +23,10 @@ import pathlib
 import re
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from prefjax.models import gguf_import
 from prefjax.models import heads
@@ -45,6 +41,9 @@ _log = logging.getLogger(__name__)
 
 # A decoder reward model's (``*ForSequenceClassification``) head, read by ``load_score_head``.
 SCORE_TENSORS = ("score.weight", "score.bias")
+# config.json key written by ``hf_export``: "last_real" when the reward model scores the
+# last real token even where it is the pad id (HF's rule skips it; see ``load_score_head``).
+SCORE_TOKEN_KEY = "prefjax_score_token"
 
 
 class CheckpointError(ValueError):
@@ -162,6 +161,12 @@ def _is_sequence_classifier(hf: dict[str, Any], names: set[str]) -> bool:
           and any(a.endswith("ForSequenceClassification") for a in archs))
 
 
+def _is_base_model(hf: dict[str, Any], names: set[str]) -> bool:
+  """A trunk saved without its output layer (``LlamaModel``), as a reward model's is."""
+  archs = hf.get("architectures") or []
+  return "lm_head.weight" not in names and any(a.endswith("Model") for a in archs)
+
+
 def _first_id(value) -> int | None:
   if isinstance(value, (list, tuple)):
     return int(value[0]) if value else None
@@ -203,7 +208,7 @@ def _is_gpt2_like(c) -> bool:
           and c.mlp_bias and c.num_kv_heads == c.num_heads)
 
 
-def _decoder_mapping(config, hf_model_type: str, names: set[str]) -> hf_mappings.Mapping:
+def decoder_mapping(config, hf_model_type: str, names: set[str]) -> hf_mappings.Mapping:
   if hf_model_type == "gpt2":
     prefix = "transformer." if "transformer.wte.weight" in names or not names else ""
     return hf_mappings.gpt2_mapping(config.num_layers, prefix=prefix)
@@ -225,7 +230,7 @@ class LoadReport:
   unused: list[str]
 
 
-def _param_paths(model: nnx.Module) -> dict[str, nnx.Variable]:
+def param_paths(model: nnx.Module) -> dict[str, nnx.Variable]:
   return {"/".join(str(p) for p in path): var for path, var in nnx.iter_graph(model)
           if isinstance(var, nnx.Param)}
 
@@ -247,7 +252,7 @@ def fill_params(model: nnx.Module, mapping: hf_mappings.Mapping,
   missing tensor or a shape mismatch, naming the tensor and both shapes.
   """
   where = str(reader.directory)
-  params = _param_paths(model)
+  params = param_paths(model)
   unmapped = sorted(set(params) - set(mapping))
   if unmapped:
     raise CheckpointError(f"{where}: no checkpoint tensor is mapped to parameters {unmapped}")
@@ -300,7 +305,11 @@ def load_hf_checkpoint(path: PathLike, *, dtype=None, param_dtype=jnp.float32,
       _log.info("%s: sequence-classification checkpoint without lm_head; tying the "
                 "decoder's output embedding", directory)
       config = config.replace(tie_embeddings=True)
-    mapping = _decoder_mapping(config, model_type, names)
+    elif _is_base_model(hf, names) and not config.tie_embeddings:
+      _log.warning("%s: a %s checkpoint has no LM head; the decoder's LM logits use the "
+                   "tied input embedding", directory, hf["architectures"][0])
+      config = config.replace(tie_embeddings=True)
+    mapping = decoder_mapping(config, model_type, names)
     model = _abstract(lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dtype,
                                       param_dtype=param_dtype))
   unused = fill_params(model, mapping, reader, param_dtype=param_dtype)
@@ -309,7 +318,7 @@ def load_hf_checkpoint(path: PathLike, *, dtype=None, param_dtype=jnp.float32,
   if unexplained:
     _log.warning("%s: %d checkpoint tensors are not used by prefjax's %s model: %s",
                  directory, len(unexplained), model_type, unexplained[:20])
-  return model, LoadReport(model_type, len(_param_paths(model)), unused)
+  return model, LoadReport(model_type, len(param_paths(model)), unused)
 
 
 def _trunk_config(hf: dict[str, Any], config_file: pathlib.Path
@@ -380,7 +389,8 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
                  "head='reward' scores with it)", path, head)
     return model
   try:
-    load_score_head(model, SafetensorsReader(path))
+    load_score_head(model, SafetensorsReader(path),
+                    skips_pad=_read_json(path / "config.json").get(SCORE_TOKEN_KEY) != "last_real")
   except CheckpointError as e:
     if score_head == "require":
       raise
@@ -388,7 +398,7 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
   return model
 
 
-def load_score_head(model, reader: SafetensorsReader) -> None:
+def load_score_head(model, reader: SafetensorsReader, *, skips_pad: bool = True) -> None:
   """Copies a HF ``*ForSequenceClassification`` ``score`` layer into a reward head.
 
   HF decoder reward models (``LlamaForSequenceClassification``,
@@ -397,6 +407,10 @@ def load_score_head(model, reader: SafetensorsReader) -> None:
   "last"-pooled ``RewardModel`` (num_labels 1) or ``MultiHeadEnsemble`` /
   multi-objective head (num_labels K) that skips that id (``last_skips_id``; this
   matters when pad = EOS, as the pipeline ends every response with EOS).
+  ``skips_pad=False`` (a prefjax export whose model read the last real token, see
+  ``SCORE_TOKEN_KEY``) reads the last real token instead, as the model was trained.
+  A ``score.bias`` (prefjax exports write one when the head's bias is not zero;
+  transformers ignores it) is loaded too.
   """
   weight = reader.get("score.weight")
   kernel = model.head.kernel
@@ -410,52 +424,5 @@ def load_score_head(model, reader: SafetensorsReader) -> None:
   kernel[...] = jnp.asarray(weight.T, kernel.dtype)
   bias = reader.get("score.bias") if "score.bias" in reader.files else np.zeros(weight.shape[0])
   model.head.bias[...] = jnp.asarray(bias, model.head.bias.dtype)
-  model.last_skips_id = model.trunk.config.pad_id
+  model.last_skips_id = model.trunk.config.pad_id if skips_pad else None
   _log.info("%s: loaded reward head from 'score.weight' %s", reader.directory, weight.shape)
-
-
-# -- saving ---------------------------------------------------------------------
-
-
-def hf_state_dict(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """``(tensors, config_dict)`` of a ``Decoder`` or ``Encoder`` in Hugging Face layout."""
-  params = {p: np.asarray(jax.device_get(v.get_value())) for p, v in _param_paths(model).items()}
-  if isinstance(model, Encoder):
-    hf_config = model.config.to_hf_dict()
-    mapping = hf_mappings.bert_mapping(model.config.num_layers)
-  else:
-    hf_config = decoder_config_to_hf(model.config)
-    mapping = _decoder_mapping(model.config, hf_config["model_type"], set())
-  tensors: dict[str, np.ndarray] = {}
-  qkv_parts: dict[str, dict[int, np.ndarray]] = {}
-  for path, array in params.items():
-    if path not in mapping:
-      raise CheckpointError(f"parameter {path!r} has no Hugging Face equivalent")
-    hf_name, layout = mapping[path]
-    if layout.startswith("qkv:"):
-      qkv_parts.setdefault(hf_name, {})[int(layout[4:])] = array
-    else:
-      tensors[hf_name] = np.ascontiguousarray(hf_mappings.to_hf(array, layout))
-  for hf_name, parts in qkv_parts.items():
-    tensors[hf_name] = np.concatenate([parts[j] for j in range(3)], axis=-1)
-  return tensors, hf_config
-
-
-def save_pretrained(model: nnx.Module, path: PathLike) -> pathlib.Path:
-  """Writes ``model.safetensors`` + ``config.json`` that ``transformers`` and ``from_pretrained`` load.
-
-  Accepts a ``Decoder`` (Llama or GPT-2 family) or an ``Encoder`` (BERT), or a
-  head model wrapping one (only its trunk is written; heads have no HF
-  equivalent here).
-  """
-  trunk = getattr(model, "trunk", model)
-  if trunk is not model:
-    _log.warning("save_pretrained: writing only the trunk of %s; its head is not saved "
-                 "(use prefjax.train checkpoints for full models)", type(model).__name__)
-  directory = pathlib.Path(path)
-  directory.mkdir(parents=True, exist_ok=True)
-  tensors, hf_config = hf_state_dict(trunk)
-  hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype)
-  save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-  (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-  return directory

@@ -1,0 +1,199 @@
+"""``hf_export.save_pretrained`` of reward models and trunks, loaded by PyTorch ``transformers``.
+
+Each export is loaded with ``transformers`` (``AutoModelForSequenceClassification``,
+``AutoModel``) and scored on the same right-padded tokens as the prefjax model
+it came from, and loaded back with ``from_pretrained``.
+"""
+
+import json
+import logging
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from prefjax import models
+from prefjax.data import tokenize
+from prefjax.models import decoder, heads, hf_export, hf_import
+
+ATOL = 1e-4
+VOCAB = 61
+PAD, EOS = 0, 2
+
+
+def _llama(**overrides) -> decoder.Decoder:
+  cfg = decoder.DecoderConfig.tiny_llama(
+      vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+      intermediate_size=48, max_position_embeddings=64, pad_id=PAD, eos_id=EOS, bos_id=1)
+  return decoder.Decoder(cfg.replace(**overrides), rngs=nnx.Rngs(0), dtype=jnp.float32)
+
+
+def _gpt2() -> decoder.Decoder:
+  cfg = decoder.DecoderConfig.tiny_gpt2(vocab_size=VOCAB, pad_id=PAD, eos_id=EOS, bos_id=1)
+  return decoder.Decoder(cfg, rngs=nnx.Rngs(1), dtype=jnp.float32)
+
+
+def _perturb_norms(model: nnx.Module) -> None:
+  """Norm scales start at one; move them so that a dropped or swapped norm shows."""
+  for path, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Param) and any("norm" in str(p) for p in path):
+      var.set_value(var.get_value() + 0.1 * np.cos(np.arange(var.size)).reshape(var.shape))
+
+
+def _reward_model(trunk, head="reward", seed=3):
+  model = heads.attach_head(trunk, head, rngs=nnx.Rngs(seed))
+  _perturb_norms(model)
+  return model
+
+
+def _batch(end_id: int = EOS):
+  """Right-padded rows whose last real token is EOS, as the pipeline's responses end."""
+  tokens = np.random.RandomState(0).randint(3, VOCAB, (3, 9)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  mask[1, 6:] = 0
+  mask[2, 3:] = 0
+  tokens[0, -1], tokens[1, 5], tokens[2, 2] = end_id, end_id, end_id
+  return np.where(mask > 0, tokens, PAD), mask
+
+
+def _ours(model, tokens, mask) -> np.ndarray:
+  out = nnx.jit(lambda m, t, k: m(t, attention_mask=k))(model, tokens, mask)
+  return np.asarray(out).reshape(tokens.shape[0], -1)
+
+
+def _torch_scores(path, tokens, mask) -> np.ndarray:
+  hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(
+      path, attn_implementation="eager").eval()
+  with torch.no_grad():
+    return hf_model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                    attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+@pytest.mark.parametrize("build", [_llama, lambda: _llama(tie_embeddings=True), _gpt2],
+                         ids=["llama_untied", "llama_tied", "gpt2"])
+def test_a_reward_model_exports_as_a_sequence_classifier_that_scores_the_same(build, tmp_path):
+  model = _reward_model(build())
+  tokens, mask = _batch()
+  ours = _ours(model, tokens, mask)
+  assert np.abs(ours).min() > 1e-3  # a zero head would not pass by accident
+  hf_export.save_pretrained(model, tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["architectures"][0].endswith("ForSequenceClassification")
+  assert config["id2label"] == {"0": "reward"} and config["pad_token_id"] == PAD
+  np.testing.assert_allclose(_torch_scores(tmp_path, tokens, mask), ours, atol=ATOL, rtol=0)
+  back = models.from_pretrained(tmp_path, head="reward", dtype=jnp.float32)
+  np.testing.assert_allclose(_ours(back, tokens, mask), ours, atol=1e-6, rtol=0)
+
+
+def test_named_objectives_and_head_ensembles_export_one_label_each(tmp_path):
+  tokens, mask = _batch()
+  multi = _reward_model(_llama(), head="multi:helpful,harmless")
+  hf_export.save_pretrained(multi, tmp_path / "multi")
+  config = json.loads((tmp_path / "multi" / "config.json").read_text())
+  assert config["id2label"] == {"0": "helpful", "1": "harmless"}
+  np.testing.assert_allclose(_torch_scores(tmp_path / "multi", tokens, mask),
+                             _ours(multi, tokens, mask), atol=ATOL, rtol=0)
+  back = models.from_pretrained(tmp_path / "multi", head="multi:helpful,harmless")
+  np.testing.assert_allclose(_ours(back, tokens, mask), _ours(multi, tokens, mask), atol=1e-6)
+
+  ensemble = _reward_model(_llama(), head="reward_ensemble:3")
+  hf_export.save_pretrained(ensemble, tmp_path / "heads")
+  scores = _torch_scores(tmp_path / "heads", tokens, mask)
+  assert scores.shape == (3, 3)
+  np.testing.assert_allclose(scores, _ours(ensemble, tokens, mask), atol=ATOL, rtol=0)
+
+
+def test_a_deep_ensemble_exports_one_directory_per_member(tmp_path):
+  def build(rngs):
+    return heads.attach_head(_llama(), "reward", rngs=rngs)
+  ensemble = heads.DeepEnsemble(build, seeds=[5, 6])
+  tokens, mask = _batch()
+  ours = _ours(ensemble, tokens, mask)
+  assert not np.allclose(ours[:, 0], ours[:, 1])
+  hf_export.save_pretrained(ensemble, tmp_path)
+  for k in range(2):
+    np.testing.assert_allclose(_torch_scores(tmp_path / f"member_{k}", tokens, mask)[:, 0],
+                               ours[:, k], atol=ATOL, rtol=0)
+
+
+def test_a_pad_that_is_the_eos_is_marked_so_prefjax_reloads_scores_as_trained(tmp_path, caplog):
+  model = _reward_model(_llama(pad_id=EOS))
+  tokens, mask = _batch()
+  tokens = np.where(mask > 0, tokens, EOS)
+  ours = _ours(model, tokens, mask)
+  with caplog.at_level(logging.WARNING):
+    hf_export.save_pretrained(model, tmp_path)
+  assert "would score the token before it" in caplog.text
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config[hf_import.SCORE_TOKEN_KEY] == "last_real" and config["pad_token_id"] == EOS
+  back = models.from_pretrained(tmp_path, head="reward", dtype=jnp.float32)
+  assert back.last_skips_id is None
+  np.testing.assert_allclose(_ours(back, tokens, mask), ours, atol=1e-6, rtol=0)
+  # transformers reads the token before the final EOS, which the model never scored.
+  model.last_skips_id = EOS
+  np.testing.assert_allclose(_torch_scores(tmp_path, tokens, mask),
+                             _ours(model, tokens, mask), atol=ATOL, rtol=0)
+  assert not np.allclose(_ours(model, tokens, mask), ours, atol=ATOL)
+
+
+def test_a_reward_model_read_from_hf_keeps_hf_s_scoring_rule(tmp_path):
+  model = _reward_model(_llama(pad_id=EOS))
+  model.last_skips_id = EOS  # as hf_import.load_score_head sets it
+  hf_export.save_pretrained(model, tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert hf_import.SCORE_TOKEN_KEY not in config and config["pad_token_id"] == EOS
+  tokens, mask = _batch()
+  tokens = np.where(mask > 0, tokens, EOS)
+  np.testing.assert_allclose(_torch_scores(tmp_path, tokens, mask),
+                             _ours(model, tokens, mask), atol=ATOL, rtol=0)
+
+
+def test_a_head_bias_is_written_for_prefjax_and_shifts_transformers_scores(tmp_path, caplog):
+  model = _reward_model(_llama())
+  model.head.bias[...] = jnp.array([0.75])
+  tokens, mask = _batch()
+  ours = _ours(model, tokens, mask)
+  with caplog.at_level(logging.WARNING):
+    hf_export.save_pretrained(model, tmp_path)
+  assert "bias [0.75] is not zero" in caplog.text
+  np.testing.assert_allclose(_torch_scores(tmp_path, tokens, mask), ours - 0.75, atol=ATOL)
+  back = models.from_pretrained(tmp_path, head="reward", dtype=jnp.float32)
+  np.testing.assert_allclose(_ours(back, tokens, mask), ours, atol=1e-6, rtol=0)
+
+
+def test_a_trunk_without_its_lm_head_exports_as_the_base_model(tmp_path, caplog):
+  value = heads.attach_head(_llama(), "value", rngs=nnx.Rngs(0))  # drops the untied LM head
+  _perturb_norms(value)
+  assert not hasattr(value.trunk, "lm_head")
+  with caplog.at_level(logging.WARNING):
+    hf_export.save_pretrained(value, tmp_path)
+  assert "writing only the trunk of ValueModel(Decoder)" in caplog.text
+  assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaModel"]
+  tokens, mask = _batch()
+  hf_model = transformers.AutoModel.from_pretrained(tmp_path, attn_implementation="eager")
+  with torch.no_grad():
+    ref = hf_model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                   attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+  ours = np.asarray(value.trunk.hidden_states(tokens, attention_mask=mask))
+  real = mask.astype(bool)
+  np.testing.assert_allclose(ours[real], ref[real], atol=ATOL, rtol=0)
+  back = models.from_pretrained(tmp_path, dtype=jnp.float32)
+  np.testing.assert_allclose(np.asarray(back.hidden_states(tokens, attention_mask=mask))[real],
+                             ours[real], atol=1e-6, rtol=0)
+
+
+def test_the_tokenizer_s_ids_and_files_go_with_the_export(gpt2_bpe_dir, tmp_path):
+  tok = tokenize.load_tokenizer(gpt2_bpe_dir)
+  trunk = decoder.Decoder(decoder.DecoderConfig.tiny_llama(vocab_size=tok.vocab_size,
+                                                           num_layers=1), rngs=nnx.Rngs(0))
+  hf_export.save_pretrained(heads.attach_head(trunk, "reward", rngs=nnx.Rngs(1)), tmp_path,
+                            tokenizer=tok)
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert (config["eos_token_id"], config["pad_token_id"]) == (tok.eos_id, tok.pad_id)
+  reloaded = tokenize.load_tokenizer(tmp_path)
+  text = "Human: is this the same tokenizer?\n\nAssistant: yes"
+  assert reloaded.encode(text) == tok.encode(text)
+  assert (reloaded.eos_id, reloaded.pad_id) == (tok.eos_id, tok.pad_id)
