@@ -18,16 +18,21 @@ fields with their values and exits 0.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import importlib
+import importlib.metadata
 import logging as std_logging
 import os
 import pathlib
 import re
 import signal
+import socket
+import subprocess
 import sys
 from typing import Any, Callable
 
+import jax
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -38,6 +43,7 @@ from prefjax import compilation_cache
 from prefjax import configlib
 from prefjax import parallel
 from prefjax import train
+from prefjax.train import summary as summary_lib
 
 FLAGS = flags.FLAGS
 VERBOSE_ERRORS_ENV = "PREFJAX_VERBOSE_ERRORS"
@@ -153,6 +159,38 @@ def prepare_workdir(workdir: str | os.PathLike[str]) -> str:
   return str(path)
 
 
+def record_invocation(workdir: str) -> None:
+  """Appends what started this run to ``workdir/runs.jsonl`` (``summary.RUNS_FILE``): the
+  UTC time, command line, ``--imports``, host, process count, prefjax's git commit (and
+  whether its tracked files had changes) and the versions of the core libraries."""
+  versions = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint"):
+    try:
+      versions[name] = importlib.metadata.version(name.replace(".", "-"))
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  summary_lib.append_run_record(workdir, {
+      "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "argv": list(sys.argv), "imports": list(FLAGS.imports), "host": socket.gethostname(),
+      "processes": jax.process_count(), **_git_state(), "versions": versions})
+
+
+def _git_state() -> dict[str, Any]:
+  """prefjax's commit and whether its tracked files differ from it (None outside git)."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  def git(*args: str) -> str | None:
+    try:
+      done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                            timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+      return None
+    return done.stdout.strip()
+  commit = git("rev-parse", "HEAD")
+  changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
+  return {"prefjax_commit": commit,
+          "prefjax_changed": None if changes is None else bool(changes)}
+
+
 def config_help(config: Any) -> str:
   """Every field of ``config`` as ``config.a.b = value``, one a line."""
   return "\n".join(f"{key} = {value!r}" for key, value in configlib.flat_items(config))
@@ -215,6 +253,7 @@ def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
       parallel.initialize_distributed()
     _import_user_modules()  # after: a module that computes would start JAX's backend
     workdir = prepare_workdir(FLAGS.workdir)
+    record_invocation(workdir)
     logging.info("compilation cache: %s (%s=0 turns it off)", compilation_cache.enable() or "off",
                  compilation_cache.CACHE_ENV)
     logging.info("config %s, overrides %s (all fields: --config_help; saved in config.json)",

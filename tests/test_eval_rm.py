@@ -23,6 +23,7 @@ from prefjax.evals import preference
 from prefjax.evals import scorers as scorers_lib
 from prefjax.evals import stats
 from prefjax.rm import evaluation as rm_evaluation
+from prefjax.train import summary as summary_lib
 from tests import test_train_dpo
 from tests import test_train_rm
 
@@ -489,7 +490,13 @@ def test_a_dpo_run_of_a_loss_not_registered_here_says_how_to_register_it(tmp_pat
   (run / "config.json").write_text(json.dumps(config))
   with pytest.raises(scorers_lib.EvalInputError,
                      match=r"scorer 'custom_dpo': unknown direct loss 'users_own_loss'.*pass "
-                           r"--imports=MODULE to the binary\), as for its training"):
+                           r"--imports=MODULE to the binary\), as for its training$"):
+    eval_rm.run(eval_config(f"dpo:{run}", "pandalm@test"), str(tmp_path / "eval"))
+  for modules in (["my_lab.losses"], [], ["my_lab.losses", "my_lab.extra"]):
+    summary_lib.append_run_record(str(run), {"imports": modules})
+  with pytest.raises(scorers_lib.EvalInputError,
+                     match=r"as for its training \(its runs.jsonl records "
+                           r"--imports=my_lab.extra,my_lab.losses\)$"):
     eval_rm.run(eval_config(f"dpo:{run}", "pandalm@test"), str(tmp_path / "eval"))
 
 

@@ -491,6 +491,11 @@ def test_cli_smoke(data_env, tmp_path):
   assert " | eval " in data_lines[0]
   written = json.loads((tmp_path / "config.json").read_text())
   assert written["loop"]["num_steps"] == written["optimizer"]["total_steps"] == 3
+  [record] = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+  assert record["imports"] == ["user_losses"] and record["argv"][1:] == cmd[3:]
+  assert record["processes"] == 1 and record["versions"]["jax"] == jax.__version__
+  if (REPO / ".git").exists():  # a git checkout, as CI's clean clone is
+    assert len(record["prefjax_commit"]) == 40 and isinstance(record["prefjax_changed"], bool)
   assert any(p.name.startswith("jit_train_step") for p in cache.iterdir()), sorted(
       p.name for p in cache.iterdir())  # the persistent compilation cache got the step
 

@@ -410,6 +410,13 @@ def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
                      saved)
 
 
+def _imports_hint(workdir: str) -> str:
+  """The ``--imports`` the run's invocations used (``runs.jsonl``), as a hint."""
+  modules = sorted({m for r in summary_lib.read_run_records(workdir)
+                    for m in r.get("imports") or []})
+  return f" (its runs.jsonl records --imports={','.join(modules)})" if modules else ""
+
+
 def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   run = read_run_config(spec.path, f"scorer {spec.name!r}")
   step, ranking = _resolve_step(spec, run)
@@ -417,7 +424,8 @@ def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   try:
     loss = direct_loss_lib.DirectLoss.from_config(run)
   except KeyError as e:  # a loss the run registered from a module of its own
-    raise EvalInputError(f"scorer {spec.name!r}: {e.args[0]}, as for its training") from e
+    raise EvalInputError(f"scorer {spec.name!r}: {e.args[0]}, as for its training"
+                         f"{_imports_hint(spec.path)}") from e
   tokenizer = experiment.make_tokenizer(run.tokenizer)
   policy = _build(run.model, tokenizer.vocab_size, int(run.seed), mesh)
   saved = _load(spec, policy, step, ranking)

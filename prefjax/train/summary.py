@@ -1,4 +1,4 @@
-"""``config.json`` (with a diff check on resume) and ``summary.json`` of a workdir."""
+"""``config.json`` (with a diff check on resume), ``summary.json`` and ``runs.jsonl`` of a workdir."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from prefjax import files
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
+RUNS_FILE = "runs.jsonl"  # one record per invocation of a binary on the workdir
 # How a rerun treats a changed config is not part of what is run: setting it on the
 # rerun (``--config.loop.on_config_mismatch=error``) must not itself be a mismatch.
 RERUN_POLICY_FIELDS = (("loop", "on_config_mismatch"), ("loop", "allow_restart"))
@@ -163,6 +164,23 @@ def standard_json(obj: Any) -> Any:
   if isinstance(obj, float) and not math.isfinite(obj):
     return str(obj)
   return obj
+
+
+def append_run_record(workdir: str, record: Mapping[str, Any]) -> None:
+  """Appends one line to ``runs.jsonl``: what started a run of this workdir (process 0)."""
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, RUNS_FILE), "a", encoding="utf-8") as f:
+    f.write(json.dumps(standard_json(dict(record)), sort_keys=True, default=str) + "\n")
+
+
+def read_run_records(workdir: str) -> list[dict[str, Any]]:
+  """The ``runs.jsonl`` records of ``workdir``, oldest first ([] when it has none)."""
+  path = os.path.join(workdir, RUNS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def read_summary(workdir: str) -> dict[str, Any]:
