@@ -6,8 +6,10 @@ Samples N responses per held-out prompt from the policy (KV-cache ``generate``;
 the policy IS the reference of best-of-n), scores every sample with the proxy
 (a reward model, an ensemble under its mean/wco/uwo aggregation, or a
 programmatic proxy such as the tiny world's planted one) and with the gold
-reward, and normalises both so that the reference policy scores 0 (the mean
-over all its samples is subtracted). For every n in a log-spaced grid up to N
+reward (a reward model's ``checkpoint``: a ``train_rm`` workdir, ``WORKDIR@best`` or
+``WORKDIR@STEP``; ``prefjax.rl.rewards``), and normalises both so that the reference
+policy scores 0 (the mean over all its samples is subtracted). For every n in a
+log-spaced grid up to N
 it reports the unbiased best-of-n estimate of the proxy and gold scores
 (Nakano et al., arXiv:2112.09332; Gao et al., arXiv:2210.10760) with bootstrap
 standard errors over prompts, against KL_bon(n) = log n − (n−1)/n (an upper

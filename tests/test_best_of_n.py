@@ -98,6 +98,9 @@ def test_samples_are_redrawn_when_the_proxy_model_trained_on(tmp_path):
   train_rm_stand_in(4)
   assert best_of_n.scorer_checkpoints(config)["proxy"]["step"] == 4
   assert best_of_n.samples_fingerprint(config) != first
+  config.proxy.checkpoint = f"{tmp_path / 'rm'}@2"  # the step the first samples were scored by
+  assert best_of_n.scorer_checkpoints(config)["proxy"]["step"] == 2
+  config.proxy.checkpoint = str(tmp_path / "rm")
   # A safety classifier's threshold.json, re-chosen by a train_safety rerun, counts too.
   config.safety = dict(kind="classifier", workdir=str(tmp_path / "rm"), threshold=None)
   (tmp_path / "rm" / "threshold.json").write_text('{"threshold": 0.53}')

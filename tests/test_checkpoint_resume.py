@@ -1,6 +1,7 @@
 """Kill-and-resume: interrupted runs rerun with the same workdir end bit-identical."""
 
 import glob
+import json
 import os
 import re
 import signal
@@ -188,6 +189,27 @@ def test_load_params_latest_and_best(reference):
   x, y = EVAL_DATA[0]["x"], EVAL_DATA[0]["y"]
   np.testing.assert_allclose(float(jnp.mean((best_model(x) - y)**2)), best["eval/mse"],
                              rtol=1e-6)
+  # "best" without a metric ranks as the run did (its config.json's loop.best_metric/mode),
+  # and WORKDIR@best / @STEP name a checkpoint where configs take one path.
+  ckpt = train.checkpoint
+  assert ckpt.saved_step(workdir, "best") == best["step"] != ckpt.saved_step(workdir)
+  as_run_ranked = train.load_params(workdir, DropoutMLP(nnx.Rngs(7)), step="best")
+  assert (train.params_sha256(train.split_model(as_run_ranked)[1])
+          == train.params_sha256(train.split_model(best_model)[1]))
+  assert ckpt.split_ref(f"{workdir}@best") == (str(workdir), "best")
+  assert ckpt.split_ref(f"{workdir}@{best['step']}") == (str(workdir), best["step"])
+  assert ckpt.split_ref(workdir) == (str(workdir), None)
+  assert ckpt.checkpoint_identity(f"{workdir}@best")["step"] == best["step"]
+  with pytest.raises(ValueError, match=r"what follows the last '@' must be latest, best"):
+    ckpt.split_ref("/runs/rm@v2")
+
+
+def test_best_of_a_run_ranked_by_no_metric_says_so(tmp_path):
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "config.json").write_text(json.dumps({"loop": {"best_metric": None}}))
+  with pytest.raises(ValueError, match="trained without loop.best_metric, so no checkpoint "
+                                       "of it is ranked best: load @latest or @STEP"):
+    train.load_params(tmp_path, DropoutMLP(nnx.Rngs(7)), step="best")
 
 
 class HiddenOnly(nnx.Module):

@@ -254,3 +254,41 @@ def test_normalized_reward_reference_scores_zero():
   assert float(jnp.mean(normalised(texts=reference))) == pytest.approx(0.0, abs=1e-6)
   mean_len = np.mean([len(t) for t in reference])
   np.testing.assert_allclose(normalised(texts=other), [3 - mean_len, 9 - mean_len], rtol=1e-6)
+
+
+def test_a_model_reward_loads_the_checkpoint_its_ref_names(tmp_path):
+  """``proxy.checkpoint`` = ``WORKDIR@best`` / ``@STEP`` (it took only the latest step)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from prefjax import experiment, train  # pylint: disable=import-outside-toplevel
+  from prefjax.rl import rewards as rl_rewards  # pylint: disable=import-outside-toplevel
+  model_cfg = {"arch": "decoder", "preset": "tiny_llama", "head": "reward", "dtype": "float32",
+               "overrides": {"hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                             "num_kv_heads": 1, "intermediate_size": 32,
+                             "max_position_embeddings": 32}}
+  tokens = np.tile(np.arange(1, 9, dtype=np.int32), (4, 1))
+
+  def loss_fn(model, batch, rng):  # pull every reward towards 3
+    del rng
+    return jnp.mean((model(batch["tokens"]) - 3.0) ** 2), {}
+
+  scores = iter([0.5, 0.9, 0.7])  # step 2 is the best "accuracy"
+  train.train_loop(
+      workdir=str(tmp_path), config={"loop": {"best_metric": "accuracy"}},
+      model=experiment.make_model(model_cfg, vocab_size=259, seed=0), loss_fn=loss_fn,
+      optimizer={"name": "sgd", "learning_rate": 0.05},
+      loop=train.LoopConfig(num_steps=3, eval_every=1, checkpoint_every=1, keep_checkpoints=3,
+                            best_metric="accuracy", tensorboard=False),
+      train_iter=iter([{"tokens": tokens}] * 3),
+      evaluators=[lambda step, model: {"accuracy": next(scores)}])
+  spec = {"kind": "model", "name": "proxy", "tokenizer": {"path": "byte"},
+          "model": model_cfg, "max_length": 16}
+  texts = (["ab", "abc"], ["cd", "d"])
+  by_step = {}
+  for ref in ("@1", "@2", "@3", "", "@best", "@latest"):
+    reward = rl_rewards.make_reward(ml_collections.ConfigDict(
+        {**spec, "checkpoint": f"{tmp_path}{ref}"}))
+    by_step[ref] = reward(*texts)
+  assert not np.allclose(by_step["@1"], by_step["@3"])
+  np.testing.assert_array_equal(by_step["@best"], by_step["@2"])
+  np.testing.assert_array_equal(by_step[""], by_step["@3"])
+  np.testing.assert_array_equal(by_step["@latest"], by_step["@3"])

@@ -12,7 +12,8 @@ Reward specs (``config.proxy`` / ``config.gold``), by ``kind``:
   * ``model``: a reward model built with ``prefjax.experiment.make_model`` from
     ``spec.model`` (``head="reward"`` or ``"reward_ensemble:K"``), tokenizer
     ``spec.tokenizer``, parameters from a ``train_rm`` workdir
-    ``spec.checkpoint`` (latest step) when given; K-member heads are scored
+    ``spec.checkpoint`` (``WORKDIR[@latest|@best|@STEP]``, default the latest step;
+    ``@best`` as the run ranked its checkpoints) when given; K-member heads are scored
     with the ensemble aggregation ``spec.aggregation`` (mean | wco | uwo, λ =
     ``spec.lam``).
 """
@@ -106,7 +107,10 @@ def model_reward(spec: Any, *, seed: int = 0) -> PairReward:
   tokenizer = experiment.make_tokenizer(spec.tokenizer)
   model = experiment.make_model(spec.model, vocab_size=tokenizer.vocab_size, seed=seed)
   if spec.get("checkpoint"):
-    train.load_params(spec.checkpoint, model)
+    workdir, step = train.checkpoint.split_ref(spec.checkpoint)
+    train.load_params(workdir, model, step=step)
+    logging.info("reward %r: step %d of %s", spec.get("name"),
+                 train.checkpoint.saved_step(workdir, step), workdir)
   else:
     logging.warning("reward %r has no checkpoint: its reward head is RANDOM (smoke tests "
                     "only); set checkpoint to a train_rm workdir", spec.get("name"))

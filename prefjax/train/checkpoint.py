@@ -41,6 +41,7 @@ from prefjax.parallel import distributed
 from prefjax.parallel import rules
 from prefjax.train import integrity
 from prefjax.train import state as state_lib
+from prefjax.train import summary as summary_lib
 
 PyTree = Any
 
@@ -70,14 +71,17 @@ def load_params(workdir: str | os.PathLike[str], model: nnx.Module, *,
   Args:
     workdir: a ``train_loop`` workdir (checkpoints under ``checkpoints/``).
     model: a model of the same architecture; its arrays' shardings are kept.
-    step: an int, ``None``/``"latest"``, or ``"best"`` (needs ``best_metric``).
-    best_metric, best_mode: how ``"best"`` is ranked (the run's eval metric; ``min`` or
-      ``max``, by default what the metric's name says, as ``loop.best_mode``).
+    step: an int, ``None``/``"latest"``, or ``"best"``.
+    best_metric, best_mode: how ``"best"`` is ranked (an eval metric; ``min`` or ``max``,
+      by default what the metric's name says, as ``loop.best_mode``); by default as the
+      run ranked its checkpoints (``loop.best_metric`` in its ``config.json``).
     trainable: the filter the run trained with (only those variables load).
 
   Returns:
     ``model``, with the restored parameters.
   """
+  if step == "best" and best_metric is None:
+    best_metric, best_mode = run_ranking(workdir)
   ckpt = _read_only(workdir, best_metric, best_mode, step)
   try:
     step = _resolve_step(ckpt, workdir, step, best_metric)
@@ -91,6 +95,8 @@ def load_params(workdir: str | os.PathLike[str], model: nnx.Module, *,
 def saved_step(workdir: str | os.PathLike[str], step: int | str | None = None, *,
                best_metric: str | None = None, best_mode: str | None = None) -> int:
   """The step :func:`load_params` loads for these arguments."""
+  if step == "best" and best_metric is None:
+    best_metric, best_mode = run_ranking(workdir)
   ckpt = _read_only(workdir, best_metric, best_mode, step)
   try:
     step = _resolve_step(ckpt, workdir, step, best_metric)
@@ -99,12 +105,41 @@ def saved_step(workdir: str | os.PathLike[str], step: int | str | None = None, *
     ckpt.close()
 
 
+def split_ref(ref: str | os.PathLike[str]) -> tuple[str, int | str | None]:
+  """``"WORKDIR[@latest|@best|@STEP]"`` -> ``(workdir, step)`` for :func:`load_params`."""
+  path, sep, suffix = os.fspath(ref).rpartition("@")
+  if not sep:
+    return os.fspath(ref), None
+  if suffix in ("latest", "best"):
+    return path, suffix
+  if suffix.isdigit():
+    return path, int(suffix)
+  raise ValueError(f"checkpoint {os.fspath(ref)!r}: what follows the last '@' must be "
+                   "latest, best or a step number (a path with '@' in it: end it with "
+                   "@latest)")
+
+
+def run_ranking(workdir: str | os.PathLike[str]) -> tuple[str, str | None]:
+  """``(best_metric, best_mode)`` a run ranked its checkpoints by (its ``config.json``)."""
+  path = os.path.join(os.fspath(workdir), summary_lib.CONFIG_FILE)
+  loop = {}
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      loop = json.load(f).get("loop") or {}
+  if not loop.get("best_metric"):
+    raise ValueError(f"{workdir} was trained without loop.best_metric, so no checkpoint of "
+                     "it is ranked best: load @latest or @STEP")
+  return loop["best_metric"], loop.get("best_mode")
+
+
 def checkpoint_identity(workdir: str | os.PathLike[str]) -> dict[str, Any]:
-  """What :func:`load_params` would load from ``workdir`` by default: the latest step and
-  the SHA-256 of its file manifest (sizes and digests of every file), or ``{}`` without
-  checkpoints. Outputs computed from a run's weights key their reuse on it."""
+  """What :func:`load_params` loads from ``WORKDIR[@latest|@best|@STEP]`` (default the
+  latest step): the step and the SHA-256 of its file manifest (sizes and digests of every
+  file), or ``{}`` without checkpoints. Outputs computed from a run's weights key their
+  reuse on it."""
+  workdir, step = split_ref(workdir)
   try:
-    step = saved_step(workdir)
+    step = saved_step(workdir, step)
   except (FileNotFoundError, ValueError):
     return {}
   if step is None:
