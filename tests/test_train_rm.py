@@ -459,7 +459,7 @@ def scaled_bt(r_chosen, r_rejected, *, outcome=1.0, scale=1.0):
   if isinstance(r_chosen, jax.core.Tracer):  # in the train step, not the config-time check
     with open("{log}", "w") as f:
       f.write(str(scale))
-  return -jax.nn.log_sigmoid(scale * (r_chosen - r_rejected))
+  return -jax.nn.log_sigmoid(scale * (r_chosen - r_rejected)), {{"scale": scale}}
 """
 
 
@@ -479,6 +479,8 @@ def test_cli_smoke(data_env, tmp_path):
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (tmp_path / "traced").read_text() == "2.5"
+  logged = [r["scaled_bt/scale"] for r in train.read_metrics(tmp_path) if "loss" in r]
+  assert logged and set(logged) == {2.5}  # the loss's own metric
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["final_step"] == 3
   data_lines = [line for line in proc.stderr.splitlines() if "] data: train " in line]

@@ -331,11 +331,22 @@ def _unpaired_losses(loss: DirectLoss, model: nnx.Module, x: direct_losses.PairL
   kl_ratio = jax.lax.stop_gradient(policy_kl - jnp.asarray(batch[KL_FIELD], jnp.float32))
   kl_ref = weighted_mean(kl_ratio, rows["valid"])
   b = x.policy_chosen.shape[0]
-  losses = loss.spec.fn(
+  example_weights = jnp.concatenate([weights, weights])
+  losses, metrics = _losses_and_metrics(loss, loss.spec.fn(
       jnp.concatenate([x.policy_chosen, x.policy_rejected]),
       jnp.concatenate([x.ref_chosen, x.ref_rejected]),
-      jnp.arange(2 * b) < b, kl_ref, beta=loss.beta, **loss.kwargs)
-  return losses, jnp.concatenate([weights, weights]), {f"{loss.name}/kl_ref": kl_ref}
+      jnp.arange(2 * b) < b, kl_ref, beta=loss.beta, **loss.kwargs), example_weights)
+  return losses, example_weights, {f"{loss.name}/kl_ref": kl_ref, **metrics}
+
+
+def _losses_and_metrics(loss: DirectLoss, out: Any, weights: Array
+                        ) -> tuple[Array, dict[str, Array]]:
+  """The loss's per-example values, and its own metrics (``registry.split_loss_output``):
+  per-example ones as their weighted mean over the examples the loss counts."""
+  losses, metrics = registry.split_loss_output(out, "direct", loss.name)
+  losses = _per_example(loss, losses, weights)
+  return losses, {k: v if jnp.ndim(v) == 0 else weighted_mean(v, weights)
+                  for k, v in metrics.items()}
 
 
 def make_loss_fn(loss: DirectLoss) -> Callable[[nnx.Module, Batch, Array],
@@ -350,10 +361,11 @@ def make_loss_fn(loss: DirectLoss) -> Callable[[nnx.Module, Batch, Array],
     metrics: dict[str, Array] = {}
     if loss.spec.unpaired:
       losses, example_weights, metrics = _unpaired_losses(loss, model, x, batch, weights)
-      main = weighted_mean(_per_example(loss, losses, example_weights), example_weights)
+      main = weighted_mean(losses, example_weights)
     else:
-      losses = loss.spec.fn(x, beta=loss.beta, **kwargs)
-      main = weighted_mean(_per_example(loss, losses, weights), weights)
+      losses, metrics = _losses_and_metrics(loss, loss.spec.fn(x, beta=loss.beta, **kwargs),
+                                            weights)
+      main = weighted_mean(losses, weights)
     total = main
     if loss.alpha:
       nll = weighted_mean(-x.policy_chosen / jnp.maximum(x.chosen_tokens, 1.0), weights)

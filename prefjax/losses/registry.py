@@ -5,6 +5,9 @@ A direct-alignment loss declares its facts where it is registered::
   @register_direct_loss("my_loss", reference_free=True, length_normalized=True)
   def my_loss(x: PairLogps, *, beta, gamma=0.0) -> jax.Array: ...
 
+A loss may also return ``(losses, {name: value})``: metrics of its own, logged as
+``my_loss/name`` (``split_loss_output``).
+
 and trainers read them from its ``DirectLossSpec`` (``direct_loss_spec(name)``);
 no code outside this module compares loss names. Paired losses land in
 ``DIRECT_LOSSES`` (``fn(x, *, beta, **hparams)``), unpaired ones (KTO) in
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 LossFn = Callable[..., Any]
 _F = TypeVar("_F", bound=LossFn)
@@ -102,6 +105,28 @@ def register_direct_loss(name: str, *, reference_free: bool = False,
     (UNPAIRED_LOSSES if unpaired else DIRECT_LOSSES)[name] = fn
     return fn
   return decorator
+
+
+def split_loss_output(out: Any, kind: str, name: str) -> tuple[Any, dict[str, Any]]:
+  """A registered loss returns its per-example losses, or ``(losses, metrics)``.
+
+  ``metrics`` maps names to per-example values (the losses' shape; trainers report their
+  weighted mean over the examples the loss counts) or scalars (reported as they are),
+  logged as ``<loss name>/<metric>``: a loss's own diagnostics without forking its trainer.
+  """
+  if not isinstance(out, tuple):
+    return out, {}
+  if len(out) != 2 or not isinstance(out[1], Mapping):
+    raise ValueError(f"{kind} loss {name!r} returned a tuple of {len(out)}; expected the "
+                     "per-example losses, or (losses, {metric name: value})")
+  losses, metrics = out
+  for key, value in metrics.items():
+    shape = getattr(value, "shape", ())
+    if not isinstance(key, str) or shape not in ((), getattr(losses, "shape", None)):
+      raise ValueError(f"{kind} loss {name!r} returned metric {key!r} of shape {shape}; a "
+                       f"metric is a scalar or one value per example "
+                       f"{getattr(losses, 'shape', None)}, named by a string")
+  return losses, {f"{name}/{key}": value for key, value in metrics.items()}
 
 
 def unregister_direct_loss(name: str) -> None:

@@ -29,6 +29,7 @@ from flax import nnx
 
 from prefjax import configlib
 from prefjax.losses import preference as pref_losses
+from prefjax.losses import registry
 from prefjax.models import heads as heads_lib
 from prefjax.models import segments as seg
 
@@ -96,8 +97,15 @@ class RewardLoss:
 
   def per_pair(self, r_chosen: Array, r_rejected: Array, outcome: Array) -> Array:
     """Unreduced loss, shape of the rewards (``[B]`` or ``[B, C]``)."""
+    return self.per_pair_and_metrics(r_chosen, r_rejected, outcome)[0]
+
+  def per_pair_and_metrics(self, r_chosen: Array, r_rejected: Array, outcome: Array
+                           ) -> tuple[Array, dict[str, Array]]:
+    """``per_pair`` and the loss's own metrics (``registry.split_loss_output``)."""
     fn = pref_losses.get_preference_loss(self.name)
-    loss = fn(r_chosen, r_rejected, outcome=outcome, **dict(self.hparams))
+    loss, metrics = registry.split_loss_output(
+        fn(r_chosen, r_rejected, outcome=outcome, **dict(self.hparams)), "preference",
+        self.name)
     if jnp.shape(loss) != jnp.shape(r_chosen):
       # A [B] outcome broadcast against [B, K] rewards the wrong way gives [B, B] silently.
       raise ValueError(f"preference loss {self.name!r} returned shape {jnp.shape(loss)} for "
@@ -106,7 +114,7 @@ class RewardLoss:
                        "outcome[:, None])")
     if self.center_coef:
       loss = loss + self.center_coef * pref_losses.center_penalty(r_chosen, r_rejected)
-    return loss
+    return loss, metrics
 
 
 def _warn_ignored(cfg: Mapping[str, Any], name: str, own: Mapping[str, Any],
@@ -168,7 +176,7 @@ def make_loss_fn(loss: RewardLoss | Mapping[str, Any], *, num_columns: int,
     r_c, r_r = pair_rewards(model, batch, num_segments)
     r_c2 = r_c.reshape(r_c.shape[0], -1)
     r_r2 = r_r.reshape(r_r.shape[0], -1)
-    losses = loss.per_pair(r_c2, r_r2, batch["outcome"])
+    losses, own_metrics = loss.per_pair_and_metrics(r_c2, r_r2, batch["outcome"])
     column_mask = jnp.broadcast_to(batch["pair_mask"][:, None], losses.shape)
     if objectives:
       column_mask = column_mask * batch["objective_mask"]
@@ -179,6 +187,10 @@ def make_loss_fn(loss: RewardLoss | Mapping[str, Any], *, num_columns: int,
     count = jnp.maximum(jnp.sum(column_mask, axis=0), 1.0)
     column_loss = jnp.sum(jnp.where(weights > 0, weights * losses, 0.0), axis=0) / count
     metrics = _pair_metrics(r_c2, r_r2, batch, column_mask)
+    total_weight = jnp.maximum(jnp.sum(weights), 1e-12)
+    metrics.update({k: v if jnp.ndim(v) == 0 else
+                    jnp.sum(jnp.where(weights > 0, weights * v, 0.0)) / total_weight
+                    for k, v in own_metrics.items()})
     # Microbatches of gradient accumulation pool by their real pairs, as one batch would.
     metrics["loss_weight"] = jnp.sum(batch["pair_mask"])
     if num_columns > 1:

@@ -1,0 +1,130 @@
+"""A registered loss's own metrics (``registry.split_loss_output``), in both trainers' losses.
+
+A loss returns ``(losses, {name: value})``: per-example values are reported as their
+weighted mean over the examples the loss counts (against float64 references), scalars as
+they are, under ``<loss name>/<name>``; the loss itself is unchanged.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prefjax import rm
+from prefjax.direct import evaluation
+from prefjax.direct import loss as loss_lib
+from prefjax.losses import preference
+from prefjax.losses import registry
+
+
+@pytest.fixture
+def direct_batch(monkeypatch):
+  def fixed_scores(model, batch, num_segments=None):
+    del model, num_segments
+    return loss_lib.SequenceScores(batch["s_c"], batch["s_r"], batch["n"], batch["n"])
+  monkeypatch.setattr(loss_lib, "score_pairs", fixed_scores)
+  return {"s_c": np.asarray([-1.0, -2.0, -0.5, 0.0], np.float32),
+          "s_r": np.asarray([-2.0, -1.0, -0.25, 0.0], np.float32),
+          "n": np.asarray([2.0, 4.0, 1.0, 0.0], np.float32),  # the padding pair: 0 tokens
+          "ref_chosen": np.asarray([-1.5, -1.5, -0.5, 0.0], np.float32),
+          "ref_rejected": np.asarray([-1.5, -1.5, -0.5, 0.0], np.float32),
+          "outcome": np.ones(4, np.float32),
+          "weight": np.asarray([1.0, 3.0, 0.5, 1.0], np.float32),
+          "pair_mask": np.asarray([1.0, 1.0, 1.0, 0.0], np.float32)}
+
+
+def _dpo_margin(x, beta):
+  return beta * ((x.policy_chosen - x.ref_chosen) - (x.policy_rejected - x.ref_rejected))
+
+
+def test_a_direct_loss_reports_its_own_metrics_weighted_like_its_loss(direct_batch):
+  def plain(x, *, beta):
+    return -jax.nn.log_sigmoid(_dpo_margin(x, beta))
+
+  def with_metrics(x, *, beta):
+    per_token = x.policy_chosen / x.chosen_tokens  # 0/0 at the padding pair
+    return plain(x, beta=beta), {"margin": _dpo_margin(x, beta), "chosen_per_token": per_token,
+                                 "beta": jnp.asarray(beta)}
+  names = {"_test_plain": plain, "_test_with_metrics": with_metrics}
+  try:
+    for name, fn in names.items():
+      registry.register_direct_loss(name)(fn)
+    out = {name: loss_lib.make_loss_fn(loss_lib.DirectLoss(name=name, beta=0.5,
+                                                           ref_mode="online"))(
+        None, direct_batch, jax.random.key(0)) for name in names}
+    held_out = evaluation.make_eval_fn(loss_lib.DirectLoss(
+        name="_test_with_metrics", beta=0.5, ref_mode="online"))(None, direct_batch)
+  finally:
+    for name in names:
+      registry.unregister_direct_loss(name)
+  (loss_a, metrics_a), (loss_b, metrics_b) = out["_test_plain"], out["_test_with_metrics"]
+  assert float(loss_a) == float(loss_b)
+  assert set(metrics_b) - set(metrics_a) == {"_test_with_metrics/margin",
+                                             "_test_with_metrics/chosen_per_token",
+                                             "_test_with_metrics/beta"}
+  b = {k: np.asarray(v, np.float64) for k, v in direct_batch.items()}
+  w = (b["weight"] * b["pair_mask"])[:3]
+  margin = 0.5 * ((b["s_c"] - b["ref_chosen"]) - (b["s_r"] - b["ref_rejected"]))[:3]
+  np.testing.assert_allclose(metrics_b["_test_with_metrics/margin"],
+                             np.sum(w * margin) / np.sum(w), rtol=1e-6)
+  np.testing.assert_allclose(metrics_b["_test_with_metrics/chosen_per_token"],
+                             np.sum(w * b["s_c"][:3] / b["n"][:3]) / np.sum(w), rtol=1e-6)
+  assert float(metrics_b["_test_with_metrics/beta"]) == 0.5
+  assert float(held_out["_test_with_metrics/margin"]) == float(
+      metrics_b["_test_with_metrics/margin"])
+
+
+@pytest.mark.parametrize("output, match", [
+    (lambda losses: (losses, {"margin": losses[:, None]}),
+     r"returned metric 'margin' of shape \(4, 1\); a metric is a scalar or one value per "
+     r"example \(4,\)"),
+    (lambda losses: (losses, losses, {}), r"returned a tuple of 3; expected the per-example "
+                                          r"losses, or \(losses, \{metric name: value\}\)"),
+    (lambda losses: (losses, [losses]), r"returned a tuple of 2"),
+])
+def test_a_loss_output_the_trainers_cannot_read_is_named(direct_batch, output, match):
+  def bad(x, *, beta):
+    return output(-jax.nn.log_sigmoid(_dpo_margin(x, beta)))
+  registry.register_direct_loss("_test_bad_output")(bad)
+  try:
+    loss_fn = loss_lib.make_loss_fn(loss_lib.DirectLoss(name="_test_bad_output", beta=0.5,
+                                                        ref_mode="online"))
+    with pytest.raises(ValueError, match=r"direct loss '_test_bad_output' " + match):
+      loss_fn(None, direct_batch, jax.random.key(0))
+  finally:
+    registry.unregister_direct_loss("_test_bad_output")
+
+
+@pytest.mark.parametrize("columns", [1, 3])
+def test_a_preference_loss_reports_its_own_metrics_weighted_like_its_loss(columns):
+  rng = np.random.default_rng(3)
+  num_pairs = 5
+  r_c = rng.normal(size=(num_pairs, columns)).astype(np.float32)
+  r_r = rng.normal(size=(num_pairs, columns)).astype(np.float32)
+  r_c[-1] = np.nan  # a padding pair
+  batch = {"tokens": np.zeros((2 * num_pairs, 4), np.int32),
+           "attention_mask": np.ones((2 * num_pairs, 4), np.int32),
+           "pair_mask": np.asarray([1, 1, 1, 1, 0], np.float32),
+           "weight": np.asarray([1.0, 2.0, 0.5, 1.5, 1.0], np.float32),
+           "outcome": np.ones(num_pairs, np.float32)}
+  rewards = jnp.concatenate([jnp.asarray(r_c), jnp.asarray(r_r)])
+  model = lambda tokens, attention_mask: rewards if columns > 1 else rewards[:, 0]  # noqa: E731
+
+  @preference.register_preference_loss("_test_bt_with_metrics")
+  def bt_with_metrics(r_chosen, r_rejected, *, outcome=1.0):
+    del outcome
+    margin = r_chosen - r_rejected
+    return -jax.nn.log_sigmoid(margin), {"margin": margin, "batch": jnp.asarray(7.0)}
+  try:
+    kwargs = dict(num_columns=columns, objectives=(), num_segments=None)
+    loss, metrics = rm.make_loss_fn(dict(name="_test_bt_with_metrics"), **kwargs)(
+        model, batch, jax.random.key(0))
+    plain, _ = rm.make_loss_fn(dict(name="bt"), **kwargs)(model, batch, jax.random.key(0))
+  finally:
+    preference.PREFERENCE_LOSSES.pop("_test_bt_with_metrics")
+  np.testing.assert_allclose(float(loss), float(plain), rtol=1e-6)
+  w = (batch["weight"] * batch["pair_mask"]).astype(np.float64)[:4, None]
+  margin = (r_c.astype(np.float64) - r_r)[:4]
+  np.testing.assert_allclose(metrics["_test_bt_with_metrics/margin"],
+                             np.sum(w * margin) / (np.sum(w) * columns), rtol=1e-5)
+  assert float(metrics["_test_bt_with_metrics/batch"]) == 7.0
