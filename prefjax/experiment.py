@@ -380,8 +380,9 @@ def export_hf(config: Any, workdir: str, model: nnx.Module, tokenizer: Any, *,
                    if isinstance(x, jax.Array) and not x.is_fully_addressable else x), state))
   if jax.process_index() != 0:
     return None
+  add_bos = bool(((config.get("data") or {}).get("pipeline") or {}).get("add_bos", True))
   path = hf_export.save_pretrained(model, os.path.join(workdir, HF_EXPORT_DIR),
-                                   tokenizer=tokenizer)
+                                   tokenizer=tokenizer, add_bos=add_bos)
   logging.info("exported the %s to %s (Hugging Face format)", what, path)
   return str(path)
 

@@ -10,18 +10,24 @@ import shutil
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs.eval import tiny as eval_tiny
 from configs.rm import ensemble_tiny
 from experiments import eval_rm
 from experiments import train_dpo
 from experiments import train_rm
+from prefjax import experiment
+from prefjax import train
 from prefjax.evals import preference
 from prefjax.evals import scorers as scorers_lib
 from prefjax.evals import stats
+from prefjax.models import heads
+from prefjax.models import hf_export
 from prefjax.rm import evaluation as rm_evaluation
 from prefjax.train import summary as summary_lib
 from tests import test_train_dpo
@@ -253,6 +259,25 @@ def test_a_run_continued_under_another_config_is_scored_as_its_step_was_trained(
   result = eval_rm.run(eval_config(f"rm:{moved}", f"run:{moved}"), str(tmp_path / "eval"))
   accuracy = result["datasets"][0]["metrics"]["rm"]["accuracy"]["value"]
   assert accuracy == pytest.approx(own["accuracy"], abs=1e-9)
+
+
+def test_an_export_with_several_outputs_is_scored_output_by_output(runs, tmp_path):
+  """A K-label export (a head ensemble, objectives) got a fresh one-output head, and a
+  random score, with a line in the log only."""
+  run = runs["root"] / "rm"
+  config = json.loads((run / "config.json").read_text())
+  trained = experiment.make_model(config["model"], vocab_size=259, seed=0)
+  train.load_params(run, trained)
+  pair = heads.MultiHeadEnsemble(trained.trunk, 2, rngs=nnx.Rngs(0))
+  kernel = trained.head.kernel[...]
+  pair.head.kernel[...] = jnp.concatenate([kernel, -kernel], axis=1)  # member 1: reversed
+  hf_export.save_pretrained(pair, tmp_path / "hf")
+  eval_cfg = eval_config("pair=hf:" + str(tmp_path / "hf"), f"run:{run}")
+  eval_cfg.hf_tokenizer = "byte"
+  metrics = eval_rm.run(eval_cfg, str(tmp_path / "eval"))["datasets"][0]["metrics"]
+  accuracy = runs["rm"]["accuracy"]
+  assert metrics["pair/member0"]["accuracy"]["value"] == pytest.approx(accuracy, abs=1e-9)
+  assert metrics["pair/member1"]["accuracy"]["value"] == pytest.approx(1 - accuracy, abs=1e-9)
 
 
 def test_report_names_each_checkpoint_and_the_workdir_keeps_the_config(runs, report):

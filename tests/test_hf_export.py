@@ -17,7 +17,7 @@ from flax import nnx
 
 from prefjax import models
 from prefjax.data import tokenize
-from prefjax.models import decoder, heads, hf_export, hf_import
+from prefjax.models import decoder, encoder, heads, hf_export, hf_import
 
 ATOL = 1e-4
 VOCAB = 61
@@ -31,9 +31,9 @@ def _llama(**overrides) -> decoder.Decoder:
   return decoder.Decoder(cfg.replace(**overrides), rngs=nnx.Rngs(0), dtype=jnp.float32)
 
 
-def _gpt2() -> decoder.Decoder:
+def _gpt2(**overrides) -> decoder.Decoder:
   cfg = decoder.DecoderConfig.tiny_gpt2(vocab_size=VOCAB, pad_id=PAD, eos_id=EOS, bos_id=1)
-  return decoder.Decoder(cfg, rngs=nnx.Rngs(1), dtype=jnp.float32)
+  return decoder.Decoder(cfg.replace(**overrides), rngs=nnx.Rngs(1), dtype=jnp.float32)
 
 
 def _perturb_norms(model: nnx.Module) -> None:
@@ -72,8 +72,9 @@ def _torch_scores(path, tokens, mask) -> np.ndarray:
                     attention_mask=torch.tensor(mask)).logits.numpy()
 
 
-@pytest.mark.parametrize("build", [_llama, lambda: _llama(tie_embeddings=True), _gpt2],
-                         ids=["llama_untied", "llama_tied", "gpt2"])
+@pytest.mark.parametrize("build", [_llama, lambda: _llama(tie_embeddings=True), _gpt2,
+                                   lambda: _gpt2(tie_embeddings=False)],
+                         ids=["llama_untied", "llama_tied", "gpt2", "gpt2_untied"])
 def test_a_reward_model_exports_as_a_sequence_classifier_that_scores_the_same(build, tmp_path):
   model = _reward_model(build())
   tokens, mask = _batch()
@@ -164,14 +165,17 @@ def test_a_head_bias_is_written_for_prefjax_and_shifts_transformers_scores(tmp_p
   np.testing.assert_allclose(_ours(back, tokens, mask), ours, atol=1e-6, rtol=0)
 
 
-def test_a_trunk_without_its_lm_head_exports_as_the_base_model(tmp_path, caplog):
+def test_a_value_model_exports_its_trunk_for_transformers_and_its_head_for_prefjax(
+    tmp_path, caplog):
   value = heads.attach_head(_llama(), "value", rngs=nnx.Rngs(0))  # drops the untied LM head
   _perturb_norms(value)
   assert not hasattr(value.trunk, "lm_head")
   with caplog.at_level(logging.WARNING):
     hf_export.save_pretrained(value, tmp_path)
-  assert "writing only the trunk of ValueModel(Decoder)" in caplog.text
-  assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaModel"]
+  assert ("ValueModel(Decoder) has no Hugging Face form: transformers loads its trunk "
+          "(LlamaModel); the head is in prefjax_head.safetensors") in caplog.text
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["architectures"] == ["LlamaModel"] and config[hf_import.HEAD_KEY] == "value"
   tokens, mask = _batch()
   hf_model = transformers.AutoModel.from_pretrained(tmp_path, attn_implementation="eager")
   with torch.no_grad():
@@ -180,20 +184,72 @@ def test_a_trunk_without_its_lm_head_exports_as_the_base_model(tmp_path, caplog)
   ours = np.asarray(value.trunk.hidden_states(tokens, attention_mask=mask))
   real = mask.astype(bool)
   np.testing.assert_allclose(ours[real], ref[real], atol=ATOL, rtol=0)
-  back = models.from_pretrained(tmp_path, dtype=jnp.float32)
-  np.testing.assert_allclose(np.asarray(back.hidden_states(tokens, attention_mask=mask))[real],
-                             ours[real], atol=1e-6, rtol=0)
+  back = models.from_pretrained(tmp_path, head="value", dtype=jnp.float32)
+  np.testing.assert_allclose(back(tokens, attention_mask=mask), value(tokens, attention_mask=mask),
+                             atol=1e-6, rtol=0)
+  assert hf_import.saved_head(tmp_path) == ("value", None)
 
 
-def test_the_tokenizer_s_ids_and_files_go_with_the_export(gpt2_bpe_dir, tmp_path):
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_an_encoder_reward_model_reloads_with_its_head_and_pooling(pooling, tmp_path):
+  """Its head went unsaved: a reload scored with a fresh random head, without a word."""
+  trunk = encoder.Encoder(encoder.EncoderConfig.tiny(vocab_size=VOCAB), rngs=nnx.Rngs(0))
+  rm = heads.attach_head(trunk, "multi:helpful,harmless", rngs=nnx.Rngs(1), pooling=pooling)
+  _perturb_norms(rm)
+  hf_export.save_pretrained(rm, tmp_path)
+  assert hf_import.saved_head(tmp_path) == ("multi:helpful,harmless", pooling)
+  back = models.from_pretrained(tmp_path, head="multi:helpful,harmless")
+  assert back.pooling == pooling
+  tokens, mask = _batch()
+  np.testing.assert_allclose(_ours(back, tokens, mask), _ours(rm, tokens, mask), atol=1e-6)
+  with pytest.raises(hf_import.CheckpointError, match=r"tensor 'kernel' has shape \(32, 2\) "
+                                                      r"but the requested MultiHeadEnsemble"):
+    models.from_pretrained(tmp_path, head="reward_ensemble:3")
+
+
+def test_a_gpt2_tokenizer_export_pads_apart_from_its_eos_so_transformers_scores_as_trained(
+    gpt2_bpe_dir, tmp_path):
+  """GPT-2's pad id is its EOS id: transformers skipped the final EOS the model scores
+  (0.381 against -0.053), and batched pipelines refused a tokenizer without a pad token."""
   tok = tokenize.load_tokenizer(gpt2_bpe_dir)
-  trunk = decoder.Decoder(decoder.DecoderConfig.tiny_llama(vocab_size=tok.vocab_size,
-                                                           num_layers=1), rngs=nnx.Rngs(0))
-  hf_export.save_pretrained(heads.attach_head(trunk, "reward", rngs=nnx.Rngs(1)), tmp_path,
-                            tokenizer=tok)
+  assert tok.pad_id == tok.eos_id
+  cfg = decoder.DecoderConfig.tiny_llama(vocab_size=tok.vocab_size, num_layers=1,
+                                         hidden_size=32, num_heads=4, num_kv_heads=2,
+                                         intermediate_size=48)
+  rm = _reward_model(decoder.Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32))
+  hf_export.save_pretrained(rm, tmp_path, tokenizer=tok)
   config = json.loads((tmp_path / "config.json").read_text())
-  assert (config["eos_token_id"], config["pad_token_id"]) == (tok.eos_id, tok.pad_id)
-  reloaded = tokenize.load_tokenizer(tmp_path)
-  text = "Human: is this the same tokenizer?\n\nAssistant: yes"
-  assert reloaded.encode(text) == tok.encode(text)
-  assert (reloaded.eos_id, reloaded.pad_id) == (tok.eos_id, tok.pad_id)
+  assert config["pad_token_id"] == tok.vocab_size != tok.eos_id
+  assert config["vocab_size"] == tok.vocab_size + 1 and config["problem_type"] == "regression"
+  texts = ["Human: hi\n\nAssistant: hello there", "Human: and?\n\nAssistant: no"]
+  ids = [[tok.bos_id] + tok.encode(t) + [tok.eos_id] for t in texts]  # as the pipeline does
+  length = max(map(len, ids))
+  tokens = np.array([i + [tok.pad_id] * (length - len(i)) for i in ids], np.int32)
+  mask = np.array([[1] * len(i) + [0] * (length - len(i)) for i in ids], np.int32)
+  ours = _ours(rm, tokens, mask)[:, 0]
+  hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  encoded = hf_tok(texts, padding=True, return_tensors="pt")
+  assert encoded["input_ids"][0, :len(ids[0])].tolist() == ids[0]
+  np.testing.assert_allclose(_torch_scores(tmp_path, encoded["input_ids"].numpy(),
+                                           encoded["attention_mask"].numpy())[:, 0],
+                             ours, atol=ATOL, rtol=0)
+  pipe = transformers.pipeline("text-classification", model=str(tmp_path), batch_size=2)
+  np.testing.assert_allclose([r["score"] for r in pipe(texts)], ours, atol=ATOL)
+  reloaded = tokenize.load_tokenizer(tmp_path)  # prefjax reads the export's tokenizer too
+  assert reloaded.encode(texts[0]) == tok.encode(texts[0]) and reloaded.pad_id == tok.vocab_size
+  back = models.from_pretrained(tmp_path, head="reward", dtype=jnp.float32)
+  padded = np.where(mask > 0, tokens, reloaded.pad_id)
+  np.testing.assert_allclose(_ours(back, padded, mask)[:, 0], ours, atol=1e-6)
+
+
+def test_a_foreign_reward_checkpoint_is_read_as_one_reward(tmp_path):
+  config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                    num_hidden_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2, num_labels=1, pad_token_id=0)
+  transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "one")
+  assert hf_import.saved_head(tmp_path / "one") == ("reward", "last")
+  config.num_labels = 2
+  transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "two")
+  assert hf_import.saved_head(tmp_path / "two") == ("multi:LABEL_0,LABEL_1", "last")
+  transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "lm")
+  assert hf_import.saved_head(tmp_path / "lm") == (None, None)

@@ -12,7 +12,9 @@ A scorer spec is ``[NAME=]KIND[:ARG]``:
                                     β·(log π − log π_ref) (the reference rebuilt as the run
                                     built it; per token for length-normalised losses)
   hf:PATH                           a local Hugging Face ``*ForSequenceClassification``
-                                    directory (``from_pretrained(head="reward")``)
+                                    directory, or a prefjax export (``export_hf``): the
+                                    head it was saved with (``hf_import.saved_head``:
+                                    K labels score as an ensemble or objectives)
   length | shorter                  the longer (shorter) response wins; characters
   gold                              the dataset's programmatic gold (``meta.gold_chosen`` /
                                     ``meta.gold_rejected``, e.g. the tiny world)
@@ -467,7 +469,13 @@ def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   if not os.path.exists(path):
     raise EvalInputError(f"scorer {spec.name!r}: {path} does not exist")
   tokenizer = experiment.make_tokenizer({"path": eval_cfg.hf_tokenizer or path})
-  model_cfg = {"path": spec.path, "head": "reward", "pooling": eval_cfg.hf_pooling or None,
+  head, pooling = hf_import.saved_head(path) if os.path.isdir(path) else (None, None)
+  head = head or "reward"  # a trunk alone (or a .gguf) gets a fresh head: see the warning
+  kind, arg = heads_lib.parse_head(head)
+  if kind not in ("reward", "reward_ensemble", "multi"):
+    raise EvalInputError(f"scorer {spec.name!r}: {path} holds a {head!r} head, not a reward "
+                         "model")
+  model_cfg = {"path": spec.path, "head": head, "pooling": eval_cfg.hf_pooling or pooling,
                "dtype": "float32"}
   try:
     model = _build(model_cfg, tokenizer.vocab_size, 0, mesh)
@@ -478,7 +486,9 @@ def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
        **dict(eval_cfg.get("pipeline") or {})})
   return ModelScorer(spec.name, tokenizer, pcfg, _reward_forward(model),
                      _model_vocab(model), mesh, float(eval_cfg.max_unk_fraction),
-                     reward_columns(spec.name, (), 0.0))
+                     reward_columns(spec.name, arg if kind == "multi" else (),
+                                    float(eval_cfg.uwo_lambda),
+                                    str(eval_cfg.get("ensemble_normalization", "standardize"))))
 
 
 def make_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> Callable[[Any, str], Scored | None]:

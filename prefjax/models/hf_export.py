@@ -5,33 +5,42 @@
 
   Decoder                        ``LlamaForCausalLM`` / ``GPT2LMHeadModel``; a decoder
                                  whose untied LM head was dropped (a reward model's
-                                 trunk) is written as the base ``LlamaModel``
+                                 trunk) is written as the base ``LlamaModel``/``GPT2Model``
   Encoder                        ``BertModel``
   RewardModel, MultiHeadEnsemble, ``LlamaForSequenceClassification`` /
   MultiObjectiveRewardModel       ``GPT2ForSequenceClassification`` with ``num_labels``
-  on a decoder, "last" pooling   outputs (objective names as ``id2label``): the form
-                                 TRL's ``RewardTrainer`` and reward benchmarks load
+  on a decoder, "last" pooling   outputs (objective names as ``id2label``), regression:
+                                 the form TRL's ``RewardTrainer`` and reward benchmarks load
   DeepEnsemble                   one such directory per member, ``member_<k>/``
-  other head models              the trunk only, with a warning (a value head, or an
-                                 encoder's mean/CLS pooling, has no HF equivalent)
+  other head models              the trunk for transformers, and the head (an encoder's
+                                 mean/CLS pooling, a value head: no Hugging Face form) in
+                                 ``prefjax_head.safetensors``
+
+``config.json`` records every head model's head spec and pooling (``hf_import.HEAD_KEY``,
+``POOLING_KEY``): ``from_pretrained(path, head=...)`` loads the head back, and
+``eval_rm``'s ``hf:`` scorer reads which head to build.
+
+``tokenizer``: the prefjax tokenizer the model was trained with. Its special ids go into
+``config.json`` (else the model config's), and a Hugging Face tokenizer's files are
+written too. A reward model's copy encodes as prefjax's pipeline does (BOS + text + EOS,
+``add_bos`` as the pipeline's), so ``tokenizer(texts, padding=True)`` feeds the model
+what it was trained on.
 
 Sequence classifiers in ``transformers`` score the last token that is not
-``pad_token_id``. A prefjax reward model reads the last real token, the EOS
-every response ends with; when the pad id is also the EOS id, transformers
-would read the token before it instead. The export then logs that, and marks
-``config.json`` (``hf_import.SCORE_TOKEN_KEY``) so that prefjax's
-``from_pretrained`` still scores as the model was trained. A head bias (zero under
-the Bradley–Terry loss alone, not with reward centering) is written as
-``score.bias``, which prefjax loads and transformers ignores: its scores are then
-shifted by a constant per output, which no pairwise comparison sees.
-
-``tokenizer``: the prefjax tokenizer the model was trained with. Its special ids
-go into ``config.json`` (else the model config's); a Hugging Face tokenizer's files
-are written too, so the directory is complete.
+``pad_token_id``. A prefjax reward model reads the last real token, the EOS every
+response ends with. Where the tokenizer's pad id is its EOS id (GPT-2's, SmolLM2's), the
+exported tokenizer gets a pad token of its own (``PAD_TOKEN``; a zero embedding row is
+added where the vocabulary has no spare id), so transformers reads that EOS too. Without
+a Hugging Face tokenizer the export is only marked (``hf_import.SCORE_TOKEN_KEY``, with a
+warning) so that prefjax's ``from_pretrained`` still scores as trained. A head bias (zero
+under the Bradley–Terry loss in exact arithmetic) is written as ``score.bias``, which
+prefjax loads and transformers ignores: its scores are then shifted by a constant per
+output, which no pairwise comparison sees.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -42,6 +51,7 @@ import jax
 import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
+from tokenizers import processors
 
 from prefjax.models import heads
 from prefjax.models import hf_import
@@ -53,20 +63,32 @@ PathLike = str | os.PathLike
 _log = logging.getLogger(__name__)
 
 SCORE_HEADS = (heads.RewardModel, heads.MultiHeadEnsemble, heads.MultiObjectiveRewardModel)
+# The pad token added to a reward model's tokenizer whose pad id is its EOS id.
+PAD_TOKEN = "<|pad|>"
+EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")
 
 
 def hf_state_dict(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """``(tensors, config_dict)`` of a ``Decoder`` or ``Encoder`` in Hugging Face layout."""
+  """``(tensors, config_dict)`` of a ``Decoder`` or ``Encoder`` in Hugging Face layout.
+
+  A decoder whose untied LM head was dropped (a reward or value model's trunk) is
+  written as the base model (``LlamaModel``, ``GPT2Model``) with tied embeddings.
+  """
   params = {p: np.asarray(jax.device_get(v.get_value()))
             for p, v in hf_import.param_paths(model).items()}
   if isinstance(model, Encoder):
     hf_config = model.config.to_hf_dict()
     mapping = hf_mappings.bert_mapping(model.config.num_layers)
   else:
-    hf_config = hf_import.decoder_config_to_hf(model.config)
-    mapping = hf_import.decoder_mapping(model.config, hf_config["model_type"], set())
-    if not model.config.tie_embeddings and not hasattr(model, "lm_head"):
-      hf_config["architectures"] = ["LlamaModel"]
+    config = model.config
+    headless = not config.tie_embeddings and not hasattr(model, "lm_head")
+    if headless:
+      config = config.replace(tie_embeddings=True)
+    hf_config = hf_import.decoder_config_to_hf(config)
+    mapping = hf_import.decoder_mapping(config, hf_config["model_type"], set())
+    if headless:
+      hf_config["architectures"] = ["GPT2Model" if hf_config["model_type"] == "gpt2"
+                                    else "LlamaModel"]
   tensors: dict[str, np.ndarray] = {}
   qkv_parts: dict[str, dict[int, np.ndarray]] = {}
   for path, array in params.items():
@@ -82,31 +104,50 @@ def hf_state_dict(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, A
   return tensors, hf_config
 
 
-def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None
-                    ) -> pathlib.Path:
-  """Writes ``model`` as a Hugging Face directory (see the module docstring); returns it."""
+def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None,
+                    add_bos: bool = True) -> pathlib.Path:
+  """Writes ``model`` as a Hugging Face directory (see the module docstring); returns it.
+
+  ``add_bos``: whether the texts the model was trained on began with the BOS token (the
+  pipeline's ``add_bos``), which a reward model's saved tokenizer then adds, as it adds
+  the EOS.
+  """
   directory = pathlib.Path(path)
   if isinstance(model, heads.DeepEnsemble):
     for k in range(model.num_members):
-      save_pretrained(model.member(k), directory / f"member_{k}", tokenizer=tokenizer)
+      save_pretrained(model.member(k), directory / f"member_{k}", tokenizer=tokenizer,
+                      add_bos=add_bos)
     _log.info("%s: wrote the %d members of the deep ensemble as member_<k>/",
               directory, model.num_members)
     return directory
+  hf_tokenizer = None
+  head_tensors = None
   if _is_score_model(model):
     tensors, hf_config = _sequence_classifier(model, tokenizer)
+    hf_tokenizer = _score_tokenizer(tokenizer, tensors, hf_config, add_bos,
+                                    own_pad=model.last_skips_id is None)
+    hf_config.update(_score_token(model, hf_config))
   else:
     trunk = getattr(model, "trunk", model)
-    if trunk is not model:
-      _log.warning("save_pretrained: writing only the trunk of %s; its head has no Hugging "
-                   "Face equivalent (use prefjax.train checkpoints for the whole model)",
-                   _describe(model))
     tensors, hf_config = hf_state_dict(trunk)
     hf_config.update(_special_ids(tokenizer))
+    if trunk is not model:
+      head_tensors = _own_head(model)
+      _log.warning("%s has no Hugging Face form: transformers loads its trunk (%s); the head "
+                   "is in %s, which prefjax's from_pretrained(head=%r) loads",
+                   _describe(model), hf_config["architectures"][0], hf_import.HEAD_FILE,
+                   _head_spec(model))
+  if hasattr(model, "trunk"):
+    hf_config[hf_import.HEAD_KEY] = _head_spec(model)
+    if getattr(model, "pooling", None):
+      hf_config[hf_import.POOLING_KEY] = model.pooling
   directory.mkdir(parents=True, exist_ok=True)
   hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype)
   save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+  if head_tensors is not None:
+    save_file(head_tensors, str(directory / hf_import.HEAD_FILE), metadata={"format": "pt"})
   (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-  hf_tokenizer = getattr(tokenizer, "hf", None)
+  hf_tokenizer = hf_tokenizer or getattr(tokenizer, "hf", None)
   if hf_tokenizer is not None:
     hf_tokenizer.save_pretrained(str(directory))
   return directory
@@ -115,6 +156,20 @@ def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None
 def _is_score_model(model: nnx.Module) -> bool:
   return (isinstance(model, SCORE_HEADS) and isinstance(model.trunk, Decoder)
           and model.pooling == "last")
+
+
+def _head_spec(model: nnx.Module) -> str:
+  if isinstance(model, heads.MultiObjectiveRewardModel):
+    return "multi:" + ",".join(model.names)
+  if isinstance(model, heads.MultiHeadEnsemble):
+    return f"reward_ensemble:{model.num_members}"
+  return "value" if isinstance(model, heads.ValueModel) else "reward"
+
+
+def _own_head(model: nnx.Module) -> dict[str, np.ndarray]:
+  linear = model.value_head if isinstance(model, heads.ValueModel) else model.head
+  return {name: np.asarray(jax.device_get(getattr(linear, name).get_value()))
+          for name in ("kernel", "bias")}
 
 
 def _describe(model: nnx.Module) -> str:
@@ -143,7 +198,7 @@ def _sequence_classifier(model: heads.PooledHeadModel, tokenizer: Any
   labels = _labels(model)
   hf_config["id2label"] = {str(i): name for i, name in enumerate(labels)}
   hf_config["label2id"] = {name: i for i, name in enumerate(labels)}
-  hf_config.update(_score_token(model, hf_config))
+  hf_config["problem_type"] = "regression"  # pipelines then return the raw rewards
   weight = np.asarray(jax.device_get(model.head.kernel.get_value()), np.float32)
   bias = np.asarray(jax.device_get(model.head.bias.get_value()), np.float32)
   tensors["score.weight"] = np.ascontiguousarray(weight.T)
@@ -163,6 +218,43 @@ def _labels(model: heads.PooledHeadModel) -> list[str]:
   return ["reward"]
 
 
+def _score_tokenizer(tokenizer: Any, tensors: dict[str, np.ndarray], hf_config: dict[str, Any],
+                     add_bos: bool, *, own_pad: bool) -> Any:
+  """A copy of a Hugging Face tokenizer that encodes as prefjax's pipeline does for a reward
+  model: BOS (when ``add_bos``) + text + EOS, padded with its pad id. With ``own_pad`` (the
+  model scores the final EOS) a pad id equal to the EOS id becomes a new ``PAD_TOKEN``
+  (with a zero embedding row where the vocabulary has no spare id), so that transformers'
+  sequence classifier reads that EOS too. ``tensors`` and ``hf_config`` are updated to
+  match; None without a Hugging Face tokenizer."""
+  if getattr(tokenizer, "hf", None) is None:
+    return None
+  hf_tok = copy.deepcopy(tokenizer.hf)
+  bos, eos, pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+  if (own_pad and pad == eos) or hf_tok.pad_token_id is None:
+    if own_pad and pad == eos:
+      hf_tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    else:
+      hf_tok.pad_token = hf_tok.convert_ids_to_tokens(pad)
+    pad = hf_tok.pad_token_id
+    name = next(n for n in EMBEDDINGS if n in tensors)
+    rows = tensors[name].shape[0]
+    if pad >= rows:
+      extra = np.zeros((pad + 1 - rows, tensors[name].shape[1]), tensors[name].dtype)
+      tensors[name] = np.concatenate([tensors[name], extra])
+      hf_config["vocab_size"] = pad + 1
+      _log.info("the tokenizer's pad id was its EOS id: added %r as id %d (a zero embedding "
+                "row), so that transformers scores the final EOS", PAD_TOKEN, pad)
+  hf_config["pad_token_id"] = int(pad)
+  hf_tok.padding_side = "right"
+  template = ([(hf_tok.convert_ids_to_tokens(bos), bos)] if add_bos and bos is not None else []
+              ) + [("$A", None)] + ([(hf_tok.convert_ids_to_tokens(eos), eos)]
+                                    if eos is not None else [])
+  hf_tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+      single=" ".join(t for t, _ in template),
+      special_tokens=sorted({(t, i) for t, i in template if i is not None}))
+  return hf_tok
+
+
 def _score_token(model: heads.PooledHeadModel, hf_config: dict[str, Any]) -> dict[str, Any]:
   """``pad_token_id`` and the score-token marker that make the export score as ``model`` does."""
   if model.last_skips_id is not None:  # loaded from an HF reward model: HF's own rule
@@ -173,9 +265,8 @@ def _score_token(model: heads.PooledHeadModel, hf_config: dict[str, Any]) -> dic
         "the reward model scores the last real token, the EOS (id %d) its responses end "
         "with; transformers' sequence classifiers skip every trailing pad id, also %d, so "
         "they would score the token before it. config.json marks the export (%s) so "
-        "that prefjax's from_pretrained scores as trained; train with a tokenizer whose "
-        "pad differs from its EOS for an export transformers scores identically",
-        eos, pad, hf_import.SCORE_TOKEN_KEY)
+        "that prefjax's from_pretrained scores as trained; pass the Hugging Face tokenizer "
+        "to give the export a pad token of its own", eos, pad, hf_import.SCORE_TOKEN_KEY)
   elif pad is None:
     _log.warning("no pad id is known (pass the tokenizer): transformers' sequence "
                  "classifiers then score one sequence per call")

@@ -44,6 +44,11 @@ SCORE_TENSORS = ("score.weight", "score.bias")
 # config.json key written by ``hf_export``: "last_real" when the reward model scores the
 # last real token even where it is the pad id (HF's rule skips it; see ``load_score_head``).
 SCORE_TOKEN_KEY = "prefjax_score_token"
+# A head written by ``hf_export``: its spec and pooling in config.json; a head with no
+# Hugging Face form (an encoder's mean/CLS pooling, a value head) in its own file.
+HEAD_KEY = "prefjax_head"
+POOLING_KEY = "prefjax_pooling"
+HEAD_FILE = "prefjax_head.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -381,21 +386,73 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
     trunk = gguf_import.load_gguf(path, dtype=dtype, param_dtype=param_dtype)
     return heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
   trunk, report = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype)
+  saved, saved_pooling = saved_head(path)
+  if head is not None and pooling is None and saved is not None:
+    pooling = saved_pooling
   model = heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
+  if head is None and saved is not None:
+    _log.warning("%s holds a %r reward/value head; head=None loads the trunk alone",
+                 path, saved)
+  if (path / HEAD_FILE).exists() and head is not None:
+    _load_or_keep(lambda: load_prefjax_head(model, path), score_head, head)
   if "score.weight" not in report.unused:
     return model
   if not isinstance(model, heads.PooledHeadModel):
     _log.warning("%s: the checkpoint's reward head 'score.weight' is not used (head=%r; "
                  "head='reward' scores with it)", path, head)
     return model
+  skips_pad = _read_json(path / "config.json").get(SCORE_TOKEN_KEY) != "last_real"
+  _load_or_keep(lambda: load_score_head(model, SafetensorsReader(path), skips_pad=skips_pad),
+                score_head, head)
+  return model
+
+
+def _load_or_keep(load: Callable[[], None], score_head: str, head: str) -> None:
   try:
-    load_score_head(model, SafetensorsReader(path),
-                    skips_pad=_read_json(path / "config.json").get(SCORE_TOKEN_KEY) != "last_real")
+    load()
   except CheckpointError as e:
     if score_head == "require":
       raise
     _log.warning("%s; the %r head keeps its fresh initialisation", e, head)
-  return model
+
+
+def saved_head(path: PathLike) -> tuple[str | None, str | None]:
+  """``(head spec, pooling)`` the model in directory ``path`` was saved with: prefjax's
+  record (``HEAD_KEY``), else ``"reward"`` (one label) or ``"multi:<labels>"`` for a
+  decoder ``*ForSequenceClassification`` checkpoint; ``(None, None)`` for anything else."""
+  config_file = pathlib.Path(path) / "config.json"
+  if not config_file.is_file():
+    return None, None
+  hf = _read_json(config_file)
+  if hf.get(HEAD_KEY):
+    return str(hf[HEAD_KEY]), hf.get(POOLING_KEY)
+  archs = hf.get("architectures") or []
+  if hf.get("model_type") == "bert" or not any(
+      a.endswith("ForSequenceClassification") for a in archs):
+    return None, None
+  id2label = hf.get("id2label") or {str(i): f"LABEL_{i}"  # transformers' default
+                                     for i in range(int(hf.get("num_labels", 2)))}
+  labels = [str(v) for _, v in sorted(id2label.items(), key=lambda kv: int(kv[0]))]
+  return ("reward" if len(labels) == 1 else "multi:" + ",".join(labels)), "last"
+
+
+def load_prefjax_head(model: nnx.Module, path: PathLike) -> None:
+  """Copies ``HEAD_FILE`` (``kernel``, ``bias``) into ``model``'s reward or value head."""
+  linear = getattr(model, "head", None) or getattr(model, "value_head", None)
+  file = pathlib.Path(path) / HEAD_FILE
+  if linear is None:
+    raise CheckpointError(f"{file}: {type(model).__name__} has no head to load it into")
+  with _opened(file) as fh:
+    tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+  for name in ("kernel", "bias"):
+    target = getattr(linear, name)
+    array = tensors.get(name)
+    if array is None or array.shape != tuple(target.shape):
+      raise CheckpointError(f"{file}: tensor {name!r} has shape "
+                            f"{None if array is None else array.shape} but the requested "
+                            f"{type(model).__name__} head needs {tuple(target.shape)}")
+    target[...] = jnp.asarray(array, target.dtype)
+  _log.info("%s: loaded the %s head", file, type(model).__name__)
 
 
 def load_score_head(model, reader: SafetensorsReader, *, skips_pad: bool = True) -> None:
