@@ -197,7 +197,10 @@ def run(config: Any, workdir: str) -> train.TrainResult:
     refs.info["weights"] = refs.weights_fingerprint()
     if os.path.isdir(os.path.join(workdir, "checkpoints")):  # resuming: the same reference
       ref_cache.check_same_reference(workdir, refs.info["weights"], what="train_dpo")
-  summary_lib.write_json(os.path.join(workdir, ref_cache.REFERENCE_FILE), refs.info)
+
+  def write_reference_record(start_step: int, state: Any) -> None:
+    del start_step, state  # written once the loop holds the workdir: a refused rerun keeps it
+    summary_lib.write_json(os.path.join(workdir, ref_cache.REFERENCE_FILE), refs.info)
 
   with experiment.mesh_context(mesh):
     result = train.train_loop(
@@ -206,7 +209,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
         loop=config.loop, train_iter=train_iter, evaluators=[evaluator],
         tokens_in_batch=experiment.tokens_in_batch, mesh=mesh,
         partition_rules=experiment.partition_rules(policy),
-        start_hooks=[data_report.write])
+        start_hooks=[data_report.write, write_reference_record])
   data_report.finish(train_iter, result.summary)
   if not result.preempted:
     experiment.export_hf(config, workdir, result.model, tokenizer, what="policy")

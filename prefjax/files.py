@@ -40,8 +40,8 @@ LOCK_FILE = ".lock"
 _NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
 
 
-class WorkdirBusyError(RuntimeError):
-  """Another run holds the workdir."""
+class WorkdirBusyError(OSError):
+  """Another run holds the workdir (an ``OSError``: the binaries report it in one line)."""
 
 
 @contextlib.contextmanager

@@ -241,6 +241,7 @@ def test_best_mode_follows_the_metric_name_unless_given():
   assert train.best_mode_for("accuracy") == "max"
   assert train.best_mode_for("eval/length_baseline_accuracy") == "max"
   assert train.best_mode_for("bt_log_loss") == "min"
+  assert train.best_mode_for("rewards/accuracies") == "max"  # train_dpo's held-out accuracy
   assert train.best_mode_for("neg_mse") == "max"
   assert train.best_mode_for("accuracy", "min") == "min"  # given: kept
   assert train.LoopConfig(num_steps=1, best_metric="win_rate").best_mode == "max"
@@ -272,6 +273,18 @@ def test_on_config_mismatch_error_set_from_the_command_line_stops_a_changed_reru
   assert '-  "seed": 1,' in text and '+  "seed": 0,' in text, text
   assert "Traceback" not in text
   assert not (workdir / "summary.json").exists()
+
+
+def test_a_workdir_another_run_holds_is_one_line(tmp_path):
+  from prefjax import files  # pylint: disable=import-outside-toplevel
+  with files.exclusive(tmp_path):  # the live run
+    code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py:quick",
+                             f"--workdir={tmp_path}", "--config.data.tiny_world.num_pairs=200",
+                             "--config.eval.enabled=False")
+  text = "\n".join(lines)  # the run's progress lines, then the error in one line
+  assert code == 1 and "Traceback" not in text, text
+  assert lines[-1].startswith(f"error: WorkdirBusyError: {tmp_path} is in use by another "
+                              "run"), text
 
 
 def test_setting_the_mismatch_policy_on_a_rerun_is_not_a_mismatch(tmp_path):

@@ -357,6 +357,19 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
   assert not (part / "data_counters.json").exists()
 
 
+def test_a_refused_rerun_keeps_the_run_s_reference_record(tmp_path):
+  """reference.json was written before the loop took the workdir: a rerun refused there
+  (another run holds it, or a changed config) overwrote the live run's record."""
+  from prefjax import files  # pylint: disable=import-outside-toplevel
+  train_dpo.run(dpo_config(steps=1), str(tmp_path))
+  recorded = (tmp_path / "reference.json").read_text()
+  rerun = dpo_config(steps=2)
+  rerun.ref.mode = "cached"
+  with files.exclusive(tmp_path), pytest.raises(files.WorkdirBusyError):
+    train_dpo.run(rerun, str(tmp_path))
+  assert (tmp_path / "reference.json").read_text() == recorded
+
+
 def test_mesh_2x2x2_matches_single_device(tmp_path):
   assert jax.device_count() >= 8
   single = train_dpo.run(dpo_config(steps=4), str(tmp_path / "single"))

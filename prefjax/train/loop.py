@@ -128,8 +128,9 @@ class LoopConfig:
     return configlib.dataclass_from_mapping(cls, cfg)
 
 
-_HIGHER_IS_BETTER = frozenset({"accuracy", "acc", "auc", "auroc", "f1", "precision", "recall",
-                               "agreement", "spearman", "kendall", "pearson", "win", "winrate"})
+_HIGHER_IS_BETTER = frozenset({"accuracy", "accuracies", "acc", "auc", "auroc", "f1",
+                               "precision", "recall", "agreement", "spearman", "kendall",
+                               "pearson", "win", "winrate"})
 _LOWER_IS_BETTER = frozenset({"loss", "nll", "error", "err", "kl", "perplexity", "ppl", "ece",
                               "brier", "mse", "mae", "rmse"})
 
