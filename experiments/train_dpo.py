@@ -165,9 +165,9 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   mesh = experiment.make_optional_mesh(config)
   train_source = experiment.load_split(config.data, config.data.train_split)
   eval_source = experiment.load_split(config.data, config.data.eval_split)
-  pcfg = experiment.pipeline_config(config.data)
+  pcfg = experiment.pipeline_config(config.data, mesh=mesh)
   eval_pcfg = experiment.pipeline_config(
-      config.data, mode="padded", shuffle=False, num_epochs=1, drop_remainder=False,
+      config.data, mesh=mesh, mode="padded", shuffle=False, num_epochs=1, drop_remainder=False,
       batch_size=int(config.eval.batch_size))
   data_report = experiment.start_data_report(
       workdir, {"train": train_source, "eval": eval_source}, tokenizer, pcfg,

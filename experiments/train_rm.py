@@ -75,7 +75,7 @@ def make_evaluator(config: Any, model: nnx.Module, source: Any, tokenizer: Any,
                    ) -> rm.RewardModelEvaluator:
   """The full-pass evaluator over ``data.eval_split`` (padded, fixed order)."""
   pcfg = experiment.pipeline_config(
-      config.data, mode="padded", shuffle=False, num_epochs=1, drop_remainder=False,
+      config.data, mesh=mesh, mode="padded", shuffle=False, num_epochs=1, drop_remainder=False,
       batch_size=int(config.eval.batch_size))
   batches, dropped = rm.eval_batches(source, tokenizer, pcfg, table)
   num_columns, objectives = rm.reward_columns(model)
@@ -97,7 +97,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   mesh = experiment.make_mesh(config.mesh)
   train_source = experiment.load_split(config.data, config.data.train_split)
   eval_source = experiment.load_split(config.data, config.data.eval_split)
-  pcfg = experiment.pipeline_config(config.data)
+  pcfg = experiment.pipeline_config(config.data, mesh=mesh)
   data_report = experiment.start_data_report(
       workdir, {"train": train_source, "eval": eval_source}, tokenizer, pcfg,
       ("chosen", "rejected"))

@@ -92,8 +92,8 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   response_key = config.data.get("response_key", "chosen")
   train_source = experiment.load_split(config.data, config.data.train_split)
   eval_source = experiment.load_split(config.data, config.data.eval_split)
-  pcfg = experiment.pipeline_config(config.data)
-  eval_pcfg = experiment.pipeline_config(config.data, shuffle=False, num_epochs=1,
+  pcfg = experiment.pipeline_config(config.data, mesh=mesh)
+  eval_pcfg = experiment.pipeline_config(config.data, mesh=mesh, shuffle=False, num_epochs=1,
                                          drop_remainder=False,
                                          batch_size=int(config.eval.batch_size))
   data_report = experiment.start_data_report(

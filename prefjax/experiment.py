@@ -307,13 +307,19 @@ def read_data_report(workdir: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
-def pipeline_config(data_cfg: Any, **overrides) -> pipeline_lib.PipelineConfig:
+def pipeline_config(data_cfg: Any, *, mesh: jax.sharding.Mesh | None = None,
+                    **overrides) -> pipeline_lib.PipelineConfig:
   """``data.pipeline`` with ``overrides``; a ``mode="padded"`` override (eval passes)
   also turns ``share_prompt`` and ``trim_rows`` off, which only packed training
-  batches use."""
+  batches use. In a multi-process job, ``mesh`` sets the data shard this process reads
+  (``parallel.data_shard``): processes that hold the same rows of a batch (an
+  ``ensemble`` or ``tensor`` axis across processes) read the same shard."""
   fields = {**configlib.plain(configlib.plain(data_cfg).get("pipeline")), **overrides}
   if overrides.get("mode") == "padded":
     fields.update(share_prompt=False, trim_rows=False)
+  unset = fields.get("shard_index") is None and fields.get("shard_count") is None
+  if mesh is not None and jax.process_count() > 1 and unset:
+    fields["shard_index"], fields["shard_count"] = parallel.data_shard(mesh)
   return pipeline_lib.PipelineConfig.from_mapping(fields)
 
 

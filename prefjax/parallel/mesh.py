@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
@@ -138,3 +139,42 @@ def axis_size(mesh: Mesh, axes: str | Sequence[str] | None) -> int:
   if isinstance(axes, str):
     axes = (axes,)
   return math.prod(mesh.shape[a] for a in axes)
+
+
+def data_shards(process_of_device: np.ndarray, axis_names: Sequence[str]
+                ) -> dict[int, tuple[int, int]]:
+  """Each process's ``(shard index, shard count)`` of the data, for a mesh whose devices
+  (in mesh layout) belong to the processes ``process_of_device``.
+
+  A batch is split over the mesh's batch axes (``BATCH_AXES``) only; processes whose
+  devices sit at the same positions along them hold the same rows of it, so they must
+  read the same data shard (an ``ensemble`` or ``tensor`` axis across processes). Shards
+  are numbered in the order of their positions, the order in which
+  ``jax.make_array_from_process_local_data`` joins the processes' rows.
+  """
+  grid = np.asarray(process_of_device)
+  batch = [i for i, name in enumerate(axis_names) if name in BATCH_AXES]
+  sizes = [grid.shape[i] for i in batch]
+  positions: dict[int, set[int]] = {}
+  for index in np.ndindex(grid.shape):
+    flat = int(np.ravel_multi_index([index[i] for i in batch], sizes)) if batch else 0
+    positions.setdefault(int(grid[index]), set()).add(flat)
+  slices = sorted({frozenset(p) for p in positions.values()}, key=min)
+  for a, b in zip(slices, slices[1:]):
+    if a & b:
+      raise ValueError(f"processes hold overlapping parts of the batch axes "
+                       f"({sorted(a)} and {sorted(b)} of {math.prod(sizes)}): lay the mesh "
+                       "out so each process holds whole positions of them")
+  return {p: (slices.index(frozenset(pos)), len(slices)) for p, pos in positions.items()}
+
+
+def data_shard(mesh: Mesh) -> tuple[int, int]:
+  """This process's ``(shard index, shard count)`` of the data on ``mesh`` (``data_shards``):
+  ``(process_index, process_count)`` when the batch axes span the processes."""
+  return mesh_data_shards(mesh)[jax.process_index()]
+
+
+def mesh_data_shards(mesh: Mesh) -> dict[int, tuple[int, int]]:
+  """``data_shards`` of every process of ``mesh``."""
+  owners = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+  return data_shards(owners, mesh.axis_names)

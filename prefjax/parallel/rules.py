@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-from prefjax.parallel.mesh import BATCH_AXES
+from prefjax.parallel.mesh import BATCH_AXES, mesh_data_shards
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +270,21 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
     return jax.device_put(x, sharding)
 
   return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def gather_rows(x: np.ndarray, mesh: Mesh) -> np.ndarray:
+  """Host rows ``x`` of every process joined as :func:`shard_batch` joins a batch's rows:
+  one copy of each data shard (``mesh.data_shard``), in shard order. Call it in every
+  process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  every = np.asarray(multihost_utils.process_allgather(np.asarray(x)))  # [P, ...]
+  shards = mesh_data_shards(mesh)
+  first: dict[int, int] = {}
+  for process in sorted(shards):
+    first.setdefault(shards[process][0], process)
+  return np.concatenate([every[first[i]] for i in sorted(first)])
 
 
 def local_rows(x: jax.Array) -> np.ndarray:

@@ -22,6 +22,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from prefjax import parallel
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.evals import preference as evals
 from prefjax.rm import labels
@@ -137,12 +138,16 @@ class RewardModelEvaluator:
     """Rewards ``[N, C]``, outcomes, response lengths, indices of the N real eval pairs
     (of every process's rows: the rewards and the host fields are gathered alike)."""
     graphdef, state = nnx.split(model)
-    gather = ((lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)))
-              if jax.process_count() > 1 else np.asarray)
+    several = jax.process_count() > 1
+    # The rewards: the global arrays' values; the host fields: one copy of each data shard,
+    # joined in the same order (processes that hold the same rows read the same shard).
+    values = ((lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)))
+              if several else np.asarray)
+    gather = (lambda x: parallel.gather_rows(x, self._mesh)) if several else np.asarray
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (
         "r_c", "r_r", "outcome", "c_len", "r_len", "index", "objective_mask")}
     for batch in self._local_batches():
-      r_c, r_r = (gather(x) for x in jitted_pair_rewards(graphdef, state, self._put(batch)))
+      r_c, r_r = (values(x) for x in jitted_pair_rewards(graphdef, state, self._put(batch)))
       b = batch["pair_mask"].shape[0]
       response_len = batch["loss_mask"].sum(axis=1)
       real = gather(batch["pair_mask"]) > 0
