@@ -130,3 +130,23 @@ def test_loss_fn_metrics_that_the_step_would_overwrite_or_cannot_log_are_errors(
   step_fn = train.make_train_step(graphdef, with_metrics({"flag": np.bool_(True)}),
                                   optax.sgd(0.1))
   assert float(step_fn(state, batch)[1]["flag"]) == 1.0
+
+
+def test_the_first_progress_line_gives_no_eta_from_its_compiling_interval(tmp_path,
+                                                                          monkeypatch):
+  """The first interval's rate includes compilation: an ETA from it was off by as much as
+  the compile time over the steps left (hours at log_every=1 for a long run)."""
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  from prefjax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  lines = []
+  monkeypatch.setattr(logging, "info", lambda fmt, *args: lines.append(fmt % args))
+  now = [0.0]
+  monkeypatch.setattr(metrics_lib.time, "time", lambda: now[0])
+  writer = metrics_lib.MetricWriter(tmp_path, total_steps=102, tensorboard=False)
+  now[0] = 40.0  # step 2 after 40 s, compiling
+  writer.log(2, {"loss": 1.0})
+  now[0] = 41.0  # step 4 one second later
+  writer.log(4, {"loss": 0.5})
+  progress = [line for line in lines if line.startswith("step ")]
+  assert "compilation included; ETA from the next line" in progress[0], progress
+  assert "ETA 0:49" in progress[1], progress  # 98 steps left at 2 steps/s

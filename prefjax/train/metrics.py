@@ -77,6 +77,7 @@ class MetricWriter:
     self._wall_offset = 0.0
     self._start = time.time()
     self._last_time, self._last_step, self._tokens = self._start, resume_step, 0.0
+    self._compiled = False  # the first train record's interval includes compilation
     self._tb = None
     self._last_record: dict[str, Any] | None = None
     self._last_offset = 0
@@ -185,8 +186,11 @@ class MetricWriter:
   def _log_line(self, step: int, values: Mapping[str, float]) -> None:
     rate = values["steps_per_sec"]
     eta = ""
-    if self.total_steps and rate > 0:
+    if self.total_steps and step < self.total_steps and not self._compiled:
+      eta = ", compilation included; ETA from the next line"
+    elif self.total_steps and rate > 0:
       eta = f", ETA {_format_seconds((self.total_steps - step) / rate)}"
+    self._compiled = True
     tokens = f", {values['tokens_per_sec']:.4g} tokens/s" if "tokens_per_sec" in values else ""
     shown = {k: v for k, v in values.items() if k not in ("steps_per_sec", "tokens_per_sec")}
     logging.info("step %d/%s: %s (%.3g steps/s%s%s)", step, self.total_steps or "?",
