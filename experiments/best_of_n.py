@@ -8,8 +8,8 @@ the policy IS the reference of best-of-n), scores every sample with the proxy
 programmatic proxy such as the tiny world's planted one) and with the gold
 reward (a reward model's ``checkpoint``: a ``train_rm`` workdir, ``WORKDIR@best`` or
 ``WORKDIR@STEP``; ``prefjax.rl.rewards``), and normalises both so that the reference
-policy scores 0 (the mean over all its samples is subtracted). For every n in a
-log-spaced grid up to N
+policy scores 0 (each prompt's mean over its own samples is subtracted). For every n
+in a log-spaced grid up to N
 it reports the unbiased best-of-n estimate of the proxy and gold scores
 (Nakano et al., arXiv:2112.09332; Gao et al., arXiv:2210.10760) with bootstrap
 standard errors over prompts, against KL_bon(n) = log n − (n−1)/n (an upper
@@ -165,9 +165,8 @@ def curves(samples: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
   gold = gold - gold.mean(axis=1, keepdims=True)
   n_max = proxy.shape[1]
   ns = overopt.log_spaced_ns(n_max, int(config.bon.num_points))
-  curve = overopt.unbiased_best_of_n(proxy, gold, ns,
-                                     num_bootstrap=int(config.bon.num_bootstrap),
-                                     seed=int(config.seed))
+  num_bootstrap, seed = int(config.bon.num_bootstrap), int(config.seed)
+  curve = overopt.unbiased_best_of_n(proxy, gold, ns, num_bootstrap=num_bootstrap, seed=seed)
   return {
       "n": curve.knob.tolist(), "kl": curve.kl.tolist(),
       "sqrt_kl": np.sqrt(curve.kl).tolist(),
@@ -182,7 +181,20 @@ def curves(samples: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
       "proxy_name": config.proxy.get("name") or config.proxy.kind,
       "gold_name": config.gold.get("name") or config.gold.kind,
       "mean_response_length": float(samples["lengths"].mean()),
+      "gold_decline": gold_decline(curve, num_bootstrap, seed),
   }
+
+
+def gold_decline(curve: Any, num_bootstrap: int, seed: int) -> dict[str, Any]:
+  """How firmly the gold curve turns down: the paired drop from its peak to the largest n
+  (mean over prompts ± bootstrap SE) and the share of prompt resamples peaking at each n."""
+  per_prompt = curve.per_prompt_gold
+  peak = int(np.argmax(curve.gold))
+  drop, drop_se = (float(x) for x in overopt.bootstrap_mean_se(
+      per_prompt[:, peak] - per_prompt[:, -1], num_bootstrap, seed))
+  share = overopt.argmax_spread(per_prompt, num_bootstrap, seed)
+  return {"peak_n": int(curve.knob[peak]), "drop_to_max_n": drop, "drop_se": drop_se,
+          "peak_n_share": {str(int(n)): float(f) for n, f in zip(curve.knob, share) if f > 0}}
 
 
 def plot(result: dict[str, Any], path: str) -> None:
@@ -207,9 +219,15 @@ def report_markdown(result: dict[str, Any]) -> str:
                  f"{result['proxy'][i]:+.3f} ± {result['proxy_se'][i]:.3f} | "
                  f"{result['gold'][i]:+.3f} ± {result['gold_se'][i]:.3f} |")
   peak = int(np.argmax(result["gold"]))
+  decline = result["gold_decline"]
+  shares = sorted(decline["peak_n_share"].items(), key=lambda kv: -kv[1])
   lines += ["", f"Gold peaks at n = {result['n'][peak]} ({result['gold'][peak]:+.3f}); "
             f"at n = {result['n'][-1]} the proxy is {result['proxy'][-1]:+.3f} and the gold "
-            f"{result['gold'][-1]:+.3f}.", "", "![best-of-n](figures/bon.png)", ""]
+            f"{result['gold'][-1]:+.3f}: a drop of {decline['drop_to_max_n']:.3f} ± "
+            f"{decline['drop_se']:.3f} from the peak (paired over prompts, "
+            f"{decline['drop_to_max_n'] / decline['drop_se']:.1f} SE). Over prompt "
+            "resamples the peak is at " + ", ".join(f"n = {n} in {f:.0%}" for n, f in shares[:4])
+            + ".", "", "![best-of-n](figures/bon.png)", ""]
   if "safety_filter" in result:
     lines += filtered.filter_markdown(result["safety_filter"])
   return "\n".join(lines)

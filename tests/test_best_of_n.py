@@ -157,6 +157,19 @@ def test_curves_against_hand_computed_best_of_n():
   assert result["gold"][1] == pytest.approx(np.mean(best2_gold) - gold_mean)
   assert result["proxy"][2] == pytest.approx(np.mean([2.0, 3.0]) - proxy.mean())
   assert result["gold"][2] == pytest.approx(np.mean([-1.0, 0.0]) - gold_mean)
+  # The gold peaks at n = 1 (the reference) and falls by the paired per-prompt difference:
+  # prompt 0 from 0 to -1 - 1/6, prompt 1 from 0 to 0 - 1.
+  decline = result["gold_decline"]
+  assert decline["peak_n"] == 1
+  assert decline["drop_to_max_n"] == pytest.approx(np.mean([1.0 + 1 / 6, 1.0]), rel=1e-12)
+  assert decline["peak_n_share"] == {"1": 1.0}
+
+
+def test_the_peak_s_spread_over_prompt_resamples():
+  """Two prompts peaking at different points: a resample of prompt 0 twice (1/4) peaks at
+  index 1; the others (3/4: once each, or prompt 1 twice) at index 2."""
+  share = overopt.argmax_spread(np.array([[0.0, 2.0, 0.0], [0.0, 0.0, 3.0]]), 4000, seed=1)
+  np.testing.assert_allclose(share, [0.0, 0.25, 0.75], atol=0.03)
 
 
 def test_ensemble_proxy_scores_pairs_with_its_aggregation():

@@ -10,9 +10,11 @@ EXPECTED (measured on this shared 2-core CPU, seed 0):
   default (64 prompts x N=256, about 30 s wall when the machine is quiet;
   remeasured 2026-12-01 after the inverse-CDF sampler, 8511f61): the proxy rises
   monotonically to +1.44 ± 0.05 at n=256 (KL bound 4.5 nats); the gold rises to
-  +0.56 at n=56 and then turns down (+0.42 ± 0.09 at n=256): the start of
-  overoptimization, much milder than PPO/RLOO's collapse at KL > 5 nats, because
-  best-of-n only reweights reference samples.
+  +0.56 at n=56 and then turns down (+0.42 ± 0.09 at n=256): a drop of 0.13 ± 0.07
+  from the peak, paired over prompts (1.9 SE, short of a 2-SE decline; over prompt
+  resamples the peak is at n=56 in 58% and n=93 in 34%). A hint of overoptimization,
+  much milder than PPO/RLOO's collapse at KL > 5 nats, because best-of-n only
+  reweights reference samples.
   `:quick` (16 prompts x N=64; remeasured 2026-12-05 on the Intel Xeon, 8 s wall with
   JAX's compilation cache warm): the proxy rises to +1.28 ± 0.10 at n=64; the gold peaks
   at n=21 (+0.43 ± 0.06) and ends at +0.25 ± 0.15 (16 prompts: wide error bars; SEs are

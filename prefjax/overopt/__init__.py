@@ -16,6 +16,7 @@ config's numbers before any work); import them by module name.
 """
 
 from prefjax.overopt.bon import BonScores
+from prefjax.overopt.bon import argmax_spread
 from prefjax.overopt.bon import Curve
 from prefjax.overopt.bon import bon_kl
 from prefjax.overopt.bon import bootstrap_mean_se
@@ -36,7 +37,7 @@ from prefjax.overopt.exact import rl_path_log_probs
 from prefjax.overopt.exact import rl_path_scores
 
 __all__ = [
-    "BonScores", "Curve", "ExactScores", "bon_kl", "bootstrap_mean_se", "exact_best_of_n",
+    "BonScores", "Curve", "ExactScores", "argmax_spread", "bon_kl", "bootstrap_mean_se", "exact_best_of_n",
     "exact_bon_log_probs", "exact_bon_scores", "log1mexp", "log_spaced_ns", "rl_path",
     "rl_path_log_probs", "rl_path_scores", "select_best_of_n", "summarize", "tie_averaged_scores",
     "unbiased_best_of_n", "unbiased_bon_scores", "unbiased_bon_weights",

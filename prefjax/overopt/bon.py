@@ -217,6 +217,20 @@ def bootstrap_mean_se(per_prompt: ArrayLike, num_bootstrap: int = 1000,
   return mean.reshape(values.shape[1:]), se.reshape(values.shape[1:])
 
 
+def argmax_spread(per_prompt: ArrayLike, num_bootstrap: int = 1000, seed: int = 0
+                  ) -> np.ndarray:
+  """``[S]`` share of prompt resamples whose mean curve peaks at each point: how firmly a
+  curve ``per_prompt`` ``[P, S]`` locates its maximum (the argmax of a noisy curve moves)."""
+  values = np.asarray(per_prompt, np.float64)
+  if values.ndim != 2 or num_bootstrap < 2:
+    raise ValueError(f"argmax_spread: need [P, S] values and num_bootstrap >= 2, got "
+                     f"{values.shape} and {num_bootstrap}")
+  p = values.shape[0]
+  counts = np.random.default_rng(seed).multinomial(p, np.full(p, 1.0 / p), size=num_bootstrap)
+  peaks = np.argmax(counts.astype(np.float64) @ values, axis=1)
+  return np.bincount(peaks, minlength=values.shape[1]) / num_bootstrap
+
+
 def summarize(knob: ArrayLike, per_prompt_kl: ArrayLike, per_prompt_proxy: ArrayLike,
               per_prompt_gold: ArrayLike, *,
               num_bootstrap: int = 1000, seed: int = 0) -> Curve:
