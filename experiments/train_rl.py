@@ -4,9 +4,11 @@ r"""PPO and RLOO against a proxy (or ensemble) reward, with gold-vs-proxy evalua
 
 Each step samples responses to fresh training prompts from the policy (KV-cache
 ``generate``), scores them with the PROXY reward, penalises the KL to the frozen
-reference (per token inside the reward for PPO, per sequence for RLOO; k1/k2/k3
-estimator ``rl.kl_estimator``; fixed or adaptive coefficient, Ziegler et al.
-2019), and updates the policy (PPO: GAE + clipped surrogate + value loss over
+reference (per token inside the reward for PPO, per sequence for RLOO; estimator
+``rl.kl_estimator``, k1 = log π/π_ref by default: a stop-gradient penalty in the reward
+has the gradient of β·KL only for k1; k2/k3 are unbiased as values, not as penalties,
+Tang & Munos 2025, arXiv:2506.09477, and warn; fixed or adaptive coefficient, Ziegler
+et al. 2019), and updates the policy (PPO: GAE + clipped surrogate + value loss over
 minibatch epochs; RLOO: leave-one-out baseline over ``rl.group_size`` samples
 per prompt). Every ``loop.eval_every`` steps the SAME held-out prompts are sampled
 once and scored with the proxy AND the gold reward, with the KL (estimators and,
@@ -156,7 +158,8 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
       tokenizer=tokenizer, sampling=config.sampling.to_dict(), hp=hp,
       kl_ctl=kl_control.make_kl_controller(config.rl), key=key,
       prompts_per_step=int(config.rl.prompts_per_step), group_size=group_size,
-      epochs=int(config.rl.epochs), num_minibatches=int(config.rl.num_minibatches))
+      epochs=int(config.rl.epochs), num_minibatches=int(config.rl.num_minibatches),
+      missing_eos_penalty=float(config.rl.get("missing_eos_penalty") or 0.0))
   evaluator = evaluation.make_evaluator(
       eval_prompts, jax.random.fold_in(key, _EVAL_STREAM), tokenizer=tokenizer, proxy=proxy,
       gold=gold, sampling_cfg=config.sampling.to_dict(), kl_estimator=hp.kl_estimator,

@@ -63,7 +63,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       algorithm="rloo", prompts_per_step=8, group_size=4, epochs=1,
       num_minibatches=1, clip_eps=0.2, vf_coef=0.0, vf_clip_eps=0.2, entropy_coef=0.0,
       gamma=1.0, lam=0.95, whiten_advantages=True, kl_coef=0.05, kl_estimator="k1",
-      adaptive_kl=dict(enabled=False, target=6.0, horizon=10000.0), value_trunk="separate")
+      adaptive_kl=dict(enabled=False, target=6.0, horizon=10000.0), value_trunk="separate",
+      missing_eos_penalty=0.0)  # > 0: subtracted from a response cut at max_new_tokens
   c.optimizer = configlib.section(train.OptimizerConfig, name="adamw", learning_rate=1e-6,
                                  weight_decay=0.0, grad_clip_norm=1.0)
   # eval_at_start: the step-0 eval is the curves' origin (summary "initial").

@@ -51,7 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
       algorithm="ppo", prompts_per_step=64, group_size=1, epochs=2,
       num_minibatches=2, clip_eps=0.2, vf_coef=0.1, vf_clip_eps=0.2, entropy_coef=0.0,
       gamma=1.0, lam=0.95, whiten_advantages=True, kl_coef=0.02, kl_estimator="k1",
-      adaptive_kl=dict(enabled=False, target=4.0, horizon=10000.0), value_trunk="separate")
+      adaptive_kl=dict(enabled=False, target=4.0, horizon=10000.0), value_trunk="separate",
+      missing_eos_penalty=0.0)  # > 0: subtracted from a response cut at max_new_tokens
   c.optimizer = configlib.section(train.OptimizerConfig, name="adam", learning_rate=1e-3,
                                  grad_clip_norm=1.0)
   # eval_at_start: the step-0 eval is the curves' origin (summary "initial").

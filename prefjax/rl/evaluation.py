@@ -62,10 +62,12 @@ def evaluate(graphdef, params, extra, prompts: rollout_lib.Prompts, rng: jax.Arr
   seq = jax.device_get(_sequence_stats(graphdef, params, extra, rollout.tokens,
                                        rollout.attention_mask, rollout.loss_mask,
                                        full_vocab=full_vocab))
-  per_sample = {"proxy": proxy(rollout.prompts, rollout.responses),
-                "gold": gold(rollout.prompts, rollout.responses),
+  score = lambda reward: rl_rewards.checked_scores(  # noqa: E731
+      reward, rollout.prompts, rollout.responses, "the held-out eval")
+  per_sample = {"proxy": score(proxy), "gold": score(gold),
                 "kl": seq[f"kl/{kl_estimator}"],
                 "response_length": rollout.lengths,
+                "truncated_fraction": (~rollout.finished).astype(np.float64),
                 **{k: v for k, v in seq.items() if k.startswith("kl/")}}
   lengths = np.maximum(rollout.lengths, 1)
   if full_vocab:

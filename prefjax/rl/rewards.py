@@ -55,6 +55,20 @@ class PairReward:
     return np.asarray(self.fn.score(texts=texts), np.float64)
 
 
+def checked_scores(reward: PairReward, prompts: Sequence[str], responses: Sequence[str],
+                   where: str) -> np.ndarray:
+  """``reward``'s float64 scores; a non-finite one is an error naming the sample (in RL it
+  made the step's loss NaN, and the loop skipped the step as a bad gradient)."""
+  scores = reward(prompts, responses)
+  bad = np.flatnonzero(~np.isfinite(scores))
+  if bad.size:
+    i = int(bad[0])
+    raise ValueError(f"reward {reward.name!r} gave {bad.size} of {scores.size} responses a "
+                     f"non-finite score at {where} (first: {scores[i]} for prompt "
+                     f"{prompts[i][:80]!r}, response {responses[i][:80]!r})")
+  return scores
+
+
 def world_from_config(cfg: Any) -> tiny_world_lib.TinyWorld:
   """A ``TinyWorld`` from a mapping of its dataclass fields (tuples may come as lists)."""
   return configlib.dataclass_from_mapping(tiny_world_lib.TinyWorld, cfg or {},

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prefjax.data import pipeline as pipeline_lib
 from prefjax.losses import policy as policy_losses
 from prefjax.models import heads as heads_lib
 from prefjax.models import sampling
@@ -73,15 +74,16 @@ class Prompts(NamedTuple):
 
 
 def encode_prompts(texts: Sequence[str], token_ids: Sequence[Sequence[int]], *,
-                   pad_id: int, max_length: int, pad_to_max: bool = True) -> Prompts:
-  """Left-pads token ids; over-long prompts keep their END.
+                   pad_id: int, max_length: int, pad_to_max: bool = True,
+                   bos_id: int | None = None) -> Prompts:
+  """Left-pads token ids; over-long prompts keep their END (and their leading ``bos_id``).
 
   With ``pad_to_max`` every batch is ``max_length`` wide, so sampling and the
   update compile once per run instead of once per distinct prompt length.
   """
   if not texts:
     raise ValueError("encode_prompts: no prompts")
-  ids = [list(x)[-max_length:] for x in token_ids]
+  ids = [pipeline_lib.left_truncate(list(x), max_length, bos_id) for x in token_ids]
   empty = [i for i, x in enumerate(ids) if not x]
   if empty:
     raise ValueError(f"encode_prompts: prompt {empty[0]} ({texts[empty[0]]!r}) has no tokens")
@@ -94,12 +96,14 @@ def encode_prompts(texts: Sequence[str], token_ids: Sequence[Sequence[int]], *,
 
 
 class Rollout(NamedTuple):
-  """Sampled responses: full rows ``[B, P+N]`` and the decoded response texts."""
+  """Sampled responses: full rows ``[B, P+N]``, the decoded response texts, and whether
+  each response ended with EOS (``finished``) or was cut at ``max_new_tokens``."""
   tokens: np.ndarray
   attention_mask: np.ndarray
   loss_mask: np.ndarray
   prompts: list[str]
   responses: list[str]
+  finished: np.ndarray
 
   @property
   def lengths(self) -> np.ndarray:
@@ -120,7 +124,8 @@ def sample(policy: nnx.Module, prompts: Prompts, rng: Array, *, tokenizer: Any,
   loss_mask = np.concatenate([np.zeros_like(prompts.mask), resp_mask], axis=1)
   responses = [tokenizer.decode([t for t, m in zip(row, mrow) if m and t != tokenizer.eos_id])
                for row, mrow in zip(resp_tokens.tolist(), resp_mask.tolist())]
-  return Rollout(tokens, attention, loss_mask, list(prompts.texts), responses)
+  finished = np.any((resp_tokens == tokenizer.eos_id) & (resp_mask > 0), axis=1)
+  return Rollout(tokens, attention, loss_mask, list(prompts.texts), responses, finished)
 
 
 class TokenStats(NamedTuple):

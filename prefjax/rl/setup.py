@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from prefjax import experiment
@@ -45,8 +46,15 @@ def make_policy(config: Any, tokenizer: Any) -> nnx.Module:
 
 def _encode(texts: list[str], tokenizer: Any, cfg: Any) -> rollout_lib.Prompts:
   ids = [tokenize_lib.encode_prompt(t, tokenizer, style=cfg.get("style", "raw")) for t in texts]
-  return rollout_lib.encode_prompts(texts, ids, pad_id=tokenizer.pad_id,
-                                    max_length=int(cfg.max_length))
+  limit = int(cfg.max_length)
+  cut = [i for i, x in enumerate(ids) if len(x) > limit]
+  if cut:
+    logging.warning("%d of %d prompts are longer than prompts.max_length=%d tokens (first: "
+                    "%r, %d tokens): the policy sees their last %d (BOS kept), the reward "
+                    "scores the whole prompt", len(cut), len(ids), limit, texts[cut[0]][:80],
+                    len(ids[cut[0]]), limit)
+  return rollout_lib.encode_prompts(texts, ids, pad_id=tokenizer.pad_id, max_length=limit,
+                                    bos_id=tokenizer.bos_id)
 
 
 def _tiny_prompts(world: tiny_world_lib.TinyWorld, rng: np.random.Generator,

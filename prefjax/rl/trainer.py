@@ -37,7 +37,7 @@ Array = jax.Array
 PromptSampler = Callable[[int, int], rollout_lib.Prompts]
 # Per-sequence fields the iterator adds to a prepared rollout, logged as train metrics.
 ROLLOUT_METRICS = {"scores": "proxy_score", "gold_scores": "gold_score",
-                   "response_length": "response_length"}
+                   "response_length": "response_length", "truncated": "truncated_fraction"}
 
 
 def minibatches(batch: Mapping[str, np.ndarray], rng: Array, *, epochs: int,
@@ -62,11 +62,12 @@ class RolloutIterator:
                tokenizer: Any, sampling: Mapping[str, Any], hp: algorithms.HParams,
                kl_ctl: kl_control.FixedKLController | kl_control.AdaptiveKLController,
                key: Array, prompts_per_step: int, group_size: int, epochs: int,
-               num_minibatches: int):
+               num_minibatches: int, missing_eos_penalty: float = 0.0):
     self.graphdef, self.prompts, self.proxy, self.gold = graphdef, prompts, proxy, gold
     self.tokenizer, self.sampling, self.hp, self.kl_ctl = tokenizer, dict(sampling), hp, kl_ctl
     self.key, self.prompts_per_step, self.group_size = key, prompts_per_step, group_size
     self.epochs, self.num_minibatches = epochs, num_minibatches
+    self.missing_eos_penalty = float(missing_eos_penalty)
     self.step = 0
     self._state: state_lib.TrainState | None = None
 
@@ -98,20 +99,24 @@ class RolloutIterator:
     policy = state_lib.merge_model(self.graphdef, params, extra).policy
     rollout = rollout_lib.sample(policy, prompts, jax.random.fold_in(key, 0),
                                  tokenizer=self.tokenizer, **self.sampling)
-    scores = self.proxy(rollout.prompts, rollout.responses)
+    where = f"RL step {self.step}"
+    scores = rl_rewards.checked_scores(self.proxy, rollout.prompts, rollout.responses, where)
+    # TRL's missing_eos_penalty: a response cut at max_new_tokens is rewarded less.
+    rewards = scores - self.missing_eos_penalty * (~rollout.finished)
     kl_coef = self.kl_ctl.value
     batch = jax.device_get(algorithms.prepare(
         self.graphdef, params, extra, rollout.tokens, rollout.attention_mask,
-        rollout.loss_mask, jnp.asarray(scores, jnp.float32), jnp.float32(kl_coef), hp=self.hp,
-        group_size=self.group_size))
+        rollout.loss_mask, jnp.asarray(rewards, jnp.float32), jnp.float32(kl_coef),
+        hp=self.hp, group_size=self.group_size))
     size = len(rollout.responses)
     self.kl_ctl.update(float(np.mean(np.asarray(batch["kl"]).sum(axis=1))), size)
     batch.update(scores=np.asarray(scores, np.float32),
                  kl_coef=np.full(size, kl_coef, np.float32),
-                 response_length=rollout.lengths.astype(np.float32))
+                 response_length=rollout.lengths.astype(np.float32),
+                 truncated=(~rollout.finished).astype(np.float32))
     if self.gold is not None:
-      batch["gold_scores"] = np.asarray(self.gold(rollout.prompts, rollout.responses),
-                                        np.float32)
+      batch["gold_scores"] = rl_rewards.checked_scores(
+          self.gold, rollout.prompts, rollout.responses, where).astype(np.float32)
     self.step += 1
     return minibatches(batch, jax.random.fold_in(key, 1), epochs=self.epochs,
                        num_minibatches=self.num_minibatches)

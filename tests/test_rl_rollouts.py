@@ -1,0 +1,158 @@
+"""RL rollouts and penalties: the KL penalty's gradient, cut-off responses, bad rewards,
+token-weighted metrics (a helper's review of ``prefjax/rl``)."""
+
+import logging
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from prefjax import rewards as reward_fns
+from prefjax.losses import policy as policy_losses
+from prefjax.models import decoder
+from prefjax.rl import algorithms
+from prefjax.rl import kl_control
+from prefjax.rl import rewards as rl_rewards
+from prefjax.rl import rollout as rollout_lib
+from prefjax.rl import trainer
+from prefjax.train import state as state_lib
+
+@pytest.mark.parametrize("kind, exact", [("k1", True), ("k2", False), ("k3", False)])
+def test_only_k1_in_the_reward_has_the_gradient_of_the_kl(kind, exact):
+  """A stop-gradient penalty β·k(x) in the reward enters the policy gradient as
+  E_π[k(x)·∇log π(x)]. For k1 = log π/π_ref that is ∇KL(π‖π_ref) exactly; k2 and k3 are
+  unbiased for the KL's value, not its gradient (Tang & Munos 2025, arXiv:2506.09477).
+  Exact expectation over a 5-token categorical."""
+  theta = jnp.array([0.3, -0.2, 0.9, 0.0, -0.7])
+  ref_logp = jax.nn.log_softmax(jnp.array([0.1, 0.4, -0.3, 0.2, 0.0]))
+  tokens = jnp.arange(5)
+
+  def kl(theta):
+    logp = jax.nn.log_softmax(theta)
+    return jnp.sum(jnp.exp(logp) * (logp - ref_logp))
+
+  def penalty_gradient(theta):
+    logp = jax.nn.log_softmax(theta)
+    k = policy_losses.kl_estimate(logp[tokens][:, None], ref_logp[tokens][:, None],
+                                  jnp.ones((5, 1)), kind)[:, 0]
+    surrogate = lambda t: jnp.sum(  # noqa: E731
+        jax.lax.stop_gradient(jnp.exp(logp) * k) * jax.nn.log_softmax(t)[tokens])
+    return jax.grad(surrogate)(theta)
+
+  true, got = jax.grad(kl)(theta), penalty_gradient(theta)
+  if exact:
+    np.testing.assert_allclose(got, true, atol=1e-6)
+  else:
+    assert np.linalg.norm(got - true) > 0.1 * np.linalg.norm(true)
+
+
+def test_a_k3_penalty_in_the_reward_warns(caplog):
+  with caplog.at_level(logging.WARNING):
+    algorithms.HParams.from_config({"algorithm": "rloo", "kl_estimator": "k3",
+                                    "kl_coef": 0.02})
+  assert "is not the KL's (Tang & Munos 2025" in caplog.text
+  caplog.clear()
+  algorithms.HParams.from_config({"algorithm": "rloo", "kl_estimator": "k1", "kl_coef": 0.02})
+  assert not caplog.records
+
+
+def _pair_reward(fn, name="proxy"):
+  return rl_rewards.PairReward(
+      reward_fns.ProgrammaticReward(fn, inputs="texts", name=name), lambda p, r: p + r)
+
+
+# Eleven ids, EOS among them: a random policy ends about 4 in 10 responses within 6 tokens.
+LETTERS = types.SimpleNamespace(pad_id=0, bos_id=1, eos_id=2, vocab_size=11,
+                                decode=lambda ids: "".join(chr(97 + int(i)) for i in ids))
+
+
+def _iterator(proxy, *, penalty=0.0):
+  cfg = decoder.DecoderConfig.tiny_llama(vocab_size=LETTERS.vocab_size, num_layers=1)
+  bundle = rollout_lib.build_bundle(decoder.Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32),
+                                    with_value=False, seed=1)
+  graphdef, params, extra = state_lib.split_model(bundle, rollout_lib.TRAINABLE)
+  texts = [f"p{i}" for i in range(8)]
+  prompts = rollout_lib.encode_prompts(texts, [[1, 3 + i % 8, 4] for i in range(8)],
+                                       pad_id=0, max_length=4, bos_id=1)
+  it = trainer.RolloutIterator(
+      graphdef, prompts=lambda step, count: prompts, proxy=proxy, gold=None,
+      tokenizer=LETTERS, sampling={"max_new_tokens": 6},
+      hp=algorithms.HParams(algorithm="rloo", whiten_advantages=False),
+      kl_ctl=kl_control.FixedKLController(0.0), key=jax.random.key(0), prompts_per_step=8,
+      group_size=2, epochs=1, num_minibatches=1, missing_eos_penalty=penalty)
+  it.observe(0, types.SimpleNamespace(params=params, extra=extra))
+  return it
+
+
+def test_cut_off_responses_are_counted_and_can_be_penalised():
+  """Responses cut at max_new_tokens got the full score with nothing in the logs."""
+  proxy = _pair_reward(lambda texts: np.ones(len(texts), np.float32))
+  plain = {k: v[0] for k, v in next(_iterator(proxy)).items()}  # the one minibatch
+  truncated, mask = plain["truncated"], plain["loss_mask"] > 0
+  assert 0 < truncated.sum() < truncated.size, truncated
+  has_eos = np.any((plain["tokens"] == LETTERS.eos_id) & mask, axis=1)
+  np.testing.assert_array_equal(truncated, (~has_eos).astype(np.float32))
+  penalised = {k: v[0] for k, v in next(_iterator(proxy, penalty=2.0)).items()}
+  np.testing.assert_array_equal(penalised["truncated"], truncated)  # the same samples
+  np.testing.assert_array_equal(penalised["scores"], plain["scores"])  # logged: raw proxy
+  assert not np.any(plain["advantages"])  # every reward 1: nothing to learn
+  # Leave-one-out over pairs: A = R_i - R_j with R = 1 - 2·[cut off].
+  advantage = penalised["advantages"].sum(1) / mask.sum(1)
+  assert set(np.round(advantage, 5)) <= {-2.0, 0.0, 2.0}
+  assert np.all(advantage[truncated > 0] <= 0) and np.all(advantage[truncated == 0] >= 0)
+  assert advantage.sum() == pytest.approx(0.0, abs=1e-5) and np.any(advantage)
+
+
+def test_a_non_finite_reward_names_the_sample():
+  """One NaN score made the step's loss NaN, and the loop skipped it as a bad gradient.
+  prefjax's own reward functions refuse NaN themselves; a reward of the user's own (any
+  object with ``name`` and ``score``) reached the step."""
+  own = types.SimpleNamespace(
+      name="shaky", score=lambda texts: np.where(np.arange(len(texts)) == 3, np.nan, 1.0))
+  proxy = rl_rewards.PairReward(own, lambda p, r: p + r)
+  with pytest.raises(ValueError, match=r"reward 'shaky' gave 1 of 16 responses a non-finite "
+                                       r"score at RL step 0 \(first: nan for prompt 'p1'"):
+    next(_iterator(proxy))
+
+
+def test_approx_kl_and_value_clip_fraction_weigh_tokens_like_the_losses():
+  policy = decoder.Decoder(decoder.DecoderConfig.tiny_llama(vocab_size=11), rngs=nnx.Rngs(0),
+                           dtype=jnp.float32)
+  bundle = rollout_lib.build_bundle(policy, with_value=True, seed=1)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 11, (4, 9)).astype(np.int32)
+  attention = np.ones_like(tokens)
+  loss_mask = np.zeros_like(tokens)
+  loss_mask[:, 3:] = 1
+  loss_mask[1, 4:] = attention[1, 4:] = 0  # one response of 1 token, three of 6
+  graphdef, params, extra = state_lib.split_model(bundle, rollout_lib.TRAINABLE)
+  hp = algorithms.HParams(algorithm="ppo", vf_clip_eps=1e-3)
+  batch = algorithms.prepare(graphdef, params, extra, tokens, attention, loss_mask,
+                             jnp.asarray([1.0, -1.0, 0.5, 0.0]), jnp.float32(0.0), hp=hp,
+                             group_size=1)
+  leaves = nnx.state(bundle.policy, nnx.Param)  # the update moved the policy
+  nnx.update(bundle.policy, jax.tree.map(lambda x: x * 1.2, leaves))
+  _, metrics = algorithms.loss_fn(bundle, batch, hp)
+  stats = rollout_lib.token_stats(bundle, tokens, attention, loss_mask, with_reference=False)
+  log_ratio = np.asarray(stats.logp, np.float64) - np.asarray(batch["old_logp"], np.float64)
+  k3 = (np.expm1(log_ratio) - log_ratio) * loss_mask
+  np.testing.assert_allclose(metrics["approx_kl"], k3.sum() / loss_mask.sum(), rtol=1e-4)
+  per_sequence = k3.sum(1) / loss_mask.sum(1)
+  assert abs(float(metrics["approx_kl"]) - per_sequence.mean()) > 1e-3  # the two differ here
+
+
+def test_an_over_long_prompt_keeps_its_bos_and_the_cut_is_reported(caplog):
+  prompts = rollout_lib.encode_prompts(["abcdef"], [[1, 5, 6, 7, 8, 9]], pad_id=0,
+                                       max_length=4, bos_id=1)
+  np.testing.assert_array_equal(prompts.tokens, [[1, 7, 8, 9]])  # BOS + the last three
+  from prefjax.rl import setup  # pylint: disable=import-outside-toplevel
+  config = {"max_length": 3, "style": "raw"}
+  tokenizer = types.SimpleNamespace(pad_id=0, bos_id=None, eos_id=None, chat_template=None,
+                                    encode=lambda text, **kw: [3] * len(text))
+  with caplog.at_level(logging.WARNING):
+    setup._encode(["abcd", "ab"], tokenizer, types.SimpleNamespace(**config, get=config.get))
+  assert ("1 of 2 prompts are longer than prompts.max_length=3 tokens (first: 'abcd', 4 "
+          "tokens)") in caplog.text
