@@ -5,15 +5,14 @@ A direct-alignment loss declares its facts where it is registered::
   @register_direct_loss("my_loss", reference_free=True, length_normalized=True)
   def my_loss(x: PairLogps, *, beta, gamma=0.0) -> jax.Array: ...
 
-A loss may also return ``(losses, {name: value})``: metrics of its own, logged as
-``my_loss/name`` (``split_loss_output``).
-
 and trainers read them from its ``DirectLossSpec`` (``direct_loss_spec(name)``);
 no code outside this module compares loss names. Paired losses land in
 ``DIRECT_LOSSES`` (``fn(x, *, beta, **hparams)``), unpaired ones (KTO) in
 ``UNPAIRED_LOSSES`` (``fn(policy_logps, ref_logps, is_desirable, kl_ref, *, beta,
 **hparams)``); ``DIRECT_LOSS_SPECS`` holds the spec of every entry of both.
 Reward-model losses register the same way in ``preference.PREFERENCE_LOSSES``.
+A loss of either kind may also return ``(losses, {name: value})``: metrics of its own,
+logged as ``my_loss/name`` (``split_loss_output``).
 """
 
 from __future__ import annotations
