@@ -201,5 +201,11 @@ def test_raw_and_fallback_chat_formatting():
   assert tokenize.format_prompt(HH_PROMPT, tok, style="chat") == HH_PROMPT  # no template
   assert tokenize.encode_prompt("ab", tok) == [tok.bos_id, 97, 98]
   assert tokenize.encode_response(" ok", tok) == [32, 111, 107, tok.eos_id]
+  # Without a template the chat fallback is the HH layout, "Assistant: ok": the response
+  # kept no space ("Assistant:ok", "No" for GPT-2's " No"), unlike the raw transcripts.
+  chat = tokenize.format_prompt(HH_PROMPT, tok, style="chat") + tokenize.format_response(
+      "  ok \n", style="chat", tokenizer=tok)
+  assert chat == HH_PROMPT + " ok"
+  assert tokenize.encode_response("ok ", tok, style="chat") == [32, 111, 107, tok.eos_id]
   with pytest.raises(ValueError, match="prompt style"):
     tokenize.format_prompt("x", tok, style="fancy")

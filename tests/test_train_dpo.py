@@ -434,6 +434,36 @@ def test_held_out_metrics_pool_over_the_pairs_the_loss_counts(monkeypatch):
   assert "pairs/num_dropped_ties" not in got
 
 
+def test_a_pair_the_rejected_side_won_trains_turned_around(monkeypatch):
+  """PandaLM stores response 2's wins as outcome 0: losses without soft labels dropped them
+  as ties (472 of PandaLM's 894 decisive pairs), and rewards/accuracies counted response 1
+  winning as right for every loss."""
+  def fixed_scores(model, batch, num_segments=None):
+    del model, num_segments
+    ones = jnp.ones_like(batch["s_c"])
+    return loss_lib.SequenceScores(batch["s_c"], batch["s_r"], ones, ones)
+  monkeypatch.setattr(loss_lib, "score_pairs", fixed_scores)
+  s_c, s_r = np.array([-1.0, -2.0, -1.5], np.float32), np.array([-2.0, -0.5, -1.0], np.float32)
+  batch = {"s_c": s_c, "s_r": s_r, "ref_chosen": np.zeros(3, np.float32),
+           "ref_rejected": np.zeros(3, np.float32),
+           "outcome": np.array([1.0, 0.0, 0.5], np.float32), "weight": np.ones(3, np.float32),
+           "pair_mask": np.ones(3, np.float32)}
+  beta = 0.5
+  margins = beta * np.array([s_c[0] - s_r[0], s_r[1] - s_c[1]], np.float64)  # preferred first
+  ipo = loss_lib.make_loss_fn(loss_lib.DirectLoss(name="ipo", beta=beta, ref_mode="online"))
+  loss, metrics = ipo(None, batch, jax.random.key(0))
+  # IPO: (h − 1/(2β))² with h = the log-ratio margin (β-free); the tie is dropped.
+  h = margins / beta
+  np.testing.assert_allclose(float(loss), np.mean((h - 1 / (2 * beta)) ** 2), rtol=1e-6)
+  assert float(metrics["pairs/num_dropped_ties"]) == 1.0
+  assert float(metrics["rewards/accuracies"]) == 1.0  # both decisive pairs ranked right
+  # DPO's soft label already read outcome 0 as ε = 1: turning the pair around is the same.
+  dpo = loss_lib.make_loss_fn(loss_lib.DirectLoss(name="dpo", beta=beta, ref_mode="online"))
+  decisive = {k: v[:2] for k, v in batch.items()}
+  loss, _ = dpo(None, decisive, jax.random.key(0))
+  np.testing.assert_allclose(float(loss), np.mean(np.logaddexp(0.0, -margins)), rtol=1e-6)
+
+
 def test_a_registered_loss_of_the_wrong_shape_or_nan_at_padding(monkeypatch):
   """``[B, 1]`` per-pair losses broadcast to ``[B, B]`` (a 16x loss at B = 16) and a scalar
   ignored the pair weights, silently; a NaN at a padding pair made the loss NaN."""

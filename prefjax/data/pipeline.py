@@ -332,7 +332,8 @@ class TokenizeFn:
       if not isinstance(row, Mapping):
         raise TypeError(f"source row {index}: expected a mapping, got {type(row).__name__}")
       texts.append(tokenize_lib.format_prompt(_field(row, "prompt", index), tok, style=style))
-      texts.extend(tokenize_lib.format_response(_field(row, key, index), style=style)
+      texts.extend(tokenize_lib.format_response(_field(row, key, index), style=style,
+                                                tokenizer=tok)
                    for key in self.response_keys)
     encode_batch = getattr(tok, "encode_batch", None)
     encoded = iter(encode_batch(texts) if encode_batch else [tok.encode(t) for t in texts])

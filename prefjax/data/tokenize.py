@@ -338,12 +338,17 @@ def format_prompt(prompt_text: str, tokenizer: Tokenizer, *, style: str = "raw")
   return render_hh_transcript(messages, add_generation_prompt=True)
 
 
-def format_response(response_text: str, *, style: str = "raw") -> str:
-  """Response text for a prompt formatted with ``style`` (chat responses are stripped)."""
+def format_response(response_text: str, *, style: str = "raw",
+                    tokenizer: Tokenizer | None = None) -> str:
+  """Response text for a prompt formatted with ``style``: chat responses are stripped, and
+  follow the HH layout's ``"Assistant:"`` after one space where ``tokenizer`` has no chat
+  template (as in the HH transcripts, and as GPT-2's BPE expects a word to start)."""
   if style == "raw":
     return response_text
   if style != "chat":
     raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
+  if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+    return " " + response_text.strip()
   return response_text.strip()
 
 
@@ -356,4 +361,5 @@ def encode_prompt(prompt_text: str, tokenizer: Tokenizer, *, style: str = "raw",
 
 def encode_response(response_text: str, tokenizer: Tokenizer, *, style: str = "raw") -> list[int]:
   """Formats and encodes a response with EOS appended exactly once."""
-  return tokenizer.encode(format_response(response_text, style=style), add_eos=True)
+  return tokenizer.encode(format_response(response_text, style=style, tokenizer=tokenizer),
+                          add_eos=True)

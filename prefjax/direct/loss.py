@@ -16,10 +16,13 @@ how to combine microbatches exactly.
 What the trainer must know about a loss comes from its registry spec
 (``prefjax.losses.registry.DirectLossSpec``), never from its name:
 
-Ties (``outcome`` < 1): ``soft_label`` losses get a per-pair
+Outcomes: a pair whose ``outcome`` is 0 (its rejected side won, as PandaLM stores
+response 2's wins) is turned around before the loss and its metrics (``oriented``), so
+every loss and ``rewards/accuracies`` see the preferred response as chosen. Ties
+(0 < ``outcome`` < 1): ``soft_label`` losses get a per-pair
 ε_i = 1 − [(1−ε)·o_i + ε·(1−o_i)]; for the other losses, which have no notion
-of a soft preference, pairs with ``outcome`` ≠ 1 are dropped (weight 0, counted
-in ``pairs/num_dropped_ties``).
+of a soft preference, such pairs are dropped (weight 0, counted in
+``pairs/num_dropped_ties``).
 
 Optional NLL term (RPO, "Iterative Reasoning Preference Optimization",
 arXiv 2404.19733): ``+ α · NLL(chosen)`` with NLL the token-averaged negative
@@ -269,9 +272,27 @@ def _per_example(loss: DirectLoss, losses: Array, weights: Array) -> Array:
   return losses
 
 
-def _tie_handling(loss: DirectLoss, batch: Batch) -> tuple[dict[str, Any], Array, Array]:
-  """(per-pair hyperparameters, pair weights, dropped-tie count) for the batch's outcomes."""
+def oriented(x: direct_losses.PairLogps, outcome: Array) -> direct_losses.PairLogps:
+  """``x`` with the sides of every pair of ``outcome`` 0 swapped: chosen is the preferred
+  response (its outcome is then 1, ``decisive_outcome``)."""
+  flip = jnp.asarray(outcome) == 0.0
+  pick = lambda a, b: jnp.where(flip, b, a)  # noqa: E731
+  return direct_losses.PairLogps(
+      pick(x.policy_chosen, x.policy_rejected), pick(x.policy_rejected, x.policy_chosen),
+      pick(x.ref_chosen, x.ref_rejected), pick(x.ref_rejected, x.ref_chosen),
+      pick(x.chosen_tokens, x.rejected_tokens), pick(x.rejected_tokens, x.chosen_tokens))
+
+
+def decisive_outcome(batch: Batch) -> Array:
+  """The batch's outcomes after ``oriented``: 0 becomes 1, ties stay."""
   outcome = jnp.asarray(batch["outcome"], jnp.float32)
+  return jnp.where(outcome == 0.0, 1.0, outcome)
+
+
+def _tie_handling(loss: DirectLoss, batch: Batch) -> tuple[dict[str, Any], Array, Array]:
+  """(per-pair hyperparameters, pair weights, dropped-tie count) for the batch's outcomes
+  (oriented: a pair the rejected side won counts as won by the chosen side)."""
+  outcome = decisive_outcome(batch)
   weights = jnp.asarray(batch["weight"], jnp.float32) * batch["pair_mask"].astype(jnp.float32)
   kwargs, spec = loss.kwargs, loss.spec
   if spec.soft_label:
@@ -357,7 +378,8 @@ def make_loss_fn(loss: DirectLoss) -> Callable[[nnx.Module, Batch, Array],
     del rng
     scores = score_pairs(model, batch, num_segments=loss.num_segments)
     kwargs, weights, dropped = _tie_handling(loss, batch)
-    x = _finite_where_unweighted(pair_logps(loss, scores, batch), weights)
+    x = _finite_where_unweighted(oriented(pair_logps(loss, scores, batch), batch["outcome"]),
+                                 weights)
     metrics: dict[str, Array] = {}
     if loss.spec.unpaired:
       losses, example_weights, metrics = _unpaired_losses(loss, model, x, batch, weights)
