@@ -221,13 +221,16 @@ def report_markdown(result: dict[str, Any]) -> str:
   peak = int(np.argmax(result["gold"]))
   decline = result["gold_decline"]
   shares = sorted(decline["peak_n_share"].items(), key=lambda kv: -kv[1])
+  drop = f"a drop of {decline['drop_to_max_n']:.3f} ± {decline['drop_se']:.3f} from the peak"
+  if peak == len(result["n"]) - 1:
+    drop = "the gold is highest at the largest n: no decline"
+  elif decline["drop_se"] > 0:
+    drop += f" (paired over prompts, {decline['drop_to_max_n'] / decline['drop_se']:.1f} SE)"
   lines += ["", f"Gold peaks at n = {result['n'][peak]} ({result['gold'][peak]:+.3f}); "
             f"at n = {result['n'][-1]} the proxy is {result['proxy'][-1]:+.3f} and the gold "
-            f"{result['gold'][-1]:+.3f}: a drop of {decline['drop_to_max_n']:.3f} ± "
-            f"{decline['drop_se']:.3f} from the peak (paired over prompts, "
-            f"{decline['drop_to_max_n'] / decline['drop_se']:.1f} SE). Over prompt "
-            "resamples the peak is at " + ", ".join(f"n = {n} in {f:.0%}" for n, f in shares[:4])
-            + ".", "", "![best-of-n](figures/bon.png)", ""]
+            f"{result['gold'][-1]:+.3f}: {drop}. Over prompt resamples the peak is at "
+            + ", ".join(f"n = {n} in {f:.0%}" for n, f in shares[:4]) + ".", "",
+            "![best-of-n](figures/bon.png)", ""]
   if "safety_filter" in result:
     lines += filtered.filter_markdown(result["safety_filter"])
   return "\n".join(lines)

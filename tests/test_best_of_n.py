@@ -163,6 +163,11 @@ def test_curves_against_hand_computed_best_of_n():
   assert decline["peak_n"] == 1
   assert decline["drop_to_max_n"] == pytest.approx(np.mean([1.0 + 1 / 6, 1.0]), rel=1e-12)
   assert decline["peak_n_share"] == {"1": 1.0}
+  # A gold curve still rising at the largest n (no decline: 0 ± 0) reads as such.
+  rising = best_of_n.curves({**samples, "gold": proxy}, config)
+  assert rising["gold_decline"]["drop_to_max_n"] == 0.0 == rising["gold_decline"]["drop_se"]
+  assert "the gold is highest at the largest n: no decline" in best_of_n.report_markdown(
+      {**rising, "scorer_checkpoints": {}})
 
 
 def test_the_peak_s_spread_over_prompt_resamples():
