@@ -20,12 +20,16 @@ Expected runtime (measured 2026-12-02 on this 2-core CPU, quiet): 24 min from sc
 JAX's compilation cache and the TFDS cache empty (bandit part 7 min; text worlds 7, 5 and
 5 min), 19 min with them warm; peak RSS 2.4 GB. ≈ 38 min was measured on 2026-12-01 at
 load ≈ 1–2; 23 min 53 s on 2026-12-05 on the Intel Xeon with the caches warm and tests
-running beside it for a third of the time.
-Expected result: `16/16 criteria pass in the world carrying them; extra tests: 1/3 pass
-(failed: P1_rloo, P1_kl_matched_rloo)`. Bandit: G0–G5, R1, R3, R4, C1–C3 and D3 pass;
-R2-bandit fails (width 4's closed-form RL drop is 1.3 SE). Text worlds 0–2 pooled: R2
-passes (RLOO vs w8 falls 7.7 SE after its peak; 8.5 SE, 0.113 SD, on 2026-12-05 on the
-Intel Xeon, every other verdict and quoted number the same), D1 and D2 pass since the DPO family moved
+running beside it for a third of the time; 20 min 13 s on 2026-12-05 with the caches warm,
+reusing the first text world's SFT and reward-model stages from an interrupted run.
+Expected result (2026-12-05, Intel Xeon): `15/16 criteria pass in the world carrying them
+(failed: R2); extra tests: 1/3 pass (failed: P1_rloo, P1_kl_matched_rloo)`. Bandit: G0–G5,
+R1, R3, R4, C1–C3 and D3 pass; R2-bandit fails (width 4's closed-form RL drop is 1.3 SE).
+Text worlds 0–2 pooled: R2 fails since the RLOO arm's KL penalty moved from k3 to k1
+(configs/rl/tiny_rloo.py; k3 in the reward is not the KL's gradient): RLOO vs w8 falls
+after its step-8 peak, then recovers while the penalty holds KL near 14 nats, and its last
+checkpoint is the highest (with k3 it fell 7.7 SE, 8.5 SE on 2026-12-05 before the move).
+D1 and D2 pass since the DPO family moved
 to learning rate 1e-4 and IPO's grid to β = 0.1–3 (README: the rule, fixed before the
 probe, and both changes' history); P1 (against PPO, the paper's and the issue's reference)
 passes in every shared KL bin and at matched KL; against RLOO, a stronger baseline here,
