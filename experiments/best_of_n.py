@@ -188,11 +188,8 @@ def curves(samples: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
 def gold_decline(curve: Any, num_bootstrap: int, seed: int) -> dict[str, Any]:
   """How firmly the gold curve turns down: the paired drop from its peak to the largest n
   (mean over prompts ± bootstrap SE) and the share of prompt resamples peaking at each n."""
-  per_prompt = curve.per_prompt_gold
-  peak = int(np.argmax(curve.gold))
-  drop, drop_se = (float(x) for x in overopt.bootstrap_mean_se(
-      per_prompt[:, peak] - per_prompt[:, -1], num_bootstrap, seed))
-  share = overopt.argmax_spread(per_prompt, num_bootstrap, seed)
+  drop, drop_se, peak = overopt.peak_drop(curve.per_prompt_gold, num_bootstrap, seed)
+  share = overopt.argmax_spread(curve.per_prompt_gold, num_bootstrap, seed)
   return {"peak_n": int(curve.knob[peak]), "drop_to_max_n": drop, "drop_se": drop_se,
           "peak_n_share": {str(int(n)): float(f) for n, f in zip(curve.knob, share) if f > 0}}
 
@@ -226,6 +223,8 @@ def report_markdown(result: dict[str, Any]) -> str:
     drop = "the gold is highest at the largest n: no decline"
   elif decline["drop_se"] > 0:
     drop += f" (paired over prompts, {decline['drop_to_max_n'] / decline['drop_se']:.1f} SE)"
+  else:  # one prompt: no SE
+    drop = f"a drop of {decline['drop_to_max_n']:.3f} from the peak (one prompt: no SE)"
   lines += ["", f"Gold peaks at n = {result['n'][peak]} ({result['gold'][peak]:+.3f}); "
             f"at n = {result['n'][-1]} the proxy is {result['proxy'][-1]:+.3f} and the gold "
             f"{result['gold'][-1]:+.3f}: {drop}. Over prompt resamples the peak is at "

@@ -163,6 +163,8 @@ def record_invocation(workdir: str) -> None:
   """Appends what started this run to ``workdir/runs.jsonl`` (``summary.RUNS_FILE``): the
   UTC time, command line, ``--imports``, host, process count, prefjax's git commit (and
   whether its tracked files had changes) and the versions of the core libraries."""
+  if jax.process_index() != 0:  # process 0 writes the workdir's files
+    return
   versions = {}
   for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint"):
     try:
@@ -186,7 +188,9 @@ def _git_state() -> dict[str, Any]:
       return None
     return done.stdout.strip()
   commit = git("rev-parse", "HEAD")
-  changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
+  # --no-optional-locks: runs started together from one checkout must not race on its index.
+  changes = (git("--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
+             if commit else None)
   return {"prefjax_commit": commit,
           "prefjax_changed": None if changes is None else bool(changes)}
 

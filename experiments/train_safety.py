@@ -108,7 +108,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             "test": config.safety.test_split}
   sources = {name: safety_runtime.load_split(config.data, split)
              for name, split in splits.items() if split}
-  pcfg = experiment.pipeline_config(config.data)
+  pcfg = experiment.pipeline_config(config.data, mesh=mesh)
   data_report = experiment.start_data_report(workdir, sources, tokenizer, pcfg,
                                              ("chosen", "rejected"))
   with jax.set_mesh(mesh):

@@ -44,7 +44,6 @@ from prefjax.models import segments as seg
 from prefjax.train import summary as summary_lib
 
 
-
 def response_nll(model: nnx.Module, batch: Any) -> tuple[jax.Array, jax.Array]:
   """(summed response NLL, response token count) of a padded or packed SFT batch."""
   tokens, mask = batch["tokens"], batch["loss_mask"].astype(jnp.float32)

@@ -208,7 +208,7 @@ def test_best_of_a_run_ranked_by_no_metric_says_so(tmp_path):
   (tmp_path / "checkpoints").mkdir()
   (tmp_path / "config.json").write_text(json.dumps({"loop": {"best_metric": None}}))
   with pytest.raises(ValueError, match="trained without loop.best_metric, so no checkpoint "
-                                       "of it is ranked best: load @latest or @STEP"):
+                                       "of it is ranked best; use @latest or @STEP"):
     train.load_params(tmp_path, DropoutMLP(nnx.Rngs(7)), step="best")
 
 

@@ -188,6 +188,8 @@ def test_a_value_model_exports_its_trunk_for_transformers_and_its_head_for_prefj
   np.testing.assert_allclose(back(tokens, attention_mask=mask), value(tokens, attention_mask=mask),
                              atol=1e-6, rtol=0)
   assert hf_import.saved_head(tmp_path) == ("value", None)
+  with pytest.raises(hf_import.CheckpointError, match=r"holds a 'value' head"):
+    models.from_pretrained(tmp_path, head="reward")  # [D, 1] fits a reward head too
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
@@ -202,9 +204,12 @@ def test_an_encoder_reward_model_reloads_with_its_head_and_pooling(pooling, tmp_
   assert back.pooling == pooling
   tokens, mask = _batch()
   np.testing.assert_allclose(_ours(back, tokens, mask), _ours(rm, tokens, mask), atol=1e-6)
-  with pytest.raises(hf_import.CheckpointError, match=r"tensor 'kernel' has shape \(32, 2\) "
-                                                      r"but the requested MultiHeadEnsemble"):
-    models.from_pretrained(tmp_path, head="reward_ensemble:3")
+  # Another head, even one whose shapes fit (two members read as the two objectives).
+  for head in ("reward_ensemble:3", "reward_ensemble:2"):
+    with pytest.raises(hf_import.CheckpointError,
+                       match=r"holds a 'multi:helpful,harmless' head with pooling "
+                             rf"'{pooling}'; the requested model has '{head}'"):
+      models.from_pretrained(tmp_path, head=head)
 
 
 def test_a_gpt2_tokenizer_export_pads_apart_from_its_eos_so_transformers_scores_as_trained(

@@ -125,6 +125,7 @@ def test_a_preference_loss_reports_its_own_metrics_weighted_like_its_loss(column
   np.testing.assert_allclose(float(loss), float(plain), rtol=1e-6)
   w = (batch["weight"] * batch["pair_mask"]).astype(np.float64)[:4, None]
   margin = (r_c.astype(np.float64) - r_r)[:4]
+  # Reduced as the loss: Σ w·margin over the 4 real pairs' columns / their count.
   np.testing.assert_allclose(metrics["_test_bt_with_metrics/margin"],
-                             np.sum(w * margin) / (np.sum(w) * columns), rtol=1e-5)
+                             np.sum(w * margin) / (4 * columns), rtol=1e-5)
   assert float(metrics["_test_bt_with_metrics/batch"]) == 7.0

@@ -20,6 +20,7 @@ from prefjax.rl import rollout as rollout_lib
 from prefjax.rl import trainer
 from prefjax.train import state as state_lib
 
+
 @pytest.mark.parametrize("kind, exact", [("k1", True), ("k2", False), ("k3", False)])
 def test_only_k1_in_the_reward_has_the_gradient_of_the_kl(kind, exact):
   """A stop-gradient penalty β·k(x) in the reward enters the policy gradient as
@@ -142,6 +143,15 @@ def test_approx_kl_and_value_clip_fraction_weigh_tokens_like_the_losses():
   np.testing.assert_allclose(metrics["approx_kl"], k3.sum() / loss_mask.sum(), rtol=1e-4)
   per_sequence = k3.sum(1) / loss_mask.sum(1)
   assert abs(float(metrics["approx_kl"]) - per_sequence.mean()) > 1e-3  # the two differ here
+  # The value clip fraction: each sequence's fraction, weighted by its response tokens.
+  values = rollout_lib.token_stats(bundle, tokens, attention, loss_mask,
+                                   with_reference=False).values
+  clipped = policy_losses.value_loss(values, batch["old_values"], batch["returns"], loss_mask,
+                                     clip_eps=hp.vf_clip_eps).clip_fraction
+  tokens_per_sequence = loss_mask.sum(1)
+  np.testing.assert_allclose(
+      metrics["value_clip_fraction"],
+      np.sum(np.asarray(clipped) * tokens_per_sequence) / tokens_per_sequence.sum(), rtol=1e-5)
 
 
 def test_an_over_long_prompt_keeps_its_bos_and_the_cut_is_reported(caplog):

@@ -345,9 +345,10 @@ def _resolve_step(spec: ScorerSpec, run: Any) -> tuple[int, dict[str, Any]]:
   loop = run.get("loop") or {}
   best_metric = loop.get("best_metric")
   if step == "best" and not best_metric:
-    raise EvalInputError(f"scorer {spec.name!r}: {spec.path} was trained without "
-                         "loop.best_metric, so no checkpoint of it is ranked best; use "
-                         "@latest or @STEP")
+    try:
+      checkpoint.run_ranking(spec.path)  # its error names what is missing
+    except ValueError as e:
+      raise EvalInputError(f"scorer {spec.name!r}: {e}") from e
   ranking = {"best_metric": best_metric,
              "best_mode": loop_lib.best_mode_for(best_metric, loop.get("best_mode"))
              if best_metric else "min"}

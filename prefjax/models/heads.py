@@ -347,6 +347,17 @@ def parse_head(head: str | None) -> tuple[str | None, Any]:
   raise ValueError(f"unknown head spec {head!r}; {grammar}")
 
 
+def head_spec(model: nnx.Module) -> str | None:
+  """The spec ``attach_head`` builds ``model``'s head from (None for a bare trunk)."""
+  if isinstance(model, MultiObjectiveRewardModel):
+    return "multi:" + ",".join(model.names)
+  if isinstance(model, MultiHeadEnsemble):
+    return f"reward_ensemble:{model.num_members}"
+  if isinstance(model, ValueModel):
+    return "value"
+  return "reward" if isinstance(model, RewardModel) else None
+
+
 def attach_head(trunk: nnx.Module, head: str | None, *, rngs: nnx.Rngs,
                 pooling: str | None = None) -> nnx.Module:
   """Wraps ``trunk`` with the head named by ``head`` (see ``parse_head``).

@@ -136,9 +136,9 @@ def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None,
       _log.warning("%s has no Hugging Face form: transformers loads its trunk (%s); the head "
                    "is in %s, which prefjax's from_pretrained(head=%r) loads",
                    _describe(model), hf_config["architectures"][0], hf_import.HEAD_FILE,
-                   _head_spec(model))
+                   heads.head_spec(model))
   if hasattr(model, "trunk"):
-    hf_config[hf_import.HEAD_KEY] = _head_spec(model)
+    hf_config[hf_import.HEAD_KEY] = heads.head_spec(model)
     if getattr(model, "pooling", None):
       hf_config[hf_import.POOLING_KEY] = model.pooling
   directory.mkdir(parents=True, exist_ok=True)
@@ -156,14 +156,6 @@ def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None,
 def _is_score_model(model: nnx.Module) -> bool:
   return (isinstance(model, SCORE_HEADS) and isinstance(model.trunk, Decoder)
           and model.pooling == "last")
-
-
-def _head_spec(model: nnx.Module) -> str:
-  if isinstance(model, heads.MultiObjectiveRewardModel):
-    return "multi:" + ",".join(model.names)
-  if isinstance(model, heads.MultiHeadEnsemble):
-    return f"reward_ensemble:{model.num_members}"
-  return "value" if isinstance(model, heads.ValueModel) else "reward"
 
 
 def _own_head(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -246,6 +238,11 @@ def _score_tokenizer(tokenizer: Any, tensors: dict[str, np.ndarray], hf_config: 
                 "row), so that transformers scores the final EOS", PAD_TOKEN, pad)
   hf_config["pad_token_id"] = int(pad)
   hf_tok.padding_side = "right"
+  if getattr(hf_tok, "backend_tokenizer", None) is None:
+    _log.warning("the tokenizer has no fast (Rust) backend, so its saved copy cannot be made "
+                 "to add BOS and EOS as prefjax's pipeline does: add them to texts before "
+                 "scoring them with transformers")
+    return hf_tok
   template = ([(hf_tok.convert_ids_to_tokens(bos), bos)] if add_bos and bos is not None else []
               ) + [("$A", None)] + ([(hf_tok.convert_ids_to_tokens(eos), eos)]
                                     if eos is not None else [])

@@ -166,10 +166,13 @@ def _is_sequence_classifier(hf: dict[str, Any], names: set[str]) -> bool:
           and any(a.endswith("ForSequenceClassification") for a in archs))
 
 
+BASE_MODELS = ("LlamaModel", "GPT2Model")
+
+
 def _is_base_model(hf: dict[str, Any], names: set[str]) -> bool:
   """A trunk saved without its output layer (``LlamaModel``), as a reward model's is."""
   archs = hf.get("architectures") or []
-  return "lm_head.weight" not in names and any(a.endswith("Model") for a in archs)
+  return "lm_head.weight" not in names and any(a in BASE_MODELS for a in archs)
 
 
 def _first_id(value) -> int | None:
@@ -394,7 +397,8 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
     _log.warning("%s holds a %r reward/value head; head=None loads the trunk alone",
                  path, saved)
   if (path / HEAD_FILE).exists() and head is not None:
-    _load_or_keep(lambda: load_prefjax_head(model, path), score_head, head)
+    _load_or_keep(lambda: load_prefjax_head(model, path, saved=(saved, saved_pooling)),
+                  score_head, head)
   if "score.weight" not in report.unused:
     return model
   if not isinstance(model, heads.PooledHeadModel):
@@ -436,12 +440,23 @@ def saved_head(path: PathLike) -> tuple[str | None, str | None]:
   return ("reward" if len(labels) == 1 else "multi:" + ",".join(labels)), "last"
 
 
-def load_prefjax_head(model: nnx.Module, path: PathLike) -> None:
-  """Copies ``HEAD_FILE`` (``kernel``, ``bias``) into ``model``'s reward or value head."""
+def load_prefjax_head(model: nnx.Module, path: PathLike,
+                      saved: tuple[str | None, str | None] = (None, None)) -> None:
+  """Copies ``HEAD_FILE`` (``kernel``, ``bias``) into ``model``'s reward or value head.
+
+  ``saved``: the head spec and pooling the directory records (``saved_head``); a model
+  whose head or pooling differs is refused, even where the shapes would fit (a value
+  head loaded as a reward head, two members read as two objectives).
+  """
   linear = getattr(model, "head", None) or getattr(model, "value_head", None)
   file = pathlib.Path(path) / HEAD_FILE
   if linear is None:
     raise CheckpointError(f"{file}: {type(model).__name__} has no head to load it into")
+  wanted = (heads.head_spec(model), getattr(model, "pooling", None))
+  if saved[0] is not None and (heads.parse_head(saved[0]), saved[1]) != (
+      heads.parse_head(wanted[0]), wanted[1]):
+    raise CheckpointError(f"{file} holds a {saved[0]!r} head with pooling {saved[1]!r}; the "
+                          f"requested model has {wanted[0]!r} with pooling {wanted[1]!r}")
   with _opened(file) as fh:
     tensors = {name: fh.get_tensor(name) for name in fh.keys()}
   for name in ("kernel", "bias"):

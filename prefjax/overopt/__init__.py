@@ -21,6 +21,7 @@ from prefjax.overopt.bon import Curve
 from prefjax.overopt.bon import bon_kl
 from prefjax.overopt.bon import bootstrap_mean_se
 from prefjax.overopt.bon import log_spaced_ns
+from prefjax.overopt.bon import peak_drop
 from prefjax.overopt.bon import select_best_of_n
 from prefjax.overopt.bon import summarize
 from prefjax.overopt.bon import tie_averaged_scores
@@ -37,8 +38,9 @@ from prefjax.overopt.exact import rl_path_log_probs
 from prefjax.overopt.exact import rl_path_scores
 
 __all__ = [
-    "BonScores", "Curve", "ExactScores", "argmax_spread", "bon_kl", "bootstrap_mean_se", "exact_best_of_n",
-    "exact_bon_log_probs", "exact_bon_scores", "log1mexp", "log_spaced_ns", "rl_path",
-    "rl_path_log_probs", "rl_path_scores", "select_best_of_n", "summarize", "tie_averaged_scores",
-    "unbiased_best_of_n", "unbiased_bon_scores", "unbiased_bon_weights",
+    "BonScores", "Curve", "ExactScores", "argmax_spread", "bon_kl", "bootstrap_mean_se",
+    "exact_best_of_n", "exact_bon_log_probs", "exact_bon_scores", "log1mexp", "log_spaced_ns",
+    "peak_drop", "rl_path", "rl_path_log_probs", "rl_path_scores", "select_best_of_n",
+    "summarize", "tie_averaged_scores", "unbiased_best_of_n", "unbiased_bon_scores",
+    "unbiased_bon_weights",
 ]

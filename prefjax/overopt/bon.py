@@ -217,6 +217,16 @@ def bootstrap_mean_se(per_prompt: ArrayLike, num_bootstrap: int = 1000,
   return mean.reshape(values.shape[1:]), se.reshape(values.shape[1:])
 
 
+def peak_drop(per_prompt: ArrayLike, num_bootstrap: int = 1000, seed: int = 0
+              ) -> tuple[float, float, int]:
+  """How far a curve ``[P, S]`` falls from its peak (argmax of the mean over prompts) to its
+  last point: ``(drop, bootstrap SE of the paired per-prompt difference, peak index)``."""
+  values = np.asarray(per_prompt, np.float64)
+  peak = int(np.argmax(values.mean(axis=0)))
+  drop, se = bootstrap_mean_se(values[:, peak] - values[:, -1], num_bootstrap, seed)
+  return float(drop), float(se), peak
+
+
 def argmax_spread(per_prompt: ArrayLike, num_bootstrap: int = 1000, seed: int = 0
                   ) -> np.ndarray:
   """``[S]`` share of prompt resamples whose mean curve peaks at each point: how firmly a

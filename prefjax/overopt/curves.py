@@ -148,10 +148,7 @@ def decline(curve: bon.Curve, *, num_bootstrap: int = 1000) -> tuple[float, floa
 
   The SE is of the paired per-prompt difference gold[peak] − gold[last].
   """
-  peak = int(np.argmax(curve.gold))
-  drop, se = bon.bootstrap_mean_se(curve.per_prompt_gold[:, peak] - curve.per_prompt_gold[:, -1],
-                                   num_bootstrap)
-  return float(drop), float(se), peak
+  return bon.peak_drop(curve.per_prompt_gold, num_bootstrap)
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, *,

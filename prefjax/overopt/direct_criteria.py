@@ -56,9 +56,7 @@ def criterion_d1(sweep: DaaSweep, *, num_se: float = 2.0, num_bootstrap: int = 1
   per-prompt difference) below it. Fits use the same points (CIs over prompts).
   """
   d, gold, per_kl, per_gold = final_curve(sweep)
-  peak = int(np.argmax(gold))
-  drop, drop_se = (float(x) for x in bon.bootstrap_mean_se(
-      per_gold[:, peak] - per_gold[:, -1], num_bootstrap, seed))
+  drop, drop_se, peak = bon.peak_drop(per_gold, num_bootstrap, seed)
   kw = dict(per_prompt_gold=per_gold, per_prompt_kl=per_kl, num_bootstrap=num_bootstrap,
             seed=seed)
   rl = fits.fit_rl(d, gold, **kw)
@@ -89,10 +87,7 @@ def criterion_d2(sweep: DaaSweep, *, num_se: float = 2.0, kl_tolerance: float = 
   """
   k = int(np.argmin(sweep.betas))
   gold, kl = sweep.gold[k], sweep.kl[k]
-  peak = int(np.argmax(gold))
-  drop, drop_se = bon.bootstrap_mean_se(
-      sweep.per_prompt_gold[k, peak] - sweep.per_prompt_gold[k, -1], num_bootstrap, seed)
-  drop, drop_se = float(drop), float(drop_se)
+  drop, drop_se, peak = bon.peak_drop(sweep.per_prompt_gold[k].T, num_bootstrap, seed)  # [P, T]
   after = np.diff(kl[peak:])
   rising = bool(kl[-1] > kl[peak] and (after >= -kl_tolerance * kl[-1]).all())
   declined = peak < len(gold) - 1 and drop >= num_se * drop_se

@@ -212,7 +212,8 @@ def _t_intervals(design, residual, sqrt_w, coef, ci) -> tuple[np.ndarray, np.nda
   a = design * sqrt_w[:, None]
   dof = len(residual) - 2
   sigma2 = float(np.sum((residual * sqrt_w) ** 2)) / dof
-  half = stats.t.ppf(0.5 + ci / 2.0, dof) * np.sqrt(sigma2 * np.diag(np.linalg.pinv(a.T @ a)))
+  covariance = sigma2 * np.linalg.pinv(a.T @ a)
+  half = stats.t.ppf(0.5 + ci / 2.0, dof) * np.sqrt(np.diag(covariance))
   return coef - half, coef + half
 
 

@@ -160,21 +160,16 @@ def data_shards(process_of_device: np.ndarray, axis_names: Sequence[str]
     flat = int(np.ravel_multi_index([index[i] for i in batch], sizes)) if batch else 0
     positions.setdefault(int(grid[index]), set()).add(flat)
   slices = sorted({frozenset(p) for p in positions.values()}, key=min)
-  for a, b in zip(slices, slices[1:]):
-    if a & b:
-      raise ValueError(f"processes hold overlapping parts of the batch axes "
-                       f"({sorted(a)} and {sorted(b)} of {math.prod(sizes)}): lay the mesh "
-                       "out so each process holds whole positions of them")
+  if sum(map(len, slices)) != len(frozenset().union(*slices)) or any(
+      max(s) - min(s) + 1 != len(s) for s in slices):
+    raise ValueError(f"processes hold overlapping or interleaved parts of the batch axes "
+                     f"({[sorted(s) for s in slices]} of {math.prod(sizes)} positions): lay "
+                     "the mesh out so that each process holds one contiguous block of them")
   return {p: (slices.index(frozenset(pos)), len(slices)) for p, pos in positions.items()}
 
 
 def data_shard(mesh: Mesh) -> tuple[int, int]:
   """This process's ``(shard index, shard count)`` of the data on ``mesh`` (``data_shards``):
   ``(process_index, process_count)`` when the batch axes span the processes."""
-  return mesh_data_shards(mesh)[jax.process_index()]
-
-
-def mesh_data_shards(mesh: Mesh) -> dict[int, tuple[int, int]]:
-  """``data_shards`` of every process of ``mesh``."""
   owners = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
-  return data_shards(owners, mesh.axis_names)
+  return data_shards(owners, mesh.axis_names)[jax.process_index()]

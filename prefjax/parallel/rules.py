@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-from prefjax.parallel.mesh import BATCH_AXES, mesh_data_shards
+from prefjax.parallel.mesh import BATCH_AXES
 
 logger = logging.getLogger(__name__)
 
@@ -273,18 +273,15 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
 
 
 def gather_rows(x: np.ndarray, mesh: Mesh) -> np.ndarray:
-  """Host rows ``x`` of every process joined as :func:`shard_batch` joins a batch's rows:
-  one copy of each data shard (``mesh.data_shard``), in shard order. Call it in every
-  process."""
+  """Host rows ``x`` (``[B, ...]`` per process) of every process, joined as
+  :func:`shard_batch` joins a batch's rows: the global batch's values, in its order (one
+  copy of rows that several processes hold). Call it in every process."""
   if jax.process_count() == 1:
     return np.asarray(x)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  every = np.asarray(multihost_utils.process_allgather(np.asarray(x)))  # [P, ...]
-  shards = mesh_data_shards(mesh)
-  first: dict[int, int] = {}
-  for process in sorted(shards):
-    first.setdefault(shards[process][0], process)
-  return np.concatenate([every[first[i]] for i in sorted(first)])
+  x = np.asarray(x)
+  global_ = jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+  return np.asarray(multihost_utils.process_allgather(global_, tiled=True))
 
 
 def local_rows(x: jax.Array) -> np.ndarray:

@@ -124,7 +124,7 @@ def loss_fn(bundle: rollout_lib.PolicyBundle, batch: Mapping[str, Array],
                                   with_reference=False)
   ppo = policy_losses.ppo_clip_loss(stats.logp, batch["old_logp"], batch["advantages"], mask,
                                     clip_eps=hp.clip_eps)
-  # Token-weighted like the losses: a sequence's masked mean, spread over its tokens.
+  # Token-weighted, like PPO's losses: a sequence's masked mean, spread over its tokens.
   per_token = lambda x: policy_losses.aggregate_loss(  # noqa: E731
       jnp.broadcast_to(x[:, None], mask.shape), mask)
   metrics = {"clip_fraction": per_token(ppo.clip_fraction),

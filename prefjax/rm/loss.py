@@ -187,9 +187,10 @@ def make_loss_fn(loss: RewardLoss | Mapping[str, Any], *, num_columns: int,
     count = jnp.maximum(jnp.sum(column_mask, axis=0), 1.0)
     column_loss = jnp.sum(jnp.where(weights > 0, weights * losses, 0.0), axis=0) / count
     metrics = _pair_metrics(r_c2, r_r2, batch, column_mask)
-    total_weight = jnp.maximum(jnp.sum(weights), 1e-12)
+    # Reduced as the loss is: Σ w·v over the real pairs (and columns) / their count.
+    real = jnp.maximum(jnp.sum(column_mask), 1.0)
     metrics.update({k: v if jnp.ndim(v) == 0 else
-                    jnp.sum(jnp.where(weights > 0, weights * v, 0.0)) / total_weight
+                    jnp.sum(jnp.where(weights > 0, weights * v, 0.0)) / real
                     for k, v in own_metrics.items()})
     # Microbatches of gradient accumulation pool by their real pairs, as one batch would.
     metrics["loss_weight"] = jnp.sum(batch["pair_mask"])

@@ -128,7 +128,7 @@ def run_ranking(workdir: str | os.PathLike[str]) -> tuple[str, str | None]:
       loop = json.load(f).get("loop") or {}
   if not loop.get("best_metric"):
     raise ValueError(f"{workdir} was trained without loop.best_metric, so no checkpoint of "
-                     "it is ranked best: load @latest or @STEP")
+                     "it is ranked best; use @latest or @STEP")
   return loop["best_metric"], loop.get("best_mode")
 
 
