@@ -105,7 +105,9 @@ def _setting(label: str, alpha: float, beta: float) -> curves_lib.SettingCurves:
   fit = fits.fit_bon(np.sqrt(curve.kl), curve.gold, per_prompt_gold=curve.per_prompt_gold,
                      num_bootstrap=50)
   return curves_lib.SettingCurves(label, curve, curve, [curve], fit,
-                                  fits.fit_rl(np.sqrt(curve.kl), curve.gold, num_bootstrap=50))
+                                  fits.fit_rl(np.sqrt(curve.kl), curve.gold,
+                                              per_prompt_gold=curve.per_prompt_gold,
+                                              num_bootstrap=50))
 
 
 def test_size_criteria_on_known_curves():
