@@ -358,6 +358,11 @@ def head_spec(model: nnx.Module) -> str | None:
   return "reward" if isinstance(model, RewardModel) else None
 
 
+def output_layer(model: nnx.Module) -> nnx.Linear | None:
+  """The linear head of a head model (``head``, or a ``ValueModel``'s ``value_head``)."""
+  return model.value_head if isinstance(model, ValueModel) else getattr(model, "head", None)
+
+
 def attach_head(trunk: nnx.Module, head: str | None, *, rngs: nnx.Rngs,
                 pooling: str | None = None) -> nnx.Module:
   """Wraps ``trunk`` with the head named by ``head`` (see ``parse_head``).

@@ -159,7 +159,7 @@ def _is_score_model(model: nnx.Module) -> bool:
 
 
 def _own_head(model: nnx.Module) -> dict[str, np.ndarray]:
-  linear = model.value_head if isinstance(model, heads.ValueModel) else model.head
+  linear = heads.output_layer(model)
   return {name: np.asarray(jax.device_get(getattr(linear, name).get_value()))
           for name in ("kernel", "bias")}
 
@@ -222,11 +222,8 @@ def _score_tokenizer(tokenizer: Any, tensors: dict[str, np.ndarray], hf_config: 
     return None
   hf_tok = copy.deepcopy(tokenizer.hf)
   bos, eos, pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
-  if (own_pad and pad == eos) or hf_tok.pad_token_id is None:
-    if own_pad and pad == eos:
-      hf_tok.add_special_tokens({"pad_token": PAD_TOKEN})
-    else:
-      hf_tok.pad_token = hf_tok.convert_ids_to_tokens(pad)
+  if own_pad and pad == eos:
+    hf_tok.add_special_tokens({"pad_token": PAD_TOKEN})
     pad = hf_tok.pad_token_id
     name = next(n for n in EMBEDDINGS if n in tensors)
     rows = tensors[name].shape[0]
@@ -236,6 +233,8 @@ def _score_tokenizer(tokenizer: Any, tensors: dict[str, np.ndarray], hf_config: 
       hf_config["vocab_size"] = pad + 1
       _log.info("the tokenizer's pad id was its EOS id: added %r as id %d (a zero embedding "
                 "row), so that transformers scores the final EOS", PAD_TOKEN, pad)
+  elif hf_tok.pad_token_id is None:  # prefjax pads with the EOS: the saved copy says so
+    hf_tok.pad_token = hf_tok.convert_ids_to_tokens(pad)
   hf_config["pad_token_id"] = int(pad)
   hf_tok.padding_side = "right"
   if getattr(hf_tok, "backend_tokenizer", None) is None:

@@ -389,7 +389,8 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
     trunk = gguf_import.load_gguf(path, dtype=dtype, param_dtype=param_dtype)
     return heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
   trunk, report = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype)
-  saved, saved_pooling = saved_head(path)
+  hf = _read_json(path / "config.json")
+  saved, saved_pooling = _saved_head(hf)
   if head is not None and pooling is None and saved is not None:
     pooling = saved_pooling
   model = heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
@@ -405,7 +406,7 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
     _log.warning("%s: the checkpoint's reward head 'score.weight' is not used (head=%r; "
                  "head='reward' scores with it)", path, head)
     return model
-  skips_pad = _read_json(path / "config.json").get(SCORE_TOKEN_KEY) != "last_real"
+  skips_pad = hf.get(SCORE_TOKEN_KEY) != "last_real"
   _load_or_keep(lambda: load_score_head(model, SafetensorsReader(path), skips_pad=skips_pad),
                 score_head, head)
   return model
@@ -425,9 +426,11 @@ def saved_head(path: PathLike) -> tuple[str | None, str | None]:
   record (``HEAD_KEY``), else ``"reward"`` (one label) or ``"multi:<labels>"`` for a
   decoder ``*ForSequenceClassification`` checkpoint; ``(None, None)`` for anything else."""
   config_file = pathlib.Path(path) / "config.json"
-  if not config_file.is_file():
-    return None, None
-  hf = _read_json(config_file)
+  return _saved_head(_read_json(config_file)) if config_file.is_file() else (None, None)
+
+
+def _saved_head(hf: dict[str, Any]) -> tuple[str | None, str | None]:
+  """``saved_head`` of a parsed ``config.json``."""
   if hf.get(HEAD_KEY):
     return str(hf[HEAD_KEY]), hf.get(POOLING_KEY)
   archs = hf.get("architectures") or []
@@ -448,7 +451,7 @@ def load_prefjax_head(model: nnx.Module, path: PathLike,
   whose head or pooling differs is refused, even where the shapes would fit (a value
   head loaded as a reward head, two members read as two objectives).
   """
-  linear = getattr(model, "head", None) or getattr(model, "value_head", None)
+  linear = heads.output_layer(model)
   file = pathlib.Path(path) / HEAD_FILE
   if linear is None:
     raise CheckpointError(f"{file}: {type(model).__name__} has no head to load it into")

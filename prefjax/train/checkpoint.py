@@ -80,11 +80,9 @@ def load_params(workdir: str | os.PathLike[str], model: nnx.Module, *,
   Returns:
     ``model``, with the restored parameters.
   """
-  if step == "best" and best_metric is None:
-    best_metric, best_mode = run_ranking(workdir)
   ckpt = _read_only(workdir, best_metric, best_mode, step)
   try:
-    step = _resolve_step(ckpt, workdir, step, best_metric)
+    step = _resolve_step(ckpt, workdir, step)
     _, params, _ = state_lib.split_model(model, trainable)
     nnx.update(model, ckpt.restore_params(params, step))
   finally:
@@ -95,11 +93,9 @@ def load_params(workdir: str | os.PathLike[str], model: nnx.Module, *,
 def saved_step(workdir: str | os.PathLike[str], step: int | str | None = None, *,
                best_metric: str | None = None, best_mode: str | None = None) -> int:
   """The step :func:`load_params` loads for these arguments."""
-  if step == "best" and best_metric is None:
-    best_metric, best_mode = run_ranking(workdir)
   ckpt = _read_only(workdir, best_metric, best_mode, step)
   try:
-    step = _resolve_step(ckpt, workdir, step, best_metric)
+    step = _resolve_step(ckpt, workdir, step)
     return ckpt.latest_step() if step is None else step
   finally:
     ckpt.close()
@@ -175,7 +171,9 @@ def _read_only(workdir, best_metric: str | None, best_mode: str | None,
   directory = os.path.join(os.fspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoints directory in {workdir}")
-  if step == "best" and best_metric is not None and best_mode is None:
+  if step == "best" and best_metric is None:  # as the run ranked its checkpoints
+    best_metric, best_mode = run_ranking(workdir)
+  if step == "best" and best_mode is None:
     from prefjax.train import loop  # pylint: disable=import-outside-toplevel (loop imports us)
     try:
       best_mode = loop.best_mode_for(best_metric)
@@ -186,13 +184,12 @@ def _read_only(workdir, best_metric: str | None, best_mode: str | None,
                       read_only=True)
 
 
-def _resolve_step(ckpt: "Checkpointer", workdir, step: int | str | None,
-                  best_metric: str | None) -> int | None:
+def _resolve_step(ckpt: "Checkpointer", workdir, step: int | str | None) -> int | None:
   """An int step, or None for the latest."""
   if step == "best":
     step = ckpt.best_step()
     if step is None:
-      raise ValueError(f"no checkpoint in {workdir} has eval metric {best_metric!r}")
+      raise ValueError(f"no checkpoint in {workdir} has eval metric {ckpt.best_metric!r}")
   elif step == "latest":
     step = None
   return step
