@@ -7,6 +7,7 @@ INSTALL_REQUIRES = [
     "optax",
     "orbax-checkpoint",
     "transformers",
+    "tokenizers",  # imported directly by prefjax.models.hf_export (pinned in constraints.txt)
     "tensorflow-datasets",
     "array_record",
     "grain",
