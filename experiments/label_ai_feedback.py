@@ -34,6 +34,7 @@ from experiments import common
 from prefjax import configlib
 from prefjax import experiment
 from prefjax.data import tiny_world as tiny_world_lib
+from prefjax.evals import stats
 from prefjax.feedback import agreement
 from prefjax.feedback import constitution
 from prefjax.feedback import dataset
@@ -73,7 +74,10 @@ def make_judge(config: Any) -> Any:
 
 def agreement_report(pairs: list[dict[str, Any]], judged: list[dict[str, Any]],
                      eval_cfg: Any) -> dict[str, Any]:
-  kwargs = dict(num_resamples=int(eval_cfg.num_resamples), seed=int(eval_cfg.seed))
+  groups = stats.text_pair_groups([p["prompt"] for p in pairs], [p["a"] for p in pairs],
+                                  [p["b"] for p in pairs])
+  kwargs = dict(num_resamples=int(eval_cfg.num_resamples), seed=int(eval_cfg.seed),
+                groups=groups)
   report = {"human": agreement.human_agreement(
       [j["p_a_first"] for j in judged], [j["p_a_second"] for j in judged],
       [p["outcome"] for p in pairs], **kwargs)}

@@ -19,6 +19,7 @@ from prefjax import rm
 from prefjax.data import sources
 from prefjax.data import tiny_world as tiny_world_lib
 from prefjax.data import tokenize
+from prefjax.evals import stats
 from prefjax.feedback import agreement
 from prefjax.feedback import constitution
 from prefjax.feedback import labeller
@@ -110,6 +111,23 @@ def test_annotator_agreement_by_hand():
   assert report["labeller_vs_annotator3"]["num_pairs"] == 3
   assert report["annotator1_vs_annotator2"]["value"] == pytest.approx(2 / 3)
   assert report["annotator2_vs_annotator3"]["value"] == pytest.approx(1 / 2)
+
+
+def test_agreement_resamples_copies_of_a_text_pair_together():
+  rng = np.random.default_rng(0)
+  p_a = rng.uniform(size=40)
+  votes = rng.integers(1, 3, size=(40, 3)).tolist()
+  p_a, votes = np.concatenate([p_a, p_a[:20]]), votes + votes[:20]  # 20 pairs listed twice
+  groups = np.concatenate([np.arange(40), np.arange(20)])
+  report = agreement.annotator_agreement(p_a, votes, num_resamples=200, groups=groups)
+  outcome = np.array([{1: 1.0, 2: 0.0}[row[0]] for row in votes])
+  expected = stats.weighted_estimate(agreement.agreement_values(p_a, outcome),
+                                     stats.resample_counts(60, 200, 0, groups))
+  assert report["labeller_vs_annotator1"] == pytest.approx({**expected.as_dict(),
+                                                            "num_pairs": 60})
+  human = agreement.human_agreement(p_a, p_a, outcome, num_resamples=200, groups=groups)
+  assert human["pairs_repeating_text"] == 20
+  assert human["agreement_a_first"] == pytest.approx(report["labeller_vs_annotator1"])
 
 
 def _tiny_gold_config(**judge):

@@ -7,12 +7,13 @@ Command (after ``python -m experiments.train_rm --config=configs/rm/hh_minilm.py
 Override the run with ``--config.scorers=minilm=rm:DIR@best,length,shorter``. Pairs are
 cut as the RM was trained (prompt 32 tokens from the left, prompt+response 80).
 
-Expected (this 2-core CPU, measured 2026-12-01 with ``--config.scorers=length,shorter``,
+Expected (this 2-core CPU, measured 2026-12-05 with ``--config.scorers=length,shorter``,
 13 s): the baselines, accuracy [bootstrap 95% CI], lengths in characters:
   hh_rlhf/harmless-base@resplit_test, 255 pairs (preferred longer in 45%):
     length-only 0.457 [0.398, 0.520], shorter-wins 0.543 [0.480, 0.602];
-  pandalm@test, 894 decisive pairs (105 ties left out; preferred longer in 67%):
-    length-only 0.674 [0.641, 0.704], shorter-wins 0.326 [0.296, 0.359].
+  pandalm@test, 894 decisive pairs (105 ties left out; preferred longer in 67%; 110 repeat
+  another pair's text and are resampled with it):
+    length-only 0.674 [0.639, 0.711], shorter-wins 0.326 [0.289, 0.361].
 The trained MiniLM RM (measured 2026-12-01: 150 training steps in 9.6 min wall while the
 suite ran beside it; this evaluation 104 s):
   harmless-base@resplit_test: 0.655 [0.596, 0.714], length-controlled 0.643, ECE 0.042;

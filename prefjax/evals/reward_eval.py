@@ -12,7 +12,9 @@ report.
 Per dataset every scorer scores every pair; the metrics are computed on the
 pairs every scorer scored (a pipeline may drop over-long pairs; counted) whose
 label is decisive (``outcome`` ≠ ½; ties are counted and left out), with one
-set of bootstrap resamples shared by all scorers (``prefjax.evals.stats``). The
+set of bootstrap resamples shared by all scorers (``prefjax.evals.stats``); pairs
+that repeat another's text (same prompt and responses, either order) are drawn
+together, as one observation. The
 section counts every row: read, skipped as bad by reason, in sibling splits,
 scored, ties (``source_counts``, as in a training run's ``data_report.json``).
 Rows without ``meta[subset_field]`` in a dataset where others have it form the
@@ -160,6 +162,7 @@ class PairTable:
   chosen_chars: np.ndarray
   rejected_chars: np.ndarray
   subsets: list[str] | None  # `rm_evaluation.subset_names`: None when no row has one
+  text_pairs: np.ndarray  # `stats.text_pair_groups`: copies of one text pair share a label
   without_subset: int = 0  # rows in the ``(none)`` subset
 
   @classmethod
@@ -172,7 +175,10 @@ class PairTable:
                np.array([float(r.get("outcome", 1.0)) for r in rows]),
                np.array([len(r["chosen"]) for r in rows], np.float64),
                np.array([len(r["rejected"]) for r in rows], np.float64),
-               subsets, missing)
+               subsets, stats.text_pair_groups([r.get("prompt", "") for r in rows],
+                                               [r["chosen"] for r in rows],
+                                               [r["rejected"] for r in rows]),
+               missing)
 
   @property
   def decisive(self) -> np.ndarray:
@@ -237,7 +243,14 @@ def evaluate_dataset(dataset: Dataset, scorer_fns: dict[str, Any], eval_cfg: Any
   d = table.decisive
   if not d.any():
     raise EvalInputError(f"dataset {dataset.label!r}: every pair is a tie; nothing to score")
-  counts = stats.resample_counts(int(d.sum()), int(eval_cfg.num_resamples), int(eval_cfg.seed))
+  groups = table.text_pairs[d]
+  repeats = int(d.sum()) - np.unique(groups).size
+  if repeats:
+    logging.info("dataset %s: %d of %d decisive pairs repeat the text of another (same "
+                 "prompt and responses, either order); the bootstrap draws each text pair "
+                 "once", dataset.label, repeats, int(d.sum()))
+  counts = stats.resample_counts(int(d.sum()), int(eval_cfg.num_resamples), int(eval_cfg.seed),
+                                 groups)
   rel_diff = table.relative_length_difference()
   subsets = None if table.subsets is None else list(np.asarray(table.subsets)[d])
   signed, metrics = {}, {}
@@ -245,9 +258,10 @@ def evaluate_dataset(dataset: Dataset, scorer_fns: dict[str, Any], eval_cfg: Any
     signed[name] = stats.signed_margins(r_c, r_r, table.outcome)[d]
     m = stats.scorer_metrics(signed[name], counts, rel_diff=rel_diff, subsets=subsets,
                              calibrated=calibrated[name], num_bins=int(eval_cfg.num_bins),
-                             seed=int(eval_cfg.seed))
+                             seed=int(eval_cfg.seed), groups=groups)
     if subsets is not None and rm_evaluation.NO_SUBSET in subsets:
-      m["subset_mean"] = named_subset_mean(signed[name], counts, subsets, int(eval_cfg.seed))
+      m["subset_mean"] = named_subset_mean(signed[name], counts, subsets, int(eval_cfg.seed),
+                                           groups)
     both = np.concatenate([r_c, r_r])
     m.update(reward_mean=float(both.mean()), reward_std=float(both.std()))
     metrics[name] = m
@@ -257,6 +271,7 @@ def evaluate_dataset(dataset: Dataset, scorer_fns: dict[str, Any], eval_cfg: Any
   section = {
       "dataset": dataset.label, "rows": len(dataset.source), "pairs_scored": int(index.size),
       "pairs_decisive": int(d.sum()), "ties_left_out": int((~d).sum()),
+      "decisive_pairs_repeating_text": repeats,
       "preferred_longer_rate": float(np.mean(rel_diff > 0)),
       "length_bin_counts": {label: int(mask.sum()) for label, mask in stats.length_bins(rel_diff)},
       "source_summary": str(dataset.source.summary),
@@ -275,7 +290,7 @@ def evaluate_dataset(dataset: Dataset, scorer_fns: dict[str, Any], eval_cfg: Any
 
 
 def named_subset_mean(signed: np.ndarray, counts: np.ndarray, subsets: list[str],
-                      seed: int = 0) -> stats.Estimate:
+                      seed: int = 0, groups: np.ndarray | None = None) -> stats.Estimate:
   """The category-weighted mean over the named subsets: ``(none)`` is no category."""
   names = np.asarray(subsets)
   named = names != rm_evaluation.NO_SUBSET
@@ -283,7 +298,7 @@ def named_subset_mean(signed: np.ndarray, counts: np.ndarray, subsets: list[str]
     return stats.Estimate(float("nan"), float("nan"), float("nan"))
   correct = preference.pair_accuracy(signed)
   return stats.subset_accuracies(correct[named], counts[:, named], names[named].tolist(),
-                                 seed)[1]
+                                 seed, None if groups is None else groups[named])[1]
 
 
 def figure_name(kind: str, dataset: str) -> str:

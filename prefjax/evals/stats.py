@@ -43,17 +43,48 @@ class Estimate:
     return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
-def resample_counts(num_items: int, num_resamples: int,
-                    seed: int | np.random.Generator) -> np.ndarray:
-  """Bootstrap counts ``[R, N]`` (float32): row r says how often each item is in resample r."""
+def resample_counts(num_items: int, num_resamples: int, seed: int | np.random.Generator,
+                    groups: np.ndarray | None = None) -> np.ndarray:
+  """Bootstrap counts ``[R, N]`` (float32): row r says how often each item is in resample r.
+
+  ``groups [N]`` labels items that are one observation listed more than once (the
+  same text pair judged twice, see `text_pair_groups`): a resample draws whole
+  groups, and every item of a drawn group takes its count (a cluster bootstrap;
+  Davison & Hinkley 1997, sec. 3.8). Items in groups of their own are drawn
+  exactly as without ``groups``.
+  """
   if num_items < 1:
     raise ValueError("bootstrap needs at least one pair")
   if num_resamples < 1:
     raise ValueError(f"num_resamples={num_resamples}: the bootstrap needs at least one "
                      "resample (1000 gives stable 95% intervals)")
+  labels = np.arange(num_items) if groups is None else _first_seen_labels(groups)
+  if labels.size != num_items:
+    raise ValueError(f"groups has {labels.size} labels for {num_items} items")
+  num_groups = int(labels.max()) + 1
   rng = np.random.default_rng(seed)
-  counts = rng.multinomial(num_items, np.full(num_items, 1.0 / num_items), size=num_resamples)
-  return counts.astype(np.float32)
+  counts = rng.multinomial(num_groups, np.full(num_groups, 1.0 / num_groups),
+                           size=num_resamples)
+  return counts[:, labels].astype(np.float32)
+
+
+def _first_seen_labels(groups: np.ndarray) -> np.ndarray:
+  """Labels 0..G-1 numbered in order of first appearance (distinct groups -> arange)."""
+  _, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+  rank = np.empty(first.size, np.int64)
+  rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+  return rank[inverse.reshape(-1)]
+
+
+def text_pair_groups(prompts: Sequence[str], first: Sequence[str],
+                     second: Sequence[str]) -> np.ndarray:
+  """Group labels ``[N]``: pairs with the same prompt and the same two responses, in
+  either order, share one (e.g. PandaLM lists 136 of its pairs twice: two models gave
+  the same text). A deterministic scorer and, nearly always, the annotators judge
+  such copies alike, so they are one observation for the bootstrap."""
+  keys = [(p, *sorted((a, b))) for p, a, b in zip(prompts, first, second)]
+  index: dict[tuple[str, str, str], int] = {}
+  return np.array([index.setdefault(k, len(index)) for k in keys], np.int64)
 
 
 def weighted_estimate(values: np.ndarray, counts: np.ndarray,
@@ -136,8 +167,12 @@ def length_controlled_estimate(correct: np.ndarray, rel_diff: np.ndarray,
 
 def scorer_metrics(signed: np.ndarray, counts: np.ndarray, *, rel_diff: np.ndarray,
                    subsets: Sequence[str] | None, calibrated: bool,
-                   num_bins: int = 10, seed: int = 0) -> dict[str, object]:
-  """All metrics of one scorer on one dataset's decisive pairs (``signed [N]``)."""
+                   num_bins: int = 10, seed: int = 0,
+                   groups: np.ndarray | None = None) -> dict[str, object]:
+  """All metrics of one scorer on one dataset's decisive pairs (``signed [N]``).
+
+  ``counts`` come from `resample_counts` (with ``groups``, also used here to
+  resample within subsets)."""
   correct = preference.pair_accuracy(signed)
   out: dict[str, object] = {"accuracy": weighted_estimate(correct, counts),
                             "mean_margin": weighted_estimate(signed, counts)}
@@ -148,19 +183,21 @@ def scorer_metrics(signed: np.ndarray, counts: np.ndarray, *, rel_diff: np.ndarr
   out["length_bins"] = {label: weighted_estimate(correct, counts, mask)
                         for label, mask in length_bins(rel_diff) if mask.any()}
   if subsets is not None:
-    out["subsets"], out["subset_mean"] = subset_accuracies(correct, counts, subsets, seed)
+    out["subsets"], out["subset_mean"] = subset_accuracies(correct, counts, subsets, seed,
+                                                           groups)
   return out
 
 
 def subset_accuracies(correct: np.ndarray, counts: np.ndarray, subsets: Sequence[str],
-                      seed: int = 0) -> tuple[dict[str, Estimate], Estimate]:
+                      seed: int = 0, groups: np.ndarray | None = None
+                      ) -> tuple[dict[str, Estimate], Estimate]:
   """Accuracy per subset, and their unweighted mean (each category counts once, as in
   RewardBench's section scores).
 
   The mean's interval resamples within each subset (a stratified bootstrap, as many
   resamples as ``counts`` has rows, drawn from ``seed``): resampling the pooled pairs
   would leave a small subset out of some resamples, whose mean then averages fewer
-  categories and is another quantity.
+  categories and is another quantity. ``groups``: as in `resample_counts`.
   """
   names = np.asarray(subsets)
   rng = np.random.default_rng(seed)
@@ -168,7 +205,8 @@ def subset_accuracies(correct: np.ndarray, counts: np.ndarray, subsets: Sequence
   for name in sorted(set(names.tolist())):
     mask = names == name
     per_subset[name] = weighted_estimate(correct, counts, mask)
-    within = resample_counts(int(mask.sum()), counts.shape[0], rng)
+    within = resample_counts(int(mask.sum()), counts.shape[0], rng,
+                             None if groups is None else np.asarray(groups)[mask])
     resampled.append(within @ np.asarray(correct, np.float64)[mask] / mask.sum())
   low, high = np.percentile(np.mean(resampled, axis=0), [2.5, 97.5])
   value = float(np.mean([e.value for e in per_subset.values()]))

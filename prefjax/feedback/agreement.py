@@ -3,7 +3,8 @@
 Agreement on a pair is 1 when the AI's P(A) and the human label are on the same side
 of ½, 0 when opposite, ½ when P(A) = ½ exactly; pairs with a human tie are left out.
 Intervals are bootstrap percentiles over pairs (``prefjax.evals.stats``), one set of
-resamples for every statistic of a report, so they are paired.
+resamples for every statistic of a report, so they are paired; ``groups`` (see
+`stats.text_pair_groups`) resamples copies of one text pair together.
 
 Position bias is the mean P(first slot wins) − ½ over the questions asked. Before
 averaging, that is over both presentations of every pair; the order-averaged label
@@ -37,16 +38,21 @@ def _estimate(values: np.ndarray, select: np.ndarray, counts: np.ndarray) -> dic
   return out
 
 
+def _repeats(groups: np.ndarray | None, num_pairs: int) -> int:
+  return 0 if groups is None else num_pairs - int(np.unique(groups).size)
+
+
 def human_agreement(p_a_first: Sequence[float], p_a_second: Sequence[float],
                     outcome: Sequence[float], *, num_resamples: int = 1000,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, groups: np.ndarray | None = None) -> dict[str, Any]:
   """Agreement for each order and for the average, position bias before/after averaging."""
   first, second = np.asarray(p_a_first, np.float64), np.asarray(p_a_second, np.float64)
   outcome = np.asarray(outcome, np.float64)
   average = 0.5 * (first + second)
   decisive = outcome != 0.5
-  counts = stats.resample_counts(first.size, num_resamples, seed)
-  report: dict[str, Any] = {"num_pairs": int(first.size), "num_human_ties": int(np.sum(~decisive))}
+  counts = stats.resample_counts(first.size, num_resamples, seed, groups)
+  report: dict[str, Any] = {"num_pairs": int(first.size), "num_human_ties": int(np.sum(~decisive)),
+                            "pairs_repeating_text": _repeats(groups, first.size)}
   for name, p in (("a_first", first), ("a_second", second), ("average", average)):
     report[f"agreement_{name}"] = _estimate(agreement_values(p, outcome), decisive, counts)
   every = np.ones(first.size, bool)
@@ -63,7 +69,8 @@ def human_agreement(p_a_first: Sequence[float], p_a_second: Sequence[float],
 
 
 def annotator_agreement(p_a: Sequence[float], votes: Sequence[Sequence[int]], *,
-                        num_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+                        num_resamples: int = 1000, seed: int = 0,
+                        groups: np.ndarray | None = None) -> dict[str, Any]:
   """PandaLM: the labeller against each annotator, beside each annotator pair's agreement.
 
   ``votes[i]`` are annotator votes for pair i: 1 = A, 2 = B, 0 = tie. Agreement with
@@ -75,7 +82,7 @@ def annotator_agreement(p_a: Sequence[float], votes: Sequence[Sequence[int]], *,
   if outcomes.ndim != 2 or outcomes.shape[0] != p_a.size:
     raise ValueError(f"votes must be [num_pairs, num_annotators]; got shape {outcomes.shape} "
                      f"for {p_a.size} pairs")
-  counts = stats.resample_counts(p_a.size, num_resamples, seed)
+  counts = stats.resample_counts(p_a.size, num_resamples, seed, groups)
   report: dict[str, Any] = {"num_pairs": int(p_a.size)}
   for k in range(outcomes.shape[1]):
     report[f"labeller_vs_annotator{k + 1}"] = _estimate(

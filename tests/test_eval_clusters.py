@@ -1,0 +1,73 @@
+"""Pairs listed twice (same prompt and responses) are one observation in eval_rm's bootstrap."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from experiments import eval_rm
+from prefjax.evals import stats
+from tests import test_eval_rm
+
+tmp_path = test_eval_rm.tmp_path
+
+
+def test_text_pair_groups_join_copies_in_either_order_and_nothing_else():
+  groups = stats.text_pair_groups(["p", "p", "p", "q", "p"], ["a", "b", "a", "a", "a"],
+                                  ["b", "a", "b", "b", "c"])
+  np.testing.assert_array_equal(groups, [0, 0, 0, 1, 2])
+
+
+def test_distinct_groups_draw_exactly_the_ungrouped_counts():
+  np.testing.assert_array_equal(stats.resample_counts(50, 40, 3),
+                                stats.resample_counts(50, 40, 3, np.arange(50)[::-1] * 7))
+
+
+def test_every_copy_of_a_group_takes_the_group_count():
+  groups = np.array([5, 2, 5, 9, 2, 5])  # three groups: {0, 2, 5}, {1, 4}, {3}
+  counts = stats.resample_counts(6, 300, 0, groups)
+  np.testing.assert_array_equal(counts[:, 0], counts[:, 2])
+  np.testing.assert_array_equal(counts[:, 0], counts[:, 5])
+  np.testing.assert_array_equal(counts[:, 1], counts[:, 4])
+  # Three groups drawn three times: the group counts sum to 3 in every resample.
+  np.testing.assert_array_equal(counts[:, [0, 1, 3]].sum(axis=1), np.full(300, 3.0))
+  with pytest.raises(ValueError, match="5 labels for 6 items"):
+    stats.resample_counts(6, 3, 0, groups[:5])
+
+
+def test_interval_of_doubled_pairs_has_the_width_of_the_distinct_pairs():
+  correct = (np.arange(200) % 4 != 0).astype(float)  # 200 distinct pairs, accuracy 0.75
+  doubled = np.repeat(correct, 2)
+  groups = np.repeat(np.arange(200), 2)
+  binomial = lambda n: 2 * 1.96 * math.sqrt(0.75 * 0.25 / n)
+  clustered = stats.weighted_estimate(doubled, stats.resample_counts(400, 2000, 0, groups))
+  naive = stats.weighted_estimate(doubled, stats.resample_counts(400, 2000, 0))
+  assert clustered.value == naive.value == 0.75
+  assert clustered.high - clustered.low == pytest.approx(binomial(200), rel=0.15)
+  assert naive.high - naive.low == pytest.approx(binomial(400), rel=0.15)
+
+
+def test_eval_rm_counts_repeated_text_and_resamples_it_as_one_pair(tmp_path):
+  rows = [test_eval_rm.length_pair(i, chosen_longer=i % 3 != 0) for i in range(60)]
+  # 30 more rows repeat the first 30's text; 15 of them with the sides swapped.
+  repeats = [dict(r) for r in rows[:30]]
+  for k, row in enumerate(repeats[:15]):
+    repeats[k] = {"prompt": row["prompt"], "chosen": row["rejected"],
+                  "rejected": row["chosen"], "outcome": 0.0}
+  path = test_eval_rm.write_jsonl(tmp_path / "bench.jsonl", rows + repeats)
+  config = test_eval_rm.eval_config("length", f"jsonl:{path}")
+  eval_rm.run(config, str(tmp_path / "eval"))
+  section = json.loads((tmp_path / "eval" / "report.json").read_text())["datasets"][0]
+  assert (section["pairs_decisive"], section["decisive_pairs_repeating_text"]) == (90, 30)
+  assert ("90 decisive pairs in the metrics; 30 of them repeat another's text (same prompt "
+          "and responses, either order)") in (tmp_path / "eval" / "report.md").read_text()
+  # The length scorer is right where the preferred side is the longer one: i % 3 != 0.
+  correct = np.array([i % 3 != 0 for i in range(60)] + [i % 3 != 0 for i in range(30)], float)
+  groups = np.concatenate([np.arange(60), np.arange(30)])
+  grouped, ungrouped = (stats.weighted_estimate(correct, stats.resample_counts(
+      90, config.num_resamples, config.seed, g)) for g in (groups, None))
+  assert section["metrics"]["length"]["accuracy"] == pytest.approx(grouped.as_dict())
+  assert grouped.as_dict() != pytest.approx(ungrouped.as_dict())
