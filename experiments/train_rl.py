@@ -31,7 +31,9 @@ the optimiser: it is only evaluated (and logged on training samples when
 ``log_train_gold``).
 
 Outputs: config.json, metrics.jsonl, tensorboard/, checkpoints/, summary.json,
-figures/rl.png (held-out gold and proxy vs √KL).
+figures/rl.png (held-out gold and proxy vs √KL); with ``export_hf=True`` also the
+final policy as a Hugging Face ``*ForCausalLM`` directory, ``<workdir>/hf`` (the
+reference and the value model stay in the checkpoints).
 """
 
 from __future__ import annotations
@@ -176,8 +178,10 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
         trainable=rollout_lib.TRAINABLE, sequential_updates=rollouts.updates_per_step)
   if result.preempted:
     return result
-  return _write_summary(workdir, result.summary,
-                        int(result.summary.get("final_step", config.loop.num_steps)))
+  summary = _write_summary(workdir, result.summary,
+                           int(result.summary.get("final_step", config.loop.num_steps)))
+  experiment.export_hf(config, workdir, result.model.policy, tokenizer, what="policy")
+  return summary
 
 
 def _write_summary(workdir: str, loop_summary: dict[str, Any], total: int) -> dict[str, Any]:

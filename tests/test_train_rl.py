@@ -29,6 +29,7 @@ from flax import nnx
 from configs.rl import tiny_ppo
 from configs.rl import tiny_rloo
 from experiments import train_rl
+from prefjax import experiment
 from prefjax import rewards as reward_fns
 from prefjax import train
 from prefjax.rl import algorithms
@@ -36,6 +37,8 @@ from prefjax.rl import kl_control
 from prefjax.rl import rewards
 from prefjax.rl import trainer
 from prefjax.models import decoder
+from prefjax.models import hf_import
+from prefjax.rl import setup
 from prefjax.rl import rollout as rollout_lib
 from prefjax.train import state as state_lib
 
@@ -142,8 +145,10 @@ def test_adaptive_kl_run_logs_controller_trajectory(ppo_run, scratch):
   config.loop.num_steps = 4
   config.warm_start.steps = 20
   config.rl.adaptive_kl = dict(enabled=True, target=0.5, horizon=200.0)
+  config.export_hf = True
   workdir = scratch / "adaptive"
   train_rl.run(config, str(workdir))
+  _check_export_is_the_trained_policy(config, workdir)
   records = [r for r in train.read_metrics(workdir) if "kl_coef" in r]
   assert [r["step"] for r in records] == [1, 2, 3, 4]
   assert records[0]["kl_coef"] == pytest.approx(0.02)
@@ -151,6 +156,18 @@ def test_adaptive_kl_run_logs_controller_trajectory(ppo_run, scratch):
     error = np.clip(prev["kl"] / 0.5 - 1.0, -0.2, 0.2)
     assert cur["kl_coef"] == pytest.approx(prev["kl_coef"] * (1 + error * 64 / 200.0), rel=1e-6)
   assert records[-1]["kl_coef"] != records[0]["kl_coef"]
+
+
+def _check_export_is_the_trained_policy(config, workdir):
+  tokenizer = experiment.make_tokenizer(config.tokenizer)
+  initial = setup.make_policy(config, tokenizer)
+  bundle = rollout_lib.build_bundle(nnx.clone(initial), with_value=True)
+  train.load_params(workdir, bundle, trainable=rollout_lib.TRAINABLE)
+  exported = hf_import.from_pretrained(workdir / experiment.HF_EXPORT_DIR)
+  assert type(exported) is type(bundle.policy)  # a causal LM, not a head model
+  tokens = np.array([[tokenizer.bos_id, 97, 98, 99, 112, 112]], np.int32)
+  np.testing.assert_allclose(exported(tokens), bundle.policy(tokens), rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(exported(tokens) - initial(tokens))).max() > 1e-2  # trained
 
 
 def test_adaptive_kl_controller_matches_ziegler_update():

@@ -72,6 +72,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                              checkpoint_every=20, keep_checkpoints=2, eval_at_start=True)
   c.eval = dict(exact_kl_max_vocab=4096)
   c.mesh = dict(shape=(), num_devices=0)  # () = one device; e.g. (-1, 1, 1) data-parallel
+  c.export_hf = False  # True: also write the final policy to <workdir>/hf (Hugging Face)
   c.log_train_gold = False
   if arg == "quick":
     c.loop.num_steps = 1

@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
                              checkpoint_every=10, keep_checkpoints=2, eval_at_start=True)
   c.eval = dict(exact_kl_max_vocab=4096)
   c.mesh = dict(shape=(), num_devices=0)  # () = one device; e.g. (-1, 1, 1) data-parallel
+  c.export_hf = False  # True: also write the final policy to <workdir>/hf (Hugging Face)
   c.log_train_gold = True
   return c
 
