@@ -7,6 +7,7 @@ back from the builders.
 import collections
 import gzip
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -133,24 +134,34 @@ def test_split_transcript(chosen, rejected, expected):
 
 
 def _independent_bucket(prompt):
-  fraction = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") / 2**64
+  opening = prompt[:prompt.index("\n\nAssistant:") + len("\n\nAssistant:")]
+  fraction = int.from_bytes(hashlib.sha256(opening.encode()).digest()[:8], "big") / 2**64
   return "train" if fraction < 0.8 else "validation" if fraction < 0.9 else "test"
 
 
-def test_hh_resplit_is_disjoint_by_prompt_and_adds_up(hh_splits):
+def test_hh_resplit_is_disjoint_by_conversation_and_adds_up(hh_splits):
   parts = {name: list(hh_splits[f"resplit_{name}"]) for name in ("train", "validation", "test")}
   assert sum(len(rows) for rows in parts.values()) == 2312
   ids = [row["id"] for rows in parts.values() for row in rows]
   assert sorted(ids) == sorted(row["id"] for row in hh_splits["test"])
-  prompts = {name: {row["prompt"] for row in rows} for name, rows in parts.items()}
-  assert not prompts["train"] & prompts["validation"]
-  assert not prompts["train"] & prompts["test"]
-  assert not prompts["validation"] & prompts["test"]
+  # A dialogue's later turns extend its earlier prompts: no prompt of one split may
+  # start another split's prompt at a turn boundary.
+  prompts = {name: sorted({row["prompt"] for row in rows}) for name, rows in parts.items()}
+  for a, b in itertools.permutations(prompts, 2):
+    assert not any(q.startswith(p) for p in prompts[a] for q in prompts[b]), (a, b)
   for name, rows in parts.items():
     assert all(_independent_bucket(row["prompt"]) == name for row in rows)
   assert 0.75 < len(parts["train"]) / 2312 < 0.85  # 80/10/10 up to sampling noise
   summary = hh_splits["resplit_validation"].summary
   assert summary.rows_built + summary.rows_other_splits == summary.rows_read == 2312
+
+
+def test_conversation_key_is_the_opening_turn_or_the_whole_prompt():
+  first = "\n\nHuman: hi\n\nAssistant:"
+  assert pdata.conversation_key(first + " hello\n\nHuman: more?\n\nAssistant:") == first
+  assert pdata.conversation_key(first) == first
+  assert pdata.conversation_key("Summarize:\n\ntext") == "Summarize:\n\ntext"
+  assert pdata.resplit_name(first + " x\n\nHuman: y\n\nAssistant:") == pdata.resplit_name(first)
 
 
 def test_hh_second_build_gives_identical_splits(hh_splits, hh_manual_dir, tmp_path):

@@ -17,6 +17,7 @@ _EXPORTS = {
     "PreferenceRow": "tfds_builders.rows",
     "split_transcript": "tfds_builders.rows",
     "resplit_name": "tfds_builders.rows",
+    "conversation_key": "tfds_builders.rows",
     "write_synthetic_dataset": "tfds_builders.synthetic",
     "synthetic_root": "tfds_builders.synthetic",
 }

@@ -16,6 +16,7 @@ from prefjax.data.tfds_builders.pandalm import Pandalm
 from prefjax.data.tfds_builders.preference_jsonl import PreferenceJsonl
 from prefjax.data.tfds_builders.rows import PreferenceRow
 from prefjax.data.tfds_builders.rows import RowProblem
+from prefjax.data.tfds_builders.rows import conversation_key
 from prefjax.data.tfds_builders.rows import resplit_name
 from prefjax.data.tfds_builders.rows import split_transcript
 from prefjax.data.tfds_builders.synthetic import SyntheticPreferences
@@ -24,6 +25,6 @@ from prefjax.data.tfds_builders.synthetic import write_synthetic_dataset
 
 __all__ = [
     "BuildSummary", "HhRlhf", "Pandalm", "PreferenceBuilder", "PreferenceJsonl",
-    "PreferenceRow", "RowProblem", "SyntheticPreferences", "resplit_name",
+    "PreferenceRow", "RowProblem", "SyntheticPreferences", "conversation_key", "resplit_name",
     "split_transcript", "synthetic_root", "write_synthetic_dataset",
 ]

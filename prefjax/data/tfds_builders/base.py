@@ -17,7 +17,8 @@ dataset's TFDS metadata (``metadata.json`` next to the ArrayRecord shards).
 
 Splits: the official ones found in the raw files, plus ``resplit_train``,
 ``resplit_validation`` and ``resplit_test``: all official rows re-split 80/10/10
-by sha256 of the prompt (`rows.resplit_name`), disjoint by prompt.
+by sha256 of the prompt's opening turn (`rows.resplit_name`), disjoint by
+conversation.
 """
 
 from __future__ import annotations
@@ -100,11 +101,13 @@ class PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   """Base class: subclasses say where the raw files are and how to read a row."""
 
   # A new version rebuilds cached datasets: bump it when row checks change what is kept.
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
       "1.0.0": "First release: ArrayRecord, build summaries, prompt-hash resplit.",
       "1.1.0": "Bad rows: a weight above 1e12, a meta that is not an object, a top-level "
                "key that contradicts meta's.",
+      "1.2.0": "resplit_* by conversation: a transcript's opening human turn is hashed, "
+               "not its whole prompt, so a dialogue's turns share a split.",
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = THIRD_PARTY_NOTE
   DESCRIPTION = ""
