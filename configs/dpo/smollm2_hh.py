@@ -7,7 +7,7 @@ Command:
 
 Model and tokenizer: the offline SmolLM2-135M-Instruct GGUF (Q4_1, dequantized
 to float32 parameters; bfloat16 compute on GPU/TPU). Data: the 2,312
-harmless-base test pairs re-split 80/10/10 by prompt hash; trains on
+harmless-base test pairs re-split 80/10/10 by conversation hash; trains on
 ``resplit_train`` (about 1,850 pairs), evaluates on the first 64 pairs of
 ``resplit_validation`` (implicit-reward accuracy and the KL to the reference
 on 64 sampled responses of up to 64 tokens). The reference is the initial

@@ -28,7 +28,7 @@ P(first wins) − ½: 0.448 [0.443, 0.452] before averaging (SmolLM2-135M answer
 P ≈ 0.95 whatever the order; every decision flips with the order), 0 after (by
 construction). Mean probability on the two option tokens: 0.186. The averaged labels
 stay within [0.446, 0.516]: the 135M judge carries almost no signal here.
-``:pandalm`` (the first 60 pairs of PandaLM ``resplit_test``, a prompt-hash sample; the
+``:pandalm`` (the first 60 pairs of PandaLM ``resplit_test``, a hash sample; the
 file's first items are all unanimous; 13 principles of three files; 5.3 min wall): 51
 decisive pairs, 9 ties left out. Agreement with annotator 1 / 2 / 3: 0.431 [0.304, 0.563],
 0.471 [0.333, 0.600], 0.468 [0.320, 0.609], beside inter-annotator agreement 1-2 0.961

@@ -3,7 +3,7 @@ r"""MiniLM (all-MiniLM-L6-v2) reward model on HH-RLHF harmless-base (the offline
 Command:
   python -m experiments.train_rm --config=configs/rm/hh_minilm.py --workdir=/tmp/rm_hh_minilm
 
-Data: the 2,312 harmless-base test pairs re-split 80/10/10 by prompt hash;
+Data: the 2,312 harmless-base test pairs re-split 80/10/10 by conversation hash;
 trains on ``resplit_train`` and evaluates on ``resplit_validation``.
 
 Sequences are short for CPU: prompts cut from the left to 32 tokens (the end of the

@@ -4,7 +4,7 @@ Command:
   python -m experiments.train_rm --config=configs/rm/pandalm_ties.py --workdir=/tmp/rm_pandalm
 
 Data: the 999 PandaLM pairs (three annotators each; majority outcome 1, 0 or 0.5 for
-a tie) re-split 80/10/10 by prompt hash. Loss: ``bradley_terry_ties`` with ν = 1
+a tie) re-split 80/10/10 by conversation hash. Loss: ``bradley_terry_ties`` with ν = 1
 (Davidson 1970), which models P(tie) instead of dropping ties. Accuracy is over
 decisive pairs; ties are counted (``num_ties``).
 

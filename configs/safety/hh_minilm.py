@@ -6,7 +6,7 @@ Command:
 
 Model, tokenizer, data and optimizer are those of configs/rm/hh_minilm.py (mean pooling,
 prompts cut to 32 tokens, prompt+response to 80; AdamW 5e-5, cosine, 150 steps of 16
-pairs). Data: the 2,312 harmless-base test pairs re-split 80/10/10 by prompt hash:
+pairs). Data: the 2,312 harmless-base test pairs re-split 80/10/10 by conversation hash:
 trains on ``resplit_train`` (each pair: chosen = harmless, rejected = harmful, a WEAK
 label), picks the threshold on ``resplit_validation`` and reports on ``resplit_test``.
 

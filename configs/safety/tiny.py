@@ -4,7 +4,7 @@ Command:
   python -m experiments.train_safety --config=configs/safety/tiny.py --workdir=/tmp/safety_tiny
 
 Data: 2,000 ``TinyWorld.harm_pairs`` (chosen lacks the harm character "g", rejected
-contains it), re-split 80/10/10 by prompt hash; byte tokens.
+contains it), re-split 80/10/10 by conversation hash; byte tokens.
 
 Expected (this shared 2-core CPU, measured 2026-12-01 under load average ~11): 73 s
 wall, 30 s CPU, 0.9 GB peak RSS. 1,600 train / 216 validation / 184 test pairs.

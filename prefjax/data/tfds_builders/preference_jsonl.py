@@ -12,7 +12,7 @@ The second layout (full transcripts) is split like HH-RLHF, at the last
 object); any other key is kept in ``meta``. Bad rows are reported by line (see
 `rows` for the reasons).
 
-The whole file is one split, ``train``, plus the prompt-hash ``resplit_*``
+The whole file is one split, ``train``, plus the conversation-hash ``resplit_*``
 splits. The build cache is keyed by the file's sha256 (it is part of the
 builder config name), so editing the file triggers a fresh build.
 """
