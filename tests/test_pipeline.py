@@ -132,6 +132,9 @@ SEQUENCES = {"padded": padded_sequences, "packed": packed_sequences}
     ([BOS, 1, 2, 3, 4, 5], [[1, 2], [1]], {"min_response_length": 5},
      ([BOS, 3, 4, 5], [[1, 2], [1]], True, False, None)),
     ([BOS, 1], [[], [1]], {}, ([BOS, 1], [[], [1]], False, False, "empty_response")),
+    # prompt_keep_start: BOS, the first token after it, then the end.
+    ([BOS, 1, 2, 3, 4, 5, 6], [[1], [1]], {"prompt_keep_start": 1},
+     ([BOS, 1, 5, 6], [[1], [1]], True, False, None)),
 ])
 def test_truncation_policy(prompt, responses, kw, expected):
   cfg = pipeline.PipelineConfig(max_length=8, max_prompt_length=4, **kw)
@@ -147,6 +150,22 @@ def test_truncation_policy(prompt, responses, kw, expected):
 ])
 def test_left_truncate(ids, limit, bos, expected):
   assert pipeline.left_truncate(ids, limit, bos) == expected
+
+
+@pytest.mark.parametrize("ids,limit,bos,keep_start,expected", [
+    ([9, 1, 2, 3, 4, 5], 4, 9, 2, [9, 1, 2, 5]),
+    ([9, 1, 2, 3, 4, 5], 4, None, 2, [9, 1, 4, 5]),
+    ([9, 1, 2, 3, 4, 5], 4, 9, 7, [9, 1, 2, 5]),  # the end keeps at least one token
+    ([9, 1, 2], 4, 9, 2, [9, 1, 2]),
+])
+def test_left_truncate_keeps_the_start(ids, limit, bos, keep_start, expected):
+  assert pipeline.left_truncate(ids, limit, bos, keep_start) == expected
+
+
+def test_prompt_keep_start_must_leave_room_for_the_end():
+  with pytest.raises(ValueError, match="prompt_keep_start=3 must be in"):
+    pipeline.PipelineConfig(max_length=8, max_prompt_length=4, prompt_keep_start=3)
+  assert pipeline.PipelineConfig(max_length=2).prompt_keep_start == 0
 
 
 def test_counters_of_truncated_and_over_long_pairs():

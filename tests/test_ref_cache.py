@@ -103,6 +103,8 @@ def _key(**changes):
     dict(tokenizer=tokenize.ByteTokenizer(extra_specials=("<sep>",))),
     dict(pipeline=pipeline_lib.PipelineConfig(max_length=256)),
     dict(pipeline=pipeline_lib.PipelineConfig(max_prompt_length=100)),
+    dict(pipeline=pipeline_lib.PipelineConfig(prompt_keep_start=8)),
+    dict(pipeline=pipeline_lib.PipelineConfig(pad_to_multiple=32)),
     dict(pipeline=pipeline_lib.PipelineConfig(prompt_style="chat")),
     dict(pipeline=pipeline_lib.PipelineConfig(batch_size=4)),
     dict(model_config={"hidden_size": 64}),
@@ -113,6 +115,11 @@ def test_cache_key_changes_with_everything_the_values_depend_on(change):
 
 def test_cache_key_ignores_order_only_settings():
   assert _key(pipeline=pipeline_lib.PipelineConfig(seed=3, shuffle=False, num_epochs=2)) == _key()
+  # A new pipeline setting must be sorted into the key or the order-only list.
+  fields = {f.name for f in dataclasses.fields(pipeline_lib.PipelineConfig)}
+  keyed = set(ref_cache._KEY_PIPELINE_FIELDS)  # pylint: disable=protected-access
+  assert fields == keyed | set(ref_cache.ORDER_ONLY_PIPELINE_FIELDS)
+  assert not keyed & set(ref_cache.ORDER_ONLY_PIPELINE_FIELDS)
 
 
 def test_table_lookup_by_example_index_in_any_order():

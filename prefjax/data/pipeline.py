@@ -26,7 +26,10 @@ thread and keeps that guarantee. Padding examples (to fill the last batch when
 ``attention_mask`` 1 so no attention row is empty.
 
 Truncation (pairs and SFT): (1) the prompt is cut from the LEFT to
-``max_prompt_length`` (a leading BOS is kept); (2) responses are cut from the
+``max_prompt_length``, keeping a leading BOS and, with ``prompt_keep_start`` = k,
+its first k tokens after the BOS (an instruction that opens the prompt; the rest
+of the limit still comes from its end, where a chat template puts the assistant
+header); (2) responses are cut from the
 right to ``max_length - len(prompt)``; (3) if a response would be cut to fewer
 than ``min_response_length`` tokens (>= 1, so never to zero) the example is
 dropped and counted as over-long (``counters["dropped_over_long"]``).
@@ -84,6 +87,7 @@ class PipelineConfig:
   batch_size: int = 8
   max_length: int = 512
   max_prompt_length: int | None = None
+  prompt_keep_start: int = 0
   min_response_length: int = 1
   mode: str = "padded"
   bucket_boundaries: tuple[int, ...] = ()
@@ -116,6 +120,9 @@ class PipelineConfig:
     if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
       raise ValueError(f"max_prompt_length={self.max_prompt_length} must be in "
                        f"[1, max_length={self.max_length})")
+    if self.prompt_keep_start < 0 or self.prompt_keep_start > max(self.prompt_limit - 2, 0):
+      raise ValueError(f"prompt_keep_start={self.prompt_keep_start} must be in [0, prompt "
+                       f"limit {self.prompt_limit} - 2]: a cut prompt keeps a BOS and its end")
     if self.pad_to_multiple is not None and self.pad_to_multiple < 1:
       raise ValueError(f"pad_to_multiple must be None or >= 1, got {self.pad_to_multiple}")
     if any(b < 1 for b in self.bucket_boundaries):
@@ -251,13 +258,15 @@ class Example:
     return len(self.prompt) + sum(len(r) for r in self.responses)
 
 
-def left_truncate(ids: list[int], limit: int, bos_id: int | None) -> list[int]:
-  """Keeps the last ``limit`` tokens, and a leading BOS if there was one."""
+def left_truncate(ids: list[int], limit: int, bos_id: int | None,
+                  keep_start: int = 0) -> list[int]:
+  """At most ``limit`` tokens: a leading BOS if there was one, the ``keep_start`` tokens
+  after it (never all of the limit), then the last tokens."""
   if len(ids) <= limit:
     return ids
-  if bos_id is not None and ids and ids[0] == bos_id and limit > 1:
-    return [bos_id] + ids[len(ids) - limit + 1:]
-  return ids[len(ids) - limit:]
+  head = int(bos_id is not None and bool(ids) and ids[0] == bos_id and limit > 1)
+  head += min(keep_start, limit - head - 1)
+  return ids[:head] + ids[len(ids) - (limit - head):]
 
 
 def truncate(prompt: list[int], responses: Sequence[list[int]], config: PipelineConfig,
@@ -265,7 +274,8 @@ def truncate(prompt: list[int], responses: Sequence[list[int]], config: Pipeline
   """Applies the truncation policy; returns (prompt, responses, cut prompt?, cut response?, drop reason)."""
   cut_prompt = False
   if len(prompt) > config.prompt_limit:
-    prompt, cut_prompt = left_truncate(prompt, config.prompt_limit, bos_id), True
+    prompt = left_truncate(prompt, config.prompt_limit, bos_id, config.prompt_keep_start)
+    cut_prompt = True
   if not prompt:
     return prompt, list(responses), cut_prompt, False, "empty_prompt"
   if any(not r for r in responses):
@@ -357,7 +367,7 @@ class TokenizeFn:
     untruncated = (len(prompt), *map(len, responses))
     if not self.response_keys:  # prompt-only: the prompt is capped, nothing else.
       cut = len(prompt) > cfg.prompt_limit
-      prompt = left_truncate(prompt, cfg.prompt_limit, bos_id)
+      prompt = left_truncate(prompt, cfg.prompt_limit, bos_id, cfg.prompt_keep_start)
       return Example(index, np.asarray(prompt, np.int32), truncated_prompt=cut,
                      dropped=None if prompt else "empty_prompt", untruncated=untruncated)
     prompt, responses, cut_p, cut_r, dropped = truncate(prompt, responses, cfg, bos_id)

@@ -53,10 +53,13 @@ from prefjax.train import state as state_lib
 
 FORMAT_VERSION = 1
 # Pipeline settings that change which tokens a row holds or the batch shapes.
-_KEY_PIPELINE_FIELDS = ("batch_size", "max_length", "max_prompt_length", "min_response_length",
-                        "mode", "bucket_boundaries", "pack_length", "pack_rows",
-                        "max_segments_per_row", "pack_window", "share_prompt", "trim_rows",
-                        "row_multiple", "prompt_style", "add_bos")
+_KEY_PIPELINE_FIELDS = ("batch_size", "max_length", "max_prompt_length", "prompt_keep_start",
+                        "min_response_length", "mode", "bucket_boundaries", "pad_to_multiple",
+                        "pack_length", "pack_rows", "max_segments_per_row", "pack_window",
+                        "share_prompt", "trim_rows", "row_multiple", "prompt_style", "add_bos")
+# The others only order, repeat or split the rows: values are looked up per row.
+ORDER_ONLY_PIPELINE_FIELDS = ("seed", "num_epochs", "shuffle", "shard_index", "shard_count",
+                              "drop_remainder", "read_ahead")
 _SCORED_FIELDS = ("tokens", "attention_mask", "loss_mask", "segment_ids", "positions",
                   "prefix_ids", "chosen_index", "rejected_index", "pair_mask")
 
