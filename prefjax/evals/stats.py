@@ -50,8 +50,8 @@ def resample_counts(num_items: int, num_resamples: int, seed: int | np.random.Ge
   ``groups [N]`` labels items that are one observation listed more than once (the
   same text pair judged twice, see `text_pair_groups`): a resample draws whole
   groups, and every item of a drawn group takes its count (a cluster bootstrap;
-  Davison & Hinkley 1997, sec. 3.8). Items in groups of their own are drawn
-  exactly as without ``groups``.
+  Davison & Hinkley 1997, sec. 3.8). When every item is a group of its own, the
+  counts are exactly those drawn without ``groups``.
   """
   if num_items < 1:
     raise ValueError("bootstrap needs at least one pair")

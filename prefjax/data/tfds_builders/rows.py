@@ -45,7 +45,8 @@ import numpy as np
 ASSISTANT_TAG = "\n\nAssistant:"
 HUMAN_TAG = "\n\nHuman:"
 
-# Deterministic re-split by conversation hash (`resplit_name`): (name, upper bound of the hash fraction).
+# Deterministic re-split by conversation hash (`resplit_name`): (name, upper bound of the
+# hash fraction).
 RESPLIT_BUCKETS: tuple[tuple[str, float], ...] = (
     ("train", 0.8), ("validation", 0.9), ("test", 1.0))
 RESPLIT_PREFIX = "resplit_"
