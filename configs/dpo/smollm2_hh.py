@@ -8,7 +8,7 @@ Command:
 Model and tokenizer: the offline SmolLM2-135M-Instruct GGUF (Q4_1, dequantized
 to float32 parameters; bfloat16 compute on GPU/TPU). Data: the 2,312
 harmless-base test pairs re-split 80/10/10 by conversation hash; trains on
-``resplit_train`` (about 1,850 pairs), evaluates on the first 64 pairs of
+``resplit_train`` (1,827 pairs), evaluates on the first 64 pairs of
 ``resplit_validation`` (implicit-reward accuracy and the KL to the reference
 on 64 sampled responses of up to 64 tokens). The reference is the initial
 policy; ``ref.mode=cached`` scores it once per pair and then never loads it. That
@@ -18,16 +18,17 @@ scoring comes before the first step, with a progress bar: on this 2-core CPU at
 ``--config.data.train_split='resplit_train[:8]'``. The table is cached on disk, so it
 is paid once per data, tokenizer and reference.
 
-Layout (the fast path, as in ``benchmarks.run``'s ``dpo_step_hh_*`` cases): each
-pair is one ``prompt | chosen | rejected`` sequence whose prompt is computed once
+Layout (the fast path, as in ``benchmarks.run``'s ``dpo_step_hh_*`` cases): each pair
+is one ``prompt | chosen | rejected`` sequence whose prompt is computed once
 (``share_prompt``), packed into 4 rows of 1,024 tokens, up to 16 pairs a step. On
-``resplit_train``'s first 40 batches that is 14.7 pairs a step on average (9 at
-least) with 81% of the 4,096 slots real (5 rows: 15.7 pairs, 67% real; 8 rows with
-``batch_size=24``: 23.7 pairs, 65%); the padded layout needs 32 rows of 411 tokens on
-average (13,150 slots). The 4 rows split over 1, 2 or 4 data-parallel devices; on 8,
-add ``--config.data.pipeline.pack_rows=8 --config.data.pipeline.batch_size=24`` (the
-binary stops before the first step when the rows do not split). Multi-process runs
-and KTO (whose mismatched pairs are built from padded rows) need the padded layout:
+``resplit_train``'s first 40 batches that is 14.6 pairs a step on average (9 at least)
+with 80% of the 4,096 slots real (5 rows: 15.6 pairs, 69% real; 8 rows with
+``batch_size=24``: 23.6 pairs, 66%); the padded layout needs 32 rows of 427 tokens on
+average (13,670 slots; measured 2026-12-05 on the split of builder 1.2.0). The 4 rows
+split over 1, 2 or 4 data-parallel devices; on 8, add
+``--config.data.pipeline.pack_rows=8 --config.data.pipeline.batch_size=24`` (the
+binary stops before the first step when the rows do not split). Multi-process runs and
+KTO (whose mismatched pairs are built from padded rows) need the padded layout:
 ``--config.data.pipeline.mode=padded --config.data.pipeline.share_prompt=False``.
 
 Expected: ``:quick`` on this shared 2-core CPU took 6.5 min wall beside

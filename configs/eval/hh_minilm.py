@@ -7,20 +7,24 @@ Command (after ``python -m experiments.train_rm --config=configs/rm/hh_minilm.py
 Override the run with ``--config.scorers=minilm=rm:DIR@best,length,shorter``. Pairs are
 cut as the RM was trained (prompt 32 tokens from the left, prompt+response 80).
 
-Expected (this 2-core CPU, measured 2026-12-05 with ``--config.scorers=length,shorter``,
-13 s): the baselines, accuracy [bootstrap 95% CI], lengths in characters:
-  hh_rlhf/harmless-base@resplit_test, 255 pairs (preferred longer in 45%):
-    length-only 0.457 [0.398, 0.520], shorter-wins 0.543 [0.480, 0.602];
+Expected (this 2-core CPU, measured 2026-12-05 on the conversation-disjoint split of
+builder 1.2.0, with ``--config.scorers=length,shorter``, 13 s): the baselines, accuracy
+[bootstrap 95% CI], lengths in characters:
+  hh_rlhf/harmless-base@resplit_test, 253 pairs (preferred longer in 49%):
+    length-only 0.488 [0.427, 0.547], shorter-wins 0.512 [0.453, 0.573];
   pandalm@test, 894 decisive pairs (105 ties left out; preferred longer in 67%; 110 repeat
   another pair's text and are resampled with it):
     length-only 0.674 [0.639, 0.711], shorter-wins 0.326 [0.289, 0.361].
-The trained MiniLM RM (measured 2026-12-01: 150 training steps in 9.6 min wall while the
-suite ran beside it; this evaluation 104 s):
-  harmless-base@resplit_test: 0.655 [0.596, 0.714], length-controlled 0.643, ECE 0.042;
-    minus shorter-wins 0.112 [0.045, 0.177], p = 0.001;
-  pandalm@test: 0.388 [0.359, 0.421], length-controlled 0.457, ECE 0.173. Below chance: the
-    harmlessness RM prefers short answers (refusals), agreeing with shorter-wins on 71% of
+The trained MiniLM RM (configs/rm/hh_minilm.py, 150 steps, 2 min 49 s; this evaluation
+47 s):
+  harmless-base@resplit_test: 0.628 [0.565, 0.688], length-controlled 0.626, ECE 0.055;
+    minus shorter-wins 0.117 [0.053, 0.182], p = 0.001;
+  pandalm@test: 0.427 [0.391, 0.464], length-controlled 0.491, ECE 0.140. Below chance: the
+    harmlessness RM prefers short answers (refusals), agreeing with shorter-wins on 68% of
     pairs, while PandaLM's preferred answer is the longer one in 67%.
+On the prompt-hash split before builder 1.2.0 (255 test pairs; an RM trained on 1,819
+pairs) the same run gave 0.655 [0.596, 0.714] on HH and 0.388 [0.353, 0.424] on PandaLM:
+how far one RM's PandaLM accuracy moves with its training split.
 Scoring throughput of a MiniLM RM at these lengths: benchmarks/RESULTS.md.
 """
 

@@ -10,15 +10,14 @@ Sequences are short for CPU: prompts cut from the left to 32 tokens (the end of 
 last human turn), prompt+response to 80 tokens (the start of the response: refusal
 or compliance carries most of the harmlessness signal).
 
-Expected (this 2-core CPU, measured 2026-11-27): 150 steps of 16 pairs (1.3 epochs of
-1,819 pairs) took 32 min wall while the two cores were shared (load average ~15;
-about 10 s/step then). Validation (238 pairs): accuracy 0.634 (0.651 at step 75;
-standard error ±0.031), BT log-loss 0.606, ECE 0.077 (both pair orders), length-only
-baseline 0.424 (the chosen response is the longer one in only 35% of pairs, so
-"shorter wins" scores 1 - 0.424 = 0.576 on this split: compare against both).
-Before training (4 steps): accuracy 0.54, BT log-loss 0.691.
-Rerun 2026-12-01 (after the 2-D projection change, the test suite running beside it):
-9.6 min wall, the same validation numbers (accuracy 0.634, BT log-loss 0.606, ECE 0.077).
+Expected (this 2-core CPU, measured 2026-12-05 on the conversation-disjoint split of
+builder 1.2.0, a quiet machine): 150 steps of 16 pairs (1.3 epochs of 1,827 pairs) in
+2 min 49 s wall. Validation (232 pairs): accuracy 0.655 (0.634 at step 75; standard
+error ±0.031), BT log-loss 0.597, ECE 0.038 (both pair orders), length-only baseline
+0.438 (the chosen response is the longer one in only 36% of pairs, so "shorter wins"
+scores about 1 - 0.438 = 0.562 on this split: compare against both).
+(On the prompt-hash split before 1.2.0, 1,819 / 238 pairs: accuracy 0.634, BT log-loss
+0.606, ECE 0.077, length-only 0.424; 9.6 min wall with the test suite beside it.)
 """
 
 from __future__ import annotations
