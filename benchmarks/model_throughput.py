@@ -18,7 +18,6 @@ Prints a table and writes the numbers as JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import time
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prefjax import files
 from prefjax.models import decoder as dec
 from prefjax.models import sampling
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
   print_table(result)
   if args.out:
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    args.out.write_text(files.dumps(result, indent=2))
   return result
 
 

@@ -14,13 +14,13 @@ Runtime: 30-60 s on a 2-core CPU (tokenization dominates).
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Sequence
 
 from absl import app
 from absl import flags
 
+from prefjax import files
 from prefjax import assets
 from prefjax.data import pipeline
 from prefjax.data import sources
@@ -103,9 +103,10 @@ def main(argv: Sequence[str]) -> None:
   print_table(results)
   if _OUT.value:
     with open(_OUT.value, "w", encoding="utf-8") as f:
-      json.dump({"dataset": f"{_DATASET.value}/{_SPLIT.value}", "pairs": len(source),
-                 "tokenizer": tokenizer.name, "tokens_per_batch": _TOKENS_PER_BATCH.value,
-                 "results": results}, f, indent=2)
+      f.write(files.dumps({"dataset": f"{_DATASET.value}/{_SPLIT.value}",
+                                 "pairs": len(source), "tokenizer": tokenizer.name,
+                                 "tokens_per_batch": _TOKENS_PER_BATCH.value,
+                                 "results": results}, indent=2))
     print(f"wrote {_OUT.value}")
 
 

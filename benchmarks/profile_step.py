@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import os
 import statistics
 import tempfile
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import hlo_ops
+from benchmarks import run as run_lib
 
 
 def copy_bandwidth(mib: int = 64) -> float:
@@ -184,10 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     result["torch"] = torch_profile(args.batch, args.repeats)
     print(f"\ntorch_rm_step_hh, same batch: {result['torch']['s_per_step']:.2f} s/step; top ops "
           "(self CPU s): " + ", ".join(f"{k} {v:.3f}" for k, v in result["torch"]["top_ops"]))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({**result, "groups": rows, "matmul_ceiling_gflop_s": ceiling / 1e9,
-                 "copy_gb_s": bandwidth / 1e9, "load_average": os.getloadavg()}, f, indent=1)
+  run_lib.write_json(args.json, {**result, "groups": rows, "matmul_ceiling_gflop_s": ceiling / 1e9,
+                                 "copy_gb_s": bandwidth / 1e9, "load_average": os.getloadavg()})
 
 
 if __name__ == "__main__":

@@ -13,13 +13,13 @@ compiles every bucket shape; the timed passes then score the whole split.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import jax
 
 from configs.eval import hh_minilm
+from prefjax import files
 from prefjax import experiment
 from prefjax.evals import reward_eval
 from prefjax.evals import scorers as scorers_lib
@@ -61,7 +61,7 @@ def main() -> None:
         f"{result['pairs_per_s']:.1f} pairs/s | first pass (compiling) {first:.1f} s |")
   if args.out:
     with open(args.out, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=2)
+      f.write(files.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

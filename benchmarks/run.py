@@ -438,10 +438,13 @@ def process_settings() -> dict[str, str]:
 
 
 def write_json(path: str, rows: Any) -> None:
-  """Writes a script's result rows to ``path`` (nothing when it is empty)."""
+  """Writes a script's result rows to ``path`` (nothing when it is empty) as standard JSON:
+  a non-finite number as the string "nan"/"inf" (``prefjax.files.dumps``)."""
   if path:
+    # Imported here: this module must not import jax before a case sets its XLA flags.
+    from prefjax import files  # pylint: disable=g-import-not-at-top
     with open(path, "w") as f:
-      json.dump(rows, f, indent=1)
+      f.write(files.dumps(rows, indent=1))
 
 
 def _peak_rss_mb() -> int:

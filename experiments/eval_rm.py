@@ -30,7 +30,6 @@ that cannot read the data) ends the run with one line naming it.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -42,6 +41,7 @@ from absl import logging
 
 from experiments import common
 from prefjax import experiment
+from prefjax import files
 from prefjax.evals import reward_eval
 from prefjax.evals import reward_report
 from prefjax.evals import scorers as scorers_lib
@@ -55,8 +55,7 @@ def compare(config: Any, workdir: str) -> str:
     path = os.path.join(run, "report.json")
     if not os.path.isfile(path):
       raise scorers_lib.EvalInputError(f"compare: {run} has no report.json")
-    with open(path, encoding="utf-8") as f:
-      reports[os.path.basename(os.path.normpath(run))] = json.load(f)
+    reports[os.path.basename(os.path.normpath(run))] = files.read_json(path)
   table = reward_report.compare_table(reports)
   with open(os.path.join(workdir, "compare.md"), "w", encoding="utf-8") as f:
     f.write(table + "\n")

@@ -51,6 +51,7 @@ from absl import logging
 from experiments import common
 from prefjax import configlib
 from prefjax import experiment
+from prefjax import files
 from prefjax import train
 from prefjax.evals import plots
 from prefjax.rl import algorithms
@@ -186,7 +187,8 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
 
 def _write_summary(workdir: str, loop_summary: dict[str, Any], total: int) -> dict[str, Any]:
   evals = [{k[5:]: v for k, v in rec.items() if k.startswith("eval/")} | {"step": rec["step"]}
-           for rec in train.read_metrics(workdir) if "eval/gold" in rec]
+           for rec in map(files.from_standard_json, train.read_metrics(workdir))
+           if "eval/gold" in rec]
   if not evals:
     raise RuntimeError(f"no eval records in {workdir}/metrics.jsonl")
   peak = max(evals, key=lambda e: e["gold"])

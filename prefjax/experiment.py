@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
@@ -37,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from prefjax import assets
 from prefjax import configlib
+from prefjax import files
 from prefjax import parallel
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import report as report_lib
@@ -303,8 +303,7 @@ def read_data_report(workdir: str) -> dict[str, Any] | None:
   path = f"{workdir}/{report_lib.REPORT_FILE}"
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(path)
 
 
 def pipeline_config(data_cfg: Any, *, mesh: jax.sharding.Mesh | None = None,

@@ -1,14 +1,17 @@
-"""Files replaced whole (``write_atomically``); a workdir held by one run (``exclusive``)."""
+"""Files replaced whole (``write_atomically``); a workdir held by one run (``exclusive``);
+standard JSON for every JSON file the project writes (``dumps``, ``read_json``)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import json
+import math
 import os
 import pathlib
 import threading
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, Mapping
 
 from absl import logging
 
@@ -72,3 +75,62 @@ def exclusive(workdir: str | os.PathLike[str]) -> Iterator[None]:
       yield
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _plain_json(obj: Any) -> Any:
+  """NumPy/JAX scalars and arrays as Python numbers and lists; anything else as ``str``."""
+  if hasattr(obj, "tolist"):
+    return obj.tolist()
+  return str(obj)
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+  """``json.dumps`` of :func:`standard_json` (``obj``): a NaN or infinite number as a string.
+
+  ``allow_nan=False``: a non-finite number that gets past ``standard_json`` (from a
+  ``default`` hook) raises instead of writing bare ``NaN``, which is not JSON.
+  """
+  kwargs.setdefault("default", _plain_json)
+  return json.dumps(standard_json(obj), allow_nan=False, **kwargs)
+
+
+def standard_json(obj: Any) -> Any:
+  """``obj`` (mappings, sequences, NumPy/JAX values) as plain JSON values, with a NaN or
+  infinite number as the string ``"nan"``/``"inf"``/``"-inf"``: JSON has no such numbers.
+
+  The project's one convention for every JSON file it writes: NaN is a value not measured
+  or undefined (an empty split's accuracy), ``"inf"``/``"-inf"`` an overflow (a diverged
+  loss); strings keep the three apart, where ``null`` would merge them with "absent".
+  :func:`from_standard_json` turns them back into floats.
+  """
+  if isinstance(obj, Mapping):
+    return {k: standard_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [standard_json(v) for v in obj]
+  if hasattr(obj, "tolist") and not isinstance(obj, (float, int)):
+    return standard_json(obj.tolist())
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return str(obj)
+  return obj
+
+
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def from_standard_json(obj: Any) -> Any:
+  """The inverse of :func:`standard_json` for what readers compute with: the strings
+  ``"nan"``/``"inf"``/``"-inf"`` (at any depth) as floats; all else as it is."""
+  if isinstance(obj, Mapping):
+    return {k: from_standard_json(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [from_standard_json(v) for v in obj]
+  if isinstance(obj, str):
+    return _NON_FINITE.get(obj, obj)
+  return obj
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+  """A JSON file of the project, non-finite numbers as floats (:func:`from_standard_json`;
+  an older file's bare ``NaN`` reads as NaN too)."""
+  with open(path, encoding="utf-8") as f:
+    return from_standard_json(json.load(f))

@@ -257,6 +257,13 @@ def test_best_step_ignores_a_nan_metric(tmp_path):
       ckpt.save(state.replace(step=step), metrics={"acc": value})
     assert ckpt.best_step() == best
     ckpt.close()
+    # Orbax's saved metrics are standard JSON ("nan"), and a reopened run ranks the same.
+    nan_step = (tmp_path / mode / "1" / "metrics" / "metrics").read_text()
+    assert json.loads(nan_step, parse_constant=pytest.fail) == {"acc": "nan"}
+    reopened = train.Checkpointer(tmp_path / mode, best_metric="acc", best_mode=mode,
+                                  read_only=True)
+    assert reopened.best_step() == best
+    reopened.close()
 
 
 def test_metric_writer_truncates_on_resume_and_merges_same_step(tmp_path):

@@ -557,3 +557,17 @@ def test_a_missing_dataset_is_one_line_on_the_command_line(tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: EvalInputError: dataset 'jsonl:{tmp_path}/missing.jsonl@train': ")
   assert "Traceback" not in proc.stderr
+
+
+def test_compare_reads_a_report_with_an_unmeasured_accuracy(tmp_path):
+  """report.json holds a NaN as "nan" (standard JSON); compare reads it back as a number."""
+  nan_ci = {"value": float("nan"), "low": float("nan"), "high": float("nan")}
+  for run, acc in (("a", nan_ci), ("b", {"value": 0.75, "low": 0.5, "high": 1.0})):
+    summary_lib.write_json(tmp_path / run / "report.json",
+                           {"datasets": [{"dataset": "d", "metrics": {"rm": {"accuracy": acc}}}]})
+  text = (tmp_path / "a" / "report.json").read_text()
+  assert json.loads(text, parse_constant=pytest.fail)["datasets"][0]["metrics"]["rm"][
+      "accuracy"]["value"] == "nan"
+  config = ml_collections.ConfigDict({"compare": f"{tmp_path / 'a'},{tmp_path / 'b'}"})
+  table = eval_rm.compare(config, str(tmp_path))
+  assert table.splitlines()[-1] == "| d | rm | – | 0.750 [0.500, 1.000] |"

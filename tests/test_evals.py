@@ -1,9 +1,13 @@
 """Reward-model evaluation metrics against direct computations."""
 
+import json
+import types
+
 import numpy as np
 import pytest
 
 from prefjax import evals
+from prefjax.evals import reward_report
 
 
 def test_accuracy_margin_logloss():
@@ -67,3 +71,11 @@ def test_disagreement_and_errors(tmp_path):
   ev = evals.evaluate_preferences(np.array([1.0, -1.0]), np.zeros(2))
   evals.plot_reliability({"rm": ev.reliability}, str(tmp_path / "rel.png"))
   assert (tmp_path / "rel.png").stat().st_size > 1000
+
+
+def test_scores_jsonl_lines_are_standard_json_with_a_nan_score():
+  table = types.SimpleNamespace(index=[0], ids=["p0"], outcome=[1.0], chosen_chars=[3],
+                                rejected_chars=[4], subsets=None)
+  arrays = {"table": table, "columns": {"rm": (np.array([np.nan]), np.array([np.inf]))}}
+  line, = reward_report.score_lines("d", arrays)
+  assert json.loads(line, parse_constant=pytest.fail)["scores"] == {"rm": ["nan", "inf"]}

@@ -162,6 +162,18 @@ def test_finished_stage_is_reused_for_its_config_and_refused_for_another(tmp_pat
   assert calls == [1]
 
 
+def test_a_stage_that_measured_nan_is_reused_with_nan_back(tmp_path):
+  """done.json is standard JSON ("nan"); a rerun gets NaN back as a number, and a key
+  holding NaN still matches itself."""
+  stage, key, calls = str(tmp_path / "proxy"), {"beta": float("nan")}, []
+  text_world.run_stage(stage, lambda: calls.append(1) or {"accuracy": float("nan")}, key=key)
+  done = json.loads((tmp_path / "proxy" / "done.json").read_text(), parse_constant=pytest.fail)
+  assert done["accuracy"] == "nan" and done["key"] == {"beta": "nan"}
+  again = text_world.run_stage(stage, lambda: calls.append(1), key=key)
+  assert calls == [1] and np.isnan(again["accuracy"])
+  assert f"{again['accuracy']:.3f}" == "nan"  # as text_study logs it
+
+
 def test_checkpoint_evaluations_are_cached_under_their_key(tmp_path, monkeypatch):
   evaluated = []
 

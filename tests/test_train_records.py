@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from prefjax import files
 from prefjax import train
 from prefjax.train import checkpoint as checkpoint_lib
 from prefjax.train import evaluators as evaluators_lib
@@ -92,8 +93,8 @@ def test_tensorboard_holds_every_record_up_to_the_last_checkpoint(tmp_path):
   def read_events(step, state, metrics):
     del state, metrics
     if step == 3:  # dispatched after step 2's checkpoint, before step 3 is logged
-      files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-      seen.append(b"".join(f.read_bytes() for f in files))
+      events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+      seen.append(b"".join(f.read_bytes() for f in events))
 
   loop = train.LoopConfig(num_steps=4, log_every=1, eval_every=0, checkpoint_every=2,
                           tensorboard=True)
@@ -111,6 +112,47 @@ def test_summary_json_stays_standard_json_with_non_finite_numbers(tmp_path):
   parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
   assert parsed == {"final_eval": {"nll": "nan", "ok": 1.5}, "final_perplexity": "inf",
                     "curve": ["-inf", 2.0]}
+
+
+def _strict_json(text):
+  return json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+
+
+def test_write_json_writes_non_finite_numbers_as_strings_and_read_json_restores_them(
+    tmp_path):
+  path = tmp_path / "nested" / "eval_3.json"
+  summary_lib.write_json(path, {"acc": np.float32("nan"), "bins": np.array([np.inf, 0.5]),
+                                "loss": jnp.float32(-np.inf), "rows": (1, float("nan"))})
+  assert _strict_json(path.read_text()) == {"acc": "nan", "bins": ["inf", 0.5],
+                                            "loss": "-inf", "rows": [1, "nan"]}
+  back = files.read_json(path)
+  assert np.isnan(back["acc"]) and back["bins"] == [np.inf, 0.5] and back["loss"] == -np.inf
+  assert back["rows"][0] == 1 and np.isnan(back["rows"][1])
+
+
+def test_dumps_refuses_a_non_finite_number_standard_json_cannot_see():
+  with pytest.raises(ValueError, match="not JSON compliant"):
+    files.dumps({"x": object()}, default=lambda o: float("nan"))
+
+
+def test_metrics_jsonl_rewritten_on_resume_stays_standard_json(tmp_path):
+  """An older metrics.jsonl with bare NaN lines is rewritten on resume as standard JSON;
+  the trainer's own records round-trip to floats through from_standard_json."""
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": 1.0}\n')
+  writer = train.MetricWriter(tmp_path, resume_step=2, tensorboard=False)
+  writer.log(3, {"loss": float("inf")})
+  writer.close()
+  lines = [_strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["loss"]) for r in lines] == [(1, "nan"), (2, 1.0), (3, "inf")]
+  losses = [files.from_standard_json(r)["loss"] for r in train.read_metrics(tmp_path)]
+  assert np.isnan(losses[0]) and losses[1:] == [1.0, np.inf]
+
+
+def test_read_summary_gives_non_finite_numbers_back_as_floats(tmp_path):
+  summary_lib.write_summary(str(tmp_path), {"final_eval": {"nll": float("nan")},
+                                          "final_perplexity": float("inf")})
+  summary = train.read_summary(str(tmp_path))
+  assert np.isnan(summary["final_eval"]["nll"]) and summary["final_perplexity"] == np.inf
 
 
 def test_loss_fn_metrics_that_the_step_would_overwrite_or_cannot_log_are_errors():

@@ -390,3 +390,16 @@ def test_mesh_2x2x2_matches_single_device(ppo_run, scratch):
   for name in ("eval/proxy", "eval/gold", "eval/kl/exact", "eval/entropy"):
     assert mesh[0][name] == pytest.approx(single[0][name], rel=1e-5, abs=1e-6), name
   assert single[1]["grad_norm"] > 0.01 and single[1]["value_loss"] > 0.01
+
+
+def test_summary_of_evals_whose_proxy_went_nan(tmp_path):
+  """metrics.jsonl holds a NaN as "nan": the summary computes with it as a number."""
+  writer = train.MetricWriter(tmp_path, tensorboard=False)
+  for step, proxy in ((0, 0.0), (5, float("nan"))):
+    writer.log(step, None, {"gold": 0.1 * step, "gold_se": 0.01, "proxy": proxy,
+                            "proxy_se": 0.01, "kl": 0.2 * step})
+  writer.close()
+  summary = train_rl._write_summary(str(tmp_path), {}, 5)
+  assert summary["peak_gold"]["step"] == 5 and np.isnan(summary["proxy_gain"])
+  written = json.loads((tmp_path / "summary.json").read_text(), parse_constant=pytest.fail)
+  assert written["proxy_gain"] == "nan"

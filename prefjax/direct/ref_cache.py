@@ -269,7 +269,8 @@ def load_or_build(parts: Mapping[str, Any], num_rows: int,
                                                     computed=table.computed))
     files.write_atomically(
         directory / f"{key}.json",
-        lambda f: f.write(json.dumps(parts, indent=2, sort_keys=True, default=str)), mode="w")
+        lambda f: f.write(files.dumps(parts, indent=2, sort_keys=True, default=str)),
+        mode="w")
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("prefjax_reference_cache_written")
   seconds = time.time() - start

@@ -4,7 +4,8 @@
 renders them. ``scores.jsonl`` has one line per evaluated pair and dataset,
 ``{dataset, index, id, outcome, chosen_chars, rejected_chars, subset, scores:
 {column: [r_chosen, r_rejected]}}`` (``subset`` is ``(none)`` for a row without one
-where others have one), enough to redraw any figure without rescoring.
+where others have one), enough to redraw any figure without rescoring; a non-finite
+score is the string ``"nan"``/``"inf"``/``"-inf"`` (``prefjax.files.standard_json``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from prefjax.evals import preference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from prefjax import files  # pylint: disable=g-import-not-at-top,wrong-import-position
+from prefjax.evals import preference  # pylint: disable=wrong-import-position
 from prefjax.rm import evaluation as rm_evaluation  # pylint: disable=wrong-import-position
 
 
@@ -187,7 +189,7 @@ def score_lines(dataset: str, arrays: Mapping[str, Any]) -> list[str]:
   table, columns = arrays["table"], arrays["columns"]
   lines = []
   for k, i in enumerate(table.index):
-    lines.append(json.dumps({
+    lines.append(files.dumps({
         "dataset": dataset, "index": int(i), "id": table.ids[k],
         "outcome": float(table.outcome[k]), "chosen_chars": int(table.chosen_chars[k]),
         "rejected_chars": int(table.rejected_chars[k]),

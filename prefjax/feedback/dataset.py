@@ -6,7 +6,6 @@ Rows are ``{prompt, chosen, rejected, outcome, meta}`` (the ``jsonl:PATH`` layou
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -19,8 +18,8 @@ def write_preferences(path: str | os.PathLike[str], rows: Sequence[Mapping[str, 
   path = os.path.abspath(os.fspath(path))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   files.write_atomically(
-      path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
-      mode="w")
+      path, lambda f: f.writelines(files.dumps(row, ensure_ascii=False) + "\n"
+                                   for row in rows), mode="w")
   return f"jsonl:{path}"
 
 

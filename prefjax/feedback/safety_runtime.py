@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from prefjax import experiment
+from prefjax import files
 from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import sources
@@ -84,8 +85,7 @@ class SafetyClassifier:
     # As the latest checkpoint was trained (a rerun may have changed the config since).
     config = ml_collections.ConfigDict(train.checkpoint.saved_run_config(workdir) or config)
     if threshold is None:
-      with open(path) as f:
-        choice = json.load(f)
+      choice = files.read_json(path)
       threshold = choice["threshold"]
       if not choice.get("reached", True):
         logging.warning("safety classifier %s: its threshold %.4g missed the target it was "

@@ -146,7 +146,8 @@ def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None,
   save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
   if head_tensors is not None:
     save_file(head_tensors, str(directory / hf_import.HEAD_FILE), metadata={"format": "pt"})
-  (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+  (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True,
+                                                    allow_nan=False))
   hf_tokenizer = hf_tokenizer or getattr(tokenizer, "hf", None)
   if hf_tokenizer is not None:
     hf_tokenizer.save_pretrained(str(directory))

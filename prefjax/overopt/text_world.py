@@ -73,12 +73,13 @@ def run_stage(path: str, fn: Callable[[], dict[str, Any] | None], *,
   """
   if upstream:
     key = {**(key or {}), "upstream": {name: stage_run(p) for name, p in upstream.items()}}
-  key = None if key is None else json.loads(json.dumps(key, sort_keys=True, default=str))
+  if key is not None:  # as done.json holds it, to compare with what a finished stage saved
+    key = json.loads(files.dumps(key, sort_keys=True, default=str))
   info = _finished(path)
   if info is not None:
     _check_stage_key(path, info.pop("key", None), key)
     info.pop("run", None)
-    return info
+    return files.from_standard_json(info)
   os.makedirs(path, exist_ok=True)
   start = time.time()
   info = dict(fn() or {})

@@ -37,6 +37,7 @@ from etils import epath
 from flax import nnx
 
 from prefjax import configlib
+from prefjax import files
 from prefjax.parallel import distributed
 from prefjax.parallel import rules
 from prefjax.train import integrity
@@ -338,13 +339,13 @@ class Checkpointer:
     policies = [ocp.checkpoint_managers.LatestN(n=keep_last)]
     if best_metric is not None:
       policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min",
+          get_metric_fn=self._metric_value, reverse=best_mode == "min",
           n=keep_best, keep_checkpoints_without_metrics=False))
     # best_fn is also set so that orbax persists each checkpoint's metrics: a
     # resumed run then still knows which earlier checkpoints were best.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-        best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
+        best_fn=self._metric_value if best_metric else None, best_mode=best_mode,
         enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
     self.directory = os.fspath(directory)
     self._read_only = read_only
@@ -380,8 +381,10 @@ class Checkpointer:
         data=ocp.args.JsonSave({"per_process": _gather_json(data_state),
                                 "eval_owed": bool(eval_owed)}),
         config=ocp.args.JsonSave(dict(config or {})))
+    # Orbax writes the metrics as JSON: standard JSON, a NaN as "nan" (_metric_value reads it).
     saved = self._manager.save(step, args=args, force=True,
-                               metrics=dict(metrics) if metrics is not None else None)
+                               metrics=files.standard_json(dict(metrics))
+                               if metrics is not None else None)
     logging.info("checkpoint: saving step %d to %s", step, self.directory)
     return saved
 
@@ -484,6 +487,10 @@ class Checkpointer:
       multihost_utils.sync_global_devices("prefjax_checkpoint_set_aside")
     self._manager.reload()
 
+  def _metric_value(self, metrics: Mapping[str, Any]) -> float:
+    """``best_metric`` of a step's saved metrics as a number (a NaN is saved as "nan")."""
+    return files.from_standard_json(metrics[self.best_metric])
+
   def best_step(self) -> int | None:
     """Step of the best kept checkpoint by ``best_metric`` (None without metrics)."""
     if self.best_metric is None:
@@ -491,7 +498,7 @@ class Checkpointer:
     scored = []
     for step in self.all_steps():
       metrics = self._manager.metrics(step)
-      value = (metrics or {}).get(self.best_metric)
+      value = self._metric_value(metrics) if self.best_metric in (metrics or {}) else None
       if value is not None and not np.isnan(value):  # NaN compares as neither better nor worse
         scored.append((value, step))
     if not scored:

@@ -24,7 +24,6 @@ import numpy as np
 from absl import logging
 
 from prefjax import files
-from prefjax.train import summary as summary_lib
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -49,7 +48,8 @@ def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  """Parses ``metrics.jsonl``; raises with the line number on a corrupt line."""
+  """Parses ``metrics.jsonl``; raises with the line number on a corrupt line. A non-finite
+  value reads as the string it is written as (``files.from_standard_json`` -> floats)."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
@@ -106,7 +106,7 @@ class MetricWriter:
     def fill(f):
       for r in kept:
         self._last_offset = f.tell()
-        f.write(json.dumps(r) + "\n")
+        f.write(files.dumps(r) + "\n")
     files.write_atomically(self._path, fill, mode="w")
     self._last_record = kept[-1] if kept else None
 
@@ -134,7 +134,7 @@ class MetricWriter:
         f.truncate(self._last_offset)
       f.seek(0, os.SEEK_END)
       self._last_offset = f.tell()
-      f.write(json.dumps(summary_lib.standard_json(record)) + "\n")
+      f.write(files.dumps(record) + "\n")
     self._last_record = record
     if self._tb is not None:
       for name, value in values.items():

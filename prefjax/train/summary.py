@@ -1,11 +1,11 @@
-"""``config.json`` (with a diff check on resume), ``summary.json`` and ``runs.jsonl`` of a workdir."""
+"""``config.json`` (with a diff check on resume), ``summary.json`` and ``runs.jsonl`` of a workdir,
+written as standard JSON (``prefjax.files.dumps``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
-import math
 import os
 import pathlib
 from typing import Any, Mapping
@@ -50,19 +50,13 @@ def _json_default(obj: Any) -> Any:
   return str(obj)
 
 
-def _plain_json(obj: Any) -> Any:
-  """NumPy/JAX scalars and arrays as Python numbers and lists; anything else as ``str``."""
-  if hasattr(obj, "tolist"):
-    return obj.tolist()
-  return str(obj)
-
-
 def _dump(obj: Any) -> str:
-  return json.dumps(obj, indent=2, sort_keys=True, default=_plain_json)
+  return files.dumps(obj, indent=2, sort_keys=True)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-  """Atomically writes ``obj`` as indented JSON (process 0 only; parent folders created)."""
+  """Atomically writes ``obj`` as indented standard JSON (``files.dumps``; process 0 only;
+  parent folders created). Read it back with ``files.read_json``."""
   if jax.process_index() != 0:
     return
   path = os.fspath(path)
@@ -149,21 +143,7 @@ def _diff_from_saved(path: str, new: Mapping[str, Any]) -> str | None:
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
   """``summary.json``, standard JSON: a NaN or infinite number is written as the string
   ``"nan"``/``"inf"``, as in ``metrics.jsonl`` (bare ``NaN`` is not JSON)."""
-  write_json(os.path.join(workdir, SUMMARY_FILE), standard_json(dict(summary)))
-
-
-def standard_json(obj: Any) -> Any:
-  """``obj`` (mappings, sequences, NumPy/JAX values) as plain JSON values, with a NaN or
-  infinite number as the string ``"nan"``/``"inf"``/``"-inf"``: JSON has no such numbers."""
-  if isinstance(obj, Mapping):
-    return {k: standard_json(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [standard_json(v) for v in obj]
-  if hasattr(obj, "tolist") and not isinstance(obj, (float, int)):
-    return standard_json(obj.tolist())
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return str(obj)
-  return obj
+  write_json(os.path.join(workdir, SUMMARY_FILE), dict(summary))
 
 
 def append_run_record(workdir: str, record: Mapping[str, Any]) -> None:
@@ -171,7 +151,7 @@ def append_run_record(workdir: str, record: Mapping[str, Any]) -> None:
   if jax.process_index() != 0:
     return
   with open(os.path.join(workdir, RUNS_FILE), "a", encoding="utf-8") as f:
-    f.write(json.dumps(standard_json(dict(record)), sort_keys=True, default=str) + "\n")
+    f.write(files.dumps(dict(record), sort_keys=True, default=str) + "\n")
 
 
 def read_run_records(workdir: str) -> list[dict[str, Any]]:
@@ -184,5 +164,5 @@ def read_run_records(workdir: str) -> list[dict[str, Any]]:
 
 
 def read_summary(workdir: str) -> dict[str, Any]:
-  with open(os.path.join(workdir, SUMMARY_FILE)) as f:
-    return json.load(f)
+  """``summary.json``, its non-finite numbers as floats (as the run's own summary had them)."""
+  return files.read_json(os.path.join(workdir, SUMMARY_FILE))

@@ -77,7 +77,7 @@ def write_synthetic_dataset(name: str, rows: Iterable[Mapping[str, Any]], *,
     raise ValueError(f"label_noise must be a probability in [0, 1], got {label_noise!r}")
   if not isinstance(gold_name, str) or not gold_name:
     raise ValueError(f"gold_name must be a non-empty string, got {gold_name!r}")
-  lines = [json.dumps(_canonical_row(i, row), sort_keys=True, ensure_ascii=False)
+  lines = [files.dumps(_canonical_row(i, row), sort_keys=True, ensure_ascii=False)
            for i, row in enumerate(rows)]
   if not lines:
     raise ValueError(f"synthetic dataset {name!r} has no rows")
@@ -90,7 +90,7 @@ def write_synthetic_dataset(name: str, rows: Iterable[Mapping[str, Any]], *,
   folder.mkdir(parents=True, exist_ok=True)
   files.write_atomically(folder / DATA_FILE, lambda f: f.write(data))
   files.write_atomically(folder / METADATA_FILE,
-                         lambda f: f.write(json.dumps(metadata, indent=2, sort_keys=True)),
+                         lambda f: f.write(files.dumps(metadata, indent=2, sort_keys=True)),
                          mode="w")
   return folder
 
