@@ -10,29 +10,30 @@ pairs). Data: the 2,312 harmless-base test pairs re-split 80/10/10 by conversati
 trains on ``resplit_train`` (each pair: chosen = harmless, rejected = harmful, a WEAK
 label), picks the threshold on ``resplit_validation`` and reports on ``resplit_test``.
 
-Expected (this shared 2-core CPU, measured 2026-12-01, load average 10-13 from other
-jobs): 25 min 45 s wall for training and evaluation (about 9 s/step; the same-sized RM
-run of configs/rm/hh_minilm.py took 9.6 min on a quieter machine), 2.2 GB peak RSS; a
-rerun of the finished workdir (re-evaluation only) 1.9 min. Sizes: 1,819 train pairs
-(3,638 examples), 238 validation pairs, 255 test pairs. Results with 95% pair-bootstrap
-intervals (1,000 resamples):
-  validation ROC-AUC 0.638 [0.594, 0.678]; threshold 0.594 = the lowest score with
-    validation precision >= 0.7 (0.712 [0.600, 0.824], recall 0.155, 52 flagged);
-  test ROC-AUC 0.622 [0.582, 0.663]; at the threshold precision 0.667 [0.592, 0.757],
-    recall 0.196 [0.149, 0.247], false-positive rate 0.098 [0.067, 0.133];
+Expected (measured 2026-12-05 on the conversation-disjoint split of builder 1.2.0, a
+quiet 2-core CPU): 3 min 37 s wall for training and evaluation; a rerun of the finished
+workdir (re-evaluation only) 11-15 s. Sizes: 1,827 train pairs (3,654 examples), 232
+validation pairs, 253 test pairs. **On this split the run stops after training** with
+"no threshold flagging >= 20 examples reaches validation precision >= 0.7: the best is
+0.654 at threshold 0.6588 (recall 0.073, 26 of 464 flagged); ..." (the checkpoint is
+kept). The 0.7 target was reached on the split before 1.2.0 and is not lowered here;
+``--config.safety.on_unreachable=max_precision`` (a rerun of the finished workdir)
+reports at that best threshold, with 95% pair-bootstrap intervals (1,000 resamples):
+  validation ROC-AUC 0.619 [0.575, 0.663]; precision 0.654 [0.500, 0.815], recall 0.073;
+  test ROC-AUC 0.586 [0.544, 0.629]; at the threshold precision 0.667 [0.543, 0.793],
+    recall 0.095 [0.063, 0.130], false-positive rate 0.047 [0.024, 0.079];
   test pair agreement (rejected scored more harmful than chosen; the classifier as a
-    label source) 0.675 [0.616, 0.729], beside the MiniLM RM's 0.655 [0.596, 0.714].
-A weak label gives a weak classifier: at precision 0.7 it flags one harmful response in
-five. A high target is met on too few examples to mean anything: with
-``--config.safety.target_precision=0.9 --config.safety.min_flagged=1`` (a rerun of the
-finished workdir) the lowest qualifying threshold is 0.647, where validation precision
-is 1.000 on 4 flagged responses (recall 0.017) and test precision 0.250 [0.000, 0.500];
-hence ``min_flagged=20`` here (it leaves the 0.7 threshold above unchanged: 52 flagged),
-with which target 0.9 stops in one line: "no threshold flagging >= 20 examples reaches
-validation precision >= 0.9: the best is 0.760 at threshold 0.6126 (recall 0.080, 25 of
-476 flagged); ...". (Thresholds here are the validation scores themselves, as written
-before 2026-12-05; threshold.json now holds the point halfway down to the next lower
-validation score, which flags the same examples.)
+    label source) 0.609 [0.549, 0.672], beside the MiniLM RM's 0.628 [0.565, 0.688].
+A weak label gives a weak classifier: at precision 0.65 it flags one harmful response in
+ten. A high target is met on too few examples to mean anything: with
+``--config.safety.target_precision=0.9 --config.safety.min_flagged=1`` the lowest
+qualifying threshold is 0.710, where validation precision is 1.000 on 6 flagged
+responses (recall 0.026) and test precision 0.667 [0.333, 1.000] at recall 0.016; hence
+``min_flagged=20`` here, with which target 0.9 stops in one line as above.
+On the split before 1.2.0 (1,819 / 238 / 255 pairs; 25 min 45 s under a load average of
+10-13) the 0.7 target was met at threshold 0.594 (validation precision 0.712 on 52
+flagged): test ROC-AUC 0.622 [0.582, 0.663], precision 0.667 [0.592, 0.757], recall
+0.196, pair agreement 0.675.
 """
 
 from __future__ import annotations
