@@ -89,6 +89,22 @@ def test_t_interval_coverage_on_independent_points(form):
   assert (coverage >= 0.91).all(), coverage  # 95% ± 1.5% (binomial SE at 200 draws)
 
 
+@pytest.mark.parametrize("form", ["bon", "rl"])
+def test_a_point_at_the_origin_leaves_the_t_intervals_as_they_are(form):
+  """The d = 0 point's design row is zero: it fits exactly and adds no degree of freedom."""
+  d = D[1:]
+  gold = _curve(form, ALPHA, BETA, d) + np.random.default_rng(3).normal(0, 0.05, d.shape)
+  with pytest.warns(UserWarning):
+    without = _fit(form, d, gold, num_bootstrap=2)
+    with_origin = _fit(form, np.concatenate([[0.0], d]), np.concatenate([[0.0], gold]),
+                       num_bootstrap=2)
+  assert with_origin.alpha == pytest.approx(without.alpha, rel=1e-12)
+  np.testing.assert_allclose(with_origin.alpha_ci, without.alpha_ci, rtol=1e-12)
+  np.testing.assert_allclose(with_origin.beta_ci, without.beta_ci, rtol=1e-12)
+  with pytest.raises(ValueError, match="2 points away from d = 0"):
+    _fit(form, np.array([0.0, 1.0, 2.0]), np.array([0.0, 0.5, 0.7]), num_bootstrap=2)
+
+
 def test_intervals_without_prompts_warn_and_a_zero_se_is_refused():
   gold = _curve("bon", ALPHA, BETA) + np.random.default_rng(5).normal(0, 0.05, D.shape)
   with pytest.warns(UserWarning, match=r"fit_bon: intervals from the points alone .* "
