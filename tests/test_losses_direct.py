@@ -127,8 +127,9 @@ def ref_discopop(d, beta, tau=0.05):
 
 def ref_simpo(d, beta, gamma=None, gamma_beta_ratio=0.5, label_smoothing=0.0):
   gamma = gamma_beta_ratio * beta if gamma is None else gamma
-  z = beta * (d["pc"] / np.maximum(d["nc"], 1) - d["pr"] / np.maximum(d["nr"], 1)) - gamma
-  return -(1 - label_smoothing) * np.log(np_sigmoid(z)) - label_smoothing * np.log(np_sigmoid(-z))
+  z = beta * (d["pc"] / np.maximum(d["nc"], 1) - d["pr"] / np.maximum(d["nr"], 1))
+  return (-(1 - label_smoothing) * np.log(np_sigmoid(z - gamma))
+          - label_smoothing * np.log(np_sigmoid(-z - gamma)))
 
 
 def ref_orpo(d, beta):

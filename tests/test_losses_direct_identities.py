@@ -7,8 +7,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from prefjax.losses import direct
+from prefjax.losses import registry
 from prefjax.losses.direct import PairLogps
 from tests.test_losses_direct import B, BETA, random_pairs, to_pairs
 
@@ -30,6 +32,25 @@ def test_robust_is_unbiased_under_label_flips():
   expected = ((1 - eps) * direct.robust(x, beta=BETA, label_smoothing=eps)
               + eps * direct.robust(swapped(x), beta=BETA, label_smoothing=eps))
   np.testing.assert_allclose(expected, direct.dpo(x, beta=BETA), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in registry.DIRECT_LOSS_SPECS.items()
+                                         if s.soft_label))
+def test_a_soft_label_of_a_half_is_the_same_pair_with_its_sides_swapped(name):
+  """A tie names a "chosen" side only because a pair has two fields: the loss of every
+  soft-label loss (the trainer gives a tie label_smoothing ½) must not depend on it."""
+  x, fn = to_pairs(random_pairs(seed=21)), direct.DIRECT_LOSSES[name]
+  np.testing.assert_allclose(fn(x, beta=2.0, label_smoothing=0.5),
+                             fn(swapped(x), beta=2.0, label_smoothing=0.5), rtol=1e-6)
+
+
+def test_smoothed_simpo_is_the_expected_loss_under_flips():
+  """A flipped pair wants the other side to win by the margin γ."""
+  x, eps = to_pairs(random_pairs(seed=22)), 0.2
+  mixture = ((1 - eps) * direct.simpo(x, beta=2.0, gamma=1.0)
+             + eps * direct.simpo(swapped(x), beta=2.0, gamma=1.0))
+  np.testing.assert_allclose(direct.simpo(x, beta=2.0, gamma=1.0, label_smoothing=eps),
+                             mixture, rtol=1e-5)
 
 
 def test_conservative_dpo_is_the_expected_loss_under_flips():

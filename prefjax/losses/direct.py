@@ -418,13 +418,18 @@ def simpo(x: PairLogps, *, beta: ArrayLike, gamma: ArrayLike | None = None,
           gamma_beta_ratio: ArrayLike = 0.5, label_smoothing: ArrayLike = 0.0) -> Array:
   """SimPO: reference-free, length-normalised DPO with a target reward margin γ.
 
-  L = −(1−ε)·logσ(z) − ε·logσ(−z),  z = β·(π_c/n_c − π_r/n_r) − γ.
+  L = −(1−ε)·logσ(βΔ − γ) − ε·logσ(−βΔ − γ),  Δ = π_c/n_c − π_r/n_r.
 
   "SimPO: Simple Preference Optimization with a Reference-Free Reward"
   (arXiv 2405.14734), its loss for ε = 0. The reference fields of
   ``x`` are ignored. The authors tune the ratio γ/β rather than γ (their
   released configs range from about 0.1 to 0.8, 0.5 being the most common);
   by default γ = 0.5·β, or pass ``gamma`` to set it directly.
+
+  ε is the probability that the label is flipped, as in cDPO: a flipped pair wants
+  the other side to win by γ, so a tie (ε = ½, a soft label of ½) is symmetric in
+  the two sides, with its minimum at Δ = 0. The authors' code smooths −logσ(−(βΔ − γ))
+  instead, which for a tie still pushes the side called chosen up by γ/β.
 
   Args:
     x: ``PairLogps`` with ``[B]`` fields (only policy fields and counts used).
@@ -440,9 +445,10 @@ def simpo(x: PairLogps, *, beta: ArrayLike, gamma: ArrayLike | None = None,
   check_static_range("label_smoothing", label_smoothing, 0.0, 1.0)
   if gamma is None:
     gamma = gamma_beta_ratio * beta
-  mean_c = _token_mean(x.policy_chosen, x.chosen_tokens)
-  mean_r = _token_mean(x.policy_rejected, x.rejected_tokens)
-  return smoothed_logistic(beta * (mean_c - mean_r) - gamma, label_smoothing)
+  z = beta * (_token_mean(x.policy_chosen, x.chosen_tokens)
+              - _token_mean(x.policy_rejected, x.rejected_tokens))
+  eps = as_float(label_smoothing)
+  return -(1.0 - eps) * jax.nn.log_sigmoid(z - gamma) - eps * jax.nn.log_sigmoid(-z - gamma)
 
 
 # Largest token-averaged log-prob fed to log(1 − p): p = 1 would make the odds infinite.
