@@ -31,8 +31,8 @@ def ref_bradley_terry(rc, rr, margin=0.0, label_smoothing=0.0):
   margin, eps = np.asarray(margin), np.asarray(label_smoothing)
   margin = margin.reshape(margin.shape + (1,) * (rc.ndim - margin.ndim))
   eps = eps.reshape(eps.shape + (1,) * (rc.ndim - eps.ndim))
-  p = np_sigmoid(rc - rr - margin)
-  return -(1 - eps) * np.log(p) - eps * np.log(1 - p)
+  return (-(1 - eps) * np.log(np_sigmoid(rc - rr - margin))
+          - eps * np.log(np_sigmoid(rr - rc - margin)))  # a flipped label: rr wins by m
 
 
 def davidson_probabilities(ra, rb, nu):
@@ -142,8 +142,9 @@ def _soft_label(outcome, label_smoothing, ndim):
 
 def ref_pair_bt(rc, rr, outcome=1.0, margin=0.0, label_smoothing=0.0):
   p_label = _soft_label(outcome, label_smoothing, rc.ndim)
-  p_model = np_sigmoid(rc - rr - np.asarray(margin).reshape(-1, *([1] * (rc.ndim - 1))))
-  return -p_label * np.log(p_model) - (1 - p_label) * np.log(1 - p_model)
+  m = np.asarray(margin).reshape(-1, *([1] * (rc.ndim - 1)))
+  return (-p_label * np.log(np_sigmoid(rc - rr - m))
+          - (1 - p_label) * np.log(np_sigmoid(rr - rc - m)))
 
 
 def ref_pair_ties(rc, rr, outcome=1.0, nu=1.0):
@@ -275,6 +276,15 @@ def test_bradley_terry_smoothing_is_expected_loss_under_flips():
   mixture = (0.7 * preference.bradley_terry(rc, rr) + 0.3 * preference.bradley_terry(rr, rc))
   np.testing.assert_allclose(preference.bradley_terry(rc, rr, label_smoothing=0.3), mixture,
                              rtol=1e-5)
+
+
+@pytest.mark.parametrize("outcome", [0.0, 0.3, 0.5])
+def test_bt_with_a_margin_does_not_depend_on_which_side_is_called_chosen(outcome):
+  """Outcome o for (c, r) is outcome 1 − o for (r, c): the margin goes with the winner."""
+  rc, rr = jnp.asarray(_rewards(24, B), jnp.float32), jnp.asarray(_rewards(25, B), jnp.float32)
+  kwargs = dict(margin=MARGIN, label_smoothing=0.1)
+  np.testing.assert_allclose(preference.bt(rc, rr, outcome=outcome, **kwargs),
+                             preference.bt(rr, rc, outcome=1.0 - outcome, **kwargs), rtol=1e-5)
 
 
 def test_bradley_terry_margin_is_a_shift():

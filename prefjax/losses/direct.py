@@ -268,9 +268,10 @@ def bco_pair(x: PairLogps, *, beta: ArrayLike, delta: ArrayLike = 0.0) -> Array:
   L = −logσ(βρ_c − δ) − logσ(−(βρ_r − δ)).
 
   "Binary Classifier Optimization for Large Language Model Alignment"
-  (arXiv 2404.04656), with the reward shift δ. The paper sets δ to a
-  running mean of the implicit rewards; that state belongs to the trainer,
-  which passes it in (no gradient flows through δ). δ = 0 by default.
+  (arXiv 2404.04656), with the reward shift δ (no gradient flows through it). The
+  paper and TRL set δ to a running mean of the implicit rewards; ``train_dpo`` keeps
+  no such state and passes the configured constant (``loss.kwargs``, default 0), so
+  it trains TRL's ``bco_pair`` with a fixed shift.
 
   Args:
     x: ``PairLogps`` with ``[B]`` fields.

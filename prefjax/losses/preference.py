@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from prefjax.losses._common import Array, ArrayLike, as_float, broadcast_leading
 from prefjax.losses._common import check_rank, check_same_shape, check_static_range
-from prefjax.losses._common import smoothed_logistic, soft_label_smoothing
+from prefjax.losses._common import soft_label_smoothing
 from prefjax.losses.registry import add_to_registry, keyword_hyperparameters, lookup
 
 PreferenceLoss = Callable[..., Array]
@@ -63,14 +63,16 @@ def bradley_terry(r_chosen: ArrayLike, r_rejected: ArrayLike, *,
                   margin: ArrayLike = 0.0, label_smoothing: ArrayLike = 0.0) -> Array:
   """Bradley–Terry negative log-likelihood of the chosen response winning.
 
-  L = −(1−ε)·logσ(Δ−m) − ε·logσ(−(Δ−m)),  Δ = r_chosen − r_rejected.
+  L = −(1−ε)·logσ(Δ−m) − ε·logσ(−Δ−m),  Δ = r_chosen − r_rejected.
 
   Bradley & Terry (1952), "Rank Analysis of Incomplete Block Designs: I. The
   Method of Paired Comparisons"; as a reward-model loss in "Training language
   models to follow instructions with human feedback" (arXiv 2203.02155); the
   margin m as in "Llama 2: Open Foundation and Fine-Tuned Chat Models"
   (arXiv 2307.09288). ε (label smoothing) is the probability that the label is
-  flipped; a per-pair ε = 1 − p trains on a soft preference p.
+  flipped, and a flipped pair wants the rejected side to win by m; a per-pair
+  ε = 1 − p trains on a soft preference p (a tie, p = ½, is then the same loss
+  whichever side is called chosen).
 
   Args:
     r_chosen: ``[B]`` or ``[B, K]`` rewards of the preferred responses.
@@ -85,7 +87,9 @@ def bradley_terry(r_chosen: ArrayLike, r_rejected: ArrayLike, *,
   check_static_range("label_smoothing", label_smoothing, 0.0, 1.0)
   margin = broadcast_leading(margin, r_chosen, "margin")
   eps = broadcast_leading(label_smoothing, r_chosen, "label_smoothing")
-  return smoothed_logistic(r_chosen - r_rejected - margin, eps)
+  delta = r_chosen - r_rejected
+  return -(1.0 - eps) * jax.nn.log_sigmoid(delta - margin) - eps * jax.nn.log_sigmoid(
+      -delta - margin)
 
 
 def _outcome_weights(outcome: Array) -> tuple[Array, Array, Array]:
@@ -231,7 +235,8 @@ def bt(r_chosen: ArrayLike, r_rejected: ArrayLike, *, outcome: ArrayLike = 1.0,
   """Bradley–Terry with the outcome as a soft label.
 
   L = ``bradley_terry``(r_c, r_r, margin=m, label_smoothing=ε_o),
-  ε_o = 1 − [(1−ε)·o + ε·(1−o)]  (o = 1: the usual ε; o = ½: a tie pulls Δ − m to 0).
+  ε_o = 1 − [(1−ε)·o + ε·(1−o)]  (o = 1: the usual ε; o = 0: the rejected side must win
+  by m; o = ½: a tie pulls Δ to 0).
 
   See ``bradley_terry`` for the papers.
 
@@ -261,7 +266,7 @@ def ties(r_chosen: ArrayLike, r_rejected: ArrayLike, *, outcome: ArrayLike = 1.0
     r_chosen: ``[B]`` or ``[B, K]`` rewards.
     r_rejected: same shape.
     outcome: scalar or ``[B]``: 1, 0.5 (tie) or 0.
-    nu: tie propensity ν ≥ 0.
+    nu: tie propensity ν > 0.
 
   Returns:
     Per-example loss, shape of ``r_chosen``.
