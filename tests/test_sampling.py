@@ -266,6 +266,26 @@ def test_categorical_frequencies_across_blocks_with_excluded_tokens():
   np.testing.assert_allclose(counts, probs, atol=0.015)
 
 
+def test_categorical_never_returns_an_excluded_first_token_of_a_block(monkeypatch):
+  """Tokens 3, 4, 6, 7 are excluded. In rows where the mass before block 1 rounds
+  differently as cum[1] − block mass than as cum[0], a draw at that boundary used to land
+  before block 1's start and return its first token, 4 (a helper's find)."""
+  rng = np.random.default_rng(0)
+  p = np.zeros((2000, 8), np.float32)
+  p[:, 0], p[:, 1:3], p[:, 5] = 1.0, rng.uniform(0.05, 1.0, (2000, 2)), rng.uniform(0.05, 1, 2000)
+  logits = jnp.asarray(np.where(p > 0, np.log(np.maximum(p, 1e-30)), -np.inf), jnp.float32)
+  within = jnp.cumsum(jnp.exp(logits - logits.max(-1, keepdims=True)).reshape(-1, 2, 4), -1)
+  cum = np.asarray(jnp.cumsum(within[..., -1], -1))
+  rows = np.flatnonzero(cum[:, 1] - np.asarray(within[:, 1, -1]) > cum[:, 0])[:20]
+  assert rows.size == 20  # the rounding the test is about occurs
+  for r in rows:
+    boundary = np.float32(cum[r, 0] / cum[r, 1])
+    for u in (np.nextafter(boundary, np.float32(0)), boundary, np.nextafter(boundary, np.float32(1))):
+      monkeypatch.setattr(jax.random, "uniform", lambda *_, u=u, **__: jnp.full((1, 1), u))
+      token = int(sampling.categorical(jax.random.key(0), logits[r:r + 1], block=4)[0])
+      assert p[r, token] > 0, (r, u, token)
+
+
 def test_categorical_one_hot_rows_return_their_token():
   """Block starts and ends, and the last (padded) block: u near 1 must not fall past the token."""
   index = np.array([0, 3, 4, 20])

@@ -105,7 +105,9 @@ def categorical(rng: Array, logits: Array, *, block: int = 128) -> Array:
   j = jnp.minimum(jnp.sum(cum <= u, axis=-1), last(within[..., -1] > 0))
   rows = jnp.arange(b)
   in_block = within[rows, j]                            # [B, block]
-  rest = u[:, 0] - (cum[rows, j] - in_block[:, -1])
+  # The mass before block j as j was chosen (cum[j-1] <= u), so rest >= 0: recomputed
+  # as cum[j] - block mass it could round above u and pick an excluded first token.
+  rest = u[:, 0] - jnp.where(j > 0, cum[rows, jnp.maximum(j - 1, 0)], 0.0)
   i = jnp.minimum(jnp.sum(in_block <= rest[:, None], axis=-1), last(p[rows, j] > 0))
   return (j * block + i).astype(jnp.int32)
 
