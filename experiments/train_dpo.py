@@ -144,6 +144,12 @@ def kl_config(config: Any, tokenizer: Any) -> evaluation.KLEvalConfig | None:
   eval_cfg = config.eval
   if not eval_cfg.get("kl_max_new_tokens"):
     return None
+  temperature = float(eval_cfg.get("kl_temperature", 1.0))
+  if temperature != 1.0:
+    raise ValueError(
+        f"eval.kl_temperature={temperature}: the KL to the reference is estimated on samples "
+        "of the policy itself (temperature 1); the estimators score each sample with the "
+        "policy's own log-probs, so samples drawn at another temperature bias them")
   exact = str(eval_cfg.get("exact_kl", "auto")).lower()
   if exact not in ("auto", "true", "false"):
     raise ValueError(f"eval.exact_kl must be auto, true or false; got {exact!r}")
@@ -151,7 +157,7 @@ def kl_config(config: Any, tokenizer: Any) -> evaluation.KLEvalConfig | None:
   exact = tokenizer.vocab_size <= max_vocab if exact == "auto" else exact == "true"
   return evaluation.KLEvalConfig(
       max_new_tokens=int(eval_cfg.kl_max_new_tokens),
-      temperature=float(eval_cfg.get("kl_temperature", 1.0)), exact=bool(exact),
+      temperature=temperature, exact=bool(exact),
       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=int(config.seed))
 
 
