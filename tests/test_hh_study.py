@@ -1,5 +1,5 @@
 """The SmolLM2 / HH world of the overoptimization study (``experiments/hh_study.py``) wired
-up with a tiny random Llama and 60 HH rows in place of SmolLM2 and the full file."""
+up with a tiny random Llama and 100 HH rows in place of SmolLM2 and the full file."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def world(tmp_path_factory, hh_harmless_test_file):
   folder = tmp_path / "data" / "hh_rlhf" / "harmless-base"
   folder.mkdir(parents=True)
   with gzip.open(hh_harmless_test_file, "rt", encoding="utf-8") as f:
-    lines = [next(f) for _ in range(60)]
+    lines = [next(f) for _ in range(100)]  # 10 in resplit_validation: 4 eval prompts fit
   with gzip.open(folder / "test.jsonl.gz", "wt", encoding="utf-8") as f:
     f.writelines(lines)
   with pytest.MonkeyPatch.context() as env:
