@@ -4,7 +4,10 @@ The test launches this file twice as a worker (``python tests/test_distributed.p
 worker ...``), process ids 0 and 1, one CPU device each (a 2-device global mesh
 over ``data``). Each worker runs ``train_rm`` and ``train_dpo`` tiny for 4 steps on
 its own data shard (the pipeline takes rows ``process_index::process_count``,
-unshuffled here). The first ``train_dpo`` run dies right after its step-2
+unshuffled here), then a deep ensemble of 2 reward models with one member per
+process (``mesh.ensemble=2``): both processes hold the same rows of its batch, so
+both must read the whole data, in the same order (a member that trained on half of
+it used to pass unnoticed). The first ``train_dpo`` run dies right after its step-2
 checkpoint (an exception in both processes, after the coordinated save); the rerun
 in the same workdir resumes from it and finishes step 4. (``train_rm`` resumes
 through the same ``train_loop`` and is not crashed: that would cost a third
@@ -47,9 +50,10 @@ So bit-identity is reported, not asserted. Asserted, for both binaries:
 A wrong resume, another batch or lost parameters moves the loss by more than 1e-2
 and parameters by ~lr.
 
-Cost: 130 s with the shared 2-core CPU at load average 7-10 (110 s of CPU; the
-4-device version took 199 s and 131 s of CPU at load 3-9): each worker imports JAX,
-joins the coordinator and compiles both trainers (1 layer); the resumed
+Cost: 48 s for the file on a quiet 2-core CPU with the ensemble run (2026-12-05; 130 s
+without it at load average 7-10, 110 s of CPU; the 4-device version took 199 s and 131 s
+of CPU at load 3-9): each worker imports JAX, joins the coordinator and compiles the
+three trainers (1 layer); the resumed
 ``train_dpo`` run takes its executables from a persistent compilation cache the
 crashed run filled, and the reference runs while the workers do. It is the only
 test that runs more than one JAX process, which is why it is worth more than the
@@ -82,7 +86,7 @@ from tests import comparisons
 from tests import test_pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-BINARIES = ("rm", "dpo")
+BINARIES = ("rm", "dpo", "ensemble")
 RESUMED = "dpo"  # crashed after step CRASH_AFTER and resumed
 NUM_PROCESSES, LOCAL_PAIRS, STEPS, CRASH_AFTER = 2, 8, 4, 2
 GLOBAL_PAIRS = NUM_PROCESSES * LOCAL_PAIRS
@@ -90,7 +94,7 @@ DPO_EVAL_PAIRS = 209
 
 
 def make_config(binary: str, *, pairs: int):
-  config = (rm_tiny if binary == "rm" else dpo_tiny).get_config("quick")
+  config = (dpo_tiny if binary == "dpo" else rm_tiny).get_config("quick")
   config.model.overrides.num_layers = 1  # Less to compile; the collectives are the same.
   config.loop.num_steps = STEPS
   config.loop.log_every = 1
@@ -103,7 +107,10 @@ def make_config(binary: str, *, pairs: int):
   config.data.pipeline.update(bucket_boundaries=(), pad_to_multiple=None)
   config.mesh.shape = (-1, 1, 1)
   config.mesh.num_devices = NUM_PROCESSES
-  if binary == "rm":
+  if binary == "ensemble":  # One member per device; the batch is the same on both.
+    config.model.update(head=f"reward_ensemble:{NUM_PROCESSES}", ensemble="deep")
+    config.mesh.ensemble = NUM_PROCESSES
+  if binary != "dpo":
     config.optimizer.warmup_steps = 1
     # The final eval: each process scores its own rows of the 211 validation pairs (34 a
     # batch), and every process gathers all of them.
@@ -119,7 +126,11 @@ def make_config(binary: str, *, pairs: int):
 
 
 def _run(binary: str, config, workdir: str):
-  return (train_rm if binary == "rm" else train_dpo).run(config, workdir)
+  return (train_dpo if binary == "dpo" else train_rm).run(config, workdir)
+
+
+def _pairs_per_process(binary: str) -> int:
+  return GLOBAL_PAIRS if binary == "ensemble" else LOCAL_PAIRS
 
 
 class _Crash(Exception):
@@ -139,7 +150,7 @@ def worker(process_id: int, port: int, root: str) -> None:
       raise _Crash(f"process {process_id}: simulated crash after step {CRASH_AFTER}")
 
   for binary in BINARIES:
-    config = make_config(binary, pairs=LOCAL_PAIRS)
+    config = make_config(binary, pairs=_pairs_per_process(binary))
     workdir = os.path.join(root, binary)
     if binary == RESUMED:
       train.Checkpointer.save = save_then_crash
@@ -251,6 +262,9 @@ def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
   busy.__enter__()
   procs = _launch_workers(tmp_path)
   try:
+    # The ensemble's processes read the rows in file order, as one process does.
+    _run("ensemble", make_config("ensemble", pairs=GLOBAL_PAIRS),
+         str(tmp_path / "one" / "ensemble"))
     index_dataset = pipeline_lib.index_dataset
 
     def in_device_order(num_rows, config, **kwargs):
@@ -261,7 +275,7 @@ def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
       return rows.map(lambda row: int(order[row]))
 
     monkeypatch.setattr(pipeline_lib, "index_dataset", in_device_order)
-    for binary in BINARIES:
+    for binary in ("rm", "dpo"):
       _run(binary, make_config(binary, pairs=GLOBAL_PAIRS), str(tmp_path / "one" / binary))
     outputs = [proc.communicate(timeout=600)[0] for proc in procs]
   finally:
@@ -285,7 +299,7 @@ def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
     assert two_summary["final_step"] == one_summary["final_step"] == STEPS
     # Every validation pair scored once, by one process or the other.
     two_eval, one_eval = two_summary["final_eval"], one_summary["final_eval"]
-    if binary == "rm":
+    if binary != "dpo":
       assert two_eval["num_pairs"] == one_eval["num_pairs"] == 211
       assert abs(two_eval["accuracy"] - one_eval["accuracy"]) <= 2 / 211
     else:
