@@ -106,6 +106,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     model = experiment.make_model(config.model, vocab_size=tokenizer.vocab_size,
                                   seed=int(config.seed))
     num_columns, objectives = rm.reward_columns(model)
+    if objectives and int(config.loop.get("accum_steps", 1)) > 1:
+      raise ValueError(
+          f"loop.accum_steps={config.loop.accum_steps} with objectives {list(objectives)}: "
+          "each objective's loss is normalised by its own labelled pairs, which a split "
+          "into microbatches changes (microbatches pool by their real pairs); use "
+          "accum_steps=1")
     train_ds = pipeline_lib.preference_dataset(train_source, tokenizer, pcfg)
     train.check_batch_shapes(train_ds, mesh)
     train_iter = iter(train_ds)

@@ -108,9 +108,8 @@ def test_loss_fn_matches_float64_reference(name):
   c, r = r_c.astype(np.float64), r_r.astype(np.float64)
   o = batch["outcome"].astype(np.float64)
   if name == "bt":
-    p = 0.9 * o + 0.1 * (1 - o)
-    z = c - r - 0.3
-    ref = -p * _log_sigmoid(z) - (1 - p) * _log_sigmoid(-z)
+    p = 0.9 * o + 0.1 * (1 - o)  # the margin goes with the winner: r − c − m when r wins
+    ref = -p * _log_sigmoid(c - r - 0.3) - (1 - p) * _log_sigmoid(r - c - 0.3)
   elif name == "ties":
     log_tie = np.log(0.7) + 0.5 * (c + r)
     log_z = np.logaddexp(np.logaddexp(c, r), log_tie)
@@ -522,6 +521,10 @@ def test_multi_objective_run_reports_each_objective(data_env, tmp_path):
     assert 0.0 <= out["eval"][f"objective/{name}/accuracy"] <= 1.0
   assert out["eval"]["unlabelled_pairs"] == 0
   assert {"accuracy/subset/even", "accuracy/subset/odd"} <= set(out["eval"])
+  # 6 helpful and 2 harmless pairs in microbatches of 4 weighed harmless ¼, not ½.
+  config.loop.accum_steps = 2
+  with pytest.raises(ValueError, match=r"accum_steps=2 with objectives \['helpful', "):
+    train_rm.run(config, str(tmp_path / "accum"))
 
 
 def test_microbatches_pool_by_their_real_pairs_as_one_batch():

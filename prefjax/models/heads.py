@@ -152,9 +152,17 @@ class PooledHeadModel(nnx.Module):
     if segment_ids is not None and num_segments is None:
       raise ValueError("packed input (segment_ids given) needs the static "
                        "num_segments=S, the maximum number of segments per row")
-    if trunk_kwargs.get("prefix_ids") is not None and isinstance(self.trunk, Encoder):
-      raise ValueError("shared-prompt pairs (data.pipeline.share_prompt) need a causal "
-                       "decoder trunk: an encoder's prompt tokens would attend to a response")
+    if trunk_kwargs.get("prefix_ids") is not None:
+      if isinstance(self.trunk, Encoder):
+        raise ValueError("shared-prompt pairs (data.pipeline.share_prompt) need a causal "
+                         "decoder trunk: an encoder's prompt tokens would attend to a "
+                         "response")
+      if self.pooling != "last":
+        raise ValueError(
+            f"shared-prompt pairs (data.pipeline.share_prompt) with pooling="
+            f"{self.pooling!r}: a response's segment there holds no prompt, so the pooled "
+            "features would skip it while evaluation (padded rows) reads it; use 'last' "
+            "pooling or share_prompt=False")
     trunk_kwargs.update(attention_mask=attention_mask, segment_ids=segment_ids,
                         positions=positions)
     if self.pooling != "mean" and isinstance(self.trunk, Decoder):
