@@ -7,6 +7,7 @@ row; the expected line and reason are written here by hand.
 import gzip
 import json
 import logging
+import re
 import zlib
 
 import pytest
@@ -47,6 +48,10 @@ BAD_LINES = {
     "non_utf8": (b'{"prompt": "Q", "chosen": " caf\xe9", "rejected": " no"}', "non_utf8"),
     "lone_surrogate_escape": (b'{"prompt": "Q\\ud800", "chosen": " a", "rejected": " b"}',
                               "non_utf8"),
+    "duplicate_key": (b'{"prompt": "Q", "chosen": " A", "chosen": " B", "rejected": " B"}',
+                      "duplicate_key"),
+    "misnamed_field": (_line({"Prompt": "Q", "chosen": " yes", "rejected": " no"}),
+                       "misnamed_field"),
 }
 
 
@@ -84,6 +89,25 @@ def test_malformed_json_detail_gives_the_column(tmp_path, line, detail):
   path = _write_case(tmp_path, line)
   with pytest.raises(pdata.BadRowError, match=rf"{path}:2: malformed_json: {detail}"):
     _load(path, tmp_path / "cache", "error")
+
+
+def test_the_details_of_a_duplicate_key_a_misnamed_field_and_a_one_line_array(tmp_path):
+  for bad, detail in ((BAD_LINES["duplicate_key"][0], "key 'chosen' appears twice"),
+                      (BAD_LINES["misnamed_field"][0], "field 'Prompt': did you mean 'prompt'?"),
+                      (BAD_LINES["not_an_object"][0], "got list (a JSON array: JSONL holds")):
+    with pytest.raises(pdata.BadRowError, match=re.escape(detail)):
+      _load(_write_case(tmp_path, bad), tmp_path / f"cache{len(detail)}", "error")
+
+
+def test_a_prompt_ending_in_a_space_is_built_with_a_note(tmp_path):
+  rows = [{"prompt": "Capital of France? Answer: ", "chosen": "Paris", "rejected": " Lyon"},
+          {**GOOD, "prompt": "Q2 "}, {**GOOD, "prompt": "Q3"}]
+  path = tmp_path / "space.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  source = _load(path, tmp_path / "cache", "error")
+  assert len(source) == 3  # built anyway
+  notes = [(n.line, n.reason) for n in source.summary.notes]
+  assert notes == [(1, "space_at_prompt_end")]  # row 2's responses start with a space
 
 
 def test_a_pretty_printed_json_array_is_named_so(tmp_path):

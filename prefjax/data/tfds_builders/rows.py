@@ -7,8 +7,10 @@ row read is either built, routed to another split, or recorded as a problem.
 Problem reasons (the ``reason`` field, stable strings usable in filters):
 
 - ``malformed_json``: the line is not valid JSON (or holds NaN/Infinity).
+- ``duplicate_key``: an object names a key twice (JSON parsers keep the last silently).
 - ``not_an_object``: the line is valid JSON but not an object.
 - ``missing_field`` / ``wrong_type``: a required field is absent or not text.
+- ``misnamed_field``: a field's name differs from a known one only in case (``Prompt``).
 - ``empty_response``: chosen or rejected response is empty or whitespace only
   (user and synthetic data; HH-RLHF and PandaLM keep such pairs, because an
   empty answer is what their annotators judged, and list them as notes).
@@ -193,10 +195,16 @@ def parse_preference_object(obj: Any, *, layout: str = "auto",
   split like HH-RLHF by `split_transcript`; ``"auto"`` picks "prompt" when the
   row has a prompt field. Optional: ``weight`` (>= 0,
   default 1), ``outcome`` in [0, 1] (default 1 = chosen preferred; 0.5 = tie),
-  ``meta`` (an object). Any other key is kept in ``meta`` under its own name.
+  ``meta`` (an object); ``null`` counts as absent. Any other key is kept in
+  ``meta`` under its own name. A prompt that ends in whitespace before a response
+  that starts without it is built with a note: tokenized apart, the response's
+  first token lacks the space a joint encoding would give it.
   """
   if not isinstance(obj, dict):
-    raise RowError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+    hint = " (a JSON array: JSONL holds one object per line)" if isinstance(obj, list) else ""
+    raise RowError("not_an_object",
+                   f"expected a JSON object, got {type(obj).__name__}{hint}")
+  _check_field_names(obj)
   if layout not in ("auto", "prompt", "transcripts"):
     raise ValueError(f"unknown layout {layout!r}")
   prompt_layout = layout == "prompt" or (layout == "auto" and "prompt" in obj)
@@ -216,7 +224,20 @@ def parse_preference_object(obj: Any, *, layout: str = "auto",
     meta["multi_turn_response"] = True
     notes += (("multi_turn_response", "a response holds a Human/Assistant turn tag"
                if prompt_layout else "transcripts diverge before the last assistant turn"),)
+  if prompt[-1:].isspace() and any(r and not r[0].isspace() for r in (chosen, rejected)):
+    notes += (("space_at_prompt_end", "the prompt ends in whitespace and a response starts "
+               "without it; move the space into the responses (\"Answer:\" + \" Paris\")"),)
   return PreferenceRow(prompt, chosen, rejected, outcome, weight, meta, notes)
+
+
+_KNOWN_FIELDS = ("prompt", "chosen", "rejected", "weight", "outcome", "meta")
+
+
+def _check_field_names(obj: Mapping[str, Any]) -> None:
+  for key in obj:
+    if key not in _KNOWN_FIELDS and key.lower() in _KNOWN_FIELDS:
+      raise RowError("misnamed_field", f"field {key!r}: did you mean {key.lower()!r}? "
+                                       "(field names are lower case)")
 
 
 def _meta(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -225,8 +246,7 @@ def _meta(obj: Mapping[str, Any]) -> dict[str, Any]:
   meta = {} if meta is None else meta
   if not isinstance(meta, dict):
     raise RowError("bad_value", f"field 'meta' must be an object, got {reprlib.repr(meta)}")
-  known = {"prompt", "chosen", "rejected", "weight", "outcome", "meta"}
-  extra = {k: v for k, v in obj.items() if k not in known}
+  extra = {k: v for k, v in obj.items() if k not in _KNOWN_FIELDS}
   for key in sorted(extra.keys() & meta.keys()):
     if extra[key] != meta[key]:
       raise RowError("bad_value", f"field {key!r} is {reprlib.repr(extra[key])} but meta's "
@@ -239,6 +259,19 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # only then can a lone sur
 
 def _reject_constant(name: str) -> Any:
   raise ValueError(f"non-finite number {name} is not valid JSON")
+
+
+class _DuplicateKey(ValueError):
+  pass
+
+
+def _object_without_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+  seen: set[str] = set()
+  for key, _ in pairs:
+    if key in seen:
+      raise _DuplicateKey(f"key {key!r} appears twice in one object")
+    seen.add(key)
+  return dict(pairs)
 
 
 def iter_json_lines(path: pathlib.Path) -> Iterator[tuple[int, Any | RowProblem]]:
@@ -275,7 +308,10 @@ def _decode_json_line(raw: bytes, file: str, line_no: int) -> Any | RowProblem:
     return RowProblem(file, line_no, "non_utf8",
                       f"invalid UTF-8 byte {raw[e.start:e.start + 1]!r} at byte {e.start} of the line")
   try:
-    value = json.loads(text, parse_constant=_reject_constant)
+    value = json.loads(text, parse_constant=_reject_constant,
+                       object_pairs_hook=_object_without_duplicate_keys)
+  except _DuplicateKey as e:
+    return RowProblem(file, line_no, "duplicate_key", str(e))
   except json.JSONDecodeError as e:
     detail = f"{e.msg.removesuffix(' at')} at column {e.pos + 1}"
     if line_no == 1 and text.lstrip().startswith("["):
