@@ -2,8 +2,8 @@
 
 Everything here works on host NumPy arrays of per-pair rewards, so the same code
 scores a single RM, each ensemble member, or an aggregation of ensemble members.
-Metrics follow common practice: pairwise accuracy (ties count half, as in
-RewardBench), mean margin, Bradley–Terry log-loss, expected calibration error of
+Metrics follow common practice: pairwise accuracy (equal scores count half, as
+RewardBench scores its generative judges; its classifier RMs count them wrong), mean margin, Bradley–Terry log-loss, expected calibration error of
 σ(Δ) (Guo et al. 2017, "On Calibration of Modern Neural Networks",
 arXiv 1706.04599), accuracy by response-length bucket and the chosen-longer rate
 (length-bias slice; Singhal et al. 2023, arXiv 2310.03716).

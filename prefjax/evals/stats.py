@@ -10,7 +10,8 @@ Tibshirani 1993, ch. 16; the "paired bootstrap" of Koehn 2004 for MT metrics).
 
 Conventions:
 * ``signed`` margins are oriented so that > 0 means the preferred side scored
-  higher; a zero margin counts half (RewardBench's convention for ties).
+  higher; a zero margin counts half (RewardBench counts it wrong for a classifier RM
+  and half for a generative judge: half is the expected accuracy of a coin flip).
 * ECE is over both orders (a, b) and (b, a) of each pair, as in
   ``prefjax.rm.evaluation.symmetric_calibration``; equal-width bins.
 * The percentile interval is [2.5%, 97.5%] of the resampled values.
