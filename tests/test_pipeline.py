@@ -13,6 +13,7 @@ import pytest
 from prefjax.data import packing
 from prefjax.data import pipeline
 from prefjax.data import tokenize
+from prefjax.data import truncation
 from prefjax.models import segments
 
 TOK = tokenize.ByteTokenizer()
@@ -138,7 +139,7 @@ SEQUENCES = {"padded": padded_sequences, "packed": packed_sequences}
 ])
 def test_truncation_policy(prompt, responses, kw, expected):
   cfg = pipeline.PipelineConfig(max_length=8, max_prompt_length=4, **kw)
-  assert pipeline.truncate(prompt, responses, cfg, BOS) == expected
+  assert truncation.truncate(prompt, responses, cfg, BOS) == expected
 
 
 @pytest.mark.parametrize("ids,limit,bos,expected", [
@@ -149,7 +150,7 @@ def test_truncation_policy(prompt, responses, kw, expected):
     ([9, 1], 5, 9, [9, 1]),
 ])
 def test_left_truncate(ids, limit, bos, expected):
-  assert pipeline.left_truncate(ids, limit, bos) == expected
+  assert truncation.left_truncate(ids, limit, bos) == expected
 
 
 @pytest.mark.parametrize("ids,limit,bos,keep_start,expected", [
@@ -159,7 +160,7 @@ def test_left_truncate(ids, limit, bos, expected):
     ([9, 1, 2], 4, 9, 2, [9, 1, 2]),
 ])
 def test_left_truncate_keeps_the_start(ids, limit, bos, keep_start, expected):
-  assert pipeline.left_truncate(ids, limit, bos, keep_start) == expected
+  assert truncation.left_truncate(ids, limit, bos, keep_start) == expected
 
 
 def test_prompt_keep_start_must_leave_room_for_the_end():

@@ -22,6 +22,6 @@ _EXPORTS = {
     "synthetic_root": "tfds_builders.synthetic",
 }
 _SUBMODULES = ("packing", "padding", "pipeline", "report", "sources", "tfds_builders", "tiny_world",
-               "tokenize")
+               "tokenize", "truncation")
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, _EXPORTS, _SUBMODULES)

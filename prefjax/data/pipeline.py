@@ -25,7 +25,7 @@ thread and keeps that guarantee. Padding examples (to fill the last batch when
 ``drop_remainder=False``) have weight 0 and mask 0, and hold one pad token with
 ``attention_mask`` 1 so no attention row is empty.
 
-Truncation (pairs and SFT): (1) the prompt is cut from the LEFT to
+Truncation (pairs and SFT; ``truncation.py``): (1) the prompt is cut from the LEFT to
 ``max_prompt_length``, keeping a leading BOS and, with ``prompt_keep_start`` = k,
 its first k tokens after the BOS (an instruction that opens the prompt; the rest
 of the limit still comes from its end, where a chat template puts the assistant
@@ -53,6 +53,7 @@ from prefjax.data import packing
 from prefjax.data import padding
 from prefjax.data import read_ahead
 from prefjax.data import tokenize as tokenize_lib
+from prefjax.data import truncation
 from prefjax.data.tfds_builders import rows as rows_lib
 
 MODES = ("padded", "packed")
@@ -258,35 +259,6 @@ class Example:
     return len(self.prompt) + sum(len(r) for r in self.responses)
 
 
-def left_truncate(ids: list[int], limit: int, bos_id: int | None,
-                  keep_start: int = 0) -> list[int]:
-  """At most ``limit`` tokens: a leading BOS if there was one, the ``keep_start`` tokens
-  after it (never all of the limit), then the last tokens."""
-  if len(ids) <= limit:
-    return ids
-  head = int(bos_id is not None and bool(ids) and ids[0] == bos_id and limit > 1)
-  head += min(keep_start, limit - head - 1)
-  return ids[:head] + ids[len(ids) - (limit - head):]
-
-
-def truncate(prompt: list[int], responses: Sequence[list[int]], config: PipelineConfig,
-             bos_id: int | None) -> tuple[list[int], list[list[int]], bool, bool, str | None]:
-  """Applies the truncation policy; returns (prompt, responses, cut prompt?, cut response?, drop reason)."""
-  cut_prompt = False
-  if len(prompt) > config.prompt_limit:
-    prompt = left_truncate(prompt, config.prompt_limit, bos_id, config.prompt_keep_start)
-    cut_prompt = True
-  if not prompt:
-    return prompt, list(responses), cut_prompt, False, "empty_prompt"
-  if any(not r for r in responses):
-    return prompt, list(responses), cut_prompt, False, "empty_response"
-  budget = config.max_length - len(prompt)
-  cut_response = any(len(r) > budget for r in responses)
-  if cut_response and budget < config.min_response_length:
-    return prompt, list(responses), cut_prompt, False, "over_long"
-  return prompt, [r[:budget] for r in responses], cut_prompt, cut_response, None
-
-
 def _row_name(row: Mapping[str, Any], index: int) -> str:
   """``source row 3 (file.jsonl:4)``: the index, and the raw file:line when the row has an id."""
   row_id = row.get("id")
@@ -367,10 +339,10 @@ class TokenizeFn:
     untruncated = (len(prompt), *map(len, responses))
     if not self.response_keys:  # prompt-only: the prompt is capped, nothing else.
       cut = len(prompt) > cfg.prompt_limit
-      prompt = left_truncate(prompt, cfg.prompt_limit, bos_id, cfg.prompt_keep_start)
+      prompt = truncation.left_truncate(prompt, cfg.prompt_limit, bos_id, cfg.prompt_keep_start)
       return Example(index, np.asarray(prompt, np.int32), truncated_prompt=cut,
                      dropped=None if prompt else "empty_prompt", untruncated=untruncated)
-    prompt, responses, cut_p, cut_r, dropped = truncate(prompt, responses, cfg, bos_id)
+    prompt, responses, cut_p, cut_r, dropped = truncation.truncate(prompt, responses, cfg, bos_id)
     return Example(
         index=index, prompt=np.asarray(prompt, np.int32),
         responses=tuple(np.asarray(r, np.int32) for r in responses),

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prefjax.data import pipeline as pipeline_lib
+from prefjax.data import truncation
 from prefjax.losses import policy as policy_losses
 from prefjax.models import heads as heads_lib
 from prefjax.models import sampling
@@ -83,7 +83,7 @@ def encode_prompts(texts: Sequence[str], token_ids: Sequence[Sequence[int]], *,
   """
   if not texts:
     raise ValueError("encode_prompts: no prompts")
-  ids = [pipeline_lib.left_truncate(list(x), max_length, bos_id) for x in token_ids]
+  ids = [truncation.left_truncate(list(x), max_length, bos_id) for x in token_ids]
   empty = [i for i, x in enumerate(ids) if not x]
   if empty:
     raise ValueError(f"encode_prompts: prompt {empty[0]} ({texts[empty[0]]!r}) has no tokens")
