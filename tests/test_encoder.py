@@ -204,6 +204,10 @@ def test_config_from_and_to_hf_dict():
   assert encoder.EncoderConfig.from_hf_dict(hf) == CFG
   with pytest.raises(ValueError, match="position_embedding_type 'relative_key'"):
     encoder.EncoderConfig.from_hf_dict({**hf, "position_embedding_type": "relative_key"})
+  for flag in ("is_decoder", "add_cross_attention"):  # a causal mask HF would apply
+    with pytest.raises(ValueError, match=f"unsupported BERT config {flag}=true"):
+      encoder.EncoderConfig.from_hf_dict({**hf, flag: True})
+  assert encoder.EncoderConfig.from_hf_dict({**hf, "is_decoder": False}) == CFG
   with pytest.raises(ValueError, match="model_type 'bert', got 'roberta'"):
     encoder.EncoderConfig.from_hf_dict({**hf, "model_type": "roberta"})
   with pytest.raises(ValueError, match="hidden_size=10 is not divisible by num_heads=4"):

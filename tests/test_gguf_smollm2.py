@@ -107,11 +107,24 @@ def test_round_trip_reproduces_logits(tmp_path, tied):
     (dict(drop=("blk.1.ffn_up.weight",)), "layers/1/mlp/up_proj/kernel"),
     (dict(ffn=48), "'layers/0/mlp/(gate|up|down)_proj/kernel' has shape"),
     (dict(extra=(("blk.0.attn_q.bias", np.zeros(24)),)), "'blk.0.attn_q.bias'"),
+    (dict(extra=(("rope_freqs.weight", np.ones(4)),)), "Llama 3.1/3.2 rope scaling"),
 ])
 def test_bad_files_raise_naming_the_problem(tmp_path, kwargs, message):
   path = write_gguf(tmp_path / "bad.gguf", random_model(TINY), **kwargs)
   with pytest.raises(gguf_import.GGUFImportError, match=message):
     gguf_import.load_gguf(path)
+
+
+@pytest.mark.parametrize("key", ["llama.rope.scaling.factor", "llama.rope.scale_linear"])
+def test_a_rope_scaling_factor_without_a_type_is_refused(tmp_path, key):
+  """llama.cpp reads a factor with no scaling type as linear scaling; loading it as plain
+  RoPE would move every logit (by ~0.3 on a tiny model, a helper measured)."""
+  meta = gguf_import.gguf_metadata(write_gguf(tmp_path / "m.gguf", random_model(TINY)))
+  vocab = TINY.vocab_size
+  assert gguf_import.config_from_metadata({**meta, key: 1.0}, vocab_size=vocab).rope_theta == (
+      TINY.rope_theta)
+  with pytest.raises(gguf_import.GGUFImportError, match=rf"{key}=2.0 \(rope scaling\)"):
+    gguf_import.config_from_metadata({**meta, key: 2.0}, vocab_size=vocab)
 
 
 def test_damaged_files_raise_naming_the_file_and_tensor(tmp_path):

@@ -115,6 +115,10 @@ class EncoderConfig:
     pos_type = hf.get("position_embedding_type", "absolute")
     if pos_type != "absolute":
       raise ValueError(f"unsupported position_embedding_type {pos_type!r} (only 'absolute')")
+    for flag in ("is_decoder", "add_cross_attention"):  # a causal mask / cross-attention
+      if hf.get(flag):
+        raise ValueError(f"unsupported BERT config {flag}=true: the encoder attends both "
+                         "ways and has no cross-attention")
     return cls(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],

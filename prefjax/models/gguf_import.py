@@ -83,6 +83,10 @@ def config_from_metadata(meta: dict[str, Any], *, path: str = "<gguf>",
   if meta.get(f"{arch}.rope.scaling.type", "none") not in ("none", None):
     raise GGUFImportError(f"{path}: rope scaling "
                           f"'{meta[f'{arch}.rope.scaling.type']}' is not supported")
+  for key in (f"{arch}.rope.scaling.factor", f"{arch}.rope.scale_linear"):
+    # llama.cpp reads a factor without a type as linear scaling.
+    if float(meta.get(key, 1.0)) != 1.0:
+      raise GGUFImportError(f"{path}: {key}={meta[key]} (rope scaling) is not supported")
   hidden = int(_require(meta, f"{arch}.embedding_length", path))
   heads = int(_require(meta, f"{arch}.attention.head_count", path))
   head_dim = int(meta.get(f"{arch}.attention.key_length",
@@ -132,6 +136,9 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 def _target(name: str, path: str) -> tuple[str, bool]:
   if name in _GLOBAL_TENSORS:
     return _GLOBAL_TENSORS[name]
+  if name == "rope_freqs.weight":
+    raise GGUFImportError(f"{path}: tensor 'rope_freqs.weight' holds Llama 3.1/3.2 rope "
+                          "scaling, which is not supported (only default RoPE)")
   match = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
   if match and match.group(2) in _BLOCK_TENSORS:
     suffix, transpose = _BLOCK_TENSORS[match.group(2)]
