@@ -474,6 +474,36 @@ def test_a_pair_the_rejected_side_won_trains_turned_around(monkeypatch):
   np.testing.assert_allclose(float(loss), np.mean(np.logaddexp(0.0, -margins)), rtol=1e-6)
 
 
+def test_a_soft_label_below_a_half_is_its_pair_turned_around_and_a_tie_has_no_side(
+    monkeypatch):
+  """o = 0.3 for (c, r) is o = 0.7 for (r, c); a tie counts ½ in the accuracy and adds no
+  NLL (the audit found both credited to whichever response was listed first)."""
+  def fixed_scores(model, batch, num_segments=None):
+    del model, num_segments
+    return loss_lib.SequenceScores(batch["s_c"], batch["s_r"], batch["n_c"], batch["n_r"])
+  monkeypatch.setattr(loss_lib, "score_pairs", fixed_scores)
+  s_c, s_r = np.array([-1.0, -2.0, -1.5], np.float32), np.array([-2.0, -0.5, -1.0], np.float32)
+  n_c, n_r = np.array([2.0, 3.0, 4.0], np.float32), np.array([5.0, 1.0, 2.0], np.float32)
+  zeros, ones = np.zeros(3, np.float32), np.ones(3, np.float32)
+  batch = {"s_c": s_c, "s_r": s_r, "n_c": n_c, "n_r": n_r, "ref_chosen": zeros,
+           "ref_rejected": zeros, "outcome": np.array([0.3, 0.8, 0.5], np.float32),
+           "weight": ones, "pair_mask": ones}
+  first = np.arange(3) == 0  # pair 0 listed the other way round, with o = 0.7
+  swapped = {**batch, "s_c": np.where(first, s_r, s_c), "s_r": np.where(first, s_c, s_r),
+             "n_c": np.where(first, n_r, n_c), "n_r": np.where(first, n_c, n_r),
+             "outcome": np.array([0.7, 0.8, 0.5], np.float32)}
+  dpo = loss_lib.make_loss_fn(loss_lib.DirectLoss(name="dpo", beta=0.5, ref_mode="online",
+                                                  nll_alpha=1.0))
+  (loss, metrics), (loss_s, metrics_s) = (dpo(None, b, jax.random.key(0))
+                                          for b in (batch, swapped))
+  np.testing.assert_allclose(float(loss), float(loss_s), rtol=1e-6)
+  correct = [float(s_r[0] > s_c[0]), float(s_c[1] > s_r[1])]  # the preferred side higher?
+  np.testing.assert_allclose(float(metrics["rewards/accuracies"]), (sum(correct) + 0.5) / 3)
+  nll = (-s_r[0] / n_r[0] - s_c[1] / n_c[1]) / 3  # the tie adds nothing
+  np.testing.assert_allclose(float(metrics["nll"]), nll, rtol=1e-6)
+  assert float(metrics_s["rewards/accuracies"]) == float(metrics["rewards/accuracies"])
+
+
 def test_a_registered_loss_of_the_wrong_shape_or_nan_at_padding(monkeypatch):
   """``[B, 1]`` per-pair losses broadcast to ``[B, B]`` (a 16x loss at B = 16) and a scalar
   ignored the pair weights, silently; a NaN at a padding pair made the loss NaN."""

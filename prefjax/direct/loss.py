@@ -7,7 +7,7 @@ log-probabilities are NOT computed here: they arrive in the batch as
 ``ref_chosen`` / ``ref_rejected`` ``[B]`` (and ``ref_kl`` ``[2B]`` for KTO),
 filled either by the frozen reference model on the fly or from the on-disk
 cache (``prefjax.direct.ref_cache``), so the loss is the same jitted program in
-both modes and cached values give bit-identical losses.
+both modes (the values themselves agree as ``ref_cache`` says).
 
 Reduction: per pair ``w_i = weight_i · pair_mask_i`` and
 ``L = Σ_i w_i ℓ_i / Σ_i w_i``; ``loss_weight = Σ_i w_i`` tells the train core
@@ -16,13 +16,16 @@ how to combine microbatches exactly.
 What the trainer must know about a loss comes from its registry spec
 (``prefjax.losses.registry.DirectLossSpec``), never from its name:
 
-Outcomes: a pair whose ``outcome`` is 0 (its rejected side won, as PandaLM stores
-response 2's wins) is turned around before the loss and its metrics (``oriented``), so
-every loss and ``rewards/accuracies`` see the preferred response as chosen. Ties
-(0 < ``outcome`` < 1): ``soft_label`` losses get a per-pair
+Outcomes: a pair whose ``outcome`` is below ½ (its rejected side is the preferred one,
+as PandaLM stores response 2's wins with 0) is turned around before the loss and its
+metrics (``oriented``, outcome o → 1 − o), so every loss, ``rewards/accuracies`` and the
+NLL term see the preferred response as chosen. Soft preferences and ties
+(½ ≤ o < 1 after that): ``soft_label`` losses get a per-pair
 ε_i = 1 − [(1−ε)·o_i + ε·(1−o_i)]; for the other losses, which have no notion
 of a soft preference, such pairs are dropped (weight 0, counted in
-``pairs/num_dropped_ties``).
+``pairs/num_dropped_ties``). A tie (o = ½) has no preferred side: it counts ½ in
+``rewards/accuracies`` (a coin flip's expected accuracy) and adds nothing to the NLL term
+(the means stay over all counted pairs, so batches still pool by their weights).
 
 Optional NLL term (RPO, "Iterative Reasoning Preference Optimization",
 arXiv 2404.19733): ``+ α · NLL(chosen)`` with NLL the token-averaged negative
@@ -273,9 +276,9 @@ def _per_example(loss: DirectLoss, losses: Array, weights: Array) -> Array:
 
 
 def oriented(x: direct_losses.PairLogps, outcome: Array) -> direct_losses.PairLogps:
-  """``x`` with the sides of every pair of ``outcome`` 0 swapped: chosen is the preferred
-  response (its outcome is then 1, ``decisive_outcome``)."""
-  flip = jnp.asarray(outcome) == 0.0
+  """``x`` with the sides of every pair of ``outcome`` < ½ swapped: chosen is the preferred
+  response (its outcome is then 1 − o, ``decisive_outcome``)."""
+  flip = jnp.asarray(outcome) < 0.5
   pick = lambda a, b: jnp.where(flip, b, a)  # noqa: E731
   return direct_losses.PairLogps(
       pick(x.policy_chosen, x.policy_rejected), pick(x.policy_rejected, x.policy_chosen),
@@ -284,9 +287,10 @@ def oriented(x: direct_losses.PairLogps, outcome: Array) -> direct_losses.PairLo
 
 
 def decisive_outcome(batch: Batch) -> Array:
-  """The batch's outcomes after ``oriented``: 0 becomes 1, ties stay."""
+  """The batch's outcomes after ``oriented``: o < ½ becomes 1 − o (0 becomes 1), so every
+  outcome is ≥ ½; ties stay ½."""
   outcome = jnp.asarray(batch["outcome"], jnp.float32)
-  return jnp.where(outcome == 0.0, 1.0, outcome)
+  return jnp.where(outcome < 0.5, 1.0 - outcome, outcome)
 
 
 def _tie_handling(loss: DirectLoss, batch: Batch) -> tuple[dict[str, Any], Array, Array]:
@@ -330,15 +334,15 @@ def implicit_rewards(loss: DirectLoss, x: direct_losses.PairLogps) -> tuple[Arra
   return rc, rr
 
 
-def pair_metrics(loss: DirectLoss, x: direct_losses.PairLogps,
-                 weights: Array) -> dict[str, Array]:
-  """TRL-named metrics (pair-weighted means)."""
+def pair_metrics(loss: DirectLoss, x: direct_losses.PairLogps, weights: Array,
+                 tie: Array) -> dict[str, Array]:
+  """TRL-named metrics (pair-weighted means); a ``tie`` counts ½ in the accuracy."""
   rc, rr = implicit_rewards(loss, x)
   mean = lambda v: weighted_mean(v, weights)  # noqa: E731
   return {
       "rewards/chosen": mean(rc), "rewards/rejected": mean(rr),
       "rewards/margins": mean(rc - rr),
-      "rewards/accuracies": mean((rc > rr).astype(jnp.float32)),
+      "rewards/accuracies": mean(jnp.where(tie, 0.5, (rc > rr).astype(jnp.float32))),
       "logps/chosen": mean(x.policy_chosen), "logps/rejected": mean(x.policy_rejected),
   }
 
@@ -389,11 +393,13 @@ def make_loss_fn(loss: DirectLoss) -> Callable[[nnx.Module, Batch, Array],
                                             weights)
       main = weighted_mean(losses, weights)
     total = main
+    tie = decisive_outcome(batch) == 0.5
     if loss.alpha:
-      nll = weighted_mean(-x.policy_chosen / jnp.maximum(x.chosen_tokens, 1.0), weights)
+      per_token = -x.policy_chosen / jnp.maximum(x.chosen_tokens, 1.0)
+      nll = weighted_mean(jnp.where(tie, 0.0, per_token), weights)
       total = total + loss.alpha * nll
       metrics.update({"nll": nll, "preference_loss": main})
-    metrics.update(pair_metrics(loss, x, weights))
+    metrics.update(pair_metrics(loss, x, weights, tie))
     metrics["pairs/num_dropped_ties"] = dropped
     metrics["loss_weight"] = jnp.sum(weights)
     return total, metrics
