@@ -10,7 +10,12 @@ loss is the sum over columns, so ensemble members' gradients are independent.
 
 Ensembles: with ``bootstrap`` each member k weighs each pair by a Poisson(1)
 draw from ``fold_in(step_rng, first_member + k)`` (online bagging; Oza &
-Russell 2001), so a single RM with ``first_member=k`` reproduces member k.
+Russell 2001), so a single RM with ``first_member=k`` reproduces member k. The
+draws follow the step, not the example: over E epochs a pair's total weight in a
+member is Poisson(E), so members trained for many epochs see nearly the same data
+(their weights' spread falls as 1/√E; a fixed bootstrap resample would keep it).
+Coste et al. 2023 train their members on the same data from different seeds,
+which ``model.ensemble="deep"`` without ``bootstrap`` does.
 
 Multi-objective heads (``multi:helpful,harmless``): objective o's loss uses the
 pairs labelled with o (``objective_mask`` [B, O], see ``prefjax.rm.labels``),
