@@ -34,10 +34,10 @@ def _llama_config(tied: bool) -> transformers.LlamaConfig:
       attn_implementation="eager")
 
 
-def _gpt2_config() -> transformers.GPT2Config:
+def _gpt2_config(tied: bool = True) -> transformers.GPT2Config:
   return transformers.GPT2Config(
       vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-      attn_implementation="eager")
+      tie_word_embeddings=tied, attn_implementation="eager")
 
 
 def _bert_config() -> transformers.BertConfig:
@@ -50,6 +50,7 @@ _HF_BUILDERS = {
     "llama_untied": lambda: transformers.LlamaForCausalLM(_llama_config(tied=False)),
     "llama_tied": lambda: transformers.LlamaForCausalLM(_llama_config(tied=True)),
     "gpt2": lambda: transformers.GPT2LMHeadModel(_gpt2_config()),
+    "gpt2_untied": lambda: transformers.GPT2LMHeadModel(_gpt2_config(tied=False)),
     "bert": lambda: transformers.BertModel(_bert_config()),
 }
 

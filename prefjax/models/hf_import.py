@@ -191,7 +191,7 @@ def decoder_config_to_hf(config) -> dict[str, Any]:
             "vocab_size": c.vocab_size, "n_embd": c.hidden_size, "n_layer": c.num_layers,
             "n_head": c.num_heads, "n_inner": c.intermediate_size,
             "n_positions": c.max_position_embeddings, "layer_norm_epsilon": c.norm_eps,
-            "activation_function": "gelu_new", "tie_word_embeddings": True,
+            "activation_function": "gelu_new", "tie_word_embeddings": c.tie_embeddings,
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **ids}
   if c.norm != "rms" or c.mlp != "swiglu" or c.position != "rope":
     raise CheckpointError(
@@ -212,14 +212,15 @@ def decoder_config_to_hf(config) -> dict[str, Any]:
 
 def _is_gpt2_like(c) -> bool:
   return (c.norm == "layer" and c.mlp == "gelu" and c.position == "learned"
-          and c.tie_embeddings and c.attention_bias and c.attention_out_bias
+          and c.attention_bias and c.attention_out_bias
           and c.mlp_bias and c.num_kv_heads == c.num_heads)
 
 
 def decoder_mapping(config, hf_model_type: str, names: set[str]) -> hf_mappings.Mapping:
   if hf_model_type == "gpt2":
     prefix = "transformer." if "transformer.wte.weight" in names or not names else ""
-    return hf_mappings.gpt2_mapping(config.num_layers, prefix=prefix)
+    return hf_mappings.gpt2_mapping(config.num_layers, tied=config.tie_embeddings,
+                                    prefix=prefix)
   prefix = "model." if "model.embed_tokens.weight" in names or not names else ""
   return hf_mappings.llama_mapping(
       config.num_layers, tied=config.tie_embeddings, attention_bias=config.attention_bias,

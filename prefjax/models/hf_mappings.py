@@ -95,8 +95,9 @@ def llama_mapping(num_layers: int, *, tied: bool, attention_bias: bool = False,
   return m
 
 
-def gpt2_mapping(num_layers: int, *, prefix: str = "transformer.") -> Mapping:
-  """GPT-2 (``GPT2LMHeadModel``, tied head) -> ``Decoder``.
+def gpt2_mapping(num_layers: int, *, tied: bool = True,
+                 prefix: str = "transformer.") -> Mapping:
+  """GPT-2 (``GPT2LMHeadModel``, tied head or ``lm_head`` of its own) -> ``Decoder``.
 
   GPT-2's fused ``c_attn`` ``[D, 3D]`` is split into q/k/v by the loader (layout
   "qkv:<j>" = the j-th third along the output axis).
@@ -107,6 +108,8 @@ def gpt2_mapping(num_layers: int, *, prefix: str = "transformer.") -> Mapping:
       "final_norm/scale": (prefix + "ln_f.weight", "copy"),
       "final_norm/bias": (prefix + "ln_f.bias", "copy"),
   }
+  if not tied:
+    m["lm_head/kernel"] = ("lm_head.weight", "transpose")
   for i in range(num_layers):
     hf = f"{prefix}h.{i}."
     px = f"layers/{i}/"
