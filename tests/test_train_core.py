@@ -101,6 +101,23 @@ def test_grad_clipping_and_weight_decay_follow_optax_reference():
   np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=1e-6)
 
 
+def test_weight_decay_leaves_biases_and_norm_scales_alone_unless_asked():
+  params = {"kernel": jnp.ones((2, 3)), "layers": {"bias": jnp.ones((4, 3)),  # stacked
+                                                   "scale": jnp.ones(3)}}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for every, shrunk in ((False, {"kernel"}), (True, {"kernel", "bias", "scale"})):
+    tx, _ = train.make_optimizer({"name": "adamw", "learning_rate": 0.1, "weight_decay": 0.5,
+                                  "decay_biases_and_norms": every})
+    new = optax.apply_updates(params, tx.update(zero, tx.init(params), params)[0])
+    for name, leaf in jax.tree_util.tree_flatten_with_path(new)[0]:
+      want = 0.95 if name[-1].key in shrunk else 1.0  # 1 − lr·wd
+      np.testing.assert_allclose(leaf, want, rtol=1e-6, err_msg=str(name))
+  with pytest.raises(ValueError, match="weight_decay=0.1 with name='adam'"):
+    train.make_optimizer({"name": "adam", "weight_decay": 0.1})
+  with pytest.raises(ValueError, match="max_consecutive_nonfinite=0 must be >= 1"):
+    train.LoopConfig(num_steps=5, max_consecutive_nonfinite=0)
+
+
 def test_per_member_clipping_clips_each_member_on_its_own():
   # Two members stacked on the leading axis: norms 50 (over both leaves) and 0.5.
   grads = {"w": jnp.array([[30.0, 0.0], [0.3, 0.0]]), "b": jnp.array([40.0, 0.4])}

@@ -48,7 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      nu=1.0, bootstrap=False, first_member=0)
   config.optimizer = configlib.section(
       train.OptimizerConfig, name="adamw", learning_rate=5e-5, schedule="cosine", warmup_steps=15,
-      total_steps=num_steps * 1, weight_decay=0.01, grad_clip_norm=1.0)
+      total_steps=num_steps * 1, weight_decay=0.01, grad_clip_norm=1.0,
+      decay_biases_and_norms=True)  # as the numbers above were measured
   config.loop = configlib.section(train.LoopConfig, num_steps=num_steps, log_every=10,
                                   eval_every=75, checkpoint_every=25, seed=0,
                                   async_checkpointing=False)

@@ -415,7 +415,7 @@ def _optimizer(config: ProxyConfig):
   return schedules.make_optimizer(schedules.OptimizerConfig(
       name="adamw", learning_rate=config.learning_rate, schedule="cosine",
       warmup_steps=config.warmup_steps, total_steps=config.steps,
-      weight_decay=config.weight_decay))
+      weight_decay=config.weight_decay, decay_biases_and_norms=True))  # as measured
 
 
 def _program_key(config: ProxyConfig) -> ProxyConfig:

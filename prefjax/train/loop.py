@@ -120,6 +120,9 @@ class LoopConfig:
   eval_at_start: bool = False
 
   def __post_init__(self):
+    if self.max_consecutive_nonfinite < 1:
+      raise ValueError(f"loop.max_consecutive_nonfinite={self.max_consecutive_nonfinite} must "
+                       "be >= 1 (the run stops after that many skipped steps in a row)")
     if self.best_metric is not None:
       object.__setattr__(self, "best_mode", best_mode_for(self.best_metric, self.best_mode))
 

@@ -38,8 +38,10 @@ class OptimizerConfig:
     total_steps: update count at which decay reaches its end value; required
       for ``linear`` and ``cosine``.
     end_lr_fraction: final learning rate as a fraction of the peak.
-    weight_decay: decoupled weight decay (``adamw``; ignored otherwise unless
-      ``sgd`` where it is added as L2 decay on the update).
+    weight_decay: decoupled weight decay (``adamw``; ``sgd`` adds it as L2 decay on
+      the update; ``adam`` refuses it), scaled by the schedule.
+    decay_biases_and_norms: also decay biases and norm scales (False: only weight
+      matrices and embeddings decay, the rule of Hugging Face's Trainer).
     b1, b2, eps: Adam moments and epsilon.
     momentum: SGD momentum (0 = plain SGD).
     nesterov: SGD Nesterov momentum.
@@ -52,6 +54,7 @@ class OptimizerConfig:
   total_steps: int | None = None
   end_lr_fraction: float = 0.0
   weight_decay: float = 0.0
+  decay_biases_and_norms: bool = False
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
@@ -113,6 +116,14 @@ def clip_by_global_norm_per_member(max_norm: float) -> optax.GradientTransformat
   return optax.stateless(clip)
 
 
+def decayed_leaves(params: Any) -> Any:
+  """``True`` at every parameter weight decay applies to: all but biases and norm scales
+  (leaves named ``bias`` or ``scale``), whatever leading axes stacking adds."""
+  def decays(path, _) -> bool:
+    return getattr(path[-1], "key", None) not in ("bias", "scale")
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(
     cfg: OptimizerConfig | Mapping[str, Any], *, clip_per_member: bool = False,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -123,14 +134,19 @@ def make_optimizer(
   """
   cfg = OptimizerConfig.from_mapping(cfg)
   schedule = make_schedule(cfg)
+  mask = None if cfg.decay_biases_and_norms else decayed_leaves
   if cfg.name == "adamw":
-    tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                     mask=mask)
   elif cfg.name == "adam":
+    if cfg.weight_decay:
+      raise ValueError(f"optimizer.weight_decay={cfg.weight_decay} with name='adam', which "
+                       "has none: use 'adamw'")
     tx = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
   elif cfg.name == "sgd":
     tx = optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
     if cfg.weight_decay:
-      tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
+      tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=mask), tx)
   else:
     raise ValueError(f"optimizer.name={cfg.name!r}; expected one of {OPTIMIZERS}")
   if cfg.grad_clip_norm < 0:
