@@ -141,6 +141,10 @@ def test_estimator_criterion_is_bonferroni_corrected():
   assert ok.threshold["max_abs_z"] == pytest.approx(3.34, abs=0.01)  # Φ⁻¹(1 − 0.01/24)
   assert not criteria.g0([], [dict(check, z_mc_vs_exact=3.5)], "").passed
   assert not criteria.g0([], [dict(check, max_kl_minus_bound=1e-3)], "").passed
+  # A NaN z (a world of one prompt) fails wherever it is: max() skipped a later NaN.
+  nan = dict(check, z_mc_vs_exact=float("nan"))
+  assert not criteria.g0([], [check, nan], "").passed
+  assert not criteria.g0([], [nan, check], "").passed
 
 
 def test_p1_expectation_names_each_worlds_rl_reference():
@@ -315,6 +319,9 @@ def test_g3_passes_rank_correlations_of_exactly_0_8_and_r4_needs_a_best_of_n_pea
   flat = _setting("c", 1.0, 0.01)  # best-of-n still rising at its largest n
   found = criteria.r4([flat._replace(rl=later.bon)], "")
   assert not found.passed and "best-of-n not peaked by its largest n" in found.detail
+  # RL still rising at its largest KL: a lower bound on its peak, enough for ">" but named.
+  found = criteria.r4([peaked._replace(rl=flat.bon)], "")
+  assert found.passed and "RL highest at its largest KL: a lower bound" in found.detail
 
 
 def test_g3_needs_three_sizes():

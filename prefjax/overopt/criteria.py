@@ -98,10 +98,11 @@ def g0(settings: Sequence[curves_lib.SettingCurves], checks: Sequence[dict],
   with k of them, |z| ≤ Φ⁻¹(1 − α/(2k)) holds for all with probability ≥ 1 − α when the
   estimators are unbiased (α = ``family_alpha``)."""
   monotone = all(non_decreasing(c.proxy) for s in settings for c in s.bon_seeds)
-  z = max(max(c["z_unbiased_vs_exact"], c["z_mc_vs_exact"]) for c in checks)
+  # np.max, not max(): a NaN z (a world of one prompt) must fail, wherever it comes.
+  z = float(np.max([[c["z_unbiased_vs_exact"], c["z_mc_vs_exact"]] for c in checks]))
   comparisons = sum(2 * len(c["ns"]) for c in checks)
   z_max = float(stats.norm.ppf(1.0 - family_alpha / (2 * comparisons)))
-  excess = max(c["max_kl_minus_bound"] for c in checks)
+  excess = float(np.max([c["max_kl_minus_bound"] for c in checks]))
   passed = monotone and z <= z_max and excess <= 1e-9
   return Criterion("G0", passed, {"proxy_monotone_every_seed": monotone, "max_abs_z": z,
                                   "comparisons": comparisons,
@@ -242,18 +243,22 @@ def r3(settings: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
 def r4(settings: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
   """RL's gold peak needs more KL than best-of-n's. A best-of-n curve whose gold is
   highest at its largest n has no peak to compare (its peak KL is only bounded below), so
-  that size is not evaluable, which fails the criterion."""
+  that size is not evaluable, which fails the criterion. An RL curve highest at its
+  largest KL bounds its peak KL from below, which is enough for ">": it passes, marked."""
   rows = []
   for s in settings:
-    k = int(np.argmax(s.bon.gold))
+    k, j = int(np.argmax(s.bon.gold)), int(np.argmax(s.rl.gold))
     rows.append({"setting": s.label, "kl_peak_bon": float(s.bon.kl[k]),
-                 "kl_peak_rl": float(s.rl.kl[np.argmax(s.rl.gold)]),
-                 "bon_peak_interior": k < len(s.bon.gold) - 1})
+                 "kl_peak_rl": float(s.rl.kl[j]),
+                 "bon_peak_interior": k < len(s.bon.gold) - 1,
+                 "rl_peak_interior": j < len(s.rl.gold) - 1})
   passed = all(r["bon_peak_interior"] and r["kl_peak_rl"] > r["kl_peak_bon"] for r in rows)
   return Criterion("R4", passed, rows, "KL_peak(RL) > KL_peak(BoN) for every size",
                    ", ".join(f"{r['setting']}: {r['kl_peak_rl']:.1f} vs {r['kl_peak_bon']:.1f} "
                              "nats" + ("" if r["bon_peak_interior"] else
                                        " (best-of-n not peaked by its largest n)")
+                             + ("" if r["rl_peak_interior"] else
+                                " (RL highest at its largest KL: a lower bound)")
                              for r in rows), figure)
 
 
