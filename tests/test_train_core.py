@@ -3,7 +3,6 @@
 import functools
 import json
 import logging as py_logging
-import math
 import os
 import signal
 
@@ -56,81 +55,6 @@ def make_batches(n_batches, batch_size, seed=0):
     x = rng.normal(size=(batch_size, IN)).astype(np.float32)
     out.append({"x": x, "y": np.sin(x @ w / 2).astype(np.float32)})
   return out
-
-
-# --- schedules / optimizers -------------------------------------------------------------------
-
-@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
-def test_schedule_matches_formula(schedule):
-  cfg = train.OptimizerConfig(learning_rate=0.1, schedule=schedule, warmup_steps=10,
-                              total_steps=110, end_lr_fraction=0.1)
-  fn = train.make_schedule(cfg)
-  for step in [0, 5, 10, 35, 60, 109, 110, 200]:
-    if step < 10:
-      expected = 0.1 * step / 10
-    elif schedule == "constant":
-      expected = 0.1
-    else:
-      frac = min((step - 10) / 100, 1.0)
-      if schedule == "linear":
-        expected = 0.1 + (0.01 - 0.1) * frac
-      else:
-        expected = 0.01 + 0.5 * (0.1 - 0.01) * (1 + math.cos(math.pi * frac))
-    np.testing.assert_allclose(float(fn(step)), expected, rtol=1e-5, atol=1e-8)
-
-
-def test_optimizer_config_errors():
-  with pytest.raises(ValueError, match="unknown field.*lr"):
-    train.make_optimizer({"name": "adamw", "lr": 1e-3})
-  with pytest.raises(ValueError, match="optimizer.name='lion'"):
-    train.make_optimizer({"name": "lion"})
-  with pytest.raises(ValueError, match="needs total_steps.*tie total_steps to loop.num_steps"):
-    train.make_schedule({"schedule": "cosine", "warmup_steps": 5})
-  for rate in (-1e-3, float("nan")):
-    with pytest.raises(ValueError, match="must be >= 0"):
-      train.make_optimizer({"name": "adamw", "learning_rate": rate})
-
-
-def test_grad_clipping_and_weight_decay_follow_optax_reference():
-  params = {"w": jnp.array([3.0, 4.0])}
-  grads = {"w": jnp.array([30.0, 40.0])}  # norm 50 -> clipped to norm 1
-  tx, _ = train.make_optimizer({"name": "sgd", "learning_rate": 0.5, "grad_clip_norm": 1.0,
-                                "weight_decay": 0.1})
-  updates, _ = tx.update(grads, tx.init(params), params)
-  expected = -0.5 * (np.array([0.6, 0.8]) + 0.1 * np.array([3.0, 4.0]))
-  np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=1e-6)
-
-
-def test_weight_decay_leaves_biases_and_norm_scales_alone_unless_asked():
-  params = {"kernel": jnp.ones((2, 3)), "layers": {"bias": jnp.ones((4, 3)),  # stacked
-                                                   "scale": jnp.ones(3)}}
-  zero = jax.tree.map(jnp.zeros_like, params)
-  for every, shrunk in ((False, {"kernel"}), (True, {"kernel", "bias", "scale"})):
-    tx, _ = train.make_optimizer({"name": "adamw", "learning_rate": 0.1, "weight_decay": 0.5,
-                                  "decay_biases_and_norms": every})
-    new = optax.apply_updates(params, tx.update(zero, tx.init(params), params)[0])
-    for name, leaf in jax.tree_util.tree_flatten_with_path(new)[0]:
-      want = 0.95 if name[-1].key in shrunk else 1.0  # 1 − lr·wd
-      np.testing.assert_allclose(leaf, want, rtol=1e-6, err_msg=str(name))
-  with pytest.raises(ValueError, match="weight_decay=0.1 with name='adam'"):
-    train.make_optimizer({"name": "adam", "weight_decay": 0.1})
-  with pytest.raises(ValueError, match="max_consecutive_nonfinite=0 must be >= 1"):
-    train.LoopConfig(num_steps=5, max_consecutive_nonfinite=0)
-
-
-def test_per_member_clipping_clips_each_member_on_its_own():
-  # Two members stacked on the leading axis: norms 50 (over both leaves) and 0.5.
-  grads = {"w": jnp.array([[30.0, 0.0], [0.3, 0.0]]), "b": jnp.array([40.0, 0.4])}
-  params = jax.tree.map(jnp.zeros_like, grads)
-  tx, _ = train.make_optimizer({"name": "sgd", "learning_rate": 1.0, "grad_clip_norm": 1.0},
-                               clip_per_member=True)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  np.testing.assert_allclose(updates["w"], [[-0.6, 0.0], [-0.3, 0.0]], rtol=1e-6)
-  np.testing.assert_allclose(updates["b"], [-0.8, -0.4], rtol=1e-6)
-  # A global clip would have shrunk the small member too.
-  tx, _ = train.make_optimizer({"name": "sgd", "learning_rate": 1.0, "grad_clip_norm": 1.0})
-  updates, _ = tx.update(grads, tx.init(params), params)
-  assert abs(float(updates["b"][1])) < 0.01
 
 
 # --- train step --------------------------------------------------------------------------------

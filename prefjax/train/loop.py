@@ -234,6 +234,7 @@ class _Trainer:
     self.mesh = mesh
     self.config = summary_lib.config_to_dict(config)
     tx, schedule = _make_tx(optimizer)
+    schedules.updates_at_zero_rate(schedule, self.loop.num_steps * max(sequential_updates, 1))
     self.user_model = model
     self.graphdef, state = state_lib.create_train_state(model, tx, self.loop.seed,
                                                         trainable=trainable)

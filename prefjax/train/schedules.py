@@ -18,7 +18,9 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from absl import logging
 
 from prefjax import configlib
 
@@ -86,7 +88,8 @@ def make_schedule(cfg: OptimizerConfig | Mapping[str, Any]) -> optax.Schedule:
       raise ValueError(
           f"optimizer.schedule={cfg.schedule!r} needs total_steps > warmup_steps "
           f"(got total_steps={cfg.total_steps}, warmup_steps={cfg.warmup_steps}; the shipped "
-          "configs tie total_steps to loop.num_steps)")
+          "configs tie total_steps to loop.num_steps, the update count of every trainer "
+          "but train_rl, which updates epochs × num_minibatches times a step)")
     decay_steps = cfg.total_steps - cfg.warmup_steps
     if cfg.schedule == "linear":
       decay = optax.linear_schedule(peak, end, decay_steps)
@@ -114,6 +117,27 @@ def clip_by_global_norm_per_member(max_norm: float) -> optax.GradientTransformat
         lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), updates)
 
   return optax.stateless(clip)
+
+
+def updates_at_zero_rate(schedule: optax.Schedule | None, num_updates: int) -> int:
+  """How many of a run's updates after the first get learning rate 0, with a warning
+  when any do: ``total_steps`` below the run's update count ends the decay early (RL
+  runs count every minibatch update: ``loop.num_steps`` × epochs × minibatches). The
+  first update of a warmup has rate 0 by design."""
+  if schedule is None or num_updates < 2:
+    return 0
+  try:
+    rates = np.asarray(schedule(jnp.arange(num_updates)))
+  except Exception:  # pylint: disable=broad-except  (a user schedule of scalars only)
+    return 0
+  if rates.shape != (num_updates,):
+    return 0
+  zero = int(np.sum(rates[1:] == 0))
+  if zero:
+    logging.warning("%d of this run's %d optimizer updates have learning rate 0: the "
+                    "schedule ends (optimizer.total_steps) before the run does", zero,
+                    num_updates)
+  return zero
 
 
 def decayed_leaves(params: Any) -> Any:
