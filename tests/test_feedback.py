@@ -84,6 +84,16 @@ def test_lm_judge_matches_a_float64_reference_and_compiles_one_program_per_bucke
                              rtol=1e-12)
 
 
+def test_the_judge_keeps_a_prompts_start_and_end_and_counts_its_cuts(tiny_lm):
+  assert labeller.truncate("Instruction: x. " + "y" * 50 + " Last.", 18, keep="both") == (
+      "Instru ... yyyyyy Last.")
+  judge = labeller.LMJudge(tiny_lm, tokenize.ByteTokenizer(), TINY_TEMPLATE, max_length=64,
+                           max_prompt_chars=12, max_response_chars=3)
+  judge.encode(labeller.Query("Better?", "Summarize: " + "z" * 40, "ab", "cdef"))
+  judge.encode(labeller.Query("Better?", "short", "ab", "cd"))
+  assert (judge.counters["prompt_cut"], judge.counters["response_cut"]) == (1, 1)
+
+
 def test_order_averaging_and_principle_ensemble_match_a_float64_reference():
   z = {("p1", "x", "y"): 1.3, ("p1", "y", "x"): 0.4, ("p2", "x", "y"): -0.2,
        ("p2", "y", "x"): 2.0}

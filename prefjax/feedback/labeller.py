@@ -56,9 +56,14 @@ def option_probability(logp_first: np.ndarray, logp_second: np.ndarray) -> np.nd
 
 
 def truncate(text: str, max_chars: int, *, keep: str) -> str:
-  """At most ``max_chars`` characters, keeping the ``start`` or the ``end`` (0 = no limit)."""
+  """``max_chars`` characters of ``text`` and an ellipsis (0 = no limit), keeping the
+  ``start``, the ``end`` or ``both``: the first third and the last two thirds, so that an
+  instruction opening a prompt and the latest turn of a dialogue both stay."""
   if max_chars <= 0 or len(text) <= max_chars:
     return text
+  if keep == "both" and max_chars >= 3:
+    head = max_chars // 3
+    return text[:head] + " ... " + text[len(text) - (max_chars - head):]
   return "..." + text[-max_chars:] if keep == "end" else text[:max_chars] + "..."
 
 
@@ -91,14 +96,16 @@ class LMJudge:
     cut = functools.partial(truncate, max_chars=response_chars, keep="start")
     text = self.template.render(
         self.tokenizer, principle=q.principle,
-        prompt=truncate(templates_lib.conversation(q.prompt), prompt_chars, keep="end"),
+        prompt=truncate(templates_lib.conversation(q.prompt), prompt_chars, keep="both"),
         first=cut(q.first), second=cut(q.second))
     return self.tokenizer.encode(text, add_bos=self.add_bos)
 
   def encode(self, q: Query) -> list[int]:
-    """Token ids of the judge text, at most ``max_length``: the prompt (kept from its end) and
-    the responses (kept from their start) are shortened until it fits, so both options stay
-    visible; only a template alone over the limit loses its middle."""
+    """Token ids of the judge text, at most ``max_length``: the prompt (its start and its
+    end kept) and the responses (kept from their start) are shortened until it fits, so
+    both options stay visible; only a template alone over the limit loses its middle.
+    Counted: ``prompt_cut`` / ``response_cut`` (questions whose prompt or a response was
+    cut), ``shortened_to_fit`` (cut further than the character caps)."""
     prompt_chars = self.max_prompt_chars or len(q.prompt)
     response_chars = self.max_response_chars or max(len(q.first), len(q.second))
     ids = self._render_ids(q, prompt_chars, response_chars)
@@ -111,6 +118,9 @@ class LMJudge:
       prompt_chars = max(1, int(prompt_chars * scale))
       response_chars = max(1, int(response_chars * scale))
       ids = self._render_ids(q, prompt_chars, response_chars)
+    conversation = templates_lib.conversation(q.prompt)
+    self.counters["prompt_cut"] += int(len(conversation) > prompt_chars)
+    self.counters["response_cut"] += int(max(len(q.first), len(q.second)) > response_chars)
     if len(ids) > self.max_length:
       self.counters["cut_to_max_length"] += 1
       head = self.max_length // 4
