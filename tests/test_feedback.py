@@ -1,6 +1,7 @@
 """AI feedback: the labeller (float64 references), known-answer recovery on the tiny world,
 soft labels through the RM and DPO losses, the self-critique loop, and bad input."""
 
+import collections
 import json
 import pathlib
 
@@ -223,6 +224,16 @@ def test_rm_trained_on_soft_ai_labels_recovers_them_and_hard_labels_do_not(tmp_p
   np.testing.assert_allclose(jax.jit(jax.grad(dpo_loss))(h), 0.0, atol=1e-5)
 
 
+def test_generation_counts_cut_prompts_and_replies_without_eos(tiny_lm):
+  from prefjax.feedback import critique  # pylint: disable=g-import-not-at-top
+  counters = collections.Counter()
+  cfg = critique.GenerationConfig(max_new_tokens=3, max_prompt_length=16, batch_size=2)
+  out = critique.generate_texts(tiny_lm, tokenize.ByteTokenizer(), ["x" * 50, "y"], cfg,
+                                jax.random.key(0), desc="t", counters=counters)
+  assert len(out) == 2 and counters["t_prompt_cut"] == 1
+  assert 0 <= counters["t_no_eos"] <= 2
+
+
 def test_self_critique_tiny_writes_revised_over_initial_pairs(tmp_path, tiny_lm, monkeypatch):
   monkeypatch.setattr(self_critique.experiment, "make_model", lambda *a, **k: tiny_lm)
   config = self_critique_smollm2.get_config("tiny")
@@ -232,6 +243,9 @@ def test_self_critique_tiny_writes_revised_over_initial_pairs(tmp_path, tiny_lm,
   assert counters["prompts"] == 6
   assert counters["pairs"] + counters.get("skipped_empty", 0) + counters.get(
       "skipped_unchanged", 0) == 6
+  # Every stage counts its cut prompts and its replies that hit max_new_tokens.
+  assert {f"{s}_{c}" for s in ("initial", "critique", "revision")
+          for c in ("prompt_cut", "no_eos")} <= set(counters)
   rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
   assert len(rows) == report["rows_written"] == counters["pairs"] > 0
   principles = constitution.load_constitution(config.constitution)

@@ -23,6 +23,7 @@ import tqdm
 from flax import nnx
 
 from prefjax.data import tokenize as tokenize_lib
+from prefjax.data import truncation
 from prefjax.feedback import labeller
 from prefjax.feedback import templates as templates_lib
 from prefjax.models import sampling
@@ -40,9 +41,17 @@ class GenerationConfig:
 
 
 def generate_texts(model: nnx.Module, tokenizer: Any, texts: Sequence[str], cfg: GenerationConfig,
-                   rng: jax.Array, *, desc: str = "generate") -> list[str]:
-  """One continuation per text (prompt tokens cut from the left to ``max_prompt_length``)."""
-  encoded = [tokenizer.encode(t)[-cfg.max_prompt_length:] for t in texts]
+                   rng: jax.Array, *, desc: str = "generate",
+                   counters: collections.Counter | None = None) -> list[str]:
+  """One continuation per text. A text over ``max_prompt_length`` tokens keeps its first
+  quarter (a template's system turn and instruction) and its end (the assistant header);
+  ``counters`` gets ``<desc>_prompt_cut`` and ``<desc>_no_eos`` (stopped at
+  ``max_new_tokens``)."""
+  counters = collections.Counter() if counters is None else counters
+  encoded = [tokenizer.encode(t) for t in texts]
+  counters[f"{desc}_prompt_cut"] += sum(len(ids) > cfg.max_prompt_length for ids in encoded)
+  encoded = [truncation.left_truncate(ids, cfg.max_prompt_length, None,
+                                      cfg.max_prompt_length // 4) for ids in encoded]
   out: list[str] = [""] * len(texts)
   with tqdm.tqdm(total=len(texts), desc=desc, unit="text", dynamic_ncols=True) as bar:
     for b, start in enumerate(range(0, len(texts), cfg.batch_size)):
@@ -60,6 +69,7 @@ def generate_texts(model: nnx.Module, tokenizer: Any, texts: Sequence[str], cfg:
       gen_tokens, gen_mask = jax.device_get((gen.tokens, gen.mask))
       for r in range(len(rows)):
         ids = [int(t) for t, m in zip(gen_tokens[r], gen_mask[r]) if m and t != tokenizer.eos_id]
+        counters[f"{desc}_no_eos"] += int(len(ids) == int(gen_mask[r].sum()))
         out[start + r] = tokenizer.decode(ids).strip()
       bar.update(len(rows))
   return out
@@ -71,21 +81,23 @@ def self_critique(model: nnx.Module, tokenizer: Any, prompts: Sequence[str],
                   ) -> tuple[list[dict[str, Any]], dict[str, int]]:
   """Runs the three stages over ``prompts``; returns (preference rows, counters)."""
   rng = jax.random.key(seed)
+  counters = collections.Counter(prompts=len(prompts))
   principles = [sampler(i)[0] for i in range(len(prompts))]
   shown = [templates_lib.conversation(p) for p in prompts]
   initial = generate_texts(
       model, tokenizer, [tokenize_lib.format_prompt(p, tokenizer, style=prompt_style)
-                         for p in prompts], cfg, jax.random.fold_in(rng, 0), desc="initial")
+                         for p in prompts], cfg, jax.random.fold_in(rng, 0), desc="initial",
+      counters=counters)
   wrap = lambda text: templates_lib.wrap(text, tokenizer, style=tmpl.style, system=tmpl.system)
   critiques = generate_texts(
       model, tokenizer, [wrap(tmpl.critique.format(prompt=s, principle=pr, response=r))
                          for s, pr, r in zip(shown, principles, initial)],
-      cfg, jax.random.fold_in(rng, 1), desc="critique")
+      cfg, jax.random.fold_in(rng, 1), desc="critique", counters=counters)
   revisions = generate_texts(
       model, tokenizer, [wrap(tmpl.revision.format(prompt=s, principle=pr, response=r, critique=c))
                          for s, pr, r, c in zip(shown, principles, initial, critiques)],
-      cfg, jax.random.fold_in(rng, 2), desc="revision")
-  rows, counters = [], collections.Counter(prompts=len(prompts))
+      cfg, jax.random.fold_in(rng, 2), desc="revision", counters=counters)
+  rows = []
   for prompt, principle, first, critique, revised in zip(prompts, principles, initial,
                                                          critiques, revisions):
     if not revised.strip() or not first.strip():
