@@ -177,22 +177,28 @@ def test_the_peak_s_spread_over_prompt_resamples():
   np.testing.assert_allclose(share, [0.0, 0.25, 0.75], atol=0.03)
 
 
-def test_ensemble_proxy_scores_pairs_with_its_aggregation():
+def test_model_rewards_cut_texts_as_training_did_and_refuse_unscaled_aggregations():
   import ml_collections  # pylint: disable=g-import-not-at-top
+  from prefjax.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from prefjax.data import tokenize  # pylint: disable=g-import-not-at-top
   from prefjax.rl import rewards  # pylint: disable=g-import-not-at-top
   spec = ml_collections.ConfigDict(dict(
       kind="model", tokenizer=dict(path="byte"), checkpoint="", max_length=32,
-      aggregation="wco", lam=0.5,
+      aggregation="mean", lam=0.0,
       model=dict(arch="decoder", preset="tiny_llama", head="reward_ensemble:3",
                  dtype="float32", overrides=dict(max_position_embeddings=64))))
   reward = rewards.make_reward(spec, seed=3)
-  prompts, responses = ["abc", "hello "], ["def", "world"]
-  tokens, mask = rewards.text_encoder(tokenize.ByteTokenizer(), 32)(
-      [p + r for p, r in zip(prompts, responses)])
+  tok = tokenize.ByteTokenizer()
+  prompts, responses = ["abc", "x" * 40], ["def", "world"]
+  tokens, mask = rewards.text_encoder(tok, pipeline_lib.PipelineConfig(max_length=32))(
+      [p + rewards.MODEL_SEPARATOR + r for p, r in zip(prompts, responses)])
+  # The long prompt is cut from the left to 16 tokens, its BOS kept; the response stays whole.
+  long_row = tokens[1, :int(mask[1].sum())].tolist()
+  assert long_row == [tok.bos_id] + [ord("x")] * 15 + [ord(c) for c in "world"] + [tok.eos_id]
   members = np.asarray(reward.fn.members[0].model(tokens, attention_mask=mask), np.float64)
   assert members.shape == (2, 3)
-  np.testing.assert_allclose(reward(prompts, responses), members.min(1), rtol=1e-5, atol=1e-6)
-  uwo = rewards.PairReward(reward.fn.with_aggregation("uwo", 0.5), reward.join)
-  np.testing.assert_allclose(uwo(prompts, responses), members.mean(1) - 0.5 * members.var(1),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(reward(prompts, responses), members.mean(1), rtol=1e-5, atol=1e-6)
+  for aggregation in ("wco", "uwo"):  # members on arbitrary scales: refused, not wrong
+    with pytest.raises(ValueError, match=f"aggregation='{aggregation}' of a 3-member"):
+      rewards.make_reward(ml_collections.ConfigDict(dict(spec, aggregation=aggregation)),
+                          seed=3)

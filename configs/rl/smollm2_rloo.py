@@ -51,10 +51,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   reward_model = dict(arch="encoder", preset="", path="asset:minilm", head="reward",
                       ensemble="heads", pooling="mean", dtype="float32", overrides={})
   c.proxy = dict(kind="model", name="proxy_minilm", tokenizer=dict(path="asset:minilm"),
-                 model=dict(reward_model), checkpoint="", max_length=256, batch_size=32,
+                 model=dict(reward_model), checkpoint="", batch_size=32,
+                 max_length=0,  # 0: cut as the RM trained (its checkpoint's data.pipeline)
                  aggregation="mean", lam=0.0)
   c.gold = dict(kind="model", name="gold_minilm", tokenizer=dict(path="asset:minilm"),
-                model=dict(reward_model, pooling="cls"), checkpoint="", max_length=256,
+                model=dict(reward_model, pooling="cls"), checkpoint="", max_length=0,
                 batch_size=32, aggregation="mean", lam=0.0)
   c.sampling = dict(max_new_tokens=64, temperature=1.0, 
                     top_k=config_dict.placeholder(int),

@@ -14,8 +14,12 @@ Reward specs (``config.proxy`` / ``config.gold``), by ``kind``:
     ``spec.tokenizer``, parameters from a ``train_rm`` workdir
     ``spec.checkpoint`` (``WORKDIR[@latest|@best|@STEP]``, default the latest step;
     ``@best`` as the run ranked its checkpoints) when given; K-member heads are scored
-    with the ensemble aggregation ``spec.aggregation`` (mean | wco | uwo, λ =
-    ``spec.lam``).
+    by their mean (``spec.aggregation="mean"``: WCO and UWO need the members on one
+    scale, which BT training leaves arbitrary, and are refused here; ``eval_rm``
+    standardizes them). Each (prompt, response) is encoded and cut as the RM's training
+    pipeline did: BOS + prompt, response + EOS, the prompt cut from the left (BOS kept)
+    to ``spec.max_prompt_length`` and the response from the right to ``spec.max_length``,
+    both by default the checkpoint's own ``data.pipeline`` lengths.
 """
 
 from __future__ import annotations
@@ -30,10 +34,15 @@ from prefjax import configlib
 from prefjax import experiment
 from prefjax import rewards as reward_fns
 from prefjax import train
+from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import tiny_world as tiny_world_lib
+from prefjax.data import tokenize as tokenize_lib
+from prefjax.data import truncation
 
 # Joins a tiny-world prompt and response into one text (not in any tiny alphabet).
 TINY_WORLD_SEPARATOR = "\t"
+# Joins a prompt and response for a reward model's encoder, which cuts them apart.
+MODEL_SEPARATOR = "\x1e"  # ASCII record separator
 Join = Callable[[str, str], str]
 
 
@@ -96,16 +105,24 @@ def tiny_world_reward(world: tiny_world_lib.TinyWorld, which: str) -> PairReward
   return PairReward(reward, lambda p, r: f"{p}{TINY_WORLD_SEPARATOR}{r}")
 
 
-def text_encoder(tokenizer: Any, max_length: int) -> Callable[[Sequence[str]], tuple]:
-  """``texts -> (tokens [N, L], mask [N, L])``: BOS + text + EOS, right-padded.
-
-  Over-long texts keep their LAST ``max_length`` tokens (the response end,
-  where a last-token reward head pools).
-  """
+def text_encoder(tokenizer: Any, pipeline: pipeline_lib.PipelineConfig
+                 ) -> Callable[[Sequence[str]], tuple]:
+  """``texts -> (tokens [N, L], mask [N, L])``, right-padded; each text is
+  ``prompt + MODEL_SEPARATOR + response``, encoded and cut as ``pipeline`` cuts a pair's
+  side in training (``prefjax.data.truncation.truncate``)."""
+  bos_id = tokenizer.bos_id if pipeline.add_bos else None
 
   def encode(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    ids = [tokenizer.encode(t, add_bos=tokenizer.bos_id is not None,
-                            add_eos=tokenizer.eos_id is not None)[-max_length:] for t in texts]
+    ids = []
+    for text in texts:
+      prompt, sep, response = text.partition(MODEL_SEPARATOR)
+      if not sep:
+        raise ValueError(f"reward model input {text[:60]!r} has no prompt/response separator")
+      p = tokenize_lib.encode_prompt(prompt, tokenizer, style=pipeline.prompt_style,
+                                     add_bos=pipeline.add_bos)
+      r = tokenize_lib.encode_response(response, tokenizer, style=pipeline.prompt_style)
+      p, (r,), *_ = truncation.truncate(p, [r], pipeline, bos_id)
+      ids.append(p + r)
     length = max(1, max(len(x) for x in ids))
     tokens = np.full((len(ids), length), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(ids), length), np.int32)
@@ -116,10 +133,29 @@ def text_encoder(tokenizer: Any, max_length: int) -> Callable[[Sequence[str]], t
   return encode
 
 
+def _scoring_pipeline(spec: Any, workdir: str | None) -> pipeline_lib.PipelineConfig:
+  """The pipeline the RM trained with (its checkpoint's ``data.pipeline``), with the spec's
+  ``max_length`` / ``max_prompt_length`` where it sets them."""
+  trained = {}
+  if workdir:
+    saved = train.checkpoint.saved_run_config(workdir) or {}
+    trained = dict((saved.get("data") or {}).get("pipeline") or {})
+  fields = {k: trained[k] for k in ("max_length", "max_prompt_length", "prompt_style",
+                                    "add_bos") if trained.get(k) is not None}
+  for key in ("max_length", "max_prompt_length"):
+    if spec.get(key):
+      fields[key] = int(spec[key])
+  fields.setdefault("max_length", 512)
+  if fields.get("max_prompt_length", 0) >= fields["max_length"]:
+    fields.pop("max_prompt_length")
+  return pipeline_lib.PipelineConfig(**fields)
+
+
 def model_reward(spec: Any, *, seed: int = 0) -> PairReward:
   """A reward-model ``PairReward`` from a ``kind="model"`` spec (see module docstring)."""
   tokenizer = experiment.make_tokenizer(spec.tokenizer)
   model = experiment.make_model(spec.model, vocab_size=tokenizer.vocab_size, seed=seed)
+  workdir = None
   if spec.get("checkpoint"):
     workdir, step = train.checkpoint.split_ref(spec.checkpoint)
     train.load_params(workdir, model, step=step)
@@ -128,17 +164,26 @@ def model_reward(spec: Any, *, seed: int = 0) -> PairReward:
   else:
     logging.warning("reward %r has no checkpoint: its reward head is RANDOM (smoke tests "
                     "only); set checkpoint to a train_rm workdir", spec.get("name"))
-  encode = text_encoder(tokenizer, int(spec.get("max_length", 512)))
+  pipeline = _scoring_pipeline(spec, workdir)
+  logging.info("reward %r: texts cut as in training: max_length %d, prompt limit %d",
+               spec.get("name"), pipeline.max_length, pipeline.prompt_limit)
+  encode = text_encoder(tokenizer, pipeline)
   name = spec.get("name") or "reward_model"
   batch_size = spec.get("batch_size") or None
   members = int(getattr(model, "num_members", 1))
+  aggregation = spec.get("aggregation", "mean")
+  if members > 1 and aggregation != "mean":
+    raise ValueError(
+        f"reward {name!r}: aggregation={aggregation!r} of a {members}-member ensemble: WCO "
+        "and UWO compare members whose offsets and scales BT training leaves arbitrary, so "
+        "they need per-member standardization on reference samples, which train_rl and "
+        "best_of_n do not fit yet; use 'mean' (eval_rm reports standardized /wco and /uwo)")
   if members > 1:
-    fn = reward_fns.EnsembleReward.from_model(
-        model, aggregation=spec.get("aggregation", "mean"), lam=float(spec.get("lam", 0.0)),
-        name=name, batch_size=batch_size, encode=encode)
+    fn = reward_fns.EnsembleReward.from_model(model, aggregation="mean", name=name,
+                                              batch_size=batch_size, encode=encode)
   else:
     fn = reward_fns.ModelReward(model, name=name, batch_size=batch_size, encode=encode)
-  return PairReward(fn, lambda p, r: p + r)
+  return PairReward(fn, lambda p, r: p + MODEL_SEPARATOR + r)
 
 
 def make_reward(spec: Any, *, world: tiny_world_lib.TinyWorld | None = None,
