@@ -13,31 +13,34 @@ Data: the first 100 pairs of harmless-base ``resplit_train`` (A = the human-chos
 response, B = the rejected one; 200 would take about 20 min on this loaded CPU); one
 principle of configs/constitutions/harmlessness.txt sampled per pair; both orders asked.
 Judge text: SmolLM2's chat template (its default system prompt) around JUDGE_TEMPLATE,
-the conversation cut to its last 400 characters and responses to their first 300, then
-shortened further until the text fits 256 tokens (88 of the 200 questions were); 64-token
-buckets, batches of 8.
+the conversation cut to 400 characters (its first third and its end) and responses to
+their first 300, then shortened further until the text fits 256 tokens (88 of the 200
+questions were); 64-token buckets, batches of 8.
 
 CPU cost: 200 judge forwards of ≤ 256 tokens (mean 224) at ≈ 0.27 GFLOP/token: about
 12 TFLOP.
 
-Measured 2026-12-05 on the conversation-disjoint split of builder 1.2.0 (a quiet 2-core
-CPU): 1.4 min wall (81 s in the run; 11.5 min on 2026-12-01 under a load average of
-7-12). Agreement with the human label [bootstrap 95% CI], 100 pairs: A shown first 1.000
-[1.000, 1.000], A shown second 0.000 [0.000, 0.000], order-averaged 0.480 [0.380, 0.570]
-(chance). Position bias P(first wins) − ½: 0.447 [0.443, 0.452] before averaging
-(SmolLM2-135M answers "A" with P ≈ 0.95 whatever the order; every decision flips with
-the order), 0 after (by construction). Mean probability on the two option tokens: 0.183.
-The averaged labels stay within [0.500, 0.536]: the 135M judge carries almost no signal
-here. 88 of the 200 questions were shortened to fit.
+Measured 2026-12-05 on the conversation-disjoint split of builder 1.2.0 with the judge
+keeping a cut conversation's first third and its end (a quiet 2-core CPU): 1.6 min wall
+(96 s in the run; 11.5 min on 2026-12-01 under a load average of 7-12). Agreement with the
+human label [bootstrap 95% CI], 100 pairs: A shown first 1.000 [1.000, 1.000], A shown
+second 0.000 [0.000, 0.000], order-averaged 0.450 [0.350, 0.550] (chance). Position bias
+P(first wins) − ½: 0.443 [0.439, 0.448] before averaging (SmolLM2-135M answers "A" with
+P ≈ 0.94 whatever the order; every decision flips with the order), 0 after (by
+construction). Mean probability on the two option tokens: 0.180. The order-averaged P(A)
+lies in [0.464, 0.519] (55 of 100 below ½): the 135M judge carries almost no signal here.
+Of the 200 questions, 102 had their conversation cut at the character cap, 78 a response,
+and 88 were shortened further to fit 256 tokens.
 ``:pandalm`` (the first 60 pairs of PandaLM ``resplit_test``, a hash sample; the
-file's first items are all unanimous; 13 principles of three files; 38 s wall on a quiet
-machine, 5.3 min under load): 51 decisive pairs, 9 ties left out; 11 of the 60 repeat
-another pair's text and are resampled with it (remeasured 2026-12-05). Agreement with
-annotator 1 / 2 / 3: 0.431 [0.294, 0.574], 0.471 [0.326, 0.604], 0.468 [0.326, 0.609],
-beside inter-annotator agreement 1-2 0.961 [0.896, 1.000], 1-3 0.936 [0.854, 1.000], 2-3
-0.979 [0.920, 1.000] (whole test set: 0.941, 0.956, 0.946). Majority label: A first
-0.529, A second 0.471, averaged 0.471 [0.326, 0.604]; position bias 0.450 [0.444, 0.456]
--> 0; option mass 0.356.
+file's first items are all unanimous; 13 principles of three files; 44 s wall on a quiet
+machine): 51 decisive pairs, 9 ties left out; 11 of the 60 repeat another pair's text and
+are resampled with it (remeasured 2026-12-05, the judge now keeping the instruction that
+opens a cut prompt; it lost it in 13 of these 60 before). Agreement with annotator 1 / 2 /
+3: 0.451 [0.308, 0.587], 0.490 [0.341, 0.625], 0.489 [0.341, 0.630], beside
+inter-annotator agreement 1-2 0.961 [0.896, 1.000], 1-3 0.936 [0.854, 1.000], 2-3 0.979
+[0.920, 1.000] (whole test set: 0.941, 0.956, 0.946). Majority label: A first 0.529, A
+second 0.471, averaged 0.490 [0.341, 0.625]; position bias 0.451 [0.445, 0.456] -> 0;
+option mass 0.366.
 ``:tiny_gold`` (0.3 s of judging): 64 tiny-world pairs; with the planted +1-logit bias,
 agreement with the gold labels is 1.000 (A first), 0.328 (A second) and 1.000 averaged;
 position bias 0.201 before, 0 after; order-flip rate 0.672. With

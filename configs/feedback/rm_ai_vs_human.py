@@ -16,23 +16,23 @@ training pairs are the ones the labeller judged: the first 100 of harmless-base
 ``resplit_train`` (``:human`` also keeps the pairs with an empty response, which the
 labeller skips). Held-out evaluation: the 253 pairs of ``resplit_test``, by ``eval_rm``.
 
-CPU cost: 40 MiniLM steps of 16 pairs x 80 tokens (22.6M parameters): 41 s (ai) and
-36 s (human) of training on a quiet 2-core CPU (8.1 and 7.3 min wall on 2026-12-01 under
-a load average of 7-12); eval_rm 16 s.
+CPU cost: 40 MiniLM steps of 16 pairs x 80 tokens (22.6M parameters): about 1 min each
+of training on a 2-core CPU (8.1 and 7.3 min wall on 2026-12-01 under a load average of
+7-12); eval_rm 20 s.
 
-Measured 2026-12-05 on the conversation-disjoint split of builder 1.2.0, accuracy / ECE
-(both orders) on the 253 held-out ``resplit_test`` pairs [bootstrap 95% CI]:
-  ai     0.458 [0.395, 0.518]  ECE 0.046 [0.003, 0.110]  BT log-loss 0.694
+Measured 2026-12-05 on the conversation-disjoint split of builder 1.2.0, with labels from
+the judge that keeps a cut conversation's first third and its end; accuracy / ECE (both
+orders) on the 253 held-out ``resplit_test`` pairs [bootstrap 95% CI]:
+  ai     0.478 [0.415, 0.538]  ECE 0.026 [0.001, 0.090]  BT log-loss 0.694
   human  0.549 [0.490, 0.609]  ECE 0.110 [0.069, 0.174]  BT log-loss 0.731
   shorter-wins baseline 0.512 [0.453, 0.573]
-  human − ai = +0.091 [0.004, 0.178], paired-bootstrap p = 0.046.
-The SmolLM2 labels are near ½ (outcomes in [0.500, 0.536]), so the ``ai`` RM barely moves
-(train loss 0.6931 = ln 2 at step 40; mean margin 0.008), while the human-label RM
-reaches 0.549 from 100 pairs (configs/rm/hh_minilm.py, 1,827 pairs: 0.628). Neither is
-distinguishable from shorter-wins here. On the prompt-hash split before 1.2.0 (255 test
-pairs; the first 100 training pairs were others) the same runs gave ai 0.424, human 0.569,
-human − ai +0.145 [0.055, 0.228], p = 0.002: the gap shrank by a third when the 100
-training pairs and the test pairs changed.
+  human − ai = +0.071 [−0.016, 0.158], paired-bootstrap p = 0.11: not significant.
+The SmolLM2 labels are near ½ (P(A) in [0.464, 0.519]), so the ``ai`` RM barely moves
+(train loss ln 2 at step 40), while the human-label RM reaches 0.549 from 100 pairs
+(configs/rm/hh_minilm.py, 1,827 pairs: 0.628). Neither is distinguishable from
+shorter-wins. The difference moved with the data and the judge: +0.145 [0.055, 0.228],
+p = 0.002 on the split before 1.2.0, +0.091 (p = 0.046) on the new split with the judge
+that cut conversations from their end.
 """
 
 from __future__ import annotations
