@@ -4,7 +4,7 @@ r"""Best-of-n against a proxy reward, scored by the gold reward: the BoN overopt
 
 Samples N responses per held-out prompt from the policy (KV-cache ``generate``;
 the policy IS the reference of best-of-n), scores every sample with the proxy
-(a reward model, an ensemble under its mean/wco/uwo aggregation, or a
+(a reward model, an ensemble scored by its members' mean, or a
 programmatic proxy such as the tiny world's planted one) and with the gold
 reward (a reward model's ``checkpoint``: a ``train_rm`` workdir, ``WORKDIR@best`` or
 ``WORKDIR@STEP``; ``prefjax.rl.rewards``), and normalises both so that the reference
