@@ -4,8 +4,9 @@ r"""Best-of-n against a proxy reward, scored by the gold reward: the BoN overopt
 
 Samples N responses per held-out prompt from the policy (KV-cache ``generate``;
 the policy IS the reference of best-of-n), scores every sample with the proxy
-(a reward model, an ensemble scored by its members' mean, or a
-programmatic proxy such as the tiny world's planted one) and with the gold
+(a reward model, an ensemble under its mean, or WCO / UWO of its members standardized
+over all the samples as Coste et al. do, or a programmatic proxy such as the tiny
+world's planted one) and with the gold
 reward (a reward model's ``checkpoint``: a ``train_rm`` workdir, ``WORKDIR@best`` or
 ``WORKDIR@STEP``; ``prefjax.rl.rewards``), and normalises both so that the reference
 policy scores 0 (each prompt's mean over its own samples is subtracted). For every n
@@ -113,7 +114,9 @@ def sample_and_score(config: Any, workdir: str | None = None) -> dict[str, np.nd
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   world = setup.make_world(config)
   _, prompts = setup.make_prompts(config, tokenizer, world, workdir=workdir)
-  proxy = rl_rewards.make_reward(config.proxy, world=world, seed=int(config.seed))
+  proxy_spec, aggregation, lam = rl_rewards.split_aggregation(config.proxy)
+  proxy = rl_rewards.make_reward(proxy_spec, world=world, seed=int(config.seed))
+  score_proxy = proxy if aggregation == "mean" else proxy.members
   gold = rl_rewards.make_reward(config.gold, world=world, seed=int(config.seed))
   harm, threshold = None, None
   if config.get("safety"):
@@ -131,7 +134,7 @@ def sample_and_score(config: Any, workdir: str | None = None) -> dict[str, np.nd
     rollout = rollout_lib.sample(policy, part, jax.random.fold_in(key, start),
                                  tokenizer=tokenizer, **config.sampling.to_dict())
     real = min(chunk, num_prompts - start) * n
-    proxy_scores.append(proxy(rollout.prompts[:real], rollout.responses[:real]))
+    proxy_scores.append(score_proxy(rollout.prompts[:real], rollout.responses[:real]))
     gold_scores.append(gold(rollout.prompts[:real], rollout.responses[:real]))
     lengths.append(rollout.lengths[:real])
     if harm is not None:
@@ -142,7 +145,10 @@ def sample_and_score(config: Any, workdir: str | None = None) -> dict[str, np.nd
     logging.info("best_of_n: scored %d/%d prompts", min(start + chunk, num_prompts),
                  num_prompts)
   shape = (num_prompts, n)
-  out = {"proxy": np.concatenate(proxy_scores).reshape(shape),
+  proxy_all = np.concatenate(proxy_scores)
+  if aggregation != "mean":  # members standardized on all the reference samples first
+    proxy_all = rl_rewards.standardized_aggregate(proxy_all, aggregation, lam)
+  out = {"proxy": proxy_all.reshape(shape),
          "gold": np.concatenate(gold_scores).reshape(shape),
          "lengths": np.concatenate(lengths).reshape(shape)}
   if harm is not None:

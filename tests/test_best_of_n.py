@@ -202,3 +202,32 @@ def test_model_rewards_cut_texts_as_training_did_and_refuse_unscaled_aggregation
     with pytest.raises(ValueError, match=f"aggregation='{aggregation}' of a 3-member"):
       rewards.make_reward(ml_collections.ConfigDict(dict(spec, aggregation=aggregation)),
                           seed=3)
+
+
+def test_best_of_n_aggregates_ensemble_members_standardized_on_its_samples():
+  """WCO / UWO of a model ensemble: members standardized over all reference samples first
+  (Coste et al.), since BT training leaves each member's offset and scale arbitrary."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from prefjax.rl import rewards  # pylint: disable=g-import-not-at-top
+  members = np.array([[0.0, 10.0, -3.0], [1.0, 30.0, -2.0], [2.0, 20.0, -4.0],
+                      [3.0, 40.0, -1.0]])
+  z = (members - members.mean(0)) / members.std(0)
+  np.testing.assert_allclose(rewards.standardized_aggregate(members, "wco", 0.0), z.min(1),
+                             rtol=1e-6)
+  np.testing.assert_allclose(rewards.standardized_aggregate(members, "uwo", 0.5),
+                             z.mean(1) - 0.5 * z.var(1), rtol=1e-6, atol=1e-7)
+  config = tiny.get_config("quick")
+  config.proxy = ml_collections.ConfigDict(dict(
+      kind="model", name="ens", tokenizer=dict(path="byte"), checkpoint="", max_length=32,
+      aggregation="wco", lam=0.0,
+      model=dict(arch="decoder", preset="tiny_llama", head="reward_ensemble:3",
+                 dtype="float32", overrides=dict(max_position_embeddings=64))))
+  spec, aggregation, _ = rewards.split_aggregation(config.proxy)
+  assert (spec.aggregation, aggregation) == ("mean", "wco")
+  samples = best_of_n.sample_and_score(config)
+  proxy = samples["proxy"]
+  assert proxy.shape == samples["gold"].shape and np.isfinite(proxy).all()
+  assert proxy.mean() <= 1e-9  # the min of members of mean 0 over the samples
+  config.proxy.model.head = "reward"  # one model: no members to aggregate
+  with pytest.raises(ValueError, match="is not an ensemble"):
+    best_of_n.sample_and_score(config)

@@ -3,9 +3,9 @@ r"""Best-of-n of SmolLM2-135M-Instruct on HH-RLHF harmless prompts, MiniLM proxy
 COMMAND (GPU; the reward models come from experiments.train_rm, see configs/rl/smollm2_rloo.py):
   python -m experiments.best_of_n --config=configs/bon/smollm2.py --workdir=/tmp/bon_smollm2 \
       --config.proxy.checkpoint=/tmp/rm_proxy --config.gold.checkpoint=/tmp/rm_gold
-  Ensemble proxy (K=4 heads, scored by their mean; WCO/UWO are refused here, since they
-  need the members standardized: eval_rm reports them):
-      --config.proxy.model.head=reward_ensemble:4
+  Ensemble proxy (K=4 heads, worst-case aggregation of the members standardized over all
+  the samples, as Coste et al. do):
+      --config.proxy.model.head=reward_ensemble:4 --config.proxy.aggregation=wco
   (CPU smoke test: configs/bon/smollm2.py:quick.)
 
 64 held-out prompts x N=256 samples of up to 64 tokens from the reference,

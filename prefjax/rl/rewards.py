@@ -15,8 +15,8 @@ Reward specs (``config.proxy`` / ``config.gold``), by ``kind``:
     ``spec.checkpoint`` (``WORKDIR[@latest|@best|@STEP]``, default the latest step;
     ``@best`` as the run ranked its checkpoints) when given; K-member heads are scored
     by their mean (``spec.aggregation="mean"``: WCO and UWO need the members on one
-    scale, which BT training leaves arbitrary, and are refused here; ``eval_rm``
-    standardizes them). Each (prompt, response) is encoded and cut as the RM's training
+    scale, which BT training leaves arbitrary; ``best_of_n`` standardizes them on its
+    samples, see ``split_aggregation``, and RL refuses them). Each (prompt, response) is encoded and cut as the RM's training
     pipeline did: BOS + prompt, response + EOS, the prompt cut from the left (BOS kept)
     to ``spec.max_prompt_length`` and the response from the right to ``spec.max_length``,
     both by default the checkpoint's own ``data.pipeline`` lengths.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -62,6 +63,35 @@ class PairReward:
                        f"{len(responses)} responses")
     texts = [self.join(p, r) for p, r in zip(prompts, responses)]
     return np.asarray(self.fn.score(texts=texts), np.float64)
+
+  def members(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    """An ensemble reward's raw member rewards ``[N, K]`` (float64)."""
+    if not isinstance(self.fn, reward_fns.EnsembleReward):
+      raise ValueError(f"reward {self.name!r} is not an ensemble: it has no members to "
+                       "aggregate (set model.head='reward_ensemble:K')")
+    texts = [self.join(p, r) for p, r in zip(prompts, responses)]
+    members = np.asarray(self.fn.raw_members(texts=texts), np.float64)
+    if not np.isfinite(members).all():
+      raise ValueError(f"reward {self.name!r}: a member gave a non-finite reward")
+    return members
+
+
+def split_aggregation(spec: Any) -> tuple[Any, str, float]:
+  """``(spec scored by its members' mean, aggregation, λ)``: best-of-n aggregates a model
+  ensemble's members itself, after standardizing them on its reference samples."""
+  aggregation = str(spec.get("aggregation") or "mean")
+  if spec.get("kind") != "model" or aggregation == "mean":
+    return spec, "mean", 0.0
+  return ml_collections.ConfigDict(dict(spec, aggregation="mean")), aggregation, float(
+      spec.get("lam") or 0.0)
+
+
+def standardized_aggregate(members: np.ndarray, aggregation: str, lam: float) -> np.ndarray:
+  """WCO / UWO of ``members [M, K]`` standardized per member over all M samples (Coste et
+  al. 2023: members share one scale only after standardization on reference samples)."""
+  mean, std = members.mean(axis=0), members.std(axis=0)
+  z = (members - mean) / np.where(std > 0, std, 1.0)
+  return np.asarray(reward_fns.aggregate(z, aggregation, lam), np.float64)
 
 
 def checked_scores(reward: PairReward, prompts: Sequence[str], responses: Sequence[str],
@@ -176,8 +206,8 @@ def model_reward(spec: Any, *, seed: int = 0) -> PairReward:
     raise ValueError(
         f"reward {name!r}: aggregation={aggregation!r} of a {members}-member ensemble: WCO "
         "and UWO compare members whose offsets and scales BT training leaves arbitrary, so "
-        "they need per-member standardization on reference samples, which train_rl and "
-        "best_of_n do not fit yet; use 'mean' (eval_rm reports standardized /wco and /uwo)")
+        "they need per-member standardization on reference samples, which train_rl does "
+        "not fit (best_of_n does, on its samples); use 'mean' here")
   if members > 1:
     fn = reward_fns.EnsembleReward.from_model(model, aggregation="mean", name=name,
                                               batch_size=batch_size, encode=encode)
