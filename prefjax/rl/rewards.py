@@ -16,10 +16,11 @@ Reward specs (``config.proxy`` / ``config.gold``), by ``kind``:
     ``@best`` as the run ranked its checkpoints) when given; K-member heads are scored
     by their mean (``spec.aggregation="mean"``: WCO and UWO need the members on one
     scale, which BT training leaves arbitrary; ``best_of_n`` standardizes them on its
-    samples, see ``split_aggregation``, and RL refuses them). Each (prompt, response) is encoded and cut as the RM's training
-    pipeline did: BOS + prompt, response + EOS, the prompt cut from the left (BOS kept)
-    to ``spec.max_prompt_length`` and the response from the right to ``spec.max_length``,
-    both by default the checkpoint's own ``data.pipeline`` lengths.
+    samples, see ``split_aggregation``, and RL refuses them). Each (prompt, response)
+    is encoded and cut as the RM's training pipeline did: BOS + prompt, response + EOS,
+    the prompt cut from the left (BOS kept) to ``spec.max_prompt_length`` and the
+    response from the right to ``spec.max_length``, both by default the checkpoint's own
+    ``data.pipeline`` lengths.
 """
 
 from __future__ import annotations
@@ -70,10 +71,8 @@ class PairReward:
       raise ValueError(f"reward {self.name!r} is not an ensemble: it has no members to "
                        "aggregate (set model.head='reward_ensemble:K')")
     texts = [self.join(p, r) for p, r in zip(prompts, responses)]
-    members = np.asarray(self.fn.raw_members(texts=texts), np.float64)
-    if not np.isfinite(members).all():
-      raise ValueError(f"reward {self.name!r}: a member gave a non-finite reward")
-    return members
+    # Its members' RewardFn checks the shape and finiteness (``rewards.check_rewards``).
+    return np.asarray(self.fn.raw_members(texts=texts), np.float64)
 
 
 def split_aggregation(spec: Any) -> tuple[Any, str, float]:
@@ -89,9 +88,8 @@ def split_aggregation(spec: Any) -> tuple[Any, str, float]:
 def standardized_aggregate(members: np.ndarray, aggregation: str, lam: float) -> np.ndarray:
   """WCO / UWO of ``members [M, K]`` standardized per member over all M samples (Coste et
   al. 2023: members share one scale only after standardization on reference samples)."""
-  mean, std = members.mean(axis=0), members.std(axis=0)
-  z = (members - mean) / np.where(std > 0, std, 1.0)
-  return np.asarray(reward_fns.aggregate(z, aggregation, lam), np.float64)
+  standardized = reward_fns.RewardNormalizer.fit(members, standardize=True)(members)
+  return np.asarray(reward_fns.aggregate(standardized, aggregation, lam), np.float64)
 
 
 def checked_scores(reward: PairReward, prompts: Sequence[str], responses: Sequence[str],
