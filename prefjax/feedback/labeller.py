@@ -92,11 +92,12 @@ class LMJudge:
     self.max_prompt_chars, self.max_response_chars = max_prompt_chars, max_response_chars
     self.counters: collections.Counter[str] = collections.Counter()
 
-  def _render_ids(self, q: Query, prompt_chars: int, response_chars: int) -> list[int]:
+  def _render_ids(self, q: Query, conversation: str, prompt_chars: int,
+                  response_chars: int) -> list[int]:
     cut = functools.partial(truncate, max_chars=response_chars, keep="start")
     text = self.template.render(
         self.tokenizer, principle=q.principle,
-        prompt=truncate(templates_lib.conversation(q.prompt), prompt_chars, keep="both"),
+        prompt=truncate(conversation, prompt_chars, keep="both"),
         first=cut(q.first), second=cut(q.second))
     return self.tokenizer.encode(text, add_bos=self.add_bos)
 
@@ -106,9 +107,10 @@ class LMJudge:
     both options stay visible; only a template alone over the limit loses its middle.
     Counted: ``prompt_cut`` / ``response_cut`` (questions whose prompt or a response was
     cut), ``shortened_to_fit`` (cut further than the character caps)."""
+    conversation = templates_lib.conversation(q.prompt)
     prompt_chars = self.max_prompt_chars or len(q.prompt)
     response_chars = self.max_response_chars or max(len(q.first), len(q.second))
-    ids = self._render_ids(q, prompt_chars, response_chars)
+    ids = self._render_ids(q, conversation, prompt_chars, response_chars)
     if len(ids) > self.max_length:
       self.counters["shortened_to_fit"] += 1
     for _ in range(8):
@@ -117,8 +119,7 @@ class LMJudge:
       scale = 0.9 * self.max_length / len(ids)
       prompt_chars = max(1, int(prompt_chars * scale))
       response_chars = max(1, int(response_chars * scale))
-      ids = self._render_ids(q, prompt_chars, response_chars)
-    conversation = templates_lib.conversation(q.prompt)
+      ids = self._render_ids(q, conversation, prompt_chars, response_chars)
     self.counters["prompt_cut"] += int(len(conversation) > prompt_chars)
     self.counters["response_cut"] += int(max(len(q.first), len(q.second)) > response_chars)
     if len(ids) > self.max_length:
