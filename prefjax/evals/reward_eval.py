@@ -244,7 +244,7 @@ def evaluate_dataset(dataset: Dataset, scorer_fns: dict[str, Any], eval_cfg: Any
   if not d.any():
     raise EvalInputError(f"dataset {dataset.label!r}: every pair is a tie; nothing to score")
   groups = table.text_pairs[d]
-  repeats = int(d.sum()) - np.unique(groups).size
+  repeats = stats.repeated_items(groups)
   if repeats:
     logging.info("dataset %s: %d of %d decisive pairs repeat the text of another (same "
                  "prompt and responses, either order); the bootstrap draws each text pair "

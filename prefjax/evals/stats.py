@@ -88,6 +88,11 @@ def text_pair_groups(prompts: Sequence[str], first: Sequence[str],
   return np.array([index.setdefault(k, len(index)) for k in keys], np.int64)
 
 
+def repeated_items(groups: np.ndarray | None) -> int:
+  """How many items repeat an earlier one's group (0 without ``groups``)."""
+  return 0 if groups is None else int(np.size(groups) - np.unique(groups).size)
+
+
 def weighted_estimate(values: np.ndarray, counts: np.ndarray,
                       select: np.ndarray | None = None) -> Estimate:
   """Mean of ``values [N]`` (over ``select`` if given) and its percentile interval."""

@@ -38,10 +38,6 @@ def _estimate(values: np.ndarray, select: np.ndarray, counts: np.ndarray) -> dic
   return out
 
 
-def _repeats(groups: np.ndarray | None, num_pairs: int) -> int:
-  return 0 if groups is None else num_pairs - int(np.unique(groups).size)
-
-
 def human_agreement(p_a_first: Sequence[float], p_a_second: Sequence[float],
                     outcome: Sequence[float], *, num_resamples: int = 1000,
                     seed: int = 0, groups: np.ndarray | None = None) -> dict[str, Any]:
@@ -52,7 +48,7 @@ def human_agreement(p_a_first: Sequence[float], p_a_second: Sequence[float],
   decisive = outcome != 0.5
   counts = stats.resample_counts(first.size, num_resamples, seed, groups)
   report: dict[str, Any] = {"num_pairs": int(first.size), "num_human_ties": int(np.sum(~decisive)),
-                            "pairs_repeating_text": _repeats(groups, first.size)}
+                            "pairs_repeating_text": stats.repeated_items(groups)}
   for name, p in (("a_first", first), ("a_second", second), ("average", average)):
     report[f"agreement_{name}"] = _estimate(agreement_values(p, outcome), decisive, counts)
   every = np.ones(first.size, bool)
