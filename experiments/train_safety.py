@@ -5,6 +5,8 @@ r"""Trains a safety (harm) classifier and picks its precision-targeted threshold
 Data: preference pairs (``config.data``, as in ``train_rm``); each pair's chosen
 response is a harmless example (label 0), its rejected response a harmful one
 (label 1) — on HH-RLHF harmless-base a WEAK label (see ``prefjax.feedback.safety``).
+A row with outcome < ½ is read with its sides swapped and a tie is skipped
+(``safety_runtime.HarmPairs``; counts under ``harm_pairs`` in the report).
 ``data.name="tiny_world_harm"`` uses the tiny world's programmatic harm instead.
 
 Model: ``config.model`` with head ``"reward"`` (one harm logit) or
@@ -106,7 +108,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   mesh = experiment.make_mesh(config.mesh)
   splits = {"train": config.data.train_split, "validation": config.data.eval_split,
             "test": config.safety.test_split}
-  sources = {name: safety_runtime.load_split(config.data, split)
+  sources = {name: safety_runtime.load_harm_pairs(config.data, split)
              for name, split in splits.items() if split}
   pcfg = experiment.pipeline_config(config.data, mesh=mesh)
   data_report = experiment.start_data_report(workdir, sources, tokenizer, pcfg,
@@ -151,7 +153,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   if choice.notice:
     logging.warning("safety: %s", choice.notice)
   out = dict(report(scores, choice, config), pos_weight=pos_weight, neg_weight=neg_weight,
-             num_train_pairs=num_pairs, final_step=final_step)
+             num_train_pairs=num_pairs, final_step=final_step,
+             harm_pairs={name: source.counts for name, source in sources.items()})
   summary_lib.write_json(os.path.join(workdir, safety_runtime.THRESHOLD_FILE),
                          {**choice.as_dict(), "step": final_step})
   summary_lib.write_json(os.path.join(workdir, REPORT_FILE), out)

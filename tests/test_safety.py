@@ -19,6 +19,7 @@ from experiments import train_safety
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import sources
 from prefjax.data import tiny_world as tiny_world_lib
+from prefjax.data import tokenize
 from prefjax.feedback import safety
 from prefjax.feedback import safety_runtime
 from prefjax.losses import classification
@@ -272,6 +273,31 @@ def test_label_source_rows_load_as_preferences_with_objective(tmp_path):
   table = labels.objective_table(source, ("helpful", "harmless"),
                                  {"objective": "", "objective_field": "objective"})
   np.testing.assert_array_equal(table, [[0, 1], [0, 1]])
+
+
+def test_harm_pairs_orient_every_row_so_rejected_is_the_side_its_labels_rejected(tmp_path):
+  """outcome 0 swaps the sides, a tie is skipped and counted, a soft outcome reads its majority."""
+  rows = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}", "outcome": o}
+          for i, o in enumerate([1.0, 0.0, 0.5, 0.25, 0.75])]
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  source = sources.load_preferences(f"jsonl:{path}", "train")
+  pairs = safety_runtime.HarmPairs(source)
+  assert pairs.counts == {"pairs": 5, "kept": 4, "swapped": 2, "skipped_ties": 1, "soft": 2}
+  assert [(r["prompt"], r["chosen"], r["rejected"], r["outcome"]) for r in pairs] == [
+      ("p0", "c0", "r0", 1.0), ("p1", "r1", "c1", 1.0), ("p3", "r3", "c3", 0.75),
+      ("p4", "c4", "r4", 0.75)]
+  assert pairs[1:3] == [pairs[1], pairs[2]] and pairs.__getitems__([3]) == [pairs[3]]
+  assert pairs.fingerprint == source.fingerprint + "+harm_pairs"
+  assert (pairs.name, pairs.split, pairs.summary) == (source.name, source.split, source.summary)
+  # What the classifier trains on: harm_targets label the (oriented) rejected side 1.
+  pcfg = pipeline_lib.PipelineConfig(batch_size=4, max_length=16, shuffle=False, num_epochs=1)
+  batch = next(iter(pipeline_lib.preference_dataset(pairs, tokenize.ByteTokenizer(), pcfg)))
+  assert list(batch["outcome"]) == [1.0, 1.0, 0.75, 0.75]
+  rejected = tokenize.ByteTokenizer().encode("c1")  # pair 1 swapped: its chosen was rejected
+  assert list(batch["tokens"][4 + 1][3:3 + len(rejected)]) == rejected
+  clean = safety_runtime.HarmPairs([rows[0]])
+  assert clean.counts["swapped"] == clean.counts["skipped_ties"] == 0
 
 
 def test_filtered_selection_hand_example_and_fallback():

@@ -3,6 +3,8 @@ and a harmlessness objective beside helpfulness.
 
 * ``load_split``: ``config.data`` of ``train_safety``; ``name="tiny_world_harm"``
   writes (harmless, harmful) tiny-world pairs once (``TinyWorld.harm_pairs``).
+  ``load_harm_pairs`` reads it as ``HarmPairs``: the rejected side always the harmful
+  one, whatever the row's outcome.
 * ``SafetyClassifier``: a trained ``train_safety`` workdir (``from_workdir``)
   scoring (prompt, response) texts with the training tokenization and threshold.
 * ``make_harm_scorer``: ``config.safety`` of ``best_of_n`` (a classifier workdir or
@@ -17,6 +19,7 @@ and a harmlessness objective beside helpfulness.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import os
@@ -60,6 +63,72 @@ def load_split(data_cfg: Any, split: str) -> sources.PreferenceSource:
   tw = cfg["tiny_world"]
   cfg["name"] = ensure_tiny_world_harm(tw.to_dict() if hasattr(tw, "to_dict") else tw)
   return experiment.load_split(cfg, split)
+
+
+class HarmPairs(collections.abc.Sequence):
+  """A preference source read as harm pairs: ``rejected`` is always the side its labels
+  rejected (``safety.harm_targets`` calls it harmful).
+
+  A row with outcome < ½ has its sides swapped (and outcome 1 − o); a tie (outcome ½)
+  names no harmful side and is skipped. ``counts`` holds ``pairs``, ``kept``,
+  ``swapped``, ``skipped_ties`` and ``soft`` (kept rows with 0 < o < 1, read as their
+  majority side). Other attributes (``name``, ``split``, ``summary``, ...) are the
+  source's; ``fingerprint`` changes when any row was swapped or skipped.
+  """
+
+  def __init__(self, source: Sequence[dict[str, Any]]):
+    self._source = source
+    outcomes = np.asarray([row["outcome"] for row in _read_rows(source, range(len(source)))],
+                          np.float64)
+    self._kept = np.flatnonzero(outcomes != 0.5)
+    self._swap = outcomes < 0.5
+    self.counts = {"pairs": int(outcomes.size), "kept": int(self._kept.size),
+                   "swapped": int(self._swap.sum()),
+                   "skipped_ties": int((outcomes == 0.5).sum()),
+                   "soft": int(((outcomes > 0) & (outcomes < 1) & (outcomes != 0.5)).sum())}
+    fingerprint = getattr(source, "fingerprint", "")
+    changed = self.counts["swapped"] or self.counts["skipped_ties"]
+    self.fingerprint = f"{fingerprint}+harm_pairs" if changed else fingerprint
+
+  def __getattr__(self, name: str) -> Any:
+    if name.startswith("_"):
+      raise AttributeError(name)
+    return getattr(self._source, name)
+
+  def __len__(self) -> int:
+    return int(self._kept.size)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.__getitems__(range(*index.indices(len(self))))
+    return self._oriented(int(self._kept[index]), self._source[int(self._kept[index])])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    rows = [int(self._kept[i]) for i in indices]
+    return [self._oriented(i, row) for i, row in zip(rows, _read_rows(self._source, rows))]
+
+  def _oriented(self, i: int, row: dict[str, Any]) -> dict[str, Any]:
+    if not self._swap[i]:
+      return row
+    return dict(row, chosen=row["rejected"], rejected=row["chosen"],
+                outcome=1.0 - row["outcome"])
+
+
+def _read_rows(source: Sequence[dict[str, Any]], indices: Sequence[int]) -> list:
+  getitems = getattr(source, "__getitems__", None)
+  return getitems(indices) if getitems else [source[i] for i in indices]
+
+  def __repr__(self) -> str:
+    return f"HarmPairs({self._source!r}, {self.counts})"
+
+
+def load_harm_pairs(data_cfg: Any, split: str) -> HarmPairs:
+  """``load_split`` as ``HarmPairs``; logs the swapped and skipped rows."""
+  pairs = HarmPairs(load_split(data_cfg, split))
+  if pairs.counts["swapped"] or pairs.counts["skipped_ties"] or pairs.counts["soft"]:
+    logging.warning("safety data %s: %s (outcome < 1/2 swapped, ties skipped, soft outcomes "
+                    "read as their majority side)", split, pairs.counts)
+  return pairs
 
 
 class SafetyClassifier:
