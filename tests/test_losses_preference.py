@@ -152,9 +152,9 @@ def ref_pair_ties(rc, rr, outcome=1.0, nu=1.0):
 
 
 def ref_pair_plackett_luce(rc, rr, outcome=1.0):
-  first = _soft_label(outcome, 0.0, rc.ndim) >= 0.5  # A tie ranks the chosen side first.
-  best, other = np.where(first, rc, rr), np.where(first, rr, rc)
-  return -np.log(np.exp(best) / (np.exp(best) + np.exp(other)))
+  o = _soft_label(outcome, 0.0, rc.ndim)  # P(the chosen side ranks first)
+  nll = lambda best, other: -np.log(np.exp(best) / (np.exp(best) + np.exp(other)))
+  return o * nll(rc, rr) + (1 - o) * nll(rr, rc)
 
 
 def pair_reference(name):
@@ -187,6 +187,18 @@ NAMES = list(CASES)
 @pytest.mark.parametrize("name", sorted(preference.PREFERENCE_LOSSES))
 def test_every_registered_loss_has_a_float64_reference(name):
   pair_reference(name)
+
+
+@pytest.mark.parametrize("name", sorted(preference.PREFERENCE_LOSSES))
+def test_every_registered_loss_reads_a_pair_the_same_with_its_sides_swapped(name):
+  """(c, r, o) and (r, c, 1 − o) are one judgement: a tie or soft label favours no side."""
+  fn, hparams = preference.PREFERENCE_LOSSES[name], REGISTRY_HPARAMS.get(name, {})
+  rc, rr = _rewards(50, (B, K)), _rewards(51, (B, K))
+  outcome = np.array([1.0, 0.0, 0.5, 0.8, 0.3], np.float32)
+  if name == "ties":
+    outcome = OUTCOME
+  np.testing.assert_allclose(fn(rc, rr, outcome=outcome, **hparams),
+                             fn(rr, rc, outcome=1.0 - outcome, **hparams), rtol=1e-5, atol=1e-6)
 
 
 def test_registry_runs_every_entry_with_rewards_only_and_rejects_duplicates():

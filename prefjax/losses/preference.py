@@ -277,25 +277,31 @@ def ties(r_chosen: ArrayLike, r_rejected: ArrayLike, *, outcome: ArrayLike = 1.0
 @register_preference_loss("plackett_luce")
 def plackett_luce_pair(r_chosen: ArrayLike, r_rejected: ArrayLike, *,
                        outcome: ArrayLike = 1.0) -> Array:
-  """Plackett–Luce on the two-item ranking [preferred, other], preferred = outcome ≥ ½.
+  """Plackett–Luce on a pair's two rankings, weighted by the outcome.
 
-  L = ``plackett_luce``([r_preferred, r_other]) per ensemble member (K = 2 is
-  Bradley–Terry; it is here so that the K-wise code path is trained and tested).
+  L = o·PL([r_c, r_r]) + (1 − o)·PL([r_r, r_c]) per ensemble member, ``PL`` =
+  ``plackett_luce``: the expected ranking loss when the chosen side ranks first with
+  probability o, so a tie (o = ½) pushes neither side. K = 2 is Bradley–Terry with a
+  soft label; it is here so that the K-wise code path is trained and tested.
 
   Plackett (1975), Applied Statistics 24(2); see ``plackett_luce``.
 
   Args:
     r_chosen: ``[B]`` or ``[B, K]`` rewards.
     r_rejected: same shape.
-    outcome: scalar or ``[B]``; ties count as a win of the chosen side.
+    outcome: scalar or ``[B]`` in [0, 1].
 
   Returns:
     Per-example loss, shape of ``r_chosen``.
   """
   r_chosen, r_rejected = _pair(r_chosen, r_rejected, "r_chosen, r_rejected")
-  first = broadcast_leading(outcome, r_chosen, "outcome") >= 0.5
-  ranked = jnp.stack([jnp.where(first, r_chosen, r_rejected),
-                      jnp.where(first, r_rejected, r_chosen)], axis=1)
+  o = broadcast_leading(outcome, r_chosen, "outcome")
+  chosen_first = _ranking_loss(jnp.stack([r_chosen, r_rejected], axis=1))
+  rejected_first = _ranking_loss(jnp.stack([r_rejected, r_chosen], axis=1))
+  return o * chosen_first + (1.0 - o) * rejected_first
+
+
+def _ranking_loss(ranked: Array) -> Array:
   if ranked.ndim == 3:  # [B, 2, K]: one ranking loss per member.
     return jax.vmap(plackett_luce, in_axes=2, out_axes=1)(ranked)
   return plackett_luce(ranked)
