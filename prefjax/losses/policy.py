@@ -85,7 +85,8 @@ def whiten(x: Array, mask: Array, *, shift_mean: bool = True, eps: float = 1e-8)
   """Masked whitening: (x − μ) / √(σ² + eps) over the entries where ``mask`` is 1.
 
   μ and σ² are the (population) mean and variance over ALL masked entries of
-  the batch, so the whitened entries have mean 0 and variance 1 (up to eps).
+  the batch, so the whitened entries have mean 0 and variance 1 (up to eps). (TRL's
+  ``masked_whiten`` uses the sample variance: a factor √((n−1)/n), n masked entries.)
   With ``shift_mean=False`` the mean is added back (only the scale changes).
   Masked-out entries are returned as 0.
 
@@ -382,7 +383,8 @@ def group_normalized_advantages(rewards: Array, mask: Array | None = None, *,
 
   "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language
   Models", Shao et al. 2024, arXiv 2402.03300. ``scale_by_std=False`` drops the
-  std division (Dr. GRPO, arXiv 2503.20783). std is the population std.
+  std division (Dr. GRPO, arXiv 2503.20783). std is the population std; TRL's
+  GRPOTrainer divides by the sample std (ddof 1), √((k−1)/k) times ours, e.g. 0.87 at k = 4.
 
   Args:
     rewards: ``[P, k]``.

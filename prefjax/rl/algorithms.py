@@ -12,7 +12,9 @@ samples per prompt, sequence reward R = score − β·Σ_t kl_t, leave-one-out
 baseline A_i = R_i − mean_{j≠i} R_j, the same A on every token of the
 sequence; the loss is the (clipped, for epochs > 1) score-function surrogate
 summed over a sequence's tokens and averaged over sequences, so one on-policy
-epoch is exactly the REINFORCE estimator −A·∇log π(y|x).
+epoch is exactly the REINFORCE estimator −A·∇log π(y|x). With epochs > 1 the ratio is
+clipped per token, as in PPO; TRL's RLOOTrainer (up to 0.19) clips the sequence's
+ratio exp(Σ_t Δlog π) instead. With one epoch (the RLOO configs) the two are the same.
 """
 
 from __future__ import annotations
