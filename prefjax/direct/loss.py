@@ -30,7 +30,9 @@ of a soft preference, such pairs are dropped (weight 0, counted in
 Optional NLL term (RPO, "Iterative Reasoning Preference Optimization",
 arXiv 2404.19733): ``+ α · NLL(chosen)`` with NLL the token-averaged negative
 log-likelihood of each chosen response (pair-weighted mean); α defaults to the
-spec's ``nll_alpha`` (ORPO, arXiv 2403.07691, registers 1).
+spec's ``nll_alpha`` (ORPO, arXiv 2403.07691, registers 1). TRL and ORPO's own code
+average over all chosen tokens of the batch instead, which weighs a pair by its length;
+the two agree when the chosen responses are equally long.
 
 ``unpaired`` losses (KTO, "KTO: Model Alignment as Prospect Theoretic
 Optimization", arXiv 2402.01306) run on pairs split into unpaired examples:
