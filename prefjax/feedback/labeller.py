@@ -108,7 +108,7 @@ class LMJudge:
     Counted: ``prompt_cut`` / ``response_cut`` (questions whose prompt or a response was
     cut), ``shortened_to_fit`` (cut further than the character caps)."""
     conversation = templates_lib.conversation(q.prompt)
-    prompt_chars = self.max_prompt_chars or len(q.prompt)
+    prompt_chars = self.max_prompt_chars or len(conversation)
     response_chars = self.max_response_chars or max(len(q.first), len(q.second))
     ids = self._render_ids(q, conversation, prompt_chars, response_chars)
     if len(ids) > self.max_length:
