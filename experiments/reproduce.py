@@ -61,8 +61,9 @@ STAGING = ".figures.partial"  # this run's figures until the run has finished
 
 
 def _with_text_world(config: Any, workdir: str, found: list,
-                     fig_dir: str) -> tuple[list, dict, list]:
-  """The text world, or with ``config.text.kind == "hh"`` the SmolLM2 / HH world."""
+                     fig_dir: str) -> tuple[list, dict, list, dict]:
+  """The text world, or with ``config.text.kind == "hh"`` the SmolLM2 / HH world; returns
+  its criteria, figures, report section and (several seeds) its criteria seed by seed."""
   hh = config.text.get("kind") == "hh"
   world_cls, labels = ((hh_study.HHWorld, hh_study.REPORT_LABELS) if hh
                        else (text_study.TextWorld, {}))
@@ -78,16 +79,19 @@ def _with_text_world(config: Any, workdir: str, found: list,
       runs.append(text_study.run_text_study(cfg, os.path.join(root, f"seed{seed}"),
                                             study.Progress, world_cls=world_cls))
     results = text_world.pool_seeds(runs)
-  num_bootstrap = config.text.get("num_bootstrap") or config.bandit.num_bootstrap
+  num_bootstrap = int(config.text.get("num_bootstrap") or config.bandit.num_bootstrap)
   text_found, figs, curves = text_report.text_criteria(
-      results, config.text, fig_dir, num_bootstrap=int(num_bootstrap), **labels)
+      results, config.text, fig_dir, num_bootstrap=num_bootstrap, **labels)
+  by_seed = {int(seed): text_report.text_criteria(run, config.text, None,
+                                                  num_bootstrap=num_bootstrap, **labels)[0]
+             for seed, run in zip(seeds, runs)} if seeds else {}
   for c in found:
     if c.name in text_report.CARRIES:  # the text world carries it; keep the bandit's beside
       c.name = f"{c.name}-bandit"
   intro = hh_study.describe(results) if hh else None
   section = text_report.report_section(results, curves, figs, intro=intro,
                                        **({"heading": "## SmolLM2 on HH"} if hh else {}))
-  return found + text_found, figs, section
+  return found + text_found, figs, section, by_seed
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -99,12 +103,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   staging = os.path.join(workdir, STAGING)
   shutil.rmtree(staging, ignore_errors=True)  # left by a run that failed
   facts = {"command": " ".join(["python -m experiments.reproduce"] + sys.argv[1:])}
-  found, figs, results = [], {}, None
+  found, figs, results, by_world = [], {}, None, {}
   if config.get("bandit") is not None:
     results = study.run_bandit_study(config.bandit, workdir)
-    found, figs = report_lib.bandit_criteria(
-        results, staging, smallest=int(config.bandit.smallest),
-        n_fixed=int(config.bandit.data.n_fixed))
+    picks = dict(smallest=int(config.bandit.smallest), n_fixed=int(config.bandit.data.n_fixed))
+    found, figs = report_lib.bandit_criteria(results, staging, **picks)
+    by_world["bandit"] = report_lib.world_criteria(results, **picks)
     facts.update(world_seeds=list(config.bandit.world_seeds), wall_s=time.time() - start,
                  world_note=_world_note(config))
   extra = []
@@ -113,15 +117,21 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                                     or (config.text.get("world") or {}).get("seed")),
                            "pairs_seed": int(config.text.pairs.seed),
                            "eval_seed": int(config.text.eval.seed)}
-    found, text_figs, extra = _with_text_world(config, workdir, found, staging)
+    found, text_figs, extra, by_seed = _with_text_world(config, workdir, found, staging)
+    if by_seed:
+      by_world[by_seed[next(iter(by_seed))][0].world] = by_seed
     figs.update(text_figs)
   facts["wall_s"] = time.time() - start
   publish_figures(workdir, staging, figs)
-  out = report_lib.write_report(workdir, found, results, figs, facts, extra_sections=extra)
+  out = report_lib.write_report(workdir, found, results, figs, facts, extra_sections=extra,
+                                by_world=by_world)
   summary_lib.replace_config(workdir, config)
   table = report_lib.criteria_table(found)
   print(table)
   print(report_lib.verdict_line(found))
+  for world, seeds in by_world.items():
+    if len(seeds) > 1:
+      print(report_lib.world_line(found, seeds, world))
   print("figures:\n  " + "\n  ".join(os.path.join(workdir, f) for f in figs.values()))
   print(f"report: {os.path.join(workdir, 'report.md')}  ({facts['wall_s']:.0f} s)")
   return out

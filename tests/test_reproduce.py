@@ -57,6 +57,32 @@ def test_report_schema_figures_and_g0(tiny_run):
       "bandit": on_disk["criteria"]["R2-bandit"]["pass"], "text": on_disk["criteria"]["R2"]["pass"]}
   assert on_disk["verdicts"]["G1"]["carried_by"] == "bandit"
   assert "## Verdict by criterion" in markdown
+  # Each world's criteria on its own curves: G1 reads the world's drop that per_world shows.
+  bandit_names = {"G0", "G1", "G2", "G3", "G5", "R1", "R2", "R3", "R4", "C1", "C2", "C3"}
+  assert set(on_disk["criteria_by_world"]) == {"bandit"}  # one text world: nothing to split
+  assert set(on_disk["criteria_by_world"]["bandit"]) == {"0", "1"}
+  for seed in ("0", "1"):
+    own = on_disk["criteria_by_world"]["bandit"][seed]
+    assert set(own) == bandit_names
+    assert own["G1"]["value"][0]["drop"] == pytest.approx(
+        on_disk["per_world"][seed]["w4"]["bon_drop"], rel=1e-9)
+  assert "## The bandit criteria world by world" in markdown
+  assert "| G1 | " in markdown.split("world by world")[1]
+
+
+def test_world_table_and_line_set_each_world_beside_the_pooled_verdict():
+  from prefjax.overopt import report as report_lib
+  crit = lambda name, ok, world="bandit": criteria.Criterion(name, ok, None, None, "", "", world)
+  found = [crit("G1", True), crit("G2", True), crit("R2-bandit", True), crit("R2", False, "text"),
+           crit("D1", True)]  # D1: the first world only, not evaluated world by world
+  by_world = {0: [crit("G1", True), crit("G2", False), crit("R2", True)],
+              3: [crit("G1", True), crit("G2", False), crit("R2", False)]}
+  assert report_lib.world_table(found, by_world) == [
+      "| criterion | pooled | world 0 | world 3 |", "|---|---|---|---|",
+      "| G1 | PASS | PASS | PASS |", "| G2 | PASS | FAIL | FAIL |", "| R2 | PASS | PASS | FAIL |"]
+  assert report_lib.world_line(found, by_world) == (
+      "1 of the 3 bandit criteria that pass pooled pass in each of the 2 worlds; failing in "
+      "some world: G2 (world 0, 3), R2-bandit (world 3)")
 
 
 def test_verdicts_name_the_carrying_world():

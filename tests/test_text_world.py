@@ -285,3 +285,61 @@ def test_reference_scales_standardise_gold_and_each_proxy_under_the_reference():
   for w in (4, 8):
     standard = scales[f"proxy_w{w}"](samples[w]["proxy"])
     np.testing.assert_allclose([standard.mean(), standard.std()], [0.0, 1.0], atol=1e-12)
+
+
+def _study_run(seed: int, prompts: int = 24, steps: int = 5) -> dict:
+  """A text study's results in SD units: best-of-n samples, RL and DPO trajectories."""
+  rng = np.random.default_rng(seed)
+
+  def traj():
+    kl = np.cumsum(rng.uniform(0.1, 1.0, size=(steps, prompts)), axis=0)
+    kl[0] = 0.0
+    d = np.sqrt(kl)
+    return text_world.Trajectory(np.arange(steps) * 5, {
+        "kl": kl, "gold": d * (1 - 0.5 * d) + 0.1 * rng.normal(size=kl.shape),
+        "proxy_w8": d + 0.1 * rng.normal(size=kl.shape), "proxy_w16": d})
+  widths = [8, 16, 32]
+  return {"scales": {k: text_world.GoldScale(0.0, 1.0)
+                     for k in ["gold"] + [f"proxy_w{w}" for w in widths]},
+          "bon": {w: {"gold": rng.normal(size=(prompts, 32)),
+                      "proxy": rng.normal(size=(prompts, 32)),
+                      "lengths": rng.integers(1, 9, size=(prompts, 32))} for w in widths},
+          "rl": {8: traj(), 16: traj()},
+          "dpo": {(loss, beta): traj() for loss in ("dpo", "ipo") for beta in (0.05, 0.1, 0.5)},
+          "proxy_stats": [{"width": w, "accuracy": 0.7, "wall_s": 1.0} for w in widths],
+          "pairs": {"dataset": "d", "num_pairs": 100, "skipped": {}},
+          "widths": widths, "world": {"seed": seed}}
+
+
+def test_text_world_seeds_get_their_own_criteria_beside_the_pooled_ones(tmp_path, monkeypatch):
+  """Several text-world seeds: reproduce evaluates each seed's criteria (no figures) as the
+  pooled ones, and the report sets them side by side."""
+  import ml_collections
+  from experiments import reproduce
+  from experiments import text_study
+  from prefjax.overopt import report as report_lib
+  from prefjax.overopt import text_report
+  runs = {3: _study_run(3), 5: _study_run(5)}
+  monkeypatch.setattr(text_study, "run_text_study",
+                      lambda cfg, root, progress, world_cls: runs[cfg.world.seed])
+  monkeypatch.setattr(text_report, "report_section", lambda *args, **kwargs: [])
+  config = ml_collections.ConfigDict({"text": {
+      "kind": "text", "world_seeds": (3, 5), "world": {"seed": 0}, "num_bootstrap": 50,
+      "bon": {"num_points": 6}, "rl": {"algorithm": "ppo"}}})
+  found, figs, _, by_seed = reproduce._with_text_world(config, str(tmp_path), [],
+                                                       str(tmp_path / "figures"))
+  assert set(by_seed) == {3, 5} and figs
+  cfg = config.text
+  for seed, criteria in by_seed.items():
+    alone, _, _ = text_report.text_criteria(runs[seed], cfg, None, num_bootstrap=50)
+    assert [(c.name, c.passed, c.detail) for c in criteria] == [
+        (c.name, c.passed, c.detail) for c in alone]
+    assert all(c.world == "text" and not c.figure for c in criteria)
+  assert [c.name for c in found] == [c.name for c in by_seed[3]]
+  report = report_lib.write_report(str(tmp_path), found, None, figs, {},
+                                   by_world={"text": by_seed})
+  assert set(report["criteria_by_world"]["text"]) == {"3", "5"}
+  markdown = (tmp_path / "report.md").read_text()
+  section = markdown.split("## The text criteria world by world")[1]
+  assert "| criterion | pooled | world 3 | world 5 |" in section
+  assert "| G1 | " in section and "| D1 | " in section

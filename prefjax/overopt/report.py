@@ -9,6 +9,7 @@ expects, what this run saw).
 
 from __future__ import annotations
 
+import collections
 import os
 from typing import Any, Sequence
 
@@ -119,23 +120,9 @@ def bandit_criteria(results: study_lib.BanditResults, fig_dir: str, *, smallest:
     figs["learned_policy"] = figures.learned_policy(results.learned_policy,
                                                     path("learned_policy.png"))
   rel = {k: os.path.join("figures", os.path.basename(v)) for k, v in figs.items()}
-  small = results.sizes[:smallest]
-  noisy_ens = results.ensembles[noisy]
-  ens = {k: v for k, v in noisy_ens.items() if k != "single"}
-  out = [
-      C.g0(results.sizes, results.estimator_checks, rel["estimators"]),
-      C.g1(small, rel["gao_fig1"]),
-      C.g2(results.sizes, rel["gao_fig1"]),
-      C.g3(results.widths, results.sizes, rel["gao_fig3_size"]),
-      C.g5(results.data_sizes, results.data, n_fixed, rel["data_curves"]),
-      C.r1(results.sizes, rel["gao_fig1"]),
-      C.r2(small, rel["gao_fig1"]),
-      C.r3(results.sizes, rel["gao_fig3_size"]),
-      C.r4(results.sizes, rel["gao_fig1"]),
-      C.c1(noisy_ens["single"], ens, rel["coste"], label_noise=noisy),
-      C.c2(noisy_ens["single"], ens, rel["coste"]),
-      C.c3(results.disagreement[noisy], rel["disagreement"]),
-  ]
+  out = _criteria(results, results.sizes, results.data, results.ensembles[noisy],
+                  results.disagreement[noisy], results.estimator_checks, rel,
+                  smallest=smallest, n_fixed=n_fixed)
   if results.direct is not None:
     direct_found, direct_figs = direct_stage_criteria(results.direct, fig_dir)
     out += direct_found
@@ -204,6 +191,93 @@ def _proxy_table(stats: Sequence[dict]) -> list[str]:
                  f"(min {np.min(r['gold_accuracy']):.3f}) | {np.mean(r['train_accuracy']):.3f} "
                  f"| {np.mean(r['train_loss']):.3f} |")
   return lines
+
+
+def _criteria(results: study_lib.BanditResults, sizes: Sequence, data: Sequence,
+              ensembles: dict, disagreement: dict, checks: Sequence[dict],
+              rel: dict[str, str], *, smallest: int, n_fixed: int) -> list[C.Criterion]:
+  """G0–G5, R1–R4 and C1–C3 on one set of curves (pooled, or one world's)."""
+  noisy = coste_noise(results)
+  ens = {k: v for k, v in ensembles.items() if k != "single"}
+  return [
+      C.g0(sizes, checks, rel["estimators"]),
+      C.g1(sizes[:smallest], rel["gao_fig1"]),
+      C.g2(sizes, rel["gao_fig1"]),
+      C.g3(results.widths, sizes, rel["gao_fig3_size"]),
+      C.g5(results.data_sizes, data, n_fixed, rel["data_curves"]),
+      C.r1(sizes, rel["gao_fig1"]),
+      C.r2(sizes[:smallest], rel["gao_fig1"]),
+      C.r3(sizes, rel["gao_fig3_size"]),
+      C.r4(sizes, rel["gao_fig1"]),
+      C.c1(ensembles["single"], ens, rel["coste"], label_noise=noisy),
+      C.c2(ensembles["single"], ens, rel["coste"]),
+      C.c3(disagreement, rel["disagreement"]),
+  ]
+
+
+def world_criteria(results: study_lib.BanditResults, *, smallest: int = 2,
+                   n_fixed: int = 1000) -> dict[int, list[C.Criterion]]:
+  """The bandit criteria in each world on its own (world seed -> criteria, no figures).
+
+  The pooled criteria bootstrap over the prompts of all worlds, which treats the worlds'
+  teachers and proxies as fixed; a criterion that fails in some world rests on the draw
+  of the others.
+  """
+  noisy = coste_noise(results)
+  no_figures = collections.defaultdict(str)
+  return {seed: _criteria(results, w.sizes, w.data, w.ensembles[noisy],
+                          w.disagreement[noisy], [w.estimator_check], no_figures,
+                          smallest=smallest, n_fixed=n_fixed)
+          for seed, w in (results.worlds or {}).items()}
+
+
+def world_table(found: Sequence[C.Criterion], by_world: dict[int, list[C.Criterion]],
+                world: str = "bandit") -> list[str]:
+  """Pooled verdict beside each world seed's, for the criteria of ``world``."""
+  base = lambda name: name.removesuffix(f"-{world}")  # noqa: E731
+  pooled = {base(c.name): c.passed for c in found if c.world == world}
+  seeds = list(by_world)
+  word = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+  lines = ["| criterion | pooled | " + " | ".join(f"world {s}" for s in seeds) + " |",
+           "|---" * (2 + len(seeds)) + "|"]
+  for i, c in enumerate(by_world[seeds[0]]):
+    name = base(c.name)
+    cells = [word(by_world[s][i].passed) for s in seeds]
+    lines.append(f"| {name} | {word(pooled[name]) if name in pooled else '–'} | "
+                 + " | ".join(cells) + " |")
+  return lines
+
+
+def world_line(found: Sequence[C.Criterion], by_world: dict[int, list[C.Criterion]],
+               world: str = "bandit") -> str:
+  """How many criteria of ``world`` that pass pooled also pass in every world seed."""
+  base = lambda name: name.removesuffix(f"-{world}")  # noqa: E731
+  failing: dict[str, list[str]] = {}
+  for seed, criteria in by_world.items():
+    for c in criteria:
+      if not c.passed:
+        failing.setdefault(base(c.name), []).append(str(seed))
+  names = {base(c.name) for c in next(iter(by_world.values()))}
+  pooled = [c for c in found if c.world == world and c.passed and base(c.name) in names]
+  fails = [f"{c.name} (world {', '.join(failing[base(c.name)])})"
+           for c in pooled if base(c.name) in failing]
+  out = (f"{len(pooled) - len(fails)} of the {len(pooled)} {world} criteria that pass pooled "
+         f"pass in each of the {len(by_world)} worlds")
+  return out + (f"; failing in some world: {', '.join(fails)}" if fails else "")
+
+
+def world_sections(found: Sequence[C.Criterion],
+                   by_world: dict[str, dict[int, list[C.Criterion]]]) -> list[str]:
+  """Markdown: for each world kind run with several seeds, its criteria seed by seed."""
+  md = []
+  for world, seeds in by_world.items():
+    md += [f"## The {world} criteria world by world", "",
+           "Every standard error above is a bootstrap over the prompts of all worlds pooled, "
+           "so it treats each world's draw (its teacher or gold, proxies and policies) as "
+           "fixed. Evaluated in each world on its own (with its own prompts only, so with "
+           "larger standard errors): " + world_line(found, seeds, world) + ".", ""]
+    md += world_table(found, seeds, world) + [""]
+  return md
 
 
 def _per_world_table(per_world: dict) -> list[str]:
@@ -298,11 +372,20 @@ def _bandit_sections(results: study_lib.BanditResults, figs: dict[str, str]) -> 
 
 def write_report(workdir: str, found: Sequence[C.Criterion],
                  results: study_lib.BanditResults | None, figs: dict[str, str],
-                 facts: dict[str, Any], extra_sections: Sequence[str] = ()) -> dict[str, Any]:
+                 facts: dict[str, Any], extra_sections: Sequence[str] = (),
+                 by_world: dict[str, dict[int, list[C.Criterion]]] | None = None
+                 ) -> dict[str, Any]:
   """Writes ``report.json`` and ``report.md``; returns the JSON object. ``results`` None:
-  no bandit world was run (only ``extra_sections`` follow the criteria)."""
+  no bandit world was run (only ``extra_sections`` follow the criteria). ``by_world``:
+  world kind -> seed -> its criteria (``world_criteria``), shown beside the pooled
+  verdicts for the kinds run with several seeds."""
+  by_world = {k: v for k, v in (by_world or {}).items() if len(v) > 1}
   report = {"criteria": {c.name: C.Criterion.as_json(c) for c in found},
             "verdicts": verdicts(found), **facts,
+            **({"criteria_by_world": {
+                world: {str(s): {c.name: C.Criterion.as_json(c) for c in cs}
+                        for s, cs in seeds.items()} for world, seeds in by_world.items()}}
+               if by_world else {}),
             **({} if results is None else _bandit_json(results)), "figures": figs}
   summary_lib.write_json(os.path.join(workdir, "report.json"), report)
   seeds = f"World seeds: {facts['world_seeds']}; " if "world_seeds" in facts else ""
@@ -311,6 +394,7 @@ def write_report(workdir: str, found: Sequence[C.Criterion],
         f"{seeds}wall time {facts.get('wall_s', 0):.0f} s.",
         "", facts.get("world_note", ""), "", "## Criteria", "", criteria_table(found), "",
         "## Verdict by criterion", "", verdict_line(found) + ".", "", verdict_table(found), ""]
+  md += world_sections(found, by_world)
   noise = None if results is None else coste_noise(results)
   for c in found:
     md += [f"### {c.name} — {'PASS' if c.passed else 'FAIL'} ({c.world} world)", "",

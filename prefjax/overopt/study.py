@@ -41,6 +41,15 @@ from prefjax.overopt import exact
 from prefjax.overopt import policy_net
 
 
+class WorldCurves(NamedTuple):
+  """One world's own curves; ``BanditResults`` pools these over worlds."""
+  sizes: list[curves_lib.SettingCurves]
+  data: list[curves_lib.SettingCurves]
+  ensembles: dict[float, dict[str, curves_lib.SettingCurves]]
+  disagreement: dict[float, dict[str, np.ndarray]]
+  estimator_check: dict
+
+
 class BanditResults(NamedTuple):
   sizes: list[curves_lib.SettingCurves]        # one per width, pooled over worlds
   widths: list[int]
@@ -55,6 +64,7 @@ class BanditResults(NamedTuple):
   per_world: dict[int, dict[str, Any]]         # world seed -> that world's own key numbers
   ns: np.ndarray
   betas: np.ndarray
+  worlds: dict[int, WorldCurves] | None = None  # world seed -> its unpooled curves
 
 
 class Progress:
@@ -211,8 +221,12 @@ def run_bandit_study(config: Any, workdir: str) -> BanditResults:
                for x in noises}
   disagreement = {x: {k: np.concatenate([g[k] for g in growth[x]]) for k in growth[x][0]}
                   for x in noises}
+  worlds = {int(seed): WorldCurves(sizes[i], data[i], {x: ens[x][i] for x in noises},
+                                   {x: growth[x][i] for x in noises}, checks[i])
+            for i, seed in enumerate(config.world_seeds)}
   return BanditResults(pooled(sizes), widths, pooled(data), data_sizes, ensembles,
-                       disagreement, checks, stats, policy_rows, direct, per_world, ns, betas)
+                       disagreement, checks, stats, policy_rows, direct, per_world, ns, betas,
+                       worlds)
 
 
 def _first_world_extras(config: Any, w: "_World", proxy: np.ndarray,

@@ -10,6 +10,7 @@ best-of-n and RL results with transformer proxies trained by ``train_rm``
 
 from __future__ import annotations
 
+import collections
 import os
 from typing import Any, Mapping, Sequence
 
@@ -95,21 +96,10 @@ def _renamed(c: C.Criterion, base: str, world: str = WORLD) -> C.Criterion:
   return c
 
 
-def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
-                  num_bootstrap: int = 1000, world: str = WORLD, title: str = "Text world",
-                  policy: str = "the SFT policy") -> tuple[list[C.Criterion], dict[str, str],
-                                                          dict[str, Any]]:
-  """Figures and criteria of the text world (or another world run by
-  ``experiments/text_study.py``: ``world`` suffixes criteria and names figures, ``title``
-  and ``policy`` go in figure titles); also returns the curves for the report."""
-  scales, widths = results["scales"], list(results["widths"])
-  points = int(cfg.bon.num_points)
-  bon_settings = [setting(f"w{w}", bon_curve(results["bon"][w], scales, f"proxy_w{w}", points,
-                                             num_bootstrap), None, num_bootstrap)
-                  for w in widths]
-  rl_settings = [setting(f"w{w}", bon_settings[widths.index(w)].bon,
-                         trajectory_curve(traj, f"proxy_w{w}", num_bootstrap), num_bootstrap)
-                 for w, traj in sorted(results["rl"].items())]
+def _figures(fig_dir: str, world: str, title: str, policy: str, cfg: Any, widths: list,
+             bon_settings: list, rl_settings: list, sweeps: dict, rl_arm: exact.ExactScores,
+             others: dict, rl_width: int) -> dict[str, str]:
+  """Draws the text world's figures; returns their paths relative to the workdir."""
   path = lambda name: os.path.join(fig_dir, name.replace("text_", f"{world}_", 1))
   algo = str(cfg.rl.algorithm).upper()
   figs = {
@@ -123,24 +113,46 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
           rl_settings, path("text_rl.png"), rl_name=f"{algo} along training",
           title=f"{title}: best-of-n and {algo} (train_rl) against the same proxies"),
   }
-  sweeps = {}
-  for (loss, beta), traj in results["dpo"].items():
-    sweeps.setdefault(loss, {})[beta] = traj
-  sweeps = {loss: daa_sweep(loss, runs) for loss, runs in sweeps.items()}
   if sweeps:
     figs["text_direct"] = figures.direct_sweeps(sweeps, path("text_daa_gold_vs_kl.png"))
-  rl_width = max(results["rl"])
-  rl_arm = as_scores(results["rl"][rl_width], f"proxy_w{rl_width}")
-  # More RL runs against the same proxy (rl.frontier_algorithms): PPO is P1's reference.
-  others = {name: as_scores(traj, f"proxy_w{rl_width}")
-            for name, traj in results.get("rl_frontier", {}).items()}
   if "dpo" in sweeps:
     figs["text_frontier"] = figures.frontier(
         sweeps["dpo"], rl_arm, path("text_dpo_vs_rl_frontier.png"),
         rl_label=f"{algo} against proxy w{rl_width} (checkpoints)", rl_style="k.-",
         others=[(scores, f"{name.upper()} against proxy w{rl_width} (checkpoints)", style)
                 for (name, scores), style in zip(others.items(), ("bs--", "m^:", "cv-."))])
-  rel = {k: os.path.join("figures", os.path.basename(v)) for k, v in figs.items()}
+  return {k: os.path.join("figures", os.path.basename(v)) for k, v in figs.items()}
+
+
+def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str | None, *,
+                  num_bootstrap: int = 1000, world: str = WORLD, title: str = "Text world",
+                  policy: str = "the SFT policy") -> tuple[list[C.Criterion], dict[str, str],
+                                                          dict[str, Any]]:
+  """Figures and criteria of the text world (or another world run by
+  ``experiments/text_study.py``: ``world`` suffixes criteria and names figures, ``title``
+  and ``policy`` go in figure titles); also returns the curves for the report.
+  ``fig_dir`` None: the criteria alone, no figures drawn."""
+  scales, widths = results["scales"], list(results["widths"])
+  points = int(cfg.bon.num_points)
+  bon_settings = [setting(f"w{w}", bon_curve(results["bon"][w], scales, f"proxy_w{w}", points,
+                                             num_bootstrap), None, num_bootstrap)
+                  for w in widths]
+  rl_settings = [setting(f"w{w}", bon_settings[widths.index(w)].bon,
+                         trajectory_curve(traj, f"proxy_w{w}", num_bootstrap), num_bootstrap)
+                 for w, traj in sorted(results["rl"].items())]
+  sweeps = {}
+  for (loss, beta), traj in results["dpo"].items():
+    sweeps.setdefault(loss, {})[beta] = traj
+  sweeps = {loss: daa_sweep(loss, runs) for loss, runs in sweeps.items()}
+  rl_width = max(results["rl"])
+  rl_arm = as_scores(results["rl"][rl_width], f"proxy_w{rl_width}")
+  # More RL runs against the same proxy (rl.frontier_algorithms): PPO is P1's reference.
+  others = {name: as_scores(traj, f"proxy_w{rl_width}")
+            for name, traj in results.get("rl_frontier", {}).items()}
+  rel = collections.defaultdict(str)
+  if fig_dir is not None:
+    rel.update(_figures(fig_dir, world, title, policy, cfg, widths, bon_settings, rl_settings,
+                        sweeps, rl_arm, others, rl_width))
   smallest = bon_settings[:min(2, len(bon_settings))]
   found = [
       _renamed(C.g1(smallest, rel["text_bon"]), "G1", world),
@@ -151,7 +163,7 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
   ]
   curves = {"bon": bon_settings, "rl": rl_settings, "sweeps": sweeps}
   if not sweeps:
-    return found, rel, curves
+    return found, dict(rel), curves
   d1 = {n: direct_criteria.criterion_d1(s, num_bootstrap=num_bootstrap)
         for n, s in sweeps.items()}
   d2 = {n: direct_criteria.criterion_d2(s, num_bootstrap=num_bootstrap)
@@ -174,7 +186,7 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str, *,
                                          num_bootstrap=num_bootstrap)
         found.append(C.Criterion(name + suffix, r["pass"], r["value"], r["threshold"],
                                  r["detail"], rel["text_frontier"], world=world))
-  return found, rel, curves
+  return found, dict(rel), curves
 
 
 def report_section(results: Mapping[str, Any], curves: Mapping[str, Any],
