@@ -469,6 +469,9 @@ def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   path = experiment.resolve_path(spec.path)
   if not os.path.exists(path):
     raise EvalInputError(f"scorer {spec.name!r}: {path} does not exist")
+  if os.path.isdir(path) and (why := hf_import.unsupported_head(path)):
+    raise EvalInputError(f"scorer {spec.name!r}: {why.split('; ')[0]}; eval_rm cannot score "
+                         "it as trained")
   tokenizer = experiment.make_tokenizer({"path": eval_cfg.hf_tokenizer or path})
   head, pooling = hf_import.saved_head(path) if os.path.isdir(path) else (None, None)
   head = head or "reward"  # a trunk alone (or a .gguf) gets a fresh head: see the warning

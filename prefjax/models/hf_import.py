@@ -395,6 +395,8 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
   if head is not None and pooling is None and saved is not None:
     pooling = saved_pooling
   model = heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
+  if head is not None and (why := unsupported_head(path)):
+    _load_or_keep(lambda: _raise(CheckpointError(why)), score_head, head)
   if head is None and saved is not None:
     _log.warning("%s holds a %r reward/value head; head=None loads the trunk alone",
                  path, saved)
@@ -420,6 +422,29 @@ def _load_or_keep(load: Callable[[], None], score_head: str, head: str) -> None:
     if score_head == "require":
       raise
     _log.warning("%s; the %r head keeps its fresh initialisation", e, head)
+
+
+def unsupported_head(path: PathLike) -> str | None:
+  """Why the classification head saved in directory ``path`` cannot be loaded, or None.
+
+  A BERT ``*ForSequenceClassification`` scores through its pooler (tanh of a dense layer
+  on ``[CLS]``) and ``classifier``, a head prefjax does not build: loading it as a reward
+  model would score with a fresh head.
+  """
+  path = pathlib.Path(path)
+  hf = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+  archs = hf.get("architectures") or []
+  if hf.get("model_type") == "bert" and any(
+      a.endswith("ForSequenceClassification") for a in archs):
+    return (f"{path} is a {archs[0]}: its head (the pooler's tanh layer on [CLS], then "
+            "'classifier') is not one prefjax builds, so a reward head on this trunk starts "
+            "fresh; score it with transformers, or train a head on the trunk "
+            "(score_head='if_fits')")
+  return None
+
+
+def _raise(error: Exception) -> None:
+  raise error
 
 
 def saved_head(path: PathLike) -> tuple[str | None, str | None]:
