@@ -247,6 +247,24 @@ def test_a_gpt2_tokenizer_export_pads_apart_from_its_eos_so_transformers_scores_
   np.testing.assert_allclose(_ours(back, padded, mask)[:, 0], ours, atol=1e-6)
 
 
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_a_policy_export_s_tokenizer_encodes_prompts_as_the_pipeline_did(gpt2_bpe_dir, tmp_path,
+                                                                        add_bos):
+  """The exported tokenizer of a policy adds the BOS the policy was trained with (GPT-2's
+  own adds none), and nothing after the text: a prompt for generate."""
+  tok = tokenize.load_tokenizer(gpt2_bpe_dir)
+  cfg = decoder.DecoderConfig.tiny_llama(vocab_size=tok.vocab_size, num_layers=1,
+                                         hidden_size=32, num_heads=4, num_kv_heads=2,
+                                         intermediate_size=48)
+  policy = decoder.Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32)
+  hf_export.save_pretrained(policy, tmp_path, tokenizer=tok, add_bos=add_bos)
+  text = "Human: hi\n\nAssistant:"
+  expected = ([tok.bos_id] if add_bos else []) + tok.encode(text)
+  assert transformers.AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == expected
+  assert tok.hf(text)["input_ids"] == tok.encode(text)  # the original is left as it was
+  assert tokenize.load_tokenizer(tmp_path).encode(text) == tok.encode(text)
+
+
 def test_a_foreign_reward_checkpoint_is_read_as_one_reward(tmp_path):
   config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
                                     num_hidden_layers=1, num_attention_heads=4,

@@ -24,7 +24,7 @@
 ``config.json`` (else the model config's), and a Hugging Face tokenizer's files are
 written too. A reward model's copy encodes as prefjax's pipeline does (BOS + text + EOS,
 ``add_bos`` as the pipeline's), so ``tokenizer(texts, padding=True)`` feeds the model
-what it was trained on.
+what it was trained on; a policy's (a ``Decoder``) encodes a prompt as BOS + text.
 
 Sequence classifiers in ``transformers`` score the last token that is not
 ``pad_token_id``. A prefjax reward model reads the last real token, the EOS every
@@ -109,8 +109,8 @@ def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None,
   """Writes ``model`` as a Hugging Face directory (see the module docstring); returns it.
 
   ``add_bos``: whether the texts the model was trained on began with the BOS token (the
-  pipeline's ``add_bos``), which a reward model's saved tokenizer then adds, as it adds
-  the EOS.
+  pipeline's ``add_bos``), which the saved tokenizer of a reward model or a policy then
+  adds (a reward model's adds the EOS too).
   """
   directory = pathlib.Path(path)
   if isinstance(model, heads.DeepEnsemble):
@@ -131,6 +131,8 @@ def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None,
     trunk = getattr(model, "trunk", model)
     tensors, hf_config = hf_state_dict(trunk)
     hf_config.update(_special_ids(tokenizer))
+    if isinstance(model, Decoder):
+      hf_tokenizer = _policy_tokenizer(tokenizer, add_bos)
     if trunk is not model:
       head_tensors = _own_head(model)
       _log.warning("%s has no Hugging Face form: transformers loads its trunk (%s); the head "
@@ -238,12 +240,26 @@ def _score_tokenizer(tokenizer: Any, tensors: dict[str, np.ndarray], hf_config: 
     hf_tok.pad_token = hf_tok.convert_ids_to_tokens(pad)
   hf_config["pad_token_id"] = int(pad)
   hf_tok.padding_side = "right"
+  return _with_specials(hf_tok, bos if add_bos else None, eos)
+
+
+def _policy_tokenizer(tokenizer: Any, add_bos: bool) -> Any:
+  """A copy of a Hugging Face tokenizer that encodes a prompt as the pipeline did for a
+  policy: BOS (when ``add_bos``) + text, nothing appended. None without one."""
+  if getattr(tokenizer, "hf", None) is None:
+    return None
+  return _with_specials(copy.deepcopy(tokenizer.hf), tokenizer.bos_id if add_bos else None,
+                        None)
+
+
+def _with_specials(hf_tok: Any, bos: int | None, eos: int | None) -> Any:
+  """``hf_tok`` encoding ``[bos] text [eos]`` (either omitted when None) by default."""
   if getattr(hf_tok, "backend_tokenizer", None) is None:
     _log.warning("the tokenizer has no fast (Rust) backend, so its saved copy cannot be made "
                  "to add BOS and EOS as prefjax's pipeline does: add them to texts before "
-                 "scoring them with transformers")
+                 "passing them to transformers")
     return hf_tok
-  template = ([(hf_tok.convert_ids_to_tokens(bos), bos)] if add_bos and bos is not None else []
+  template = ([(hf_tok.convert_ids_to_tokens(bos), bos)] if bos is not None else []
               ) + [("$A", None)] + ([(hf_tok.convert_ids_to_tokens(eos), eos)]
                                     if eos is not None else [])
   hf_tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
