@@ -276,3 +276,12 @@ def test_a_foreign_reward_checkpoint_is_read_as_one_reward(tmp_path):
   assert hf_import.saved_head(tmp_path / "two") == ("multi:LABEL_0,LABEL_1", "last")
   transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "lm")
   assert hf_import.saved_head(tmp_path / "lm") == (None, None)
+
+
+def test_a_gpt2_style_decoder_whose_heads_do_not_split_its_width_is_refused(tmp_path):
+  """GPT-2's c_attn holds n_embd per projection: such an export loaded nowhere."""
+  model = _gpt2(head_dim=16)
+  assert model.config.head_dim * model.config.num_heads != model.config.hidden_size
+  with pytest.raises(hf_import.CheckpointError, match=r"head_dim=16 x num_heads=.* has no "
+                                                      r"Hugging Face form"):
+    hf_export.save_pretrained(model, tmp_path)

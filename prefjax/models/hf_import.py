@@ -187,6 +187,10 @@ def decoder_config_to_hf(config) -> dict[str, Any]:
   ids = {"bos_token_id": c.bos_id, "eos_token_id": c.eos_id, "pad_token_id": c.pad_id}
   ids = {k: v for k, v in ids.items() if v is not None}
   if _is_gpt2_like(c):
+    if c.head_dim * c.num_heads != c.hidden_size:
+      raise CheckpointError(
+          f"a GPT-2-style decoder with head_dim={c.head_dim} x num_heads={c.num_heads} != "
+          f"hidden_size={c.hidden_size} has no Hugging Face form (GPT-2's heads split n_embd)")
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": c.vocab_size, "n_embd": c.hidden_size, "n_layer": c.num_layers,
             "n_head": c.num_heads, "n_inner": c.intermediate_size,
