@@ -285,3 +285,25 @@ def test_a_gpt2_style_decoder_whose_heads_do_not_split_its_width_is_refused(tmp_
   with pytest.raises(hf_import.CheckpointError, match=r"head_dim=16 x num_heads=.* has no "
                                                       r"Hugging Face form"):
     hf_export.save_pretrained(model, tmp_path)
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_the_hf_scorer_adds_bos_as_the_exported_tokenizer_does(gpt2_bpe_dir, tmp_path, add_bos):
+  """eval_rm's hf: scorer prepended BOS whatever the model was trained with; it now follows
+  the directory's tokenizer unless eval's pipeline says otherwise."""
+  import ml_collections
+  from prefjax.evals import scorers
+  tok = tokenize.load_tokenizer(gpt2_bpe_dir)
+  assert not tok.adds_bos()  # GPT-2's own tokenizer adds no BOS
+  cfg = decoder.DecoderConfig.tiny_llama(vocab_size=tok.vocab_size, num_layers=1,
+                                         hidden_size=32, num_heads=4, num_kv_heads=2,
+                                         intermediate_size=48)
+  rm = _reward_model(decoder.Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32))
+  hf_export.save_pretrained(rm, tmp_path, tokenizer=tok, add_bos=add_bos)
+  exported = tokenize.load_tokenizer(tmp_path)
+  assert exported.adds_bos() == add_bos
+  eval_cfg = ml_collections.ConfigDict({"batch_size": 4, "pipeline": {"max_length": 64}})
+  pcfg = scorers.hf_pipeline(eval_cfg, exported)
+  assert (pcfg.add_bos, pcfg.max_length, pcfg.batch_size) == (add_bos, 64, 4)
+  eval_cfg.pipeline.add_bos = not add_bos
+  assert scorers.hf_pipeline(eval_cfg, exported).add_bos == (not add_bos)

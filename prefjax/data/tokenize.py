@@ -183,6 +183,14 @@ class HFTokenizer:
   def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
     return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+  def adds_bos(self) -> bool:
+    """Whether the Hugging Face tokenizer's own ``tokenizer(text)`` starts with BOS (its
+    post-processor: Llama's and BERT's do, GPT-2's and SmolLM2's do not)."""
+    if self.bos_id is None:
+      return False
+    ids = self.hf("a")["input_ids"]
+    return bool(ids) and ids[0] == self.bos_id
+
   def apply_chat_template(self, messages: Sequence[dict[str, str]], *,
                           add_generation_prompt: bool = True) -> str:
     if self.chat_template is None:

@@ -485,14 +485,24 @@ def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
     model = _build(model_cfg, tokenizer.vocab_size, 0, mesh)
   except (hf_import.CheckpointError, FileNotFoundError) as e:
     raise EvalInputError(f"scorer {spec.name!r}: {str(e).splitlines()[0]}") from e
-  pcfg = pipeline_lib.PipelineConfig.from_mapping(
-      {"batch_size": int(eval_cfg.batch_size or 32), "shuffle": False, "num_epochs": 1,
-       **dict(eval_cfg.get("pipeline") or {})})
-  return ModelScorer(spec.name, tokenizer, pcfg, _reward_forward(model),
+  return ModelScorer(spec.name, tokenizer, hf_pipeline(eval_cfg, tokenizer),
+                     _reward_forward(model),
                      _model_vocab(model), mesh, float(eval_cfg.max_unk_fraction),
                      reward_columns(spec.name, arg if kind == "multi" else (),
                                     float(eval_cfg.uwo_lambda),
                                     str(eval_cfg.get("ensemble_normalization", "standardize"))))
+
+
+def hf_pipeline(eval_cfg: Any, tokenizer: Any) -> pipeline_lib.PipelineConfig:
+  """The pipeline of an ``hf:`` scorer: ``eval_cfg.pipeline``, whose ``add_bos`` defaults to
+  what the directory's own tokenizer does (a prefjax export's adds BOS only when its
+  training pipeline did; GPT-2's adds none)."""
+  fields = dict(eval_cfg.get("pipeline") or {})
+  if "add_bos" not in fields and hasattr(tokenizer, "adds_bos"):
+    fields["add_bos"] = tokenizer.adds_bos()
+  return pipeline_lib.PipelineConfig.from_mapping(
+      {"batch_size": int(eval_cfg.batch_size or 32), "shuffle": False, "num_epochs": 1,
+       **fields})
 
 
 def make_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> Callable[[Any, str], Scored | None]:
