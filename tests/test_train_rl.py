@@ -403,3 +403,46 @@ def test_summary_of_evals_whose_proxy_went_nan(tmp_path):
   assert summary["peak_gold"]["step"] == 5 and np.isnan(summary["proxy_gain"])
   written = json.loads((tmp_path / "summary.json").read_text(), parse_constant=pytest.fail)
   assert written["proxy_gain"] == "nan"
+
+
+def test_a_wco_ensemble_proxy_is_standardized_on_samples_of_the_policy_before_rl(scratch,
+                                                                                 monkeypatch):
+  """Coste et al.'s WCO under RL: member statistics from π_ref's samples, kept for reruns."""
+  config = tiny_rloo.get_config("quick")
+  config.loop.num_steps, config.loop.eval_every = 1, 1
+  config.warm_start.steps, config.prompts.num_eval, config.rl.prompts_per_step = 0, 8, 4
+  config.proxy = dict(
+      kind="model", name="ens", tokenizer=dict(path="byte"), checkpoint="", max_length=32,
+      aggregation="wco", lam=0.0, reference_prompts=6, reference_samples_per_prompt=2,
+      model=dict(arch="decoder", preset="tiny_llama", head="reward_ensemble:3",
+                 dtype="float32", overrides=dict(max_position_embeddings=64)))
+  workdir = str(scratch / "wco")
+  fitted = []
+  fit = rewards.fit_members
+  monkeypatch.setattr(rewards, "fit_members", lambda reward, prompts, responses: fitted.append(
+      (reward, prompts, responses)) or fit(reward, prompts, responses))
+  train_rl.run(config, workdir)
+  (proxy, prompts, responses), = fitted
+  tokenizer = experiment.make_tokenizer(config.tokenizer)
+  train_prompts, _ = setup.make_prompts(config, tokenizer, setup.make_world(config))
+  assert prompts == train_prompts(train_rl._REFERENCE_STREAM, 6).repeat(2).texts
+  assert len(responses) == 12
+  members = proxy.members(prompts, responses)
+  saved = json.loads((pathlib.Path(workdir) / train_rl.REFERENCE_FILE).read_text())
+  np.testing.assert_allclose(saved["mean"], members.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(saved["scale"], members.std(0), rtol=1e-5)
+  assert (saved["num_samples"], saved["aggregation"]) == (12, "wco")
+  # The RL proxy: the min over members standardized with those statistics.
+  texts = (["ab", "ba"], ["cab", "b"])
+  wco = rewards.standardized_reward(proxy, "wco", 0.0, reward_fns.RewardNormalizer(
+      np.asarray(saved["mean"], np.float32), np.asarray(saved["scale"], np.float32)))
+  z = (proxy.members(*texts) - np.asarray(saved["mean"])) / np.asarray(saved["scale"])
+  np.testing.assert_allclose(wco(*texts), z.min(1), rtol=1e-5, atol=1e-6)
+  # A rerun (here: two more steps) reads the statistics back instead of refitting.
+  config.loop.num_steps = 2
+  train_rl.run(config, workdir)
+  assert len(fitted) == 1
+  os.remove(pathlib.Path(workdir) / train_rl.REFERENCE_FILE)
+  with pytest.raises(RuntimeError, match="proxy_reference.json is missing but .* has "
+                                         "checkpoints"):
+    train_rl.run(config, workdir)

@@ -16,7 +16,8 @@ Reward specs (``config.proxy`` / ``config.gold``), by ``kind``:
     ``@best`` as the run ranked its checkpoints) when given; K-member heads are scored
     by their mean (``spec.aggregation="mean"``: WCO and UWO need the members on one
     scale, which BT training leaves arbitrary; ``best_of_n`` standardizes them on its
-    samples, see ``split_aggregation``, and RL refuses them). Each (prompt, response)
+    samples, see ``split_aggregation``, and ``train_rl`` on samples of π_ref,
+    ``fit_members`` and ``standardized_reward``). Each (prompt, response)
     is encoded and cut as the RM's training pipeline did: BOS + prompt, response + EOS,
     the prompt cut from the left (BOS kept) to ``spec.max_prompt_length`` and the
     response from the right to ``spec.max_length``, both by default the checkpoint's own
@@ -90,6 +91,26 @@ def standardized_aggregate(members: np.ndarray, aggregation: str, lam: float) ->
   al. 2023: members share one scale only after standardization on reference samples)."""
   standardized = reward_fns.RewardNormalizer.fit(members, standardize=True)(members)
   return np.asarray(reward_fns.aggregate(standardized, aggregation, lam), np.float64)
+
+
+def standardized_reward(reward: PairReward, aggregation: str, lam: float,
+                        normalizer: reward_fns.RewardNormalizer) -> PairReward:
+  """``reward``'s ensemble scored as WCO / UWO of its members standardized by
+  ``normalizer`` (per-member statistics fitted on reference samples: ``fit_members``)."""
+  if not isinstance(reward.fn, reward_fns.EnsembleReward):
+    raise ValueError(f"reward {reward.name!r} is not an ensemble: it has no members to "
+                     "aggregate (set model.head='reward_ensemble:K')")
+  members = reward.fn.members
+  fn = reward_fns.EnsembleReward(members[0] if len(members) == 1 else members,
+                                 aggregation=aggregation, lam=lam, normalizer=normalizer,
+                                 name=f"{aggregation}({reward.name})")
+  return PairReward(fn, reward.join)
+
+
+def fit_members(reward: PairReward, prompts: Sequence[str], responses: Sequence[str]
+                ) -> reward_fns.RewardNormalizer:
+  """Per-member mean and standard deviation of ``reward``'s ensemble on reference samples."""
+  return reward_fns.RewardNormalizer.fit(reward.members(prompts, responses), standardize=True)
 
 
 def checked_scores(reward: PairReward, prompts: Sequence[str], responses: Sequence[str],
@@ -204,8 +225,9 @@ def model_reward(spec: Any, *, seed: int = 0) -> PairReward:
     raise ValueError(
         f"reward {name!r}: aggregation={aggregation!r} of a {members}-member ensemble: WCO "
         "and UWO compare members whose offsets and scales BT training leaves arbitrary, so "
-        "they need per-member standardization on reference samples, which train_rl does "
-        "not fit (best_of_n does, on its samples); use 'mean' here")
+        "they need per-member standardization on reference samples: build the spec's mean "
+        "(split_aggregation), then standardized_reward(fit_members(...)), as best_of_n and "
+        "train_rl do")
   if members > 1:
     fn = reward_fns.EnsembleReward.from_model(model, aggregation="mean", name=name,
                                               batch_size=batch_size, encode=encode)
