@@ -72,6 +72,7 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from configs.dpo import tiny as dpo_tiny
 from configs.rm import tiny as rm_tiny
@@ -306,6 +307,10 @@ def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
       assert two_eval["num_examples"] == one_eval["num_examples"] == DPO_EVAL_PAIRS
       accuracy = "rewards/accuracies"
       assert abs(two_eval[accuracy] - one_eval[accuracy]) <= 2 / DPO_EVAL_PAIRS
+    # tokens_per_sec counts every process's rows once (both hold the ensemble's rows).
+    per_step = lambda r: r["tokens_per_sec"] / r["steps_per_sec"]  # noqa: E731
+    for step in range(1, STEPS + 1):
+      assert per_step(two[step]) == pytest.approx(per_step(one[step]), rel=1e-6), (binary, step)
     # Step 1: the same parameters and rows.
     np.testing.assert_allclose(two[1]["loss"], one[1]["loss"], rtol=1e-6, err_msg=binary)
     np.testing.assert_allclose(two[1]["grad_norm"], one[1]["grad_norm"], rtol=1e-5, err_msg=binary)

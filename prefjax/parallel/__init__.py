@@ -22,6 +22,7 @@ from prefjax.parallel.distributed import (
     in_every_process,
     initialize_distributed,
     process_info,
+    sum_over_processes,
 )
 from prefjax.parallel.mesh import (
     BATCH_AXES,
@@ -30,6 +31,7 @@ from prefjax.parallel.mesh import (
     axis_size,
     data_shard,
     data_shards,
+    first_holder_of_data_shard,
     make_mesh,
     mesh_from_config,
     resolve_shape,

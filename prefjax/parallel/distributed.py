@@ -166,6 +166,14 @@ def every_process(value: int) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)
 
 
+def sum_over_processes(value: float) -> float:
+  """The sum of every process's ``value`` (a collective every process must enter; float32
+  on the wire). One process: ``value``."""
+  if jax.process_count() == 1:
+    return float(value)
+  return float(np.asarray(multihost_utils.process_allgather(np.float32(value))).sum())
+
+
 def in_any_process(flag: bool) -> bool:
   """Whether ``flag`` holds in at least one process: the same answer in every process, so
   they take the same branch (one process alone skipping or stopping leaves the others

@@ -168,6 +168,18 @@ def data_shards(process_of_device: np.ndarray, axis_names: Sequence[str]
   return {p: (slices.index(frozenset(pos)), len(slices)) for p, pos in positions.items()}
 
 
+def first_holder_of_data_shard(mesh: Mesh | None) -> bool:
+  """Whether this process is the lowest-numbered one reading its data shard, so that counts
+  of the data (tokens) summed over such processes count every row once. True for one
+  process or no mesh."""
+  if mesh is None or jax.process_count() == 1:
+    return True
+  owners = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+  shards = data_shards(owners, mesh.axis_names)
+  mine = shards[jax.process_index()][0]
+  return jax.process_index() == min(p for p, (index, _) in shards.items() if index == mine)
+
+
 def data_shard(mesh: Mesh) -> tuple[int, int]:
   """This process's ``(shard index, shard count)`` of the data on ``mesh`` (``data_shards``):
   ``(process_index, process_count)`` when the batch axes span the processes."""

@@ -232,6 +232,9 @@ class _Trainer:
     self.start_hooks, self.presplit = start_hooks, (self.loop.presplit_microbatches
                                                      or sequential_updates > 0)
     self.mesh = mesh
+    # Processes that read the same rows (an ensemble or tensor axis across them) count
+    # them once in the tokens_per_sec summed over processes.
+    self.counts_tokens = parallel.first_holder_of_data_shard(mesh)
     self.config = summary_lib.config_to_dict(config)
     tx, schedule = _make_tx(optimizer)
     schedules.updates_at_zero_rate(schedule, self.loop.num_steps * max(sequential_updates, 1))
@@ -396,7 +399,8 @@ class _Trainer:
             logging.warning("train iterator exhausted after %d steps", step)
             consistent = True
             break
-          tokens = 0.0 if self.tokens_in_batch is None else float(self.tokens_in_batch(batch))
+          tokens = (float(self.tokens_in_batch(batch))
+                    if self.tokens_in_batch is not None and self.counts_tokens else 0.0)
           metrics = self._train_step(self._put_train(batch))
           step, consistent = step + 1, True
           if pending is not None:

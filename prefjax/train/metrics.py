@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from prefjax import files
+from prefjax import parallel
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -161,7 +162,8 @@ class MetricWriter:
     """Writes ONE record for ``step`` with train and/or ``eval/``-prefixed metrics.
 
     Train records also get ``steps_per_sec`` and, when tokens were counted with
-    :meth:`add_tokens`, ``tokens_per_sec`` since the previous train record.
+    :meth:`add_tokens`, ``tokens_per_sec`` since the previous train record, summed over
+    processes (every process must then call ``log`` with train metrics at the same steps).
     """
     values: dict[str, Any] = {}
     if train is not None:
@@ -178,8 +180,9 @@ class MetricWriter:
     now = time.time()
     elapsed = max(now - self._last_time, 1e-9)
     rates = {"steps_per_sec": (step - self._last_step) / elapsed}
-    if self._tokens:
-      rates["tokens_per_sec"] = self._tokens / elapsed
+    tokens = parallel.sum_over_processes(self._tokens)  # each process counts its own batches
+    if tokens:
+      rates["tokens_per_sec"] = tokens / elapsed
     self._last_time, self._last_step, self._tokens = now, step, 0.0
     return rates
 
