@@ -36,7 +36,9 @@ the worst case or the uncertainty-weighted mean of members standardized, as Cost
 (2023) do, by their mean and standard deviation on samples of the policy before RL
 (``proxy.reference_prompts`` training prompts x ``proxy.reference_samples_per_prompt``,
 default 64 x 4); the statistics are written to ``proxy_reference.json`` and reused by a
-rerun. The proxy in ``eval/*`` is then that standardized aggregate.
+rerun. The proxy in ``eval/*`` is then that standardized aggregate. The step and file
+digest of every reward-model checkpoint are kept in ``reward_checkpoints.json``: a rerun
+that would load another (the RM trained on since) is refused.
 
 Outputs: config.json, metrics.jsonl, tensorboard/, checkpoints/, summary.json,
 figures/rl.png (held-out gold and proxy vs √KL); with ``export_hf=True`` also the
@@ -60,7 +62,6 @@ from experiments import common
 from prefjax import configlib
 from prefjax import experiment
 from prefjax import files
-from prefjax import rewards as reward_fns
 from prefjax import train
 from prefjax.evals import plots
 from prefjax.rl import algorithms
@@ -75,8 +76,6 @@ from prefjax.train import state as state_lib
 from prefjax.train import summary as summary_lib
 
 _EVAL_STREAM = 2**31 - 1  # fold_in index of the fixed eval key (train steps use 0..)
-_REFERENCE_STREAM = 2**31 - 2  # prompts and key of the proxy's reference samples
-REFERENCE_FILE = "proxy_reference.json"
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,7 +89,7 @@ def _warm_start(config: Any, workdir: str, policy, tokenizer, world) -> loop_lib
   training). The returned start hook stops a rerun that finds no intact checkpoint after
   all (damaged ones are set aside): its next rerun warm-starts."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  resuming = _has_checkpoints(workdir)
+  resuming = setup.has_checkpoints(workdir)
   if not resuming:
     setup.maybe_warm_start(policy, config, tokenizer, world)
 
@@ -104,42 +103,6 @@ def _warm_start(config: Any, workdir: str, policy, tokenizer, world) -> loop_lib
       raise RuntimeError(f"no intact checkpoint in {workdir} to resume from and the warm "
                          "start was skipped; rerun to start afresh")
   return check
-
-
-def _has_checkpoints(workdir: str) -> bool:
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
-
-
-def _standardized_proxy(config: Any, workdir: str, proxy: rl_rewards.PairReward,
-                        aggregation: str, lam: float, policy, prompts: setup.PromptSampler,
-                        tokenizer: Any, key: jax.Array) -> rl_rewards.PairReward:
-  """WCO / UWO of the proxy's members standardized on samples of the policy before RL
-  (fitted once, then read from ``REFERENCE_FILE``)."""
-  path = os.path.join(workdir, REFERENCE_FILE)
-  if os.path.exists(path):
-    saved = files.read_json(path)
-    normalizer = reward_fns.RewardNormalizer(np.asarray(saved["mean"], np.float32),
-                                             np.asarray(saved["scale"], np.float32))
-  elif _has_checkpoints(workdir):
-    raise RuntimeError(f"{path} is missing but {workdir} has checkpoints: the proxy's member "
-                       "statistics come from the policy before RL, which a rerun no longer "
-                       "has; start a fresh workdir")
-  else:
-    num_prompts = int(config.proxy.get("reference_prompts") or 64)
-    per_prompt = int(config.proxy.get("reference_samples_per_prompt") or 4)
-    batch = prompts(_REFERENCE_STREAM, num_prompts).repeat(per_prompt)
-    rollout = rollout_lib.sample(policy, batch, jax.random.fold_in(key, _REFERENCE_STREAM),
-                                 tokenizer=tokenizer, **config.sampling.to_dict())
-    normalizer = rl_rewards.fit_members(proxy, rollout.prompts, rollout.responses)
-    summary_lib.write_json(path, {"mean": np.asarray(normalizer.mean).tolist(),
-                                  "scale": np.asarray(normalizer.scale).tolist(),
-                                  "num_samples": num_prompts * per_prompt,
-                                  "aggregation": aggregation, "lam": lam})
-  logging.info("proxy %s of %d members standardized on samples of the policy before RL: "
-               "means %s, standard deviations %s", aggregation, np.size(normalizer.mean),
-               np.round(np.asarray(normalizer.mean), 4), np.round(np.asarray(normalizer.scale), 4))
-  return rl_rewards.standardized_reward(proxy, aggregation, lam, normalizer)
 
 
 def _group_size(config: Any, hp: algorithms.HParams) -> int:
@@ -193,6 +156,7 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
   train_prompts, eval_prompts = setup.make_prompts(config, tokenizer, world, workdir=workdir,
                                                    start_hooks=report_hooks)
   seed = int(config.seed)
+  setup.check_reward_checkpoints(config, workdir)
   proxy_spec, aggregation, lam = rl_rewards.split_aggregation(config.proxy)
   proxy = rl_rewards.make_reward(proxy_spec, world=world, seed=seed)
   gold = rl_rewards.make_reward(config.gold, world=world, seed=seed)
@@ -201,8 +165,8 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
     policy = setup.make_policy(config, tokenizer)
     check_warm_start = _warm_start(config, workdir, policy, tokenizer, world)
     if aggregation != "mean":
-      proxy = _standardized_proxy(config, workdir, proxy, aggregation, lam, policy,
-                                  train_prompts, tokenizer, key)
+      proxy = setup.standardized_proxy(config, workdir, proxy, aggregation, lam, policy,
+                                       train_prompts, tokenizer, key)
     bundle = rollout_lib.build_bundle(policy, with_value=hp.algorithm == "ppo",
                                       value_trunk=config.rl.get("value_trunk", "separate"),
                                       seed=seed)

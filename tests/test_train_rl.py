@@ -425,10 +425,10 @@ def test_a_wco_ensemble_proxy_is_standardized_on_samples_of_the_policy_before_rl
   (proxy, prompts, responses), = fitted
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   train_prompts, _ = setup.make_prompts(config, tokenizer, setup.make_world(config))
-  assert prompts == train_prompts(train_rl._REFERENCE_STREAM, 6).repeat(2).texts
+  assert prompts == train_prompts(setup.REFERENCE_STREAM, 6).repeat(2).texts
   assert len(responses) == 12
   members = proxy.members(prompts, responses)
-  saved = json.loads((pathlib.Path(workdir) / train_rl.REFERENCE_FILE).read_text())
+  saved = json.loads((pathlib.Path(workdir) / setup.REFERENCE_FILE).read_text())
   np.testing.assert_allclose(saved["mean"], members.mean(0), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(saved["scale"], members.std(0), rtol=1e-5)
   assert (saved["num_samples"], saved["aggregation"]) == (12, "wco")
@@ -442,7 +442,42 @@ def test_a_wco_ensemble_proxy_is_standardized_on_samples_of_the_policy_before_rl
   config.loop.num_steps = 2
   train_rl.run(config, workdir)
   assert len(fitted) == 1
-  os.remove(pathlib.Path(workdir) / train_rl.REFERENCE_FILE)
+  os.remove(pathlib.Path(workdir) / setup.REFERENCE_FILE)
   with pytest.raises(RuntimeError, match="proxy_reference.json is missing but .* has "
                                          "checkpoints"):
     train_rl.run(config, workdir)
+
+
+def test_a_rerun_against_a_reward_model_trained_on_since_is_refused(scratch):
+  """A resumed run loaded the proxy RM's latest step: trained on meanwhile, its rewards
+  changed mid-run with no warning (a helper's audit: eval/proxy -0.338 against -0.713)."""
+  model_cfg = dict(arch="decoder", preset="tiny_llama", head="reward", dtype="float32",
+                   overrides=dict(max_position_embeddings=64))
+  rm_dir = str(scratch / "changing_rm")
+
+  def train_rm_to(steps):
+    tokens = np.random.default_rng(0).integers(3, 259, size=(4, 8)).astype(np.int32)
+    train.train_loop(
+        workdir=rm_dir, config={}, model=experiment.make_model(model_cfg, vocab_size=259, seed=0),
+        loss_fn=lambda model, batch, rng: (jnp.mean((model(batch["tokens"]) - 3.0) ** 2), {}),
+        optimizer={"name": "sgd", "learning_rate": 0.05},
+        loop=train.LoopConfig(num_steps=steps, checkpoint_every=1, keep_checkpoints=5,
+                              tensorboard=False),
+        train_iter=iter([{"tokens": tokens}] * steps))
+  train_rm_to(2)
+  config = tiny_rloo.get_config("quick")
+  config.loop.num_steps, config.loop.eval_every = 1, 1
+  config.warm_start.steps, config.prompts.num_eval, config.rl.prompts_per_step = 0, 8, 4
+  config.proxy = dict(kind="model", name="rm", tokenizer=dict(path="byte"), checkpoint=rm_dir,
+                      max_length=32, model=model_cfg)
+  workdir = str(scratch / "rl_changing_rm")
+  train_rl.run(config, workdir)
+  recorded = json.loads((pathlib.Path(workdir) / setup.REWARDS_FILE).read_text())
+  assert recorded == {"proxy": train.checkpoint_identity(rm_dir)} and recorded["proxy"]["step"] == 2
+  train_rm_to(3)
+  config.loop.num_steps = 2
+  with pytest.raises(ValueError, match=r"trained against proxy step 2 \(files [0-9a-f]{12}\), "
+                                       r"but the config now loads proxy step 3 .*WORKDIR@STEP"):
+    train_rl.run(config, workdir)
+  config.proxy.checkpoint = f"{rm_dir}@2"  # the run's own step: it goes on
+  assert train_rl.run(config, workdir)["steps"] == 2

@@ -8,23 +8,33 @@ Config fields used (see ``configs/bon/*.py`` and ``configs/rl/*.py``):
                max_length, style (dataset prompts: "raw" | "chat"),
                split / eval_split (dataset: ``config.data`` splits)
   warm_start   steps, batch_size, learning_rate (tiny world only; 0 steps = none)
+
+and, for ``train_rl``'s workdir, the record of its reward checkpoints
+(``check_reward_checkpoints``) and a WCO / UWO proxy's member statistics on samples of
+the policy before RL (``standardized_proxy``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
+import jax
 import numpy as np
 from absl import logging
 from flax import nnx
 
 from prefjax import experiment
+from prefjax import files
+from prefjax import rewards as reward_fns
+from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import tiny_world as tiny_world_lib
 from prefjax.data import tokenize as tokenize_lib
 from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
 from prefjax.rl import warm_start as warm_start_lib
+from prefjax.train import summary as summary_lib
 
 PromptSampler = Callable[[int, int], rollout_lib.Prompts]  # (step, count) -> prompts
 
@@ -136,3 +146,69 @@ def maybe_warm_start(policy: nnx.Module, config: Any, tokenizer: Any,
                                    batch_size=int(cfg.batch_size),
                                    learning_rate=float(cfg.learning_rate),
                                    pad_id=tokenizer.pad_id, seed=int(config.seed))
+
+
+# Prompts and key of the proxy's reference samples (train steps use 0.., the eval 2**31 - 1).
+REFERENCE_STREAM = 2**31 - 2
+REFERENCE_FILE = "proxy_reference.json"
+REWARDS_FILE = "reward_checkpoints.json"
+
+
+def has_checkpoints(workdir: str) -> bool:
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+
+
+def check_reward_checkpoints(config: Any, workdir: str) -> None:
+  """Records the step and file digest of the proxy's and gold's checkpoints
+  (``REWARDS_FILE``); a rerun whose specs would load other ones (the RM trained on since)
+  is refused: its rewards would change mid-run."""
+  now = {name: train.checkpoint_identity(spec.checkpoint) for name in ("proxy", "gold")
+         if (spec := config.get(name)) and spec.get("kind") == "model" and spec.get("checkpoint")}
+  path = os.path.join(workdir, REWARDS_FILE)
+  if not has_checkpoints(workdir):
+    summary_lib.write_json(path, now)
+  elif not os.path.exists(path):
+    logging.warning("%s is missing (a run from before 2026-12-06): the proxy and gold "
+                    "checkpoints cannot be checked against the ones this run started with", path)
+  elif (saved := files.read_json(path)) != now:
+    changed = sorted(n for n in set(saved) | set(now) if saved.get(n) != now.get(n))
+    describe = lambda ids: ", ".join(  # noqa: E731
+        f"{n} step {ids[n].get('step')} (files {str(ids[n].get('manifest_sha256'))[:12]})"
+        if ids.get(n) else f"{n} without a checkpoint" for n in changed)
+    raise ValueError(
+        f"{workdir} trained against {describe(saved)}, but the config now loads "
+        f"{describe(now)}: a reward "
+        "model trained on since the run started. Point the spec at the run's step "
+        "(checkpoint=WORKDIR@STEP) or use a fresh workdir")
+
+
+def standardized_proxy(config: Any, workdir: str, proxy: rl_rewards.PairReward,
+                       aggregation: str, lam: float, policy: nnx.Module, prompts: PromptSampler,
+                       tokenizer: Any, key: jax.Array) -> rl_rewards.PairReward:
+  """WCO / UWO of the proxy's members standardized on samples of the policy before RL
+  (fitted once, then read from ``REFERENCE_FILE``)."""
+  path = os.path.join(workdir, REFERENCE_FILE)
+  if os.path.exists(path):
+    saved = files.read_json(path)
+    normalizer = reward_fns.RewardNormalizer(np.asarray(saved["mean"], np.float32),
+                                             np.asarray(saved["scale"], np.float32))
+  elif has_checkpoints(workdir):
+    raise RuntimeError(f"{path} is missing but {workdir} has checkpoints: the proxy's member "
+                       "statistics come from the policy before RL, which a rerun no longer "
+                       "has; start a fresh workdir")
+  else:
+    num_prompts = int(config.proxy.get("reference_prompts") or 64)
+    per_prompt = int(config.proxy.get("reference_samples_per_prompt") or 4)
+    batch = prompts(REFERENCE_STREAM, num_prompts).repeat(per_prompt)
+    rollout = rollout_lib.sample(policy, batch, jax.random.fold_in(key, REFERENCE_STREAM),
+                                 tokenizer=tokenizer, **config.sampling.to_dict())
+    normalizer = rl_rewards.fit_members(proxy, rollout.prompts, rollout.responses)
+    summary_lib.write_json(path, {"mean": np.asarray(normalizer.mean).tolist(),
+                                  "scale": np.asarray(normalizer.scale).tolist(),
+                                  "num_samples": num_prompts * per_prompt,
+                                  "aggregation": aggregation, "lam": lam})
+  logging.info("proxy %s of %d members standardized on samples of the policy before RL: "
+               "means %s, standard deviations %s", aggregation, np.size(normalizer.mean),
+               np.round(np.asarray(normalizer.mean), 4), np.round(np.asarray(normalizer.scale), 4))
+  return rl_rewards.standardized_reward(proxy, aggregation, lam, normalizer)
