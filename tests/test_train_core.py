@@ -297,6 +297,28 @@ def test_a_finished_run_extended_then_stopped_is_not_reported_as_its_old_finish(
   assert run(6).summary["final_step"] == 6  # num_steps at the stopped step finishes it
 
 
+def test_a_stopped_run_is_not_finished_past_a_smaller_num_steps(tmp_path, monkeypatch):
+  """Stopped at 5 with no summary yet: a rerun with num_steps=4 wrote final_step 5 as
+  finished. And a relative workdir (the Python API) trains and saves: orbax refused it at
+  the first save, after the steps."""
+  batches = make_batches(8, 16)
+  monkeypatch.chdir(tmp_path)
+
+  def run(num_steps, hooks=()):
+    loop = train.LoopConfig(num_steps=num_steps, log_every=1, tensorboard=False)
+    return train.train_loop(
+        workdir="relative", model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
+        optimizer={"name": "sgd", "learning_rate": 0.1}, loop=loop,
+        train_iter=iter(batches), hooks=hooks)
+
+  assert run(8, hooks=[_sigterm_at(5)]).preempted
+  assert (tmp_path / "relative" / "checkpoints" / "5").is_dir()
+  with pytest.raises(ValueError, match=r"relative holds a checkpoint at step 5, past "
+                                       r"loop.num_steps=4: rerun with the num_steps"):
+    run(4)
+  assert run(5).summary["final_step"] == 5
+
+
 def test_a_second_run_on_a_busy_workdir_stops_at_once(tmp_path):
   """Two runs on one workdir (a requeued job beside the live one) interleaved checkpoints
   and metrics.jsonl lines; the second now stops before touching anything."""

@@ -347,7 +347,7 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         best_fn=self._metric_value if best_metric else None, best_mode=best_mode,
         enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
-    self.directory = os.fspath(directory)
+    self.directory = os.path.abspath(os.fspath(directory))  # orbax refuses relative paths
     self._read_only = read_only
     self.best_metric = best_metric
     self.restored_eval_owed = False  # set by restore()

@@ -367,6 +367,12 @@ class _Trainer:
             f"{self.workdir} finished at step {summary['final_step']}, then a longer run "
             f"trained on to step {start_step} and stopped; loop.num_steps="
             f"{self.loop.num_steps} is below that: rerun with that longer run's num_steps")
+    if start_step > self.loop.num_steps:
+      self.checkpointer.close()
+      raise ValueError(
+          f"{self.workdir} holds a checkpoint at step {start_step}, past loop.num_steps="
+          f"{self.loop.num_steps}: rerun with the num_steps of the run that saved it (or "
+          "more)")
     self.writer = metrics_lib.MetricWriter(self.workdir, resume_step=start_step,
                                            total_steps=self.loop.num_steps,
                                            tensorboard=self.loop.tensorboard)
