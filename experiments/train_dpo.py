@@ -185,7 +185,8 @@ def run(config: Any, workdir: str) -> train.TrainResult:
                                    seed=config.seed)
   refs = References(config, loss, tokenizer, mesh, policy)
   train_ds = pipeline_lib.preference_dataset(train_source, tokenizer, pcfg)
-  train.check_batch_shapes(train_ds, mesh)
+  train.check_batch_shapes(train_ds, mesh,
+                           accum_steps=int(config.loop.get("accum_steps", 1)))
   eval_ds = pipeline_lib.preference_dataset(eval_source, tokenizer, eval_pcfg)
   train_iter = ref_cache.ReferenceIterator(iter(train_ds), refs.provider("train", train_source,
                                                                          pcfg))

@@ -113,7 +113,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
           "into microbatches changes (microbatches pool by their real pairs); use "
           "accum_steps=1")
     train_ds = pipeline_lib.preference_dataset(train_source, tokenizer, pcfg)
-    train.check_batch_shapes(train_ds, mesh)
+    train.check_batch_shapes(train_ds, mesh,
+                             accum_steps=int(config.loop.get("accum_steps", 1)))
     train_iter = iter(train_ds)
     eval_table = None
     if objectives:

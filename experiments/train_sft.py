@@ -98,7 +98,8 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   data_report = experiment.start_data_report(
       workdir, {"train": train_source, "eval": eval_source}, tokenizer, pcfg, (response_key,))
   train_ds = pipeline_lib.sft_dataset(train_source, tokenizer, pcfg, response_key=response_key)
-  train.check_batch_shapes(train_ds, mesh)
+  train.check_batch_shapes(train_ds, mesh,
+                           accum_steps=int(config.loop.get("accum_steps", 1)))
   eval_ds = pipeline_lib.sft_dataset(eval_source, tokenizer, eval_pcfg,
                                      response_key=response_key)
   with experiment.mesh_context(mesh):

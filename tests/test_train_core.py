@@ -123,6 +123,24 @@ def test_split_microbatches_is_strided_and_checks_divisibility():
     train.sharding.put_batch({"tokens": np.zeros((2, 12, 3))}, mesh, presplit=True)
 
 
+def test_accumulated_microbatches_that_do_not_split_over_the_devices_are_refused(tmp_path):
+  """16 rows in 4 microbatches of 4 on 8 data-parallel devices: each microbatch ran whole on
+  every device (replicated, no error; a helper's audit), where presplit batches were refused."""
+  mesh = jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  batches = make_batches(2, 16)
+
+  def run(accum_steps):
+    return train.train_loop(
+        workdir=str(tmp_path / str(accum_steps)), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
+        optimizer={"name": "sgd", "learning_rate": 0.1}, mesh=mesh, train_iter=iter(batches),
+        loop=train.LoopConfig(num_steps=2, accum_steps=accum_steps, tensorboard=False))
+  assert run(2).summary["final_step"] == 2  # 8 rows per microbatch split over 8 devices
+  with pytest.raises(ValueError, match=r"batch key \['x'\]: 4 rows per microbatch \(shape "
+                                       r"\(4, \d+\)\) are not divisible by the 8 data-parallel"):
+    run(4)
+
+
 def test_nonscalar_loss_is_a_clear_error():
   graphdef, state = train.create_train_state(MLP(nnx.Rngs(0)), optax.sgd(0.1), 0)
   per_example = lambda m, b, r: (m(b["x"]) - b["y"], {})  # noqa: E731

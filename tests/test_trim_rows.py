@@ -112,6 +112,13 @@ def test_batch_shapes_are_checked_against_the_data_parallel_devices():
       _config("pairs", batch_size=3), mode="padded"))
   with pytest.raises(ValueError, match=r"'pair_mask' of shape \(3,\).*multiples of 2"):
     train.check_batch_shapes(three, mesh)
+  # Each of 2 microbatches must split too: 2 of 4 pairs do over 2 devices, 1 of 2 does not.
+  four = pipeline.preference_dataset(_source(), TOK, dataclasses.replace(
+      _config("pairs", batch_size=4), mode="padded"))
+  train.check_batch_shapes(four, mesh, accum_steps=2)
+  with pytest.raises(ValueError, match=r"'pair_mask' of shape \(4,\).*devices in each of 4 "
+                                       r"microbatches.*multiples of 8"):
+    train.check_batch_shapes(four, mesh, accum_steps=4)
 
 
 def test_packed_batches_are_refused_before_training_in_multi_process_runs(monkeypatch):

@@ -248,7 +248,7 @@ class _Trainer:
     self.state = state
     micro_sh = None
     if mesh is not None and self.loop.accum_steps > 1:
-      micro_sh = lambda mb: sharding_lib.batch_shardings(mb, mesh)  # noqa: E731
+      micro_sh = lambda mb: sharding_lib.micro_batch_shardings(mb, mesh)  # noqa: E731
     self.step_fn = step_lib.make_train_step(
         self.graphdef, loss_fn, tx, schedule=schedule, accum_steps=self.loop.accum_steps,
         presplit=self.loop.presplit_microbatches, micro_sharding=micro_sh,

@@ -52,20 +52,23 @@ def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
   return int(mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
 
 
-def check_batch_shapes(dataset: Any, mesh: jax.sharding.Mesh | None) -> None:
+def check_batch_shapes(dataset: Any, mesh: jax.sharding.Mesh | None, *,
+                       accum_steps: int = 1) -> None:
   """Fails before training when a batch ``dataset`` can yield (``batch_shapes()``)
-  would not split over the mesh's data-parallel devices, or is packed in a
-  multi-process run, as ``put_batch`` would at the first such batch, which with
-  bucketing or ``trim_rows`` can come late."""
+  would not split over the mesh's data-parallel devices (each of its ``accum_steps``
+  microbatches), or is packed in a multi-process run, as the train step would at the
+  first such batch, which with bucketing or ``trim_rows`` can come late."""
   size = 1 if mesh is None else data_parallel_size(mesh)
   for shapes in dataset.batch_shapes():
     parallel.check_joinable_across_processes(shapes)
     for key, shape in shapes.items():
-      if shape[0] % size:
+      if shape[0] % (size * accum_steps):
+        where = f" in each of {accum_steps} microbatches" if accum_steps > 1 else ""
         raise ValueError(
             f"{dataset} can yield '{key}' of shape {shape}, whose leading dim does not "
-            f"divide over the {size} data-parallel devices of mesh {dict(mesh.shape)}: make "
-            f"data.pipeline's batch_size, pack_rows and row_multiple multiples of {size}")
+            f"divide over the {size} data-parallel devices{where} (mesh "
+            f"{dict(mesh.shape) if mesh is not None else {}}): make data.pipeline's "
+            f"batch_size, pack_rows and row_multiple multiples of {size * accum_steps}")
 
 
 def put_batch(batch: Any, mesh: jax.sharding.Mesh | None, *, presplit: bool = False) -> Any:
@@ -80,21 +83,30 @@ def put_batch(batch: Any, mesh: jax.sharding.Mesh | None, *, presplit: bool = Fa
     return jax.device_put(batch)
   if not presplit:
     return parallel.shard_batch(batch, mesh)
-  _check_presplit_rows(batch, data_parallel_size(mesh))
+  _check_rows(batch, data_parallel_size(mesh), axis=1)
   shardings = batch_shardings(batch, mesh, presplit=True)
   if jax.process_count() > 1:
     return jax.tree.map(jax.make_array_from_process_local_data, shardings, batch)
   return jax.device_put(batch, shardings)
 
 
-def _check_presplit_rows(batch: Any, size: int) -> None:
-  """``[M, rows, ...]`` leaves must split their rows over the data-parallel devices (else
-  each device would hold every row: no error, no speed-up)."""
+def micro_batch_shardings(microbatch: Any, mesh: jax.sharding.Mesh) -> Any:
+  """``batch_shardings`` of one microbatch of a gradient-accumulation step, whose rows
+  must split over the data-parallel devices."""
+  _check_rows(microbatch, data_parallel_size(mesh), axis=0)
+  return batch_shardings(microbatch, mesh)
+
+
+def _check_rows(batch: Any, size: int, *, axis: int) -> None:
+  """Microbatch leaves (``[rows, ...]``, or ``[M, rows, ...]`` presplit: ``axis``) must split
+  their rows over the data-parallel devices (else each device would hold every row and
+  run the whole microbatch: no error, no speed-up)."""
   for path, x in jax.tree_util.tree_leaves_with_path(batch):
-    if x.ndim >= 2 and x.shape[1] % size:
-      raise ValueError(f"batch key {jax.tree_util.keystr(path)}: {x.shape[1]} rows per "
+    if x.ndim > axis and x.shape[axis] % size:
+      raise ValueError(f"batch key {jax.tree_util.keystr(path)}: {x.shape[axis]} rows per "
                        f"microbatch (shape {x.shape}) are not divisible by the {size} "
-                       "data-parallel devices of the mesh; change the batch or mesh size")
+                       "data-parallel devices of the mesh; make the batch size a multiple "
+                       "of accum_steps x the data-parallel size, or change the mesh")
 
 
 def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, *, presplit: bool = False) -> Any:
