@@ -217,7 +217,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
         tokens_in_batch=experiment.tokens_in_batch, mesh=mesh,
         partition_rules=experiment.partition_rules(policy),
         start_hooks=[data_report.write, write_reference_record])
-  data_report.finish(train_iter, result.summary)
+  data_report.finish(train_iter, result.summary, mesh)
   if not result.preempted:
     experiment.export_hf(config, workdir, result.model, tokenizer, what="policy")
   return result

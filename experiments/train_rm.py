@@ -77,7 +77,7 @@ def make_evaluator(config: Any, model: nnx.Module, source: Any, tokenizer: Any,
   pcfg = experiment.pipeline_config(
       config.data, mesh=mesh, mode="padded", shuffle=False, num_epochs=1, drop_remainder=False,
       batch_size=int(config.eval.batch_size))
-  batches, dropped = rm.eval_batches(source, tokenizer, pcfg, table)
+  batches, dropped = rm.eval_batches(source, tokenizer, pcfg, table, mesh)
   num_columns, objectives = rm.reward_columns(model)
   return rm.RewardModelEvaluator(
       batches=batches, dropped=dropped, source=source, mesh=mesh, workdir=workdir,
@@ -141,7 +141,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     for evaluator in evaluators:  # A rerun of a finished run still reports its eval.
       if not result.preempted and (evaluator.last is None or evaluator.last[0] != final_step):
         evaluator(final_step, result.model)
-  data_report.finish(train_iter, result.summary)
+  data_report.finish(train_iter, result.summary, mesh)
   if not result.preempted:
     experiment.export_hf(config, workdir, result.model, tokenizer, what="reward model")
   last = evaluators[0].last if evaluators else None

@@ -158,7 +158,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   summary_lib.write_json(os.path.join(workdir, safety_runtime.THRESHOLD_FILE),
                          {**choice.as_dict(), "step": final_step})
   summary_lib.write_json(os.path.join(workdir, REPORT_FILE), out)
-  data_report.finish(train_iter, result.summary)
+  data_report.finish(train_iter, result.summary, mesh)
   result.summary["safety"] = out
   summary_lib.write_summary(workdir, result.summary)
   return {"summary": result.summary, "report": out, "preempted": False}

@@ -113,7 +113,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
         evaluators=[train.BatchEvaluator(eval_fn, lambda: iter(eval_ds), mesh=mesh)],
         tokens_in_batch=experiment.tokens_in_batch, mesh=mesh, partition_rules=rules,
         start_hooks=[data_report.write])
-  data_report.finish(train_iter, result.summary)
+  data_report.finish(train_iter, result.summary, mesh)
   if not result.preempted:
     _add_perplexity(workdir, result)
     experiment.export_hf(config, workdir, result.model, tokenizer, what="policy")

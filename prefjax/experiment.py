@@ -265,15 +265,17 @@ class DataReport:
     summary_lib.write_json(f"{self.workdir}/{report_lib.REPORT_FILE}", self.report)
     self.written = True
 
-  def finish(self, train_iter: Any, summary: dict[str, Any]) -> None:
-    """Adds the train iterator's counters (all epochs, resumes included) and rewrites the
-    report; a finished run's ``summary.json`` gets it as ``data``. A rerun of a finished
-    run (the loop never started) keeps the report and summary it finished with."""
+  def finish(self, train_iter: Any, summary: dict[str, Any], mesh: Any = None) -> None:
+    """Adds the train iterator's counters (all epochs, resumes included; summed over the
+    processes' data shards of ``mesh``) and rewrites the report; a finished run's
+    ``summary.json`` gets it as ``data``. A rerun of a finished run (the loop never
+    started) keeps the report and summary it finished with."""
     if not self.written:
       return
     counters = getattr(train_iter, "counters", None)
     if counters is not None:
-      self.report["train"]["iterator"] = dict(counters)
+      self.report["train"]["iterator"] = parallel.summed_counts(counters, mesh,
+                                                                per_step=("batches",))
     self.write()
     if summary:
       summary["data"] = self.report

@@ -307,6 +307,11 @@ def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
       assert two_eval["num_examples"] == one_eval["num_examples"] == DPO_EVAL_PAIRS
       accuracy = "rewards/accuracies"
       assert abs(two_eval[accuracy] - one_eval[accuracy]) <= 2 / DPO_EVAL_PAIRS
+    # The data report counts every process's rows once, as one process does (token_slots
+    # differ: several processes pad every batch to its full length).
+    counts = [s["data"]["train"]["iterator"] for s in (two_summary, one_summary)]
+    for key in ("examples_read", "real_tokens", "batches", "truncated_response"):
+      assert counts[0][key] == counts[1][key], (binary, key, counts)
     # tokens_per_sec counts every process's rows once (both hold the ensemble's rows).
     per_step = lambda r: r["tokens_per_sec"] / r["steps_per_sec"]  # noqa: E731
     for step in range(1, STEPS + 1):

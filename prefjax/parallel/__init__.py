@@ -17,6 +17,7 @@ from prefjax.parallel.distributed import (
     define_flags,
     detect_cluster,
     every_process,
+    gather_json,
     highest_in_any_process,
     in_any_process,
     in_every_process,
@@ -35,6 +36,7 @@ from prefjax.parallel.mesh import (
     make_mesh,
     mesh_from_config,
     resolve_shape,
+    summed_counts,
 )
 from prefjax.parallel.rules import (
     Rules,

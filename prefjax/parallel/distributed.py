@@ -15,9 +15,10 @@ first imported; importing or reloading it again does not redefine them.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -164,6 +165,19 @@ def every_process(value: int) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray([int(value)])
   return np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)
+
+
+def gather_json(obj: Any) -> list[Any]:
+  """Every process's JSON-serialisable ``obj``, in process order (a collective every
+  process must enter; for small records such as counters). One process: ``[obj]``."""
+  if jax.process_count() == 1:
+    return [obj]
+  data = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
+  lengths = every_process(data.size)
+  buffer = np.zeros(int(lengths.max()), np.uint8)
+  buffer[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(buffer)).reshape(len(lengths), -1)
+  return [json.loads(bytes(row[:n])) for row, n in zip(rows, lengths)]
 
 
 def sum_over_processes(value: float) -> float:

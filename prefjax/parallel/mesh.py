@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from prefjax.parallel import distributed
+
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 ENSEMBLE_AXIS = "ensemble"
 BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
@@ -178,6 +180,25 @@ def first_holder_of_data_shard(mesh: Mesh | None) -> bool:
   shards = data_shards(owners, mesh.axis_names)
   mine = shards[jax.process_index()][0]
   return jax.process_index() == min(p for p, (index, _) in shards.items() if index == mine)
+
+
+def summed_counts(counts: Mapping[str, int], mesh: Mesh | None,
+                  per_step: Sequence[str] = ()) -> dict[str, int]:
+  """Counts of the data (rows read, dropped, tokens) summed over processes, each data
+  shard once (``first_holder_of_data_shard``): each process counts only its own rows.
+  ``per_step`` keys (``batches``) count steps every process takes: their largest value.
+  A collective every process must enter; one process: ``counts``."""
+  if jax.process_count() == 1:
+    return dict(counts)
+  total: dict[str, int] = {}
+  for counted, part in distributed.gather_json([first_holder_of_data_shard(mesh),
+                                                {k: int(v) for k, v in counts.items()}]):
+    for key, value in part.items():
+      if key in per_step:
+        total[key] = max(total.get(key, 0), value)
+      else:
+        total[key] = total.get(key, 0) + (value if counted else 0)
+  return total
 
 
 def data_shard(mesh: Mesh) -> tuple[int, int]:

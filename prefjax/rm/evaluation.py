@@ -60,14 +60,17 @@ def missing_subset_text(missing: int, total: int, field: str) -> str:
 
 
 def eval_batches(source: Any, tokenizer: Any, pcfg: pipeline_lib.PipelineConfig,
-                 table: np.ndarray | None) -> tuple[list[dict[str, np.ndarray]], dict[str, int]]:
-  """The whole eval split as batches (``pcfg``: padded, one epoch, no shuffle), and the
-  pipeline's nonzero ``dropped_*`` counters."""
+                 table: np.ndarray | None, mesh: Any = None
+                 ) -> tuple[list[dict[str, np.ndarray]], dict[str, int]]:
+  """The whole eval split as batches (``pcfg``: padded, one epoch, no shuffle; this
+  process's shard), and the pipeline's nonzero ``dropped_*`` counters of every process's
+  shard of ``mesh`` (a collective under several processes)."""
   iterator = iter(pipeline_lib.preference_dataset(source, tokenizer, pcfg))
   batches = list(iterator)
   if table is not None:
     batches = [labels.add_objective_mask(b, table) for b in batches]
-  dropped = {k: v for k, v in iterator.counters.items() if k.startswith("dropped_") and v}
+  counters = parallel.summed_counts(iterator.counters, mesh)
+  dropped = {k: v for k, v in counters.items() if k.startswith("dropped_") and v}
   if dropped:
     logging.warning("eval split: pairs dropped by the pipeline: %s", dropped)
   return batches, dropped
