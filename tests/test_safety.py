@@ -289,6 +289,7 @@ def test_harm_pairs_orient_every_row_so_rejected_is_the_side_its_labels_rejected
       ("p4", "c4", "r4", 0.75)]
   assert pairs[1:3] == [pairs[1], pairs[2]] and pairs.__getitems__([3]) == [pairs[3]]
   assert pairs.fingerprint == source.fingerprint + "+harm_pairs"
+  assert repr(pairs).startswith("HarmPairs(PreferenceSource(") and "'swapped': 2" in repr(pairs)
   assert (pairs.name, pairs.split, pairs.summary) == (source.name, source.split, source.summary)
   # What the classifier trains on: harm_targets label the (oriented) rejected side 1.
   pcfg = pipeline_lib.PipelineConfig(batch_size=4, max_length=16, shuffle=False, num_epochs=1)

@@ -113,13 +113,13 @@ class HarmPairs(collections.abc.Sequence):
     return dict(row, chosen=row["rejected"], rejected=row["chosen"],
                 outcome=1.0 - row["outcome"])
 
+  def __repr__(self) -> str:
+    return f"HarmPairs({self._source!r}, {self.counts})"
+
 
 def _read_rows(source: Sequence[dict[str, Any]], indices: Sequence[int]) -> list:
   getitems = getattr(source, "__getitems__", None)
   return getitems(indices) if getitems else [source[i] for i in indices]
-
-  def __repr__(self) -> str:
-    return f"HarmPairs({self._source!r}, {self.counts})"
 
 
 def load_harm_pairs(data_cfg: Any, split: str) -> HarmPairs:

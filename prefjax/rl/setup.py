@@ -178,9 +178,8 @@ def check_reward_checkpoints(config: Any, workdir: str) -> None:
         if ids.get(n) else f"{n} without a checkpoint" for n in changed)
     raise ValueError(
         f"{workdir} trained against {describe(saved)}, but the config now loads "
-        f"{describe(now)}: a reward "
-        "model trained on since the run started. Point the spec at the run's step "
-        "(checkpoint=WORKDIR@STEP) or use a fresh workdir")
+        f"{describe(now)}: a reward model trained on since the run started. Point the "
+        "spec at the run's step (checkpoint=WORKDIR@STEP) or use a fresh workdir")
 
 
 def standardized_proxy(config: Any, workdir: str, proxy: rl_rewards.PairReward,
