@@ -121,6 +121,16 @@ def test_batch_shapes_are_checked_against_the_data_parallel_devices():
     train.check_batch_shapes(four, mesh, accum_steps=4)
 
 
+def test_packed_batches_with_gradient_accumulation_are_refused_before_training():
+  """Their row-index fields cannot be split by rows: the step refused them at step 1, after
+  the model was built and the workdir written (a helper's audit)."""
+  packed = pipeline.preference_dataset(_source(), TOK, _config("shared", batch_size=4))
+  train.check_batch_shapes(packed, None)
+  with pytest.raises(ValueError, match=r"packed batches, whose \['chosen_index'\] index rows "
+                                       r".*accum_steps=2.*padded"):
+    train.check_batch_shapes(packed, None, accum_steps=2)
+
+
 def test_packed_batches_are_refused_before_training_in_multi_process_runs(monkeypatch):
   packed = pipeline.preference_dataset(_source(), TOK, _config("shared", batch_size=4))
   padded = pipeline.preference_dataset(_source(), TOK, dataclasses.replace(

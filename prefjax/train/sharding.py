@@ -61,6 +61,12 @@ def check_batch_shapes(dataset: Any, mesh: jax.sharding.Mesh | None, *,
   size = 1 if mesh is None else data_parallel_size(mesh)
   for shapes in dataset.batch_shapes():
     parallel.check_joinable_across_processes(shapes)
+    index_fields = [k for k in parallel.rules.ROW_INDEX_FIELDS if k in shapes]
+    if accum_steps > 1 and index_fields:
+      raise ValueError(
+          f"{dataset} yields packed batches, whose {index_fields} index rows of the whole "
+          f"batch, so loop.accum_steps={accum_steps} cannot split them into microbatches: "
+          "use accum_steps=1 with a larger batch, or data.pipeline.mode='padded'")
     for key, shape in shapes.items():
       if shape[0] % (size * accum_steps):
         where = f" in each of {accum_steps} microbatches" if accum_steps > 1 else ""
