@@ -50,6 +50,24 @@ def test_interval_of_doubled_pairs_has_the_width_of_the_distinct_pairs():
   assert naive.high - naive.low == pytest.approx(binomial(400), rel=0.15)
 
 
+def test_the_subset_mean_under_clusters_is_a_mean_of_each_resample_s_own_pairs():
+  """A subset of one pair listed 5 times and 5 distinct pairs, all correct: the mean's
+  interval was [0.6, 1.8], each resample divided by the fixed 10 pairs (a helper's audit)."""
+  correct = np.ones(12)
+  subsets = ["a"] * 10 + ["b"] * 2
+  groups = np.array([0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7])
+  counts = stats.resample_counts(12, 500, 0, groups)
+  per_subset, mean = stats.subset_accuracies(correct, counts, subsets, seed=1, groups=groups)
+  assert (mean.value, mean.low, mean.high) == (1.0, 1.0, 1.0)
+  assert (per_subset["a"].low, per_subset["a"].high) == (1.0, 1.0)
+  # Mixed answers: every resampled subset mean stays an accuracy, and the groups widen it.
+  correct = np.r_[np.ones(5), np.zeros(5), np.ones(2)]  # the 5 copies right, the rest wrong
+  _, clustered = stats.subset_accuracies(correct, counts, subsets, seed=1, groups=groups)
+  _, plain = stats.subset_accuracies(correct, counts, subsets, seed=1)
+  assert 0.0 <= clustered.low <= clustered.value <= clustered.high <= 1.0
+  assert clustered.high - clustered.low > plain.high - plain.low
+
+
 def test_eval_rm_counts_repeated_text_and_resamples_it_as_one_pair(tmp_path):
   rows = [test_eval_rm.length_pair(i, chosen_longer=i % 3 != 0) for i in range(60)]
   # 30 more rows repeat the first 30's text; 15 of them with the sides swapped.

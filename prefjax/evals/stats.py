@@ -213,7 +213,8 @@ def subset_accuracies(correct: np.ndarray, counts: np.ndarray, subsets: Sequence
     per_subset[name] = weighted_estimate(correct, counts, mask)
     within = resample_counts(int(mask.sum()), counts.shape[0], rng,
                              None if groups is None else np.asarray(groups)[mask])
-    resampled.append(within @ np.asarray(correct, np.float64)[mask] / mask.sum())
+    # Divided by each resample's own count: a cluster resample holds another number of pairs.
+    resampled.append(within @ np.asarray(correct, np.float64)[mask] / within.sum(axis=1))
   low, high = np.percentile(np.mean(resampled, axis=0), [2.5, 97.5])
   value = float(np.mean([e.value for e in per_subset.values()]))
   return per_subset, Estimate(value, float(low), float(high))
