@@ -127,8 +127,17 @@ def two_sided_ece(signed: np.ndarray, counts: np.ndarray | None = None,
 
 
 def ece_estimate(signed: np.ndarray, counts: np.ndarray, num_bins: int) -> Estimate:
-  low, high = np.percentile(two_sided_ece(signed, counts, num_bins), [2.5, 97.5])
-  return Estimate(float(two_sided_ece(signed, None, num_bins)[0]), float(low), float(high))
+  """The plug-in two-sided ECE and its basic-bootstrap interval [2v − q₉₇.₅, 2v − q₂.₅],
+  floored at 0.
+
+  Binned ECE is biased upward (a calibrated scorer scores about 0.04 on 200 pairs), and a
+  resample's ECE more so; the percentile interval inherits the bias and covered the true
+  ECE of a calibrated scorer in none of 300 simulated datasets, the basic interval in 75%
+  (91-92% for miscalibrated ones). It can therefore lie below the plug-in value.
+  """
+  value = float(two_sided_ece(signed, None, num_bins)[0])
+  q_low, q_high = np.percentile(two_sided_ece(signed, counts, num_bins), [2.5, 97.5])
+  return Estimate(value, max(2 * value - float(q_high), 0.0), max(2 * value - float(q_low), 0.0))
 
 
 def relative_length_difference(preferred_len: np.ndarray, other_len: np.ndarray) -> np.ndarray:
