@@ -250,6 +250,29 @@ def test_cache_extend_matches_full_forward(name, grow):
     np.testing.assert_allclose(step_logits[j][live], full[live, 7 + j], atol=2e-5, rtol=1e-5)
 
 
+def test_extending_past_the_last_cache_slot_gives_nan_logits():
+  """The write was clamped onto the last slot and the logits silently wrong (0.288 off in a
+  helper's check); the slot index is traced, so the step now returns NaN logits."""
+  model = make_model("llama")
+  tokens, mask = pad(SEQS, "left", length=7, pad_id=63)
+  logits, cache = extend(model, jnp.asarray(tokens), model.init_cache(3, 8), jnp.asarray(mask))
+  assert np.isfinite(np.asarray(logits)).all()
+  one = jnp.ones((3, 1), jnp.int32)
+  last, cache = extend(model, 5 * one, cache, one)  # slot 7, the last: fine
+  assert np.isfinite(np.asarray(last)).all()
+  past, cache = extend(model, 5 * one, cache, one)
+  assert np.isnan(np.asarray(past)).all() and int(cache.index) == 9
+
+
+def test_extend_runs_under_x64():
+  """Its slot indices were a Python 0 beside an int32 index, which x64 refuses."""
+  with jax.enable_x64(True):
+    model = make_model("llama")
+    tokens, mask = pad(SEQS, "left", length=7, pad_id=63)
+    logits, _ = extend(model, jnp.asarray(tokens), model.init_cache(3, 8), jnp.asarray(mask))
+    assert np.isfinite(np.asarray(logits)).all()
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_prefill_equals_extend_on_an_empty_cache(name):
   """``prefill`` (the training kernel over the prompts) gives ``extend``'s logits and

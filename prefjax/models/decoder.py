@@ -447,9 +447,10 @@ class Decoder(nnx.Module):
     real tokens already cached plus the running count of real new tokens.
     Returns float32 logits ``[B, T, V]`` (``[B, 1, V]`` of the last token when
     ``last_only``, e.g. for a prefill) and the updated cache. The caller sizes
-    the cache: ``index + T`` must not exceed ``max_length`` (the slot index is
-    traced, so an overflow cannot be detected here and the write would be
-    clamped by ``dynamic_update_slice``). ``output_kernel``: see ``logits``.
+    the cache: ``index + T`` must not exceed ``max_length``; the slot index is
+    traced, so an overflow cannot raise here (``dynamic_update_slice`` would clamp
+    the write onto the last slots): its logits are NaN instead, and stay so for
+    every later step. ``output_kernel``: see ``logits``.
     """
     b, t = tokens.shape
     if attention_mask is None:
@@ -458,7 +459,8 @@ class Decoder(nnx.Module):
     if positions is None:
       past = jnp.sum(cache.segments, axis=1, keepdims=True)
       positions = past + positions_from_mask(segments)
-    kv_segments = jax.lax.dynamic_update_slice(cache.segments, segments, (0, cache.index))
+    zero = jnp.zeros((), cache.index.dtype)  # indices of one dtype (x64 makes 0 an int64)
+    kv_segments = jax.lax.dynamic_update_slice(cache.segments, segments, (zero, cache.index))
     x = self._embed(tokens, positions)
     keys, values = [], []
     for i, block in enumerate(self.layers):
@@ -469,6 +471,7 @@ class Decoder(nnx.Module):
     if last_only:
       x = x[:, -1:]
     logits = self.logits(self.final_norm(x), output_kernel)
+    logits = jnp.where(cache.index + t <= cache.max_length, logits, jnp.nan)
     new_cache = KVCache(keys=tuple(keys), values=tuple(values), segments=kv_segments,
                         index=cache.index + t)
     return logits, new_cache

@@ -175,8 +175,9 @@ class Attention(nnx.Module):
     else:
       cache_k, cache_v, kv_segments, start = cache
       heads_first = lambda x, like: x.transpose(0, 2, 1, 3).astype(like.dtype)
-      k = jax.lax.dynamic_update_slice(cache_k, heads_first(k, cache_k), (0, 0, start, 0))
-      v = jax.lax.dynamic_update_slice(cache_v, heads_first(v, cache_v), (0, 0, start, 0))
+      zero = jnp.zeros((), jnp.asarray(start).dtype)
+      k = jax.lax.dynamic_update_slice(cache_k, heads_first(k, cache_k), (zero, zero, start, zero))
+      v = jax.lax.dynamic_update_slice(cache_v, heads_first(v, cache_v), (zero, zero, start, zero))
       q_index = start + jnp.arange(t, dtype=jnp.int32)
       kv_index = jnp.arange(k.shape[2], dtype=jnp.int32)
       mask = attention_mask_from_segments(segments, kv_segments, q_index, kv_index)
