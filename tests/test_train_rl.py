@@ -305,6 +305,14 @@ def test_bad_inputs_raise_named_errors():
     algorithms.HParams.from_config(dict(algorithm="ppo", kl_estimator="k1", clip_epsilon=0.1))
   for config in (tiny_ppo.get_config(), tiny_rloo.get_config()):  # Every key is known.
     assert algorithms.HParams.from_config(config.rl).algorithm == config.rl.algorithm
+  # The eval's KL scores samples with the policy's own log-probs: no other sampler.
+  from prefjax.rl import evaluation  # pylint: disable=import-outside-toplevel
+  prompts = rollout_lib.encode_prompts(["a"], [[1]], pad_id=0, max_length=4)
+  evaluation.make_evaluator(prompts, jax.random.key(0), sampling_cfg={"temperature": 1.0})
+  with pytest.raises(ValueError, match=r"the RL eval's sampling: temperature=1.0, top_k=None, "
+                                       r"top_p=0.9: the KL is estimated"):
+    evaluation.make_evaluator(prompts, jax.random.key(0),
+                              sampling_cfg={"temperature": 1.0, "top_p": 0.9})
 
 
 @pytest.mark.parametrize("field, value, message", [

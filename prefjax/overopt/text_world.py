@@ -257,17 +257,18 @@ def _sequence_kl(graphdef, state, tokens, attention_mask, loss_mask) -> jax.Arra
 def evaluate_policy(policy: nnx.Module, reference: nnx.Module, prompts: rollout_lib.Prompts,
                     key: jax.Array, *, tokenizer: Any,
                     rewards: Mapping[str, rl_rewards.PairReward], max_new_tokens: int,
-                    samples_per_prompt: int, temperature: float = 1.0) -> dict[str, np.ndarray]:
+                    samples_per_prompt: int) -> dict[str, np.ndarray]:
   """Per-prompt means ``[P]`` of every reward in ``rewards`` and of the exact sequence KL.
 
   ``samples_per_prompt`` responses per prompt are drawn with ``key`` (pass the
-  same key to every policy compared). Also returns ``response_length``.
+  same key to every policy compared), from the policy itself: the KL sums the policy's
+  own per-position KL along them, which samples at another temperature would bias. Also
+  returns ``response_length``.
   """
   if samples_per_prompt < 1:
     raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
   rollout = rollout_lib.sample(policy, prompts.repeat(samples_per_prompt), key,
-                               tokenizer=tokenizer, max_new_tokens=max_new_tokens,
-                               temperature=temperature)
+                               tokenizer=tokenizer, max_new_tokens=max_new_tokens)
   graphdef, state = nnx.split(rollout_lib.PolicyBundle(policy, reference, None))
   kl = np.asarray(_sequence_kl(graphdef, state, rollout.tokens, rollout.attention_mask,
                                rollout.loss_mask), np.float64)

@@ -87,8 +87,21 @@ def evaluate(graphdef, params, extra, prompts: rollout_lib.Prompts, rng: jax.Arr
   return metrics
 
 
+def check_untempered(sampling_cfg: dict[str, Any], where: str) -> None:
+  """Refuses a sampler other than the policy itself (temperature 1, no top-k or top-p):
+  the KL estimates score each sample with the policy's own log-probs."""
+  temperature = float(sampling_cfg.get("temperature", 1.0))
+  top_k, top_p = sampling_cfg.get("top_k"), sampling_cfg.get("top_p")
+  if temperature != 1.0 or top_k is not None or top_p is not None:
+    raise ValueError(
+        f"{where}: temperature={temperature}, top_k={top_k}, top_p={top_p}: the KL is "
+        "estimated with the policy's own log-probs, so its samples must come from the "
+        "policy itself (temperature 1, no top_k/top_p)")
+
+
 def make_evaluator(prompts: rollout_lib.Prompts, rng: jax.Array, **kwargs: Any):
   """``train_loop`` evaluator ``fn(step, bundle) -> metrics`` of :func:`evaluate`."""
+  check_untempered(kwargs.get("sampling_cfg") or {}, "the RL eval's sampling")
 
   def evaluator(step: int, bundle: rollout_lib.PolicyBundle) -> dict[str, float]:
     del step
