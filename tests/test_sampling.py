@@ -281,9 +281,26 @@ def test_categorical_never_returns_an_excluded_first_token_of_a_block(monkeypatc
   for r in rows:
     boundary = np.float32(cum[r, 0] / cum[r, 1])
     for u in (np.nextafter(boundary, np.float32(0)), boundary, np.nextafter(boundary, np.float32(1))):
-      monkeypatch.setattr(jax.random, "uniform", lambda *_, u=u, **__: jnp.full((1, 1), u))
+      monkeypatch.setattr(jax.random, "uniform", lambda *_, u=u, **__: jnp.full((1, 2), u))
       token = int(sampling.categorical(jax.random.key(0), logits[r:r + 1], block=4)[0])
       assert p[r, token] > 0, (r, u, token)
+
+
+@pytest.mark.parametrize("u_block,u_token,token", [
+    (0.2, 0.0, 0), (0.2, 0.6, 1), (0.2, 0.99, 3), (0.5, 0.0, 4), (0.5, 0.49, 4),
+    (0.5, 0.51, 6), (0.5, 0.99, 7)])
+def test_categorical_picks_the_block_with_one_uniform_and_the_token_with_another(
+    monkeypatch, u_block, u_token, token):
+  """Blocks of 4: [0.1, 0.2, 0, 0.1 | 0.3, 0, 0.2, 0.1]. The second uniform is a fraction of
+  the chosen block's own mass, so a token's resolution no longer is 2^-23 of the total
+  (one shared uniform left a third of a 49k vocabulary's tokens undrawable; a helper's
+  exact enumeration)."""
+  probs = np.array([0.1, 0.2, 0.0, 0.1, 0.3, 0.0, 0.2, 0.1])
+  logits = jnp.asarray(np.where(probs > 0, np.log(np.maximum(probs, 1e-30)), -np.inf),
+                       jnp.float32)[None]
+  monkeypatch.setattr(jax.random, "uniform",
+                      lambda *_, **__: jnp.asarray([[u_block, u_token]], jnp.float32))
+  assert int(sampling.categorical(jax.random.key(0), logits, block=4)[0]) == token
 
 
 def test_categorical_one_hot_rows_return_their_token():
