@@ -417,7 +417,7 @@ def test_a_wco_ensemble_proxy_is_standardized_on_samples_of_the_policy_before_rl
                                                                                  monkeypatch):
   """Coste et al.'s WCO under RL: member statistics from π_ref's samples, kept for reruns."""
   config = tiny_rloo.get_config("quick")
-  config.loop.num_steps, config.loop.eval_every = 1, 1
+  config.loop.num_steps, config.loop.eval_every = 1, 100  # one eval, at the end
   config.warm_start.steps, config.prompts.num_eval, config.rl.prompts_per_step = 0, 8, 4
   config.proxy = dict(
       kind="model", name="ens", tokenizer=dict(path="byte"), checkpoint="", max_length=32,
@@ -446,10 +446,12 @@ def test_a_wco_ensemble_proxy_is_standardized_on_samples_of_the_policy_before_rl
       np.asarray(saved["mean"], np.float32), np.asarray(saved["scale"], np.float32)))
   z = (proxy.members(*texts) - np.asarray(saved["mean"])) / np.asarray(saved["scale"])
   np.testing.assert_allclose(wco(*texts), z.min(1), rtol=1e-5, atol=1e-6)
-  # A rerun (here: two more steps) reads the statistics back instead of refitting.
-  config.loop.num_steps = 2
-  train_rl.run(config, workdir)
+  # A rerun reads the statistics back instead of sampling and refitting.
+  again = setup.standardized_proxy(config, workdir, proxy, "wco", 0.0, policy=None,
+                                   prompts=None, tokenizer=None, key=None)
   assert len(fitted) == 1
+  np.testing.assert_array_equal(again(*texts), wco(*texts))
+  config.loop.num_steps = 2
   os.remove(pathlib.Path(workdir) / setup.REFERENCE_FILE)
   with pytest.raises(RuntimeError, match="proxy_reference.json is missing but .* has "
                                          "checkpoints"):
