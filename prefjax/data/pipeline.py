@@ -289,6 +289,12 @@ def _scalar(row: Mapping[str, Any], key: str, default: float, index: int,
   return value
 
 
+def read_rows(source: Sequence[Any], indices: Sequence[int]) -> list:
+  """``source``'s rows at ``indices``, in one ``__getitems__`` call when it has one."""
+  getitems = getattr(source, "__getitems__", None)
+  return list(getitems(indices)) if getitems else [source[i] for i in indices]
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenizeFn:
   """Source row -> ``Example``: formats, encodes (BOS on the prompt, EOS on responses), truncates."""
@@ -304,8 +310,7 @@ class TokenizeFn:
   def many(self, indices: Sequence[int]) -> list[Example]:
     """Tokenizes several rows with one ``encode_batch`` call when the tokenizer has it."""
     indices = [int(i) for i in indices]
-    getitems = getattr(self.source, "__getitems__", None)
-    rows = list(getitems(indices)) if getitems else [self.source[i] for i in indices]
+    rows = read_rows(self.source, indices)
     tok, style = self.tokenizer, self.config.prompt_style
     texts = []
     for index, row in zip(indices, rows):

@@ -78,8 +78,8 @@ class HarmPairs(collections.abc.Sequence):
 
   def __init__(self, source: Sequence[dict[str, Any]]):
     self._source = source
-    outcomes = np.asarray([row["outcome"] for row in _read_rows(source, range(len(source)))],
-                          np.float64)
+    rows = pipeline_lib.read_rows(source, range(len(source)))
+    outcomes = np.asarray([row["outcome"] for row in rows], np.float64)
     self._kept = np.flatnonzero(outcomes != 0.5)
     self._swap = outcomes < 0.5
     self.counts = {"pairs": int(outcomes.size), "kept": int(self._kept.size),
@@ -105,7 +105,8 @@ class HarmPairs(collections.abc.Sequence):
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
     rows = [int(self._kept[i]) for i in indices]
-    return [self._oriented(i, row) for i, row in zip(rows, _read_rows(self._source, rows))]
+    return [self._oriented(i, row)
+            for i, row in zip(rows, pipeline_lib.read_rows(self._source, rows))]
 
   def _oriented(self, i: int, row: dict[str, Any]) -> dict[str, Any]:
     if not self._swap[i]:
@@ -115,11 +116,6 @@ class HarmPairs(collections.abc.Sequence):
 
   def __repr__(self) -> str:
     return f"HarmPairs({self._source!r}, {self.counts})"
-
-
-def _read_rows(source: Sequence[dict[str, Any]], indices: Sequence[int]) -> list:
-  getitems = getattr(source, "__getitems__", None)
-  return getitems(indices) if getitems else [source[i] for i in indices]
 
 
 def load_harm_pairs(data_cfg: Any, split: str) -> HarmPairs:

@@ -399,7 +399,7 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
   if head is not None and pooling is None and saved is not None:
     pooling = saved_pooling
   model = heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
-  if head is not None and (why := unsupported_head(path)):
+  if head is not None and (why := _unsupported_head(hf, path)):
     _load_or_keep(lambda: _raise(CheckpointError(why)), score_head, head)
   if head is None and saved is not None:
     _log.warning("%s holds a %r reward/value head; head=None loads the trunk alone",
@@ -435,8 +435,12 @@ def unsupported_head(path: PathLike) -> str | None:
   on ``[CLS]``) and ``classifier``, a head prefjax does not build: loading it as a reward
   model would score with a fresh head.
   """
-  path = pathlib.Path(path)
-  hf = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+  config_file = pathlib.Path(path) / "config.json"
+  return _unsupported_head(_read_json(config_file), path) if config_file.is_file() else None
+
+
+def _unsupported_head(hf: dict[str, Any], path: PathLike) -> str | None:
+  """``unsupported_head`` of a parsed ``config.json``."""
   archs = hf.get("architectures") or []
   if hf.get("model_type") == "bert" and any(
       a.endswith("ForSequenceClassification") for a in archs):

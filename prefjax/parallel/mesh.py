@@ -176,8 +176,7 @@ def first_holder_of_data_shard(mesh: Mesh | None) -> bool:
   process or no mesh."""
   if mesh is None or jax.process_count() == 1:
     return True
-  owners = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
-  shards = data_shards(owners, mesh.axis_names)
+  shards = _process_shards(mesh)
   mine = shards[jax.process_index()][0]
   return jax.process_index() == min(p for p, (index, _) in shards.items() if index == mine)
 
@@ -204,5 +203,10 @@ def summed_counts(counts: Mapping[str, int], mesh: Mesh | None,
 def data_shard(mesh: Mesh) -> tuple[int, int]:
   """This process's ``(shard index, shard count)`` of the data on ``mesh`` (``data_shards``):
   ``(process_index, process_count)`` when the batch axes span the processes."""
+  return _process_shards(mesh)[jax.process_index()]
+
+
+def _process_shards(mesh: Mesh) -> dict[int, tuple[int, int]]:
+  """``data_shards`` of the processes owning ``mesh``'s devices."""
   owners = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
-  return data_shards(owners, mesh.axis_names)[jax.process_index()]
+  return data_shards(owners, mesh.axis_names)

@@ -66,19 +66,25 @@ class PairReward:
     texts = [self.join(p, r) for p, r in zip(prompts, responses)]
     return np.asarray(self.fn.score(texts=texts), np.float64)
 
-  def members(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-    """An ensemble reward's raw member rewards ``[N, K]`` (float64)."""
+  def ensemble(self) -> reward_fns.EnsembleReward:
+    """``fn`` when it is an ensemble (an error naming the reward otherwise)."""
     if not isinstance(self.fn, reward_fns.EnsembleReward):
       raise ValueError(f"reward {self.name!r} is not an ensemble: it has no members to "
                        "aggregate (set model.head='reward_ensemble:K')")
+    return self.fn
+
+  def members(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    """An ensemble reward's raw member rewards ``[N, K]`` (float64)."""
+    ensemble = self.ensemble()
     texts = [self.join(p, r) for p, r in zip(prompts, responses)]
     # Its members' RewardFn checks the shape and finiteness (``rewards.check_rewards``).
-    return np.asarray(self.fn.raw_members(texts=texts), np.float64)
+    return np.asarray(ensemble.raw_members(texts=texts), np.float64)
 
 
 def split_aggregation(spec: Any) -> tuple[Any, str, float]:
-  """``(spec scored by its members' mean, aggregation, λ)``: best-of-n aggregates a model
-  ensemble's members itself, after standardizing them on its reference samples."""
+  """``(spec scored by its members' mean, aggregation, λ)``: best-of-n and train_rl
+  aggregate a model ensemble's members themselves, after standardizing them on reference
+  samples."""
   aggregation = str(spec.get("aggregation") or "mean")
   if spec.get("kind") != "model" or aggregation == "mean":
     return spec, "mean", 0.0
@@ -97,10 +103,7 @@ def standardized_reward(reward: PairReward, aggregation: str, lam: float,
                         normalizer: reward_fns.RewardNormalizer) -> PairReward:
   """``reward``'s ensemble scored as WCO / UWO of its members standardized by
   ``normalizer`` (per-member statistics fitted on reference samples: ``fit_members``)."""
-  if not isinstance(reward.fn, reward_fns.EnsembleReward):
-    raise ValueError(f"reward {reward.name!r} is not an ensemble: it has no members to "
-                     "aggregate (set model.head='reward_ensemble:K')")
-  members = reward.fn.members
+  members = reward.ensemble().members
   fn = reward_fns.EnsembleReward(members[0] if len(members) == 1 else members,
                                  aggregation=aggregation, lam=lam, normalizer=normalizer,
                                  name=f"{aggregation}({reward.name})")
