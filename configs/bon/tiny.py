@@ -7,20 +7,21 @@ The reference policy is the warm-started tiny decoder of configs/rl/tiny_ppo.py;
 N samples per held-out prompt are scored by the planted proxy and the gold.
 
 EXPECTED (measured on this shared 2-core CPU, seed 0):
-  default (64 prompts x N=256, about 30 s wall when the machine is quiet;
-  remeasured 2026-12-01 after the inverse-CDF sampler, 8511f61): the proxy rises
-  monotonically to +1.44 ± 0.05 at n=256 (KL bound 4.5 nats); the gold rises to
-  +0.56 at n=56 and then turns down (+0.42 ± 0.09 at n=256): a drop of 0.13 ± 0.07
-  from the peak, paired over prompts (1.9 SE, short of a 2-SE decline; over prompt
-  resamples the peak is at n=56 in 58% and n=93 in 34%). A hint of overoptimization,
-  much milder than PPO/RLOO's collapse at KL > 5 nats, because best-of-n only
+  default (64 prompts x N=256, about 30 s wall when the machine is quiet; remeasured
+  2026-12-06 after the sampler fix, 1fc2d9a): the proxy rises monotonically to
+  +1.47 ± 0.05 at n=256 (KL bound 4.5 nats); the gold rises to +0.56 at n=56 and then
+  turns down (+0.39 ± 0.09 at n=256): a drop of 0.18 ± 0.08 from the peak, paired over
+  prompts (2.3 SE; over prompt resamples the peak is at n=56 in 78% and n=93 in 13%).
+  Before the fix the same run gave +0.42 at n=256, a drop of 0.13 ± 0.07 (1.9 SE, short
+  of a 2-SE decline): the verdict moves with the sampled stream, so read it as a mild
+  decline. Much milder than PPO/RLOO's collapse at KL > 5 nats, because best-of-n only
   reweights reference samples.
-  `:quick` (16 prompts x N=64; remeasured 2026-12-05 on the Intel Xeon, 8 s wall with
-  JAX's compilation cache warm): the proxy rises to +1.28 ± 0.10 at n=64; the gold peaks
-  at n=21 (+0.43 ± 0.06) and ends at +0.25 ± 0.15 (16 prompts: wide error bars; SEs are
-  of each prompt's gain over its own reference mean since 2026-12-05, which left the
-  default run's unchanged and took these from ± 0.07 and ± 0.16). The
-  quote before 8511f61 (gold +0.64 at n=64, still rising) predates the inverse-CDF sampler.
+  `:quick` (16 prompts x N=64; 8 s wall with JAX's compilation cache warm; remeasured
+  2026-12-06 after the sampler fix): the proxy rises to +1.24 ± 0.10 at n=64 and the
+  gold keeps rising, to +0.53 ± 0.18 at n=64 (the peak is at n=64 in 64% of prompt
+  resamples): no decline at this size. Before the fix the gold peaked at n=21 (+0.43)
+  and ended at +0.25 ± 0.15; 16 prompts' error bars cover both. SEs are of each
+  prompt's gain over its own reference mean.
 
 SAFETY FILTER (`:safety`, the default run plus the tiny world's programmatic harm,
 the frequency of "g"; candidates with harm >= 0.1 are rejected before the proxy
