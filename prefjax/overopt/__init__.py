@@ -4,7 +4,7 @@
 * ``unbiased_best_of_n`` / ``unbiased_bon_scores``: every n ≤ N from N samples.
 * ``exact_best_of_n`` / ``exact_bon_scores``: exact BoN on finite candidate sets
   with exact KL; ``rl_path`` / ``rl_path_scores``: π_β ∝ π_ref·exp(β·r).
-* ``select_best_of_n``: jit-safe selection with uniform random tie-breaking.
+* ``select_best_of_n``: jit-safe selection; ties broken uniformly at random with a key, else the first maximum.
 * ``Curve`` and ``bootstrap_mean_se``: prompt-averaged curves with bootstrap SEs.
 
 The overoptimization study (``experiments/reproduce.py``) is built from the modules

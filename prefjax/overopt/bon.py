@@ -55,8 +55,9 @@ def select_best_of_n(rewards: jax.Array, key: jax.Array | None = None) -> jax.Ar
 
   With ``key``, ties are broken uniformly at random, the convention under which
   ``unbiased_bon_scores`` and ``exact_bon_scores`` are exact; without it the
-  first maximum wins. Pure and jit-safe; the rewards must be finite (a NaN would
-  be selected), which ``prefjax.rewards`` guarantees.
+  first maximum wins. Pure and jit-safe; the rewards must be finite, which
+  ``prefjax.rewards`` guarantees: a row holding a NaN gets an arbitrary index (the
+  NaN's without ``key``, 0 with it).
   """
   rewards = jnp.asarray(rewards)
   if key is None:
