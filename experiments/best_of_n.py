@@ -5,7 +5,7 @@ r"""Best-of-n against a proxy reward, scored by the gold reward: the BoN overopt
 Samples N responses per held-out prompt from the policy (KV-cache ``generate``;
 the policy IS the reference of best-of-n), scores every sample with the proxy
 (a reward model, an ensemble under its mean, or WCO / UWO of its members standardized
-over all the samples as Coste et al. do, or a programmatic proxy such as the tiny
+over all the samples, or a programmatic proxy such as the tiny
 world's planted one) and with the gold
 reward (a reward model's ``checkpoint``: a ``train_rm`` workdir, ``WORKDIR@best`` or
 ``WORKDIR@STEP``; ``prefjax.rl.rewards``), and normalises both so that the reference

@@ -205,8 +205,8 @@ def test_model_rewards_cut_texts_as_training_did_and_refuse_unscaled_aggregation
 
 
 def test_best_of_n_aggregates_ensemble_members_standardized_on_its_samples():
-  """WCO / UWO of a model ensemble: members standardized over all reference samples first
-  (Coste et al.), since BT training leaves each member's offset and scale arbitrary."""
+  """WCO / UWO of a model ensemble: members standardized over all reference samples first,
+  since BT training leaves each member's offset and scale arbitrary."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from prefjax.rl import rewards  # pylint: disable=g-import-not-at-top
   members = np.array([[0.0, 10.0, -3.0], [1.0, 30.0, -2.0], [2.0, 20.0, -4.0],

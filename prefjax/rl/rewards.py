@@ -93,8 +93,9 @@ def split_aggregation(spec: Any) -> tuple[Any, str, float]:
 
 
 def standardized_aggregate(members: np.ndarray, aggregation: str, lam: float) -> np.ndarray:
-  """WCO / UWO of ``members [M, K]`` standardized per member over all M samples (Coste et
-  al. 2023: members share one scale only after standardization on reference samples)."""
+  """WCO / UWO of ``members [M, K]`` standardized per member over all M samples: BT training
+  pins neither a member's offset nor its scale, and the minimum and variance depend on both
+  (Coste et al. 2023's released best-of-n code aggregates raw scores)."""
   standardized = reward_fns.RewardNormalizer.fit(members, standardize=True)(members)
   return np.asarray(reward_fns.aggregate(standardized, aggregation, lam), np.float64)
 
