@@ -160,10 +160,13 @@ def _pair_metrics(r_c: Array, r_r: Array, batch: Batch, column_mask: Array) -> d
   margin = r_c - r_r
   decisive = column_mask * (batch["outcome"] != 0.5)[:, None]
   signed = jnp.where(batch["outcome"][:, None] > 0.5, margin, -margin)
-  count = jnp.maximum(jnp.sum(decisive), 1.0)
+  num_decisive = jnp.sum(decisive)
+  count = jnp.maximum(num_decisive, 1.0)
   return {"accuracy": jnp.sum(decisive * (signed > 0)) / count,
           "mean_margin": jnp.sum(decisive * signed) / count,
-          "num_pairs": jnp.sum(batch["pair_mask"])}
+          "num_pairs": jnp.sum(batch["pair_mask"]),
+          # Pooled over microbatches by their decisive pairs, not by all pairs (train/step.py).
+          "weight_of/accuracy": num_decisive, "weight_of/mean_margin": num_decisive}
 
 
 def make_loss_fn(loss: RewardLoss | Mapping[str, Any], *, num_columns: int,

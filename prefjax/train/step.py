@@ -10,7 +10,10 @@ Losses normalised per microbatch by a data-dependent count (tokens, non-padding
 pairs) can report that count as the metric ``loss_weight``: microbatches are
 then combined with weights ``w_j / sum(w)`` instead of ``1 / A``, which makes a
 weighted/token mean over the whole batch exact under accumulation (a plain
-average of per-microbatch token means would over-weight short microbatches).
+average of per-microbatch token means would over-weight short microbatches). A
+metric normalised by its own count (say accuracy over decisive pairs, where ties
+do not count) reports that count as ``weight_of/<name>``: it is then pooled with
+those weights, and the ``weight_of/`` entries are not logged.
 
 Microbatches are taken with a stride (microbatch ``j`` holds rows ``j, j+A,
 j+2A, ...``). For a batch sharded over ``("data", "fsdp")`` this keeps every
@@ -42,6 +45,7 @@ EvalFn = Callable[[nnx.Module, Batch], Metrics]
 TrainStep = Callable[[state_lib.TrainState, Batch], tuple[state_lib.TrainState, Metrics]]
 
 LOSS_WEIGHT = "loss_weight"
+WEIGHT_OF = "weight_of/"
 
 
 
@@ -129,9 +133,24 @@ def _accumulate(graphdef, loss_fn, trainable, params, extra, micro, rng, accum_s
   # All-zero weights (only padding) give a zero gradient rather than 0/0.
   denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, params)
-  mean = lambda m: jnp.sum(weights * m, axis=0) / denom  # noqa: E731
-  metrics = {k: (jnp.sum(v, axis=0) if _is_count(k) else mean(v)) for k, v in metrics.items()}
-  return mean(losses), metrics, extra, grads
+  return (jnp.sum(weights * losses) / denom, _pool_microbatches(metrics, weights, denom), extra,
+          grads)
+
+
+def _pool_microbatches(metrics: Metrics, weights: jax.Array, denom: jax.Array) -> Metrics:
+  """Counts summed; a metric with a ``weight_of/`` entry averaged with those weights (0
+  when they are all 0, as one batch without such items reports); the rest by ``weights``."""
+  pooled = {}
+  for name, values in metrics.items():
+    own = metrics.get(WEIGHT_OF + name)
+    if _is_count(name) or name.startswith(WEIGHT_OF):
+      pooled[name] = jnp.sum(values, axis=0)
+    elif own is not None:
+      total = jnp.sum(own, axis=0)
+      pooled[name] = jnp.sum(own * values, axis=0) / jnp.where(total > 0, total, 1.0)
+    else:
+      pooled[name] = jnp.sum(weights * values, axis=0) / denom
+  return pooled
 
 
 def _sequential(graphdef, loss_fn, trainable, tx, params, opt_state, extra, minibatches, rng,
@@ -256,6 +275,7 @@ def make_train_step(
         params=params, opt_state=opt_state,
         extra=_select(finite, extra, state.extra),
         skipped_steps=skipped, consecutive_skipped=consecutive)
+    metrics = {k: v for k, v in metrics.items() if not k.startswith(WEIGHT_OF)}
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                    update_applied=finite.astype(jnp.float32),
                    skipped_steps=skipped, consecutive_skipped=consecutive)
