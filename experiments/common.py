@@ -239,6 +239,14 @@ def _import_user_modules() -> None:
       raise configlib.ConfigError(f"--imports: cannot import {module!r}: {e}") from e
 
 
+def _check_loop_and_optimizer(config: Any) -> None:
+  """What every trainer refuses, refused before the workdir, the data and the model."""
+  if "loop" in config and "num_steps" in config.loop and not config.loop.num_steps >= 1:
+    raise ValueError(f"loop.num_steps={config.loop.num_steps} must be >= 1")
+  if "optimizer" in config:
+    train.make_optimizer(config.optimizer)
+
+
 def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
   """An absl ``main`` that validates the flags and calls ``run(config, workdir)``.
 
@@ -256,6 +264,7 @@ def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
     with preemption.exit_on_sigterm_in_native_wait():  # it waits for the other processes
       parallel.initialize_distributed()
     _import_user_modules()  # after: a module that computes would start JAX's backend
+    _check_loop_and_optimizer(FLAGS.config)
     workdir = prepare_workdir(FLAGS.workdir)
     record_invocation(workdir)
     logging.info("compilation cache: %s (%s=0 turns it off)", compilation_cache.enable() or "off",

@@ -136,6 +136,21 @@ def test_unknown_direct_loss_lists_every_registered_loss(tmp_path):
     assert f"'{name}'" in text, name
 
 
+@pytest.mark.parametrize("binary,override,message", [
+    ("train_dpo", "--config.loop.num_steps=-5", "loop.num_steps=-5 must be >= 1"),
+    ("train_rm", "--config.optimizer.learning_rate=inf", "optimizer.learning_rate=inf must be finite"),
+    ("train_rm", "--config.optimizer.grad_clip_norm=nan", "optimizer.grad_clip_norm=nan must be finite"),
+])
+def test_a_bad_loop_or_optimizer_setting_fails_before_the_workdir(binary, override, message,
+                                                                 tmp_path):
+  """These used to fail after data and model (num_steps), or train on: an infinite rate into
+  NaN parameters, a NaN clip norm without clipping."""
+  code, lines = run_binary(binary, f"--config={BINARIES[binary]}", f"--workdir={tmp_path / 'w'}",
+                           override)
+  assert_short_error(code, lines, message)
+  assert not (tmp_path / "w").exists()
+
+
 def test_unknown_reward_loss_fails_before_data_and_lists_every_loss(tmp_path):
   code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py",
                            f"--workdir={tmp_path / 'w'}", "--config.loss.name=nope")

@@ -38,9 +38,18 @@ def test_optimizer_config_errors():
     train.make_optimizer({"name": "lion"})
   with pytest.raises(ValueError, match="needs total_steps.*tie total_steps to loop.num_steps"):
     train.make_schedule({"schedule": "cosine", "warmup_steps": 5})
-  for rate in (-1e-3, float("nan")):
-    with pytest.raises(ValueError, match="must be >= 0"):
-      train.make_optimizer({"name": "adamw", "learning_rate": rate})
+  with pytest.raises(ValueError, match="must be >= 0"):
+    train.make_optimizer({"name": "adamw", "learning_rate": -1e-3})
+
+
+@pytest.mark.parametrize("field", ["learning_rate", "weight_decay", "grad_clip_norm", "b2",
+                                   "eps", "end_lr_fraction", "momentum"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_optimizer_setting_is_refused(field, value):
+  """An infinite rate trained into NaN parameters and exited 0; a NaN clip norm turned
+  clipping off without a word."""
+  with pytest.raises(ValueError, match=f"optimizer.{field}={value} must be finite"):
+    train.make_optimizer({"name": "adamw", field: value})
 
 
 def test_grad_clipping_and_weight_decay_follow_optax_reference():

@@ -120,6 +120,8 @@ class LoopConfig:
   eval_at_start: bool = False
 
   def __post_init__(self):
+    if self.num_steps < 1:
+      raise ValueError(f"loop.num_steps={self.num_steps} must be >= 1")
     if self.max_consecutive_nonfinite < 1:
       raise ValueError(f"loop.max_consecutive_nonfinite={self.max_consecutive_nonfinite} must "
                        "be >= 1 (the run stops after that many skipped steps in a row)")

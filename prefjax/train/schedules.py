@@ -14,6 +14,7 @@ Configs may be :class:`OptimizerConfig` instances, ``ml_collections``
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import jax
@@ -70,9 +71,18 @@ class OptimizerConfig:
     return configlib.dataclass_from_mapping(cls, cfg)
 
 
+def _check_finite(cfg: OptimizerConfig) -> None:
+  """An infinite rate trains into NaN parameters; a NaN clip norm turns clipping off."""
+  for field in dataclasses.fields(cfg):
+    value = getattr(cfg, field.name)
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f"optimizer.{field.name}={value} must be finite")
+
+
 def make_schedule(cfg: OptimizerConfig | Mapping[str, Any]) -> optax.Schedule:
   """Returns ``step -> learning rate``: linear warmup then constant/linear/cosine decay."""
   cfg = OptimizerConfig.from_mapping(cfg)
+  _check_finite(cfg)
   if cfg.schedule not in SCHEDULES:
     raise ValueError(f"optimizer.schedule={cfg.schedule!r}; expected one of {SCHEDULES}")
   if cfg.warmup_steps < 0:
