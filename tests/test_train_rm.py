@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -337,6 +338,25 @@ def test_multi_objective_loss_uses_only_labelled_pairs():
                                        r"\['helpful', 'harmless'\] label no pair of split "
                                        r"'train' \(meta\['objective'\]"):
     labels.check_every_objective_labelled(table[:1], ("helpful", "harmless"), {}, "train")
+
+
+@pytest.mark.parametrize("value", [3, {"name": "helpful"}, ["helpful", 2]])
+def test_an_objective_label_of_the_wrong_type_names_its_row(value):
+  """An integer label crashed with "'int' object is not iterable", naming no row."""
+  rows = [{"id": "a.jsonl:1", "meta": {"objective": "helpful"}},
+          {"id": "a.jsonl:2", "meta": {"objective": value}}]
+  with pytest.raises(ValueError, match=r"row a\.jsonl:2: meta\['objective'\]=.* must be an "
+                                       r"objective name or a list of them"):
+    labels.objective_table(rows, ("helpful", "harmless"), {})
+
+
+def test_an_empty_objective_list_counts_as_unlabelled(caplog):
+  """It used to train on no objective without being counted among the unlabelled pairs."""
+  rows = [{"id": "r0", "meta": {"objective": []}}, {"id": "r1", "meta": {"objective": "helpful"}}]
+  with caplog.at_level(logging.WARNING):
+    table = labels.objective_table(rows, ("helpful",), {})
+  np.testing.assert_array_equal(table, [[0], [1]])
+  assert "1 of 2 pairs have no objective label" in caplog.text
 
 
 # ----------------------------------------------------------------------------- training

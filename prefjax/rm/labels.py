@@ -23,10 +23,15 @@ def objective_table(source: Any, objectives: Sequence[str], data_cfg: Mapping[st
   for i in range(len(source)):
     row = source[i]
     labels = fixed if fixed else (row.get("meta") or {}).get(field)
-    if labels is None:
+    labels = [labels] if isinstance(labels, str) else labels
+    if labels is not None and (not isinstance(labels, (list, tuple))
+                               or not all(isinstance(label, str) for label in labels)):
+      raise ValueError(f"row {row.get('id', i)}: meta[{field!r}]={labels!r} must be an "
+                       f"objective name or a list of them, from {list(objectives)}")
+    if not labels:
       unlabelled += 1
       continue
-    for label in [labels] if isinstance(labels, str) else labels:
+    for label in labels:
       if label not in objectives:
         raise ValueError(f"row {row.get('id', i)}: meta[{field!r}]={label!r} is not one of "
                          f"the model's objectives {list(objectives)}")
