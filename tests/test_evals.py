@@ -79,3 +79,24 @@ def test_scores_jsonl_lines_are_standard_json_with_a_nan_score():
   arrays = {"table": table, "columns": {"rm": (np.array([np.nan]), np.array([np.inf]))}}
   line, = reward_report.score_lines("d", arrays)
   assert json.loads(line, parse_constant=pytest.fail)["scores"] == {"rm": ["nan", "inf"]}
+
+
+class _Rows(list):
+  def __getitems__(self, indices):
+    return [self[i] for i in indices]
+
+
+@pytest.mark.parametrize("value", [None, "nan", "high", float("nan"), float("inf"), True])
+def test_a_gold_reward_that_is_not_a_finite_number_names_its_row(value):
+  """A null gold reward gave NaN log-loss and ECE and a wrong accuracy, exit 0; a string
+  failed with 'could not convert string to float', naming no row."""
+  from prefjax.evals import scorers  # pylint: disable=g-import-not-at-top
+  rows = _Rows([{"id": "g.jsonl:1", "meta": {"gold_chosen": 1.0, "gold_rejected": 0}},
+                {"id": "g.jsonl:2", "meta": {"gold_chosen": 0.5, "gold_rejected": value}}])
+  with pytest.raises(scorers.EvalInputError,
+                     match=r"row g\.jsonl:2: meta\.gold_rejected=.* must be a finite number"):
+    scorers.gold_rewards(rows)
+  rows[1]["meta"]["gold_rejected"] = -2
+  chosen, rejected = scorers.gold_rewards(rows)
+  np.testing.assert_array_equal(rejected, [0.0, -2.0])
+  np.testing.assert_array_equal(chosen, [1.0, 0.5])

@@ -157,6 +157,12 @@ def gold_rewards(source: Any) -> tuple[np.ndarray, np.ndarray] | None:
   metas = [r.get("meta") or {} for r in rows]
   if not all("gold_chosen" in m and "gold_rejected" in m for m in metas):
     return None
+  for row, meta in zip(rows, metas):
+    for field in ("gold_chosen", "gold_rejected"):
+      value = meta[field]
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise EvalInputError(f"row {row.get('id', '?')}: meta.{field}={value!r} must be a finite "
+                             "number (the gold scorer's reward)")
   return (np.array([m["gold_chosen"] for m in metas], np.float64),
           np.array([m["gold_rejected"] for m in metas], np.float64))
 
