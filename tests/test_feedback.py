@@ -270,6 +270,11 @@ def test_bad_input_is_one_line_naming_what_to_fix(tmp_path):
   bom = tmp_path / "bom.txt"  # a byte-order mark before a comment line (Windows editors)
   bom.write_bytes("# Harm principles\nWhich response is less harmful?\n".encode("utf-8-sig"))
   assert constitution.load_constitution(bom) == ["Which response is less harmful?"]
+  latin1 = tmp_path / "latin1.txt"  # an editor's Latin-1: named with its line, not a codec error
+  latin1.write_bytes("First principle.\nPrefer the caf\u00e9 answer.\n".encode("latin-1"))
+  with pytest.raises(ValueError) as e:
+    constitution.load_constitution(latin1)
+  one_line(e, "latin1.txt:2", "invalid UTF-8", "b'\\xe9'")
   with pytest.raises(ValueError) as e:
     templates.JudgeTemplate.from_config({"template": "{principle} {prompt} {response_a}"})
   one_line(e, "config.judge.template", "{response_b}")

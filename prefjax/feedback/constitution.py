@@ -28,7 +28,13 @@ def load_constitution(path: str | os.PathLike[str]) -> list[str]:
   if not path.is_file():
     raise FileNotFoundError(f"constitution file {path} not found; give a text file with one "
                             "principle per line (see configs/constitutions/)")
-  lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: editors' byte-order mark
+  data = path.read_bytes()
+  try:
+    lines = data.decode("utf-8-sig").splitlines()  # -sig: editors' byte-order mark
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise ValueError(f"constitution file {path}:{line}: invalid UTF-8 byte "
+                     f"{data[e.start:e.start + 1]!r}; save it as UTF-8") from None
   principles = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
   if not principles:
     raise ValueError(f"constitution file {path} has no principle; write one principle per line")
