@@ -30,6 +30,13 @@ BOS, EOS = TOK.bos_id, TOK.eos_id
     ([BOS, 1, 2, 3, 4, 5], [[1, 2], [1]], {"min_response_length": 5},
      ([BOS, 3, 4, 5], [[1, 2], [1]], True, False, None)),
     ([BOS, 1], [[], [1]], {}, ([BOS, 1], [[], [1]], False, False, "empty_response")),
+    # Responses that differ only past the cut: no preference left, dropped and counted.
+    ([BOS, 1], [[5, 6, 7, 8, 9, 1, 2], [5, 6, 7, 8, 9, 1, 3]], {},
+     ([BOS, 1], [[5, 6, 7, 8, 9, 1, 2], [5, 6, 7, 8, 9, 1, 3]], False, False,
+      "identical_after_truncation")),
+    # Identical only were both left whole: kept (the reader refuses identical responses).
+    ([BOS, 1], [[5, 6], [5, 6, 7, 8, 9, 1, 3]], {},
+     ([BOS, 1], [[5, 6], [5, 6, 7, 8, 9, 1]], False, True, None)),
     # prompt_keep_start: BOS, the first token after it, then the end.
     ([BOS, 1, 2, 3, 4, 5, 6], [[1], [1]], {"prompt_keep_start": 1},
      ([BOS, 1, 5, 6], [[1], [1]], True, False, None)),

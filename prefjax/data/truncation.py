@@ -33,4 +33,8 @@ def truncate(prompt: list[int], responses: Sequence[list[int]], config: Any,
   cut_response = any(len(r) > budget for r in responses)
   if cut_response and budget < config.min_response_length:
     return prompt, list(responses), cut_prompt, False, "over_long"
-  return prompt, [r[:budget] for r in responses], cut_prompt, cut_response, None
+  cut = [r[:budget] for r in responses]
+  if cut_response and len({tuple(r) for r in cut}) < len(cut):
+    # Two sides cut to the same tokens carry no preference: a pair's loss has zero gradient.
+    return prompt, list(responses), cut_prompt, False, "identical_after_truncation"
+  return prompt, cut, cut_prompt, cut_response, None
