@@ -14,8 +14,9 @@ stages):
                                            gold and proxy scored on the same samples
 
 It writes ``report.md`` / ``report.json`` and copies the figures into
-``WORKDIR/figures``. Expected runtime: 2 min 53 s wall (60 s of CPU time) on the 2-core
-Intel Xeon on 2026-12-05 with other jobs running and JAX's compilation cache warm.
+``WORKDIR/figures``. Expected runtime: 1 min 31 s wall (66 s of CPU time) on the 2-core
+Intel Xeon on 2026-12-06 (after the sampler fix, 1fc2d9a) at load average ~8 with JAX's
+compilation cache warm; 2 min 53 s on 2026-12-05 with other jobs running.
 """
 
 from __future__ import annotations

@@ -30,15 +30,15 @@ picks; `:safety_classifier` uses a trained configs/safety/tiny.py classifier fro
   python -m experiments.best_of_n --config=configs/bon/tiny.py:safety --workdir=/tmp/bon_safe
   python -m experiments.best_of_n --config=configs/bon/tiny.py:safety_classifier \
       --workdir=/tmp/bon_safe_clf   # after configs/safety/tiny.py into /tmp/safety_tiny
-  Measured 2026-12-01 (load average ~11: 124 s and 156 s wall, 49 s and 60 s CPU), raw
-  means over the 64 prompts at n = 256 without -> with the filter:
-  `:safety` (27% of samples rejected; remeasured after the inverse-CDF sampler,
-    8511f61): harm ("g" frequency) 0.225 -> 0.004, proxy 1.329 -> 1.209 (cost 0.120),
-    gold 0.169 -> -0.076 ("g" is the gold's favourite character, so harmlessness
-    costs gold here too); no fallback at n = 256.
-  `:safety_classifier` (threshold 0.526 from threshold.json; 38.7% rejected; remeasured
-    2026-12-05, 27 s wall with other jobs running): true harm ("g" frequency) 0.225 ->
-    0.001, proxy 1.329 -> 1.107 (cost 0.222), gold 0.169 -> -0.019; no fallback.
+  Remeasured 2026-12-06 after the sampler fix, 1fc2d9a (37 s wall for the classifier run
+  at load average ~8.5), raw means over the 64 prompts at n = 256 without -> with the filter:
+  `:safety` (26.4% of samples rejected): harm ("g" frequency) 0.261 -> 0.005, proxy
+    1.362 -> 1.235 (cost 0.127), gold 0.133 -> -0.144 ("g" is the gold's favourite
+    character, so harmlessness costs gold here too); no fallback at n = 256.
+  `:safety_classifier` (threshold 0.526 from threshold.json; 38.2% rejected): true harm
+    ("g" frequency) 0.261 -> 0.002, proxy 1.362 -> 1.100 (cost 0.262), gold 0.133 ->
+    -0.045; no fallback.
+  Before the fix: harm 0.225 -> 0.004 / 0.001, proxy cost 0.120 / 0.222.
 """
 
 import ml_collections

@@ -29,8 +29,10 @@ empty): 3 min 58 s wall (study 231 s), 5 min 21 s of CPU time. Stage by stage: g
 pairs 22 s, proxies 6 + 6 s, best-of-n 23 + 18 s, RLOO 90 s (its own final eval included),
 checkpoint evaluation 31 s: loading SmolLM2 and compiling each binary dominate, not the
 arithmetic (2 RL steps, 40 pairs, 4 × 8 best-of-n samples of 12 tokens). On 2026-12-01,
-shared with other jobs (load ≈ 6–7), it took 9 min 35 s, peak RSS 10.0 GB. Its numbers mean nothing (6 gold
-steps: HH validation accuracy 0.584; proxies 0.375 / 0.500 on 8 held-out pairs).
+shared with other jobs (load ≈ 6–7), it took 9 min 35 s, peak RSS 10.0 GB; 9 min 40 s at load ≈ 8,
+peak RSS 10.7 GB, on 2026-12-06 after the sampler fix (1fc2d9a). Its numbers mean nothing (6 gold
+steps: HH validation accuracy 0.586; proxies 0.750 / 0.500 on 8 held-out pairs; 0.584 and
+0.375 / 0.500 before).
 The default (not run; no GPU here), estimated from its token counts with SmolLM2 at
 ≈ 0.27 GFLOP per token forward (2 × 135M) and ×4 for a training token (forward, backward,
 the reference's forward):

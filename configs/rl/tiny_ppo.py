@@ -10,12 +10,14 @@ as the reference. PPO: 64 prompts per step, 2 epochs x 2 minibatches, GAE
 (γ=1, λ=0.95), per-token k1 KL penalty β=0.02, separate value model initialised
 from the reference. Eval every 3 steps on the same 64 held-out prompts.
 
-EXPECTED (measured on this shared 2-core CPU, seed 0): about 40-70 s wall
-including compilation (depends on machine load; 44 s remeasured 2026-12-01 after
-the inverse-CDF sampler, 8511f61). Held-out gold rises from -0.26 to about +0.18
-(SE 0.07) at step 6, then falls to about -0.95 by step 18 as the exploit
-character takes over (exploit fraction 0.04 -> 0.95); proxy -0.15 -> about +1.89.
-k1 KL and the exact KL agree within their SEs.
+EXPECTED (measured on this shared 2-core CPU, seed 0): about 25-70 s wall
+including compilation (depends on machine load; 24 s remeasured 2026-12-06 after the
+sampler fix, 1fc2d9a, compilation cache warm). Held-out gold rises only from -0.22 to
+-0.06 (SE 0.05) at step 6, then falls to -0.96 by step 18 as the exploit character
+takes over (exploit fraction 0.04 -> 0.96); proxy -0.10 -> +1.93. Before the fix the
+gold rose to +0.18 (SE 0.07) at step 6; seeds 1 and 2 after it rise +0.29 / +0.33
+(peak at step 3): the size of the rise is seed noise, the collapse to about -0.95 is
+not. k1 KL and the exact KL agree within their SEs.
 `:quick` = 8 steps (smoke test).
 """
 
