@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import grain
 import jax
@@ -305,6 +306,45 @@ def _tensorboard_tags(logdir) -> set[str]:
       tags.update(value.tag for value in event.summary.value)
       offset += 12 + length + 4
   return tags
+
+
+def _tensorboard_scalars_after_purges(logdir) -> dict[str, dict[int, float]]:
+  """``tag -> {step: value}`` as TensorBoard shows it: a SessionLog START at step s drops
+  the earlier points at steps >= s (events of every file, in wall-time order)."""
+  from tensorboardX.proto import event_pb2
+  events = []
+  for path in glob.glob(os.path.join(logdir, "events.*")):
+    data, offset = open(path, "rb").read(), 0
+    while offset < len(data):
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+      offset += 12 + length + 4
+  scalars: dict[str, dict[int, float]] = {}
+  for event in sorted(events, key=lambda e: e.wall_time):
+    if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+      for points in scalars.values():
+        for step in [s for s in points if s >= event.step]:
+          del points[step]
+    for value in event.summary.value:
+      scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return scalars
+
+
+def test_a_fresh_rerun_replaces_an_earlier_attempts_tensorboard_points(tmp_path):
+  """An attempt that saved no checkpoint starts over at step 1: its points were dropped from
+  metrics.jsonl but stayed in TensorBoard beside the rerun's, with no purge marker."""
+  first = train.MetricWriter(tmp_path)
+  for step in (1, 2, 3):
+    first.log(step, {"loss": 10.0 + step})
+  first.close()
+  time.sleep(1.1)  # a new event file name (it holds the second)
+  rerun = train.MetricWriter(tmp_path, resume_step=0)
+  for step in (1, 2):
+    rerun.log(step, {"loss": float(step)})
+  rerun.close()
+  assert [r["loss"] for r in train.read_metrics(tmp_path)] == [1.0, 2.0]
+  shown = _tensorboard_scalars_after_purges(tmp_path / train.metrics.TENSORBOARD_DIR)
+  assert shown["loss"] == {1: 1.0, 2: 2.0}
 
 
 def test_metric_writer_uses_tensorboards_names_in_both_sinks(tmp_path):

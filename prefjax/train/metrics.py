@@ -90,7 +90,7 @@ class MetricWriter:
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(self.workdir, TENSORBOARD_DIR),
-                               purge_step=resume_step + 1 if resume_step else None)
+                               purge_step=resume_step + 1)  # a fresh rerun drops old points too
 
   def _truncate_after(self, step: int) -> None:
     """Keeps only lines with ``step <= step``, one per step in step order (lines of the
