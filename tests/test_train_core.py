@@ -217,6 +217,23 @@ def test_train_loop_learns_and_writes_outputs(tmp_path):
   assert train.params_sha256(template.params) != summary["params_sha256"]
 
 
+@pytest.mark.parametrize("num_batches", [6, 9])  # 9: its last step is also an eval step
+def test_a_run_whose_data_ends_early_logs_its_last_steps_train_metrics(tmp_path, num_batches):
+  """The loop stops at the data's end; that last step's loss and rates were never logged
+  when it was not a log_every step."""
+  loop = train.LoopConfig(num_steps=20, log_every=4, eval_every=3, checkpoint_every=0,
+                          async_checkpointing=False)
+  train.train_loop(workdir=str(tmp_path), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
+                   optimizer=dict(name="sgd", learning_rate=1e-2), loop=loop,
+                   train_iter=iter(make_batches(num_batches, 8)),
+                   evaluators=[train.BatchEvaluator(eval_fn, make_batches(1, 8, seed=1))])
+  records = {r["step"]: r for r in train.read_metrics(tmp_path)}
+  assert train.read_summary(str(tmp_path))["final_step"] == num_batches
+  last = records[num_batches]
+  assert {"loss", "steps_per_sec", "eval/mse"} <= set(last), last
+  assert [s for s, r in records.items() if "loss" in r] == [*range(4, num_batches, 4), num_batches]
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _predict(graphdef, state, x):
   return nnx.merge(graphdef, state)(x)

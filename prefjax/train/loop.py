@@ -338,6 +338,7 @@ class _Trainer:
     log_train = _every(step, self.loop.log_every) or step == self.loop.num_steps
     if log_train or eval_metrics is not None:
       self.writer.log(step, host if log_train else None, eval_metrics)
+    self._unlogged_train = None if log_train else (step, host)
 
   def _save(self, eval_metrics=None, eval_owed: bool = False) -> None:
     metrics = eval_metrics if self.loop.best_metric else None
@@ -378,7 +379,8 @@ class _Trainer:
     self.writer = metrics_lib.MetricWriter(self.workdir, resume_step=start_step,
                                            total_steps=self.loop.num_steps,
                                            tensorboard=self.loop.tensorboard)
-    step, pending, consistent = start_step, None, True
+    step, pending, consistent, exhausted = start_step, None, True, False
+    self._unlogged_train = None
     for hook in self.start_hooks:
       hook(start_step, self.state)
     with StopOnSignal() as stop:
@@ -405,7 +407,7 @@ class _Trainer:
             batch = None
           if parallel.in_any_process(batch is None):
             logging.warning("train iterator exhausted after %d steps", step)
-            consistent = True
+            consistent = exhausted = True
             break
           tokens = (float(self.tokens_in_batch(batch))
                     if self.tokens_in_batch is not None and self.counts_tokens else 0.0)
@@ -430,6 +432,8 @@ class _Trainer:
         if pending is not None:
           self._finish_step(*pending)
           pending = None
+        if exhausted and self._unlogged_train is not None:  # the run's last step
+          self.writer.log(*self._unlogged_train)
       except KeyboardInterrupt:
         if consistent and self._buffers_alive():
           logging.warning("interrupted at step %d: saving a checkpoint", step)
