@@ -180,6 +180,9 @@ def test_adaptive_kl_controller_matches_ziegler_update():
   assert kl_control.FixedKLController(0.3).update(100.0, 8) == 0.3
   with pytest.raises(ValueError, match="not finite"):
     ctl.update(float("nan"), 8)
+  # A horizon of 10 steps of 64 sequences turned β from 0.05 to -0.014 at the first step.
+  with pytest.raises(ValueError, match=r"horizon=10 must exceed 0.2 x the 64 sequences"):
+    kl_control.AdaptiveKLController(value=0.05, target=6.0, horizon=10.0).update(1.0, 64)
 
 
 def _tiny_bundle(with_value):
@@ -325,7 +328,12 @@ def test_bad_inputs_raise_named_errors():
     ("rl.epochs", 0, r"rl.epochs=0 must be >= 1"),
     ("rl.kl_coef", 0.0, r"rl.kl_coef=0.0 with adaptive_kl: the controller scales"),
     ("rl.lam", 2.0, r"rl.lam=2.0 must be in \[0, 1\]"),
-    ("rl.gamma", -0.1, r"rl.gamma=-0.1 must be in \[0, 1\]")])
+    ("rl.gamma", -0.1, r"rl.gamma=-0.1 must be in \[0, 1\]"),
+    ("rl.num_minibatches", 3, r"rl.num_minibatches=3: the 64 sequences of a step .* not "
+                              r"divisible"),
+    ("rl.num_minibatches", 0, r"rl.num_minibatches=0"),
+    ("adaptive_kl.horizon", 10.0, r"rl.adaptive_kl.horizon=10 must exceed 0.2 x the 64 "
+                                  r"sequences of a step \(12.8\)")])
 def test_settings_that_would_bias_the_run_stop_it_before_the_warm_start(
     tmp_path, field, value, message, monkeypatch):
   """temperature 0.5 trained on tempered samples scored by the untempered policy (k1 KL 11.9
@@ -333,8 +341,8 @@ def test_settings_that_would_bias_the_run_stop_it_before_the_warm_start(
   or an ignored group size went unnoticed."""
   config = tiny_ppo.get_config("quick")
   section, key = field.split(".")
-  config[section][key] = value
-  if field == "rl.kl_coef" and value == 0.0:
+  (config.rl if section == "adaptive_kl" else config)[section][key] = value
+  if field == "rl.kl_coef" and value == 0.0 or section == "adaptive_kl":
     config.rl.adaptive_kl.enabled = True
   monkeypatch.setattr(train_rl.setup, "maybe_warm_start",
                       lambda *a: pytest.fail("the check must come first"))

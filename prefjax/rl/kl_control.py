@@ -49,11 +49,22 @@ class AdaptiveKLController:
 
   def update(self, kl: float, num_samples: int) -> float:
     """Updates β from the step's mean sequence KL; returns the new β."""
+    check_horizon(self.horizon, num_samples)
     if not np.isfinite(kl):
       raise ValueError(f"AdaptiveKLController: KL is not finite ({kl})")
     error = float(np.clip(kl / self.target - 1.0, -0.2, 0.2))
     self.value = float(self.value * (1.0 + error * num_samples / self.horizon))
     return self.value
+
+
+def check_horizon(horizon: float, num_samples: int) -> None:
+  """β is multiplied by 1 + e·n/H with |e| ≤ 0.2: H ≤ 0.2·n can make it 0 or negative, a
+  reward for moving away from the reference."""
+  if not horizon > 0.2 * num_samples:
+    raise ValueError(f"rl.adaptive_kl.horizon={horizon:g} must exceed 0.2 x the {num_samples} "
+                     f"sequences of a step ({0.2 * num_samples:g}): the controller multiplies "
+                     "the KL coefficient by 1 + e·n/horizon with |e| <= 0.2, which would make "
+                     "it 0 or negative")
 
 
 def make_kl_controller(cfg) -> FixedKLController | AdaptiveKLController:
