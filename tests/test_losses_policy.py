@@ -374,6 +374,23 @@ def test_entropy_from_logits():
   np.testing.assert_allclose(uniform, [[np.log(5.0)]], rtol=1e-6)
 
 
+def test_entropy_and_exact_kl_of_filtered_logits_sum_over_the_kept_tokens():
+  """A −inf logit (top-k/top-p filtered) gave NaN: 0·log 0 evaluated as 0·(−inf)."""
+  rng = np.random.default_rng(12)
+  logits = rng.normal(size=(2, 6))
+  filtered = np.where(np.arange(6) < 3, logits, -np.inf)
+  kept = np.exp(logits[:, :3]) / np.exp(logits[:, :3]).sum(-1, keepdims=True)
+  mask = np.ones(2)
+  np.testing.assert_allclose(policy.entropy_from_logits(filtered, mask),
+                             -(kept * np.log(kept)).sum(-1), rtol=1e-6)
+  np.testing.assert_allclose(policy.exact_kl(filtered, filtered, mask), [0.0, 0.0], atol=1e-7)
+  full = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  np.testing.assert_allclose(policy.exact_kl(filtered, logits, mask),
+                             (kept * np.log(kept / full[:, :3])).sum(-1), rtol=1e-6)
+  grad = jax.grad(lambda z: policy.entropy_from_logits(z, mask).sum())(jnp.asarray(filtered))
+  assert np.isfinite(np.asarray(grad)).all()
+
+
 def test_kl_penalized_rewards():
   rng = np.random.default_rng(11)
   b, t = 2, 5

@@ -489,8 +489,8 @@ def exact_kl(logits_p: Array, logits_q: Array, mask: Array) -> Array:
   Meant for small vocabularies (tests, synthetic worlds); memory is O(B·T·V).
 
   Args:
-    logits_p: ``[..., V]`` unnormalised logits of p.
-    logits_q: ``[..., V]`` unnormalised logits of q.
+    logits_p: ``[..., V]`` unnormalised logits of p; −inf (a filtered token) adds 0.
+    logits_q: ``[..., V]`` unnormalised logits of q (−inf where p > 0 gives +inf).
     mask: ``[...]``.
 
   Returns:
@@ -502,7 +502,9 @@ def exact_kl(logits_p: Array, logits_q: Array, mask: Array) -> Array:
   logits_p, logits_q = _zero_masked(mask[..., None], logits_p, logits_q)
   logp = jax.nn.log_softmax(logits_p, axis=-1)
   logq = jax.nn.log_softmax(logits_q, axis=-1)
-  kl = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+  support = logp > -jnp.inf  # tokens p never draws (top-k/top-p filtered) add 0, not 0·inf
+  logp, logq = (jnp.where(support, x, 0.0) for x in (logp, logq))
+  kl = jnp.sum(jnp.where(support, jnp.exp(logp) * (logp - logq), 0.0), axis=-1)
   return jnp.where(mask > 0, kl, 0.0)
 
 
@@ -510,7 +512,7 @@ def entropy_from_logits(logits: Array, mask: Array) -> Array:
   """Per-position entropy H = −Σ_v p_v log p_v of softmax(logits) (PPO entropy bonus).
 
   Args:
-    logits: ``[..., V]``.
+    logits: ``[..., V]``; −inf (a filtered token) adds 0.
     mask: ``[...]``.
 
   Returns:
@@ -520,7 +522,10 @@ def entropy_from_logits(logits: Array, mask: Array) -> Array:
   chex.assert_shape(mask, logits.shape[:-1])
   (logits,) = _zero_masked(jnp.asarray(mask)[..., None], logits)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.where(jnp.asarray(mask) > 0, -jnp.sum(jnp.exp(logp) * logp, axis=-1), 0.0)
+  support = logp > -jnp.inf  # a filtered (−inf) logit adds 0, not 0·inf
+  logp = jnp.where(support, logp, 0.0)
+  plogp = jnp.where(support, jnp.exp(logp) * logp, 0.0)
+  return jnp.where(jnp.asarray(mask) > 0, -jnp.sum(plogp, axis=-1), 0.0)
 
 
 def kl_penalized_rewards(scores: Array, logp: Array, ref_logp: Array, mask: Array, *,
