@@ -166,7 +166,8 @@ class PPOLoss(NamedTuple):
     clip_fraction: ``[B]`` fraction of response tokens whose gradient the
       clip removed (ratio outside the trust region in the direction the
       advantage pushes it, or beyond the dual clip).
-    approx_kl: ``[B]`` masked mean of the k3 estimate of KL(π_old ‖ π).
+    approx_kl: ``[B]`` masked mean of the k3 estimate of KL(π_old ‖ π) (TRL logs k2,
+      ½·(log r)², as approxkl).
   """
   per_token: Array
   per_sequence: Array
@@ -533,7 +534,9 @@ def kl_penalized_rewards(scores: Array, logp: Array, ref_logp: Array, mask: Arra
   """Per-token RLHF rewards: r_t = −β·kl_t, plus the sequence score on its last response token.
 
   The standard PPO-for-LMs reward shaping ("Fine-Tuning Language Models from
-  Human Preferences", Ziegler et al. 2019, arXiv 1909.08593).
+  Human Preferences", Ziegler et al. 2019, arXiv 1909.08593). The score goes on the last
+  token the policy produced (its EOS); TRL's PPOTrainer puts it one position later, past
+  the response, and keeps a value there.
 
   Args:
     scores: ``[B]`` reward-model scores of the full responses.

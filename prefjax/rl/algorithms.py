@@ -90,7 +90,11 @@ def ppo_targets(scores: Array, stats: rollout_lib.TokenStats, loss_mask: Array, 
 
 def rloo_targets(scores: Array, stats: rollout_lib.TokenStats, loss_mask: Array, *,
                  kl_coef: Array, group_size: int, hp: HParams) -> dict[str, Array]:
-  """Sequence rewards with the KL penalty -> leave-one-out advantages per sequence."""
+  """Sequence rewards with the KL penalty -> leave-one-out advantages per sequence.
+
+  ``whiten_advantages`` divides by their population std (ddof 0) without a shift (they sum
+  to 0 in each group); TRL's RLOO uses the sample std (ddof 1), 6.9% larger at 8 sequences.
+  """
   kl = policy_losses.kl_estimate(stats.logp, stats.ref_logp, loss_mask, hp.kl_estimator)
   rewards = scores - kl_coef * jnp.sum(kl, axis=-1)
   advantages = policy_losses.rloo_advantages(rewards.reshape(-1, group_size)).reshape(-1)
