@@ -177,7 +177,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
       batch_size=int(config.eval.batch_size))
   data_report = experiment.start_data_report(
       workdir, {"train": train_source, "eval": eval_source}, tokenizer, pcfg,
-      ("chosen", "rejected"))
+      ("chosen", "rejected"), weighted=("train", "eval"), hard_labels=not loss.spec.soft_label)
   logging.info("loss: %s", loss)
 
   with experiment.mesh_context(mesh):

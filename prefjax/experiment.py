@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -284,17 +284,23 @@ class DataReport:
 
 def start_data_report(workdir: str, splits: Mapping[str, sources.PreferenceSource],
                       tokenizer: tokenize_lib.Tokenizer, config: pipeline_lib.PipelineConfig,
-                      response_keys: tuple[str, ...]) -> DataReport:
+                      response_keys: tuple[str, ...], *, weighted: Sequence[str] = ("train",),
+                      hard_labels: bool = False) -> DataReport:
   """Scans each split (`prefjax.data.report`) and logs one line; pass the result's
   ``write`` to ``train_loop(start_hooks=...)`` and call its ``finish`` at the end.
 
-  Call it before building a model: a split with no usable row raises `EmptyDataError`.
+  Call it before building a model: a split with no usable row raises `EmptyDataError`, and
+  so does a split named in ``weighted`` (those whose weights the loss applies) whose rows
+  all have weight 0, or (``hard_labels``: a loss that drops ties and soft preferences) none
+  with outcome 0 or 1.
   """
   previous = read_data_report(workdir) or {}
   report = {name: report_lib.split_report(source, tokenizer, config, response_keys,
                                           previous=previous.get(name))
             for name, source in splits.items()}
   logging.info("%s (details: %s)", report_lib.one_line(report), report_lib.REPORT_FILE)
+  for name in weighted:
+    report_lib.check_trainable(report[name], hard_labels=hard_labels)
   for line in report_lib.mostly_truncated(report):
     logging.warning("%s", line)
   return DataReport(workdir, report)

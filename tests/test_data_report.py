@@ -95,6 +95,26 @@ def test_rows_all_dropped_as_over_long_fail_naming_the_split(tmp_path):
       "dropped 3 in tokenization {'over_long': 3}")
 
 
+@pytest.mark.parametrize("rows, hard_labels, message", [
+    ([{"weight": 0.0}] * 3, False, "all 3 usable rows have weight 0"),
+    ([{"outcome": 0.5}, {"outcome": 0.7}, {"outcome": 0.5, "weight": 0.0}], True,
+     "none of its 2 weighted rows has outcome 0 or 1, and the loss drops ties"),
+])
+def test_rows_a_loss_would_give_no_weight_fail_before_training(tmp_path, rows, hard_labels,
+                                                                message):
+  """All-zero weights trained train_rm on a loss of 0 without a word, and all ties failed
+  train_dpo's hinge only at the eval after training, naming no file."""
+  lines = [json.dumps({**_rows(3)[i], **extra}) for i, extra in enumerate(rows)]
+  source = _load(_write(tmp_path / "w.jsonl", lines), tmp_path)
+  with pytest.raises(report.EmptyDataError, match=f"split 'train': {message}"):
+    experiment.start_data_report(str(tmp_path), {"train": source}, BYTES,
+                                 pipeline.PipelineConfig(max_length=128), PAIR,
+                                 hard_labels=hard_labels)
+  if hard_labels:  # a soft-label loss learns from the same rows
+    experiment.start_data_report(str(tmp_path), {"train": source}, BYTES,
+                                 pipeline.PipelineConfig(max_length=128), PAIR)
+
+
 @pytest.mark.parametrize("content, detail", [
     ("", "read 0 from {path}"),
     ('{"prompt": "Q", "chosen": " a", "rejected": " a"}\n{"x": 1}\n',

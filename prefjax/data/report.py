@@ -86,6 +86,7 @@ def scan(source: Any, tokenizer: tokenize_lib.Tokenizer, config: pipeline_lib.Pi
   dropped: dict[str, _Tally] = collections.defaultdict(_Tally)
   cut_prompts, cut_responses = _Tally(), _Tally()
   longest_prompt, longest_response, used = (0, -1), (0, -1), 0  # (tokens, index)
+  weighted = hard = 0
   for start in range(0, len(source), _SCAN_CHUNK):
     for example in tokenize_fn.many(range(start, min(start + _SCAN_CHUNK, len(source)))):
       if example.untruncated:
@@ -96,12 +97,15 @@ def scan(source: Any, tokenizer: tokenize_lib.Tokenizer, config: pipeline_lib.Pi
         dropped[example.dropped].add(example.index)
         continue
       used += 1
+      weighted += example.weight > 0
+      hard += example.weight > 0 and example.outcome in (0.0, 1.0)
       if example.truncated_prompt:
         cut_prompts.add(example.index)
       if example.truncated_response:
         cut_responses.add(example.index)
   return {
       "rows_used": used, "rows_dropped": sum(t.count for t in dropped.values()),
+      "rows_weighted": weighted, "rows_weighted_hard_label": hard,
       "dropped_by_reason": {reason: t.to_json(source) for reason, t in dropped.items()},
       "truncated_prompts": cut_prompts.to_json(source),
       "truncated_responses": cut_responses.to_json(source),
@@ -139,6 +143,21 @@ def split_report(source: Any, tokenizer: tokenize_lib.Tokenizer,
   if not report["rows_used"]:
     raise EmptyDataError(_no_rows_message(report))
   return report
+
+
+def check_trainable(report: Mapping[str, Any], *, hard_labels: bool) -> None:
+  """`EmptyDataError` when a split's usable rows all have weight 0, or, for a loss that
+  drops ties and soft preferences (``hard_labels``), none has outcome 0 or 1 as well."""
+  used = report["rows_used"]
+  weighted = report.get("rows_weighted", used)  # reports scanned before these counts
+  where = f"{report['dataset']} split {report['split']!r}"
+  if not weighted:
+    raise EmptyDataError(f"{where}: all {used} usable rows have weight 0; nothing to learn "
+                         "or evaluate on")
+  if hard_labels and not report.get("rows_weighted_hard_label", weighted):
+    raise EmptyDataError(f"{where}: none of its {weighted} weighted rows has outcome 0 or 1, "
+                         "and the loss drops ties and soft preferences (use a soft-label "
+                         "loss such as dpo, or label the pairs)")
 
 
 def check_nonempty(source: Any) -> None:
