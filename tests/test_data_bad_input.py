@@ -52,6 +52,8 @@ BAD_LINES = {
                       "duplicate_key"),
     "misnamed_field": (_line({"Prompt": "Q", "chosen": " yes", "rejected": " no"}),
                        "misnamed_field"),
+    # Kept in meta, it trained with outcome 1 where the row said 0.
+    "misspelt_field": (_line({**GOOD, "outcom": 0}), "misnamed_field"),
 }
 
 
@@ -94,6 +96,7 @@ def test_malformed_json_detail_gives_the_column(tmp_path, line, detail):
 def test_the_details_of_a_duplicate_key_a_misnamed_field_and_a_one_line_array(tmp_path):
   for bad, detail in ((BAD_LINES["duplicate_key"][0], "key 'chosen' appears twice"),
                       (BAD_LINES["misnamed_field"][0], "field 'Prompt': did you mean 'prompt'?"),
+                      (BAD_LINES["misspelt_field"][0], "field 'outcom': did you mean 'outcome'?"),
                       (BAD_LINES["not_an_object"][0], "got list (a JSON array: JSONL holds")):
     with pytest.raises(pdata.BadRowError, match=re.escape(detail)):
       _load(_write_case(tmp_path, bad), tmp_path / f"cache{len(detail)}", "error")
@@ -298,3 +301,10 @@ def test_escaped_surrogate_pair_is_text_not_a_bad_row(tmp_path):
   line = b'{"prompt": "Q \\ud83d\\ude00", "chosen": " a", "rejected": " b"}'
   source = _load(_write_case(tmp_path, line), tmp_path / "cache", "error")
   assert source[1]["prompt"] == "Q \U0001F600"
+
+
+def test_extra_keys_that_are_not_near_misses_are_kept_in_meta(tmp_path):
+  extra = {"prompt_id": "p1", "source": "web", "label": 0, "chosen_model": "m"}
+  path = _write_case(tmp_path, _line({**GOOD, **extra}))
+  row = _load(path, tmp_path / "cache", "error")[1]
+  assert {k: row["meta"][k] for k in extra} == extra

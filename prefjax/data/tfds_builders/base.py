@@ -101,13 +101,15 @@ class PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   """Base class: subclasses say where the raw files are and how to read a row."""
 
   # A new version rebuilds cached datasets: bump it when row checks change what is kept.
-  VERSION = tfds.core.Version("1.2.0")
+  VERSION = tfds.core.Version("1.3.0")
   RELEASE_NOTES = {
       "1.0.0": "First release: ArrayRecord, build summaries, prompt-hash resplit.",
       "1.1.0": "Bad rows: a weight above 1e12, a meta that is not an object, a top-level "
                "key that contradicts meta's.",
       "1.2.0": "resplit_* by conversation: a transcript's opening human turn is hashed, "
                "not its whole prompt, so a dialogue's turns share a split.",
+      "1.3.0": "Bad rows: a top-level key that is a near miss of a known field ('outcom', "
+               "'weights'), which was kept in meta while the field took its default.",
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = THIRD_PARTY_NOTE
   DESCRIPTION = ""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import difflib
 import gzip
 import hashlib
 import json
@@ -234,10 +235,17 @@ _KNOWN_FIELDS = ("prompt", "chosen", "rejected", "weight", "outcome", "meta")
 
 
 def _check_field_names(obj: Mapping[str, Any]) -> None:
+  """A known field misspelt would be kept in ``meta`` and its default used (``outcom``:
+  outcome 1, whatever the row says), so a near miss is an error, not an extra key."""
   for key in obj:
-    if key not in _KNOWN_FIELDS and key.lower() in _KNOWN_FIELDS:
+    if key in _KNOWN_FIELDS:
+      continue
+    if key.lower() in _KNOWN_FIELDS:
       raise RowError("misnamed_field", f"field {key!r}: did you mean {key.lower()!r}? "
                                        "(field names are lower case)")
+    if close := difflib.get_close_matches(key.lower(), _KNOWN_FIELDS, n=1, cutoff=0.85):
+      raise RowError("misnamed_field", f"field {key!r}: did you mean {close[0]!r}? (an "
+                                       "unknown key is kept in meta, its field's default used)")
 
 
 def _meta(obj: Mapping[str, Any]) -> dict[str, Any]:
