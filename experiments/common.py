@@ -146,6 +146,8 @@ class _QuietLibraries(std_logging.Filter):
 def prepare_workdir(workdir: str | os.PathLike[str]) -> str:
   """Creates ``workdir`` and mirrors absl logs into ``workdir/logs``."""
   path = pathlib.Path(workdir).expanduser().resolve()
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"--workdir={workdir} is a file, not a directory")
   path.mkdir(parents=True, exist_ok=True)
   log_dir = path / "logs"
   log_dir.mkdir(exist_ok=True)

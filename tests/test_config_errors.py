@@ -151,6 +151,13 @@ def test_a_bad_loop_or_optimizer_setting_fails_before_the_workdir(binary, overri
   assert not (tmp_path / "w").exists()
 
 
+def test_a_workdir_that_is_a_file_is_named_as_such(tmp_path):
+  (tmp_path / "afile").write_text("x")
+  code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py",
+                           f"--workdir={tmp_path / 'afile'}")
+  assert_short_error(code, lines, f"--workdir={tmp_path / 'afile'} is a file, not a directory")
+
+
 def test_unknown_reward_loss_fails_before_data_and_lists_every_loss(tmp_path):
   code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py",
                            f"--workdir={tmp_path / 'w'}", "--config.loss.name=nope")
