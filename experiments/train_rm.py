@@ -100,7 +100,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   pcfg = experiment.pipeline_config(config.data, mesh=mesh)
   data_report = experiment.start_data_report(
       workdir, {"train": train_source, "eval": eval_source}, tokenizer, pcfg,
-      ("chosen", "rejected"))
+      ("chosen", "rejected"), weighted=("train",))
   num_segments = pcfg.max_segments_per_row if pcfg.mode == "packed" else None
   with jax.set_mesh(mesh):
     model = experiment.make_model(config.model, vocab_size=tokenizer.vocab_size,

@@ -284,7 +284,7 @@ class DataReport:
 
 def start_data_report(workdir: str, splits: Mapping[str, sources.PreferenceSource],
                       tokenizer: tokenize_lib.Tokenizer, config: pipeline_lib.PipelineConfig,
-                      response_keys: tuple[str, ...], *, weighted: Sequence[str] = ("train",),
+                      response_keys: tuple[str, ...], *, weighted: Sequence[str] = (),
                       hard_labels: bool = False) -> DataReport:
   """Scans each split (`prefjax.data.report`) and logs one line; pass the result's
   ``write`` to ``train_loop(start_hooks=...)`` and call its ``finish`` at the end.

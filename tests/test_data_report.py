@@ -109,10 +109,11 @@ def test_rows_a_loss_would_give_no_weight_fail_before_training(tmp_path, rows, h
   with pytest.raises(report.EmptyDataError, match=f"split 'train': {message}"):
     experiment.start_data_report(str(tmp_path), {"train": source}, BYTES,
                                  pipeline.PipelineConfig(max_length=128), PAIR,
-                                 hard_labels=hard_labels)
-  if hard_labels:  # a soft-label loss learns from the same rows
-    experiment.start_data_report(str(tmp_path), {"train": source}, BYTES,
-                                 pipeline.PipelineConfig(max_length=128), PAIR)
+                                 weighted=("train",), hard_labels=hard_labels)
+  # A soft-label loss learns from ties; SFT, which reads no weights, from weight-0 rows.
+  experiment.start_data_report(str(tmp_path), {"train": source}, BYTES,
+                               pipeline.PipelineConfig(max_length=128), PAIR,
+                               weighted=("train",) if hard_labels else ())
 
 
 @pytest.mark.parametrize("content, detail", [
