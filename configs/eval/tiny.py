@@ -42,7 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.num_bins = 10                     # ECE / reliability bins
   config.batch_size = 0                    # pairs per batch; 0 = the run's eval.batch_size
-  config.pipeline = {}                     # pipeline overrides, e.g. {"max_length": 512}
+  # Pipeline overrides, set as one dict: --config.pipeline='{"max_length": 512}'
+  # (--config.pipeline.max_length=512 is refused: the dict declares no fields).
+  config.pipeline = {}
   config.max_unk_fraction = 0.2            # more unknown tokens than this is an error
   config.uwo_lambda = 1.0                  # UWO variance penalty for ensembles
   config.ensemble_normalization = "standardize"  # members before WCO/UWO: or center, none
