@@ -228,7 +228,8 @@ def test_rl_configs_declare_the_loop_options_train_rl_honours(module):
   loop = train.LoopConfig.from_mapping(config.loop)
   assert loop.on_config_mismatch == "warn" and loop.keep_checkpoints == 2
   keys = {key for key, _ in configlib.flat_items(config)}
-  assert {"config.model.remat", "config.model.scan_layers"} <= keys
+  assert {"config.model.remat", "config.model.scan_layers", "config.proxy.reference_prompts",
+          "config.proxy.reference_samples_per_prompt"} <= keys
   missing = [f.name for f in dataclasses.fields(train.OptimizerConfig)
              if f"config.optimizer.{f.name}" not in keys]
   assert not missing

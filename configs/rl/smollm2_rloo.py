@@ -53,7 +53,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.proxy = dict(kind="model", name="proxy_minilm", tokenizer=dict(path="asset:minilm"),
                  model=dict(reward_model), checkpoint="", batch_size=32,
                  max_length=0,  # 0: cut as the RM trained (its checkpoint's data.pipeline)
-                 aggregation="mean", lam=0.0)
+                 aggregation="mean", lam=0.0,
+                 # wco/uwo: members standardized on π_ref samples, prompts x samples each
+                 reference_prompts=64, reference_samples_per_prompt=4)
   c.gold = dict(kind="model", name="gold_minilm", tokenizer=dict(path="asset:minilm"),
                 model=dict(reward_model, pooling="cls"), checkpoint="", max_length=0,
                 batch_size=32, aggregation="mean", lam=0.0)

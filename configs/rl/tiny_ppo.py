@@ -44,7 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
                  echo_bonus=0.5)
   c.prompts = dict(source="tiny_world", num_eval=64, eval_seed=1, max_length=10, style="raw")
   c.warm_start = dict(steps=150, batch_size=64, learning_rate=3e-3)
-  c.proxy = dict(kind="tiny_world_proxy")
+  # reference_*: π_ref samples (prompts x samples each) that standardize a model ensemble's
+  # members before WCO/UWO (proxy.kind="model", aggregation wco/uwo); unused otherwise.
+  c.proxy = dict(kind="tiny_world_proxy", reference_prompts=64, reference_samples_per_prompt=4)
   c.gold = dict(kind="tiny_world_gold")
   c.sampling = dict(max_new_tokens=14, temperature=1.0, 
                     top_k=config_dict.placeholder(int),
