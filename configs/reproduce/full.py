@@ -3,6 +3,9 @@ r"""The full overoptimization study on CPU: five pooled bandit worlds, plus the 
 Command:
   python -m experiments.reproduce --config=configs/reproduce/full.py --workdir=workdirs/full
 
+Variants: ``:tiny`` (smoke-test sizes, as ``quick.py:tiny``, with 2 bandit worlds and the
+text world at tiny sizes; its numbers mean nothing).
+
 Everything in ``configs/reproduce/quick.py`` (same world generator, proxy widths,
 data sizes, ensembles, best-of-n and RL grids), on world seeds 0–4, pooled:
 each world's prompts are concatenated so that curves average over worlds and the

@@ -3,6 +3,9 @@ r"""Ensemble of 4 tiny reward models on the tiny text world, trained in one jitt
 Command (deep ensemble: 4 full decoders, seeds 0..3, Poisson(1) bootstrap weights):
   python -m experiments.train_rm --config=configs/rm/ensemble_tiny.py --workdir=/tmp/rm_ens
 
+Variants: ``:quick`` (60 steps, no eval or checkpoint before the end, as
+``configs/rm/tiny.py:quick``).
+
 Shared trunk with 4 heads instead:
   python -m experiments.train_rm --config=configs/rm/ensemble_tiny.py \
       --config.model.ensemble=heads --workdir=/tmp/rm_ens_heads

@@ -3,6 +3,9 @@ r"""MiniLM (all-MiniLM-L6-v2) reward model on HH-RLHF harmless-base (the offline
 Command:
   python -m experiments.train_rm --config=configs/rm/hh_minilm.py --workdir=/tmp/rm_hh_minilm
 
+Variants: ``:quick`` (4 steps, no eval or checkpoint before the end: a smoke test),
+``:cls`` (CLS pooling instead of the mean).
+
 Data: the 2,312 harmless-base test pairs re-split 80/10/10 by conversation hash;
 trains on ``resplit_train`` and evaluates on ``resplit_validation``.
 

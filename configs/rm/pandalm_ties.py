@@ -4,9 +4,12 @@ Command:
   python -m experiments.train_rm --config=configs/rm/pandalm_ties.py --workdir=/tmp/rm_pandalm
 
 Data: the 999 PandaLM pairs (three annotators each; majority outcome 1, 0 or 0.5 for
-a tie) re-split 80/10/10 by conversation hash. Loss: ``bradley_terry_ties`` with ν = 1
-(Davidson 1970), which models P(tie) instead of dropping ties. Accuracy is over
+a tie) re-split 80/10/10 by conversation hash. Loss: ``ties`` (``bradley_terry_ties``) with
+ν = 1 (Davidson 1970), which models P(tie) instead of dropping ties. Accuracy is over
 decisive pairs; ties are counted (``num_ties``).
+
+Variants: ``:quick`` (4 steps, no eval: a smoke test), ``:bt`` (the ``bt`` loss instead of
+``ties``: a tie's outcome ½ is a soft label that pulls the margin to 0).
 
 Expected (this 2-core CPU, measured 2026-11-27): 100 steps of 16 pairs (761 train
 pairs, 2.1 epochs), 7 min wall (machine partly shared). Validation (111 pairs, 2 of

@@ -4,6 +4,9 @@ Command:
   python -m experiments.train_safety --config=configs/safety/hh_minilm.py \
       --workdir=/tmp/safety_hh_minilm
 
+Variants: ``:quick`` (4 steps, as ``configs/rm/hh_minilm.py:quick``; an unreachable
+precision target keeps the most precise threshold instead of stopping: a smoke test).
+
 Model, tokenizer, data and optimizer are those of configs/rm/hh_minilm.py (mean pooling,
 prompts cut to 32 tokens, prompt+response to 80; AdamW 5e-5, cosine, 150 steps of 16
 pairs). Data: the 2,312 harmless-base test pairs re-split 80/10/10 by conversation hash:

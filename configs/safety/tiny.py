@@ -3,6 +3,8 @@ r"""Safety classifier on the tiny world: a random 2-layer encoder learns the har
 Command:
   python -m experiments.train_safety --config=configs/safety/tiny.py --workdir=/tmp/safety_tiny
 
+Variants: ``:quick`` (40 steps, no eval or checkpoint before the end).
+
 Data: 2,000 ``TinyWorld.harm_pairs`` (chosen lacks the harm character "g", rejected
 contains it), re-split 80/10/10 by conversation hash; byte tokens.
 
