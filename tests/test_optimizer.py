@@ -87,6 +87,20 @@ def test_a_schedule_that_ends_before_the_run_is_named(caplog):
   assert "3 of this run's 13 optimizer updates have learning rate 0" in caplog.text
 
 
+def test_a_warmup_longer_than_the_run_is_named(caplog):
+  """A constant schedule warming up over 10 updates in a 5-update run never reached its
+  rate, without a word."""
+  schedule = train.make_schedule({"learning_rate": 0.1, "warmup_steps": 10})
+  train.schedules.updates_at_zero_rate(schedule, 5)
+  assert ("the learning rate is still rising when this run's 5 optimizer updates end "
+          "(optimizer.warmup_steps longer than the run?): it reaches 0.04, 40% of the 0.1"
+          in caplog.text)
+  caplog.clear()
+  train.schedules.updates_at_zero_rate(schedule, 11)  # peaks at update 11
+  train.schedules.updates_at_zero_rate(train.make_schedule({"learning_rate": 0.1}), 5)
+  assert "still rising" not in caplog.text
+
+
 def test_per_member_clipping_clips_each_member_on_its_own():
   # Two members stacked on the leading axis: norms 50 (over both leaves) and 0.5.
   grads = {"w": jnp.array([[30.0, 0.0], [0.3, 0.0]]), "b": jnp.array([40.0, 0.4])}

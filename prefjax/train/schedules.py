@@ -133,20 +133,28 @@ def updates_at_zero_rate(schedule: optax.Schedule | None, num_updates: int) -> i
   """How many of a run's updates after the first get learning rate 0, with a warning
   when any do: ``total_steps`` below the run's update count ends the decay early (RL
   runs count every minibatch update: ``loop.num_steps`` × epochs × minibatches). The
-  first update of a warmup has rate 0 by design."""
+  first update of a warmup has rate 0 by design. Also warns when the run ends while the
+  rate still rises to a higher value later (a warmup longer than the run)."""
   if schedule is None or num_updates < 2:
     return 0
   try:
     rates = np.asarray(schedule(jnp.arange(num_updates)))
+    later = np.asarray(schedule(jnp.arange(num_updates, 4 * num_updates)))
   except Exception:  # pylint: disable=broad-except  (a user schedule of scalars only)
     return 0
-  if rates.shape != (num_updates,):
+  if rates.shape != (num_updates,) or later.shape != (3 * num_updates,):
     return 0
   zero = int(np.sum(rates[1:] == 0))
   if zero:
     logging.warning("%d of this run's %d optimizer updates have learning rate 0: the "
                     "schedule ends (optimizer.total_steps) before the run does", zero,
                     num_updates)
+  later = float(later.max())
+  if rates[-1] == rates.max() > 0 and later > 1.001 * rates[-1]:
+    logging.warning("the learning rate is still rising when this run's %d optimizer updates "
+                    "end (optimizer.warmup_steps longer than the run?): it reaches %.3g, "
+                    "%.0f%% of the %.3g it rises to later", num_updates, rates[-1],
+                    100 * rates[-1] / later, later)
   return zero
 
 
