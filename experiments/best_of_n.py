@@ -204,7 +204,8 @@ def plot(result: dict[str, Any], path: str) -> None:
   plots.plot_scores_vs_sqrt_kl(
       result["sqrt_kl"], {name: (result[name], result[f"{name}_se"])
                           for name in ("proxy", "gold")}, path,
-      xlabel="√KL (nats½), KL ≤ log n − (n−1)/n (the analytic bound)", ylabel="score − reference mean",
+      xlabel="√(log n − (n−1)/n), the analytic upper bound on √KL (nats½)",
+      ylabel="score − reference mean",
       title=f"best-of-n, N={result['num_samples']}, {result['num_prompts']} prompts")
 
 
