@@ -133,3 +133,24 @@ def test_cls_pooling_selects_the_first_slot():
     np.testing.assert_allclose(np.asarray(_reward(model, batch)),
                                np.asarray(_full_forward_reward(model, batch)),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_skipping_the_eos_reads_an_empty_shared_prompt_response_at_its_prompt_end():
+  """Hugging Face reward heads skip a trailing EOS (``last_skips_id``). A shared-prompt
+  response that is only its EOS used to read slot 0 of its row (0.114 against 0.327)."""
+  eos = VOCAB - 1
+  batch = _packed(True)
+  tokens, segment_ids, prefix_ids = (batch[k] for k in ("tokens", "segment_ids", "prefix_ids"))
+  responses = [(r, s) for r in range(2) for s in np.unique(segment_ids[r])
+               if s and prefix_ids[r][segment_ids[r] == s][0] != s]
+  for r, s in responses:  # every response ends in EOS; the 1-token one is only EOS
+    tokens[r, np.flatnonzero(segment_ids[r] == s)[-1]] = eos
+  model = _model("llama_gqa")
+  model.last_skips_id = eos
+  shared = _reward(model, batch)
+  assert any((segment_ids[r] == s).sum() == 1 for r, s in responses)
+  for r, s in responses:
+    prompt = tokens[r][segment_ids[r] == prefix_ids[r][segment_ids[r] == s][0]]
+    sequence = np.concatenate([prompt, tokens[r][segment_ids[r] == s]])[None]
+    alone = model(sequence, attention_mask=np.ones_like(sequence))
+    np.testing.assert_allclose(float(shared[r, s]), float(alone[0]), rtol=1e-5, atol=1e-5)

@@ -74,20 +74,28 @@ def _gather_tokens(hidden: Array, index: Array) -> Array:
 
 def pooled_slots(tokens: Array, attention_mask: Array | None, segment_ids: Array | None,
                  num_segments: int | None, pooling: str, *,
-                 last_skips_id: int | None = None) -> Array:
+                 last_skips_id: int | None = None, prefix_ids: Array | None = None) -> Array:
   """The slot that "last" or "cls" pooling reads: ``[N]`` per padded row, ``[R, S + 1]``
   per packed segment (column 0 and absent segments: slot 0).
 
   ``last_skips_id``: "last" pooling reads the last token whose id is not this one
   (Hugging Face's sequence classifiers read the last token that is not their pad id,
-  which skips a trailing EOS when pad = EOS).
+  which skips a trailing EOS when pad = EOS). A shared-prompt response segment
+  (``prefix_ids``) with no other token then reads its prompt's last, as the padded
+  sequence prompt + response would.
   """
   if pooling == "last" and last_skips_id is not None:
     keep = tokens != last_skips_id
     if segment_ids is not None:
-      segment_ids = jnp.where(keep, segment_ids, 0)
-    else:
-      attention_mask = keep if attention_mask is None else (attention_mask > 0) & keep
+      kept_ids = jnp.where(keep, segment_ids, 0)
+      last = seg.segment_last_index(kept_ids, num_segments)
+      if prefix_ids is None:
+        return last
+      member = seg.segment_one_hot(segment_ids, num_segments) > 0  # [R, L, S + 1]
+      prompt_of = jnp.max(jnp.where(member, prefix_ids[..., None], 0), axis=1)  # [R, S + 1]
+      emptied = seg.segment_counts(kept_ids, num_segments) == 0
+      return jnp.where(emptied, jnp.take_along_axis(last, prompt_of, axis=1), last)
+    attention_mask = keep if attention_mask is None else (attention_mask > 0) & keep
   if segment_ids is not None:
     pick = seg.segment_last_index if pooling == "last" else seg.segment_first_index
     return pick(segment_ids, num_segments)
@@ -167,7 +175,8 @@ class PooledHeadModel(nnx.Module):
                         positions=positions)
     if self.pooling != "mean" and isinstance(self.trunk, Decoder):
       index = pooled_slots(tokens, attention_mask, segment_ids, num_segments, self.pooling,
-                           last_skips_id=self.last_skips_id)
+                           last_skips_id=self.last_skips_id,
+                           prefix_ids=trunk_kwargs.get("prefix_ids"))
       select = index.reshape(index.shape[0], -1)
       feats = self.trunk.hidden_states(tokens, select=select, **trunk_kwargs)
       feats = feats.reshape(index.shape + feats.shape[-1:]).astype(jnp.float32)
