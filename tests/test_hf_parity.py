@@ -212,6 +212,59 @@ def test_save_pretrained_round_trip_and_torch_load(load_pair, name, tmp_path):
                    _torch_out(hf_model, tokens, mask))
 
 
+def _rope(theta: float) -> dict:
+  return {"rope_parameters": {"rope_theta": theta, "rope_type": "default"}}  # transformers 5
+
+
+_VARIANTS = {  # settings other than the defaults above, each read, run and written back
+    "llama_head_dim16_biases_untied": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**{**_llama_config(tied=False).to_dict(), "head_dim": 16,
+                                    "attention_bias": True, "mlp_bias": True,
+                                    "rms_norm_eps": 1e-2, **_rope(777.0)})),
+    "llama_mqa_tied": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**{**_llama_config(tied=True).to_dict(), "num_key_value_heads": 1,
+                                    "rms_norm_eps": 3e-3, **_rope(50.0)})),
+    "llama_head_dim12": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**{**_llama_config(tied=False).to_dict(), "head_dim": 12,
+                                    "rms_norm_eps": 1e-6, **_rope(1e6)})),
+    "gpt2_untied_inner_tanh_gelu": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(**{**_gpt2_config(tied=False).to_dict(), "n_inner": 40,
+                                   "layer_norm_epsilon": 1e-2,
+                                   "activation_function": "gelu_pytorch_tanh"})),
+}
+
+
+def _variant(name: str) -> torch.nn.Module:
+  """HF's init leaves attention near uniform, where rope barely matters (theta 500 against
+  1e6 moved logits by 8e-4): queries and keys are scaled 16x, so a wrong theta moves them
+  by 2e-4 to 0.2."""
+  torch.manual_seed(0)
+  hf_model = _VARIANTS[name]().eval()
+  _randomize_norms(hf_model, seed=1)
+  with torch.no_grad():
+    for param_name, param in hf_model.named_parameters():
+      if any(k in param_name for k in ("q_proj", "k_proj", "c_attn")):
+        param.mul_(16.0)
+  return hf_model
+
+
+@pytest.mark.parametrize("name", sorted(_VARIANTS))
+def test_non_default_decoder_settings_match_torch_both_ways(name, tmp_path):
+  """Head dims apart from width / heads, biases, MQA, norm eps, rope theta, MLP width and
+  activation: read from HF, run, and written back for HF to run."""
+  hf_model = _variant(name)
+  hf_model.save_pretrained(tmp_path / "hf")
+  ours = models.from_pretrained(tmp_path / "hf", dtype=jnp.float32)
+  tokens, mask = _tokens(3, 9, seed=2), np.ones((3, 9), np.int32)
+  mask[1, 5:] = 0
+  logits = _ours_out(ours, tokens, attention_mask=mask)
+  _assert_close_on(mask, logits, _torch_out(hf_model, tokens, mask))
+  models.save_pretrained(ours, tmp_path / "back")
+  back = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "back", attn_implementation="eager").eval()
+  _assert_close_on(mask, logits, _torch_out(back, tokens, mask))
+
+
 def test_native_decoder_configs_save_as_hf(tmp_path):
   """Configs built in prefjax (not read from HF) map onto HF architectures and back."""
   for i, cfg in enumerate([decoder.DecoderConfig.tiny_llama(vocab_size=VOCAB),
