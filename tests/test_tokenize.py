@@ -74,12 +74,28 @@ def smollm(smollm2_gguf):
 
 
 def test_gguf_matches_transformers(smollm, smollm2_gguf):
+  from tokenizers import pre_tokenizers
   from transformers import AutoTokenizer
   direct = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+  # transformers reads the file's pre-tokenizer type ("smollm") as GPT-2's; SmolLM2's own
+  # tokenizer.json splits every digit off first.
+  direct.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
   assert (smollm.bos_id, smollm.eos_id, smollm.vocab_size) == (1, 2, 49152)
-  for text in TEXTS + [HH_PROMPT]:
+  for text in TEXTS + [HH_PROMPT, "a  1", "\n\n1. Cut it.\n2. Fry it.", "½ ¾", "x\t\t42"]:
     assert smollm.encode(text) == direct.encode(text, add_special_tokens=False)
     assert smollm.decode(smollm.encode(text)) == text
+
+
+def test_gguf_digits_are_split_as_smollm2_was_trained(smollm):
+  """GPT-2's splitting (what transformers reads the GGUF's "smollm" type as) gave
+  [81, 216, 216, 33] and [198, 198, 33, 30]: 59 of 4,624 HH harmless test transcripts were
+  tokenized unlike training, 12.8 nats less likely on 8 of them. The ids come from an
+  independent rebuild of llama.cpp's smollm splitting over the file's vocabulary."""
+  assert smollm.encode("a  1") == [81, 256, 33]
+  assert smollm.encode("\n\n1.") == [1116, 33, 30]
+  assert smollm.encode("½ ¾") == [16738, 216, 43124]
 
 
 def test_hf_dir_matches_transformers(minilm_dir):

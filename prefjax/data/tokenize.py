@@ -207,6 +207,24 @@ def _first_id(tok: Any, *attrs: str) -> int | None:
   return None
 
 
+# GGUF pre-tokenizer types (``tokenizer.ggml.pre``) that split every digit off before GPT-2's
+# pattern, as the models' own tokenizer.json does (llama.cpp's StarCoder group). transformers
+# reads them as plain GPT-2, which lets whitespace merge into a digit's neighbour: SmolLM2
+# saw "\n\n1." as [1116, 33, 30] in training, and GPT-2 splitting gives [198, 198, 33, 30].
+_DIGITS_FIRST_PRE_TYPES = frozenset({"smollm", "starcoder"})
+
+
+def _set_gguf_pre_tokenizer(hf: Any, file: pathlib.Path) -> None:
+  import gguf  # pylint: disable=g-import-not-at-top
+  from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
+  field = gguf.GGUFReader(str(file)).fields.get("tokenizer.ggml.pre")
+  if field is None or bytes(field.parts[field.data[0]]).decode() not in _DIGITS_FIRST_PRE_TYPES:
+    return
+  hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+
+
 def load_tokenizer(path: str | os.PathLike[str], *, gguf_file: str | None = None) -> Tokenizer:
   """Loads a tokenizer from local files only.
 
@@ -239,6 +257,7 @@ def load_tokenizer(path: str | os.PathLike[str], *, gguf_file: str | None = None
     except (ValueError, IndexError, KeyError, struct.error) as e:  # e.g. a file cut short
       raise ValueError(f"{path / gguf_file}: no tokenizer could be read from this GGUF file: "
                        f"{type(e).__name__}: {e}") from e
+    _set_gguf_pre_tokenizer(hf, path / gguf_file)
     return HFTokenizer(hf, source=str(path / gguf_file))
   if path.is_file():
     if path.name.endswith(".json"):
