@@ -282,6 +282,20 @@ class DataReport:
       summary_lib.write_summary(self.workdir, summary)
 
 
+def _warn_on_a_bos_the_tokenizer_does_not_add(tokenizer: tokenize_lib.Tokenizer,
+                                              config: pipeline_lib.PipelineConfig) -> None:
+  """SmolLM2's and GPT-2's own encoding adds no BOS; a raw prompt given one starts with a
+  token the model never saw there (SmolLM2: ``<|im_start|>``; 2.0 nats on log p(response))."""
+  adds_bos = getattr(tokenizer, "adds_bos", None)
+  if (config.add_bos and config.prompt_style == "raw" and tokenizer.bos_id is not None
+      and adds_bos is not None and not adds_bos()):
+    logging.warning("data.pipeline.add_bos=True puts id %d (%r) before every prompt, which "
+                    "%s's own encoding does not; for a model trained with it, set "
+                    "data.pipeline.add_bos=False", tokenizer.bos_id,
+                    tokenizer.decode([tokenizer.bos_id], skip_special_tokens=False),
+                    tokenizer.name)
+
+
 def start_data_report(workdir: str, splits: Mapping[str, sources.PreferenceSource],
                       tokenizer: tokenize_lib.Tokenizer, config: pipeline_lib.PipelineConfig,
                       response_keys: tuple[str, ...], *, weighted: Sequence[str] = (),
@@ -294,6 +308,7 @@ def start_data_report(workdir: str, splits: Mapping[str, sources.PreferenceSourc
   all have weight 0, or (``hard_labels``: a loss that drops ties and soft preferences) none
   with outcome 0 or 1.
   """
+  _warn_on_a_bos_the_tokenizer_does_not_add(tokenizer, config)
   previous = read_data_report(workdir) or {}
   report = {name: report_lib.split_report(source, tokenizer, config, response_keys,
                                           previous=previous.get(name))

@@ -251,3 +251,21 @@ def test_a_split_whose_responses_are_mostly_cut_is_named():
                                        "prompts_only": split(60, 60, longest=0)})
   assert lines == ["train: 60 of 60 rows have a response cut to fit max_length 32 (prompt + "
                    "response); raise data.pipeline.max_length unless that is intended"]
+
+
+def test_a_bos_the_tokenizers_own_encoding_does_not_add_is_warned_about(tmp_path, smollm2_gguf,
+                                                                        caplog):
+  """SmolLM2 was trained without a BOS; the raw pipeline's default put <|im_start|> before
+  every prompt, moving log p(response) by 2.0 nats on HH pairs, without a word."""
+  smollm = tokenize.load_tokenizer(smollm2_gguf)
+  source = _load(_write(tmp_path / "p.jsonl", [json.dumps(r) for r in _rows(2)]), tmp_path)
+  for add_bos, warned in ((True, True), (False, False)):
+    caplog.clear()
+    experiment.start_data_report(str(tmp_path / str(add_bos)), {"train": source}, smollm,
+                                 pipeline.PipelineConfig(max_length=128, add_bos=add_bos), PAIR)
+    assert ("data.pipeline.add_bos=True puts id 1 ('<|im_start|>') before every prompt"
+            in caplog.text) == warned, caplog.text
+  caplog.clear()  # the byte tokenizer adds its BOS by design
+  experiment.start_data_report(str(tmp_path / "byte"), {"train": source}, BYTES,
+                               pipeline.PipelineConfig(max_length=128), PAIR)
+  assert "puts id" not in caplog.text
