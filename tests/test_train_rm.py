@@ -13,7 +13,9 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from configs.rm import ensemble_tiny
 from configs.rm import tiny
@@ -242,25 +244,19 @@ def test_padded_pairs_contribute_nothing_even_if_non_finite():
   np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
 
 
-class _BagOfTokensRM:
+class _BagOfTokensRM(nnx.Module):
   """A reward model one embedding wide: the sum of its tokens' scores."""
 
-  def __new__(cls, vocab: int):
-    from flax import nnx  # pylint: disable=g-import-not-at-top
+  def __init__(self, vocab: int):
+    self.embed = nnx.Embed(vocab, 1, rngs=nnx.Rngs(0))
 
-    class Bag(nnx.Module):
-      def __init__(self):
-        self.embed = nnx.Embed(vocab, 1, rngs=nnx.Rngs(0))
-
-      def __call__(self, tokens, attention_mask):
-        return jnp.sum(self.embed(tokens)[..., 0] * attention_mask, axis=-1)
-    return Bag()
+  def __call__(self, tokens, attention_mask):
+    return jnp.sum(self.embed(tokens)[..., 0] * attention_mask, axis=-1)
 
 
 def test_accumulated_accuracy_and_margin_pool_decisive_pairs_as_one_batch_does():
   """Ties do not count in accuracy or margin: with accumulation, microbatches pool by their
   decisive pairs. Three ties in one strided microbatch used to give 0.375 for 0.6."""
-  import optax  # pylint: disable=g-import-not-at-top
   pairs, vocab = 8, 11
   rng = np.random.default_rng(0)
   tokens = rng.integers(1, vocab, size=(2 * pairs, 5)).astype(np.int32)
