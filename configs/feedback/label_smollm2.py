@@ -30,7 +30,8 @@ P ≈ 0.94 whatever the order; every decision flips with the order), 0 after (by
 construction). Mean probability on the two option tokens: 0.180. The order-averaged P(A)
 lies in [0.464, 0.519] (55 of 100 below ½): the 135M judge carries almost no signal here.
 Of the 200 questions, 102 had their conversation cut at the character cap, 78 a response,
-and 88 were shortened further to fit 256 tokens.
+and 88 were shortened further to fit 256 tokens. Rerun 2026-12-06 after the GGUF tokenizer
+learned SmolLM2's digit-first splitting (README, "Data"): these numbers unchanged.
 ``:pandalm`` (the first 60 pairs of PandaLM ``resplit_test``, a hash sample; the
 file's first items are all unanimous; 13 principles of three files; 44 s wall on a quiet
 machine): 51 decisive pairs, 9 ties left out; 11 of the 60 repeat another pair's text and
