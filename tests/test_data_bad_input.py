@@ -308,3 +308,14 @@ def test_extra_keys_that_are_not_near_misses_are_kept_in_meta(tmp_path):
   path = _write_case(tmp_path, _line({**GOOD, **extra}))
   row = _load(path, tmp_path / "cache", "error")[1]
   assert {k: row["meta"][k] for k in extra} == extra
+
+
+def test_cr_only_line_endings_are_named(tmp_path):
+  """A file saved with old-Mac line endings read as one malformed row, with no hint."""
+  path = tmp_path / "cr.jsonl"
+  path.write_bytes(_line(GOOD) + b"\r" + _line({**GOOD, "prompt": "Q2"}) + b"\r")
+  with pytest.raises(pdata.BadRowError, match="CR-only line endings"):
+    _load(path, tmp_path / "cache", "error")
+  crlf = tmp_path / "crlf.jsonl"  # Windows endings read fine
+  crlf.write_bytes(_line(GOOD) + b"\r\n" + _line({**GOOD, "prompt": "Q2"}) + b"\r\n")
+  assert len(_load(crlf, tmp_path / "cache2", "error")) == 2

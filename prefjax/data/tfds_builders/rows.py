@@ -324,6 +324,9 @@ def _decode_json_line(raw: bytes, file: str, line_no: int) -> Any | RowProblem:
     detail = f"{e.msg.removesuffix(' at')} at column {e.pos + 1}"
     if line_no == 1 and text.lstrip().startswith("["):
       detail += " (the file looks like one JSON array: JSONL holds one object per line)"
+    elif "\r" in text.rstrip("\r\n"):
+      detail += (" (the line holds a carriage return: a file with CR-only line endings reads "
+                 "as one line; JSONL ends lines with \\n)")
     return RowProblem(file, line_no, "malformed_json", detail)
   except ValueError as e:  # NaN / Infinity
     return RowProblem(file, line_no, "malformed_json", str(e))
