@@ -319,3 +319,17 @@ def test_cr_only_line_endings_are_named(tmp_path):
   crlf = tmp_path / "crlf.jsonl"  # Windows endings read fine
   crlf.write_bytes(_line(GOOD) + b"\r\n" + _line({**GOOD, "prompt": "Q2"}) + b"\r\n")
   assert len(_load(crlf, tmp_path / "cache2", "error")) == 2
+
+
+def test_a_repeated_pair_is_built_with_a_note_naming_its_first(tmp_path):
+  """Duplicates were trained on without a count (no data is lost: eval_rm clusters them)."""
+  from prefjax.data import report  # pylint: disable=g-import-not-at-top
+  rows = [GOOD, {**GOOD, "prompt": "Q2"}, GOOD, {**GOOD, "outcome": 0.5}]
+  path = tmp_path / "dup.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  source = _load(path, tmp_path / "cache", "error")
+  assert len(source) == 4
+  notes = [(n.line, n.reason, n.detail) for n in source.summary.notes]
+  assert notes == [(3, "duplicate_pair", "same prompt and responses as dup.jsonl:1"),
+                   (4, "duplicate_pair", "same prompt and responses as dup.jsonl:1")]
+  assert report.build_counts(source)["notes_by_reason"] == {"duplicate_pair": 2}

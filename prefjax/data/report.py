@@ -75,6 +75,7 @@ def build_counts(source: Any) -> dict[str, Any]:
       "rows_read": summary.rows_read, "rows_built": summary.rows_built,
       "rows_in_other_splits": summary.rows_other_splits, "rows_skipped": len(summary.skipped),
       "skipped_by_reason": summary.skipped_by_reason, "skipped_examples": dict(examples),
+      "notes_by_reason": dict(collections.Counter(p.reason for p in summary.notes)),
       "rows_selected": len(source),
   }
 

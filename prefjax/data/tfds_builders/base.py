@@ -198,6 +198,7 @@ class PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     summary = BuildSummary(split=split, input_files={
         str(p): self.info.metadata[INPUT_FILES_KEY][str(p)] for p in paths})
     content = hashlib.sha256(f"{self.name}/{self.VERSION}/{split}".encode())
+    first_of: dict[tuple[str, str, str], str] = {}  # a pair's text -> the id that had it first
     for path in paths:
       for line, row in self._read_rows(path):
         summary.rows_read += 1
@@ -209,7 +210,13 @@ class PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
           continue
         summary.notes.extend(rows_lib.RowProblem(str(path), line, reason, detail, self._unit)
                              for reason, detail in row.notes)
-        example = _example(f"{path.name}:{line}", row)
+        row_id = f"{path.name}:{line}"
+        first = first_of.setdefault((row.prompt, row.chosen, row.rejected), row_id)
+        if first != row_id:  # built anyway; eval_rm's intervals resample repeats together
+          summary.notes.append(rows_lib.RowProblem(
+              str(path), line, "duplicate_pair", f"same prompt and responses as {first}",
+              self._unit))
+        example = _example(row_id, row)
         content.update(json.dumps(example, sort_keys=True).encode("utf-8"))
         summary.rows_built += 1
         yield example["id"], example
