@@ -1,5 +1,7 @@
 """Tests for prefjax.overopt.direct_study: DPO/IPO/SLiC in the bandit world and D1–D3, P1."""
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -189,12 +191,21 @@ def _trajectory(gold_curve, kl_curve):
 
 def test_d2_pass_and_fail():
   overopt = _trajectory(lambda t: 4 * t * (1 - t) + 0.2 * t, lambda t: 8 * t)
-  assert dc.criterion_d2(overopt, num_bootstrap=200)["pass"]
+  result = dc.criterion_d2(overopt, num_bootstrap=200)
+  assert result["pass"] and result["detail"].endswith("; KL rising after the peak; pass")
   monotone = _trajectory(lambda t: np.sqrt(t), lambda t: 8 * t)
   assert not dc.criterion_d2(monotone, num_bootstrap=200)["pass"]
   kl_stalls = _trajectory(lambda t: 4 * t * (1 - t) + 0.2 * t, lambda t: 8 * np.minimum(t, 0.5)
                           - 2 * np.maximum(t - 0.5, 0))
-  assert not dc.criterion_d2(kl_stalls, num_bootstrap=200)["pass"]
+  result = dc.criterion_d2(kl_stalls, num_bootstrap=200)
+  assert not result["pass"] and "KL ends below its value at the peak; FAIL" in result["detail"]
+  # The text world's failure: KL rises past the peak, then falls 3.2 nats where 0.5 are allowed.
+  kl_falls = _trajectory(lambda t: 4 * t * (1 - t) + 0.2 * t,
+                         lambda t: np.where(t < 0.95, 56 * t, 47.55))
+  result = dc.criterion_d2(kl_falls, num_bootstrap=200)
+  assert not result["pass"] and result["value"]["drop"] > 4 * result["value"]["drop_se"]
+  assert re.search(r"KL not rising after the peak: it falls by up to 2\.\d\d nats between "
+                   r"evaluations \(allowed 0\.48, 1% of the final\); FAIL$", result["detail"])
 
 
 def test_d3_pass_and_fail():
