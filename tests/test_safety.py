@@ -109,6 +109,17 @@ def test_choose_threshold_min_flagged():
     safety.choose_threshold(SCORES, LABELS, 0.5, min_flagged=9)
 
 
+def test_a_threshold_between_adjacent_floats_flags_what_it_reports():
+  """Halfway between two adjacent float64 scores rounds onto the lower one, which then was
+  flagged too: reported precision 1.0 on 1 flagged, actual 0.5 on 2 (confident classifiers'
+  scores near 1 are that close)."""
+  low = 0.9999999999999001
+  scores, labels = np.array([low, np.nextafter(low, 2.0)]), np.array([0, 1])
+  choice = safety.choose_threshold(scores, labels, 1.0)
+  flagged = scores >= choice.threshold
+  assert flagged.sum() == choice.num_flagged == 1 and labels[flagged].mean() == choice.precision
+
+
 def test_choose_threshold_unreachable_errors_or_notices():
   scores, labels_ = np.array([0.9, 0.5, 0.5, 0.1]), np.array([0, 1, 0, 0])
   with pytest.raises(ValueError, match=r"no threshold flagging >= 1 examples reaches "

@@ -22,8 +22,8 @@ threshold on data drawn from the traffic it will filter.
 The loss is class-weighted binary cross-entropy
 (``prefjax.losses.classification``); ``pos_weight="balanced"`` sets
 w₊ = n₋/n₊ from the training labels. The operating threshold is chosen on
-validation: the lowest threshold whose precision is at least the target
-(``choose_threshold``).
+validation: of the thresholds whose precision is at least the target, the one of most
+recall, and the highest of those (``choose_threshold``).
 """
 
 from __future__ import annotations
@@ -239,7 +239,8 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, target_precision: f
 
   t is chosen among the validation scores, then reported halfway down to the next lower
   validation score: it flags the same validation examples, and a score that moves by
-  rounding (another process's XLA flags, another device) does not cross it.
+  rounding (another process's XLA flags, another device) does not cross it. Two adjacent
+  float64 scores have no halfway point; t is then the chosen score itself.
 
   Precision is not monotone in t; the lowest qualifying t flags the most harmful
   examples (highest recall) while meeting the target, and a higher t of the same
@@ -260,7 +261,9 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, target_precision: f
     k, notice = int(ok[recall[ok] == recall[ok[0]]][-1]), ""
   else:
     k = int(np.argmax(np.where(enough, precision, -1.0)))
-  threshold = 0.5 * (thresholds[k] + thresholds[k - 1]) if k > 0 else thresholds[k]
+  threshold = thresholds[k]
+  if k > 0 and thresholds[k - 1] < (halfway := 0.5 * (thresholds[k] + thresholds[k - 1])):
+    threshold = halfway  # not when the two scores are adjacent floats: it would round onto the lower
   if not ok.size:
     notice = (f"no threshold flagging >= {min_flagged} examples reaches validation "
               f"precision >= {target_precision:g}: the best "
