@@ -243,9 +243,8 @@ def _import_user_modules() -> None:
 
 def _check_loop_and_optimizer(config: Any) -> None:
   """What every trainer refuses, refused before the workdir, the data and the model."""
-  steps = config.loop.get("num_steps") if "loop" in config else None
-  if isinstance(steps, (int, float)) and not steps >= 1:
-    raise ValueError(f"loop.num_steps={config.loop.num_steps} must be >= 1")
+  if "loop" in config:
+    train.LoopConfig.from_mapping(config.loop)  # its own checks, num_steps >= 1 among them
   if "optimizer" in config:
     train.make_optimizer(config.optimizer)
 
