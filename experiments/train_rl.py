@@ -139,11 +139,7 @@ def check_sampling(config: Any) -> None:
     raise ValueError(f"rl.epochs={config.rl.epochs} must be >= 1 (passes over each rollout "
                      "batch)")
   sequences = int(config.rl.prompts_per_step) * int(config.rl.get("group_size", 1))
-  minibatches = int(config.rl.get("num_minibatches", 1))
-  if minibatches < 1 or sequences % minibatches:
-    raise ValueError(f"rl.num_minibatches={minibatches}: the {sequences} sequences of a step "
-                     "(prompts_per_step x group_size) are not divisible into that many "
-                     "minibatches")
+  trainer.check_minibatches(sequences, int(config.rl.get("num_minibatches", 1)))
   if adaptive.get("enabled", False):
     kl_control.check_horizon(float(adaptive["horizon"]), sequences)
 

@@ -40,14 +40,20 @@ ROLLOUT_METRICS = {"scores": "proxy_score", "gold_scores": "gold_score",
                    "response_length": "response_length", "truncated": "truncated_fraction"}
 
 
+def check_minibatches(size: int, num_minibatches: int) -> None:
+  """A rollout of ``size`` sequences must cut into ``num_minibatches`` equal minibatches."""
+  if num_minibatches < 1 or size % num_minibatches:
+    raise ValueError(f"rl.num_minibatches={num_minibatches}: the {size} sequences of a step "
+                     "(prompts_per_step x group_size) are not divisible into that many "
+                     "minibatches")
+
+
 def minibatches(batch: Mapping[str, np.ndarray], rng: Array, *, epochs: int,
                 num_minibatches: int) -> dict[str, np.ndarray]:
   """``[N, ...]`` rows -> ``[epochs * num_minibatches, N / num_minibatches, ...]``, each
   epoch a fresh permutation (``fold_in(rng, epoch)``) cut into consecutive minibatches."""
   size = len(batch["tokens"])
-  if size % num_minibatches:
-    raise ValueError(f"rollout batch of {size} sequences is not divisible into "
-                     f"{num_minibatches} minibatches (config.rl.num_minibatches)")
+  check_minibatches(size, num_minibatches)
   order = np.concatenate([np.asarray(jax.random.permutation(jax.random.fold_in(rng, e), size))
                           for e in range(epochs)])
   index = order.reshape(epochs * num_minibatches, size // num_minibatches)
