@@ -96,15 +96,19 @@ def criterion_d2(sweep: DaaSweep, *, num_se: float = 2.0, kl_tolerance: float = 
            "final_step": int(sweep.steps[-1]), "gold_peak": float(gold[peak]),
            "gold_final": float(gold[-1]), "drop": drop, "drop_se": drop_se,
            "kl_at_peak": float(kl[peak]), "kl_final": float(kl[-1])}
-  largest_fall = float(-after.min()) if after.size else 0.0
-  kl_text = ("KL rising after the peak" if rising else
-             f"KL not rising after the peak: it falls by up to {largest_fall:.2f} nats between "
-             f"evaluations (allowed {kl_tolerance * kl[-1]:.2f}, {kl_tolerance:.0%} of the final)"
-             if kl[-1] > kl[peak] else "KL ends below its value at the peak")
+  if rising:
+    kl_text = "KL rising after the peak"
+  elif kl[-1] > kl[peak]:
+    kl_text = (f"KL not rising after the peak: it falls by up to {-after.min():.2f} nats "
+               f"between evaluations (allowed {kl_tolerance * kl[-1]:.2f}, "
+               f"{kl_tolerance:.0%} of the final)")
+  else:
+    kl_text = "KL ends below its value at the peak"
+  passed = declined and rising
   detail = (f"{sweep.loss} β={sweep.betas[k]:.3g}: gold peak {gold[peak]:.3f} at step "
             f"{sweep.steps[peak]} (KL {kl[peak]:.2f}), final {gold[-1]:.3f} (KL {kl[-1]:.2f});"
-            f" {drop_text(drop, drop_se)}; {kl_text}; {'pass' if declined and rising else 'FAIL'}")
-  return _result(declined and rising, value,
+            f" {drop_text(drop, drop_se)}; {kl_text}; {'pass' if passed else 'FAIL'}")
+  return _result(passed, value,
                  f"peak before the end, drop >= {num_se:g} SE, KL rising after the peak", detail)
 
 
