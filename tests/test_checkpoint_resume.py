@@ -292,35 +292,31 @@ def test_metric_writer_truncates_on_resume_and_merges_same_step(tmp_path):
   assert [r["step"] for r in train.read_metrics(tmp_path)] == [1, 2, 3]
 
 
-def _tensorboard_tags(logdir) -> set[str]:
-  """Scalar tags in the TFRecord event files under ``logdir``."""
+def _tensorboard_events(logdir) -> list:
+  """Every event in the TFRecord event files under ``logdir``."""
   from tensorboardX.proto import event_pb2
-  tags = set()
+  events = []
   for path in glob.glob(os.path.join(logdir, "**", "events.*"), recursive=True):
     with open(path, "rb") as f:
       data = f.read()
     offset = 0
     while offset < len(data):  # each record: u64 length, u32 crc, payload, u32 crc
       length = int.from_bytes(data[offset:offset + 8], "little")
-      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-      tags.update(value.tag for value in event.summary.value)
+      events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
       offset += 12 + length + 4
-  return tags
+  return events
+
+
+def _tensorboard_tags(logdir) -> set[str]:
+  """Scalar tags in the TFRecord event files under ``logdir``."""
+  return {value.tag for event in _tensorboard_events(logdir) for value in event.summary.value}
 
 
 def _tensorboard_scalars_after_purges(logdir) -> dict[str, dict[int, float]]:
   """``tag -> {step: value}`` as TensorBoard shows it: a SessionLog START at step s drops
   the earlier points at steps >= s (events of every file, in wall-time order)."""
-  from tensorboardX.proto import event_pb2
-  events = []
-  for path in glob.glob(os.path.join(logdir, "events.*")):
-    data, offset = open(path, "rb").read(), 0
-    while offset < len(data):
-      length = int.from_bytes(data[offset:offset + 8], "little")
-      events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
-      offset += 12 + length + 4
   scalars: dict[str, dict[int, float]] = {}
-  for event in sorted(events, key=lambda e: e.wall_time):
+  for event in sorted(_tensorboard_events(logdir), key=lambda e: e.wall_time):
     if event.HasField("session_log") and event.session_log.status == event.session_log.START:
       for points in scalars.values():
         for step in [s for s in points if s >= event.step]:
