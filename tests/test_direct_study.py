@@ -256,6 +256,29 @@ def test_p1_pass_and_fail(world):
   assert not far["pass"] and far["detail"] == "no shared KL bin"
 
 
+def test_p1_at_matched_kl_reads_a_path_that_falls_back_at_its_first_crossing():
+  # An RL path whose KL falls back (4 -> 3) and rises again: a DPO point at KL 5 is
+  # matched between the columns at KL 3 and 6 (weights 1/3, 2/3), at KL 3.5 between 2 and 4.
+  num_prompts = 6
+  path_kl = np.array([0.0, 2.0, 4.0, 3.0, 6.0])
+  path_gold = np.array([0.0, 1.0, 2.0, 5.0, 8.0])[None, :] + np.arange(num_prompts)[:, None]
+  ppo = exact.ExactScores(np.zeros_like(path_gold), path_gold,
+                          np.broadcast_to(path_kl, path_gold.shape), np.ones_like(path_gold))
+  point_kl = np.array([3.5, 5.0])
+  per_kl = np.broadcast_to(point_kl[:, None, None], (2, 2, num_prompts)).copy()
+  per_gold = np.zeros_like(per_kl)
+  dpo = ds.DaaSweep("dpo", np.array([1.0, 0.5]), np.array([0, 100]), per_kl.mean(-1),
+                    per_gold.mean(-1), np.zeros((2, 2)), per_kl, per_gold, np.zeros(2))
+  result = dc.criterion_p1(dpo, ppo, kl_edges=[3.0, 4.0, 8.0], match="interpolate",
+                           num_bootstrap=50)
+  prompt_mean = np.arange(num_prompts).mean()
+  expected_rl = {3.0: 0.75 * 2.0 + 0.25 * 1.0, 4.0: 5.0 / 3.0 + 2.0 * 8.0 / 3.0}
+  assert [b["kl_low"] for b in result["value"]] == [3.0, 4.0]
+  for b in result["value"]:
+    np.testing.assert_allclose(b["ppo_gold"], expected_rl[b["kl_low"]] + prompt_mean,
+                               rtol=1e-12)
+
+
 def test_ppo_reference_starts_at_zero(world):
   ppo = dc.ppo_reference(world, world.gold, [0.0, 1.0])
   np.testing.assert_allclose(ppo.gold[:, 0], 0.0, atol=1e-12)

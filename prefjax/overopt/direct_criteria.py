@@ -163,6 +163,19 @@ def ppo_reference(world: bandit.World, proxy: np.ndarray,
   return scores._replace(gold=scores.gold - ref_gold[:, None])
 
 
+def _first_crossing(path_kl: np.ndarray, x: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Where a path of KLs ``[S]`` first reaches each of ``x`` ``[N]``: columns ``lo``,
+  ``hi`` and weight ``w`` with ``(1 - w)·kl[lo] + w·kl[hi] = x``; ``lo = -1`` for an ``x``
+  below the path's start or above its largest KL."""
+  reach = np.argmax(path_kl[None, :] >= x[:, None], axis=1)      # first column at or past x
+  inside = (x >= path_kl[0]) & (x <= path_kl.max())
+  lo = np.maximum(reach - 1, 0)
+  gap = path_kl[reach] - path_kl[lo]
+  w = np.where(gap > 0, (x - path_kl[lo]) / np.where(gap > 0, gap, 1.0), 1.0)
+  return np.where(inside, lo, -1), reach, w
+
+
 def criterion_p1(sweep: DaaSweep, ppo: exact.ExactScores, *,
                  kl_edges: Sequence[float] = tuple(2.0 ** np.arange(-4, 7)),
                  final_only: bool = False, match: str = "bin", num_bootstrap: int = 1000,
@@ -178,7 +191,9 @@ def criterion_p1(sweep: DaaSweep, ppo: exact.ExactScores, *,
   ``match="interpolate"`` compares each DPO point with the PPO path at the same
   prompt-mean KL (per-prompt gold interpolated linearly between the path's
   columns; points outside its KL range dropped), removing the bias of comparing
-  points at different KL within one bin.
+  points at different KL within one bin. A path whose KL falls back somewhere (an
+  RL run's checkpoints under an adaptive β) is read where it first reaches each
+  DPO point's KL, between the two columns around that crossing.
   """
   steps = slice(-1, None) if final_only else slice(1, None)
   dpo_kl = sweep.per_prompt_kl[:, steps].reshape(-1, sweep.per_prompt_kl.shape[-1])
@@ -193,15 +208,9 @@ def criterion_p1(sweep: DaaSweep, ppo: exact.ExactScores, *,
   dpo_bin = np.digitize(dpo_kl.mean(axis=1), edges)
   ppo_bin = np.digitize(ppo_kl.mean(axis=1), edges)
   if match == "interpolate":
-    path_kl = np.maximum.accumulate(ppo_kl.mean(axis=1))          # non-decreasing in β
-    x = dpo_kl.mean(axis=1)
-    inside = (x >= path_kl[0]) & (x <= path_kl[-1])
-    pos = np.interp(x, path_kl, np.arange(len(path_kl)))
-    lo = np.floor(pos).astype(int)
-    hi = np.minimum(lo + 1, len(path_kl) - 1)
-    w = (pos - lo)[:, None]
-    ppo_gold = (1 - w) * ppo_gold[lo] + w * ppo_gold[hi]            # [N, P], one per DPO point
-    dpo_bin = np.where(inside, dpo_bin, -1)
+    lo, hi, w = _first_crossing(ppo_kl.mean(axis=1), dpo_kl.mean(axis=1))
+    ppo_gold = (1 - w[:, None]) * ppo_gold[lo] + w[:, None] * ppo_gold[hi]   # [N, P]
+    dpo_bin = np.where(lo >= 0, dpo_bin, -1)
     ppo_bin = dpo_bin
   bins = []
   for b in range(1, len(edges)):
