@@ -8,7 +8,8 @@ Scorers (``prefjax.evals.scorers``): ``rm:WORKDIR`` (a ``train_rm`` run rebuilt 
 the config its checkpoint was saved with; ensembles add members, and ``wco`` and ``uwo`` over members
 standardized on each dataset's responses, ``config.ensemble_normalization``), ``dpo:WORKDIR``
 (implicit reward β·(log π − log π_ref)), ``hf:PATH`` (a local HF
-``*ForSequenceClassification`` dir), ``length``, ``shorter``, ``gold``. Datasets
+``*ForSequenceClassification`` dir or a prefjax export, read with the training pipeline it
+records; ``prefjax.evals.hf_scorer``), ``length``, ``shorter``, ``gold``. Datasets
 (``prefjax.evals.reward_eval``): ``NAME[@SPLIT]`` of ``load_preferences``, or
 ``run:WORKDIR[@SPLIT]`` (a run's own data; a warning when it changed since the run read
 it). With ``config.subset_field`` naming a ``meta`` key (default ``subset``), a dataset
@@ -24,8 +25,9 @@ paired-bootstrap difference with a p-value.
 ``--config.compare=DIR1,DIR2,...`` instead puts those runs' ``report.json`` side by
 side in ``compare.md`` (accuracy [CI] per dataset and scorer).
 
-Bad input (a workdir without a checkpoint, a dataset that does not open, a tokenizer
-that cannot read the data) ends the run with one line naming it.
+Bad input (a workdir without a checkpoint or of the other kind, a dataset that does not
+open, a tokenizer that cannot read the data, a directory without a reward head, a scorer
+that keeps no pair) ends the run with one line naming it.
 """
 
 from __future__ import annotations
@@ -81,8 +83,8 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
     if int(config[field]) < 1:
       raise scorers_lib.EvalInputError(f"config.{field}={config[field]} must be >= 1")
   specs = scorers_lib.parse_specs(config.scorers)
-  datasets = [reward_eval.load_dataset(s, config)
-              for s in reward_eval.parse_list(config.datasets)]
+  datasets = reward_eval.unique_labels([reward_eval.load_dataset(s, config)
+                                        for s in reward_eval.parse_list(config.datasets)])
   if not datasets:
     raise scorers_lib.EvalInputError("no datasets given (config.datasets)")
   mesh = experiment.make_optional_mesh(config)

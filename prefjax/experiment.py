@@ -111,7 +111,9 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
   ``ensemble="deep"`` with head ``reward_ensemble:K`` builds K complete models
   (``DeepEnsemble``) from seeds ``seed, seed+1, ...``; otherwise K heads share a trunk.
   ``ensemble_forward`` (``"auto"``, ``"vmap"``, ``"unrolled"``): how a deep ensemble's
-  members run in one step (``DeepEnsemble``).
+  members run in one step (``DeepEnsemble``). ``score_head`` (with ``path``): a saved head
+  that does not fit the requested one is an error (``"require"``) or left fresh with a
+  warning (``"if_fits"``, the default; ``hf_import.from_pretrained``).
   """
   cfg = configlib.plain(cfg)
   head, pooling = cfg.get("head"), cfg.get("pooling")
@@ -137,7 +139,7 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
     # A reward checkpoint's own head (HF ``score``) is loaded where the head can take it.
     model = hf_import.from_pretrained(resolve_path(cfg["path"]), head=head, seed=seed,
                                       dtype=_dtype(cfg.get("dtype")), pooling=pooling,
-                                      score_head="if_fits")
+                                      score_head=cfg.get("score_head", "if_fits"))
     trunk = getattr(model, "trunk", model)
     _check_vocabulary(vocab_size, trunk.config.vocab_size, cfg["path"])
     _set_switches(trunk, switches, cfg)
@@ -408,9 +410,9 @@ def export_hf(config: Any, workdir: str, model: nnx.Module, tokenizer: Any, *,
                    if isinstance(x, jax.Array) and not x.is_fully_addressable else x), state))
   if jax.process_index() != 0:
     return None
-  add_bos = bool(((config.get("data") or {}).get("pipeline") or {}).get("add_bos", True))
+  text = pipeline_config(config.get("data") or {}).text_fields()
   path = hf_export.save_pretrained(model, os.path.join(workdir, HF_EXPORT_DIR),
-                                   tokenizer=tokenizer, add_bos=add_bos)
+                                   tokenizer=tokenizer, add_bos=text["add_bos"], pipeline=text)
   logging.info("exported the %s to %s (Hugging Face format)", what, path)
   return str(path)
 

@@ -547,10 +547,14 @@ def test_a_tokenizer_that_cannot_read_the_data_is_named(tmp_path, minilm_dir):
   path = tmp_path / "emoji.jsonl"
   path.write_text("\n".join(json.dumps({"prompt": "🙂🙃" * 5, "chosen": "🎉" * 8,
                                         "rejected": "🔥" * 8}) for _ in range(10)))
+  rm = experiment.make_model({"arch": "encoder", "path": str(minilm_dir), "head": "reward",
+                              "pooling": "mean"}, vocab_size=30522, seed=0)
+  tokenizer = experiment.make_tokenizer({"path": str(minilm_dir)})
+  hf_export.save_pretrained(rm, tmp_path / "hf", tokenizer=tokenizer)
   with pytest.raises(scorers_lib.EvalInputError,
                      match=r"scorer 'minilm': tokenizer hf:.* cannot read dataset "
                            r"'jsonl:.*emoji.jsonl@train': 100% of the tokens"):
-    eval_rm.run(eval_config(f"minilm=hf:{minilm_dir}", f"jsonl:{path}@train"),
+    eval_rm.run(eval_config(f"minilm=hf:{tmp_path / 'hf'}", f"jsonl:{path}@train"),
                 str(tmp_path / "eval"))
 
 

@@ -292,7 +292,7 @@ def test_the_hf_scorer_adds_bos_as_the_exported_tokenizer_does(gpt2_bpe_dir, tmp
   """eval_rm's hf: scorer prepended BOS whatever the model was trained with; it now follows
   the directory's tokenizer unless eval's pipeline says otherwise."""
   import ml_collections
-  from prefjax.evals import scorers
+  from prefjax.evals import hf_scorer
   tok = tokenize.load_tokenizer(gpt2_bpe_dir)
   assert not tok.adds_bos()  # GPT-2's own tokenizer adds no BOS
   cfg = decoder.DecoderConfig.tiny_llama(vocab_size=tok.vocab_size, num_layers=1,
@@ -303,7 +303,7 @@ def test_the_hf_scorer_adds_bos_as_the_exported_tokenizer_does(gpt2_bpe_dir, tmp
   exported = tokenize.load_tokenizer(tmp_path)
   assert exported.adds_bos() == add_bos
   eval_cfg = ml_collections.ConfigDict({"batch_size": 4, "pipeline": {"max_length": 64}})
-  pcfg = scorers.hf_pipeline(eval_cfg, exported)
+  pcfg = hf_scorer.hf_pipeline(eval_cfg, exported)
   assert (pcfg.add_bos, pcfg.max_length, pcfg.batch_size) == (add_bos, 64, 4)
   eval_cfg.pipeline.add_bos = not add_bos
-  assert scorers.hf_pipeline(eval_cfg, exported).add_bos == (not add_bos)
+  assert hf_scorer.hf_pipeline(eval_cfg, exported).add_bos == (not add_bos)

@@ -369,12 +369,12 @@ def test_a_bert_classifier_is_not_scored_with_a_fresh_head(tmp_path):
   model = models.from_pretrained(tmp_path, head="reward", score_head="if_fits")
   assert model(_tokens(2, 5, seed=3)).shape == (2,)
   assert models.from_pretrained(tmp_path).config.hidden_size == 32  # the trunk alone loads
-  from prefjax.evals import scorers
+  from prefjax.evals import hf_scorer, scorers
   import ml_collections
   spec = scorers.ScorerSpec.parse(f"bert=hf:{tmp_path}")
   with pytest.raises(scorers.EvalInputError, match=r"scorer 'bert': .* is a "
                                                    r"BertForSequenceClassification.*cannot score"):
-    scorers.hf_scorer(spec, ml_collections.ConfigDict({"hf_tokenizer": ""}), None)
+    hf_scorer.hf_scorer(spec, ml_collections.ConfigDict({"hf_tokenizer": ""}), None)
 
 
 def test_bert_prefix_and_old_layernorm_names(bert_dir):

@@ -57,6 +57,10 @@ from prefjax.data import truncation
 from prefjax.data.tfds_builders import rows as rows_lib
 
 MODES = ("padded", "packed")
+# The settings that decide which tokens a model reads for a pair (its text's form and
+# cuts); the others only batch, order or shard the rows.
+TEXT_FIELDS = ("max_length", "max_prompt_length", "prompt_keep_start", "min_response_length",
+               "prompt_style", "add_bos")
 _STATE_VERSION = 1
 
 
@@ -163,6 +167,10 @@ class PipelineConfig:
   def from_mapping(cls, mapping: Mapping[str, Any]) -> PipelineConfig:
     """From a dict or ``ml_collections.ConfigDict``; unknown keys are an error."""
     return configlib.dataclass_from_mapping(cls, mapping, bucket_boundaries=tuple)
+
+  def text_fields(self) -> dict[str, Any]:
+    """The ``TEXT_FIELDS`` of this config: what a scorer must share with training."""
+    return {name: getattr(self, name) for name in TEXT_FIELDS}
 
   @property
   def prompt_limit(self) -> int:

@@ -23,10 +23,11 @@ Rows without ``meta[subset_field]`` in a dataset where others have it form the
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from absl import logging
@@ -52,6 +53,7 @@ class Dataset:
   label: str
   source: Any
   run_data: dict[str, Any] | None = None  # `check_run_data` of a ``run:`` dataset
+  full_label: str = ""  # with the whole path: the label where two short ones coincide
 
 
 def load_dataset(spec: str, eval_cfg: Any) -> Dataset:
@@ -80,7 +82,20 @@ def load_dataset(spec: str, eval_cfg: Any) -> Dataset:
     raise EvalInputError(f"dataset {spec!r}: split {split!r} has no pairs")
   label = f"{short_name(name)}@{split}"
   run_data = None if run is None else check_run_data(name[4:], run, source, label)
-  return Dataset(label, source, run_data)
+  return Dataset(label, source, run_data, f"{name}@{split}")
+
+
+def unique_labels(datasets: Sequence[Dataset]) -> list[Dataset]:
+  """Datasets whose short labels coincide (``a/test.jsonl``, ``b/test.jsonl``) are labelled
+  by their whole paths, so that their report sections, figures and scores stay apart;
+  one dataset given twice is an error."""
+  count = collections.Counter(d.label for d in datasets)
+  out = [dataclasses.replace(d, label=d.full_label) if count[d.label] > 1 else d
+         for d in datasets]
+  twice = [k for k, n in collections.Counter(d.label for d in out).items() if n > 1]
+  if twice:
+    raise EvalInputError(f"datasets {twice} are each given more than once (config.datasets)")
+  return out
 
 
 def check_run_data(workdir: str, run: Any, source: Any, label: str) -> dict[str, Any]:

@@ -14,7 +14,9 @@ A scorer spec is ``[NAME=]KIND[:ARG]``:
   hf:PATH                           a local Hugging Face ``*ForSequenceClassification``
                                     directory, or a prefjax export (``export_hf``): the
                                     head it was saved with (``hf_import.saved_head``:
-                                    K labels score as an ensemble or objectives)
+                                    K labels score as an ensemble or objectives),
+                                    pairs read with the training pipeline an export
+                                    records (``prefjax.evals.hf_scorer``)
   length | shorter                  the longer (shorter) response wins; characters
   gold                              the dataset's programmatic gold (``meta.gold_chosen`` /
                                     ``meta.gold_rejected``, e.g. the tiny world)
@@ -170,7 +172,7 @@ def gold_rewards(source: Any) -> tuple[np.ndarray, np.ndarray] | None:
 # --------------------------------------------------------------------------- model scorers
 
 
-def _model_vocab(model: nnx.Module) -> int | None:
+def model_vocab(model: nnx.Module) -> int | None:
   if isinstance(model, heads_lib.DeepEnsemble):
     model = model.member(0)
   trunk = getattr(model, "trunk", model)
@@ -264,6 +266,11 @@ class ModelScorer:
       parts["r_c"].append(np.asarray(r_c, np.float64).reshape(b, -1)[real])
       parts["r_r"].append(np.asarray(r_r, np.float64).reshape(b, -1)[real])
       parts["index"].append(batch["example_index"][real])
+    if not parts["r_c"]:
+      raise EvalInputError(f"scorer {self.name!r} kept none of the {len(source)} pairs of "
+                           f"{dataset}: its pipeline (max_length={self.pcfg.max_length}, "
+                           f"prompt limit {self.pcfg.prompt_limit}) dropped them: "
+                           f"{_dropped(iterator)}")
     r_c, r_r = np.concatenate(parts["r_c"]), np.concatenate(parts["r_r"])
     index = np.concatenate(parts["index"])
     if not (finite := np.isfinite(r_c).all(axis=1) & np.isfinite(r_r).all(axis=1)).all():
@@ -271,9 +278,12 @@ class ModelScorer:
                            f"{int((~finite).sum())} of {finite.size} pairs (first: row "
                            f"{int(index[np.argmin(finite)])}); a NaN would count as a wrong "
                            "answer")
-    columns = self.output_columns(r_c, r_r)
-    dropped = {k: int(v) for k, v in iterator.counters.items() if k.startswith("dropped_") and v}
-    return Scored(index, columns, True, dropped)
+    return Scored(index, self.output_columns(r_c, r_r), True, _dropped(iterator))
+
+
+def _dropped(iterator: Any) -> dict[str, int]:
+  """The pipeline's drop counters that are not zero."""
+  return {k: int(v) for k, v in iterator.counters.items() if k.startswith("dropped_") and v}
 
 
 OutputColumns = Callable[[np.ndarray, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]
@@ -327,7 +337,7 @@ def _normalized_members(r_c: np.ndarray, r_r: np.ndarray, normalization: str
   return (r_c - mean) / scale, (r_r - mean) / scale
 
 
-def _build(model_cfg: Any, vocab_size: int, seed: int, mesh) -> nnx.Module:
+def build_model(model_cfg: Any, vocab_size: int, seed: int, mesh) -> nnx.Module:
   with experiment.mesh_context(mesh):
     model = experiment.make_model(model_cfg, vocab_size=vocab_size, seed=seed)
     if mesh is not None:
@@ -335,7 +345,7 @@ def _build(model_cfg: Any, vocab_size: int, seed: int, mesh) -> nnx.Module:
   return model
 
 
-def _reward_forward(model: nnx.Module) -> Callable[[dict[str, Any]], tuple[Any, Any]]:
+def reward_forward(model: nnx.Module) -> Callable[[dict[str, Any]], tuple[Any, Any]]:
   graphdef, state = nnx.split(model)
   return lambda batch: rm_evaluation.jitted_pair_rewards(graphdef, state, batch)
 
@@ -391,19 +401,34 @@ def _load(spec: ScorerSpec, model: nnx.Module, step: int, ranking: dict[str, Any
   return {"path": os.path.abspath(spec.path), "step": int(step)}
 
 
-def _run_pipeline(run: Any, eval_cfg: Any) -> pipeline_lib.PipelineConfig:
+def _run_pipeline(run: Any, eval_cfg: Any, scorer: str) -> pipeline_lib.PipelineConfig:
   batch_size = int(eval_cfg.batch_size or run.eval.get("batch_size", 32))
   overrides = {"mode": "padded", "shuffle": False, "num_epochs": 1, "drop_remainder": False,
-               "batch_size": batch_size, **dict(eval_cfg.get("pipeline") or {})}
-  return experiment.pipeline_config(run.data, **overrides)
+               "batch_size": batch_size}
+  trained = experiment.pipeline_config(run.data, **overrides)
+  pcfg = experiment.pipeline_config(run.data, **overrides, **dict(eval_cfg.get("pipeline") or {}))
+  warn_on_changed_text(scorer, trained.text_fields(), pcfg, "its training pipeline")
+  return pcfg
+
+
+def warn_on_changed_text(scorer: str, trained: Mapping[str, Any],
+                          pcfg: pipeline_lib.PipelineConfig, what: str) -> None:
+  """``config.pipeline`` may cut or format pairs unlike training; say so, field by field."""
+  changed = {k: (v, trained[k]) for k, v in pcfg.text_fields().items()
+             if k in trained and v != trained[k]}
+  if changed:
+    logging.warning("scorer %r reads pairs unlike %s: %s (config.pipeline); its scores are "
+                    "not the trained model's on these pairs", scorer, what,
+                    ", ".join(f"{k}={v!r} (trained: {t!r})" for k, (v, t) in changed.items()))
 
 
 def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   run = read_run_config(spec.path, f"scorer {spec.name!r}")
+  _check_run_kind(spec, run)
   step, ranking = _resolve_step(spec, run)
   run = _run_at(spec, run, step)
   tokenizer = experiment.make_tokenizer(run.tokenizer)
-  model = _build(run.model, tokenizer.vocab_size, int(run.seed), mesh)
+  model = build_model(run.model, tokenizer.vocab_size, int(run.seed), mesh)
   saved = _load(spec, model, step, ranking)
   _, objectives = rm_loss_lib.reward_columns(model)
   if objectives:
@@ -411,8 +436,8 @@ def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
     logging.warning("scorer %r has one head per objective %s and eval_rm scores every pair "
                     "with each; for each head on the pairs labelled with its objective add "
                     "--config.subset_field=%s", spec.name, list(objectives), field)
-  return ModelScorer(spec.name, tokenizer, _run_pipeline(run, eval_cfg), _reward_forward(model),
-                     _model_vocab(model), mesh,
+  return ModelScorer(spec.name, tokenizer, _run_pipeline(run, eval_cfg, spec.name),
+                     reward_forward(model), model_vocab(model), mesh,
                      float(eval_cfg.max_unk_fraction),
                      reward_columns(spec.name, objectives, float(eval_cfg.uwo_lambda),
                                     str(eval_cfg.get("ensemble_normalization", "standardize"))),
@@ -426,8 +451,25 @@ def _imports_hint(workdir: str) -> str:
   return f" (its runs.jsonl records --imports={','.join(modules)})" if modules else ""
 
 
+REWARD_HEADS = ("reward", "reward_ensemble", "multi")
+
+
+def _check_run_kind(spec: ScorerSpec, run: Any) -> None:
+  """``rm:`` needs a run whose model has a reward head; ``dpo:`` one whose model has none."""
+  head = (run.get("model") or {}).get("head")
+  is_rm = heads_lib.parse_head(head)[0] in REWARD_HEADS
+  if spec.kind == "rm" and not is_rm:
+    raise EvalInputError(f"scorer {spec.name!r}: {spec.path} trained a model with no reward "
+                         f"head (model.head={head!r}: a train_dpo or train_sft run); score a "
+                         f"policy trained on preferences as dpo:{spec.path}")
+  if spec.kind == "dpo" and is_rm:
+    raise EvalInputError(f"scorer {spec.name!r}: {spec.path} trained a reward model "
+                         f"(model.head={head!r}, a train_rm run); score it as rm:{spec.path}")
+
+
 def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   run = read_run_config(spec.path, f"scorer {spec.name!r}")
+  _check_run_kind(spec, run)
   step, ranking = _resolve_step(spec, run)
   run = _run_at(spec, run, step)
   try:
@@ -436,7 +478,7 @@ def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
     raise EvalInputError(f"scorer {spec.name!r}: {e.args[0]}, as for its training"
                          f"{_imports_hint(spec.path)}") from e
   tokenizer = experiment.make_tokenizer(run.tokenizer)
-  policy = _build(run.model, tokenizer.vocab_size, int(run.seed), mesh)
+  policy = build_model(run.model, tokenizer.vocab_size, int(run.seed), mesh)
   saved = _load(spec, policy, step, ranking)
   policy_def, policy_state = nnx.split(policy)
   ref_def = ref_state = None
@@ -444,15 +486,15 @@ def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
     ref_cfg = run.model.to_dict()
     if (run.get("ref") or {}).get("path"):
       ref_cfg["path"] = run.ref.path
-    reference = _build(ref_cfg, tokenizer.vocab_size, int(run.seed), mesh)
+    reference = build_model(ref_cfg, tokenizer.vocab_size, int(run.seed), mesh)
     _check_reference(spec, ref_cfg, reference)
     ref_def, ref_state = nnx.split(reference)
 
   def forward(batch):
     return _implicit_rewards(policy_def, policy_state, ref_def, ref_state, batch, loss)
 
-  return ModelScorer(spec.name, tokenizer, _run_pipeline(run, eval_cfg), forward,
-                     _model_vocab(policy), mesh, float(eval_cfg.max_unk_fraction),
+  return ModelScorer(spec.name, tokenizer, _run_pipeline(run, eval_cfg, spec.name), forward,
+                     model_vocab(policy), mesh, float(eval_cfg.max_unk_fraction),
                      reward_columns(spec.name, (), 0.0), saved)
 
 
@@ -471,46 +513,6 @@ def _check_reference(spec: ScorerSpec, ref_cfg: Mapping[str, Any], reference: nn
     raise EvalInputError(str(e)) from e
 
 
-def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
-  path = experiment.resolve_path(spec.path)
-  if not os.path.exists(path):
-    raise EvalInputError(f"scorer {spec.name!r}: {path} does not exist")
-  if os.path.isdir(path) and (why := hf_import.unsupported_head(path)):
-    raise EvalInputError(f"scorer {spec.name!r}: {why.split('; ')[0]}; eval_rm cannot score "
-                         "it as trained")
-  tokenizer = experiment.make_tokenizer({"path": eval_cfg.hf_tokenizer or path})
-  head, pooling = hf_import.saved_head(path) if os.path.isdir(path) else (None, None)
-  head = head or "reward"  # a trunk alone (or a .gguf) gets a fresh head: see the warning
-  kind, arg = heads_lib.parse_head(head)
-  if kind not in ("reward", "reward_ensemble", "multi"):
-    raise EvalInputError(f"scorer {spec.name!r}: {path} holds a {head!r} head, not a reward "
-                         "model")
-  model_cfg = {"path": spec.path, "head": head, "pooling": eval_cfg.hf_pooling or pooling,
-               "dtype": "float32"}
-  try:
-    model = _build(model_cfg, tokenizer.vocab_size, 0, mesh)
-  except (hf_import.CheckpointError, FileNotFoundError) as e:
-    raise EvalInputError(f"scorer {spec.name!r}: {str(e).splitlines()[0]}") from e
-  return ModelScorer(spec.name, tokenizer, hf_pipeline(eval_cfg, tokenizer),
-                     _reward_forward(model),
-                     _model_vocab(model), mesh, float(eval_cfg.max_unk_fraction),
-                     reward_columns(spec.name, arg if kind == "multi" else (),
-                                    float(eval_cfg.uwo_lambda),
-                                    str(eval_cfg.get("ensemble_normalization", "standardize"))))
-
-
-def hf_pipeline(eval_cfg: Any, tokenizer: Any) -> pipeline_lib.PipelineConfig:
-  """The pipeline of an ``hf:`` scorer: ``eval_cfg.pipeline``, whose ``add_bos`` defaults to
-  what the directory's own tokenizer does (a prefjax export's adds BOS only when its
-  training pipeline did; GPT-2's adds none)."""
-  fields = dict(eval_cfg.get("pipeline") or {})
-  if "add_bos" not in fields and hasattr(tokenizer, "adds_bos"):
-    fields["add_bos"] = tokenizer.adds_bos()
-  return pipeline_lib.PipelineConfig.from_mapping(
-      {"batch_size": int(eval_cfg.batch_size or 32), "shuffle": False, "num_epochs": 1,
-       **fields})
-
-
 def make_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> Callable[[Any, str], Scored | None]:
   """``score(source, dataset) -> Scored`` (None: not available on that dataset, e.g. gold)."""
   if spec.kind in ("length", "shorter"):
@@ -519,7 +521,10 @@ def make_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> Callable[[Any, str], S
   if spec.kind == "gold":
     return lambda source, dataset: (None if (g := gold_rewards(source)) is None
                                     else _every_row(spec.name, g, True))
-  build = {"rm": rm_scorer, "dpo": dpo_scorer, "hf": hf_scorer}[spec.kind]
+  if spec.kind == "hf":
+    from prefjax.evals import hf_scorer  # pylint: disable=g-import-not-at-top  # imports this
+    return hf_scorer.hf_scorer(spec, eval_cfg, mesh)
+  build = {"rm": rm_scorer, "dpo": dpo_scorer}[spec.kind]
   return build(spec, eval_cfg, mesh)
 
 

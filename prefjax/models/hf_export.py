@@ -45,7 +45,7 @@ import json
 import logging
 import os
 import pathlib
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -105,18 +105,22 @@ def hf_state_dict(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, A
 
 
 def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None,
-                    add_bos: bool = True) -> pathlib.Path:
+                    add_bos: bool = True, pipeline: Mapping[str, Any] | None = None
+                    ) -> pathlib.Path:
   """Writes ``model`` as a Hugging Face directory (see the module docstring); returns it.
 
   ``add_bos``: whether the texts the model was trained on began with the BOS token (the
   pipeline's ``add_bos``), which the saved tokenizer of a reward model or a policy then
-  adds (a reward model's adds the EOS too).
+  adds (a reward model's adds the EOS too). ``pipeline``: the training pipeline's text
+  fields (``PipelineConfig.text_fields()``: cuts, prompt style, BOS), recorded in
+  ``config.json`` (``hf_import.PIPELINE_KEY``) so that ``eval_rm``'s ``hf:`` scorer reads
+  pairs as training did.
   """
   directory = pathlib.Path(path)
   if isinstance(model, heads.DeepEnsemble):
     for k in range(model.num_members):
       save_pretrained(model.member(k), directory / f"member_{k}", tokenizer=tokenizer,
-                      add_bos=add_bos)
+                      add_bos=add_bos, pipeline=pipeline)
     _log.info("%s: wrote the %d members of the deep ensemble as member_<k>/",
               directory, model.num_members)
     return directory
@@ -143,6 +147,8 @@ def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None,
     hf_config[hf_import.HEAD_KEY] = heads.head_spec(model)
     if getattr(model, "pooling", None):
       hf_config[hf_import.POOLING_KEY] = model.pooling
+  if pipeline is not None:
+    hf_config[hf_import.PIPELINE_KEY] = dict(pipeline)
   directory.mkdir(parents=True, exist_ok=True)
   hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype)
   save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})

@@ -49,6 +49,9 @@ SCORE_TOKEN_KEY = "prefjax_score_token"
 HEAD_KEY = "prefjax_head"
 POOLING_KEY = "prefjax_pooling"
 HEAD_FILE = "prefjax_head.safetensors"
+# config.json key written by ``hf_export``: the training pipeline's text fields
+# (``prefjax.data.pipeline.TEXT_FIELDS``), which ``eval_rm``'s ``hf:`` scorer reads pairs with.
+PIPELINE_KEY = "prefjax_pipeline"
 
 
 class CheckpointError(ValueError):
@@ -461,6 +464,16 @@ def saved_head(path: PathLike) -> tuple[str | None, str | None]:
   decoder ``*ForSequenceClassification`` checkpoint; ``(None, None)`` for anything else."""
   config_file = pathlib.Path(path) / "config.json"
   return _saved_head(_read_json(config_file)) if config_file.is_file() else (None, None)
+
+
+def saved_pipeline(path: PathLike) -> dict[str, Any] | None:
+  """The training pipeline's text fields a prefjax export of directory ``path`` records
+  (``PIPELINE_KEY``); None for any other directory or an export from before 2026-12-06."""
+  config_file = pathlib.Path(path) / "config.json"
+  if not config_file.is_file():
+    return None
+  saved = _read_json(config_file).get(PIPELINE_KEY)
+  return dict(saved) if isinstance(saved, dict) else None
 
 
 def _saved_head(hf: dict[str, Any]) -> tuple[str | None, str | None]:

@@ -193,8 +193,7 @@ def _scoring_pipeline(spec: Any, workdir: str | None) -> pipeline_lib.PipelineCo
   if workdir:
     saved = train.checkpoint.saved_run_config(workdir) or {}
     trained = dict((saved.get("data") or {}).get("pipeline") or {})
-  fields = {k: trained[k] for k in ("max_length", "max_prompt_length", "prompt_style",
-                                    "add_bos") if trained.get(k) is not None}
+  fields = {k: trained[k] for k in pipeline_lib.TEXT_FIELDS if trained.get(k) is not None}
   for key in ("max_length", "max_prompt_length"):
     if spec.get(key):
       fields[key] = int(spec[key])

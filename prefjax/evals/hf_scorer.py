@@ -1,0 +1,114 @@
+"""``eval_rm``'s ``hf:PATH`` scorer: a reward model saved as a Hugging Face directory.
+
+What it scores must be a reward model as trained: a prefjax export (``hf_export``; its
+``config.json`` records the head, its pooling and the training pipeline's text fields,
+which the scorer reads pairs with) or a decoder ``*ForSequenceClassification``. A
+directory without a reward head, or whose head does not load, is refused: its scores
+would come from a randomly initialised head.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+from absl import logging
+
+from prefjax import experiment
+from prefjax.data import pipeline as pipeline_lib
+from prefjax.evals import scorers
+from prefjax.evals.scorers import EvalInputError, ScorerSpec
+from prefjax.models import heads as heads_lib
+from prefjax.models import hf_import
+
+
+def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> scorers.ModelScorer:
+  path = experiment.resolve_path(spec.path)
+  if not os.path.exists(path):
+    raise EvalInputError(f"scorer {spec.name!r}: {path} does not exist")
+  head, pooling = _hf_head(spec, path)
+  tokenizer = experiment.make_tokenizer({"path": eval_cfg.hf_tokenizer or path})
+  pcfg = hf_pipeline(eval_cfg, tokenizer, path, spec.name)
+  _check_export_special_ids(spec, path, tokenizer, pcfg)
+  kind, arg = heads_lib.parse_head(head)
+  model_cfg = {"path": spec.path, "head": head, "pooling": eval_cfg.hf_pooling or pooling,
+               "dtype": "float32", "score_head": "require"}
+  try:
+    model = scorers.build_model(model_cfg, tokenizer.vocab_size, 0, mesh)
+  except (hf_import.CheckpointError, FileNotFoundError) as e:
+    raise EvalInputError(f"scorer {spec.name!r}: {str(e).splitlines()[0]}") from e
+  columns = scorers.reward_columns(spec.name, arg if kind == "multi" else (),
+                                   float(eval_cfg.uwo_lambda),
+                                   str(eval_cfg.get("ensemble_normalization", "standardize")))
+  return scorers.ModelScorer(spec.name, tokenizer, pcfg, scorers.reward_forward(model),
+                             scorers.model_vocab(model), mesh, float(eval_cfg.max_unk_fraction),
+                             columns)
+
+
+def _check_export_special_ids(spec: ScorerSpec, path: str, tokenizer: Any,
+                              pcfg: pipeline_lib.PipelineConfig) -> None:
+  """A prefjax export scores the EOS (and reads the BOS) of the tokenizer it was trained
+  with, whose ids its ``config.json`` records; another tokenizer's are refused."""
+  if hf_import.saved_pipeline(path) is None:
+    return
+  with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+    recorded = json.load(f)
+  wanted = [("eos", "eos_token_id")] + ([("bos", "bos_token_id")] if pcfg.add_bos else [])
+  for name, key in wanted:
+    ours = getattr(tokenizer, f"{name}_id", None)
+    if key in recorded and ours != recorded[key]:
+      raise EvalInputError(f"scorer {spec.name!r}: the tokenizer's {name.upper()} id is {ours}, "
+                           f"but {path} was trained with {recorded[key]} ({key} in its "
+                           "config.json): use the tokenizer it was trained with "
+                           "(config.hf_tokenizer)")
+
+
+def _hf_head(spec: ScorerSpec, path: str) -> tuple[str, str | None]:
+  """The reward head (spec, pooling) directory ``path`` was saved with; anything else
+  would be scored by a randomly initialised head, so it is refused."""
+  if os.path.isdir(path) and (why := hf_import.unsupported_head(path)):
+    raise EvalInputError(f"scorer {spec.name!r}: {why.split('; ')[0]}; eval_rm cannot score "
+                         "it as trained")
+  if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+    members = sorted(glob.glob(os.path.join(path, "member_*", "config.json")))
+    if members:
+      raise EvalInputError(
+          f"scorer {spec.name!r}: {path} holds a deep ensemble's {len(members)} members "
+          f"(member_<k>/); score each as its own hf: scorer, or the run it was exported "
+          "from as rm:WORKDIR for the ensemble's mean, wco and uwo")
+  head, pooling = hf_import.saved_head(path) if os.path.isdir(path) else (None, None)
+  if head is None:
+    raise EvalInputError(f"scorer {spec.name!r}: {path} holds no reward head (a base model, a "
+                         "policy or a GGUF file), so its scores would come from a randomly "
+                         "initialised head; score a reward model's directory (a prefjax "
+                         "export of train_rm, or a decoder *ForSequenceClassification)")
+  if heads_lib.parse_head(head)[0] not in scorers.REWARD_HEADS:
+    raise EvalInputError(f"scorer {spec.name!r}: {path} holds a {head!r} head, not a reward "
+                         "model")
+  return head, pooling
+
+
+def hf_pipeline(eval_cfg: Any, tokenizer: Any, path: str | None = None,
+                scorer: str = "hf") -> pipeline_lib.PipelineConfig:
+  """The pipeline of an ``hf:`` scorer: the text fields a prefjax export of ``path``
+  records from its training pipeline, then ``eval_cfg.pipeline``. ``add_bos``, where
+  neither sets it, is what the directory's own tokenizer does (GPT-2's adds none)."""
+  trained = hf_import.saved_pipeline(path) if path else None
+  overrides = dict(eval_cfg.get("pipeline") or {})
+  chosen_by_user = {"prompt_style", "max_length"} & set(overrides)
+  if trained is None and path is not None and not chosen_by_user:
+    logging.warning("scorer %r: %s records no training pipeline (not a prefjax export, or one "
+                    "from before 2026-12-06), so pairs are read raw-style and cut to "
+                    "max_length=%d; set config.pipeline as the model was trained", scorer, path,
+                    pipeline_lib.PipelineConfig.max_length)
+  fields = {**(trained or {}), **overrides}
+  if "add_bos" not in fields and hasattr(tokenizer, "adds_bos"):
+    fields["add_bos"] = tokenizer.adds_bos()
+  pcfg = pipeline_lib.PipelineConfig.from_mapping(
+      {"batch_size": int(eval_cfg.batch_size or 32), "shuffle": False, "num_epochs": 1,
+       **fields})
+  if trained:
+    scorers.warn_on_changed_text(scorer, trained, pcfg, "its export's training pipeline")
+  return pcfg

@@ -1,0 +1,158 @@
+"""eval_rm on inputs that used to be scored wrongly or to fail without saying why: Hugging
+Face exports read unlike their training, directories without a reward head, scorers that
+keep no pair, runs of the other kind, datasets whose short labels coincide."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import eval_rm
+from experiments import train_rm
+from prefjax import experiment
+from prefjax.data import tokenize
+from prefjax.evals import scorers as scorers_lib
+from prefjax.models import decoder
+from prefjax.models import hf_export
+from tests import test_eval_rm
+from tests import test_train_rm
+
+# Cuts no pipeline default shares: prompts kept to 4 bytes, pairs to 12, no BOS.
+TRAINED_TEXT = {"max_length": 12, "max_prompt_length": 4, "add_bos": False}
+
+
+@pytest.fixture(scope="module")
+def cut_run():
+  """A tiny RM trained on short cuts without BOS, exported with export_hf."""
+  with test_train_rm._private_tmp() as d:  # pylint: disable=protected-access
+    config = test_train_rm.small_config(20, num_pairs=200, batch_size=16)
+    config.data.pipeline.update(TRAINED_TEXT, bucket_boundaries=())
+    config.export_hf = True
+    train_rm.run(config, str(pathlib.Path(d) / "rm"))
+    yield pathlib.Path(d) / "rm"
+
+
+def _scores(workdir: pathlib.Path) -> dict[str, dict[int, tuple[float, float]]]:
+  out: dict[str, dict[int, tuple[float, float]]] = {}
+  for line in (workdir / "scores.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    for name, (chosen, rejected) in row["scores"].items():
+      out.setdefault(name, {})[row["index"]] = (chosen, rejected)
+  return out
+
+
+def test_an_export_is_scored_as_its_run_trained_it(cut_run, tmp_path, caplog):
+  """hf: read an export at the pipeline defaults (512 tokens, BOS) whatever the run cut:
+  rewards up to 5.6 apart from rm:'s on the same model. The export now records the
+  training pipeline's text fields, and hf: reads pairs with them."""
+  recorded = json.loads((cut_run / "hf" / "config.json").read_text())["prefjax_pipeline"]
+  assert {k: recorded[k] for k in TRAINED_TEXT} == TRAINED_TEXT
+  config = test_eval_rm.eval_config(f"rm:{cut_run},exported=hf:{cut_run / 'hf'}",
+                                    f"run:{cut_run}")
+  config.hf_tokenizer = "byte"
+  eval_rm.run(config, str(tmp_path / "eval"))
+  scores = _scores(tmp_path / "eval")
+  rm, exported = scores["rm"], scores["exported"]
+  assert len(rm) == len(exported) == 23
+  np.testing.assert_allclose([exported[i] for i in rm], [rm[i] for i in rm], atol=1e-5)
+  config.pipeline = {"max_length": 32}
+  with caplog.at_level(logging.WARNING):
+    eval_rm.run(config, str(tmp_path / "eval_longer"))
+  changed = [r.getMessage() for r in caplog.records if "reads pairs unlike" in r.getMessage()]
+  assert any("scorer 'rm'" in m and "max_length=32 (trained: 12)" in m for m in changed)
+  assert any("scorer 'exported'" in m and "export's training pipeline" in m for m in changed)
+
+
+def test_a_scorer_that_keeps_no_pair_says_which_and_why(cut_run, tmp_path):
+  path = tmp_path / "long.jsonl"
+  shared = "the same long opening of both answers, "
+  path.write_text("\n".join(json.dumps({"prompt": "Q", "chosen": shared + "yes",
+                                        "rejected": shared + "no"}) for _ in range(6)))
+  with pytest.raises(scorers_lib.EvalInputError,
+                     match=r"scorer 'rm' kept none of the 6 pairs of jsonl:long.jsonl@train: "
+                           r"its pipeline \(max_length=12.*dropped_identical_after_truncation"):
+    eval_rm.run(test_eval_rm.eval_config(f"rm:{cut_run}", f"jsonl:{path}"),
+                str(tmp_path / "eval"))
+
+
+TINY = {"num_layers": 1, "hidden_size": 16, "num_heads": 2, "num_kv_heads": 1,
+        "intermediate_size": 32}
+
+
+def _tiny_decoder(vocab_size: int) -> decoder.Decoder:
+  cfg = decoder.DecoderConfig.tiny_llama(vocab_size=vocab_size, **TINY)
+  return decoder.Decoder(cfg, rngs=nnx.Rngs(0))
+
+
+def test_directories_without_a_loadable_reward_head_are_refused(cut_run, tmp_path):
+  """A policy (no head), a deep ensemble's parent folder, and a head whose pooling does not
+  fit were scored by a randomly initialised head, or failed naming no member."""
+  hf_export.save_pretrained(_tiny_decoder(259), tmp_path / "policy")
+  model = experiment.make_model({"arch": "decoder", "preset": "tiny_llama", "head":
+                                 "reward_ensemble:2", "ensemble": "deep", "pooling": "last",
+                                 "overrides": dict(TINY)},
+                                vocab_size=259, seed=0)
+  hf_export.save_pretrained(model, tmp_path / "deep")
+  cases = [(f"hf:{tmp_path / 'policy'}", "", r"holds no reward head .* randomly initialised"),
+           (f"hf:{tmp_path / 'deep'}", "", r"deep ensemble's 2 members \(member_<k>/\); score "
+                                           r"each as its own hf: scorer"),
+           (f"hf:{cut_run / 'hf'}", "mean", r"'score.weight' is a last-token head; "
+                                                    r"pooling='mean' would not reproduce it")]
+  for scorer, pooling, message in cases:
+    config = test_eval_rm.eval_config(scorer, f"run:{cut_run}")
+    config.hf_tokenizer, config.hf_pooling = "byte", pooling
+    with pytest.raises(scorers_lib.EvalInputError, match=message):
+      eval_rm.run(config, str(tmp_path / "eval"))
+
+
+def test_an_export_read_with_another_tokenizer_is_refused(cut_run, tmp_path, gpt2_bpe_dir):
+  """A GPT-2-vocabulary export read with the byte tokenizer (fewer ids, so no vocabulary
+  error) was scored at the wrong EOS, with a log line at most."""
+  gpt2 = tokenize.load_tokenizer(gpt2_bpe_dir)
+  model = experiment.make_model({"arch": "decoder", "preset": "tiny_llama", "head": "reward",
+                                 "pooling": "last", "overrides": dict(TINY)},
+                                vocab_size=gpt2.vocab_size, seed=0)
+  hf_export.save_pretrained(model, tmp_path / "hf", tokenizer=gpt2, add_bos=False,
+                            pipeline={"max_length": 64, "add_bos": False})
+  config = test_eval_rm.eval_config(f"hf:{tmp_path / 'hf'}", f"run:{cut_run}")
+  config.hf_tokenizer = "byte"
+  with pytest.raises(scorers_lib.EvalInputError,
+                     match=rf"the tokenizer's EOS id is 258, but .* was trained with "
+                           rf"{gpt2.eos_id} \(eos_token_id in its config.json\)"):
+    eval_rm.run(config, str(tmp_path / "eval"))
+
+
+def test_a_run_of_the_other_kind_is_named(cut_run, tmp_path):
+  policy_run = tmp_path / "dpo"
+  (policy_run / "checkpoints" / "10").mkdir(parents=True)
+  (policy_run / "config.json").write_text(json.dumps({"model": {"head": None}}))
+  for scorer, message in [(f"rm:{policy_run}", rf"no reward head \(model.head=None: a "
+                                               rf"train_dpo or train_sft run\); .* as "
+                                               rf"dpo:{policy_run}"),
+                          (f"dpo:{cut_run}", rf"trained a reward model \(model.head='reward', "
+                                             rf"a train_rm run\); score it as rm:{cut_run}")]:
+    with pytest.raises(scorers_lib.EvalInputError, match=message):
+      eval_rm.run(test_eval_rm.eval_config(scorer, f"run:{cut_run}"), str(tmp_path / "eval"))
+
+
+def test_datasets_with_one_file_name_keep_their_sections_apart(tmp_path):
+  """a/test.jsonl and b/test.jsonl were both labelled jsonl:test.jsonl@train: one
+  section's figures overwrote the other's, and their scores shared one label."""
+  for folder, longer in (("a", "chosen"), ("b", "rejected")):
+    (tmp_path / folder).mkdir()
+    rows = [{"prompt": "Q", "chosen": " x", "rejected": " y", "id": str(i)} for i in range(8)]
+    for row in rows:
+      row[longer] += " and more"
+    (tmp_path / folder / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+  a, b = f"jsonl:{tmp_path / 'a' / 'test.jsonl'}", f"jsonl:{tmp_path / 'b' / 'test.jsonl'}"
+  report = eval_rm.run(test_eval_rm.eval_config("length", f"{a},{b}"), str(tmp_path / "eval"))
+  sections = {d["dataset"]: d["metrics"]["length"]["accuracy"]["value"]
+              for d in report["datasets"]}
+  assert sections == {f"{a}@train": 1.0, f"{b}@train": 0.0}
+  with pytest.raises(scorers_lib.EvalInputError, match=r"given more than once"):
+    eval_rm.run(test_eval_rm.eval_config("length", f"{a},{a}"), str(tmp_path / "eval2"))
