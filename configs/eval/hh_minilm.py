@@ -5,7 +5,9 @@ Command (after ``python -m experiments.train_rm --config=configs/rm/hh_minilm.py
   python -m experiments.eval_rm --config=configs/eval/hh_minilm.py --workdir=/tmp/eval_hh_minilm
 
 Override the run with ``--config.scorers=minilm=rm:DIR@best,length,shorter``. Pairs are
-cut as the RM was trained (prompt 32 tokens from the left, prompt+response 80).
+cut as each ``rm:`` run was trained (``configs/rm/hh_minilm.py``: prompt 32 tokens from the
+left, prompt+response 80); ``config.pipeline`` is left empty so that another RM keeps its
+own cuts.
 
 Expected (this 2-core CPU, measured 2026-12-05 on the conversation-disjoint split of
 builder 1.2.0, with ``--config.scorers=length,shorter``, 13 s): the baselines, accuracy
@@ -41,5 +43,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.scorers = "minilm=rm:/tmp/rm_hh_minilm,length,shorter"
   config.datasets = "hh_rlhf/harmless-base@resplit_test,pandalm@test"
   config.batch_size = 32
-  config.pipeline = dict(max_length=80, max_prompt_length=32, bucket_boundaries=(48,))
   return config
