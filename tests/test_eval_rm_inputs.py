@@ -60,7 +60,7 @@ def test_an_export_is_scored_as_its_run_trained_it(cut_run, tmp_path, caplog):
   rm, exported = scores["rm"], scores["exported"]
   assert len(rm) == len(exported) == 23
   np.testing.assert_allclose([exported[i] for i in rm], [rm[i] for i in rm], atol=1e-5)
-  config.pipeline = {"max_length": 32}
+  config.pipeline = {"max_length": 32, "batch_size": 8}  # batch_size: also set by rm:
   with caplog.at_level(logging.WARNING):
     eval_rm.run(config, str(tmp_path / "eval_longer"))
   changed = [r.getMessage() for r in caplog.records if "reads pairs unlike" in r.getMessage()]

@@ -406,13 +406,14 @@ def _run_pipeline(run: Any, eval_cfg: Any, scorer: str) -> pipeline_lib.Pipeline
   overrides = {"mode": "padded", "shuffle": False, "num_epochs": 1, "drop_remainder": False,
                "batch_size": batch_size}
   trained = experiment.pipeline_config(run.data, **overrides)
-  pcfg = experiment.pipeline_config(run.data, **overrides, **dict(eval_cfg.get("pipeline") or {}))
+  pcfg = experiment.pipeline_config(run.data, **{**overrides,
+                                                 **dict(eval_cfg.get("pipeline") or {})})
   warn_on_changed_text(scorer, trained.text_fields(), pcfg, "its training pipeline")
   return pcfg
 
 
 def warn_on_changed_text(scorer: str, trained: Mapping[str, Any],
-                          pcfg: pipeline_lib.PipelineConfig, what: str) -> None:
+                         pcfg: pipeline_lib.PipelineConfig, what: str) -> None:
   """``config.pipeline`` may cut or format pairs unlike training; say so, field by field."""
   changed = {k: (v, trained[k]) for k, v in pcfg.text_fields().items()
              if k in trained and v != trained[k]}
