@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import types
 
 import jax
 import ml_collections
@@ -196,6 +197,60 @@ def test_checkpoint_evaluations_are_cached_under_their_key(tmp_path, monkeypatch
   assert cached(3.0, retrained).per_prompt["gold"][0, 0] == 3.0 and evaluated == [1.0, 3.0]
   np.testing.assert_array_equal(cached(4.0, retrained).steps, [0, 5])
   assert evaluated == [1.0, 3.0]
+
+
+def test_a_stage_whose_binary_was_preempted_is_not_finished(tmp_path):
+  """A SIGTERM or Ctrl-C during a stage's binary wrote done.json for the truncated run, so
+  every rerun skipped it; the study then went on and exited 0."""
+  from experiments import preemption  # pylint: disable=import-outside-toplevel
+  stage = str(tmp_path / "rl" / "w8")
+  config = ml_collections.ConfigDict({"steps": 4})
+  for out in ({"preempted": True}, types.SimpleNamespace(preempted=True)):
+    with pytest.raises(text_world.StagePreempted) as stopped:
+      text_world.binary_stage(stage, lambda cfg, path, out=out: out, lambda: config,
+                              workdir=str(tmp_path))
+    assert stopped.value.code == preemption.PREEMPTED_EXIT_CODE
+    assert text_world.stage_run(stage) is None
+  calls = []
+  text_world.binary_stage(stage, lambda cfg, path: calls.append(1) or {}, lambda: config,
+                          workdir=str(tmp_path))
+  assert calls == [1] and text_world.stage_run(stage)
+
+
+def test_an_unfinished_stage_is_refused_under_another_config(tmp_path):
+  """A stage killed mid-run and rerun under a changed config resumed its checkpoints
+  (kl_coef 0.02 on every step) while done.json and the report recorded the new one."""
+  stage = str(tmp_path / "rl" / "w8")
+  with pytest.raises(KeyboardInterrupt):  # killed after the binary started
+    text_world.run_stage(stage, lambda: (_ for _ in ()).throw(KeyboardInterrupt()),
+                         key={"kl_coef": 0.02})
+  with pytest.raises(text_world.StaleStageError,
+                     match=r"holds an unfinished stage started with a different config "
+                           r"\(config.kl_coef: 0.02 -> 0.5\)"):
+    text_world.run_stage(stage, lambda: pytest.fail("resumed"), key={"kl_coef": 0.5})
+  assert text_world.run_stage(stage, lambda: {"accuracy": 1.0},
+                              key={"kl_coef": 0.02})["accuracy"] == 1.0
+
+
+def test_a_run_trained_again_is_evaluated_again(tmp_path, monkeypatch):
+  """The evaluation cache was keyed by the evaluation alone: a stage trained further after
+  its done.json was removed kept the trajectory of its first, shorter run."""
+  evaluated = []
+
+  def fake_trajectory(run_dir, policy_at, reference, evaluate):
+    evaluated.append(evaluate)
+    return text_world.Trajectory(np.array([0, 5]), {"gold": np.full((2, 3), evaluate)})
+
+  monkeypatch.setattr(text_world, "checkpoint_trajectory", fake_trajectory)
+  monkeypatch.setattr(text_world, "policy_loader", lambda *a, **k: None)
+  stage = str(tmp_path / "rl")
+  text_world.run_stage(stage, lambda: None, key={"steps": 4})
+  cached = lambda value: text_world.cached_trajectory(stage, None, None, value, key={"n": 3})
+  cached(1.0)
+  cached(2.0)
+  os.remove(os.path.join(stage, text_world.DONE_FILE))
+  text_world.run_stage(stage, lambda: None, key={"steps": 4})
+  assert cached(3.0).per_prompt["gold"][0, 0] == 3.0 and evaluated == [1.0, 3.0]
 
 
 def test_recorded_key_reads_a_finished_stage(tmp_path):

@@ -46,7 +46,11 @@ from prefjax.train import checkpoint as checkpoint_lib
 from prefjax.train import summary as summary_lib
 
 DONE_FILE = "done.json"
+STARTED_FILE = "started.json"  # the key of a stage that started; done.json's once finished
 TRAJECTORY_FILE = "trajectory.npz"
+# experiments/preemption.py's PREEMPTED_EXIT_CODE (a test checks they agree): this library
+# does not import the binaries' package.
+PREEMPTED_EXIT_CODE = 75
 
 
 def digest(*parts: Any) -> str:
@@ -55,7 +59,17 @@ def digest(*parts: Any) -> str:
 
 
 class StaleStageError(ValueError):
-  """A finished stage's folder holds outputs of a different configuration."""
+  """A stage's folder holds outputs of a different configuration."""
+
+
+class StagePreempted(SystemExit):
+  """A stage's binary stopped on SIGTERM or Ctrl-C after saving. The stage is not
+  finished (no ``done.json``): the study exits with the binaries' preemption code, and a
+  rerun with the same workdir resumes the stage."""
+
+  def __init__(self, path: str):
+    super().__init__(PREEMPTED_EXIT_CODE)
+    self.path = path
 
 
 def run_stage(path: str, fn: Callable[[], dict[str, Any] | None], *,
@@ -80,7 +94,11 @@ def run_stage(path: str, fn: Callable[[], dict[str, Any] | None], *,
     _check_stage_key(path, info.pop("key", None), key)
     info.pop("run", None)
     return files.from_standard_json(info)
+  started = _read(os.path.join(path, STARTED_FILE))
+  if started is not None:  # its checkpoints would be resumed under the new config
+    _check_stage_key(path, started.get("key"), key, what="an unfinished stage started")
   os.makedirs(path, exist_ok=True)
+  summary_lib.write_json(os.path.join(path, STARTED_FILE), {"key": key})
   start = time.time()
   info = dict(fn() or {})
   info["wall_s"] = time.time() - start
@@ -92,10 +110,13 @@ def run_stage(path: str, fn: Callable[[], dict[str, Any] | None], *,
 
 def _finished(path: str) -> dict[str, Any] | None:
   """What a finished stage in ``path`` recorded in its ``done.json`` (None: unfinished)."""
-  done = os.path.join(path, DONE_FILE)
-  if not os.path.exists(done):
+  return _read(os.path.join(path, DONE_FILE))
+
+
+def _read(file: str) -> dict[str, Any] | None:
+  if not os.path.exists(file):
     return None
-  with open(done) as f:
+  with open(file) as f:
     return json.load(f)
 
 
@@ -127,7 +148,8 @@ def evaluation_key(eval_cfg: Any, max_new_tokens: int, *, proxies: Mapping[str, 
               max_new_tokens=max_new_tokens, proxies=runs, reference=stage_identity(reference))
 
 
-def _check_stage_key(path: str, recorded: Any, wanted: Any) -> None:
+def _check_stage_key(path: str, recorded: Any, wanted: Any,
+                     what: str = "a finished stage made") -> None:
   if wanted is None or recorded == wanted:
     return
   if recorded is None:
@@ -145,7 +167,7 @@ def _check_stage_key(path: str, recorded: Any, wanted: Any) -> None:
                     for k in changed[:6])
   more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
   raise StaleStageError(
-      f"{path} holds a finished stage made with a different config ({shown}{more}); "
+      f"{path} holds {what} with a different config ({shown}{more}); "
       "delete that folder and the stages after it, or use a new workdir")
 
 
@@ -329,7 +351,8 @@ def cached_trajectory(run_dir: str, make_policy: Callable[[], nnx.Module],
   ``run_dir/trajectory.npz`` with ``key`` (what the evaluation depends on); a cache of
   another key is recomputed."""
   cache = os.path.join(run_dir, TRAJECTORY_FILE)
-  key_json = json.dumps(key, sort_keys=True, default=str)
+  # The run's own id joins the key: a run trained again (its stage rerun) is evaluated again.
+  key_json = json.dumps({"eval": key, "run": stage_run(run_dir)}, sort_keys=True, default=str)
   if os.path.exists(cache):
     with np.load(cache) as f:
       cached_key = str(f["key"]) if "key" in f.files else None
@@ -460,6 +483,11 @@ def binary_stage(path: str, run: Callable[[Any, str], Any],
 def _run_binary(run: Callable[[Any, str], Any], config: Any, workdir: str) -> dict[str, Any]:
   logging.info("overoptimization study: %s -> %s", run.__module__, workdir)
   out = run(config, workdir)
+  preempted = out.get("preempted") if isinstance(out, dict) else getattr(out, "preempted", False)
+  if preempted:
+    logging.warning("overoptimization study: %s stopped on a signal after saving; rerun with "
+                    "the same --workdir to resume it", workdir)
+    raise StagePreempted(workdir)
   metrics = out.get("eval") if isinstance(out, dict) else None
   for name, value in (metrics or {}).items():
     if name.endswith("accuracy"):
