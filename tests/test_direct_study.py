@@ -206,6 +206,12 @@ def test_d2_pass_and_fail():
   assert not result["pass"] and result["value"]["drop"] > 4 * result["value"]["drop_se"]
   assert re.search(r"KL not rising after the peak: it falls by up to 2\.\d\d nats between "
                    r"evaluations \(allowed 0\.48, 1% of the final\); FAIL$", result["detail"])
+  # Gold that never moves (SmolLM2's smoke run) read "no drop; ...; pass": 0 >= 2 x 0 SE.
+  steps = np.arange(0, 501, 50)
+  flat = _synthetic([0.1, 1.0], steps, np.stack([8 * steps / 500.0] * 2),
+                    np.zeros((2, len(steps))), np.zeros((2, len(steps))), noise=0.0)
+  result = dc.criterion_d2(flat, num_bootstrap=200)
+  assert not result["pass"] and "no drop; KL rising after the peak; FAIL" in result["detail"]
 
 
 def test_d3_pass_and_fail():

@@ -61,7 +61,7 @@ def criterion_d1(sweep: DaaSweep, *, num_se: float = 2.0, num_bootstrap: int = 1
             seed=seed)
   rl = fits.fit_rl(d, gold, **kw)
   quad = fits.fit_quadratic_kl(d * d, gold, **kw)
-  interior = 0 < peak < len(d) - 1 and drop >= num_se * drop_se
+  interior = 0 < peak < len(d) - 1 and drop >= num_se * max(drop_se, 1e-12)
   value = {"peak_d": float(d[peak]), "peak_gold": float(gold[peak]),
            "gold_at_max_d": float(gold[-1]), "max_d": float(d[-1]), "drop": drop,
            "drop_se": drop_se, "rmse_rl": rl.rmse, "rmse_quadratic_kl": quad.rmse,
@@ -90,7 +90,7 @@ def criterion_d2(sweep: DaaSweep, *, num_se: float = 2.0, kl_tolerance: float = 
   drop, drop_se, peak = bon.peak_drop(sweep.per_prompt_gold[k].T, num_bootstrap, seed)  # [P, T]
   after = np.diff(kl[peak:])
   rising = bool(kl[-1] > kl[peak] and (after >= -kl_tolerance * kl[-1]).all())
-  declined = peak < len(gold) - 1 and drop >= num_se * drop_se
+  declined = peak < len(gold) - 1 and drop >= num_se * max(drop_se, 1e-12)  # as G1
   value = {"beta": float(sweep.betas[k]), "peak_step": int(sweep.steps[peak]),
            "kl_rising": rising,
            "final_step": int(sweep.steps[-1]), "gold_peak": float(gold[peak]),
