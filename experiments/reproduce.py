@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from absl import app
+from absl import logging
 
 from experiments import common
 from experiments import hh_study
@@ -46,10 +47,9 @@ from prefjax.train import summary as summary_lib
 def _world_note(config: Any) -> str:
   seeds = list(config.bandit.world_seeds)
   if len(seeds) == 1:
-    return (f"One pinned world (seed {seeds[0]}): the best-of-n decline depends on the world "
-            "drawn, and this configuration has room for one. The seed was fixed before any "
-            "result of this code was seen, not picked among results; "
-            "`configs/reproduce/full.py` pools several worlds and shows each.")
+    return (f"One world (seed {seeds[0]}): the best-of-n decline depends on the world drawn, "
+            "so these curves are one draw; `configs/reproduce/full.py` pools several worlds "
+            "and shows each.")
   return (f"Worlds {seeds} pooled: each world's prompts are concatenated, so curves average "
           "over worlds and the bootstrap runs over all prompts; the per-world table below "
           "shows the spread.")
@@ -72,6 +72,11 @@ def _with_text_world(config: Any, workdir: str, found: list,
   if not seeds:  # one world, the seed in config.text.world
     results = text_study.run_text_study(config.text, root, study.Progress, world_cls=world_cls)
   else:  # several, pooled as the bandit world pools its worlds
+    unused = (config.text.get("world") or {}).get("seed")
+    if unused is not None and int(unused) not in seeds:
+      logging.warning("text.world.seed=%d is not used: text.world_seeds=%s sets each world's "
+                      "seed (set text.world_seeds=(%d,) for that world alone)", unused,
+                      tuple(seeds), unused)
     runs = []
     for seed in seeds:
       cfg = copy.deepcopy(config.text)
@@ -106,7 +111,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   found, figs, results, by_world = [], {}, None, {}
   if config.get("bandit") is not None:
     results = study.run_bandit_study(config.bandit, workdir)
-    picks = dict(smallest=int(config.bandit.smallest), n_fixed=int(config.bandit.data.n_fixed))
+    picks = dict(smallest=int(config.bandit.smallest), n_fixed=int(config.bandit.data.n_fixed),
+                 num_bootstrap=int(config.bandit.num_bootstrap))
     found, figs = report_lib.bandit_criteria(results, staging, **picks)
     by_world["bandit"] = report_lib.world_criteria(results, **picks)
     facts.update(world_seeds=list(config.bandit.world_seeds), wall_s=time.time() - start,

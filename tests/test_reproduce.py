@@ -148,6 +148,30 @@ def test_size_criteria_on_known_curves():
   assert not criteria.g1(flat, "").passed
 
 
+def test_the_criteria_bootstrap_as_many_resamples_as_the_config_asks():
+  """bandit.num_bootstrap reached the fits and figures, but G1, R2, C1 and C3 drew 1000
+  resamples whatever it said."""
+  good = [_setting(f"w{w}", 1.0, b) for w, b in ((4, 0.5), (8, 0.4))]
+  single = _setting("single", 1.0, 0.5)
+  declining = {"wco": good[0], "uwo": good[1]}
+  growth = {"mean": np.random.default_rng(0).normal(0.5, 0.1, (16, 3)),
+            "uwo": np.full((16, 3), 0.1)}
+  for num in (30, 400):
+    ses = [[r["se"] for r in criteria.g1(good, "", num_bootstrap=num).value],
+           [r["se"] for r in criteria.r2(good, "", num_bootstrap=num).value],
+           criteria.c1(single, declining, "", num_bootstrap=num).value["wco"]["decline_z"],
+           criteria.c3(growth, "", num_bootstrap=num).value["se"]]
+    assert ses == [[r["se"] for r in criteria.g1(good, "", num_bootstrap=num).value],
+                   [r["se"] for r in criteria.r2(good, "", num_bootstrap=num).value],
+                   criteria.c1(single, declining, "",
+                               num_bootstrap=num).value["wco"]["decline_z"],
+                   criteria.c3(growth, "", num_bootstrap=num).value["se"]]  # seeded
+    if num == 30:
+      few = ses
+  for a, b in zip(few, ses):
+    assert a != b
+
+
 def test_ensemble_criteria_on_known_curves():
   single = _setting("single", 1.0, 0.5)
   better = {k: _setting(k, 1.0, 0.05) for k in ("mean", "wco", "uwo")}
@@ -240,6 +264,13 @@ def test_config_check_accepts_every_shipped_config_and_variant(module, variants)
     ("text.rl.widths", (32,), r"text.rl.widths must be among text.proxy.widths \(8, 16\)"),
     ("text.proxy.widths", (16, 8), r"text.proxy.widths must"),  # G1-text reads the first two
     ("text.dpo.eval_every", 5, r"text.dpo.eval_every must be an integer in \[1, 4\]"),
+    # These failed minutes in, after the bandit world, naming no field:
+    ("text.rl.frontier_algorithms", ("ppo2",), r"text.rl.frontier_algorithms: 'ppo2' is not one "
+                                               r"of \('ppo', 'rloo'\)"),
+    ("text.rl.algorithm", "a2c", r"text.rl.algorithm: 'a2c' is not one of"),
+    ("text.world.gold", "teachr", r"text.world: gold must be one of \('char_mean', 'teacher'\)"),
+    ("text.world.repeat_threshold", 2.0, r"text.world.repeat_threshold must be .* in \(0.0, 1.0\]"),
+    ("text.dpo.losses", ("dpo", "ipo2"), r"text.dpo.losses: unknown direct loss 'ipo2'"),
 ])
 def test_config_check_names_the_field_and_its_range(field, value, message):
   from configs.reproduce import quick
@@ -258,6 +289,36 @@ def test_config_check_of_the_direct_stage():
   with pytest.raises(ValueError, match=r"bandit.direct.d3.eval_every must be an integer in "
                                        r"\[1, 40\]"):
     study_config.check(config)
+  config = _with(full.get_config("tiny"), **{"bandit.direct.num_pairs": 200})
+  with pytest.raises(ValueError, match=r"bandit.direct.num_pairs must be an integer >= 256 "
+                                       r"\(the sweeps' batch size"):
+    study_config.check(config)
+
+
+def test_the_direct_stage_trains_its_own_proxy_on_its_own_pair_count(monkeypatch):
+  """P1's RL reference reused the size sweep's proxy of that width whatever
+  bandit.direct.num_pairs said, though the DPO sweeps trained on that many pairs."""
+  from prefjax.overopt import study
+  trained, used = [], []
+
+  class World:
+    world, seed, scores = None, 0, {"w16": ["size-sweep proxy"]}
+
+    def proxies(self, label, **overrides):
+      trained.append((label, overrides))
+      self.scores[label] = [f"proxy of {overrides['num_pairs']} pairs"]
+      return self.scores[label]
+
+  monkeypatch.setattr(study, "direct_study_results",
+                      lambda world, proxy, cfg, betas: used.append(proxy))
+  for num_pairs in (500, 300):
+    config = _with(full.get_config("tiny"), **{"bandit.direct.num_pairs": num_pairs,
+                                               "bandit.direct.proxy_width": 16,
+                                               "bandit.sizes.num_pairs": 500,
+                                               "bandit.learned_policy.enabled": False})
+    study._first_world_extras(config.bandit, World(), None, None)  # pylint: disable=protected-access
+  assert used == ["size-sweep proxy", "proxy of 300 pairs"]
+  assert trained == [("w16_pairs300", {"width": 16, "num_pairs": 300})]
 
 
 def test_run_checks_the_config_before_writing_anything(tmp_path):

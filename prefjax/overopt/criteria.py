@@ -123,11 +123,12 @@ def _need_settings(name: str, settings: Sequence[curves_lib.SettingCurves]) -> N
     raise ValueError(f"{name}: need at least one setting, got none")
 
 
-def g1(smallest: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
+def g1(smallest: Sequence[curves_lib.SettingCurves], figure: str, *,
+       num_bootstrap: int = 1000) -> Criterion:
   _need_settings("g1", smallest)
   rows = []
   for s in smallest:
-    drop, se, peak = curves_lib.decline(s.bon)
+    drop, se, peak = curves_lib.decline(s.bon, num_bootstrap=num_bootstrap)
     interior = 0 < peak < len(s.bon.gold) - 1
     rows.append({"setting": s.label, "peak_n": float(s.bon.knob[peak]), "drop": drop,
                  "se": se, "z": drop / max(se, 1e-12), "interior": interior,
@@ -219,11 +220,12 @@ def r1(settings: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
                    f"{sum(ok.values())}/{len(ok)} sizes", figure)
 
 
-def r2(smallest: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
+def r2(smallest: Sequence[curves_lib.SettingCurves], figure: str, *,
+       num_bootstrap: int = 1000) -> Criterion:
   _need_settings("r2", smallest)
   rows = []
   for s in smallest:
-    drop, se, peak = curves_lib.decline(s.rl)
+    drop, se, peak = curves_lib.decline(s.rl, num_bootstrap=num_bootstrap)
     rows.append({"setting": s.label, "drop": drop, "se": se, "z": drop / max(se, 1e-12),
                  "interior": 0 < peak < len(s.rl.gold) - 1})
   passed = all(r["interior"] and r["z"] >= 2.0 for r in rows)
@@ -266,13 +268,15 @@ def r4(settings: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
 
 
 def c1(single: curves_lib.SettingCurves, ensembles: dict[str, curves_lib.SettingCurves],
-       figure: str, *, label_noise: float | None = None) -> Criterion:
+       figure: str, *, label_noise: float | None = None, num_bootstrap: int = 1000
+       ) -> Criterion:
   rows = {}
   for name in ("wco", "uwo"):
     e = ensembles[name]
-    drop, se, _ = curves_lib.decline(e.bon)
+    drop, se, _ = curves_lib.decline(e.bon, num_bootstrap=num_bootstrap)
     gain, gain_se = curves_lib.paired_difference(e.bon.per_prompt_gold[:, -1],
-                                                 single.bon.per_prompt_gold[:, -1])
+                                                 single.bon.per_prompt_gold[:, -1],
+                                                 num_bootstrap=num_bootstrap)
     rows[name] = {"decline_z": drop / max(se, 1e-12), "gain_at_n_max": gain,
                   "gain_z": gain / max(gain_se, 1e-12)}
   passed = all(r["decline_z"] < 2.0 and r["gain_z"] >= 2.0 for r in rows.values())
@@ -293,9 +297,10 @@ def c2(single: curves_lib.SettingCurves, ensembles: dict[str, curves_lib.Setting
                    ", ".join(f"{k} {v:.3f}" for k, v in drops.items()), figure)
 
 
-def c3(growth: dict[str, np.ndarray], figure: str) -> Criterion:
+def c3(growth: dict[str, np.ndarray], figure: str, *, num_bootstrap: int = 1000) -> Criterion:
   """``growth[name]``: [P, S] disagreement growth; compared at the largest n."""
-  diff, se = curves_lib.paired_difference(growth["mean"][:, -1], growth["uwo"][:, -1])
+  diff, se = curves_lib.paired_difference(growth["mean"][:, -1], growth["uwo"][:, -1],
+                                          num_bootstrap=num_bootstrap)
   passed = diff > 0
   return Criterion("C3", passed, {"mean_minus_uwo": diff, "se": se}, "> 0",
                    f"member disagreement grows {diff:+.3f} ± {se:.3f} more under mean than "

@@ -49,6 +49,7 @@ from prefjax.train import state as state_lib
 from prefjax.train import step as step_lib
 
 LOSSES = ("dpo", "ipo", "hinge")      # hinge is SLiC
+BATCH_SIZE = 256                      # pairs per step of daa_sweep's minibatch trainer
 
 
 class DaaSweep(NamedTuple):
@@ -278,7 +279,8 @@ def _pair_trainer(world: bandit.World, pairs: bandit.Pairs, loss_name: str,
 
 def daa_sweep(world: bandit.World, loss_name: str, betas: Sequence[float], *,
               num_pairs: int = 10_000, steps: int = 500, eval_every: int = 25, seed: int = 0,
-              policy: policy_net.PolicyConfig | None = None, batch_size: int | None = 256,
+              policy: policy_net.PolicyConfig | None = None,
+              batch_size: int | None = BATCH_SIZE,
               pairs: bandit.Pairs | None = None, trainer: str = "auto",
               **hparams: Any) -> DaaSweep:
   """Trains one policy per β with ``loss_name`` on gold-labelled π_ref pairs.

@@ -87,9 +87,11 @@ def coste_noise(results: study_lib.BanditResults) -> float:
 
 
 def bandit_criteria(results: study_lib.BanditResults, fig_dir: str, *, smallest: int = 2,
-                    n_fixed: int = 1000) -> tuple[list[C.Criterion], dict[str, str]]:
+                    n_fixed: int = 1000, num_bootstrap: int = 1000
+                    ) -> tuple[list[C.Criterion], dict[str, str]]:
   """Draws the bandit-world figures and evaluates G0–G5, R1–R4, C1–C3; G1 and R2 look at
-  the ``smallest`` widths (1 ≤ smallest ≤ number of widths), G5 at best-of-n n ≈ ``n_fixed``."""
+  the ``smallest`` widths (1 ≤ smallest ≤ number of widths), G5 at best-of-n n ≈ ``n_fixed``;
+  standard errors bootstrap ``num_bootstrap`` resamples of the prompts."""
   if not 1 <= smallest <= len(results.sizes):
     raise ValueError(f"smallest={smallest} must be in [1, {len(results.sizes)}] (the number "
                      "of proxy widths)")
@@ -122,15 +124,17 @@ def bandit_criteria(results: study_lib.BanditResults, fig_dir: str, *, smallest:
   rel = {k: os.path.join("figures", os.path.basename(v)) for k, v in figs.items()}
   out = _criteria(results, results.sizes, results.data, results.ensembles[noisy],
                   results.disagreement[noisy], results.estimator_checks, rel,
-                  smallest=smallest, n_fixed=n_fixed)
+                  smallest=smallest, n_fixed=n_fixed, num_bootstrap=num_bootstrap)
   if results.direct is not None:
-    direct_found, direct_figs = direct_stage_criteria(results.direct, fig_dir)
+    direct_found, direct_figs = direct_stage_criteria(results.direct, fig_dir,
+                                                      num_bootstrap=num_bootstrap)
     out += direct_found
     rel.update(direct_figs)
   return out, rel
 
 
-def direct_stage_criteria(direct: dict, fig_dir: str) -> tuple[list[C.Criterion], dict[str, str]]:
+def direct_stage_criteria(direct: dict, fig_dir: str, *, num_bootstrap: int = 1000
+                          ) -> tuple[list[C.Criterion], dict[str, str]]:
   """D1–D3 and P1 from the DPO-family sweeps (``study.direct_study_results``)."""
   sweeps = direct["sweeps"]
   figs = {"direct": figures.direct_sweeps(sweeps, os.path.join(fig_dir, "daa_gold_vs_kl.png"))}
@@ -143,7 +147,8 @@ def direct_stage_criteria(direct: dict, fig_dir: str) -> tuple[list[C.Criterion]
   figure_of = {"D1": "direct", "D2": "direct", "D3": "margins", "P1": "frontier",
                "P1_kl_matched": "frontier"}
   found = []
-  for name, r in direct_criteria.criteria(sweeps, direct["ppo"], d3_sweeps=d3).items():
+  for name, r in direct_criteria.criteria(sweeps, direct["ppo"], d3_sweeps=d3,
+                                          num_bootstrap=num_bootstrap).items():
     found.append(C.Criterion(name, r["pass"], r["value"], r["threshold"], r["detail"],
                              rel.get(figure_of[name], ""), world="bandit (first world)"))
   return found, rel
@@ -195,28 +200,31 @@ def _proxy_table(stats: Sequence[dict]) -> list[str]:
 
 def _criteria(results: study_lib.BanditResults, sizes: Sequence, data: Sequence,
               ensembles: dict, disagreement: dict, checks: Sequence[dict],
-              rel: dict[str, str], *, smallest: int, n_fixed: int) -> list[C.Criterion]:
+              rel: dict[str, str], *, smallest: int, n_fixed: int,
+              num_bootstrap: int) -> list[C.Criterion]:
   """G0–G5, R1–R4 and C1–C3 on one set of curves (pooled, or one world's)."""
   noisy = coste_noise(results)
   ens = {k: v for k, v in ensembles.items() if k != "single"}
   return [
       C.g0(sizes, checks, rel["estimators"]),
-      C.g1(sizes[:smallest], rel["gao_fig1"]),
+      C.g1(sizes[:smallest], rel["gao_fig1"], num_bootstrap=num_bootstrap),
       C.g2(sizes, rel["gao_fig1"]),
       C.g3(results.widths, sizes, rel["gao_fig3_size"]),
       C.g5(results.data_sizes, data, n_fixed, rel["data_curves"]),
       C.r1(sizes, rel["gao_fig1"]),
-      C.r2(sizes[:smallest], rel["gao_fig1"]),
+      C.r2(sizes[:smallest], rel["gao_fig1"], num_bootstrap=num_bootstrap),
       C.r3(sizes, rel["gao_fig3_size"]),
       C.r4(sizes, rel["gao_fig1"]),
-      C.c1(ensembles["single"], ens, rel["coste"], label_noise=noisy),
+      C.c1(ensembles["single"], ens, rel["coste"], label_noise=noisy,
+           num_bootstrap=num_bootstrap),
       C.c2(ensembles["single"], ens, rel["coste"]),
-      C.c3(disagreement, rel["disagreement"]),
+      C.c3(disagreement, rel["disagreement"], num_bootstrap=num_bootstrap),
   ]
 
 
 def world_criteria(results: study_lib.BanditResults, *, smallest: int = 2,
-                   n_fixed: int = 1000) -> dict[int, list[C.Criterion]]:
+                   n_fixed: int = 1000, num_bootstrap: int = 1000
+                   ) -> dict[int, list[C.Criterion]]:
   """The bandit criteria in each world on its own (world seed -> criteria, no figures).
 
   The pooled criteria bootstrap over the prompts of all worlds, which treats the worlds'
@@ -227,7 +235,7 @@ def world_criteria(results: study_lib.BanditResults, *, smallest: int = 2,
   no_figures = collections.defaultdict(str)
   return {seed: _criteria(results, w.sizes, w.data, w.ensembles[noisy],
                           w.disagreement[noisy], [w.estimator_check], no_figures,
-                          smallest=smallest, n_fixed=n_fixed)
+                          smallest=smallest, n_fixed=n_fixed, num_bootstrap=num_bootstrap)
           for seed, w in (results.worlds or {}).items()}
 
 

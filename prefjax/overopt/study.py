@@ -239,11 +239,13 @@ def _first_world_extras(config: Any, w: "_World", proxy: np.ndarray,
                                num_prompts=int(cfg.num_prompts))
     logging.info("world %d: learned-policy RL in %.1f s", w.seed, time.time() - tic)
   if config.direct.enabled:
-    width = int(config.direct.proxy_width)
+    width, num_pairs = int(config.direct.proxy_width), int(config.direct.num_pairs)
     label = f"w{width}"
-    scores = w.scores.get(label)
+    # The size sweep's proxy of this width, where it was trained on the sweeps' pair count.
+    scores = w.scores.get(label) if num_pairs == int(config.sizes.num_pairs) else None
     if scores is None:
-      scores = w.proxies(label, width=width, num_pairs=int(config.direct.num_pairs))
+      own = label if label not in w.scores else f"{label}_pairs{num_pairs}"
+      scores = w.proxies(own, width=width, num_pairs=num_pairs)
     direct = direct_study_results(w.world, scores[0], config.direct, betas)
   return rows, direct
 

@@ -14,10 +14,13 @@ import math
 import numbers
 from typing import Any, Sequence
 
+from prefjax.losses import registry as loss_registry
 from prefjax.overopt import bandit
 from prefjax.overopt import bon
 from prefjax.overopt import direct_study
 from prefjax.overopt import policy_net
+from prefjax.rl import algorithms as rl_algorithms
+from prefjax.rl import rewards as rl_rewards
 
 
 def check(config: Any) -> None:
@@ -97,6 +100,31 @@ def check_text(cfg: Any, name: str = "text") -> None:
        why=" (SEs bootstrap over prompts)")
   _int(f"{name}.eval.samples_per_prompt", cfg.eval.samples_per_prompt, lo=1)
   _int(f"{name}.eval.seed", cfg.eval.seed, lo=0)
+  _check_text_names(cfg, name)
+
+
+def _check_text_names(cfg: Any, name: str) -> None:
+  """The world, RL algorithms and DPO losses by name: each would otherwise fail only when
+  its stage starts, minutes in, with a message that does not name the field."""
+  if cfg.get("world") is not None:  # the text world's (the HH world has none)
+    try:
+      world = rl_rewards.world_from_config(dict(cfg.world))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{name}.world: {e}") from e
+    _real(f"{name}.world.repeat_threshold", world.repeat_threshold, lo=0.0, hi=1.0,
+          lo_open=True, why=" (the share of a response one character may fill before gold "
+                            "falls)")
+  algorithms = [("algorithm", cfg.rl.get("algorithm", "rloo"))]
+  algorithms += [("frontier_algorithms", a) for a in cfg.rl.get("frontier_algorithms", ())]
+  for field, algorithm in algorithms:
+    if algorithm not in rl_algorithms.ALGORITHMS:
+      raise ValueError(f"{name}.rl.{field}: {algorithm!r} is not one of "
+                       f"{rl_algorithms.ALGORITHMS}")
+  for loss in cfg.dpo.losses:
+    try:
+      loss_registry.direct_loss_spec(loss)
+    except KeyError as e:
+      raise ValueError(f"{name}.dpo.losses: {e.args[0]}") from e
 
 
 def _check_grids(cfg: Any, name: str) -> None:
@@ -158,8 +186,10 @@ def _check_direct(cfg: Any, name: str) -> None:
     raise ValueError(f"{name}.kl_range must be (low, high) with 0 < low < high, got "
                      f"{tuple(kl_range)}")
   _int(f"{name}.proxy_width", cfg.proxy_width, lo=1)
+  _int(f"{name}.num_pairs", cfg.num_pairs, lo=direct_study.BATCH_SIZE,
+       why=" (the sweeps' batch size, direct_study.BATCH_SIZE)")
+  _int(f"{name}.d3.num_pairs", cfg.d3.num_pairs, lo=1)  # D3 trains full-batch
   for sub, c in ((name, cfg), (f"{name}.d3", cfg.d3)):
-    _int(f"{sub}.num_pairs", c.num_pairs, lo=1)
     steps = _int(f"{sub}.steps", c.steps, lo=1)
     _int(f"{sub}.eval_every", c.eval_every, lo=1, hi=steps, why=f" (at most {sub}.steps)")
 

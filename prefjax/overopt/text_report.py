@@ -155,10 +155,10 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str | None, *,
                         sweeps, rl_arm, others, rl_width))
   smallest = bon_settings[:min(2, len(bon_settings))]
   found = [
-      _renamed(C.g1(smallest, rel["text_bon"]), "G1", world),
+      _renamed(C.g1(smallest, rel["text_bon"], num_bootstrap=num_bootstrap), "G1", world),
       _renamed(C.g2(bon_settings, rel["text_bon"]), "G2", world),
       _renamed(C.g3(widths, bon_settings, rel["text_fits"]), "G3", world),
-      _renamed(C.r2(rl_settings[:1], rel["text_rl"]), "R2", world),
+      _renamed(C.r2(rl_settings[:1], rel["text_rl"], num_bootstrap=num_bootstrap), "R2", world),
       _renamed(C.r4(rl_settings, rel["text_rl"]), "R4", world),
   ]
   curves = {"bon": bon_settings, "rl": rl_settings, "sweeps": sweeps}
