@@ -232,7 +232,9 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   rl_widths = [int(w) for w in cfg.rl.widths]
   dpo_runs = text_world.dpo_runs(cfg.dpo)
   frontier_algorithms = tuple(cfg.rl.get("frontier_algorithms", ()))
-  progress = progress_cls(tw.progress_label, 2 + 2 * len(widths) + 2 * len(rl_widths)
+  seed = (cfg.get("world") or {}).get("seed")
+  stage = tw.progress_label if seed is None else f"{tw.progress_label} seed {seed}"
+  progress = progress_cls(stage, 2 + 2 * len(widths) + 2 * len(rl_widths)
                           + 2 * len(frontier_algorithms) + 2 * len(dpo_runs))
   reference_dir, binary, make_config, label = tw.reference_stage()
   info = text_world.binary_stage(reference_dir, binary, make_config, workdir=workdir)

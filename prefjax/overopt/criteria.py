@@ -199,14 +199,18 @@ def g5(data_sizes: Sequence[int], settings: Sequence[curves_lib.SettingCurves], 
   if not lo <= n_fixed <= hi:
     raise ValueError(f"g5: n_fixed={n_fixed} must lie in [{lo:.0f}, {hi:.0f}], the best-of-n "
                      "ns of the curves")
-  golds = []
+  golds, ns = [], []
   for s in settings:
     j = int(np.argmin(np.abs(s.bon.knob - n_fixed)))
     golds.append(float(s.bon.gold[j]))
+    ns.append(float(s.bon.knob[j]))
   order = np.argsort(data_sizes)
   increasing = bool(np.all(np.diff(np.asarray(golds)[order]) > 0))
-  return Criterion("G5", increasing, {"num_pairs": list(map(int, data_sizes)), "gold": golds},
-                   "strictly increasing", f"gold at n≈{n_fixed} for "
+  used = ", ".join(f"{n:g}" for n in sorted(set(ns)))
+  return Criterion("G5", increasing, {"num_pairs": list(map(int, data_sizes)), "gold": golds,
+                                      "n": ns},
+                   "strictly increasing", f"gold at n = {used} (the curves' n nearest "
+                   f"{n_fixed}) for "
                    + ", ".join(f"N={n}: {g:.3f}" for n, g in zip(data_sizes, golds)), figure)
 
 
@@ -256,8 +260,8 @@ def r4(settings: Sequence[curves_lib.SettingCurves], figure: str) -> Criterion:
                  "rl_peak_interior": j < len(s.rl.gold) - 1})
   passed = all(r["bon_peak_interior"] and r["kl_peak_rl"] > r["kl_peak_bon"] for r in rows)
   return Criterion("R4", passed, rows, "KL_peak(RL) > KL_peak(BoN) for every size",
-                   ", ".join(f"{r['setting']}: {r['kl_peak_rl']:.1f} vs {r['kl_peak_bon']:.1f} "
-                             "nats" + ("" if r["bon_peak_interior"] else
+                   ", ".join(f"{r['setting']}: RL {r['kl_peak_rl']:.1f} vs best-of-n "
+                             f"{r['kl_peak_bon']:.1f} nats" + ("" if r["bon_peak_interior"] else
                                        " (best-of-n not peaked by its largest n)")
                              + ("" if r["rl_peak_interior"] else
                                 " (RL highest at its largest KL: a lower bound)")

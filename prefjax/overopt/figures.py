@@ -98,7 +98,8 @@ def fit_coefficients(sizes: Sequence[float], settings: Sequence[curves_lib.Setti
       value = np.array([getattr(f, coef) for f in fitted])
       ci = np.array([getattr(f, f"{coef}_ci") for f in fitted])
       err = np.abs(ci.T - value)
-      ax.errorbar(sizes, value, yerr=np.nan_to_num(err), marker=marker, capsize=3,
+      # A missing CI (too few prompts to bootstrap) draws no bar, not a zero-width one.
+      ax.errorbar(sizes, value, yerr=err, marker=marker, capsize=3,
                   label=f"{'best-of-n' if method == 'bon' else 'RL'} {coef}")
   for ax, coef in zip(axes, ("α (gain per √nat)", "β (overoptimization)")):
     ax.set_xscale("log", base=2)
@@ -143,7 +144,7 @@ def estimator_check(check: dict, path: str) -> str:
     ax.plot(check["ns"], check[key], style, label=key.replace("_gold", ""))
   ax.set_xscale("log", base=2)
   where = f", world {check['world']}" if "world" in check else ""
-  ax.set_title(f"Best-of-n estimators agree\n(smallest proxy, member seed 0{where})")
+  ax.set_title(f"Best-of-n estimators against exact (G0)\n(smallest proxy, member seed 0{where})")
   _axes(ax, "n (best-of-n)", "gold (SD under π_ref), raw")
   return _save(fig, path)
 

@@ -371,6 +371,8 @@ def _bandit_json(results: study_lib.BanditResults) -> dict[str, Any]:
 def _bandit_sections(results: study_lib.BanditResults, figs: dict[str, str]) -> list[str]:
   md = ["## Fits by proxy size", ""] + _fit_table(results.sizes, "width") + [""]
   md += ["## Fits by proxy training pairs", ""] + _fit_table(results.data, "setting") + [""]
+  if figs.get("gao_fig3_data"):
+    md += [f"![fit coefficients by training pairs]({figs['gao_fig3_data']})", ""]
   md += ["## Proxies", ""] + _proxy_table(results.proxy_stats) + [""]
   md += ["## Each world on its own", ""] + _per_world_table(results.per_world) + [""]
   if results.learned_policy:
