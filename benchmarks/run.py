@@ -359,7 +359,9 @@ def step_flops(name: str, info: dict[str, Any], timed: list[dict[str, np.ndarray
   reads_logits = "dpo" in kind or kind == "ref_precompute"
   count = functools.partial(analytic_flops, lm_head=reads_logits, passes=passes,
                             num_layers=spec.get("decoder", {}).get("num_layers"))
-  pooled = [pooled_counts(b) if kind.startswith("rm") else None for b in timed]
+  # The same credit for the same rows in either framework: PyTorch runs its last block at
+  # every slot, but an RM needs it at the pooled slots only (as prefjax computes it).
+  pooled = [pooled_counts(b) if kind.startswith(("rm", "torch_rm")) else None for b in timed]
   heads = [float(np.count_nonzero(b["loss_mask"])) if reads_logits else None for b in timed]
   if torch:  # rows cut to the longest: each row's triangle (analytic_flops' default)
     return [count(r, t, pooled=q, lm_head_slots=h)
