@@ -92,6 +92,17 @@ def drift_warning(ceiling_start: float, ceiling_end: float, limit: float = 1.15)
           "read the adjacent columns, or compare within one process")
 
 
+def load_warning(rows: list[dict], cores: int) -> str:
+  """A line naming the cases that ended with more load than their own (about ``cores``)."""
+  busy = [f"{r['case']} ({r['load_average_1m_after']:.1f})" for r in rows
+          if r.get("load_average_1m_after", 0) > cores + 0.5]
+  if not busy:
+    return ""
+  return (f"warning: other work shared this {cores}-core machine during {', '.join(busy)} "
+          "(1-minute load average when each ended): PyTorch's and Hugging Face's threads "
+          "slow far more than XLA's under such load, so their ratios are unreliable")
+
+
 def ensemble_line(case: str, speedup: dict[str, float | None], baseline: str) -> str:
   adjacent = speedup["vs_4_sequential_adjacent"]
   return (f"{case}: {speedup['vs_4_sequential']:.2f}× the speed of 4 steps of {baseline}"

@@ -27,7 +27,10 @@ the higher used: a low reading means something else had the cores, and dividing 
 it would inflate MFU); ``mfu_adjacent`` sets the same FLOPs against the same dot probed
 right before the first timed step and after each one (``adjacent_mfu``), which follows a
 VM whose speed drifts during the run. Also peak RSS, and the number of compiles during
-the timed steps (must be 0). Rates (tokens/s, FLOP/s, MFU) are the timed steps' summed work over
+the timed steps (must be 0), the 1-minute load average when the case ended
+(``load_average_1m_after``: the case itself adds about the core count; more means other
+work shared the machine, which slows PyTorch's threads far more than XLA's) and, in
+PyTorch and generation rows, ``torch_threads``. Rates (tokens/s, FLOP/s, MFU) are the timed steps' summed work over
 their summed time (``total_rate``). ``rm_step_hh``, ``dpo_step_hh_cached`` and ``dpo_step_hh_live``
 use the project's fast layout for decoder pair training (``configs/dpo/smollm2_hh.py``'s
 default): each pair packed as one ``prompt | chosen | rejected`` sequence
@@ -459,8 +462,18 @@ def _child(name: str, steps: int) -> dict[str, Any]:
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if proc.returncode:
     return {"case": name, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
-  return {**json.loads(proc.stdout.strip().splitlines()[-1]),
-          "glibc_tunables": env.get("GLIBC_TUNABLES", "")}
+  row = json.loads(proc.stdout.strip().splitlines()[-1])
+  if "torch" in name or "generate" in name:  # PyTorch's threads collapse under other load
+    row["torch_threads"] = _torch_threads(env)
+  return {**row, "glibc_tunables": env.get("GLIBC_TUNABLES", ""),
+          "load_average_1m_after": round(os.getloadavg()[0], 2)}
+
+
+def _torch_threads(env: dict[str, str]) -> int | None:
+  """The intra-op threads PyTorch takes in a case's environment (None: not installed)."""
+  proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                        capture_output=True, text=True, env=env)
+  return int(proc.stdout) if proc.returncode == 0 else None
 
 
 def _child_environment(name: str) -> dict[str, str]:
@@ -546,6 +559,8 @@ def main(argv: list[str] | None = None) -> None:
     next(r for r in rows if r["case"] == case).update(speedup)
     print(report.ensemble_line(case, speedup, ENSEMBLE_BASELINES[case]))
   if warning := report.drift_warning(ceiling_start, ceiling_end):
+    print(warning)
+  if warning := report.load_warning(rows, os.cpu_count() or 1):
     print(warning)
   write_json(args.json, rows)
 

@@ -259,3 +259,11 @@ def test_generation_roofline_takes_the_slower_of_flops_and_bytes_per_decode_step
   step_bytes = generation.roofline_s(gqa, 1, 3, 2, flop_s=1e12, byte_s=1.0) - \
       generation.roofline_s(gqa, 1, 3, 1, flop_s=1e12, byte_s=1.0)
   assert step_bytes == pytest.approx((32 + 16 + 96 + 64) * 4 + 4 * (2 * 1 * 2 * 4))
+
+
+def test_a_case_that_ended_under_other_load_is_named():
+  rows = [{"case": "rm_step_hh", "load_average_1m_after": 2.1},
+          {"case": "generate_25m_b1_greedy", "load_average_1m_after": 3.02}]
+  line = report.load_warning(rows, cores=2)
+  assert "generate_25m_b1_greedy (3.0)" in line and "rm_step_hh" not in line
+  assert report.load_warning(rows[:1], cores=2) == ""
