@@ -1,7 +1,7 @@
 r"""Evaluates reward models (and DPO policies, HF reward models, baselines) on preference data.
 
   python -m experiments.eval_rm --config=configs/eval/tiny.py --workdir=/tmp/eval_tiny \
-      --config.scorers=rm:/tmp/rm_tiny,ens=rm:/tmp/rm_ens@best,dpo:/tmp/dpo_tiny,length,gold \
+      --config.scorers=rm:/tmp/rm_tiny,ens=rm:/tmp/rm_ens,dpo:/tmp/dpo_tiny,length,gold \
       --config.datasets=run:/tmp/rm_tiny,pandalm@test
 
 Scorers (``prefjax.evals.scorers``): ``rm:WORKDIR`` (a ``train_rm`` run rebuilt from

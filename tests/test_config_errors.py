@@ -358,3 +358,18 @@ def test_work_that_does_not_split_over_processes_refuses_several(monkeypatch, tm
   with pytest.raises(configlib.ConfigError, match=r"a run without config.mesh.shape runs in "
                                                   r"one process"):
     experiment.make_optional_mesh({"mesh": {"shape": ()}})
+
+
+def _config_modules():
+  root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+  return [f"configs.{path.parent.name}.{path.stem}" for path in root.glob("*/*.py")
+          if not path.name.startswith("_")]
+
+
+@pytest.mark.parametrize("name", sorted(_config_modules()))
+def test_every_config_refuses_a_variant_it_does_not_have(name):
+  """configs/rm/pandalm_ties.py passed any variant on to hh_minilm's, so ':cls' built an
+  undocumented model and a typo was answered with hh_minilm's variants."""
+  import importlib
+  with pytest.raises(ValueError, match=r"'bogus'"):
+    importlib.import_module(name).get_config("bogus")

@@ -4,7 +4,10 @@ COMMAND (GPU; the reward models come from experiments.train_rm, see configs/rl/s
   python -m experiments.best_of_n --config=configs/bon/smollm2.py --workdir=/tmp/bon_smollm2 \
       --config.proxy.checkpoint=/tmp/rm_proxy --config.gold.checkpoint=/tmp/rm_gold
   Ensemble proxy (K=4 heads, worst-case aggregation of the members standardized over all
-  the samples, as Coste et al. do):
+  the samples, as Coste et al. do), from a proxy trained with 4 heads
+  (``train_rm --config=configs/rm/hh_minilm.py --config.model.head=reward_ensemble:4
+  --workdir=/tmp/rm_proxy_ens``; a one-head proxy's checkpoint does not load into 4):
+      --config.proxy.checkpoint=/tmp/rm_proxy_ens \
       --config.proxy.model.head=reward_ensemble:4 --config.proxy.aggregation=wco
   (CPU smoke test: configs/bon/smollm2.py:quick.)
 

@@ -14,9 +14,9 @@ steps of 16 pairs with evals (KL sampling included) at steps 100/200/300.
 Held-out implicit-reward accuracy (211 pairs; chance 0.5) and KL(π‖π_ref) in nats:
   from the random init:       0.86 / 0.85 at steps 200 / 300, KL 17 / 53
                               (the random reference is near-uniform over bytes);
-  from configs/sft/tiny.py:   0.86 / 0.86, KL 8.5 / 8.4 (k3 7.6 / 8.2: k3 is
+  from configs/sft/tiny.py:   0.86 / 0.86, KL 8.4 / 8.6 (k3 7.6 / 7.1: k3 is
                               noisier at this KL; kl/exact is the low-variance estimate).
-  (KL remeasured 2026-12-01 after the inverse-CDF sampler, 8511f61.)
+  (KL remeasured 2026-12-06 after the sampler fix 1fc2d9a; 8.5 / 8.4, k3 7.6 / 8.2 before.)
 ``:quick`` (40 steps, saved only at the end): accuracy 0.83. Every registered loss
 reaches > 0.62 after 30 steps of a 1-layer model (tests/test_train_dpo.py).
 """

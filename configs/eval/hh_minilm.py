@@ -4,7 +4,8 @@ Command (after ``python -m experiments.train_rm --config=configs/rm/hh_minilm.py
 --workdir=/tmp/rm_hh_minilm``):
   python -m experiments.eval_rm --config=configs/eval/hh_minilm.py --workdir=/tmp/eval_hh_minilm
 
-Override the run with ``--config.scorers=minilm=rm:DIR@best,length,shorter``. Pairs are
+Override the run with ``--config.scorers=minilm=rm:DIR,length,shorter`` (its latest
+checkpoint; ``rm:DIR@best`` needs a run trained with ``--config.loop.best_metric``). Pairs are
 cut as each ``rm:`` run was trained (``configs/rm/hh_minilm.py``: prompt 32 tokens from the
 left, prompt+response 80); ``config.pipeline`` is left empty so that another RM keeps its
 own cuts.

@@ -40,8 +40,8 @@ the reference's forward):
   6.3M; RLOO 2 × 100 steps × 64 × 48 = 0.61M; checkpoint evaluation 30 × 256 × 48 = 0.37M;
   total ≈ 7.7M tokens ≈ 2.1 PFLOP;
   trained tokens: RLOO 2 × 100 × 64 × 176 = 2.3M, DPO 4 × 100 × 32 × 176 = 2.3M,
-  ≈ 4.5M × 1.1 GFLOP ≈ 4.9 PFLOP; gold (MiniLM, 300 steps) ≈ 20 min on CPU
-  (configs/rm/hh_minilm.py: 150 steps in 9.6 min), proxies minutes.
+  ≈ 4.5M × 1.1 GFLOP ≈ 4.9 PFLOP; gold (MiniLM, 300 steps) ≈ 6 min on a quiet CPU
+  (configs/rm/hh_minilm.py: 150 steps in 2 min 49 s), proxies minutes.
   CPU: ≈ 7 PFLOP at the ≈ 85 GFLOP/s a train step reaches here ≈ 23 h: about a day.
   One GPU (H100/H200): the arithmetic is ≈ 1–2 min at 100 TFLOP/s; the run is bounded by
   16 binary start-ups (loading SmolLM2 or MiniLM and compiling: ≈ 1 min each), 30

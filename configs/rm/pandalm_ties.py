@@ -28,6 +28,8 @@ from configs.rm import hh_minilm
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None or ``quick``, as in ``configs/rm/hh_minilm.py``; ``bt`` drops the tie model."""
+  if arg not in (None, "", "quick", "bt"):
+    raise ValueError(f"unknown variant {arg!r}; known: quick, bt")
   config = hh_minilm.get_config(None if arg == "bt" else arg)
   config.data.name = "pandalm"
   config.data.pipeline.update(max_length=128, max_prompt_length=48, bucket_boundaries=(64,))
