@@ -371,5 +371,16 @@ def test_every_config_refuses_a_variant_it_does_not_have(name):
   """configs/rm/pandalm_ties.py passed any variant on to hh_minilm's, so ':cls' built an
   undocumented model and a typo was answered with hh_minilm's variants."""
   import importlib
-  with pytest.raises(ValueError, match=r"'bogus'"):
-    importlib.import_module(name).get_config("bogus")
+  import re
+  module = importlib.import_module(name)
+  with pytest.raises(ValueError, match=r"'bogus'") as refused:
+    module.get_config("bogus")
+  message = str(refused.value)
+  if "has none" in message:
+    return
+  listed = re.split(r"known:|expected|use", message)[-1]
+  variants = set(re.findall(r"\w+", listed)) - {"none", "or"}
+  assert variants, message
+  for variant in variants:  # the variants it names are its own, documented in its header
+    assert f":{variant}" in module.__doc__, (name, variant)
+    module.get_config(variant)
