@@ -1,16 +1,20 @@
 """Files replaced whole (``write_atomically``); a workdir held by one run (``exclusive``);
-standard JSON for every JSON file the project writes (``dumps``, ``read_json``)."""
+standard JSON for every JSON file the project writes (``dumps``, ``read_json``); the
+source hash caches key on (``source_digest``)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import hashlib
+import inspect
 import json
 import math
 import os
 import pathlib
 import threading
+from types import ModuleType
 from typing import IO, Any, Callable, Iterator, Mapping
 
 from absl import logging
@@ -134,3 +138,12 @@ def read_json(path: str | os.PathLike[str]) -> Any:
   an older file's bare ``NaN`` reads as NaN too)."""
   with open(path, encoding="utf-8") as f:
     return from_standard_json(json.load(f))
+
+
+def source_digest(*modules: ModuleType) -> str:
+  """A short hash of ``modules``' source files: a cache keyed by config alone would keep
+  serving what older code computed after that code changed (any edit invalidates it)."""
+  h = hashlib.sha256()
+  for module in modules:
+    h.update(pathlib.Path(inspect.getfile(module)).read_bytes())
+  return h.hexdigest()[:12]

@@ -468,3 +468,8 @@ def test_cached_proxies_keep_their_training_wall_time(tmp_path, monkeypatch):
   _, cached = study._cached_proxies(str(tmp_path), "w4", world, cfg, [0])
   assert (fresh["wall_s"], fresh["cached"]) == (12.5, False)
   assert (cached["wall_s"], cached["cached"]) == (12.5, True)
+  # Proxies trained by other code (bandit.py edited since) are trained again, not reused.
+  from prefjax import files
+  monkeypatch.setattr(files, "source_digest", lambda *modules: "edited")
+  _, after_edit = study._cached_proxies(str(tmp_path), "w4", world, cfg, [0])
+  assert after_edit["cached"] is False

@@ -91,8 +91,10 @@ def proxy_config(config: Any, **overrides: Any) -> bandit.ProxyConfig:
 
 def _cached_proxies(workdir: str, name: str, world: bandit.World, cfg: bandit.ProxyConfig,
                     seeds: Sequence[int]) -> tuple[np.ndarray, dict]:
-  """Trains K proxies or reads them from ``workdir/proxies/NAME.npz`` (keyed by config)."""
-  key = repr((dataclasses.astuple(world.config), dataclasses.astuple(cfg), tuple(seeds)))
+  """Trains K proxies or reads them from ``workdir/proxies/NAME.npz`` (keyed by config and
+  by the source of the code that draws the world and trains the proxies)."""
+  key = repr((dataclasses.astuple(world.config), dataclasses.astuple(cfg), tuple(seeds),
+              files.source_digest(bandit)))
   # Named by what was trained, so two stages asking for the same proxies share them.
   digest = hashlib.sha256(key.encode()).hexdigest()[:12]
   path = os.path.join(workdir, "proxies", f"{name}_{digest}.npz")
