@@ -124,6 +124,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                            "pairs_seed": int(config.text.pairs.seed),
                            "eval_seed": int(config.text.eval.seed)}
     found, text_figs, extra, by_seed = _with_text_world(config, workdir, found, staging)
+    for criteria in by_world.get("bandit", {}).values():  # named as the pooled ones are
+      for c in criteria:
+        if c.name in text_report.CARRIES:
+          c.name = f"{c.name}-bandit"
     if by_seed:
       by_world[by_seed[next(iter(by_seed))][0].world] = by_seed
     figs.update(text_figs)
