@@ -141,6 +141,7 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
                                       dtype=_dtype(cfg.get("dtype")), pooling=pooling,
                                       score_head=cfg.get("score_head", "if_fits"))
     trunk = getattr(model, "trunk", model)
+    _warn_on_unapplied_overrides(cfg.get("overrides") or {}, trunk.config, cfg["path"])
     _check_vocabulary(vocab_size, trunk.config.vocab_size, cfg["path"])
     _set_switches(trunk, switches, cfg)
     return model
@@ -152,6 +153,17 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
                        f"{heads_lib.DeepEnsemble.FORWARDS}, got {forward!r}")
     return heads_lib.DeepEnsemble(lambda rngs: build(rngs, "reward"), seeds, forward=forward)
   return build(nnx.Rngs(seed), head)
+
+
+def _warn_on_unapplied_overrides(overrides: dict[str, Any], config: Any, path: str) -> None:
+  """``model.overrides`` shape a random model only; a loaded one keeps its own config."""
+  same = lambda a, b: (tuple(a) if isinstance(a, list) else a) == (  # noqa: E731
+      tuple(b) if isinstance(b, list) else b)
+  differ = {k: (v, getattr(config, k)) for k, v in overrides.items()
+            if hasattr(config, k) and not same(getattr(config, k), v)}
+  if differ:
+    logging.warning("model.overrides are not applied to the model loaded from %s: %s", path,
+                    ", ".join(f"{k}={v!r} (loaded: {got!r})" for k, (v, got) in differ.items()))
 
 
 def _check_vocabulary(tokenizer_vocab: int, model_vocab: int, path: str) -> None:

@@ -139,6 +139,10 @@ def test_rows_without_the_subset_field_form_the_none_subset():
   metas = [{"subset": "chat"}, None, {"subset": 3}, {}]
   assert rm_evaluation.subset_names(metas, "subset") == (["chat", "(none)", "3", "(none)"], 2)
   assert rm_evaluation.subset_names([{}, None], "subset") == (None, 0)  # No subsets at all.
+  # A pair labelled with two objectives: one subset, not the repr of a Python list.
+  assert rm_evaluation.subset_names([{"objective": ["helpful", "harmless"]},
+                                     {"objective": "helpful"}], "objective") == (
+      ["helpful+harmless", "helpful"], 0)
   with pytest.raises(ValueError, match=r"row 1 of the eval split has meta.subset = '\(none\)'"):
     rm_evaluation.subset_names([{"subset": "a"}, {"subset": "(none)"}], "subset")
 

@@ -156,3 +156,47 @@ def test_datasets_with_one_file_name_keep_their_sections_apart(tmp_path):
   assert sections == {f"{a}@train": 1.0, f"{b}@train": 0.0}
   with pytest.raises(scorers_lib.EvalInputError, match=r"given more than once"):
     eval_rm.run(test_eval_rm.eval_config("length", f"{a},{a}"), str(tmp_path / "eval2"))
+
+
+def test_only_a_bradley_terry_policy_is_scored_for_calibration(monkeypatch):
+  """dpo: scores of every direct loss were reported with log-loss, ECE and reliability
+  plots of σ(margin), a probability only under the losses that are −log σ(margin)."""
+  from prefjax.losses import registry
+  probabilistic = {n for n, s in registry.DIRECT_LOSS_SPECS.items() if s.bradley_terry}
+  assert {"dpo", "robust", "sigmoid_norm"} <= probabilistic
+  assert not probabilistic & {"ipo", "hinge", "kto", "simpo", "orpo"}
+
+  class _Pipeline:  # one batch of two pairs, then done
+    counters: dict = {}
+
+    def __init__(self):
+      self.batches = [{"pair_mask": np.ones(2), "example_index": np.array([0, 1])}]
+
+    def __iter__(self):
+      return self
+
+    def __next__(self):
+      if not self.batches:
+        raise StopIteration
+      return self.batches.pop()
+
+  monkeypatch.setattr(scorers_lib, "check_tokenizer", lambda *a, **k: None)
+  monkeypatch.setattr(scorers_lib.pipeline_lib, "preference_dataset", lambda *a: _Pipeline())
+  for calibrated in (True, False):
+    scorer = scorers_lib.ModelScorer(
+        "policy", None, None, lambda batch: (np.array([1.0, 0.5]), np.zeros(2)), None, None,
+        0.2, scorers_lib.reward_columns("policy", (), 0.0), calibrated=calibrated)
+    assert scorer([None, None], "d").calibrated is calibrated
+
+
+def test_overrides_a_loaded_model_does_not_take_are_named(tmp_path, caplog):
+  """A run's config.json recorded hidden_size=64 for a policy loaded at 16, silently."""
+  hf_export.save_pretrained(_tiny_decoder(259), tmp_path / "policy")
+  cfg = {"arch": "decoder", "preset": "tiny_llama", "path": str(tmp_path / "policy"),
+         "overrides": dict(TINY, hidden_size=64, num_layers=1)}
+  with caplog.at_level(logging.WARNING):
+    model = experiment.make_model(cfg, vocab_size=259, seed=0)
+  assert model.config.hidden_size == 16
+  warned = [r.getMessage() for r in caplog.records if "not applied" in r.getMessage()]
+  assert len(warned) == 1 and "hidden_size=64 (loaded: 16)" in warned[0]
+  assert "num_layers" not in warned[0]  # the overrides that agree are not named

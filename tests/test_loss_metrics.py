@@ -129,3 +129,31 @@ def test_a_preference_loss_reports_its_own_metrics_weighted_like_its_loss(column
   np.testing.assert_allclose(metrics["_test_bt_with_metrics/margin"],
                              np.sum(w * margin) / (4 * columns), rtol=1e-5)
   assert float(metrics["_test_bt_with_metrics/batch"]) == 7.0
+
+
+def test_a_run_that_would_undo_or_ignore_its_setting_is_refused():
+  """Three settings that were accepted and then silently did something else: an RL warm
+  start that retrained a loaded policy (a DPO export's held-out accuracy 0.81 -> 0.42), a
+  multi-objective reward model as a best-of-n/RL reward (a shape error after the first
+  generation), and bootstrap resampling on objective heads (ignored)."""
+  import ml_collections
+  from prefjax.data import tiny_world
+  from prefjax.rl import rewards as rl_rewards
+  from prefjax.rl import setup
+  from prefjax.rm import loss as rm_loss
+  config = ml_collections.ConfigDict({"warm_start": {"steps": 150, "batch_size": 8,
+                                                     "learning_rate": 1e-3},
+                                      "model": {"path": "/runs/dpo/hf"},
+                                      "prompts": {"style": "raw"}, "seed": 0})
+  with pytest.raises(ValueError, match=r"model.path='/runs/dpo/hf' loads a trained policy, "
+                                       r"and warm_start.steps=150 .* set "
+                                       r"--config.warm_start.steps=0"):
+    setup.maybe_warm_start(None, config, None, tiny_world.TinyWorld())
+  spec = ml_collections.ConfigDict({"kind": "model", "name": "proxy",
+                                    "model": {"head": "multi:helpful,harmless"}})
+  with pytest.raises(ValueError, match=r"reward 'proxy': model.head='multi:helpful,harmless' "
+                                       r"gives one reward per objective"):
+    rl_rewards.model_reward(spec)
+  with pytest.raises(ValueError, match=r"loss.bootstrap=True .* are objectives"):
+    rm_loss.make_loss_fn({"name": "bt", "bootstrap": True}, num_columns=2,
+                         objectives=("helpful", "harmless"), num_segments=None)

@@ -19,7 +19,8 @@ scoring and statistics, 0.7 GB peak RSS). Accuracy [bootstrap 95% CI] on the 211
 rm_tiny 0.867 [0.820, 0.910] (= train_rm's eval/accuracy; ECE 0.046), ens 0.900 (its
 eval/accuracy; members 0.853 / 0.905 / 0.896 / 0.877, wco 0.915, uwo 0.900 over
 standardized members, remeasured 2026-12-05; uwo 0.910 on raw rewards before), dpo_tiny
-0.853 (= train_dpo's eval/rewards/accuracies), length 0.491, shorter 0.509,
+0.853 (= train_dpo's eval/rewards/accuracies, as on any data of hard, unweighted labels;
+README, "Evaluating reward models"), length 0.491, shorter 0.509,
 length-controlled 0.500 for both, gold 1.000. Paired bootstrap: ens − rm_tiny = +0.033
 [0.005, 0.066], p = 0.046; dpo_tiny − rm_tiny = −0.014 [−0.062, 0.033], p = 0.65.
 """

@@ -248,6 +248,7 @@ class ModelScorer:
   max_unk_fraction: float
   output_columns: OutputColumns
   checkpoint: dict[str, Any] | None = None  # {"path", "step"} of a trained run
+  calibrated: bool = True  # σ(margin) is a probability (not for a dpo: scorer of IPO, KTO …)
 
   def _put(self, batch):
     if self.mesh is None:
@@ -278,7 +279,7 @@ class ModelScorer:
                            f"{int((~finite).sum())} of {finite.size} pairs (first: row "
                            f"{int(index[np.argmin(finite)])}); a NaN would count as a wrong "
                            "answer")
-    return Scored(index, self.output_columns(r_c, r_r), True, _dropped(iterator))
+    return Scored(index, self.output_columns(r_c, r_r), self.calibrated, _dropped(iterator))
 
 
 def _dropped(iterator: Any) -> dict[str, int]:
@@ -496,7 +497,8 @@ def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
 
   return ModelScorer(spec.name, tokenizer, _run_pipeline(run, eval_cfg, spec.name), forward,
                      model_vocab(policy), mesh, float(eval_cfg.max_unk_fraction),
-                     reward_columns(spec.name, (), 0.0), saved)
+                     reward_columns(spec.name, (), 0.0), saved,
+                     calibrated=loss.spec.bradley_terry)
 
 
 def _check_reference(spec: ScorerSpec, ref_cfg: Mapping[str, Any], reference: nnx.Module

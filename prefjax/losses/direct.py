@@ -110,7 +110,7 @@ def implicit_rewards(x: PairLogps, beta: ArrayLike) -> tuple[Array, Array]:
   return beta * rho_c, beta * rho_r
 
 
-@register_direct_loss("dpo", soft_label=True)
+@register_direct_loss("dpo", soft_label=True, bradley_terry=True)
 def dpo(x: PairLogps, *, beta: ArrayLike, label_smoothing: ArrayLike = 0.0) -> Array:
   """DPO, and conservative DPO (cDPO) for ε > 0.
 
@@ -135,7 +135,7 @@ def dpo(x: PairLogps, *, beta: ArrayLike, label_smoothing: ArrayLike = 0.0) -> A
   return smoothed_logistic(beta * (rho_c - rho_r), label_smoothing)
 
 
-@register_direct_loss("robust")
+@register_direct_loss("robust", bradley_terry=True)
 def robust(x: PairLogps, *, beta: ArrayLike, label_smoothing: ArrayLike = 0.0) -> Array:
   """Robust DPO: unbiased DPO loss under label flips with rate ε < 1/2.
 
@@ -357,7 +357,8 @@ def apo_down(x: PairLogps, *, beta: ArrayLike) -> Array:
   return jax.nn.sigmoid(beta * rho_c) + jax.nn.sigmoid(-beta * (rho_c - rho_r))
 
 
-@register_direct_loss("sigmoid_norm", length_normalized=True, soft_label=True)
+@register_direct_loss("sigmoid_norm", length_normalized=True, soft_label=True,
+                      bradley_terry=True)
 def sigmoid_norm(x: PairLogps, *, beta: ArrayLike, label_smoothing: ArrayLike = 0.0) -> Array:
   """Length-normalised DPO: DPO on token-averaged log-ratios.
 

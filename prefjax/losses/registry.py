@@ -45,6 +45,9 @@ class DirectLossSpec:
     unpaired: takes unpaired examples (chosen = desirable, rejected =
       undesirable) and a batch reference point ``kl_ref`` (KTO's signature).
     nll_alpha: default weight α of the chosen-NLL term the trainer adds.
+    bradley_terry: the loss is −log σ of the implicit-reward margin, so σ(margin) is
+      the preference probability the policy implies, and ``eval_rm`` reports its
+      calibration (log-loss, ECE); for other losses only accuracy and ranking.
   """
   name: str
   fn: LossFn
@@ -53,6 +56,7 @@ class DirectLossSpec:
   soft_label: bool = False
   unpaired: bool = False
   nll_alpha: float = 0.0
+  bradley_terry: bool = False
 
   @property
   def hyperparameters(self) -> dict[str, Any]:
@@ -90,13 +94,14 @@ def lookup(table: dict[str, Any], name: str, kind: str) -> Any:
 
 def register_direct_loss(name: str, *, reference_free: bool = False,
                          length_normalized: bool = False, soft_label: bool = False,
-                         unpaired: bool = False, nll_alpha: float = 0.0
-                         ) -> Callable[[_F], _F]:
+                         unpaired: bool = False, nll_alpha: float = 0.0,
+                         bradley_terry: bool = False) -> Callable[[_F], _F]:
   """Decorator registering a direct-alignment loss with its facts (see ``DirectLossSpec``)."""
   def decorator(fn: _F) -> _F:
     spec = DirectLossSpec(name, fn, reference_free=reference_free,
                           length_normalized=length_normalized, soft_label=soft_label,
-                          unpaired=unpaired, nll_alpha=float(nll_alpha))
+                          unpaired=unpaired, nll_alpha=float(nll_alpha),
+                          bradley_terry=bradley_terry)
     if soft_label and "label_smoothing" not in spec.hyperparameters:
       raise ValueError(f"direct loss {name!r}: soft_label=True needs a keyword "
                        "hyperparameter label_smoothing")

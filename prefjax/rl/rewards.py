@@ -41,6 +41,7 @@ from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import tiny_world as tiny_world_lib
 from prefjax.data import tokenize as tokenize_lib
 from prefjax.data import truncation
+from prefjax.models import heads as heads_lib
 
 # Joins a tiny-world prompt and response into one text (not in any tiny alphabet).
 TINY_WORLD_SEPARATOR = "\t"
@@ -205,6 +206,11 @@ def _scoring_pipeline(spec: Any, workdir: str | None) -> pipeline_lib.PipelineCo
 
 def model_reward(spec: Any, *, seed: int = 0) -> PairReward:
   """A reward-model ``PairReward`` from a ``kind="model"`` spec (see module docstring)."""
+  head = (spec.get("model") or {}).get("head")
+  if heads_lib.parse_head(head)[0] == "multi":
+    raise ValueError(f"reward {spec.get('name')!r}: model.head={head!r} gives one reward per "
+                     "objective, and best-of-n and RL optimise one: train a one-head reward "
+                     "model on that objective's pairs and use it")
   tokenizer = experiment.make_tokenizer(spec.tokenizer)
   model = experiment.make_model(spec.model, vocab_size=tokenizer.vocab_size, seed=seed)
   workdir = None

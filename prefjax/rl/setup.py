@@ -133,6 +133,12 @@ def maybe_warm_start(policy: nnx.Module, config: Any, tokenizer: Any,
     return []
   if world is None:
     raise ValueError("warm_start is only defined on the tiny world (config.world)")
+  path = (config.get("model") or {}).get("path")
+  if path:
+    raise ValueError(f"model.path={path!r} loads a trained policy, and warm_start.steps="
+                     f"{int(cfg.steps)} would train it further on uniform tiny-world "
+                     "responses (and make that the reference), undoing what it learned: set "
+                     "--config.warm_start.steps=0")
   style = config.prompts.get("style", "raw")
 
   def examples(rng: np.random.Generator, count: int):

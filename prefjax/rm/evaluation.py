@@ -39,7 +39,8 @@ NO_SUBSET = "(none)"
 
 def subset_names(metas: Sequence[dict[str, Any] | None], field: str
                  ) -> tuple[list[str] | None, int]:
-  """(each row's ``meta[field]`` as a subset name, how many rows are in `NO_SUBSET`).
+  """(each row's ``meta[field]`` as a subset name, how many rows are in `NO_SUBSET`); a
+  list of names is one subset, its names joined by ``+``.
 
   The rows without the field are the `NO_SUBSET` subset, so that no row leaves the
   table unseen; ``(None, 0)`` when no row has the field (the data has no subsets).
@@ -51,7 +52,15 @@ def subset_names(metas: Sequence[dict[str, Any] | None], field: str
   missing = sum(v is None for v in values)
   if missing == len(values):
     return None, 0
-  return [NO_SUBSET if v is None else str(v) for v in values], missing
+  return [NO_SUBSET if v is None else _subset_name(v) for v in values], missing
+
+
+def _subset_name(value: Any) -> str:
+  """A row labelled with several names (a pair rated on two objectives) is the subset of
+  them all, ``a+b``, not of each."""
+  if isinstance(value, (list, tuple)):
+    return "+".join(str(v) for v in value)
+  return str(value)
 
 
 def missing_subset_text(missing: int, total: int, field: str) -> str:

@@ -178,7 +178,11 @@ def make_loss_fn(loss: RewardLoss | Mapping[str, Any], *, num_columns: int,
   """
   if not isinstance(loss, RewardLoss):
     loss = RewardLoss.from_config(loss)
-  bootstrap = loss.bootstrap and not objectives
+  if loss.bootstrap and objectives:
+    raise ValueError(f"loss.bootstrap=True resamples the pairs of each ensemble member; the "
+                     f"heads {list(objectives)} are objectives, not members: set "
+                     "loss.bootstrap=False")
+  bootstrap = loss.bootstrap
 
   def loss_fn(model, batch, rng):
     r_c, r_r = pair_rewards(model, batch, num_segments)
