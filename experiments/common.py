@@ -41,6 +41,7 @@ import tensorflow_datasets as tfds
 from experiments import preemption
 from prefjax import compilation_cache
 from prefjax import configlib
+from prefjax import experiment
 from prefjax import parallel
 from prefjax import train
 from prefjax.train import summary as summary_lib
@@ -247,6 +248,18 @@ def _check_loop_and_optimizer(config: Any) -> None:
     train.LoopConfig.from_mapping(config.loop)  # its own checks, num_steps >= 1 among them
   if "optimizer" in config:
     train.make_optimizer(config.optimizer)
+  for field, section in _model_sections(config):
+    experiment.model_switches(section, field)  # a misspelt remat policy, named
+
+
+def _model_sections(config: Any) -> list[tuple[str, Any]]:
+  """``model`` and the model of each reward, reference or judge section."""
+  found = [("model", config.get("model"))]
+  for name in ("proxy", "gold", "ref", "judge", "policy"):
+    section = config.get(name)
+    if hasattr(section, "get"):
+      found.append((f"{name}.model", section.get("model")))
+  return [(f, s) for f, s in found if hasattr(s, "get")]
 
 
 def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:

@@ -105,6 +105,22 @@ def model_section(**fields: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(MODEL_SWITCHES, **fields))
 
 
+def model_switches(cfg: Any, field: str = "model") -> dict[str, Any]:
+  """``{"remat": policy name or None, "scan_layers": bool}`` of a model section; a bad
+  value is an error naming ``field`` (``"True"``/``"False"`` strings read as booleans)."""
+  cfg = configlib.plain(cfg)
+  try:
+    remat = stack.remat_policy(cfg.get("remat") or False)
+  except ValueError as e:
+    raise ValueError(f"{field}.remat: {e}") from e
+  scan = cfg.get("scan_layers") or False
+  if isinstance(scan, str) and scan.lower() in ("true", "false"):
+    scan = scan.lower() == "true"
+  if not isinstance(scan, bool):
+    raise ValueError(f"{field}.scan_layers must be True or False, got {scan!r}")
+  return {"remat": remat, "scan_layers": scan}
+
+
 def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
   """A model (trunk + optional head) from ``config.model``.
 
@@ -118,8 +134,7 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
   cfg = configlib.plain(cfg)
   head, pooling = cfg.get("head"), cfg.get("pooling")
   kind, members = heads_lib.parse_head(head)
-  switches = {"remat": stack.remat_policy(cfg.get("remat") or False),
-              "scan_layers": bool(cfg.get("scan_layers"))}
+  switches = model_switches(cfg)
   if switches["remat"] and not switches["scan_layers"] and jax.default_backend() == "cpu":
     logging.warning("model.remat=%r without model.scan_layers: XLA CPU schedules unrolled "
                     "blocks' recomputation early, so it saves little memory (8%% on the HH "

@@ -140,6 +140,9 @@ def test_unknown_direct_loss_lists_every_registered_loss(tmp_path):
     ("train_dpo", "--config.loop.num_steps=-5", "loop.num_steps=-5 must be >= 1"),
     ("train_rm", "--config.optimizer.learning_rate=inf", "optimizer.learning_rate=inf must be finite"),
     ("train_rm", "--config.optimizer.grad_clip_norm=nan", "optimizer.grad_clip_norm=nan must be finite"),
+    # Refused after the data scan and tokenization, naming no field:
+    ("train_rm", "--config.model.remat=atention", "model.remat: remat must be True, False, "
+                                                  "'none' or one of"),
 ])
 def test_a_bad_loop_or_optimizer_setting_fails_before_the_workdir(binary, override, message,
                                                                  tmp_path):
@@ -384,3 +387,14 @@ def test_every_config_refuses_a_variant_it_does_not_have(name):
   for variant in variants:  # the variants it names are its own, documented in its header
     assert f":{variant}" in module.__doc__, (name, variant)
     module.get_config(variant)
+
+
+def test_model_switches_read_the_strings_of_a_dict_spec_as_booleans():
+  """A reward spec built in code with scan_layers="False" scanned its blocks (bool("False"))."""
+  from prefjax import experiment
+  assert experiment.model_switches({"scan_layers": "False", "remat": "none"}) == {
+      "remat": None, "scan_layers": False}
+  assert experiment.model_switches({"scan_layers": "True", "remat": True}) == {
+      "remat": "full", "scan_layers": True}
+  with pytest.raises(ValueError, match=r"proxy.model.scan_layers must be True or False, got 2"):
+    experiment.model_switches({"scan_layers": 2}, "proxy.model")

@@ -56,18 +56,20 @@ from __future__ import annotations
 
 import ml_collections
 
+from prefjax import experiment
+
 
 def _text(variant: str | None) -> ml_collections.ConfigDict:
   text = ml_collections.ConfigDict()
   text.enabled, text.kind, text.num_bootstrap = True, "hh", 1000
   text.data = dict(name="hh_rlhf/harmless-base")
   text.policy = dict(tokenizer=dict(path="asset:smollm2"),
-                     model=dict(arch="decoder", preset="", path="asset:smollm2", dtype="",
-                                overrides={}),
+                     model=dict(experiment.MODEL_SWITCHES, arch="decoder", preset="",
+                                path="asset:smollm2", dtype="", overrides={}),
                      prompt_length=128, style="chat")
   text.sampling = dict(max_new_tokens=48)
-  encoder = dict(arch="encoder", preset="", path="asset:minilm", head="reward",
-                 ensemble="heads", pooling="mean", dtype="float32", overrides={})
+  encoder = dict(experiment.MODEL_SWITCHES, arch="encoder", preset="", path="asset:minilm",
+                 head="reward", ensemble="heads", pooling="mean", dtype="float32", overrides={})
   text.gold = dict(tokenizer=dict(path="asset:minilm"), model=encoder, steps=300,
                    batch_size=16, max_length=80, learning_rate=5e-5, seed=1)
   text.proxy = dict(tokenizer=dict(path="asset:minilm"), widths=(32, 64, 128, 256),

@@ -40,7 +40,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.tokenizer = dict(path="asset:smollm2")
-  # scan_layers: the 30 blocks compile as one (rm_step_hh_30layers_scan in benchmarks.run).
+  # scan_layers: the 30 blocks compile as one in the train step's forward (benchmarks.run's
+  # rm_step_hh_30layers_scan); the sampler's prefill/extend still unroll them.
   c.model = experiment.model_section(arch="decoder", preset="", path="asset:smollm2", head="",
                                      dtype="", overrides={}, scan_layers=True)
   c.world = None
@@ -48,8 +49,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.prompts = dict(source="dataset", split="resplit_train", eval_split="resplit_validation",
                    num_eval=64, eval_seed=1, max_length=128, style="chat")
   c.warm_start = dict(steps=0, batch_size=0, learning_rate=0.0)
-  reward_model = dict(arch="encoder", preset="", path="asset:minilm", head="reward",
-                      ensemble="heads", pooling="mean", dtype="float32", overrides={})
+  reward_model = dict(experiment.MODEL_SWITCHES, arch="encoder", preset="",
+                      path="asset:minilm", head="reward", ensemble="heads", pooling="mean",
+                      dtype="float32", overrides={})
   c.proxy = dict(kind="model", name="proxy_minilm", tokenizer=dict(path="asset:minilm"),
                  model=dict(reward_model), checkpoint="", batch_size=32,
                  max_length=0,  # 0: cut as the RM trained (its checkpoint's data.pipeline)

@@ -268,7 +268,9 @@ class Decoder(nnx.Module):
   only with ``scan_layers``: unrolled blocks' recomputation is scheduled early.
   ``scan_layers=True`` runs the blocks as one ``lax.scan`` over their stacked
   parameters, so a program compiles one block instead of ``num_layers`` (the
-  parameters stay one module per layer; the stack is built in the forward pass).
+  parameters stay one module per layer; the stack is built in the forward pass). It
+  applies to the full-sequence forward (training, scoring); ``prefill`` and ``extend``,
+  hence generation, always run the blocks unrolled.
   Both are plain attributes: a loaded model can be switched with ``model.remat = True``.
   """
 
