@@ -16,15 +16,17 @@ training pairs are the ones the labeller judged: the first 100 of harmless-base
 ``resplit_train`` (``:human`` also keeps the pairs with an empty response, which the
 labeller skips). Held-out evaluation: the 253 pairs of ``resplit_test``, by ``eval_rm``.
 
-CPU cost: 40 MiniLM steps of 16 pairs x 80 tokens (22.6M parameters): about 1 min each
-of training on a 2-core CPU (8.1 and 7.3 min wall on 2026-12-01 under a load average of
-7-12); eval_rm 20 s.
+CPU cost: 40 MiniLM steps of 16 pairs x 80 tokens (22.6M parameters): 46 s and 44 s wall
+for the two runs on a quiet 2-core CPU (2026-12-06; 8.1 and 7.3 min on 2026-12-01 under a
+load average of 7-12); eval_rm 17 s; the labelling before them 56 s.
 
-Measured 2026-12-05 on the conversation-disjoint split of builder 1.2.0, with labels from
-the judge that keeps a cut conversation's first third and its end; accuracy / ECE (both
-orders) on the 253 held-out ``resplit_test`` pairs [bootstrap 95% CI]:
-  ai     0.478 [0.415, 0.538]  ECE 0.026 [0.001, 0.090]  BT log-loss 0.694
-  human  0.549 [0.490, 0.609]  ECE 0.110 [0.069, 0.174]  BT log-loss 0.731
+Measured 2026-12-06 (all four commands rerun after the GGUF tokenizer fix; the same
+accuracies as on 2026-12-05) on the conversation-disjoint split of builder 1.2.0, with
+labels from the judge that keeps a cut conversation's first third and its end; accuracy /
+ECE (both orders) on the 253 held-out ``resplit_test`` pairs [bootstrap 95% CI; ECE's is
+the basic bootstrap interval]:
+  ai     0.478 [0.415, 0.538]  ECE 0.026 [0.000, 0.051]  BT log-loss 0.694
+  human  0.549 [0.490, 0.609]  ECE 0.110 [0.046, 0.151]  BT log-loss 0.731
   shorter-wins baseline 0.512 [0.453, 0.573]
   human − ai = +0.071 [−0.016, 0.158], paired-bootstrap p = 0.11: not significant.
 The SmolLM2 labels are near ½ (P(A) in [0.464, 0.519]), so the ``ai`` RM barely moves
