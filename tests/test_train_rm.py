@@ -211,6 +211,10 @@ def test_a_registered_loss_sharing_a_built_in_hyperparameter_name_keeps_its_defa
     assert rm.RewardLoss.from_config(dict(carried, margin=0.3)).hparams == (("margin", 0.3),)
     with pytest.raises(ValueError, match=r"config.loss sets them too \(margin=0.3\)"):
       rm.RewardLoss.from_config(dict(carried, margin=0.3, kwargs="margin=0.5"))
+    # Registering it must not change bt: --config.loss.margin=1.0 (margin_rank's default)
+    # was taken for a carried default and bt trained at margin 0.
+    bt_at_one = dict(tiny.get_config().loss, margin=1.0)
+    assert dict(rm.RewardLoss.from_config(bt_at_one).hparams)["margin"] == 1.0
   finally:
     preference.PREFERENCE_LOSSES.pop("_test_margin_rank")
   # bt itself still reads the field, at its default or moved.

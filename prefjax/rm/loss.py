@@ -77,10 +77,18 @@ class RewardLoss:
     _warn_ignored(cfg, name, own, defaults)
     # config.loss carries every built-in hyperparameter at its default: a loss of your
     # own with a hyperparameter of the same name (``margin``) keeps its own default
-    # unless the field was moved off the built-in's.
-    carried = {k for k in own if k in cfg and cfg[k] != own[k] and any(
-        k in d and d[k] == cfg[k] for n, d in zip(pref_losses.PREFERENCE_LOSSES, defaults)
-        if n != name)}
+    # unless the field was moved off the built-in's. Only prefjax's own losses count: a
+    # loss of yours must not change what a built-in reads.
+    builtin = [(n, d) for n, d in zip(pref_losses.PREFERENCE_LOSSES, defaults)
+               if n != name and pref_losses.PREFERENCE_LOSSES[n].__module__.startswith(
+                   "prefjax.")]
+    carried = {k for k in own if k in cfg and cfg[k] != own[k]
+               and any(k in d and d[k] == cfg[k] for _, d in builtin)}
+    for k in sorted(carried):
+      logging.warning("config.loss.%s=%r is the built-in losses' default that config.loss "
+                      "carries, so %r keeps its own default %s=%r; to train it at %r, set "
+                      "--config.loss.kwargs=%s=%r", k, cfg[k], name, k, own[k], cfg[k], k,
+                      cfg[k])
     hparams = {k: cfg[k] for k in own if k in cfg and k not in carried}
     kwargs = configlib.parse_kwargs(cfg.get("kwargs"))
     configlib.check_kwargs("config.loss.kwargs", name, kwargs, own)
@@ -94,6 +102,7 @@ class RewardLoss:
                center_coef=float(cfg.get("center_coef", 0.0)),
                bootstrap=bool(cfg.get("bootstrap", False)),
                first_member=int(cfg.get("first_member", 0)))
+    logging.info("reward-model loss %r with %s", name, dict(loss.hparams))
     try:  # The loss's own range checks (ε, ν…), now rather than at the first step.
       loss.per_pair(jnp.zeros(1), jnp.zeros(1), jnp.ones(1))
     except ValueError as e:
