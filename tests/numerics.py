@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import importlib
+import os
+from types import ModuleType
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -42,3 +45,19 @@ def check_grad(f: Callable[..., jax.Array], args: Sequence[np.ndarray], argnum: 
   numeric = central_difference_grad(f_np, args, argnum, eps)
   analytic = jax_grad_f64(f, args, argnum)
   np.testing.assert_allclose(analytic, numeric, rtol=rtol, atol=atol)
+
+
+# Modules of your own (comma-separated) whose registered losses the loss tests cover, and
+# where they find each one's float64 reference (``ref_<name>``, ``ref_pair_<name>``).
+TEST_IMPORTS = "PREFJAX_TEST_IMPORTS"
+
+
+def user_modules() -> list[ModuleType]:
+  """The modules ``PREFJAX_TEST_IMPORTS`` names, imported (their losses registered)."""
+  names = [m.strip() for m in os.environ.get(TEST_IMPORTS, "").split(",") if m.strip()]
+  return [importlib.import_module(m) for m in names]
+
+
+def user_reference(name: str) -> Any:
+  """``name`` (a reference function) from the first of those modules defining it."""
+  return next((getattr(m, name) for m in user_modules() if hasattr(m, name)), None)

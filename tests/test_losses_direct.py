@@ -30,7 +30,16 @@ BETA = 0.5
 # The losses DESIGN.md promises; every registered loss is tested (PAIRED below).
 REQUIRED = ("dpo", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
             "apo_zero", "apo_down", "sigmoid_norm", "discopop", "simpo", "orpo")
+numerics.user_modules()  # losses of your own, registered before PAIRED lists them
 PAIRED = sorted(DIRECT_LOSSES)
+
+
+def loss_fn(name: str):
+  """The registered loss ``name``'s per-example losses, also for a loss that returns
+  ``(losses, metrics)`` (README, "Adding a loss")."""
+  fn = DIRECT_LOSSES[name]
+  return lambda *args, **kwargs: registry.split_loss_output(fn(*args, **kwargs), "direct",
+                                                            name)[0]
 
 
 # ----------------------------------------------------------------- float64 NumPy references.
@@ -141,10 +150,11 @@ def ref_orpo(d, beta):
 
 def reference(name):
   """The float64 reference ``ref_<name>`` of a registered loss (fails when it is missing)."""
-  ref = globals().get(f"ref_{name}")
+  ref = globals().get(f"ref_{name}") or numerics.user_reference(f"ref_{name}")
   assert ref is not None, (
       f"loss {name!r} is registered but has no float64 reference: add ref_{name}(d, beta, "
-      f"**hparams) to tests/test_losses_direct.py")
+      f"**hparams) to tests/test_losses_direct.py, or to a module of yours named in "
+      f"${numerics.TEST_IMPORTS}")
   return ref
 
 
@@ -184,7 +194,7 @@ def loss_of_stack(name, hparams, beta, counts):
   """f(v[4, B]) -> [B] with v = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)."""
   def f(v):
     nc, nr = (jnp.asarray(c, v.dtype) for c in counts)
-    return DIRECT_LOSSES[name](PairLogps(v[0], v[1], v[2], v[3], nc, nr), beta=beta, **hparams)
+    return loss_fn(name)(PairLogps(v[0], v[1], v[2], v[3], nc, nr), beta=beta, **hparams)
   return f
 
 
@@ -226,7 +236,7 @@ def test_specs_declare_the_facts_trainers_read():
 
 @pytest.mark.parametrize("name", PAIRED)
 def test_every_entry_runs_with_beta_only(name):
-  out = DIRECT_LOSSES[name](to_pairs(random_pairs()), beta=0.1)
+  out = loss_fn(name)(to_pairs(random_pairs()), beta=0.1)
   assert out.shape == (B,) and out.dtype == jnp.float32
   assert np.all(np.isfinite(out))
 
@@ -268,10 +278,10 @@ def test_matches_numpy_reference(name, hparams):
   d = random_pairs(seed=1)
   expected = reference(name)(d, BETA, **hparams)
   with jax.enable_x64(True):
-    got64 = DIRECT_LOSSES[name](to_pairs(d, jnp.float64), beta=BETA, **hparams)
+    got64 = loss_fn(name)(to_pairs(d, jnp.float64), beta=BETA, **hparams)
     assert got64.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(got64), expected, rtol=1e-6, atol=1e-12)
-  got32 = DIRECT_LOSSES[name](to_pairs(d), beta=BETA, **hparams)
+  got32 = loss_fn(name)(to_pairs(d), beta=BETA, **hparams)
   assert got32.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got32), expected, rtol=1e-5, atol=1e-5)
 
@@ -306,7 +316,7 @@ def jit_vmap_grad_results():
   def values_and_grads(xs):
     out = {}
     for name in PAIRED:
-      fn = jax.vmap(functools.partial(DIRECT_LOSSES[name], beta=BETA))
+      fn = jax.vmap(functools.partial(loss_fn(name), beta=BETA))
       out[name] = fn(xs), jax.grad(lambda xs: fn(xs).sum())(xs)
     return out
 
@@ -315,7 +325,7 @@ def jit_vmap_grad_results():
 
 @pytest.mark.parametrize("name", PAIRED)
 def test_jit_vmap_grad(name, jit_vmap_grad_results):
-  fn = functools.partial(DIRECT_LOSSES[name], beta=BETA)
+  fn = functools.partial(loss_fn(name), beta=BETA)
   batches = JIT_BATCHES
   values, grads = jit_vmap_grad_results[name]
   eager = np.stack([fn(to_pairs(d)) for d in batches])
@@ -330,7 +340,7 @@ def test_jit_vmap_grad(name, jit_vmap_grad_results):
 @pytest.mark.parametrize("name", PAIRED)
 def test_output_is_float32_per_example(name, dtype):
   d = random_pairs(seed=7)
-  out = DIRECT_LOSSES[name](to_pairs(d, dtype), beta=BETA)
+  out = loss_fn(name)(to_pairs(d, dtype), beta=BETA)
   assert out.shape == (B,) and out.dtype == jnp.float32
   if dtype == jnp.bfloat16:  # Computed in float32 from the rounded inputs.
     rounded = {k: np.asarray(jnp.asarray(v, jnp.bfloat16)).astype(np.float64) for k, v in d.items()}
@@ -350,7 +360,7 @@ def extreme_pairs(margin: float) -> PairLogps:
 @pytest.mark.parametrize("margin", [1e4, -1e4])
 @pytest.mark.parametrize("name", PAIRED)
 def test_finite_at_extreme_margins(name, margin):
-  fn = functools.partial(DIRECT_LOSSES[name], beta=1.0)
+  fn = functools.partial(loss_fn(name), beta=1.0)
   x = extreme_pairs(margin)
   loss = fn(x)
   grads = jax.grad(lambda x: fn(x).sum())(x)
@@ -383,14 +393,14 @@ def test_loss_decreases_as_chosen_logprob_rises(name):
   # ρ_c from −20 to −1: below every regression target (ipo, sppo_hard, nca_pair)
   # and outside DiscoPOP's non-monotone window around βh = 0.
   x = sweep(np.linspace(-21.0, -2.0, 40), side="chosen")
-  assert_non_increasing(DIRECT_LOSSES[name](x, beta=BETA))
+  assert_non_increasing(loss_fn(name)(x, beta=BETA))
 
 
 @pytest.mark.parametrize("name", PAIRED)
 def test_loss_decreases_as_rejected_logprob_falls(name):
   # ρ_r from 19 down to 1, policy_rejected stays ≤ 0 for ORPO.
   x = sweep(np.linspace(-2.0, -20.0, 40), side="rejected")
-  assert_non_increasing(DIRECT_LOSSES[name](x, beta=BETA))
+  assert_non_increasing(loss_fn(name)(x, beta=BETA))
 
 
 def test_apo_down_pushes_chosen_likelihood_down():
@@ -415,7 +425,7 @@ def test_hinge_is_flat_beyond_the_margin():
 def grad_at(name, x_row, **hparams):
   with jax.enable_x64(True):
     x = PairLogps(*(jnp.full(B, v, jnp.float64) for v in x_row))
-    grads = jax.grad(lambda x: DIRECT_LOSSES[name](x, beta=BETA, **hparams).sum())(x)
+    grads = jax.grad(lambda x: loss_fn(name)(x, beta=BETA, **hparams).sum())(x)
     return PairLogps(*(np.asarray(g) for g in grads))
 
 
@@ -460,7 +470,7 @@ def test_wrong_rank_is_rejected():
 def test_out_of_range_hyperparameters_raise(name, hparams):
   kwargs = {"beta": BETA, **hparams}
   with pytest.raises(ValueError, match=next(iter(hparams))):
-    DIRECT_LOSSES[name](to_pairs(random_pairs()), **kwargs)
+    loss_fn(name)(to_pairs(random_pairs()), **kwargs)
 
 
 # ----------------------------------------------------------------------------------- KTO.

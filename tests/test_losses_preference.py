@@ -16,7 +16,19 @@ import numpy as np
 import pytest
 
 from prefjax.losses import preference
+from prefjax.losses import registry
 from tests import numerics
+
+
+numerics.user_modules()  # losses of your own, registered before the cases list them
+
+
+def loss_fn(name: str):
+  """The registered loss ``name``'s per-pair losses, also for a loss that returns
+  ``(losses, metrics)`` (README, "Adding a loss")."""
+  fn = preference.PREFERENCE_LOSSES[name]
+  return lambda *args, **kwargs: registry.split_loss_output(fn(*args, **kwargs),
+                                                            "preference", name)[0]
 
 B, K = 5, 3
 
@@ -159,11 +171,12 @@ def ref_pair_plackett_luce(rc, rr, outcome=1.0):
 
 def pair_reference(name):
   """The float64 reference ``ref_pair_<name>`` of a registered loss (fails when missing)."""
-  ref = globals().get(f"ref_pair_{name}")
+  ref = globals().get(f"ref_pair_{name}") or numerics.user_reference(f"ref_pair_{name}")
   assert ref is not None, (
       f"preference loss {name!r} is registered but has no float64 reference: add "
       f"ref_pair_{name}(r_chosen, r_rejected, outcome, **hparams) to "
-      "tests/test_losses_preference.py")
+      f"tests/test_losses_preference.py, or to a module of yours named in "
+      f"${numerics.TEST_IMPORTS}")
   return ref
 
 
@@ -171,7 +184,7 @@ REGISTRY_HPARAMS = {"bt": dict(margin=MARGIN, label_smoothing=0.1), "ties": dict
 
 
 def _registry_case(name, hparams, shape, seed):
-  fn = preference.PREFERENCE_LOSSES[name]
+  fn = loss_fn(name)
   return Case(lambda rc, rr: fn(rc, rr, outcome=OUTCOME, **hparams),
               lambda rc, rr: pair_reference(name)(rc, rr, OUTCOME, **hparams),
               (_rewards(seed, shape), _rewards(seed + 1, shape)), shape)
@@ -192,7 +205,7 @@ def test_every_registered_loss_has_a_float64_reference(name):
 @pytest.mark.parametrize("name", sorted(preference.PREFERENCE_LOSSES))
 def test_every_registered_loss_reads_a_pair_the_same_with_its_sides_swapped(name):
   """(c, r, o) and (r, c, 1 − o) are one judgement: a tie or soft label favours no side."""
-  fn, hparams = preference.PREFERENCE_LOSSES[name], REGISTRY_HPARAMS.get(name, {})
+  fn, hparams = loss_fn(name), REGISTRY_HPARAMS.get(name, {})
   rc, rr = _rewards(50, (B, K)), _rewards(51, (B, K))
   outcome = np.array([1.0, 0.0, 0.5, 0.8, 0.3], np.float32)
   if name == "ties":
@@ -203,8 +216,8 @@ def test_every_registered_loss_reads_a_pair_the_same_with_its_sides_swapped(name
 
 def test_registry_runs_every_entry_with_rewards_only_and_rejects_duplicates():
   rc, rr = _rewards(40, B), _rewards(41, B)
-  for name, fn in preference.PREFERENCE_LOSSES.items():  # outcome = 1: the chosen side won.
-    np.testing.assert_allclose(fn(rc, rr), pair_reference(name)(rc, rr), rtol=1e-5)
+  for name in preference.PREFERENCE_LOSSES:  # outcome = 1: the chosen side won.
+    np.testing.assert_allclose(loss_fn(name)(rc, rr), pair_reference(name)(rc, rr), rtol=1e-5)
   with pytest.raises(ValueError, match="already registered"):
     preference.register_preference_loss("bt")(preference.bt)
   with pytest.raises(KeyError, match="unknown preference loss 'btt'.*'bt'"):

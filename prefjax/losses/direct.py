@@ -84,6 +84,12 @@ def _checked(x: PairLogps) -> PairLogps:
   return PairLogps(*fields)
 
 
+def checked(x: PairLogps) -> PairLogps:
+  """``x`` in the losses' compute dtype (float32; float64 under x64), every field a
+  ``[B]`` array: what each registered loss does first, a loss of your own included."""
+  return _checked(x)
+
+
 def _log_ratios(x: PairLogps) -> tuple[Array, Array]:
   """(ρ_c, ρ_r): policy-minus-reference log-ratios of chosen and rejected."""
   return x.policy_chosen - x.ref_chosen, x.policy_rejected - x.ref_rejected
