@@ -157,3 +157,35 @@ def test_a_run_that_would_undo_or_ignore_its_setting_is_refused():
   with pytest.raises(ValueError, match=r"loss.bootstrap=True .* are objectives"):
     rm_loss.make_loss_fn({"name": "bt", "bootstrap": True}, num_columns=2,
                          objectives=("helpful", "harmless"), num_segments=None)
+
+
+def test_a_loss_of_your_own_that_cannot_run_is_named_before_training():
+  """A [B] outcome against [B, K] ensemble rewards failed as a bare JAX broadcasting error
+  at the first step (and, with B = K, trained member k on outcome[k]); a hyperparameter
+  without a default failed with a TypeError traceback."""
+  import jax
+  from prefjax.direct import loss as direct_loss
+  from prefjax.losses import direct, preference, registry
+  from prefjax.rm import loss as rm_loss
+
+  @preference.register_preference_loss("_test_naive")
+  def naive(r_chosen, r_rejected, *, outcome=1.0):
+    return -outcome * jax.nn.log_sigmoid(r_chosen - r_rejected)
+
+  @direct.register_direct_loss("_test_needs_gamma")
+  def needs_gamma(x, *, beta, gamma):
+    return -jax.nn.log_sigmoid(beta * (x.policy_chosen - x.policy_rejected) - gamma)
+
+  try:
+    rm_loss.make_loss_fn({"name": "_test_naive"}, num_columns=1, objectives=(),
+                         num_segments=None)  # one column: fine
+    with pytest.raises(ValueError, match=r"config.loss '_test_naive' on \[B, 4\] rewards .* "
+                                         r"outcome\[:, None\]"):
+      rm_loss.make_loss_fn({"name": "_test_naive"}, num_columns=4, objectives=(),
+                           num_segments=None)
+    with pytest.raises(ValueError, match=r"loss '_test_needs_gamma': .*gamma.*; give it with "
+                                         r"--config.loss.kwargs=NAME=VALUE"):
+      direct_loss._check_values(registry.direct_loss_spec("_test_needs_gamma"), 0.1, {})  # pylint: disable=protected-access
+  finally:
+    preference.PREFERENCE_LOSSES.pop("_test_naive")
+    registry.unregister_direct_loss("_test_needs_gamma")

@@ -174,6 +174,9 @@ def _check_values(spec: registry.DirectLossSpec, beta: float, kwargs: Mapping[st
   except ValueError as e:
     raise ValueError(f"loss {spec.name!r} with beta={beta:g}, loss_kwargs {dict(kwargs)}: "
                      f"{e}") from e
+  except TypeError as e:  # a hyperparameter without a default, not given
+    raise ValueError(f"loss {spec.name!r}: {e}; give it with --config.loss.kwargs=NAME=VALUE"
+                     ) from e
 
 
 # --------------------------------------------------------------------------- log-probs

@@ -178,6 +178,21 @@ def _pair_metrics(r_c: Array, r_r: Array, batch: Batch, column_mask: Array) -> d
           "weight_of/accuracy": num_decisive, "weight_of/mean_margin": num_decisive}
 
 
+def _check_columns(loss: RewardLoss, num_columns: int) -> None:
+  """A loss on ``[B, C]`` rewards (ensemble members, objectives) with a ``[B]`` outcome, now
+  rather than as a broadcasting error at the first step (or silently, when B = C)."""
+  if num_columns < 2:
+    return
+  b = num_columns + 2
+  try:
+    loss.per_pair(jnp.zeros((b, num_columns)), jnp.ones((b, num_columns)),
+                  jnp.linspace(0.0, 1.0, b))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"config.loss {loss.name!r} on [B, {num_columns}] rewards (ensemble "
+                     f"members or objectives) with a [B] outcome: {e}; a loss of your own "
+                     "broadcasts it as outcome[:, None]") from e
+
+
 def make_loss_fn(loss: RewardLoss | Mapping[str, Any], *, num_columns: int,
                  objectives: Sequence[str], num_segments: int | None
                  ) -> Callable[[nnx.Module, Batch, Array], tuple[Array, dict[str, Array]]]:
@@ -187,6 +202,7 @@ def make_loss_fn(loss: RewardLoss | Mapping[str, Any], *, num_columns: int,
   """
   if not isinstance(loss, RewardLoss):
     loss = RewardLoss.from_config(loss)
+  _check_columns(loss, num_columns)
   if loss.bootstrap and objectives:
     raise ValueError(f"loss.bootstrap=True resamples the pairs of each ensemble member; the "
                      f"heads {list(objectives)} are objectives, not members: set "
