@@ -66,6 +66,7 @@ from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.models import heads as heads_lib
 from prefjax.rm import labels
+from prefjax.train import summary as summary_lib
 
 EVAL_FIELDS = ("enabled", "batch_size", "num_bins", "subset_field")
 
@@ -92,7 +93,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     ``{"summary": summary.json contents, "eval": final eval metrics, "preempted": bool}``.
   """
   configlib.check_fields("config.eval", config.eval, EVAL_FIELDS)
-  loss = rm.RewardLoss.from_config(config.loss)  # A bad loss fails before data and model.
+  try:  # A bad loss fails before data and model.
+    loss = rm.RewardLoss.from_config(config.loss)
+  except KeyError as e:  # a loss of the user's own module, not imported on this rerun
+    raise KeyError(f"{e.args[0]}{summary_lib.imports_hint(workdir)}") from e
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   mesh = experiment.make_mesh(config.mesh)
   train_source = experiment.load_split(config.data, config.data.train_split)

@@ -7,6 +7,7 @@ exists in the shipped config with its default and can be set on the command line
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import json
@@ -31,6 +32,9 @@ def unknown_keys_message(section: str, unknown: Iterable[str], known: Iterable[s
   unknown, known = sorted(unknown), sorted(known)
   close = list(dict.fromkeys(m for key in unknown for m in difflib.get_close_matches(key, known)))
   hint = f" (did you mean {', '.join(close)}?)" if close else ""
+  if "kwargs" in known:  # config.loss: a loss's own hyperparameters go there
+    hint += (f" (a hyperparameter of the selected loss: --{section}.kwargs="
+             f"{unknown[0]}=VALUE)")
   return f"{section}: unknown field(s) {unknown}{hint}; known: {known}"
 
 
@@ -138,11 +142,21 @@ def parse_kwargs(value: Any) -> dict[str, Any]:
     name, sep, text = item.partition("=")
     if not sep or not name.strip():
       raise ValueError(f"kwargs {value!r}: expected 'name=value[,name=value]'")
-    try:
-      out[name.strip()] = json.loads(text)
-    except json.JSONDecodeError:
-      out[name.strip()] = text.strip()
+    out[name.strip()] = _literal(text.strip())
   return out
+
+
+def _literal(text: str) -> Any:
+  """A kwargs value: JSON (``0.5``, ``true``, ``null``) or a Python literal (``.5``,
+  ``True``, ``None``), else the text itself."""
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    pass
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
 
 
 def check_kwargs(what: str, name: str, kwargs: Mapping[str, Any],

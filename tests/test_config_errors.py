@@ -76,6 +76,13 @@ def test_unknown_nested_key_names_the_closest_and_the_sections_fields(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_an_unknown_loss_field_points_to_the_losses_own_hyperparameters(tmp_path):
+  code, lines = run_binary("train_dpo", "--config=configs/dpo/tiny.py",
+                           f"--workdir={tmp_path / 'w'}", "--config.loss.gamma=0.1")
+  assert_short_error(code, lines, "config.loss: unknown field(s) ['gamma']",
+                     "a hyperparameter of the selected loss: --config.loss.kwargs=gamma=VALUE")
+
+
 def test_missing_config_file_is_one_line_and_creates_no_workdir(tmp_path):
   code, lines = run_binary("train_dpo", "--config=configs/dpo/no_such.py",
                            f"--workdir={tmp_path / 'w'}")

@@ -189,3 +189,20 @@ def test_a_loss_of_your_own_that_cannot_run_is_named_before_training():
   finally:
     preference.PREFERENCE_LOSSES.pop("_test_naive")
     registry.unregister_direct_loss("_test_needs_gamma")
+
+
+def test_a_rerun_without_the_imports_of_its_loss_names_them(tmp_path):
+  """eval_rm named the --imports a run's runs.jsonl records; a rerun of the trainer itself
+  only said to pass some --imports=MODULE."""
+  import json
+  from experiments import train_dpo
+  from experiments import train_rm
+  from tests import test_train_dpo
+  from tests import test_train_rm
+  (tmp_path / "runs.jsonl").write_text(json.dumps({"imports": ["my_lab.my_losses"]}) + "\n")
+  for run, config in ((train_dpo.run, test_train_dpo.dpo_config(steps=1)),
+                      (train_rm.run, test_train_rm.small_config(1))):
+    config.loss.name = "my_loss"
+    with pytest.raises(KeyError, match=r"unknown .*loss 'my_loss'.*its runs.jsonl records "
+                                       r"--imports=my_lab.my_losses"):
+      run(config, str(tmp_path))

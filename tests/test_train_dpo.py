@@ -342,6 +342,9 @@ def test_direct_loss_rejects_bad_settings():
   assert loss_lib.DirectLoss(name="orpo").alpha == 1.0
   assert loss_lib.parse_kwargs("label_smoothing=0.1,tau=2") == {"label_smoothing": 0.1,
                                                                       "tau": 2}
+  # Python literals as the rest of the command line writes them ('.5' was "expected a number").
+  assert loss_lib.parse_kwargs("gamma=.5,flip=True,cap=None,tag=abc") == {
+      "gamma": 0.5, "flip": True, "cap": None, "tag": "abc"}
   config = dpo_config("ipo")
   config.loss.betta = 0.3
   with pytest.raises(ValueError, match=r"config.loss: unknown field\(s\) \['betta'\]"):

@@ -448,9 +448,7 @@ def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
 
 def _imports_hint(workdir: str) -> str:
   """The ``--imports`` the run's invocations used (``runs.jsonl``), as a hint."""
-  modules = sorted({m for r in summary_lib.read_run_records(workdir)
-                    for m in r.get("imports") or []})
-  return f" (its runs.jsonl records --imports={','.join(modules)})" if modules else ""
+  return summary_lib.imports_hint(workdir)
 
 
 REWARD_HEADS = ("reward", "reward_ensemble", "multi")

@@ -163,6 +163,13 @@ def read_run_records(workdir: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def imports_hint(workdir: str) -> str:
+  """``" (its runs.jsonl records --imports=a,b)"`` when runs in ``workdir`` imported user
+  modules (a loss registered there is unknown without them); ``""`` otherwise."""
+  modules = sorted({m for r in read_run_records(workdir) for m in r.get("imports") or []})
+  return f" (its runs.jsonl records --imports={','.join(modules)})" if modules else ""
+
+
 def read_summary(workdir: str) -> dict[str, Any]:
   """``summary.json``, its non-finite numbers as floats (as the run's own summary had them)."""
   return files.read_json(os.path.join(workdir, SUMMARY_FILE))
