@@ -215,14 +215,25 @@ def report_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any
   def wrapped(argv: list[str]) -> Any:
     try:
       return main(argv)
-    except USER_ERRORS as e:
-      if verbose_errors():
+    except (*USER_ERRORS, AttributeError) as e:
+      if verbose_errors() or (isinstance(e, AttributeError) and not _missing_config_field(e)):
         raise
+      if isinstance(e, AttributeError):
+        e = configlib.ConfigError(f"the config has no field {str(e).strip(chr(34))} that this "
+                                  "binary reads: is --config a config for this binary?")
       logging.flush()
       sys.stderr.write(f"error: {_error_message(e)} [--verbose_errors shows the traceback]\n")
       sys.exit(1)
 
   return wrapped
+
+
+def _missing_config_field(error: AttributeError) -> bool:
+  """Whether ``error`` is a ConfigDict's missing field (another binary's config given)."""
+  tb = error.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and "ml_collections" in tb.tb_frame.f_code.co_filename
 
 
 def _check_command_line(argv: list[str]) -> None:

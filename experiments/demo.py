@@ -132,12 +132,15 @@ def run(workdir: str, quick: bool = False) -> dict[str, Any]:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise ValueError(f"unexpected positional arguments: {argv[1:]}")
   workdir = common.prepare_workdir(flags.FLAGS.workdir)
   run(workdir, quick=_QUICK.value)
 
 
 if __name__ == "__main__":
   if "workdir" not in flags.FLAGS:
-    flags.DEFINE_string("workdir", "workdirs/demo", "Output directory; a rerun resumes.")
-  app.run(main)
+    # Not workdirs/demo: that is `make demo`'s study, whose report this would replace.
+    flags.DEFINE_string("workdir", "workdirs/demo_tiny_world",
+                        "Output directory; a rerun resumes.")
+  app.run(common.report_errors(main))

@@ -405,3 +405,10 @@ def test_model_switches_read_the_strings_of_a_dict_spec_as_booleans():
       "remat": "full", "scan_layers": True}
   with pytest.raises(ValueError, match=r"proxy.model.scan_layers must be True or False, got 2"):
     experiment.model_switches({"scan_layers": 2}, "proxy.model")
+
+
+def test_another_binarys_config_is_one_line_naming_the_missing_section(tmp_path):
+  """Three chained tracebacks ending in AttributeError: "'safety'"."""
+  code, lines = run_binary("train_safety", "--config=configs/rm/tiny.py:quick",
+                           f"--workdir={tmp_path / 'w'}")
+  assert_short_error(code, lines, "the config has no field 'safety' that this binary reads")

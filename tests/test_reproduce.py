@@ -329,6 +329,13 @@ def test_run_checks_the_config_before_writing_anything(tmp_path):
   with pytest.raises(ValueError, match="bandit.world_seeds"):
     reproduce.run(config, str(tmp_path))
   assert os.listdir(tmp_path) == []
+  # Nothing to run (another binary's config, or the text world off with no bandit) wrote
+  # an empty report and removed the previous run's figures, exit 0.
+  nothing = _with(quick.get_config("tiny"), **{"text.enabled": False})
+  nothing.bandit = None
+  with pytest.raises(ValueError, match="nothing to run"):
+    reproduce.run(nothing, str(tmp_path))
+  assert os.listdir(tmp_path) == []
 
 
 def test_failed_rerun_keeps_the_previous_config_and_report(tmp_path, monkeypatch):

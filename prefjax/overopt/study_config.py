@@ -25,9 +25,12 @@ from prefjax.rl import rewards as rl_rewards
 
 def check(config: Any) -> None:
   """Checks ``config.bandit`` (when not None) and the text-world fields ``reproduce`` reads."""
+  text = config.get("text")
+  if config.get("bandit") is None and not (text and text.get("enabled")):
+    raise ValueError("nothing to run: config.bandit is None and config.text.enabled is not "
+                     "True (is this a reproduce config?)")
   if config.get("bandit") is not None:
     check_bandit(config.bandit)
-  text = config.get("text")
   if text and text.get("enabled"):
     check_text(text)
 
