@@ -192,3 +192,28 @@ def test_the_first_progress_line_gives_no_eta_from_its_compiling_interval(tmp_pa
   progress = [line for line in lines if line.startswith("step ")]
   assert "compilation included; ETA from the next line" in progress[0], progress
   assert "ETA 0:49" in progress[1], progress  # 98 steps left at 2 steps/s
+
+
+def test_a_signal_during_the_final_eval_is_not_lost(tmp_path):
+  """A SIGTERM that came during the last step's eval was dropped when the loop restored
+  the signal handlers: the binary went on to its work after training and exited 0 (demo
+  ran two more stages)."""
+  import os
+  import signal
+  batches = make_batches(4, 16)
+  loop = train.LoopConfig(num_steps=4, log_every=1, eval_every=4, checkpoint_every=0,
+                          tensorboard=False)
+
+  def terminated_at_the_end(step, model):
+    del model
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return {"score": 1.0}
+
+  result = train.train_loop(
+      workdir=str(tmp_path), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
+      optimizer={"name": "sgd", "learning_rate": 0.1}, loop=loop, train_iter=iter(batches),
+      evaluators=[terminated_at_the_end])
+  assert result.preempted
+  assert result.summary["final_step"] == 4 and result.summary["final_eval"] == {"score": 1.0}
+  assert summary_lib.read_summary(str(tmp_path))["final_step"] == 4  # finished and saved

@@ -176,8 +176,10 @@ class TrainResult:
     model: the model passed in, updated in place with the final params and
       state (during training its arrays are donated to the train step; after
       an exception it must not be used).
-    summary: contents of ``summary.json`` (empty when ``preempted``).
-    preempted: stopped early by SIGTERM/SIGINT after saving a checkpoint.
+    summary: contents of ``summary.json`` (empty when ``preempted`` before the end).
+    preempted: stopped by SIGTERM/SIGINT after saving a checkpoint; also set, with the
+      summary full, for a signal during the final eval or save, so that the caller stops
+      rather than go on to its work after training.
   """
   state: state_lib.TrainState
   model: nnx.Module
@@ -451,7 +453,13 @@ class _Trainer:
       # Still under the flag: a signal now cannot cut the last save short.
       if stopping is not None:
         return self._stop_preempted(step)
-      return self._finish(step)
+      result = self._finish(step)
+      if _agreed_signal(stop.signum) is not None:  # it came during the final eval or save
+        logging.warning("received a signal during the final eval or save: the run finished "
+                        "and is saved; stopping before the work after training (a rerun "
+                        "with the same workdir does it)")
+        result.preempted = True
+      return result
 
   def _close(self) -> None:
     self.checkpointer.close()
