@@ -26,11 +26,12 @@ import logging as std_logging
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 from absl import flags
@@ -226,6 +227,31 @@ def report_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any
       sys.exit(1)
 
   return wrapped
+
+
+FIGURES = "figures"
+
+
+def publish_figures(workdir: str, staging: str, drawn: Iterable[str],
+                    previous: Iterable[Any]) -> None:
+  """Moves a finished run's figures from ``staging`` into ``workdir/figures`` and removes
+  the ones of the previous report (``previous``, paths as ``figures/x.png``) that this run
+  did not draw (``drawn``); any other file there is left alone. A run that fails before
+  this leaves the previous figures beside the previous report."""
+  fig_dir = os.path.join(workdir, FIGURES)
+  os.makedirs(fig_dir, exist_ok=True)
+  if os.path.isdir(staging):
+    for name in os.listdir(staging):
+      os.replace(os.path.join(staging, name), os.path.join(fig_dir, name))
+    shutil.rmtree(staging)
+  keep = {os.path.basename(f) for f in drawn}
+  # Only names of files directly in figures/: the report could have been edited by hand.
+  old = {os.path.basename(f) for f in previous
+         if isinstance(f, str) and os.path.dirname(f) == FIGURES}
+  for name in old - keep:
+    path = os.path.join(fig_dir, name)
+    if os.path.isfile(path):
+      os.remove(path)
 
 
 def _missing_config_field(error: AttributeError) -> bool:

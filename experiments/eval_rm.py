@@ -32,7 +32,9 @@ that keeps no pair) ends the run with one line naming it.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -48,6 +50,10 @@ from prefjax.evals import reward_eval
 from prefjax.evals import reward_report
 from prefjax.evals import scorers as scorers_lib
 from prefjax.train import summary as summary_lib
+
+
+# This run's figures until it has finished (a failed rerun keeps the previous ones).
+STAGING = ".figures.partial"
 
 
 def compare(config: Any, workdir: str) -> str:
@@ -97,11 +103,17 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
                                                      "standardize")),
             "datasets": []}
   scores = []
+  staging = os.path.join(workdir, STAGING)  # this run's figures until it has finished
+  shutil.rmtree(staging, ignore_errors=True)
+  os.makedirs(staging)
   for dataset in datasets:
     section, arrays = reward_eval.evaluate_dataset(dataset, scorer_fns, config)
-    section["figures"] = write_figures(section, arrays, workdir, int(config.num_bins))
+    section["figures"] = write_figures(section, arrays, staging, int(config.num_bins))
     report["datasets"].append(section)
     scores += reward_report.score_lines(dataset.label, arrays)
+  common.publish_figures(workdir, staging,
+                         [f for d in report["datasets"] for f in d["figures"]],
+                         _previous_figures(workdir))
   report["wall_seconds"] = time.time() - start
   summary_lib.write_json(os.path.join(workdir, "report.json"), report)
   if jax.process_index() == 0:
@@ -114,19 +126,30 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
   return report
 
 
-def write_figures(section: dict[str, Any], arrays: dict[str, Any], workdir: str,
+def write_figures(section: dict[str, Any], arrays: dict[str, Any], out_dir: str,
                   num_bins: int) -> list[str]:
+  """Draws a dataset's figures into ``out_dir``; returns their report paths
+  (``figures/<name>.png``)."""
   label, primary = section["dataset"], arrays["primary"]
   calibrated = [n for n in primary if arrays["calibrated"][n]]
   figures = []
+  drawn_at = lambda name: os.path.join(out_dir, os.path.basename(name))  # noqa: E731
   if calibrated:
     figures.append(reward_eval.figure_name("reliability", label))
-    reward_report.plot_reliability(arrays["signed"], calibrated,
-                                   os.path.join(workdir, figures[-1]),
+    reward_report.plot_reliability(arrays["signed"], calibrated, drawn_at(figures[-1]),
                                    f"{label}: both pair orders", num_bins)
   figures.append(reward_eval.figure_name("length_bins", label))
-  reward_report.plot_length_bins(section, primary, os.path.join(workdir, figures[-1]))
+  reward_report.plot_length_bins(section, primary, drawn_at(figures[-1]))
   return figures
+
+
+def _previous_figures(workdir: str) -> list[str]:
+  """The figures the report in ``workdir`` names (none if unreadable)."""
+  try:
+    with open(os.path.join(workdir, "report.json"), encoding="utf-8") as f:
+      return [p for d in json.load(f).get("datasets", []) for p in d.get("figures", [])]
+  except (OSError, ValueError, TypeError, AttributeError):
+    return []
 
 
 main = common.main_for(run)  # bad input (EvalInputError) ends in one line, exit code 1

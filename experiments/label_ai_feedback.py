@@ -96,12 +96,17 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                                       num_principles=int(config.principles.num_principles),
                                       seed=int(config.principles.seed))
   sampler(0)  # a bad mode fails before the model loads
+  if int(config.eval.num_resamples) < 1:  # before minutes of judging, not after
+    raise ValueError(f"config.eval.num_resamples={config.eval.num_resamples}: the bootstrap "
+                     "needs at least one resample")
   judge = make_judge(config)
   source = experiment.load_split(config.data, config.data.split)
   pairs, skipped = labeller.pairs_from_source(source, int(config.data.max_pairs))
   logging.info("labelling %d pairs of %s[%s] under %d principles (%s)", len(pairs),
                config.data.name, config.data.split, len(principles), config.principles.mode)
   judged = labeller.judge_pairs(judge, pairs, sampler)
+  # Before labels.jsonl: a failure leaves the previous labels beside the previous report.
+  agreements = agreement_report(pairs, judged, config.eval)
   name = dataset.write_preferences(os.path.join(workdir, "labels.jsonl"),
                                    labeller.preference_rows(pairs, judged))
   written = dataset.read_back(name, cache_dir=config.data.get("cache_dir"))
@@ -110,7 +115,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             "num_principles": len(principles), "judge": config.judge.kind,
             "counters": dict(judge.counters, skipped_empty_response=skipped),
             "mean_option_mass": sum(j["option_mass"] for j in judged) / max(len(judged), 1),
-            **agreement_report(pairs, judged, config.eval)}
+            **agreements}
   report["wall_seconds"] = time.time() - start
   summary_lib.write_json(os.path.join(workdir, "report.json"), report)
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:

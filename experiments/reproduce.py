@@ -148,32 +148,18 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
 
 def publish_figures(workdir: str, staging: str, figs: dict[str, str]) -> None:
-  """Moves this run's figures from ``staging`` into ``workdir/figures`` and removes those
-  the previous report named (``report.json``'s ``figures``) that this run did not draw;
-  any other file there is left alone."""
-  fig_dir = os.path.join(workdir, FIGURES)
-  os.makedirs(fig_dir, exist_ok=True)
-  if os.path.isdir(staging):
-    for name in os.listdir(staging):
-      os.replace(os.path.join(staging, name), os.path.join(fig_dir, name))
-    shutil.rmtree(staging)
-  drawn = {os.path.basename(f) for f in figs.values()}
-  for name in _previous_figures(workdir) - drawn:
-    path = os.path.join(fig_dir, name)
-    if os.path.isfile(path):
-      os.remove(path)
+  """This run's figures from ``staging`` into ``workdir/figures``; those the previous
+  report named (``report.json``'s ``figures``) and this run did not draw are removed."""
+  common.publish_figures(workdir, staging, figs.values(), _previous_figures(workdir))
 
 
-def _previous_figures(workdir: str) -> set[str]:
-  """Basenames of the figures the report in ``workdir`` names (none if unreadable)."""
+def _previous_figures(workdir: str) -> list[str]:
+  """The figures the report in ``workdir`` names (none if unreadable)."""
   try:
     with open(os.path.join(workdir, "report.json")) as f:
-      named = dict(json.load(f).get("figures", {})).values()
+      return list(dict(json.load(f).get("figures", {})).values())
   except (OSError, ValueError, TypeError, AttributeError):
-    return set()
-  # Only names of files directly in figures/: the report could have been edited by hand.
-  return {os.path.basename(f) for f in named
-          if isinstance(f, str) and os.path.dirname(f) == FIGURES}
+    return []
 
 
 if __name__ == "__main__":

@@ -200,3 +200,27 @@ def test_overrides_a_loaded_model_does_not_take_are_named(tmp_path, caplog):
   warned = [r.getMessage() for r in caplog.records if "not applied" in r.getMessage()]
   assert len(warned) == 1 and "hidden_size=64 (loaded: 16)" in warned[0]
   assert "num_layers" not in warned[0]  # the overrides that agree are not named
+
+
+def test_a_failed_rerun_keeps_the_previous_figures_and_a_finished_one_replaces_them(tmp_path):
+  """A rerun that failed on its second dataset had already redrawn the first one's
+  figures; a rerun with fewer datasets left the dropped ones' figures behind."""
+  rows = lambda longer: [dict({"prompt": "Q", "chosen": " x", "rejected": " y"},
+                              **{longer: " x and more"}) for _ in range(8)]
+  files = {"a": rows("chosen"), "b": rows("rejected"),
+           "ties": [dict(r, outcome=0.5) for r in rows("chosen")]}
+  for name, data in files.items():
+    (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in data))
+  spec = lambda *names: ",".join(f"jsonl:{tmp_path / n}.jsonl" for n in names)  # noqa: E731
+  workdir = tmp_path / "eval"
+  eval_rm.run(test_eval_rm.eval_config("length", spec("a", "b")), str(workdir))
+  figures = workdir / "figures"
+  before = {p.name: p.stat().st_mtime_ns for p in figures.iterdir()}
+  assert any("b.jsonl" in name for name in before)
+  with pytest.raises(scorers_lib.EvalInputError):
+    eval_rm.run(test_eval_rm.eval_config("length", spec("a", "ties")), str(workdir))
+  assert {p.name: p.stat().st_mtime_ns for p in figures.iterdir()} == before
+  eval_rm.run(test_eval_rm.eval_config("length", spec("a")), str(workdir))
+  after = {p.name for p in figures.iterdir()}
+  assert after and not any("b.jsonl" in name for name in after)
+  assert not (workdir / eval_rm.STAGING).exists()

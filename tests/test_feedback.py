@@ -287,3 +287,16 @@ def test_bad_input_is_one_line_naming_what_to_fix(tmp_path):
   with pytest.raises(ValueError) as e:  # the binary fails before building any model
     label_ai_feedback.make_judge(config)
   one_line(e, "'first'", "config.judge.labels")
+
+
+def test_a_bad_eval_setting_fails_before_judging_and_keeps_the_previous_labels(tmp_path):
+  """num_resamples=0 failed only after all the judging (minutes on SmolLM2), and after
+  labels.jsonl had been replaced: the workdir held new labels beside the old report."""
+  workdir = tmp_path / "labels"
+  workdir.mkdir()
+  (workdir / "labels.jsonl").write_text("the previous labels\n")
+  config = _tiny_gold_config(position_bias=0.0)
+  config.eval.num_resamples = 0
+  with pytest.raises(ValueError, match=r"config.eval.num_resamples=0"):
+    label_ai_feedback.run(config, str(workdir))
+  assert (workdir / "labels.jsonl").read_text() == "the previous labels\n"
