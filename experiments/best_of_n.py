@@ -268,7 +268,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     result["safety_filter"] = filtered.filter_report(
         samples["proxy"], samples["gold"], samples["harm"], float(samples["harm_threshold"]),
         result["n"], {k: samples[k] for k in ("world_harm",) if k in samples})
-  data = experiment.read_data_report(workdir)
+  # Only a run whose prompts come from a dataset scanned one (a data_report.json left in
+  # the workdir by another binary's run describes other data).
+  data = (experiment.read_data_report(workdir)
+          if config.prompts.get("source") == "dataset" else None)
   if data is not None:
     result["data"] = data
   summary_lib.write_json(os.path.join(workdir, "report.json"), result)
@@ -277,6 +280,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   plot(result, os.path.join(workdir, "figures", "bon.png"))
   # Last, so that a failed rerun leaves the previous config beside the previous report.
   summary_lib.replace_config(workdir, config)
+  logging.info("best_of_n: %d prompts x %d samples; report in %s",
+               *np.shape(samples["proxy"])[:2], workdir)
   return result
 
 

@@ -49,6 +49,13 @@ def test_outputs_written(bon_run):
 def test_rerun_reuses_samples(bon_run):
   workdir, config, result = bon_run
   assert best_of_n.run(config, str(workdir)) == result
+  # A data_report.json another binary left in the workdir (a train_rm run there) is not
+  # this run's: its tiny-world prompts read no dataset.
+  (workdir / "data_report.json").write_text(json.dumps({"train": {"rows_read": 600}}))
+  try:
+    assert "data" not in best_of_n.run(config, str(workdir))
+  finally:
+    (workdir / "data_report.json").unlink()
 
 
 def test_samples_are_redrawn_when_a_setting_that_shapes_them_changes(bon_run, monkeypatch):
