@@ -56,6 +56,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import app
+from absl import logging
 from flax import nnx
 
 from experiments import common
@@ -132,6 +133,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       evaluators.append(make_evaluator(config, model, eval_source, tokenizer, eval_table,
                                        mesh, workdir))
     deep = isinstance(model, heads_lib.DeepEnsemble)
+    logging.info("reward-model loss %r with %s", loss.name, dict(loss.hparams))
     result = train.train_loop(
         workdir=workdir, config=config, model=model,
         loss_fn=rm.make_loss_fn(loss, num_columns=num_columns, objectives=objectives,

@@ -27,7 +27,8 @@ from configs.rl import smollm2_rloo
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   c = smollm2_rloo.get_config()
-  del c.rl, c.optimizer, c.loop, c.eval, c.log_train_gold
+  # What best-of-n does not read, so that an override of it is refused, not ignored.
+  del c.rl, c.optimizer, c.loop, c.eval, c.log_train_gold, c.mesh, c.export_hf
   c.bon = dict(num_samples=256, prompts_per_batch=1, num_points=12, num_bootstrap=1000)
   if arg == "quick":
     c.prompts.num_eval = 2

@@ -48,7 +48,8 @@ from configs.rl import tiny_ppo
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   c = tiny_ppo.base_config()
-  del c.rl, c.optimizer, c.loop, c.eval, c.log_train_gold
+  # What best-of-n does not read, so that an override of it is refused, not ignored.
+  del c.rl, c.optimizer, c.loop, c.eval, c.log_train_gold, c.mesh, c.export_hf
   c.prompts.num_eval = 64
   c.bon = dict(num_samples=256, prompts_per_batch=4, num_points=12, num_bootstrap=1000)
   if arg == "quick":

@@ -102,7 +102,6 @@ class RewardLoss:
                center_coef=float(cfg.get("center_coef", 0.0)),
                bootstrap=bool(cfg.get("bootstrap", False)),
                first_member=int(cfg.get("first_member", 0)))
-    logging.info("reward-model loss %r with %s", name, dict(loss.hparams))
     try:  # The loss's own range checks (ε, ν…), now rather than at the first step.
       loss.per_pair(jnp.zeros(1), jnp.zeros(1), jnp.ones(1))
     except ValueError as e:
