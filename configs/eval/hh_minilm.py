@@ -40,6 +40,8 @@ from configs.eval import tiny
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: unused (None)."""
+  if arg not in (None, ""):
+    raise ValueError(f"unknown variant {arg!r}; configs/eval/hh_minilm.py has none")
   config = tiny.get_config(arg)
   config.scorers = "minilm=rm:/tmp/rm_hh_minilm,length,shorter"
   config.datasets = "hh_rlhf/harmless-base@resplit_test,pandalm@test"
