@@ -206,3 +206,33 @@ def test_a_rerun_without_the_imports_of_its_loss_names_them(tmp_path):
     with pytest.raises(KeyError, match=r"unknown .*loss 'my_loss'.*its runs.jsonl records "
                                        r"--imports=my_lab.my_losses"):
       run(config, str(tmp_path))
+
+
+def test_a_registered_loss_sharing_a_built_in_hyperparameter_name_keeps_its_default():
+  from configs.rm import tiny
+  """The configs carry bt's margin=0.0: a loss of your own with ``margin=1.0`` used to
+  train at 0.0, and ``kwargs=margin=...`` was refused as set twice."""
+  @preference.register_preference_loss("_test_margin_rank")
+  def margin_rank(r_chosen, r_rejected, *, outcome=1.0, margin=1.0):
+    del outcome
+    return jax.nn.relu(margin - (r_chosen - r_rejected))
+  try:
+    carried = dict(tiny.get_config().loss, name="_test_margin_rank")
+    assert carried["margin"] == 0.0
+    assert rm.RewardLoss.from_config(carried).hparams == ()  # margin_rank's own 1.0
+    loss = rm.RewardLoss.from_config(carried)
+    np.testing.assert_allclose(loss.per_pair(jnp.zeros(2), jnp.asarray([0.25, 2.0]),
+                                             jnp.ones(2)), [1.25, 3.0])
+    assert rm.RewardLoss.from_config(dict(carried, kwargs="margin=0.5")).hparams == (
+        ("margin", 0.5),)
+    assert rm.RewardLoss.from_config(dict(carried, margin=0.3)).hparams == (("margin", 0.3),)
+    with pytest.raises(ValueError, match=r"config.loss sets them too \(margin=0.3\)"):
+      rm.RewardLoss.from_config(dict(carried, margin=0.3, kwargs="margin=0.5"))
+    # Registering it must not change bt: --config.loss.margin=1.0 (margin_rank's default)
+    # was taken for a carried default and bt trained at margin 0.
+    bt_at_one = dict(tiny.get_config().loss, margin=1.0)
+    assert dict(rm.RewardLoss.from_config(bt_at_one).hparams)["margin"] == 1.0
+  finally:
+    preference.PREFERENCE_LOSSES.pop("_test_margin_rank")
+  # bt itself still reads the field, at its default or moved.
+  assert dict(rm.RewardLoss.from_config(dict(tiny.get_config().loss)).hparams)["margin"] == 0.0
