@@ -175,15 +175,22 @@ def test_a_stage_that_measured_nan_is_reused_with_nan_back(tmp_path):
   assert f"{again['accuracy']:.3f}" == "nan"  # as text_study logs it
 
 
-def test_checkpoint_evaluations_are_cached_under_their_key(tmp_path, monkeypatch):
-  evaluated = []
+@pytest.fixture
+def evaluated(monkeypatch):
+  """Checkpoint evaluations replaced by a record of what evaluated them: each returns a
+  trajectory whose gold is the ``evaluate`` argument itself."""
+  calls = []
 
   def fake_trajectory(run_dir, policy_at, reference, evaluate):
-    evaluated.append(evaluate)
+    calls.append(evaluate)
     return text_world.Trajectory(np.array([0, 5]), {"gold": np.full((2, 3), evaluate)})
 
   monkeypatch.setattr(text_world, "checkpoint_trajectory", fake_trajectory)
   monkeypatch.setattr(text_world, "policy_loader", lambda *a, **k: None)
+  return calls
+
+
+def test_checkpoint_evaluations_are_cached_under_their_key(tmp_path, evaluated):
   run_dir = str(tmp_path)
   key = {"eval": {"num_prompts": 3}, "proxies": {"proxy_w8": text_world.digest({"steps": 4})}}
 
@@ -232,17 +239,9 @@ def test_an_unfinished_stage_is_refused_under_another_config(tmp_path):
                               key={"kl_coef": 0.02})["accuracy"] == 1.0
 
 
-def test_a_run_trained_again_is_evaluated_again(tmp_path, monkeypatch):
+def test_a_run_trained_again_is_evaluated_again(tmp_path, evaluated):
   """The evaluation cache was keyed by the evaluation alone: a stage trained further after
   its done.json was removed kept the trajectory of its first, shorter run."""
-  evaluated = []
-
-  def fake_trajectory(run_dir, policy_at, reference, evaluate):
-    evaluated.append(evaluate)
-    return text_world.Trajectory(np.array([0, 5]), {"gold": np.full((2, 3), evaluate)})
-
-  monkeypatch.setattr(text_world, "checkpoint_trajectory", fake_trajectory)
-  monkeypatch.setattr(text_world, "policy_loader", lambda *a, **k: None)
   stage = str(tmp_path / "rl")
   text_world.run_stage(stage, lambda: None, key={"steps": 4})
   cached = lambda value: text_world.cached_trajectory(stage, None, None, value, key={"n": 3})
