@@ -252,8 +252,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   fingerprint = samples_fingerprint(config, checkpoints)
   samples = None
   if os.path.exists(path):
-    with np.load(path) as f:
-      samples = {k: f[k] for k in f.files}
+    samples = files.read_npz(path)
     if str(samples.pop("config_sha256", "")) == fingerprint:
       logging.info("best_of_n: reusing %s", path)
     else:

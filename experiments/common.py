@@ -26,12 +26,11 @@ import logging as std_logging
 import os
 import pathlib
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import jax
 from absl import flags
@@ -217,49 +216,15 @@ def report_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any
     try:
       return main(argv)
     except (*USER_ERRORS, AttributeError) as e:
-      if verbose_errors() or (isinstance(e, AttributeError) and not _missing_config_field(e)):
+      if isinstance(e, AttributeError):  # only a ConfigDict's missing field is the user's
+        e = configlib.missing_field_error(e) or e
+      if verbose_errors() or isinstance(e, AttributeError):
         raise
-      if isinstance(e, AttributeError):
-        e = configlib.ConfigError(f"the config has no field {str(e).strip(chr(34))} that this "
-                                  "binary reads: is --config a config for this binary?")
       logging.flush()
       sys.stderr.write(f"error: {_error_message(e)} [--verbose_errors shows the traceback]\n")
       sys.exit(1)
 
   return wrapped
-
-
-FIGURES = "figures"
-
-
-def publish_figures(workdir: str, staging: str, drawn: Iterable[str],
-                    previous: Iterable[Any]) -> None:
-  """Moves a finished run's figures from ``staging`` into ``workdir/figures`` and removes
-  the ones of the previous report (``previous``, paths as ``figures/x.png``) that this run
-  did not draw (``drawn``); any other file there is left alone. A run that fails before
-  this leaves the previous figures beside the previous report."""
-  fig_dir = os.path.join(workdir, FIGURES)
-  os.makedirs(fig_dir, exist_ok=True)
-  if os.path.isdir(staging):
-    for name in os.listdir(staging):
-      os.replace(os.path.join(staging, name), os.path.join(fig_dir, name))
-    shutil.rmtree(staging)
-  keep = {os.path.basename(f) for f in drawn}
-  # Only names of files directly in figures/: the report could have been edited by hand.
-  old = {os.path.basename(f) for f in previous
-         if isinstance(f, str) and os.path.dirname(f) == FIGURES}
-  for name in old - keep:
-    path = os.path.join(fig_dir, name)
-    if os.path.isfile(path):
-      os.remove(path)
-
-
-def _missing_config_field(error: AttributeError) -> bool:
-  """Whether ``error`` is a ConfigDict's missing field (another binary's config given)."""
-  tb = error.__traceback__
-  while tb is not None and tb.tb_next is not None:
-    tb = tb.tb_next
-  return tb is not None and "ml_collections" in tb.tb_frame.f_code.co_filename
 
 
 def _check_command_line(argv: list[str]) -> None:
@@ -279,26 +244,6 @@ def _import_user_modules() -> None:
       raise configlib.ConfigError(f"--imports: cannot import {module!r}: {e}") from e
 
 
-def _check_loop_and_optimizer(config: Any) -> None:
-  """What every trainer refuses, refused before the workdir, the data and the model."""
-  if "loop" in config:
-    train.LoopConfig.from_mapping(config.loop)  # its own checks, num_steps >= 1 among them
-  if "optimizer" in config:
-    train.make_optimizer(config.optimizer)
-  for field, section in _model_sections(config):
-    experiment.model_switches(section, field)  # a misspelt remat policy, named
-
-
-def _model_sections(config: Any) -> list[tuple[str, Any]]:
-  """``model`` and the model of each reward, reference or judge section."""
-  found = [("model", config.get("model"))]
-  for name in ("proxy", "gold", "ref", "judge", "policy"):
-    section = config.get(name)
-    if hasattr(section, "get"):
-      found.append((f"{name}.model", section.get("model")))
-  return [(f, s) for f, s in found if hasattr(s, "get")]
-
-
 def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
   """An absl ``main`` that validates the flags and calls ``run(config, workdir)``.
 
@@ -316,7 +261,7 @@ def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
     with preemption.exit_on_sigterm_in_native_wait():  # it waits for the other processes
       parallel.initialize_distributed()
     _import_user_modules()  # after: a module that computes would start JAX's backend
-    _check_loop_and_optimizer(FLAGS.config)
+    experiment.check_before_the_workdir(FLAGS.config)
     workdir = prepare_workdir(FLAGS.workdir)
     record_invocation(workdir)
     logging.info("compilation cache: %s (%s=0 turns it off)", compilation_cache.enable() or "off",

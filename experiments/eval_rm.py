@@ -111,7 +111,7 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
     section["figures"] = write_figures(section, arrays, staging, int(config.num_bins))
     report["datasets"].append(section)
     scores += reward_report.score_lines(dataset.label, arrays)
-  common.publish_figures(workdir, staging,
+  files.publish_figures(workdir, staging,
                          [f for d in report["datasets"] for f in d["figures"]],
                          _previous_figures(workdir))
   report["wall_seconds"] = time.time() - start

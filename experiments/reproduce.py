@@ -36,6 +36,7 @@ from experiments import common
 from experiments import hh_study
 from experiments import text_study
 from prefjax import experiment
+from prefjax import files
 from prefjax.overopt import report as report_lib
 from prefjax.overopt import study
 from prefjax.overopt import study_config
@@ -150,7 +151,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 def publish_figures(workdir: str, staging: str, figs: dict[str, str]) -> None:
   """This run's figures from ``staging`` into ``workdir/figures``; those the previous
   report named (``report.json``'s ``figures``) and this run did not draw are removed."""
-  common.publish_figures(workdir, staging, figs.values(), _previous_figures(workdir))
+  files.publish_figures(workdir, staging, figs.values(), _previous_figures(workdir))
 
 
 def _previous_figures(workdir: str) -> list[str]:

@@ -46,6 +46,7 @@ from experiments import train_rm
 from experiments import train_sft
 from prefjax import configlib
 from prefjax import experiment
+from prefjax import files
 from prefjax.data import tokenize as tokenize_lib
 from prefjax.overopt import text_world
 from prefjax.rl import rewards as rl_rewards
@@ -218,11 +219,6 @@ class TextWorld:
 # ---------------------------------------------------------------------------- stages
 
 
-def _load_samples(bon_dir: str) -> dict[str, np.ndarray]:
-  with np.load(os.path.join(bon_dir, best_of_n.SAMPLES_FILE)) as f:
-    return {k: f[k] for k in f.files}
-
-
 def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict[str, Any]:
   """Runs every stage (skipping finished ones) and returns the raw results:
   ``scales``, ``bon`` (width -> samples), ``rl`` (width -> Trajectory), ``dpo``
@@ -257,7 +253,7 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
     path = os.path.join(workdir, "bon", f"w{w}")
     text_world.binary_stage(path, best_of_n.run, lambda: tw.bon_config(w), workdir=workdir,
                             upstream={"reference": reference_dir, "proxy": proxy_dir(w)})
-    bon[w] = _load_samples(path)
+    bon[w] = files.read_npz(os.path.join(path, best_of_n.SAMPLES_FILE))
     progress.step(f"best-of-n against proxy width {w}")
   scales = text_world.reference_scales(bon)
   scored = sorted(set(rl_widths) | {max(widths)})

@@ -27,6 +27,18 @@ class ConfigError(ValueError):
   """A config key or value that does not fit the schema."""
 
 
+def missing_field_error(error: AttributeError) -> ConfigError | None:
+  """A ConfigDict's missing field (a binary given another binary's config) as a one-line
+  ``ConfigError``; None for any other ``AttributeError``."""
+  tb = error.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  if tb is None or "ml_collections" not in tb.tb_frame.f_code.co_filename:
+    return None
+  return ConfigError(f"the config has no field {str(error).strip(chr(34))} that this binary "
+                     "reads: is --config a config for this binary?")
+
+
 def unknown_keys_message(section: str, unknown: Iterable[str], known: Iterable[str]) -> str:
   """One line: the unknown keys of ``section``, the closest known ones, all known ones."""
   unknown, known = sorted(unknown), sorted(known)

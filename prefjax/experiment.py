@@ -38,6 +38,7 @@ from prefjax import assets
 from prefjax import configlib
 from prefjax import files
 from prefjax import parallel
+from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import report as report_lib
 from prefjax.data import sources
@@ -103,6 +104,21 @@ def model_section(**fields: Any) -> ml_collections.ConfigDict:
   """``config.model`` with ``MODEL_SWITCHES`` declared: ``remat`` ("none", or a
   ``stack.REMAT_POLICIES`` name) and ``scan_layers``; ``fields`` as in ``make_model``."""
   return ml_collections.ConfigDict(dict(MODEL_SWITCHES, **fields))
+
+
+def check_before_the_workdir(config: Any) -> None:
+  """What every binary refuses before its workdir, data and model: the loop's and the
+  optimizer's settings, and a bad ``remat``/``scan_layers`` of any model section."""
+  if "loop" in config:
+    train.LoopConfig.from_mapping(config.loop)  # its own checks, num_steps >= 1 among them
+  if "optimizer" in config:
+    train.make_optimizer(config.optimizer)
+  sections = [("model", config.get("model"))] + [
+      (f"{name}.model", config[name].get("model")) for name in
+      ("proxy", "gold", "ref", "judge", "policy") if hasattr(config.get(name), "get")]
+  for field, section in sections:
+    if hasattr(section, "get"):
+      model_switches(section, field)  # a misspelt remat policy, named
 
 
 def model_switches(cfg: Any, field: str = "model") -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Files replaced whole (``write_atomically``); a workdir held by one run (``exclusive``);
 standard JSON for every JSON file the project writes (``dumps``, ``read_json``); the
-source hash caches key on (``source_digest``)."""
+source hash caches key on (``source_digest``); a finished run's figures moved in from
+their staging folder (``publish_figures``); an ``.npz`` read whole (``read_npz``)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import threading
 from types import ModuleType
-from typing import IO, Any, Callable, Iterator, Mapping
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
+import numpy as np
 from absl import logging
 
 
@@ -147,3 +150,34 @@ def source_digest(*modules: ModuleType) -> str:
   for module in modules:
     h.update(pathlib.Path(inspect.getfile(module)).read_bytes())
   return h.hexdigest()[:12]
+
+
+FIGURES = "figures"
+
+
+def publish_figures(workdir: str, staging: str, drawn: Iterable[str],
+                    previous: Iterable[Any]) -> None:
+  """Moves a finished run's figures from ``staging`` into ``workdir/figures`` and removes
+  the ones of the previous report (``previous``, paths as ``figures/x.png``) that this run
+  did not draw (``drawn``); any other file there is left alone. A run that fails before
+  this leaves the previous figures beside the previous report."""
+  fig_dir = os.path.join(workdir, FIGURES)
+  os.makedirs(fig_dir, exist_ok=True)
+  if os.path.isdir(staging):
+    for name in os.listdir(staging):
+      os.replace(os.path.join(staging, name), os.path.join(fig_dir, name))
+    shutil.rmtree(staging)
+  keep = {os.path.basename(f) for f in drawn}
+  # Only names of files directly in figures/: the report could have been edited by hand.
+  old = {os.path.basename(f) for f in previous
+         if isinstance(f, str) and os.path.dirname(f) == FIGURES}
+  for name in old - keep:
+    path = os.path.join(fig_dir, name)
+    if os.path.isfile(path):
+      os.remove(path)
+
+
+def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+  """Every array of an ``.npz`` file, read into memory (the file closed)."""
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
