@@ -469,17 +469,8 @@ def _child(name: str, steps: int) -> dict[str, Any]:
   if proc.returncode:
     return {"case": name, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
   row = json.loads(proc.stdout.strip().splitlines()[-1])
-  if "torch" in name or "generate" in name:  # PyTorch's threads collapse under other load
-    row["torch_threads"] = _torch_threads(env)
   return {**row, "glibc_tunables": env.get("GLIBC_TUNABLES", ""),
           "load_average_1m_after": round(os.getloadavg()[0], 2)}
-
-
-def _torch_threads(env: dict[str, str]) -> int | None:
-  """The intra-op threads PyTorch takes in a case's environment (None: not installed)."""
-  proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
-                        capture_output=True, text=True, env=env)
-  return int(proc.stdout) if proc.returncode == 0 else None
 
 
 def _child_environment(name: str) -> dict[str, str]:
@@ -533,7 +524,10 @@ def main(argv: list[str] | None = None) -> None:
   if args.child:
     if runs_as_train_binary(args.child):
       xla_cpu.keep_freed_memory()
-    print(json.dumps(run_case(args.child, steps)))
+    row = run_case(args.child, steps)
+    if "torch" in sys.modules:  # a PyTorch or HF case: its threads collapse under other load
+      row["torch_threads"] = sys.modules["torch"].get_num_threads()
+    print(json.dumps(row))
     return
   names = [n for c in args.cases.split(",") if c
            for n in ([c] if c in CASES else [n for n in CASES if c in n] or [c])]

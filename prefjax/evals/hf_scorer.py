@@ -51,10 +51,13 @@ def _check_export_special_ids(spec: ScorerSpec, path: str, tokenizer: Any,
                               pcfg: pipeline_lib.PipelineConfig) -> None:
   """A prefjax export scores the EOS (and reads the BOS) of the tokenizer it was trained
   with, whose ids its ``config.json`` records; another tokenizer's are refused."""
-  if hf_import.saved_pipeline(path) is None:
+  config_file = os.path.join(path, "config.json")
+  if not os.path.isfile(config_file):
     return
-  with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+  with open(config_file, encoding="utf-8") as f:
     recorded = json.load(f)
+  if not isinstance(recorded.get(hf_import.PIPELINE_KEY), dict):  # not a prefjax export
+    return
   wanted = [("eos", "eos_token_id")] + ([("bos", "bos_token_id")] if pcfg.add_bos else [])
   for name, key in wanted:
     ours = getattr(tokenizer, f"{name}_id", None)
