@@ -248,7 +248,9 @@ def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
   """An absl ``main`` that validates the flags and calls ``run(config, workdir)``.
 
   Exit codes: 0 finished, 1 error, ``preemption.PREEMPTED_EXIT_CODE`` when the
-  run stopped on SIGTERM after saving.
+  run stopped on SIGTERM after saving. The workdir's lock (``train.hold_workdir``) is
+  held from ``runs.jsonl``'s record to the run's last write (its export, its report),
+  not only while the training loop runs.
   """
 
   def main(argv: list[str]) -> None:
@@ -263,16 +265,17 @@ def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
     _import_user_modules()  # after: a module that computes would start JAX's backend
     experiment.check_before_the_workdir(FLAGS.config)
     workdir = prepare_workdir(FLAGS.workdir)
-    record_invocation(workdir)
-    logging.info("compilation cache: %s (%s=0 turns it off)", compilation_cache.enable() or "off",
-                 compilation_cache.CACHE_ENV)
-    logging.info("config %s, overrides %s (all fields: --config_help; saved in config.json)",
-                 config_flags.get_config_filename(FLAGS["config"]),
-                 config_flags.get_override_values(FLAGS["config"]))
-    try:
-      result = run(FLAGS.config, workdir)
-    except train.NoIntactCheckpointError as e:
-      sys.exit(f"error: {e}")
+    with train.hold_workdir(workdir):  # from the first record to the last export
+      record_invocation(workdir)
+      logging.info("compilation cache: %s (%s=0 turns it off)",
+                   compilation_cache.enable() or "off", compilation_cache.CACHE_ENV)
+      logging.info("config %s, overrides %s (all fields: --config_help; saved in config.json)",
+                   config_flags.get_config_filename(FLAGS["config"]),
+                   config_flags.get_override_values(FLAGS["config"]))
+      try:
+        result = run(FLAGS.config, workdir)
+      except train.NoIntactCheckpointError as e:
+        sys.exit(f"error: {e}")
     if preemption.was_preempted(result):
       sys.exit(preemption.PREEMPTED_EXIT_CODE)
     # Finished and written: a SIGTERM during interpreter shutdown (which restores its

@@ -39,6 +39,7 @@ from experiments import preemption
 from experiments import train_rl
 from experiments import train_rm
 from prefjax import experiment
+from prefjax import train
 from prefjax.train import summary as summary_lib
 
 _QUICK = flags.DEFINE_bool("quick", False, "Use the :quick variant of every stage.")
@@ -135,7 +136,8 @@ def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected positional arguments: {argv[1:]}")
   workdir = common.prepare_workdir(flags.FLAGS.workdir)
-  run(workdir, quick=_QUICK.value)
+  with train.hold_workdir(workdir):  # its report; each stage holds its own sub-workdir
+    run(workdir, quick=_QUICK.value)
 
 
 if __name__ == "__main__":

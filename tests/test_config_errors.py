@@ -320,6 +320,28 @@ def test_a_workdir_another_run_holds_is_one_line(tmp_path):
                               "run"), text
 
 
+def test_a_binary_holds_its_workdir_until_its_last_write(tmp_path):
+  """The lock covered only the training loop: a second run could start while the first
+  still exported its model or wrote its report."""
+  probe = ("from absl import app\n"
+           "from experiments import common\n"
+           "from prefjax import files\n"
+           "def run(config, workdir):\n"
+           "  try:\n"
+           "    with files.exclusive(workdir):\n"
+           "      print('lock: free')\n"
+           "  except files.WorkdirBusyError:\n"
+           "    print('lock: held')\n"
+           "common.define_flags()\n"
+           "app.run(common.main_for(run))\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.run([sys.executable, "-c", probe, "--config=configs/rm/tiny.py",
+                         f"--workdir={tmp_path}"], cwd=REPO, env=env, text=True,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+  assert proc.returncode == 0, proc.stdout
+  assert "lock: held" in proc.stdout.splitlines(), proc.stdout
+
+
 def test_setting_the_mismatch_policy_on_a_rerun_is_not_a_mismatch(tmp_path):
   config = {"seed": 0, "loop": {"num_steps": 5, "on_config_mismatch": "warn"}}
   summary_lib.write_or_check_config(str(tmp_path), config)

@@ -371,6 +371,13 @@ def test_a_second_run_on_a_busy_workdir_stops_at_once(tmp_path):
       run()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
   assert run().summary["final_step"] == 2  # once it is gone
+  with train.hold_workdir(tmp_path):  # a binary's hold: its loop nests inside it
+    assert run().summary["final_step"] == 2
+    with pytest.raises(files.WorkdirBusyError):  # still held for the binary's export
+      with files.exclusive(tmp_path):
+        pass
+  with files.exclusive(tmp_path):  # released with the outer hold
+    pass
 
 
 def test_a_filesystem_without_flock_runs_without_the_lock(tmp_path, monkeypatch, caplog):

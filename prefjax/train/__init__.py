@@ -45,6 +45,7 @@ _EXPORTS = {
     "make_train_step": "step",
     "split_microbatches": "step",
     "ConfigMismatchError": "summary",
+    "hold_workdir": "summary",
     "read_summary": "summary",
     "write_or_check_config": "summary",
 }

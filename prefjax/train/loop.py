@@ -24,7 +24,6 @@ Usage (an experiment binary)::
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import os
 import re
@@ -39,7 +38,6 @@ from absl import logging
 from flax import nnx
 
 from prefjax import configlib
-from prefjax import files
 from prefjax import parallel
 from prefjax.train import checkpoint as checkpoint_lib
 from prefjax.train import metrics as metrics_lib
@@ -519,23 +517,6 @@ class _Trainer:
     return self.user_model
 
 
-@contextlib.contextmanager
-def _hold_workdir(workdir: str) -> Iterator[None]:
-  """Process 0, which writes the workdir's files, holds its lock (``files.exclusive``);
-  every process learns whether it got it, so a busy workdir stops the whole job."""
-  with contextlib.ExitStack() as stack:
-    error = None
-    if jax.process_index() == 0:
-      try:
-        stack.enter_context(files.exclusive(workdir))
-      except files.WorkdirBusyError as e:
-        error = e
-    if parallel.in_any_process(error is not None):  # only process 0 can be refused
-      raise error or files.WorkdirBusyError(f"{workdir} is in use by another run (process "
-                                            "0 found its lock held)")
-    yield
-
-
 def train_loop(
     *,
     workdir: str,
@@ -589,7 +570,7 @@ def train_loop(
   Returns:
     A :class:`TrainResult`.
   """
-  with _hold_workdir(workdir):
+  with summary_lib.hold_workdir(workdir):
     trainer = _Trainer(workdir=workdir, model=model, loss_fn=loss_fn, optimizer=optimizer,
                        loop=loop, train_iter=train_iter, config=config, evaluators=evaluators,
                        tokens_in_batch=tokens_in_batch, mesh=mesh,

@@ -1,19 +1,21 @@
 """``config.json`` (with a diff check on resume), ``summary.json`` and ``runs.jsonl`` of a workdir,
-written as standard JSON (``prefjax.files.dumps``)."""
+written as standard JSON (``prefjax.files.dumps``); the workdir held by one run (``hold_workdir``)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
 import os
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 from absl import logging
 
 from prefjax import files
+from prefjax import parallel
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
@@ -21,6 +23,45 @@ RUNS_FILE = "runs.jsonl"  # one record per invocation of a binary on the workdir
 # How a rerun treats a changed config is not part of what is run: setting it on the
 # rerun (``--config.loop.on_config_mismatch=error``) must not itself be a mismatch.
 RERUN_POLICY_FIELDS = (("loop", "on_config_mismatch"), ("loop", "allow_restart"))
+
+
+# Workdirs this process's run holds (every process of a job records them alike).
+_HELD_WORKDIRS: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: str | os.PathLike[str]) -> Iterator[None]:
+  """Holds ``workdir``'s lock (``files.exclusive``) while the block runs; nests.
+
+  Process 0, which writes the workdir's files, takes the lock; every process learns
+  whether it got it, so a busy workdir stops the whole job. A binary holds its
+  workdir from its first write to its last (``experiments.common.main_for``); the
+  training loop inside it holds the same workdir again, which only counts a level.
+  Another run, or ``files.exclusive`` called directly, is refused while it is held.
+  """
+  key = os.path.realpath(workdir)
+  if key in _HELD_WORKDIRS:
+    _HELD_WORKDIRS[key] += 1
+    try:
+      yield
+    finally:
+      _HELD_WORKDIRS[key] -= 1
+    return
+  with contextlib.ExitStack() as stack:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(files.exclusive(workdir))
+      except files.WorkdirBusyError as e:
+        error = e
+    if parallel.in_any_process(error is not None):  # only process 0 can be refused
+      raise error or files.WorkdirBusyError(f"{workdir} is in use by another run (process "
+                                            "0 found its lock held)")
+    _HELD_WORKDIRS[key] = 1
+    try:
+      yield
+    finally:
+      del _HELD_WORKDIRS[key]
 
 
 class ConfigMismatchError(ValueError):
