@@ -24,7 +24,9 @@ and ``report.json`` / ``report.md`` add ``safety_filter``: harm, proxy and gold
 of best-of-n with and without the filter for every n (``prefjax.overopt.filtered``).
 
 Outputs in the workdir: ``samples.npz`` (raw scores; a rerun reuses them when
-every setting that shapes the samples is unchanged, and samples again otherwise),
+every setting that shapes the samples is unchanged, and samples again otherwise;
+while sampling, ``samples.partial.npz`` holds the batches of prompts scored so far,
+and a run stopped halfway resumes after them),
 ``report.json`` (the curves), ``report.md`` and ``figures/bon.png`` (gold and
 proxy vs √KL).
 """
@@ -55,6 +57,7 @@ from prefjax.rl import setup
 from prefjax.train import summary as summary_lib
 
 SAMPLES_FILE = "samples.npz"
+PARTIAL_FILE = "samples.partial.npz"  # the prompts scored so far, while sampling
 # Settings that only redraw the curves from the same samples.
 _CURVE_ONLY = ("num_points", "num_bootstrap")
 
@@ -106,10 +109,14 @@ def samples_fingerprint(config: Any, checkpoints: dict[str, Any] | None = None) 
   return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
-def sample_and_score(config: Any, workdir: str | None = None) -> dict[str, np.ndarray]:
+def sample_and_score(config: Any, workdir: str | None = None,
+                     fingerprint: str | None = None) -> dict[str, np.ndarray]:
   """``proxy``/``gold`` ``[P, N]`` raw scores of N reference samples per eval prompt.
 
   Dataset prompts are reported in ``workdir/data_report.json`` when ``workdir`` is given.
+  With ``fingerprint`` (``samples_fingerprint``) too, the scores are saved after every
+  batch of prompts (``samples.partial.npz``): a run killed halfway resumes at its next
+  batch, and draws the same samples as one never stopped (each batch's key is its own).
   """
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   world = setup.make_world(config)
@@ -126,36 +133,31 @@ def sample_and_score(config: Any, workdir: str | None = None) -> dict[str, np.nd
   num_prompts, n = len(prompts.texts), int(config.bon.num_samples)
   chunk = int(config.bon.prompts_per_batch)
   key = jax.random.key(int(config.seed))
-  proxy_scores, gold_scores, harm_scores, world_harm, lengths = [], [], [], [], []
-  for start in range(0, num_prompts, chunk):
+  partial = files.PartialArrays(
+      os.path.join(workdir, PARTIAL_FILE) if workdir and fingerprint else None, fingerprint or "")
+  for start in range(partial.done, num_prompts, chunk):
     idx = np.resize(np.arange(start, min(start + chunk, num_prompts)), chunk)  # fixed shape
     part = rollout_lib.Prompts([prompts.texts[i] for i in idx], prompts.tokens[idx],
                                prompts.mask[idx]).repeat(n)
     rollout = rollout_lib.sample(policy, part, jax.random.fold_in(key, start),
                                  tokenizer=tokenizer, **config.sampling.to_dict())
     real = min(chunk, num_prompts - start) * n
-    proxy_scores.append(score_proxy(rollout.prompts[:real], rollout.responses[:real]))
-    gold_scores.append(gold(rollout.prompts[:real], rollout.responses[:real]))
-    lengths.append(rollout.lengths[:real])
+    texts, responses = rollout.prompts[:real], rollout.responses[:real]
+    scores = {"proxy": score_proxy(texts, responses), "gold": gold(texts, responses),
+              "lengths": rollout.lengths[:real]}
     if harm is not None:
-      harm_scores.append(harm(rollout.prompts[:real], rollout.responses[:real]))
+      scores["harm"] = harm(texts, responses)
       if world is not None:  # the programmatic harm, beside a learned filter's scores
-        world_harm.append(safety_runtime.tiny_world_harm(world)(rollout.prompts[:real],
-                                                                rollout.responses[:real]))
-    logging.info("best_of_n: scored %d/%d prompts", min(start + chunk, num_prompts),
-                 num_prompts)
-  shape = (num_prompts, n)
-  proxy_all = np.concatenate(proxy_scores)
+        scores["world_harm"] = safety_runtime.tiny_world_harm(world)(texts, responses)
+    done = min(start + chunk, num_prompts)
+    partial.add(done, **scores)
+    logging.info("best_of_n: scored %d/%d prompts", done, num_prompts)
+  scores, shape = partial.arrays(), (num_prompts, n)
   if aggregation != "mean":  # members standardized on all the reference samples first
-    proxy_all = rl_rewards.standardized_aggregate(proxy_all, aggregation, lam)
-  out = {"proxy": proxy_all.reshape(shape),
-         "gold": np.concatenate(gold_scores).reshape(shape),
-         "lengths": np.concatenate(lengths).reshape(shape)}
+    scores["proxy"] = rl_rewards.standardized_aggregate(scores["proxy"], aggregation, lam)
+  out = {name: array.reshape(shape) for name, array in scores.items()}
   if harm is not None:
-    out.update(harm=np.concatenate(harm_scores).reshape(shape),
-               harm_threshold=np.float64(threshold))
-  if world_harm:
-    out["world_harm"] = np.concatenate(world_harm).reshape(shape)
+    out["harm_threshold"] = np.float64(threshold)
   return out
 
 
@@ -259,8 +261,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       logging.warning("best_of_n: %s was drawn under another config: sampling again", path)
       samples = None
   if samples is None:
-    samples = sample_and_score(config, workdir)
+    samples = sample_and_score(config, workdir, fingerprint)
     files.write_atomically(path, lambda f: np.savez(f, config_sha256=fingerprint, **samples))
+    if os.path.exists(partial := os.path.join(workdir, PARTIAL_FILE)):
+      os.remove(partial)  # its scores are in samples.npz now
   result = curves(samples, config)
   result["scorer_checkpoints"] = checkpoints
   if "harm" in samples:

@@ -1,7 +1,8 @@
 """Files replaced whole (``write_atomically``); a workdir held by one run (``exclusive``);
 standard JSON for every JSON file the project writes (``dumps``, ``read_json``); the
 source hash caches key on (``source_digest``); a finished run's figures moved in from
-their staging folder (``publish_figures``); an ``.npz`` read whole (``read_npz``)."""
+their staging folder (``publish_figures``); an ``.npz`` read whole (``read_npz``); a long
+job's arrays saved chunk by chunk so that it resumes (``PartialArrays``)."""
 
 from __future__ import annotations
 
@@ -181,3 +182,45 @@ def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
   """Every array of an ``.npz`` file, read into memory (the file closed)."""
   with np.load(path) as f:
     return {k: f[k] for k in f.files}
+
+
+class PartialArrays:
+  """Arrays gathered chunk by chunk (rows along axis 0), saved to ``path`` after every
+  chunk, so that a long job killed halfway resumes at its first unfinished chunk.
+
+  The file holds ``fingerprint`` (whatever identifies the job: a rerun under another one
+  starts afresh, with a warning) and how many items (``done``) the saved rows cover.
+  ``add`` appends one chunk's arrays; ``arrays`` concatenates them. The caller deletes
+  the file once the job's whole result is written elsewhere. ``path=None`` keeps the
+  arrays in memory only.
+  """
+
+  def __init__(self, path: str | os.PathLike[str] | None, fingerprint: str):
+    self.path = None if path is None else os.fspath(path)
+    self.fingerprint, self.done, self._parts = fingerprint, 0, {}
+    if self.path is None or not os.path.exists(self.path):
+      return
+    saved = read_npz(self.path)
+    if str(saved.pop("fingerprint", "")) != fingerprint:
+      logging.warning("%s was written by another job (its fingerprint differs): starting "
+                      "from the beginning", self.path)
+      return
+    self.done = int(saved.pop("done"))
+    self._parts = {name: [array] for name, array in saved.items()}
+    logging.info("%s: resuming after %d items", self.path, self.done)
+
+  def add(self, done: int, **arrays: np.ndarray) -> None:
+    """Appends a chunk's arrays (the same names every chunk) and saves; ``done``: how
+    many items the saved rows now cover."""
+    if self._parts and set(arrays) != set(self._parts):
+      raise ValueError(f"{self.path}: a chunk's arrays {sorted(arrays)} differ from the "
+                       f"saved ones {sorted(self._parts)}")
+    for name, array in arrays.items():
+      self._parts.setdefault(name, []).append(np.asarray(array))
+    self.done = done
+    if self.path is not None:
+      write_atomically(self.path, lambda f: np.savez(
+          f, fingerprint=self.fingerprint, done=done, **self.arrays()))
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    return {name: np.concatenate(parts) for name, parts in self._parts.items()}

@@ -9,6 +9,7 @@ import pytest
 
 from configs.bon import tiny
 from experiments import best_of_n
+from prefjax import files
 from prefjax import overopt
 
 
@@ -64,7 +65,7 @@ def test_samples_are_redrawn_when_a_setting_that_shapes_them_changes(bon_run, mo
     saved = {k: f[k] for k in f.files if k != "config_sha256"}
   draws = []
   monkeypatch.setattr(best_of_n, "sample_and_score",
-                      lambda cfg, wd: draws.append(cfg.sampling.temperature) or dict(saved))
+                      lambda cfg, wd, fp: draws.append(cfg.sampling.temperature) or dict(saved))
   fewer_resamples = config.copy_and_resolve_references()
   fewer_resamples.bon.num_bootstrap = 200  # only the curves' error bars change
   assert best_of_n.run(fewer_resamples, str(workdir))["n"] == result["n"]
@@ -80,6 +81,33 @@ def test_samples_are_redrawn_when_a_setting_that_shapes_them_changes(bon_run, mo
   assert json.loads((workdir / "config.json").read_text())["sampling"]["temperature"] == 0.5
   best_of_n.run(cooler, str(workdir))  # now the samples on disk are the cooler ones
   assert draws == [0.5]
+
+
+def test_a_run_stopped_between_batches_of_prompts_resumes_with_the_same_samples(
+    bon_run, tmp_path, monkeypatch):
+  """A killed run sampled every prompt again; a long one (hours for SmolLM2) lost it all."""
+  workdir, config, result = bon_run
+  whole = files.read_npz(workdir / best_of_n.SAMPLES_FILE)
+  sample, calls = best_of_n.rollout_lib.sample, []
+  def sample_until_the_third_batch(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt  # stopped while sampling the third batch of 4 prompts
+    return sample(*args, **kwargs)
+  monkeypatch.setattr(best_of_n.rollout_lib, "sample", sample_until_the_third_batch)
+  with pytest.raises(KeyboardInterrupt):
+    best_of_n.run(config, str(tmp_path))
+  partial = files.read_npz(tmp_path / best_of_n.PARTIAL_FILE)
+  assert int(partial["done"]) == 8 and partial["gold"].shape == (8 * 64,)
+  calls.clear()
+  assert best_of_n.run(config, str(tmp_path)) == result
+  assert len(calls) == 2  # the last two batches only
+  resumed = files.read_npz(tmp_path / best_of_n.SAMPLES_FILE)
+  assert sorted(resumed) == sorted(whole)
+  np.testing.assert_array_equal(resumed["lengths"], whole["lengths"])
+  for name in ("proxy", "gold"):
+    np.testing.assert_allclose(resumed[name], whole[name], rtol=1e-6)
+  assert not (tmp_path / best_of_n.PARTIAL_FILE).exists()
 
 
 def test_samples_are_redrawn_when_the_proxy_model_trained_on(tmp_path):
@@ -138,7 +166,7 @@ def test_a_failed_rerun_keeps_the_config_of_the_report_beside_it(bon_run, monkey
   before = (workdir / "config.json").read_text()
   changed = config.copy_and_resolve_references()
   changed.seed = 99  # samples again, and sampling fails
-  def fail(cfg, wd):
+  def fail(cfg, wd, fp):
     raise OSError("disk full")
   monkeypatch.setattr(best_of_n, "sample_and_score", fail)
   with pytest.raises(OSError, match="disk full"):

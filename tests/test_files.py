@@ -68,3 +68,25 @@ def test_two_writers_of_one_path_each_leave_a_whole_file(tmp_path):
   assert not errors
   assert path.read_bytes() == b"a" * 2000  # the last rename wins, whole
   assert [p.name for p in tmp_path.iterdir()] == ["cache.bin"]
+
+
+def test_partial_arrays_resume_after_the_saved_chunks_of_the_same_job_only(tmp_path, caplog):
+  path = tmp_path / "partial.npz"
+  job = files.PartialArrays(path, "job-a")
+  assert job.done == 0
+  job.add(2, score=np.array([1.0, 2.0]), length=np.array([[3], [4]]))
+  job.add(3, score=np.array([5.0]), length=np.array([[6]]))
+  resumed = files.PartialArrays(path, "job-a")
+  assert resumed.done == 3
+  np.testing.assert_array_equal(resumed.arrays()["score"], [1.0, 2.0, 5.0])
+  np.testing.assert_array_equal(resumed.arrays()["length"], [[3], [4], [6]])
+  with pytest.raises(ValueError, match=r"a chunk's arrays \['score'\] differ from the saved "
+                                       r"ones \['length', 'score'\]"):
+    resumed.add(4, score=np.array([7.0]))
+  with caplog.at_level("WARNING"):
+    other = files.PartialArrays(path, "job-b")
+  assert other.done == 0 and other.arrays() == {}
+  assert "written by another job" in caplog.text
+  in_memory = files.PartialArrays(None, "")
+  in_memory.add(1, score=np.array([1.0]))
+  assert in_memory.done == 1 and not any(tmp_path.glob("*.tmp*"))
