@@ -9,10 +9,18 @@ backend and the compile options, and a later compilation of the same program loa
 them instead (``benchmarks/RESULTS.md``, "Persistent compilation cache").
 
 ``PREFJAX_COMPILATION_CACHE`` names the folder (default
-``~/.cache/prefjax/jax_compilation_cache``); ``0`` or an empty value turns it off.
-JAX's own setting wins: with ``JAX_COMPILATION_CACHE_DIR`` set (as the test suite
-sets it, to a private folder), that folder is used. Nothing evicts entries: delete
-the folder to reclaim the space.
+``~/.cache/prefjax/jax_compilation_cache``); ``0``, ``off``, ``false``, ``no``, ``none``
+or an empty value turns it off. JAX's own setting wins: with
+``JAX_COMPILATION_CACHE_DIR`` set (as the test suite sets it, to a private folder), that
+folder is used. A folder that cannot be created (a read-only home on a compute node)
+leaves the cache off, with a warning, and the run goes on. Nothing evicts entries:
+delete the folder to reclaim the space.
+
+JAX writes an entry in place and never rewrites one that exists, so an entry left
+empty by a full disk would fail to load, and be recompiled, in every later run: such
+entries are deleted when the cache is enabled. (An entry cut short by a crash while it
+was written shows the same way, as JAX's warning "Error reading persistent compilation
+cache entry" on every run; delete the folder.)
 """
 
 from __future__ import annotations
@@ -21,9 +29,12 @@ import os
 from typing import Mapping
 
 import jax
+from absl import logging
 
 CACHE_ENV = "PREFJAX_COMPILATION_CACHE"
 DEFAULT_DIR = "~/.cache/prefjax/jax_compilation_cache"
+OFF = ("", "0", "off", "false", "no", "none")
+_ENTRY_SUFFIX = "-cache"  # jax._src.lru_cache's name for an entry's file
 
 
 def enable(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -31,9 +42,29 @@ def enable(environ: Mapping[str, str] = os.environ) -> str | None:
   if jax.config.jax_compilation_cache_dir:
     return jax.config.jax_compilation_cache_dir
   folder = environ.get(CACHE_ENV, DEFAULT_DIR)
-  if folder in ("", "0"):
+  if folder.strip().lower() in OFF:
     return None
   folder = os.path.abspath(os.path.expanduser(folder))
-  os.makedirs(folder, exist_ok=True)
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    logging.warning("compilation cache off: cannot create %s (%s); set %s=DIR to a writable "
+                    "folder, or %s=0", folder, e.strerror, CACHE_ENV, CACHE_ENV)
+    return None
+  _delete_empty_entries(folder)
   jax.config.update("jax_compilation_cache_dir", folder)
   return folder
+
+
+def _delete_empty_entries(folder: str) -> None:
+  empty = []
+  for entry in os.scandir(folder):
+    if entry.name.endswith(_ENTRY_SUFFIX) and entry.is_file() and entry.stat().st_size == 0:
+      try:
+        os.remove(entry.path)
+        empty.append(entry.name)
+      except OSError:  # a read-only cache: JAX only reads it
+        pass
+  if empty:
+    logging.warning("compilation cache %s: deleted %d empty entries (a full disk while they "
+                    "were written); they compile again", folder, len(empty))

@@ -12,9 +12,9 @@ _PROBE = ("import jax; from prefjax import compilation_cache as c; "
           "print(c.enable(), jax.config.jax_compilation_cache_dir)")
 
 
-def _enable_in_fresh_process(**env):
+def _enable_in_fresh_process(cwd=None, **env):
   environ = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  proc = subprocess.run([sys.executable, "-c", _PROBE], env={**environ, **env},
+  proc = subprocess.run([sys.executable, "-c", _PROBE], env={**environ, **env}, cwd=cwd,
                         capture_output=True, text=True, timeout=120, check=True)
   return proc.stdout.split()
 
@@ -28,3 +28,24 @@ def test_jax_setting_wins_then_the_prefjax_folder_then_off(tmp_path):
   assert _enable_in_fresh_process(PREFJAX_COMPILATION_CACHE=folder) == [folder, folder]
   assert os.path.isdir(folder)
   assert _enable_in_fresh_process(PREFJAX_COMPILATION_CACHE="0") == ["None", "None"]
+
+
+def test_an_uncreatable_folder_leaves_the_cache_off_and_any_off_word_turns_it_off(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  uncreatable = str(blocker / "cache")  # a folder inside a file
+  assert _enable_in_fresh_process(PREFJAX_COMPILATION_CACHE=uncreatable) == ["None", "None"]
+  for word in ("off", "False", " no ", "none"):
+    assert _enable_in_fresh_process(tmp_path, PREFJAX_COMPILATION_CACHE=word) == [
+        "None", "None"], word  # not a folder named "off" in the working directory
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_empty_entries_a_full_disk_left_are_deleted_and_others_kept(tmp_path):
+  folder = tmp_path / "cache"
+  folder.mkdir()
+  (folder / "jit_f-0123-cache").write_bytes(b"")
+  (folder / "jit_g-4567-cache").write_bytes(b"compiled")
+  (folder / "notes.txt").write_bytes(b"")
+  assert _enable_in_fresh_process(PREFJAX_COMPILATION_CACHE=str(folder)) == [str(folder)] * 2
+  assert sorted(p.name for p in folder.iterdir()) == ["jit_g-4567-cache", "notes.txt"]
