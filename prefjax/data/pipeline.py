@@ -41,7 +41,6 @@ import collections
 import dataclasses
 import hashlib
 import json
-import math
 from typing import Any, Callable, Mapping, Sequence
 
 import grain
@@ -49,6 +48,7 @@ import numpy as np
 from absl import logging
 
 from prefjax import configlib
+from prefjax.data import fields
 from prefjax.data import packing
 from prefjax.data import padding
 from prefjax.data import read_ahead
@@ -267,36 +267,6 @@ class Example:
     return len(self.prompt) + sum(len(r) for r in self.responses)
 
 
-def _row_name(row: Mapping[str, Any], index: int) -> str:
-  """``source row 3 (file.jsonl:4)``: the index, and the raw file:line when the row has an id."""
-  row_id = row.get("id")
-  return f"source row {index}" + (f" ({row_id})" if isinstance(row_id, str) and row_id else "")
-
-
-def _field(row: Mapping[str, Any], key: str, index: int) -> str:
-  if key not in row:
-    raise KeyError(f"{_row_name(row, index)}: missing field {key!r} (fields: {sorted(row)})")
-  value = row[key]
-  if not isinstance(value, str):
-    raise TypeError(f"{_row_name(row, index)}: field {key!r} must be str, "
-                    f"got {type(value).__name__}")
-  return value
-
-
-def _scalar(row: Mapping[str, Any], key: str, default: float, index: int,
-            lo: float, hi: float) -> float:
-  value = row.get(key)
-  if value is None:
-    return default
-  try:
-    value = float(value)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{_row_name(row, index)}: field {key!r}={value!r} is not a number") from e
-  if not (math.isfinite(value) and lo <= value <= hi):
-    raise ValueError(f"{_row_name(row, index)}: field {key!r}={value} not in [{lo}, {hi}]")
-  return value
-
-
 def read_rows(source: Sequence[Any], indices: Sequence[int]) -> list:
   """``source``'s rows at ``indices``, in one ``__getitems__`` call when it has one."""
   getitems = getattr(source, "__getitems__", None)
@@ -326,8 +296,9 @@ class TokenizeFn:
         continue
       if not isinstance(row, Mapping):
         raise TypeError(f"source row {index}: expected a mapping, got {type(row).__name__}")
-      texts.append(tokenize_lib.format_prompt(_field(row, "prompt", index), tok, style=style))
-      texts.extend(tokenize_lib.format_response(_field(row, key, index), style=style,
+      prompt = fields.text(row, "prompt", index)
+      texts.append(tokenize_lib.format_prompt(prompt, tok, style=style))
+      texts.extend(tokenize_lib.format_response(fields.text(row, key, index), style=style,
                                                 tokenizer=tok)
                    for key in self.response_keys)
     encode_batch = getattr(tok, "encode_batch", None)
@@ -359,8 +330,8 @@ class TokenizeFn:
     return Example(
         index=index, prompt=np.asarray(prompt, np.int32),
         responses=tuple(np.asarray(r, np.int32) for r in responses),
-        weight=_scalar(row, "weight", 1.0, index, 0.0, rows_lib.MAX_WEIGHT),
-        outcome=_scalar(row, "outcome", 1.0, index, 0.0, 1.0),
+        weight=fields.number(row, "weight", 1.0, index, 0.0, rows_lib.MAX_WEIGHT),
+        outcome=fields.number(row, "outcome", 1.0, index, 0.0, 1.0),
         truncated_prompt=cut_p, truncated_response=cut_r, dropped=dropped,
         untruncated=untruncated)
 
@@ -389,6 +360,7 @@ class BatchIterator(grain.DatasetIterator):
     self._ds = dataset
     self._batcher = dataset.make_batcher()
     self._next = 0
+    self._dropped_in_a_row = 0
     self._exhausted = False
     self._ready: collections.deque[dict[str, Any]] = collections.deque()
     self._cache: dict[int, Example] = {}
@@ -413,12 +385,14 @@ class BatchIterator(grain.DatasetIterator):
 
   def _read_one(self) -> None:
     position = self._next
-    self._next += 1
     example = self._fetch(position)
+    self._next += 1  # after the fetch: a read that raised is retried by the next call
     self._counters["examples_read"] += 1
     if example.dropped is not None:  # counted as dropped only, as the data report does
       self._counters[f"dropped_{example.dropped}"] += 1
+      self._dropped_in_a_row += 1
       return
+    self._dropped_in_a_row = 0
     self._counters["truncated_prompt"] += int(example.truncated_prompt)
     self._counters["truncated_response"] += int(example.truncated_response)
     self._cache[position] = example
@@ -434,6 +408,11 @@ class BatchIterator(grain.DatasetIterator):
         self._counters["dropped_remainder"] += dropped
         self._exhausted = True
         continue
+      # Two passes' length holds a whole (shuffled) pass: no row is usable. Without
+      # this check, an endless (num_epochs=None) pass would read on forever.
+      if self._dropped_in_a_row >= 2 * self._ds.rows_per_pass:
+        raise ValueError(f"{self._ds.name}: every one of its {self._ds.rows_per_pass} rows "
+                         f"is dropped ({self.counters})")
       self._read_one()
     plan = self._ready.popleft()
     positions = self._ds.plan_positions(plan)
@@ -498,8 +477,10 @@ class BatchDataset(grain.IterDataset):
     self.tokenizer = tokenizer
     self.num_responses = len(response_keys)
     self.tokenize_fn = TokenizeFn(source, tokenizer, config, response_keys)
-    name = f"{source.name}[{source.split}]" if hasattr(source, "split") else "the source"
-    self.indices = index_dataset(len(source), config, name=name)
+    self.name = f"{source.name}[{source.split}]" if hasattr(source, "split") else "the source"
+    self.indices = index_dataset(len(source), config, name=self.name)
+    shard_index, shard_count = config.shard()
+    self.rows_per_pass = len(range(shard_index, len(source), shard_count))
     self.examples = self.indices.map(self.tokenize_fn)
     super().__init__(self.examples)
     self.packed = config.mode == "packed" and kind != "prompt"
