@@ -46,3 +46,37 @@ def test_gather_pairs():
   per_seg = np.arange(12, dtype=np.float32).reshape(3, 4)
   idx = np.array([[0, 1], [2, 3]])
   np.testing.assert_array_equal(segments.gather_pairs(per_seg, idx), [1.0, 11.0])
+
+
+def _dot_precisions(fn, *args):
+  """The ``precision`` of every ``dot_general`` ``fn`` traces to (inner jaxprs included)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        yield eqn.params["precision"]
+      for param in eqn.params.values():
+        inner = getattr(param, "jaxpr", param)
+        if hasattr(inner, "eqns"):
+          yield from walk(inner)
+
+  return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+def test_sums_over_segments_and_reward_heads_ask_for_full_float32_dots():
+  """At the default precision a GPU rounds float32 dot operands to TF32 (a TPU to bf16):
+  a 500-token log-prob sum then errs by up to 2 nats. CPUs compute float32 either way, so
+  only the requested precision can be checked here."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from prefjax.models import heads  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  highest = jax.lax.Precision.HIGHEST
+  exact = (highest, highest)
+  seg = _random_packed(np.random.default_rng(1))
+  values = np.ones(seg.shape, np.float32)
+  assert _dot_precisions(lambda v: segments.segment_sums(v, seg, 3), values) == [exact]
+  hidden = np.ones((*seg.shape, 4), np.float32)
+  assert _dot_precisions(lambda h: heads.pool_packed(h, seg, 3, "mean"), hidden) == [exact] * 2
+  head = heads._head_linear(4, 1, nnx.Rngs(0))  # pylint: disable=protected-access
+  assert _dot_precisions(lambda h: head(h), hidden) == [exact]

@@ -63,7 +63,7 @@ def default_pooling(trunk: nnx.Module) -> str:
 def _head_linear(in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Linear:
   init = nnx.initializers.normal(stddev=(in_features + 1) ** -0.5)
   return nnx.Linear(in_features, out_features, kernel_init=init, dtype=jnp.float32,
-                    param_dtype=jnp.float32, rngs=rngs)
+                    param_dtype=jnp.float32, precision=seg.EXACT, rngs=rngs)
 
 
 def _gather_tokens(hidden: Array, index: Array) -> Array:
@@ -126,7 +126,7 @@ def pool_packed(hidden: Array, segment_ids: Array, num_segments: int, pooling: s
                                                 pooling))
   else:
     one_hot = seg.segment_one_hot(segment_ids, num_segments)
-    sums = jnp.einsum("rld,rls->rsd", hidden.astype(jnp.float32), one_hot)
+    sums = jnp.einsum("rld,rls->rsd", hidden.astype(jnp.float32), one_hot, precision=seg.EXACT)
     counts = seg.segment_counts(segment_ids, num_segments)
     feats = sums / jnp.maximum(counts, 1.0)[..., None]
   return feats.astype(jnp.float32).at[:, 0].set(0.0)

@@ -42,10 +42,16 @@ def segment_one_hot(segment_ids: jax.Array, num_segments: int) -> jax.Array:
   return jax.nn.one_hot(segment_ids, num_segments + 1, dtype=jnp.float32)
 
 
+# A sum of log-probs over hundreds of tokens as a product with a one-hot: at the default
+# precision a GPU rounds the float32 summands to TF32 (a TPU to bfloat16) first.
+EXACT = jax.lax.Precision.HIGHEST
+
+
 def segment_sums(values: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
-  """Sum of ``values [R, L]`` within each segment -> ``[R, S + 1]`` (column 0 zeroed)."""
+  """Sum of ``values [R, L]`` within each segment -> ``[R, S + 1]`` (column 0 zeroed), in
+  float32 on every backend (``EXACT``)."""
   sums = jnp.einsum("rl,rls->rs", values.astype(jnp.float32),
-                    segment_one_hot(segment_ids, num_segments))
+                    segment_one_hot(segment_ids, num_segments), precision=EXACT)
   return sums.at[:, 0].set(0.0)
 
 
