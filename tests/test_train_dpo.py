@@ -546,3 +546,13 @@ def test_a_registered_loss_of_the_wrong_shape_or_nan_at_padding(monkeypatch):
   finally:
     for name in shapes:
       registry.unregister_direct_loss(name)
+
+
+def test_the_reference_cache_key_holds_the_switches_that_change_bfloat16_rounding():
+  config = decoder.DecoderConfig.tiny_llama(vocab_size=11, num_layers=1)
+  def describe(dtype, scan):
+    return train_dpo.model_description(
+        decoder.Decoder(config, rngs=nnx.Rngs(0), dtype=dtype, scan_layers=scan))
+  assert describe(jnp.float32, False) == describe(jnp.float32, True)  # same values in f32
+  assert describe(jnp.bfloat16, False) != describe(jnp.bfloat16, True)
+  assert describe(jnp.bfloat16, True)["scan_layers"] is True

@@ -16,7 +16,8 @@ so the jitted loss is one program whatever the mode:
   ``bucket_boundaries`` chosen per example, or ``max_length`` within one
   ``pad_to_multiple``). Padding to a batch's longest row gives the cache pass
   and shuffled training other shapes, and packed rows mix sequences: there
-  they agree to float rounding only (a helper measured 1.8e-4 at most);
+  they agree to float rounding only (a helper measured 1.8e-4 at most in float32; in
+  bfloat16, up to 0.1 nats a sequence);
 * ``none``: reference-free losses (SimPO, ORPO) read no reference fields.
 
 The cache key is a SHA-256 over everything the values depend on: the reference
