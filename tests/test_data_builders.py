@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import os
+import pathlib
 import pickle
 import threading
 import time
@@ -276,6 +277,58 @@ def test_jsonl_changed_content_rebuilds(tmp_path, cache_dir):
   assert not changed.cache_hit
   assert len(changed) == 2 and changed[1]["prompt"] == "q"
   assert changed.fingerprint != first.fingerprint
+
+
+def test_a_file_changed_while_it_was_built_is_refused_and_its_build_discarded(
+    tmp_path, cache_dir, monkeypatch):
+  from prefjax.data import sources  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "growing.jsonl"
+  row = {"prompt": "p", "chosen": " yes", "rejected": " no"}
+  path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+  prepare = sources._prepare  # pylint: disable=protected-access
+  def prepare_while_a_labeller_appends(builder, manual):
+    prepare(builder, manual)
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(json.dumps({**row, "prompt": "q"}) + "\n")
+  monkeypatch.setattr(sources, "_prepare", prepare_while_a_labeller_appends)
+  with pytest.raises(ValueError, match=r"growing.jsonl: its raw files changed while it was "
+                                       r"being built.*discarded"):
+    pdata.load_preferences(f"jsonl:{path}", "train", data_dir=cache_dir)
+  monkeypatch.setattr(sources, "_prepare", prepare)
+  rebuilt = pdata.load_preferences(f"jsonl:{path}", "train", data_dir=cache_dir)
+  assert len(rebuilt) == 2 and not rebuilt.cache_hit
+  path.write_text(json.dumps(row) + "\n", encoding="utf-8")  # the content it started from
+  first = pdata.load_preferences(f"jsonl:{path}", "train", data_dir=cache_dir)
+  assert len(first) == 1 and not first.cache_hit  # built again, not the discarded mix
+
+
+def test_a_build_removes_what_a_killed_build_left_and_names_an_unwritable_cache(
+    tmp_path, monkeypatch, caplog):
+  import errno  # pylint: disable=import-outside-toplevel
+  import fcntl  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  path, cache = tmp_path / "mine.jsonl", tmp_path / "cache"
+  path.write_text(json.dumps({"prompt": "p", "chosen": " yes", "rejected": " no"}) + "\n",
+                  encoding="utf-8")
+  built = pathlib.Path(pdata.load_preferences(f"jsonl:{path}", "train", data_dir=cache).path)
+  shutil.rmtree(built)
+  orphan = built.parent / f"incomplete.K1LLED_{built.name}"
+  (orphan / "shard").mkdir(parents=True)  # a build killed with -9 halfway
+  other_version = built.parent / "incomplete.K1LLED_0.0.1"
+  other_version.mkdir()
+  assert not pdata.load_preferences(f"jsonl:{path}", "train", data_dir=cache).cache_hit
+  assert not orphan.exists() and other_version.exists()  # another version's lock guards it
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(OSError, match=r"cannot write the dataset cache .*a_file.*set "
+                                    r"PREFJAX_CACHE_DIR to a writable folder"):
+    pdata.load_preferences(f"jsonl:{path}", "train", data_dir=blocker / "cache")
+  def no_locks(*args):
+    raise OSError(errno.ENOLCK, "No locks available")
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  with caplog.at_level(logging.WARNING):
+    unlocked = pdata.load_preferences(f"jsonl:{path}", "train", data_dir=tmp_path / "nfs")
+  assert len(unlocked) == 1 and "this filesystem has no flock" in caplog.text
 
 
 def test_hh_changed_raw_file_is_rebuilt(tmp_path, hh_raw, caplog):

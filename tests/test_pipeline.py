@@ -614,3 +614,13 @@ def test_a_read_that_raised_is_retried_by_the_next_call_and_loses_no_row():
   seen += [i for batch in it for i in batch["example_index"].tolist()]
   assert sorted(i for i in seen if i >= 0) == list(range(len(SOURCE)))
   assert it.counters["examples_read"] == len(SOURCE)
+
+
+def test_responses_a_chat_template_makes_the_same_tokens_are_dropped_and_counted():
+  rows = [{"prompt": "Capital?", "chosen": "Paris", "rejected": " Paris\n"},
+          {"prompt": "Capital?", "chosen": "Paris", "rejected": "Rome"}]
+  batches, it = run(pipeline.preference_dataset(rows, TOK, config(prompt_style="chat")))
+  assert [i for b in batches for i in b["example_index"].tolist() if i >= 0] == [1]
+  assert it.counters["dropped_identical_tokens"] == 1
+  raw, _ = run(pipeline.preference_dataset(rows, TOK, config()))  # raw: other bytes, kept
+  assert sorted(i for b in raw for i in b["example_index"].tolist() if i >= 0) == [0, 1]

@@ -137,7 +137,8 @@ def test_tokenized_rows_respect_the_limits_or_are_dropped_with_a_reason(rows, co
     prompt_len, *response_lens = ex.untruncated
     assert prompt_len == len(row["prompt"].encode("utf-8")) + int(config.add_bos)
     if ex.dropped is not None:
-      assert ex.dropped in ("empty_prompt", "over_long", "identical_after_truncation")
+      assert ex.dropped in ("empty_prompt", "over_long", "identical_after_truncation",
+                            "identical_tokens")
       continue
     assert len(ex.prompt) <= config.prompt_limit and ex.truncated_prompt == (
         prompt_len > config.prompt_limit)

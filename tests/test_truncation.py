@@ -38,8 +38,11 @@ BOS, EOS = TOK.bos_id, TOK.eos_id
     ([BOS, 1], [[5, 6], [5, 6, 7, 8, 9, 1, 3]], {},
      ([BOS, 1], [[5, 6], [5, 6, 7, 8, 9, 1]], False, True, None)),
     # prompt_keep_start: BOS, the first token after it, then the end.
-    ([BOS, 1, 2, 3, 4, 5, 6], [[1], [1]], {"prompt_keep_start": 1},
-     ([BOS, 1, 5, 6], [[1], [1]], True, False, None)),
+    ([BOS, 1, 2, 3, 4, 5, 6], [[1], [2]], {"prompt_keep_start": 1},
+     ([BOS, 1, 5, 6], [[1], [2]], True, False, None)),
+    # The same tokens uncut (texts that differ in whitespace a chat template strips).
+    ([BOS, 1], [[5, 6, EOS], [5, 6, EOS]], {},
+     ([BOS, 1], [[5, 6, EOS], [5, 6, EOS]], False, False, "identical_tokens")),
 ])
 def test_truncation_policy(prompt, responses, kw, expected):
   cfg = pipeline.PipelineConfig(max_length=8, max_prompt_length=4, **kw)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -35,6 +36,7 @@ import logging
 import os
 import pathlib
 import shutil
+import time
 import types
 from typing import Any, Sequence
 
@@ -228,7 +230,23 @@ def load_preferences(name: str, split: str, *,
           shutil.rmtree(builder.data_dir)
           builder, manual = _builder_for(name, cache, manual_dir)
         _prepare(builder, manual)
+        _check_inputs_did_not_change(builder, manual, name)
   return _open_split(builder, name, split, on_bad_row, cache_hit)
+
+
+def _check_inputs_did_not_change(builder: base.PreferenceBuilder, manual: pathlib.Path | None,
+                                 name: str) -> None:
+  """Each split reads the raw files anew: a file written to during the build (a labelling
+  job appending to it) would leave splits built from different contents."""
+  try:
+    changed = _current_inputs(builder, manual) != _recorded_inputs(builder)
+  except RuntimeError:  # a JSONL builder's own check of its file's hash
+    changed = True
+  if changed:
+    shutil.rmtree(builder.data_dir, ignore_errors=True)
+    raise ValueError(f"{name}: its raw files changed while it was being built, so its "
+                     "splits would hold different contents; the build was discarded: load "
+                     "it again once nothing writes to them")
 
 
 def _up_to_date(builder: base.PreferenceBuilder, manual: pathlib.Path | None,
@@ -243,20 +261,53 @@ def _build_lock(builder: base.PreferenceBuilder, name: str):
   """Holds an exclusive lock on a file beside ``builder.data_dir``.
 
   Two processes building one dataset version at once (a sweep launched on a cold
-  cache) collide when TFDS renames its temporary folder to the version folder.
+  cache) collide when TFDS renames its temporary folder to the version folder. The
+  holder removes the temporary folders of builds killed before it (none else can
+  be live).
   """
   data_dir = pathlib.Path(builder.data_dir)
-  data_dir.parent.mkdir(parents=True, exist_ok=True)
-  with open(data_dir.parent / f".{data_dir.name}.lock", "a") as lock:
+  try:
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(data_dir.parent / f".{data_dir.name}.lock", "a", encoding="utf-8")  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise OSError(f"{name}: cannot write the dataset cache {data_dir.parent} ({e.strerror}); "
+                  f"set {CACHE_DIR_ENV} to a writable folder") from e
+  with lock:
+    if not _wait_for_lock(lock, name, data_dir):
+      yield
+      return
     try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      _log.info("%s: waiting for another process building %s", name, data_dir)
-      fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
+      for orphan in data_dir.parent.glob(f"incomplete.*_{data_dir.name}"):
+        _log.info("%s: removing %s, left by a build that was stopped", name, orphan)
+        shutil.rmtree(orphan, ignore_errors=True)
       yield
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+_WAIT_LOG_EVERY_S = 60.0
+
+
+def _wait_for_lock(lock: Any, name: str, data_dir: pathlib.Path) -> bool:
+  """Takes the lock, logging while another process holds it; False where the filesystem
+  has no locks (then the build runs unlocked, with a warning)."""
+  waited = 0.0
+  while True:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return True
+    except BlockingIOError:
+      if waited % _WAIT_LOG_EVERY_S == 0:
+        _log.info("%s: waiting for another process building %s (%.0f s so far)", name,
+                  data_dir, waited)
+      time.sleep(1.0)
+      waited += 1.0
+    except OSError as e:
+      if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+        raise
+      _log.warning("%s: this filesystem has no flock (%s): building %s without the lock that "
+                   "keeps two builds apart", name, e.strerror, data_dir)
+      return False
 
 
 def _open_split(builder: base.PreferenceBuilder, name: str, split: str, on_bad_row: str,

@@ -34,7 +34,9 @@ def truncate(prompt: list[int], responses: Sequence[list[int]], config: Any,
   if cut_response and budget < config.min_response_length:
     return prompt, list(responses), cut_prompt, False, "over_long"
   cut = [r[:budget] for r in responses]
-  if cut_response and len({tuple(r) for r in cut}) < len(cut):
-    # Two sides cut to the same tokens carry no preference: a pair's loss has zero gradient.
-    return prompt, list(responses), cut_prompt, False, "identical_after_truncation"
+  if len({tuple(r) for r in cut}) < len(cut):
+    # Two sides of the same tokens carry no preference: a pair's loss has zero gradient.
+    # Uncut, they differed in text only (whitespace a chat template strips).
+    reason = "identical_after_truncation" if cut_response else "identical_tokens"
+    return prompt, list(responses), cut_prompt, False, reason
   return prompt, cut, cut_prompt, cut_response, None
