@@ -113,6 +113,18 @@ def test_a_prompt_ending_in_a_space_is_built_with_a_note(tmp_path):
   assert notes == [(1, "space_at_prompt_end")]  # row 2's responses start with a space
 
 
+def test_a_label_under_another_dataset_s_name_is_built_with_a_note(tmp_path):
+  rows = [{**GOOD, "label": 0}, {**GOOD, "prompt": "Q2", "Preferred": "rejected"},
+          {**GOOD, "prompt": "Q3", "annotator": "a7"}]
+  path = tmp_path / "labels.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  source = _load(path, tmp_path / "cache", "error")
+  assert [source[i]["outcome"] for i in range(3)] == [1.0, 1.0, 1.0]  # only outcome is read
+  notes = [(n.line, n.reason) for n in source.summary.notes]
+  assert notes == [(1, "label_like_field"), (2, "label_like_field")]
+  assert "['Preferred'] look like a preference label" in source.summary.notes[1].detail
+
+
 def test_a_pretty_printed_json_array_is_named_so(tmp_path):
   path = tmp_path / "array.jsonl"
   path.write_text(json.dumps([GOOD, {**GOOD, "prompt": "Q2"}], indent=2))

@@ -225,6 +225,9 @@ def parse_preference_object(obj: Any, *, layout: str = "auto",
     meta["multi_turn_response"] = True
     notes += (("multi_turn_response", "a response holds a Human/Assistant turn tag"
                if prompt_layout else "transcripts diverge before the last assistant turn"),)
+  if labels := sorted(k for k in obj if k.lower() in _LABEL_LIKE_FIELDS):
+    notes += (("label_like_field", f"field(s) {labels} look like a preference label, but "
+               "only 'outcome' (P(chosen preferred), default 1) is read; kept in meta"),)
   if prompt[-1:].isspace() and any(r and not r[0].isspace() for r in (chosen, rejected)):
     notes += (("space_at_prompt_end", "the prompt ends in whitespace and a response starts "
                "without it; move the space into the responses (\"Answer:\" + \" Paris\")"),)
@@ -232,6 +235,12 @@ def parse_preference_object(obj: Any, *, layout: str = "auto",
 
 
 _KNOWN_FIELDS = ("prompt", "chosen", "rejected", "weight", "outcome", "meta")
+# Other datasets' names for the label; a row that carries one was probably meant to set
+# ``outcome`` (``{"label": 0}`` is still outcome 1: chosen preferred).
+_LABEL_LIKE_FIELDS = frozenset({
+    "label", "labels", "preferred", "preference", "winner", "choice", "better",
+    "score_chosen", "score_rejected", "chosen_score", "rejected_score", "chosen_rating",
+    "rejected_rating"})
 
 
 def _check_field_names(obj: Mapping[str, Any]) -> None:
