@@ -8,8 +8,9 @@ from typing import Any, Sequence
 
 def left_truncate(ids: list[int], limit: int, bos_id: int | None,
                   keep_start: int = 0) -> list[int]:
-  """At most ``limit`` tokens: a leading BOS if there was one, the ``keep_start`` tokens
-  after it (never all of the limit), then the last tokens."""
+  """At most ``limit`` tokens: a leading BOS if there was one and the limit leaves room for
+  a token after it (a limit of 1 keeps the last token), the ``keep_start`` tokens after it
+  (never all of the limit), then the last tokens."""
   if len(ids) <= limit:
     return ids
   head = int(bos_id is not None and bool(ids) and ids[0] == bos_id and limit > 1)
