@@ -176,7 +176,8 @@ def record_invocation(workdir: str) -> None:
       versions[name] = None
   summary_lib.append_run_record(workdir, {
       "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "argv": list(sys.argv), "imports": list(FLAGS.imports), "host": socket.gethostname(),
+      "argv": list(sys.argv), "imports": list(FLAGS.imports) if "imports" in FLAGS else [],
+      "host": socket.gethostname(),
       "processes": jax.process_count(), **_git_state(), "versions": versions})
 
 

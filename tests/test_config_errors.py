@@ -342,6 +342,28 @@ def test_a_binary_holds_its_workdir_until_its_last_write(tmp_path):
   assert "lock: held" in proc.stdout.splitlines(), proc.stdout
 
 
+def test_the_demo_records_its_command_and_holds_its_workdir(tmp_path):
+  probe = ("from absl import app, flags\n"
+           "from experiments import common, demo\n"
+           "from prefjax import files\n"
+           "def run(workdir, quick=False):\n"
+           "  try:\n"
+           "    with files.exclusive(workdir):\n"
+           "      print('lock: free')\n"
+           "  except files.WorkdirBusyError:\n"
+           "    print('lock: held', quick)\n"
+           "demo.run = run\n"
+           "flags.DEFINE_string('workdir', None, '')\n"
+           "app.run(common.report_errors(demo.main))\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.run([sys.executable, "-c", probe, f"--workdir={tmp_path}", "--quick"],
+                        cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, timeout=300)
+  assert proc.returncode == 0 and "lock: held True" in proc.stdout.splitlines(), proc.stdout
+  (record,) = summary_lib.read_run_records(str(tmp_path))
+  assert record["argv"][1:] == [f"--workdir={tmp_path}", "--quick"] and record["imports"] == []
+
+
 def test_setting_the_mismatch_policy_on_a_rerun_is_not_a_mismatch(tmp_path):
   config = {"seed": 0, "loop": {"num_steps": 5, "on_config_mismatch": "warn"}}
   summary_lib.write_or_check_config(str(tmp_path), config)
