@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs.rm import ensemble_tiny
 from experiments import eval_rm
 from experiments import train_rm
 from prefjax import experiment
@@ -98,9 +99,10 @@ def test_directories_without_a_loadable_reward_head_are_refused(cut_run, tmp_pat
                                  "overrides": dict(TINY)},
                                 vocab_size=259, seed=0)
   hf_export.save_pretrained(model, tmp_path / "deep")
+  (tmp_path / "deep" / "member_1").rename(tmp_path / "deep" / "member_2")
   cases = [(f"hf:{tmp_path / 'policy'}", "", r"holds no reward head .* randomly initialised"),
-           (f"hf:{tmp_path / 'deep'}", "", r"deep ensemble's 2 members \(member_<k>/\); score "
-                                           r"each as its own hf: scorer"),
+           (f"hf:{tmp_path / 'deep'}", "", r"holds \['member_0', 'member_2'\], not member_0 "
+                                           r"\.\.\. member_1"),
            (f"hf:{cut_run / 'hf'}", "mean", r"'score.weight' is a last-token head; "
                                                     r"pooling='mean' would not reproduce it")]
   for scorer, pooling, message in cases:
@@ -108,6 +110,24 @@ def test_directories_without_a_loadable_reward_head_are_refused(cut_run, tmp_pat
     config.hf_tokenizer, config.hf_pooling = "byte", pooling
     with pytest.raises(scorers_lib.EvalInputError, match=message):
       eval_rm.run(config, str(tmp_path / "eval"))
+
+
+def test_a_deep_ensemble_export_scores_as_its_run_does(tmp_path):
+  """Its member_<k>/ folders were refused: only each member alone could be scored."""
+  config = test_train_rm.small_config(4, base=ensemble_tiny, num_pairs=200)
+  config.export_hf = True
+  run = tmp_path / "ens"
+  train_rm.run(config, str(run))
+  eval_cfg = test_eval_rm.eval_config(f"ens=rm:{run},hf=hf:{run / 'hf'}", f"run:{run}")
+  eval_cfg.hf_tokenizer = "byte"
+  eval_rm.run(eval_cfg, str(tmp_path / "eval"))
+  scores = _scores(tmp_path / "eval")
+  columns = ["", "/wco", "/uwo"] + [f"/member{k}" for k in range(4)]
+  for column in columns:
+    rm, hf = scores[f"ens{column}"], scores[f"hf{column}"]
+    assert sorted(rm) == sorted(hf) and len(rm) > 10
+    np.testing.assert_allclose([hf[i] for i in rm], [rm[i] for i in rm], atol=1e-4,
+                               err_msg=column)
 
 
 def test_an_export_read_with_another_tokenizer_is_refused(cut_run, tmp_path, gpt2_bpe_dir):

@@ -4,7 +4,8 @@ What it scores must be a reward model as trained: a prefjax export (``hf_export`
 ``config.json`` records the head, its pooling and the training pipeline's text fields,
 which the scorer reads pairs with) or a decoder ``*ForSequenceClassification``. A
 directory without a reward head, or whose head does not load, is refused: its scores
-would come from a randomly initialised head.
+would come from a randomly initialised head. A deep ensemble's export (``member_<k>/``)
+scores as the ensemble: its mean, WCO, UWO and each member, as ``rm:`` of its run does.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import os
 from typing import Any
 
+import jax
+import numpy as np
 from absl import logging
 
 from prefjax import experiment
@@ -28,23 +31,65 @@ def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> scorers.ModelScorer:
   path = experiment.resolve_path(spec.path)
   if not os.path.exists(path):
     raise EvalInputError(f"scorer {spec.name!r}: {path} does not exist")
-  head, pooling = _hf_head(spec, path)
-  tokenizer = experiment.make_tokenizer({"path": eval_cfg.hf_tokenizer or path})
-  pcfg = hf_pipeline(eval_cfg, tokenizer, path, spec.name)
-  _check_export_special_ids(spec, path, tokenizer, pcfg)
+  members = _ensemble_members(spec, path)
+  heads_and_poolings = [_hf_head(spec, member) for member in members]
+  head, pooling = heads_and_poolings[0]
+  tokenizer = experiment.make_tokenizer({"path": eval_cfg.hf_tokenizer or members[0]})
+  pcfg = hf_pipeline(eval_cfg, tokenizer, members[0], spec.name)
+  _check_export_special_ids(spec, members[0], tokenizer, pcfg)
   kind, arg = heads_lib.parse_head(head)
-  model_cfg = {"path": spec.path, "head": head, "pooling": eval_cfg.hf_pooling or pooling,
-               "dtype": "float32", "score_head": "require"}
-  try:
-    model = scorers.build_model(model_cfg, tokenizer.vocab_size, 0, mesh)
-  except (hf_import.CheckpointError, FileNotFoundError) as e:
-    raise EvalInputError(f"scorer {spec.name!r}: {str(e).splitlines()[0]}") from e
+  forwards, vocab = [], None
+  for member in members:
+    model_cfg = {"path": member, "head": head, "pooling": eval_cfg.hf_pooling or pooling,
+                 "dtype": "float32", "score_head": "require"}
+    try:
+      model = scorers.build_model(model_cfg, tokenizer.vocab_size, 0, mesh)
+    except (hf_import.CheckpointError, FileNotFoundError) as e:
+      raise EvalInputError(f"scorer {spec.name!r}: {str(e).splitlines()[0]}") from e
+    forwards.append(scorers.reward_forward(model))
+    vocab = scorers.model_vocab(model)
   columns = scorers.reward_columns(spec.name, arg if kind == "multi" else (),
                                    float(eval_cfg.uwo_lambda),
                                    str(eval_cfg.get("ensemble_normalization", "standardize")))
-  return scorers.ModelScorer(spec.name, tokenizer, pcfg, scorers.reward_forward(model),
-                             scorers.model_vocab(model), mesh, float(eval_cfg.max_unk_fraction),
-                             columns)
+  return scorers.ModelScorer(spec.name, tokenizer, pcfg, _side_by_side(forwards), vocab, mesh,
+                             float(eval_cfg.max_unk_fraction), columns)
+
+
+def _side_by_side(forwards: list) -> Any:
+  """One forward whose reward columns are each member's: ``[B, 1]`` each -> ``[B, K]``."""
+  if len(forwards) == 1:
+    return forwards[0]
+
+  def forward(batch):
+    outputs = [jax.device_get(f(batch)) for f in forwards]
+    return tuple(np.concatenate([np.reshape(o[side], (len(o[side]), -1)) for o in outputs],
+                                axis=1) for side in (0, 1))
+
+  return forward
+
+
+def _ensemble_members(spec: ScorerSpec, path: str) -> list[str]:
+  """``[path]``, or a deep ensemble export's ``member_<k>`` folders in member order, which
+  must share one head, pooling and training pipeline."""
+  if not os.path.isdir(path) or os.path.exists(os.path.join(path, "config.json")):
+    return [path]
+  names = {os.path.basename(os.path.dirname(f))
+           for f in glob.glob(os.path.join(path, "member_*", "config.json"))}
+  if not names:
+    return [path]
+  expected = [f"member_{k}" for k in range(len(names))]
+  if names != set(expected):
+    raise EvalInputError(f"scorer {spec.name!r}: {path} holds {sorted(names)}, not "
+                         f"member_0 ... member_{len(names) - 1}")
+  members = [os.path.join(path, name) for name in expected]
+  records = {json.dumps([_hf_head(spec, m), hf_import.saved_pipeline(m)], sort_keys=True)
+             for m in members}
+  if len(records) > 1:
+    raise EvalInputError(f"scorer {spec.name!r}: the members of {path} differ in head, "
+                         "pooling or training pipeline; score each as its own hf: scorer")
+  logging.info("scorer %r: %s holds a deep ensemble of %d members", spec.name, path,
+               len(members))
+  return members
 
 
 def _check_export_special_ids(spec: ScorerSpec, path: str, tokenizer: Any,
@@ -74,13 +119,6 @@ def _hf_head(spec: ScorerSpec, path: str) -> tuple[str, str | None]:
   if os.path.isdir(path) and (why := hf_import.unsupported_head(path)):
     raise EvalInputError(f"scorer {spec.name!r}: {why.split('; ')[0]}; eval_rm cannot score "
                          "it as trained")
-  if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-    members = sorted(glob.glob(os.path.join(path, "member_*", "config.json")))
-    if members:
-      raise EvalInputError(
-          f"scorer {spec.name!r}: {path} holds a deep ensemble's {len(members)} members "
-          f"(member_<k>/); score each as its own hf: scorer, or the run it was exported "
-          "from as rm:WORKDIR for the ensemble's mean, wco and uwo")
   head, pooling = hf_import.saved_head(path) if os.path.isdir(path) else (None, None)
   if head is None:
     raise EvalInputError(f"scorer {spec.name!r}: {path} holds no reward head (a base model, a "
