@@ -95,6 +95,9 @@ class SafetensorsReader:
         return fh.get_tensor(name)
       except SafetensorError as e:  # e.g. an index naming the wrong shard
         raise CheckpointError(f"{path}: cannot read tensor {name!r}: {e}") from e
+      except (AttributeError, TypeError) as e:  # a dtype NumPy lacks: float8 (quantized)
+        raise CheckpointError(f"{path}: tensor {name!r} has a dtype NumPy cannot read "
+                              f"({e}); only float checkpoints load") from e
 
 
 def _opened(path: pathlib.Path):
@@ -126,7 +129,7 @@ def _rope_theta(hf: dict[str, Any]) -> float:
 def _decoder_config_from_hf(hf: dict[str, Any]):
   model_type = hf["model_type"]
   if model_type == "llama":
-    if hf.get("hidden_act", "silu") != "silu":
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # the same function
       raise CheckpointError(f"llama hidden_act {hf['hidden_act']!r} unsupported (only 'silu')")
     return DecoderConfig(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
@@ -281,6 +284,9 @@ def fill_params(model: nnx.Module, mapping: hf_mappings.Mapping,
       raise CheckpointError(
           f"{where}: tensor {hf_name!r} has shape {tuple(array.shape)} (after layout "
           f"{layout!r}) but parameter {path!r} expects {expected}")
+    if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
+      raise CheckpointError(f"{where}: tensor {hf_name!r} is {array.dtype} (a quantized "
+                            "checkpoint?): only float checkpoints load")
     if not np.all(np.isfinite(array.astype(np.float32))):
       raise CheckpointError(f"{where}: tensor {hf_name!r} contains NaN or inf")
     var.set_value(jnp.asarray(array, dtype=param_dtype))
@@ -302,6 +308,12 @@ def load_hf_checkpoint(path: PathLike, *, dtype=None, param_dtype=jnp.float32,
   if not isinstance(hf, dict):
     raise CheckpointError(f"{config_file}: expected a JSON object")
   model_type = hf.get("model_type")
+  for key in ("quantization_config", "compression_config"):
+    if key in hf:
+      method = (hf[key] or {}).get("quant_method", "?") if isinstance(hf[key], dict) else "?"
+      raise CheckpointError(f"{config_file}: a quantized checkpoint ({key}, quant_method "
+                            f"{method!r}); only float checkpoints load: use the unquantized "
+                            "model's directory")
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise CheckpointError(
         f"{config_file}: model_type {model_type!r} is not supported; "
@@ -330,11 +342,26 @@ def load_hf_checkpoint(path: PathLike, *, dtype=None, param_dtype=jnp.float32,
                                       param_dtype=param_dtype))
   unused = fill_params(model, mapping, reader, param_dtype=param_dtype)
   _check_layer_count(unused, config.num_layers, config_file)
+  if model_type != "bert" and config.tie_embeddings and "lm_head.weight" in unused:
+    _check_tied_head(reader, mapping["embed/embedding"][0], config_file)
   unexplained = [n for n in unused if n not in SCORE_TENSORS]  # from_pretrained's concern
   if unexplained:
     _log.warning("%s: %d checkpoint tensors are not used by prefjax's %s model: %s",
                  directory, len(unexplained), model_type, unexplained[:20])
   return model, LoadReport(model_type, len(param_paths(model)), unused)
+
+
+def _check_tied_head(reader: SafetensorsReader, embedding: str,
+                     config_file: pathlib.Path) -> None:
+  """``tie_word_embeddings`` and an ``lm_head.weight`` of other values: transformers 4 tied
+  them (as prefjax would), transformers 5 keeps the head; refused rather than guessed."""
+  head = reader.get("lm_head.weight")
+  embed = _fetch(reader, embedding, set(), str(reader.directory))
+  if head.shape != embed.shape or not np.array_equal(head, embed):
+    raise CheckpointError(f"{config_file} sets tie_word_embeddings, but the checkpoint's "
+                          f"lm_head.weight differs from {embedding!r}: set "
+                          "tie_word_embeddings to false in config.json to load the head, or "
+                          "delete lm_head.weight to tie them")
 
 
 def _trunk_config(hf: dict[str, Any], config_file: pathlib.Path
@@ -344,6 +371,8 @@ def _trunk_config(hf: dict[str, Any], config_file: pathlib.Path
               else _decoder_config_from_hf(hf))
   except KeyError as e:
     raise CheckpointError(f"{config_file}: missing field {e.args[0]!r}") from e
+  except ValueError as e:  # an unsupported option, named without the file
+    raise CheckpointError(f"{config_file}: {e}") from e
   for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
     value = getattr(config, field)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -42,6 +42,7 @@ from prefjax.data import tiny_world as tiny_world_lib
 from prefjax.data import tokenize as tokenize_lib
 from prefjax.data import truncation
 from prefjax.models import heads as heads_lib
+from prefjax.models import hf_import
 
 # Joins a tiny-world prompt and response into one text (not in any tiny alphabet).
 TINY_WORLD_SEPARATOR = "\t"
@@ -212,13 +213,22 @@ def model_reward(spec: Any, *, seed: int = 0) -> PairReward:
                      "objective, and best-of-n and RL optimise one: train a one-head reward "
                      "model on that objective's pairs and use it")
   tokenizer = experiment.make_tokenizer(spec.tokenizer)
-  model = experiment.make_model(spec.model, vocab_size=tokenizer.vocab_size, seed=seed)
+  model_cfg, saved = dict(spec.model), None
+  if not spec.get("checkpoint") and model_cfg.get("path"):
+    # A Hugging Face reward model scores with its own head, or not at all.
+    saved = hf_import.saved_head(experiment.resolve_path(model_cfg["path"]))[0]
+    if saved is not None:
+      model_cfg["score_head"] = "require"
+  model = experiment.make_model(model_cfg, vocab_size=tokenizer.vocab_size, seed=seed)
   workdir = None
   if spec.get("checkpoint"):
     workdir, step = train.checkpoint.split_ref(spec.checkpoint)
     train.load_params(workdir, model, step=step)
     logging.info("reward %r: step %d of %s", spec.get("name"),
                  train.checkpoint.saved_step(workdir, step), workdir)
+  elif saved is not None:
+    logging.info("reward %r: the %r head saved in %s", spec.get("name"), saved,
+                 model_cfg["path"])
   else:
     logging.warning("reward %r has no checkpoint: its reward head is RANDOM (smoke tests "
                     "only); set checkpoint to a train_rm workdir", spec.get("name"))
