@@ -17,7 +17,9 @@ Writes into the workdir:
   report.json / report.md   agreement with the data's own labels for each order and the
                  average (bootstrap CIs), position bias before and after averaging, and
                  for PandaLM agreement with each annotator beside inter-annotator agreement.
-A rerun relabels from scratch (it is not a training run; nothing to resume).
+While judging, ``judged.partial.npz`` holds the batches judged so far: a run stopped
+halfway resumes after them (the same queries, judge weights and batching), and a
+finished one relabels from scratch.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from prefjax.train import summary as summary_lib
 JUDGE_KINDS = ("lm", "tiny_world_gold")
 JUDGE_FIELDS = ("kind", "template", "labels", "answer_prefix", "style", "system",
                 "temperature", "position_bias")
+PROGRESS_FILE = "judged.partial.npz"
 SCORING_FIELDS = ("batch_size", "max_length", "pad_to_multiple", "add_bos",
                   "max_prompt_chars", "max_response_chars")
 
@@ -104,12 +107,15 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   pairs, skipped = labeller.pairs_from_source(source, int(config.data.max_pairs))
   logging.info("labelling %d pairs of %s[%s] under %d principles (%s)", len(pairs),
                config.data.name, config.data.split, len(principles), config.principles.mode)
-  judged = labeller.judge_pairs(judge, pairs, sampler)
+  progress = os.path.join(workdir, PROGRESS_FILE)
+  judged = labeller.judge_pairs(judge, pairs, sampler, progress=progress)
   # Before labels.jsonl: a failure leaves the previous labels beside the previous report.
   agreements = agreement_report(pairs, judged, config.eval)
   name = dataset.write_preferences(os.path.join(workdir, "labels.jsonl"),
                                    labeller.preference_rows(pairs, judged))
   written = dataset.read_back(name, cache_dir=config.data.get("cache_dir"))
+  if os.path.exists(progress):
+    os.remove(progress)  # the labels are written
   report = {"command": " ".join(sys.argv), "dataset": name, "rows_written": len(written),
             "source": f"{config.data.name}[{config.data.split}]", "num_pairs": len(pairs),
             "num_principles": len(principles), "judge": config.judge.kind,

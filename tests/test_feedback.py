@@ -85,6 +85,33 @@ def test_lm_judge_matches_a_float64_reference_and_compiles_one_program_per_bucke
                              rtol=1e-12)
 
 
+def test_a_judge_stopped_between_batches_resumes_after_them_with_the_same_log_probs(
+    tiny_lm, tmp_path, monkeypatch):
+  """Labelling (20 min for 200 pairs on this CPU) started again from the first query."""
+  judge = labeller.LMJudge(tiny_lm, tokenize.ByteTokenizer(), TINY_TEMPLATE, batch_size=2,
+                           max_length=64, pad_to_multiple=32)
+  queries = [labeller.Query("Better?", "q" * k, "a" * (k % 3 + 1), "b") for k in range(7)]
+  whole = judge.option_logps(queries)
+  progress = str(tmp_path / "judged.partial.npz")
+  forward, calls, stop_at = labeller._option_logps, [], [3]  # pylint: disable=protected-access
+  def stopped_at_the_third_batch(*args):
+    calls.append(1)
+    if len(calls) in stop_at:
+      raise KeyboardInterrupt
+    return forward(*args)
+  monkeypatch.setattr(labeller, "_option_logps", stopped_at_the_third_batch)
+  with pytest.raises(KeyboardInterrupt):
+    judge.option_logps(queries, progress=progress)
+  calls.clear()
+  stop_at.clear()
+  np.testing.assert_array_equal(judge.option_logps(queries, progress=progress), whole)
+  assert len(calls) == 2  # batches 3 and 4 of 2, 2, 2, 1 queries
+  calls.clear()
+  other = [labeller.Query("Worse?", q.prompt, q.first, q.second) for q in queries]
+  judge.option_logps(other, progress=progress)  # other queries: judged from the start
+  assert len(calls) == 4
+
+
 def test_the_judge_keeps_a_prompts_start_and_end_and_counts_its_cuts(tiny_lm):
   assert labeller.truncate("Instruction: x. " + "y" * 50 + " Last.", 18, keep="both") == (
       "Instru ... yyyyyy Last.")
@@ -300,3 +327,20 @@ def test_a_bad_eval_setting_fails_before_judging_and_keeps_the_previous_labels(t
   with pytest.raises(ValueError, match=r"config.eval.num_resamples=0"):
     label_ai_feedback.run(config, str(workdir))
   assert (workdir / "labels.jsonl").read_text() == "the previous labels\n"
+
+
+def test_a_finished_labelling_run_leaves_its_labels_and_no_progress_file(tmp_path,
+                                                                         monkeypatch):
+  config = label_smollm2.get_config("tiny")
+  config.data.max_pairs = 8
+  judge_pairs, saved = labeller.judge_pairs, []
+  def judge_and_look(*args, **kwargs):
+    judged = judge_pairs(*args, **kwargs)
+    saved.append((tmp_path / label_ai_feedback.PROGRESS_FILE).exists())
+    return judged
+  monkeypatch.setattr(labeller, "judge_pairs", judge_and_look)
+  report = label_ai_feedback.run(config, str(tmp_path))
+  assert saved == [True]  # kept while judging
+  assert report["num_pairs"] == 8 and report["rows_written"] == 8
+  assert (tmp_path / "labels.jsonl").exists()
+  assert not (tmp_path / label_ai_feedback.PROGRESS_FILE).exists()

@@ -23,6 +23,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -32,9 +34,11 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from prefjax import files
 from prefjax.data import tiny_world as tiny_world_lib
 from prefjax.feedback import constitution
 from prefjax.feedback import templates as templates_lib
+from prefjax.train import state as train_state
 
 # Times the scoring program was traced (tests check the number of compiled shapes).
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
@@ -131,14 +135,20 @@ class LMJudge:
   def _padded_length(self, n: int) -> int:
     return min(self.max_length, math.ceil(n / self.pad_to_multiple) * self.pad_to_multiple)
 
-  def option_logps(self, queries: Sequence[Query], *, desc: str = "judge") -> np.ndarray:
+  def option_logps(self, queries: Sequence[Query], *, desc: str = "judge",
+                   progress: str | None = None) -> np.ndarray:
+    """``[N, 2]`` log-probs of the two labels. ``progress``: a file the batches judged so
+    far are saved in (``files.PartialArrays``), so that a stopped job resumes after them;
+    it is keyed by the queries' token ids, the judge's weights and its batching."""
     encoded = [self.encode(q) for q in queries]
     order = np.argsort([len(ids) for ids in encoded], kind="stable")
-    out = np.zeros((len(queries), 2), np.float64)
     graphdef, state = nnx.split(self.model)
+    fingerprint = self._fingerprint(encoded, state) if progress else ""
+    partial = files.PartialArrays(progress, fingerprint)
     pad = self.tokenizer.pad_id
-    with tqdm.tqdm(total=len(queries), desc=desc, unit="query", dynamic_ncols=True) as bar:
-      for start in range(0, len(order), self.batch_size):
+    with tqdm.tqdm(total=len(queries), initial=partial.done, desc=desc, unit="query",
+                   dynamic_ncols=True) as bar:
+      for start in range(partial.done, len(order), self.batch_size):
         rows = order[start:start + self.batch_size]
         length = self._padded_length(max(len(encoded[i]) for i in rows))
         tokens = np.full((self.batch_size, length), pad, np.int32)
@@ -149,9 +159,20 @@ class LMJudge:
           tokens[r, :len(ids)], mask[r, :len(ids)], last[r] = ids, 1, len(ids) - 1
         mask[len(rows):, 0] = 1  # filler rows attend to one token
         logps = _option_logps(graphdef, state, tokens, mask, last, self.option_ids)
-        out[rows] = np.asarray(jax.device_get(logps), np.float64)[:len(rows)]
+        partial.add(start + len(rows), rows=rows,
+                    logps=np.asarray(jax.device_get(logps), np.float64)[:len(rows)])
         bar.update(len(rows))
+    out = np.zeros((len(queries), 2), np.float64)
+    if queries:
+      judged = partial.arrays()
+      out[judged["rows"]] = judged["logps"]
     return out
+
+  def _fingerprint(self, encoded: Sequence[Sequence[int]], state: Any) -> str:
+    digest = hashlib.sha256(json.dumps([encoded, self.option_ids.tolist(), self.batch_size,
+                                        self.max_length, self.pad_to_multiple]).encode())
+    digest.update(train_state.params_sha256(state).encode())
+    return digest.hexdigest()
 
 
 class FunctionJudge:
@@ -161,7 +182,9 @@ class FunctionJudge:
     self.fn = fn
     self.counters: collections.Counter[str] = collections.Counter()
 
-  def option_logps(self, queries: Sequence[Query], *, desc: str = "judge") -> np.ndarray:
+  def option_logps(self, queries: Sequence[Query], *, desc: str = "judge",
+                   progress: str | None = None) -> np.ndarray:
+    del progress  # a function of each query: nothing worth resuming
     del desc
     return np.asarray([self.fn(q) for q in queries], np.float64).reshape(len(queries), 2)
 
@@ -191,9 +214,10 @@ class PrincipleSampler:
                                             seed=self.seed, num_principles=self.num_principles)
 
 
-def judge_pairs(judge: Any, pairs: Sequence[Mapping[str, Any]], sampler: PrincipleSampler
-                ) -> list[dict[str, Any]]:
-  """Asks every pair ``{prompt, a, b}`` in both orders under its principles.
+def judge_pairs(judge: Any, pairs: Sequence[Mapping[str, Any]], sampler: PrincipleSampler,
+                progress: str | None = None) -> list[dict[str, Any]]:
+  """Asks every pair ``{prompt, a, b}`` in both orders under its principles (``progress``:
+  as in ``LMJudge.option_logps``).
 
   Returns per pair ``{principles, p_a_first, p_a_second, p_a, option_mass}``:
   P(A wins) with A shown first, with A shown second (= 1 − P(first) of the swapped
@@ -206,7 +230,8 @@ def judge_pairs(judge: Any, pairs: Sequence[Mapping[str, Any]], sampler: Princip
     for principle in principles:
       queries.append(Query(principle, pair["prompt"], pair["a"], pair["b"]))
       queries.append(Query(principle, pair["prompt"], pair["b"], pair["a"]))
-  logps = judge.option_logps(queries, desc=f"judging {len(pairs)} pairs x 2 orders")
+  logps = judge.option_logps(queries, desc=f"judging {len(pairs)} pairs x 2 orders",
+                             progress=progress)
   p_first = option_probability(logps[:, 0], logps[:, 1])
   mass = np.exp(np.logaddexp(logps[:, 0], logps[:, 1]))
   out = []
