@@ -236,3 +236,20 @@ def test_a_registered_loss_sharing_a_built_in_hyperparameter_name_keeps_its_defa
     preference.PREFERENCE_LOSSES.pop("_test_margin_rank")
   # bt itself still reads the field, at its default or moved.
   assert dict(rm.RewardLoss.from_config(dict(tiny.get_config().loss)).hparams)["margin"] == 0.0
+
+
+def test_length_normalised_implicit_rewards_divide_each_side_by_its_own_tokens():
+  """IPO/SimPO report β·log-ratio per token: a rejected side divided by the chosen side's
+  count would pass every loss test and skew rewards/rejected, margins and accuracies."""
+  from prefjax.losses import direct  # pylint: disable=import-outside-toplevel
+  x = direct.PairLogps(policy_chosen=jnp.array([-4.0, -3.0]),
+                       policy_rejected=jnp.array([-10.0, -2.0]),
+                       ref_chosen=jnp.array([-5.0, -3.5]), ref_rejected=jnp.array([-10.5, -2.2]),
+                       chosen_tokens=jnp.array([2.0, 1.0]), rejected_tokens=jnp.array([5.0, 4.0]))
+  metrics = loss_lib.pair_metrics(loss_lib.DirectLoss(name="ipo", beta=0.5), x,
+                                  jnp.ones(2), jnp.zeros(2, bool))
+  rc = 0.5 * np.array([1.0 / 2, 0.5 / 1])  # β·(π − ref)/n_c: 0.25, 0.25
+  rr = 0.5 * np.array([0.5 / 5, 0.2 / 4])  # β·(π − ref)/n_r: 0.05, 0.025 (÷n_c: 0.125, 0.1)
+  np.testing.assert_allclose(float(metrics["rewards/rejected"]), rr.mean(), rtol=1e-6)
+  np.testing.assert_allclose(float(metrics["rewards/margins"]), (rc - rr).mean(), rtol=1e-6)
+  assert float(metrics["rewards/accuracies"]) == 1.0

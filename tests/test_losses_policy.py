@@ -275,6 +275,23 @@ def test_group_normalized_advantages(scale_by_std):
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale_by_std", [True, False])
+def test_group_normalized_advantages_read_only_the_present_samples(scale_by_std):
+  rng = np.random.default_rng(16)
+  rewards = rng.normal(size=(4, 6))
+  mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 1, 0, 1, 0, 1],
+                   [1, 1, 0, 0, 0, 0]], np.float64)
+  garbage = np.where(mask > 0, rewards, 1e3)  # what absent samples hold must not matter
+  out = np.asarray(policy.group_normalized_advantages(garbage, mask, scale_by_std=scale_by_std))
+  for row in range(4):
+    present = rewards[row][mask[row] > 0]
+    ref = present - present.mean()
+    if scale_by_std:
+      ref = ref / (present.std() + 1e-6)  # population std over the present samples only
+    np.testing.assert_allclose(out[row][mask[row] > 0], ref, rtol=1e-5, atol=1e-6)
+    assert (out[row][mask[row] == 0] == 0).all()
+
+
 def test_policy_gradient_loss_value_and_gradient():
   rng = np.random.default_rng(7)
   b, t = 3, 6

@@ -505,6 +505,13 @@ def test_a_soft_label_below_a_half_is_its_pair_turned_around_and_a_tie_has_no_si
   nll = (-s_r[0] / n_r[0] - s_c[1] / n_c[1]) / 3  # the tie adds nothing
   np.testing.assert_allclose(float(metrics["nll"]), nll, rtol=1e-6)
   assert float(metrics_s["rewards/accuracies"]) == float(metrics["rewards/accuracies"])
+  # The side each pair's metrics read: pair 0 turned around, the tie (pair 2) as listed.
+  preferred, other = [s_r[0], s_c[1], s_c[2]], [s_c[0], s_r[1], s_r[2]]
+  for name, expected in (("rewards/chosen", 0.5 * np.mean(preferred)),
+                         ("rewards/rejected", 0.5 * np.mean(other)),
+                         ("rewards/margins", 0.5 * np.mean(np.subtract(preferred, other))),
+                         ("logps/chosen", np.mean(preferred))):
+    np.testing.assert_allclose(float(metrics[name]), expected, rtol=1e-6, err_msg=name)
 
 
 def test_a_registered_loss_of_the_wrong_shape_or_nan_at_padding(monkeypatch):

@@ -26,6 +26,9 @@ BOS, EOS = TOK.bos_id, TOK.eos_id
     # A response would be cut below min_response_length=5 -> dropped as over-long.
     ([BOS, 1, 2, 3, 4, 5], [list(range(9)), [1]], {"min_response_length": 5},
      ([BOS, 3, 4, 5], [list(range(9)), [1]], True, False, "over_long")),
+    # A budget equal to min_response_length=4 keeps the pair, its long response cut to 4.
+    ([BOS, 1, 2, 3, 4, 5], [list(range(9)), [1]], {"min_response_length": 4},
+     ([BOS, 3, 4, 5], [[0, 1, 2, 3], [1]], True, True, None)),
     # Same prompt budget, short responses: nothing to cut, nothing dropped.
     ([BOS, 1, 2, 3, 4, 5], [[1, 2], [1]], {"min_response_length": 5},
      ([BOS, 3, 4, 5], [[1, 2], [1]], True, False, None)),
