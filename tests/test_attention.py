@@ -30,15 +30,19 @@ def _inputs(seed, n, t, h, kv, d, dtype=np.float64):
   return q, k, v, segments
 
 
-def _reference(q, k, v, segments):
-  """float64 numpy softmax over visible keys, heads grouped as Hugging Face repeat_kv."""
+def _reference(q, k, v, segments, prefixes=None):
+  """float64 numpy softmax over visible keys, heads grouped as Hugging Face repeat_kv; with
+  ``prefixes``, a token also sees the earlier slots of the segment its prefix id names."""
   n, t, h, d = q.shape
   group = h // k.shape[2]
   out = np.zeros_like(q)
   for b in range(n):
     for j in range(h):
       s = q[b, :, j] @ k[b, :, j // group].T / np.sqrt(d)
-      visible = np.tril(np.ones((t, t), bool)) & (segments[b][:, None] == segments[b][None, :])
+      same = segments[b][:, None] == segments[b][None, :]
+      if prefixes is not None:
+        same |= (prefixes[b][:, None] == segments[b][None, :]) & (segments[b][:, None] > 0)
+      visible = np.tril(np.ones((t, t), bool)) & same
       s = np.where(visible, s, -np.inf)
       p = np.exp(s - s.max(-1, keepdims=True))
       out[b, :, j] = (p / p.sum(-1, keepdims=True)) @ v[b, :, j // group]
@@ -117,6 +121,21 @@ def test_reach_is_the_earliest_key_a_real_query_of_each_block_sees(block):
       masks = (jnp.asarray(segments), None if pre is None else jnp.asarray(pre))
       np.testing.assert_array_equal(jax.jit(attention._reach, static_argnums=1)(
           masks, blocks), want, err_msg=f"seed {seed}, prefixes {pre is not None}")
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_shared_prompt_rows_match_the_float64_reference_across_tiles(tiled):
+  """Responses whose prompt lies blocks earlier (the tiles the kernel visits for them),
+  checked on the attention output itself, not only on which tiles it visits."""
+  segments, prefixes = _shared_prompt_rows(3, 100, seed=5)
+  q, k, v, _ = _inputs(6, 3, 100, 4, 2, 8)
+  want = _reference(q, k, v, segments, prefixes)
+  with jax.enable_x64(True):
+    got = np.asarray(jax.jit(lambda q, k, v: attention.causal_attention(
+        q, k, v, jnp.asarray(segments), jnp.asarray(prefixes), block_size=8, tiled=tiled))(
+            *(jnp.asarray(x) for x in (q, k, v))))
+  real = segments > 0
+  np.testing.assert_allclose(got[real], want[real], rtol=1e-10, atol=1e-12)
 
 
 def _two_sequences(t=1024, first=300):
@@ -261,9 +280,14 @@ def test_bfloat16_inputs_give_bfloat16_output_close_to_float32():
   as_bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
   got = _attention(*as_bf16, segments, block_size=16)
   assert got.dtype == jnp.bfloat16
-  grads = jax.jit(jax.grad(lambda q: jnp.sum(attention.causal_attention(
-      q, as_bf16[1], as_bf16[2], segments, block_size=16).astype(jnp.float32))))(as_bf16[0])
-  assert grads.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grads)))
+  def grad_of_q(q, k, v):
+    return jax.jit(jax.grad(lambda q: jnp.sum(attention.causal_attention(
+        q, k, v, segments, block_size=16).astype(jnp.float32))))(q)
+  grads = grad_of_q(*as_bf16)
+  want_grads = np.asarray(grad_of_q(*(jnp.asarray(x, jnp.float32) for x in as_bf16)))
+  assert grads.dtype == jnp.bfloat16
+  scale = np.abs(want_grads).max()  # bfloat16 keeps 8 bits: 2% of the largest gradient
+  np.testing.assert_allclose(np.asarray(grads, np.float32), want_grads, atol=0.02 * scale)
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=0.05)
 
 

@@ -76,6 +76,22 @@ def test_every_jsonl_line_is_a_valid_row_or_a_named_problem(tmp_path_factory, li
       text.encode("utf-8")  # storable text: no lone surrogate survives
 
 
+@SETTINGS
+@hypothesis.given(texts=st.lists(st.text(st.characters(codec="utf-8", exclude_categories=(
+    "Cc", "Cs", "Zs", "Zl", "Zp")), min_size=1, max_size=20), min_size=3, max_size=3,
+    unique=True), weight=st.floats(0.0, 100.0), outcome=st.floats(0.0, 1.0))
+def test_a_valid_line_comes_back_as_the_row_it_wrote(tmp_path_factory, texts, weight, outcome):
+  """The property above would hold for a reader that refused every line."""
+  prompt, chosen, rejected = texts
+  line = json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                     "weight": weight, "outcome": outcome}).encode("utf-8")
+  ((number, row),) = base.read_jsonl_rows(_write(tmp_path_factory.mktemp("valid"), [line]),
+                                          layout="auto")
+  assert number == 1 and not isinstance(row, rows_lib.RowProblem), row
+  assert (row.prompt, row.chosen, row.rejected) == (prompt, chosen, rejected)
+  assert (row.weight, row.outcome) == (weight, outcome)
+
+
 @hypothesis.settings(SETTINGS, max_examples=4)
 @hypothesis.given(lines=st.lists(jsonl_lines(), min_size=1, max_size=6))
 def test_built_counts_add_up_in_every_split(tmp_path_factory, lines):
@@ -136,17 +152,24 @@ def test_tokenized_rows_respect_the_limits_or_are_dropped_with_a_reason(rows, co
   for row, ex in zip(rows, examples):
     prompt_len, *response_lens = ex.untruncated
     assert prompt_len == len(row["prompt"].encode("utf-8")) + int(config.add_bos)
+    kept_prompt = min(prompt_len, config.prompt_limit)
+    budget = config.max_length - kept_prompt
+    cut = any(n > budget for n in response_lens)
+    full = [BYTES.encode(row[key], add_eos=True) for key in ("chosen", "rejected")]
+    # The rule each reason names, recomputed from the untruncated counts and texts.
+    expected = ("empty_prompt" if kept_prompt == 0
+                else "over_long" if cut and budget < config.min_response_length
+                else "identical_after_truncation" if cut and full[0][:budget] == full[1][:budget]
+                else "identical_tokens" if full[0] == full[1] else None)
+    assert ex.dropped == expected
     if ex.dropped is not None:
-      assert ex.dropped in ("empty_prompt", "over_long", "identical_after_truncation",
-                            "identical_tokens")
       continue
     assert len(ex.prompt) <= config.prompt_limit and ex.truncated_prompt == (
         prompt_len > config.prompt_limit)
     assert ex.truncated_response == any(len(r) < n for r, n in zip(ex.responses, response_lens))
-    for response, key in zip(ex.responses, ("chosen", "rejected")):
+    for response, tokens in zip(ex.responses, full):
       assert 1 <= len(response) and len(ex.prompt) + len(response) <= config.max_length
-      full = BYTES.encode(row[key], add_eos=True)
-      assert list(response) == full[:len(response)]  # cut from the right only
+      assert list(response) == tokens[:len(response)]  # cut from the right only
 
 
 @st.composite

@@ -400,8 +400,8 @@ def test_deep_ensemble_members_equal_separately_trained_models(data_env, tmp_pat
   train_rm.run(config, str(tmp_path / "sharded"))
   sharded = [r for r in train.read_metrics(tmp_path / "sharded") if "loss" in r]
   for m in range(k):
-    np.testing.assert_allclose([r[f"member_loss/{m}"] for r in sharded],
-                               [r[f"member_loss/{m}"] for r in records], atol=1e-5)
+    comparisons.assert_losses_close([r[f"member_loss/{m}"] for r in sharded],
+                                    [r[f"member_loss/{m}"] for r in records])
   for m in (0, k - 1):  # The first and last member: the fold_in offset both ends.
     single = small_config(steps)
     single.seed = m
@@ -409,8 +409,8 @@ def test_deep_ensemble_members_equal_separately_trained_models(data_env, tmp_pat
     single.loss.first_member = m
     single.eval.enabled = False
     train_rm.run(single, str(tmp_path / f"member{m}"))
-    np.testing.assert_allclose([r[f"member_loss/{m}"] for r in records],
-                               train_losses(tmp_path / f"member{m}"), atol=1e-5)
+    comparisons.assert_losses_close([r[f"member_loss/{m}"] for r in records],
+                                    train_losses(tmp_path / f"member{m}"))
 
 
 def test_head_ensemble_trains_members_in_one_step(data_env, tmp_path):
