@@ -104,6 +104,24 @@ def test_tensorboard_holds_every_record_up_to_the_last_checkpoint(tmp_path):
   assert len(seen) == 1 and b"grad_norm" in seen[0]
 
 
+def test_the_tensorboard_writer_leaves_pytorch_unloaded(tmp_path):
+  """tensorboardX imports torch when it is installed: 120 MB more, its threads, and RSS
+  that grew by 8 KB a logged step in an RL run."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  probe = ("import sys\n"
+           "from prefjax.train import metrics\n"
+           "writer = metrics.MetricWriter(sys.argv[1], tensorboard=True)\n"
+           "writer.write(1, {'loss': 0.5})\n"
+           "writer.close()\n"
+           "print('torch' in sys.modules)\n")
+  done = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True,
+                        text=True, timeout=300, check=True)
+  assert done.stdout.strip().splitlines()[-1] == "False", done.stdout + done.stderr
+  events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert len(events) == 1 and b"loss" in events[0].read_bytes()
+
+
 def test_summary_json_stays_standard_json_with_non_finite_numbers(tmp_path):
   summary_lib.write_summary(str(tmp_path), {"final_eval": {"nll": float("nan"), "ok": 1.5},
                                           "final_perplexity": float("inf"),

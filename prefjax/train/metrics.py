@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from typing import Any, Mapping
 
@@ -66,6 +67,21 @@ def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
   return records
 
 
+def _summary_writer_class() -> type:
+  """tensorboardX's ``SummaryWriter``, imported without PyTorch: tensorboardX imports torch
+  when it can (for writing graphs, which prefjax never does), and torch then costs a JAX
+  run 120 MB more memory, its thread pool, and a slow growth per logged step."""
+  if "torch" in sys.modules:  # already loaded by the caller: nothing to spare
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules["torch"] = None  # type: ignore[assignment]  # ``import torch`` fails
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Writes metrics to JSONL + TensorBoard and logs throughput lines."""
 
@@ -88,9 +104,8 @@ class MetricWriter:
     os.makedirs(self.workdir, exist_ok=True)
     self._truncate_after(resume_step)
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(self.workdir, TENSORBOARD_DIR),
-                               purge_step=resume_step + 1)  # a fresh rerun drops old points too
+      self._tb = _summary_writer_class()(os.path.join(self.workdir, TENSORBOARD_DIR),
+                                         purge_step=resume_step + 1)  # a rerun drops old points
 
   def _truncate_after(self, step: int) -> None:
     """Keeps only lines with ``step <= step``, one per step in step order (lines of the
