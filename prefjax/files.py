@@ -17,6 +17,7 @@ import os
 import pathlib
 import shutil
 import threading
+import time
 from types import ModuleType
 from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
@@ -184,20 +185,25 @@ def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     return {k: f[k] for k in f.files}
 
 
+PARTIAL_SAVE_EVERY_S = 30.0
+
+
 class PartialArrays:
   """Arrays gathered chunk by chunk (rows along axis 0), saved to ``path`` after every
   chunk, so that a long job killed halfway resumes at its first unfinished chunk.
 
   The file holds ``fingerprint`` (whatever identifies the job: a rerun under another one
   starts afresh, with a warning) and how many items (``done``) the saved rows cover.
-  ``add`` appends one chunk's arrays; ``arrays`` concatenates them. The caller deletes
-  the file once the job's whole result is written elsewhere. ``path=None`` keeps the
-  arrays in memory only.
+  ``add`` appends one chunk's arrays; ``arrays`` concatenates them. The file is
+  rewritten whole, so at most every ``PARTIAL_SAVE_EVERY_S`` seconds (a stopped job redoes
+  at most that much). The caller deletes the file once the job's whole result is written
+  elsewhere. ``path=None`` keeps the arrays in memory only.
   """
 
   def __init__(self, path: str | os.PathLike[str] | None, fingerprint: str):
     self.path = None if path is None else os.fspath(path)
     self.fingerprint, self.done, self._parts = fingerprint, 0, {}
+    self._saved_at = -math.inf
     if self.path is None or not os.path.exists(self.path):
       return
     saved = read_npz(self.path)
@@ -218,9 +224,10 @@ class PartialArrays:
     for name, array in arrays.items():
       self._parts.setdefault(name, []).append(np.asarray(array))
     self.done = done
-    if self.path is not None:
+    if self.path is not None and time.monotonic() - self._saved_at >= PARTIAL_SAVE_EVERY_S:
       write_atomically(self.path, lambda f: np.savez(
           f, fingerprint=self.fingerprint, done=done, **self.arrays()))
+      self._saved_at = time.monotonic()
 
   def arrays(self) -> dict[str, np.ndarray]:
     return {name: np.concatenate(parts) for name, parts in self._parts.items()}

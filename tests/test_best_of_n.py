@@ -86,6 +86,7 @@ def test_samples_are_redrawn_when_a_setting_that_shapes_them_changes(bon_run, mo
 def test_a_run_stopped_between_batches_of_prompts_resumes_with_the_same_samples(
     bon_run, tmp_path, monkeypatch):
   """A killed run sampled every prompt again; a long one (hours for SmolLM2) lost it all."""
+  monkeypatch.setattr(files, "PARTIAL_SAVE_EVERY_S", 0.0)  # saved after every batch
   workdir, config, result = bon_run
   whole = files.read_npz(workdir / best_of_n.SAMPLES_FILE)
   sample, calls = best_of_n.rollout_lib.sample, []

@@ -16,6 +16,7 @@ from configs.feedback import label_smollm2
 from configs.feedback import self_critique_smollm2
 from experiments import label_ai_feedback
 from experiments import self_critique
+from prefjax import files
 from prefjax import rm
 from prefjax.data import sources
 from prefjax.data import tiny_world as tiny_world_lib
@@ -88,6 +89,7 @@ def test_lm_judge_matches_a_float64_reference_and_compiles_one_program_per_bucke
 def test_a_judge_stopped_between_batches_resumes_after_them_with_the_same_log_probs(
     tiny_lm, tmp_path, monkeypatch):
   """Labelling (20 min for 200 pairs on this CPU) started again from the first query."""
+  monkeypatch.setattr(files, "PARTIAL_SAVE_EVERY_S", 0.0)  # saved after every batch
   judge = labeller.LMJudge(tiny_lm, tokenize.ByteTokenizer(), TINY_TEMPLATE, batch_size=2,
                            max_length=64, pad_to_multiple=32)
   queries = [labeller.Query("Better?", "q" * k, "a" * (k % 3 + 1), "b") for k in range(7)]

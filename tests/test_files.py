@@ -70,7 +70,9 @@ def test_two_writers_of_one_path_each_leave_a_whole_file(tmp_path):
   assert [p.name for p in tmp_path.iterdir()] == ["cache.bin"]
 
 
-def test_partial_arrays_resume_after_the_saved_chunks_of_the_same_job_only(tmp_path, caplog):
+def test_partial_arrays_resume_after_the_saved_chunks_of_the_same_job_only(tmp_path, caplog,
+                                                                           monkeypatch):
+  monkeypatch.setattr(files, "PARTIAL_SAVE_EVERY_S", 0.0)
   path = tmp_path / "partial.npz"
   job = files.PartialArrays(path, "job-a")
   assert job.done == 0
@@ -90,3 +92,14 @@ def test_partial_arrays_resume_after_the_saved_chunks_of_the_same_job_only(tmp_p
   in_memory = files.PartialArrays(None, "")
   in_memory.add(1, score=np.array([1.0]))
   assert in_memory.done == 1 and not any(tmp_path.glob("*.tmp*"))
+
+
+def test_partial_arrays_are_saved_at_most_every_interval(tmp_path, monkeypatch):
+  """The file is rewritten whole: saving after every chunk of a long job wrote gigabytes."""
+  monkeypatch.setattr(files, "PARTIAL_SAVE_EVERY_S", 3600.0)
+  path = tmp_path / "partial.npz"
+  job = files.PartialArrays(path, "job")
+  job.add(1, score=np.array([1.0]))  # the first chunk is saved
+  job.add(2, score=np.array([2.0]))  # within the interval: kept in memory only
+  assert files.PartialArrays(path, "job").done == 1
+  np.testing.assert_array_equal(job.arrays()["score"], [1.0, 2.0])

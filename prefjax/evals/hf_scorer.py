@@ -32,8 +32,7 @@ def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> scorers.ModelScorer:
   if not os.path.exists(path):
     raise EvalInputError(f"scorer {spec.name!r}: {path} does not exist")
   members = _ensemble_members(spec, path)
-  heads_and_poolings = [_hf_head(spec, member) for member in members]
-  head, pooling = heads_and_poolings[0]
+  head, pooling = _hf_head(spec, members[0])  # the members': _ensemble_members checked
   tokenizer = experiment.make_tokenizer({"path": eval_cfg.hf_tokenizer or members[0]})
   pcfg = hf_pipeline(eval_cfg, tokenizer, members[0], spec.name)
   _check_export_special_ids(spec, members[0], tokenizer, pcfg)

@@ -169,8 +169,10 @@ class LMJudge:
     return out
 
   def _fingerprint(self, encoded: Sequence[Sequence[int]], state: Any) -> str:
-    digest = hashlib.sha256(json.dumps([encoded, self.option_ids.tolist(), self.batch_size,
+    digest = hashlib.sha256(json.dumps([self.option_ids.tolist(), self.batch_size,
                                         self.max_length, self.pad_to_multiple]).encode())
+    for ids in encoded:
+      digest.update(np.asarray([len(ids), *ids], np.int64).tobytes())
     digest.update(train_state.params_sha256(state).encode())
     return digest.hexdigest()
 
