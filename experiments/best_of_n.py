@@ -26,7 +26,7 @@ of best-of-n with and without the filter for every n (``prefjax.overopt.filtered
 Outputs in the workdir: ``samples.npz`` (raw scores; a rerun reuses them when
 every setting that shapes the samples is unchanged, and samples again otherwise;
 while sampling, ``samples.partial.npz`` holds the batches of prompts scored so far,
-and a run stopped halfway resumes after them),
+saved at most every 30 s, and a run stopped halfway resumes after them),
 ``report.json`` (the curves), ``report.md`` and ``figures/bon.png`` (gold and
 proxy vs √KL).
 """
@@ -114,9 +114,10 @@ def sample_and_score(config: Any, workdir: str | None = None,
   """``proxy``/``gold`` ``[P, N]`` raw scores of N reference samples per eval prompt.
 
   Dataset prompts are reported in ``workdir/data_report.json`` when ``workdir`` is given.
-  With ``fingerprint`` (``samples_fingerprint``) too, the scores are saved after every
-  batch of prompts (``samples.partial.npz``): a run killed halfway resumes at its next
-  batch, and draws the same samples as one never stopped (each batch's key is its own).
+  With ``fingerprint`` (``samples_fingerprint``) too, the scores of the batches of prompts
+  done are saved (``samples.partial.npz``, at most every 30 s): a run killed halfway
+  resumes after them, and draws the same samples as one never stopped (each batch's key
+  is its own).
   """
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   world = setup.make_world(config)

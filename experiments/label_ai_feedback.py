@@ -17,9 +17,9 @@ Writes into the workdir:
   report.json / report.md   agreement with the data's own labels for each order and the
                  average (bootstrap CIs), position bias before and after averaging, and
                  for PandaLM agreement with each annotator beside inter-annotator agreement.
-While judging, ``judged.partial.npz`` holds the batches judged so far: a run stopped
-halfway resumes after them (the same queries, judge weights and batching), and a
-finished one relabels from scratch.
+While judging, ``judged.partial.npz`` holds the batches judged so far (saved at most
+every 30 s): a run stopped halfway resumes after them (the same queries, judge weights
+and batching), and a finished one relabels from scratch.
 """
 
 from __future__ import annotations
