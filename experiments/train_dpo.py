@@ -174,10 +174,8 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   os.makedirs(workdir, exist_ok=True)
   configlib.check_fields("config.eval", config.eval, EVAL_FIELDS)
   configlib.check_fields("config.ref", config.get("ref"), REF_FIELDS)
-  try:
+  with summary_lib.naming_recorded_imports(workdir):
     loss = loss_lib.DirectLoss.from_config(config)
-  except KeyError as e:  # a loss of the user's own module, not imported on this rerun
-    raise KeyError(f"{e.args[0]}{summary_lib.imports_hint(workdir)}") from e
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   mesh = experiment.make_optional_mesh(config)
   train_source = experiment.load_split(config.data, config.data.train_split)

@@ -94,10 +94,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     ``{"summary": summary.json contents, "eval": final eval metrics, "preempted": bool}``.
   """
   configlib.check_fields("config.eval", config.eval, EVAL_FIELDS)
-  try:  # A bad loss fails before data and model.
+  with summary_lib.naming_recorded_imports(workdir):  # A bad loss fails before data and model.
     loss = rm.RewardLoss.from_config(config.loss)
-  except KeyError as e:  # a loss of the user's own module, not imported on this rerun
-    raise KeyError(f"{e.args[0]}{summary_lib.imports_hint(workdir)}") from e
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   mesh = experiment.make_mesh(config.mesh)
   train_source = experiment.load_split(config.data, config.data.train_split)

@@ -189,8 +189,8 @@ PARTIAL_SAVE_EVERY_S = 30.0
 
 
 class PartialArrays:
-  """Arrays gathered chunk by chunk (rows along axis 0), saved to ``path`` after every
-  chunk, so that a long job killed halfway resumes at its first unfinished chunk.
+  """Arrays gathered chunk by chunk (rows along axis 0) and saved to ``path`` as they
+  come, so that a long job killed halfway resumes after the chunks last saved.
 
   The file holds ``fingerprint`` (whatever identifies the job: a rerun under another one
   starts afresh, with a warning) and how many items (``done``) the saved rows cover.

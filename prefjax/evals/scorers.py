@@ -446,11 +446,6 @@ def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
                      saved)
 
 
-def _imports_hint(workdir: str) -> str:
-  """The ``--imports`` the run's invocations used (``runs.jsonl``), as a hint."""
-  return summary_lib.imports_hint(workdir)
-
-
 REWARD_HEADS = ("reward", "reward_ensemble", "multi")
 
 
@@ -476,7 +471,7 @@ def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
     loss = direct_loss_lib.DirectLoss.from_config(run)
   except KeyError as e:  # a loss the run registered from a module of its own
     raise EvalInputError(f"scorer {spec.name!r}: {e.args[0]}, as for its training"
-                         f"{_imports_hint(spec.path)}") from e
+                         f"{summary_lib.imports_hint(spec.path)}") from e
   tokenizer = experiment.make_tokenizer(run.tokenizer)
   policy = build_model(run.model, tokenizer.vocab_size, int(run.seed), mesh)
   saved = _load(spec, policy, step, ranking)

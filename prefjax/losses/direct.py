@@ -72,8 +72,9 @@ def get_direct_loss(name: str) -> DirectLoss:
 _FIELDS = ", ".join(PairLogps._fields)
 
 
-def _checked(x: PairLogps) -> PairLogps:
-  """Casts every field to the compute dtype and checks they are equal ``[B]``."""
+def checked(x: PairLogps) -> PairLogps:
+  """``x`` in the losses' compute dtype (float32; float64 under x64), every field a
+  ``[B]`` array: what each registered loss does first, a loss of your own included."""
   if not isinstance(x, PairLogps) and not (isinstance(x, tuple) and len(x) == 6):
     raise TypeError(f"expected PairLogps({_FIELDS}), got {type(x).__name__}")
   fields = [as_float(v) for v in x]
@@ -82,12 +83,6 @@ def _checked(x: PairLogps) -> PairLogps:
   check_rank("PairLogps.policy_chosen", fields[0], 1)
   check_same_shape(f"PairLogps fields ({_FIELDS})", *fields)
   return PairLogps(*fields)
-
-
-def checked(x: PairLogps) -> PairLogps:
-  """``x`` in the losses' compute dtype (float32; float64 under x64), every field a
-  ``[B]`` array: what each registered loss does first, a loss of your own included."""
-  return _checked(x)
 
 
 def _log_ratios(x: PairLogps) -> tuple[Array, Array]:
@@ -111,7 +106,7 @@ def implicit_rewards(x: PairLogps, beta: ArrayLike) -> tuple[Array, Array]:
   "Direct Preference Optimization: Your Language Model is Secretly a Reward
   Model" (arXiv 2305.18290), Eq. 5 without the prompt-only partition term.
   """
-  x = _checked(x)
+  x = checked(x)
   rho_c, rho_r = _log_ratios(x)
   return beta * rho_c, beta * rho_r
 
@@ -135,7 +130,7 @@ def dpo(x: PairLogps, *, beta: ArrayLike, label_smoothing: ArrayLike = 0.0) -> A
   Returns:
     ``[B]`` loss.
   """
-  x = _checked(x)
+  x = checked(x)
   check_static_range("label_smoothing", label_smoothing, 0.0, 1.0)
   rho_c, rho_r = _log_ratios(x)
   return smoothed_logistic(beta * (rho_c - rho_r), label_smoothing)
@@ -158,7 +153,7 @@ def robust(x: PairLogps, *, beta: ArrayLike, label_smoothing: ArrayLike = 0.0) -
   Returns:
     ``[B]`` loss.
   """
-  x = _checked(x)
+  x = checked(x)
   check_static_range("label_smoothing", label_smoothing, 0.0, 0.5, closed_high=False)
   eps = as_float(label_smoothing)
   rho_c, rho_r = _log_ratios(x)
@@ -184,7 +179,7 @@ def ipo(x: PairLogps, *, beta: ArrayLike) -> Array:
   Returns:
     ``[B]`` loss.
   """
-  x = _checked(x)
+  x = checked(x)
   check_static_range("beta", beta, 0.0, float("inf"), closed_low=False)
   mean_c, mean_r = _mean_log_ratios(x)
   return jnp.square(mean_c - mean_r - 1.0 / (2.0 * beta))
@@ -208,7 +203,7 @@ def hinge(x: PairLogps, *, beta: ArrayLike) -> Array:
   Returns:
     ``[B]`` loss.
   """
-  x = _checked(x)
+  x = checked(x)
   rho_c, rho_r = _log_ratios(x)
   return jax.nn.relu(1.0 - beta * (rho_c - rho_r))
 
@@ -232,7 +227,7 @@ def exo_pair(x: PairLogps, *, beta: ArrayLike, label_smoothing: ArrayLike = 1e-3
   Returns:
     ``[B]`` loss.
   """
-  x = _checked(x)
+  x = checked(x)
   check_static_range("label_smoothing", label_smoothing, 0.0, 1.0,
                      closed_low=False, closed_high=False)
   eps = as_float(label_smoothing)
@@ -261,7 +256,7 @@ def nca_pair(x: PairLogps, *, beta: ArrayLike) -> Array:
   Returns:
     ``[B]`` loss.
   """
-  x = _checked(x)
+  x = checked(x)
   rho_c, rho_r = _log_ratios(x)
   r_c, r_r = beta * rho_c, beta * rho_r
   return -jax.nn.log_sigmoid(r_c) - 0.5 * jax.nn.log_sigmoid(-r_c) - 0.5 * jax.nn.log_sigmoid(-r_r)
@@ -287,7 +282,7 @@ def bco_pair(x: PairLogps, *, beta: ArrayLike, delta: ArrayLike = 0.0) -> Array:
   Returns:
     ``[B]`` loss.
   """
-  x = _checked(x)
+  x = checked(x)
   delta = jax.lax.stop_gradient(as_float(delta))
   rho_c, rho_r = _log_ratios(x)
   return -jax.nn.log_sigmoid(beta * rho_c - delta) - jax.nn.log_sigmoid(delta - beta * rho_r)
@@ -311,7 +306,7 @@ def sppo_hard(x: PairLogps, *, beta: ArrayLike) -> Array:
   Returns:
     ``[B]`` loss.
   """
-  x = _checked(x)
+  x = checked(x)
   check_static_range("beta", beta, 0.0, float("inf"), closed_low=False)
   rho_c, rho_r = _log_ratios(x)
   target = 1.0 / (2.0 * beta)
@@ -335,7 +330,7 @@ def apo_zero(x: PairLogps, *, beta: ArrayLike) -> Array:
   Returns:
     ``[B]`` loss.
   """
-  x = _checked(x)
+  x = checked(x)
   rho_c, rho_r = _log_ratios(x)
   return jax.nn.sigmoid(-beta * rho_c) + jax.nn.sigmoid(beta * rho_r)
 
@@ -358,7 +353,7 @@ def apo_down(x: PairLogps, *, beta: ArrayLike) -> Array:
   Returns:
     ``[B]`` loss.
   """
-  x = _checked(x)
+  x = checked(x)
   rho_c, rho_r = _log_ratios(x)
   return jax.nn.sigmoid(beta * rho_c) + jax.nn.sigmoid(-beta * (rho_c - rho_r))
 
@@ -383,7 +378,7 @@ def sigmoid_norm(x: PairLogps, *, beta: ArrayLike, label_smoothing: ArrayLike = 
   Returns:
     ``[B]`` loss.
   """
-  x = _checked(x)
+  x = checked(x)
   check_static_range("label_smoothing", label_smoothing, 0.0, 1.0)
   mean_c, mean_r = _mean_log_ratios(x)
   return smoothed_logistic(beta * (mean_c - mean_r), label_smoothing)
@@ -411,7 +406,7 @@ def discopop(x: PairLogps, *, beta: ArrayLike, tau: ArrayLike = 0.05) -> Array:
   Returns:
     ``[B]`` loss.
   """
-  x = _checked(x)
+  x = checked(x)
   check_static_range("tau", tau, 0.0, float("inf"), closed_low=False)
   rho_c, rho_r = _log_ratios(x)
   z = beta * (rho_c - rho_r)
@@ -449,7 +444,7 @@ def simpo(x: PairLogps, *, beta: ArrayLike, gamma: ArrayLike | None = None,
   Returns:
     ``[B]`` loss.
   """
-  x = _checked(x)
+  x = checked(x)
   check_static_range("label_smoothing", label_smoothing, 0.0, 1.0)
   if gamma is None:
     gamma = gamma_beta_ratio * beta
@@ -491,7 +486,7 @@ def orpo(x: PairLogps, *, beta: ArrayLike) -> Array:
   Returns:
     ``[B]`` loss.
   """
-  x = _checked(x)
+  x = checked(x)
   mean_c = _token_mean(x.policy_chosen, x.chosen_tokens)
   mean_r = _token_mean(x.policy_rejected, x.rejected_tokens)
   return -beta * jax.nn.log_sigmoid(_log_odds(mean_c) - _log_odds(mean_r))

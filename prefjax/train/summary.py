@@ -1,5 +1,6 @@
 """``config.json`` (with a diff check on resume), ``summary.json`` and ``runs.jsonl`` of a workdir,
-written as standard JSON (``prefjax.files.dumps``); the workdir held by one run (``hold_workdir``)."""
+written as standard JSON (``prefjax.files.dumps``); the workdir held by one run
+(``hold_workdir``)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ RERUN_POLICY_FIELDS = (("loop", "on_config_mismatch"), ("loop", "allow_restart")
 
 
 # Workdirs this process's run holds (every process of a job records them alike).
-_HELD_WORKDIRS: dict[str, int] = {}
+_HELD_WORKDIRS: set[str] = set()
 
 
 @contextlib.contextmanager
@@ -36,16 +37,13 @@ def hold_workdir(workdir: str | os.PathLike[str]) -> Iterator[None]:
   Process 0, which writes the workdir's files, takes the lock; every process learns
   whether it got it, so a busy workdir stops the whole job. A binary holds its
   workdir from its first write to its last (``experiments.common.main_for``); the
-  training loop inside it holds the same workdir again, which only counts a level.
-  Another run, or ``files.exclusive`` called directly, is refused while it is held.
+  training loop inside it holds the same workdir again, which changes nothing (the
+  outermost hold releases it). Another run, or ``files.exclusive`` called directly, is
+  refused while it is held.
   """
   key = os.path.realpath(workdir)
   if key in _HELD_WORKDIRS:
-    _HELD_WORKDIRS[key] += 1
-    try:
-      yield
-    finally:
-      _HELD_WORKDIRS[key] -= 1
+    yield
     return
   with contextlib.ExitStack() as stack:
     error = None
@@ -57,11 +55,11 @@ def hold_workdir(workdir: str | os.PathLike[str]) -> Iterator[None]:
     if parallel.in_any_process(error is not None):  # only process 0 can be refused
       raise error or files.WorkdirBusyError(f"{workdir} is in use by another run (process "
                                             "0 found its lock held)")
-    _HELD_WORKDIRS[key] = 1
+    _HELD_WORKDIRS.add(key)
     try:
       yield
     finally:
-      del _HELD_WORKDIRS[key]
+      _HELD_WORKDIRS.discard(key)
 
 
 class ConfigMismatchError(ValueError):
@@ -202,6 +200,16 @@ def read_run_records(workdir: str) -> list[dict[str, Any]]:
     return []
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+@contextlib.contextmanager
+def naming_recorded_imports(workdir: str) -> Iterator[None]:
+  """A ``KeyError`` in the block (a loss registered by a module of the user's own, not
+  imported on this rerun) gains the ``--imports`` the workdir's runs recorded."""
+  try:
+    yield
+  except KeyError as e:
+    raise KeyError(f"{e.args[0]}{imports_hint(workdir)}") from e
 
 
 def imports_hint(workdir: str) -> str:
