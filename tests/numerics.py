@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+
+from prefjax.losses import registry
 
 
 def central_difference_grad(f: Callable[..., float], args: Sequence[np.ndarray],
@@ -61,3 +63,13 @@ def user_modules() -> list[ModuleType]:
 def user_reference(name: str) -> Any:
   """``name`` (a reference function) from the first of those modules defining it."""
   return next((getattr(m, name) for m in user_modules() if hasattr(m, name)), None)
+
+
+def per_example_losses(table: Mapping[str, Callable[..., Any]], kind: str,
+                       name: str) -> Callable[..., Any]:
+  """The loss ``name`` registered in ``table`` (``kind``: "direct" or "preference"), giving
+  its per-example losses also when it returns ``(losses, metrics)`` (README, "Adding a
+  loss")."""
+  fn = table[name]
+  return lambda *args, **kwargs: registry.split_loss_output(fn(*args, **kwargs), kind,
+                                                            name)[0]

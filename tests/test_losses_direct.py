@@ -35,11 +35,7 @@ PAIRED = sorted(DIRECT_LOSSES)
 
 
 def loss_fn(name: str):
-  """The registered loss ``name``'s per-example losses, also for a loss that returns
-  ``(losses, metrics)`` (README, "Adding a loss")."""
-  fn = DIRECT_LOSSES[name]
-  return lambda *args, **kwargs: registry.split_loss_output(fn(*args, **kwargs), "direct",
-                                                            name)[0]
+  return numerics.per_example_losses(DIRECT_LOSSES, "direct", name)
 
 
 # ----------------------------------------------------------------- float64 NumPy references.

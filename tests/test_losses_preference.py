@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from prefjax.losses import preference
-from prefjax.losses import registry
 from tests import numerics
 
 
@@ -24,11 +23,7 @@ numerics.user_modules()  # losses of your own, registered before the cases list 
 
 
 def loss_fn(name: str):
-  """The registered loss ``name``'s per-pair losses, also for a loss that returns
-  ``(losses, metrics)`` (README, "Adding a loss")."""
-  fn = preference.PREFERENCE_LOSSES[name]
-  return lambda *args, **kwargs: registry.split_loss_output(fn(*args, **kwargs),
-                                                            "preference", name)[0]
+  return numerics.per_example_losses(preference.PREFERENCE_LOSSES, "preference", name)
 
 B, K = 5, 3
 
