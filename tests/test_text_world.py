@@ -103,6 +103,34 @@ def test_evaluate_policy_common_random_numbers_and_exact_kl():
   np.testing.assert_allclose(same["gold"], by_hand.reshape(3, 2).mean(1), rtol=1e-6)  # float32 path
 
 
+def _exact_kl_float64(policy, reference, rollout) -> np.ndarray:
+  """Σ over response tokens t of KL(π ‖ π_ref) at the position that predicts t, in float64."""
+  def log_probs(model):
+    logits = np.asarray(model(rollout.tokens, attention_mask=rollout.attention_mask), np.float64)
+    return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+  logp, logq = log_probs(policy), log_probs(reference)
+  per_position = (np.exp(logp) * (logp - logq)).sum(-1)   # [B, T]: the next token's KL
+  return (per_position[:, :-1] * rollout.loss_mask[:, 1:]).sum(-1)
+
+
+@pytest.mark.parametrize("logits_bytes", [1, 2 * 4 * 14 * 259, 1 << 30])
+def test_exact_sequence_kl_in_row_chunks_equals_a_float64_reference(logits_bytes):
+  # 1 byte: one row a chunk; 2 rows' logits: chunks of 2 over 5 rows, the last one padded.
+  tokenizer = experiment.make_tokenizer({"path": "byte"})
+  texts = ["abc", "hello", "p", "zz", "query"]
+  prompts = rollout_lib.encode_prompts(texts, [tokenizer.encode(t) for t in texts],
+                                       pad_id=tokenizer.pad_id, max_length=8)
+  policy, reference = _policy(0), _policy(1)
+  rollout = rollout_lib.sample(policy, prompts, jax.random.key(4), tokenizer=tokenizer,
+                               max_new_tokens=6)
+  assert rollout.tokens.shape == (5, 14)
+  kl = text_world.exact_sequence_kl(policy, reference, rollout, logits_bytes=logits_bytes)
+  expected = _exact_kl_float64(policy, reference, rollout)
+  assert kl.shape == (5,) and (expected > 0.01).all()
+  np.testing.assert_allclose(kl, expected, rtol=1e-4)
+
+
 def _seed_run(seed: int, prompts: int) -> dict:
   rng = np.random.default_rng(seed)
   traj = lambda: text_world.Trajectory(np.array([0, 5]), {

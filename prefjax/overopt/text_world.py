@@ -269,6 +269,32 @@ def reference_scales(samples: Mapping[int, Mapping[str, np.ndarray]]) -> dict[st
   return scales
 
 
+# One model's float32 logits per forward of the exact KL: SmolLM2's 49,152-token
+# vocabulary over 256 rows of 176 tokens would be 8.9 GB per model at once.
+KL_LOGITS_BYTES = 1 << 30
+
+
+def exact_sequence_kl(policy: nnx.Module, reference: nnx.Module, rollout: rollout_lib.Rollout,
+                      *, logits_bytes: int = KL_LOGITS_BYTES) -> np.ndarray:
+  """Σ_t KL(π(·|y<t) ‖ π_ref(·|y<t)) over each row's response, ``[B]`` float64.
+
+  The rows go through the two models in chunks whose ``[rows, T, V]`` float32 logits
+  stay within ``logits_bytes`` (at least one row a chunk); the last chunk is filled
+  with copies of its last row, so every chunk runs the same compiled program.
+  """
+  tokens, attention_mask, loss_mask = rollout.tokens, rollout.attention_mask, rollout.loss_mask
+  rows, length = tokens.shape
+  vocab = int(policy.config.vocab_size)
+  chunk = int(np.clip(logits_bytes // (4 * length * vocab), 1, rows))
+  graphdef, state = nnx.split(rollout_lib.PolicyBundle(policy, reference, None))
+  out = []
+  for start in range(0, rows, chunk):
+    take = np.minimum(np.arange(start, start + chunk), rows - 1)
+    kl = _sequence_kl(graphdef, state, tokens[take], attention_mask[take], loss_mask[take])
+    out.append(np.asarray(kl, np.float64)[:min(chunk, rows - start)])
+  return np.concatenate(out)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _sequence_kl(graphdef, state, tokens, attention_mask, loss_mask) -> jax.Array:
   bundle = nnx.merge(graphdef, state)
@@ -279,21 +305,21 @@ def _sequence_kl(graphdef, state, tokens, attention_mask, loss_mask) -> jax.Arra
 def evaluate_policy(policy: nnx.Module, reference: nnx.Module, prompts: rollout_lib.Prompts,
                     key: jax.Array, *, tokenizer: Any,
                     rewards: Mapping[str, rl_rewards.PairReward], max_new_tokens: int,
-                    samples_per_prompt: int) -> dict[str, np.ndarray]:
+                    samples_per_prompt: int,
+                    kl_logits_bytes: int = KL_LOGITS_BYTES) -> dict[str, np.ndarray]:
   """Per-prompt means ``[P]`` of every reward in ``rewards`` and of the exact sequence KL.
 
   ``samples_per_prompt`` responses per prompt are drawn with ``key`` (pass the
   same key to every policy compared), from the policy itself: the KL sums the policy's
   own per-position KL along them, which samples at another temperature would bias. Also
-  returns ``response_length``.
+  returns ``response_length``. ``kl_logits_bytes`` bounds one model's float32 logits in
+  the KL's forward (:func:`exact_sequence_kl`).
   """
   if samples_per_prompt < 1:
     raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
   rollout = rollout_lib.sample(policy, prompts.repeat(samples_per_prompt), key,
                                tokenizer=tokenizer, max_new_tokens=max_new_tokens)
-  graphdef, state = nnx.split(rollout_lib.PolicyBundle(policy, reference, None))
-  kl = np.asarray(_sequence_kl(graphdef, state, rollout.tokens, rollout.attention_mask,
-                               rollout.loss_mask), np.float64)
+  kl = exact_sequence_kl(policy, reference, rollout, logits_bytes=kl_logits_bytes)
   per_sample = {"kl": np.maximum(kl, 0.0), "response_length": rollout.lengths}
   for name, reward in rewards.items():
     per_sample[name] = reward(rollout.prompts, rollout.responses)
