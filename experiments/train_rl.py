@@ -234,13 +234,14 @@ def _write_summary(workdir: str, loop_summary: dict[str, Any], total: int) -> di
 
 
 def _plot(evals: list[dict[str, Any]], path: str) -> None:
-  """Held-out gold and proxy (minus their step-0 values) vs √KL, as in Gao et al. 2022."""
+  """Held-out gold and proxy (minus their first eval's, step 0 by default) vs √KL, as in
+  Gao et al. 2022."""
   kl_name = "kl/exact" if "kl/exact" in evals[0] else "kl"
   scores = {name: ([e[name] - evals[0][name] for e in evals], [e[f"{name}_se"] for e in evals])
             for name in ("proxy", "gold")}
   plots.plot_scores_vs_sqrt_kl(
       np.sqrt(np.maximum([e[kl_name] for e in evals], 0.0)), scores, path,
-      xlabel=f"√KL ({kl_name}, nats½) on held-out samples", ylabel="score − initial score",
+      xlabel=f"√KL ({kl_name}, nats½) on held-out samples", ylabel=f"score − score at step {evals[0]['step']}",
       title=f"RL: held-out proxy and gold over {evals[-1]['step']} steps")
 
 

@@ -14,6 +14,7 @@ from experiments import reproduce
 from prefjax.overopt import bon
 from prefjax.overopt import criteria
 from prefjax.overopt import curves as curves_lib
+from prefjax.overopt import figures
 from prefjax.overopt import fits
 
 CRITERIA = ("G0", "G1", "G2", "G3", "G5", "R1", "R2", "R3", "R4", "C1", "C2", "C3",
@@ -149,6 +150,23 @@ def test_size_criteria_on_known_curves():
   assert declining.passed, declining.detail          # peak at d = 1, then falls to d = 3
   flat = [_setting("w4", 1.0, 0.01)]                  # peak beyond the last point
   assert not criteria.g1(flat, "").passed
+
+
+def test_fit_figure_draws_each_beta_in_its_own_units(tmp_path, monkeypatch):
+  """Best-of-n's β (per nat) and RL's (per √nat) shared one axis labelled "β"."""
+  drawn = []
+  monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or path)
+  settings = [_setting(f"w{w}", 1.0, b) for w, b in ((4, 0.5), (8, 0.3))]
+  figures.fit_coefficients([4, 8], settings, str(tmp_path / "f.png"), xlabel="width", title="t")
+  panels = {ax.get_ylabel(): ax for ax in drawn[0].axes}
+  assert list(panels) == ["α (gain per √nat)", "best-of-n β (per nat, in d(α − β·d))",
+                          "RL β (per √nat, in d(α − β·ln d))"]
+  plotted = lambda ax: [bars.lines[0].get_ydata() for bars in ax.containers]  # one per errorbar
+  bon_beta = plotted(panels["best-of-n β (per nat, in d(α − β·d))"])
+  rl_beta = plotted(panels["RL β (per √nat, in d(α − β·ln d))"])
+  assert len(bon_beta) == len(rl_beta) == 1 and len(plotted(panels["α (gain per √nat)"])) == 2
+  np.testing.assert_allclose(bon_beta[0], [s.fit_bon.beta for s in settings])
+  np.testing.assert_allclose(rl_beta[0], [s.fit_rl.beta for s in settings])
 
 
 def test_the_criteria_bootstrap_as_many_resamples_as_the_config_asks():

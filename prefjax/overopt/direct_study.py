@@ -117,7 +117,8 @@ def stationary_margin(loss_name: str, *, fraction: float = 0.1, h_max: float = 2
 
   DPO, IPO and SLiC are functions of β·h (up to a constant factor), so their
   stationary margin at β is this value / β: 1 for SLiC (its gradient vanishes
-  at β·h = 1), 0.45 for IPO (target 1/(2β)), log 19 ≈ 2.94 for DPO (whose
+  at β·h = 1), 0.45 for IPO (at the default ``fraction``; its minimum is at
+  1/(2β), where the gradient is exactly zero), log 19 ≈ 2.94 for DPO (whose
   gradient σ(−β·h)·β only decays; it is never exactly zero). Read from the
   registered loss itself, on a grid of h in [0, h_max].
   """

@@ -4,9 +4,9 @@ When a prompt has M candidate responses with known reference probabilities
 π_ref (a "bandit world", or a pool of sampled responses treated as the support),
 best-of-n has a closed form. Sort candidates by proxy reward and let
 F_i = Σ_{j ≤ i} π_ref(j); the best of n i.i.d. draws is candidate i with
-probability P_n(i) = F_i^n − F_{i−1}^n. Its exact KL from π_ref is strictly
-below the analytic ``log n − (n − 1)/n`` (Beirami et al., "Theoretical
-guarantees on the best-of-n alignment policy", arXiv:2401.01879).
+probability P_n(i) = F_i^n − F_{i−1}^n. For n ≥ 2 its exact KL from π_ref is
+strictly below the analytic ``log n − (n − 1)/n``; both are 0 at n = 1 (Beirami et
+al., "Theoretical guarantees on the best-of-n alignment policy", arXiv:2401.01879).
 
 Ties in the proxy: a group G of candidates with equal proxy acts as one atom of
 mass q_G, so P_n(G) = F_G^n − F_{G−1}^n; the tie among the drawn samples that

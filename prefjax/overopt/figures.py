@@ -25,6 +25,8 @@ from prefjax.overopt import fits  # noqa: E402
 
 REWARD_UNITS = "reward (SD under π_ref, π_ref = 0)"
 SQRT_KL = "√KL(π ‖ π_ref)  [nats^½]"
+# Best-of-n over sampled responses: the analytic KL, which bounds the exact one from above.
+SQRT_KL_BON_BOUND = "√(log n − (n−1)/n) ≥ √KL(π ‖ π_ref)  [nats^½]"
 
 
 def _band(ax, x, mean, se, color, style="-", label=None):
@@ -67,8 +69,13 @@ def _save(fig, path: str) -> str:
 
 
 def gold_and_proxy(settings: Sequence[curves_lib.SettingCurves], path: str, *,
-                   title: str, rl_name: str = "RL (KL-regularised path)") -> str:
-  """Gao et al. Fig. 1: gold (with fits) and proxy vs √KL, BoN and RL, one line per setting."""
+                   title: str, rl_name: str = "RL (KL-regularised path)",
+                   bon_xlabel: str = SQRT_KL) -> str:
+  """Gao et al. Fig. 1: gold (with fits) and proxy vs √KL, BoN and RL, one line per setting.
+
+  ``bon_xlabel`` names the best-of-n row's x axis: the exact √KL (the default, bandit
+  worlds) or :data:`SQRT_KL_BON_BOUND` where the analytic KL stands in for it.
+  """
   with_rl = settings[0].rl is not None
   fig, axes = plt.subplots(2 if with_rl else 1, 2, figsize=(11, 8.5 if with_rl else 4.5),
                            squeeze=False)
@@ -82,28 +89,36 @@ def gold_and_proxy(settings: Sequence[curves_lib.SettingCurves], path: str, *,
     axes[row, 0].set_title(f"{name}: gold (solid), fit (dotted)")
     axes[row, 1].set_title(f"{name}: proxy")
     for col, ax in enumerate(axes[row]):
-      _axes(ax, SQRT_KL, REWARD_UNITS, zero_line=True, legend=col == 0, title="proxy")
+      _axes(ax, bon_xlabel if method == "bon" else SQRT_KL, REWARD_UNITS, zero_line=True,
+            legend=col == 0, title="proxy")
   fig.suptitle(title)
   return _save(fig, path)
 
 
 def fit_coefficients(sizes: Sequence[float], settings: Sequence[curves_lib.SettingCurves],
                      path: str, *, xlabel: str, title: str) -> str:
-  """Gao et al. Fig. 3: α and β (95% bootstrap CIs) of the BoN (and RL) fits vs size."""
+  """Gao et al. Fig. 3: α and β (95% bootstrap CIs) of the BoN (and RL) fits vs size.
+
+  Both α are gains per √nat, so they share a panel. The two β are not in the same units
+  (best-of-n's d(α − βd): per nat; RL's d(α − β ln d): per √nat), so each has its own.
+  """
   methods = ["bon"] + (["rl"] if settings[0].fit_rl is not None else [])
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for method, marker in zip(methods, ("o", "s")):
-    fitted = [getattr(s, f"fit_{method}") for s in settings]
-    for ax, coef in zip(axes, ("alpha", "beta")):
+  panels = [("alpha", methods, "α (gain per √nat)"),
+            ("beta", ["bon"], "best-of-n β (per nat, in d(α − β·d))")]
+  if "rl" in methods:
+    panels.append(("beta", ["rl"], "RL β (per √nat, in d(α − β·ln d))"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+  for ax, (coef, panel_methods, ylabel) in zip(axes, panels):
+    for method in panel_methods:
+      fitted = [getattr(s, f"fit_{method}") for s in settings]
       value = np.array([getattr(f, coef) for f in fitted])
       ci = np.array([getattr(f, f"{coef}_ci") for f in fitted])
       err = np.abs(ci.T - value)
       # A missing CI (too few prompts to bootstrap) draws no bar, not a zero-width one.
-      ax.errorbar(sizes, value, yerr=err, marker=marker, capsize=3,
+      ax.errorbar(sizes, value, yerr=err, marker="o" if method == "bon" else "s", capsize=3,
                   label=f"{'best-of-n' if method == 'bon' else 'RL'} {coef}")
-  for ax, coef in zip(axes, ("α (gain per √nat)", "β (overoptimization)")):
     ax.set_xscale("log", base=2)
-    _axes(ax, xlabel, coef)
+    _axes(ax, xlabel, ylabel)
   fig.suptitle(f"{title} (error bars: 95% bootstrap CIs over prompts)")
   return _save(fig, path)
 

@@ -105,12 +105,14 @@ def _figures(fig_dir: str, world: str, title: str, policy: str, cfg: Any, widths
   figs = {
       "text_bon": figures.gold_and_proxy(
           bon_settings, path("text_bon_sizes.png"),
-          title=f"{title}: best-of-n of {policy} by proxy width (±1 SE)"),
+          title=f"{title}: best-of-n of {policy} by proxy width (±1 SE)",
+          bon_xlabel=figures.SQRT_KL_BON_BOUND),
       "text_fits": figures.fit_coefficients(widths, bon_settings, path("text_fit_sizes.png"),
                                             xlabel="proxy width (hidden units)",
                                             title=f"{title}: best-of-n fit vs proxy size"),
       "text_rl": figures.gold_and_proxy(
           rl_settings, path("text_rl.png"), rl_name=f"{algo} along training",
+          bon_xlabel=figures.SQRT_KL_BON_BOUND,
           title=f"{title}: best-of-n and {algo} (train_rl) against the same proxies"),
   }
   if sweeps:
