@@ -48,9 +48,9 @@ the reference's forward):
   One GPU (H100/H200): the arithmetic is ≈ 1–2 min at 100 TFLOP/s; the run is bounded by
   16 binary start-ups (loading SmolLM2 or MiniLM and compiling: ≈ 1 min each), 30
   checkpoint loads for the evaluation and writing 24 checkpoints of 1.8 GB (parameters,
-  Adam state; measured in `:quick`): ≈ 30–60 min. The exact-KL evaluation holds
-  [256, 176, 49,152] float32 logits (8.9 GB) per tensor: fine on one GPU, too much for
-  this shared CPU (hence 4 × 2 samples in `:quick`). Disk: ≈ 45 GB of checkpoints.
+  Adam state; measured in `:quick`): ≈ 30–60 min. The exact-KL evaluation runs its
+  256 rows of 176 tokens in chunks of 31 rows (1 GiB of float32 logits a model each,
+  `text_world.KL_LOGITS_BYTES`; 8.9 GB a model unchunked). Disk: ≈ 45 GB of checkpoints.
 Expected result: not yet measured (no GPU run).
 """
 
