@@ -10,7 +10,9 @@ import os
 import numpy as np
 import pytest
 
+from configs.dpo import smollm2_hh as dpo_smollm2
 from configs.reproduce import smollm2_hh
+from configs.rl import smollm2_rloo as rl_smollm2
 from experiments import hh_study
 from prefjax.data import sources
 from prefjax.data import tokenize as tokenize_lib
@@ -101,6 +103,12 @@ def test_binary_configs_link_the_stages(world):
                                                                                "cached", 2)
   default = smollm2_hh.get_config().text
   assert default.policy.model.path == "asset:smollm2" and default.gold.model.path == "asset:minilm"
+  # The study replaces the RL and DPO binaries' model section with its policy's: it must keep
+  # their switches (it set scan_layers=False under their scan_layers=True, so 30 unrolled
+  # blocks compiled in each train step).
+  switches = lambda model: (model.scan_layers, model.remat)
+  assert switches(world.rl_config(32).model) == switches(rl_smollm2.get_config().model)
+  assert switches(dpo.model) == switches(dpo_smollm2.get_config().model)
   with pytest.raises(ValueError, match="unknown variant 'big'"):
     smollm2_hh.get_config("big")
 

@@ -41,10 +41,11 @@ the reference's forward):
   generated tokens: pairs 4,200 × 2 × 48 = 0.40M; best-of-n 4 widths × 128 × 256 × 48 =
   6.3M; RLOO 2 × 100 steps × 64 × 48 = 0.61M; checkpoint evaluation 30 × 256 × 48 = 0.37M;
   total ≈ 7.7M tokens ≈ 2.1 PFLOP;
-  trained tokens: RLOO 2 × 100 × 64 × 176 = 2.3M, DPO 4 × 100 × 32 × 176 = 2.3M,
-  ≈ 4.5M × 1.1 GFLOP ≈ 4.9 PFLOP; gold (MiniLM, 300 steps) ≈ 6 min on a quiet CPU
-  (configs/rm/hh_minilm.py: 150 steps in 2 min 49 s), proxies minutes.
-  CPU: ≈ 7 PFLOP at the ≈ 85 GFLOP/s a train step reaches here ≈ 23 h: about a day.
+  trained tokens: RLOO 2 × 100 × 64 × 176 = 2.3M, DPO 4 × 100 × 4,096 packed slots (16
+  pairs a step sharing their prompts) = 1.6M, ≈ 3.9M × 1.1 GFLOP ≈ 4.3 PFLOP;
+  gold (MiniLM, 300 steps) ≈ 6 min on a quiet CPU (configs/rm/hh_minilm.py: 150 steps in
+  2 min 49 s), proxies minutes.
+  CPU: ≈ 6.4 PFLOP at the ≈ 85 GFLOP/s a train step reaches here ≈ 21 h: about a day.
   One GPU (H100/H200): the arithmetic is ≈ 1–2 min at 100 TFLOP/s; the run is bounded by
   16 binary start-ups (loading SmolLM2 or MiniLM and compiling: ≈ 1 min each), 30
   checkpoint loads for the evaluation and writing 24 checkpoints of 1.8 GB (parameters,
@@ -65,9 +66,12 @@ def _text(variant: str | None) -> ml_collections.ConfigDict:
   text = ml_collections.ConfigDict()
   text.enabled, text.kind, text.num_bootstrap = True, "hh", 1000
   text.data = dict(name="hh_rlhf/harmless-base")
+  # scan_layers as configs/rl/smollm2_rloo.py and configs/dpo/smollm2_hh.py set it (the study
+  # replaces their model section with this one): the 30 blocks compile as one in the train steps.
   text.policy = dict(tokenizer=dict(path="asset:smollm2"),
                      model=dict(experiment.MODEL_SWITCHES, arch="decoder", preset="",
-                                path="asset:smollm2", dtype="", overrides={}),
+                                path="asset:smollm2", dtype="", overrides={},
+                                scan_layers=True),
                      prompt_length=128, style="chat")
   text.sampling = dict(max_new_tokens=48)
   encoder = dict(experiment.MODEL_SWITCHES, arch="encoder", preset="", path="asset:minilm",
