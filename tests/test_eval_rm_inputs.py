@@ -244,3 +244,44 @@ def test_a_failed_rerun_keeps_the_previous_figures_and_a_finished_one_replaces_t
   after = {p.name for p in figures.iterdir()}
   assert after and not any("b.jsonl" in name for name in after)
   assert not (workdir / eval_rm.STAGING).exists()
+
+
+def test_a_reward_from_a_checkpoint_scores_texts_as_eval_rm_scores_its_pairs(cut_run, tmp_path):
+  """``rewards.from_checkpoint(WORKDIR)`` rebuilds the run's model, tokenizer and cuts (here
+  4-byte prompts, 12-byte pairs, no BOS: none of them defaults) from the run alone."""
+  from prefjax.rl import rewards as rl_rewards  # pylint: disable=import-outside-toplevel
+  pairs = [("a long question", "yes", "no"), ("why?", "because", "no idea at all"),
+           ("q", "abc", "abd"), ("tell me more", "sure thing", "x")]
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("\n".join(json.dumps({"prompt": p, "chosen": c, "rejected": r})
+                            for p, c, r in pairs))
+  eval_rm.run(test_eval_rm.eval_config(f"rm:{cut_run}", f"jsonl:{path}"), str(tmp_path / "ev"))
+  by_eval = _scores(tmp_path / "ev")["rm"]
+  assert sorted(by_eval) == [0, 1, 2, 3]
+  reward = rl_rewards.from_checkpoint(str(cut_run))
+  prompts = [p for p, _, _ in pairs]
+  chosen = reward(prompts, [c for _, c, _ in pairs])
+  rejected = reward(prompts, [r for _, _, r in pairs])
+  np.testing.assert_allclose(np.stack([chosen, rejected], 1),
+                             [by_eval[i] for i in range(4)], atol=1e-5)
+  assert chosen.dtype == np.float64 and np.ptp(chosen) > 1e-3
+  # Cut as trained: the prompt's first bytes beyond its last 4 do not change a reward.
+  np.testing.assert_allclose(reward(["XYZW long question"], ["yes"]), chosen[:1], atol=1e-6)
+  policy = tmp_path / "policy"
+  (policy / "checkpoints" / "1").mkdir(parents=True)
+  config = json.loads((cut_run / "config.json").read_text())
+  config["model"]["head"] = None  # as train_dpo and train_sft save it
+  (policy / "config.json").write_text(json.dumps(config))
+  with pytest.raises(scorers_lib.EvalInputError, match="trained a model with no reward head"):
+    rl_rewards.from_checkpoint(str(policy))
+
+
+def test_the_readme_example_scores_two_responses_with_a_trained_run(cut_run):
+  from tests import test_readme_examples  # pylint: disable=import-outside-toplevel
+  from prefjax.rl import rewards as rl_rewards  # pylint: disable=import-outside-toplevel
+  code = test_readme_examples._example("rewards.from_checkpoint")  # pylint: disable=protected-access
+  ns, printed = test_readme_examples._run(code.replace('"/tmp/rm_tiny"', repr(str(cut_run))))  # pylint: disable=protected-access
+  scores = rl_rewards.from_checkpoint(str(cut_run))(
+      ns["prompts"], [" Yes, on a clear day.", " No."])
+  assert scores.shape == (2,) and scores.dtype == np.float64  # "float64 [2]"
+  assert printed.strip() == str(scores) and np.isfinite(scores).all()

@@ -425,10 +425,7 @@ def warn_on_changed_text(scorer: str, trained: Mapping[str, Any],
 
 
 def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
-  run = read_run_config(spec.path, f"scorer {spec.name!r}")
-  _check_run_kind(spec, run)
-  step, ranking = _resolve_step(spec, run)
-  run = _run_at(spec, run, step)
+  run, step, ranking = trained_run(spec)
   tokenizer = experiment.make_tokenizer(run.tokenizer)
   model = build_model(run.model, tokenizer.vocab_size, int(run.seed), mesh)
   saved = _load(spec, model, step, ranking)
@@ -449,6 +446,15 @@ def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
 REWARD_HEADS = ("reward", "reward_ensemble", "multi")
 
 
+def trained_run(spec: ScorerSpec) -> tuple[ml_collections.ConfigDict, int, dict[str, Any]]:
+  """An ``rm:``/``dpo:`` spec's run: the config its checkpoint ``spec.step`` was trained
+  under, that step as a number, and how the run ranks "best" (errors name the scorer)."""
+  run = read_run_config(spec.path, f"scorer {spec.name!r}")
+  _check_run_kind(spec, run)
+  step, ranking = _resolve_step(spec, run)
+  return _run_at(spec, run, step), step, ranking
+
+
 def _check_run_kind(spec: ScorerSpec, run: Any) -> None:
   """``rm:`` needs a run whose model has a reward head; ``dpo:`` one whose model has none."""
   head = (run.get("model") or {}).get("head")
@@ -463,10 +469,7 @@ def _check_run_kind(spec: ScorerSpec, run: Any) -> None:
 
 
 def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
-  run = read_run_config(spec.path, f"scorer {spec.name!r}")
-  _check_run_kind(spec, run)
-  step, ranking = _resolve_step(spec, run)
-  run = _run_at(spec, run, step)
+  run, step, ranking = trained_run(spec)
   try:
     loss = direct_loss_lib.DirectLoss.from_config(run)
   except KeyError as e:  # a loss the run registered from a module of its own

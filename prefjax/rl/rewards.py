@@ -22,11 +22,15 @@ Reward specs (``config.proxy`` / ``config.gold``), by ``kind``:
     the prompt cut from the left (BOS kept) to ``spec.max_prompt_length`` and the
     response from the right to ``spec.max_length``, both by default the checkpoint's own
     ``data.pipeline`` lengths.
+
+``from_checkpoint(WORKDIR)`` builds that reward from a ``train_rm`` run alone: its model,
+tokenizer and cuts read from the config its checkpoint was trained under.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Sequence
 
 import ml_collections
@@ -41,6 +45,7 @@ from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import tiny_world as tiny_world_lib
 from prefjax.data import tokenize as tokenize_lib
 from prefjax.data import truncation
+from prefjax.evals import scorers
 from prefjax.models import heads as heads_lib
 from prefjax.models import hf_import
 
@@ -188,12 +193,13 @@ def text_encoder(tokenizer: Any, pipeline: pipeline_lib.PipelineConfig
   return encode
 
 
-def _scoring_pipeline(spec: Any, workdir: str | None) -> pipeline_lib.PipelineConfig:
-  """The pipeline the RM trained with (its checkpoint's ``data.pipeline``), with the spec's
-  ``max_length`` / ``max_prompt_length`` where it sets them."""
+def _scoring_pipeline(spec: Any, workdir: str | None, step: int | None
+                      ) -> pipeline_lib.PipelineConfig:
+  """The pipeline the RM trained with (checkpoint ``step``'s ``data.pipeline``), with the
+  spec's ``max_length`` / ``max_prompt_length`` where it sets them."""
   trained = {}
   if workdir:
-    saved = train.checkpoint.saved_run_config(workdir) or {}
+    saved = train.checkpoint.saved_run_config(workdir, step) or {}
     trained = dict((saved.get("data") or {}).get("pipeline") or {})
   fields = {k: trained[k] for k in pipeline_lib.TEXT_FIELDS if trained.get(k) is not None}
   for key in ("max_length", "max_prompt_length"):
@@ -220,19 +226,19 @@ def model_reward(spec: Any, *, seed: int = 0) -> PairReward:
     if saved is not None:
       model_cfg["score_head"] = "require"
   model = experiment.make_model(model_cfg, vocab_size=tokenizer.vocab_size, seed=seed)
-  workdir = None
+  workdir = step = None
   if spec.get("checkpoint"):
     workdir, step = train.checkpoint.split_ref(spec.checkpoint)
     train.load_params(workdir, model, step=step)
-    logging.info("reward %r: step %d of %s", spec.get("name"),
-                 train.checkpoint.saved_step(workdir, step), workdir)
+    step = train.checkpoint.saved_step(workdir, step)
+    logging.info("reward %r: step %d of %s", spec.get("name"), step, workdir)
   elif saved is not None:
     logging.info("reward %r: the %r head saved in %s", spec.get("name"), saved,
                  model_cfg["path"])
   else:
     logging.warning("reward %r has no checkpoint: its reward head is RANDOM (smoke tests "
                     "only); set checkpoint to a train_rm workdir", spec.get("name"))
-  pipeline = _scoring_pipeline(spec, workdir)
+  pipeline = _scoring_pipeline(spec, workdir, step)
   logging.info("reward %r: texts cut as in training: max_length %d, prompt limit %d",
                spec.get("name"), pipeline.max_length, pipeline.prompt_limit)
   encode = text_encoder(tokenizer, pipeline)
@@ -253,6 +259,31 @@ def model_reward(spec: Any, *, seed: int = 0) -> PairReward:
   else:
     fn = reward_fns.ModelReward(model, name=name, batch_size=batch_size, encode=encode)
   return PairReward(fn, lambda p, r: p + MODEL_SEPARATOR + r)
+
+
+def from_checkpoint(ref: str, *, name: str | None = None, batch_size: int | None = None,
+                    seed: int = 0) -> PairReward:
+  """The reward model a ``train_rm`` run trained, scoring (prompt, response) texts.
+
+  ``ref`` is ``WORKDIR[@latest|@best|@STEP]`` (default the latest step). The model,
+  tokenizer and cuts are the ones that checkpoint was trained under (a rerun may have
+  changed the run's config), so nothing about the model is repeated::
+
+    rm = rewards.from_checkpoint("/tmp/rm_tiny@best")
+    rm(["Human: Hi\n\nAssistant:"], [" Hello!"])   # float64 [1]
+
+  An ensemble scores its members' mean (``members`` gives each); a run that trained no
+  reward head (``train_dpo``, ``train_sft``) is refused. Same scores as ``eval_rm``'s
+  ``rm:`` scorer on the same pairs.
+  """
+  workdir, step = train.checkpoint.split_ref(ref)
+  spec = scorers.ScorerSpec(name=name or os.path.basename(os.path.normpath(workdir)),
+                            kind="rm", path=workdir, step=str(step or "latest"))
+  run, step, _ = scorers.trained_run(spec)
+  return model_reward(ml_collections.ConfigDict(dict(
+      kind="model", name=spec.name, tokenizer=run.tokenizer.to_dict(),
+      model=run.model.to_dict(), checkpoint=f"{workdir}@{step}", batch_size=batch_size)),
+      seed=seed)
 
 
 def make_reward(spec: Any, *, world: tiny_world_lib.TinyWorld | None = None,
