@@ -293,3 +293,33 @@ def test_a_model_reward_loads_the_checkpoint_its_ref_names(tmp_path):
   np.testing.assert_array_equal(by_step["@best"], by_step["@2"])
   np.testing.assert_array_equal(by_step[""], by_step["@3"])
   np.testing.assert_array_equal(by_step["@latest"], by_step["@3"])
+
+
+def test_a_model_reward_cuts_texts_as_the_checkpoint_it_loads_was_trained(tmp_path):
+  """Steps 1–2 trained on 12-token pairs, a rerun went on to step 4 on 32-token ones:
+  ``WORKDIR@2`` was cut as step 4 was trained (the latest checkpoint's pipeline)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from prefjax import experiment, train  # pylint: disable=import-outside-toplevel
+  from prefjax.rl import rewards as rl_rewards  # pylint: disable=import-outside-toplevel
+  model_cfg = {"arch": "decoder", "preset": "tiny_llama", "head": "reward", "dtype": "float32",
+               "overrides": {"hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                             "num_kv_heads": 1, "intermediate_size": 32,
+                             "max_position_embeddings": 64}}
+  tokens = np.tile(np.arange(1, 9, dtype=np.int32), (4, 1))
+  loss_fn = lambda model, batch, rng: (jnp.mean((model(batch["tokens"]) - 3.0) ** 2), {})
+  for steps, max_length in ((2, 12), (4, 32)):
+    train.train_loop(
+        workdir=str(tmp_path), config={"data": {"pipeline": {"max_length": max_length,
+                                                             "max_prompt_length": 4}}},
+        model=experiment.make_model(model_cfg, vocab_size=259, seed=0), loss_fn=loss_fn,
+        optimizer={"name": "sgd", "learning_rate": 0.05},
+        loop=train.LoopConfig(num_steps=steps, checkpoint_every=1, keep_checkpoints=4,
+                              tensorboard=False),
+        train_iter=iter([{"tokens": tokens}] * steps))
+  spec = {"kind": "model", "name": "proxy", "tokenizer": {"path": "byte"}, "model": model_cfg}
+  at_2 = rl_rewards.make_reward(ml_collections.ConfigDict({**spec, "checkpoint": f"{tmp_path}@2"}))
+  # At 12 both are BOS + "fgh" + "01234567"; at 32 they differ after that.
+  texts = [(["abcdefgh"], ["0123456789" * 3]), (["xyzefgh"], ["01234567zzzz"])]
+  np.testing.assert_allclose(at_2(*texts[0]), at_2(*texts[1]), rtol=1e-6)
+  at_4 = rl_rewards.make_reward(ml_collections.ConfigDict({**spec, "checkpoint": str(tmp_path)}))
+  assert abs(at_4(*texts[0])[0] - at_4(*texts[1])[0]) > 1e-4
