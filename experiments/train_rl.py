@@ -241,7 +241,8 @@ def _plot(evals: list[dict[str, Any]], path: str) -> None:
             for name in ("proxy", "gold")}
   plots.plot_scores_vs_sqrt_kl(
       np.sqrt(np.maximum([e[kl_name] for e in evals], 0.0)), scores, path,
-      xlabel=f"√KL ({kl_name}, nats½) on held-out samples", ylabel=f"score − score at step {evals[0]['step']}",
+      xlabel=f"√KL ({kl_name}, nats½) on held-out samples",
+      ylabel=f"score − score at step {evals[0]['step']}",
       title=f"RL: held-out proxy and gold over {evals[-1]['step']} steps")
 
 

@@ -270,7 +270,7 @@ def from_checkpoint(ref: str, *, name: str | None = None, batch_size: int | None
   changed the run's config), so nothing about the model is repeated::
 
     rm = rewards.from_checkpoint("/tmp/rm_tiny@best")
-    rm(["Human: Hi\n\nAssistant:"], [" Hello!"])   # float64 [1]
+    rm(["Human: Hi\\n\\nAssistant:"], [" Hello!"])   # float64 [1]
 
   An ensemble scores its members' mean (``members`` gives each); a run that trained no
   reward head (``train_dpo``, ``train_sft``) is refused. Same scores as ``eval_rm``'s
@@ -278,7 +278,8 @@ def from_checkpoint(ref: str, *, name: str | None = None, batch_size: int | None
   """
   workdir, step = train.checkpoint.split_ref(ref)
   spec = scorers.ScorerSpec(name=name or os.path.basename(os.path.normpath(workdir)),
-                            kind="rm", path=workdir, step=str(step or "latest"))
+                            kind="rm", path=workdir,
+                            step="latest" if step is None else str(step))
   run, step, _ = scorers.trained_run(spec)
   return model_reward(ml_collections.ConfigDict(dict(
       kind="model", name=spec.name, tokenizer=run.tokenizer.to_dict(),
