@@ -29,6 +29,16 @@ def test_outcomes_flip_and_ties_excluded():
   assert ev["num_ties"] == 1
 
 
+def test_evaluate_preferences_scores_calibration_over_both_orders_of_each_pair():
+  """It scored σ(Δ) on the (chosen, rejected) order alone, where every label is 1, and
+  reported 0.5 here where eval_rm and train_rm's evaluator (both orders) report 0.231."""
+  ev = evals.evaluate_preferences(np.array([1.0, -1.0]), np.zeros(2))
+  p = 1.0 / (1.0 + np.exp(-1.0))   # bins of σ(1) and σ(−1) each hold one label 1, one 0
+  assert ev.metrics["ece"] == pytest.approx(p - 0.5, rel=1e-12)
+  assert ev.metrics["ece_chosen_first"] == pytest.approx(0.5 * (1 - p) + 0.5 * p, rel=1e-12)
+  assert sum(ev.reliability["count"]) == 4
+
+
 def test_ece_matches_definition_and_perfect_calibration():
   rng = np.random.default_rng(0)
   prob = rng.uniform(size=20000)

@@ -107,6 +107,10 @@ def evaluate_preferences(r_chosen: np.ndarray, r_rejected: np.ndarray, *,
     r_chosen, r_rejected: [B] rewards of the two sides.
     outcome: optional [B] labels (1 chosen preferred, 0 rejected preferred, 0.5 tie);
       default all 1. Ties are excluded from accuracy/ECE and counted.
+
+  ``ece`` and ``reliability`` score P(a ≻ b) = σ(r_a − r_b) over both orders of each
+  pair (as ``eval_rm`` and ``train_rm``'s evaluator report it); ``ece_chosen_first`` over
+  the (chosen, rejected) order alone, where every label is 1.
     chosen_len, rejected_len: optional [B] response lengths for the length-bias slice.
     subsets: optional [B] subset names for per-subset accuracy (RewardBench style).
   """
@@ -118,11 +122,15 @@ def evaluate_preferences(r_chosen: np.ndarray, r_rejected: np.ndarray, *,
   correct = pair_accuracy(signed)
   prob = 1.0 / (1.0 + np.exp(-margin[decisive]))
   label = (outcome[decisive] >= 0.5).astype(np.float64)
+  # With the chosen side first every label is 1, and the ECE of σ(Δ) alone would reward
+  # overconfidence: calibration is scored over both orders (a, b) and (b, a) of each pair.
+  both_prob, both_label = np.concatenate([prob, 1 - prob]), np.concatenate([label, 1 - label])
   metrics = {
       "accuracy": float(correct.mean()) if correct.size else float("nan"),
       "mean_margin": float(signed.mean()) if signed.size else float("nan"),
       "bt_log_loss": float(-_log_sigmoid(signed).mean()) if signed.size else float("nan"),
-      "ece": expected_calibration_error(prob, label, num_bins),
+      "ece": expected_calibration_error(both_prob, both_label, num_bins),
+      "ece_chosen_first": expected_calibration_error(prob, label, num_bins),
       "num_pairs": float(margin.size),
       "num_ties": float((~decisive).sum()),
       "reward_mean": float(np.concatenate([r_chosen, r_rejected]).mean()),
@@ -141,7 +149,7 @@ def evaluate_preferences(r_chosen: np.ndarray, r_rejected: np.ndarray, *,
     names = np.asarray(subsets)[decisive]
     for name in sorted(set(names.tolist())):
       metrics[f"accuracy/subset/{name}"] = float(correct[names == name].mean())
-  return PreferenceEval(metrics, reliability_diagram(prob, label, num_bins))
+  return PreferenceEval(metrics, reliability_diagram(both_prob, both_label, num_bins))
 
 
 def ensemble_disagreement(member_margins: np.ndarray) -> Mapping[str, float]:

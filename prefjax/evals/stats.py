@@ -13,7 +13,7 @@ Conventions:
   higher; a zero margin counts half (RewardBench counts it wrong for a classifier RM
   and half for a generative judge: half is the expected accuracy of a coin flip).
 * ECE is over both orders (a, b) and (b, a) of each pair, as in
-  ``prefjax.rm.evaluation.symmetric_calibration``; equal-width bins.
+  ``prefjax.evals.preference.evaluate_preferences``; equal-width bins.
 * The percentile interval is [2.5%, 97.5%] of the resampled values.
 """
 

@@ -91,23 +91,6 @@ def jitted_pair_rewards(graphdef, state, batch):
   return loss_lib.pair_rewards(nnx.merge(graphdef, state), batch, None)
 
 
-def symmetric_calibration(metrics: dict[str, float], r_c: np.ndarray, r_r: np.ndarray,
-                          outcome: np.ndarray, num_bins: int) -> tuple[dict[str, float], dict]:
-  """ECE and reliability bins of P(a ≻ b) over both orders (a, b) and (b, a) of each pair.
-
-  With the chosen side always first every label is 1, and the ECE of σ(Δ)
-  would reward overconfidence; scoring both orders balances the labels.
-  The one-sided value stays as ``ece_chosen_first``.
-  """
-  decisive = outcome != 0.5
-  prob = 1.0 / (1.0 + np.exp(-(r_c - r_r)[decisive]))
-  label = (outcome[decisive] > 0.5).astype(np.float64)
-  probs, labels_ = np.concatenate([prob, 1 - prob]), np.concatenate([label, 1 - label])
-  metrics = dict(metrics, ece_chosen_first=metrics["ece"],
-                 ece=evals.expected_calibration_error(probs, labels_, num_bins))
-  return metrics, evals.reliability_diagram(probs, labels_, num_bins)
-
-
 class RewardModelEvaluator:
   """``evaluator(step, model) -> metrics`` over the whole eval split (see the module doc).
 
@@ -193,8 +176,7 @@ class RewardModelEvaluator:
     main = evals.evaluate_preferences(
         r_c, r_r, subsets=self._subsets(d["index"]), outcome=d["outcome"],
         chosen_len=d["c_len"], rejected_len=d["r_len"], num_bins=self._num_bins)
-    metrics, reliability = symmetric_calibration(main.metrics, r_c, r_r, d["outcome"],
-                                                 self._num_bins)
+    metrics, reliability = dict(main.metrics), main.reliability
     if self._num_columns > 1:
       metrics.update(self._member_metrics(d))
     return metrics, reliability
@@ -222,8 +204,7 @@ class RewardModelEvaluator:
     main = evals.evaluate_preferences(
         r_c, r_r, outcome=d["outcome"][labelled], chosen_len=d["c_len"][labelled],
         rejected_len=d["r_len"][labelled], num_bins=self._num_bins, subsets=subsets)
-    metrics, reliability = symmetric_calibration(main.metrics, r_c, r_r,
-                                                 d["outcome"][labelled], self._num_bins)
+    metrics, reliability = dict(main.metrics), main.reliability
     metrics["unlabelled_pairs"] = float((~labelled).sum())
     for k, name in enumerate(self._objectives):
       on = d["objective_mask"][:, k] > 0
