@@ -287,7 +287,8 @@ def load_split(data_cfg: Any, split: str) -> sources.PreferenceSource:
   cfg = configlib.plain(data_cfg)
   name = cfg["name"]
   if name == "tiny_world":
-    name = ensure_tiny_world(configlib.plain(cfg.get("tiny_world")))
+    name = ensure_tiny_world(dict(TINY_WORLD_DEFAULTS,
+                                  **configlib.plain(cfg.get("tiny_world") or {})))
   source = sources.load_preferences(name, split, on_bad_row=cfg.get("on_bad_row", "error"),
                                     data_dir=cfg.get("cache_dir"))
   logging.info("data %s[%s]: %d pairs (%s)", name, split, len(source), source.summary)

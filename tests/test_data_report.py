@@ -269,3 +269,14 @@ def test_a_bos_the_tokenizers_own_encoding_does_not_add_is_warned_about(tmp_path
   experiment.start_data_report(str(tmp_path / "byte"), {"train": source}, BYTES,
                                pipeline.PipelineConfig(max_length=128), PAIR)
   assert "puts id" not in caplog.text
+
+
+def test_the_tiny_world_loads_from_python_with_the_binaries_defaults(tmp_path, monkeypatch):
+  """``load_split({"name": "tiny_world"})`` raised a bare KeyError: 'num_pairs'."""
+  monkeypatch.setenv("PREFJAX_SYNTHETIC_DIR", str(tmp_path / "synthetic"))
+  monkeypatch.setenv("PREFJAX_CACHE_DIR", str(tmp_path / "cache"))
+  source = experiment.load_split({"name": "tiny_world"}, "train")
+  defaults = experiment.load_split(
+      {"name": "tiny_world", "tiny_world": dict(experiment.TINY_WORLD_DEFAULTS)}, "train")
+  assert len(source) == len(defaults) > 0 and source[0] == defaults[0]
+  assert "-n2000-" in source.name

@@ -274,6 +274,12 @@ def test_a_reward_from_a_checkpoint_scores_texts_as_eval_rm_scores_its_pairs(cut
   (policy / "config.json").write_text(json.dumps(config))
   with pytest.raises(scorers_lib.EvalInputError, match="trained a model with no reward head"):
     rl_rewards.from_checkpoint(str(policy))
+  # A train_loop call of one's own that saved a partial config: named, not an AttributeError.
+  trained = json.loads((cut_run / "config.json").read_text())
+  (policy / "config.json").write_text(json.dumps({"model": trained["model"]}))
+  with pytest.raises(scorers_lib.EvalInputError,
+                     match=r"config.json has no tokenizer, data: the binaries save every "):
+    rl_rewards.from_checkpoint(str(policy))
 
 
 def test_the_readme_example_scores_two_responses_with_a_trained_run(cut_run):

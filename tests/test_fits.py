@@ -191,3 +191,17 @@ def test_predict_rejects_negative_d():
   fit = fits.fit_bon(D, _curve("bon", ALPHA, BETA), num_bootstrap=0)
   with pytest.raises(ValueError, match=">= 0"):
     fits.predict(fit, [-0.1])
+
+
+@pytest.mark.parametrize("form", ["bon", "rl"])
+@pytest.mark.filterwarnings("ignore:fit_.*intervals from the points alone")
+def test_a_curve_not_shifted_to_the_reference_is_warned_about(form):
+  """A best-of-n curve in raw units (π_ref at 2.0, not 0) fitted to r² ≪ 0 without a word."""
+  gold = _curve(form, ALPHA, BETA)
+  with pytest.warns(UserWarning, match=f"fit_{form}: gold at d = 0 is 2, but the form is 0"):
+    unshifted = _fit(form, D, gold + 2.0, num_bootstrap=0)
+  assert unshifted.r2 < 0.5
+  import warnings  # pylint: disable=import-outside-toplevel
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", UserWarning)
+    _fit(form, D, gold, num_bootstrap=0)   # shifted: no warning

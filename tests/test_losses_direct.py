@@ -248,7 +248,8 @@ def test_register_direct_loss_adds_and_rejects_duplicates():
     spec = registry.direct_loss_spec("_test_double_dpo")
     assert (spec.length_normalized, spec.reference_free, spec.nll_alpha) == (True, False, 0.5)
     assert spec.hyperparameters == {"scale": 2.0}
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match=r"already registered .*unregister_direct_loss\("
+                                         r"'_test_double_dpo'\) first"):
       direct.register_direct_loss("_test_double_dpo")(double_dpo)
   finally:
     registry.unregister_direct_loss("_test_double_dpo")

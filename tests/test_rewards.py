@@ -28,7 +28,8 @@ def test_aggregate_hand_values(method, lam, expected):
 def test_aggregate_relations():
   r = np.random.default_rng(10).normal(size=(4, 5, 7)).astype(np.float32)
   mean = rewards.aggregate(r, "mean")
-  np.testing.assert_allclose(rewards.aggregate(r, "uwo", 0.0), mean, rtol=1e-6)
+  with pytest.warns(UserWarning, match=r"'uwo', lam=0\) is the ensemble mean"):
+    np.testing.assert_allclose(rewards.aggregate(r, "uwo"), mean, rtol=1e-6)
   assert bool(jnp.all(rewards.aggregate(r, "wco") <= mean))
   assert bool(jnp.all(rewards.aggregate(r, "uwo", 0.3) <= mean))
   np.testing.assert_allclose(rewards.aggregate(r, "uwo", 0.3),

@@ -403,7 +403,7 @@ def _load(spec: ScorerSpec, model: nnx.Module, step: int, ranking: dict[str, Any
 
 
 def _run_pipeline(run: Any, eval_cfg: Any, scorer: str) -> pipeline_lib.PipelineConfig:
-  batch_size = int(eval_cfg.batch_size or run.eval.get("batch_size", 32))
+  batch_size = int(eval_cfg.batch_size or (run.get("eval") or {}).get("batch_size", 32))
   overrides = {"mode": "padded", "shuffle": False, "num_epochs": 1, "drop_remainder": False,
                "batch_size": batch_size}
   trained = experiment.pipeline_config(run.data, **overrides)
@@ -427,7 +427,7 @@ def warn_on_changed_text(scorer: str, trained: Mapping[str, Any],
 def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
   run, step, ranking = trained_run(spec)
   tokenizer = experiment.make_tokenizer(run.tokenizer)
-  model = build_model(run.model, tokenizer.vocab_size, int(run.seed), mesh)
+  model = build_model(run.model, tokenizer.vocab_size, int(run.get("seed", 0)), mesh)
   saved = _load(spec, model, step, ranking)
   _, objectives = rm_loss_lib.reward_columns(model)
   if objectives:
@@ -444,13 +444,22 @@ def rm_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
 
 
 REWARD_HEADS = ("reward", "reward_ensemble", "multi")
+# What a run's config.json must hold for a model to be rebuilt and its texts cut as trained.
+RUN_SECTIONS = ("model", "tokenizer", "data")
 
 
 def trained_run(spec: ScorerSpec) -> tuple[ml_collections.ConfigDict, int, dict[str, Any]]:
   """An ``rm:``/``dpo:`` spec's run: the config its checkpoint ``spec.step`` was trained
   under, that step as a number, and how the run ranks "best" (errors name the scorer)."""
   run = read_run_config(spec.path, f"scorer {spec.name!r}")
-  _check_run_kind(spec, run)
+  missing = [k for k in RUN_SECTIONS if not run.get(k)]
+  if "model" not in missing:  # a run of the other kind is named as such first
+    _check_run_kind(spec, run)
+  if missing:
+    raise EvalInputError(
+        f"scorer {spec.name!r}: {os.path.join(spec.path, summary_lib.CONFIG_FILE)} has no "
+        f"{', '.join(missing)}: the binaries save every section; a train_loop call of your "
+        f"own needs config= holding {', '.join(RUN_SECTIONS)} (data.pipeline: the cuts)")
   step, ranking = _resolve_step(spec, run)
   return _run_at(spec, run, step), step, ranking
 
@@ -476,7 +485,7 @@ def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
     raise EvalInputError(f"scorer {spec.name!r}: {e.args[0]}, as for its training"
                          f"{summary_lib.imports_hint(spec.path)}") from e
   tokenizer = experiment.make_tokenizer(run.tokenizer)
-  policy = build_model(run.model, tokenizer.vocab_size, int(run.seed), mesh)
+  policy = build_model(run.model, tokenizer.vocab_size, int(run.get("seed", 0)), mesh)
   saved = _load(spec, policy, step, ranking)
   policy_def, policy_state = nnx.split(policy)
   ref_def = ref_state = None
@@ -484,7 +493,7 @@ def dpo_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> ModelScorer:
     ref_cfg = run.model.to_dict()
     if (run.get("ref") or {}).get("path"):
       ref_cfg["path"] = run.ref.path
-    reference = build_model(ref_cfg, tokenizer.vocab_size, int(run.seed), mesh)
+    reference = build_model(ref_cfg, tokenizer.vocab_size, int(run.get("seed", 0)), mesh)
     _check_reference(spec, ref_cfg, reference)
     ref_def, ref_state = nnx.split(reference)
 

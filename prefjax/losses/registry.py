@@ -77,8 +77,10 @@ def add_to_registry(table: dict[str, Any], name: str, entry: Any, kind: str) -> 
   """``table[name] = entry``; a second registration of ``name`` is an error."""
   if name in table:
     old = getattr(table[name], "fn", table[name])
+    again = (f"; to register it anew (a notebook cell run twice), call prefjax.losses."
+             f"registry.unregister_direct_loss({name!r}) first" if kind == "direct" else "")
     raise ValueError(f"{kind} loss {name!r} is already registered "
-                     f"({old.__module__}.{old.__name__})")
+                     f"({old.__module__}.{old.__name__}){again}")
   table[name] = entry
 
 

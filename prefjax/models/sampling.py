@@ -249,7 +249,9 @@ def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *, rng
     top_k: keep only the k most likely tokens before sampling.
     top_p: nucleus sampling mass (after temperature and top_k, as in Hugging Face; tokens
       tied with the last one kept are all kept, where Hugging Face cuts by sort order).
-    eos_id: generation of a row stops after it emits this token.
+    eos_id: generation of a row stops after it emits this token (for a chat model, the
+      tokenizer's ``eos_id``, its end of turn); None: every row runs ``max_new_tokens``,
+      past the end of its turn.
     pad_id: token written after EOS (with mask 0).
     tempered_logps: return log-probs of the tempered/filtered sampling
       distribution instead of the model's own (see module docstring).
@@ -315,6 +317,10 @@ def sequence_logps(model: nnx.Module, tokens: Array, loss_mask: Array, *,
                    positions: Array | None = None, num_segments: int | None = None,
                    prefix_ids: Array | None = None) -> tuple[Array, Array]:
   """Summed and per-token log-probs of the tokens selected by ``loss_mask``.
+
+  ``attention_mask`` defaults to all ones: pass it for any padded row (a left-padded
+  prompt from ``generate`` included), or the padding is attended and the log-probs are
+  those of another context.
 
   ``per_token[n, t] = log p(tokens[n, t] | tokens[n, <t]) * loss_mask[n, t]``;
   position 0 and, in packed rows, the first token of every segment get 0 (their

@@ -169,6 +169,7 @@ def _fit(form, x, gold, se, per_prompt_gold, per_prompt_kl, num_bootstrap, ci, s
     raise ValueError(f"num_bootstrap must be 0 or >= 2, got {num_bootstrap}")
   if not 0.0 < ci < 1.0:
     raise ValueError(f"ci must lie in (0, 1), got {ci}")
+  _warn_unless_through_origin(form, x, gold)
   design = _design(form, x)
   coef = _solve(design, gold, sqrt_w)
   fitted = design @ coef
@@ -198,6 +199,15 @@ def _fit(form, x, gold, se, per_prompt_gold, per_prompt_kl, num_bootstrap, ci, s
   peak_d, peak_value = _peak(form, alpha, beta)
   return Fit(form, alpha, beta, alpha_ci, beta_ci, float(r2), rmse, peak_d, peak_value,
              len(gold))
+
+
+def _warn_unless_through_origin(form: str, x: np.ndarray, gold: np.ndarray) -> None:
+  """Every form is 0 at d = 0: a curve whose π_ref point is not 0 was not shifted."""
+  at_zero = gold[x == 0]
+  if at_zero.size and np.abs(at_zero).max() > 1e-6 * max(1.0, float(np.abs(gold).max())):
+    warnings.warn(f"fit_{form}: gold at d = 0 is {float(at_zero[0]):.4g}, but the form is 0 "
+                  "there: shift each prompt's curve so that π_ref scores 0 (subtract its "
+                  "d = 0 value, as overopt.curves does) before fitting", stacklevel=4)
 
 
 def _batched_solve(design: np.ndarray, y: np.ndarray, sqrt_w: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ minimum and the variance are dominated by the member with the largest offset.
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Callable
 
 import jax
@@ -61,8 +62,8 @@ def aggregate(rewards: jax.Array, method: str = "mean", lam: float = 0.0) -> jax
     rewards: member rewards, members on the last axis (K ≥ 1).
     method: one of ``AGGREGATIONS`` (``"mean"``, ``"wco"``, ``"uwo"``); static
       under ``jit`` (close over it or mark it static).
-    lam: the UWO variance penalty λ ≥ 0 (ignored by ``mean`` and ``wco``); may be
-      a traced scalar.
+    lam: the UWO variance penalty λ ≥ 0 (ignored by ``mean`` and ``wco``; 0, the
+      default, makes ``uwo`` the mean, with a warning); may be a traced scalar.
 
   Returns:
     The aggregated reward, float32 for float32 or lower-precision input.
@@ -73,6 +74,9 @@ def aggregate(rewards: jax.Array, method: str = "mean", lam: float = 0.0) -> jax
   if isinstance(lam, numbers.Real) and not lam >= 0:
     raise ValueError(f"the UWO penalty lam={lam} must be >= 0 (a negative one rewards the "
                      "members' disagreement)")
+  if method == "uwo" and isinstance(lam, numbers.Real) and lam == 0:
+    warnings.warn("aggregate(..., 'uwo', lam=0) is the ensemble mean: pass the variance "
+                  "penalty lam > 0", stacklevel=2)
   rewards = jnp.asarray(rewards)
   if rewards.ndim == 0:
     raise ValueError("aggregate: rewards must have a trailing member axis [..., K], "
