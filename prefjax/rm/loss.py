@@ -192,12 +192,15 @@ def _check_columns(loss: RewardLoss, num_columns: int) -> None:
                      "broadcasts it as outcome[:, None]") from e
 
 
-def make_loss_fn(loss: RewardLoss | Mapping[str, Any], *, num_columns: int,
-                 objectives: Sequence[str], num_segments: int | None
+def make_loss_fn(loss: RewardLoss | Mapping[str, Any], *, num_columns: int = 1,
+                 objectives: Sequence[str] = (), num_segments: int | None = None
                  ) -> Callable[[nnx.Module, Batch, Array], tuple[Array, dict[str, Array]]]:
   """``(model, batch, rng) -> (loss, metrics)`` for the train core.
 
-  ``num_columns`` is the number of reward outputs (1, K members or O objectives).
+  ``num_columns`` is the number of reward outputs (1, K members or O objectives) and
+  ``objectives`` a multi-objective model's head names: both as
+  ``reward_columns(model)`` gives them. ``num_segments``: the packed pipeline's
+  ``max_segments_per_row`` (None for padded batches).
   """
   if not isinstance(loss, RewardLoss):
     loss = RewardLoss.from_config(loss)
