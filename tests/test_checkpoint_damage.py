@@ -22,6 +22,7 @@ from flax import nnx
 from prefjax import train
 from prefjax.train import checkpoint
 from prefjax.train import integrity
+from prefjax.train import orbax_quirks
 
 STEPS, SAVED = 6, 4  # The damaged run saved steps 2 and 4 of 6.
 DATA_FILE = "<largest file under state/ocdbt.process_0/d/>"
@@ -267,7 +268,7 @@ def test_only_orbax_reads_are_discarded_quietly(monkeypatch):
       del pending, holder, namespace
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
-    assert checkpoint._discard_abandoned_reads() == 1  # pylint: disable=protected-access
+    assert orbax_quirks.discard_abandoned_reads() == 1  # pylint: disable=protected-access
   finally:
     gc.enable()
   assert [u.object.cr_code.co_filename for u in seen] == ["/elsewhere/other.py"]
@@ -278,7 +279,7 @@ def test_a_read_completing_after_orbax_closed_its_loop_is_discarded_quietly(monk
   # from TensorStore's thread; Python hands that to sys.unraisablehook with no object.
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", seen.append)
-  checkpoint._discard_abandoned_reads()  # pylint: disable=protected-access
+  orbax_quirks.discard_abandoned_reads()
   loop = asyncio.new_event_loop()
   loop.close()
 

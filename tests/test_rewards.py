@@ -1,5 +1,7 @@
 """Tests for prefjax.rewards: aggregations, normalisation, RewardFn implementations."""
 
+import logging
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -296,7 +298,7 @@ def test_a_model_reward_loads_the_checkpoint_its_ref_names(tmp_path):
   np.testing.assert_array_equal(by_step["@latest"], by_step["@3"])
 
 
-def test_a_model_reward_cuts_texts_as_the_checkpoint_it_loads_was_trained(tmp_path):
+def test_a_model_reward_cuts_texts_as_the_checkpoint_it_loads_was_trained(tmp_path, caplog):
   """Steps 1–2 trained on 12-token pairs, a rerun went on to step 4 on 32-token ones:
   ``WORKDIR@2`` was cut as step 4 was trained (the latest checkpoint's pipeline)."""
   import ml_collections  # pylint: disable=import-outside-toplevel
@@ -318,7 +320,11 @@ def test_a_model_reward_cuts_texts_as_the_checkpoint_it_loads_was_trained(tmp_pa
                               tensorboard=False),
         train_iter=iter([{"tokens": tokens}] * steps))
   spec = {"kind": "model", "name": "proxy", "tokenizer": {"path": "byte"}, "model": model_cfg}
-  at_2 = rl_rewards.make_reward(ml_collections.ConfigDict({**spec, "checkpoint": f"{tmp_path}@2"}))
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    at_2 = rl_rewards.make_reward(ml_collections.ConfigDict({**spec,
+                                                             "checkpoint": f"{tmp_path}@2"}))
+  # orbax warned ("Given directory is read only", ...) at every read-only open.
+  assert not [r for r in caplog.records if "read only" in r.getMessage()]
   # At 12 both are BOS + "fgh" + "01234567"; at 32 they differ after that.
   texts = [(["abcdefgh"], ["0123456789" * 3]), (["xyzefgh"], ["01234567zzzz"])]
   np.testing.assert_allclose(at_2(*texts[0]), at_2(*texts[1]), rtol=1e-6)

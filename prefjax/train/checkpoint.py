@@ -19,13 +19,9 @@ with a warning naming the step and the file, a step whose files no longer match.
 
 from __future__ import annotations
 
-import gc
 import hashlib
-import inspect
 import json
 import os
-import sys
-import traceback
 from typing import Any, Mapping
 
 import jax
@@ -41,6 +37,7 @@ from prefjax import files
 from prefjax.parallel import distributed
 from prefjax.parallel import rules
 from prefjax.train import integrity
+from prefjax.train import orbax_quirks
 from prefjax.train import state as state_lib
 from prefjax.train import summary as summary_lib
 
@@ -254,66 +251,6 @@ def _abstract(tree: PyTree) -> PyTree:
       tree)
 
 
-def _is_orbax_coroutine(obj: Any) -> bool:
-  return inspect.iscoroutine(obj) and "orbax" in obj.cr_code.co_filename
-
-
-def _is_abandoned_read(unraisable: Any) -> bool:
-  """An orbax read that a failed restore abandoned, reported as unraisable: its coroutine
-  finalised by the garbage collector, or its TensorStore future completing after orbax
-  closed the event loop it reports to (``call_soon_threadsafe`` raising in TensorStore's
-  thread, which has no Python object to name)."""
-  if _is_orbax_coroutine(unraisable.object):
-    return True
-  frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
-  return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
-          and str(unraisable.exc_value) == "Event loop is closed"
-          and any(frame.name == "call_soon_threadsafe" for frame in frames))
-
-
-class _QuietAbandonedReads:
-  """``sys.unraisablehook`` that logs abandoned reads at debug level and passes anything
-  else to the hook it replaced."""
-
-  def __init__(self, previous):
-    self.previous = previous
-    self.discarded = 0
-
-  def __call__(self, unraisable: Any) -> None:
-    if _is_abandoned_read(unraisable):
-      self.discarded += 1
-      logging.debug("abandoned checkpoint read discarded: %s", unraisable.exc_value)
-    else:
-      self.previous(unraisable)
-
-
-def _quiet_abandoned_reads() -> _QuietAbandonedReads:
-  """Installs ``_QuietAbandonedReads`` as ``sys.unraisablehook`` (once) and returns it.
-
-  When one array of a step fails to read, orbax abandons that step's other reads. Each
-  abandoned coroutine raises when it is garbage-collected, and a read still running in
-  TensorStore raises when it completes after orbax closed its event loop. Python prints
-  each as an "Exception ignored in ..." traceback, long after the one warning that names
-  the damaged step. The hook logs them at debug level instead. It is installed before a
-  restore, because a late completion can come as soon as the restore fails, and stays
-  installed, because they come at no set time; any other unraisable exception goes to
-  the hook it replaced.
-  """
-  hook = sys.unraisablehook
-  if not isinstance(hook, _QuietAbandonedReads):
-    hook = sys.unraisablehook = _QuietAbandonedReads(hook)
-  return hook
-
-
-def _discard_abandoned_reads() -> int:
-  """Finalises, quietly, the array reads a failed restore left pending; returns how many
-  the garbage collection it runs found."""
-  hook = _quiet_abandoned_reads()
-  before = hook.discarded
-  gc.collect()
-  return hook.discarded - before
-
-
 class DamagedCheckpointError(ValueError):
   """A checkpoint step's files are missing or corrupt."""
 
@@ -346,14 +283,16 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         best_fn=self._metric_value if best_metric else None, best_mode=best_mode,
-        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
+        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+        save_interval_steps=0 if read_only else 1)  # orbax warns when it has to set it
     self.directory = os.path.abspath(os.fspath(directory))  # orbax refuses relative paths
     self._read_only = read_only
     self.best_metric = best_metric
     self.restored_eval_owed = False  # set by restore()
     self._best_mode = best_mode
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data", "config"))
+    with orbax_quirks.warnings_off(read_only):  # "Given directory is read only", on every read
+      self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                            item_names=("state", "data", "config"))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -442,7 +381,7 @@ class Checkpointer:
       NoIntactCheckpointError: every step is damaged and not ``allow_restart``.
     """
     damaged = []
-    _quiet_abandoned_reads()
+    orbax_quirks.quiet_abandoned_reads()
     for step in sorted(self.all_steps(), reverse=True):
       try:
         restored, damage = self.restore(template, step), None
@@ -459,7 +398,7 @@ class Checkpointer:
           logging.warning("resuming from step %d, the newest intact checkpoint", step)
           self._set_aside(damaged)
         return (step, *restored)
-      _discard_abandoned_reads()  # the error, and with it the failed restore, is gone now
+      orbax_quirks.discard_abandoned_reads()  # the error, and with it the failed restore, is gone now
     if damaged and not allow_restart:
       raise NoIntactCheckpointError(
           f"no intact checkpoint in {self.directory} (damaged steps: "
