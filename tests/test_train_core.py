@@ -234,6 +234,36 @@ def test_a_run_whose_data_ends_early_logs_its_last_steps_train_metrics(tmp_path,
   assert [s for s, r in records.items() if "loss" in r] == [*range(4, num_batches, 4), num_batches]
 
 
+def test_logged_step_rates_leave_out_eval_and_checkpoint_time(tmp_path, monkeypatch):
+  """An eval's (and a save's) seconds went into the next record's steps/s, tokens/s and
+  ETA, and into metrics.jsonl: 0.0102 steps/s for a DPO step whose window held a 98 s eval."""
+  import time  # pylint: disable=import-outside-toplevel
+  save = train.Checkpointer.save
+
+  def slow_save(self, *args, **kwargs):
+    time.sleep(1.5)
+    return save(self, *args, **kwargs)
+
+  def slow_evaluator(step, model):
+    del model
+    time.sleep(1.5)
+    return {"step_seen": float(step)}
+
+  monkeypatch.setattr(train.Checkpointer, "save", slow_save)
+  loop = train.LoopConfig(num_steps=6, log_every=1, eval_every=3, checkpoint_every=3,
+                          tensorboard=False)
+  train.train_loop(workdir=str(tmp_path), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
+                   optimizer={"name": "sgd", "learning_rate": 0.1}, loop=loop,
+                   train_iter=iter(make_batches(6, 16)), evaluators=[slow_evaluator],
+                   tokens_in_batch=lambda b: b["x"].size)
+  rates = {r["step"]: r for r in train.read_metrics(tmp_path) if "steps_per_sec" in r}
+  # Steps 3 and 6 ran an eval and a save; the windows of 3, 4 and 6 held 1.5 s of each.
+  for step in (2, 3, 4, 5, 6):
+    assert rates[step]["steps_per_sec"] > 2.0, (step, rates[step])
+    np.testing.assert_allclose(rates[step]["tokens_per_sec"] / rates[step]["steps_per_sec"],
+                               16 * IN, rtol=1e-9)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _predict(graphdef, state, x):
   return nnx.merge(graphdef, state)(x)

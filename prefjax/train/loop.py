@@ -424,11 +424,15 @@ class _Trainer:
           # A stopping run saves at once: its eval waits for the rerun.
           is_eval = stopping is None and self._is_eval_step(step)
           if is_eval or _every(step, self.loop.checkpoint_every) or stopping is not None:
+            aside = time.time()  # eval and save time stays out of the logged step rates
             eval_metrics = self._run_eval(step) if is_eval else None
+            self.writer.exclude_from_rates(time.time() - aside)
             self._finish_step(*pending, eval_metrics)
             pending = None
             if is_eval and self.loop.best_metric or _every(step, self.loop.checkpoint_every):
+              aside = time.time()
               self._save(eval_metrics, eval_owed=not is_eval and self._is_eval_step(step))
+              self.writer.exclude_from_rates(time.time() - aside)
         if pending is not None:
           self._finish_step(*pending)
           pending = None
@@ -465,6 +469,7 @@ class _Trainer:
 
   def _run_eval(self, step: int) -> dict[str, float]:
     start = time.time()
+    logging.info("eval at step %d: running", step)
     result: dict[str, float] = {}
     model = state_lib.merge_model(self.graphdef, self.state.params, self.state.extra)
     for evaluator in self.evaluators:

@@ -191,6 +191,11 @@ class MetricWriter:
       logging.info("eval at step %d: %s", step, _fmt(evals))
     return self.write(step, values)
 
+  def exclude_from_rates(self, seconds: float) -> None:
+    """Leaves ``seconds`` of work that is not training (an eval, a checkpoint save) out of
+    the next record's ``steps_per_sec``, ``tokens_per_sec`` and ETA."""
+    self._last_time += seconds
+
   def _rates(self, step: int) -> dict[str, float]:
     now = time.time()
     elapsed = max(now - self._last_time, 1e-9)
