@@ -133,7 +133,9 @@ class _QuietLibraries(std_logging.Filter):
   warning on every read-only open, which is how prefjax loads a run to evaluate it."""
 
   NOISY = {f"{os.sep}orbax{os.sep}": std_logging.WARNING,
-           f"{os.sep}tensorflow_datasets{os.sep}": std_logging.ERROR}
+           f"{os.sep}tensorflow_datasets{os.sep}": std_logging.ERROR,
+           # "Unable to initialize backend 'tpu'", at INFO in every run on a CPU or GPU.
+           f"{os.sep}jax{os.sep}_src{os.sep}xla_bridge": std_logging.WARNING}
   EXPECTED = ("Given directory is read only",)
 
   def filter(self, record: std_logging.LogRecord) -> bool:

@@ -392,6 +392,9 @@ def test_binary_logs_drop_orbax_detail_and_its_read_only_notice_but_keep_its_war
   assert not quiet.filter(record(orbax, logging.WARNING, "Given directory is read only=%s"))
   assert quiet.filter(record(orbax, logging.WARNING, "Could not finalize %s"))
   assert quiet.filter(record(f"{os.sep}prefjax{os.sep}train{os.sep}loop.py", logging.INFO, "x"))
+  bridge = f"{os.sep}site-packages{os.sep}jax{os.sep}_src{os.sep}xla_bridge.py"
+  assert not quiet.filter(record(bridge, logging.INFO, "Unable to initialize backend 'tpu'"))
+  assert quiet.filter(record(bridge, logging.WARNING, "An NVIDIA GPU may be present"))
 
 
 def test_work_that_does_not_split_over_processes_refuses_several(monkeypatch, tmp_path):

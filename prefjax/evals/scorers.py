@@ -224,6 +224,9 @@ def _progress(batches: Iterator[dict[str, np.ndarray]], total: int, desc: str):
     for batch in batches:
       yield batch
       bar.update(int(batch["pair_mask"].sum()))
+    if bar.n < total:  # pairs the pipeline dropped: the bar ends full, saying so
+      bar.set_postfix_str(f"{total - bar.n} dropped by the pipeline")
+      bar.update(total - bar.n)
 
 
 @functools.partial(jax.jit, static_argnames=("policy_def", "ref_def", "loss"))

@@ -261,7 +261,7 @@ def model_reward(spec: Any, *, seed: int = 0) -> PairReward:
   return PairReward(fn, lambda p, r: p + MODEL_SEPARATOR + r)
 
 
-def from_checkpoint(ref: str, *, name: str | None = None, batch_size: int | None = None,
+def from_checkpoint(ref: str, *, name: str | None = None, batch_size: int = 64,
                     seed: int = 0) -> PairReward:
   """The reward model a ``train_rm`` run trained, scoring (prompt, response) texts.
 
@@ -272,9 +272,10 @@ def from_checkpoint(ref: str, *, name: str | None = None, batch_size: int | None
     rm = rewards.from_checkpoint("/tmp/rm_tiny@best")
     rm(["Human: Hi\\n\\nAssistant:"], [" Hello!"])   # float64 [1]
 
-  An ensemble scores its members' mean (``members`` gives each); a run that trained no
-  reward head (``train_dpo``, ``train_sft``) is refused. Same scores as ``eval_rm``'s
-  ``rm:`` scorer on the same pairs.
+  Texts are scored ``batch_size`` at a time (None: all in one forward, whose activations
+  grow with their number). An ensemble scores its members' mean (``members`` gives
+  each); a run that trained no reward head (``train_dpo``, ``train_sft``) is refused.
+  Same scores as ``eval_rm``'s ``rm:`` scorer on the same pairs.
   """
   workdir, step = train.checkpoint.split_ref(ref)
   spec = scorers.ScorerSpec(name=name or os.path.basename(os.path.normpath(workdir)),
