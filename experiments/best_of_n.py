@@ -136,6 +136,8 @@ def sample_and_score(config: Any, workdir: str | None = None,
   key = jax.random.key(int(config.seed))
   partial = files.PartialArrays(
       os.path.join(workdir, PARTIAL_FILE) if workdir and fingerprint else None, fingerprint or "")
+  resumed = partial.done
+  progress = train.metrics.Progress("best_of_n prompts", num_prompts - resumed)
   for start in range(partial.done, num_prompts, chunk):
     idx = np.resize(np.arange(start, min(start + chunk, num_prompts)), chunk)  # fixed shape
     part = rollout_lib.Prompts([prompts.texts[i] for i in idx], prompts.tokens[idx],
@@ -152,7 +154,8 @@ def sample_and_score(config: Any, workdir: str | None = None,
         scores["world_harm"] = safety_runtime.tiny_world_harm(world)(texts, responses)
     done = min(start + chunk, num_prompts)
     partial.add(done, **scores)
-    logging.info("best_of_n: scored %d/%d prompts", done, num_prompts)
+    progress.step(f"{n} samples each scored" if not resumed else
+                  f"{done}/{num_prompts} with the {resumed} resumed", units=done - start)
   scores, shape = partial.arrays(), (num_prompts, n)
   if aggregation != "mean":  # members standardized on all the reference samples first
     scores["proxy"] = rl_rewards.standardized_aggregate(scores["proxy"], aggregation, lam)

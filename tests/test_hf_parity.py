@@ -8,6 +8,7 @@ checked both ways (round trip and loading in PyTorch), and the loader's errors.
 """
 
 import json
+import logging
 import pathlib
 import shutil
 
@@ -345,14 +346,20 @@ def test_nan_tensor_is_rejected(bert_dir):
     models.from_pretrained(path)
 
 
-def test_unused_tensors_are_reported(bert_dir):
+def test_unused_tensors_are_reported(bert_dir, caplog):
   path = bert_dir
   _edit_tensors(path, lambda t: t.update({"classifier.weight": np.ones((2, 32), np.float32),
                                           "embeddings.position_ids": np.arange(64)[None]}))
-  _, report = hf_import.load_hf_checkpoint(path, dtype=jnp.float32)
+  with caplog.at_level(logging.INFO):
+    _, report = hf_import.load_hf_checkpoint(path, dtype=jnp.float32)
   # HF's pooler and our extra classifier are unused; the position_ids buffer is known.
   assert report.unused == ["classifier.weight", "pooler.dense.bias", "pooler.dense.weight"]
   assert report.model_type == "bert"
+  # Only the classifier is a surprise: the pooler, in every BERT directory, is an INFO line
+  # (MiniLM's warned 5 times in one reproduce run).
+  warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert len(warned) == 1 and "['classifier.weight']" in warned[0], warned
+  assert any("BERT's pooler" in r.getMessage() for r in caplog.records)
 
 
 def test_a_bert_classifier_is_not_scored_with_a_fresh_head(tmp_path):

@@ -619,3 +619,17 @@ def test_trainable_filter_freezes_reference_model():
   shardings = train.state_shardings(state, mesh, PARTITION_RULES)
   assert shardings.extra["reference"]["hidden"]["kernel"].spec == P("fsdp", "tensor")
   assert shardings.params["policy"]["hidden"]["kernel"].spec == P("fsdp", "tensor")
+
+
+def test_progress_lines_count_units_and_give_an_eta(caplog, monkeypatch):
+  import types  # pylint: disable=import-outside-toplevel
+  clock = iter([100.0, 130.0, 190.0])   # start, after 2 units, after 3 more
+  monkeypatch.setattr(train.metrics, "time", types.SimpleNamespace(time=lambda: next(clock)))
+  progress = train.metrics.Progress("best_of_n prompts", 8)
+  with caplog.at_level(py_logging.INFO, logger="absl"):
+    progress.step("first batch", units=2)
+    progress.step("second batch", units=3)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[best_of_n")]
+  # 30 s for 2 units: 6 left take 1:30; 90 s for 5: 3 left take 0:54.
+  assert lines == ["[best_of_n prompts 2/8] first batch  (0:30 elapsed, ETA 1:30)",
+                   "[best_of_n prompts 5/8] second batch  (1:30 elapsed, ETA 0:54)"]

@@ -345,6 +345,11 @@ def load_hf_checkpoint(path: PathLike, *, dtype=None, param_dtype=jnp.float32,
   if model_type != "bert" and config.tie_embeddings and "lm_head.weight" in unused:
     _check_tied_head(reader, mapping["embed/embedding"][0], config_file)
   unexplained = [n for n in unused if n not in SCORE_TENSORS]  # from_pretrained's concern
+  pooler = [n for n in unexplained if model_type == "bert" and n.split(".")[-3:-1] ==
+            ["pooler", "dense"]]
+  if pooler:  # BERT's [CLS] pooler: prefjax's heads pool the encoder's states their own way
+    _log.info("%s: BERT's pooler (%s) is not used", directory, ", ".join(pooler))
+    unexplained = [n for n in unexplained if n not in pooler]
   if unexplained:
     _log.warning("%s: %d checkpoint tensors are not used by prefjax's %s model: %s",
                  directory, len(unexplained), model_type, unexplained[:20])

@@ -39,6 +39,7 @@ from prefjax.overopt import direct_criteria
 from prefjax.overopt import direct_study
 from prefjax.overopt import exact
 from prefjax.overopt import policy_net
+from prefjax.train.metrics import Progress  # noqa: F401 (reproduce passes study.Progress)
 
 
 class WorldCurves(NamedTuple):
@@ -65,20 +66,6 @@ class BanditResults(NamedTuple):
   ns: np.ndarray
   betas: np.ndarray
   worlds: dict[int, WorldCurves] | None = None  # world seed -> its unpooled curves
-
-
-class Progress:
-  """One log line per finished unit of a stage, with elapsed time and ETA."""
-
-  def __init__(self, stage: str, total: int):
-    self.stage, self.total, self.done, self.start = stage, total, 0, time.time()
-
-  def step(self, what: str) -> None:
-    self.done += 1
-    elapsed = time.time() - self.start
-    eta = elapsed / self.done * (self.total - self.done)
-    logging.info("[%s %d/%d] %s  (%.0f s elapsed, ETA %.0f s)", self.stage, self.done,
-                 self.total, what, elapsed, eta)
 
 
 def world_config(config: Any, seed: int) -> bandit.WorldConfig:

@@ -352,16 +352,15 @@ def checkpoint_trajectory(workdir: str, load: Callable[[int], nnx.Module],
                           reference: nnx.Module, evaluate: Callable[..., dict[str, np.ndarray]],
                           *, include_reference: bool = True) -> Trajectory:
   """Evaluates the reference (step 0) and the policy ``load(step)`` of every checkpoint."""
-  steps = checkpoint_steps(workdir)
-  rows, evaluated = [], []
-  if include_reference:
-    rows.append(evaluate(reference))
-    evaluated.append(0)
-  for step in steps:
-    rows.append(evaluate(load(step)))
-    evaluated.append(step)
-    logging.info("evaluated %s step %d: KL %.2f, gold %.3f", os.path.basename(workdir), step,
-                 rows[-1]["kl"].mean(), rows[-1].get("gold", np.zeros(1)).mean())
+  steps = [0] * include_reference + checkpoint_steps(workdir)
+  rows, run = [], os.path.basename(workdir)
+  progress = train.metrics.Progress(f"evaluating {run}", len(steps))
+  for i, step in enumerate(steps):
+    rows.append(evaluate(reference if include_reference and i == 0 else load(step)))
+    gold = rows[-1].get("gold", np.zeros(1)).mean()
+    progress.step(f"step {step}{' (the reference)' if step == 0 else ''}: "
+                  f"KL {rows[-1]['kl'].mean():.2f}, gold {gold:.3f}")
+  evaluated = steps
   names = rows[0].keys()
   return Trajectory(np.asarray(evaluated), {n: np.stack([r[n] for r in rows]) for n in names})
 

@@ -54,15 +54,20 @@ def make_policy(config: Any, tokenizer: Any) -> nnx.Module:
                                seed=int(config.seed))
 
 
+_WARNED_LIMITS: set[int] = set()  # prompts.max_length values already warned about
+
+
 def _encode(texts: list[str], tokenizer: Any, cfg: Any) -> rollout_lib.Prompts:
   ids = [tokenize_lib.encode_prompt(t, tokenizer, style=cfg.get("style", "raw")) for t in texts]
   limit = int(cfg.max_length)
   cut = [i for i, x in enumerate(ids) if len(x) > limit]
   if cut:
-    logging.warning("%d of %d prompts are longer than prompts.max_length=%d tokens (first: "
-                    "%r, %d tokens): the policy sees their last %d (BOS kept), the reward "
-                    "scores the whole prompt", len(cut), len(ids), limit, texts[cut[0]][:80],
-                    len(ids[cut[0]]), limit)
+    # Once a process at WARNING: a study's stages encode the same prompts again and again.
+    log = logging.info if limit in _WARNED_LIMITS else logging.warning
+    _WARNED_LIMITS.add(limit)
+    log("%d of %d prompts are longer than prompts.max_length=%d tokens (first: %r, %d "
+        "tokens): the policy sees their last %d (BOS kept), the reward scores the whole "
+        "prompt", len(cut), len(ids), limit, texts[cut[0]][:80], len(ids[cut[0]]), limit)
   return rollout_lib.encode_prompts(texts, ids, pad_id=tokenizer.pad_id, max_length=limit,
                                     bos_id=tokenizer.bos_id)
 

@@ -229,6 +229,21 @@ class MetricWriter:
       self._tb = None
 
 
+class Progress:
+  """One log line per finished unit of long work (``[stage k/N] what``), with the time
+  elapsed and an ETA from the mean time per unit so far."""
+
+  def __init__(self, stage: str, total: int):
+    self.stage, self.total, self.done, self.start = stage, total, 0, time.time()
+
+  def step(self, what: str, units: int = 1) -> None:
+    self.done += units
+    elapsed = time.time() - self.start
+    eta = elapsed / self.done * (self.total - self.done)
+    logging.info("[%s %d/%d] %s  (%s elapsed, ETA %s)", self.stage, self.done, self.total,
+                 what, _format_seconds(elapsed), _format_seconds(eta))
+
+
 def _fmt(values: Mapping[str, float]) -> str:
   return ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
 
