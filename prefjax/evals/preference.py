@@ -107,12 +107,12 @@ def evaluate_preferences(r_chosen: np.ndarray, r_rejected: np.ndarray, *,
     r_chosen, r_rejected: [B] rewards of the two sides.
     outcome: optional [B] labels (1 chosen preferred, 0 rejected preferred, 0.5 tie);
       default all 1. Ties are excluded from accuracy/ECE and counted.
+    chosen_len, rejected_len: optional [B] response lengths for the length-bias slice.
+    subsets: optional [B] subset names for per-subset accuracy (RewardBench style).
 
   ``ece`` and ``reliability`` score P(a ≻ b) = σ(r_a − r_b) over both orders of each
   pair (as ``eval_rm`` and ``train_rm``'s evaluator report it); ``ece_chosen_first`` over
   the (chosen, rejected) order alone, where every label is 1.
-    chosen_len, rejected_len: optional [B] response lengths for the length-bias slice.
-    subsets: optional [B] subset names for per-subset accuracy (RewardBench style).
   """
   r_chosen, r_rejected = _check_pairs(r_chosen, r_rejected)
   margin = r_chosen - r_rejected

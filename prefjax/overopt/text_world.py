@@ -360,9 +360,8 @@ def checkpoint_trajectory(workdir: str, load: Callable[[int], nnx.Module],
     gold = rows[-1].get("gold", np.zeros(1)).mean()
     progress.step(f"step {step}{' (the reference)' if step == 0 else ''}: "
                   f"KL {rows[-1]['kl'].mean():.2f}, gold {gold:.3f}")
-  evaluated = steps
   names = rows[0].keys()
-  return Trajectory(np.asarray(evaluated), {n: np.stack([r[n] for r in rows]) for n in names})
+  return Trajectory(np.asarray(steps), {n: np.stack([r[n] for r in rows]) for n in names})
 
 
 def cached_trajectory(run_dir: str, make_policy: Callable[[], nnx.Module],
