@@ -146,6 +146,13 @@ class _QuietLibraries(std_logging.Filter):
                if part in record.pathname)
 
 
+def quiet_libraries() -> None:
+  """Puts ``_QuietLibraries`` on absl's handler (once)."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+
+
 def prepare_workdir(workdir: str | os.PathLike[str]) -> str:
   """Creates ``workdir`` and mirrors absl logs into ``workdir/logs``."""
   path = pathlib.Path(workdir).expanduser().resolve()
@@ -154,9 +161,8 @@ def prepare_workdir(workdir: str | os.PathLike[str]) -> str:
   path.mkdir(parents=True, exist_ok=True)
   log_dir = path / "logs"
   log_dir.mkdir(exist_ok=True)
-  handler = logging.get_absl_handler()
-  handler.use_absl_log_file("log", str(log_dir))
-  handler.addFilter(_QuietLibraries())
+  logging.get_absl_handler().use_absl_log_file("log", str(log_dir))
+  quiet_libraries()
   logging.set_verbosity(logging.INFO)
   if not FLAGS["stderrthreshold"].present:  # Progress on the terminal unless asked otherwise.
     logging.set_stderrthreshold(logging.INFO)
@@ -257,6 +263,7 @@ def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
   """
 
   def main(argv: list[str]) -> None:
+    quiet_libraries()  # before JAX's backend starts, which logs at INFO
     _check_command_line(argv)
     if FLAGS.config_help:
       print(config_help(FLAGS.config))

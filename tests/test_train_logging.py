@@ -51,3 +51,21 @@ def test_progress_lines_count_units_and_give_an_eta(caplog, monkeypatch):
   # 30 s for 2 units: 6 left take 1:30; 90 s for 5: 3 left take 0:54.
   assert lines == ["[best_of_n prompts 2/8] first batch  (0:30 elapsed, ETA 1:30)",
                    "[best_of_n prompts 5/8] second batch  (1:30 elapsed, ETA 0:54)"]
+
+
+def test_a_progress_bar_in_a_log_file_is_a_line_every_interval_and_one_at_the_end(
+    caplog, monkeypatch):
+  """tqdm wrote ``\r`` frames into redirected logs and nothing into the workdir's."""
+  import io  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(train.metrics.sys, "stderr", io.StringIO())  # not a terminal
+  clock = iter([0.0, 10.0, 40.0, 50.0, 60.0])  # start, 3 updates (the second logs), close
+  monkeypatch.setattr(train.metrics, "time", types.SimpleNamespace(time=lambda: next(clock)))
+  with caplog.at_level(py_logging.INFO, logger="absl"):
+    with train.metrics.progress_bar(100, "reference log-probs", "pair", initial=20) as bar:
+      for _ in range(3):
+        bar.update(10)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reference")]
+  # 20 resumed, 20 more in 40 s: 0.5 pairs/s, 60 left; at the end 30 in 60 s.
+  assert lines == ["reference log-probs: 40/100 pairs (0:40 elapsed, 0.5 pairs/s, ETA 2:00)",
+                   "reference log-probs: 50/100 pairs (1:00 elapsed, 0.5 pairs/s, ETA 1:40)"]

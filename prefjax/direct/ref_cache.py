@@ -42,7 +42,6 @@ from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
-import tqdm
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -52,6 +51,7 @@ from prefjax import parallel
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import sources
 from prefjax.direct import loss as loss_lib
+from prefjax.train import metrics as metrics_lib
 from prefjax.train import sharding as sharding_lib
 from prefjax.train import state as state_lib
 
@@ -233,8 +233,8 @@ def compute_table(scorer: Callable[[Mapping[str, Any]], Mapping[str, np.ndarray]
   """The reference log-probs of every pair, with a progress bar (rate and ETA): a long
   split at a big model's speed takes a while before the first train step."""
   table = ReferenceTable.empty(num_rows)
-  with tqdm.tqdm(total=num_rows, desc="reference log-probs", unit="pair",
-                 dynamic_ncols=True, disable=jax.process_index() != 0) as bar:
+  with metrics_lib.progress_bar(num_rows, "reference log-probs", "pair",
+                                disable=jax.process_index() != 0) as bar:
     for batch in batches:
       index = np.asarray(batch["example_index"])
       table.fill(index, scorer(batch))

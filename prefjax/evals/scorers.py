@@ -37,7 +37,6 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import ml_collections
 import numpy as np
-import tqdm
 from absl import logging
 from flax import nnx
 
@@ -52,6 +51,7 @@ from prefjax.rm import evaluation as rm_evaluation
 from prefjax.rm import loss as rm_loss_lib
 from prefjax.train import checkpoint
 from prefjax.train import loop as loop_lib
+from prefjax.train import metrics as metrics_lib
 from prefjax.train import sharding as sharding_lib
 from prefjax.train import summary as summary_lib
 
@@ -220,7 +220,7 @@ def check_tokenizer(tokenizer: Any, source: Any, model_vocab: int | None, *, sco
 
 
 def _progress(batches: Iterator[dict[str, np.ndarray]], total: int, desc: str):
-  with tqdm.tqdm(total=total, desc=desc, unit="pair", dynamic_ncols=True) as bar:
+  with metrics_lib.progress_bar(total, desc, "pair") as bar:
     for batch in batches:
       yield batch
       bar.update(int(batch["pair_mask"].sum()))

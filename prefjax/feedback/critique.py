@@ -19,7 +19,6 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-import tqdm
 from flax import nnx
 
 from prefjax.data import tokenize as tokenize_lib
@@ -27,6 +26,7 @@ from prefjax.data import truncation
 from prefjax.feedback import labeller
 from prefjax.feedback import templates as templates_lib
 from prefjax.models import sampling
+from prefjax.train import metrics as metrics_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,7 @@ def generate_texts(model: nnx.Module, tokenizer: Any, texts: Sequence[str], cfg:
   encoded = [truncation.left_truncate(ids, cfg.max_prompt_length, None,
                                       cfg.max_prompt_length // 4) for ids in encoded]
   out: list[str] = [""] * len(texts)
-  with tqdm.tqdm(total=len(texts), desc=desc, unit="text", dynamic_ncols=True) as bar:
+  with metrics_lib.progress_bar(len(texts), desc, "text") as bar:
     for b, start in enumerate(range(0, len(texts), cfg.batch_size)):
       rows = encoded[start:start + cfg.batch_size]
       length = min(cfg.max_prompt_length,

@@ -31,13 +31,13 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from flax import nnx
 
 from prefjax import files
 from prefjax.data import tiny_world as tiny_world_lib
 from prefjax.feedback import constitution
 from prefjax.feedback import templates as templates_lib
+from prefjax.train import metrics as metrics_lib
 from prefjax.train import state as train_state
 
 # Times the scoring program was traced (tests check the number of compiled shapes).
@@ -146,8 +146,7 @@ class LMJudge:
     fingerprint = self._fingerprint(encoded, state) if progress else ""
     partial = files.PartialArrays(progress, fingerprint)
     pad = self.tokenizer.pad_id
-    with tqdm.tqdm(total=len(queries), initial=partial.done, desc=desc, unit="query",
-                   dynamic_ncols=True) as bar:
+    with metrics_lib.progress_bar(len(queries), desc, "query", initial=partial.done) as bar:
       for start in range(partial.done, len(order), self.batch_size):
         rows = order[start:start + self.batch_size]
         length = self._padded_length(max(len(encoded[i]) for i in rows))

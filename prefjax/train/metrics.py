@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+import tqdm
 from absl import logging
 
 from prefjax import files
@@ -242,6 +243,52 @@ class Progress:
     eta = elapsed / self.done * (self.total - self.done)
     logging.info("[%s %d/%d] %s  (%s elapsed, ETA %s)", self.stage, self.done, self.total,
                  what, _format_seconds(elapsed), _format_seconds(eta))
+
+
+class LogBar:
+  """tqdm's ``update`` / ``set_postfix_str`` / ``n`` where stderr is not a terminal (a
+  log file, a batch job): an absl line at most every ``every_s`` seconds and one at the
+  end, each with the count, the rate and an ETA, instead of ``\r`` frames."""
+
+  def __init__(self, total: int, desc: str, unit: str, initial: int = 0,
+               every_s: float = 30.0):
+    self.total, self.desc, self.unit, self.n, self.every_s = total, desc, unit, initial, every_s
+    self.postfix, self._initial = "", initial
+    self._start = self._last = time.time()
+
+  def update(self, n: int = 1) -> None:
+    self.n += n
+    now = time.time()
+    if now - self._last >= self.every_s:
+      self._log(now)
+
+  def set_postfix_str(self, text: str) -> None:
+    self.postfix = text
+
+  def _log(self, now: float) -> None:
+    self._last = now
+    elapsed = max(now - self._start, 1e-9)
+    rate = (self.n - self._initial) / elapsed
+    eta = (f", ETA {_format_seconds((self.total - self.n) / rate)}"
+           if rate > 0 and self.n < self.total else "")
+    logging.info("%s: %d/%d %ss (%s elapsed, %.3g %ss/s%s)%s", self.desc, self.n, self.total,
+                 self.unit, _format_seconds(elapsed), rate, self.unit, eta,
+                 f" {self.postfix}" if self.postfix else "")
+
+  def __enter__(self) -> "LogBar":
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self._log(time.time())
+
+
+def progress_bar(total: int, desc: str, unit: str, *, initial: int = 0,
+                 disable: bool = False) -> Any:
+  """A tqdm bar on a terminal, a :class:`LogBar` elsewhere (nothing when ``disable``)."""
+  if disable or sys.stderr.isatty():
+    return tqdm.tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True,
+                     disable=disable)
+  return LogBar(total, desc, unit, initial)
 
 
 def _fmt(values: Mapping[str, float]) -> str:
