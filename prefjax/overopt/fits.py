@@ -202,9 +202,11 @@ def _fit(form, x, gold, se, per_prompt_gold, per_prompt_kl, num_bootstrap, ci, s
 
 
 def _warn_unless_through_origin(form: str, x: np.ndarray, gold: np.ndarray) -> None:
-  """Every form is 0 at d = 0: a curve whose π_ref point is not 0 was not shifted."""
+  """Every form is 0 at d = 0: a curve whose π_ref point is far from 0 (over 5% of its
+  largest |gold|; sampling noise in a measured reference point stays below) was not
+  shifted."""
   at_zero = gold[x == 0]
-  if at_zero.size and np.abs(at_zero).max() > 1e-6 * max(1.0, float(np.abs(gold).max())):
+  if at_zero.size and np.abs(at_zero).max() > 0.05 * float(np.abs(gold).max()):
     warnings.warn(f"fit_{form}: gold at d = 0 is {float(at_zero[0]):.4g}, but the form is 0 "
                   "there: shift each prompt's curve so that π_ref scores 0 (subtract its "
                   "d = 0 value, as overopt.curves does) before fitting", stacklevel=4)
