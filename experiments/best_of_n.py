@@ -138,7 +138,7 @@ def sample_and_score(config: Any, workdir: str | None = None,
       os.path.join(workdir, PARTIAL_FILE) if workdir and fingerprint else None, fingerprint or "")
   resumed = partial.done
   progress = train.metrics.Progress("best_of_n prompts", num_prompts - resumed)
-  for start in range(partial.done, num_prompts, chunk):
+  for start in range(resumed, num_prompts, chunk):
     idx = np.resize(np.arange(start, min(start + chunk, num_prompts)), chunk)  # fixed shape
     part = rollout_lib.Prompts([prompts.texts[i] for i in idx], prompts.tokens[idx],
                                prompts.mask[idx]).repeat(n)

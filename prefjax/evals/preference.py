@@ -88,6 +88,18 @@ def length_bucket_accuracy(correct: np.ndarray, chosen_len: np.ndarray, rejected
   return out
 
 
+def both_orders(signed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """P(a ≻ b) = σ(r_a − r_b) and its label for both orders (a, b) and (b, a) of each pair,
+  from ``signed`` margins (> 0: the preferred side scored higher): ``[2B]`` each.
+
+  With the preferred side first every label is 1, and the ECE of σ(Δ) alone would reward
+  overconfidence; both orders balance the labels.
+  """
+  prob = 1.0 / (1.0 + np.exp(-np.asarray(signed, np.float64)))
+  return np.concatenate([prob, 1.0 - prob]), np.concatenate([np.ones_like(prob),
+                                                              np.zeros_like(prob)])
+
+
 @dataclasses.dataclass
 class PreferenceEval:
   """Result of ``evaluate_preferences``; ``metrics`` is flat and JSON-ready."""
@@ -122,9 +134,7 @@ def evaluate_preferences(r_chosen: np.ndarray, r_rejected: np.ndarray, *,
   correct = pair_accuracy(signed)
   prob = 1.0 / (1.0 + np.exp(-margin[decisive]))
   label = (outcome[decisive] >= 0.5).astype(np.float64)
-  # With the chosen side first every label is 1, and the ECE of σ(Δ) alone would reward
-  # overconfidence: calibration is scored over both orders (a, b) and (b, a) of each pair.
-  both_prob, both_label = np.concatenate([prob, 1 - prob]), np.concatenate([label, 1 - label])
+  both_prob, both_label = both_orders(signed)
   metrics = {
       "accuracy": float(correct.mean()) if correct.size else float("nan"),
       "mean_margin": float(signed.mean()) if signed.size else float("nan"),

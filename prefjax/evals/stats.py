@@ -116,14 +116,12 @@ def two_sided_ece(signed: np.ndarray, counts: np.ndarray | None = None,
                   num_bins: int = 10) -> np.ndarray:
   """ECE of σ(margin) over both orders of each pair, for each row of ``counts`` ``[R, N]``
   (bootstrap resample counts; None = the sample itself, R = 1)."""
-  prob = 1.0 / (1.0 + np.exp(-np.asarray(signed, np.float64)))
+  probs, labels = preference.both_orders(signed)
   if counts is None:
-    counts = np.ones((1, prob.size))
+    counts = np.ones((1, probs.size // 2))
   counts = np.asarray(counts, np.float64)
   return preference.expected_calibration_error(
-      np.concatenate([prob, 1.0 - prob]),
-      np.concatenate([np.ones_like(prob), np.zeros_like(prob)]), num_bins,
-      weights=np.concatenate([counts, counts], axis=1))
+      probs, labels, num_bins, weights=np.concatenate([counts, counts], axis=1))
 
 
 def ece_estimate(signed: np.ndarray, counts: np.ndarray, num_bins: int) -> Estimate:

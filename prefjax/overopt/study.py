@@ -39,7 +39,7 @@ from prefjax.overopt import direct_criteria
 from prefjax.overopt import direct_study
 from prefjax.overopt import exact
 from prefjax.overopt import policy_net
-from prefjax.train.metrics import Progress  # noqa: F401 (reproduce passes study.Progress)
+from prefjax.train.metrics import Progress
 
 
 class WorldCurves(NamedTuple):

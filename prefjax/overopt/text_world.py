@@ -355,8 +355,8 @@ def checkpoint_trajectory(workdir: str, load: Callable[[int], nnx.Module],
   steps = [0] * include_reference + checkpoint_steps(workdir)
   rows, run = [], os.path.basename(workdir)
   progress = train.metrics.Progress(f"evaluating {run}", len(steps))
-  for i, step in enumerate(steps):
-    rows.append(evaluate(reference if include_reference and i == 0 else load(step)))
+  for step in steps:  # checkpoints start at step 1: step 0 is the reference
+    rows.append(evaluate(reference if step == 0 else load(step)))
     gold = rows[-1].get("gold", np.zeros(1)).mean()
     progress.step(f"step {step}{' (the reference)' if step == 0 else ''}: "
                   f"KL {rows[-1]['kl'].mean():.2f}, gold {gold:.3f}")
