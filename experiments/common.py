@@ -42,6 +42,7 @@ from experiments import preemption
 from prefjax import compilation_cache
 from prefjax import configlib
 from prefjax import experiment
+from prefjax import files
 from prefjax import parallel
 from prefjax import train
 from prefjax.train import summary as summary_lib
@@ -154,12 +155,14 @@ def quiet_libraries() -> None:
 
 
 def prepare_workdir(workdir: str | os.PathLike[str]) -> str:
-  """Creates ``workdir`` and mirrors absl logs into ``workdir/logs``."""
-  path = pathlib.Path(workdir).expanduser().resolve()
-  if path.exists() and not path.is_dir():
-    raise ValueError(f"--workdir={workdir} is a file, not a directory")
-  path.mkdir(parents=True, exist_ok=True)
-  log_dir = path / "logs"
+  """``files.make_workdir``: creates ``workdir``, checked; call ``start_logs`` once it is held."""
+  return files.make_workdir(workdir, known_entries=(summary_lib.RUNS_FILE, "logs"))
+
+
+def start_logs(workdir: str) -> None:
+  """Mirrors absl logs into ``workdir/logs`` (once the workdir is held: a run refused by
+  the lock must not repoint ``logs/log.INFO``) and sets the binaries' log levels."""
+  log_dir = pathlib.Path(workdir, "logs")
   log_dir.mkdir(exist_ok=True)
   logging.get_absl_handler().use_absl_log_file("log", str(log_dir))
   quiet_libraries()
@@ -167,7 +170,6 @@ def prepare_workdir(workdir: str | os.PathLike[str]) -> str:
   if not FLAGS["stderrthreshold"].present:  # Progress on the terminal unless asked otherwise.
     logging.set_stderrthreshold(logging.INFO)
   tfds.display_progress_bar(False)  # Dataset builds take seconds; bars garble logs.
-  return str(path)
 
 
 def record_invocation(workdir: str) -> None:
@@ -276,6 +278,7 @@ def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
     experiment.check_before_the_workdir(FLAGS.config)
     workdir = prepare_workdir(FLAGS.workdir)
     with train.hold_workdir(workdir):  # from the first record to the last export
+      start_logs(workdir)
       record_invocation(workdir)
       logging.info("compilation cache: %s (%s=0 turns it off)",
                    compilation_cache.enable() or "off", compilation_cache.CACHE_ENV)

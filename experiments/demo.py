@@ -137,6 +137,7 @@ def main(argv):
     raise ValueError(f"unexpected positional arguments: {argv[1:]}")
   workdir = common.prepare_workdir(flags.FLAGS.workdir)
   with train.hold_workdir(workdir):  # its report; each stage holds its own sub-workdir
+    common.start_logs(workdir)
     common.record_invocation(workdir)  # runs.jsonl: the command, commit and versions
     run(workdir, quick=_QUICK.value)
 

@@ -42,9 +42,39 @@ def write_atomically(path: str | os.PathLike[str], fill: Callable[[IO[Any]], Non
     with open(tmp, mode, encoding=None if mode == "wb" else "utf-8") as f:
       fill(f)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     tmp.unlink(missing_ok=True)
+    if isinstance(e, OSError) and e.filename is None:  # a full disk names no file
+      raise OSError(e.errno, e.strerror, str(path)) from e
     raise
+
+
+def make_workdir(workdir: str | os.PathLike[str], *,
+                 known_entries: tuple[str, ...] = ()) -> str:
+  """Creates ``workdir`` (a local or mounted path) and returns it absolute.
+
+  Refuses a URL (every workdir file is written by POSIX rename, append and lock), a
+  file, and a folder this user cannot write; warns when an existing folder holds
+  entries other than ``known_entries`` and the lock yet no ``known_entries[0]`` (the
+  record an earlier run leaves first).
+  """
+  if "://" in os.fspath(workdir):
+    raise ValueError(
+        f"--workdir={workdir}: workdirs are local paths (prefjax writes them by POSIX "
+        "rename, append and lock); mount the bucket (e.g. with gcsfuse) and pass its path")
+  path = pathlib.Path(workdir).expanduser().resolve()
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"--workdir={workdir} is a file, not a directory")
+  fresh = not path.exists()
+  path.mkdir(parents=True, exist_ok=True)
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise PermissionError(f"--workdir={path} is not writable by this user")
+  known = {*known_entries, LOCK_FILE}
+  if (not fresh and known_entries and not (path / known_entries[0]).exists()
+      and any(entry.name not in known for entry in path.iterdir())):
+    logging.warning("--workdir=%s already holds files no prefjax run wrote; this run's "
+                    "outputs go beside them", path)
+  return str(path)
 
 
 LOCK_FILE = ".lock"
@@ -138,11 +168,17 @@ def from_standard_json(obj: Any) -> Any:
   return obj
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
+def read_json(path: str | os.PathLike[str], *, standard: bool = True) -> Any:
   """A JSON file of the project, non-finite numbers as floats (:func:`from_standard_json`;
-  an older file's bare ``NaN`` reads as NaN too)."""
+  an older file's bare ``NaN`` reads as NaN too; ``standard=False``: as written). A
+  file that is not JSON is a ``ValueError`` naming it."""
   with open(path, encoding="utf-8") as f:
-    return from_standard_json(json.load(f))
+    try:
+      obj = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e}); a run killed while writing it, or "
+                       "a full disk, can leave it so") from None
+  return from_standard_json(obj) if standard else obj
 
 
 def source_digest(*modules: ModuleType) -> str:

@@ -318,6 +318,14 @@ def test_a_workdir_another_run_holds_is_one_line(tmp_path):
   assert code == 1 and "Traceback" not in text, text
   assert lines[-1].startswith(f"error: WorkdirBusyError: {tmp_path} is in use by another "
                               "run"), text
+  assert not (tmp_path / "logs").exists()  # the live run's logs/log.INFO is left alone
+
+
+def test_a_url_workdir_is_one_line_before_anything_runs(tmp_path):
+  code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py:quick",
+                           f"--workdir=gs://{tmp_path.name}/run")
+  assert_short_error(code, lines, "--workdir=gs://", "workdirs are local paths")
+  assert not (REPO / "gs:").exists()
 
 
 def test_a_binary_holds_its_workdir_until_its_last_write(tmp_path):

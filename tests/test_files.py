@@ -1,5 +1,9 @@
-"""`prefjax.files.write_atomically`: whole files, also with concurrent writers."""
+"""`prefjax.files`: whole files (also with concurrent writers, or a full disk), JSON that
+names a bad file, and the checks of a new workdir."""
 
+import errno
+import logging
+import os
 import threading
 
 import numpy as np
@@ -103,3 +107,57 @@ def test_partial_arrays_are_saved_at_most_every_interval(tmp_path, monkeypatch):
   job.add(2, score=np.array([2.0]))  # within the interval: kept in memory only
   assert files.PartialArrays(path, "job").done == 1
   np.testing.assert_array_equal(job.arrays()["score"], [1.0, 2.0])
+
+
+def test_a_write_cut_short_by_a_full_disk_names_the_file(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+
+  def disk_full(f):
+    raise OSError(errno.ENOSPC, "No space left on device")  # what write() raises: no name
+  with pytest.raises(OSError, match="No space left on device") as caught:
+    files.write_atomically(path, disk_full, mode="w")
+  assert caught.value.filename == str(path) and caught.value.errno == errno.ENOSPC
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_read_json_names_a_file_that_is_not_json(tmp_path):
+  (tmp_path / "summary.json").write_text('{"final_step": 6,', encoding="utf-8")
+  with pytest.raises(ValueError, match=r"summary\.json: not valid JSON"):
+    files.read_json(tmp_path / "summary.json")
+  (tmp_path / "config.json").write_text('{"lr": "nan"}', encoding="utf-8")
+  assert files.read_json(tmp_path / "config.json", standard=False) == {"lr": "nan"}
+  assert np.isnan(files.read_json(tmp_path / "config.json")["lr"])
+
+
+def test_make_workdir_refuses_a_url_a_file_and_an_unwritable_folder(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match="workdirs are local paths.*gcsfuse"):
+    files.make_workdir("gs://bucket/run")
+  assert list(tmp_path.iterdir()) == []  # no local 'gs:' folder made on the way
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(ValueError, match="is a file, not a directory"):
+    files.make_workdir(tmp_path / "a_file")
+  monkeypatch.setattr(os, "access", lambda path, mode: False)  # (root may write anywhere)
+  with pytest.raises(PermissionError, match=r"run is not writable by this user"):
+    files.make_workdir("run")
+
+
+def test_make_workdir_warns_of_files_no_run_wrote(tmp_path, caplog):
+  known = ("runs.jsonl", "logs")
+  (tmp_path / "fresh").mkdir()
+  (tmp_path / "fresh" / "logs").mkdir()  # what a run refused by the lock leaves
+  with caplog.at_level(logging.WARNING):
+    assert files.make_workdir(tmp_path / "fresh", known_entries=known) == str(tmp_path / "fresh")
+    files.make_workdir(tmp_path / "new" / "run", known_entries=known)
+  assert not caplog.records
+  (tmp_path / "notes.txt").write_text("mine")
+  with caplog.at_level(logging.WARNING):
+    files.make_workdir(tmp_path, known_entries=known)
+  assert [r.getMessage() for r in caplog.records] == [
+      f"--workdir={tmp_path} already holds files no prefjax run wrote; this run's outputs "
+      "go beside them"]
+  caplog.clear()
+  (tmp_path / "runs.jsonl").write_text("{}\n")  # an earlier run's workdir
+  with caplog.at_level(logging.WARNING):
+    files.make_workdir(tmp_path, known_entries=known)
+  assert not caplog.records

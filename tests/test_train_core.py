@@ -4,6 +4,7 @@ import functools
 import json
 import logging as py_logging
 import os
+import shutil
 import signal
 
 import jax
@@ -326,10 +327,15 @@ def test_a_finished_run_extended_then_stopped_is_not_reported_as_its_old_finish(
   finished = run(4)
   assert run(4).summary == finished.summary  # A plain rerun: already finished.
   assert run(8, hooks=[_sigterm_at(6)]).preempted
-  with pytest.raises(ValueError, match=r"finished at step 4, then a longer run trained on to "
-                                       r"step 6 and stopped; loop.num_steps=4 is below that"):
+  # While a longer run trains on, no summary says the workdir finished.
+  assert not (tmp_path / "summary.json").exists()
+  assert train.read_summary(str(tmp_path), previous=True) == finished.summary
+  with pytest.raises(ValueError, match=r"holds a checkpoint at step 6, past loop.num_steps=4 "
+                                       r"\(it finished at step 4, then a longer run trained "
+                                       r"on and stopped\): rerun with the num_steps"):
     run(4)
   assert run(6).summary["final_step"] == 6  # num_steps at the stopped step finishes it
+  assert train.read_summary(str(tmp_path))["final_step"] == 6
 
 
 def test_a_stopped_run_is_not_finished_past_a_smaller_num_steps(tmp_path, monkeypatch):
@@ -506,8 +512,19 @@ def test_checkpoint_restore_rejects_other_model(tmp_path):
       self.out = nnx.Linear(HIDDEN + 1, 1, rngs=rngs)
 
   _, other = train.create_train_state(Wider(nnx.Rngs(0)), tx, 0)
-  with pytest.raises(ValueError, match="does not match the model") as error:
+  with pytest.raises(ValueError, match=r"does not match the model/optimizer being trained "
+                                       r"\(changed architecture or optimizer\?\)") as error:
     ckpt.restore(other)
+  # A workdir a binary started names it (e.g. a train_dpo rerun into a train_rm workdir).
+  workdir = tmp_path / "run"
+  shutil.copytree(tmp_path, workdir / "checkpoints",
+                  ignore=lambda folder, names: ["run"] if folder == str(tmp_path) else [])
+  train.summary.append_run_record(str(workdir), {"argv": ["/x/experiments/train_rm.py"]})
+  named = train.Checkpointer(workdir / "checkpoints", async_save=False)
+  with pytest.raises(ValueError, match=r"\(changed architecture or optimizer\? this workdir was "
+                                       r"started by experiments\.train_rm\)"):
+    named.restore(other)
+  named.close()
   # Named from the checkpoint's metadata before any read: the parameters first.
   assert (f"arrays differing in shape (3): params/hidden/bias: checkpoint ({HIDDEN},), model "
           f"({HIDDEN + 1},); params/hidden/kernel: checkpoint ({IN}, {HIDDEN}), model "

@@ -101,9 +101,9 @@ def saved_step(workdir: str | os.PathLike[str], step: int | str | None = None, *
 
 def split_ref(ref: str | os.PathLike[str]) -> tuple[str, int | str | None]:
   """``"WORKDIR[@latest|@best|@STEP]"`` -> ``(workdir, step)`` for :func:`load_params`."""
-  path, sep, suffix = os.fspath(ref).rpartition("@")
+  path, sep, suffix = os.path.expanduser(os.fspath(ref)).rpartition("@")
   if not sep:
-    return os.fspath(ref), None
+    return path + sep + suffix, None
   if suffix in ("latest", "best"):
     return path, suffix
   if suffix.isdigit():
@@ -166,7 +166,8 @@ def saved_run_config(workdir: str | os.PathLike[str], step: int | None = None
 
 def _read_only(workdir, best_metric: str | None, best_mode: str | None,
                step: int | str | None) -> "Checkpointer":
-  directory = os.path.join(os.fspath(workdir), "checkpoints")
+  workdir = os.path.expanduser(os.fspath(workdir))
+  directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoints directory in {workdir}")
   if step == "best" and best_metric is None:  # as the run ranked its checkpoints
@@ -284,12 +285,14 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         best_fn=self._metric_value if best_metric else None, best_mode=best_mode,
         enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+        cleanup_tmp_directories=not read_only,  # a save cut short (full disk, kill) left
         save_interval_steps=0 if read_only else 1)  # orbax warns when it has to set it
     self.directory = os.path.abspath(os.fspath(directory))  # orbax refuses relative paths
     self._read_only = read_only
     self.best_metric = best_metric
     self.restored_eval_owed = False  # set by restore()
     self._best_mode = best_mode
+    self._unrecorded = False  # a save whose manifest is not written yet
     with orbax_quirks.warnings_off(read_only):  # "Given directory is read only", on every read
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_names=("state", "data", "config"))
@@ -325,7 +328,15 @@ class Checkpointer:
                                metrics=files.standard_json(dict(metrics))
                                if metrics is not None else None)
     logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    self._unrecorded = self._unrecorded or saved
     return saved
+
+  def record_finished_saves(self) -> None:
+    """Writes the manifest of a save that finished since (the training loop calls it at
+    each step): the step a crash resumes from is then checked like the older ones."""
+    if self._unrecorded and not self._manager.is_saving_in_progress():
+      self._unrecorded = False
+      self._write_manifests()
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -352,9 +363,11 @@ class Checkpointer:
     args = ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract(to_savable(template))),
         data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
+    started_by = summary_lib.started_by(os.path.dirname(self.directory))
     restored = self._restore_step(
         step, args, "does not match the model/optimizer being trained (changed architecture "
-        "or optimizer?)", wanted=array_shapes(to_savable(template)))
+        "or optimizer?" + (f" this workdir was started by {started_by}" if started_by else "")
+        + ")", wanted=array_shapes(to_savable(template)))
     state = from_savable(restored["state"], template)
     self.restored_eval_owed = bool(restored["data"].get("eval_owed", False))
     per_process = restored["data"]["per_process"]
@@ -530,6 +543,7 @@ class Checkpointer:
   def wait(self) -> None:
     """Blocks until every save is durable, and records the saved files."""
     self._manager.wait_until_finished()
+    self._unrecorded = False
     self._write_manifests()
 
   def reached_preemption(self, step: int) -> bool:

@@ -289,9 +289,13 @@ class _Trainer:
 
   # -- resume ----------------------------------------------------------------
   def restore_or_init(self) -> int:
+    saved = self.checkpointer.all_steps()
+    if not saved and not self.loop.allow_restart:
+      summary_lib.refuse_lost_checkpoints(self.workdir, self.checkpointer.directory,
+                                          self.loop.checkpoint_every)
     summary_lib.write_or_check_config(self.workdir, self.config,
                                       on_mismatch=self.loop.on_config_mismatch,
-                                      saved_nothing=not self.checkpointer.all_steps())
+                                      saved_nothing=not saved)
     restored = self.checkpointer.restore_newest_intact(
         self.state, allow_restart=self.loop.allow_restart)
     if restored is None:
@@ -323,6 +327,7 @@ class _Trainer:
   def _finish_step(self, step: int, metrics, tokens: float, eval_metrics=None) -> None:
     """Host-side bookkeeping of a completed step (runs one step behind dispatch);
     ``tokens``: its batch's, counted in the ``tokens_per_sec`` of the record it ends."""
+    self.checkpointer.record_finished_saves()
     self.writer.add_tokens(tokens)
     host = metrics_lib.to_python(metrics)
     if not host["update_applied"]:
@@ -364,18 +369,17 @@ class _Trainer:
         logging.info("%s already finished at step %d", self.workdir, start_step)
         self.checkpointer.close()
         return TrainResult(self.state, self._model(), summary)
-      if start_step > self.loop.num_steps:  # (at num_steps the loop below just finishes)
-        self.checkpointer.close()
-        raise ValueError(
-            f"{self.workdir} finished at step {summary['final_step']}, then a longer run "
-            f"trained on to step {start_step} and stopped; loop.num_steps="
-            f"{self.loop.num_steps} is below that: rerun with that longer run's num_steps")
     if start_step > self.loop.num_steps:
       self.checkpointer.close()
+      earlier = summary_lib.read_summary(self.workdir, previous=True).get("final_step")
       raise ValueError(
           f"{self.workdir} holds a checkpoint at step {start_step}, past loop.num_steps="
-          f"{self.loop.num_steps}: rerun with the num_steps of the run that saved it (or "
-          "more)")
+          f"{self.loop.num_steps}" + (f" (it finished at step {earlier}, then a longer run "
+          "trained on and stopped)" if earlier else "") + ": rerun with the num_steps of "
+          "the run that saved it (or more)")
+    if start_step > 0:  # a changed rerun trains on: its diff stays in runs.jsonl
+      summary_lib.record_config_change(self.workdir, start_step)
+      summary_lib.set_aside_summary(self.workdir)  # a finished run trains on: stale
     self.writer = metrics_lib.MetricWriter(self.workdir, resume_step=start_step,
                                            total_steps=self.loop.num_steps,
                                            tensorboard=self.loop.tensorboard)
@@ -508,6 +512,7 @@ class _Trainer:
         "wall_time": self.writer.wall_time,
         "best_checkpoint_step": (self.checkpointer.best_step()
                                  if self.loop.best_metric else None),
+        "config_changes": summary_lib.config_changes(self.workdir),
     }
     self.checkpointer.close()
     summary_lib.write_summary(self.workdir, summary)

@@ -50,21 +50,29 @@ def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
   return out
 
 
-def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+def read_metrics(workdir: str | os.PathLike[str], *,
+                 torn_tail_ok: bool = False) -> list[dict[str, Any]]:
   """Parses ``metrics.jsonl``; raises with the line number on a corrupt line. A non-finite
-  value reads as the string it is written as (``files.from_standard_json`` -> floats)."""
+  value reads as the string it is written as (``files.from_standard_json`` -> floats).
+
+  ``torn_tail_ok``: a corrupt LAST line (cut short by a full disk or a crash mid-write)
+  is left out with a warning instead (a resumed run rewrites the file without it).
+  """
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
-  records = []
   with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not a JSON object: {e}") from e
+    lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+  records = []
+  for i, (lineno, line) in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if torn_tail_ok and i == len(lines) - 1:
+        logging.warning("%s:%d: not a JSON object (%s), its last line: left out, as a "
+                        "write cut short", path, lineno, e)
+        break
+      raise ValueError(f"{path}:{lineno}: not a JSON object: {e}") from e
   return records
 
 
@@ -113,7 +121,7 @@ class MetricWriter:
     same step, e.g. from two runs that once shared the workdir, merge; the later wins);
     continues wall time from them."""
     by_step: dict[int, dict[str, Any]] = {}
-    for r in read_metrics(self.workdir):
+    for r in read_metrics(self.workdir, torn_tail_ok=True):
       s = r.get("step", 0)
       if s <= step:
         by_step[s] = {**by_step.get(s, {}), **r}

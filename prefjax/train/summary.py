@@ -17,9 +17,12 @@ from absl import logging
 
 from prefjax import files
 from prefjax import parallel
+from prefjax.train import metrics as metrics_lib
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
+PREVIOUS_SUMMARY_FILE = "summary.previous.json"  # a finished run's, while a longer one trains
+RERUN_CONFIG_FILE = "config.rerun.json"  # a changed rerun's config, beside the first one
 RUNS_FILE = "runs.jsonl"  # one record per invocation of a binary on the workdir
 # How a rerun treats a changed config is not part of what is run: setting it on the
 # rerun (``--config.loop.on_config_mismatch=error``) must not itself be a mismatch.
@@ -124,7 +127,9 @@ def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn
 
   On mismatch with ``on_mismatch="warn"`` the diff is logged as a warning, the
   original ``config.json`` is kept and the new config is written beside it as
-  ``config.rerun.json``; with ``"error"`` a :class:`ConfigMismatchError` is raised.
+  ``config.rerun.json`` (replaced, or removed by a rerun as the run started; the
+  training loop keeps the diff in ``runs.jsonl``, :func:`record_config_change`); with
+  ``"error"`` a :class:`ConfigMismatchError` is raised.
   With ``"warn"``, a workdir whose earlier attempt ``saved_nothing`` (no
   checkpoint) takes this run's config instead: ``config.json`` is replaced, the
   diff logged.
@@ -138,23 +143,66 @@ def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn
     write_json(path, new)
     return new
   if not diff and jax.process_index() == 0:  # A rerun as started: an older diff is stale.
-    pathlib.Path(workdir, "config.rerun.json").unlink(missing_ok=True)
+    pathlib.Path(workdir, RERUN_CONFIG_FILE).unlink(missing_ok=True)
   if diff and saved_nothing and on_mismatch == "warn":
     logging.warning("replacing %s: the run started with it saved no checkpoint, and this "
                     "run's config differs:\n%s", path, diff)
     write_json(path, new)
     if jax.process_index() == 0:
-      pathlib.Path(workdir, "config.rerun.json").unlink(missing_ok=True)
+      pathlib.Path(workdir, RERUN_CONFIG_FILE).unlink(missing_ok=True)
   elif diff:
     message = f"config differs from the one {workdir} was started with:\n{diff}"
     if on_mismatch == "error":
       if saved_nothing:
         message += f"\n(no checkpoint was saved: delete {path} to start with this config)"
       raise ConfigMismatchError(message)
-    logging.warning("%s\n(keeping %s; this run's config is in config.rerun.json)",
-                    message, path)
-    write_json(os.path.join(workdir, "config.rerun.json"), new)
+    logging.warning("%s\n(keeping %s; this run's config is in config.rerun.json, the diff "
+                    "in %s and the summary's config_changes)", message, path, RUNS_FILE)
+    write_json(os.path.join(workdir, RERUN_CONFIG_FILE), new)
   return new
+
+
+def record_config_change(workdir: str, from_step: int) -> None:
+  """Appends to ``runs.jsonl`` the diff of a changed rerun (its ``config.rerun.json``)
+  once it has resumed ``from_step``, where the record stays (:func:`config_changes`)."""
+  rerun = os.path.join(workdir, RERUN_CONFIG_FILE)
+  if jax.process_index() != 0 or not os.path.exists(rerun):
+    return
+  if diff := _diff_from_saved(os.path.join(workdir, CONFIG_FILE),
+                              files.read_json(rerun, standard=False)):
+    append_run_record(workdir, {"config_diff": diff, "from_step": from_step})
+
+
+def config_changes(workdir: str) -> list[dict[str, Any]]:
+  """The config changes runs of ``workdir`` trained on under (``runs.jsonl``), oldest
+  first: ``{"from_step": the newest checkpoint they resumed at, "config_diff": ...}``."""
+  return [{"from_step": r.get("from_step"), "config_diff": r["config_diff"]}
+          for r in read_run_records(workdir) if "config_diff" in r]
+
+
+def refuse_lost_checkpoints(workdir: str, checkpoints: str, checkpoint_every: int) -> None:
+  """Raises ``NoIntactCheckpointError`` when ``workdir``, which holds no checkpoint,
+  shows that its run saved one (``checkpoints`` deleted or moved): retraining from
+  scratch would replace its metrics and summary. ``checkpoint_every``: this run's, unless
+  ``config.json`` holds the one the workdir's run saved with."""
+  from prefjax.train import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel (it imports us)
+  finished = any(os.path.exists(os.path.join(workdir, name))
+                 for name in (SUMMARY_FILE, PREVIOUS_SUMMARY_FILE))
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(config_path):
+    saved_loop = files.read_json(config_path, standard=False).get("loop") or {}
+    checkpoint_every = saved_loop.get("checkpoint_every", checkpoint_every) or 0
+  logged = max((r.get("step", 0) for r in metrics_lib.read_metrics(workdir, torn_tail_ok=True)),
+               default=0)
+  if finished or 0 < checkpoint_every <= logged:
+    evidence = ("its summary.json (a finished run)" if finished else
+                f"metrics.jsonl, logged to step {logged} with checkpoint_every="
+                f"{checkpoint_every},")
+    raise checkpoint_lib.NoIntactCheckpointError(
+        f"{workdir} holds no checkpoint, but {evidence} says its run saved one: was "
+        f"{checkpoints} deleted or moved? Put it back to resume, or rerun with "
+        "--config.loop.allow_restart=True to train from scratch (replacing its "
+        "metrics.jsonl and summary.json)")
 
 
 def replace_config(workdir: str, config: Any) -> dict:
@@ -174,8 +222,7 @@ def _diff_from_saved(path: str, new: Mapping[str, Any]) -> str | None:
   left out); None when nothing is saved there."""
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    old = json.load(f)
+  old = files.read_json(path, standard=False)
   return config_diff(_without_rerun_policy(old), _without_rerun_policy(new))
 
 
@@ -198,8 +245,28 @@ def read_run_records(workdir: str) -> list[dict[str, Any]]:
   path = os.path.join(workdir, RUNS_FILE)
   if not os.path.exists(path):
     return []
+  records = []
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{number}: not a JSON object ({e})") from None
+  return records
+
+
+def started_by(workdir: str) -> str | None:
+  """The binary (``experiments.NAME``) of ``workdir``'s first recorded run, if any."""
+  try:
+    records = read_run_records(workdir)
+  except (OSError, ValueError):
+    return None
+  argv = records[0].get("argv") if records else None
+  if not argv:
+    return None
+  name = os.path.splitext(os.path.basename(argv[0]))[0]
+  return f"experiments.{name}" if name else None
 
 
 @contextlib.contextmanager
@@ -219,6 +286,21 @@ def imports_hint(workdir: str) -> str:
   return f" (its runs.jsonl records --imports={','.join(modules)})" if modules else ""
 
 
-def read_summary(workdir: str) -> dict[str, Any]:
-  """``summary.json``, its non-finite numbers as floats (as the run's own summary had them)."""
-  return files.read_json(os.path.join(workdir, SUMMARY_FILE))
+def read_summary(workdir: str, *, previous: bool = False) -> dict[str, Any]:
+  """``summary.json``, its non-finite numbers as floats (as the run's own summary had them);
+  ``previous``: the one a run that trained on past its finish set aside ({} if none)."""
+  if not previous:
+    return files.read_json(os.path.join(workdir, SUMMARY_FILE))
+  path = os.path.join(workdir, PREVIOUS_SUMMARY_FILE)
+  return files.read_json(path) if os.path.exists(path) else {}
+
+
+def set_aside_summary(workdir: str) -> None:
+  """Moves a finished run's ``summary.json`` to ``summary.previous.json`` when a longer run
+  trains on from it: while it trains, no summary claims the workdir is finished."""
+  path = os.path.join(workdir, SUMMARY_FILE)
+  if jax.process_index() == 0 and os.path.exists(path):
+    final = read_summary(workdir).get("final_step")
+    os.replace(path, os.path.join(workdir, PREVIOUS_SUMMARY_FILE))
+    logging.info("%s finished at step %s and trains on: its summary is now %s until this "
+                 "run finishes", workdir, final, PREVIOUS_SUMMARY_FILE)

@@ -1,0 +1,147 @@
+"""What a workdir keeps of its run's history across reruns: checkpoints deleted or moved
+stop the rerun instead of a silent fresh start over the old metrics; a changed config a
+rerun trained under stays on record; the newest checkpoint is checked like the older
+ones; a metrics line cut short by the crash does not block the resume."""
+
+import json
+import os
+import shutil
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from prefjax import train
+from prefjax.train import checkpoint
+from prefjax.train import integrity
+from prefjax.train import summary as summary_lib
+
+
+class Net(nnx.Module):
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(4, 16, rngs=rngs)
+    self.out = nnx.Linear(16, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jnp.tanh(self.hidden(x)))[:, 0]
+
+
+def loss_fn(model, batch, rng):
+  del rng
+  return jnp.mean((model(batch["x"]) - batch["y"])**2), {}
+
+
+def run(workdir, num_steps=6, config=None, hooks=(), **loop):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(32, 4)).astype(np.float32)
+  examples = [{"x": x[i], "y": np.float32(np.sin(x[i].sum()))} for i in range(32)]
+  train_iter = iter(grain.MapDataset.source(examples).shuffle(seed=1).repeat().batch(8))
+  loop = {"checkpoint_every": 2, "async_checkpointing": False, **loop}
+  return train.train_loop(
+      workdir=str(workdir), model=Net(nnx.Rngs(0)), loss_fn=loss_fn,
+      optimizer={"name": "sgd", "learning_rate": 1e-2}, config=config, hooks=hooks,
+      train_iter=train_iter,
+      loop=train.LoopConfig(num_steps=num_steps, log_every=1, tensorboard=False, **loop))
+
+
+def _steps(workdir):
+  return [r["step"] for r in train.read_metrics(workdir)]
+
+
+def test_a_finished_run_whose_checkpoints_were_deleted_is_not_retrained(tmp_path):
+  first = run(tmp_path)
+  shutil.rmtree(tmp_path / "checkpoints")
+  metrics = (tmp_path / "metrics.jsonl").read_bytes()
+  with pytest.raises(train.NoIntactCheckpointError,
+                     match=r"its summary\.json \(a finished run\) says its run saved one: was "
+                           r".*checkpoints deleted or moved\?.*allow_restart=True"):
+    run(tmp_path, num_steps=3)
+  assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
+  assert summary_lib.read_summary(str(tmp_path))["final_step"] == 6
+  again = run(tmp_path, allow_restart=True)  # what the message offers
+  assert _steps(tmp_path) == list(range(1, 7))
+  assert again.summary["params_sha256"] == first.summary["params_sha256"]
+
+
+def test_metrics_past_the_first_checkpoint_show_a_run_that_saved_one(tmp_path):
+  run(tmp_path, num_steps=4)
+  os.remove(tmp_path / "summary.json")  # as a run stopped at step 4 of 6 leaves it
+  shutil.rmtree(tmp_path / "checkpoints")
+  with pytest.raises(train.NoIntactCheckpointError,
+                     match=r"metrics\.jsonl, logged to step 4 with checkpoint_every=2, says"):
+    run(tmp_path)
+  # A run killed before its first checkpoint (step 1 logged) just starts again.
+  killed = tmp_path / "killed"
+  run(killed, num_steps=1, checkpoint_every=0)
+  os.remove(killed / "summary.json")
+  shutil.rmtree(killed / "checkpoints")
+  run(killed)
+  assert _steps(killed) == list(range(1, 7))
+
+
+def test_a_changed_rerun_stays_on_record_after_a_rerun_as_started(tmp_path):
+  run(tmp_path, num_steps=4, config={"loss": "dpo"})
+  changed = run(tmp_path, config={"loss": "ipo"})  # trains steps 5 and 6 under ipo
+  (change,) = changed.summary["config_changes"]
+  assert change["from_step"] == 4
+  assert '-  "loss": "dpo"' in change["config_diff"]
+  assert '+  "loss": "ipo"' in change["config_diff"]
+  run(tmp_path, config={"loss": "dpo"})  # already finished; its stale config.rerun.json goes
+  assert not (tmp_path / "config.rerun.json").exists()
+  assert summary_lib.config_changes(str(tmp_path)) == [change]
+  assert summary_lib.read_summary(str(tmp_path))["config_changes"] == [change]
+  # A changed rerun of a finished run that trains nothing adds nothing to the record.
+  run(tmp_path, config={"loss": "kto"})
+  assert summary_lib.config_changes(str(tmp_path)) == [change]
+
+
+def test_the_step_a_crash_resumes_from_has_its_manifest_before_the_next_save(tmp_path):
+  seen = {}
+
+  def look(step, state, metrics):
+    del state, metrics
+    if step == 5:  # the step-3 checkpoint is the newest; the next save is at 6
+      seen["manifest"] = integrity.has_manifest(str(tmp_path / "checkpoints" / "3"))
+  run(tmp_path, checkpoint_every=3, hooks=(look,))
+  assert seen == {"manifest": True}
+
+
+def test_an_async_save_is_recorded_once_it_finished(tmp_path):
+  tx, _ = train.make_optimizer({"name": "sgd", "learning_rate": 0.1})
+  _, state = train.create_train_state(Net(nnx.Rngs(0)), tx, 0)
+  ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", async_save=True)
+  assert ckpt.save(state)
+  ckpt._manager.wait_until_finished()  # pylint: disable=protected-access (orbax's own wait)
+  assert not integrity.has_manifest(str(tmp_path / "checkpoints" / "0"))
+  ckpt.record_finished_saves()
+  assert integrity.has_manifest(str(tmp_path / "checkpoints" / "0"))
+  ckpt.close()
+
+
+def test_a_metrics_line_cut_short_by_the_crash_does_not_block_the_resume(tmp_path):
+  uninterrupted = run(tmp_path / "whole").summary["params_sha256"]
+  run(tmp_path, num_steps=4)
+  os.remove(tmp_path / "summary.json")
+  with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"step": 5, "loss": 0.')  # the disk filled mid-line
+  result = run(tmp_path)
+  assert result.summary["params_sha256"] == uninterrupted
+  assert _steps(tmp_path) == list(range(1, 7))
+  # Anywhere else a corrupt line is an error that names it.
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  lines[2] = lines[2][:-5]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  with pytest.raises(ValueError, match=r"metrics\.jsonl:3: not a JSON object"):
+    train.read_metrics(tmp_path)
+  assert json.loads(lines[1])["step"] == 2
+
+
+def test_a_checkpoint_reference_expands_the_home_folder():
+  assert checkpoint.split_ref("~/runs/rm@best") == (os.path.expanduser("~/runs/rm"), "best")
+  assert checkpoint.split_ref("~/runs/rm") == (os.path.expanduser("~/runs/rm"), None)
+  with pytest.raises(FileNotFoundError, match=f"no checkpoints directory in "
+                                              f"{os.path.expanduser('~')}/no_such_run"):
+    checkpoint.saved_step("~/no_such_run")
