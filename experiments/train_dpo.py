@@ -229,6 +229,9 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   data_report.finish(train_iter, result.summary, mesh)
   if not result.preempted:
     experiment.export_hf(config, workdir, result.model, tokenizer, what="policy")
+    logging.info("done: %s/summary.json. Next, its implicit reward beside other scorers: "
+                 "python -m experiments.eval_rm --config=configs/eval/tiny.py --workdir=EVAL "
+                 "--config.scorers=dpo:%s --config.datasets=run:%s", workdir, workdir, workdir)
   return result
 
 

@@ -148,6 +148,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   data_report.finish(train_iter, result.summary, mesh)
   if not result.preempted:
     experiment.export_hf(config, workdir, result.model, tokenizer, what="reward model")
+    logging.info("done: %s/summary.json. Next: python -m experiments.eval_rm --config=configs/"
+                 "eval/tiny.py --workdir=EVAL --config.scorers=rm:%s --config.datasets=run:%s; "
+                 "as best_of_n's or train_rl's proxy: --config.proxy.kind=model "
+                 "--config.proxy.checkpoint=%s", workdir, workdir, workdir, workdir)
   last = evaluators[0].last if evaluators else None
   return {"summary": result.summary, "eval": last[1] if last else None,
           "preempted": result.preempted}

@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from absl import app
+from absl import logging
 from flax import nnx
 
 from experiments import common
@@ -123,6 +124,9 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   if not result.preempted:
     _add_perplexity(workdir, result)
     experiment.export_hf(config, workdir, result.model, tokenizer, what="policy")
+    logging.info("done: %s/summary.json. Next, DPO from this policy: python -m experiments."
+                 "train_dpo --config.model.path=%s/hf (its export: --config.export_hf=True)",
+                 workdir, workdir)
   return result
 
 

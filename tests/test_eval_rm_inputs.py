@@ -282,13 +282,60 @@ def test_a_reward_from_a_checkpoint_scores_texts_as_eval_rm_scores_its_pairs(cut
     rl_rewards.from_checkpoint(str(policy))
 
 
+def test_a_reward_spec_of_a_checkpoint_alone_takes_its_run_s_model_and_tokenizer(cut_run,
+                                                                                  tmp_path):
+  """``--config.proxy.kind=model --config.proxy.checkpoint=WORKDIR`` in best_of_n and
+  train_rl: a spec without tokenizer and model stopped with an error about a missing
+  'tokenizer' field of the binary's config."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from configs.bon import tiny as bon_tiny  # pylint: disable=import-outside-toplevel
+  from experiments import best_of_n  # pylint: disable=import-outside-toplevel
+  from prefjax.rl import rewards as rl_rewards  # pylint: disable=import-outside-toplevel
+  texts = (["a long question", "q"], ["yes", "abd"])
+  alone = rl_rewards.make_reward(ml_collections.ConfigDict(
+      {"kind": "model", "checkpoint": f"{cut_run}@latest", "batch_size": 64}))
+  run = json.loads((cut_run / "config.json").read_text())
+  spelled_out = rl_rewards.make_reward(ml_collections.ConfigDict(
+      {"kind": "model", "checkpoint": str(cut_run), "tokenizer": run["tokenizer"],
+       "model": run["model"]}))
+  np.testing.assert_array_equal(alone(*texts), spelled_out(*texts))
+  np.testing.assert_array_equal(alone(*texts), rl_rewards.from_checkpoint(str(cut_run))(*texts))
+  assert np.ptp(alone(*texts)) > 1e-3
+  with pytest.raises(ValueError, match=r"kind='model' needs checkpoint \(a train_rm workdir"):
+    rl_rewards.make_reward(ml_collections.ConfigDict({"kind": "model", "checkpoint": ""}))
+  # The tiny best-of-n config takes it as two overrides; the samples stay the same.
+  config = bon_tiny.get_config("quick")
+  config.prompts.num_eval, config.bon.num_samples, config.bon.prompts_per_batch = 2, 4, 2
+  planted = best_of_n.sample_and_score(config)
+  config.proxy.kind, config.proxy.checkpoint = "model", str(cut_run)
+  learned = best_of_n.sample_and_score(config)
+  np.testing.assert_array_equal(learned["gold"], planted["gold"])
+  assert learned["proxy"].shape == (2, 4) and not np.allclose(learned["proxy"], planted["proxy"])
+  config.proxy.kind = "tiny_world_proxy"
+  with pytest.raises(ValueError, match=r"'tiny_world_proxy' is programmatic: checkpoint="):
+    best_of_n.sample_and_score(config)
+
+
+def test_a_reward_says_once_how_many_texts_it_cut(cut_run, caplog):
+  """A prompt longer than the RM's training cut was scored on its last bytes unsaid."""
+  from prefjax.rl import rewards as rl_rewards  # pylint: disable=import-outside-toplevel
+  reward = rl_rewards.from_checkpoint(str(cut_run))
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    reward(["q", "q"], ["a", "b"])
+    assert not caplog.records
+    reward(["q", "a long question indeed", "q"], ["a", "b", "c"])
+    reward(["a long question indeed"], ["a"])
+  assert [r.getMessage() for r in caplog.records] == [
+      "reward model: 1 of 3 texts cut to fit (max_length 12, prompt limit 4, as the model "
+      "trained); their cut parts do not count"]
+
+
 def test_the_readme_example_scores_two_responses_with_a_trained_run(cut_run):
   from tests import test_readme_examples  # pylint: disable=import-outside-toplevel
   from prefjax.rl import rewards as rl_rewards  # pylint: disable=import-outside-toplevel
   code = test_readme_examples._example("rewards.from_checkpoint")  # pylint: disable=protected-access
   ns, printed = test_readme_examples._run(code.replace('"/tmp/rm_tiny"', repr(str(cut_run))))  # pylint: disable=protected-access
-  scores = rl_rewards.from_checkpoint(str(cut_run))(
-      ns["prompts"], [" Yes, on a clear day.", " No."])
+  scores = rl_rewards.from_checkpoint(str(cut_run))(ns["prompts"], ns["responses"])
   assert scores.shape == (2,) and scores.dtype == np.float64  # "float64 [2]"
   assert printed.strip() == str(scores) and np.isfinite(scores).all()
 

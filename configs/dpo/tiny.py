@@ -16,7 +16,9 @@ Held-out implicit-reward accuracy (211 pairs; chance 0.5) and KL(π‖π_ref) in
                               (the random reference is near-uniform over bytes);
   from configs/sft/tiny.py:   0.86 / 0.86, KL 8.4 / 8.6 (k3 7.6 / 7.1: k3 is
                               noisier at this KL; kl/exact is the low-variance estimate).
-  (KL remeasured 2026-12-06 after the sampler fix 1fc2d9a; 8.5 / 8.4, k3 7.6 / 8.2 before.)
+  (KL remeasured 2026-12-06 after the sampler fix 1fc2d9a; 8.5 / 8.4, k3 7.6 / 8.2 before.
+  The same command on an AMD EPYC the same day: 8.4 / 8.2, k3 7.6 / 5.7, accuracy
+  0.86 / 0.87: the KL at step 300 moves with the CPU's float rounding over 300 steps.)
 ``:quick`` (40 steps, saved only at the end): accuracy 0.83. Every registered loss
 reaches > 0.62 after 30 steps of a 1-layer model (tests/test_train_dpo.py).
 """

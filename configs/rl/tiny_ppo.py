@@ -44,10 +44,13 @@ def base_config() -> ml_collections.ConfigDict:
                  echo_bonus=0.5)
   c.prompts = dict(source="tiny_world", num_eval=64, eval_seed=1, max_length=10, style="raw")
   c.warm_start = dict(steps=150, batch_size=64, learning_rate=3e-3)
+  # A reward model of one's own: --config.proxy.kind=model --config.proxy.checkpoint=WORKDIR
+  # (a train_rm run, e.g. of configs/rm/tiny.py; its tokenizer and model come from the run).
   # reference_*: π_ref samples (prompts x samples each) that standardize a model ensemble's
   # members before WCO/UWO (proxy.kind="model", aggregation wco/uwo); unused otherwise.
-  c.proxy = dict(kind="tiny_world_proxy", reference_prompts=64, reference_samples_per_prompt=4)
-  c.gold = dict(kind="tiny_world_gold")
+  c.proxy = dict(kind="tiny_world_proxy", checkpoint="", batch_size=64, aggregation="mean",
+                 lam=0.0, reference_prompts=64, reference_samples_per_prompt=4)
+  c.gold = dict(kind="tiny_world_gold", checkpoint="", batch_size=64)
   c.sampling = dict(max_new_tokens=14, temperature=1.0, 
                     top_k=config_dict.placeholder(int),
                     top_p=config_dict.placeholder(float))  # settable for best_of_n

@@ -11,7 +11,8 @@ Reward specs (``config.proxy`` / ``config.gold``), by ``kind``:
     ``TinyWorld.proxy_reward`` (gold + the planted exploitable feature).
   * ``model``: a reward model built with ``prefjax.experiment.make_model`` from
     ``spec.model`` (``head="reward"`` or ``"reward_ensemble:K"``), tokenizer
-    ``spec.tokenizer``, parameters from a ``train_rm`` workdir
+    ``spec.tokenizer`` (either left out: the one the checkpoint's run trained with,
+    ``with_run_config``), parameters from a ``train_rm`` workdir
     ``spec.checkpoint`` (``WORKDIR[@latest|@best|@STEP]``, default the latest step;
     ``@best`` as the run ranked its checkpoints) when given; K-member heads are scored
     by their mean (``spec.aggregation="mean"``: WCO and UWO need the members on one
@@ -171,9 +172,10 @@ def text_encoder(tokenizer: Any, pipeline: pipeline_lib.PipelineConfig
   ``prompt + MODEL_SEPARATOR + response``, encoded and cut as ``pipeline`` cuts a pair's
   side in training (``prefjax.data.truncation.truncate``)."""
   bos_id = tokenizer.bos_id if pipeline.add_bos else None
+  warned = []
 
   def encode(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    ids = []
+    ids, cut = [], 0
     for text in texts:
       prompt, sep, response = text.partition(MODEL_SEPARATOR)
       if not sep:
@@ -181,8 +183,15 @@ def text_encoder(tokenizer: Any, pipeline: pipeline_lib.PipelineConfig
       p = tokenize_lib.encode_prompt(prompt, tokenizer, style=pipeline.prompt_style,
                                      add_bos=pipeline.add_bos)
       r = tokenize_lib.encode_response(response, tokenizer, style=pipeline.prompt_style)
+      whole = len(p) + len(r)
       p, (r,), *_ = truncation.truncate(p, [r], pipeline, bos_id)
+      cut += len(p) + len(r) < whole
       ids.append(p + r)
+    if cut and not warned:  # once per reward: best-of-n and RL score batch after batch
+      warned.append(True)
+      logging.warning("reward model: %d of %d texts cut to fit (max_length %d, prompt limit "
+                      "%d, as the model trained); their cut parts do not count", cut,
+                      len(ids), pipeline.max_length, pipeline.prompt_limit)
     length = max(1, max(len(x) for x in ids))
     tokens = np.full((len(ids), length), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(ids), length), np.int32)
@@ -277,15 +286,30 @@ def from_checkpoint(ref: str, *, name: str | None = None, batch_size: int = 64,
   each); a run that trained no reward head (``train_dpo``, ``train_sft``) is refused.
   Same scores as ``eval_rm``'s ``rm:`` scorer on the same pairs.
   """
-  workdir, step = train.checkpoint.split_ref(ref)
-  spec = scorers.ScorerSpec(name=name or os.path.basename(os.path.normpath(workdir)),
-                            kind="rm", path=workdir,
-                            step="latest" if step is None else str(step))
-  run, step, _ = scorers.trained_run(spec)
-  return model_reward(ml_collections.ConfigDict(dict(
-      kind="model", name=spec.name, tokenizer=run.tokenizer.to_dict(),
-      model=run.model.to_dict(), checkpoint=f"{workdir}@{step}", batch_size=batch_size)),
-      seed=seed)
+  workdir, _ = train.checkpoint.split_ref(ref)
+  return model_reward(with_run_config(ml_collections.ConfigDict(dict(
+      kind="model", name=name or os.path.basename(os.path.normpath(workdir)),
+      checkpoint=os.fspath(ref), batch_size=batch_size))), seed=seed)
+
+
+def with_run_config(spec: Any) -> Any:
+  """A ``kind="model"`` spec whose missing ``tokenizer`` / ``model`` are those its
+  ``checkpoint`` (``WORKDIR[@...]``, a ``train_rm`` run) was trained under; the checkpoint
+  is pinned to that step. A spec holding both is returned as it is."""
+  if spec.get("tokenizer") and spec.get("model"):
+    return spec
+  if not spec.get("checkpoint"):
+    raise ValueError(f"reward {spec.get('name')!r}: kind='model' needs checkpoint (a train_rm "
+                     "workdir, whose run gives the tokenizer and model) or both tokenizer "
+                     "and model")
+  workdir, step = train.checkpoint.split_ref(spec.checkpoint)
+  scorer = scorers.ScorerSpec(name=spec.get("name") or os.path.basename(os.path.normpath(
+      workdir)), kind="rm", path=workdir, step="latest" if step is None else str(step))
+  run, step, _ = scorers.trained_run(scorer)
+  return ml_collections.ConfigDict(dict(
+      spec.to_dict() if hasattr(spec, "to_dict") else spec, name=scorer.name,
+      tokenizer=spec.get("tokenizer") or run.tokenizer.to_dict(),
+      model=spec.get("model") or run.model.to_dict(), checkpoint=f"{workdir}@{step}"))
 
 
 def make_reward(spec: Any, *, world: tiny_world_lib.TinyWorld | None = None,
@@ -295,8 +319,11 @@ def make_reward(spec: Any, *, world: tiny_world_lib.TinyWorld | None = None,
   if kind in ("tiny_world_gold", "tiny_world_proxy"):
     if world is None:
       raise ValueError(f"reward kind {kind!r} needs config.world (a tiny world)")
+    if spec.get("checkpoint"):
+      raise ValueError(f"reward kind {kind!r} is programmatic: checkpoint="
+                       f"{spec.checkpoint!r} is read with kind='model' only")
     return tiny_world_reward(world, kind.rsplit("_", 1)[1])
   if kind == "model":
-    return model_reward(spec, seed=seed)
+    return model_reward(with_run_config(spec), seed=seed)
   raise ValueError(f"unknown reward kind {kind!r}; expected 'tiny_world_gold', "
                    "'tiny_world_proxy' or 'model'")
