@@ -190,8 +190,8 @@ def curves(samples: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
       "reference_mean": means,
       "num_prompts": int(proxy.shape[0]), "num_samples": int(n_max),
       "sampling": summary_lib.config_to_dict(config.sampling),
-      "proxy_name": config.proxy.get("name") or config.proxy.kind,
-      "gold_name": config.gold.get("name") or config.gold.kind,
+      "proxy_name": rl_rewards.reward_name(config.proxy),
+      "gold_name": rl_rewards.reward_name(config.gold),
       "mean_response_length": float(samples["lengths"].mean()),
       "gold_decline": gold_decline(curve, num_bootstrap, seed),
   }

@@ -65,9 +65,10 @@ def compare(config: Any, workdir: str) -> str:
       raise scorers_lib.EvalInputError(f"compare: {run} has no report.json")
     reports[os.path.basename(os.path.normpath(run))] = files.read_json(path)
   table = reward_report.compare_table(reports)
-  with open(os.path.join(workdir, "compare.md"), "w", encoding="utf-8") as f:
-    f.write(table + "\n")
+  path = os.path.join(workdir, "compare.md")
+  files.write_atomically(path, lambda f: f.write(table + "\n"), mode="w")
   print(table)
+  logging.info("eval_rm: %d reports compared in %s", len(reports), path)
   return table
 
 

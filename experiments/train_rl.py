@@ -160,7 +160,7 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
   train_prompts, eval_prompts = setup.make_prompts(config, tokenizer, world, workdir=workdir,
                                                    start_hooks=report_hooks)
   seed = int(config.seed)
-  setup.check_reward_checkpoints(config, workdir)
+  record_rewards = setup.check_reward_checkpoints(config, workdir)
   proxy_spec, aggregation, lam = rl_rewards.split_aggregation(config.proxy)
   proxy = rl_rewards.make_reward(proxy_spec, world=world, seed=seed)
   gold = rl_rewards.make_reward(config.gold, world=world, seed=seed)
@@ -194,7 +194,8 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
         optimizer=_optimizer(json.dumps(config.optimizer.to_dict(), sort_keys=True)),
         loop=config.loop, train_iter=rollouts, evaluators=[evaluator],
         mesh=mesh, partition_rules=experiment.partition_rules(policy),
-        hooks=[rollouts.observe], start_hooks=[*report_hooks, check_warm_start, rollouts.observe],
+        hooks=[rollouts.observe], start_hooks=[*report_hooks, record_rewards, check_warm_start,
+                                              rollouts.observe],
         trainable=rollout_lib.TRAINABLE, sequential_updates=rollouts.updates_per_step)
   if result.preempted:
     return result

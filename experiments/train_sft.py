@@ -124,9 +124,9 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   if not result.preempted:
     _add_perplexity(workdir, result)
     experiment.export_hf(config, workdir, result.model, tokenizer, what="policy")
-    logging.info("done: %s/summary.json. Next, DPO from this policy: python -m experiments."
-                 "train_dpo --config.model.path=%s/hf (its export: --config.export_hf=True)",
-                 workdir, workdir)
+    logging.info("done: %s/summary.json. Next, DPO from this policy (its export, written with "
+                 "--config.export_hf=True): python -m experiments.train_dpo --config=configs/dpo/"
+                 "tiny.py --config.model.path=%s/hf --workdir=DPO", workdir, workdir)
   return result
 
 

@@ -44,7 +44,7 @@ def write_atomically(path: str | os.PathLike[str], fill: Callable[[IO[Any]], Non
     os.replace(tmp, path)
   except BaseException as e:
     tmp.unlink(missing_ok=True)
-    if isinstance(e, OSError) and e.filename is None:  # a full disk names no file
+    if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # a full disk
       raise OSError(e.errno, e.strerror, str(path)) from e
     raise
 

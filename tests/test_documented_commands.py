@@ -63,3 +63,16 @@ def test_a_documented_command_names_what_exists(where, binary, args):
     if arg.startswith("--config.") and "=" in arg:
       field = arg[len("--config."):].split("=", 1)[0]
       assert _has_field(config, field), f"{where}: {configs[0]} has no field {field!r}"
+
+
+def _anchor(heading: str) -> str:
+  """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_s_links_to_its_sections_resolve():
+  text = (REPO / "README.md").read_text(encoding="utf-8")
+  anchors = {_anchor(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+  links = re.findall(r"\]\(#([^)]+)\)", text)
+  assert len(links) >= 15
+  assert [link for link in links if link not in anchors] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -367,13 +368,17 @@ def test_scoring_sharded_over_eight_devices_matches_one_device(runs, report, tmp
     np.testing.assert_allclose(sharded[name], single[name], atol=1e-5 * scale, err_msg=name)
 
 
-def test_compare_mode_puts_reports_side_by_side(runs, report, tmp_path):
+def test_compare_mode_puts_reports_side_by_side(runs, report, tmp_path, caplog):
   _, workdir = report
   other = tmp_path / "other"
   shutil.copytree(workdir, other)
   config = eval_tiny.get_config()
   config.compare = f"{workdir},{other}"
-  table = eval_rm.run(config, str(tmp_path / "cmp"))["compare"]
+  with caplog.at_level(logging.INFO, logger="absl"):
+    table = eval_rm.run(config, str(tmp_path / "cmp"))["compare"]
+  path = tmp_path / "cmp" / "compare.md"
+  assert f"eval_rm: 2 reports compared in {path}" in caplog.text
+  assert path.read_text() == table + "\n"
   assert table.splitlines()[0] == "| dataset | scorer | eval | other |"
   rm_row = next(l for l in table.splitlines() if "| rm |" in l)
   cells = rm_row.split("|")[3:5]
@@ -584,16 +589,3 @@ def test_a_missing_dataset_is_one_line_on_the_command_line(tmp_path):
   assert last.startswith(f"error: EvalInputError: dataset 'jsonl:{tmp_path}/missing.jsonl@train': ")
   assert "Traceback" not in proc.stderr
 
-
-def test_compare_reads_a_report_with_an_unmeasured_accuracy(tmp_path):
-  """report.json holds a NaN as "nan" (standard JSON); compare reads it back as a number."""
-  nan_ci = {"value": float("nan"), "low": float("nan"), "high": float("nan")}
-  for run, acc in (("a", nan_ci), ("b", {"value": 0.75, "low": 0.5, "high": 1.0})):
-    summary_lib.write_json(tmp_path / run / "report.json",
-                           {"datasets": [{"dataset": "d", "metrics": {"rm": {"accuracy": acc}}}]})
-  text = (tmp_path / "a" / "report.json").read_text()
-  assert json.loads(text, parse_constant=pytest.fail)["datasets"][0]["metrics"]["rm"][
-      "accuracy"]["value"] == "nan"
-  config = ml_collections.ConfigDict({"compare": f"{tmp_path / 'a'},{tmp_path / 'b'}"})
-  table = eval_rm.compare(config, str(tmp_path))
-  assert table.splitlines()[-1] == "| d | rm | – | 0.750 [0.500, 1.000] |"

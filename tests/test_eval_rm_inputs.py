@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -20,6 +22,7 @@ from prefjax.data import tokenize
 from prefjax.evals import scorers as scorers_lib
 from prefjax.models import decoder
 from prefjax.models import hf_export
+from prefjax.train import summary as summary_lib
 from tests import test_eval_rm
 from tests import test_train_rm
 
@@ -287,7 +290,6 @@ def test_a_reward_spec_of_a_checkpoint_alone_takes_its_run_s_model_and_tokenizer
   """``--config.proxy.kind=model --config.proxy.checkpoint=WORKDIR`` in best_of_n and
   train_rl: a spec without tokenizer and model stopped with an error about a missing
   'tokenizer' field of the binary's config."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
   from configs.bon import tiny as bon_tiny  # pylint: disable=import-outside-toplevel
   from experiments import best_of_n  # pylint: disable=import-outside-toplevel
   from prefjax.rl import rewards as rl_rewards  # pylint: disable=import-outside-toplevel
@@ -300,12 +302,17 @@ def test_a_reward_spec_of_a_checkpoint_alone_takes_its_run_s_model_and_tokenizer
        "model": run["model"]}))
   np.testing.assert_array_equal(alone(*texts), spelled_out(*texts))
   np.testing.assert_array_equal(alone(*texts), rl_rewards.from_checkpoint(str(cut_run))(*texts))
+  assert rl_rewards.reward_name(ml_collections.ConfigDict(
+      {"kind": "model", "checkpoint": f"{cut_run}@latest"})) == cut_run.name  # in reports
+  home = scorers_lib.ScorerSpec.parse("rm:~/runs/rm@best")
+  assert (home.path, home.step, home.name) == (os.path.expanduser("~/runs/rm"), "best", "rm")
   assert np.ptp(alone(*texts)) > 1e-3
   with pytest.raises(ValueError, match=r"kind='model' needs checkpoint \(a train_rm workdir"):
     rl_rewards.make_reward(ml_collections.ConfigDict({"kind": "model", "checkpoint": ""}))
   # The tiny best-of-n config takes it as two overrides; the samples stay the same.
   config = bon_tiny.get_config("quick")
   config.prompts.num_eval, config.bon.num_samples, config.bon.prompts_per_batch = 2, 4, 2
+  config.warm_start.steps = 0  # the random policy's samples serve as well
   planted = best_of_n.sample_and_score(config)
   config.proxy.kind, config.proxy.checkpoint = "model", str(cut_run)
   learned = best_of_n.sample_and_score(config)
@@ -348,3 +355,17 @@ def test_the_scoring_bar_ends_full_and_counts_the_pairs_the_pipeline_dropped(cap
     assert len(list(scorers_lib._progress(iter(batches), 6, "rm"))) == 2  # pylint: disable=protected-access
   (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rm: ")]
   assert line.startswith("rm: 6/6 pairs (") and line.endswith(" 2 dropped by the pipeline")
+
+
+def test_compare_reads_a_report_with_an_unmeasured_accuracy(tmp_path):
+  """report.json holds a NaN as "nan" (standard JSON); compare reads it back as a number."""
+  nan_ci = {"value": float("nan"), "low": float("nan"), "high": float("nan")}
+  for run, acc in (("a", nan_ci), ("b", {"value": 0.75, "low": 0.5, "high": 1.0})):
+    summary_lib.write_json(tmp_path / run / "report.json",
+                           {"datasets": [{"dataset": "d", "metrics": {"rm": {"accuracy": acc}}}]})
+  text = (tmp_path / "a" / "report.json").read_text()
+  assert json.loads(text, parse_constant=pytest.fail)["datasets"][0]["metrics"]["rm"][
+      "accuracy"]["value"] == "nan"
+  config = ml_collections.ConfigDict({"compare": f"{tmp_path / 'a'},{tmp_path / 'b'}"})
+  table = eval_rm.compare(config, str(tmp_path))
+  assert table.splitlines()[-1] == "| d | rm | – | 0.750 [0.500, 1.000] |"

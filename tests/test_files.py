@@ -119,6 +119,11 @@ def test_a_write_cut_short_by_a_full_disk_names_the_file(tmp_path):
   assert caught.value.filename == str(path) and caught.value.errno == errno.ENOSPC
   assert list(tmp_path.iterdir()) == []
 
+  def odd(f):
+    raise OSError("a message of its own")  # no errno: kept as it is
+  with pytest.raises(OSError, match=r"^a message of its own$"):
+    files.write_atomically(path, odd, mode="w")
+
 
 def test_read_json_names_a_file_that_is_not_json(tmp_path):
   (tmp_path / "summary.json").write_text('{"final_step": 6,', encoding="utf-8")

@@ -4,6 +4,7 @@ rerun trained under stays on record; the newest checkpoint is checked like the o
 ones; a metrics line cut short by the crash does not block the resume."""
 
 import json
+import logging
 import os
 import shutil
 
@@ -56,33 +57,35 @@ def test_a_finished_run_whose_checkpoints_were_deleted_is_not_retrained(tmp_path
   shutil.rmtree(tmp_path / "checkpoints")
   metrics = (tmp_path / "metrics.jsonl").read_bytes()
   with pytest.raises(train.NoIntactCheckpointError,
-                     match=r"its summary\.json \(a finished run\) says its run saved one: was "
-                           r".*checkpoints deleted or moved\?.*allow_restart=True"):
+                     match=r"holds no checkpoint, but the summary of a run that finished: was "
+                           r".*checkpoints deleted or moved\? Put it back.*allow_restart=True"):
     run(tmp_path, num_steps=3)
   assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
   assert summary_lib.read_summary(str(tmp_path))["final_step"] == 6
   again = run(tmp_path, allow_restart=True)  # what the message offers
   assert _steps(tmp_path) == list(range(1, 7))
   assert again.summary["params_sha256"] == first.summary["params_sha256"]
+  discarded = json.loads((tmp_path / "summary.discarded.json").read_text())
+  assert discarded["final_step"] == 6 and discarded["wall_time"] != again.summary["wall_time"]
 
 
-def test_metrics_past_the_first_checkpoint_show_a_run_that_saved_one(tmp_path):
-  run(tmp_path, num_steps=4)
+def test_metrics_past_the_first_checkpoint_warn_and_start_again(tmp_path, caplog):
+  """A run killed during its first save leaves what deleted checkpoints leave: the metrics
+  say a save was due, none finished. It starts again; the warning says both."""
+  run(tmp_path, num_steps=4, config={"loop": {"checkpoint_every": 2}})
   os.remove(tmp_path / "summary.json")  # as a run stopped at step 4 of 6 leaves it
   shutil.rmtree(tmp_path / "checkpoints")
-  with pytest.raises(train.NoIntactCheckpointError,
-                     match=r"metrics\.jsonl, logged to step 4 with checkpoint_every=2, says"):
-    run(tmp_path)
-  # A run killed before its first checkpoint (step 1 logged) just starts again.
-  killed = tmp_path / "killed"
-  run(killed, num_steps=1, checkpoint_every=0)
-  os.remove(killed / "summary.json")
-  shutil.rmtree(killed / "checkpoints")
-  run(killed)
-  assert _steps(killed) == list(range(1, 7))
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    # checkpoint_every of the run that wrote the metrics (config.json), not this one's 5.
+    run(tmp_path, checkpoint_every=5, config={"loop": {"checkpoint_every": 2}})
+  assert [r.getMessage() for r in caplog.records if "holds no checkpoint" in r.getMessage()] == [
+      f"{tmp_path} holds no checkpoint, but metrics.jsonl logged step 4 with checkpoint_every=2:"
+      f" killed during its first save, or was {tmp_path}/checkpoints deleted or moved? This "
+      "run starts from step 0 and replaces those metrics."]
+  assert _steps(tmp_path) == list(range(1, 7))
 
 
-def test_a_changed_rerun_stays_on_record_after_a_rerun_as_started(tmp_path):
+def test_the_config_changes_a_run_trained_under_stay_on_record(tmp_path):
   run(tmp_path, num_steps=4, config={"loss": "dpo"})
   changed = run(tmp_path, config={"loss": "ipo"})  # trains steps 5 and 6 under ipo
   (change,) = changed.summary["config_changes"]
@@ -93,9 +96,27 @@ def test_a_changed_rerun_stays_on_record_after_a_rerun_as_started(tmp_path):
   assert not (tmp_path / "config.rerun.json").exists()
   assert summary_lib.config_changes(str(tmp_path)) == [change]
   assert summary_lib.read_summary(str(tmp_path))["config_changes"] == [change]
-  # A changed rerun of a finished run that trains nothing adds nothing to the record.
-  run(tmp_path, config={"loss": "kto"})
-  assert summary_lib.config_changes(str(tmp_path)) == [change]
+  run(tmp_path, config={"loss": "kto"})  # finished: trains nothing, adds nothing
+  run(tmp_path, num_steps=8, config={"loss": "ipo"})  # the same change again: one record
+  back = run(tmp_path, num_steps=10, config={"loss": "dpo"})  # back to config.json
+  assert back.summary["config_changes"] == [change, {"from_step": 8, "config_diff": ""}]
+  # A fresh start (allow_restart) reports only its own changes.
+  shutil.rmtree(tmp_path / "checkpoints")
+  assert run(tmp_path, allow_restart=True, config={"loss": "dpo"}).summary[
+      "config_changes"] == []
+
+
+def test_a_cut_runs_jsonl_line_does_not_fail_the_finish(tmp_path, caplog):
+  run(tmp_path, num_steps=2, config={"loss": "dpo"})
+  with open(tmp_path / "runs.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"argv": ["train_rm"')  # a full disk cut it; the next record is glued on
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    result = run(tmp_path, num_steps=4, config={"loss": "ipo"})
+  assert result.summary["final_step"] == 4
+  assert any(r.getMessage().startswith(f"{tmp_path}/runs.jsonl:1: not a JSON object")
+             for r in caplog.records)
+  with pytest.raises(ValueError, match=r"runs\.jsonl:1: not a JSON object"):
+    summary_lib.read_run_records(str(tmp_path))
 
 
 def test_the_step_a_crash_resumes_from_has_its_manifest_before_the_next_save(tmp_path):

@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   # members before WCO/UWO (proxy.kind="model", aggregation wco/uwo); unused otherwise.
   c.proxy = dict(kind="tiny_world_proxy", checkpoint="", batch_size=64, aggregation="mean",
                  lam=0.0, reference_prompts=64, reference_samples_per_prompt=4)
-  c.gold = dict(kind="tiny_world_gold", checkpoint="", batch_size=64)
+  c.gold = dict(kind="tiny_world_gold")  # (fields a study's finished stages are keyed by)
   c.sampling = dict(max_new_tokens=14, temperature=1.0, 
                     top_k=config_dict.placeholder(int),
                     top_p=config_dict.placeholder(float))  # settable for best_of_n

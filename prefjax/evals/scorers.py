@@ -100,6 +100,7 @@ class ScorerSpec:
       arg, step = arg.rsplit("@", 1)
     if kind in ("rm", "dpo", "hf") and not arg:
       raise EvalInputError(f"scorer {text!r}: {kind} needs a path ({kind}:PATH)")
+    arg = os.path.expanduser(arg)
     default = os.path.basename(os.path.normpath(arg)) if arg else kind
     return cls(name=name.strip() or default, kind=kind, path=arg, step=step)
 

@@ -292,6 +292,15 @@ def from_checkpoint(ref: str, *, name: str | None = None, batch_size: int = 64,
       checkpoint=os.fspath(ref), batch_size=batch_size))), seed=seed)
 
 
+def reward_name(spec: Any) -> str:
+  """A reward spec's name in reports: its own, else its checkpoint's workdir, else its kind."""
+  if spec.get("name"):
+    return str(spec.name)
+  if spec.get("kind") == "model" and spec.get("checkpoint"):
+    return os.path.basename(os.path.normpath(train.checkpoint.split_ref(spec.checkpoint)[0]))
+  return str(spec.get("kind"))
+
+
 def with_run_config(spec: Any) -> Any:
   """A ``kind="model"`` spec whose missing ``tokenizer`` / ``model`` are those its
   ``checkpoint`` (``WORKDIR[@...]``, a ``train_rm`` run) was trained under; the checkpoint

@@ -170,16 +170,23 @@ def has_checkpoints(workdir: str) -> bool:
   return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
 
 
-def check_reward_checkpoints(config: Any, workdir: str) -> None:
-  """Records the step and file digest of the proxy's and gold's checkpoints
-  (``REWARDS_FILE``); a rerun whose specs would load other ones (the RM trained on since)
-  is refused: its rewards would change mid-run."""
+def check_reward_checkpoints(config: Any, workdir: str) -> Callable[[int, Any], None]:
+  """A rerun whose specs would load other proxy or gold checkpoints than the run started
+  with (the RM trained on since) is refused: its rewards would change mid-run. Returns the
+  start hook that records them (step and file digest, ``REWARDS_FILE``) when the loop
+  starts afresh: not before, so a rerun the loop refuses leaves the record alone."""
   now = {name: train.checkpoint_identity(spec.checkpoint) for name in ("proxy", "gold")
          if (spec := config.get(name)) and spec.get("kind") == "model" and spec.get("checkpoint")}
   path = os.path.join(workdir, REWARDS_FILE)
+
+  def record(start_step: int, state: Any) -> None:
+    del state
+    if start_step == 0:
+      summary_lib.write_json(path, now)
+
   if not has_checkpoints(workdir):
-    summary_lib.write_json(path, now)
-  elif not os.path.exists(path):
+    return record
+  if not os.path.exists(path):
     logging.warning("%s is missing (a run from before 2026-12-06): the proxy and gold "
                     "checkpoints cannot be checked against the ones this run started with", path)
   elif (saved := files.read_json(path)) != now:
@@ -191,6 +198,7 @@ def check_reward_checkpoints(config: Any, workdir: str) -> None:
         f"{workdir} trained against {describe(saved)}, but the config now loads "
         f"{describe(now)}: a reward model trained on since the run started. Point the "
         "spec at the run's step (checkpoint=WORKDIR@STEP) or use a fresh workdir")
+  return record
 
 
 def standardized_proxy(config: Any, workdir: str, proxy: rl_rewards.PairReward,

@@ -261,7 +261,8 @@ class DamagedCheckpointError(ValueError):
 
 
 class NoIntactCheckpointError(RuntimeError):
-  """Every checkpoint step of a run is damaged (one-line message for the user)."""
+  """Every checkpoint step of a run is damaged, or a finished run's are gone (one-line
+  message for the user; ``loop.allow_restart`` starts from scratch instead)."""
 
 
 class Checkpointer:
@@ -331,12 +332,16 @@ class Checkpointer:
     self._unrecorded = self._unrecorded or saved
     return saved
 
-  def record_finished_saves(self) -> None:
+  def record_finished_saves(self) -> bool:
     """Writes the manifest of a save that finished since (the training loop calls it at
-    each step): the step a crash resumes from is then checked like the older ones."""
-    if self._unrecorded and not self._manager.is_saving_in_progress():
-      self._unrecorded = False
-      self._write_manifests()
+    each step), so the step a crash resumes from is checked like the older ones; raises
+    the error of a background save that failed. Returns whether it wrote (took time)."""
+    if not self._unrecorded or self._manager.is_saving_in_progress():
+      return False
+    self._unrecorded = False
+    self._manager.check_for_errors()
+    self._write_manifests()
+    return True
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))

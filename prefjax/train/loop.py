@@ -96,7 +96,8 @@ class LoopConfig:
     on_config_mismatch: ``warn`` or ``error`` when resuming with another config.
     tensorboard: write TensorBoard event files.
     allow_restart: when every checkpoint of the workdir is damaged, start from
-      scratch (they are moved to ``checkpoints.damaged/``) instead of stopping.
+      scratch (they are moved to ``checkpoints.damaged/``) instead of stopping; likewise
+      when a finished run's checkpoints are gone (``summary.refuse_lost_checkpoints``).
     eval_at_start: a fresh run also evaluates (and logs) at step 0.
   """
   num_steps: int
@@ -299,6 +300,7 @@ class _Trainer:
     restored = self.checkpointer.restore_newest_intact(
         self.state, allow_restart=self.loop.allow_restart)
     if restored is None:
+      summary_lib.start_afresh(self.workdir)
       logging.info("fresh start in %s (%d params)", self.workdir,
                    state_lib.count_params(self.state.params))
       return 0
@@ -327,7 +329,9 @@ class _Trainer:
   def _finish_step(self, step: int, metrics, tokens: float, eval_metrics=None) -> None:
     """Host-side bookkeeping of a completed step (runs one step behind dispatch);
     ``tokens``: its batch's, counted in the ``tokens_per_sec`` of the record it ends."""
-    self.checkpointer.record_finished_saves()
+    aside = time.time()
+    if self.checkpointer.record_finished_saves():  # hashing stays out of the step rates
+      self.writer.exclude_from_rates(time.time() - aside)
     self.writer.add_tokens(tokens)
     host = metrics_lib.to_python(metrics)
     if not host["update_applied"]:

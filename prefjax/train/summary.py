@@ -22,6 +22,7 @@ from prefjax.train import metrics as metrics_lib
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 PREVIOUS_SUMMARY_FILE = "summary.previous.json"  # a finished run's, while a longer one trains
+DISCARDED_SUMMARY_FILE = "summary.discarded.json"  # a run's that a fresh start replaced
 RERUN_CONFIG_FILE = "config.rerun.json"  # a changed rerun's config, beside the first one
 RUNS_FILE = "runs.jsonl"  # one record per invocation of a binary on the workdir
 # How a rerun treats a changed config is not part of what is run: setting it on the
@@ -163,46 +164,78 @@ def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn
 
 
 def record_config_change(workdir: str, from_step: int) -> None:
-  """Appends to ``runs.jsonl`` the diff of a changed rerun (its ``config.rerun.json``)
-  once it has resumed ``from_step``, where the record stays (:func:`config_changes`)."""
-  rerun = os.path.join(workdir, RERUN_CONFIG_FILE)
-  if jax.process_index() != 0 or not os.path.exists(rerun):
+  """Appends to ``runs.jsonl`` how the config a rerun trains on from ``from_step`` differs
+  from ``config.json`` (its ``config.rerun.json``), when that differs from the last change
+  recorded; a rerun as the workdir started, after a recorded change, is recorded with an
+  empty diff. The records stay (:func:`config_changes`)."""
+  if jax.process_index() != 0:
     return
-  if diff := _diff_from_saved(os.path.join(workdir, CONFIG_FILE),
-                              files.read_json(rerun, standard=False)):
+  rerun = os.path.join(workdir, RERUN_CONFIG_FILE)
+  diff = (_diff_from_saved(os.path.join(workdir, CONFIG_FILE),
+                           files.read_json(rerun, standard=False)) or ""
+          ) if os.path.exists(rerun) else ""
+  changes = config_changes(workdir)
+  if diff != (changes[-1]["config_diff"] if changes else ""):
     append_run_record(workdir, {"config_diff": diff, "from_step": from_step})
 
 
 def config_changes(workdir: str) -> list[dict[str, Any]]:
-  """The config changes runs of ``workdir`` trained on under (``runs.jsonl``), oldest
-  first: ``{"from_step": the newest checkpoint they resumed at, "config_diff": ...}``."""
-  return [{"from_step": r.get("from_step"), "config_diff": r["config_diff"]}
-          for r in read_run_records(workdir) if "config_diff" in r]
+  """The configs runs of ``workdir`` trained on under since it last started afresh
+  (``runs.jsonl``), oldest first: ``{"from_step": the step they resumed at,
+  "config_diff": the diff from config.json, "" for config.json itself}``."""
+  changes: list[dict[str, Any]] = []
+  for record in read_run_records(workdir, skip_bad=True):
+    if record.get("restart"):
+      changes = []
+    elif "config_diff" in record:
+      changes.append({"from_step": record.get("from_step"),
+                      "config_diff": record["config_diff"]})
+  return changes
 
 
 def refuse_lost_checkpoints(workdir: str, checkpoints: str, checkpoint_every: int) -> None:
-  """Raises ``NoIntactCheckpointError`` when ``workdir``, which holds no checkpoint,
-  shows that its run saved one (``checkpoints`` deleted or moved): retraining from
-  scratch would replace its metrics and summary. ``checkpoint_every``: this run's, unless
-  ``config.json`` holds the one the workdir's run saved with."""
+  """Raises ``NoIntactCheckpointError`` when ``workdir``, which holds no checkpoint, holds
+  the summary of a run that finished (its final checkpoint deleted or moved): retraining
+  from scratch would replace its records. Warns when only ``metrics.jsonl`` suggests a
+  save (logged past ``checkpoint_every``: this run's, unless ``config.json`` holds the
+  one the workdir's run saved with), as a run killed during its first save leaves it."""
   from prefjax.train import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel (it imports us)
-  finished = any(os.path.exists(os.path.join(workdir, name))
-                 for name in (SUMMARY_FILE, PREVIOUS_SUMMARY_FILE))
+  lost_hint = (f"was {checkpoints} deleted or moved?" + (
+      f" (damaged steps are in {checkpoints}.damaged)"
+      if os.path.isdir(checkpoints + ".damaged") else ""))
+  if any(os.path.exists(os.path.join(workdir, name))
+         for name in (SUMMARY_FILE, PREVIOUS_SUMMARY_FILE)):
+    raise checkpoint_lib.NoIntactCheckpointError(
+        f"{workdir} holds no checkpoint, but the summary of a run that finished: "
+        f"{lost_hint} Put it back to resume, or rerun with --config.loop.allow_restart=True "
+        "to train from scratch (its summary set aside as summary.discarded.json, "
+        "metrics.jsonl replaced)")
   config_path = os.path.join(workdir, CONFIG_FILE)
   if os.path.exists(config_path):
     saved_loop = files.read_json(config_path, standard=False).get("loop") or {}
     checkpoint_every = saved_loop.get("checkpoint_every", checkpoint_every) or 0
   logged = max((r.get("step", 0) for r in metrics_lib.read_metrics(workdir, torn_tail_ok=True)),
                default=0)
-  if finished or 0 < checkpoint_every <= logged:
-    evidence = ("its summary.json (a finished run)" if finished else
-                f"metrics.jsonl, logged to step {logged} with checkpoint_every="
-                f"{checkpoint_every},")
-    raise checkpoint_lib.NoIntactCheckpointError(
-        f"{workdir} holds no checkpoint, but {evidence} says its run saved one: was "
-        f"{checkpoints} deleted or moved? Put it back to resume, or rerun with "
-        "--config.loop.allow_restart=True to train from scratch (replacing its "
-        "metrics.jsonl and summary.json)")
+  if 0 < checkpoint_every <= logged:
+    logging.warning("%s holds no checkpoint, but metrics.jsonl logged step %d with "
+                    "checkpoint_every=%d: killed during its first save, or %s This run "
+                    "starts from step 0 and replaces those metrics.", workdir, logged,
+                    checkpoint_every, lost_hint)
+
+
+def start_afresh(workdir: str) -> None:
+  """Before a fresh start in a workdir that held a run: its summaries are set aside as
+  ``summary.discarded.json`` and ``runs.jsonl`` marks the restart (the config changes the
+  new run reports start after it)."""
+  if jax.process_index() != 0:
+    return
+  for name in (PREVIOUS_SUMMARY_FILE, SUMMARY_FILE):  # the newer one is kept
+    if os.path.exists(os.path.join(workdir, name)):
+      os.replace(os.path.join(workdir, name), os.path.join(workdir, DISCARDED_SUMMARY_FILE))
+      logging.warning("%s starts afresh: its %s is now %s", workdir, name,
+                      DISCARDED_SUMMARY_FILE)
+  if config_changes(workdir):
+    append_run_record(workdir, {"restart": True})
 
 
 def replace_config(workdir: str, config: Any) -> dict:
@@ -240,8 +273,10 @@ def append_run_record(workdir: str, record: Mapping[str, Any]) -> None:
     f.write(files.dumps(dict(record), sort_keys=True, default=str) + "\n")
 
 
-def read_run_records(workdir: str) -> list[dict[str, Any]]:
-  """The ``runs.jsonl`` records of ``workdir``, oldest first ([] when it has none)."""
+def read_run_records(workdir: str, *, skip_bad: bool = False) -> list[dict[str, Any]]:
+  """The ``runs.jsonl`` records of ``workdir``, oldest first ([] when it has none); a line
+  that is not JSON (a full disk cut it) is an error naming it, or with ``skip_bad`` left
+  out with a warning."""
   path = os.path.join(workdir, RUNS_FILE)
   if not os.path.exists(path):
     return []
@@ -252,7 +287,9 @@ def read_run_records(workdir: str) -> list[dict[str, Any]]:
         try:
           records.append(json.loads(line))
         except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{number}: not a JSON object ({e})") from None
+          if not skip_bad:
+            raise ValueError(f"{path}:{number}: not a JSON object ({e})") from None
+          logging.warning("%s:%d: not a JSON object (%s): left out", path, number, e)
   return records
 
 
@@ -299,6 +336,8 @@ def set_aside_summary(workdir: str) -> None:
   """Moves a finished run's ``summary.json`` to ``summary.previous.json`` when a longer run
   trains on from it: while it trains, no summary claims the workdir is finished."""
   path = os.path.join(workdir, SUMMARY_FILE)
+  if jax.process_count() > 1:  # every process has read it (``run``) before it moves
+    parallel.in_any_process(False)
   if jax.process_index() == 0 and os.path.exists(path):
     final = read_summary(workdir).get("final_step")
     os.replace(path, os.path.join(workdir, PREVIOUS_SUMMARY_FILE))
