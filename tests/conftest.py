@@ -102,7 +102,7 @@ def gpt2_bpe_dir() -> pathlib.Path:
 # at the end; the Makefile passes --no-loadscope-reorder so collection order holds.
 _SLOW_FIRST = ("test_reproduce.py", "test_train_dpo.py", "test_train_rl.py", "test_train_rm.py",
                "test_distributed.py", "test_eval_rm.py", "test_config_errors.py",
-               "test_gguf_smollm2.py", "test_preemption.py")
+               "test_gguf_smollm2.py", "test_preemption.py", "test_workdir_history.py")
 
 
 def pytest_collection_modifyitems(config, items):

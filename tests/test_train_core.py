@@ -312,32 +312,6 @@ def test_a_preempted_eval_step_is_evaluated_by_the_rerun(tmp_path):
   assert not list((early / "checkpoints").glob("[0-9]*"))
 
 
-def test_a_finished_run_extended_then_stopped_is_not_reported_as_its_old_finish(tmp_path):
-  """Finished at 4, extended to 8 and stopped at 6: a rerun with num_steps=4 used to say
-  "already finished" while holding the step-6 parameters (and labelled their eval step 4)."""
-  batches = make_batches(8, 16)
-
-  def run(num_steps, hooks=()):
-    loop = train.LoopConfig(num_steps=num_steps, log_every=1, tensorboard=False)
-    return train.train_loop(
-        workdir=str(tmp_path), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
-        optimizer={"name": "sgd", "learning_rate": 0.1}, loop=loop,
-        train_iter=iter(batches), hooks=hooks)
-
-  finished = run(4)
-  assert run(4).summary == finished.summary  # A plain rerun: already finished.
-  assert run(8, hooks=[_sigterm_at(6)]).preempted
-  # While a longer run trains on, no summary says the workdir finished.
-  assert not (tmp_path / "summary.json").exists()
-  assert train.read_summary(str(tmp_path), previous=True) == finished.summary
-  with pytest.raises(ValueError, match=r"holds a checkpoint at step 6, past loop.num_steps=4 "
-                                       r"\(it finished at step 4, then a longer run trained "
-                                       r"on and stopped\): rerun with the num_steps"):
-    run(4)
-  assert run(6).summary["final_step"] == 6  # num_steps at the stopped step finishes it
-  assert train.read_summary(str(tmp_path))["final_step"] == 6
-
-
 def test_a_stopped_run_is_not_finished_past_a_smaller_num_steps(tmp_path, monkeypatch):
   """Stopped at 5 with no summary yet: a rerun with num_steps=4 wrote final_step 5 as
   finished. And a relative workdir (the Python API) trains and saves: orbax refused it at

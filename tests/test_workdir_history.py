@@ -1,7 +1,8 @@
-"""What a workdir keeps of its run's history across reruns: checkpoints deleted or moved
-stop the rerun instead of a silent fresh start over the old metrics; a changed config a
-rerun trained under stays on record; the newest checkpoint is checked like the older
-ones; a metrics line cut short by the crash does not block the resume."""
+"""What a workdir keeps of its run's history across reruns: a finished run whose
+checkpoints were deleted or moved stops the rerun instead of a silent fresh start over its
+records; a changed config a rerun trained under stays on record; a run trained on past its
+finish sets its summary aside; the newest checkpoint is checked like the older ones; a
+metrics line or a save cut short by the crash does not block the resume."""
 
 import json
 import logging
@@ -18,6 +19,7 @@ from prefjax import train
 from prefjax.train import checkpoint
 from prefjax.train import integrity
 from prefjax.train import summary as summary_lib
+from tests import test_train_core
 
 
 class Net(nnx.Module):
@@ -166,3 +168,45 @@ def test_a_checkpoint_reference_expands_the_home_folder():
   with pytest.raises(FileNotFoundError, match=f"no checkpoints directory in "
                                               f"{os.path.expanduser('~')}/no_such_run"):
     checkpoint.saved_step("~/no_such_run")
+
+
+def test_a_save_cut_short_is_removed_when_the_run_starts_again(tmp_path, caplog):
+  """A full disk left ``6.orbax-checkpoint-tmp`` behind, taking space for ever."""
+  unfinished = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1733"
+  (unfinished / "state").mkdir(parents=True)
+  (unfinished / "state" / "data").write_bytes(b"x" * 1000)
+  (tmp_path / "checkpoints" / "notes.orbax-checkpoint-tmp").mkdir()  # not a step: kept
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", async_save=False)
+  ckpt.close()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+      "notes.orbax-checkpoint-tmp"]
+  assert [r.getMessage() for r in caplog.records] == [
+      f"removed {tmp_path}/checkpoints/6.orbax-checkpoint-tmp-1733, a save that did not finish"]
+
+
+def test_a_finished_run_extended_then_stopped_is_not_reported_as_its_old_finish(tmp_path):
+  """Finished at 4, extended to 8 and stopped at 6: a rerun with num_steps=4 used to say
+  "already finished" while holding the step-6 parameters (and labelled their eval step 4)."""
+  batches = test_train_core.make_batches(8, 16)
+
+  def train_to(num_steps, hooks=()):
+    loop = train.LoopConfig(num_steps=num_steps, log_every=1, tensorboard=False)
+    return train.train_loop(
+        workdir=str(tmp_path), model=test_train_core.MLP(nnx.Rngs(0)),
+        loss_fn=test_train_core.mse_loss, optimizer={"name": "sgd", "learning_rate": 0.1},
+        loop=loop, train_iter=iter(batches), hooks=hooks)
+
+  finished = train_to(4)
+  assert train_to(4).summary == finished.summary  # A plain rerun: already finished.
+  stop_at_6 = test_train_core._sigterm_at(6)  # pylint: disable=protected-access
+  assert train_to(8, hooks=[stop_at_6]).preempted
+  # While a longer run trains on, no summary says the workdir finished.
+  assert not (tmp_path / "summary.json").exists()
+  assert train.read_summary(str(tmp_path), previous=True) == finished.summary
+  with pytest.raises(ValueError, match=r"holds a checkpoint at step 6, past loop.num_steps=4 "
+                                       r"\(it finished at step 4, then a longer run trained "
+                                       r"on and stopped\): rerun with the num_steps"):
+    train_to(4)
+  assert train_to(6).summary["final_step"] == 6  # num_steps at the stopped step finishes it
+  assert train.read_summary(str(tmp_path))["final_step"] == 6

@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -260,6 +262,21 @@ class DamagedCheckpointError(ValueError):
     self.step, self.problem = step, problem
 
 
+def _remove_unfinished_saves(directory: str) -> None:
+  """Deletes the temporary folders of saves cut short (a kill, a full disk): they hold no
+  step and only take space. Done here, not by orbax's ``cleanup_tmp_directories``,
+  whose background cleanup printed a traceback when a run stopped at once."""
+  if not os.path.isdir(directory):
+    return
+  for name in sorted(os.listdir(directory)):
+    if _UNFINISHED_SAVE.fullmatch(name):
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+      logging.warning("removed %s/%s, a save that did not finish", directory, name)
+
+
+_UNFINISHED_SAVE = re.compile(r"\d+\.orbax-checkpoint-tmp(-\d+)?")
+
+
 class NoIntactCheckpointError(RuntimeError):
   """Every checkpoint step of a run is damaged, or a finished run's are gone (one-line
   message for the user; ``loop.allow_restart`` starts from scratch instead)."""
@@ -286,7 +303,6 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         best_fn=self._metric_value if best_metric else None, best_mode=best_mode,
         enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=not read_only,  # a save cut short (full disk, kill) left
         save_interval_steps=0 if read_only else 1)  # orbax warns when it has to set it
     self.directory = os.path.abspath(os.fspath(directory))  # orbax refuses relative paths
     self._read_only = read_only
@@ -294,6 +310,8 @@ class Checkpointer:
     self.restored_eval_owed = False  # set by restore()
     self._best_mode = best_mode
     self._unrecorded = False  # a save whose manifest is not written yet
+    if not read_only and jax.process_index() == 0:
+      _remove_unfinished_saves(self.directory)
     with orbax_quirks.warnings_off(read_only):  # "Given directory is read only", on every read
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_names=("state", "data", "config"))
