@@ -286,10 +286,8 @@ def from_checkpoint(ref: str, *, name: str | None = None, batch_size: int = 64,
   each); a run that trained no reward head (``train_dpo``, ``train_sft``) is refused.
   Same scores as ``eval_rm``'s ``rm:`` scorer on the same pairs.
   """
-  workdir, _ = train.checkpoint.split_ref(ref)
   return model_reward(with_run_config(ml_collections.ConfigDict(dict(
-      kind="model", name=name or os.path.basename(os.path.normpath(workdir)),
-      checkpoint=os.fspath(ref), batch_size=batch_size))), seed=seed)
+      kind="model", name=name, checkpoint=os.fspath(ref), batch_size=batch_size))), seed=seed)
 
 
 def reward_name(spec: Any) -> str:
@@ -312,8 +310,8 @@ def with_run_config(spec: Any) -> Any:
                      "workdir, whose run gives the tokenizer and model) or both tokenizer "
                      "and model")
   workdir, step = train.checkpoint.split_ref(spec.checkpoint)
-  scorer = scorers.ScorerSpec(name=spec.get("name") or os.path.basename(os.path.normpath(
-      workdir)), kind="rm", path=workdir, step="latest" if step is None else str(step))
+  scorer = scorers.ScorerSpec(name=reward_name(spec), kind="rm", path=workdir,
+                              step="latest" if step is None else str(step))
   run, step, _ = scorers.trained_run(scorer)
   return ml_collections.ConfigDict(dict(
       spec.to_dict() if hasattr(spec, "to_dict") else spec, name=scorer.name,
