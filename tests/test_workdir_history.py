@@ -37,7 +37,7 @@ def loss_fn(model, batch, rng):
   return jnp.mean((model(batch["x"]) - batch["y"])**2), {}
 
 
-def run(workdir, num_steps=6, config=None, hooks=(), **loop):
+def run(workdir, num_steps=6, config=None, hooks=(), start_hooks=(), **loop):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(32, 4)).astype(np.float32)
   examples = [{"x": x[i], "y": np.float32(np.sin(x[i].sum()))} for i in range(32)]
@@ -46,7 +46,7 @@ def run(workdir, num_steps=6, config=None, hooks=(), **loop):
   return train.train_loop(
       workdir=str(workdir), model=Net(nnx.Rngs(0)), loss_fn=loss_fn,
       optimizer={"name": "sgd", "learning_rate": 1e-2}, config=config, hooks=hooks,
-      train_iter=train_iter,
+      start_hooks=start_hooks, train_iter=train_iter,
       loop=train.LoopConfig(num_steps=num_steps, log_every=1, tensorboard=False, **loop))
 
 
@@ -106,6 +106,30 @@ def test_the_config_changes_a_run_trained_under_stay_on_record(tmp_path):
   shutil.rmtree(tmp_path / "checkpoints")
   assert run(tmp_path, allow_restart=True, config={"loss": "dpo"}).summary[
       "config_changes"] == []
+
+
+def test_a_change_whose_steps_were_discarded_leaves_no_record(tmp_path):
+  """A changed rerun stopped before its first step trained nothing under its config; one
+  whose steps after the checkpoint it resumed from were lost is replaced by the rerun that
+  resumes there."""
+  def stop(step, state):
+    raise KeyboardInterrupt(f"stopped at {step}")
+
+  run(tmp_path, num_steps=4, config={"loss": "dpo"})
+  with pytest.raises(KeyboardInterrupt, match="stopped at 4"):
+    run(tmp_path, config={"loss": "ipo"}, start_hooks=[stop])
+  assert run(tmp_path, config={"loss": "dpo"}).summary["config_changes"] == []
+
+  def lose_step_8(step, state, metrics):  # as a kill before the step-8 save would
+    del state, metrics
+    if step == 7:
+      raise RuntimeError("killed")
+  with pytest.raises(RuntimeError, match="killed"):
+    run(tmp_path, num_steps=10, config={"loss": "ipo"}, hooks=[lose_step_8])
+  result = run(tmp_path, num_steps=10, config={"loss": "kto"})  # resumes at 6
+  (change,) = result.summary["config_changes"]
+  assert change["from_step"] == 6 and '+  "loss": "kto"' in change["config_diff"]
+  assert len(summary_lib.read_run_records(str(tmp_path))) > 2  # the records stay
 
 
 def test_a_cut_runs_jsonl_line_does_not_fail_the_finish(tmp_path, caplog):

@@ -182,14 +182,20 @@ def record_config_change(workdir: str, from_step: int) -> None:
 def config_changes(workdir: str) -> list[dict[str, Any]]:
   """The configs runs of ``workdir`` trained on under since it last started afresh
   (``runs.jsonl``), oldest first: ``{"from_step": the step they resumed at,
-  "config_diff": the diff from config.json, "" for config.json itself}``."""
+  "config_diff": the diff from config.json, "" for config.json itself}``. A record at a
+  step replaces those at that step or later (their training was discarded when the rerun
+  resumed there: a changed rerun stopped before its first step leaves no change)."""
   changes: list[dict[str, Any]] = []
   for record in read_run_records(workdir, skip_bad=True):
     if record.get("restart"):
       changes = []
     elif "config_diff" in record:
-      changes.append({"from_step": record.get("from_step"),
-                      "config_diff": record["config_diff"]})
+      step = record.get("from_step")
+      # A rerun resumed at ``step``: what earlier runs trained from there on was discarded.
+      changes = [c for c in changes if step is None or c["from_step"] is None
+                 or c["from_step"] < step]
+      if record["config_diff"] != (changes[-1]["config_diff"] if changes else ""):
+        changes.append({"from_step": step, "config_diff": record["config_diff"]})
   return changes
 
 
