@@ -54,7 +54,7 @@ def make_workdir(workdir: str | os.PathLike[str], *,
   """Creates ``workdir`` (a local or mounted path) and returns it absolute.
 
   Refuses a URL (every workdir file is written by POSIX rename, append and lock), a
-  file, and a folder this user cannot write; warns when an existing folder holds
+  file, and a folder this user cannot write or whose ``WRITTEN_ENTRIES`` it cannot; warns when an existing folder holds
   entries other than ``known_entries`` and the lock yet no ``known_entries[0]`` (the
   record an earlier run leaves first).
   """
@@ -69,6 +69,10 @@ def make_workdir(workdir: str | os.PathLike[str], *,
   path.mkdir(parents=True, exist_ok=True)
   if not os.access(path, os.W_OK | os.X_OK):
     raise PermissionError(f"--workdir={path} is not writable by this user")
+  for name in WRITTEN_ENTRIES:  # else found at the first save or log line, maybe hours in
+    entry = path / name
+    if entry.exists() and not os.access(entry, os.W_OK | (os.X_OK if entry.is_dir() else 0)):
+      raise PermissionError(f"{entry} is not writable by this user: a run writes into it")
   known = {*known_entries, LOCK_FILE}
   if (not fresh and known_entries and not (path / known_entries[0]).exists()
       and any(entry.name not in known for entry in path.iterdir())):
@@ -78,6 +82,9 @@ def make_workdir(workdir: str | os.PathLike[str], *,
 
 
 LOCK_FILE = ".lock"
+# What runs write into or append to in place (every other file is replaced by rename).
+WRITTEN_ENTRIES = ("checkpoints", "tensorboard", "logs", "figures", "metrics.jsonl",
+                   "runs.jsonl", LOCK_FILE)
 # flock unsupported (e.g. Lustre mounted noflock, some FUSE filesystems).
 _NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
 

@@ -2,6 +2,7 @@
 names a bad file, and the checks of a new workdir."""
 
 import errno
+import functools
 import logging
 import os
 import threading
@@ -142,9 +143,19 @@ def test_make_workdir_refuses_a_url_a_file_and_an_unwritable_folder(tmp_path, mo
   (tmp_path / "a_file").write_text("x")
   with pytest.raises(ValueError, match="is a file, not a directory"):
     files.make_workdir(tmp_path / "a_file")
-  monkeypatch.setattr(os, "access", lambda path, mode: False)  # (root may write anywhere)
+  (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  (tmp_path / "run" / "notes").mkdir()
+  real_access = os.access
+  def access(path, mode, written="run"):  # (root may write anywhere)
+    return real_access(path, mode) and not str(path).endswith(written)
+  monkeypatch.setattr(os, "access", access)
   with pytest.raises(PermissionError, match=r"run is not writable by this user"):
     files.make_workdir("run")
+  monkeypatch.setattr(os, "access", functools.partial(access, written="checkpoints"))
+  with pytest.raises(PermissionError, match=r"run/checkpoints is not writable by this user"):
+    files.make_workdir("run")
+  monkeypatch.setattr(os, "access", functools.partial(access, written="notes"))
+  assert files.make_workdir("run") == str(tmp_path / "run")  # not a folder runs write
 
 
 def test_make_workdir_warns_of_files_no_run_wrote(tmp_path, caplog):
