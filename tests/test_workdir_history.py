@@ -37,7 +37,7 @@ def loss_fn(model, batch, rng):
   return jnp.mean((model(batch["x"]) - batch["y"])**2), {}
 
 
-def run(workdir, num_steps=6, config=None, hooks=(), start_hooks=(), **loop):
+def run(workdir, num_steps=6, config=None, hooks=(), start_hooks=(), optimizer="sgd", **loop):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(32, 4)).astype(np.float32)
   examples = [{"x": x[i], "y": np.float32(np.sin(x[i].sum()))} for i in range(32)]
@@ -45,7 +45,7 @@ def run(workdir, num_steps=6, config=None, hooks=(), start_hooks=(), **loop):
   loop = {"checkpoint_every": 2, "async_checkpointing": False, **loop}
   return train.train_loop(
       workdir=str(workdir), model=Net(nnx.Rngs(0)), loss_fn=loss_fn,
-      optimizer={"name": "sgd", "learning_rate": 1e-2}, config=config, hooks=hooks,
+      optimizer={"name": optimizer, "learning_rate": 1e-2}, config=config, hooks=hooks,
       start_hooks=start_hooks, train_iter=train_iter,
       loop=train.LoopConfig(num_steps=num_steps, log_every=1, tensorboard=False, **loop))
 
@@ -130,6 +130,9 @@ def test_a_change_whose_steps_were_discarded_leaves_no_record(tmp_path):
   (change,) = result.summary["config_changes"]
   assert change["from_step"] == 6 and '+  "loss": "kto"' in change["config_diff"]
   assert len(summary_lib.read_run_records(str(tmp_path))) > 2  # the records stay
+  with pytest.raises(ValueError, match="does not match the model/optimizer"):
+    run(tmp_path, num_steps=12, config={"loss": "ipo"}, optimizer="adam")
+  assert not (tmp_path / "config.rerun.json").exists()  # that run trained nothing
 
 
 def test_a_cut_runs_jsonl_line_does_not_fail_the_finish(tmp_path, caplog):

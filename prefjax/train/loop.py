@@ -297,8 +297,12 @@ class _Trainer:
     summary_lib.write_or_check_config(self.workdir, self.config,
                                       on_mismatch=self.loop.on_config_mismatch,
                                       saved_nothing=not saved)
-    restored = self.checkpointer.restore_newest_intact(
-        self.state, allow_restart=self.loop.allow_restart)
+    try:
+      restored = self.checkpointer.restore_newest_intact(
+          self.state, allow_restart=self.loop.allow_restart)
+    except BaseException:
+      summary_lib.discard_rerun_config(self.workdir)  # nothing trained under it
+      raise
     if restored is None:
       summary_lib.start_afresh(self.workdir)
       logging.info("fresh start in %s (%d params)", self.workdir,

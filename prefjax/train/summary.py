@@ -128,8 +128,9 @@ def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn
 
   On mismatch with ``on_mismatch="warn"`` the diff is logged as a warning, the
   original ``config.json`` is kept and the new config is written beside it as
-  ``config.rerun.json`` (replaced, or removed by a rerun as the run started; the
-  training loop keeps the diff in ``runs.jsonl``, :func:`record_config_change`); with
+  ``config.rerun.json`` (replaced, or removed by a rerun as the run started or when the
+  restore fails; the training loop keeps the diff in ``runs.jsonl``,
+  :func:`record_config_change`); with
   ``"error"`` a :class:`ConfigMismatchError` is raised.
   With ``"warn"``, a workdir whose earlier attempt ``saved_nothing`` (no
   checkpoint) takes this run's config instead: ``config.json`` is replaced, the
@@ -143,14 +144,13 @@ def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn
   if diff is None:
     write_json(path, new)
     return new
-  if not diff and jax.process_index() == 0:  # A rerun as started: an older diff is stale.
-    pathlib.Path(workdir, RERUN_CONFIG_FILE).unlink(missing_ok=True)
+  if not diff:  # A rerun as started: an older diff is stale.
+    discard_rerun_config(workdir)
   if diff and saved_nothing and on_mismatch == "warn":
     logging.warning("replacing %s: the run started with it saved no checkpoint, and this "
                     "run's config differs:\n%s", path, diff)
     write_json(path, new)
-    if jax.process_index() == 0:
-      pathlib.Path(workdir, RERUN_CONFIG_FILE).unlink(missing_ok=True)
+    discard_rerun_config(workdir)
   elif diff:
     message = f"config differs from the one {workdir} was started with:\n{diff}"
     if on_mismatch == "error":
@@ -161,6 +161,12 @@ def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn
                     "in %s and the summary's config_changes)", message, path, RUNS_FILE)
     write_json(os.path.join(workdir, RERUN_CONFIG_FILE), new)
   return new
+
+
+def discard_rerun_config(workdir: str) -> None:
+  """Removes ``config.rerun.json`` (a run that wrote it stopped before training)."""
+  if jax.process_index() == 0:
+    pathlib.Path(workdir, RERUN_CONFIG_FILE).unlink(missing_ok=True)
 
 
 def record_config_change(workdir: str, from_step: int) -> None:
