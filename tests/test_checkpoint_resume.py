@@ -242,6 +242,9 @@ def test_load_params_refuses_what_the_model_lacks_and_ranks_as_the_metric_says(r
   assert saved_step(workdir, "best", best_metric="neg_mse", best_mode="min") == highest
   # A name that gives no direction needs best_mode for "best" only.
   assert saved_step(workdir, steps[-1], best_metric="score") == steps[-1]
+  assert saved_step(workdir, str(steps[0])) == steps[0]  # a command line's step
+  with pytest.raises(ValueError, match=r"step='last': expected a step number, 'latest' or"):
+    saved_step(workdir, "last")
   with pytest.raises(ValueError, match=r"best_metric='score': pass best_mode='min' or 'max'"):
     saved_step(workdir, "best", best_metric="score")
 

@@ -32,6 +32,8 @@ def test_outcomes_flip_and_ties_excluded():
 def test_evaluate_preferences_scores_calibration_over_both_orders_of_each_pair():
   """It scored σ(Δ) on the (chosen, rejected) order alone, where every label is 1, and
   reported 0.5 here where eval_rm and train_rm's evaluator (both orders) report 0.231."""
+  with pytest.raises(ValueError, match=r"outcome has shape \(3,\); the rewards have \(2,\)"):
+    evals.evaluate_preferences(np.array([1.0, -1.0]), np.zeros(2), outcome=np.ones(3))
   ev = evals.evaluate_preferences(np.array([1.0, -1.0]), np.zeros(2))
   p = 1.0 / (1.0 + np.exp(-1.0))   # bins of σ(1) and σ(−1) each hold one label 1, one 0
   assert ev.metrics["ece"] == pytest.approx(p - 0.5, rel=1e-12)

@@ -2,6 +2,7 @@
 the losses or the train step does not pull in the data and checkpoint stack."""
 
 import importlib
+import inspect
 import subprocess
 import sys
 
@@ -17,6 +18,15 @@ def test_every_listed_name_resolves(package):
   assert dir(module) == module.__all__
   for name in module.__all__:
     assert getattr(module, name) is not None, f"{package}.{name}"
+
+
+@pytest.mark.parametrize("package", ("prefjax.evals", "prefjax.overopt", "prefjax.parallel",
+                                     "prefjax.rewards"))
+def test_every_public_name_of_an_eager_package_is_listed(package):
+  module = importlib.import_module(package)
+  public = {name for name, value in vars(module).items()
+            if not name.startswith("_") and not inspect.ismodule(value)}
+  assert sorted(public) == sorted(module.__all__)
 
 
 def test_unknown_name_is_an_attribute_error_naming_the_package():

@@ -156,6 +156,11 @@ def test_programmatic_reward_errors():
     nan(texts=TEXTS)
   with pytest.raises(ValueError, match="no `decode` function"):
     short(*_encode(TEXTS))
+  count = rewards.ProgrammaticReward(lambda texts: [float(len(t)) for t in texts],
+                                     inputs="texts")
+  assert count(texts=[]).shape == (0,)  # an empty batch is not an error
+  assert rewards.check_rewards(np.zeros((0, 3)), num_rows=0, num_members=3,
+                               name="ens").shape == (0, 3)
 
 
 class _TinyEnsembleRM(nnx.Module):

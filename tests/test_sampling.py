@@ -128,6 +128,13 @@ def test_all_rows_finish_at_their_first_token(phases):
   np.testing.assert_array_equal(gen.tokens[:, 1:], PAD)
 
 
+def test_greedy_needs_no_key_and_sampling_asks_for_one():
+  np.testing.assert_array_equal(run(temperature=0.0, rng=None).tokens,
+                                run(temperature=0.0).tokens)
+  with pytest.raises(ValueError, match=r"temperature=0.7 samples: pass rng=jax.random.key"):
+    run(temperature=0.7, rng=None)
+
+
 def test_top_k_one_equals_greedy():
   greedy = run(temperature=0.0)
   topk = run(temperature=1.0, top_k=1, rng=jax.random.key(7))

@@ -14,7 +14,7 @@ character c in the response. Under near-uniform policies few responses repeat a
 character much, so a reward model learned from such samples sees "more of the
 best characters is better" and little of the saturation; optimising it hard
 finds repetitive responses the gold dislikes (the text world of
-``prefjax.overopt.text_study``).
+``prefjax.overopt.text_world``, studied by ``experiments/text_study.py``).
 
 ``gold="teacher"`` replaces the mean character score by a random network, as the
 bandit world's gold (``prefjax.overopt.bandit``): a tanh MLP |A| + |A|² → H → H → 1

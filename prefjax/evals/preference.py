@@ -124,11 +124,13 @@ def evaluate_preferences(r_chosen: np.ndarray, r_rejected: np.ndarray, *,
 
   ``ece`` and ``reliability`` score P(a ≻ b) = σ(r_a − r_b) over both orders of each
   pair (as ``eval_rm`` and ``train_rm``'s evaluator report it); ``ece_chosen_first`` over
-  the (chosen, rejected) order alone, where every label is 1.
+  the (chosen, rejected) order alone, labelled by ``outcome`` (all 1 with the default).
   """
   r_chosen, r_rejected = _check_pairs(r_chosen, r_rejected)
   margin = r_chosen - r_rejected
   outcome = np.ones_like(margin) if outcome is None else np.asarray(outcome, np.float64)
+  if outcome.shape != margin.shape:
+    raise ValueError(f"outcome has shape {outcome.shape}; the rewards have {margin.shape}")
   decisive = outcome != 0.5
   signed = np.where(outcome >= 0.5, margin, -margin)[decisive]
   correct = pair_accuracy(signed)

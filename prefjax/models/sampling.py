@@ -233,8 +233,8 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, rng, temperature,
   return Generation(s.tokens, s.logps, s.mask)
 
 
-def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *, rng: Array,
-             max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *,
+             rng: Array | None = None, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_id: int | None = None, pad_id: int = 0,
              tempered_logps: bool = False, cache_phases: int | None = None) -> Generation:
   """Samples ``max_new_tokens`` continuations of LEFT-padded prompts.
@@ -243,7 +243,7 @@ def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *, rng
     model: a ``Decoder`` (anything with ``init_cache`` and ``extend``).
     prompt_tokens: ``[B, P]`` int32, left-padded.
     prompt_mask: ``[B, P]``, 1 on real prompt tokens.
-    rng: PRNG key (unused when ``temperature == 0``).
+    rng: PRNG key; required when ``temperature > 0``, unused (may be None) when 0.
     max_new_tokens: number of decoding steps at most.
     temperature: softmax temperature; 0 means greedy (argmax).
     top_k: keep only the k most likely tokens before sampling.
@@ -269,6 +269,11 @@ def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *, rng
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if rng is None:
+    if temperature > 0:
+      raise ValueError(f"temperature={temperature} samples: pass rng=jax.random.key(seed) "
+                       "(temperature=0 decodes greedily without one)")
+    rng = jax.random.key(0)  # unused by greedy decoding
   if top_k is not None and top_k < 1:
     raise ValueError(f"top_k must be >= 1, got {top_k}")
   if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -329,6 +334,8 @@ def sequence_logps(model: nnx.Module, tokens: Array, loss_mask: Array, *,
   ``num_segments`` given; column 0 is padding). Shared-prompt pairs
   (``prefix_ids``, see ``prefjax.data.packing``): a response's first token is
   predicted from its prompt's last token, wherever the response sits in the row.
+  ``positions`` (``[N, T]``, default from the mask or segments) are the rotary positions
+  of the tokens, as the pipeline's packed and shared-prompt rows carry them.
   """
   chex.assert_equal_shape([tokens, loss_mask])
   if segment_ids is not None and num_segments is None:

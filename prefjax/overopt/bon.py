@@ -268,7 +268,8 @@ def unbiased_best_of_n(proxy: ArrayLike, gold: ArrayLike, ns: ArrayLike | None =
 
   Returns:
     A ``Curve`` with ``knob = n`` and ``kl = bon_kl(n)`` (the analytic value; it
-    is identical for every prompt, so its SE is 0).
+    is identical for every prompt, so its SE is 0 up to rounding; NaN from a single
+    prompt, as every bootstrap SE).
   """
   proxy, gold, _ = _check_scores(proxy, gold)
   ns = np.arange(1, proxy.shape[1] + 1) if ns is None else _check_ns(ns, proxy.shape[1])

@@ -65,7 +65,7 @@ def check_rewards(rewards: jax.Array | np.ndarray, *, num_rows: int, num_members
   if rewards.shape != expected:
     raise ValueError(f"reward {name!r} returned shape {rewards.shape}, expected {expected} "
                      f"({num_rows} sequences, {num_members} member(s))")
-  values = np.asarray(rewards, np.float64).reshape(num_rows, -1)
+  values = np.asarray(rewards, np.float64).reshape(num_rows, max(num_members, 1))
   bad = ~np.isfinite(values).all(axis=1)
   if bad.any():
     row = int(np.argmax(bad))

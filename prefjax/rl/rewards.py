@@ -284,7 +284,8 @@ def from_checkpoint(ref: str, *, name: str | None = None, batch_size: int = 64,
   Texts are scored ``batch_size`` at a time (None: all in one forward, whose activations
   grow with their number). An ensemble scores its members' mean (``members`` gives
   each); a run that trained no reward head (``train_dpo``, ``train_sft``) is refused.
-  Same scores as ``eval_rm``'s ``rm:`` scorer on the same pairs.
+  Same scores as ``eval_rm``'s ``rm:`` scorer on the same pairs. ``seed`` only
+  initialises the model that the checkpoint's parameters then replace.
   """
   return model_reward(with_run_config(ml_collections.ConfigDict(dict(
       kind="model", name=name, checkpoint=os.fspath(ref), batch_size=batch_size))), seed=seed)

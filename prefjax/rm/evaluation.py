@@ -94,6 +94,18 @@ def jitted_pair_rewards(graphdef, state, batch):
 class RewardModelEvaluator:
   """``evaluator(step, model) -> metrics`` over the whole eval split (see the module doc).
 
+  Args:
+    batches, dropped: :func:`eval_batches`' batches and pipeline drop counts (logged as
+      ``pipeline/dropped_*``).
+    source: the eval split's data source; its rows' ``meta`` give the subsets.
+    mesh: the run's mesh (None: one device).
+    workdir: where ``eval_<step>.json`` and the reliability figures go.
+    num_bins: reliability bins of the ECE.
+    subset_field: the ``meta`` field naming each pair's subset (RewardBench style); None:
+      no per-subset metrics.
+    objectives, num_columns: :func:`reward_columns` of the model: its objective heads'
+      names (per-objective metrics) and reward columns (members or objectives).
+
   Attributes:
     last: ``(step, metrics)`` of the latest call, or None.
   """

@@ -186,13 +186,17 @@ def _read_only(workdir, best_metric: str | None, best_mode: str | None,
 
 
 def _resolve_step(ckpt: "Checkpointer", workdir, step: int | str | None) -> int | None:
-  """An int step, or None for the latest."""
+  """An int step, or None for the latest (a command line's "12" is step 12)."""
+  if isinstance(step, str) and step.strip().isdigit():
+    return int(step)
   if step == "best":
     step = ckpt.best_step()
     if step is None:
       raise ValueError(f"no checkpoint in {workdir} has eval metric {ckpt.best_metric!r}")
   elif step == "latest":
     step = None
+  elif isinstance(step, str):
+    raise ValueError(f"step={step!r}: expected a step number, 'latest' or 'best'")
   return step
 
 
@@ -283,7 +287,16 @@ class NoIntactCheckpointError(RuntimeError):
 
 
 class Checkpointer:
-  """Saves/restores train state + iterator state + config with orbax."""
+  """Saves/restores train state + iterator state + config with orbax.
+
+  Args:
+    directory: the checkpoints folder (a workdir's ``checkpoints/``).
+    keep_last: the newest checkpoints kept.
+    best_metric, best_mode, keep_best: also keep the ``keep_best`` checkpoints whose eval
+      ``best_metric`` is lowest (``best_mode="min"``) or highest; ``@best`` loads the best.
+    async_save: save in a background thread while training goes on.
+    read_only: only read (``load_params``): nothing is created or cleaned up.
+  """
 
   def __init__(self, directory: str | os.PathLike[str], *, keep_last: int = 3,
                best_metric: str | None = None, best_mode: str = "min", keep_best: int = 1,

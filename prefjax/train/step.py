@@ -13,7 +13,9 @@ weighted/token mean over the whole batch exact under accumulation (a plain
 average of per-microbatch token means would over-weight short microbatches). A
 metric normalised by its own count (say accuracy over decisive pairs, where ties
 do not count) reports that count as ``weight_of/<name>``: it is then pooled with
-those weights, and the ``weight_of/`` entries are not logged.
+those weights, and the ``weight_of/`` entries are not logged. Counts are summed, not
+averaged: ``loss_weight`` and every metric whose name's last part starts with ``num_``
+(``num_pairs``, ``eval/num_tokens``) is the whole batch's total.
 
 Microbatches are taken with a stride (microbatch ``j`` holds rows ``j, j+A,
 j+2A, ...``). For a batch sharded over ``("data", "fsdp")`` this keeps every
@@ -230,8 +232,8 @@ def make_train_step(
       included) are their means. Excludes ``accum_steps`` > 1.
 
   Returns:
-    ``step(state, batch) -> (state, metrics)``. Metrics: the user metrics,
-    ``loss``, ``grad_norm`` (before clipping), ``learning_rate`` (of this
+    ``step(state, batch) -> (state, metrics)``. Metrics: the user metrics (means over
+    microbatches; ``loss_weight`` and ``num_*`` counts summed), ``loss``, ``grad_norm`` (before clipping), ``learning_rate`` (of this
     update), ``update_applied`` (0 when skipped), ``skipped_steps`` and
     ``consecutive_skipped``. A non-finite loss or gradient skips the update
     (params, optimizer and extra state unchanged) and is counted.
