@@ -33,6 +33,7 @@ from experiments import train_rm
 from prefjax import configlib
 from prefjax import experiment
 from prefjax.overopt import text_world
+from prefjax.rl import algorithms
 from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
 from prefjax.rl import setup as rl_setup
@@ -177,7 +178,8 @@ class HHWorld(text_study.TextWorld):
     algorithm = str(algorithm or cfg.algorithm)
     c.rl.update(algorithm=algorithm, kl_coef=float(cfg.kl_coef),
                 prompts_per_step=int(cfg.prompts_per_step),
-                group_size=int(cfg.group_size) if algorithm == "rloo" else 1)
+                group_size=1 if algorithms.get_algorithm(algorithm).max_group_size == 1
+                else int(cfg.group_size))
     c.optimizer.learning_rate = float(cfg.learning_rate)
     text_world.stage_loop(c.loop, steps=int(cfg.steps), checkpoint_every=int(cfg.eval_every))
     c.prompts.num_eval = 2

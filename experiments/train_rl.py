@@ -6,8 +6,9 @@ Each step samples responses to fresh training prompts from the policy (KV-cache
 ``generate``), scores them with the PROXY reward, penalises the KL to the frozen
 reference (per token inside the reward for PPO, per sequence for RLOO; estimator
 ``rl.kl_estimator``, k1 = log π/π_ref by default: a stop-gradient penalty in the reward
-has the gradient of β·KL only for k1; k2/k3 are unbiased as values, not as penalties,
-Tang & Munos 2025, arXiv:2506.09477, and warn; fixed or adaptive coefficient, Ziegler
+has the gradient of β·KL only for k1; k3 is an unbiased estimate of the KL's value and k2
+a biased one, and as penalties neither gives its gradient (Tang & Munos 2025,
+arXiv:2506.09477), so they warn; fixed or adaptive coefficient, Ziegler
 et al. 2019), and updates the policy (PPO: GAE + clipped surrogate + value loss over
 minibatch epochs; RLOO: leave-one-out baseline over ``rl.group_size`` samples
 per prompt). Every ``loop.eval_every`` steps the SAME held-out prompts are sampled
@@ -105,18 +106,6 @@ def _warm_start(config: Any, workdir: str, policy, tokenizer, world) -> loop_lib
   return check
 
 
-def _group_size(config: Any, hp: algorithms.HParams) -> int:
-  group_size = int(config.rl.group_size)
-  if hp.algorithm != "rloo":
-    if group_size != 1:
-      raise ValueError(f"rl.group_size={group_size}: {hp.algorithm} samples one response per "
-                       "prompt (group_size is RLOO's); set it to 1")
-    return 1
-  if group_size < 2:
-    raise ValueError(f"RLOO needs rl.group_size >= 2 samples per prompt, got {group_size}")
-  return group_size
-
-
 def check_sampling(config: Any) -> None:
   """The policy gradient, its KL penalty and the eval KL all score the samples with the
   policy's own log-probs, so they must be drawn from that distribution: temperature 1,
@@ -152,7 +141,7 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
   configlib.check_fields("config.eval", config.eval, ("exact_kl_max_vocab",))
   hp = algorithms.HParams.from_config(config.rl)
   check_sampling(config)
-  group_size = _group_size(config, hp)
+  group_size = algorithms.check_group_size(hp.algorithm, int(config.rl.group_size))
   mesh = experiment.make_optional_mesh(config)
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   world = setup.make_world(config)
@@ -171,7 +160,7 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
     if aggregation != "mean":
       proxy = setup.standardized_proxy(config, workdir, proxy, aggregation, lam, policy,
                                        train_prompts, tokenizer, key)
-    bundle = rollout_lib.build_bundle(policy, with_value=hp.algorithm == "ppo",
+    bundle = rollout_lib.build_bundle(policy, with_value=algorithms.get_algorithm(hp.algorithm).value_model,
                                       value_trunk=config.rl.get("value_trunk", "separate"),
                                       seed=seed)
   rollouts = trainer.RolloutIterator(

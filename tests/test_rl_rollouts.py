@@ -170,3 +170,57 @@ def test_an_over_long_prompt_keeps_its_bos_and_the_cut_is_reported(caplog):
   assert ("1 of 2 prompts are longer than prompts.max_length=3 tokens (first: 'abcd', 4 "
           "tokens)") in said[0].getMessage()
   assert [r.levelno for r in said] == [logging.WARNING, logging.INFO, logging.INFO]
+
+
+def test_a_registered_algorithm_runs_through_prepare_and_the_loss(caplog):
+  """A method added with ``register_algorithm`` (here REINFORCE++-like: RLOO's rewards,
+  the whitened advantage per sequence, PPO's token-mean surrogate, no value model) runs
+  as its entry says; an unknown name is refused, not run as RLOO."""
+  def reinforce_pp_targets(scores, stats, loss_mask, *, kl_coef, group_size, hp):
+    del group_size
+    kl = policy_losses.kl_estimate(stats.logp, stats.ref_logp, loss_mask, hp.kl_estimator)
+    advantages = policy_losses.whiten(
+        (scores - kl_coef * jnp.sum(kl, axis=-1))[:, None] * loss_mask, loss_mask)
+    return {"advantages": advantages, "returns": jnp.zeros_like(kl), "kl": kl}
+
+  name = "test_reinforce_pp"
+  if name not in algorithms.algorithm_names():
+    algorithms.register_algorithm(name, algorithms.Algorithm(
+        reinforce_pp_targets, "token_mean", value_model=False, max_group_size=None,
+        reads=("clip_eps", "kl_estimator")))
+  with pytest.raises(ValueError, match="already registered"):
+    algorithms.register_algorithm(name, algorithms.get_algorithm(name))
+  assert algorithms.check_group_size(name, 1) == 1
+  with caplog.at_level(logging.WARNING):
+    hp = algorithms.HParams.from_config({"algorithm": name, "kl_estimator": "k1",
+                                         "vf_coef": 0.5, "clip_eps": 0.1})
+  assert f"rl.vf_coef=0.5: not read by {name}" in caplog.text
+  policy = decoder.Decoder(decoder.DecoderConfig.tiny_llama(vocab_size=11), rngs=nnx.Rngs(0),
+                           dtype=jnp.float32)
+  bundle = rollout_lib.build_bundle(policy, with_value=False, seed=1)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 11, (4, 9)).astype(np.int32)
+  attention, loss_mask = np.ones_like(tokens), np.zeros_like(tokens)
+  loss_mask[:, 3:] = 1
+  loss_mask[2, 5:] = attention[2, 5:] = 0
+  graphdef, params, extra = state_lib.split_model(bundle, rollout_lib.TRAINABLE)
+  scores = jnp.asarray([1.0, -1.0, 0.5, 0.0])
+  batch = algorithms.prepare(graphdef, params, extra, tokens, attention, loss_mask, scores,
+                             jnp.float32(0.1), hp=hp, group_size=1)
+  kl = np.asarray(batch["kl"], np.float64)
+  reward = np.asarray(scores, np.float64) - 0.1 * kl.sum(-1)
+  token_rewards = np.broadcast_to(reward[:, None], loss_mask.shape)[loss_mask == 1]
+  want = (reward[:, None] - token_rewards.mean()) / token_rewards.std() * loss_mask
+  np.testing.assert_allclose(batch["advantages"], want, rtol=1e-4, atol=1e-5)
+  nnx.update(bundle.policy, jax.tree.map(lambda x: x * 1.1, nnx.state(bundle.policy,
+                                                                      nnx.Param)))
+  loss, metrics = algorithms.loss_fn(bundle, batch, hp)
+  stats = rollout_lib.token_stats(bundle, tokens, attention, loss_mask, with_reference=False)
+  clip = policy_losses.ppo_clip_loss(stats.logp, batch["old_logp"], batch["advantages"],
+                                     loss_mask, clip_eps=0.1)
+  want_loss = np.sum(np.asarray(clip.per_token, np.float64) * loss_mask) / loss_mask.sum()
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  assert "value_loss" not in metrics
+  with pytest.raises(ValueError, match=r"rl.algorithm='grpo' is not one of \('ppo', 'rloo'"):
+    algorithms.prepare(graphdef, params, extra, tokens, attention, loss_mask, scores,
+                       jnp.float32(0.1), hp=hp._replace(algorithm="grpo"), group_size=1)

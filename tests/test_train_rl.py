@@ -324,7 +324,7 @@ def test_bad_inputs_raise_named_errors():
     ("sampling.temperature", 0.0, "sampling.temperature=0.0"),
     ("sampling.top_p", 0.9, "top_p=0.9"),
     ("rl.kl_coef", -0.1, r"rl.kl_coef=-0.1 must be >= 0"),
-    ("rl.group_size", 4, r"rl.group_size=4: ppo samples one response per prompt"),
+    ("rl.group_size", 4, r"rl.group_size=4: ppo samples exactly 1 response\(s\) per prompt"),
     ("rl.epochs", 0, r"rl.epochs=0 must be >= 1"),
     ("rl.kl_coef", 0.0, r"rl.kl_coef=0.0 with adaptive_kl: the controller scales"),
     ("rl.lam", 2.0, r"rl.lam=2.0 must be in \[0, 1\]"),

@@ -120,9 +120,9 @@ def _check_text_names(cfg: Any, name: str) -> None:
   algorithms = [("algorithm", cfg.rl.get("algorithm", "rloo"))]
   algorithms += [("frontier_algorithms", a) for a in cfg.rl.get("frontier_algorithms", ())]
   for field, algorithm in algorithms:
-    if algorithm not in rl_algorithms.ALGORITHMS:
+    if algorithm not in rl_algorithms.algorithm_names():
       raise ValueError(f"{name}.rl.{field}: {algorithm!r} is not one of "
-                       f"{rl_algorithms.ALGORITHMS}")
+                       f"{rl_algorithms.algorithm_names()}")
   for loss in cfg.dpo.losses:
     try:
       loss_registry.direct_loss_spec(loss)

@@ -40,6 +40,7 @@ from prefjax import configlib
 from prefjax import files
 from prefjax import train
 from prefjax.data.tfds_builders import synthetic
+from prefjax.rl import algorithms
 from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
 from prefjax.train import checkpoint as checkpoint_lib
@@ -403,7 +404,7 @@ def policy_loader(make_policy: Callable[[], nnx.Module], workdir: str, *,
 def rl_bundle_maker(make_policy: Callable[[], nnx.Module], rl_cfg: Any) -> Callable[[], Any]:
   """Makes the bundle a ``train_rl`` checkpoint holds (policy + frozen reference [+ value],
   from ``make_policy()``), to load the policy of each checkpoint."""
-  return lambda: rollout_lib.build_bundle(make_policy(), with_value=rl_cfg.algorithm == "ppo",
+  return lambda: rollout_lib.build_bundle(make_policy(), with_value=algorithms.get_algorithm(rl_cfg.algorithm).value_model,
                                           value_trunk=rl_cfg.value_trunk, seed=0)
 
 

@@ -4,7 +4,7 @@
   prompt encoding, KV-cache sampling, per-token log-probs/values/exact KL.
 * ``algorithms``: PPO (GAE, clipped surrogate and value loss, minibatch epochs)
   and RLOO (k samples per prompt, leave-one-out baseline) with a KL penalty to
-  the reference (k1/k2/k3 estimators).
+  the reference (k1/k2/k3 estimators); ``register_algorithm`` adds another method.
 * ``trainer``: the on-policy ``RolloutIterator`` and loss that run RL through
   ``prefjax.train.train_loop`` (one loop step = one rollout + its minibatch epochs).
 * ``kl_control``: fixed and adaptive (Ziegler et al. 2019) KL coefficients.

@@ -15,12 +15,17 @@ summed over a sequence's tokens and averaged over sequences, so one on-policy
 epoch is exactly the REINFORCE estimator −A·∇log π(y|x). With epochs > 1 the ratio is
 clipped per token, as in PPO; TRL's RLOOTrainer (up to 0.19) clips the sequence's
 ratio exp(Σ_t Δlog π) instead. With one epoch (the RLOO configs) the two are the same.
+
+Another method is an :class:`Algorithm` passed to :func:`register_algorithm`: its advantage
+function, how its surrogate is aggregated, whether it trains a value model, the group sizes
+it samples and the ``HParams`` fields it reads. ``train_rl``, the studies and the configs'
+checks read the registry; ``rl.algorithm`` names the entry.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +37,6 @@ from prefjax.rl import rollout as rollout_lib
 from prefjax.train import state as state_lib
 
 Array = jax.Array
-ALGORITHMS = ("ppo", "rloo")
 # Keys of ``config.rl`` read by the RL run itself rather than by ``HParams``.
 RUN_FIELDS = ("prompts_per_step", "group_size", "epochs", "num_minibatches", "kl_coef",
               "adaptive_kl", "value_trunk", "missing_eos_penalty")
@@ -55,8 +59,17 @@ class HParams(NamedTuple):
     """From ``config.rl``; a key that is neither a field nor in ``RUN_FIELDS`` is an error."""
     configlib.check_fields("config.rl", cfg, cls._fields + RUN_FIELDS)
     algorithm = cfg["algorithm"]
-    if algorithm not in ALGORITHMS:
-      raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    method = get_algorithm(algorithm)
+    if cfg.get("value_trunk", "separate") not in ("separate", "shared"):
+      raise ValueError(f"rl.value_trunk must be 'separate' or 'shared', got "
+                       f"{cfg['value_trunk']!r}")
+    unread = [f"rl.{k}={cfg[k]!r}" for k in cls._fields[1:] if k not in method.reads
+              and k in cfg and cfg[k] != cls._field_defaults[k]]
+    if not method.value_model and cfg.get("value_trunk", "separate") != "separate":
+      unread.append(f"rl.value_trunk={cfg['value_trunk']!r}")
+    if unread:
+      logging.warning("%s: not read by %s (its settings: %s)", ", ".join(unread), algorithm,
+                      ", ".join(method.reads))
     if cfg["kl_estimator"] not in ("k1", "k2", "k3"):
       raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {cfg['kl_estimator']!r}")
     if cfg["kl_estimator"] != "k1" and float(cfg.get("kl_coef", 0.0)) > 0:
@@ -77,8 +90,9 @@ class HParams(NamedTuple):
 
 
 def ppo_targets(scores: Array, stats: rollout_lib.TokenStats, loss_mask: Array, *,
-                kl_coef: Array, hp: HParams) -> dict[str, Array]:
+                kl_coef: Array, group_size: int, hp: HParams) -> dict[str, Array]:
   """Per-token KL-shaped rewards -> GAE advantages and value targets."""
+  del group_size  # one sample per prompt
   rewards, kl = policy_losses.kl_penalized_rewards(
       scores, stats.logp, stats.ref_logp, loss_mask, kl_coef=kl_coef, kind=hp.kl_estimator)
   advantages, returns = policy_losses.gae(rewards, stats.values, loss_mask, gamma=hp.gamma,
@@ -105,6 +119,76 @@ def rloo_targets(scores: Array, stats: rollout_lib.TokenStats, loss_mask: Array,
           "returns": zeros, "kl": jax.lax.stop_gradient(kl)}
 
 
+class Algorithm(NamedTuple):
+  """A policy-optimisation method as ``train_rl`` runs it.
+
+  Attributes:
+    targets: ``(scores [N], stats, loss_mask [N, T], *, kl_coef, group_size, hp) ->
+      {"advantages": [N, T], "returns": [N, T], "kl": [N, T]}`` (``returns`` are the value
+      model's targets; zeros without one). Rows of a group are consecutive.
+    loss: the clipped surrogate's aggregation: ``"token_mean"`` (PPO) or
+      ``"sequence_sum"`` (summed over a sequence's tokens, averaged over sequences:
+      REINFORCE's estimator for one epoch).
+    value_model: trains a value head (``value_trunk``) with ``vf_coef`` x the value loss.
+    min_group_size, max_group_size: the ``rl.group_size`` it accepts (None: no maximum).
+    reads: the ``HParams`` fields it reads; a config that sets another one away from its
+      default is warned about.
+  """
+  targets: Callable[..., dict[str, Array]]
+  loss: str
+  value_model: bool
+  min_group_size: int = 1
+  max_group_size: int | None = 1
+  reads: tuple[str, ...] = ()
+
+
+_ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def register_algorithm(name: str, algorithm: Algorithm) -> None:
+  """Makes ``rl.algorithm=name`` run ``algorithm``; a name taken is an error."""
+  if name in _ALGORITHMS:
+    raise ValueError(f"RL algorithm {name!r} is already registered")
+  if algorithm.loss not in ("token_mean", "sequence_sum"):
+    raise ValueError(f"{name}: loss must be 'token_mean' or 'sequence_sum', got "
+                     f"{algorithm.loss!r}")
+  unknown = set(algorithm.reads) - set(HParams._fields)
+  if unknown:
+    raise ValueError(f"{name}: reads unknown HParams fields {sorted(unknown)}")
+  _ALGORITHMS[name] = algorithm
+
+
+def algorithm_names() -> tuple[str, ...]:
+  return tuple(_ALGORITHMS)
+
+
+def get_algorithm(name: str) -> Algorithm:
+  if name not in _ALGORITHMS:
+    raise ValueError(f"rl.algorithm={name!r} is not one of {algorithm_names()} "
+                     "(algorithms.register_algorithm adds one)")
+  return _ALGORITHMS[name]
+
+
+def check_group_size(name: str, group_size: int) -> int:
+  """``group_size`` if ``name`` samples groups of that size, else an error naming the rule."""
+  low, high = get_algorithm(name).min_group_size, get_algorithm(name).max_group_size
+  if group_size < low or (high is not None and group_size > high):
+    allowed = f"exactly {low}" if high == low else f"at least {low}" + (
+        f" and at most {high}" if high else "")
+    raise ValueError(f"rl.group_size={group_size}: {name} samples {allowed} response(s) "
+                     "per prompt")
+  return group_size
+
+
+_SURROGATE = ("clip_eps", "entropy_coef", "kl_estimator", "whiten_advantages")
+register_algorithm("ppo", Algorithm(
+    ppo_targets, "token_mean", value_model=True,
+    reads=_SURROGATE + ("vf_coef", "vf_clip_eps", "gamma", "lam")))
+register_algorithm("rloo", Algorithm(
+    rloo_targets, "sequence_sum", value_model=False, min_group_size=2, max_group_size=None,
+    reads=_SURROGATE))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "hp", "group_size"))
 def prepare(graphdef, params, extra, tokens, attention_mask, loss_mask, scores, kl_coef, *,
             hp: HParams, group_size: int) -> dict[str, Array]:
@@ -112,18 +196,17 @@ def prepare(graphdef, params, extra, tokens, attention_mask, loss_mask, scores, 
   bundle = state_lib.merge_model(graphdef, params, extra)
   stats = rollout_lib.token_stats(bundle, tokens, attention_mask, loss_mask)
   loss_mask = loss_mask.astype(jnp.float32)
-  if hp.algorithm == "ppo":
-    targets = ppo_targets(scores, stats, loss_mask, kl_coef=kl_coef, hp=hp)
-  else:
-    targets = rloo_targets(scores, stats, loss_mask, kl_coef=kl_coef, group_size=group_size,
-                           hp=hp)
+  targets = get_algorithm(hp.algorithm).targets(scores, stats, loss_mask, kl_coef=kl_coef,
+                                                group_size=group_size, hp=hp)
   return {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask,
           "old_logp": stats.logp, "old_values": stats.values, **targets}
 
 
 def loss_fn(bundle: rollout_lib.PolicyBundle, batch: Mapping[str, Array],
             hp: HParams) -> tuple[Array, dict[str, Array]]:
-  """PPO (token-mean surrogate + value loss) or RLOO (sequence-sum surrogate)."""
+  """The clipped surrogate aggregated as the algorithm says (PPO: token mean, RLOO: summed
+  over each sequence), plus the value loss when it has a value model."""
+  method = get_algorithm(hp.algorithm)
   mask = batch["loss_mask"]
   stats = rollout_lib.token_stats(bundle, batch["tokens"], batch["attention_mask"], mask,
                                   full_vocab=hp.entropy_coef > 0,
@@ -135,16 +218,17 @@ def loss_fn(bundle: rollout_lib.PolicyBundle, batch: Mapping[str, Array],
       jnp.broadcast_to(x[:, None], mask.shape), mask)
   metrics = {"clip_fraction": per_token(ppo.clip_fraction),
              "approx_kl": per_token(ppo.approx_kl)}
-  if hp.algorithm == "ppo":
+  if method.loss == "token_mean":
     pg_loss = policy_losses.aggregate_loss(ppo.per_token, mask, "token_mean")
+  else:
+    pg_loss = jnp.mean(jnp.sum(ppo.per_token, axis=-1))
+  value_loss = jnp.zeros(())
+  if method.value_model:
     vloss = policy_losses.value_loss(stats.values, batch["old_values"], batch["returns"], mask,
                                      clip_eps=hp.vf_clip_eps)
     value_loss = policy_losses.aggregate_loss(vloss.per_token, mask, "token_mean")
     metrics["value_loss"] = value_loss
     metrics["value_clip_fraction"] = per_token(vloss.clip_fraction)
-  else:
-    pg_loss = jnp.mean(jnp.sum(ppo.per_token, axis=-1))
-    value_loss = jnp.zeros(())
   loss = pg_loss + hp.vf_coef * value_loss
   if hp.entropy_coef > 0:
     entropy = policy_losses.aggregate_loss(stats.entropy, mask, "token_mean")
