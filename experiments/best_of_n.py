@@ -211,7 +211,7 @@ def plot(result: dict[str, Any], path: str) -> None:
       result["sqrt_kl"], {name: (result[name], result[f"{name}_se"])
                           for name in ("proxy", "gold")}, path,
       xlabel="√(log n − (n−1)/n), the analytic upper bound on √KL (nats½)",
-      ylabel="score − reference mean",
+      ylabel="score − reference mean",  # each in its own units, on its own axis
       title=f"best-of-n, N={result['num_samples']}, {result['num_prompts']} prompts")
 
 

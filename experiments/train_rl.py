@@ -229,10 +229,17 @@ def _plot(evals: list[dict[str, Any]], path: str) -> None:
   kl_name = "kl/exact" if "kl/exact" in evals[0] else "kl"
   scores = {name: ([e[name] - evals[0][name] for e in evals], [e[f"{name}_se"] for e in evals])
             for name in ("proxy", "gold")}
+  kl = np.array([e[kl_name] for e in evals])
+  sqrt_kl = np.sqrt(np.maximum(kl, 0.0))
+  se = np.array([e.get(f"{kl_name}_se", np.nan) for e in evals])  # d√KL = dKL / (2√KL)
+  estimator = "exact" if kl_name == "kl/exact" else next(  # the configured one is "kl"
+      (k for k in ("k1", "k2", "k3") if evals[-1].get(f"kl/{k}") == evals[-1]["kl"]), "")
   plots.plot_scores_vs_sqrt_kl(
-      np.sqrt(np.maximum([e[kl_name] for e in evals], 0.0)), scores, path,
-      xlabel=f"√KL ({kl_name}, nats½) on held-out samples",
-      ylabel=f"score − score at step {evals[0]['step']}",
+      sqrt_kl, scores, path, steps=[e["step"] for e in evals],
+      sqrt_kl_se=np.where(sqrt_kl > 0, se / (2 * np.maximum(sqrt_kl, 1e-12)), np.nan),
+      xlabel=f"√KL ({estimator} KL of the held-out samples, nats½)" + (
+          f"; {int((kl < 0).sum())} negative estimates drawn at 0" if (kl < 0).any() else ""),
+      ylabel=f"change from step {evals[0]['step']}",
       title=f"RL: held-out proxy and gold over {evals[-1]['step']} steps")
 
 
