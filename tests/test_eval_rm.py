@@ -328,6 +328,7 @@ def test_baselines_gold_and_comparisons(report):
   assert m["length"]["length_controlled_accuracy"]["value"] == pytest.approx(0.5)
   assert "ece" not in m["length"]  # A character count is not a log-odds.
   assert m["gold"]["accuracy"]["value"] > 0.99  # Noise-free labels come from the gold reward.
+  assert "ece" not in m["gold"]  # σ(Δ gold) is not the labels' probability either
   for name, metrics in m.items():
     acc = metrics["accuracy"]
     assert acc["low"] <= acc["value"] <= acc["high"], name

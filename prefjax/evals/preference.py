@@ -177,7 +177,11 @@ def ensemble_disagreement(member_margins: np.ndarray) -> Mapping[str, float]:
 
 def plot_reliability(curves: Mapping[str, Mapping[str, list]], path: str, title: str = "", *,
                      xlabel: str = "predicted P(chosen ≻ rejected) = σ(Δ)") -> None:
-  """Writes a reliability diagram PNG: one line per ``{label: reliability_diagram(...)}``."""
+  """Writes a reliability diagram PNG: one line per ``{label: reliability_diagram(...)}``.
+
+  Each bin's bar is the binomial SE a calibrated scorer's frequency would have there,
+  √(p(1 − p)/n) at the bin's mean confidence p over its n predictions: a point beyond
+  two bars is miscalibration, one within them may be noise of a sparse bin."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -185,12 +189,14 @@ def plot_reliability(curves: Mapping[str, Mapping[str, list]], path: str, title:
   fig, ax = plt.subplots(figsize=(4.8, 4.5))
   ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
   for name, reliability in curves.items():
-    ok = np.asarray(reliability["count"]) > 0
-    ax.plot(np.asarray(reliability["confidence"])[ok],
-            np.asarray(reliability["frequency"], dtype=float)[ok], "o-", markersize=3,
-            label=name)
+    count = np.asarray(reliability["count"], np.float64)
+    ok = count > 0
+    p = np.asarray(reliability["confidence"], np.float64)[ok]
+    ax.errorbar(p, np.asarray(reliability["frequency"], dtype=float)[ok],
+                yerr=np.sqrt(p * (1 - p) / count[ok]), fmt="o-", markersize=3, capsize=2,
+                lw=1, label=name)
   ax.set_xlabel(xlabel)
-  ax.set_ylabel("observed frequency")
+  ax.set_ylabel("observed frequency (±1 SE if calibrated)")
   ax.set_title(title or "reliability", fontsize=9)
   ax.legend(loc="upper left", fontsize=7)
   fig.tight_layout()

@@ -530,9 +530,9 @@ def make_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> Callable[[Any, str], S
   if spec.kind in ("length", "shorter"):
     sign = 1.0 if spec.kind == "length" else -1.0
     return lambda source, dataset: _every_row(spec.name, length_rewards(source, sign), False)
-  if spec.kind == "gold":
+  if spec.kind == "gold":  # a score on its own scale: σ(Δ gold) is no label probability
     return lambda source, dataset: (None if (g := gold_rewards(source)) is None
-                                    else _every_row(spec.name, g, True))
+                                    else _every_row(spec.name, g, False))
   if spec.kind == "hf":
     from prefjax.evals import hf_scorer  # pylint: disable=g-import-not-at-top  # imports this
     return hf_scorer.hf_scorer(spec, eval_cfg, mesh)

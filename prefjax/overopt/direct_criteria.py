@@ -19,6 +19,8 @@ from prefjax.overopt import exact
 from prefjax.overopt import fits
 from prefjax.overopt.direct_study import DaaSweep
 
+# P1's KL bins (nats): DPO and the RL reference are compared within each.
+P1_KL_EDGES = tuple(2.0 ** np.arange(-4, 7))
 
 
 def _result(passed: bool, value: Any, threshold: Any, detail: str) -> dict[str, Any]:
@@ -177,7 +179,7 @@ def _first_crossing(path_kl: np.ndarray, x: np.ndarray
 
 
 def criterion_p1(sweep: DaaSweep, ppo: exact.ExactScores, *,
-                 kl_edges: Sequence[float] = tuple(2.0 ** np.arange(-4, 7)),
+                 kl_edges: Sequence[float] = P1_KL_EDGES,
                  final_only: bool = False, match: str = "bin", num_bootstrap: int = 1000,
                  seed: int = 0) -> dict:
   """P1 (Rafailov et al. 2023, Fig. 2): DPO's reward–KL frontier is not below PPO's.

@@ -27,6 +27,12 @@ REWARD_UNITS = "reward (SD under π_ref, π_ref = 0)"
 SQRT_KL = "√KL(π ‖ π_ref)  [nats^½]"
 # Best-of-n over sampled responses: the analytic KL, which bounds the exact one from above.
 SQRT_KL_BON_BOUND = "√(log n − (n−1)/n) ≥ √KL(π ‖ π_ref)  [nats^½]"
+# One colour per method and per aggregation, the same in every panel and figure.
+METHOD_COLORS = {"bon": "tab:blue", "rl": "tab:orange"}
+AGGREGATION_COLORS = {"single": "black", "mean": "tab:blue", "wco": "tab:red",
+                      "uwo": "tab:green"}
+# Losses shown under their papers' names ("hinge" is SLiC's, Zhao et al. 2023).
+DISPLAY_NAMES = {"hinge": "SLiC (hinge)", "dpo": "DPO", "ipo": "IPO"}
 
 
 def _band(ax, x, mean, se, color, style="-", label=None):
@@ -54,6 +60,17 @@ def _axes(ax, xlabel: str, ylabel: str, *, zero_line: bool = False, legend: bool
   ax.grid(alpha=0.3)
   if legend:
     ax.legend(fontsize=fontsize, title=title)
+
+
+def _plain_log_ticks(ax, which: str) -> None:
+  """Log ticks labelled 0.5, 2, 100 (not 10^k) with unlabelled minor ticks (no "3×10⁻¹"
+  clutter): at 1, 2, 5 × 10^k within two decades, so a narrow range still gets labels."""
+  low, high = ax.get_xlim() if which == "x" else ax.get_ylim()
+  axis = ax.xaxis if which == "x" else ax.yaxis
+  subs = (1.0, 2.0, 5.0) if high / low <= 100 else (1.0,)
+  axis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
+  axis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+  axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _colors(n: int):
@@ -116,9 +133,10 @@ def fit_coefficients(sizes: Sequence[float], settings: Sequence[curves_lib.Setti
       err = np.abs(ci.T - value)
       # A missing CI (too few prompts to bootstrap) draws no bar, not a zero-width one.
       ax.errorbar(sizes, value, yerr=err, marker="o" if method == "bon" else "s", capsize=3,
+                  color=METHOD_COLORS[method],
                   label=f"{'best-of-n' if method == 'bon' else 'RL'} {coef}")
     ax.set_xscale("log", base=2)
-    _axes(ax, xlabel, ylabel)
+    _axes(ax, xlabel, ylabel, zero_line=coef == "beta")
   fig.suptitle(f"{title} (error bars: 95% bootstrap CIs over prompts)")
   return _save(fig, path)
 
@@ -127,12 +145,11 @@ def ensembles(by_noise: dict[float, dict[str, curves_lib.SettingCurves]], path: 
   """Coste et al.: single proxy vs mean / WCO / UWO, BoN and RL, one row per noise level."""
   noises = sorted(by_noise)
   fig, axes = plt.subplots(len(noises), 2, figsize=(11, 4.2 * len(noises)), squeeze=False)
-  colors = {"single": "black", "mean": "tab:blue", "wco": "tab:red", "uwo": "tab:green"}
   for row, noise in enumerate(noises):
     for col, method in enumerate(("bon", "rl")):
       ax = axes[row, col]
       for name, s in by_noise[noise].items():
-        _curve(ax, getattr(s, method), colors[name], name)
+        _curve(ax, getattr(s, method), AGGREGATION_COLORS.get(name), name)
       ax.set_title(f"{'best-of-n' if method == 'bon' else 'RL path'}, "
                    f"{noise:.0%} label noise: gold")
       _axes(ax, SQRT_KL, REWARD_UNITS, zero_line=True, title="aggregation")
@@ -145,22 +162,33 @@ def disagreement(growth: dict[str, np.ndarray], ns: np.ndarray, path: str, *,
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, g in growth.items():
     mean, se = bon.bootstrap_mean_se(g)
-    _band(ax, ns, mean, se, None, label=name)
+    _band(ax, ns, mean, se, AGGREGATION_COLORS.get(name), label=name)
   ax.set_xscale("log")
-  ax.set_title(title)
+  ax.set_title(f"{title}\n(±1 SE over prompts)", fontsize=10)
   _axes(ax, "n (best-of-n)", "Δ member std under π  [proxy SD]", title="optimised aggregation")
   return _save(fig, path)
 
 
 def estimator_check(check: dict, path: str) -> str:
-  """G0: exact best-of-n gold vs the unbiased estimator and Monte Carlo."""
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for key, style in (("exact_gold", "k-"), ("unbiased_gold", "o--"), ("mc_gold", "s:")):
-    ax.plot(check["ns"], check[key], style, label=key.replace("_gold", ""))
-  ax.set_xscale("log", base=2)
+  """G0: exact best-of-n gold vs the unbiased estimator and Monte Carlo, and each one's
+  difference from exact with its ±1 bootstrap SE over prompts (what G0's z divides by)."""
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  styles = {"exact": "k-", "unbiased": "o--", "mc": "s:"}
+  for name, style in styles.items():
+    axes[0].plot(check["ns"], check[f"{name}_gold"], style, label=name)
+  for name in ("unbiased", "mc"):
+    if f"{name}_minus_exact" in check:
+      axes[1].errorbar(check["ns"], check[f"{name}_minus_exact"],
+                       yerr=check[f"{name}_minus_exact_se"], fmt=styles[name], capsize=2,
+                       label=f"{name} − exact (max |z| {check[f'z_{name}_vs_exact']:.2f})")
   where = f", world {check['world']}" if "world" in check else ""
-  ax.set_title(f"Best-of-n estimators against exact (G0)\n(smallest proxy, member seed 0{where})")
-  _axes(ax, "n (best-of-n)", "gold (SD under π_ref), raw")
+  axes[0].set_title("gold of best-of-n by estimator")
+  axes[1].set_title("difference from exact, ±1 SE over prompts")
+  for ax in axes:
+    ax.set_xscale("log", base=2)
+  _axes(axes[0], "n (best-of-n)", "gold " + REWARD_UNITS)
+  _axes(axes[1], "n (best-of-n)", "gold difference", zero_line=True)
+  fig.suptitle(f"Best-of-n estimators against exact (G0; smallest proxy, member seed 0{where})")
   return _save(fig, path)
 
 
@@ -169,10 +197,12 @@ def learned_policy(rows: Sequence[dict], path: str) -> str:
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for ax, key in zip(axes, ("kl", "gold")):
     lams = [r["lam"] for r in rows]
-    ax.plot(lams, [r[f"closed_form_{key}"] for r in rows], "k-o", label="closed form")
-    ax.plot(lams, [r[f"learned_{key}"] for r in rows], "r--s", label="learned MLP policy")
+    ax.plot(lams, [r[f"closed_form_{key}"] for r in rows], "ko", label="closed form")
+    ax.plot(lams, [r[f"learned_{key}"] for r in rows], "rs", label="learned MLP policy")
     ax.set_xscale("log")
-    _axes(ax, "KL penalty λ", "KL [nats]" if key == "kl" else REWARD_UNITS)
+    _plain_log_ticks(ax, "x")
+    ax.set_title("KL(π ‖ π_ref)" if key == "kl" else "gold")
+    _axes(ax, "KL penalty λ", "KL [nats]" if key == "kl" else "gold " + REWARD_UNITS)
   fig.suptitle("RL with a learned policy vs the exact KL-regularised optimum")
   return _save(fig, path)
 
@@ -187,7 +217,8 @@ def direct_sweeps(sweeps: dict, path: str) -> str:
       ax.plot(np.sqrt(sweep.kl[k]), sweep.gold[k], "-", color=color, lw=1.2,
               label=f"β={sweep.betas[k]:.3g}")
       ax.plot(np.sqrt(sweep.kl[k, -1]), sweep.gold[k, -1], "o", color=color, ms=4)
-    ax.set_title(f"{name}: training trajectories (● = end)")
+    shown = DISPLAY_NAMES.get(name, name)
+    ax.set_title(f"{shown}: training trajectories (● = end)")
     ax = axes[1, col]
     d, gold, per_kl, per_gold = direct_criteria.final_curve(sweep)
     _, se = bon.bootstrap_mean_se(per_gold)
@@ -196,10 +227,10 @@ def direct_sweeps(sweeps: dict, path: str) -> str:
     rl = fits.fit_rl(d, gold, num_bootstrap=0)
     quad = fits.fit_quadratic_kl(d * d, gold, num_bootstrap=0)
     ax.plot(grid, fits.predict(rl, grid), "-", color="tab:red",
-            label=f"d(α − β log d), RMSE {rl.rmse:.3f}")
+            label=f"d(α − β log d), RMSE {rl.rmse:.2g}")
     ax.plot(grid, fits.predict(quad, grid), "--", color="tab:blue",
-            label=f"α·KL − β·KL², RMSE {quad.rmse:.3f}")
-    ax.set_title(f"{name}: gold vs √KL across β")
+            label=f"α·KL − β·KL², RMSE {quad.rmse:.2g}")
+    ax.set_title(f"{shown}: gold vs √KL across β")
     for ax in axes[:, col]:
       _axes(ax, SQRT_KL, REWARD_UNITS, zero_line=True, fontsize=7)
   return _save(fig, path)
@@ -216,6 +247,7 @@ def margins(dpo, ipo, path: str) -> str:
       if name == "IPO":
         ax.axhline(1.0 / (2.0 * sweep.betas[k]), color=color, ls=":", lw=1)
     ax.set_yscale("log")
+    _plain_log_ticks(ax, "y")
     _axes(ax, "training step", "mean margin h = Δ log π/π_ref  [nats]", fontsize=7)
     ax.set_title(f"{name} on deterministic preferences" + (" (dotted: 1/(2β))"
                                                          if name == "IPO" else ""))
@@ -225,7 +257,9 @@ def margins(dpo, ipo, path: str) -> str:
 def frontier(dpo, ppo, path: str, *, rl_label: str = "KL-regularised RL optimum (proxy)",
              rl_style: str = "k-", others: Sequence[tuple[Any, str, str]] = ()) -> str:
   """Rafailov et al. 2023, Fig. 2: gold vs KL, DPO (every evaluation) vs RL; ``others``:
-  more RL references as ``(scores, label, style)``."""
+  more RL references as ``(scores, label, style)``. A run's checkpoints are drawn as
+  markers (``rl_style="ko"``): joined in step order they would look like a frontier.
+  Dotted verticals are P1's KL bins."""
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   se = lambda per_prompt: per_prompt.std(0, ddof=1) / np.sqrt(per_prompt.shape[0])  # [P, …]
   for scores, label, style in ((ppo, rl_label, rl_style), *others):
@@ -238,10 +272,12 @@ def frontier(dpo, ppo, path: str, *, rl_label: str = "KL-regularised RL optimum 
     ax.errorbar(dpo.kl[k, 1:], dpo.gold[k, 1:], yerr=dpo_se[k, 1:], fmt=".", color=color,
                 ms=4, elinewidth=0.6, label=f"DPO β={dpo.betas[k]:.3g}")
   ax.set_xscale("log")
-  # 0.001, 1, 100 rather than 10^k (ScalarFormatter would print 0.001 as "0.00")
-  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
-  ax.xaxis.set_minor_formatter(ticker.NullFormatter())     # unlabelled minor ticks
+  low, high = ax.get_xlim()
+  for edge in direct_criteria.P1_KL_EDGES:
+    if low < edge < high:
+      ax.axvline(edge, color="grey", ls=":", lw=0.5)
+  _plain_log_ticks(ax, "x")  # 0.001, 1, 100 (ScalarFormatter would print 0.001 as "0.00")
   _axes(ax, "KL(π ‖ π_ref)  [nats]", "gold " + REWARD_UNITS, fontsize=7)
-  ax.set_title("Reward–KL frontier: DPO vs RL against a learned proxy (±1 SE over prompts)",
-               fontsize=10)
+  ax.set_title("Reward–KL frontier: DPO vs RL against a learned proxy\n(±1 SE over prompts; "
+               "dotted: P1's KL bins)", fontsize=10)
   return _save(fig, path)

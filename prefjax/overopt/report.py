@@ -96,10 +96,12 @@ def bandit_criteria(results: study_lib.BanditResults, fig_dir: str, *, smallest:
     raise ValueError(f"smallest={smallest} must be in [1, {len(results.sizes)}] (the number "
                      "of proxy widths)")
   path = lambda name: os.path.join(fig_dir, name)
+  pooled = (f"pooled over {len(results.per_world)} bandit worlds, "
+            if len(results.per_world) > 1 else "bandit world, ")
   figs = {
       "gao_fig1": figures.gold_and_proxy(results.sizes, path("gao_fig1_sizes.png"),
-                                         title="Gold and proxy vs √KL by proxy width "
-                                               "(bandit world, seed-averaged ±1 SE)"),
+                                         title=f"Gold and proxy vs √KL by proxy width ("
+                                               f"{pooled}±1 SE over prompts, worlds fixed)"),
       "gao_fig3_size": figures.fit_coefficients(results.widths, results.sizes,
                                                 path("gao_fig3_size.png"),
                                                 xlabel="proxy width (hidden units)",

@@ -120,9 +120,9 @@ def _figures(fig_dir: str, world: str, title: str, policy: str, cfg: Any, widths
   if "dpo" in sweeps:
     figs["text_frontier"] = figures.frontier(
         sweeps["dpo"], rl_arm, path("text_dpo_vs_rl_frontier.png"),
-        rl_label=f"{algo} against proxy w{rl_width} (checkpoints)", rl_style="k.-",
+        rl_label=f"{algo} against proxy w{rl_width} (checkpoints)", rl_style="ko",
         others=[(scores, f"{name.upper()} against proxy w{rl_width} (checkpoints)", style)
-                for (name, scores), style in zip(others.items(), ("bs--", "m^:", "cv-."))])
+                for (name, scores), style in zip(others.items(), ("bs", "m^", "cv"))])
   return {k: os.path.join("figures", os.path.basename(v)) for k, v in figs.items()}
 
 
