@@ -224,3 +224,15 @@ def test_a_registered_algorithm_runs_through_prepare_and_the_loss(caplog):
   with pytest.raises(ValueError, match=r"rl.algorithm='grpo' is not one of \('ppo', 'rloo'"):
     algorithms.prepare(graphdef, params, extra, tokens, attention, loss_mask, scores,
                        jnp.float32(0.1), hp=hp._replace(algorithm="grpo"), group_size=1)
+
+
+def test_minibatches_cut_each_epoch_permutation_and_name_a_field_not_per_sequence():
+  batch = {"tokens": np.arange(12).reshape(6, 2), "scores": np.arange(6.0)}
+  out = trainer.minibatches(batch, jax.random.key(0), epochs=2, num_minibatches=3)
+  assert out["tokens"].shape == (6, 2, 2) and out["scores"].shape == (6, 2)
+  for epoch in (out["scores"][:3], out["scores"][3:]):  # each epoch sees every row once
+    assert sorted(epoch.ravel()) == list(range(6))
+  np.testing.assert_array_equal(out["tokens"][..., 0], 2 * out["scores"])  # rows stay whole
+  with pytest.raises(ValueError, match=r"rollout field 'kl_coef' has shape \(\): every field"):
+    trainer.minibatches({**batch, "kl_coef": np.float32(0.1)}, jax.random.key(0), epochs=1,
+                        num_minibatches=1)

@@ -455,6 +455,9 @@ def kl_estimate(logp: Array, ref_logp: Array, mask: Array, kind: KLKind = "k3") 
     k3 = (r − 1) − log r        (unbiased, low variance, ≥ 0)
   J. Schulman, "Approximating KL Divergence" (blog post, 2020).
 
+  The default, k3, is for measuring the KL. As a stop-gradient penalty in a reward only
+  k1 gives the KL's gradient (Tang & Munos 2025), hence k1 in ``kl_penalized_rewards``.
+
   Args:
     logp: ``[B, T]`` log-probs of the sampled tokens under π.
     ref_logp: ``[B, T]`` under π_ref.

@@ -54,6 +54,11 @@ def minibatches(batch: Mapping[str, np.ndarray], rng: Array, *, epochs: int,
   epoch a fresh permutation (``fold_in(rng, epoch)``) cut into consecutive minibatches."""
   size = len(batch["tokens"])
   check_minibatches(size, num_minibatches)
+  for key, value in batch.items():
+    if np.ndim(value) == 0 or np.shape(value)[0] != size:
+      raise ValueError(f"rollout field {key!r} has shape {np.shape(value)}: every field of a "
+                       f"prepared rollout is per sequence, [{size}, ...] (an algorithm's "
+                       "targets must not return scalars)")
   order = np.concatenate([np.asarray(jax.random.permutation(jax.random.fold_in(rng, e), size))
                           for e in range(epochs)])
   index = order.reshape(epochs * num_minibatches, size // num_minibatches)
