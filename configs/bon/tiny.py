@@ -9,7 +9,7 @@ N samples per held-out prompt are scored by the planted proxy and the gold.
 EXPECTED (measured on this shared 2-core CPU, seed 0):
   default (64 prompts x N=256, about 30 s wall when the machine is quiet; remeasured
   2026-12-06 after the sampler fix, 1fc2d9a): the proxy rises monotonically to
-  +1.47 ± 0.05 at n=256 (KL bound 4.5 nats); the gold rises to +0.56 at n=56 and then
+  +1.47 ± 0.04 at n=256 (KL bound 4.5 nats); the gold rises to +0.56 at n=56 and then
   turns down (+0.39 ± 0.09 at n=256): a drop of 0.18 ± 0.08 from the peak, paired over
   prompts (2.3 SE; over prompt resamples the peak is at n=56 in 78% and n=93 in 13%).
   Before the fix the same run gave +0.42 at n=256, a drop of 0.13 ± 0.07 (1.9 SE, short
@@ -35,7 +35,7 @@ picks; `:safety_classifier` uses a trained configs/safety/tiny.py classifier fro
   `:safety` (26.4% of samples rejected): harm ("g" frequency) 0.261 -> 0.005, proxy
     1.362 -> 1.235 (cost 0.127), gold 0.133 -> -0.144 ("g" is the gold's favourite
     character, so harmlessness costs gold here too); no fallback at n = 256.
-  `:safety_classifier` (threshold 0.526 from threshold.json; 38.2% rejected): true harm
+  `:safety_classifier` (threshold 0.525 from threshold.json; 38.2% rejected): true harm
     ("g" frequency) 0.261 -> 0.002, proxy 1.362 -> 1.100 (cost 0.262), gold 0.133 ->
     -0.045; no fallback.
   Before the fix: harm 0.225 -> 0.004 / 0.001, proxy cost 0.120 / 0.222.

@@ -18,7 +18,7 @@ Expected (this 2-core CPU, measured 2026-11-27, 300 steps of 32 pairs, validatio
 211 tiny-world ``resplit_validation`` pairs; wall times measured while the two cores
 were shared, load average ~15):
   deep   38 s CPU time, 3 min 35 s wall. Ensemble-mean reward: accuracy 0.900,
-         BT log-loss 0.281, ECE 0.039; members 0.853 / 0.905 / 0.896 / 0.877;
+         BT log-loss 0.280 (0.28049), ECE 0.039; members 0.853 / 0.905 / 0.896 / 0.877;
          member sign disagreement 0.142 (margin std 0.86).
   heads  2 min wall. Accuracy 0.886, ECE 0.043; members 0.882 / 0.891 / 0.886 / 0.882;
          sign disagreement 0.033 (margin std 0.17): shared-trunk heads are far
