@@ -49,6 +49,7 @@ from prefjax import experiment
 from prefjax import files
 from prefjax.data import tokenize as tokenize_lib
 from prefjax.overopt import text_world
+from prefjax.rl import algorithms
 from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
 
@@ -174,11 +175,13 @@ class TextWorld:
     return c
 
   def rl_config(self, width: int, algorithm: str | None = None):
-    """``train_rl``'s config against proxy ``width``: RLOO as ``configs/rl/tiny_rloo.py``
-    (16 prompts × 4 samples a step), PPO as ``tiny_ppo.py`` (64 prompts, value model)."""
+    """``train_rl``'s config against proxy ``width``: RLOO (any method sampling groups) as
+    ``configs/rl/tiny_rloo.py`` (16 prompts × 4 samples a step), PPO (any method sampling
+    one response a prompt) as ``tiny_ppo.py`` (64 prompts)."""
     cfg = self.cfg.rl
     algorithm = str(algorithm or cfg.algorithm)
-    c = self.against_proxy(ppo_config if algorithm == "ppo" else rl_config, width)
+    one = algorithms.get_algorithm(algorithm).max_group_size == 1
+    c = self.against_proxy(ppo_config if one else rl_config, width)
     c.rl.algorithm = algorithm
     c.rl.kl_coef = float(cfg.kl_coef)
     text_world.stage_loop(c.loop, steps=int(cfg.steps), checkpoint_every=int(cfg.eval_every))

@@ -189,12 +189,14 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
   if result.preempted:
     return result
   summary = _write_summary(workdir, result.summary,
-                           int(result.summary.get("final_step", config.loop.num_steps)))
+                           int(result.summary.get("final_step", config.loop.num_steps)),
+                           str(config.rl.kl_estimator))
   experiment.export_hf(config, workdir, result.model.policy, tokenizer, what="policy")
   return summary
 
 
-def _write_summary(workdir: str, loop_summary: dict[str, Any], total: int) -> dict[str, Any]:
+def _write_summary(workdir: str, loop_summary: dict[str, Any], total: int,
+                   kl_estimator: str = "") -> dict[str, Any]:
   evals = [{k[5:]: v for k, v in rec.items() if k.startswith("eval/")} | {"step": rec["step"]}
            for rec in map(files.from_standard_json, train.read_metrics(workdir))
            if "eval/gold" in rec]
@@ -211,7 +213,7 @@ def _write_summary(workdir: str, loop_summary: dict[str, Any], total: int) -> di
   if data is not None:
     summary["data"] = data
   summary_lib.write_summary(workdir, summary)
-  _plot(evals, os.path.join(workdir, "figures", "rl.png"))
+  _plot(evals, os.path.join(workdir, "figures", "rl.png"), kl_estimator)
   if evals[0]["step"] != 0:
     logging.warning("RL: no eval at step 0 (loop.eval_at_start=False): the gains below are "
                     "from the first eval, at step %d, not from the starting policy",
@@ -223,7 +225,7 @@ def _write_summary(workdir: str, loop_summary: dict[str, Any], total: int) -> di
   return summary
 
 
-def _plot(evals: list[dict[str, Any]], path: str) -> None:
+def _plot(evals: list[dict[str, Any]], path: str, kl_estimator: str = "") -> None:
   """Held-out gold and proxy (minus their first eval's, step 0 by default) vs √KL, as in
   Gao et al. 2022."""
   kl_name = "kl/exact" if "kl/exact" in evals[0] else "kl"
@@ -232,15 +234,15 @@ def _plot(evals: list[dict[str, Any]], path: str) -> None:
   kl = np.array([e[kl_name] for e in evals])
   sqrt_kl = np.sqrt(np.maximum(kl, 0.0))
   se = np.array([e.get(f"{kl_name}_se", np.nan) for e in evals])  # d√KL = dKL / (2√KL)
-  estimator = "exact" if kl_name == "kl/exact" else next(  # the configured one is "kl"
-      (k for k in ("k1", "k2", "k3") if evals[-1].get(f"kl/{k}") == evals[-1]["kl"]), "")
+  estimator = "exact" if kl_name == "kl/exact" else (kl_estimator or "estimated")
   plots.plot_scores_vs_sqrt_kl(
       sqrt_kl, scores, path, steps=[e["step"] for e in evals],
       sqrt_kl_se=np.where(sqrt_kl > 0, se / (2 * np.maximum(sqrt_kl, 1e-12)), np.nan),
-      xlabel=f"√KL ({estimator} KL of the held-out samples, nats½)" + (
-          f"; {int((kl < 0).sum())} negative estimates drawn at 0" if (kl < 0).any() else ""),
+      xlabel=f"√KL ({estimator} KL of the held-out samples, nats½)",
       ylabel=f"change from step {evals[0]['step']}",
-      title=f"RL: held-out proxy and gold over {evals[-1]['step']} steps")
+      title=f"RL: held-out proxy and gold over {evals[-1]['step']} steps" + (
+          f"\n({int((kl < 0).sum())} negative KL estimates drawn at √KL = 0)"
+          if (kl < 0).any() else ""))
 
 
 if __name__ == "__main__":

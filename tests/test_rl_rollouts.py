@@ -1,6 +1,7 @@
 """RL rollouts and penalties: the KL penalty's gradient, cut-off responses, bad rewards,
 token-weighted metrics (a helper's review of ``prefjax/rl``)."""
 
+import importlib
 import logging
 import types
 
@@ -187,7 +188,7 @@ def test_a_registered_algorithm_runs_through_prepare_and_the_loss(caplog):
   if name not in algorithms.algorithm_names():
     algorithms.register_algorithm(name, algorithms.Algorithm(
         reinforce_pp_targets, "token_mean", value_model=False, max_group_size=None,
-        reads=("clip_eps", "kl_estimator")))
+        reads=("kl_estimator",)))
   with pytest.raises(ValueError, match="already registered"):
     algorithms.register_algorithm(name, algorithms.get_algorithm(name))
   assert algorithms.check_group_size(name, 1) == 1
@@ -236,3 +237,11 @@ def test_minibatches_cut_each_epoch_permutation_and_name_a_field_not_per_sequenc
   with pytest.raises(ValueError, match=r"rollout field 'kl_coef' has shape \(\): every field"):
     trainer.minibatches({**batch, "kl_coef": np.float32(0.1)}, jax.random.key(0), epochs=1,
                         num_minibatches=1)
+
+
+@pytest.mark.parametrize("config", ["tiny_ppo", "tiny_rloo", "smollm2_rloo"])
+def test_shipped_rl_configs_set_no_field_their_method_ignores(config, caplog):
+  module = importlib.import_module(f"configs.rl.{config}")
+  with caplog.at_level(logging.WARNING):
+    algorithms.HParams.from_config(module.get_config().rl)
+  assert "not read by" not in caplog.text

@@ -135,6 +135,26 @@ def test_a_change_whose_steps_were_discarded_leaves_no_record(tmp_path):
   assert not (tmp_path / "config.rerun.json").exists()  # that run trained nothing
 
 
+def test_a_change_resumed_below_its_first_step_or_restarted_is_recorded_from_there(tmp_path):
+  run(tmp_path, num_steps=4, config={"loss": "dpo"})
+
+  def kill_at_5(step, state, metrics):
+    del state, metrics
+    if step == 5:
+      raise RuntimeError("killed")
+  with pytest.raises(RuntimeError, match="killed"):  # ipo from step 4
+    run(tmp_path, config={"loss": "ipo"}, hooks=[kill_at_5])
+  shutil.rmtree(tmp_path / "checkpoints" / "4")  # lost: the rerun resumes at 2
+  (change,) = run(tmp_path, config={"loss": "ipo"}).summary["config_changes"]
+  assert change["from_step"] == 2 and '+  "loss": "ipo"' in change["config_diff"]
+  # Every checkpoint damaged, a fresh start (allow_restart) under another config: from 0.
+  for step in os.listdir(tmp_path / "checkpoints"):
+    os.truncate(tmp_path / "checkpoints" / step / "state" / "_METADATA", 10)
+  (change,) = run(tmp_path, allow_restart=True, config={"loss": "kto"}).summary[
+      "config_changes"]
+  assert change["from_step"] == 0 and '+  "loss": "kto"' in change["config_diff"]
+
+
 def test_a_cut_runs_jsonl_line_does_not_fail_the_finish(tmp_path, caplog):
   run(tmp_path, num_steps=2, config={"loss": "dpo"})
   with open(tmp_path / "runs.jsonl", "a", encoding="utf-8") as f:

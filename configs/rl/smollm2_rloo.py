@@ -66,7 +66,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                     top_p=config_dict.placeholder(float))  # settable for best_of_n
   c.rl = dict(
       algorithm="rloo", prompts_per_step=8, group_size=4, epochs=1,
-      num_minibatches=1, clip_eps=0.2, vf_coef=0.0, vf_clip_eps=0.2, entropy_coef=0.0,
+      num_minibatches=1, clip_eps=0.2, vf_coef=0.1, vf_clip_eps=0.2, entropy_coef=0.0,
       gamma=1.0, lam=0.95, whiten_advantages=True, kl_coef=0.05, kl_estimator="k1",
       adaptive_kl=dict(enabled=False, target=6.0, horizon=10000.0), value_trunk="separate",
       missing_eos_penalty=0.0)  # > 0: subtracted from a response cut at max_new_tokens

@@ -64,11 +64,15 @@ def _axes(ax, xlabel: str, ylabel: str, *, zero_line: bool = False, legend: bool
 
 def _plain_log_ticks(ax, which: str) -> None:
   """Log ticks labelled 0.5, 2, 100 (not 10^k) with unlabelled minor ticks (no "3×10⁻¹"
-  clutter): at 1, 2, 5 × 10^k within two decades, so a narrow range still gets labels."""
+  clutter): at 1, 2, 5 × 10^k within two decades, so a narrow range still gets labels,
+  and a few plain ones within a factor of 3."""
   low, high = ax.get_xlim() if which == "x" else ax.get_ylim()
   axis = ax.xaxis if which == "x" else ax.yaxis
-  subs = (1.0, 2.0, 5.0) if high / low <= 100 else (1.0,)
-  axis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
+  if high / low <= 3:  # no 1-2-5 tick inside: a few evenly spaced ones
+    axis.set_major_locator(ticker.MaxNLocator(nbins=4))
+  else:
+    subs = (1.0, 2.0, 5.0) if high / low <= 100 else (1.0,)
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
   axis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
   axis.set_minor_formatter(ticker.NullFormatter())
 

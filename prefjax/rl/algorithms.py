@@ -37,6 +37,7 @@ from prefjax.rl import rollout as rollout_lib
 from prefjax.train import state as state_lib
 
 Array = jax.Array
+ALWAYS_READ = ("clip_eps", "entropy_coef")  # loss_fn's, for every method
 # Keys of ``config.rl`` read by the RL run itself rather than by ``HParams``.
 RUN_FIELDS = ("prompts_per_step", "group_size", "epochs", "num_minibatches", "kl_coef",
               "adaptive_kl", "value_trunk", "missing_eos_penalty")
@@ -63,13 +64,14 @@ class HParams(NamedTuple):
     if cfg.get("value_trunk", "separate") not in ("separate", "shared"):
       raise ValueError(f"rl.value_trunk must be 'separate' or 'shared', got "
                        f"{cfg['value_trunk']!r}")
-    unread = [f"rl.{k}={cfg[k]!r}" for k in cls._fields[1:] if k not in method.reads
-              and k in cfg and cfg[k] != cls._field_defaults[k]]
+    unread = [f"rl.{k}={cfg[k]!r}" for k in cls._fields[1:]
+              if k not in method.reads + ALWAYS_READ and k in cfg
+              and cfg[k] != cls._field_defaults[k]]
     if not method.value_model and cfg.get("value_trunk", "separate") != "separate":
       unread.append(f"rl.value_trunk={cfg['value_trunk']!r}")
     if unread:
       logging.warning("%s: not read by %s (its settings: %s)", ", ".join(unread), algorithm,
-                      ", ".join(method.reads))
+                      ", ".join(ALWAYS_READ + method.reads))
     if cfg["kl_estimator"] not in ("k1", "k2", "k3"):
       raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {cfg['kl_estimator']!r}")
     if cfg["kl_estimator"] != "k1" and float(cfg.get("kl_coef", 0.0)) > 0:
@@ -131,8 +133,9 @@ class Algorithm(NamedTuple):
       REINFORCE's estimator for one epoch).
     value_model: trains a value head (``value_trunk``) with ``vf_coef`` x the value loss.
     min_group_size, max_group_size: the ``rl.group_size`` it accepts (None: no maximum).
-    reads: the ``HParams`` fields it reads; a config that sets another one away from its
-      default is warned about.
+    reads: the ``HParams`` fields it reads besides ``ALWAYS_READ`` (the clipped
+      surrogate's and entropy bonus's, which ``loss_fn`` applies to every method); a
+      config that sets another one away from its default is warned about.
   """
   targets: Callable[..., dict[str, Array]]
   loss: str
@@ -180,13 +183,12 @@ def check_group_size(name: str, group_size: int) -> int:
   return group_size
 
 
-_SURROGATE = ("clip_eps", "entropy_coef", "kl_estimator", "whiten_advantages")
 register_algorithm("ppo", Algorithm(
     ppo_targets, "token_mean", value_model=True,
-    reads=_SURROGATE + ("vf_coef", "vf_clip_eps", "gamma", "lam")))
+    reads=("kl_estimator", "whiten_advantages", "vf_coef", "vf_clip_eps", "gamma", "lam")))
 register_algorithm("rloo", Algorithm(
     rloo_targets, "sequence_sum", value_model=False, min_group_size=2, max_group_size=None,
-    reads=_SURROGATE))
+    reads=("kl_estimator", "whiten_advantages")))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "hp", "group_size"))

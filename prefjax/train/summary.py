@@ -181,7 +181,9 @@ def record_config_change(workdir: str, from_step: int) -> None:
                            files.read_json(rerun, standard=False)) or ""
           ) if os.path.exists(rerun) else ""
   changes = config_changes(workdir)
-  if diff != (changes[-1]["config_diff"] if changes else ""):
+  # Changes from this step on were discarded with their steps: a record replaces them.
+  kept = [c for c in changes if c["from_step"] is None or c["from_step"] < from_step]
+  if len(kept) < len(changes) or diff != (kept[-1]["config_diff"] if kept else ""):
     append_run_record(workdir, {"config_diff": diff, "from_step": from_step})
 
 
