@@ -255,8 +255,10 @@ def _import_user_modules() -> None:
       raise configlib.ConfigError(f"--imports: cannot import {module!r}: {e}") from e
 
 
-def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
-  """An absl ``main`` that validates the flags and calls ``run(config, workdir)``.
+def main_for(run: Callable[[Any, str], Any],
+             check: Callable[[Any], None] | None = None) -> Callable[[list[str]], None]:
+  """An absl ``main`` that validates the flags (and the config, with ``check``, before the
+  workdir is touched) and calls ``run(config, workdir)``.
 
   Exit codes: 0 finished, 1 error, ``preemption.PREEMPTED_EXIT_CODE`` when the
   run stopped on SIGTERM after saving. The workdir's lock (``train.hold_workdir``) is
@@ -276,6 +278,8 @@ def main_for(run: Callable[[Any, str], Any]) -> Callable[[list[str]], None]:
       parallel.initialize_distributed()
     _import_user_modules()  # after: a module that computes would start JAX's backend
     experiment.check_before_the_workdir(FLAGS.config)
+    if check is not None:
+      check(FLAGS.config)
     workdir = prepare_workdir(FLAGS.workdir)
     with train.hold_workdir(workdir):  # from the first record to the last export
       start_logs(workdir)

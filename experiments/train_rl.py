@@ -133,6 +133,13 @@ def check_sampling(config: Any) -> None:
     kl_control.check_horizon(float(adaptive["horizon"]), sequences)
 
 
+def check_config(config: Any) -> None:
+  """What ``run`` refuses, checked before the binary touches the workdir."""
+  hp = algorithms.HParams.from_config(config.rl, warn=False)
+  check_sampling(config)
+  algorithms.check_group_size(hp.algorithm, int(config.rl.group_size))
+
+
 def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
   """Trains (or resumes) the RL run of ``config`` in ``workdir``; returns the summary, or
   the loop's ``TrainResult`` (``preempted``) when a signal stopped it after saving."""
@@ -247,4 +254,4 @@ def _plot(evals: list[dict[str, Any]], path: str, kl_estimator: str = "") -> Non
 
 if __name__ == "__main__":
   common.define_flags()
-  app.run(common.main_for(run))
+  app.run(common.main_for(run, check=check_config))

@@ -150,13 +150,15 @@ def test_unknown_direct_loss_lists_every_registered_loss(tmp_path):
     # Refused after the data scan and tokenization, naming no field:
     ("train_rm", "--config.model.remat=atention", "model.remat: remat must be True, False, "
                                                   "'none' or one of"),
+    # Refused after creating the workdir's logs and records:
+    ("train_rl", "--config.rl.algorithm=grpo", "rl.algorithm='grpo' is not one of ('ppo', "),
 ])
 def test_a_bad_loop_or_optimizer_setting_fails_before_the_workdir(binary, override, message,
                                                                  tmp_path):
   """These used to fail after data and model (num_steps), or train on: an infinite rate into
   NaN parameters, a NaN clip norm without clipping."""
-  code, lines = run_binary(binary, f"--config={BINARIES[binary]}", f"--workdir={tmp_path / 'w'}",
-                           override)
+  config = BINARIES.get(binary, "configs/rl/tiny_rloo.py")
+  code, lines = run_binary(binary, f"--config={config}", f"--workdir={tmp_path / 'w'}", override)
   assert_short_error(code, lines, message)
   assert not (tmp_path / "w").exists()
 

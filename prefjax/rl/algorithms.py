@@ -56,8 +56,9 @@ class HParams(NamedTuple):
   whiten_advantages: bool = True
 
   @classmethod
-  def from_config(cls, cfg: Mapping[str, Any]) -> "HParams":
-    """From ``config.rl``; a key that is neither a field nor in ``RUN_FIELDS`` is an error."""
+  def from_config(cls, cfg: Mapping[str, Any], *, warn: bool = True) -> "HParams":
+    """From ``config.rl``; a key that is neither a field nor in ``RUN_FIELDS`` is an error;
+    ``warn``: log what is legal but likely unintended (fields the method ignores, k2/k3)."""
     configlib.check_fields("config.rl", cfg, cls._fields + RUN_FIELDS)
     algorithm = cfg["algorithm"]
     method = get_algorithm(algorithm)
@@ -69,12 +70,12 @@ class HParams(NamedTuple):
               and cfg[k] != cls._field_defaults[k]]
     if not method.value_model and cfg.get("value_trunk", "separate") != "separate":
       unread.append(f"rl.value_trunk={cfg['value_trunk']!r}")
-    if unread:
+    if unread and warn:
       logging.warning("%s: not read by %s (its settings: %s)", ", ".join(unread), algorithm,
                       ", ".join(ALWAYS_READ + method.reads))
     if cfg["kl_estimator"] not in ("k1", "k2", "k3"):
       raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {cfg['kl_estimator']!r}")
-    if cfg["kl_estimator"] != "k1" and float(cfg.get("kl_coef", 0.0)) > 0:
+    if warn and cfg["kl_estimator"] != "k1" and float(cfg.get("kl_coef", 0.0)) > 0:
       logging.warning(
           "rl.kl_estimator=%r: as a penalty in the reward its score-function gradient is not "
           "the KL's (Tang & Munos 2025, arXiv:2506.09477; on the tiny world k3 at β=0.3 ended "
