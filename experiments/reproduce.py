@@ -73,6 +73,7 @@ def _with_text_world(config: Any, workdir: str, found: list,
   if not seeds:  # one world, the seed in config.text.world
     results = text_study.run_text_study(config.text, root, study.Progress, world_cls=world_cls)
   else:  # several, pooled as the bandit world pools its worlds
+    labels = labels or {"title": f"Text world ({len(seeds)} worlds pooled)"}
     unused = (config.text.get("world") or {}).get("seed")
     if unused is not None and int(unused) not in seeds:
       logging.warning("text.world.seed=%d is not used: text.world_seeds=%s sets each world's "
