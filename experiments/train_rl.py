@@ -163,6 +163,7 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
   key = jax.random.key(seed)
   with experiment.mesh_context(mesh):
     policy = setup.make_policy(config, tokenizer)
+    experiment.warn_low_precision_policy(policy, "train_rl")
     check_warm_start = _warm_start(config, workdir, policy, tokenizer, world)
     if aggregation != "mean":
       proxy = setup.standardized_proxy(config, workdir, proxy, aggregation, lam, policy,

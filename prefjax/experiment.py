@@ -106,6 +106,21 @@ def model_section(**fields: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(MODEL_SWITCHES, **fields))
 
 
+def warn_low_precision_policy(model: nnx.Module, binary: str) -> None:
+  """Warns when a policy computes below float32: the log-ratios to its reference that
+  ``binary`` reports carry rounding noise (README, "Precision")."""
+  dtype = getattr(model, "dtype", None)
+  if dtype is None or jnp.dtype(dtype).itemsize >= 4:
+    return
+  logging.warning(
+      "%s: the policy computes in %s, so its log-ratios to the reference (KL estimates, "
+      "DPO's rewards/*) carry about 0.5-1 nat of rounding noise a sequence once it moves, "
+      "biased upward for k2/k3 (README, Precision); --config.model.dtype=float32 where "
+      "they are the result%s", binary, jnp.dtype(dtype).name,
+      "; float16 also runs without loss scaling here" if jnp.dtype(dtype) == jnp.float16
+      else "")
+
+
 def check_before_the_workdir(config: Any) -> None:
   """What every binary refuses before its workdir, data and model: the loop's and the
   optimizer's settings, and a bad ``remat``/``scan_layers`` of any model section."""

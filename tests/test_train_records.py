@@ -3,6 +3,8 @@ several processes, @best after a preempted eval, TensorBoard flushes, summary.js
 the metrics a loss_fn may return."""
 
 import json
+import logging
+import types
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
+from prefjax import experiment
 from prefjax import files
 from prefjax import train
 from prefjax.train import checkpoint as checkpoint_lib
@@ -235,3 +238,20 @@ def test_a_signal_during_the_final_eval_is_not_lost(tmp_path):
   assert result.preempted
   assert result.summary["final_step"] == 4 and result.summary["final_eval"] == {"score": 1.0}
   assert summary_lib.read_summary(str(tmp_path))["final_step"] == 4  # finished and saved
+
+
+def test_training_low_precision_parameters_or_a_low_precision_policy_is_warned_about(caplog):
+  """bfloat16 parameters under Adam at lr 5e-7 changed 0.6% of their entries in 50 steps
+  (float32: 98%); a bfloat16 policy's log-ratios carry rounding noise (README, Precision)."""
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    train.create_train_state(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), optax.adam(1e-3), 0)
+    assert not caplog.records
+    train.create_train_state(nnx.Linear(3, 2, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)),
+                             optax.adam(1e-3), 0)
+    experiment.warn_low_precision_policy(types.SimpleNamespace(dtype=jnp.float32), "train_dpo")
+    experiment.warn_low_precision_policy(types.SimpleNamespace(dtype=jnp.float16), "train_rl")
+  said = [r.getMessage() for r in caplog.records]
+  assert len(said) == 2, said
+  assert said[0].startswith("trainable parameters in bfloat16: an update below its resolution")
+  assert said[1].startswith("train_rl: the policy computes in float16, so its log-ratios")
+  assert said[1].endswith("float16 also runs without loss scaling here")

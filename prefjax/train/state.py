@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
 from prefjax.parallel import rules
@@ -83,6 +84,13 @@ def create_train_state(
   ``trainable`` selects the trained variables (see :func:`split_model`).
   """
   graphdef, params, extra = split_model(model, trainable)
+  low = sorted({jnp.dtype(x.dtype).name for x in jax.tree.leaves(params)
+                if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32})
+  if low:
+    logging.warning("trainable parameters in %s: an update below its resolution (2^-8 of "
+                    "the weight for bfloat16) is lost, so small learning rates stall; keep "
+                    "param_dtype float32 (the default) and set the compute dtype instead",
+                    ", ".join(low))
   if isinstance(rng, int):
     rng = jax.random.key(rng)
   elif not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
