@@ -233,7 +233,9 @@ class RewardModelEvaluator:
     figure = os.path.join(self._workdir, "figures", f"reliability_{step}.png")
     os.makedirs(os.path.dirname(figure), exist_ok=True)
     evals.plot_reliability({"reward model": reliability}, figure,
-                           title=f"reward model, step {step}")
+                           title=f"reward model, step {step} (both orders of each pair, "
+                                 f"ECE {metrics['ece']:.3f})",
+                           xlabel="predicted P(a ≻ b) = σ(r_a − r_b)")
     summary_lib.write_json(os.path.join(self._workdir, f"eval_{step}.json"),
                            {"step": step, "metrics": metrics, "reliability": reliability,
                             "figure": os.path.relpath(figure, self._workdir)})
