@@ -48,6 +48,16 @@ def _curve(ax, curve: bon.Curve, color, label, *, field="gold", style="-"):
 def _fit_line(ax, fit: fits.Fit, d_max: float, color):
   d = np.linspace(0.0, d_max, 200)
   ax.plot(d, fits.predict(fit, d), ":", color=color, lw=1.2)
+  if 0.02 * d_max < fit.peak_d <= d_max and fit.peak_value > 0:  # a peak inside the data
+    ax.plot(fit.peak_d, fit.peak_value, "x", color=color, ms=6)
+
+
+def _data_peak(ax, curve: bon.Curve, color):
+  """A triangle on a curve's highest gold point, when it is neither the first nor the last
+  (a rise and a fall seen)."""
+  peak = int(np.argmax(curve.gold))
+  if 0 < peak < len(curve.gold) - 1:
+    ax.plot(np.sqrt(curve.kl[peak]), curve.gold[peak], "v", color=color, ms=6)
 
 
 def _axes(ax, xlabel: str, ylabel: str, *, zero_line: bool = False, legend: bool = True,
@@ -105,9 +115,11 @@ def gold_and_proxy(settings: Sequence[curves_lib.SettingCurves], path: str, *,
     for s, color in zip(settings, _colors(len(settings))):
       curve = getattr(s, method)
       _curve(axes[row, 0], curve, color, s.label)
+      _data_peak(axes[row, 0], curve, color)
       _fit_line(axes[row, 0], getattr(s, f"fit_{method}"), float(np.sqrt(curve.kl.max())), color)
       _curve(axes[row, 1], curve, color, s.label, field="proxy", style="--")
-    axes[row, 0].set_title(f"{name}: gold (solid), fit (dotted)")
+    axes[row, 0].set_title(f"{name}: gold (▼ peak), fit (dotted, × peak if in range)",
+                           fontsize=10)
     axes[row, 1].set_title(f"{name}: proxy")
     for col, ax in enumerate(axes[row]):
       _axes(ax, bon_xlabel if method == "bon" else SQRT_KL, REWARD_UNITS, zero_line=True,
