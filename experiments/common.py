@@ -21,14 +21,12 @@ from __future__ import annotations
 import datetime
 import functools
 import importlib
-import importlib.metadata
 import logging as std_logging
 import os
 import pathlib
 import re
 import signal
 import socket
-import subprocess
 import sys
 from typing import Any, Callable
 
@@ -174,39 +172,15 @@ def start_logs(workdir: str) -> None:
 
 def record_invocation(workdir: str) -> None:
   """Appends what started this run to ``workdir/runs.jsonl`` (``summary.RUNS_FILE``): the
-  UTC time, command line, ``--imports``, host, process count, prefjax's git commit (and
-  whether its tracked files had changes) and the versions of the core libraries."""
+  UTC time, command line, ``--imports``, host, process count, and the code that ran
+  (``summary.code_state``: prefjax's commit, whether it had changes, library versions)."""
   if jax.process_index() != 0:  # process 0 writes the workdir's files
     return
-  versions = {}
-  for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint"):
-    try:
-      versions[name] = importlib.metadata.version(name.replace(".", "-"))
-    except importlib.metadata.PackageNotFoundError:
-      versions[name] = None
   summary_lib.append_run_record(workdir, {
       "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "argv": list(sys.argv), "imports": list(FLAGS.imports) if "imports" in FLAGS else [],
-      "host": socket.gethostname(),
-      "processes": jax.process_count(), **_git_state(), "versions": versions})
-
-
-def _git_state() -> dict[str, Any]:
-  """prefjax's commit and whether its tracked files differ from it (None outside git)."""
-  root = pathlib.Path(__file__).resolve().parents[1]
-  def git(*args: str) -> str | None:
-    try:
-      done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                            timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-      return None
-    return done.stdout.strip()
-  commit = git("rev-parse", "HEAD")
-  # --no-optional-locks: runs started together from one checkout must not race on its index.
-  changes = (git("--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
-             if commit else None)
-  return {"prefjax_commit": commit,
-          "prefjax_changed": None if changes is None else bool(changes)}
+      "host": socket.gethostname(), "processes": jax.process_count(),
+      **summary_lib.code_state()})
 
 
 def config_help(config: Any) -> str:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import importlib.metadata
 import json
 import os
 import pathlib
+import subprocess
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -277,6 +279,31 @@ def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
   """``summary.json``, standard JSON: a NaN or infinite number is written as the string
   ``"nan"``/``"inf"``, as in ``metrics.jsonl`` (bare ``NaN`` is not JSON)."""
   write_json(os.path.join(workdir, SUMMARY_FILE), dict(summary))
+
+
+def code_state() -> dict[str, Any]:
+  """The code a run ran: prefjax's git commit and whether its tracked files differed from
+  it (None outside git), and the versions of the core libraries."""
+  root = pathlib.Path(__file__).resolve().parents[2]
+  def git(*args: str) -> str | None:
+    try:
+      done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                            timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+      return None
+    return done.stdout.strip()
+  commit = git("rev-parse", "HEAD")
+  # --no-optional-locks: runs started together from one checkout must not race on its index.
+  changes = (git("--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
+             if commit else None)
+  versions = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint"):
+    try:
+      versions[name] = importlib.metadata.version(name.replace(".", "-"))
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  return {"prefjax_commit": commit,
+          "prefjax_changed": None if changes is None else bool(changes), "versions": versions}
 
 
 def append_run_record(workdir: str, record: Mapping[str, Any]) -> None:
