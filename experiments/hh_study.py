@@ -178,7 +178,7 @@ class HHWorld(text_study.TextWorld):
     algorithm = str(algorithm or cfg.algorithm)
     c.rl.update(algorithm=algorithm, kl_coef=float(cfg.kl_coef),
                 prompts_per_step=int(cfg.prompts_per_step),
-                group_size=1 if algorithms.get_algorithm(algorithm).max_group_size == 1
+                group_size=1 if algorithms.get_algorithm(algorithm).one_per_prompt
                 else int(cfg.group_size))
     c.optimizer.learning_rate = float(cfg.learning_rate)
     text_world.stage_loop(c.loop, steps=int(cfg.steps), checkpoint_every=int(cfg.eval_every))

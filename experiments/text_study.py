@@ -180,8 +180,8 @@ class TextWorld:
     one response a prompt) as ``tiny_ppo.py`` (64 prompts)."""
     cfg = self.cfg.rl
     algorithm = str(algorithm or cfg.algorithm)
-    one = algorithms.get_algorithm(algorithm).max_group_size == 1
-    c = self.against_proxy(ppo_config if one else rl_config, width)
+    one_per_prompt = algorithms.get_algorithm(algorithm).one_per_prompt
+    c = self.against_proxy(ppo_config if one_per_prompt else rl_config, width)
     c.rl.algorithm = algorithm
     c.rl.kl_coef = float(cfg.kl_coef)
     text_world.stage_loop(c.loop, steps=int(cfg.steps), checkpoint_every=int(cfg.eval_every))

@@ -145,6 +145,11 @@ class Algorithm(NamedTuple):
   max_group_size: int | None = 1
   reads: tuple[str, ...] = ()
 
+  @property
+  def one_per_prompt(self) -> bool:
+    """Samples one response per prompt (``rl.group_size`` 1), as PPO does."""
+    return self.max_group_size == 1
+
 
 _ALGORITHMS: dict[str, Algorithm] = {}
 
@@ -175,7 +180,8 @@ def get_algorithm(name: str) -> Algorithm:
 
 def check_group_size(name: str, group_size: int) -> int:
   """``group_size`` if ``name`` samples groups of that size, else an error naming the rule."""
-  low, high = get_algorithm(name).min_group_size, get_algorithm(name).max_group_size
+  method = get_algorithm(name)
+  low, high = method.min_group_size, method.max_group_size
   if group_size < low or (high is not None and group_size > high):
     allowed = f"exactly {low}" if high == low else f"at least {low}" + (
         f" and at most {high}" if high else "")

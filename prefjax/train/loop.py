@@ -305,7 +305,6 @@ class _Trainer:
       raise
     if restored is None:
       summary_lib.start_afresh(self.workdir)
-      summary_lib.record_config_change(self.workdir, 0)  # a changed config from step 0
       logging.info("fresh start in %s (%d params)", self.workdir,
                    state_lib.count_params(self.state.params))
       return 0

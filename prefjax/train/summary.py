@@ -183,10 +183,16 @@ def record_config_change(workdir: str, from_step: int) -> None:
                            files.read_json(rerun, standard=False)) or ""
           ) if os.path.exists(rerun) else ""
   changes = config_changes(workdir)
-  # Changes from this step on were discarded with their steps: a record replaces them.
-  kept = [c for c in changes if c["from_step"] is None or c["from_step"] < from_step]
+  kept = _kept_on_resume(changes, from_step)  # a record replaces the others
   if len(kept) < len(changes) or diff != (kept[-1]["config_diff"] if kept else ""):
     append_run_record(workdir, {"config_diff": diff, "from_step": from_step})
+
+
+def _kept_on_resume(changes: list[dict[str, Any]], step: int | None) -> list[dict[str, Any]]:
+  """The changes a rerun resuming at ``step`` keeps: what earlier runs trained from there on
+  was discarded with its steps (a record without a step keeps them all)."""
+  return [c for c in changes if step is None or c["from_step"] is None
+          or c["from_step"] < step]
 
 
 def config_changes(workdir: str) -> list[dict[str, Any]]:
@@ -201,9 +207,7 @@ def config_changes(workdir: str) -> list[dict[str, Any]]:
       changes = []
     elif "config_diff" in record:
       step = record.get("from_step")
-      # A rerun resumed at ``step``: what earlier runs trained from there on was discarded.
-      changes = [c for c in changes if step is None or c["from_step"] is None
-                 or c["from_step"] < step]
+      changes = _kept_on_resume(changes, step)
       if record["config_diff"] != (changes[-1]["config_diff"] if changes else ""):
         changes.append({"from_step": step, "config_diff": record["config_diff"]})
   return changes
@@ -241,8 +245,8 @@ def refuse_lost_checkpoints(workdir: str, checkpoints: str, checkpoint_every: in
 
 def start_afresh(workdir: str) -> None:
   """Before a fresh start in a workdir that held a run: its summaries are set aside as
-  ``summary.discarded.json`` and ``runs.jsonl`` marks the restart (the config changes the
-  new run reports start after it)."""
+  ``summary.discarded.json``, ``runs.jsonl`` marks the restart (the config changes the
+  new run reports start after it) and records this run's change, if any, from step 0."""
   if jax.process_index() != 0:
     return
   for name in (PREVIOUS_SUMMARY_FILE, SUMMARY_FILE):  # the newer one is kept
@@ -252,6 +256,7 @@ def start_afresh(workdir: str) -> None:
                       DISCARDED_SUMMARY_FILE)
   if config_changes(workdir):
     append_run_record(workdir, {"restart": True})
+  record_config_change(workdir, 0)
 
 
 def replace_config(workdir: str, config: Any) -> dict:
