@@ -7,9 +7,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # The suite is compile-bound (tiny models): XLA's backend optimisation level 0 compiles
 # faster (a pair of DPO-loss tests: 19.6 -> 16.5 s) and left run-bound tests unchanged
 # (SmolLM2 GGUF + bandit tests: 48.7 vs 49.8 s). Numbers only change within round-off.
-# Tests that launch a binary on one device pass the same flag in the child's XLA_FLAGS.
-if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+# XLA CPU's older elemental emitters in place of its MLIR fusion emitters halved the
+# compile time again (decoder, sampling and two train_rm tests, no compilation cache:
+# 70-74 -> 30-36 s of backend compilation, wall 104-110 -> 62-72 s; 2026-12-06).
+# Tests that launch a binary pass the same flags (tests/child_env.py).
+for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+  if _flag.split("=")[0] + "=" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + _flag
 from prefjax import xla_cpu  # noqa: E402  (imports nothing of JAX)
 
 xla_cpu.apply_cpu_defaults()  # the binaries' CPU settings, so in-process runs match them

@@ -63,7 +63,6 @@ suite's usual per-test budget.
 import json
 import os
 import pathlib
-import re
 import signal
 import socket
 import subprocess
@@ -84,6 +83,7 @@ from prefjax import parallel
 from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
 from tests import comparisons
+from tests import child_env
 from tests import test_pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -245,10 +245,8 @@ def test_a_signal_or_the_end_of_one_process_data_stops_every_process_at_one_step
 def _launch_workers(root: pathlib.Path, mode: str = "worker") -> list[subprocess.Popen]:
   # The same XLA flags as this process (conftest's CPU settings), one device each; the
   # session's compilation cache (conftest) comes with the environment.
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 os.environ.get("XLA_FLAGS", ""))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=1".strip())
+             XLA_FLAGS=child_env.one_device_xla_flags())
   port = _free_port()
   return [subprocess.Popen(
       [sys.executable, __file__, mode, str(process_id), str(port), str(root / "two")],

@@ -299,7 +299,7 @@ def test_a_reward_spec_of_a_checkpoint_alone_takes_its_run_s_model_and_tokenizer
   run = json.loads((cut_run / "config.json").read_text())
   spelled_out = rl_rewards.make_reward(ml_collections.ConfigDict(
       {"kind": "model", "checkpoint": str(cut_run), "tokenizer": run["tokenizer"],
-       "model": run["model"]}))
+       "model": run["model"], "batch_size": 64}))  # the same batch shape: the same program
   np.testing.assert_array_equal(alone(*texts), spelled_out(*texts))
   np.testing.assert_array_equal(alone(*texts), rl_rewards.from_checkpoint(str(cut_run))(*texts))
   assert rl_rewards.reward_name(ml_collections.ConfigDict(

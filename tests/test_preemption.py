@@ -17,6 +17,7 @@ import time
 import pytest
 
 from experiments import preemption
+from tests import child_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 300
@@ -33,7 +34,7 @@ def command(workdir, num_steps):
 def env(tmp_path_factory):
   root = tmp_path_factory.mktemp("preemption_cache")
   return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS="--xla_backend_optimization_level=0",  # one device, as conftest compiles
+              XLA_FLAGS=child_env.one_device_xla_flags(),
               PREFJAX_CACHE_DIR=str(root / "cache"),
               PREFJAX_SYNTHETIC_DIR=str(root / "synthetic"))
 

@@ -41,6 +41,7 @@ from prefjax.models import hf_import
 from prefjax.rl import setup
 from prefjax.rl import rollout as rollout_lib
 from prefjax.train import state as state_lib
+from tests import child_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -257,8 +258,7 @@ def test_rloo_prepare_leave_one_out_with_sequence_kl():
 
 def test_cli_smoke(scratch):
   tmp_path = scratch / "cli"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_backend_optimization_level=0")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=child_env.one_device_xla_flags())
   cmd = [sys.executable, "-m", "experiments.train_rl", "--config=configs/rl/tiny_rloo.py:quick",
          f"--workdir={tmp_path}", "--config.loop.num_steps=2", "--config.loop.eval_every=2",
          "--config.warm_start.steps=0", "--config.prompts.num_eval=8",

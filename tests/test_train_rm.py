@@ -27,6 +27,7 @@ from prefjax.losses import preference
 from prefjax import train
 from prefjax.rm import labels
 from tests import comparisons
+from tests import child_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -497,7 +498,7 @@ def scaled_bt(r_chosen, r_rejected, *, outcome=1.0, scale=1.0):
 
 def test_cli_smoke(data_env, tmp_path):
   cache = tmp_path / "jax_cache"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=child_env.one_device_xla_flags(),
              PREFJAX_COMPILATION_CACHE=str(cache))
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's own cache would win
   # A loss of the user's own module, registered through --imports, its scale from kwargs.
