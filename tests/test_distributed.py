@@ -82,8 +82,8 @@ from prefjax import files
 from prefjax import parallel
 from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
-from tests import comparisons
 from tests import child_env
+from tests import comparisons
 from tests import test_pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

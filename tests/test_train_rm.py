@@ -26,8 +26,8 @@ from prefjax import rm
 from prefjax.losses import preference
 from prefjax import train
 from prefjax.rm import labels
-from tests import comparisons
 from tests import child_env
+from tests import comparisons
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
