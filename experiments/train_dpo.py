@@ -42,7 +42,6 @@ import os
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import logging
@@ -66,7 +65,7 @@ def model_description(model: nnx.Module) -> dict[str, Any]:
   trunk = getattr(model, "trunk", model)
   dtype = getattr(trunk, "dtype", None)
   desc = {"config": dataclasses.asdict(trunk.config), "dtype": str(dtype or "")}
-  if dtype is not None and jnp.dtype(dtype).itemsize < 4:
+  if experiment.low_precision_compute_dtype(model) is not None:
     desc.update(remat=str(getattr(trunk, "remat", False)),
                 scan_layers=bool(getattr(trunk, "scan_layers", False)))
   return desc

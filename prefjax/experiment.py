@@ -106,18 +106,24 @@ def model_section(**fields: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(MODEL_SWITCHES, **fields))
 
 
+def low_precision_compute_dtype(model: nnx.Module) -> jnp.dtype | None:
+  """The dtype a model (its trunk, under a head) computes in, when it is below float32."""
+  dtype = getattr(getattr(model, "trunk", model), "dtype", None)
+  return None if dtype is None or jnp.dtype(dtype).itemsize >= 4 else jnp.dtype(dtype)
+
+
 def warn_low_precision_policy(model: nnx.Module, binary: str) -> None:
   """Warns when a policy computes below float32: the log-ratios to its reference that
   ``binary`` reports carry rounding noise (README, "Precision")."""
-  dtype = getattr(model, "dtype", None)
-  if dtype is None or jnp.dtype(dtype).itemsize >= 4:
+  dtype = low_precision_compute_dtype(model)
+  if dtype is None:
     return
   logging.warning(
       "%s: the policy computes in %s, so its log-ratios to the reference (KL estimates, "
       "DPO's rewards/*) carry about 0.5-1 nat of rounding noise a sequence once it moves, "
       "biased upward for k2/k3 (README, Precision); --config.model.dtype=float32 where "
-      "they are the result%s", binary, jnp.dtype(dtype).name,
-      "; float16 also runs without loss scaling here" if jnp.dtype(dtype) == jnp.float16
+      "they are the result%s", binary, dtype.name,
+      "; float16 also runs without loss scaling here" if dtype == jnp.float16
       else "")
 
 
