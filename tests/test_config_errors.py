@@ -147,6 +147,8 @@ def test_unknown_direct_loss_lists_every_registered_loss(tmp_path):
     ("train_dpo", "--config.loop.num_steps=-5", "loop.num_steps=-5 must be >= 1"),
     ("train_rm", "--config.optimizer.learning_rate=inf", "optimizer.learning_rate=inf must be finite"),
     ("train_rm", "--config.optimizer.grad_clip_norm=nan", "optimizer.grad_clip_norm=nan must be finite"),
+    ("train_rm", "--config.optimizer.schedule=cosin", "optimizer.schedule='cosin'; expected one "
+                                                     "of ('constant', 'linear', 'cosine')"),
     # Refused after the data scan and tokenization, naming no field:
     ("train_rm", "--config.model.remat=atention", "model.remat: remat must be True, False, "
                                                   "'none' or one of"),
