@@ -222,6 +222,21 @@ def publish_figures(workdir: str, staging: str, drawn: Iterable[str],
       os.remove(path)
 
 
+def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 120) -> str:
+  """Writes a matplotlib ``Figure`` to ``path`` (format from its extension, PNG by
+  default), tightly laid out, creating its folder; returns ``path``.
+
+  The figures are built as ``matplotlib.figure.Figure`` objects, outside pyplot: a
+  library that called ``matplotlib.use("Agg")`` on import would switch a notebook's
+  backend off inline display, and pyplot's figure registry is not thread-safe.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.tight_layout()
+  kind = os.path.splitext(os.fspath(path))[1][1:].lower() or "png"
+  write_atomically(path, lambda f: fig.savefig(f, format=kind, dpi=dpi))
+  return os.fspath(path)
+
+
 def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
   """Every array of an ``.npz`` file, read into memory (the file closed)."""
   with np.load(path) as f:

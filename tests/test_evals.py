@@ -1,6 +1,9 @@
 """Reward-model evaluation metrics against direct computations."""
 
 import json
+import os
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -112,3 +115,32 @@ def test_a_gold_reward_that_is_not_a_finite_number_names_its_row(value):
   chosen, rejected = scorers.gold_rewards(rows)
   np.testing.assert_array_equal(rejected, [0.0, -2.0])
   np.testing.assert_array_equal(chosen, [1.0, 0.5])
+
+
+DRAW_EVERY_KIND_OF_FIGURE = """
+import sys
+import matplotlib
+import numpy as np
+from prefjax.evals import plots, preference
+from prefjax.overopt import figures
+out = sys.argv[1]
+plots.plot_scores_vs_sqrt_kl([0.0, 1.0], {"gold": ([0.0, 0.5], [0.1, 0.1])}, out + "/kl.png",
+                             xlabel="x", ylabel="y", title="t", steps=[0, 10])
+ev = preference.evaluate_preferences(np.array([1.0, -1.0]), np.zeros(2))
+preference.plot_reliability({"rm": ev.reliability}, out + "/rel.png")
+figures.disagreement({"mean": np.ones((3, 2))}, np.array([1, 2]), out + "/dis.png", title="t")
+pyplot_loaded = "matplotlib.pyplot" in sys.modules  # before get_backend, which may load it
+print(matplotlib.get_backend(), pyplot_loaded)
+"""
+
+
+def test_drawing_figures_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+  """A library that switched to Agg on import would turn a notebook's inline plots off."""
+  env = dict(os.environ, MPLBACKEND="svg")
+  run = subprocess.run([sys.executable, "-c", DRAW_EVERY_KIND_OF_FIGURE, str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert run.stdout.split() == ["svg", "False"]
+  for name in ("kl.png", "rel.png", "dis.png"):
+    assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+  assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left

@@ -7,14 +7,12 @@ against d = √KL(π‖π_ref); best-of-n and RL runs here draw the same figure.
 
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib import figure as mpl_figure
 import numpy as np
+
+from prefjax import files
 
 COLORS = {"proxy": "tab:orange", "gold": "tab:blue"}
 
@@ -42,8 +40,8 @@ def plot_scores_vs_sqrt_kl(sqrt_kl: Sequence[float],
   """
   x = np.asarray(sqrt_kl, np.float64)
   columns = 1 if steps is None else 2
-  fig, axes = plt.subplots(len(scores), columns, figsize=(5.5 * columns, 3.2 * len(scores)),
-                           squeeze=False, sharex="col")
+  fig = mpl_figure.Figure(figsize=(5.5 * columns, 3.2 * len(scores)))
+  axes = fig.subplots(len(scores), columns, squeeze=False, sharex="col")
   for row, (name, (mean, se)) in enumerate(scores.items()):
     y, se = np.asarray(mean, np.float64), np.asarray(se, np.float64)
     ax = axes[row, 0]
@@ -65,7 +63,4 @@ def plot_scores_vs_sqrt_kl(sqrt_kl: Sequence[float],
   if steps is not None:
     axes[-1, 1].set_xlabel("training step")
   fig.suptitle(title)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  files.save_figure(fig, path)

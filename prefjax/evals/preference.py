@@ -12,10 +12,11 @@ arXiv 1706.04599), accuracy by response-length bucket and the chosen-longer rate
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from prefjax import files
 
 
 def _log_sigmoid(x: np.ndarray) -> np.ndarray:
@@ -182,11 +183,9 @@ def plot_reliability(curves: Mapping[str, Mapping[str, list]], path: str, title:
   Each bin's bar is the binomial SE a calibrated scorer's frequency would have there,
   √(p(1 − p)/n) at the bin's mean confidence p over its n predictions: a point beyond
   two bars is miscalibration, one within them may be noise of a sparse bin."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig, ax = plt.subplots(figsize=(4.8, 4.5))
+  from matplotlib import figure as mpl_figure  # pylint: disable=g-import-not-at-top
+  fig = mpl_figure.Figure(figsize=(4.8, 4.5))
+  ax = fig.subplots()
   ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
   for name, reliability in curves.items():
     count = np.asarray(reliability["count"], np.float64)
@@ -199,6 +198,4 @@ def plot_reliability(curves: Mapping[str, Mapping[str, list]], path: str, title:
   ax.set_ylabel("observed frequency (±1 SE if calibrated)")
   ax.set_title(title or "reliability", fontsize=9)
   ax.legend(loc="upper left", fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  files.save_figure(fig, path)

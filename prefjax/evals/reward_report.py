@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Mapping, Sequence
 
-import matplotlib
+from matplotlib import figure as mpl_figure
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from prefjax import files  # pylint: disable=g-import-not-at-top,wrong-import-position
-from prefjax.evals import preference  # pylint: disable=wrong-import-position
-from prefjax.rm import evaluation as rm_evaluation  # pylint: disable=wrong-import-position
+from prefjax import files
+from prefjax.evals import preference
+from prefjax.rm import evaluation as rm_evaluation
 
 
 def _ci(e: Mapping[str, float] | None) -> str:
@@ -159,7 +155,8 @@ def plot_reliability(signed: Mapping[str, np.ndarray], names: Sequence[str], pat
 def plot_length_bins(section: Mapping[str, Any], names: Sequence[str], path: str) -> None:
   """Accuracy (95% CI) per length-difference bin, one series per scorer."""
   labels = [b for b, n in section["length_bin_counts"].items() if n]
-  fig, ax = plt.subplots(figsize=(8, 4))
+  fig = mpl_figure.Figure(figsize=(8, 4))
+  ax = fig.subplots()
   width = 0.8 / max(len(names), 1)
   for k, name in enumerate(names):
     bins = section["metrics"][name]["length_bins"]
@@ -176,14 +173,7 @@ def plot_length_bins(section: Mapping[str, Any], names: Sequence[str], path: str
   ax.set_ylim(0, 1.05)
   ax.set_title(f"{section['dataset']}: accuracy (95% CI) by length difference", fontsize=9)
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-  _save(fig, path)
-
-
-def _save(fig, path: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  files.save_figure(fig, path)
 
 
 def score_lines(dataset: str, arrays: Mapping[str, Any]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Figures of the overoptimization study (matplotlib, Agg backend, PNG).
+"""Figures of the overoptimization study (matplotlib `Figure`s outside pyplot, PNG).
 
 Every figure plots seed-averaged means with ±1 bootstrap-SE bands over prompts,
 gold solid and proxy dashed, x = √KL(π ‖ π_ref) in nats^½ as in Gao et al.
@@ -8,20 +8,18 @@ gold solid and proxy dashed, x = √KL(π ‖ π_ref) in nats^½ as in Gao et al
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import matplotlib
+from matplotlib import figure as mpl_figure
+from matplotlib import ticker
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import ticker  # noqa: E402
-import numpy as np  # noqa: E402
-
-from prefjax.overopt import bon  # noqa: E402
-from prefjax.overopt import curves as curves_lib  # noqa: E402
-from prefjax.overopt import direct_criteria  # noqa: E402
-from prefjax.overopt import fits  # noqa: E402
+from prefjax import files
+from prefjax.overopt import bon
+from prefjax.overopt import curves as curves_lib
+from prefjax.overopt import direct_criteria
+from prefjax.overopt import fits
 
 REWARD_UNITS = "reward (SD under π_ref, π_ref = 0)"
 SQRT_KL = "√KL(π ‖ π_ref)  [nats^½]"
@@ -88,15 +86,11 @@ def _plain_log_ticks(ax, which: str) -> None:
 
 
 def _colors(n: int):
-  return plt.cm.viridis(np.linspace(0.0, 0.9, n))
+  return matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, n))
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return files.save_figure(fig, path, dpi=110)
 
 
 def gold_and_proxy(settings: Sequence[curves_lib.SettingCurves], path: str, *,
@@ -108,8 +102,8 @@ def gold_and_proxy(settings: Sequence[curves_lib.SettingCurves], path: str, *,
   worlds) or :data:`SQRT_KL_BON_BOUND` where the analytic KL stands in for it.
   """
   with_rl = settings[0].rl is not None
-  fig, axes = plt.subplots(2 if with_rl else 1, 2, figsize=(11, 8.5 if with_rl else 4.5),
-                           squeeze=False)
+  fig = mpl_figure.Figure(figsize=(11, 8.5 if with_rl else 4.5))
+  axes = fig.subplots(2 if with_rl else 1, 2, squeeze=False)
   for row, method in enumerate(["bon", "rl"][:2 if with_rl else 1]):
     name = "best-of-n" if method == "bon" else rl_name
     for s, color in zip(settings, _colors(len(settings))):
@@ -140,7 +134,8 @@ def fit_coefficients(sizes: Sequence[float], settings: Sequence[curves_lib.Setti
             ("beta", ["bon"], "best-of-n β (per nat, in d(α − β·d))")]
   if "rl" in methods:
     panels.append(("beta", ["rl"], "RL β (per √nat, in d(α − β·ln d))"))
-  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+  fig = mpl_figure.Figure(figsize=(5 * len(panels), 4))
+  axes = fig.subplots(1, len(panels))
   for ax, (coef, panel_methods, ylabel) in zip(axes, panels):
     for method in panel_methods:
       fitted = [getattr(s, f"fit_{method}") for s in settings]
@@ -160,7 +155,8 @@ def fit_coefficients(sizes: Sequence[float], settings: Sequence[curves_lib.Setti
 def ensembles(by_noise: dict[float, dict[str, curves_lib.SettingCurves]], path: str) -> str:
   """Coste et al.: single proxy vs mean / WCO / UWO, BoN and RL, one row per noise level."""
   noises = sorted(by_noise)
-  fig, axes = plt.subplots(len(noises), 2, figsize=(11, 4.2 * len(noises)), squeeze=False)
+  fig = mpl_figure.Figure(figsize=(11, 4.2 * len(noises)))
+  axes = fig.subplots(len(noises), 2, squeeze=False)
   for row, noise in enumerate(noises):
     for col, method in enumerate(("bon", "rl")):
       ax = axes[row, col]
@@ -175,7 +171,8 @@ def ensembles(by_noise: dict[float, dict[str, curves_lib.SettingCurves]], path: 
 def disagreement(growth: dict[str, np.ndarray], ns: np.ndarray, path: str, *,
                  title: str) -> str:
   """Member disagreement E_π[std_k r_k] − its π_ref value under BoN of each aggregation."""
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig = mpl_figure.Figure(figsize=(6, 4))
+  ax = fig.subplots()
   for name, g in growth.items():
     mean, se = bon.bootstrap_mean_se(g)
     _band(ax, ns, mean, se, AGGREGATION_COLORS.get(name), label=name)
@@ -188,7 +185,8 @@ def disagreement(growth: dict[str, np.ndarray], ns: np.ndarray, path: str, *,
 def estimator_check(check: dict, path: str) -> str:
   """G0: exact best-of-n gold vs the unbiased estimator and Monte Carlo, and each one's
   difference from exact with its ±1 bootstrap SE over prompts (what G0's z divides by)."""
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fig = mpl_figure.Figure(figsize=(11, 4))
+  axes = fig.subplots(1, 2)
   styles = {"exact": "k-", "unbiased": "o--", "mc": "s:"}
   for name, style in styles.items():
     axes[0].plot(check["ns"], check[f"{name}_gold"], style, label=name)
@@ -210,7 +208,8 @@ def estimator_check(check: dict, path: str) -> str:
 
 def learned_policy(rows: Sequence[dict], path: str) -> str:
   """Learned softmax-MLP policy vs the closed-form KL-regularised optimum at the same λ."""
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  fig = mpl_figure.Figure(figsize=(10, 4))
+  axes = fig.subplots(1, 2)
   for ax, key in zip(axes, ("kl", "gold")):
     lams = [r["lam"] for r in rows]
     ax.plot(lams, [r[f"closed_form_{key}"] for r in rows], "ko", label="closed form")
@@ -226,7 +225,8 @@ def learned_policy(rows: Sequence[dict], path: str) -> str:
 def direct_sweeps(sweeps: dict, path: str) -> str:
   """Rafailov et al. 2024: per loss, gold vs √KL over training (one line per β) and the
   final points across β with the d(α − β log d) and quadratic-in-KL fits."""
-  fig, axes = plt.subplots(2, len(sweeps), figsize=(5 * len(sweeps), 8.5), squeeze=False)
+  fig = mpl_figure.Figure(figsize=(5 * len(sweeps), 8.5))
+  axes = fig.subplots(2, len(sweeps), squeeze=False)
   for col, (name, sweep) in enumerate(sweeps.items()):
     ax = axes[0, col]
     for k, color in zip(range(len(sweep.betas)), _colors(len(sweep.betas))):
@@ -254,7 +254,8 @@ def direct_sweeps(sweeps: dict, path: str) -> str:
 
 def margins(dpo, ipo, path: str) -> str:
   """Azar et al. 2023: mean log-ratio margin h on the training pairs over training."""
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fig = mpl_figure.Figure(figsize=(11, 4))
+  axes = fig.subplots(1, 2)
   for ax, sweep, name in ((axes[0], dpo, "DPO"), (axes[1], ipo, "IPO")):
     for k, color in zip(range(len(sweep.betas)), _colors(len(sweep.betas))):
       # From the first evaluation after step 0, where h = 0 has no place on a log axis.
@@ -276,7 +277,8 @@ def frontier(dpo, ppo, path: str, *, rl_label: str = "KL-regularised RL optimum 
   more RL references as ``(scores, label, style)``. A run's checkpoints are drawn as
   markers (``rl_style="ko"``): joined in step order they would look like a frontier.
   Dotted verticals are P1's KL bins."""
-  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  fig = mpl_figure.Figure(figsize=(6.5, 4.5))
+  ax = fig.subplots()
   se = lambda per_prompt: per_prompt.std(0, ddof=1) / np.sqrt(per_prompt.shape[0])  # [P, …]
   for scores, label, style in ((ppo, rl_label, rl_style), *others):
     kl, gold = np.asarray(scores.kl), np.asarray(scores.gold)
