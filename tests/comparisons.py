@@ -49,3 +49,16 @@ def assert_params_close_after_adam(a: Any, b: Any, *, learning_rate: float, step
       f"largest differences {np.sort(diff)[-5:]}")
   bound = 2.0 * learning_rate * steps
   assert diff.max() <= bound, f"max |Δparam| {diff.max():.3g} exceeds 2·lr·steps = {bound:.3g}"
+
+
+def assert_same_accuracy(value: float, expected: float, margins: Sequence[float], *,
+                         tie_tol: float = 1e-4, atol: float = 1e-9) -> None:
+  """A pair accuracy computed by another program than ``expected``'s (another batch size,
+  graph or head): equal to ``atol`` (a float32 metric: 1e-6), except that each pair whose
+  margin lies within ``tie_tol`` of 0 may count on either side, since round-off decides
+  its sign (1/n of accuracy each)."""
+  margins = np.abs(np.asarray(margins, np.float64))
+  near_ties = int(np.sum(margins <= tie_tol))
+  assert abs(value - expected) <= near_ties / margins.size + atol, (
+      f"accuracy {value} against {expected}: {near_ties} of {margins.size} margins within "
+      f"{tie_tol} of 0")

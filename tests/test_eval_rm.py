@@ -31,6 +31,7 @@ from prefjax.models import heads
 from prefjax.models import hf_export
 from prefjax.rm import evaluation as rm_evaluation
 from prefjax.train import summary as summary_lib
+from tests import comparisons
 from tests import test_train_dpo
 from tests import test_train_rm
 
@@ -243,6 +244,12 @@ def report(runs):
   return eval_rm.run(config, str(workdir)), workdir
 
 
+def margins(workdir: pathlib.Path, scorer: str) -> list[float]:
+  """Each decisive pair's score margin (chosen − rejected) under ``scorer``, from scores.jsonl."""
+  lines = [json.loads(line) for line in (workdir / "scores.jsonl").read_text().splitlines()]
+  return [r["scores"][scorer][0] - r["scores"][scorer][1] for r in lines if r["outcome"] != 0.5]
+
+
 def test_a_run_dataset_is_checked_against_the_data_the_run_read(runs, report):
   result, workdir = report
   check = result["datasets"][0]["run_data"]
@@ -262,8 +269,8 @@ def test_rm_ensemble_and_dpo_match_their_trainers_own_eval(runs, report):
     assert m[f"ens/member{k}"]["accuracy"]["value"] == pytest.approx(
         runs["ens"][f"member/{k}/accuracy"], abs=1e-9)
   assert {"ens/wco", "ens/uwo"} <= set(m)
-  assert m["dpo"]["accuracy"]["value"] == pytest.approx(
-      runs["dpo"]["rewards/accuracies"], abs=1e-6)
+  comparisons.assert_same_accuracy(m["dpo"]["accuracy"]["value"], runs["dpo"][
+      "rewards/accuracies"], margins(report[1], "dpo"), atol=1e-6)  # a float32 metric
   # Same bins, summed in another order (Σ|Σ gaps|/n instead of Σ (n_b/n)·|mean gap|).
   assert m["rm"]["ece"]["value"] == pytest.approx(runs["rm"]["ece"], abs=1e-7)
   assert m["rm"]["bt_log_loss"]["value"] == pytest.approx(runs["rm"]["bt_log_loss"], rel=1e-6)
@@ -299,8 +306,9 @@ def test_an_export_with_several_outputs_is_scored_output_by_output(runs, tmp_pat
   eval_cfg.hf_tokenizer = "byte"
   metrics = eval_rm.run(eval_cfg, str(tmp_path / "eval"))["datasets"][0]["metrics"]
   accuracy = runs["rm"]["accuracy"]
-  assert metrics["pair/member0"]["accuracy"]["value"] == pytest.approx(accuracy, abs=1e-9)
-  assert metrics["pair/member1"]["accuracy"]["value"] == pytest.approx(1 - accuracy, abs=1e-9)
+  for k, expected in ((0, accuracy), (1, 1 - accuracy)):
+    comparisons.assert_same_accuracy(metrics[f"pair/member{k}"]["accuracy"]["value"],
+                                     expected, margins(tmp_path / "eval", f"pair/member{k}"))
 
 
 def test_report_names_each_checkpoint_and_the_workdir_keeps_the_config(runs, report):

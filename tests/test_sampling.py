@@ -53,8 +53,12 @@ def left_pad(prompts, length=7):
   return jnp.asarray(tokens), jnp.asarray(mask)
 
 
-def greedy_without_cache(prompts, steps, eos_id=None):
-  """Reference: re-run the full forward each step on a right-padded buffer, take argmax."""
+def greedy_without_cache(prompts, steps, eos_id=None, *, min_gap=1e-3):
+  """Reference: re-run the full forward each step on a right-padded buffer, take argmax.
+
+  Each argmax must lead the runner-up by ``min_gap`` (ten times the 1e-4 to which the tests
+  compare log-probs; this fixture's smallest lead is 0.0023), so that another program's
+  greedy tokens (cached, sharded) equal these on any CPU, not only by luck of round-off."""
   length = max(map(len, prompts)) + steps
   buf = np.full((len(prompts), length), PAD, np.int32)
   lens = np.array([len(p) for p in prompts])
@@ -70,6 +74,8 @@ def greedy_without_cache(prompts, steps, eos_id=None):
     last = logits[np.arange(len(prompts)), lens - 1]
     for i in np.flatnonzero(~done):
       tok = int(np.argmax(last[i]))
+      runner_up, best = np.partition(last[i], -2)[-2:]
+      assert best - runner_up > min_gap, f"row {i} step {step}: a near-tie, {best - runner_up:.2g}"
       out[i, step], mask[i, step] = tok, 1
       logps[i, step] = last[i, tok] - np.log(np.exp(last[i] - last[i].max()).sum()) - last[i].max()
       buf[i, lens[i]] = tok
