@@ -195,7 +195,7 @@ def test_bad_row_error_names_the_row_and_the_skip_flag(tmp_path, monkeypatch):
   bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
                  '{"prompt": "a", "chosen": "b"}\n')
   monkeypatch.setenv("PREFJAX_CACHE_DIR", str(tmp_path / "cache"))
-  # Built once here, so the run's output is the error (a first build prints TFDS banners).
+  # Built once here, so the run's output is the error (a first build logs two more lines).
   assert len(sources.load_preferences(f"jsonl:{bad}", "train", on_bad_row="skip")) == 1
   code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py",
                            f"--workdir={tmp_path / 'w'}", f"--config.data.name=jsonl:{bad}",

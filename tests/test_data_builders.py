@@ -396,7 +396,7 @@ def test_a_load_waits_for_the_build_in_progress_and_reads_it(tmp_path, caplog):
   assert loaded["source"].cache_hit and loaded["source"][0]["chosen"] == " yes"
 
 
-def test_synthetic_roundtrip_with_metadata(tmp_path, cache_dir):
+def test_synthetic_roundtrip_with_metadata(tmp_path, cache_dir, capfd, caplog):
   rows = [{"prompt": f"p{i}", "chosen": f" good {i}", "rejected": f" bad {i}",
            "meta": {"gold": np.float32([1.5, -0.25]), "flipped": bool(i == 1)}}
           for i in range(3)]
@@ -407,8 +407,12 @@ def test_synthetic_roundtrip_with_metadata(tmp_path, cache_dir):
       meta={"seed": np.int64(3)}, root=tmp_path)
   assert folder == tmp_path / "tiny-world.v1"
   assert synthetic.dataset_exists("tiny-world.v1", root=tmp_path)
+  capfd.readouterr()
+  caplog.set_level(logging.INFO)
   source = pdata.load_preferences("synthetic:tiny-world.v1", "train", data_dir=cache_dir,
                                   manual_dir=tmp_path)
+  assert not source.cache_hit and capfd.readouterr().out == ""  # TFDS's build lines: logged
+  assert "dataset synthetic_preferences built in" in caplog.text
   assert source.metadata["label_noise"] == 0.1
   assert source.metadata["gold_name"] == "tiny_gold"
   assert source.metadata["meta"] == {"seed": 3} and source.metadata["num_rows"] == 3

@@ -32,6 +32,7 @@ import json
 import pathlib
 from typing import Any, Iterator
 
+from absl import logging
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
@@ -126,6 +127,14 @@ class PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     install; the file path is all it needs (to look for a checksums file).
     """
     return epath.Path(inspect.getfile(cls))
+
+  # TFDS prints these two messages to stdout, where they would lengthen a one-line error
+  # about the data (a bad row found while building) and mix with a binary's own output.
+  def _log_download_bytes(self) -> None:
+    logging.info("building dataset %s from local files into %s", self.name, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info("dataset %s built in %s; later loads reuse it", self.name, self.data_dir)
 
   def _info(self) -> tfds.core.DatasetInfo:
     text = tfds.features.Text()
