@@ -79,12 +79,22 @@ def test_weight_decay_leaves_biases_and_norm_scales_alone_unless_asked():
     train.LoopConfig(num_steps=5, max_consecutive_nonfinite=0)
 
 
-def test_a_schedule_that_ends_before_the_run_is_named(caplog):
-  schedule = train.make_schedule({"learning_rate": 0.1, "schedule": "cosine",
-                                  "warmup_steps": 2, "total_steps": 10})
-  assert train.schedules.updates_at_zero_rate(schedule, 10) == 0  # warmup's first is by design
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_a_schedule_that_ends_before_the_run_is_named(decay, caplog):
+  schedule = train.make_schedule({"learning_rate": 0.1, "schedule": decay,
+                                  "warmup_steps": 2, "total_steps": 1000})
+  assert train.schedules.updates_at_zero_rate(schedule, 1000) == 0  # warmup's first: by design
+  assert train.schedules.updates_at_zero_rate(schedule, 1200) == 200
+  assert "200 of this run's 1200 optimizer updates have learning rate 0" in caplog.text
+
+
+def test_a_rate_within_round_off_of_zero_counts_as_zero():
+  """Compiled as one program (the binaries' XLA flags), linear decay ended at ~1e-10 where
+  its formula gives exactly 0."""
+  schedule = lambda count: jnp.where(count < 10, 0.1, 1e-10)
   assert train.schedules.updates_at_zero_rate(schedule, 13) == 3
-  assert "3 of this run's 13 optimizer updates have learning rate 0" in caplog.text
+  schedule = lambda count: jnp.where(count < 10, 0.1, 1e-6)  # small, but a rate
+  assert train.schedules.updates_at_zero_rate(schedule, 13) == 0
 
 
 def test_a_warmup_longer_than_the_run_is_named(caplog):
