@@ -244,10 +244,15 @@ def report(runs):
   return eval_rm.run(config, str(workdir)), workdir
 
 
+def score_rows(workdir: pathlib.Path) -> list[dict]:
+  """``scores.jsonl``: one row per scored pair."""
+  return [json.loads(line) for line in (workdir / "scores.jsonl").read_text().splitlines()]
+
+
 def margins(workdir: pathlib.Path, scorer: str) -> list[float]:
-  """Each decisive pair's score margin (chosen − rejected) under ``scorer``, from scores.jsonl."""
-  lines = [json.loads(line) for line in (workdir / "scores.jsonl").read_text().splitlines()]
-  return [r["scores"][scorer][0] - r["scores"][scorer][1] for r in lines if r["outcome"] != 0.5]
+  """Each decisive pair's score margin (chosen − rejected) under ``scorer``."""
+  return [r["scores"][scorer][0] - r["scores"][scorer][1] for r in score_rows(workdir)
+          if r["outcome"] != 0.5]
 
 
 def test_a_run_dataset_is_checked_against_the_data_the_run_read(runs, report):
@@ -347,7 +352,7 @@ def test_baselines_gold_and_comparisons(report):
 
 def test_outputs_can_be_redrawn_from_scores_jsonl(report):
   result, workdir = report
-  lines = [json.loads(l) for l in (workdir / "scores.jsonl").read_text().splitlines()]
+  lines = score_rows(workdir)
   section = result["datasets"][0]
   assert len(lines) == section["pairs_scored"]
   r_c, r_r = np.array([l["scores"]["rm"] for l in lines]).T
@@ -367,11 +372,8 @@ def test_scoring_sharded_over_eight_devices_matches_one_device(runs, report, tmp
   config.mesh.update(shape=(8, 1, 1), num_devices=8)
   eval_rm.run(config, str(tmp_path))
 
-  def rewards(workdir):
-    lines = [json.loads(l) for l in (workdir / "scores.jsonl").read_text().splitlines()]
-    return {n: np.array([l["scores"][n] for l in lines]) for n in ("rm", "dpo")}
-
-  sharded, single = rewards(tmp_path), rewards(report[1])
+  sharded, single = ({n: np.array([l["scores"][n] for l in score_rows(w)]) for n in ("rm", "dpo")}
+                     for w in (tmp_path, report[1]))
   for name in ("rm", "dpo"):
     scale = np.abs(single[name]).max()
     np.testing.assert_allclose(sharded[name], single[name], atol=1e-5 * scale, err_msg=name)
