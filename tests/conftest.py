@@ -99,18 +99,14 @@ def gpt2_bpe_dir() -> pathlib.Path:
   return require_asset(assets.gpt2_bpe_dir)
 
 
-# The slowest test files, slowest first (measured: `--durations=0`, 2026-12-07, AMD EPYC;
-# each file's setup, call and teardown summed). With `--dist loadfile` a file runs on one
-# worker; starting the longest ones first keeps the two workers' finishing times close
-# (longest-processing-time-first scheduling), and the files left for the end (alphabetical)
-# take under 25 s each. xdist's own order, most tests first, undid this and left these
-# few-test files for last, one worker alone at the end; the Makefile passes
-# --no-loadscope-reorder so collection order holds.
-_SLOW_FIRST = ("test_train_rl.py", "test_train_dpo.py", "test_reproduce.py",
-               "test_workdir_history.py", "test_config_errors.py", "test_distributed.py",
-               "test_train_rm.py", "test_checkpoint_damage.py", "test_attention.py",
-               "test_sampling.py", "test_pooled_slots.py", "test_eval_rm.py",
-               "test_checkpoint_resume.py")
+# The slowest test files (measured: `--durations=0`, 2026-12-01). With `--dist loadfile`
+# a file runs on one worker; starting the longest ones first keeps the two workers'
+# finishing times close (longest-processing-time-first scheduling). xdist's own order,
+# most tests first, undid this and left these few-test files for last, one worker alone
+# at the end; the Makefile passes --no-loadscope-reorder so collection order holds.
+_SLOW_FIRST = ("test_reproduce.py", "test_train_dpo.py", "test_train_rl.py", "test_train_rm.py",
+               "test_distributed.py", "test_eval_rm.py", "test_config_errors.py",
+               "test_gguf_smollm2.py", "test_preemption.py", "test_workdir_history.py")
 
 
 def pytest_collection_modifyitems(config, items):
