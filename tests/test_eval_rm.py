@@ -372,8 +372,11 @@ def test_scoring_sharded_over_eight_devices_matches_one_device(runs, report, tmp
   config.mesh.update(shape=(8, 1, 1), num_devices=8)
   eval_rm.run(config, str(tmp_path))
 
-  sharded, single = ({n: np.array([l["scores"][n] for l in score_rows(w)]) for n in ("rm", "dpo")}
-                     for w in (tmp_path, report[1]))
+  def rewards(workdir):
+    rows = score_rows(workdir)
+    return {n: np.array([r["scores"][n] for r in rows]) for n in ("rm", "dpo")}
+
+  sharded, single = rewards(tmp_path), rewards(report[1])
   for name in ("rm", "dpo"):
     scale = np.abs(single[name]).max()
     np.testing.assert_allclose(sharded[name], single[name], atol=1e-5 * scale, err_msg=name)
