@@ -49,7 +49,10 @@ def run(workdir, num_steps=STEPS, **loop):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(32, 4)).astype(np.float32)
   examples = [{"x": x[i], "y": np.float32(np.sin(x[i].sum()))} for i in range(32)]
-  train_iter = iter(grain.MapDataset.source(examples).shuffle(seed=1).repeat().batch(8))
+  # No prefetch threads: grain's default 16 would read 500 batches ahead in Python, holding
+  # the GIL against the loop for a run of a few steps.
+  batches = grain.MapDataset.source(examples).shuffle(seed=1).repeat().batch(8)
+  train_iter = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=0)))
   loop_config = train.LoopConfig(num_steps=num_steps, log_every=1, checkpoint_every=2,
                                  keep_checkpoints=2, async_checkpointing=False,
                                  tensorboard=False, **loop)

@@ -52,7 +52,10 @@ def make_iter():
   x = rng.normal(size=(40, IN)).astype(np.float32)
   y = np.sin(x.sum(-1)).astype(np.float32)
   examples = [{"x": x[i], "y": y[i]} for i in range(40)]
-  return iter(grain.MapDataset.source(examples).shuffle(seed=3).repeat().batch(8))
+  # No prefetch threads: grain's default 16 would read 500 batches ahead in Python, holding
+  # the GIL against the loop for a run of a few steps.
+  batches = grain.MapDataset.source(examples).shuffle(seed=3).repeat().batch(8)
+  return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=0)))
 
 
 EVAL_DATA = [{"x": np.ones((4, IN), np.float32), "y": np.zeros(4, np.float32)}]

@@ -41,7 +41,10 @@ def run(workdir, num_steps=6, config=None, hooks=(), start_hooks=(), optimizer="
   rng = np.random.default_rng(0)
   x = rng.normal(size=(32, 4)).astype(np.float32)
   examples = [{"x": x[i], "y": np.float32(np.sin(x[i].sum()))} for i in range(32)]
-  train_iter = iter(grain.MapDataset.source(examples).shuffle(seed=1).repeat().batch(8))
+  # No prefetch threads: grain's default 16 would read 500 batches ahead in Python, holding
+  # the GIL against the loop for a run of a few steps.
+  batches = grain.MapDataset.source(examples).shuffle(seed=1).repeat().batch(8)
+  train_iter = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=0)))
   loop = {"checkpoint_every": 2, "async_checkpointing": False, **loop}
   return train.train_loop(
       workdir=str(workdir), model=Net(nnx.Rngs(0)), loss_fn=loss_fn,
