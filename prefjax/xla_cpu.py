@@ -34,6 +34,7 @@ well.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Collection, MutableMapping, Sequence
 
@@ -42,6 +43,10 @@ CPU_FLAGS = ("--xla_cpu_use_xnnpack=false", "--xla_cpu_experimental_ynn_fusion_t
 MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1", "glibc.malloc.mmap_max=0",
                    "glibc.malloc.trim_threshold=4294967295")
 DISABLE_ENV = "PREFJAX_XLA_CPU_DEFAULTS"
+# Blocked across the restart's exec (the signal mask and pending signals survive it), so
+# one sent meanwhile reaches the new image's handler instead of the default action.
+HELD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+_HELD_ENV = "PREFJAX_SIGNALS_HELD_FOR_RESTART"
 
 
 def apply_cpu_defaults(environ: MutableMapping[str, str] = os.environ) -> str:
@@ -79,15 +84,26 @@ def apply_malloc_defaults(modules: Collection[str],
   Call it before importing JAX (the restart then costs an interpreter start-up; JAX is
   imported after it). It does nothing in any other process (pytest, a notebook, a script
   importing the package), so a library import never restarts its caller.
+
+  ``HELD_SIGNALS`` sent during the restart wait, blocked, until the new image gets here:
+  install their handlers before calling it (``experiments/__init__.py`` does for SIGTERM).
+  Without that, a SIGTERM between ``execv`` and the new image's handler got the default
+  action (exit -15 instead of the binaries' preempted code).
   """
   argv = list(sys.orig_argv if orig_argv is None else orig_argv)
   if module_run_by(argv) not in modules:
     return
+  held = os.environ.pop(_HELD_ENV, "")  # those the image before blocked
+  if held:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {int(s) for s in held.split(",")})
   tunables = malloc_tunables()
   if tunables is not None and sys.executable:  # an embedded interpreter cannot re-execute
     os.environ["GLIBC_TUNABLES"] = tunables
     sys.stdout.flush()
     sys.stderr.flush()
+    # CPython runs the handler of one that arrived just before the block, here.
+    blocked_before = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    os.environ[_HELD_ENV] = ",".join(str(int(s)) for s in HELD_SIGNALS - blocked_before)
     os.execv(sys.executable, [sys.executable, *argv[1:]])
   keep_freed_memory()
 
