@@ -13,8 +13,6 @@ import sys
 import traceback
 import types
 
-import grain
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -23,42 +21,26 @@ from prefjax import train
 from prefjax.train import checkpoint
 from prefjax.train import integrity
 from prefjax.train import orbax_quirks
+from tests import toy_loop
 
 STEPS, SAVED = 6, 4  # The damaged run saved steps 2 and 4 of 6.
 DATA_FILE = "<largest file under state/ocdbt.process_0/d/>"
 
 
-class Net(nnx.Module):
-  """Big enough (a 4x256 kernel) that its arrays are stored in OCDBT data files,
+class Net(toy_loop.Net):
+  """Wide enough (a 4x256 kernel) that its arrays are stored in OCDBT data files,
   not inlined in the b-tree."""
-
-  def __init__(self, rngs: nnx.Rngs):
-    self.hidden = nnx.Linear(4, 256, rngs=rngs)
-    self.out = nnx.Linear(256, 1, rngs=rngs)
-
-  def __call__(self, x):
-    return self.out(jnp.tanh(self.hidden(x)))[:, 0]
-
-
-def loss_fn(model, batch, rng):
-  del rng
-  return jnp.mean((model(batch["x"]) - batch["y"])**2), {}
+  WIDTH = 256
 
 
 def run(workdir, num_steps=STEPS, **loop):
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(32, 4)).astype(np.float32)
-  examples = [{"x": x[i], "y": np.float32(np.sin(x[i].sum()))} for i in range(32)]
-  # No prefetch threads: grain's default 16 would read 500 batches ahead in Python, holding
-  # the GIL against the loop for a run of a few steps.
-  batches = grain.MapDataset.source(examples).shuffle(seed=1).repeat().batch(8)
-  train_iter = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=0)))
   loop_config = train.LoopConfig(num_steps=num_steps, log_every=1, checkpoint_every=2,
                                  keep_checkpoints=2, async_checkpointing=False,
                                  tensorboard=False, **loop)
-  return train.train_loop(workdir=str(workdir), model=Net(nnx.Rngs(0)), loss_fn=loss_fn,
+  return train.train_loop(workdir=str(workdir), model=Net(nnx.Rngs(0)),
+                          loss_fn=toy_loop.loss_fn,
                           optimizer={"name": "sgd", "learning_rate": 1e-2},
-                          loop=loop_config, train_iter=train_iter)
+                          loop=loop_config, train_iter=toy_loop.batches())
 
 
 @pytest.fixture(scope="module")
@@ -334,10 +316,7 @@ def test_no_intact_step_stops_with_one_line_and_allow_restart_starts_afresh(
 
 
 class Narrower(Net):
-  def __init__(self, rngs):
-    super().__init__(rngs)
-    self.hidden = nnx.Linear(4, 128, rngs=rngs)
-    self.out = nnx.Linear(128, 1, rngs=rngs)
+  WIDTH = 128
 
 
 class OneMoreLayer(Net):
@@ -356,7 +335,8 @@ def test_a_changed_model_is_still_a_mismatch_not_damage(saved, tmp_path, model_c
   loop = train.LoopConfig(num_steps=STEPS, checkpoint_every=2, async_checkpointing=False,
                           tensorboard=False)
   with pytest.raises(ValueError, match="does not match the model/optimizer") as error:
-    train.train_loop(workdir=str(workdir), model=model_cls(nnx.Rngs(0)), loss_fn=loss_fn,
+    train.train_loop(workdir=str(workdir), model=model_cls(nnx.Rngs(0)),
+                     loss_fn=toy_loop.loss_fn,
                      optimizer={"name": "sgd", "learning_rate": 1e-2}, loop=loop,
                      train_iter=iter([]))
   assert not isinstance(error.value, train.DamagedCheckpointError)

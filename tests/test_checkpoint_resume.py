@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,8 +17,9 @@ import pytest
 from flax import nnx
 
 from prefjax import train
+from tests import toy_loop
 
-IN, HIDDEN, STEPS = 4, 16, 12
+IN, HIDDEN, STEPS = toy_loop.IN, 16, 12
 
 
 class DropoutMLP(nnx.Module):
@@ -47,17 +47,6 @@ def eval_fn(model, batch):
   return {"mse": mse, "neg_mse": -mse}
 
 
-def make_iter():
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(40, IN)).astype(np.float32)
-  y = np.sin(x.sum(-1)).astype(np.float32)
-  examples = [{"x": x[i], "y": y[i]} for i in range(40)]
-  # No prefetch threads: grain's default 16 would read 500 batches ahead in Python, holding
-  # the GIL against the loop for a run of a few steps.
-  batches = grain.MapDataset.source(examples).shuffle(seed=3).repeat().batch(8)
-  return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=0)))
-
-
 EVAL_DATA = [{"x": np.ones((4, IN), np.float32), "y": np.zeros(4, np.float32)}]
 LOOP = train.LoopConfig(num_steps=STEPS, log_every=1, eval_every=4, checkpoint_every=2,
                         keep_checkpoints=2, best_metric="neg_mse", best_mode="min",
@@ -67,7 +56,7 @@ OPT = {"name": "adamw", "learning_rate": 3e-2, "schedule": "linear", "total_step
 
 
 def run(workdir, hooks=(), train_iter=None):
-  train_iter = make_iter() if train_iter is None else train_iter
+  train_iter = toy_loop.batches(40, seed=3) if train_iter is None else train_iter
   result = train.train_loop(workdir=str(workdir), model=DropoutMLP(nnx.Rngs(0)),
                             loss_fn=loss_fn, optimizer=OPT, loop=LOOP, train_iter=train_iter,
                             config={"opt": OPT, "loop": LOOP},
@@ -134,12 +123,12 @@ def _all_checkpoints(workdir):
   return steps
 
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _KILLED_RUN = """
 import os, signal, sys
-sys.path.insert(0, {tests!r})
-import conftest  # noqa: F401  (8 CPU devices, as in the parent)
-import test_checkpoint_resume as t
+sys.path.insert(0, {repo!r})
+from tests import conftest  # noqa: F401  (8 CPU devices, as in the parent)
+from tests import test_checkpoint_resume as t
 t.run({workdir!r}, hooks=[t._stop_at(7, lambda: os.kill(os.getpid(), signal.SIGKILL))])
 """
 
@@ -159,7 +148,7 @@ def test_sigterm_sigkill_and_ctrl_c_then_rerun_is_bit_identical(tmp_path, refere
   assert not os.path.exists(tmp_path / "summary.json")
   # 2. Resume at 3 in a subprocess that is SIGKILLed right after dispatching step 7
   #    (no cleanup at all; the async save of step 6 may still be in flight).
-  proc = subprocess.run([sys.executable, "-c", _KILLED_RUN.format(tests=TESTS_DIR,
+  proc = subprocess.run([sys.executable, "-c", _KILLED_RUN.format(repo=REPO,
                                                                   workdir=str(tmp_path))],
                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
                         text=True, timeout=300, check=False)

@@ -9,9 +9,6 @@ import logging
 import os
 import shutil
 
-import grain
-import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -20,36 +17,15 @@ from prefjax.train import checkpoint
 from prefjax.train import integrity
 from prefjax.train import summary as summary_lib
 from tests import test_train_core
-
-
-class Net(nnx.Module):
-
-  def __init__(self, rngs: nnx.Rngs):
-    self.hidden = nnx.Linear(4, 16, rngs=rngs)
-    self.out = nnx.Linear(16, 1, rngs=rngs)
-
-  def __call__(self, x):
-    return self.out(jnp.tanh(self.hidden(x)))[:, 0]
-
-
-def loss_fn(model, batch, rng):
-  del rng
-  return jnp.mean((model(batch["x"]) - batch["y"])**2), {}
+from tests import toy_loop
 
 
 def run(workdir, num_steps=6, config=None, hooks=(), start_hooks=(), optimizer="sgd", **loop):
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(32, 4)).astype(np.float32)
-  examples = [{"x": x[i], "y": np.float32(np.sin(x[i].sum()))} for i in range(32)]
-  # No prefetch threads: grain's default 16 would read 500 batches ahead in Python, holding
-  # the GIL against the loop for a run of a few steps.
-  batches = grain.MapDataset.source(examples).shuffle(seed=1).repeat().batch(8)
-  train_iter = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=0)))
   loop = {"checkpoint_every": 2, "async_checkpointing": False, **loop}
   return train.train_loop(
-      workdir=str(workdir), model=Net(nnx.Rngs(0)), loss_fn=loss_fn,
+      workdir=str(workdir), model=toy_loop.Net(nnx.Rngs(0)), loss_fn=toy_loop.loss_fn,
       optimizer={"name": optimizer, "learning_rate": 1e-2}, config=config, hooks=hooks,
-      start_hooks=start_hooks, train_iter=train_iter,
+      start_hooks=start_hooks, train_iter=toy_loop.batches(),
       loop=train.LoopConfig(num_steps=num_steps, log_every=1, tensorboard=False, **loop))
 
 
@@ -184,7 +160,7 @@ def test_the_step_a_crash_resumes_from_has_its_manifest_before_the_next_save(tmp
 
 def test_an_async_save_is_recorded_once_it_finished(tmp_path):
   tx, _ = train.make_optimizer({"name": "sgd", "learning_rate": 0.1})
-  _, state = train.create_train_state(Net(nnx.Rngs(0)), tx, 0)
+  _, state = train.create_train_state(toy_loop.Net(nnx.Rngs(0)), tx, 0)
   ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", async_save=True)
   assert ckpt.save(state)
   ckpt._manager.wait_until_finished()  # pylint: disable=protected-access (orbax's own wait)
