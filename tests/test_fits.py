@@ -101,7 +101,8 @@ def test_a_point_at_the_origin_leaves_the_t_intervals_as_they_are(form):
   assert with_origin.alpha == pytest.approx(without.alpha, rel=1e-12)
   np.testing.assert_allclose(with_origin.alpha_ci, without.alpha_ci, rtol=1e-12)
   np.testing.assert_allclose(with_origin.beta_ci, without.beta_ci, rtol=1e-12)
-  with pytest.raises(ValueError, match="2 points away from d = 0"):
+  with (pytest.raises(ValueError, match="2 points away from d = 0"),
+        pytest.warns(UserWarning, match="intervals from the points alone")):
     _fit(form, np.array([0.0, 1.0, 2.0]), np.array([0.0, 0.5, 0.7]), num_bootstrap=2)
 
 
