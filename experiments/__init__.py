@@ -15,4 +15,5 @@ xla_cpu.apply_cpu_defaults()  # Before any binary imports JAX.
 if sys.argv[:1] == ["-m"]:  # Python sets argv[0] to "-m" while it locates the binary.
   from experiments import preemption
   preemption.exit_on_sigterm()  # Before the binary imports JAX (seconds of start-up).
+  # Restarts once; a SIGTERM sent during the restart waits, blocked, for the handler above.
   xla_cpu.apply_malloc_defaults(TRAIN_STEP_BINARIES)

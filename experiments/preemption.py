@@ -11,7 +11,9 @@ checkpoint and stop" (and skips the final eval). Before and after training there
 is nothing new to save, so :func:`exit_on_sigterm` makes SIGTERM end the process at once with
 ``PREEMPTED_EXIT_CODE`` instead of Python's default death by signal (exit 143).
 This module imports nothing heavy: ``experiments/__init__.py`` installs the
-handler before a binary imports JAX.
+handler before a binary imports JAX, and before the train binaries' one restart
+(``xla_cpu.apply_malloc_defaults``), which holds a SIGTERM sent meanwhile for the
+restarted process's handler.
 """
 
 from __future__ import annotations
