@@ -21,13 +21,13 @@ from prefjax import train
 from prefjax.train import checkpoint
 from prefjax.train import integrity
 from prefjax.train import orbax_quirks
-from tests import toy_loop
+from tests import test_train_core
 
 STEPS, SAVED = 6, 4  # The damaged run saved steps 2 and 4 of 6.
 DATA_FILE = "<largest file under state/ocdbt.process_0/d/>"
 
 
-class Net(toy_loop.Net):
+class Net(test_train_core.MLP):
   """Wide enough (a 4x256 kernel) that its arrays are stored in OCDBT data files,
   not inlined in the b-tree."""
   WIDTH = 256
@@ -38,9 +38,9 @@ def run(workdir, num_steps=STEPS, **loop):
                                  keep_checkpoints=2, async_checkpointing=False,
                                  tensorboard=False, **loop)
   return train.train_loop(workdir=str(workdir), model=Net(nnx.Rngs(0)),
-                          loss_fn=toy_loop.loss_fn,
+                          loss_fn=test_train_core.mse_loss,
                           optimizer={"name": "sgd", "learning_rate": 1e-2},
-                          loop=loop_config, train_iter=toy_loop.batches())
+                          loop=loop_config, train_iter=test_train_core.grain_batches())
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +336,7 @@ def test_a_changed_model_is_still_a_mismatch_not_damage(saved, tmp_path, model_c
                           tensorboard=False)
   with pytest.raises(ValueError, match="does not match the model/optimizer") as error:
     train.train_loop(workdir=str(workdir), model=model_cls(nnx.Rngs(0)),
-                     loss_fn=toy_loop.loss_fn,
+                     loss_fn=test_train_core.mse_loss,
                      optimizer={"name": "sgd", "learning_rate": 1e-2}, loop=loop,
                      train_iter=iter([]))
   assert not isinstance(error.value, train.DamagedCheckpointError)

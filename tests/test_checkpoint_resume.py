@@ -17,9 +17,9 @@ import pytest
 from flax import nnx
 
 from prefjax import train
-from tests import toy_loop
+from tests import test_train_core
 
-IN, HIDDEN, STEPS = toy_loop.IN, 16, 12
+IN, HIDDEN, STEPS = test_train_core.IN, 16, 12
 
 
 class DropoutMLP(nnx.Module):
@@ -56,7 +56,7 @@ OPT = {"name": "adamw", "learning_rate": 3e-2, "schedule": "linear", "total_step
 
 
 def run(workdir, hooks=(), train_iter=None):
-  train_iter = toy_loop.batches(40, seed=3) if train_iter is None else train_iter
+  train_iter = test_train_core.grain_batches(40, seed=3) if train_iter is None else train_iter
   result = train.train_loop(workdir=str(workdir), model=DropoutMLP(nnx.Rngs(0)),
                             loss_fn=loss_fn, optimizer=OPT, loop=LOOP, train_iter=train_iter,
                             config={"opt": OPT, "loop": LOOP},

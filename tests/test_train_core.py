@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,11 +26,12 @@ IN, HIDDEN = 4, 16
 
 
 class MLP(nnx.Module):
-  """Two-layer regression MLP."""
+  """Two-layer regression MLP with ``WIDTH`` hidden units."""
+  WIDTH = HIDDEN
 
   def __init__(self, rngs: nnx.Rngs):
-    self.hidden = nnx.Linear(IN, HIDDEN, rngs=rngs)
-    self.out = nnx.Linear(HIDDEN, 1, rngs=rngs)
+    self.hidden = nnx.Linear(IN, self.WIDTH, rngs=rngs)
+    self.out = nnx.Linear(self.WIDTH, 1, rngs=rngs)
 
   def __call__(self, x):
     return self.out(jnp.tanh(self.hidden(x)))[:, 0]
@@ -56,6 +58,17 @@ def make_batches(n_batches, batch_size, seed=0):
     x = rng.normal(size=(batch_size, IN)).astype(np.float32)
     out.append({"x": x, "y": np.sin(x @ w / 2).astype(np.float32)})
   return out
+
+
+def grain_batches(num_examples=32, seed=1):
+  """A grain iterator (its position is checkpointed) of shuffled, repeated batches of 8
+  examples ``y = sin(sum(x))``, read without prefetch threads: grain's default 16 would
+  read 500 batches ahead in Python, holding the GIL against a loop of a few steps."""
+  x = np.random.default_rng(0).normal(size=(num_examples, IN)).astype(np.float32)
+  y = np.sin(x.sum(-1))
+  examples = [{"x": x[i], "y": y[i]} for i in range(num_examples)]
+  dataset = grain.MapDataset.source(examples).shuffle(seed=seed).repeat().batch(8)
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0)))
 
 
 # --- train step --------------------------------------------------------------------------------
@@ -480,10 +493,8 @@ def test_checkpoint_restore_rejects_other_model(tmp_path):
   ckpt = train.Checkpointer(tmp_path, async_save=False)
   ckpt.save(state, data_state={"next_index": 0})
 
-  class Wider(nnx.Module):
-    def __init__(self, rngs):
-      self.hidden = nnx.Linear(IN, HIDDEN + 1, rngs=rngs)
-      self.out = nnx.Linear(HIDDEN + 1, 1, rngs=rngs)
+  class Wider(MLP):
+    WIDTH = HIDDEN + 1
 
   _, other = train.create_train_state(Wider(nnx.Rngs(0)), tx, 0)
   with pytest.raises(ValueError, match=r"does not match the model/optimizer being trained "

@@ -17,15 +17,15 @@ from prefjax.train import checkpoint
 from prefjax.train import integrity
 from prefjax.train import summary as summary_lib
 from tests import test_train_core
-from tests import toy_loop
 
 
 def run(workdir, num_steps=6, config=None, hooks=(), start_hooks=(), optimizer="sgd", **loop):
   loop = {"checkpoint_every": 2, "async_checkpointing": False, **loop}
   return train.train_loop(
-      workdir=str(workdir), model=toy_loop.Net(nnx.Rngs(0)), loss_fn=toy_loop.loss_fn,
+      workdir=str(workdir), model=test_train_core.MLP(nnx.Rngs(0)),
+      loss_fn=test_train_core.mse_loss,
       optimizer={"name": optimizer, "learning_rate": 1e-2}, config=config, hooks=hooks,
-      start_hooks=start_hooks, train_iter=toy_loop.batches(),
+      start_hooks=start_hooks, train_iter=test_train_core.grain_batches(),
       loop=train.LoopConfig(num_steps=num_steps, log_every=1, tensorboard=False, **loop))
 
 
@@ -160,7 +160,7 @@ def test_the_step_a_crash_resumes_from_has_its_manifest_before_the_next_save(tmp
 
 def test_an_async_save_is_recorded_once_it_finished(tmp_path):
   tx, _ = train.make_optimizer({"name": "sgd", "learning_rate": 0.1})
-  _, state = train.create_train_state(toy_loop.Net(nnx.Rngs(0)), tx, 0)
+  _, state = train.create_train_state(test_train_core.MLP(nnx.Rngs(0)), tx, 0)
   ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", async_save=True)
   assert ckpt.save(state)
   ckpt._manager.wait_until_finished()  # pylint: disable=protected-access (orbax's own wait)
