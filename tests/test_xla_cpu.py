@@ -72,6 +72,16 @@ def test_no_restart_outside_the_named_modules(monkeypatch):
   assert "GLIBC_TUNABLES" not in os.environ
 
 
+def _module_env(**overrides):
+  """This process's environment with the repo importable and no malloc settings of its own."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo, **overrides)
+  env.pop("GLIBC_TUNABLES", None)
+  if xla_cpu.DISABLE_ENV not in overrides:
+    env.pop(xla_cpu.DISABLE_ENV, None)
+  return env
+
+
 def _run_module(tmp_path, **env_overrides):
   """Runs ``python -m pkg.show`` from a package whose ``__init__`` restarts like experiments'."""
   pkg = tmp_path / "pkg"
@@ -82,13 +92,8 @@ def _run_module(tmp_path, **env_overrides):
       "import os, sys\njax = sys.modules.get('jax')\n"  # imported only to keep freed memory
       "inline = jax is not None and not jax.config.read('jax_cpu_enable_async_dispatch')\n"
       "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), inline, sys.argv[1:])\n")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=repo, **env_overrides)
-  env.pop("GLIBC_TUNABLES", None)
-  if xla_cpu.DISABLE_ENV not in env_overrides:
-    env.pop(xla_cpu.DISABLE_ENV, None)
   proc = subprocess.Popen([sys.executable, "-m", "pkg.show", "--flag=1", "x"], cwd=tmp_path,
-                          env=env, stdout=subprocess.PIPE, text=True)
+                          env=_module_env(**env_overrides), stdout=subprocess.PIPE, text=True)
   out, _ = proc.communicate(timeout=60)
   assert proc.returncode == 0
   pid, tunables, inline, args = out.strip().split(" ", 3)
@@ -129,11 +134,7 @@ def test_a_sigterm_during_the_restart_reaches_the_new_images_handler(tmp_path, s
       "import os, signal\n"
       "print(signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []), "
       f"'GLIBC_TUNABLES' in os.environ, {xla_cpu._HELD_ENV!r} in os.environ)\n")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=repo)
-  env.pop("GLIBC_TUNABLES", None)
-  env.pop(xla_cpu.DISABLE_ENV, None)
-  proc = subprocess.run([sys.executable, "-m", "sig.run"], cwd=tmp_path, env=env,
+  proc = subprocess.run([sys.executable, "-m", "sig.run"], cwd=tmp_path, env=_module_env(),
                         capture_output=True, text=True, timeout=60, check=False)
   glibc = xla_cpu._is_glibc()  # elsewhere no restart, so nothing is sent
   if send and glibc:
