@@ -200,9 +200,10 @@ def curves(samples: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
 def gold_decline(curve: Any, num_bootstrap: int, seed: int) -> dict[str, Any]:
   """How firmly the gold curve turns down: the paired drop from its peak to the largest n
   (mean over prompts ± bootstrap SE) and the share of prompt resamples peaking at each n."""
-  drop, drop_se, peak = overopt.peak_drop(curve.per_prompt_gold, num_bootstrap, seed)
+  decline = overopt.peak_drop(curve.per_prompt_gold, num_bootstrap, seed)
   share = overopt.argmax_spread(curve.per_prompt_gold, num_bootstrap, seed)
-  return {"peak_n": int(curve.knob[peak]), "drop_to_max_n": drop, "drop_se": drop_se,
+  return {"peak_n": int(curve.knob[decline.peak]), "drop_to_max_n": decline.drop,
+          "drop_se": decline.se, "drop_critical_z": decline.critical_z,
           "peak_n_share": {str(int(n)): float(f) for n, f in zip(curve.knob, share) if f > 0}}
 
 
@@ -235,7 +236,9 @@ def report_markdown(result: dict[str, Any]) -> str:
   if peak == len(result["n"]) - 1:
     drop = "the gold is highest at the largest n: no decline"
   elif decline["drop_se"] > 0:
-    drop += f" (paired over prompts, {decline['drop_to_max_n'] / decline['drop_se']:.1f} SE)"
+    drop += (f" (paired over prompts, {decline['drop_to_max_n'] / decline['drop_se']:.1f} SE; "
+             f"{decline['drop_critical_z']:.1f} SE is the 2.3% level for a peak picked "
+             f"from {len(result['n'])} values of n)")
   else:  # one prompt: no SE
     drop = f"a drop of {decline['drop_to_max_n']:.3f} from the peak (one prompt: no SE)"
   lines += ["", f"Gold peaks at n = {result['n'][peak]} ({result['gold'][peak]:+.3f}); "

@@ -339,3 +339,60 @@ def test_rl_path_curve_shapes():
   curve = overopt.rl_path(logits, proxy, gold, [0.0, 1.0, 3.0], num_bootstrap=100)
   assert curve.per_prompt_kl.shape == (6, 3)
   np.testing.assert_array_equal(curve.knob, [0.0, 1.0, 3.0])
+
+
+def _equicorrelated_max_quantile(num: int, level: float) -> float:
+  """Quantile of the max of ``num`` standard normals with pairwise correlation ½, by
+  quadrature: each is √½·W + √½·E_k, as x_k − x_last is for iid points x."""
+  from scipy import integrate, optimize, stats  # pylint: disable=import-outside-toplevel
+  half = math.sqrt(0.5)
+
+  def cdf(c):
+    integrand = lambda w: stats.norm.pdf(w) * stats.norm.cdf((c - half * w) / half) ** num
+    return integrate.quad(integrand, -10, 10)[0]
+
+  return optimize.brentq(lambda c: cdf(c) - level, 0.0, 10.0)
+
+
+def test_peak_drop_critical_z_is_the_max_over_candidate_peaks():
+  """Flat iid curves: the drops from the 10 earlier points to the last are equicorrelated
+  (ρ = ½), so the bootstrap max-t quantile must approach the exact one (≈ 2.7, not 2)."""
+  rng = np.random.default_rng(3)
+  decline = overopt.peak_drop(rng.normal(size=(4000, 11)), num_bootstrap=4000, seed=1)
+  expected = _equicorrelated_max_quantile(10, 0.977250)
+  assert 2.5 < expected < 2.9
+  assert decline.critical_z == pytest.approx(expected, abs=0.12)
+  assert overopt.peak_drop(rng.normal(size=(4000, 2)), 4000, 1).critical_z == pytest.approx(
+      2.0, abs=0.12)  # one candidate: the single test's level
+
+
+def test_peak_drop_holds_its_level_when_the_peak_is_picked_from_the_curve():
+  """A curve that rises and then stays flat has no decline; "z ≥ 2 at the argmax" calls
+  one in ≈ 11% of draws at 11 points, the selection-adjusted rule in ≤ 2.3%."""
+  rng = np.random.default_rng(0)
+  truth = np.minimum(np.arange(11), 3) / 3.0 * 0.5
+  unadjusted = adjusted = 0
+  draws = 300
+  for r in range(draws):
+    values = truth + rng.normal(size=(128, 11))
+    values[:, 0] = 0.0
+    decline = overopt.peak_drop(values, num_bootstrap=400, seed=r)
+    interior = 0 < decline.peak < 10
+    unadjusted += interior and decline.z >= 2.0
+    adjusted += interior and decline.significant
+  assert unadjusted >= 20  # the problem is real: ≥ 6.7% against a nominal 2.3%
+  assert adjusted <= 12  # binomial(300, 0.023): mean 6.9, P(> 12) ≈ 3%
+
+
+def test_peak_drop_values_and_text():
+  per_prompt = np.array([[0.0, 2.0, 1.0], [0.0, 4.0, 1.0], [0.0, 3.0, 2.0]])
+  decline = overopt.peak_drop(per_prompt, num_bootstrap=500, seed=0)
+  assert decline.peak == 1 and decline.drop == pytest.approx(5.0 / 3.0)
+  _, se = overopt.bootstrap_mean_se(per_prompt[:, 1] - per_prompt[:, 2], 500, 0)
+  assert decline.se == pytest.approx(float(se))  # the paired difference's SE
+  assert decline.critical_z >= 2.0
+  assert decline.describe("to it").startswith(f"drop to it 1.667 = {decline.z:.1f} SE (")
+  rising = overopt.peak_drop(np.array([[0.0, 1.0], [0.0, 2.0]]), 100, 0)
+  assert (rising.peak, rising.drop, rising.se) == (1, 0.0, 0.0)
+  assert rising.describe() == "no drop" and not rising.significant
+  assert np.isnan(overopt.peak_drop(np.array([[0.0, 1.0, 0.5]]), 100, 0).critical_z)

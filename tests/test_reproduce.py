@@ -476,12 +476,6 @@ def test_fit_table_shows_beta_ci_and_fitted_peak():
   assert report_lib.peak_text(5.0, 2.0) == "5 (> data's max d 2.00)"
 
 
-def test_direct_criteria_say_no_drop_when_the_peak_is_last():
-  from prefjax.overopt import direct_criteria
-  assert direct_criteria.drop_text(0.0, 0.0) == "no drop"
-  assert direct_criteria.drop_text(0.2, 0.1, "to it") == "drop to it 0.200 = 2.0 SE"
-
-
 def test_cached_proxies_keep_their_training_wall_time(tmp_path, monkeypatch):
   import types
   from prefjax.overopt import bandit

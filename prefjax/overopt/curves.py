@@ -143,11 +143,10 @@ def disagreement_growth(world: bandit.World, members: np.ndarray, aggregate: np.
   return under_policy - reference_scores(world, spread)[:, None]
 
 
-def decline(curve: bon.Curve, *, num_bootstrap: int = 1000) -> tuple[float, float, int]:
-  """Gold drop from the seed-averaged peak to the last point: (drop, bootstrap SE, peak index).
-
-  The SE is of the paired per-prompt difference gold[peak] − gold[last].
-  """
+def decline(curve: bon.Curve, *, num_bootstrap: int = 1000) -> bon.Decline:
+  """Gold drop from the seed-averaged peak to the last point, its bootstrap SE (of the
+  paired per-prompt difference gold[peak] − gold[last]) and the z it must reach given
+  that the peak was picked from the curve (``bon.peak_drop``)."""
   return bon.peak_drop(curve.per_prompt_gold, num_bootstrap)
 
 

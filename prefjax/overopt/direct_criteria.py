@@ -39,14 +39,6 @@ def final_curve(sweep: DaaSweep) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
   return np.sqrt(per_kl.mean(axis=0)), per_gold.mean(axis=0), per_kl, per_gold
 
 
-def drop_text(drop: float, se: float, where: str = "") -> str:
-  """"drop 0.123 = 2.5 SE"; "no drop" when the peak is the last point (drop and SE 0)."""
-  if drop == 0 and se == 0:
-    return "no drop"
-  z = drop / se if se > 0 else float("inf")
-  return f"drop{' ' + where if where else ''} {drop:.3f} = {z:.1f} SE"
-
-
 def criterion_d1(sweep: DaaSweep, *, num_se: float = 2.0, num_bootstrap: int = 1000,
                  seed: int = 0) -> dict:
   """D1 for one loss: final gold vs d across β has an interior maximum, and the RL form
@@ -54,27 +46,32 @@ def criterion_d1(sweep: DaaSweep, *, num_se: float = 2.0, num_bootstrap: int = 1
 
   Interior maximum, by the rule G1 uses for best-of-n: the argmax over the points
   (reference d = 0 included) is neither the reference nor the largest-d point,
-  and the largest-d point is ≥ ``num_se`` bootstrap SEs (over prompts, of the
-  per-prompt difference) below it. Fits use the same points (CIs over prompts).
+  and the largest-d point is below it by a z (bootstrap SE over prompts, of the
+  per-prompt difference) of at least ``num_se``, raised to the max-t critical value
+  because the peak is picked from the same points (``bon.Decline``). Fits use the
+  same points (CIs over prompts).
   """
   d, gold, per_kl, per_gold = final_curve(sweep)
-  drop, drop_se, peak = bon.peak_drop(per_gold, num_bootstrap, seed)
+  decline = bon.peak_drop(per_gold, num_bootstrap, seed, z_level=num_se)
+  drop, drop_se, peak = decline.drop, decline.se, decline.peak
   kw = dict(per_prompt_gold=per_gold, per_prompt_kl=per_kl, num_bootstrap=num_bootstrap,
             seed=seed)
   rl = fits.fit_rl(d, gold, **kw)
   quad = fits.fit_quadratic_kl(d * d, gold, **kw)
-  interior = 0 < peak < len(d) - 1 and drop >= num_se * max(drop_se, 1e-12)
+  interior = 0 < peak < len(d) - 1 and decline.significant
   value = {"peak_d": float(d[peak]), "peak_gold": float(gold[peak]),
            "gold_at_max_d": float(gold[-1]), "max_d": float(d[-1]), "drop": drop,
-           "drop_se": drop_se, "rmse_rl": rl.rmse, "rmse_quadratic_kl": quad.rmse,
+           "drop_se": drop_se, "drop_critical_z": decline.critical_z, "rmse_rl": rl.rmse,
+           "rmse_quadratic_kl": quad.rmse,
            "rl_alpha": rl.alpha, "rl_beta": rl.beta, "rl_beta_ci": list(rl.beta_ci),
            "rl_r2": rl.r2}
   detail = (f"{sweep.loss}: gold peaks at d={d[peak]:.2f} (max d {d[-1]:.2f}, "
-            f"{drop_text(drop, drop_se, 'to it')}: "
+            f"{decline.describe('to it')}: "
             f"{'interior' if interior else 'no interior maximum'});"
             f" RMSE RL {rl.rmse:.4f} vs quadratic {quad.rmse:.4f}")
   return _result(interior and rl.rmse < quad.rmse, value,
-                 f"interior argmax with drop >= {num_se:g} SE, and rmse_rl < rmse_quadratic_kl",
+                 f"interior argmax with drop z >= critical_z (max-t, at least {num_se:g}), "
+                 "and rmse_rl < rmse_quadratic_kl",
                  detail)
 
 
@@ -83,21 +80,23 @@ def criterion_d2(sweep: DaaSweep, *, num_se: float = 2.0, kl_tolerance: float = 
   """D2: at the smallest β, gold peaks before the end of training while KL keeps rising.
 
   Pass: the gold argmax over evaluation steps is not the last one, the final gold
-  is ≥ ``num_se`` bootstrap SEs (over prompts, of the per-prompt drop) below the
-  peak (the G1 rule), and KL after the peak never falls by more than
+  is below the peak by a z of at least ``num_se`` bootstrap SEs (over prompts, of the
+  per-prompt drop), raised for the peak's choice as G1 does (``bon.Decline``), and KL after the peak never falls by more than
   ``kl_tolerance``·KL_final between evaluations and ends above its value at the peak.
   """
   k = int(np.argmin(sweep.betas))
   gold, kl = sweep.gold[k], sweep.kl[k]
-  drop, drop_se, peak = bon.peak_drop(sweep.per_prompt_gold[k].T, num_bootstrap, seed)  # [P, T]
+  decline = bon.peak_drop(sweep.per_prompt_gold[k].T, num_bootstrap, seed,  # [P, T]
+                          z_level=num_se)
+  drop, drop_se, peak = decline.drop, decline.se, decline.peak
   after = np.diff(kl[peak:])
   rising = bool(kl[-1] > kl[peak] and (after >= -kl_tolerance * kl[-1]).all())
-  declined = peak < len(gold) - 1 and drop >= num_se * max(drop_se, 1e-12)  # as G1
+  declined = peak < len(gold) - 1 and decline.significant  # as G1
   value = {"beta": float(sweep.betas[k]), "peak_step": int(sweep.steps[peak]),
            "kl_rising": rising,
            "final_step": int(sweep.steps[-1]), "gold_peak": float(gold[peak]),
            "gold_final": float(gold[-1]), "drop": drop, "drop_se": drop_se,
-           "kl_at_peak": float(kl[peak]), "kl_final": float(kl[-1])}
+           "drop_critical_z": decline.critical_z, "kl_at_peak": float(kl[peak]), "kl_final": float(kl[-1])}
   if rising:
     kl_text = "KL rising after the peak"
   elif kl[-1] > kl[peak]:
@@ -109,9 +108,10 @@ def criterion_d2(sweep: DaaSweep, *, num_se: float = 2.0, kl_tolerance: float = 
   passed = declined and rising
   detail = (f"{sweep.loss} β={sweep.betas[k]:.3g}: gold peak {gold[peak]:.3f} at step "
             f"{sweep.steps[peak]} (KL {kl[peak]:.2f}), final {gold[-1]:.3f} (KL {kl[-1]:.2f});"
-            f" {drop_text(drop, drop_se)}; {kl_text}; {'pass' if passed else 'FAIL'}")
+            f" {decline.describe()}; {kl_text}; {'pass' if passed else 'FAIL'}")
   return _result(passed, value,
-                 f"peak before the end, drop >= {num_se:g} SE, KL rising after the peak", detail)
+                 f"peak before the end, drop z >= critical_z (max-t, at least {num_se:g}), "
+                 "KL rising after the peak", detail)
 
 
 def criterion_d3(dpo: DaaSweep, ipo: DaaSweep, *, growth: float = 0.05,

@@ -291,15 +291,21 @@ def world_sections(found: Sequence[C.Criterion],
 
 
 def _per_world_table(per_world: dict) -> list[str]:
-  lines = ["| world | setting | BoN peak n | BoN drop (SE units) | β_bon | R² | RL peak β | "
-           "RL drop (SE units) |", "|---|---|---|---|---|---|---|---|"]
+  lines = ["The drops are in SE units beside the z that a drop from a peak picked out of the "
+           "curve must reach (one-sided 2.3%).", "",
+           "| world | setting | BoN peak n | BoN drop (z / needed) | β_bon | R² | RL peak β | "
+           "RL drop (z / needed) |", "|---|---|---|---|---|---|---|---|"]
   for world, rows in per_world.items():
     for label, r in rows.items():
-      rl = (f"{r['rl_peak_beta']:.3g} | {r['rl_drop']:.3f} ({r['rl_drop_z']:.1f})"
+      rl = (f"{r['rl_peak_beta']:.3g} | {r['rl_drop']:.3f} ({_z_text(r, 'rl')})"
             if "rl_drop" in r else "– | –")
       lines.append(f"| {world} | {label} | {r['bon_peak_n']:.0f} | {r['bon_drop']:.3f} "
-                   f"({r['bon_drop_z']:.1f}) | {r['beta_bon']:.3f} | {r['r2_bon']:.3f} | {rl} |")
+                   f"({_z_text(r, 'bon')}) | {r['beta_bon']:.3f} | {r['r2_bon']:.3f} | {rl} |")
   return lines
+
+
+def _z_text(row: dict, path: str) -> str:
+  return f"{row[f'{path}_drop_z']:.1f} / {row[f'{path}_drop_critical_z']:.1f}"
 
 
 def criteria_table(found: Sequence[C.Criterion]) -> str:

@@ -243,14 +243,15 @@ def _world_summary(sizes: Sequence[curves_lib.SettingCurves]) -> dict[str, Any]:
   """The key numbers of one world, so the report can show the spread across worlds."""
   out = {}
   for s in sizes:
-    drop, se, peak = curves_lib.decline(s.bon)
-    out[s.label] = {"bon_peak_n": float(s.bon.knob[peak]), "bon_drop": drop,
-                    "bon_drop_z": drop / max(se, 1e-12), "beta_bon": s.fit_bon.beta,
+    bon = curves_lib.decline(s.bon)
+    out[s.label] = {"bon_peak_n": float(s.bon.knob[bon.peak]), "bon_drop": bon.drop,
+                    "bon_drop_z": bon.z, "bon_drop_critical_z": bon.critical_z,
+                    "beta_bon": s.fit_bon.beta,
                     "peak_gold_bon": float(np.max(s.bon.gold)), "r2_bon": s.fit_bon.r2}
     if s.rl is not None:
-      drop, se, peak = curves_lib.decline(s.rl)
-      out[s.label].update(rl_peak_beta=float(s.rl.knob[peak]), rl_drop=drop,
-                          rl_drop_z=drop / max(se, 1e-12))
+      rl = curves_lib.decline(s.rl)
+      out[s.label].update(rl_peak_beta=float(s.rl.knob[rl.peak]), rl_drop=rl.drop,
+                          rl_drop_z=rl.z, rl_drop_critical_z=rl.critical_z)
   return out
 
 
