@@ -195,6 +195,22 @@ def test_parse_hh_transcript():
       {"role": "user", "content": "just a question"}]
   assert tokenize.parse_hh_transcript("Be brief.\n\nHuman: hi\n\nAssistant:")[0] == {
       "role": "system", "content": "Be brief."}
+  # Copies of HH that drop the first blank line: the first turn is still the user's.
+  assert tokenize.parse_hh_transcript(HH_PROMPT.lstrip("\n")) == messages
+
+
+def test_parse_hh_transcript_merges_turns_of_one_role():
+  """HH harmless-base test row 764 has two assistant turns in a row; templates that want
+  alternating roles would refuse it."""
+  text = ("\n\nHuman: hi\n\nAssistant: hello\n\nAssistant: how can I help?"
+          "\n\nHuman: a joke\n\nAssistant:")
+  assert tokenize.parse_hh_transcript(text) == [
+      {"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "hello\n\nhow can I help?"},
+      {"role": "user", "content": "a joke"}]
+  slot_after_assistant = "\n\nHuman: hi\n\nAssistant: hello\n\nAssistant:"
+  assert tokenize.parse_hh_transcript(slot_after_assistant)[-1] == {
+      "role": "assistant", "content": "hello"}  # the empty generation slot is not merged
 
 
 def test_chat_prompt_uses_template_with_generation_prompt(smollm):

@@ -310,17 +310,20 @@ def _load_bare_tokenizer_json(path: pathlib.Path) -> HFTokenizer:
 
 # --------------------------------------------------------------------------- chat
 
-_TURN_RE = re.compile(r"\n\n(Human|Assistant):")
+_TURN_RE = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant):")  # many HH copies drop the first "\n\n"
 _ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 def parse_hh_transcript(text: str) -> list[dict[str, str]]:
   """Splits an HH-RLHF transcript ``"\\n\\nHuman: … \\n\\nAssistant: …"`` into messages.
 
-  Roles become ``user`` / ``assistant``; contents are stripped. A trailing empty
-  ``Assistant:`` turn (the generation slot of an HH prompt) is dropped. Text
-  without any turn marker becomes one user message; text before the first
-  marker becomes a system message.
+  Roles become ``user`` / ``assistant``; contents are stripped. The first marker may
+  open the text without the blank line before it. A trailing empty ``Assistant:``
+  turn (the generation slot of an HH prompt) is dropped. Consecutive turns of one
+  role (4 of HH harmless-base's 2,312 test prompts) become one message, joined by a
+  blank line, because chat templates such as Llama-2's and Mistral's refuse roles
+  that do not alternate. Text without any turn marker becomes one user message;
+  text before the first marker becomes a system message.
   """
   if not isinstance(text, str):
     raise TypeError(f"transcript must be str, got {type(text).__name__}")
@@ -333,7 +336,11 @@ def parse_hh_transcript(text: str) -> list[dict[str, str]]:
     messages.append({"role": "system", "content": head})
   for m, nxt in zip(matches, matches[1:] + [None]):
     end = nxt.start() if nxt is not None else len(text)
-    messages.append({"role": _ROLES[m.group(1)], "content": text[m.end():end].strip()})
+    role, content = _ROLES[m.group(1)], text[m.end():end].strip()
+    if messages and messages[-1]["role"] == role and (content or nxt is not None):
+      messages[-1]["content"] = "\n\n".join(filter(None, [messages[-1]["content"], content]))
+    else:
+      messages.append({"role": role, "content": content})
   if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
     messages.pop()
   return messages
