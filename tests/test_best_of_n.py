@@ -1,6 +1,7 @@
 """best_of_n binary: unbiased curves on the tiny world, normalisation, outputs, reuse."""
 
 import json
+import logging
 import pathlib
 import tempfile
 
@@ -239,6 +240,24 @@ def test_model_rewards_cut_texts_as_training_did_and_refuse_unscaled_aggregation
     with pytest.raises(ValueError, match=f"aggregation='{aggregation}' of a 3-member"):
       rewards.make_reward(ml_collections.ConfigDict(dict(spec, aggregation=aggregation)),
                           seed=3)
+
+
+def test_reward_model_inputs_stay_within_max_length_where_training_would_drop_them(caplog):
+  """A prompt that leaves fewer than ``min_response_length`` tokens: training drops the pair
+  (``over_long``); scoring still owes a score, so the response is cut to fit, and counted."""
+  from prefjax.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from prefjax.data import tokenize  # pylint: disable=g-import-not-at-top
+  from prefjax.rl import rewards  # pylint: disable=g-import-not-at-top
+  tok = tokenize.ByteTokenizer()
+  config = pipeline_lib.PipelineConfig(max_length=16, max_prompt_length=12,
+                                       min_response_length=6)
+  with caplog.at_level(logging.WARNING):
+    tokens, mask = rewards.text_encoder(tok, config)(
+        ["q" * 20 + rewards.MODEL_SEPARATOR + "r" * 21, "ab" + rewards.MODEL_SEPARATOR + "cd"])
+  assert mask.sum(axis=1).tolist() == [16, 6]  # 12 prompt + 4 response tokens; uncut row
+  assert tokens[0, 12:16].tolist() == [ord("r")] * 4
+  assert "1 of 2 texts cut to fit" in caplog.text
+  assert "1 kept under min_response_length 6 tokens of response" in caplog.text
 
 
 def test_best_of_n_aggregates_ensemble_members_standardized_on_its_samples():

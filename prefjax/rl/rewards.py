@@ -175,7 +175,7 @@ def text_encoder(tokenizer: Any, pipeline: pipeline_lib.PipelineConfig
   warned = []
 
   def encode(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    ids, cut = [], 0
+    ids, cut, short = [], 0, 0
     for text in texts:
       prompt, sep, response = text.partition(MODEL_SEPARATOR)
       if not sep:
@@ -184,14 +184,19 @@ def text_encoder(tokenizer: Any, pipeline: pipeline_lib.PipelineConfig
                                      add_bos=pipeline.add_bos)
       r = tokenize_lib.encode_response(response, tokenizer, style=pipeline.prompt_style)
       whole = len(p) + len(r)
-      p, (r,), *_ = truncation.truncate(p, [r], pipeline, bos_id)
+      p, (r,), _, _, reason = truncation.truncate(p, [r], pipeline, bos_id)
+      if reason == "over_long":  # training drops such a pair; a score is still owed
+        r, short = r[:pipeline.max_length - len(p)], short + 1
       cut += len(p) + len(r) < whole
       ids.append(p + r)
     if cut and not warned:  # once per reward: best-of-n and RL score batch after batch
       warned.append(True)
       logging.warning("reward model: %d of %d texts cut to fit (max_length %d, prompt limit "
-                      "%d, as the model trained); their cut parts do not count", cut,
-                      len(ids), pipeline.max_length, pipeline.prompt_limit)
+                      "%d, as the model trained); their cut parts do not count%s", cut,
+                      len(ids), pipeline.max_length, pipeline.prompt_limit,
+                      f"; {short} kept under min_response_length "
+                      f"{pipeline.min_response_length} tokens of response, where training "
+                      "drops the pair" if short else "")
     length = max(1, max(len(x) for x in ids))
     tokens = np.full((len(ids), length), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(ids), length), np.int32)
