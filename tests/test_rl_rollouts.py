@@ -245,3 +245,21 @@ def test_shipped_rl_configs_set_no_field_their_method_ignores(config, caplog):
   with caplog.at_level(logging.WARNING):
     algorithms.HParams.from_config(module.get_config().rl)
   assert "not read by" not in caplog.text
+
+
+def test_a_policy_with_too_few_learned_positions_for_prompt_plus_response_is_refused():
+  """Sampling feeds back all but the last token (P + N − 1 positions), the train step
+  scores whole rows (P + N): one token over used to pass sampling and fail the first step,
+  after the warm start and the rewards had loaded."""
+  from configs.rl import tiny_ppo  # pylint: disable=import-outside-toplevel
+  from prefjax.data import tokenize  # pylint: disable=import-outside-toplevel
+  from prefjax.rl import setup  # pylint: disable=import-outside-toplevel
+  config = tiny_ppo.get_config()
+  config.model.preset = "tiny_gpt2"
+  config.model.overrides = dict(max_position_embeddings=24)
+  config.prompts.max_length, config.sampling.max_new_tokens = 10, 14
+  assert setup.make_policy(config, tokenize.ByteTokenizer()).config.position == "learned"
+  config.sampling.max_new_tokens = 15
+  with pytest.raises(ValueError, match=r"prompts.max_length \+ sampling.max_new_tokens = 25: "
+                                       "a sequence of 25 tokens exceeds this decoder's 24"):
+    setup.make_policy(config, tokenize.ByteTokenizer())

@@ -50,8 +50,14 @@ def make_policy(config: Any, tokenizer: Any) -> nnx.Module:
   if model_cfg.get("head"):
     raise ValueError(f"config.model.head must be empty for a policy, got {model_cfg['head']!r}")
   model_cfg["head"] = None
-  return experiment.make_model(model_cfg, vocab_size=tokenizer.vocab_size,
-                               seed=int(config.seed))
+  policy = experiment.make_model(model_cfg, vocab_size=tokenizer.vocab_size,
+                                 seed=int(config.seed))
+  longest = int(config.prompts.max_length) + int(config.sampling.max_new_tokens)
+  try:  # the train step scores whole rows; sampling alone would fit one token more
+    getattr(policy, "check_positions", lambda _: None)(longest)
+  except ValueError as e:
+    raise ValueError(f"prompts.max_length + sampling.max_new_tokens = {longest}: {e}") from None
+  return policy
 
 
 _WARNED_LIMITS: set[int] = set()  # prompts.max_length values already warned about
