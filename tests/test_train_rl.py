@@ -261,6 +261,43 @@ def test_rloo_prepare_leave_one_out_with_sequence_kl():
   np.testing.assert_allclose(adv, loo.reshape(-1)[:, None] * loss_mask, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["k1", "k3"])
+def test_ppo_prepare_scores_the_last_token_and_whitens_over_responses(kind):
+  """PPO's batch from a rollout: r_t = −β·kl_t, plus the score at each response's last
+  token; GAE with V = 0 after it; returns from the raw advantages; advantages whitened
+  over response tokens only. ``token_stats`` and ``gae`` are tested alone above and in
+  test_losses_policy; this is how ``prepare`` puts them together, in float64."""
+  bundle = _tiny_bundle(with_value=True)
+  tokens, attention, loss_mask = _rows(2)
+  graphdef, params, extra = state_lib.split_model(bundle, rollout_lib.TRAINABLE)
+  scores = np.linspace(-1.0, 2.0, 8).astype(np.float32)
+  beta, gamma, lam = 0.1, 0.95, 0.9
+  hp = algorithms.HParams(algorithm="ppo", gamma=gamma, lam=lam, kl_estimator=kind)
+  batch = jax.device_get(algorithms.prepare(graphdef, params, extra, tokens, attention,
+                                            loss_mask, scores, jnp.float32(beta), hp=hp,
+                                            group_size=1))
+  stats = rollout_lib.token_stats(bundle, tokens, attention, loss_mask)
+  logp, ref, values = (np.asarray(x, np.float64) for x in (stats.logp, stats.ref_logp,
+                                                           stats.values))
+  log_r = ref - logp
+  kl = (-log_r if kind == "k1" else np.expm1(log_r) - log_r) * loss_mask
+  advantages = np.zeros_like(kl)
+  for b in range(len(tokens)):
+    steps = np.flatnonzero(loss_mask[b])
+    reward = -beta * kl[b]
+    reward[steps[-1]] += scores[b]
+    following, running = 0.0, 0.0
+    for t in steps[::-1]:
+      running = reward[t] + gamma * following - values[b, t] + gamma * lam * running
+      advantages[b, t], following = running, values[b, t]
+  on = loss_mask > 0
+  whitened = np.where(on, (advantages - advantages[on].mean()) / advantages[on].std(), 0.0)
+  np.testing.assert_allclose(batch["kl"], kl, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(batch["returns"], (advantages + values) * loss_mask,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(batch["advantages"], whitened, rtol=1e-4, atol=1e-5)
+
+
 def test_cli_smoke(scratch):
   tmp_path = scratch / "cli"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=child_env.one_device_xla_flags())
