@@ -25,9 +25,11 @@ JAX's compilation cache and the TFDS cache empty (bandit part 7 min; text worlds
 load ≈ 1–2; 23 min 53 s on 2026-12-05 on the Intel Xeon with the caches warm and tests
 running beside it for a third of the time; 20 min 13 s on 2026-12-05 with the caches warm,
 reusing the first text world's SFT and reward-model stages from an interrupted run.
-Expected result (2026-12-06, Intel Xeon, 29 min 13 s from scratch in a new workdir with
-the caches warm): `14/16 criteria pass in the world carrying them (failed: R2, D2); extra
-tests: 2/3 pass (failed: P1_rloo)`. D2 fails since the sampler fix of 2026-12-06 changed
+Expected result (2026-12-07, AMD EPYC, 24 min 1 s in a new workdir with the caches warm
+and tests running beside it part of the time): `13/16 criteria pass in the world carrying
+them (failed: R2, D2, P1); extra tests: 2/3 pass (failed: P1_rloo)`. P1 fails in its
+16–32 nat bin (DPO 1.6 SE below PPO; README); on 2026-12-06 on the Intel Xeon (29 min 13 s)
+it passed there at -0.01 +- 0.03 SD and the run gave 14/16 (failed: R2, D2). D2 fails since the sampler fix of 2026-12-06 changed
 every sampled stream: SLiC's KL at β = 0.03 falls 50.7 -> 47.6 nats over its last 50
 steps (README). On 2026-12-05: `15/16 ... (failed: R2); extra tests: 1/3 pass (failed:
 P1_rloo, P1_kl_matched_rloo)`. The run also prints, world by world, how many pooled passes
@@ -40,7 +42,8 @@ checkpoint is the highest (with k3 it fell 7.7 SE, 8.5 SE on 2026-12-05 before t
 D1 passes (and D2 did until 2026-12-06) since the DPO family moved
 to learning rate 1e-4 and IPO's grid to β = 0.1–3 (README: the rule, fixed before the
 probe, and both changes' history); P1 (against PPO, the paper's and the issue's reference)
-passes in every shared KL bin and at matched KL; against RLOO, a stronger baseline here,
+passed in every shared KL bin until 2026-12-06 and fails in 16–32 nats on 2026-12-07, and
+passes at matched KL; against RLOO, a stronger baseline here,
 DPO falls short in the 4–8 nat bin (the extra test P1_rloo; at matched KL it passes since
 2026-12-06; until 2026-12-02 that comparison was P1 itself: README); G1-text and
 G3-text fail (best-of-256 never reaches the repetitive tail), and so, since 2026-12-05, does

@@ -224,7 +224,7 @@ class Decline(NamedTuple):
 
   ``z = drop / se`` reads as a z-score only for a peak fixed in advance. Here the peak
   is the curve's own argmax, so with many points a flat curve's noise alone clears
-  ``z ≥ 2`` far more often than 2.3% of the time (11 noisy points: 12–14%). The test
+  ``z ≥ 2`` far more often than 2.3% of the time (11 noisy points: 11–14%). The test
   is therefore ``z ≥ critical_z``: the bootstrap max-t critical value over every point
   that could have been the peak (Romano & Wolf, "Exact and approximate stepdown methods
   for multiple hypothesis testing", JASA 2005), never below the single-test level.
