@@ -321,6 +321,8 @@ def test_value_trunk_sharing(value_trunk, extra_trunk):
   _, params, extra = state_lib.split_model(bundle, rollout_lib.TRAINABLE)
   assert "reference" in extra and "reference" not in params  # frozen, but checkpointed
   assert ("trunk" in params["value"]) is extra_trunk  # a shared trunk is stored once
+  if extra_trunk:  # the value head replaces the untied LM head, which nothing would train
+    assert "lm_head" in params["policy"] and "lm_head" not in params["value"]["trunk"]
   with pytest.raises(ValueError, match="value_trunk"):
     rollout_lib.build_bundle(policy, with_value=True, value_trunk="tied")
 

@@ -8,8 +8,9 @@ warm-started inside the run).
 
 Value model options (``value_trunk``):
   * ``"separate"`` (default): a ``ValueModel`` whose trunk is a COPY of the
-    reference (``ValueModel`` = trunk + scalar head), trained by the value loss
-    only, as in Ziegler et al. 2019 and most open PPO-for-LM implementations.
+    reference (``ValueModel`` = trunk + scalar head; an untied LM head is dropped),
+    trained by the value loss only, as in Ziegler et al. 2019 and most open
+    PPO-for-LM implementations.
   * ``"shared"``: the value head sits on the policy's own trunk; the value loss
     then also shapes the policy's features (cheaper, less stable).
 
@@ -53,6 +54,9 @@ def build_bundle(policy: nnx.Module, *, with_value: bool, value_trunk: str = "se
   if with_value:
     if value_trunk == "separate":
       trunk = nnx.clone(policy)
+      # The value head replaces an untied LM head: left in, it would be D x V parameters
+      # with zero gradients that the optimizer still carries and checkpoints still store.
+      getattr(trunk, "drop_output_head", lambda: None)()
     elif value_trunk == "shared":
       trunk = policy
     else:
