@@ -1,5 +1,6 @@
 """Tests for prefjax.data.tokenize: local tokenizers, special-token policy, chat formatting."""
 
+import logging
 import pathlib
 import shutil
 
@@ -225,6 +226,29 @@ def test_chat_prompt_uses_template_with_generation_prompt(smollm):
   assert response == smollm.encode("Sure, here is one.") + [smollm.eos_id]
   already = tokenize.encode_response("Sure.<|im_end|>", smollm, style="chat")
   assert already.count(smollm.eos_id) == 1 and already[-1] == smollm.eos_id
+
+
+def test_chat_responses_warn_when_the_template_ends_turns_with_another_token_than_eos(
+    smollm, caplog):
+  """Gemma's and Phi-3's templates close an assistant turn with their own token, not EOS;
+  responses here end with EOS, which the run must say. SmolLM2's turn end is its EOS."""
+  import copy  # pylint: disable=import-outside-toplevel
+  assert smollm.assistant_turn_end() == "<|im_end|>\n"
+  with caplog.at_level(logging.WARNING):
+    tokenize.encode_response(" Sure.", smollm, style="chat")
+  assert "chat template ends an assistant turn" not in caplog.text
+  hf = copy.deepcopy(smollm.hf)
+  hf.chat_template = ("{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\\n' + "
+                      "m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+                      "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+  hf.eos_token = "<|endoftext|>"
+  gemma_like = tokenize.HFTokenizer(hf, source="gemma_like")
+  assert gemma_like.assistant_turn_end() == "<|im_end|>\n"
+  for _ in range(2):
+    ids = tokenize.encode_response(" Sure.", gemma_like, style="chat")
+  assert ids[-1] == gemma_like.eos_id != smollm.eos_id
+  assert caplog.text.count("ends an assistant turn with '<|im_end|>'") == 1
+  assert "the tokenizer's EOS '<|endoftext|>'" in caplog.text
 
 
 def test_raw_and_fallback_chat_formatting():

@@ -21,6 +21,8 @@ import re
 import struct
 from typing import Any, Protocol, Sequence, runtime_checkable
 
+from absl import logging
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -197,6 +199,23 @@ class HFTokenizer:
       raise ValueError(f"{self.name} has no chat template")
     return self.hf.apply_chat_template(list(messages), tokenize=False,
                                        add_generation_prompt=add_generation_prompt)
+
+  def assistant_turn_end(self) -> str:
+    """What the chat template writes right after an assistant message (SmolLM2:
+    ``"<|im_end|>\\n"``; Gemma: ``"<end_of_turn>\\n"``); "" without a template, or when
+    the template cannot render a plain user-assistant exchange."""
+    if self.chat_template is None:
+      return ""
+    if not hasattr(self, "_turn_end"):
+      sentinel = "PREFJAXRESPONSEEND"
+      try:
+        text = self.apply_chat_template([{"role": "user", "content": "hi"},
+                                         {"role": "assistant", "content": sentinel}],
+                                        add_generation_prompt=False)
+      except Exception:  # pylint: disable=broad-except  # jinja raises its own errors
+        text = ""
+      self._turn_end = text.rpartition(sentinel)[2] if sentinel in text else ""
+    return self._turn_end
 
 
 def _first_id(tok: Any, *attrs: str) -> int | None:
@@ -395,5 +414,24 @@ def encode_prompt(prompt_text: str, tokenizer: Tokenizer, *, style: str = "raw",
 
 def encode_response(response_text: str, tokenizer: Tokenizer, *, style: str = "raw") -> list[int]:
   """Formats and encodes a response with EOS appended exactly once."""
+  if style == "chat":
+    _warn_if_turns_do_not_end_with_eos(tokenizer)
   return tokenizer.encode(format_response(response_text, style=style, tokenizer=tokenizer),
                           add_eos=True)
+
+
+def _warn_if_turns_do_not_end_with_eos(tokenizer: Tokenizer) -> None:
+  """Once per tokenizer: a template that closes assistant turns with another token than
+  EOS (Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``) is not what responses end with here."""
+  turn_end = getattr(tokenizer, "assistant_turn_end", lambda: "")().strip()
+  if not turn_end or getattr(tokenizer, "_turn_end_warned", False):
+    return
+  tokenizer._turn_end_warned = True  # type: ignore[attr-defined]  # pylint: disable=protected-access
+  eos = tokenizer.decode([tokenizer.eos_id], skip_special_tokens=False) if (
+      tokenizer.eos_id is not None) else ""
+  if not eos or not turn_end.startswith(eos):
+    logging.warning(
+        "prompt_style='chat': %s's chat template ends an assistant turn with %r, but every "
+        "response here ends with the tokenizer's EOS %r, and generation stops only there: "
+        "a model trained on these pairs learns EOS where the template puts %r", tokenizer,
+        turn_end, eos, turn_end)
