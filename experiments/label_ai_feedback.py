@@ -48,6 +48,9 @@ JUDGE_KINDS = ("lm", "tiny_world_gold")
 JUDGE_FIELDS = ("kind", "template", "labels", "answer_prefix", "style", "system",
                 "temperature", "position_bias")
 PROGRESS_FILE = "judged.partial.npz"
+# Below this mean mass on the two labels the judge is read where it would write neither
+# (SmolLM2-135M: 0.2 on 'A'/'B' with the shipped template, 0.0005 after 'Answer:').
+LOW_OPTION_MASS = 0.05
 SCORING_FIELDS = ("batch_size", "max_length", "pad_to_multiple", "add_bos",
                   "max_prompt_chars", "max_response_chars")
 
@@ -123,6 +126,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             "mean_option_mass": sum(j["option_mass"] for j in judged) / max(len(judged), 1),
             **agreements}
   report["wall_seconds"] = time.time() - start
+  if report["mean_option_mass"] < LOW_OPTION_MASS:
+    logging.warning("label_ai_feedback: the judge puts %.4f of its probability on the two "
+                    "labels %r on average: they are not what it would write there (after "
+                    "an answer_prefix ending in ':', try labels with a leading space), so "
+                    "its labels compare two unlikely tokens", report["mean_option_mass"],
+                    tuple(config.judge.labels))
   summary_lib.write_json(os.path.join(workdir, "report.json"), report)
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
     f.write(f"# AI labels of {report['source']}\n\n{len(pairs)} pairs, judge "

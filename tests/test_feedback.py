@@ -1,6 +1,7 @@
 """AI feedback: the labeller (float64 references), known-answer recovery on the tiny world,
 soft labels through the RM and DPO losses, the self-critique loop, and bad input."""
 
+import logging
 import collections
 import json
 import pathlib
@@ -253,6 +254,21 @@ def test_rm_trained_on_soft_ai_labels_recovers_them_and_hard_labels_do_not(tmp_p
   np.testing.assert_allclose(jax.jit(jax.grad(dpo_loss))(h), 0.0, atol=1e-5)
 
 
+def test_option_ids_are_the_tokens_the_labels_add_after_the_judge_text(smollm2_gguf):
+  """SmolLM2 encodes "A" alone as 49, but after "Answer:" a model writes " A" (330); and
+  after "Answer: " the label would merge with the space, so no single id is right."""
+  tok = tokenize.load_tokenizer(smollm2_gguf)
+  judge = lambda prefix, labels: templates.JudgeTemplate(  # noqa: E731
+      "{response_a} or {response_b}?", labels=labels, answer_prefix=prefix, style="raw")
+  assert judge("", ("A", "B")).option_ids(tok) == (tok.encode("A")[0], tok.encode("B")[0])
+  spaced = judge("Answer:", (" A", " B")).option_ids(tok)
+  assert spaced == (tok.encode(" A")[0], tok.encode(" B")[0]) and spaced[0] != tok.encode("A")[0]
+  for text in ("x or y?Answer: A", "x or y?Answer: B"):
+    assert tok.encode(text)[-1] in spaced  # what the text tokenizes to, in place
+  with pytest.raises(ValueError, match=r"'A' as one token of its own .* re-splits the text"):
+    judge("Answer: ", ("A", "B")).option_ids(tok)
+
+
 def test_generation_counts_cut_prompts_and_replies_without_eos(tiny_lm):
   from prefjax.feedback import critique  # pylint: disable=g-import-not-at-top
   counters = collections.Counter()
@@ -332,7 +348,7 @@ def test_a_bad_eval_setting_fails_before_judging_and_keeps_the_previous_labels(t
 
 
 def test_a_finished_labelling_run_leaves_its_labels_and_no_progress_file(tmp_path,
-                                                                         monkeypatch):
+                                                                         monkeypatch, caplog):
   config = label_smollm2.get_config("tiny")
   config.data.max_pairs = 8
   judge_pairs, saved = labeller.judge_pairs, []
@@ -341,8 +357,12 @@ def test_a_finished_labelling_run_leaves_its_labels_and_no_progress_file(tmp_pat
     saved.append((tmp_path / label_ai_feedback.PROGRESS_FILE).exists())
     return judged
   monkeypatch.setattr(labeller, "judge_pairs", judge_and_look)
-  report = label_ai_feedback.run(config, str(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    report = label_ai_feedback.run(config, str(tmp_path))
   assert saved == [True]  # kept while judging
   assert report["num_pairs"] == 8 and report["rows_written"] == 8
   assert (tmp_path / "labels.jsonl").exists()
   assert not (tmp_path / label_ai_feedback.PROGRESS_FILE).exists()
+  # A random byte-level judge spreads its probability over 259 tokens: ≈ 2/259 on the labels.
+  assert report["mean_option_mass"] < label_ai_feedback.LOW_OPTION_MASS
+  assert "the judge puts 0.0" in caplog.text and "on the two labels" in caplog.text

@@ -6,7 +6,7 @@ first and second slot) and may use ``{prompt}`` and ``{principle}``. The answer 
 read at the position right after the rendered text (after the chat template's
 assistant header when the tokenizer has one and ``style="chat"``, then
 ``answer_prefix``), where each option label (``labels``, default "A" / "B") must
-be exactly one token of the judge's tokenizer.
+add exactly one token to the judge's tokenization of that text.
 """
 
 from __future__ import annotations
@@ -106,16 +106,30 @@ class JudgeTemplate:
     return wrap(body, tokenizer, style=self.style, system=self.system) + self.answer_prefix
 
   def option_ids(self, tokenizer: Any) -> tuple[int, int]:
-    """Token ids of the two labels; a label that is not exactly one token is an error."""
+    """Token ids of the two labels as they follow the judge text.
+
+    The id is what ``encode(text + label)`` adds to ``encode(text)``, not the label
+    encoded alone: after ``answer_prefix="Answer:"`` a BPE tokenizer writes " A", and
+    after ``"Answer: "`` it would merge the space into the label. A label that is not
+    exactly one new token there, or that re-tokenizes the text before it, is an error.
+    """
+    name = getattr(tokenizer, "name", type(tokenizer).__name__)
+    text = self.render(tokenizer, principle="principle", prompt="prompt", first="first",
+                       second="second")
+    before = tokenizer.encode(text)
     ids = []
     for label in self.labels:
-      tokens = tokenizer.encode(label)
-      if len(tokens) != 1:
+      tokens = tokenizer.encode(text + label)
+      added = tokens[len(before):]
+      if tokens[:len(before)] != before or len(added) != 1:
         raise ValueError(
-            f"tokenizer {getattr(tokenizer, 'name', type(tokenizer).__name__)} splits the option "
-            f"label {label!r} into {len(tokens)} tokens {tokens}; choose labels that are one "
-            "token each (config.judge.labels, e.g. 'A','B' or '1','2')")
-      ids.append(tokens[0])
+            f"tokenizer {name} does not read the option label {label!r} as one token of its "
+            f"own after the judge text (ending {text[-24:]!r}): it adds {len(added)} tokens "
+            f"{added}{'' if tokens[:len(before)] == before else ' and re-splits the text'}; "
+            "choose labels that are one token each there (config.judge.labels, e.g. 'A','B', "
+            "or ' A',' B' after an answer_prefix ending in ':'; keep trailing spaces out of "
+            "config.judge.answer_prefix)")
+      ids.append(added[0])
     if ids[0] == ids[1]:
       raise ValueError(f"option labels {self.labels!r} map to the same token {ids[0]}")
     return ids[0], ids[1]
