@@ -262,6 +262,43 @@ def test_best_step_ignores_a_nan_metric(tmp_path):
     reopened.close()
 
 
+@pytest.mark.parametrize("mode,values", [("min", [0.3, float("nan"), 0.5]),
+                                         ("min", [0.3, 0.5, float("nan"), 0.7]),
+                                         ("max", [0.9, float("nan"), 0.5])])
+def test_a_nan_metric_never_costs_the_best_checkpoint_its_place(tmp_path, mode, values):
+  """Orbax's ``BestN`` sorts with ``sorted``, where a NaN breaks the order: with one best
+  kept, step 1 (the best) was deleted and the last step kept as "best"."""
+  ckpt = train.Checkpointer(tmp_path, best_metric="loss", best_mode=mode, keep_last=1,
+                            keep_best=1, async_save=False)
+  _, state = train.create_train_state(DropoutMLP(nnx.Rngs(0)), optax.sgd(0.1), 0)
+  for step, value in enumerate(values, start=1):
+    ckpt.save(state.replace(step=step), metrics={"loss": value})
+  assert ckpt.all_steps() == [1, len(values)] and ckpt.best_step() == 1
+  ckpt.close()
+
+
+def test_a_final_eval_after_the_data_ran_out_ranks_the_checkpoint_saved_before_it(tmp_path):
+  """4 batches for 10 steps, eval every 3, checkpoint every 2: step 4 is saved in the loop
+  without metrics, then evaluated when the data runs out; ``@best`` must know that eval."""
+  batches = test_train_core.make_batches(4, 16, seed=0)
+  evals = test_train_core.make_batches(1, 16, seed=1)
+  result = train.train_loop(
+      workdir=str(tmp_path), model=test_train_core.MLP(nnx.Rngs(0)),
+      loss_fn=test_train_core.mse_loss, optimizer={"name": "sgd", "learning_rate": 0.05},
+      train_iter=iter(batches),
+      evaluators=[train.BatchEvaluator(test_train_core.eval_fn, evals)],
+      loop=train.LoopConfig(num_steps=10, eval_every=3, checkpoint_every=2, keep_checkpoints=1,
+                            best_metric="mse", keep_best=1, tensorboard=False,
+                            async_checkpointing=False))
+  curve = {r["step"]: r["eval/mse"] for r in train.read_metrics(str(tmp_path))
+           if "eval/mse" in r}
+  assert sorted(curve) == [3, 4] and result.summary["final_step"] == 4
+  best = min(curve, key=curve.get)
+  assert result.summary["best_checkpoint_step"] == best
+  saved = json.loads((tmp_path / "checkpoints" / "4" / "metrics" / "metrics").read_text())
+  assert saved["mse"] == pytest.approx(curve[4])
+
+
 def test_metric_writer_truncates_on_resume_and_merges_same_step(tmp_path):
   writer = train.MetricWriter(tmp_path, tensorboard=False)
   for step in (1, 2, 3):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -308,13 +309,13 @@ class Checkpointer:
     policies = [ocp.checkpoint_managers.LatestN(n=keep_last)]
     if best_metric is not None:
       policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=self._metric_value, reverse=best_mode == "min",
+          get_metric_fn=self._rank_value, reverse=best_mode == "min",
           n=keep_best, keep_checkpoints_without_metrics=False))
     # best_fn is also set so that orbax persists each checkpoint's metrics: a
     # resumed run then still knows which earlier checkpoints were best.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-        best_fn=self._metric_value if best_metric else None, best_mode=best_mode,
+        best_fn=self._rank_value if best_metric else None, best_mode=best_mode,
         enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
         save_interval_steps=0 if read_only else 1)  # orbax warns when it has to set it
     self.directory = os.path.abspath(os.fspath(directory))  # orbax refuses relative paths
@@ -478,6 +479,14 @@ class Checkpointer:
   def _metric_value(self, metrics: Mapping[str, Any]) -> float:
     """``best_metric`` of a step's saved metrics as a number (a NaN is saved as "nan")."""
     return files.from_standard_json(metrics[self.best_metric])
+
+  def _rank_value(self, metrics: Mapping[str, Any]) -> float:
+    """``_metric_value`` for orbax's ``BestN``, which sorts with ``sorted``: a NaN there
+    breaks the order and can delete the true best, so it ranks as the worst value."""
+    value = float(self._metric_value(metrics))
+    if np.isnan(value):
+      return math.inf if self._best_mode == "min" else -math.inf
+    return value
 
   def best_step(self) -> int | None:
     """Step of the best kept checkpoint by ``best_metric`` (None without metrics)."""

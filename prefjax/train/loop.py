@@ -353,13 +353,15 @@ class _Trainer:
       self.writer.log(step, host if log_train else None, eval_metrics)
     self._unlogged_train = None if log_train else (step, host)
 
-  def _save(self, eval_metrics=None, eval_owed: bool = False) -> None:
+  def _save(self, eval_metrics=None, eval_owed: bool = False) -> bool:
+    """Saves the current step; False if it was already saved."""
     metrics = eval_metrics if self.loop.best_metric else None
-    self.checkpointer.save(self.state, data_state=self._iterator_state(),
-                           config=self.config, metrics=metrics, eval_owed=eval_owed)
+    saved = self.checkpointer.save(self.state, data_state=self._iterator_state(),
+                                   config=self.config, metrics=metrics, eval_owed=eval_owed)
     # A killed run resumes from this step: TensorBoard must hold what came before it
     # (its writer flushes every 2 minutes; the lines after it are purged on resume).
     self.writer.flush()
+    return saved
 
   def _is_eval_step(self, step: int) -> bool:
     return self.has_eval and (_every(step, self.loop.eval_every) or step == self.loop.num_steps)
@@ -507,9 +509,15 @@ class _Trainer:
     return TrainResult(self.state, self._model(), {}, preempted=True)
 
   def _finish(self, step: int) -> TrainResult:
-    if self.has_eval and self.last_eval_step != step:
+    evaluated_now = self.has_eval and self.last_eval_step != step
+    if evaluated_now:
       self.writer.log(step, None, self._run_eval(step))
-    self._save(self.last_eval if self.last_eval_step == step else None)
+    final_eval = self.last_eval if self.last_eval_step == step else None
+    if not self._save(final_eval) and evaluated_now and self.loop.best_metric:
+      # The data ran out on a checkpoint step that had no eval: the loop saved it
+      # without metrics, so ``@best`` could not rank it by the eval just run.
+      self.checkpointer.resave_with_metrics(self.state, final_eval,
+                                            data_state=self._iterator_state())
     self.checkpointer.wait()
     summary = {
         "final_step": step,
