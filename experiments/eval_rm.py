@@ -58,12 +58,17 @@ STAGING = ".figures.partial"
 
 def compare(config: Any, workdir: str) -> str:
   """Writes ``compare.md`` from the ``report.json`` of each ``config.compare`` run."""
+  runs = [os.path.normpath(run) for run in reward_eval.parse_list(config.compare)]
+  if len(set(runs)) < len(runs):
+    raise scorers_lib.EvalInputError(f"compare: a run is given more than once: {runs}")
+  names = [os.path.basename(run) for run in runs]
   reports = {}
-  for run in reward_eval.parse_list(config.compare):
+  for run, name in zip(runs, names):
     path = os.path.join(run, "report.json")
     if not os.path.isfile(path):
       raise scorers_lib.EvalInputError(f"compare: {run} has no report.json")
-    reports[os.path.basename(os.path.normpath(run))] = files.read_json(path)
+    # Runs whose folders share a name (a/eval, b/eval) are labelled by their whole paths.
+    reports[run if names.count(name) > 1 else name] = files.read_json(path)
   table = reward_report.compare_table(reports)
   path = os.path.join(workdir, "compare.md")
   files.write_atomically(path, lambda f: f.write(table + "\n"), mode="w")

@@ -397,6 +397,11 @@ def test_compare_mode_puts_reports_side_by_side(runs, report, tmp_path, caplog):
   rm_row = next(l for l in table.splitlines() if "| rm |" in l)
   cells = rm_row.split("|")[3:5]
   assert cells[0] == cells[1] and "[" in cells[0]
+  namesake = tmp_path / "b" / workdir.name  # a/eval, b/eval: one overwrote the other
+  shutil.copytree(workdir, namesake)
+  config.compare = f"{workdir},{namesake}"
+  header = eval_rm.run(config, str(tmp_path / "cmp2"))["compare"].splitlines()[0]
+  assert header == f"| dataset | scorer | {workdir} | {namesake} |"
 
 
 def test_subsets_of_a_jsonl_benchmark(tmp_path):

@@ -25,6 +25,7 @@ from prefjax import models
 from prefjax import rm
 from prefjax.losses import preference
 from prefjax import train
+from prefjax.evals import preference as preference_eval
 from prefjax.rm import labels
 from tests import child_env
 from tests import comparisons
@@ -215,9 +216,22 @@ def test_padded_pairs_contribute_nothing_even_if_non_finite():
   r_r = np.array([0.2, 0.1, 3.0, 0.0], np.float32)
   loss_fn = rm.make_loss_fn(dict(name="bt"), num_columns=1, objectives=(), num_segments=None)
   batch["outcome"] = np.ones(4, np.float32)
+  batch["weight"][2:] = 1.0  # only pair_mask marks them: a stray weight must not count
   loss, _ = loss_fn(_fake_model(r_c, r_r), batch, jax.random.key(0))
   ref = -(batch["weight"][:2] * _log_sigmoid(r_c[:2] - r_r[:2])).sum() / 2
   np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+
+
+def test_train_accuracy_counts_an_exact_score_tie_as_half_as_the_evaluator_does():
+  batch = _pair_batch(5, np.random.default_rng(2), padded_pairs=1)
+  batch["outcome"] = np.array([1.0, 1.0, 0.0, 1.0, 1.0], np.float32)
+  r_c = np.array([1.0, 0.3, 0.3, -0.5, 9.0], np.float32)  # margins 1, 0, 0, −0.5; a filler
+  r_r = np.array([0.0, 0.3, 0.3, 0.0, 0.0], np.float32)
+  loss_fn = rm.make_loss_fn(dict(name="bt"), num_columns=1, objectives=(), num_segments=None)
+  _, metrics = loss_fn(_fake_model(r_c, r_r), batch, jax.random.key(0))
+  assert float(metrics["accuracy"]) == 0.5  # (1 + ½ + ½ + 0) / 4
+  signed = np.where(batch["outcome"][:4] > 0.5, 1.0, -1.0) * (r_c[:4] - r_r[:4])
+  assert float(metrics["accuracy"]) == preference_eval.pair_accuracy(signed).mean()
 
 
 class _BagOfTokensRM(nnx.Module):

@@ -170,7 +170,8 @@ def _pair_metrics(r_c: Array, r_r: Array, batch: Batch, column_mask: Array) -> d
   signed = jnp.where(batch["outcome"][:, None] > 0.5, margin, -margin)
   num_decisive = jnp.sum(decisive)
   count = jnp.maximum(num_decisive, 1.0)
-  return {"accuracy": jnp.sum(decisive * (signed > 0)) / count,
+  right = jnp.where(signed == 0, 0.5, (signed > 0).astype(jnp.float32))  # as the evaluator
+  return {"accuracy": jnp.sum(decisive * right) / count,
           "mean_margin": jnp.sum(decisive * signed) / count,
           "num_pairs": jnp.sum(batch["pair_mask"]),
           # Pooled over microbatches by their decisive pairs, not by all pairs (train/step.py).
