@@ -216,9 +216,17 @@ def test_config_from_and_to_hf_dict():
     encoder.EncoderConfig(hidden_act="mish")
 
 
-def test_too_long_input_is_rejected(model):
+def test_too_long_input_is_rejected_and_a_longer_packed_row_is_not(model):
   with pytest.raises(ValueError, match="exceeds max_position_embeddings=24"):
     model.hidden_states(np.ones((1, 25), np.int32))
+  # 30 slots, two 15-token segments: positions restart, and each equals its own sequence.
+  rng = np.random.RandomState(4)
+  a, b = rng.randint(1, CFG.vocab_size, 15), rng.randint(1, CFG.vocab_size, 15)
+  seg = np.array([[1] * 15 + [2] * 15], np.int32)
+  packed = np.asarray(model.hidden_states(np.concatenate([a, b])[None].astype(np.int32),
+                                          segment_ids=seg))
+  alone = np.asarray(model.hidden_states(b[None].astype(np.int32)))
+  np.testing.assert_allclose(packed[0, 15:], alone[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("settings, packed", [

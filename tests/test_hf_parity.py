@@ -309,6 +309,19 @@ def _edit_tensors(path: pathlib.Path, edit) -> None:
   save_file(tensors, str(path / "model.safetensors"))
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},  # transformers 4
+    {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},  # 5
+    # transformers 5 writes rope_parameters and lets a rope_scaling beside it win: this
+    # one loaded as plain RoPE (logits 6.8 off on 30 tokens).
+    {**_rope(1e4), "rope_scaling": {"type": "linear", "factor": 4.0}},
+])
+def test_rope_scaling_in_either_config_key_is_refused(rope):
+  with pytest.raises(hf_import.CheckpointError, match=r"rope scaling type '\w+' is not supported"):
+    hf_import._rope_theta(rope)  # pylint: disable=protected-access
+  assert hf_import._rope_theta(_rope(5e5)) == 5e5  # pylint: disable=protected-access
+
+
 def test_unsupported_model_type_is_named(bert_dir):
   path = bert_dir
   config = json.loads((path / "config.json").read_text())

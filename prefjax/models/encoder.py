@@ -291,7 +291,8 @@ class Encoder(nnx.Module):
       token_type_ids: ``[N, T]`` BERT sentence A/B ids; default 0.
     """
     n, t = tokens.shape
-    if t > self.config.max_position_embeddings and positions is None:
+    # A packed row may be longer than the table: its positions restart in each segment.
+    if t > self.config.max_position_embeddings and positions is None and segment_ids is None:
       raise ValueError(f"sequence length {t} exceeds max_position_embeddings="
                        f"{self.config.max_position_embeddings}")
     if positions is None and segment_ids is not None:

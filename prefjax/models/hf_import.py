@@ -120,9 +120,12 @@ def _read_json(path: pathlib.Path) -> Any:
 def _rope_theta(hf: dict[str, Any]) -> float:
   params = hf.get("rope_parameters") or {}
   scaling = hf.get("rope_scaling") or {}
-  rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-  if rope_type not in (None, "default"):
-    raise CheckpointError(f"rope scaling type {rope_type!r} is not supported (only default RoPE)")
+  # Either key may carry the scaling (transformers 5 writes rope_parameters and lets a
+  # rope_scaling beside it win): refuse a non-default type in either.
+  for rope_type in (params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
+    if rope_type not in (None, "default"):
+      raise CheckpointError(f"rope scaling type {rope_type!r} is not supported "
+                            "(only default RoPE)")
   return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
