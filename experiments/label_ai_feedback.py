@@ -15,7 +15,7 @@ Writes into the workdir:
                  probability, principles and both per-order probabilities in ``meta``),
                  readable as ``jsonl:WORKDIR/labels.jsonl`` by every binary;
   report.json / report.md   agreement with the data's own labels for each order and the
-                 average (bootstrap CIs), position bias before and after averaging, and
+                 average (bootstrap CIs), the single orders' position bias, and
                  for PandaLM agreement with each annotator beside inter-annotator agreement.
 While judging, ``judged.partial.npz`` holds the batches judged so far (saved at most
 every 30 s): a run stopped halfway resumes after them (the same queries, judge weights
@@ -142,10 +142,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         f.write(f"## {heading}\n\n{agreement.markdown(report[section])}\n")
   h = report["human"]
   logging.info("label_ai_feedback: %d pairs in %.1fs; agreement A-first %.3f, A-second %.3f, "
-               "average %.3f; position bias %.3f -> %.3f; wrote %s", len(pairs),
-               report["wall_seconds"], h["agreement_a_first"]["value"],
+               "average %.3f; position bias %.3f (0 once the orders are averaged); wrote %s",
+               len(pairs), report["wall_seconds"], h["agreement_a_first"]["value"],
                h["agreement_a_second"]["value"], h["agreement_average"]["value"],
-               h["position_bias_before"]["value"], h["position_bias_after"]["value"], name)
+               h["position_bias_before"]["value"], name)
   # Last, so that a failed rerun leaves the previous config beside the previous report.
   summary_lib.replace_config(workdir, config)
   return report

@@ -84,7 +84,12 @@ def report(scores: dict[str, safety.PairScores], choice: safety.ThresholdChoice,
                                         seed=int(config.seed))
     out[name] = {"num_pairs": int(split_scores.p_chosen.size),
                  "num_examples": int(2 * split_scores.p_chosen.size),
+                 "pairs_without_category": split_scores.uncategorised,
                  **stats.to_json(metrics)}
+    if split_scores.uncategorised:
+      logging.warning("safety %s: %d pairs left out, their rejected response naming no "
+                      "category (training gives it no target either)", name,
+                      split_scores.uncategorised)
     logging.info("safety %s (%d pairs): ROC-AUC %s, precision %s, recall %s at threshold %.4f",
                  name, split_scores.p_chosen.size, metrics["roc_auc"], metrics["precision"],
                  metrics["recall"], choice.threshold)

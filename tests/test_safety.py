@@ -11,11 +11,14 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 from scipy import special
 
 from configs.safety import tiny as tiny_config
 from experiments import train_safety
+from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import sources
 from prefjax.data import tiny_world as tiny_world_lib
@@ -194,6 +197,56 @@ def test_loss_fn_reduces_weighted_bce_over_real_entries_float64():
   per_column, _ = safety.make_loss_fn(pos_weight=(4.0, 0.5))(model, batch, None)
   per, _ = ref_weighted_bce(logits, targets, np.array([4.0, 0.5]), 1.0)
   assert float(per_column) == pytest.approx(np.sum(weights * per) / weights.sum(), rel=1e-6)
+  assert float(metrics["loss_weight"]) == weights.sum()  # how microbatches pool (train.step)
+
+
+class _OneWeight(nnx.Module):
+  def __init__(self):
+    self.w = nnx.Param(jnp.asarray([0.5]))
+
+  def __call__(self, tokens, attention_mask=None):
+    return tokens[:, :1] * self.w[...]
+
+
+class _RowLogits(nnx.Module):
+  """Category logits read off the tokens: row i's logits are its first two token values."""
+
+  def __call__(self, tokens, attention_mask=None):
+    return tokens[:, :2].astype(jnp.float32)
+
+
+def test_pair_scores_leave_out_pairs_whose_rejected_row_names_no_category():
+  """Training gives such a row no target; scoring it as harmful cut recall to 2/3."""
+  logits = np.array([[-3, -3], [-4, -2], [-5, -5], [3, -1], [-1, 4], [2, 2]], np.int32)
+  batch = {"tokens": logits, "attention_mask": np.ones((6, 2), np.int32),
+           "pair_mask": np.ones(3, np.float32), "example_index": np.arange(3),
+           "objective_mask": np.array([[1, 0], [0, 1], [0, 0]], np.float32)}
+  scores = safety.score_pair_batches(_RowLogits(), [batch])
+  assert scores.uncategorised == 1 and scores.index.tolist() == [0, 1]
+  np.testing.assert_allclose(scores.p_rejected, special.expit([3.0, 4.0]))
+  metrics = safety.classifier_metrics(scores, 0.5, num_resamples=10)
+  assert metrics["recall"].value == 1.0 and metrics["roc_auc"].value == 1.0
+
+
+def test_accumulated_microbatches_step_as_one_batch():
+  """Strided microbatches: the second holds 3 of the 4 padding pairs. Without loss_weight
+  each microbatch's mean counted alike (gradient 0.095 for 0.129)."""
+  from prefjax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  pair_mask = np.ones(8, np.float32)
+  pair_mask[[1, 3, 5, 6]] = 0.0
+  batch = {"tokens": rng.normal(size=(16, 1)).astype(np.float32),
+           "attention_mask": np.ones((16, 1), np.int32), "pair_mask": pair_mask,
+           "weight": rng.uniform(0.5, 2.0, 8).astype(np.float32)}
+  loss_fn, tx = safety.make_loss_fn(pos_weight=2.0), optax.sgd(1.0)
+  moved = []
+  for accum_steps in (1, 2):
+    graphdef, state = train.create_train_state(_OneWeight(), tx, 0)
+    state, metrics = jax.jit(step_lib.make_train_step(graphdef, loss_fn, tx,
+                                                      accum_steps=accum_steps))(state, batch)
+    moved.append((0.5 - float(state.params["w"][0]), float(metrics["loss"])))
+  np.testing.assert_allclose(moved[1], moved[0], rtol=1e-5)
+  assert abs(moved[0][0]) > 1e-3
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -41,7 +41,8 @@ def _estimate(values: np.ndarray, select: np.ndarray, counts: np.ndarray) -> dic
 def human_agreement(p_a_first: Sequence[float], p_a_second: Sequence[float],
                     outcome: Sequence[float], *, num_resamples: int = 1000,
                     seed: int = 0, groups: np.ndarray | None = None) -> dict[str, Any]:
-  """Agreement for each order and for the average, position bias before/after averaging."""
+  """Agreement for each order and for the average, and the position bias of single orders
+  (averaging the two orders removes it by construction, so that is not reported)."""
   first, second = np.asarray(p_a_first, np.float64), np.asarray(p_a_second, np.float64)
   outcome = np.asarray(outcome, np.float64)
   average = 0.5 * (first + second)
@@ -54,9 +55,7 @@ def human_agreement(p_a_first: Sequence[float], p_a_second: Sequence[float],
   every = np.ones(first.size, bool)
   # P(first slot wins), averaged over the two presentations of each pair.
   before = 0.5 * (first + (1.0 - second)) - 0.5
-  after = 0.5 * (average + (1.0 - average)) - 0.5
   report["position_bias_before"] = _estimate(before, every, counts)
-  report["position_bias_after"] = _estimate(after, every, counts)
   report["p_first_wins_a_first_order"] = float(np.mean(first))
   report["p_first_wins_b_first_order"] = float(np.mean(1.0 - second))
   flips = (np.sign(first - 0.5) != np.sign(second - 0.5)).astype(np.float64)

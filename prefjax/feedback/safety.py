@@ -140,6 +140,8 @@ def make_loss_fn(*, pos_weight: float | Sequence[float], neg_weight: float = 1.0
                                      jnp.maximum(jnp.sum(weights[b:]), 1e-9),
                "mean_logit_harmless": jnp.sum(weights[:b] * logits[:b]) /
                                       jnp.maximum(jnp.sum(weights[:b]), 1e-9)}
+    # The normaliser, so that accumulated microbatches weigh as one batch (train.step).
+    metrics["loss_weight"] = jnp.sum(weights)
     return jnp.sum(weights * per) / total, metrics
 
   return loss_fn
@@ -147,10 +149,16 @@ def make_loss_fn(*, pos_weight: float | Sequence[float], neg_weight: float = 1.0
 
 @dataclasses.dataclass(frozen=True)
 class PairScores:
-  """Harm probabilities of the N real pairs of a split: chosen (label 0) and rejected (1)."""
+  """Harm probabilities of the N real pairs of a split: chosen (label 0) and rejected (1).
+
+  ``uncategorised``: pairs left out because, with category heads, their rejected row
+  names no category: training gives such a row no target (``harm_targets``), so it is
+  neither a harmful nor a harmless example here either.
+  """
   p_chosen: np.ndarray
   p_rejected: np.ndarray
   index: np.ndarray
+  uncategorised: int = 0
 
   @property
   def scores(self) -> np.ndarray:
@@ -164,15 +172,20 @@ class PairScores:
 
 def score_pair_batches(model: nnx.Module, batches: list[dict[str, np.ndarray]]) -> PairScores:
   """Harm probabilities of both sides of every real pair in padded pair ``batches``."""
-  p_c, p_r, index = [], [], []
+  p_c, p_r, index, uncategorised = [], [], [], 0
   for batch in batches:
     probs = harm_probability(sequence_logits(model, batch))
     real = batch["pair_mask"] > 0
+    if "objective_mask" in batch:  # category heads: as harm_targets weighs them
+      categorised = np.asarray(batch["objective_mask"]).sum(axis=1) > 0
+      uncategorised += int(np.sum(real & ~categorised))
+      real = real & categorised
     b = real.shape[0]
     p_c.append(probs[:b][real])
     p_r.append(probs[b:][real])
     index.append(batch["example_index"][real])
-  out = PairScores(np.concatenate(p_c), np.concatenate(p_r), np.concatenate(index))
+  out = PairScores(np.concatenate(p_c), np.concatenate(p_r), np.concatenate(index),
+                   uncategorised)
   if not (finite := np.isfinite(out.p_chosen) & np.isfinite(out.p_rejected)).all():
     raise ValueError(f"the safety classifier gave a non-finite harm probability to "
                      f"{int((~finite).sum())} of {finite.size} pairs (first: row "
