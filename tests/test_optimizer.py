@@ -88,6 +88,16 @@ def test_a_schedule_that_ends_before_the_run_is_named(decay, caplog):
   assert "200 of this run's 1200 optimizer updates have learning rate 0" in caplog.text
 
 
+def test_a_long_cosine_that_ends_with_the_run_is_not_named(caplog):
+  """Its last few updates fall below ZERO_RATE·peak (2000 updates: 1; 5000: 3), where
+  float32 cannot tell them from 0; the run is not longer than the schedule."""
+  for total in (2000, 5000):
+    schedule = train.make_schedule({"learning_rate": 0.1, "schedule": "cosine",
+                                    "warmup_steps": 100, "total_steps": total})
+    assert 1 <= train.schedules.updates_at_zero_rate(schedule, total) <= 4
+  assert "learning rate 0" not in caplog.text
+
+
 def test_a_rate_within_round_off_of_zero_counts_as_zero():
   """Compiled as one program (the binaries' XLA flags), linear decay ended at ~1e-10 where
   its formula gives exactly 0."""

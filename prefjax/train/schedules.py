@@ -130,11 +130,15 @@ def clip_by_global_norm_per_member(max_norm: float) -> optax.GradientTransformat
 
 
 ZERO_RATE = 1e-6  # a learning rate below this fraction of the schedule's peak counts as 0
+# A cosine decayed to 0 over exactly the run spends its last 2·√ZERO_RATE/π ≈ 0.064% of
+# updates below ZERO_RATE (float32 cannot tell those rates from 0): no warning for that.
+ZERO_RATE_TAIL = 1e-3
 
 
 def updates_at_zero_rate(schedule: optax.Schedule | None, num_updates: int) -> int:
   """How many of a run's updates after the first get learning rate 0, with a warning
-  when any do: ``total_steps`` below the run's update count ends the decay early (RL
+  when more than ``ZERO_RATE_TAIL`` of them do: ``total_steps`` below the run's update
+  count ends the decay early (RL
   runs count every minibatch update: ``loop.num_steps`` × epochs × minibatches). The
   first update of a warmup has rate 0 by design. Also warns when the run ends while the
   rate still rises to a higher value later (a warmup longer than the run)."""
@@ -150,7 +154,7 @@ def updates_at_zero_rate(schedule: optax.Schedule | None, num_updates: int) -> i
     return 0
   # Compiled as one program, a rate the formula makes exactly 0 can come out ~1e-10.
   zero = int(np.sum(rates[1:] <= ZERO_RATE * max(rates.max(), later.max())))
-  if zero:
+  if zero > ZERO_RATE_TAIL * num_updates:
     logging.warning("%d of this run's %d optimizer updates have learning rate 0: the "
                     "schedule ends (optimizer.total_steps) before the run does", zero,
                     num_updates)
