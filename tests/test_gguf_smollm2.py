@@ -127,6 +127,19 @@ def test_a_rope_scaling_factor_without_a_type_is_refused(tmp_path, key):
     gguf_import.config_from_metadata({**meta, key: 2.0}, vocab_size=vocab)
 
 
+def test_partial_rotary_is_refused(tmp_path):
+  """A file whose rope.dimension_count is below the head width rotates part of each head;
+  the decoder rotates all of it, so loading it would move every logit."""
+  meta = gguf_import.gguf_metadata(write_gguf(tmp_path / "m.gguf", random_model(TINY)))
+  head_dim = gguf_import.config_from_metadata(meta, vocab_size=TINY.vocab_size).head_dim
+  with pytest.raises(gguf_import.GGUFImportError,
+                     match=rf"rope.dimension_count={head_dim // 2} rotates part of each "
+                           rf"{head_dim}-wide head"):
+    gguf_import.config_from_metadata({**meta, "llama.attention.key_length": head_dim,
+                                      "llama.rope.dimension_count": head_dim // 2},
+                                     vocab_size=TINY.vocab_size)
+
+
 def test_damaged_files_raise_naming_the_file_and_tensor(tmp_path):
   path = write_gguf(tmp_path / "tiny.gguf", random_model(TINY))
   whole = path.read_bytes()

@@ -91,6 +91,10 @@ def config_from_metadata(meta: dict[str, Any], *, path: str = "<gguf>",
   heads = int(_require(meta, f"{arch}.attention.head_count", path))
   head_dim = int(meta.get(f"{arch}.attention.key_length",
                           meta.get(f"{arch}.rope.dimension_count", hidden // heads)))
+  rotated = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+  if rotated != head_dim:  # partial rotary: the decoder rotates the whole head
+    raise GGUFImportError(f"{path}: {arch}.rope.dimension_count={rotated} rotates part of "
+                          f"each {head_dim}-wide head, which is not supported")
   if vocab_size is None:
     vocab_size = meta.get(f"{arch}.vocab_size")
     if vocab_size is None:
