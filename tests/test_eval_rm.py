@@ -404,14 +404,18 @@ def test_compare_mode_puts_reports_side_by_side(runs, report, tmp_path, caplog):
   assert header == f"| dataset | scorer | {workdir} | {namesake} |"
 
 
-def test_subsets_of_a_jsonl_benchmark(tmp_path):
+def test_subsets_of_a_jsonl_benchmark(tmp_path, caplog):
   rows = [{"prompt": f"q{i}", "chosen": "good answer" * (1 + i % 3), "rejected": "bad",
            "meta": {"category": "chat" if i % 4 else "safety"}} for i in range(40)]
+  rows += [{"prompt": f"t{i}", "chosen": "a tie", "rejected": "b tie", "outcome": 0.5,
+            "meta": {"category": "ties"}} for i in range(3)]  # no accuracy: named, not lost
   path = tmp_path / "bench.jsonl"
   path.write_text("\n".join(json.dumps(r) for r in rows))
   config = eval_config("length,shorter", f"jsonl:{path}")  # Its one split, "train".
   config.subset_field = "category"
-  section = eval_rm.run(config, str(tmp_path / "eval"))["datasets"][0]
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    section = eval_rm.run(config, str(tmp_path / "eval"))["datasets"][0]
+  assert "subsets ['ties'] hold only ties" in caplog.text
   m = section["metrics"]["length"]
   assert set(m["subsets"]) == {"chat", "safety"}
   assert m["accuracy"]["value"] == 1.0 and m["subset_mean"]["value"] == 1.0

@@ -268,6 +268,11 @@ def evaluate_dataset(dataset: Dataset, scorer_fns: dict[str, Any], eval_cfg: Any
                                  groups)
   rel_diff = table.relative_length_difference()
   subsets = None if table.subsets is None else list(np.asarray(table.subsets)[d])
+  if subsets is not None:
+    only_ties = sorted(set(np.asarray(table.subsets).tolist()) - set(subsets))
+    if only_ties:
+      logging.warning("dataset %s: subsets %s hold only ties: they get no accuracy, and the "
+                      "mean over subsets leaves them out", dataset.label, only_ties)
   signed, metrics = {}, {}
   for name, (r_c, r_r) in columns.items():
     signed[name] = stats.signed_margins(r_c, r_r, table.outcome)[d]
