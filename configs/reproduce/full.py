@@ -29,7 +29,8 @@ Expected result (2026-12-07, AMD EPYC, 24 min 1 s in a new workdir with the cach
 and tests running beside it part of the time): `13/16 criteria pass in the world carrying
 them (failed: R2, D2, P1); extra tests: 2/3 pass (failed: P1_rloo)`. P1 fails in its
 16–32 nat bin (DPO 1.6 SE below PPO; README); on 2026-12-06 on the Intel Xeon (29 min 13 s)
-it passed there at -0.01 +- 0.03 SD and the run gave 14/16 (failed: R2, D2). D2 fails since the sampler fix of 2026-12-06 changed
+it passed there at -0.01 +- 0.03 SD and the run gave 14/16 (failed: R2, D2).
+D2 fails since the sampler fix of 2026-12-06 changed
 every sampled stream: SLiC's KL at β = 0.03 falls 50.7 -> 47.6 nats over its last 50
 steps (README). On 2026-12-05: `15/16 ... (failed: R2); extra tests: 1/3 pass (failed:
 P1_rloo, P1_kl_matched_rloo)`. The run also prints, world by world, how many pooled passes

@@ -426,7 +426,7 @@ def _warn_if_turns_do_not_end_with_eos(tokenizer: Tokenizer) -> None:
   turn_end = getattr(tokenizer, "assistant_turn_end", lambda: "")().strip()
   if not turn_end or getattr(tokenizer, "_turn_end_warned", False):
     return
-  tokenizer._turn_end_warned = True  # type: ignore[attr-defined]  # pylint: disable=protected-access
+  tokenizer._turn_end_warned = True  # type: ignore[attr-defined]  # pylint: disable=W0212
   eos = tokenizer.decode([tokenizer.eos_id], skip_special_tokens=False) if (
       tokenizer.eos_id is not None) else ""
   if not eos or not turn_end.startswith(eos):

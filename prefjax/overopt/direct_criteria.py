@@ -81,8 +81,9 @@ def criterion_d2(sweep: DaaSweep, *, num_se: float = 2.0, kl_tolerance: float = 
 
   Pass: the gold argmax over evaluation steps is not the last one, the final gold
   is below the peak by a z of at least ``num_se`` bootstrap SEs (over prompts, of the
-  per-prompt drop), raised for the peak's choice as G1 does (``bon.Decline``), and KL after the peak never falls by more than
-  ``kl_tolerance``·KL_final between evaluations and ends above its value at the peak.
+  per-prompt drop), raised for the peak's choice as G1 does (``bon.Decline``), and KL
+  after the peak never falls by more than ``kl_tolerance``·KL_final between evaluations
+  and ends above its value at the peak.
   """
   k = int(np.argmin(sweep.betas))
   gold, kl = sweep.gold[k], sweep.kl[k]
@@ -96,7 +97,8 @@ def criterion_d2(sweep: DaaSweep, *, num_se: float = 2.0, kl_tolerance: float = 
            "kl_rising": rising,
            "final_step": int(sweep.steps[-1]), "gold_peak": float(gold[peak]),
            "gold_final": float(gold[-1]), "drop": drop, "drop_se": drop_se,
-           "drop_critical_z": decline.critical_z, "kl_at_peak": float(kl[peak]), "kl_final": float(kl[-1])}
+           "drop_critical_z": decline.critical_z, "kl_at_peak": float(kl[peak]),
+           "kl_final": float(kl[-1])}
   if rising:
     kl_text = "KL rising after the peak"
   elif kl[-1] > kl[peak]:
