@@ -236,6 +236,12 @@ def test_ensemble_from_members_normalised_then_aggregated():
                              z.mean(1) - 0.5 * z.var(1), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(normalised.with_aggregation("wco").score(texts=TEXTS),
                              z.min(1), rtol=1e-5, atol=1e-6)
+  # Normalising from outside keeps the ensemble's aggregation (it used to score the mean).
+  wrapped = rewards.NormalizedReward.fit(ensemble, texts=TEXTS, standardize=True)
+  np.testing.assert_allclose(wrapped.score(texts=TEXTS), z.mean(1) - 0.5 * z.var(1),
+                             rtol=1e-5, atol=1e-6)
+  # Centred members put the mean at 0 under π_ref; WCO and UWO score below it.
+  assert float(np.mean(normalised.with_aggregation("wco").score(texts=TEXTS))) < -0.1
 
 
 def test_ensemble_from_one_ensemble_model():

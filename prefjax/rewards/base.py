@@ -175,3 +175,13 @@ class NormalizedReward(RewardFn):
   def __call__(self, tokens: MaybeArray = None, attention_mask: MaybeArray = None, *,
                texts: Texts | None = None) -> jax.Array:
     return self.normalizer(self.base(tokens, attention_mask, texts=texts))
+
+  def score(self, tokens: MaybeArray = None, attention_mask: MaybeArray = None, *,
+            texts: Texts | None = None) -> jax.Array:
+    """The base's own aggregate (an ``EnsembleReward``'s WCO / UWO) of the normalised
+    members; the mean for a base without one."""
+    rewards = self(tokens, attention_mask, texts=texts)
+    if self.num_members == 1:
+      return rewards
+    return aggregate(rewards, getattr(self.base, "aggregation", "mean"),
+                     getattr(self.base, "lam", 0.0))

@@ -104,7 +104,9 @@ class EnsembleReward(base.RewardFn):
   def fit_normalizer(self, tokens: MaybeArray = None, attention_mask: MaybeArray = None,
                      *, texts: Texts | None = None, standardize: bool = False,
                      weights: MaybeArray = None) -> "EnsembleReward":
-    """A copy normalised per member on reference-policy samples (π_ref scores 0)."""
+    """A copy normalised per member on reference-policy samples: each member, and so the
+    mean, scores 0 under π_ref; WCO and UWO score below 0 there (a minimum and a variance
+    penalty of centred members)."""
     reference = self.raw_members(tokens, attention_mask, texts=texts)
     normalizer = normalize.RewardNormalizer.fit(reference, standardize=standardize,
                                                 weights=weights)
