@@ -12,6 +12,7 @@ from configs.bon import tiny
 from experiments import best_of_n
 from prefjax import files
 from prefjax import overopt
+from prefjax.overopt import bon_report
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +205,7 @@ def test_curves_against_hand_computed_best_of_n():
   # A gold curve still rising at the largest n (no decline: 0 ± 0) reads as such.
   rising = best_of_n.curves({**samples, "gold": proxy}, config)
   assert rising["gold_decline"]["drop_to_max_n"] == 0.0 == rising["gold_decline"]["drop_se"]
-  assert "the gold is highest at the largest n: no decline" in best_of_n.report_markdown(
+  assert "the gold is highest at the largest n: no decline" in bon_report.report_markdown(
       {**rising, "scorer_checkpoints": {}})
 
 

@@ -423,10 +423,13 @@ def encode_response(response_text: str, tokenizer: Tokenizer, *, style: str = "r
 def _warn_if_turns_do_not_end_with_eos(tokenizer: Tokenizer) -> None:
   """Once per tokenizer: a template that closes assistant turns with another token than
   EOS (Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``) is not what responses end with here."""
-  turn_end = getattr(tokenizer, "assistant_turn_end", lambda: "")().strip()
-  if not turn_end or getattr(tokenizer, "_turn_end_warned", False):
+  turn_end_of = getattr(tokenizer, "assistant_turn_end", None)  # HFTokenizer's
+  if turn_end_of is None or getattr(tokenizer, "_turn_end_checked", False):
+    return  # every response calls this: the check runs once
+  tokenizer._turn_end_checked = True  # type: ignore[attr-defined]  # pylint: disable=W0212
+  turn_end = turn_end_of().strip()
+  if not turn_end:
     return
-  tokenizer._turn_end_warned = True  # type: ignore[attr-defined]  # pylint: disable=W0212
   eos = tokenizer.decode([tokenizer.eos_id], skip_special_tokens=False) if (
       tokenizer.eos_id is not None) else ""
   if not eos or not turn_end.startswith(eos):

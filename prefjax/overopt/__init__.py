@@ -12,7 +12,8 @@ The overoptimization study (``experiments/reproduce.py``) is built from the modu
 learned proxies and policies), ``curves``, ``criteria``, ``study`` (seed- and
 world-averaged curves and the G/R/C criteria), ``direct_study`` and ``direct_criteria``
 (DPO / IPO / SLiC), ``figures`` and ``report``, and ``study_config`` (checks a study
-config's numbers before any work); import them by module name.
+config's numbers before any work); ``bon_report`` writes ``experiments/best_of_n.py``'s
+report. Import them by module name.
 """
 
 from prefjax.overopt.bon import BonScores
