@@ -53,6 +53,7 @@ from prefjax import experiment
 from prefjax import parallel
 from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
+from prefjax.data import tokenize as tokenize_lib
 from prefjax.direct import evaluation
 from prefjax.direct import loss as loss_lib
 from prefjax.direct import ref_cache
@@ -165,7 +166,7 @@ def kl_config(config: Any, tokenizer: Any) -> evaluation.KLEvalConfig | None:
   return evaluation.KLEvalConfig(
       max_new_tokens=int(eval_cfg.kl_max_new_tokens),
       temperature=temperature, exact=bool(exact),
-      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=int(config.seed))
+      eos_id=tokenize_lib.stop_ids(tokenizer), pad_id=tokenizer.pad_id, seed=int(config.seed))
 
 
 def run(config: Any, workdir: str) -> train.TrainResult:

@@ -307,3 +307,22 @@ def test_the_hf_scorer_adds_bos_as_the_exported_tokenizer_does(gpt2_bpe_dir, tmp
   assert (pcfg.add_bos, pcfg.max_length, pcfg.batch_size) == (add_bos, 64, 4)
   eval_cfg.pipeline.add_bos = not add_bos
   assert hf_scorer.hf_pipeline(eval_cfg, exported).add_bos == (not add_bos)
+
+
+def test_a_chat_reward_model_s_exported_tokenizer_ends_texts_with_the_turn_end(
+    smollm2_gguf, tmp_path):
+  """Chat-style responses end with the template's turn-end token where it is not EOS
+  (Gemma's ``<end_of_turn>``); the exported tokenizer appends that token, not EOS."""
+  from prefjax.data import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
+  from tests.test_tokenize import GEMMA_LIKE, _retemplated  # pylint: disable=import-outside-toplevel
+  tok = _retemplated(tokenize.load_tokenizer(smollm2_gguf), GEMMA_LIKE)
+  turn_end = tok.turn_end_id()
+  assert turn_end is not None and turn_end != tok.eos_id
+  cfg = decoder.DecoderConfig.tiny_llama(vocab_size=tok.vocab_size, num_layers=1, hidden_size=16,
+                                         num_heads=2, num_kv_heads=1, intermediate_size=16)
+  rm = _reward_model(decoder.Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32))
+  for style, end in (("chat", turn_end), ("raw", tok.eos_id)):
+    fields = pipeline_lib.PipelineConfig(prompt_style=style, add_bos=False).text_fields()
+    hf_export.save_pretrained(rm, tmp_path / style, tokenizer=tok, add_bos=False, pipeline=fields)
+    ids = transformers.AutoTokenizer.from_pretrained(tmp_path / style)("Paris")["input_ids"]
+    assert ids == tok.encode("Paris") + [end]

@@ -108,6 +108,28 @@ def test_cut_off_responses_are_counted_and_can_be_penalised():
   assert advantage.sum() == pytest.approx(0.0, abs=1e-5) and np.any(advantage)
 
 
+def test_a_chat_turn_end_finishes_a_response_as_eos_does():
+  """A tokenizer whose chat turn ends with another token than EOS (Gemma's): rows stop at
+  either, count as finished, and neither is in the decoded response."""
+  cfg = decoder.DecoderConfig.tiny_llama(vocab_size=LETTERS.vocab_size, num_layers=1)
+  policy = decoder.Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32)
+  prompts = rollout_lib.encode_prompts([f"p{i}" for i in range(16)],
+                                       [[1, 3 + i % 8, 4] for i in range(16)],
+                                       pad_id=0, max_length=4, bos_id=1)
+  chat = types.SimpleNamespace(**vars(LETTERS), extra_stop_ids=lambda: (5,))
+  args = dict(rng=jax.random.key(3), max_new_tokens=6)
+  plain = rollout_lib.sample(policy, prompts, tokenizer=LETTERS, **args)
+  out = rollout_lib.sample(policy, prompts, tokenizer=chat, **args)
+  for row in range(16):
+    resp = plain.tokens[row, 4:][plain.loss_mask[row, 4:] > 0]
+    stops = np.flatnonzero(np.isin(resp, [2, 5]))
+    kept = resp[:stops[0] + 1] if stops.size else resp
+    np.testing.assert_array_equal(out.tokens[row, 4:][out.loss_mask[row, 4:] > 0], kept)
+    assert out.finished[row] == bool(stops.size)
+    assert out.responses[row] == LETTERS.decode([t for t in kept if t not in (2, 5)])
+  assert np.any(out.finished & ~plain.finished)  # some row ended at the turn end only
+
+
 def test_a_non_finite_reward_names_the_sample():
   """One NaN score made the step's loss NaN, and the loop skipped it as a bad gradient.
   prefjax's own reward functions refuse NaN themselves; a reward of the user's own (any

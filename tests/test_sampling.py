@@ -134,6 +134,25 @@ def test_all_rows_finish_at_their_first_token(phases):
   np.testing.assert_array_equal(gen.tokens[:, 1:], PAD)
 
 
+@pytest.mark.parametrize("phases", [1, 3])
+def test_any_of_several_stop_ids_ends_a_row(phases):
+  """A chat model ends its turn with a token besides EOS (Gemma's ``<end_of_turn>``):
+  each row stops at the first of the ids it emits, and a row that emits none runs on."""
+  free = run(temperature=0.0)
+  first_stop, second_stop = int(free.tokens[0, 1]), int(free.tokens[1, 3])
+  assert first_stop not in free.tokens[0, :1] and second_stop not in free.tokens[1, :3]
+  gen = run(temperature=0.0, eos_id=(second_stop, first_stop), cache_phases=phases)
+  for row in range(len(PROMPTS)):
+    hits = np.flatnonzero(np.isin(free.tokens[row], [first_stop, second_stop]))
+    length = hits[0] + 1 if hits.size else NEW
+    np.testing.assert_array_equal(gen.mask[row], np.arange(NEW) < length)
+    np.testing.assert_array_equal(gen.tokens[row, :length], free.tokens[row, :length])
+    np.testing.assert_array_equal(gen.tokens[row, length:], PAD)
+  assert gen.mask[0].sum() == 2 and gen.mask[1].sum() <= 4
+  np.testing.assert_array_equal(run(temperature=0.0, eos_id=[first_stop]).tokens,
+                                run(temperature=0.0, eos_id=first_stop).tokens)
+
+
 def test_greedy_needs_no_key_and_sampling_asks_for_one():
   np.testing.assert_array_equal(run(temperature=0.0, rng=None).tokens,
                                 run(temperature=0.0).tokens)
@@ -420,7 +439,7 @@ def test_token_entropy():
 
 @pytest.mark.parametrize("kw, message", [
     (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
-    (dict(top_k=0), "top_k"), (dict(top_k=49), "vocabulary"), (dict(eos_id=-3), "eos_id"),
+    (dict(top_k=0), "top_k"), (dict(top_k=49), "vocabulary"), (dict(eos_id=-3), "eos_id"), (dict(eos_id=[2, -1]), "eos_id"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(cache_phases=0), "cache_phases")])
 def test_bad_arguments_raise(kw, message):
   with pytest.raises(ValueError, match=message):

@@ -228,27 +228,75 @@ def test_chat_prompt_uses_template_with_generation_prompt(smollm):
   assert already.count(smollm.eos_id) == 1 and already[-1] == smollm.eos_id
 
 
-def test_chat_responses_warn_when_the_template_ends_turns_with_another_token_than_eos(
-    smollm, caplog):
-  """Gemma's and Phi-3's templates close an assistant turn with their own token, not EOS;
-  responses here end with EOS, which the run must say. SmolLM2's turn end is its EOS."""
+def _retemplated(smollm, template, eos="<|endoftext|>"):
+  """SmolLM2's tokenizer with another chat template and EOS (a Gemma-like chat model)."""
   import copy  # pylint: disable=import-outside-toplevel
-  assert smollm.assistant_turn_end() == "<|im_end|>\n"
-  with caplog.at_level(logging.WARNING):
-    tokenize.encode_response(" Sure.", smollm, style="chat")
-  assert "chat template ends an assistant turn" not in caplog.text
   hf = copy.deepcopy(smollm.hf)
-  hf.chat_template = ("{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\\n' + "
-                      "m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-                      "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
-  hf.eos_token = "<|endoftext|>"
-  gemma_like = tokenize.HFTokenizer(hf, source="gemma_like")
-  assert gemma_like.assistant_turn_end() == "<|im_end|>\n"
-  for _ in range(2):
-    ids = tokenize.encode_response(" Sure.", gemma_like, style="chat")
-  assert ids[-1] == gemma_like.eos_id != smollm.eos_id
-  assert caplog.text.count("ends an assistant turn with '<|im_end|>'") == 1
-  assert "the tokenizer's EOS '<|endoftext|>'" in caplog.text
+  hf.chat_template, hf.eos_token = template, eos
+  return tokenize.HFTokenizer(hf, source="retemplated")
+
+
+GEMMA_LIKE = ("{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\\n' + "
+              "m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+
+
+def test_chat_responses_end_with_the_templates_turn_end_where_it_is_not_eos(smollm, caplog):
+  """Gemma's and Phi-3's templates close an assistant turn with their own token, not EOS:
+  chat responses end with it, and generation stops on it as well as on EOS."""
+  assert smollm.assistant_turn_end() == "<|im_end|>\n"
+  assert smollm.turn_end_id() == smollm.eos_id and tokenize.stop_ids(smollm) == (smollm.eos_id,)
+  gemma_like = _retemplated(smollm, GEMMA_LIKE)
+  turn_end = smollm.hf.convert_tokens_to_ids("<|im_end|>")
+  assert gemma_like.eos_id == smollm.hf.convert_tokens_to_ids("<|endoftext|>") != turn_end
+  assert gemma_like.turn_end_id() == turn_end
+  assert tokenize.stop_ids(gemma_like) == (gemma_like.eos_id, turn_end)
+  with caplog.at_level(logging.WARNING):
+    chat = tokenize.encode_response(" Sure.", gemma_like, style="chat")
+    raw = tokenize.encode_response(" Sure.", gemma_like)
+  assert chat == gemma_like.encode("Sure.") + [turn_end]
+  assert raw == gemma_like.encode(" Sure.") + [gemma_like.eos_id]  # raw transcripts: EOS
+  assert tokenize.encode_response("Sure.<|im_end|>", gemma_like, style="chat") == chat
+  assert "assistant turn" not in caplog.text
+
+
+def test_the_pipeline_ends_chat_responses_with_the_turn_end(smollm):
+  from prefjax.data import pipeline  # pylint: disable=import-outside-toplevel
+  gemma_like = _retemplated(smollm, GEMMA_LIKE)
+  rows = [{"prompt": "\n\nHuman: Capital?\n\nAssistant:", "chosen": " Paris", "rejected": " Rome"}]
+  config = pipeline.PipelineConfig(batch_size=1, max_length=64, max_prompt_length=48,
+                                   num_epochs=1, shuffle=False, prompt_style="chat")
+  batch = next(iter(pipeline.preference_dataset(rows, gemma_like, config)))
+  for tokens, loss in zip(batch["tokens"], batch["loss_mask"]):
+    response = tokens[loss > 0].tolist()
+    assert response[-1] == gemma_like.turn_end_id() and gemma_like.eos_id not in response
+    assert gemma_like.decode(response) in ("Paris", "Rome")
+
+
+def test_chat_responses_warn_when_the_turn_end_is_not_one_special_token(smollm, caplog):
+  """A template closing turns with plain text (here "END") gives no token to end on:
+  responses keep EOS, and the run says so, once."""
+  plain_end = _retemplated(smollm, GEMMA_LIKE.replace("<|im_end|>", "END"))
+  assert plain_end.assistant_turn_end() == "END\n" and plain_end.turn_end_id() is None
+  with caplog.at_level(logging.WARNING):
+    for _ in range(2):
+      ids = tokenize.encode_response(" Sure.", plain_end, style="chat")
+  assert ids[-1] == plain_end.eos_id and tokenize.stop_ids(plain_end) == (plain_end.eos_id,)
+  assert caplog.text.count("ends an assistant turn with 'END', which is not one special") == 1
+  assert "the tokenizer's EOS '<|endoftext|>' instead" in caplog.text
+
+
+def test_generation_config_eos_ids_are_stop_ids(smollm, tmp_path):
+  """Llama 3's ``generation_config.json`` lists several ids that end a response."""
+  smollm.hf.save_pretrained(tmp_path)
+  assert tokenize.stop_ids(tokenize.load_tokenizer(tmp_path)) == (smollm.eos_id,)
+  (tmp_path / "generation_config.json").write_text('{"eos_token_id": [7, 2, 9]}')
+  assert tokenize.stop_ids(tokenize.load_tokenizer(tmp_path)) == (smollm.eos_id, 7, 9)
+  (tmp_path / "generation_config.json").write_text('{"eos_token_id": 5}')
+  assert tokenize.stop_ids(tokenize.load_tokenizer(tmp_path)) == (smollm.eos_id, 5)
+  (tmp_path / "generation_config.json").write_text('{"eos_token_id": ["</s>"]}')
+  with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id must be"):
+    tokenize.load_tokenizer(tmp_path)
 
 
 def test_raw_and_fallback_chat_formatting():

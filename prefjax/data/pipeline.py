@@ -304,6 +304,7 @@ class TokenizeFn:
     encode_batch = getattr(tok, "encode_batch", None)
     encoded = iter(encode_batch(texts) if encode_batch else [tok.encode(t) for t in texts])
     add_bos = self.config.add_bos and tok.bos_id is not None
+    end_id = tokenize_lib.response_end_id(tok, style)
     out = []
     for index, row in zip(indices, rows):
       if row is None:
@@ -312,7 +313,7 @@ class TokenizeFn:
       prompt = tokenize_lib.add_special_tokens(next(encoded), bos_id=tok.bos_id, eos_id=tok.eos_id,
                                                add_bos=add_bos, add_eos=False)
       responses = [tokenize_lib.add_special_tokens(next(encoded), bos_id=tok.bos_id,
-                                                   eos_id=tok.eos_id, add_bos=False, add_eos=True)
+                                                   eos_id=end_id, add_bos=False, add_eos=True)
                    for _ in self.response_keys]
       out.append(self._example(index, row, prompt, responses))
     return out

@@ -144,8 +144,10 @@ class HFTokenizer:
   Encoder tokenizers without BOS/EOS (BERT) use ``[CLS]`` / ``[SEP]`` in their place.
   """
 
-  def __init__(self, hf_tokenizer: Any, *, source: str = ""):
+  def __init__(self, hf_tokenizer: Any, *, source: str = "",
+               generation_eos_ids: Sequence[int] = ()):
     self.hf = hf_tokenizer
+    self.generation_eos_ids = tuple(int(i) for i in generation_eos_ids)
     self._backend = getattr(hf_tokenizer, "backend_tokenizer", None)
     if self._backend is not None:
       self._backend.no_padding()
@@ -216,6 +218,46 @@ class HFTokenizer:
         text = ""
       self._turn_end = text.rpartition(sentinel)[2] if sentinel in text else ""
     return self._turn_end
+
+  def turn_end_id(self) -> int | None:
+    """The one special token that closes an assistant turn in the chat template (Gemma's
+    ``<end_of_turn>``, Llama 3's ``<|eot_id|>``, SmolLM2's ``<|im_end|>``, its EOS); None
+    without a template, or when the turn end is not a single special token."""
+    if not hasattr(self, "_turn_end_id"):
+      text = self.assistant_turn_end().strip()
+      ids = self.encode(text) if text and text in self.hf.get_added_vocab() else []
+      self._turn_end_id = ids[0] if len(ids) == 1 else None
+    return self._turn_end_id
+
+  def extra_stop_ids(self) -> tuple[int, ...]:
+    """Tokens besides EOS that end a generated response: the ``eos_token_id`` list of the
+    model directory's ``generation_config.json`` and the chat template's turn end."""
+    turn_end = self.turn_end_id()
+    return self.generation_eos_ids + (() if turn_end is None else (turn_end,))
+
+
+def stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+  """Token ids that end a generated response, EOS first; empty without any.
+
+  An instruct model may end its turn with a token other than EOS (Gemma's
+  ``<end_of_turn>``, Llama 3's ``<|eot_id|>``); Hugging Face stops on them through
+  ``generation_config.json``. Pass this to ``sampling.generate(eos_id=...)``.
+  """
+  ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+  extra = getattr(tokenizer, "extra_stop_ids", None)
+  return tuple(dict.fromkeys(ids + list(extra() if extra else ())))
+
+
+def response_end_id(tokenizer: Tokenizer, style: str = "raw") -> int | None:
+  """The token a formatted response ends with: in ``chat`` style the template's
+  single-token turn end where it has one (what the model writes, and where generation
+  stops, after an assistant turn), else EOS."""
+  turn_end = getattr(tokenizer, "turn_end_id", None)
+  if style == "chat" and turn_end is not None and turn_end() is not None:
+    return turn_end()
+  if style == "chat":
+    _warn_if_turn_end_is_not_one_token(tokenizer)
+  return tokenizer.eos_id
 
 
 def _first_id(tok: Any, *attrs: str) -> int | None:
@@ -291,7 +333,7 @@ def load_tokenizer(path: str | os.PathLike[str], *, gguf_file: str | None = None
       raise FileNotFoundError(f"{path}: the tokenizer its files give has only its {len(hf)} "
                               "special tokens (is a vocabulary file missing, e.g. "
                               "tokenizer.json or vocab.txt?)")
-    return HFTokenizer(hf, source=str(path))
+    return HFTokenizer(hf, source=str(path), generation_eos_ids=_generation_eos_ids(path))
   if {"encoder.json", "vocab.bpe"} <= names:
     from transformers import GPT2Tokenizer  # pylint: disable=g-import-not-at-top
     hf = GPT2Tokenizer(vocab=str(path / "encoder.json"), merges=str(path / "vocab.bpe"))
@@ -302,6 +344,22 @@ def load_tokenizer(path: str | os.PathLike[str], *, gguf_file: str | None = None
   raise FileNotFoundError(
       f"no tokenizer files in {path} (looked for tokenizer.json, tokenizer_config.json, "
       f"vocab.txt, encoder.json+vocab.bpe, or a single .gguf; found {sorted(names)[:10]})")
+
+
+def _generation_eos_ids(directory: pathlib.Path) -> tuple[int, ...]:
+  """``eos_token_id`` (one id or a list) of ``generation_config.json``, where there is one."""
+  import json  # pylint: disable=g-import-not-at-top
+  file = directory / "generation_config.json"
+  if not file.is_file():
+    return ()
+  try:
+    value = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+  except (json.JSONDecodeError, AttributeError) as e:
+    raise ValueError(f"{file}: not a JSON object: {e}") from e
+  values = value if isinstance(value, list) else [] if value is None else [value]
+  if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+    raise ValueError(f"{file}: eos_token_id must be a token id or a list of them, got {value!r}")
+  return tuple(values)
 
 
 def _load_bare_tokenizer_json(path: pathlib.Path) -> HFTokenizer:
@@ -413,28 +471,27 @@ def encode_prompt(prompt_text: str, tokenizer: Tokenizer, *, style: str = "raw",
 
 
 def encode_response(response_text: str, tokenizer: Tokenizer, *, style: str = "raw") -> list[int]:
-  """Formats and encodes a response with EOS appended exactly once."""
-  if style == "chat":
-    _warn_if_turns_do_not_end_with_eos(tokenizer)
-  return tokenizer.encode(format_response(response_text, style=style, tokenizer=tokenizer),
-                          add_eos=True)
+  """Formats and encodes a response ending once with ``response_end_id``: EOS, or in
+  ``chat`` style the template's turn-end token."""
+  ids = tokenizer.encode(format_response(response_text, style=style, tokenizer=tokenizer))
+  return add_special_tokens(ids, bos_id=None, eos_id=response_end_id(tokenizer, style),
+                            add_bos=False, add_eos=True)
 
 
-def _warn_if_turns_do_not_end_with_eos(tokenizer: Tokenizer) -> None:
-  """Once per tokenizer: a template that closes assistant turns with another token than
-  EOS (Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``) is not what responses end with here."""
+def _warn_if_turn_end_is_not_one_token(tokenizer: Tokenizer) -> None:
+  """Once per tokenizer: a template that closes assistant turns with something other than
+  one special token or EOS cannot end responses here, which end with EOS instead."""
   turn_end_of = getattr(tokenizer, "assistant_turn_end", None)  # HFTokenizer's
   if turn_end_of is None or getattr(tokenizer, "_turn_end_checked", False):
     return  # every response calls this: the check runs once
   tokenizer._turn_end_checked = True  # type: ignore[attr-defined]  # pylint: disable=W0212
   turn_end = turn_end_of().strip()
-  if not turn_end:
+  if not turn_end or tokenizer.turn_end_id() is not None:  # type: ignore[attr-defined]
     return
   eos = tokenizer.decode([tokenizer.eos_id], skip_special_tokens=False) if (
       tokenizer.eos_id is not None) else ""
   if not eos or not turn_end.startswith(eos):
     logging.warning(
-        "prompt_style='chat': %s's chat template ends an assistant turn with %r, but every "
-        "response here ends with the tokenizer's EOS %r, and generation stops only there: "
-        "a model trained on these pairs learns EOS where the template puts %r", tokenizer,
-        turn_end, eos, turn_end)
+        "prompt_style='chat': %s's chat template ends an assistant turn with %r, which is "
+        "not one special token; responses here end with the tokenizer's EOS %r instead, and "
+        "generation stops there", tokenizer, turn_end, eos)

@@ -48,14 +48,15 @@ class KLEvalConfig:
     max_new_tokens: length of the sampled responses.
     temperature: sampling temperature (1 = the policy itself, as the KL needs).
     exact: also the full-vocabulary per-position KL (memory O(B·T·V)).
-    eos_id: generation of a row stops at this token.
+    eos_id: generation of a row stops at this token, or any of these
+      (``tokenize.stop_ids``).
     pad_id: token written after EOS.
     seed: base sampling seed.
   """
   max_new_tokens: int = 16
   temperature: float = 1.0
   exact: bool = False
-  eos_id: int | None = None
+  eos_id: int | tuple[int, ...] | None = None
   pad_id: int = 0
   seed: int = 0
 

@@ -53,6 +53,7 @@ def generate_texts(model: nnx.Module, tokenizer: Any, texts: Sequence[str], cfg:
   encoded = [truncation.left_truncate(ids, cfg.max_prompt_length, None,
                                       cfg.max_prompt_length // 4) for ids in encoded]
   out: list[str] = [""] * len(texts)
+  stops = tokenize_lib.stop_ids(tokenizer)
   with metrics_lib.progress_bar(len(texts), desc, "text") as bar:
     for b, start in enumerate(range(0, len(texts), cfg.batch_size)):
       rows = encoded[start:start + cfg.batch_size]
@@ -65,10 +66,10 @@ def generate_texts(model: nnx.Module, tokenizer: Any, texts: Sequence[str], cfg:
       mask[len(rows):, -1] = 1  # filler rows: one token
       gen = sampling.generate(model, tokens, mask, rng=jax.random.fold_in(rng, b),
                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                              top_p=cfg.top_p if 0.0 < cfg.top_p < 1.0 else None, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+                              top_p=cfg.top_p if 0.0 < cfg.top_p < 1.0 else None, eos_id=stops, pad_id=tokenizer.pad_id)
       gen_tokens, gen_mask = jax.device_get((gen.tokens, gen.mask))
       for r in range(len(rows)):
-        ids = [int(t) for t, m in zip(gen_tokens[r], gen_mask[r]) if m and t != tokenizer.eos_id]
+        ids = [int(t) for t, m in zip(gen_tokens[r], gen_mask[r]) if m and t not in stops]
         counters[f"{desc}_no_eos"] += int(len(ids) == int(gen_mask[r].sum()))
         out[start + r] = tokenizer.decode(ids).strip()
       bar.update(len(rows))

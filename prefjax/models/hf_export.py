@@ -53,6 +53,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 from tokenizers import processors
 
+from prefjax.data import tokenize
 from prefjax.models import heads
 from prefjax.models import hf_import
 from prefjax.models import hf_mappings
@@ -129,7 +130,8 @@ def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None,
   if _is_score_model(model):
     tensors, hf_config = _sequence_classifier(model, tokenizer)
     hf_tokenizer = _score_tokenizer(tokenizer, tensors, hf_config, add_bos,
-                                    own_pad=model.last_skips_id is None)
+                                    own_pad=model.last_skips_id is None,
+                                    prompt_style=(pipeline or {}).get("prompt_style", "raw"))
     hf_config.update(_score_token(model, hf_config))
   else:
     trunk = getattr(model, "trunk", model)
@@ -220,17 +222,19 @@ def _labels(model: heads.PooledHeadModel) -> list[str]:
 
 
 def _score_tokenizer(tokenizer: Any, tensors: dict[str, np.ndarray], hf_config: dict[str, Any],
-                     add_bos: bool, *, own_pad: bool) -> Any:
+                     add_bos: bool, *, own_pad: bool, prompt_style: str = "raw") -> Any:
   """A copy of a Hugging Face tokenizer that encodes as prefjax's pipeline does for a reward
-  model: BOS (when ``add_bos``) + text + EOS, padded with its pad id. With ``own_pad`` (the
-  model scores the final EOS) a pad id equal to the EOS id becomes a new ``PAD_TOKEN``
+  model: BOS (when ``add_bos``) + text + the response's end (EOS, or in ``chat`` style the
+  template's turn-end token: ``tokenize.response_end_id``), padded with its pad id. With
+  ``own_pad`` (the model scores that end) a pad id equal to it becomes a new ``PAD_TOKEN``
   (with a zero embedding row where the vocabulary has no spare id), so that transformers'
-  sequence classifier reads that EOS too. ``tensors`` and ``hf_config`` are updated to
+  sequence classifier reads the end too. ``tensors`` and ``hf_config`` are updated to
   match; None without a Hugging Face tokenizer."""
   if getattr(tokenizer, "hf", None) is None:
     return None
   hf_tok = copy.deepcopy(tokenizer.hf)
-  bos, eos, pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+  bos, pad = tokenizer.bos_id, tokenizer.pad_id
+  eos = tokenize.response_end_id(tokenizer, prompt_style)
   if own_pad and pad == eos:
     hf_tok.add_special_tokens({"pad_token": PAD_TOKEN})
     pad = hf_tok.pad_token_id

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from prefjax.models import segments as seg
@@ -179,9 +180,9 @@ def phase_ends(decode_steps: int, phases: int) -> tuple[int, ...]:
     "graphdef", "max_new_tokens", "greedy", "top_k", "use_top_p", "tempered_logps",
     "cache_phases"))
 def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, rng, temperature, top_p,
-                  eos_id, pad_id, *, max_new_tokens, greedy, top_k, use_top_p,
+                  stop_ids, pad_id, *, max_new_tokens, greedy, top_k, use_top_p,
                   tempered_logps, cache_phases):
-  """The whole generation program; ``eos_id`` < 0 means no EOS.
+  """The whole generation program; ``stop_ids`` ``[K]``, -1 where unused.
 
   Token ``i`` is sampled from the logits of the tokens before it, so the last
   token needs no forward pass: ``max_new_tokens - 1`` decoding steps. They run
@@ -207,7 +208,7 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, rng, temperature,
         tokens=s.tokens.at[:, s.step].set(tokens),
         logps=s.logps.at[:, s.step].set(jnp.where(live, logps, 0.0)),
         mask=s.mask.at[:, s.step].set(live.astype(jnp.int32)),
-        done=s.done | (live & (tokens == eos_id)), rng=rng), tokens, live
+        done=s.done | (live & jnp.any(tokens[:, None] == stop_ids, axis=1)), rng=rng), tokens, live
 
   # A tied embedding's transpose, materialized once: a dot reading the [V, D]
   # embedding transposed ran 2x slower at batch 16 on XLA CPU.
@@ -235,7 +236,7 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, rng, temperature,
 
 def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *,
              rng: Array | None = None, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, eos_id: int | None = None, pad_id: int = 0,
+             top_p: float | None = None, eos_id: int | Sequence[int] | None = None, pad_id: int = 0,
              tempered_logps: bool = False, cache_phases: int | None = None) -> Generation:
   """Samples ``max_new_tokens`` continuations of LEFT-padded prompts.
 
@@ -249,9 +250,9 @@ def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *,
     top_k: keep only the k most likely tokens before sampling.
     top_p: nucleus sampling mass (after temperature and top_k, as in Hugging Face; tokens
       tied with the last one kept are all kept, where Hugging Face cuts by sort order).
-    eos_id: generation of a row stops after it emits this token (for a chat model, the
-      tokenizer's ``eos_id``, its end of turn); None: every row runs ``max_new_tokens``,
-      past the end of its turn.
+    eos_id: generation of a row stops after it emits this token, or any of these tokens
+      (``tokenize.stop_ids(tokenizer)``: EOS and a chat model's end of turn); None: every
+      row runs ``max_new_tokens``, past the end of its turn.
     pad_id: token written after EOS (with mask 0).
     tempered_logps: return log-probs of the tempered/filtered sampling
       distribution instead of the model's own (see module docstring).
@@ -281,8 +282,7 @@ def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *,
   vocab = getattr(getattr(model, "config", None), "vocab_size", None)
   if top_k is not None and vocab is not None and top_k > vocab:
     raise ValueError(f"top_k={top_k} exceeds the vocabulary size {vocab}")
-  if eos_id is not None and eos_id < 0:
-    raise ValueError(f"eos_id must be a token id >= 0, got {eos_id}")
+  stop_ids = _stop_ids(eos_id)
   if hasattr(model, "check_positions"):  # the last token sampled is never fed back
     model.check_positions(prompt_tokens.shape[1] + max_new_tokens - 1)
   graphdef, state = nnx.split(model)
@@ -291,11 +291,20 @@ def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *,
       jnp.asarray(prompt_mask, jnp.int32), rng,
       jnp.float32(temperature if temperature > 0 else 1.0),
       jnp.float32(1.0 if top_p is None else top_p),
-      jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id),
+      jnp.asarray(stop_ids, jnp.int32), jnp.int32(pad_id),
       max_new_tokens=int(max_new_tokens), greedy=temperature == 0, top_k=top_k,
       use_top_p=top_p is not None and top_p < 1.0, tempered_logps=tempered_logps,
       cache_phases=int(default_cache_phases(max_new_tokens) if cache_phases is None
                        else cache_phases))
+
+
+def _stop_ids(eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
+  """``generate``'s ``eos_id`` as a non-empty tuple of ids, (-1,) for none."""
+  ids = () if eos_id is None else (eos_id,) if isinstance(eos_id, (int, np.integer)) else tuple(eos_id)
+  for i in ids:
+    if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or i < 0:
+      raise ValueError(f"eos_id must be token ids >= 0, got {eos_id!r}")
+  return tuple(int(i) for i in ids) or (-1,)
 
 
 def token_logps(logits: Array, tokens: Array) -> Array:

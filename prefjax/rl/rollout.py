@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prefjax.data import tokenize as tokenize_lib
 from prefjax.data import truncation
 from prefjax.losses import policy as policy_losses
 from prefjax.models import heads as heads_lib
@@ -101,7 +102,7 @@ def encode_prompts(texts: Sequence[str], token_ids: Sequence[Sequence[int]], *,
 
 class Rollout(NamedTuple):
   """Sampled responses: full rows ``[B, P+N]``, the decoded response texts, and whether
-  each response ended with EOS (``finished``) or was cut at ``max_new_tokens``."""
+  each response ended with a stop token (``finished``: EOS, a chat end of turn) or was cut at ``max_new_tokens``."""
   tokens: np.ndarray
   attention_mask: np.ndarray
   loss_mask: np.ndarray
@@ -118,17 +119,17 @@ def sample(policy: nnx.Module, prompts: Prompts, rng: Array, *, tokenizer: Any,
            max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None) -> Rollout:
   """Samples one response per prompt row with the KV-cache ``generate``."""
+  stops = tokenize_lib.stop_ids(tokenizer)
   gen = sampling.generate(policy, prompts.tokens, prompts.mask, rng=rng,
                           max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id,
-                          pad_id=tokenizer.pad_id)
+                          top_k=top_k, top_p=top_p, eos_id=stops, pad_id=tokenizer.pad_id)
   resp_tokens, resp_mask = np.asarray(gen.tokens), np.asarray(gen.mask)
   tokens = np.concatenate([prompts.tokens, resp_tokens], axis=1)
   attention = np.concatenate([prompts.mask, resp_mask], axis=1)
   loss_mask = np.concatenate([np.zeros_like(prompts.mask), resp_mask], axis=1)
-  responses = [tokenizer.decode([t for t, m in zip(row, mrow) if m and t != tokenizer.eos_id])
+  responses = [tokenizer.decode([t for t, m in zip(row, mrow) if m and t not in stops])
                for row, mrow in zip(resp_tokens.tolist(), resp_mask.tolist())]
-  finished = np.any((resp_tokens == tokenizer.eos_id) & (resp_mask > 0), axis=1)
+  finished = np.any(np.isin(resp_tokens, stops) & (resp_mask > 0), axis=1)
   return Rollout(tokens, attention, loss_mask, list(prompts.texts), responses, finished)
 
 
