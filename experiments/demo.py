@@ -1,7 +1,9 @@
 r"""The tiny-world control behind `make demo-tiny-world`: a planted exploit, on CPU.
 
 COMMAND:
-  python -m experiments.demo --workdir=workdirs/demo_tiny_world
+  python -m experiments.demo --workdir=workdirs/demo_tiny_world [--quick]
+
+``--quick`` runs each stage's ``:quick`` variant (a smoke test, not the numbers below).
 
 `make demo` runs the overoptimization study (``experiments/reproduce.py``); this is the
 smaller end-to-end control beside it, where the proxy's flaw is known. Three stages,
