@@ -80,8 +80,8 @@ def make_judge(config: Any) -> Any:
 
 def agreement_report(pairs: list[dict[str, Any]], judged: list[dict[str, Any]],
                      eval_cfg: Any) -> dict[str, Any]:
-  groups = stats.text_pair_groups([p["prompt"] for p in pairs], [p["a"] for p in pairs],
-                                  [p["b"] for p in pairs])
+  groups = stats.prompt_groups([p["prompt"] for p in pairs], [p["a"] for p in pairs],
+                              [p["b"] for p in pairs])
   kwargs = dict(num_resamples=int(eval_cfg.num_resamples), seed=int(eval_cfg.seed),
                 groups=groups)
   report = {"human": agreement.human_agreement(

@@ -1,4 +1,5 @@
-"""Pairs listed twice (same prompt and responses) are one observation in eval_rm's bootstrap."""
+"""eval_rm's bootstrap draws prompts with all their pairs (a cluster bootstrap), and counts
+pairs listed twice (same prompt and responses)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,34 @@ def test_text_pair_groups_join_copies_in_either_order_and_nothing_else():
   groups = stats.text_pair_groups(["p", "p", "p", "q", "p"], ["a", "b", "a", "a", "a"],
                                   ["b", "a", "b", "b", "c"])
   np.testing.assert_array_equal(groups, [0, 0, 0, 1, 2])
+
+
+def test_prompt_groups_join_the_pairs_of_a_prompt_and_text_pairs_without_one():
+  groups = stats.prompt_groups(["p", "q", "p", "", "", "", "q"], ["a", "a", "c", "a", "b", "a", "z"],
+                               ["b", "b", "d", "b", "a", "c", "y"])
+  np.testing.assert_array_equal(groups, [0, 1, 0, 2, 2, 3, 1])
+
+
+def test_eval_rm_resamples_the_pairs_of_one_prompt_together(tmp_path):
+  """Three pairs a prompt, scored alike within a prompt (as PandaLM's 5.7 pairs a prompt
+  are, in part): drawn by pair, the interval was that of 3x the prompts' information."""
+  rows = [dict(test_eval_rm.length_pair(i, chosen_longer=i % 3 != 0), prompt=f"q{i}",
+               chosen=(" a long answer" if i % 3 else " no") + " " * k,
+               rejected=(" no" if i % 3 else " a long answer") + "!" * k)
+          for i in range(40) for k in range(3)]
+  path = test_eval_rm.write_jsonl(tmp_path / "bench.jsonl", rows)
+  config = test_eval_rm.eval_config("length", f"jsonl:{path}")
+  eval_rm.run(config, str(tmp_path / "eval"))
+  section = json.loads((tmp_path / "eval" / "report.json").read_text())["datasets"][0]
+  assert (section["pairs_decisive"], section["decisive_prompts"]) == (120, 40)
+  assert section["decisive_pairs_repeating_text"] == 0
+  assert "they come from 40 prompts" in (tmp_path / "eval" / "report.md").read_text()
+  correct = np.array([i % 3 != 0 for i in range(40) for _ in range(3)], float)
+  by_prompt, by_pair = (stats.weighted_estimate(correct, stats.resample_counts(
+      120, config.num_resamples, config.seed, g)) for g in (np.repeat(np.arange(40), 3), None))
+  assert section["metrics"]["length"]["accuracy"] == pytest.approx(by_prompt.as_dict())
+  width = lambda e: e.high - e.low
+  assert width(by_prompt) > 1.4 * width(by_pair)  # about sqrt(3)
 
 
 def test_distinct_groups_draw_exactly_the_ungrouped_counts():
@@ -80,8 +109,10 @@ def test_eval_rm_counts_repeated_text_and_resamples_it_as_one_pair(tmp_path):
   eval_rm.run(config, str(tmp_path / "eval"))
   section = json.loads((tmp_path / "eval" / "report.json").read_text())["datasets"][0]
   assert (section["pairs_decisive"], section["decisive_pairs_repeating_text"]) == (90, 30)
-  assert ("90 decisive pairs in the metrics; 30 of them repeat another's text (same prompt "
-          "and responses, either order)") in (tmp_path / "eval" / "report.md").read_text()
+  assert section["decisive_prompts"] == 60
+  assert ("90 decisive pairs in the metrics; they come from 60 prompts, which the intervals "
+          "resample with all their pairs; 30 of them repeat another's text (same prompt and "
+          "responses, either order)") in (tmp_path / "eval" / "report.md").read_text()
   # The length scorer is right where the preferred side is the longer one: i % 3 != 0.
   correct = np.array([i % 3 != 0 for i in range(60)] + [i % 3 != 0 for i in range(30)], float)
   groups = np.concatenate([np.arange(60), np.arange(30)])

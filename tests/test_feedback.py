@@ -153,7 +153,7 @@ def test_annotator_agreement_by_hand():
   assert report["annotator2_vs_annotator3"]["value"] == pytest.approx(1 / 2)
 
 
-def test_agreement_resamples_copies_of_a_text_pair_together():
+def test_agreement_resamples_the_pairs_of_a_group_together():
   rng = np.random.default_rng(0)
   p_a = rng.uniform(size=40)
   votes = rng.integers(1, 3, size=(40, 3)).tolist()
@@ -166,7 +166,7 @@ def test_agreement_resamples_copies_of_a_text_pair_together():
   assert report["labeller_vs_annotator1"] == pytest.approx({**expected.as_dict(),
                                                             "num_pairs": 60})
   human = agreement.human_agreement(p_a, p_a, outcome, num_resamples=200, groups=groups)
-  assert human["pairs_repeating_text"] == 20
+  assert human["pairs_sharing_a_prompt"] == 20
   assert human["agreement_a_first"] == pytest.approx(report["labeller_vs_annotator1"])
 
 

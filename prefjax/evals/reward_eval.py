@@ -178,11 +178,14 @@ class PairTable:
   rejected_chars: np.ndarray
   subsets: list[str] | None  # `rm_evaluation.subset_names`: None when no row has one
   text_pairs: np.ndarray  # `stats.text_pair_groups`: copies of one text pair share a label
+  prompts: np.ndarray  # `stats.prompt_groups`: the bootstrap's clusters
   without_subset: int = 0  # rows in the ``(none)`` subset
 
   @classmethod
   def from_rows(cls, source: Any, index: np.ndarray, subset_field: str) -> PairTable:
     rows = source.__getitems__(index.tolist())
+    texts = ([r.get("prompt", "") for r in rows], [r["chosen"] for r in rows],
+             [r["rejected"] for r in rows])
     subsets, missing = None, 0
     if subset_field:
       subsets, missing = rm_evaluation.subset_names([r.get("meta") for r in rows], subset_field)
@@ -190,10 +193,7 @@ class PairTable:
                np.array([float(r.get("outcome", 1.0)) for r in rows]),
                np.array([len(r["chosen"]) for r in rows], np.float64),
                np.array([len(r["rejected"]) for r in rows], np.float64),
-               subsets, stats.text_pair_groups([r.get("prompt", "") for r in rows],
-                                               [r["chosen"] for r in rows],
-                                               [r["rejected"] for r in rows]),
-               missing)
+               subsets, stats.text_pair_groups(*texts), stats.prompt_groups(*texts), missing)
 
   @property
   def decisive(self) -> np.ndarray:
@@ -258,12 +258,13 @@ def evaluate_dataset(dataset: Dataset, scorer_fns: dict[str, Any], eval_cfg: Any
   d = table.decisive
   if not d.any():
     raise EvalInputError(f"dataset {dataset.label!r}: every pair is a tie; nothing to score")
-  groups = table.text_pairs[d]
-  repeats = stats.repeated_items(groups)
-  if repeats:
-    logging.info("dataset %s: %d of %d decisive pairs repeat the text of another (same "
-                 "prompt and responses, either order); the bootstrap draws each text pair "
-                 "once", dataset.label, repeats, int(d.sum()))
+  repeats = stats.repeated_items(table.text_pairs[d])
+  groups = table.prompts[d]
+  num_prompts = int(np.unique(groups).size)
+  if num_prompts < d.sum():
+    logging.info("dataset %s: %d decisive pairs from %d prompts (%d repeat the text of "
+                 "another); the bootstrap draws prompts, with all their pairs",
+                 dataset.label, int(d.sum()), num_prompts, repeats)
   counts = stats.resample_counts(int(d.sum()), int(eval_cfg.num_resamples), int(eval_cfg.seed),
                                  groups)
   rel_diff = table.relative_length_difference()
@@ -291,7 +292,7 @@ def evaluate_dataset(dataset: Dataset, scorer_fns: dict[str, Any], eval_cfg: Any
   section = {
       "dataset": dataset.label, "rows": len(dataset.source), "pairs_scored": int(index.size),
       "pairs_decisive": int(d.sum()), "ties_left_out": int((~d).sum()),
-      "decisive_pairs_repeating_text": repeats,
+      "decisive_pairs_repeating_text": repeats, "decisive_prompts": num_prompts,
       "preferred_longer_rate": float(np.mean(rel_diff > 0)),
       "length_bin_counts": {label: int(mask.sum()) for label, mask in stats.length_bins(rel_diff)},
       "source_summary": str(dataset.source.summary),

@@ -132,10 +132,14 @@ def rows_line(section: Mapping[str, Any]) -> str:
   ties = section["ties_left_out"]
   parts.append(f"{section['pairs_scored']} pairs scored, {ties} tie{'' if ties == 1 else 's'} "
                f"left out: {section['pairs_decisive']} decisive pairs in the metrics")
+  prompts = section.get("decisive_prompts", section["pairs_decisive"])
+  if prompts < section["pairs_decisive"]:
+    parts.append(f"they come from {prompts} prompts, which the intervals resample with all "
+                 "their pairs")
   repeats = section.get("decisive_pairs_repeating_text", 0)
   if repeats:
     parts.append(f"{repeats} of them repeat another's text (same prompt and responses, "
-                 "either order) and are resampled with it in the intervals")
+                 "either order)")
   return (f"Rows: {'; '.join(parts)} (preferred response longer in "
           f"{section['preferred_longer_rate']:.0%}).")
 

