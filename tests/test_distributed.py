@@ -203,7 +203,9 @@ def _free_port() -> int:
 def agreeing_worker(process_id: int, port: int, root: str) -> None:
   """A small ``train_loop`` per scenario where the processes' own views differ: SIGTERM
   reaches process 1 at step 2 and process 0 at step 3; process 0 has 3 batches and
-  process 1 has 2. Each used to stop alone and leave the other waiting in a collective."""
+  process 1 has 2. Each used to stop alone and leave the other waiting in a collective.
+  Each process feeds one row a step, a multiple of the one device it holds, not of the
+  mesh's two (those were refused)."""
   import optax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   parallel.initialize_distributed(f"localhost:{port}", NUM_PROCESSES, process_id)
@@ -216,8 +218,8 @@ def agreeing_worker(process_id: int, port: int, root: str) -> None:
   scenarios = {"signal": (100, 2 + (process_id == 0)), "exhausted": (3 - process_id, None)}
   with jax.set_mesh(mesh):
     for name, (num_batches, signal_at) in scenarios.items():
-      batches = [{"x": rng.normal(size=(2, 4)).astype(np.float32),
-                  "y": rng.normal(size=2).astype(np.float32)} for _ in range(num_batches)]
+      batches = [{"x": rng.normal(size=(1, 4)).astype(np.float32),
+                  "y": rng.normal(size=1).astype(np.float32)} for _ in range(num_batches)]
       hooks = [lambda step, *_, at=signal_at: step == at and os.kill(os.getpid(),
                                                                      signal.SIGTERM)]
       result = train.train_loop(

@@ -339,14 +339,20 @@ class TokenizeFn:
 
 def index_dataset(num_rows: int, config: PipelineConfig, *, name: str = "source"
                   ) -> grain.MapDataset:
-  """Source row indices: host shard -> per-epoch shuffle -> repeat ``num_epochs``."""
+  """Source row indices: host shard -> per-epoch shuffle -> repeat ``num_epochs``.
+
+  Each shard is shuffled with its own seed (``seed`` for shard 0, as one process does):
+  with one permutation for every shard, the processes' k-th rows were always neighbours
+  in the source, drawn into the same global batch in every epoch."""
   shard_index, shard_count = config.shard()
   ds = grain.MapDataset.range(num_rows)[shard_index::shard_count]
   if len(ds) == 0:
     raise ValueError(f"{name} has {num_rows} rows, so shard {shard_index} of {shard_count} "
                      "(one per process) is empty")
   if config.shuffle:
-    ds = ds.shuffle(seed=config.seed)
+    seed = config.seed if shard_index == 0 else np.random.SeedSequence(
+        [config.seed, shard_index]).generate_state(1)[0]
+    ds = ds.shuffle(seed=int(seed))
   return ds.repeat(config.num_epochs)
 
 

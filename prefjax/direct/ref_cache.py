@@ -98,6 +98,8 @@ class ReferenceScorer:
     try:
       return sharding_lib.put_batch(batch, self.mesh)
     except ValueError:  # Not divisible by the data axes (e.g. a small eval batch).
+      if jax.process_count() > 1:  # each process's rows differ: never one replicated value
+        raise
       return jax.device_put(batch)
 
   def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -33,6 +33,7 @@ from prefjax.parallel.mesh import (
     data_shard,
     data_shards,
     first_holder_of_data_shard,
+    local_batch_multiple,
     make_mesh,
     mesh_from_config,
     resolve_shape,
@@ -61,7 +62,7 @@ __all__ = [
     "define_flags", "describe_shardings", "detect_cluster", "every_process",
     "first_holder_of_data_shard", "gather_json", "gather_rows", "highest_in_any_process",
     "in_any_process", "in_every_process", "init_sharded", "initialize_distributed",
-    "jit_sharded", "local_rows", "make_mesh", "match_partition_specs", "mesh_from_config",
+    "jit_sharded", "local_batch_multiple", "local_rows", "make_mesh", "match_partition_specs", "mesh_from_config",
     "named_shardings", "path_str", "process_info", "resolve_shape", "shard_batch",
     "shard_model", "shard_tree", "sum_over_processes", "summed_counts",
 ]

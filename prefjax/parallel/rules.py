@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-from prefjax.parallel.mesh import BATCH_AXES
+from prefjax.parallel.mesh import BATCH_AXES, local_batch_multiple
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
   Raises:
     ValueError: a leading dim not divisible by the batch-axis size (names the key).
   """
-  batch_size = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+  batch_size = local_batch_multiple(mesh)
   multi_process = jax.process_count() > 1
   examples = _examples_per_process(batch) if multi_process else None
   if isinstance(batch, dict):
@@ -261,7 +261,8 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
     if x.ndim and x.shape[0] % batch_size:
       local = " (per-process)" if multi_process else ""
       raise ValueError(f"batch field '{path_str(path)}' has leading dim {x.shape[0]}{local}, "
-                       f"not divisible by the {batch_size} devices of mesh axes {BATCH_AXES}")
+                       f"not divisible by the {batch_size} devices of mesh axes {BATCH_AXES}"
+                       f"{' this process feeds' if multi_process else ''}")
     if multi_process:
       responses = x.shape[0] // examples if examples and x.ndim else 1
       if responses > 1 and x.shape[0] == responses * examples:

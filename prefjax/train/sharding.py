@@ -58,7 +58,7 @@ def check_batch_shapes(dataset: Any, mesh: jax.sharding.Mesh | None, *,
   would not split over the mesh's data-parallel devices (each of its ``accum_steps``
   microbatches), or is packed in a multi-process run, as the train step would at the
   first such batch, which with bucketing or ``trim_rows`` can come late."""
-  size = 1 if mesh is None else data_parallel_size(mesh)
+  size = 1 if mesh is None else parallel.local_batch_multiple(mesh)  # rows per process
   for shapes in dataset.batch_shapes():
     parallel.check_joinable_across_processes(shapes)
     index_fields = [k for k in parallel.rules.ROW_INDEX_FIELDS if k in shapes]
@@ -72,7 +72,7 @@ def check_batch_shapes(dataset: Any, mesh: jax.sharding.Mesh | None, *,
         where = f" in each of {accum_steps} microbatches" if accum_steps > 1 else ""
         raise ValueError(
             f"{dataset} can yield '{key}' of shape {shape}, whose leading dim does not "
-            f"divide over the {size} data-parallel devices{where} (mesh "
+            f"divide over the {size} data-parallel devices it feeds{where} (mesh "
             f"{dict(mesh.shape) if mesh is not None else {}}): make data.pipeline's "
             f"batch_size, pack_rows and row_multiple multiples of {size * accum_steps}")
 
@@ -89,8 +89,9 @@ def put_batch(batch: Any, mesh: jax.sharding.Mesh | None, *, presplit: bool = Fa
     return jax.device_put(batch)
   if not presplit:
     return parallel.shard_batch(batch, mesh)
-  _check_rows(batch, data_parallel_size(mesh), axis=1)
-  shardings = batch_shardings(batch, mesh, presplit=True)
+  multiple = parallel.local_batch_multiple(mesh)  # each process passes its own rows
+  _check_rows(batch, multiple, axis=1)
+  shardings = batch_shardings(batch, mesh, presplit=True, rows_multiple=multiple)
   if jax.process_count() > 1:
     return jax.tree.map(jax.make_array_from_process_local_data, shardings, batch)
   return jax.device_put(batch, shardings)
@@ -115,14 +116,16 @@ def _check_rows(batch: Any, size: int, *, axis: int) -> None:
                        "of accum_steps x the data-parallel size, or change the mesh")
 
 
-def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, *, presplit: bool = False) -> Any:
+def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, *, presplit: bool = False,
+                    rows_multiple: int | None = None) -> Any:
   """Per-leaf shardings: the example axis over ``("data", "fsdp")``.
 
   Leaves whose example axis is not divisible by the data-parallel size (or
-  scalars) are replicated.
+  ``rows_multiple``: ``local_batch_multiple`` for one process's rows) or scalars are
+  replicated.
   """
   axis = 1 if presplit else 0
-  size = data_parallel_size(mesh)
+  size = data_parallel_size(mesh) if rows_multiple is None else rows_multiple
   axes = tuple(a for a in DATA_AXES if a in mesh.shape)
 
   def sharding(x):
