@@ -121,7 +121,7 @@ def _need_settings(name: str, settings: Sequence[curves_lib.SettingCurves]) -> N
 
 
 # The z a drop from a peak picked out of S points must reach (``bon.Decline``).
-DECLINE_THRESHOLD = {"drop_z": ">= critical_z (bootstrap max-t over the candidate peaks, "
+DECLINE_THRESHOLD = {"drop_z": ">= critical_z (bootstrap-t max over the candidate peaks, "
                                 "one-sided 2.3%; at least 2)"}
 
 

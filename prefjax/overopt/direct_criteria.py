@@ -46,8 +46,8 @@ def criterion_d1(sweep: DaaSweep, *, num_se: float = 2.0, num_bootstrap: int = 1
 
   Interior maximum, by the rule G1 uses for best-of-n: the argmax over the points
   (reference d = 0 included) is neither the reference nor the largest-d point,
-  and the largest-d point is below it by a z (bootstrap SE over prompts, of the
-  per-prompt difference) of at least ``num_se``, raised to the max-t critical value
+  and the largest-d point is below it by a z (SE over prompts of the per-prompt
+  difference) of at least ``num_se``, raised to the bootstrap-t max critical value
   because the peak is picked from the same points (``bon.Decline``). Fits use the
   same points (CIs over prompts).
   """
