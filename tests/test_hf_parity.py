@@ -315,11 +315,30 @@ def _edit_tensors(path: pathlib.Path, edit) -> None:
     # transformers 5 writes rope_parameters and lets a rope_scaling beside it win: this
     # one loaded as plain RoPE (logits 6.8 off on 30 tokens).
     {**_rope(1e4), "rope_scaling": {"type": "linear", "factor": 4.0}},
+    # transformers reads "type" in rope_parameters too (its old spelling).
+    {"rope_parameters": {"type": "linear", "factor": 4.0, "rope_theta": 1e4}},
 ])
 def test_rope_scaling_in_either_config_key_is_refused(rope):
   with pytest.raises(hf_import.CheckpointError, match=r"rope scaling type '\w+' is not supported"):
     hf_import._rope_theta(rope)  # pylint: disable=protected-access
   assert hf_import._rope_theta(_rope(5e5)) == 5e5  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_theta": 2e4},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 5e4}},
+    # A rope_scaling beside rope_parameters replaces it whole (theta 1e4, not 5e4: the
+    # logits were 0.11 off).
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 5e4},
+     "rope_scaling": {"rope_type": "default"}},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 5e4},
+     "rope_scaling": {"rope_type": "default", "rope_theta": 3e4}},
+    {"rope_theta": 2e4, "rope_scaling": {"type": "default"}},
+])
+def test_rope_theta_is_the_one_transformers_reads(rope):
+  import copy  # pylint: disable=import-outside-toplevel
+  theirs = transformers.LlamaConfig(**copy.deepcopy(rope)).rope_parameters["rope_theta"]
+  assert hf_import._rope_theta(rope) == theirs  # pylint: disable=protected-access
 
 
 def test_unsupported_model_type_is_named(bert_dir):

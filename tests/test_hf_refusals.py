@@ -36,6 +36,25 @@ def _llama_dir(tmp_path: pathlib.Path, *, tied: bool, name: str = "llama",
   return tmp_path / name
 
 
+def test_a_classifier_s_labels_are_not_read_as_ensemble_members(tmp_path):
+  """A 3-label classifier's ``score`` fits a 3-member ensemble's head in shape; its class
+  logits are not members, so the mean and spread would mean nothing."""
+  config = test_hf_parity._llama_config(tied=False)  # pylint: disable=protected-access
+  config.pad_token_id, config.num_labels = 0, 3
+  torch.manual_seed(0)
+  transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "cls")
+  with pytest.raises(hf_import.CheckpointError, match=r"'score.weight' is a 'multi:LABEL_0,"
+                                                      r"LABEL_1,LABEL_2' head; the requested "
+                                                      r"model has 'reward_ensemble:3'"):
+    models.from_pretrained(tmp_path / "cls", head="reward_ensemble:3", score_head="require",
+                           dtype=jnp.float32)
+  multi = models.from_pretrained(tmp_path / "cls", head="multi:LABEL_0,LABEL_1,LABEL_2",
+                                 score_head="require", dtype=jnp.float32)
+  np.testing.assert_array_equal(np.asarray(multi.head.kernel).T, transformers.
+                                LlamaForSequenceClassification.from_pretrained(
+                                    tmp_path / "cls").score.weight.detach().numpy())
+
+
 def _edit(path: pathlib.Path, edit) -> None:
   tensors = load_file(str(path / "model.safetensors"))
   edit(tensors)

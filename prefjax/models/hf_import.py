@@ -122,11 +122,13 @@ def _rope_theta(hf: dict[str, Any]) -> float:
   scaling = hf.get("rope_scaling") or {}
   # Either key may carry the scaling (transformers 5 writes rope_parameters and lets a
   # rope_scaling beside it win): refuse a non-default type in either.
-  for rope_type in (params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
+  for rope_type in (params.get("rope_type"), params.get("type"), scaling.get("rope_type"),
+                    scaling.get("type")):
     if rope_type not in (None, "default"):
       raise CheckpointError(f"rope scaling type {rope_type!r} is not supported "
                             "(only default RoPE)")
-  return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  # As transformers reads them: a non-empty rope_scaling replaces rope_parameters whole.
+  return float((scaling or params).get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
 def _decoder_config_from_hf(hf: dict[str, Any]):
@@ -454,8 +456,8 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
                  "head='reward' scores with it)", path, head)
     return model
   skips_pad = hf.get(SCORE_TOKEN_KEY) != "last_real"
-  _load_or_keep(lambda: load_score_head(model, SafetensorsReader(path), skips_pad=skips_pad),
-                score_head, head)
+  _load_or_keep(lambda: load_score_head(model, SafetensorsReader(path), skips_pad=skips_pad,
+                                        saved=saved), score_head, head)
   return model
 
 
@@ -557,7 +559,8 @@ def load_prefjax_head(model: nnx.Module, path: PathLike,
   _log.info("%s: loaded the %s head", file, type(model).__name__)
 
 
-def load_score_head(model, reader: SafetensorsReader, *, skips_pad: bool = True) -> None:
+def load_score_head(model, reader: SafetensorsReader, *, skips_pad: bool = True,
+                    saved: str | None = None) -> None:
   """Copies a HF ``*ForSequenceClassification`` ``score`` layer into a reward head.
 
   HF decoder reward models (``LlamaForSequenceClassification``,
@@ -569,7 +572,9 @@ def load_score_head(model, reader: SafetensorsReader, *, skips_pad: bool = True)
   ``skips_pad=False`` (a prefjax export whose model read the last real token, see
   ``SCORE_TOKEN_KEY``) reads the last real token instead, as the model was trained.
   A ``score.bias`` (prefjax exports write one when the head's bias is not zero;
-  transformers ignores it) is loaded too.
+  transformers ignores it) is loaded too. ``saved``: the head the directory records
+  (``saved_head``); another kind is refused even where the shapes fit (a 3-label
+  classifier's class logits read as 3 ensemble members).
   """
   weight = reader.get("score.weight")
   kernel = model.head.kernel
@@ -577,6 +582,11 @@ def load_score_head(model, reader: SafetensorsReader, *, skips_pad: bool = True)
     raise CheckpointError(
         f"{reader.directory}: tensor 'score.weight' has shape {weight.shape} but the "
         f"requested head needs {tuple(kernel.shape[::-1])} ([num_labels, hidden])")
+  wanted = heads.head_spec(model)
+  if saved is not None and heads.parse_head(saved)[0] != heads.parse_head(wanted)[0]:
+    raise CheckpointError(f"{reader.directory}: 'score.weight' is a {saved!r} head; the "
+                          f"requested model has {wanted!r}, which would read it as another "
+                          "kind of output")
   if model.pooling != "last":
     raise CheckpointError(f"{reader.directory}: 'score.weight' is a last-token head; "
                           f"pooling={model.pooling!r} would not reproduce it")
