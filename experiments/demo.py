@@ -3,7 +3,8 @@ r"""The tiny-world control behind `make demo-tiny-world`: a planted exploit, on 
 COMMAND:
   python -m experiments.demo --workdir=workdirs/demo_tiny_world [--quick]
 
-``--quick`` runs each stage's ``:quick`` variant (a smoke test, not the numbers below).
+``--quick`` runs each stage's ``:quick`` variant (a smoke test, not the numbers below) in
+folders of its own (``rm_quick``, …), so a later full run in the same workdir starts afresh.
 
 `make demo` runs the overoptimization study (``experiments/reproduce.py``); this is the
 smaller end-to-end control beside it, where the proxy's flaw is known. Three stages,
@@ -59,12 +60,18 @@ def _stage(name: str, fn: Callable[[Any, str], Any], config: Any, workdir: str) 
   return result
 
 
-def _copy_figures(workdir: str) -> list[str]:
+def stage_names(quick: bool) -> dict[str, str]:
+  """Each stage's folder: ``--quick`` runs in folders of their own, so that a full run in
+  the same workdir neither resumes a quick run's checkpoints nor reports them as its own."""
+  return {stage: stage + "_quick" * quick for stage in ("rm", "bon", "rl")}
+
+
+def _copy_figures(workdir: str, folders: dict[str, str]) -> list[str]:
   out = os.path.join(workdir, "figures")
   os.makedirs(out, exist_ok=True)
   copied = []
-  for stage in ("rm", "bon", "rl"):
-    fig_dir = os.path.join(workdir, stage, "figures")
+  for stage, folder in folders.items():
+    fig_dir = os.path.join(workdir, folder, "figures")
     if not os.path.isdir(fig_dir):
       continue
     for fname in sorted(os.listdir(fig_dir)):
@@ -125,11 +132,11 @@ def report(rm: dict[str, Any], bon: dict[str, Any], rl: dict[str, Any],
 
 def run(workdir: str, quick: bool = False) -> dict[str, Any]:
   experiment.require_one_process("experiments.demo")
-  arg = "quick" if quick else None
-  rm = _stage("rm", train_rm.run, rm_config.get_config(arg), workdir)
-  bon = _stage("bon", best_of_n.run, bon_config.get_config(arg), workdir)
-  rl = _stage("rl", train_rl.run, rloo_config.get_config(arg), workdir)
-  figures = _copy_figures(workdir)
+  arg, folders = "quick" if quick else None, stage_names(quick)
+  rm = _stage(folders["rm"], train_rm.run, rm_config.get_config(arg), workdir)
+  bon = _stage(folders["bon"], best_of_n.run, bon_config.get_config(arg), workdir)
+  rl = _stage(folders["rl"], train_rl.run, rloo_config.get_config(arg), workdir)
+  figures = _copy_figures(workdir, folders)
   text = report(rm, bon, rl, figures)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(text)

@@ -168,8 +168,9 @@ class HHWorld(text_study.TextWorld):
     cfg = self.cfg.bon
     c = self.against_proxy(bon_smollm2, width)
     c.prompts.num_eval = int(cfg.num_prompts)
-    c.bon.update(num_samples=int(cfg.num_samples), num_points=int(cfg.num_points),
-                 prompts_per_batch=int(cfg.prompts_per_batch), num_bootstrap=200)
+    # Not num_points or num_bootstrap: curve-only settings, which the report redraws from
+    # the samples; in the stage's key they refused a finished stage (GPU hours of samples).
+    c.bon.update(num_samples=int(cfg.num_samples), prompts_per_batch=int(cfg.prompts_per_batch))
     return c
 
   def rl_config(self, width: int, algorithm: str | None = None):

@@ -376,6 +376,21 @@ def test_the_demo_records_its_command_and_holds_its_workdir(tmp_path):
   assert record["argv"][1:] == [f"--workdir={tmp_path}", "--quick"] and record["imports"] == []
 
 
+def test_the_demo_s_quick_stages_share_no_folder_with_the_full_ones(monkeypatch, tmp_path):
+  """A full run after --quick in one workdir resumed the quick RM past its finished
+  schedule and reported the mix as configs/rm/tiny.py's run (a helper's review)."""
+  from experiments import demo  # pylint: disable=import-outside-toplevel
+  ran, summary = [], {"n": [1], "proxy": [0.0], "gold": [0.0], "gold_se": [0.0]}
+  for name in ("train_rm", "best_of_n", "train_rl"):
+    monkeypatch.setattr(getattr(demo, name), "run",
+                        lambda config, path: ran.append(os.path.basename(path)) or summary)
+  monkeypatch.setattr(demo, "report", lambda *a: "")
+  monkeypatch.setattr(demo.summary_lib, "write_json", lambda *a: None)
+  for quick in (True, False):
+    demo.run(str(tmp_path), quick=quick)
+  assert ran == ["rm_quick", "bon_quick", "rl_quick", "rm", "bon", "rl"]
+
+
 def test_setting_the_mismatch_policy_on_a_rerun_is_not_a_mismatch(tmp_path):
   config = {"seed": 0, "loop": {"num_steps": 5, "on_config_mismatch": "warn"}}
   summary_lib.write_or_check_config(str(tmp_path), config)

@@ -98,6 +98,14 @@ def test_binary_configs_link_the_stages(world):
     assert (c.prompts.style, c.prompts.max_length, c.sampling.max_new_tokens) == ("chat", 40, 6)
     assert c.model.preset == "tiny_llama" and c.data.name == HH
   assert world.rl_config(32).loop.checkpoint_every == 1
+  # Curve-only settings stay out of the best-of-n stage (and its key): changing them
+  # redraws the curve from the samples instead of refusing the finished stage.
+  before = world.bon_config(32).to_dict()
+  world.cfg.bon.num_points += 3
+  try:
+    assert world.bon_config(32).to_dict() == before
+  finally:
+    world.cfg.bon.num_points -= 3
   dpo = world.dpo_config("ipo", 0.1, "synthetic:pairs")
   assert (dpo.loss.name, dpo.loss.beta, dpo.ref.mode, dpo.loop.num_steps) == ("ipo", 0.1,
                                                                                "cached", 2)

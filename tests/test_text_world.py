@@ -425,3 +425,25 @@ def test_text_world_seeds_get_their_own_criteria_beside_the_pooled_ones(tmp_path
   section = markdown.split("## The text criteria world by world")[1]
   assert "| criterion | pooled | world 3 | world 5 |" in section
   assert "| G1 | " in section and "| D1 | " in section
+
+
+def test_a_checkpoint_saved_by_a_signal_off_the_grid_is_not_evaluated(tmp_path):
+  """SIGTERM at step 3 of a run checkpointing every 2 saved step 3 too; once the rerun
+  finished, the study evaluated it: an extra point on an RL curve, and a DPO sweep whose
+  runs then differed in their steps failed on every rerun (a helper's review)."""
+  from prefjax import train  # pylint: disable=import-outside-toplevel
+  from tests import test_train_core as core  # pylint: disable=import-outside-toplevel
+  loop = dict(num_steps=6, log_every=1, eval_every=0, checkpoint_every=2,
+              keep_checkpoints=100, tensorboard=False)
+
+  def run(hooks=()):
+    return train.train_loop(
+        workdir=str(tmp_path), model=core.MLP(nnx.Rngs(0)), loss_fn=core.mse_loss,
+        optimizer={"name": "sgd", "learning_rate": 0.1}, loop=loop,
+        train_iter=iter(core.make_batches(6, 16)), hooks=hooks, config={"loop": loop})
+
+  assert run([core._sigterm_at(3)]).preempted  # pylint: disable=protected-access
+  assert not run().preempted
+  on_disk = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert on_disk == [2, 3, 4, 6]
+  assert text_world.checkpoint_steps(str(tmp_path)) == [2, 4, 6]

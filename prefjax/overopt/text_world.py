@@ -339,14 +339,34 @@ class Trajectory(NamedTuple):
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
+  """The run's checkpoints on its ``loop.checkpoint_every`` grid, and its last. A run
+  stopped by a signal saves the step it reached (say 13 of a grid of 10); once resumed and
+  finished, that step would add a point to its curve that an uninterrupted run lacks (and
+  a DPO sweep's runs would disagree on their steps)."""
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoints directory in {workdir}")
   ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
   try:
-    return ckpt.all_steps()
+    steps = ckpt.all_steps()
   finally:
     ckpt.close()
+  every = _checkpoint_every(workdir)
+  kept = [s for s in steps if not every or s % every == 0 or s == steps[-1]]
+  if len(kept) < len(steps):
+    logging.info("%s: checkpoints %s are off the run's grid of %d steps (saved when it was "
+                 "stopped): not evaluated", workdir, sorted(set(steps) - set(kept)), every)
+  return kept
+
+
+def _checkpoint_every(workdir: str) -> int:
+  """``loop.checkpoint_every`` of the run's ``config.json`` (0 when it records none)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    loop = json.load(f).get("loop") or {}
+  return int(loop.get("checkpoint_every") or 0)
 
 
 def checkpoint_trajectory(workdir: str, load: Callable[[int], nnx.Module],
