@@ -22,7 +22,8 @@ so the jitted loss is one program whatever the mode:
 
 The cache key is a SHA-256 over everything the values depend on: the reference
 weights (params SHA-256 or checkpoint-file SHA-256), the dataset content
-(``source.fingerprint``), split and size, the tokenizer fingerprint, the
+(``source.fingerprint``), split and size, the tokenizer fingerprint and the token a
+response ends with (``tokenize.response_end_id``), the
 truncation/batching settings, the model config and dtype, the backend and the
 mesh shape. Changing any of them gives a new key, so a stale cache is never
 read. Files: ``<cache_dir>/<key>.npz`` (``chosen``, ``rejected``, ``computed``
@@ -50,6 +51,7 @@ from prefjax import files
 from prefjax import parallel
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import sources
+from prefjax.data import tokenize as tokenize_lib
 from prefjax.direct import loss as loss_lib
 from prefjax.train import metrics as metrics_lib
 from prefjax.train import sharding as sharding_lib
@@ -215,6 +217,8 @@ def key_parts(*, ref_weights: str, source: Any, tokenizer: Any,
       "dataset": {"name": getattr(source, "name", None), "split": getattr(source, "split", None),
                   "fingerprint": source.fingerprint, "rows": len(source)},
       "tokenizer": tokenizer.name,
+      # What responses end with (a chat template's turn end since 2026-12-07, EOS before).
+      "response_end_id": tokenize_lib.response_end_id(tokenizer, pipeline.prompt_style),
       "pipeline": {k: settings[k] for k in _KEY_PIPELINE_FIELDS},
       "model": dict(model_config),
       "layout": loss.layout,
