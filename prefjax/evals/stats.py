@@ -219,8 +219,9 @@ def scorer_metrics(signed: np.ndarray, counts: np.ndarray, *, rel_diff: np.ndarr
 def subset_accuracies(correct: np.ndarray, counts: np.ndarray, subsets: Sequence[str],
                       seed: int = 0, groups: np.ndarray | None = None
                       ) -> tuple[dict[str, Estimate], Estimate]:
-  """Accuracy per subset, and their unweighted mean (each category counts once, as in
-  RewardBench's section scores).
+  """Accuracy per subset, and their unweighted mean (each subset counts once, as
+  RewardBench's overall score weighs its sections; within a section RewardBench pools its
+  subsets' pairs, so label pairs with their section to reproduce that score).
 
   The mean's interval resamples within each subset (a stratified bootstrap, as many
   resamples as ``counts`` has rows, drawn from ``seed``): resampling the pooled pairs
