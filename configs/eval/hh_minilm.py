@@ -10,16 +10,17 @@ cut as each ``rm:`` run was trained (``configs/rm/hh_minilm.py``: prompt 32 toke
 left, prompt+response 80); ``config.pipeline`` is left empty so that another RM keeps its
 own cuts.
 
-Expected (this 2-core CPU, measured 2026-12-05 on the conversation-disjoint split of
-builder 1.2.0, with ``--config.scorers=length,shorter``, 13 s): the baselines, accuracy
-[bootstrap 95% CI], lengths in characters:
-  hh_rlhf/harmless-base@resplit_test, 253 pairs (preferred longer in 49%):
-    length-only 0.488 [0.427, 0.547], shorter-wins 0.512 [0.453, 0.573];
-  pandalm@test, 894 decisive pairs (105 ties left out; preferred longer in 67%; 110 repeat
-  another pair's text and are resampled with it):
-    length-only 0.674 [0.639, 0.711], shorter-wins 0.326 [0.289, 0.361].
+Expected (this 2-core CPU, measured 2026-12-07 on the conversation-disjoint split of
+builder 1.2.0, with ``--config.scorers=length,shorter``, 10 s): the baselines, accuracy
+[bootstrap 95% CI over prompts], lengths in characters:
+  hh_rlhf/harmless-base@resplit_test, 253 pairs from 252 prompts (preferred longer in 49%):
+    length-only 0.488 [0.429, 0.551], shorter-wins 0.512 [0.449, 0.571];
+  pandalm@test, 894 decisive pairs from 158 prompts (105 ties left out; preferred longer in
+  67%; 110 repeat another pair's text):
+    length-only 0.674 [0.622, 0.725], shorter-wins 0.326 [0.275, 0.378]
+    (drawn by pair, before 2026-12-07: [0.639, 0.711], a third narrower).
 The trained MiniLM RM (configs/rm/hh_minilm.py, 150 steps, 2 min 49 s; this evaluation
-47 s):
+47 s; measured 2026-12-05, intervals drawn by pair):
   harmless-base@resplit_test: 0.628 [0.565, 0.688], length-controlled 0.626, ECE 0.055;
     minus shorter-wins 0.117 [0.053, 0.182], p = 0.001;
   pandalm@test: 0.427 [0.391, 0.464], length-controlled 0.491, ECE 0.140. Below chance: the

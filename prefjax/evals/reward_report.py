@@ -65,7 +65,8 @@ def markdown(report: Mapping[str, Any]) -> str:
   """The whole ``report.md``."""
   out = ["# Reward-model evaluation", "", f"Command: `{report['command']}`", "",
          f"Scorers: {', '.join(report['scorers'])}. Bootstrap: {report['num_resamples']} "
-         "paired resamples of pairs; intervals are 95% percentile intervals, except ECE's: the "
+         "paired resamples of prompts, each with all its pairs; intervals are 95% percentile "
+         "intervals, except ECE's: the "
          "basic bootstrap interval [2v − q97.5, 2v − q2.5] floored at 0, as binned ECE is "
          "biased upward (it can lie below the plug-in value v). Accuracy counts "
          "a zero margin as half; length-controlled accuracy = ½·acc(preferred longer) + "
