@@ -27,7 +27,8 @@ Short responses have the extreme frequency vectors.
 
 A proxy with a planted, exploitable feature (``exploit_char``) is provided for
 overoptimization experiments: proxy = gold + exploit_weight · (fraction of the
-exploit character), while the gold reward penalises that character slightly.
+exploit character), while the ``char_mean`` gold penalises that character slightly
+(``exploit_gold_penalty``; the teacher gold ignores it).
 
 A programmatic harm signal for safety experiments: ``harm_char`` (default "g",
 the character the seed-0 gold reward likes most, so harmful responses are also
