@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from prefjax.models import decoder as dec
+from prefjax.models import segments
 from prefjax.models import stack
 
 CONFIGS = {
@@ -214,10 +215,23 @@ def test_packed_rows_equal_unpadded_sequences(name, explicit_positions):
                                  atol=1e-4, rtol=1e-4)
 
 
-def test_positions_from_segments():
+def test_positions_in_segments():
   seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 2, 2, 2, 2, 2, 2, 0]])
-  want = [[0, 1, 2, 0, 1, 0, 0, 1], [0, 0, 1, 2, 3, 4, 5, 0]]
-  np.testing.assert_array_equal(dec.positions_from_segments(seg), want)
+  want = [[0, 1, 2, 0, 1, 0, 0, 0], [0, 0, 1, 2, 3, 4, 5, 0]]  # padding at 0, as packed
+  np.testing.assert_array_equal(segments.positions_in_segments(seg), want)
+
+
+def test_a_packed_row_s_long_padding_tail_stays_within_learned_positions():
+  """Default positions counted on through a padding tail: past a 16-slot table they read
+  NaN embeddings, which attention's zero weights spread to the real tokens (a review)."""
+  cfg = dec.DecoderConfig.tiny_gpt2(vocab_size=61, max_position_embeddings=16)
+  model = dec.Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32)
+  tokens = np.random.RandomState(0).randint(3, 61, (1, 40)).astype(np.int32)
+  seg = np.array([[1] * 6 + [2] * 5 + [0] * 29], np.int32)
+  packed = np.asarray(model(jnp.asarray(tokens), segment_ids=jnp.asarray(seg)))
+  assert np.all(np.isfinite(packed))
+  alone = np.asarray(model(jnp.asarray(tokens[:, 6:11])))
+  np.testing.assert_allclose(packed[0, 6:11], alone[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("name, grow", [("llama", False), ("gpt2", False), ("gpt2", True)])

@@ -240,11 +240,6 @@ def positions_from_mask(attention_mask: Array) -> Array:
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def positions_from_segments(segment_ids: Array) -> Array:
-  """Position of every token within its packed segment (restarts at each segment start)."""
-  return jnp.arange(segment_ids.shape[-1], dtype=jnp.int32) - seg.run_starts(segment_ids)
-
-
 @functools.cache
 def _block_forward(tiled: bool):
   """One block's forward; packed rows use the tiled attention kernel on CPU (it skips
@@ -324,7 +319,7 @@ class Decoder(nnx.Module):
     if segment_ids is not None:
       segments = segment_ids.astype(jnp.int32)
       if positions is None:
-        positions = positions_from_segments(segments)
+        positions = seg.positions_in_segments(segments)
     elif attention_mask is not None:
       segments = attention_mask.astype(jnp.int32)
       if positions is None:

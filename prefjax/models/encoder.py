@@ -151,11 +151,6 @@ class EncoderConfig:
     }
 
 
-def positions_in_segments(segment_ids: Array) -> Array:
-  """Offset of every token within its packed segment (restarts where the id changes)."""
-  return jnp.arange(segment_ids.shape[-1], dtype=jnp.int32) - seg.run_starts(segment_ids)
-
-
 def attention_bias(attention_mask: Array | None, segment_ids: Array | None,
                    shape: tuple[int, int]) -> Array:
   """Boolean ``[N, 1, T, T]`` mask of allowed (query, key) pairs, bidirectional.
@@ -296,7 +291,7 @@ class Encoder(nnx.Module):
       raise ValueError(f"sequence length {t} exceeds max_position_embeddings="
                        f"{self.config.max_position_embeddings}")
     if positions is None and segment_ids is not None:
-      positions = positions_in_segments(segment_ids)
+      positions = seg.positions_in_segments(segment_ids)
     elif positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
     if token_type_ids is None:

@@ -26,6 +26,15 @@ def run_starts(ids: jax.Array) -> jax.Array:
   return jax.lax.cummax(jnp.where(continues_run(ids), 0, idx), axis=1)
 
 
+def positions_in_segments(segment_ids: jax.Array) -> jax.Array:
+  """``[N, T] -> [N, T]``: each token's offset within its packed segment (restarting
+  where the id changes); 0 on padding (id 0), as the pipeline writes it, so that a long
+  padding tail never indexes past a learned position table (NaN, which attention then
+  spreads to real tokens through its zero weights)."""
+  offsets = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32) - run_starts(segment_ids)
+  return jnp.where(segment_ids > 0, offsets, 0)
+
+
 def last_token_index(attention_mask: jax.Array) -> jax.Array:
   """Index of the last real token of each padded row ``[N, T] -> [N]``.
 
