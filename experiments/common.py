@@ -229,6 +229,19 @@ def _import_user_modules() -> None:
       raise configlib.ConfigError(f"--imports: cannot import {module!r}: {e}") from e
 
 
+def _refuse_another_binarys_workdir(workdir: str) -> None:
+  """A workdir holds the runs of one binary: another would replace its ``config.json`` and
+  outputs (``eval_rm`` given the RM run it scores as its workdir) or stop at its
+  checkpoints after a long config diff."""
+  theirs = summary_lib.started_by(workdir)
+  ours = f"experiments.{os.path.splitext(os.path.basename(sys.argv[0]))[0]}"
+  binaries = os.path.dirname(os.path.abspath(__file__))
+  if theirs and theirs != ours and all(
+      os.path.isfile(os.path.join(binaries, name.split(".")[-1] + ".py")) for name in (theirs, ours)):
+    raise configlib.ConfigError(f"--workdir={workdir} holds a run of {theirs}: {ours} would "
+                                "replace its config.json and outputs; use another --workdir")
+
+
 def main_for(run: Callable[[Any, str], Any],
              check: Callable[[Any], None] | None = None) -> Callable[[list[str]], None]:
   """An absl ``main`` that validates the flags (and the config, with ``check``, before the
@@ -256,6 +269,7 @@ def main_for(run: Callable[[Any, str], Any],
       check(FLAGS.config)
     workdir = prepare_workdir(FLAGS.workdir)
     with train.hold_workdir(workdir):  # from the first record to the last export
+      _refuse_another_binarys_workdir(workdir)
       start_logs(workdir)
       record_invocation(workdir)
       logging.info("compilation cache: %s (%s=0 turns it off)",

@@ -354,6 +354,24 @@ def test_a_binary_holds_its_workdir_until_its_last_write(tmp_path):
   assert "lock: held" in proc.stdout.splitlines(), proc.stdout
 
 
+def test_a_binary_refuses_a_workdir_another_binary_started(tmp_path):
+  """eval_rm given the RM run it scores as its workdir replaced the run's config.json with
+  its own, with only a warning (a fresh user's slip); it now stops before writing."""
+  summary_lib.append_run_record(str(tmp_path), {"argv": [str(REPO / "experiments/train_rm.py")]})
+  (tmp_path / "config.json").write_text('{"loop": {}}')
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.run([sys.executable, "-m", "experiments.eval_rm",
+                         "--config=configs/eval/tiny.py", f"--workdir={tmp_path}"],
+                        cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, timeout=300)
+  assert proc.returncode == 1, proc.stdout
+  assert (f"error: ConfigError: --workdir={tmp_path} holds a run of experiments.train_rm: "
+          "experiments.eval_rm would replace its config.json and outputs; use another "
+          "--workdir") in proc.stdout
+  assert (tmp_path / "config.json").read_text() == '{"loop": {}}'
+  assert len(summary_lib.read_run_records(str(tmp_path))) == 1
+
+
 def test_the_demo_records_its_command_and_holds_its_workdir(tmp_path):
   probe = ("from absl import app, flags\n"
            "from experiments import common, demo\n"
