@@ -216,7 +216,12 @@ def make_loss_fn(loss: RewardLoss | Mapping[str, Any], *, num_columns: int = 1,
     r_c, r_r = pair_rewards(model, batch, num_segments)
     r_c2 = r_c.reshape(r_c.shape[0], -1)
     r_r2 = r_r.reshape(r_r.shape[0], -1)
-    losses, own_metrics = loss.per_pair_and_metrics(r_c2, r_r2, batch["outcome"])
+    if num_columns == 1:  # one reward a pair: a loss sees [B] rewards, as documented
+      losses, own_metrics = loss.per_pair_and_metrics(r_c2[:, 0], r_r2[:, 0], batch["outcome"])
+      losses = losses[:, None]
+      own_metrics = {k: v[:, None] if jnp.ndim(v) == 1 else v for k, v in own_metrics.items()}
+    else:
+      losses, own_metrics = loss.per_pair_and_metrics(r_c2, r_r2, batch["outcome"])
     column_mask = jnp.broadcast_to(batch["pair_mask"][:, None], losses.shape)
     if objectives:
       column_mask = column_mask * batch["objective_mask"]
