@@ -129,11 +129,18 @@ def warn_low_precision_policy(model: nnx.Module, binary: str) -> None:
 
 def check_before_the_workdir(config: Any) -> None:
   """What every binary refuses before its workdir, data and model: the loop's and the
-  optimizer's settings, and a bad ``remat``/``scan_layers`` of any model section."""
+  optimizer's settings, an unknown ``data.name``, and a bad ``remat``/``scan_layers`` of
+  any model section."""
   if "loop" in config:
     train.LoopConfig.from_mapping(config.loop)  # its own checks, num_steps >= 1 among them
   if "optimizer" in config:
     train.make_optimizer(config.optimizer)
+  data = config.get("data")
+  if hasattr(data, "get") and data.get("name"):
+    try:
+      sources.check_dataset_name(str(data.name), also=("tiny_world", "tiny_world_harm"))
+    except ValueError as e:
+      raise configlib.ConfigError(f"config.data.name: {e}") from None
   sections = [("model", config.get("model"))] + [
       (f"{name}.model", config[name].get("model")) for name in
       ("proxy", "gold", "ref", "judge", "policy") if hasattr(config.get(name), "get")]

@@ -286,6 +286,11 @@ def test_best_mode_follows_the_metric_name_unless_given():
   assert train.LoopConfig(num_steps=1).best_mode is None
   with pytest.raises(configlib.ConfigError, match=r"best_metric='score': set loop.best_mode"):
     train.LoopConfig(num_steps=1, best_metric="score")
+  # A typo is named as one (it sent a fresh user to set best_mode, then failed at the
+  # first eval with every step since the start lost).
+  with pytest.raises(configlib.ConfigError, match=r"best_metric='eval/acuracy': a typo of "
+                                                  r"'accuracy'\? Else set loop.best_mode"):
+    train.LoopConfig(num_steps=1, best_metric="eval/acuracy")
   with pytest.raises(configlib.ConfigError, match=r"best_mode='high'"):
     train.LoopConfig(num_steps=1, best_metric="accuracy", best_mode="high")
 
@@ -352,6 +357,21 @@ def test_a_binary_holds_its_workdir_until_its_last_write(tmp_path):
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
   assert proc.returncode == 0, proc.stdout
   assert "lock: held" in proc.stdout.splitlines(), proc.stdout
+
+
+def test_a_misspelt_dataset_name_is_refused_before_the_workdir_with_the_closest():
+  """The list of known datasets left out tiny_world, every tiny config's default, and the
+  failed run had already written its workdir."""
+  from prefjax import experiment  # pylint: disable=import-outside-toplevel
+  config = dpo_tiny.get_config("quick")
+  config.data.name = "tiny_wrold"
+  with pytest.raises(configlib.ConfigError, match=r"config.data.name: unknown preference "
+                                                  r"dataset 'tiny_wrold' \(did you mean "
+                                                  r"'tiny_world'\?\); known: \['tiny_world'"):
+    experiment.check_before_the_workdir(config)
+  for name in ("tiny_world", "hh_rlhf/harmless-base", "pandalm", "jsonl:/x.jsonl"):
+    config.data.name = name
+    experiment.check_before_the_workdir(config)
 
 
 def test_a_binary_refuses_a_workdir_another_binary_started(tmp_path):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import difflib
 import errno
 import fcntl
 import functools
@@ -160,9 +161,21 @@ def _builder_for(name: str, data_dir: str, manual_dir: str | os.PathLike[str] | 
   if name.startswith("hh_rlhf/") and name.split("/", 1)[1] in hh_rlhf.CONFIG_NAMES:
     manual = _manual_dir(manual_dir, "hh_rlhf")
     return hh_rlhf.HhRlhf(config=name.split("/", 1)[1], data_dir=data_dir), manual
-  known = [f"hh_rlhf/{c}" for c in hh_rlhf.CONFIG_NAMES] + [
-      "pandalm", "jsonl:PATH", "synthetic:NAME"]
-  raise ValueError(f"unknown preference dataset {name!r}; known: {known}")
+  check_dataset_name(name)  # raises: no builder above reads this name
+  raise AssertionError(f"{name!r} passed check_dataset_name but no builder reads it")
+
+
+def check_dataset_name(name: str, *, also: Sequence[str] = ()) -> None:
+  """Raises ``ValueError`` naming the known datasets (and the closest) unless ``name`` is
+  one ``load_preferences`` reads, or in ``also`` (names a binary adds: ``tiny_world``)."""
+  if name in also or name == "pandalm" or name.startswith(("jsonl:", "synthetic:")) or (
+      name.startswith("hh_rlhf/") and name.split("/", 1)[1] in hh_rlhf.CONFIG_NAMES):
+    return
+  known = [*also, *(f"hh_rlhf/{c}" for c in hh_rlhf.CONFIG_NAMES), "pandalm", "jsonl:PATH",
+           "synthetic:NAME"]
+  near = difflib.get_close_matches(name, known, n=1)
+  raise ValueError(f"unknown preference dataset {name!r}"
+                   + (f" (did you mean {near[0]!r}?)" if near else "") + f"; known: {known}")
 
 
 def _manual_dir(override: str | os.PathLike[str] | None, subdir: str) -> pathlib.Path:

@@ -50,8 +50,8 @@ from prefjax.models import hf_import
 from prefjax.rm import evaluation as rm_evaluation
 from prefjax.rm import loss as rm_loss_lib
 from prefjax.train import checkpoint
-from prefjax.train import loop as loop_lib
 from prefjax.train import metrics as metrics_lib
+from prefjax.train import ranking
 from prefjax.train import sharding as sharding_lib
 from prefjax.train import summary as summary_lib
 
@@ -371,7 +371,7 @@ def _resolve_step(spec: ScorerSpec, run: Any) -> tuple[int, dict[str, Any]]:
     except ValueError as e:
       raise EvalInputError(f"scorer {spec.name!r}: {e}") from e
   ranking = {"best_metric": best_metric,
-             "best_mode": loop_lib.best_mode_for(best_metric, loop.get("best_mode"))
+             "best_mode": ranking.best_mode_for(best_metric, loop.get("best_mode"))
              if best_metric else "min"}
   try:
     return int(checkpoint.saved_step(spec.path, step, **ranking)), ranking

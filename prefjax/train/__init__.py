@@ -22,7 +22,7 @@ _EXPORTS = {
     "BatchEvaluator": "evaluators",
     "JoinedByEveryProcess": "evaluators",
     "LoopConfig": "loop",
-    "best_mode_for": "loop",
+    "best_mode_for": "ranking",
     "NonFiniteError": "loop",
     "StopOnSignal": "loop",
     "TrainResult": "loop",

@@ -19,6 +19,7 @@ with a warning naming the step and the file, a step whose files no longer match.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ from prefjax.parallel import distributed
 from prefjax.parallel import rules
 from prefjax.train import integrity
 from prefjax.train import orbax_quirks
+from prefjax.train import ranking
 from prefjax.train import state as state_lib
 from prefjax.train import summary as summary_lib
 
@@ -176,9 +178,8 @@ def _read_only(workdir, best_metric: str | None, best_mode: str | None,
   if step == "best" and best_metric is None:  # as the run ranked its checkpoints
     best_metric, best_mode = run_ranking(workdir)
   if step == "best" and best_mode is None:
-    from prefjax.train import loop  # pylint: disable=import-outside-toplevel (loop imports us)
     try:
-      best_mode = loop.best_mode_for(best_metric)
+      best_mode = ranking.best_mode_for(best_metric)
     except configlib.ConfigError:
       raise ValueError(f"best_metric={best_metric!r}: pass best_mode='min' or 'max' (the "
                        "name does not say whether lower or higher is better)") from None
@@ -349,8 +350,9 @@ class Checkpointer:
       return False
     self.wait()  # Orbax waits for the previous save anyway; then its manifest is written.
     if metrics is not None and self.best_metric is not None and self.best_metric not in metrics:
+      near = difflib.get_close_matches(self.best_metric, list(metrics), n=1)
       raise KeyError(f"best_metric {self.best_metric!r} missing from eval metrics "
-                     f"{sorted(metrics)}")
+                     f"{sorted(metrics)}" + (f": did you mean {near[0]!r}?" if near else ""))
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(to_savable(state)),
         data=ocp.args.JsonSave({"per_process": _gather_json(data_state),

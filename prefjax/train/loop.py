@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import re
 import signal
 import threading
 import time
@@ -41,6 +40,7 @@ from prefjax import configlib
 from prefjax import parallel
 from prefjax.train import checkpoint as checkpoint_lib
 from prefjax.train import metrics as metrics_lib
+from prefjax.train import ranking
 from prefjax.train import schedules
 from prefjax.train import sharding as sharding_lib
 from prefjax.train import state as state_lib
@@ -125,45 +125,18 @@ class LoopConfig:
       raise ValueError(f"loop.max_consecutive_nonfinite={self.max_consecutive_nonfinite} must "
                        "be >= 1 (the run stops after that many skipped steps in a row)")
     if self.best_metric is not None:
-      object.__setattr__(self, "best_mode", best_mode_for(self.best_metric, self.best_mode))
+      object.__setattr__(self, "best_mode", ranking.best_mode_for(self.best_metric,
+                                                                     self.best_mode))
 
   @classmethod
   def from_mapping(cls, cfg: Mapping[str, Any] | "LoopConfig") -> "LoopConfig":
     return configlib.dataclass_from_mapping(cls, cfg)
 
 
-_HIGHER_IS_BETTER = frozenset({"accuracy", "accuracies", "acc", "auc", "auroc", "f1",
-                               "precision", "recall", "agreement", "spearman", "kendall",
-                               "pearson", "win", "winrate"})
-_LOWER_IS_BETTER = frozenset({"loss", "nll", "error", "err", "kl", "perplexity", "ppl", "ece",
-                              "brier", "mse", "mae", "rmse"})
-
-
 def _agreed_signal(signum: int | None) -> int | None:
   """The stop signal of this step: this process's, or under several processes the
   highest any of them received (the same answer in all)."""
   return parallel.highest_in_any_process(signum or 0) or None
-
-
-def best_mode_for(metric: str, mode: str | None = None) -> str:
-  """``mode`` if given, else the direction the name of eval metric ``metric`` implies:
-  ``max`` for accuracy-like words (accuracy, auc, f1, win, ...), ``min`` for loss-like
-  ones (loss, nll, error, kl, mse, ...), reversed by a ``neg`` word (``neg_mse``).
-
-  Raises ``ConfigError`` when ``mode`` is not min/max, or is None and the name
-  says neither or both.
-  """
-  if mode is not None:
-    if mode not in ("min", "max"):
-      raise configlib.ConfigError(f"loop.best_mode={mode!r}; expected 'min' or 'max'")
-    return mode
-  words = set(re.split(r"[^a-z0-9]+", metric.lower()))
-  higher, lower = bool(words & _HIGHER_IS_BETTER), bool(words & _LOWER_IS_BETTER)
-  if higher == lower:
-    raise configlib.ConfigError(
-        f"loop.best_metric={metric!r}: set loop.best_mode to 'min' or 'max' (the name does "
-        "not say whether lower or higher is better)")
-  return "max" if higher != ("neg" in words) else "min"
 
 
 @dataclasses.dataclass
