@@ -71,8 +71,24 @@ def check_key_path(config: Mapping[str, Any], path: str, root: str = "config") -
       raise ConfigError(f"{section} is a value ({type(node).__name__}), not a section: "
                         f"cannot set {root}.{path}")
     if name not in node:
-      raise ConfigError(unknown_keys_message(section, [name], node.keys()))
+      elsewhere = [f"{root}.{p}" for p in _paths_ending_in(config, name)]
+      hint = f" ({' and '.join(elsewhere)} exists)" if elsewhere else ""
+      if not node.keys():  # an empty dict field (eval_rm's pipeline): set it whole
+        hint += f" ({section} is an empty dict: set it whole, --{section}='{{\"{name}\": ...}}')"
+      raise ConfigError(unknown_keys_message(section, [name], node.keys()) + hint)
     node, section = node[name], f"{section}.{name}"
+
+
+def _paths_ending_in(config: Any, name: str, prefix: str = "") -> list[str]:
+  """Dotted paths of the fields called ``name`` anywhere in ``config``."""
+  out = []
+  if isinstance(config, (Mapping, ml_collections.ConfigDict)):
+    for key in config.keys():
+      path = f"{prefix}{key}"
+      if key == name:
+        out.append(path)
+      out += _paths_ending_in(config[key], name, path + ".")
+  return out
 
 
 def _field_type(hint: Any) -> type:

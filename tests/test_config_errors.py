@@ -259,6 +259,13 @@ def test_check_key_path_messages():
   with pytest.raises(configlib.ConfigError, match=r"config.seed is a value \(int\), not a "
                                                   r"section: cannot set config.seed.x"):
     configlib.check_key_path(config, "seed.x")
+  # A field of another section is named; an empty dict field is set whole.
+  with pytest.raises(configlib.ConfigError, match=r"\(config.optimizer.warmup_steps exists\)"):
+    configlib.check_key_path(config, "loop.warmup_steps")
+  from configs.eval import tiny as eval_tiny  # pylint: disable=import-outside-toplevel
+  with pytest.raises(configlib.ConfigError, match=r"config.pipeline is an empty dict: set it "
+                                                  r"whole, --config.pipeline='\{\"add_bos\""):
+    configlib.check_key_path(eval_tiny.get_config(), "pipeline.add_bos")
 
 
 def test_section_declares_defaults_and_typed_placeholders():

@@ -534,6 +534,8 @@ def test_a_workdir_without_a_checkpoint_is_named(tmp_path):
     eval_rm.run(eval_config(f"rm:{bare}", "pandalm@test"), str(tmp_path / "e1"))
   with pytest.raises(scorers_lib.EvalInputError, match="has no config.json"):
     eval_rm.run(eval_config(f"rm:{tmp_path}", "pandalm@test"), str(tmp_path / "e2"))
+  with pytest.raises(scorers_lib.EvalInputError, match=f"{tmp_path}/no_ckt does not exist"):
+    eval_rm.run(eval_config(f"rm:{tmp_path}/no_ckt", "pandalm@test"), str(tmp_path / "e3"))
   # A failed run writes no config.json: a previous one stays beside its report.
   assert not (tmp_path / "e1" / "config.json").exists()
 

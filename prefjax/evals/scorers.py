@@ -128,6 +128,8 @@ def latest_run_config(workdir: str, what: str) -> ml_collections.ConfigDict:
 def read_run_config(workdir: str, what: str) -> ml_collections.ConfigDict:
   """The ``config.json`` of a training workdir, checking it has a checkpoint."""
   path = os.path.join(workdir, summary_lib.CONFIG_FILE)
+  if not os.path.isdir(workdir):
+    raise EvalInputError(f"{what}: {workdir} does not exist")
   if not os.path.isfile(path):
     raise EvalInputError(f"{what}: {workdir} has no {summary_lib.CONFIG_FILE} "
                          "(not a training workdir)")
@@ -474,8 +476,9 @@ def _check_run_kind(spec: ScorerSpec, run: Any) -> None:
   is_rm = heads_lib.parse_head(head)[0] in REWARD_HEADS
   if spec.kind == "rm" and not is_rm:
     raise EvalInputError(f"scorer {spec.name!r}: {spec.path} trained a model with no reward "
-                         f"head (model.head={head!r}: a train_dpo or train_sft run); score a "
-                         f"policy trained on preferences as dpo:{spec.path}")
+                         f"head (model.head={head!r}: a train_dpo or train_sft run); "
+                         "eval_rm scores a policy trained on preferences by its implicit "
+                         f"reward, as dpo:{spec.path}")
   if spec.kind == "dpo" and is_rm:
     raise EvalInputError(f"scorer {spec.name!r}: {spec.path} trained a reward model "
                          f"(model.head={head!r}, a train_rm run); score it as rm:{spec.path}")
