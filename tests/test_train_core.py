@@ -510,6 +510,7 @@ def test_checkpoint_restore_rejects_other_model(tmp_path):
                                        r"started by experiments\.train_rm\)"):
     named.restore(other)
   named.close()
+  assert str(error.value).endswith("; to train this model and optimizer, use a new --workdir")
   # Named from the checkpoint's metadata before any read: the parameters first.
   assert (f"arrays differing in shape (3): params/hidden/bias: checkpoint ({HIDDEN},), model "
           f"({HIDDEN + 1},); params/hidden/kernel: checkpoint ({IN}, {HIDDEN}), model "

@@ -406,7 +406,8 @@ class Checkpointer:
     restored = self._restore_step(
         step, args, "does not match the model/optimizer being trained (changed architecture "
         "or optimizer?" + (f" this workdir was started by {started_by}" if started_by else "")
-        + ")", wanted=array_shapes(to_savable(template)))
+        + ")", wanted=array_shapes(to_savable(template)),
+        remedy="; to train this model and optimizer, use a new --workdir")
     state = from_savable(restored["state"], template)
     self.restored_eval_owed = bool(restored["data"].get("eval_owed", False))
     per_process = restored["data"]["per_process"]
@@ -527,7 +528,8 @@ class Checkpointer:
                               subtree="params/")["state"]["params"]
 
   def _restore_step(self, step: int, args: ocp.args.Composite, mismatch: str, *,
-                    wanted: Mapping[str, tuple[int, ...]], subtree: str = "") -> Any:
+                    wanted: Mapping[str, tuple[int, ...]], subtree: str = "",
+                    remedy: str = "") -> Any:
     """``manager.restore`` that tells damaged files (DamagedCheckpointError) from
     a model that does not match the checkpoint (ValueError saying ``mismatch``).
 
@@ -546,7 +548,7 @@ class Checkpointer:
     saved = self.saved_shapes(step)
     differences = None if saved is None else shape_mismatches(saved, wanted, subtree=subtree)
     if differences:
-      raise ValueError(f"checkpoint {self.directory}/{step}: {mismatch}: {differences}")
+      raise ValueError(f"checkpoint {self.directory}/{step}: {mismatch}: {differences}{remedy}")
     try:
       return self._manager.restore(step, args=args)
     except Exception as e:  # pylint: disable=broad-except
@@ -554,7 +556,7 @@ class Checkpointer:
         raise DamagedCheckpointError(self.directory, step, integrity.describe(e)) from e
       if not isinstance(e, (ValueError, KeyError)):
         raise
-      raise ValueError(f"checkpoint {self.directory}/{step}: {mismatch}: {e}") from e
+      raise ValueError(f"checkpoint {self.directory}/{step}: {mismatch}: {e}{remedy}") from e
 
   def resave_with_metrics(self, state: state_lib.TrainState, metrics: Mapping[str, float], *,
                           data_state: Any = None) -> None:
