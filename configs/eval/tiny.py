@@ -15,14 +15,16 @@ the ``rm_tiny`` accuracy equals that run's ``eval/accuracy``. Other datasets:
 Expected (this 2-core CPU, measured 2026-12-01 on a quiet machine; the three runs trained
 with the default commands of configs/rm/tiny.py, configs/rm/ensemble_tiny.py and
 configs/dpo/tiny.py into /tmp/rm_tiny, /tmp/rm_ens, /tmp/dpo_tiny): 22 s wall (19 s of
-scoring and statistics, 0.7 GB peak RSS). Accuracy [bootstrap 95% CI] on the 211 pairs:
-rm_tiny 0.867 [0.820, 0.910] (= train_rm's eval/accuracy; ECE 0.046), ens 0.900 (its
+scoring and statistics, 0.7 GB peak RSS; 14 s on 2026-12-07). Accuracy [bootstrap 95% CI
+over the 208 prompts of the 211 pairs, 2026-12-07] on the 211 pairs:
+rm_tiny 0.867 [0.819, 0.914] (= train_rm's eval/accuracy; ECE 0.046), ens 0.900 (its
 eval/accuracy; members 0.853 / 0.905 / 0.896 / 0.877, wco 0.915, uwo 0.900 over
 standardized members, remeasured 2026-12-05; uwo 0.910 on raw rewards before), dpo_tiny
 0.853 (= train_dpo's eval/rewards/accuracies, as on any data of hard, unweighted labels;
 README, "Evaluating reward models"), length 0.491, shorter 0.509,
 length-controlled 0.500 for both, gold 1.000. Paired bootstrap: ens − rm_tiny = +0.033
-[0.005, 0.066], p = 0.046; dpo_tiny − rm_tiny = −0.014 [−0.062, 0.033], p = 0.65.
+[0.005, 0.066], p = 0.036; dpo_tiny − rm_tiny = −0.014 [−0.060, 0.033], p = 0.66 (by pair,
+before 2026-12-07: p = 0.046 and 0.65).
 """
 
 from __future__ import annotations
