@@ -235,9 +235,9 @@ def _refuse_another_binarys_workdir(workdir: str) -> None:
   checkpoints after a long config diff."""
   theirs = summary_lib.started_by(workdir)
   ours = f"experiments.{os.path.splitext(os.path.basename(sys.argv[0]))[0]}"
-  binaries = os.path.dirname(os.path.abspath(__file__))
-  if theirs and theirs != ours and all(
-      os.path.isfile(os.path.join(binaries, name.split(".")[-1] + ".py")) for name in (theirs, ours)):
+  here = os.path.dirname(os.path.abspath(__file__))
+  is_binary = lambda name: os.path.isfile(os.path.join(here, name.split(".")[-1] + ".py"))
+  if theirs and theirs != ours and is_binary(theirs) and is_binary(ours):
     raise configlib.ConfigError(f"--workdir={workdir} holds a run of {theirs}: {ours} would "
                                 "replace its config.json and outputs; use another --workdir")
 

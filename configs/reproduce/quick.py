@@ -30,8 +30,10 @@ on a fresh clone including the install (2026-12-02, JAX's compilation cache warm
 warm) 5 min 5 s–5 min 9 s for the study, 5 min 12 s for `make demo` without the install;
 peak RSS 1.8 GB.
 Expected result (measured 2026-12-01, again 2026-12-02): every G and C criterion and
-R1/R3/R4 pass; R2 fails (width 4's RL drop is 1.0 SE; `full.py` has the text world carry R2). G1: width 4 and 8 fall 3.9 and 4.7 SE after a
-peak at n ≈ 2,800 (2026-12-07, after the bootstrap-t; 4.1 and 4.8 before); Spearman(width, β_bon) = −0.83; WCO/UWO +0.88/+0.93 gold at n_max.
+R1/R3/R4 pass; R2 fails (width 4's RL drop is 1.0 SE; `full.py` has the text world carry
+R2). G1: width 4 and 8 fall 3.9 and 4.7 SE after a peak at n ≈ 2,800 (2026-12-07, after
+the bootstrap-t; 4.1 and 4.8 before); Spearman(width, β_bon) = −0.83; WCO/UWO +0.88/+0.93
+gold at n_max.
 """
 
 from __future__ import annotations
