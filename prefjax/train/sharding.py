@@ -59,6 +59,7 @@ def check_batch_shapes(dataset: Any, mesh: jax.sharding.Mesh | None, *,
   microbatches), or is packed in a multi-process run, as the train step would at the
   first such batch, which with bucketing or ``trim_rows`` can come late."""
   size = 1 if mesh is None else parallel.local_batch_multiple(mesh)  # rows per process
+  feeds = " this process feeds" if jax.process_count() > 1 else ""
   for shapes in dataset.batch_shapes():
     parallel.check_joinable_across_processes(shapes)
     index_fields = [k for k in parallel.rules.ROW_INDEX_FIELDS if k in shapes]
@@ -72,7 +73,7 @@ def check_batch_shapes(dataset: Any, mesh: jax.sharding.Mesh | None, *,
         where = f" in each of {accum_steps} microbatches" if accum_steps > 1 else ""
         raise ValueError(
             f"{dataset} can yield '{key}' of shape {shape}, whose leading dim does not "
-            f"divide over the {size} data-parallel devices it feeds{where} (mesh "
+            f"divide over the {size} data-parallel devices{feeds}{where} (mesh "
             f"{dict(mesh.shape) if mesh is not None else {}}): make data.pipeline's "
             f"batch_size, pack_rows and row_multiple multiples of {size * accum_steps}")
 
