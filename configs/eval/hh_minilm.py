@@ -19,11 +19,12 @@ builder 1.2.0, with ``--config.scorers=length,shorter``, 10 s): the baselines, a
   67%; 110 repeat another pair's text):
     length-only 0.674 [0.622, 0.725], shorter-wins 0.326 [0.275, 0.378]
     (drawn by pair, before 2026-12-07: [0.639, 0.711], a third narrower).
-The trained MiniLM RM (configs/rm/hh_minilm.py, 150 steps, 2 min 49 s; this evaluation
-47 s; measured 2026-12-05, intervals drawn by pair):
-  harmless-base@resplit_test: 0.628 [0.565, 0.688], length-controlled 0.626, ECE 0.055;
-    minus shorter-wins 0.117 [0.053, 0.182], p = 0.001;
-  pandalm@test: 0.427 [0.391, 0.464], length-controlled 0.491, ECE 0.140. Below chance: the
+The trained MiniLM RM (configs/rm/hh_minilm.py, 150 steps, 2 min 49 s; 3 min 19 s on
+2026-12-07 beside other work; this evaluation 37 s; intervals over prompts, 2026-12-07):
+  harmless-base@resplit_test: 0.628 [0.567, 0.690], length-controlled 0.626, ECE 0.055;
+    minus shorter-wins 0.117 [0.055, 0.183], p = 0.002;
+  pandalm@test: 0.427 [0.369, 0.490] ([0.391, 0.464] drawn by pair), length-controlled
+    0.491, ECE 0.140. Below chance: the
     harmlessness RM prefers short answers (refusals), agreeing with shorter-wins on 68% of
     pairs, while PandaLM's preferred answer is the longer one in 67%.
 On the prompt-hash split before builder 1.2.0 (255 test pairs; an RM trained on 1,819
