@@ -385,6 +385,8 @@ def test_a_binary_refuses_a_workdir_another_binary_started(tmp_path):
   """eval_rm given the RM run it scores as its workdir replaced the run's config.json with
   its own, with only a warning (a fresh user's slip); it now stops before writing."""
   summary_lib.append_run_record(str(tmp_path), {"argv": [str(REPO / "experiments/train_rm.py")]})
+  with open(tmp_path / summary_lib.RUNS_FILE, "a", encoding="utf-8") as f:
+    f.write('{"argv": ["/x/experiments/train_rm.py"], "ti')  # a record a full disk cut
   (tmp_path / "config.json").write_text('{"loop": {}}')
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   proc = subprocess.run([sys.executable, "-m", "experiments.eval_rm",
@@ -396,7 +398,7 @@ def test_a_binary_refuses_a_workdir_another_binary_started(tmp_path):
           "experiments.eval_rm would replace its config.json and outputs; use another "
           "--workdir") in proc.stdout
   assert (tmp_path / "config.json").read_text() == '{"loop": {}}'
-  assert len(summary_lib.read_run_records(str(tmp_path))) == 1
+  assert len(summary_lib.read_run_records(str(tmp_path), skip_bad=True)) == 1
 
 
 def test_the_demo_records_its_command_and_holds_its_workdir(tmp_path):

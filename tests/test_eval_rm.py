@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import ml_collections
@@ -30,7 +27,6 @@ from prefjax.evals import stats
 from prefjax.models import heads
 from prefjax.models import hf_export
 from prefjax.rm import evaluation as rm_evaluation
-from prefjax.train import summary as summary_lib
 from tests import comparisons
 from tests import test_train_dpo
 from tests import test_train_rm
@@ -333,6 +329,17 @@ def test_best_of_a_run_trained_without_best_metric_says_so(runs, tmp_path):
                 str(tmp_path / "e"))
 
 
+def test_a_run_ranked_by_a_best_metric_resolves_its_steps(runs):
+  """A run trained with loop.best_metric crashed eval_rm's step lookup (a local name shadowed
+  the ranking module) whatever step was asked for."""
+  rm_dir = str(runs["root"] / "rm")
+  run = {"loop": {"best_metric": "accuracy"}}
+  for step in ("latest", "30"):
+    spec = scorers_lib.ScorerSpec("rm", "rm", rm_dir, step)
+    assert scorers_lib._resolve_step(spec, run) == (  # pylint: disable=protected-access
+        30, {"best_metric": "accuracy", "best_mode": "max"})
+
+
 def test_baselines_gold_and_comparisons(report):
   section = report[0]["datasets"][0]
   m = section["metrics"]
@@ -557,60 +564,3 @@ def test_a_dpo_run_whose_reference_changed_since_is_refused(runs, tmp_path):
   config = json.loads((run / "config.json").read_text())
   with pytest.raises(ValueError, match=r"train_dpo: the reference weights changed"):
     train_dpo.run(ml_collections.ConfigDict(config), str(run))
-
-
-def test_a_dpo_run_of_a_loss_not_registered_here_says_how_to_register_it(tmp_path):
-  run = tmp_path / "custom_dpo"
-  (run / "checkpoints" / "30").mkdir(parents=True)
-  config = test_train_dpo.dpo_config().to_dict()
-  config["loss"]["name"] = "users_own_loss"  # registered by the run's --imports module
-  (run / "config.json").write_text(json.dumps(config))
-  with pytest.raises(scorers_lib.EvalInputError,
-                     match=r"scorer 'custom_dpo': unknown direct loss 'users_own_loss'.*pass "
-                           r"--imports=MODULE to the binary\), as for its training$"):
-    eval_rm.run(eval_config(f"dpo:{run}", "pandalm@test"), str(tmp_path / "eval"))
-  for modules in (["my_lab.losses"], [], ["my_lab.losses", "my_lab.extra"]):
-    summary_lib.append_run_record(str(run), {"imports": modules})
-  with pytest.raises(scorers_lib.EvalInputError,
-                     match=r"as for its training \(its runs.jsonl records "
-                           r"--imports=my_lab.extra,my_lab.losses\)$"):
-    eval_rm.run(eval_config(f"dpo:{run}", "pandalm@test"), str(tmp_path / "eval"))
-
-
-def test_a_tokenizer_that_cannot_read_the_data_is_named(tmp_path, minilm_dir):
-  path = tmp_path / "emoji.jsonl"
-  path.write_text("\n".join(json.dumps({"prompt": "🙂🙃" * 5, "chosen": "🎉" * 8,
-                                        "rejected": "🔥" * 8}) for _ in range(10)))
-  rm = experiment.make_model({"arch": "encoder", "path": str(minilm_dir), "head": "reward",
-                              "pooling": "mean"}, vocab_size=30522, seed=0)
-  tokenizer = experiment.make_tokenizer({"path": str(minilm_dir)})
-  hf_export.save_pretrained(rm, tmp_path / "hf", tokenizer=tokenizer)
-  with pytest.raises(scorers_lib.EvalInputError,
-                     match=r"scorer 'minilm': tokenizer hf:.* cannot read dataset "
-                           r"'jsonl:.*emoji.jsonl@train': 100% of the tokens"):
-    eval_rm.run(eval_config(f"minilm=hf:{tmp_path / 'hf'}", f"jsonl:{path}@train"),
-                str(tmp_path / "eval"))
-
-
-def test_bad_rows_of_a_dataset_are_listed_with_their_file_and_line(tmp_path, monkeypatch):
-  monkeypatch.setenv("PREFJAX_CACHE_DIR", str(tmp_path / "cache"))
-  path = tmp_path / "bench.jsonl"
-  good = json.dumps({"prompt": "Q", "chosen": " yes", "rejected": " no"})
-  path.write_text("\n".join([good, json.dumps({"prompt": "Q", "chosen": " yes"}), good]))
-  with pytest.raises(scorers_lib.EvalInputError,
-                     match=rf"(?s)dataset 'jsonl:{path}@train': .*1 bad row\(s\) of 3 read.*"
-                           rf"{path}:2: missing_field.*--config.on_bad_row=skip"):
-    eval_rm.run(eval_config("length", f"jsonl:{path}@train"), str(tmp_path / "eval"))
-
-
-def test_a_missing_dataset_is_one_line_on_the_command_line(tmp_path):
-  cmd = [sys.executable, "-m", "experiments.eval_rm", "--config=configs/eval/tiny.py",
-         f"--workdir={tmp_path}", "--config.scorers=length",
-         f"--config.datasets=jsonl:{tmp_path}/missing.jsonl@train"]
-  proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 1
-  last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"error: EvalInputError: dataset 'jsonl:{tmp_path}/missing.jsonl@train': ")
-  assert "Traceback" not in proc.stderr
-

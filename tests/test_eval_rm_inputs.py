@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import pathlib
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -24,6 +26,7 @@ from prefjax.models import decoder
 from prefjax.models import hf_export
 from prefjax.train import summary as summary_lib
 from tests import test_eval_rm
+from tests import test_train_dpo
 from tests import test_train_rm
 
 # Cuts no pipeline default shares: prompts kept to 4 bytes, pairs to 12, no BOS.
@@ -369,3 +372,61 @@ def test_compare_reads_a_report_with_an_unmeasured_accuracy(tmp_path):
   config = ml_collections.ConfigDict({"compare": f"{tmp_path / 'a'},{tmp_path / 'b'}"})
   table = eval_rm.compare(config, str(tmp_path))
   assert table.splitlines()[-1] == "| d | rm | – | 0.750 [0.500, 1.000] |"
+
+
+def test_a_dpo_run_of_a_loss_not_registered_here_says_how_to_register_it(tmp_path):
+  run = tmp_path / "custom_dpo"
+  (run / "checkpoints" / "30").mkdir(parents=True)
+  config = test_train_dpo.dpo_config().to_dict()
+  config["loss"]["name"] = "users_own_loss"  # registered by the run's --imports module
+  (run / "config.json").write_text(json.dumps(config))
+  with pytest.raises(scorers_lib.EvalInputError,
+                     match=r"scorer 'custom_dpo': unknown direct loss 'users_own_loss'.*pass "
+                           r"--imports=MODULE to the binary\), as for its training$"):
+    eval_rm.run(test_eval_rm.eval_config(f"dpo:{run}", "pandalm@test"), str(tmp_path / "eval"))
+  for modules in (["my_lab.losses"], [], ["my_lab.losses", "my_lab.extra"]):
+    summary_lib.append_run_record(str(run), {"imports": modules})
+  with pytest.raises(scorers_lib.EvalInputError,
+                     match=r"as for its training \(its runs.jsonl records "
+                           r"--imports=my_lab.extra,my_lab.losses\)$"):
+    eval_rm.run(test_eval_rm.eval_config(f"dpo:{run}", "pandalm@test"), str(tmp_path / "eval"))
+
+
+def test_a_tokenizer_that_cannot_read_the_data_is_named(tmp_path, minilm_dir):
+  path = tmp_path / "emoji.jsonl"
+  path.write_text("\n".join(json.dumps({"prompt": "🙂🙃" * 5, "chosen": "🎉" * 8,
+                                        "rejected": "🔥" * 8}) for _ in range(10)))
+  rm = experiment.make_model({"arch": "encoder", "path": str(minilm_dir), "head": "reward",
+                              "pooling": "mean"}, vocab_size=30522, seed=0)
+  tokenizer = experiment.make_tokenizer({"path": str(minilm_dir)})
+  hf_export.save_pretrained(rm, tmp_path / "hf", tokenizer=tokenizer)
+  with pytest.raises(scorers_lib.EvalInputError,
+                     match=r"scorer 'minilm': tokenizer hf:.* cannot read dataset "
+                           r"'jsonl:.*emoji.jsonl@train': 100% of the tokens"):
+    eval_rm.run(test_eval_rm.eval_config(f"minilm=hf:{tmp_path / 'hf'}", f"jsonl:{path}@train"),
+                str(tmp_path / "eval"))
+
+
+def test_bad_rows_of_a_dataset_are_listed_with_their_file_and_line(tmp_path, monkeypatch):
+  monkeypatch.setenv("PREFJAX_CACHE_DIR", str(tmp_path / "cache"))
+  path = tmp_path / "bench.jsonl"
+  good = json.dumps({"prompt": "Q", "chosen": " yes", "rejected": " no"})
+  path.write_text("\n".join([good, json.dumps({"prompt": "Q", "chosen": " yes"}), good]))
+  with pytest.raises(scorers_lib.EvalInputError,
+                     match=rf"(?s)dataset 'jsonl:{path}@train': .*1 bad row\(s\) of 3 read.*"
+                           rf"{path}:2: missing_field.*--config.on_bad_row=skip"):
+    eval_rm.run(test_eval_rm.eval_config("length", f"jsonl:{path}@train"), str(tmp_path / "eval"))
+
+
+def test_a_missing_dataset_is_one_line_on_the_command_line(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.eval_rm", "--config=configs/eval/tiny.py",
+         f"--workdir={tmp_path}", "--config.scorers=length",
+         f"--config.datasets=jsonl:{tmp_path}/missing.jsonl@train"]
+  proc = subprocess.run(cmd, cwd=test_eval_rm.REPO,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: EvalInputError: dataset 'jsonl:{tmp_path}/missing.jsonl@train': ")
+  assert "Traceback" not in proc.stderr
+

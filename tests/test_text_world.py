@@ -191,6 +191,20 @@ def test_finished_stage_is_reused_for_its_config_and_refused_for_another(tmp_pat
   assert calls == [1]
 
 
+def test_a_best_of_n_stage_is_reused_whatever_its_curve_only_settings(tmp_path):
+  """The HH world recorded num_points and num_bootstrap in its best-of-n stages' keys: a
+  new curve resolution refused the finished stage and its samples (GPU hours)."""
+  stage, calls = str(tmp_path / "bon" / "w16"), []
+  recorded = {"bon": {"num_samples": 8, "num_points": 4, "num_bootstrap": 200}}
+  text_world.run_stage(stage, lambda: calls.append(1) or {}, key=recorded)
+  text_world.run_stage(stage, lambda: calls.append(1), key={"bon": {"num_samples": 8}})
+  text_world.run_stage(stage, lambda: calls.append(1), key={**recorded, "bon": {
+      "num_samples": 8, "num_points": 12, "num_bootstrap": 1000}})
+  assert calls == [1]
+  with pytest.raises(text_world.StaleStageError, match=r"num_samples: 8 -> 16"):
+    text_world.run_stage(stage, lambda: calls.append(1), key={"bon": {"num_samples": 16}})
+
+
 def test_a_stage_that_measured_nan_is_reused_with_nan_back(tmp_path):
   """done.json is standard JSON ("nan"); a rerun gets NaN back as a number, and a key
   holding NaN still matches itself."""
@@ -447,3 +461,9 @@ def test_a_checkpoint_saved_by_a_signal_off_the_grid_is_not_evaluated(tmp_path):
   on_disk = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert on_disk == [2, 3, 4, 6]
   assert text_world.checkpoint_steps(str(tmp_path)) == [2, 4, 6]
+  # A cache evaluated before the filter keeps its extra row on disk, not in what it returns.
+  gold = np.arange(10.0).reshape(5, 2)
+  np.savez(tmp_path / text_world.TRAJECTORY_FILE, steps=np.array([0, 2, 3, 4, 6]), pp_gold=gold)
+  cached = text_world.cached_trajectory(str(tmp_path), None, None, None, key={})
+  np.testing.assert_array_equal(cached.steps, [0, 2, 4, 6])
+  np.testing.assert_array_equal(cached.per_prompt["gold"], gold[[0, 1, 3, 4]])

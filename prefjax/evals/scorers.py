@@ -372,11 +372,11 @@ def _resolve_step(spec: ScorerSpec, run: Any) -> tuple[int, dict[str, Any]]:
       checkpoint.run_ranking(spec.path)  # its error names what is missing
     except ValueError as e:
       raise EvalInputError(f"scorer {spec.name!r}: {e}") from e
-  ranking = {"best_metric": best_metric,
-             "best_mode": ranking.best_mode_for(best_metric, loop.get("best_mode"))
-             if best_metric else "min"}
+  ranked_by = {"best_metric": best_metric,
+               "best_mode": ranking.best_mode_for(best_metric, loop.get("best_mode"))
+               if best_metric else "min"}
   try:
-    return int(checkpoint.saved_step(spec.path, step, **ranking)), ranking
+    return int(checkpoint.saved_step(spec.path, step, **ranked_by)), ranked_by
   except (FileNotFoundError, ValueError) as e:
     raise EvalInputError(f"scorer {spec.name!r}: cannot restore {spec.path}@{step}: "
                          f"{str(e).splitlines()[0]}") from e

@@ -16,6 +16,7 @@ generating with best-of-n.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -232,7 +233,7 @@ class Decline(NamedTuple):
   drop: float  # mean over prompts of gold[peak] − gold[last]
   se: float  # SE of that paired per-prompt difference: its SD (ddof 1) / √P
   peak: int  # argmax of the mean curve
-  critical_z: float  # what z must reach; NaN when it cannot be estimated (< 2 prompts)
+  critical_z: float  # what z must reach; NaN when it cannot be estimated (< 5 prompts or so)
 
   @property
   def z(self) -> float:
@@ -244,8 +245,10 @@ class Decline(NamedTuple):
     if self.drop == 0 and self.se == 0:
       return "no drop"
     z = f"{self.z:.1f}" if self.se > 0 else "inf"
-    return (f"drop{' ' + where if where else ''} {self.drop:.3f} = {z} SE "
-            f"({self.critical_z:.1f} needed for a peak picked from the curve)")
+    needed = ("too few prompts to test it for a peak picked from the curve"
+              if math.isnan(self.critical_z) else
+              f"{self.critical_z:.1f} needed for a peak picked from the curve")
+    return f"drop{' ' + where if where else ''} {self.drop:.3f} = {z} SE ({needed})"
 
   @property
   def significant(self) -> bool:
@@ -299,8 +302,12 @@ def _critical_z(diffs: np.ndarray, num_bootstrap: int, seed: int, z_level: float
   var = np.maximum(counts @ (x * x) / p - mean * mean, 0.0) * p / (p - 1)
   deviation = mean - x.mean(axis=0)
   with np.errstate(divide="ignore", invalid="ignore"):  # a resample of one repeated prompt
-    t = np.where(var > 0, deviation / np.sqrt(var / p), np.sign(deviation) * np.inf)
-  quantile = float(np.quantile(np.nan_to_num(t.max(axis=1), nan=0.0), special.ndtr(z_level)))
+    t = np.where(var > 0, deviation / np.sqrt(var / p),
+                 np.where(deviation == 0, 0.0, np.sign(deviation) * np.inf))
+  with np.errstate(invalid="ignore"):  # interpolating between infinities
+    quantile = float(np.quantile(t.max(axis=1), special.ndtr(z_level)))
+  if not np.isfinite(quantile):  # so few prompts that resamples of one prompt reach the tail
+    return float("nan")
   return max(float(z_level), quantile)
 
 

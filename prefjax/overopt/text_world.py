@@ -149,6 +149,11 @@ def evaluation_key(eval_cfg: Any, max_new_tokens: int, *, proxies: Mapping[str, 
               max_new_tokens=max_new_tokens, proxies=runs, reference=stage_identity(reference))
 
 
+# Settings that only redraw a best-of-n stage's curve from its samples: a change of them
+# reuses the stage (a study's report draws its own curves; the HH world recorded them).
+CURVE_ONLY_FIELDS = frozenset({"config.bon.num_points", "config.bon.num_bootstrap"})
+
+
 def _check_stage_key(path: str, recorded: Any, wanted: Any,
                      what: str = "a finished stage made") -> None:
   if wanted is None or recorded == wanted:
@@ -163,7 +168,10 @@ def _check_stage_key(path: str, recorded: Any, wanted: Any,
                       "without checking those", path)
       return
   old, new = dict(configlib.flat_items(recorded)), dict(configlib.flat_items(wanted))
-  changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+  changed = sorted(k for k in old.keys() | new.keys()
+                   if old.get(k) != new.get(k) and k not in CURVE_ONLY_FIELDS)
+  if not changed:
+    return
   shown = "; ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
                     for k in changed[:6])
   more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
@@ -402,13 +410,25 @@ def cached_trajectory(run_dir: str, make_policy: Callable[[], nnx.Module],
     with np.load(cache) as f:
       cached_key = str(f["key"]) if "key" in f.files else None
       if cached_key in (None, key_json):
-        return Trajectory(f["steps"], {k[3:]: f[k] for k in f.files if k.startswith("pp_")})
+        return _on_grid(run_dir, Trajectory(
+            f["steps"], {k[3:]: f[k] for k in f.files if k.startswith("pp_")}))
     logging.info("%s was evaluated with other settings: evaluating again", cache)
   load = policy_loader(make_policy, run_dir, trainable=trainable)
   traj = checkpoint_trajectory(run_dir, lambda step: policy_of(load(step)), reference, evaluate)
   files.write_atomically(cache, lambda f: np.savez(
       f, steps=traj.steps, key=key_json, **{f"pp_{k}": v for k, v in traj.per_prompt.items()}))
   return traj
+
+
+def _on_grid(run_dir: str, traj: Trajectory) -> Trajectory:
+  """``traj`` without the steps ``checkpoint_steps`` leaves out (a cache evaluated before
+  it did may hold a step a stopped run saved off its grid)."""
+  if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    return traj
+  keep = np.isin(traj.steps, [0, *checkpoint_steps(run_dir)])
+  if keep.all():
+    return traj
+  return Trajectory(traj.steps[keep], {k: v[keep] for k, v in traj.per_prompt.items()})
 
 
 def policy_loader(make_policy: Callable[[], nnx.Module], workdir: str, *,

@@ -342,8 +342,8 @@ def read_run_records(workdir: str, *, skip_bad: bool = False) -> list[dict[str, 
 def started_by(workdir: str) -> str | None:
   """The binary (``experiments.NAME``) of ``workdir``'s first recorded run, if any."""
   try:
-    records = read_run_records(workdir)
-  except (OSError, ValueError):
+    records = read_run_records(workdir, skip_bad=True)  # a cut last line hides nothing
+  except OSError:
     return None
   argv = records[0].get("argv") if records else None
   if not argv:
