@@ -34,12 +34,12 @@ and 88 were shortened further to fit 256 tokens. Rerun 2026-12-06 after the GGUF
 learned SmolLM2's digit-first splitting (README, "Data"): these numbers unchanged.
 ``:pandalm`` (the first 60 pairs of PandaLM ``resplit_test``, a hash sample; the
 file's first items are all unanimous; 13 principles of three files; 44 s wall on a quiet
-machine): 51 decisive pairs, 9 ties left out; 11 of the 60 repeat another pair's text and
-are resampled with it (remeasured 2026-12-06 after the GGUF tokenizer's digit-first
-splitting; 77 s wall at load ≈ 3). Agreement with annotator 1 / 2 / 3: 0.490 [0.341, 0.625],
-0.529 [0.380, 0.667], 0.532 [0.386, 0.674], beside inter-annotator agreement 1-2 0.961
-[0.896, 1.000], 1-3 0.936 [0.854, 1.000], 2-3 0.979 [0.920, 1.000] (whole test set: 0.941,
-0.956, 0.946). Majority label: A first 0.529, A second 0.471, averaged 0.529 [0.380, 0.667];
+machine): 51 decisive pairs, 9 ties left out; the 60 pairs come from 9 prompts, which the
+intervals resample with all their pairs (2026-12-07, 57 s wall; drawn by text pair before:
+[0.341, 0.625] for annotator 1). Agreement with annotator 1 / 2 / 3: 0.490 [0.345, 0.706],
+0.529 [0.397, 0.721], 0.532 [0.395, 0.727], beside inter-annotator agreement 1-2 0.961
+[0.915, 1.000], 1-3 0.936 [0.867, 1.000], 2-3 0.979 [0.942, 1.000] (whole test set: 0.941,
+0.956, 0.946). Majority label: A first 0.529, A second 0.471, averaged 0.529 [0.397, 0.721];
 position bias 0.451 [0.446, 0.457] -> 0; option mass 0.368. Before the tokenizer fix
 (2026-12-05, the judge by then keeping the instruction that opens a cut prompt, which it had
 lost in 13 of these 60): 0.451, 0.490, 0.489; averaged 0.490; mass 0.366. Either way, chance.
