@@ -15,6 +15,7 @@ from prefjax.direct import evaluation
 from prefjax.direct import loss as loss_lib
 from prefjax.losses import preference
 from prefjax.losses import registry
+from tests import test_train_rm
 
 
 @pytest.fixture
@@ -198,7 +199,6 @@ def test_a_rerun_without_the_imports_of_its_loss_names_them(tmp_path):
   from experiments import train_dpo
   from experiments import train_rm
   from tests import test_train_dpo
-  from tests import test_train_rm
   (tmp_path / "runs.jsonl").write_text(json.dumps({"imports": ["my_lab.my_losses"]}) + "\n")
   for run, config in ((train_dpo.run, test_train_dpo.dpo_config(steps=1)),
                       (train_rm.run, test_train_rm.small_config(1))):
@@ -253,3 +253,31 @@ def test_length_normalised_implicit_rewards_divide_each_side_by_its_own_tokens()
   np.testing.assert_allclose(float(metrics["rewards/rejected"]), rr.mean(), rtol=1e-6)
   np.testing.assert_allclose(float(metrics["rewards/margins"]), (rc - rr).mean(), rtol=1e-6)
   assert float(metrics["rewards/accuracies"]) == 1.0
+
+
+def test_a_loss_of_one_reward_model_sees_b_rewards_as_the_readme_says():
+  """One RM's rewards reached a registered loss as [B, 1]: with a [B] outcome a loss
+  written as the README shows returned [B, B] and stopped at the first step."""
+  seen = []
+
+  @preference.register_preference_loss("_test_plain_bt")
+  def plain_bt(r_chosen, r_rejected, *, outcome=1.0):
+    seen.append(jnp.shape(r_chosen))
+    margin = jnp.where(jnp.asarray(outcome) >= 0.5, 1.0, -1.0) * (r_chosen - r_rejected)
+    return -jax.nn.log_sigmoid(margin), {"margin": margin}
+  try:
+    rng = np.random.default_rng(5)
+    batch = test_train_rm._pair_batch(5, rng)  # pylint: disable=protected-access
+    r_c, r_r = rng.normal(size=5).astype(np.float32), rng.normal(size=5).astype(np.float32)
+    loss_fn = rm.make_loss_fn(dict(name="_test_plain_bt"), num_columns=1)
+    model = test_train_rm._fake_model(r_c, r_r)  # pylint: disable=protected-access
+    loss, metrics = loss_fn(model, batch, jax.random.key(0))
+  finally:
+    preference.PREFERENCE_LOSSES.pop("_test_plain_bt")
+  assert seen[-1] == (5,)
+  margin = np.where(batch["outcome"] >= 0.5, 1.0, -1.0) * (r_c.astype(np.float64) - r_r)
+  w, real = batch["weight"] * batch["pair_mask"], batch["pair_mask"].sum()
+  np.testing.assert_allclose(float(loss), np.sum(w * np.log1p(np.exp(-margin))) / real,
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["_test_plain_bt/margin"]), np.sum(w * margin) / real,
+                             rtol=1e-5)

@@ -150,33 +150,6 @@ def test_bad_loss_config_is_rejected_with_the_field_names(caplog):
       "['label_smoothing', 'margin'])"]
 
 
-def test_a_loss_of_one_reward_model_sees_b_rewards_as_the_readme_says():
-  """One RM's rewards reached a registered loss as [B, 1]: with a [B] outcome a loss
-  written as the README shows returned [B, B] and stopped at the first step."""
-  seen = []
-
-  @preference.register_preference_loss("_test_plain_bt")
-  def plain_bt(r_chosen, r_rejected, *, outcome=1.0):
-    seen.append(jnp.shape(r_chosen))
-    margin = jnp.where(jnp.asarray(outcome) >= 0.5, 1.0, -1.0) * (r_chosen - r_rejected)
-    return -jax.nn.log_sigmoid(margin), {"margin": margin}
-  try:
-    rng = np.random.default_rng(5)
-    batch = _pair_batch(5, rng)
-    r_c, r_r = rng.normal(size=5).astype(np.float32), rng.normal(size=5).astype(np.float32)
-    loss_fn = rm.make_loss_fn(dict(name="_test_plain_bt"), num_columns=1)
-    loss, metrics = loss_fn(_fake_model(r_c, r_r), batch, jax.random.key(0))
-  finally:
-    preference.PREFERENCE_LOSSES.pop("_test_plain_bt")
-  assert seen[-1] == (5,)
-  margin = np.where(batch["outcome"] >= 0.5, 1.0, -1.0) * (r_c.astype(np.float64) - r_r)
-  w, real = batch["weight"] * batch["pair_mask"], batch["pair_mask"].sum()
-  np.testing.assert_allclose(float(loss), np.sum(w * np.log1p(np.exp(-margin))) / real,
-                             rtol=1e-5)
-  np.testing.assert_allclose(float(metrics["_test_plain_bt/margin"]), np.sum(w * margin) / real,
-                             rtol=1e-5)
-
-
 def test_a_registered_preference_loss_is_selected_by_name_with_its_hyperparameters():
   @preference.register_preference_loss("_test_hinge")
   def hinge(r_chosen, r_rejected, *, outcome=1.0, gap=1.0):
