@@ -1,14 +1,11 @@
 """Orbax checkpointing of the train state, data-iterator position and config.
 
-One ``orbax.checkpoint.CheckpointManager`` under ``<workdir>/checkpoints``
-keeps the last ``keep_last`` checkpoints plus the ``keep_best`` best ones by an
-eval metric (orbax preservation policies ``LatestN`` + ``BestN``). Every
-checkpoint holds three items:
-
-* ``state``: the :class:`~prefjax.train.state.TrainState` pytree (params,
-  optimizer state, step, RNG key as raw key data, skip counters);
-* ``data``: every process's train-iterator ``get_state()`` as JSON;
-* ``config``: the experiment config as JSON.
+One ``orbax.checkpoint.CheckpointManager`` under ``<workdir>/checkpoints`` keeps the last
+``keep_last`` checkpoints plus the ``keep_best`` best ones by an eval metric (orbax
+preservation policies ``LatestN`` + ``BestN``). Every checkpoint holds ``state`` (the
+:class:`~prefjax.train.state.TrainState`: params, optimizer state, step, RNG key data,
+skip counters), ``data`` (every process's train-iterator ``get_state()``, JSON) and
+``config`` (the experiment config, JSON).
 
 Saves are asynchronous where orbax supports it; :meth:`Checkpointer.wait`
 blocks until they are durable. Once a step is final its files' sizes and
