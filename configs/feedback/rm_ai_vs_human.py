@@ -29,6 +29,9 @@ the basic bootstrap interval]:
   human  0.549 [0.490, 0.609]  ECE 0.110 [0.046, 0.151]  BT log-loss 0.731
   shorter-wins baseline 0.512 [0.453, 0.573]
   human − ai = +0.071 [−0.016, 0.158], paired-bootstrap p = 0.11: not significant.
+Rerun 2026-12-07 (all four commands, 3 min 38 s; intervals over the 252 prompts of the 253
+pairs): the same accuracies and ECEs; ai [0.417, 0.538], human [0.486, 0.611], shorter-wins
+[0.449, 0.571], human − ai +0.071 [−0.008, 0.161], p = 0.10.
 The SmolLM2 labels are near ½ (P(A) in [0.464, 0.519]), so the ``ai`` RM barely moves
 (train loss ln 2 at step 40), while the human-label RM reaches 0.549 from 100 pairs
 (configs/rm/hh_minilm.py, 1,827 pairs: 0.628). Neither is distinguishable from
