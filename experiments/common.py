@@ -233,10 +233,10 @@ def _refuse_another_binarys_workdir(workdir: str) -> None:
   """A workdir holds the runs of one binary: another would replace its ``config.json`` and
   outputs (``eval_rm`` given the RM run it scores as its workdir) or stop at its
   checkpoints after a long config diff."""
-  theirs = summary_lib.started_by(workdir)
-  ours = f"experiments.{os.path.splitext(os.path.basename(sys.argv[0]))[0]}"
+  theirs, ours = summary_lib.started_by(workdir), summary_lib.binary_name(sys.argv[0])
   here = os.path.dirname(os.path.abspath(__file__))
-  is_binary = lambda name: os.path.isfile(os.path.join(here, name.split(".")[-1] + ".py"))
+  is_binary = lambda name: name and os.path.isfile(
+      os.path.join(here, name.split(".")[-1] + ".py"))
   if theirs and theirs != ours and is_binary(theirs) and is_binary(ours):
     raise configlib.ConfigError(f"--workdir={workdir} holds a run of {theirs}: {ours} would "
                                 "replace its config.json and outputs; use another --workdir")

@@ -252,11 +252,12 @@ def response_end_id(tokenizer: Tokenizer, style: str = "raw") -> int | None:
   """The token a formatted response ends with: in ``chat`` style the template's
   single-token turn end where it has one (what the model writes, and where generation
   stops, after an assistant turn), else EOS."""
-  turn_end = getattr(tokenizer, "turn_end_id", None)
-  if style == "chat" and turn_end is not None and turn_end() is not None:
-    return turn_end()
-  if style == "chat":
-    _warn_if_turn_end_is_not_one_token(tokenizer)
+  if style != "chat":
+    return tokenizer.eos_id
+  turn_end = getattr(tokenizer, "turn_end_id", lambda: None)()
+  if turn_end is not None:
+    return turn_end
+  _warn_if_turn_end_is_not_one_token(tokenizer)
   return tokenizer.eos_id
 
 
@@ -479,14 +480,15 @@ def encode_response(response_text: str, tokenizer: Tokenizer, *, style: str = "r
 
 
 def _warn_if_turn_end_is_not_one_token(tokenizer: Tokenizer) -> None:
-  """Once per tokenizer: a template that closes assistant turns with something other than
-  one special token or EOS cannot end responses here, which end with EOS instead."""
+  """Once per tokenizer without a single-token turn end (``response_end_id`` calls it
+  then): a template that closes assistant turns with something other than EOS cannot end
+  responses here, which end with EOS instead."""
   turn_end_of = getattr(tokenizer, "assistant_turn_end", None)  # HFTokenizer's
   if turn_end_of is None or getattr(tokenizer, "_turn_end_checked", False):
     return  # every response calls this: the check runs once
   tokenizer._turn_end_checked = True  # type: ignore[attr-defined]  # pylint: disable=W0212
   turn_end = turn_end_of().strip()
-  if not turn_end or tokenizer.turn_end_id() is not None:  # type: ignore[attr-defined]
+  if not turn_end:
     return
   eos = tokenizer.decode([tokenizer.eos_id], skip_special_tokens=False) if (
       tokenizer.eos_id is not None) else ""

@@ -234,8 +234,8 @@ def _score_tokenizer(tokenizer: Any, tensors: dict[str, np.ndarray], hf_config: 
     return None
   hf_tok = copy.deepcopy(tokenizer.hf)
   bos, pad = tokenizer.bos_id, tokenizer.pad_id
-  eos = tokenize.response_end_id(tokenizer, prompt_style)
-  if own_pad and pad == eos:
+  end = tokenize.response_end_id(tokenizer, prompt_style)
+  if own_pad and pad == end:
     hf_tok.add_special_tokens({"pad_token": PAD_TOKEN})
     pad = hf_tok.pad_token_id
     name = next(n for n in EMBEDDINGS if n in tensors)
@@ -250,7 +250,7 @@ def _score_tokenizer(tokenizer: Any, tensors: dict[str, np.ndarray], hf_config: 
     hf_tok.pad_token = hf_tok.convert_ids_to_tokens(pad)
   hf_config["pad_token_id"] = int(pad)
   hf_tok.padding_side = "right"
-  return _with_specials(hf_tok, bos if add_bos else None, eos)
+  return _with_specials(hf_tok, bos if add_bos else None, end)
 
 
 def _policy_tokenizer(tokenizer: Any, add_bos: bool) -> Any:

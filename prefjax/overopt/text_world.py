@@ -369,11 +369,8 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 def _checkpoint_every(workdir: str) -> int:
   """``loop.checkpoint_every`` of the run's ``config.json`` (0 when it records none)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    return 0
-  with open(path, encoding="utf-8") as f:
-    loop = json.load(f).get("loop") or {}
+  path = os.path.join(workdir, summary_lib.CONFIG_FILE)
+  loop = (files.read_json(path).get("loop") or {}) if os.path.isfile(path) else {}
   return int(loop.get("checkpoint_every") or 0)
 
 

@@ -62,7 +62,7 @@ __all__ = [
     "define_flags", "describe_shardings", "detect_cluster", "every_process",
     "first_holder_of_data_shard", "gather_json", "gather_rows", "highest_in_any_process",
     "in_any_process", "in_every_process", "init_sharded", "initialize_distributed",
-    "jit_sharded", "local_batch_multiple", "local_rows", "make_mesh", "match_partition_specs", "mesh_from_config",
-    "named_shardings", "path_str", "process_info", "resolve_shape", "shard_batch",
-    "shard_model", "shard_tree", "sum_over_processes", "summed_counts",
+    "jit_sharded", "local_batch_multiple", "local_rows", "make_mesh", "match_partition_specs",
+    "mesh_from_config", "named_shardings", "path_str", "process_info", "resolve_shape",
+    "shard_batch", "shard_model", "shard_tree", "sum_over_processes", "summed_counts",
 ]

@@ -346,9 +346,12 @@ def started_by(workdir: str) -> str | None:
   except OSError:
     return None
   argv = records[0].get("argv") if records else None
-  if not argv:
-    return None
-  name = os.path.splitext(os.path.basename(argv[0]))[0]
+  return binary_name(argv[0]) if argv else None
+
+
+def binary_name(program: str) -> str | None:
+  """``experiments.NAME`` of a command line's ``argv[0]`` (``…/experiments/NAME.py``)."""
+  name = os.path.splitext(os.path.basename(program))[0]
   return f"experiments.{name}" if name else None
 
 
