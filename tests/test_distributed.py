@@ -67,6 +67,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -232,28 +234,81 @@ def agreeing_worker(process_id: int, port: int, root: str) -> None:
 
 
 def test_a_signal_or_the_end_of_one_process_data_stops_every_process_at_one_step(tmp_path):
-  procs = _launch_workers(tmp_path, mode="agreeing_worker")
-  try:
-    outputs = [proc.communicate(timeout=240)[0] for proc in procs]
-  finally:
-    for proc in procs:
-      proc.kill()
-  for process_id, (proc, out) in enumerate(zip(procs, outputs)):
-    assert proc.returncode == 0, out[-4000:]
+  returncodes, outputs = _join_workers(_start_workers(tmp_path, mode="agreeing_worker"),
+                                       timeout=240)
+  for process_id, (returncode, out) in enumerate(zip(returncodes, outputs)):
+    assert returncode == 0, out[-4000:]
     assert f"process {process_id}: signal: step 2 preempted True" in out, out[-2000:]
     assert f"process {process_id}: exhausted: step 2 preempted False" in out, out[-2000:]
 
 
-def _launch_workers(root: pathlib.Path, mode: str = "worker") -> list[subprocess.Popen]:
+# What the coordinator logs before it dies when another program took its port between
+# `_free_port` and its bind; the other worker would wait for it until the timeout.
+_PORT_TAKEN = "Failed to add port to server"
+_PORT_ATTEMPTS = 3
+
+
+class _Workers(NamedTuple):
+  root: pathlib.Path
+  mode: str
+  attempt: int
+  procs: list[subprocess.Popen]
+  logs: list[pathlib.Path]
+
+
+def _start_workers(root: pathlib.Path, mode: str = "worker", attempt: int = 0) -> _Workers:
   # The same XLA flags as this process (conftest's CPU settings), one device each; the
   # session's compilation cache (conftest) comes with the environment.
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
              XLA_FLAGS=child_env.one_device_xla_flags())
   port = _free_port()
-  return [subprocess.Popen(
-      [sys.executable, __file__, mode, str(process_id), str(port), str(root / "two")],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for process_id in range(NUM_PROCESSES)]
+  logs = [root / f"{mode}_{process_id}_attempt{attempt}.log"
+          for process_id in range(NUM_PROCESSES)]
+  procs = []
+  for process_id, log in enumerate(logs):
+    with open(log, "w", encoding="utf-8") as out:
+      procs.append(subprocess.Popen(
+          [sys.executable, __file__, mode, str(process_id), str(port), str(root / "two")],
+          cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True))
+  return _Workers(root, mode, attempt, procs, logs)
+
+
+def _join_workers(workers: _Workers, timeout: float) -> tuple[list[int], list[str]]:
+  """Waits for the workers; starts them again on a new port (at most `_PORT_ATTEMPTS`
+  times) when the coordinator could not bind the one `_free_port` found free."""
+  deadline = time.monotonic() + timeout
+  port_taken = False
+  try:
+    while any(proc.poll() is None for proc in workers.procs) and time.monotonic() < deadline:
+      port_taken = _PORT_TAKEN in workers.logs[0].read_text(errors="replace")
+      if port_taken:
+        break
+      time.sleep(0.5)
+  finally:
+    for proc in workers.procs:
+      proc.kill()
+      proc.wait()
+  outputs = [log.read_text(errors="replace") for log in workers.logs]
+  port_taken = port_taken or _PORT_TAKEN in outputs[0]
+  if port_taken and workers.attempt + 1 < _PORT_ATTEMPTS:
+    return _join_workers(_start_workers(workers.root, workers.mode, workers.attempt + 1),
+                         timeout)
+  return [proc.returncode for proc in workers.procs], outputs
+
+
+def test_free_port_taken_by_another_program_starts_the_workers_again(tmp_path, monkeypatch):
+  """The race `_join_workers` retries: a port found free and taken before the coordinator
+  binds it. The first attempt's coordinator meets a taken port; the second gets a free one."""
+  with socket.socket() as taken:
+    taken.bind(("localhost", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1], _free_port()])
+    monkeypatch.setattr(sys.modules[__name__], "_free_port", lambda: next(ports))
+    returncodes, outputs = _join_workers(_start_workers(tmp_path, mode="port_worker"),
+                                         timeout=120)
+  assert _PORT_TAKEN in (tmp_path / "port_worker_0_attempt0.log").read_text()
+  assert returncodes == [0] * NUM_PROCESSES, outputs
+  assert all("joined 2 processes" in out for out in outputs), outputs
 
 
 def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
@@ -261,7 +316,7 @@ def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
   experiment.load_split(make_config("rm", pairs=GLOBAL_PAIRS).data, "resplit_train")
   busy = files.exclusive(tmp_path / "two" / "busy")  # another run's, for the workers
   busy.__enter__()
-  procs = _launch_workers(tmp_path)
+  workers = _start_workers(tmp_path)
   try:
     # The ensemble's processes read the rows in file order, as one process does.
     _run("ensemble", make_config("ensemble", pairs=GLOBAL_PAIRS),
@@ -278,13 +333,14 @@ def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline_lib, "index_dataset", in_device_order)
     for binary in ("rm", "dpo"):
       _run(binary, make_config(binary, pairs=GLOBAL_PAIRS), str(tmp_path / "one" / binary))
-    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    returncodes, outputs = _join_workers(workers, timeout=600)
   finally:
-    for proc in procs:
+    for proc in workers.procs:
       proc.kill()
     busy.__exit__(None, None, None)
-  for process_id, (proc, out) in enumerate(zip(procs, outputs)):
-    assert proc.returncode == 0, out[out.rfind("Traceback"):][-4000:]
+  for returncode, out in zip(returncodes, outputs):
+    assert returncode == 0, out[out.rfind("Traceback"):][-4000:]
+  for process_id, out in enumerate(outputs):
     assert f"process {process_id}: busy: " in out
 
   for binary in BINARIES:
@@ -328,9 +384,15 @@ def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
         learning_rate=make_config(binary, pairs=GLOBAL_PAIRS).optimizer.learning_rate)
 
 
-if __name__ == "__main__" and sys.argv[1:2] in (["worker"], ["agreeing_worker"]):
-  (worker if sys.argv[1] == "worker" else agreeing_worker)(
-      int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+def port_worker(process_id: int, port: int, root: str) -> None:
+  del root
+  parallel.initialize_distributed(f"localhost:{port}", NUM_PROCESSES, process_id)
+  print(f"joined {jax.process_count()} processes", flush=True)
+
+
+_WORKERS = {"worker": worker, "agreeing_worker": agreeing_worker, "port_worker": port_worker}
+if __name__ == "__main__" and sys.argv[1:2] and sys.argv[1] in _WORKERS:
+  _WORKERS[sys.argv[1]](int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
 
 
 def test_several_processes_pad_every_batch_to_the_same_shape(monkeypatch):
