@@ -173,7 +173,8 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
   ``ensemble_forward`` (``"auto"``, ``"vmap"``, ``"unrolled"``): how a deep ensemble's
   members run in one step (``DeepEnsemble``). ``score_head`` (with ``path``): a saved head
   that does not fit the requested one is an error (``"require"``) or left fresh with a
-  warning (``"if_fits"``, the default; ``hf_import.from_pretrained``).
+  warning (``"if_fits"``, the default; ``hf_import.from_pretrained``). ``score_label`` (with
+  ``path`` and head ``reward``): a two-label classifier's label whose log-odds is the reward.
   """
   cfg = configlib.plain(cfg)
   head, pooling = cfg.get("head"), cfg.get("pooling")
@@ -191,6 +192,9 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
     _set_switches(getattr(model, "trunk", model), switches, cfg)
     return model
 
+  if cfg.get("score_label") and not cfg.get("path"):
+    raise ValueError(f"model.score_label={cfg['score_label']!r} reads a classifier saved in "
+                     "model.path, which is not set")
   if cfg.get("path"):
     if kind == "reward_ensemble" and cfg.get("ensemble", "heads") == "deep":
       raise ValueError("a deep ensemble of pretrained trunks is not supported; "
@@ -198,7 +202,8 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
     # A reward checkpoint's own head (HF ``score``) is loaded where the head can take it.
     model = hf_import.from_pretrained(resolve_path(cfg["path"]), head=head, seed=seed,
                                       dtype=_dtype(cfg.get("dtype")), pooling=pooling,
-                                      score_head=cfg.get("score_head", "if_fits"))
+                                      score_head=cfg.get("score_head", "if_fits"),
+                                      score_label=cfg.get("score_label") or None)
     trunk = getattr(model, "trunk", model)
     _warn_on_unapplied_overrides(cfg.get("overrides") or {}, trunk.config, cfg["path"])
     _check_vocabulary(vocab_size, trunk.config.vocab_size, cfg["path"])

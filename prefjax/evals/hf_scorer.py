@@ -33,6 +33,9 @@ def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> scorers.ModelScorer:
     raise EvalInputError(f"scorer {spec.name!r}: {path} does not exist")
   members = _ensemble_members(spec, path)
   head, pooling = _hf_head(spec, members[0])  # the members': _ensemble_members checked
+  label = str(eval_cfg.get("hf_score_label") or "") or None
+  if label is not None:  # a two-label classifier's log-odds, one column (from_pretrained)
+    head = "reward"
   tokenizer = experiment.make_tokenizer({"path": eval_cfg.hf_tokenizer or members[0]})
   pcfg = hf_pipeline(eval_cfg, tokenizer, members[0], spec.name)
   _check_export_special_ids(spec, members[0], tokenizer, pcfg)
@@ -40,7 +43,7 @@ def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> scorers.ModelScorer:
   forwards, vocab = [], None
   for member in members:
     model_cfg = {"path": member, "head": head, "pooling": eval_cfg.hf_pooling or pooling,
-                 "dtype": "float32", "score_head": "require"}
+                 "dtype": "float32", "score_head": "require", "score_label": label}
     try:
       model = scorers.build_model(model_cfg, tokenizer.vocab_size, 0, mesh)
     except (hf_import.CheckpointError, FileNotFoundError) as e:

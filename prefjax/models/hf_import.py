@@ -16,9 +16,7 @@ Saving is ``prefjax.models.hf_export.save_pretrained``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import pathlib
 import re
 from typing import Any, Callable
@@ -26,92 +24,22 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError, safe_open
 
 from prefjax.models import gguf_import
 from prefjax.models import heads
 from prefjax.models import hf_mappings
 from prefjax.models.decoder import Decoder, DecoderConfig
 from prefjax.models.encoder import Encoder, EncoderConfig
+# Re-exported: these lived here before hf_files / hf_heads, and callers read them here.
+from prefjax.models.hf_files import (  # pylint: disable=unused-import
+    CheckpointError, PathLike, SafetensorsReader, read_json as _read_json)
+from prefjax.models.hf_heads import (  # pylint: disable=unused-import
+    HEAD_FILE, HEAD_KEY, PIPELINE_KEY, POOLING_KEY, SCORE_TENSORS, SCORE_TOKEN_KEY,
+    _saved_head, _unsupported_head, classifier_labels, load_prefjax_head, load_score_head,
+    saved_head, saved_pipeline, unsupported_head)
 
-PathLike = str | os.PathLike
 SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "bert")
 _log = logging.getLogger(__name__)
-
-
-# A decoder reward model's (``*ForSequenceClassification``) head, read by ``load_score_head``.
-SCORE_TENSORS = ("score.weight", "score.bias")
-# config.json key written by ``hf_export``: "last_real" when the reward model scores the
-# last real token even where it is the pad id (HF's rule skips it; see ``load_score_head``).
-SCORE_TOKEN_KEY = "prefjax_score_token"
-# A head written by ``hf_export``: its spec and pooling in config.json; a head with no
-# Hugging Face form (an encoder's mean/CLS pooling, a value head) in its own file.
-HEAD_KEY = "prefjax_head"
-POOLING_KEY = "prefjax_pooling"
-HEAD_FILE = "prefjax_head.safetensors"
-# config.json key written by ``hf_export``: the training pipeline's text fields
-# (``prefjax.data.pipeline.TEXT_FIELDS``), which ``eval_rm``'s ``hf:`` scorer reads pairs with.
-PIPELINE_KEY = "prefjax_pipeline"
-
-
-class CheckpointError(ValueError):
-  """A checkpoint cannot be mapped onto the requested prefjax model."""
-
-
-# -- reading safetensors --------------------------------------------------------
-
-
-class SafetensorsReader:
-  """Lazy name -> NumPy array access over one or several ``.safetensors`` files."""
-
-  def __init__(self, directory: PathLike):
-    self.directory = pathlib.Path(directory)
-    index = self.directory / "model.safetensors.index.json"
-    single = self.directory / "model.safetensors"
-    if index.exists():
-      weight_map = _read_json(index).get("weight_map")
-      if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: no 'weight_map' object")
-      self.files = {name: self.directory / f for name, f in weight_map.items()}
-      for f in sorted(set(self.files.values())):
-        if not f.exists():
-          raise FileNotFoundError(f"{index} lists shard {f.name}, which does not exist")
-    elif single.exists():
-      with _opened(single) as fh:
-        self.files = {name: single for name in fh.keys()}
-    else:
-      raise FileNotFoundError(
-          f"{self.directory} has neither model.safetensors nor "
-          "model.safetensors.index.json (PyTorch .bin checkpoints are not supported; "
-          "convert them with transformers' save_pretrained(safe_serialization=True))")
-
-  def names(self) -> set[str]:
-    return set(self.files)
-
-  def get(self, name: str) -> np.ndarray:
-    path = self.files[name]
-    with _opened(path) as fh:
-      try:
-        return fh.get_tensor(name)
-      except SafetensorError as e:  # e.g. an index naming the wrong shard
-        raise CheckpointError(f"{path}: cannot read tensor {name!r}: {e}") from e
-      except (AttributeError, TypeError) as e:  # a dtype NumPy lacks: float8 (quantized)
-        raise CheckpointError(f"{path}: tensor {name!r} has a dtype NumPy cannot read "
-                              f"({e}); only float checkpoints load") from e
-
-
-def _opened(path: pathlib.Path):
-  try:
-    return safe_open(str(path), framework="numpy")
-  except SafetensorError as e:  # e.g. a file cut short: "incomplete metadata"
-    raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
-
-
-def _read_json(path: pathlib.Path) -> Any:
-  try:
-    return json.loads(path.read_text())
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{path}: not valid JSON: {e}") from e
 
 
 # -- config translation ---------------------------------------------------------
@@ -408,7 +336,8 @@ SCORE_HEAD_MODES = ("require", "if_fits")
 
 def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
                     param_dtype=jnp.float32, seed: int = 0,
-                    pooling: str | None = None, score_head: str = "require") -> nnx.Module:
+                    pooling: str | None = None, score_head: str = "require",
+                    score_label: str | None = None) -> nnx.Module:
   """Loads a local HF directory or a ``.gguf`` file, optionally with a head.
 
   Args:
@@ -427,10 +356,19 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
       or pooling cannot take them; "if_fits" loads them when it can and otherwise
       keeps the fresh head with a warning (a 4-member ensemble on the trunk of a
       one-output reward model).
+    score_label: with ``head="reward"``, a label of a two-label classifier (a decoder
+      ``*ForSequenceClassification``, ``config.json``'s ``id2label``) whose log-odds
+      ``log p(label) − log p(other)`` is the reward (``hf_heads.label_log_odds``); it must
+      load, whatever ``score_head`` says.
   """
   heads.parse_head(head)  # fail on a bad spec before reading any weights
   if score_head not in SCORE_HEAD_MODES:
     raise ValueError(f"score_head must be one of {SCORE_HEAD_MODES}, got {score_head!r}")
+  if score_label is not None:
+    if head != "reward":
+      raise ValueError(f"score_label={score_label!r} reads a two-label classifier's log-odds "
+                       f"as one reward; it needs head='reward', got {head!r}")
+    score_head = "require"
   path = pathlib.Path(path)
   if path.suffix == ".gguf":
     trunk = gguf_import.load_gguf(path, dtype=dtype, param_dtype=param_dtype)
@@ -450,6 +388,9 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
     _load_or_keep(lambda: load_prefjax_head(model, path, saved=(saved, saved_pooling)),
                   score_head, head)
   if "score.weight" not in report.unused:
+    if score_label is not None:
+      raise CheckpointError(f"{path}: score_label={score_label!r} reads a classifier's "
+                            "'score.weight', which this directory does not have")
     return model
   if not isinstance(model, heads.PooledHeadModel):
     _log.warning("%s: the checkpoint's reward head 'score.weight' is not used (head=%r; "
@@ -457,7 +398,8 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
     return model
   skips_pad = hf.get(SCORE_TOKEN_KEY) != "last_real"
   _load_or_keep(lambda: load_score_head(model, SafetensorsReader(path), skips_pad=skips_pad,
-                                        saved=saved), score_head, head)
+                                        saved=saved, label=score_label,
+                                        labels=classifier_labels(hf)), score_head, head)
   return model
 
 
@@ -470,128 +412,5 @@ def _load_or_keep(load: Callable[[], None], score_head: str, head: str) -> None:
     _log.warning("%s; the %r head keeps its fresh initialisation", e, head)
 
 
-def unsupported_head(path: PathLike) -> str | None:
-  """Why the classification head saved in directory ``path`` cannot be loaded, or None.
-
-  A BERT ``*ForSequenceClassification`` scores through its pooler (tanh of a dense layer
-  on ``[CLS]``) and ``classifier``, a head prefjax does not build: loading it as a reward
-  model would score with a fresh head.
-  """
-  config_file = pathlib.Path(path) / "config.json"
-  return _unsupported_head(_read_json(config_file), path) if config_file.is_file() else None
-
-
-def _unsupported_head(hf: dict[str, Any], path: PathLike) -> str | None:
-  """``unsupported_head`` of a parsed ``config.json``."""
-  archs = hf.get("architectures") or []
-  if hf.get("model_type") == "bert" and any(
-      a.endswith("ForSequenceClassification") for a in archs):
-    return (f"{path} is a {archs[0]}: its head (the pooler's tanh layer on [CLS], then "
-            "'classifier') is not one prefjax builds, so a reward head on this trunk starts "
-            "fresh; score it with transformers, or train a head on the trunk "
-            "(score_head='if_fits')")
-  return None
-
-
 def _raise(error: Exception) -> None:
   raise error
-
-
-def saved_head(path: PathLike) -> tuple[str | None, str | None]:
-  """``(head spec, pooling)`` the model in directory ``path`` was saved with: prefjax's
-  record (``HEAD_KEY``), else ``"reward"`` (one label) or ``"multi:<labels>"`` for a
-  decoder ``*ForSequenceClassification`` checkpoint; ``(None, None)`` for anything else."""
-  config_file = pathlib.Path(path) / "config.json"
-  return _saved_head(_read_json(config_file)) if config_file.is_file() else (None, None)
-
-
-def saved_pipeline(path: PathLike) -> dict[str, Any] | None:
-  """The training pipeline's text fields a prefjax export of directory ``path`` records
-  (``PIPELINE_KEY``); None for any other directory or an export from before 2026-12-06."""
-  config_file = pathlib.Path(path) / "config.json"
-  if not config_file.is_file():
-    return None
-  saved = _read_json(config_file).get(PIPELINE_KEY)
-  return dict(saved) if isinstance(saved, dict) else None
-
-
-def _saved_head(hf: dict[str, Any]) -> tuple[str | None, str | None]:
-  """``saved_head`` of a parsed ``config.json``."""
-  if hf.get(HEAD_KEY):
-    return str(hf[HEAD_KEY]), hf.get(POOLING_KEY)
-  archs = hf.get("architectures") or []
-  if hf.get("model_type") == "bert" or not any(
-      a.endswith("ForSequenceClassification") for a in archs):
-    return None, None
-  id2label = hf.get("id2label") or {str(i): f"LABEL_{i}"  # transformers' default
-                                     for i in range(int(hf.get("num_labels", 2)))}
-  labels = [str(v) for _, v in sorted(id2label.items(), key=lambda kv: int(kv[0]))]
-  return ("reward" if len(labels) == 1 else "multi:" + ",".join(labels)), "last"
-
-
-def load_prefjax_head(model: nnx.Module, path: PathLike,
-                      saved: tuple[str | None, str | None] = (None, None)) -> None:
-  """Copies ``HEAD_FILE`` (``kernel``, ``bias``) into ``model``'s reward or value head.
-
-  ``saved``: the head spec and pooling the directory records (``saved_head``); a model
-  whose head or pooling differs is refused, even where the shapes would fit (a value
-  head loaded as a reward head, two members read as two objectives).
-  """
-  linear = heads.output_layer(model)
-  file = pathlib.Path(path) / HEAD_FILE
-  if linear is None:
-    raise CheckpointError(f"{file}: {type(model).__name__} has no head to load it into")
-  wanted = (heads.head_spec(model), getattr(model, "pooling", None))
-  if saved[0] is not None and (heads.parse_head(saved[0]), saved[1]) != (
-      heads.parse_head(wanted[0]), wanted[1]):
-    raise CheckpointError(f"{file} holds a {saved[0]!r} head with pooling {saved[1]!r}; the "
-                          f"requested model has {wanted[0]!r} with pooling {wanted[1]!r}")
-  with _opened(file) as fh:
-    tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-  for name in ("kernel", "bias"):
-    target = getattr(linear, name)
-    array = tensors.get(name)
-    if array is None or array.shape != tuple(target.shape):
-      raise CheckpointError(f"{file}: tensor {name!r} has shape "
-                            f"{None if array is None else array.shape} but the requested "
-                            f"{type(model).__name__} head needs {tuple(target.shape)}")
-    target[...] = jnp.asarray(array, target.dtype)
-  _log.info("%s: loaded the %s head", file, type(model).__name__)
-
-
-def load_score_head(model, reader: SafetensorsReader, *, skips_pad: bool = True,
-                    saved: str | None = None) -> None:
-  """Copies a HF ``*ForSequenceClassification`` ``score`` layer into a reward head.
-
-  HF decoder reward models (``LlamaForSequenceClassification``,
-  ``GPT2ForSequenceClassification``) score the last token whose id is not the
-  config's ``pad_token_id`` with ``score.weight [num_labels, D]`` (no bias): a
-  "last"-pooled ``RewardModel`` (num_labels 1) or ``MultiHeadEnsemble`` /
-  multi-objective head (num_labels K) that skips that id (``last_skips_id``; this
-  matters when pad = EOS, as the pipeline ends every response with EOS).
-  ``skips_pad=False`` (a prefjax export whose model read the last real token, see
-  ``SCORE_TOKEN_KEY``) reads the last real token instead, as the model was trained.
-  A ``score.bias`` (prefjax exports write one when the head's bias is not zero;
-  transformers ignores it) is loaded too. ``saved``: the head the directory records
-  (``saved_head``); another kind is refused even where the shapes fit (a 3-label
-  classifier's class logits read as 3 ensemble members).
-  """
-  weight = reader.get("score.weight")
-  kernel = model.head.kernel
-  if weight.T.shape != tuple(kernel.shape):
-    raise CheckpointError(
-        f"{reader.directory}: tensor 'score.weight' has shape {weight.shape} but the "
-        f"requested head needs {tuple(kernel.shape[::-1])} ([num_labels, hidden])")
-  wanted = heads.head_spec(model)
-  if saved is not None and heads.parse_head(saved)[0] != heads.parse_head(wanted)[0]:
-    raise CheckpointError(f"{reader.directory}: 'score.weight' is a {saved!r} head; the "
-                          f"requested model has {wanted!r}, which would read it as another "
-                          "kind of output")
-  if model.pooling != "last":
-    raise CheckpointError(f"{reader.directory}: 'score.weight' is a last-token head; "
-                          f"pooling={model.pooling!r} would not reproduce it")
-  kernel[...] = jnp.asarray(weight.T, kernel.dtype)
-  bias = reader.get("score.bias") if "score.bias" in reader.files else np.zeros(weight.shape[0])
-  model.head.bias[...] = jnp.asarray(bias, model.head.bias.dtype)
-  model.last_skips_id = model.trunk.config.pad_id if skips_pad else None
-  _log.info("%s: loaded reward head from 'score.weight' %s", reader.directory, weight.shape)

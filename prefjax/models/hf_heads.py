@@ -1,0 +1,203 @@
+"""Heads saved in Hugging Face directories: what a directory records and loading it.
+
+A decoder ``*ForSequenceClassification`` (an HF reward model or classifier) scores with
+``score.weight [num_labels, D]`` at the last token that is not its pad id; a prefjax export
+(``hf_export``) also records its head's spec and pooling, the token it scores and its
+training pipeline in ``config.json``, and a head with no HF form in ``HEAD_FILE``.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prefjax.models import heads
+from prefjax.models.hf_files import (CheckpointError, PathLike, SafetensorsReader,
+                                     open_safetensors, read_json)
+
+_log = logging.getLogger(__name__)
+
+# A decoder reward model's (``*ForSequenceClassification``) head, read by ``load_score_head``.
+SCORE_TENSORS = ("score.weight", "score.bias")
+# config.json key written by ``hf_export``: "last_real" when the reward model scores the
+# last real token even where it is the pad id (HF's rule skips it; see ``load_score_head``).
+SCORE_TOKEN_KEY = "prefjax_score_token"
+# A head written by ``hf_export``: its spec and pooling in config.json; a head with no
+# Hugging Face form (an encoder's mean/CLS pooling, a value head) in its own file.
+HEAD_KEY = "prefjax_head"
+POOLING_KEY = "prefjax_pooling"
+HEAD_FILE = "prefjax_head.safetensors"
+# config.json key written by ``hf_export``: the training pipeline's text fields
+# (``prefjax.data.pipeline.TEXT_FIELDS``), which ``eval_rm``'s ``hf:`` scorer reads pairs with.
+PIPELINE_KEY = "prefjax_pipeline"
+
+
+def unsupported_head(path: PathLike) -> str | None:
+  """Why the classification head saved in directory ``path`` cannot be loaded, or None.
+
+  A BERT ``*ForSequenceClassification`` scores through its pooler (tanh of a dense layer
+  on ``[CLS]``) and ``classifier``, a head prefjax does not build: loading it as a reward
+  model would score with a fresh head.
+  """
+  config_file = pathlib.Path(path) / "config.json"
+  return _unsupported_head(read_json(config_file), path) if config_file.is_file() else None
+
+
+def _unsupported_head(hf: dict[str, Any], path: PathLike) -> str | None:
+  """``unsupported_head`` of a parsed ``config.json``."""
+  archs = hf.get("architectures") or []
+  if hf.get("model_type") == "bert" and any(
+      a.endswith("ForSequenceClassification") for a in archs):
+    return (f"{path} is a {archs[0]}: its head (the pooler's tanh layer on [CLS], then "
+            "'classifier') is not one prefjax builds, so a reward head on this trunk starts "
+            "fresh; score it with transformers, or train a head on the trunk "
+            "(score_head='if_fits')")
+  return None
+
+
+def saved_head(path: PathLike) -> tuple[str | None, str | None]:
+  """``(head spec, pooling)`` the model in directory ``path`` was saved with: prefjax's
+  record (``HEAD_KEY``), else ``"reward"`` (one label) or ``"multi:<labels>"`` for a
+  decoder ``*ForSequenceClassification`` checkpoint; ``(None, None)`` for anything else."""
+  config_file = pathlib.Path(path) / "config.json"
+  return _saved_head(read_json(config_file)) if config_file.is_file() else (None, None)
+
+
+def saved_pipeline(path: PathLike) -> dict[str, Any] | None:
+  """The training pipeline's text fields a prefjax export of directory ``path`` records
+  (``PIPELINE_KEY``); None for any other directory or an export from before 2026-12-06."""
+  config_file = pathlib.Path(path) / "config.json"
+  if not config_file.is_file():
+    return None
+  saved = read_json(config_file).get(PIPELINE_KEY)
+  return dict(saved) if isinstance(saved, dict) else None
+
+
+def _saved_head(hf: dict[str, Any]) -> tuple[str | None, str | None]:
+  """``saved_head`` of a parsed ``config.json``."""
+  if hf.get(HEAD_KEY):
+    return str(hf[HEAD_KEY]), hf.get(POOLING_KEY)
+  labels = classifier_labels(hf)
+  if labels is None:
+    return None, None
+  return ("reward" if len(labels) == 1 else "multi:" + ",".join(labels)), "last"
+
+
+def classifier_labels(hf: dict[str, Any]) -> list[str] | None:
+  """The labels, in ``score.weight``'s row order, of a decoder ``*ForSequenceClassification``
+  (parsed ``config.json``) that is not a prefjax export; None for anything else."""
+  archs = hf.get("architectures") or []
+  if hf.get(HEAD_KEY) or hf.get("model_type") == "bert" or not any(
+      a.endswith("ForSequenceClassification") for a in archs):
+    return None
+  id2label = hf.get("id2label") or {str(i): f"LABEL_{i}"  # transformers' default
+                                     for i in range(int(hf.get("num_labels", 2)))}
+  return [str(v) for _, v in sorted(id2label.items(), key=lambda kv: int(kv[0]))]
+
+
+def load_prefjax_head(model: nnx.Module, path: PathLike,
+                      saved: tuple[str | None, str | None] = (None, None)) -> None:
+  """Copies ``HEAD_FILE`` (``kernel``, ``bias``) into ``model``'s reward or value head.
+
+  ``saved``: the head spec and pooling the directory records (``saved_head``); a model
+  whose head or pooling differs is refused, even where the shapes would fit (a value
+  head loaded as a reward head, two members read as two objectives).
+  """
+  linear = heads.output_layer(model)
+  file = pathlib.Path(path) / HEAD_FILE
+  if linear is None:
+    raise CheckpointError(f"{file}: {type(model).__name__} has no head to load it into")
+  wanted = (heads.head_spec(model), getattr(model, "pooling", None))
+  if saved[0] is not None and (heads.parse_head(saved[0]), saved[1]) != (
+      heads.parse_head(wanted[0]), wanted[1]):
+    raise CheckpointError(f"{file} holds a {saved[0]!r} head with pooling {saved[1]!r}; the "
+                          f"requested model has {wanted[0]!r} with pooling {wanted[1]!r}")
+  with open_safetensors(file) as fh:
+    tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+  for name in ("kernel", "bias"):
+    target = getattr(linear, name)
+    array = tensors.get(name)
+    if array is None or array.shape != tuple(target.shape):
+      raise CheckpointError(f"{file}: tensor {name!r} has shape "
+                            f"{None if array is None else array.shape} but the requested "
+                            f"{type(model).__name__} head needs {tuple(target.shape)}")
+    target[...] = jnp.asarray(array, target.dtype)
+  _log.info("%s: loaded the %s head", file, type(model).__name__)
+
+
+def load_score_head(model, reader: SafetensorsReader, *, skips_pad: bool = True,
+                    saved: str | None = None, label: str | None = None,
+                    labels: list[str] | None = None) -> None:
+  """Copies a HF ``*ForSequenceClassification`` ``score`` layer into a reward head.
+
+  HF decoder reward models (``LlamaForSequenceClassification``,
+  ``GPT2ForSequenceClassification``) score the last token whose id is not the
+  config's ``pad_token_id`` with ``score.weight [num_labels, D]`` (no bias): a
+  "last"-pooled ``RewardModel`` (num_labels 1) or ``MultiHeadEnsemble`` /
+  multi-objective head (num_labels K) that skips that id (``last_skips_id``; this
+  matters when pad = EOS, as the pipeline ends every response with EOS).
+  ``skips_pad=False`` (a prefjax export whose model read the last real token, see
+  ``SCORE_TOKEN_KEY``) reads the last real token instead, as the model was trained.
+  A ``score.bias`` (prefjax exports write one when the head's bias is not zero;
+  transformers ignores it) is loaded too. ``saved``: the head the directory records
+  (``saved_head``); another kind is refused even where the shapes fit (a 3-label
+  classifier's class logits read as 3 ensemble members).
+
+  ``label`` (one of ``labels``, the classifier's ``classifier_labels``): a two-label
+  classifier read as a one-output reward model, its log-odds (``label_log_odds``).
+  """
+  weight = reader.get("score.weight")
+  bias = reader.get("score.bias") if "score.bias" in reader.files else np.zeros(weight.shape[0])
+  if label is not None:
+    weight, bias = label_log_odds(weight, bias, label, labels, where=reader.directory)
+    saved = "reward"
+  kernel = model.head.kernel
+  if weight.T.shape != tuple(kernel.shape):
+    raise CheckpointError(
+        f"{reader.directory}: tensor 'score.weight' has shape {weight.shape} but the "
+        f"requested head needs {tuple(kernel.shape[::-1])} ([num_labels, hidden])")
+  wanted = heads.head_spec(model)
+  if saved is not None and heads.parse_head(saved)[0] != heads.parse_head(wanted)[0]:
+    raise CheckpointError(f"{reader.directory}: 'score.weight' is a {saved!r} head; the "
+                          f"requested model has {wanted!r}, which would read it as another "
+                          "kind of output")
+  if model.pooling != "last":
+    raise CheckpointError(f"{reader.directory}: 'score.weight' is a last-token head; "
+                          f"pooling={model.pooling!r} would not reproduce it")
+  kernel[...] = jnp.asarray(weight.T, kernel.dtype)
+  model.head.bias[...] = jnp.asarray(bias, model.head.bias.dtype)
+  model.last_skips_id = model.trunk.config.pad_id if skips_pad else None
+  _log.info("%s: loaded reward head from 'score.weight' %s", reader.directory, weight.shape)
+
+
+def label_log_odds(weight: np.ndarray, bias: np.ndarray, label: str,
+                   labels: list[str] | None, *, where: PathLike) -> tuple[np.ndarray, np.ndarray]:
+  """A two-label classifier's ``score`` layer as the one-output layer of its log-odds.
+
+  With class logits ``z = W h + b`` over labels ``(a, b)``, the log-odds of ``a`` is
+  ``log p(a) − log p(b) = z_a − z_b = (W_a − W_b) h + (b_a − b_b)``: still linear in ``h``,
+  so a ``RewardModel`` computes it exactly (a sentiment or harmlessness classifier as the
+  reward of best-of-n or RL, as TRL's sentiment examples use one). Returns
+  ``(weight [1, D], bias [1])``. With more than two labels the log-odds is not linear, and
+  a prefjax export's columns are objectives, not classes: both are refused.
+  """
+  if labels is None:
+    raise CheckpointError(f"{where}: score_label={label!r} reads a Hugging Face two-label "
+                          "*ForSequenceClassification's log-odds; this directory is not one "
+                          "(a prefjax export's columns are objectives or members, not classes)")
+  if len(labels) != 2 or weight.shape[0] != 2:
+    raise CheckpointError(f"{where}: score_label={label!r} reads a two-label classifier's "
+                          f"log-odds; this one has {len(labels)} labels {labels}, whose "
+                          "log-odds is not one linear head (score each label's logit with "
+                          "head='multi:" + ",".join(labels) + "')")
+  if label not in labels:
+    raise CheckpointError(f"{where}: score_label={label!r} is not one of the classifier's "
+                          f"labels {labels} (config.json's id2label)")
+  first = labels.index(label)
+  sign = np.asarray([1.0, -1.0] if first == 0 else [-1.0, 1.0], np.float64)
+  return (sign @ weight.astype(np.float64))[None], np.asarray([sign @ bias.astype(np.float64)])
