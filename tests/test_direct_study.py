@@ -199,6 +199,13 @@ def test_d2_pass_and_fail():
   assert result["pass"] and result["detail"].endswith("; KL rising after the peak; pass")
   monotone = _trajectory(lambda t: np.sqrt(t), lambda t: 8 * t)
   assert not dc.criterion_d2(monotone, num_bootstrap=200)["pass"]
+  # Gold that only falls from step 0 (the initial policy) never peaked "early in training";
+  # its argmax at step 0 with a significant drop passed.
+  falls = _trajectory(lambda t: -t, lambda t: 8 * t)
+  result = dc.criterion_d2(falls, num_bootstrap=200)
+  assert result["value"]["peak_step"] == 0 and result["value"]["drop"] > 4 * result["value"][
+      "drop_se"]
+  assert not result["pass"], result["detail"]
   kl_stalls = _trajectory(lambda t: 4 * t * (1 - t) + 0.2 * t, lambda t: 8 * np.minimum(t, 0.5)
                           - 2 * np.maximum(t - 0.5, 0))
   result = dc.criterion_d2(kl_stalls, num_bootstrap=200)

@@ -434,6 +434,12 @@ def test_g3_passes_rank_correlations_of_exactly_0_8_and_r4_needs_a_best_of_n_pea
   # RL still rising at its largest KL: a lower bound on its peak, enough for ">" but named.
   found = criteria.r4([peaked._replace(rl=flat.bon)], "")
   assert found.passed and "RL highest at its largest KL: a lower bound" in found.detail
+  # Best-of-n gold highest at n = 1 never rose: its "peak" at KL 0 is below any RL KL, and
+  # R4 passed on it (with an RL curve that never peaked either).
+  falling = _setting("f", -0.5, 0.1)
+  found = criteria.r4([falling._replace(rl=flat.bon)], "")
+  assert found.value[0]["kl_peak_bon"] == 0.0
+  assert not found.passed and "best-of-n highest at n = 1: it never rose" in found.detail
 
 
 def test_g3_needs_three_sizes():

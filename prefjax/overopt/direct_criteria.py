@@ -79,7 +79,8 @@ def criterion_d2(sweep: DaaSweep, *, num_se: float = 2.0, kl_tolerance: float = 
                  num_bootstrap: int = 1000, seed: int = 0) -> dict:
   """D2: at the smallest β, gold peaks before the end of training while KL keeps rising.
 
-  Pass: the gold argmax over evaluation steps is not the last one, the final gold
+  Pass: the gold argmax over evaluation steps is neither the first (the initial policy:
+  gold never rose) nor the last one, the final gold
   is below the peak by a z of at least ``num_se`` bootstrap SEs (over prompts, of the
   per-prompt drop), raised for the peak's choice as G1 does (``bon.Decline``), and KL
   after the peak never falls by more than ``kl_tolerance``·KL_final between evaluations
@@ -92,7 +93,8 @@ def criterion_d2(sweep: DaaSweep, *, num_se: float = 2.0, kl_tolerance: float = 
   drop, drop_se, peak = decline.drop, decline.se, decline.peak
   after = np.diff(kl[peak:])
   rising = bool(kl[-1] > kl[peak] and (after >= -kl_tolerance * kl[-1]).all())
-  declined = peak < len(gold) - 1 and decline.significant  # as G1
+  # As G1: interior. A peak at step 0 never rose: gold only fell from the start.
+  declined = 0 < peak < len(gold) - 1 and decline.significant
   value = {"beta": float(sweep.betas[k]), "peak_step": int(sweep.steps[peak]),
            "kl_rising": rising,
            "final_step": int(sweep.steps[-1]), "gold_peak": float(gold[peak]),

@@ -34,7 +34,7 @@ EXPECTED = {
     "G5": "Gao et al. 2022, §3.4: more proxy training data gives higher gold at a fixed n.",
     "R1": "Along the RL path π_β ∝ π_ref·exp(β·r_proxy), KL and the proxy rise monotonically.",
     "R2": "Gao et al. 2022, Fig. 1b: gold under RL peaks then falls for small proxies.",
-    "R3": "Gao et al. 2022, Eq. 2: gold under RL follows d(α − β log d) with β > 0.",
+    "R3": "Gao et al. 2022, Eq. 2: gold under RL fitted by d(α − β log d) has β > 0.",
     "R4": "Gao et al. 2022, §3.2: RL uses more KL than best-of-n to reach its gold peak.",
     "C1": "Coste et al. 2023: with label noise (25% in the paper; {label_noise} in this run), "
           "WCO and UWO ensembles remove the best-of-n decline and beat a single proxy at "
