@@ -62,14 +62,22 @@ def test_an_export_is_scored_as_its_run_trained_it(cut_run, tmp_path, caplog):
   config = test_eval_rm.eval_config(f"rm:{cut_run},exported=hf:{cut_run / 'hf'}",
                                     f"run:{cut_run}")
   config.hf_tokenizer = "byte"
-  eval_rm.run(config, str(tmp_path / "eval"))
+  section = eval_rm.run(config, str(tmp_path / "eval"))["datasets"][0]
   scores = _scores(tmp_path / "eval")
   rm, exported = scores["rm"], scores["exported"]
   assert len(rm) == len(exported) == 23
   np.testing.assert_allclose([exported[i] for i in rm], [rm[i] for i in rm], atol=1e-5)
+  # Pairs scored on cut text were counted nowhere; at 12 tokens most of them are cut.
+  cut = section["truncated_by_pipeline"]
+  assert cut["rm"] == cut["exported"] and 0 < max(cut["rm"].values()) <= 23, cut
+  report_md = (tmp_path / "eval" / "report.md").read_text()
+  assert (f"rm scored {cut['rm']['truncated_prompt']} pairs with the prompt cut and "
+          f"{cut['rm']['truncated_response']} pairs with a response cut to fit its "
+          "max_length") in report_md
   config.pipeline = {"max_length": 32, "batch_size": 8}  # batch_size: also set by rm:
   with caplog.at_level(logging.WARNING):
-    eval_rm.run(config, str(tmp_path / "eval_longer"))
+    longer = eval_rm.run(config, str(tmp_path / "eval_longer"))["datasets"][0]
+  assert sum(longer["truncated_by_pipeline"].get("rm", {}).values()) < sum(cut["rm"].values())
   changed = [r.getMessage() for r in caplog.records if "reads pairs unlike" in r.getMessage()]
   assert any("scorer 'rm'" in m and "max_length=32 (trained: 12)" in m for m in changed)
   assert any("scorer 'exported'" in m and "export's training pipeline" in m for m in changed)

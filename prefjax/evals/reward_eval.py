@@ -300,6 +300,7 @@ def evaluate_dataset(dataset: Dataset, scorer_fns: dict[str, Any], eval_cfg: Any
       "subset_field": eval_cfg.subset_field, "pairs_without_subset": table.without_subset,
       "run_data": dataset.run_data,
       "dropped_by_pipeline": {n: s.dropped for n, s in scored.items() if s.dropped},
+      "truncated_by_pipeline": {n: s.truncated for n, s in scored.items() if s.truncated},
       "not_scored": {n: len(dataset.source) - s.index.size for n, s in scored.items()
                      if s.index.size < len(dataset.source)},
       "unavailable": missing, "calibrated": calibrated,

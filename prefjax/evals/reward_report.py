@@ -111,6 +111,9 @@ def markdown(report: Mapping[str, Any]) -> str:
   return "\n".join(out)
 
 
+_CUT = {"truncated_prompt": "the prompt", "truncated_response": "a response"}
+
+
 def rows_line(section: Mapping[str, Any]) -> str:
   """Where every row went: read, skipped as bad (by reason), scored, ties, decisive."""
   counts = section.get("source_counts") or {}
@@ -130,6 +133,9 @@ def rows_line(section: Mapping[str, Any]) -> str:
   unscored = section["rows"] - section["pairs_scored"]
   if unscored:
     parts.append(f"{unscored} not scored by every scorer")
+  for scorer, cut in (section.get("truncated_by_pipeline") or {}).items():
+    what = " and ".join(f"{n} pairs with {_CUT[k]} cut" for k, n in cut.items())
+    parts.append(f"{scorer} scored {what} to fit its max_length")
   ties = section["ties_left_out"]
   parts.append(f"{section['pairs_scored']} pairs scored, {ties} tie{'' if ties == 1 else 's'} "
                f"left out: {section['pairs_decisive']} decisive pairs in the metrics")

@@ -72,11 +72,15 @@ class Scored:
       the members and aggregates of an ensemble.
     calibrated: whether σ(margin) is meant as a probability (False for baselines).
     dropped: the pipeline's nonzero ``dropped_*`` counters.
+    truncated: the pipeline's nonzero ``truncated_prompt`` / ``truncated_response``
+      counters: pairs scored on cut text (a prompt cut from the left, a response from the
+      right, losing its end token).
   """
   index: np.ndarray
   columns: dict[str, tuple[np.ndarray, np.ndarray]]
   calibrated: bool = True
   dropped: dict[str, int] = dataclasses.field(default_factory=dict)
+  truncated: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,12 +289,19 @@ class ModelScorer:
                            f"{int((~finite).sum())} of {finite.size} pairs (first: row "
                            f"{int(index[np.argmin(finite)])}); a NaN would count as a wrong "
                            "answer")
-    return Scored(index, self.output_columns(r_c, r_r), self.calibrated, _dropped(iterator))
+    return Scored(index, self.output_columns(r_c, r_r), self.calibrated, _dropped(iterator),
+                  _truncated(iterator))
 
 
 def _dropped(iterator: Any) -> dict[str, int]:
   """The pipeline's drop counters that are not zero."""
   return {k: int(v) for k, v in iterator.counters.items() if k.startswith("dropped_") and v}
+
+
+def _truncated(iterator: Any) -> dict[str, int]:
+  """The pipeline's counts of scored pairs whose prompt or a response was cut, if any."""
+  return {k: int(iterator.counters.get(k, 0)) for k in ("truncated_prompt", "truncated_response")
+          if iterator.counters.get(k, 0)}
 
 
 OutputColumns = Callable[[np.ndarray, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]

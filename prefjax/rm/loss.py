@@ -237,7 +237,8 @@ def make_loss_fn(loss: RewardLoss | Mapping[str, Any], *, num_columns: int = 1,
     metrics.update({k: v if jnp.ndim(v) == 0 else
                     jnp.sum(jnp.where(weights > 0, weights * v, 0.0)) / real
                     for k, v in own_metrics.items()})
-    # Microbatches of gradient accumulation pool by their real pairs, as one batch would.
+    # Microbatches of gradient accumulation pool by their real pairs, as one batch would
+    # (not for objectives, each normalised by its own pairs: train_rm refuses those).
     metrics["loss_weight"] = jnp.sum(batch["pair_mask"])
     if num_columns > 1:
       names = objectives or [str(k) for k in range(num_columns)]
