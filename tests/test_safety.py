@@ -198,6 +198,14 @@ def test_loss_fn_reduces_weighted_bce_over_real_entries_float64():
   per, _ = ref_weighted_bce(logits, targets, np.array([4.0, 0.5]), 1.0)
   assert float(per_column) == pytest.approx(np.sum(weights * per) / weights.sum(), rel=1e-6)
   assert float(metrics["loss_weight"]) == weights.sum()  # how microbatches pool (train.step)
+  # The mean logits are over the entries whose target is harmful / harmless: a rejected
+  # row is harmful in its categories only (they averaged every column of rejected rows).
+  harmful, harmless = weights * targets, weights * (1 - targets)
+  assert float(metrics["mean_logit_harmful"]) == pytest.approx(
+      np.sum(harmful * logits) / harmful.sum(), rel=1e-6)
+  assert float(metrics["mean_logit_harmless"]) == pytest.approx(
+      np.sum(harmless * logits) / harmless.sum(), rel=1e-6)
+  assert float(metrics["weight_of/mean_logit_harmful"]) == harmful.sum()
 
 
 class _OneWeight(nnx.Module):

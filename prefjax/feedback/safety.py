@@ -134,12 +134,16 @@ def make_loss_fn(*, pos_weight: float | Sequence[float], neg_weight: float = 1.0
         logits, targets, pos_weight=pos_weight, neg_weight=neg_weight)
     total = jnp.maximum(jnp.sum(weights), 1e-9)
     correct = ((logits > 0) == (targets > 0.5)).astype(jnp.float32)
-    b = batch["pair_mask"].shape[0]
+    # The mean logit over the (row, column) entries whose target is harmful / harmless:
+    # with category heads a rejected row is harmful in its own categories only.
+    harmful, harmless = weights * targets, weights * (1.0 - targets)
     metrics = {"accuracy": jnp.sum(weights * correct) / total,
-               "mean_logit_harmful": jnp.sum(weights[b:] * logits[b:]) /
-                                     jnp.maximum(jnp.sum(weights[b:]), 1e-9),
-               "mean_logit_harmless": jnp.sum(weights[:b] * logits[:b]) /
-                                      jnp.maximum(jnp.sum(weights[:b]), 1e-9)}
+               "mean_logit_harmful": jnp.sum(harmful * logits) /
+                                     jnp.maximum(jnp.sum(harmful), 1e-9),
+               "mean_logit_harmless": jnp.sum(harmless * logits) /
+                                      jnp.maximum(jnp.sum(harmless), 1e-9),
+               "weight_of/mean_logit_harmful": jnp.sum(harmful),
+               "weight_of/mean_logit_harmless": jnp.sum(harmless)}
     # The normaliser, so that accumulated microbatches weigh as one batch (train.step).
     metrics["loss_weight"] = jnp.sum(weights)
     return jnp.sum(weights * per) / total, metrics
