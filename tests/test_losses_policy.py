@@ -421,6 +421,8 @@ def test_kl_penalized_rewards():
   ref[1, 4] += -1.0
   np.testing.assert_allclose(rewards, ref, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(kl, (logp - ref_logp) * mask, rtol=1e-5, atol=1e-7)
+  with pytest.raises(AssertionError, match="shape"):  # one score broadcast to every row
+    policy.kl_penalized_rewards(scores[:1], logp, ref_logp, mask, kl_coef=0.1)
 
 
 # --------------------------------------------------------------------------

@@ -59,6 +59,8 @@ def test_weighted_bce_matches_float64_reference_and_gradient():
       v, y, pos_weight=3.0, neg_weight=0.5)))(jnp.asarray(z, jnp.float32))
   np.testing.assert_allclose(np.asarray(g), grad, rtol=1e-5, atol=1e-7)
   assert float(got[6]) == pytest.approx(3.0 * 1e4)  # stable at |z| = 1e4
+  with pytest.raises(AssertionError, match="shape"):  # [8] against [8, 1]: an [8, 8] loss
+    classification.weighted_binary_cross_entropy(z, y[:, None])
 
 
 def test_class_weights():

@@ -5,6 +5,7 @@ A pure function of arrays like every loss in ``prefjax.losses``; callers reduce.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -26,5 +27,6 @@ def weighted_binary_cross_entropy(logits: Array, labels: Array, *, pos_weight: f
   """
   z = jnp.asarray(logits, jnp.float32)
   y = jnp.asarray(labels, jnp.float32)
+  chex.assert_equal_shape([z, y])  # [N] against [N, 1] would broadcast to [N, N]
   return -(pos_weight * y * jax.nn.log_sigmoid(z)
            + neg_weight * (1.0 - y) * jax.nn.log_sigmoid(-z))

@@ -554,6 +554,7 @@ def kl_penalized_rewards(scores: Array, logp: Array, ref_logp: Array, mask: Arra
   """
   scores, mask = _f32(scores, mask)
   chex.assert_rank([scores, mask], [1, 2])
+  chex.assert_shape(scores, (mask.shape[0],))  # a [1] score would broadcast to every row
   kl = jax.lax.stop_gradient(kl_estimate(logp, ref_logp, mask, kind))
   positions = jnp.arange(mask.shape[1], dtype=jnp.int32)
   last = jnp.max(jnp.where(mask > 0, positions, -1), axis=1)
