@@ -222,7 +222,10 @@ def test_pandalm_majority_counts_from_raw_votes(pandalm_raw, pandalm_source):
   assert (counts[2], counts[1], counts[0]) == (472, 422, 105)
   outcome_of = {1: 1.0, 2: 0.0, 0: 0.5}
   assert len(pandalm_source) == len(pandalm_raw) == 999
-  for row, item, winner in zip(pandalm_source, pandalm_raw, winners):
+  for number, (row, item, winner) in enumerate(zip(pandalm_source, pandalm_raw, winners), 1):
+    # An item's id counts items: the file is a pretty-printed array, whose line 3 (the id
+    # 'testset-v1.json:3' named) is '"idx": 0,' of item 1.
+    assert row["id"] == f"testset-v1.json item {number}"
     assert row["outcome"] == outcome_of[winner]
     assert row["meta"]["idx"] == item["idx"]
     assert row["meta"]["votes"] == [item["annotator1"], item["annotator2"], item["annotator3"]]

@@ -139,6 +139,11 @@ def test_counters_of_truncated_and_over_long_pairs():
     ({"prompt": "a", "chosen": "b", "rejected": "c", "outcome": 2.0}, "row 1: field 'outcome'"),
     ({"prompt": "a", "chosen": "b", "rejected": "c", "weight": float("nan")}, "row 1: field 'weight'"),
     ({"prompt": "a", "chosen": "b", "rejected": "c", "weight": "heavy"}, "row 1: field 'weight'"),
+    # Read as 1.0 and 2.0, where a JSONL row with them is refused as bad_value.
+    ({"prompt": "a", "chosen": "b", "rejected": "c", "outcome": True},
+     "row 1: field 'outcome'=True is not a number"),
+    ({"prompt": "a", "chosen": "b", "rejected": "c", "weight": "2"},
+     "row 1: field 'weight'='2' is not a number"),
     ({"prompt": "a", "chosen": "b", "rejected": "c", "weight": 1e39},  # inf in float32
      r"row 1: field 'weight'=1e\+39 not in \[0.0, 1000000000000.0\]"),
     ("not a dict", "row 1: expected a mapping"),

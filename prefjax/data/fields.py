@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Mapping
+
+import numpy as np
 
 
 def row_name(row: Mapping[str, Any], index: int) -> str:
@@ -29,10 +32,13 @@ def number(row: Mapping[str, Any], key: str, default: float, index: int,
   value = row.get(key)
   if value is None:
     return default
-  try:
-    value = float(value)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{row_name(row, index)}: field {key!r}={value!r} is not a number") from e
+  # As the builders' rows: True and "0.5" are refused, not read as 1.0 and 0.5. A built
+  # row's scalar arrives as a NumPy number or 0-d array.
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    value = value[()]
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    raise ValueError(f"{row_name(row, index)}: field {key!r}={value!r} is not a number")
+  value = float(value)
   if not (math.isfinite(value) and lo <= value <= hi):
     raise ValueError(f"{row_name(row, index)}: field {key!r}={value} not in [{lo}, {hi}]")
   return value

@@ -219,7 +219,7 @@ class PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
           continue
         summary.notes.extend(rows_lib.RowProblem(str(path), line, reason, detail, self._unit)
                              for reason, detail in row.notes)
-        row_id = f"{path.name}:{line}"
+        row_id = f"{path.name}:{line}" if self._unit == "line" else f"{path.name} item {line}"
         first = first_of.setdefault((row.prompt, row.chosen, row.rejected), row_id)
         if first != row_id:  # built anyway; eval_rm's intervals resample repeats together
           summary.notes.append(rows_lib.RowProblem(

@@ -93,6 +93,10 @@ class Pandalm(base.PreferenceBuilder, skip_registration=True):
               "for LLM Instruction Tuning Optimization}, author={Wang, Yidong and others}, "
               "journal={arXiv preprint arXiv:2306.05087}, year={2023}}")
   _unit = "item"
+  VERSION = tfds.core.Version("1.3.1")
+  RELEASE_NOTES = {**base.PreferenceBuilder.RELEASE_NOTES,
+                   "1.3.1": "Row ids name the item ('testset-v1.json item 3'): the file is a "
+                            "pretty-printed array, whose line 3 is not item 3."}
 
   def _official_splits(self, dl_manager: tfds.download.DownloadManager
                        ) -> dict[str, list[pathlib.Path]]:
