@@ -8,6 +8,7 @@ import gzip
 import json
 import logging
 import re
+import shutil
 import zlib
 
 import pytest
@@ -158,6 +159,24 @@ def test_both_modes_share_one_build_and_skips_are_logged(tmp_path, caplog):
   with caplog.at_level(logging.WARNING, logger="prefjax.data.sources"):
     assert _load(path, tmp_path / "cache", "skip").cache_hit
   assert f"{path}:2: malformed_json" in caplog.text
+
+
+def test_a_copy_elsewhere_shares_the_build_and_its_errors_name_the_copy(tmp_path):
+  """The build cache is keyed by the file's name and content: a copy in another folder read
+  the first file's build, whose bad rows named the first file (deleted since, here)."""
+  first, copy = tmp_path / "old", tmp_path / "new"
+  first.mkdir(), copy.mkdir()
+  original = _write_case(first, BAD_LINES["missing_field"][0])
+  (copy / original.name).write_bytes(original.read_bytes())
+  with pytest.raises(pdata.BadRowError):
+    _load(original, tmp_path / "cache", "error")
+  shutil.rmtree(first)
+  source = _load(copy / original.name, tmp_path / "cache", "skip")
+  assert source.cache_hit
+  assert list(source.summary.input_files) == [str(copy / original.name)]
+  assert str(source.summary.skipped[0]).startswith(f"{copy / original.name}:2: missing_field")
+  with pytest.raises(pdata.BadRowError, match=rf"{copy / original.name}:2: missing_field"):
+    _load(copy / original.name, tmp_path / "cache", "error")
 
 
 def test_utf8_bom_and_crlf_are_accepted(tmp_path):

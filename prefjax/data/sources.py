@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import dataclasses
 import difflib
 import errno
 import fcntl
@@ -323,6 +324,19 @@ def _wait_for_lock(lock: Any, name: str, data_dir: pathlib.Path) -> bool:
       return False
 
 
+def _as_read_from(summary: base.BuildSummary, path: str) -> base.BuildSummary:
+  """A user file's build summary naming ``path``: the build cache is keyed by the file's name
+  and content, so a copy elsewhere (or a moved file) reads a build another path made, whose
+  bad rows and notes named that path, perhaps deleted since."""
+  if len(summary.input_files) != 1 or path in summary.input_files:
+    return summary
+  (built_from, sha256), = summary.input_files.items()
+  relocate = lambda p: dataclasses.replace(p, file=path) if p.file == built_from else p  # noqa: E731
+  return dataclasses.replace(summary, skipped=[relocate(p) for p in summary.skipped],
+                             notes=[relocate(p) for p in summary.notes],
+                             input_files={path: sha256})
+
+
 def _open_split(builder: base.PreferenceBuilder, name: str, split: str, on_bad_row: str,
                 cache_hit: bool) -> PreferenceSource:
   base_split = split.split("[", 1)[0]
@@ -331,6 +345,8 @@ def _open_split(builder: base.PreferenceBuilder, name: str, split: str, on_bad_r
     raise ValueError(f"{name} has no split {base_split!r}; available: "
                      f"{sorted(metadata[base.BUILD_SUMMARY_KEY])}")
   summary = base.BuildSummary.from_json(metadata[base.BUILD_SUMMARY_KEY][base_split])
+  if getattr(builder.builder_config, "path", ""):
+    summary = _as_read_from(summary, builder.builder_config.path)
   if summary.skipped:
     if on_bad_row == "error":
       raise BadRowError(name, summary)
