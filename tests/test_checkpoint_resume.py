@@ -262,6 +262,21 @@ def test_best_step_ignores_a_nan_metric(tmp_path):
     reopened.close()
 
 
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_a_tie_for_best_is_the_latest_step_whatever_is_kept(tmp_path, mode):
+  """Orbax's BestN keeps the latest of tied steps; in min mode best_step named the earliest
+  while it was still kept (keep_last=3: step 2) and the latest once it was not (1: step 3)."""
+  values = [0.5, 0.3, 0.3, 0.6] if mode == "min" else [0.5, 0.7, 0.7, 0.4]
+  _, state = train.create_train_state(DropoutMLP(nnx.Rngs(0)), optax.sgd(0.1), 0)
+  for keep_last in (1, 3):
+    ckpt = train.Checkpointer(tmp_path / f"{mode}{keep_last}", best_metric="loss",
+                              best_mode=mode, keep_last=keep_last, keep_best=1, async_save=False)
+    for step, value in enumerate(values, start=1):
+      ckpt.save(state.replace(step=step), metrics={"loss": value})
+    assert 3 in ckpt.all_steps() and ckpt.best_step() == 3, (keep_last, ckpt.all_steps())
+    ckpt.close()
+
+
 @pytest.mark.parametrize("mode,values", [("min", [0.3, float("nan"), 0.5]),
                                          ("min", [0.3, 0.5, float("nan"), 0.7]),
                                          ("max", [0.9, float("nan"), 0.5])])

@@ -7,11 +7,10 @@ preservation policies ``LatestN`` + ``BestN``). Every checkpoint holds ``state``
 skip counters), ``data`` (every process's train-iterator ``get_state()``, JSON) and
 ``config`` (the experiment config, JSON).
 
-Saves are asynchronous where orbax supports it; :meth:`Checkpointer.wait`
-blocks until they are durable. Once a step is final its files' sizes and
-SHA-256 digests are recorded (:mod:`~prefjax.train.integrity`), and every
-restore checks them first: :meth:`Checkpointer.restore_newest_intact` skips,
-with a warning naming the step and the file, a step whose files no longer match.
+Saves are asynchronous where orbax supports it; :meth:`Checkpointer.wait` blocks until they
+are durable. Once a step is final its files' sizes and SHA-256 digests are recorded
+(:mod:`~prefjax.train.integrity`), and every restore checks them first: :meth:`Checkpointer.
+restore_newest_intact` skips, warning with the step and file, a step whose files differ.
 """
 
 from __future__ import annotations
@@ -500,7 +499,8 @@ class Checkpointer:
         scored.append((value, step))
     if not scored:
       return None
-    return (min(scored) if self._best_mode == "min" else max(scored))[1]
+    return (min(scored, key=lambda vs: (vs[0], -vs[1]))  # a tie: the latest, as BestN keeps
+            if self._best_mode == "min" else max(scored))[1]
 
   def restore_params(self, params: PyTree, step: int | None = None) -> PyTree:
     """Restores only the parameters (no optimizer state needed), e.g. for evaluation.
