@@ -8,9 +8,9 @@ skip counters), ``data`` (every process's train-iterator ``get_state()``, JSON) 
 ``config`` (the experiment config, JSON).
 
 Saves are asynchronous where orbax supports it; :meth:`Checkpointer.wait` blocks until they
-are durable. Once a step is final its files' sizes and SHA-256 digests are recorded
-(:mod:`~prefjax.train.integrity`), and every restore checks them first: :meth:`Checkpointer.
-restore_newest_intact` skips, warning with the step and file, a step whose files differ.
+are durable. A final step's file sizes and SHA-256 digests are recorded (``integrity.py``)
+and checked before every restore: a step whose files differ is skipped by
+:meth:`Checkpointer.restore_newest_intact`, with a warning naming the step and the file.
 """
 
 from __future__ import annotations
