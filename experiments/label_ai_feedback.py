@@ -124,6 +124,11 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             "num_principles": len(principles), "judge": config.judge.kind,
             "counters": dict(judge.counters, skipped_empty_response=skipped),
             "mean_option_mass": sum(j["option_mass"] for j in judged) / max(len(judged), 1),
+            # Written as chosen = A with outcome ½ (a tie), and pairs whose questions put
+            # little mass on the two labels (the judge would have written something else).
+            "judge_ties": sum(j["p_a"] == 0.5 for j in judged),
+            "pairs_with_low_option_mass": sum(j["option_mass"] < LOW_OPTION_MASS
+                                              for j in judged),
             **agreements}
   report["wall_seconds"] = time.time() - start
   if report["mean_option_mass"] < LOW_OPTION_MASS:

@@ -371,3 +371,6 @@ def test_a_finished_labelling_run_leaves_its_labels_and_no_progress_file(tmp_pat
   # A random byte-level judge spreads its probability over 259 tokens: ≈ 2/259 on the labels.
   assert report["mean_option_mass"] < label_ai_feedback.LOW_OPTION_MASS
   assert "the judge puts 0.0" in caplog.text and "on the two labels" in caplog.text
+  assert report["pairs_with_low_option_mass"] == 8  # every pair, counted as well as averaged
+  rows = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
+  assert report["judge_ties"] == sum(r["meta"]["p_a"] == 0.5 for r in rows)
