@@ -74,6 +74,14 @@ def test_length_slice_and_subsets():
   assert ev["accuracy/subset/a"] == 1.0 and ev["accuracy/subset/b"] == 0.5
   assert ev["accuracy/len_lt_64"] == pytest.approx(0.5)
   assert ev["accuracy/len_ge_512"] == 1.0
+  # Labels that prefer the rejected side, a length tie, and a tie outcome (left out): the
+  # length metrics follow the preferred side, and a length tie counts half.
+  ev = evals.evaluate_preferences(
+      np.array([1.0, -1.0, 2.0, 0.5, 0.0]), np.zeros(5), outcome=np.array([1, 0, 1, 0, 0.5]),
+      chosen_len=np.array([10, 20, 30, 40, 25]), rejected_len=np.array([20, 50, 30, 60, 5])
+  ).metrics
+  assert ev["chosen_longer_rate"] == 0.5          # pairs 1 and 3: the preferred is longer
+  assert ev["length_baseline_accuracy"] == 0.625  # (0 + 1 + 0.5 + 1) / 4
 
 
 def test_disagreement_and_errors(tmp_path):
@@ -81,6 +89,11 @@ def test_disagreement_and_errors(tmp_path):
   d = evals.ensemble_disagreement(m)
   assert d["member_sign_disagreement"] == 0.5
   assert d["member_margin_std"] == pytest.approx((0.5 + 1.0) / 2)
+  # Three members: a row disagrees when any member's sign differs from another's.
+  m3 = np.array([[1.0, 2.0, -1.0], [-1.0, -2.0, -3.0], [1.0, -1.0, -2.0]])
+  d = evals.ensemble_disagreement(m3)
+  assert d["member_sign_disagreement"] == pytest.approx(2 / 3)
+  assert d["member_margin_std"] == pytest.approx(np.mean([np.std(r) for r in m3]))
   with pytest.raises(ValueError, match="non-finite"):
     evals.evaluate_preferences(np.array([np.nan]), np.array([0.0]))
   ev = evals.evaluate_preferences(np.array([1.0, -1.0]), np.zeros(2))

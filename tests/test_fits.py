@@ -164,8 +164,16 @@ def test_peaks():
   # No turn-over (β < 0): unbounded; a falling line (α < 0 = β): peak at the origin.
   rising = fits.fit_bon(D, _curve("bon", 1.0, -0.1), num_bootstrap=0)
   assert rising.peak_d == math.inf and rising.peak_value == math.inf
-  falling = fits.fit_rl(D, -D, num_bootstrap=0)
-  assert falling.peak_d == pytest.approx(0.0, abs=1e-9) or falling.beta < 0
+  falling = fits.fit_rl(D, -D, num_bootstrap=0)  # β is 0 up to round-off, either sign
+  assert abs(falling.beta) < 1e-12 and falling.peak_value <= 1e-9
+  # The branches themselves (the fit above reaches them only through round-off).
+  for form in ("bon", "rl", "quadratic_kl"):
+    assert fits._peak(form, -1.0, 0.0) == (0.0, 0.0), form  # pylint: disable=protected-access
+    assert fits._peak(form, 1.0, 0.0) == (math.inf, math.inf), form  # pylint: disable=protected-access
+    assert all(math.isnan(v) for v in fits._peak(form, 0.0, 0.0)), form  # pylint: disable=protected-access
+  assert fits._peak("bon", -1.0, 0.5) == (0.0, 0.0)  # pylint: disable=protected-access
+  assert fits._peak("rl", -1.0, 0.5) == pytest.approx(  # pylint: disable=protected-access
+      (math.exp(-3.0), 0.5 * math.exp(-3.0)), rel=1e-12)
 
 
 @pytest.mark.parametrize("bad, match", [

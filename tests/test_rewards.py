@@ -91,6 +91,13 @@ def test_normalizer_weighted_fit():
   norm = rewards.RewardNormalizer.fit(values, weights=weights)
   np.testing.assert_allclose(float(norm.mean), 1.5, rtol=1e-6)
   np.testing.assert_allclose(np.dot(weights, norm(values)), 0.0, atol=1e-6)
+  # Standardized, the spread is the weighted one (the unweighted std is 2.16, not 1.80).
+  scaled = rewards.RewardNormalizer.fit(values, weights=weights, standardize=True)
+  std = np.sqrt(0.5 * 1.5**2 + 0.25 * 0.5**2 + 0.25 * 3.5**2)
+  np.testing.assert_allclose(float(scaled.scale), std, rtol=1e-6)
+  z = np.asarray(scaled(values), np.float64)
+  np.testing.assert_allclose(z, (values - 1.5) / std, rtol=1e-6)
+  np.testing.assert_allclose([np.dot(weights, z), np.dot(weights, z**2)], [0.0, 1.0], atol=1e-6)
 
 
 def test_normalizer_errors():
