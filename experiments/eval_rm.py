@@ -46,6 +46,7 @@ from absl import logging
 from experiments import common
 from prefjax import experiment
 from prefjax import files
+from prefjax.evals import hf_scorer
 from prefjax.evals import reward_eval
 from prefjax.evals import reward_report
 from prefjax.evals import scorers as scorers_lib
@@ -95,6 +96,7 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
     if int(config[field]) < 1:
       raise scorers_lib.EvalInputError(f"config.{field}={config[field]} must be >= 1")
   specs = scorers_lib.parse_specs(config.scorers)
+  hf_scorer.score_labels(config.get("hf_score_label"), specs)  # names checked before loading
   datasets = reward_eval.unique_labels([reward_eval.load_dataset(s, config)
                                         for s in reward_eval.parse_list(config.datasets)])
   if not datasets:

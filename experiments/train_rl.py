@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from typing import Any
 
@@ -124,10 +125,10 @@ def check_sampling(config: Any) -> None:
   if adaptive.get("enabled", False) and not float(config.rl.kl_coef) > 0:
     raise ValueError(f"rl.kl_coef={config.rl.kl_coef} with adaptive_kl: the controller scales "
                      "the coefficient, so from 0 it never moves; start it above 0")
-  if float(config.rl.get("missing_eos_penalty") or 0.0) < 0:
+  if not 0 <= float(config.rl.get("missing_eos_penalty") or 0.0) < math.inf:
     raise ValueError(f"rl.missing_eos_penalty={config.rl.missing_eos_penalty} must be >= 0 "
-                     "(it is subtracted from a response cut at max_new_tokens: a negative "
-                     "one rewards never finishing)")
+                     "and finite (it is subtracted from a response cut at max_new_tokens: "
+                     "a negative one rewards never finishing, a NaN makes every reward NaN)")
   if int(config.rl.get("epochs", 1)) < 1:
     raise ValueError(f"rl.epochs={config.rl.epochs} must be >= 1 (passes over each rollout "
                      "batch)")

@@ -205,7 +205,8 @@ def test_d2_pass_and_fail():
   result = dc.criterion_d2(falls, num_bootstrap=200)
   assert result["value"]["peak_step"] == 0 and result["value"]["drop"] > 4 * result["value"][
       "drop_se"]
-  assert not result["pass"], result["detail"]
+  assert not result["pass"] and result["detail"].endswith(
+      "gold never rose (its peak is the first evaluation); FAIL"), result["detail"]
   kl_stalls = _trajectory(lambda t: 4 * t * (1 - t) + 0.2 * t, lambda t: 8 * np.minimum(t, 0.5)
                           - 2 * np.maximum(t - 0.5, 0))
   result = dc.criterion_d2(kl_stalls, num_bootstrap=200)
@@ -222,7 +223,9 @@ def test_d2_pass_and_fail():
   flat = _synthetic([0.1, 1.0], steps, np.stack([8 * steps / 500.0] * 2),
                     np.zeros((2, len(steps))), np.zeros((2, len(steps))), noise=0.0)
   result = dc.criterion_d2(flat, num_bootstrap=200)
-  assert not result["pass"] and "no drop; KL rising after the peak; FAIL" in result["detail"]
+  assert not result["pass"] and result["detail"].endswith(
+      "no drop; KL rising after the peak; gold never rose (its peak is the first evaluation); "
+      "FAIL"), result["detail"]
 
 
 def test_d3_pass_and_fail():

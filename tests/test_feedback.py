@@ -360,6 +360,7 @@ def test_a_finished_labelling_run_leaves_its_labels_and_no_progress_file(tmp_pat
   def judge_and_look(*args, **kwargs):
     judged = judge_pairs(*args, **kwargs)
     saved.append((tmp_path / label_ai_feedback.PROGRESS_FILE).exists())
+    judged[3]["p_a"] = 0.5  # an exact tie, which the report counts
     return judged
   monkeypatch.setattr(labeller, "judge_pairs", judge_and_look)
   with caplog.at_level(logging.WARNING):
@@ -373,4 +374,4 @@ def test_a_finished_labelling_run_leaves_its_labels_and_no_progress_file(tmp_pat
   assert "the judge puts 0.0" in caplog.text and "on the two labels" in caplog.text
   assert report["pairs_with_low_option_mass"] == 8  # every pair, counted as well as averaged
   rows = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
-  assert report["judge_ties"] == sum(r["meta"]["p_a"] == 0.5 for r in rows)
+  assert report["judge_ties"] == 1 and rows[3]["outcome"] == 0.5

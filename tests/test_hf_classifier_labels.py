@@ -74,7 +74,8 @@ EXPORT = {"prefjax_head": "multi:NEGATIVE,POSITIVE", "prefjax_pooling": "last"}
 
 @pytest.mark.parametrize("labels,label,head,edit,error,match", [
     ({"0": "a", "1": "b", "2": "c"}, "a", "reward", None, hf_import.CheckpointError,
-     r"has 3 labels \['a', 'b', 'c'\].*head='multi:a,b,c'"),
+     r"one linear head only with two labels; this one has 3 \['a', 'b', 'c'\].*"
+     r"head='multi:a,b,c'"),
     (LABELS, "positive", "reward", None, hf_import.CheckpointError,
      r"score_label='positive' is not one of the classifier's labels \['NEGATIVE', 'POSITIVE'\]"),
     (LABELS, "POSITIVE", "multi:NEGATIVE,POSITIVE", None, ValueError, r"it needs head='reward'"),
@@ -141,3 +142,57 @@ def test_eval_rm_scores_a_two_label_classifier_as_one_column(tmp_path):
   config.hf_score_label = "LABEL_9"
   with pytest.raises(scorers_lib.EvalInputError, match=r"'LABEL_9' is not one of"):
     eval_rm.run(config, str(tmp_path / "eval_bad"))
+
+
+def test_independent_labels_score_their_own_logit(tmp_path):
+  """A multi-label classifier (sigmoids): the log-odds of a label is its logit alone; the
+  two-label difference was taken for it, and three labels were refused."""
+  labels = {"0": "toxic", "1": "insult", "2": "threat"}
+  path = _classifier_dir(tmp_path, labels)
+  test_hf_parity._edit_config(path, lambda c: c.update(  # pylint: disable=protected-access
+      problem_type="multi_label_classification"))
+  tokens = np.random.default_rng(2).integers(0, PAD, size=(3, 7)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  logits = _torch_logits(path, tokens, mask)
+  model = models.from_pretrained(path, head="reward", score_label="insult", dtype=jnp.float32)
+  got = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)), np.float64)
+  np.testing.assert_allclose(got.reshape(-1), logits[:, 1], rtol=1e-5, atol=1e-5)
+
+
+def test_score_label_on_a_gguf_file_is_refused_before_reading_it(tmp_path):
+  with pytest.raises(hf_import.CheckpointError, match=r"a GGUF file holds no classification"):
+    models.from_pretrained(tmp_path / "model.gguf", head="reward", score_label="POSITIVE")
+
+
+def test_the_shipped_reward_specs_take_a_score_label():
+  from configs.bon import smollm2 as bon_smollm2  # pylint: disable=import-outside-toplevel
+  from configs.rl import smollm2_rloo  # pylint: disable=import-outside-toplevel
+  from prefjax import configlib  # pylint: disable=import-outside-toplevel
+  for config in (smollm2_rloo.get_config(), bon_smollm2.get_config()):
+    for reward in ("proxy", "gold"):
+      configlib.check_key_path(config, f"{reward}.model.score_label")
+
+
+def test_eval_rm_reads_a_label_per_hf_scorer(tmp_path):
+  """One label for every hf: scorer failed on a one-output reward model beside the
+  classifier; NAME=LABEL names the classifier alone."""
+  path = _classifier_dir(tmp_path)
+  config = test_hf_parity._llama_config(tied=False)  # pylint: disable=protected-access
+  config.update(dict(vocab_size=VOCAB, pad_token_id=PAD, num_labels=1,
+                     max_position_embeddings=512))
+  transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+  data = tmp_path / "pairs.jsonl"
+  data.write_text("".join(json.dumps({"prompt": f"Q{i}:", "chosen": " yes" * (i + 1),
+                                      "rejected": " no"}) + "\n" for i in range(6)))
+  eval_cfg = test_eval_rm.eval_config(f"cls=hf:{path},rm=hf:{tmp_path / 'rm'}",
+                                      f"jsonl:{data}@train")
+  eval_cfg.update(hf_tokenizer="byte", hf_score_label="cls=POSITIVE",
+                  pipeline={"max_length": 64}, num_resamples=20)
+  eval_rm.run(eval_cfg, str(tmp_path / "eval"))
+  rows = test_eval_rm.score_rows(tmp_path / "eval")
+  assert all(set(r["scores"]) == {"cls", "rm"} for r in rows) and len(rows) == 6
+  eval_cfg.hf_score_label = "clf=POSITIVE"
+  with pytest.raises(scorers_lib.EvalInputError, match=r"'clf=POSITIVE' must be NAME=LABEL "
+                                                       r"with NAME one of the hf: scorers "
+                                                       r"\['cls', 'rm'\]"):
+    eval_rm.run(eval_cfg, str(tmp_path / "eval_bad"))

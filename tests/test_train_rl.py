@@ -371,6 +371,8 @@ def test_bad_inputs_raise_named_errors():
     ("rl.group_size", 4, r"rl.group_size=4: ppo samples exactly 1 response\(s\) per prompt"),
     ("rl.epochs", 0, r"rl.epochs=0 must be >= 1"),
     ("rl.missing_eos_penalty", -1.0, r"rl.missing_eos_penalty=-1.0 must be >= 0"),
+    ("rl.missing_eos_penalty", float("nan"), r"rl.missing_eos_penalty=nan must be >= 0 and "
+                                             r"finite"),
     ("rl.kl_coef", 0.0, r"rl.kl_coef=0.0 with adaptive_kl: the controller scales"),
     ("rl.lam", 2.0, r"rl.lam=2.0 must be in \[0, 1\]"),
     ("rl.gamma", -0.1, r"rl.gamma=-0.1 must be in \[0, 1\]"),

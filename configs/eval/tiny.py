@@ -54,6 +54,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.on_bad_row = "error"              # or "skip" (counted in the report)
   config.hf_tokenizer = ""                 # hf: scorers: tokenizer path ("" = the model dir)
   config.hf_pooling = ""                   # hf: scorers: last | mean | cls ("" = default)
-  config.hf_score_label = ""               # hf: two-label classifiers: score this label's log-odds
+  config.hf_score_label = ""               # hf: classifiers: LABEL's log-odds, or NAME=LABEL,...
   config.mesh = dict(shape=(-1, 1, 1), num_devices=0)
   return config

@@ -51,7 +51,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.warm_start = dict(steps=0, batch_size=0, learning_rate=0.0)
   reward_model = dict(experiment.MODEL_SWITCHES, arch="encoder", preset="",
                       path="asset:minilm", head="reward", ensemble="heads", pooling="mean",
-                      dtype="float32", overrides={})
+                      dtype="float32", overrides={},
+                      score_label="")  # a two-label HF classifier in path: the label's log-odds
   c.proxy = dict(kind="model", name="proxy_minilm", tokenizer=dict(path="asset:minilm"),
                  model=dict(reward_model), checkpoint="", batch_size=32,
                  max_length=0,  # 0: cut as the RM trained (its checkpoint's data.pipeline)

@@ -33,8 +33,8 @@ def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> scorers.ModelScorer:
     raise EvalInputError(f"scorer {spec.name!r}: {path} does not exist")
   members = _ensemble_members(spec, path)
   head, pooling = _hf_head(spec, members[0])  # the members': _ensemble_members checked
-  label = str(eval_cfg.get("hf_score_label") or "") or None
-  if label is not None:  # a two-label classifier's log-odds, one column (from_pretrained)
+  label = score_labels(eval_cfg.get("hf_score_label"), [spec], check=False).get(spec.name)
+  if label is not None:  # a classifier label's log-odds, one column (from_pretrained)
     head = "reward"
   tokenizer = experiment.make_tokenizer({"path": eval_cfg.hf_tokenizer or members[0]})
   pcfg = hf_pipeline(eval_cfg, tokenizer, members[0], spec.name)
@@ -55,6 +55,27 @@ def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> scorers.ModelScorer:
                                    str(eval_cfg.get("ensemble_normalization", "standardize")))
   return scorers.ModelScorer(spec.name, tokenizer, pcfg, _side_by_side(forwards), vocab, mesh,
                              float(eval_cfg.max_unk_fraction), columns)
+
+
+def score_labels(value: str | None, specs: list[ScorerSpec], *, check: bool = True
+                 ) -> dict[str, str]:
+  """``config.hf_score_label`` as ``{hf: scorer name: label}``: ``LABEL`` for every ``hf:``
+  scorer, or ``NAME=LABEL,...`` for some; with ``check`` (``specs`` all the run's scorers),
+  a name that is no ``hf:`` scorer is refused."""
+  value = str(value or "").strip()
+  hf_names = [s.name for s in specs if s.kind == "hf"]
+  if not value:
+    return {}
+  if "=" not in value:
+    return dict.fromkeys(hf_names, value)
+  labels = {}
+  for part in value.split(","):
+    name, _, label = (x.strip() for x in part.partition("="))
+    if check and name not in hf_names or not label:
+      raise EvalInputError(f"config.hf_score_label={value!r}: {part.strip()!r} must be "
+                           f"NAME=LABEL with NAME one of the hf: scorers {hf_names}")
+    labels[name] = label
+  return labels
 
 
 def _side_by_side(forwards: list) -> Any:

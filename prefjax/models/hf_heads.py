@@ -132,7 +132,7 @@ def load_prefjax_head(model: nnx.Module, path: PathLike,
 
 def load_score_head(model, reader: SafetensorsReader, *, skips_pad: bool = True,
                     saved: str | None = None, label: str | None = None,
-                    labels: list[str] | None = None) -> None:
+                    labels: list[str] | None = None, independent: bool = False) -> None:
   """Copies a HF ``*ForSequenceClassification`` ``score`` layer into a reward head.
 
   HF decoder reward models (``LlamaForSequenceClassification``,
@@ -148,13 +148,15 @@ def load_score_head(model, reader: SafetensorsReader, *, skips_pad: bool = True,
   (``saved_head``); another kind is refused even where the shapes fit (a 3-label
   classifier's class logits read as 3 ensemble members).
 
-  ``label`` (one of ``labels``, the classifier's ``classifier_labels``): a two-label
-  classifier read as a one-output reward model, its log-odds (``label_log_odds``).
+  ``label`` (one of ``labels``, the classifier's ``classifier_labels``): the classifier
+  read as a one-output reward model, the label's log-odds (``label_log_odds``;
+  ``independent``: its labels are sigmoids, ``problem_type`` multi-label).
   """
   weight = reader.get("score.weight")
   bias = reader.get("score.bias") if "score.bias" in reader.files else np.zeros(weight.shape[0])
   if label is not None:
-    weight, bias = label_log_odds(weight, bias, label, labels, where=reader.directory)
+    weight, bias = label_log_odds(weight, bias, label, labels, where=reader.directory,
+                                  independent=independent)
     saved = "reward"
   kernel = model.head.kernel
   if weight.T.shape != tuple(kernel.shape):
@@ -176,28 +178,36 @@ def load_score_head(model, reader: SafetensorsReader, *, skips_pad: bool = True,
 
 
 def label_log_odds(weight: np.ndarray, bias: np.ndarray, label: str,
-                   labels: list[str] | None, *, where: PathLike) -> tuple[np.ndarray, np.ndarray]:
-  """A two-label classifier's ``score`` layer as the one-output layer of its log-odds.
+                   labels: list[str] | None, *, where: PathLike,
+                   independent: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """A classifier's ``score`` layer as the one-output layer of one label's log-odds.
 
-  With class logits ``z = W h + b`` over labels ``(a, b)``, the log-odds of ``a`` is
-  ``log p(a) − log p(b) = z_a − z_b = (W_a − W_b) h + (b_a − b_b)``: still linear in ``h``,
-  so a ``RewardModel`` computes it exactly (a sentiment or harmlessness classifier as the
-  reward of best-of-n or RL, as TRL's sentiment examples use one). Returns
-  ``(weight [1, D], bias [1])``. With more than two labels the log-odds is not linear, and
-  a prefjax export's columns are objectives, not classes: both are refused.
+  With class logits ``z = W h + b`` over labels ``(a, b)`` of a softmax classifier, the
+  log-odds of ``a`` is ``log p(a) − log p(b) = z_a − z_b = (W_a − W_b) h + (b_a − b_b)``:
+  still linear in ``h``, so a ``RewardModel`` computes it exactly (a sentiment or
+  harmlessness classifier as the reward of best-of-n or RL, as TRL's sentiment examples
+  use one). With ``independent`` labels (sigmoids, transformers' ``problem_type``
+  ``multi_label_classification``) the log-odds of ``a`` is ``z_a`` itself, for any number of
+  labels. Returns ``(weight [1, D], bias [1])``. A softmax over more than two labels has a
+  log-odds that is not linear, and a prefjax export's columns are objectives, not classes:
+  both are refused.
   """
   if labels is None:
-    raise CheckpointError(f"{where}: score_label={label!r} reads a Hugging Face two-label "
-                          "*ForSequenceClassification's log-odds; this directory is not one "
-                          "(a prefjax export's columns are objectives or members, not classes)")
-  if len(labels) != 2 or weight.shape[0] != 2:
-    raise CheckpointError(f"{where}: score_label={label!r} reads a two-label classifier's "
-                          f"log-odds; this one has {len(labels)} labels {labels}, whose "
-                          "log-odds is not one linear head (score each label's logit with "
-                          "head='multi:" + ",".join(labels) + "')")
+    raise CheckpointError(f"{where}: score_label={label!r} reads a Hugging Face "
+                          "*ForSequenceClassification's label log-odds; this directory is not "
+                          "one (a prefjax export's columns are objectives or members, not "
+                          "classes)")
   if label not in labels:
     raise CheckpointError(f"{where}: score_label={label!r} is not one of the classifier's "
                           f"labels {labels} (config.json's id2label)")
   first = labels.index(label)
+  if independent:
+    return weight[first:first + 1].astype(np.float64), bias[first:first + 1].astype(np.float64)
+  if len(labels) != 2 or weight.shape[0] != 2:
+    raise CheckpointError(f"{where}: score_label={label!r} reads a softmax classifier's "
+                          f"log-odds, one linear head only with two labels; this one has "
+                          f"{len(labels)} {labels}: score each label's logit instead "
+                          "(head='multi:" + ",".join(labels) + "'; in eval_rm, without "
+                          "hf_score_label)")
   sign = np.asarray([1.0, -1.0] if first == 0 else [-1.0, 1.0], np.float64)
   return (sign @ weight.astype(np.float64))[None], np.asarray([sign @ bias.astype(np.float64)])

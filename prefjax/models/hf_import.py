@@ -371,6 +371,9 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
     score_head = "require"
   path = pathlib.Path(path)
   if path.suffix == ".gguf":
+    if score_label is not None:
+      raise CheckpointError(f"{path}: score_label={score_label!r} reads a classifier's "
+                            "'score.weight'; a GGUF file holds no classification head")
     trunk = gguf_import.load_gguf(path, dtype=dtype, param_dtype=param_dtype)
     return heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
   trunk, report = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype)
@@ -399,8 +402,14 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
   skips_pad = hf.get(SCORE_TOKEN_KEY) != "last_real"
   _load_or_keep(lambda: load_score_head(model, SafetensorsReader(path), skips_pad=skips_pad,
                                         saved=saved, label=score_label,
-                                        labels=classifier_labels(hf)), score_head, head)
+                                        labels=classifier_labels(hf),
+                                        independent=_multi_label(hf)), score_head, head)
   return model
+
+
+def _multi_label(hf: dict[str, Any]) -> bool:
+  """Whether a classifier's labels are independent sigmoids (transformers' problem_type)."""
+  return hf.get("problem_type") == "multi_label_classification"
 
 
 def _load_or_keep(load: Callable[[], None], score_head: str, head: str) -> None:

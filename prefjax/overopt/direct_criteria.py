@@ -110,12 +110,13 @@ def criterion_d2(sweep: DaaSweep, *, num_se: float = 2.0, kl_tolerance: float = 
   else:
     kl_text = "KL ends below its value at the peak"
   passed = declined and rising
+  never_rose = "; gold never rose (its peak is the first evaluation)" if peak == 0 else ""
   detail = (f"{sweep.loss} β={sweep.betas[k]:.3g}: gold peak {gold[peak]:.3f} at step "
             f"{sweep.steps[peak]} (KL {kl[peak]:.2f}), final {gold[-1]:.3f} (KL {kl[-1]:.2f});"
-            f" {decline.describe()}; {kl_text}; {'pass' if passed else 'FAIL'}")
+            f" {decline.describe()}; {kl_text}{never_rose}; {'pass' if passed else 'FAIL'}")
   return _result(passed, value,
-                 f"peak before the end, drop z >= critical_z (max-t, at least {num_se:g}), "
-                 "KL rising after the peak", detail)
+                 f"peak after the first evaluation and before the last, drop z >= critical_z "
+                 f"(max-t, at least {num_se:g}), KL rising after the peak", detail)
 
 
 def criterion_d3(dpo: DaaSweep, ipo: DaaSweep, *, growth: float = 0.05,
