@@ -165,6 +165,16 @@ def sample_and_score(config: Any, workdir: str | None = None,
   return out
 
 
+def proxy_name(spec: Any) -> str:
+  """The proxy's name in reports, with its ensemble aggregation as train_rl names it:
+  ``wco(rm_ens)``, ``uwo[λ=0.5](rm_ens)`` (mean, WCO and UWO curves otherwise shared a label)."""
+  _, aggregation, lam = rl_rewards.split_aggregation(spec)
+  name = rl_rewards.reward_name(spec)
+  if aggregation == "mean":
+    return name
+  return f"{aggregation}[λ={lam:g}]({name})" if aggregation == "uwo" else f"{aggregation}({name})"
+
+
 def curves(samples: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
   """Reference-normalised best-of-n curves with bootstrap SEs (JSON-ready)."""
   # Each prompt's own reference mean over its N samples, subtracted in float64 (so n = 1 is
@@ -190,7 +200,7 @@ def curves(samples: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
       "reference_mean": means,
       "num_prompts": int(proxy.shape[0]), "num_samples": int(n_max),
       "sampling": summary_lib.config_to_dict(config.sampling),
-      "proxy_name": rl_rewards.reward_name(config.proxy),
+      "proxy_name": proxy_name(config.proxy),
       "gold_name": rl_rewards.reward_name(config.gold),
       "mean_response_length": float(samples["lengths"].mean()),
       "gold_decline": bon_report.gold_decline(curve, num_bootstrap, seed),

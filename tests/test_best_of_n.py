@@ -282,6 +282,11 @@ def test_best_of_n_aggregates_ensemble_members_standardized_on_its_samples():
                  dtype="float32", overrides=dict(max_position_embeddings=64))))
   spec, aggregation, _ = rewards.split_aggregation(config.proxy)
   assert (spec.aggregation, aggregation) == ("mean", "wco")
+  # The report names the aggregation (mean, WCO and UWO curves shared the label 'ens').
+  assert best_of_n.proxy_name(config.proxy) == "wco(ens)"
+  other = lambda **kw: ml_collections.ConfigDict(dict(config.proxy, **kw))  # noqa: E731
+  assert best_of_n.proxy_name(other(aggregation="uwo", lam=0.5)) == "uwo[λ=0.5](ens)"
+  assert best_of_n.proxy_name(other(aggregation="mean")) == "ens"
   samples = best_of_n.sample_and_score(config)
   proxy = samples["proxy"]
   assert proxy.shape == samples["gold"].shape and np.isfinite(proxy).all()

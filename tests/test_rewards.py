@@ -263,6 +263,13 @@ def test_ensemble_from_one_ensemble_model():
   assert from_model.num_members == 4
   np.testing.assert_allclose(from_model.score(texts=TEXTS),
                              np.mean(members, -1) - np.var(members, -1), rtol=1e-5, atol=1e-6)
+  # Standardized per member on reference samples (it raised: its one [N, K] member was
+  # passed on as a list of scalar members).
+  z = (members - members.mean(0)) / members.std(0)
+  standardized = from_model.fit_normalizer(texts=TEXTS, standardize=True)
+  np.testing.assert_allclose(standardized(texts=TEXTS), z, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(standardized.score(texts=TEXTS), z.mean(-1) - z.var(-1),
+                             rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="must hold scalar rewards"):
     rewards.EnsembleReward([member_model, member_model])
   with pytest.raises(ValueError, match="expected \\(4,\\)"):

@@ -110,10 +110,14 @@ class EnsembleReward(base.RewardFn):
     reference = self.raw_members(tokens, attention_mask, texts=texts)
     normalizer = normalize.RewardNormalizer.fit(reference, standardize=standardize,
                                                 weights=weights)
-    return EnsembleReward(self.members, aggregation=self.aggregation, lam=self.lam,
+    return EnsembleReward(self._members_arg(), aggregation=self.aggregation, lam=self.lam,
                           normalizer=normalizer, name=self.name)
 
   def with_aggregation(self, aggregation: str, lam: float = 0.0) -> "EnsembleReward":
     """The same members and normaliser under another aggregation."""
-    members = self.members[0] if len(self.members) == 1 else self.members
-    return EnsembleReward(members, aggregation=aggregation, lam=lam, normalizer=self.normalizer)
+    return EnsembleReward(self._members_arg(), aggregation=aggregation, lam=lam,
+                          normalizer=self.normalizer)
+
+  def _members_arg(self) -> base.RewardFn | tuple[base.RewardFn, ...]:
+    """The members as the constructor takes them: one ``[N, K]`` reward alone, or scalars."""
+    return self.members[0] if len(self.members) == 1 else self.members
