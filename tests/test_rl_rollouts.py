@@ -6,6 +6,7 @@ import logging
 import types
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -285,3 +286,19 @@ def test_a_policy_with_too_few_learned_positions_for_prompt_plus_response_is_ref
   with pytest.raises(ValueError, match=r"prompts.max_length \+ sampling.max_new_tokens = 25: "
                                        "a sequence of 25 tokens exceeds this decoder's 24"):
     setup.make_policy(config, tokenize.ByteTokenizer())
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_rollout_prompts_start_with_bos_as_the_policy_trained(add_bos):
+  """prompts.add_bos: a policy trained with data.pipeline.add_bos=False (SmolLM2 raw style)
+  was sampled from prompts that always began with BOS (<|im_start|> there)."""
+  from prefjax.data import tokenize  # pylint: disable=import-outside-toplevel
+  from prefjax.rl import setup  # pylint: disable=import-outside-toplevel
+  tok = tokenize.ByteTokenizer()
+  cfg = ml_collections.ConfigDict({"style": "raw", "max_length": 4, "add_bos": add_bos})
+  prompts = setup._encode(["ab", "a long prompt"], tok, cfg)  # pylint: disable=protected-access
+  rows = [t[m > 0].tolist() for t, m in zip(prompts.tokens, prompts.mask)]
+  bos = [tok.bos_id] if add_bos else []
+  assert rows[0] == bos + [ord("a"), ord("b")]
+  assert rows[1] == bos + [ord(c) for c in ("mpt" if add_bos else "ompt")]  # the last 4
+  assert setup.prompt_pipeline_config(cfg).add_bos is add_bos

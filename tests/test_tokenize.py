@@ -74,6 +74,25 @@ def smollm(smollm2_gguf):
   return _load(smollm2_gguf)
 
 
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_reward_inputs_are_cut_as_training_cuts_a_chat_prompt(smollm, add_bos):
+  """SmolLM2's chat template opens with <|im_start|>, its BOS: the pipeline's cut keeps it
+  first whatever add_bos says; the reward encoder (best-of-n, RL) dropped it under
+  add_bos=False, so the RM scored tokens it never trained on."""
+  from prefjax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from prefjax.rl import rewards  # pylint: disable=import-outside-toplevel
+  prompt = "\n\nHuman: " + "tell me a long story about dragons and castles " * 8 + "\n\nAssistant:"
+  response = " Once upon a time there was a dragon."
+  cfg = pipeline.PipelineConfig(max_length=64, max_prompt_length=32, prompt_style="chat",
+                                add_bos=add_bos, pad_to_multiple=None)
+  example = pipeline.TokenizeFn([{"prompt": prompt, "chosen": response, "rejected": " No."}],
+                                smollm, cfg, ("chosen", "rejected"))(0)
+  assert example.truncated_prompt and example.prompt[0] == smollm.bos_id
+  tokens, mask = rewards.text_encoder(smollm, cfg)([prompt + rewards.MODEL_SEPARATOR + response])
+  trained = [*example.prompt, *example.responses[0]]
+  assert tokens[0][mask[0] > 0].tolist() == [int(t) for t in trained]
+
+
 def test_gguf_matches_transformers(smollm, smollm2_gguf):
   from tokenizers import pre_tokenizers
   from transformers import AutoTokenizer

@@ -47,7 +47,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.world = None
   c.data = dict(name="hh_rlhf/harmless-base", on_bad_row="error", cache_dir="")
   c.prompts = dict(source="dataset", split="resplit_train", eval_split="resplit_validation",
-                   num_eval=64, eval_seed=1, max_length=128, style="chat")
+                   num_eval=64, eval_seed=1, max_length=128, style="chat",
+                   add_bos=True)  # raw style: as the policy's training data.pipeline.add_bos
   c.warm_start = dict(steps=0, batch_size=0, learning_rate=0.0)
   reward_model = dict(experiment.MODEL_SWITCHES, arch="encoder", preset="",
                       path="asset:minilm", head="reward", ensemble="heads", pooling="mean",

@@ -42,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
   # beats every honest string (best: 1.30 + 0.5 echo bonus), while gold("ppp…") = −1.
   c.world = dict(seed=0, exploit_char="p", exploit_weight=3.0, exploit_gold_penalty=1.0,
                  echo_bonus=0.5)
-  c.prompts = dict(source="tiny_world", num_eval=64, eval_seed=1, max_length=10, style="raw")
+  c.prompts = dict(source="tiny_world", num_eval=64, eval_seed=1, max_length=10, style="raw",
+                   add_bos=True)  # as the policy's training data.pipeline.add_bos
   c.warm_start = dict(steps=150, batch_size=64, learning_rate=3e-3)
   # A reward model of one's own: --config.proxy.kind=model --config.proxy.checkpoint=WORKDIR
   # (a train_rm run, e.g. of configs/rm/tiny.py; its tokenizer and model come from the run).

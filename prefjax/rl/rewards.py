@@ -171,7 +171,9 @@ def text_encoder(tokenizer: Any, pipeline: pipeline_lib.PipelineConfig
   """``texts -> (tokens [N, L], mask [N, L])``, right-padded; each text is
   ``prompt + MODEL_SEPARATOR + response``, encoded and cut as ``pipeline`` cuts a pair's
   side in training (``prefjax.data.truncation.truncate``)."""
-  bos_id = tokenizer.bos_id if pipeline.add_bos else None
+  # The id a cut keeps first, as the pipeline passes it whatever add_bos says: a chat
+  # template may open with it (SmolLM2's <|im_start|> is its BOS).
+  bos_id = tokenizer.bos_id
   warned = []
 
   def encode(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -64,7 +64,8 @@ _WARNED_LIMITS: set[int] = set()  # prompts.max_length values already warned abo
 
 
 def _encode(texts: list[str], tokenizer: Any, cfg: Any) -> rollout_lib.Prompts:
-  ids = [tokenize_lib.encode_prompt(t, tokenizer, style=cfg.get("style", "raw")) for t in texts]
+  ids = [tokenize_lib.encode_prompt(t, tokenizer, style=cfg.get("style", "raw"),
+                                    add_bos=bool(cfg.get("add_bos", True))) for t in texts]
   limit = int(cfg.max_length)
   cut = [i for i, x in enumerate(ids) if len(x) > limit]
   if cut:
@@ -88,7 +89,8 @@ def prompt_pipeline_config(cfg: Any) -> pipeline_lib.PipelineConfig:
   tokens are kept), for the data report of dataset prompts."""
   max_length = int(cfg.max_length)
   return pipeline_lib.PipelineConfig(max_length=max_length + 1, max_prompt_length=max_length,
-                                     prompt_style=cfg.get("style", "raw"))
+                                     prompt_style=cfg.get("style", "raw"),
+                                     add_bos=bool(cfg.get("add_bos", True)))
 
 
 def make_prompts(config: Any, tokenizer: Any, world: tiny_world_lib.TinyWorld | None,
