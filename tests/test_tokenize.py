@@ -93,6 +93,37 @@ def test_reward_inputs_are_cut_as_training_cuts_a_chat_prompt(smollm, add_bos):
   assert tokens[0][mask[0] > 0].tolist() == [int(t) for t in trained]
 
 
+def _pre_type_only_gguf(out: pathlib.Path, pre: str) -> pathlib.Path:
+  """A GGUF file holding only a ``tokenizer.ggml.pre`` type."""
+  import gguf  # pylint: disable=import-outside-toplevel
+  writer = gguf.GGUFWriter(str(out), "llama")
+  writer.add_tokenizer_pre(pre)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return out
+
+
+def test_gguf_pre_tokenizers_of_llama_cpp_s_digit_group_split_digits_first(
+    smollm, tmp_path, caplog):
+  """llama.cpp splits digits first for seven types; only two were handled, and a type
+  nobody checked fell back to GPT-2's split without a word. SmolLM2's vocabulary, read
+  as transformers reads a GGUF (GPT-2's split), then given each type's split."""
+  import copy  # pylint: disable=import-outside-toplevel
+  from tokenizers import pre_tokenizers  # pylint: disable=import-outside-toplevel
+  def split_as(pre):
+    hf = copy.deepcopy(smollm.hf)
+    hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenize._set_gguf_pre_tokenizer(hf, _pre_type_only_gguf(tmp_path / f"{pre}.gguf", pre))  # pylint: disable=protected-access
+    return hf.encode("\n\n1.", add_special_tokens=False)
+  for pre in ("smollm", "refact", "command-r", "codeshell", "exaone", "minerva-7b"):
+    assert split_as(pre) == [1116, 33, 30], pre  # SmolLM2's own tokenizer.json split
+  with caplog.at_level(logging.WARNING):
+    assert split_as("deepseek-llm") == [198, 198, 33, 30]  # GPT-2's split, and said so
+  assert "pre-tokenizer type 'deepseek-llm' is split as GPT-2 splits text" in caplog.text
+
+
 def test_gguf_matches_transformers(smollm, smollm2_gguf):
   from tokenizers import pre_tokenizers
   from transformers import AutoTokenizer
@@ -140,6 +171,28 @@ def test_bare_tokenizer_json_equals_hf_dir(minilm_dir):
   for text in TEXTS:
     assert bare.encode(text, add_bos=True, add_eos=True) == full.encode(
         text, add_bos=True, add_eos=True)
+
+
+@pytest.mark.parametrize("post_processor", [
+    {"type": "BertProcessing", "sep": ["[SEP]", 102], "cls": ["[CLS]", 101]},
+    {"type": "RobertaProcessing", "sep": ["[SEP]", 102], "cls": ["[CLS]", 101],
+     "trim_offsets": True, "add_prefix_space": False},
+    "sequence"])
+def test_bare_tokenizer_json_reads_specials_of_every_post_processor(minilm_dir, tmp_path,
+                                                                    post_processor):
+  """BERT/RoBERTa processors and a Sequence around a template (Llama 3's layout) gave no
+  BOS or EOS: prompts lost [CLS] silently, responses failed with "no EOS token"."""
+  import json  # pylint: disable=import-outside-toplevel
+  spec = json.loads((pathlib.Path(minilm_dir) / "tokenizer.json").read_text())
+  if post_processor == "sequence":
+    post_processor = {"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+         "use_regex": True}, spec["post_processor"]]}
+  spec["post_processor"] = post_processor
+  (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+  tok = tokenize.load_tokenizer(tmp_path / "tokenizer.json")
+  assert (tok.bos_id, tok.eos_id) == (101, 102)
+  assert tokenize.encode_prompt("hi there", tok)[0] == 101
 
 
 def test_gpt2_bpe_dir(gpt2_bpe_dir):

@@ -273,14 +273,23 @@ def _first_id(tok: Any, *attrs: str) -> int | None:
 # pattern, as the models' own tokenizer.json does (llama.cpp's StarCoder group). transformers
 # reads them as plain GPT-2, which lets whitespace merge into a digit's neighbour: SmolLM2
 # saw "\n\n1." as [1116, 33, 30] in training, and GPT-2 splitting gives [198, 198, 33, 30].
-_DIGITS_FIRST_PRE_TYPES = frozenset({"smollm", "starcoder"})
+_DIGITS_FIRST_PRE_TYPES = frozenset({"starcoder", "refact", "command-r", "smollm", "codeshell",
+                                     "exaone", "minerva-7b"})
+# Types whose split is GPT-2's, as transformers reads every BPE GGUF.
+_GPT2_PRE_TYPES = frozenset({"default", "gpt2"})
 
 
 def _set_gguf_pre_tokenizer(hf: Any, file: pathlib.Path) -> None:
   import gguf  # pylint: disable=g-import-not-at-top
   from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
   field = gguf.GGUFReader(str(file)).fields.get("tokenizer.ggml.pre")
-  if field is None or bytes(field.parts[field.data[0]]).decode() not in _DIGITS_FIRST_PRE_TYPES:
+  pre = None if field is None else bytes(field.parts[field.data[0]]).decode()
+  if pre is None or pre in _GPT2_PRE_TYPES:
+    return
+  if pre not in _DIGITS_FIRST_PRE_TYPES:
+    logging.warning("%s: pre-tokenizer type %r is split as GPT-2 splits text (transformers' "
+                    "reading); llama.cpp may split it otherwise (digits, punctuation), so "
+                    "compare a few encodings with the model's own tokenizer.json", file, pre)
     return
   hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Digits(individual_digits=True),
@@ -364,26 +373,39 @@ def _generation_eos_ids(directory: pathlib.Path) -> tuple[int, ...]:
 
 
 def _load_bare_tokenizer_json(path: pathlib.Path) -> HFTokenizer:
-  """A lone ``tokenizer.json``: specials come from its post-processor template and padding."""
+  """A lone ``tokenizer.json``: specials come from its post-processor and padding."""
   import json  # pylint: disable=g-import-not-at-top
   from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
   spec = json.loads(path.read_text(encoding="utf-8"))
-  template = (spec.get("post_processor") or {}).get("single") or []
-  specials = [part["SpecialToken"]["id"] for part in template if "SpecialToken" in part]
-  is_sequence = ["Sequence" in part for part in template]
-  kwargs = {}
-  if specials and is_sequence:
-    first_seq = is_sequence.index(True)
-    before = [p["SpecialToken"]["id"] for p in template[:first_seq] if "SpecialToken" in p]
-    after = [p["SpecialToken"]["id"] for p in template[first_seq:] if "SpecialToken" in p]
-    if before:
-      kwargs["bos_token"] = before[0]
-    if after:
-      kwargs["eos_token"] = after[-1]
+  bos, eos = _post_processor_specials(spec.get("post_processor") or {})
+  kwargs = {k: v for k, v in (("bos_token", bos), ("eos_token", eos)) if v is not None}
   pad = (spec.get("padding") or {}).get("pad_token")
   if pad:
     kwargs["pad_token"] = pad
   return HFTokenizer(PreTrainedTokenizerFast(tokenizer_file=str(path), **kwargs), source=str(path))
+
+
+def _post_processor_specials(post: dict[str, Any]) -> tuple[str | None, str | None]:
+  """(BOS, EOS) tokens a post-processor puts around one sequence: a template's specials
+  before and after it, BERT's / RoBERTa's ``cls`` and ``sep``, or the first of a
+  ``Sequence`` of processors that has any (Llama 3: ByteLevel, then a template)."""
+  kind = post.get("type")
+  if kind == "Sequence":
+    for processor in post.get("processors") or []:
+      found = _post_processor_specials(processor or {})
+      if found != (None, None):
+        return found
+    return None, None
+  if kind in ("BertProcessing", "RobertaProcessing"):
+    return post["cls"][0], post["sep"][0]
+  template = post.get("single") or []
+  is_sequence = ["Sequence" in part for part in template]
+  if not any(is_sequence):
+    return None, None
+  first = is_sequence.index(True)
+  before = [p["SpecialToken"]["id"] for p in template[:first] if "SpecialToken" in p]
+  after = [p["SpecialToken"]["id"] for p in template[first:] if "SpecialToken" in p]
+  return (before[0] if before else None), (after[-1] if after else None)
 
 
 # --------------------------------------------------------------------------- chat
