@@ -162,14 +162,20 @@ def test_an_export_read_with_another_tokenizer_is_refused(cut_run, tmp_path, gpt
 
 
 def test_a_run_of_the_other_kind_is_named(cut_run, tmp_path):
-  policy_run = tmp_path / "dpo"
-  (policy_run / "checkpoints" / "10").mkdir(parents=True)
-  (policy_run / "config.json").write_text(json.dumps({"model": {"head": None}}))
+  policy_run, sft_run = tmp_path / "dpo", tmp_path / "sft"
+  for run, config in ((policy_run, {"model": {"head": None}, "loss": {"name": "dpo"}}),
+                      (sft_run, {"model": {"head": None}})):  # train_sft saves no loss
+    (run / "checkpoints" / "10").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config))
+  sft = (rf"{sft_run} is a train_sft run \(no reward head, no preference loss\): neither rm: "
+         r"nor dpo: can score pairs with it")
   for scorer, message in [(f"rm:{policy_run}", rf"no reward head \(model.head=None: a "
-                                               rf"train_dpo or train_sft run\); .* as "
-                                               rf"dpo:{policy_run}"),
+                                               rf"train_dpo run\); .* as dpo:{policy_run}"),
                           (f"dpo:{cut_run}", rf"trained a reward model \(model.head='reward', "
-                                             rf"a train_rm run\); score it as rm:{cut_run}")]:
+                                             rf"a train_rm run\); score it as rm:{cut_run}"),
+                          # Following the rm: error's advice on an SFT run ended in "the
+                          # config has no field 'loss'... is --config a config for this binary?"
+                          (f"rm:{sft_run}", sft), (f"dpo:{sft_run}", sft)]:
     with pytest.raises(scorers_lib.EvalInputError, match=message):
       eval_rm.run(test_eval_rm.eval_config(scorer, f"run:{cut_run}"), str(tmp_path / "eval"))
 
@@ -286,8 +292,12 @@ def test_a_reward_from_a_checkpoint_scores_texts_as_eval_rm_scores_its_pairs(cut
   config = json.loads((cut_run / "config.json").read_text())
   config["model"]["head"] = None  # as train_dpo and train_sft save it
   (policy / "config.json").write_text(json.dumps(config))
-  with pytest.raises(scorers_lib.EvalInputError, match="trained a model with no reward head"):
+  # Named for best-of-n and RL, not with eval_rm's dpo: advice.
+  with pytest.raises(ValueError, match=r"reward 'policy' \(checkpoint='.*'\): .* trained no "
+                                       r"reward head .*best-of-n and RL score with a train_rm"):
     rl_rewards.from_checkpoint(str(policy))
+  with pytest.raises(ValueError, match=r"does not exist: train the reward model there first"):
+    rl_rewards.from_checkpoint(str(tmp_path / "missing"))
   # A train_loop call of one's own that saved a partial config: named, not an AttributeError.
   trained = json.loads((cut_run / "config.json").read_text())
   (policy / "config.json").write_text(json.dumps({"model": trained["model"]}))

@@ -309,6 +309,10 @@ def test_runtime_classifier_matches_pair_scores_and_labels_pairs(trained):
   workdir, config, _ = trained
   clf = safety_runtime.SafetyClassifier.from_workdir(str(workdir))
   assert clf.threshold == json.loads((workdir / "threshold.json").read_text())["threshold"]
+  with pytest.raises(FileNotFoundError, match=r"the folder does not exist: train_safety .* "
+                                              r"\(safety.workdir\), or pass a threshold "
+                                              r"\(safety.threshold\)"):
+    safety_runtime.SafetyClassifier.from_workdir(str(workdir / "missing"))
   source = safety_runtime.load_split(config.data, "resplit_test")
   rows = [source[i] for i in range(16)]
   pcfg = dataclasses.replace(clf.pipeline, batch_size=clf.pipeline.batch_size // 2)

@@ -69,3 +69,5 @@ def test_a_progress_bar_in_a_log_file_is_a_line_every_interval_and_one_at_the_en
   # 20 resumed, 20 more in 40 s: 0.5 pairs/s, 60 left; at the end 30 in 60 s.
   assert lines == ["reference log-probs: 40/100 pairs (0:40 elapsed, 0.5 pairs/s, ETA 2:00)",
                    "reference log-probs: 50/100 pairs (1:00 elapsed, 0.5 pairs/s, ETA 1:40)"]
+  assert [train.metrics._plural(u) for u in ("query", "key", "pair")] == [  # pylint: disable=protected-access
+      "queries", "keys", "pairs"]  # the judge's bar read "128/128 querys"

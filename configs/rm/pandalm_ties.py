@@ -8,8 +8,9 @@ a tie) re-split 80/10/10 by conversation hash. Loss: ``ties`` (``bradley_terry_t
 ν = 1 (Davidson 1970), which models P(tie) instead of dropping ties. Accuracy is over
 decisive pairs; ties are counted (``num_ties``).
 
-Variants: ``:quick`` (4 steps, no eval: a smoke test), ``:bt`` (the ``bt`` loss instead of
-``ties``: a tie's outcome ½ is a soft label that pulls the margin to 0).
+Variants: ``:quick`` (4 steps, no eval or checkpoint before the end: a smoke test), ``:bt``
+(the ``bt`` loss instead of ``ties``: a tie's outcome ½ is a soft label that pulls the
+margin to 0).
 
 Expected (this 2-core CPU, measured 2026-11-27): 100 steps of 16 pairs (761 train
 pairs, 2.1 epochs), 7 min wall (machine partly shared). Validation (111 pairs, 2 of

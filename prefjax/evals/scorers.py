@@ -133,7 +133,8 @@ def read_run_config(workdir: str, what: str) -> ml_collections.ConfigDict:
   """The ``config.json`` of a training workdir, checking it has a checkpoint."""
   path = os.path.join(workdir, summary_lib.CONFIG_FILE)
   if not os.path.isdir(workdir):
-    raise EvalInputError(f"{what}: {workdir} does not exist")
+    raise EvalInputError(f"{what}: {workdir} does not exist (train that run first, or fix "
+                         "the path)")
   if not os.path.isfile(path):
     raise EvalInputError(f"{what}: {workdir} has no {summary_lib.CONFIG_FILE} "
                          "(not a training workdir)")
@@ -485,11 +486,16 @@ def _check_run_kind(spec: ScorerSpec, run: Any) -> None:
   """``rm:`` needs a run whose model has a reward head; ``dpo:`` one whose model has none."""
   head = (run.get("model") or {}).get("head")
   is_rm = heads_lib.parse_head(head)[0] in REWARD_HEADS
+  is_sft = not is_rm and not run.get("loss")  # train_sft saves no loss section
+  if is_sft:
+    raise EvalInputError(f"scorer {spec.name!r}: {spec.path} is a train_sft run (no reward "
+                         "head, no preference loss): neither rm: nor dpo: can score pairs "
+                         "with it; score a train_rm run (rm:) or a train_dpo run (dpo:)")
   if spec.kind == "rm" and not is_rm:
     raise EvalInputError(f"scorer {spec.name!r}: {spec.path} trained a model with no reward "
-                         f"head (model.head={head!r}: a train_dpo or train_sft run); "
-                         "eval_rm scores a policy trained on preferences by its implicit "
-                         f"reward, as dpo:{spec.path}")
+                         f"head (model.head={head!r}: a train_dpo run); eval_rm scores a "
+                         f"policy trained on preferences by its implicit reward, as "
+                         f"dpo:{spec.path}")
   if spec.kind == "dpo" and is_rm:
     raise EvalInputError(f"scorer {spec.name!r}: {spec.path} trained a reward model "
                          f"(model.head={head!r}, a train_rm run); score it as rm:{spec.path}")

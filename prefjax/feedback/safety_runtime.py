@@ -143,8 +143,10 @@ class SafetyClassifier:
     """The latest checkpoint of a ``train_safety`` workdir and its ``threshold.json``."""
     path = os.path.join(workdir, THRESHOLD_FILE)
     if threshold is None and not os.path.exists(path):
-      raise FileNotFoundError(f"{path} is missing: train_safety writes it when it finishes; "
-                              "finish the run or pass a threshold")
+      what = "is missing" if os.path.isdir(workdir) else "is missing: the folder does not exist"
+      raise FileNotFoundError(f"{path} {what}: train_safety writes it when it finishes; "
+                              "train or finish the classifier there (safety.workdir), or pass "
+                              "a threshold (safety.threshold)")
     with open(os.path.join(workdir, summary_lib.CONFIG_FILE)) as f:
       config = ml_collections.ConfigDict(json.load(f))
     # As the latest checkpoint was trained (a rerun may have changed the config since).

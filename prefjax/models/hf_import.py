@@ -236,7 +236,9 @@ def load_hf_checkpoint(path: PathLike, *, dtype=None, param_dtype=jnp.float32,
   directory = pathlib.Path(path)
   config_file = directory / "config.json"
   if not config_file.exists():
-    raise FileNotFoundError(f"{config_file} not found (expected a Hugging Face model directory)")
+    what = "does not exist" if not directory.exists() else "has no config.json"
+    raise FileNotFoundError(f"{directory} {what}: expected a Hugging Face model directory "
+                            "(a train_* run writes one to WORKDIR/hf with export_hf=True)")
   hf = _read_json(config_file)
   if not isinstance(hf, dict):
     raise CheckpointError(f"{config_file}: expected a JSON object")

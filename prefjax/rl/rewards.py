@@ -318,6 +318,15 @@ def with_run_config(spec: Any) -> Any:
                      "workdir, whose run gives the tokenizer and model) or both tokenizer "
                      "and model")
   workdir, step = train.checkpoint.split_ref(spec.checkpoint)
+  what = f"reward {reward_name(spec)!r} (checkpoint={spec.checkpoint!r})"
+  if not os.path.isdir(workdir):
+    raise ValueError(f"{what}: {workdir} does not exist: train the reward model there first "
+                     "(experiments.train_rm), or point checkpoint at a train_rm workdir")
+  head = (scorers.read_run_config(workdir, what).get("model") or {}).get("head")
+  if heads_lib.parse_head(head)[0] not in scorers.REWARD_HEADS:
+    raise ValueError(f"{what}: {workdir} trained no reward head (model.head={head!r}: a "
+                     "train_dpo or train_sft run); best-of-n and RL score with a train_rm "
+                     "run, or a Hugging Face reward model or classifier in model.path")
   scorer = scorers.ScorerSpec(name=reward_name(spec), kind="rm", path=workdir,
                               step="latest" if step is None else str(step))
   run, step, _ = scorers.trained_run(scorer)

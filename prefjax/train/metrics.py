@@ -279,8 +279,9 @@ class LogBar:
     rate = (self.n - self._initial) / elapsed
     eta = (f", ETA {_format_seconds((self.total - self.n) / rate)}"
            if rate > 0 and self.n < self.total else "")
-    logging.info("%s: %d/%d %ss (%s elapsed, %.3g %ss/s%s)%s", self.desc, self.n, self.total,
-                 self.unit, _format_seconds(elapsed), rate, self.unit, eta,
+    units = _plural(self.unit)
+    logging.info("%s: %d/%d %s (%s elapsed, %.3g %s/s%s)%s", self.desc, self.n, self.total,
+                 units, _format_seconds(elapsed), rate, units, eta,
                  f" {self.postfix}" if self.postfix else "")
 
   def __enter__(self) -> "LogBar":
@@ -297,6 +298,11 @@ def progress_bar(total: int, desc: str, unit: str, *, initial: int = 0,
     return tqdm.tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True,
                      disable=disable)
   return LogBar(total, desc, unit, initial)
+
+
+def _plural(unit: str) -> str:
+  """``query`` -> ``queries``, ``pair`` -> ``pairs``."""
+  return unit[:-1] + "ies" if unit.endswith("y") and unit[-2:-1] not in "aeiou" else unit + "s"
 
 
 def _fmt(values: Mapping[str, float]) -> str:
