@@ -169,10 +169,7 @@ def proxy_name(spec: Any) -> str:
   """The proxy's name in reports, with its ensemble aggregation as train_rl names it:
   ``wco(rm_ens)``, ``uwo[λ=0.5](rm_ens)`` (mean, WCO and UWO curves otherwise shared a label)."""
   _, aggregation, lam = rl_rewards.split_aggregation(spec)
-  name = rl_rewards.reward_name(spec)
-  if aggregation == "mean":
-    return name
-  return f"{aggregation}[λ={lam:g}]({name})" if aggregation == "uwo" else f"{aggregation}({name})"
+  return rl_rewards.aggregated_name(aggregation, lam, rl_rewards.reward_name(spec))
 
 
 def curves(samples: dict[str, np.ndarray], config: Any) -> dict[str, Any]:

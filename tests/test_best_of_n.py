@@ -287,6 +287,7 @@ def test_best_of_n_aggregates_ensemble_members_standardized_on_its_samples():
   other = lambda **kw: ml_collections.ConfigDict(dict(config.proxy, **kw))  # noqa: E731
   assert best_of_n.proxy_name(other(aggregation="uwo", lam=0.5)) == "uwo[λ=0.5](ens)"
   assert best_of_n.proxy_name(other(aggregation="mean")) == "ens"
+  assert rewards.aggregated_name("uwo", 0.5, "ens") == "uwo[λ=0.5](ens)"  # train_rl's too
   samples = best_of_n.sample_and_score(config)
   proxy = samples["proxy"]
   assert proxy.shape == samples["gold"].shape and np.isfinite(proxy).all()

@@ -163,8 +163,9 @@ def test_an_export_read_with_another_tokenizer_is_refused(cut_run, tmp_path, gpt
 
 def test_a_run_of_the_other_kind_is_named(cut_run, tmp_path):
   policy_run, sft_run = tmp_path / "dpo", tmp_path / "sft"
+  sections = {"tokenizer": {"path": "byte"}, "data": {"name": "tiny_world"}}
   for run, config in ((policy_run, {"model": {"head": None}, "loss": {"name": "dpo"}}),
-                      (sft_run, {"model": {"head": None}})):  # train_sft saves no loss
+                      (sft_run, {"model": {"head": ""}, **sections})):  # no loss in SFT
     (run / "checkpoints" / "10").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(config))
   sft = (rf"{sft_run} is a train_sft run \(no reward head, no preference loss\): neither rm: "
@@ -298,6 +299,10 @@ def test_a_reward_from_a_checkpoint_scores_texts_as_eval_rm_scores_its_pairs(cut
     rl_rewards.from_checkpoint(str(policy))
   with pytest.raises(ValueError, match=r"does not exist: train the reward model there first"):
     rl_rewards.from_checkpoint(str(tmp_path / "missing"))
+  config["model"]["head"] = ""  # as train_rl saves it: was "unknown head spec ''"
+  (policy / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=r"trained no reward head \(model.head=''"):
+    rl_rewards.from_checkpoint(str(policy))
   # A train_loop call of one's own that saved a partial config: named, not an AttributeError.
   trained = json.loads((cut_run / "config.json").read_text())
   (policy / "config.json").write_text(json.dumps({"model": trained["model"]}))

@@ -191,6 +191,9 @@ def test_eval_rm_reads_a_label_per_hf_scorer(tmp_path):
   eval_rm.run(eval_cfg, str(tmp_path / "eval"))
   rows = test_eval_rm.score_rows(tmp_path / "eval")
   assert all(set(r["scores"]) == {"cls", "rm"} for r in rows) and len(rows) == 6
+  eval_cfg.hf_score_label = "cls=POSITIVE,cls=NEGATIVE"
+  with pytest.raises(scorers_lib.EvalInputError, match=r"names scorer 'cls' twice"):
+    eval_rm.run(eval_cfg, str(tmp_path / "eval_twice"))
   eval_cfg.hf_score_label = "clf=POSITIVE"
   with pytest.raises(scorers_lib.EvalInputError, match=r"'clf=POSITIVE' must be NAME=LABEL "
                                                        r"with NAME one of the hf: scorers "

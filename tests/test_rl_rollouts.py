@@ -302,3 +302,19 @@ def test_rollout_prompts_start_with_bos_as_the_policy_trained(add_bos):
   assert rows[0] == bos + [ord("a"), ord("b")]
   assert rows[1] == bos + [ord(c) for c in ("mpt" if add_bos else "ompt")]  # the last 4
   assert setup.prompt_pipeline_config(cfg).add_bos is add_bos
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_the_warm_start_trains_on_prompts_as_the_rollouts_read_them(add_bos, monkeypatch):
+  from prefjax.data import tiny_world  # pylint: disable=import-outside-toplevel
+  from prefjax.data import tokenize  # pylint: disable=import-outside-toplevel
+  from prefjax.rl import setup  # pylint: disable=import-outside-toplevel
+  seen = []
+  monkeypatch.setattr(setup.warm_start_lib, "warm_start", lambda policy, examples, **kw: (
+      seen.extend(examples(np.random.default_rng(0), 3)) or []))
+  config = ml_collections.ConfigDict(dict(
+      warm_start=dict(steps=1, batch_size=3, learning_rate=0.1), model=dict(path=""), seed=0,
+      prompts=dict(style="raw", add_bos=add_bos)))
+  tok = tokenize.ByteTokenizer()
+  setup.maybe_warm_start(None, config, tok, tiny_world.TinyWorld())
+  assert len(seen) == 3 and all((p[0] == tok.bos_id) is add_bos for p, _ in seen)

@@ -120,6 +120,8 @@ def test_gguf_pre_tokenizers_of_llama_cpp_s_digit_group_split_digits_first(
   for pre in ("smollm", "refact", "command-r", "codeshell", "exaone", "minerva-7b"):
     assert split_as(pre) == [1116, 33, 30], pre  # SmolLM2's own tokenizer.json split
   with caplog.at_level(logging.WARNING):
+    split_as("llama-bpe")  # a type transformers splits its own way: no warning
+    assert "pre-tokenizer type" not in caplog.text
     assert split_as("deepseek-llm") == [198, 198, 33, 30]  # GPT-2's split, and said so
   assert "pre-tokenizer type 'deepseek-llm' is split as GPT-2 splits text" in caplog.text
 

@@ -279,17 +279,27 @@ _DIGITS_FIRST_PRE_TYPES = frozenset({"starcoder", "refact", "command-r", "smollm
 _GPT2_PRE_TYPES = frozenset({"default", "gpt2"})
 
 
+def _transformers_split_types() -> frozenset[str]:
+  """The GGUF pre-tokenizer types transformers gives their own split (Llama 3, Qwen2, ...)."""
+  try:
+    from transformers.integrations.gguf import gguf_tokenizer_mapping  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return frozenset()
+  return frozenset(getattr(gguf_tokenizer_mapping, "GGUF_PRE_TOKENIZER_SPLITS", {}))
+
+
 def _set_gguf_pre_tokenizer(hf: Any, file: pathlib.Path) -> None:
   import gguf  # pylint: disable=g-import-not-at-top
   from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
   field = gguf.GGUFReader(str(file)).fields.get("tokenizer.ggml.pre")
   pre = None if field is None else bytes(field.parts[field.data[0]]).decode()
-  if pre is None or pre in _GPT2_PRE_TYPES:
+  if pre is None or pre in _GPT2_PRE_TYPES or pre in _transformers_split_types():
     return
   if pre not in _DIGITS_FIRST_PRE_TYPES:
     logging.warning("%s: pre-tokenizer type %r is split as GPT-2 splits text (transformers' "
-                    "reading); llama.cpp may split it otherwise (digits, punctuation), so "
-                    "compare a few encodings with the model's own tokenizer.json", file, pre)
+                    "reading of a type it does not know); llama.cpp may split it otherwise "
+                    "(digits, punctuation), so compare a few encodings with the model's own "
+                    "tokenizer.json", file, pre)
     return
   hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Digits(individual_digits=True),

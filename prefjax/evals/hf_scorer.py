@@ -74,6 +74,8 @@ def score_labels(value: str | None, specs: list[ScorerSpec], *, check: bool = Tr
     if check and name not in hf_names or not label:
       raise EvalInputError(f"config.hf_score_label={value!r}: {part.strip()!r} must be "
                            f"NAME=LABEL with NAME one of the hf: scorers {hf_names}")
+    if name in labels:
+      raise EvalInputError(f"config.hf_score_label={value!r} names scorer {name!r} twice")
     labels[name] = label
   return labels
 

@@ -485,8 +485,9 @@ def trained_run(spec: ScorerSpec) -> tuple[ml_collections.ConfigDict, int, dict[
 def _check_run_kind(spec: ScorerSpec, run: Any) -> None:
   """``rm:`` needs a run whose model has a reward head; ``dpo:`` one whose model has none."""
   head = (run.get("model") or {}).get("head")
-  is_rm = heads_lib.parse_head(head)[0] in REWARD_HEADS
-  is_sft = not is_rm and not run.get("loss")  # train_sft saves no loss section
+  is_rm = heads_lib.parse_head(head or None)[0] in REWARD_HEADS  # train_rl saves head ''
+  # train_sft saves every section but a loss (a train_loop call of one's own may save less).
+  is_sft = not is_rm and not run.get("loss") and all(run.get(k) for k in RUN_SECTIONS)
   if is_sft:
     raise EvalInputError(f"scorer {spec.name!r}: {spec.path} is a train_sft run (no reward "
                          "head, no preference loss): neither rm: nor dpo: can score pairs "

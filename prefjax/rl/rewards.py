@@ -115,8 +115,15 @@ def standardized_reward(reward: PairReward, aggregation: str, lam: float,
   members = reward.ensemble().members
   fn = reward_fns.EnsembleReward(members[0] if len(members) == 1 else members,
                                  aggregation=aggregation, lam=lam, normalizer=normalizer,
-                                 name=f"{aggregation}({reward.name})")
+                                 name=aggregated_name(aggregation, lam, reward.name))
   return PairReward(fn, reward.join)
+
+
+def aggregated_name(aggregation: str, lam: float, name: str) -> str:
+  """An ensemble reward's name in reports: ``name`` (mean), ``wco(name)``, ``uwo[λ=0.5](name)``."""
+  if aggregation == "mean":
+    return name
+  return f"uwo[λ={lam:g}]({name})" if aggregation == "uwo" else f"{aggregation}({name})"
 
 
 def fit_members(reward: PairReward, prompts: Sequence[str], responses: Sequence[str]
@@ -323,7 +330,7 @@ def with_run_config(spec: Any) -> Any:
     raise ValueError(f"{what}: {workdir} does not exist: train the reward model there first "
                      "(experiments.train_rm), or point checkpoint at a train_rm workdir")
   head = (scorers.read_run_config(workdir, what).get("model") or {}).get("head")
-  if heads_lib.parse_head(head)[0] not in scorers.REWARD_HEADS:
+  if heads_lib.parse_head(head or None)[0] not in scorers.REWARD_HEADS:  # train_rl saves ''
     raise ValueError(f"{what}: {workdir} trained no reward head (model.head={head!r}: a "
                      "train_dpo or train_sft run); best-of-n and RL score with a train_rm "
                      "run, or a Hugging Face reward model or classifier in model.path")

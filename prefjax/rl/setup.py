@@ -152,12 +152,13 @@ def maybe_warm_start(policy: nnx.Module, config: Any, tokenizer: Any,
                      f"{int(cfg.steps)} would train it further on uniform tiny-world "
                      "responses (and make that the reference), undoing what it learned: set "
                      "--config.warm_start.steps=0")
-  style = config.prompts.get("style", "raw")
+  style, add_bos = config.prompts.get("style", "raw"), bool(config.prompts.get("add_bos", True))
 
   def examples(rng: np.random.Generator, count: int):
     out = []
-    for _ in range(count):
-      prompt = tokenize_lib.encode_prompt(world.sample_prompt(rng), tokenizer, style=style)
+    for _ in range(count):  # prompts as the rollouts will read them (`_encode`)
+      prompt = tokenize_lib.encode_prompt(world.sample_prompt(rng), tokenizer, style=style,
+                                          add_bos=add_bos)
       out.append((prompt, tokenize_lib.encode_response(world.sample_response(rng), tokenizer)))
     return out
 
