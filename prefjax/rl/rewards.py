@@ -332,8 +332,9 @@ def with_run_config(spec: Any) -> Any:
   head = (scorers.read_run_config(workdir, what).get("model") or {}).get("head")
   if heads_lib.parse_head(head or None)[0] not in scorers.REWARD_HEADS:  # train_rl saves ''
     raise ValueError(f"{what}: {workdir} trained no reward head (model.head={head!r}: a "
-                     "train_dpo or train_sft run); best-of-n and RL score with a train_rm "
-                     "run, or a Hugging Face reward model or classifier in model.path")
+                     "policy's run, train_sft, train_dpo or train_rl); best-of-n and RL score "
+                     "with a train_rm run, or a Hugging Face reward model or classifier in "
+                     "model.path")
   scorer = scorers.ScorerSpec(name=reward_name(spec), kind="rm", path=workdir,
                               step="latest" if step is None else str(step))
   run, step, _ = scorers.trained_run(scorer)
