@@ -8,7 +8,8 @@ iterator position are checkpointed by ``prefjax.train``).
 
 Data: ``pipeline.sft_dataset`` over ``data.train_split`` of a preference
 dataset, using the ``data.response_key`` response of each row (``chosen`` by
-default: the usual way to make a DPO reference policy). Padded or packed rows.
+default: the usual way to make a DPO reference policy). Padded or packed rows. A row's
+``weight`` and ``outcome`` are not read: every response counts once, by its tokens.
 
 Loss: token-mean negative log-likelihood of the response tokens,
 Σ_t −log p(y_t | y_<t, x) · m_t / Σ_t m_t over the batch (prompt tokens and
