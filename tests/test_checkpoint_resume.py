@@ -142,7 +142,7 @@ def _latest_checkpoint(workdir):
 
 def test_sigterm_sigkill_and_ctrl_c_then_rerun_is_bit_identical(tmp_path, reference):
   # 1. SIGTERM after step 3 (not a checkpoint step): graceful save at 3 and return.
-  result, _ = run(tmp_path, hooks=[_stop_at(3, lambda: os.kill(os.getpid(), signal.SIGTERM))])
+  result, _ = run(tmp_path, hooks=[_stop_at(3, lambda: signal.raise_signal(signal.SIGTERM))])
   assert result.preempted and int(result.state.step) == 3
   assert _latest_checkpoint(tmp_path) == 3
   assert not os.path.exists(tmp_path / "summary.json")

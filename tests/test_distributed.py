@@ -222,8 +222,8 @@ def agreeing_worker(process_id: int, port: int, root: str) -> None:
     for name, (num_batches, signal_at) in scenarios.items():
       batches = [{"x": rng.normal(size=(1, 4)).astype(np.float32),
                   "y": rng.normal(size=1).astype(np.float32)} for _ in range(num_batches)]
-      hooks = [lambda step, *_, at=signal_at: step == at and os.kill(os.getpid(),
-                                                                     signal.SIGTERM)]
+      hooks = [lambda step, *_, at=signal_at: step == at and signal.raise_signal(
+          signal.SIGTERM)]
       result = train.train_loop(
           workdir=os.path.join(root, name), model=nnx.Linear(4, 1, rngs=nnx.Rngs(0)),
           loss_fn=loss_fn, optimizer=optax.sgd(0.1), mesh=mesh, hooks=hooks,

@@ -228,7 +228,7 @@ def test_a_signal_during_the_final_eval_is_not_lost(tmp_path):
   def terminated_at_the_end(step, model):
     del model
     if step == 4:
-      os.kill(os.getpid(), signal.SIGTERM)
+      signal.raise_signal(signal.SIGTERM)
     return {"score": 1.0}
 
   result = train.train_loop(

@@ -406,7 +406,7 @@ def test_sigterm_saves_at_once_and_skips_that_steps_eval(scratch, monkeypatch):
   def sigterm_during_fourth_rollout(self):
     batch = next_rollout(self)
     if self.step == 4:  # The loop trains step 4 (an eval step), then sees the signal.
-      os.kill(os.getpid(), signal.SIGTERM)
+      signal.raise_signal(signal.SIGTERM)
     return batch
 
   monkeypatch.setattr(trainer.RolloutIterator, "__next__", sigterm_during_fourth_rollout)
