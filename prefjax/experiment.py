@@ -174,7 +174,7 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
   members run in one step (``DeepEnsemble``). ``score_head`` (with ``path``): a saved head
   that does not fit the requested one is an error (``"require"``) or left fresh with a
   warning (``"if_fits"``, the default; ``hf_import.from_pretrained``). ``score_label`` (with
-  ``path`` and head ``reward``): a two-label classifier's label whose log-odds is the reward.
+  ``path`` and head ``reward``): a classifier's label whose log-odds is the reward.
   """
   cfg = configlib.plain(cfg)
   head, pooling = cfg.get("head"), cfg.get("pooling")

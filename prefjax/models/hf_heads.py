@@ -200,14 +200,14 @@ def label_log_odds(weight: np.ndarray, bias: np.ndarray, label: str,
   if label not in labels:
     raise CheckpointError(f"{where}: score_label={label!r} is not one of the classifier's "
                           f"labels {labels} (config.json's id2label)")
-  first = labels.index(label)
+  index = labels.index(label)
   if independent:
-    return weight[first:first + 1].astype(np.float64), bias[first:first + 1].astype(np.float64)
+    return weight[index:index + 1].astype(np.float64), bias[index:index + 1].astype(np.float64)
   if len(labels) != 2 or weight.shape[0] != 2:
     raise CheckpointError(f"{where}: score_label={label!r} reads a softmax classifier's "
                           f"log-odds, one linear head only with two labels; this one has "
                           f"{len(labels)} {labels}: score each label's logit instead "
                           "(head='multi:" + ",".join(labels) + "'; in eval_rm, without "
                           "hf_score_label)")
-  sign = np.asarray([1.0, -1.0] if first == 0 else [-1.0, 1.0], np.float64)
+  sign = np.asarray([1.0, -1.0] if index == 0 else [-1.0, 1.0], np.float64)
   return (sign @ weight.astype(np.float64))[None], np.asarray([sign @ bias.astype(np.float64)])

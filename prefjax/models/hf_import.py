@@ -358,17 +358,17 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
       or pooling cannot take them; "if_fits" loads them when it can and otherwise
       keeps the fresh head with a warning (a 4-member ensemble on the trunk of a
       one-output reward model).
-    score_label: with ``head="reward"``, a label of a two-label classifier (a decoder
-      ``*ForSequenceClassification``, ``config.json``'s ``id2label``) whose log-odds
-      ``log p(label) − log p(other)`` is the reward (``hf_heads.label_log_odds``); it must
-      load, whatever ``score_head`` says.
+    score_label: with ``head="reward"``, a label of a classifier (a decoder
+      ``*ForSequenceClassification``, ``config.json``'s ``id2label``) whose log-odds is the
+      reward: ``z_label − z_other`` of a two-label softmax, ``z_label`` of independent
+      sigmoids (``hf_heads.label_log_odds``); it must load, whatever ``score_head`` says.
   """
   heads.parse_head(head)  # fail on a bad spec before reading any weights
   if score_head not in SCORE_HEAD_MODES:
     raise ValueError(f"score_head must be one of {SCORE_HEAD_MODES}, got {score_head!r}")
   if score_label is not None:
     if head != "reward":
-      raise ValueError(f"score_label={score_label!r} reads a two-label classifier's log-odds "
+      raise ValueError(f"score_label={score_label!r} reads a classifier label's log-odds "
                        f"as one reward; it needs head='reward', got {head!r}")
     score_head = "require"
   path = pathlib.Path(path)

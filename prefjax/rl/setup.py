@@ -63,9 +63,13 @@ def make_policy(config: Any, tokenizer: Any) -> nnx.Module:
 _WARNED_LIMITS: set[int] = set()  # prompts.max_length values already warned about
 
 
+def _prompt_format(cfg: Any) -> dict[str, Any]:
+  """``config.prompts``' ``style`` and ``add_bos``, as ``encode_prompt`` takes them."""
+  return {"style": cfg.get("style", "raw"), "add_bos": bool(cfg.get("add_bos", True))}
+
+
 def _encode(texts: list[str], tokenizer: Any, cfg: Any) -> rollout_lib.Prompts:
-  ids = [tokenize_lib.encode_prompt(t, tokenizer, style=cfg.get("style", "raw"),
-                                    add_bos=bool(cfg.get("add_bos", True))) for t in texts]
+  ids = [tokenize_lib.encode_prompt(t, tokenizer, **_prompt_format(cfg)) for t in texts]
   limit = int(cfg.max_length)
   cut = [i for i, x in enumerate(ids) if len(x) > limit]
   if cut:
@@ -87,10 +91,9 @@ def _tiny_prompts(world: tiny_world_lib.TinyWorld, rng: np.random.Generator,
 def prompt_pipeline_config(cfg: Any) -> pipeline_lib.PipelineConfig:
   """The pipeline settings whose prompt cut matches `_encode`'s (the last ``max_length``
   tokens are kept), for the data report of dataset prompts."""
-  max_length = int(cfg.max_length)
+  max_length, prompt = int(cfg.max_length), _prompt_format(cfg)
   return pipeline_lib.PipelineConfig(max_length=max_length + 1, max_prompt_length=max_length,
-                                     prompt_style=cfg.get("style", "raw"),
-                                     add_bos=bool(cfg.get("add_bos", True)))
+                                     prompt_style=prompt["style"], add_bos=prompt["add_bos"])
 
 
 def make_prompts(config: Any, tokenizer: Any, world: tiny_world_lib.TinyWorld | None,
@@ -152,13 +155,12 @@ def maybe_warm_start(policy: nnx.Module, config: Any, tokenizer: Any,
                      f"{int(cfg.steps)} would train it further on uniform tiny-world "
                      "responses (and make that the reference), undoing what it learned: set "
                      "--config.warm_start.steps=0")
-  style, add_bos = config.prompts.get("style", "raw"), bool(config.prompts.get("add_bos", True))
+  prompt_format = _prompt_format(config.prompts)  # as the rollouts read prompts (`_encode`)
 
   def examples(rng: np.random.Generator, count: int):
     out = []
-    for _ in range(count):  # prompts as the rollouts will read them (`_encode`)
-      prompt = tokenize_lib.encode_prompt(world.sample_prompt(rng), tokenizer, style=style,
-                                          add_bos=add_bos)
+    for _ in range(count):
+      prompt = tokenize_lib.encode_prompt(world.sample_prompt(rng), tokenizer, **prompt_format)
       out.append((prompt, tokenize_lib.encode_response(world.sample_response(rng), tokenizer)))
     return out
 

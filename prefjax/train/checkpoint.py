@@ -499,8 +499,8 @@ class Checkpointer:
         scored.append((value, step))
     if not scored:
       return None
-    return (min(scored, key=lambda vs: (vs[0], -vs[1]))  # a tie: the latest, as BestN keeps
-            if self._best_mode == "min" else max(scored))[1]
+    sign = 1.0 if self._best_mode == "max" else -1.0  # a tie: the latest, as BestN keeps
+    return max(scored, key=lambda vs: (sign * vs[0], vs[1]))[1]
 
   def restore_params(self, params: PyTree, step: int | None = None) -> PyTree:
     """Restores only the parameters (no optimizer state needed), e.g. for evaluation.
