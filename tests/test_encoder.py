@@ -209,8 +209,20 @@ def test_config_from_and_to_hf_dict():
     with pytest.raises(ValueError, match=f"unsupported BERT config {flag}=true"):
       encoder.EncoderConfig.from_hf_dict({**hf, flag: True})
   assert encoder.EncoderConfig.from_hf_dict({**hf, "is_decoder": False}) == CFG
-  with pytest.raises(ValueError, match="model_type 'bert', got 'roberta'"):
-    encoder.EncoderConfig.from_hf_dict({**hf, "model_type": "roberta"})
+  with pytest.raises(ValueError, match="supports model_type bert, roberta, xlm-roberta, "
+                                       "distilbert; got 'deberta-v2'"):
+    encoder.EncoderConfig.from_hf_dict({**hf, "model_type": "deberta-v2"})
+  for model_type in encoder.MODEL_TYPES:  # each family's config.json round-trips
+    config = CFG.replace(model_type=model_type, pooler="relu",
+                         type_vocab_size=0 if model_type == "distilbert" else 2)
+    assert encoder.EncoderConfig.from_hf_dict(config.to_hf_dict()) == config
+  with pytest.raises(ValueError, match="sinusoidal_pos_embds=true"):
+    encoder.EncoderConfig.from_hf_dict({**CFG.replace(model_type="distilbert", type_vocab_size=0)
+                                        .to_hf_dict(), "sinusoidal_pos_embds": True})
+  with pytest.raises(ValueError, match="a DistilBERT encoder has no token types"):
+    encoder.EncoderConfig(model_type="distilbert")
+  with pytest.raises(ValueError, match="pooler 'gelu' is not one of"):
+    encoder.EncoderConfig(pooler="gelu")
   with pytest.raises(ValueError, match="hidden_size=10 is not divisible by num_heads=4"):
     encoder.EncoderConfig(hidden_size=10, num_heads=4)
   with pytest.raises(ValueError, match="unsupported hidden_act 'mish'"):

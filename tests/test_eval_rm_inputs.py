@@ -117,8 +117,9 @@ def test_directories_without_a_loadable_reward_head_are_refused(cut_run, tmp_pat
   cases = [(f"hf:{tmp_path / 'policy'}", "", r"holds no reward head .* randomly initialised"),
            (f"hf:{tmp_path / 'deep'}", "", r"holds \['member_0', 'member_2'\], not member_0 "
                                            r"\.\.\. member_1"),
-           (f"hf:{cut_run / 'hf'}", "mean", r"'score.weight' is a last-token head; "
-                                                    r"pooling='mean' would not reproduce it")]
+           (f"hf:{cut_run / 'hf'}", "mean", r"'score.weight' reads the last token "
+                                                    r"\(pooling='last'\); pooling='mean' would "
+                                                    r"not reproduce it")]
   for scorer, pooling, message in cases:
     config = test_eval_rm.eval_config(scorer, f"run:{cut_run}")
     config.hf_tokenizer, config.hf_pooling = "byte", pooling

@@ -104,7 +104,12 @@ def test_score_label_on_a_directory_without_a_classifier_head_is_an_error(tmp_pa
 
 def test_a_reward_spec_optimises_the_classifier_s_log_odds(tmp_path):
   """The reward of best-of-n and RL: a spec naming the directory and the label."""
-  path = _classifier_dir(tmp_path)
+  check_reward_spec(_classifier_dir(tmp_path), _torch_logits)
+
+
+def check_reward_spec(path: pathlib.Path, torch_logits) -> None:
+  """A reward spec naming classifier ``path`` and label POSITIVE rewards its log-odds as
+  ``torch_logits(path, tokens, mask)`` gives them."""
   spec = ml_collections.ConfigDict(dict(
       kind="model", name="sentiment", tokenizer=dict(path="byte"), checkpoint="",
       max_length=64, aggregation="mean", lam=0.0,
@@ -114,7 +119,7 @@ def test_a_reward_spec_optimises_the_classifier_s_log_odds(tmp_path):
   tokens, mask = rewards.text_encoder(tokenize.ByteTokenizer(),
                                       pipeline_lib.PipelineConfig(max_length=64))(
       [p + rewards.MODEL_SEPARATOR + r for p, r in zip(prompts, responses)])
-  logits = _torch_logits(path, np.asarray(tokens), np.asarray(mask))
+  logits = torch_logits(path, np.asarray(tokens), np.asarray(mask))
   np.testing.assert_allclose(reward(prompts, responses), logits[:, 1] - logits[:, 0],
                              rtol=1e-5, atol=1e-5)
 

@@ -391,29 +391,7 @@ def test_unused_tensors_are_reported(bert_dir, caplog):
   # (MiniLM's warned 5 times in one reproduce run).
   warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
   assert len(warned) == 1 and "['classifier.weight']" in warned[0], warned
-  assert any("BERT's pooler" in r.getMessage() for r in caplog.records)
-
-
-def test_a_bert_classifier_is_not_scored_with_a_fresh_head(tmp_path):
-  """BertForSequenceClassification scores through its pooler and classifier, which prefjax
-  does not build: a reward head on it is refused, or (if_fits) fresh with a warning."""
-  torch.manual_seed(0)
-  config = _bert_config()
-  config.num_labels = 1
-  transformers.BertForSequenceClassification(config).save_pretrained(tmp_path)
-  assert hf_import.unsupported_head(tmp_path).startswith(f"{tmp_path} is a "
-                                                         "BertForSequenceClassification")
-  with pytest.raises(hf_import.CheckpointError, match=r"its head \(the pooler's tanh layer"):
-    models.from_pretrained(tmp_path, head="reward")
-  model = models.from_pretrained(tmp_path, head="reward", score_head="if_fits")
-  assert model(_tokens(2, 5, seed=3)).shape == (2,)
-  assert models.from_pretrained(tmp_path).config.hidden_size == 32  # the trunk alone loads
-  from prefjax.evals import hf_scorer, scorers
-  import ml_collections
-  spec = scorers.ScorerSpec.parse(f"bert=hf:{tmp_path}")
-  with pytest.raises(scorers.EvalInputError, match=r"scorer 'bert': .* is a "
-                                                   r"BertForSequenceClassification.*cannot score"):
-    hf_scorer.hf_scorer(spec, ml_collections.ConfigDict({"hf_tokenizer": ""}), None)
+  assert any("bert base model's pooler" in r.getMessage() for r in caplog.records)
 
 
 def test_bert_prefix_and_old_layernorm_names(bert_dir):

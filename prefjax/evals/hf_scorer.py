@@ -2,7 +2,8 @@
 
 What it scores must be a reward model as trained: a prefjax export (``hf_export``; its
 ``config.json`` records the head, its pooling and the training pipeline's text fields,
-which the scorer reads pairs with) or a decoder ``*ForSequenceClassification``. A
+which the scorer reads pairs with) or a ``*ForSequenceClassification`` (a decoder's, or a
+BERT, RoBERTa or DistilBERT classifier's). A
 directory without a reward head, or whose head does not load, is refused: its scores
 would come from a randomly initialised head. A deep ensemble's export (``member_<k>/``)
 scores as the ensemble: its mean, WCO, UWO and each member, as ``rm:`` of its run does.
@@ -141,15 +142,12 @@ def _check_export_special_ids(spec: ScorerSpec, path: str, tokenizer: Any,
 def _hf_head(spec: ScorerSpec, path: str) -> tuple[str, str | None]:
   """The reward head (spec, pooling) directory ``path`` was saved with; anything else
   would be scored by a randomly initialised head, so it is refused."""
-  if os.path.isdir(path) and (why := hf_import.unsupported_head(path)):
-    raise EvalInputError(f"scorer {spec.name!r}: {why.split('; ')[0]}; eval_rm cannot score "
-                         "it as trained")
   head, pooling = hf_import.saved_head(path) if os.path.isdir(path) else (None, None)
   if head is None:
     raise EvalInputError(f"scorer {spec.name!r}: {path} holds no reward head (a base model, a "
                          "policy or a GGUF file), so its scores would come from a randomly "
                          "initialised head; score a reward model's directory (a prefjax "
-                         "export of train_rm, or a decoder *ForSequenceClassification)")
+                         "export of train_rm, or a *ForSequenceClassification)")
   if heads_lib.parse_head(head)[0] not in scorers.REWARD_HEADS:
     raise EvalInputError(f"scorer {spec.name!r}: {path} holds a {head!r} head, not a reward "
                          "model")

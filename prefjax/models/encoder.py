@@ -11,12 +11,20 @@ with exact (erf) GELU by default, as in the original BERT and in Hugging Face
 stays within each segment (``segment_ids``), with ``positions`` restarting at
 every segment.
 
+The same blocks are RoBERTa (Liu et al., arXiv:1907.11692; ``model_type`` "roberta",
+"xlm-roberta"), whose position table is read from ``pad_token_id + 1`` on, and DistilBERT
+(Sanh et al., arXiv:1910.01108), which has no token types. A sequence classifier of these
+families pools its first token through a dense layer and an activation (BERT's pooler,
+RoBERTa's ``classifier.dense``, DistilBERT's ``pre_classifier``): ``pooler`` builds that
+layer, which the "pooler" pooling of ``heads`` reads.
+
 Parameter tree (NNX state paths, used by ``PARTITION_RULES`` and the HF import):
 
   embed/embedding            [V, D]      word embeddings
   pos_embed/embedding        [P, D]      learned absolute positions
   type_embed/embedding       [types, D]  token types (segment A/B)
   embed_norm/{scale,bias}    [D]
+  pooler/{kernel [D, D], bias}                    only with ``config.pooler``
   layers/<i>/attn/{q,k,v,o}_proj/{kernel,bias}   kernel [D, D] (in, out)
   layers/<i>/attn_norm/{scale,bias}
   layers/<i>/mlp/up_proj/{kernel [D, F], bias}
@@ -62,6 +70,10 @@ _ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
+POOLER_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
+# Hugging Face model types of this architecture; RoBERTa's read positions after the pad id.
+MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert")
+ROBERTA_TYPES = ("roberta", "xlm-roberta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +90,8 @@ class EncoderConfig:
   layer_norm_eps: float = 1e-12
   hidden_act: str = "gelu"
   pad_token_id: int = 0
+  model_type: str = "bert"  # one of MODEL_TYPES: the Hugging Face form and position rule
+  pooler: str | None = None  # "tanh" / "relu": a dense layer on the first token
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -86,6 +100,13 @@ class EncoderConfig:
     if self.hidden_act not in _ACTIVATIONS:
       raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; "
                        f"known: {sorted(_ACTIVATIONS)}")
+    if self.model_type not in MODEL_TYPES:
+      raise ValueError(f"model_type {self.model_type!r} is not one of {MODEL_TYPES}")
+    if self.pooler is not None and self.pooler not in POOLER_ACTIVATIONS:
+      raise ValueError(f"pooler {self.pooler!r} is not one of {sorted(POOLER_ACTIVATIONS)} "
+                       "or None")
+    if self.model_type == "distilbert" and self.type_vocab_size:
+      raise ValueError("a DistilBERT encoder has no token types: type_vocab_size must be 0")
 
   def replace(self, **overrides) -> "EncoderConfig":
     return dataclasses.replace(self, **overrides)
@@ -106,49 +127,96 @@ class EncoderConfig:
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
 
+  @property
+  def position_offset(self) -> int:
+    """Row of the position table read for position 0: RoBERTa's start after its pad id."""
+    return self.pad_token_id + 1 if self.model_type in ROBERTA_TYPES else 0
+
   @classmethod
   def from_hf_dict(cls, hf: Mapping[str, Any]) -> "EncoderConfig":
-    """Builds the config from a Hugging Face BERT ``config.json`` dict."""
+    """Builds the config from a Hugging Face BERT, RoBERTa or DistilBERT ``config.json`` dict.
+
+    A ``*ForSequenceClassification`` gets the ``pooler`` its classifier scores through;
+    so does a prefjax export of one (``POOLER_KEY``).
+    """
     model_type = hf.get("model_type", "bert")
-    if model_type != "bert":
-      raise ValueError(f"EncoderConfig supports model_type 'bert', got {model_type!r}")
-    pos_type = hf.get("position_embedding_type", "absolute")
-    if pos_type != "absolute":
-      raise ValueError(f"unsupported position_embedding_type {pos_type!r} (only 'absolute')")
-    for flag in ("is_decoder", "add_cross_attention"):  # a causal mask / cross-attention
-      if hf.get(flag):
-        raise ValueError(f"unsupported BERT config {flag}=true: the encoder attends both "
-                         "ways and has no cross-attention")
-    return cls(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        intermediate_size=hf["intermediate_size"],
-        max_position_embeddings=hf.get("max_position_embeddings", 512),
-        type_vocab_size=hf.get("type_vocab_size", 2),
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-        hidden_act=hf.get("hidden_act", "gelu"),
-        pad_token_id=hf.get("pad_token_id", 0) or 0,
-    )
+    if model_type not in MODEL_TYPES:
+      raise ValueError(f"EncoderConfig supports model_type {', '.join(MODEL_TYPES)}; got "
+                       f"{model_type!r}")
+    fields = (_distilbert_fields(hf) if model_type == "distilbert"
+              else _bert_fields(hf))
+    pad = hf.get("pad_token_id")
+    if pad is None:  # transformers' defaults
+      pad = 1 if model_type in ROBERTA_TYPES else 0
+    return cls(**fields, model_type=model_type, pooler=_pooler_of(hf, model_type),
+               max_position_embeddings=hf.get("max_position_embeddings", 512),
+               pad_token_id=int(pad))
 
   def to_hf_dict(self) -> dict[str, Any]:
-    """The Hugging Face ``config.json`` dict of this config (``BertModel``)."""
-    return {
-        "architectures": ["BertModel"],
-        "model_type": "bert",
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.hidden_size,
-        "num_hidden_layers": self.num_layers,
-        "num_attention_heads": self.num_heads,
-        "intermediate_size": self.intermediate_size,
-        "max_position_embeddings": self.max_position_embeddings,
-        "type_vocab_size": self.type_vocab_size,
-        "layer_norm_eps": self.layer_norm_eps,
-        "hidden_act": self.hidden_act,
-        "pad_token_id": self.pad_token_id,
-        "position_embedding_type": "absolute",
-    }
+    """The Hugging Face ``config.json`` dict of this config (``BertModel``, ``RobertaModel``,
+    ``XLMRobertaModel`` or ``DistilBertModel``)."""
+    common = {"model_type": self.model_type, "vocab_size": self.vocab_size,
+              "max_position_embeddings": self.max_position_embeddings,
+              "pad_token_id": self.pad_token_id}
+    if self.pooler is not None:
+      common[POOLER_KEY] = self.pooler
+    if self.model_type == "distilbert":
+      if self.layer_norm_eps != 1e-12:
+        raise ValueError(f"DistilBERT's layer norms use eps 1e-12; this encoder's "
+                         f"{self.layer_norm_eps} has no Hugging Face form")
+      return {"architectures": ["DistilBertModel"], **common, "dim": self.hidden_size,
+              "n_layers": self.num_layers, "n_heads": self.num_heads,
+              "hidden_dim": self.intermediate_size, "activation": self.hidden_act,
+              "sinusoidal_pos_embds": False}
+    arch = {"bert": "BertModel", "roberta": "RobertaModel",
+            "xlm-roberta": "XLMRobertaModel"}[self.model_type]
+    return {"architectures": [arch], **common,
+            "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size,
+            "type_vocab_size": self.type_vocab_size, "layer_norm_eps": self.layer_norm_eps,
+            "hidden_act": self.hidden_act, "position_embedding_type": "absolute"}
+
+
+# config.json key of a prefjax export whose encoder has a pooler (``EncoderConfig.pooler``).
+POOLER_KEY = "prefjax_pooler"
+_CLASSIFIER_POOLERS = {"bert": "tanh", "roberta": "tanh", "xlm-roberta": "tanh",
+                       "distilbert": "relu"}
+
+
+def _pooler_of(hf: Mapping[str, Any], model_type: str) -> str | None:
+  if hf.get(POOLER_KEY):
+    return str(hf[POOLER_KEY])
+  archs = hf.get("architectures") or []
+  if any(str(a).endswith("ForSequenceClassification") for a in archs):
+    return _CLASSIFIER_POOLERS[model_type]
+  return None
+
+
+def _bert_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+  pos_type = hf.get("position_embedding_type", "absolute")
+  if pos_type != "absolute":
+    raise ValueError(f"unsupported position_embedding_type {pos_type!r} (only 'absolute')")
+  for flag in ("is_decoder", "add_cross_attention"):  # a causal mask / cross-attention
+    if hf.get(flag):
+      raise ValueError(f"unsupported BERT config {flag}=true: the encoder attends both "
+                       "ways and has no cross-attention")
+  return dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+              num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+              intermediate_size=hf["intermediate_size"],
+              type_vocab_size=hf.get("type_vocab_size", 2),
+              layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+              hidden_act=hf.get("hidden_act", "gelu"))
+
+
+def _distilbert_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+  if hf.get("sinusoidal_pos_embds"):
+    raise ValueError("unsupported DistilBERT config sinusoidal_pos_embds=true (only "
+                     "learned positions)")
+  return dict(vocab_size=hf["vocab_size"], hidden_size=hf["dim"],
+              num_layers=hf["n_layers"], num_heads=hf["n_heads"],
+              intermediate_size=hf["hidden_dim"], type_vocab_size=0,
+              layer_norm_eps=1e-12, hidden_act=hf.get("activation", "gelu"))
 
 
 def attention_bias(attention_mask: Array | None, segment_ids: Array | None,
@@ -265,11 +333,13 @@ class Encoder(nnx.Module):
                               embedding_init=init, rngs=rngs)
     self.embed = emb(config.vocab_size)
     self.pos_embed = emb(config.max_position_embeddings)
-    self.type_embed = emb(config.type_vocab_size)
+    self.type_embed = emb(config.type_vocab_size) if config.type_vocab_size else None
     self.embed_norm = _layer_norm(config, rngs, param_dtype)
     self.layers = nnx.List([
         EncoderLayer(config, rngs=rngs, dtype=self.dtype, param_dtype=param_dtype)
         for _ in range(config.num_layers)])
+    self.pooler = None if config.pooler is None else nnx.Linear(
+        d, d, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
 
   def hidden_states(self, tokens: Array, *, attention_mask: Array | None = None,
                     segment_ids: Array | None = None, positions: Array | None = None,
@@ -281,22 +351,35 @@ class Encoder(nnx.Module):
       attention_mask: ``[N, T]``, 1 on real tokens (padded batches).
       segment_ids: ``[N, T]`` packed segment ids (0 = padding); attention stays
         within a segment.
-      positions: ``[N, T]`` position ids; default ``0..T-1`` per row, or the
-        offset within each segment for packed input.
+      positions: ``[N, T]`` position ids from 0; default ``0..T-1`` per row, or the
+        offset within each segment for packed input. RoBERTa numbers the tokens that
+        are not its pad id and reads its table from ``position_offset`` on (its
+        ``create_position_ids_from_input_ids``).
       token_type_ids: ``[N, T]`` BERT sentence A/B ids; default 0.
     """
     n, t = tokens.shape
+    offset = self.config.position_offset
     # A packed row may be longer than the table: its positions restart in each segment.
-    if t > self.config.max_position_embeddings and positions is None and segment_ids is None:
+    if (t + offset > self.config.max_position_embeddings and positions is None
+        and segment_ids is None):
       raise ValueError(f"sequence length {t} exceeds max_position_embeddings="
-                       f"{self.config.max_position_embeddings}")
+                       f"{self.config.max_position_embeddings}"
+                       + (f" less the {offset} rows RoBERTa's positions skip" if offset else ""))
     if positions is None and segment_ids is not None:
       positions = seg.positions_in_segments(segment_ids)
+    elif positions is None and offset:
+      real = (tokens != self.config.pad_token_id).astype(jnp.int32)
+      positions = jnp.cumsum(real, axis=1) * real - 1  # a pad token reads row pad_id
     elif positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
-    if token_type_ids is None:
-      token_type_ids = jnp.zeros((n, t), jnp.int32)
-    x = self.embed(tokens) + self.pos_embed(positions) + self.type_embed(token_type_ids)
+    x = self.embed(tokens) + self.pos_embed(positions + offset)
+    if self.type_embed is not None:
+      if token_type_ids is None:
+        token_type_ids = jnp.zeros((n, t), jnp.int32)
+      x = x + self.type_embed(token_type_ids)
+    elif token_type_ids is not None:
+      raise ValueError(f"a {self.config.model_type} encoder has no token types, but "
+                       "token_type_ids were given")
     x = self.embed_norm(x).astype(self.dtype)
     allowed = attention_bias(attention_mask, segment_ids, (n, t))
     return stack.run_blocks(_layer_forward, list(self.layers), x, allowed,
@@ -304,6 +387,12 @@ class Encoder(nnx.Module):
 
   def __call__(self, tokens: Array, **kwargs) -> Array:
     return self.hidden_states(tokens, **kwargs)
+
+  def pool(self, first: Array) -> Array:
+    """The classifier's pooled features of first-token states ``[..., D]`` (float32)."""
+    if self.pooler is None:
+      raise ValueError("this encoder has no pooler (EncoderConfig.pooler is None)")
+    return POOLER_ACTIVATIONS[self.config.pooler](self.pooler(first.astype(jnp.float32)))
 
 
 def mean_pool(hidden: Array, mask: Array) -> Array:

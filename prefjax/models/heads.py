@@ -10,8 +10,10 @@ hidden state at one token of each sequence and projects it to a scalar:
                    al., "Learning to summarize from human feedback" (arXiv:2009.01325)
                    and Ouyang et al., InstructGPT (arXiv:2203.02155);
   encoder  "mean": the masked mean of all tokens (sentence-transformers style,
-                   the pooling all-MiniLM-L6-v2 was trained with), or "cls": the
-                   first token.
+                   the pooling all-MiniLM-L6-v2 was trained with), "cls": the
+                   first token, or "pooler": the first token through the encoder's
+                   pooler (``Encoder.pool``), as BERT, RoBERTa and DistilBERT sequence
+                   classifiers score.
 
 Padded calls return one value per row (``[N]``, ``[N, K]``). Packed calls (pass
 ``segment_ids`` and the static ``num_segments``) return one value per segment,
@@ -47,7 +49,7 @@ from prefjax.models.decoder import Decoder
 from prefjax.models.encoder import Encoder
 
 Array = jax.Array
-POOLINGS = ("last", "cls", "mean")
+POOLINGS = ("last", "cls", "mean", "pooler")
 
 # Heads are tiny: replicated. Listed so that `prefjax.parallel` finds them explicitly.
 PARTITION_RULES: list[tuple[str, P]] = [
@@ -56,8 +58,11 @@ PARTITION_RULES: list[tuple[str, P]] = [
 
 
 def default_pooling(trunk: nnx.Module) -> str:
-  """"mean" for encoders, "last" for causal decoders."""
-  return "mean" if isinstance(trunk, Encoder) else "last"
+  """"pooler" for an encoder with one (a classifier's trunk), else "mean" for encoders,
+  "last" for causal decoders."""
+  if isinstance(trunk, Encoder):
+    return "mean" if trunk.pooler is None else "pooler"
+  return "last"
 
 
 def _head_linear(in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Linear:
@@ -143,6 +148,10 @@ class PooledHeadModel(nnx.Module):
     if pooling == "last" and isinstance(trunk, Encoder):
       raise ValueError("pooling='last' is for causal decoders; use 'mean' or 'cls' "
                        "with an Encoder")
+    if pooling == "pooler" and getattr(trunk, "pooler", None) is None:
+      raise ValueError("pooling='pooler' reads an encoder's pooler (a BERT, RoBERTa or "
+                       "DistilBERT classifier's trunk, EncoderConfig.pooler); this trunk "
+                       "has none")
     self.trunk = trunk
     self.pooling = pooling
     self.last_skips_id: int | None = None  # see ``pooled_slots``
@@ -182,9 +191,15 @@ class PooledHeadModel(nnx.Module):
       feats = feats.reshape(index.shape + feats.shape[-1:]).astype(jnp.float32)
       return feats if segment_ids is None else feats.at[:, 0].set(0.0)
     hidden = self.trunk.hidden_states(tokens, **trunk_kwargs)
+    pooling = "cls" if self.pooling == "pooler" else self.pooling
     if segment_ids is None:
-      return pool_padded(hidden, attention_mask, self.pooling)
-    return pool_packed(hidden, segment_ids, num_segments, self.pooling)
+      feats = pool_padded(hidden, attention_mask, pooling)
+    else:
+      feats = pool_packed(hidden, segment_ids, num_segments, pooling)
+    if self.pooling != "pooler":
+      return feats
+    feats = self.trunk.pool(feats)
+    return feats if segment_ids is None else feats.at[:, 0].set(0.0)
 
   def outputs(self, tokens: Array, **kwargs) -> Array:
     """Head outputs ``[N, K]`` or ``[R, S + 1, K]`` (packed: padding column and absent segments 0)."""

@@ -6,7 +6,9 @@
   Decoder                        ``LlamaForCausalLM`` / ``GPT2LMHeadModel``; a decoder
                                  whose untied LM head was dropped (a reward model's
                                  trunk) is written as the base ``LlamaModel``/``GPT2Model``
-  Encoder                        ``BertModel``
+  Encoder                        ``BertModel`` / ``RobertaModel`` / ``XLMRobertaModel`` /
+                                 ``DistilBertModel`` (a classifier's pooler as the base
+                                 model's, or DistilBERT's ``pre_classifier``)
   RewardModel, MultiHeadEnsemble, ``LlamaForSequenceClassification`` /
   MultiObjectiveRewardModel       ``GPT2ForSequenceClassification`` with ``num_labels``
   on a decoder, "last" pooling   outputs (objective names as ``id2label``), regression:
@@ -79,7 +81,7 @@ def hf_state_dict(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, A
             for p, v in hf_import.param_paths(model).items()}
   if isinstance(model, Encoder):
     hf_config = model.config.to_hf_dict()
-    mapping = hf_mappings.bert_mapping(model.config.num_layers)
+    mapping = hf_mappings.encoder_mapping(model.config)
   else:
     config = model.config
     headless = not config.tie_embeddings and not hasattr(model, "lm_head")
@@ -136,7 +138,10 @@ def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None,
   else:
     trunk = getattr(model, "trunk", model)
     tensors, hf_config = hf_state_dict(trunk)
-    hf_config.update(_special_ids(tokenizer))
+    ids = _special_ids(tokenizer)
+    if isinstance(trunk, Encoder) and trunk.config.position_offset:
+      ids.pop("pad_token_id", None)  # RoBERTa's positions start after the model's own pad id
+    hf_config.update(ids)
     if isinstance(model, Decoder):
       hf_tokenizer = _policy_tokenizer(tokenizer, add_bos)
     if trunk is not model:

@@ -1,7 +1,9 @@
 """Heads saved in Hugging Face directories: what a directory records and loading it.
 
 A decoder ``*ForSequenceClassification`` (an HF reward model or classifier) scores with
-``score.weight [num_labels, D]`` at the last token that is not its pad id; a prefjax export
+``score.weight [num_labels, D]`` at the last token that is not its pad id; an encoder's
+(BERT, RoBERTa, DistilBERT) with its ``classifier`` layer on its pooled first token
+(``hf_mappings.CLASSIFIER_OUTPUTS``, "pooler" pooling); a prefjax export
 (``hf_export``) also records its head's spec and pooling, the token it scores and its
 training pipeline in ``config.json``, and a head with no HF form in ``HEAD_FILE``.
 """
@@ -16,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prefjax.models import encoder as encoder_lib
 from prefjax.models import heads
+from prefjax.models import hf_mappings
 from prefjax.models.hf_files import (CheckpointError, PathLike, SafetensorsReader,
                                      open_safetensors, read_json)
 
 _log = logging.getLogger(__name__)
 
-# A decoder reward model's (``*ForSequenceClassification``) head, read by ``load_score_head``.
-SCORE_TENSORS = ("score.weight", "score.bias")
 # config.json key written by ``hf_export``: "last_real" when the reward model scores the
 # last real token even where it is the pad id (HF's rule skips it; see ``load_score_head``).
 SCORE_TOKEN_KEY = "prefjax_score_token"
@@ -37,33 +39,11 @@ HEAD_FILE = "prefjax_head.safetensors"
 PIPELINE_KEY = "prefjax_pipeline"
 
 
-def unsupported_head(path: PathLike) -> str | None:
-  """Why the classification head saved in directory ``path`` cannot be loaded, or None.
-
-  A BERT ``*ForSequenceClassification`` scores through its pooler (tanh of a dense layer
-  on ``[CLS]``) and ``classifier``, a head prefjax does not build: loading it as a reward
-  model would score with a fresh head.
-  """
-  config_file = pathlib.Path(path) / "config.json"
-  return _unsupported_head(read_json(config_file), path) if config_file.is_file() else None
-
-
-def _unsupported_head(hf: dict[str, Any], path: PathLike) -> str | None:
-  """``unsupported_head`` of a parsed ``config.json``."""
-  archs = hf.get("architectures") or []
-  if hf.get("model_type") == "bert" and any(
-      a.endswith("ForSequenceClassification") for a in archs):
-    return (f"{path} is a {archs[0]}: its head (the pooler's tanh layer on [CLS], then "
-            "'classifier') is not one prefjax builds, so a reward head on this trunk starts "
-            "fresh; score it with transformers, or train a head on the trunk "
-            "(score_head='if_fits')")
-  return None
-
-
 def saved_head(path: PathLike) -> tuple[str | None, str | None]:
   """``(head spec, pooling)`` the model in directory ``path`` was saved with: prefjax's
   record (``HEAD_KEY``), else ``"reward"`` (one label) or ``"multi:<labels>"`` for a
-  decoder ``*ForSequenceClassification`` checkpoint; ``(None, None)`` for anything else."""
+  ``*ForSequenceClassification`` checkpoint (pooling "last" for a decoder's, "pooler" for
+  an encoder's); ``(None, None)`` for anything else."""
   config_file = pathlib.Path(path) / "config.json"
   return _saved_head(read_json(config_file)) if config_file.is_file() else (None, None)
 
@@ -85,15 +65,29 @@ def _saved_head(hf: dict[str, Any]) -> tuple[str | None, str | None]:
   labels = classifier_labels(hf)
   if labels is None:
     return None, None
-  return ("reward" if len(labels) == 1 else "multi:" + ",".join(labels)), "last"
+  pooling = "pooler" if hf.get("model_type") in encoder_lib.MODEL_TYPES else "last"
+  return ("reward" if len(labels) == 1 else "multi:" + ",".join(labels)), pooling
+
+
+def _is_classifier(hf: dict[str, Any]) -> bool:
+  return any(str(a).endswith("ForSequenceClassification")
+             for a in hf.get("architectures") or [])
+
+
+def classifier_output(hf: dict[str, Any]) -> str:
+  """The output layer whose rows are a ``*ForSequenceClassification``'s label logits (parsed
+  ``config.json``): an encoder classifier's ``classifier`` (RoBERTa's
+  ``classifier.out_proj``), else ``score``, as decoders and prefjax exports name it."""
+  model_type = hf.get("model_type")
+  if model_type in encoder_lib.MODEL_TYPES and _is_classifier(hf) and not hf.get(HEAD_KEY):
+    return hf_mappings.CLASSIFIER_OUTPUTS[model_type]
+  return "score"
 
 
 def classifier_labels(hf: dict[str, Any]) -> list[str] | None:
-  """The labels, in ``score.weight``'s row order, of a decoder ``*ForSequenceClassification``
+  """The labels, in the output layer's row order, of a ``*ForSequenceClassification``
   (parsed ``config.json``) that is not a prefjax export; None for anything else."""
-  archs = hf.get("architectures") or []
-  if hf.get(HEAD_KEY) or hf.get("model_type") == "bert" or not any(
-      a.endswith("ForSequenceClassification") for a in archs):
+  if hf.get(HEAD_KEY) or not _is_classifier(hf):
     return None
   id2label = hf.get("id2label") or {str(i): f"LABEL_{i}"  # transformers' default
                                      for i in range(int(hf.get("num_labels", 2)))}
@@ -130,10 +124,12 @@ def load_prefjax_head(model: nnx.Module, path: PathLike,
   _log.info("%s: loaded the %s head", file, type(model).__name__)
 
 
-def load_score_head(model, reader: SafetensorsReader, *, skips_pad: bool = True,
-                    saved: str | None = None, label: str | None = None,
-                    labels: list[str] | None = None, independent: bool = False) -> None:
-  """Copies a HF ``*ForSequenceClassification`` ``score`` layer into a reward head.
+def load_score_head(model, reader: SafetensorsReader, *, output: str = "score",
+                    skips_pad: bool = True, saved: str | None = None,
+                    label: str | None = None, labels: list[str] | None = None,
+                    independent: bool = False) -> None:
+  """Copies a HF ``*ForSequenceClassification``'s output layer (``output``:
+  ``classifier_output``) into a reward head.
 
   HF decoder reward models (``LlamaForSequenceClassification``,
   ``GPT2ForSequenceClassification``) score the last token whose id is not the
@@ -148,12 +144,17 @@ def load_score_head(model, reader: SafetensorsReader, *, skips_pad: bool = True,
   (``saved_head``); another kind is refused even where the shapes fit (a 3-label
   classifier's class logits read as 3 ensemble members).
 
+  An encoder classifier (BERT, RoBERTa, DistilBERT) applies its ``classifier`` layer, with
+  a bias, to its pooled first token: a "pooler"-pooled head.
+
   ``label`` (one of ``labels``, the classifier's ``classifier_labels``): the classifier
   read as a one-output reward model, the label's log-odds (``label_log_odds``;
   ``independent``: its labels are sigmoids, ``problem_type`` multi-label).
   """
-  weight = reader.get("score.weight")
-  bias = reader.get("score.bias") if "score.bias" in reader.files else np.zeros(weight.shape[0])
+  name = f"'{output}.weight'"
+  weight = reader.get(f"{output}.weight")
+  bias = (reader.get(f"{output}.bias") if f"{output}.bias" in reader.files
+          else np.zeros(weight.shape[0]))
   if label is not None:
     weight, bias = label_log_odds(weight, bias, label, labels, where=reader.directory,
                                   independent=independent)
@@ -161,26 +162,30 @@ def load_score_head(model, reader: SafetensorsReader, *, skips_pad: bool = True,
   kernel = model.head.kernel
   if weight.T.shape != tuple(kernel.shape):
     raise CheckpointError(
-        f"{reader.directory}: tensor 'score.weight' has shape {weight.shape} but the "
+        f"{reader.directory}: tensor {name} has shape {weight.shape} but the "
         f"requested head needs {tuple(kernel.shape[::-1])} ([num_labels, hidden])")
   wanted = heads.head_spec(model)
   if saved is not None and heads.parse_head(saved)[0] != heads.parse_head(wanted)[0]:
-    raise CheckpointError(f"{reader.directory}: 'score.weight' is a {saved!r} head; the "
+    raise CheckpointError(f"{reader.directory}: {name} is a {saved!r} head; the "
                           f"requested model has {wanted!r}, which would read it as another "
                           "kind of output")
-  if model.pooling != "last":
-    raise CheckpointError(f"{reader.directory}: 'score.weight' is a last-token head; "
-                          f"pooling={model.pooling!r} would not reproduce it")
+  encoder = isinstance(model.trunk, encoder_lib.Encoder)
+  pooling = "pooler" if encoder else "last"
+  if model.pooling != pooling:
+    raise CheckpointError(f"{reader.directory}: {name} reads the "
+                          f"{'pooled first' if encoder else 'last'} token (pooling="
+                          f"{pooling!r}); pooling={model.pooling!r} would not reproduce it")
   kernel[...] = jnp.asarray(weight.T, kernel.dtype)
   model.head.bias[...] = jnp.asarray(bias, model.head.bias.dtype)
-  model.last_skips_id = model.trunk.config.pad_id if skips_pad else None
-  _log.info("%s: loaded reward head from 'score.weight' %s", reader.directory, weight.shape)
+  if not encoder:
+    model.last_skips_id = model.trunk.config.pad_id if skips_pad else None
+  _log.info("%s: loaded reward head from %s %s", reader.directory, name, weight.shape)
 
 
 def label_log_odds(weight: np.ndarray, bias: np.ndarray, label: str,
                    labels: list[str] | None, *, where: PathLike,
                    independent: bool = False) -> tuple[np.ndarray, np.ndarray]:
-  """A classifier's ``score`` layer as the one-output layer of one label's log-odds.
+  """A classifier's output layer as the one-output layer of one label's log-odds.
 
   With class logits ``z = W h + b`` over labels ``(a, b)`` of a softmax classifier, the
   log-odds of ``a`` is ``log p(a) − log p(b) = z_a − z_b = (W_a − W_b) h + (b_a − b_b)``:

@@ -2,7 +2,8 @@
 
 ``from_pretrained(path)`` reads a directory with ``config.json`` plus
 ``model.safetensors`` (or a sharded ``model.safetensors.index.json``) for
-model_type ``llama``, ``gpt2`` and ``bert``, or a ``.gguf`` file (Llama family,
+model_type ``llama``, ``gpt2``, ``bert``, ``roberta``, ``xlm-roberta`` and ``distilbert``,
+or a ``.gguf`` file (Llama family,
 through ``prefjax.models.gguf_import.load_gguf``). Nothing is downloaded.
 
 Loading is strict: every prefjax parameter must be found with the right shape,
@@ -29,16 +30,17 @@ from prefjax.models import gguf_import
 from prefjax.models import heads
 from prefjax.models import hf_mappings
 from prefjax.models.decoder import Decoder, DecoderConfig
+from prefjax.models import encoder as encoder_lib
 from prefjax.models.encoder import Encoder, EncoderConfig
 # Re-exported: these lived here before hf_files / hf_heads, and callers read them here.
 from prefjax.models.hf_files import (  # pylint: disable=unused-import
     CheckpointError, PathLike, SafetensorsReader, read_json as _read_json)
 from prefjax.models.hf_heads import (  # pylint: disable=unused-import
-    HEAD_FILE, HEAD_KEY, PIPELINE_KEY, POOLING_KEY, SCORE_TENSORS, SCORE_TOKEN_KEY,
-    _saved_head, _unsupported_head, classifier_labels, load_prefjax_head, load_score_head,
-    saved_head, saved_pipeline, unsupported_head)
+    HEAD_FILE, HEAD_KEY, PIPELINE_KEY, POOLING_KEY, SCORE_TOKEN_KEY,
+    _saved_head, classifier_labels, classifier_output, load_prefjax_head, load_score_head,
+    saved_head, saved_pipeline)
 
-SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "bert")
+SUPPORTED_MODEL_TYPES = ("llama", "gpt2") + encoder_lib.MODEL_TYPES
 _log = logging.getLogger(__name__)
 
 
@@ -256,9 +258,9 @@ def load_hf_checkpoint(path: PathLike, *, dtype=None, param_dtype=jnp.float32,
   config = _trunk_config(hf, config_file)
   reader = SafetensorsReader(directory)
   names = reader.names()
-  if model_type == "bert":
-    prefix = "bert." if "bert.embeddings.word_embeddings.weight" in names else ""
-    mapping = hf_mappings.bert_mapping(config.num_layers, prefix)
+  encoder = model_type in encoder_lib.MODEL_TYPES
+  if encoder:
+    mapping = hf_mappings.encoder_mapping(config, names)
     model = _abstract(lambda: Encoder(config, rngs=nnx.Rngs(0), dtype=dtype,
                                       param_dtype=param_dtype))
   else:
@@ -277,13 +279,13 @@ def load_hf_checkpoint(path: PathLike, *, dtype=None, param_dtype=jnp.float32,
                                       param_dtype=param_dtype))
   unused = fill_params(model, mapping, reader, param_dtype=param_dtype)
   _check_layer_count(unused, config.num_layers, config_file)
-  if model_type != "bert" and config.tie_embeddings and "lm_head.weight" in unused:
+  if not encoder and config.tie_embeddings and "lm_head.weight" in unused:
     _check_tied_head(reader, mapping["embed/embedding"][0], config_file)
-  unexplained = [n for n in unused if n not in SCORE_TENSORS]  # from_pretrained's concern
-  pooler = [n for n in unexplained if model_type == "bert" and n.split(".")[-3:-1] ==
-            ["pooler", "dense"]]
-  if pooler:  # BERT's [CLS] pooler: prefjax's heads pool the encoder's states their own way
-    _log.info("%s: BERT's pooler (%s) is not used", directory, ", ".join(pooler))
+  output = classifier_output(hf)  # a classifier's label logits: from_pretrained's concern
+  unexplained = [n for n in unused if n.rpartition(".")[0] != output]
+  pooler = [n for n in unexplained if encoder and n.split(".")[-3:-1] == ["pooler", "dense"]]
+  if pooler:  # a base model's [CLS] pooler: prefjax's heads pool the states their own way
+    _log.info("%s: the %s base model's pooler (%s) is not used", directory, model_type, ", ".join(pooler))
     unexplained = [n for n in unexplained if n not in pooler]
   if unexplained:
     _log.warning("%s: %d checkpoint tensors are not used by prefjax's %s model: %s",
@@ -307,7 +309,7 @@ def _check_tied_head(reader: SafetensorsReader, embedding: str,
 def _trunk_config(hf: dict[str, Any], config_file: pathlib.Path
                   ) -> DecoderConfig | EncoderConfig:
   try:
-    config = (EncoderConfig.from_hf_dict(hf) if hf["model_type"] == "bert"
+    config = (EncoderConfig.from_hf_dict(hf) if hf["model_type"] in encoder_lib.MODEL_TYPES
               else _decoder_config_from_hf(hf))
   except KeyError as e:
     raise CheckpointError(f"{config_file}: missing field {e.args[0]!r}") from e
@@ -350,15 +352,17 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
     dtype: compute dtype; default float32 on CPU, bfloat16 on accelerators.
     param_dtype: parameter dtype (float32 default).
     seed: seed of the new head's initialisation.
-    pooling: reward-head pooling ("last", "mean", "cls"); default "last" for
-      decoders, "mean" for encoders.
-    score_head: what a decoder ``*ForSequenceClassification`` checkpoint (an HF
-      reward model) loaded with a reward head does with its ``score`` weights:
+    pooling: reward-head pooling ("last", "mean", "cls", "pooler"); default the
+      checkpoint's own ("last" for a decoder classifier, "pooler" for an encoder
+      classifier), else "last" for decoders and "mean" for encoders.
+    score_head: what a ``*ForSequenceClassification`` checkpoint (an HF reward model or
+      classifier) loaded with a reward head does with its output layer (a decoder's
+      ``score``, an encoder's ``classifier``):
       "require" loads them and raises ``CheckpointError`` when the head's shape
       or pooling cannot take them; "if_fits" loads them when it can and otherwise
       keeps the fresh head with a warning (a 4-member ensemble on the trunk of a
       one-output reward model).
-    score_label: with ``head="reward"``, a label of a classifier (a decoder
+    score_label: with ``head="reward"``, a label of a classifier (a
       ``*ForSequenceClassification``, ``config.json``'s ``id2label``) whose log-odds is the
       reward: ``z_label − z_other`` of a two-label softmax, ``z_label`` of independent
       sigmoids (``hf_heads.label_log_odds``); it must load, whatever ``score_head`` says.
@@ -375,7 +379,7 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
   if path.suffix == ".gguf":
     if score_label is not None:
       raise CheckpointError(f"{path}: score_label={score_label!r} reads a classifier's "
-                            "'score.weight'; a GGUF file holds no classification head")
+                            "output layer; a GGUF file holds no classification head")
     trunk = gguf_import.load_gguf(path, dtype=dtype, param_dtype=param_dtype)
     return heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
   trunk, report = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype)
@@ -384,25 +388,25 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
   if head is not None and pooling is None and saved is not None:
     pooling = saved_pooling
   model = heads.attach_head(trunk, head, rngs=nnx.Rngs(seed), pooling=pooling)
-  if head is not None and (why := _unsupported_head(hf, path)):
-    _load_or_keep(lambda: _raise(CheckpointError(why)), score_head, head)
   if head is None and saved is not None:
     _log.warning("%s holds a %r reward/value head; head=None loads the trunk alone",
                  path, saved)
   if (path / HEAD_FILE).exists() and head is not None:
     _load_or_keep(lambda: load_prefjax_head(model, path, saved=(saved, saved_pooling)),
                   score_head, head)
-  if "score.weight" not in report.unused:
+  output = classifier_output(hf)
+  if f"{output}.weight" not in report.unused:
     if score_label is not None:
       raise CheckpointError(f"{path}: score_label={score_label!r} reads a classifier's "
-                            "'score.weight', which this directory does not have")
+                            f"'{output}.weight', which this directory does not have")
     return model
   if not isinstance(model, heads.PooledHeadModel):
-    _log.warning("%s: the checkpoint's reward head 'score.weight' is not used (head=%r; "
-                 "head='reward' scores with it)", path, head)
+    _log.warning("%s: the checkpoint's reward head '%s.weight' is not used (head=%r; "
+                 "head='reward' scores with it)", path, output, head)
     return model
   skips_pad = hf.get(SCORE_TOKEN_KEY) != "last_real"
-  _load_or_keep(lambda: load_score_head(model, SafetensorsReader(path), skips_pad=skips_pad,
+  _load_or_keep(lambda: load_score_head(model, SafetensorsReader(path), output=output,
+                                        skips_pad=skips_pad,
                                         saved=saved, label=score_label,
                                         labels=classifier_labels(hf),
                                         independent=_multi_label(hf)), score_head, head)
@@ -422,6 +426,3 @@ def _load_or_keep(load: Callable[[], None], score_head: str, head: str) -> None:
       raise
     _log.warning("%s; the %r head keeps its fresh initialisation", e, head)
 
-
-def _raise(error: Exception) -> None:
-  raise error

@@ -42,32 +42,88 @@ def hf_aliases(name: str) -> list[str]:
   return out
 
 
-def bert_mapping(num_layers: int, prefix: str = "") -> Mapping:
-  """BERT (``BertModel``; ``prefix="bert."`` for task models) -> ``Encoder``."""
-  e = prefix + "embeddings."
-  m: Mapping = {
-      "embed/embedding": (e + "word_embeddings.weight", "copy"),
-      "pos_embed/embedding": (e + "position_embeddings.weight", "copy"),
-      "type_embed/embedding": (e + "token_type_embeddings.weight", "copy"),
-      "embed_norm/scale": (e + "LayerNorm.weight", "copy"),
-      "embed_norm/bias": (e + "LayerNorm.bias", "copy"),
-  }
+def bert_mapping(num_layers: int, prefix: str = "", *, token_types: bool = True,
+                 pooler: str | None = None) -> Mapping:
+  """BERT / RoBERTa (``BertModel``; ``prefix="bert."`` / ``"roberta."`` for task models)
+  -> ``Encoder``. ``pooler``: the HF name of the dense layer ``Encoder.pooler`` reads."""
+  m = _encoder_embeddings(prefix)
+  if token_types:
+    m["type_embed/embedding"] = (prefix + "embeddings.token_type_embeddings.weight", "copy")
   for i in range(num_layers):
-    hf = f"{prefix}encoder.layer.{i}."
-    px = f"layers/{i}/"
-    for ours, theirs in (("attn/q_proj", "attention.self.query"),
-                         ("attn/k_proj", "attention.self.key"),
-                         ("attn/v_proj", "attention.self.value"),
-                         ("attn/o_proj", "attention.output.dense"),
-                         ("mlp/up_proj", "intermediate.dense"),
-                         ("mlp/down_proj", "output.dense")):
-      m[px + ours + "/kernel"] = (hf + theirs + ".weight", "transpose")
-      m[px + ours + "/bias"] = (hf + theirs + ".bias", "copy")
-    for ours, theirs in (("attn_norm", "attention.output.LayerNorm"),
-                         ("mlp_norm", "output.LayerNorm")):
-      m[px + ours + "/scale"] = (hf + theirs + ".weight", "copy")
-      m[px + ours + "/bias"] = (hf + theirs + ".bias", "copy")
+    _encoder_layer(m, i, f"{prefix}encoder.layer.{i}.", (
+        ("attn/q_proj", "attention.self.query"), ("attn/k_proj", "attention.self.key"),
+        ("attn/v_proj", "attention.self.value"), ("attn/o_proj", "attention.output.dense"),
+        ("mlp/up_proj", "intermediate.dense"), ("mlp/down_proj", "output.dense")),
+        (("attn_norm", "attention.output.LayerNorm"), ("mlp_norm", "output.LayerNorm")))
+  return _with_pooler(m, pooler)
+
+
+def distilbert_mapping(num_layers: int, prefix: str = "", *,
+                       pooler: str | None = None) -> Mapping:
+  """DistilBERT (``DistilBertModel``; ``prefix="distilbert."`` for task models) -> ``Encoder``."""
+  m = _encoder_embeddings(prefix)
+  for i in range(num_layers):
+    _encoder_layer(m, i, f"{prefix}transformer.layer.{i}.", (
+        ("attn/q_proj", "attention.q_lin"), ("attn/k_proj", "attention.k_lin"),
+        ("attn/v_proj", "attention.v_lin"), ("attn/o_proj", "attention.out_lin"),
+        ("mlp/up_proj", "ffn.lin1"), ("mlp/down_proj", "ffn.lin2")),
+        (("attn_norm", "sa_layer_norm"), ("mlp_norm", "output_layer_norm")))
+  return _with_pooler(m, pooler)
+
+
+def _encoder_embeddings(prefix: str) -> Mapping:
+  e = prefix + "embeddings."
+  return {"embed/embedding": (e + "word_embeddings.weight", "copy"),
+          "pos_embed/embedding": (e + "position_embeddings.weight", "copy"),
+          "embed_norm/scale": (e + "LayerNorm.weight", "copy"),
+          "embed_norm/bias": (e + "LayerNorm.bias", "copy")}
+
+
+def _encoder_layer(m: Mapping, i: int, hf: str, linears, norms) -> None:
+  px = f"layers/{i}/"
+  for ours, theirs in linears:
+    m[px + ours + "/kernel"] = (hf + theirs + ".weight", "transpose")
+    m[px + ours + "/bias"] = (hf + theirs + ".bias", "copy")
+  for ours, theirs in norms:
+    m[px + ours + "/scale"] = (hf + theirs + ".weight", "copy")
+    m[px + ours + "/bias"] = (hf + theirs + ".bias", "copy")
+
+
+def _with_pooler(m: Mapping, pooler: str | None) -> Mapping:
+  if pooler is not None:
+    m["pooler/kernel"] = (pooler + ".weight", "transpose")
+    m["pooler/bias"] = (pooler + ".bias", "copy")
   return m
+
+
+# The task models' trunk attribute, by model type.
+ENCODER_PREFIXES = {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta.",
+                    "distilbert": "distilbert."}
+# The dense layer of a sequence classifier's head that ``Encoder.pooler`` is, by model type
+# (a base model's pooler, where it has one, is ``<prefix>pooler.dense``).
+CLASSIFIER_POOLERS = {"bert": "{prefix}pooler.dense", "roberta": "classifier.dense",
+                      "xlm-roberta": "classifier.dense", "distilbert": "pre_classifier"}
+# The output layer of a sequence classifier, whose rows are its labels' logits.
+CLASSIFIER_OUTPUTS = {"bert": "classifier", "roberta": "classifier.out_proj",
+                      "xlm-roberta": "classifier.out_proj", "distilbert": "classifier"}
+
+
+def encoder_mapping(config: Any, names: set[str] | None = None) -> Mapping:
+  """The mapping of an ``EncoderConfig``'s model from checkpoint tensor ``names`` (a task
+  model's are prefixed), or, with ``names=None``, to the base model that export writes."""
+  model_type = config.model_type
+  prefix = ENCODER_PREFIXES[model_type]
+  if names is None or prefix + "embeddings.word_embeddings.weight" not in names:
+    prefix = ""
+  pooler = None
+  if config.pooler is not None:
+    pooler = CLASSIFIER_POOLERS[model_type].format(prefix=prefix)
+    if names is None or pooler + ".weight" not in names:  # a base model's or an export's
+      pooler = "pre_classifier" if model_type == "distilbert" else prefix + "pooler.dense"
+  if model_type == "distilbert":
+    return distilbert_mapping(config.num_layers, prefix, pooler=pooler)
+  return bert_mapping(config.num_layers, prefix, token_types=config.type_vocab_size > 0,
+                      pooler=pooler)
 
 
 def llama_mapping(num_layers: int, *, tied: bool, attention_bias: bool = False,
