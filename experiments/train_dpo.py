@@ -192,6 +192,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   with experiment.mesh_context(mesh):
     policy = experiment.make_model(config.model, vocab_size=tokenizer.vocab_size,
                                    seed=config.seed)
+  experiment.check_max_length(policy, pcfg.max_length)
   experiment.warn_low_precision_policy(policy, "train_dpo")
   refs = References(config, loss, tokenizer, mesh, policy)
   train_ds = pipeline_lib.preference_dataset(train_source, tokenizer, pcfg)

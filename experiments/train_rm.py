@@ -108,6 +108,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   with jax.set_mesh(mesh):
     model = experiment.make_model(config.model, vocab_size=tokenizer.vocab_size,
                                   seed=int(config.seed))
+    experiment.check_max_length(model, pcfg.max_length)
     num_columns, objectives = rm.reward_columns(model)
     if objectives and int(config.loop.get("accum_steps", 1)) > 1:
       raise ValueError(

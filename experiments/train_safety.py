@@ -121,6 +121,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   with jax.set_mesh(mesh):
     model = experiment.make_model(config.model, vocab_size=tokenizer.vocab_size,
                                   seed=int(config.seed))
+    experiment.check_max_length(model, pcfg.max_length)
     tables = category_tables(config, model, sources)
     train_iter = iter(pipeline_lib.preference_dataset(sources["train"], tokenizer, pcfg))
     num_pairs = len(sources["train"])

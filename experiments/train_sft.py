@@ -113,6 +113,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   with experiment.mesh_context(mesh):
     model = experiment.make_model(config.model, vocab_size=tokenizer.vocab_size,
                                   seed=config.seed)
+    experiment.check_max_length(model, pcfg.max_length)
     rules = experiment.partition_rules(model)
     train_iter = iter(train_ds)
     result = train.train_loop(

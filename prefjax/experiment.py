@@ -219,6 +219,27 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
   return build(nnx.Rngs(seed), head)
 
 
+def check_max_length(model: nnx.Module, max_length: int,
+                     setting: str = "data.pipeline.max_length") -> None:
+  """Refuses sequences of ``max_length`` tokens that would read past ``model``'s learned
+  position table (an encoder's, RoBERTa's less its offset, or a GPT-2-style decoder's):
+  packed rows would get NaN there, padded ones an error at the first step."""
+  trunks = [getattr(model, "trunk", model)]
+  if isinstance(model, heads_lib.DeepEnsemble):
+    trunks = [getattr(model.member(0), "trunk", model.member(0))]
+  for trunk in trunks:
+    config = trunk.config
+    if not hasattr(config, "position_offset") and getattr(config, "position", "") != "learned":
+      return  # rotary positions have no table
+    limit = config.max_position_embeddings - getattr(config, "position_offset", 0)
+    if max_length > limit:
+      offset = getattr(config, "position_offset", 0)
+      raise ValueError(f"{setting}={max_length}, but the model has {limit} positions "
+                       f"(max_position_embeddings={config.max_position_embeddings}"
+                       + (f", less the {offset} RoBERTa skips" if offset else "")
+                       + f"): set {setting} <= {limit}")
+
+
 def _warn_on_unapplied_overrides(overrides: dict[str, Any], config: Any, path: str) -> None:
   """``model.overrides`` shape a random model only; a loaded one keeps its own config."""
   same = lambda a, b: (tuple(a) if isinstance(a, list) else a) == (  # noqa: E731

@@ -18,7 +18,7 @@ import transformers
 from flax import nnx
 
 from experiments import eval_rm
-from prefjax import models
+from prefjax import experiment, models
 from prefjax.data import tokenize
 from prefjax.models import encoder, heads, hf_export, hf_import
 from tests import test_eval_rm
@@ -238,3 +238,55 @@ def test_eval_rm_with_the_classifier_s_own_tokenizer_scores_what_transformers_sc
                                atol=1e-5, err_msg=str(index))
   # 1,000 times the tolerance, so a wrong sign, label or token shows
   assert np.abs(np.concatenate(list(scored.values()))).min() > 0.01
+
+
+def test_a_head_that_does_not_pool_through_the_pooler_drops_it(tmp_path):
+  """A run that trains a mean-pooled head on a classifier's trunk holds no pooler, which
+  nothing would read: its checkpoints are those of a trunk without one."""
+  path = _classifier_dir(tmp_path, "roberta")
+  mean = models.from_pretrained(path, head="reward", pooling="mean", score_head="if_fits")
+  assert mean.trunk.pooler is None and mean.trunk.config.pooler is None
+  assert not any("pooler" in p for p in hf_import.param_paths(mean))
+  assert models.from_pretrained(path, head="value").trunk.pooler is None
+  assert models.from_pretrained(path, head="reward", score_label="POSITIVE").trunk.pooler
+
+
+def test_multi_label_heads_are_read_under_the_classifier_s_own_names(tmp_path):
+  path = _classifier_dir(tmp_path, "distilbert")
+  with pytest.raises(hf_import.CheckpointError,
+                     match=r"rows are the outputs 'multi:NEGATIVE,POSITIVE', in that order; "
+                           r"the requested head 'multi:POSITIVE,NEGATIVE' would read them"):
+    models.from_pretrained(path, head="multi:POSITIVE,NEGATIVE")
+
+
+def test_a_one_output_classifier_is_a_reward_without_a_label(tmp_path, caplog):
+  path = _classifier_dir(tmp_path, "bert", labels={0: "LABEL_0"})
+  tokens, mask = _right_padded(seed=6)
+  model = models.from_pretrained(path, head="reward", dtype=jnp.float32)
+  np.testing.assert_allclose(_scores(model, tokens, mask), _torch_logits(path, tokens, mask)[:, 0],
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(hf_import.CheckpointError, match=r"this classifier has one output, "
+                                                      r"already one reward"):
+    models.from_pretrained(path, head="reward", score_label="LABEL_0")
+  models.from_pretrained(_classifier_dir(tmp_path, "roberta"), head="value")
+  assert ("'classifier.out_proj.weight' is not used (head='value'; head='multi:NEGATIVE,"
+          "POSITIVE' scores with it, head='reward' with a score_label one label's "
+          "log-odds)") in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["padded", "packed"])
+def test_a_max_length_past_roberta_s_positions_is_refused_before_training(tmp_path, mode):
+  """Packed rows read past the table as NaN, not an error; the binary refuses first."""
+  from experiments import train_rm  # pylint: disable=import-outside-toplevel
+  from tests import test_train_rm  # pylint: disable=import-outside-toplevel
+  path = _classifier_dir(tmp_path, "roberta")
+  config = test_train_rm.small_config(1)
+  config.model.update(path=str(path), head="reward", score_label="POSITIVE", pooling=None)
+  config.tokenizer.path = "byte"
+  config.data.pipeline.update(max_length=600 - (PAD + 1) + 1, mode=mode)
+  with pytest.raises(ValueError, match=r"data.pipeline.max_length=344, but the model has 343 "
+                                       r"positions \(max_position_embeddings=600, less the "
+                                       r"257 RoBERTa skips\): set data.pipeline.max_length <= "
+                                       r"343"):
+    train_rm.run(config, str(tmp_path / "rm"))
+  experiment.check_max_length(models.from_pretrained(path), 343)  # the longest that fits

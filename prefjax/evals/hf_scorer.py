@@ -49,6 +49,7 @@ def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> scorers.ModelScorer:
       model = scorers.build_model(model_cfg, tokenizer.vocab_size, 0, mesh)
     except (hf_import.CheckpointError, FileNotFoundError) as e:
       raise EvalInputError(f"scorer {spec.name!r}: {str(e).splitlines()[0]}") from e
+    experiment.check_max_length(model, pcfg.max_length, "config.pipeline.max_length")
     forwards.append(scorers.reward_forward(model))
     vocab = scorers.model_vocab(model)
   columns = scorers.reward_columns(spec.name, arg if kind == "multi" else (),

@@ -388,6 +388,11 @@ class Encoder(nnx.Module):
   def __call__(self, tokens: Array, **kwargs) -> Array:
     return self.hidden_states(tokens, **kwargs)
 
+  def drop_pooler(self) -> None:
+    """Deletes the pooler (a head that pools otherwise replaces the classifier's)."""
+    self.pooler = None
+    self.config = self.config.replace(pooler=None)
+
   def pool(self, first: Array) -> Array:
     """The classifier's pooled features of first-token states ``[..., D]`` (float32)."""
     if self.pooler is None:

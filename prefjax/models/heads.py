@@ -399,7 +399,8 @@ def attach_head(trunk: nnx.Module, head: str | None, *, rngs: nnx.Rngs,
                 pooling: str | None = None) -> nnx.Module:
   """Wraps ``trunk`` with the head named by ``head`` (see ``parse_head``).
 
-  A decoder trunk loses its untied LM head (``Decoder.drop_output_head``).
+  A decoder trunk loses its untied LM head (``Decoder.drop_output_head``), an encoder
+  its pooler where the head does not pool through it (``Encoder.drop_pooler``).
   """
   kind, arg = parse_head(head)
   if kind is None:
@@ -407,9 +408,13 @@ def attach_head(trunk: nnx.Module, head: str | None, *, rngs: nnx.Rngs,
   if hasattr(trunk, "drop_output_head"):  # scalar heads never read the LM head
     trunk.drop_output_head()
   if kind == "reward":
-    return RewardModel(trunk, pooling=pooling, rngs=rngs)
-  if kind == "reward_ensemble":
-    return MultiHeadEnsemble(trunk, arg, pooling=pooling, rngs=rngs)
-  if kind == "multi":
-    return MultiObjectiveRewardModel(trunk, arg, pooling=pooling, rngs=rngs)
-  return ValueModel(trunk, rngs=rngs)
+    model = RewardModel(trunk, pooling=pooling, rngs=rngs)
+  elif kind == "reward_ensemble":
+    model = MultiHeadEnsemble(trunk, arg, pooling=pooling, rngs=rngs)
+  elif kind == "multi":
+    model = MultiObjectiveRewardModel(trunk, arg, pooling=pooling, rngs=rngs)
+  else:
+    model = ValueModel(trunk, rngs=rngs)
+  if getattr(model, "pooling", None) != "pooler" and hasattr(trunk, "drop_pooler"):
+    trunk.drop_pooler()  # parameters nothing reads, which checkpoints would still hold
+  return model

@@ -169,6 +169,11 @@ def load_score_head(model, reader: SafetensorsReader, *, output: str = "score",
     raise CheckpointError(f"{reader.directory}: {name} is a {saved!r} head; the "
                           f"requested model has {wanted!r}, which would read it as another "
                           "kind of output")
+  if (saved is not None and wanted.startswith("multi:")
+      and heads.parse_head(saved) != heads.parse_head(wanted)):
+    raise CheckpointError(f"{reader.directory}: {name}'s rows are the outputs {saved!r}, in "
+                          f"that order; the requested head {wanted!r} would read them under "
+                          "other names: name them as the directory does")
   encoder = isinstance(model.trunk, encoder_lib.Encoder)
   pooling = "pooler" if encoder else "last"
   if model.pooling != pooling:
@@ -206,6 +211,11 @@ def label_log_odds(weight: np.ndarray, bias: np.ndarray, label: str,
     raise CheckpointError(f"{where}: score_label={label!r} is not one of the classifier's "
                           f"labels {labels} (config.json's id2label)")
   index = labels.index(label)
+  if len(labels) == 1:
+    raise CheckpointError(f"{where}: score_label={label!r} reads one label's log-odds among "
+                          "several; this classifier has one output, already one reward (a "
+                          "regression or reward model): use head='reward' without "
+                          "score_label")
   if independent:
     return weight[index:index + 1].astype(np.float64), bias[index:index + 1].astype(np.float64)
   if len(labels) != 2 or weight.shape[0] != 2:

@@ -354,7 +354,8 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
     seed: seed of the new head's initialisation.
     pooling: reward-head pooling ("last", "mean", "cls", "pooler"); default the
       checkpoint's own ("last" for a decoder classifier, "pooler" for an encoder
-      classifier), else "last" for decoders and "mean" for encoders.
+      classifier), else ``heads.default_pooling``: "last" for decoders, "pooler" for an
+      encoder with a pooler, "mean" for other encoders.
     score_head: what a ``*ForSequenceClassification`` checkpoint (an HF reward model or
       classifier) loaded with a reward head does with its output layer (a decoder's
       ``score``, an encoder's ``classifier``):
@@ -402,7 +403,9 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
     return model
   if not isinstance(model, heads.PooledHeadModel):
     _log.warning("%s: the checkpoint's reward head '%s.weight' is not used (head=%r; "
-                 "head='reward' scores with it)", path, output, head)
+                 "head=%r scores with it%s)", path, output, head, saved or "reward",
+                 "" if saved in (None, "reward") else ", head='reward' with a score_label "
+                 "one label's log-odds")
     return model
   skips_pad = hf.get(SCORE_TOKEN_KEY) != "last_real"
   _load_or_keep(lambda: load_score_head(model, SafetensorsReader(path), output=output,
