@@ -177,7 +177,7 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
   ``path`` and head ``reward``): a classifier's label whose log-odds is the reward.
   """
   cfg = configlib.plain(cfg)
-  head, pooling = cfg.get("head"), cfg.get("pooling")
+  head, pooling = cfg.get("head"), cfg.get("pooling") or None
   kind, members = heads_lib.parse_head(head)
   switches = model_switches(cfg)
   if switches["remat"] and not switches["scan_layers"] and jax.default_backend() == "cpu":
@@ -219,25 +219,30 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
   return build(nnx.Rngs(seed), head)
 
 
+def position_limit(model: nnx.Module) -> int | None:
+  """The longest sequence ``model``'s learned position table holds (an encoder's, RoBERTa's
+  less its offset, a GPT-2-style decoder's); None for rotary positions."""
+  if isinstance(model, heads_lib.DeepEnsemble):
+    model = model.member(0)
+  config = getattr(model, "trunk", model).config
+  if not hasattr(config, "position_offset") and getattr(config, "position", "") != "learned":
+    return None
+  return config.max_position_embeddings - getattr(config, "position_offset", 0)
+
+
 def check_max_length(model: nnx.Module, max_length: int,
                      setting: str = "data.pipeline.max_length") -> None:
   """Refuses sequences of ``max_length`` tokens that would read past ``model``'s learned
-  position table (an encoder's, RoBERTa's less its offset, or a GPT-2-style decoder's):
-  packed rows would get NaN there, padded ones an error at the first step."""
-  trunks = [getattr(model, "trunk", model)]
-  if isinstance(model, heads_lib.DeepEnsemble):
-    trunks = [getattr(model.member(0), "trunk", model.member(0))]
-  for trunk in trunks:
-    config = trunk.config
-    if not hasattr(config, "position_offset") and getattr(config, "position", "") != "learned":
-      return  # rotary positions have no table
-    limit = config.max_position_embeddings - getattr(config, "position_offset", 0)
-    if max_length > limit:
-      offset = getattr(config, "position_offset", 0)
-      raise ValueError(f"{setting}={max_length}, but the model has {limit} positions "
-                       f"(max_position_embeddings={config.max_position_embeddings}"
-                       + (f", less the {offset} RoBERTa skips" if offset else "")
-                       + f"): set {setting} <= {limit}")
+  position table (``position_limit``): packed rows would get NaN there, padded ones an
+  error at the first step."""
+  limit = position_limit(model)
+  if limit is not None and max_length > limit:
+    config = getattr(model, "trunk", model).config
+    offset = getattr(config, "position_offset", 0)
+    raise ValueError(f"{setting}={max_length}, but the model has {limit} positions "
+                     f"(max_position_embeddings={config.max_position_embeddings}"
+                     + (f", less the {offset} RoBERTa skips" if offset else "")
+                     + f"): set {setting} <= {limit}")
 
 
 def _warn_on_unapplied_overrides(overrides: dict[str, Any], config: Any, path: str) -> None:
@@ -254,7 +259,8 @@ def _warn_on_unapplied_overrides(overrides: dict[str, Any], config: Any, path: s
 def _check_vocabulary(tokenizer_vocab: int, model_vocab: int, path: str) -> None:
   if tokenizer_vocab > model_vocab:
     raise ValueError(f"the tokenizer has {tokenizer_vocab} ids but the model at {path} embeds "
-                     f"only {model_vocab}: use the model's own tokenizer (config.tokenizer)")
+                     f"only {model_vocab}: ids past {model_vocab - 1} have no embedding; use "
+                     "the tokenizer the model was trained with")
   if tokenizer_vocab < model_vocab // 2:  # models pad their vocabulary, but not by half
     logging.warning("the tokenizer has %d ids and the model at %s embeds %d: is it the "
                     "model's own tokenizer?", tokenizer_vocab, path, model_vocab)

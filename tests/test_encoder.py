@@ -242,6 +242,20 @@ def test_too_long_input_is_rejected_and_a_longer_packed_row_is_not(model):
   np.testing.assert_allclose(packed[0, 15:], alone[0], atol=1e-5)
 
 
+def test_a_batch_padded_past_the_position_table_equals_its_rows_unpadded(model):
+  """A pipeline's pad_to_multiple may pad rows past the table: padding reads position 0
+  (a padded row read past it gave NaN, which attention spread to the real tokens)."""
+  rng = np.random.RandomState(5)
+  tokens = rng.randint(1, CFG.vocab_size, (2, 30)).astype(np.int32)
+  mask = np.zeros_like(tokens)
+  mask[0, :20], mask[1, :7] = 1, 1
+  padded = np.asarray(model.hidden_states(tokens, attention_mask=mask))
+  for row, length in enumerate((20, 7)):
+    alone = np.asarray(model.hidden_states(tokens[row:row + 1, :length]))
+    np.testing.assert_allclose(padded[row, :length], alone[0], atol=1e-5)
+  assert np.isfinite(padded).all()
+
+
 @pytest.mark.parametrize("settings, packed", [
     (dict(remat=True), False), (dict(scan_layers=True), True),
     (dict(remat="attention", scan_layers=True), False), (dict(remat="dots"), True)])

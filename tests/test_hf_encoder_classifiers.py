@@ -11,6 +11,7 @@ import json
 import pathlib
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -21,6 +22,7 @@ from experiments import eval_rm
 from prefjax import experiment, models
 from prefjax.data import tokenize
 from prefjax.models import encoder, heads, hf_export, hf_import
+from prefjax.rl import rewards
 from tests import test_eval_rm
 from tests import test_hf_classifier_labels
 
@@ -29,8 +31,9 @@ LABELS = {0: "NEGATIVE", 1: "POSITIVE"}
 FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert")
 
 
-def _hf_config(family: str, labels=LABELS, pad: int = PAD, vocab: int = VOCAB):
-  common = dict(vocab_size=vocab, pad_token_id=pad, max_position_embeddings=600,
+def _hf_config(family: str, labels=LABELS, pad: int = PAD, vocab: int = VOCAB,
+               positions: int = 600):
+  common = dict(vocab_size=vocab, pad_token_id=pad, max_position_embeddings=positions,
                 num_labels=len(labels), id2label=dict(labels),
                 label2id={v: k for k, v in labels.items()})
   if family == "distilbert":
@@ -44,10 +47,10 @@ def _hf_config(family: str, labels=LABELS, pad: int = PAD, vocab: int = VOCAB):
 
 
 def _classifier_dir(tmp_path: pathlib.Path, family: str, labels=LABELS,
-                    pad: int = PAD, vocab: int = VOCAB) -> pathlib.Path:
+                    pad: int = PAD, vocab: int = VOCAB, positions: int = 600) -> pathlib.Path:
   torch.manual_seed(0)
   model = transformers.AutoModelForSequenceClassification.from_config(
-      _hf_config(family, labels, pad, vocab))
+      _hf_config(family, labels, pad, vocab, positions))
   output = model.classifier.out_proj if "roberta" in family else model.classifier
   with torch.no_grad():  # logits of order 1, so a wrong row, sign or token shows
     output.weight.mul_(30.0)
@@ -281,7 +284,7 @@ def test_a_max_length_past_roberta_s_positions_is_refused_before_training(tmp_pa
   from tests import test_train_rm  # pylint: disable=import-outside-toplevel
   path = _classifier_dir(tmp_path, "roberta")
   config = test_train_rm.small_config(1)
-  config.model.update(path=str(path), head="reward", score_label="POSITIVE", pooling=None)
+  config.model.update(path=str(path), head="reward", score_label="POSITIVE", pooling="")
   config.tokenizer.path = "byte"
   config.data.pipeline.update(max_length=600 - (PAD + 1) + 1, mode=mode)
   with pytest.raises(ValueError, match=r"data.pipeline.max_length=344, but the model has 343 "
@@ -290,3 +293,56 @@ def test_a_max_length_past_roberta_s_positions_is_refused_before_training(tmp_pa
                                        r"343"):
     train_rm.run(config, str(tmp_path / "rm"))
   experiment.check_max_length(models.from_pretrained(path), 343)  # the longest that fits
+
+
+def test_eval_rm_cuts_texts_to_a_short_position_table_and_pads_past_it(tmp_path):
+  """A RoBERTa of 34 positions (32 after its pad id) that records no pipeline: texts are cut
+  to 32 tokens, not the default 512 (refused), and a batch padded to a multiple of 64 past
+  its table scores as transformers scores each text alone; the tokenizer pads with another
+  id than the model's."""
+  path = _classifier_dir(tmp_path, "roberta", pad=1, positions=34)
+  pairs = [{"prompt": "Q:", "chosen": " fine" * (i + 1), "rejected": " no" * 9}
+           for i in range(4)] + [{"prompt": "Q:", "chosen": " ok", "rejected": " no" * 20}]
+  data = tmp_path / "pairs.jsonl"
+  data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+  eval_cfg = test_eval_rm.eval_config(f"short=hf:{path}", f"jsonl:{data}@train")
+  eval_cfg.update(hf_tokenizer="byte", hf_score_label="POSITIVE", num_resamples=20)
+  eval_rm.run(eval_cfg, str(tmp_path / "eval"))
+  scored = {r["index"]: r["scores"]["short"] for r in test_eval_rm.score_rows(tmp_path / "eval")}
+  assert np.isfinite(scored[4]).all()
+  report = json.loads((tmp_path / "eval" / "report.json").read_text())
+  assert report["datasets"][0]["truncated_by_pipeline"] == {  # the 64-token side
+      "short": {"truncated_response": 1}}
+  byte = tokenize.ByteTokenizer()
+  for index, pair in enumerate(pairs[:4]):  # texts of at most 32 tokens: not cut
+    for side, response in enumerate((pair["chosen"], pair["rejected"])):
+      ids = [byte.bos_id] + byte.encode(pair["prompt"] + response) + [byte.eos_id]
+      assert len(ids) <= 32
+      logits = _torch_logits(path, np.asarray([ids], np.int32), np.ones((1, len(ids)), np.int32))
+      np.testing.assert_allclose(scored[index][side], logits[0, 1] - logits[0, 0],
+                                 rtol=1e-5, atol=1e-5, err_msg=f"{index} {side}")
+
+
+def test_a_reward_of_a_short_position_table_cuts_to_it_or_refuses_a_longer_max_length(
+    tmp_path):
+  """Best-of-n and RL rewards: a long sample crashed mid-run (\"sequence length 96
+  exceeds\"); texts are cut to the table, and a max_length past it is refused up front."""
+  path = _classifier_dir(tmp_path, "roberta", pad=1, positions=34)
+  spec = ml_collections.ConfigDict(dict(
+      kind="model", name="sentiment", tokenizer=dict(path="byte"), checkpoint="",
+      max_length=0, aggregation="mean", lam=0.0,
+      model=dict(path=str(path), head="reward", dtype="float32", score_label="POSITIVE")))
+  scores = rewards.make_reward(spec, seed=0)(["q"] * 2, [" fine", " fine" * 40])
+  assert np.isfinite(scores).all()
+  spec.max_length = 64
+  with pytest.raises(ValueError, match=r"the 'sentiment' reward's max_length=64, but the "
+                                       r"model has 32 positions"):
+    rewards.make_reward(spec, seed=0)
+
+
+def test_a_two_label_classifier_as_one_reward_asks_for_its_label(tmp_path):
+  path = _classifier_dir(tmp_path, "distilbert")
+  with pytest.raises(hf_import.CheckpointError,
+                     match=r"'classifier.weight' scores the labels \['NEGATIVE', 'POSITIVE'\]; a "
+                           r"one-output reward reads one label's log-odds: set score_label"):
+    models.from_pretrained(path, head="reward")

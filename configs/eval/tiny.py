@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.ensemble_normalization = "standardize"  # members before WCO/UWO: or center, none
   config.on_bad_row = "error"              # or "skip" (counted in the report)
   config.hf_tokenizer = ""                 # hf: scorers: tokenizer path ("" = the model dir)
-  config.hf_pooling = ""                   # hf: scorers: last | mean | cls ("" = default)
+  config.hf_pooling = ""                   # hf: scorers: last | mean | cls | pooler ("" = saved)
   config.hf_score_label = ""               # hf: classifiers: LABEL's log-odds, or NAME=LABEL,...
   config.mesh = dict(shape=(-1, 1, 1), num_devices=0)
   return config

@@ -42,7 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.tokenizer = dict(path="asset:minilm")
   config.model = experiment.model_section(
       arch="encoder", preset="", path="asset:minilm", head="reward", ensemble="heads",
-      pooling="mean", dtype="float32", overrides={})
+      pooling="mean", dtype="float32", overrides={},
+      score_label="")  # with path a two-label HF classifier: start from the label's log-odds
   config.data = experiment.data_section(
       name="hh_rlhf/harmless-base", objective="", objective_field="objective",
       pipeline=dict(seed=0, batch_size=16, max_length=80, max_prompt_length=32,

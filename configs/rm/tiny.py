@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = experiment.model_section(
       arch="decoder", preset="tiny_llama", path="", head="reward", ensemble="heads",
       pooling="last", dtype="float32",
+      score_label="",  # with path a two-label HF classifier: start from the label's log-odds
       overrides=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                      intermediate_size=64, max_position_embeddings=64))
   config.data = experiment.data_section(

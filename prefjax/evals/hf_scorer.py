@@ -38,10 +38,8 @@ def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> scorers.ModelScorer:
   if label is not None:  # a classifier label's log-odds, one column (from_pretrained)
     head = "reward"
   tokenizer = experiment.make_tokenizer({"path": eval_cfg.hf_tokenizer or members[0]})
-  pcfg = hf_pipeline(eval_cfg, tokenizer, members[0], spec.name)
-  _check_export_special_ids(spec, members[0], tokenizer, pcfg)
   kind, arg = heads_lib.parse_head(head)
-  forwards, vocab = [], None
+  models = []
   for member in members:
     model_cfg = {"path": member, "head": head, "pooling": eval_cfg.hf_pooling or pooling,
                  "dtype": "float32", "score_head": "require", "score_label": label}
@@ -49,9 +47,16 @@ def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> scorers.ModelScorer:
       model = scorers.build_model(model_cfg, tokenizer.vocab_size, 0, mesh)
     except (hf_import.CheckpointError, FileNotFoundError) as e:
       raise EvalInputError(f"scorer {spec.name!r}: {str(e).splitlines()[0]}") from e
-    experiment.check_max_length(model, pcfg.max_length, "config.pipeline.max_length")
-    forwards.append(scorers.reward_forward(model))
-    vocab = scorers.model_vocab(model)
+    models.append(model)
+  pcfg = hf_pipeline(eval_cfg, tokenizer, members[0], spec.name,
+                     experiment.position_limit(models[0]))
+  _check_export_special_ids(spec, members[0], tokenizer, pcfg)
+  try:
+    experiment.check_max_length(models[0], pcfg.max_length, "config.pipeline.max_length")
+  except ValueError as e:
+    raise EvalInputError(f"scorer {spec.name!r}: {e}") from e
+  forwards = [scorers.reward_forward(model) for model in models]
+  vocab = scorers.model_vocab(models[0])
   columns = scorers.reward_columns(spec.name, arg if kind == "multi" else (),
                                    float(eval_cfg.uwo_lambda),
                                    str(eval_cfg.get("ensemble_normalization", "standardize")))
@@ -156,19 +161,29 @@ def _hf_head(spec: ScorerSpec, path: str) -> tuple[str, str | None]:
 
 
 def hf_pipeline(eval_cfg: Any, tokenizer: Any, path: str | None = None,
-                scorer: str = "hf") -> pipeline_lib.PipelineConfig:
+                scorer: str = "hf", max_positions: int | None = None
+                ) -> pipeline_lib.PipelineConfig:
   """The pipeline of an ``hf:`` scorer: the text fields a prefjax export of ``path``
   records from its training pipeline, then ``eval_cfg.pipeline``. ``add_bos``, where
-  neither sets it, is what the directory's own tokenizer does (GPT-2's adds none)."""
+  neither sets it, is what the directory's own tokenizer does (GPT-2's adds none); where
+  neither sets ``max_length``, a model of fewer ``max_positions`` is cut to those. Batches
+  are padded: packing saves nothing where no gradient is taken."""
   trained = hf_import.saved_pipeline(path) if path else None
   overrides = dict(eval_cfg.get("pipeline") or {})
+  if overrides.get("mode", "padded") != "padded":
+    logging.warning("scorer %r: config.pipeline.mode=%r is not used: eval_rm scores padded "
+                    "batches", scorer, overrides["mode"])
+  overrides["mode"] = "padded"
   chosen_by_user = {"prompt_style", "max_length"} & set(overrides)
+  fields = {**(trained or {}), **overrides}
+  max_length = pipeline_lib.PipelineConfig.max_length
+  if "max_length" not in fields and max_positions is not None and max_positions < max_length:
+    fields["max_length"] = max_length = max_positions
   if trained is None and path is not None and not chosen_by_user:
     logging.warning("scorer %r: %s records no training pipeline (not a prefjax export, or one "
                     "from before 2026-12-06), so pairs are read raw-style and cut to "
                     "max_length=%d; set config.pipeline as the model was trained", scorer, path,
-                    pipeline_lib.PipelineConfig.max_length)
-  fields = {**(trained or {}), **overrides}
+                    max_length)
   if "add_bos" not in fields and hasattr(tokenizer, "adds_bos"):
     fields["add_bos"] = tokenizer.adds_bos()
   pcfg = pipeline_lib.PipelineConfig.from_mapping(

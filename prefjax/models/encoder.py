@@ -356,22 +356,33 @@ class Encoder(nnx.Module):
         are not its pad id and reads its table from ``position_offset`` on (its
         ``create_position_ids_from_input_ids``).
       token_type_ids: ``[N, T]`` BERT sentence A/B ids; default 0.
+
+    Padding reads position 0 (RoBERTa's: its pad row), so that a batch padded past the
+    table (a pipeline's ``pad_to_multiple``) never reads past it, which would give NaN
+    that attention spreads to real tokens through its zero weights. Without a mask every
+    token is real and a row longer than the table is an error; real tokens past it in a
+    masked batch read NaN (the binaries refuse such a ``max_length`` first).
     """
     n, t = tokens.shape
     offset = self.config.position_offset
     # A packed row may be longer than the table: its positions restart in each segment.
     if (t + offset > self.config.max_position_embeddings and positions is None
-        and segment_ids is None):
+        and segment_ids is None and attention_mask is None):
       raise ValueError(f"sequence length {t} exceeds max_position_embeddings="
                        f"{self.config.max_position_embeddings}"
                        + (f" less the {offset} rows RoBERTa's positions skip" if offset else ""))
     if positions is None and segment_ids is not None:
       positions = seg.positions_in_segments(segment_ids)
     elif positions is None and offset:
-      real = (tokens != self.config.pad_token_id).astype(jnp.int32)
+      real = tokens != self.config.pad_token_id
+      if attention_mask is not None:  # a tokenizer may pad with another id
+        real &= attention_mask > 0
+      real = real.astype(jnp.int32)
       positions = jnp.cumsum(real, axis=1) * real - 1  # a pad token reads row pad_id
     elif positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+      if attention_mask is not None:
+        positions = jnp.where(attention_mask > 0, positions, 0)
     x = self.embed(tokens) + self.pos_embed(positions + offset)
     if self.type_embed is not None:
       if token_type_ids is None:

@@ -147,7 +147,8 @@ class PooledHeadModel(nnx.Module):
       raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if pooling == "last" and isinstance(trunk, Encoder):
       raise ValueError("pooling='last' is for causal decoders; use 'mean' or 'cls' "
-                       "with an Encoder")
+                       "with an Encoder" + (", or 'pooler', its classifier's"
+                                            if trunk.pooler is not None else ""))
     if pooling == "pooler" and getattr(trunk, "pooler", None) is None:
       raise ValueError("pooling='pooler' reads an encoder's pooler (a BERT, RoBERTa or "
                        "DistilBERT classifier's trunk, EncoderConfig.pooler); this trunk "

@@ -160,6 +160,10 @@ def load_score_head(model, reader: SafetensorsReader, *, output: str = "score",
                                   independent=independent)
     saved = "reward"
   kernel = model.head.kernel
+  if labels and len(labels) > 1 and label is None and heads.head_spec(model) == "reward":
+    raise CheckpointError(f"{reader.directory}: {name} scores the labels {labels}; a "
+                          "one-output reward reads one label's log-odds: set score_label "
+                          "(model.score_label, eval_rm's hf_score_label) to one of them")
   if weight.T.shape != tuple(kernel.shape):
     raise CheckpointError(
         f"{reader.directory}: tensor {name} has shape {weight.shape} but the "
@@ -223,6 +227,7 @@ def label_log_odds(weight: np.ndarray, bias: np.ndarray, label: str,
                           f"log-odds, one linear head only with two labels; this one has "
                           f"{len(labels)} {labels}: score each label's logit instead "
                           "(head='multi:" + ",".join(labels) + "'; in eval_rm, without "
-                          "hf_score_label)")
+                          "hf_score_label); best-of-n and RL optimise one reward, which such "
+                          "a classifier does not give")
   sign = np.asarray([1.0, -1.0] if index == 0 else [-1.0, 1.0], np.float64)
   return (sign @ weight.astype(np.float64))[None], np.asarray([sign @ bias.astype(np.float64)])

@@ -398,8 +398,9 @@ def from_pretrained(path: PathLike, *, head: str | None = None, dtype=None,
   output = classifier_output(hf)
   if f"{output}.weight" not in report.unused:
     if score_label is not None:
-      raise CheckpointError(f"{path}: score_label={score_label!r} reads a classifier's "
-                            f"'{output}.weight', which this directory does not have")
+      raise CheckpointError(f"{path}: score_label={score_label!r} reads a Hugging Face "
+                            "*ForSequenceClassification's label logits, which this directory "
+                            f"does not have (no '{output}.weight')")
     return model
   if not isinstance(model, heads.PooledHeadModel):
     _log.warning("%s: the checkpoint's reward head '%s.weight' is not used (head=%r; "

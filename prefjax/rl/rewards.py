@@ -216,10 +216,11 @@ def text_encoder(tokenizer: Any, pipeline: pipeline_lib.PipelineConfig
   return encode
 
 
-def _scoring_pipeline(spec: Any, workdir: str | None, step: int | None
-                      ) -> pipeline_lib.PipelineConfig:
+def _scoring_pipeline(spec: Any, workdir: str | None, step: int | None,
+                      max_positions: int | None = None) -> pipeline_lib.PipelineConfig:
   """The pipeline the RM trained with (checkpoint ``step``'s ``data.pipeline``), with the
-  spec's ``max_length`` / ``max_prompt_length`` where it sets them."""
+  spec's ``max_length`` / ``max_prompt_length`` where it sets them; where neither does,
+  512 tokens or the model's ``max_positions`` if fewer."""
   trained = {}
   if workdir:
     saved = train.checkpoint.saved_run_config(workdir, step) or {}
@@ -228,7 +229,7 @@ def _scoring_pipeline(spec: Any, workdir: str | None, step: int | None
   for key in ("max_length", "max_prompt_length"):
     if spec.get(key):
       fields[key] = int(spec[key])
-  fields.setdefault("max_length", 512)
+  fields.setdefault("max_length", min(512, max_positions or 512))
   if fields.get("max_prompt_length", 0) >= fields["max_length"]:
     fields.pop("max_prompt_length")
   return pipeline_lib.PipelineConfig(**fields)
@@ -256,14 +257,19 @@ def model_reward(spec: Any, *, seed: int = 0) -> PairReward:
     step = train.checkpoint.saved_step(workdir, step)
     logging.info("reward %r: step %d of %s", spec.get("name"), step, workdir)
   elif saved is not None:
-    logging.info("reward %r: the %r head saved in %s", spec.get("name"), saved,
-                 model_cfg["path"])
+    label = model_cfg.get("score_label")
+    logging.info("reward %r: the %s saved in %s", spec.get("name"),
+                 f"log-odds of label {label!r} of the {saved!r} head" if label
+                 else f"{saved!r} head", model_cfg["path"])
   else:
     logging.warning("reward %r has no checkpoint: its reward head is RANDOM (smoke tests "
                     "only); set checkpoint to a train_rm workdir", spec.get("name"))
-  pipeline = _scoring_pipeline(spec, workdir, step)
-  logging.info("reward %r: texts cut as in training: max_length %d, prompt limit %d",
-               spec.get("name"), pipeline.max_length, pipeline.prompt_limit)
+  pipeline = _scoring_pipeline(spec, workdir, step, experiment.position_limit(model))
+  experiment.check_max_length(model, pipeline.max_length,
+                              f"the {spec.get('name')!r} reward's max_length")
+  logging.info("reward %r: texts cut %s: max_length %d, prompt limit %d", spec.get("name"),
+               "as in training" if workdir else "to", pipeline.max_length,
+               pipeline.prompt_limit)
   encode = text_encoder(tokenizer, pipeline)
   name = spec.get("name") or "reward_model"
   batch_size = spec.get("batch_size") or None
