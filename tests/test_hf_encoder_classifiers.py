@@ -134,32 +134,41 @@ def test_roberta_numbers_positions_after_its_pad_id_as_torch_does(tmp_path):
   assert np.abs(np.asarray(shifted)[real] - theirs[real]).max() > 1e-2  # the rule matters
 
 
-@pytest.mark.parametrize("family", ["roberta", "distilbert"])
-def test_an_export_of_a_classifier_reward_model_round_trips(tmp_path, family):
-  """prefjax's export writes the base model (the pooler where the base model has one) and
-  the reward head beside it; from_pretrained reads both back."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_export_of_a_classifier_reward_model_is_a_classifier_transformers_scores(
+    tmp_path, family):
+  """A pooler-pooled reward model exports as its family's *ForSequenceClassification, one
+  regression output: transformers' logits are prefjax's rewards, and from_pretrained
+  reads it back."""
   path = _classifier_dir(tmp_path, family)
   model = models.from_pretrained(path, head="reward", score_label="POSITIVE",
                                  dtype=jnp.float32)
   tokens, mask = _right_padded(seed=5)
+  expected = _scores(model, tokens, mask)
   hf_export.save_pretrained(model, tmp_path / "export", tokenizer=tokenize.ByteTokenizer())
+  hf = json.loads((tmp_path / "export" / "config.json").read_text())
+  assert hf["architectures"][0].endswith("ForSequenceClassification")
+  assert hf["id2label"] == {"0": "reward"} and hf["problem_type"] == "regression"
+  assert hf["pad_token_id"] == PAD  # RoBERTa's own, whatever the tokenizer's
   again = models.from_pretrained(tmp_path / "export", head="reward", dtype=jnp.float32)
-  assert again.pooling == "pooler" and again.trunk.config.pooler == model.trunk.config.pooler
+  assert again.pooling == "pooler"
+  np.testing.assert_allclose(_scores(again, tokens, mask), expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(_torch_logits(tmp_path / "export", tokens, mask)[:, 0], expected,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_a_mean_pooled_reward_model_on_a_classifier_trunk_exports_as_the_base_model(
+    tmp_path):
+  path = _classifier_dir(tmp_path, "roberta")
+  model = models.from_pretrained(path, head="reward", pooling="mean", score_head="if_fits")
+  hf_export.save_pretrained(model, tmp_path / "export")
+  hf = json.loads((tmp_path / "export" / "config.json").read_text())
+  assert hf["architectures"] == ["RobertaModel"] and "prefjax_pooler" not in hf
+  tokens, mask = _right_padded(seed=7)
+  again = models.from_pretrained(tmp_path / "export", head="reward", dtype=jnp.float32)
+  assert again.pooling == "mean" and again.trunk.pooler is None
   np.testing.assert_allclose(_scores(again, tokens, mask), _scores(model, tokens, mask),
                              rtol=1e-6, atol=1e-6)
-  hf = json.loads((tmp_path / "export" / "config.json").read_text())
-  assert hf["pad_token_id"] == PAD and hf["architectures"] == [
-      {"roberta": "RobertaModel", "distilbert": "DistilBertModel"}[family]]
-  base = transformers.AutoModel.from_pretrained(tmp_path / "export").eval()
-  with torch.no_grad():
-    out = base(input_ids=torch.from_numpy(tokens).long(),
-               attention_mask=torch.from_numpy(mask).long())
-  hidden = model.trunk.hidden_states(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
-  np.testing.assert_allclose(np.asarray(hidden)[mask > 0],
-                             out.last_hidden_state.numpy()[mask > 0], rtol=1e-4, atol=1e-5)
-  if family == "roberta":  # RobertaModel's own pooler is the classifier's dense + tanh
-    np.testing.assert_allclose(np.asarray(model.trunk.pool(hidden[:, 0])),
-                               out.pooler_output.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_a_reward_spec_optimises_an_encoder_classifier_s_log_odds(tmp_path):

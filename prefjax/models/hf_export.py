@@ -13,6 +13,8 @@
   MultiObjectiveRewardModel       ``GPT2ForSequenceClassification`` with ``num_labels``
   on a decoder, "last" pooling   outputs (objective names as ``id2label``), regression:
                                  the form TRL's ``RewardTrainer`` and reward benchmarks load
+  the same on an encoder,        ``BertForSequenceClassification`` (and RoBERTa's, XLM-R's,
+  "pooler" pooling               DistilBERT's): pooler and ``classifier``, its bias included
   DeepEnsemble                   one such directory per member, ``member_<k>/``
   other head models              the trunk for transformers, and the head (an encoder's
                                  mean/CLS pooling, a value head: no Hugging Face form) in
@@ -71,17 +73,19 @@ PAD_TOKEN = "<|pad|>"
 EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")
 
 
-def hf_state_dict(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def hf_state_dict(model: nnx.Module, *, classifier: bool = False
+                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """``(tensors, config_dict)`` of a ``Decoder`` or ``Encoder`` in Hugging Face layout.
 
   A decoder whose untied LM head was dropped (a reward or value model's trunk) is
-  written as the base model (``LlamaModel``, ``GPT2Model``) with tied embeddings.
+  written as the base model (``LlamaModel``, ``GPT2Model``) with tied embeddings; an
+  encoder with ``classifier`` as a ``*ForSequenceClassification``'s trunk and pooler.
   """
   params = {p: np.asarray(jax.device_get(v.get_value()))
             for p, v in hf_import.param_paths(model).items()}
   if isinstance(model, Encoder):
     hf_config = model.config.to_hf_dict()
-    mapping = hf_mappings.encoder_mapping(model.config)
+    mapping = hf_mappings.encoder_mapping(model.config, classifier=classifier)
   else:
     config = model.config
     headless = not config.tie_embeddings and not hasattr(model, "lm_head")
@@ -129,7 +133,13 @@ def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None,
     return directory
   hf_tokenizer = None
   head_tensors = None
-  if _is_score_model(model):
+  if _is_score_model(model) and isinstance(model.trunk, Encoder):
+    tensors, hf_config = _encoder_classifier(model, tokenizer)
+    if getattr(tokenizer, "hf", None) is not None:
+      end = tokenize.response_end_id(tokenizer, (pipeline or {}).get("prompt_style", "raw"))
+      hf_tokenizer = _with_specials(copy.deepcopy(tokenizer.hf),
+                                    tokenizer.bos_id if add_bos else None, end)
+  elif _is_score_model(model):
     tensors, hf_config = _sequence_classifier(model, tokenizer)
     hf_tokenizer = _score_tokenizer(tokenizer, tensors, hf_config, add_bos,
                                     own_pad=model.last_skips_id is None,
@@ -138,10 +148,7 @@ def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None,
   else:
     trunk = getattr(model, "trunk", model)
     tensors, hf_config = hf_state_dict(trunk)
-    ids = _special_ids(tokenizer)
-    if isinstance(trunk, Encoder) and trunk.config.position_offset:
-      ids.pop("pad_token_id", None)  # RoBERTa's positions start after the model's own pad id
-    hf_config.update(ids)
+    hf_config.update(_special_ids(tokenizer, trunk))
     if isinstance(model, Decoder):
       hf_tokenizer = _policy_tokenizer(tokenizer, add_bos)
     if trunk is not model:
@@ -170,8 +177,11 @@ def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None,
 
 
 def _is_score_model(model: nnx.Module) -> bool:
-  return (isinstance(model, SCORE_HEADS) and isinstance(model.trunk, Decoder)
-          and model.pooling == "last")
+  """A reward head of an HF ``*ForSequenceClassification``'s form: a decoder's at its last
+  token, an encoder's through its pooler on the first."""
+  if not isinstance(model, SCORE_HEADS):
+    return False
+  return model.pooling == ("pooler" if isinstance(model.trunk, Encoder) else "last")
 
 
 def _own_head(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -186,12 +196,14 @@ def _describe(model: nnx.Module) -> str:
   return f"{type(model).__name__}({trunk}{'' if pooling is None else f', pooling={pooling!r}'})"
 
 
-def _special_ids(tokenizer: Any) -> dict[str, int]:
+def _special_ids(tokenizer: Any, trunk: nnx.Module | None = None) -> dict[str, int]:
   if tokenizer is None:
     return {}
   ids = {"bos_token_id": getattr(tokenizer, "bos_id", None),
          "eos_token_id": getattr(tokenizer, "eos_id", None),
          "pad_token_id": getattr(tokenizer, "pad_id", None)}
+  if isinstance(trunk, Encoder) and trunk.config.position_offset:
+    del ids["pad_token_id"]  # RoBERTa's positions start after the model's own pad id
   return {k: int(v) for k, v in ids.items() if v is not None}
 
 
@@ -215,6 +227,26 @@ def _sequence_classifier(model: heads.PooledHeadModel, tokenizer: Any
     _log.warning("the reward head's bias %s is not zero: written as 'score.bias', which "
                  "prefjax loads and transformers ignores (its scores are shifted by "
                  "-bias, a constant no pairwise comparison sees)", np.round(bias, 4).tolist())
+  return tensors, hf_config
+
+
+def _encoder_classifier(model: heads.PooledHeadModel, tokenizer: Any
+                        ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """A pooler-pooled encoder reward model as ``*ForSequenceClassification`` tensors + config
+  (BERT's, RoBERTa's or DistilBERT's: the classifier reads the bias too)."""
+  tensors, hf_config = hf_state_dict(model.trunk, classifier=True)
+  hf_config.update(_special_ids(tokenizer, model.trunk))
+  hf_config["architectures"] = [hf_config["architectures"][0].replace(
+      "Model", "ForSequenceClassification")]
+  labels = _labels(model)
+  hf_config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+  hf_config["label2id"] = {name: i for i, name in enumerate(labels)}
+  hf_config["problem_type"] = "regression"  # pipelines then return the raw rewards
+  output = hf_mappings.CLASSIFIER_OUTPUTS[model.trunk.config.model_type]
+  tensors[f"{output}.weight"] = np.ascontiguousarray(
+      np.asarray(jax.device_get(model.head.kernel.get_value()), np.float32).T)
+  tensors[f"{output}.bias"] = np.asarray(jax.device_get(model.head.bias.get_value()),
+                                         np.float32)
   return tensors, hf_config
 
 

@@ -77,9 +77,9 @@ def _is_classifier(hf: dict[str, Any]) -> bool:
 def classifier_output(hf: dict[str, Any]) -> str:
   """The output layer whose rows are a ``*ForSequenceClassification``'s label logits (parsed
   ``config.json``): an encoder classifier's ``classifier`` (RoBERTa's
-  ``classifier.out_proj``), else ``score``, as decoders and prefjax exports name it."""
+  ``classifier.out_proj``), else ``score``, as decoders name it."""
   model_type = hf.get("model_type")
-  if model_type in encoder_lib.MODEL_TYPES and _is_classifier(hf) and not hf.get(HEAD_KEY):
+  if model_type in encoder_lib.MODEL_TYPES and _is_classifier(hf):
     return hf_mappings.CLASSIFIER_OUTPUTS[model_type]
   return "score"
 

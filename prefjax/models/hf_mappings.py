@@ -108,17 +108,19 @@ CLASSIFIER_OUTPUTS = {"bert": "classifier", "roberta": "classifier.out_proj",
                       "xlm-roberta": "classifier.out_proj", "distilbert": "classifier"}
 
 
-def encoder_mapping(config: Any, names: set[str] | None = None) -> Mapping:
+def encoder_mapping(config: Any, names: set[str] | None = None, *,
+                    classifier: bool = False) -> Mapping:
   """The mapping of an ``EncoderConfig``'s model from checkpoint tensor ``names`` (a task
-  model's are prefixed), or, with ``names=None``, to the base model that export writes."""
+  model's are prefixed), or, with ``names=None``, to what export writes: the base model, or
+  with ``classifier`` the trunk and pooler of a ``*ForSequenceClassification``."""
   model_type = config.model_type
   prefix = ENCODER_PREFIXES[model_type]
-  if names is None or prefix + "embeddings.word_embeddings.weight" not in names:
-    prefix = ""
+  task = classifier if names is None else prefix + "embeddings.word_embeddings.weight" in names
+  prefix = prefix if task else ""
   pooler = None
   if config.pooler is not None:
     pooler = CLASSIFIER_POOLERS[model_type].format(prefix=prefix)
-    if names is None or pooler + ".weight" not in names:  # a base model's or an export's
+    if not (classifier if names is None else pooler + ".weight" in names):
       pooler = "pre_classifier" if model_type == "distilbert" else prefix + "pooler.dense"
   if model_type == "distilbert":
     return distilbert_mapping(config.num_layers, prefix, pooler=pooler)
