@@ -126,15 +126,19 @@ def _accumulate(graphdef, loss_fn, trainable, params, extra, micro, rng, accum_s
     loss, metrics, extra, grads = _grads_one(graphdef, loss_fn, trainable, params, extra, mb,
                                              jax.random.fold_in(rng, i))
     weight = metrics.get(LOSS_WEIGHT, jnp.ones((), jnp.float32))
-    grad_sum = jax.tree.map(lambda s, g: s + weight * g.astype(jnp.float32), grad_sum, grads)
+    grad_sum = jax.tree.map(lambda s, g: s + weight.astype(s.dtype) * g.astype(s.dtype),
+                            grad_sum, grads)
     return (grad_sum, weight_sum + weight, extra), (loss, metrics, weight)
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  # Sums in float32 at least, in float64 for float64 parameters (x64 mode).
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+                       params)
   init = (zeros, jnp.zeros((), jnp.float32), extra)
   (grad_sum, weight_sum, extra), (losses, metrics, weights) = jax.lax.scan(
       body, init, (micro, jnp.arange(accum_steps)))
   # All-zero weights (only padding) give a zero gradient rather than 0/0.
   denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
-  grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, params)
+  grads = jax.tree.map(lambda g, p: (g / denom.astype(g.dtype)).astype(p.dtype), grad_sum,
+                       params)
   return (jnp.sum(weights * losses) / denom, _pool_microbatches(metrics, weights, denom), extra,
           grads)
 
