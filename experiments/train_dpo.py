@@ -169,6 +169,19 @@ def kl_config(config: Any, tokenizer: Any) -> evaluation.KLEvalConfig | None:
       eos_id=tokenize_lib.stop_ids(tokenizer), pad_id=tokenizer.pad_id, seed=int(config.seed))
 
 
+def _check_kl_positions(policy: nnx.Module, max_length: int, config: Any) -> None:
+  """The KL eval samples after prompts as wide as their batch's rows: a learned position
+  table must hold the row and the sample (else the first eval failed, mid-run)."""
+  new_tokens = int(config.eval.get("kl_max_new_tokens") or 0)
+  if not new_tokens or not hasattr(policy, "check_positions"):
+    return
+  try:
+    policy.check_positions(max_length + new_tokens)
+  except ValueError as e:
+    raise ValueError(f"data.pipeline.max_length + eval.kl_max_new_tokens = "
+                     f"{max_length + new_tokens}: {e}; lower either") from None
+
+
 def run(config: Any, workdir: str) -> train.TrainResult:
   """Trains the policy; returns the train core's ``TrainResult``."""
   os.makedirs(workdir, exist_ok=True)
@@ -193,6 +206,7 @@ def run(config: Any, workdir: str) -> train.TrainResult:
     policy = experiment.make_model(config.model, vocab_size=tokenizer.vocab_size,
                                    seed=config.seed)
   experiment.check_max_length(policy, pcfg.max_length)
+  _check_kl_positions(policy, eval_pcfg.max_length, config)
   experiment.warn_low_precision_policy(policy, "train_dpo")
   refs = References(config, loss, tokenizer, mesh, policy)
   train_ds = pipeline_lib.preference_dataset(train_source, tokenizer, pcfg)

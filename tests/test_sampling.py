@@ -511,3 +511,15 @@ def test_logps_at_takes_the_compact_branch_when_the_scored_slots_fit_in_all(
   jax.effects_barrier()
   assert ran == [slots_run]
   np.testing.assert_allclose(out, np.where(np.asarray(scored, bool), -np.log(3), 0), rtol=1e-6)
+
+
+def test_right_padded_prompts_are_refused():
+  """Prefill continues from each row's last slot: a right-padded row continued from its
+  padding (other greedy tokens, no error)."""
+  tokens = np.array([[5, 6, 7, 0, 0], [0, 0, 5, 6, 7]], np.int32)
+  mask = (np.arange(5) < 3)[None].repeat(2, 0).astype(np.int32)
+  mask[1] = mask[1, ::-1]
+  with pytest.raises(ValueError, match=r"prompt rows \[0\] are padded on the right"):
+    sampling.generate(model(), tokens, mask, max_new_tokens=2, temperature=0.0)
+  assert sampling.generate(model(), tokens[1:], mask[1:], max_new_tokens=2,
+                           temperature=0.0).tokens.shape == (1, 2)

@@ -308,6 +308,18 @@ def test_the_kl_eval_refuses_samples_not_drawn_from_the_policy(temperature):
     train_dpo.kl_config(config, tokenize.ByteTokenizer())
 
 
+def test_a_kl_eval_past_a_learned_position_table_is_refused_at_the_start(tmp_path):
+  """It failed at the first eval, mid-run: prompts as wide as the rows plus the samples."""
+  config = dpo_config(steps=2)
+  config.model.preset = "tiny_gpt2"
+  config.model.overrides = dict(max_position_embeddings=40)
+  config.eval.kl_max_new_tokens = 16
+  with pytest.raises(ValueError, match=r"data.pipeline.max_length \+ eval.kl_max_new_tokens = "
+                                       r"48: a sequence of 48 tokens exceeds this decoder's 40 "
+                                       r"learned positions"):
+    train_dpo.run(config, str(tmp_path / "dpo"))
+
+
 def test_direct_loss_rejects_bad_settings():
   with pytest.raises(KeyError, match="unknown direct loss"):
     loss_lib.DirectLoss(name="nope")

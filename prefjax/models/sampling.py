@@ -234,6 +234,19 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, rng, temperature,
   return Generation(s.tokens, s.logps, s.mask)
 
 
+def _check_left_padded(prompt_mask: Array) -> None:
+  """Prefill continues from each row's last slot: a right-padded prompt would continue
+  from padding (silently other samples). Checked where the mask is concrete."""
+  if isinstance(prompt_mask, jax.core.Tracer):
+    return
+  mask = np.asarray(prompt_mask) > 0
+  rows = np.flatnonzero(np.any(mask[:, :-1] & ~mask[:, 1:], axis=1))
+  if rows.size:
+    raise ValueError(f"prompt rows {rows[:5].tolist()} are padded on the right: generate "
+                     "continues from each row's last slot, so prompts must be left-padded "
+                     "(padding first, mask 0...0 1...1)")
+
+
 def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *,
              rng: Array | None = None, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_id: int | Sequence[int] | None = None, pad_id: int = 0,
@@ -282,6 +295,7 @@ def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *,
   vocab = getattr(getattr(model, "config", None), "vocab_size", None)
   if top_k is not None and vocab is not None and top_k > vocab:
     raise ValueError(f"top_k={top_k} exceeds the vocabulary size {vocab}")
+  _check_left_padded(prompt_mask)
   stop_ids = _stop_ids(eos_id)
   if hasattr(model, "check_positions"):  # the last token sampled is never fed back
     model.check_positions(prompt_tokens.shape[1] + max_new_tokens - 1)
