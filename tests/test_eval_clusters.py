@@ -120,3 +120,33 @@ def test_eval_rm_counts_repeated_text_and_resamples_it_as_one_pair(tmp_path):
       90, config.num_resamples, config.seed, g)) for g in (groups, None))
   assert section["metrics"]["length"]["accuracy"] == pytest.approx(grouped.as_dict())
   assert grouped.as_dict() != pytest.approx(ungrouped.as_dict())
+
+
+def test_one_prompt_gives_no_interval_or_p_value_instead_of_a_certain_one():
+  """Every resample of one cluster is the same: intervals were [0.300, 0.300] and p the
+  1/R floor (0.001), certainty that ten pairs of one prompt cannot give."""
+  signed_a = np.array([1.0, -1.0, -1.0, 1.0, -1.0, -1.0, 1.0, -1.0, -1.0, -1.0])
+  signed_b = np.abs(signed_a)
+  counts = stats.resample_counts(10, 200, 0, groups=np.zeros(10, np.int64))
+  accuracy = stats.weighted_estimate(stats.preference.pair_accuracy(signed_a), counts)
+  assert accuracy.value == pytest.approx(0.3) and math.isnan(accuracy.low)
+  assert math.isnan(accuracy.high)
+  difference = stats.paired_difference(signed_a, signed_b, counts)
+  assert difference.difference.value == pytest.approx(0.7)
+  assert math.isnan(difference.p_value) and math.isnan(difference.difference.low)
+  assert math.isnan(stats.ece_estimate(signed_a, counts, 10).low)
+  two = stats.resample_counts(10, 200, 0, groups=np.arange(10) % 2)  # two prompts: spread
+  assert not math.isnan(stats.weighted_estimate(signed_b, two).low)
+
+
+def test_a_few_disagreements_get_at_least_the_exact_sign_test_p_value():
+  """Scorers that differ on 4 of 200 pairs, all won by B: the bootstrap said p = 0.037,
+  which rejected a true null in 10% of draws at the 5% level; the sign test says 0.125."""
+  signed_a = np.ones(200)
+  signed_a[:4] = -1.0
+  counts = stats.resample_counts(200, 2000, 0)
+  result = stats.paired_difference(signed_a, np.ones(200), counts)
+  assert result.p_value == pytest.approx(0.125)
+  many = np.where(np.arange(200) < 40, -1.0, 1.0)  # 40 disagreements: the bootstrap decides
+  assert stats.paired_difference(many, np.ones(200), counts).p_value == pytest.approx(
+      1 / 2000)

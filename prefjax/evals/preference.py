@@ -5,8 +5,9 @@ scores a single RM, each ensemble member, or an aggregation of ensemble members.
 Metrics follow common practice: pairwise accuracy (equal scores count half, as
 RewardBench scores its generative judges; its classifier RMs count them wrong), mean margin, Bradley–Terry log-loss, expected calibration error of
 σ(Δ) (Guo et al. 2017, "On Calibration of Modern Neural Networks",
-arXiv 1706.04599), accuracy by response-length bucket and the chosen-longer rate
-(length-bias slice; Singhal et al. 2023, arXiv 2310.03716).
+arXiv 1706.04599), accuracy by response-length bucket and ``chosen_longer_rate``, the rate
+at which the PREFERRED response is the longer (the chosen one, or the rejected where
+``outcome`` < ½; length-bias slice; Singhal et al. 2023, arXiv 2310.03716).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def evaluate_preferences(r_chosen: np.ndarray, r_rejected: np.ndarray, *,
     r_len = np.asarray(rejected_len)[decisive]
     preferred_len = np.where(label > 0, c_len, r_len)
     other_len = np.where(label > 0, r_len, c_len)
+    # The preferred side's (named for the usual outcome 1; reward_eval's preferred_longer_rate).
     metrics["chosen_longer_rate"] = float(np.mean(preferred_len > other_len))
     metrics["length_baseline_accuracy"] = float(np.mean(pair_accuracy(preferred_len - other_len)))
     for key, acc in length_bucket_accuracy(correct, c_len, r_len).items():

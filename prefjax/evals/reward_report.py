@@ -22,10 +22,21 @@ from prefjax.evals import preference
 from prefjax.rm import evaluation as rm_evaluation
 
 
+def _number(x: Any) -> float:
+  """A float, or NaN for None and report.json's "nan" strings."""
+  try:
+    return float(x)
+  except (TypeError, ValueError):
+    return float("nan")
+
+
 def _ci(e: Mapping[str, float] | None) -> str:
-  if not e or e.get("value") is None or not math.isfinite(e["value"]):
+  """``value [low, high]``; ``value [n/a]`` where the bootstrap could draw no interval."""
+  if not e or not math.isfinite(_number(e.get("value"))):
     return "–"
-  return f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
+  low, high = _number(e.get("low")), _number(e.get("high"))
+  bounds = f"[{low:.3f}, {high:.3f}]" if math.isfinite(low) and math.isfinite(high) else "[n/a]"
+  return f"{_number(e['value']):.3f} {bounds}"
 
 
 def scorer_table(section: Mapping[str, Any]) -> list[str]:
@@ -53,10 +64,12 @@ def _keyed_table(section: Mapping[str, Any], key: str, title: str) -> list[str]:
 def comparison_table(section: Mapping[str, Any]) -> list[str]:
   if not section["comparisons"]:
     return []
-  lines = ["| B vs A | acc(B) − acc(A) [95% CI] | p (paired bootstrap) | agreement |",
-           "|---|---|---|---|"]
+  lines = ["| B vs A | acc(B) − acc(A) [95% CI] | p (paired bootstrap, ≥ sign test) | "
+           "agreement |", "|---|---|---|---|"]
   for pair, c in section["comparisons"].items():
-    lines.append(f"| {pair} | {_ci(c['difference'])} | {c['p_value']:.3g} | "
+    p_value = _number(c["p_value"])
+    lines.append(f"| {pair} | {_ci(c['difference'])} | "
+                 f"{f'{p_value:.3g}' if math.isfinite(p_value) else 'n/a'} | "
                  f"{c['agreement']:.3f} |")
   return lines
 
@@ -140,7 +153,10 @@ def rows_line(section: Mapping[str, Any]) -> str:
   parts.append(f"{section['pairs_scored']} pairs scored, {ties} tie{'' if ties == 1 else 's'} "
                f"left out: {section['pairs_decisive']} decisive pairs in the metrics")
   prompts = section.get("decisive_prompts", section["pairs_decisive"])
-  if prompts < section["pairs_decisive"]:
+  if prompts == 1 < section["pairs_decisive"]:
+    parts.append("they come from one prompt, so every resample is the same: no interval or "
+                 "p-value (n/a)")
+  elif prompts < section["pairs_decisive"]:
     parts.append(f"they come from {prompts} prompts, which the intervals resample with all "
                  "their pairs")
   repeats = section.get("decisive_pairs_repeating_text", 0)

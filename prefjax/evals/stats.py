@@ -23,6 +23,7 @@ import dataclasses
 from typing import Mapping, Sequence
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 from prefjax.evals import preference
 
@@ -110,16 +111,30 @@ def repeated_items(groups: np.ndarray | None) -> int:
   return 0 if groups is None else int(np.size(groups) - np.unique(groups).size)
 
 
+def no_spread(counts: np.ndarray) -> bool:
+  """Whether every resample drew the same items (one prompt, one pair, one resample): the
+  bootstrap then shows no spread, and a zero-width interval would claim certainty."""
+  return counts.shape[0] < 2 or bool(np.all(counts == counts[:1]))
+
+
+def _bounds(resampled: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+  """The 2.5th and 97.5th percentiles of ``resampled``; NaN where ``no_spread(counts)``."""
+  if no_spread(counts):
+    return float("nan"), float("nan")
+  low, high = np.nanpercentile(resampled, [2.5, 97.5])
+  return float(low), float(high)
+
+
 def weighted_estimate(values: np.ndarray, counts: np.ndarray,
                       select: np.ndarray | None = None) -> Estimate:
-  """Mean of ``values [N]`` (over ``select`` if given) and its percentile interval."""
+  """Mean of ``values [N]`` (over ``select`` if given) and its percentile interval (NaN
+  bounds where the resamples cannot differ, ``no_spread``)."""
   values = np.asarray(values, np.float64)
   select = np.ones(values.size, bool) if select is None else select
   if not select.any():
     return Estimate(float("nan"), float("nan"), float("nan"))
-  resampled = _stratum_means(values, counts, select)
-  low, high = np.nanpercentile(resampled, [2.5, 97.5])
-  return Estimate(float(values[select].mean()), float(low), float(high))
+  return Estimate(float(values[select].mean()),
+                  *_bounds(_stratum_means(values, counts, select), counts))
 
 
 def signed_margins(r_chosen: np.ndarray, r_rejected: np.ndarray,
@@ -151,8 +166,10 @@ def ece_estimate(signed: np.ndarray, counts: np.ndarray, num_bins: int) -> Estim
   (91-92% for miscalibrated ones). It can therefore lie below the plug-in value.
   """
   value = float(two_sided_ece(signed, None, num_bins)[0])
-  q_low, q_high = np.percentile(two_sided_ece(signed, counts, num_bins), [2.5, 97.5])
-  return Estimate(value, max(2 * value - float(q_high), 0.0), max(2 * value - float(q_low), 0.0))
+  q_low, q_high = _bounds(two_sided_ece(signed, counts, num_bins), counts)
+  if np.isnan(q_low):
+    return Estimate(value, q_low, q_high)
+  return Estimate(value, max(2 * value - q_high, 0.0), max(2 * value - q_low, 0.0))
 
 
 def relative_length_difference(preferred_len: np.ndarray, other_len: np.ndarray) -> np.ndarray:
@@ -191,8 +208,7 @@ def length_controlled_estimate(correct: np.ndarray, rel_diff: np.ndarray,
   value = 0.5 * (correct[longer].mean() + correct[shorter].mean())
   resampled = 0.5 * (_stratum_means(correct, counts, longer) +
                      _stratum_means(correct, counts, shorter))
-  low, high = np.nanpercentile(resampled, [2.5, 97.5])
-  return Estimate(float(value), float(low), float(high))
+  return Estimate(float(value), *_bounds(resampled, counts))
 
 
 def scorer_metrics(signed: np.ndarray, counts: np.ndarray, *, rel_diff: np.ndarray,
@@ -240,9 +256,8 @@ def subset_accuracies(correct: np.ndarray, counts: np.ndarray, subsets: Sequence
                              None if groups is None else np.asarray(groups)[mask])
     # Divided by each resample's own count: a cluster resample holds another number of pairs.
     resampled.append(within @ np.asarray(correct, np.float64)[mask] / within.sum(axis=1))
-  low, high = np.percentile(np.mean(resampled, axis=0), [2.5, 97.5])
   value = float(np.mean([e.value for e in per_subset.values()]))
-  return per_subset, Estimate(value, float(low), float(high))
+  return per_subset, Estimate(value, *_bounds(np.mean(resampled, axis=0), counts))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,15 +272,22 @@ def paired_difference(signed_a: np.ndarray, signed_b: np.ndarray,
                       counts: np.ndarray) -> PairedDifference:
   """acc(B) − acc(A) with its paired interval; two-sided p = 2·min(P*(Δ ≤ 0), P*(Δ ≥ 0)).
 
-  The p-value is floored at 1/R (R resamples): the bootstrap cannot resolve less.
-  ``agreement``: fraction of pairs where both prefer the same side (a zero margin
-  agrees only with a zero margin).
+  The p-value is floored at 1/R (R resamples), which the bootstrap cannot resolve, and at
+  the exact sign test's on the pairs the two score differently (McNemar's): with few
+  such pairs the bootstrap's is too small (4 pairs, all won by B: 0.037 against an exact
+  0.125; P(p < 0.05) was 0.10 under the null). NaN where the resamples cannot differ
+  (``no_spread``: one prompt). ``agreement``: fraction of pairs where both prefer the
+  same side (a zero margin agrees only with a zero margin).
   """
   delta = preference.pair_accuracy(signed_b) - preference.pair_accuracy(signed_a)
   estimate = weighted_estimate(delta, counts)
   resampled = (counts @ delta) / counts.sum(axis=1)
   tail = min(np.mean(resampled <= 0), np.mean(resampled >= 0))
-  p_value = float(min(1.0, max(2.0 * tail, 1.0 / resampled.size)))
+  wins, differ = int(np.sum(delta > 0)), int(np.sum(delta != 0))
+  sign_p = scipy_stats.binomtest(wins, differ).pvalue if differ else 1.0
+  p_value = float(min(1.0, max(2.0 * tail, 1.0 / resampled.size, sign_p)))
+  if no_spread(counts):
+    p_value = float("nan")
   agreement = float(np.mean(np.sign(signed_a) == np.sign(signed_b)))
   return PairedDifference(estimate, p_value, agreement)
 
