@@ -207,9 +207,9 @@ def test_distilbert_takes_no_token_types_and_roberta_s_length_counts_its_offset(
 
 def _wordpiece_tokenizer(directory: pathlib.Path, words: list[str]) -> None:
   """A BERT-style tokenizer (WordPiece, [CLS] text [SEP]) saved beside a classifier."""
-  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-  from tokenizers import models as tok_models  # pylint: disable=import-outside-toplevel
-  from tokenizers import normalizers, pre_tokenizers, processors  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+  from tokenizers import models as tok_models
   specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
   vocab = {w: i for i, w in enumerate(specials + sorted(set(words)) + list("?:.,0123456789"))}
   tok = Tokenizer(tok_models.WordPiece(vocab, unk_token="[UNK]"))

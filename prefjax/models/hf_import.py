@@ -285,7 +285,8 @@ def load_hf_checkpoint(path: PathLike, *, dtype=None, param_dtype=jnp.float32,
   unexplained = [n for n in unused if n.rpartition(".")[0] != output]
   pooler = [n for n in unexplained if encoder and n.split(".")[-3:-1] == ["pooler", "dense"]]
   if pooler:  # a base model's [CLS] pooler: prefjax's heads pool the states their own way
-    _log.info("%s: the %s base model's pooler (%s) is not used", directory, model_type, ", ".join(pooler))
+    _log.info("%s: the %s base model's pooler (%s) is not used", directory, model_type,
+              ", ".join(pooler))
     unexplained = [n for n in unexplained if n not in pooler]
   if unexplained:
     _log.warning("%s: %d checkpoint tensors are not used by prefjax's %s model: %s",
