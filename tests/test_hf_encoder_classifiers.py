@@ -355,3 +355,28 @@ def test_a_two_label_classifier_as_one_reward_asks_for_its_label(tmp_path):
                      match=r"'classifier.weight' scores the labels \['NEGATIVE', 'POSITIVE'\]; a "
                            r"one-output reward reads one label's log-odds: set score_label"):
     models.from_pretrained(path, head="reward")
+
+
+def test_an_export_with_its_tokenizer_scores_texts_in_transformers_as_prefjax_does(tmp_path):
+  """The exported tokenizer writes [CLS] text [SEP] as the pipeline did, so
+  ``model(**tokenizer(texts))`` in transformers gives prefjax's rewards of those texts."""
+  words = ["good", "bad", "fine", "awful", "q", "was", "it"]
+  path = _classifier_dir(tmp_path, "distilbert", pad=0, vocab=5 + len(words) + 14)
+  _wordpiece_tokenizer(path, words)
+  tokenizer = experiment.make_tokenizer({"path": str(path)})
+  model = models.from_pretrained(path, head="reward", score_label="POSITIVE", dtype=jnp.float32)
+  hf_export.save_pretrained(model, tmp_path / "export", tokenizer=tokenizer)
+  texts = ["Q: was it good? good fine", "Q: was it good? awful bad bad"]
+  ids = [[tokenizer.bos_id] + tokenizer.encode(t) + [tokenizer.eos_id] for t in texts]
+  width = max(map(len, ids))
+  tokens = np.array([i + [0] * (width - len(i)) for i in ids], np.int32)
+  mask = np.array([[1] * len(i) + [0] * (width - len(i)) for i in ids], np.int32)
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+  batch = hf_tokenizer(texts, padding=True, return_tensors="np")
+  np.testing.assert_array_equal(batch["input_ids"], tokens)
+  exported = transformers.AutoModelForSequenceClassification.from_pretrained(
+      tmp_path / "export").eval()
+  with torch.no_grad():
+    logits = exported(input_ids=torch.from_numpy(tokens).long(),
+                      attention_mask=torch.from_numpy(mask).long()).logits.numpy()
+  np.testing.assert_allclose(logits[:, 0], _scores(model, tokens, mask), rtol=1e-5, atol=1e-5)
