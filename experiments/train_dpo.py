@@ -173,13 +173,9 @@ def _check_kl_positions(policy: nnx.Module, max_length: int, config: Any) -> Non
   """The KL eval samples after prompts as wide as their batch's rows: a learned position
   table must hold the row and the sample (else the first eval failed, mid-run)."""
   new_tokens = int(config.eval.get("kl_max_new_tokens") or 0)
-  if not new_tokens or not hasattr(policy, "check_positions"):
-    return
-  try:
-    policy.check_positions(max_length + new_tokens)
-  except ValueError as e:
-    raise ValueError(f"data.pipeline.max_length + eval.kl_max_new_tokens = "
-                     f"{max_length + new_tokens}: {e}; lower either") from None
+  if new_tokens:
+    experiment.check_policy_length(policy, max_length + new_tokens,
+                                   "data.pipeline.max_length + eval.kl_max_new_tokens")
 
 
 def run(config: Any, workdir: str) -> train.TrainResult:

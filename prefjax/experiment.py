@@ -219,15 +219,18 @@ def make_model(cfg: Any, *, vocab_size: int, seed: int) -> nnx.Module:
   return build(nnx.Rngs(seed), head)
 
 
-def position_limit(model: nnx.Module) -> int | None:
-  """The longest sequence ``model``'s learned position table holds (an encoder's, RoBERTa's
-  less its offset, a GPT-2-style decoder's); None for rotary positions."""
+def _trunk_config(model: nnx.Module) -> Any:
+  """The config of ``model``'s trunk (a deep ensemble's stacked members share one)."""
   if isinstance(model, heads_lib.DeepEnsemble):
-    model = model.member(0)
-  config = getattr(model, "trunk", model).config
-  if not hasattr(config, "position_offset") and getattr(config, "position", "") != "learned":
-    return None
-  return config.max_position_embeddings - getattr(config, "position_offset", 0)
+    model = model.members  # their structure: nothing sliced
+  return getattr(model, "trunk", model).config
+
+
+def position_limit(model: nnx.Module) -> int | None:
+  """The longest sequence ``model``'s learned position table holds (its trunk config's
+  ``position_limit``: an encoder's, RoBERTa's less its offset, a GPT-2-style decoder's);
+  None for rotary positions."""
+  return _trunk_config(model).position_limit
 
 
 def check_max_length(model: nnx.Module, max_length: int,
@@ -237,12 +240,20 @@ def check_max_length(model: nnx.Module, max_length: int,
   error at the first step."""
   limit = position_limit(model)
   if limit is not None and max_length > limit:
-    config = getattr(model, "trunk", model).config
-    offset = getattr(config, "position_offset", 0)
+    table = _trunk_config(model).max_position_embeddings
     raise ValueError(f"{setting}={max_length}, but the model has {limit} positions "
-                     f"(max_position_embeddings={config.max_position_embeddings}"
-                     + (f", less the {offset} RoBERTa skips" if offset else "")
+                     f"(max_position_embeddings={table}"
+                     + (f", less the {table - limit} RoBERTa skips" if table > limit else "")
                      + f"): set {setting} <= {limit}")
+
+
+def check_policy_length(policy: nnx.Module, length: int, what: str) -> None:
+  """Refuses a policy's sequences of ``length`` tokens (``what``: the settings that sum to
+  it) past a decoder's learned position table (``Decoder.check_positions``)."""
+  try:
+    getattr(policy, "check_positions", lambda _: None)(length)
+  except ValueError as e:
+    raise ValueError(f"{what} = {length}: {e}") from None
 
 
 def _warn_on_unapplied_overrides(overrides: dict[str, Any], config: Any, path: str) -> None:

@@ -105,6 +105,11 @@ class DecoderConfig:
   def replace(self, **overrides) -> "DecoderConfig":
     return dataclasses.replace(self, **overrides)
 
+  @property
+  def position_limit(self) -> int | None:
+    """The longest sequence the learned position table holds; None for RoPE (no table)."""
+    return self.max_position_embeddings if self.position == "learned" else None
+
   @classmethod
   def llama(cls, **overrides) -> "DecoderConfig":
     """Hugging Face ``LlamaConfig``'s defaults (Llama-2-7B sizes, RMSNorm eps 1e-6, untied).
@@ -379,11 +384,10 @@ class Decoder(nnx.Module):
     """Learned position embeddings have ``max_position_embeddings`` rows; a longer
     sequence would read past them (NaN that spreads through attention), so it is an
     error, as in Hugging Face. RoPE has no such table."""
-    c = self.config
-    if c.position == "learned" and length > c.max_position_embeddings:
+    limit = self.config.position_limit
+    if limit is not None and length > limit:
       raise ValueError(f"a sequence of {length} tokens exceeds this decoder's "
-                       f"{c.max_position_embeddings} learned positions "
-                       "(max_position_embeddings)")
+                       f"{limit} learned positions (max_position_embeddings)")
 
   def _embed(self, tokens: Array, positions: Array) -> Array:
     x = self.embed(tokens.astype(jnp.int32))

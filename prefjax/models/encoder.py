@@ -132,6 +132,11 @@ class EncoderConfig:
     """Row of the position table read for position 0: RoBERTa's start after its pad id."""
     return self.pad_token_id + 1 if self.model_type in ROBERTA_TYPES else 0
 
+  @property
+  def position_limit(self) -> int:
+    """The longest sequence the position table holds (RoBERTa's: less its offset)."""
+    return self.max_position_embeddings - self.position_offset
+
   @classmethod
   def from_hf_dict(cls, hf: Mapping[str, Any]) -> "EncoderConfig":
     """Builds the config from a Hugging Face BERT, RoBERTa or DistilBERT ``config.json`` dict.
@@ -366,7 +371,7 @@ class Encoder(nnx.Module):
     n, t = tokens.shape
     offset = self.config.position_offset
     # A packed row may be longer than the table: its positions restart in each segment.
-    if (t + offset > self.config.max_position_embeddings and positions is None
+    if (t > self.config.position_limit and positions is None
         and segment_ids is None and attention_mask is None):
       raise ValueError(f"sequence length {t} exceeds max_position_embeddings="
                        f"{self.config.max_position_embeddings}"

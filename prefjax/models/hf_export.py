@@ -71,6 +71,11 @@ SCORE_HEADS = (heads.RewardModel, heads.MultiHeadEnsemble, heads.MultiObjectiveR
 # The pad token added to a reward model's tokenizer whose pad id is its EOS id.
 PAD_TOKEN = "<|pad|>"
 EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")
+CLASSIFIER_ARCHITECTURES = {
+    "llama": "LlamaForSequenceClassification", "gpt2": "GPT2ForSequenceClassification",
+    "bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification",
+    "xlm-roberta": "XLMRobertaForSequenceClassification",
+    "distilbert": "DistilBertForSequenceClassification"}
 
 
 def hf_state_dict(model: nnx.Module, *, classifier: bool = False
@@ -133,17 +138,18 @@ def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None,
     return directory
   hf_tokenizer = None
   head_tensors = None
+  prompt_style = (pipeline or {}).get("prompt_style", "raw")
   if _is_score_model(model) and isinstance(model.trunk, Encoder):
     tensors, hf_config = _encoder_classifier(model, tokenizer)
     if getattr(tokenizer, "hf", None) is not None:
-      end = tokenize.response_end_id(tokenizer, (pipeline or {}).get("prompt_style", "raw"))
       hf_tokenizer = _with_specials(copy.deepcopy(tokenizer.hf),
-                                    tokenizer.bos_id if add_bos else None, end)
+                                    tokenizer.bos_id if add_bos else None,
+                                    tokenize.response_end_id(tokenizer, prompt_style))
   elif _is_score_model(model):
     tensors, hf_config = _sequence_classifier(model, tokenizer)
     hf_tokenizer = _score_tokenizer(tokenizer, tensors, hf_config, add_bos,
                                     own_pad=model.last_skips_id is None,
-                                    prompt_style=(pipeline or {}).get("prompt_style", "raw"))
+                                    prompt_style=prompt_style)
     hf_config.update(_score_token(model, hf_config))
   else:
     trunk = getattr(model, "trunk", model)
@@ -210,18 +216,11 @@ def _special_ids(tokenizer: Any, trunk: nnx.Module | None = None) -> dict[str, i
 def _sequence_classifier(model: heads.PooledHeadModel, tokenizer: Any
                          ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """A last-pooled decoder reward model as ``*ForSequenceClassification`` tensors + config."""
-  tensors, hf_config = hf_state_dict(model.trunk)
-  hf_config.update(_special_ids(tokenizer))
-  kind = "GPT2" if hf_config["model_type"] == "gpt2" else "Llama"
-  hf_config["architectures"] = [f"{kind}ForSequenceClassification"]
+  tensors, hf_config = _classifier_form(model, tokenizer)
   tensors.pop("lm_head.weight", None)
-  labels = _labels(model)
-  hf_config["id2label"] = {str(i): name for i, name in enumerate(labels)}
-  hf_config["label2id"] = {name: i for i, name in enumerate(labels)}
-  hf_config["problem_type"] = "regression"  # pipelines then return the raw rewards
-  weight = np.asarray(jax.device_get(model.head.kernel.get_value()), np.float32)
-  bias = np.asarray(jax.device_get(model.head.bias.get_value()), np.float32)
-  tensors["score.weight"] = np.ascontiguousarray(weight.T)
+  head = _own_head(model)
+  bias = head["bias"].astype(np.float32)
+  tensors["score.weight"] = np.ascontiguousarray(head["kernel"].astype(np.float32).T)
   if np.any(bias != 0):
     tensors["score.bias"] = bias
     _log.warning("the reward head's bias %s is not zero: written as 'score.bias', which "
@@ -234,19 +233,26 @@ def _encoder_classifier(model: heads.PooledHeadModel, tokenizer: Any
                         ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """A pooler-pooled encoder reward model as ``*ForSequenceClassification`` tensors + config
   (BERT's, RoBERTa's or DistilBERT's: the classifier reads the bias too)."""
-  tensors, hf_config = hf_state_dict(model.trunk, classifier=True)
+  tensors, hf_config = _classifier_form(model, tokenizer)
+  output = hf_mappings.CLASSIFIER_OUTPUTS[model.trunk.config.model_type]
+  head = _own_head(model)
+  tensors[f"{output}.weight"] = np.ascontiguousarray(head["kernel"].astype(np.float32).T)
+  tensors[f"{output}.bias"] = head["bias"].astype(np.float32)
+  return tensors, hf_config
+
+
+def _classifier_form(model: heads.PooledHeadModel, tokenizer: Any
+                     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The trunk's tensors and a ``*ForSequenceClassification`` config whose labels are the
+  head's outputs (a regression: pipelines then return the raw rewards)."""
+  encoder = isinstance(model.trunk, Encoder)
+  tensors, hf_config = hf_state_dict(model.trunk, classifier=encoder)
   hf_config.update(_special_ids(tokenizer, model.trunk))
-  hf_config["architectures"] = [hf_config["architectures"][0].replace(
-      "Model", "ForSequenceClassification")]
+  hf_config["architectures"] = [CLASSIFIER_ARCHITECTURES[hf_config["model_type"]]]
   labels = _labels(model)
   hf_config["id2label"] = {str(i): name for i, name in enumerate(labels)}
   hf_config["label2id"] = {name: i for i, name in enumerate(labels)}
-  hf_config["problem_type"] = "regression"  # pipelines then return the raw rewards
-  output = hf_mappings.CLASSIFIER_OUTPUTS[model.trunk.config.model_type]
-  tensors[f"{output}.weight"] = np.ascontiguousarray(
-      np.asarray(jax.device_get(model.head.kernel.get_value()), np.float32).T)
-  tensors[f"{output}.bias"] = np.asarray(jax.device_get(model.head.bias.get_value()),
-                                         np.float32)
+  hf_config["problem_type"] = "regression"
   return tensors, hf_config
 
 

@@ -236,8 +236,9 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, rng, temperature,
 
 def _check_left_padded(prompt_mask: Array) -> None:
   """Prefill continues from each row's last slot: a right-padded prompt would continue
-  from padding (silently other samples). Checked where the mask is concrete."""
-  if isinstance(prompt_mask, jax.core.Tracer):
+  from padding (silently other samples). Checked where this process holds the whole mask."""
+  if isinstance(prompt_mask, jax.core.Tracer) or (
+      isinstance(prompt_mask, jax.Array) and not prompt_mask.is_fully_addressable):
     return
   mask = np.asarray(prompt_mask) > 0
   rows = np.flatnonzero(np.any(mask[:, :-1] & ~mask[:, 1:], axis=1))

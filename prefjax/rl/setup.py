@@ -52,11 +52,10 @@ def make_policy(config: Any, tokenizer: Any) -> nnx.Module:
   model_cfg["head"] = None
   policy = experiment.make_model(model_cfg, vocab_size=tokenizer.vocab_size,
                                  seed=int(config.seed))
-  longest = int(config.prompts.max_length) + int(config.sampling.max_new_tokens)
-  try:  # the train step scores whole rows; sampling alone would fit one token more
-    getattr(policy, "check_positions", lambda _: None)(longest)
-  except ValueError as e:
-    raise ValueError(f"prompts.max_length + sampling.max_new_tokens = {longest}: {e}") from None
+  # The train step scores whole rows; sampling alone would fit one token more.
+  experiment.check_policy_length(
+      policy, int(config.prompts.max_length) + int(config.sampling.max_new_tokens),
+      "prompts.max_length + sampling.max_new_tokens")
   return policy
 
 
