@@ -110,12 +110,6 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                                   seed=int(config.seed))
     experiment.check_max_length(model, pcfg.max_length)
     num_columns, objectives = rm.reward_columns(model)
-    if objectives and int(config.loop.get("accum_steps", 1)) > 1:
-      raise ValueError(
-          f"loop.accum_steps={config.loop.accum_steps} with objectives {list(objectives)}: "
-          "each objective's loss is normalised by its own labelled pairs, which a split "
-          "into microbatches changes (microbatches pool by their real pairs); use "
-          "accum_steps=1")
     train_ds = pipeline_lib.preference_dataset(train_source, tokenizer, pcfg)
     train.check_batch_shapes(train_ds, mesh,
                              accum_steps=int(config.loop.get("accum_steps", 1)))

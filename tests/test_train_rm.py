@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pathlib
 import subprocess
@@ -26,7 +25,6 @@ from prefjax import rm
 from prefjax.losses import preference
 from prefjax import train
 from prefjax.evals import preference as preference_eval
-from prefjax.rm import labels
 from tests import child_env
 from tests import comparisons
 
@@ -295,56 +293,6 @@ def test_ensemble_loss_is_sum_of_member_means_with_bootstrap_weights():
   np.testing.assert_allclose(float(loss), sum(member), rtol=1e-5)
 
 
-def test_multi_objective_loss_uses_only_labelled_pairs():
-  rows = [{"id": f"r{i}", "meta": {"objective": lab}}
-          for i, lab in enumerate(["helpful", "harmless", ["helpful", "harmless"], None])]
-  table = labels.objective_table(rows, ("helpful", "harmless"), {})
-  np.testing.assert_array_equal(table, [[1, 0], [0, 1], [1, 1], [0, 0]])
-  rng = np.random.default_rng(3)
-  batch = _pair_batch(4, rng, padded_pairs=0)
-  batch["outcome"] = np.ones(4, np.float32)
-  batch["example_index"] = np.arange(4, dtype=np.int32)
-  batch = labels.add_objective_mask(batch, table)
-  r_c, r_r = rng.normal(size=(4, 2)).astype(np.float32), rng.normal(size=(4, 2)).astype(np.float32)
-  loss_fn = rm.make_loss_fn(dict(name="bt"), num_columns=2,
-                            objectives=("helpful", "harmless"), num_segments=None)
-  loss, metrics = loss_fn(_fake_model(r_c, r_r), batch, jax.random.key(0))
-  expected = []
-  for o, name in enumerate(("helpful", "harmless")):
-    on = table[:, o] > 0
-    ref = np.sum(batch["weight"][on] * -_log_sigmoid(r_c[on, o] - r_r[on, o].astype(np.float64)))
-    expected.append(ref / on.sum())
-    np.testing.assert_allclose(float(metrics[f"objective_loss/{name}"]), expected[-1], rtol=1e-5)
-  np.testing.assert_allclose(float(loss), sum(expected), rtol=1e-5)
-  with pytest.raises(ValueError, match=r"row r0: meta\['objective'\]='helpful' is not one of"):
-    labels.objective_table(rows, ("harmless",), {})
-  labels.check_every_objective_labelled(table, ("helpful", "harmless"), {}, "train")
-  # A head no pair labels would train on nothing (it ran as a no-op and exited 0).
-  with pytest.raises(ValueError, match=r"objective\(s\) \['harmless'\] of the model's "
-                                       r"\['helpful', 'harmless'\] label no pair of split "
-                                       r"'train' \(meta\['objective'\]"):
-    labels.check_every_objective_labelled(table[:1], ("helpful", "harmless"), {}, "train")
-
-
-@pytest.mark.parametrize("value", [3, {"name": "helpful"}, ["helpful", 2]])
-def test_an_objective_label_of_the_wrong_type_names_its_row(value):
-  """An integer label crashed with "'int' object is not iterable", naming no row."""
-  rows = [{"id": "a.jsonl:1", "meta": {"objective": "helpful"}},
-          {"id": "a.jsonl:2", "meta": {"objective": value}}]
-  with pytest.raises(ValueError, match=r"row a\.jsonl:2: meta\['objective'\]=.* must be an "
-                                       r"objective name or a list of them"):
-    labels.objective_table(rows, ("helpful", "harmless"), {})
-
-
-def test_an_empty_objective_list_counts_as_unlabelled(caplog):
-  """It used to train on no objective without being counted among the unlabelled pairs."""
-  rows = [{"id": "r0", "meta": {"objective": []}}, {"id": "r1", "meta": {"objective": "helpful"}}]
-  with caplog.at_level(logging.WARNING):
-    table = labels.objective_table(rows, ("helpful",), {})
-  np.testing.assert_array_equal(table, [[0], [1]])
-  assert "1 of 2 pairs have no objective label" in caplog.text
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -547,32 +495,6 @@ def test_cli_smoke(data_env, tmp_path):
     assert len(record["prefjax_commit"]) == 40 and isinstance(record["prefjax_changed"], bool)
   assert any(p.name.startswith("jit_train_step") for p in cache.iterdir()), sorted(
       p.name for p in cache.iterdir())  # the persistent compilation cache got the step
-
-
-def test_multi_objective_run_reports_each_objective(data_env, tmp_path):
-  from prefjax.data import tiny_world  # pylint: disable=g-import-not-at-top
-  from prefjax.data.tfds_builders import synthetic  # pylint: disable=g-import-not-at-top
-  rows = list(tiny_world.TinyWorld(seed=0).preference_pairs(300, seed=1))
-  for i, row in enumerate(rows):
-    row["meta"]["objective"] = ["helpful", "harmless", ["helpful", "harmless"]][i % 3]
-    row["meta"]["subset"] = ["even", "odd"][i % 2]
-  synthetic.write_synthetic_dataset("rm_multi", rows, label_noise=0.0, gold_name="tiny_world",
-                                    meta={})
-  config = small_config(3)
-  config.data.name = "synthetic:rm_multi"
-  config.model.head = "multi:helpful,harmless"
-  out = train_rm.run(config, str(tmp_path))
-  record = train.read_metrics(tmp_path)[-1]
-  assert record["loss"] == pytest.approx(
-      record["objective_loss/helpful"] + record["objective_loss/harmless"], rel=1e-5)
-  for name in ("helpful", "harmless"):
-    assert 0.0 <= out["eval"][f"objective/{name}/accuracy"] <= 1.0
-  assert out["eval"]["unlabelled_pairs"] == 0
-  assert {"accuracy/subset/even", "accuracy/subset/odd"} <= set(out["eval"])
-  # 6 helpful and 2 harmless pairs in microbatches of 4 weighed harmless ¼, not ½.
-  config.loop.accum_steps = 2
-  with pytest.raises(ValueError, match=r"accum_steps=2 with objectives \['helpful', "):
-    train_rm.run(config, str(tmp_path / "accum"))
 
 
 def test_microbatches_pool_by_their_real_pairs_as_one_batch():

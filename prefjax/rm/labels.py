@@ -3,7 +3,11 @@
 Each source row is labelled with one or more of the model's named objectives
 by ``meta[data.objective_field]`` (a name or a list of names), or
 ``data.objective`` for every row. Batches then carry ``objective_mask [B, O]``,
-looked up by ``example_index``.
+looked up by ``example_index``, and ``objective_share [B, O]``: every row holds the batch's
+count of pairs labelled with each objective divided by its B rows. The loss divides each
+objective by the sum of its shares, which over the whole batch is that count and over any
+of A equal microbatches a 1/A of it, so gradient accumulation normalises each objective by
+the whole batch's pairs (``prefjax.rm.loss``).
 """
 
 from __future__ import annotations
@@ -55,10 +59,15 @@ def check_every_objective_labelled(table: np.ndarray, objectives: Sequence[str],
 
 
 def add_objective_mask(batch: dict[str, np.ndarray], table: np.ndarray) -> dict[str, np.ndarray]:
-  """``batch`` plus ``objective_mask [B, O]`` (zeros for padding pairs)."""
-  index = batch["example_index"]
-  mask = np.where((index >= 0)[:, None], table[np.maximum(index, 0)], 0.0)
-  return {**batch, "objective_mask": mask.astype(np.float32)}
+  """``batch`` plus ``objective_mask [B, O]`` (zeros for padding pairs) and
+  ``objective_share [B, O]`` (each row: the batch's labelled pairs per objective / B)."""
+  index = np.asarray(batch["example_index"])
+  if index.ndim != 1:
+    raise ValueError(f"example_index of shape {index.shape}: objective labels need a batch of "
+                     "[B] pairs (not packed into microbatches)")
+  mask = np.where((index >= 0)[:, None], table[np.maximum(index, 0)], 0.0).astype(np.float32)
+  share = np.broadcast_to(mask.sum(axis=0) / max(len(index), 1), mask.shape)
+  return {**batch, "objective_mask": mask, "objective_share": share.astype(np.float32)}
 
 
 class ObjectiveMaskIterator:

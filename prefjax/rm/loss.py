@@ -19,7 +19,7 @@ which ``model.ensemble="deep"`` without ``bootstrap`` does.
 
 Multi-objective heads (``multi:helpful,harmless``): objective o's loss uses the
 pairs labelled with o (``objective_mask`` [B, O], see ``prefjax.rm.labels``),
-normalised by their count.
+normalised by their count in the whole batch, also under gradient accumulation.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from prefjax.losses import preference as pref_losses
 from prefjax.losses import registry
 from prefjax.models import heads as heads_lib
 from prefjax.models import segments as seg
+from prefjax.train.step import WEIGHT_OF
 
 Array = jax.Array
 Batch = Mapping[str, Any]
@@ -175,7 +176,7 @@ def _pair_metrics(r_c: Array, r_r: Array, batch: Batch, column_mask: Array) -> d
           "mean_margin": jnp.sum(decisive * signed) / count,
           "num_pairs": jnp.sum(batch["pair_mask"]),
           # Pooled over microbatches by their decisive pairs, not by all pairs (train/step.py).
-          "weight_of/accuracy": num_decisive, "weight_of/mean_margin": num_decisive}
+          WEIGHT_OF + "accuracy": num_decisive, WEIGHT_OF + "mean_margin": num_decisive}
 
 
 def _check_columns(loss: RewardLoss, num_columns: int) -> None:
@@ -229,17 +230,19 @@ def make_loss_fn(loss: RewardLoss | Mapping[str, Any], *, num_columns: int = 1,
     if bootstrap:
       weights = weights * bootstrap_weights(rng, losses.shape[0], loss.first_member,
                                             num_columns)
-    count = jnp.maximum(jnp.sum(column_mask, axis=0), 1.0)
+    count, loss_weight = _column_counts(batch, column_mask, objectives)
     column_loss = jnp.sum(jnp.where(weights > 0, weights * losses, 0.0), axis=0) / count
     metrics = _pair_metrics(r_c2, r_r2, batch, column_mask)
-    # Reduced as the loss is: Σ w·v over the real pairs (and columns) / their count.
-    real = jnp.maximum(jnp.sum(column_mask), 1.0)
-    metrics.update({k: v if jnp.ndim(v) == 0 else
-                    jnp.sum(jnp.where(weights > 0, weights * v, 0.0)) / real
-                    for k, v in own_metrics.items()})
-    # Microbatches of gradient accumulation pool by their real pairs, as one batch would
-    # (not for objectives, each normalised by its own pairs: train_rm refuses those).
-    metrics["loss_weight"] = jnp.sum(batch["pair_mask"])
+    # Reduced as the loss is: Σ w·v over the real pairs (and columns) / their count, and
+    # pooled over microbatches by that count.
+    real = jnp.sum(column_mask)
+    for k, v in own_metrics.items():
+      if jnp.ndim(v) == 0:
+        metrics[k] = v
+      else:
+        metrics[k] = jnp.sum(jnp.where(weights > 0, weights * v, 0.0)) / jnp.maximum(real, 1.0)
+        metrics[WEIGHT_OF + k] = real
+    metrics["loss_weight"] = loss_weight
     if num_columns > 1:
       names = objectives or [str(k) for k in range(num_columns)]
       prefix = "objective_loss/" if objectives else "member_loss/"
@@ -247,6 +250,27 @@ def make_loss_fn(loss: RewardLoss | Mapping[str, Any], *, num_columns: int = 1,
     return jnp.sum(column_loss), metrics
 
   return loss_fn
+
+
+def _column_counts(batch: Batch, column_mask: Array, objectives: Sequence[str]
+                   ) -> tuple[Array, Array]:
+  """Each column's divisor and the microbatch's ``loss_weight`` (``prefjax.train.step``).
+
+  One reward or ensemble members: the real pairs of the (micro)batch, which is also its
+  weight, so accumulated microbatches pool as one batch. Objectives: the sum of the
+  pairs' ``objective_share`` (``prefjax.rm.labels``), a 1/A of the whole batch's labelled
+  pairs in each of A microbatches; every microbatch then weighs the same, Σ of those
+  divisors, and the pooled loss is each objective's sum over the whole batch divided by
+  its whole-batch count, as without accumulation.
+  """
+  if not objectives:
+    real = jnp.sum(batch["pair_mask"])
+    return jnp.maximum(jnp.sum(column_mask, axis=0), 1.0), real
+  if "objective_share" in batch:
+    share = jnp.sum(batch["objective_share"], axis=0)
+  else:  # a batch built without prefjax.rm.labels: its own labelled pairs
+    share = jnp.sum(column_mask, axis=0)
+  return jnp.where(share > 0, share, 1.0), jnp.sum(share)
 
 
 def reward_columns(model: nnx.Module) -> tuple[int, tuple[str, ...]]:
