@@ -32,6 +32,7 @@ from experiments import text_study
 from experiments import train_rm
 from prefjax import configlib
 from prefjax import experiment
+from prefjax.overopt import text_report
 from prefjax.overopt import text_world
 from prefjax.rl import algorithms
 from prefjax.rl import rewards as rl_rewards
@@ -211,8 +212,8 @@ def describe(results: dict[str, Any]) -> str:
   return (f"π_ref is {world['policy']} (no SFT) sampling HH-RLHF harmless-base training "
           "prompts in the chat template. Gold: a reward model trained by `train_rm` on the "
           "human HH pairs (`gold/`). Proxies: smaller encoder reward models trained from "
-          f"scratch by `train_rm` on {pairs['num_pairs']} gold-labelled pairs of π_ref "
-          f"samples (dropped: {pairs['skipped']}). Best-of-n by `best_of_n`, RLOO by "
+          f"scratch by `train_rm` on {text_report.pairs_text(pairs)}. Best-of-n by "
+          "`best_of_n`, RLOO by "
           "`train_rl`, the DPO family (when configured) by `train_dpo` on the same pairs; "
           "every RL and DPO checkpoint sampled on the same held-out HH prompts with the "
           "same key; gold and proxies in SDs under π_ref.")

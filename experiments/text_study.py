@@ -87,9 +87,28 @@ class TextWorld:
     return experiment.make_model(self.policy_model(path), vocab_size=self.tokenizer.vocab_size,
                                  seed=0)
 
+  def stream_seed(self, seed: int) -> int:
+    """``seed`` for this world's own draws: held-out prompts, π_ref pairs, best-of-n and RL
+    prompts and samples, the evaluation key. Each world seed then draws its own, so pooled
+    worlds (``text_world.pool_seeds``) are the independent draws their bootstrap over the
+    concatenated prompts takes them for; with one stream for all, every world sampled the
+    same prompts. ``seed`` itself in a world without a seed (the HH world)."""
+    world_seed = self._world_seed()
+    if world_seed is None:
+      return int(seed)
+    return int(np.random.SeedSequence((int(seed), int(world_seed))).generate_state(1)[0] >> 1)
+
+  def _world_seed(self) -> int | None:
+    return (self.cfg.get("world") or {}).get("seed")
+
+  def _stream_key(self, seed: int) -> dict[str, int]:
+    """A stage key's record of :meth:`stream_seed` (none without a world seed, so the HH
+    world's keys are as before)."""
+    return {} if self._world_seed() is None else {"stream_seed": self.stream_seed(seed)}
+
   def eval_prompts(self) -> rollout_lib.Prompts:
     cfg = self.cfg.eval
-    rng = np.random.default_rng((int(cfg.seed), 7))
+    rng = np.random.default_rng((self.stream_seed(cfg.seed), 7))
     texts = [self.world.sample_prompt(rng) for _ in range(int(cfg.num_prompts))]
     return self.encode_prompts(texts)
 
@@ -110,18 +129,19 @@ class TextWorld:
   def pairs_key(self) -> dict[str, Any]:
     """What :meth:`policy_pairs` depends on besides π_ref (whose stage is keyed itself)."""
     return dict(world=self.world_fields, policy=configlib.plain(self.cfg.policy),
-                pairs=configlib.plain(self.cfg.pairs), max_new_tokens=self.max_new_tokens)
+                pairs=configlib.plain(self.cfg.pairs), max_new_tokens=self.max_new_tokens,
+                **self._stream_key(self.cfg.pairs.seed))
 
   def policy_pairs(self) -> dict[str, Any]:
     """Two π_ref samples per prompt, gold-labelled; pairs with an empty response, two
     identical responses or equal gold are counted and dropped. Written as a ``synthetic:`` dataset; returns its name and counts."""
     cfg = self.cfg.pairs
     policy = self.make_policy(self.reference_path())
-    rng = np.random.default_rng((int(cfg.seed), 11))
+    rng = np.random.default_rng((self.stream_seed(cfg.seed), 11))
     prompts = self.encode_prompts([self.world.sample_prompt(rng)
                                    for _ in range(int(cfg.num_pairs))])
     rows, skipped = text_world.sample_gold_pairs(policy, prompts, self.gold, self.tokenizer,
-                                                 seed=int(cfg.seed),
+                                                 seed=self.stream_seed(cfg.seed),
                                                  max_new_tokens=self.max_new_tokens)
     dataset = text_world.pairs_dataset(f"textworld-pairs-{text_world.digest(rows)}", lambda: rows,
                                        dict(world=self.world_fields, policy="sft",
@@ -156,6 +176,7 @@ class TextWorld:
   def _policy_side(self, c) -> None:
     c.model.update(self.policy_model(self.reference_path()))
     c.world.update(self.world_fields)
+    c.seed = self.stream_seed(c.seed)  # best-of-n's and RL's prompts and samples
     c.warm_start.steps = 0
 
   def against_proxy(self, base: Any, width: int) -> ml_collections.ConfigDict:
@@ -207,16 +228,17 @@ class TextWorld:
     reference = self.make_policy(self.reference_path())
     evaluate = functools.partial(  # evaluate(policy): every policy sees the same samples' key
         text_world.evaluate_policy, reference=reference, prompts=prompts,
-        key=jax.random.key(int(cfg.seed)), tokenizer=self.tokenizer,
+        key=jax.random.key(self.stream_seed(cfg.seed)), tokenizer=self.tokenizer,
         rewards={"gold": self.gold, **proxies}, max_new_tokens=self.max_new_tokens,
         samples_per_prompt=int(cfg.samples_per_prompt))
     return evaluate, reference
 
   def evaluation_key(self, proxy_widths: list[int]) -> dict[str, Any]:
     """``text_world.evaluation_key`` of this world's evaluator and stages."""
-    return text_world.evaluation_key(
+    key = text_world.evaluation_key(
         self.cfg.eval, self.max_new_tokens, reference=self.reference_stage()[0],
         proxies={f"proxy_w{w}": self.proxy_reward_spec(w).checkpoint for w in proxy_widths})
+    return dict(key, **self._stream_key(self.cfg.eval.seed))
 
 
 # ---------------------------------------------------------------------------- stages

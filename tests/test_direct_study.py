@@ -186,6 +186,21 @@ def test_d1_pass_and_fail():
   assert not result["pass"] and result["value"]["rmse_rl"] > result["value"]["rmse_quadratic_kl"]
 
 
+def test_d1_with_two_betas_is_not_evaluable():
+  """Two β values and the reference are fit exactly by both forms: the RMSE comparison was
+  round-off, which passed D1 for a curve quadratic in KL (a review's script: 69 of 200)."""
+  betas, steps = [1.0, 0.1], np.array([0, 100])
+  d = np.array([0.8, 2.0])
+  gold = np.stack([np.zeros(2), 0.8 * d**2 - 0.12 * d**4], 1)   # hump, quadratic in KL
+  kl = np.stack([np.zeros(2), d**2], 1)
+  result = dc.criterion_d1(_synthetic(betas, steps, kl, gold, np.zeros((2, 2))),
+                           num_bootstrap=50)
+  assert not result["pass"] and result["value"] == {"evaluable": False, "num_betas": 2}
+  assert "not evaluable: needs >= 3 β values, got 2" in result["detail"]
+  assert dc.criterion_d1(_final_sweep(lambda d: d * (1.0 - 0.6 * np.log(d))),
+                         num_bootstrap=50)["value"]["evaluable"]
+
+
 def _trajectory(gold_curve, kl_curve):
   steps = np.arange(0, 501, 50)
   t = steps / 500.0

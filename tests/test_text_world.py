@@ -163,8 +163,37 @@ def test_pool_seeds_concatenates_standardised_prompts():
   assert pooled["proxy_stats"] == [{"width": 8, "accuracy": pytest.approx(0.65),
                                     "wall_s": 10.0}]
   assert pooled["pairs"]["num_pairs"] == 201
+  assert pooled["pairs"]["num_pairs_per_world"] == [100, 101]
   assert pooled["pairs"]["skipped"] == {"empty": 1, "identical": 2}
   assert pooled["seeds"] == [0, 1] and text_world.pool_seeds(runs[:1]) == runs[0]
+  from prefjax.overopt import text_report  # pylint: disable=import-outside-toplevel
+  # Each proxy trained on its own world's pairs: the report said 201.
+  assert text_report.pairs_text(pooled["pairs"]).startswith(
+      "100–101 gold-labelled pairs of π_ref samples in each of 2 pooled worlds")
+  assert text_report.pairs_text(runs[0]["pairs"]).startswith("100 gold-labelled pairs")
+
+
+def test_each_text_world_seed_draws_its_own_prompts_and_samples(tmp_path):
+  """Pooled worlds are concatenated as independent draws; every world used to sample the
+  same held-out, pair, best-of-n and RL prompts with the same keys (a review's finding)."""
+  from configs.reproduce import quick  # pylint: disable=import-outside-toplevel
+  from experiments import text_study  # pylint: disable=import-outside-toplevel
+
+  def world(seed):
+    cfg = quick.text_config(enabled=True, tiny=True)
+    cfg.world.seed = seed
+    return text_study.TextWorld(cfg, str(tmp_path))
+
+  w0, w1, again = world(0), world(1), world(0)
+  assert w0.eval_prompts().texts == again.eval_prompts().texts
+  assert w0.eval_prompts().texts != w1.eval_prompts().texts
+  assert w0.stream_seed(1) != w1.stream_seed(1) and w0.stream_seed(1) != w0.stream_seed(2)
+  assert w0.bon_config(8).seed != w1.bon_config(8).seed
+  assert w0.rl_config(8).seed != w1.rl_config(8).seed
+  assert w0.pairs_key()["stream_seed"] != w1.pairs_key()["stream_seed"]
+  unseeded = world(0)
+  del unseeded.cfg.world["seed"]
+  assert unseeded.stream_seed(7) == 7 and "stream_seed" not in unseeded.pairs_key()
 
 
 def test_finished_stage_is_reused_for_its_config_and_refused_for_another(tmp_path):

@@ -39,19 +39,19 @@ The default (not run; no GPU here), estimated from its token counts with SmolLM2
 ≈ 0.27 GFLOP per token forward (2 × 135M) and ×4 for a training token (forward, backward,
 the reference's forward):
   generated tokens: pairs 4,200 × 2 × 48 = 0.40M; best-of-n 4 widths × 128 × 256 × 48 =
-  6.3M; RLOO 2 × 100 steps × 64 × 48 = 0.61M; checkpoint evaluation 30 × 256 × 48 = 0.37M;
-  total ≈ 7.7M tokens ≈ 2.1 PFLOP;
-  trained tokens: RLOO 2 × 100 × 64 × 176 = 2.3M, DPO 4 × 100 × 4,096 packed slots (16
-  pairs a step sharing their prompts) = 1.6M, ≈ 3.9M × 1.1 GFLOP ≈ 4.3 PFLOP;
+  6.3M; RLOO 2 × 100 steps × 64 × 48 = 0.61M; checkpoint evaluation 40 × 256 × 48 = 0.49M;
+  total ≈ 7.8M tokens ≈ 2.1 PFLOP;
+  trained tokens: RLOO 2 × 100 × 64 × 176 = 2.3M, DPO 6 × 100 × 4,096 packed slots (16
+  pairs a step sharing their prompts) = 2.5M, ≈ 4.8M × 1.1 GFLOP ≈ 5.3 PFLOP;
   gold (MiniLM, 300 steps) ≈ 6 min on a quiet CPU (configs/rm/hh_minilm.py: 150 steps in
   2 min 49 s), proxies minutes.
-  CPU: ≈ 6.4 PFLOP at the ≈ 85 GFLOP/s a train step reaches here ≈ 21 h: about a day.
+  CPU: ≈ 7.4 PFLOP at the ≈ 85 GFLOP/s a train step reaches here ≈ 24 h: about a day.
   One GPU (H100/H200): the arithmetic is ≈ 1–2 min at 100 TFLOP/s; the run is bounded by
-  16 binary start-ups (loading SmolLM2 or MiniLM and compiling: ≈ 1 min each), 30
-  checkpoint loads for the evaluation and writing 24 checkpoints of 1.8 GB (parameters,
-  Adam state; measured in `:quick`): ≈ 30–60 min. The exact-KL evaluation runs its
+  18 binary start-ups (loading SmolLM2 or MiniLM and compiling: ≈ 1 min each), 40
+  checkpoint loads for the evaluation and writing 32 checkpoints of 1.8 GB (parameters,
+  Adam state; measured in `:quick`): ≈ 40–70 min. The exact-KL evaluation runs its
   256 rows of 176 tokens in chunks of 31 rows (1 GiB of float32 logits a model each,
-  `text_world.KL_LOGITS_BYTES`; 8.9 GB a model unchunked). Disk: ≈ 45 GB of checkpoints.
+  `text_world.KL_LOGITS_BYTES`; 8.9 GB a model unchunked). Disk: ≈ 60 GB of checkpoints.
 Expected result: not yet measured (no GPU run).
 """
 
@@ -85,7 +85,9 @@ def _text(variant: str | None) -> ml_collections.ConfigDict:
   text.bon = dict(num_prompts=128, num_samples=256, num_points=12, prompts_per_batch=8)
   text.rl = dict(widths=(32, 256), algorithm="rloo", kl_coef=0.02, steps=100, eval_every=25,
                  prompts_per_step=16, group_size=4, learning_rate=3e-6)
-  text.dpo = dict(losses=("dpo", "ipo"), betas=(0.1, 1.0), steps=100, eval_every=25,
+  # Three β: D1 compares two 2-parameter fits through the reference, so it needs three
+  # points of its own (with two, both fit exactly: direct_criteria.D1_MIN_BETAS).
+  text.dpo = dict(losses=("dpo", "ipo"), betas=(0.1, 0.3, 1.0), steps=100, eval_every=25,
                   batch_size=16, learning_rate=1e-6)
   text.eval = dict(num_prompts=64, samples_per_prompt=4, seed=1)
   if variant in ("quick", "tiny"):

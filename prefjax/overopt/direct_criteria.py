@@ -19,6 +19,8 @@ from prefjax.overopt import exact
 from prefjax.overopt import fits
 from prefjax.overopt.direct_study import DaaSweep
 
+# D1 compares two 2-parameter fits through the reference: it needs residuals to compare.
+D1_MIN_BETAS = 3
 # P1's KL bins (nats): DPO and the RL reference are compared within each.
 P1_KL_EDGES = tuple(2.0 ** np.arange(-4, 7))
 
@@ -49,9 +51,18 @@ def criterion_d1(sweep: DaaSweep, *, num_se: float = 2.0, num_bootstrap: int = 1
   and the largest-d point is below it by a z (SE over prompts of the per-prompt
   difference) of at least ``num_se``, raised to the bootstrap-t max critical value
   because the peak is picked from the same points (``bon.Decline``). Fits use the
-  same points (CIs over prompts).
+  same points (CIs over prompts). With fewer than ``D1_MIN_BETAS`` β values D1 is not
+  evaluable, which is a failure: both forms pass through the reference and any two more
+  points, so their RMSEs would be round-off and the comparison a coin toss.
   """
   d, gold, per_kl, per_gold = final_curve(sweep)
+  threshold = (f"interior argmax with drop z >= critical_z (max-t, at least {num_se:g}), "
+               f"and rmse_rl < rmse_quadratic_kl, over >= {D1_MIN_BETAS} β values")
+  if len(d) - 1 < D1_MIN_BETAS:
+    return _result(False, {"evaluable": False, "num_betas": len(d) - 1}, threshold,
+                   f"{sweep.loss}: not evaluable: needs >= {D1_MIN_BETAS} β values, got "
+                   f"{len(d) - 1} (two-parameter forms through the reference fit two points "
+                   "exactly)")
   decline = bon.peak_drop(per_gold, num_bootstrap, seed, z_level=num_se)
   drop, drop_se, peak = decline.drop, decline.se, decline.peak
   kw = dict(per_prompt_gold=per_gold, per_prompt_kl=per_kl, num_bootstrap=num_bootstrap,
@@ -69,9 +80,7 @@ def criterion_d1(sweep: DaaSweep, *, num_se: float = 2.0, num_bootstrap: int = 1
             f"{decline.describe('to it')}: "
             f"{'interior' if interior else 'no interior maximum'});"
             f" RMSE RL {rl.rmse:.4f} vs quadratic {quad.rmse:.4f}")
-  return _result(interior and rl.rmse < quad.rmse, value,
-                 f"interior argmax with drop z >= critical_z (max-t, at least {num_se:g}), "
-                 "and rmse_rl < rmse_quadratic_kl",
+  return _result(interior and rl.rmse < quad.rmse, dict(value, evaluable=True), threshold,
                  detail)
 
 

@@ -228,7 +228,18 @@ def _text_intro(results: Mapping[str, Any]) -> str:
   pairs, world = results["pairs"], results["world"]
   return ("A byte-level decoder SFT'd by `train_sft` on the tiny text world is π_ref. Gold: "
           f"{_gold_description(world)}. Proxies: decoder reward "
-          f"models trained by `train_rm` on {pairs['num_pairs']} gold-labelled pairs of π_ref "
-          f"samples (dropped: {pairs['skipped']}). Best-of-n by `best_of_n`, RL by "
-          "`train_rl`, the DPO family by `train_dpo` on the same pairs; every RL and DPO "
-          "checkpoint sampled on the same held-out prompts with the same key.")
+          f"models trained by `train_rm` on {pairs_text(pairs)}. Best-of-n by `best_of_n`, RL "
+          "by `train_rl`, the DPO family by `train_dpo` on the same pairs; every RL and DPO "
+          "checkpoint sampled on the same held-out prompts with the same key"
+          + (", each world its own" if "num_pairs_per_world" in pairs else "") + ".")
+
+
+def pairs_text(pairs: Mapping[str, Any]) -> str:
+  """The proxies' training pairs: a pooled study's per world (each trained its own)."""
+  per_world = pairs.get("num_pairs_per_world")
+  if per_world is None:
+    return (f"{pairs['num_pairs']} gold-labelled pairs of π_ref samples "
+            f"(dropped: {pairs['skipped']})")
+  return (f"{min(per_world)}–{max(per_world)} gold-labelled pairs of π_ref samples in each "
+          f"of {len(per_world)} pooled worlds, its own proxies trained on its own pairs "
+          f"({per_world}; dropped in all: {pairs['skipped']})")

@@ -476,7 +476,8 @@ def pool_seeds(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
   Best-of-n samples are standardised per seed (the pooled ``scales`` are then the
   identity); trajectories must already be (``standardized``). Proxy accuracies and
-  training times are averaged, pair counts summed.
+  training times are averaged, pair counts summed (``num_pairs_per_world``: each world's,
+  on which its own proxies trained).
   """
   if len(runs) == 1:
     return dict(runs[0])
@@ -500,6 +501,7 @@ def pool_seeds(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   stats = [{k: v if k == "width" else float(np.mean([r["proxy_stats"][i][k] for r in runs]))
             for k, v in first_stats.items()} for i, first_stats in enumerate(first["proxy_stats"])]
   pairs = {**first["pairs"], "num_pairs": sum(r["pairs"]["num_pairs"] for r in runs),
+           "num_pairs_per_world": [r["pairs"]["num_pairs"] for r in runs],
            "skipped": {k: sum(r["pairs"]["skipped"][k] for r in runs)
                        for k in first["pairs"]["skipped"]}}
   return {**first, "scales": {name: unit for name in first["scales"]}, "bon": bon,
