@@ -16,7 +16,8 @@ Writes into the workdir:
                  readable as ``jsonl:WORKDIR/labels.jsonl`` by every binary;
   report.json / report.md   agreement with the data's own labels for each order and the
                  average (bootstrap CIs), the single orders' position bias, and
-                 for PandaLM agreement with each annotator beside inter-annotator agreement.
+                 for PandaLM agreement with each annotator beside inter-annotator agreement;
+                 ``source_rows``: the data's rows read, built and skipped by reason.
 While judging, ``judged.partial.npz`` holds the batches judged so far (saved at most
 every 30 s): a run stopped halfway resumes after them (the same queries, judge weights
 and batching), and a finished one relabels from scratch.
@@ -35,6 +36,7 @@ from absl import logging
 from experiments import common
 from prefjax import configlib
 from prefjax import experiment
+from prefjax.data import report as data_report
 from prefjax.data import tiny_world as tiny_world_lib
 from prefjax.evals import stats
 from prefjax.feedback import agreement
@@ -123,6 +125,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             "source": f"{config.data.name}[{config.data.split}]", "num_pairs": len(pairs),
             "num_principles": len(principles), "judge": config.judge.kind,
             "counters": dict(judge.counters, skipped_empty_response=skipped),
+            "source_rows": data_report.build_counts(source),
             "mean_option_mass": sum(j["option_mass"] for j in judged) / max(len(judged), 1),
             # Written as chosen = A with outcome ½ (a tie), and pairs whose questions put
             # little mass on the two labels (the judge would have written something else).

@@ -3,8 +3,9 @@ r"""Self-critique loop: generate → critique against a principle → revise; wr
   python -m experiments.self_critique --config=configs/feedback/self_critique_smollm2.py \
       --workdir=/tmp/critique_hh
 
-Prompts are the first ``config.data.max_prompts`` prompts of ``config.data`` (their
-responses are not used). Each prompt gets one principle of ``config.constitution``
+Prompts are the first ``config.data.max_prompts`` distinct prompts of ``config.data``
+(their responses are not used; rows repeating an earlier prompt are counted in the report's
+``source.duplicate_prompt_rows``, and rows the data skipped in ``source.rows_skipped``). Each prompt gets one principle of ``config.constitution``
 (sampled, ``config.principles.seed``); the critique and revision prompts are
 ``config.critique.critique_template`` / ``revision_template`` (see
 ``prefjax.feedback.critique``). Writes ``pairs.jsonl`` (chosen = revision, rejected =
@@ -25,6 +26,7 @@ from absl import logging
 from experiments import common
 from prefjax import configlib
 from prefjax import experiment
+from prefjax.data import report as data_report
 from prefjax.feedback import constitution
 from prefjax.feedback import critique
 from prefjax.feedback import dataset
@@ -44,8 +46,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   gen_cfg = configlib.dataclass_from_mapping(critique.GenerationConfig, dict(config.sampling))
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   source = experiment.load_split(config.data, config.data.split)
-  n = min(int(config.data.max_prompts), len(source))
-  prompts = list(dict.fromkeys(source[i]["prompt"] for i in range(n)))
+  prompts, rows_read = distinct_prompts(source, int(config.data.max_prompts))
   model = experiment.make_model(dict(config.model, head=None), vocab_size=tokenizer.vocab_size,
                                 seed=int(config.seed))
   rows, counters = critique.self_critique(
@@ -55,6 +56,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   written = dataset.read_back(name, cache_dir=config.data.get("cache_dir")) if rows else []
   report = {"command": " ".join(sys.argv), "dataset": name, "rows_written": len(written),
             "source": f"{config.data.name}[{config.data.split}]", "counters": counters,
+            "source_rows": dict(data_report.build_counts(source), rows_used=rows_read,
+                                duplicate_prompt_rows=rows_read - len(prompts)),
             "examples": rows[:3], "wall_seconds": time.time() - start}
   summary_lib.write_json(os.path.join(workdir, "report.json"), report)
   logging.info("self_critique: %d prompts -> %d pairs in %.1fs (%s); wrote %s", len(prompts),
@@ -62,6 +65,17 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   # Last, so that a failed rerun leaves the previous config beside the previous report.
   summary_lib.replace_config(workdir, config)
   return report
+
+
+def distinct_prompts(source: Any, limit: int) -> tuple[list[str], int]:
+  """The first ``limit`` distinct prompts of ``source`` and the number of rows read for them
+  (several pairs of one prompt give it once)."""
+  prompts: dict[str, None] = {}
+  rows = 0
+  while rows < len(source) and len(prompts) < limit:
+    prompts.setdefault(source[rows]["prompt"], None)
+    rows += 1
+  return list(prompts), rows
 
 
 if __name__ == "__main__":

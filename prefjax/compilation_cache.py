@@ -10,9 +10,9 @@ them instead (``benchmarks/RESULTS.md``, "Persistent compilation cache").
 
 ``PREFJAX_COMPILATION_CACHE`` names the folder (default
 ``~/.cache/prefjax/jax_compilation_cache``); ``0``, ``off``, ``false``, ``no``, ``none``
-or an empty value turns it off. JAX's own setting wins: with
+or an empty value turns it off. JAX's own settings win: with
 ``JAX_COMPILATION_CACHE_DIR`` set (as the test suite sets it, to a private folder), that
-folder is used. A folder that cannot be created (a read-only home on a compute node)
+folder is used, and with ``JAX_ENABLE_COMPILATION_CACHE=false`` the cache is off. A folder that cannot be created (a read-only home on a compute node)
 leaves the cache off, with a warning, and the run goes on. Nothing evicts entries:
 delete the folder to reclaim the space.
 
@@ -39,6 +39,8 @@ _ENTRY_SUFFIX = "-cache"  # jax._src.lru_cache's name for an entry's file
 
 def enable(environ: Mapping[str, str] = os.environ) -> str | None:
   """Points JAX's persistent cache at the configured folder; returns it (None: off)."""
+  if not jax.config.jax_enable_compilation_cache:  # JAX reads and writes no entry then
+    return None
   if jax.config.jax_compilation_cache_dir:
     return jax.config.jax_compilation_cache_dir
   folder = environ.get(CACHE_ENV, DEFAULT_DIR)

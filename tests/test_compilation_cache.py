@@ -28,6 +28,9 @@ def test_jax_setting_wins_then_the_prefjax_folder_then_off(tmp_path):
   assert _enable_in_fresh_process(PREFJAX_COMPILATION_CACHE=folder) == [folder, folder]
   assert os.path.isdir(folder)
   assert _enable_in_fresh_process(PREFJAX_COMPILATION_CACHE="0") == ["None", "None"]
+  # JAX's switch off: reported off (it said on, and JAX wrote nothing there).
+  assert _enable_in_fresh_process(PREFJAX_COMPILATION_CACHE=folder,
+                                  JAX_ENABLE_COMPILATION_CACHE="false")[0] == "None"
 
 
 def test_an_uncreatable_folder_leaves_the_cache_off_and_any_off_word_turns_it_off(tmp_path):

@@ -52,6 +52,13 @@ def tiny_lm():
       lambda s: np.asarray(rng.normal(0.0, 0.5, s.shape), s.dtype), state))
 
 
+def _with_dtype(model, dtype):
+  """``model``'s float32 weights in a decoder computing in ``dtype``."""
+  graphdef, _ = nnx.split(nnx.eval_shape(
+      lambda: decoder_lib.Decoder(model.config, rngs=nnx.Rngs(0), dtype=dtype)))
+  return nnx.merge(graphdef, nnx.state(model))
+
+
 def test_lm_judge_matches_a_float64_reference_and_compiles_one_program_per_bucket(tiny_lm):
   tok = tokenize.ByteTokenizer()
   judge = labeller.LMJudge(tiny_lm, tok, TINY_TEMPLATE, batch_size=4, max_length=64,
@@ -113,6 +120,18 @@ def test_a_judge_stopped_between_batches_resumes_after_them_with_the_same_log_pr
   other = [labeller.Query("Worse?", q.prompt, q.first, q.second) for q in queries]
   judge.option_logps(other, progress=progress)  # other queries: judged from the start
   assert len(calls) == 4
+  # The same weights computing in bfloat16: judged from the start, not float32 rows reused.
+  calls.clear()
+  stop_at.append(3)
+  with pytest.raises(KeyboardInterrupt):
+    judge.option_logps(queries, progress=progress)
+  calls.clear()
+  stop_at.clear()
+  half = labeller.LMJudge(_with_dtype(tiny_lm, jnp.bfloat16), tokenize.ByteTokenizer(),
+                          TINY_TEMPLATE, batch_size=2, max_length=64, pad_to_multiple=32)
+  resumed = half.option_logps(queries, progress=progress)
+  assert len(calls) == 4
+  np.testing.assert_array_equal(resumed, half.option_logps(queries))
 
 
 def test_the_judge_keeps_a_prompts_start_and_end_and_counts_its_cuts(tiny_lm):
@@ -191,6 +210,9 @@ def test_tiny_world_gold_judge_labels_are_recovered_through_the_pipeline(tmp_pat
     assert row["meta"]["p_a_first"] == pytest.approx(row["meta"]["p_a_second"], abs=1e-12)
     assert len(row["meta"]["principles"]) == 1
   assert report["human"]["agreement_average"]["value"] == 1.0
+  source_rows = report["source_rows"]  # the data's own accounting, as data_report.json's
+  assert source_rows["rows_read"] == source_rows["rows_built"] + source_rows["rows_skipped"] + (
+      source_rows["rows_in_other_splits"]) and source_rows["rows_selected"] >= 64
   # A planted +1-logit first-slot bias: each single order errs, the average does not.
   biased = label_ai_feedback.run(_tiny_gold_config(position_bias=1.0), str(tmp_path / "biased"))
   h = biased["human"]
@@ -284,6 +306,8 @@ def test_self_critique_tiny_writes_revised_over_initial_pairs(tmp_path, tiny_lm,
   report = self_critique.run(config, str(tmp_path))
   counters = report["counters"]
   assert counters["prompts"] == 6
+  assert report["source_rows"]["rows_used"] - report["source_rows"][
+      "duplicate_prompt_rows"] == 6
   assert counters["pairs"] + counters.get("skipped_empty", 0) + counters.get(
       "skipped_unchanged", 0) == 6
   # Every stage counts its cut prompts and its replies that hit max_new_tokens.
@@ -295,6 +319,14 @@ def test_self_critique_tiny_writes_revised_over_initial_pairs(tmp_path, tiny_lm,
   for row in rows:
     assert row["outcome"] == 1.0 and row["meta"]["principle"] in principles
     assert isinstance(row["meta"]["critique"], str) and row["chosen"] != row["rejected"]
+
+
+def test_self_critique_takes_the_first_distinct_prompts_and_counts_the_repeats():
+  """Several pairs of one prompt gave fewer prompts than max_prompts, uncounted."""
+  source = [{"prompt": p} for p in "aabacbdd"]
+  assert self_critique.distinct_prompts(source, 3) == (["a", "b", "c"], 5)
+  assert self_critique.distinct_prompts(source, 10) == (["a", "b", "c", "d"], 8)
+  assert self_critique.distinct_prompts([], 3) == ([], 0)
 
 
 def test_constitutions_keep_each_principle_once_within_and_across_files(tmp_path):

@@ -139,11 +139,12 @@ class LMJudge:
                    progress: str | None = None) -> np.ndarray:
     """``[N, 2]`` log-probs of the two labels. ``progress``: a file the batches judged so
     far are saved in (``files.PartialArrays``), so that a stopped job resumes after them;
-    it is keyed by the queries' token ids, the judge's weights and its batching."""
+    it is keyed by the queries' token ids, the judge's weights, its structure and settings
+    (compute dtype, RoPE base… as ``repr(graphdef)`` holds them) and its batching."""
     encoded = [self.encode(q) for q in queries]
     order = np.argsort([len(ids) for ids in encoded], kind="stable")
     graphdef, state = nnx.split(self.model)
-    fingerprint = self._fingerprint(encoded, state) if progress else ""
+    fingerprint = self._fingerprint(encoded, graphdef, state) if progress else ""
     partial = files.PartialArrays(progress, fingerprint)
     pad = self.tokenizer.pad_id
     with metrics_lib.progress_bar(len(queries), desc, "query", initial=partial.done) as bar:
@@ -167,9 +168,11 @@ class LMJudge:
       out[judged["rows"]] = judged["logps"]
     return out
 
-  def _fingerprint(self, encoded: Sequence[Sequence[int]], state: Any) -> str:
+  def _fingerprint(self, encoded: Sequence[Sequence[int]], graphdef: Any, state: Any) -> str:
     digest = hashlib.sha256(json.dumps([self.option_ids.tolist(), self.batch_size,
                                         self.max_length, self.pad_to_multiple]).encode())
+    # Settings that are not weights (a bfloat16 rerun of float32 weights) are in the graphdef.
+    digest.update(repr(graphdef).encode())
     for ids in encoded:
       digest.update(np.asarray([len(ids), *ids], np.int64).tobytes())
     digest.update(train_state.params_sha256(state).encode())
