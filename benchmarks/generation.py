@@ -23,6 +23,7 @@ is the highest ratio over HF this machine allows: where it is under 2, issue G's
 
 from __future__ import annotations
 
+import resource
 import statistics
 import tempfile
 import time
@@ -46,19 +47,31 @@ TOP_P = 0.95
 
 def build_models(name: str) -> tuple[dec.Decoder, Any]:
   """(prefjax decoder, the same weights as a ``transformers.LlamaForCausalLM`` in eval mode)."""
-  import transformers
+  model = build_prefjax(name)
+  return model, build_hf(model)
+
+
+def build_prefjax(name: str) -> dec.Decoder:
   if name == "25m":
-    model = dec.Decoder(workloads.rm_model_config(), rngs=nnx.Rngs(0))
-  elif name == "smollm2":
-    model = model_throughput.build_model("smollm2", None)
-  else:
-    raise ValueError(f"generation model must be '25m' or 'smollm2', got {name!r}")
+    return dec.Decoder(workloads.rm_model_config(), rngs=nnx.Rngs(0))
+  if name == "smollm2":
+    return model_throughput.build_model("smollm2", None)
+  raise ValueError(f"generation model must be '25m' or 'smollm2', got {name!r}")
+
+
+def build_hf(model: dec.Decoder) -> Any:
+  """``model``'s weights as a ``transformers.LlamaForCausalLM`` in eval mode."""
+  import transformers
   with tempfile.TemporaryDirectory() as tmp:
     hf_export.save_pretrained(model, tmp)
     hf_model = transformers.LlamaForCausalLM.from_pretrained(
         tmp, torch_dtype="float32", attn_implementation="sdpa").eval()
   hf_model.generation_config.eos_token_id = None  # exactly NEW_TOKENS per row
-  return model, hf_model
+  return hf_model
+
+
+def peak_rss_mb() -> int:
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def stream_bandwidth(megabytes: int = 256, repeats: int = 7) -> dict[str, float]:
@@ -82,6 +95,28 @@ def stream_bandwidth(megabytes: int = 256, repeats: int = 7) -> dict[str, float]
   return rates
 
 
+def head_flops(config: dec.DecoderConfig) -> float:
+  """Forward FLOPs of the LM head for one token."""
+  return 2 * config.hidden_size * config.vocab_size
+
+
+def prefill_flops(config: dec.DecoderConfig, batch: int, prompt_length: int) -> float:
+  """The prompts' forward pass: every token through the blocks (causal attention), the LM
+  head at each row's last token only (as ``Decoder.prefill`` and HF compute it)."""
+  per_token = model_throughput.flops_per_token(config, prompt_length) - head_flops(config)
+  return batch * (prompt_length * per_token + head_flops(config))
+
+
+def call_flops(config: dec.DecoderConfig, batch: int, prompt_length: int,
+               new_tokens: int) -> float:
+  """A generation call's forward FLOPs: the prefill, then ``new_tokens - 1`` decode steps
+  (the first new token comes from the prefill, the last needs no forward pass), step ``j``
+  attending ``prompt_length + j`` slots."""
+  per_token = lambda context: model_throughput.flops_per_token(config, context)
+  return prefill_flops(config, batch, prompt_length) + sum(
+      batch * per_token(2 * (prompt_length + j)) for j in range(1, new_tokens))
+
+
 def roofline_s(config: dec.DecoderConfig, batch: int, prompt_length: int, new_tokens: int, *,
                flop_s: float, byte_s: float, itemsize: int = 4) -> float:
   """Least seconds a generation call can take: a prefill of the prompts at ``flop_s``, then
@@ -96,7 +131,7 @@ def roofline_s(config: dec.DecoderConfig, batch: int, prompt_length: int, new_to
   per_token = lambda context: model_throughput.flops_per_token(c, context)
   weight_bytes = per_token(0) / 2 * itemsize
   slot_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * itemsize
-  total = batch * prompt_length * per_token(prompt_length) / flop_s
+  total = prefill_flops(c, batch, prompt_length) / flop_s
   for step in range(1, new_tokens):
     context = prompt_length + step
     flops = batch * per_token(2 * context)  # flops_per_token counts a causal half
@@ -140,14 +175,22 @@ def hf_call(hf_model: Any, tokens: np.ndarray, greedy: bool):
 
 def run_generation(name: str, batch: int, greedy: bool, repeats: int, *,
                    hf: bool = True, models=None) -> dict[str, Any]:
-  """Times prefjax (and HF) generation; returns one benchmark row."""
-  model, hf_model = models or build_models(name)
+  """Times prefjax (and HF) generation; returns one benchmark row.
+
+  ``peak_rss_mb`` is the process's peak after prefjax's first call, before the HF model
+  is built (unless ``models`` are given); ``process_peak_rss_mb`` its peak at the end, with
+  HF's model, its calls and the bandwidth probe.
+  """
+  model, hf_model = models or (build_prefjax(name), None)
   tokens = prompts(batch, model.config.vocab_size)
   ours = prefjax_call(model, tokens, greedy)
   start = time.perf_counter()
   first = ours()
   compile_s = time.perf_counter() - start
   after_first = sampling.TRACE_COUNTS["generate"]
+  prefjax_rss_mb = peak_rss_mb()
+  if hf and hf_model is None:
+    hf_model = build_hf(model)
   theirs = hf_call(hf_model, tokens, greedy) if hf else None
   hf_first = theirs() if hf else None
   times, hf_times = [], []
@@ -160,11 +203,7 @@ def run_generation(name: str, batch: int, greedy: bool, repeats: int, *,
       sink.append(time.perf_counter() - t0)
   s = statistics.median(times)
   new_tokens = batch * NEW_TOKENS
-  # Prefill of the prompts, then decode steps attending to 128 slots on average
-  # (flops_per_token counts a causal half of its context).
-  per_token = lambda context: model_throughput.flops_per_token(model.config, context)
-  flops = (batch * PROMPT_LENGTH * per_token(PROMPT_LENGTH)
-           + new_tokens * per_token(2 * (PROMPT_LENGTH + NEW_TOKENS / 2)))
+  flops = call_flops(model.config, batch, PROMPT_LENGTH, NEW_TOKENS)
   row = {
       "case": f"generate_{name}_b{batch}_{'greedy' if greedy else 'sample'}",
       "framework": "prefjax", "params": int(sum(x.size for x in jax.tree.leaves(
@@ -176,14 +215,15 @@ def run_generation(name: str, batch: int, greedy: bool, repeats: int, *,
       "analytic_tflop_per_step": round(flops / 1e12, 4),
       "achieved_gflop_s": round(flops / s / 1e9, 1),
       "compiles_during_timed_steps": sampling.TRACE_COUNTS["generate"] - after_first,
+      "peak_rss_mb": prefjax_rss_mb,
   }
   rates = stream_bandwidth()
   flop_s = steps.matmul_ceiling(repeats=5)
   bound = roofline_s(model.config, batch, PROMPT_LENGTH, NEW_TOKENS, flop_s=flop_s,
                      byte_s=max(rates.values()))
   row.update(stream_gb_s={k: round(v / 1e9, 1) for k, v in rates.items()},
-             matmul_ceiling_gflop_s=round(flop_s / 1e9, 1), roofline_s=round(bound, 3),
-             of_roofline=round(bound / s, 3))
+             roofline_ceiling_gflop_s=round(flop_s / 1e9, 1), roofline_s=round(bound, 3),
+             of_roofline=round(bound / s, 3), process_peak_rss_mb=peak_rss_mb())
   if hf:
     hf_s = statistics.median(hf_times)
     row.update(hf_s_per_call=round(hf_s, 3), hf_step_times=[round(t, 3) for t in hf_times],

@@ -1,7 +1,8 @@
 r"""Train-step benchmarks: prefjax against the same computation in PyTorch, on one machine.
 
   python -m benchmarks.run                      # every case, 8 timed steps each
-  python -m benchmarks.run --quick              # 3 timed steps, prefjax RM/DPO cases only
+  python -m benchmarks.run --quick              # 3 timed steps (a packed layout's whole
+                                                # window: 8), prefjax RM/DPO cases only
   python -m benchmarks.run --cases=rm_step_hh,torch_rm_step_hh --json=/tmp/bench.json
 
 Each case runs in its own subprocess (its own compile cache and peak RSS); prefjax's
@@ -9,7 +10,9 @@ train-step cases run with the binaries' malloc setting (``prefjax/xla_cpu.py``),
 others with the caller's environment, and each row's ``glibc_tunables`` says which. A
 case takes the workload's first ``1 + steps`` batches (``benchmarks.workloads``),
 builds the step and runs it once on every distinct shape among them (``startup_s``),
-runs the first batch as a warm-up and times the rest. ``compile_s`` is the part of
+runs the last batch as a warm-up and times the first ``steps``; a packed layout's steps
+round up to whole packing windows (8 batches: ``workloads.whole_windows``), so every
+layout times the same pairs and a packed one all of its window, not its fullest batches. ``compile_s`` is the part of
 ``startup_s`` JAX spent tracing, lowering and compiling (``CompileClock``; the
 model's initialisation programs included); ``compile_share_100_steps`` sets it
 against a 100-step run, ``startup_s`` plus the remaining steps at the median. Reported per
@@ -18,7 +21,7 @@ computed slots (6·N·slots for the matmul parameters N plus causal attention,
 ×3 for forward+backward; a reward model's last block counts only its pooled slots,
 ``pooled_counts``) beside XLA's cost analysis of the compiled step (``xla_tflop_per_step``;
 XLA counts a conditional as its costliest branch, so every attention tile of a packed
-row counts, skipped or not), the attention pairs per head and layer that count credits
+row counts, skipped or not, and a loop's body once, so scanned-layer cases report none), the attention pairs per head and layer that count credits
 against those prefjax's kernel computes (``attention_pairs_counted``/``_computed``:
 whole tiles, masked pairs included; ``mfu_computed_pairs`` credits those instead, as the
 matmul count credits padded slots), and MFU = the analytic FLOP/s ÷ this machine's float32
@@ -278,8 +281,12 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
     from benchmarks import generation
     row = generation.run_generation(spec["model"], spec["batch"], spec["greedy"],
                                     min(steps, GENERATION_REPEATS))
-    return {**row, "peak_rss_mb": _peak_rss_mb(), "jax_backend": jax.default_backend()}
+    return {**row, "jax_backend": jax.default_backend()}
   kind, layout = spec["kind"], spec["layout"]
+  steps = workloads.whole_windows(layout, steps)
+  # The first `steps` batches are timed, after a warm-up on the next one: packed layouts
+  # reorder pairs within a window of batches, so whole windows time the same pairs as the
+  # unpacked layouts (PyTorch's included) and not only a window's fullest batches.
   batches = workloads.layout_batches(layout, steps + 1)
   if "cached" in kind:
     batches = [steps_lib.with_cached_reference(b) for b in batches]
@@ -295,20 +302,20 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
           seen.add(b["tokens"].shape)
           step(b)
   startup_s = time.perf_counter() - start
-  step(batches[0])
+  timed, warm_up = batches[:-1], batches[-1]
+  step(warm_up)
   probe = steps_lib.matmul_probe()
   ceilings = [probe(ADJACENT_PROBE_REPEATS)]
   before = compiles() if compiles else 0
   times = []
   with CompileClock() as timed_clock:
-    for b in batches[1:]:
+    for b in timed:
       t0 = time.perf_counter()
       loss = step(b)
       times.append(time.perf_counter() - t0)
       ceilings.append(probe(ADJACENT_PROBE_REPEATS))
       if not np.isfinite(loss):
         raise RuntimeError(f"{name}: non-finite loss {loss}")
-  timed = batches[1:]
   real, computed, pair_count = per_step_counts(timed)
   torch = kind.startswith("torch")
   shapes = [computed_shape(b, torch) for b in timed]
@@ -316,8 +323,10 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
   flops, flops_computed, pair_counts = step_flops(name, info, timed, shapes)
   counted_pairs, computed_pairs = pair_counts or (None, None)
   s_per_step = statistics.median(times)
+  # XLA's cost analysis counts a loop's body once: a scanned decoder's blocks count as one.
+  scanned = (spec.get("decoder") or {}).get("scan_layers", False)
   xla = (steps_lib.xla_flops_per_batch(info["train_step"], info["state"](), timed)
-         if "train_step" in info else [None])
+         if "train_step" in info and not scanned else [None])
   mean = lambda values, scale=1.0: (None if values is None or None in values
                                     else round(float(np.mean(values)) / scale, 4))
   return {
@@ -511,7 +520,7 @@ def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true", help="3 timed steps, prefjax RM/DPO only")
+  parser.add_argument("--quick", action="store_true", help="3 timed steps (8 in a packed layout), prefjax RM/DPO only")
   parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
   parser.add_argument("--steps", type=int, default=None, help="timed steps per case")
   parser.add_argument("--json", default="", help="write the rows here")

@@ -25,6 +25,7 @@ from prefjax.models import decoder as dec
 VOCAB = 8192
 MAX_LENGTH = 512
 PAIRS_PER_STEP = 8
+WINDOW_BATCHES = 8  # pack_window / batch_size of the packed layouts (pipeline_config)
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -95,15 +96,23 @@ def pipeline_config(mode: str, **overrides: Any) -> pipeline_lib.PipelineConfig:
     base.update(pad_to_multiple=None)
   elif mode == "packed":
     base.update(mode="packed", pack_length=2 * MAX_LENGTH, pack_rows=3,
-                max_segments_per_row=16, pack_window=8 * PAIRS_PER_STEP)
+                max_segments_per_row=16, pack_window=WINDOW_BATCHES * PAIRS_PER_STEP)
   elif mode in ("shared", "shared_trimmed"):
     base.update(mode="packed", share_prompt=True, pack_length=2 * MAX_LENGTH,
                 pack_rows=math.ceil(pairs / 4), max_segments_per_row=3 * pairs,
-                pack_window=8 * pairs, trim_rows=mode == "shared_trimmed")
+                pack_window=WINDOW_BATCHES * pairs, trim_rows=mode == "shared_trimmed")
   elif mode != "longest":
     raise ValueError(f"mode must be 'longest', 'fixed', 'packed', 'shared' or 'shared_trimmed', "
                      f"got {mode!r}")
   return pipeline_lib.PipelineConfig(**{**base, **overrides})
+
+
+def whole_windows(layout: str, steps: int) -> int:
+  """``steps`` rounded up to whole packing windows for a packed layout (its pairs are
+  reordered within ``WINDOW_BATCHES`` batches, fullest first); unchanged for the others."""
+  if layout in ("packed", "shared", "shared_trimmed"):
+    return -(-steps // WINDOW_BATCHES) * WINDOW_BATCHES
+  return steps
 
 
 def pair_batches(mode: str, count: int, **overrides: Any) -> Iterator[dict[str, np.ndarray]]:

@@ -248,7 +248,8 @@ def test_generation_roofline_takes_the_slower_of_flops_and_bytes_per_decode_step
   c = dec.DecoderConfig(vocab_size=16, hidden_size=4, num_layers=1, num_heads=1,
                         intermediate_size=8)
   bound = lambda byte_s: generation.roofline_s(c, 2, 3, 3, flop_s=1000.0, byte_s=byte_s)
-  prefill = 2 * 3 * (448 + 16 * 3 / 2) / 1000  # causal half of the 3-token prompt
+  # Causal half of the 3-token prompt; the LM head (128 FLOPs) at each row's last token.
+  prefill = 2 * (3 * (448 - 128 + 16 * 3 / 2) + 128) / 1000
   # Memory-bound: step 1 reads 896 + 2 rows x 4 slots x 32 bytes, step 2 5 slots.
   assert bound(100.0) == pytest.approx(prefill + (896 + 256) / 100 + (896 + 320) / 100)
   # Compute-bound: each row's token attends 4, then 5 slots.
@@ -267,3 +268,30 @@ def test_a_case_that_ended_under_other_load_is_named():
   line = report.load_warning(rows, cores=2)
   assert "generate_25m_b1_greedy (3.0)" in line and "rm_step_hh" not in line
   assert report.load_warning(rows[:1], cores=2) == ""
+
+
+def test_packed_layouts_time_whole_windows_of_the_pairs_the_padded_ones_time():
+  """Packing reorders pairs within 8-batch windows, fullest first: 3 timed steps of the
+  shared layout held 1.29x the pair tokens per FLOP of a whole window (a review's count),
+  and other pairs than PyTorch's. A whole window holds the padded layout's pairs but those
+  its rows cannot fit, which move to the next window."""
+  assert workloads.whole_windows("shared", 3) == workloads.whole_windows("packed", 8) == 8
+  assert workloads.whole_windows("shared", 9) == 16 and workloads.whole_windows("longest", 3) == 3
+  pairs = lambda layout: sorted(int(i) for b in workloads.layout_batches(layout, 8)
+                                for i in b["example_index"] if i >= 0)
+  shared, longest = pairs("shared"), pairs("longest")
+  assert len(longest) == 8 * workloads.PAIRS_PER_STEP and set(shared) <= set(longest)
+  assert len(shared) >= len(longest) - 4, sorted(set(longest) - set(shared))
+
+
+def test_generation_flops_count_the_prefill_head_once_and_127_decode_steps():
+  from benchmarks import generation
+  from prefjax.models import decoder as dec
+  # As the roofline test's model: 448 FLOPs per token of which the head is 128, and
+  # 16 attention FLOPs per (query, key) pair.
+  c = dec.DecoderConfig(vocab_size=16, hidden_size=4, num_layers=1, num_heads=1,
+                        intermediate_size=8)
+  prefill = 2 * (3 * (448 - 128 + 16 * 3 / 2) + 128)  # 2 rows of 3 prompt tokens
+  decode = 2 * ((448 + 16 * 4) + (448 + 16 * 5))       # new tokens 2 and 3 attend 4, 5 slots
+  assert generation.call_flops(c, 2, 3, 3) == pytest.approx(prefill + decode)
+
