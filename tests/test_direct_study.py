@@ -226,13 +226,17 @@ def test_d2_pass_and_fail():
                           - 2 * np.maximum(t - 0.5, 0))
   result = dc.criterion_d2(kl_stalls, num_bootstrap=200)
   assert not result["pass"] and "KL ends below its value at the peak; FAIL" in result["detail"]
+  # A peak at the last evaluation has no KL after it: it was read "KL ends below" its peak.
+  late = _trajectory(lambda t: t, lambda t: 8 * t)
+  result = dc.criterion_d2(late, num_bootstrap=200)
+  assert not result["pass"] and "no evaluation after the peak to see KL rise" in result["detail"]
   # The text world's failure: KL rises past the peak, then falls 3.2 nats where 0.5 are allowed.
   kl_falls = _trajectory(lambda t: 4 * t * (1 - t) + 0.2 * t,
                          lambda t: np.where(t < 0.95, 56 * t, 47.55))
   result = dc.criterion_d2(kl_falls, num_bootstrap=200)
   assert not result["pass"] and result["value"]["drop"] > 4 * result["value"]["drop_se"]
   assert re.search(r"KL not rising after the peak: it falls by up to 2\.\d\d nats between "
-                   r"evaluations \(allowed 0\.48, 1% of the final\); FAIL$", result["detail"])
+                   r"evaluations \(allowed 0\.47\d, 1% of the final\); FAIL$", result["detail"])
   # Gold that never moves (SmolLM2's smoke run) read "no drop; ...; pass": 0 >= 2 x 0 SE.
   steps = np.arange(0, 501, 50)
   flat = _synthetic([0.1, 1.0], steps, np.stack([8 * steps / 500.0] * 2),
@@ -258,6 +262,13 @@ def test_d3_pass_and_fail():
   ipo_off = ipo_ok._replace(margin=0.5 * target * (1 - np.exp(-20 * t)))
   result = dc.criterion_d3(dpo_ok, ipo_off)
   assert not result["pass"] and "IPO within 20% of 1/(2β) at 0/2" in result["detail"]
+  # Evaluated at 0, 250, 500, 600: T/2 and 3T/4 both read step 500, so DPO's growth compared
+  # one point with itself; at 0 and 600 half and final were one evaluation.
+  for grid in ([0, 250, 500, 600], [0, 600]):
+    coarse = lambda s: s._replace(steps=np.asarray(grid), margin=s.margin[:, :len(grid)])
+    result = dc.criterion_d3(coarse(dpo_ok), coarse(ipo_ok))
+    assert not result["pass"] and result["value"] == {"evaluable": False}, grid
+    assert result["detail"].startswith("not evaluable: dpo is evaluated at steps")
 
 
 def test_p1_pass_and_fail(world):

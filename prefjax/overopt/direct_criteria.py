@@ -75,7 +75,7 @@ def criterion_d1(sweep: DaaSweep, *, num_se: float = 2.0, num_bootstrap: int = 1
            "drop_se": drop_se, "drop_critical_z": decline.critical_z, "rmse_rl": rl.rmse,
            "rmse_quadratic_kl": quad.rmse,
            "rl_alpha": rl.alpha, "rl_beta": rl.beta, "rl_beta_ci": list(rl.beta_ci),
-           "rl_r2": rl.r2}
+           "rl_r2": rl.r2, "final_kl": (d[1:] ** 2).tolist()}
   detail = (f"{sweep.loss}: gold peaks at d={d[peak]:.2f} (max d {d[-1]:.2f}, "
             f"{decline.describe('to it')}: "
             f"{'interior' if interior else 'no interior maximum'});"
@@ -112,9 +112,11 @@ def criterion_d2(sweep: DaaSweep, *, num_se: float = 2.0, kl_tolerance: float = 
            "kl_final": float(kl[-1])}
   if rising:
     kl_text = "KL rising after the peak"
+  elif peak == len(kl) - 1:
+    kl_text = "no evaluation after the peak to see KL rise"
   elif kl[-1] > kl[peak]:
-    kl_text = (f"KL not rising after the peak: it falls by up to {-after.min():.2f} nats "
-               f"between evaluations (allowed {kl_tolerance * kl[-1]:.2f}, "
+    kl_text = (f"KL not rising after the peak: it falls by up to {-after.min():.3g} nats "
+               f"between evaluations (allowed {kl_tolerance * kl[-1]:.3g}, "
                f"{kl_tolerance:.0%} of the final)")
   else:
     kl_text = "KL ends below its value at the peak"
@@ -140,10 +142,20 @@ def criterion_d3(dpo: DaaSweep, ipo: DaaSweep, *, growth: float = 0.05,
   about each loss's optimum on fixed data, so measure it on full-batch sweeps
   trained to convergence (``batch_size=None``): with minibatches of 256 and
   constant-lr Adam, IPO's margin sat at ≈ 0.5–0.6 of its target after 100–500
-  steps on the default world.
+  steps on the default world. h(T/2) and h(3T/4) are read at the first evaluation at or
+  after those steps; where that makes T/2, 3T/4 and T fewer than three distinct
+  evaluations, D3 is not evaluable (a failure): the growth would compare a point with
+  itself.
   """
   def at(sweep, fraction):
     return int(np.searchsorted(sweep.steps, fraction * sweep.steps[-1]))
+  threshold = {"dpo_growth_2nd_half": growth, "ipo_rel_error": tolerance}
+  for sweep in (dpo, ipo):
+    if not at(sweep, 0.5) < at(sweep, 0.75) < len(sweep.steps) - 1:
+      return _result(False, {"evaluable": False}, threshold,
+                     f"not evaluable: {sweep.loss} is evaluated at steps "
+                     f"{[int(t) for t in sweep.steps]}, which do not hold distinct "
+                     "evaluations at or after T/2 and 3T/4 before T")
   dpo_ok, ipo_ok, value = [], [], {"dpo": [], "ipo": []}
   for k, beta in enumerate(dpo.betas):
     h = dpo.margin[k]
@@ -161,8 +173,7 @@ def criterion_d3(dpo: DaaSweep, ipo: DaaSweep, *, growth: float = 0.05,
                          "max_rel_error_2nd_half": float(error.max())})
   detail = (f"DPO growing at {sum(dpo_ok)}/{len(dpo_ok)} β, IPO within {tolerance:.0%} of "
             f"1/(2β) at {sum(ipo_ok)}/{len(ipo_ok)} β")
-  return _result(all(dpo_ok) and all(ipo_ok), value,
-                 {"dpo_growth_2nd_half": growth, "ipo_rel_error": tolerance}, detail)
+  return _result(all(dpo_ok) and all(ipo_ok), value, threshold, detail)
 
 
 def ppo_reference(world: bandit.World, proxy: np.ndarray,

@@ -305,7 +305,16 @@ def direct_study_results(world: bandit.World, proxy: np.ndarray, config: Any,
     sweeps[loss] = direct_study.daa_sweep(world, loss, betas, num_pairs=int(config.num_pairs),
                                           steps=int(config.steps),
                                           eval_every=int(config.eval_every), seed=0)
-    logging.info("direct study %s: %d β in %.1f s", loss, len(betas), time.time() - tic)
+    final_kl = np.sort(sweeps[loss].kl[:, -1])
+    logging.info("direct study %s: %d β in %.1f s; final KL %s nats (asked for %s)", loss,
+                 len(betas), time.time() - tic, np.round(final_kl, 2).tolist(),
+                 tuple(config.kl_range))
+    target = np.geomspace(*config.kl_range, num=len(final_kl))
+    if np.mean(np.abs(np.log(np.maximum(final_kl, 1e-12) / target)) > np.log(3)) > 1 / 3:
+      logging.warning("direct study %s: final KL %s nats is more than 3x off the log-spaced "
+                      "%s asked for at more than a third of the β (theory_betas' prediction "
+                      "is approximate for this loss): D1 sees fewer distinct KLs", loss,
+                      np.round(final_kl, 2).tolist(), np.round(target, 2).tolist())
   # D3 is a claim about each loss's optimum on fixed data: full-batch, trained to convergence.
   d3 = {}
   for loss in ("dpo", "ipo"):
