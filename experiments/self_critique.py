@@ -4,9 +4,10 @@ r"""Self-critique loop: generate → critique against a principle → revise; wr
       --workdir=/tmp/critique_hh
 
 Prompts are the first ``config.data.max_prompts`` distinct prompts of ``config.data``
-(their responses are not used; rows repeating an earlier prompt are counted in the report's
-``source.duplicate_prompt_rows``, and rows the data skipped in ``source.rows_skipped``). Each prompt gets one principle of ``config.constitution``
-(sampled, ``config.principles.seed``); the critique and revision prompts are
+(their responses are not used; the report's ``source_rows`` counts the rows repeating an
+earlier prompt, ``duplicate_prompt_rows``, and those the data skipped, ``rows_skipped``).
+Each prompt gets one principle of ``config.constitution`` (sampled,
+``config.principles.seed``); the critique and revision prompts are
 ``config.critique.critique_template`` / ``revision_template`` (see
 ``prefjax.feedback.critique``). Writes ``pairs.jsonl`` (chosen = revision, rejected =
 initial answer, outcome 1, principle and critique in ``meta``; read it as

@@ -12,8 +12,9 @@ them instead (``benchmarks/RESULTS.md``, "Persistent compilation cache").
 ``~/.cache/prefjax/jax_compilation_cache``); ``0``, ``off``, ``false``, ``no``, ``none``
 or an empty value turns it off. JAX's own settings win: with
 ``JAX_COMPILATION_CACHE_DIR`` set (as the test suite sets it, to a private folder), that
-folder is used, and with ``JAX_ENABLE_COMPILATION_CACHE=false`` the cache is off. A folder that cannot be created (a read-only home on a compute node)
-leaves the cache off, with a warning, and the run goes on. Nothing evicts entries:
+folder is used, and with ``JAX_ENABLE_COMPILATION_CACHE=false`` the cache is off. A folder
+that cannot be created (a read-only home on a compute node) leaves the cache off, with a
+warning, and the run goes on. Nothing evicts entries:
 delete the folder to reclaim the space.
 
 JAX writes an entry in place and never rewrites one that exists, so an entry left
