@@ -10,10 +10,11 @@ train-step cases run with the binaries' malloc setting (``prefjax/xla_cpu.py``),
 others with the caller's environment, and each row's ``glibc_tunables`` says which. A
 case takes the workload's first ``1 + steps`` batches (``benchmarks.workloads``),
 builds the step and runs it once on every distinct shape among them (``startup_s``),
-runs the last batch as a warm-up and times the first ``steps``; a packed layout's steps
-round up to whole packing windows (8 batches: ``workloads.whole_windows``), so every
-layout times the same pairs and a packed one all of its window, not its fullest batches. ``compile_s`` is the part of
-``startup_s`` JAX spent tracing, lowering and compiling (``CompileClock``; the
+runs the last batch as a warm-up and times the first ``steps``. A packed layout's steps
+round up to whole packing windows (8 batches: ``workloads.whole_windows``), so it times all
+of a window, not its fullest batches, and the pairs the padded layouts time (but those its
+rows cannot fit, which move to the next window: 2 of 64 in ``rm_step_hh``). ``compile_s``
+is the part of ``startup_s`` JAX spent tracing, lowering and compiling (``CompileClock``; the
 model's initialisation programs included); ``compile_share_100_steps`` sets it
 against a 100-step run, ``startup_s`` plus the remaining steps at the median. Reported per
 case: median s/step, real (non-pad) tokens/s, padded-slot %, analytic FLOPs on
@@ -21,7 +22,8 @@ computed slots (6·N·slots for the matmul parameters N plus causal attention,
 ×3 for forward+backward; a reward model's last block counts only its pooled slots,
 ``pooled_counts``) beside XLA's cost analysis of the compiled step (``xla_tflop_per_step``;
 XLA counts a conditional as its costliest branch, so every attention tile of a packed
-row counts, skipped or not, and a loop's body once, so scanned-layer cases report none), the attention pairs per head and layer that count credits
+row counts, skipped or not, and a loop's body once, so scanned-layer cases report none),
+the attention pairs per head and layer that count credits
 against those prefjax's kernel computes (``attention_pairs_counted``/``_computed``:
 whole tiles, masked pairs included; ``mfu_computed_pairs`` credits those instead, as the
 matmul count credits padded slots), and MFU = the analytic FLOP/s ÷ this machine's float32
@@ -520,7 +522,8 @@ def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true", help="3 timed steps (8 in a packed layout), prefjax RM/DPO only")
+  parser.add_argument("--quick", action="store_true",
+                      help="3 timed steps (8 in a packed layout), prefjax RM/DPO only")
   parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
   parser.add_argument("--steps", type=int, default=None, help="timed steps per case")
   parser.add_argument("--json", default="", help="write the rows here")
