@@ -64,15 +64,15 @@ def sweep(policies: list[str], layouts: list[str], *, config: Any, batches: list
       name = f"{policy}/{layout}"
       with run_lib.CompileClock() as clock:
         built = build(policy, layout, config, num_segments)
-        built[0](batches[0])
-      temp, argument = compiled_memory_mb(built[1], batches[0])
+        built[0](batches[-1])  # the warm-up batch; the others are timed (benchmarks.run)
+      temp, argument = compiled_memory_mb(built[1], batches[-1])
       variants[name] = built
       rows[name] = {"case": f"rm_remat_{policy}_{layout}", "policy": policy, "layout": layout,
                     "params": built[1]["params"], "temp_mb": round(temp, 1),
                     "argument_mb": round(argument, 1), "compile_s": round(clock.seconds, 2)}
       print(f"compiled {name}: {temp:,.0f} MB temp, {clock.seconds:.1f} s", flush=True)
-  times = ensemble_step.time_interleaved(variants, batches[1:], rounds)
-  real = [run_lib.pair_tokens(b) for b in batches[1:]] * rounds
+  times = ensemble_step.time_interleaved(variants, batches[:-1], rounds)
+  real = [run_lib.pair_tokens(b) for b in batches[:-1]] * rounds
   for name, row in rows.items():
     row.update(s_per_step=round(statistics.median(times[name]), 4),
                step_times=[round(t, 4) for t in times[name]],
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   from benchmarks import run as run_lib
   config = ensemble_step.model_config(args.hidden, args.num_layers)
   if args.data == "hh":
+    from benchmarks import workloads
+    args.steps = workloads.whole_windows("shared", args.steps)  # as benchmarks.run times it
     batches, num_segments = hh_batches(args.pairs, args.steps + 1)
   else:
     batches, num_segments = ensemble_step.data_batches(

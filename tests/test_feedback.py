@@ -134,6 +134,30 @@ def test_a_judge_stopped_between_batches_resumes_after_them_with_the_same_log_pr
   np.testing.assert_array_equal(resumed, half.option_logps(queries))
 
 
+_STRUCTURE_PROBE = """
+import hashlib, jax.numpy as jnp
+from flax import nnx
+from prefjax.feedback import labeller
+from prefjax.models import decoder as d
+config = d.DecoderConfig.tiny_llama(vocab_size=260, hidden_size=32, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, intermediate_size=64)
+graphdef, _ = nnx.split(nnx.eval_shape(lambda: d.Decoder(config, rngs=nnx.Rngs(0),
+                                                         dtype=jnp.float32)))
+print(hashlib.sha256(labeller.structure_text(graphdef).encode()).hexdigest())
+"""
+
+
+def test_a_judge_structure_digest_is_the_same_in_another_process():
+  """repr(graphdef) names functions by memory address: a job stopped in one process was
+  judged from the start again by the next (a review's two-process check)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  digests = {subprocess.run([sys.executable, "-c", _STRUCTURE_PROBE], capture_output=True,
+                            text=True, timeout=300, check=True).stdout.strip()
+             for _ in range(2)}
+  assert len(digests) == 1 and len(digests.pop()) == 64
+
+
 def test_the_judge_keeps_a_prompts_start_and_end_and_counts_its_cuts(tiny_lm):
   assert labeller.truncate("Instruction: x. " + "y" * 50 + " Last.", 18, keep="both") == (
       "Instru ... yyyyyy Last.")

@@ -255,6 +255,16 @@ def test_config_check_accepts_every_shipped_config_and_variant(module, variants)
     study_config.check(_with(get_config(variant), **{"text.enabled": True}))
 
 
+def test_direct_study_needs_as_many_betas_as_d1_compares_fits_on():
+  """Two β were accepted ("D1 fits them with the reference"); D1 is not evaluable on them."""
+  from configs.reproduce import quick
+  from prefjax.overopt import study_config
+  config = _with(quick.get_config("tiny"),
+                 **{"bandit.direct.enabled": True, "bandit.direct.num_betas": 2})
+  with pytest.raises(ValueError, match=r"bandit.direct.num_betas must be an integer >= 3 \(D1"):
+    study_config.check(config)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("bandit.smallest", 0, r"bandit.smallest must be an integer in \[1, 3\]"),
     ("bandit.smallest", -1, r"bandit.smallest must be an integer in \[1, 3\]"),

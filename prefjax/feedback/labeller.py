@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -171,12 +172,18 @@ class LMJudge:
   def _fingerprint(self, encoded: Sequence[Sequence[int]], graphdef: Any, state: Any) -> str:
     digest = hashlib.sha256(json.dumps([self.option_ids.tolist(), self.batch_size,
                                         self.max_length, self.pad_to_multiple]).encode())
-    # Settings that are not weights (a bfloat16 rerun of float32 weights) are in the graphdef.
-    digest.update(repr(graphdef).encode())
+    digest.update(structure_text(graphdef).encode())
     for ids in encoded:
       digest.update(np.asarray([len(ids), *ids], np.int64).tobytes())
     digest.update(train_state.params_sha256(state).encode())
     return digest.hexdigest()
+
+
+def structure_text(graphdef: Any) -> str:
+  """``repr(graphdef)``: the modules and their settings that are not weights (compute
+  dtype, RoPE base…), without the memory addresses of the functions it names, which
+  differ from one process to the next."""
+  return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(graphdef))
 
 
 class FunctionJudge:

@@ -271,7 +271,8 @@ def criteria(sweeps: Mapping[str, DaaSweep], ppo: exact.ExactScores | None = Non
   d1 = {name: criterion_d1(s, num_bootstrap=num_bootstrap, seed=seed)
         for name, s in sweeps.items()}
   out["D1"] = _result(all(r["pass"] for r in d1.values()), d1,
-                      "every loss: interior argmax and rmse_rl < rmse_quadratic_kl",
+                      "every loss: interior argmax and rmse_rl < rmse_quadratic_kl, over >= "
+                      f"{D1_MIN_BETAS} β values",
                       "; ".join(r["detail"] for r in d1.values()))
   d2 = {name: criterion_d2(s, num_bootstrap=num_bootstrap, seed=seed)
         for name, s in sweeps.items()}

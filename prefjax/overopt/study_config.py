@@ -14,9 +14,12 @@ import math
 import numbers
 from typing import Any, Sequence
 
+from absl import logging
+
 from prefjax.losses import registry as loss_registry
 from prefjax.overopt import bandit
 from prefjax.overopt import bon
+from prefjax.overopt import direct_criteria
 from prefjax.overopt import direct_study
 from prefjax.overopt import policy_net
 from prefjax.rl import algorithms as rl_algorithms
@@ -91,8 +94,14 @@ def check_text(cfg: Any, name: str = "text") -> None:
                      f"{tuple(cfg.rl.widths)}")
   _real(f"{name}.rl.kl_coef", cfg.rl.kl_coef, lo=0.0)
   _reals(f"{name}.dpo.betas", cfg.dpo.betas, lo=0.0, lo_open=True, distinct=True)
-  for loss, betas in dict(cfg.dpo.get("loss_betas") or {}).items():
+  loss_betas = dict(cfg.dpo.get("loss_betas") or {})
+  for loss, betas in loss_betas.items():
     _reals(f"{name}.dpo.loss_betas.{loss}", betas, lo=0.0, lo_open=True, distinct=True)
+  few = [loss for loss in cfg.dpo.losses
+         if len(loss_betas.get(loss, cfg.dpo.betas)) < direct_criteria.D1_MIN_BETAS]
+  if few:  # a smoke run's two β are fine; its D1 then reports itself not evaluable
+    logging.warning("%s.dpo: %s run fewer than %d β, so D1 will be not evaluable (a failure)",
+                    name, few, direct_criteria.D1_MIN_BETAS)
   if cfg.dpo.get("learning_rate") is not None:
     _real(f"{name}.dpo.learning_rate", cfg.dpo.learning_rate, lo=0.0, lo_open=True)
   for stage in ("rl", "dpo"):
@@ -183,7 +192,8 @@ def _check_direct(cfg: Any, name: str) -> None:
   if not cfg.losses or unknown:
     raise ValueError(f"{name}.losses must be a non-empty subset of {direct_study.LOSSES}, "
                      f"got {tuple(cfg.losses)}")
-  _int(f"{name}.num_betas", cfg.num_betas, lo=2, why=" (D1 fits them with the reference)")
+  _int(f"{name}.num_betas", cfg.num_betas, lo=direct_criteria.D1_MIN_BETAS,
+       why=" (D1 compares two fits through the reference on them)")
   kl_range = _reals(f"{name}.kl_range", cfg.kl_range, lo=0.0, lo_open=True, min_len=2)
   if len(kl_range) != 2 or not kl_range[0] < kl_range[1]:
     raise ValueError(f"{name}.kl_range must be (low, high) with 0 < low < high, got "

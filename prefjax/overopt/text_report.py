@@ -171,7 +171,8 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str | None, *,
   d2 = {n: direct_criteria.criterion_d2(s, num_bootstrap=num_bootstrap)
         for n, s in sweeps.items()}
   found.append(C.Criterion("D1", all(r["pass"] for r in d1.values()), d1,
-                           "every loss: interior argmax and rmse_rl < rmse_quadratic_kl",
+                           "every loss: interior argmax and rmse_rl < rmse_quadratic_kl, "
+                           f"over >= {direct_criteria.D1_MIN_BETAS} β values",
                            "; ".join(r["detail"] for r in d1.values()), rel["text_direct"],
                            world=world))
   found.append(C.Criterion("D2", all(r["pass"] for r in d2.values()), d2,

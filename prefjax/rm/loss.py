@@ -269,6 +269,10 @@ def _column_counts(batch: Batch, column_mask: Array, objectives: Sequence[str]
   if "objective_share" in batch:
     share = jnp.sum(batch["objective_share"], axis=0)
   else:  # a batch built without prefjax.rm.labels: its own labelled pairs
+    logging.warning("a multi-objective batch without objective_share "
+                    "(prefjax.rm.labels.add_objective_mask): each batch divides an objective "
+                    "by its own labelled pairs, so microbatches of gradient accumulation do "
+                    "not add up to the whole batch's loss")
     share = jnp.sum(column_mask, axis=0)
   return jnp.where(share > 0, share, 1.0), jnp.sum(share)
 
