@@ -188,7 +188,7 @@ def test_d1_pass_and_fail():
 
 def test_d1_with_two_betas_is_not_evaluable():
   """Two β values and the reference are fit exactly by both forms: the RMSE comparison was
-  round-off, which passed D1 for a curve quadratic in KL (a review's script: 69 of 200)."""
+  round-off, which passed D1 for a curve quadratic in KL in 69% of 200 draws (a review)."""
   betas, steps = [1.0, 0.1], np.array([0, 100])
   d = np.array([0.8, 2.0])
   gold = np.stack([np.zeros(2), 0.8 * d**2 - 0.12 * d**4], 1)   # hump, quadratic in KL
