@@ -98,6 +98,15 @@ class TextWorld:
       return int(seed)
     return int(np.random.SeedSequence((int(seed), int(world_seed))).generate_state(1)[0] >> 1)
 
+  def _own_seeds(self, c: ml_collections.ConfigDict, seed: int) -> None:
+    """A stage binary's model initialisation, data order and train-state RNG: this
+    world's own (:meth:`stream_seed` of ``seed``), so pooled worlds share no random draw."""
+    c.seed = own = self.stream_seed(seed)
+    if "seed" in c.get("loop", {}):
+      c.loop.seed = own
+    if "seed" in c.get("data", {}).get("pipeline", {}):
+      c.data.pipeline.seed = own
+
   def _world_seed(self) -> int | None:
     return (self.cfg.get("world") or {}).get("seed")
 
@@ -161,6 +170,7 @@ class TextWorld:
     c.data.pipeline.max_length = 32
     c.loop.num_steps = c.optimizer.total_steps = int(self.cfg.sft.steps)
     c.loop.eval_every = c.loop.checkpoint_every = int(self.cfg.sft.steps)
+    self._own_seeds(c, c.seed)
     return c
 
   def rm_config(self, width: int, dataset: str):
@@ -170,13 +180,13 @@ class TextWorld:
     c.data.pipeline.batch_size = int(self.cfg.proxy.batch_size)
     c.loop.num_steps = int(self.cfg.proxy.steps)
     c.loop.eval_every = c.loop.checkpoint_every = int(self.cfg.proxy.steps)
-    c.seed = c.loop.seed = int(self.cfg.proxy.seed)
+    self._own_seeds(c, int(self.cfg.proxy.seed))
     return c
 
   def _policy_side(self, c) -> None:
     c.model.update(self.policy_model(self.reference_path()))
     c.world.update(self.world_fields)
-    c.seed = self.stream_seed(c.seed)  # best-of-n's and RL's prompts and samples
+    self._own_seeds(c, c.seed)  # best-of-n's and RL's prompts and samples
     c.warm_start.steps = 0
 
   def against_proxy(self, base: Any, width: int) -> ml_collections.ConfigDict:
@@ -220,6 +230,7 @@ class TextWorld:
     text_world.stage_loop(c.loop, steps=int(cfg.steps), checkpoint_every=int(cfg.eval_every))
     c.optimizer.learning_rate = float(cfg.learning_rate)
     c.data.pipeline.batch_size = int(cfg.get("batch_size", c.data.pipeline.batch_size))
+    self._own_seeds(c, c.seed)
     return c
 
   # ------------------------------------------------------------------ evaluation

@@ -191,6 +191,11 @@ def test_each_text_world_seed_draws_its_own_prompts_and_samples(tmp_path):
   assert w0.bon_config(8).seed != w1.bon_config(8).seed
   assert w0.rl_config(8).seed != w1.rl_config(8).seed
   assert w0.pairs_key()["stream_seed"] != w1.pairs_key()["stream_seed"]
+  # Proxies and DPO runs start from their own initialisation, data order and RNG too.
+  for make in (lambda w: w.rm_config(8, "synthetic:d"),
+               lambda w: w.dpo_config("dpo", 0.1, "synthetic:d")):
+    a, b = make(w0), make(w1)
+    assert a.seed == a.loop.seed == a.data.pipeline.seed != b.seed, (a.seed, b.seed)
   unseeded = world(0)
   del unseeded.cfg.world["seed"]
   assert unseeded.stream_seed(7) == 7 and "stream_seed" not in unseeded.pairs_key()
