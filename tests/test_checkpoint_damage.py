@@ -181,6 +181,12 @@ def test_a_manifest_of_sizes_only_is_checked_for_sizes(saved, tmp_path):
     json.dump({name: {"size": 3}}, f)
   assert integrity.find_damage(str(step_dir)).startswith(
       f"{integrity.MANIFEST}: unreadable (entry {name!r} is {{'size': 3}}")
+  # An empty manifest vouches for no file: Orbax's own metadata is still checked (a
+  # review's script: it passed a step without state/manifest.ocdbt).
+  with open(step_dir / integrity.MANIFEST, "w") as f:
+    json.dump({}, f)
+  os.remove(step_dir / "state/manifest.ocdbt")
+  assert integrity.find_damage(str(step_dir)) == "state/manifest.ocdbt: missing"
 
 
 # The three damages the issue reported: a TensorStore traceback, a wrong

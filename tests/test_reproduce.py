@@ -110,6 +110,31 @@ def test_verdicts_name_the_carrying_world():
   assert "| P1_rloo (extra) | text | FAIL | – |" in table
 
 
+def test_the_ensembles_train_on_the_sizes_sweeps_number_of_pairs(tiny_run):
+  """They took ProxyConfig's default (10,000) whatever sizes.num_pairs said: 500 in tiny."""
+  _, report = tiny_run
+  by_setting = {(p["world"], p["setting"]): p for p in report["proxies"]}
+  for world in (0, 1):
+    single, ensemble = by_setting[world, "w16"], by_setting[world, "w16_noise0"]
+    assert single["num_pairs"] == ensemble["num_pairs"] == 500
+    assert single["gold_accuracy"] == ensemble["gold_accuracy"]  # the same proxies
+
+
+def test_the_proxy_cache_is_keyed_by_the_code_that_trains_the_proxies(monkeypatch, tmp_path):
+  """Keyed by bandit.py alone, an edit of the proxies' network (policy_net.py), loss or
+  train step served the proxies the old code trained."""
+  import inspect
+  from prefjax import files
+  from prefjax.overopt import policy_net, study
+  before = files.source_digest(*study.PROXY_SOURCES)
+  edited = tmp_path / "policy_net.py"
+  edited.write_text(open(inspect.getfile(policy_net)).read() + "\n# edited\n")
+  getfile = inspect.getfile
+  monkeypatch.setattr(inspect, "getfile",
+                      lambda m: str(edited) if m is policy_net else getfile(m))
+  assert files.source_digest(*study.PROXY_SOURCES) != before
+
+
 def test_rerun_reuses_trained_proxies(tiny_run, monkeypatch):
   workdir, report = tiny_run
   from prefjax.overopt import bandit

@@ -31,6 +31,7 @@ import numpy as np
 from absl import logging
 
 from prefjax import files
+from prefjax.losses import preference
 from prefjax.overopt import bandit
 from prefjax.overopt import bon
 from prefjax.overopt import criteria
@@ -39,6 +40,9 @@ from prefjax.overopt import direct_criteria
 from prefjax.overopt import direct_study
 from prefjax.overopt import exact
 from prefjax.overopt import policy_net
+from prefjax.train import schedules
+from prefjax.train import state as state_lib
+from prefjax.train import step as step_lib
 from prefjax.train.metrics import Progress
 
 
@@ -76,12 +80,18 @@ def proxy_config(config: Any, **overrides: Any) -> bandit.ProxyConfig:
   return bandit.ProxyConfig(**{**dict(config.proxy), **overrides})
 
 
+# The code that draws a world and trains and scores its proxies: an edit of any of them
+# retrains (the key hashed bandit.py alone, so a change to the proxies' network, loss or
+# train step served the old proxies).
+PROXY_SOURCES = (bandit, policy_net, preference, step_lib, state_lib, schedules)
+
+
 def _cached_proxies(workdir: str, name: str, world: bandit.World, cfg: bandit.ProxyConfig,
                     seeds: Sequence[int]) -> tuple[np.ndarray, dict]:
   """Trains K proxies or reads them from ``workdir/proxies/NAME.npz`` (keyed by config and
   by the source of the code that draws the world and trains the proxies)."""
   key = repr((dataclasses.astuple(world.config), dataclasses.astuple(cfg), tuple(seeds),
-              files.source_digest(bandit)))
+              files.source_digest(*PROXY_SOURCES)))
   # Named by what was trained, so two stages asking for the same proxies share them.
   digest = hashlib.sha256(key.encode()).hexdigest()[:12]
   path = os.path.join(workdir, "proxies", f"{name}_{digest}.npz")
@@ -136,7 +146,9 @@ class _World:
   def ensembles(self, noise: float) -> tuple[dict, dict]:
     cfg = self.config.ensembles
     label = f"w{cfg.width}_noise{noise:g}"
-    members = self.proxies(label, width=int(cfg.width), label_noise=float(noise))
+    # The sizes sweep's data size (the ensembles took ProxyConfig's default whatever it was).
+    members = self.proxies(label, width=int(cfg.width), label_noise=float(noise),
+                           num_pairs=int(self.config.sizes.num_pairs))
     single = curves_lib.setting_curves(f"single (w={cfg.width})", self.world, members, self.ns,
                                        self.betas, num_bootstrap=self.boot)
     out, growth = {"single": single}, {}
