@@ -22,7 +22,6 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from absl import logging
 
 from configs.bon import smollm2 as bon_smollm2
 from configs.dpo import smollm2_hh as dpo_smollm2
@@ -121,14 +120,10 @@ class HHWorld(text_study.TextWorld):
     prompts = rollout_lib.Prompts(train.texts + test.texts,  # both padded to prompt_length
                                   np.concatenate([train.tokens, test.tokens]),
                                   np.concatenate([train.mask, test.mask]))
-    rows, skipped = text_world.sample_gold_pairs(
-        self.make_policy(), prompts, self.gold, self.tokenizer, seed=int(cfg.seed),
-        max_new_tokens=self.max_new_tokens, chunk=int(cfg.chunk))
-    dataset = text_world.pairs_dataset(
-        f"hh-policy-pairs-{text_world.digest(rows)}", lambda: rows,
-        dict(world=self.world_fields, gold=self.gold_dir, skipped=skipped), gold_name="gold_rm")
-    logging.info("HH world pairs: %d pairs, skipped %s", len(rows), skipped)
-    return {"dataset": dataset, "num_pairs": len(rows), "skipped": skipped}
+    return text_world.gold_pairs_dataset(
+        self.make_policy(), prompts, self.gold, self.tokenizer, name="hh-policy-pairs",
+        meta=dict(world=self.world_fields, gold=self.gold_dir), seed=int(cfg.seed),
+        max_new_tokens=self.max_new_tokens, gold_name="gold_rm", chunk=int(cfg.chunk))
 
   # ------------------------------------------------------------------ binary configs
   def reference_stage(self):

@@ -31,7 +31,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
 from configs.bon import tiny as bon_config
 from configs.dpo import tiny as dpo_config
@@ -47,8 +46,8 @@ from experiments import train_sft
 from prefjax import configlib
 from prefjax import experiment
 from prefjax import files
-from prefjax.data import tokenize as tokenize_lib
 from prefjax.overopt import text_world
+from prefjax.overopt import world_seeds
 from prefjax.rl import algorithms
 from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
@@ -79,52 +78,27 @@ class TextWorld:
     return text_world.proxy_model(width, int(self.cfg.proxy.num_layers))
 
   def proxy_reward_spec(self, width: int) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(kind="model", name=f"proxy_w{width}", model=self.proxy_model(width),
-                tokenizer={"path": "byte"}, max_length=32, batch_size=512,
-                checkpoint=os.path.join(self.workdir, "proxies", f"w{width}")))
+    return ml_collections.ConfigDict(
+        text_world.proxy_reward_spec(width, int(self.cfg.proxy.num_layers), self.workdir))
 
   def make_policy(self, path: str = ""):
     return experiment.make_model(self.policy_model(path), vocab_size=self.tokenizer.vocab_size,
                                  seed=0)
 
   def stream_seed(self, seed: int) -> int:
-    """``seed`` for this world's own draws: held-out prompts, π_ref pairs, best-of-n and RL
-    prompts and samples, the evaluation key. Each world seed then draws its own, so pooled
-    worlds (``text_world.pool_seeds``) are the independent draws their bootstrap over the
-    concatenated prompts takes them for; with one stream for all, every world sampled the
-    same prompts. ``seed`` itself in a world without a seed (the HH world)."""
-    world_seed = self._world_seed()
-    if world_seed is None:
-      return int(seed)
-    return int(np.random.SeedSequence((int(seed), int(world_seed))).generate_state(1)[0] >> 1)
-
-  def _own_seeds(self, c: ml_collections.ConfigDict, seed: int) -> None:
-    """A stage binary's model initialisation, data order and train-state RNG: this
-    world's own (:meth:`stream_seed` of ``seed``), so pooled worlds share no random draw."""
-    c.seed = own = self.stream_seed(seed)
-    if "seed" in c.get("loop", {}):
-      c.loop.seed = own
-    if "seed" in c.get("data", {}).get("pipeline", {}):
-      c.data.pipeline.seed = own
-
-  def _world_seed(self) -> int | None:
-    return (self.cfg.get("world") or {}).get("seed")
+    """``seed`` for this world's own draws (``prefjax.overopt.world_seeds``)."""
+    return world_seeds.stream_seed(seed, world_seeds.world_seed(self.cfg))
 
   def _stream_key(self, seed: int) -> dict[str, int]:
-    """A stage key's record of :meth:`stream_seed` (none without a world seed, so the HH
-    world's keys are as before)."""
-    return {} if self._world_seed() is None else {"stream_seed": self.stream_seed(seed)}
+    return world_seeds.stream_key(seed, world_seeds.world_seed(self.cfg))
+
+  def world_prompts(self, count: int, seed: int, tag: int) -> rollout_lib.Prompts:
+    """``count`` encoded prompts of the world, from this world's stream ``(seed, tag)``."""
+    rng = np.random.default_rng((self.stream_seed(seed), tag))
+    return text_world.world_prompts(self.world, self.tokenizer, int(count), rng)
 
   def eval_prompts(self) -> rollout_lib.Prompts:
-    cfg = self.cfg.eval
-    rng = np.random.default_rng((self.stream_seed(cfg.seed), 7))
-    texts = [self.world.sample_prompt(rng) for _ in range(int(cfg.num_prompts))]
-    return self.encode_prompts(texts)
-
-  def encode_prompts(self, texts: list[str]) -> rollout_lib.Prompts:
-    """As ``train_sft``'s pipeline and ``train_rl`` encode them (BOS + raw prompt)."""
-    ids = [tokenize_lib.encode_prompt(t, self.tokenizer, style="raw") for t in texts]
-    return rollout_lib.encode_prompts(texts, ids, pad_id=self.tokenizer.pad_id, max_length=10)
+    return self.world_prompts(self.cfg.eval.num_prompts, self.cfg.eval.seed, 7)
 
   # ------------------------------------------------------------------ datasets
   def world_pairs_dataset(self) -> str:
@@ -146,17 +120,10 @@ class TextWorld:
     identical responses or equal gold are counted and dropped. Written as a ``synthetic:`` dataset; returns its name and counts."""
     cfg = self.cfg.pairs
     policy = self.make_policy(self.reference_path())
-    rng = np.random.default_rng((self.stream_seed(cfg.seed), 11))
-    prompts = self.encode_prompts([self.world.sample_prompt(rng)
-                                   for _ in range(int(cfg.num_pairs))])
-    rows, skipped = text_world.sample_gold_pairs(policy, prompts, self.gold, self.tokenizer,
-                                                 seed=self.stream_seed(cfg.seed),
-                                                 max_new_tokens=self.max_new_tokens)
-    dataset = text_world.pairs_dataset(f"textworld-pairs-{text_world.digest(rows)}", lambda: rows,
-                                       dict(world=self.world_fields, policy="sft",
-                                            skipped=skipped))
-    logging.info("text world pairs: %d pairs, skipped %s", len(rows), skipped)
-    return {"dataset": dataset, "num_pairs": len(rows), "skipped": skipped}
+    return text_world.gold_pairs_dataset(
+        policy, self.world_prompts(cfg.num_pairs, cfg.seed, 11), self.gold, self.tokenizer,
+        name="textworld-pairs", meta=dict(world=self.world_fields, policy="sft"),
+        seed=self.stream_seed(cfg.seed), max_new_tokens=self.max_new_tokens)
 
   # ------------------------------------------------------------------ binary configs
   def reference_stage(self):
@@ -170,7 +137,7 @@ class TextWorld:
     c.data.pipeline.max_length = 32
     c.loop.num_steps = c.optimizer.total_steps = int(self.cfg.sft.steps)
     c.loop.eval_every = c.loop.checkpoint_every = int(self.cfg.sft.steps)
-    self._own_seeds(c, c.seed)
+    world_seeds.own_seeds(c, self.stream_seed(c.seed))
     return c
 
   def rm_config(self, width: int, dataset: str):
@@ -180,13 +147,13 @@ class TextWorld:
     c.data.pipeline.batch_size = int(self.cfg.proxy.batch_size)
     c.loop.num_steps = int(self.cfg.proxy.steps)
     c.loop.eval_every = c.loop.checkpoint_every = int(self.cfg.proxy.steps)
-    self._own_seeds(c, int(self.cfg.proxy.seed))
+    world_seeds.own_seeds(c, self.stream_seed(self.cfg.proxy.seed))
     return c
 
   def _policy_side(self, c) -> None:
     c.model.update(self.policy_model(self.reference_path()))
     c.world.update(self.world_fields)
-    self._own_seeds(c, c.seed)  # best-of-n's and RL's prompts and samples
+    world_seeds.own_seeds(c, self.stream_seed(c.seed))  # best-of-n's, RL's prompts, samples
     c.warm_start.steps = 0
 
   def against_proxy(self, base: Any, width: int) -> ml_collections.ConfigDict:
@@ -230,7 +197,7 @@ class TextWorld:
     text_world.stage_loop(c.loop, steps=int(cfg.steps), checkpoint_every=int(cfg.eval_every))
     c.optimizer.learning_rate = float(cfg.learning_rate)
     c.data.pipeline.batch_size = int(cfg.get("batch_size", c.data.pipeline.batch_size))
-    self._own_seeds(c, c.seed)
+    world_seeds.own_seeds(c, self.stream_seed(c.seed))
     return c
 
   # ------------------------------------------------------------------ evaluation
@@ -264,7 +231,7 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   rl_widths = [int(w) for w in cfg.rl.widths]
   dpo_runs = text_world.dpo_runs(cfg.dpo)
   frontier_algorithms = tuple(cfg.rl.get("frontier_algorithms", ()))
-  seed = (cfg.get("world") or {}).get("seed")
+  seed = world_seeds.world_seed(cfg)
   stage = tw.progress_label if seed is None else f"{tw.progress_label} seed {seed}"
   progress = progress_cls(stage, 2 + 2 * len(widths) + 2 * len(rl_widths)
                           + 2 * len(frontier_algorithms) + 2 * len(dpo_runs))
@@ -297,35 +264,32 @@ def run_text_study(cfg: Any, workdir: str, progress_cls, world_cls=None) -> dict
   evaluate, reference = tw.evaluator(proxies)
   eval_key = tw.evaluation_key(scored)
 
-  def rl_stage(name: str, width: int, algorithm: str | None = None) -> text_world.Trajectory:
-    path = os.path.join(workdir, "rl", name)
-    config = tw.rl_config(width, algorithm)
-    text_world.binary_stage(path, train_rl.run, lambda: config, workdir=workdir,
-                            upstream={"reference": reference_dir, "proxy": proxy_dir(width)})
-    progress.step(f"RL ({config.rl.algorithm}) against proxy width {width}")
-    bundle = text_world.rl_bundle_maker(lambda: tw.make_policy(tw.reference_path()), config.rl)
-    traj = text_world.cached_trajectory(path, bundle, reference, evaluate, key=eval_key,
-                                        trainable=rollout_lib.TRAINABLE,
-                                        policy_of=lambda bundle: bundle.policy)
-    progress.step(f"RL {name}: {len(traj.steps)} checkpoints evaluated")
+  def trained(path, run, make_config, upstream, label, make_policy, **policy_kw):
+    """A training stage, then its checkpoints evaluated and standardised under π_ref."""
+    text_world.binary_stage(path, run, make_config, workdir=workdir, upstream=upstream)
+    progress.step(label)
+    traj = text_world.cached_trajectory(path, make_policy, reference, evaluate, key=eval_key,
+                                        **policy_kw)
+    progress.step(f"{label}: {len(traj.steps)} checkpoints evaluated")
     return text_world.standardized(traj, scales)
+
+  def rl_stage(name: str, width: int, algorithm: str | None = None) -> text_world.Trajectory:
+    config = tw.rl_config(width, algorithm)
+    bundle = text_world.rl_bundle_maker(lambda: tw.make_policy(tw.reference_path()), config.rl)
+    return trained(os.path.join(workdir, "rl", name), train_rl.run, lambda: config,
+                   {"reference": reference_dir, "proxy": proxy_dir(width)},
+                   f"RL {name} ({config.rl.algorithm} against proxy width {width})", bundle,
+                   trainable=rollout_lib.TRAINABLE, policy_of=lambda bundle: bundle.policy)
 
   rl = {w: rl_stage(f"w{w}", w) for w in rl_widths}
   # More RL algorithms against the widest RL proxy: references for DPO's frontier (P1).
   rl_frontier = {algo: rl_stage(f"{algo}_w{max(rl_widths)}", max(rl_widths), algo)
                  for algo in frontier_algorithms}
-  dpo = {}
-  for loss, beta in dpo_runs:
-    path = os.path.join(workdir, "dpo", f"{loss}_b{beta:g}")
-    text_world.binary_stage(path, train_dpo.run,
-                            lambda: tw.dpo_config(loss, beta, pairs["dataset"]),
-                            workdir=workdir,
-                            upstream={"reference": reference_dir, "pairs": pairs_dir})
-    progress.step(f"{loss} β={beta:g}")
-    traj = text_world.cached_trajectory(path, lambda: tw.make_policy(tw.reference_path()),
-                                        reference, evaluate, key=eval_key)
-    dpo[(loss, beta)] = text_world.standardized(traj, scales)
-    progress.step(f"{loss} β={beta:g}: {len(traj.steps)} checkpoints evaluated")
+  dpo = {(loss, beta): trained(os.path.join(workdir, "dpo", f"{loss}_b{beta:g}"), train_dpo.run,
+                               functools.partial(tw.dpo_config, loss, beta, pairs["dataset"]),
+                               {"reference": reference_dir, "pairs": pairs_dir},
+                               f"{loss} β={beta:g}", lambda: tw.make_policy(tw.reference_path()))
+         for loss, beta in dpo_runs}
   return {"scales": scales, "bon": bon, "rl": rl, "rl_frontier": rl_frontier, "dpo": dpo,
           "proxy_stats": proxy_stats,
           "pairs": pairs, "widths": widths, "world": tw.world_fields}

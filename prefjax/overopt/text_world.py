@@ -39,6 +39,7 @@ from flax import nnx
 from prefjax import configlib
 from prefjax import files
 from prefjax import train
+from prefjax.data import tokenize as tokenize_lib
 from prefjax.data.tfds_builders import synthetic
 from prefjax.rl import algorithms
 from prefjax.rl import rewards as rl_rewards
@@ -207,6 +208,21 @@ def pairs_dataset(name: str, rows: Callable[[], Sequence[Mapping[str, Any]]],
   return f"synthetic:{name}"
 
 
+def gold_pairs_dataset(policy: nnx.Module, prompts: rollout_lib.Prompts,
+                       gold: rl_rewards.PairReward, tokenizer: Any, *, name: str,
+                       meta: Mapping[str, Any], seed: int, max_new_tokens: int,
+                       gold_name: str = "text_world", **sample_kw: Any) -> dict[str, Any]:
+  """A study's pairs stage: :func:`sample_gold_pairs` written as the ``synthetic:``
+  dataset ``{name}-{digest of the rows}`` (``meta`` and the skipped counts beside it).
+  Returns ``{"dataset", "num_pairs", "skipped"}``."""
+  rows, skipped = sample_gold_pairs(policy, prompts, gold, tokenizer, seed=seed,
+                                    max_new_tokens=max_new_tokens, **sample_kw)
+  dataset = pairs_dataset(f"{name}-{digest(rows)}", lambda: rows,
+                          dict(meta, skipped=skipped), gold_name=gold_name)
+  logging.info("%s: %d pairs, skipped %s", name, len(rows), skipped)
+  return {"dataset": dataset, "num_pairs": len(rows), "skipped": skipped}
+
+
 def proxy_model(width: int, num_layers: int) -> dict[str, Any]:
   """A byte-level decoder reward model of hidden width ``width`` (the study's proxy sizes)."""
   heads = max(1, min(4, width // 4))
@@ -215,6 +231,23 @@ def proxy_model(width: int, num_layers: int) -> dict[str, Any]:
               overrides=dict(hidden_size=width, num_layers=num_layers, num_heads=heads,
                              num_kv_heads=heads, intermediate_size=2 * width,
                              max_position_embeddings=64))
+
+
+def proxy_reward_spec(width: int, num_layers: int, workdir: str) -> dict[str, Any]:
+  """The reward spec (``rl.rewards.make_reward``) of proxy ``width``, trained by the
+  study into ``workdir/proxies/w{width}``."""
+  return dict(kind="model", name=f"proxy_w{width}", model=proxy_model(width, num_layers),
+              tokenizer={"path": "byte"}, max_length=32, batch_size=512,
+              checkpoint=os.path.join(workdir, "proxies", f"w{width}"))
+
+
+def world_prompts(world: Any, tokenizer: Any, count: int,
+                  rng: np.random.Generator) -> rollout_lib.Prompts:
+  """``count`` prompts of a tiny world, encoded as ``train_sft``'s pipeline and
+  ``train_rl`` encode them (BOS + raw prompt, at most 10 tokens)."""
+  texts = [world.sample_prompt(rng) for _ in range(count)]
+  ids = [tokenize_lib.encode_prompt(t, tokenizer, style="raw") for t in texts]
+  return rollout_lib.encode_prompts(texts, ids, pad_id=tokenizer.pad_id, max_length=10)
 
 
 def sample_gold_pairs(policy: nnx.Module, prompts: rollout_lib.Prompts,
