@@ -23,7 +23,6 @@ is the highest ratio over HF this machine allows: where it is under 2, issue G's
 
 from __future__ import annotations
 
-import resource
 import statistics
 import tempfile
 import time
@@ -68,10 +67,6 @@ def build_hf(model: dec.Decoder) -> Any:
         tmp, torch_dtype="float32", attn_implementation="sdpa").eval()
   hf_model.generation_config.eos_token_id = None  # exactly NEW_TOKENS per row
   return hf_model
-
-
-def peak_rss_mb() -> int:
-  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def stream_bandwidth(megabytes: int = 256, repeats: int = 7) -> dict[str, float]:
@@ -188,7 +183,7 @@ def run_generation(name: str, batch: int, greedy: bool, repeats: int, *,
   first = ours()
   compile_s = time.perf_counter() - start
   after_first = sampling.TRACE_COUNTS["generate"]
-  prefjax_rss_mb = peak_rss_mb()
+  prefjax_rss_mb = steps.peak_rss_mb()
   if hf and hf_model is None:
     hf_model = build_hf(model)
   theirs = hf_call(hf_model, tokens, greedy) if hf else None
@@ -223,7 +218,7 @@ def run_generation(name: str, batch: int, greedy: bool, repeats: int, *,
                      byte_s=max(rates.values()))
   row.update(stream_gb_s={k: round(v / 1e9, 1) for k, v in rates.items()},
              roofline_ceiling_gflop_s=round(flop_s / 1e9, 1), roofline_s=round(bound, 3),
-             of_roofline=round(bound / s, 3), process_peak_rss_mb=peak_rss_mb())
+             of_roofline=round(bound / s, 3), process_peak_rss_mb=steps.peak_rss_mb())
   if hf:
     hf_s = statistics.median(hf_times)
     row.update(hf_s_per_call=round(hf_s, 3), hf_step_times=[round(t, 3) for t in hf_times],

@@ -73,7 +73,6 @@ import functools
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -357,7 +356,7 @@ def run_case(name: str, steps: int) -> dict[str, Any]:
       "adjacent_ceilings_gflop_s": [round(c / 1e9, 1) for c in ceilings],
       "adjacent_ceiling_gflop_s": round(adjacent_ceiling(times, ceilings) / 1e9, 1),
       "pairs_per_s": round(total_rate(pair_count, times), 2),
-      "peak_rss_mb": _peak_rss_mb(),
+      "peak_rss_mb": steps_lib.peak_rss_mb(),
       "compiles_during_timed_steps": max((compiles() - before) if compiles else 0,
                                          timed_clock.backend_compiles),
       "jax_backend": jax.default_backend(),
@@ -467,10 +466,6 @@ def write_json(path: str, rows: Any) -> None:
     from prefjax import files  # pylint: disable=g-import-not-at-top
     with open(path, "w") as f:
       f.write(files.dumps(rows, indent=1))
-
-
-def _peak_rss_mb() -> int:
-  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def _child(name: str, steps: int) -> dict[str, Any]:

@@ -86,11 +86,11 @@ def bf16_peak(device_kind: str) -> float | None:
 
 def peak_memory_mb(device: Any) -> int:
   """Peak bytes the device's allocator held (accelerators), else this process's peak RSS."""
-  from benchmarks import run as run_lib
+  from benchmarks import steps as steps_lib
   stats = device.memory_stats() if device.platform != "cpu" else None
   if stats and "peak_bytes_in_use" in stats:
     return round(stats["peak_bytes_in_use"] / 2 ** 20)
-  return run_lib._peak_rss_mb()
+  return steps_lib.peak_rss_mb()
 
 
 def time_steps(compiled: Any, state: Any, batches: list[dict[str, np.ndarray]]) -> list[float]:

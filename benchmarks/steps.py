@@ -16,6 +16,7 @@ prefjax's, cut to the batch's longest real row (TRL pads to the longest).
 
 from __future__ import annotations
 
+import resource
 from typing import Any, Callable
 
 import jax
@@ -252,6 +253,11 @@ def matmul_probe(size: int = 2048, dtype: Any = jnp.float32) -> Callable[[int], 
     return 2 * size ** 3 / float(np.median(times))
 
   return probe
+
+
+def peak_rss_mb() -> int:
+  """This process's peak resident memory so far, in MB."""
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def matmul_ceiling(size: int = 2048, repeats: int = 10, dtype: Any = jnp.float32) -> float:
