@@ -263,12 +263,19 @@ def test_a_head_that_does_not_pool_through_the_pooler_drops_it(tmp_path):
   assert models.from_pretrained(path, head="reward", score_label="POSITIVE").trunk.pooler
 
 
-def test_multi_label_heads_are_read_under_the_classifier_s_own_names(tmp_path):
+@pytest.mark.parametrize("head,message", [
+    # A multi: head is read under the classifier's own label names, in their order.
+    ("multi:POSITIVE,NEGATIVE", r"rows are the outputs 'multi:NEGATIVE,POSITIVE', in that "
+                                r"order; the requested head 'multi:POSITIVE,NEGATIVE' would "
+                                r"read them"),
+    # A two-label classifier read as one reward asks for its label.
+    ("reward", r"'classifier.weight' scores the labels \['NEGATIVE', 'POSITIVE'\]; a "
+               r"one-output reward reads one label's log-odds: set score_label"),
+])
+def test_a_head_that_would_misread_a_classifier_s_labels_is_refused(tmp_path, head, message):
   path = _classifier_dir(tmp_path, "distilbert")
-  with pytest.raises(hf_import.CheckpointError,
-                     match=r"rows are the outputs 'multi:NEGATIVE,POSITIVE', in that order; "
-                           r"the requested head 'multi:POSITIVE,NEGATIVE' would read them"):
-    models.from_pretrained(path, head="multi:POSITIVE,NEGATIVE")
+  with pytest.raises(hf_import.CheckpointError, match=message):
+    models.from_pretrained(path, head=head)
 
 
 def test_a_one_output_classifier_is_a_reward_without_a_label(tmp_path, caplog):
@@ -347,14 +354,6 @@ def test_a_reward_of_a_short_position_table_cuts_to_it_or_refuses_a_longer_max_l
   with pytest.raises(ValueError, match=r"the 'sentiment' reward's max_length=64, but the "
                                        r"model has 32 positions"):
     rewards.make_reward(spec, seed=0)
-
-
-def test_a_two_label_classifier_as_one_reward_asks_for_its_label(tmp_path):
-  path = _classifier_dir(tmp_path, "distilbert")
-  with pytest.raises(hf_import.CheckpointError,
-                     match=r"'classifier.weight' scores the labels \['NEGATIVE', 'POSITIVE'\]; a "
-                           r"one-output reward reads one label's log-odds: set score_label"):
-    models.from_pretrained(path, head="reward")
 
 
 def test_an_export_with_its_tokenizer_scores_texts_in_transformers_as_prefjax_does(tmp_path):
