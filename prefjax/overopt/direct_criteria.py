@@ -258,6 +258,21 @@ def criterion_p1(sweep: DaaSweep, ppo: exact.ExactScores, *,
                  detail)
 
 
+def every_loss(sweeps: Mapping[str, DaaSweep], *, num_bootstrap: int = 1000,
+               seed: int = 0) -> dict[str, dict]:
+  """D1 and D2, each passing when it passes for every loss (its value: each loss's result)."""
+  out = {}
+  for name, criterion, threshold in (
+      ("D1", criterion_d1, "every loss: interior argmax and rmse_rl < rmse_quadratic_kl, "
+                           f"over >= {D1_MIN_BETAS} β values"),
+      ("D2", criterion_d2, "every loss at its smallest β")):
+    each = {loss: criterion(s, num_bootstrap=num_bootstrap, seed=seed)
+            for loss, s in sweeps.items()}
+    out[name] = _result(all(r["pass"] for r in each.values()), each, threshold,
+                        "; ".join(r["detail"] for r in each.values()))
+  return out
+
+
 def criteria(sweeps: Mapping[str, DaaSweep], ppo: exact.ExactScores | None = None, *,
              d3_sweeps: Mapping[str, DaaSweep] | None = None, num_bootstrap: int = 1000,
              seed: int = 0) -> dict[str, dict]:
@@ -267,17 +282,7 @@ def criteria(sweeps: Mapping[str, DaaSweep], ppo: exact.ExactScores | None = Non
   ``d3_sweeps`` (full-batch sweeps trained to convergence, see :func:`criterion_d3`)
   are used for D3 when given; otherwise ``sweeps``.
   """
-  out = {}
-  d1 = {name: criterion_d1(s, num_bootstrap=num_bootstrap, seed=seed)
-        for name, s in sweeps.items()}
-  out["D1"] = _result(all(r["pass"] for r in d1.values()), d1,
-                      "every loss: interior argmax and rmse_rl < rmse_quadratic_kl, over >= "
-                      f"{D1_MIN_BETAS} β values",
-                      "; ".join(r["detail"] for r in d1.values()))
-  d2 = {name: criterion_d2(s, num_bootstrap=num_bootstrap, seed=seed)
-        for name, s in sweeps.items()}
-  out["D2"] = _result(all(r["pass"] for r in d2.values()), d2, "every loss at its smallest β",
-                      "; ".join(r["detail"] for r in d2.values()))
+  out = every_loss(sweeps, num_bootstrap=num_bootstrap, seed=seed)
   d3 = sweeps if d3_sweeps is None else d3_sweeps
   if "dpo" in d3 and "ipo" in d3:
     out["D3"] = criterion_d3(d3["dpo"], d3["ipo"])

@@ -166,19 +166,9 @@ def text_criteria(results: Mapping[str, Any], cfg: Any, fig_dir: str | None, *,
   curves = {"bon": bon_settings, "rl": rl_settings, "sweeps": sweeps}
   if not sweeps:
     return found, dict(rel), curves
-  d1 = {n: direct_criteria.criterion_d1(s, num_bootstrap=num_bootstrap)
-        for n, s in sweeps.items()}
-  d2 = {n: direct_criteria.criterion_d2(s, num_bootstrap=num_bootstrap)
-        for n, s in sweeps.items()}
-  found.append(C.Criterion("D1", all(r["pass"] for r in d1.values()), d1,
-                           "every loss: interior argmax and rmse_rl < rmse_quadratic_kl, "
-                           f"over >= {direct_criteria.D1_MIN_BETAS} β values",
-                           "; ".join(r["detail"] for r in d1.values()), rel["text_direct"],
-                           world=world))
-  found.append(C.Criterion("D2", all(r["pass"] for r in d2.values()), d2,
-                           "every loss at its smallest β",
-                           "; ".join(r["detail"] for r in d2.values()), rel["text_direct"],
-                           world=world))
+  for name, r in direct_criteria.every_loss(sweeps, num_bootstrap=num_bootstrap).items():
+    found.append(C.Criterion(name, r["pass"], r["value"], r["threshold"], r["detail"],
+                             rel["text_direct"], world=world))
   if "dpo" in sweeps:
     references = {str(cfg.rl.algorithm).lower(): rl_arm, **others}
     p1_algo = p1_reference(references)
