@@ -248,6 +248,38 @@ def test_train_proxies_rejects_repeated_seeds(world):
     bandit.train_proxies(world, bandit.ProxyConfig(width=4, num_pairs=300, steps=2), [1, 1])
 
 
+
+def test_pooled_worlds_draw_their_own_proxy_initialisations(monkeypatch):
+  """Member k of every world started from the same weights: pooled worlds, bootstrapped
+  as independent prompts, shared a draw."""
+  initial = []
+  make = bandit.make_proxy_trainer
+
+  def capture(config, feature_dim, seeds):
+    graphdef, state, run_chunk = make(config, feature_dim, seeds)
+    initial.append(next(np.asarray(x) for x in jax.tree.leaves(state.params) if x.ndim == 3))
+    return graphdef, state, run_chunk
+  monkeypatch.setattr(bandit, "make_proxy_trainer", capture)
+  config = bandit.ProxyConfig(width=4, num_pairs=300, steps=1)
+  for seed in (0, 1, 0):
+    bandit.train_proxies(bandit.make_world(dataclasses.replace(TINY, seed=seed)), config, [0, 1])
+  assert initial[0].shape[0] == 2 and initial[0].std() > 0.05
+  np.testing.assert_array_equal(initial[2], initial[0])           # deterministic per world
+  assert np.all(np.abs(initial[1] - initial[0]).mean(axis=(1, 2)) > 0.05)  # each member
+
+
+def test_world_streams_are_not_the_plain_seeds_stream():
+  """Tag 0's stream was the plain seed's (SeedSequence ignores trailing zeros), which
+  the estimator check and seed-0 bootstraps draw from."""
+  tags = (bandit._FEATURES, bandit._OFFSETS, bandit._REF_NET, bandit._GOLD_NET,
+          bandit._TRAIN_PAIRS, bandit._HELDOUT_PAIRS, bandit._BATCHES)
+  for seed in (0, 3):
+    plain = np.random.default_rng(seed).random(8)
+    draws = [bandit._rng(seed, tag).random(8) for tag in tags]
+    assert all(not np.allclose(d, plain) for d in draws)
+    assert len({d.tobytes() for d in draws}) == len(tags)
+
+
 # ----------------------------------------------------------------------------- policy
 
 

@@ -48,6 +48,7 @@ import numpy as np
 from flax import nnx
 from scipy import special
 
+from prefjax.overopt import world_seeds
 from prefjax.overopt.policy_net import PolicyConfig  # noqa: F401  (re-exported)
 from prefjax.overopt.policy_net import PolicyMLP  # noqa: F401  (re-exported)
 from prefjax.overopt.policy_net import StackedMLP
@@ -61,11 +62,10 @@ from prefjax.train import schedules
 from prefjax.train import state as state_lib
 from prefjax.train import step as step_lib
 
-# Entropy tags that keep the world's random streams independent of each other. Tag 0's
-# stream is also the plain seed's (SeedSequence ignores trailing zeros), which the estimator
-# check (criteria.estimator_check) and seed-0 bootstraps draw from: the same bits put to
-# unrelated uses. Renumbering would redraw every world and every documented number.
-_FEATURES, _OFFSETS, _REF_NET, _GOLD_NET, _TRAIN_PAIRS, _HELDOUT_PAIRS, _BATCHES = range(7)
+# Entropy tags that keep the world's random streams independent of each other. They start
+# at 1: SeedSequence ignores trailing zeros, so a tag 0 stream would be the plain seed's,
+# which the estimator check (criteria.estimator_check) and seed-0 bootstraps draw from.
+_FEATURES, _OFFSETS, _REF_NET, _GOLD_NET, _TRAIN_PAIRS, _HELDOUT_PAIRS, _BATCHES = range(1, 8)
 _ROW_CHUNK = 1 << 16   # candidates per float64 MLP chunk (≈130 MB at width 256)
 
 
@@ -465,7 +465,8 @@ def train_proxies(world: World, config: ProxyConfig, seeds: Sequence[int], *,
   """Trains K = len(seeds) proxies together (one jitted program) and scores every candidate.
 
   Member k trains on ``sample_pairs(world, N, label_noise, seed=seeds[k])``
-  with its own init and batch order, through ``make_train_step`` with the
+  with its own batch order and initialisation (``seeds[k]`` folded with the world's
+  seed: ``world_seeds.stream_seed``, so pooled worlds share no draw), through ``make_train_step`` with the
   registered loss ``config.loss`` and AdamW + cosine decay. Its scores on all
   P·M candidates are standardised under π_ref (:func:`standardize`).
 
@@ -486,7 +487,8 @@ def train_proxies(world: World, config: ProxyConfig, seeds: Sequence[int], *,
            for s in seeds]
   chosen, rejected = _batch_indices(pairs, seeds, world.config.seed, config.steps,
                                     config.batch_size, m)
-  graphdef, state, run_chunk = make_proxy_trainer(config, d, seeds)
+  init_seeds = [world_seeds.stream_seed(s, world.config.seed) for s in seeds]
+  graphdef, state, run_chunk = make_proxy_trainer(config, d, init_seeds)
   features = jnp.asarray(world.features.reshape(p * m, d))
   chunk = log_every or config.steps
   losses, last = [], time.perf_counter()

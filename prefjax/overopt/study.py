@@ -40,6 +40,7 @@ from prefjax.overopt import direct_criteria
 from prefjax.overopt import direct_study
 from prefjax.overopt import exact
 from prefjax.overopt import policy_net
+from prefjax.overopt import world_seeds
 from prefjax.train import schedules
 from prefjax.train import state as state_lib
 from prefjax.train import step as step_lib
@@ -83,7 +84,7 @@ def proxy_config(config: Any, **overrides: Any) -> bandit.ProxyConfig:
 # The code that draws a world and trains and scores its proxies: an edit of any of them
 # retrains (the key hashed bandit.py alone, so a change to the proxies' network, loss or
 # train step served the old proxies).
-PROXY_SOURCES = (bandit, policy_net, preference, step_lib, state_lib, schedules)
+PROXY_SOURCES = (bandit, world_seeds, policy_net, preference, step_lib, state_lib, schedules)
 
 
 def _cached_proxies(workdir: str, name: str, world: bandit.World, cfg: bandit.ProxyConfig,
