@@ -25,10 +25,17 @@ JAX's compilation cache and the TFDS cache empty (bandit part 7 min; text worlds
 load ≈ 1–2; 23 min 53 s on 2026-12-05 on the Intel Xeon with the caches warm and tests
 running beside it for a third of the time; 20 min 13 s on 2026-12-05 with the caches warm,
 reusing the first text world's SFT and reward-model stages from an interrupted run.
-Expected result (2026-12-07 evening, AMD EPYC, 22 min 2 s in a new workdir with the caches
-warm and reviews running beside it; commit 81a55e9, each text world its own draw: prompts,
-keys and training seeds): `13/16 criteria pass in the world carrying them (failed: R2, D2,
-P1); extra tests: 1/3 pass (failed: P1_rloo, P1_kl_matched_rloo)`. D2 fails on KL dips of
+Expected result (2026-12-07 night, AMD EPYC, commit c45181a, each bandit world drawing its
+own proxy initialisations and new worlds; 9 min 5 s, the text stages reused from the 81a55e9
+run, whose code the change does not touch): `11/16 criteria pass in the world carrying them
+(failed: G1, R2, C2, D2, P1); extra tests: 1/3 pass (failed: P1_rloo, P1_kl_matched_rloo)`.
+Bandit: G1 fails (widths 4 and 8 fall 2.6 and 2.3 SE, 2.6 and 2.5 needed: worlds 3 and 4
+show no best-of-n decline), C2 fails on point estimates (RL drops: single 0.012, WCO 0.021,
+UWO 0.036), G3 passes (−0.94, +0.94), R2-bandit fails (1.0 SE); README, "Each bandit world
+is its own draw". The run before, with the earlier bandit worlds (81a55e9; 22 min 2 s in a
+new workdir with the caches warm and reviews running beside it; each text world its own
+draw: prompts, keys and training seeds): `13/16 criteria pass in the world carrying them
+(failed: R2, D2, P1); extra tests: 1/3 pass (failed: P1_rloo, P1_kl_matched_rloo)`. D2 fails on KL dips of
 1.003x and 1.01x what it allows (DPO, SLiC), P1 on its 16–32 nat bin (-0.20 +- 0.02 SD);
 G3-text passes at its thresholds (-0.80, +0.80). The run before it (0c09b72: own prompts and
 keys, shared training seeds; 25 min 11 s) gave `15/16 (failed: R2); extra tests: 3/3 pass`:
@@ -42,7 +49,7 @@ D2 failed from the sampler fix of 2026-12-06, which changed every sampled stream
 worlds drew their own prompts: SLiC's KL at β = 0.03 fell 50.7 -> 47.6 nats over its last
 50 steps (README); it passed in the run with own prompts and fails again in the final run. On 2026-12-05: `15/16 ... (failed: R2); extra tests: 1/3 pass (failed:
 P1_rloo, P1_kl_matched_rloo)`. The run also prints, world by world, how many pooled passes
-hold in every world (README). Bandit: G0–G5,
+hold in every world (README). Bandit, before the redraw: G0–G5,
 R1, R3, R4, C1–C3 and D3 pass; R2-bandit fails (width 4's closed-form RL drop is 1.3 SE).
 Text worlds 0–2 pooled: R2 fails since the RLOO arm's KL penalty moved from k3 to k1
 (configs/rl/tiny_rloo.py; k3 in the reward is not the KL's gradient): RLOO vs w8 falls

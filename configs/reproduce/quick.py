@@ -20,20 +20,25 @@ UWO λ = 0.5); exact best-of-n (n = 1 … 20,000) and the closed-form RL path
 
 Why three pooled worlds: the best-of-n decline depends on the world drawn (the design
 notes saw 2-SE declines in 0/8 … 7/8 widths across world seeds). Seeds 0, 1, 2 are
-simply the first three, fixed before any result was seen. World 0 alone shows a weak
-decline (w4: 1.2 SE) and world 2 a strong one (4.4 SE); the report lists every world
-on its own beside the pooled curves. `configs/reproduce/full.py` pools five.
+simply the first three, fixed before any result was seen. Width 4's decline is 2.7, 3.2
+and 1.3 SE in worlds 0, 1, 2 alone; the report lists every world on its own beside the
+pooled curves. `configs/reproduce/full.py` pools five.
 
-Expected runtime (2 cores, measured): 3 min 41 s for the study and 4 min 16 s for `make demo`
-on a fresh clone including the install (2026-12-02, JAX's compilation cache warm),
-5 min 38 s and 6 min 42 s with a cold cache (2026-12-01); on an Intel Xeon (2026-12-05, cache
-warm) 5 min 5 s–5 min 9 s for the study, 5 min 12 s for `make demo` without the install;
+Expected runtime (2 cores, measured): 3 min 59 s for the study on 2026-12-07 (AMD EPYC,
+JAX's compilation cache warm); 3 min 41 s for the study and 4 min 16 s for `make demo` on a
+fresh clone including the install (2026-12-02), 5 min 38 s and 6 min 42 s with a cold cache
+(2026-12-01); on an Intel Xeon (2026-12-05, cache warm) 5 min 5 s–5 min 9 s for the study;
 peak RSS 1.8 GB.
-Expected result (measured 2026-12-01, again 2026-12-02): every G and C criterion and
-R1/R3/R4 pass; R2 fails (width 4's RL drop is 1.0 SE; `full.py` has the text world carry
-R2). G1: width 4 and 8 fall 3.9 and 4.7 SE after a peak at n ≈ 2,800 (2026-12-07, after
-the bootstrap-t; 4.1 and 4.8 before); Spearman(width, β_bon) = −0.83; WCO/UWO +0.88/+0.93
-gold at n_max.
+Expected result (measured 2026-12-07, commit c45181a: each world draws its own proxy
+initialisations, and the worlds' streams moved to tags from 1, which draws new worlds): `9/12 criteria pass in the world carrying them (failed: G3, R2, C2)`.
+G1: width 4 and 8 fall 3.7 and 4.5 SE after a peak at n = 800; G3 fails at
+Spearman(width, β_bon) = −0.77 (−0.8 needed: β falls from w4 to w32 and is flat after);
+C2 fails on point estimates (under RL at 25% noise the single proxy drops 0.031 after its
+peak, WCO 0.038, UWO 0.053); WCO/UWO +0.81/+0.85 gold at n_max; R2 fails (width 4's RL
+drop is 1.0 SE). In the worlds before, with shared initialisations, every G and C criterion
+passed (11/12, failed: R2); with own initialisations in those worlds, 10/12 (failed: R2,
+C2). G3 and C2 are not established by this study either way (README, "Each bandit world
+is its own draw").
 """
 
 from __future__ import annotations
