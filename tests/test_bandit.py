@@ -248,7 +248,6 @@ def test_train_proxies_rejects_repeated_seeds(world):
     bandit.train_proxies(world, bandit.ProxyConfig(width=4, num_pairs=300, steps=2), [1, 1])
 
 
-
 def test_pooled_worlds_draw_their_own_proxy_initialisations(monkeypatch):
   """Member k of every world started from the same weights: pooled worlds, bootstrapped
   as independent prompts, shared a draw."""

@@ -35,11 +35,12 @@ UWO 0.036), G3 passes (−0.94, +0.94), R2-bandit fails (1.0 SE); README, "Each 
 is its own draw". The run before, with the earlier bandit worlds (81a55e9; 22 min 2 s in a
 new workdir with the caches warm and reviews running beside it; each text world its own
 draw: prompts, keys and training seeds): `13/16 criteria pass in the world carrying them
-(failed: R2, D2, P1); extra tests: 1/3 pass (failed: P1_rloo, P1_kl_matched_rloo)`. D2 fails on KL dips of
-1.003x and 1.01x what it allows (DPO, SLiC), P1 on its 16–32 nat bin (-0.20 +- 0.02 SD);
-G3-text passes at its thresholds (-0.80, +0.80). The run before it (0c09b72: own prompts and
-keys, shared training seeds; 25 min 11 s) gave `15/16 (failed: R2); extra tests: 3/3 pass`:
-these verdicts are not established either way (README, "Each text world is its own draw").
+(failed: R2, D2, P1); extra tests: 1/3 pass (failed: P1_rloo, P1_kl_matched_rloo)`.
+D2 fails on KL dips of 1.003x and 1.01x what it allows (DPO, SLiC), P1 on its 16–32 nat
+bin (-0.20 +- 0.02 SD); G3-text passes at its thresholds (-0.80, +0.80). The run before
+it (0c09b72: own prompts and keys, shared training seeds; 25 min 11 s) gave
+`15/16 (failed: R2); extra tests: 3/3 pass`: these verdicts are not established either
+way (README, "Each text world is its own draw").
 Earlier that day, every text world on the same prompts (24 min 1 s):
 `13/16 criteria pass in the world carrying them (failed: R2, D2, P1); extra tests: 2/3 pass
 (failed: P1_rloo)`: P1 failed in its

@@ -30,7 +30,8 @@ fresh clone including the install (2026-12-02), 5 min 38 s and 6 min 42 s with a
 (2026-12-01); on an Intel Xeon (2026-12-05, cache warm) 5 min 5 s–5 min 9 s for the study;
 peak RSS 1.8 GB.
 Expected result (measured 2026-12-07, commit c45181a: each world draws its own proxy
-initialisations, and the worlds' streams moved to tags from 1, which draws new worlds): `9/12 criteria pass in the world carrying them (failed: G3, R2, C2)`.
+initialisations, and the worlds' streams moved to tags from 1, which draws new worlds):
+`9/12 criteria pass in the world carrying them (failed: G3, R2, C2)`.
 G1: width 4 and 8 fall 3.7 and 4.5 SE after a peak at n = 800; G3 fails at
 Spearman(width, β_bon) = −0.77 (−0.8 needed: β falls from w4 to w32 and is flat after);
 C2 fails on point estimates (under RL at 25% noise the single proxy drops 0.031 after its

@@ -466,9 +466,9 @@ def train_proxies(world: World, config: ProxyConfig, seeds: Sequence[int], *,
 
   Member k trains on ``sample_pairs(world, N, label_noise, seed=seeds[k])``
   with its own batch order and initialisation (``seeds[k]`` folded with the world's
-  seed: ``world_seeds.stream_seed``, so pooled worlds share no draw), through ``make_train_step`` with the
-  registered loss ``config.loss`` and AdamW + cosine decay. Its scores on all
-  P·M candidates are standardised under π_ref (:func:`standardize`).
+  seed by ``world_seeds.stream_seed``, so pooled worlds share no draw), through
+  ``make_train_step`` with the registered loss ``config.loss`` and AdamW + cosine decay.
+  Its scores on all P·M candidates are standardised under π_ref (:func:`standardize`).
 
   Args:
     world: the bandit world.
