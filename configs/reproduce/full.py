@@ -15,9 +15,10 @@ gold-labelled pairs, D1–D3, and the DPO-vs-RL frontier P1; kept as ``D1-bandit
 and the text world (``quick.text_config``; ``experiments/text_study.py``), which runs
 ``train_sft``, ``train_rm`` (proxy widths 8–64), ``best_of_n``, ``train_rl`` (RLOO, and
 PPO against the widest proxy) and ``train_dpo`` (DPO / IPO / SLiC × 4 β, 400 steps) and
-carries R2, D1, D2 and P1 (the bandit world's are kept as ``R2-bandit`` …); three text
-worlds (seeds 0, 1, 2) are run and pooled like the bandit worlds, because one world's
-verdicts moved with the sampler's random stream.
+carries R2, D1, D2 and P1 (the bandit world's are kept as ``R2-bandit`` …); five text
+worlds (seeds 0–4) are run and pooled like the bandit worlds, because one world's
+verdicts moved with the sampler's random stream, and three worlds' verdicts (D2, P1,
+P1_rloo, G3-text) moved between independent draws (three until 2026-12-07 night).
 
 Expected runtime (measured 2026-12-02 on this 2-core CPU, quiet): 24 min from scratch with
 JAX's compilation cache and the TFDS cache empty (bandit part 7 min; text worlds 7, 5 and
@@ -25,10 +26,16 @@ JAX's compilation cache and the TFDS cache empty (bandit part 7 min; text worlds
 load ≈ 1–2; 23 min 53 s on 2026-12-05 on the Intel Xeon with the caches warm and tests
 running beside it for a third of the time; 20 min 13 s on 2026-12-05 with the caches warm,
 reusing the first text world's SFT and reward-model stages from an interrupted run.
-Expected result (2026-12-07 night, AMD EPYC, commit c45181a, each bandit world drawing its
-own proxy initialisations and new worlds; 9 min 5 s, the text stages reused from the 81a55e9
-run, whose code the change does not touch): `11/16 criteria pass in the world carrying them
-(failed: G1, R2, C2, D2, P1); extra tests: 1/3 pass (failed: P1_rloo, P1_kl_matched_rloo)`.
+Expected result (2026-12-07 night, AMD EPYC, commit b4f5423, five text worlds):
+`11/16 criteria pass in the world carrying them (failed: G1, R2, C2, D2, P1); extra tests:
+0/3 pass (failed: P1_kl_matched, P1_rloo, P1_kl_matched_rloo)`. Text: D2 fails on SLiC's KL
+(it falls 2.08 nats after the gold peak, 0.33 allowed), P1 and, for the first time,
+P1_kl_matched on the 16–32 nat bin (−0.11 ± 0.02 and −0.04 ± 0.02 SD); D1 (20.2, 32.4,
+23.0 SE), G2-text and G3-text (−0.80, +1.00) pass. With three text worlds (c45181a, each
+bandit world drawing its own proxy initialisations and new worlds; 9 min 5 s, the text
+stages reused from the 81a55e9 run, whose code the change does not touch): `11/16 criteria
+pass in the world carrying them (failed: G1, R2, C2, D2, P1); extra tests: 1/3 pass
+(failed: P1_rloo, P1_kl_matched_rloo)`.
 Bandit: G1 fails (widths 4 and 8 fall 2.6 and 2.3 SE, 2.6 and 2.5 needed: worlds 3 and 4
 show no best-of-n decline), C2 fails on point estimates (RL drops: single 0.012, WCO 0.021,
 UWO 0.036), G3 passes (−0.94, +0.94), R2-bandit fails (1.0 SE); README, "Each bandit world
@@ -48,7 +55,8 @@ Earlier that day, every text world on the same prompts (24 min 1 s):
 it passed there at -0.01 +- 0.03 SD and the run gave 14/16 (failed: R2, D2).
 D2 failed from the sampler fix of 2026-12-06, which changed every sampled stream, until the
 worlds drew their own prompts: SLiC's KL at β = 0.03 fell 50.7 -> 47.6 nats over its last
-50 steps (README); it passed in the run with own prompts and fails again in the final run. On 2026-12-05: `15/16 ... (failed: R2); extra tests: 1/3 pass (failed:
+50 steps (README); it passed in the run with own prompts and failed again in the three-world
+final run. On 2026-12-05: `15/16 ... (failed: R2); extra tests: 1/3 pass (failed:
 P1_rloo, P1_kl_matched_rloo)`. The run also prints, world by world, how many pooled passes
 hold in every world (README). Bandit, before the redraw: G0–G5,
 R1, R3, R4, C1–C3 and D3 pass; R2-bandit fails (width 4's closed-form RL drop is 1.3 SE).
