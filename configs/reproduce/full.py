@@ -20,7 +20,10 @@ worlds (seeds 0–4) are run and pooled like the bandit worlds, because one worl
 verdicts moved with the sampler's random stream, and three worlds' verdicts (D2, P1,
 P1_rloo, G3-text) moved between independent draws (three until 2026-12-07 night).
 
-Expected runtime (measured 2026-12-02 on this 2-core CPU, quiet): 24 min from scratch with
+Expected runtime (measured 2026-12-07 night on this 2-core CPU, quiet, five text worlds):
+28 min 57 s in a new workdir with JAX's compilation cache warm (bandit part 8 min, text
+worlds 4–4.5 min each); it gave every `report.json` criterion value of a run that reused
+three worlds' stages to 1e-6. With three text worlds (2026-12-02): 24 min from scratch with
 JAX's compilation cache and the TFDS cache empty (bandit part 7 min; text worlds 7, 5 and
 5 min), 19 min with them warm; peak RSS 2.4 GB. ≈ 38 min was measured on 2026-12-01 at
 load ≈ 1–2; 23 min 53 s on 2026-12-05 on the Intel Xeon with the caches warm and tests
