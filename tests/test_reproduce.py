@@ -470,6 +470,14 @@ def test_g3_passes_rank_correlations_of_exactly_0_8_and_r4_needs_a_best_of_n_pea
   # RL still rising at its largest KL: a lower bound on its peak, enough for ">" but named.
   found = criteria.r4([peaked._replace(rl=flat.bon)], "")
   assert found.passed and "RL highest at its largest KL: a lower bound" in found.detail
+  # A trained run whose KL fell back late, highest at its last checkpoint: that checkpoint's
+  # KL bounds nothing (R4 passed on it, as on a lower bound).
+  rising = np.linspace(0.0, 1.0, 5)
+  fell_back = _curve(np.array([0.0, 1.0, 2.0, 3.0, 2.5]), rising, noise=0.001)
+  found = criteria.r4([peaked._replace(rl=fell_back)], "")
+  assert not found.passed and "below its largest KL: not evaluable" in found.detail
+  still_rising = _curve(np.array([0.0, 1.0, 2.0, 3.0, 3.5]), rising, noise=0.001)
+  assert criteria.r4([peaked._replace(rl=still_rising)], "").passed
   # Best-of-n gold highest at n = 1 never rose: its "peak" at KL 0 is below any RL KL, and
   # R4 passed on it (with an RL curve that never peaked either).
   falling = _setting("f", -0.5, 0.1)
