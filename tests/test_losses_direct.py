@@ -11,6 +11,7 @@ float64 reference here, ``ref_<name>(d, beta, **hparams)``, and
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -333,11 +334,15 @@ def test_jit_vmap_grad(name, jit_vmap_grad_results):
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("name", PAIRED)
-def test_output_is_float32_per_example(name, dtype):
+def test_output_is_float32_per_example(name, dtype, x64):
+  # Under x64 too: a Python hyperparameter (beta, a default label_smoothing=0.0)
+  # must not widen float32 inputs to float64.
   d = random_pairs(seed=7)
-  out = loss_fn(name)(to_pairs(d, dtype), beta=BETA)
+  with jax.enable_x64(x64):
+    out = loss_fn(name)(to_pairs(d, dtype), beta=BETA)
   assert out.shape == (B,) and out.dtype == jnp.float32
   if dtype == jnp.bfloat16:  # Computed in float32 from the rounded inputs.
     rounded = {k: np.asarray(jnp.asarray(v, jnp.bfloat16)).astype(np.float64) for k, v in d.items()}
@@ -499,10 +504,11 @@ def test_unpaired_matches_numpy_reference(name, kl_ref, hparams):
     got = fn(jnp.asarray(a["policy"]), jnp.asarray(a["ref"]), a["desirable"], kl_ref,
              beta=BETA, **hparams)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6)
-  for dtype in (jnp.float32, jnp.bfloat16):
-    got = fn(jnp.asarray(a["policy"], dtype), jnp.asarray(a["ref"], dtype),
-             a["desirable"].astype(np.float32), kl_ref, beta=BETA, **hparams)
-    assert got.shape == (5,) and got.dtype == jnp.float32
+  for dtype, x64 in itertools.product((jnp.float32, jnp.bfloat16), (False, True)):
+    with jax.enable_x64(x64):
+      got = fn(jnp.asarray(a["policy"], dtype), jnp.asarray(a["ref"], dtype),
+               a["desirable"].astype(np.float32), kl_ref, beta=BETA, **hparams)
+    assert got.shape == (5,) and got.dtype == jnp.float32, (dtype, x64)
     np.testing.assert_allclose(got, expected, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5)
 
 

@@ -494,6 +494,8 @@ def test_bfloat16_inputs_give_float32_outputs():
   for name, value in _all_losses(*args).items():
     assert value.dtype == jnp.float32, name
   assert policy.rloo_advantages(args[2]).dtype == jnp.float32
+  with jax.enable_x64(True):  # A Python baseline must not widen float32 rewards.
+    assert policy.reinforce_advantages(args[2].astype(jnp.float32), 0.5).dtype == jnp.float32
   assert policy.exact_kl(args[0][..., None].repeat(3, -1), args[1][..., None].repeat(3, -1),
                          args[3]).dtype == jnp.float32
   f32 = _all_losses(*[a.astype(jnp.float32) for a in args])

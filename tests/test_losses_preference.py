@@ -241,11 +241,15 @@ def test_gradient_matches_finite_differences(name):
     numerics.check_grad(case.fn, list(case.args), argnum=argnum)
 
 
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("name", NAMES)
-def test_output_is_float32_per_example(name, dtype):
+def test_output_is_float32_per_example(name, dtype, x64):
+  # Under x64 too: default hyperparameters (outcome=1.0, margin=0.0) are Python
+  # numbers and must not widen float32 inputs to float64.
   case = CASES[name]
-  out = case.fn(*(jnp.asarray(a, dtype) for a in case.args))
+  with jax.enable_x64(x64):
+    out = case.fn(*(jnp.asarray(a, dtype) for a in case.args))
   assert out.shape == case.out_shape and out.dtype == jnp.float32
   rounded = [np.asarray(jnp.asarray(a, dtype)).astype(np.float64) for a in case.args]
   np.testing.assert_allclose(out, case.ref(*rounded), rtol=1e-5, atol=1e-5)

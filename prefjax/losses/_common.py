@@ -23,8 +23,12 @@ def as_float(x: ArrayLike) -> Array:
 
   bf16/f16/int inputs are promoted to float32; NumPy float64 inputs without
   x64 are canonicalised to float32 by ``jnp.asarray`` first (no warning).
+  A Python number stays weakly typed, so a hyperparameter such as ``beta=0.1``
+  leaves float32 inputs in float32 under x64 too.
   """
   x = jnp.asarray(x)
+  if x.weak_type:
+    return x + 0.0  # Weak int -> weak float; ``astype`` would make it strong.
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
