@@ -39,7 +39,9 @@ Optimization", arXiv 2402.01306) run on pairs split into unpaired examples:
 chosen = desirable, rejected = undesirable. Their reference point z₀ is the
 batch mean of policy-minus-reference log-ratios on MISMATCHED prompt/response
 pairs (row k's prompt with row k+1's response over the 2B rows, as TRL builds
-its KL dataset), with no gradient.
+its KL dataset), with no gradient. Under gradient accumulation each microbatch
+builds its own mismatched rows and z₀ (as TRL's micro-batches do), so KTO,
+alone among the direct losses, is not exactly the whole batch's loss.
 """
 
 from __future__ import annotations
