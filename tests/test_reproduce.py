@@ -187,12 +187,28 @@ def test_fit_figure_draws_each_beta_in_its_own_units(tmp_path, monkeypatch):
   panels = {ax.get_ylabel(): ax for ax in drawn[0].axes}
   assert list(panels) == ["α (gain per √nat)", "best-of-n β (per nat, in d(α − β·d))",
                           "RL β (per √nat, in d(α − β·ln d))"]
-  plotted = lambda ax: [bars.lines[0].get_ydata() for bars in ax.containers]  # one per errorbar
+  plotted = lambda ax: [line.get_ydata() for line in ax.lines  # one per method, labelled
+                        if not line.get_label().startswith("_")]
   bon_beta = plotted(panels["best-of-n β (per nat, in d(α − β·d))"])
   rl_beta = plotted(panels["RL β (per √nat, in d(α − β·ln d))"])
   assert len(bon_beta) == len(rl_beta) == 1 and len(plotted(panels["α (gain per √nat)"])) == 2
   np.testing.assert_allclose(bon_beta[0], [s.fit_bon.beta for s in settings])
   np.testing.assert_allclose(rl_beta[0], [s.fit_rl.beta for s in settings])
+
+
+def test_fit_figure_bars_span_the_interval_even_when_it_excludes_the_estimate(
+    tmp_path, monkeypatch):
+  """A percentile interval can miss its estimate; |ci − value| then drew a wrong bar."""
+  drawn = []
+  monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or path)
+  settings = [_setting(f"w{w}", 1.0, b) for w, b in ((4, 0.5), (8, 0.3))]
+  settings[0] = settings[0]._replace(fit_bon=settings[0].fit_bon._replace(beta_ci=(0.6, 0.9)))
+  figures.fit_coefficients([4, 8], settings, str(tmp_path / "f.png"), xlabel="width", title="t")
+  ax = {ax.get_ylabel(): ax for ax in drawn[0].axes}["best-of-n β (per nat, in d(α − β·d))"]
+  (bars,) = ax.containers
+  (segments,) = bars.lines[2]
+  spans = np.array([np.sort(seg[:, 1]) for seg in segments.get_segments()])
+  np.testing.assert_allclose(spans, [(0.6, 0.9), settings[1].fit_bon.beta_ci])
 
 
 def test_the_criteria_bootstrap_as_many_resamples_as_the_config_asks():

@@ -140,12 +140,14 @@ def fit_coefficients(sizes: Sequence[float], settings: Sequence[curves_lib.Setti
     for method in panel_methods:
       fitted = [getattr(s, f"fit_{method}") for s in settings]
       value = np.array([getattr(f, coef) for f in fitted])
-      ci = np.array([getattr(f, f"{coef}_ci") for f in fitted])
-      err = np.abs(ci.T - value)
-      # A missing CI (too few prompts to bootstrap) draws no bar, not a zero-width one.
-      ax.errorbar(sizes, value, yerr=err, marker="o" if method == "bon" else "s", capsize=3,
-                  color=METHOD_COLORS[method],
-                  label=f"{'best-of-n' if method == 'bon' else 'RL'} {coef}")
+      lo, hi = np.array([getattr(f, f"{coef}_ci") for f in fitted], dtype=float).T
+      # The bar is the interval itself: a percentile interval need not contain the
+      # estimate. A missing CI (too few prompts to bootstrap) draws no bar.
+      ax.errorbar(sizes, (lo + hi) / 2, yerr=(hi - lo) / 2, fmt="none", capsize=3,
+                  color=METHOD_COLORS[method])
+      ax.plot(sizes, value, marker="o" if method == "bon" else "s",
+              color=METHOD_COLORS[method],
+              label=f"{'best-of-n' if method == 'bon' else 'RL'} {coef}")
     ax.set_xscale("log", base=2)
     _axes(ax, xlabel, ylabel, zero_line=coef == "beta")
   fig.suptitle(f"{title} (error bars: 95% bootstrap CIs over prompts)")
