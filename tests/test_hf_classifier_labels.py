@@ -32,13 +32,13 @@ LABELS = {"0": "NEGATIVE", "1": "POSITIVE"}
 
 
 def _classifier_dir(tmp_path: pathlib.Path, labels: dict[str, str] = LABELS,
-                    name: str = "cls") -> pathlib.Path:
+                    name: str = "cls", seed: int = 0) -> pathlib.Path:
   config = test_hf_parity._llama_config(tied=False)  # pylint: disable=protected-access
   config.update(dict(vocab_size=VOCAB, pad_token_id=PAD, num_labels=len(labels),
                      id2label={int(k): v for k, v in labels.items()},
                      label2id={v: int(k) for k, v in labels.items()},
                      max_position_embeddings=512))
-  torch.manual_seed(0)
+  torch.manual_seed(seed)
   model = transformers.LlamaForSequenceClassification(config)
   with torch.no_grad():  # log-odds of order 1, so a wrong row or sign shows
     model.score.weight.mul_(4.0)
@@ -204,3 +204,35 @@ def test_eval_rm_reads_a_label_per_hf_scorer(tmp_path):
                                                        r"with NAME one of the hf: scorers "
                                                        r"\['cls', 'rm'\]"):
     eval_rm.run(eval_cfg, str(tmp_path / "eval_bad"))
+
+
+def test_an_ensemble_of_two_label_classifiers_scores_each_members_log_odds(tmp_path):
+  """A ``member_<k>/`` folder of two-label classifiers was scored from member 0's two
+  logits alone; it now needs the label, and then scores every member."""
+  for k in range(2):
+    _classifier_dir(tmp_path / "ens", name=f"member_{k}", seed=k)
+  data = tmp_path / "pairs.jsonl"
+  data.write_text("".join(json.dumps({"prompt": f"Q{i}:", "chosen": " yes" * (i + 1),
+                                      "rejected": " no"}) + "\n" for i in range(6)))
+  eval_cfg = test_eval_rm.eval_config(f"ens=hf:{tmp_path / 'ens'}", f"jsonl:{data}@train")
+  eval_cfg.update(hf_tokenizer="byte", pipeline={"max_length": 64}, num_resamples=20)
+  with pytest.raises(scorers_lib.EvalInputError, match=r"classifiers with the labels "
+                                                       r"\['NEGATIVE', 'POSITIVE'\]; .*"
+                                                       r"hf_score_label=ens=POSITIVE"):
+    eval_rm.run(eval_cfg, str(tmp_path / "eval_logits"))
+  eval_cfg.hf_score_label = "POSITIVE"
+  eval_rm.run(eval_cfg, str(tmp_path / "eval"))
+  rows = test_eval_rm.score_rows(tmp_path / "eval")
+  assert len(rows) == 6
+  for k in range(2):
+    single = tmp_path / f"single_{k}"
+    eval_cfg.scorers = f"one=hf:{tmp_path / 'ens' / f'member_{k}'}"
+    eval_rm.run(eval_cfg, str(single))
+    alone = {r["index"]: r["scores"]["one"] for r in test_eval_rm.score_rows(single)}
+    for row in rows:
+      np.testing.assert_allclose(row["scores"][f"ens/member{k}"], alone[row["index"]],
+                                 rtol=1e-5, atol=1e-5)
+  for row in rows:
+    members = np.array([row["scores"][f"ens/member{k}"] for k in range(2)])
+    np.testing.assert_allclose(row["scores"]["ens"], members.mean(axis=0), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(members[0], members[1])  # two different classifiers

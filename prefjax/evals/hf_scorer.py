@@ -39,6 +39,11 @@ def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> scorers.ModelScorer:
     head = "reward"
   tokenizer = experiment.make_tokenizer({"path": eval_cfg.hf_tokenizer or members[0]})
   kind, arg = heads_lib.parse_head(head)
+  if kind == "multi" and len(members) > 1:  # one column per member is what an ensemble reads
+    raise EvalInputError(
+        f"scorer {spec.name!r}: the members of {path} are classifiers with the labels "
+        f"{list(arg)}; an ensemble scores one reward per member, so name the label to score "
+        f"(its log-odds): config.hf_score_label={spec.name}={arg[-1]}")
   models = []
   for member in members:
     model_cfg = {"path": member, "head": head, "pooling": eval_cfg.hf_pooling or pooling,
