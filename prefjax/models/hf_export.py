@@ -148,8 +148,7 @@ def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None,
   elif _is_score_model(model):
     tensors, hf_config = _sequence_classifier(model, tokenizer)
     hf_tokenizer = _score_tokenizer(tokenizer, tensors, hf_config, add_bos,
-                                    own_pad=model.last_skips_id is None,
-                                    prompt_style=prompt_style)
+                                    skips_id=model.last_skips_id, prompt_style=prompt_style)
     hf_config.update(_score_token(model, hf_config))
   else:
     trunk = getattr(model, "trunk", model)
@@ -265,20 +264,26 @@ def _labels(model: heads.PooledHeadModel) -> list[str]:
 
 
 def _score_tokenizer(tokenizer: Any, tensors: dict[str, np.ndarray], hf_config: dict[str, Any],
-                     add_bos: bool, *, own_pad: bool, prompt_style: str = "raw") -> Any:
+                     add_bos: bool, *, skips_id: int | None, prompt_style: str = "raw") -> Any:
   """A copy of a Hugging Face tokenizer that encodes as prefjax's pipeline does for a reward
   model: BOS (when ``add_bos``) + text + the response's end (EOS, or in ``chat`` style the
-  template's turn-end token: ``tokenize.response_end_id``), padded with its pad id. With
-  ``own_pad`` (the model scores that end) a pad id equal to it becomes a new ``PAD_TOKEN``
-  (with a zero embedding row where the vocabulary has no spare id), so that transformers'
-  sequence classifier reads the end too. ``tensors`` and ``hf_config`` are updated to
-  match; None without a Hugging Face tokenizer."""
+  template's turn-end token: ``tokenize.response_end_id``), padded with its pad id. A model
+  read from a Hugging Face classifier scores the last token that is not ``skips_id`` (its
+  config's pad id), and the copy pads with that id, so that transformers skips the padding
+  and nothing else. Otherwise the model scores that end, and a pad id equal to it becomes
+  a new ``PAD_TOKEN`` (with a zero embedding row where the vocabulary has no spare id), so
+  that transformers' sequence classifier reads the end too. ``tensors`` and ``hf_config``
+  are updated to match; None without a Hugging Face tokenizer."""
   if getattr(tokenizer, "hf", None) is None:
     return None
   hf_tok = copy.deepcopy(tokenizer.hf)
   bos, pad = tokenizer.bos_id, tokenizer.pad_id
   end = tokenize.response_end_id(tokenizer, prompt_style)
-  if own_pad and pad == end:
+  if skips_id is not None:
+    if pad != skips_id:
+      hf_tok.pad_token = hf_tok.convert_ids_to_tokens(skips_id)
+      pad = skips_id
+  elif pad == end:
     hf_tok.add_special_tokens({"pad_token": PAD_TOKEN})
     pad = hf_tok.pad_token_id
     name = next(n for n in EMBEDDINGS if n in tensors)
