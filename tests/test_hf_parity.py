@@ -291,6 +291,20 @@ def test_encoder_save_pretrained_loads_in_torch(load_pair, tmp_path):
                    _torch_out(hf_model, tokens, mask))
 
 
+def test_an_encoder_without_token_types_exports_one_zero_token_type(tmp_path):
+  """type_vocab_size=0 was written as is, and transformers' BERT could not run it."""
+  ours = encoder.Encoder(encoder.EncoderConfig.tiny(type_vocab_size=0), rngs=nnx.Rngs(0))
+  models.save_pretrained(ours, tmp_path)
+  hf_model = transformers.BertModel.from_pretrained(
+      tmp_path, add_pooling_layer=False, attn_implementation="eager").eval()
+  assert hf_model.config.type_vocab_size == 1
+  tokens = _tokens(2, 7, seed=3)
+  mask = np.ones_like(tokens)
+  mask[1, 5:] = 0
+  _assert_close_on(mask, _ours_out(ours, tokens, attention_mask=mask),
+                   _torch_out(hf_model, tokens, mask))
+
+
 # -- errors ---------------------------------------------------------------------
 
 

@@ -113,7 +113,18 @@ def hf_state_dict(model: nnx.Module, *, classifier: bool = False
       tensors[hf_name] = np.ascontiguousarray(hf_mappings.to_hf(array, layout))
   for hf_name, parts in qkv_parts.items():
     tensors[hf_name] = np.concatenate([parts[j] for j in range(3)], axis=-1)
+  if hf_config.get("type_vocab_size") == 0:
+    _add_zero_token_type(tensors, hf_config)
   return tensors, hf_config
+
+
+def _add_zero_token_type(tensors: dict[str, np.ndarray], hf_config: dict[str, Any]) -> None:
+  """An encoder without token types as transformers can run it (it has no zero-type BERT):
+  one token type whose embedding is zero, which adds nothing."""
+  words = next(n for n in tensors if n.endswith("embeddings.word_embeddings.weight"))
+  tensors[words.replace("word_embeddings", "token_type_embeddings")] = np.zeros(
+      (1, tensors[words].shape[1]), tensors[words].dtype)
+  hf_config["type_vocab_size"] = 1
 
 
 def save_pretrained(model: nnx.Module, path: PathLike, *, tokenizer: Any = None,
