@@ -291,9 +291,9 @@ def _score_tokenizer(tokenizer: Any, tensors: dict[str, np.ndarray], hf_config: 
   bos, pad = tokenizer.bos_id, tokenizer.pad_id
   end = tokenize.response_end_id(tokenizer, prompt_style)
   if skips_id is not None:
-    if pad != skips_id:
-      hf_tok.pad_token = hf_tok.convert_ids_to_tokens(skips_id)
-      pad = skips_id
+    pad = skips_id
+    if hf_tok.pad_token_id != pad:
+      hf_tok.pad_token = hf_tok.convert_ids_to_tokens(pad)
   elif pad == end:
     hf_tok.add_special_tokens({"pad_token": PAD_TOKEN})
     pad = hf_tok.pad_token_id
