@@ -265,18 +265,21 @@ def test_a_policy_export_s_tokenizer_encodes_prompts_as_the_pipeline_did(gpt2_bp
   assert tokenize.load_tokenizer(tmp_path).encode(text) == tok.encode(text)
 
 
+@pytest.mark.parametrize("skips", ["zero", "eos"])
 def test_a_classifier_read_from_hf_exports_a_tokenizer_padding_with_the_id_it_skips(
-    gpt2_bpe_dir, tmp_path):
+    gpt2_bpe_dir, tmp_path, skips):
   """A GPT-2 classifier whose config pads with id 0 read with GPT-2's tokenizer (pad = EOS):
   the export said pad 0 while its tokenizer padded with the EOS, so transformers scored a
-  shorter row at a padding slot (-0.152 against -0.115)."""
+  shorter row at a padding slot (-0.152 against -0.115). With pad = EOS the saved copy
+  needs a pad token too (GPT-2's tokenizer has none)."""
   tok = tokenize.load_tokenizer(gpt2_bpe_dir)
+  skips_id = 0 if skips == "zero" else tok.eos_id
   torch.manual_seed(0)
   cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_embd=16, n_layer=1, n_head=2,
-                                n_positions=64, num_labels=1, pad_token_id=0)
+                                n_positions=64, num_labels=1, pad_token_id=skips_id)
   transformers.GPT2ForSequenceClassification(cfg).save_pretrained(tmp_path / "src")
   rm = models.from_pretrained(tmp_path / "src", head="reward", dtype=jnp.float32)
-  assert rm.last_skips_id == 0 != tok.pad_id
+  assert rm.last_skips_id == skips_id
   texts = ["hello world", "a much longer text than the first one here"]
   ids = [[tok.bos_id] + tok.encode(t) + [tok.eos_id] for t in texts]
   length = max(map(len, ids))
@@ -285,7 +288,7 @@ def test_a_classifier_read_from_hf_exports_a_tokenizer_padding_with_the_id_it_sk
   ours = _ours(rm, tokens, mask)[:, 0]
   hf_export.save_pretrained(rm, tmp_path / "out", tokenizer=tok)
   hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
-  assert hf_tok.pad_token_id == 0
+  assert hf_tok.pad_token_id == skips_id
   encoded = hf_tok(texts, padding=True, return_tensors="pt")
   np.testing.assert_allclose(_torch_scores(tmp_path / "out", encoded["input_ids"].numpy(),
                                            encoded["attention_mask"].numpy())[:, 0],
