@@ -16,8 +16,9 @@ stops if that config changed):
    ``rl/{algo}_w{W}`` for each of ``rl.frontier_algorithms`` (e.g. PPO) against the
    widest RL proxy: more references for DPO's reward–KL frontier (P1).
 6. ``dpo/{loss}_b{β}``: ``train_dpo`` on the gold-labelled pairs at each β.
-7. Every RL and DPO checkpoint is sampled on the same held-out prompts with the
-   same key (``prefjax.overopt.text_world``): gold, proxy and exact KL per prompt.
+7. Every RL and DPO checkpoint is sampled on the same evaluation prompts (a draw of
+   their own, not de-duplicated against the pairs') with the same key
+   (``prefjax.overopt.text_world``): gold, proxy and exact KL per prompt.
 
 Gold and proxies are standardised under π_ref (mean 0, SD 1 over its samples).
 """

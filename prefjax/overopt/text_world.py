@@ -10,7 +10,7 @@ against them (best-of-n, RLOO/PPO) or on the pairs directly (DPO / IPO / SLiC).
 ``experiments/text_study.py`` runs those binaries; this module holds what
 turns their outputs into curves:
 
-* :func:`evaluate_policy` samples the SAME held-out prompts from a policy with a
+* :func:`evaluate_policy` samples the SAME evaluation prompts from a policy with a
   fixed key (common random numbers across checkpoints and methods) and returns
   per-prompt gold, proxy scores and the exact sequence KL to the reference,
   Σ_t KL(π(·|y<t) ‖ π_ref(·|y<t)) along each sample (full vocabulary: bytes);
@@ -371,7 +371,7 @@ def evaluate_policy(policy: nnx.Module, reference: nnx.Module, prompts: rollout_
 
 
 class Trajectory(NamedTuple):
-  """A run's checkpoints evaluated on the held-out prompts: ``[T, P]`` per reward."""
+  """A run's checkpoints evaluated on the evaluation prompts: ``[T, P]`` per reward."""
   steps: np.ndarray                   # [T], 0 = the reference policy
   per_prompt: dict[str, np.ndarray]   # name -> [T, P]
 
