@@ -145,6 +145,7 @@ def test_unknown_direct_loss_lists_every_registered_loss(tmp_path):
 
 @pytest.mark.parametrize("binary,override,message", [
     ("train_dpo", "--config.loop.num_steps=-5", "loop.num_steps=-5 must be >= 1"),
+    ("train_rm", "--config.loop.accum_steps=0", "loop.accum_steps=0 must be >= 1"),
     ("train_rm", "--config.optimizer.learning_rate=inf", "optimizer.learning_rate=inf must be finite"),
     ("train_rm", "--config.optimizer.grad_clip_norm=nan", "optimizer.grad_clip_norm=nan must be finite"),
     ("train_rm", "--config.optimizer.schedule=cosin", "optimizer.schedule='cosin'; expected one "

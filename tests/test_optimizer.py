@@ -52,6 +52,25 @@ def test_a_non_finite_optimizer_setting_is_refused(field, value):
     train.make_optimizer({"name": "adamw", field: value})
 
 
+@pytest.mark.parametrize("field,value", [
+    ("end_lr_fraction", -1.0), ("end_lr_fraction", 1.5), ("weight_decay", -0.5),
+    ("b1", 1.0), ("b2", -1.0), ("eps", 0.0), ("momentum", -1.0), ("grad_clip_norm", -1.0)])
+def test_an_optimizer_setting_out_of_its_range_is_refused(field, value):
+  """end_lr_fraction=-1 decayed a cosine to a negative rate that climbed the loss."""
+  with pytest.raises(ValueError, match=rf"optimizer.{field}={value} must be in [\[(]"):
+    train.make_optimizer({"name": "adamw", "schedule": "cosine", "total_steps": 10, field: value})
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("accum_steps", 0, ">= 1"), ("keep_checkpoints", 0, ">= 1"), ("keep_best", 0, ">= 1"),
+    ("log_every", -1, ">= 0"), ("eval_every", -2, ">= 0"), ("checkpoint_every", -1, ">= 0")])
+def test_a_loop_setting_out_of_its_range_is_refused(field, value, message):
+  """accum_steps=0 died in a ZeroDivisionError after the workdir was made; keep_checkpoints=0
+  was refused as checkpoint.py's keep_last, after data and model."""
+  with pytest.raises(ValueError, match=f"loop.{field}={value} must be {message}"):
+    train.LoopConfig(num_steps=5, **{field: value})
+
+
 def test_grad_clipping_and_weight_decay_follow_optax_reference():
   params = {"w": jnp.array([3.0, 4.0])}
   grads = {"w": jnp.array([30.0, 40.0])}  # norm 50 -> clipped to norm 1

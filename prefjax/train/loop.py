@@ -121,6 +121,13 @@ class LoopConfig:
   def __post_init__(self):
     if self.num_steps < 1:
       raise ValueError(f"loop.num_steps={self.num_steps} must be >= 1")
+    for name in ("accum_steps", "keep_checkpoints", "keep_best"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"loop.{name}={getattr(self, name)} must be >= 1")
+    for name in ("log_every", "eval_every", "checkpoint_every"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"loop.{name}={getattr(self, name)} must be >= 0 (0 turns it off "
+                         "except at the end)")
     if self.max_consecutive_nonfinite < 1:
       raise ValueError(f"loop.max_consecutive_nonfinite={self.max_consecutive_nonfinite} must "
                        "be >= 1 (the run stops after that many skipped steps in a row)")

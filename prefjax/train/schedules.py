@@ -71,12 +71,32 @@ class OptimizerConfig:
     return configlib.dataclass_from_mapping(cls, cfg)
 
 
+# field -> (low, high, closed_low, closed_high, what an out-of-range value would do)
+_RANGES = {
+    "end_lr_fraction": (0.0, 1.0, True, True, "a negative end rate ascends the loss"),
+    "weight_decay": (0.0, math.inf, True, False, "a negative decay grows the weights"),
+    "b1": (0.0, 1.0, True, False, "Adam's first-moment decay"),
+    "b2": (0.0, 1.0, True, False, "Adam's second-moment decay"),
+    "eps": (0.0, math.inf, False, False, "Adam's denominator needs a positive epsilon"),
+    "momentum": (0.0, 1.0, True, False, "SGD's momentum"),
+    "grad_clip_norm": (0.0, math.inf, True, False, "0 turns clipping off"),
+}
+
+
 def _check_finite(cfg: OptimizerConfig) -> None:
-  """An infinite rate trains into NaN parameters; a NaN clip norm turns clipping off."""
+  """An infinite rate trains into NaN parameters; a NaN clip norm turns clipping off; a
+  value out of its range (a negative end rate or decay, b1 ≥ 1) trains the wrong way."""
   for field in dataclasses.fields(cfg):
     value = getattr(cfg, field.name)
     if isinstance(value, float) and not math.isfinite(value):
       raise ValueError(f"optimizer.{field.name}={value} must be finite")
+  for name, (low, high, closed_low, closed_high, why) in _RANGES.items():
+    value = getattr(cfg, name)
+    above = value >= low if closed_low else value > low
+    below = value <= high if closed_high else value < high
+    if not (above and below):
+      interval = f"{'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
+      raise ValueError(f"optimizer.{name}={value} must be in {interval} ({why})")
 
 
 def make_schedule(cfg: OptimizerConfig | Mapping[str, Any]) -> optax.Schedule:
