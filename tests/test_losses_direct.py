@@ -475,6 +475,20 @@ def test_out_of_range_hyperparameters_raise(name, hparams):
     loss_fn(name)(to_pairs(random_pairs()), **kwargs)
 
 
+@pytest.mark.parametrize("name", sorted(registry.DIRECT_LOSS_SPECS))
+def test_a_trainer_loss_that_cannot_train_is_refused(name):
+  """beta=0 made every shipped loss constant (nothing trained); a negative NLL weight
+  trained the chosen responses' likelihood down."""
+  from prefjax.direct import loss as loss_lib  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=r"beta=0\.0 is outside|beta=0 for .* loss is then "
+                                       r"constant"):
+    loss_lib.DirectLoss(name=name, beta=0.0, nll_alpha=0.0)
+  with pytest.raises(ValueError, match=r"nll_alpha=-1.0 .* must be a number >= 0"):
+    loss_lib.DirectLoss(name=name, beta=BETA, nll_alpha=-1.0)
+  if name not in ("ipo", "sppo_hard"):  # the chosen NLL alone still trains
+    loss_lib.DirectLoss(name=name, beta=0.0, nll_alpha=1.0)
+
+
 # ----------------------------------------------------------------------------------- KTO.
 
 def ref_kto(policy, ref, desirable, kl_ref, beta, desirable_weight=1.0, undesirable_weight=1.0):

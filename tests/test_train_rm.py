@@ -138,6 +138,9 @@ def test_bad_loss_config_is_rejected_with_the_field_names(caplog):
     rm.RewardLoss.from_config(dict(name="ties", nu=0.0))
   with pytest.raises(ValueError, match=r"label_smoothing=1.5 is outside \[0.0, 1.0\]"):
     rm.RewardLoss.from_config(dict(name="bt", label_smoothing=1.5))
+  for coef in (-1.0, float("nan")):  # rewarded |r_c + r_r| without bound
+    with pytest.raises(ValueError, match=rf"config.loss.center_coef={coef} must be >= 0"):
+      rm.RewardLoss.from_config(dict(name="bt", center_coef=coef))
   # Another registered loss's hyperparameter is accepted (configs switch ``name``), unused:
   # silently at its default, with a warning when set.
   assert rm.RewardLoss.from_config(dict(name="bt", nu=1.0)).hparams == ()

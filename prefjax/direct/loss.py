@@ -56,6 +56,7 @@ from flax import nnx
 from prefjax import configlib
 from prefjax.losses import direct as direct_losses
 from prefjax.losses import registry
+from prefjax.losses import unpaired as unpaired_losses
 from prefjax.losses._common import soft_label_smoothing
 from prefjax.models import sampling
 from prefjax.models import segments as seg
@@ -105,7 +106,14 @@ class DirectLoss:
     _check_kwargs(spec, kwargs)
     if not float(self.beta) >= 0.0:
       raise ValueError(f"beta={self.beta} for {spec.name!r}: must be a number >= 0")
+    if not float(self.alpha) >= 0.0:
+      raise ValueError(f"nll_alpha={self.alpha} for {spec.name!r}: must be a number >= 0 "
+                       "(a negative weight trains the chosen responses' likelihood down)")
     _check_values(spec, float(self.beta), kwargs)
+    if float(self.beta) == 0.0 and float(self.alpha) == 0.0 and _scales_by_beta(spec):
+      raise ValueError(f"beta=0 for {spec.name!r}: its loss is then constant and nothing "
+                       "trains (it scales the log-ratios by beta); give beta > 0, or "
+                       "nll_alpha > 0 to train on the chosen NLL alone")
     mode = self.ref_mode
     if mode == "auto":
       mode = "none" if spec.reference_free else "online"
@@ -155,6 +163,12 @@ class DirectLoss:
   @property
   def needs_reference(self) -> bool:
     return self.ref_mode != "none"
+
+
+def _scales_by_beta(spec: registry.DirectLossSpec) -> bool:
+  """Whether ``spec`` is one of the shipped losses, each constant in the log-probs at β = 0
+  (a loss registered by a user may use β otherwise)."""
+  return spec.fn in (*direct_losses.DIRECT_LOSSES.values(), unpaired_losses.kto)
 
 
 def _check_kwargs(spec: registry.DirectLossSpec, kwargs: Mapping[str, Any]) -> None:

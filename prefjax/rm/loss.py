@@ -99,8 +99,12 @@ class RewardLoss:
                        f"({', '.join(f'{k}={v!r}' for k, v in sorted(twice.items()))}): set "
                        "each in one place")
     hparams.update(kwargs)
+    center_coef = float(cfg.get("center_coef", 0.0))
+    if not 0.0 <= center_coef < float("inf"):  # also NaN
+      raise ValueError(f"config.loss.center_coef={center_coef} must be >= 0 and finite (a "
+                       "negative weight rewards |r_chosen + r_rejected| without bound)")
     loss = cls(name=name, hparams=tuple(sorted(hparams.items())),
-               center_coef=float(cfg.get("center_coef", 0.0)),
+               center_coef=center_coef,
                bootstrap=bool(cfg.get("bootstrap", False)),
                first_member=int(cfg.get("first_member", 0)))
     try:  # The loss's own range checks (ε, ν…), now rather than at the first step.
