@@ -129,6 +129,11 @@ def check_sampling(config: Any) -> None:
     raise ValueError(f"rl.missing_eos_penalty={config.rl.missing_eos_penalty} must be >= 0 "
                      "and finite (it is subtracted from a response cut at max_new_tokens: "
                      "a negative one rewards never finishing, a NaN makes every reward NaN)")
+  if int(config.rl.prompts_per_step) < 1:
+    raise ValueError(f"rl.prompts_per_step={config.rl.prompts_per_step} must be >= 1")
+  if adaptive.get("enabled", False) and not 0 < float(adaptive["target"]) < math.inf:
+    raise ValueError(f"rl.adaptive_kl.target={adaptive['target']} must be > 0 and finite (the "
+                     "KL in nats the controller steers the coefficient towards)")
   if int(config.rl.get("epochs", 1)) < 1:
     raise ValueError(f"rl.epochs={config.rl.epochs} must be >= 1 (passes over each rollout "
                      "batch)")

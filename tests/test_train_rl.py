@@ -380,7 +380,11 @@ def test_bad_inputs_raise_named_errors():
                               r"divisible"),
     ("rl.num_minibatches", 0, r"rl.num_minibatches=0"),
     ("adaptive_kl.horizon", 10.0, r"rl.adaptive_kl.horizon=10 must exceed 0.2 x the 64 "
-                                  r"sequences of a step \(12.8\)")])
+                                  r"sequences of a step \(12.8\)"),
+    ("adaptive_kl.target", -1.0, r"rl.adaptive_kl.target=-1.0 must be > 0"),
+    ("rl.clip_eps", 0.0, r"rl.clip_eps=0.0 must be > 0"),
+    ("rl.vf_coef", -0.1, r"rl.vf_coef=-0.1 must be >= 0"),
+    ("rl.prompts_per_step", 0, r"rl.prompts_per_step=0 must be >= 1")])
 def test_settings_that_would_bias_the_run_stop_it_before_the_warm_start(
     tmp_path, field, value, message, monkeypatch):
   """temperature 0.5 trained on tempered samples scored by the untempered policy (k1 KL 11.9

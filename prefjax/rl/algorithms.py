@@ -25,6 +25,7 @@ checks read the registry; ``rl.algorithm`` names the entry.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -87,6 +88,12 @@ class HParams(NamedTuple):
       if name in fields and not 0.0 <= float(fields[name]) <= 1.0:
         raise ValueError(f"rl.{name}={fields[name]} must be in [0, 1] (GAE discount and "
                          "trace decay)")
+    if "clip_eps" in fields and not 0.0 < float(fields["clip_eps"]) < math.inf:
+      raise ValueError(f"rl.clip_eps={fields['clip_eps']} must be > 0 and finite (the PPO "
+                       "ratio's clip range: at 0 or below every token's gradient is clipped)")
+    if "vf_coef" in fields and not 0.0 <= float(fields["vf_coef"]) < math.inf:
+      raise ValueError(f"rl.vf_coef={fields['vf_coef']} must be >= 0 and finite (a negative "
+                       "weight trains the value head away from the returns)")
     if fields.get("vf_clip_eps") is not None and fields["vf_clip_eps"] <= 0:
       fields["vf_clip_eps"] = None
     return cls(**fields)
