@@ -33,6 +33,7 @@ proxy vs √KL).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -62,8 +63,9 @@ PARTIAL_FILE = "samples.partial.npz"  # the prompts scored so far, while samplin
 _CURVE_ONLY = ("num_points", "num_bootstrap")
 
 
-def check_config(config: Any) -> None:
-  """One-line errors, before any sampling, for settings best-of-n cannot measure."""
+def check_config(config: Any, *, warn: bool = True) -> None:
+  """One-line errors, before any sampling, for settings best-of-n cannot measure
+  (``warn``: also log what it measures against another reference)."""
   for field, low in (("num_samples", 2), ("prompts_per_batch", 1), ("num_points", 1),
                      ("num_bootstrap", 2)):
     if int(config.bon[field]) < low:
@@ -73,7 +75,7 @@ def check_config(config: Any) -> None:
     raise ValueError(f"sampling.temperature={s.temperature}, top_k={s.get('top_k')} draws the "
                      "same response every time, and best-of-n needs distinct samples of the "
                      "reference policy (temperature 1)")
-  if sampler_differs(config):
+  if warn and sampler_differs(config):
     logging.warning("best_of_n: sampling.temperature=%s, top_k=%s, top_p=%s: the reference of "
                     "KL_bon is this sampler, not the policy at temperature 1 (train_rl "
                     "refuses such settings)", s.temperature, s.get("top_k"), s.get("top_p"))
@@ -250,4 +252,4 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
 if __name__ == "__main__":
   common.define_flags()
-  app.run(common.main_for(run))
+  app.run(common.main_for(run, check=functools.partial(check_config, warn=False)))

@@ -155,12 +155,14 @@ def test_unknown_direct_loss_lists_every_registered_loss(tmp_path):
                                                   "'none' or one of"),
     # Refused after creating the workdir's logs and records:
     ("train_rl", "--config.rl.algorithm=grpo", "rl.algorithm='grpo' is not one of ('ppo', "),
+    ("best_of_n", "--config.bon.num_samples=1", "bon.num_samples=1 must be >= 2"),
 ])
 def test_a_bad_loop_or_optimizer_setting_fails_before_the_workdir(binary, override, message,
                                                                  tmp_path):
   """These used to fail after data and model (num_steps), or train on: an infinite rate into
   NaN parameters, a NaN clip norm without clipping."""
-  config = BINARIES.get(binary, "configs/rl/tiny_rloo.py")
+  config = BINARIES.get(binary, {"train_rl": "configs/rl/tiny_rloo.py",
+                                 "best_of_n": "configs/bon/tiny.py"}.get(binary))
   code, lines = run_binary(binary, f"--config={config}", f"--workdir={tmp_path / 'w'}", override)
   assert_short_error(code, lines, message)
   assert not (tmp_path / "w").exists()
