@@ -292,6 +292,23 @@ def test_a_nan_metric_never_costs_the_best_checkpoint_its_place(tmp_path, mode, 
   ckpt.close()
 
 
+def test_a_rerun_that_ranks_by_another_metric_saves_beside_the_old_checkpoints(tmp_path):
+  """Orbax ranks every kept step by the new best_metric: steps saved without it raised
+  KeyError at each save, and the workdir could not be resumed."""
+  _, state = train.create_train_state(DropoutMLP(nnx.Rngs(0)), optax.sgd(0.1), 0)
+  ckpt = train.Checkpointer(tmp_path, best_metric="acc", best_mode="max", keep_last=1,
+                            keep_best=1, async_save=False)
+  for step in (1, 2, 3):
+    ckpt.save(state.replace(step=step), metrics={"acc": 0.1 * step})
+  ckpt.close()
+  ckpt = train.Checkpointer(tmp_path, best_metric="loss", best_mode="min", keep_last=1,
+                            keep_best=1, async_save=False)
+  ckpt.save(state.replace(step=4), metrics={"acc": 0.9, "loss": 0.25})
+  ckpt.save(state.replace(step=5), metrics={"acc": 0.8, "loss": 0.5})
+  assert ckpt.all_steps() == [4, 5] and ckpt.best_step() == 4
+  ckpt.close()
+
+
 def test_a_final_eval_after_the_data_ran_out_ranks_the_checkpoint_saved_before_it(tmp_path):
   """4 batches for 10 steps, eval every 3, checkpoint every 2: step 4 is saved in the loop
   without metrics, then evaluated when the data runs out; ``@best`` must know that eval."""

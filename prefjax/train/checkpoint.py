@@ -481,8 +481,10 @@ class Checkpointer:
 
   def _rank_value(self, metrics: Mapping[str, Any]) -> float:
     """``_metric_value`` for orbax's ``BestN``, which sorts with ``sorted``: a NaN there
-    breaks the order and can delete the true best, so it ranks as the worst value."""
-    value = float(self._metric_value(metrics))
+    breaks the order and can delete the true best, so it ranks as the worst value, as
+    does a step saved without ``best_metric`` (a rerun that changed it)."""
+    present = self.best_metric in (metrics or {})
+    value = float(self._metric_value(metrics)) if present else math.nan
     if np.isnan(value):
       return math.inf if self._best_mode == "min" else -math.inf
     return value
