@@ -492,6 +492,14 @@ def test_work_that_does_not_split_over_processes_refuses_several(monkeypatch, tm
   with pytest.raises(configlib.ConfigError, match=r"a run without config.mesh.shape runs in "
                                                   r"one process"):
     experiment.make_optional_mesh({"mesh": {"shape": ()}})
+  with pytest.raises(configlib.ConfigError, match=r"an empty config.mesh.shape runs in one "
+                                                  r"process"):
+    experiment.make_mesh({"shape": ()})
+  monkeypatch.setattr(jax, "process_count", lambda: 1)
+  # train_rm and train_safety build a mesh: an empty shape is one device, as elsewhere
+  # (it stopped with "mesh config shape () must have 3 entries").
+  mesh = experiment.make_mesh({"shape": ()})
+  assert mesh.devices.size == 1 and dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
 
 
 def _config_modules():
