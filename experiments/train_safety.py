@@ -27,6 +27,8 @@ Outputs besides the usual workdir files: ``threshold.json``,
 accuracy at the threshold, each with a 95% pair-bootstrap interval) and the same
 under ``safety`` in ``summary.json``. A rerun of a finished workdir only
 re-evaluates, e.g. with another ``--config.safety.target_precision``.
+``export_hf=True`` also writes the classifier to ``<workdir>/hf`` as a Hugging Face
+directory (its harm logit as a reward head; the threshold stays in ``threshold.json``).
 """
 
 from __future__ import annotations
@@ -167,6 +169,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   data_report.finish(train_iter, result.summary, mesh)
   result.summary["safety"] = out
   summary_lib.write_summary(workdir, result.summary)
+  experiment.export_hf(config, workdir, result.model, tokenizer, what="safety classifier")
   return {"summary": result.summary, "report": out, "preempted": False}
 
 

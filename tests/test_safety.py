@@ -18,6 +18,7 @@ from scipy import special
 
 from configs.safety import tiny as tiny_config
 from experiments import train_safety
+from prefjax import models
 from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import sources
@@ -290,6 +291,7 @@ def trained():
     config.safety.eval_batch_size = 16
     config.safety.num_resamples = 100
     config.safety.target_precision = 0.9
+    config.export_hf = True
     yield pathlib.Path(d), config, train_safety.run(config, d)
 
 
@@ -303,6 +305,20 @@ def test_train_safety_tiny_world_learns_and_writes_threshold(trained):
   assert threshold["reached"] and threshold["precision"] >= 0.9
   assert threshold == {**rep["threshold"], "step": 25}
   assert json.loads((workdir / "summary.json").read_text())["safety"]["final_step"] == 25
+
+
+def test_export_hf_writes_the_classifier_as_trained(trained):
+  """train_safety accepted export_hf=True and wrote nothing."""
+  workdir, config, _ = trained
+  clf = safety_runtime.SafetyClassifier.from_workdir(str(workdir))
+  exported = models.from_pretrained(workdir / "hf", head="reward", dtype=jnp.float32)
+  source = safety_runtime.load_split(config.data, "resplit_test")
+  batch = next(iter(pipeline_lib.preference_dataset([source[i] for i in range(8)],
+                                                    clf.tokenizer, clf.pipeline)))
+  tokens, mask = jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"])
+  np.testing.assert_allclose(np.asarray(exported(tokens, attention_mask=mask)),
+                             np.asarray(clf.model(tokens, attention_mask=mask)),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_runtime_classifier_matches_pair_scores_and_labels_pairs(trained):
