@@ -92,7 +92,9 @@ class LoopConfig:
     presplit_microbatches: batches already carry a leading microbatch axis.
     max_consecutive_nonfinite: abort after this many consecutive skipped steps.
     async_checkpointing: orbax async saves.
-    seed: seed of the train-state RNG key.
+    seed: seed of the train-state RNG key, which only a loss that draws random numbers
+      reads (the RM's bootstrapped ensembles); ``config.seed`` sets the initialisation
+      and the data order, so a seed sweep of the other trainers varies that one.
     on_config_mismatch: ``warn`` or ``error`` when resuming with another config.
     tensorboard: write TensorBoard event files.
     allow_restart: when every checkpoint of the workdir is damaged, start from
