@@ -67,6 +67,12 @@ def make_judge(config: Any) -> Any:
                                      position_bias=float(config.judge.position_bias))
   if kind != "lm":
     raise ValueError(f"config.judge.kind must be one of {JUDGE_KINDS}, got {kind!r}")
+  world_only = {"temperature": 1.0, "position_bias": 0.0}  # the programmatic judge's knobs
+  if moved := {k: config.judge[k] for k, v in world_only.items()
+               if float(config.judge.get(k, v)) != v}:
+    raise ValueError(f"config.judge {moved}: only the tiny_world_gold judge reads these; an "
+                     "lm judge's probabilities come from the model (leave them at "
+                     f"{world_only})")
   configlib.check_fields("config.scoring", config.scoring, SCORING_FIELDS)
   template = templates.JudgeTemplate.from_config(config.judge)
   tokenizer = experiment.make_tokenizer(config.tokenizer)

@@ -393,6 +393,11 @@ def test_bad_input_is_one_line_naming_what_to_fix(tmp_path):
   with pytest.raises(ValueError) as e:  # the binary fails before building any model
     label_ai_feedback.make_judge(config)
   one_line(e, "'first'", "config.judge.labels")
+  config = label_smollm2.get_config("tiny")
+  config.judge.update(temperature=0.5, position_bias=1.0)  # the tiny world judge's: ignored
+  with pytest.raises(ValueError) as e:
+    label_ai_feedback.make_judge(config)
+  one_line(e, "'temperature': 0.5", "'position_bias': 1.0", "only the tiny_world_gold judge")
 
 
 def test_a_bad_eval_setting_fails_before_judging_and_keeps_the_previous_labels(tmp_path):
