@@ -78,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = experiment.data_section(name="hh_rlhf/harmless-base", split="resplit_train[:100]",
                                    max_pairs=100)
   del c.data.pipeline  # the judge's cuts are config.scoring's; an override here did nothing
+  del c.data.train_split, c.data.eval_split  # the binary reads data.split alone
   c.constitution = "configs/constitutions/harmlessness.txt"
   c.principles = dict(mode="sample", num_principles=0, seed=0)
   c.judge = dict(kind="lm", template=JUDGE_TEMPLATE, labels=("A", "B"), answer_prefix="",

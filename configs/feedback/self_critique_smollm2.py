@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = experiment.data_section(name="hh_rlhf/harmless-base", split="resplit_train",
                                    max_prompts=8)
   del c.data.pipeline  # prompts and generation are config.sampling's; an override did nothing
+  del c.data.train_split, c.data.eval_split  # the binary reads data.split alone
   c.constitution = "configs/constitutions/harmlessness.txt"
   c.principles = dict(seed=0)
   c.critique = dict(critique_template=CRITIQUE_TEMPLATE, revision_template=REVISION_TEMPLATE,
