@@ -83,7 +83,7 @@ _RANGES = {
 }
 
 
-def _check_finite(cfg: OptimizerConfig) -> None:
+def _check_values(cfg: OptimizerConfig) -> None:
   """An infinite rate trains into NaN parameters; a NaN clip norm turns clipping off; a
   value out of its range (a negative end rate or decay, b1 ≥ 1) trains the wrong way."""
   for field in dataclasses.fields(cfg):
@@ -102,7 +102,7 @@ def _check_finite(cfg: OptimizerConfig) -> None:
 def make_schedule(cfg: OptimizerConfig | Mapping[str, Any]) -> optax.Schedule:
   """Returns ``step -> learning rate``: linear warmup then constant/linear/cosine decay."""
   cfg = OptimizerConfig.from_mapping(cfg)
-  _check_finite(cfg)
+  _check_values(cfg)
   if cfg.schedule not in SCHEDULES:
     raise ValueError(f"optimizer.schedule={cfg.schedule!r}; expected one of {SCHEDULES}")
   if cfg.warmup_steps < 0:
