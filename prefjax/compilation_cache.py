@@ -54,7 +54,12 @@ def enable(environ: Mapping[str, str] = os.environ) -> str | None:
     logging.warning("compilation cache off: cannot create %s (%s); set %s=DIR to a writable "
                     "folder, or %s=0", folder, e.strerror, CACHE_ENV, CACHE_ENV)
     return None
-  _delete_empty_entries(folder)
+  try:
+    _delete_empty_entries(folder)
+  except OSError as e:  # a folder someone else made, unreadable for this user
+    logging.warning("compilation cache off: cannot read %s (%s); set %s=DIR to a folder of "
+                    "your own, or %s=0", folder, e.strerror, CACHE_ENV, CACHE_ENV)
+    return None
   jax.config.update("jax_compilation_cache_dir", folder)
   return folder
 

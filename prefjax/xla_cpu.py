@@ -47,6 +47,7 @@ DISABLE_ENV = "PREFJAX_XLA_CPU_DEFAULTS"
 # one sent meanwhile reaches the new image's handler instead of the default action.
 HELD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 _HELD_ENV = "PREFJAX_SIGNALS_HELD_FOR_RESTART"
+OFF = ("0", "off", "false", "no", "none")  # values of DISABLE_ENV that turn the defaults off
 
 
 def apply_cpu_defaults(environ: MutableMapping[str, str] = os.environ) -> str:
@@ -54,9 +55,9 @@ def apply_cpu_defaults(environ: MutableMapping[str, str] = os.environ) -> str:
   flags = environ.get("XLA_FLAGS", "")
   if not _defaults_on(environ):
     return flags
+  given = {f.split("=", 1)[0] for f in flags.split()}  # a bare --flag means =true
   for flag in CPU_FLAGS:
-    name = flag.split("=", 1)[0]
-    if name + "=" not in flags:
+    if flag.split("=", 1)[0] not in given:
       flags = f"{flags} {flag}".strip()
   environ["XLA_FLAGS"] = flags
   return flags
@@ -139,7 +140,7 @@ def module_run_by(argv: Sequence[str]) -> str:
 
 
 def _defaults_on(environ: MutableMapping[str, str]) -> bool:
-  return environ.get(DISABLE_ENV, "1") != "0"
+  return environ.get(DISABLE_ENV, "1").strip().lower() not in OFF
 
 
 def _malloc_defaults_on(environ: MutableMapping[str, str]) -> bool:

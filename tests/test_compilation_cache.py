@@ -44,6 +44,21 @@ def test_an_uncreatable_folder_leaves_the_cache_off_and_any_off_word_turns_it_of
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+def test_a_folder_this_user_cannot_read_leaves_the_cache_off(tmp_path):
+  """A shared cache folder made by another user with mode 0700: scanning it raised
+  PermissionError, which stopped the run after its workdir records were written."""
+  folder = tmp_path / "theirs"
+  folder.mkdir()
+  refuse = ("import os; os.scandir = lambda path: (_ for _ in ()).throw(PermissionError("
+            "13, 'Permission denied', path)); ")
+  environ = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  proc = subprocess.run([sys.executable, "-c", refuse + _PROBE], capture_output=True,
+                        text=True, timeout=120, check=True,
+                        env={**environ, "PREFJAX_COMPILATION_CACHE": str(folder)})
+  assert proc.stdout.split() == ["None", "None"]
+  assert "compilation cache off: cannot read" in proc.stderr
+
+
 def test_empty_entries_a_full_disk_left_are_deleted_and_others_kept(tmp_path):
   folder = tmp_path / "cache"
   folder.mkdir()

@@ -193,6 +193,15 @@ def test_verbose_errors_keeps_the_traceback(tmp_path):
   assert "Traceback" in text and "unknown direct loss 'nope'" in text
 
 
+def test_verbose_errors_from_the_environment_reads_off_words_as_off(monkeypatch):
+  """PREFJAX_VERBOSE_ERRORS=false turned tracebacks on: only "" and "0" counted as off."""
+  from experiments import common  # pylint: disable=import-outside-toplevel
+  for word, on in (("false", False), (" No ", False), ("off", False), ("0", False),
+                   ("1", True), ("true", True)):
+    monkeypatch.setenv("PREFJAX_VERBOSE_ERRORS", word)
+    assert common.verbose_errors() is on, word
+
+
 def test_bad_row_error_names_the_row_and_the_skip_flag(tmp_path, monkeypatch):
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n'

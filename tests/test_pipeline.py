@@ -384,6 +384,9 @@ def test_config_validation_and_from_mapping():
     pipeline.PipelineConfig(max_length=8, max_prompt_length=8)
   with pytest.raises(ValueError, match="pack_window"):
     pipeline.PipelineConfig(mode="packed", batch_size=8, pack_window=8)
+  # --config.data.pipeline.bucket_boundaries= parses to ('',): a TypeError and a traceback.
+  with pytest.raises(ValueError, match=r"bucket_boundaries=\(''\,\) must be whole numbers"):
+    pipeline.PipelineConfig(bucket_boundaries=("",))
 
 
 # ---------------------------------------------------------------------------- packer

@@ -147,6 +147,16 @@ def test_a_cut_runs_jsonl_line_does_not_fail_the_finish(tmp_path, caplog):
     summary_lib.read_run_records(str(tmp_path))
 
 
+def test_a_cut_runs_jsonl_line_leaves_an_unknown_loss_error_as_it_was(tmp_path):
+  """The --imports hint read runs.jsonl strictly: a cut last line replaced the user's
+  "unknown loss" error with one about the file."""
+  (tmp_path / "runs.jsonl").write_text(json.dumps({"argv": ["x"], "imports": ["my.losses"]})
+                                       + '\n{"argv": ["x"], "imp')
+  with pytest.raises(KeyError, match=r"unknown loss 'mine'.*--imports=my\.losses"):
+    with summary_lib.naming_recorded_imports(str(tmp_path)):
+      raise KeyError("unknown loss 'mine'")
+
+
 def test_the_step_a_crash_resumes_from_has_its_manifest_before_the_next_save(tmp_path):
   seen = {}
 

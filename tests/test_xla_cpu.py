@@ -19,6 +19,12 @@ def test_flags_are_appended_once_and_user_values_win():
   assert xla_cpu.apply_cpu_defaults({}) == " ".join(xla_cpu.CPU_FLAGS)
   off = {xla_cpu.DISABLE_ENV: "0", "XLA_FLAGS": "--a=1"}
   assert xla_cpu.apply_cpu_defaults(off) == "--a=1" and off["XLA_FLAGS"] == "--a=1"
+  for word in ("false", " No ", "off"):  # as PREFJAX_COMPILATION_CACHE reads them
+    assert xla_cpu.apply_cpu_defaults({xla_cpu.DISABLE_ENV: word, "XLA_FLAGS": ""}) == ""
+  # A bare boolean flag means true; the default appended after it reversed it (XLA takes
+  # the last value given).
+  assert xla_cpu.apply_cpu_defaults({"XLA_FLAGS": "--xla_cpu_use_xnnpack"}) == (
+      "--xla_cpu_use_xnnpack --xla_cpu_experimental_ynn_fusion_type=")
 
 
 def test_a_binary_starts_with_the_defaults_and_jax_accepts_them():

@@ -130,6 +130,9 @@ class PipelineConfig:
                        f"limit {self.prompt_limit} - 2]: a cut prompt keeps a BOS and its end")
     if self.pad_to_multiple is not None and self.pad_to_multiple < 1:
       raise ValueError(f"pad_to_multiple must be None or >= 1, got {self.pad_to_multiple}")
+    if not all(isinstance(b, int) and not isinstance(b, bool) for b in self.bucket_boundaries):
+      raise ValueError(f"bucket_boundaries={self.bucket_boundaries!r} must be whole numbers "
+                       "(none: --config.data.pipeline.bucket_boundaries='()')")
     if any(b < 1 for b in self.bucket_boundaries):
       raise ValueError(f"bucket boundaries must be positive: {self.bucket_boundaries}")
     if self.read_ahead < 1:

@@ -368,7 +368,8 @@ def naming_recorded_imports(workdir: str) -> Iterator[None]:
 def imports_hint(workdir: str) -> str:
   """``" (its runs.jsonl records --imports=a,b)"`` when runs in ``workdir`` imported user
   modules (a loss registered there is unknown without them); ``""`` otherwise."""
-  modules = sorted({m for r in read_run_records(workdir) for m in r.get("imports") or []})
+  modules = sorted({m for r in read_run_records(workdir, skip_bad=True)
+                    for m in r.get("imports") or []})
   return f" (its runs.jsonl records --imports={','.join(modules)})" if modules else ""
 
 
