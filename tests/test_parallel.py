@@ -19,6 +19,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from prefjax import experiment
 from prefjax import parallel
 from prefjax.parallel import distributed
+from tests import comparisons
 
 # --------------------------------------------------------------------------
 # A small MLP whose parameters shard over fsdp and tensor.
@@ -74,7 +75,8 @@ def _loss(params, batch):
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
 
 
-OPT = optax.adamw(1e-2, weight_decay=0.1)
+LEARNING_RATE = 1e-2
+OPT = optax.adamw(LEARNING_RATE, weight_decay=0.1)
 
 
 def _train_step(params, opt_state, batch):
@@ -122,15 +124,17 @@ def test_sharded_train_step_matches_single_device(shape, reference_step):
     step = parallel.jit_sharded(
         _train_step, in_shardings=(param_sh, opt_sh, batch_sh),
         out_shardings=(param_sh, opt_sh, replicated, param_sh), donate_argnums=(0, 1))
-    for seed, (ref_params, ref_loss, ref_grads) in zip((1, 2), reference_step):
+    for steps, (ref_params, ref_loss, ref_grads) in enumerate(reference_step, start=1):
       params, opt_state, loss, grads = step(params, opt_state,
-                                            parallel.shard_batch(_batch(seed), mesh))
+                                            parallel.shard_batch(_batch(steps), mesh))
       np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
-      for tree, ref in ((grads, ref_grads), (params, ref_params)):
-        got, want = _flat(tree), _flat(ref)
-        for name in want:
-          np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6,
-                                     err_msg=f"{shape} {name}")
+      got, want = _flat(grads), _flat(ref_grads)
+      for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{shape} {name}")
+      # Adam's step is ≈ lr·sign(g): ill-conditioned where a gradient is near 0.
+      comparisons.assert_params_close_after_adam(params, ref_params,
+                                                 learning_rate=LEARNING_RATE, steps=steps)
   specs = {k: v.sharding.spec for k, v in _flat(params).items()}
   assert specs == EXPECTED_SPECS
   # Adam moments follow the same rules through their longer paths.
@@ -182,9 +186,9 @@ def test_nnx_module_sharded_by_shard_model_matches_unsharded():
     loss, grads = nnx.jit(_nnx_step)(model, optimizer, parallel.shard_batch(_batch(), mesh))
 
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-  for name, want in _flat(nnx.state(ref_model)).items():
-    np.testing.assert_allclose(_flat(nnx.state(model))[name], want, rtol=1e-5, atol=1e-6,
-                               err_msg=name)
+  comparisons.assert_params_close_after_adam(nnx.state(model, nnx.Param),
+                                             nnx.state(ref_model, nnx.Param),
+                                             learning_rate=1e-2, steps=1)
   for name, want in _flat(ref_grads).items():
     np.testing.assert_allclose(_flat(grads)[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
   assert model.up.kernel[...].sharding.spec == P("fsdp", "tensor")
