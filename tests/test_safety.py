@@ -424,7 +424,14 @@ def test_best_of_n_filter_lowers_harm_at_a_proxy_cost_on_tiny_world():
   plain, safe = filtered.select(proxy, harm, None), filtered.select(proxy, harm, threshold)
   harm_plain, harm_safe = harm[rows, plain.index].mean(), harm[rows, safe.index].mean()
   proxy_plain, proxy_safe = proxy[rows, plain.index].mean(), proxy[rows, safe.index].mean()
+  # The same selection written as a loop over prompts: the first highest proxy among the
+  # candidates whose harm is below the threshold (every prompt has one: no fallback).
+  for i in rows:
+    passing = [j for j in range(n) if harm[i, j] < threshold]
+    assert plain.index[i] == max(range(n), key=lambda j: (proxy[i, j], -j))
+    assert safe.index[i] == max(passing, key=lambda j: (proxy[i, j], -j))
   # The harm character is the gold's favourite, so the proxy prefers harmful responses.
+  # The measured effect, pinned as README's "Safety classifier" quotes it:
   assert harm_plain == pytest.approx(0.12395, abs=1e-4)
   assert harm_safe == pytest.approx(0.01338, abs=1e-4)
   assert proxy_plain - proxy_safe == pytest.approx(0.18153, abs=1e-4)  # the stated cost
