@@ -43,7 +43,6 @@ from prefjax import experiment
 from prefjax import files
 from prefjax import parallel
 from prefjax import train
-from prefjax import xla_cpu
 from prefjax.train import summary as summary_lib
 
 FLAGS = flags.FLAGS
@@ -91,7 +90,7 @@ def _override_keys(name: str) -> list[str]:
 
 def verbose_errors() -> bool:
   """``--verbose_errors`` (anywhere on the command line) or ``$PREFJAX_VERBOSE_ERRORS``."""
-  if os.environ.get(VERBOSE_ERRORS_ENV, "").strip().lower() not in ("", *xla_cpu.OFF):
+  if os.environ.get(VERBOSE_ERRORS_ENV, "").strip().lower() not in compilation_cache.OFF:
     return True
   if "verbose_errors" in FLAGS and FLAGS["verbose_errors"].present:
     return bool(FLAGS.verbose_errors)

@@ -32,9 +32,11 @@ from typing import Mapping
 import jax
 from absl import logging
 
+from prefjax import xla_cpu
+
 CACHE_ENV = "PREFJAX_COMPILATION_CACHE"
 DEFAULT_DIR = "~/.cache/prefjax/jax_compilation_cache"
-OFF = ("", "0", "off", "false", "no", "none")
+OFF = ("", *xla_cpu.OFF)  # unset or empty is off too
 _ENTRY_SUFFIX = "-cache"  # jax._src.lru_cache's name for an entry's file
 
 

@@ -466,11 +466,12 @@ def make_mesh(mesh_cfg: Any) -> jax.sharding.Mesh:
   """``config.mesh`` -> mesh; ``mesh.num_devices`` > 0 uses only the first that many devices.
   An empty ``mesh.shape`` is one device (per ensemble member), as for the binaries that
   run without a mesh (``make_optional_mesh``)."""
-  if not configlib.plain(mesh_cfg).get("shape"):
+  fields = configlib.plain(mesh_cfg)
+  if not fields.get("shape"):
     require_one_process("a run with an empty config.mesh.shape")
-    members = int(configlib.plain(mesh_cfg).get("ensemble") or 1)
-    mesh_cfg = {**configlib.plain(mesh_cfg), "shape": (1, 1, 1), "num_devices": members}
-  num_devices = int(configlib.plain(mesh_cfg).get("num_devices", 0) or 0)
+    mesh_cfg = fields = {**fields, "shape": (1, 1, 1),
+                         "num_devices": int(fields.get("ensemble") or 1)}
+  num_devices = int(fields.get("num_devices", 0) or 0)
   if num_devices < 0:
     raise ValueError(f"mesh.num_devices={num_devices}: 0 (every device) or a count")
   if num_devices == 0:

@@ -47,7 +47,8 @@ DISABLE_ENV = "PREFJAX_XLA_CPU_DEFAULTS"
 # one sent meanwhile reaches the new image's handler instead of the default action.
 HELD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 _HELD_ENV = "PREFJAX_SIGNALS_HELD_FOR_RESTART"
-OFF = ("0", "off", "false", "no", "none")  # values of DISABLE_ENV that turn the defaults off
+# Values that turn a PREFJAX_* switch off (DISABLE_ENV, the cache, verbose errors).
+OFF = ("0", "off", "false", "no", "none")
 
 
 def apply_cpu_defaults(environ: MutableMapping[str, str] = os.environ) -> str:
