@@ -81,6 +81,40 @@ class CheckedConfigFileParser(flags.ArgumentParser):
     return config
 
 
+class NoneOrNumberParser(flags.ArgumentParser):
+  """An ``int``/``float`` override parser that also reads ``None``: ml_collections parses
+  ``--config.data.pipeline.num_epochs=None`` with ``int()``, so no field that a config
+  sets to a number could be set back to None from the command line. Which fields take
+  None is checked once the flags are parsed (:func:`_check_none_overrides`)."""
+
+  def __init__(self, parser: flags.ArgumentParser):
+    super().__init__()
+    self._parser = parser
+
+  def flag_type(self) -> str:
+    return f"{self._parser.flag_type()} or None"
+
+  def parse(self, argument):
+    if isinstance(argument, str) and argument.strip() == "None":
+      return None
+    return self._parser.parse(argument)
+
+
+def _accept_none_overrides() -> None:
+  for field_type, parser in ((int, flags.IntegerParser()), (float, flags.FloatParser())):
+    config_flags.register_flag_parser_for_type(field_type, NoneOrNumberParser(parser))
+
+
+def _check_none_overrides() -> None:
+  """``--config.a.b=None`` on a field that does not take None (a count, a rate) is one
+  line naming it, not a ``TypeError`` inside the run."""
+  for path, value in sorted(config_flags.get_override_values(FLAGS["config"]).items()):
+    if value is None and not configlib.may_be_none(FLAGS.config, path):
+      raise configlib.ConfigError(
+          f"--config.{path}=None: this field takes a number, not None (fields that take "
+          "None are the optional ones: a None default, or a type such as int | None)")
+
+
 def _override_keys(name: str) -> list[str]:
   """The ``a.b`` of every ``--NAME.a.b[=value]`` on the command line (as ml_collections)."""
   argv = FLAGS.read_flags_from_files(sys.argv, force_gnu=False)
@@ -103,6 +137,7 @@ def define_flags() -> None:
   They are key flags of the binary, so its ``--help`` lists them.
   """
   if "config" not in FLAGS:
+    _accept_none_overrides()
     config_flags.DEFINE_config_file(
         "config", None, "Config file, optionally with an argument: configs/x.py:quick. "
         "Override fields with --config.a.b=value; --config_help lists them.",
@@ -185,7 +220,9 @@ def record_invocation(workdir: str) -> None:
 
 def config_help(config: Any) -> str:
   """Every field of ``config`` as ``config.a.b = value``, one a line."""
-  return "\n".join(f"{key} = {value!r}" for key, value in configlib.flat_items(config))
+  # An empty ConfigDict's repr is YAML's "{}\n".
+  return "\n".join(f"{key} = {value!r}".rstrip("\n")
+                   for key, value in configlib.flat_items(config))
 
 
 def _error_message(error: BaseException) -> str:
@@ -219,6 +256,7 @@ def _check_command_line(argv: list[str]) -> None:
     raise configlib.ConfigError("--config is required, e.g. --config=configs/rm/tiny.py")
   if not FLAGS.workdir and not FLAGS.config_help:
     raise configlib.ConfigError("--workdir is required (rerunning with it resumes)")
+  _check_none_overrides()
 
 
 def _import_user_modules() -> None:

@@ -99,11 +99,29 @@ def _field_type(hint: Any) -> type:
   return typing.get_origin(hint) or hint
 
 
+def _admits_none(hint: Any) -> bool:
+  return hint is Any or hint is None or hint is type(None) or (
+      typing.get_origin(hint) in (typing.Union, types.UnionType)
+      and type(None) in typing.get_args(hint))
+
+
+def may_be_none(config: ml_collections.ConfigDict, path: str) -> bool:
+  """Whether field ``a.b`` of ``config`` may take None: a typed placeholder (a field of a
+  :func:`section` whose type admits None, or ``config_dict.placeholder(T)``). A field
+  another refers to (``get_ref``) is one too; its dataclass, if any, refuses None."""
+  *parents, leaf = path.split(".")
+  for name in parents:
+    config = config[name]
+  field = config._fields.get(leaf)  # pylint: disable=protected-access
+  return isinstance(field, config_dict.FieldReference)
+
+
 def section(cls: type, **values: Any) -> ml_collections.ConfigDict:
   """A config section with every field of dataclass ``cls``: ``values``, else the default.
 
-  Fields whose default is None become typed placeholders (settable from the command
-  line); a field without a default must be given; a key ``cls`` lacks is a ``ConfigError``.
+  Fields whose type admits None are typed placeholders (``--config.a.b=None`` sets them
+  to None from the command line, a number sets them to it); a field without a default
+  must be given; a key ``cls`` lacks is a ``ConfigError``.
   """
   fields = {f.name: f for f in dataclasses.fields(cls)}
   check_fields(cls.__name__, values, fields)
@@ -118,8 +136,8 @@ def section(cls: type, **values: Any) -> ml_collections.ConfigDict:
       out[name] = field.default_factory()
     else:
       raise ConfigError(f"{cls.__name__}.{name} has no default: pass {name}=...")
-    if out[name] is None:
-      out[name] = config_dict.placeholder(_field_type(hints[name]))
+    if _admits_none(hints[name]) and not isinstance(out[name], config_dict.FieldReference):
+      out[name] = config_dict.FieldReference(out[name], field_type=_field_type(hints[name]))
   return ml_collections.ConfigDict(out)
 
 
@@ -151,6 +169,11 @@ def dataclass_from_mapping(cls: type[T], cfg: Mapping[str, Any] | T, **converter
     return cfg
   data = plain(cfg)
   check_fields(cls.__name__, data, (f.name for f in dataclasses.fields(cls)))
+  hints = typing.get_type_hints(cls)
+  for name, value in data.items():
+    if value is None and not _admits_none(hints[name]):
+      kind = getattr(hints[name], "__name__", hints[name])
+      raise ConfigError(f"{cls.__name__}.{name} cannot be None (type {kind})")
   for name, convert in converters.items():
     if name in data:
       data[name] = convert(data[name])

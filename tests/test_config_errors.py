@@ -135,6 +135,51 @@ def test_config_help_lists_every_field_with_overrides_applied():
       assert f"config.{section}.{field.name}" in fields, (section, field.name)
 
 
+def test_optional_fields_are_set_back_to_none_from_the_command_line():
+  """ml_collections parsed ``=None`` with ``int()``: a config's ``max_prompt_length=48`` or
+  the default ``pad_to_multiple=64`` could not be set back to None (max_length // 2; pad
+  to the bucket length)."""
+  code, lines = run_binary("train_rm", "--config=configs/rm/pandalm_ties.py", "--config_help",
+                           "--config.data.pipeline.max_prompt_length=None",
+                           "--config.data.pipeline.pad_to_multiple=None",
+                           "--config.data.pipeline.num_epochs=3",
+                           "--config.loop.best_metric=eval/accuracy")
+  assert code == 0, "\n".join(lines)
+  fields = dict(line.split(" = ", 1) for line in lines)
+  assert fields["config.data.pipeline.max_prompt_length"] == "None"
+  assert fields["config.data.pipeline.pad_to_multiple"] == "None"
+  assert fields["config.data.pipeline.num_epochs"] == "3"  # a placeholder takes a number
+  assert fields["config.loop.best_metric"] == "'eval/accuracy'"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.loop.log_every=None", "--config.loop.log_every=None: this field takes a number"),
+    # A field another refers to (total_steps = num_steps) is a reference too: its
+    # dataclass refuses None, still before the workdir.
+    ("--config.loop.num_steps=None", "LoopConfig.num_steps cannot be None (type int)"),
+    ("--config.optimizer.learning_rate=None", "--config.optimizer.learning_rate=None: this "
+                                              "field takes a number")])
+def test_none_for_a_field_that_takes_a_number_is_one_line(override, expected, tmp_path):
+  code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py",
+                           f"--workdir={tmp_path / 'w'}", override)
+  assert_short_error(code, lines, expected)
+  assert not (tmp_path / "w").exists()
+
+
+def test_sections_hold_optional_fields_as_typed_placeholders():
+  c = configlib.section(pipeline_lib.PipelineConfig, max_prompt_length=48)
+  assert configlib.may_be_none(c, "max_prompt_length") and configlib.may_be_none(
+      c, "pad_to_multiple")
+  assert not configlib.may_be_none(c, "batch_size")
+  c.max_prompt_length, c.pad_to_multiple = None, None
+  assert pipeline_lib.PipelineConfig.from_mapping(c).pad_to_multiple is None
+  with pytest.raises(TypeError):  # still typed
+    c.pad_to_multiple = "64"
+  c.batch_size = None  # ml_collections lets any field take None; the dataclass does not
+  with pytest.raises(configlib.ConfigError, match="PipelineConfig.batch_size cannot be None"):
+    pipeline_lib.PipelineConfig.from_mapping(c)
+
+
 def test_unknown_direct_loss_lists_every_registered_loss(tmp_path):
   code, lines = run_binary("train_dpo", "--config=configs/dpo/tiny.py",
                            f"--workdir={tmp_path / 'w'}", "--config.loss.name=nope")
