@@ -83,10 +83,16 @@ def test_proxy_rises_and_gold_rises_then_falls(run_fixture, request):
   evals = _evals(workdir)
   gold = np.array([e["gold"] for e in evals])
   peak = int(np.argmax(gold))
+  # Another CPU samples another stream. Over config.seed 0-19 (PPO) and 0-39 (RLOO) the
+  # gold's rise to its peak was >= 0.167 / 0.111 and its fall >= 0.83 / 0.78, and the
+  # proxy's best eval >= 1.93 / 1.71 above the start (2026-12-08). Not its last eval: at
+  # RLOO seed 39 the policy shortened its responses to shed KL penalty over the last
+  # steps (length 9 -> 2.4, KL 15 -> 6.5 nats) and the proxy ended at only +1.27.
   assert 0 < peak < len(gold) - 1, gold
   assert gold[peak] - gold[0] > 0.1, gold
   assert gold[peak] - gold[-1] > 0.5, gold
-  assert evals[-1]["proxy"] - evals[0]["proxy"] > 1.5
+  proxy = np.array([e["proxy"] for e in evals])
+  assert proxy.max() - proxy[0] > 1.5, proxy
   # The exploit explains the divergence: the policy ends up emitting mostly "p".
   assert evals[-1]["exploit_fraction"] > 0.5 > evals[0]["exploit_fraction"]
   assert summary["gold_gain_at_peak"] == pytest.approx(gold[peak] - gold[0])
