@@ -121,10 +121,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                                             config.data.train_split)
       train_iter = labels.ObjectiveMaskIterator(train_iter, train_table)
       eval_table = labels.objective_table(eval_source, objectives, config.data)
-    evaluators = []
+    rm_eval = None  # a fork may append evaluators of its own to ``evaluators``
     if config.eval.get("enabled", True):
-      evaluators.append(make_evaluator(config, model, eval_source, tokenizer, eval_table,
-                                       mesh, workdir))
+      rm_eval = make_evaluator(config, model, eval_source, tokenizer, eval_table, mesh, workdir)
+    evaluators = [rm_eval] if rm_eval else []
     deep = isinstance(model, heads_lib.DeepEnsemble)
     logging.info("reward-model loss %r with %s", loss.name, dict(loss.hparams))
     result = train.train_loop(
@@ -137,9 +137,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         mesh=mesh, partition_rules=experiment.partition_rules(model, mesh),
         start_hooks=[data_report.write])
     final_step = result.summary.get("final_step", int(jax.device_get(result.state.step)))
-    for evaluator in evaluators:  # A rerun of a finished run still reports its eval.
-      if not result.preempted and (evaluator.last is None or evaluator.last[0] != final_step):
-        evaluator(final_step, result.model)
+    # A rerun of a finished run still reports its eval.
+    if rm_eval and not result.preempted and (rm_eval.last is None
+                                             or rm_eval.last[0] != final_step):
+      rm_eval(final_step, result.model)
   data_report.finish(train_iter, result.summary, mesh)
   if not result.preempted:
     experiment.export_hf(config, workdir, result.model, tokenizer, what="reward model")
@@ -147,7 +148,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                  "eval/tiny.py --workdir=EVAL --config.scorers=rm:%s --config.datasets=run:%s; "
                  "as best_of_n's or train_rl's proxy: --config.proxy.kind=model "
                  "--config.proxy.checkpoint=%s", workdir, workdir, workdir, workdir)
-  last = evaluators[0].last if evaluators else None
+  last = rm_eval.last if rm_eval else None
   return {"summary": result.summary, "eval": last[1] if last else None,
           "preempted": result.preempted}
 

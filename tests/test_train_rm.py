@@ -518,3 +518,34 @@ def test_microbatches_pool_by_their_real_pairs_as_one_batch():
   np.testing.assert_array_equal(weights, [8.0, 1.0])
   pooled = sum(w * float(l) for w, (l, _) in zip(weights, parts)) / weights.sum()
   np.testing.assert_allclose(pooled, float(full), rtol=1e-6)
+
+
+def test_a_fork_that_appends_its_own_evaluators_runs_to_the_end(data_env, tmp_path, monkeypatch):
+  """README, "Adding an evaluator": fork ``run`` and append yours. ``run`` read ``.last``
+  (RewardModelEvaluator's) of every evaluator after training, and failed on any other."""
+  train_loop = train.train_loop
+  seen = []
+
+  def forked_train_loop(**kwargs):
+    def plain(step, model):
+      del model
+      seen.append(step)
+      return {"fork/step_seen": float(step)}
+    kwargs["evaluators"].append(plain)
+    kwargs["evaluators"].append(train.BatchEvaluator(
+        lambda model, batch: {"fork/one": jnp.ones(())}, [{"x": np.zeros(2)}]))
+    return train_loop(**kwargs)
+
+  monkeypatch.setattr(train_rm.train, "train_loop", forked_train_loop)
+  config = small_config(4)
+  config.loop.eval_every = 2
+  out = train_rm.run(config, str(tmp_path))
+  assert seen == [2, 4] and out["eval"]["accuracy"] >= 0.0
+  logged = [r for r in train.read_metrics(tmp_path) if "eval/accuracy" in r]
+  assert [r["step"] for r in logged] == [2, 4]
+  assert all(r["eval/fork/step_seen"] == r["step"] and r["eval/fork/one"] == 1.0 for r in logged)
+  # A second evaluator returning a name the first returned is refused, not overwritten.
+  monkeypatch.setattr(train_rm.train, "train_loop", lambda **kw: train_loop(**{
+      **kw, "evaluators": [*kw["evaluators"], lambda step, model: {"accuracy": 1.0}]}))
+  with pytest.raises(ValueError, match=r"returned \['accuracy'\], which an evaluator before"):
+    train_rm.run(small_config(2), str(tmp_path / "clash"))

@@ -469,7 +469,13 @@ class _Trainer:
     result: dict[str, float] = {}
     model = state_lib.merge_model(self.graphdef, self.state.params, self.state.extra)
     for evaluator in self.evaluators:
-      result.update(metrics_lib.to_python(dict(evaluator(step, model))))
+      metrics = metrics_lib.to_python(dict(evaluator(step, model)))
+      if clash := sorted(set(metrics) & set(result)):
+        name = getattr(evaluator, "__name__", type(evaluator).__name__)
+        raise ValueError(f"evaluator {name} returned {clash}, which an evaluator before "
+                         "it returned too: the second value would replace the first; give "
+                         "your evaluator's metrics names of their own")
+      result.update(metrics)
     self.last_eval, self.last_eval_step = result, step
     logging.info("eval at step %d took %.1fs", step, time.time() - start)
     return result
@@ -560,7 +566,8 @@ def train_loop(
     evaluators: ``fn(step, model) -> {name: float}``, run in order at every
       eval; ``model`` holds the current parameters (do not keep it: its arrays
       are donated to the next train step). ``BatchEvaluator`` averages a jitted
-      per-batch ``eval_fn(model, batch)`` over eval batches.
+      per-batch ``eval_fn(model, batch)`` over eval batches. Two evaluators
+      returning the same name is an error (one value would replace the other).
     tokens_in_batch: host batch -> token count, for ``tokens_per_sec``.
     mesh: a ``("data", "fsdp", "tensor")`` mesh; None = default device.
     partition_rules: the model's ``PARTITION_RULES``.
