@@ -50,6 +50,8 @@ VERBOSE_ERRORS_ENV = "PREFJAX_VERBOSE_ERRORS"
 # Errors a user can cause and fix (bad config values, data, paths): one short message.
 # Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError)
+# What every binary writes into its workdir before its config is read in full.
+RECORDS_ONLY = {summary_lib.RUNS_FILE, "logs", files.LOCK_FILE}
 
 
 class CheckedConfigFileParser(flags.ArgumentParser):
@@ -276,6 +278,10 @@ def _refuse_another_binarys_workdir(workdir: str) -> None:
   is_binary = lambda name: name and os.path.isfile(
       os.path.join(here, name.split(".")[-1] + ".py"))
   if theirs and theirs != ours and is_binary(theirs) and is_binary(ours):
+    if not set(os.listdir(workdir)) - RECORDS_ONLY:  # it stopped before writing anything
+      logging.info("--workdir=%s: %s stopped there before writing any output; %s takes it",
+                   workdir, theirs, ours)
+      return
     raise configlib.ConfigError(f"--workdir={workdir} holds a run of {theirs}: {ours} would "
                                 "replace its config.json and outputs; use another --workdir")
 

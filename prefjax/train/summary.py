@@ -340,12 +340,14 @@ def read_run_records(workdir: str, *, skip_bad: bool = False) -> list[dict[str, 
 
 
 def started_by(workdir: str) -> str | None:
-  """The binary (``experiments.NAME``) of ``workdir``'s first recorded run, if any."""
+  """The binary (``experiments.NAME``) of ``workdir``'s newest recorded run, if any: the one
+  whose outputs it holds, since another binary is let in only while it holds none (a run
+  that stopped on its config before writing any)."""
   try:
     records = read_run_records(workdir, skip_bad=True)  # a cut last line hides nothing
   except OSError:
     return None
-  argv = records[0].get("argv") if records else None
+  argv = records[-1].get("argv") if records else None
   return binary_name(argv[0]) if argv else None
 
 
