@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -40,14 +41,17 @@ def world(tmp_path_factory, hh_harmless_test_file):
     env.setenv("PREFJAX_SYNTHETIC_DIR", str(tmp_path / "synthetic"))
     tw = hh_study.HHWorld(smollm2_hh.get_config("tiny").text, str(tmp_path / "work"))
     # A programmatic gold stands in for the trained RM (the study only calls it).
-    tw._gold = rl_rewards.PairReward(reward_fns.ProgrammaticReward(_vowel_share, inputs="texts",
-                                                                   name="vowels"),
+    tw._gold = rl_rewards.PairReward(reward_fns.ProgrammaticReward(_text_hash, inputs="texts",
+                                                                   name="text_hash"),
                                      lambda p, r: r)
     yield tw
 
 
-def _vowel_share(texts):
-  return np.array([sum(c in "aeiou" for c in t) / max(1, len(t)) for t in texts], np.float32)
+def _text_hash(texts):
+  """Distinct texts score apart. A vowel share tied at 0 for most of the random policy's
+  6-byte responses: 9 of 40 sampling streams kept no pair of a test prompt."""
+  return np.array([zlib.crc32(t.encode("utf-8", "surrogatepass")) / 2**32 for t in texts],
+                  np.float32)
 
 
 def _prompts(split: str) -> set[str]:
