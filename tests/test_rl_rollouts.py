@@ -72,33 +72,37 @@ LETTERS = types.SimpleNamespace(pad_id=0, bos_id=1, eos_id=2, vocab_size=11,
                                 decode=lambda ids: "".join(chr(97 + int(i)) for i in ids))
 
 
-def _iterator(proxy, *, penalty=0.0):
+def _iterator(proxy, *, penalty=0.0, num_prompts=8):
   cfg = decoder.DecoderConfig.tiny_llama(vocab_size=LETTERS.vocab_size, num_layers=1)
   bundle = rollout_lib.build_bundle(decoder.Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32),
                                     with_value=False, seed=1)
   graphdef, params, extra = state_lib.split_model(bundle, rollout_lib.TRAINABLE)
-  texts = [f"p{i}" for i in range(8)]
-  prompts = rollout_lib.encode_prompts(texts, [[1, 3 + i % 8, 4] for i in range(8)],
+  texts = [f"p{i}" for i in range(num_prompts)]
+  prompts = rollout_lib.encode_prompts(texts, [[1, 3 + i % 8, 4] for i in range(num_prompts)],
                                        pad_id=0, max_length=4, bos_id=1)
   it = trainer.RolloutIterator(
       graphdef, prompts=lambda step, count: prompts, proxy=proxy, gold=None,
       tokenizer=LETTERS, sampling={"max_new_tokens": 6},
       hp=algorithms.HParams(algorithm="rloo", whiten_advantages=False),
-      kl_ctl=kl_control.FixedKLController(0.0), key=jax.random.key(0), prompts_per_step=8,
+      kl_ctl=kl_control.FixedKLController(0.0), key=jax.random.key(0),
+      prompts_per_step=num_prompts,
       group_size=2, epochs=1, num_minibatches=1, missing_eos_penalty=penalty)
   it.observe(0, types.SimpleNamespace(params=params, extra=extra))
   return it
 
 
 def test_cut_off_responses_are_counted_and_can_be_penalised():
-  """Responses cut at max_new_tokens got the full score with nothing in the logs."""
+  """Responses cut at max_new_tokens got the full score with nothing in the logs.
+
+  32 pairs: with 8, 2 of 200 sampling streams (another CPU's) had no pair with one
+  response cut and one finished, so every advantage was 0."""
   proxy = _pair_reward(lambda texts: np.ones(len(texts), np.float32))
-  plain = {k: v[0] for k, v in next(_iterator(proxy)).items()}  # the one minibatch
+  plain = {k: v[0] for k, v in next(_iterator(proxy, num_prompts=32)).items()}  # one minibatch
   truncated, mask = plain["truncated"], plain["loss_mask"] > 0
   assert 0 < truncated.sum() < truncated.size, truncated
   has_eos = np.any((plain["tokens"] == LETTERS.eos_id) & mask, axis=1)
   np.testing.assert_array_equal(truncated, (~has_eos).astype(np.float32))
-  penalised = {k: v[0] for k, v in next(_iterator(proxy, penalty=2.0)).items()}
+  penalised = {k: v[0] for k, v in next(_iterator(proxy, penalty=2.0, num_prompts=32)).items()}
   np.testing.assert_array_equal(penalised["truncated"], truncated)  # the same samples
   np.testing.assert_array_equal(penalised["scores"], plain["scores"])  # logged: raw proxy
   assert not np.any(plain["advantages"])  # every reward 1: nothing to learn
@@ -111,17 +115,19 @@ def test_cut_off_responses_are_counted_and_can_be_penalised():
 
 def test_a_chat_turn_end_finishes_a_response_as_eos_does():
   """A tokenizer whose chat turn ends with another token than EOS (Gemma's): rows stop at
-  either, count as finished, and neither is in the decoded response."""
+  either, count as finished, and neither is in the decoded response. 64 rows: with 16, 3
+  of 200 sampling streams (another CPU's) had no row end at the turn end alone."""
   cfg = decoder.DecoderConfig.tiny_llama(vocab_size=LETTERS.vocab_size, num_layers=1)
   policy = decoder.Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32)
-  prompts = rollout_lib.encode_prompts([f"p{i}" for i in range(16)],
-                                       [[1, 3 + i % 8, 4] for i in range(16)],
+  rows = 64
+  prompts = rollout_lib.encode_prompts([f"p{i}" for i in range(rows)],
+                                       [[1, 3 + i % 8, 4] for i in range(rows)],
                                        pad_id=0, max_length=4, bos_id=1)
   chat = types.SimpleNamespace(**vars(LETTERS), extra_stop_ids=lambda: (5,))
   args = dict(rng=jax.random.key(3), max_new_tokens=6)
   plain = rollout_lib.sample(policy, prompts, tokenizer=LETTERS, **args)
   out = rollout_lib.sample(policy, prompts, tokenizer=chat, **args)
-  for row in range(16):
+  for row in range(rows):
     resp = plain.tokens[row, 4:][plain.loss_mask[row, 4:] > 0]
     stops = np.flatnonzero(np.isin(resp, [2, 5]))
     kept = resp[:stops[0] + 1] if stops.size else resp
