@@ -113,3 +113,12 @@ def pytest_collection_modifyitems(config, items):
   del config
   rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def pytest_configure(config):
+  """Losses of your own (``PREFJAX_TEST_IMPORTS``) are registered before any test file is
+  collected: a file that lists the registry (``test_train_dpo.py``) saw them only when
+  collected after the loss-test files that import them."""
+  del config
+  from tests import numerics  # pylint: disable=import-outside-toplevel
+  numerics.user_modules()

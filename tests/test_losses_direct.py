@@ -475,7 +475,9 @@ def test_out_of_range_hyperparameters_raise(name, hparams):
     loss_fn(name)(to_pairs(random_pairs()), **kwargs)
 
 
-@pytest.mark.parametrize("name", sorted(registry.DIRECT_LOSS_SPECS))
+@pytest.mark.parametrize("name", sorted(  # prefjax's own: a user's may use β otherwise
+    n for n, spec in registry.DIRECT_LOSS_SPECS.items()
+    if spec.fn.__module__.startswith("prefjax.losses.")))
 def test_a_trainer_loss_that_cannot_train_is_refused(name):
   """beta=0 made every shipped loss constant (nothing trained); a negative NLL weight
   trained the chosen responses' likelihood down."""
@@ -487,6 +489,22 @@ def test_a_trainer_loss_that_cannot_train_is_refused(name):
     loss_lib.DirectLoss(name=name, beta=BETA, nll_alpha=-1.0)
   if name not in ("ipo", "sppo_hard"):  # the chosen NLL alone still trains
     loss_lib.DirectLoss(name=name, beta=0.0, nll_alpha=1.0)
+
+
+def test_a_users_loss_at_beta_0_is_not_judged_by_the_shipped_losses():
+  """β = 0 was refused for a user's loss too ("it scales the log-ratios by beta"), which
+  may use β otherwise: here as an additive margin."""
+  from prefjax.direct import loss as loss_lib  # pylint: disable=import-outside-toplevel
+
+  @registry.register_direct_loss("test_additive_beta")
+  def additive_beta(x, *, beta):
+    margin = (x.policy_chosen - x.ref_chosen) - (x.policy_rejected - x.ref_rejected)
+    return jax.nn.relu(1.0 + beta - margin)
+
+  try:
+    assert loss_lib.DirectLoss(name="test_additive_beta", beta=0.0, nll_alpha=0.0).beta == 0.0
+  finally:
+    registry.unregister_direct_loss("test_additive_beta")
 
 
 # ----------------------------------------------------------------------------------- KTO.

@@ -44,3 +44,10 @@ def test_the_readme_example_loss_passes_the_loss_tests_from_a_module_of_your_own
   assert proc.returncode == 0, proc.stdout[-3000:]
   # Reference, formula, finite-difference gradients, dtypes, jit/vmap, monotonicity …
   assert int(re.search(r"(\d+) passed", summary).group(1)) >= 8, summary
+  # A file that lists the registry sees the loss when collected alone (conftest imports
+  # the modules); test_train_dpo.py saw it only after test_losses_direct.py.
+  proc = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+       "--collect-only", "-k", "my_loss", str(ROOT / "tests" / "test_train_dpo.py")],
+      capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+  assert proc.returncode == 0 and "[my_loss]" in proc.stdout, proc.stdout[-3000:]

@@ -166,9 +166,9 @@ class DirectLoss:
 
 
 def _scales_by_beta(spec: registry.DirectLossSpec) -> bool:
-  """Whether ``spec`` is one of the shipped losses, each constant in the log-probs at β = 0
-  (a loss registered by a user may use β otherwise)."""
-  return spec.fn in (*direct_losses.DIRECT_LOSSES.values(), unpaired_losses.kto)
+  """Whether ``spec`` is one of prefjax's own losses, each constant in the log-probs at
+  β = 0 (a loss a user registers may use β otherwise; the registry holds both)."""
+  return spec.fn.__module__ in (direct_losses.__name__, unpaired_losses.__name__)
 
 
 def _check_kwargs(spec: registry.DirectLossSpec, kwargs: Mapping[str, Any]) -> None:
