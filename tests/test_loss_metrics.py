@@ -208,7 +208,7 @@ def test_a_rerun_without_the_imports_of_its_loss_names_them(tmp_path):
       run(config, str(tmp_path))
 
 
-def test_a_registered_loss_sharing_a_built_in_hyperparameter_name_keeps_its_default():
+def test_a_registered_loss_sharing_a_built_in_hyperparameter_name_keeps_its_default(caplog):
   from configs.rm import tiny
   """The configs carry bt's margin=0.0: a loss of your own with ``margin=1.0`` used to
   train at 0.0, and ``kwargs=margin=...`` was refused as set twice."""
@@ -225,6 +225,12 @@ def test_a_registered_loss_sharing_a_built_in_hyperparameter_name_keeps_its_defa
                                              jnp.ones(2)), [1.25, 3.0])
     assert rm.RewardLoss.from_config(dict(carried, kwargs="margin=0.5")).hparams == (
         ("margin", 0.5),)
+    # The warning says how to train it at the carried 0.0; once kwargs does, it is silent.
+    assert "set --config.loss.kwargs=margin=0.0" in caplog.text
+    caplog.clear()
+    assert rm.RewardLoss.from_config(dict(carried, kwargs="margin=0.0")).hparams == (
+        ("margin", 0.0),)
+    assert "keeps its own default" not in caplog.text
     assert rm.RewardLoss.from_config(dict(carried, margin=0.3)).hparams == (("margin", 0.3),)
     with pytest.raises(ValueError, match=r"config.loss sets them too \(margin=0.3\)"):
       rm.RewardLoss.from_config(dict(carried, margin=0.3, kwargs="margin=0.5"))

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from prefjax.losses import direct
+from prefjax.losses import preference
 from prefjax.losses import registry
 from prefjax.losses import unpaired
 from prefjax.losses.direct import DIRECT_LOSSES
@@ -505,6 +506,39 @@ def test_a_users_loss_at_beta_0_is_not_judged_by_the_shipped_losses():
     assert loss_lib.DirectLoss(name="test_additive_beta", beta=0.0, nll_alpha=0.0).beta == 0.0
   finally:
     registry.unregister_direct_loss("test_additive_beta")
+
+
+def _hyperparameter_before_the_star(x, beta, delta=1.0):
+  del beta, delta
+  return x.policy_chosen
+
+
+def _no_beta(x, *, delta=1.0):
+  del delta
+  return x.policy_chosen
+
+
+def _no_outcome(r_chosen, r_rejected, *, scale=1.0):
+  return scale * (r_chosen - r_rejected)
+
+
+@pytest.mark.parametrize("register, fn, message", [
+    (registry.register_direct_loss, _hyperparameter_before_the_star,
+     r"takes 3 positional parameter\(s\) \['x', 'beta', 'delta'\]; a direct loss is "
+     r"fn\(x, \*, beta, \*\*hparams\): its hyperparameters come after `\*`"),
+    (registry.register_direct_loss, _no_beta, r"lacks the keyword 'beta' trainers pass"),
+    (preference.register_preference_loss, _no_outcome,
+     r"lacks the keyword 'outcome' trainers pass to every preference loss: "
+     r"fn\(r_chosen, r_rejected, \*, outcome=1.0, \*\*hparams\)")])
+def test_a_loss_whose_signature_trainers_cannot_call_is_refused_at_registration(
+    register, fn, message):
+  """A hyperparameter before ``*`` was reported as "it accepts []" once configured, a
+  missing ``beta`` as an unexpected keyword with advice to pass it, a missing ``outcome``
+  as a traceback at the first step."""
+  with pytest.raises(ValueError, match=message):
+    register("test_bad_signature")(fn)
+  assert "test_bad_signature" not in registry.DIRECT_LOSS_SPECS
+  assert "test_bad_signature" not in preference.PREFERENCE_LOSSES
 
 
 # ----------------------------------------------------------------------------------- KTO.

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from prefjax.losses._common import Array, ArrayLike, as_float, broadcast_leading
 from prefjax.losses._common import check_rank, check_same_shape, check_static_range
 from prefjax.losses._common import soft_label_smoothing
-from prefjax.losses.registry import add_to_registry, keyword_hyperparameters, lookup
+from prefjax.losses.registry import add_to_registry, check_signature, keyword_hyperparameters
+from prefjax.losses.registry import lookup
 
 PreferenceLoss = Callable[..., Array]
 _F = TypeVar("_F", bound=PreferenceLoss)
@@ -36,6 +37,8 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {}
 def register_preference_loss(name: str) -> Callable[[_F], _F]:
   """Decorator adding ``fn(r_chosen, r_rejected, *, outcome=1.0, **hparams)`` to the registry."""
   def decorator(fn: _F) -> _F:
+    check_signature(fn, "preference", name, 2, "outcome",
+                    "fn(r_chosen, r_rejected, *, outcome=1.0, **hparams)")
     add_to_registry(PREFERENCE_LOSSES, name, fn, "preference")
     return fn
   return decorator

@@ -73,6 +73,23 @@ def keyword_hyperparameters(fn: LossFn, exclude: tuple[str, ...] = ()) -> dict[s
 DIRECT_LOSS_SPECS: dict[str, DirectLossSpec] = {}
 
 
+def check_signature(fn: LossFn, kind: str, name: str, inputs: int, keyword: str,
+                    form: str) -> None:
+  """A loss takes ``inputs`` positional arrays, then ``keyword`` and its hyperparameters
+  keyword-only (``form``): a hyperparameter before ``*`` was never passed (trainers give
+  them by keyword), and a missing ``keyword`` failed at the first step."""
+  params = list(inspect.signature(fn).parameters.values())
+  positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+  if len(positional) != inputs:
+    raise ValueError(f"{kind} loss {name!r} takes {len(positional)} positional parameter(s) "
+                     f"{[p.name for p in positional]}; a {kind} loss is {form}: its "
+                     "hyperparameters come after `*` (keyword-only), where trainers pass them")
+  if not any(p.name == keyword or p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
+    raise ValueError(f"{kind} loss {name!r} lacks the keyword {keyword!r} trainers pass to "
+                     f"every {kind} loss: {form}")
+
+
 def add_to_registry(table: dict[str, Any], name: str, entry: Any, kind: str) -> None:
   """``table[name] = entry``; a second registration of ``name`` is an error."""
   if name in table:
@@ -100,6 +117,9 @@ def register_direct_loss(name: str, *, reference_free: bool = False,
                          bradley_terry: bool = False) -> Callable[[_F], _F]:
   """Decorator registering a direct-alignment loss with its facts (see ``DirectLossSpec``)."""
   def decorator(fn: _F) -> _F:
+    check_signature(fn, "direct", name, 4 if unpaired else 1, "beta",
+                    "fn(policy_logps, ref_logps, is_desirable, kl_ref, *, beta, **hparams)"
+                    if unpaired else "fn(x, *, beta, **hparams)")
     spec = DirectLossSpec(name, fn, reference_free=reference_free,
                           length_normalized=length_normalized, soft_label=soft_label,
                           unpaired=unpaired, nll_alpha=float(nll_alpha),

@@ -85,13 +85,13 @@ class RewardLoss:
                    "prefjax.")]
     carried = {k for k in own if k in cfg and cfg[k] != own[k]
                and any(k in d and d[k] == cfg[k] for _, d in builtin)}
-    for k in sorted(carried):
+    kwargs = configlib.parse_kwargs(cfg.get("kwargs"))
+    for k in sorted(carried - set(kwargs)):  # set in kwargs: trained at that value
       logging.warning("config.loss.%s=%r is the built-in losses' default that config.loss "
                       "carries, so %r keeps its own default %s=%r; to train it at %r, set "
                       "--config.loss.kwargs=%s=%r", k, cfg[k], name, k, own[k], cfg[k], k,
                       cfg[k])
     hparams = {k: cfg[k] for k in own if k in cfg and k not in carried}
-    kwargs = configlib.parse_kwargs(cfg.get("kwargs"))
     configlib.check_kwargs("config.loss.kwargs", name, kwargs, own)
     # So only a field moved off those defaults is a second setting.
     if twice := {k: hparams[k] for k in kwargs if k in hparams and hparams[k] != own[k]}:
