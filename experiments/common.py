@@ -261,6 +261,14 @@ def _check_command_line(argv: list[str]) -> None:
   _check_none_overrides()
 
 
+def imports_flag() -> str:
+  """`` --imports=...`` as this run was given it ('' for none, or when run in-process): a
+  "Next:" command that rebuilds this run's loss needs it too."""
+  if "imports" not in FLAGS or not FLAGS.is_parsed() or not FLAGS.imports:
+    return ""
+  return f" --imports={','.join(FLAGS.imports)}"
+
+
 def _import_user_modules() -> None:
   for module in FLAGS.imports:
     try:

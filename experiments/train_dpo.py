@@ -243,7 +243,8 @@ def run(config: Any, workdir: str) -> train.TrainResult:
     experiment.export_hf(config, workdir, result.model, tokenizer, what="policy")
     logging.info("done: %s/summary.json. Next, its implicit reward beside other scorers: "
                  "python -m experiments.eval_rm --config=configs/eval/tiny.py --workdir=EVAL "
-                 "--config.scorers=dpo:%s --config.datasets=run:%s", workdir, workdir, workdir)
+                 "--config.scorers=dpo:%s --config.datasets=run:%s%s", workdir, workdir, workdir,
+                 common.imports_flag())
   return result
 
 

@@ -145,9 +145,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   if not result.preempted:
     experiment.export_hf(config, workdir, result.model, tokenizer, what="reward model")
     logging.info("done: %s/summary.json. Next: python -m experiments.eval_rm --config=configs/"
-                 "eval/tiny.py --workdir=EVAL --config.scorers=rm:%s --config.datasets=run:%s; "
+                 "eval/tiny.py --workdir=EVAL --config.scorers=rm:%s --config.datasets=run:%s%s; "
                  "as best_of_n's or train_rl's proxy: --config.proxy.kind=model "
-                 "--config.proxy.checkpoint=%s", workdir, workdir, workdir, workdir)
+                 "--config.proxy.checkpoint=%s", workdir, workdir, workdir,
+                 common.imports_flag(), workdir)
   last = rm_eval.last if rm_eval else None
   return {"summary": result.summary, "eval": last[1] if last else None,
           "preempted": result.preempted}

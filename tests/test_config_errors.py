@@ -477,6 +477,24 @@ def test_a_workdir_whose_other_binary_stopped_before_writing_is_not_refused(tmp_
   assert_short_error(code, lines, "holds a run of experiments.train_rm")
 
 
+def test_next_commands_carry_the_runs_imports(tmp_path):
+  """train_dpo's "Next:" eval_rm command, run as printed, failed on a loss of the user's
+  own: it lacked the run's --imports."""
+  probe = ("import sys\n"
+           "from absl import flags\n"
+           "from experiments import common\n"
+           "common.define_flags()\n"
+           "print('unparsed:', repr(common.imports_flag()))\n"
+           "flags.FLAGS(sys.argv)\n"
+           "print('parsed:', repr(common.imports_flag()))\n")
+  for imports, expected in (("--imports=json,my_lab.my_losses",
+                             "' --imports=json,my_lab.my_losses'"), ("--imports=", "''")):
+    proc = subprocess.run([sys.executable, "-c", probe, "--config=configs/rm/tiny.py", imports],
+                          cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=300)
+    assert proc.stdout.splitlines()[-2:] == ["unparsed: ''", f"parsed: {expected}"], proc.stdout
+
+
 def test_the_demo_records_its_command_and_holds_its_workdir(tmp_path):
   probe = ("from absl import app, flags\n"
            "from experiments import common, demo\n"
