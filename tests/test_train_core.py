@@ -426,13 +426,17 @@ def test_a_rerun_after_an_attempt_that_saved_nothing_records_its_own_config(tmp_
   with open(tmp_path / "config.json") as f:
     assert json.load(f) == {"attempt": 2}
   assert not (tmp_path / "config.rerun.json").exists()
-  # Once a checkpoint exists, the run's config stays and a changed rerun goes beside it.
-  train.train_loop(model=MLP(nnx.Rngs(0)), train_iter=iter(make_batches(4, 8)),
-                   config={"attempt": 3}, **kw)
+  # Once a checkpoint exists, the run's config stays and a changed rerun goes beside it ...
+  train.write_or_check_config(str(tmp_path), {"attempt": 3})
   with open(tmp_path / "config.json") as f:
     assert json.load(f) == {"attempt": 2}
   with open(tmp_path / "config.rerun.json") as f:
     assert json.load(f) == {"attempt": 3}
+  # ... unless the run had finished: nothing trains under it, so it does not stay.
+  train.train_loop(model=MLP(nnx.Rngs(0)), train_iter=iter(make_batches(4, 8)),
+                   config={"attempt": 3}, **kw)
+  assert not (tmp_path / "config.rerun.json").exists()
+  train.write_or_check_config(str(tmp_path), {"attempt": 3})
   # A later rerun as the run started leaves no stale diff behind.
   train.write_or_check_config(str(tmp_path), {"attempt": 2})
   assert not (tmp_path / "config.rerun.json").exists()

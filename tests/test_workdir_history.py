@@ -66,7 +66,7 @@ def test_metrics_past_the_first_checkpoint_warn_and_start_again(tmp_path, caplog
   assert _steps(tmp_path) == list(range(1, 7))
 
 
-def test_the_config_changes_a_run_trained_under_stay_on_record(tmp_path):
+def test_the_config_changes_a_run_trained_under_stay_on_record(tmp_path, caplog):
   run(tmp_path, num_steps=4, config={"loss": "dpo"})
   changed = run(tmp_path, config={"loss": "ipo"})  # trains steps 5 and 6 under ipo
   (change,) = changed.summary["config_changes"]
@@ -77,7 +77,12 @@ def test_the_config_changes_a_run_trained_under_stay_on_record(tmp_path):
   assert not (tmp_path / "config.rerun.json").exists()
   assert summary_lib.config_changes(str(tmp_path)) == [change]
   assert summary_lib.read_summary(str(tmp_path))["config_changes"] == [change]
-  run(tmp_path, config={"loss": "kto"})  # finished: trains nothing, adds nothing
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    run(tmp_path, config={"loss": "kto"})  # finished: trains nothing, adds nothing
+  # ... and says so: the diff's warning had promised a record the finished run never makes.
+  assert f"{tmp_path} already finished at step 6: nothing was trained under the changed " \
+      "config above" in caplog.text
+  assert not (tmp_path / "config.rerun.json").exists()
   run(tmp_path, num_steps=8, config={"loss": "ipo"})  # the same change again: one record
   back = run(tmp_path, num_steps=10, config={"loss": "dpo"})  # back to config.json
   assert back.summary["config_changes"] == [change, {"from_step": 8, "config_diff": ""}]

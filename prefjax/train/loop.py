@@ -359,6 +359,11 @@ class _Trainer:
       summary = summary_lib.read_summary(self.workdir)
       if summary.get("final_step", start_step) == start_step:
         logging.info("%s already finished at step %d", self.workdir, start_step)
+        if os.path.exists(os.path.join(self.workdir, summary_lib.RERUN_CONFIG_FILE)):
+          logging.warning("%s already finished at step %d: nothing was trained under the "
+                          "changed config above (raise loop.num_steps to train on under it, "
+                          "or use a new --workdir)", self.workdir, start_step)
+          summary_lib.discard_rerun_config(self.workdir)
         self.checkpointer.close()
         return TrainResult(self.state, self._model(), summary)
     if start_step > self.loop.num_steps:

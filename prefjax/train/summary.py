@@ -131,7 +131,7 @@ def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn
   On mismatch with ``on_mismatch="warn"`` the diff is logged as a warning, the
   original ``config.json`` is kept and the new config is written beside it as
   ``config.rerun.json`` (replaced, or removed by a rerun as the run started or when the
-  restore fails; the training loop keeps the diff in ``runs.jsonl``,
+  restore fails or the run had finished; the training loop keeps the diff in ``runs.jsonl``,
   :func:`record_config_change`); with
   ``"error"`` a :class:`ConfigMismatchError` is raised.
   With ``"warn"``, a workdir whose earlier attempt ``saved_nothing`` (no
@@ -159,8 +159,9 @@ def write_or_check_config(workdir: str, config: Any, *, on_mismatch: str = "warn
       if saved_nothing:
         message += f"\n(no checkpoint was saved: delete {path} to start with this config)"
       raise ConfigMismatchError(message)
-    logging.warning("%s\n(keeping %s; this run's config is in config.rerun.json, the diff "
-                    "in %s and the summary's config_changes)", message, path, RUNS_FILE)
+    logging.warning("%s\n(keeping %s; this run's config is in config.rerun.json; once it "
+                    "trains on, the diff is recorded in %s and the summary's config_changes)",
+                    message, path, RUNS_FILE)
     write_json(os.path.join(workdir, RERUN_CONFIG_FILE), new)
   return new
 
