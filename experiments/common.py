@@ -50,6 +50,7 @@ VERBOSE_ERRORS_ENV = "PREFJAX_VERBOSE_ERRORS"
 # Errors a user can cause and fix (bad config values, data, paths): one short message.
 # Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError)
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
 # What every binary writes into its workdir before its config is read in full.
 RECORDS_ONLY = {summary_lib.RUNS_FILE, "logs", files.LOCK_FILE}
 
@@ -247,6 +248,13 @@ def report_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any
       logging.flush()
       sys.stderr.write(f"error: {_error_message(e)} [--verbose_errors shows the traceback]\n")
       sys.exit(1)
+    except KeyboardInterrupt:  # in training, Ctrl-C saves and exits 75; this is outside it
+      if verbose_errors():
+        raise
+      logging.flush()
+      sys.stderr.write("interrupted (Ctrl-C) outside training: nothing new to save; rerun "
+                       "with the same --workdir: it goes on from what was saved\n")
+      sys.exit(INTERRUPTED_EXIT_CODE)
 
   return wrapped
 

@@ -495,6 +495,25 @@ def test_next_commands_carry_the_runs_imports(tmp_path):
     assert proc.stdout.splitlines()[-2:] == ["unparsed: ''", f"parsed: {expected}"], proc.stdout
 
 
+def test_ctrl_c_outside_training_is_one_line_and_exit_130():
+  """It was a 128-line KeyboardInterrupt traceback (while loading data, or in best_of_n's
+  sampling), where SIGTERM at the same points is one line."""
+  probe = ("from absl import app\n"
+           "from experiments import common\n"
+           "def main(argv):\n"
+           "  raise KeyboardInterrupt\n"
+           "common.define_flags()\n"
+           "app.run(common.report_errors(main))\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("PREFJAX_VERBOSE_ERRORS", None)
+  proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, text=True,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+  assert proc.returncode == common.INTERRUPTED_EXIT_CODE == 130, proc.stdout
+  assert proc.stdout.strip().splitlines() == [
+      "interrupted (Ctrl-C) outside training: nothing new to save; rerun with the same "
+      "--workdir: it goes on from what was saved"], proc.stdout
+
+
 def test_the_demo_records_its_command_and_holds_its_workdir(tmp_path):
   probe = ("from absl import app, flags\n"
            "from experiments import common, demo\n"
