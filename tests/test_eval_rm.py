@@ -304,6 +304,10 @@ def test_an_export_with_several_outputs_is_scored_output_by_output(runs, tmp_pat
   pair.head.kernel[...] = jnp.concatenate([kernel, -kernel], axis=1)  # member 1: reversed
   hf_export.save_pretrained(pair, tmp_path / "hf")
   eval_cfg = eval_config("pair=hf:" + str(tmp_path / "hf"), f"run:{run}")
+  with pytest.raises(scorers_lib.EvalInputError, match=r"scorer 'pair': no tokenizer files in "
+                                                       r".*; name its tokenizer with "
+                                                       r"--config.hf_tokenizer=PATH"):
+    eval_rm.run(eval_cfg, str(tmp_path / "no_tokenizer"))  # a byte-level export has none
   eval_cfg.hf_tokenizer = "byte"
   metrics = eval_rm.run(eval_cfg, str(tmp_path / "eval"))["datasets"][0]["metrics"]
   accuracy = runs["rm"]["accuracy"]

@@ -137,3 +137,17 @@ def test_a_reward_spec_without_a_checkpoint_scores_with_the_directory_s_own_head
   with caplog.at_level(logging.WARNING):
     rewards.make_reward(_reward_spec(base), seed=0)
   assert "its reward head is RANDOM" in caplog.text
+
+
+def test_a_prefjax_workdir_given_as_a_hugging_face_directory_names_its_export(tmp_path):
+  """train_dpo --config.model.path=<an SFT workdir> said "model_type None is not supported"."""
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "config.json").write_text('{"loop": {"num_steps": 10}}')  # prefjax's config
+  with pytest.raises(hf_import.CheckpointError, match=r"is a prefjax run's workdir, not a "
+                                                      r"Hugging Face model directory: rerun it "
+                                                      r"with --config.export_hf=True"):
+    hf_import.load_hf_checkpoint(tmp_path)
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama"}')
+  with pytest.raises(hf_import.CheckpointError, match=f"its export is {tmp_path / 'hf'}"):
+    hf_import.load_hf_checkpoint(tmp_path)

@@ -37,7 +37,14 @@ def hf_scorer(spec: ScorerSpec, eval_cfg: Any, mesh) -> scorers.ModelScorer:
   label = score_labels(eval_cfg.get("hf_score_label"), [spec], check=False).get(spec.name)
   if label is not None:  # a classifier label's log-odds, one column (from_pretrained)
     head = "reward"
-  tokenizer = experiment.make_tokenizer({"path": eval_cfg.hf_tokenizer or members[0]})
+  try:
+    tokenizer = experiment.make_tokenizer({"path": eval_cfg.hf_tokenizer or members[0]})
+  except FileNotFoundError as e:  # a byte-level model's export carries none
+    if eval_cfg.hf_tokenizer:
+      raise
+    raise EvalInputError(f"scorer {spec.name!r}: {e}; name its tokenizer with "
+                         "--config.hf_tokenizer=PATH (byte for a byte-level model such as "
+                         "the tiny world's)") from e
   kind, arg = heads_lib.parse_head(head)
   if kind == "multi" and len(members) > 1:  # one column per member is what an ensemble reads
     raise EvalInputError(

@@ -251,6 +251,13 @@ def load_hf_checkpoint(path: PathLike, *, dtype=None, param_dtype=jnp.float32,
       raise CheckpointError(f"{config_file}: a quantized checkpoint ({key}, quant_method "
                             f"{method!r}); only float checkpoints load: use the unquantized "
                             "model's directory")
+  if model_type is None and (directory / "checkpoints").is_dir():
+    export = directory / "hf"
+    raise CheckpointError(
+        f"{directory} is a prefjax run's workdir, not a Hugging Face model directory: "
+        + (f"its export is {export}" if (export / "config.json").exists() else
+           "rerun it with --config.export_hf=True to write its export to WORKDIR/hf")
+        + " (a proxy checkpoint or an eval_rm rm: scorer takes the workdir itself)")
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise CheckpointError(
         f"{config_file}: model_type {model_type!r} is not supported; "
