@@ -241,8 +241,8 @@ def report_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any
     try:
       return main(argv)
     except (*USER_ERRORS, AttributeError) as e:
-      if isinstance(e, AttributeError):  # only a ConfigDict's missing field is the user's
-        e = configlib.missing_field_error(e) or e
+      if isinstance(e, (AttributeError, KeyError)):  # a ConfigDict's missing field
+        e = configlib.missing_field_error(e) or e  # (an AttributeError otherwise is a bug)
       if verbose_errors() or isinstance(e, AttributeError):
         raise
       logging.flush()

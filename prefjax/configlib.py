@@ -27,9 +27,9 @@ class ConfigError(ValueError):
   """A config key or value that does not fit the schema."""
 
 
-def missing_field_error(error: AttributeError) -> ConfigError | None:
-  """A ConfigDict's missing field (a binary given another binary's config) as a one-line
-  ``ConfigError``; None for any other ``AttributeError``."""
+def missing_field_error(error: AttributeError | KeyError) -> ConfigError | None:
+  """A ConfigDict's missing field (a binary given another binary's config), read as an
+  attribute or an item, as a one-line ``ConfigError``; None for any other error."""
   tb = error.__traceback__
   while tb is not None and tb.tb_next is not None:
     tb = tb.tb_next

@@ -514,6 +514,15 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130():
       "--workdir: it goes on from what was saved"], proc.stdout
 
 
+def test_another_binarys_config_read_by_item_is_named_as_such(tmp_path):
+  """eval_rm given an RM config ended in "KeyError: 'num_resamples'" (read as
+  ``config[field]``); read as an attribute it was already this one line."""
+  code, lines = run_binary("eval_rm", "--config=configs/rm/tiny.py", f"--workdir={tmp_path}")
+  text = "\n".join(lines)
+  assert code == 1 and "error: ConfigError: the config has no field 'num_resamples' that " \
+      "this binary reads: is --config a config for this binary?" in text, text
+
+
 def test_the_demo_records_its_command_and_holds_its_workdir(tmp_path):
   probe = ("from absl import app, flags\n"
            "from experiments import common, demo\n"
