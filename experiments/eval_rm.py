@@ -100,7 +100,8 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
   datasets = reward_eval.unique_labels([reward_eval.load_dataset(s, config)
                                         for s in reward_eval.parse_list(config.datasets)])
   if not datasets:
-    raise scorers_lib.EvalInputError("no datasets given (config.datasets)")
+    raise scorers_lib.EvalInputError("no datasets given (config.datasets), e.g. "
+                                     "--config.datasets=run:RM_WORKDIR or jsonl:FILE.jsonl")
   mesh = experiment.make_optional_mesh(config)
   scorer_fns = {s.name: scorers_lib.make_scorer(s, config, mesh) for s in specs}
   report = {"command": " ".join(sys.argv), "scorers": [s.name for s in specs],

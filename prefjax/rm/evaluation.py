@@ -125,9 +125,10 @@ class RewardModelEvaluator:
     metrics, reliability = self._metrics(self._collect(model))
     metrics.update({f"pipeline/{k}": float(v) for k, v in self._dropped.items()})
     self._write(step, metrics, reliability)
+    length_only = metrics.get("length_baseline_accuracy")
     logging.info("eval at step %d (%.1fs): accuracy=%.4f ece=%.4f length-only=%s", step,
                  time.time() - start, metrics["accuracy"], metrics["ece"],
-                 metrics.get("length_baseline_accuracy"))
+                 "n/a" if length_only is None else f"{length_only:.4f}")
     self.last = (step, metrics)
     return metrics
 

@@ -119,7 +119,8 @@ def make_schedule(cfg: OptimizerConfig | Mapping[str, Any]) -> optax.Schedule:
           f"optimizer.schedule={cfg.schedule!r} needs total_steps > warmup_steps "
           f"(got total_steps={cfg.total_steps}, warmup_steps={cfg.warmup_steps}; the shipped "
           "configs tie total_steps to loop.num_steps, the update count of every trainer "
-          "but train_rl, which updates epochs × num_minibatches times a step)")
+          "but train_rl, which updates epochs × num_minibatches times a step): lower "
+          "--config.optimizer.warmup_steps, or use optimizer.schedule='constant'")
     decay_steps = cfg.total_steps - cfg.warmup_steps
     if cfg.schedule == "linear":
       decay = optax.linear_schedule(peak, end, decay_steps)
