@@ -206,6 +206,13 @@ def test_a_rerun_without_the_imports_of_its_loss_names_them(tmp_path):
     with pytest.raises(KeyError, match=r"unknown .*loss 'my_loss'.*its runs.jsonl records "
                                        r"--imports=my_lab.my_losses"):
       run(config, str(tmp_path))
+  # With the recorded modules imported, the name itself is wrong (a typo): no such hint.
+  (tmp_path / "runs.jsonl").write_text(json.dumps({"imports": ["json"]}) + "\n")
+  config = test_train_rm.small_config(1)
+  config.loss.name = "my_los"
+  with pytest.raises(KeyError, match=r"unknown preference loss 'my_los'") as error:
+    train_rm.run(config, str(tmp_path))
+  assert "runs.jsonl records" not in str(error.value)
 
 
 def test_a_registered_loss_sharing_a_built_in_hyperparameter_name_keeps_its_default(caplog):

@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import subprocess
+import sys
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -370,10 +371,13 @@ def naming_recorded_imports(workdir: str) -> Iterator[None]:
 
 def imports_hint(workdir: str) -> str:
   """``" (its runs.jsonl records --imports=a,b)"`` when runs in ``workdir`` imported user
-  modules (a loss registered there is unknown without them); ``""`` otherwise."""
-  modules = sorted({m for r in read_run_records(workdir, skip_bad=True)
-                    for m in r.get("imports") or []})
-  return f" (its runs.jsonl records --imports={','.join(modules)})" if modules else ""
+  modules that this process has not (a loss registered there is unknown without them);
+  ``""`` otherwise: with them imported, the name itself is wrong."""
+  recorded = sorted({m for r in read_run_records(workdir, skip_bad=True)
+                     for m in r.get("imports") or []})
+  if all(m in sys.modules for m in recorded):
+    return ""
+  return f" (its runs.jsonl records --imports={','.join(recorded)})"
 
 
 def read_summary(workdir: str, *, previous: bool = False) -> dict[str, Any]:
