@@ -203,11 +203,22 @@ def test_a_loss_that_broadcasts_the_outcome_wrongly_is_an_error():
     loss = rm.RewardLoss(name="_test_bad_broadcast")
     # One reward column [B, 1] times a [B] outcome broadcasts to [B, B] without a word.
     with pytest.raises(ValueError, match=r"returned shape \(3, 3\) for rewards of shape "
-                                         r"\(3, 1\)"):
+                                         r"\(3, 1\); .* \(spread a \[B\] outcome"):
       loss.per_pair(jnp.zeros((3, 1)), jnp.zeros((3, 1)), jnp.ones(3))
     assert loss.per_pair(jnp.zeros(3), jnp.zeros(3), jnp.ones(3)).shape == (3,)
   finally:
     preference.PREFERENCE_LOSSES.pop("_test_bad_broadcast")
+
+  @preference.register_preference_loss("_test_mean")
+  def mean(r_chosen, r_rejected, *, outcome=1.0):
+    del outcome
+    return -jnp.mean(jax.nn.log_sigmoid(r_chosen - r_rejected))
+  try:  # a scalar was told to spread its outcome
+    with pytest.raises(ValueError, match=r"returned shape \(\) .*\(do not reduce over the "
+                                         r"pairs: the trainer weighs and averages them\)"):
+      rm.RewardLoss(name="_test_mean").per_pair(jnp.zeros(3), jnp.zeros(3), jnp.ones(3))
+  finally:
+    preference.PREFERENCE_LOSSES.pop("_test_mean")
 
 
 def test_padded_pairs_contribute_nothing_even_if_non_finite():

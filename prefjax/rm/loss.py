@@ -126,10 +126,12 @@ class RewardLoss:
         self.name)
     if jnp.shape(loss) != jnp.shape(r_chosen):
       # A [B] outcome broadcast against [B, K] rewards the wrong way gives [B, B] silently.
+      hint = ("spread a [B] outcome over ensemble members with outcome[:, None]"
+              if jnp.size(loss) > jnp.size(r_chosen) else "do not reduce over the pairs: "
+              "the trainer weighs and averages them")
       raise ValueError(f"preference loss {self.name!r} returned shape {jnp.shape(loss)} for "
                        f"rewards of shape {jnp.shape(r_chosen)}; a loss must return one value "
-                       "per reward (spread a [B] outcome over ensemble members with "
-                       "outcome[:, None])")
+                       f"per reward ({hint})")
     if self.center_coef:
       loss = loss + self.center_coef * pref_losses.center_penalty(r_chosen, r_rejected)
     return loss, metrics
