@@ -478,7 +478,7 @@ def test_out_of_range_hyperparameters_raise(name, hparams):
 
 @pytest.mark.parametrize("name", sorted(  # prefjax's own: a user's may use β otherwise
     n for n, spec in registry.DIRECT_LOSS_SPECS.items()
-    if spec.fn.__module__.startswith("prefjax.losses.")))
+    if getattr(spec.fn, "__module__", "").startswith("prefjax.losses.")))
 def test_a_trainer_loss_that_cannot_train_is_refused(name):
   """beta=0 made every shipped loss constant (nothing trained); a negative NLL weight
   trained the chosen responses' likelihood down."""

@@ -168,7 +168,8 @@ class DirectLoss:
 def _scales_by_beta(spec: registry.DirectLossSpec) -> bool:
   """Whether ``spec`` is one of prefjax's own losses, each constant in the log-probs at
   β = 0 (a loss a user registers may use β otherwise; the registry holds both)."""
-  return spec.fn.__module__ in (direct_losses.__name__, unpaired_losses.__name__)
+  return getattr(spec.fn, "__module__", None) in (direct_losses.__name__,
+                                                 unpaired_losses.__name__)
 
 
 def _check_kwargs(spec: registry.DirectLossSpec, kwargs: Mapping[str, Any]) -> None:
