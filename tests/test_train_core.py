@@ -398,7 +398,9 @@ def test_consecutive_nonfinite_steps_abort(tmp_path):
     b["y"] = np.full_like(b["y"], np.inf)
   loop = train.LoopConfig(num_steps=10, log_every=1, max_consecutive_nonfinite=3,
                           tensorboard=False)
-  with pytest.raises(train.NonFiniteError, match="3 consecutive non-finite steps"):
+  with pytest.raises(train.NonFiniteError, match=r"3 consecutive non-finite steps \(up to "
+                                                  r"step 6; its loss=inf, grad_norm=nan: a "
+                                                  r"non-finite loss points at the loss"):
     train.train_loop(workdir=str(tmp_path), model=MLP(nnx.Rngs(0)), loss_fn=mse_loss,
                      optimizer={"name": "sgd", "learning_rate": 0.1}, loop=loop,
                      train_iter=iter(batches))

@@ -327,9 +327,10 @@ class _Trainer:
     if host["consecutive_skipped"] >= self.loop.max_consecutive_nonfinite:
       self.writer.log(step, host)
       raise NonFiniteError(
-          f"{host['consecutive_skipped']} consecutive non-finite steps (up to step {step}); "
-          f"params are from the last finite update. Last checkpoint: "
-          f"{self.checkpointer.latest_step()}")
+          f"{host['consecutive_skipped']} consecutive non-finite steps (up to step {step}; "
+          f"its loss={host['loss']}, grad_norm={host['grad_norm']}: a non-finite loss points "
+          f"at the loss or the data, a finite one at the gradient); params are from the last "
+          f"finite update. Last checkpoint: {self.checkpointer.latest_step()}")
     log_train = _every(step, self.loop.log_every) or step == self.loop.num_steps
     if log_train or eval_metrics is not None:
       self.writer.log(step, host if log_train else None, eval_metrics)
