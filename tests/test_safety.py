@@ -351,6 +351,31 @@ def test_runtime_classifier_matches_pair_scores_and_labels_pairs(trained):
                                    np.arange(16) == 3, np.nan, p_cho))
 
 
+def test_a_reward_model_workdir_is_not_taken_for_a_harm_classifier(tmp_path):
+  """A train_rm workdir loaded: the sigmoid of its reward read as P(harmful)."""
+  from configs.rm import tiny as rm_tiny  # pylint: disable=import-outside-toplevel
+  from prefjax.train import summary as summary_lib  # pylint: disable=import-outside-toplevel
+  (tmp_path / "config.json").write_text(rm_tiny.get_config().to_json())
+  summary_lib.append_run_record(str(tmp_path), {"argv": ["/x/experiments/train_rm.py"]})
+  with pytest.raises(ValueError, match=r"is not a train_safety run \(its config has no safety "
+                                       r"section; experiments.train_rm ran there\)"):
+    safety_runtime.SafetyClassifier.from_workdir(str(tmp_path), threshold=0.5)
+
+
+def test_the_classifier_filters_threshold_is_settable_from_the_command_line():
+  """The missing-threshold.json error says to pass safety.threshold; the config's plain
+  None could not be overridden ("NoneType ... is not supported for overriding")."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  root = pathlib.Path(__file__).resolve().parents[1]
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.best_of_n", "--config=configs/bon/tiny.py:"
+       "safety_classifier", "--config_help", "--config.safety.threshold=0.3"],
+      cwd=root, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+  assert proc.returncode == 0, proc.stdout
+  assert "config.safety.threshold = 0.3" in proc.stdout.splitlines()
+
+
 def test_label_source_rows_load_as_preferences_with_objective(tmp_path):
   rows, counts = safety_runtime.label_pairs(
       ["p1", "p2", "p3"], ["safe a", "bad a", "x"], ["bad b", "safe b", "y"],

@@ -42,6 +42,7 @@ picks; `:safety_classifier` uses a trained configs/safety/tiny.py classifier fro
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs.rl import tiny_ppo
 
@@ -58,7 +59,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   elif arg == "safety":
     c.safety = dict(kind="tiny_world_harm", workdir="", threshold=0.1)
   elif arg == "safety_classifier":
-    c.safety = dict(kind="classifier", workdir="/tmp/safety_tiny", threshold=None)
+    # threshold: None = threshold.json's; --config.safety.threshold=0.3 sets one.
+    c.safety = dict(kind="classifier", workdir="/tmp/safety_tiny",
+                    threshold=config_dict.placeholder(float))
   elif arg not in (None, ""):
     raise ValueError(f"unknown config argument {arg!r}; expected none, 'quick', 'safety' "
                      "or 'safety_classifier'")

@@ -151,6 +151,11 @@ class SafetyClassifier:
       config = ml_collections.ConfigDict(json.load(f))
     # As the latest checkpoint was trained (a rerun may have changed the config since).
     config = ml_collections.ConfigDict(train.checkpoint.saved_run_config(workdir) or config)
+    if "safety" not in config:  # a reward model's sigmoid would pass for P(harmful)
+      started = summary_lib.started_by(workdir)
+      raise ValueError(f"{workdir} is not a train_safety run (its config has no safety "
+                       "section" + (f"; {started} ran there" if started else "") + "): a "
+                       "harm classifier is a train_safety workdir")
     if threshold is None:
       choice = files.read_json(path)
       threshold = choice["threshold"]
