@@ -269,6 +269,32 @@ def _fit_linear_rm(fc, fr, outcome):
   return jax.nn.sigmoid(fc @ w - fr @ w)
 
 
+def test_labels_keep_the_source_rows_weight_and_meta(tmp_path):
+  """A source row's weight 0 ("do not train on it") became weight 1 in labels.jsonl, and
+  its meta (subset, objective, keys of the user's own) was dropped."""
+  source_rows = [
+      {"prompt": "Q1", "chosen": "good", "rejected": "bad", "weight": 0.0,
+       "meta": {"subset": "math", "objective": "harmless", "mine": 7}},
+      {"prompt": "Q2", "chosen": "fine", "rejected": "worse"}]
+  path = tmp_path / "source.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in source_rows))
+  source = sources.load_preferences(f"jsonl:{path}", "train")
+  pairs, skipped = labeller.pairs_from_source(source)
+  judged = [{"p_a": p, "p_a_first": p, "p_a_second": p, "option_mass": 1.0,
+             "principles": ["p"]} for p in (0.3, 0.9)]  # the judge flips the first pair
+  rows = labeller.preference_rows(pairs, judged)
+  assert skipped == 0 and [r["chosen"] for r in rows] == ["bad", "fine"]
+  assert rows[0]["weight"] == 0.0 and "weight" not in rows[1]
+  assert rows[0]["meta"]["subset"] == "math"
+  assert rows[0]["meta"]["source_meta"] == {"subset": "math", "objective": "harmless", "mine": 7}
+  assert "objective" not in rows[0]["meta"]  # the source's, not the judge's: kept aside
+  assert "source_meta" not in rows[1]["meta"]
+  labels = tmp_path / "labels.jsonl"
+  labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  again = sources.load_preferences(f"jsonl:{labels}", "train")
+  assert [again[i]["weight"] for i in range(2)] == [0.0, 1.0]
+
+
 def test_rm_trained_on_soft_ai_labels_recovers_them_and_hard_labels_do_not(tmp_path):
   world = tiny_world_lib.TinyWorld()
   pairs = [{"prompt": r["prompt"], "a": r["chosen"], "b": r["rejected"], "outcome": 1.0}

@@ -260,21 +260,31 @@ def judge_pairs(judge: Any, pairs: Sequence[Mapping[str, Any]], sampler: Princip
 def preference_rows(pairs: Sequence[Mapping[str, Any]], judged: Sequence[Mapping[str, Any]]
                     ) -> list[dict[str, Any]]:
   """Rows for ``load_preferences("jsonl:...")``: chosen = the response the judge prefers,
-  ``outcome`` = P(chosen preferred) ∈ [½, 1]; ``meta`` keeps the principles, both
-  per-order probabilities of the input's A, whether chosen is A, and the source label."""
+  ``outcome`` = P(chosen preferred) ∈ [½, 1], the source row's ``weight``; ``meta`` keeps
+  the principles, both per-order probabilities of the input's A, whether chosen is A, the
+  source label, and the source row's own ``meta`` (``source_meta``; its ``subset`` also
+  as ``subset``, so ``eval_rm`` scores the labels by subset as it did the source)."""
   rows = []
   for pair, j in zip(pairs, judged):
     a_wins = j["p_a"] >= 0.5
+    source_meta = dict(pair.get("meta") or {})
     meta = {"principles": j["principles"], "p_a_first": j["p_a_first"],
             "p_a_second": j["p_a_second"], "p_a": j["p_a"], "option_mass": j["option_mass"],
             "chosen_is_a": bool(a_wins), "source_id": pair.get("id"),
             "source_outcome": pair.get("outcome")}
-    if pair.get("votes") is not None:
-      meta["votes"] = pair["votes"]
-    rows.append({"prompt": pair["prompt"],
-                 "chosen": pair["a"] if a_wins else pair["b"],
-                 "rejected": pair["b"] if a_wins else pair["a"],
-                 "outcome": max(j["p_a"], 1.0 - j["p_a"]), "meta": meta})
+    votes = pair.get("votes", source_meta.get("votes"))
+    if votes is not None:
+      meta["votes"] = votes
+    if "subset" in source_meta:
+      meta["subset"] = source_meta["subset"]
+    if source_meta:
+      meta["source_meta"] = source_meta
+    row = {"prompt": pair["prompt"], "chosen": pair["a"] if a_wins else pair["b"],
+           "rejected": pair["b"] if a_wins else pair["a"],
+           "outcome": max(j["p_a"], 1.0 - j["p_a"]), "meta": meta}
+    if pair.get("weight", 1.0) != 1.0:  # a weight-0 row ("do not train on it") stays so
+      row["weight"] = float(pair["weight"])
+    rows.append(row)
   return rows
 
 
@@ -291,5 +301,6 @@ def pairs_from_source(source: Sequence[Mapping[str, Any]], max_pairs: int = 0
       continue
     out.append({"id": row.get("id", str(i)), "prompt": row["prompt"], "a": row["chosen"],
                 "b": row["rejected"], "outcome": float(row.get("outcome", 1.0)),
+                "weight": float(row.get("weight", 1.0)), "meta": row.get("meta") or {},
                 "votes": (row.get("meta") or {}).get("votes")})
   return out, skipped
