@@ -6,6 +6,7 @@ the prompt, EOS on each response).
 """
 
 import json
+import re
 
 import pytest
 
@@ -132,6 +133,18 @@ def test_empty_or_fully_skipped_source_fails_in_one_line(tmp_path, content, deta
   assert message == (f"jsonl:{path} split 'train' has no usable rows: "
                      + detail.format(path=path))
   assert "\n" not in message
+
+
+@pytest.mark.parametrize("split, what", [
+    ("train[1:1]", "selects no row of the 2 in 'train'"),
+    ("train[5:]", "selects no row of the 2 in 'train'"),
+    ("train[abc]", "is not a TFDS slice")])
+def test_a_slice_that_selects_no_row_names_the_dataset_and_split(tmp_path, split, what):
+  """"Paths sequence can not be of 0 length" (TFDS) named neither."""
+  path = _write(tmp_path / "two.jsonl", [json.dumps({"prompt": "Q", "chosen": f" a{i}",
+                                                     "rejected": " b"}) for i in range(2)])
+  with pytest.raises(ValueError, match=rf"^jsonl:{path}: the split '{re.escape(split)}' {what}"):
+    pdata.load_preferences(f"jsonl:{path}", split, data_dir=tmp_path / "cache")
 
 
 def test_weights_whose_batch_sums_could_overflow_float32_are_bad_rows(tmp_path):

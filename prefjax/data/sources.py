@@ -357,7 +357,15 @@ def _open_split(builder: base.PreferenceBuilder, name: str, split: str, on_bad_r
   if split != base_split:
     fingerprint = hashlib.sha256(f"{fingerprint}{split}".encode()).hexdigest()
   # TFDS cannot store an empty split (e.g. a resplit of a tiny file): its summary exists.
-  data = builder.as_data_source(split) if base_split in builder.info.splits else []
+  try:
+    data = builder.as_data_source(split) if base_split in builder.info.splits else []
+  except ValueError as e:  # TFDS: "Paths sequence can not be of 0 length" for train[5:5]
+    if split == base_split:
+      raise
+    rows = builder.info.splits[base_split].num_examples
+    what = ("is not a TFDS slice (e.g. train[:90%], train[100:200])" if "parsing" in str(e)
+            else f"selects no row of the {rows} in {base_split!r}")
+    raise ValueError(f"{name}: the split {split!r} {what} ({str(e).splitlines()[0]})") from e
   return PreferenceSource(
       data, name=name, split=split, summary=summary,
       fingerprint=fingerprint, metadata=dict(metadata.get(base.DATASET_META_KEY, {})),
