@@ -121,6 +121,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                                             config.data.train_split)
       train_iter = labels.ObjectiveMaskIterator(train_iter, train_table)
       eval_table = labels.objective_table(eval_source, objectives, config.data)
+      for split, table in (("train", train_table), ("eval", eval_table)):
+        data_report.report[split]["objective_labels"] = labels.objective_counts(table,
+                                                                                objectives)
     rm_eval = None  # a fork may append evaluators of its own to ``evaluators``
     if config.eval.get("enabled", True):
       rm_eval = make_evaluator(config, model, eval_source, tokenizer, eval_table, mesh, workdir)

@@ -3,6 +3,7 @@ and its normalisation under gradient accumulation."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import jax
@@ -175,6 +176,12 @@ def test_objective_shares_sum_to_each_objective_count_over_any_strided_split():
                               np.ones((1, 2), np.float32))
 
 
+def test_objective_counts_count_each_objective_and_the_unlabelled_pairs():
+  table = np.array([[1, 0], [1, 1], [0, 0], [0, 1], [0, 0]], np.float32)
+  assert labels.objective_counts(table, ("helpful", "harmless")) == {
+      "labelled": {"helpful": 2, "harmless": 2}, "unlabelled": 2}
+
+
 def test_multi_objective_run_reports_each_objective(data_env, tmp_path):
   from prefjax.data import tiny_world  # pylint: disable=g-import-not-at-top
   from prefjax.data.tfds_builders import synthetic  # pylint: disable=g-import-not-at-top
@@ -195,6 +202,11 @@ def test_multi_objective_run_reports_each_objective(data_env, tmp_path):
     assert 0.0 <= out["eval"][f"objective/{name}/accuracy"] <= 1.0
   assert out["eval"]["unlabelled_pairs"] == 0
   assert {"accuracy/subset/even", "accuracy/subset/odd"} <= set(out["eval"])
+  report = json.loads((tmp_path / "data_report.json").read_text())
+  for split in ("train", "eval"):  # a third of the pairs carry both objectives
+    counts = report[split]["objective_labels"]
+    assert counts["unlabelled"] == 0 and set(counts["labelled"]) == {"helpful", "harmless"}
+    assert 1.2 < sum(counts["labelled"].values()) / report[split]["rows_used"] < 1.5, counts
   # Microbatches of 4 pairs: the first step's loss is the whole batch's, as without them.
   first = _first_train_record(tmp_path)
   config.loop.accum_steps = 2

@@ -46,6 +46,13 @@ def objective_table(source: Any, objectives: Sequence[str], data_cfg: Mapping[st
   return table
 
 
+def objective_counts(table: np.ndarray, objectives: Sequence[str]) -> dict[str, Any]:
+  """For ``data_report.json``: the pairs labelled with each objective, and those with none
+  (they train no head: a log warning alone left the report's counts silent on them)."""
+  return {"labelled": {o: int(n) for o, n in zip(objectives, table.sum(axis=0))},
+          "unlabelled": int(np.sum(table.sum(axis=1) == 0))}
+
+
 def check_every_objective_labelled(table: np.ndarray, objectives: Sequence[str],
                                    data_cfg: Mapping[str, Any], split: str) -> None:
   """Raises ValueError when an objective has no labelled pair in ``split``: its head
