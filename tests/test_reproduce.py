@@ -49,6 +49,7 @@ def test_report_schema_figures_and_g0(tiny_run):
   markdown = open(os.path.join(workdir, "report.md")).read()
   for name in CRITERIA:
     assert f"### {name} — " in markdown
+  assert "(bandit (first world))" in markdown and " world world)" not in markdown
   assert markdown.count("![") >= len(CRITERIA)
   assert report["criteria"].keys() == on_disk["criteria"].keys()
   # One verdict per criterion, from the world that carries it (the text world carries D1).
@@ -209,6 +210,20 @@ def test_fit_figure_bars_span_the_interval_even_when_it_excludes_the_estimate(
   (segments,) = bars.lines[2]
   spans = np.array([np.sort(seg[:, 1]) for seg in segments.get_segments()])
   np.testing.assert_allclose(spans, [(0.6, 0.9), settings[1].fit_bon.beta_ci])
+
+
+def test_learned_policy_figure_labels_each_lambda_and_keeps_its_markers_inside(
+    tmp_path, monkeypatch):
+  """λ = 0.3 sat on the left frame, unlabelled, its markers half clipped (ticks at 0.5, 1)."""
+  drawn = []
+  monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or path)
+  rows = [dict(lam=lam, closed_form_kl=kl, learned_kl=kl, closed_form_gold=g, learned_gold=g)
+          for lam, kl, g in ((1.0, 3.4, 1.2), (0.3, 7.9, 1.8))]
+  figures.learned_policy(rows, str(tmp_path / "lp.png"))
+  for ax in drawn[0].axes:
+    low, high = ax.get_xlim()
+    assert low < 0.3 * 0.8 and high > 1.0 * 1.2, (low, high)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.3", "1"]
 
 
 def test_the_criteria_bootstrap_as_many_resamples_as_the_config_asks():

@@ -415,7 +415,8 @@ def write_report(workdir: str, found: Sequence[C.Criterion],
   md += world_sections(found, by_world)
   noise = None if results is None else coste_noise(results)
   for c in found:
-    md += [f"### {c.name} — {'PASS' if c.passed else 'FAIL'} ({c.world} world)", "",
+    where = c.world if "world" in c.world else f"{c.world} world"  # "bandit (first world)"
+    md += [f"### {c.name} — {'PASS' if c.passed else 'FAIL'} ({where})", "",
            f"*Expected.* {expected(c.name, c.world, label_noise=noise)}", "",
            f"*Seen.* {c.detail}.", ""]
     if c.figure:
