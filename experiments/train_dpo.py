@@ -178,10 +178,17 @@ def _check_kl_positions(policy: nnx.Module, max_length: int, config: Any) -> Non
                                    "data.pipeline.max_length + eval.kl_max_new_tokens")
 
 
+def check_config(config: Any) -> None:
+  """What ``run`` checks first, before the binary touches the workdir."""
+  configlib.check_fields("config.eval", config.eval, EVAL_FIELDS,
+                         hint="is --config a train_dpo config? the shipped ones are in "
+                         "configs/dpo/")
+
+
 def run(config: Any, workdir: str) -> train.TrainResult:
   """Trains the policy; returns the train core's ``TrainResult``."""
+  check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  configlib.check_fields("config.eval", config.eval, EVAL_FIELDS)
   configlib.check_fields("config.ref", config.get("ref"), REF_FIELDS)
   with summary_lib.naming_recorded_imports(workdir):
     loss = loss_lib.DirectLoss.from_config(config)
@@ -250,4 +257,4 @@ def run(config: Any, workdir: str) -> train.TrainResult:
 
 if __name__ == "__main__":
   common.define_flags()
-  app.run(common.main_for(run))
+  app.run(common.main_for(run, check=check_config))

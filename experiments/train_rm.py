@@ -87,13 +87,20 @@ def make_evaluator(config: Any, model: nnx.Module, source: Any, tokenizer: Any,
       objectives=objectives, num_columns=num_columns)
 
 
+def check_config(config: Any) -> None:
+  """What ``run`` checks first, before the binary touches the workdir."""
+  configlib.check_fields("config.eval", config.eval, EVAL_FIELDS,
+                         hint="is --config a train_rm config? the shipped ones are in "
+                         "configs/rm/")
+
+
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the reward model of ``config`` in ``workdir``.
 
   Returns:
     ``{"summary": summary.json contents, "eval": final eval metrics, "preempted": bool}``.
   """
-  configlib.check_fields("config.eval", config.eval, EVAL_FIELDS)
+  check_config(config)
   with summary_lib.naming_recorded_imports(workdir):  # A bad loss fails before data and model.
     loss = rm.RewardLoss.from_config(config.loss)
   tokenizer = experiment.make_tokenizer(config.tokenizer)
@@ -159,4 +166,4 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
 if __name__ == "__main__":
   common.define_flags()
-  app.run(common.main_for(run))
+  app.run(common.main_for(run, check=check_config))

@@ -90,10 +90,17 @@ def _add_perplexity(workdir: str, result: train.TrainResult) -> None:
     summary_lib.write_summary(workdir, result.summary)
 
 
+def check_config(config: Any) -> None:
+  """What ``run`` checks first, before the binary touches the workdir."""
+  configlib.check_fields("config.eval", config.eval, ("batch_size",),
+                         hint="is --config a train_sft config? the shipped ones are in "
+                         "configs/sft/")
+
+
 def run(config: Any, workdir: str) -> train.TrainResult:
   """Trains the policy; returns the train core's ``TrainResult``."""
+  check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  configlib.check_fields("config.eval", config.eval, ("batch_size",))
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   mesh = experiment.make_optional_mesh(config)
   response_key = config.data.get("response_key", "chosen")
@@ -134,4 +141,4 @@ def run(config: Any, workdir: str) -> train.TrainResult:
 
 if __name__ == "__main__":
   common.define_flags()
-  app.run(common.main_for(run))
+  app.run(common.main_for(run, check=check_config))

@@ -50,12 +50,15 @@ def unknown_keys_message(section: str, unknown: Iterable[str], known: Iterable[s
   return f"{section}: unknown field(s) {unknown}{hint}; known: {known}"
 
 
-def check_fields(section: str, cfg: Mapping[str, Any] | None, known: Iterable[str]) -> None:
-  """Rejects the keys of a config section (e.g. ``config.eval``) that are not in ``known``."""
+def check_fields(section: str, cfg: Mapping[str, Any] | None, known: Iterable[str],
+                 hint: str = "") -> None:
+  """Rejects the keys of a config section (e.g. ``config.eval``) that are not in ``known``;
+  ``hint`` ends the message (what to check, e.g. that the config is this binary's)."""
   known = set(known)
   unknown = set(cfg or {}) - known
   if unknown:
-    raise ConfigError(unknown_keys_message(section, unknown, known))
+    raise ConfigError(unknown_keys_message(section, unknown, known)
+                      + (f" ({hint})" if hint else ""))
 
 
 def check_key_path(config: Mapping[str, Any], path: str, root: str = "config") -> None:

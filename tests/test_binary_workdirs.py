@@ -73,22 +73,31 @@ def test_a_binary_refuses_a_workdir_another_binary_started(tmp_path):
 
 
 def test_a_workdir_whose_other_binary_stopped_before_writing_is_not_refused(tmp_path):
-  """train_dpo given an RM config stops on it after recording its start: the right binary
-  was then refused that workdir, which held nothing of train_dpo's but its records."""
-  code, lines = run_binary("train_dpo", "--config=configs/rm/tiny.py", f"--workdir={tmp_path}")
-  assert_short_error(code, lines, "config.eval: unknown field(s)")
-  assert {p.name for p in tmp_path.iterdir()} == common.RECORDS_ONLY
-  code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py", f"--workdir={tmp_path}",
-                           "--config.data.eval_split=nosuch")  # a run's own error, later
+  """train_dpo given an RM config stopped on it after recording its start, and the right
+  binary was then refused that workdir, which held nothing of train_dpo's but its records.
+  The config's sections are now checked before the workdir; a later error of a run (a
+  missing split) still leaves records only, and another binary takes the workdir."""
+  workdir = tmp_path / "w"
+  code, lines = run_binary("train_dpo", "--config=configs/rm/tiny.py", f"--workdir={workdir}")
+  assert_short_error(code, lines, "config.eval: unknown field(s)",
+                     "(is --config a train_dpo config? the shipped ones are in configs/dpo/)")
+  assert not workdir.exists()
+  code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py", f"--workdir={workdir}",
+                           "--config.data.eval_split=nosuch")
   text = "\n".join(lines)  # the run's own log lines come first
+  assert code == 1 and "has no split 'nosuch'" in text, text
+  assert {p.name for p in workdir.iterdir()} == common.RECORDS_ONLY
+  code, lines = run_binary("train_dpo", "--config=configs/dpo/tiny.py", f"--workdir={workdir}",
+                           "--config.data.eval_split=nosuch")
+  text = "\n".join(lines)
   assert code == 1 and "has no split 'nosuch'" in text and "holds a run of" not in text, text
-  records = summary_lib.read_run_records(str(tmp_path))
+  records = summary_lib.read_run_records(str(workdir))
   assert [summary_lib.binary_name(r["argv"][0]) for r in records] == [
-      "experiments.train_dpo", "experiments.train_rm"]
-  # From here the workdir is train_rm's: train_dpo is refused once it holds an output.
-  (tmp_path / "config.json").write_text('{"loop": {}}')
-  code, lines = run_binary("train_dpo", "--config=configs/dpo/tiny.py", f"--workdir={tmp_path}")
-  assert_short_error(code, lines, "holds a run of experiments.train_rm")
+      "experiments.train_rm", "experiments.train_dpo"]
+  # From here the workdir is train_dpo's: train_rm is refused once it holds an output.
+  (workdir / "config.json").write_text('{"loop": {}}')
+  code, lines = run_binary("train_rm", "--config=configs/rm/tiny.py", f"--workdir={workdir}")
+  assert_short_error(code, lines, "holds a run of experiments.train_dpo")
 
 
 def test_next_commands_carry_the_runs_imports(tmp_path):
