@@ -31,7 +31,8 @@ checkpoint evaluation 31 s: loading SmolLM2 and compiling each binary dominate, 
 arithmetic (2 RL steps, 40 pairs, 4 × 8 best-of-n samples of 12 tokens). On 2026-12-01,
 shared with other jobs (load ≈ 6–7), it took 9 min 35 s, peak RSS 10.0 GB; 9 min 40 s at load ≈ 8,
 peak RSS 10.7 GB, on 2026-12-06 after the sampler fix (1fc2d9a); 2 min 44 s, peak RSS 10.0 GB,
-later that day after the GGUF tokenizer fix, quiet, with the compilation cache warm. Its
+later that day after the GGUF tokenizer fix, quiet, with the compilation cache warm;
+4 min 50 s, peak RSS 11.8 GB, quiet, on 2026-12-08 (give it 12 GB of memory). Its
 numbers mean nothing (6 gold steps: HH validation accuracy 0.586; proxies 0.750 / 0.500 on
 8 held-out pairs, unchanged by the tokenizer fix; 0.584 and 0.375 / 0.500 before the
 sampler fix; 0/5 criteria pass).
