@@ -6,8 +6,8 @@ Command (GPU for the default; `:quick` is the CPU smoke run):
       --workdir=workdirs/hh_quick
 
 Variants: ``:quick`` (CPU smoke run: every stage but DPO, so no D1/D2/P1, with the real
-assets at toy sizes; its numbers mean nothing) and ``:tiny`` (the test's: a random tiny Llama and tiny random
-encoders on byte tokens in place of SmolLM2 and MiniLM).
+assets at toy sizes; its numbers mean nothing) and ``:tiny`` (the test's: a random tiny
+Llama and tiny random encoders on byte tokens in place of SmolLM2 and MiniLM).
 
 What it runs (``experiments/hh_study.py``, through ``experiments/text_study.py``): no
 bandit world. (1) gold = all-MiniLM-L6-v2 + a reward head trained by ``train_rm`` on the
@@ -29,9 +29,9 @@ empty): 3 min 58 s wall (study 231 s), 5 min 21 s of CPU time. Stage by stage: g
 pairs 22 s, proxies 6 + 6 s, best-of-n 23 + 18 s, RLOO 90 s (its own final eval included),
 checkpoint evaluation 31 s: loading SmolLM2 and compiling each binary dominate, not the
 arithmetic (2 RL steps, 40 pairs, 4 × 8 best-of-n samples of 12 tokens). On 2026-12-01,
-shared with other jobs (load ≈ 6–7), it took 9 min 35 s, peak RSS 10.0 GB; 9 min 40 s at load ≈ 8,
-peak RSS 10.7 GB, on 2026-12-06 after the sampler fix (1fc2d9a); 2 min 44 s, peak RSS 10.0 GB,
-later that day after the GGUF tokenizer fix, quiet, with the compilation cache warm;
+shared with other jobs (load ≈ 6–7), it took 9 min 35 s, peak RSS 10.0 GB; 9 min 40 s at
+load ≈ 8, peak RSS 10.7 GB, on 2026-12-06 after the sampler fix (1fc2d9a); 2 min 44 s, peak
+RSS 10.0 GB, later that day after the GGUF tokenizer fix, quiet, with the compilation cache warm;
 4 min 50 s, peak RSS 11.8 GB, quiet, on 2026-12-08 (give it 12 GB of memory). Its
 numbers mean nothing (6 gold steps: HH validation accuracy 0.586; proxies 0.750 / 0.500 on
 8 held-out pairs, unchanged by the tokenizer fix; 0.584 and 0.375 / 0.500 before the
