@@ -35,7 +35,8 @@ Expected: ``:quick`` on this shared 2-core CPU took 6.5 min wall beside
 another 2-thread job (2026-12-02, 5.4 min CPU): 1.5 min to load the GGUF, build HH
 and compile, then 2 packed steps of 2 pairs (loss 0.6931 -> 0.6934, as expected at
 lr 5e-7) and the eval with sampling (mostly compiling generation). Quiet, with
-``model.scan_layers`` (2026-12-02 17:37 UTC): 3.4 min, 52 s to the first step, eval 130 s. The default run is GPU work:
+``model.scan_layers`` (2026-12-02 17:37 UTC): 3.4 min, 52 s to the first step, eval 130 s. The
+default run is GPU work:
 ≈ 1.1 GFLOP per token slot through 135M parameters (the policy's forward+backward
 and the reference's forward), ≈ 4.5 TFLOP a step (4,096 slots); at the ~85 GFLOP/s a CPU train
 step reaches here that is ≈ 53 s a step, ≈ 3 hours for 200 steps (not run on

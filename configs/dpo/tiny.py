@@ -6,7 +6,8 @@ Command:
 
 Any registered direct loss (``prefjax.losses.DIRECT_LOSS_SPECS``, KTO included) works
 for ``--config.loss.name``; hyperparameters go in
-``--config.loss.kwargs=label_smoothing=0.1`` and ``--config.loss.beta``. The reference is the initial policy (the random init, or
+``--config.loss.kwargs=label_smoothing=0.1`` and ``--config.loss.beta``. The reference is the
+initial policy (the random init, or
 the SFT export given as ``model.path``, see configs/sft/tiny.py).
 
 Expected (measured on this shared 2-core CPU): about 1.5 min wall for the 300

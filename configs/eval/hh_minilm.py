@@ -1,4 +1,5 @@
-r"""The MiniLM HH reward model (configs/rm/hh_minilm.py) on HH harmless ``resplit_test`` and PandaLM.
+r"""The MiniLM HH reward model (configs/rm/hh_minilm.py) on HH harmless ``resplit_test`` and
+PandaLM.
 
 Command (after ``python -m experiments.train_rm --config=configs/rm/hh_minilm.py
 --workdir=/tmp/rm_hh_minilm``):

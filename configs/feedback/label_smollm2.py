@@ -65,7 +65,8 @@ TINY_TEMPLATE = "{principle}\n{prompt}\nA: {response_a}\nB: {response_b}\nAnswer
 SMOLLM2_MODEL = dict(experiment.MODEL_SWITCHES, arch="decoder", preset="", path="asset:smollm2",
                      head="", dtype="float32", overrides={})
 TINY_MODEL = dict(experiment.MODEL_SWITCHES, arch="decoder", preset="tiny_llama", path="",
-                  head="", dtype="float32", overrides=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head="", dtype="float32",
+                  overrides=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                  intermediate_size=64, max_position_embeddings=256))
 
 

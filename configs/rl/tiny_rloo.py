@@ -13,7 +13,8 @@ load average ~8.5). Held-out gold rises from -0.22 to +0.36 (SE 0.04) at step 12
 falls to -0.89 at step 30 (exploit fraction 0.04 -> 0.92); proxy -0.10 -> +1.87; the
 exact sequence KL peaks at 16.1 nats at step 21 and the penalty pulls it back to 12.8 at
 step 30. Seeds 1 and 2: gold rises +0.12 / +0.35 and ends at -0.91. Before the fix:
-gold -0.26 -> +0.16 -> -0.93, proxy +1.78, KL 15.8 -> 8.8. Until 2026-12-05 the penalty was k3, whose gradient in
+gold -0.26 -> +0.16 -> -0.93, proxy +1.78, KL 15.8 -> 8.8. Until 2026-12-05 the penalty was k3,
+whose gradient in
 the reward is not the KL's (train_rl's docstring): gold peaked at +0.17, ended at -0.95,
 proxy +1.89, KL 12 nats at the end, still rising.
 `:quick` = 8 steps (smoke test).

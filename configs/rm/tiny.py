@@ -11,7 +11,8 @@ Validation (211 ``resplit_validation`` pairs of 2,000): accuracy 0.867, BT log-l
 0.339, ECE 0.046 (both pair orders; 0.164 chosen-first), length-only baseline
 0.49 (chosen longer in 43% of pairs), params_sha256 b4da0809... (deterministic on one
 machine and commit, not across CPUs: 5a520157... on the Intel Xeon of 2026-12-05,
-8e98959b... on the AMD EPYC of 2026-12-06; remeasured 2026-12-01 after the K renames, bit-identical to the code
+8e98959b... on the AMD EPYC of 2026-12-06; remeasured 2026-12-01 after the K renames, bit-identical
+to the code
 before them. Earlier quotes, 2a3483a1... and 31aafa5c..., predate the num_steps-driven LR
 schedule and later kernel changes (not bisected); the metrics above did not move).
 """
