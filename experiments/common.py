@@ -166,18 +166,21 @@ def define_flags() -> None:
 
 class _QuietLibraries(std_logging.Filter):
   """Drops INFO lines of chatty libraries (orbax logs every checkpoint step in detail),
-  TFDS warnings (it warns on every custom dataset config prefjax builds) and orbax's
-  warning on every read-only open, which is how prefjax loads a run to evaluate it."""
+  TFDS warnings (it warns on every custom dataset config prefjax builds), orbax's
+  warning on every read-only open, which is how prefjax loads a run to evaluate it, and
+  tensorboardX's two lines for each non-finite scalar (the loop's own warning names the
+  step, its loss and gradient norm)."""
 
   NOISY = {f"{os.sep}orbax{os.sep}": std_logging.WARNING,
            f"{os.sep}tensorflow_datasets{os.sep}": std_logging.ERROR,
            # "Unable to initialize backend 'tpu'", at INFO in every run on a CPU or GPU.
            f"{os.sep}jax{os.sep}_src{os.sep}xla_bridge": std_logging.WARNING}
-  EXPECTED = ("Given directory is read only",)
+  EXPECTED = {f"{os.sep}orbax{os.sep}": ("Given directory is read only",),
+              f"{os.sep}tensorboardX{os.sep}": ("NaN or Inf found",)}
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if f"{os.sep}orbax{os.sep}" in record.pathname and str(record.msg).startswith(
-        self.EXPECTED):
+    if any(part in record.pathname and str(record.msg).startswith(messages)
+           for part, messages in self.EXPECTED.items()):
       return False
     return all(record.levelno >= level for part, level in self.NOISY.items()
                if part in record.pathname)

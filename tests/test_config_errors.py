@@ -442,6 +442,9 @@ def test_binary_logs_drop_orbax_detail_and_its_read_only_notice_but_keep_its_war
   bridge = f"{os.sep}site-packages{os.sep}jax{os.sep}_src{os.sep}xla_bridge.py"
   assert not quiet.filter(record(bridge, logging.INFO, "Unable to initialize backend 'tpu'"))
   assert quiet.filter(record(bridge, logging.WARNING, "An NVIDIA GPU may be present"))
+  x2num = f"{os.sep}site-packages{os.sep}tensorboardX{os.sep}x2num.py"
+  assert not quiet.filter(record(x2num, logging.WARNING, "NaN or Inf found in input tensor."))
+  assert quiet.filter(record(x2num, logging.WARNING, "something else"))
 
 
 def test_work_that_does_not_split_over_processes_refuses_several(monkeypatch, tmp_path):

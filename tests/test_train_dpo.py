@@ -323,7 +323,8 @@ def test_a_kl_eval_past_a_learned_position_table_is_refused_at_the_start(tmp_pat
 def test_direct_loss_rejects_bad_settings():
   with pytest.raises(KeyError, match="unknown direct loss"):
     loss_lib.DirectLoss(name="nope")
-  with pytest.raises(ValueError, match="not hyperparameters of 'ipo'"):
+  with pytest.raises(ValueError, match=r"config.loss.kwargs \['label_smoothing'\] are not "
+                                       r"hyperparameters of 'ipo'"):  # the flag, by its name
     loss_lib.DirectLoss(name="ipo", loss_kwargs=(("label_smoothing", 0.1),))
   with pytest.raises(ValueError, match=r"label_smoothing='abc' for 'dpo': expected a number"):
     loss_lib.DirectLoss(name="dpo", loss_kwargs=loss_lib.parse_kwargs("label_smoothing=abc"))
@@ -338,7 +339,7 @@ def test_direct_loss_rejects_bad_settings():
   # Ranges are checked with the configured numbers, although a soft-label loss trains
   # with a per-pair ε (exo_pair with ε = 0 gave a NaN loss at every step).
   for name, eps in [("exo_pair", 0.0), ("exo_pair", 1.0), ("dpo", 2.0), ("simpo", -1.0)]:
-    with pytest.raises(ValueError, match=rf"loss '{name}' with beta=0.1, loss_kwargs "
+    with pytest.raises(ValueError, match=rf"loss '{name}' with beta=0.1, config.loss.kwargs "
                                          rf"\{{'label_smoothing': {eps}\}}: label_smoothing"):
       loss_lib.DirectLoss(name=name, loss_kwargs={"label_smoothing": eps})
   for beta in (-0.1, float("nan")):

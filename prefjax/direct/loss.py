@@ -173,7 +173,7 @@ def _scales_by_beta(spec: registry.DirectLossSpec) -> bool:
 
 
 def _check_kwargs(spec: registry.DirectLossSpec, kwargs: Mapping[str, Any]) -> None:
-  configlib.check_kwargs("loss_kwargs", spec.name, kwargs, spec.hyperparameters)
+  configlib.check_kwargs("config.loss.kwargs", spec.name, kwargs, spec.hyperparameters)
 
 
 def _check_values(spec: registry.DirectLossSpec, beta: float, kwargs: Mapping[str, Any]
@@ -189,7 +189,7 @@ def _check_values(spec: registry.DirectLossSpec, beta: float, kwargs: Mapping[st
       spec.fn(direct_losses.PairLogps(-one, -2 * one, -one, -one, one, one), beta=beta,
               **kwargs)
   except ValueError as e:
-    raise ValueError(f"loss {spec.name!r} with beta={beta:g}, loss_kwargs {dict(kwargs)}: "
+    raise ValueError(f"loss {spec.name!r} with beta={beta:g}, config.loss.kwargs {dict(kwargs)}: "
                      f"{e}") from e
   except TypeError as e:  # a hyperparameter without a default, not given
     raise ValueError(f"loss {spec.name!r}: {e}; give it with --config.loss.kwargs=NAME=VALUE"
