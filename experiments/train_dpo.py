@@ -180,9 +180,7 @@ def _check_kl_positions(policy: nnx.Module, max_length: int, config: Any) -> Non
 
 def check_config(config: Any) -> None:
   """What ``run`` checks first, before the binary touches the workdir."""
-  configlib.check_fields("config.eval", config.eval, EVAL_FIELDS,
-                         hint="is --config a train_dpo config? the shipped ones are in "
-                         "configs/dpo/")
+  experiment.check_eval_section(config, EVAL_FIELDS, "train_dpo")
 
 
 def run(config: Any, workdir: str) -> train.TrainResult:

@@ -61,7 +61,6 @@ from absl import app
 from absl import logging
 
 from experiments import common
-from prefjax import configlib
 from prefjax import experiment
 from prefjax import files
 from prefjax import train
@@ -148,9 +147,7 @@ EVAL_FIELDS = ("exact_kl_max_vocab",)
 
 def check_config(config: Any) -> None:
   """What ``run`` refuses, checked before the binary touches the workdir."""
-  configlib.check_fields("config.eval", config.eval, EVAL_FIELDS,
-                         hint="is --config a train_rl config? the shipped ones are in "
-                         "configs/rl/")
+  experiment.check_eval_section(config, EVAL_FIELDS, "train_rl")
   hp = algorithms.HParams.from_config(config.rl, warn=False)
   check_sampling(config)
   algorithms.check_group_size(hp.algorithm, int(config.rl.group_size))
@@ -161,7 +158,7 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
   the loop's ``TrainResult`` (``preempted``) when a signal stopped it after saving."""
   experiment.require_one_process("train_rl (its rollouts are scored on the host)")
   os.makedirs(workdir, exist_ok=True)
-  configlib.check_fields("config.eval", config.eval, EVAL_FIELDS)
+  experiment.check_eval_section(config, EVAL_FIELDS, "train_rl")
   hp = algorithms.HParams.from_config(config.rl)
   check_sampling(config)
   group_size = algorithms.check_group_size(hp.algorithm, int(config.rl.group_size))

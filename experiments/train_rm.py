@@ -60,7 +60,6 @@ from absl import logging
 from flax import nnx
 
 from experiments import common
-from prefjax import configlib
 from prefjax import experiment
 from prefjax import rm
 from prefjax import train
@@ -89,9 +88,7 @@ def make_evaluator(config: Any, model: nnx.Module, source: Any, tokenizer: Any,
 
 def check_config(config: Any) -> None:
   """What ``run`` checks first, before the binary touches the workdir."""
-  configlib.check_fields("config.eval", config.eval, EVAL_FIELDS,
-                         hint="is --config a train_rm config? the shipped ones are in "
-                         "configs/rm/")
+  experiment.check_eval_section(config, EVAL_FIELDS, "train_rm")
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:

@@ -43,7 +43,6 @@ from absl import logging
 from flax import nnx
 
 from experiments import common
-from prefjax import configlib
 from prefjax import experiment
 from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
@@ -92,9 +91,7 @@ def _add_perplexity(workdir: str, result: train.TrainResult) -> None:
 
 def check_config(config: Any) -> None:
   """What ``run`` checks first, before the binary touches the workdir."""
-  configlib.check_fields("config.eval", config.eval, ("batch_size",),
-                         hint="is --config a train_sft config? the shipped ones are in "
-                         "configs/sft/")
+  experiment.check_eval_section(config, ("batch_size",), "train_sft")
 
 
 def run(config: Any, workdir: str) -> train.TrainResult:

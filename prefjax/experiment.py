@@ -462,6 +462,14 @@ def pipeline_config(data_cfg: Any, *, mesh: jax.sharding.Mesh | None = None,
   return pipeline_lib.PipelineConfig.from_mapping(fields)
 
 
+def check_eval_section(config: Any, fields: Sequence[str], binary: str) -> None:
+  """``config.eval`` holds only ``fields``; the error for a section of another binary's
+  config (its eval fields) says to check that ``--config`` is ``binary``'s."""
+  configlib.check_fields("config.eval", config.eval, fields,
+                         hint=f"is --config a {binary} config? the shipped ones are in "
+                         f"configs/{binary.removeprefix('train_')}/")
+
+
 def make_mesh(mesh_cfg: Any) -> jax.sharding.Mesh:
   """``config.mesh`` -> mesh; ``mesh.num_devices`` > 0 uses only the first that many devices.
   An empty ``mesh.shape`` is one device (per ensemble member), as for the binaries that
