@@ -24,7 +24,6 @@ import importlib
 import logging as std_logging
 import os
 import pathlib
-import re
 import signal
 import socket
 import sys
@@ -37,6 +36,7 @@ from ml_collections import config_flags
 import tensorflow_datasets as tfds
 
 from experiments import preemption
+from prefjax import cli
 from prefjax import compilation_cache
 from prefjax import configlib
 from prefjax import experiment
@@ -46,7 +46,6 @@ from prefjax import train
 from prefjax.train import summary as summary_lib
 
 FLAGS = flags.FLAGS
-VERBOSE_ERRORS_ENV = "PREFJAX_VERBOSE_ERRORS"
 # Errors a user can cause and fix (bad config values, data, paths): one short message.
 # Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError)
@@ -55,97 +54,13 @@ INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd comma
 RECORDS_ONLY = {summary_lib.RUNS_FILE, "logs", files.LOCK_FILE}
 
 
-class CheckedConfigFileParser(flags.ArgumentParser):
-  """Wraps the config-file parser of ml_collections: checks the file exists and every
-  ``--config.a.b`` override names a field.
-
-  ml_collections would fail on an unknown override with a chained traceback, and on a
-  missing file only when the config is first read (after the workdir exists); both
-  are one-line flag errors here.
-  """
-
-  def __init__(self, name: str, parser: flags.ArgumentParser):
-    self.name, self._parser = name, parser
-
-  def flag_type(self) -> str:
-    return self._parser.flag_type()
-
-  def parse(self, path):
-    filename = path.split(":", 1)[0]
-    if not os.path.isfile(filename):
-      raise configlib.ConfigError(f"config file {filename!r} not found (cwd {os.getcwd()})")
-    try:
-      config = self._parser.parse(path)
-    except (TypeError, ValueError) as e:  # get_config raised; ml_collections adds its trace.
-      raise configlib.ConfigError(
-          str(e) if verbose_errors() else str(e).strip().splitlines()[-1]) from e
-    for key in _override_keys(self.name):
-      configlib.check_key_path(config, key)
-    return config
-
-
-class NoneOrNumberParser(flags.ArgumentParser):
-  """An ``int``/``float`` override parser that also reads ``None``: ml_collections parses
-  ``--config.data.pipeline.num_epochs=None`` with ``int()``, so no field that a config
-  sets to a number could be set back to None from the command line. Which fields take
-  None is checked once the flags are parsed (:func:`_check_none_overrides`)."""
-
-  def __init__(self, parser: flags.ArgumentParser):
-    super().__init__()
-    self._parser = parser
-
-  def flag_type(self) -> str:
-    return f"{self._parser.flag_type()} or None"
-
-  def parse(self, argument):
-    if isinstance(argument, str) and argument.strip() == "None":
-      return None
-    return self._parser.parse(argument)
-
-
-def _accept_none_overrides() -> None:
-  for field_type, parser in ((int, flags.IntegerParser()), (float, flags.FloatParser())):
-    config_flags.register_flag_parser_for_type(field_type, NoneOrNumberParser(parser))
-
-
-def _check_none_overrides() -> None:
-  """``--config.a.b=None`` on a field that does not take None (a count, a rate) is one
-  line naming it, not a ``TypeError`` inside the run."""
-  for path, value in sorted(config_flags.get_override_values(FLAGS["config"]).items()):
-    if value is None and not configlib.may_be_none(FLAGS.config, path):
-      raise configlib.ConfigError(
-          f"--config.{path}=None: this field takes a number, not None (fields that take "
-          "None are the optional ones: a None default, or a type such as int | None)")
-
-
-def _override_keys(name: str) -> list[str]:
-  """The ``a.b`` of every ``--NAME.a.b[=value]`` on the command line (as ml_collections)."""
-  argv = FLAGS.read_flags_from_files(sys.argv, force_gnu=False)
-  pattern = re.compile(rf"-{{1,2}}(no)?{name}\.")
-  return [arg.split("=", 1)[0].split(".", 1)[1] for arg in argv if pattern.match(arg)]
-
-
-def verbose_errors() -> bool:
-  """``--verbose_errors`` (anywhere on the command line) or ``$PREFJAX_VERBOSE_ERRORS``."""
-  if os.environ.get(VERBOSE_ERRORS_ENV, "").strip().lower() not in compilation_cache.OFF:
-    return True
-  if "verbose_errors" in FLAGS and FLAGS["verbose_errors"].present:
-    return bool(FLAGS.verbose_errors)
-  return any(re.fullmatch(r"--verbose_errors(=(1|true|True))?", arg) for arg in sys.argv)
-
-
 def define_flags() -> None:
   """Defines ``--config``, ``--workdir``, ``--config_help`` and ``--verbose_errors``.
 
   They are key flags of the binary, so its ``--help`` lists them.
   """
   if "config" not in FLAGS:
-    _accept_none_overrides()
-    config_flags.DEFINE_config_file(
-        "config", None, "Config file, optionally with an argument: configs/x.py:quick. "
-        "Override fields with --config.a.b=value; --config_help lists them.",
-        lock_config=True)
-    FLAGS["config"].parser = CheckedConfigFileParser("config", FLAGS["config"].parser)
+    cli.define_config_flag("config")
   if "workdir" not in FLAGS:
     flags.DEFINE_string("workdir", None, "Output directory; rerunning with it resumes.")
   if "config_help" not in FLAGS:
@@ -153,7 +68,7 @@ def define_flags() -> None:
                       "Print every field of --config with its value and exit.")
   if "verbose_errors" not in FLAGS:
     flags.DEFINE_bool("verbose_errors", False, "Show the full traceback of an error "
-                      f"(also ${VERBOSE_ERRORS_ENV}=1).")
+                      f"(also ${cli.VERBOSE_ERRORS_ENV}=1).")
   if "imports" not in FLAGS:
     flags.DEFINE_list("imports", [], "Python modules to import before the run, e.g. yours "
                       "that register losses: --imports=my_pkg.losses (eval_rm's dpo: scorer "
@@ -246,13 +161,13 @@ def report_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any
     except (*USER_ERRORS, AttributeError) as e:
       if isinstance(e, (AttributeError, KeyError)):  # a ConfigDict's missing field
         e = configlib.missing_field_error(e) or e  # (an AttributeError otherwise is a bug)
-      if verbose_errors() or isinstance(e, AttributeError):
+      if cli.verbose_errors() or isinstance(e, AttributeError):
         raise
       logging.flush()
       sys.stderr.write(f"error: {_error_message(e)} [--verbose_errors shows the traceback]\n")
       sys.exit(1)
     except KeyboardInterrupt:  # in training, Ctrl-C saves and exits 75; this is outside it
-      if verbose_errors():
+      if cli.verbose_errors():
         raise
       logging.flush()
       sys.stderr.write("interrupted (Ctrl-C) outside training: nothing new to save; rerun "
@@ -269,7 +184,7 @@ def _check_command_line(argv: list[str]) -> None:
     raise configlib.ConfigError("--config is required, e.g. --config=configs/rm/tiny.py")
   if not FLAGS.workdir and not FLAGS.config_help:
     raise configlib.ConfigError("--workdir is required (rerunning with it resumes)")
-  _check_none_overrides()
+  cli.check_none_overrides("config")
 
 
 def imports_flag() -> str:

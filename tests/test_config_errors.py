@@ -117,13 +117,18 @@ def test_help_lists_the_binary_flags():
     assert flag in text, flag
 
 
-def test_config_help_lists_every_field_with_overrides_applied():
-  code, lines = run_binary("train_dpo", "--config=configs/dpo/tiny.py", "--config_help",
-                           "--config.loop.on_config_mismatch=error",
-                           "--config.data.pipeline.max_prompt_length=12",
-                           "--config.model.remat=attention")
+def config_help_fields(binary: str, config: str, *overrides: str) -> dict[str, str]:
+  """``--config_help``'s ``config.a.b = repr`` lines, overrides applied, as a dict."""
+  code, lines = run_binary(binary, f"--config={config}", "--config_help", *overrides)
   assert code == 0, "\n".join(lines)
-  fields = dict(line.split(" = ", 1) for line in lines)
+  return dict(line.split(" = ", 1) for line in lines)
+
+
+def test_config_help_lists_every_field_with_overrides_applied():
+  fields = config_help_fields("train_dpo", "configs/dpo/tiny.py",
+                              "--config.loop.on_config_mismatch=error",
+                              "--config.data.pipeline.max_prompt_length=12",
+                              "--config.model.remat=attention")
   assert fields["config.loop.on_config_mismatch"] == "'error'"
   assert fields["config.model.remat"] == "'attention'"
   assert fields["config.data.pipeline.max_prompt_length"] == "12"
@@ -139,13 +144,11 @@ def test_optional_fields_are_set_back_to_none_from_the_command_line():
   """ml_collections parsed ``=None`` with ``int()``: a config's ``max_prompt_length=48`` or
   the default ``pad_to_multiple=64`` could not be set back to None (max_length // 2; pad
   to the bucket length)."""
-  code, lines = run_binary("train_rm", "--config=configs/rm/pandalm_ties.py", "--config_help",
-                           "--config.data.pipeline.max_prompt_length=None",
-                           "--config.data.pipeline.pad_to_multiple=None",
-                           "--config.data.pipeline.num_epochs=3",
-                           "--config.loop.best_metric=eval/accuracy")
-  assert code == 0, "\n".join(lines)
-  fields = dict(line.split(" = ", 1) for line in lines)
+  fields = config_help_fields("train_rm", "configs/rm/pandalm_ties.py",
+                              "--config.data.pipeline.max_prompt_length=None",
+                              "--config.data.pipeline.pad_to_multiple=None",
+                              "--config.data.pipeline.num_epochs=3",
+                              "--config.loop.best_metric=eval/accuracy")
   assert fields["config.data.pipeline.max_prompt_length"] == "None"
   assert fields["config.data.pipeline.pad_to_multiple"] == "None"
   assert fields["config.data.pipeline.num_epochs"] == "3"  # a placeholder takes a number
@@ -240,11 +243,11 @@ def test_verbose_errors_keeps_the_traceback(tmp_path):
 
 def test_verbose_errors_from_the_environment_reads_off_words_as_off(monkeypatch):
   """PREFJAX_VERBOSE_ERRORS=false turned tracebacks on: only "" and "0" counted as off."""
-  from experiments import common  # pylint: disable=import-outside-toplevel
+  from prefjax import cli  # pylint: disable=import-outside-toplevel
   for word, on in (("false", False), (" No ", False), ("off", False), ("0", False),
                    ("1", True), ("true", True)):
     monkeypatch.setenv("PREFJAX_VERBOSE_ERRORS", word)
-    assert common.verbose_errors() is on, word
+    assert cli.verbose_errors() is on, word
 
 
 def test_bad_row_error_names_the_row_and_the_skip_flag(tmp_path, monkeypatch):
