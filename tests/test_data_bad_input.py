@@ -16,6 +16,9 @@ import pytest
 from prefjax import data as pdata
 
 GOOD = {"prompt": "Q", "chosen": " yes", "rejected": " no"}
+USER, ANSWER = {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}
+CHAT_GOOD = {"prompt": [USER], "chosen": [ANSWER],
+             "rejected": [{"role": "assistant", "content": "5"}]}
 HH_GOOD = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: bye"}
 
 
@@ -55,6 +58,33 @@ BAD_LINES = {
                        "misnamed_field"),
     # Kept in meta, it trained with outcome 1 where the row said 0.
     "misspelt_field": (_line({**GOOD, "outcom": 0}), "misnamed_field"),
+    # Chat messages (`chat_rows`).
+    "messages_beside_text": (_line({"prompt": [USER], "chosen": [ANSWER], "rejected": " no"}),
+                             "wrong_type"),
+    "message_without_content": (_line({**CHAT_GOOD, "chosen": [{"role": "assistant"}]}),
+                                "missing_field"),
+    "message_tool_role": (_line({**CHAT_GOOD, "chosen": [{"role": "tool", "content": "4"}]}),
+                          "bad_value"),
+    "message_extra_key": (_line({**CHAT_GOOD, "chosen": [{**ANSWER, "name": "bot"}]}),
+                          "bad_value"),
+    "message_content_parts": (_line({**CHAT_GOOD, "chosen": [
+        {"role": "assistant", "content": [{"type": "text", "text": "4"}]}]}), "wrong_type"),
+    "message_holds_a_turn_tag": (_line({**CHAT_GOOD, "chosen": [
+        {"role": "assistant", "content": "4\n\nHuman: and 3+3?"}]}), "bad_value"),
+    # The prompt, repeated with other text: not dropped as a repeat.
+    "reply_starts_with_the_user": (_line({**CHAT_GOOD, "chosen": [
+        {"role": "user", "content": "2 + 2?"}, ANSWER]}), "bad_value"),
+    "prompt_ends_with_the_assistant": (_line({**CHAT_GOOD, "prompt": [USER, ANSWER]}),
+                                       "bad_value"),
+    "system_message_after_the_first": (_line({**CHAT_GOOD, "prompt": [
+        USER, {"role": "system", "content": "Be brief."}, USER]}), "bad_value"),
+    "conversations_share_no_user_message": (_line({
+        "chosen": [USER, ANSWER], "rejected": [{"role": "user", "content": "3+3?"}, ANSWER]}),
+                                            "no_shared_prompt"),
+    "identical_conversations": (_line({"chosen": [USER, ANSWER], "rejected": [USER, ANSWER]}),
+                                "identical_responses"),
+    "empty_reply": (_line({**CHAT_GOOD, "rejected": [{"role": "assistant", "content": " "}]}),
+                    "empty_response"),
 }
 
 
@@ -101,6 +131,21 @@ def test_the_details_of_a_duplicate_key_a_misnamed_field_and_a_one_line_array(tm
                       (BAD_LINES["not_an_object"][0], "got list (a JSON array: JSONL holds")):
     with pytest.raises(pdata.BadRowError, match=re.escape(detail)):
       _load(_write_case(tmp_path, bad), tmp_path / f"cache{len(detail)}", "error")
+
+
+def test_the_details_of_bad_messages_name_the_message(tmp_path):
+  for case, detail in (
+      ("messages_beside_text", "field 'rejected' must be a list of messages, as another"),
+      ("message_tool_role", "chosen[0] has role 'tool'; roles are ['system', 'user', "),
+      ("message_extra_key", "chosen[0] has key(s) ['name']"),
+      ("message_content_parts", "chosen[0]'s content must be a string, got list (content "
+                                "parts are not read"),
+      ("message_holds_a_turn_tag", "chosen[0]'s content holds the turn tag '\\n\\nHuman:'"),
+      ("reply_starts_with_the_user", "chosen's reply starts with a 'user' message"),
+      ("prompt_ends_with_the_assistant", "the prompt ends with a 'assistant' message"),
+      ("system_message_after_the_first", "the prompt's message 1 is a system message")):
+    with pytest.raises(pdata.BadRowError, match=re.escape(detail)):
+      _load(_write_case(tmp_path, BAD_LINES[case][0]), tmp_path / "cache", "error")
 
 
 def test_a_prompt_ending_in_a_space_is_built_with_a_note(tmp_path):

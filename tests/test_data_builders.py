@@ -266,6 +266,45 @@ def test_jsonl_layouts_weights_and_meta(tmp_path, cache_dir):
   assert source.summary.rows_read == 2
 
 
+CHAT_ROWS = [
+    # Explicit prompt, with a system message.
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+     "chosen": [{"role": "assistant", "content": "4"}],
+     "rejected": [{"role": "assistant", "content": "5"}], "weight": 2.0},
+    # Implicit prompt: the conversations share two turns, then their answers differ.
+    {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}],
+     "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                  {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "7"}]},
+    # UltraFeedback-binarized: a string prompt, conversations that repeat it, scores.
+    {"prompt": "Name a colour.", "score_chosen": 8.0, "score_rejected": 3.0,
+     "chosen": [{"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "Blue."}],
+     "rejected": [{"role": "user", "content": "Name a colour."},
+                  {"role": "assistant", "content": "A dog."}]},
+    # Conversations that diverge at the first answer: a multi-turn chosen reply.
+    {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"},
+                {"role": "user", "content": "ok"}, {"role": "assistant", "content": "bye"}],
+     "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go"}]},
+]
+
+
+def test_jsonl_chat_messages_are_stored_as_transcripts(tmp_path, cache_dir):
+  path = tmp_path / "chat.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in CHAT_ROWS) + "\n", encoding="utf-8")
+  source = pdata.load_preferences(f"jsonl:{path}", "train", data_dir=cache_dir)
+  texts = [(row["prompt"], row["chosen"], row["rejected"]) for row in source]
+  assert texts == [
+      ("\n\nSystem: Be brief.\n\nHuman: 2+2?\n\nAssistant:", " 4", " 5"),
+      ("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 3+3?\n\nAssistant:", " 6", " 7"),
+      ("\n\nHuman: Name a colour.\n\nAssistant:", " Blue.", " A dog."),
+      ("\n\nHuman: hi\n\nAssistant:", " hey\n\nHuman: ok\n\nAssistant: bye", " go")]
+  assert source[0]["weight"] == 2.0
+  assert source[2]["meta"] == {"score_chosen": 8.0, "score_rejected": 3.0}
+  assert source[3]["meta"] == {"multi_turn_response": True}
+  assert {n.reason for n in source.summary.notes} == {"label_like_field", "multi_turn_response"}
+
+
 def test_jsonl_changed_content_rebuilds(tmp_path, cache_dir):
   path = tmp_path / "evolving.jsonl"
   row = {"prompt": "p", "chosen": " yes", "rejected": " no"}

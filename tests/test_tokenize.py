@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from prefjax.data import tokenize
+from prefjax.data.tfds_builders import rows
 
 TEXTS = [
     "Hello world! How are you doing today?",
@@ -300,6 +301,22 @@ def test_chat_prompt_uses_template_with_generation_prompt(smollm):
   assert response == smollm.encode("Sure, here is one.") + [smollm.eos_id]
   already = tokenize.encode_response("Sure.<|im_end|>", smollm, style="chat")
   assert already.count(smollm.eos_id) == 1 and already[-1] == smollm.eos_id
+
+
+def test_chat_rows_meet_the_template_as_the_messages_they_were_given_as(smollm):
+  """A row given as chat messages is stored as an HH transcript; in ``chat`` style the
+  tokenizer's template must see the messages themselves again."""
+  prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"}]
+  row = rows.parse_preference_object(
+      {"prompt": prompt, "chosen": [{"role": "assistant", "content": "4, surely."}],
+       "rejected": [{"role": "assistant", "content": " 5\n"}]})
+  assert tokenize.parse_hh_transcript(row.prompt) == prompt
+  assert tokenize.format_prompt(row.prompt, smollm, style="chat") == (
+      smollm.apply_chat_template(prompt, add_generation_prompt=True))
+  for reply, content in ((row.chosen, "4, surely."), (row.rejected, "5")):
+    assert tokenize.encode_response(reply, smollm, style="chat") == (
+        smollm.encode(content) + [smollm.eos_id])
 
 
 def _retemplated(smollm, template, eos="<|endoftext|>"):

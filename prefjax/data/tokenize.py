@@ -433,7 +433,8 @@ def parse_hh_transcript(text: str) -> list[dict[str, str]]:
   role (4 of HH harmless-base's 2,312 test prompts) become one message, joined by a
   blank line, because chat templates such as Llama-2's and Mistral's refuse roles
   that do not alternate. Text without any turn marker becomes one user message;
-  text before the first marker becomes a system message.
+  text before the first marker becomes a system message (without the ``"System:"`` tag
+  `render_hh_transcript` writes before it).
   """
   if not isinstance(text, str):
     raise TypeError(f"transcript must be str, got {type(text).__name__}")
@@ -443,7 +444,7 @@ def parse_hh_transcript(text: str) -> list[dict[str, str]]:
   messages = []
   head = text[:matches[0].start()].strip()
   if head:
-    messages.append({"role": "system", "content": head})
+    messages.append({"role": "system", "content": head.removeprefix("System:").strip()})
   for m, nxt in zip(matches, matches[1:] + [None]):
     end = nxt.start() if nxt is not None else len(text)
     role, content = _ROLES[m.group(1)], text[m.end():end].strip()
@@ -458,7 +459,8 @@ def parse_hh_transcript(text: str) -> list[dict[str, str]]:
 
 def render_hh_transcript(messages: Sequence[dict[str, str]], *,
                          add_generation_prompt: bool = True) -> str:
-  """Inverse of ``parse_hh_transcript`` for user/assistant turns (HH layout)."""
+  """Inverse of ``parse_hh_transcript`` (HH layout; a system message only first, and no
+  two messages of one role in a row)."""
   names = {"user": "Human", "assistant": "Assistant", "system": "System"}
   out = "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in messages)
   return out + ("\n\nAssistant:" if add_generation_prompt else "")

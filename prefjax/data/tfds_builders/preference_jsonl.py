@@ -1,15 +1,17 @@
 """Your own preference data: a JSONL file, the documented way to bring new data.
 
 Load it with ``load_preferences("jsonl:/path/to/file.jsonl", "train")``. One JSON
-object per line (``.jsonl`` or ``.jsonl.gz``), in either layout:
+object per line (``.jsonl`` or ``.jsonl.gz``), in any of three layouts:
 
   {"prompt": "...", "chosen": " response A", "rejected": " response B"}
   {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: A", "rejected": "\\n\\nHuman: ...\\n\\nAssistant: B"}
+  {"prompt": [{"role": "user", "content": "..."}], "chosen": [{"role": "assistant", ...}], ...}
 
 The second layout (full transcripts) is split like HH-RLHF, at the last
-"\\n\\nAssistant:" both share. Optional per row: ``weight`` (>= 0, default 1),
-``outcome`` in [0, 1] (default 1 = chosen preferred, 0.5 = tie) and ``meta`` (an
-object); any other key is kept in ``meta``. Bad rows are reported by line (see
+"\\n\\nAssistant:" both share; the third (chat messages, TRL's conversational format, with
+an explicit or implicit prompt) is stored in that transcript layout (`chat_rows`).
+Optional per row: ``weight`` (>= 0, default 1), ``outcome`` in [0, 1] (default 1 = chosen
+preferred, 0.5 = tie) and ``meta`` (an object); any other key is kept in ``meta``. Bad rows are reported by line (see
 `rows` for the reasons).
 
 The whole file is one split, ``train``, plus the conversation-hash ``resplit_*``
@@ -60,6 +62,10 @@ class PreferenceJsonl(base.PreferenceBuilder, skip_registration=True):
 
   name = "preference_jsonl"
   DESCRIPTION = __doc__
+  VERSION = tfds.core.Version("1.4.0")
+  RELEASE_NOTES = {**base.PreferenceBuilder.RELEASE_NOTES,
+                   "1.4.0": "Rows whose fields are lists of chat messages (`chat_rows`), which "
+                            "were wrong_type rows before."}
 
   def _official_splits(self, dl_manager: tfds.download.DownloadManager
                        ) -> dict[str, list[pathlib.Path]]:

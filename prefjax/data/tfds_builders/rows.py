@@ -45,6 +45,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from prefjax.data.tfds_builders import chat_rows  # imports this module back: used in calls only
+
 ASSISTANT_TAG = "\n\nAssistant:"
 HUMAN_TAG = "\n\nHuman:"
 
@@ -191,10 +193,11 @@ def parse_preference_object(obj: Any, *, layout: str = "auto",
                             allow_empty: bool = False) -> PreferenceRow:
   """Validates one raw JSON row.
 
-  Two layouts: ``"prompt"`` = {"prompt", "chosen", "rejected"} with responses
+  Three layouts: ``"prompt"`` = {"prompt", "chosen", "rejected"} with responses
   only; ``"transcripts"`` = {"chosen", "rejected"} full dialogue transcripts
-  split like HH-RLHF by `split_transcript`; ``"auto"`` picks "prompt" when the
-  row has a prompt field. Optional: ``weight`` (>= 0,
+  split like HH-RLHF by `split_transcript`; ``"messages"`` = fields given as lists of
+  chat messages (`chat_rows`); ``"auto"`` picks "messages" when a field is a list, else
+  "prompt" when the row has a prompt field. Optional: ``weight`` (>= 0,
   default 1), ``outcome`` in [0, 1] (default 1 = chosen preferred; 0.5 = tie),
   ``meta`` (an object); ``null`` counts as absent. Any other key is kept in
   ``meta`` under its own name. A prompt that ends in whitespace before a response
@@ -206,10 +209,10 @@ def parse_preference_object(obj: Any, *, layout: str = "auto",
     raise RowError("not_an_object",
                    f"expected a JSON object, got {type(obj).__name__}{hint}")
   _check_field_names(obj)
-  if layout not in ("auto", "prompt", "transcripts"):
-    raise ValueError(f"unknown layout {layout!r}")
-  prompt_layout = layout == "prompt" or (layout == "auto" and "prompt" in obj)
-  if prompt_layout:
+  layout = _row_layout(obj, layout)
+  if layout == "messages":
+    prompt, chosen, rejected = chat_rows.split_messages(obj)
+  elif layout == "prompt":
     prompt = _text_field(obj, "prompt")
     chosen = _text_field(obj, "chosen")
     rejected = _text_field(obj, "rejected")
@@ -223,8 +226,7 @@ def parse_preference_object(obj: Any, *, layout: str = "auto",
   notes = note_empty(meta, empty)
   if any(tag in text for tag in (HUMAN_TAG, ASSISTANT_TAG) for text in (chosen, rejected)):
     meta["multi_turn_response"] = True
-    notes += (("multi_turn_response", "a response holds a Human/Assistant turn tag"
-               if prompt_layout else "transcripts diverge before the last assistant turn"),)
+    notes += (("multi_turn_response", _MULTI_TURN[layout]),)
   if labels := sorted(k for k in obj if k.lower() in _LABEL_LIKE_FIELDS):
     notes += (("label_like_field", f"field(s) {labels} look like a preference label, but "
                "only 'outcome' (P(chosen preferred), default 1) is read; kept in meta"),)
@@ -232,6 +234,24 @@ def parse_preference_object(obj: Any, *, layout: str = "auto",
     notes += (("space_at_prompt_end", "the prompt ends in whitespace and a response starts "
                "without it; move the space into the responses (\"Answer:\" + \" Paris\")"),)
   return PreferenceRow(prompt, chosen, rejected, outcome, weight, meta, notes)
+
+
+LAYOUTS = ("auto", "prompt", "transcripts", "messages")
+_MULTI_TURN = {
+    "prompt": "a response holds a Human/Assistant turn tag",
+    "transcripts": "transcripts diverge before the last assistant turn",
+    "messages": "a reply holds more than one message (the conversations diverge before "
+                "the last assistant message)"}
+
+
+def _row_layout(obj: Mapping[str, Any], layout: str) -> str:
+  if layout not in LAYOUTS:
+    raise ValueError(f"unknown layout {layout!r}; layouts are {list(LAYOUTS)}")
+  if layout != "auto":
+    return layout
+  if chat_rows.has_messages(obj):
+    return "messages"
+  return "prompt" if "prompt" in obj else "transcripts"
 
 
 _KNOWN_FIELDS = ("prompt", "chosen", "rejected", "weight", "outcome", "meta")
