@@ -17,6 +17,7 @@ from prefjax import data as pdata
 
 GOOD = {"prompt": "Q", "chosen": " yes", "rejected": " no"}
 USER, ANSWER = {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}
+SYSTEM = {"role": "system", "content": "Be brief."}
 CHAT_GOOD = {"prompt": [USER], "chosen": [ANSWER],
              "rejected": [{"role": "assistant", "content": "5"}]}
 HH_GOOD = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: bye"}
@@ -81,6 +82,15 @@ BAD_LINES = {
     "conversations_share_no_user_message": (_line({
         "chosen": [USER, ANSWER], "rejected": [{"role": "user", "content": "3+3?"}, ANSWER]}),
                                             "no_shared_prompt"),
+    # A conversation cut short: trained on, the reply would teach the user's turn.
+    "reply_ends_with_the_user": (_line({**CHAT_GOOD, "chosen": [
+        ANSWER, {"role": "user", "content": "and 3+3?"}]}), "bad_value"),
+    "conversations_share_only_a_system_message": (_line({
+        "chosen": [SYSTEM, USER, ANSWER],
+        "rejected": [SYSTEM, {"role": "user", "content": "3+3?"}, ANSWER]}), "no_shared_prompt"),
+    "conversations_diverge_at_a_user_message": (_line({
+        "chosen": [USER, USER, ANSWER],
+        "rejected": [USER, {"role": "user", "content": "3+3?"}, ANSWER]}), "no_shared_prompt"),
     "identical_conversations": (_line({"chosen": [USER, ANSWER], "rejected": [USER, ANSWER]}),
                                 "identical_responses"),
     "empty_reply": (_line({**CHAT_GOOD, "rejected": [{"role": "assistant", "content": " "}]}),
@@ -142,8 +152,10 @@ def test_the_details_of_bad_messages_name_the_message(tmp_path):
                                 "parts are not read"),
       ("message_holds_a_turn_tag", "chosen[0]'s content holds the turn tag '\\n\\nHuman:'"),
       ("reply_starts_with_the_user", "chosen's reply starts with a 'user' message"),
-      ("prompt_ends_with_the_assistant", "the prompt ends with a 'assistant' message"),
-      ("system_message_after_the_first", "the prompt's message 1 is a system message")):
+      ("prompt_ends_with_the_assistant", "the prompt ends with an 'assistant' message"),
+      ("system_message_after_the_first", "prompt[1] is a system message"),
+      ("reply_ends_with_the_user", "chosen's reply ends with a 'user' message"),
+      ("conversations_share_only_a_system_message", "share no opening user message")):
     with pytest.raises(pdata.BadRowError, match=re.escape(detail)):
       _load(_write_case(tmp_path, BAD_LINES[case][0]), tmp_path / "cache", "error")
 

@@ -50,14 +50,15 @@ def split_messages(obj: Mapping[str, Any]) -> tuple[str, str, str]:
       opening user message.
   """
   chosen, rejected = (_messages(obj, field) for field in ("chosen", "rejected"))
-  if obj.get("prompt") is not None:
+  explicit = obj.get("prompt") is not None
+  if explicit:
     prompt = _prompt_messages(obj["prompt"])
     chosen, rejected = _after(prompt, chosen), _after(prompt, rejected)
   else:
     if chosen == rejected:
       raise rows_lib.RowError("identical_responses", "chosen and rejected messages are identical")
     shared = _shared_prefix_length(chosen, rejected)
-    while shared and chosen[shared - 1]["role"] == "assistant":  # replies start at an answer
+    while shared and chosen[shared - 1]["role"] != "user":  # replies start at an answer
       shared -= 1
     if not shared:
       raise rows_lib.RowError(
@@ -66,7 +67,7 @@ def split_messages(obj: Mapping[str, Any]) -> tuple[str, str, str]:
     prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
   _check_prompt(prompt)
   for field, reply in (("chosen", chosen), ("rejected", rejected)):
-    _check_reply(field, reply)
+    _check_reply(field, reply, explicit=explicit)
   return (_render(prompt, add_generation_prompt=True), _reply_text(chosen),
           _reply_text(rejected))
 
@@ -131,24 +132,35 @@ def _shared_prefix_length(a: list[Any], b: list[Any]) -> int:
 
 def _check_prompt(prompt: list[dict[str, str]]) -> None:
   if not prompt or prompt[-1]["role"] != "user":
-    last = f"ends with a {prompt[-1]['role']!r} message" if prompt else "is empty"
+    last = f"ends with {_a(prompt[-1]['role'])} message" if prompt else "is empty"
     raise rows_lib.RowError("bad_value", f"the prompt {last}; it must end with the user "
                                          "message the replies answer")
   for i, message in enumerate(prompt[1:], start=1):
     if message["role"] == "system":
-      raise rows_lib.RowError("bad_value", f"the prompt's message {i} is a system message; "
-                                           "only the first may be")
+      raise rows_lib.RowError("bad_value", f"prompt[{i}] is a system message; only the first "
+                                           "message may be")
 
 
-def _check_reply(field: str, reply: list[dict[str, str]]) -> None:
+def _check_reply(field: str, reply: list[dict[str, str]], *, explicit: bool) -> None:
   if not reply:
     raise rows_lib.RowError("empty_response", f"{field} holds no reply after the prompt")
+  if reply[0]["role"] != "assistant" and not explicit:
+    raise rows_lib.RowError("no_shared_prompt", "chosen and rejected diverge at a user "
+                                                "message, so their prompts disagree")
   if reply[0]["role"] != "assistant":
-    raise rows_lib.RowError(
-        "bad_value", f"{field}'s reply starts with a {reply[0]['role']!r} message, not the "
-        "assistant's (are the prompt's messages repeated there with other text?)")
+    raise rows_lib.RowError("bad_value", f"{field}'s reply starts with {_a(reply[0]['role'])} "
+                                         "message, not the assistant's (are the prompt's "
+                                         "messages repeated there with other text?)")
+  if reply[-1]["role"] != "assistant":
+    raise rows_lib.RowError("bad_value", f"{field}'s reply ends with {_a(reply[-1]['role'])} "
+                                         "message, not the assistant's (a conversation cut "
+                                         "short? trained on, it would teach the user's turn)")
   if any(message["role"] == "system" for message in reply):
     raise rows_lib.RowError("bad_value", f"{field}'s reply holds a system message")
+
+
+def _a(role: str) -> str:
+  return f"{'an' if role == 'assistant' else 'a'} {role!r}"
 
 
 def _render(messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
