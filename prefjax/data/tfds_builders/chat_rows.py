@@ -19,10 +19,11 @@ Rows are stored in the HH transcript layout every other dataset uses (``"\\n\\nH
 \\n\\nAssistant:"`` and responses ``" 4"``, a leading system message before the first turn as
 ``"System: ..."``), which ``prompt_style="chat"`` turns back into these messages and renders
 through the tokenizer's chat template (`prefjax.data.tokenize.parse_hh_transcript`). A reply
-of several messages is kept as a multi-turn response, as HH's are. Content that the layout
-cannot hold (a turn tag such as ``"\\n\\nHuman:"`` inside a message), other roles (``tool``),
-other message keys (``name``, ``tool_calls``) and content given as a list of parts are bad
-rows, never dropped silently.
+of several messages is kept as a multi-turn response, as HH's are; one that ends with a user
+message (a conversation cut short) is a bad row. Content that the layout cannot hold (a turn
+tag such as ``"\\n\\nHuman:"`` inside a message), other roles (``tool``), other message keys
+(``name``, ``tool_calls``) and content given as a list of parts are bad rows too, never
+dropped silently.
 """
 
 from __future__ import annotations
