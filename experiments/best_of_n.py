@@ -66,10 +66,11 @@ _CURVE_ONLY = ("num_points", "num_bootstrap")
 def check_config(config: Any, *, warn: bool = True) -> None:
   """One-line errors, before any sampling, for settings best-of-n cannot measure
   (``warn``: also log what it measures against another reference)."""
-  for field, low in (("num_samples", 2), ("prompts_per_batch", 1), ("num_points", 1),
+  for field, low in (("num_samples", 2), ("prompts_per_batch", 1), ("num_points", 2),
                      ("num_bootstrap", 2)):
     if int(config.bon[field]) < low:
       raise ValueError(f"bon.{field}={config.bon[field]} must be >= {low}")
+  setup.check_sections(config)
   s = config.sampling
   if not float(s.temperature) > 0 or s.get("top_k") == 1:
     raise ValueError(f"sampling.temperature={s.temperature}, top_k={s.get('top_k')} draws the "

@@ -181,6 +181,10 @@ def _check_kl_positions(policy: nnx.Module, max_length: int, config: Any) -> Non
 def check_config(config: Any) -> None:
   """What ``run`` checks first, before the binary touches the workdir."""
   experiment.check_eval_section(config, EVAL_FIELDS, "train_dpo")
+  new_tokens = config.eval.get("kl_max_new_tokens")
+  if new_tokens is not None and int(new_tokens) < 0:
+    raise ValueError(f"eval.kl_max_new_tokens={new_tokens} must be >= 0 (0 or None: no KL "
+                     "eval)")
 
 
 def run(config: Any, workdir: str) -> train.TrainResult:
@@ -190,6 +194,10 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   configlib.check_fields("config.ref", config.get("ref"), REF_FIELDS)
   with summary_lib.naming_recorded_imports(workdir):
     loss = loss_lib.DirectLoss.from_config(config)
+  if not loss.needs_reference and config.ref.get("path"):
+    logging.warning("ref.path=%s is not read: %r runs with ref.mode='none' (set ref.mode="
+                    "'online' to measure the eval KL to that reference)", config.ref.path,
+                    loss.name)
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   mesh = experiment.make_optional_mesh(config)
   train_source = experiment.load_split(config.data, config.data.train_split)

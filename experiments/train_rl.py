@@ -150,6 +150,7 @@ def check_config(config: Any) -> None:
   experiment.check_eval_section(config, EVAL_FIELDS, "train_rl")
   hp = algorithms.HParams.from_config(config.rl, warn=False)
   check_sampling(config)
+  setup.check_sections(config)
   algorithms.check_group_size(hp.algorithm, int(config.rl.group_size))
 
 
@@ -161,8 +162,13 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
   experiment.check_eval_section(config, EVAL_FIELDS, "train_rl")
   hp = algorithms.HParams.from_config(config.rl)
   check_sampling(config)
+  setup.check_sections(config)
   group_size = algorithms.check_group_size(hp.algorithm, int(config.rl.group_size))
   mesh = experiment.make_optional_mesh(config)
+  if mesh is not None:
+    trainer.check_minibatches(int(config.rl.prompts_per_step) * group_size,
+                              int(config.rl.get("num_minibatches", 1)),
+                              train.data_parallel_size(mesh))
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   world = setup.make_world(config)
   report_hooks: list = []  # the dataset prompts' data_report.json, once the loop accepts

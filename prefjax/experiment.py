@@ -468,6 +468,8 @@ def check_eval_section(config: Any, fields: Sequence[str], binary: str) -> None:
   configlib.check_fields("config.eval", config.eval, fields,
                          hint=f"is --config a {binary} config? the shipped ones are in "
                          f"configs/{binary.removeprefix('train_')}/")
+  if "batch_size" in config.eval and int(config.eval.batch_size) < 1:
+    raise ValueError(f"eval.batch_size={config.eval.batch_size} must be >= 1")
 
 
 def make_mesh(mesh_cfg: Any) -> jax.sharding.Mesh:

@@ -155,6 +155,10 @@ def test_samples_are_redrawn_when_the_proxy_model_trained_on(tmp_path):
     ("bon.num_samples", 1, r"bon.num_samples=1 must be >= 2"),
     ("bon.num_bootstrap", 1, r"bon.num_bootstrap=1 must be >= 2"),
     ("bon.prompts_per_batch", 0, r"bon.prompts_per_batch=0 must be >= 1"),
+    ("bon.num_points", 1, r"bon.num_points=1 must be >= 2"),  # one point, at n = 1
+    ("sampling.top_p", 1.5, r"sampling.top_p=1.5 must be in \(0, 1\]"),
+    ("sampling.max_new_tokens", 0, r"sampling.max_new_tokens=0 must be >= 1"),
+    ("warm_start.batch_size", 0, r"warm_start.batch_size=0 must be >= 1"),
 ])
 def test_settings_best_of_n_cannot_measure_stop_before_sampling(tmp_path, field, value, match):
   config = tiny.get_config("quick")

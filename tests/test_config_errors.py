@@ -204,6 +204,9 @@ def test_unknown_direct_loss_lists_every_registered_loss(tmp_path):
     # Refused after creating the workdir's logs and records:
     ("train_rl", "--config.rl.algorithm=grpo", "rl.algorithm='grpo' is not one of ('ppo', "),
     ("best_of_n", "--config.bon.num_samples=1", "bon.num_samples=1 must be >= 2"),
+    # Refused at the first eval, after training, naming no field:
+    ("train_dpo", "--config.eval.kl_max_new_tokens=-1", "eval.kl_max_new_tokens=-1 must be >= 0"),
+    ("train_rm", "--config.eval.batch_size=0", "eval.batch_size=0 must be >= 1"),
 ])
 def test_a_bad_loop_or_optimizer_setting_fails_before_the_workdir(binary, override, message,
                                                                  tmp_path):

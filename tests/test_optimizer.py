@@ -107,6 +107,14 @@ def test_a_schedule_that_ends_before_the_run_is_named(decay, caplog):
   assert "200 of this run's 1200 optimizer updates have learning rate 0" in caplog.text
 
 
+def test_a_zero_learning_rate_is_named_as_such(caplog):
+  schedule = train.make_schedule({"learning_rate": 0.0, "schedule": "cosine",
+                                  "warmup_steps": 2, "total_steps": 100})
+  assert train.schedules.updates_at_zero_rate(schedule, 100) == 99
+  assert "the learning rate is 0 at every one of this run's 100 optimizer updates" in caplog.text
+  assert "schedule ends" not in caplog.text
+
+
 def test_a_long_cosine_that_ends_with_the_run_is_not_named(caplog):
   """Its last few updates fall below ZERO_RATE·peak (2000 updates: 1; 5000: 3), where
   float32 cannot tell them from 0; the run is not longer than the schedule."""

@@ -342,6 +342,14 @@ def test_direct_loss_rejects_bad_settings():
     with pytest.raises(ValueError, match=rf"loss '{name}' with beta=0.1, config.loss.kwargs "
                                          rf"\{{'label_smoothing': {eps}\}}: label_smoothing"):
       loss_lib.DirectLoss(name=name, loss_kwargs={"label_smoothing": eps})
+  # In range for a pair's soft label, but as one ε for every pair 0.5 leaves no preference
+  # (held-out accuracy 0.49) and 1 teaches the rejected side (0.32).
+  for eps in (0.5, 1.0):
+    with pytest.raises(ValueError, match=rf"config.loss.kwargs label_smoothing={eps} must be "
+                                         r"in \[0, 0.5\)"):
+      loss_lib.DirectLoss(name="dpo", loss_kwargs={"label_smoothing": eps})
+  with pytest.raises(ValueError, match=r"'simpo' is reference-free: ref.mode='cached'"):
+    loss_lib.DirectLoss(name="simpo", ref_mode="cached")
   for beta in (-0.1, float("nan")):
     with pytest.raises(ValueError, match=rf"beta={beta} for 'dpo': must be a number >= 0"):
       loss_lib.DirectLoss(name="dpo", beta=beta)

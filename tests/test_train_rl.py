@@ -390,7 +390,16 @@ def test_bad_inputs_raise_named_errors():
     ("adaptive_kl.target", -1.0, r"rl.adaptive_kl.target=-1.0 must be > 0"),
     ("rl.clip_eps", 0.0, r"rl.clip_eps=0.0 must be > 0"),
     ("rl.vf_coef", -0.1, r"rl.vf_coef=-0.1 must be >= 0"),
-    ("rl.prompts_per_step", 0, r"rl.prompts_per_step=0 must be >= 1")])
+    ("rl.prompts_per_step", 0, r"rl.prompts_per_step=0 must be >= 1"),
+    # Each was silently dropped, or failed later naming no field.
+    ("rl.entropy_coef", -0.5, r"rl.entropy_coef=-0.5 must be >= 0"),
+    ("rl.vf_clip_eps", -1.0, r"rl.vf_clip_eps=-1.0 must be >= 0"),
+    ("warm_start.learning_rate", -1.0, r"warm_start.learning_rate=-1.0 must be > 0"),
+    ("warm_start.batch_size", 0, r"warm_start.batch_size=0 must be >= 1"),
+    ("prompts.max_length", 0, r"prompts.max_length=0 must be >= 1"),
+    ("prompts.num_eval", 0, r"prompts.num_eval=0 must be >= 1"),
+    ("sampling.max_new_tokens", 0, r"sampling.max_new_tokens=0 must be >= 1"),
+    ("proxy.reference_prompts", 0, r"proxy.reference_prompts=0 must be >= 1")])
 def test_settings_that_would_bias_the_run_stop_it_before_the_warm_start(
     tmp_path, field, value, message, monkeypatch):
   """temperature 0.5 trained on tempered samples scored by the untempered policy (k1 KL 11.9
@@ -464,6 +473,19 @@ def test_mesh_2x2x2_matches_single_device(ppo_run, scratch):
   for name in ("eval/proxy", "eval/gold", "eval/kl/exact", "eval/entropy"):
     assert mesh[0][name] == pytest.approx(single[0][name], rel=1e-5, abs=1e-6), name
   assert single[1]["grad_norm"] > 0.01 and single[1]["value_loss"] > 0.01
+
+
+def test_minibatches_that_do_not_split_over_the_mesh_stop_the_run_first(tmp_path, monkeypatch):
+  """The sharding error came after the warm start and the first eval, and spoke of a batch
+  size and accum_steps, which an RL config does not have."""
+  config = _one_step_config((-1, 1, 1))  # 8 data-parallel devices
+  config.rl.prompts_per_step = 6
+  monkeypatch.setattr(train_rl.setup, "maybe_warm_start",
+                      lambda *a: pytest.fail("the check must come first"))
+  with pytest.raises(ValueError, match=r"the 6 sequences of a minibatch .* do not split over "
+                                       r"the mesh's 8 data-parallel devices: make "
+                                       r"rl.prompts_per_step x rl.group_size a multiple of 8"):
+    train_rl.run(config, str(tmp_path))
 
 
 def test_summary_of_evals_whose_proxy_went_nan(tmp_path):

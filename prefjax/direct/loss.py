@@ -57,6 +57,7 @@ from prefjax import configlib
 from prefjax.losses import direct as direct_losses
 from prefjax.losses import registry
 from prefjax.losses import unpaired as unpaired_losses
+from prefjax.losses._common import check_config_label_smoothing
 from prefjax.losses._common import soft_label_smoothing
 from prefjax.models import sampling
 from prefjax.models import segments as seg
@@ -110,6 +111,8 @@ class DirectLoss:
       raise ValueError(f"nll_alpha={self.alpha} for {spec.name!r}: must be a number >= 0 "
                        "(a negative weight trains the chosen responses' likelihood down)")
     _check_values(spec, float(self.beta), kwargs)
+    check_config_label_smoothing("config.loss.kwargs label_smoothing",
+                                 kwargs.get("label_smoothing"))
     if float(self.beta) == 0.0 and float(self.alpha) == 0.0 and _scales_by_beta(spec):
       raise ValueError(f"beta=0 for {spec.name!r}: its loss is then constant and nothing "
                        "trains (it scales the log-ratios by beta); give beta > 0, or "
@@ -120,6 +123,10 @@ class DirectLoss:
       object.__setattr__(self, "ref_mode", mode)
     if mode not in REF_MODES:
       raise ValueError(f"ref_mode must be 'auto' or one of {REF_MODES}, got {mode!r}")
+    if spec.reference_free and mode == "cached":
+      raise ValueError(f"{spec.name!r} is reference-free: ref.mode='cached' would score every "
+                       "example with a reference its loss never reads; use 'none' (or "
+                       "'auto'), or 'online' to measure the eval KL to the reference")
     if self.layout not in LAYOUTS:
       raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
     if self.layout == "packed" and not self.num_segments:

@@ -75,6 +75,15 @@ def check_static_range(name: str, value: ArrayLike, low: float, high: float,
     raise ValueError(f"{name}={value} is outside {lo}{low}, {high}{hi}")
 
 
+def check_config_label_smoothing(where: str, value: Any) -> None:
+  """A run-wide ε (a config's, not a pair's soft label 1 − p) must lie in [0, 0.5): at 0.5
+  no preference is left, and above it every pair teaches its rejected side."""
+  if isinstance(value, numbers.Real) and not 0.0 <= value < 0.5:
+    raise ValueError(f"{where}={value} must be in [0, 0.5): ε is the rate at which labels "
+                     "are taken as flipped, so at 0.5 no preference is left and above it the "
+                     "rejected side is taught (a pair's own soft label is its outcome)")
+
+
 def smoothed_logistic(z: Array, label_smoothing: ArrayLike) -> Array:
   """−(1−ε)·logσ(z) − ε·logσ(−z): the logistic loss with labels flipped at rate ε."""
   eps = as_float(label_smoothing)

@@ -78,7 +78,7 @@ class PairReward:
     """``fn`` when it is an ensemble (an error naming the reward otherwise)."""
     if not isinstance(self.fn, reward_fns.EnsembleReward):
       raise ValueError(f"reward {self.name!r} is not an ensemble: it has no members to "
-                       "aggregate (set model.head='reward_ensemble:K')")
+                       "aggregate (a model.head='reward_ensemble:K' with K >= 2 has)")
     return self.fn
 
   def members(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:

@@ -16,6 +16,7 @@ the policy before RL (``standardized_proxy``).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable
 
@@ -37,6 +38,41 @@ from prefjax.rl import warm_start as warm_start_lib
 from prefjax.train import summary as summary_lib
 
 PromptSampler = Callable[[int, int], rollout_lib.Prompts]  # (step, count) -> prompts
+
+
+def check_sections(config: Any) -> None:
+  """One-line errors for the sections ``train_rl`` and ``best_of_n`` share, before a model
+  is built (each would otherwise fail deep in sampling or the warm start, naming no field,
+  or train on: a negative warm-start rate makes a broken policy the frozen reference)."""
+  for field in ("prompts.max_length", "prompts.num_eval", "sampling.max_new_tokens"):
+    section, key = field.split(".")
+    if key in config[section] and int(config[section][key]) < 1:
+      raise ValueError(f"{field}={config[section][key]} must be >= 1")
+  top_k, top_p = config.sampling.get("top_k"), config.sampling.get("top_p")
+  if top_k is not None and int(top_k) < 1:
+    raise ValueError(f"sampling.top_k={top_k} must be >= 1 (None samples the whole vocabulary)")
+  if top_p is not None and not 0.0 < float(top_p) <= 1.0:
+    raise ValueError(f"sampling.top_p={top_p} must be in (0, 1] (None keeps every token)")
+  warm = config.get("warm_start")
+  if warm and int(warm.steps) > 0:
+    if int(warm.batch_size) < 1:
+      raise ValueError(f"warm_start.batch_size={warm.batch_size} must be >= 1")
+    if not 0.0 < float(warm.learning_rate) < math.inf:
+      raise ValueError(f"warm_start.learning_rate={warm.learning_rate} must be > 0 and finite "
+                       "(the warm-started policy becomes the frozen reference)")
+  for key in ("reference_prompts", "reference_samples_per_prompt"):
+    _reference_count(config.get("proxy") or {}, key)
+
+
+def _reference_count(proxy: Any, key: str) -> int:
+  """``proxy.reference_prompts`` / ``reference_samples_per_prompt`` (default 64 / 4)."""
+  value = proxy.get(key)
+  value = {"reference_prompts": 64, "reference_samples_per_prompt": 4}[key] if value is None \
+      else int(value)
+  if value < 1:
+    raise ValueError(f"proxy.{key}={value} must be >= 1 (samples of the policy before RL that "
+                     "standardize the proxy's members)")
+  return value
 
 
 def make_world(config: Any) -> tiny_world_lib.TinyWorld | None:
@@ -226,8 +262,8 @@ def standardized_proxy(config: Any, workdir: str, proxy: rl_rewards.PairReward,
                        "statistics come from the policy before RL, which a rerun no longer "
                        "has; start a fresh workdir")
   else:
-    num_prompts = int(config.proxy.get("reference_prompts") or 64)
-    per_prompt = int(config.proxy.get("reference_samples_per_prompt") or 4)
+    num_prompts = _reference_count(config.proxy, "reference_prompts")
+    per_prompt = _reference_count(config.proxy, "reference_samples_per_prompt")
     batch = prompts(REFERENCE_STREAM, num_prompts).repeat(per_prompt)
     rollout = rollout_lib.sample(policy, batch, jax.random.fold_in(key, REFERENCE_STREAM),
                                  tokenizer=tokenizer, **config.sampling.to_dict())

@@ -40,12 +40,19 @@ ROLLOUT_METRICS = {"scores": "proxy_score", "gold_scores": "gold_score",
                    "response_length": "response_length", "truncated": "truncated_fraction"}
 
 
-def check_minibatches(size: int, num_minibatches: int) -> None:
-  """A rollout of ``size`` sequences must cut into ``num_minibatches`` equal minibatches."""
+def check_minibatches(size: int, num_minibatches: int, data_parallel: int = 1) -> None:
+  """A rollout of ``size`` sequences must cut into ``num_minibatches`` equal minibatches,
+  each split over the mesh's ``data_parallel`` devices."""
   if num_minibatches < 1 or size % num_minibatches:
     raise ValueError(f"rl.num_minibatches={num_minibatches}: the {size} sequences of a step "
                      "(prompts_per_step x group_size) are not divisible into that many "
                      "minibatches")
+  if (size // num_minibatches) % data_parallel:
+    raise ValueError(f"the {size // num_minibatches} sequences of a minibatch (prompts_per_step"
+                     f" x group_size / num_minibatches = {size} / {num_minibatches}) do not "
+                     f"split over the mesh's {data_parallel} data-parallel devices: make "
+                     f"rl.prompts_per_step x rl.group_size a multiple of {data_parallel} x "
+                     "rl.num_minibatches, or change the mesh")
 
 
 def minibatches(batch: Mapping[str, np.ndarray], rng: Array, *, epochs: int,

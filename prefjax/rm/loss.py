@@ -35,6 +35,7 @@ from flax import nnx
 from prefjax import configlib
 from prefjax.losses import preference as pref_losses
 from prefjax.losses import registry
+from prefjax.losses._common import check_config_label_smoothing
 from prefjax.models import heads as heads_lib
 from prefjax.models import segments as seg
 from prefjax.train.step import WEIGHT_OF
@@ -103,14 +104,18 @@ class RewardLoss:
     if not 0.0 <= center_coef < float("inf"):  # also NaN
       raise ValueError(f"config.loss.center_coef={center_coef} must be >= 0 and finite (a "
                        "negative weight rewards |r_chosen + r_rejected| without bound)")
+    first_member = int(cfg.get("first_member", 0))
+    if first_member < 0:
+      raise ValueError(f"config.loss.first_member={first_member} must be >= 0 (the index of "
+                       "this run's first member in a bagged ensemble)")
     loss = cls(name=name, hparams=tuple(sorted(hparams.items())),
                center_coef=center_coef,
-               bootstrap=bool(cfg.get("bootstrap", False)),
-               first_member=int(cfg.get("first_member", 0)))
+               bootstrap=bool(cfg.get("bootstrap", False)), first_member=first_member)
     try:  # The loss's own range checks (ε, ν…), now rather than at the first step.
       loss.per_pair(jnp.zeros(1), jnp.zeros(1), jnp.ones(1))
     except ValueError as e:
       raise ValueError(f"config.loss {name!r} with {dict(loss.hparams)}: {e}") from e
+    check_config_label_smoothing("config.loss.label_smoothing", hparams.get("label_smoothing"))
     return loss
 
   def per_pair(self, r_chosen: Array, r_rejected: Array, outcome: Array) -> Array:

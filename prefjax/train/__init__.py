@@ -34,6 +34,7 @@ _EXPORTS = {
     "make_schedule": "schedules",
     "batch_shardings": "sharding",
     "check_batch_shapes": "sharding",
+    "data_parallel_size": "sharding",
     "state_shardings": "sharding",
     "TrainState": "state",
     "create_train_state": "state",

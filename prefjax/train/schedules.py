@@ -173,8 +173,13 @@ def updates_at_zero_rate(schedule: optax.Schedule | None, num_updates: int) -> i
     return 0
   if rates.shape != (num_updates,) or later.shape != (3 * num_updates,):
     return 0
+  peak = max(rates.max(), later.max())
+  if not peak > 0:
+    logging.warning("the learning rate is 0 at every one of this run's %d optimizer updates "
+                    "(optimizer.learning_rate=0?): no update changes the parameters", num_updates)
+    return num_updates - 1
   # Compiled as one program, a rate the formula makes exactly 0 can come out ~1e-10.
-  zero = int(np.sum(rates[1:] <= ZERO_RATE * max(rates.max(), later.max())))
+  zero = int(np.sum(rates[1:] <= ZERO_RATE * peak))
   if zero > ZERO_RATE_TAIL * num_updates:
     logging.warning("%d of this run's %d optimizer updates have learning rate 0: the "
                     "schedule ends (optimizer.total_steps) before the run does", zero,
