@@ -207,6 +207,20 @@ def curves(samples: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
   }
 
 
+def _prompts_with_one_score(proxy: np.ndarray) -> int:
+  """Prompts whose N samples all got one proxy score ([P, N] or [P, N, K]), warned of when
+  they are most: best-of-n has nothing to choose from there, while the analytic KL_bon
+  still grows with n (a near-greedy sampler: temperature or top_p near 0)."""
+  flat = np.reshape(proxy, (proxy.shape[0], proxy.shape[1], -1))
+  count = int(np.sum(np.all(flat == flat[:, :1], axis=(1, 2))))
+  if count > proxy.shape[0] / 2:
+    logging.warning("best_of_n: %d of %d prompts got one proxy score for all %d samples: "
+                    "best-of-n has nothing to choose there, and the curves show a KL it "
+                    "does not spend (a near-greedy sampler?)", count, proxy.shape[0],
+                    proxy.shape[1])
+  return count
+
+
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Samples (or reuses ``samples.npz``), writes curves, report and figure; returns the curves."""
   experiment.require_one_process("best_of_n")
@@ -229,6 +243,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     if os.path.exists(partial := os.path.join(workdir, PARTIAL_FILE)):
       os.remove(partial)  # its scores are in samples.npz now
   result = curves(samples, config)
+  result["prompts_with_one_proxy_score"] = _prompts_with_one_score(samples["proxy"])
   result["scorer_checkpoints"] = checkpoints
   if "harm" in samples:
     result["safety_filter"] = filtered.filter_report(

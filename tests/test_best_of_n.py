@@ -48,6 +48,20 @@ def test_outputs_written(bon_run):
   assert "| n | KL |" in report and report.count("\n| ") >= len(result["n"]) + 1
   assert (workdir / "figures" / "bon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert (workdir / "config.json").exists() and (workdir / "samples.npz").exists()
+  assert curves["prompts_with_one_proxy_score"] == 0  # temperature 1: samples differ
+
+
+def test_prompts_whose_samples_all_score_alike_are_counted_and_warned_of(caplog):
+  """A near-greedy sampler (temperature 1e-6) drew one response per prompt, and the report
+  drew flat curves against a KL of up to 1.2 nats with no word of it."""
+  varied = np.arange(12.0).reshape(3, 4)
+  assert best_of_n._prompts_with_one_score(varied) == 0
+  alike = np.repeat(varied[:, :1], 4, axis=1)
+  alike[0, 2] += 1.0
+  assert best_of_n._prompts_with_one_score(alike) == 2
+  assert "2 of 3 prompts got one proxy score for all 4 samples" in caplog.text
+  members = np.stack([alike, alike + varied], axis=-1)  # [P, N, K]: member 2 varies
+  assert best_of_n._prompts_with_one_score(members) == 0
 
 
 def test_rerun_reuses_samples(bon_run):
