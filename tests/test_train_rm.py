@@ -144,6 +144,9 @@ def test_bad_loss_config_is_rejected_with_the_field_names(caplog):
       rm.RewardLoss.from_config(dict(name="bt", label_smoothing=eps))
   with pytest.raises(ValueError, match=r"config.loss.first_member=-3 must be >= 0"):
     rm.RewardLoss.from_config(dict(name="bt", bootstrap=True, first_member=-3))
+  rm.RewardLoss.from_config(dict(name="bt", first_member=2))
+  assert "first_member=2 is not read without config.loss.bootstrap=True" in caplog.text
+  caplog.clear()
   for coef in (-1.0, float("nan")):  # rewarded |r_c + r_r| without bound
     with pytest.raises(ValueError, match=rf"config.loss.center_coef={coef} must be >= 0"):
       rm.RewardLoss.from_config(dict(name="bt", center_coef=coef))

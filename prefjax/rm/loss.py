@@ -108,6 +108,9 @@ class RewardLoss:
     if first_member < 0:
       raise ValueError(f"config.loss.first_member={first_member} must be >= 0 (the index of "
                        "this run's first member in a bagged ensemble)")
+    if first_member and not cfg.get("bootstrap", False):
+      logging.warning("config.loss.first_member=%d is not read without config.loss.bootstrap="
+                      "True (it picks the members' bootstrap draws)", first_member)
     loss = cls(name=name, hparams=tuple(sorted(hparams.items())),
                center_coef=center_coef,
                bootstrap=bool(cfg.get("bootstrap", False)), first_member=first_member)
