@@ -97,7 +97,8 @@ class HParams(NamedTuple):
     if "entropy_coef" in fields and not 0.0 <= float(fields["entropy_coef"]) < math.inf:
       raise ValueError(f"rl.entropy_coef={fields['entropy_coef']} must be >= 0 and finite (the "
                        "weight of the entropy bonus; 0 turns it off)")
-    if fields.get("vf_clip_eps") is not None and not 0.0 <= float(fields["vf_clip_eps"]) < math.inf:
+    vf_clip = fields.get("vf_clip_eps")
+    if vf_clip is not None and not 0.0 <= float(vf_clip) < math.inf:
       raise ValueError(f"rl.vf_clip_eps={fields['vf_clip_eps']} must be >= 0 and finite (the "
                        "value clip range; 0 or None turns value clipping off)")
     if fields.get("vf_clip_eps") == 0:

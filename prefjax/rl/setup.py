@@ -64,11 +64,13 @@ def check_sections(config: Any) -> None:
     _reference_count(config.get("proxy") or {}, key)
 
 
+_REFERENCE_COUNTS = {"reference_prompts": 64, "reference_samples_per_prompt": 4}  # defaults
+
+
 def _reference_count(proxy: Any, key: str) -> int:
   """``proxy.reference_prompts`` / ``reference_samples_per_prompt`` (default 64 / 4)."""
   value = proxy.get(key)
-  value = {"reference_prompts": 64, "reference_samples_per_prompt": 4}[key] if value is None \
-      else int(value)
+  value = _REFERENCE_COUNTS[key] if value is None else int(value)
   if value < 1:
     raise ValueError(f"proxy.{key}={value} must be >= 1 (samples of the policy before RL that "
                      "standardize the proxy's members)")

@@ -176,7 +176,8 @@ def updates_at_zero_rate(schedule: optax.Schedule | None, num_updates: int) -> i
   peak = max(rates.max(), later.max())
   if not peak > 0:
     logging.warning("the learning rate is 0 at every one of this run's %d optimizer updates "
-                    "(optimizer.learning_rate=0?): no update changes the parameters", num_updates)
+                    "(optimizer.learning_rate=0?): no update changes the parameters",
+                    num_updates)
     return num_updates - 1
   # Compiled as one program, a rate the formula makes exactly 0 can come out ~1e-10.
   zero = int(np.sum(rates[1:] <= ZERO_RATE * peak))

@@ -169,5 +169,6 @@ def _render(messages: list[dict[str, str]], *, add_generation_prompt: bool) -> s
 
 
 def _reply_text(reply: list[dict[str, str]]) -> str:
-  """" answer", then any later turns in the transcript layout (a multi-turn response)."""
+  """The first message's content after one space, then any later turns in the transcript
+  layout (a multi-turn response)."""
   return " " + reply[0]["content"] + _render(reply[1:], add_generation_prompt=False)

@@ -11,8 +11,8 @@ The second layout (full transcripts) is split like HH-RLHF, at the last
 "\\n\\nAssistant:" both share; the third (chat messages, TRL's conversational format, with
 an explicit or implicit prompt) is stored in that transcript layout (`chat_rows`).
 Optional per row: ``weight`` (>= 0, default 1), ``outcome`` in [0, 1] (default 1 = chosen
-preferred, 0.5 = tie) and ``meta`` (an object); any other key is kept in ``meta``. Bad rows are reported by line (see
-`rows` for the reasons).
+preferred, 0.5 = tie) and ``meta`` (an object); any other key is kept in ``meta``. Bad rows
+are reported by line (see `rows` for the reasons).
 
 The whole file is one split, ``train``, plus the conversation-hash ``resplit_*``
 splits. The build cache is keyed by the file's sha256 (it is part of the
