@@ -244,7 +244,8 @@ def main_for(run: Callable[[Any, str], Any],
     _import_user_modules()  # after: a module that computes would start JAX's backend
     experiment.check_before_the_workdir(FLAGS.config)
     if check is not None:
-      check(FLAGS.config)
+      with summary_lib.naming_recorded_imports(FLAGS.workdir):  # a rerun without --imports
+        check(FLAGS.config)
     workdir = prepare_workdir(FLAGS.workdir)
     with train.hold_workdir(workdir):  # from the first record to the last export
       _refuse_another_binarys_workdir(workdir)

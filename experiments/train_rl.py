@@ -160,7 +160,8 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
   experiment.require_one_process("train_rl (its rollouts are scored on the host)")
   os.makedirs(workdir, exist_ok=True)
   experiment.check_eval_section(config, EVAL_FIELDS, "train_rl")
-  hp = algorithms.HParams.from_config(config.rl)
+  with summary_lib.naming_recorded_imports(workdir):
+    hp = algorithms.HParams.from_config(config.rl)
   check_sampling(config)
   setup.check_sections(config)
   group_size = algorithms.check_group_size(hp.algorithm, int(config.rl.group_size))

@@ -27,6 +27,11 @@ class ConfigError(ValueError):
   """A config key or value that does not fit the schema."""
 
 
+class UnregisteredNameError(ConfigError):
+  """A config names something no registry holds: maybe registered by a user module that
+  this process did not import (``--imports``)."""
+
+
 def missing_field_error(error: AttributeError | KeyError) -> ConfigError | None:
   """A ConfigDict's missing field (a binary given another binary's config), read as an
   attribute or an item, as a one-line ``ConfigError``; None for any other error."""

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from prefjax import configlib
 from prefjax import rm
 from prefjax.direct import evaluation
 from prefjax.direct import loss as loss_lib
@@ -206,6 +207,15 @@ def test_a_rerun_without_the_imports_of_its_loss_names_them(tmp_path):
     with pytest.raises(KeyError, match=r"unknown .*loss 'my_loss'.*its runs.jsonl records "
                                        r"--imports=my_lab.my_losses"):
       run(config, str(tmp_path))
+  # An RL algorithm of one's own likewise (it said only "register_algorithm adds one").
+  from configs.rl import tiny_rloo
+  from experiments import train_rl
+  rl_config = tiny_rloo.get_config("quick")
+  rl_config.rl.algorithm = "my_grpo"
+  with pytest.raises(configlib.UnregisteredNameError,
+                     match=r"rl.algorithm='my_grpo' is not one of .*its runs.jsonl records "
+                           r"--imports=my_lab.my_losses"):
+    train_rl.run(rl_config, str(tmp_path))
   # With the recorded modules imported, the name itself is wrong (a typo): no such hint.
   (tmp_path / "runs.jsonl").write_text(json.dumps({"imports": ["json"]}) + "\n")
   config = test_train_rm.small_config(1)

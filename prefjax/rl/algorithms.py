@@ -74,15 +74,16 @@ class HParams(NamedTuple):
     if unread and warn:
       logging.warning("%s: not read by %s (its settings: %s)", ", ".join(unread), algorithm,
                       ", ".join(ALWAYS_READ + method.reads))
-    if cfg["kl_estimator"] not in ("k1", "k2", "k3"):
-      raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {cfg['kl_estimator']!r}")
-    if warn and cfg["kl_estimator"] != "k1" and float(cfg.get("kl_coef", 0.0)) > 0:
+    estimator = cfg.get("kl_estimator", cls._field_defaults["kl_estimator"])
+    if estimator not in ("k1", "k2", "k3"):
+      raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
+    if warn and estimator != "k1" and float(cfg.get("kl_coef", 0.0)) > 0:
       logging.warning(
           "rl.kl_estimator=%r: as a penalty in the reward its score-function gradient is not "
           "the KL's (Tang & Munos 2025, arXiv:2506.09477; on the tiny world k3 at β=0.3 ended "
           "at 5.4 nats where k1 held 0.9): the run optimises another objective than "
           "score − β·KL. k1 (the default) is exact; k2/k3 stay for parity with trainers "
-          "that use them", cfg["kl_estimator"])
+          "that use them", estimator)
     fields = {k: cfg[k] for k in cls._fields if k in cfg}
     for name in ("gamma", "lam"):
       if name in fields and not 0.0 <= float(fields[name]) <= 1.0:
@@ -187,8 +188,10 @@ def algorithm_names() -> tuple[str, ...]:
 
 def get_algorithm(name: str) -> Algorithm:
   if name not in _ALGORITHMS:
-    raise ValueError(f"rl.algorithm={name!r} is not one of {algorithm_names()} "
-                     "(algorithms.register_algorithm adds one)")
+    raise configlib.UnregisteredNameError(
+        f"rl.algorithm={name!r} is not one of {algorithm_names()} "
+        "(algorithms.register_algorithm adds one; a module of your own that registers one is "
+        "imported with --imports=MODULE)")
   return _ALGORITHMS[name]
 
 

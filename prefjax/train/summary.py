@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping
 import jax
 from absl import logging
 
+from prefjax import configlib
 from prefjax import files
 from prefjax import parallel
 from prefjax.train import metrics as metrics_lib
@@ -361,12 +362,13 @@ def binary_name(program: str) -> str | None:
 
 @contextlib.contextmanager
 def naming_recorded_imports(workdir: str) -> Iterator[None]:
-  """A ``KeyError`` in the block (a loss registered by a module of the user's own, not
-  imported on this rerun) gains the ``--imports`` the workdir's runs recorded."""
+  """A ``KeyError`` or ``configlib.UnregisteredNameError`` in the block (a loss or RL
+  algorithm registered by a module of the user's own, not imported on this rerun) gains the
+  ``--imports`` the workdir's runs recorded."""
   try:
     yield
-  except KeyError as e:
-    raise KeyError(f"{e.args[0]}{imports_hint(workdir)}") from e
+  except (KeyError, configlib.UnregisteredNameError) as e:
+    raise type(e)(f"{e.args[0]}{imports_hint(workdir)}") from e
 
 
 def imports_hint(workdir: str) -> str:
