@@ -77,7 +77,7 @@ def make_evaluator(config: Any, model: nnx.Module, source: Any, tokenizer: Any,
   """The full-pass evaluator over ``data.eval_split`` (padded, fixed order)."""
   pcfg = experiment.pipeline_config(
       config.data, mesh=mesh, mode="padded", shuffle=False, num_epochs=1, drop_remainder=False,
-      batch_size=int(config.eval.batch_size))
+      batch_size=experiment.eval_batch_size(config, source, mesh))
   batches, dropped = rm.eval_batches(source, tokenizer, pcfg, table, mesh)
   num_columns, objectives = rm.reward_columns(model)
   return rm.RewardModelEvaluator(

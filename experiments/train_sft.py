@@ -106,7 +106,8 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   pcfg = experiment.pipeline_config(config.data, mesh=mesh)
   eval_pcfg = experiment.pipeline_config(config.data, mesh=mesh, shuffle=False, num_epochs=1,
                                          drop_remainder=False,
-                                         batch_size=int(config.eval.batch_size))
+                                         batch_size=experiment.eval_batch_size(
+                                             config, eval_source, mesh))
   data_report = experiment.start_data_report(
       workdir, {"train": train_source, "eval": eval_source}, tokenizer, pcfg, (response_key,))
   train_ds = pipeline_lib.sft_dataset(train_source, tokenizer, pcfg, response_key=response_key)

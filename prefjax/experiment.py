@@ -462,6 +462,20 @@ def pipeline_config(data_cfg: Any, *, mesh: jax.sharding.Mesh | None = None,
   return pipeline_lib.PipelineConfig.from_mapping(fields)
 
 
+def eval_batch_size(config: Any, source: Sequence[Any], mesh: jax.sharding.Mesh | None) -> int:
+  """``eval.batch_size``, cut to the eval split's size (rounded up to the data-parallel
+  devices) in a one-process run: a larger batch is filler past the split, computed all the
+  same (100,000 rows for a 211-pair split took 72 s)."""
+  size = int(config.eval.batch_size)
+  multiple = 1 if mesh is None else train.data_parallel_size(mesh)
+  enough = max(1, -(-len(source) // multiple)) * multiple
+  if size <= enough or jax.process_count() > 1:
+    return size
+  logging.info("eval.batch_size=%d exceeds the %d examples of the eval split: batches of %d",
+               size, len(source), enough)
+  return enough
+
+
 def check_eval_section(config: Any, fields: Sequence[str], binary: str) -> None:
   """``config.eval`` holds only ``fields``; the error for a section of another binary's
   config (its eval fields) says to check that ``--config`` is ``binary``'s."""

@@ -65,3 +65,17 @@ def test_the_pipeline_reads_the_shard_of_its_batch_positions(monkeypatch):
   split = _fake_mesh([0, 1], AXES3)  # the data axis over the processes: the usual split
   assert experiment.pipeline_config({"pipeline": {"batch_size": 4}}, mesh=split).shard() == (
       1, 2)
+
+
+def test_an_eval_batch_larger_than_the_split_is_cut_to_it(caplog):
+  """100,000 rows for a 211-pair eval split: every row past 211 was filler, computed."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict({"eval": {"batch_size": 100_000}})
+  split = range(211)
+  caplog.set_level("INFO")
+  assert experiment.eval_batch_size(config, split, None) == 211
+  assert "eval.batch_size=100000 exceeds the 211 examples of the eval split" in caplog.text
+  mesh = parallel.mesh_from_config({"shape": (-1, 1, 1)})  # 8 data-parallel devices
+  assert experiment.eval_batch_size(config, split, mesh) == 216
+  config.eval.batch_size = 64
+  assert experiment.eval_batch_size(config, split, mesh) == 64
