@@ -386,9 +386,14 @@ class DataReport:
     """Adds the train iterator's counters (all epochs, resumes included; summed over the
     processes' data shards of ``mesh``) and rewrites the report; a finished run's
     ``summary.json`` gets it as ``data``. A rerun of a finished run (the loop never
-    started) keeps the report and summary it finished with."""
+    started) keeps the report and summary it finished with, unless that run was killed
+    between its summary and its report: then they are completed now (the iterator holds
+    the final checkpoint's counters)."""
     if not self.written:
-      return
+      if not summary or "data" in summary:
+        return
+      logging.warning("%s: the finished run's summary.json lacks its data report (the run "
+                      "was stopped before writing it): written now", self.workdir)
     counters = getattr(train_iter, "counters", None)
     if counters is not None:
       self.report["train"]["iterator"] = parallel.summed_counts(counters, mesh,

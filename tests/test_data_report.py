@@ -202,6 +202,28 @@ def test_train_rm_writes_data_report_and_summary_carries_it(tmp_path, caplog):
   assert (workdir / "data_report.json").read_bytes() == before
 
 
+def test_a_run_killed_between_its_summary_and_its_data_report_is_completed_by_a_rerun(
+    tmp_path, caplog):
+  """A SIGKILL after the loop wrote summary.json and before the binary added ``data`` left
+  both without it for good: every rerun said "already finished"."""
+  path = _messy_file(tmp_path)
+  workdir = tmp_path / "rm"
+  train_rm.run(_rm_config(path, tmp_path), str(workdir))
+  finished = json.loads((workdir / "summary.json").read_text())
+  report = json.loads((workdir / "data_report.json").read_text())
+  killed = {k: v for k, v in finished.items() if k != "data"}
+  (workdir / "summary.json").write_text(json.dumps(killed))
+  (workdir / "data_report.json").write_text(json.dumps(
+      {**report, "train": {k: v for k, v in report["train"].items() if k != "iterator"}}))
+  train_rm.run(_rm_config(path, tmp_path), str(workdir))
+  assert "lacks its data report (the run was stopped before writing it)" in caplog.text
+  assert json.loads((workdir / "data_report.json").read_text()) == report
+  assert json.loads((workdir / "summary.json").read_text())["data"] == report
+  caplog.clear()
+  train_rm.run(_rm_config(path, tmp_path), str(workdir))  # complete: left as it is
+  assert "lacks its data report" not in caplog.text
+
+
 def test_empty_training_file_fails_before_any_model_is_built(tmp_path, monkeypatch):
   path = tmp_path / "nothing.jsonl"
   path.write_text("\n")
