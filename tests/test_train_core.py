@@ -291,7 +291,7 @@ def _sigterm_at(step_to_stop):
   return hook
 
 
-def test_a_preempted_eval_step_is_evaluated_by_the_rerun(tmp_path):
+def test_a_preempted_eval_step_is_evaluated_by_the_rerun(tmp_path, caplog):
   """SIGTERM right after step 3's update saves step 3 without its eval; the rerun runs that
   eval before stepping on, so the curve equals an uninterrupted run's. A signal during
   the eval at step 0 saves nothing: the rerun starts afresh."""
@@ -325,7 +325,8 @@ def test_a_preempted_eval_step_is_evaluated_by_the_rerun(tmp_path):
     return {}
 
   early = tmp_path / "early"
-  assert run(early, evaluators=[sigterm_during_first_eval]).preempted
+  assert run(early, evaluators=[sigterm_during_first_eval]).preempted and "nothing was " \
+      "trained or saved, and a rerun with the same workdir starts afresh" in caplog.text
   assert not list((early / "checkpoints").glob("[0-9]*"))
 
 

@@ -16,8 +16,7 @@ Usage (an experiment binary)::
   result = train_loop(
       workdir=FLAGS.workdir, config=config, model=model, loss_fn=loss_fn,
       optimizer=config.optimizer, loop=config.loop, train_iter=train_iter,
-      evaluators=[my_evaluator],
-      tokens_in_batch=lambda b: int(b["attention_mask"].sum()),
+      evaluators=[my_evaluator], tokens_in_batch=lambda b: int(b["attention_mask"].sum()),
       mesh=mesh, partition_rules=decoder.PARTITION_RULES)
 """
 
@@ -498,8 +497,9 @@ class _Trainer:
     self.checkpointer.wait()
     self.checkpointer.close()
     self.writer.close()
-    logging.warning("stopped at step %d after a signal; rerun with the same workdir to resume",
-                    step)
+    logging.warning("stopped at step %d after a signal; %s", step, "rerun with the same "
+                    "workdir to resume" if step else "nothing was trained or saved, and a "
+                    "rerun with the same workdir starts afresh")
     return TrainResult(self.state, self._model(), {}, preempted=True)
 
   def _finish(self, step: int) -> TrainResult:
