@@ -194,10 +194,9 @@ def run(config: Any, workdir: str) -> train.TrainResult:
   configlib.check_fields("config.ref", config.get("ref"), REF_FIELDS)
   with summary_lib.naming_recorded_imports(workdir):
     loss = loss_lib.DirectLoss.from_config(config)
-  if not loss.needs_reference and config.ref.get("path"):
+  if not loss.needs_reference and (ref_path := (config.get("ref") or {}).get("path")):
     logging.warning("ref.path=%s is not read: %r runs with ref.mode='none' (set ref.mode="
-                    "'online' to measure the eval KL to that reference)", config.ref.path,
-                    loss.name)
+                    "'online' to measure the eval KL to that reference)", ref_path, loss.name)
   tokenizer = experiment.make_tokenizer(config.tokenizer)
   mesh = experiment.make_optional_mesh(config)
   train_source = experiment.load_split(config.data, config.data.train_split)

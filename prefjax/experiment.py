@@ -387,13 +387,16 @@ class DataReport:
     processes' data shards of ``mesh``) and rewrites the report; a finished run's
     ``summary.json`` gets it as ``data``. A rerun of a finished run (the loop never
     started) keeps the report and summary it finished with, unless that run was killed
-    between its summary and its report: then they are completed now (the iterator holds
-    the final checkpoint's counters)."""
+    between its summary and its report: then its own report (this run's scan if it wrote
+    none) gets the final checkpoint's iterator counters, and the summary gets the report."""
     if not self.written:
       if not summary or "data" in summary:
         return
       logging.warning("%s: the finished run's summary.json lacks its data report (the run "
                       "was stopped before writing it): written now", self.workdir)
+      path = f"{self.workdir}/{report_lib.REPORT_FILE}"
+      if os.path.exists(path):
+        self.report = files.read_json(path)
     counters = getattr(train_iter, "counters", None)
     if counters is not None:
       self.report["train"]["iterator"] = parallel.summed_counts(counters, mesh,

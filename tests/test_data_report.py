@@ -215,7 +215,10 @@ def test_a_run_killed_between_its_summary_and_its_data_report_is_completed_by_a_
   (workdir / "summary.json").write_text(json.dumps(killed))
   (workdir / "data_report.json").write_text(json.dumps(
       {**report, "train": {k: v for k, v in report["train"].items() if k != "iterator"}}))
-  train_rm.run(_rm_config(path, tmp_path), str(workdir))
+  # Rerun with another eval split: the report stays the finished run's (its own scan).
+  rerun = _rm_config(path, tmp_path)
+  rerun.data.eval_split = "resplit_test"
+  train_rm.run(rerun, str(workdir))
   assert "lacks its data report (the run was stopped before writing it)" in caplog.text
   assert json.loads((workdir / "data_report.json").read_text()) == report
   assert json.loads((workdir / "summary.json").read_text())["data"] == report

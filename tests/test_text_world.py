@@ -501,3 +501,15 @@ def test_a_checkpoint_saved_by_a_signal_off_the_grid_is_not_evaluated(tmp_path):
   cached = text_world.cached_trajectory(str(tmp_path), None, None, None, key={})
   np.testing.assert_array_equal(cached.steps, [0, 2, 4, 6])
   np.testing.assert_array_equal(cached.per_prompt["gold"], gold[[0, 1, 3, 4]])
+
+
+def test_dpo_stages_cache_the_reference_of_the_losses_that_read_one(tmp_path):
+  """Every DPO stage was set to ref.mode="cached": once a reference-free loss was refused
+  that mode, a study with SimPO failed at its stage, after its other stages had run."""
+  from configs.dpo import tiny as dpo_tiny  # pylint: disable=import-outside-toplevel
+  from prefjax.direct import loss as loss_lib  # pylint: disable=import-outside-toplevel
+  for name, mode in (("dpo", "cached"), ("simpo", "none"), ("orpo", "none")):
+    config = dpo_tiny.get_config()
+    config.loss.name = name
+    text_world.cached_reference(config, str(tmp_path))
+    assert (config.ref.mode, loss_lib.DirectLoss.from_config(config).ref_mode) == (mode, mode)

@@ -326,7 +326,7 @@ def test_a_preempted_eval_step_is_evaluated_by_the_rerun(tmp_path, caplog):
 
   early = tmp_path / "early"
   assert run(early, evaluators=[sigterm_during_first_eval]).preempted and "nothing was " \
-      "trained or saved, and a rerun with the same workdir starts afresh" in caplog.text
+      "saved before step 1, and a rerun with the same workdir starts afresh" in caplog.text
   assert not list((early / "checkpoints").glob("[0-9]*"))
 
 

@@ -139,7 +139,7 @@ def test_bad_loss_config_is_rejected_with_the_field_names(caplog):
   with pytest.raises(ValueError, match=r"label_smoothing=1.5 is outside \[0.0, 1.0\]"):
     rm.RewardLoss.from_config(dict(name="bt", label_smoothing=1.5))
   for eps in (0.5, 1.0):  # one ε for every pair: no preference left, or the rejected taught
-    with pytest.raises(ValueError, match=rf"config.loss.label_smoothing={eps} must be in "
+    with pytest.raises(ValueError, match=rf"config.loss label_smoothing={eps} must be in "
                                          r"\[0, 0.5\)"):
       rm.RewardLoss.from_config(dict(name="bt", label_smoothing=eps))
   with pytest.raises(ValueError, match=r"config.loss.first_member=-3 must be >= 0"):

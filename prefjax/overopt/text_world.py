@@ -41,6 +41,7 @@ from prefjax import files
 from prefjax import train
 from prefjax.data import tokenize as tokenize_lib
 from prefjax.data.tfds_builders import synthetic
+from prefjax.losses import registry
 from prefjax.rl import algorithms
 from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
@@ -559,9 +560,11 @@ def stage_loop(loop: Any, *, steps: int, checkpoint_every: int) -> None:
 
 
 def cached_reference(config: Any, workdir: str) -> None:
-  """A ``train_dpo`` stage: reference log-probs cached once for every run of the study,
-  and no sampled KL eval (the study evaluates every checkpoint with the exact KL)."""
-  config.ref.mode = "cached"
+  """A ``train_dpo`` stage of ``config.loss.name``: reference log-probs cached once for
+  every run of the study (none for a reference-free loss: SimPO, ORPO), and no sampled KL
+  eval (the study evaluates every checkpoint with the exact KL)."""
+  reference_free = registry.direct_loss_spec(config.loss.name).reference_free
+  config.ref.mode = "none" if reference_free else "cached"
   config.ref.cache_dir = os.path.join(workdir, "dpo", "ref_cache")
   config.eval.kl_max_new_tokens = 0
 

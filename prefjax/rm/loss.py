@@ -118,7 +118,7 @@ class RewardLoss:
       loss.per_pair(jnp.zeros(1), jnp.zeros(1), jnp.ones(1))
     except ValueError as e:
       raise ValueError(f"config.loss {name!r} with {dict(loss.hparams)}: {e}") from e
-    check_config_label_smoothing("config.loss.label_smoothing", hparams.get("label_smoothing"))
+    check_config_label_smoothing("config.loss label_smoothing", hparams.get("label_smoothing"))
     return loss
 
   def per_pair(self, r_chosen: Array, r_rejected: Array, outcome: Array) -> Array:

@@ -498,7 +498,7 @@ class _Trainer:
     self.checkpointer.close()
     self.writer.close()
     logging.warning("stopped at step %d after a signal; %s", step, "rerun with the same "
-                    "workdir to resume" if step else "nothing was trained or saved, and a "
+                    "workdir to resume" if step else "nothing was saved before step 1, and a "
                     "rerun with the same workdir starts afresh")
     return TrainResult(self.state, self._model(), {}, preempted=True)
 

@@ -147,7 +147,8 @@ def _check_reply(field: str, reply: list[dict[str, str]], *, explicit: bool) -> 
     raise rows_lib.RowError("empty_response", f"{field} holds no reply after the prompt")
   if reply[0]["role"] != "assistant" and not explicit:
     raise rows_lib.RowError("no_shared_prompt", "chosen and rejected diverge at a user "
-                                                "message, so their prompts disagree")
+                                                "message right after their shared prompt's "
+                                                "last one, so their prompts disagree")
   if reply[0]["role"] != "assistant":
     raise rows_lib.RowError("bad_value", f"{field}'s reply starts with {_a(reply[0]['role'])} "
                                          "message, not the assistant's (are the prompt's "
