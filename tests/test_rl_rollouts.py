@@ -59,6 +59,7 @@ def test_a_k3_penalty_in_the_reward_warns(caplog):
   assert "is not the KL's (Tang & Munos 2025" in caplog.text
   caplog.clear()
   algorithms.HParams.from_config({"algorithm": "rloo", "kl_estimator": "k1", "kl_coef": 0.02})
+  assert algorithms.HParams.from_config({"algorithm": "rloo"}).kl_estimator == "k1"  # default
   assert not caplog.records
 
 

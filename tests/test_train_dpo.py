@@ -163,13 +163,15 @@ def throwaway_loss():
   registry.unregister_direct_loss(name)
 
 
-def test_registered_flags_reach_the_trainer(throwaway_loss, tmp_path):
+def test_registered_flags_reach_the_trainer(throwaway_loss, tmp_path, caplog):
   config = dpo_config(throwaway_loss)
   config.loss.beta, config.loss.kwargs = 2.0, "margin=0.5"
+  config.ref.path = "/nowhere/ref"  # unread: said so, not loaded
   assert loss_lib.DirectLoss.from_config(config).kwargs == {"margin": 0.5}
   result = train_dpo.run(config, str(tmp_path))
   reference = json.loads((tmp_path / "reference.json").read_text())
   assert reference["mode"] == "none"  # reference_free: no reference model is built.
+  assert "ref.path=/nowhere/ref is not read" in caplog.text
   first = read_metrics(tmp_path)[0]
   # nll_alpha = 0.5 is the default weight of the chosen-NLL term.
   assert first["loss"] == pytest.approx(first["preference_loss"] + 0.5 * first["nll"], rel=1e-5)
