@@ -145,13 +145,14 @@ def check_sampling(config: Any) -> None:
 EVAL_FIELDS = ("exact_kl_max_vocab",)
 
 
-def check_config(config: Any) -> None:
-  """What ``run`` refuses, checked before the binary touches the workdir."""
+def check_config(config: Any, *, warn: bool = False) -> tuple[algorithms.HParams, int]:
+  """What ``run`` refuses, checked before the binary touches the workdir; returns the
+  method's hyperparameters and group size (``warn``: log the settings it does not read)."""
   experiment.check_eval_section(config, EVAL_FIELDS, "train_rl")
-  hp = algorithms.HParams.from_config(config.rl, warn=False)
+  hp = algorithms.HParams.from_config(config.rl, warn=warn)
   check_sampling(config)
   setup.check_sections(config)
-  algorithms.check_group_size(hp.algorithm, int(config.rl.group_size))
+  return hp, algorithms.check_group_size(hp.algorithm, int(config.rl.group_size))
 
 
 def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
@@ -159,12 +160,8 @@ def run(config: Any, workdir: str) -> dict[str, Any] | train.TrainResult:
   the loop's ``TrainResult`` (``preempted``) when a signal stopped it after saving."""
   experiment.require_one_process("train_rl (its rollouts are scored on the host)")
   os.makedirs(workdir, exist_ok=True)
-  experiment.check_eval_section(config, EVAL_FIELDS, "train_rl")
   with summary_lib.naming_recorded_imports(workdir):
-    hp = algorithms.HParams.from_config(config.rl)
-  check_sampling(config)
-  setup.check_sections(config)
-  group_size = algorithms.check_group_size(hp.algorithm, int(config.rl.group_size))
+    hp, group_size = check_config(config, warn=True)
   mesh = experiment.make_optional_mesh(config)
   if mesh is not None:
     trainer.check_minibatches(int(config.rl.prompts_per_step) * group_size,

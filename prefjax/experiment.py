@@ -394,9 +394,7 @@ class DataReport:
         return
       logging.warning("%s: the finished run's summary.json lacks its data report (the run "
                       "was stopped before writing it): written now", self.workdir)
-      path = f"{self.workdir}/{report_lib.REPORT_FILE}"
-      if os.path.exists(path):
-        self.report = files.read_json(path)
+      self.report = read_data_report(self.workdir) or self.report
     counters = getattr(train_iter, "counters", None)
     if counters is not None:
       self.report["train"]["iterator"] = parallel.summed_counts(counters, mesh,

@@ -248,6 +248,21 @@ def _check_left_padded(prompt_mask: Array) -> None:
                      "(padding first, mask 0...0 1...1)")
 
 
+def check_settings(*, max_new_tokens: int | None = None, temperature: float | None = None,
+                   top_k: int | None = None, top_p: float | None = None,
+                   prefix: str = "") -> None:
+  """The ranges of ``generate``'s settings (None: not given); ``prefix`` names their config
+  section in the errors (``"sampling."``), so a binary can check them before building."""
+  if max_new_tokens is not None and max_new_tokens < 1:
+    raise ValueError(f"{prefix}max_new_tokens={max_new_tokens} must be >= 1")
+  if temperature is not None and temperature < 0:
+    raise ValueError(f"{prefix}temperature={temperature} must be >= 0 (0 decodes greedily)")
+  if top_k is not None and top_k < 1:
+    raise ValueError(f"{prefix}top_k={top_k} must be >= 1 (None samples the whole vocabulary)")
+  if top_p is not None and not 0.0 < top_p <= 1.0:
+    raise ValueError(f"{prefix}top_p={top_p} must be in (0, 1] (None keeps every token)")
+
+
 def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *,
              rng: Array | None = None, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_id: int | Sequence[int] | None = None, pad_id: int = 0,
@@ -280,19 +295,13 @@ def generate(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, *,
   """
   chex.assert_rank([prompt_tokens, prompt_mask], 2)
   chex.assert_equal_shape([prompt_tokens, prompt_mask])
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p)
   if rng is None:
     if temperature > 0:
       raise ValueError(f"temperature={temperature} samples: pass rng=jax.random.key(seed) "
                        "(temperature=0 decodes greedily without one)")
     rng = jax.random.key(0)  # unused by greedy decoding
-  if top_k is not None and top_k < 1:
-    raise ValueError(f"top_k must be >= 1, got {top_k}")
-  if top_p is not None and not 0.0 < top_p <= 1.0:
-    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   vocab = getattr(getattr(model, "config", None), "vocab_size", None)
   if top_k is not None and vocab is not None and top_k > vocab:
     raise ValueError(f"top_k={top_k} exceeds the vocabulary size {vocab}")

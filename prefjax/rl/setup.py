@@ -32,6 +32,7 @@ from prefjax import train
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import tiny_world as tiny_world_lib
 from prefjax.data import tokenize as tokenize_lib
+from prefjax.models import sampling
 from prefjax.rl import rewards as rl_rewards
 from prefjax.rl import rollout as rollout_lib
 from prefjax.rl import warm_start as warm_start_lib
@@ -44,15 +45,13 @@ def check_sections(config: Any) -> None:
   """One-line errors for the sections ``train_rl`` and ``best_of_n`` share, before a model
   is built (each would otherwise fail deep in sampling or the warm start, naming no field,
   or train on: a negative warm-start rate makes a broken policy the frozen reference)."""
-  for field in ("prompts.max_length", "prompts.num_eval", "sampling.max_new_tokens"):
-    section, key = field.split(".")
-    if key in config[section] and int(config[section][key]) < 1:
-      raise ValueError(f"{field}={config[section][key]} must be >= 1")
-  top_k, top_p = config.sampling.get("top_k"), config.sampling.get("top_p")
-  if top_k is not None and int(top_k) < 1:
-    raise ValueError(f"sampling.top_k={top_k} must be >= 1 (None samples the whole vocabulary)")
-  if top_p is not None and not 0.0 < float(top_p) <= 1.0:
-    raise ValueError(f"sampling.top_p={top_p} must be in (0, 1] (None keeps every token)")
+  for key in ("max_length", "num_eval"):
+    if key in config.prompts and int(config.prompts[key]) < 1:
+      raise ValueError(f"prompts.{key}={config.prompts[key]} must be >= 1")
+  s = config.sampling
+  sampling.check_settings(max_new_tokens=s.get("max_new_tokens"),
+                          temperature=s.get("temperature"), top_k=s.get("top_k"),
+                          top_p=s.get("top_p"), prefix="sampling.")
   warm = config.get("warm_start")
   if warm and int(warm.steps) > 0:
     if int(warm.batch_size) < 1:
